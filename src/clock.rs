@@ -1,0 +1,237 @@
+//! Wall-clock and monotonic time behind one trait, with a system clock and a
+//! public fake clock for tests.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use jiff::Timestamp;
+
+/// Nanoseconds on a monotonic time line with an arbitrary origin.
+///
+/// Limiters measure intervals on this line; it never jumps with NTP or a
+/// manual clock change. Values are only meaningful relative to each other and
+/// only for the clock that produced them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Nanos(u64);
+
+impl Nanos {
+    /// The origin of the time line.
+    pub const ZERO: Self = Self(0);
+
+    /// Wraps a count of nanoseconds since the clock's origin.
+    #[must_use]
+    pub const fn new(nanos: u64) -> Self {
+        Self(nanos)
+    }
+
+    /// Nanoseconds since the clock's origin.
+    #[must_use]
+    pub const fn as_u64(self) -> u64 {
+        self.0
+    }
+
+    /// The time `d` later, saturating at the end of the time line.
+    #[must_use]
+    pub fn saturating_add(self, d: Duration) -> Self {
+        Self(self.0.saturating_add(duration_nanos(d)))
+    }
+
+    /// The time from `earlier` to `self`, or zero if `earlier` is later.
+    #[must_use]
+    pub fn saturating_since(self, earlier: Self) -> Duration {
+        Duration::from_nanos(self.0.saturating_sub(earlier.0))
+    }
+}
+
+/// A duration in whole nanoseconds, saturating at `u64::MAX` (584 years).
+#[must_use]
+pub fn duration_nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// A source of time.
+///
+/// `now` is wall-clock time (for expiry, `X-RateLimit-Reset`, calendar
+/// months); `monotonic` is for measuring intervals (rate limits). Both are
+/// injected so that every expiry and limiter test runs on a [`FakeClock`].
+pub trait Clock: Send + Sync {
+    /// Current wall-clock time.
+    fn now(&self) -> Timestamp;
+
+    /// Current position on the monotonic time line.
+    ///
+    /// Implementations should not go backwards; callers must nevertheless
+    /// treat a backwards step as "no time passed" rather than panic.
+    fn monotonic(&self) -> Nanos;
+}
+
+impl<C: Clock + ?Sized> Clock for &C {
+    fn now(&self) -> Timestamp {
+        (**self).now()
+    }
+    fn monotonic(&self) -> Nanos {
+        (**self).monotonic()
+    }
+}
+
+impl<C: Clock + ?Sized> Clock for Arc<C> {
+    fn now(&self) -> Timestamp {
+        (**self).now()
+    }
+    fn monotonic(&self) -> Nanos {
+        (**self).monotonic()
+    }
+}
+
+/// The operating system's clocks: [`SystemTime`] for wall time and
+/// [`Instant`] (a monotonic OS clock, not a raw TSC that can step backwards
+/// across cores) for intervals.
+#[derive(Debug, Clone, Copy)]
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl SystemClock {
+    /// A clock whose monotonic origin is now.
+    #[must_use]
+    pub fn new() -> Self {
+        Self { origin: Instant::now() }
+    }
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        // `SystemTime` before 1970 or past jiff's range is a broken host clock;
+        // fall back to the epoch rather than panic.
+        Timestamp::try_from(SystemTime::now()).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    fn monotonic(&self) -> Nanos {
+        Nanos(duration_nanos(self.origin.elapsed()))
+    }
+}
+
+/// A clock that moves only when told to. Clones share the same time.
+///
+/// ```
+/// use keygate::clock::{Clock, FakeClock};
+/// use std::time::Duration;
+///
+/// let clock = FakeClock::new("2026-01-31T23:59:59Z".parse().unwrap());
+/// clock.advance(Duration::from_secs(1));
+/// assert_eq!(clock.now().to_string(), "2026-02-01T00:00:00Z");
+/// ```
+#[derive(Clone)]
+pub struct FakeClock {
+    inner: Arc<FakeInner>,
+}
+
+struct FakeInner {
+    /// Wall time, nanoseconds since the Unix epoch.
+    wall: AtomicI64,
+    /// Monotonic time, nanoseconds since the clock was made.
+    mono: AtomicU64,
+}
+
+impl FakeClock {
+    /// A fake clock reading `start`, with its monotonic time line at zero.
+    #[must_use]
+    pub fn new(start: Timestamp) -> Self {
+        let wall = i64::try_from(start.as_nanosecond()).unwrap_or(i64::MAX);
+        Self { inner: Arc::new(FakeInner { wall: AtomicI64::new(wall), mono: AtomicU64::new(0) }) }
+    }
+
+    /// A fake clock at `2026-01-01T00:00:00Z`.
+    #[must_use]
+    pub fn at_2026() -> Self {
+        Self::new(Timestamp::from_second(1_767_225_600).unwrap_or(Timestamp::UNIX_EPOCH))
+    }
+
+    /// Moves both wall and monotonic time forward by `d`.
+    pub fn advance(&self, d: Duration) {
+        let n = duration_nanos(d);
+        self.inner.mono.fetch_add(n, Ordering::SeqCst);
+        self.inner.wall.fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::SeqCst);
+    }
+
+    /// Moves both wall and monotonic time backward by `d` (saturating at the
+    /// monotonic origin), to test code against clocks that step back.
+    pub fn rewind(&self, d: Duration) {
+        let n = duration_nanos(d);
+        let _ = self
+            .inner
+            .mono
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| Some(m.saturating_sub(n)));
+        self.inner.wall.fetch_sub(i64::try_from(n).unwrap_or(i64::MAX), Ordering::SeqCst);
+    }
+
+    /// Sets wall time to `t`, leaving the monotonic time line alone (as an
+    /// NTP step would).
+    pub fn set_wall(&self, t: Timestamp) {
+        let wall = i64::try_from(t.as_nanosecond()).unwrap_or(i64::MAX);
+        self.inner.wall.store(wall, Ordering::SeqCst);
+    }
+}
+
+impl fmt::Debug for FakeClock {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FakeClock")
+            .field("now", &self.now())
+            .field("monotonic", &self.monotonic())
+            .finish()
+    }
+}
+
+impl Clock for FakeClock {
+    fn now(&self) -> Timestamp {
+        let n = self.inner.wall.load(Ordering::SeqCst);
+        Timestamp::from_nanosecond(i128::from(n)).unwrap_or(Timestamp::UNIX_EPOCH)
+    }
+
+    fn monotonic(&self) -> Nanos {
+        Nanos(self.inner.mono.load(Ordering::SeqCst))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fake_clock_moves_only_when_told() {
+        let c = FakeClock::at_2026();
+        let t0 = c.now();
+        assert_eq!(c.monotonic(), Nanos::ZERO);
+        c.advance(Duration::from_millis(1500));
+        assert_eq!(c.monotonic(), Nanos::new(1_500_000_000));
+        assert_eq!(c.now().as_millisecond() - t0.as_millisecond(), 1500);
+        c.rewind(Duration::from_secs(10));
+        assert_eq!(c.monotonic(), Nanos::ZERO);
+        assert_eq!(t0.as_millisecond() - c.now().as_millisecond(), 8500);
+    }
+
+    #[test]
+    fn clones_share_time() {
+        let a = FakeClock::at_2026();
+        let b = a.clone();
+        a.advance(Duration::from_secs(1));
+        assert_eq!(b.monotonic(), Nanos::new(1_000_000_000));
+    }
+
+    #[test]
+    fn system_clock_is_monotonic() {
+        let c = SystemClock::new();
+        let a = c.monotonic();
+        let b = c.monotonic();
+        assert!(b >= a);
+        assert!(c.now() > Timestamp::UNIX_EPOCH);
+    }
+}

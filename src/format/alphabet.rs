@@ -1,0 +1,202 @@
+//! Secret alphabets with O(1) membership and unbiased sampling.
+
+use std::fmt;
+
+use rand_core::TryCryptoRng;
+
+/// The characters a secret (or key id) is drawn from.
+///
+/// Only ASCII letters and digits are allowed, so that keys are URL-safe, need
+/// no quoting in headers, and a key's end is unambiguous to the scanner (the
+/// byte after a key is never a letter, digit or `_`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Alphabet {
+    chars: &'static str,
+    /// `index[b]` is the position of byte `b` in `chars`, or `NONE`.
+    index: [u8; 256],
+}
+
+const NONE: u8 = 0xFF;
+
+impl Alphabet {
+    /// `0-9a-f`: 4 bits per character.
+    pub const LOWER_HEX: Self = Self::new_unwrap("0123456789abcdef");
+    /// `0-9A-Za-z`: about 5.95 bits per character.
+    pub const BASE62: Self =
+        Self::new_unwrap("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz");
+
+    /// Builds an alphabet constant; panics (at compile time in a `const`) when
+    /// `chars` has fewer than 2 characters, a duplicate, or a character that
+    /// is not an ASCII letter or digit.
+    ///
+    /// # Panics
+    ///
+    /// As described above.
+    #[must_use]
+    pub const fn new_unwrap(chars: &'static str) -> Self {
+        match Self::try_new(chars) {
+            Some(a) => a,
+            None => panic!("alphabet must be 2 to 62 distinct ASCII letters or digits"),
+        }
+    }
+
+    /// Builds an alphabet, or `None` when `chars` has fewer than 2 characters,
+    /// a duplicate, or a character that is not an ASCII letter or digit.
+    #[must_use]
+    pub const fn try_new(chars: &'static str) -> Option<Self> {
+        let b = chars.as_bytes();
+        if b.len() < 2 || b.len() > 62 {
+            return None;
+        }
+        let mut index = [NONE; 256];
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            if !c.is_ascii_alphanumeric() || index[c as usize] != NONE {
+                return None;
+            }
+            index[c as usize] = i as u8;
+            i += 1;
+        }
+        Some(Self { chars, index })
+    }
+
+    /// Number of characters.
+    #[must_use]
+    pub const fn len(&self) -> usize {
+        self.chars.len()
+    }
+
+    /// Always `false`: an alphabet has at least two characters.
+    #[must_use]
+    pub const fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The characters, in order.
+    #[must_use]
+    pub const fn as_str(&self) -> &'static str {
+        self.chars
+    }
+
+    /// Whether `b` belongs to the alphabet.
+    #[inline]
+    #[must_use]
+    pub const fn contains(&self, b: u8) -> bool {
+        self.index[b as usize] != NONE
+    }
+
+    /// Position of `b` in the alphabet.
+    #[inline]
+    #[must_use]
+    pub const fn position(&self, b: u8) -> Option<u8> {
+        match self.index[b as usize] {
+            NONE => None,
+            i => Some(i),
+        }
+    }
+
+    /// Entropy of `n` characters drawn uniformly, in bits.
+    #[must_use]
+    pub fn bits(&self, n: usize) -> f64 {
+        // Lengths here are at most a few hundred; the conversion is exact.
+        #[allow(clippy::cast_precision_loss)]
+        let (n, k) = (n as f64, self.len() as f64);
+        n * k.log2()
+    }
+
+    /// Smallest number of characters that can encode every `u32`.
+    #[must_use]
+    pub(crate) const fn u32_width(&self) -> usize {
+        let k = self.len() as u64;
+        let mut width = 0;
+        let mut span = 1u64;
+        while span <= u32::MAX as u64 {
+            span *= k;
+            width += 1;
+        }
+        width
+    }
+
+    /// Writes `v` as exactly `u32_width()` characters, most significant first.
+    pub(crate) fn encode_u32(&self, mut v: u32, out: &mut [u8]) {
+        let k = self.len() as u32;
+        for slot in out.iter_mut().rev() {
+            *slot = self.chars.as_bytes()[(v % k) as usize];
+            v /= k;
+        }
+    }
+
+    /// Fills `out` with characters drawn uniformly from the alphabet.
+    ///
+    /// Unbiased: random bytes at or above the largest multiple of the alphabet
+    /// size are rejected and redrawn (about 3 % for base62, none for hex).
+    pub(crate) fn fill<R: TryCryptoRng + ?Sized>(
+        &self,
+        rng: &mut R,
+        out: &mut [u8],
+    ) -> Result<(), R::Error> {
+        let k = self.len();
+        let limit = 256 - (256 % k); // accept bytes in [0, limit)
+        let mut pool = [0u8; 64];
+        let mut used = pool.len();
+        for slot in out.iter_mut() {
+            loop {
+                if used == pool.len() {
+                    rng.try_fill_bytes(&mut pool)?;
+                    used = 0;
+                }
+                let b = usize::from(pool[used]);
+                used += 1;
+                if b < limit {
+                    *slot = self.chars.as_bytes()[b % k];
+                    break;
+                }
+            }
+        }
+        pool.fill(0);
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Alphabet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("Alphabet").field(&self.chars).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn presets() {
+        assert_eq!(Alphabet::LOWER_HEX.len(), 16);
+        assert_eq!(Alphabet::BASE62.len(), 62);
+        assert!(Alphabet::BASE62.contains(b'Z'));
+        assert!(!Alphabet::LOWER_HEX.contains(b'A'));
+        assert_eq!(Alphabet::LOWER_HEX.position(b'f'), Some(15));
+        assert_eq!(Alphabet::LOWER_HEX.u32_width(), 8);
+        assert_eq!(Alphabet::BASE62.u32_width(), 6);
+    }
+
+    #[test]
+    fn rejects_bad_alphabets() {
+        assert!(Alphabet::try_new("a").is_none());
+        assert!(Alphabet::try_new("aa").is_none());
+        assert!(Alphabet::try_new("a_").is_none());
+        assert!(Alphabet::try_new("ab").is_some());
+    }
+
+    #[test]
+    fn u32_encoding_is_fixed_width_and_ordered() {
+        let mut out = [0u8; 8];
+        Alphabet::LOWER_HEX.encode_u32(0xdead_beef, &mut out);
+        assert_eq!(&out, b"deadbeef");
+        let mut out = [0u8; 6];
+        Alphabet::BASE62.encode_u32(0, &mut out);
+        assert_eq!(&out, b"000000");
+        Alphabet::BASE62.encode_u32(u32::MAX, &mut out);
+        assert_eq!(&out, b"4gfFC3");
+    }
+}

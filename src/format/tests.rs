@@ -1,0 +1,240 @@
+use super::*;
+
+const HEX64: &str = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
+const B62_32: &str = "Ab3dEf7hIj1lMn0pQr5tUv9xYz2aBc4D";
+
+/// A deterministic "RNG" for known-answer tests: counts up.
+struct Counter(u8);
+impl rand_core::TryRng for Counter {
+    type Error = std::convert::Infallible;
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        for d in dst {
+            *d = self.0;
+            self.0 = self.0.wrapping_add(1);
+        }
+        Ok(())
+    }
+}
+impl rand_core::TryCryptoRng for Counter {}
+
+#[test]
+fn nhk_bounds() {
+    let ok = format!("nhk_us_{HEX64}");
+    let k = NHK.parse(&ok).unwrap();
+    assert_eq!(k.region(), Some(Region::US));
+    assert_eq!(k.environment(), None);
+    assert_eq!(k.hint(), "nhk_us_0123");
+    assert_eq!(k.expose_secret(), ok);
+    assert_eq!(NHK.parse(&format!("nhk_eu_{HEX64}")).unwrap().region(), Some(Region::EU));
+    assert_eq!(
+        NHK.parse(&format!("nhk_us_{}", &HEX64[..63])).err(),
+        Some(ParseError::WrongLength { part: Part::Secret, expected: 64, found: 63 })
+    );
+    assert_eq!(NHK.parse(&format!("nhk_us_{HEX64}0")).err(), Some(ParseError::TooLong { max: 71 }));
+    assert_eq!(NHK.parse(&format!("nhk_US_{HEX64}")).err(), Some(ParseError::InvalidRegion));
+    assert_eq!(NHK.parse(&format!("nhk_u_{HEX64}0")).err(), Some(ParseError::InvalidRegion));
+    assert_eq!(
+        NHK.parse(&format!("nhk_usa{HEX64}")).err(),
+        Some(ParseError::MissingSeparator { after: Part::Region })
+    );
+    let upper = format!("nhk_us_{}", HEX64.to_uppercase());
+    assert_eq!(
+        NHK.parse(&upper).err(),
+        Some(ParseError::InvalidCharacter { part: Part::Secret, offset: 17 })
+    );
+    assert_eq!(NHK.parse(&format!("NHK_us_{HEX64}")).err(), Some(ParseError::UnknownPrefix));
+    assert_eq!(
+        NHK.parse(&format!(" nhk_us_{}", &HEX64[1..])).err(),
+        Some(ParseError::UnknownPrefix)
+    );
+}
+
+#[test]
+fn nhm_and_nh_bounds() {
+    let k = NHM.parse(&format!("nhm_{HEX64}")).unwrap();
+    assert_eq!(k.hint(), "nhm_0123");
+    let k = NH.parse(&format!("nh_{HEX64}")).unwrap();
+    assert_eq!(k.hint(), "nh_0123");
+    assert_eq!(k.expose_secret().len(), 67);
+    assert_eq!(NH.len_range(), (67, 67));
+    assert!(NH.parse(&format!("nh_{HEX64}a")).is_err());
+    assert!(NH.parse(&format!("nh_{}", &HEX64[..63])).is_err());
+    assert!(NH.parse(&format!("nh_{}g", &HEX64[..63])).is_err());
+    // Trailing whitespace and newlines are not trimmed.
+    assert!(NH.parse(&format!("nh_{}\n", &HEX64[..63])).is_err());
+    assert_eq!(NH.parse("").err(), Some(ParseError::Empty));
+    assert_eq!(
+        NH.parse("nh_").err(),
+        Some(ParseError::WrongLength { part: Part::Secret, expected: 64, found: 0 })
+    );
+    assert_eq!(NH.parse("nh").err(), Some(ParseError::UnknownPrefix));
+}
+
+#[test]
+fn nk_bounds() {
+    let ok = format!("nk_live_Ab12CdEf_{B62_32}");
+    let k = NK.parse(&ok).unwrap();
+    assert_eq!(k.environment(), Some(Environment::LIVE));
+    assert_eq!(k.key_id().unwrap().as_str(), "Ab12CdEf");
+    assert_eq!(k.hint(), "nk_live_Ab12CdEf");
+    assert_eq!(
+        NK.parse(&format!("nk_test_Ab12CdEf_{B62_32}")).unwrap().environment(),
+        Some(Environment::TEST)
+    );
+    assert_eq!(
+        NK.parse(&format!("nk_prod_Ab12CdEf_{B62_32}")).err(),
+        Some(ParseError::InvalidEnvironment)
+    );
+    assert_eq!(
+        NK.parse(&format!("nk_Live_Ab12CdEf_{B62_32}")).err(),
+        Some(ParseError::InvalidEnvironment)
+    );
+    assert_eq!(
+        NK.parse(&format!("nk_live_Ab12CdE_{B62_32}")).err(),
+        Some(ParseError::WrongLength { part: Part::KeyId, expected: 8, found: 7 })
+    );
+    assert_eq!(
+        NK.parse(&format!("nk_live_Ab12CdEfG_{}", &B62_32[..31])).err(),
+        Some(ParseError::WrongLength { part: Part::KeyId, expected: 8, found: 9 })
+    );
+    assert_eq!(
+        NK.parse(&format!("nk_live_Ab12-dEf_{B62_32}")).err(),
+        Some(ParseError::InvalidCharacter { part: Part::KeyId, offset: 12 })
+    );
+    assert!(NK.parse(&format!("nk_live_Ab12CdEf_{}", &B62_32[..31])).is_err());
+    assert!(NK.parse(&format!("nk_live_Ab12CdEf_{B62_32}x")).is_err());
+}
+
+#[test]
+fn sk_bounds() {
+    let k = SK.parse(&format!("sk_live_abc{}", &B62_32[3..])).unwrap();
+    assert_eq!(k.hint(), "sk_live_abc");
+    assert_eq!(
+        SK.parse(&format!("sk_test_{B62_32}")).unwrap().environment(),
+        Some(Environment::TEST)
+    );
+    assert!(SK.parse(&format!("sk_live_{}", &B62_32[..31])).is_err());
+    assert!(SK.parse(&format!("sk_live_{B62_32}A")).is_err());
+    assert!(SK.parse(&format!("sk_live_{}_", &B62_32[..31])).is_err());
+    assert!(SK.parse(&format!("sk_staging_{B62_32}")).is_err());
+}
+
+#[test]
+fn mint_parse_round_trip_every_preset() {
+    for f in FormatSet::presets().formats() {
+        let k = f.mint_default().unwrap();
+        let p = f.parse(k.expose_secret()).unwrap();
+        assert_eq!(p.environment(), k.environment());
+        assert_eq!(p.region(), k.region());
+        assert_eq!(p.key_id(), k.key_id());
+        assert_eq!(p.hint(), k.hint());
+        assert_eq!(k.expose_secret().parse::<ApiKey>().unwrap().format(), f);
+    }
+}
+
+#[test]
+fn mint_spec_is_checked() {
+    let k = SK.mint(MintSpec::new().environment(Environment::TEST)).unwrap();
+    assert!(k.expose_secret().starts_with("sk_test_"));
+    let k = NHK.mint(MintSpec::new().region(Region::EU)).unwrap();
+    assert!(k.expose_secret().starts_with("nhk_eu_"));
+    let staging: Environment = "staging".parse().unwrap();
+    assert_eq!(SK.mint(MintSpec::new().environment(staging)).unwrap_err(), MintError::Environment);
+    assert_eq!(
+        NH.mint(MintSpec::new().environment(Environment::LIVE)).unwrap_err(),
+        MintError::Environment
+    );
+    assert_eq!(SK.mint(MintSpec::new().region(Region::US)).unwrap_err(), MintError::Region);
+}
+
+#[test]
+fn known_answer_mint() {
+    // Counter bytes 0,1,2,... map to hex chars 0..f repeating (no rejection).
+    let k = NH.mint_with_rng(MintSpec::new(), &mut Counter(0)).unwrap();
+    assert_eq!(k.expose_secret(), format!("nh_{HEX64}"));
+}
+
+#[test]
+fn crc32_checksum() {
+    const ENVS: &[Environment] = &[Environment::LIVE];
+    const F: KeyFormat = KeyFormat::builder("acme")
+        .environments(ENVS)
+        .secret(&Alphabet::BASE62, 30)
+        .crc32()
+        .build_unwrap();
+    let k = F.mint_default().unwrap();
+    let s = k.expose_secret();
+    assert_eq!(s.len(), 5 + 5 + 30 + 6);
+    assert!(F.parse(s).is_ok());
+    // Any single-character change in the secret is caught offline.
+    let mut b = s.as_bytes().to_vec();
+    let i = 12;
+    b[i] = if b[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(b).unwrap();
+    assert_eq!(F.parse(&forged).err(), Some(ParseError::ChecksumMismatch));
+    // Checksum characters outside the alphabet.
+    let bad = format!("{}-", &s[..s.len() - 1]);
+    assert!(matches!(
+        F.parse(&bad),
+        Err(ParseError::InvalidCharacter { part: Part::Checksum, .. })
+    ));
+}
+
+#[test]
+fn builder_rejects_bad_definitions() {
+    assert_eq!(KeyFormat::builder("").build(), Err(FormatError::Name));
+    assert_eq!(KeyFormat::builder("a_b").build(), Err(FormatError::Name));
+    assert_eq!(KeyFormat::builder("Ab").build(), Err(FormatError::Name));
+    assert_eq!(KeyFormat::builder("ab").environments(&[]).build(), Err(FormatError::Environments));
+    assert_eq!(
+        KeyFormat::builder("ab").environments(&[Environment::LIVE, Environment::LIVE]).build(),
+        Err(FormatError::Environments)
+    );
+    // 31 hex chars = 124 bits < 128; 32 = 128 bits.
+    assert_eq!(
+        KeyFormat::builder("ab").secret(&Alphabet::LOWER_HEX, 31).build(),
+        Err(FormatError::SecretStrength)
+    );
+    assert!(KeyFormat::builder("ab").secret(&Alphabet::LOWER_HEX, 32).build().is_ok());
+    // 21 base62 = 125 bits; 22 = 131 bits.
+    assert!(KeyFormat::builder("ab").secret(&Alphabet::BASE62, 21).build().is_err());
+    assert!(KeyFormat::builder("ab").secret(&Alphabet::BASE62, 22).hint_chars(4).build().is_ok());
+    assert_eq!(
+        KeyFormat::builder("ab").key_id(&Alphabet::BASE62, 33).build(),
+        Err(FormatError::KeyIdLength { max: 32 })
+    );
+    assert_eq!(KeyFormat::builder("ab").hint_chars(9).build(), Err(FormatError::HintTooLong));
+    assert!(KeyFormat::builder("ab").hint_chars(8).build().is_ok());
+    for f in FormatSet::presets().formats() {
+        assert!(f.secret_bits() >= 128.0, "{}", f.name());
+    }
+}
+
+#[test]
+fn format_set_dispatches_by_prefix() {
+    let set = FormatSet::presets();
+    assert_eq!(set.parse(&format!("nh_{HEX64}")).unwrap().format().name(), "nh");
+    assert_eq!(set.parse(&format!("nhm_{HEX64}")).unwrap().format().name(), "nhm");
+    assert_eq!(set.parse("xx_1").err(), Some(ParseError::UnknownPrefix));
+    assert_eq!(set.parse(&"a".repeat(72)).err(), Some(ParseError::TooLong { max: 71 }));
+    assert_eq!(FormatSet::new([NH, NH]).unwrap_err(), FormatError::OverlappingPrefixes);
+}
+
+#[test]
+fn errors_never_echo_the_input() {
+    let secretish = format!("nhk_us_{}Z", &HEX64[..63]);
+    let err = NHK.parse(&secretish).unwrap_err().to_string();
+    assert!(!err.contains(&HEX64[..16]), "{err}");
+    let k = NHK.parse(&format!("nhk_us_{HEX64}")).unwrap();
+    assert!(!format!("{k:?}").contains(&HEX64[4..]));
+}

@@ -1,0 +1,408 @@
+//! Rejections as HTTP data: status, headers and a JSON body in the style the
+//! host picks. Framework-agnostic; no HTTP crate needed.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use serde_json::{Value, json};
+
+/// The JSON shape of error bodies. The seed products use the first three.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum BodyStyle {
+    /// `{"error": "Rate limit exceeded", "limit": 50, "retryAfter": 1}` —
+    /// a flat `error` string plus fields.
+    Flat,
+    /// `{"success": false, "error": "Invalid API key", "timestamp": "2026-01-09T12:00:00.000Z"}`.
+    Envelope,
+    /// `{"error": {"code": "unauthorized", "message": "Invalid or missing API key"}}`.
+    #[default]
+    Nested,
+    /// RFC 9457 `application/problem+json`.
+    Problem,
+}
+
+/// Why a request is refused, as the caller will see it.
+///
+/// Deliberately coarse: a missing key and an invalid key are distinguished
+/// (the seeds do), but an unknown, revoked, expired or wrong-secret key are all
+/// [`Rejection::InvalidCredentials`]. The typed reason for logs lives in the
+/// error that produced the rejection, not here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Rejection {
+    /// 401: no credential was presented.
+    MissingCredentials,
+    /// 401: the credential is malformed, unknown, revoked or expired.
+    InvalidCredentials,
+    /// 403: the key is valid but may not reach this resource (scope, tenant,
+    /// environment). `scope` names the missing scope when there is one.
+    Forbidden {
+        /// The scope the request needed, for `WWW-Authenticate: … scope=`.
+        scope: Option<String>,
+    },
+    /// 403: the account behind the key is inactive or deleted.
+    AccountInactive,
+    /// 400: the request body or parameters break a rule.
+    BadRequest {
+        /// The offending field, e.g. `expiresInMinutes`.
+        field: Cow<'static, str>,
+        /// What is wrong, e.g. `expiresInMinutes must be between 1 and 60`.
+        message: String,
+    },
+    /// 409: the request conflicts with current state (e.g. the key limit of
+    /// a project is reached).
+    Conflict {
+        /// What conflicts.
+        message: String,
+    },
+    /// 410: a single-use resource (a portal link) was already used.
+    Gone,
+    /// 429: a rate limit denied the request.
+    RateLimited {
+        /// The limit of the policy that denied, for the body's `limit`.
+        limit: u64,
+        /// How long until a retry can succeed.
+        retry_after: Duration,
+    },
+    /// 429: a monthly quota is used up.
+    QuotaExceeded {
+        /// Units used this month.
+        used: u64,
+        /// The month's limit.
+        limit: u64,
+        /// When the quota resets (the next 1st, 00:00 UTC).
+        resets_at: Timestamp,
+    },
+    /// 503: a backend store failed and the host chose to fail closed.
+    Unavailable,
+}
+
+/// An HTTP response as plain data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// Header fields, in order. Names are lowercase-insensitive as in HTTP;
+    /// keygate writes them in their conventional casing.
+    pub headers: Vec<(&'static str, String)>,
+    /// The JSON body.
+    pub body: String,
+}
+
+impl Response {
+    /// The first value of header `name` (case-insensitive).
+    #[must_use]
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// Whole seconds in `d`, rounded up: a 100 ms wait is `1`, never `0`.
+#[must_use]
+pub fn ceil_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// RFC 3339 UTC with milliseconds, as the seeds write timestamps:
+/// `2026-01-09T12:00:00.000Z`.
+#[must_use]
+pub fn timestamp_millis(t: Timestamp) -> String {
+    // Truncate to whole milliseconds, then always print three digits.
+    let ms = t.as_millisecond();
+    let secs = ms.div_euclid(1000);
+    let frac = ms.rem_euclid(1000);
+    let whole = Timestamp::from_second(secs).unwrap_or(Timestamp::UNIX_EPOCH);
+    let s = whole.to_string(); // `YYYY-MM-DDTHH:MM:SSZ`
+    format!("{}.{frac:03}Z", s.trim_end_matches('Z'))
+}
+
+impl Rejection {
+    /// The HTTP status code.
+    #[must_use]
+    pub const fn status(&self) -> u16 {
+        match self {
+            Self::MissingCredentials | Self::InvalidCredentials => 401,
+            Self::Forbidden { .. } | Self::AccountInactive => 403,
+            Self::BadRequest { .. } => 400,
+            Self::Conflict { .. } => 409,
+            Self::Gone => 410,
+            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => 429,
+            Self::Unavailable => 503,
+        }
+    }
+
+    /// The human message in the flat and envelope styles (the seeds' words).
+    #[must_use]
+    pub fn message(&self) -> Cow<'static, str> {
+        match self {
+            Self::MissingCredentials => "API key is missing".into(),
+            Self::InvalidCredentials => "Invalid API key".into(),
+            Self::Forbidden { .. } => "API key does not have access to this resource".into(),
+            Self::AccountInactive => "Account is inactive".into(),
+            Self::BadRequest { message, .. } | Self::Conflict { message } => message.clone().into(),
+            Self::Gone => "This link has already been used".into(),
+            Self::RateLimited { .. } => "Rate limit exceeded".into(),
+            Self::QuotaExceeded { used, limit, resets_at } => {
+                let d = jiff::tz::Offset::UTC.to_datetime(*resets_at).date();
+                format!(
+                    "Monthly usage limit exceeded ({used}/{limit}). Upgrade your plan or wait for reset on {}/{}/{}.",
+                    d.month(),
+                    d.day(),
+                    d.year()
+                )
+                .into()
+            }
+            Self::Unavailable => "Service temporarily unavailable".into(),
+        }
+    }
+
+    /// The machine code in the nested and problem styles.
+    #[must_use]
+    pub const fn code(&self) -> &'static str {
+        match self {
+            Self::MissingCredentials | Self::InvalidCredentials => "unauthorized",
+            Self::Forbidden { .. } | Self::AccountInactive => "forbidden",
+            Self::BadRequest { .. } => "invalid_request",
+            Self::Conflict { .. } => "conflict",
+            Self::Gone => "gone",
+            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::QuotaExceeded { .. } => "quota_exceeded",
+            Self::Unavailable => "unavailable",
+        }
+    }
+
+    /// Seconds until a retry can succeed, for `Retry-After` (rounded up).
+    #[must_use]
+    pub fn retry_after_secs(&self, now: Timestamp) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after, .. } => Some(ceil_secs(*retry_after).max(1)),
+            Self::QuotaExceeded { resets_at, .. } => {
+                let ms = resets_at.as_millisecond().saturating_sub(now.as_millisecond());
+                let ms = u64::try_from(ms).unwrap_or(0);
+                Some(ceil_secs(Duration::from_millis(ms)).max(1))
+            }
+            Self::Unavailable => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The RFC 6750 `WWW-Authenticate` value for 401 and scope-related 403s.
+    #[must_use]
+    pub fn www_authenticate(&self) -> Option<String> {
+        match self {
+            // No error code when credentials are missing (RFC 6750 §3.1).
+            Self::MissingCredentials => Some("Bearer".to_owned()),
+            Self::InvalidCredentials => Some("Bearer error=\"invalid_token\"".to_owned()),
+            Self::Forbidden { scope: Some(s) } => {
+                Some(format!("Bearer error=\"insufficient_scope\", scope=\"{s}\""))
+            }
+            Self::Forbidden { scope: None } => {
+                Some("Bearer error=\"insufficient_scope\"".to_owned())
+            }
+            _ => None,
+        }
+    }
+
+    /// The full response in `style`, stamped with `now` where the style has a
+    /// timestamp.
+    #[must_use]
+    pub fn to_response(&self, style: BodyStyle, now: Timestamp) -> Response {
+        let status = self.status();
+        let mut headers = Vec::with_capacity(3);
+        let content_type = if style == BodyStyle::Problem {
+            "application/problem+json"
+        } else {
+            "application/json"
+        };
+        headers.push(("Content-Type", content_type.to_owned()));
+        if let Some(v) = self.www_authenticate() {
+            headers.push(("WWW-Authenticate", v));
+        }
+        let retry = self.retry_after_secs(now);
+        if let Some(s) = retry {
+            headers.push(("Retry-After", s.to_string()));
+        }
+        let message = self.message();
+        let body = match style {
+            BodyStyle::Flat => {
+                let mut v = json!({ "error": message });
+                if let Self::RateLimited { limit, .. } = self {
+                    v["limit"] = json!(limit);
+                    v["retryAfter"] = json!(retry);
+                }
+                self.add_field(&mut v);
+                v
+            }
+            BodyStyle::Envelope => {
+                json!({ "success": false, "error": message, "timestamp": timestamp_millis(now) })
+            }
+            BodyStyle::Nested => {
+                let mut inner = json!({ "code": self.code(), "message": self.nested_message() });
+                if let Some(s) = retry.filter(|_| status == 429) {
+                    inner["retry_after"] = json!(s);
+                }
+                self.add_field(&mut inner);
+                json!({ "error": inner })
+            }
+            BodyStyle::Problem => {
+                let mut v = json!({
+                    "type": "about:blank",
+                    "title": reason_phrase(status),
+                    "status": status,
+                    "detail": self.nested_message(),
+                });
+                self.add_field(&mut v);
+                v
+            }
+        };
+        Response { status, headers, body: body.to_string() }
+    }
+
+    /// The message of the nested and problem styles: the seed's nested 401
+    /// does not distinguish missing from invalid.
+    fn nested_message(&self) -> Cow<'static, str> {
+        match self {
+            Self::MissingCredentials | Self::InvalidCredentials => {
+                "Invalid or missing API key".into()
+            }
+            Self::RateLimited { retry_after, .. } => format!(
+                "Rate limit exceeded. Retry after {} seconds.",
+                ceil_secs(*retry_after).max(1)
+            )
+            .into(),
+            _ => self.message(),
+        }
+    }
+
+    fn add_field(&self, v: &mut Value) {
+        if let Self::BadRequest { field, .. } = self {
+            v["field"] = json!(field);
+        }
+    }
+}
+
+impl fmt::Display for Rejection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.status(), self.code())
+    }
+}
+
+impl std::error::Error for Rejection {}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        403 => "Forbidden",
+        409 => "Conflict",
+        410 => "Gone",
+        429 => "Too Many Requests",
+        503 => "Service Unavailable",
+        _ => "Error",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t() -> Timestamp {
+        "2026-01-09T12:00:00Z".parse().unwrap()
+    }
+
+    fn body(r: &Rejection, s: BodyStyle) -> Value {
+        serde_json::from_str(&r.to_response(s, t()).body).unwrap()
+    }
+
+    #[test]
+    fn seed_bodies_exactly() {
+        assert_eq!(
+            body(&Rejection::MissingCredentials, BodyStyle::Envelope),
+            json!({"success": false, "error": "API key is missing", "timestamp": "2026-01-09T12:00:00.000Z"})
+        );
+        assert_eq!(
+            body(&Rejection::InvalidCredentials, BodyStyle::Envelope),
+            json!({"success": false, "error": "Invalid API key", "timestamp": "2026-01-09T12:00:00.000Z"})
+        );
+        assert_eq!(
+            body(&Rejection::InvalidCredentials, BodyStyle::Nested),
+            json!({"error": {"code": "unauthorized", "message": "Invalid or missing API key"}})
+        );
+        assert_eq!(
+            body(&Rejection::Forbidden { scope: None }, BodyStyle::Nested),
+            json!({"error": {"code": "forbidden", "message": "API key does not have access to this resource"}})
+        );
+        let rl = Rejection::RateLimited { limit: 50, retry_after: Duration::from_millis(200) };
+        assert_eq!(
+            body(&rl, BodyStyle::Flat),
+            json!({"error": "Rate limit exceeded", "limit": 50, "retryAfter": 1})
+        );
+        assert_eq!(
+            body(&rl, BodyStyle::Envelope),
+            json!({"success": false, "error": "Rate limit exceeded", "timestamp": "2026-01-09T12:00:00.000Z"})
+        );
+        let rl60 = Rejection::RateLimited { limit: 100, retry_after: Duration::from_secs(60) };
+        assert_eq!(
+            body(&rl60, BodyStyle::Nested),
+            json!({"error": {"code": "rate_limit_exceeded", "message": "Rate limit exceeded. Retry after 60 seconds.", "retry_after": 60}})
+        );
+        let q = Rejection::QuotaExceeded {
+            used: 100,
+            limit: 100,
+            resets_at: "2026-02-01T00:00:00Z".parse().unwrap(),
+        };
+        assert_eq!(
+            body(&q, BodyStyle::Envelope)["error"],
+            "Monthly usage limit exceeded (100/100). Upgrade your plan or wait for reset on 2/1/2026."
+        );
+    }
+
+    #[test]
+    fn headers() {
+        let r = Rejection::MissingCredentials.to_response(BodyStyle::Nested, t());
+        assert_eq!(r.status, 401);
+        assert_eq!(r.header("www-authenticate"), Some("Bearer"));
+        let r = Rejection::InvalidCredentials.to_response(BodyStyle::Nested, t());
+        assert_eq!(r.header("WWW-Authenticate"), Some("Bearer error=\"invalid_token\""));
+        let r = Rejection::Forbidden { scope: Some("webhooks:write".into()) }
+            .to_response(BodyStyle::Problem, t());
+        assert_eq!(r.status, 403);
+        assert_eq!(r.header("content-type"), Some("application/problem+json"));
+        assert_eq!(
+            r.header("WWW-Authenticate"),
+            Some("Bearer error=\"insufficient_scope\", scope=\"webhooks:write\"")
+        );
+        let r = Rejection::RateLimited { limit: 3, retry_after: Duration::from_millis(1) }
+            .to_response(BodyStyle::Flat, t());
+        assert_eq!(r.header("Retry-After"), Some("1"));
+    }
+
+    #[test]
+    fn ceil_secs_never_zero_for_a_wait() {
+        assert_eq!(ceil_secs(Duration::ZERO), 0);
+        assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_secs(1)), 1);
+        assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
+    }
+
+    #[test]
+    fn timestamp_has_millis() {
+        assert_eq!(timestamp_millis(t()), "2026-01-09T12:00:00.000Z");
+        let t2: Timestamp = "2026-01-09T12:00:00.1234Z".parse().unwrap();
+        assert_eq!(timestamp_millis(t2), "2026-01-09T12:00:00.123Z");
+    }
+
+    #[test]
+    fn bad_request_names_field() {
+        let r = Rejection::BadRequest {
+            field: "expiresInMinutes".into(),
+            message: "expiresInMinutes must be between 1 and 60".into(),
+        };
+        let v = body(&r, BodyStyle::Nested);
+        assert_eq!(v["error"]["field"], "expiresInMinutes");
+        assert_eq!(r.to_response(BodyStyle::Flat, t()).status, 400);
+    }
+}

@@ -1,0 +1,189 @@
+//! The secret wrapper and the constant-time digest: the only place plaintext lives.
+
+use std::fmt;
+
+use subtle::ConstantTimeEq;
+use zeroize::{Zeroize, ZeroizeOnDrop};
+
+/// A value that must not leak: zeroized on drop, `[REDACTED]` in `Debug`, no
+/// `Display`, no `Serialize`, no `Hash`, no `PartialEq`.
+///
+/// The only way to the plaintext is [`Secret::expose_secret`], so every use of
+/// a secret in the code base can be found with one `grep`.
+///
+/// ```
+/// use keygate::Secret;
+///
+/// let s = Secret::new(String::from("nh_0123"));
+/// assert_eq!(format!("{s:?}"), "Secret([REDACTED])");
+/// assert_eq!(s.expose_secret(), "nh_0123");
+/// ```
+pub struct Secret<S: Zeroize + ?Sized>(Box<S>);
+
+/// The common case: a secret string (an API key, a portal code, a token).
+pub type SecretString = Secret<str>;
+
+impl<S: Zeroize> Secret<S> {
+    /// Wraps `value`; it is zeroized when the wrapper is dropped.
+    pub fn new(value: S) -> Self {
+        Self(Box::new(value))
+    }
+}
+
+impl From<String> for SecretString {
+    fn from(value: String) -> Self {
+        Self(value.into_boxed_str())
+    }
+}
+
+impl<S: Zeroize + ?Sized> Secret<S> {
+    /// The plaintext. Named loudly so that every use can be found and reviewed.
+    #[must_use]
+    pub fn expose_secret(&self) -> &S {
+        &self.0
+    }
+}
+
+impl<S: Zeroize + Clone> Clone for Secret<S> {
+    fn clone(&self) -> Self {
+        Self::new(self.0.as_ref().clone())
+    }
+}
+
+impl Clone for SecretString {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<S: Zeroize + ?Sized> Drop for Secret<S> {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl<S: Zeroize + ?Sized> ZeroizeOnDrop for Secret<S> {}
+
+impl<S: Zeroize + ?Sized> fmt::Debug for Secret<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret([REDACTED])")
+    }
+}
+
+/// A 32-byte digest (SHA-256 or HMAC-SHA256 output) whose `==` runs in
+/// constant time.
+///
+/// A digest is not a secret — stores index records by it — but comparing the
+/// digest of a presented key with a stored one must not reveal, through
+/// timing, how many leading bytes matched. `Hash` is implemented so that
+/// stores can key maps by digest; hashing happens on the presented key's own
+/// digest, which an attacker already knows.
+#[derive(Clone, Copy)]
+pub struct Digest([u8; Digest::LEN]);
+
+impl Digest {
+    /// Length of a digest in bytes.
+    pub const LEN: usize = 32;
+
+    /// Wraps raw digest bytes.
+    #[must_use]
+    pub const fn from_bytes(bytes: [u8; Self::LEN]) -> Self {
+        Self(bytes)
+    }
+
+    /// The raw bytes.
+    #[must_use]
+    pub const fn as_bytes(&self) -> &[u8; Self::LEN] {
+        &self.0
+    }
+
+    /// Lowercase hex, 64 characters.
+    #[must_use]
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    /// Parses 64 lowercase hex characters.
+    ///
+    /// # Errors
+    ///
+    /// [`DigestParseError`] when `s` is not exactly 64 lowercase hex digits.
+    pub fn from_hex(s: &str) -> Result<Self, DigestParseError> {
+        let bytes = s.as_bytes();
+        if bytes.len() != 2 * Self::LEN {
+            return Err(DigestParseError);
+        }
+        // `hex` accepts uppercase too; the stored form is canonical lowercase.
+        if !bytes.iter().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+            return Err(DigestParseError);
+        }
+        let mut out = [0u8; Self::LEN];
+        hex::decode_to_slice(bytes, &mut out).map_err(|_| DigestParseError)?;
+        Ok(Self(out))
+    }
+}
+
+impl ConstantTimeEq for Digest {
+    fn ct_eq(&self, other: &Self) -> subtle::Choice {
+        self.0.ct_eq(&other.0)
+    }
+}
+
+impl PartialEq for Digest {
+    fn eq(&self, other: &Self) -> bool {
+        // `Choice` is turned into `bool` only here, at the very end.
+        bool::from(self.ct_eq(other))
+    }
+}
+
+impl Eq for Digest {}
+
+impl std::hash::Hash for Digest {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// A digest string was not 64 lowercase hex characters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("digest must be 64 lowercase hex characters")]
+pub struct DigestParseError;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_is_redacted() {
+        let s = SecretString::from(String::from("super-secret-value"));
+        let dbg = format!("{s:?}");
+        assert!(!dbg.contains("super-secret-value"));
+        assert_eq!(dbg, "Secret([REDACTED])");
+        assert_eq!(s.clone().expose_secret(), "super-secret-value");
+    }
+
+    #[test]
+    fn digest_eq_and_hex_round_trip() {
+        let a = Digest::from_bytes([0xab; 32]);
+        let mut other = [0xab; 32];
+        other[31] = 8;
+        let b = Digest::from_bytes(other);
+        assert_eq!(a, a);
+        assert_ne!(a, b);
+        assert_eq!(Digest::from_hex(&a.to_hex()), Ok(a));
+        assert_eq!(Digest::from_hex(&a.to_hex().to_uppercase()), Err(DigestParseError));
+        assert_eq!(Digest::from_hex("00"), Err(DigestParseError));
+    }
+}
