@@ -8,11 +8,13 @@
 //!
 //! | module | owns |
 //! |---|---|
+//! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
 //! | [`secret`] | [`Secret`] wrapper and constant-time [`Digest`] — the only place plaintext lives |
 //! | [`format`] | declarative key grammars, presets, minting and parsing from one value |
 //! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
 
+pub mod backend;
 pub mod clock;
 pub mod format;
 pub mod http;

@@ -1,0 +1,57 @@
+//! The error every storage trait returns when its backend fails, and the
+//! host's choice of what such a failure means for a request.
+
+use std::error::Error as StdError;
+use std::fmt;
+
+/// A storage backend (database, Redis, …) could not answer.
+///
+/// Stores return this for infrastructure failures only — never for "not
+/// found" or "already used", which are ordinary results. The host decides
+/// what a failure means for the request with [`FailMode`].
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The backend could not be reached or refused the operation.
+    #[error("storage backend unavailable")]
+    Unavailable {
+        /// The underlying client error.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
+    /// The backend did not answer within the configured timeout.
+    #[error("storage backend timed out")]
+    Timeout,
+    /// The backend answered with data that does not decode (a bug, or a
+    /// record written by an incompatible version).
+    #[error("storage backend returned corrupt data: {what}")]
+    Corrupt {
+        /// What could not be decoded (never a secret).
+        what: String,
+    },
+}
+
+impl BackendError {
+    /// Wraps a client error as [`BackendError::Unavailable`].
+    pub fn unavailable(source: impl StdError + Send + Sync + 'static) -> Self {
+        Self::Unavailable { source: Box::new(source) }
+    }
+
+    /// A [`BackendError::Corrupt`] describing `what`.
+    pub fn corrupt(what: impl fmt::Display) -> Self {
+        Self::Corrupt { what: what.to_string() }
+    }
+}
+
+/// What a request gets when a store fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum FailMode {
+    /// Refuse the request (503). The safe default.
+    #[default]
+    Closed,
+    /// Let the request through as if the check had passed. Only for checks
+    /// whose failure costs less than an outage (e.g. a rate limit), and
+    /// only by the host's explicit choice.
+    Open,
+}
