@@ -319,6 +319,16 @@ const fn pow_at_least_2_128(k: u128, n: u8) -> bool {
     false
 }
 
+/// The public parts found by [`KeyFormat::parse_bytes`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Parts {
+    pub(crate) environment: Option<Environment>,
+    pub(crate) region: Option<Region>,
+    pub(crate) key_id: Option<KeyId>,
+    /// Byte offset of the secret within the key.
+    pub(crate) secret_start: u16,
+}
+
 /// What to mint: the environment and region, where the format has them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MintSpec {
@@ -444,7 +454,31 @@ impl KeyFormat {
     ///
     /// A [`ParseError`] for the first rule `s` breaks.
     pub fn parse(&self, s: &str) -> Result<ApiKey, ParseError> {
-        let b = s.as_bytes();
+        let p = self.parse_bytes(s.as_bytes())?;
+        Ok(ApiKey {
+            format: *self,
+            environment: p.environment,
+            region: p.region,
+            key_id: p.key_id,
+            secret_start: p.secret_start,
+            key: SecretString::from(s.to_owned()),
+        })
+    }
+
+    /// The non-secret hint of a key that [`parse_bytes`](Self::parse_bytes)
+    /// accepted. Shared by [`ApiKey::hint`] and the scanner.
+    pub(crate) fn hint_of<'k>(&self, key: &'k [u8], parts: &Parts) -> &'k [u8] {
+        let start = usize::from(parts.secret_start);
+        match parts.key_id {
+            // `…_{id}_` : drop the trailing separator.
+            Some(_) => &key[..start - 1],
+            None => &key[..start + usize::from(self.hint_chars)],
+        }
+    }
+
+    /// Checks the whole grammar without allocating; the scanner uses this
+    /// so that scan results and [`parse`](Self::parse) agree by construction.
+    pub(crate) fn parse_bytes(&self, b: &[u8]) -> Result<Parts, ParseError> {
         let (_, max) = self.len_range();
         if b.is_empty() {
             return Err(ParseError::Empty);
@@ -518,14 +552,7 @@ impl KeyFormat {
                 return Err(ParseError::ChecksumMismatch);
             }
         }
-        Ok(ApiKey {
-            format: *self,
-            environment,
-            region,
-            key_id,
-            secret_start: secret_start as u16,
-            key: SecretString::from(s.to_owned()),
-        })
+        Ok(Parts { environment, region, key_id, secret_start: secret_start as u16 })
     }
 
     /// Mints a key with the OS CSPRNG for the format's default environment
@@ -710,13 +737,15 @@ impl ApiKey {
     /// has one, else the first few secret characters.
     #[must_use]
     pub fn hint(&self) -> String {
-        let k = self.key.expose_secret();
-        let start = usize::from(self.secret_start);
-        match self.key_id {
-            // `…_{id}_` : drop the trailing separator.
-            Some(_) => k[..start - 1].to_owned(),
-            None => k[..start + usize::from(self.format.hint_chars)].to_owned(),
-        }
+        let parts = Parts {
+            environment: self.environment,
+            region: self.region,
+            key_id: self.key_id,
+            secret_start: self.secret_start,
+        };
+        let hint = self.format.hint_of(self.key.expose_secret().as_bytes(), &parts);
+        // Keys are ASCII, so any prefix is valid UTF-8.
+        String::from_utf8_lossy(hint).into_owned()
     }
 }
 

@@ -11,6 +11,7 @@
 //! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
 //! | [`secret`] | [`Secret`] wrapper and constant-time [`Digest`] — the only place plaintext lives |
 //! | [`format`] | declarative key grammars, presets, minting and parsing from one value |
+//! | [`scan`] | streaming [`Scanner`](scan::Scanner): find and redact keys of any registered format in arbitrary bytes |
 //! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
 
@@ -18,6 +19,7 @@ pub mod backend;
 pub mod clock;
 pub mod format;
 pub mod http;
+pub mod scan;
 pub mod secret;
 
 pub use format::{ApiKey, FormatSet, KeyFormat};
