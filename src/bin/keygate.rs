@@ -1,0 +1,241 @@
+//! `keygate`: mint, inspect, scan for and redact API keys.
+
+use std::fs;
+use std::io::{self, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use keygate::format::{ApiKey, Environment, FormatSet, MintSpec, Region, Segment};
+use keygate::scan::Scanner;
+use serde_json::json;
+
+/// Longest input `inspect` reads from stdin: far above any key, small enough
+/// that a mistaken pipe cannot exhaust memory.
+const STDIN_CAP: u64 = 4096;
+
+#[derive(Parser)]
+#[command(name = "keygate", version, about = "Mint, inspect, scan for and redact API keys")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Mint a key and print it with its parts as one JSON line.
+    Mint {
+        /// Format: nhk, nhm, nk, sk or nh.
+        format: String,
+        /// Environment, for formats that have one (default: live).
+        #[arg(long)]
+        env: Option<String>,
+        /// Region, for formats that have one (default: us).
+        #[arg(long)]
+        region: Option<String>,
+    },
+    /// Parse a key (argument, or stdin when absent or `-`) and print its parts, never the key.
+    Inspect {
+        /// The key; read from stdin when absent or `-`.
+        key: Option<String>,
+    },
+    /// Report keys found in files, directories (recursively) or stdin.
+    Scan {
+        /// Files or directories; stdin when none.
+        paths: Vec<PathBuf>,
+    },
+    /// Copy stdin to stdout with each key replaced by `{hint}[REDACTED]`.
+    Redact,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let formats = FormatSet::presets();
+    match cli.command {
+        Command::Mint { format, env, region } => mint(&formats, &format, env, region),
+        Command::Inspect { key } => inspect(&formats, key.as_deref()),
+        Command::Scan { paths } => scan(formats, &paths),
+        Command::Redact => redact(formats),
+    }
+}
+
+fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("keygate: {msg}");
+    ExitCode::from(code)
+}
+
+fn parts_json(key: &ApiKey) -> serde_json::Value {
+    json!({
+        "format": key.format().name(),
+        "environment": key.environment().map(|e| e.to_string()),
+        "region": key.region().map(|r| r.to_string()),
+        "key_id": key.key_id().map(|k| k.to_string()),
+        "hint": key.hint(),
+    })
+}
+
+fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<String>) -> ExitCode {
+    let Some(format) = formats.get(name) else {
+        return fail(2, format_args!("unknown format `{name}` (expected nhk, nhm, nk, sk or nh)"));
+    };
+    let mut spec = MintSpec::new();
+    // Defaults apply only where the format has the segment, so
+    // `keygate mint nh` works without flags.
+    match (format.segment(), env) {
+        (Segment::Environments(_), Some(e)) => match e.parse::<Environment>() {
+            Ok(e) => spec = spec.environment(e),
+            Err(err) => return fail(2, err),
+        },
+        (_, Some(_)) => return fail(2, format_args!("format `{name}` has no environment")),
+        _ => {}
+    }
+    match (format.segment(), region) {
+        (Segment::Region, Some(r)) => match r.parse::<Region>() {
+            Ok(r) => spec = spec.region(r),
+            Err(err) => return fail(2, err),
+        },
+        (_, Some(_)) => return fail(2, format_args!("format `{name}` has no region")),
+        _ => {}
+    }
+    match format.mint(spec) {
+        Ok(key) => {
+            let mut v = parts_json(&key);
+            v["key"] = json!(key.expose_secret());
+            println!("{v}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => fail(2, e),
+    }
+}
+
+fn inspect(formats: &FormatSet, key: Option<&str>) -> ExitCode {
+    let input = match key {
+        Some(k) if k != "-" => k.to_owned(),
+        _ => {
+            let mut buf = Vec::new();
+            if let Err(e) = io::stdin().take(STDIN_CAP + 1).read_to_end(&mut buf) {
+                return fail(1, format_args!("cannot read stdin: {e}"));
+            }
+            if buf.len() as u64 > STDIN_CAP {
+                return fail(1, format_args!("input longer than {STDIN_CAP} bytes"));
+            }
+            // Strip exactly one trailing newline (as `echo` adds), nothing else.
+            if buf.ends_with(b"\r\n") {
+                buf.truncate(buf.len() - 2);
+            } else if buf.ends_with(b"\n") {
+                buf.truncate(buf.len() - 1);
+            }
+            match String::from_utf8(buf) {
+                Ok(s) => s,
+                Err(_) => return fail(1, "key is not valid UTF-8"),
+            }
+        }
+    };
+    match formats.parse(&input) {
+        Ok(key) => {
+            println!("{}", parts_json(&key));
+            ExitCode::SUCCESS
+        }
+        // Parse errors never contain the input.
+        Err(e) => fail(1, format_args!("invalid key: {e}")),
+    }
+}
+
+fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
+    let scanner = Scanner::new(formats);
+    let stdout = io::stdout();
+    let mut out = BufWriter::new(stdout.lock());
+    let mut found = false;
+    let mut errors = false;
+    let mut report = |label: &str, input: &mut dyn Read, out: &mut dyn Write| -> io::Result<()> {
+        let mut write_err = Ok(());
+        scanner.scan_reader(input, |m| {
+            found = true;
+            if write_err.is_ok() {
+                write_err = writeln!(
+                    out,
+                    "{label}:{}:{}: {} {}",
+                    m.line(),
+                    m.column(),
+                    m.format(),
+                    m.hint()
+                );
+            }
+        })?;
+        write_err
+    };
+    if paths.is_empty() {
+        if let Err(e) = report("-", &mut io::stdin().lock(), &mut out) {
+            errors = true;
+            eprintln!("keygate: -: {e}");
+        }
+    } else {
+        let mut files = Vec::new();
+        for p in paths {
+            collect(p, &mut files, &mut errors);
+        }
+        for f in files {
+            let label = f.display().to_string();
+            match fs::File::open(&f) {
+                Ok(mut file) => {
+                    if let Err(e) = report(&label, &mut file, &mut out) {
+                        errors = true;
+                        eprintln!("keygate: {label}: {e}");
+                    }
+                }
+                Err(e) => {
+                    errors = true;
+                    eprintln!("keygate: {label}: {e}");
+                }
+            }
+        }
+    }
+    if let Err(e) = out.flush() {
+        errors = true;
+        eprintln!("keygate: stdout: {e}");
+    }
+    match (errors, found) {
+        (true, _) => ExitCode::from(2),
+        (false, true) => ExitCode::from(1),
+        (false, false) => ExitCode::SUCCESS,
+    }
+}
+
+/// Files under `path`, depth first in name order. Symbolic links to
+/// directories are not followed, so a link loop cannot hang the scan.
+fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool) {
+    let meta = match fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) => {
+            *errors = true;
+            eprintln!("keygate: {}: {e}", path.display());
+            return;
+        }
+    };
+    if meta.is_dir() {
+        let entries = match fs::read_dir(path) {
+            Ok(rd) => rd.filter_map(Result::ok).map(|e| e.path()).collect::<Vec<_>>(),
+            Err(e) => {
+                *errors = true;
+                eprintln!("keygate: {}: {e}", path.display());
+                return;
+            }
+        };
+        let mut entries = entries;
+        entries.sort();
+        for e in entries {
+            collect(&e, files, errors);
+        }
+    } else if meta.is_file() || (meta.file_type().is_symlink() && path.is_file()) {
+        files.push(path.to_path_buf());
+    }
+}
+
+fn redact(formats: FormatSet) -> ExitCode {
+    let scanner = Scanner::new(formats);
+    let stdout = io::stdout();
+    match scanner.redact(io::stdin().lock(), BufWriter::new(stdout.lock())) {
+        Ok(_) => ExitCode::SUCCESS,
+        Err(e) => fail(2, e),
+    }
+}

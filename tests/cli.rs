@@ -1,0 +1,145 @@
+//! The `keygate` binary's contract, driven through the real executable.
+#![cfg(feature = "cli")]
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+fn keygate(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(stdin).unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn json(out: &Output) -> serde_json::Value {
+    let s = String::from_utf8(out.stdout.clone()).unwrap();
+    assert_eq!(s.lines().count(), 1, "one line: {s}");
+    serde_json::from_str(&s).unwrap()
+}
+
+#[test]
+fn mint_every_format_and_inspect_it_back() {
+    for (fmt, env, region, key_id) in [
+        ("nhk", false, true, false),
+        ("nhm", false, false, false),
+        ("nk", true, false, true),
+        ("sk", true, false, false),
+        ("nh", false, false, false),
+    ] {
+        let out = keygate(&["mint", fmt], b"");
+        assert!(out.status.success(), "{fmt}");
+        let v = json(&out);
+        assert_eq!(v["format"], fmt);
+        assert_eq!(v["environment"].is_string(), env, "{fmt}");
+        assert_eq!(v["region"].is_string(), region, "{fmt}");
+        assert_eq!(v["key_id"].is_string(), key_id, "{fmt}");
+        let key = v["key"].as_str().unwrap().to_owned();
+
+        // From the argument…
+        let out = keygate(&["inspect", &key], b"");
+        assert!(out.status.success());
+        let parts = json(&out);
+        assert_eq!(parts["hint"], v["hint"]);
+        assert!(parts.get("key").is_none());
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(&key));
+        // …and from stdin, with one trailing newline stripped.
+        let out = keygate(&["inspect"], format!("{key}\n").as_bytes());
+        assert!(out.status.success());
+        assert_eq!(json(&out), parts);
+        let out = keygate(&["inspect", "-"], key.as_bytes());
+        assert!(out.status.success());
+    }
+}
+
+#[test]
+fn mint_defaults_and_options() {
+    let v = json(&keygate(&["mint", "sk"], b""));
+    assert_eq!(v["environment"], "live");
+    assert!(v["hint"].as_str().unwrap().starts_with("sk_live_"));
+    let v = json(&keygate(&["mint", "nhk", "--region", "eu"], b""));
+    assert!(v["key"].as_str().unwrap().starts_with("nhk_eu_"));
+    let v = json(&keygate(&["mint", "nk", "--env", "test"], b""));
+    assert!(v["key"].as_str().unwrap().starts_with("nk_test_"));
+    assert!(v["hint"].as_str().unwrap().ends_with(v["key_id"].as_str().unwrap()));
+    for bad in [
+        &["mint", "zz"][..],
+        &["mint", "sk", "--env", "prod"],
+        &["mint", "sk", "--env", "Live"],
+        &["mint", "nh", "--env", "live"],
+        &["mint", "nhk", "--region", "usa"],
+    ] {
+        let out = keygate(bad, b"");
+        assert!(!out.status.success(), "{bad:?}");
+        assert!(out.stdout.is_empty());
+        assert!(!out.stderr.is_empty());
+    }
+}
+
+#[test]
+fn inspect_rejects_without_echoing() {
+    let secret = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdeF";
+    for input in [
+        format!("nh_{secret}"),
+        format!(" nh_{}", &secret[..63]),
+        format!("nh_{}\n\n", &secret[..63]),
+        String::new(),
+        "x".repeat(5000),
+    ] {
+        let out = keygate(&["inspect"], input.as_bytes());
+        assert_eq!(out.status.code(), Some(1), "{input:?}");
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(!err.contains(&secret[..20]), "{err}");
+    }
+}
+
+#[test]
+fn scan_files_directories_and_stdin() {
+    let nh = json(&keygate(&["mint", "nh"], b""))["key"].as_str().unwrap().to_owned();
+    let sk = json(&keygate(&["mint", "sk"], b""))["key"].as_str().unwrap().to_owned();
+    let dir = std::env::temp_dir().join(format!("keygate-cli-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("sub")).unwrap();
+    std::fs::write(dir.join("a.log"), format!("ok\nauth {nh} done\n")).unwrap();
+    std::fs::write(dir.join("sub/b.env"), format!("KEY={sk}\n")).unwrap();
+    std::fs::write(dir.join("clean.txt"), "nothing here nh_1234\n").unwrap();
+
+    let out = keygate(&["scan", dir.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 2, "{text}");
+    assert!(lines[0].ends_with(&format!("a.log:2:6: nh {}", &nh[..7])), "{}", lines[0]);
+    assert!(lines[1].ends_with(&format!("b.env:1:5: sk {}", &sk[..11])), "{}", lines[1]);
+    assert!(!text.contains(&nh) && !text.contains(&sk));
+
+    let out = keygate(&["scan", dir.join("clean.txt").to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(0));
+    assert!(out.stdout.is_empty());
+
+    let out = keygate(&["scan"], format!("x {nh}").as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("-:1:3: nh {}\n", &nh[..7]));
+
+    let out = keygate(&["scan", dir.join("missing").to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn redact_streams_stdin_to_stdout() {
+    let nh = json(&keygate(&["mint", "nh"], b""))["key"].as_str().unwrap().to_owned();
+    let mut input = b"\xff\x00 bearer ".to_vec();
+    input.extend_from_slice(nh.as_bytes());
+    input.extend_from_slice(b"\r\n");
+    let out = keygate(&["redact"], &input);
+    assert!(out.status.success());
+    let mut want = b"\xff\x00 bearer ".to_vec();
+    want.extend_from_slice(format!("{}[REDACTED]\r\n", &nh[..7]).as_bytes());
+    assert_eq!(out.stdout, want);
+}
