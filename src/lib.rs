@@ -15,12 +15,17 @@
 //! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
 
+pub mod auth;
 pub mod backend;
 pub mod clock;
 pub mod format;
+pub mod hash;
 pub mod http;
+pub mod manager;
 pub mod scan;
+pub mod scope;
 pub mod secret;
+pub mod store;
 
 pub use format::{ApiKey, FormatSet, KeyFormat};
 pub use secret::{Digest, Secret, SecretString};

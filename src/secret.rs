@@ -156,6 +156,34 @@ impl fmt::Display for Digest {
     }
 }
 
+/// Hashes a [`Digest`] map key by folding its bytes, without `SipHash`.
+///
+/// Digests are SHA-256/HMAC outputs that a client cannot steer, so maps
+/// keyed by them need no keyed hash to resist flooding.
+#[derive(Default)]
+pub(crate) struct DigestHasher(u64);
+
+impl std::hash::Hasher for DigestHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // `[u8; 32]` hashes as a length prefix (via `write_usize`) and then
+        // one `write` of its 32 bytes; fold whatever arrives.
+        for chunk in bytes.chunks(8) {
+            let mut b = [0u8; 8];
+            b[..chunk.len()].copy_from_slice(chunk);
+            self.0 = self.0.rotate_left(5) ^ u64::from_le_bytes(b);
+        }
+    }
+
+    fn write_usize(&mut self, _: usize) {}
+}
+
+/// `BuildHasher` for maps keyed by [`Digest`].
+pub(crate) type DigestBuildHasher = std::hash::BuildHasherDefault<DigestHasher>;
+
 /// A digest string was not 64 lowercase hex characters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("digest must be 64 lowercase hex characters")]

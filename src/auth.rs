@@ -1,0 +1,630 @@
+//! Request headers → [`Principal`] or a typed [`AuthError`]: the caller sees
+//! one uniform rejection, the host's logs see exactly why.
+
+mod cache;
+mod credentials;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+pub use cache::PrincipalCache;
+pub use credentials::{CredentialError, HeaderRules, Source};
+
+use cache::LastUse;
+
+use crate::backend::BackendError;
+use crate::clock::{Clock, SystemClock, duration_nanos};
+use crate::format::{Environment, FormatSet, ParseError, Region};
+use crate::hash::{Hasher, StoredDigest};
+use crate::http::Rejection;
+use crate::scope::{Required, ScopeError, ScopeRegistry, ScopeSet};
+use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
+
+/// Who a request is: what authentication yields. Cheap to clone.
+#[derive(Clone)]
+pub struct Principal(Arc<PrincipalInner>);
+
+struct PrincipalInner {
+    record_id: RecordId,
+    name: String,
+    hint: String,
+    format: String,
+    tenant: Tenant,
+    environment: Option<Environment>,
+    region: Option<Region>,
+    scopes: ScopeSet,
+    plan: Option<String>,
+    expires_at: Option<Timestamp>,
+    metadata: BTreeMap<String, String>,
+    /// Monotonic time at which a use of this principal was last noted, so
+    /// cached principals skip last-use bookkeeping within an interval.
+    use_noted: AtomicU64,
+}
+
+impl Principal {
+    /// Builds the principal of `record`, compiling its scopes against
+    /// `registry`.
+    ///
+    /// # Errors
+    ///
+    /// [`ScopeError::Unknown`] if the record holds a scope the registry does
+    /// not know (a record written under a different registry).
+    pub fn from_record(record: &KeyRecord, registry: &ScopeRegistry) -> Result<Self, ScopeError> {
+        Ok(Self(Arc::new(PrincipalInner {
+            record_id: record.id.clone(),
+            name: record.name.clone(),
+            hint: record.hint.clone(),
+            format: record.format.clone(),
+            tenant: record.tenant.clone(),
+            environment: record.environment,
+            region: record.region,
+            scopes: registry.compile(&record.scopes)?,
+            plan: record.plan.clone(),
+            expires_at: record.expires_at,
+            metadata: record.metadata.clone(),
+            use_noted: AtomicU64::new(0),
+        })))
+    }
+
+    /// The key record's public id.
+    #[must_use]
+    pub fn record_id(&self) -> &RecordId {
+        &self.0.record_id
+    }
+
+    /// The key's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.0.name
+    }
+
+    /// The key's non-secret hint.
+    #[must_use]
+    pub fn hint(&self) -> &str {
+        &self.0.hint
+    }
+
+    /// The key's format name.
+    #[must_use]
+    pub fn format(&self) -> &str {
+        &self.0.format
+    }
+
+    /// The tenant.
+    #[must_use]
+    pub fn tenant(&self) -> &Tenant {
+        &self.0.tenant
+    }
+
+    /// The environment, if the key has one.
+    #[must_use]
+    pub fn environment(&self) -> Option<Environment> {
+        self.0.environment
+    }
+
+    /// The region, if the key has one.
+    #[must_use]
+    pub fn region(&self) -> Option<Region> {
+        self.0.region
+    }
+
+    /// The granted scopes.
+    #[must_use]
+    pub fn scopes(&self) -> &ScopeSet {
+        &self.0.scopes
+    }
+
+    /// The rate-limit plan name, if assigned.
+    #[must_use]
+    pub fn plan(&self) -> Option<&str> {
+        self.0.plan.as_deref()
+    }
+
+    /// When the credential expires, if it does.
+    #[must_use]
+    pub fn expires_at(&self) -> Option<Timestamp> {
+        self.0.expires_at
+    }
+
+    /// Host metadata (for portal sessions: the session metadata).
+    #[must_use]
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.0.metadata
+    }
+
+    /// Whether the principal holds `scope`.
+    #[must_use]
+    pub fn allows(&self, scope: &Required) -> bool {
+        self.0.scopes.allows(scope)
+    }
+
+    /// `Ok` if the principal holds `scope`.
+    ///
+    /// # Errors
+    ///
+    /// [`MissingScope`] naming the scope, which becomes a 403 with
+    /// `WWW-Authenticate: Bearer error="insufficient_scope", scope="…"`.
+    pub fn require(&self, scope: &Required) -> Result<(), MissingScope> {
+        if self.allows(scope) {
+            Ok(())
+        } else {
+            Err(MissingScope { scope: scope.scope().to_string() })
+        }
+    }
+}
+
+impl fmt::Debug for Principal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let p = &self.0;
+        f.debug_struct("Principal")
+            .field("record_id", &p.record_id)
+            .field("hint", &p.hint)
+            .field("tenant", &p.tenant)
+            .field("environment", &p.environment)
+            .field("region", &p.region)
+            .field("scopes", &p.scopes)
+            .field("plan", &p.plan)
+            .field("expires_at", &p.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A principal lacks the scope a request needs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("missing scope `{scope}`")]
+pub struct MissingScope {
+    /// The required scope.
+    pub scope: String,
+}
+
+impl MissingScope {
+    /// The 403 the caller sees.
+    #[must_use]
+    pub fn rejection(&self) -> Rejection {
+        Rejection::Forbidden { scope: Some(self.scope.clone()) }
+    }
+}
+
+/// What a request is trying to reach; authentication checks the key
+/// against it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Target {
+    tenant: Option<Tenant>,
+    environment: Option<Environment>,
+    region: Option<Region>,
+}
+
+impl Target {
+    /// No tenant, environment or region restriction.
+    #[must_use]
+    pub fn any() -> Self {
+        Self::default()
+    }
+
+    /// The request addresses `tenant`; the key must reach it (same
+    /// workspace; a project or application key only its own).
+    #[must_use]
+    pub fn tenant(mut self, tenant: Tenant) -> Self {
+        self.tenant = Some(tenant);
+        self
+    }
+
+    /// The request runs in `env`; a key of another environment is refused
+    /// (a `test` key never reaches `live`, a `staging` key only `staging`).
+    #[must_use]
+    pub fn environment(mut self, env: Environment) -> Self {
+        self.environment = Some(env);
+        self
+    }
+
+    /// This deployment serves `region`; keys of other regions are invalid here.
+    #[must_use]
+    pub fn region(mut self, region: Region) -> Self {
+        self.region = Some(region);
+        self
+    }
+}
+
+/// Why authentication failed — for the host's logs. The caller sees only
+/// [`AuthError::rejection`]: a 401 that is the same for every reason a key
+/// is invalid, a 403 for a valid key aimed at the wrong tenant or
+/// environment, a 503 when the store is down.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// No credential header was present.
+    #[error("no credential presented")]
+    Missing,
+    /// The credential headers were refused before parsing.
+    #[error("credential refused: {0}")]
+    Credential(#[from] CredentialError),
+    /// The credential is not a key of any accepted format.
+    #[error("malformed key: {0}")]
+    Malformed(#[from] ParseError),
+    /// No record matches the key.
+    #[error("unknown key")]
+    Unknown,
+    /// A record with the key's public id exists but the secret is wrong.
+    #[error("wrong secret for key id")]
+    WrongSecret,
+    /// The key was revoked.
+    #[error("key {id} is revoked")]
+    Revoked {
+        /// The record.
+        id: RecordId,
+    },
+    /// The key has expired.
+    #[error("key {id} expired")]
+    Expired {
+        /// The record.
+        id: RecordId,
+    },
+    /// The key belongs to another region.
+    #[error("key {id} belongs to another region")]
+    WrongRegion {
+        /// The record.
+        id: RecordId,
+    },
+    /// The key belongs to another environment than the request's.
+    #[error("key {id} is for another environment")]
+    WrongEnvironment {
+        /// The record.
+        id: RecordId,
+    },
+    /// The key belongs to another tenant than the request's.
+    #[error("key {id} does not reach this tenant")]
+    WrongTenant {
+        /// The record.
+        id: RecordId,
+    },
+    /// The stored record holds scopes this deployment's registry does not know.
+    #[error("record {id} has scopes the registry does not know: {source}")]
+    Scopes {
+        /// The record.
+        id: RecordId,
+        /// The compile error.
+        source: ScopeError,
+    },
+    /// The key store failed.
+    #[error("key store failed: {0}")]
+    Backend(#[from] BackendError),
+}
+
+impl AuthError {
+    /// The rejection the caller sees. Every reason a key is invalid maps to
+    /// the same [`Rejection::InvalidCredentials`].
+    #[must_use]
+    pub fn rejection(&self) -> Rejection {
+        match self {
+            Self::Missing => Rejection::MissingCredentials,
+            Self::Credential(_)
+            | Self::Malformed(_)
+            | Self::Unknown
+            | Self::WrongSecret
+            | Self::Revoked { .. }
+            | Self::Expired { .. }
+            | Self::WrongRegion { .. } => Rejection::InvalidCredentials,
+            // SPEC §7: a valid key without access to the resource (project,
+            // environment) is 403, not 401.
+            Self::WrongEnvironment { .. } | Self::WrongTenant { .. } => {
+                Rejection::Forbidden { scope: None }
+            }
+            Self::Scopes { .. } | Self::Backend(_) => Rejection::Unavailable,
+        }
+    }
+}
+
+/// Verifies keys from request headers against a [`KeyStore`].
+///
+/// ```
+/// # tokio_test_block_on(async {
+/// use keygate::auth::{Authenticator, Target};
+/// use keygate::manager::{KeyManager, NewKey};
+/// use keygate::store::{MemoryKeyStore, Tenant};
+///
+/// let store = MemoryKeyStore::new();
+/// let manager = KeyManager::new(store.clone());
+/// let tenant = Tenant::workspace("ws_abc".parse()?);
+/// let created = manager
+///     .create(NewKey::new("CI", keygate::format::SK, tenant.clone()).scopes(&["applications:read"])?)
+///     .await?;
+///
+/// let auth = Authenticator::new(store);
+/// let header = format!("Bearer {}", created.key().expose_secret());
+/// let headers = [("authorization", header.as_bytes())];
+/// let principal = auth.authenticate(headers, &Target::any().tenant(tenant)).await?;
+/// assert_eq!(principal.record_id(), &created.record().id);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # });
+/// # fn tokio_test_block_on<F: std::future::Future>(f: F) -> F::Output {
+/// #     let mut f = std::pin::pin!(f);
+/// #     let waker = std::task::Waker::noop();
+/// #     match f.as_mut().poll(&mut std::task::Context::from_waker(&waker)) {
+/// #         std::task::Poll::Ready(v) => v,
+/// #         std::task::Poll::Pending => unreachable!("in-memory stores are always ready"),
+/// #     }
+/// # }
+/// ```
+pub struct Authenticator<S, C = SystemClock> {
+    store: S,
+    hasher: Hasher,
+    formats: FormatSet,
+    rules: HeaderRules,
+    registry: Arc<ScopeRegistry>,
+    clock: C,
+    cache: Option<Arc<PrincipalCache>>,
+    last_use: LastUse,
+    last_use_interval: u64,
+}
+
+impl<S, C> fmt::Debug for Authenticator<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Authenticator")
+            .field("hasher", &self.hasher)
+            .field("rules", &self.rules)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: KeyStore> Authenticator<S> {
+    /// An authenticator over `store` with the defaults: SHA-256 digests, the
+    /// preset formats, default header rules and scope registry, the system
+    /// clock, no principal cache, last use written at most once a minute.
+    pub fn new(store: S) -> Self {
+        Self {
+            store,
+            hasher: Hasher::sha256(),
+            formats: FormatSet::presets(),
+            rules: HeaderRules::default(),
+            registry: Arc::new(ScopeRegistry::default()),
+            clock: SystemClock::new(),
+            cache: None,
+            last_use: LastUse::new(Duration::from_secs(60)),
+            last_use_interval: duration_nanos(Duration::from_secs(60)),
+        }
+    }
+}
+
+impl<S: KeyStore, C: Clock> Authenticator<S, C> {
+    /// Uses `clock` for expiry, cache age and last use.
+    pub fn clock<C2: Clock>(self, clock: C2) -> Authenticator<S, C2> {
+        Authenticator {
+            store: self.store,
+            hasher: self.hasher,
+            formats: self.formats,
+            rules: self.rules,
+            registry: self.registry,
+            clock,
+            cache: self.cache,
+            last_use: self.last_use,
+            last_use_interval: self.last_use_interval,
+        }
+    }
+
+    /// Uses `hasher` (must match the one keys were stored with).
+    #[must_use]
+    pub fn hasher(mut self, hasher: Hasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// Accepts keys of `formats`.
+    #[must_use]
+    pub fn formats(mut self, formats: FormatSet) -> Self {
+        self.formats = formats;
+        self
+    }
+
+    /// Uses `rules` to find the credential.
+    #[must_use]
+    pub fn header_rules(mut self, rules: HeaderRules) -> Self {
+        self.rules = rules;
+        self
+    }
+
+    /// Compiles scopes against `registry`.
+    #[must_use]
+    pub fn registry(mut self, registry: Arc<ScopeRegistry>) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Caches verified principals in `cache` (share it with the
+    /// [`KeyManager`](crate::manager::KeyManager) so revocations through it
+    /// apply at once).
+    #[must_use]
+    pub fn cache(mut self, cache: Arc<PrincipalCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// Writes last use at most once per `interval` per key (batched).
+    #[must_use]
+    pub fn last_use_interval(mut self, interval: Duration) -> Self {
+        self.last_use = LastUse::new(interval);
+        self.last_use_interval = duration_nanos(interval);
+        self
+    }
+
+    /// The scope registry.
+    pub fn scope_registry(&self) -> &ScopeRegistry {
+        &self.registry
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Authenticates the credential in `headers` for a request to `target`.
+    ///
+    /// # Errors
+    ///
+    /// An [`AuthError`] saying exactly why; show the caller only
+    /// [`AuthError::rejection`].
+    pub async fn authenticate<'h, I>(
+        &self,
+        headers: I,
+        target: &Target,
+    ) -> Result<Principal, AuthError>
+    where
+        I: IntoIterator<Item = (&'h str, &'h [u8])>,
+    {
+        let (source, token) = self.rules.extract(headers)?.ok_or(AuthError::Missing)?;
+        self.authenticate_token(token, source, target).await
+    }
+
+    /// Authenticates a key already taken from `source`.
+    ///
+    /// # Errors
+    ///
+    /// As [`authenticate`](Self::authenticate).
+    pub async fn authenticate_token(
+        &self,
+        token: &str,
+        source: Source,
+        target: &Target,
+    ) -> Result<Principal, AuthError> {
+        let key = self.formats.parse(token)?;
+        let format = key.format().name();
+        if !self.rules.accepts(format, source) {
+            return Err(CredentialError::WrongHeader { format, header: source }.into());
+        }
+        let bytes = token.as_bytes();
+        let current = self.hasher.digest(bytes);
+        let mono = self.clock.monotonic();
+        let now = self.clock.now();
+        if let Some(cache) = &self.cache
+            && let Some(p) = cache.get(current.digest(), mono)
+        {
+            if p.expires_at().is_some_and(|e| now >= e) {
+                return Err(AuthError::Expired { id: p.record_id().clone() });
+            }
+            check_target(&p.0.record_id, &p.0.tenant, p.0.environment, p.0.region, target)?;
+            self.note_use(&p, now, mono).await;
+            return Ok(p);
+        }
+        let record = match key.key_id() {
+            // The public id is the lookup handle; the secret is then checked
+            // by comparing digests in constant time.
+            Some(kid) => {
+                let r = self.store.find_by_key_id(format, &kid).await?.ok_or(AuthError::Unknown)?;
+                let ok = if r.digest.algorithm() == current.algorithm() {
+                    r.digest == current
+                } else {
+                    self.hasher.verify(bytes, &r.digest)
+                };
+                if !ok {
+                    return Err(AuthError::WrongSecret);
+                }
+                r
+            }
+            None => self.find_by_digest(bytes, current).await?.ok_or(AuthError::Unknown)?,
+        };
+        if record.format != format {
+            return Err(AuthError::Unknown);
+        }
+        if record.revoked_at.is_some() {
+            return Err(AuthError::Revoked { id: record.id.clone() });
+        }
+        if record.expires_at.is_some_and(|e| now >= e) {
+            return Err(AuthError::Expired { id: record.id.clone() });
+        }
+        check_target(&record.id, &record.tenant, record.environment, record.region, target)?;
+        let p = Principal::from_record(&record, &self.registry)
+            .map_err(|source| AuthError::Scopes { id: record.id.clone(), source })?;
+        if let Some(cache) = &self.cache {
+            cache.insert(*current.digest(), p.clone(), mono);
+        }
+        self.note_use(&p, now, mono).await;
+        Ok(p)
+    }
+
+    async fn find_by_digest(
+        &self,
+        key: &[u8],
+        current: StoredDigest,
+    ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
+        if let Some(r) = self.store.find_by_digest(&current).await? {
+            return Ok(Some(r));
+        }
+        // Digests made with older peppers, newest first.
+        for d in self.hasher.candidates(key).skip(1) {
+            if let Some(r) = self.store.find_by_digest(&d).await? {
+                return Ok(Some(r));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Records a use; at most once per interval per cached principal, and
+    /// one batched store write per interval overall. A failed last-use write
+    /// never fails the request: last use is advisory.
+    async fn note_use(&self, p: &Principal, now: Timestamp, mono: crate::clock::Nanos) {
+        let noted = p.0.use_noted.load(Ordering::Relaxed);
+        if noted != 0 && mono.as_u64().saturating_sub(noted) < self.last_use_interval {
+            return;
+        }
+        p.0.use_noted.store(mono.as_u64().max(1), Ordering::Relaxed);
+        if let Some(batch) = self.last_use.note(p.record_id(), now, mono) {
+            let _ = self.store.record_last_used(&batch).await;
+        }
+    }
+
+    /// Writes every pending last-use time now (e.g. at shutdown).
+    ///
+    /// # Errors
+    ///
+    /// The store's [`BackendError`].
+    pub async fn flush_last_use(&self) -> Result<(), BackendError> {
+        let batch = self.last_use.drain();
+        if batch.is_empty() { Ok(()) } else { self.store.record_last_used(&batch).await }
+    }
+}
+
+fn check_target(
+    id: &RecordId,
+    tenant: &Tenant,
+    environment: Option<Environment>,
+    region: Option<Region>,
+    target: &Target,
+) -> Result<(), AuthError> {
+    if let (Some(want), Some(have)) = (target.region, region)
+        && want != have
+    {
+        return Err(AuthError::WrongRegion { id: id.clone() });
+    }
+    if let Some(want) = target.environment
+        && environment != Some(want)
+    {
+        return Err(AuthError::WrongEnvironment { id: id.clone() });
+    }
+    if let Some(want) = &target.tenant
+        && !tenant.reaches(want)
+    {
+        return Err(AuthError::WrongTenant { id: id.clone() });
+    }
+    Ok(())
+}
+
+#[cfg(feature = "http")]
+impl<S: KeyStore, C: Clock> Authenticator<S, C> {
+    /// [`authenticate`](Self::authenticate) over an `http::HeaderMap`.
+    ///
+    /// # Errors
+    ///
+    /// As [`authenticate`](Self::authenticate).
+    pub async fn authenticate_http(
+        &self,
+        headers: &http::HeaderMap,
+        target: &Target,
+    ) -> Result<Principal, AuthError> {
+        self.authenticate(headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes())), target).await
+    }
+}

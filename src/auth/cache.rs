@@ -1,0 +1,174 @@
+//! The verified-principal cache and coalesced last-use writes.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::BuildHasher;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+use super::Principal;
+use crate::clock::{Nanos, duration_nanos};
+use crate::secret::{Digest, DigestBuildHasher};
+use crate::store::RecordId;
+
+const SHARDS: usize = 16;
+
+type Shard = HashMap<Digest, (Principal, Nanos), DigestBuildHasher>;
+
+/// Remembers principals that verified recently, keyed by the key's digest,
+/// so a hot key costs one hash and one map probe.
+///
+/// An entry lives at most `ttl` (30 s by default): that is the bound on how
+/// long a key revoked on another instance may keep working here. A key
+/// revoked through this process is dropped at once with
+/// [`invalidate`](Self::invalidate). Memory is bounded by `capacity`.
+pub struct PrincipalCache {
+    shards: Box<[Mutex<Shard>]>,
+    ttl: Duration,
+    per_shard: usize,
+}
+
+impl fmt::Debug for PrincipalCache {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PrincipalCache")
+            .field("ttl", &self.ttl)
+            .field("capacity", &(self.per_shard * SHARDS))
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for PrincipalCache {
+    fn default() -> Self {
+        Self::new(Duration::from_secs(30), 100_000)
+    }
+}
+
+impl PrincipalCache {
+    /// A cache whose entries live at most `ttl`, holding at most about
+    /// `capacity` principals.
+    #[must_use]
+    pub fn new(ttl: Duration, capacity: usize) -> Self {
+        let per_shard = capacity.div_ceil(SHARDS).max(1);
+        let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
+        Self { shards, ttl, per_shard }
+    }
+
+    /// The staleness bound.
+    #[must_use]
+    pub const fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    fn shard(&self, d: &Digest) -> &Mutex<Shard> {
+        let h = DigestBuildHasher::default().hash_one(d);
+        // Use high bits: the map inside the shard uses the low ones.
+        &self.shards[(h >> 60) as usize % SHARDS]
+    }
+
+    /// The cached principal for `digest`, if cached less than `ttl` ago.
+    #[must_use]
+    pub fn get(&self, digest: &Digest, now: Nanos) -> Option<Principal> {
+        let shard = self.shard(digest).lock().unwrap_or_else(PoisonError::into_inner);
+        let (p, at) = shard.get(digest)?;
+        (now.saturating_since(*at) < self.ttl).then(|| p.clone())
+    }
+
+    /// Caches `principal` under `digest`.
+    pub fn insert(&self, digest: Digest, principal: Principal, now: Nanos) {
+        let mut shard = self.shard(&digest).lock().unwrap_or_else(PoisonError::into_inner);
+        if shard.len() >= self.per_shard {
+            let ttl = self.ttl;
+            shard.retain(|_, (_, at)| now.saturating_since(*at) < ttl);
+            if shard.len() >= self.per_shard {
+                // Still full of live entries: drop an arbitrary one. Any
+                // eviction only costs a store lookup later.
+                if let Some(k) = shard.keys().next().copied() {
+                    shard.remove(&k);
+                }
+            }
+        }
+        shard.insert(digest, (principal, now));
+    }
+
+    /// Drops every entry of record `id` (called on revocation).
+    pub fn invalidate(&self, id: &RecordId) {
+        for s in &self.shards {
+            s.lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .retain(|_, (p, _)| p.record_id() != id);
+        }
+    }
+
+    /// Number of cached principals.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len()).sum()
+    }
+
+    /// Whether nothing is cached.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Collects last-use times and hands them out as one batch per interval,
+/// so a hot key costs one store write per interval, not one per request.
+#[derive(Debug)]
+pub(crate) struct LastUse {
+    pending: Mutex<HashMap<RecordId, Timestamp>>,
+    /// Monotonic time of the last flush, in nanoseconds.
+    last_flush: AtomicU64,
+    interval: u64,
+}
+
+impl LastUse {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            pending: Mutex::new(HashMap::new()),
+            last_flush: AtomicU64::new(0),
+            interval: duration_nanos(interval),
+        }
+    }
+
+    /// Notes a use; returns a batch to write when the interval has passed.
+    pub(crate) fn note(
+        &self,
+        id: &RecordId,
+        at: Timestamp,
+        now: Nanos,
+    ) -> Option<Vec<(RecordId, Timestamp)>> {
+        {
+            let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+            match p.get_mut(id) {
+                Some(t) => *t = (*t).max(at),
+                None => {
+                    p.insert(id.clone(), at);
+                }
+            }
+        }
+        let last = self.last_flush.load(Ordering::Relaxed);
+        if now.as_u64().saturating_sub(last) < self.interval {
+            return None;
+        }
+        // One caller wins the right to flush this interval.
+        if self
+            .last_flush
+            .compare_exchange(last, now.as_u64(), Ordering::AcqRel, Ordering::Relaxed)
+            .is_err()
+        {
+            return None;
+        }
+        let batch: Vec<_> =
+            self.pending.lock().unwrap_or_else(PoisonError::into_inner).drain().collect();
+        (!batch.is_empty()).then_some(batch)
+    }
+
+    /// Everything pending, regardless of the interval.
+    pub(crate) fn drain(&self) -> Vec<(RecordId, Timestamp)> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner).drain().collect()
+    }
+}

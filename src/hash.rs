@@ -1,0 +1,379 @@
+//! Key → digest: SHA-256, or HMAC-SHA256 with a rotating server-side pepper.
+//!
+//! Stores hold only a [`StoredDigest`], whose string form says how it was
+//! made:
+//!
+//! | form | meaning |
+//! |---|---|
+//! | `sha256$<64 hex>` | SHA-256 of the whole key string |
+//! | `hmac-sha256$<pepper id>$<64 hex>` | HMAC-SHA256 of the whole key string, keyed by pepper `<pepper id>` (1 to 10 decimal digits) |
+
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest as _, Sha256};
+
+use crate::secret::{Digest, Secret};
+
+/// Identifies a pepper, so records made with an old pepper keep verifying
+/// after a new one is introduced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PepperId(pub u32);
+
+impl fmt::Display for PepperId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
+/// How a digest was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Algorithm {
+    /// Plain SHA-256 of the key.
+    Sha256,
+    /// HMAC-SHA256 of the key with the pepper of this id.
+    HmacSha256(PepperId),
+}
+
+/// A digest with the algorithm (and pepper) that made it: what a store keeps
+/// instead of the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StoredDigest {
+    algorithm: Algorithm,
+    digest: Digest,
+}
+
+impl StoredDigest {
+    /// Pairs an algorithm with a digest.
+    #[must_use]
+    pub const fn new(algorithm: Algorithm, digest: Digest) -> Self {
+        Self { algorithm, digest }
+    }
+
+    /// The algorithm.
+    #[must_use]
+    pub const fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The digest bytes.
+    #[must_use]
+    pub const fn digest(&self) -> &Digest {
+        &self.digest
+    }
+}
+
+impl fmt::Display for StoredDigest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.algorithm {
+            Algorithm::Sha256 => write!(f, "sha256${}", self.digest),
+            Algorithm::HmacSha256(id) => write!(f, "hmac-sha256${id}${}", self.digest),
+        }
+    }
+}
+
+/// A stored digest string does not have one of the documented forms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoredDigestError {
+    /// The algorithm name is not `sha256` or `hmac-sha256`.
+    #[error("unknown digest algorithm")]
+    Algorithm,
+    /// The pepper id is not 1 to 10 decimal digits fitting in 32 bits.
+    #[error("invalid pepper id")]
+    PepperId,
+    /// The digest is not 64 lowercase hex characters.
+    #[error("digest must be 64 lowercase hex characters")]
+    Digest,
+}
+
+impl FromStr for StoredDigest {
+    type Err = StoredDigestError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (alg, rest) = s.split_once('$').ok_or(StoredDigestError::Algorithm)?;
+        let (algorithm, hex) = match alg {
+            "sha256" => (Algorithm::Sha256, rest),
+            "hmac-sha256" => {
+                let (id, hex) = rest.split_once('$').ok_or(StoredDigestError::PepperId)?;
+                let valid =
+                    !id.is_empty() && id.len() <= 10 && id.bytes().all(|b| b.is_ascii_digit());
+                let id = if valid { id.parse().ok() } else { None };
+                (Algorithm::HmacSha256(PepperId(id.ok_or(StoredDigestError::PepperId)?)), hex)
+            }
+            _ => return Err(StoredDigestError::Algorithm),
+        };
+        let digest = Digest::from_hex(hex).map_err(|_| StoredDigestError::Digest)?;
+        Ok(Self { algorithm, digest })
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for StoredDigest {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for StoredDigest {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A server-side secret mixed into every digest, so a leaked database alone
+/// cannot be used to test guessed keys.
+#[derive(Clone)]
+pub struct Pepper {
+    id: PepperId,
+    key: Arc<Secret<Vec<u8>>>,
+}
+
+impl Pepper {
+    /// Shortest accepted pepper, in bytes (256 bits).
+    pub const MIN_LEN: usize = 32;
+
+    /// A pepper with id `id` and secret bytes `key`.
+    ///
+    /// # Errors
+    ///
+    /// [`PepperError::TooShort`] when `key` has fewer than [`Pepper::MIN_LEN`] bytes.
+    pub fn new(id: PepperId, key: Secret<Vec<u8>>) -> Result<Self, PepperError> {
+        if key.expose_secret().len() < Self::MIN_LEN {
+            return Err(PepperError::TooShort { min: Self::MIN_LEN });
+        }
+        Ok(Self { id, key: Arc::new(key) })
+    }
+
+    /// The pepper's id.
+    #[must_use]
+    pub const fn id(&self) -> PepperId {
+        self.id
+    }
+}
+
+impl fmt::Debug for Pepper {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pepper").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+/// Why a pepper or pepper set was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PepperError {
+    /// The pepper is shorter than the minimum.
+    #[error("pepper must be at least {min} bytes")]
+    TooShort {
+        /// Minimum length in bytes.
+        min: usize,
+    },
+    /// Two peppers share an id.
+    #[error("pepper ids must be distinct")]
+    DuplicateId,
+    /// An HMAC hasher needs at least one pepper.
+    #[error("at least one pepper is required")]
+    Empty,
+}
+
+/// Turns keys into stored digests.
+///
+/// ```
+/// use keygate::hash::Hasher;
+///
+/// let key = keygate::format::NH.mint_default().unwrap();
+/// let hasher = Hasher::sha256();
+/// let stored = hasher.digest(key.expose_secret().as_bytes());
+/// assert!(stored.to_string().starts_with("sha256$"));
+/// assert!(hasher.verify(key.expose_secret().as_bytes(), &stored));
+/// ```
+#[derive(Debug, Clone)]
+pub struct Hasher {
+    /// Empty for plain SHA-256; else oldest first, the last one current.
+    peppers: Vec<Pepper>,
+}
+
+impl Hasher {
+    /// Plain SHA-256 of the whole key (the default).
+    #[must_use]
+    pub const fn sha256() -> Self {
+        Self { peppers: Vec::new() }
+    }
+
+    /// HMAC-SHA256 with `peppers`, oldest first: new digests use the last
+    /// one; digests made with any of them still verify.
+    ///
+    /// # Errors
+    ///
+    /// [`PepperError`] when the list is empty or repeats an id.
+    pub fn hmac(peppers: Vec<Pepper>) -> Result<Self, PepperError> {
+        if peppers.is_empty() {
+            return Err(PepperError::Empty);
+        }
+        for (i, p) in peppers.iter().enumerate() {
+            if peppers[i + 1..].iter().any(|q| q.id == p.id) {
+                return Err(PepperError::DuplicateId);
+            }
+        }
+        Ok(Self { peppers })
+    }
+
+    /// The algorithm new digests are made with.
+    #[must_use]
+    pub fn current(&self) -> Algorithm {
+        self.peppers.last().map_or(Algorithm::Sha256, |p| Algorithm::HmacSha256(p.id))
+    }
+
+    /// Digest of `key` with the current algorithm.
+    #[must_use]
+    pub fn digest(&self, key: &[u8]) -> StoredDigest {
+        let alg = self.current();
+        // The current algorithm is always computable.
+        let digest = self.digest_with(key, alg).unwrap_or(Digest::from_bytes([0; 32]));
+        StoredDigest { algorithm: alg, digest }
+    }
+
+    /// Digest of `key` with `alg`, or `None` when `alg` names a pepper this
+    /// hasher does not hold.
+    #[must_use]
+    pub fn digest_with(&self, key: &[u8], alg: Algorithm) -> Option<Digest> {
+        match alg {
+            Algorithm::Sha256 => Some(Digest::from_bytes(Sha256::digest(key).into())),
+            Algorithm::HmacSha256(id) => {
+                let pepper = self.peppers.iter().find(|p| p.id == id)?;
+                let mut mac =
+                    <Hmac<Sha256> as KeyInit>::new_from_slice(pepper.key.expose_secret()).ok()?;
+                mac.update(key);
+                Some(Digest::from_bytes(mac.finalize().into_bytes().into()))
+            }
+        }
+    }
+
+    /// Every digest `key` may be stored under: the current algorithm first,
+    /// then older peppers (newest first). A store lookup tries them in order.
+    pub fn candidates<'a>(&'a self, key: &'a [u8]) -> impl Iterator<Item = StoredDigest> + 'a {
+        let algs: Vec<Algorithm> = if self.peppers.is_empty() {
+            vec![Algorithm::Sha256]
+        } else {
+            self.peppers.iter().rev().map(|p| Algorithm::HmacSha256(p.id)).collect()
+        };
+        algs.into_iter().filter_map(move |a| {
+            self.digest_with(key, a).map(|d| StoredDigest { algorithm: a, digest: d })
+        })
+    }
+
+    /// Whether `key` hashes to `stored`, in constant time with respect to
+    /// the digest bytes. `false` when `stored` names an unknown pepper.
+    #[must_use]
+    pub fn verify(&self, key: &[u8], stored: &StoredDigest) -> bool {
+        self.digest_with(key, stored.algorithm).is_some_and(|d| d == stored.digest)
+    }
+}
+
+impl Default for Hasher {
+    fn default() -> Self {
+        Self::sha256()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pepper(id: u32, byte: u8) -> Pepper {
+        Pepper::new(PepperId(id), Secret::new(vec![byte; 32])).unwrap()
+    }
+
+    #[test]
+    fn sha256_known_answer() {
+        // SHA-256("abc") from FIPS 180-2.
+        let d = Hasher::sha256().digest(b"abc");
+        assert_eq!(
+            d.to_string(),
+            "sha256$ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+
+    #[test]
+    fn hmac_known_answer() {
+        // HMAC-SHA256(key = 0x0b * 32, "Hi There"), computed independently
+        // with Python's `hmac` module (RFC 4231's vectors use shorter keys
+        // than a pepper may have).
+        let h = Hasher::hmac(vec![pepper(7, 0x0b)]).unwrap();
+        let d = h.digest(b"Hi There");
+        assert_eq!(d.algorithm(), Algorithm::HmacSha256(PepperId(7)));
+        assert_eq!(
+            d.to_string(),
+            "hmac-sha256$7$198a607eb44bfbc69903a0f1cf2bbdc5ba0aa3f3d9ae3c1c7a3b1696a0b68cf7"
+        );
+    }
+
+    #[test]
+    fn rotation_keeps_old_digests_verifying() {
+        let old = Hasher::hmac(vec![pepper(1, 1)]).unwrap();
+        let rotated = Hasher::hmac(vec![pepper(1, 1), pepper(2, 2)]).unwrap();
+        let stored_old = old.digest(b"nh_key");
+        assert_eq!(rotated.current(), Algorithm::HmacSha256(PepperId(2)));
+        assert!(rotated.verify(b"nh_key", &stored_old));
+        assert!(!rotated.verify(b"nh_kez", &stored_old));
+        let cands: Vec<_> = rotated.candidates(b"nh_key").collect();
+        assert_eq!(cands.len(), 2);
+        assert_eq!(cands[0], rotated.digest(b"nh_key"));
+        assert_eq!(cands[1], stored_old);
+        // A pepper that was dropped no longer verifies.
+        let dropped = Hasher::hmac(vec![pepper(2, 2)]).unwrap();
+        assert!(!dropped.verify(b"nh_key", &stored_old));
+    }
+
+    #[test]
+    fn stored_form_round_trips_and_rejects() {
+        for s in [
+            format!("sha256${}", "ab".repeat(32)),
+            format!("hmac-sha256$0${}", "cd".repeat(32)),
+            format!("hmac-sha256$4294967295${}", "01".repeat(32)),
+        ] {
+            assert_eq!(s.parse::<StoredDigest>().unwrap().to_string(), s);
+        }
+        let hex = "ab".repeat(32);
+        assert_eq!("md5$00".parse::<StoredDigest>(), Err(StoredDigestError::Algorithm));
+        assert_eq!(hex.parse::<StoredDigest>(), Err(StoredDigestError::Algorithm));
+        assert_eq!(
+            format!("hmac-sha256$${hex}").parse::<StoredDigest>(),
+            Err(StoredDigestError::PepperId)
+        );
+        assert_eq!(
+            format!("hmac-sha256$4294967296${hex}").parse::<StoredDigest>(),
+            Err(StoredDigestError::PepperId)
+        );
+        assert_eq!(
+            format!("hmac-sha256$+1${hex}").parse::<StoredDigest>(),
+            Err(StoredDigestError::PepperId)
+        );
+        assert_eq!(
+            format!("sha256${}", hex.to_uppercase()).parse::<StoredDigest>(),
+            Err(StoredDigestError::Digest)
+        );
+    }
+
+    #[test]
+    fn pepper_rules_and_redaction() {
+        assert_eq!(
+            Pepper::new(PepperId(1), Secret::new(vec![1; 31])).unwrap_err(),
+            PepperError::TooShort { min: 32 }
+        );
+        assert_eq!(Hasher::hmac(vec![]).unwrap_err(), PepperError::Empty);
+        assert_eq!(
+            Hasher::hmac(vec![pepper(1, 1), pepper(1, 2)]).unwrap_err(),
+            PepperError::DuplicateId
+        );
+        let p = Pepper::new(PepperId(3), Secret::new(b"s3cr3t-pepper-s3cr3t-pepper-0123".to_vec()))
+            .unwrap();
+        let h = Hasher::hmac(vec![p]).unwrap();
+        let dbg = format!("{h:?}");
+        assert!(!dbg.contains("s3cr3t"), "{dbg}");
+    }
+}

@@ -1,0 +1,527 @@
+//! Key lifecycle on top of a [`KeyStore`]: create, list, revoke, roll.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::auth::{Principal, PrincipalCache};
+use crate::backend::BackendError;
+use crate::clock::{Clock, SystemClock};
+use crate::format::{
+    ApiKey, Environment, FormatSet, KeyFormat, MintError, MintSpec, NHM, Region, Segment,
+};
+use crate::hash::Hasher;
+use crate::http::Rejection;
+use crate::scope::{Scope, ScopeError, ScopeRegistry};
+use crate::store::{
+    ActiveLimit, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, Tenant, WorkspaceId,
+};
+
+/// Expiry choices for management tokens: exactly those the seed offers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenExpiry {
+    /// 30 days (`30d`).
+    Days30,
+    /// 90 days (`90d`).
+    Days90,
+    /// One year, 365 days (`1y`).
+    Year1,
+    /// Never expires (`never`).
+    Never,
+}
+
+impl TokenExpiry {
+    /// The lifetime, or `None` for [`TokenExpiry::Never`].
+    #[must_use]
+    pub const fn duration(self) -> Option<Duration> {
+        const DAY: u64 = 86_400;
+        match self {
+            Self::Days30 => Some(Duration::from_secs(30 * DAY)),
+            Self::Days90 => Some(Duration::from_secs(90 * DAY)),
+            Self::Year1 => Some(Duration::from_secs(365 * DAY)),
+            Self::Never => None,
+        }
+    }
+}
+
+/// Not one of `30d`, `90d`, `1y`, `never`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("expiry must be one of 30d, 90d, 1y, never")]
+pub struct TokenExpiryError;
+
+impl FromStr for TokenExpiry {
+    type Err = TokenExpiryError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "30d" => Ok(Self::Days30),
+            "90d" => Ok(Self::Days90),
+            "1y" => Ok(Self::Year1),
+            "never" => Ok(Self::Never),
+            _ => Err(TokenExpiryError),
+        }
+    }
+}
+
+/// What to create: the key's name, format, tenant and grants.
+#[derive(Debug, Clone)]
+pub struct NewKey {
+    name: String,
+    format: KeyFormat,
+    tenant: Tenant,
+    scopes: Vec<Scope>,
+    environment: Option<Environment>,
+    region: Option<Region>,
+    lifetime: Option<Duration>,
+    plan: Option<String>,
+    metadata: BTreeMap<String, String>,
+}
+
+impl NewKey {
+    /// A key named `name` of `format` for `tenant`, with no scopes, the
+    /// format's default environment and region, and no expiry.
+    pub fn new(name: impl Into<String>, format: KeyFormat, tenant: Tenant) -> Self {
+        Self {
+            name: name.into(),
+            format,
+            tenant,
+            scopes: Vec::new(),
+            environment: None,
+            region: None,
+            lifetime: None,
+            plan: None,
+            metadata: BTreeMap::new(),
+        }
+    }
+
+    /// Grants `scopes` (e.g. `["applications:read", "webhooks:write"]`).
+    ///
+    /// # Errors
+    ///
+    /// [`ScopeError::Syntax`] for a malformed scope. Unknown scopes are
+    /// refused by [`KeyManager::create`].
+    pub fn scopes(mut self, scopes: &[&str]) -> Result<Self, ScopeError> {
+        self.scopes = scopes.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+        Ok(self)
+    }
+
+    /// Grants already-parsed `scopes`.
+    #[must_use]
+    pub fn with_scopes(mut self, scopes: Vec<Scope>) -> Self {
+        self.scopes = scopes;
+        self
+    }
+
+    /// The environment: for formats with an environment segment it must be
+    /// one of theirs; for others it is recorded and enforced by
+    /// authentication (e.g. a `staging` ingestion key).
+    #[must_use]
+    pub fn environment(mut self, env: Environment) -> Self {
+        self.environment = Some(env);
+        self
+    }
+
+    /// The region, for formats with a region segment.
+    #[must_use]
+    pub fn region(mut self, region: Region) -> Self {
+        self.region = Some(region);
+        self
+    }
+
+    /// The key stops working `lifetime` after creation.
+    #[must_use]
+    pub fn expires_in(mut self, lifetime: Duration) -> Self {
+        self.lifetime = Some(lifetime);
+        self
+    }
+
+    /// A management-token lifetime: 30 days, 90 days, 1 year or never.
+    #[must_use]
+    pub fn token_expiry(mut self, expiry: TokenExpiry) -> Self {
+        self.lifetime = expiry.duration();
+        self
+    }
+
+    /// The rate-limit plan name.
+    #[must_use]
+    pub fn plan(mut self, plan: impl Into<String>) -> Self {
+        self.plan = Some(plan.into());
+        self
+    }
+
+    /// Adds a metadata entry.
+    #[must_use]
+    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.metadata.insert(key.into(), value.into());
+        self
+    }
+
+    /// Replaces all metadata.
+    #[must_use]
+    pub fn with_metadata(mut self, metadata: BTreeMap<String, String>) -> Self {
+        self.metadata = metadata;
+        self
+    }
+}
+
+/// A newly created key: the full key, shown once, and its stored record.
+pub struct CreatedKey {
+    key: ApiKey,
+    record: KeyRecord,
+}
+
+impl CreatedKey {
+    /// The full key. Show it to its owner once; it is not stored anywhere.
+    #[must_use]
+    pub fn key(&self) -> &ApiKey {
+        &self.key
+    }
+
+    /// The stored record (digest and metadata).
+    #[must_use]
+    pub fn record(&self) -> &KeyRecord {
+        &self.record
+    }
+
+    /// Both parts.
+    #[must_use]
+    pub fn into_parts(self) -> (ApiKey, KeyRecord) {
+        (self.key, self.record)
+    }
+}
+
+impl fmt::Debug for CreatedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CreatedKey").field("record", &self.record).finish_non_exhaustive()
+    }
+}
+
+/// Why a lifecycle operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ManagerError {
+    /// The format cannot mint what was asked (environment, region, RNG).
+    #[error("cannot mint: {0}")]
+    Mint(#[from] MintError),
+    /// A scope is malformed, unknown, or exceeds the parent's grants.
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    /// The project already holds the maximum number of active keys.
+    #[error("project already has {max} active keys")]
+    LimitReached {
+        /// The cap.
+        max: u32,
+    },
+    /// No record has that id (in that workspace).
+    #[error("no such key")]
+    NotFound,
+    /// The key is revoked or expired, so it cannot be rolled.
+    #[error("key is not active")]
+    Inactive,
+    /// The parent principal may not create keys for that tenant.
+    #[error("parent credential does not reach that tenant")]
+    TenantNotReachable,
+    /// The record's format is not one the manager knows.
+    #[error("unknown key format `{0}`")]
+    UnknownFormat(String),
+    /// A generated id or key collided with an existing one (vanishingly
+    /// unlikely; retry).
+    #[error("generated id collided; retry")]
+    Collision,
+    /// The store failed.
+    #[error("key store failed: {0}")]
+    Backend(#[from] BackendError),
+}
+
+impl ManagerError {
+    /// The rejection to show a management API caller.
+    #[must_use]
+    pub fn rejection(&self) -> Rejection {
+        match self {
+            Self::Mint(e) => {
+                Rejection::BadRequest { field: "environment".into(), message: e.to_string() }
+            }
+            // Asking for more than the parent holds, or for another tenant,
+            // is a 403; the wire message stays generic.
+            Self::Scope(ScopeError::Exceeds { .. }) | Self::TenantNotReachable => {
+                Rejection::Forbidden { scope: None }
+            }
+            Self::Scope(e) => {
+                Rejection::BadRequest { field: "scopes".into(), message: e.to_string() }
+            }
+            Self::LimitReached { .. } | Self::Inactive => {
+                Rejection::Conflict { message: self.to_string() }
+            }
+            Self::NotFound => {
+                Rejection::BadRequest { field: "id".into(), message: self.to_string() }
+            }
+            Self::UnknownFormat(_) | Self::Collision | Self::Backend(_) => Rejection::Unavailable,
+        }
+    }
+}
+
+/// Creates, lists, revokes and rolls keys.
+pub struct KeyManager<S, C = SystemClock> {
+    store: S,
+    hasher: Hasher,
+    formats: FormatSet,
+    registry: Arc<ScopeRegistry>,
+    clock: C,
+    max_active: Option<u32>,
+    cache: Option<Arc<PrincipalCache>>,
+}
+
+impl<S, C> fmt::Debug for KeyManager<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyManager")
+            .field("hasher", &self.hasher)
+            .field("max_active", &self.max_active)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S: KeyStore> KeyManager<S> {
+    /// A manager over `store`: SHA-256 digests, preset formats, the default
+    /// scope registry, the system clock, at most 10 active keys per project.
+    pub fn new(store: S) -> Self {
+        Self {
+            store,
+            hasher: Hasher::sha256(),
+            formats: FormatSet::presets(),
+            registry: Arc::new(ScopeRegistry::default()),
+            clock: SystemClock::new(),
+            max_active: Some(10),
+            cache: None,
+        }
+    }
+}
+
+impl<S: KeyStore, C: Clock> KeyManager<S, C> {
+    /// Uses `clock` for creation and expiry times.
+    pub fn clock<C2: Clock>(self, clock: C2) -> KeyManager<S, C2> {
+        KeyManager {
+            store: self.store,
+            hasher: self.hasher,
+            formats: self.formats,
+            registry: self.registry,
+            clock,
+            max_active: self.max_active,
+            cache: self.cache,
+        }
+    }
+
+    /// Digests new keys with `hasher` (share it with the authenticator).
+    #[must_use]
+    pub fn hasher(mut self, hasher: Hasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// Formats that [`roll`](Self::roll) can re-mint (by name).
+    #[must_use]
+    pub fn formats(mut self, formats: FormatSet) -> Self {
+        self.formats = formats;
+        self
+    }
+
+    /// Validates scopes against `registry`.
+    #[must_use]
+    pub fn registry(mut self, registry: Arc<ScopeRegistry>) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Caps active keys per project (`None`: no cap). Default 10.
+    #[must_use]
+    pub fn max_active_per_project(mut self, max: Option<u32>) -> Self {
+        self.max_active = max;
+        self
+    }
+
+    /// Drops revoked keys from `cache` at once.
+    #[must_use]
+    pub fn cache(mut self, cache: Arc<PrincipalCache>) -> Self {
+        self.cache = Some(cache);
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &S {
+        &self.store
+    }
+
+    /// Mints a key, stores its record (digest only), and returns both.
+    ///
+    /// # Errors
+    ///
+    /// [`ManagerError::Scope`] for unknown scopes, [`ManagerError::Mint`]
+    /// for an environment or region the format lacks,
+    /// [`ManagerError::LimitReached`] when the project is full.
+    pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManagerError> {
+        self.insert_new(new, true).await
+    }
+
+    /// [`create`](Self::create) on behalf of `parent`: the new key gets at
+    /// most the parent's scopes and only a tenant the parent reaches.
+    ///
+    /// # Errors
+    ///
+    /// As [`create`](Self::create); [`ScopeError::Exceeds`] when asking for
+    /// more than the parent holds; [`ManagerError::TenantNotReachable`].
+    pub async fn create_for(
+        &self,
+        parent: &Principal,
+        new: NewKey,
+    ) -> Result<CreatedKey, ManagerError> {
+        if !parent.tenant().reaches(&new.tenant) {
+            return Err(ManagerError::TenantNotReachable);
+        }
+        let requested = self.registry.compile(&new.scopes)?;
+        self.registry.attenuate(requested, parent.scopes())?;
+        self.create(new).await
+    }
+
+    /// A management token (`nhm_…`) for `workspace`.
+    ///
+    /// # Errors
+    ///
+    /// As [`create`](Self::create).
+    pub async fn create_management_token(
+        &self,
+        workspace: WorkspaceId,
+        name: impl Into<String>,
+        expiry: TokenExpiry,
+        scopes: Vec<Scope>,
+    ) -> Result<CreatedKey, ManagerError> {
+        let new = NewKey::new(name, NHM, Tenant::workspace(workspace))
+            .with_scopes(scopes)
+            .token_expiry(expiry);
+        self.create(new).await
+    }
+
+    async fn insert_new(&self, new: NewKey, capped: bool) -> Result<CreatedKey, ManagerError> {
+        self.registry.compile(&new.scopes)?;
+        let mut spec = MintSpec::new();
+        let mut environment = new.environment;
+        if let (Segment::Environments(_), Some(e)) = (new.format.segment(), new.environment) {
+            spec = spec.environment(e);
+        }
+        if let Some(r) = new.region {
+            spec = spec.region(r);
+        }
+        let key = new.format.mint(spec)?;
+        if key.environment().is_some() {
+            environment = key.environment();
+        }
+        let now = self.clock.now();
+        let expires_at = match new.lifetime {
+            Some(d) => {
+                let d = SignedDuration::try_from(d).map_err(|_| ManagerError::Collision)?;
+                Some(now.checked_add(d).map_err(|_| ManagerError::Collision)?)
+            }
+            None => None,
+        };
+        let record = KeyRecord {
+            id: RecordId::generate()?,
+            name: new.name,
+            hint: key.hint(),
+            digest: self.hasher.digest(key.expose_secret().as_bytes()),
+            format: key.format().name().to_owned(),
+            key_id: key.key_id(),
+            environment,
+            region: key.region(),
+            tenant: new.tenant,
+            scopes: new.scopes,
+            plan: new.plan,
+            created_at: now,
+            expires_at,
+            revoked_at: None,
+            last_used_at: None,
+            metadata: new.metadata,
+        };
+        let limit = self.max_active.filter(|_| capped).map(|max| ActiveLimit { max, now });
+        match self.store.insert(record.clone(), limit).await? {
+            InsertOutcome::Inserted => Ok(CreatedKey { key, record }),
+            InsertOutcome::LimitReached { max } => Err(ManagerError::LimitReached { max }),
+            _ => Err(ManagerError::Collision),
+        }
+    }
+
+    /// Records of `workspace` (narrowed to `project`), oldest first. Metadata
+    /// only: a record holds a digest, never a key.
+    ///
+    /// # Errors
+    ///
+    /// The store's [`BackendError`].
+    pub async fn list(
+        &self,
+        workspace: &WorkspaceId,
+        project: Option<&ProjectId>,
+    ) -> Result<Vec<Arc<KeyRecord>>, ManagerError> {
+        Ok(self.store.list(workspace, project).await?)
+    }
+
+    /// Revokes key `id`. It stops working at once in this process (the cache
+    /// entry is dropped) and within the cache bound everywhere else.
+    /// `Ok(false)` if it was already revoked.
+    ///
+    /// # Errors
+    ///
+    /// [`ManagerError::NotFound`] when there is no such record.
+    pub async fn revoke(&self, id: &RecordId) -> Result<bool, ManagerError> {
+        if self.store.get(id).await?.is_none() {
+            return Err(ManagerError::NotFound);
+        }
+        let revoked = self.store.revoke(id, self.clock.now()).await?;
+        if let Some(cache) = &self.cache {
+            cache.invalidate(id);
+        }
+        Ok(revoked)
+    }
+
+    /// Replaces key `id` with a new key of the same format and grants. The
+    /// old key keeps working for `grace` — but never past its own expiry —
+    /// and then stops. The new key does not count against the project cap
+    /// while both are active.
+    ///
+    /// # Errors
+    ///
+    /// [`ManagerError::NotFound`], [`ManagerError::Inactive`] for a revoked
+    /// or expired key, [`ManagerError::UnknownFormat`].
+    pub async fn roll(&self, id: &RecordId, grace: Duration) -> Result<CreatedKey, ManagerError> {
+        let old = self.store.get(id).await?.ok_or(ManagerError::NotFound)?;
+        let now = self.clock.now();
+        if !old.is_active(now) {
+            return Err(ManagerError::Inactive);
+        }
+        let format = *self
+            .formats
+            .get(&old.format)
+            .ok_or_else(|| ManagerError::UnknownFormat(old.format.clone()))?;
+        let mut new = NewKey::new(old.name.clone(), format, old.tenant.clone())
+            .with_scopes(old.scopes.clone())
+            .with_metadata(old.metadata.clone());
+        new.environment = old.environment;
+        new.region = old.region;
+        new.plan.clone_from(&old.plan);
+        let mut created = self.insert_new(new, false).await?;
+        // Same expiry as the key it replaces.
+        if let Some(e) = old.expires_at {
+            self.store.shorten_expiry(&created.record.id, e).await?;
+            created.record.expires_at = Some(e);
+        }
+        let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
+        let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
+        // `shorten_expiry` never extends: the grace cannot outlive the old
+        // key's own expiry.
+        self.store.shorten_expiry(id, end).await?;
+        if let Some(cache) = &self.cache {
+            cache.invalidate(id);
+        }
+        Ok(created)
+    }
+}

@@ -1,0 +1,571 @@
+//! Permissions: `resource:action` scopes, wildcards, roles, and a registry
+//! that compiles them to bitsets so a check is a few instructions.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Why a scope string or scope operation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ScopeError {
+    /// The string is not `*`, `resource:*` or `resource:action` with
+    /// lowercase names of 1 to 32 characters (`a-z`, `0-9`, `_`, `-`, `.`,
+    /// starting with a letter).
+    #[error("scope must be `resource:action`, `resource:*` or `*`")]
+    Syntax,
+    /// The scope names a resource or action the registry does not know.
+    #[error("unknown scope `{scope}`")]
+    Unknown {
+        /// The unknown scope.
+        scope: String,
+    },
+    /// A wildcard was given where one concrete scope is needed.
+    #[error("a required scope must not be a wildcard")]
+    Wildcard,
+    /// The registry would need more than [`ScopeSet::CAPACITY`] bits, or
+    /// lists a name twice.
+    #[error("registry must list distinct names and at most {max} resource:action pairs")]
+    Registry {
+        /// The bit capacity.
+        max: usize,
+    },
+    /// Attenuation asked for a scope the parent does not hold.
+    #[error("scope `{scope}` exceeds the parent's grants")]
+    Exceeds {
+        /// The first scope asked for that the parent lacks.
+        scope: String,
+    },
+}
+
+/// A validated scope: `*`, `resource:*` or `resource:action`.
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Scope(Box<str>);
+
+const MAX_NAME: usize = 32;
+
+fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= MAX_NAME
+        && b[0].is_ascii_lowercase()
+        && b.iter().all(|&c| c.is_ascii_lowercase() || c.is_ascii_digit() || b"_-.".contains(&c))
+}
+
+impl Scope {
+    /// The resource, or `None` for `*`.
+    #[must_use]
+    pub fn resource(&self) -> Option<&str> {
+        self.0.split_once(':').map(|(r, _)| r)
+    }
+
+    /// The action (`*` for a resource wildcard), or `None` for `*`.
+    #[must_use]
+    pub fn action(&self) -> Option<&str> {
+        self.0.split_once(':').map(|(_, a)| a)
+    }
+
+    /// Whether this is `*` or `resource:*`.
+    #[must_use]
+    pub fn is_wildcard(&self) -> bool {
+        &*self.0 == "*" || self.action() == Some("*")
+    }
+
+    /// The scope text.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Scope {
+    type Err = ScopeError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let ok = s == "*"
+            || s.split_once(':').is_some_and(|(r, a)| valid_name(r) && (a == "*" || valid_name(a)));
+        if ok { Ok(Self(s.into())) } else { Err(ScopeError::Syntax) }
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl serde::Serialize for Scope {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for Scope {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// A set of concrete scopes as a fixed 256-bit set: copy, union, subset and
+/// membership are a handful of word operations.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct ScopeSet([u64; 4]);
+
+impl ScopeSet {
+    /// Most `resource:action` pairs a registry can hold.
+    pub const CAPACITY: usize = 256;
+
+    /// The empty set.
+    pub const EMPTY: Self = Self([0; 4]);
+
+    /// Whether the set grants `required`.
+    #[inline]
+    #[must_use]
+    pub const fn allows(&self, required: &Required) -> bool {
+        let bit = required.bit as usize;
+        self.0[bit / 64] & (1 << (bit % 64)) != 0
+    }
+
+    /// Whether every scope in `self` is in `other`.
+    #[must_use]
+    pub const fn is_subset_of(&self, other: &Self) -> bool {
+        let (a, b) = (self.0, other.0);
+        a[0] & !b[0] == 0 && a[1] & !b[1] == 0 && a[2] & !b[2] == 0 && a[3] & !b[3] == 0
+    }
+
+    /// The union of both sets.
+    #[must_use]
+    pub const fn union(self, other: Self) -> Self {
+        let (a, b) = (self.0, other.0);
+        Self([a[0] | b[0], a[1] | b[1], a[2] | b[2], a[3] | b[3]])
+    }
+
+    /// The scopes in both sets.
+    #[must_use]
+    pub const fn intersection(self, other: Self) -> Self {
+        let (a, b) = (self.0, other.0);
+        Self([a[0] & b[0], a[1] & b[1], a[2] & b[2], a[3] & b[3]])
+    }
+
+    /// Whether the set is empty.
+    #[must_use]
+    pub const fn is_empty(&self) -> bool {
+        self.0[0] | self.0[1] | self.0[2] | self.0[3] == 0
+    }
+
+    /// Number of concrete scopes in the set.
+    #[must_use]
+    pub const fn len(&self) -> usize {
+        (self.0[0].count_ones()
+            + self.0[1].count_ones()
+            + self.0[2].count_ones()
+            + self.0[3].count_ones()) as usize
+    }
+
+    fn insert(&mut self, bit: usize) {
+        self.0[bit / 64] |= 1 << (bit % 64);
+    }
+
+    fn has(&self, bit: usize) -> bool {
+        self.0[bit / 64] & (1 << (bit % 64)) != 0
+    }
+}
+
+impl fmt::Debug for ScopeSet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ScopeSet({} scopes)", self.len())
+    }
+}
+
+/// One concrete scope compiled against a registry: what a route requires.
+/// Build once at start-up with [`ScopeRegistry::required`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Required {
+    bit: u16,
+    scope: Scope,
+}
+
+impl Required {
+    /// The scope, for error messages and `WWW-Authenticate: … scope=`.
+    #[must_use]
+    pub const fn scope(&self) -> &Scope {
+        &self.scope
+    }
+}
+
+/// A portal or team role: a named bundle of actions over resources.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
+pub enum Role {
+    /// Full CRUD: `read`, `create`, `update`, `delete`, `write`.
+    Admin,
+    /// Create and update, no delete: `read`, `create`, `update`, `write`.
+    Editor,
+    /// Read-only: `read`.
+    Viewer,
+}
+
+impl Role {
+    /// The actions the role grants on each of its resources.
+    #[must_use]
+    pub const fn actions(self) -> &'static [&'static str] {
+        match self {
+            Self::Admin => &["read", "create", "update", "delete", "write"],
+            Self::Editor => &["read", "create", "update", "write"],
+            Self::Viewer => &["read"],
+        }
+    }
+
+    /// The role's name: `admin`, `editor` or `viewer`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Admin => "admin",
+            Self::Editor => "editor",
+            Self::Viewer => "viewer",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An unknown role name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("role must be one of admin, editor, viewer")]
+pub struct RoleError;
+
+impl FromStr for Role {
+    type Err = RoleError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "admin" => Ok(Self::Admin),
+            "editor" => Ok(Self::Editor),
+            "viewer" => Ok(Self::Viewer),
+            _ => Err(RoleError),
+        }
+    }
+}
+
+/// The resources and actions a deployment knows, built once at start-up.
+/// Every scope is compiled against it into a [`ScopeSet`].
+///
+/// ```
+/// use keygate::scope::ScopeRegistry;
+///
+/// let reg = ScopeRegistry::default();
+/// let granted = reg.compile(&["applications:read".parse()?, "webhooks:*".parse()?])?;
+/// let need = reg.required("webhooks:write")?;
+/// assert!(granted.allows(&need));
+/// assert!(!granted.allows(&reg.required("applications:delete")?));
+/// # Ok::<(), keygate::scope::ScopeError>(())
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScopeRegistry {
+    resources: Vec<Box<str>>,
+    actions: Vec<Box<str>>,
+}
+
+impl Default for ScopeRegistry {
+    /// The resources of the seed products with CRUD actions plus `write`
+    /// (create or update) and `execute`.
+    fn default() -> Self {
+        Self::new(
+            &[
+                "applications",
+                "webhooks",
+                "endpoints",
+                "event_types",
+                "events",
+                "messages",
+                "subscriptions",
+                "deliveries",
+                "api_keys",
+                "tokens",
+                "portal",
+                "ingest",
+                "notifications",
+                "workflows",
+            ],
+            &["read", "create", "update", "delete", "write", "execute"],
+        )
+        .unwrap_or_else(|_| Self { resources: Vec::new(), actions: Vec::new() })
+    }
+}
+
+impl ScopeRegistry {
+    /// A registry of `resources` × `actions`.
+    ///
+    /// # Errors
+    ///
+    /// [`ScopeError::Syntax`] for an invalid name, [`ScopeError::Registry`]
+    /// for a repeated name or more than [`ScopeSet::CAPACITY`] pairs.
+    pub fn new(resources: &[&str], actions: &[&str]) -> Result<Self, ScopeError> {
+        if resources.len() * actions.len() > ScopeSet::CAPACITY {
+            return Err(ScopeError::Registry { max: ScopeSet::CAPACITY });
+        }
+        for list in [resources, actions] {
+            for (i, n) in list.iter().enumerate() {
+                if !valid_name(n) {
+                    return Err(ScopeError::Syntax);
+                }
+                if list[i + 1..].contains(n) {
+                    return Err(ScopeError::Registry { max: ScopeSet::CAPACITY });
+                }
+            }
+        }
+        Ok(Self {
+            resources: resources.iter().map(|&r| r.into()).collect(),
+            actions: actions.iter().map(|&a| a.into()).collect(),
+        })
+    }
+
+    fn resource_index(&self, r: &str) -> Option<usize> {
+        self.resources.iter().position(|x| &**x == r)
+    }
+
+    fn action_index(&self, a: &str) -> Option<usize> {
+        self.actions.iter().position(|x| &**x == a)
+    }
+
+    fn unknown(scope: &Scope) -> ScopeError {
+        ScopeError::Unknown { scope: scope.to_string() }
+    }
+
+    /// Compiles scopes (wildcards expand to every registered match) into a
+    /// set.
+    ///
+    /// # Errors
+    ///
+    /// [`ScopeError::Unknown`] for a scope naming an unregistered resource or
+    /// action.
+    pub fn compile(&self, scopes: &[Scope]) -> Result<ScopeSet, ScopeError> {
+        let mut set = ScopeSet::EMPTY;
+        let n = self.actions.len();
+        for s in scopes {
+            match (s.resource(), s.action()) {
+                (None, _) => {
+                    for bit in 0..self.resources.len() * n {
+                        set.insert(bit);
+                    }
+                }
+                (Some(r), Some("*")) => {
+                    let ri = self.resource_index(r).ok_or_else(|| Self::unknown(s))?;
+                    for ai in 0..n {
+                        set.insert(ri * n + ai);
+                    }
+                }
+                (Some(r), Some(a)) => {
+                    let ri = self.resource_index(r).ok_or_else(|| Self::unknown(s))?;
+                    let ai = self.action_index(a).ok_or_else(|| Self::unknown(s))?;
+                    set.insert(ri * n + ai);
+                }
+                (Some(_), None) => return Err(ScopeError::Syntax),
+            }
+        }
+        Ok(set)
+    }
+
+    /// Compiles one concrete scope that a route requires.
+    ///
+    /// # Errors
+    ///
+    /// [`ScopeError::Syntax`], [`ScopeError::Wildcard`] or
+    /// [`ScopeError::Unknown`].
+    pub fn required(&self, scope: &str) -> Result<Required, ScopeError> {
+        let scope: Scope = scope.parse()?;
+        if scope.is_wildcard() {
+            return Err(ScopeError::Wildcard);
+        }
+        let set = self.compile(std::slice::from_ref(&scope))?;
+        let bit = (0..ScopeSet::CAPACITY).find(|&b| set.has(b)).unwrap_or(0);
+        Ok(Required { bit: bit as u16, scope })
+    }
+
+    /// The set a role grants over `resources`. Actions of the role that the
+    /// registry does not list are skipped.
+    ///
+    /// # Errors
+    ///
+    /// [`ScopeError::Unknown`] for an unregistered resource.
+    pub fn role(&self, role: Role, resources: &[&str]) -> Result<ScopeSet, ScopeError> {
+        let n = self.actions.len();
+        let mut set = ScopeSet::EMPTY;
+        for r in resources {
+            let ri = self
+                .resource_index(r)
+                .ok_or_else(|| ScopeError::Unknown { scope: format!("{r}:*") })?;
+            for a in role.actions() {
+                if let Some(ai) = self.action_index(a) {
+                    set.insert(ri * n + ai);
+                }
+            }
+        }
+        Ok(set)
+    }
+
+    /// `requested` if it is within `parent`: anything minted from a
+    /// principal (a rolled key, a portal session) gets at most its grants.
+    ///
+    /// # Errors
+    ///
+    /// [`ScopeError::Exceeds`] naming the first scope `parent` lacks.
+    pub fn attenuate(
+        &self,
+        requested: ScopeSet,
+        parent: &ScopeSet,
+    ) -> Result<ScopeSet, ScopeError> {
+        if requested.is_subset_of(parent) {
+            return Ok(requested);
+        }
+        let extra = ScopeSet([
+            requested.0[0] & !parent.0[0],
+            requested.0[1] & !parent.0[1],
+            requested.0[2] & !parent.0[2],
+            requested.0[3] & !parent.0[3],
+        ]);
+        let scope = self.scopes_of(&extra).first().map(ToString::to_string).unwrap_or_default();
+        Err(ScopeError::Exceeds { scope })
+    }
+
+    /// The concrete scopes in `set`, in registry order.
+    #[must_use]
+    pub fn scopes_of(&self, set: &ScopeSet) -> Vec<Scope> {
+        let n = self.actions.len();
+        let mut out = Vec::with_capacity(set.len());
+        for (ri, r) in self.resources.iter().enumerate() {
+            for (ai, a) in self.actions.iter().enumerate() {
+                if set.has(ri * n + ai) {
+                    out.push(Scope(format!("{r}:{a}").into()));
+                }
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(x: &str) -> Scope {
+        x.parse().unwrap()
+    }
+
+    #[test]
+    fn grammar_bounds() {
+        for ok in [
+            "*",
+            "a:b",
+            "webhooks:*",
+            "event_types:read",
+            "a.b-c_d:x9",
+            &format!("{}:r", "a".repeat(32)),
+        ] {
+            assert!(ok.parse::<Scope>().is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            ":",
+            "a:",
+            ":b",
+            "A:b",
+            "a:B",
+            "1a:b",
+            "a:b:c",
+            "a :b",
+            "*:read",
+            "a:**",
+            &format!("{}:r", "a".repeat(33)),
+        ] {
+            assert_eq!(bad.parse::<Scope>(), Err(ScopeError::Syntax), "{bad}");
+        }
+        assert_eq!(s("webhooks:write").resource(), Some("webhooks"));
+        assert!(s("webhooks:*").is_wildcard() && s("*").is_wildcard());
+    }
+
+    #[test]
+    fn wildcards_and_checks() {
+        let reg = ScopeRegistry::default();
+        let read = reg.required("applications:read").unwrap();
+        let write = reg.required("webhooks:write").unwrap();
+        let set = reg.compile(&[s("applications:read")]).unwrap();
+        assert!(set.allows(&read) && !set.allows(&write));
+        let all_webhooks = reg.compile(&[s("webhooks:*")]).unwrap();
+        assert!(all_webhooks.allows(&write) && !all_webhooks.allows(&read));
+        assert_eq!(all_webhooks.len(), 6);
+        let star = reg.compile(&[s("*")]).unwrap();
+        assert!(star.allows(&read) && star.allows(&write));
+        assert_eq!(star.len(), 14 * 6);
+        assert_eq!(
+            reg.compile(&[s("widgets:read")]),
+            Err(ScopeError::Unknown { scope: "widgets:read".into() })
+        );
+        assert_eq!(
+            reg.compile(&[s("webhooks:fly")]).unwrap_err().to_string(),
+            "unknown scope `webhooks:fly`"
+        );
+        assert_eq!(reg.required("webhooks:*"), Err(ScopeError::Wildcard));
+        assert_eq!(read.scope().as_str(), "applications:read");
+    }
+
+    #[test]
+    fn roles() {
+        let reg = ScopeRegistry::default();
+        let res = ["endpoints"];
+        let (admin, editor, viewer) = (
+            reg.role(Role::Admin, &res).unwrap(),
+            reg.role(Role::Editor, &res).unwrap(),
+            reg.role(Role::Viewer, &res).unwrap(),
+        );
+        let [read, create, update, delete] = ["read", "create", "update", "delete"]
+            .map(|a| reg.required(&format!("endpoints:{a}")).unwrap());
+        assert!(viewer.allows(&read) && !viewer.allows(&create) && !viewer.allows(&delete));
+        assert!(editor.allows(&read) && editor.allows(&create) && editor.allows(&update));
+        assert!(!editor.allows(&delete));
+        assert!(admin.allows(&delete));
+        assert!(viewer.is_subset_of(&editor) && editor.is_subset_of(&admin));
+        assert_eq!("editor".parse::<Role>(), Ok(Role::Editor));
+        assert_eq!("owner".parse::<Role>(), Err(RoleError));
+    }
+
+    #[test]
+    fn attenuation() {
+        let reg = ScopeRegistry::default();
+        let parent = reg.compile(&[s("applications:read"), s("webhooks:*")]).unwrap();
+        let ok = reg.compile(&[s("webhooks:write")]).unwrap();
+        assert_eq!(reg.attenuate(ok, &parent), Ok(ok));
+        let too_much = reg.compile(&[s("webhooks:write"), s("applications:delete")]).unwrap();
+        assert_eq!(
+            reg.attenuate(too_much, &parent),
+            Err(ScopeError::Exceeds { scope: "applications:delete".into() })
+        );
+        assert_eq!(reg.scopes_of(&ok), vec![s("webhooks:write")]);
+    }
+
+    #[test]
+    fn registry_limits() {
+        let many: Vec<String> = (0..17).map(|i| format!("r{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let acts: Vec<String> = (0..16).map(|i| format!("a{i}")).collect();
+        let acts: Vec<&str> = acts.iter().map(String::as_str).collect();
+        assert!(ScopeRegistry::new(&many[..16], &acts).is_ok());
+        assert_eq!(ScopeRegistry::new(&many, &acts), Err(ScopeError::Registry { max: 256 }));
+        assert!(ScopeRegistry::new(&["a", "a"], &["r"]).is_err());
+        assert!(ScopeRegistry::new(&["A"], &["r"]).is_err());
+        // The last bit of a full registry works.
+        let reg = ScopeRegistry::new(&many[..16], &acts).unwrap();
+        let last = reg.required("r15:a15").unwrap();
+        assert!(reg.compile(&[s("r15:a15")]).unwrap().allows(&last));
+    }
+}

@@ -1,0 +1,383 @@
+//! Key records and the [`KeyStore`] trait the host implements over its own
+//! database; [`MemoryKeyStore`] ships.
+
+mod memory;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+
+pub use memory::MemoryKeyStore;
+
+use crate::backend::BackendError;
+use crate::format::{Alphabet, Environment, KeyId, Region};
+use crate::hash::StoredDigest;
+use crate::scope::Scope;
+
+/// A string id failed its grammar: 1 to 64 ASCII letters, digits, `_` or `-`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{what} must be 1 to 64 ASCII letters, digits, `_` or `-`")]
+pub struct IdError {
+    /// Which id.
+    pub what: &'static str,
+}
+
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+        pub struct $name(Box<str>);
+
+        impl $name {
+            /// The id text.
+            #[must_use]
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = IdError;
+            fn from_str(s: &str) -> Result<Self, Self::Err> {
+                let ok = !s.is_empty()
+                    && s.len() <= 64
+                    && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+                if ok { Ok(Self(s.into())) } else { Err(IdError { what: $what }) }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                fmt::Debug::fmt(&*self.0, f)
+            }
+        }
+
+        #[cfg(feature = "serde")]
+        impl serde::Serialize for $name {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.serialize_str(&self.0)
+            }
+        }
+
+        #[cfg(feature = "serde")]
+        impl<'de> serde::Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                s.parse().map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+id_type!(
+    /// Public id of a key record, e.g. `key_3xY9aB2cD4eF6gH8` — safe to show and log.
+    RecordId,
+    "record id"
+);
+id_type!(
+    /// A workspace, e.g. `ws_abc`.
+    WorkspaceId,
+    "workspace id"
+);
+id_type!(
+    /// A project within a workspace.
+    ProjectId,
+    "project id"
+);
+id_type!(
+    /// An application within a workspace, e.g. `app_123`.
+    ApplicationId,
+    "application id"
+);
+
+impl RecordId {
+    /// A fresh random id: `key_` and 16 base62 characters (95 bits) from the
+    /// OS CSPRNG.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Unavailable`] if the OS generator fails.
+    pub fn generate() -> Result<Self, BackendError> {
+        let mut out = *b"key_0000000000000000";
+        Alphabet::BASE62
+            .fill(&mut getrandom::SysRng, &mut out[4..])
+            .map_err(BackendError::unavailable)?;
+        Ok(Self(String::from_utf8_lossy(&out).into()))
+    }
+}
+
+/// Who a key belongs to: exactly one workspace, optionally narrowed to a
+/// project and an application. A key never reaches another tenant.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct Tenant {
+    /// The workspace.
+    pub workspace: WorkspaceId,
+    /// The project, for project-scoped keys.
+    pub project: Option<ProjectId>,
+    /// The application, for application-scoped credentials (portal sessions).
+    pub application: Option<ApplicationId>,
+}
+
+impl Tenant {
+    /// A workspace-wide tenant.
+    #[must_use]
+    pub const fn workspace(workspace: WorkspaceId) -> Self {
+        Self { workspace, project: None, application: None }
+    }
+
+    /// Narrows to `project`.
+    #[must_use]
+    pub fn with_project(mut self, project: ProjectId) -> Self {
+        self.project = Some(project);
+        self
+    }
+
+    /// Narrows to `application`.
+    #[must_use]
+    pub fn with_application(mut self, application: ApplicationId) -> Self {
+        self.application = Some(application);
+        self
+    }
+
+    /// Whether a credential of this tenant may reach `target`: same
+    /// workspace, and each of project and application either unrestricted on
+    /// the credential or equal to the target's.
+    #[must_use]
+    pub fn reaches(&self, target: &Self) -> bool {
+        self.workspace == target.workspace
+            && narrower(self.project.as_ref(), target.project.as_ref())
+            && narrower(self.application.as_ref(), target.application.as_ref())
+    }
+}
+
+fn narrower<T: PartialEq>(credential: Option<&T>, target: Option<&T>) -> bool {
+    match (credential, target) {
+        (None, _) => true,
+        (Some(c), Some(t)) => c == t,
+        // A project key addressing the workspace as a whole does not reach it.
+        (Some(_), None) => false,
+    }
+}
+
+/// Everything stored about a key — never the key itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
+pub struct KeyRecord {
+    /// Public record id.
+    pub id: RecordId,
+    /// Human name, e.g. `Production Key`.
+    pub name: String,
+    /// Non-secret display form, e.g. `sk_live_abc`.
+    pub hint: String,
+    /// Digest of the key, with the algorithm that made it.
+    pub digest: StoredDigest,
+    /// Name of the key's format, e.g. `sk`.
+    pub format: String,
+    /// Public key id, for formats that have one (the lookup handle).
+    pub key_id: Option<KeyId>,
+    /// Environment, for formats that have one (or set by the host).
+    pub environment: Option<Environment>,
+    /// Region, for formats that have one.
+    pub region: Option<Region>,
+    /// The tenant the key belongs to.
+    pub tenant: Tenant,
+    /// Granted scopes.
+    pub scopes: Vec<Scope>,
+    /// Rate-limit plan name, if the host assigns plans per key.
+    pub plan: Option<String>,
+    /// Creation time.
+    pub created_at: Timestamp,
+    /// When the key stops working, if ever.
+    pub expires_at: Option<Timestamp>,
+    /// When the key was revoked, if it was.
+    pub revoked_at: Option<Timestamp>,
+    /// Last successful authentication (coalesced; may lag).
+    pub last_used_at: Option<Timestamp>,
+    /// Host-defined string metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl KeyRecord {
+    /// Whether the key works at `now`: not revoked and not expired.
+    #[must_use]
+    pub fn is_active(&self, now: Timestamp) -> bool {
+        self.revoked_at.is_none() && self.expires_at.is_none_or(|e| now < e)
+    }
+}
+
+/// A cap on active keys per project, enforced by [`KeyStore::insert`] in the
+/// same atomic step as the insert.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActiveLimit {
+    /// Most active keys a project may hold.
+    pub max: u32,
+    /// The time at which "active" (not revoked, not expired) is judged.
+    pub now: Timestamp,
+}
+
+/// What [`KeyStore::insert`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InsertOutcome {
+    /// The record was stored.
+    Inserted,
+    /// A record with the same id exists; nothing was stored.
+    DuplicateId,
+    /// A record with the same digest (or format and key id) exists; nothing
+    /// was stored.
+    DuplicateKey,
+    /// The project already holds `max` active keys; nothing was stored.
+    LimitReached {
+        /// The cap.
+        max: u32,
+    },
+}
+
+/// Where the host keeps key records: SQL, Redis, or [`MemoryKeyStore`].
+///
+/// # Contract
+///
+/// - **Atomicity.** `insert` is one atomic step: the uniqueness of the id,
+///   the digest and (format, key id), and the active-key cap are checked and
+///   the record written together (SQL: one transaction with a unique index
+///   and `SELECT count(*) … FOR UPDATE` on the project, or a conditional
+///   `INSERT … SELECT … WHERE (SELECT count(*) …) < max`; Redis: one Lua
+///   script). `revoke` and `set_expiry` are single-record conditional
+///   updates.
+/// - **Staleness.** Reads may come from a replica or cache that lags by at
+///   most the bound the host configures for the verified-principal cache (30
+///   seconds by default): a revoked key may authenticate for that long on
+///   other instances, never longer. `last_used_at` is advisory and may lag.
+/// - **Failure.** Infrastructure failures are [`BackendError`]s; "not found"
+///   is `Ok(None)`. The authenticator turns a backend error into a 503 (fail
+///   closed) unless the host chose otherwise.
+///
+/// Methods return `impl Future + Send`; implement them with `async` blocks.
+pub trait KeyStore: Send + Sync {
+    /// Stores `record` if its id, digest and (format, key id) are new and,
+    /// when `limit` is given and the record has a project, the project holds
+    /// fewer than `limit.max` active keys.
+    fn insert(
+        &self,
+        record: KeyRecord,
+        limit: Option<ActiveLimit>,
+    ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send;
+
+    /// The record whose digest is `digest`.
+    fn find_by_digest(
+        &self,
+        digest: &StoredDigest,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send;
+
+    /// The record of format `format` with public key id `key_id`. The caller
+    /// then compares digests in constant time.
+    fn find_by_key_id(
+        &self,
+        format: &str,
+        key_id: &KeyId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send;
+
+    /// The record with id `id`.
+    fn get(
+        &self,
+        id: &RecordId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send;
+
+    /// Every record of `workspace` (narrowed to `project` when given),
+    /// oldest first, revoked ones included.
+    fn list(
+        &self,
+        workspace: &WorkspaceId,
+        project: Option<&ProjectId>,
+    ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send;
+
+    /// Marks the record revoked at `at`. `Ok(true)` if this call revoked it,
+    /// `Ok(false)` if it was unknown or already revoked.
+    fn revoke(
+        &self,
+        id: &RecordId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Sets the record's expiry to `expires_at` if that is earlier than its
+    /// current expiry (never extends). `Ok(true)` if the record exists.
+    fn shorten_expiry(
+        &self,
+        id: &RecordId,
+        expires_at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Records last use for a batch of keys (coalesced by the caller). Later
+    /// times win; unknown ids are ignored.
+    fn record_last_used(
+        &self,
+        uses: &[(RecordId, Timestamp)],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}
+
+impl<S: KeyStore + ?Sized> KeyStore for Arc<S> {
+    fn insert(
+        &self,
+        record: KeyRecord,
+        limit: Option<ActiveLimit>,
+    ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send {
+        (**self).insert(record, limit)
+    }
+    fn find_by_digest(
+        &self,
+        digest: &StoredDigest,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        (**self).find_by_digest(digest)
+    }
+    fn find_by_key_id(
+        &self,
+        format: &str,
+        key_id: &KeyId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        (**self).find_by_key_id(format, key_id)
+    }
+    fn get(
+        &self,
+        id: &RecordId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        (**self).get(id)
+    }
+    fn list(
+        &self,
+        workspace: &WorkspaceId,
+        project: Option<&ProjectId>,
+    ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send {
+        (**self).list(workspace, project)
+    }
+    fn revoke(
+        &self,
+        id: &RecordId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        (**self).revoke(id, at)
+    }
+    fn shorten_expiry(
+        &self,
+        id: &RecordId,
+        expires_at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        (**self).shorten_expiry(id, expires_at)
+    }
+    fn record_last_used(
+        &self,
+        uses: &[(RecordId, Timestamp)],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        (**self).record_last_used(uses)
+    }
+}

@@ -1,0 +1,247 @@
+//! An in-process [`KeyStore`]: one read-mostly lock over three indexes.
+
+use std::collections::HashMap;
+use std::future::{Future, ready};
+use std::sync::{Arc, PoisonError, RwLock};
+
+use jiff::Timestamp;
+
+use super::{ActiveLimit, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, WorkspaceId};
+use crate::backend::BackendError;
+use crate::format::KeyId;
+use crate::hash::StoredDigest;
+use crate::secret::{Digest, DigestBuildHasher};
+
+type DigestMap<V> = HashMap<Digest, V, DigestBuildHasher>;
+
+// Three indexes over the same records; the shared prefix names them.
+#[allow(clippy::struct_field_names)]
+#[derive(Default)]
+struct Inner {
+    by_id: HashMap<RecordId, Arc<KeyRecord>>,
+    by_digest: DigestMap<Arc<KeyRecord>>,
+    by_key_id: HashMap<(String, KeyId), RecordId>,
+}
+
+impl Inner {
+    /// Replaces the stored record (all indexes point at the new `Arc`).
+    fn replace(&mut self, record: KeyRecord) {
+        let record = Arc::new(record);
+        self.by_digest.insert(*record.digest.digest(), Arc::clone(&record));
+        self.by_id.insert(record.id.clone(), record);
+    }
+}
+
+/// A [`KeyStore`] in process memory, safe for concurrent use.
+///
+/// Lookups take a shared read lock and probe one hash map, so they run in
+/// parallel; writes (insert, revoke, last-use batches) take the write lock
+/// briefly. Futures are always ready. Nothing survives a restart: use it for
+/// tests, demos and single-instance deployments.
+#[derive(Default, Clone)]
+pub struct MemoryKeyStore {
+    inner: Arc<RwLock<Inner>>,
+}
+
+impl std::fmt::Debug for MemoryKeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryKeyStore").field("records", &self.len()).finish()
+    }
+}
+
+impl MemoryKeyStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// An empty store with room for `n` records.
+    #[must_use]
+    pub fn with_capacity(n: usize) -> Self {
+        let inner = Inner {
+            by_id: HashMap::with_capacity(n),
+            by_digest: DigestMap::with_capacity_and_hasher(n, DigestBuildHasher::default()),
+            by_key_id: HashMap::new(),
+        };
+        Self { inner: Arc::new(RwLock::new(inner)) }
+    }
+
+    /// Number of records, revoked ones included.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.read(|i| i.by_id.len())
+    }
+
+    /// Whether the store holds no record.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    // A panic while holding the lock cannot leave the maps half-updated
+    // (every write is a few infallible inserts), so a poisoned lock is
+    // still consistent and is used as is.
+    fn read<T>(&self, f: impl FnOnce(&Inner) -> T) -> T {
+        f(&self.inner.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    fn write<T>(&self, f: impl FnOnce(&mut Inner) -> T) -> T {
+        f(&mut self.inner.write().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Synchronous lookup by digest: the hot path of authentication.
+    #[must_use]
+    pub fn get_by_digest(&self, digest: &StoredDigest) -> Option<Arc<KeyRecord>> {
+        self.read(|i| {
+            i.by_digest.get(digest.digest()).filter(|r| r.digest == *digest).map(Arc::clone)
+        })
+    }
+
+    fn insert_sync(&self, record: KeyRecord, limit: Option<ActiveLimit>) -> InsertOutcome {
+        self.write(|i| {
+            if i.by_id.contains_key(&record.id) {
+                return InsertOutcome::DuplicateId;
+            }
+            if i.by_digest.contains_key(record.digest.digest()) {
+                return InsertOutcome::DuplicateKey;
+            }
+            if let Some(kid) = record.key_id
+                && i.by_key_id.contains_key(&(record.format.clone(), kid))
+            {
+                return InsertOutcome::DuplicateKey;
+            }
+            if let (Some(limit), Some(project)) = (limit, &record.tenant.project) {
+                let active = i
+                    .by_id
+                    .values()
+                    .filter(|r| {
+                        r.tenant.workspace == record.tenant.workspace
+                            && r.tenant.project.as_ref() == Some(project)
+                            && r.is_active(limit.now)
+                    })
+                    .count();
+                if active >= limit.max as usize {
+                    return InsertOutcome::LimitReached { max: limit.max };
+                }
+            }
+            if let Some(kid) = record.key_id {
+                i.by_key_id.insert((record.format.clone(), kid), record.id.clone());
+            }
+            i.replace(record);
+            InsertOutcome::Inserted
+        })
+    }
+
+    fn update(&self, id: &RecordId, f: impl FnOnce(&mut KeyRecord) -> bool) -> bool {
+        self.write(|i| {
+            let Some(current) = i.by_id.get(id) else { return false };
+            let mut next = KeyRecord::clone(current);
+            let changed = f(&mut next);
+            if changed {
+                i.replace(next);
+            }
+            changed
+        })
+    }
+}
+
+impl KeyStore for MemoryKeyStore {
+    fn insert(
+        &self,
+        record: KeyRecord,
+        limit: Option<ActiveLimit>,
+    ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send {
+        ready(Ok(self.insert_sync(record, limit)))
+    }
+
+    fn find_by_digest(
+        &self,
+        digest: &StoredDigest,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        ready(Ok(self.get_by_digest(digest)))
+    }
+
+    fn find_by_key_id(
+        &self,
+        format: &str,
+        key_id: &KeyId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        let found = self.read(|i| {
+            i.by_key_id.get(&(format.to_owned(), *key_id)).and_then(|id| i.by_id.get(id)).cloned()
+        });
+        ready(Ok(found))
+    }
+
+    fn get(
+        &self,
+        id: &RecordId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        ready(Ok(self.read(|i| i.by_id.get(id).cloned())))
+    }
+
+    fn list(
+        &self,
+        workspace: &WorkspaceId,
+        project: Option<&ProjectId>,
+    ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send {
+        let mut out: Vec<Arc<KeyRecord>> = self.read(|i| {
+            i.by_id
+                .values()
+                .filter(|r| {
+                    &r.tenant.workspace == workspace
+                        && project.is_none_or(|p| r.tenant.project.as_ref() == Some(p))
+                })
+                .cloned()
+                .collect()
+        });
+        out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+        ready(Ok(out))
+    }
+
+    fn revoke(
+        &self,
+        id: &RecordId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        ready(Ok(self.update(id, |r| {
+            if r.revoked_at.is_some() {
+                return false;
+            }
+            r.revoked_at = Some(at);
+            true
+        })))
+    }
+
+    fn shorten_expiry(
+        &self,
+        id: &RecordId,
+        expires_at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        let exists = self.read(|i| i.by_id.contains_key(id));
+        self.update(id, |r| {
+            if r.expires_at.is_some_and(|e| e <= expires_at) {
+                return false;
+            }
+            r.expires_at = Some(expires_at);
+            true
+        });
+        ready(Ok(exists))
+    }
+
+    fn record_last_used(
+        &self,
+        uses: &[(RecordId, Timestamp)],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        for (id, at) in uses {
+            self.update(id, |r| {
+                if r.last_used_at.is_some_and(|t| t >= *at) {
+                    return false;
+                }
+                r.last_used_at = Some(*at);
+                true
+            });
+        }
+        ready(Ok(()))
+    }
+}
