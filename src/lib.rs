@@ -26,6 +26,8 @@ pub mod scan;
 pub mod scope;
 pub mod secret;
 pub mod store;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use format::{ApiKey, FormatSet, KeyFormat};
 pub use secret::{Digest, Secret, SecretString};

@@ -143,3 +143,35 @@ fn redact_streams_stdin_to_stdout() {
     want.extend_from_slice(format!("{}[REDACTED]\r\n", &nh[..7]).as_bytes());
     assert_eq!(out.stdout, want);
 }
+
+#[test]
+fn hash_prints_the_stored_digest() {
+    let v = json(&keygate(&["mint", "sk"], b""));
+    let key = v["key"].as_str().unwrap();
+    let digest = v["digest"].as_str().unwrap();
+    assert!(digest.starts_with("sha256$") && digest.len() == 7 + 64);
+    let out = keygate(&["hash", key], b"");
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{digest}\n"));
+    let out = keygate(&["hash"], format!("{key}\n").as_bytes());
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{digest}\n"));
+
+    let dir = std::env::temp_dir().join(format!("keygate-pepper-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let pepper = dir.join("pepper");
+    std::fs::write(&pepper, [7u8; 32]).unwrap();
+    let out =
+        keygate(&["hash", key, "--pepper-file", pepper.to_str().unwrap(), "--pepper-id", "3"], b"");
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(text.starts_with("hmac-sha256$3$"), "{text}");
+    assert_ne!(text.trim_end(), digest);
+    std::fs::write(&pepper, [7u8; 8]).unwrap();
+    let out = keygate(&["hash", key, "--pepper-file", pepper.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    let out = keygate(&["hash", "sk_live_nope"], b"");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(out.stdout.is_empty());
+}

@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use keygate::Secret;
 use keygate::format::{ApiKey, Environment, FormatSet, MintSpec, Region, Segment};
+use keygate::hash::{Hasher, Pepper, PepperId};
 use keygate::scan::Scanner;
 use serde_json::json;
 
@@ -39,6 +41,18 @@ enum Command {
         /// The key; read from stdin when absent or `-`.
         key: Option<String>,
     },
+    /// Print the stored digest string of a key (argument, or stdin when absent or `-`).
+    Hash {
+        /// The key; read from stdin when absent or `-`.
+        key: Option<String>,
+        /// HMAC-SHA256 with the pepper in this file (raw bytes, at least 32)
+        /// instead of plain SHA-256.
+        #[arg(long)]
+        pepper_file: Option<PathBuf>,
+        /// The pepper's id, recorded in the digest string.
+        #[arg(long, default_value_t = 1)]
+        pepper_id: u32,
+    },
     /// Report keys found in files, directories (recursively) or stdin.
     Scan {
         /// Files or directories; stdin when none.
@@ -53,7 +67,14 @@ fn main() -> ExitCode {
     let formats = FormatSet::presets();
     match cli.command {
         Command::Mint { format, env, region } => mint(&formats, &format, env, region),
-        Command::Inspect { key } => inspect(&formats, key.as_deref()),
+        Command::Inspect { key } => match read_key(key.as_deref()) {
+            Ok(input) => inspect(&formats, &input),
+            Err(code) => code,
+        },
+        Command::Hash { key, pepper_file, pepper_id } => match read_key(key.as_deref()) {
+            Ok(input) => hash(&formats, &input, pepper_file.as_deref(), pepper_id),
+            Err(code) => code,
+        },
         Command::Scan { paths } => scan(formats, &paths),
         Command::Redact => redact(formats),
     }
@@ -101,6 +122,8 @@ fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<Str
         Ok(key) => {
             let mut v = parts_json(&key);
             v["key"] = json!(key.expose_secret());
+            v["digest"] =
+                json!(Hasher::sha256().digest(key.expose_secret().as_bytes()).to_string());
             println!("{v}");
             ExitCode::SUCCESS
         }
@@ -108,30 +131,30 @@ fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<Str
     }
 }
 
-fn inspect(formats: &FormatSet, key: Option<&str>) -> ExitCode {
-    let input = match key {
-        Some(k) if k != "-" => k.to_owned(),
-        _ => {
-            let mut buf = Vec::new();
-            if let Err(e) = io::stdin().take(STDIN_CAP + 1).read_to_end(&mut buf) {
-                return fail(1, format_args!("cannot read stdin: {e}"));
-            }
-            if buf.len() as u64 > STDIN_CAP {
-                return fail(1, format_args!("input longer than {STDIN_CAP} bytes"));
-            }
-            // Strip exactly one trailing newline (as `echo` adds), nothing else.
-            if buf.ends_with(b"\r\n") {
-                buf.truncate(buf.len() - 2);
-            } else if buf.ends_with(b"\n") {
-                buf.truncate(buf.len() - 1);
-            }
-            match String::from_utf8(buf) {
-                Ok(s) => s,
-                Err(_) => return fail(1, "key is not valid UTF-8"),
-            }
-        }
-    };
-    match formats.parse(&input) {
+/// The key from the argument, or from stdin (capped, one trailing newline
+/// stripped) when absent or `-`.
+fn read_key(key: Option<&str>) -> Result<String, ExitCode> {
+    if let Some(k) = key.filter(|k| *k != "-") {
+        return Ok(k.to_owned());
+    }
+    let mut buf = Vec::new();
+    if let Err(e) = io::stdin().take(STDIN_CAP + 1).read_to_end(&mut buf) {
+        return Err(fail(1, format_args!("cannot read stdin: {e}")));
+    }
+    if buf.len() as u64 > STDIN_CAP {
+        return Err(fail(1, format_args!("input longer than {STDIN_CAP} bytes")));
+    }
+    // Strip exactly one trailing newline (as `echo` adds), nothing else.
+    if buf.ends_with(b"\r\n") {
+        buf.truncate(buf.len() - 2);
+    } else if buf.ends_with(b"\n") {
+        buf.truncate(buf.len() - 1);
+    }
+    String::from_utf8(buf).map_err(|_| fail(1, "key is not valid UTF-8"))
+}
+
+fn inspect(formats: &FormatSet, input: &str) -> ExitCode {
+    match formats.parse(input) {
         Ok(key) => {
             println!("{}", parts_json(&key));
             ExitCode::SUCCESS
@@ -139,6 +162,28 @@ fn inspect(formats: &FormatSet, key: Option<&str>) -> ExitCode {
         // Parse errors never contain the input.
         Err(e) => fail(1, format_args!("invalid key: {e}")),
     }
+}
+
+fn hash(formats: &FormatSet, input: &str, pepper_file: Option<&Path>, pepper_id: u32) -> ExitCode {
+    let key = match formats.parse(input) {
+        Ok(k) => k,
+        Err(e) => return fail(1, format_args!("invalid key: {e}")),
+    };
+    let hasher = match pepper_file {
+        None => Hasher::sha256(),
+        Some(path) => {
+            let bytes = match fs::read(path) {
+                Ok(b) => Secret::new(b),
+                Err(e) => return fail(2, format_args!("{}: {e}", path.display())),
+            };
+            match Pepper::new(PepperId(pepper_id), bytes).and_then(|p| Hasher::hmac(vec![p])) {
+                Ok(h) => h,
+                Err(e) => return fail(2, e),
+            }
+        }
+    };
+    println!("{}", hasher.digest(key.expose_secret().as_bytes()));
+    ExitCode::SUCCESS
 }
 
 fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {

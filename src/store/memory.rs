@@ -21,6 +21,9 @@ struct Inner {
     by_id: HashMap<RecordId, Arc<KeyRecord>>,
     by_digest: DigestMap<Arc<KeyRecord>>,
     by_key_id: HashMap<(String, KeyId), RecordId>,
+    /// Records of each (workspace, project), so the active-key cap is
+    /// checked against one project's records, not all of them.
+    by_project: HashMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
 }
 
 impl Inner {
@@ -63,6 +66,7 @@ impl MemoryKeyStore {
             by_id: HashMap::with_capacity(n),
             by_digest: DigestMap::with_capacity_and_hasher(n, DigestBuildHasher::default()),
             by_key_id: HashMap::new(),
+            by_project: HashMap::new(),
         };
         Self { inner: Arc::new(RwLock::new(inner)) }
     }
@@ -111,22 +115,24 @@ impl MemoryKeyStore {
             {
                 return InsertOutcome::DuplicateKey;
             }
-            if let (Some(limit), Some(project)) = (limit, &record.tenant.project) {
-                let active = i
-                    .by_id
-                    .values()
-                    .filter(|r| {
-                        r.tenant.workspace == record.tenant.workspace
-                            && r.tenant.project.as_ref() == Some(project)
-                            && r.is_active(limit.now)
-                    })
-                    .count();
+            let project_key =
+                record.tenant.project.clone().map(|p| (record.tenant.workspace.clone(), p));
+            if let (Some(limit), Some(pk)) = (limit, &project_key) {
+                let active = i.by_project.get(pk).map_or(0, |ids| {
+                    ids.iter()
+                        .filter_map(|id| i.by_id.get(id))
+                        .filter(|r| r.is_active(limit.now))
+                        .count()
+                });
                 if active >= limit.max as usize {
                     return InsertOutcome::LimitReached { max: limit.max };
                 }
             }
             if let Some(kid) = record.key_id {
                 i.by_key_id.insert((record.format.clone(), kid), record.id.clone());
+            }
+            if let Some(pk) = project_key {
+                i.by_project.entry(pk).or_default().push(record.id.clone());
             }
             i.replace(record);
             InsertOutcome::Inserted

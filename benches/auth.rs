@@ -1,0 +1,81 @@
+//! Authenticate end to end (header pairs → principal, in-memory store of 1M
+//! keys, one scope check) against one SHA-256 of the same key bytes.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use jiff::Timestamp;
+use keygate::auth::{Authenticator, Target};
+use keygate::format::SK;
+use keygate::hash::Hasher;
+use keygate::scope::ScopeRegistry;
+use keygate::store::{KeyRecord, KeyStore, MemoryKeyStore, RecordId, Tenant};
+use sha2::{Digest as _, Sha256};
+
+fn ready<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => unreachable!("in-memory stores are always ready"),
+    }
+}
+
+const KEYS: usize = 1_000_000;
+
+fn bench(c: &mut Criterion) {
+    let store = MemoryKeyStore::with_capacity(KEYS);
+    let hasher = Hasher::sha256();
+    let tenant = Tenant::workspace("ws_bench".parse().unwrap());
+    let scopes = vec!["applications:read".parse().unwrap(), "webhooks:write".parse().unwrap()];
+    let mut probe = String::new();
+    for i in 0..KEYS {
+        let key = SK.mint_default().unwrap();
+        let record = KeyRecord {
+            id: RecordId::generate().unwrap(),
+            name: "bench".into(),
+            hint: key.hint(),
+            digest: hasher.digest(key.expose_secret().as_bytes()),
+            format: "sk".into(),
+            key_id: None,
+            environment: key.environment(),
+            region: None,
+            tenant: tenant.clone(),
+            scopes: scopes.clone(),
+            plan: None,
+            created_at: Timestamp::UNIX_EPOCH,
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            metadata: BTreeMap::new(),
+        };
+        ready(store.insert(record, None)).unwrap();
+        if i == KEYS / 2 {
+            key.expose_secret().clone_into(&mut probe);
+        }
+    }
+    let registry = ScopeRegistry::default();
+    let required = registry.required("webhooks:write").unwrap();
+    let auth = Authenticator::new(store.clone());
+    let header = format!("Bearer {probe}");
+    let target = Target::any();
+
+    let mut g = c.benchmark_group("authenticate_1m_keys");
+    g.bench_function("sha256_baseline", |b| {
+        b.iter(|| Sha256::digest(black_box(probe.as_bytes())));
+    });
+    g.bench_function("authenticate_and_scope_check", |b| {
+        b.iter(|| {
+            let headers = [("authorization", black_box(header.as_bytes()))];
+            let p = ready(auth.authenticate(headers, &target)).unwrap();
+            assert!(p.allows(&required));
+            p
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);

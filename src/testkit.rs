@@ -1,0 +1,13 @@
+//! Conformance suites for implementations of keygate's storage traits.
+//!
+//! Run them from your own tests against your backend; the shipped in-memory
+//! (and Redis) stores pass exactly the same suites. Each suite panics with a
+//! message naming the broken rule.
+//!
+//! ```
+//! # async fn demo() {
+//! keygate::testkit::keys::run(keygate::store::MemoryKeyStore::new).await;
+//! # }
+//! ```
+
+pub mod keys;

@@ -1,0 +1,187 @@
+//! The [`KeyStore`] contract.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+
+use crate::format::{Environment, NK, SK};
+use crate::hash::Hasher;
+use crate::store::{ActiveLimit, InsertOutcome, KeyRecord, KeyStore, RecordId, Tenant};
+
+fn t(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_767_225_600 + secs).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// A fresh active record of format `sk` (or `nk` when `with_key_id`) in
+/// workspace `ws`, project `project`, created at `t(created)`.
+///
+/// # Panics
+///
+/// Never for valid arguments (ids are generated from valid parts).
+#[must_use]
+pub fn sample_record(
+    ws: &str,
+    project: Option<&str>,
+    created: i64,
+    with_key_id: bool,
+) -> KeyRecord {
+    let format = if with_key_id { NK } else { SK };
+    let key = format.mint_default().expect("OS RNG");
+    let mut tenant = Tenant::workspace(ws.parse().expect("valid workspace"));
+    if let Some(p) = project {
+        tenant = tenant.with_project(p.parse().expect("valid project"));
+    }
+    KeyRecord {
+        id: RecordId::generate().expect("OS RNG"),
+        name: "sample".into(),
+        hint: key.hint(),
+        digest: Hasher::sha256().digest(key.expose_secret().as_bytes()),
+        format: format.name().into(),
+        key_id: key.key_id(),
+        environment: Some(Environment::LIVE),
+        region: None,
+        tenant,
+        scopes: vec!["applications:read".parse().expect("valid scope")],
+        plan: None,
+        created_at: t(created),
+        expires_at: None,
+        revoked_at: None,
+        last_used_at: None,
+        metadata: BTreeMap::from([("team".into(), "core".into())]),
+    }
+}
+
+/// Runs every check against fresh stores from `make`.
+///
+/// # Panics
+///
+/// When the store breaks the [`KeyStore`] contract.
+pub async fn run<S: KeyStore, F: Fn() -> S>(make: F) {
+    insert_and_find(&make()).await;
+    uniqueness(&make()).await;
+    active_cap(&make()).await;
+    listing(&make()).await;
+    revoke_and_expiry(&make()).await;
+    last_use(&make()).await;
+}
+
+async fn insert_and_find<S: KeyStore>(s: &S) {
+    let r = sample_record("ws_a", Some("p1"), 0, false);
+    assert_eq!(s.insert(r.clone(), None).await.unwrap(), InsertOutcome::Inserted, "insert");
+    let got = s.find_by_digest(&r.digest).await.unwrap().expect("find_by_digest finds the record");
+    assert_eq!(*got, r, "find_by_digest returns the record as stored");
+    assert_eq!(*s.get(&r.id).await.unwrap().expect("get finds the record"), r);
+    let other = sample_record("ws_a", Some("p1"), 0, false);
+    assert!(s.find_by_digest(&other.digest).await.unwrap().is_none(), "unknown digest is None");
+    assert!(s.get(&other.id).await.unwrap().is_none(), "unknown id is None");
+
+    let nk = sample_record("ws_a", Some("p1"), 1, true);
+    let kid = nk.key_id.expect("nk has a key id");
+    s.insert(nk.clone(), None).await.unwrap();
+    let got = s.find_by_key_id("nk", &kid).await.unwrap().expect("find_by_key_id finds it");
+    assert_eq!(got.id, nk.id);
+    assert!(s.find_by_key_id("sk", &kid).await.unwrap().is_none(), "key ids are per format");
+}
+
+async fn uniqueness<S: KeyStore>(s: &S) {
+    let r = sample_record("ws_a", None, 0, true);
+    s.insert(r.clone(), None).await.unwrap();
+    let mut same_id = sample_record("ws_a", None, 0, false);
+    same_id.id = r.id.clone();
+    assert_eq!(s.insert(same_id, None).await.unwrap(), InsertOutcome::DuplicateId);
+    let mut same_digest = sample_record("ws_a", None, 0, false);
+    same_digest.digest = r.digest;
+    assert_eq!(s.insert(same_digest, None).await.unwrap(), InsertOutcome::DuplicateKey);
+    let mut dup_key_id = sample_record("ws_a", None, 0, true);
+    dup_key_id.key_id = r.key_id;
+    assert_eq!(s.insert(dup_key_id, None).await.unwrap(), InsertOutcome::DuplicateKey);
+}
+
+async fn active_cap<S: KeyStore>(s: &S) {
+    let limit = ActiveLimit { max: 3, now: t(100) };
+    for i in 0..3 {
+        let r = sample_record("ws_a", Some("capped"), i, false);
+        assert_eq!(s.insert(r, Some(limit)).await.unwrap(), InsertOutcome::Inserted, "key {i}");
+    }
+    let fourth = sample_record("ws_a", Some("capped"), 3, false);
+    assert_eq!(
+        s.insert(fourth.clone(), Some(limit)).await.unwrap(),
+        InsertOutcome::LimitReached { max: 3 },
+        "the cap is enforced"
+    );
+    assert!(s.get(&fourth.id).await.unwrap().is_none(), "a refused insert stores nothing");
+    // Other projects and workspaces have their own count.
+    let other = sample_record("ws_a", Some("other"), 0, false);
+    assert_eq!(s.insert(other, Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+    let other_ws = sample_record("ws_b", Some("capped"), 0, false);
+    assert_eq!(s.insert(other_ws, Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+    // Revoked and expired keys do not count.
+    let listed = s.list(&"ws_a".parse().unwrap(), Some(&"capped".parse().unwrap())).await.unwrap();
+    s.revoke(&listed[0].id, t(50)).await.unwrap();
+    assert_eq!(s.insert(fourth.clone(), Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+    s.shorten_expiry(&listed[1].id, t(100)).await.unwrap();
+    let fifth = sample_record("ws_a", Some("capped"), 4, false);
+    assert_eq!(
+        s.insert(fifth, Some(limit)).await.unwrap(),
+        InsertOutcome::Inserted,
+        "expired at now"
+    );
+    // Without a limit, or without a project, there is no cap.
+    let sixth = sample_record("ws_a", Some("capped"), 5, false);
+    assert_eq!(s.insert(sixth, None).await.unwrap(), InsertOutcome::Inserted);
+}
+
+async fn listing<S: KeyStore>(store: &S) {
+    let p1 = sample_record("ws_l", Some("p1"), 2, false);
+    let p2 = sample_record("ws_l", Some("p2"), 1, false);
+    let whole = sample_record("ws_l", None, 3, false);
+    let elsewhere = sample_record("ws_other", Some("p1"), 0, false);
+    for r in [&p1, &p2, &whole, &elsewhere] {
+        store.insert(r.clone(), None).await.unwrap();
+    }
+    let ids = |v: Vec<Arc<KeyRecord>>| v.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+    let ws = "ws_l".parse().unwrap();
+    assert_eq!(
+        ids(store.list(&ws, None).await.unwrap()),
+        vec![p2.id.clone(), p1.id.clone(), whole.id.clone()],
+        "whole workspace, oldest first"
+    );
+    assert_eq!(
+        ids(store.list(&ws, Some(&"p1".parse().unwrap())).await.unwrap()),
+        vec![p1.id.clone()]
+    );
+    assert!(store.list(&"ws_none".parse().unwrap(), None).await.unwrap().is_empty());
+}
+
+async fn revoke_and_expiry<S: KeyStore>(s: &S) {
+    let r = sample_record("ws_r", None, 0, false);
+    s.insert(r.clone(), None).await.unwrap();
+    assert!(s.revoke(&r.id, t(10)).await.unwrap(), "first revoke revokes");
+    assert!(!s.revoke(&r.id, t(20)).await.unwrap(), "second revoke is a no-op");
+    let got = s.get(&r.id).await.unwrap().unwrap();
+    assert_eq!(got.revoked_at, Some(t(10)), "first revocation time kept");
+    let by_digest = s.find_by_digest(&r.digest).await.unwrap().unwrap();
+    assert_eq!(by_digest.revoked_at, Some(t(10)), "revocation visible through the digest index");
+    assert!(!s.revoke(&RecordId::generate().unwrap(), t(0)).await.unwrap());
+
+    let e = sample_record("ws_r", None, 0, false);
+    s.insert(e.clone(), None).await.unwrap();
+    assert!(s.shorten_expiry(&e.id, t(100)).await.unwrap());
+    assert!(s.shorten_expiry(&e.id, t(200)).await.unwrap(), "exists");
+    assert_eq!(s.get(&e.id).await.unwrap().unwrap().expires_at, Some(t(100)), "never extended");
+    s.shorten_expiry(&e.id, t(50)).await.unwrap();
+    assert_eq!(s.get(&e.id).await.unwrap().unwrap().expires_at, Some(t(50)), "shortened");
+    assert!(!s.shorten_expiry(&RecordId::generate().unwrap(), t(0)).await.unwrap());
+}
+
+async fn last_use<S: KeyStore>(s: &S) {
+    let r = sample_record("ws_u", None, 0, false);
+    s.insert(r.clone(), None).await.unwrap();
+    let unknown = RecordId::generate().unwrap();
+    s.record_last_used(&[(r.id.clone(), t(30)), (unknown, t(40))]).await.unwrap();
+    assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)));
+    s.record_last_used(&[(r.id.clone(), t(20))]).await.unwrap();
+    assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)), "later wins");
+    s.record_last_used(&[]).await.unwrap();
+}

@@ -1,0 +1,573 @@
+//! Key lifecycle and authentication, end to end on a fake clock.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use keygate::Secret;
+use keygate::auth::{AuthError, Authenticator, PrincipalCache, Target};
+use keygate::backend::BackendError;
+use keygate::clock::{Clock, FakeClock};
+use keygate::format::{Environment, KeyId, NH, NHK, NHM, NK, Region, SK};
+use keygate::hash::{Hasher, Pepper, PepperId, StoredDigest};
+use keygate::http::{BodyStyle, Rejection};
+use keygate::manager::{KeyManager, ManagerError, NewKey, TokenExpiry};
+use keygate::scope::ScopeError;
+use keygate::store::{
+    ActiveLimit, InsertOutcome, KeyRecord, KeyStore, MemoryKeyStore, ProjectId, RecordId, Tenant,
+    WorkspaceId,
+};
+
+fn ws(s: &str) -> Tenant {
+    Tenant::workspace(s.parse().unwrap())
+}
+
+fn project(w: &str, p: &str) -> Tenant {
+    ws(w).with_project(p.parse().unwrap())
+}
+
+struct Fixture {
+    clock: FakeClock,
+    store: MemoryKeyStore,
+    manager: KeyManager<MemoryKeyStore, FakeClock>,
+    auth: Authenticator<MemoryKeyStore, FakeClock>,
+}
+
+fn fixture() -> Fixture {
+    let clock = FakeClock::at_2026();
+    let store = MemoryKeyStore::new();
+    let manager = KeyManager::new(store.clone()).clock(clock.clone());
+    let auth = Authenticator::new(store.clone()).clock(clock.clone());
+    Fixture { clock, store, manager, auth }
+}
+
+fn bearer(key: &str) -> String {
+    format!("Bearer {key}")
+}
+
+async fn auth_bearer(
+    a: &Authenticator<MemoryKeyStore, FakeClock>,
+    key: &str,
+    target: &Target,
+) -> Result<keygate::auth::Principal, AuthError> {
+    let h = bearer(key);
+    a.authenticate([("Authorization", h.as_bytes())], target).await
+}
+
+#[tokio::test]
+async fn memory_store_passes_the_testkit() {
+    keygate::testkit::keys::run(MemoryKeyStore::new).await;
+}
+
+#[tokio::test]
+async fn create_then_authenticate_each_header() {
+    let f = fixture();
+    let t = project("ws_a", "p1");
+    let sk = f
+        .manager
+        .create(NewKey::new("ci", SK, t.clone()).scopes(&["applications:read"]).unwrap())
+        .await
+        .unwrap();
+    let p = auth_bearer(&f.auth, sk.key().expose_secret(), &Target::any()).await.unwrap();
+    assert_eq!(p.record_id(), &sk.record().id);
+    assert_eq!(p.tenant(), &t);
+    assert_eq!(p.environment(), Some(Environment::LIVE));
+    assert!(p.hint().starts_with("sk_live_"));
+
+    // nh travels in X-API-Key only.
+    let nh = f.manager.create(NewKey::new("notify", NH, t.clone())).await.unwrap();
+    let key = nh.key().expose_secret();
+    let ok = f.auth.authenticate([("X-API-Key", key.as_bytes())], &Target::any()).await;
+    assert!(ok.is_ok());
+    let wrong = auth_bearer(&f.auth, key, &Target::any()).await.unwrap_err();
+    assert!(matches!(wrong, AuthError::Credential(_)), "{wrong}");
+    assert_eq!(wrong.rejection(), Rejection::InvalidCredentials);
+    let missing = f.auth.authenticate([("accept", &b"*/*"[..])], &Target::any()).await.unwrap_err();
+    assert!(matches!(missing, AuthError::Missing));
+    assert_eq!(missing.rejection(), Rejection::MissingCredentials);
+}
+
+#[tokio::test]
+async fn id_and_secret_keys_are_found_by_id_and_checked_in_constant_time() {
+    let f = fixture();
+    let nk = f.manager.create(NewKey::new("seq", NK, project("ws_a", "p1"))).await.unwrap();
+    let key = nk.key().expose_secret().to_owned();
+    assert!(auth_bearer(&f.auth, &key, &Target::any()).await.is_ok());
+    // Same key id, wrong secret (last character changed).
+    let last = key.chars().last().unwrap();
+    let forged = format!("{}{}", &key[..key.len() - 1], if last == 'A' { 'B' } else { 'A' });
+    let err = auth_bearer(&f.auth, &forged, &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::WrongSecret), "{err}");
+    // Unknown key id.
+    let other = NK.mint_default().unwrap();
+    let err = auth_bearer(&f.auth, other.expose_secret(), &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::Unknown), "{err}");
+}
+
+#[tokio::test]
+async fn every_invalid_reason_looks_the_same_on_the_wire() {
+    let f = fixture();
+    let t = ws("ws_a");
+    let revoked = f.manager.create(NewKey::new("r", SK, t.clone())).await.unwrap();
+    f.manager.revoke(&revoked.record().id).await.unwrap();
+    let expiring = f
+        .manager
+        .create(NewKey::new("e", SK, t.clone()).expires_in(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    let nk = f.manager.create(NewKey::new("n", NK, t.clone())).await.unwrap();
+    let nk_key = nk.key().expose_secret();
+    let wrong_secret =
+        format!("{}{}", &nk_key[..nk_key.len() - 1], if nk_key.ends_with('Z') { 'Y' } else { 'Z' });
+    let unknown = SK.mint_default().unwrap();
+
+    // Just before expiry the key works; at the expiry instant it does not.
+    f.clock.advance(Duration::from_secs(59));
+    assert!(auth_bearer(&f.auth, expiring.key().expose_secret(), &Target::any()).await.is_ok());
+    f.clock.advance(Duration::from_secs(1));
+
+    let now: Timestamp = "2026-01-09T12:00:00Z".parse().unwrap();
+    let mut bodies = Vec::new();
+    for (key, want) in [
+        (revoked.key().expose_secret(), "revoked"),
+        (expiring.key().expose_secret(), "expired"),
+        (wrong_secret.as_str(), "wrong secret"),
+        (unknown.expose_secret(), "unknown"),
+        ("sk_live_short", "malformed"),
+    ] {
+        let err = auth_bearer(&f.auth, key, &Target::any()).await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains(want) || want == "malformed" || want == "wrong secret", "{text}");
+        for style in [BodyStyle::Nested, BodyStyle::Envelope, BodyStyle::Flat, BodyStyle::Problem] {
+            let r = err.rejection().to_response(style, now);
+            assert_eq!(r.status, 401);
+            bodies.push((style, r.body, r.headers));
+        }
+    }
+    for style in [BodyStyle::Nested, BodyStyle::Envelope, BodyStyle::Flat, BodyStyle::Problem] {
+        let same: Vec<_> = bodies.iter().filter(|(s, ..)| *s == style).collect();
+        assert!(same.windows(2).all(|w| w[0].1 == w[1].1 && w[0].2 == w[1].2), "{style:?}");
+    }
+}
+
+#[tokio::test]
+async fn environment_tenant_and_region_rules() {
+    let f = fixture();
+    let test_key = f
+        .manager
+        .create(NewKey::new("t", SK, project("ws_a", "pa")).environment(Environment::TEST))
+        .await
+        .unwrap();
+    let live = Target::any().environment(Environment::LIVE);
+    let err = auth_bearer(&f.auth, test_key.key().expose_secret(), &live).await.unwrap_err();
+    assert!(matches!(err, AuthError::WrongEnvironment { .. }));
+    assert_eq!(err.rejection().status(), 403);
+    assert!(
+        auth_bearer(
+            &f.auth,
+            test_key.key().expose_secret(),
+            &Target::any().environment(Environment::TEST)
+        )
+        .await
+        .is_ok()
+    );
+
+    // An ingestion key recorded for `staging` reaches only `staging`.
+    let staging: Environment = "staging".parse().unwrap();
+    let ingest =
+        f.manager.create(NewKey::new("i", NHK, ws("ws_a")).environment(staging)).await.unwrap();
+    let k = ingest.key().expose_secret();
+    assert!(auth_bearer(&f.auth, k, &Target::any().environment(staging)).await.is_ok());
+    assert!(auth_bearer(&f.auth, k, &live).await.is_err());
+
+    // A project A key never reaches project B, nor the whole workspace.
+    let k = test_key.key().expose_secret();
+    let any_env = Target::any();
+    assert!(auth_bearer(&f.auth, k, &any_env.clone().tenant(project("ws_a", "pa"))).await.is_ok());
+    for other in [project("ws_a", "pb"), ws("ws_a"), project("ws_b", "pa")] {
+        let err = auth_bearer(&f.auth, k, &any_env.clone().tenant(other)).await.unwrap_err();
+        assert!(matches!(err, AuthError::WrongTenant { .. }), "{err}");
+        assert_eq!(err.rejection(), Rejection::Forbidden { scope: None });
+    }
+    // A workspace key reaches every project of its workspace.
+    let wide = f.manager.create(NewKey::new("w", SK, ws("ws_a"))).await.unwrap();
+    let target = Target::any().tenant(project("ws_a", "pb"));
+    assert!(auth_bearer(&f.auth, wide.key().expose_secret(), &target).await.is_ok());
+
+    // Region: an EU key is not valid in a US deployment.
+    let eu = f.manager.create(NewKey::new("eu", NHK, ws("ws_a")).region(Region::EU)).await.unwrap();
+    let us = Target::any().region(Region::US);
+    let err = auth_bearer(&f.auth, eu.key().expose_secret(), &us).await.unwrap_err();
+    assert!(matches!(err, AuthError::WrongRegion { .. }));
+    assert_eq!(err.rejection(), Rejection::InvalidCredentials);
+}
+
+#[tokio::test]
+async fn scopes_are_checked_and_named() {
+    let f = fixture();
+    let k = f
+        .manager
+        .create(NewKey::new("r", SK, ws("ws_a")).scopes(&["applications:read"]).unwrap())
+        .await
+        .unwrap();
+    let p = auth_bearer(&f.auth, k.key().expose_secret(), &Target::any()).await.unwrap();
+    let reg = f.auth.scope_registry();
+    assert!(p.require(&reg.required("applications:read").unwrap()).is_ok());
+    let missing = p.require(&reg.required("webhooks:write").unwrap()).unwrap_err();
+    assert_eq!(missing.scope, "webhooks:write");
+    let r = missing.rejection().to_response(BodyStyle::Nested, Timestamp::UNIX_EPOCH);
+    assert_eq!(r.status, 403);
+    assert_eq!(
+        r.header("WWW-Authenticate"),
+        Some("Bearer error=\"insufficient_scope\", scope=\"webhooks:write\"")
+    );
+    let unknown = f
+        .manager
+        .create(NewKey::new("u", SK, ws("ws_a")).scopes(&["widgets:read"]).unwrap())
+        .await
+        .unwrap_err();
+    assert!(matches!(unknown, ManagerError::Scope(ScopeError::Unknown { .. })), "{unknown}");
+    assert_eq!(unknown.rejection().status(), 400);
+}
+
+#[tokio::test]
+async fn attenuation_on_create_for() {
+    let f = fixture();
+    let parent_key = f
+        .manager
+        .create(
+            NewKey::new("p", NHM, ws("ws_a")).scopes(&["api_keys:*", "applications:read"]).unwrap(),
+        )
+        .await
+        .unwrap();
+    let parent =
+        auth_bearer(&f.auth, parent_key.key().expose_secret(), &Target::any()).await.unwrap();
+    let ok = NewKey::new("c", SK, project("ws_a", "p1")).scopes(&["applications:read"]).unwrap();
+    assert!(f.manager.create_for(&parent, ok).await.is_ok());
+    let more = NewKey::new("c", SK, ws("ws_a")).scopes(&["applications:delete"]).unwrap();
+    let err = f.manager.create_for(&parent, more).await.unwrap_err();
+    assert!(
+        matches!(err, ManagerError::Scope(ScopeError::Exceeds { ref scope }) if scope == "applications:delete")
+    );
+    assert_eq!(err.rejection().status(), 403);
+    let elsewhere = NewKey::new("c", SK, ws("ws_b"));
+    assert!(matches!(
+        f.manager.create_for(&parent, elsewhere).await.unwrap_err(),
+        ManagerError::TenantNotReachable
+    ));
+}
+
+#[tokio::test]
+async fn at_most_ten_active_keys_per_project() {
+    let f = fixture();
+    let t = project("ws_a", "full");
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(
+            f.manager
+                .create(NewKey::new(format!("k{i}"), SK, t.clone()))
+                .await
+                .unwrap()
+                .record()
+                .id
+                .clone(),
+        );
+    }
+    let err = f.manager.create(NewKey::new("k10", SK, t.clone())).await.unwrap_err();
+    assert!(matches!(err, ManagerError::LimitReached { max: 10 }));
+    assert_eq!(err.to_string(), "project already has 10 active keys");
+    assert_eq!(err.rejection().status(), 409);
+    // Another project is unaffected; revoking one frees a slot.
+    assert!(f.manager.create(NewKey::new("x", SK, project("ws_a", "other"))).await.is_ok());
+    f.manager.revoke(&ids[0]).await.unwrap();
+    assert!(f.manager.create(NewKey::new("k10", SK, t.clone())).await.is_ok());
+    // Configurable.
+    let small = KeyManager::new(MemoryKeyStore::new()).max_active_per_project(Some(1));
+    small.create(NewKey::new("a", SK, t.clone())).await.unwrap();
+    assert!(small.create(NewKey::new("b", SK, t)).await.is_err());
+}
+
+#[test]
+fn the_cap_holds_under_concurrent_inserts() {
+    let store = MemoryKeyStore::new();
+    let now = Timestamp::UNIX_EPOCH;
+    let inserted = AtomicUsize::new(0);
+    std::thread::scope(|s| {
+        for _ in 0..8 {
+            s.spawn(|| {
+                for _ in 0..50 {
+                    let r = keygate::testkit::keys::sample_record("ws_c", Some("p"), 0, false);
+                    let out = store.insert(r, Some(ActiveLimit { max: 10, now }));
+                    let out = futures_ready(out);
+                    if out == InsertOutcome::Inserted {
+                        inserted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    assert_eq!(inserted.load(Ordering::Relaxed), 10);
+}
+
+/// Polls a future that the in-memory store always returns ready.
+fn futures_ready<T>(f: impl std::future::Future<Output = Result<T, BackendError>>) -> T {
+    let mut f = std::pin::pin!(f);
+    let waker = std::task::Waker::noop();
+    match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(v) => v.unwrap(),
+        std::task::Poll::Pending => panic!("in-memory futures are ready"),
+    }
+}
+
+#[tokio::test]
+async fn management_token_expiries_are_exact() {
+    let f = fixture();
+    let start = f.clock.now();
+    for (expiry, days) in [
+        (TokenExpiry::Days30, Some(30)),
+        (TokenExpiry::Days90, Some(90)),
+        (TokenExpiry::Year1, Some(365)),
+        (TokenExpiry::Never, None),
+    ] {
+        let c = f
+            .manager
+            .create_management_token("ws_a".parse().unwrap(), "t", expiry, vec![])
+            .await
+            .unwrap();
+        assert!(c.key().expose_secret().starts_with("nhm_"));
+        let want =
+            days.map(|d: i64| start.checked_add(jiff::SignedDuration::from_hours(24 * d)).unwrap());
+        assert_eq!(c.record().expires_at, want, "{expiry:?}");
+    }
+    assert_eq!("30d".parse(), Ok(TokenExpiry::Days30));
+    assert_eq!("1y".parse(), Ok(TokenExpiry::Year1));
+    assert!("2y".parse::<TokenExpiry>().is_err());
+}
+
+#[tokio::test]
+async fn rolling_keeps_grants_and_the_grace_never_outlives_expiry() {
+    let f = fixture();
+    let old = f
+        .manager
+        .create(
+            NewKey::new("prod", SK, project("ws_a", "p1"))
+                .scopes(&["webhooks:write"])
+                .unwrap()
+                .plan("pro")
+                .metadata("team", "core")
+                .expires_in(Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+    let new = f.manager.roll(&old.record().id, Duration::from_secs(600)).await.unwrap();
+    assert_ne!(new.key().expose_secret(), old.key().expose_secret());
+    let (o, n) = (old.record(), new.record());
+    assert_eq!(
+        (&n.scopes, &n.plan, &n.metadata, &n.tenant),
+        (&o.scopes, &o.plan, &o.metadata, &o.tenant)
+    );
+    assert_eq!(n.expires_at, o.expires_at);
+    let any = Target::any();
+    assert!(auth_bearer(&f.auth, old.key().expose_secret(), &any).await.is_ok());
+    f.clock.advance(Duration::from_secs(599));
+    assert!(auth_bearer(&f.auth, old.key().expose_secret(), &any).await.is_ok());
+    f.clock.advance(Duration::from_secs(1));
+    assert!(matches!(
+        auth_bearer(&f.auth, old.key().expose_secret(), &any).await.unwrap_err(),
+        AuthError::Expired { .. }
+    ));
+    assert!(auth_bearer(&f.auth, new.key().expose_secret(), &any).await.is_ok());
+
+    // A grace longer than the remaining life ends at the key's own expiry.
+    let short = f
+        .manager
+        .create(NewKey::new("s", SK, ws("ws_a")).expires_in(Duration::from_secs(100)))
+        .await
+        .unwrap();
+    f.manager.roll(&short.record().id, Duration::from_secs(10_000)).await.unwrap();
+    let rec = f.store.get(&short.record().id).await.unwrap().unwrap();
+    assert_eq!(rec.expires_at, short.record().expires_at);
+    // Revoked keys cannot be rolled.
+    f.manager.revoke(&short.record().id).await.unwrap();
+    assert!(matches!(
+        f.manager.roll(&short.record().id, Duration::ZERO).await.unwrap_err(),
+        ManagerError::Inactive
+    ));
+}
+
+#[tokio::test]
+async fn cache_bounds_staleness_and_local_revocation_is_immediate() {
+    let f = fixture();
+    let cache = Arc::new(PrincipalCache::new(Duration::from_secs(30), 1000));
+    let auth = Authenticator::new(f.store.clone()).clock(f.clock.clone()).cache(cache.clone());
+    let manager = KeyManager::new(f.store.clone()).clock(f.clock.clone()).cache(cache.clone());
+    let any = Target::any();
+
+    // Revoked through this process: stops at once, even though cached.
+    let a = manager.create(NewKey::new("a", SK, ws("ws_a"))).await.unwrap();
+    assert!(auth_bearer(&auth, a.key().expose_secret(), &any).await.is_ok());
+    assert_eq!(cache.len(), 1);
+    manager.revoke(&a.record().id).await.unwrap();
+    assert!(auth_bearer(&auth, a.key().expose_secret(), &any).await.is_err());
+
+    // Revoked elsewhere (straight in the shared store): served from the
+    // cache for less than 30 s, never at 30 s.
+    let b = manager.create(NewKey::new("b", SK, ws("ws_a"))).await.unwrap();
+    assert!(auth_bearer(&auth, b.key().expose_secret(), &any).await.is_ok());
+    f.store.revoke(&b.record().id, f.clock.now()).await.unwrap();
+    f.clock.advance(Duration::from_millis(29_999));
+    assert!(auth_bearer(&auth, b.key().expose_secret(), &any).await.is_ok());
+    f.clock.advance(Duration::from_millis(1));
+    assert!(matches!(
+        auth_bearer(&auth, b.key().expose_secret(), &any).await.unwrap_err(),
+        AuthError::Revoked { .. }
+    ));
+
+    // A cached principal still expires on time and still checks the target.
+    let c = manager
+        .create(NewKey::new("c", SK, ws("ws_a")).expires_in(Duration::from_secs(5)))
+        .await
+        .unwrap();
+    assert!(auth_bearer(&auth, c.key().expose_secret(), &any).await.is_ok());
+    let other_ws = Target::any().tenant(ws("ws_b"));
+    assert!(auth_bearer(&auth, c.key().expose_secret(), &other_ws).await.is_err());
+    f.clock.advance(Duration::from_secs(5));
+    assert!(auth_bearer(&auth, c.key().expose_secret(), &any).await.is_err());
+}
+
+/// A store that counts last-use writes.
+#[derive(Clone, Default)]
+struct Counting {
+    inner: MemoryKeyStore,
+    last_use_writes: Arc<AtomicUsize>,
+}
+
+impl KeyStore for Counting {
+    fn insert(
+        &self,
+        r: KeyRecord,
+        l: Option<ActiveLimit>,
+    ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send {
+        self.inner.insert(r, l)
+    }
+    fn find_by_digest(
+        &self,
+        d: &StoredDigest,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        self.inner.find_by_digest(d)
+    }
+    fn find_by_key_id(
+        &self,
+        f: &str,
+        k: &KeyId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        self.inner.find_by_key_id(f, k)
+    }
+    fn get(
+        &self,
+        id: &RecordId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        self.inner.get(id)
+    }
+    fn list(
+        &self,
+        w: &WorkspaceId,
+        p: Option<&ProjectId>,
+    ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send {
+        self.inner.list(w, p)
+    }
+    fn revoke(
+        &self,
+        id: &RecordId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        self.inner.revoke(id, at)
+    }
+    fn shorten_expiry(
+        &self,
+        id: &RecordId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        self.inner.shorten_expiry(id, at)
+    }
+    fn record_last_used(
+        &self,
+        uses: &[(RecordId, Timestamp)],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.last_use_writes.fetch_add(1, Ordering::Relaxed);
+        self.inner.record_last_used(uses)
+    }
+}
+
+use std::future::Future;
+
+#[tokio::test]
+async fn last_use_writes_are_coalesced() {
+    let clock = FakeClock::at_2026();
+    let store = Counting::default();
+    let manager = KeyManager::new(store.clone()).clock(clock.clone());
+    let auth = Authenticator::new(store.clone())
+        .clock(clock.clone())
+        .last_use_interval(Duration::from_secs(60));
+    let mut created = Vec::new();
+    for _ in 0..3 {
+        created.push(manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap());
+    }
+    for i in 0..300 {
+        clock.advance(Duration::from_millis(500)); // 150 s in all
+        let k = &created[i % 3];
+        let h = bearer(k.key().expose_secret());
+        auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    }
+    let writes = store.last_use_writes.load(Ordering::Relaxed);
+    assert!((1..=3).contains(&writes), "300 requests over 150 s made {writes} writes");
+    auth.flush_last_use().await.unwrap();
+    for k in &created {
+        let r = store.get(&k.record().id).await.unwrap().unwrap();
+        assert!(r.last_used_at.is_some(), "last use recorded");
+    }
+}
+
+#[tokio::test]
+async fn pepper_rotation_keeps_old_keys_working() {
+    let pepper = |id: u32, b: u8| Pepper::new(PepperId(id), Secret::new(vec![b; 32])).unwrap();
+    let store = MemoryKeyStore::new();
+    let v1 = Hasher::hmac(vec![pepper(1, 7)]).unwrap();
+    let v2 = Hasher::hmac(vec![pepper(1, 7), pepper(2, 9)]).unwrap();
+    let old = KeyManager::new(store.clone())
+        .hasher(v1)
+        .create(NewKey::new("o", SK, ws("ws_a")))
+        .await
+        .unwrap();
+    assert!(old.record().digest.to_string().starts_with("hmac-sha256$1$"));
+    let manager = KeyManager::new(store.clone()).hasher(v2.clone());
+    let new = manager.create(NewKey::new("n", NK, ws("ws_a"))).await.unwrap();
+    assert!(new.record().digest.to_string().starts_with("hmac-sha256$2$"));
+    let auth = Authenticator::new(store.clone()).hasher(v2);
+    for k in [&old, &new] {
+        assert!(auth_bearer_plain(&auth, k.key().expose_secret()).await.is_ok());
+    }
+    // Without the pepper, nothing verifies.
+    let plain = Authenticator::new(store);
+    assert!(auth_bearer_plain(&plain, old.key().expose_secret()).await.is_err());
+}
+
+async fn auth_bearer_plain(
+    a: &Authenticator<MemoryKeyStore>,
+    key: &str,
+) -> Result<keygate::auth::Principal, AuthError> {
+    let h = bearer(key);
+    a.authenticate([("Authorization", h.as_bytes())], &Target::any()).await
+}
+
+#[tokio::test]
+async fn listing_shows_metadata_only() {
+    let f = fixture();
+    f.manager.create(NewKey::new("a", SK, project("ws_a", "p"))).await.unwrap();
+    let created = f.manager.create(NewKey::new("b", NHK, ws("ws_a"))).await.unwrap();
+    let list = f.manager.list(&"ws_a".parse().unwrap(), None).await.unwrap();
+    assert_eq!(list.len(), 2);
+    let dbg = format!("{list:?} {created:?}");
+    assert!(!dbg.contains(&created.key().expose_secret()[11..]), "no key in records");
+}
