@@ -440,7 +440,7 @@ impl KeyFormat {
             Segment::None => (0, 0),
             Segment::Region => (3, 3),
             Segment::Environments(envs) => {
-                let lens = envs.iter().map(|e| e.as_str().len() + 1);
+                let lens = envs.iter().map(|e| e.len() + 1);
                 (lens.clone().min().unwrap_or(0), lens.max().unwrap_or(0))
             }
         };
@@ -508,12 +508,12 @@ impl KeyFormat {
                 let env = envs
                     .iter()
                     .find(|e| {
-                        let e = e.as_str().as_bytes();
+                        let e = e.as_bytes();
                         rest.starts_with(e) && rest.get(e.len()) == Some(&b'_')
                     })
                     .ok_or(ParseError::InvalidEnvironment)?;
                 environment = Some(*env);
-                pos += env.as_str().len() + 1;
+                pos += env.len() + 1;
             }
         }
         let mut key_id = None;
@@ -609,7 +609,7 @@ impl KeyFormat {
                     Some(e) if envs.contains(&e) => e,
                     Some(_) => return Err(MintError::Environment),
                 };
-                out.extend_from_slice(e.as_str().as_bytes());
+                out.extend_from_slice(e.as_bytes());
                 out.push(b'_');
                 environment = Some(e);
             }

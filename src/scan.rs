@@ -6,7 +6,7 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
-use aho_corasick::{AhoCorasick, AhoCorasickKind, Input, MatchKind};
+use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
 
 use crate::format::{FormatSet, KeyFormat};
 
@@ -109,7 +109,7 @@ impl fmt::Debug for Match {
 pub struct Scanner {
     formats: FormatSet,
     /// Searches for every format's `{name}_` prefix; pattern `i` is format `i`.
-    prefixes: AhoCorasick,
+    prefixes: Prefixes,
     max_len: usize,
     /// Bytes read per streaming step.
     chunk: usize,
@@ -118,6 +118,48 @@ pub struct Scanner {
 impl fmt::Debug for Scanner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Scanner").field("formats", &self.formats).finish_non_exhaustive()
+    }
+}
+
+/// The prefix searcher: SIMD Teddy where the CPU has it, else an
+/// Aho-Corasick automaton. Pattern `i` is format `i`'s `{name}_`.
+///
+/// Teddy fingerprints the first three bytes of each prefix (`nhk`, `nk_`,
+/// `sk_`, …), which is far more selective on real logs than the automaton's
+/// default rare-byte prefilter: `_`, `n` and `k` are common in log text.
+#[derive(Clone, Debug)]
+enum Prefixes {
+    Packed(packed::Searcher),
+    Automaton(AhoCorasick),
+}
+
+impl Prefixes {
+    fn new(prefixes: &[String]) -> Self {
+        let mut cfg = packed::Config::new();
+        cfg.match_kind(packed::MatchKind::LeftmostFirst);
+        if let Some(s) = cfg.builder().extend(prefixes).build() {
+            return Self::Packed(s);
+        }
+        // Prefixes end in `_`, which no name contains, so no prefix is a
+        // proper prefix of another: leftmost-first and leftmost-longest agree.
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostFirst)
+            .build(prefixes)
+            .expect("a handful of short prefixes always builds");
+        Self::Automaton(ac)
+    }
+
+    /// The first prefix at or after `from`: (start, end, pattern index).
+    #[inline]
+    fn find(&self, hay: &[u8], from: usize) -> Option<(usize, usize, usize)> {
+        match self {
+            Self::Packed(s) => s
+                .find_in(hay, Span::from(from..hay.len()))
+                .map(|m| (m.start(), m.end(), m.pattern().as_usize())),
+            Self::Automaton(ac) => ac
+                .find(Input::new(hay).range(from..))
+                .map(|m| (m.start(), m.end(), m.pattern().as_usize())),
+        }
     }
 }
 
@@ -142,13 +184,7 @@ impl Scanner {
     pub fn new(formats: FormatSet) -> Self {
         let patterns: Vec<String> =
             formats.formats().iter().map(|f| format!("{}_", f.name())).collect();
-        // Prefixes end in `_`, which no name contains, so no prefix is a proper
-        // prefix of another: leftmost-first and leftmost-longest agree.
-        let prefixes = AhoCorasick::builder()
-            .match_kind(MatchKind::LeftmostFirst)
-            .kind(Some(AhoCorasickKind::DFA))
-            .build(&patterns)
-            .expect("a handful of short prefixes always builds");
+        let prefixes = Prefixes::new(&patterns);
         let max_len = formats.max_len();
         Self { formats, prefixes, max_len, chunk: CHUNK }
     }
@@ -167,7 +203,16 @@ impl Scanner {
         &self.formats
     }
 
-    /// Every key in `haystack`, in order.
+    /// Calls `on_key(start, end, format)` for every key in `haystack`, in
+    /// order: the cheapest way to find keys in memory (no line numbers, no
+    /// allocation).
+    pub fn for_each_key(&self, haystack: &[u8], mut on_key: impl FnMut(usize, usize, &KeyFormat)) {
+        self.scan_block(haystack, None, haystack.len(), |start, end, format, _| {
+            on_key(start, end, format);
+        });
+    }
+
+    /// Every key in `haystack`, in order, with line, column and hint.
     #[must_use]
     pub fn find_all(&self, haystack: &[u8]) -> Vec<Match> {
         let mut out = Vec::new();
@@ -261,27 +306,23 @@ impl Scanner {
     ) -> usize {
         let mut pos = 0;
         let mut last_end = 0;
-        let formats = self.formats.formats();
         while pos < limit {
-            let Some(hit) = self.prefixes.find(Input::new(hay).range(pos..)) else { break };
-            let start = hit.start();
+            let Some((start, hit_end, pattern)) = self.prefixes.find(hay, pos) else { break };
             if start >= limit {
                 break;
             }
             let before = if start == 0 { prev } else { Some(hay[start - 1]) };
             if before.is_some_and(is_word) {
                 // Inside a word: no key can start anywhere in this word.
-                pos = hit.end();
+                pos = hit_end;
                 continue;
             }
+            let format = &self.formats.formats()[pattern];
             // The token runs to the next non-word byte; keys are never longer
             // than `max_len`, so look no further than that.
             let cap = (start + self.max_len + 1).min(hay.len());
-            let end = hay[hit.end()..cap]
-                .iter()
-                .position(|&b| !is_word(b))
-                .map_or(cap, |i| hit.end() + i);
-            let format = &formats[hit.pattern().as_usize()];
+            let end =
+                hay[hit_end..cap].iter().position(|&b| !is_word(b)).map_or(cap, |i| hit_end + i);
             if end - start <= self.max_len
                 && let Ok(parts) = format.parse_bytes(&hay[start..end])
             {
@@ -289,7 +330,7 @@ impl Scanner {
                 on_key(start, end, format, hint_len);
                 last_end = end;
             }
-            pos = end.max(hit.end());
+            pos = end.max(hit_end);
         }
         last_end
     }
@@ -378,8 +419,9 @@ impl LineCounter {
         if from >= upto {
             return;
         }
-        for i in memchr::memchr_iter(b'\n', &block[from..upto]) {
-            self.newlines += 1;
+        let span = &block[from..upto];
+        self.newlines += memchr::memchr_iter(b'\n', span).count() as u64;
+        if let Some(i) = memchr::memrchr(b'\n', span) {
             self.line_start = base + (from + i) as u64 + 1;
         }
         self.counted_to = base + upto as u64;

@@ -39,6 +39,10 @@ impl<const N: usize> Inline<N> {
         Self { len: bytes.len() as u8, buf }
     }
 
+    fn as_bytes(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+
     fn as_str(&self) -> &str {
         // Only ever built from validated ASCII.
         std::str::from_utf8(&self.buf[..usize::from(self.len)]).unwrap_or_default()
@@ -89,6 +93,16 @@ impl Environment {
     #[must_use]
     pub fn as_str(&self) -> &str {
         self.0.as_str()
+    }
+
+    /// The name's bytes (hot paths skip the UTF-8 check of `as_str`).
+    pub(crate) fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    /// Length of the name in bytes.
+    pub(crate) const fn len(&self) -> usize {
+        self.0.len as usize
     }
 
     /// `==` usable in `const` contexts (format validation).
