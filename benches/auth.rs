@@ -8,7 +8,7 @@ use std::task::{Context, Poll, Waker};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use jiff::Timestamp;
-use keygate::auth::{Authenticator, Target};
+use keygate::auth::{Authenticator, PrincipalCache, Target};
 use keygate::format::SK;
 use keygate::hash::Hasher;
 use keygate::scope::ScopeRegistry;
@@ -70,6 +70,16 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let headers = [("authorization", black_box(header.as_bytes()))];
             let p = ready(auth.authenticate(headers, &target)).unwrap();
+            assert!(p.allows(&required));
+            p
+        });
+    });
+    // The same with the verified-principal cache (30 s staleness bound).
+    let cached = Authenticator::new(store).cache(std::sync::Arc::new(PrincipalCache::default()));
+    g.bench_function("authenticate_and_scope_check_cached", |b| {
+        b.iter(|| {
+            let headers = [("authorization", black_box(header.as_bytes()))];
+            let p = ready(cached.authenticate(headers, &target)).unwrap();
             assert!(p.allows(&required));
             p
         });

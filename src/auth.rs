@@ -30,17 +30,8 @@ use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
 pub struct Principal(Arc<PrincipalInner>);
 
 struct PrincipalInner {
-    record_id: RecordId,
-    name: String,
-    hint: String,
-    format: String,
-    tenant: Tenant,
-    environment: Option<Environment>,
-    region: Option<Region>,
+    record: Arc<KeyRecord>,
     scopes: ScopeSet,
-    plan: Option<String>,
-    expires_at: Option<Timestamp>,
-    metadata: BTreeMap<String, String>,
     /// Monotonic time at which a use of this principal was last noted, so
     /// cached principals skip last-use bookkeeping within an interval.
     use_noted: AtomicU64,
@@ -54,63 +45,60 @@ impl Principal {
     ///
     /// [`ScopeError::Unknown`] if the record holds a scope the registry does
     /// not know (a record written under a different registry).
-    pub fn from_record(record: &KeyRecord, registry: &ScopeRegistry) -> Result<Self, ScopeError> {
-        Ok(Self(Arc::new(PrincipalInner {
-            record_id: record.id.clone(),
-            name: record.name.clone(),
-            hint: record.hint.clone(),
-            format: record.format.clone(),
-            tenant: record.tenant.clone(),
-            environment: record.environment,
-            region: record.region,
-            scopes: registry.compile(&record.scopes)?,
-            plan: record.plan.clone(),
-            expires_at: record.expires_at,
-            metadata: record.metadata.clone(),
-            use_noted: AtomicU64::new(0),
-        })))
+    pub fn from_record(
+        record: Arc<KeyRecord>,
+        registry: &ScopeRegistry,
+    ) -> Result<Self, ScopeError> {
+        let scopes = registry.compile(&record.scopes)?;
+        Ok(Self(Arc::new(PrincipalInner { record, scopes, use_noted: AtomicU64::new(0) })))
+    }
+
+    /// The key record the principal was built from (metadata only).
+    #[must_use]
+    pub fn record(&self) -> &KeyRecord {
+        &self.0.record
     }
 
     /// The key record's public id.
     #[must_use]
     pub fn record_id(&self) -> &RecordId {
-        &self.0.record_id
+        &self.0.record.id
     }
 
     /// The key's name.
     #[must_use]
     pub fn name(&self) -> &str {
-        &self.0.name
+        &self.0.record.name
     }
 
     /// The key's non-secret hint.
     #[must_use]
     pub fn hint(&self) -> &str {
-        &self.0.hint
+        &self.0.record.hint
     }
 
     /// The key's format name.
     #[must_use]
     pub fn format(&self) -> &str {
-        &self.0.format
+        &self.0.record.format
     }
 
     /// The tenant.
     #[must_use]
     pub fn tenant(&self) -> &Tenant {
-        &self.0.tenant
+        &self.0.record.tenant
     }
 
     /// The environment, if the key has one.
     #[must_use]
     pub fn environment(&self) -> Option<Environment> {
-        self.0.environment
+        self.0.record.environment
     }
 
     /// The region, if the key has one.
     #[must_use]
     pub fn region(&self) -> Option<Region> {
-        self.0.region
+        self.0.record.region
     }
 
     /// The granted scopes.
@@ -122,19 +110,19 @@ impl Principal {
     /// The rate-limit plan name, if assigned.
     #[must_use]
     pub fn plan(&self) -> Option<&str> {
-        self.0.plan.as_deref()
+        self.0.record.plan.as_deref()
     }
 
     /// When the credential expires, if it does.
     #[must_use]
     pub fn expires_at(&self) -> Option<Timestamp> {
-        self.0.expires_at
+        self.0.record.expires_at
     }
 
     /// Host metadata (for portal sessions: the session metadata).
     #[must_use]
     pub fn metadata(&self) -> &BTreeMap<String, String> {
-        &self.0.metadata
+        &self.0.record.metadata
     }
 
     /// Whether the principal holds `scope`.
@@ -160,16 +148,16 @@ impl Principal {
 
 impl fmt::Debug for Principal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let p = &self.0;
+        let r = &self.0.record;
         f.debug_struct("Principal")
-            .field("record_id", &p.record_id)
-            .field("hint", &p.hint)
-            .field("tenant", &p.tenant)
-            .field("environment", &p.environment)
-            .field("region", &p.region)
-            .field("scopes", &p.scopes)
-            .field("plan", &p.plan)
-            .field("expires_at", &p.expires_at)
+            .field("record_id", &r.id)
+            .field("hint", &r.hint)
+            .field("tenant", &r.tenant)
+            .field("environment", &r.environment)
+            .field("region", &r.region)
+            .field("scopes", &self.0.scopes)
+            .field("plan", &r.plan)
+            .field("expires_at", &r.expires_at)
             .finish_non_exhaustive()
     }
 }
@@ -491,8 +479,10 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         source: Source,
         target: &Target,
     ) -> Result<Principal, AuthError> {
-        let key = self.formats.parse(token)?;
-        let format = key.format().name();
+        // Parse without copying the key: the only copy of the secret stays
+        // in the caller's header buffer.
+        let (key_format, parts) = self.formats.parse_parts(token.as_bytes())?;
+        let format = key_format.name();
         if !self.rules.accepts(format, source) {
             return Err(CredentialError::WrongHeader { format, header: source }.into());
         }
@@ -506,11 +496,12 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             if p.expires_at().is_some_and(|e| now >= e) {
                 return Err(AuthError::Expired { id: p.record_id().clone() });
             }
-            check_target(&p.0.record_id, &p.0.tenant, p.0.environment, p.0.region, target)?;
+            let r = p.record();
+            check_target(&r.id, &r.tenant, r.environment, r.region, target)?;
             self.note_use(&p, now, mono).await;
             return Ok(p);
         }
-        let record = match key.key_id() {
+        let record = match parts.key_id {
             // The public id is the lookup handle; the secret is then checked
             // by comparing digests in constant time.
             Some(kid) => {
@@ -537,7 +528,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             return Err(AuthError::Expired { id: record.id.clone() });
         }
         check_target(&record.id, &record.tenant, record.environment, record.region, target)?;
-        let p = Principal::from_record(&record, &self.registry)
+        let p = Principal::from_record(Arc::clone(&record), &self.registry)
             .map_err(|source| AuthError::Scopes { id: record.id.clone(), source })?;
         if let Some(cache) = &self.cache {
             cache.insert(*current.digest(), p.clone(), mono);

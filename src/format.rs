@@ -454,15 +454,19 @@ impl KeyFormat {
     ///
     /// A [`ParseError`] for the first rule `s` breaks.
     pub fn parse(&self, s: &str) -> Result<ApiKey, ParseError> {
-        let p = self.parse_bytes(s.as_bytes())?;
-        Ok(ApiKey {
+        let parts = self.parse_bytes(s.as_bytes())?;
+        Ok(self.build_key(s, parts))
+    }
+
+    fn build_key(&self, s: &str, p: Parts) -> ApiKey {
+        ApiKey {
             format: *self,
             environment: p.environment,
             region: p.region,
             key_id: p.key_id,
             secret_start: p.secret_start,
             key: SecretString::from(s.to_owned()),
-        })
+        }
     }
 
     /// The non-secret hint of a key that [`parse_bytes`](Self::parse_bytes)
@@ -843,13 +847,20 @@ impl FormatSet {
     /// [`ParseError::UnknownPrefix`] when no format's prefix matches, else
     /// the matching format's [`ParseError`].
     pub fn parse(&self, s: &str) -> Result<ApiKey, ParseError> {
-        if s.is_empty() {
+        let (format, parts) = self.parse_parts(s.as_bytes())?;
+        Ok(format.build_key(s, parts))
+    }
+
+    /// [`parse`](Self::parse) without building an [`ApiKey`]: no allocation.
+    pub(crate) fn parse_parts(&self, b: &[u8]) -> Result<(&KeyFormat, Parts), ParseError> {
+        if b.is_empty() {
             return Err(ParseError::Empty);
         }
-        if s.len() > self.max_len.max(1) {
+        if b.len() > self.max_len.max(1) {
             return Err(ParseError::TooLong { max: self.max_len });
         }
-        self.format_of(s.as_bytes()).ok_or(ParseError::UnknownPrefix)?.parse(s)
+        let format = self.format_of(b).ok_or(ParseError::UnknownPrefix)?;
+        Ok((format, format.parse_bytes(b)?))
     }
 }
 

@@ -1,6 +1,7 @@
 //! Permissions: `resource:action` scopes, wildcards, roles, and a registry
 //! that compiles them to bitsets so a check is a few instructions.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
@@ -274,6 +275,8 @@ impl FromStr for Role {
 pub struct ScopeRegistry {
     resources: Vec<Box<str>>,
     actions: Vec<Box<str>>,
+    /// `resource:action` → bit, so compiling a concrete scope is one lookup.
+    bits: HashMap<Box<str>, u16>,
 }
 
 impl Default for ScopeRegistry {
@@ -299,7 +302,11 @@ impl Default for ScopeRegistry {
             ],
             &["read", "create", "update", "delete", "write", "execute"],
         )
-        .unwrap_or_else(|_| Self { resources: Vec::new(), actions: Vec::new() })
+        .unwrap_or_else(|_| Self {
+            resources: Vec::new(),
+            actions: Vec::new(),
+            bits: HashMap::new(),
+        })
     }
 }
 
@@ -324,9 +331,16 @@ impl ScopeRegistry {
                 }
             }
         }
+        let mut bits = HashMap::with_capacity(resources.len() * actions.len());
+        for (ri, r) in resources.iter().enumerate() {
+            for (ai, a) in actions.iter().enumerate() {
+                bits.insert(format!("{r}:{a}").into(), (ri * actions.len() + ai) as u16);
+            }
+        }
         Ok(Self {
             resources: resources.iter().map(|&r| r.into()).collect(),
             actions: actions.iter().map(|&a| a.into()).collect(),
+            bits,
         })
     }
 
@@ -365,10 +379,9 @@ impl ScopeRegistry {
                         set.insert(ri * n + ai);
                     }
                 }
-                (Some(r), Some(a)) => {
-                    let ri = self.resource_index(r).ok_or_else(|| Self::unknown(s))?;
-                    let ai = self.action_index(a).ok_or_else(|| Self::unknown(s))?;
-                    set.insert(ri * n + ai);
+                (Some(_), Some(_)) => {
+                    let bit = self.bits.get(s.as_str()).ok_or_else(|| Self::unknown(s))?;
+                    set.insert(usize::from(*bit));
                 }
                 (Some(_), None) => return Err(ScopeError::Syntax),
             }
