@@ -2,18 +2,33 @@
 //!
 //! # Architecture
 //!
+//! One request, end to end; each arrow hands a typed value to the next, and
+//! a failure at any stage becomes one [`Rejection`](http::Rejection):
+//!
 //! ```text
 //! headers ──► credentials ──► format::parse ──► hash ──► KeyStore lookup ──► verify
+//!  (Bearer /   (auth::HeaderRules: (typed parts;     (Hasher:   (by digest, or by     (constant-time digest
+//!   X-API-Key)  size, bytes, which  garbage never     SHA-256 /  public key id)        ==; revoked, expired,
+//!               format where)       reaches a store)  HMAC)                            region, env, tenant)
+//!                                                                                          │
+//!    response ◄── http::Rejection::to_response ◄── Principal::require(scope) ◄─────────────┘
+//!    (status, headers, body style)                  (one AND on a ScopeSet)
 //! ```
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
 //! | [`secret`] | [`Secret`] wrapper and constant-time [`Digest`] — the only place plaintext lives |
-//! | [`format`] | declarative key grammars, presets, minting and parsing from one value |
-//! | [`scan`] | streaming [`Scanner`](scan::Scanner): find and redact keys of any registered format in arbitrary bytes |
-//! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
+//! | [`format`](mod@format) | declarative key grammars, presets, minting and parsing from one value |
+//! | [`scan`] | streaming [`Scanner`](scan::Scanner): find and redact keys in arbitrary bytes |
+//! | [`hash`] | key → [`StoredDigest`](hash::StoredDigest): SHA-256 or HMAC-SHA256 with rotating peppers |
+//! | [`scope`] | `resource:action` scopes, roles, a registry compiling them to bitsets, attenuation |
+//! | [`store`] | [`KeyRecord`](store::KeyRecord), the [`KeyStore`](store::KeyStore) trait and its in-memory implementation |
+//! | [`auth`] | credentials → [`Principal`](auth::Principal) or a typed [`AuthError`](auth::AuthError); cache; last use |
+//! | [`manager`] | create, list, revoke and roll keys |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
+//! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
+//! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
+//! | `testkit` (feature) | conformance suites for implementations of the store traits |
 
 pub mod auth;
 pub mod backend;
