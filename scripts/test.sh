@@ -7,7 +7,10 @@ cd "$(dirname "$0")/.."
 if ! command -v redis-server >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "installing redis-server (needed by the redis feature's tests)"
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+    # Not fatal here: the Redis tests themselves fail, saying how to install
+    # it, if the server is still missing.
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; } \
+      || echo "warning: could not install redis-server"
   fi
 fi
 
