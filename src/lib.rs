@@ -25,6 +25,8 @@
 //! | [`store`] | [`KeyRecord`](store::KeyRecord), the [`KeyStore`](store::KeyStore) trait and its in-memory implementation |
 //! | [`auth`] | credentials → [`Principal`](auth::Principal) or a typed [`AuthError`](auth::AuthError); cache; last use |
 //! | [`manager`] | create, list, revoke and roll keys |
+//! | [`limit`] | policies, plans, GCRA / fixed / sliding windows, decisions and headers, keyed and direct limiters, [`LimitStore`](limit::LimitStore) |
+//! | [`quota`] | monthly quotas by category, calendar-month reset, [`QuotaStore`](quota::QuotaStore) |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
 //! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
 //! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
@@ -36,7 +38,9 @@ pub mod clock;
 pub mod format;
 pub mod hash;
 pub mod http;
+pub mod limit;
 pub mod manager;
+pub mod quota;
 pub mod scan;
 pub mod scope;
 pub mod secret;

@@ -11,3 +11,5 @@
 //! ```
 
 pub mod keys;
+pub mod limit;
+pub mod quota;

@@ -1,0 +1,238 @@
+//! Rate limits: policies and plans, GCRA / fixed window / sliding window,
+//! decisions with standard headers, an in-memory keyed limiter, and the
+//! [`LimitStore`] trait for distributed backends.
+
+mod algorithm;
+mod memory;
+mod plan;
+mod policy;
+mod store;
+
+use std::borrow::Cow;
+use std::time::Duration;
+
+use jiff::Timestamp;
+
+pub use memory::{DirectLimiter, MemoryLimiter};
+pub use plan::{Plan, PlanError, PlanSet, QuotaRule};
+pub use policy::{Algorithm, Policy, PolicyError};
+pub use store::{CheckMode, LimitStore};
+
+use crate::http::{Rejection, ceil_secs};
+
+/// Most policies one plan may stack on a key.
+pub const MAX_STACKED: usize = 4;
+
+/// The overall result of a check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Every policy admitted the request; its units were consumed (or, for
+    /// a peek, would be).
+    Allowed,
+    /// At least one policy is out of units for now; nothing was consumed.
+    Limited,
+    /// The cost exceeds a policy's capacity: no amount of waiting helps.
+    Impossible,
+}
+
+/// One policy's view of a check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDecision {
+    /// The policy's name (for `RateLimit` headers).
+    pub name: Cow<'static, str>,
+    /// Units per period.
+    pub limit: u32,
+    /// The period.
+    pub period: Duration,
+    /// Units left after this check (if allowed) or now (if not).
+    pub remaining: u32,
+    /// Time until the policy is fully restored (allowed), or until this
+    /// request would fit (denied).
+    pub reset_after: Duration,
+    /// Time until a retry can succeed, when this policy denied a possible
+    /// request.
+    pub retry_after: Option<Duration>,
+    /// Whether this policy admitted the request.
+    pub allowed: bool,
+}
+
+/// The result of a rate-limit check: the outcome, every stacked policy's
+/// state, and the wall-clock time it was made at (for `X-RateLimit-Reset`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    outcome: Outcome,
+    policies: Vec<PolicyDecision>,
+    at: Timestamp,
+}
+
+impl Decision {
+    pub(crate) fn new(outcome: Outcome, policies: Vec<PolicyDecision>, at: Timestamp) -> Self {
+        Self { outcome, policies, at }
+    }
+
+    /// The outcome.
+    #[must_use]
+    pub const fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+
+    /// Whether the request was admitted.
+    #[must_use]
+    pub fn is_allowed(&self) -> bool {
+        self.outcome == Outcome::Allowed
+    }
+
+    /// Every stacked policy, in plan order.
+    #[must_use]
+    pub fn policies(&self) -> &[PolicyDecision] {
+        &self.policies
+    }
+
+    /// When the decision was made.
+    #[must_use]
+    pub const fn at(&self) -> Timestamp {
+        self.at
+    }
+
+    /// The policy the headers report: the first that denied, else the one
+    /// with the fewest units left.
+    ///
+    /// # Panics
+    ///
+    /// Never: a decision always has at least one policy.
+    #[must_use]
+    pub fn binding(&self) -> &PolicyDecision {
+        self.policies
+            .iter()
+            .find(|p| !p.allowed)
+            .or_else(|| self.policies.iter().min_by_key(|p| p.remaining))
+            .expect("a decision has at least one policy")
+    }
+
+    /// Units left under the binding policy.
+    #[must_use]
+    pub fn remaining(&self) -> u32 {
+        self.binding().remaining
+    }
+
+    /// The binding policy's limit.
+    #[must_use]
+    pub fn limit(&self) -> u32 {
+        self.binding().limit
+    }
+
+    /// Time until a retry can succeed (the longest wait among denying
+    /// policies), for a [`Outcome::Limited`] decision.
+    #[must_use]
+    pub fn retry_after(&self) -> Option<Duration> {
+        self.policies.iter().filter_map(|p| p.retry_after).max()
+    }
+
+    /// Unix seconds at which the binding policy resets (rounded up):
+    /// `X-RateLimit-Reset`. For a denial, when the request would fit.
+    #[must_use]
+    pub fn reset_unix(&self) -> i64 {
+        let b = self.binding();
+        let after = if self.outcome == Outcome::Limited {
+            self.retry_after().unwrap_or(b.reset_after)
+        } else {
+            b.reset_after
+        };
+        unix_ceil(self.at, after)
+    }
+
+    /// Whole seconds for `Retry-After` on a denial: rounded up, at least 1,
+    /// and never pointing earlier than [`reset_unix`](Self::reset_unix).
+    #[must_use]
+    pub fn retry_after_secs(&self) -> Option<u64> {
+        let wait = self.retry_after()?;
+        let floor_now = self.at.as_second();
+        let to_reset = u64::try_from(self.reset_unix() - floor_now).unwrap_or(0);
+        Some(ceil_secs(wait).max(to_reset).max(1))
+    }
+
+    /// The 429 rejection for a denied decision, `None` when allowed.
+    #[must_use]
+    pub fn rejection(&self) -> Option<Rejection> {
+        if self.is_allowed() {
+            return None;
+        }
+        let secs = self.retry_after_secs().unwrap_or(1);
+        Some(Rejection::RateLimited {
+            limit: u64::from(self.limit()),
+            retry_after: Duration::from_secs(secs),
+        })
+    }
+
+    /// Response headers describing the decision, in the chosen set.
+    #[must_use]
+    pub fn headers(&self, set: HeaderSet) -> Vec<(&'static str, String)> {
+        let mut h = Vec::with_capacity(6);
+        let b = self.binding();
+        if set.x_ratelimit {
+            h.push(("X-RateLimit-Limit", b.limit.to_string()));
+            h.push(("X-RateLimit-Remaining", b.remaining.to_string()));
+            h.push(("X-RateLimit-Reset", self.reset_unix().to_string()));
+        }
+        if set.ietf {
+            let policy: Vec<String> = self
+                .policies
+                .iter()
+                .map(|p| format!("\"{}\";q={};w={}", p.name, p.limit, ceil_secs(p.period).max(1)))
+                .collect();
+            let state: Vec<String> = self
+                .policies
+                .iter()
+                .map(|p| {
+                    let t = p.retry_after.unwrap_or(p.reset_after);
+                    format!("\"{}\";r={};t={}", p.name, p.remaining, ceil_secs(t))
+                })
+                .collect();
+            h.push(("RateLimit-Policy", policy.join(", ")));
+            h.push(("RateLimit", state.join(", ")));
+        }
+        if set.retry_after
+            && let Some(s) = self.retry_after_secs()
+        {
+            h.push(("Retry-After", s.to_string()));
+        }
+        h
+    }
+}
+
+fn unix_ceil(at: Timestamp, after: Duration) -> i64 {
+    let nanos = at.as_nanosecond() + i128::try_from(after.as_nanos()).unwrap_or(i128::MAX / 4);
+    let secs = nanos.div_euclid(1_000_000_000) + i128::from(nanos.rem_euclid(1_000_000_000) != 0);
+    i64::try_from(secs).unwrap_or(i64::MAX)
+}
+
+/// Which rate-limit headers a response carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[allow(clippy::struct_excessive_bools)] // four independent switches
+pub struct HeaderSet {
+    /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
+    pub x_ratelimit: bool,
+    /// IETF `RateLimit-Policy` and `RateLimit` (httpapi draft syntax).
+    pub ietf: bool,
+    /// `Retry-After` on denials.
+    pub retry_after: bool,
+}
+
+impl Default for HeaderSet {
+    /// The seed products' set: `X-RateLimit-*` and `Retry-After`.
+    fn default() -> Self {
+        Self { x_ratelimit: true, ietf: false, retry_after: true }
+    }
+}
+
+impl HeaderSet {
+    /// Every header keygate knows.
+    #[must_use]
+    pub const fn all() -> Self {
+        Self { x_ratelimit: true, ietf: true, retry_after: true }
+    }
+}
+
+#[cfg(test)]
+mod tests;

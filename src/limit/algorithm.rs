@@ -1,0 +1,342 @@
+//! The three algorithms as pure steps over a key's state, in nanoseconds
+//! on the store's monotonic time line. Each step decides without writing;
+//! the caller commits the new state only if every stacked policy allows.
+
+use std::collections::VecDeque;
+
+use super::{Algorithm, Policy};
+use crate::clock::duration_nanos;
+
+/// One policy's state for one key.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub(crate) enum Slot {
+    /// Never used: indistinguishable from fresh.
+    #[default]
+    Fresh,
+    /// GCRA: the theoretical arrival time.
+    Tat(u64),
+    /// Fixed window: (window index, units counted in it).
+    Window { index: u64, count: u32 },
+    /// Sliding window: admission times of the units in the window, oldest
+    /// first (one entry per unit).
+    Log(VecDeque<u64>),
+}
+
+/// What one policy says about one check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Step {
+    /// The units fit.
+    pub(crate) allowed: bool,
+    /// The units can never fit (cost above capacity).
+    pub(crate) impossible: bool,
+    /// Units still available after this check (if allowed) or now (if not).
+    pub(crate) remaining: u32,
+    /// Nanoseconds until the policy is fully restored (allowed), or until
+    /// this request would fit (denied).
+    pub(crate) reset_after: u64,
+    /// Nanoseconds until a retry can succeed (denied, possible only).
+    pub(crate) retry_after: Option<u64>,
+}
+
+fn to_u32(x: u64) -> u32 {
+    u32::try_from(x).unwrap_or(u32::MAX)
+}
+
+/// Decides `cost` units at `now` under `policy` given `slot`; returns the
+/// step and, if allowed, the state to commit.
+pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
+    match policy.algorithm() {
+        Algorithm::Gcra => gcra(policy, slot, now, cost),
+        Algorithm::FixedWindow => fixed(policy, slot, now, cost),
+        Algorithm::SlidingWindow => sliding(policy, slot, now, cost),
+    }
+}
+
+fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
+    let t = policy.emission_interval_nanos();
+    let cap = u64::from(policy.capacity());
+    let horizon = t.saturating_mul(cap);
+    let tat = match slot {
+        Slot::Tat(v) => *v,
+        _ => 0,
+    };
+    // A clock that stepped back sees the stored TAT as further away: never
+    // an extra admission.
+    let base = tat.max(now);
+    let used = base - now; // time already "borrowed"
+    let available = to_u32(horizon.saturating_sub(used) / t);
+    if u64::from(cost) > cap {
+        let s = Step {
+            allowed: false,
+            impossible: true,
+            remaining: available,
+            reset_after: used,
+            retry_after: None,
+        };
+        return (s, None);
+    }
+    let new_tat = base.saturating_add(t.saturating_mul(u64::from(cost)));
+    let need = new_tat - now;
+    if need <= horizon {
+        let remaining = to_u32((horizon - need) / t);
+        let s = Step {
+            allowed: true,
+            impossible: false,
+            remaining,
+            reset_after: need,
+            retry_after: None,
+        };
+        (s, Some(Slot::Tat(new_tat)))
+    } else {
+        let wait = need - horizon;
+        let s = Step {
+            allowed: false,
+            impossible: false,
+            remaining: available,
+            reset_after: wait,
+            retry_after: Some(wait),
+        };
+        (s, None)
+    }
+}
+
+fn fixed(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
+    let period = duration_nanos(policy.period()).max(1);
+    let limit = policy.limit();
+    let mut index = now / period;
+    let count = match slot {
+        Slot::Window { index: i, count } if *i == index => *count,
+        // The clock stepped back into an earlier window: keep counting in
+        // the later one, so going back never admits extra.
+        Slot::Window { index: i, count } if *i > index => {
+            index = *i;
+            *count
+        }
+        _ => 0,
+    };
+    let window_end = (index + 1).saturating_mul(period);
+    let until_end = window_end.saturating_sub(now);
+    if cost > limit {
+        let s = Step {
+            allowed: false,
+            impossible: true,
+            remaining: limit.saturating_sub(count),
+            reset_after: until_end,
+            retry_after: None,
+        };
+        return (s, None);
+    }
+    let total = count.saturating_add(cost);
+    if total <= limit {
+        let s = Step {
+            allowed: true,
+            impossible: false,
+            remaining: limit - total,
+            reset_after: until_end,
+            retry_after: None,
+        };
+        (s, Some(Slot::Window { index, count: total }))
+    } else {
+        let s = Step {
+            allowed: false,
+            impossible: false,
+            remaining: limit.saturating_sub(count),
+            reset_after: until_end,
+            retry_after: Some(until_end),
+        };
+        (s, None)
+    }
+}
+
+fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
+    let period = duration_nanos(policy.period());
+    let limit = policy.limit() as usize;
+    let empty = VecDeque::new();
+    let log = match slot {
+        Slot::Log(l) => l,
+        _ => &empty,
+    };
+    // The window is (now - period, now]; entries at or before its start no
+    // longer count. Entries after `now` (a clock that stepped back) still do.
+    let start = now.saturating_sub(period);
+    let expired = if now >= period { log.partition_point(|&e| e <= start) } else { 0 };
+    let count = log.len() - expired;
+    let cost_n = cost as usize;
+    if cost_n > limit {
+        let newest = log.back().copied().filter(|_| count > 0);
+        let s = Step {
+            allowed: false,
+            impossible: true,
+            remaining: to_u32((limit - count.min(limit)) as u64),
+            reset_after: newest.map_or(0, |n| n.saturating_add(period).saturating_sub(now)),
+            retry_after: None,
+        };
+        return (s, None);
+    }
+    if count + cost_n <= limit {
+        let mut next: VecDeque<u64> = log.iter().skip(expired).copied().collect();
+        // Keep entries ordered even if the clock stepped back.
+        let at = next.back().map_or(now, |&b| b.max(now));
+        next.extend(std::iter::repeat_n(at, cost_n));
+        let s = Step {
+            allowed: true,
+            impossible: false,
+            remaining: to_u32((limit - count - cost_n) as u64),
+            reset_after: at.saturating_add(period).saturating_sub(now),
+            retry_after: None,
+        };
+        (s, Some(Slot::Log(next)))
+    } else {
+        // The request fits once the oldest (count + cost - limit) entries
+        // have left the window.
+        let must_expire = count + cost_n - limit;
+        let e = log[expired + must_expire - 1];
+        let wait = e.saturating_add(period).saturating_sub(now).max(1);
+        let s = Step {
+            allowed: false,
+            impossible: false,
+            remaining: to_u32((limit - count) as u64),
+            reset_after: wait,
+            retry_after: Some(wait),
+        };
+        (s, None)
+    }
+}
+
+/// Gives back `cost` units to `slot` (a refunded request).
+pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32) {
+    match slot {
+        Slot::Tat(tat) => {
+            let back = policy.emission_interval_nanos().saturating_mul(u64::from(cost));
+            *tat = tat.saturating_sub(back).max(now.min(*tat));
+        }
+        Slot::Window { index, count } => {
+            let period = duration_nanos(policy.period()).max(1);
+            if *index == now / period {
+                *count = count.saturating_sub(cost);
+            }
+        }
+        Slot::Log(log) => {
+            for _ in 0..cost {
+                log.pop_back();
+            }
+        }
+        Slot::Fresh => {}
+    }
+}
+
+/// The monotonic time after which `slot` is indistinguishable from fresh
+/// under `policy` (so it may be evicted without admitting anything extra).
+pub(crate) fn fresh_at(policy: &Policy, slot: &Slot) -> u64 {
+    match slot {
+        Slot::Fresh => 0,
+        Slot::Tat(tat) => *tat,
+        Slot::Window { index, .. } => {
+            (index + 1).saturating_mul(duration_nanos(policy.period()).max(1))
+        }
+        Slot::Log(log) => {
+            log.back().map_or(0, |&n| n.saturating_add(duration_nanos(policy.period())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    const MS: u64 = 1_000_000;
+    const S: u64 = 1_000_000_000;
+
+    fn run(p: &Policy, times: &[u64]) -> Vec<Step> {
+        let mut slot = Slot::Fresh;
+        times
+            .iter()
+            .map(|&t| {
+                let (s, next) = step(p, &slot, t, 1);
+                if let Some(n) = next {
+                    slot = n;
+                }
+                s
+            })
+            .collect()
+    }
+
+    #[test]
+    fn fixed_window_seed_sequence() {
+        // 3 req/s: requests at 0.0, 0.1, 0.2, 0.3 s.
+        let p = Policy::new("default", 3, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+        let steps = run(&p, &[0, 100 * MS, 200 * MS, 300 * MS]);
+        let rem: Vec<_> = steps.iter().map(|s| s.remaining).collect();
+        assert_eq!(rem, [2, 1, 0, 0]);
+        assert!(steps[..3].iter().all(|s| s.allowed));
+        assert!(!steps[3].allowed);
+        assert_eq!(steps[3].retry_after, Some(700 * MS));
+        assert_eq!(steps[3].reset_after, 700 * MS);
+        // Next window admits again.
+        let mut slot = Slot::Window { index: 0, count: 3 };
+        let (s, n) = step(&p, &slot, S, 1);
+        assert!(s.allowed && s.remaining == 2);
+        slot = n.unwrap();
+        assert_eq!(slot, Slot::Window { index: 1, count: 1 });
+    }
+
+    #[test]
+    fn gcra_burst_then_rate() {
+        let p = Policy::new("d", 10, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+        let steps = run(&p, &[0; 11]);
+        assert!(steps[..10].iter().all(|s| s.allowed));
+        assert_eq!(steps[9].remaining, 0);
+        assert_eq!(steps[0].remaining, 9);
+        assert!(!steps[10].allowed);
+        assert_eq!(steps[10].retry_after, Some(100 * MS));
+        // Impossible: cost above the burst.
+        let (s, n) = step(&p, &Slot::Fresh, 0, 11);
+        assert!(s.impossible && !s.allowed && n.is_none());
+        assert_eq!(s.remaining, 10);
+    }
+
+    #[test]
+    fn sliding_window_is_exact() {
+        let p = Policy::new("d", 2, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap();
+        let steps = run(&p, &[0, 30 * S, 59 * S, 60 * S, 61 * S]);
+        let ok: Vec<_> = steps.iter().map(|s| s.allowed).collect();
+        // (0, 30) fill the window; 59 s denied (retry when 0 s leaves at 60 s);
+        // 60 s allowed (0 s left the window); 61 s denied until 90 s.
+        assert_eq!(ok, [true, true, false, true, false]);
+        assert_eq!(steps[2].retry_after, Some(S));
+        assert_eq!(steps[4].retry_after, Some(29 * S));
+    }
+
+    #[test]
+    fn time_going_backwards_never_admits_extra() {
+        for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+            let p = Policy::new("d", 2, Duration::from_secs(1), alg).unwrap();
+            let mut slot = Slot::Fresh;
+            let mut admitted = 0;
+            for t in [5 * S, 5 * S, 4 * S, 3 * S, 0, 5 * S] {
+                let (s, n) = step(&p, &slot, t, 1);
+                if let Some(n) = n {
+                    slot = n;
+                    admitted += 1;
+                }
+                let _ = s;
+            }
+            assert_eq!(admitted, 2, "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn refund_gives_units_back() {
+        let p = Policy::new("d", 2, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+        let mut slot = Slot::Window { index: 0, count: 2 };
+        refund(&p, &mut slot, 0, 1);
+        assert!(step(&p, &slot, 0, 1).0.allowed);
+        let g = Policy::new("d", 1, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+        let (_, n) = step(&g, &Slot::Fresh, 0, 1);
+        let mut slot = n.unwrap();
+        assert!(!step(&g, &slot, 0, 1).0.allowed);
+        refund(&g, &mut slot, 0, 1);
+        assert!(step(&g, &slot, 0, 1).0.allowed);
+    }
+}

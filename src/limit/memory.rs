@@ -1,0 +1,490 @@
+//! In-process limiters: a sharded keyed limiter with bounded memory, and a
+//! lock-free single-key GCRA limiter.
+
+use std::borrow::{Borrow, Cow};
+use std::collections::HashMap;
+use std::fmt;
+use std::future::{Future, ready};
+use std::hash::Hash;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError, RwLock};
+use std::time::Duration;
+
+use smallvec::SmallVec;
+
+use super::algorithm::{self, Slot};
+use super::{CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision};
+use crate::backend::BackendError;
+use crate::clock::{Clock, SystemClock};
+
+/// The keyed limiter is full of keys that are all still limiting: a new key
+/// cannot be tracked without forgetting one that might then exceed its
+/// quota.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("rate limiter is tracking its maximum of {max} keys")]
+pub struct CapacityError {
+    /// The configured cap.
+    pub max: usize,
+}
+
+/// A key's state: one slot per policy name.
+#[derive(Debug, Default)]
+struct KeyState {
+    slots: SmallVec<[(Cow<'static, str>, Slot); 2]>,
+    /// Monotonic time after which every slot is fresh again.
+    fresh_at: u64,
+}
+
+impl KeyState {
+    fn slot(&self, name: &str) -> Option<&Slot> {
+        self.slots.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+    }
+
+    fn slot_mut(&mut self, policy: &Policy) -> &mut Slot {
+        let i = if let Some(i) = self.slots.iter().position(|(n, _)| n == policy.name()) {
+            i
+        } else {
+            self.slots.push((policy.name_cow(), Slot::Fresh));
+            self.slots.len() - 1
+        };
+        &mut self.slots[i].1
+    }
+}
+
+/// Cache-line padding so neighbouring shards' locks never share a line.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+struct Shard<K, S> {
+    map: HashMap<K, Mutex<KeyState>, S>,
+    /// Earliest monotonic time at which any tracked key becomes fresh:
+    /// purging before then cannot free anything.
+    next_purge: u64,
+}
+
+type ShardLock<K> = Padded<RwLock<Shard<K, ahash::RandomState>>>;
+
+/// A keyed in-memory rate limiter.
+///
+/// Keys are spread over cache-padded shards by a randomly keyed hash
+/// (`ahash`, resistant to hash flooding). A check of a known key takes the
+/// shard's read lock and the key's own lock — a few atomic operations, no
+/// global lock, no future. Each key can be checked against its own stacked
+/// policies on every call, so plan changes apply at once and keep state
+/// (slots are matched by policy name).
+///
+/// Memory is bounded: at most `max_keys` keys are tracked. When a shard is
+/// full, keys whose state is indistinguishable from fresh are evicted in
+/// band (no background thread); if every key is still limiting, the new key
+/// is refused with a [`CapacityError`] rather than forgetting a key that
+/// could then exceed its quota.
+///
+/// ```
+/// use keygate::limit::{MemoryLimiter, Policy};
+/// use std::num::NonZeroU32;
+///
+/// let limiter = MemoryLimiter::<String>::new(10_000);
+/// let hobby = [Policy::per_second(NonZeroU32::new(3).unwrap())];
+/// for _ in 0..3 {
+///     assert!(limiter.check("key_1", &hobby, 1).unwrap().is_allowed());
+/// }
+/// assert!(!limiter.check("key_1", &hobby, 1).unwrap().is_allowed());
+/// ```
+pub struct MemoryLimiter<K = String, C = SystemClock> {
+    shards: Box<[ShardLock<K>]>,
+    hasher: ahash::RandomState,
+    per_shard: usize,
+    clock: C,
+}
+
+impl<K, C> fmt::Debug for MemoryLimiter<K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryLimiter")
+            .field("shards", &self.shards.len())
+            .field("max_keys", &(self.per_shard * self.shards.len()))
+            .finish_non_exhaustive()
+    }
+}
+
+fn shard_count() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(4, std::num::NonZeroUsize::get);
+    (cpus * 4).next_power_of_two().clamp(4, 256)
+}
+
+impl<K: Hash + Eq> MemoryLimiter<K> {
+    /// A limiter tracking at most about `max_keys` keys, on the system clock.
+    #[must_use]
+    pub fn new(max_keys: usize) -> Self {
+        Self::with_clock(max_keys, SystemClock::new())
+    }
+}
+
+impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
+    /// A limiter on `clock`.
+    #[must_use]
+    pub fn with_clock(max_keys: usize, clock: C) -> Self {
+        let n = shard_count();
+        let per_shard = max_keys.div_ceil(n).max(1);
+        let shards = (0..n)
+            .map(|_| {
+                Padded(RwLock::new(Shard {
+                    map: HashMap::with_hasher(ahash::RandomState::new()),
+                    next_purge: 0,
+                }))
+            })
+            .collect();
+        Self { shards, hasher: ahash::RandomState::new(), per_shard, clock }
+    }
+
+    /// Most keys tracked at once.
+    #[must_use]
+    pub fn max_keys(&self) -> usize {
+        self.per_shard * self.shards.len()
+    }
+
+    /// Keys currently tracked.
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).map.len())
+            .sum()
+    }
+
+    /// Whether no key is tracked.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &RwLock<Shard<K, ahash::RandomState>> {
+        let h = self.hasher.hash_one(key);
+        // High bits: the shard's own map uses an independent hasher anyway.
+        &self.shards[(h >> 32) as usize & (self.shards.len() - 1)].0
+    }
+
+    /// Checks and consumes `cost` units for `key` against every policy (all
+    /// or nothing).
+    ///
+    /// # Errors
+    ///
+    /// [`CapacityError`] when `key` is new and every tracked key is still
+    /// limiting.
+    pub fn check<Q>(
+        &self,
+        key: &Q,
+        policies: &[Policy],
+        cost: u32,
+    ) -> Result<Decision, CapacityError>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.check_mode(key, policies, cost, CheckMode::Consume)
+    }
+
+    /// Like [`check`](Self::check) but consuming nothing.
+    ///
+    /// # Errors
+    ///
+    /// Never in practice; the signature matches [`check`](Self::check).
+    pub fn peek<Q>(
+        &self,
+        key: &Q,
+        policies: &[Policy],
+        cost: u32,
+    ) -> Result<Decision, CapacityError>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        self.check_mode(key, policies, cost, CheckMode::Peek)
+    }
+
+    /// [`check`](Self::check) or [`peek`](Self::peek).
+    ///
+    /// # Errors
+    ///
+    /// As [`check`](Self::check).
+    pub fn check_mode<Q>(
+        &self,
+        key: &Q,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+    ) -> Result<Decision, CapacityError>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let now = self.clock.monotonic().as_u64();
+        let shard = self.shard(key);
+        {
+            let r = shard.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(state) = r.map.get(key) {
+                let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+                return Ok(self.decide(&mut st, policies, cost, mode, now));
+            }
+        }
+        if mode == CheckMode::Peek {
+            return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
+        }
+        let mut w = shard.write().unwrap_or_else(PoisonError::into_inner);
+        if !w.map.contains_key(key) && w.map.len() >= self.per_shard {
+            if now >= w.next_purge {
+                // Amortised in-band eviction: forget only keys whose state
+                // is indistinguishable from fresh, and remember when the
+                // next one becomes so.
+                let mut next = u64::MAX;
+                w.map.retain(|_, st| {
+                    let fresh_at = st.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at;
+                    let keep = fresh_at > now;
+                    if keep {
+                        next = next.min(fresh_at);
+                    }
+                    keep
+                });
+                w.next_purge = next;
+            }
+            if w.map.len() >= self.per_shard {
+                return Err(CapacityError { max: self.max_keys() });
+            }
+        }
+        let st = w.map.entry(key.to_owned()).or_default();
+        let st = st.get_mut().unwrap_or_else(PoisonError::into_inner);
+        let d = self.decide(st, policies, cost, mode, now);
+        let fresh_at = st.fresh_at;
+        w.next_purge = w.next_purge.min(fresh_at);
+        Ok(d)
+    }
+
+    /// Gives back `cost` units to `key` under every policy.
+    pub fn refund<Q>(&self, key: &Q, policies: &[Policy], cost: u32)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
+        let now = self.clock.monotonic().as_u64();
+        let r = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
+        if let Some(state) = r.map.get(key) {
+            let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
+            for p in policies {
+                algorithm::refund(p, st.slot_mut(p), now, cost);
+            }
+        }
+    }
+
+    fn decide(
+        &self,
+        st: &mut KeyState,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+        now: u64,
+    ) -> Decision {
+        let fresh = Slot::Fresh;
+        let mut steps: SmallVec<[(algorithm::Step, Option<Slot>); 2]> = SmallVec::new();
+        for p in policies {
+            let slot = st.slot(p.name()).unwrap_or(&fresh);
+            steps.push(algorithm::step(p, slot, now, cost));
+        }
+        let outcome = if steps.iter().any(|(s, _)| s.impossible) {
+            Outcome::Impossible
+        } else if steps.iter().all(|(s, _)| s.allowed) {
+            Outcome::Allowed
+        } else {
+            Outcome::Limited
+        };
+        let commit = outcome == Outcome::Allowed && mode == CheckMode::Consume;
+        let mut out = Vec::with_capacity(policies.len());
+        for (p, (s, next)) in policies.iter().zip(steps) {
+            if commit && let Some(next) = next {
+                let fresh_at = algorithm::fresh_at(p, &next);
+                *st.slot_mut(p) = next;
+                st.fresh_at = st.fresh_at.max(fresh_at);
+            }
+            let mut s = s;
+            if outcome != Outcome::Allowed && s.allowed {
+                // Nothing was consumed: report what this policy has now.
+                s.remaining = s.remaining.saturating_add(cost);
+            }
+            out.push(policy_decision(p, &s));
+        }
+        Decision::new(outcome, out, self.clock.now())
+    }
+}
+
+pub(crate) fn policy_decision(p: &Policy, s: &algorithm::Step) -> PolicyDecision {
+    PolicyDecision {
+        name: p.name_cow(),
+        limit: p.limit(),
+        period: p.period(),
+        remaining: s.remaining,
+        reset_after: Duration::from_nanos(s.reset_after),
+        retry_after: s.retry_after.map(Duration::from_nanos),
+        allowed: s.allowed,
+    }
+}
+
+impl<C: Clock> LimitStore for MemoryLimiter<String, C> {
+    fn check(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+    ) -> impl Future<Output = Result<Decision, BackendError>> + Send {
+        ready(self.check_mode(key, policies, cost, mode).map_err(BackendError::unavailable))
+    }
+
+    fn refund(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        MemoryLimiter::refund(self, key, policies, cost);
+        ready(Ok(()))
+    }
+}
+
+/// A single-key GCRA limiter: one `AtomicU64` and a compare-and-swap loop.
+/// A denied check does not write.
+///
+/// ```
+/// use keygate::limit::{DirectLimiter, Policy};
+/// use std::num::NonZeroU32;
+///
+/// let limiter = DirectLimiter::new(Policy::per_second(NonZeroU32::new(100).unwrap()));
+/// assert!(limiter.check(1).is_allowed());
+/// ```
+pub struct DirectLimiter<C = SystemClock> {
+    tat: AtomicU64,
+    policy: Policy,
+    interval: u64,
+    horizon: u64,
+    clock: C,
+}
+
+impl<C> fmt::Debug for DirectLimiter<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DirectLimiter").field("policy", &self.policy).finish_non_exhaustive()
+    }
+}
+
+/// The result of a [`DirectLimiter`] check, without allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snapshot {
+    allowed: bool,
+    remaining: u32,
+    reset_after: Duration,
+    retry_after: Option<Duration>,
+}
+
+impl Snapshot {
+    /// Whether the units were granted.
+    #[must_use]
+    pub const fn is_allowed(&self) -> bool {
+        self.allowed
+    }
+
+    /// Units left.
+    #[must_use]
+    pub const fn remaining(&self) -> u32 {
+        self.remaining
+    }
+
+    /// Time until fully restored (allowed) or until the request would fit.
+    #[must_use]
+    pub const fn reset_after(&self) -> Duration {
+        self.reset_after
+    }
+
+    /// Time until a retry can succeed, when denied (`None` if it never can).
+    #[must_use]
+    pub const fn retry_after(&self) -> Option<Duration> {
+        self.retry_after
+    }
+}
+
+impl DirectLimiter {
+    /// A GCRA limiter for `policy` on the system clock. Non-GCRA policies
+    /// are treated as GCRA with the same limit and period.
+    #[must_use]
+    pub fn new(policy: Policy) -> Self {
+        Self::with_clock(policy, SystemClock::new())
+    }
+}
+
+impl<C: Clock> DirectLimiter<C> {
+    /// A limiter on `clock`.
+    #[must_use]
+    pub fn with_clock(policy: Policy, clock: C) -> Self {
+        let interval = policy.emission_interval_nanos();
+        let horizon = interval.saturating_mul(u64::from(policy.capacity()));
+        Self { tat: AtomicU64::new(0), policy, interval, horizon, clock }
+    }
+
+    /// The policy.
+    #[must_use]
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// Takes `cost` units if they fit.
+    #[must_use]
+    pub fn check(&self, cost: u32) -> Snapshot {
+        let now = self.clock.monotonic().as_u64();
+        let (t, h) = (self.interval, self.horizon);
+        let mut tat = self.tat.load(Ordering::Acquire);
+        loop {
+            let base = tat.max(now);
+            let used = base - now;
+            let new_tat = base.saturating_add(t.saturating_mul(u64::from(cost)));
+            let need = new_tat - now;
+            if u64::from(cost) > u64::from(self.policy.capacity()) || need > h {
+                let possible = u64::from(cost) <= u64::from(self.policy.capacity());
+                let wait = need.saturating_sub(h);
+                return Snapshot {
+                    allowed: false,
+                    remaining: u32::try_from(h.saturating_sub(used) / t).unwrap_or(u32::MAX),
+                    reset_after: Duration::from_nanos(if possible { wait } else { used }),
+                    retry_after: possible.then(|| Duration::from_nanos(wait)),
+                };
+            }
+            match self.tat.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => {
+                    return Snapshot {
+                        allowed: true,
+                        remaining: u32::try_from((h - need) / t).unwrap_or(u32::MAX),
+                        reset_after: Duration::from_nanos(need),
+                        retry_after: None,
+                    };
+                }
+                Err(current) => tat = current,
+            }
+        }
+    }
+
+    /// The full [`Decision`] (with headers) for a check of `cost` units.
+    #[must_use]
+    pub fn decide(&self, cost: u32) -> Decision {
+        let s = self.check(cost);
+        let outcome = match (s.allowed, s.retry_after) {
+            (true, _) => Outcome::Allowed,
+            (false, Some(_)) => Outcome::Limited,
+            (false, None) => Outcome::Impossible,
+        };
+        let pd = PolicyDecision {
+            name: self.policy.name_cow(),
+            limit: self.policy.limit(),
+            period: self.policy.period(),
+            remaining: s.remaining,
+            reset_after: s.reset_after,
+            retry_after: s.retry_after,
+            allowed: s.allowed,
+        };
+        Decision::new(outcome, vec![pd], self.clock.now())
+    }
+}

@@ -1,0 +1,386 @@
+//! Plans as data: stacked rate policies and monthly quotas, with the seed
+//! products' presets and a JSON loader.
+
+use std::collections::BTreeMap;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::{Algorithm, MAX_STACKED, Policy, PolicyError};
+
+/// A monthly quota: at most `limit` units per calendar month (UTC) across
+/// the categories it counts; other categories are free and uncounted.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct QuotaRule {
+    /// The rule's name, e.g. `notifications`.
+    pub name: String,
+    /// Units per month.
+    pub limit: u64,
+    /// Categories counted, e.g. `["email", "webhook"]`.
+    pub counts: Vec<String>,
+}
+
+impl QuotaRule {
+    /// A rule named `name` allowing `limit` units a month of `counts`.
+    pub fn new(name: impl Into<String>, limit: u64, counts: &[&str]) -> Self {
+        Self { name: name.into(), limit, counts: counts.iter().map(|&c| c.to_owned()).collect() }
+    }
+
+    /// Whether the rule counts `category`.
+    #[must_use]
+    pub fn counts(&self, category: &str) -> bool {
+        self.counts.iter().any(|c| c == category)
+    }
+}
+
+/// A named bundle of stacked rate policies and monthly quotas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    name: String,
+    rate: Vec<Policy>,
+    monthly: Vec<QuotaRule>,
+}
+
+/// Why a plan or plan file was refused; `field` names where.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct PlanError {
+    /// Path of the offending field, e.g. `plans.tiny.rate[0].limit`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> PlanError {
+    PlanError { field: field.into(), message: message.into() }
+}
+
+const fn nz(n: u32) -> NonZeroU32 {
+    match NonZeroU32::new(n) {
+        Some(n) => n,
+        None => panic!("zero"),
+    }
+}
+
+impl Plan {
+    /// A plan of `rate` policies (at most [`MAX_STACKED`], distinct names)
+    /// and `monthly` quotas.
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError`] for too many or duplicate policies.
+    pub fn new(
+        name: impl Into<String>,
+        rate: Vec<Policy>,
+        monthly: Vec<QuotaRule>,
+    ) -> Result<Self, PlanError> {
+        let name = name.into();
+        if rate.is_empty() || rate.len() > MAX_STACKED {
+            return Err(err("rate", format!("a plan stacks 1 to {MAX_STACKED} policies")));
+        }
+        for (i, p) in rate.iter().enumerate() {
+            if rate[..i].iter().any(|q| q.name() == p.name()) {
+                return Err(err(format!("rate[{i}].name"), "policy names must be distinct"));
+            }
+        }
+        Ok(Self { name, rate, monthly })
+    }
+
+    /// The plan's name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The stacked rate policies.
+    #[must_use]
+    pub fn rate(&self) -> &[Policy] {
+        &self.rate
+    }
+
+    /// The monthly quotas.
+    #[must_use]
+    pub fn monthly(&self) -> &[QuotaRule] {
+        &self.monthly
+    }
+
+    fn preset(name: &str, policy: Policy, monthly: Vec<QuotaRule>) -> Self {
+        Self { name: name.to_owned(), rate: vec![policy], monthly }
+    }
+
+    /// Hobby: 3 requests per one-second window.
+    #[must_use]
+    pub fn hobby() -> Self {
+        Self::preset(
+            "hobby",
+            Policy::const_new(nz(3), Duration::from_secs(1), Algorithm::FixedWindow),
+            vec![],
+        )
+    }
+
+    /// Starter: 5 requests per second.
+    #[must_use]
+    pub fn starter() -> Self {
+        Self::preset(
+            "starter",
+            Policy::const_new(nz(5), Duration::from_secs(1), Algorithm::FixedWindow),
+            vec![],
+        )
+    }
+
+    /// Pro: 10 requests per second.
+    #[must_use]
+    pub fn pro() -> Self {
+        Self::preset(
+            "pro",
+            Policy::const_new(nz(10), Duration::from_secs(1), Algorithm::FixedWindow),
+            vec![],
+        )
+    }
+
+    /// Enterprise: 100 requests per second (customise by building your own).
+    #[must_use]
+    pub fn enterprise() -> Self {
+        Self::preset(
+            "enterprise",
+            Policy::const_new(nz(100), Duration::from_secs(1), Algorithm::FixedWindow),
+            vec![],
+        )
+    }
+
+    /// Free: 5 requests per rolling minute; 100 notifications a month,
+    /// email and webhook both counted.
+    #[must_use]
+    pub fn free() -> Self {
+        Self::preset(
+            "free",
+            Policy::const_new(nz(5), Duration::from_secs(60), Algorithm::SlidingWindow),
+            vec![QuotaRule::new("notifications", 100, &["email", "webhook"])],
+        )
+    }
+
+    /// Indie: 50 requests per rolling minute; 4,000 webhook notifications a
+    /// month, email unlimited and uncounted.
+    #[must_use]
+    pub fn indie() -> Self {
+        Self::preset(
+            "indie",
+            Policy::const_new(nz(50), Duration::from_secs(60), Algorithm::SlidingWindow),
+            vec![QuotaRule::new("notifications", 4_000, &["webhook"])],
+        )
+    }
+
+    /// Startup: 200 requests per rolling minute; 15,000 webhook
+    /// notifications a month, email unlimited and uncounted.
+    #[must_use]
+    pub fn startup() -> Self {
+        Self::preset(
+            "startup",
+            Policy::const_new(nz(200), Duration::from_secs(60), Algorithm::SlidingWindow),
+            vec![QuotaRule::new("notifications", 15_000, &["webhook"])],
+        )
+    }
+}
+
+/// Plans by name.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PlanSet {
+    plans: BTreeMap<String, Plan>,
+}
+
+impl PlanSet {
+    /// The seed products' presets: `hobby`, `starter`, `pro`, `enterprise`
+    /// (per-second windows) and `free`, `indie`, `startup` (rolling minute,
+    /// with monthly notification quotas).
+    #[must_use]
+    pub fn presets() -> Self {
+        let mut s = Self::default();
+        for p in [
+            Plan::hobby(),
+            Plan::starter(),
+            Plan::pro(),
+            Plan::enterprise(),
+            Plan::free(),
+            Plan::indie(),
+            Plan::startup(),
+        ] {
+            s.insert(p);
+        }
+        s
+    }
+
+    /// Adds or replaces a plan.
+    pub fn insert(&mut self, plan: Plan) {
+        self.plans.insert(plan.name.clone(), plan);
+    }
+
+    /// The plan named `name`.
+    #[must_use]
+    pub fn get(&self, name: &str) -> Option<&Plan> {
+        self.plans.get(name)
+    }
+
+    /// Every plan, by name.
+    pub fn iter(&self) -> impl Iterator<Item = &Plan> {
+        self.plans.values()
+    }
+
+    /// Adds (or replaces) every plan of `other`.
+    pub fn extend(&mut self, other: Self) {
+        self.plans.extend(other.plans);
+    }
+
+    /// Parses a plan file:
+    ///
+    /// ```json
+    /// {"plans": {
+    ///   "tiny": {
+    ///     "rate": [{"name": "default", "limit": 1000, "window_seconds": 60, "algorithm": "sliding_window"}],
+    ///     "monthly": [{"name": "notifications", "limit": 5, "counts": ["webhook"]}]
+    ///   }
+    /// }}
+    /// ```
+    ///
+    /// `algorithm` is `gcra` (with an optional `burst`), `fixed_window` or
+    /// `sliding_window`; `monthly` is optional.
+    ///
+    /// # Errors
+    ///
+    /// [`PlanError`] naming the first offending field.
+    pub fn from_json(text: &str) -> Result<Self, PlanError> {
+        let v: Value =
+            serde_json::from_str(text).map_err(|e| err("$", format!("invalid JSON: {e}")))?;
+        Self::from_value(&v)
+    }
+
+    /// [`from_json`](Self::from_json) over an already-parsed value.
+    ///
+    /// # Errors
+    ///
+    /// As [`from_json`](Self::from_json).
+    pub fn from_value(v: &Value) -> Result<Self, PlanError> {
+        let root = v.as_object().ok_or_else(|| err("$", "must be an object"))?;
+        only(root, &["plans"], "")?;
+        let plans = root
+            .get("plans")
+            .and_then(Value::as_object)
+            .ok_or_else(|| err("plans", "must be an object"))?;
+        let mut out = Self::default();
+        for (name, pv) in plans {
+            let at = format!("plans.{name}");
+            let p = pv.as_object().ok_or_else(|| err(&at, "must be an object"))?;
+            only(p, &["rate", "monthly"], &at)?;
+            let rate_v = p
+                .get("rate")
+                .and_then(Value::as_array)
+                .ok_or_else(|| err(format!("{at}.rate"), "must be an array"))?;
+            let mut rate = Vec::new();
+            for (i, r) in rate_v.iter().enumerate() {
+                rate.push(policy_from(r, &format!("{at}.rate[{i}]"))?);
+            }
+            let mut monthly = Vec::new();
+            if let Some(m) = p.get("monthly") {
+                let m =
+                    m.as_array().ok_or_else(|| err(format!("{at}.monthly"), "must be an array"))?;
+                for (i, q) in m.iter().enumerate() {
+                    monthly.push(quota_from(q, &format!("{at}.monthly[{i}]"))?);
+                }
+            }
+            let plan = Plan::new(name.clone(), rate, monthly)
+                .map_err(|e| err(format!("{at}.{}", e.field), e.message))?;
+            out.insert(plan);
+        }
+        Ok(out)
+    }
+}
+
+fn only(obj: &serde_json::Map<String, Value>, allowed: &[&str], at: &str) -> Result<(), PlanError> {
+    match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => {
+            Err(err(if at.is_empty() { k.clone() } else { format!("{at}.{k}") }, "unknown field"))
+        }
+        None => Ok(()),
+    }
+}
+
+fn uint(
+    obj: &serde_json::Map<String, Value>,
+    key: &str,
+    at: &str,
+) -> Result<Option<u64>, PlanError> {
+    match obj.get(key) {
+        None => Ok(None),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| err(format!("{at}.{key}"), "must be a non-negative integer")),
+    }
+}
+
+fn policy_from(v: &Value, at: &str) -> Result<Policy, PlanError> {
+    let o = v.as_object().ok_or_else(|| err(at, "must be an object"))?;
+    only(o, &["name", "limit", "window_seconds", "algorithm", "burst"], at)?;
+    let name = o
+        .get("name")
+        .map_or(Some("default"), Value::as_str)
+        .ok_or_else(|| err(format!("{at}.name"), "must be a string"))?;
+    let limit = uint(o, "limit", at)?.ok_or_else(|| err(format!("{at}.limit"), "is required"))?;
+    let limit = u32::try_from(limit).map_err(|_| err(format!("{at}.limit"), "is too large"))?;
+    let window = uint(o, "window_seconds", at)?
+        .ok_or_else(|| err(format!("{at}.window_seconds"), "is required"))?;
+    let algorithm = match o.get("algorithm").map_or(Some("gcra"), Value::as_str) {
+        Some("gcra") => Algorithm::Gcra,
+        Some("fixed_window") => Algorithm::FixedWindow,
+        Some("sliding_window") => Algorithm::SlidingWindow,
+        _ => {
+            return Err(err(
+                format!("{at}.algorithm"),
+                "must be gcra, fixed_window or sliding_window",
+            ));
+        }
+    };
+    let field = |e: &PolicyError| match e {
+        PolicyError::ZeroLimit | PolicyError::SlidingTooLarge { .. } => "limit",
+        PolicyError::Period => "window_seconds",
+        PolicyError::Burst => "burst",
+        _ => "name",
+    };
+    let mut p = Policy::new(name.to_owned(), limit, Duration::from_secs(window), algorithm)
+        .map_err(|e| err(format!("{at}.{}", field(&e)), e.to_string()))?;
+    if let Some(b) = uint(o, "burst", at)? {
+        let b = u32::try_from(b).map_err(|_| err(format!("{at}.burst"), "is too large"))?;
+        p = p.with_burst(b).map_err(|e| err(format!("{at}.burst"), e.to_string()))?;
+    }
+    Ok(p)
+}
+
+fn quota_from(v: &Value, at: &str) -> Result<QuotaRule, PlanError> {
+    let o = v.as_object().ok_or_else(|| err(at, "must be an object"))?;
+    only(o, &["name", "limit", "counts"], at)?;
+    let name = o
+        .get("name")
+        .map_or(Some("monthly"), Value::as_str)
+        .ok_or_else(|| err(format!("{at}.name"), "must be a string"))?;
+    let limit = uint(o, "limit", at)?.ok_or_else(|| err(format!("{at}.limit"), "is required"))?;
+    let counts = o
+        .get("counts")
+        .and_then(Value::as_array)
+        .ok_or_else(|| err(format!("{at}.counts"), "must be an array of strings"))?
+        .iter()
+        .map(|c| c.as_str().map(str::to_owned))
+        .collect::<Option<Vec<_>>>()
+        .ok_or_else(|| err(format!("{at}.counts"), "must be an array of strings"))?;
+    if counts.is_empty() {
+        return Err(err(format!("{at}.counts"), "must name at least one category"));
+    }
+    Ok(QuotaRule { name: name.to_owned(), limit, counts })
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for PlanSet {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Value::deserialize(d)?;
+        Self::from_value(&v).map_err(serde::de::Error::custom)
+    }
+}

@@ -1,0 +1,271 @@
+//! Rate-limit policies: a limit per period, a burst, an algorithm.
+
+use std::borrow::Cow;
+use std::fmt;
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+/// How a policy counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Algorithm {
+    /// Generic cell rate algorithm (token-bucket equivalent): requests
+    /// refill continuously at `limit / period`, up to `burst` at once.
+    #[default]
+    Gcra,
+    /// Fixed windows of `period` aligned to the clock's origin; at most
+    /// `limit` per window. `X-RateLimit-Reset` is the window's end.
+    FixedWindow,
+    /// An exact rolling window: at most `limit` in any `period`-long span.
+    SlidingWindow,
+}
+
+impl Algorithm {
+    /// The name used in plan files: `gcra`, `fixed_window`, `sliding_window`.
+    #[must_use]
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Gcra => "gcra",
+            Self::FixedWindow => "fixed_window",
+            Self::SlidingWindow => "sliding_window",
+        }
+    }
+}
+
+/// Why a policy could not be built.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PolicyError {
+    /// The limit is zero.
+    #[error("limit must be at least 1")]
+    ZeroLimit,
+    /// The period is zero or longer than a year.
+    #[error("window must be between 1 nanosecond and 366 days")]
+    Period,
+    /// A burst was given for an algorithm without one, or is zero.
+    #[error("burst applies to gcra only and must be at least 1")]
+    Burst,
+    /// The sliding window keeps one timestamp per admitted request; its
+    /// limit is capped to bound memory per key.
+    #[error("sliding_window limit must be at most {max}")]
+    SlidingTooLarge {
+        /// The cap.
+        max: u32,
+    },
+    /// The policy name is empty, too long, or not a token.
+    #[error("policy name must be 1 to 32 characters of a-z, 0-9, `_`, `-`")]
+    Name,
+}
+
+/// A rate limit: at most `limit` units per `period` (plus burst, for GCRA).
+///
+/// Invalid policies cannot be built: the limit is a `NonZeroU32`, and
+/// [`Policy::new`] checks the period.
+///
+/// ```
+/// use keygate::limit::{Algorithm, Policy};
+/// use std::time::Duration;
+///
+/// let p = Policy::new("default", 50, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap();
+/// assert_eq!(p.limit(), 50);
+/// assert!(Policy::new("default", 0, Duration::from_secs(1), Algorithm::Gcra).is_err());
+/// ```
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Policy {
+    name: Cow<'static, str>,
+    limit: NonZeroU32,
+    period: Duration,
+    burst: Option<NonZeroU32>,
+    algorithm: Algorithm,
+}
+
+const YEAR: Duration = Duration::from_secs(366 * 86_400);
+
+impl Policy {
+    /// Largest `limit` of a sliding-window policy (8 bytes of state each).
+    pub const MAX_SLIDING_LIMIT: u32 = 100_000;
+
+    /// `n` per second, GCRA.
+    #[must_use]
+    pub const fn per_second(n: NonZeroU32) -> Self {
+        Self::const_new(n, Duration::from_secs(1), Algorithm::Gcra)
+    }
+
+    /// `n` per minute, GCRA.
+    #[must_use]
+    pub const fn per_minute(n: NonZeroU32) -> Self {
+        Self::const_new(n, Duration::from_secs(60), Algorithm::Gcra)
+    }
+
+    /// `n` per hour, GCRA.
+    #[must_use]
+    pub const fn per_hour(n: NonZeroU32) -> Self {
+        Self::const_new(n, Duration::from_secs(3600), Algorithm::Gcra)
+    }
+
+    pub(crate) const fn const_new(
+        limit: NonZeroU32,
+        period: Duration,
+        algorithm: Algorithm,
+    ) -> Self {
+        Self { name: Cow::Borrowed("default"), limit, period, burst: None, algorithm }
+    }
+
+    /// A policy of `limit` per `period` with `algorithm`.
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError`] for a zero limit, a zero or over-long period, an
+    /// invalid name, or a sliding window above
+    /// [`MAX_SLIDING_LIMIT`](Self::MAX_SLIDING_LIMIT).
+    pub fn new(
+        name: impl Into<Cow<'static, str>>,
+        limit: u32,
+        period: Duration,
+        algorithm: Algorithm,
+    ) -> Result<Self, PolicyError> {
+        let limit = NonZeroU32::new(limit).ok_or(PolicyError::ZeroLimit)?;
+        if period.is_zero() || period > YEAR {
+            return Err(PolicyError::Period);
+        }
+        if algorithm == Algorithm::SlidingWindow && limit.get() > Self::MAX_SLIDING_LIMIT {
+            return Err(PolicyError::SlidingTooLarge { max: Self::MAX_SLIDING_LIMIT });
+        }
+        let name = name.into();
+        let ok = !name.is_empty()
+            && name.len() <= 32
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !ok {
+            return Err(PolicyError::Name);
+        }
+        Ok(Self { name, limit, period, burst: None, algorithm })
+    }
+
+    /// Sets the GCRA burst: how many units may be used at once (default:
+    /// `limit`).
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError::Burst`] for a non-GCRA policy or a zero burst.
+    pub fn with_burst(mut self, burst: u32) -> Result<Self, PolicyError> {
+        if self.algorithm != Algorithm::Gcra {
+            return Err(PolicyError::Burst);
+        }
+        self.burst = Some(NonZeroU32::new(burst).ok_or(PolicyError::Burst)?);
+        Ok(self)
+    }
+
+    /// Renames the policy (the name appears in `RateLimit` headers).
+    ///
+    /// # Errors
+    ///
+    /// [`PolicyError::Name`] for an invalid name.
+    pub fn named(self, name: impl Into<Cow<'static, str>>) -> Result<Self, PolicyError> {
+        let mut p = Self::new(name, self.limit.get(), self.period, self.algorithm)?;
+        p.burst = self.burst;
+        Ok(p)
+    }
+
+    /// The name.
+    #[must_use]
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name, cheaply cloned (no allocation for constant names).
+    pub(crate) fn name_cow(&self) -> Cow<'static, str> {
+        self.name.clone()
+    }
+
+    /// Units per period.
+    #[must_use]
+    pub const fn limit(&self) -> u32 {
+        self.limit.get()
+    }
+
+    /// The period.
+    #[must_use]
+    pub const fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// The algorithm.
+    #[must_use]
+    pub const fn algorithm(&self) -> Algorithm {
+        self.algorithm
+    }
+
+    /// The GCRA burst, if set.
+    #[must_use]
+    pub const fn burst(&self) -> Option<u32> {
+        match self.burst {
+            Some(b) => Some(b.get()),
+            None => None,
+        }
+    }
+
+    /// Most units a single check can ever be granted: the burst for GCRA,
+    /// the limit otherwise. A larger cost is
+    /// [`Outcome::Impossible`](super::Outcome::Impossible).
+    #[must_use]
+    pub const fn capacity(&self) -> u32 {
+        match (self.algorithm, self.burst) {
+            (Algorithm::Gcra, Some(b)) => b.get(),
+            _ => self.limit.get(),
+        }
+    }
+
+    /// Nanoseconds between two units at the sustained rate (GCRA's emission
+    /// interval), at least 1.
+    #[must_use]
+    pub fn emission_interval_nanos(&self) -> u64 {
+        (crate::clock::duration_nanos(self.period) / u64::from(self.limit.get())).max(1)
+    }
+}
+
+impl fmt::Debug for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Policy")
+            .field("name", &self.name)
+            .field("limit", &self.limit)
+            .field("period", &self.period)
+            .field("burst", &self.burst)
+            .field("algorithm", &self.algorithm)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds() {
+        let s = Duration::from_secs(1);
+        assert_eq!(Policy::new("a", 0, s, Algorithm::Gcra), Err(PolicyError::ZeroLimit));
+        assert!(Policy::new("a", 1, s, Algorithm::Gcra).is_ok());
+        assert_eq!(Policy::new("a", 1, Duration::ZERO, Algorithm::Gcra), Err(PolicyError::Period));
+        assert!(Policy::new("a", 1, Duration::from_nanos(1), Algorithm::Gcra).is_ok());
+        assert!(Policy::new("a", 1, YEAR, Algorithm::Gcra).is_ok());
+        assert_eq!(
+            Policy::new("a", 1, YEAR + Duration::from_nanos(1), Algorithm::Gcra),
+            Err(PolicyError::Period)
+        );
+        assert!(Policy::new("a", 100_000, s, Algorithm::SlidingWindow).is_ok());
+        assert_eq!(
+            Policy::new("a", 100_001, s, Algorithm::SlidingWindow),
+            Err(PolicyError::SlidingTooLarge { max: 100_000 })
+        );
+        assert_eq!(Policy::new("", 1, s, Algorithm::Gcra), Err(PolicyError::Name));
+        assert_eq!(Policy::new("Burst", 1, s, Algorithm::Gcra), Err(PolicyError::Name));
+        let p = Policy::new("burst", 10, s, Algorithm::Gcra).unwrap();
+        assert_eq!(p.capacity(), 10);
+        assert_eq!(p.clone().with_burst(25).unwrap().capacity(), 25);
+        assert_eq!(p.clone().with_burst(0), Err(PolicyError::Burst));
+        let f = Policy::new("f", 10, s, Algorithm::FixedWindow).unwrap();
+        assert_eq!(f.with_burst(5), Err(PolicyError::Burst));
+        assert_eq!(p.emission_interval_nanos(), 100_000_000);
+    }
+}

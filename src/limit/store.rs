@@ -1,0 +1,58 @@
+//! The [`LimitStore`] trait: one atomic decision step per check.
+
+use std::future::Future;
+
+use super::{Decision, Policy};
+use crate::backend::BackendError;
+
+/// Whether a check consumes units.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum CheckMode {
+    /// Consume `cost` units if every policy admits them (all or nothing).
+    #[default]
+    Consume,
+    /// Report what a check would say, consuming nothing.
+    Peek,
+}
+
+/// Where rate-limit state lives: in process ([`MemoryLimiter`]) or in a
+/// shared backend (Redis) so many instances enforce one limit.
+///
+/// # Contract
+///
+/// - **One atomic step.** The store receives the key, the stacked policies
+///   and the cost, and performs the whole decision itself — read state,
+///   decide every policy, write the new state only if all admit — as one
+///   atomic step (Redis: one Lua script, one round trip; SQL: one
+///   transaction with a row lock). It is not given a closure: the algorithm
+///   runs where the state is.
+/// - **Time.** The store's own clock decides: the in-memory limiter uses its
+///   injected monotonic clock, Redis uses the server's `TIME`, so clock skew
+///   between application servers cannot change a decision.
+/// - **Denials do not write.** A denied or impossible check leaves the state
+///   as it was.
+/// - **Failure.** An unreachable backend is a [`BackendError`]; the host's
+///   [`FailMode`](crate::backend::FailMode) decides whether the request is
+///   refused (503, the default) or let through.
+///
+/// [`MemoryLimiter`]: super::MemoryLimiter
+pub trait LimitStore: Send + Sync {
+    /// Checks `cost` units for `key` against every policy in `policies`.
+    fn check(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+    ) -> impl Future<Output = Result<Decision, BackendError>> + Send;
+
+    /// Gives back `cost` units previously consumed for `key` (e.g. the
+    /// request failed before doing work).
+    fn refund(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+}

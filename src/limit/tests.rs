@@ -1,0 +1,266 @@
+// Short names (clock, limiter, policy, decision) keep the scripted
+// sequences readable.
+#![allow(clippy::many_single_char_names)]
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use super::*;
+use crate::clock::{Clock, FakeClock};
+
+fn clock() -> FakeClock {
+    FakeClock::at_2026()
+}
+
+fn fixed(limit: u32, secs: u64) -> Policy {
+    Policy::new("default", limit, Duration::from_secs(secs), Algorithm::FixedWindow).unwrap()
+}
+
+fn header<'a>(h: &'a [(&'static str, String)], name: &str) -> Option<&'a str> {
+    h.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+}
+
+#[test]
+fn seed_fixed_window_headers_exactly() {
+    let c = clock();
+    let start = c.now().as_second();
+    let l = MemoryLimiter::<String, _>::with_clock(100, c.clone());
+    let p = [fixed(3, 1)];
+    let mut seen = Vec::new();
+    for _ in 0..4 {
+        let d = l.check("k", &p, 1).unwrap();
+        seen.push(d.headers(HeaderSet::default()));
+        c.advance(Duration::from_millis(100));
+    }
+    for (i, want) in ["2", "1", "0"].iter().enumerate() {
+        assert_eq!(header(&seen[i], "X-RateLimit-Remaining"), Some(*want));
+        assert_eq!(header(&seen[i], "X-RateLimit-Limit"), Some("3"));
+        assert_eq!(header(&seen[i], "X-RateLimit-Reset"), Some((start + 1).to_string().as_str()));
+        assert_eq!(header(&seen[i], "Retry-After"), None);
+    }
+    assert_eq!(header(&seen[3], "X-RateLimit-Remaining"), Some("0"));
+    assert_eq!(header(&seen[3], "Retry-After"), Some("1"));
+    assert_eq!(header(&seen[3], "X-RateLimit-Reset"), Some((start + 1).to_string().as_str()));
+    // The 429 body carries the limit and the same retry.
+    let d = l.check("k", &p, 1).unwrap();
+    let r = d.rejection().unwrap();
+    assert_eq!(
+        r,
+        crate::http::Rejection::RateLimited { limit: 3, retry_after: Duration::from_secs(1) }
+    );
+    // The next window admits again.
+    c.advance(Duration::from_millis(600));
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+}
+
+#[test]
+fn retry_after_is_never_zero_nor_before_reset() {
+    let c = clock();
+    // Put wall time 0.9 s into a second, so rounding could disagree.
+    c.advance(Duration::from_millis(900));
+    let l = MemoryLimiter::<String, _>::with_clock(100, c.clone());
+    let p = [Policy::new("d", 1, Duration::from_millis(1100), Algorithm::Gcra).unwrap()];
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+    for step in [0, 1, 500, 999, 1099] {
+        let c2 = c.clone();
+        let _ = step;
+        let d = l.check("k", &p, 1).unwrap();
+        assert!(!d.is_allowed());
+        let retry = d.retry_after_secs().unwrap();
+        assert!(retry >= 1);
+        let reset = d.reset_unix();
+        assert!(
+            d.at().as_second() + i64::try_from(retry).unwrap() >= reset,
+            "retry {retry} reset {reset}"
+        );
+        assert!(Duration::from_secs(retry) >= d.retry_after().unwrap());
+        c2.advance(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn ietf_headers_list_every_stacked_policy() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(100, c);
+    let burst = Policy::new("burst", 100, Duration::from_secs(60), Algorithm::FixedWindow).unwrap();
+    let day = Policy::new("day", 1000, Duration::from_secs(86_400), Algorithm::Gcra).unwrap();
+    let d = l.check("k", &[burst, day], 50).unwrap();
+    let h = d.headers(HeaderSet::all());
+    assert_eq!(
+        header(&h, "RateLimit-Policy"),
+        Some("\"burst\";q=100;w=60, \"day\";q=1000;w=86400")
+    );
+    assert_eq!(header(&h, "RateLimit"), Some("\"burst\";r=50;t=60, \"day\";r=950;t=4320"));
+    let only_ietf = d.headers(HeaderSet { x_ratelimit: false, ietf: true, retry_after: true });
+    assert!(header(&only_ietf, "X-RateLimit-Limit").is_none());
+}
+
+#[test]
+fn stacked_policies_are_all_or_nothing() {
+    let l = MemoryLimiter::<String, _>::with_clock(100, clock());
+    let burst = Policy::new("burst", 2, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+    let sustained =
+        Policy::new("sustained", 3, Duration::from_secs(60), Algorithm::FixedWindow).unwrap();
+    let plan = [burst, sustained];
+    assert!(l.check("k", &plan, 2).unwrap().is_allowed());
+    // burst is empty: denied, and sustained must not have been charged.
+    let d = l.check("k", &plan, 1).unwrap();
+    assert_eq!(d.outcome(), Outcome::Limited);
+    assert_eq!(d.policies()[1].remaining, 1);
+    assert!(d.policies()[1].allowed && !d.policies()[0].allowed);
+    assert_eq!(d.binding().name, "burst");
+}
+
+#[test]
+fn impossible_peek_refund() {
+    let l = MemoryLimiter::<String, _>::with_clock(100, clock());
+    let p = [fixed(5, 1)];
+    let d = l.check("k", &p, 6).unwrap();
+    assert_eq!(d.outcome(), Outcome::Impossible);
+    assert_eq!(d.retry_after(), None);
+    assert_eq!(d.remaining(), 5, "nothing consumed");
+    let peek = l.peek("k", &p, 5).unwrap();
+    assert!(peek.is_allowed());
+    assert_eq!(l.peek("k", &p, 1).unwrap().remaining(), 4, "peek consumed nothing");
+    assert!(l.check("k", &p, 5).unwrap().is_allowed());
+    assert!(!l.check("k", &p, 1).unwrap().is_allowed());
+    l.refund("k", &p, 2);
+    assert_eq!(l.check("k", &p, 2).unwrap().remaining(), 0);
+    // Peeking an unknown key does not start tracking it.
+    assert!(l.peek("new", &p, 1).unwrap().is_allowed());
+    assert_eq!(l.len(), 1);
+}
+
+#[test]
+fn plan_change_keeps_state() {
+    let l = MemoryLimiter::<String, _>::with_clock(100, clock());
+    assert!(l.check("k", &[fixed(3, 1)], 3).unwrap().is_allowed());
+    // Upgraded to 5/s in the same window: 2 more, not 5.
+    let d = l.check("k", &[fixed(5, 1)], 1).unwrap();
+    assert!(d.is_allowed());
+    assert_eq!(d.remaining(), 1);
+}
+
+#[test]
+fn memory_is_bounded_and_eviction_never_frees_a_limited_key() {
+    let c = clock();
+    let l = MemoryLimiter::<u64, _>::with_clock(1000, c.clone());
+    let p = [Policy::new("d", 1, Duration::from_millis(10), Algorithm::Gcra).unwrap()];
+    let cap = l.max_keys();
+    let mut refused = 0;
+    for i in 0..200_000u64 {
+        if l.check(&i, &p, 1).is_err() {
+            refused += 1;
+        }
+        assert!(l.len() <= cap);
+        // 500 keys live at any time (10 ms / 20 µs), half the cap.
+        c.advance(Duration::from_micros(20));
+    }
+    assert_eq!(refused, 0, "eviction keeps up when keys go fresh");
+
+    // A full limiter of still-limited keys refuses new keys instead of
+    // forgetting old ones.
+    let c = clock();
+    let l = MemoryLimiter::<u64, _>::with_clock(64, c.clone());
+    let slow = [Policy::new("d", 1, Duration::from_secs(3600), Algorithm::Gcra).unwrap()];
+    let mut tracked = Vec::new();
+    for i in 0..10_000u64 {
+        if l.check(&i, &slow, 1).is_ok() {
+            tracked.push(i);
+        }
+    }
+    assert!(l.len() <= l.max_keys());
+    for i in tracked {
+        assert!(!l.check(&i, &slow, 1).unwrap().is_allowed(), "key {i} was forgotten");
+    }
+}
+
+#[test]
+fn direct_limiter() {
+    let c = clock();
+    let d = DirectLimiter::with_clock(Policy::per_second(NonZeroU32::new(2).unwrap()), c.clone());
+    assert!(d.check(1).is_allowed());
+    assert_eq!(d.check(1).remaining(), 0);
+    let s = d.check(1);
+    assert!(!s.is_allowed());
+    assert_eq!(s.retry_after(), Some(Duration::from_millis(500)));
+    assert_eq!(d.check(3).retry_after(), None, "impossible");
+    c.advance(Duration::from_millis(500));
+    assert!(d.check(1).is_allowed());
+    let dec = d.decide(1);
+    assert_eq!(dec.outcome(), Outcome::Limited);
+    assert_eq!(dec.retry_after_secs(), Some(1));
+}
+
+#[test]
+fn plans_from_json() {
+    let text = r#"{"plans": {
+      "tiny": {
+        "rate": [{"name": "default", "limit": 1000, "window_seconds": 60, "algorithm": "sliding_window"}],
+        "monthly": [{"name": "notifications", "limit": 5, "counts": ["webhook"]}]
+      },
+      "bursty": {"rate": [{"name": "burst", "limit": 10, "window_seconds": 1, "algorithm": "gcra", "burst": 20},
+                          {"name": "hour", "limit": 1000, "window_seconds": 3600, "algorithm": "fixed_window"}]}
+    }}"#;
+    let set = PlanSet::from_json(text).unwrap();
+    let tiny = set.get("tiny").unwrap();
+    assert_eq!(tiny.rate()[0].limit(), 1000);
+    assert_eq!(tiny.rate()[0].algorithm(), Algorithm::SlidingWindow);
+    assert_eq!(tiny.monthly()[0], QuotaRule::new("notifications", 5, &["webhook"]));
+    assert_eq!(set.get("bursty").unwrap().rate()[0].capacity(), 20);
+    for (bad, field) in [
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 0, "window_seconds": 1}]}}}"#,
+            "plans.x.rate[0].limit",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 0}]}}}"#,
+            "plans.x.rate[0].window_seconds",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1, "algorithm": "leaky"}]}}}"#,
+            "plans.x.rate[0].algorithm",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1, "algorithm": "fixed_window", "burst": 2}]}}}"#,
+            "plans.x.rate[0].burst",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": "1", "window_seconds": 1}]}}}"#,
+            "plans.x.rate[0].limit",
+        ),
+        (r#"{"plans": {"x": {"rate": []}}}"#, "plans.x.rate"),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1, "extra": 1}]}}}"#,
+            "plans.x.rate[0].extra",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1}], "monthly": [{"limit": 1, "counts": []}]}}}"#,
+            "plans.x.monthly[0].counts",
+        ),
+        (r#"{"plan": {}}"#, "plan"),
+    ] {
+        assert_eq!(PlanSet::from_json(bad).unwrap_err().field, field, "{bad}");
+    }
+}
+
+#[test]
+fn presets_match_the_seeds() {
+    let s = PlanSet::presets();
+    for (name, limit, secs) in [
+        ("hobby", 3, 1),
+        ("starter", 5, 1),
+        ("pro", 10, 1),
+        ("enterprise", 100, 1),
+        ("free", 5, 60),
+        ("indie", 50, 60),
+        ("startup", 200, 60),
+    ] {
+        let p = &s.get(name).unwrap().rate()[0];
+        assert_eq!((p.limit(), p.period()), (limit, Duration::from_secs(secs)), "{name}");
+    }
+    assert_eq!(s.get("free").unwrap().monthly()[0].counts, ["email", "webhook"]);
+    assert_eq!(s.get("indie").unwrap().monthly()[0].limit, 4000);
+    assert!(!s.get("indie").unwrap().monthly()[0].counts("email"));
+    assert_eq!(s.get("startup").unwrap().monthly()[0].limit, 15_000);
+}

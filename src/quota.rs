@@ -1,0 +1,295 @@
+//! Monthly quotas: usage per account and calendar month (UTC) by category,
+//! checked and counted in one atomic step.
+
+use std::collections::HashMap;
+use std::future::{Future, ready};
+use std::sync::{Mutex, PoisonError};
+
+use jiff::Timestamp;
+use jiff::civil::Date;
+use jiff::tz::Offset;
+
+use crate::backend::BackendError;
+use crate::http::Rejection;
+use crate::limit::QuotaRule;
+
+/// A calendar month in UTC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Month {
+    year: i16,
+    month: i8,
+}
+
+impl Month {
+    /// The UTC month containing `t`.
+    #[must_use]
+    pub fn of(t: Timestamp) -> Self {
+        let d = Offset::UTC.to_datetime(t).date();
+        Self { year: d.year(), month: d.month() }
+    }
+
+    /// The year.
+    #[must_use]
+    pub const fn year(self) -> i16 {
+        self.year
+    }
+
+    /// The month, 1 to 12.
+    #[must_use]
+    pub const fn month(self) -> i8 {
+        self.month
+    }
+
+    /// The first instant of the next month (00:00 UTC on the 1st): when
+    /// this month's quotas reset.
+    #[must_use]
+    pub fn next_reset(self) -> Timestamp {
+        let (y, m) =
+            if self.month == 12 { (self.year + 1, 1) } else { (self.year, self.month + 1) };
+        Date::new(y, m, 1)
+            .ok()
+            .and_then(|d| {
+                Offset::UTC.to_timestamp(d.to_datetime(jiff::civil::Time::midnight())).ok()
+            })
+            .unwrap_or(Timestamp::MAX)
+    }
+
+    /// A compact key for storage: `YYYY-MM`.
+    #[must_use]
+    pub fn key(self) -> String {
+        format!("{:04}-{:02}", self.year, self.month)
+    }
+}
+
+/// The result of a quota check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaDecision {
+    /// Whether the usage was admitted (and counted).
+    pub allowed: bool,
+    /// The rule that denied, or the tightest counting rule; `None` when no
+    /// rule counts the category (unlimited, uncounted).
+    pub rule: Option<String>,
+    /// Units used this month under that rule (after counting, if allowed).
+    pub used: u64,
+    /// That rule's monthly limit (`u64::MAX` when uncounted).
+    pub limit: u64,
+    /// When the month's quotas reset.
+    pub resets_at: Timestamp,
+}
+
+impl QuotaDecision {
+    /// The 429 rejection for a denial, `None` when allowed. Its message is
+    /// the seed's exactly: `Monthly usage limit exceeded (100/100). Upgrade
+    /// your plan or wait for reset on 2/1/2026.`
+    #[must_use]
+    pub fn rejection(&self) -> Option<Rejection> {
+        (!self.allowed).then_some(Rejection::QuotaExceeded {
+            used: self.used,
+            limit: self.limit,
+            resets_at: self.resets_at,
+        })
+    }
+}
+
+/// Where monthly usage is counted.
+///
+/// # Contract
+///
+/// - **One atomic step.** `check_and_count` reads every counter of the
+///   account's rules that count `category` for the month of `now`, and only
+///   if all have room for `cost` increments them all; a denied request is
+///   not counted (Redis: one Lua script; SQL: one transaction with
+///   `UPDATE … SET used = used + $cost WHERE used + $cost <= $limit`
+///   per rule, rolled back if any fails).
+/// - **Months.** Counters are per calendar month in UTC and start from zero
+///   on the 1st; old months may be dropped.
+/// - **Failure.** An unreachable backend is a [`BackendError`].
+pub trait QuotaStore: Send + Sync {
+    /// Counts `cost` units of `category` for `account` if every rule that
+    /// counts the category has room.
+    fn check_and_count(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<QuotaDecision, BackendError>> + Send;
+
+    /// Units of `account` counted by `rule` in the month of `now`.
+    fn usage(
+        &self,
+        account: &str,
+        rule: &str,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+}
+
+/// A [`QuotaStore`] in process memory. One entry per (account, rule); an
+/// entry from an earlier month is reset when next touched, so memory is
+/// bounded by accounts × rules.
+#[derive(Debug, Default)]
+pub struct MemoryQuotaStore {
+    counters: Mutex<HashMap<(String, String), (Month, u64)>>,
+}
+
+impl MemoryQuotaStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Synchronous [`QuotaStore::check_and_count`].
+    #[must_use]
+    pub fn check_and_count_sync(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> QuotaDecision {
+        let month = Month::of(now);
+        let resets_at = month.next_reset();
+        let mut map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let used_now = |map: &HashMap<(String, String), (Month, u64)>, r: &QuotaRule| {
+            map.get(&(account.to_owned(), r.name.clone()))
+                .filter(|(m, _)| *m == month)
+                .map_or(0, |(_, u)| *u)
+        };
+        let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
+        if let Some(r) = counting.iter().find(|r| used_now(&map, r).saturating_add(cost) > r.limit)
+        {
+            return QuotaDecision {
+                allowed: false,
+                rule: Some(r.name.clone()),
+                used: used_now(&map, r),
+                limit: r.limit,
+                resets_at,
+            };
+        }
+        let mut tightest: Option<(String, u64, u64)> = None;
+        for r in counting {
+            let e = map.entry((account.to_owned(), r.name.clone())).or_insert((month, 0));
+            if e.0 != month {
+                *e = (month, 0);
+            }
+            e.1 += cost;
+            let left = r.limit - e.1;
+            if tightest.as_ref().is_none_or(|(_, used, limit)| left < limit - used) {
+                tightest = Some((r.name.clone(), e.1, r.limit));
+            }
+        }
+        match tightest {
+            Some((rule, used, limit)) => {
+                QuotaDecision { allowed: true, rule: Some(rule), used, limit, resets_at }
+            }
+            None => {
+                QuotaDecision { allowed: true, rule: None, used: 0, limit: u64::MAX, resets_at }
+            }
+        }
+    }
+}
+
+impl QuotaStore for MemoryQuotaStore {
+    fn check_and_count(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<QuotaDecision, BackendError>> + Send {
+        ready(Ok(self.check_and_count_sync(account, rules, category, cost, now)))
+    }
+
+    fn usage(
+        &self,
+        account: &str,
+        rule: &str,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        let month = Month::of(now);
+        let map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let used = map
+            .get(&(account.to_owned(), rule.to_owned()))
+            .filter(|(m, _)| *m == month)
+            .map_or(0, |(_, u)| *u);
+        ready(Ok(used))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::BodyStyle;
+    use crate::limit::Plan;
+
+    fn ts(s: &str) -> Timestamp {
+        s.parse().unwrap()
+    }
+
+    #[test]
+    fn month_rollover() {
+        for (now, reset) in [
+            ("2026-01-31T23:59:59.999Z", "2026-02-01T00:00:00Z"),
+            ("2026-02-01T00:00:00Z", "2026-03-01T00:00:00Z"),
+            ("2026-12-31T23:59:59Z", "2027-01-01T00:00:00Z"),
+            ("2028-02-29T12:00:00Z", "2028-03-01T00:00:00Z"),
+            ("2027-02-28T12:00:00Z", "2027-03-01T00:00:00Z"),
+        ] {
+            assert_eq!(Month::of(ts(now)).next_reset(), ts(reset), "{now}");
+        }
+        assert_eq!(Month::of(ts("2026-01-09T12:00:00Z")).key(), "2026-01");
+    }
+
+    #[test]
+    fn free_plan_counts_both_channels_and_resets_monthly() {
+        let s = MemoryQuotaStore::new();
+        let rules = Plan::free().monthly().to_vec();
+        let jan = ts("2026-01-09T12:00:00Z");
+        for i in 0..100 {
+            let ch = if i % 2 == 0 { "email" } else { "webhook" };
+            assert!(s.check_and_count_sync("acct", &rules, ch, 1, jan).allowed, "{i}");
+        }
+        let d = s.check_and_count_sync("acct", &rules, "webhook", 1, jan);
+        assert!(!d.allowed);
+        assert_eq!((d.used, d.limit), (100, 100));
+        let body = d.rejection().unwrap().to_response(BodyStyle::Envelope, jan).body;
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            v["error"],
+            "Monthly usage limit exceeded (100/100). Upgrade your plan or wait for reset on 2/1/2026."
+        );
+        assert_eq!(v["success"], false);
+        // Denied requests were not counted; February starts from zero.
+        let feb = ts("2026-02-01T00:00:00Z");
+        let d = s.check_and_count_sync("acct", &rules, "email", 1, feb);
+        assert!(d.allowed);
+        assert_eq!(d.used, 1);
+    }
+
+    #[test]
+    fn paid_plans_do_not_count_email() {
+        let s = MemoryQuotaStore::new();
+        let rules = Plan::indie().monthly().to_vec();
+        let t = ts("2026-03-15T00:00:00Z");
+        for _ in 0..10_000 {
+            assert!(s.check_and_count_sync("a", &rules, "email", 1, t).allowed);
+        }
+        let d = s.check_and_count_sync("a", &rules, "webhook", 4000, t);
+        assert!(d.allowed && d.used == 4000);
+        let d = s.check_and_count_sync("a", &rules, "webhook", 1, t);
+        assert!(!d.allowed);
+        assert_eq!(
+            d.rejection().unwrap().message(),
+            "Monthly usage limit exceeded (4000/4000). Upgrade your plan or wait for reset on 4/1/2026."
+        );
+        assert!(s.check_and_count_sync("a", &rules, "email", 1, t).allowed);
+        assert!(
+            s.check_and_count_sync("b", &rules, "webhook", 1, t).allowed,
+            "accounts are separate"
+        );
+    }
+}

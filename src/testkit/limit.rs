@@ -1,0 +1,70 @@
+//! The [`LimitStore`] contract. Checks use long windows so they hold on a
+//! store with its own real clock (Redis uses the server's time).
+
+use std::time::Duration;
+
+use crate::limit::{Algorithm, CheckMode, LimitStore, Outcome, Policy};
+
+fn policy(name: &'static str, limit: u32, algorithm: Algorithm) -> Policy {
+    Policy::new(name, limit, Duration::from_secs(3600), algorithm).expect("valid policy")
+}
+
+/// Runs every check against `store`, using keys that start with `prefix`
+/// (so runs against a shared backend do not collide).
+///
+/// # Panics
+///
+/// When the store breaks the [`LimitStore`] contract.
+pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
+    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let key = format!("{prefix}:{}", alg.as_str());
+        exact_limit(store, &key, alg).await;
+        peek_refund_impossible(store, &format!("{key}:p"), alg).await;
+    }
+    stacked(store, &format!("{prefix}:stacked")).await;
+}
+
+async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
+    let p = [policy("default", 5, alg)];
+    for i in 0..5u32 {
+        let d = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(d.is_allowed(), "{alg:?}: request {i} of 5 admitted");
+        assert_eq!(d.remaining(), 4 - i, "{alg:?}: remaining after request {i}");
+        assert_eq!(d.limit(), 5);
+    }
+    let d = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
+    assert_eq!(d.outcome(), Outcome::Limited, "{alg:?}: sixth request denied");
+    let wait = d.retry_after().expect("a denial says when to retry");
+    assert!(wait > Duration::ZERO && wait <= Duration::from_secs(3600), "{alg:?}: retry {wait:?}");
+    assert!(d.retry_after_secs().unwrap() >= 1);
+    let other = store.check(&format!("{key}:other"), &p, 1, CheckMode::Consume).await.unwrap();
+    assert!(other.is_allowed(), "{alg:?}: keys are independent");
+}
+
+async fn peek_refund_impossible<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
+    let p = [policy("default", 3, alg)];
+    let d = store.check(key, &p, 4, CheckMode::Consume).await.unwrap();
+    assert_eq!(d.outcome(), Outcome::Impossible, "{alg:?}: cost above capacity");
+    assert_eq!(d.retry_after(), None);
+    let d = store.check(key, &p, 2, CheckMode::Peek).await.unwrap();
+    assert!(d.is_allowed(), "{alg:?}: peek");
+    let d = store.check(key, &p, 3, CheckMode::Consume).await.unwrap();
+    assert!(d.is_allowed(), "{alg:?}: neither peek nor impossible consumed anything");
+    assert!(!store.check(key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    store.refund(key, &p, 1).await.unwrap();
+    let d = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
+    assert!(d.is_allowed(), "{alg:?}: a refunded unit can be used again");
+    assert_eq!(d.remaining(), 0);
+}
+
+async fn stacked<S: LimitStore>(store: &S, key: &str) {
+    let plan =
+        [policy("burst", 2, Algorithm::FixedWindow), policy("sustained", 3, Algorithm::Gcra)];
+    assert!(store.check(key, &plan, 2, CheckMode::Consume).await.unwrap().is_allowed());
+    let d = store.check(key, &plan, 1, CheckMode::Consume).await.unwrap();
+    assert_eq!(d.outcome(), Outcome::Limited);
+    assert_eq!(d.policies().len(), 2, "the decision reports every stacked policy");
+    assert!(!d.policies()[0].allowed && d.policies()[1].allowed);
+    assert_eq!(d.policies()[1].remaining, 1, "the denied check charged no policy");
+    assert_eq!(d.binding().name, "burst");
+}

@@ -1,0 +1,62 @@
+//! The [`QuotaStore`] contract.
+
+use jiff::Timestamp;
+
+use crate::limit::QuotaRule;
+use crate::quota::QuotaStore;
+
+fn ts(s: &str) -> Timestamp {
+    s.parse().expect("valid timestamp")
+}
+
+/// Runs every check against `store` for accounts starting with `prefix`.
+///
+/// # Panics
+///
+/// When the store breaks the [`QuotaStore`] contract.
+pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
+    let acct = format!("{prefix}:a");
+    let rules = [QuotaRule::new("notifications", 3, &["email", "webhook"])];
+    let jan = ts("2026-01-31T23:59:59Z");
+    for i in 0..3 {
+        let d = store.check_and_count(&acct, &rules, "webhook", 1, jan).await.unwrap();
+        assert!(d.allowed, "unit {i} of 3");
+        assert_eq!(d.used, i + 1);
+    }
+    let d = store.check_and_count(&acct, &rules, "email", 1, jan).await.unwrap();
+    assert!(!d.allowed, "the fourth unit is denied");
+    assert_eq!((d.used, d.limit), (3, 3));
+    assert_eq!(d.resets_at, ts("2026-02-01T00:00:00Z"));
+    assert_eq!(
+        store.usage(&acct, "notifications", jan).await.unwrap(),
+        3,
+        "denials are not counted"
+    );
+    let d = store
+        .check_and_count(&acct, &rules, "webhook", 2, ts("2026-02-01T00:00:00Z"))
+        .await
+        .unwrap();
+    assert!(d.allowed && d.used == 2, "a new month starts from zero");
+    let d = store.check_and_count(&acct, &rules, "sms", 1000, jan).await.unwrap();
+    assert!(d.allowed && d.rule.is_none(), "uncounted categories are unlimited");
+    let d = store
+        .check_and_count(&acct, &rules, "webhook", 4, ts("2026-03-01T00:00:00Z"))
+        .await
+        .unwrap();
+    assert!(!d.allowed && d.used == 0, "a cost above the limit is denied and not counted");
+
+    // Several rules: all must have room, and all are counted together.
+    let acct = format!("{prefix}:b");
+    let rules = [
+        QuotaRule::new("all", 10, &["email", "webhook"]),
+        QuotaRule::new("hooks", 2, &["webhook"]),
+    ];
+    let t = ts("2026-05-05T00:00:00Z");
+    assert!(store.check_and_count(&acct, &rules, "webhook", 2, t).await.unwrap().allowed);
+    let d = store.check_and_count(&acct, &rules, "webhook", 1, t).await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.rule.as_deref(), Some("hooks"));
+    assert_eq!(store.usage(&acct, "all", t).await.unwrap(), 2, "a denial charges no rule");
+    assert!(store.check_and_count(&acct, &rules, "email", 8, t).await.unwrap().allowed);
+    assert!(!store.check_and_count(&acct, &rules, "email", 1, t).await.unwrap().allowed);
+}

@@ -1,0 +1,135 @@
+//! Rate limits and quotas: conformance, properties, concurrency, bounded memory.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate::clock::FakeClock;
+use keygate::limit::{Algorithm, MemoryLimiter, Policy};
+use keygate::quota::MemoryQuotaStore;
+use proptest::prelude::*;
+
+#[tokio::test]
+async fn memory_limiter_passes_the_testkit() {
+    let l = MemoryLimiter::<String>::new(10_000);
+    keygate::testkit::limit::run(&l, "t").await;
+}
+
+#[tokio::test]
+async fn memory_quota_store_passes_the_testkit() {
+    keygate::testkit::quota::run(&MemoryQuotaStore::new(), "t").await;
+}
+
+/// Runs `gaps_ms` arrivals against a fresh limiter on a fake clock and
+/// returns the admission times in milliseconds.
+fn admitted(p: &Policy, gaps_ms: &[u64]) -> Vec<u64> {
+    let clock = FakeClock::at_2026();
+    let l = MemoryLimiter::<String, _>::with_clock(16, clock.clone());
+    let mut t = 0;
+    let mut out = Vec::new();
+    for &g in gaps_ms {
+        clock.advance(Duration::from_millis(g));
+        t += g;
+        if l.check("k", std::slice::from_ref(p), 1).unwrap().is_allowed() {
+            out.push(t);
+        }
+    }
+    out
+}
+
+/// Most admissions in any half-open span of `len_ms` starting at an admission.
+fn max_in_any_window(times: &[u64], len_ms: u64) -> usize {
+    times
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| times[i..].iter().take_while(|&&u| u < t + len_ms).count())
+        .max()
+        .unwrap_or(0)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn gcra_never_exceeds_limit_plus_burst(limit in 1u32..20, burst in 1u32..20, gaps in prop::collection::vec(0u64..300, 1..400)) {
+        let p = Policy::new("d", limit, Duration::from_secs(1), Algorithm::Gcra).unwrap().with_burst(burst).unwrap();
+        let a = admitted(&p, &gaps);
+        prop_assert!(max_in_any_window(&a, 1000) <= (limit + burst) as usize);
+    }
+
+    #[test]
+    fn sliding_window_never_exceeds_limit_in_any_window(limit in 1u32..20, gaps in prop::collection::vec(0u64..300, 1..400)) {
+        let p = Policy::new("d", limit, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap();
+        let a = admitted(&p, &gaps);
+        prop_assert!(max_in_any_window(&a, 1000) <= limit as usize);
+    }
+
+    #[test]
+    fn fixed_window_never_exceeds_limit_per_window(limit in 1u32..20, gaps in prop::collection::vec(0u64..300, 1..400)) {
+        let p = Policy::new("d", limit, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+        let a = admitted(&p, &gaps);
+        // Windows are aligned to the clock's origin (t = 0 here).
+        for w in 0..=a.last().copied().unwrap_or(0) / 1000 {
+            let n = a.iter().filter(|&&t| t / 1000 == w).count();
+            prop_assert!(n <= limit as usize, "window {} admitted {}", w, n);
+        }
+    }
+
+    #[test]
+    fn a_steady_client_below_the_rate_is_never_denied(limit in 1u32..50, alg in 0usize..3, n in 1usize..200) {
+        let alg = [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow][alg];
+        let p = Policy::new("d", limit, Duration::from_secs(1), alg).unwrap();
+        // One request every period/limit plus 1 ms: just below the rate.
+        let gap = 1000 / u64::from(limit) + 1;
+        let gaps: Vec<u64> = std::iter::once(0).chain(std::iter::repeat_n(gap, n - 1)).collect();
+        prop_assert_eq!(admitted(&p, &gaps).len(), n);
+    }
+}
+
+#[test]
+fn two_threads_never_get_more_than_the_quota() {
+    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        // The clock is frozen, so exactly `limit` units exist to be won.
+        let clock = FakeClock::at_2026();
+        let l = Arc::new(MemoryLimiter::<String, _>::with_clock(100, clock));
+        let p = Arc::new([Policy::new("d", 1000, Duration::from_secs(60), alg).unwrap()]);
+        let wins: usize = std::thread::scope(|s| {
+            let handles: Vec<_> = (0..2)
+                .map(|_| {
+                    let (l, p) = (Arc::clone(&l), Arc::clone(&p));
+                    s.spawn(move || {
+                        (0..5000)
+                            .filter(|_| l.check("hot", &p[..], 1).unwrap().is_allowed())
+                            .count()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 1000, "{alg:?}");
+    }
+}
+
+#[test]
+fn ten_million_distinct_keys_stay_under_the_cap() {
+    let clock = FakeClock::at_2026();
+    let l = MemoryLimiter::<u64, _>::with_clock(10_000, clock.clone());
+    let cap = l.max_keys();
+    let p = [Policy::new("d", 10, Duration::from_millis(1), Algorithm::Gcra).unwrap()];
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut refused = 0u64;
+    for i in 0..10_000_000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        if l.check(&x, &p, 1).is_err() {
+            refused += 1;
+        }
+        if i % 100_000 == 0 {
+            assert!(l.len() <= cap, "{} keys tracked, cap {cap}", l.len());
+        }
+        clock.advance(Duration::from_nanos(500));
+    }
+    assert!(l.len() <= cap);
+    // Each key is fresh 100 µs after its request: ~200 live at a time.
+    assert_eq!(refused, 0);
+}
