@@ -12,8 +12,9 @@ use std::borrow::Cow;
 use std::time::Duration;
 
 use jiff::Timestamp;
+use smallvec::SmallVec;
 
-pub use memory::{DirectLimiter, MemoryLimiter};
+pub use memory::{CapacityError, DirectLimiter, MemoryLimiter, Snapshot};
 pub use plan::{Plan, PlanError, PlanSet, QuotaRule};
 pub use policy::{Algorithm, Policy, PolicyError};
 pub use store::{CheckMode, LimitStore};
@@ -62,12 +63,16 @@ pub struct PolicyDecision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     outcome: Outcome,
-    policies: Vec<PolicyDecision>,
+    policies: SmallVec<[PolicyDecision; 1]>,
     at: Timestamp,
 }
 
 impl Decision {
-    pub(crate) fn new(outcome: Outcome, policies: Vec<PolicyDecision>, at: Timestamp) -> Self {
+    pub(crate) fn new(
+        outcome: Outcome,
+        policies: SmallVec<[PolicyDecision; 1]>,
+        at: Timestamp,
+    ) -> Self {
         Self { outcome, policies, at }
     }
 

@@ -6,14 +6,16 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::{Future, ready};
 use std::hash::Hash;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use smallvec::SmallVec;
 
 use super::algorithm::{self, Slot};
-use super::{CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision};
+use jiff::Timestamp;
+
+use super::{Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision};
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock};
 
@@ -55,8 +57,108 @@ impl KeyState {
 #[repr(align(128))]
 struct Padded<T>(T);
 
+/// A tracked key.
+///
+/// Most keys are checked against one GCRA or fixed-window policy: their
+/// whole state is one word, updated with a compare-and-swap under the
+/// shard's read lock. Stacked policies and sliding windows use a small
+/// locked state instead; a key moves to it (keeping its state) the first
+/// time it is checked against such a plan.
+enum Entry {
+    Word(AtomicU64),
+    Multi(Box<Mutex<KeyState>>),
+}
+
+/// Word layout: bit 63 clear = GCRA theoretical arrival time (ns); bit 63
+/// set = fixed window: 23-bit count at bits 40..63, window end >> 20 (about
+/// milliseconds) in bits 0..40. Zero is a fresh key.
+const FIXED_TAG: u64 = 1 << 63;
+const Q_BITS: u32 = 40;
+const Q_MASK: u64 = (1 << Q_BITS) - 1;
+const COUNT_MAX: u64 = (1 << 23) - 1;
+/// Windows shorter than this do not fit the word's resolution.
+const MIN_WORD_PERIOD: u64 = 1 << 21;
+
+/// Whether one word can hold the state of `policies`.
+fn word_policy(policies: &[Policy]) -> Option<&Policy> {
+    match policies {
+        [p] => match p.algorithm() {
+            Algorithm::Gcra => Some(p),
+            Algorithm::FixedWindow
+                if u64::from(p.limit()) <= COUNT_MAX
+                    && crate::clock::duration_nanos(p.period()) >= MIN_WORD_PERIOD =>
+            {
+                Some(p)
+            }
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// One word-policy step: the decision and, if admitted, the next word.
+fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Option<u64>) {
+    if p.algorithm() == Algorithm::Gcra {
+        let tat = if cur & FIXED_TAG == 0 { cur } else { 0 };
+        let (s, next) = algorithm::step(p, &Slot::Tat(tat), now, cost);
+        let next = next.map(|n| if let Slot::Tat(t) = n { t & !FIXED_TAG } else { 0 });
+        return (s, next);
+    }
+    let period = crate::clock::duration_nanos(p.period());
+    let index = now / period;
+    let end = (index + 1).saturating_mul(period);
+    let q = end >> 20;
+    let (count, stored_q) = if cur & FIXED_TAG == 0 {
+        (0, 0)
+    } else {
+        (((cur >> Q_BITS) & COUNT_MAX) as u32, cur & Q_MASK)
+    };
+    // Same window, or the clock stepped back into an earlier one (keep
+    // counting in the later window: never an extra admission).
+    let (count, q) = if stored_q >= q { (count, stored_q) } else { (0, q) };
+    let slot = Slot::Window { index, count };
+    let (s, next) = algorithm::step(p, &slot, now, cost);
+    let next = next.map(|n| match n {
+        Slot::Window { count, .. } => FIXED_TAG | (u64::from(count) << Q_BITS) | (q & Q_MASK),
+        _ => 0,
+    });
+    (s, next)
+}
+
+/// The word's state as a slot (when a key moves to the locked form).
+fn word_to_slot(p: &Policy, word: u64, now: u64) -> Slot {
+    if word == 0 {
+        return Slot::Fresh;
+    }
+    if word & FIXED_TAG == 0 {
+        return Slot::Tat(word);
+    }
+    let period = crate::clock::duration_nanos(p.period()).max(1);
+    let count = ((word >> Q_BITS) & COUNT_MAX) as u32;
+    let index = now / period;
+    if ((index + 1).saturating_mul(period) >> 20) <= (word & Q_MASK) {
+        Slot::Window { index, count }
+    } else {
+        Slot::Fresh
+    }
+}
+
+/// When a word is indistinguishable from fresh.
+fn word_fresh_at(word: u64) -> u64 {
+    if word & FIXED_TAG == 0 { word } else { ((word & Q_MASK) + 1) << 20 }
+}
+
+impl Entry {
+    fn fresh_at(&mut self) -> u64 {
+        match self {
+            Self::Word(w) => word_fresh_at(*w.get_mut()),
+            Self::Multi(m) => m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at,
+        }
+    }
+}
+
 struct Shard<K, S> {
-    map: HashMap<K, Mutex<KeyState>, S>,
+    map: HashMap<K, Entry, S>,
     /// Earliest monotonic time at which any tracked key becomes fresh:
     /// purging before then cannot free anything.
     next_purge: u64,
@@ -67,9 +169,10 @@ type ShardLock<K> = Padded<RwLock<Shard<K, ahash::RandomState>>>;
 /// A keyed in-memory rate limiter.
 ///
 /// Keys are spread over cache-padded shards by a randomly keyed hash
-/// (`ahash`, resistant to hash flooding). A check of a known key takes the
-/// shard's read lock and the key's own lock — a few atomic operations, no
-/// global lock, no future. Each key can be checked against its own stacked
+/// (`ahash`, resistant to hash flooding). A check of a known key against a
+/// single GCRA or fixed-window policy takes the shard's read lock and one
+/// compare-and-swap — a few atomic operations, no global lock, no future, no
+/// write on denial. Each key can be checked against its own stacked
 /// policies on every call, so plan changes apply at once and keep state
 /// (slots are matched by policy name).
 ///
@@ -95,6 +198,38 @@ pub struct MemoryLimiter<K = String, C = SystemClock> {
     hasher: ahash::RandomState,
     per_shard: usize,
     clock: C,
+    wall: WallAnchor,
+}
+
+/// Wall-clock time derived from the monotonic clock and re-anchored at most
+/// once a second, so a check reads one clock, not two. Header reset times
+/// may lag a wall-clock step by up to a second.
+struct WallAnchor {
+    /// Wall nanoseconds minus monotonic nanoseconds at the last anchor.
+    offset: AtomicI64,
+    /// Monotonic nanoseconds of the last anchor, plus one (0: never).
+    at: AtomicU64,
+}
+
+impl WallAnchor {
+    fn new() -> Self {
+        Self { offset: AtomicI64::new(0), at: AtomicU64::new(0) }
+    }
+
+    fn now<C: Clock>(&self, clock: &C, mono: u64) -> Timestamp {
+        let at = self.at.load(Ordering::Relaxed);
+        let offset = if at == 0 || mono.saturating_sub(at - 1) >= 1_000_000_000 || mono < at - 1 {
+            let wall = clock.now().as_nanosecond();
+            let offset = i64::try_from(wall - i128::from(mono)).unwrap_or(0);
+            self.offset.store(offset, Ordering::Relaxed);
+            self.at.store(mono + 1, Ordering::Relaxed);
+            offset
+        } else {
+            self.offset.load(Ordering::Relaxed)
+        };
+        Timestamp::from_nanosecond(i128::from(mono) + i128::from(offset))
+            .unwrap_or(Timestamp::UNIX_EPOCH)
+    }
 }
 
 impl<K, C> fmt::Debug for MemoryLimiter<K, C> {
@@ -133,7 +268,13 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
                 }))
             })
             .collect();
-        Self { shards, hasher: ahash::RandomState::new(), per_shard, clock }
+        Self {
+            shards,
+            hasher: ahash::RandomState::new(),
+            per_shard,
+            clock,
+            wall: WallAnchor::new(),
+        }
     }
 
     /// Most keys tracked at once.
@@ -218,44 +359,112 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let now = self.clock.monotonic().as_u64();
+        let word = word_policy(policies);
         let shard = self.shard(key);
         {
             let r = shard.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(state) = r.map.get(key) {
-                let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
-                return Ok(self.decide(&mut st, policies, cost, mode, now));
+            match (r.map.get(key), word) {
+                (Some(Entry::Word(w)), Some(p)) => {
+                    return Ok(self.word_check(w, p, cost, mode, now));
+                }
+                (Some(Entry::Multi(m)), _) => {
+                    let mut st = m.lock().unwrap_or_else(PoisonError::into_inner);
+                    return Ok(self.decide(&mut st, policies, cost, mode, now));
+                }
+                (Some(Entry::Word(_)), None) | (None, _) => {}
             }
         }
-        if mode == CheckMode::Peek {
-            return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
+        if let (CheckMode::Peek, Some(p)) = (mode, word) {
+            // An unknown key is fresh; peeking does not start tracking it.
+            return Ok(self.word_check(&AtomicU64::new(0), p, cost, mode, now));
         }
         let mut w = shard.write().unwrap_or_else(PoisonError::into_inner);
-        if !w.map.contains_key(key) && w.map.len() >= self.per_shard {
-            if now >= w.next_purge {
-                // Amortised in-band eviction: forget only keys whose state
-                // is indistinguishable from fresh, and remember when the
-                // next one becomes so.
-                let mut next = u64::MAX;
-                w.map.retain(|_, st| {
-                    let fresh_at = st.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at;
-                    let keep = fresh_at > now;
-                    if keep {
-                        next = next.min(fresh_at);
-                    }
-                    keep
-                });
-                w.next_purge = next;
+        let shard = &mut *w;
+        if !shard.map.contains_key(key) {
+            if mode == CheckMode::Peek {
+                return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
             }
-            if w.map.len() >= self.per_shard {
-                return Err(CapacityError { max: self.max_keys() });
+            if shard.map.len() >= self.per_shard {
+                if now >= shard.next_purge {
+                    // Amortised in-band eviction: forget only keys whose
+                    // state is indistinguishable from fresh, and remember
+                    // when the next one becomes so.
+                    let mut next = u64::MAX;
+                    shard.map.retain(|_, e| {
+                        let fresh_at = e.fresh_at();
+                        let keep = fresh_at > now;
+                        if keep {
+                            next = next.min(fresh_at);
+                        }
+                        keep
+                    });
+                    shard.next_purge = next;
+                }
+                if shard.map.len() >= self.per_shard {
+                    return Err(CapacityError { max: self.max_keys() });
+                }
+            }
+            let fresh = if word.is_some() {
+                Entry::Word(AtomicU64::new(0))
+            } else {
+                Entry::Multi(Box::default())
+            };
+            shard.map.insert(key.to_owned(), fresh);
+        }
+        let entry = shard.map.get_mut(key).unwrap_or_else(|| unreachable!("inserted above"));
+        let d = match (&mut *entry, word) {
+            (Entry::Word(a), Some(p)) => self.word_check(a, p, cost, mode, now),
+            (Entry::Word(a), None) => {
+                // Moving to stacked or sliding policies: carry the word's
+                // state over to the first policy's slot.
+                let mut st = KeyState::default();
+                let slot = word_to_slot(&policies[0], *a.get_mut(), now);
+                st.fresh_at = algorithm::fresh_at(&policies[0], &slot);
+                *st.slot_mut(&policies[0]) = slot;
+                let d = self.decide(&mut st, policies, cost, mode, now);
+                *entry = Entry::Multi(Box::new(Mutex::new(st)));
+                d
+            }
+            (Entry::Multi(m), _) => {
+                let st = m.get_mut().unwrap_or_else(PoisonError::into_inner);
+                self.decide(st, policies, cost, mode, now)
+            }
+        };
+        let fresh_at = entry.fresh_at();
+        shard.next_purge = shard.next_purge.min(fresh_at);
+        Ok(d)
+    }
+
+    /// The compare-and-swap path for one-word keys.
+    fn word_check(
+        &self,
+        word: &AtomicU64,
+        p: &Policy,
+        cost: u32,
+        mode: CheckMode,
+        now: u64,
+    ) -> Decision {
+        let mut cur = word.load(Ordering::Acquire);
+        loop {
+            let (s, next) = word_step(p, cur, now, cost);
+            let outcome = outcome_of(&s);
+            match next {
+                Some(next) if mode == CheckMode::Consume => {
+                    match word.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
+                    {
+                        Ok(_) => return self.decision(outcome, p, &s, now),
+                        Err(v) => cur = v,
+                    }
+                }
+                _ => return self.decision(outcome, p, &s, now),
             }
         }
-        let st = w.map.entry(key.to_owned()).or_default();
-        let st = st.get_mut().unwrap_or_else(PoisonError::into_inner);
-        let d = self.decide(st, policies, cost, mode, now);
-        let fresh_at = st.fresh_at;
-        w.next_purge = w.next_purge.min(fresh_at);
-        Ok(d)
+    }
+
+    fn decision(&self, outcome: Outcome, p: &Policy, s: &algorithm::Step, now: u64) -> Decision {
+        let mut v = SmallVec::new();
+        v.push(policy_decision(p, s));
+        Decision::new(outcome, v, self.wall.now(&self.clock, now))
     }
 
     /// Gives back `cost` units to `key` under every policy.
@@ -266,11 +475,27 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
     {
         let now = self.clock.monotonic().as_u64();
         let r = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
-        if let Some(state) = r.map.get(key) {
-            let mut st = state.lock().unwrap_or_else(PoisonError::into_inner);
-            for p in policies {
-                algorithm::refund(p, st.slot_mut(p), now, cost);
+        match (r.map.get(key), word_policy(policies)) {
+            (Some(Entry::Word(w)), Some(p)) => {
+                let _ = w.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                    let mut slot = word_to_slot(p, cur, now);
+                    algorithm::refund(p, &mut slot, now, cost);
+                    Some(match slot {
+                        Slot::Tat(t) => t,
+                        Slot::Window { count, .. } => {
+                            FIXED_TAG | (u64::from(count) << Q_BITS) | (cur & Q_MASK)
+                        }
+                        _ => 0,
+                    })
+                });
             }
+            (Some(Entry::Multi(m)), _) => {
+                let mut st = m.lock().unwrap_or_else(PoisonError::into_inner);
+                for p in policies {
+                    algorithm::refund(p, st.slot_mut(p), now, cost);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -296,7 +521,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
             Outcome::Limited
         };
         let commit = outcome == Outcome::Allowed && mode == CheckMode::Consume;
-        let mut out = Vec::with_capacity(policies.len());
+        let mut out = SmallVec::with_capacity(policies.len());
         for (p, (s, next)) in policies.iter().zip(steps) {
             if commit && let Some(next) = next {
                 let fresh_at = algorithm::fresh_at(p, &next);
@@ -310,7 +535,15 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
             }
             out.push(policy_decision(p, &s));
         }
-        Decision::new(outcome, out, self.clock.now())
+        Decision::new(outcome, out, self.wall.now(&self.clock, now))
+    }
+}
+
+fn outcome_of(s: &algorithm::Step) -> Outcome {
+    match (s.allowed, s.impossible) {
+        (true, _) => Outcome::Allowed,
+        (false, true) => Outcome::Impossible,
+        (false, false) => Outcome::Limited,
     }
 }
 
@@ -485,6 +718,8 @@ impl<C: Clock> DirectLimiter<C> {
             retry_after: s.retry_after,
             allowed: s.allowed,
         };
-        Decision::new(outcome, vec![pd], self.clock.now())
+        let mut v = SmallVec::new();
+        v.push(pd);
+        Decision::new(outcome, v, self.clock.now())
     }
 }

@@ -77,6 +77,8 @@ pub struct Policy {
     period: Duration,
     burst: Option<NonZeroU32>,
     algorithm: Algorithm,
+    /// Nanoseconds between units at the sustained rate, at least 1.
+    interval: u64,
 }
 
 const YEAR: Duration = Duration::from_secs(366 * 86_400);
@@ -108,7 +110,14 @@ impl Policy {
         period: Duration,
         algorithm: Algorithm,
     ) -> Self {
-        Self { name: Cow::Borrowed("default"), limit, period, burst: None, algorithm }
+        Self {
+            name: Cow::Borrowed("default"),
+            limit,
+            period,
+            burst: None,
+            algorithm,
+            interval: interval_nanos(period, limit),
+        }
     }
 
     /// A policy of `limit` per `period` with `algorithm`.
@@ -140,7 +149,14 @@ impl Policy {
         if !ok {
             return Err(PolicyError::Name);
         }
-        Ok(Self { name, limit, period, burst: None, algorithm })
+        Ok(Self {
+            name,
+            limit,
+            period,
+            burst: None,
+            algorithm,
+            interval: interval_nanos(period, limit),
+        })
     }
 
     /// Sets the GCRA burst: how many units may be used at once (default:
@@ -220,9 +236,15 @@ impl Policy {
     /// Nanoseconds between two units at the sustained rate (GCRA's emission
     /// interval), at least 1.
     #[must_use]
-    pub fn emission_interval_nanos(&self) -> u64 {
-        (crate::clock::duration_nanos(self.period) / u64::from(self.limit.get())).max(1)
+    pub const fn emission_interval_nanos(&self) -> u64 {
+        self.interval
     }
+}
+
+const fn interval_nanos(period: Duration, limit: NonZeroU32) -> u64 {
+    // Periods are at most 366 days (< 2^55 ns), so the quotient fits.
+    let i = (period.as_nanos() / limit.get() as u128) as u64;
+    if i == 0 { 1 } else { i }
 }
 
 impl fmt::Debug for Policy {
@@ -233,7 +255,7 @@ impl fmt::Debug for Policy {
             .field("period", &self.period)
             .field("burst", &self.burst)
             .field("algorithm", &self.algorithm)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 

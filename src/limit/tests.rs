@@ -264,3 +264,33 @@ fn presets_match_the_seeds() {
     assert!(!s.get("indie").unwrap().monthly()[0].counts("email"));
     assert_eq!(s.get("startup").unwrap().monthly()[0].limit, 15_000);
 }
+
+#[test]
+fn backwards_clock_never_admits_extra_through_the_limiter() {
+    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let c = clock();
+        c.advance(Duration::from_secs(10));
+        let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+        let p = [Policy::new("d", 2, Duration::from_secs(1), alg).unwrap()];
+        let mut admitted = 0;
+        for back in [0, 0, 1, 2, 5] {
+            c.rewind(Duration::from_secs(back));
+            if l.check("k", &p, 1).unwrap().is_allowed() {
+                admitted += 1;
+            }
+        }
+        assert_eq!(admitted, 2, "{alg:?}");
+    }
+}
+
+#[test]
+fn moving_to_a_stacked_plan_keeps_the_single_policy_state() {
+    let l = MemoryLimiter::<String, _>::with_clock(16, clock());
+    let single = fixed(3, 60);
+    assert!(l.check("k", std::slice::from_ref(&single), 3).unwrap().is_allowed());
+    let stacked =
+        [single, Policy::new("day", 100, Duration::from_secs(86_400), Algorithm::Gcra).unwrap()];
+    let d = l.check("k", &stacked, 1).unwrap();
+    assert_eq!(d.outcome(), Outcome::Limited, "the 3 units already used still count");
+    assert_eq!(d.binding().name, "default");
+}
