@@ -13,11 +13,13 @@
 //! | [`format`] | declarative key grammars, presets, minting and parsing from one value |
 //! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
+//! | [`portal`] | portal session requests: parsing and validation into 400 rejections |
 
 pub mod backend;
 pub mod clock;
 pub mod format;
 pub mod http;
+pub mod portal;
 pub mod secret;
 
 pub use format::{ApiKey, FormatSet, KeyFormat};
