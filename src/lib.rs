@@ -10,7 +10,7 @@
 //! |---|---|
 //! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
 //! | [`secret`] | [`Secret`] wrapper and constant-time [`Digest`] — the only place plaintext lives |
-//! | [`format`] | declarative key grammars, presets, minting and parsing from one value |
+//! | [`format`](mod@format) | declarative key grammars, presets, minting and parsing from one value |
 //! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
 //! | [`portal`] | portal session requests: parsing and validation into 400 rejections |
