@@ -25,6 +25,7 @@
 //! | [`store`] | [`KeyRecord`](store::KeyRecord), the [`KeyStore`](store::KeyStore) trait and its in-memory implementation |
 //! | [`auth`] | credentials → [`Principal`](auth::Principal) or a typed [`AuthError`](auth::AuthError); cache; last use |
 //! | [`manager`] | create, list, revoke and roll keys |
+//! | [`portal`] | portal session requests, single-use codes, [`PortalStore`](portal::PortalStore), access tokens |
 //! | [`limit`] | policies, plans, GCRA / fixed / sliding windows, decisions and headers, keyed and direct limiters, [`LimitStore`](limit::LimitStore) |
 //! | [`quota`] | monthly quotas by category, calendar-month reset, [`QuotaStore`](quota::QuotaStore) |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
@@ -40,6 +41,7 @@ pub mod hash;
 pub mod http;
 pub mod limit;
 pub mod manager;
+pub mod portal;
 pub mod quota;
 pub mod scan;
 pub mod scope;

@@ -12,4 +12,5 @@
 
 pub mod keys;
 pub mod limit;
+pub mod portal;
 pub mod quota;

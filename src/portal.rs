@@ -1,0 +1,363 @@
+//! Portal sessions: short-lived, single-use links into an embedded developer
+//! portal, and the access tokens they turn into.
+//!
+//! A management-token holder mints a session for one application
+//! ([`Portal::create_session`]); the one-time code travels in a URL; the
+//! first open redeems it ([`Portal::redeem`]) for a portal access token,
+//! which is an ordinary key record of its own format, so the
+//! [`Authenticator`](crate::auth::Authenticator) accepts it and yields a
+//! [`Principal`] scoped to that application with the role's permissions.
+
+mod request;
+mod store;
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use serde_json::json;
+
+pub use request::{
+    MAX_EXPIRES_IN_MINUTES, MAX_METADATA_KEY_LEN, MAX_METADATA_KEYS, MAX_METADATA_VALUE_LEN,
+    MIN_EXPIRES_IN_MINUTES, RequestError, SessionRequest,
+};
+pub use store::{MemoryPortalStore, PortalSession, PortalStore, Redeem, TOMBSTONE_RETENTION};
+
+use crate::auth::Principal;
+use crate::backend::BackendError;
+use crate::clock::{Clock, SystemClock};
+use crate::format::{Alphabet, FormatSet, KeyFormat, NH, NHK, NHM, NK, SK};
+use crate::hash::Hasher;
+use crate::http::Rejection;
+use crate::scope::{ScopeError, ScopeRegistry};
+use crate::secret::{Digest, SecretString};
+use crate::store::{
+    ApplicationId, InsertOutcome, KeyRecord, KeyStore, RecordId, Tenant, WorkspaceId,
+};
+
+/// The portal code: `kgpc_` + 32 base62 (190 bits) + a 6-character CRC32, so
+/// a mangled or forged code is refused before any store lookup. URL-safe.
+pub const CODE: KeyFormat =
+    KeyFormat::builder("kgpc").secret(&Alphabet::BASE62, 32).crc32().hint_chars(4).build_unwrap();
+
+/// The portal access token a redeemed code turns into: `kgpt_` + 43 base62
+/// (256 bits) + CRC32.
+pub const ACCESS_TOKEN: KeyFormat =
+    KeyFormat::builder("kgpt").secret(&Alphabet::BASE62, 43).crc32().hint_chars(4).build_unwrap();
+
+/// The preset formats plus [`ACCESS_TOKEN`]: give this to the
+/// authenticator that serves the portal's API.
+///
+/// # Panics
+///
+/// Never: the names are distinct.
+#[must_use]
+pub fn formats() -> FormatSet {
+    FormatSet::new([NHK, NHM, NK, SK, NH, ACCESS_TOKEN]).expect("distinct format names")
+}
+
+/// The resources a portal role covers by default.
+pub const PORTAL_RESOURCES: &[&str] = &["endpoints", "subscriptions", "deliveries"];
+
+/// A freshly minted session: what the API returns, once.
+pub struct MintedSession {
+    url: String,
+    code: SecretString,
+    expires_at: Timestamp,
+}
+
+impl MintedSession {
+    /// The one-time URL (embeds the code).
+    #[must_use]
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// The code. Shown once, in the response.
+    #[must_use]
+    pub fn code(&self) -> &SecretString {
+        &self.code
+    }
+
+    /// When the code expires.
+    #[must_use]
+    pub const fn expires_at(&self) -> Timestamp {
+        self.expires_at
+    }
+
+    /// The response body: `{"url", "code", "expiresAt"}` with an RFC 3339
+    /// UTC timestamp such as `2024-01-15T12:30:00Z`.
+    #[must_use]
+    pub fn to_json(&self) -> serde_json::Value {
+        let secs = Timestamp::from_second(self.expires_at.as_second()).unwrap_or(self.expires_at);
+        json!({ "url": self.url, "code": self.code.expose_secret(), "expiresAt": secs.to_string() })
+    }
+}
+
+impl fmt::Debug for MintedSession {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MintedSession")
+            .field("expires_at", &self.expires_at)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why a portal operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PortalError {
+    /// The request body breaks a rule.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The minting credential is not a management token of that workspace.
+    #[error("only a management token of the workspace can mint portal sessions")]
+    NotManagementToken,
+    /// The role asks for more than the management token may do.
+    #[error(transparent)]
+    Scope(#[from] ScopeError),
+    /// The code is malformed or its checksum is wrong (no store was asked).
+    #[error("malformed portal code")]
+    MalformedCode,
+    /// No session has this code.
+    #[error("unknown portal code")]
+    UnknownCode,
+    /// The code was already redeemed.
+    #[error("portal code already used")]
+    AlreadyUsed,
+    /// The code expired.
+    #[error("portal code expired")]
+    Expired,
+    /// A generated code or token collided (vanishingly unlikely; retry).
+    #[error("generated code collided; retry")]
+    Collision,
+    /// A store failed.
+    #[error("store failed: {0}")]
+    Backend(#[from] BackendError),
+}
+
+impl PortalError {
+    /// The rejection the caller sees.
+    #[must_use]
+    pub fn rejection(&self) -> Rejection {
+        match self {
+            Self::Request(e) => e.to_rejection(),
+            Self::NotManagementToken | Self::Scope(_) => Rejection::Forbidden { scope: None },
+            Self::MalformedCode | Self::UnknownCode | Self::Expired => {
+                Rejection::InvalidCredentials
+            }
+            Self::AlreadyUsed => Rejection::Gone,
+            Self::Collision | Self::Backend(_) => Rejection::Unavailable,
+        }
+    }
+}
+
+/// A redeemed code: the access token (shown once) and its stored record.
+pub struct AccessToken {
+    token: crate::format::ApiKey,
+    record: KeyRecord,
+}
+
+impl AccessToken {
+    /// The token; hand it to the portal (e.g. in an `HttpOnly` cookie).
+    #[must_use]
+    pub fn token(&self) -> &crate::format::ApiKey {
+        &self.token
+    }
+
+    /// The stored record.
+    #[must_use]
+    pub fn record(&self) -> &KeyRecord {
+        &self.record
+    }
+}
+
+impl fmt::Debug for AccessToken {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AccessToken").field("record", &self.record).finish_non_exhaustive()
+    }
+}
+
+/// Mints and redeems portal sessions.
+pub struct Portal<P, S, C = SystemClock> {
+    sessions: P,
+    keys: S,
+    hasher: Hasher,
+    registry: Arc<ScopeRegistry>,
+    clock: C,
+    url_template: String,
+    resources: Vec<&'static str>,
+}
+
+impl<P, S, C> fmt::Debug for Portal<P, S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Portal").field("url_template", &self.url_template).finish_non_exhaustive()
+    }
+}
+
+impl<P: PortalStore, S: KeyStore> Portal<P, S> {
+    /// A portal over `sessions` (codes) and `keys` (access tokens), with
+    /// URLs `https://portal.example.com/portal?code={code}` until
+    /// [`url_template`](Self::url_template) says otherwise.
+    pub fn new(sessions: P, keys: S) -> Self {
+        Self {
+            sessions,
+            keys,
+            hasher: Hasher::sha256(),
+            registry: Arc::new(ScopeRegistry::default()),
+            clock: SystemClock::new(),
+            url_template: "https://portal.example.com/portal?code={code}".to_owned(),
+            resources: PORTAL_RESOURCES.to_vec(),
+        }
+    }
+}
+
+impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
+    /// Uses `clock`.
+    pub fn clock<C2: Clock>(self, clock: C2) -> Portal<P, S, C2> {
+        Portal {
+            sessions: self.sessions,
+            keys: self.keys,
+            hasher: self.hasher,
+            registry: self.registry,
+            clock,
+            url_template: self.url_template,
+            resources: self.resources,
+        }
+    }
+
+    /// The URL template; `{code}` is replaced by the code.
+    #[must_use]
+    pub fn url_template(mut self, template: impl Into<String>) -> Self {
+        self.url_template = template.into();
+        self
+    }
+
+    /// Hashes access tokens with `hasher` (the authenticator's).
+    #[must_use]
+    pub fn hasher(mut self, hasher: Hasher) -> Self {
+        self.hasher = hasher;
+        self
+    }
+
+    /// Compiles role scopes against `registry`.
+    #[must_use]
+    pub fn registry(mut self, registry: Arc<ScopeRegistry>) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// Mints a session for `application` in `workspace` on behalf of
+    /// `minter`, a management token of that workspace. The role's grants
+    /// must be within the token's.
+    ///
+    /// # Errors
+    ///
+    /// [`PortalError::NotManagementToken`], [`PortalError::Scope`] when the
+    /// role exceeds the token, or a backend failure.
+    pub async fn create_session(
+        &self,
+        minter: &Principal,
+        workspace: &WorkspaceId,
+        application: &ApplicationId,
+        request: SessionRequest,
+    ) -> Result<MintedSession, PortalError> {
+        let target = Tenant::workspace(workspace.clone()).with_application(application.clone());
+        if minter.format() != NHM.name() || !minter.tenant().reaches(&target) {
+            return Err(PortalError::NotManagementToken);
+        }
+        let grants = self.registry.role(request.role, &self.resources)?;
+        self.registry.attenuate(grants, minter.scopes())?;
+        let now = self.clock.now();
+        let minutes =
+            SignedDuration::from_mins(i64::try_from(request.expires_in_minutes).unwrap_or(60));
+        let expires_at = now.checked_add(minutes).map_err(|_| PortalError::Collision)?;
+        let code = CODE.mint_default().map_err(|_| PortalError::Collision)?;
+        let session = PortalSession {
+            workspace: workspace.clone(),
+            application: application.clone(),
+            role: request.role,
+            metadata: request.metadata,
+            created_at: now,
+            expires_at,
+        };
+        let digest = *self.hasher.digest(code.expose_secret().as_bytes()).digest();
+        if !self.sessions.insert(digest, session).await? {
+            return Err(PortalError::Collision);
+        }
+        let url = self.url_template.replace("{code}", code.expose_secret());
+        Ok(MintedSession {
+            url,
+            code: SecretString::from(code.expose_secret().to_owned()),
+            expires_at,
+        })
+    }
+
+    /// Redeems `code` once: returns a portal access token expiring with the
+    /// session, scoped to its application with the role's permissions and
+    /// carrying its metadata.
+    ///
+    /// # Errors
+    ///
+    /// [`PortalError::MalformedCode`] (no store asked),
+    /// [`PortalError::AlreadyUsed`], [`PortalError::Expired`],
+    /// [`PortalError::UnknownCode`], or a backend failure.
+    pub async fn redeem(&self, code: &str) -> Result<AccessToken, PortalError> {
+        CODE.parse(code).map_err(|_| PortalError::MalformedCode)?;
+        let digest: Digest = *self.hasher.digest(code.as_bytes()).digest();
+        let now = self.clock.now();
+        let session = match self.sessions.redeem(&digest, now).await? {
+            Redeem::Session(s) => s,
+            Redeem::AlreadyUsed => return Err(PortalError::AlreadyUsed),
+            Redeem::Expired => return Err(PortalError::Expired),
+            Redeem::Unknown => return Err(PortalError::UnknownCode),
+        };
+        let grants = self.registry.role(session.role, &self.resources)?;
+        let token = ACCESS_TOKEN.mint_default().map_err(|_| PortalError::Collision)?;
+        let mut metadata = session.metadata;
+        metadata.insert("portal.role".into(), session.role.to_string());
+        let record = KeyRecord {
+            id: RecordId::generate()?,
+            name: format!("portal session ({})", session.role),
+            hint: token.hint(),
+            digest: self.hasher.digest(token.expose_secret().as_bytes()),
+            format: ACCESS_TOKEN.name().to_owned(),
+            key_id: None,
+            environment: None,
+            region: None,
+            tenant: Tenant::workspace(session.workspace).with_application(session.application),
+            scopes: self.registry.scopes_of(&grants),
+            plan: None,
+            created_at: now,
+            expires_at: Some(session.expires_at),
+            revoked_at: None,
+            last_used_at: None,
+            metadata,
+        };
+        match self.keys.insert(record.clone(), None).await? {
+            InsertOutcome::Inserted => Ok(AccessToken { token, record }),
+            _ => Err(PortalError::Collision),
+        }
+    }
+}
+
+/// Session lifetime bounds as durations.
+pub const MAX_SESSION: Duration = Duration::from_secs(MAX_EXPIRES_IN_MINUTES * 60);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_are_distinct_checksummed_and_strong() {
+        assert!(CODE.secret_bits() >= 128.0 && ACCESS_TOKEN.secret_bits() >= 128.0);
+        let c = CODE.mint_default().unwrap();
+        assert!(c.expose_secret().starts_with("kgpc_"));
+        assert!(c.expose_secret().bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        let mut forged = c.expose_secret().to_owned();
+        let last = forged.pop().unwrap();
+        forged.push(if last == 'A' { 'B' } else { 'A' });
+        assert!(CODE.parse(&forged).is_err());
+        assert_eq!(formats().formats().len(), 6);
+    }
+}

@@ -1,0 +1,220 @@
+//! The request a management principal sends to mint a portal session.
+//!
+//! Parsing goes through [`serde_json::Value`] so every rule violation is a
+//! specific [`RequestError`] naming the field and the rule, which maps to
+//! [`Rejection::BadRequest`].
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde_json::Value;
+
+use crate::http::Rejection;
+use crate::scope::Role;
+
+/// Most metadata keys a session may carry.
+pub const MAX_METADATA_KEYS: usize = 10;
+/// Longest metadata key, in bytes.
+pub const MAX_METADATA_KEY_LEN: usize = 64;
+/// Longest metadata value, in bytes.
+pub const MAX_METADATA_VALUE_LEN: usize = 512;
+/// Shortest allowed session lifetime, in minutes.
+pub const MIN_EXPIRES_IN_MINUTES: u64 = 1;
+/// Longest allowed (and default) session lifetime, in minutes.
+pub const MAX_EXPIRES_IN_MINUTES: u64 = 60;
+
+/// A validated portal session request (`{}` gives every default).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRequest {
+    /// The session's role (default [`Role::Editor`]).
+    pub role: Role,
+    /// Lifetime in minutes, `1..=60` (default 60).
+    pub expires_in_minutes: u64,
+    /// Flat string-to-string metadata attached to the session.
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl Default for SessionRequest {
+    fn default() -> Self {
+        Self {
+            role: Role::Editor,
+            expires_in_minutes: MAX_EXPIRES_IN_MINUTES,
+            metadata: BTreeMap::new(),
+        }
+    }
+}
+
+/// Why a portal session request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RequestError {
+    /// The body is not a JSON object.
+    #[error("request body must be a JSON object")]
+    NotAnObject,
+    /// A field the request does not define.
+    #[error("{field} is not a known field")]
+    UnknownField {
+        /// The unknown field's name.
+        field: String,
+    },
+    /// `role` is not a string.
+    #[error("role must be a string")]
+    RoleType,
+    /// `role` is not one of the known roles.
+    #[error("role must be one of admin, editor, viewer")]
+    UnknownRole,
+    /// `expiresInMinutes` is not an integer.
+    #[error("expiresInMinutes must be an integer")]
+    ExpiresType,
+    /// `expiresInMinutes` is outside `1..=60`.
+    #[error("expiresInMinutes must be between 1 and 60")]
+    ExpiresRange,
+    /// `metadata` is not an object.
+    #[error("metadata must be an object")]
+    MetadataType,
+    /// `metadata` has more than [`MAX_METADATA_KEYS`] keys.
+    #[error("metadata must have at most 10 keys")]
+    MetadataTooManyKeys,
+    /// A metadata key is empty or longer than [`MAX_METADATA_KEY_LEN`].
+    #[error("metadata keys must be 1 to 64 bytes long")]
+    MetadataKeyLength,
+    /// A metadata value is not a string (nested objects included).
+    #[error("metadata values must be strings")]
+    MetadataValueType,
+    /// A metadata value is longer than [`MAX_METADATA_VALUE_LEN`].
+    #[error("metadata values must be at most 512 bytes long")]
+    MetadataValueLength,
+}
+
+impl RequestError {
+    /// The request field the error is about.
+    #[must_use]
+    pub fn field(&self) -> Cow<'static, str> {
+        match self {
+            Self::NotAnObject => "body".into(),
+            Self::UnknownField { field } => field.clone().into(),
+            Self::RoleType | Self::UnknownRole => "role".into(),
+            Self::ExpiresType | Self::ExpiresRange => "expiresInMinutes".into(),
+            Self::MetadataType
+            | Self::MetadataTooManyKeys
+            | Self::MetadataKeyLength
+            | Self::MetadataValueType
+            | Self::MetadataValueLength => "metadata".into(),
+        }
+    }
+
+    /// The 400 rejection for this error.
+    #[must_use]
+    pub fn to_rejection(&self) -> Rejection {
+        Rejection::BadRequest { field: self.field(), message: self.to_string() }
+    }
+}
+
+impl SessionRequest {
+    /// Parses and validates a request body.
+    ///
+    /// # Errors
+    ///
+    /// [`RequestError`] naming the first violated rule; unknown fields are
+    /// refused.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, RequestError> {
+        let value: Value = serde_json::from_slice(bytes).map_err(|_| RequestError::NotAnObject)?;
+        let Value::Object(map) = value else { return Err(RequestError::NotAnObject) };
+        let mut req = Self::default();
+        for (k, v) in map {
+            match k.as_str() {
+                "role" => {
+                    let s = v.as_str().ok_or(RequestError::RoleType)?;
+                    req.role = s.parse().map_err(|_| RequestError::UnknownRole)?;
+                }
+                "expiresInMinutes" => {
+                    let n = v.as_number().ok_or(RequestError::ExpiresType)?;
+                    if n.is_f64() {
+                        return Err(RequestError::ExpiresType);
+                    }
+                    match n.as_u64() {
+                        Some(m)
+                            if (MIN_EXPIRES_IN_MINUTES..=MAX_EXPIRES_IN_MINUTES).contains(&m) =>
+                        {
+                            req.expires_in_minutes = m;
+                        }
+                        _ => return Err(RequestError::ExpiresRange),
+                    }
+                }
+                "metadata" => {
+                    let Value::Object(md) = v else { return Err(RequestError::MetadataType) };
+                    if md.len() > MAX_METADATA_KEYS {
+                        return Err(RequestError::MetadataTooManyKeys);
+                    }
+                    for (mk, mv) in md {
+                        if mk.is_empty() || mk.len() > MAX_METADATA_KEY_LEN {
+                            return Err(RequestError::MetadataKeyLength);
+                        }
+                        let Value::String(s) = mv else {
+                            return Err(RequestError::MetadataValueType);
+                        };
+                        if s.len() > MAX_METADATA_VALUE_LEN {
+                            return Err(RequestError::MetadataValueLength);
+                        }
+                        req.metadata.insert(mk, s);
+                    }
+                }
+                _ => return Err(RequestError::UnknownField { field: k }),
+            }
+        }
+        Ok(req)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_object_gives_defaults() {
+        assert_eq!(SessionRequest::from_json(b"{}"), Ok(SessionRequest::default()));
+    }
+
+    #[test]
+    fn full_request_parses() {
+        let r = SessionRequest::from_json(
+            br#"{"role":"viewer","expiresInMinutes":30,"metadata":{"customerId":"c_1"}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.role, Role::Viewer);
+        assert_eq!(r.expires_in_minutes, 30);
+        assert_eq!(r.metadata.get("customerId").map(String::as_str), Some("c_1"));
+    }
+
+    #[test]
+    fn every_rule_has_its_error() {
+        let eleven: String =
+            (0..11).map(|i| format!("\"k{i}\":\"v\"")).collect::<Vec<_>>().join(",");
+        let cases: Vec<(String, RequestError)> = vec![
+            ("[]".into(), RequestError::NotAnObject),
+            ("not json".into(), RequestError::NotAnObject),
+            (r#"{"x":1}"#.into(), RequestError::UnknownField { field: "x".into() }),
+            (r#"{"role":1}"#.into(), RequestError::RoleType),
+            (r#"{"role":"owner"}"#.into(), RequestError::UnknownRole),
+            (r#"{"expiresInMinutes":"5"}"#.into(), RequestError::ExpiresType),
+            (r#"{"expiresInMinutes":1.5}"#.into(), RequestError::ExpiresType),
+            (r#"{"expiresInMinutes":0}"#.into(), RequestError::ExpiresRange),
+            (r#"{"expiresInMinutes":61}"#.into(), RequestError::ExpiresRange),
+            (r#"{"expiresInMinutes":-1}"#.into(), RequestError::ExpiresRange),
+            (r#"{"metadata":"x"}"#.into(), RequestError::MetadataType),
+            (format!(r#"{{"metadata":{{{eleven}}}}}"#), RequestError::MetadataTooManyKeys),
+            (r#"{"metadata":{"":"v"}}"#.into(), RequestError::MetadataKeyLength),
+            (r#"{"metadata":{"a":{"b":"c"}}}"#.into(), RequestError::MetadataValueType),
+            (
+                format!(r#"{{"metadata":{{"a":"{}"}}}}"#, "v".repeat(513)),
+                RequestError::MetadataValueLength,
+            ),
+        ];
+        for (body, want) in cases {
+            assert_eq!(SessionRequest::from_json(body.as_bytes()), Err(want), "{body}");
+        }
+        let r = RequestError::ExpiresRange.to_rejection();
+        assert!(matches!(r, Rejection::BadRequest { ref field, ref message }
+            if field == "expiresInMinutes" && message == "expiresInMinutes must be between 1 and 60"));
+    }
+}

@@ -1,0 +1,223 @@
+//! The [`PortalStore`] trait: single-use redemption as one atomic step.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::{Future, ready};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+
+use crate::backend::BackendError;
+use crate::scope::Role;
+use crate::secret::{Digest, DigestBuildHasher};
+use crate::store::{ApplicationId, WorkspaceId};
+
+/// A minted portal session, stored under its code's digest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortalSession {
+    /// The workspace.
+    pub workspace: WorkspaceId,
+    /// The application whose endpoints the session manages.
+    pub application: ApplicationId,
+    /// What the session may do.
+    pub role: Role,
+    /// Flat metadata, attached to endpoints created during the session.
+    pub metadata: BTreeMap<String, String>,
+    /// When it was minted.
+    pub created_at: Timestamp,
+    /// When the code stops working.
+    pub expires_at: Timestamp,
+}
+
+/// What redeeming a code found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Redeem {
+    /// The code was valid and unused; it is now used. Returned exactly once
+    /// per code.
+    Session(PortalSession),
+    /// The code was already redeemed.
+    AlreadyUsed,
+    /// The code expired before it was redeemed.
+    Expired,
+    /// No session has this code (never minted, or long forgotten).
+    Unknown,
+}
+
+/// Where portal sessions live between minting and redemption.
+///
+/// # Contract
+///
+/// - **Single use.** `redeem` is one atomic step: of any number of
+///   concurrent calls with the same code, exactly one gets
+///   [`Redeem::Session`]; the others get [`Redeem::AlreadyUsed`]. SQL:
+///   `UPDATE portal_sessions SET used_at = $now WHERE code_digest = $1 AND
+///   used_at IS NULL AND expires_at > $now RETURNING …`, then tell the
+///   no-row cases apart with a plain `SELECT`. Redis: one Lua script that
+///   reads the session, checks expiry, and replaces it with an "used"
+///   tombstone (or `GETDEL` plus a `SET NX` tombstone).
+/// - **Expiry.** A code is redeemable strictly before `expires_at`.
+/// - **Bounded.** Expired sessions and tombstones are dropped on their own
+///   (TTL, or in-band purging); memory does not grow with history.
+/// - **Failure.** An unreachable backend is a [`BackendError`] — never a
+///   redemption.
+pub trait PortalStore: Send + Sync {
+    /// Stores `session` under `code`. `Ok(false)` if that digest exists.
+    fn insert(
+        &self,
+        code: Digest,
+        session: PortalSession,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Redeems `code` at `now`, atomically.
+    fn redeem(
+        &self,
+        code: &Digest,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Redeem, BackendError>> + Send;
+}
+
+/// How long used and expired codes are remembered past their expiry, so
+/// that a late second open still says "already used" or "expired" rather
+/// than "unknown".
+pub const TOMBSTONE_RETENTION: Duration = Duration::from_secs(3600);
+
+enum Entry {
+    Pending(PortalSession),
+    Used { expires_at: Timestamp },
+}
+
+impl Entry {
+    fn expires_at(&self) -> Timestamp {
+        match self {
+            Self::Pending(s) => s.expires_at,
+            Self::Used { expires_at } => *expires_at,
+        }
+    }
+}
+
+const SHARDS: usize = 16;
+
+struct Shard {
+    map: HashMap<Digest, Entry, DigestBuildHasher>,
+    /// Map size at which the next purge runs (doubles when little is freed).
+    purge_at: usize,
+}
+
+/// A [`PortalStore`] in process memory: sharded maps behind mutexes, so
+/// redemption is atomic per code; expired sessions and tombstones are
+/// purged in band as new sessions arrive.
+pub struct MemoryPortalStore {
+    shards: Box<[Mutex<Shard>]>,
+}
+
+impl std::fmt::Debug for MemoryPortalStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MemoryPortalStore").field("entries", &self.len()).finish()
+    }
+}
+
+impl Default for MemoryPortalStore {
+    fn default() -> Self {
+        let shards = (0..SHARDS)
+            .map(|_| Mutex::new(Shard { map: HashMap::default(), purge_at: 64 }))
+            .collect();
+        Self { shards }
+    }
+}
+
+impl MemoryPortalStore {
+    /// An empty store.
+    #[must_use]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Entries held (pending sessions and tombstones).
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).map.len()).sum()
+    }
+
+    /// Whether the store holds nothing.
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn shard(&self, d: &Digest) -> &Mutex<Shard> {
+        let h = std::hash::BuildHasher::hash_one(&DigestBuildHasher::default(), d);
+        &self.shards[(h >> 60) as usize % SHARDS]
+    }
+
+    /// Synchronous [`PortalStore::insert`]; `now` drives in-band purging.
+    pub fn insert_sync(&self, code: Digest, session: PortalSession, now: Timestamp) -> bool {
+        let mut shard = self.shard(&code).lock().unwrap_or_else(PoisonError::into_inner);
+        if shard.map.len() >= shard.purge_at {
+            let keep =
+                SignedDuration::try_from(TOMBSTONE_RETENTION).unwrap_or(SignedDuration::ZERO);
+            shard.map.retain(|_, e| e.expires_at().checked_add(keep).map_or(true, |t| t > now));
+            // Amortised: the next purge waits until the map doubles.
+            shard.purge_at = (shard.map.len() * 2).max(64);
+        }
+        if shard.map.contains_key(&code) {
+            return false;
+        }
+        shard.map.insert(code, Entry::Pending(session));
+        true
+    }
+
+    /// Synchronous [`PortalStore::redeem`].
+    pub fn redeem_sync(&self, code: &Digest, now: Timestamp) -> Redeem {
+        let mut shard = self.shard(code).lock().unwrap_or_else(PoisonError::into_inner);
+        let Some(entry) = shard.map.get_mut(code) else { return Redeem::Unknown };
+        match entry {
+            Entry::Used { .. } => Redeem::AlreadyUsed,
+            Entry::Pending(s) if now >= s.expires_at => Redeem::Expired,
+            Entry::Pending(s) => {
+                let expires_at = s.expires_at;
+                match std::mem::replace(entry, Entry::Used { expires_at }) {
+                    Entry::Pending(s) => Redeem::Session(s),
+                    Entry::Used { .. } => Redeem::AlreadyUsed,
+                }
+            }
+        }
+    }
+}
+
+impl PortalStore for MemoryPortalStore {
+    fn insert(
+        &self,
+        code: Digest,
+        session: PortalSession,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        let now = session.created_at;
+        ready(Ok(self.insert_sync(code, session, now)))
+    }
+
+    fn redeem(
+        &self,
+        code: &Digest,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Redeem, BackendError>> + Send {
+        ready(Ok(self.redeem_sync(code, now)))
+    }
+}
+
+impl<P: PortalStore + ?Sized> PortalStore for std::sync::Arc<P> {
+    fn insert(
+        &self,
+        code: Digest,
+        session: PortalSession,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        (**self).insert(code, session)
+    }
+
+    fn redeem(
+        &self,
+        code: &Digest,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Redeem, BackendError>> + Send {
+        (**self).redeem(code, now)
+    }
+}

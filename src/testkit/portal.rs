@@ -1,0 +1,127 @@
+//! The [`PortalStore`] contract, including the single-use race.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::pin::pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use std::thread::Thread;
+
+use jiff::Timestamp;
+
+use crate::portal::{PortalSession, PortalStore, Redeem};
+use crate::scope::Role;
+use crate::secret::Digest;
+
+fn ts(secs: i64) -> Timestamp {
+    Timestamp::from_second(1_767_225_600 + secs).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+fn digest(n: u64, salt: u8) -> Digest {
+    let mut b = [salt; 32];
+    b[..8].copy_from_slice(&n.to_le_bytes());
+    Digest::from_bytes(b)
+}
+
+/// A session for the suite, expiring at `expires`.
+///
+/// # Panics
+///
+/// Never (the ids are valid).
+#[must_use]
+pub fn sample_session(expires: i64) -> PortalSession {
+    PortalSession {
+        workspace: "ws_portal".parse().expect("valid id"),
+        application: "app_123".parse().expect("valid id"),
+        role: Role::Editor,
+        metadata: BTreeMap::from([("userId".into(), "usr_456".into())]),
+        created_at: ts(0),
+        expires_at: ts(expires),
+    }
+}
+
+/// Runs the sequential checks against `store`. `salt` keeps digests of
+/// different runs against one shared backend apart.
+///
+/// # Panics
+///
+/// When the store breaks the [`PortalStore`] contract.
+pub async fn run<S: PortalStore>(store: &S, salt: u8) {
+    let code = digest(1, salt);
+    let s = sample_session(60);
+    assert!(store.insert(code, s.clone()).await.unwrap(), "insert");
+    assert!(!store.insert(code, s.clone()).await.unwrap(), "a digest is stored once");
+    assert_eq!(store.redeem(&code, ts(10)).await.unwrap(), Redeem::Session(s), "first redeem wins");
+    assert_eq!(store.redeem(&code, ts(11)).await.unwrap(), Redeem::AlreadyUsed);
+    assert_eq!(store.redeem(&code, ts(61)).await.unwrap(), Redeem::AlreadyUsed, "used stays used");
+
+    let late = digest(2, salt);
+    store.insert(late, sample_session(60)).await.unwrap();
+    assert_eq!(store.redeem(&late, ts(60)).await.unwrap(), Redeem::Expired, "expiry is exclusive");
+    let edge = digest(3, salt);
+    let s = sample_session(60);
+    store.insert(edge, s.clone()).await.unwrap();
+    assert_eq!(
+        store.redeem(&edge, ts(59)).await.unwrap(),
+        Redeem::Session(s),
+        "just before expiry"
+    );
+    assert_eq!(store.redeem(&digest(4, salt), ts(0)).await.unwrap(), Redeem::Unknown);
+}
+
+struct ThreadWaker(Thread);
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+/// Drives `f` to completion on the current thread (no runtime needed for
+/// stores whose futures are self-driving).
+pub fn block_on<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    loop {
+        if let Poll::Ready(v) = f.as_mut().poll(&mut cx) {
+            return v;
+        }
+        std::thread::park();
+    }
+}
+
+/// For each of `codes` codes, `threads` threads redeem at once; exactly one
+/// must win every time. Returns the number of wins (equal to `codes`).
+///
+/// # Panics
+///
+/// When a code is won twice or never.
+pub fn race<S: PortalStore>(store: &S, codes: u64, threads: usize, salt: u8) -> usize {
+    for n in 0..codes {
+        assert!(block_on(store.insert(digest(1000 + n, salt), sample_session(600))).unwrap());
+    }
+    let wins: Vec<AtomicUsize> = (0..codes).map(|_| AtomicUsize::new(0)).collect();
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (wins, barrier) = (&wins, &barrier);
+            s.spawn(move || {
+                for n in 0..codes {
+                    // All threads line up, then redeem the same code at once.
+                    barrier.wait();
+                    if let Redeem::Session(_) =
+                        block_on(store.redeem(&digest(1000 + n, salt), ts(1))).unwrap()
+                    {
+                        wins[usize::try_from(n).unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                let _ = t;
+            });
+        }
+    });
+    for (n, w) in wins.iter().enumerate() {
+        assert_eq!(w.load(Ordering::Relaxed), 1, "code {n} was redeemed {w:?} times");
+    }
+    wins.len()
+}

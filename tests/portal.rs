@@ -1,0 +1,211 @@
+//! Portal sessions end to end: validation, minting, single use under races,
+//! expiry, and the access token's principal.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate::auth::{AuthError, Authenticator, Target};
+use keygate::clock::FakeClock;
+use keygate::format::NHM;
+use keygate::http::{BodyStyle, Rejection};
+use keygate::manager::{KeyManager, NewKey, TokenExpiry};
+use keygate::portal::{self, MemoryPortalStore, Portal, PortalError, SessionRequest};
+use keygate::store::{MemoryKeyStore, Tenant};
+
+#[tokio::test]
+async fn memory_store_passes_the_testkit() {
+    keygate::testkit::portal::run(&MemoryPortalStore::new(), 1).await;
+}
+
+#[test]
+fn ten_thousand_codes_sixteen_threads_exactly_one_winner_each() {
+    let store = MemoryPortalStore::new();
+    assert_eq!(keygate::testkit::portal::race(&store, 10_000, 16, 2), 10_000);
+}
+
+struct World {
+    clock: FakeClock,
+    keys: MemoryKeyStore,
+    portal: Portal<Arc<MemoryPortalStore>, MemoryKeyStore, FakeClock>,
+    auth: Authenticator<MemoryKeyStore, FakeClock>,
+    mgmt: keygate::auth::Principal,
+}
+
+async fn world(scopes: &[&str]) -> World {
+    let clock = FakeClock::at_2026();
+    let keys = MemoryKeyStore::new();
+    let manager = KeyManager::new(keys.clone()).clock(clock.clone());
+    let token = manager
+        .create(
+            NewKey::new("mgmt", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
+                .scopes(scopes)
+                .unwrap()
+                .token_expiry(TokenExpiry::Never),
+        )
+        .await
+        .unwrap();
+    let auth = Authenticator::new(keys.clone()).clock(clock.clone()).formats(portal::formats());
+    let h = format!("Bearer {}", token.key().expose_secret());
+    let mgmt = auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    let portal = Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone())
+        .clock(clock.clone())
+        .url_template("https://portal.example.com/p?code={code}");
+    World { clock, keys, portal, auth, mgmt }
+}
+
+#[tokio::test]
+async fn seed_request_to_principal() {
+    let w = world(&["*"]).await;
+    let req = SessionRequest::from_json(
+        br#"{"role": "editor", "expiresInMinutes": 30, "metadata": {"userId": "usr_456", "email": "user@example.com"}}"#,
+    )
+    .unwrap();
+    let ws = "ws_abc".parse().unwrap();
+    let app = "app_123".parse().unwrap();
+    let minted = w.portal.create_session(&w.mgmt, &ws, &app, req).await.unwrap();
+    let body = minted.to_json();
+    let code = minted.code().expose_secret();
+    assert_eq!(body["url"], format!("https://portal.example.com/p?code={code}"));
+    assert_eq!(body["code"], code);
+    assert_eq!(body["expiresAt"], "2026-01-01T00:30:00Z");
+    assert_eq!(body.as_object().unwrap().len(), 3);
+    assert!(!format!("{minted:?}").contains(code));
+
+    let access = w.portal.redeem(code).await.unwrap();
+    // Second open: gone, however soon.
+    assert!(matches!(w.portal.redeem(code).await.unwrap_err(), PortalError::AlreadyUsed));
+    assert_eq!(PortalError::AlreadyUsed.rejection(), Rejection::Gone);
+
+    let h = format!("Bearer {}", access.token().expose_secret());
+    let app_target = Target::any().tenant(
+        Tenant::workspace("ws_abc".parse().unwrap()).with_application("app_123".parse().unwrap()),
+    );
+    let p = w.auth.authenticate([("authorization", h.as_bytes())], &app_target).await.unwrap();
+    assert_eq!(p.metadata().get("userId").map(String::as_str), Some("usr_456"));
+    let reg = w.auth.scope_registry();
+    for (scope, allowed) in [
+        ("endpoints:read", true),
+        ("endpoints:create", true),
+        ("endpoints:update", true),
+        ("endpoints:delete", false),
+        ("applications:read", false),
+    ] {
+        assert_eq!(p.allows(&reg.required(scope).unwrap()), allowed, "{scope}");
+    }
+    // Another application of the same workspace is out of reach.
+    let other = Target::any().tenant(
+        Tenant::workspace("ws_abc".parse().unwrap()).with_application("app_999".parse().unwrap()),
+    );
+    assert!(matches!(
+        w.auth.authenticate([("authorization", h.as_bytes())], &other).await.unwrap_err(),
+        AuthError::WrongTenant { .. }
+    ));
+    // The token dies with the session.
+    assert_eq!(p.expires_at(), Some(minted.expires_at()));
+    w.clock.advance(Duration::from_secs(30 * 60));
+    assert!(w.auth.authenticate([("authorization", h.as_bytes())], &app_target).await.is_err());
+    let _ = &w.keys;
+}
+
+#[tokio::test]
+async fn roles_map_to_permissions() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    for (role, read, create, delete) in
+        [("viewer", true, false, false), ("editor", true, true, false), ("admin", true, true, true)]
+    {
+        let req = SessionRequest::from_json(format!(r#"{{"role":"{role}"}}"#).as_bytes()).unwrap();
+        let minted = w.portal.create_session(&w.mgmt, &ws, &app, req).await.unwrap();
+        let access = w.portal.redeem(minted.code().expose_secret()).await.unwrap();
+        let h = format!("Bearer {}", access.token().expose_secret());
+        let p =
+            w.auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+        let reg = w.auth.scope_registry();
+        assert_eq!(p.allows(&reg.required("endpoints:read").unwrap()), read, "{role}");
+        assert_eq!(p.allows(&reg.required("endpoints:create").unwrap()), create, "{role}");
+        assert_eq!(p.allows(&reg.required("endpoints:delete").unwrap()), delete, "{role}");
+    }
+}
+
+#[tokio::test]
+async fn expiry_boundary_and_defaults() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let minted = w
+        .portal
+        .create_session(&w.mgmt, &ws, &app, SessionRequest::from_json(b"{}").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(minted.to_json()["expiresAt"], "2026-01-01T01:00:00Z", "default 60 minutes");
+    w.clock.advance(Duration::from_secs(3600) - Duration::from_nanos(1));
+    let early =
+        w.portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
+    assert!(w.portal.redeem(minted.code().expose_secret()).await.is_ok(), "1 ns before expiry");
+    w.clock.advance(Duration::from_secs(3600));
+    assert!(matches!(
+        w.portal.redeem(early.code().expose_secret()).await.unwrap_err(),
+        PortalError::Expired
+    ));
+}
+
+#[tokio::test]
+async fn forged_codes_and_wrong_minters_are_refused() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let minted =
+        w.portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
+    let mut forged = minted.code().expose_secret().to_owned();
+    let c = forged.remove(6);
+    forged.insert(6, if c == 'A' { 'B' } else { 'A' });
+    assert!(matches!(w.portal.redeem(&forged).await.unwrap_err(), PortalError::MalformedCode));
+    let unknown = keygate::portal::CODE.mint_default().unwrap();
+    assert!(matches!(
+        w.portal.redeem(unknown.expose_secret()).await.unwrap_err(),
+        PortalError::UnknownCode
+    ));
+    // Another workspace's token cannot mint here.
+    let other_ws = "ws_other".parse().unwrap();
+    assert!(matches!(
+        w.portal
+            .create_session(&w.mgmt, &other_ws, &app, SessionRequest::default())
+            .await
+            .unwrap_err(),
+        PortalError::NotManagementToken
+    ));
+    // Validation errors are 400s naming the field.
+    let err = SessionRequest::from_json(br#"{"expiresInMinutes": 61}"#).unwrap_err();
+    let r = PortalError::from(err)
+        .rejection()
+        .to_response(BodyStyle::Nested, jiff::Timestamp::UNIX_EPOCH);
+    assert_eq!(r.status, 400);
+    assert!(r.body.contains("expiresInMinutes must be between 1 and 60"));
+}
+
+#[tokio::test]
+async fn a_role_never_exceeds_the_management_token() {
+    let w = world(&["endpoints:read", "subscriptions:read", "deliveries:read"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let viewer = SessionRequest::from_json(br#"{"role":"viewer"}"#).unwrap();
+    assert!(w.portal.create_session(&w.mgmt, &ws, &app, viewer).await.is_ok());
+    let editor = SessionRequest::from_json(br#"{"role":"editor"}"#).unwrap();
+    let err = w.portal.create_session(&w.mgmt, &ws, &app, editor).await.unwrap_err();
+    assert!(matches!(err, PortalError::Scope(_)), "{err}");
+    assert_eq!(err.rejection().status(), 403);
+}
+
+#[test]
+fn expired_sessions_do_not_accumulate() {
+    let store = MemoryPortalStore::new();
+    let mut session = keygate::testkit::portal::sample_session(60);
+    for i in 0..200_000u64 {
+        let mut b = [7u8; 32];
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        // One new session per simulated second; each lives a minute.
+        let now = jiff::Timestamp::from_second(1_767_225_600 + i64::try_from(i).unwrap()).unwrap();
+        session.created_at = now;
+        session.expires_at = now.checked_add(jiff::SignedDuration::from_secs(60)).unwrap();
+        store.insert_sync(keygate::Digest::from_bytes(b), session.clone(), now);
+    }
+    // Live: 60 s of sessions plus an hour of retained tombstones, ~3,660.
+    assert!(store.len() < 20_000, "{} entries", store.len());
+}
