@@ -1,0 +1,77 @@
+//! Portal session mint and redeem on the in-memory stores.
+
+use std::hint::black_box;
+use std::pin::pin;
+use std::task::{Context, Poll, Waker};
+
+use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
+use jiff::Timestamp;
+use keygate::Digest;
+use keygate::auth::{Authenticator, Target};
+use keygate::format::NHM;
+use keygate::manager::{KeyManager, NewKey};
+use keygate::portal::{self as kportal, MemoryPortalStore, Portal, SessionRequest};
+use keygate::store::{MemoryKeyStore, Tenant};
+
+fn ready<F: Future>(f: F) -> F::Output {
+    let mut f = pin!(f);
+    match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
+        Poll::Ready(v) => v,
+        Poll::Pending => unreachable!("in-memory stores are always ready"),
+    }
+}
+
+fn bench(crit: &mut Criterion) {
+    let keys = MemoryKeyStore::new();
+    let ws = Tenant::workspace("ws_bench".parse().unwrap());
+    let token = ready(
+        KeyManager::new(keys.clone()).create(NewKey::new("m", NHM, ws).scopes(&["*"]).unwrap()),
+    )
+    .unwrap();
+    let auth = Authenticator::new(keys.clone()).formats(kportal::formats());
+    let header = format!("Bearer {}", token.key().expose_secret());
+    let mgmt =
+        ready(auth.authenticate([("authorization", header.as_bytes())], &Target::any())).unwrap();
+    let portal = Portal::new(MemoryPortalStore::new(), keys);
+    let (wsid, app) = ("ws_bench".parse().unwrap(), "app_1".parse().unwrap());
+    let mut g = crit.benchmark_group("portal");
+    g.bench_function("mint", |bench| {
+        bench.iter(|| {
+            ready(portal.create_session(&mgmt, &wsid, &app, SessionRequest::default())).unwrap()
+        });
+    });
+    g.bench_function("redeem_to_access_token", |bench| {
+        bench.iter_batched(
+            || {
+                let minted =
+                    ready(portal.create_session(&mgmt, &wsid, &app, SessionRequest::default()))
+                        .unwrap();
+                minted.code().expose_secret().to_owned()
+            },
+            |code| ready(portal.redeem(black_box(&code))).unwrap(),
+            BatchSize::SmallInput,
+        );
+    });
+    // The store's atomic step alone.
+    let store = MemoryPortalStore::new();
+    let now = Timestamp::from_second(1_767_225_600).unwrap();
+    let mut counter = 0u64;
+    g.bench_function("store_redeem", |bench| {
+        bench.iter_batched(
+            || {
+                counter += 1;
+                let mut bytes = [9u8; 32];
+                bytes[..8].copy_from_slice(&counter.to_le_bytes());
+                let digest = Digest::from_bytes(bytes);
+                store.insert_sync(digest, keygate::testkit::portal::sample_session(600), now);
+                digest
+            },
+            |digest| store.redeem_sync(black_box(&digest), now),
+            BatchSize::SmallInput,
+        );
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
