@@ -395,6 +395,12 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         }
     }
 
+    /// The clock this authenticator reads (for callers that stamp
+    /// responses or count quotas on the same time line).
+    pub fn clock_ref(&self) -> &C {
+        &self.clock
+    }
+
     /// Uses `hasher` (must match the one keys were stored with).
     #[must_use]
     pub fn hasher(mut self, hasher: Hasher) -> Self {

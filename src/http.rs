@@ -52,6 +52,8 @@ pub enum Rejection {
         /// What is wrong, e.g. `expiresInMinutes must be between 1 and 60`.
         message: String,
     },
+    /// 404: the resource does not exist, or is not the caller's to see.
+    NotFound,
     /// 409: the request conflicts with current state (e.g. the key limit of
     /// a project is reached).
     Conflict {
@@ -127,6 +129,7 @@ impl Rejection {
             Self::MissingCredentials | Self::InvalidCredentials => 401,
             Self::Forbidden { .. } | Self::AccountInactive => 403,
             Self::BadRequest { .. } => 400,
+            Self::NotFound => 404,
             Self::Conflict { .. } => 409,
             Self::Gone => 410,
             Self::RateLimited { .. } | Self::QuotaExceeded { .. } => 429,
@@ -143,6 +146,7 @@ impl Rejection {
             Self::Forbidden { .. } => "API key does not have access to this resource".into(),
             Self::AccountInactive => "Account is inactive".into(),
             Self::BadRequest { message, .. } | Self::Conflict { message } => message.clone().into(),
+            Self::NotFound => "Not found".into(),
             Self::Gone => "This link has already been used".into(),
             Self::RateLimited { .. } => "Rate limit exceeded".into(),
             Self::QuotaExceeded { used, limit, resets_at } => {
@@ -166,6 +170,7 @@ impl Rejection {
             Self::MissingCredentials | Self::InvalidCredentials => "unauthorized",
             Self::Forbidden { .. } | Self::AccountInactive => "forbidden",
             Self::BadRequest { .. } => "invalid_request",
+            Self::NotFound => "not_found",
             Self::Conflict { .. } => "conflict",
             Self::Gone => "gone",
             Self::RateLimited { .. } => "rate_limit_exceeded",
@@ -284,6 +289,42 @@ impl Rejection {
     }
 }
 
+#[cfg(feature = "http")]
+impl Response {
+    /// This response as an [`http::Response`](::http::Response) with a body
+    /// of any type that can be made from a `String` (axum's `Body`,
+    /// `http_body_util::Full<Bytes>`, `String` itself).
+    ///
+    /// # Panics
+    ///
+    /// Never: keygate writes only valid header names and values.
+    #[must_use]
+    pub fn into_http<B: From<String>>(self) -> ::http::Response<B> {
+        let mut out = ::http::Response::new(B::from(self.body));
+        *out.status_mut() = ::http::StatusCode::from_u16(self.status)
+            .expect("keygate statuses are valid HTTP status codes");
+        append_headers(out.headers_mut(), self.headers);
+        out
+    }
+}
+
+/// Appends keygate's `(name, value)` pairs (rejection or rate-limit
+/// headers) to an [`http::HeaderMap`](::http::HeaderMap). A value that is
+/// not a valid header value is skipped (keygate writes none).
+#[cfg(feature = "http")]
+pub fn append_headers(
+    map: &mut ::http::HeaderMap,
+    headers: impl IntoIterator<Item = (&'static str, String)>,
+) {
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) =
+            (::http::HeaderName::from_bytes(name.as_bytes()), ::http::HeaderValue::try_from(value))
+        {
+            map.append(name, value);
+        }
+    }
+}
+
 impl fmt::Display for Rejection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{} {}", self.status(), self.code())
@@ -297,6 +338,7 @@ fn reason_phrase(status: u16) -> &'static str {
         400 => "Bad Request",
         401 => "Unauthorized",
         403 => "Forbidden",
+        404 => "Not Found",
         409 => "Conflict",
         410 => "Gone",
         429 => "Too Many Requests",

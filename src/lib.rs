@@ -31,6 +31,7 @@
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
 //! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
 //! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
+//! | `tower` (feature) | `Gate` and its per-route layer: authenticate, rate-limit, authorize, count quota, answer refusals |
 //! | `testkit` (feature) | conformance suites for implementations of the store traits |
 
 pub mod auth;
@@ -49,6 +50,8 @@ pub mod secret;
 pub mod store;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+#[cfg(feature = "tower")]
+pub mod tower;
 
 pub use format::{ApiKey, FormatSet, KeyFormat};
 pub use secret::{Digest, Secret, SecretString};

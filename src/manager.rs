@@ -256,9 +256,7 @@ impl ManagerError {
             Self::LimitReached { .. } | Self::Inactive => {
                 Rejection::Conflict { message: self.to_string() }
             }
-            Self::NotFound => {
-                Rejection::BadRequest { field: "id".into(), message: self.to_string() }
-            }
+            Self::NotFound => Rejection::NotFound,
             Self::UnknownFormat(_) | Self::Collision | Self::Backend(_) => Rejection::Unavailable,
         }
     }

@@ -1,0 +1,624 @@
+//! The reference server's routes, generic over where state lives.
+//!
+//! Everything keygate does is in the [`Gate`] layers and the three library
+//! objects (`KeyManager`, `Portal`, `Gate`); the handlers are the thin HTTP
+//! glue an API platform writes itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Extension, Router};
+use jiff::Timestamp;
+use keygate::auth::{Authenticator, Principal, Target};
+use keygate::clock::Clock;
+use keygate::format::{NH, NHK, NK, SK};
+use keygate::http::{BodyStyle, Rejection, timestamp_millis};
+use keygate::limit::{LimitStore, PlanSet};
+use keygate::manager::{CreatedKey, KeyManager, NewKey, TokenExpiry};
+use keygate::portal::{self, Portal, PortalStore, SessionRequest};
+use keygate::quota::QuotaStore;
+use keygate::scope::Scope;
+use keygate::store::{KeyStore, ProjectId, RecordId, Tenant, WorkspaceId};
+use keygate::tower::Gate;
+use serde_json::{Map, Value, json};
+
+/// Where the server keeps its state: in memory, or in a shared backend.
+pub(crate) trait Backend: Send + Sync + 'static {
+    /// Key records.
+    type Keys: KeyStore + Clone + 'static;
+    /// Rate-limit state.
+    type Limits: LimitStore + 'static;
+    /// Monthly usage.
+    type Quotas: QuotaStore + 'static;
+    /// Portal sessions.
+    type Sessions: PortalStore + 'static;
+}
+
+/// The stores of one [`Backend`].
+pub(crate) struct Stores<B: Backend> {
+    /// Key records.
+    pub(crate) keys: B::Keys,
+    /// Rate-limit state.
+    pub(crate) limits: B::Limits,
+    /// Monthly usage.
+    pub(crate) quotas: B::Quotas,
+    /// Portal sessions.
+    pub(crate) sessions: B::Sessions,
+}
+
+/// Everything in process memory.
+pub(crate) struct Memory;
+
+impl Backend for Memory {
+    type Keys = keygate::store::MemoryKeyStore;
+    type Limits = keygate::limit::MemoryLimiter;
+    type Quotas = keygate::quota::MemoryQuotaStore;
+    type Sessions = keygate::portal::MemoryPortalStore;
+}
+
+impl Stores<Memory> {
+    /// Fresh in-memory stores.
+    pub(crate) fn memory() -> Self {
+        Self {
+            keys: keygate::store::MemoryKeyStore::new(),
+            limits: keygate::limit::MemoryLimiter::new(100_000),
+            quotas: keygate::quota::MemoryQuotaStore::new(),
+            sessions: keygate::portal::MemoryPortalStore::new(),
+        }
+    }
+}
+
+/// What the server is told at start.
+pub(crate) struct Config {
+    /// The one workspace it serves.
+    pub(crate) workspace: WorkspaceId,
+    /// Plans keys may name.
+    pub(crate) plans: PlanSet,
+    /// `http://host:port`, for portal URLs.
+    pub(crate) base_url: String,
+}
+
+/// The portal session cookie.
+pub(crate) const PORTAL_COOKIE: &str = "kg_portal";
+
+struct App<B: Backend> {
+    workspace: WorkspaceId,
+    manager: KeyManager<B::Keys>,
+    gate: Gate<B::Keys, B::Limits, B::Quotas>,
+    portal: Portal<B::Sessions, B::Keys>,
+    /// Portal endpoints by application id (demo data, not keygate's).
+    endpoints: Mutex<HashMap<String, Vec<Value>>>,
+    next_id: AtomicU64,
+}
+
+type Shared<B> = State<Arc<App<B>>>;
+
+/// The router, and the stores' key manager for bootstrapping.
+///
+/// # Errors
+///
+/// A scope literal the registry does not know (a programming error).
+pub(crate) fn router<B: Backend>(
+    stores: Stores<B>,
+    config: Config,
+) -> Result<(Router, KeyManager<B::Keys>), keygate::scope::ScopeError> {
+    let Stores { keys, limits, quotas, sessions } = stores;
+    let auth = Authenticator::new(keys.clone()).formats(portal::formats());
+    let gate = Gate::builder(auth, limits).plans(config.plans).quotas(quotas).build();
+    let portal = Portal::new(sessions, keys.clone())
+        .url_template(format!("{}/portal?code={{code}}", config.base_url));
+    let app = Arc::new(App::<B> {
+        workspace: config.workspace,
+        manager: KeyManager::new(keys.clone()).formats(portal::formats()),
+        gate: gate.clone(),
+        portal,
+        endpoints: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+    });
+
+    let mgmt = gate.layer().formats(["nhm"]).target(workspace_from_path);
+    let ingest = gate.layer().formats(["nhk"]).body_style(BodyStyle::Flat);
+    let svix = gate.layer().formats(["sk"]).body_style(BodyStyle::Nested);
+    let hex = gate.layer().formats(["nh"]).body_style(BodyStyle::Envelope);
+    let ws = app.workspace.clone();
+    let seq = gate.layer().formats(["nk"]).target(move |parts| project_from_path(&ws, parts));
+    let portal_api = gate.layer().formats(["kgpt"]).cookie(PORTAL_COOKIE);
+
+    let keys_path = "/management/v1/workspaces/{ws}/api-keys";
+    let router = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(keys_path, post(create_key::<B>).layer(mgmt.clone().require("api_keys:create")?))
+        .route(keys_path, get(list_keys::<B>).layer(mgmt.clone().require("api_keys:read")?))
+        .route(
+            "/management/v1/workspaces/{ws}/api-keys/{id}",
+            delete(revoke_key::<B>).layer(mgmt.clone().require("api_keys:delete")?),
+        )
+        .route(
+            "/management/v1/workspaces/{ws}/tokens",
+            post(create_token::<B>).layer(mgmt.clone().require("tokens:create")?),
+        )
+        .route(
+            "/management/v1/workspaces/{ws}/applications/{app}/portal",
+            post(create_portal::<B>).layer(mgmt.require("portal:create")?),
+        )
+        .route("/api/ingest/{endpoint}", post(ingest_event).layer(ingest))
+        .route(
+            "/v1/applications",
+            get(|| async { Json(json!({"data": []})) })
+                .layer(svix.clone().require("applications:read")?),
+        )
+        .route("/v1/webhooks", post(create_webhook::<B>).layer(svix.require("webhooks:write")?))
+        .route("/api/v1/ping", get(ping).layer(hex.clone()))
+        .route("/api/v1/notifications", post(notify::<B>).layer(hex))
+        .route("/api/v1/seq/{org}/{project}/{flow}/execute", post(execute).layer(seq))
+        .route("/portal", get(open_portal::<B>))
+        .route(
+            "/portal/api/endpoints",
+            get(list_endpoints::<B>).layer(portal_api.clone().require("endpoints:read")?),
+        )
+        .route(
+            "/portal/api/endpoints",
+            post(create_endpoint::<B>).layer(portal_api.clone().require("endpoints:create")?),
+        )
+        .route(
+            "/portal/api/endpoints/{id}",
+            delete(delete_endpoint::<B>).layer(portal_api.require("endpoints:delete")?),
+        )
+        .with_state(app.clone());
+    Ok((router, app.manager_clone()))
+}
+
+impl<B: Backend> App<B> {
+    fn manager_clone(&self) -> KeyManager<B::Keys> {
+        KeyManager::new(self.manager.store().clone()).formats(portal::formats())
+    }
+
+    fn reject(&self, rejection: &Rejection, style: BodyStyle) -> Response {
+        rejection
+            .to_response(style, self.gate.authenticator().clock_ref().now())
+            .into_http::<Body>()
+    }
+
+    fn id(&self, prefix: &str) -> String {
+        format!("{prefix}_{}", self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// A JSON response.
+struct Json(Value);
+
+impl IntoResponse for Json {
+    fn into_response(self) -> Response {
+        ([(header::CONTENT_TYPE, "application/json")], self.0.to_string()).into_response()
+    }
+}
+
+fn json(status: StatusCode, value: Value) -> Response {
+    (status, Json(value)).into_response()
+}
+
+/// Marks a response that carries a key, token or code as uncacheable.
+fn no_store(mut res: Response) -> Response {
+    res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    res
+}
+
+fn bad(field: &'static str, message: impl Into<String>) -> Rejection {
+    Rejection::BadRequest { field: field.into(), message: message.into() }
+}
+
+/// `/management/v1/workspaces/{ws}/…`: the key must reach `{ws}`.
+fn workspace_from_path(parts: &axum::http::request::Parts) -> Result<Target, Rejection> {
+    let ws = parts.uri.path().split('/').nth(4).unwrap_or("");
+    let ws: WorkspaceId = ws.parse().map_err(|_| Rejection::NotFound)?;
+    Ok(Target::any().tenant(Tenant::workspace(ws)))
+}
+
+/// `/api/v1/seq/{org}/{project}/…`: the key must belong to `{project}`.
+fn project_from_path(
+    ws: &WorkspaceId,
+    parts: &axum::http::request::Parts,
+) -> Result<Target, Rejection> {
+    let project = parts.uri.path().split('/').nth(5).unwrap_or("");
+    // A segment no project can have is a project no key reaches.
+    let project: ProjectId = project.parse().map_err(|_| Rejection::Forbidden { scope: None })?;
+    Ok(Target::any().tenant(Tenant::workspace(ws.clone()).with_project(project)))
+}
+
+fn object(body: &[u8]) -> Result<Map<String, Value>, Rejection> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Map::new());
+    }
+    match serde_json::from_slice(body) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(bad("body", "body must be a JSON object")),
+        Err(e) => Err(bad("body", format!("body is not valid JSON: {e}"))),
+    }
+}
+
+fn opt_str<'a>(
+    obj: &'a Map<String, Value>,
+    field: &'static str,
+) -> Result<Option<&'a str>, Rejection> {
+    match obj.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(bad(field, format!("{field} must be a string"))),
+    }
+}
+
+fn req_str<'a>(obj: &'a Map<String, Value>, field: &'static str) -> Result<&'a str, Rejection> {
+    opt_str(obj, field)?.ok_or_else(|| bad(field, format!("{field} is required")))
+}
+
+fn created_json(created: &CreatedKey) -> Value {
+    let r = created.record();
+    json!({
+        "id": r.id.as_str(),
+        "name": r.name,
+        "key": created.key().expose_secret(),
+        "prefix": r.hint,
+        "created_at": timestamp_millis(r.created_at),
+        "expires_at": r.expires_at.map(timestamp_millis),
+    })
+}
+
+// ---- management API -------------------------------------------------------
+
+async fn create_key<B: Backend>(
+    State(app): Shared<B>,
+    Path(ws): Path<String>,
+    Extension(caller): Extension<Principal>,
+    body: Bytes,
+) -> Response {
+    match new_key::<B>(&app, &ws, &body) {
+        Err(r) => app.reject(&r, BodyStyle::Nested),
+        Ok(new) => match app.manager.create_for(&caller, new).await {
+            Ok(created) => no_store(json(StatusCode::CREATED, created_json(&created))),
+            Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
+        },
+    }
+}
+
+fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Rejection> {
+    let obj = object(body)?;
+    let name = req_str(&obj, "name")?;
+    if name.is_empty() || name.chars().count() > 100 {
+        return Err(bad("name", "name must be 1 to 100 characters"));
+    }
+    let (format, default_plan) = match req_str(&obj, "format")? {
+        "nhk" => (NHK, Some("hobby")),
+        "nk" => (NK, None),
+        "sk" => (SK, None),
+        "nh" => (NH, Some("free")),
+        _ => return Err(bad("format", "format must be one of nhk, nk, sk, nh")),
+    };
+    let ws: WorkspaceId = ws.parse().map_err(|_| Rejection::NotFound)?;
+    let project = opt_str(&obj, "project")?.unwrap_or("default");
+    let project: ProjectId =
+        project.parse().map_err(|e| bad("project", format!("project is invalid: {e}")))?;
+    let mut new = NewKey::new(name, format, Tenant::workspace(ws).with_project(project));
+    if let Some(env) = opt_str(&obj, "environment")? {
+        let env = env.parse().map_err(|e| bad("environment", format!("{e}")))?;
+        new = new.environment(env);
+    }
+    if let Some(region) = opt_str(&obj, "region")? {
+        let region = region.parse().map_err(|e| bad("region", format!("{e}")))?;
+        new = new.region(region);
+    }
+    match obj.get("scopes") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(items)) => {
+            let scopes = items
+                .iter()
+                .map(|v| v.as_str().and_then(|s| s.parse::<Scope>().ok()))
+                .collect::<Option<Vec<_>>>()
+                .ok_or_else(|| bad("scopes", "scopes must be resource:action strings"))?;
+            new = new.with_scopes(scopes);
+        }
+        Some(_) => return Err(bad("scopes", "scopes must be an array")),
+    }
+    match opt_str(&obj, "plan")?.or(default_plan) {
+        Some(plan) if app.gate.plans().get(plan).is_none() => {
+            return Err(bad("plan", format!("unknown plan `{plan}`")));
+        }
+        Some(plan) => new = new.plan(plan),
+        None => {}
+    }
+    match obj.get("expiresInDays") {
+        None | Some(Value::Null) => {}
+        Some(v) => match v.as_u64().filter(|d| (1..=3650).contains(d)) {
+            Some(days) => new = new.expires_in(Duration::from_secs(days * 86_400)),
+            None => return Err(bad("expiresInDays", "expiresInDays must be between 1 and 3650")),
+        },
+    }
+    Ok(new)
+}
+
+async fn list_keys<B: Backend>(State(app): Shared<B>, Path(ws): Path<String>) -> Response {
+    let Ok(ws) = ws.parse::<WorkspaceId>() else {
+        return app.reject(&Rejection::NotFound, BodyStyle::Nested);
+    };
+    match app.manager.list(&ws, None).await {
+        Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
+        Ok(records) => {
+            let data: Vec<Value> = records
+                .iter()
+                .filter(|r| r.revoked_at.is_none() && r.format != "nhm" && r.format != "kgpt")
+                .map(|r| {
+                    json!({
+                        "id": r.id.as_str(),
+                        "name": r.name,
+                        "prefix": r.hint,
+                        "created_at": timestamp_millis(r.created_at),
+                        "last_used_at": r.last_used_at.map(timestamp_millis),
+                    })
+                })
+                .collect();
+            json(StatusCode::OK, json!({ "data": data }))
+        }
+    }
+}
+
+async fn revoke_key<B: Backend>(
+    State(app): Shared<B>,
+    Path((ws, id)): Path<(String, String)>,
+) -> Response {
+    let not_found = || app.reject(&Rejection::NotFound, BodyStyle::Nested);
+    let Ok(id) = id.parse::<RecordId>() else { return not_found() };
+    // Another workspace's key is not this caller's to see.
+    match app.manager.store().get(&id).await {
+        Ok(Some(r)) if r.tenant.workspace.as_str() == ws => {}
+        Ok(_) => return not_found(),
+        Err(e) => {
+            return app
+                .reject(&keygate::manager::ManagerError::from(e).rejection(), BodyStyle::Nested);
+        }
+    }
+    match app.manager.revoke(&id).await {
+        Ok(_) => StatusCode::NO_CONTENT.into_response(),
+        Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
+    }
+}
+
+async fn create_token<B: Backend>(
+    State(app): Shared<B>,
+    Extension(caller): Extension<Principal>,
+    body: Bytes,
+) -> Response {
+    let parsed = object(&body).and_then(|obj| {
+        let name = req_str(&obj, "name")?.to_owned();
+        let expiry: TokenExpiry =
+            req_str(&obj, "expiresIn")?.parse().map_err(|e| bad("expiresIn", format!("{e}")))?;
+        Ok((name, expiry))
+    });
+    let (name, expiry) = match parsed {
+        Ok(v) => v,
+        Err(r) => return app.reject(&r, BodyStyle::Nested),
+    };
+    // A token can grant at most what the caller holds.
+    let scopes = app.gate.authenticator().scope_registry().scopes_of(caller.scopes());
+    let new = NewKey::new(
+        name,
+        keygate::format::NHM,
+        Tenant::workspace(caller.tenant().workspace.clone()),
+    )
+    .with_scopes(scopes)
+    .token_expiry(expiry);
+    match app.manager.create_for(&caller, new).await {
+        Ok(created) => {
+            let mut v = created_json(&created);
+            v["token"] = v["key"].clone();
+            no_store(json(StatusCode::CREATED, v))
+        }
+        Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
+    }
+}
+
+async fn create_portal<B: Backend>(
+    State(app): Shared<B>,
+    Path((ws, application)): Path<(String, String)>,
+    Extension(caller): Extension<Principal>,
+    body: Bytes,
+) -> Response {
+    let request = match SessionRequest::from_json(&body) {
+        Ok(r) => r,
+        Err(e) => return app.reject(&e.to_rejection(), BodyStyle::Nested),
+    };
+    let (Ok(ws), Ok(application)) = (ws.parse(), application.parse()) else {
+        return app.reject(&Rejection::NotFound, BodyStyle::Nested);
+    };
+    match app.portal.create_session(&caller, &ws, &application, request).await {
+        Ok(minted) => no_store(json(StatusCode::CREATED, minted.to_json())),
+        Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
+    }
+}
+
+// ---- product APIs -----------------------------------------------------------
+
+async fn ingest_event() -> Response {
+    json(StatusCode::ACCEPTED, json!({"accepted": true}))
+}
+
+async fn create_webhook<B: Backend>(State(app): Shared<B>) -> Response {
+    json(StatusCode::CREATED, json!({"id": app.id("wh")}))
+}
+
+async fn ping() -> Response {
+    let now = timestamp_millis(Timestamp::now());
+    json(StatusCode::OK, json!({"success": true, "data": {"message": "pong"}, "timestamp": now}))
+}
+
+async fn notify<B: Backend>(
+    State(app): Shared<B>,
+    Extension(caller): Extension<Principal>,
+    body: Bytes,
+) -> Response {
+    let channel = object(&body).and_then(|obj| match req_str(&obj, "channel")? {
+        c @ ("email" | "webhook") => Ok(c.to_owned()),
+        _ => Err(bad("channel", "channel must be email or webhook")),
+    });
+    let channel = match channel {
+        Ok(c) => c,
+        Err(r) => return app.reject(&r, BodyStyle::Envelope),
+    };
+    match app.gate.charge(&caller, &channel, 1).await {
+        Err(refused) => app.gate.respond(refused.with_style(BodyStyle::Envelope)),
+        Ok(usage) => {
+            let now = timestamp_millis(Timestamp::now());
+            let used = usage.as_ref().filter(|u| u.rule.is_some()).map(|u| u.used);
+            json(
+                StatusCode::ACCEPTED,
+                json!({"success": true, "data": {"id": app.id("ntf"), "channel": channel, "monthlyUsage": used}, "timestamp": now}),
+            )
+        }
+    }
+}
+
+async fn execute(
+    Path((org, project, flow)): Path<(String, String, String)>,
+    Extension(caller): Extension<Principal>,
+) -> Response {
+    let environment = caller.environment().map_or_else(|| "live".to_owned(), |e| e.to_string());
+    let sandbox = environment == "test";
+    json(
+        StatusCode::OK,
+        json!({"org": org, "project": project, "flow": flow, "environment": environment, "sandbox": sandbox, "status": "completed"}),
+    )
+}
+
+// ---- portal -----------------------------------------------------------------
+
+async fn open_portal<B: Backend>(
+    State(app): Shared<B>,
+    Query(mut q): Query<HashMap<String, String>>,
+) -> Response {
+    let code = q.remove("code").unwrap_or_default();
+    match app.portal.redeem(&code).await {
+        Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
+        Ok(access) => {
+            let record = access.record();
+            let max_age = record
+                .expires_at
+                .map_or(0, |t| t.duration_since(Timestamp::now()).as_secs().max(0));
+            let cookie = format!(
+                "{PORTAL_COOKIE}={}; HttpOnly; Secure; SameSite=Strict; Path=/portal; Max-Age={max_age}",
+                access.token().expose_secret()
+            );
+            let application =
+                record.tenant.application.as_ref().map_or("", |a| a.as_str()).to_owned();
+            let html = format!(
+                "<!doctype html><html><head><meta charset=\"utf-8\"><title>Developer portal</title></head>\
+                 <body><h1>Developer portal</h1><p>Application {}</p>\
+                 <p>This link has now been used; bookmark nothing but this page's session.</p></body></html>",
+                html_escape(&application)
+            );
+            let mut res =
+                (StatusCode::OK, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html)
+                    .into_response();
+            if let Ok(v) = HeaderValue::from_str(&cookie) {
+                res.headers_mut().insert(header::SET_COOKIE, v);
+            }
+            no_store(res)
+        }
+    }
+}
+
+fn html_escape(s: &str) -> String {
+    s.chars()
+        .map(|c| match c {
+            '<' => "&lt;".to_owned(),
+            '>' => "&gt;".to_owned(),
+            '&' => "&amp;".to_owned(),
+            '"' => "&quot;".to_owned(),
+            c => c.to_string(),
+        })
+        .collect()
+}
+
+fn application_of(caller: &Principal) -> String {
+    caller.tenant().application.as_ref().map_or_else(String::new, |a| a.as_str().to_owned())
+}
+
+async fn list_endpoints<B: Backend>(
+    State(app): Shared<B>,
+    Extension(caller): Extension<Principal>,
+) -> Response {
+    let data = app
+        .endpoints
+        .lock()
+        .expect("endpoint list lock")
+        .get(&application_of(&caller))
+        .cloned()
+        .unwrap_or_default();
+    json(StatusCode::OK, json!({ "data": data }))
+}
+
+async fn create_endpoint<B: Backend>(
+    State(app): Shared<B>,
+    Extension(caller): Extension<Principal>,
+    body: Bytes,
+) -> Response {
+    let url = object(&body).and_then(|obj| {
+        let url = req_str(&obj, "url")?;
+        if url.starts_with("https://") || url.starts_with("http://") {
+            Ok(url.to_owned())
+        } else {
+            Err(bad("url", "url must be an http(s) URL"))
+        }
+    });
+    let url = match url {
+        Ok(u) => u,
+        Err(r) => return app.reject(&r, BodyStyle::Nested),
+    };
+    let endpoint = json!({
+        "id": app.id("ep"),
+        "url": url,
+        "metadata": caller.metadata(),
+        "created_by": caller.hint(),
+    });
+    app.endpoints
+        .lock()
+        .expect("endpoint list lock")
+        .entry(application_of(&caller))
+        .or_default()
+        .push(endpoint.clone());
+    json(StatusCode::CREATED, endpoint)
+}
+
+async fn delete_endpoint<B: Backend>(
+    State(app): Shared<B>,
+    Path(id): Path<String>,
+    Extension(caller): Extension<Principal>,
+) -> Response {
+    let mut all = app.endpoints.lock().expect("endpoint list lock");
+    let list = all.entry(application_of(&caller)).or_default();
+    let before = list.len();
+    list.retain(|e| e["id"] != id.as_str());
+    if list.len() == before {
+        drop(all);
+        return app.reject(&Rejection::NotFound, BodyStyle::Nested);
+    }
+    StatusCode::NO_CONTENT.into_response()
+}
+
+/// Creates the bootstrap management token (all scopes, never expires).
+///
+/// # Errors
+///
+/// The store failed.
+pub(crate) async fn bootstrap<K: KeyStore>(
+    manager: &KeyManager<K>,
+    workspace: WorkspaceId,
+) -> Result<CreatedKey, keygate::manager::ManagerError> {
+    let all: Scope = "*".parse().map_err(keygate::manager::ManagerError::Scope)?;
+    manager.create_management_token(workspace, "bootstrap", TokenExpiry::Never, vec![all]).await
+}

@@ -1,0 +1,749 @@
+//! A [`tower`](https://docs.rs/tower) layer that puts keygate in front of
+//! any tower-based HTTP stack: axum, tonic, plain hyper services.
+//!
+//! One [`Gate`] holds what every route shares — the [`Authenticator`], the
+//! [`LimitStore`], the [`PlanSet`], optionally a [`QuotaStore`] — and hands
+//! out a [`GateLayer`] per route that adds what the route needs: a scope,
+//! the key formats it accepts, a quota category, a body style, the tenant
+//! taken from the path.
+//!
+//! For each request the layer
+//!
+//! 1. authenticates the credential headers (the authenticator's
+//!    [`HeaderRules`](crate::auth::HeaderRules)) against the route's
+//!    [`Target`],
+//! 2. applies the principal's plan rate limit (the key's plan, else the
+//!    route's, else the gate's default; no plan, no limit) and refuses with
+//!    429 when it is exhausted,
+//! 3. checks the route's required scope (403),
+//! 4. counts the route's quota category, when it has one (429 with the
+//!    monthly message),
+//! 5. inserts the [`Principal`] and the limiter's [`Decision`] into the
+//!    request extensions and calls the inner service,
+//! 6. adds the rate-limit headers to the response — success, 403 and 429
+//!    alike.
+//!
+//! Refusals are answered by the layer itself in the route's
+//! [`BodyStyle`], and carry a [`Refused`] in their response extensions so a
+//! logging layer further out can record the typed reason (which the client
+//! never sees). A store failure is a 503 unless the host chose
+//! [`FailMode::Open`] for the limiter or the quota store. Nothing blocks:
+//! every store call is awaited.
+//!
+//! ```
+//! use axum::{Extension, Router, routing::get};
+//! use keygate::auth::{Authenticator, Principal};
+//! use keygate::limit::{MemoryLimiter, PlanSet};
+//! use keygate::store::MemoryKeyStore;
+//! use keygate::tower::Gate;
+//!
+//! # fn main() -> Result<(), keygate::scope::ScopeError> {
+//! let keys = MemoryKeyStore::new();
+//! let gate = Gate::builder(Authenticator::new(keys), MemoryLimiter::new(100_000))
+//!     .plans(PlanSet::presets())
+//!     .default_plan("hobby")
+//!     .build();
+//!
+//! let app: Router = Router::new()
+//!     .route("/v1/applications", get(list_applications))
+//!     .route_layer(gate.layer().require("applications:read")?);
+//!
+//! async fn list_applications(Extension(who): Extension<Principal>) -> String {
+//!     format!("hello, {}", who.name())
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+use std::borrow::Cow;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use ::http::request::Parts;
+use ::http::{HeaderMap, Request, Response};
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::auth::{AuthError, Authenticator, MissingScope, Principal, Source, Target};
+use crate::backend::{BackendError, FailMode};
+use crate::clock::{Clock, SystemClock};
+use crate::http::{BodyStyle, Rejection, append_headers};
+use crate::limit::{CheckMode, Decision, HeaderSet, LimitStore, Plan, PlanSet};
+use crate::quota::{MemoryQuotaStore, QuotaDecision, QuotaStore};
+use crate::scope::{Required, ScopeError};
+use crate::store::KeyStore;
+
+/// What every route shares. Cheap to clone (one `Arc`).
+pub struct Gate<S, L, Q = MemoryQuotaStore, C = SystemClock>(Arc<Inner<S, L, Q, C>>);
+
+struct Inner<S, L, Q, C> {
+    auth: Authenticator<S, C>,
+    limiter: L,
+    quotas: Option<Q>,
+    plans: PlanSet,
+    default_plan: Option<String>,
+    style: BodyStyle,
+    headers: HeaderSet,
+    limit_fail: FailMode,
+    quota_fail: FailMode,
+}
+
+impl<S, L, Q, C> Clone for Gate<S, L, Q, C> {
+    fn clone(&self) -> Self {
+        Self(Arc::clone(&self.0))
+    }
+}
+
+impl<S, L, Q, C> fmt::Debug for Gate<S, L, Q, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Gate")
+            .field("auth", &self.0.auth)
+            .field("plans", &self.0.plans.iter().map(Plan::name).collect::<Vec<_>>())
+            .field("default_plan", &self.0.default_plan)
+            .field("quotas", &self.0.quotas.is_some())
+            .field("style", &self.0.style)
+            .field("limit_fail", &self.0.limit_fail)
+            .field("quota_fail", &self.0.quota_fail)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Builds a [`Gate`]; see [`Gate::builder`].
+#[must_use]
+pub struct GateBuilder<S, L, Q = MemoryQuotaStore, C = SystemClock> {
+    inner: Inner<S, L, Q, C>,
+}
+
+impl<S, L, Q, C> fmt::Debug for GateBuilder<S, L, Q, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GateBuilder").finish_non_exhaustive()
+    }
+}
+
+impl<S: KeyStore, L: LimitStore, C: Clock> Gate<S, L, MemoryQuotaStore, C> {
+    /// Starts a gate over `auth` and `limiter`: no plans (so no limits)
+    /// until [`plans`](GateBuilder::plans) is set, no quota store, nested
+    /// error bodies, `X-RateLimit-*` headers, every store failure a 503.
+    pub fn builder(
+        auth: Authenticator<S, C>,
+        limiter: L,
+    ) -> GateBuilder<S, L, MemoryQuotaStore, C> {
+        GateBuilder {
+            inner: Inner {
+                auth,
+                limiter,
+                quotas: None,
+                plans: PlanSet::default(),
+                default_plan: None,
+                style: BodyStyle::default(),
+                headers: HeaderSet::default(),
+                limit_fail: FailMode::Closed,
+                quota_fail: FailMode::Closed,
+            },
+        }
+    }
+}
+
+impl<S, L, Q, C> GateBuilder<S, L, Q, C> {
+    /// The plans keys may name. Replaces any set before.
+    pub fn plans(mut self, plans: PlanSet) -> Self {
+        self.inner.plans = plans;
+        self
+    }
+
+    /// The plan of a key that names none, on routes that name none.
+    pub fn default_plan(mut self, plan: impl Into<String>) -> Self {
+        self.inner.default_plan = Some(plan.into());
+        self
+    }
+
+    /// Counts monthly quotas in `quotas` on routes that name a category.
+    pub fn quotas<Q2: QuotaStore>(self, quotas: Q2) -> GateBuilder<S, L, Q2, C> {
+        let i = self.inner;
+        GateBuilder {
+            inner: Inner {
+                auth: i.auth,
+                limiter: i.limiter,
+                quotas: Some(quotas),
+                plans: i.plans,
+                default_plan: i.default_plan,
+                style: i.style,
+                headers: i.headers,
+                limit_fail: i.limit_fail,
+                quota_fail: i.quota_fail,
+            },
+        }
+    }
+
+    /// The error body style of routes that set none.
+    pub fn body_style(mut self, style: BodyStyle) -> Self {
+        self.inner.style = style;
+        self
+    }
+
+    /// Which rate-limit headers responses carry.
+    pub fn rate_limit_headers(mut self, set: HeaderSet) -> Self {
+        self.inner.headers = set;
+        self
+    }
+
+    /// What a request gets when the limiter's store fails (default
+    /// [`FailMode::Closed`]: 503).
+    pub fn limiter_fail_mode(mut self, mode: FailMode) -> Self {
+        self.inner.limit_fail = mode;
+        self
+    }
+
+    /// What a request gets when the quota store fails (default
+    /// [`FailMode::Closed`]: 503).
+    pub fn quota_fail_mode(mut self, mode: FailMode) -> Self {
+        self.inner.quota_fail = mode;
+        self
+    }
+
+    /// The gate.
+    pub fn build(self) -> Gate<S, L, Q, C> {
+        Gate(Arc::new(self.inner))
+    }
+}
+
+/// Picks the request's [`Target`] (tenant, environment, region) from its
+/// method, URI and headers — typically from path segments — or refuses the
+/// request (e.g. a path segment that names no possible tenant).
+pub type TargetFn = dyn Fn(&Parts) -> Result<Target, Rejection> + Send + Sync;
+
+/// What one route requires beyond authentication. Built through
+/// [`GateLayer`]'s methods.
+#[derive(Clone, Default)]
+pub struct Route {
+    required: Option<Required>,
+    formats: Option<Arc<[Cow<'static, str>]>>,
+    quota: Option<Cow<'static, str>>,
+    style: Option<BodyStyle>,
+    plan: Option<String>,
+    target: Option<Arc<TargetFn>>,
+    cost: Option<u32>,
+    cookie: Option<Cow<'static, str>>,
+}
+
+impl fmt::Debug for Route {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Route")
+            .field("required", &self.required.as_ref().map(|r| r.scope().as_str()))
+            .field("formats", &self.formats)
+            .field("quota", &self.quota)
+            .field("style", &self.style)
+            .field("plan", &self.plan)
+            .field("target", &self.target.is_some())
+            .field("cost", &self.cost)
+            .field("cookie", &self.cookie)
+            .finish()
+    }
+}
+
+/// The typed reason a request was refused, for the host's logs. The client
+/// sees only the [`Rejection`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Authentication failed (missing, invalid, wrong tenant, store down).
+    Auth(AuthError),
+    /// The route's target function refused the request.
+    Target,
+    /// A valid key of a format this route does not accept.
+    Format {
+        /// The key's format.
+        format: String,
+    },
+    /// The key names a plan the gate does not know (a deployment error).
+    UnknownPlan {
+        /// The plan name.
+        plan: String,
+    },
+    /// The rate limit is exhausted.
+    RateLimited(Decision),
+    /// The principal lacks the route's scope.
+    Scope(MissingScope),
+    /// The monthly quota is used up.
+    Quota(QuotaDecision),
+    /// The limiter's store failed and the gate fails closed.
+    LimiterBackend(BackendError),
+    /// The quota store failed and the gate fails closed.
+    QuotaBackend(BackendError),
+}
+
+impl fmt::Display for Refusal {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auth(e) => write!(f, "authentication failed: {e}"),
+            Self::Target => f.write_str("request names no reachable target"),
+            Self::Format { format } => write!(f, "route does not accept `{format}` keys"),
+            Self::UnknownPlan { plan } => write!(f, "key names unknown plan `{plan}`"),
+            Self::RateLimited(d) => write!(f, "rate limit `{}` exhausted", d.binding().name),
+            Self::Scope(e) => write!(f, "{e}"),
+            Self::Quota(q) => {
+                write!(f, "monthly quota `{}` used up", q.rule.as_deref().unwrap_or("?"))
+            }
+            Self::LimiterBackend(e) => write!(f, "rate limiter store failed: {e}"),
+            Self::QuotaBackend(e) => write!(f, "quota store failed: {e}"),
+        }
+    }
+}
+
+/// A refused request: the typed reason, what the client sees, and the
+/// rate-limit headers its response carries. Found in the response
+/// extensions of every response the layer answers itself.
+#[derive(Debug, Clone)]
+pub struct Refused {
+    reason: Arc<Refusal>,
+    rejection: Rejection,
+    style: BodyStyle,
+    headers: Vec<(&'static str, String)>,
+}
+
+impl Refused {
+    fn new(reason: Refusal, rejection: Rejection, style: BodyStyle) -> Self {
+        Self { reason: Arc::new(reason), rejection, style, headers: Vec::new() }
+    }
+
+    /// Why, for logs.
+    #[must_use]
+    pub fn reason(&self) -> &Refusal {
+        &self.reason
+    }
+
+    /// What the client sees.
+    #[must_use]
+    pub fn rejection(&self) -> &Rejection {
+        &self.rejection
+    }
+
+    /// Answers in `style` instead.
+    #[must_use]
+    pub fn with_style(mut self, style: BodyStyle) -> Self {
+        self.style = style;
+        self
+    }
+
+    /// The response, stamped `now`, with the rate-limit headers and this
+    /// value in its extensions.
+    #[must_use]
+    pub fn into_response<B: From<String>>(self, now: jiff::Timestamp) -> Response<B> {
+        let mut out = self.rejection.to_response(self.style, now);
+        // The rejection's own `Retry-After` wins over the limiter's.
+        let has_retry = out.header("Retry-After").is_some();
+        out.headers.extend(
+            self.headers.iter().filter(|(n, _)| !(has_retry && *n == "Retry-After")).cloned(),
+        );
+        let mut res = out.into_http::<B>();
+        res.extensions_mut().insert(self);
+        res
+    }
+}
+
+/// What the gate learned about an admitted request. The layer inserts its
+/// parts, [`Principal`] and (when a plan applied) [`Decision`], into the
+/// request extensions.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    /// Who is calling.
+    pub principal: Principal,
+    /// The rate-limit decision, when a plan applied.
+    pub decision: Option<Decision>,
+    /// The quota decision, when the route counts a category.
+    pub quota: Option<QuotaDecision>,
+}
+
+impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
+    /// A layer for routes that need authentication only (plus the plan's
+    /// rate limit). Narrow it with [`GateLayer`]'s methods.
+    #[must_use]
+    pub fn layer(&self) -> GateLayer<S, L, Q, C> {
+        GateLayer { gate: self.clone(), route: Arc::new(Route::default()) }
+    }
+
+    /// The authenticator.
+    #[must_use]
+    pub fn authenticator(&self) -> &Authenticator<S, C> {
+        &self.0.auth
+    }
+
+    /// The plans.
+    #[must_use]
+    pub fn plans(&self) -> &PlanSet {
+        &self.0.plans
+    }
+
+    /// The plan that applies to `principal` on `route`: the key's, else the
+    /// route's, else the gate's default.
+    ///
+    /// # Errors
+    ///
+    /// [`Refused`] (503) when that name is not in the gate's plans.
+    pub fn plan_for(&self, principal: &Principal, route: &Route) -> Result<Option<&Plan>, Refused> {
+        let name = principal.plan().or(route.plan.as_deref()).or(self.0.default_plan.as_deref());
+        let Some(name) = name else { return Ok(None) };
+        self.0.plans.get(name).map(Some).ok_or_else(|| {
+            Refused::new(
+                Refusal::UnknownPlan { plan: name.to_owned() },
+                Rejection::Unavailable,
+                self.style(route),
+            )
+        })
+    }
+
+    fn style(&self, route: &Route) -> BodyStyle {
+        route.style.unwrap_or(self.0.style)
+    }
+
+    /// Runs every check of `route` for a request with `headers`, aimed at
+    /// `target`. The framework-free core of the layer.
+    ///
+    /// # Errors
+    ///
+    /// [`Refused`] with the reason, the rejection and the rate-limit headers
+    /// the response must carry.
+    pub async fn admit(
+        &self,
+        route: &Route,
+        headers: &HeaderMap,
+        target: &Target,
+    ) -> Result<Admitted, Refused> {
+        let style = self.style(route);
+        let auth = &self.0.auth;
+        let from_cookie = route.cookie.as_deref().and_then(|name| {
+            let has_header = headers.contains_key(::http::header::AUTHORIZATION)
+                || headers.contains_key("x-api-key");
+            if has_header { None } else { cookie(headers, name) }
+        });
+        let principal = match from_cookie {
+            Some(token) => auth.authenticate_token(token, Source::Bearer, target).await,
+            None => auth.authenticate_http(headers, target).await,
+        };
+        let principal = principal.map_err(|e| {
+            let rejection = e.rejection();
+            Refused::new(Refusal::Auth(e), rejection, style)
+        })?;
+        if let Some(formats) = &route.formats
+            && !formats.iter().any(|f| f == principal.format())
+        {
+            let format = principal.format().to_owned();
+            return Err(Refused::new(
+                Refusal::Format { format },
+                Rejection::InvalidCredentials,
+                style,
+            ));
+        }
+
+        let plan = self.plan_for(&principal, route)?;
+        let decision = match plan.filter(|p| !p.rate().is_empty()) {
+            None => None,
+            Some(plan) => {
+                let key = principal.record_id().as_str();
+                let cost = route.cost.unwrap_or(1);
+                match self.0.limiter.check(key, plan.rate(), cost, CheckMode::Consume).await {
+                    Ok(d) => Some(d),
+                    Err(e) => match self.0.limit_fail {
+                        FailMode::Open => None,
+                        FailMode::Closed => {
+                            return Err(Refused::new(
+                                Refusal::LimiterBackend(e),
+                                Rejection::Unavailable,
+                                style,
+                            ));
+                        }
+                    },
+                }
+            }
+        };
+        let limit_headers =
+            decision.as_ref().map(|d| d.headers(self.0.headers)).unwrap_or_default();
+        let with_headers = |mut r: Refused| {
+            r.headers.clone_from(&limit_headers);
+            r
+        };
+        if let Some(d) = &decision
+            && let Some(rejection) = d.rejection()
+        {
+            return Err(with_headers(Refused::new(
+                Refusal::RateLimited(d.clone()),
+                rejection,
+                style,
+            )));
+        }
+        if let Some(required) = &route.required
+            && let Err(missing) = principal.require(required)
+        {
+            let rejection = missing.rejection();
+            return Err(with_headers(Refused::new(Refusal::Scope(missing), rejection, style)));
+        }
+        let quota = match &route.quota {
+            None => None,
+            Some(category) => self
+                .charge_plan(&principal, plan, category, 1)
+                .await
+                .map_err(|r| with_headers(r.with_style(style)))?,
+        };
+        Ok(Admitted { principal, decision, quota })
+    }
+
+    /// Counts `cost` units of `category` against the monthly quotas of
+    /// `principal`'s plan, for handlers whose category comes from the body.
+    /// `Ok(None)` when there is no quota store or no plan.
+    ///
+    /// The account is the key's workspace: every key of a workspace draws on
+    /// one monthly allowance.
+    ///
+    /// # Errors
+    ///
+    /// [`Refused`] (429 with the monthly message, or 503) in the gate's body
+    /// style; [`Refused::with_style`] changes it.
+    pub async fn charge(
+        &self,
+        principal: &Principal,
+        category: &str,
+        cost: u64,
+    ) -> Result<Option<QuotaDecision>, Refused> {
+        let plan = self.plan_for(principal, &Route::default())?;
+        self.charge_plan(principal, plan, category, cost).await
+    }
+
+    async fn charge_plan(
+        &self,
+        principal: &Principal,
+        plan: Option<&Plan>,
+        category: &str,
+        cost: u64,
+    ) -> Result<Option<QuotaDecision>, Refused> {
+        let (Some(quotas), Some(plan)) = (&self.0.quotas, plan) else { return Ok(None) };
+        let account = principal.tenant().workspace.as_str();
+        let now = self.0.auth.clock_ref().now();
+        match quotas.check_and_count(account, plan.monthly(), category, cost, now).await {
+            Ok(q) => match q.rejection() {
+                None => Ok(Some(q)),
+                Some(rejection) => Err(Refused::new(Refusal::Quota(q), rejection, self.0.style)),
+            },
+            Err(e) => match self.0.quota_fail {
+                FailMode::Open => Ok(None),
+                FailMode::Closed => Err(Refused::new(
+                    Refusal::QuotaBackend(e),
+                    Rejection::Unavailable,
+                    self.0.style,
+                )),
+            },
+        }
+    }
+
+    /// `refused` as a response stamped with the gate's clock.
+    #[must_use]
+    pub fn respond<B: From<String>>(&self, refused: Refused) -> Response<B> {
+        refused.into_response(self.0.auth.clock_ref().now())
+    }
+}
+
+/// The [`Layer`] for one route (or a group of routes with the same needs).
+pub struct GateLayer<S, L, Q = MemoryQuotaStore, C = SystemClock> {
+    gate: Gate<S, L, Q, C>,
+    route: Arc<Route>,
+}
+
+impl<S, L, Q, C> Clone for GateLayer<S, L, Q, C> {
+    fn clone(&self) -> Self {
+        Self { gate: self.gate.clone(), route: Arc::clone(&self.route) }
+    }
+}
+
+impl<S, L, Q, C> fmt::Debug for GateLayer<S, L, Q, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GateLayer").field("route", &self.route).finish_non_exhaustive()
+    }
+}
+
+impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> {
+    fn with(mut self, f: impl FnOnce(&mut Route)) -> Self {
+        f(Arc::make_mut(&mut self.route));
+        self
+    }
+
+    /// Requires `scope` (e.g. `applications:read`), compiled against the
+    /// authenticator's scope registry.
+    ///
+    /// # Errors
+    ///
+    /// [`ScopeError`] when the registry does not know the scope.
+    pub fn require(self, scope: &str) -> Result<Self, ScopeError> {
+        let required = self.gate.0.auth.scope_registry().required(scope)?;
+        Ok(self.with(|r| r.required = Some(required)))
+    }
+
+    /// Accepts only keys of these formats (by name, e.g. `["sk"]`); a valid
+    /// key of another format is a 401.
+    #[must_use]
+    pub fn formats<I, F>(self, formats: I) -> Self
+    where
+        I: IntoIterator<Item = F>,
+        F: Into<Cow<'static, str>>,
+    {
+        let formats: Arc<[Cow<'static, str>]> = formats.into_iter().map(Into::into).collect();
+        self.with(|r| r.formats = Some(formats))
+    }
+
+    /// Counts one unit of `category` against the plan's monthly quotas for
+    /// every admitted request.
+    #[must_use]
+    pub fn quota(self, category: impl Into<Cow<'static, str>>) -> Self {
+        let category = category.into();
+        self.with(|r| r.quota = Some(category))
+    }
+
+    /// Answers refusals on this route in `style`.
+    #[must_use]
+    pub fn body_style(self, style: BodyStyle) -> Self {
+        self.with(|r| r.style = Some(style))
+    }
+
+    /// The plan of keys that name none, on this route.
+    #[must_use]
+    pub fn plan(self, plan: impl Into<String>) -> Self {
+        let plan = plan.into();
+        self.with(|r| r.plan = Some(plan))
+    }
+
+    /// Also takes the credential from the cookie `name` when the request
+    /// has no credential header (browser sessions such as the portal's).
+    /// Set the cookie `HttpOnly; Secure; SameSite=Strict`.
+    #[must_use]
+    pub fn cookie(self, name: impl Into<Cow<'static, str>>) -> Self {
+        let name = name.into();
+        self.with(|r| r.cookie = Some(name))
+    }
+
+    /// Units each request consumes from the rate limit (default 1).
+    #[must_use]
+    pub fn cost(self, cost: u32) -> Self {
+        self.with(|r| r.cost = Some(cost))
+    }
+
+    /// Derives the request's [`Target`] (tenant, environment, region), e.g.
+    /// the workspace from a path segment; a key that does not reach it is a
+    /// 403.
+    #[must_use]
+    pub fn target(
+        self,
+        f: impl Fn(&Parts) -> Result<Target, Rejection> + Send + Sync + 'static,
+    ) -> Self {
+        let f: Arc<TargetFn> = Arc::new(f);
+        self.with(|r| r.target = Some(f))
+    }
+
+    /// The route requirements this layer enforces.
+    #[must_use]
+    pub fn route(&self) -> &Route {
+        &self.route
+    }
+}
+
+impl<Svc, S, L, Q, C> Layer<Svc> for GateLayer<S, L, Q, C> {
+    type Service = GateService<Svc, S, L, Q, C>;
+
+    fn layer(&self, inner: Svc) -> Self::Service {
+        GateService { inner, gate: self.gate.clone(), route: Arc::clone(&self.route) }
+    }
+}
+
+/// The [`Service`] a [`GateLayer`] wraps around the route's handler.
+pub struct GateService<Svc, S, L, Q = MemoryQuotaStore, C = SystemClock> {
+    inner: Svc,
+    gate: Gate<S, L, Q, C>,
+    route: Arc<Route>,
+}
+
+impl<Svc: Clone, S, L, Q, C> Clone for GateService<Svc, S, L, Q, C> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone(), gate: self.gate.clone(), route: Arc::clone(&self.route) }
+    }
+}
+
+impl<Svc, S, L, Q, C> fmt::Debug for GateService<Svc, S, L, Q, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("GateService").field("route", &self.route).finish_non_exhaustive()
+    }
+}
+
+/// The future of a [`GateService`].
+pub type GateFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
+
+impl<Svc, ReqB, ResB, S, L, Q, C> Service<Request<ReqB>> for GateService<Svc, S, L, Q, C>
+where
+    Svc: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
+    Svc::Future: Send,
+    ReqB: Send + 'static,
+    ResB: From<String> + Send + 'static,
+    S: KeyStore + 'static,
+    L: LimitStore + 'static,
+    Q: QuotaStore + 'static,
+    C: Clock + 'static,
+{
+    type Response = Response<ResB>;
+    type Error = Svc::Error;
+    type Future = GateFuture<Response<ResB>, Svc::Error>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        // The clone that was driven to readiness serves this request.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let gate = self.gate.clone();
+        let route = Arc::clone(&self.route);
+        Box::pin(async move {
+            let (mut parts, body) = req.into_parts();
+            let target =
+                match route.target.as_ref().map_or_else(|| Ok(Target::any()), |f| f(&parts)) {
+                    Ok(t) => t,
+                    Err(rejection) => {
+                        let style = gate.style(&route);
+                        return Ok(gate.respond(Refused::new(Refusal::Target, rejection, style)));
+                    }
+                };
+            match gate.admit(&route, &parts.headers, &target).await {
+                Err(refused) => Ok(gate.respond(refused)),
+                Ok(admitted) => {
+                    let headers = admitted
+                        .decision
+                        .as_ref()
+                        .map(|d| d.headers(gate.0.headers))
+                        .unwrap_or_default();
+                    parts.extensions.insert(admitted.principal);
+                    if let Some(d) = admitted.decision {
+                        parts.extensions.insert(d);
+                    }
+                    if let Some(q) = admitted.quota {
+                        parts.extensions.insert(q);
+                    }
+                    let mut res = inner.call(Request::from_parts(parts, body)).await?;
+                    append_headers(res.headers_mut(), headers);
+                    Ok(res)
+                }
+            }
+        })
+    }
+}
+
+/// The value of cookie `name` in the request's `Cookie` headers.
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    headers
+        .get_all(::http::header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|pair| {
+            let (n, v) = pair.trim_start().split_once('=')?;
+            (n == name).then_some(v)
+        })
+}
