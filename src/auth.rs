@@ -4,6 +4,7 @@
 mod cache;
 mod credentials;
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
@@ -182,9 +183,10 @@ impl MissingScope {
 /// against it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Target {
-    tenant: Option<Tenant>,
-    environment: Option<Environment>,
-    region: Option<Region>,
+    pub(crate) tenant: Option<Tenant>,
+    pub(crate) environment: Option<Environment>,
+    pub(crate) region: Option<Region>,
+    pub(crate) formats: Option<Arc<[Cow<'static, str>]>>,
 }
 
 impl Target {
@@ -216,6 +218,35 @@ impl Target {
         self.region = Some(region);
         self
     }
+
+    /// Only keys of these formats (by name, e.g. `["sk"]`) are accepted; a
+    /// key of another format is refused right after parsing, before any
+    /// store lookup, as invalid.
+    #[must_use]
+    pub fn formats<I, F>(mut self, formats: I) -> Self
+    where
+        I: IntoIterator<Item = F>,
+        F: Into<Cow<'static, str>>,
+    {
+        self.formats = Some(formats.into_iter().map(Into::into).collect());
+        self
+    }
+
+    /// Checks an authenticated `principal` against this target's region,
+    /// environment and tenant, as authentication does.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError::WrongRegion`], [`AuthError::WrongEnvironment`] or
+    /// [`AuthError::WrongTenant`].
+    pub fn check(&self, principal: &Principal) -> Result<(), AuthError> {
+        let r = principal.record();
+        check_target(&r.id, &r.tenant, r.environment, r.region, self)
+    }
+
+    fn accepts_format(&self, format: &str) -> bool {
+        self.formats.as_ref().is_none_or(|f| f.iter().any(|a| a == format))
+    }
 }
 
 /// Why authentication failed — for the host's logs. The caller sees only
@@ -240,6 +271,12 @@ pub enum AuthError {
     /// A record with the key's public id exists but the secret is wrong.
     #[error("wrong secret for key id")]
     WrongSecret,
+    /// The key is of a format the target does not accept.
+    #[error("`{format}` keys are not accepted here")]
+    FormatNotAccepted {
+        /// The key's format.
+        format: &'static str,
+    },
     /// The key was revoked.
     #[error("key {id} is revoked")]
     Revoked {
@@ -294,6 +331,7 @@ impl AuthError {
             | Self::Malformed(_)
             | Self::Unknown
             | Self::WrongSecret
+            | Self::FormatNotAccepted { .. }
             | Self::Revoked { .. }
             | Self::Expired { .. }
             | Self::WrongRegion { .. } => Rejection::InvalidCredentials,
@@ -491,6 +529,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         let format = key_format.name();
         if !self.rules.accepts(format, source) {
             return Err(CredentialError::WrongHeader { format, header: source }.into());
+        }
+        if !target.accepts_format(format) {
+            return Err(AuthError::FormatNotAccepted { format });
         }
         let bytes = token.as_bytes();
         let current = self.hasher.digest(bytes);

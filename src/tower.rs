@@ -253,11 +253,6 @@ pub enum Refusal {
     Auth(AuthError),
     /// The route's target function refused the request.
     Target,
-    /// A valid key of a format this route does not accept.
-    Format {
-        /// The key's format.
-        format: String,
-    },
     /// The key names a plan the gate does not know (a deployment error).
     UnknownPlan {
         /// The plan name.
@@ -280,7 +275,6 @@ impl fmt::Display for Refusal {
         match self {
             Self::Auth(e) => write!(f, "authentication failed: {e}"),
             Self::Target => f.write_str("request names no reachable target"),
-            Self::Format { format } => write!(f, "route does not accept `{format}` keys"),
             Self::UnknownPlan { plan } => write!(f, "key names unknown plan `{plan}`"),
             Self::RateLimited(d) => write!(f, "rate limit `{}` exhausted", d.binding().name),
             Self::Scope(e) => write!(f, "{e}"),
@@ -419,24 +413,26 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 || headers.contains_key("x-api-key");
             if has_header { None } else { cookie(headers, name) }
         });
-        let principal = match from_cookie {
-            Some(token) => auth.authenticate_token(token, Source::Bearer, target).await,
-            None => auth.authenticate_http(headers, target).await,
+        // Who is calling: format, secret, revocation, expiry and region.
+        // Whether the key reaches this tenant and environment is checked
+        // after the rate limit, so that 403s carry the limit headers too.
+        let identity = Target {
+            tenant: None,
+            environment: None,
+            region: target.region,
+            formats: target.formats.clone().or_else(|| route.formats.clone()),
         };
-        let principal = principal.map_err(|e| {
+        let principal = match from_cookie {
+            Some(token) => auth.authenticate_token(token, Source::Bearer, &identity).await,
+            None => auth.authenticate_http(headers, &identity).await,
+        };
+        let refuse_auth = |e: AuthError, headers: &[(&'static str, String)]| {
             let rejection = e.rejection();
-            Refused::new(Refusal::Auth(e), rejection, style)
-        })?;
-        if let Some(formats) = &route.formats
-            && !formats.iter().any(|f| f == principal.format())
-        {
-            let format = principal.format().to_owned();
-            return Err(Refused::new(
-                Refusal::Format { format },
-                Rejection::InvalidCredentials,
-                style,
-            ));
-        }
+            let mut r = Refused::new(Refusal::Auth(e), rejection, style);
+            r.headers = headers.to_vec();
+            r
+        };
+        let principal = principal.map_err(|e| refuse_auth(e, &[]))?;
 
         let plan = self.plan_for(&principal, route)?;
         let decision = match plan.filter(|p| !p.rate().is_empty()) {
@@ -474,6 +470,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 style,
             )));
         }
+        target.check(&principal).map_err(|e| refuse_auth(e, &limit_headers))?;
         if let Some(required) = &route.required
             && let Err(missing) = principal.require(required)
         {

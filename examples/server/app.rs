@@ -126,10 +126,16 @@ pub(crate) fn router<B: Backend>(
 
     let mgmt = gate.layer().formats(["nhm"]).target(workspace_from_path);
     let ingest = gate.layer().formats(["nhk"]).body_style(BodyStyle::Flat);
-    let svix = gate.layer().formats(["sk"]).body_style(BodyStyle::Nested);
+    // Keys of formats without a preset plan get the enterprise limits here,
+    // so their responses (403s included) carry rate-limit headers too.
+    let svix = gate.layer().formats(["sk"]).body_style(BodyStyle::Nested).plan("enterprise");
     let hex = gate.layer().formats(["nh"]).body_style(BodyStyle::Envelope);
     let ws = app.workspace.clone();
-    let seq = gate.layer().formats(["nk"]).target(move |parts| project_from_path(&ws, parts));
+    let seq = gate
+        .layer()
+        .formats(["nk"])
+        .plan("enterprise")
+        .target(move |parts| project_from_path(&ws, parts));
     let portal_api = gate.layer().formats(["kgpt"]).cookie(PORTAL_COOKIE);
 
     let keys_path = "/management/v1/workspaces/{ws}/api-keys";
@@ -173,6 +179,17 @@ pub(crate) fn router<B: Backend>(
             delete(delete_endpoint::<B>).layer(portal_api.require("endpoints:delete")?),
         )
         .with_state(app.clone());
+    // Last use is coalesced in memory; write it out every few seconds for
+    // as long as the app lives.
+    let weak = Arc::downgrade(&app);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let Some(app) = weak.upgrade() else { break };
+            let _ = app.gate.authenticator().flush_last_use().await;
+        }
+    });
     Ok((router, app.manager_clone()))
 }
 
@@ -347,6 +364,8 @@ async fn list_keys<B: Backend>(State(app): Shared<B>, Path(ws): Path<String>) ->
     let Ok(ws) = ws.parse::<WorkspaceId>() else {
         return app.reject(&Rejection::NotFound, BodyStyle::Nested);
     };
+    // Show this instance's latest uses (last use is advisory and batched).
+    let _ = app.gate.authenticator().flush_last_use().await;
     match app.manager.list(&ws, None).await {
         Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
         Ok(records) => {

@@ -1,0 +1,617 @@
+//! The reference server (`examples/server`) over real loopback HTTP: every
+//! route of the integration issue, driven with a real HTTP client.
+
+#[path = "../examples/server/app.rs"]
+#[allow(dead_code)]
+mod app;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use keygate::limit::PlanSet;
+use reqwest::{Client, Method, StatusCode};
+use serde_json::{Value, json};
+
+const TINY: &str = r#"{"plans": {
+  "tiny": {
+    "rate": [{"name": "default", "limit": 1000, "window_seconds": 60, "algorithm": "sliding_window"}],
+    "monthly": [{"name": "notifications", "limit": 5, "counts": ["webhook"]}]
+  }
+}}"#;
+
+struct Server {
+    base: String,
+    token: String,
+    http: Client,
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: reqwest::header::HeaderMap,
+    body: Value,
+    text: String,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+async fn start() -> Server {
+    let mut plans = PlanSet::presets();
+    plans.extend(PlanSet::from_json(TINY).unwrap());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let workspace: keygate::store::WorkspaceId = "ws_demo".parse().unwrap();
+    let config =
+        app::Config { workspace: workspace.clone(), plans, base_url: format!("http://{addr}") };
+    let (router, manager) = app::router(app::Stores::memory(), config).unwrap();
+    let token = app::bootstrap(&manager, workspace).await.unwrap();
+    tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
+    Server {
+        base: format!("http://{addr}"),
+        token: token.key().expose_secret().to_owned(),
+        http: Client::new(),
+    }
+}
+
+impl Server {
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Reply {
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b.to_string());
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let text = res.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Reply { status, headers, body, text }
+    }
+
+    async fn mgmt(&self, method: Method, path: &str, body: Option<Value>) -> Reply {
+        let auth = format!("Bearer {}", self.token);
+        self.call(
+            method,
+            &format!("/management/v1/workspaces/ws_demo{path}"),
+            &[("authorization", &auth)],
+            body,
+        )
+        .await
+    }
+
+    /// Creates a key and returns (id, key).
+    async fn key(&self, body: Value) -> (String, String) {
+        let r = self.mgmt(Method::POST, "/api-keys", Some(body)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+        (r.body["id"].as_str().unwrap().to_owned(), r.body["key"].as_str().unwrap().to_owned())
+    }
+
+    async fn bearer(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Reply {
+        self.call(method, path, &[("authorization", &format!("Bearer {key}"))], body).await
+    }
+
+    async fn x_api_key(&self, method: Method, path: &str, key: &str, body: Option<Value>) -> Reply {
+        self.call(method, path, &[("x-api-key", key)], body).await
+    }
+}
+
+fn has_limit_headers(r: &Reply) -> bool {
+    ["x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset"]
+        .iter()
+        .all(|h| r.header(h).is_some())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn healthz_needs_no_credential() {
+    let s = start().await;
+    let r = s.call(Method::GET, "/healthz", &[], None).await;
+    assert_eq!((r.status, r.text.as_str()), (StatusCode::OK, "ok"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_list_revoke_keys() {
+    let s = start().await;
+    let r =
+        s.mgmt(Method::POST, "/api-keys", Some(json!({"name": "ingest", "format": "nhk"}))).await;
+    assert_eq!(r.status, StatusCode::CREATED);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    for field in ["id", "name", "key", "prefix", "created_at"] {
+        assert!(r.body.get(field).is_some(), "missing {field}: {}", r.text);
+    }
+    let key = r.body["key"].as_str().unwrap().to_owned();
+    let id = r.body["id"].as_str().unwrap().to_owned();
+    assert!(key.starts_with("nhk_") && key.starts_with(r.body["prefix"].as_str().unwrap()));
+
+    // The key works; then the list shows it (with last use), never a secret.
+    let used = s.bearer(Method::POST, "/api/ingest/orders", &key, None).await;
+    assert_eq!(used.status, StatusCode::ACCEPTED);
+    let list = s.mgmt(Method::GET, "/api-keys", None).await;
+    assert_eq!(list.status, StatusCode::OK);
+    let rows = list.body["data"].as_array().unwrap();
+    let row = rows.iter().find(|r| r["id"] == id.as_str()).expect("created key listed");
+    assert_eq!(
+        row.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["created_at", "id", "last_used_at", "name", "prefix"]
+    );
+    assert!(row["last_used_at"].is_string(), "{row}");
+    assert!(!list.text.contains(&key[4..]), "list leaks the key");
+    assert!(!list.text.contains("sha256"), "list leaks a digest");
+
+    // Revoked: 204, then the key answers 401 and is gone from the list.
+    let del = s.mgmt(Method::DELETE, &format!("/api-keys/{id}"), None).await;
+    assert_eq!(del.status, StatusCode::NO_CONTENT);
+    let after = s.bearer(Method::POST, "/api/ingest/orders", &key, None).await;
+    assert_eq!(after.status, StatusCode::UNAUTHORIZED);
+    let list = s.mgmt(Method::GET, "/api-keys", None).await;
+    assert!(!list.text.contains(&id));
+    let again = s.mgmt(Method::DELETE, &format!("/api-keys/{id}"), None).await;
+    assert_eq!(again.status, StatusCode::NO_CONTENT, "revoking twice is idempotent");
+    let unknown = s.mgmt(Method::DELETE, "/api-keys/key_doesnotexist00", None).await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_key_bad_bodies_name_the_field() {
+    let s = start().await;
+    let cases = [
+        (json!({"format": "nhk"}), "name"),
+        (json!({"name": "x"}), "format"),
+        (json!({"name": "x", "format": "pk"}), "format"),
+        (json!({"name": 7, "format": "nhk"}), "name"),
+        (json!({"name": "x", "format": "nhk", "plan": "platinum"}), "plan"),
+        (json!({"name": "x", "format": "sk", "environment": "prod"}), "environment"),
+        (json!({"name": "x", "format": "sk", "scopes": "applications:read"}), "scopes"),
+        (json!({"name": "x", "format": "sk", "scopes": ["nonsense:read"]}), "scopes"),
+        (json!({"name": "x", "format": "nhk", "expiresInDays": 0}), "expiresInDays"),
+        (json!({"name": "x", "format": "nhk", "project": "has space"}), "project"),
+        (json!([1, 2]), "body"),
+    ];
+    for (body, field) in cases {
+        let r = s.mgmt(Method::POST, "/api-keys", Some(body.clone())).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
+        assert_eq!(r.body["error"]["field"], field, "{body}: {}", r.text);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eleventh_active_key_of_a_project_conflicts() {
+    let s = start().await;
+    let mut ids = Vec::new();
+    for i in 0..10 {
+        ids.push(s.key(json!({"name": format!("k{i}"), "format": "sk", "project": "p1"})).await.0);
+    }
+    let r = s
+        .mgmt(
+            Method::POST,
+            "/api-keys",
+            Some(json!({"name": "k10", "format": "sk", "project": "p1"})),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    // Another project is not affected; revoking one frees a slot.
+    s.key(json!({"name": "other", "format": "sk", "project": "p2"})).await;
+    s.mgmt(Method::DELETE, &format!("/api-keys/{}", ids[0]), None).await;
+    s.key(json!({"name": "k10", "format": "sk", "project": "p1"})).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_is_scoped_to_the_workspace_in_the_path() {
+    let s = start().await;
+    let auth = format!("Bearer {}", s.token);
+    let other = s
+        .call(
+            Method::GET,
+            "/management/v1/workspaces/ws_other/api-keys",
+            &[("authorization", &auth)],
+            None,
+        )
+        .await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN, "{}", other.text);
+    let none = s.call(Method::GET, "/management/v1/workspaces/ws_demo/api-keys", &[], None).await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED);
+    // An API key is not a management token.
+    let (_, sk) =
+        s.key(json!({"name": "app", "format": "sk", "scopes": ["applications:read"]})).await;
+    let r = s.bearer(Method::GET, "/management/v1/workspaces/ws_demo/api-keys", &sk, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn management_tokens() {
+    let s = start().await;
+    let r = s.mgmt(Method::POST, "/tokens", Some(json!({"name": "ci", "expiresIn": "30d"}))).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let token = r.body["token"].as_str().unwrap();
+    assert!(token.starts_with("nhm_"));
+    assert!(r.body["expires_at"].is_string());
+    let list =
+        s.bearer(Method::GET, "/management/v1/workspaces/ws_demo/api-keys", token, None).await;
+    assert_eq!(list.status, StatusCode::OK);
+    for (body, field) in [
+        (json!({"name": "ci", "expiresIn": "45d"}), "expiresIn"),
+        (json!({"expiresIn": "never"}), "name"),
+    ] {
+        let r = s.mgmt(Method::POST, "/tokens", Some(body)).await;
+        assert_eq!(
+            (r.status, r.body["error"]["field"].as_str()),
+            (StatusCode::BAD_REQUEST, Some(field))
+        );
+    }
+    let never = s
+        .mgmt(Method::POST, "/tokens", Some(json!({"name": "forever", "expiresIn": "never"})))
+        .await;
+    assert_eq!(never.status, StatusCode::CREATED);
+    assert!(never.body["expires_at"].is_null());
+}
+
+/// Sends `n` calls back to back; retries the burst (up to 5 times) if it
+/// straddled a window boundary, the one legitimate reason for an extra
+/// admission.
+async fn burst(n: usize, mut call: impl AsyncFnMut() -> Reply, limit: usize) -> Vec<Reply> {
+    for _ in 0..5 {
+        let mut out = Vec::new();
+        for _ in 0..n {
+            out.push(call().await);
+        }
+        let admitted = out.iter().filter(|r| r.status != StatusCode::TOO_MANY_REQUESTS).count();
+        if admitted == limit {
+            return out;
+        }
+        assert!(admitted > limit, "fewer than the limit admitted: {admitted}");
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    panic!("every burst straddled a window boundary");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_per_second_plan_limits() {
+    let s = start().await;
+    for (plan, limit) in [(None, 3), (Some("starter"), 5), (Some("pro"), 10)] {
+        let mut body = json!({"name": "ingest", "format": "nhk"});
+        if let Some(p) = plan {
+            body["plan"] = json!(p);
+        }
+        let (_, key) = s.key(body).await;
+        let replies = burst(
+            limit + 1,
+            async || s.bearer(Method::POST, "/api/ingest/ev", &key, None).await,
+            limit,
+        )
+        .await;
+        for r in &replies {
+            assert!(has_limit_headers(r), "{:?}", r.headers);
+            assert_eq!(r.header("x-ratelimit-limit"), Some(limit.to_string().as_str()));
+        }
+        assert_eq!(replies[0].status, StatusCode::ACCEPTED);
+        assert_eq!(replies[0].body, json!({"accepted": true}));
+        let denied = replies.last().unwrap();
+        assert_eq!(denied.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(denied.body["error"], "Rate limit exceeded");
+        assert_eq!(denied.body["limit"], limit);
+        let retry = denied.body["retryAfter"].as_u64().unwrap();
+        assert!((1..=2).contains(&retry), "{retry}");
+        assert_eq!(denied.header("retry-after"), Some(retry.to_string().as_str()));
+        assert_eq!(denied.header("x-ratelimit-remaining"), Some("0"));
+    }
+    // Another format's valid key is not an ingestion key.
+    let (_, sk) = s.key(json!({"name": "app", "format": "sk"})).await;
+    assert_eq!(
+        s.bearer(Method::POST, "/api/ingest/ev", &sk, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn applications_and_webhooks_need_their_scopes() {
+    let s = start().await;
+    let (_, reader) =
+        s.key(json!({"name": "r", "format": "sk", "scopes": ["applications:read"]})).await;
+    let (_, writer) = s.key(json!({"name": "w", "format": "sk", "environment": "test", "scopes": ["webhooks:write"]})).await;
+    assert!(writer.starts_with("sk_test_"));
+
+    let ok = s.bearer(Method::GET, "/v1/applications", &reader, None).await;
+    assert_eq!((ok.status, &ok.body), (StatusCode::OK, &json!({"data": []})));
+    assert!(has_limit_headers(&ok));
+    let forbidden = s.bearer(Method::GET, "/v1/applications", &writer, None).await;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+    assert_eq!(
+        forbidden.body,
+        json!({"error": {"code": "forbidden", "message": "API key does not have access to this resource"}})
+    );
+    assert!(has_limit_headers(&forbidden), "403s carry the limit headers too");
+    let unauthorized =
+        json!({"error": {"code": "unauthorized", "message": "Invalid or missing API key"}});
+    let missing = s.call(Method::GET, "/v1/applications", &[], None).await;
+    assert_eq!((missing.status, &missing.body), (StatusCode::UNAUTHORIZED, &unauthorized));
+    let invalid = s.bearer(Method::GET, "/v1/applications", "sk_live_notARealKey", None).await;
+    assert_eq!((invalid.status, &invalid.body), (StatusCode::UNAUTHORIZED, &unauthorized));
+
+    let created = s
+        .bearer(Method::POST, "/v1/webhooks", &writer, Some(json!({"url": "https://example.test"})))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let denied = s.bearer(Method::POST, "/v1/webhooks", &reader, None).await;
+    assert_eq!(denied.status, StatusCode::FORBIDDEN);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ping_with_x_api_key_and_per_minute_limit() {
+    let s = start().await;
+    let (_, key) = s.key(json!({"name": "hex", "format": "nh"})).await;
+    let ok = s.x_api_key(Method::GET, "/api/v1/ping", &key, None).await;
+    assert_eq!(ok.status, StatusCode::OK);
+    assert_eq!(ok.body["success"], true);
+    assert_eq!(ok.body["data"], json!({"message": "pong"}));
+    assert!(ok.body["timestamp"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(ok.header("x-ratelimit-limit"), Some("5"));
+
+    let missing = s.call(Method::GET, "/api/v1/ping", &[], None).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        (missing.body["success"].clone(), missing.body["error"].clone()),
+        (json!(false), json!("API key is missing"))
+    );
+    let invalid = s.x_api_key(Method::GET, "/api/v1/ping", "nh_0000", None).await;
+    assert_eq!(invalid.body["error"], "Invalid API key");
+    // nh keys travel in X-API-Key only.
+    assert_eq!(
+        s.bearer(Method::GET, "/api/v1/ping", &key, None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+
+    // Free: 5 per rolling minute; one was used above.
+    let mut last = None;
+    for _ in 0..5 {
+        last = Some(s.x_api_key(Method::GET, "/api/v1/ping", &key, None).await);
+    }
+    let denied = last.unwrap();
+    assert_eq!(denied.status, StatusCode::TOO_MANY_REQUESTS, "{}", denied.text);
+    assert_eq!(denied.body["success"], false);
+    assert_eq!(denied.body["error"], "Rate limit exceeded");
+    assert!(denied.header("retry-after").is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_count_monthly_quota_by_channel() {
+    let s = start().await;
+    let (_, key) = s.key(json!({"name": "n", "format": "nh", "plan": "tiny"})).await;
+    let send = async |channel: &str| {
+        s.x_api_key(Method::POST, "/api/v1/notifications", &key, Some(json!({"channel": channel})))
+            .await
+    };
+    for _ in 0..5 {
+        let r = send("webhook").await;
+        assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
+        assert!(has_limit_headers(&r));
+    }
+    let over = send("webhook").await;
+    assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
+    let msg = over.body["error"].as_str().unwrap();
+    assert!(
+        msg.starts_with(
+            "Monthly usage limit exceeded (5/5). Upgrade your plan or wait for reset on "
+        ),
+        "{msg}"
+    );
+    assert!(over.header("retry-after").is_some());
+    assert!(has_limit_headers(&over));
+    // tiny counts only webhooks: email still goes out.
+    assert_eq!(send("email").await.status, StatusCode::ACCEPTED);
+    let bad = send("sms").await;
+    assert_eq!((bad.status, bad.body["success"].clone()), (StatusCode::BAD_REQUEST, json!(false)));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn seq_execute_checks_the_project_and_environment() {
+    let s = start().await;
+    let (_, live) = s.key(json!({"name": "seq", "format": "nk", "project": "billing"})).await;
+    let (_, test) = s
+        .key(json!({"name": "seq", "format": "nk", "environment": "test", "project": "billing"}))
+        .await;
+    let path = "/api/v1/seq/acme/billing/invoice/execute";
+    let ok = s.bearer(Method::POST, path, &live, Some(json!({}))).await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text);
+    assert_eq!(ok.body["environment"], "live");
+    let sandbox = s.bearer(Method::POST, path, &test, Some(json!({}))).await;
+    assert_eq!(
+        (sandbox.status, sandbox.body["environment"].as_str()),
+        (StatusCode::OK, Some("test"))
+    );
+    let other =
+        s.bearer(Method::POST, "/api/v1/seq/acme/shipping/invoice/execute", &live, None).await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN);
+    assert!(has_limit_headers(&other));
+}
+
+async fn portal_link(s: &Server, body: Value) -> Reply {
+    s.mgmt(Method::POST, "/applications/app_shop/portal", Some(body)).await
+}
+
+fn cookie_of(r: &Reply) -> String {
+    let set = r.header("set-cookie").expect("portal sets a cookie");
+    for attr in ["HttpOnly", "Secure", "SameSite=Strict"] {
+        assert!(set.contains(attr), "{set}");
+    }
+    set.split(';').next().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_links_open_once() {
+    let s = start().await;
+    let r = portal_link(&s, json!({})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    assert_eq!(r.header("cache-control"), Some("no-store"));
+    let url = r.body["url"].as_str().unwrap().to_owned();
+    assert!(r.body["code"].as_str().unwrap().starts_with("kgpc_"));
+    assert!(r.body["expiresAt"].is_string());
+
+    let first = s.http.get(&url).send().await.unwrap();
+    assert_eq!(first.status(), StatusCode::OK);
+    let set = first.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        set.starts_with("kg_portal=kgpt_")
+            && set.contains("HttpOnly")
+            && set.contains("Secure")
+            && set.contains("SameSite=Strict")
+    );
+    assert!(first.text().await.unwrap().contains("<html"));
+    let second = s.http.get(&url).send().await.unwrap();
+    assert_eq!(second.status(), StatusCode::GONE);
+
+    for (body, field) in [
+        (json!({"expiresInMinutes": 0}), "expiresInMinutes"),
+        (json!({"expiresInMinutes": 61}), "expiresInMinutes"),
+        (json!({"role": "owner"}), "role"),
+        (json!({"metadata": "x"}), "metadata"),
+    ] {
+        let r = portal_link(&s, body.clone()).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}");
+        assert_eq!(r.body["error"]["field"], field, "{body}: {}", r.text);
+    }
+    let garbage = s.call(Method::GET, "/portal?code=kgpc_nope", &[], None).await;
+    assert_eq!(garbage.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_concurrent_opens_yield_one_session() {
+    let s = start().await;
+    for _ in 0..5 {
+        let url = portal_link(&s, json!({})).await.body["url"].as_str().unwrap().to_owned();
+        let opens = (0..16).map(|_| {
+            let (http, url) = (s.http.clone(), url.clone());
+            tokio::spawn(async move { http.get(url).send().await.unwrap().status() })
+        });
+        let mut statuses = Vec::new();
+        for h in opens {
+            statuses.push(h.await.unwrap());
+        }
+        assert_eq!(statuses.iter().filter(|s| **s == StatusCode::OK).count(), 1, "{statuses:?}");
+        assert!(
+            statuses.iter().all(|s| *s == StatusCode::OK || *s == StatusCode::GONE),
+            "{statuses:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_api_follows_the_role() {
+    let s = start().await;
+    let session = async |role: &str| {
+        let r = portal_link(&s, json!({"role": role, "metadata": {"customer": "c_42"}})).await;
+        let url = r.body["url"].as_str().unwrap().to_owned();
+        let opened = s.call(Method::GET, url.strip_prefix(&s.base).unwrap(), &[], None).await;
+        cookie_of(&opened)
+    };
+    let (viewer, editor, admin) =
+        (session("viewer").await, session("editor").await, session("admin").await);
+    let with = |c: &str| vec![("cookie".to_owned(), c.to_owned())];
+    let call = async |m: Method, path: &str, cookie: &str, body: Option<Value>| {
+        let h = with(cookie);
+        let h: Vec<(&str, &str)> = h.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        s.call(m, path, &h, body).await
+    };
+    let ep = Some(json!({"url": "https://hooks.example.test/in"}));
+
+    assert_eq!(
+        call(Method::GET, "/portal/api/endpoints", &viewer, None).await.status,
+        StatusCode::OK
+    );
+    assert_eq!(
+        call(Method::POST, "/portal/api/endpoints", &viewer, ep.clone()).await.status,
+        StatusCode::FORBIDDEN
+    );
+
+    let created = call(Method::POST, "/portal/api/endpoints", &editor, ep.clone()).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    assert_eq!(created.body["metadata"]["customer"], "c_42");
+    let id = created.body["id"].as_str().unwrap().to_owned();
+    let listed = call(Method::GET, "/portal/api/endpoints", &viewer, None).await;
+    assert_eq!(listed.body["data"][0]["id"], id.as_str());
+    let path = format!("/portal/api/endpoints/{id}");
+    assert_eq!(call(Method::DELETE, &path, &editor, None).await.status, StatusCode::FORBIDDEN);
+    assert_eq!(call(Method::DELETE, &path, &admin, None).await.status, StatusCode::NO_CONTENT);
+    assert_eq!(call(Method::DELETE, &path, &admin, None).await.status, StatusCode::NOT_FOUND);
+
+    assert_eq!(
+        s.call(Method::GET, "/portal/api/endpoints", &[], None).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+    // The portal token works only on the portal: not as a management token.
+    let token = viewer.split_once('=').unwrap().1;
+    let r = s.bearer(Method::GET, "/management/v1/workspaces/ws_demo/api-keys", token, None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+/// The example binary itself: its first stdout line, `--plans`, and a
+/// request over loopback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn example_binary_prints_its_address_and_token_first() {
+    let bin = example_binary();
+    let dir = std::env::temp_dir().join(format!("keygate-server-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plans = dir.join("plans.json");
+    std::fs::write(&plans, TINY).unwrap();
+    let mut child = Running(
+        Command::new(&bin)
+            .args(["--bind", "127.0.0.1:0", "--plans"])
+            .arg(&plans)
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display())),
+    );
+    let mut line = String::new();
+    BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let first: Value = serde_json::from_str(&line).unwrap();
+    let obj = first.as_object().unwrap();
+    assert_eq!(obj.keys().collect::<Vec<_>>(), ["listening", "management_token", "workspace"]);
+    assert!(line.starts_with("{\"listening\": \"127.0.0.1:"), "{line}");
+    assert_eq!(first["workspace"], "ws_demo");
+    let token = first["management_token"].as_str().unwrap();
+    assert!(token.starts_with("nhm_"));
+
+    let s = Server {
+        base: format!("http://{}", first["listening"].as_str().unwrap()),
+        token: token.to_owned(),
+        http: Client::new(),
+    };
+    assert_eq!(s.call(Method::GET, "/healthz", &[], None).await.status, StatusCode::OK);
+    // The --plans file's plan exists.
+    s.key(json!({"name": "t", "format": "nh", "plan": "tiny"})).await;
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// Kills the server when the test ends, pass or fail.
+struct Running(Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn example_binary() -> std::path::PathBuf {
+    // tests run from target/<profile>/deps; examples live in target/<profile>/examples.
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = profile.join("examples").join(format!("server{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the suite with `cargo test --all-targets` (as scripts/test.sh does), which builds the examples",
+        bin.display()
+    );
+    bin
+}
