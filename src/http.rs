@@ -291,7 +291,7 @@ impl Rejection {
 
 #[cfg(feature = "http")]
 impl Response {
-    /// This response as an [`http::Response`](::http::Response) with a body
+    /// This response as an [`http::Response`] with a body
     /// of any type that can be made from a `String` (axum's `Body`,
     /// `http_body_util::Full<Bytes>`, `String` itself).
     ///
@@ -309,7 +309,7 @@ impl Response {
 }
 
 /// Appends keygate's `(name, value)` pairs (rejection or rate-limit
-/// headers) to an [`http::HeaderMap`](::http::HeaderMap). A value that is
+/// headers) to an [`http::HeaderMap`]. A value that is
 /// not a valid header value is skipped (keygate writes none).
 #[cfg(feature = "http")]
 pub fn append_headers(

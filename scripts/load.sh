@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Load check: throughput and latency of an authenticated, rate-limited route
+# vs an unauthenticated route of the same reference server, in the same run.
+#
+#   bash scripts/load.sh [SECONDS] [CONNECTIONS]
+#
+# Needs `wrk` (apt-get install wrk). Loopback only. The key's plan admits far
+# more than wrk can send, so every request passes the full keygate path
+# (parse, hash, lookup, verify, rate-limit check, headers) and none is a 429.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+secs="${1:-10}"
+conns="${2:-32}"
+command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
+
+cargo build --release --example server -q
+tmp="$(mktemp -d)"
+trap 'kill "$pid" 2>/dev/null || true; rm -rf "$tmp"' EXIT
+cat > "$tmp/plans.json" <<'JSON'
+{"plans": {"load": {"rate": [{"name": "default", "limit": 1000000000, "window_seconds": 1, "algorithm": "gcra"}]}}}
+JSON
+target/release/examples/server --bind 127.0.0.1:0 --plans "$tmp/plans.json" > "$tmp/out" &
+pid=$!
+for _ in $(seq 50); do [ -s "$tmp/out" ] && break; sleep 0.1; done
+read -r addr token < <(python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).readline()); print(d["listening"], d["management_token"])' "$tmp/out")
+key=$(curl -sf -X POST "http://$addr/management/v1/workspaces/ws_demo/api-keys" \
+  -H "Authorization: Bearer $token" -d '{"name":"load","format":"nh","plan":"load"}' |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+
+run() { wrk -t2 -c"$conns" -d"${secs}s" --latency "$@"; }
+echo "== unauthenticated: GET /healthz"
+base=$(run "http://$addr/${BASE_PATH:-healthz}")
+echo "$base" | grep -E "Requests/sec|99%|Non-2xx" || true
+echo "== authenticated + rate-limited: GET /api/v1/ping (X-API-Key, plan 'load')"
+auth=$(run -H "X-API-Key: $key" "http://$addr/api/v1/ping")
+echo "$auth" | grep -E "Requests/sec|99%|Non-2xx" || true
+python3 - "$base" "$auth" <<'PY'
+import sys
+def rps(t): return float([l for l in t.splitlines() if "Requests/sec" in l][0].split()[1])
+b, a = rps(sys.argv[1]), rps(sys.argv[2])
+print(f"throughput ratio authenticated/unauthenticated: {a/b:.3f} (layer cost {100*(1-a/b):.1f}%)")
+PY

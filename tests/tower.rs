@@ -1,0 +1,234 @@
+//! The tower layer on its own: fail modes when stores are down, what it puts
+//! in request and response extensions, cookies, and axum wiring.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::routing::get;
+use axum::{Extension, Router};
+use jiff::Timestamp;
+use keygate::auth::{Authenticator, Principal};
+use keygate::backend::{BackendError, FailMode};
+use keygate::limit::QuotaRule;
+use keygate::limit::{CheckMode, Decision, LimitStore, MemoryLimiter, PlanSet, Policy};
+use keygate::manager::{KeyManager, NewKey};
+use keygate::quota::{MemoryQuotaStore, QuotaDecision, QuotaStore};
+use keygate::store::{MemoryKeyStore, Tenant};
+use keygate::tower::{Gate, Refusal, Refused};
+use tower::ServiceExt;
+
+/// A store that can be switched off, as when Redis goes away.
+#[derive(Clone, Default)]
+struct Switch(Arc<AtomicBool>);
+
+impl Switch {
+    fn down(&self) -> bool {
+        self.0.load(Ordering::SeqCst)
+    }
+    fn set_down(&self) {
+        self.0.store(true, Ordering::SeqCst);
+    }
+}
+
+fn outage() -> BackendError {
+    BackendError::unavailable(std::io::Error::other("connection refused"))
+}
+
+struct FlakyLimiter(MemoryLimiter, Switch);
+
+impl LimitStore for FlakyLimiter {
+    async fn check(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+    ) -> Result<Decision, BackendError> {
+        if self.1.down() {
+            return Err(outage());
+        }
+        LimitStore::check(&self.0, key, policies, cost, mode).await
+    }
+
+    async fn refund(&self, key: &str, policies: &[Policy], cost: u32) -> Result<(), BackendError> {
+        LimitStore::refund(&self.0, key, policies, cost).await
+    }
+}
+
+struct FlakyQuota(MemoryQuotaStore, Switch);
+
+impl QuotaStore for FlakyQuota {
+    async fn check_and_count(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> Result<QuotaDecision, BackendError> {
+        if self.1.down() {
+            return Err(outage());
+        }
+        self.0.check_and_count(account, rules, category, cost, now).await
+    }
+
+    async fn usage(&self, account: &str, rule: &str, now: Timestamp) -> Result<u64, BackendError> {
+        self.0.usage(account, rule, now).await
+    }
+}
+
+struct Fixture {
+    key: String,
+    switch: Switch,
+    keys: MemoryKeyStore,
+}
+
+async fn fixture() -> Fixture {
+    let keys = MemoryKeyStore::new();
+    let ws = Tenant::workspace("ws_t".parse().unwrap());
+    let created = KeyManager::new(keys.clone())
+        .create(
+            NewKey::new("t", keygate::format::NH, ws)
+                .plan("free")
+                .scopes(&["events:read"])
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    Fixture { key: created.key().expose_secret().to_owned(), switch: Switch::default(), keys }
+}
+
+fn app(f: &Fixture, limit_fail: FailMode, quota_fail: FailMode) -> Router {
+    let gate = Gate::builder(
+        Authenticator::new(f.keys.clone()),
+        FlakyLimiter(MemoryLimiter::new(1000), f.switch.clone()),
+    )
+    .plans(PlanSet::presets())
+    .quotas(FlakyQuota(MemoryQuotaStore::new(), f.switch.clone()))
+    .limiter_fail_mode(limit_fail)
+    .quota_fail_mode(quota_fail)
+    .build();
+    Router::new()
+        .route(
+            "/events",
+            get(|Extension(p): Extension<Principal>, d: Option<Extension<Decision>>| async move {
+                format!("{} {}", p.name(), d.map_or(0, |Extension(d)| d.remaining()))
+            }),
+        )
+        .route_layer(gate.layer().require("events:read").unwrap().quota("email"))
+}
+
+async fn get_events(app: &Router, key: &str) -> axum::response::Response {
+    let req = Request::get("/events").header("x-api-key", key).body(Body::empty()).unwrap();
+    app.clone().oneshot(req).await.unwrap()
+}
+
+async fn text(res: axum::response::Response) -> String {
+    let bytes = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+#[tokio::test]
+async fn admitted_requests_see_principal_and_decision() {
+    let f = fixture().await;
+    let app = app(&f, FailMode::Closed, FailMode::Closed);
+    let res = get_events(&app, &f.key).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["x-ratelimit-limit"], "5");
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "4");
+    assert_eq!(text(res).await, "t 4");
+}
+
+#[tokio::test]
+async fn store_outage_fails_closed_by_default() {
+    let f = fixture().await;
+    let app = app(&f, FailMode::Closed, FailMode::Closed);
+    f.switch.set_down();
+    let res = get_events(&app, &f.key).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(res.headers()["retry-after"], "1");
+    let refused = res.extensions().get::<Refused>().expect("typed reason for logs");
+    assert!(matches!(refused.reason(), Refusal::LimiterBackend(_)), "{:?}", refused.reason());
+    assert!(!text(res).await.contains("connection refused"), "the cause stays in the logs");
+}
+
+#[tokio::test]
+async fn store_outage_fails_open_when_chosen() {
+    let f = fixture().await;
+    let app = app(&f, FailMode::Open, FailMode::Open);
+    f.switch.set_down();
+    let res = get_events(&app, &f.key).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    assert!(res.headers().get("x-ratelimit-limit").is_none(), "no decision, no headers");
+    assert_eq!(text(res).await, "t 0");
+}
+
+#[tokio::test]
+async fn quota_outage_is_its_own_choice() {
+    let f = fixture().await;
+    // Limiter open, quota closed: the limiter's outage passes, the quota's refuses.
+    let app = app(&f, FailMode::Open, FailMode::Closed);
+    f.switch.set_down();
+    let res = get_events(&app, &f.key).await;
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let refused = res.extensions().get::<Refused>().unwrap();
+    assert!(matches!(refused.reason(), Refusal::QuotaBackend(_)));
+}
+
+#[tokio::test]
+async fn refusals_carry_typed_reasons() {
+    let f = fixture().await;
+    let app = app(&f, FailMode::Closed, FailMode::Closed);
+    let res = get_events(&app, "nh_nope").await;
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let reason = res.extensions().get::<Refused>().unwrap().reason();
+    assert!(matches!(reason, Refusal::Auth(_)), "{reason}");
+    // Free plan: 5 a minute, then 429 with the limit headers.
+    for _ in 0..5 {
+        assert_eq!(get_events(&app, &f.key).await.status(), StatusCode::OK);
+    }
+    let res = get_events(&app, &f.key).await;
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(res.headers()["x-ratelimit-remaining"], "0");
+    assert!(res.headers().get("retry-after").is_some());
+    assert!(matches!(res.extensions().get::<Refused>().unwrap().reason(), Refusal::RateLimited(_)));
+}
+
+#[tokio::test]
+async fn unknown_plan_is_a_deployment_error_not_a_free_pass() {
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::default()) // knows no plans, the key names "free"
+        .build();
+    let app: Router = Router::new().route("/", get(|| async { "in" })).route_layer(gate.layer());
+    let req = Request::get("/").header("x-api-key", &f.key).body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(matches!(
+        res.extensions().get::<Refused>().unwrap().reason(),
+        Refusal::UnknownPlan { .. }
+    ));
+}
+
+#[tokio::test]
+async fn cookie_credentials_only_where_enabled() {
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10)).build();
+    let app: Router = Router::new()
+        .route("/c", get(|| async { "in" }).layer(gate.layer().cookie("sess")))
+        .route("/h", get(|| async { "in" }).layer(gate.layer()));
+    // Cookies follow the Bearer header rules: an `sk` key, not an `nh` one.
+    let ws = Tenant::workspace("ws_t".parse().unwrap());
+    let sk = KeyManager::new(f.keys.clone())
+        .create(NewKey::new("browser", keygate::format::SK, ws))
+        .await
+        .unwrap();
+    let cookie = format!("theme=dark; sess={}", sk.key().expose_secret());
+    let call = |path: &'static str| {
+        Request::get(path).header("cookie", &cookie).body(Body::empty()).unwrap()
+    };
+    assert_eq!(app.clone().oneshot(call("/c")).await.unwrap().status(), StatusCode::OK);
+    assert_eq!(app.oneshot(call("/h")).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+}
