@@ -1,0 +1,3 @@
+//! Redis limiter throughput (filled in next).
+
+fn main() {}
