@@ -338,6 +338,10 @@ impl Redis {
     {
         let timeout = self.inner.timeout;
         let runtime = self.inner.runtime.clone();
+        // The client's futures are large (kilobytes); boxing keeps the
+        // stores' futures small in the host's state machines, for one
+        // allocation next to a network round trip.
+        let fut = Box::pin(fut);
         let guarded = async move {
             match tokio::time::timeout(timeout, fut).await {
                 Ok(r) => r.map_err(map_err),

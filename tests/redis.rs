@@ -243,6 +243,7 @@ async fn command_stats(redis: &Redis) -> HashMap<String, u64> {
 
 #[tokio::test]
 async fn a_stacked_check_is_exactly_one_round_trip() {
+    const N: u64 = 500;
     let server = RedisServer::start();
     let redis = connect(&server, "rt").await;
     let limiter = redis.limiter();
@@ -251,7 +252,6 @@ async fn a_stacked_check_is_exactly_one_round_trip() {
     // Warm up: the first call loads the script (EVALSHA, NOSCRIPT, LOAD).
     limiter.check("rt", &plan, 1, CheckMode::Consume).await.unwrap();
     let before = command_stats(&redis).await;
-    const N: u64 = 500;
     for _ in 0..N {
         limiter.check("rt", &plan, 1, CheckMode::Consume).await.unwrap();
     }
