@@ -27,6 +27,9 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Needs Redis 6.2 or later (`RPOP` with a count, `SET … KEEPTTL`, RESP3
+//! for the revocation listener).
+//!
 //! # Key layout and Redis Cluster
 //!
 //! Every key starts with the configured prefix. Limiter keys carry the

@@ -145,6 +145,46 @@ async fn concurrent_checks_never_admit_more_than_the_limit() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_quota_counts_and_capped_inserts_are_exact() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "conc").await;
+    let quota = Arc::new(redis.quota());
+    let rules = Arc::new([QuotaRule::new("n", 30, &["webhook"])]);
+    let now = jiff::Timestamp::now();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (q, r) = (Arc::clone(&quota), Arc::clone(&rules));
+            tokio::spawn(
+                async move { q.check_and_count("acct", &*r, "webhook", 1, now).await.unwrap() },
+            )
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += usize::from(t.await.unwrap().allowed);
+    }
+    assert_eq!(allowed, 30);
+    assert_eq!(quota.usage("acct", "n", now).await.unwrap(), 30);
+
+    let keys = Arc::new(redis.keys());
+    let limit = keygate::store::ActiveLimit { max: 10, now };
+    let tasks: Vec<_> = (0..25)
+        .map(|_| {
+            let k = Arc::clone(&keys);
+            let r = keygate::testkit::keys::sample_record("ws_c", Some("p"), 0, false);
+            tokio::spawn(async move { k.insert(r, Some(limit)).await.unwrap() })
+        })
+        .collect();
+    let mut inserted = 0;
+    for t in tasks {
+        inserted += usize::from(t.await.unwrap() == keygate::store::InsertOutcome::Inserted);
+    }
+    assert_eq!(inserted, 10, "the active-key cap holds under concurrent inserts");
+    let listed = keys.list(&"ws_c".parse().unwrap(), Some(&"p".parse().unwrap())).await.unwrap();
+    assert_eq!(listed.len(), 10);
+}
+
 // ---- same meaning as MemoryLimiter ----
 
 /// The same sequence of checks against `MemoryLimiter` (frozen fake clock)
@@ -211,14 +251,17 @@ async fn decisions_use_the_server_clock_and_real_windows_pass() {
     let p =
         [Policy::new("default", 2, Duration::from_millis(300), Algorithm::FixedWindow).unwrap()];
     let before = SystemClock::new().now();
+    // At most 2 per window, and five quick checks span at most two
+    // windows: one of them is denied even if a window ends mid-loop.
     let mut denied = None;
-    for _ in 0..3 {
+    for _ in 0..5 {
         let d = limiter.check("w", &p, 1, CheckMode::Consume).await.unwrap();
         if !d.is_allowed() {
             denied = Some(d);
+            break;
         }
     }
-    let d = denied.expect("the third check in one 300 ms window is denied");
+    let d = denied.expect("a check beyond 2 in one 300 ms window is denied");
     // The decision's time is the server's (same host: within a second).
     assert!(d.at().duration_since(before).abs() < jiff::SignedDuration::from_secs(1));
     let wait = d.retry_after().unwrap();
@@ -316,6 +359,14 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
         assert!(r.is_err() && t < BOUND, "{what}: keys insert {r:?} in {t:?}");
         let (r, t) = timed(keys.find_by_digest(&record.digest)).await;
         assert!(r.is_err() && t < BOUND, "{what}: keys lookup {r:?} in {t:?}");
+        let (r, t) = timed(keys.revoke(&record.id, now)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: keys revoke {r:?} in {t:?}");
+        let (r, t) = timed(keys.list(&record.tenant.workspace, None)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: keys list {r:?} in {t:?}");
+        let (r, t) = timed(quota.usage("a", "n", now)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: quota usage {r:?} in {t:?}");
+        let (r, t) = timed(limiter.refund("k", &plan, 1)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: limiter refund {r:?} in {t:?}");
     }
 
     server.restart();
