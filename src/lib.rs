@@ -32,6 +32,7 @@
 //! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
 //! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
 //! | `tower` (feature) | `Gate` and its per-route layer: authenticate, rate-limit, authorize, count quota, answer refusals |
+//! | `redis` (feature) | Redis-backed limiter, portal, quota and key stores (one Lua step each, server clock), revocation pub/sub |
 //! | `testkit` (feature) | conformance suites for implementations of the store traits |
 
 pub mod auth;
@@ -44,6 +45,8 @@ pub mod limit;
 pub mod manager;
 pub mod portal;
 pub mod quota;
+#[cfg(feature = "redis")]
+pub mod redis;
 pub mod scan;
 pub mod scope;
 pub mod secret;

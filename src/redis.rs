@@ -1,0 +1,380 @@
+//! Redis-backed stores: [`RedisLimiter`], [`RedisPortalStore`],
+//! [`RedisQuotaStore`], [`RedisKeyStore`], and the [`RevocationListener`]
+//! that carries revocations to every instance's principal cache.
+//!
+//! One [`RedisConfig::connect`] yields a [`Redis`] handle; every store made
+//! from it shares one auto-reconnecting multiplexed connection
+//! ([`redis::aio::ConnectionManager`]). Every call is one server-side step
+//! (a Lua script sent as `EVALSHA`, loaded once and reloaded after
+//! `NOSCRIPT`) bounded by the configured timeout: an unreachable server is a
+//! [`BackendError`] within that bound, never a panic or a hang.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), keygate::backend::BackendError> {
+//! use keygate::limit::{LimitStore, CheckMode, Policy};
+//! use keygate::redis::RedisConfig;
+//! use std::{num::NonZeroU32, time::Duration};
+//!
+//! let redis = RedisConfig::from_url("redis://127.0.0.1:6379/0")?
+//!     .timeout(Duration::from_millis(250))
+//!     .prefix("myapp")?
+//!     .connect()
+//!     .await?;
+//! let limiter = redis.limiter();
+//! let plan = [Policy::per_second(NonZeroU32::new(10).unwrap())];
+//! let d = limiter.check("key_123", &plan, 1, CheckMode::Consume).await?;
+//! assert!(d.is_allowed());
+//! # Ok(()) }
+//! ```
+//!
+//! Needs Redis 6.2 or later (`RPOP` with a count, `SET … KEEPTTL`, RESP3
+//! for the revocation listener).
+//!
+//! # Key layout and Redis Cluster
+//!
+//! Every key starts with the configured prefix. Limiter keys carry the
+//! limited key as a hash tag (`prefix:rl:{k:KEY}:policy:alg`), so a stacked
+//! check touches one slot; quota counters are tagged by account. The key
+//! store keeps all its records and indexes under one tag
+//! (`{prefix:keys}`), so that an insert can check every uniqueness index and
+//! the per-project cap in one atomic script: key records are small and
+//! written rarely, so one slot holds them comfortably.
+
+mod keys;
+mod limit;
+mod portal;
+mod quota;
+mod revocation;
+
+use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::{Client, ErrorKind, FromRedisValue, RedisError, Script};
+
+pub use keys::RedisKeyStore;
+pub use limit::RedisLimiter;
+pub use portal::RedisPortalStore;
+pub use quota::RedisQuotaStore;
+pub use revocation::{ListenerStats, RevocationListener};
+
+use crate::auth::PrincipalCache;
+use crate::backend::BackendError;
+
+/// How to reach Redis and how to behave there: URL, per-call timeout, key
+/// prefix. Built with [`from_url`](Self::from_url), then
+/// [`connect`](Self::connect)ed once.
+#[derive(Clone)]
+pub struct RedisConfig {
+    client: Client,
+    timeout: Duration,
+    prefix: String,
+}
+
+impl fmt::Debug for RedisConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The URL may hold a password: print only where it points.
+        let info = self.client.get_connection_info();
+        f.debug_struct("RedisConfig")
+            .field("addr", &info.addr().to_string())
+            .field("timeout", &self.timeout)
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The configuration was refused: a bad URL or prefix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RedisConfigError {
+    /// The URL does not parse as a `redis://`, `rediss://` or
+    /// `redis+unix://` URL.
+    #[error("invalid redis url")]
+    Url(#[source] RedisError),
+    /// The prefix is empty, longer than 64 bytes, or holds a character
+    /// other than ASCII letters, digits, `_`, `-`, `.` or `:`.
+    #[error("redis key prefix must be 1 to 64 of a-z, A-Z, 0-9, `_`, `-`, `.`, `:`")]
+    Prefix,
+    /// The timeout is zero.
+    #[error("redis timeout must be non-zero")]
+    Timeout,
+}
+
+impl From<RedisConfigError> for BackendError {
+    fn from(e: RedisConfigError) -> Self {
+        Self::unavailable(e)
+    }
+}
+
+impl RedisConfig {
+    /// Default per-call timeout.
+    pub const DEFAULT_TIMEOUT: Duration = Duration::from_millis(250);
+    /// Default key prefix.
+    pub const DEFAULT_PREFIX: &'static str = "keygate";
+
+    /// A configuration for the server at `url` (`redis://[user:pass@]host:port/db`),
+    /// with the default timeout (250 ms) and prefix (`keygate`).
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::Url`] when the URL does not parse.
+    pub fn from_url(url: &str) -> Result<Self, RedisConfigError> {
+        let client = Client::open(url).map_err(RedisConfigError::Url)?;
+        Ok(Self { client, timeout: Self::DEFAULT_TIMEOUT, prefix: Self::DEFAULT_PREFIX.into() })
+    }
+
+    /// Sets the bound on every call (connecting included). A call that has
+    /// no answer by then is [`BackendError::Timeout`]. Zero is replaced by
+    /// the default.
+    #[must_use]
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = if timeout.is_zero() { Self::DEFAULT_TIMEOUT } else { timeout };
+        self
+    }
+
+    /// Sets the namespace every key starts with, so several applications
+    /// (or test runs) can share one Redis.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::Prefix`] for an empty, over-long prefix or one
+    /// with characters that could clash with hash tags (`{`, `}`) or spaces.
+    pub fn prefix(mut self, prefix: &str) -> Result<Self, RedisConfigError> {
+        self.prefix = Self::check_prefix(prefix)?;
+        Ok(self)
+    }
+
+    fn check_prefix(prefix: &str) -> Result<String, RedisConfigError> {
+        let ok = !prefix.is_empty()
+            && prefix.len() <= 64
+            && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+        if ok { Ok(prefix.into()) } else { Err(RedisConfigError::Prefix) }
+    }
+
+    /// Connects once, within the timeout, and returns the handle every
+    /// store is made from. Must be called inside a tokio runtime (with
+    /// timers enabled): the connection's driver task runs there.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError`] when the server cannot be reached in time.
+    pub async fn connect(self) -> Result<Redis, BackendError> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(BackendError::unavailable)?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            // Keep retrying in the background with short, capped delays, so
+            // service resumes soon after Redis does.
+            .set_min_delay(Duration::from_millis(10))
+            .set_max_delay(Duration::from_millis(500))
+            .set_number_of_retries(4);
+        let manager = tokio::time::timeout(
+            self.timeout,
+            ConnectionManager::new_with_config(self.client.clone(), config),
+        )
+        .await
+        .map_err(|_| BackendError::Timeout)?
+        .map_err(map_err)?;
+        Ok(Redis {
+            inner: Arc::new(Inner {
+                conn: manager,
+                client: self.client,
+                timeout: self.timeout,
+                prefix: self.prefix,
+                runtime,
+            }),
+        })
+    }
+}
+
+struct Inner {
+    conn: ConnectionManager,
+    client: Client,
+    timeout: Duration,
+    prefix: String,
+    runtime: tokio::runtime::Handle,
+}
+
+/// A connected Redis: cheap to clone, shared by every store made from it.
+#[derive(Clone)]
+pub struct Redis {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Redis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Redis")
+            .field("timeout", &self.inner.timeout)
+            .field("prefix", &self.inner.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Redis {
+    /// A [`LimitStore`](crate::limit::LimitStore) on this connection.
+    #[must_use]
+    pub fn limiter(&self) -> RedisLimiter {
+        RedisLimiter::new(self.clone())
+    }
+
+    /// A [`PortalStore`](crate::portal::PortalStore) on this connection.
+    #[must_use]
+    pub fn portal(&self) -> RedisPortalStore {
+        RedisPortalStore::new(self.clone())
+    }
+
+    /// A [`QuotaStore`](crate::quota::QuotaStore) on this connection.
+    #[must_use]
+    pub fn quota(&self) -> RedisQuotaStore {
+        RedisQuotaStore::new(self.clone())
+    }
+
+    /// A [`KeyStore`](crate::store::KeyStore) on this connection. Revoking
+    /// through it publishes the record id on
+    /// [`revocation_channel`](Self::revocation_channel).
+    #[must_use]
+    pub fn keys(&self) -> RedisKeyStore {
+        RedisKeyStore::new(self.clone())
+    }
+
+    /// A listener that drops revoked keys from `cache` as revocations are
+    /// published; spawn [`RevocationListener::run`] on tokio.
+    #[must_use]
+    pub fn revocation_listener(&self, cache: Arc<PrincipalCache>) -> RevocationListener {
+        RevocationListener::new(self.inner.client.clone(), self.revocation_channel(), cache)
+    }
+
+    /// The pub/sub channel revocations are published on:
+    /// `{prefix}:revoked`, with the record id as the message.
+    #[must_use]
+    pub fn revocation_channel(&self) -> String {
+        format!("{}:revoked", self.inner.prefix)
+    }
+
+    /// The same connection under another key prefix (another namespace:
+    /// a tenant, a test run), without connecting again.
+    ///
+    /// # Errors
+    ///
+    /// [`RedisConfigError::Prefix`] as for [`RedisConfig::prefix`].
+    pub fn with_prefix(&self, prefix: &str) -> Result<Self, RedisConfigError> {
+        let prefix = RedisConfig::check_prefix(prefix)?;
+        let i = &self.inner;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                conn: i.conn.clone(),
+                client: i.client.clone(),
+                timeout: i.timeout,
+                prefix,
+                runtime: i.runtime.clone(),
+            }),
+        })
+    }
+
+    /// The key prefix.
+    #[must_use]
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The per-call timeout.
+    #[must_use]
+    pub fn timeout(&self) -> Duration {
+        self.inner.timeout
+    }
+
+    /// A clone of the underlying connection, for the host's own commands
+    /// (not bounded by the timeout).
+    #[must_use]
+    pub fn connection(&self) -> ConnectionManager {
+        self.inner.conn.clone()
+    }
+
+    /// Runs `script` with `keys` and `args` as one `EVALSHA` (loading it on
+    /// `NOSCRIPT`), within the timeout.
+    pub(crate) fn eval<T>(
+        &self,
+        script: &'static Script,
+        keys: Vec<String>,
+        args: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<T, BackendError>> + Send + 'static
+    where
+        T: FromRedisValue + Send + 'static,
+    {
+        let mut conn = self.inner.conn.clone();
+        self.bounded(async move {
+            let mut inv = script.prepare_invoke();
+            for k in keys {
+                inv.key(k);
+            }
+            for a in args {
+                inv.arg(a);
+            }
+            inv.invoke_async::<T>(&mut conn).await
+        })
+    }
+
+    /// Runs one plain command within the timeout.
+    pub(crate) fn query<T>(
+        &self,
+        cmd: ::redis::Cmd,
+    ) -> impl Future<Output = Result<T, BackendError>> + Send + 'static
+    where
+        T: FromRedisValue + Send + 'static,
+    {
+        let mut conn = self.inner.conn.clone();
+        self.bounded(async move { cmd.query_async::<T>(&mut conn).await })
+    }
+
+    /// Bounds `fut` by the timeout and maps its error. Off a tokio runtime
+    /// (e.g. a plain `block_on`), the call runs on the runtime the handle
+    /// was connected on, so the store's futures work on any executor.
+    fn bounded<T, F>(
+        &self,
+        fut: F,
+    ) -> impl Future<Output = Result<T, BackendError>> + Send + 'static
+    where
+        T: Send + 'static,
+        F: Future<Output = Result<T, RedisError>> + Send + 'static,
+    {
+        let timeout = self.inner.timeout;
+        let runtime = self.inner.runtime.clone();
+        // The client's futures are large (kilobytes); boxing keeps the
+        // stores' futures small in the host's state machines, for one
+        // allocation next to a network round trip.
+        let fut = Box::pin(fut);
+        let guarded = async move {
+            match tokio::time::timeout(timeout, fut).await {
+                Ok(r) => r.map_err(map_err),
+                Err(_) => Err(BackendError::Timeout),
+            }
+        };
+        async move {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                guarded.await
+            } else {
+                runtime.spawn(guarded).await.map_err(BackendError::unavailable)?
+            }
+        }
+    }
+
+    /// `prefix:` followed by `rest`.
+    pub(crate) fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.inner.prefix)
+    }
+}
+
+/// Maps a client error: the client's own timeouts are timeouts, answers
+/// that do not decode are corrupt data; the rest (refused, reset, I/O,
+/// server errors) is unavailability.
+fn map_err(e: RedisError) -> BackendError {
+    if e.is_timeout() {
+        return BackendError::Timeout;
+    }
+    match e.kind() {
+        ErrorKind::UnexpectedReturnType | ErrorKind::Parse => BackendError::corrupt(e),
+        _ => BackendError::unavailable(e),
+    }
+}

@@ -1,0 +1,455 @@
+//! [`RedisKeyStore`]: key records, their indexes, and revocation
+//! publishing.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::str::FromStr;
+use std::sync::{Arc, LazyLock};
+
+use ::redis::Script;
+use jiff::Timestamp;
+use serde_json::{Map, Value, json};
+
+use super::Redis;
+use crate::backend::BackendError;
+use crate::format::KeyId;
+use crate::hash::StoredDigest;
+use crate::store::{
+    ActiveLimit, ApplicationId, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, Tenant,
+    WorkspaceId,
+};
+
+/// Seconds are offset by this so every representable [`Timestamp`] encodes
+/// as a non-negative, fixed-width number.
+const OFFSET: i128 = 400_000_000_000;
+
+/// A timestamp as 21 digits (offset seconds, then nanoseconds) whose byte
+/// order is time order, so Lua can compare times as strings; exact both
+/// ways.
+pub(super) fn sortable(t: Timestamp) -> String {
+    let ns = t.as_nanosecond();
+    format!("{:012}{:09}", ns.div_euclid(1_000_000_000) + OFFSET, ns.rem_euclid(1_000_000_000))
+}
+
+/// The inverse of [`sortable`].
+pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
+    if s.len() != 21 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let secs: i128 = s[..12].parse().ok()?;
+    let nanos: i128 = s[12..].parse().ok()?;
+    Timestamp::from_nanosecond((secs - OFFSET) * 1_000_000_000 + nanos).ok()
+}
+
+/// KEYS: record, digest index, key-id index, project set, workspace set.
+/// ARGV: id, immutable JSON, expiry, has key id, has project, cap (or ``),
+/// now, record-key prefix, revoked, last used (times sortable or ``).
+const INSERT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 'dup_id' end
+if redis.call('EXISTS', KEYS[2]) == 1 then return 'dup_key' end
+if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 'dup_key' end
+if ARGV[5] == '1' and ARGV[6] ~= '' then
+  local active = 0
+  for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
+    local v = redis.call('HMGET', ARGV[8] .. id, 'rev', 'exp')
+    if not v[1] and (not v[2] or v[2] > ARGV[7]) then active = active + 1 end
+  end
+  if active >= tonumber(ARGV[6]) then return 'limit' end
+end
+redis.call('HSET', KEYS[1], 'r', ARGV[2])
+if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[3]) end
+if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'rev', ARGV[9]) end
+if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'used', ARGV[10]) end
+redis.call('SET', KEYS[2], ARGV[1])
+if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[1]) end
+if ARGV[5] == '1' then redis.call('SADD', KEYS[4], ARGV[1]) end
+redis.call('SADD', KEYS[5], ARGV[1])
+return 'ok'
+";
+
+/// KEYS[1]: an index key. ARGV[1]: record-key prefix. The record's fields,
+/// or an empty array: lookup by index in one round trip.
+const LOOKUP: &str = r"
+local id = redis.call('GET', KEYS[1])
+if not id then return {} end
+return redis.call('HGETALL', ARGV[1] .. id)
+";
+
+/// KEYS[1]: a set of ids. ARGV[1]: record-key prefix.
+const LIST: &str = r"
+local out = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local r = redis.call('HGETALL', ARGV[1] .. id)
+  if #r > 0 then table.insert(out, r) end
+end
+return out
+";
+
+/// KEYS[1]: record. ARGV: time (sortable), channel, id.
+const REVOKE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'rev', ARGV[1])
+redis.call('PUBLISH', ARGV[2], ARGV[3])
+return 1
+";
+
+/// KEYS[1]: record. ARGV[1]: expiry (sortable).
+const SHORTEN: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local cur = redis.call('HGET', KEYS[1], 'exp')
+if not cur or ARGV[1] < cur then redis.call('HSET', KEYS[1], 'exp', ARGV[1]) end
+return 1
+";
+
+/// KEYS: records. ARGV: one time (sortable) per record; later wins.
+const LAST_USED: &str = r"
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    local cur = redis.call('HGET', KEYS[i], 'used')
+    if not cur or ARGV[i] > cur then redis.call('HSET', KEYS[i], 'used', ARGV[i]) end
+  end
+end
+return 0
+";
+
+static INSERT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(INSERT));
+static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
+static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIST));
+static REVOKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE));
+static SHORTEN_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SHORTEN));
+static LAST_USED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_USED));
+
+/// A [`KeyStore`] on Redis.
+///
+/// Each record is a hash: its immutable fields as one JSON value, and the
+/// times that change (`revoked_at`, `expires_at`, `last_used_at`) as
+/// separate fields the scripts compare. The key itself is never stored —
+/// only the [`StoredDigest`] the record already holds. Indexes map the
+/// digest and (format, key id) to the record id; sets list the records of
+/// each workspace and project.
+///
+/// `insert` is one Lua script checking the id, both indexes and the
+/// per-project active cap, then writing everything. `revoke` is one script
+/// that also publishes the record id on the revocation channel, which
+/// [`RevocationListener`](super::RevocationListener)s turn into
+/// [`PrincipalCache::invalidate`](crate::auth::PrincipalCache::invalidate).
+/// Lookups by digest or key id are one round trip. All keys share the hash
+/// tag `{prefix:keys}` (one Redis Cluster slot), which the scripts need to
+/// touch records found through an index.
+#[derive(Debug, Clone)]
+pub struct RedisKeyStore {
+    redis: Redis,
+    /// `{prefix:keys}:`
+    base: String,
+}
+
+impl RedisKeyStore {
+    pub(super) fn new(redis: Redis) -> Self {
+        let base = format!("{{{}:keys}}:", redis.prefix());
+        Self { redis, base }
+    }
+
+    fn rec_prefix(&self) -> String {
+        format!("{}rec:", self.base)
+    }
+
+    fn rec(&self, id: &RecordId) -> String {
+        format!("{}rec:{id}", self.base)
+    }
+
+    fn dig(&self, d: &StoredDigest) -> String {
+        format!("{}dig:{}", self.base, d.digest().to_hex())
+    }
+
+    fn kid(&self, format: &str, key_id: &KeyId) -> String {
+        format!("{}kid:{format}:{key_id}", self.base)
+    }
+
+    fn ws(&self, ws: &WorkspaceId) -> String {
+        format!("{}ws:{ws}", self.base)
+    }
+
+    fn proj(&self, ws: &WorkspaceId, p: &ProjectId) -> String {
+        format!("{}proj:{ws}:{p}", self.base)
+    }
+
+    fn lookup(
+        &self,
+        index: String,
+    ) -> impl Future<Output = Result<Option<KeyRecord>, BackendError>> + Send + 'static {
+        let call = self.redis.eval::<Vec<String>>(
+            &LOOKUP_SCRIPT,
+            vec![index],
+            vec![self.rec_prefix().into_bytes()],
+        );
+        async move {
+            let fields = call.await?;
+            if fields.is_empty() { Ok(None) } else { decode(fields).map(Some) }
+        }
+    }
+}
+
+fn opt_sortable(t: Option<Timestamp>) -> Vec<u8> {
+    t.map(sortable).unwrap_or_default().into_bytes()
+}
+
+fn encode(r: &KeyRecord) -> String {
+    let scopes: Vec<&str> = r.scopes.iter().map(crate::scope::Scope::as_str).collect();
+    json!({
+        "id": r.id.as_str(),
+        "name": r.name,
+        "hint": r.hint,
+        "digest": r.digest.to_string(),
+        "format": r.format,
+        "key_id": r.key_id.map(|k| k.to_string()),
+        "env": r.environment.as_ref().map(ToString::to_string),
+        "region": r.region.as_ref().map(ToString::to_string),
+        "ws": r.tenant.workspace.as_str(),
+        "proj": r.tenant.project.as_ref().map(ProjectId::as_str),
+        "app": r.tenant.application.as_ref().map(ApplicationId::as_str),
+        "scopes": scopes,
+        "plan": r.plan,
+        "created": sortable(r.created_at),
+        "meta": r.metadata,
+    })
+    .to_string()
+}
+
+fn bad(what: &str) -> BackendError {
+    BackendError::corrupt(format!("key record {what}"))
+}
+
+fn str_of<'a>(m: &'a Map<String, Value>, k: &str) -> Result<&'a str, BackendError> {
+    m.get(k).and_then(Value::as_str).ok_or_else(|| bad(k))
+}
+
+fn parse<T: FromStr>(m: &Map<String, Value>, k: &str) -> Result<T, BackendError> {
+    str_of(m, k)?.parse().map_err(|_| bad(k))
+}
+
+fn parse_opt<T: FromStr>(m: &Map<String, Value>, k: &str) -> Result<Option<T>, BackendError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => s.parse().map(Some).map_err(|_| bad(k)),
+        Some(_) => Err(bad(k)),
+    }
+}
+
+fn time_opt(f: &HashMap<String, String>, k: &str) -> Result<Option<Timestamp>, BackendError> {
+    f.get(k).map(|s| from_sortable(s).ok_or_else(|| bad(k))).transpose()
+}
+
+/// A record from its hash fields (`HGETALL`, flat).
+fn decode(flat: Vec<String>) -> Result<KeyRecord, BackendError> {
+    let mut f = HashMap::with_capacity(flat.len() / 2);
+    let mut it = flat.into_iter();
+    while let (Some(k), Some(v)) = (it.next(), it.next()) {
+        f.insert(k, v);
+    }
+    let v: Value =
+        serde_json::from_str(f.get("r").ok_or_else(|| bad("body"))?).map_err(|_| bad("body"))?;
+    let m = v.as_object().ok_or_else(|| bad("body"))?;
+    let scopes = m
+        .get("scopes")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("scopes"))?
+        .iter()
+        .map(|s| s.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| bad("scopes")))
+        .collect::<Result<_, _>>()?;
+    let metadata: BTreeMap<String, String> = m
+        .get("meta")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("meta"))?
+        .iter()
+        .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())).ok_or_else(|| bad("meta")))
+        .collect::<Result<_, _>>()?;
+    Ok(KeyRecord {
+        id: parse(m, "id")?,
+        name: str_of(m, "name")?.to_owned(),
+        hint: str_of(m, "hint")?.to_owned(),
+        digest: parse(m, "digest")?,
+        format: str_of(m, "format")?.to_owned(),
+        key_id: parse_opt(m, "key_id")?,
+        environment: parse_opt(m, "env")?,
+        region: parse_opt(m, "region")?,
+        tenant: Tenant {
+            workspace: parse(m, "ws")?,
+            project: parse_opt(m, "proj")?,
+            application: parse_opt(m, "app")?,
+        },
+        scopes,
+        plan: parse_opt(m, "plan")?,
+        created_at: from_sortable(str_of(m, "created")?).ok_or_else(|| bad("created"))?,
+        expires_at: time_opt(&f, "exp")?,
+        revoked_at: time_opt(&f, "rev")?,
+        last_used_at: time_opt(&f, "used")?,
+        metadata,
+    })
+}
+
+impl KeyStore for RedisKeyStore {
+    fn insert(
+        &self,
+        record: KeyRecord,
+        limit: Option<ActiveLimit>,
+    ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send {
+        let ws = &record.tenant.workspace;
+        let kid = record.key_id.map(|k| self.kid(&record.format, &k));
+        let proj = record.tenant.project.as_ref().map(|p| self.proj(ws, p));
+        let keys = vec![
+            self.rec(&record.id),
+            self.dig(&record.digest),
+            kid.clone().unwrap_or_else(|| format!("{}kid:-", self.base)),
+            proj.clone().unwrap_or_else(|| format!("{}proj:-", self.base)),
+            self.ws(ws),
+        ];
+        let flag = |b: bool| if b { b"1".to_vec() } else { b"0".to_vec() };
+        let args = vec![
+            record.id.as_str().as_bytes().to_vec(),
+            encode(&record).into_bytes(),
+            opt_sortable(record.expires_at),
+            flag(kid.is_some()),
+            flag(proj.is_some()),
+            limit.map(|l| l.max.to_string()).unwrap_or_default().into_bytes(),
+            opt_sortable(limit.map(|l| l.now)),
+            self.rec_prefix().into_bytes(),
+            opt_sortable(record.revoked_at),
+            opt_sortable(record.last_used_at),
+        ];
+        let max = limit.map_or(0, |l| l.max);
+        let call = self.redis.eval::<String>(&INSERT_SCRIPT, keys, args);
+        async move {
+            match call.await?.as_str() {
+                "ok" => Ok(InsertOutcome::Inserted),
+                "dup_id" => Ok(InsertOutcome::DuplicateId),
+                "dup_key" => Ok(InsertOutcome::DuplicateKey),
+                "limit" => Ok(InsertOutcome::LimitReached { max }),
+                _ => Err(BackendError::corrupt("insert reply")),
+            }
+        }
+    }
+
+    fn find_by_digest(
+        &self,
+        digest: &StoredDigest,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        let call = self.lookup(self.dig(digest));
+        let digest = *digest;
+        // The index is by digest bytes; the algorithm (and pepper) must
+        // match too, as in the in-memory store.
+        async move { Ok(call.await?.filter(|r| r.digest == digest).map(Arc::new)) }
+    }
+
+    fn find_by_key_id(
+        &self,
+        format: &str,
+        key_id: &KeyId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        let call = self.lookup(self.kid(format, key_id));
+        async move { Ok(call.await?.map(Arc::new)) }
+    }
+
+    fn get(
+        &self,
+        id: &RecordId,
+    ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
+        let mut cmd = ::redis::cmd("HGETALL");
+        cmd.arg(self.rec(id));
+        let call = self.redis.query::<Vec<String>>(cmd);
+        async move {
+            let fields = call.await?;
+            if fields.is_empty() { Ok(None) } else { decode(fields).map(|r| Some(Arc::new(r))) }
+        }
+    }
+
+    fn list(
+        &self,
+        workspace: &WorkspaceId,
+        project: Option<&ProjectId>,
+    ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send {
+        let set = project.map_or_else(|| self.ws(workspace), |p| self.proj(workspace, p));
+        let call = self.redis.eval::<Vec<Vec<String>>>(
+            &LIST_SCRIPT,
+            vec![set],
+            vec![self.rec_prefix().into_bytes()],
+        );
+        async move {
+            let mut out = call
+                .await?
+                .into_iter()
+                .map(|f| decode(f).map(Arc::new))
+                .collect::<Result<Vec<_>, _>>()?;
+            out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+            Ok(out)
+        }
+    }
+
+    fn revoke(
+        &self,
+        id: &RecordId,
+        at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        let args = vec![
+            sortable(at).into_bytes(),
+            self.redis.revocation_channel().into_bytes(),
+            id.as_str().as_bytes().to_vec(),
+        ];
+        let call = self.redis.eval::<i64>(&REVOKE_SCRIPT, vec![self.rec(id)], args);
+        async move { Ok(call.await? == 1) }
+    }
+
+    fn shorten_expiry(
+        &self,
+        id: &RecordId,
+        expires_at: Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        let call = self.redis.eval::<i64>(
+            &SHORTEN_SCRIPT,
+            vec![self.rec(id)],
+            vec![sortable(expires_at).into_bytes()],
+        );
+        async move { Ok(call.await? == 1) }
+    }
+
+    fn record_last_used(
+        &self,
+        uses: &[(RecordId, Timestamp)],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let keys: Vec<String> = uses.iter().map(|(id, _)| self.rec(id)).collect();
+        let args: Vec<Vec<u8>> = uses.iter().map(|(_, t)| sortable(*t).into_bytes()).collect();
+        let call =
+            (!keys.is_empty()).then(|| self.redis.eval::<i64>(&LAST_USED_SCRIPT, keys, args));
+        async move {
+            if let Some(call) = call {
+                call.await?;
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sortable_round_trips_and_orders() {
+        let times = [
+            Timestamp::MIN,
+            Timestamp::from_nanosecond(-1).unwrap(),
+            Timestamp::UNIX_EPOCH,
+            Timestamp::from_nanosecond(1).unwrap(),
+            Timestamp::from_second(1_767_225_600).unwrap(),
+            Timestamp::MAX,
+        ];
+        for w in times.windows(2) {
+            assert!(sortable(w[0]) < sortable(w[1]), "{:?} < {:?}", w[0], w[1]);
+        }
+        for t in times {
+            assert_eq!(from_sortable(&sortable(t)), Some(t));
+        }
+        assert_eq!(from_sortable("12"), None);
+        assert_eq!(from_sortable("x00000000000000000000"), None);
+    }
+}

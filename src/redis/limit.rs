@@ -1,0 +1,366 @@
+//! [`RedisLimiter`]: every stacked check is one Lua script on the server's
+//! clock.
+
+use std::future::Future;
+use std::sync::LazyLock;
+use std::time::Duration;
+
+use ::redis::Script;
+use jiff::Timestamp;
+use smallvec::SmallVec;
+
+use super::Redis;
+use crate::backend::BackendError;
+use crate::limit::{Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision};
+
+/// Shared Lua helpers. Redis Lua numbers are doubles: wall-clock
+/// nanoseconds (~1.8e18) do not fit their 53-bit mantissa, so time is
+/// handled as (seconds, nanoseconds) for GCRA and as microseconds (Redis
+/// `TIME` resolution, ~1.8e15, exact) for the windows. Every quantity
+/// relative to "now" is an exact integer below 2^53 ns (104 days); longer
+/// horizons round to a few nanoseconds.
+const PRELUDE: &str = r"
+local t = redis.call('TIME')
+local nsec = tonumber(t[1])
+local nus = tonumber(t[2])
+local now_us = nsec * 1000000 + nus
+local function idiv(a, b) return (a - math.fmod(a, b)) / b end
+local function ms_ceil(ns) local m = math.ceil(ns / 1000000) if m < 1 then m = 1 end return m end
+local function tat_rel(s)
+  if not s then return 0 end
+  local len = string.len(s)
+  local tsec, tns = 0, 0
+  if len > 9 then
+    tsec = tonumber(string.sub(s, 1, len - 9))
+    tns = tonumber(string.sub(s, len - 8))
+  else
+    tns = tonumber(s)
+  end
+  return (tsec - nsec) * 1000000000 + (tns - nus * 1000)
+end
+local function tat_abs(rel)
+  local x = nus * 1000 + rel
+  local r = math.fmod(x, 1000000000)
+  if r < 0 then r = r + 1000000000 end
+  local q = (x - r) / 1000000000
+  return string.format('%d%09d', nsec + q, r)
+end
+local function lower_bound(log, start)
+  local lo, hi = 0, #log
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if tonumber(log[mid + 1]) <= start then lo = mid + 1 else hi = mid end
+  end
+  return lo
+end
+";
+
+/// KEYS: one per policy. ARGV: cost, mode (`1` consume, `0` peek), then
+/// per policy: algorithm (`g`, `f`, `s`), limit, period ns, emission
+/// interval ns, capacity. Returns `{outcome, sec, usec, [allowed,
+/// remaining, reset_ns, retry_ns (-1: none)] per policy}`.
+const CHECK: &str = r"
+local cost = tonumber(ARGV[1])
+local consume = ARGV[2] == '1'
+local out = {0, nsec, nus}
+local steps = {}
+local any_impossible, all_allowed = false, true
+for i = 1, #KEYS do
+  local b = 2 + (i - 1) * 5
+  local alg = ARGV[b + 1]
+  local limit = tonumber(ARGV[b + 2])
+  local period = tonumber(ARGV[b + 3])
+  local interval = tonumber(ARGV[b + 4])
+  local cap = tonumber(ARGV[b + 5])
+  local st = {allowed = false, impossible = false, remaining = 0, reset = 0, retry = -1}
+  if alg == 'g' then
+    local used = tat_rel(redis.call('GET', KEYS[i]))
+    if used < 0 then used = 0 end
+    local horizon = interval * cap
+    local free = horizon - used
+    if free < 0 then free = 0 end
+    local available = idiv(free, interval)
+    if cost > cap then
+      st.impossible = true; st.remaining = available; st.reset = used
+    else
+      local need = used + interval * cost
+      if need <= horizon then
+        st.allowed = true; st.remaining = idiv(horizon - need, interval); st.reset = need
+        st.commit = function() redis.call('SET', KEYS[i], tat_abs(need), 'PX', ms_ceil(need)) end
+      else
+        local wait = need - horizon
+        st.remaining = available; st.reset = wait; st.retry = wait
+      end
+    end
+  elseif alg == 'f' then
+    local p = period / 1000
+    local rem = math.fmod(now_us, p)
+    local index = (now_us - rem) / p
+    local count = 0
+    local s = redis.call('GET', KEYS[i])
+    if s then
+      local sep = string.find(s, ':', 1, true)
+      local si = tonumber(string.sub(s, 1, sep - 1))
+      local sc = tonumber(string.sub(s, sep + 1))
+      if si == index then count = sc elseif si > index then index = si; count = sc end
+    end
+    local until_end = (index + 1) * p - now_us
+    if until_end < 0 then until_end = 0 end
+    local left = limit - count
+    if left < 0 then left = 0 end
+    if cost > limit then
+      st.impossible = true; st.remaining = left; st.reset = until_end * 1000
+    elseif count + cost <= limit then
+      local total = count + cost
+      st.allowed = true; st.remaining = limit - total; st.reset = until_end * 1000
+      st.commit = function()
+        redis.call('SET', KEYS[i], string.format('%.17g:%d', index, total), 'PX', ms_ceil(until_end * 1000))
+      end
+    else
+      st.remaining = left; st.reset = until_end * 1000; st.retry = until_end * 1000
+    end
+  else
+    local p = period / 1000
+    local log = redis.call('LRANGE', KEYS[i], 0, -1)
+    local len = #log
+    local expired = 0
+    if now_us >= p then expired = lower_bound(log, now_us - p) end
+    local count = len - expired
+    if cost > limit then
+      local c = count
+      if c > limit then c = limit end
+      st.impossible = true; st.remaining = limit - c
+      if count > 0 then
+        local r = tonumber(log[len]) + p - now_us
+        if r < 0 then r = 0 end
+        st.reset = r * 1000
+      end
+    elseif count + cost <= limit then
+      local at = now_us
+      if count > 0 and tonumber(log[len]) > at then at = tonumber(log[len]) end
+      local r = at + p - now_us
+      if r < 0 then r = 0 end
+      st.allowed = true; st.remaining = limit - count - cost; st.reset = r * 1000
+      st.commit = function()
+        if expired > 0 then redis.call('LTRIM', KEYS[i], expired, -1) end
+        local entry = string.format('%d', at)
+        local left = cost
+        while left > 0 do
+          local n = left
+          if n > 1000 then n = 1000 end
+          local batch = {}
+          for j = 1, n do batch[j] = entry end
+          redis.call('RPUSH', KEYS[i], unpack(batch))
+          left = left - n
+        end
+        redis.call('PEXPIRE', KEYS[i], ms_ceil(r * 1000))
+      end
+    else
+      local must = count + cost - limit
+      local wait = (tonumber(log[expired + must]) + p - now_us) * 1000
+      if wait < 1 then wait = 1 end
+      st.remaining = limit - count; st.reset = wait; st.retry = wait
+    end
+  end
+  if st.impossible then any_impossible = true end
+  if not st.allowed then all_allowed = false end
+  steps[i] = st
+end
+local outcome = 1
+if any_impossible then outcome = 2 elseif all_allowed then outcome = 0 end
+out[1] = outcome
+for i = 1, #KEYS do
+  local st = steps[i]
+  if outcome == 0 and consume and st.commit then st.commit() end
+  local remaining = st.remaining
+  if outcome ~= 0 and st.allowed then remaining = remaining + cost end
+  local a = 0
+  if st.allowed then a = 1 end
+  table.insert(out, a)
+  table.insert(out, remaining)
+  table.insert(out, st.reset)
+  table.insert(out, st.retry)
+end
+return out
+";
+
+/// Same KEYS and per-policy ARGV as the check (ARGV[2] unused): gives
+/// `cost` units back to every policy.
+const REFUND: &str = r"
+local cost = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  local b = 2 + (i - 1) * 5
+  local alg = ARGV[b + 1]
+  local period = tonumber(ARGV[b + 3])
+  local interval = tonumber(ARGV[b + 4])
+  if alg == 'g' then
+    local s = redis.call('GET', KEYS[i])
+    if s then
+      local rel = tat_rel(s)
+      local floor = rel
+      if floor > 0 then floor = 0 end
+      local next = rel - interval * cost
+      if next < floor then next = floor end
+      if next <= 0 then
+        redis.call('DEL', KEYS[i])
+      else
+        redis.call('SET', KEYS[i], tat_abs(next), 'PX', ms_ceil(next))
+      end
+    end
+  elseif alg == 'f' then
+    local s = redis.call('GET', KEYS[i])
+    if s then
+      local p = period / 1000
+      local index = (now_us - math.fmod(now_us, p)) / p
+      local sep = string.find(s, ':', 1, true)
+      local si = tonumber(string.sub(s, 1, sep - 1))
+      local sc = tonumber(string.sub(s, sep + 1))
+      if si == index then
+        sc = sc - cost
+        if sc < 0 then sc = 0 end
+        redis.call('SET', KEYS[i], string.format('%.17g:%d', si, sc), 'KEEPTTL')
+      end
+    end
+  else
+    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RPOP', KEYS[i], cost) end
+  end
+end
+return 0
+";
+
+static CHECK_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{PRELUDE}{CHECK}")));
+static REFUND_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{PRELUDE}{REFUND}")));
+
+/// A [`LimitStore`] on Redis: many application instances enforce one
+/// limit.
+///
+/// Each check — every stacked policy, all or nothing — is one `EVALSHA` of
+/// one Lua script: one round trip, atomic on the server, decided on the
+/// server's clock (`TIME`), so clock skew between application servers
+/// cannot change a decision. Decisions mean exactly what
+/// [`MemoryLimiter`](crate::limit::MemoryLimiter)'s do (same algorithms,
+/// same `limit`, `remaining`, `reset` and `retry-after`); fixed windows are
+/// aligned to the Unix epoch. State keys expire on their own once they are
+/// indistinguishable from fresh (`PX`/`PEXPIRE`), and all keys of one check
+/// share a hash tag (one Redis Cluster slot).
+///
+/// Sliding windows keep one list entry per admitted unit (at most the
+/// limit) and read the list on each check: use them for small limits.
+#[derive(Debug, Clone)]
+pub struct RedisLimiter {
+    redis: Redis,
+}
+
+impl RedisLimiter {
+    pub(super) fn new(redis: Redis) -> Self {
+        Self { redis }
+    }
+
+    fn keys(&self, key: &str, policies: &[Policy]) -> Vec<String> {
+        policies
+            .iter()
+            .map(|p| {
+                let alg = alg_code(p.algorithm());
+                // The tag `{k:…}` is never empty, so the slot is the key's
+                // even for an empty key.
+                self.redis.key(&format!("rl:{{k:{key}}}:{}:{alg}", p.name()))
+            })
+            .collect()
+    }
+}
+
+fn alg_code(a: Algorithm) -> &'static str {
+    match a {
+        Algorithm::FixedWindow => "f",
+        Algorithm::SlidingWindow => "s",
+        // Gcra, and any algorithm added later defaults to its GCRA form.
+        _ => "g",
+    }
+}
+
+fn args(policies: &[Policy], cost: u32, mode: CheckMode) -> Vec<Vec<u8>> {
+    let mut a = Vec::with_capacity(2 + policies.len() * 5);
+    a.push(cost.to_string().into_bytes());
+    a.push(if mode == CheckMode::Peek { b"0".to_vec() } else { b"1".to_vec() });
+    for p in policies {
+        a.push(alg_code(p.algorithm()).as_bytes().to_vec());
+        a.push(p.limit().to_string().into_bytes());
+        a.push(crate::clock::duration_nanos(p.period()).to_string().into_bytes());
+        a.push(p.emission_interval_nanos().to_string().into_bytes());
+        a.push(p.capacity().to_string().into_bytes());
+    }
+    a
+}
+
+fn nanos(v: i64) -> Duration {
+    Duration::from_nanos(u64::try_from(v).unwrap_or(0))
+}
+
+fn decode(policies: &[Policy], reply: &[i64]) -> Result<Decision, BackendError> {
+    if reply.len() != 3 + 4 * policies.len() {
+        return Err(BackendError::corrupt("limiter reply has the wrong length"));
+    }
+    let outcome = match reply[0] {
+        0 => Outcome::Allowed,
+        1 => Outcome::Limited,
+        2 => Outcome::Impossible,
+        _ => return Err(BackendError::corrupt("limiter outcome")),
+    };
+    let micros = i128::from(reply[1]) * 1_000_000 + i128::from(reply[2]);
+    let at = Timestamp::from_nanosecond(micros * 1000)
+        .map_err(|_| BackendError::corrupt("server time"))?;
+    let mut out = SmallVec::with_capacity(policies.len());
+    for (p, r) in policies.iter().zip(reply[3..].chunks_exact(4)) {
+        out.push(PolicyDecision {
+            name: p.name_cow(),
+            limit: p.limit(),
+            period: p.period(),
+            remaining: u32::try_from(r[1].max(0)).unwrap_or(u32::MAX),
+            reset_after: nanos(r[2]),
+            retry_after: (r[3] >= 0).then(|| nanos(r[3])),
+            allowed: r[0] == 1,
+        });
+    }
+    Ok(Decision::new(outcome, out, at))
+}
+
+impl LimitStore for RedisLimiter {
+    fn check(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+    ) -> impl Future<Output = Result<Decision, BackendError>> + Send {
+        let call = self.redis.eval::<Vec<i64>>(
+            &CHECK_SCRIPT,
+            self.keys(key, policies),
+            args(policies, cost, mode),
+        );
+        let policies: SmallVec<[Policy; 2]> = policies.iter().cloned().collect();
+        async move {
+            if policies.is_empty() {
+                return Err(BackendError::corrupt("a check needs at least one policy"));
+            }
+            decode(&policies, &call.await?)
+        }
+    }
+
+    fn refund(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        let call = self.redis.eval::<i64>(
+            &REFUND_SCRIPT,
+            self.keys(key, policies),
+            args(policies, cost, CheckMode::Consume),
+        );
+        async move {
+            call.await?;
+            Ok(())
+        }
+    }
+}

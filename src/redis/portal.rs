@@ -1,0 +1,147 @@
+//! [`RedisPortalStore`]: single-use redemption as one Lua step.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::LazyLock;
+
+use ::redis::Script;
+use jiff::Timestamp;
+use serde_json::{Map, Value, json};
+
+use super::Redis;
+use super::keys::{from_sortable, sortable};
+use crate::backend::BackendError;
+use crate::portal::{PortalSession, PortalStore, Redeem, TOMBSTONE_RETENTION};
+use crate::secret::Digest;
+
+/// KEYS[1]: the code's hash. ARGV: expiry (sortable), session JSON, TTL ms.
+const INSERT: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+redis.call('HSET', KEYS[1], 'exp', ARGV[1], 's', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+";
+
+/// KEYS[1]: the code's hash. ARGV[1]: now (sortable). The hash becomes a
+/// tombstone (`u` set, session dropped) keeping its TTL.
+const REDEEM: &str = r"
+local v = redis.call('HMGET', KEYS[1], 'exp', 'u', 's')
+if not v[1] then return {'unknown'} end
+if v[2] then return {'used'} end
+if ARGV[1] >= v[1] then return {'expired'} end
+redis.call('HSET', KEYS[1], 'u', '1')
+redis.call('HDEL', KEYS[1], 's')
+return {'ok', v[3]}
+";
+
+static INSERT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(INSERT));
+static REDEEM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REDEEM));
+
+/// A [`PortalStore`] on Redis: one hash per code digest (never the code).
+///
+/// Redemption is one Lua script — read, check expiry, turn into a
+/// tombstone — so of any number of racing redeems exactly one wins. A
+/// session's key expires [`TOMBSTONE_RETENTION`] after its own lifetime
+/// (`expires_at - created_at`) ends, counted from insertion on the server:
+/// used and expired codes keep answering "already used" / "expired" for
+/// that long, like [`MemoryPortalStore`](crate::portal::MemoryPortalStore),
+/// and nothing outlives it.
+#[derive(Debug, Clone)]
+pub struct RedisPortalStore {
+    redis: Redis,
+}
+
+impl RedisPortalStore {
+    pub(super) fn new(redis: Redis) -> Self {
+        Self { redis }
+    }
+
+    fn key(&self, code: &Digest) -> String {
+        self.redis.key(&format!("portal:{}", code.to_hex()))
+    }
+}
+
+fn encode(s: &PortalSession) -> String {
+    json!({
+        "ws": s.workspace.as_str(),
+        "app": s.application.as_str(),
+        "role": s.role.to_string(),
+        "meta": s.metadata,
+        "created": sortable(s.created_at),
+        "expires": sortable(s.expires_at),
+    })
+    .to_string()
+}
+
+fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Result<&'a str, BackendError> {
+    m.get(k).and_then(Value::as_str).ok_or_else(|| BackendError::corrupt(format!("portal {k}")))
+}
+
+fn decode(s: &str) -> Result<PortalSession, BackendError> {
+    let v: Value = serde_json::from_str(s).map_err(|_| BackendError::corrupt("portal session"))?;
+    let m = v.as_object().ok_or_else(|| BackendError::corrupt("portal session"))?;
+    let bad = |what: &str| BackendError::corrupt(format!("portal {what}"));
+    let metadata: BTreeMap<String, String> = m
+        .get("meta")
+        .and_then(Value::as_object)
+        .ok_or_else(|| bad("meta"))?
+        .iter()
+        .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())).ok_or_else(|| bad("meta")))
+        .collect::<Result<_, _>>()?;
+    Ok(PortalSession {
+        workspace: field(m, "ws")?.parse().map_err(|_| bad("ws"))?,
+        application: field(m, "app")?.parse().map_err(|_| bad("app"))?,
+        role: field(m, "role")?.parse().map_err(|_| bad("role"))?,
+        metadata,
+        created_at: from_sortable(field(m, "created")?).ok_or_else(|| bad("created"))?,
+        expires_at: from_sortable(field(m, "expires")?).ok_or_else(|| bad("expires"))?,
+    })
+}
+
+fn ttl_ms(s: &PortalSession) -> u64 {
+    let life = s.expires_at.duration_since(s.created_at).as_millis().max(0);
+    let life = u64::try_from(life).unwrap_or(u64::MAX / 4);
+    let keep = u64::try_from(TOMBSTONE_RETENTION.as_millis()).unwrap_or(u64::MAX / 4);
+    life.saturating_add(keep).max(1)
+}
+
+impl PortalStore for RedisPortalStore {
+    fn insert(
+        &self,
+        code: Digest,
+        session: PortalSession,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        let args = vec![
+            sortable(session.expires_at).into_bytes(),
+            encode(&session).into_bytes(),
+            ttl_ms(&session).to_string().into_bytes(),
+        ];
+        let call = self.redis.eval::<i64>(&INSERT_SCRIPT, vec![self.key(&code)], args);
+        async move { Ok(call.await? == 1) }
+    }
+
+    fn redeem(
+        &self,
+        code: &Digest,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<Redeem, BackendError>> + Send {
+        let call = self.redis.eval::<Vec<String>>(
+            &REDEEM_SCRIPT,
+            vec![self.key(code)],
+            vec![sortable(now).into_bytes()],
+        );
+        async move {
+            let reply = call.await?;
+            match reply.first().map(String::as_str) {
+                Some("unknown") => Ok(Redeem::Unknown),
+                Some("used") => Ok(Redeem::AlreadyUsed),
+                Some("expired") => Ok(Redeem::Expired),
+                Some("ok") => {
+                    let s = reply.get(1).ok_or_else(|| BackendError::corrupt("portal session"))?;
+                    Ok(Redeem::Session(decode(s)?))
+                }
+                _ => Err(BackendError::corrupt("portal redeem reply")),
+            }
+        }
+    }
+}

@@ -1,0 +1,141 @@
+//! [`RedisQuotaStore`]: monthly counters checked and counted in one Lua step.
+
+use std::future::Future;
+use std::sync::LazyLock;
+
+use ::redis::Script;
+use jiff::Timestamp;
+
+use super::Redis;
+use crate::backend::BackendError;
+use crate::limit::QuotaRule;
+use crate::quota::{Month, QuotaDecision, QuotaStore};
+
+/// KEYS: one counter per counting rule. ARGV: cost, TTL ms, then each
+/// rule's limit. Returns `{1, used…}` (counted) or `{0, i, used}` (rule `i`
+/// had no room; nothing counted).
+const COUNT: &str = r"
+local cost = tonumber(ARGV[1])
+local used = {}
+for i = 1, #KEYS do
+  used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
+  if used[i] + cost > tonumber(ARGV[2 + i]) then return {0, i, used[i]} end
+end
+local out = {1}
+for i = 1, #KEYS do
+  out[i + 1] = redis.call('INCRBY', KEYS[i], ARGV[1])
+  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+end
+return out
+";
+
+static COUNT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COUNT));
+
+/// How long a month's counters outlive the month, so an application server
+/// whose clock lags a little still finds its month's counts.
+const GRACE_MS: i128 = 86_400_000;
+
+/// A [`QuotaStore`] on Redis: one counter per (account, rule, month), all
+/// of an account's counters under one hash tag.
+///
+/// A check reads every counter of the rules that count the category and,
+/// only if all have room, increments them all — one Lua script, one round
+/// trip. Months are calendar months in UTC of the `now` the caller passes;
+/// a counter expires a day after its month ends.
+#[derive(Debug, Clone)]
+pub struct RedisQuotaStore {
+    redis: Redis,
+}
+
+impl RedisQuotaStore {
+    pub(super) fn new(redis: Redis) -> Self {
+        Self { redis }
+    }
+
+    fn key(&self, account: &str, rule: &str, month: Month) -> String {
+        self.redis.key(&format!("quota:{{a:{account}}}:{}:{rule}", month.key()))
+    }
+}
+
+impl QuotaStore for RedisQuotaStore {
+    fn check_and_count(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<QuotaDecision, BackendError>> + Send {
+        let month = Month::of(now);
+        let resets_at = month.next_reset();
+        let counting: Vec<QuotaRule> =
+            rules.iter().filter(|r| r.counts(category)).cloned().collect();
+        let keys: Vec<String> =
+            counting.iter().map(|r| self.key(account, &r.name, month)).collect();
+        // Relative TTL: the caller's `now` decides the month, so the
+        // counter lives to the end of that month (plus grace) from now.
+        let ttl = (resets_at.duration_since(now).as_millis() + GRACE_MS).max(1);
+        let mut args = vec![cost.to_string().into_bytes(), ttl.to_string().into_bytes()];
+        args.extend(counting.iter().map(|r| r.limit.to_string().into_bytes()));
+        let call =
+            (!counting.is_empty()).then(|| self.redis.eval::<Vec<u64>>(&COUNT_SCRIPT, keys, args));
+        async move {
+            let Some(call) = call else {
+                return Ok(QuotaDecision {
+                    allowed: true,
+                    rule: None,
+                    used: 0,
+                    limit: u64::MAX,
+                    resets_at,
+                });
+            };
+            let reply = call.await?;
+            let bad = || BackendError::corrupt("quota reply");
+            match reply.first() {
+                Some(0) => {
+                    let i = usize::try_from(*reply.get(1).ok_or_else(bad)?).map_err(|_| bad())?;
+                    let r = counting.get(i.wrapping_sub(1)).ok_or_else(bad)?;
+                    Ok(QuotaDecision {
+                        allowed: false,
+                        rule: Some(r.name.clone()),
+                        used: *reply.get(2).ok_or_else(bad)?,
+                        limit: r.limit,
+                        resets_at,
+                    })
+                }
+                Some(1) if reply.len() == counting.len() + 1 => {
+                    // The tightest rule: fewest units left (first on ties),
+                    // as the in-memory store reports.
+                    let mut best: Option<(&QuotaRule, u64)> = None;
+                    for (r, &used) in counting.iter().zip(&reply[1..]) {
+                        let left = r.limit.saturating_sub(used);
+                        if best.is_none_or(|(b, u)| left < b.limit.saturating_sub(u)) {
+                            best = Some((r, used));
+                        }
+                    }
+                    let (r, used) = best.ok_or_else(bad)?;
+                    Ok(QuotaDecision {
+                        allowed: true,
+                        rule: Some(r.name.clone()),
+                        used,
+                        limit: r.limit,
+                        resets_at,
+                    })
+                }
+                _ => Err(bad()),
+            }
+        }
+    }
+
+    fn usage(
+        &self,
+        account: &str,
+        rule: &str,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        let mut cmd = ::redis::cmd("GET");
+        cmd.arg(self.key(account, rule, Month::of(now)));
+        let call = self.redis.query::<Option<u64>>(cmd);
+        async move { Ok(call.await?.unwrap_or(0)) }
+    }
+}

@@ -1,0 +1,178 @@
+//! [`RevocationListener`]: revocations published by [`RedisKeyStore`]
+//! invalidate every instance's principal cache.
+//!
+//! [`RedisKeyStore`]: super::RedisKeyStore
+
+use std::convert::Infallible;
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{AsyncConnectionConfig, Client, ProtocolVersion, PushInfo, PushKind, Value};
+use tokio::sync::Notify;
+
+use crate::auth::PrincipalCache;
+use crate::backend::BackendError;
+use crate::store::RecordId;
+
+/// Subscribes to the revocation channel and calls
+/// [`PrincipalCache::invalidate`] for every record id published there, so a
+/// key revoked on one instance stops working on all of them at once.
+///
+/// Spawn [`run`](Self::run) on tokio; it never returns. When the
+/// connection is lost (Redis restarted, network cut) it reconnects with
+/// capped exponential backoff and subscribes again. A revocation published
+/// while it was disconnected is **not** replayed: the cache's TTL
+/// ([`PrincipalCache::ttl`], 30 s by default) stays the bound on how long
+/// such a key may keep working here, exactly as without a listener.
+///
+/// ```no_run
+/// # async fn demo(redis: keygate::redis::Redis) {
+/// use keygate::auth::PrincipalCache;
+/// use std::sync::Arc;
+///
+/// let cache = Arc::new(PrincipalCache::default());
+/// tokio::spawn(redis.revocation_listener(cache.clone()).run());
+/// # }
+/// ```
+pub struct RevocationListener {
+    client: Client,
+    channel: String,
+    cache: Arc<PrincipalCache>,
+    timeout: Duration,
+    heartbeat: Duration,
+    stats: Arc<ListenerStats>,
+}
+
+/// Counters a host (or a test) can read while the listener runs.
+#[derive(Debug, Default)]
+pub struct ListenerStats {
+    invalidated: AtomicU64,
+    connects: AtomicU64,
+}
+
+impl ListenerStats {
+    /// Revocation messages applied to the cache.
+    #[must_use]
+    pub fn invalidated(&self) -> u64 {
+        self.invalidated.load(Ordering::Relaxed)
+    }
+
+    /// Successful subscriptions (1 plus the number of reconnections).
+    #[must_use]
+    pub fn subscriptions(&self) -> u64 {
+        self.connects.load(Ordering::Relaxed)
+    }
+}
+
+impl fmt::Debug for RevocationListener {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RevocationListener")
+            .field("channel", &self.channel)
+            .field("heartbeat", &self.heartbeat)
+            .finish_non_exhaustive()
+    }
+}
+
+const MIN_BACKOFF: Duration = Duration::from_millis(50);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+impl RevocationListener {
+    pub(super) fn new(client: Client, channel: String, cache: Arc<PrincipalCache>) -> Self {
+        Self {
+            client,
+            channel,
+            cache,
+            timeout: Duration::from_secs(2),
+            heartbeat: Duration::from_secs(1),
+            stats: Arc::default(),
+        }
+    }
+
+    /// How often the connection is checked with a `PING` when no message
+    /// arrives (default 1 s); a failed check reconnects. A closed socket is
+    /// noticed at once regardless.
+    #[must_use]
+    pub fn heartbeat(mut self, every: Duration) -> Self {
+        self.heartbeat = every.max(Duration::from_millis(10));
+        self
+    }
+
+    /// Counters shared with the running listener.
+    #[must_use]
+    pub fn stats(&self) -> Arc<ListenerStats> {
+        Arc::clone(&self.stats)
+    }
+
+    /// Listens forever: subscribe, apply messages, reconnect on loss.
+    pub async fn run(self) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let lost = Arc::new(Notify::new());
+            if let Ok(conn) = self.subscribe(Arc::clone(&lost)).await {
+                backoff = MIN_BACKOFF;
+                self.stats.connects.fetch_add(1, Ordering::Relaxed);
+                self.watch(conn, &lost).await;
+            } else {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+    }
+
+    /// A RESP3 connection whose pushed messages invalidate the cache,
+    /// subscribed to the channel.
+    async fn subscribe(&self, lost: Arc<Notify>) -> Result<MultiplexedConnection, BackendError> {
+        let info = self.client.get_connection_info().clone();
+        let redis = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+        let client =
+            Client::open(info.set_redis_settings(redis)).map_err(BackendError::unavailable)?;
+        let cache = Arc::clone(&self.cache);
+        let stats = Arc::clone(&self.stats);
+        let sender = move |push: PushInfo| -> Result<(), Infallible> {
+            match push.kind {
+                PushKind::Message => {
+                    if let Some(Value::BulkString(b)) = push.data.get(1)
+                        && let Some(id) =
+                            std::str::from_utf8(b).ok().and_then(|s| s.parse::<RecordId>().ok())
+                    {
+                        cache.invalidate(&id);
+                        stats.invalidated.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                PushKind::Disconnection => lost.notify_one(),
+                _ => {}
+            }
+            Ok(())
+        };
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.timeout))
+            .set_response_timeout(Some(self.timeout))
+            .set_push_sender(sender);
+        let fut = async {
+            let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+            conn.subscribe(&self.channel).await?;
+            Ok::<_, ::redis::RedisError>(conn)
+        };
+        tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| BackendError::Timeout)?
+            .map_err(BackendError::unavailable)
+    }
+
+    /// Returns when the connection is lost.
+    async fn watch(&self, mut conn: MultiplexedConnection, lost: &Notify) {
+        loop {
+            if tokio::time::timeout(self.heartbeat, lost.notified()).await.is_ok() {
+                return;
+            }
+            let cmd = ::redis::cmd("PING");
+            let ping = cmd.query_async::<Value>(&mut conn);
+            if !matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_))) {
+                return;
+            }
+        }
+    }
+}

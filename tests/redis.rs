@@ -1,0 +1,525 @@
+//! The Redis stores against a real `redis-server` started here: the same
+//! conformance suites as the in-memory stores, races, fault handling, one
+//! round trip per check, and revocation pub/sub.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use keygate::auth::{Principal, PrincipalCache};
+use keygate::backend::BackendError;
+use keygate::clock::{Clock, FakeClock, SystemClock};
+use keygate::limit::{Algorithm, CheckMode, LimitStore, MemoryLimiter, Outcome, Policy, QuotaRule};
+use keygate::portal::{PortalStore, Redeem};
+use keygate::quota::QuotaStore;
+use keygate::redis::{Redis, RedisConfig};
+use keygate::scope::ScopeRegistry;
+use keygate::secret::Digest;
+use keygate::store::KeyStore;
+use redis_server::RedisServer;
+
+async fn connect(server: &RedisServer, prefix: &str) -> Redis {
+    RedisConfig::from_url(&server.url())
+        .unwrap()
+        .timeout(Duration::from_millis(250))
+        .prefix(prefix)
+        .unwrap()
+        .connect()
+        .await
+        .expect("connect to the test redis-server")
+}
+
+fn hour(name: &'static str, limit: u32, alg: Algorithm) -> Policy {
+    Policy::new(name, limit, Duration::from_secs(3600), alg).unwrap()
+}
+
+// ---- the conformance suites, unchanged ----
+
+#[tokio::test]
+async fn redis_limiter_passes_the_testkit() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "tk").await;
+    keygate::testkit::limit::run(&redis.limiter(), "t").await;
+}
+
+#[tokio::test]
+async fn redis_quota_store_passes_the_testkit() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "tk").await;
+    keygate::testkit::quota::run(&redis.quota(), "t").await;
+}
+
+#[tokio::test]
+async fn redis_portal_store_passes_the_testkit() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "tk").await;
+    keygate::testkit::portal::run(&redis.portal(), 1).await;
+}
+
+#[tokio::test]
+async fn redis_key_store_passes_the_testkit() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "tk").await;
+    // The suite wants a fresh store per check: a fresh namespace on the
+    // same connection is one.
+    let n = AtomicUsize::new(0);
+    keygate::testkit::keys::run(|| {
+        let i = n.fetch_add(1, Ordering::Relaxed);
+        redis.with_prefix(&format!("tk{i}")).unwrap().keys()
+    })
+    .await;
+}
+
+/// The testkit's race drives the store from plain threads with its own
+/// `block_on` (no runtime there): the Redis stores run their calls on the
+/// runtime they were connected on.
+#[test]
+fn redis_portal_race_exactly_one_winner_per_code() {
+    let server = RedisServer::start();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let redis = rt.block_on(connect(&server, "race"));
+    let store = redis.portal();
+    assert_eq!(keygate::testkit::portal::race(&store, 300, 16, 7), 300);
+}
+
+// ---- concurrency on the async path ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixteen_concurrent_redeems_one_winner() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "conc").await;
+    let store = Arc::new(redis.portal());
+    for n in 0..50u8 {
+        let code = Digest::from_bytes([n; 32]);
+        assert!(store.insert(code, keygate::testkit::portal::sample_session(600)).await.unwrap());
+        let now = jiff::Timestamp::from_second(1_767_225_601).unwrap();
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let s = Arc::clone(&store);
+                tokio::spawn(async move { s.redeem(&code, now).await.unwrap() })
+            })
+            .collect();
+        let mut wins = 0;
+        for t in tasks {
+            match t.await.unwrap() {
+                Redeem::Session(_) => wins += 1,
+                r => assert_eq!(r, Redeem::AlreadyUsed),
+            }
+        }
+        assert_eq!(wins, 1, "code {n}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_checks_never_admit_more_than_the_limit() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "conc").await;
+    let limiter = Arc::new(redis.limiter());
+    for (i, plan) in [
+        vec![hour("default", 50, Algorithm::Gcra)],
+        vec![hour("default", 50, Algorithm::FixedWindow)],
+        vec![hour("default", 50, Algorithm::SlidingWindow)],
+        vec![hour("burst", 50, Algorithm::FixedWindow), hour("sustained", 80, Algorithm::Gcra)],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let plan = Arc::new(plan);
+        let tasks: Vec<_> = (0..200)
+            .map(|_| {
+                let (l, p) = (Arc::clone(&limiter), Arc::clone(&plan));
+                let key = format!("hot{i}");
+                tokio::spawn(async move { l.check(&key, &p, 1, CheckMode::Consume).await.unwrap() })
+            })
+            .collect();
+        let mut admitted = 0;
+        for t in tasks {
+            admitted += usize::from(t.await.unwrap().is_allowed());
+        }
+        assert_eq!(admitted, 50, "plan {i}: exactly the limit is admitted");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_quota_counts_and_capped_inserts_are_exact() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "conc").await;
+    let quota = Arc::new(redis.quota());
+    let rules = Arc::new([QuotaRule::new("n", 30, &["webhook"])]);
+    let now = jiff::Timestamp::now();
+    let tasks: Vec<_> = (0..100)
+        .map(|_| {
+            let (q, r) = (Arc::clone(&quota), Arc::clone(&rules));
+            tokio::spawn(
+                async move { q.check_and_count("acct", &*r, "webhook", 1, now).await.unwrap() },
+            )
+        })
+        .collect();
+    let mut allowed = 0;
+    for t in tasks {
+        allowed += usize::from(t.await.unwrap().allowed);
+    }
+    assert_eq!(allowed, 30);
+    assert_eq!(quota.usage("acct", "n", now).await.unwrap(), 30);
+
+    let keys = Arc::new(redis.keys());
+    let limit = keygate::store::ActiveLimit { max: 10, now };
+    let tasks: Vec<_> = (0..25)
+        .map(|_| {
+            let k = Arc::clone(&keys);
+            let r = keygate::testkit::keys::sample_record("ws_c", Some("p"), 0, false);
+            tokio::spawn(async move { k.insert(r, Some(limit)).await.unwrap() })
+        })
+        .collect();
+    let mut inserted = 0;
+    for t in tasks {
+        inserted += usize::from(t.await.unwrap() == keygate::store::InsertOutcome::Inserted);
+    }
+    assert_eq!(inserted, 10, "the active-key cap holds under concurrent inserts");
+    let listed = keys.list(&"ws_c".parse().unwrap(), Some(&"p".parse().unwrap())).await.unwrap();
+    assert_eq!(listed.len(), 10);
+}
+
+// ---- same meaning as MemoryLimiter ----
+
+/// The same sequence of checks against `MemoryLimiter` (frozen fake clock)
+/// and Redis (real server clock, hour-long windows so the few milliseconds
+/// the run takes cannot matter) gives the same decisions.
+#[tokio::test]
+async fn decisions_match_the_memory_limiter() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "eq").await;
+    let limiter = redis.limiter();
+    let memory = MemoryLimiter::<String, _>::with_clock(1000, FakeClock::at_2026());
+    let plans: Vec<Vec<Policy>> = vec![
+        vec![hour("default", 5, Algorithm::Gcra)],
+        vec![hour("default", 5, Algorithm::Gcra).with_burst(2).unwrap()],
+        vec![hour("default", 5, Algorithm::SlidingWindow)],
+        vec![hour("burst", 3, Algorithm::SlidingWindow), hour("sustained", 4, Algorithm::Gcra)],
+        vec![hour("a", 7, Algorithm::Gcra), hour("b", 6, Algorithm::SlidingWindow)],
+    ];
+    let costs = [1, 2, 0, 1, 3, 1, 1, 9, 1, 1, 2];
+    for (i, plan) in plans.iter().enumerate() {
+        let key = format!("k{i}");
+        for (j, &cost) in costs.iter().enumerate() {
+            let mode = if j % 4 == 3 { CheckMode::Peek } else { CheckMode::Consume };
+            let m = memory.check_mode(key.as_str(), plan, cost, mode).unwrap();
+            let r = limiter.check(&key, plan, cost, mode).await.unwrap();
+            assert_eq!(r.outcome(), m.outcome(), "plan {i} step {j}");
+            for (rp, mp) in r.policies().iter().zip(m.policies()) {
+                let ctx = format!("plan {i} step {j} policy {}", mp.name);
+                assert_eq!(
+                    (rp.allowed, rp.remaining, rp.limit),
+                    (mp.allowed, mp.remaining, mp.limit),
+                    "{ctx}"
+                );
+                assert_eq!(rp.retry_after.is_some(), mp.retry_after.is_some(), "{ctx}");
+                let close = |a: Duration, b: Duration| a.abs_diff(b) < Duration::from_secs(2);
+                assert!(close(rp.reset_after, mp.reset_after), "{ctx}: {rp:?} vs {mp:?}");
+                if let (Some(a), Some(b)) = (rp.retry_after, mp.retry_after) {
+                    assert!(close(a, b), "{ctx}: {rp:?} vs {mp:?}");
+                }
+            }
+            assert_eq!((r.limit(), r.remaining()), (m.limit(), m.remaining()));
+            if j % 5 == 4 {
+                memory.refund(key.as_str(), plan, 1);
+                limiter.refund(&key, plan, 1).await.unwrap();
+            }
+        }
+    }
+    // Fixed windows align to the Unix epoch on Redis and to the monotonic
+    // origin in memory: compare them on a window that cannot end mid-run.
+    let fixed =
+        [Policy::new("f", 4, Duration::from_secs(366 * 86_400), Algorithm::FixedWindow).unwrap()];
+    for j in 0..6 {
+        let m = memory.check("fixed", &fixed, 1).unwrap();
+        let r = limiter.check("fixed", &fixed, 1, CheckMode::Consume).await.unwrap();
+        assert_eq!((r.outcome(), r.remaining()), (m.outcome(), m.remaining()), "fixed {j}");
+    }
+}
+
+#[tokio::test]
+async fn decisions_use_the_server_clock_and_real_windows_pass() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "clock").await;
+    let limiter = redis.limiter();
+    let p =
+        [Policy::new("default", 2, Duration::from_millis(300), Algorithm::FixedWindow).unwrap()];
+    let before = SystemClock::new().now();
+    // At most 2 per window, and five quick checks span at most two
+    // windows: one of them is denied even if a window ends mid-loop.
+    let mut denied = None;
+    for _ in 0..5 {
+        let d = limiter.check("w", &p, 1, CheckMode::Consume).await.unwrap();
+        if !d.is_allowed() {
+            denied = Some(d);
+            break;
+        }
+    }
+    let d = denied.expect("a check beyond 2 in one 300 ms window is denied");
+    // The decision's time is the server's (same host: within a second).
+    assert!(d.at().duration_since(before).abs() < jiff::SignedDuration::from_secs(1));
+    let wait = d.retry_after().unwrap();
+    assert!(wait <= Duration::from_millis(300));
+    tokio::time::sleep(wait + Duration::from_millis(20)).await;
+    assert!(limiter.check("w", &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
+}
+
+// ---- one round trip per check ----
+
+async fn command_stats(redis: &Redis) -> HashMap<String, u64> {
+    let info: String =
+        redis::cmd("INFO").arg("commandstats").query_async(&mut redis.connection()).await.unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.strip_prefix("calls=")?.split(',').next()?.parse().ok()?;
+            Some((name.to_owned(), calls))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_stacked_check_is_exactly_one_round_trip() {
+    const N: u64 = 500;
+    let server = RedisServer::start();
+    let redis = connect(&server, "rt").await;
+    let limiter = redis.limiter();
+    let plan =
+        [hour("a", 1_000_000, Algorithm::Gcra), hour("b", 1_000_000, Algorithm::FixedWindow)];
+    // Warm up: the first call loads the script (EVALSHA, NOSCRIPT, LOAD).
+    limiter.check("rt", &plan, 1, CheckMode::Consume).await.unwrap();
+    let before = command_stats(&redis).await;
+    for _ in 0..N {
+        limiter.check("rt", &plan, 1, CheckMode::Consume).await.unwrap();
+    }
+    let after = command_stats(&redis).await;
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert_eq!(delta("evalsha"), N, "one EVALSHA per check");
+    // Every top-level command the client sent: the checks and one INFO.
+    // (Commands run inside a script are counted too, under their own
+    // names; they are not round trips.)
+    assert_eq!(delta("info"), 1);
+    for k in ["eval", "script|load", "script", "ping", "multi", "exec"] {
+        assert_eq!(delta(k), 0, "{k}");
+    }
+}
+
+// ---- faults: stop, time out, restart ----
+
+const BOUND: Duration = Duration::from_secs(2);
+
+async fn timed<T>(
+    f: impl std::future::Future<Output = Result<T, BackendError>>,
+) -> (Result<T, BackendError>, Duration) {
+    let t = Instant::now();
+    let r = f.await;
+    (r, t.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
+    let mut server = RedisServer::start();
+    let redis = connect(&server, "fault").await;
+    let (limiter, portal, quota, keys) =
+        (redis.limiter(), redis.portal(), redis.quota(), redis.keys());
+    let plan = [hour("default", 100, Algorithm::Gcra)];
+    let rules = [QuotaRule::new("n", 100, &["email"])];
+    let now = jiff::Timestamp::now();
+    let code = Digest::from_bytes([9; 32]);
+    let record = keygate::testkit::keys::sample_record("ws_f", Some("p"), 0, false);
+
+    let all_ok = async || {
+        limiter.check("k", &plan, 1, CheckMode::Consume).await?;
+        portal.redeem(&code, now).await?;
+        quota.check_and_count("a", &rules, "email", 1, now).await?;
+        keys.get(&record.id).await?;
+        Ok::<_, BackendError>(())
+    };
+    all_ok().await.unwrap();
+
+    for (what, round) in [("stopped", 0), ("still stopped", 1)] {
+        if round == 0 {
+            server.stop();
+        }
+        let (r, t) = timed(limiter.check("k", &plan, 1, CheckMode::Consume)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: limiter {r:?} in {t:?}");
+        let (r, t) = timed(portal.redeem(&code, now)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: portal {r:?} in {t:?}");
+        let (r, t) = timed(portal.insert(code, keygate::testkit::portal::sample_session(60))).await;
+        assert!(r.is_err() && t < BOUND, "{what}: portal insert {r:?} in {t:?}");
+        let (r, t) = timed(quota.check_and_count("a", &rules, "email", 1, now)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: quota {r:?} in {t:?}");
+        let (r, t) = timed(keys.insert(record.clone(), None)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: keys insert {r:?} in {t:?}");
+        let (r, t) = timed(keys.find_by_digest(&record.digest)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: keys lookup {r:?} in {t:?}");
+        let (r, t) = timed(keys.revoke(&record.id, now)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: keys revoke {r:?} in {t:?}");
+        let (r, t) = timed(keys.list(&record.tenant.workspace, None)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: keys list {r:?} in {t:?}");
+        let (r, t) = timed(quota.usage("a", "n", now)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: quota usage {r:?} in {t:?}");
+        let (r, t) = timed(limiter.refund("k", &plan, 1)).await;
+        assert!(r.is_err() && t < BOUND, "{what}: limiter refund {r:?} in {t:?}");
+    }
+
+    server.restart();
+    // The same handles resume once the manager has reconnected (it retries
+    // in the background; each attempt is bounded by the timeout).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match all_ok().await {
+            Ok(()) => break,
+            Err(e) => assert!(Instant::now() < deadline, "no recovery after restart: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The restarted server is empty and has no scripts cached: EVALSHA's
+    // NOSCRIPT reload path ran, and the stores work from a clean slate.
+    assert_eq!(
+        keys.insert(record.clone(), None).await.unwrap(),
+        keygate::store::InsertOutcome::Inserted
+    );
+    assert_eq!(keys.get(&record.id).await.unwrap().unwrap().id, record.id);
+    let d = limiter.check("k2", &plan, 1, CheckMode::Consume).await.unwrap();
+    assert_eq!((d.outcome(), d.remaining()), (Outcome::Allowed, 99));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_server_is_a_timeout_not_a_hang() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "hang").await;
+    let limiter = redis.limiter();
+    let plan = [hour("default", 100, Algorithm::Gcra)];
+    limiter.check("k", &plan, 1, CheckMode::Consume).await.unwrap();
+    server.signal("STOP");
+    let (r, t) = timed(limiter.check("k", &plan, 1, CheckMode::Consume)).await;
+    assert!(matches!(r, Err(BackendError::Timeout)), "{r:?}");
+    assert!(t < BOUND, "answered in {t:?}");
+    let (r, t) = timed(redis.keys().get(&"key_x".parse().unwrap())).await;
+    assert!(r.is_err() && t < BOUND, "{r:?} in {t:?}");
+    server.signal("CONT");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while limiter.check("k", &plan, 1, CheckMode::Consume).await.is_err() {
+        assert!(Instant::now() < deadline, "no recovery after SIGCONT");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn connecting_to_nothing_is_an_error_within_the_timeout() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let t = Instant::now();
+    let r = RedisConfig::from_url(&format!("redis://127.0.0.1:{port}/"))
+        .unwrap()
+        .timeout(Duration::from_millis(200))
+        .connect()
+        .await;
+    assert!(r.is_err());
+    assert!(t.elapsed() < BOUND);
+    assert!(RedisConfig::from_url("http://nope").is_err());
+    assert!(RedisConfig::from_url("redis://127.0.0.1/").unwrap().prefix("a{b}").is_err());
+    assert!(RedisConfig::from_url("redis://127.0.0.1/").unwrap().prefix("").is_err());
+}
+
+// ---- data hygiene and expiry ----
+
+#[tokio::test]
+async fn nothing_secret_is_stored_and_state_expires() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "hyg").await;
+    let keys = redis.keys();
+    let fmt = keygate::format::SK;
+    let key = fmt.mint_default().unwrap();
+    let mut record = keygate::testkit::keys::sample_record("ws_h", Some("p"), 0, false);
+    record.digest = keygate::hash::Hasher::sha256().digest(key.expose_secret().as_bytes());
+    record.hint = key.hint();
+    keys.insert(record.clone(), None).await.unwrap();
+    let limiter = redis.limiter();
+    let p = [Policy::new("s", 3, Duration::from_millis(200), Algorithm::SlidingWindow).unwrap()];
+    limiter.check("exp", &p, 1, CheckMode::Consume).await.unwrap();
+
+    let mut conn = redis.connection();
+    let all: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
+    let secret = key.expose_secret();
+    for k in &all {
+        assert!(!k.contains(secret), "key name {k}");
+        let t: String = redis::cmd("TYPE").arg(k).query_async(&mut conn).await.unwrap();
+        if t == "hash" {
+            let v: Vec<String> = redis::cmd("HGETALL").arg(k).query_async(&mut conn).await.unwrap();
+            assert!(v.iter().all(|f| !f.contains(secret)), "hash {k}");
+        }
+    }
+    // Limiter state expires on its own once it no longer limits.
+    let rl: Vec<String> = all.iter().filter(|k| k.contains(":rl:")).cloned().collect();
+    assert_eq!(rl.len(), 1);
+    let ttl: i64 = redis::cmd("PTTL").arg(&rl[0]).query_async(&mut conn).await.unwrap();
+    assert!(ttl > 0 && ttl <= 200, "pttl {ttl}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let n: i64 = redis::cmd("EXISTS").arg(&rl[0]).query_async(&mut conn).await.unwrap();
+    assert_eq!(n, 0);
+}
+
+// ---- revocation pub/sub ----
+
+fn principal(record: &keygate::store::KeyRecord) -> Principal {
+    let registry = ScopeRegistry::new(&["applications"], &["read"]).unwrap();
+    Principal::from_record(Arc::new(record.clone()), &registry).unwrap()
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_invalidates_caches_and_survives_a_restart() {
+    let mut server = RedisServer::start();
+    let redis = connect(&server, "rev").await;
+    let keys = redis.keys();
+    let cache = Arc::new(PrincipalCache::new(Duration::from_secs(30), 100));
+    let listener =
+        redis.revocation_listener(Arc::clone(&cache)).heartbeat(Duration::from_millis(100));
+    let stats = listener.stats();
+    let task = tokio::spawn(listener.run());
+    wait_for("subscription", || stats.subscriptions() == 1).await;
+
+    let clock = SystemClock::new();
+    let a = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
+    let other = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
+    for r in [&a, &other] {
+        keys.insert(r.clone(), None).await.unwrap();
+        cache.insert(*r.digest.digest(), principal(r), clock.monotonic());
+    }
+    assert!(keys.revoke(&a.id, jiff::Timestamp::now()).await.unwrap());
+    wait_for("invalidation", || cache.get(a.digest.digest(), clock.monotonic()).is_none()).await;
+    assert!(cache.get(other.digest.digest(), clock.monotonic()).is_some(), "only the revoked key");
+
+    // Lose the connection; the listener reconnects and subscribes again.
+    server.restart();
+    wait_for("resubscription", || stats.subscriptions() >= 2).await;
+    let b = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
+    // The restarted server is empty and the store handle reconnects.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keys.insert(b.clone(), None).await.is_err() {
+        assert!(Instant::now() < deadline, "store did not reconnect");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    cache.insert(*b.digest.digest(), principal(&b), clock.monotonic());
+    assert!(keys.revoke(&b.id, jiff::Timestamp::now()).await.unwrap());
+    wait_for("invalidation after restart", || {
+        cache.get(b.digest.digest(), clock.monotonic()).is_none()
+    })
+    .await;
+    assert_eq!(stats.invalidated(), 2);
+    task.abort();
+}
