@@ -45,8 +45,12 @@ async fn start() -> Server {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let workspace: keygate::store::WorkspaceId = "ws_demo".parse().unwrap();
-    let config =
-        app::Config { workspace: workspace.clone(), plans, base_url: format!("http://{addr}") };
+    let config = app::Config {
+        workspace: workspace.clone(),
+        plans,
+        base_url: format!("http://{addr}"),
+        cache: std::sync::Arc::default(),
+    };
     let (router, manager) = app::router(app::Stores::memory(), config).unwrap();
     let token = app::bootstrap(&manager, workspace).await.unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });

@@ -17,7 +17,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
 use jiff::Timestamp;
-use keygate::auth::{Authenticator, Principal, Target};
+use keygate::auth::{Authenticator, Principal, PrincipalCache, Target};
 use keygate::clock::Clock;
 use keygate::format::{NH, NHK, NK, SK};
 use keygate::http::{BodyStyle, Rejection, timestamp_millis};
@@ -64,6 +64,28 @@ impl Backend for Memory {
     type Sessions = keygate::portal::MemoryPortalStore;
 }
 
+/// Everything in Redis, shared by every instance pointed at it.
+pub(crate) struct InRedis;
+
+impl Backend for InRedis {
+    type Keys = keygate::redis::RedisKeyStore;
+    type Limits = keygate::redis::RedisLimiter;
+    type Quotas = keygate::redis::RedisQuotaStore;
+    type Sessions = keygate::redis::RedisPortalStore;
+}
+
+impl Stores<InRedis> {
+    /// The stores of one Redis connection.
+    pub(crate) fn redis(redis: &keygate::redis::Redis) -> Self {
+        Self {
+            keys: redis.keys(),
+            limits: redis.limiter(),
+            quotas: redis.quota(),
+            sessions: redis.portal(),
+        }
+    }
+}
+
 impl Stores<Memory> {
     /// Fresh in-memory stores.
     pub(crate) fn memory() -> Self {
@@ -84,6 +106,10 @@ pub(crate) struct Config {
     pub(crate) plans: PlanSet,
     /// `http://host:port`, for portal URLs.
     pub(crate) base_url: String,
+    /// The verified-principal cache: shared by the authenticator and the
+    /// key manager (which drops revoked keys from it at once), and by a
+    /// revocation listener when keys live in Redis.
+    pub(crate) cache: Arc<PrincipalCache>,
 }
 
 /// The portal session cookie.
@@ -99,7 +125,7 @@ struct App<B: Backend> {
     next_id: AtomicU64,
 }
 
-type Shared<B> = State<Arc<App<B>>>;
+type AppState<B> = State<Arc<App<B>>>;
 
 /// The router, and the stores' key manager for bootstrapping.
 ///
@@ -111,13 +137,16 @@ pub(crate) fn router<B: Backend>(
     config: Config,
 ) -> Result<(Router, KeyManager<B::Keys>), keygate::scope::ScopeError> {
     let Stores { keys, limits, quotas, sessions } = stores;
-    let auth = Authenticator::new(keys.clone()).formats(portal::formats());
+    let auth =
+        Authenticator::new(keys.clone()).formats(portal::formats()).cache(config.cache.clone());
     let gate = Gate::builder(auth, limits).plans(config.plans).quotas(quotas).build();
     let portal = Portal::new(sessions, keys.clone())
         .url_template(format!("{}/portal?code={{code}}", config.base_url));
     let app = Arc::new(App::<B> {
         workspace: config.workspace,
-        manager: KeyManager::new(keys.clone()).formats(portal::formats()),
+        manager: KeyManager::new(keys.clone())
+            .formats(portal::formats())
+            .cache(config.cache.clone()),
         gate: gate.clone(),
         portal,
         endpoints: Mutex::new(HashMap::new()),
@@ -291,7 +320,7 @@ fn created_json(created: &CreatedKey) -> Value {
 // ---- management API -------------------------------------------------------
 
 async fn create_key<B: Backend>(
-    State(app): Shared<B>,
+    State(app): AppState<B>,
     Path(ws): Path<String>,
     Extension(caller): Extension<Principal>,
     body: Bytes,
@@ -360,7 +389,7 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
     Ok(new)
 }
 
-async fn list_keys<B: Backend>(State(app): Shared<B>, Path(ws): Path<String>) -> Response {
+async fn list_keys<B: Backend>(State(app): AppState<B>, Path(ws): Path<String>) -> Response {
     let Ok(ws) = ws.parse::<WorkspaceId>() else {
         return app.reject(&Rejection::NotFound, BodyStyle::Nested);
     };
@@ -388,7 +417,7 @@ async fn list_keys<B: Backend>(State(app): Shared<B>, Path(ws): Path<String>) ->
 }
 
 async fn revoke_key<B: Backend>(
-    State(app): Shared<B>,
+    State(app): AppState<B>,
     Path((ws, id)): Path<(String, String)>,
 ) -> Response {
     let not_found = || app.reject(&Rejection::NotFound, BodyStyle::Nested);
@@ -409,7 +438,7 @@ async fn revoke_key<B: Backend>(
 }
 
 async fn create_token<B: Backend>(
-    State(app): Shared<B>,
+    State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
     body: Bytes,
 ) -> Response {
@@ -443,7 +472,7 @@ async fn create_token<B: Backend>(
 }
 
 async fn create_portal<B: Backend>(
-    State(app): Shared<B>,
+    State(app): AppState<B>,
     Path((ws, application)): Path<(String, String)>,
     Extension(caller): Extension<Principal>,
     body: Bytes,
@@ -467,7 +496,7 @@ async fn ingest_event() -> Response {
     json(StatusCode::ACCEPTED, json!({"accepted": true}))
 }
 
-async fn create_webhook<B: Backend>(State(app): Shared<B>) -> Response {
+async fn create_webhook<B: Backend>(State(app): AppState<B>) -> Response {
     json(StatusCode::CREATED, json!({"id": app.id("wh")}))
 }
 
@@ -477,7 +506,7 @@ async fn ping() -> Response {
 }
 
 async fn notify<B: Backend>(
-    State(app): Shared<B>,
+    State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
     body: Bytes,
 ) -> Response {
@@ -517,7 +546,7 @@ async fn execute(
 // ---- portal -----------------------------------------------------------------
 
 async fn open_portal<B: Backend>(
-    State(app): Shared<B>,
+    State(app): AppState<B>,
     Query(mut q): Query<HashMap<String, String>>,
 ) -> Response {
     let code = q.remove("code").unwrap_or_default();
@@ -568,7 +597,7 @@ fn application_of(caller: &Principal) -> String {
 }
 
 async fn list_endpoints<B: Backend>(
-    State(app): Shared<B>,
+    State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
 ) -> Response {
     let data = app
@@ -582,7 +611,7 @@ async fn list_endpoints<B: Backend>(
 }
 
 async fn create_endpoint<B: Backend>(
-    State(app): Shared<B>,
+    State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
     body: Bytes,
 ) -> Response {
@@ -614,7 +643,7 @@ async fn create_endpoint<B: Backend>(
 }
 
 async fn delete_endpoint<B: Backend>(
-    State(app): Shared<B>,
+    State(app): AppState<B>,
     Path(id): Path<String>,
     Extension(caller): Extension<Principal>,
 ) -> Response {
@@ -640,4 +669,39 @@ pub(crate) async fn bootstrap<K: KeyStore>(
 ) -> Result<CreatedKey, keygate::manager::ManagerError> {
     let all: Scope = "*".parse().map_err(keygate::manager::ManagerError::Scope)?;
     manager.create_management_token(workspace, "bootstrap", TokenExpiry::Never, vec![all]).await
+}
+
+/// The bootstrap management token of a server whose keys live in Redis:
+/// the first instance to start mints it and stores it under
+/// `{prefix}:demo:bootstrap`; every later instance prints that same token.
+///
+/// Demo only: a real deployment hands its bootstrap token to an operator
+/// once and keeps nothing but its digest.
+///
+/// # Errors
+///
+/// Redis or the key store failed.
+pub(crate) async fn bootstrap_shared(
+    manager: &KeyManager<keygate::redis::RedisKeyStore>,
+    redis: &keygate::redis::Redis,
+    workspace: WorkspaceId,
+) -> Result<String, Box<dyn std::error::Error>> {
+    let slot = format!("{}:demo:bootstrap:{}", redis.prefix(), workspace.as_str());
+    let mut conn = redis.connection();
+    let existing: Option<String> = redis::cmd("GET").arg(&slot).query_async(&mut conn).await?;
+    if let Some(token) = existing {
+        return Ok(token);
+    }
+    // Mint and store a record first, then claim the slot; whoever loses
+    // the race revokes its own token and prints the winner's.
+    let created = bootstrap(manager, workspace).await?;
+    let mine = created.key().expose_secret().to_owned();
+    let won: bool =
+        redis::cmd("SET").arg(&slot).arg(&mine).arg("NX").query_async(&mut conn).await?;
+    if won {
+        return Ok(mine);
+    }
+    manager.revoke(&created.record().id).await?;
+    let theirs: String = redis::cmd("GET").arg(&slot).query_async(&mut conn).await?;
+    Ok(theirs)
 }

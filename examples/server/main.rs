@@ -16,8 +16,12 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+
 use clap::Parser;
+use keygate::auth::PrincipalCache;
 use keygate::limit::PlanSet;
+use keygate::redis::RedisConfig;
 use serde_json::json;
 
 /// keygate's reference API server.
@@ -33,6 +37,11 @@ struct Args {
     /// a plan with a preset's name replaces it.
     #[arg(long)]
     plans: Option<PathBuf>,
+    /// Keep keys, limits, portal sessions, quotas and revocations in Redis
+    /// (`redis://[:password@]host:port[/db]`), so that every instance
+    /// started against the same Redis behaves as one.
+    #[arg(long, env = "REDIS_URL")]
+    redis: Option<String>,
 }
 
 #[tokio::main]
@@ -49,17 +58,36 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
     let listener = tokio::net::TcpListener::bind(args.bind).await?;
     let addr = listener.local_addr()?;
-    let config =
-        app::Config { workspace: workspace.clone(), plans, base_url: format!("http://{addr}") };
-    let (router, manager) = app::router(app::Stores::memory(), config)?;
-    let token = app::bootstrap(&manager, workspace.clone()).await?;
+    let cache = Arc::new(PrincipalCache::default());
+    let config = app::Config {
+        workspace: workspace.clone(),
+        plans,
+        base_url: format!("http://{addr}"),
+        cache: cache.clone(),
+    };
+    let (router, token) = match &args.redis {
+        None => {
+            let (router, manager) = app::router(app::Stores::memory(), config)?;
+            let token = app::bootstrap(&manager, workspace.clone()).await?;
+            (router, token.key().expose_secret().to_owned())
+        }
+        Some(url) => {
+            let redis = RedisConfig::from_url(url)?.connect().await?;
+            // Revocations on any instance reach this one's cache at once;
+            // the cache's TTL bounds staleness if a message is lost.
+            tokio::spawn(redis.revocation_listener(cache).run());
+            let (router, manager) = app::router(app::Stores::redis(&redis), config)?;
+            let token = app::bootstrap_shared(&manager, &redis, workspace.clone()).await?;
+            (router, token)
+        }
+    };
 
     // Keys in the documented order (a `json!` map would sort them).
     let first = format!(
         "{{\"listening\": {}, \"workspace\": {}, \"management_token\": {}}}",
         json!(addr.to_string()),
         json!(workspace.as_str()),
-        json!(token.key().expose_secret()),
+        json!(token),
     );
     let mut out = std::io::stdout().lock();
     writeln!(out, "{first}")?;

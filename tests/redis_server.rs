@@ -1,0 +1,212 @@
+//! Two instances of the reference server sharing one Redis behave as one:
+//! one bootstrap token, one global rate limit, one use per portal code,
+//! revocations seen everywhere.
+
+#[path = "support/redis_server.rs"]
+mod redis_server;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use redis_server::RedisServer;
+use reqwest::{Client, StatusCode};
+use serde_json::{Value, json};
+
+/// A running server instance, killed on drop.
+struct Instance {
+    child: Child,
+    base: String,
+    token: String,
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn example_binary() -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile = exe.parent().and_then(|d| d.parent()).unwrap();
+    let bin = profile.join("examples").join(format!("server{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} is missing: run the suite with `cargo test --all-targets` (as scripts/test.sh does)",
+        bin.display()
+    );
+    bin
+}
+
+fn instance(redis_url: &str) -> Instance {
+    let mut child = Command::new(example_binary())
+        .args(["--bind", "127.0.0.1:0"])
+        .env("REDIS_URL", redis_url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the example server");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let first: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
+    Instance {
+        child,
+        base: format!("http://{}", first["listening"].as_str().unwrap()),
+        token: first["management_token"].as_str().unwrap().to_owned(),
+    }
+}
+
+async fn create_key(http: &Client, at: &Instance, body: Value) -> String {
+    let r = http
+        .post(format!("{}/management/v1/workspaces/ws_demo/api-keys", at.base))
+        .bearer_auth(&at.token)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), StatusCode::CREATED);
+    let v: Value = r.json().await.unwrap();
+    v["key"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_share_one_redis() {
+    let redis = RedisServer::start();
+    let (a, b) = (instance(&redis.url()), instance(&redis.url()));
+    assert_eq!(a.token, b.token, "the bootstrap token is stored once and printed by both");
+    let http = Client::new();
+
+    // A key made on one instance works on the other.
+    let key = create_key(&http, &a, json!({"name": "ingest", "format": "nhk"})).await;
+    let ingest = async |at: &Instance| {
+        http.post(format!("{}/api/ingest/ev", at.base)).bearer_auth(&key).send().await.unwrap()
+    };
+
+    // Hobby: 3 a second across both instances. Alternate A, B, A, B; retry
+    // the burst if it straddled a window boundary.
+    let mut admitted = 0;
+    for _ in 0..5 {
+        admitted = 0;
+        for i in 0..4 {
+            let at = if i % 2 == 0 { &a } else { &b };
+            if ingest(at).await.status() == StatusCode::ACCEPTED {
+                admitted += 1;
+            }
+        }
+        if admitted == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+    }
+    assert_eq!(admitted, 3, "one global limit of 3 per second");
+
+    // One portal link, 16 concurrent opens spread over both: one session.
+    let minted: Value = http
+        .post(format!("{}/management/v1/workspaces/ws_demo/applications/app_1/portal", a.base))
+        .bearer_auth(&a.token)
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let code = minted["code"].as_str().unwrap().to_owned();
+    let opens: Vec<_> = (0..16)
+        .map(|i| {
+            let base = if i % 2 == 0 { a.base.clone() } else { b.base.clone() };
+            let (http, code) = (http.clone(), code.clone());
+            tokio::spawn(async move {
+                http.get(format!("{base}/portal?code={code}")).send().await.unwrap().status()
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    for o in opens {
+        let s = o.await.unwrap();
+        assert!(s == StatusCode::OK || s == StatusCode::GONE, "{s}");
+        ok += usize::from(s == StatusCode::OK);
+    }
+    assert_eq!(ok, 1, "one use per portal code across instances");
+
+    // Revoked on A: B (which has the key's principal cached) refuses it
+    // promptly, through the revocation channel rather than the cache TTL.
+    let sk = create_key(
+        &http,
+        &a,
+        json!({"name": "app", "format": "sk", "scopes": ["applications:read"]}),
+    )
+    .await;
+    let apps = async |at: &Instance| {
+        http.get(format!("{}/v1/applications", at.base))
+            .bearer_auth(&sk)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(apps(&b).await, StatusCode::OK, "now cached on B");
+    let list: Value = http
+        .get(format!("{}/management/v1/workspaces/ws_demo/api-keys", b.base))
+        .bearer_auth(&b.token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let id = list["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "app")
+        .map(|r| r["id"].as_str().unwrap().to_owned())
+        .unwrap();
+    let del = http
+        .delete(format!("{}/management/v1/workspaces/ws_demo/api-keys/{id}", a.base))
+        .bearer_auth(&a.token)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status(), StatusCode::NO_CONTENT);
+    let start = Instant::now();
+    while apps(&b).await != StatusCode::UNAUTHORIZED {
+        assert!(start.elapsed() < Duration::from_secs(5), "B still accepts a revoked key");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(apps(&a).await, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_outage_is_a_503_and_service_resumes() {
+    let mut redis = RedisServer::start();
+    let a = instance(&redis.url());
+    let http = Client::new();
+    let key = create_key(&http, &a, json!({"name": "hex", "format": "nh", "plan": "indie"})).await;
+    let ping = async || {
+        http.get(format!("{}/api/v1/ping", a.base)).header("x-api-key", &key).send().await.unwrap()
+    };
+    assert_eq!(ping().await.status(), StatusCode::OK);
+
+    redis.stop();
+    let t = Instant::now();
+    let down = ping().await;
+    assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(t.elapsed() < Duration::from_secs(2), "answered within the timeout, not hung");
+    let body: Value = down.json().await.unwrap();
+    assert_eq!(body["success"], false);
+
+    // Redis comes back empty (no persistence): the key is gone with it, so
+    // the server answers 401 — from the restarted Redis, without a restart
+    // of the server.
+    redis.restart();
+    let start = Instant::now();
+    loop {
+        let s = ping().await.status();
+        if s == StatusCode::UNAUTHORIZED || s == StatusCode::OK {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "service did not resume: {s}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
