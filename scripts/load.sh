@@ -24,15 +24,19 @@ pid=$!
 for _ in $(seq 50); do [ -s "$tmp/out" ] && break; sleep 0.1; done
 read -r addr token < <(python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).readline()); print(d["listening"], d["management_token"])' "$tmp/out")
 key=$(curl -sf -X POST "http://$addr/management/v1/workspaces/ws_demo/api-keys" \
-  -H "Authorization: Bearer $token" -d '{"name":"load","format":"nh","plan":"load"}' |
+  -H "Authorization: Bearer $token" -d '{"name":"load","format":"nhk","plan":"load"}' |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["key"])')
+cat > "$tmp/post.lua" <<LUA
+wrk.method = "POST"
+wrk.headers["Authorization"] = "Bearer $key"
+LUA
 
 run() { wrk -t2 -c"$conns" -d"${secs}s" --latency "$@"; }
 echo "== unauthenticated: GET /healthz"
-base=$(run "http://$addr/${BASE_PATH:-healthz}")
+base=$(run "http://$addr/healthz")
 echo "$base" | grep -E "Requests/sec|99%|Non-2xx" || true
-echo "== authenticated + rate-limited: GET /api/v1/ping (X-API-Key, plan 'load')"
-auth=$(run -H "X-API-Key: $key" "http://$addr/api/v1/ping")
+echo "== authenticated + rate-limited: POST /api/ingest/load (Bearer nhk_, plan 'load')"
+auth=$(run -s "$tmp/post.lua" "http://$addr/api/ingest/load")
 echo "$auth" | grep -E "Requests/sec|99%|Non-2xx" || true
 python3 - "$base" "$auth" <<'PY'
 import sys

@@ -174,11 +174,47 @@ impl Decision {
     #[must_use]
     pub fn headers(&self, set: HeaderSet) -> Vec<(&'static str, String)> {
         let mut h = Vec::with_capacity(6);
+        self.visit_headers(set, |name, value| h.push((name, value.into_string())));
+        h
+    }
+
+    /// Appends the headers of [`headers`](Self::headers) to an
+    /// [`http::HeaderMap`] directly: numbers are written without an
+    /// intermediate `String`, names are pre-parsed constants.
+    #[cfg(feature = "http")]
+    pub fn append_headers(&self, set: HeaderSet, map: &mut ::http::HeaderMap) {
+        use ::http::header::{HeaderName, HeaderValue, RETRY_AFTER};
+        const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+        const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+        const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+        const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+        const STATE: HeaderName = HeaderName::from_static("ratelimit");
+        self.visit_headers(set, |name, value| {
+            let name = match name {
+                "X-RateLimit-Limit" => LIMIT,
+                "X-RateLimit-Remaining" => REMAINING,
+                "X-RateLimit-Reset" => RESET,
+                "RateLimit-Policy" => POLICY,
+                "RateLimit" => STATE,
+                _ => RETRY_AFTER,
+            };
+            let value = match value {
+                HeaderNum::Int(n) => Ok(HeaderValue::from(n)),
+                HeaderNum::Text(s) => HeaderValue::try_from(s),
+            };
+            if let Ok(v) = value {
+                map.append(name, v);
+            }
+        });
+    }
+
+    /// The one definition of which headers a decision produces, in order.
+    fn visit_headers(&self, set: HeaderSet, mut emit: impl FnMut(&'static str, HeaderNum)) {
         let b = self.binding();
         if set.x_ratelimit {
-            h.push(("X-RateLimit-Limit", b.limit.to_string()));
-            h.push(("X-RateLimit-Remaining", b.remaining.to_string()));
-            h.push(("X-RateLimit-Reset", self.reset_unix().to_string()));
+            emit("X-RateLimit-Limit", HeaderNum::Int(i64::from(b.limit)));
+            emit("X-RateLimit-Remaining", HeaderNum::Int(i64::from(b.remaining)));
+            emit("X-RateLimit-Reset", HeaderNum::Int(self.reset_unix()));
         }
         if set.ietf {
             let policy: Vec<String> = self
@@ -194,15 +230,29 @@ impl Decision {
                     format!("\"{}\";r={};t={}", p.name, p.remaining, ceil_secs(t))
                 })
                 .collect();
-            h.push(("RateLimit-Policy", policy.join(", ")));
-            h.push(("RateLimit", state.join(", ")));
+            emit("RateLimit-Policy", HeaderNum::Text(policy.join(", ")));
+            emit("RateLimit", HeaderNum::Text(state.join(", ")));
         }
         if set.retry_after
             && let Some(s) = self.retry_after_secs()
         {
-            h.push(("Retry-After", s.to_string()));
+            emit("Retry-After", HeaderNum::Int(i64::try_from(s).unwrap_or(i64::MAX)));
         }
-        h
+    }
+}
+
+/// A header value before it is rendered.
+enum HeaderNum {
+    Int(i64),
+    Text(String),
+}
+
+impl HeaderNum {
+    fn into_string(self) -> String {
+        match self {
+            Self::Int(n) => n.to_string(),
+            Self::Text(s) => s,
+        }
     }
 }
 

@@ -70,7 +70,7 @@ use tower_service::Service;
 use crate::auth::{AuthError, Authenticator, MissingScope, Principal, Source, Target};
 use crate::backend::{BackendError, FailMode};
 use crate::clock::{Clock, SystemClock};
-use crate::http::{BodyStyle, Rejection, append_headers};
+use crate::http::{BodyStyle, Rejection};
 use crate::limit::{CheckMode, Decision, HeaderSet, LimitStore, Plan, PlanSet};
 use crate::quota::{MemoryQuotaStore, QuotaDecision, QuotaStore};
 use crate::scope::{Required, ScopeError};
@@ -426,13 +426,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             Some(token) => auth.authenticate_token(token, Source::Bearer, &identity).await,
             None => auth.authenticate_http(headers, &identity).await,
         };
-        let refuse_auth = |e: AuthError, headers: &[(&'static str, String)]| {
+        let principal = principal.map_err(|e| {
             let rejection = e.rejection();
-            let mut r = Refused::new(Refusal::Auth(e), rejection, style);
-            r.headers = headers.to_vec();
-            r
-        };
-        let principal = principal.map_err(|e| refuse_auth(e, &[]))?;
+            Refused::new(Refusal::Auth(e), rejection, style)
+        })?;
 
         let plan = self.plan_for(&principal, route)?;
         let decision = match plan.filter(|p| !p.rate().is_empty()) {
@@ -455,10 +452,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 }
             }
         };
-        let limit_headers =
-            decision.as_ref().map(|d| d.headers(self.0.headers)).unwrap_or_default();
+        // Refusals from here on carry the limit headers (built only then).
         let with_headers = |mut r: Refused| {
-            r.headers.clone_from(&limit_headers);
+            r.headers = decision.as_ref().map(|d| d.headers(self.0.headers)).unwrap_or_default();
             r
         };
         if let Some(d) = &decision
@@ -470,7 +466,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 style,
             )));
         }
-        target.check(&principal).map_err(|e| refuse_auth(e, &limit_headers))?;
+        target.check(&principal).map_err(|e| {
+            let rejection = e.rejection();
+            with_headers(Refused::new(Refusal::Auth(e), rejection, style))
+        })?;
         if let Some(required) = &route.required
             && let Err(missing) = principal.require(required)
         {
@@ -711,20 +710,16 @@ where
             match gate.admit(&route, &parts.headers, &target).await {
                 Err(refused) => Ok(gate.respond(refused)),
                 Ok(admitted) => {
-                    let headers = admitted
-                        .decision
-                        .as_ref()
-                        .map(|d| d.headers(gate.0.headers))
-                        .unwrap_or_default();
                     parts.extensions.insert(admitted.principal);
-                    if let Some(d) = admitted.decision {
-                        parts.extensions.insert(d);
-                    }
                     if let Some(q) = admitted.quota {
                         parts.extensions.insert(q);
                     }
+                    let Some(decision) = admitted.decision else {
+                        return inner.call(Request::from_parts(parts, body)).await;
+                    };
+                    parts.extensions.insert(decision.clone());
                     let mut res = inner.call(Request::from_parts(parts, body)).await?;
-                    append_headers(res.headers_mut(), headers);
+                    decision.append_headers(gate.0.headers, res.headers_mut());
                     Ok(res)
                 }
             }
