@@ -133,3 +133,29 @@ fn ten_million_distinct_keys_stay_under_the_cap() {
     // Each key is fresh 100 µs after its request: ~200 live at a time.
     assert_eq!(refused, 0);
 }
+
+/// On the real clock, a fixed window runs from one whole Unix second to the
+/// next (as on Redis): the seed's 3 req/s sequence is denied with
+/// `Retry-After: 1` and `X-RateLimit-Reset` the second the window ends.
+#[test]
+fn fixed_windows_align_with_unix_seconds() {
+    let p = [Policy::new("default", 3, Duration::from_secs(1), Algorithm::FixedWindow).unwrap()];
+    let limiter = MemoryLimiter::<String>::new(10);
+    for attempt in 0.. {
+        let key = format!("k{attempt}");
+        let d: Vec<_> = (0..4).map(|_| limiter.check(&key, &p, 1).unwrap()).collect();
+        let denied = &d[3];
+        if denied.is_allowed() {
+            // The burst straddled a second boundary; only that may admit a 4th.
+            assert!(attempt < 5, "every burst straddled a second boundary");
+            continue;
+        }
+        assert_eq!(denied.reset_unix(), denied.at().as_second() + 1);
+        assert_eq!(denied.retry_after_secs(), Some(1));
+        assert_eq!(
+            d.iter().map(keygate::limit::Decision::remaining).collect::<Vec<_>>(),
+            [2, 1, 0, 0]
+        );
+        break;
+    }
+}

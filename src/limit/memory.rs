@@ -204,30 +204,58 @@ pub struct MemoryLimiter<K = String, C = SystemClock> {
 /// Wall-clock time derived from the monotonic clock and re-anchored at most
 /// once a second, so a check reads one clock, not two. Header reset times
 /// may lag a wall-clock step by up to a second.
+///
+/// It also gives the limiter its time line: monotonic time plus a `phase`
+/// congruent (modulo a day) to the wall-clock offset, so that fixed windows
+/// of any period dividing a day run from one whole Unix second, minute or
+/// hour to the next — like the Redis limiter's — and `X-RateLimit-Reset`
+/// is exactly the Unix time a window ends. When the offset drifts (NTP
+/// slew), the phase follows by the same small amount, never by a day.
 struct WallAnchor {
     /// Wall nanoseconds minus monotonic nanoseconds at the last anchor.
     offset: AtomicI64,
-    /// Monotonic nanoseconds of the last anchor, plus one (0: never).
+    /// Added to monotonic time to get the limiter's time line.
+    phase: AtomicU64,
+    /// Monotonic nanoseconds of the last anchor, plus one.
     at: AtomicU64,
 }
 
+const DAY_NANOS: i64 = 86_400 * 1_000_000_000;
+
 impl WallAnchor {
-    fn new() -> Self {
-        Self { offset: AtomicI64::new(0), at: AtomicU64::new(0) }
+    fn new<C: Clock>(clock: &C) -> Self {
+        let mono = clock.monotonic().as_u64();
+        let offset = Self::measure(clock, mono);
+        let phase = offset.rem_euclid(DAY_NANOS) + DAY_NANOS;
+        Self {
+            offset: AtomicI64::new(offset),
+            phase: AtomicU64::new(phase.unsigned_abs()),
+            at: AtomicU64::new(mono + 1),
+        }
     }
 
-    fn now<C: Clock>(&self, clock: &C, mono: u64) -> Timestamp {
+    fn measure<C: Clock>(clock: &C, mono: u64) -> i64 {
+        i64::try_from(clock.now().as_nanosecond() - i128::from(mono)).unwrap_or(0)
+    }
+
+    /// The limiter's time now: monotonic plus phase, re-anchoring when due.
+    fn time<C: Clock>(&self, clock: &C) -> u64 {
+        let mono = clock.monotonic().as_u64();
         let at = self.at.load(Ordering::Relaxed);
-        let offset = if at == 0 || mono.saturating_sub(at - 1) >= 1_000_000_000 || mono < at - 1 {
-            let wall = clock.now().as_nanosecond();
-            let offset = i64::try_from(wall - i128::from(mono)).unwrap_or(0);
-            self.offset.store(offset, Ordering::Relaxed);
+        if mono.saturating_sub(at - 1) >= 1_000_000_000 || mono < at - 1 {
+            let offset = Self::measure(clock, mono);
+            let drift = offset - self.offset.swap(offset, Ordering::Relaxed);
+            let phase = self.phase.load(Ordering::Relaxed).saturating_add_signed(drift);
+            self.phase.store(phase, Ordering::Relaxed);
             self.at.store(mono + 1, Ordering::Relaxed);
-            offset
-        } else {
-            self.offset.load(Ordering::Relaxed)
-        };
-        Timestamp::from_nanosecond(i128::from(mono) + i128::from(offset))
+        }
+        mono + self.phase.load(Ordering::Relaxed)
+    }
+
+    /// The wall-clock time of limiter time `t`.
+    fn wall(&self, t: u64) -> Timestamp {
+        let mono = i128::from(t) - i128::from(self.phase.load(Ordering::Relaxed));
+        Timestamp::from_nanosecond(mono + i128::from(self.offset.load(Ordering::Relaxed)))
             .unwrap_or(Timestamp::UNIX_EPOCH)
     }
 }
@@ -272,8 +300,8 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
             shards,
             hasher: ahash::RandomState::new(),
             per_shard,
+            wall: WallAnchor::new(&clock),
             clock,
-            wall: WallAnchor::new(),
         }
     }
 
@@ -358,7 +386,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let now = self.clock.monotonic().as_u64();
+        let now = self.wall.time(&self.clock);
         let word = word_policy(policies);
         let shard = self.shard(key);
         {
@@ -464,7 +492,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
     fn decision(&self, outcome: Outcome, p: &Policy, s: &algorithm::Step, now: u64) -> Decision {
         let mut v = SmallVec::new();
         v.push(policy_decision(p, s));
-        Decision::new(outcome, v, self.wall.now(&self.clock, now))
+        Decision::new(outcome, v, self.wall.wall(now))
     }
 
     /// Gives back `cost` units to `key` under every policy.
@@ -473,7 +501,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let now = self.clock.monotonic().as_u64();
+        let now = self.wall.time(&self.clock);
         let r = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
         match (r.map.get(key), word_policy(policies)) {
             (Some(Entry::Word(w)), Some(p)) => {
@@ -535,7 +563,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
             }
             out.push(policy_decision(p, &s));
         }
-        Decision::new(outcome, out, self.wall.now(&self.clock, now))
+        Decision::new(outcome, out, self.wall.wall(now))
     }
 }
 

@@ -294,3 +294,29 @@ fn moving_to_a_stacked_plan_keeps_the_single_policy_state() {
     assert_eq!(d.outcome(), Outcome::Limited, "the 3 units already used still count");
     assert_eq!(d.binding().name, "default");
 }
+
+#[test]
+fn fixed_windows_follow_wall_clock_seconds_through_drift() {
+    let c = clock();
+    // Start 0.4 s into a Unix second.
+    c.set_wall(c.now().checked_add(Duration::from_millis(400)).unwrap());
+    let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let p = [fixed(3, 1)];
+    let window_end = |d: &Decision| d.reset_unix();
+    let d = l.check("a", &p, 1).unwrap();
+    assert_eq!(window_end(&d), d.at().as_second() + 1, "the window ends at the next whole second");
+    assert_eq!(d.binding().reset_after, Duration::from_millis(600));
+    // The wall clock slews 250 ms ahead of the monotonic one (an NTP step);
+    // after the next re-anchor, windows follow the wall clock again, by
+    // that amount and not by a day.
+    c.advance(Duration::from_secs(2));
+    c.set_wall(c.now().checked_add(Duration::from_millis(250)).unwrap());
+    c.advance(Duration::from_millis(1100));
+    let d = l.check("b", &p, 1).unwrap();
+    let into_second = d.at().subsec_nanosecond();
+    assert_eq!(
+        d.binding().reset_after,
+        Duration::from_nanos(u64::try_from(1_000_000_000 - into_second).unwrap())
+    );
+    assert_eq!(window_end(&d), d.at().as_second() + 1);
+}
