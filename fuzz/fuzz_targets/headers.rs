@@ -19,7 +19,8 @@ fuzz_target!(|data: &[u8]| {
         headers.push((name, v));
     }
     let rules = HeaderRules::default();
-    if let Ok(Some((source, token))) = rules.extract(headers.iter().map(|(n, v)| (n.as_str(), *v))) {
+    if let Ok(Some((source, token))) = rules.extract(headers.iter().map(|(n, v)| (n.as_str(), *v)))
+    {
         assert!(!token.is_empty());
         assert!(token.len() <= 1024);
         assert!(token.bytes().all(|b| (0x20..0x7f).contains(&b)));

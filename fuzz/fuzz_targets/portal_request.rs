@@ -8,8 +8,10 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|data: &[u8]| {
     match SessionRequest::from_json(data) {
         Ok(r) => {
-            assert!((portal::MIN_EXPIRES_IN_MINUTES..=portal::MAX_EXPIRES_IN_MINUTES)
-                .contains(&r.expires_in_minutes));
+            assert!(
+                (portal::MIN_EXPIRES_IN_MINUTES..=portal::MAX_EXPIRES_IN_MINUTES)
+                    .contains(&r.expires_in_minutes)
+            );
             assert!(r.metadata.len() <= portal::MAX_METADATA_KEYS);
             for (k, v) in &r.metadata {
                 assert!(!k.is_empty() && k.len() <= portal::MAX_METADATA_KEY_LEN);
