@@ -2,7 +2,7 @@
 //! lock-free single-key GCRA limiter.
 
 use std::borrow::{Borrow, Cow};
-use std::collections::HashMap;
+use hashbrown::HashTable;
 use std::fmt;
 use std::future::{Future, ready};
 use std::hash::Hash;
@@ -157,14 +157,16 @@ impl Entry {
     }
 }
 
-struct Shard<K, S> {
-    map: HashMap<K, Entry, S>,
+/// Keys and their state, found by a hash computed once per check (the
+/// same hash picks the shard).
+struct Shard<K> {
+    map: HashTable<(K, Entry)>,
     /// Earliest monotonic time at which any tracked key becomes fresh:
     /// purging before then cannot free anything.
     next_purge: u64,
 }
 
-type ShardLock<K> = Padded<RwLock<Shard<K, ahash::RandomState>>>;
+type ShardLock<K> = Padded<RwLock<Shard<K>>>;
 
 /// A keyed in-memory rate limiter.
 ///
@@ -291,7 +293,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         let shards = (0..n)
             .map(|_| {
                 Padded(RwLock::new(Shard {
-                    map: HashMap::with_hasher(ahash::RandomState::new()),
+                    map: HashTable::new(),
                     next_purge: 0,
                 }))
             })
@@ -326,10 +328,11 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         self.len() == 0
     }
 
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> &RwLock<Shard<K, ahash::RandomState>> {
+    /// The key's hash and its shard (picked by bits the table's buckets
+    /// do not use first).
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> (u64, &RwLock<Shard<K>>) {
         let h = self.hasher.hash_one(key);
-        // High bits: the shard's own map uses an independent hasher anyway.
-        &self.shards[(h >> 32) as usize & (self.shards.len() - 1)].0
+        (h, &self.shards[(h >> 32) as usize & (self.shards.len() - 1)].0)
     }
 
     /// Checks and consumes `cost` units for `key` against every policy (all
@@ -388,10 +391,11 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
     {
         let now = self.wall.time(&self.clock);
         let word = word_policy(policies);
-        let shard = self.shard(key);
+        let (hash, shard) = self.shard(key);
+        let eq = |(k, _): &(K, Entry)| k.borrow() == key;
         {
             let r = shard.read().unwrap_or_else(PoisonError::into_inner);
-            match (r.map.get(key), word) {
+            match (r.map.find(hash, eq).map(|(_, e)| e), word) {
                 (Some(Entry::Word(w)), Some(p)) => {
                     return Ok(self.word_check(w, p, cost, mode, now));
                 }
@@ -408,7 +412,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         }
         let mut w = shard.write().unwrap_or_else(PoisonError::into_inner);
         let shard = &mut *w;
-        if !shard.map.contains_key(key) {
+        if shard.map.find(hash, eq).is_none() {
             if mode == CheckMode::Peek {
                 return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
             }
@@ -418,7 +422,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
                     // state is indistinguishable from fresh, and remember
                     // when the next one becomes so.
                     let mut next = u64::MAX;
-                    shard.map.retain(|_, e| {
+                    shard.map.retain(|(_, e)| {
                         let fresh_at = e.fresh_at();
                         let keep = fresh_at > now;
                         if keep {
@@ -437,9 +441,11 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
             } else {
                 Entry::Multi(Box::default())
             };
-            shard.map.insert(key.to_owned(), fresh);
+            let hasher = &self.hasher;
+            shard.map.insert_unique(hash, (key.to_owned(), fresh), |(k, _)| hasher.hash_one(k));
         }
-        let entry = shard.map.get_mut(key).unwrap_or_else(|| unreachable!("inserted above"));
+        let (_, entry) =
+            shard.map.find_mut(hash, eq).unwrap_or_else(|| unreachable!("inserted above"));
         let d = match (&mut *entry, word) {
             (Entry::Word(a), Some(p)) => self.word_check(a, p, cost, mode, now),
             (Entry::Word(a), None) => {
@@ -502,8 +508,9 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         Q: Hash + Eq + ?Sized,
     {
         let now = self.wall.time(&self.clock);
-        let r = self.shard(key).read().unwrap_or_else(PoisonError::into_inner);
-        match (r.map.get(key), word_policy(policies)) {
+        let (hash, shard) = self.shard(key);
+        let r = shard.read().unwrap_or_else(PoisonError::into_inner);
+        match (r.map.find(hash, |(k, _)| k.borrow() == key).map(|(_, e)| e), word_policy(policies)) {
             (Some(Entry::Word(w)), Some(p)) => {
                 let _ = w.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                     let mut slot = word_to_slot(p, cur, now);
