@@ -1,8 +1,8 @@
 //! In-process limiters: a sharded keyed limiter with bounded memory, and a
 //! lock-free single-key GCRA limiter.
 
-use std::borrow::{Borrow, Cow};
 use hashbrown::HashTable;
+use std::borrow::{Borrow, Cow};
 use std::fmt;
 use std::future::{Future, ready};
 use std::hash::Hash;
@@ -256,9 +256,13 @@ impl WallAnchor {
 
     /// The wall-clock time of limiter time `t`.
     fn wall(&self, t: u64) -> Timestamp {
-        let mono = i128::from(t) - i128::from(self.phase.load(Ordering::Relaxed));
-        Timestamp::from_nanosecond(mono + i128::from(self.offset.load(Ordering::Relaxed)))
-            .unwrap_or(Timestamp::UNIX_EPOCH)
+        // i64 nanoseconds reach 2262: plain 64-bit arithmetic, no i128
+        // division on the hot path.
+        let phase = self.phase.load(Ordering::Relaxed);
+        let offset = self.offset.load(Ordering::Relaxed);
+        let ns = i64::try_from(t.wrapping_sub(phase)).unwrap_or(0).saturating_add(offset);
+        let (secs, sub) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
+        Timestamp::new(secs, sub as i32).unwrap_or(Timestamp::UNIX_EPOCH)
     }
 }
 
@@ -291,12 +295,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         let n = shard_count();
         let per_shard = max_keys.div_ceil(n).max(1);
         let shards = (0..n)
-            .map(|_| {
-                Padded(RwLock::new(Shard {
-                    map: HashTable::new(),
-                    next_purge: 0,
-                }))
-            })
+            .map(|_| Padded(RwLock::new(Shard { map: HashTable::new(), next_purge: 0 })))
             .collect();
         Self {
             shards,
@@ -510,7 +509,8 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         let now = self.wall.time(&self.clock);
         let (hash, shard) = self.shard(key);
         let r = shard.read().unwrap_or_else(PoisonError::into_inner);
-        match (r.map.find(hash, |(k, _)| k.borrow() == key).map(|(_, e)| e), word_policy(policies)) {
+        match (r.map.find(hash, |(k, _)| k.borrow() == key).map(|(_, e)| e), word_policy(policies))
+        {
             (Some(Entry::Word(w)), Some(p)) => {
                 let _ = w.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                     let mut slot = word_to_slot(p, cur, now);

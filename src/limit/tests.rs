@@ -320,3 +320,24 @@ fn fixed_windows_follow_wall_clock_seconds_through_drift() {
     );
     assert_eq!(window_end(&d), d.at().as_second() + 1);
 }
+
+#[test]
+fn unix_ceil_matches_exact_arithmetic() {
+    let exact = |at: Timestamp, after: Duration| {
+        let n = at.as_nanosecond() + i128::try_from(after.as_nanos()).unwrap();
+        i64::try_from(n.div_euclid(1_000_000_000) + i128::from(n.rem_euclid(1_000_000_000) != 0))
+            .unwrap()
+    };
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for i in 0..20_000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let secs = (x % 4_000_000_000).cast_signed() - 1_000_000_000;
+        let sub = (x >> 33) as i32 % 1_000_000_000 * if secs < 0 { -1 } else { 1 };
+        let at = Timestamp::new(secs, if i % 7 == 0 { 0 } else { sub }).unwrap();
+        let after = Duration::new(x % 100_000, ((x >> 20) % 1_000_000_000) as u32);
+        let after = if i % 5 == 0 { Duration::from_secs(after.as_secs()) } else { after };
+        assert_eq!(super::unix_ceil(at, after), exact(at, after), "{at} + {after:?}");
+    }
+}
