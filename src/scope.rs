@@ -276,7 +276,7 @@ pub struct ScopeRegistry {
     resources: Vec<Box<str>>,
     actions: Vec<Box<str>>,
     /// `resource:action` → bit, so compiling a concrete scope is one lookup.
-    bits: HashMap<Box<str>, u16>,
+    bits: HashMap<Box<str>, u16, ahash::RandomState>,
 }
 
 impl Default for ScopeRegistry {
@@ -305,7 +305,7 @@ impl Default for ScopeRegistry {
         .unwrap_or_else(|_| Self {
             resources: Vec::new(),
             actions: Vec::new(),
-            bits: HashMap::new(),
+            bits: HashMap::default(),
         })
     }
 }
@@ -331,7 +331,10 @@ impl ScopeRegistry {
                 }
             }
         }
-        let mut bits = HashMap::with_capacity(resources.len() * actions.len());
+        let mut bits = HashMap::with_capacity_and_hasher(
+            resources.len() * actions.len(),
+            ahash::RandomState::new(),
+        );
         for (ri, r) in resources.iter().enumerate() {
             for (ai, a) in actions.iter().enumerate() {
                 bits.insert(format!("{r}:{a}").into(), (ri * actions.len() + ai) as u16);

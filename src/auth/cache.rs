@@ -119,7 +119,7 @@ impl PrincipalCache {
 /// so a hot key costs one store write per interval, not one per request.
 #[derive(Debug)]
 pub(crate) struct LastUse {
-    pending: Mutex<HashMap<RecordId, Timestamp>>,
+    pending: Mutex<HashMap<RecordId, Timestamp, ahash::RandomState>>,
     /// Monotonic time of the last flush, in nanoseconds.
     last_flush: AtomicU64,
     interval: u64,
@@ -128,7 +128,7 @@ pub(crate) struct LastUse {
 impl LastUse {
     pub(crate) fn new(interval: Duration) -> Self {
         Self {
-            pending: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::default()),
             last_flush: AtomicU64::new(0),
             interval: duration_nanos(interval),
         }

@@ -134,7 +134,8 @@ impl HeaderRules {
             }
             // Visible ASCII and spaces only (RFC 9110 field values minus
             // obs-text and HTAB): rejects NUL, CR/LF, DEL and UTF-8.
-            if !value.iter().all(|&b| (0x20..0x7f).contains(&b)) {
+            // No early exit: the fold vectorizes, and a header is short.
+            if !value.iter().fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b)) {
                 return Err(CredentialError::InvalidBytes);
             }
             found = Some((source, value));
