@@ -257,9 +257,12 @@ impl HeaderNum {
 }
 
 fn unix_ceil(at: Timestamp, after: Duration) -> i64 {
-    let nanos = at.as_nanosecond() + i128::try_from(after.as_nanos()).unwrap_or(i128::MAX / 4);
-    let secs = nanos.div_euclid(1_000_000_000) + i128::from(nanos.rem_euclid(1_000_000_000) != 0);
-    i64::try_from(secs).unwrap_or(i64::MAX)
+    // Seconds and nanoseconds apart: no i128 division on the hot path.
+    let nanos = i64::from(at.subsec_nanosecond()) + i64::from(after.subsec_nanos());
+    let after_secs = i64::try_from(after.as_secs()).unwrap_or(i64::MAX);
+    let secs =
+        at.as_second().saturating_add(after_secs).saturating_add(nanos.div_euclid(1_000_000_000));
+    secs.saturating_add(i64::from(nanos.rem_euclid(1_000_000_000) != 0))
 }
 
 /// Which rate-limit headers a response carries.
