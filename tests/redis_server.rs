@@ -2,64 +2,26 @@
 //! one bootstrap token, one global rate limit, one use per portal code,
 //! revocations seen everywhere.
 
+#[path = "support/example_server.rs"]
+mod example_server;
 #[path = "support/redis_server.rs"]
 mod redis_server;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use example_server::Running;
 use redis_server::RedisServer;
 use reqwest::{Client, StatusCode};
 use serde_json::{Value, json};
 
-/// A running server instance, killed on drop.
-struct Instance {
-    child: Child,
-    base: String,
-    token: String,
+fn instance(redis_url: &str) -> Running {
+    Running::start(&["--bind".as_ref(), "127.0.0.1:0".as_ref()], &[("REDIS_URL", redis_url)])
 }
 
-impl Drop for Instance {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn example_binary() -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = profile.join("examples").join(format!("server{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: run the suite with `cargo test --all-targets` (as scripts/test.sh does)",
-        bin.display()
-    );
-    bin
-}
-
-fn instance(redis_url: &str) -> Instance {
-    let mut child = Command::new(example_binary())
-        .args(["--bind", "127.0.0.1:0"])
-        .env("REDIS_URL", redis_url)
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start the example server");
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let first: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"));
-    Instance {
-        child,
-        base: format!("http://{}", first["listening"].as_str().unwrap()),
-        token: first["management_token"].as_str().unwrap().to_owned(),
-    }
-}
-
-async fn create_key(http: &Client, at: &Instance, body: Value) -> String {
+async fn create_key(http: &Client, at: &Running, body: Value) -> String {
     let r = http
-        .post(format!("{}/management/v1/workspaces/ws_demo/api-keys", at.base))
-        .bearer_auth(&at.token)
+        .post(format!("{}/management/v1/workspaces/ws_demo/api-keys", at.base()))
+        .bearer_auth(at.token())
         .body(body.to_string())
         .send()
         .await
@@ -73,13 +35,13 @@ async fn create_key(http: &Client, at: &Instance, body: Value) -> String {
 async fn two_instances_share_one_redis() {
     let redis = RedisServer::start();
     let (a, b) = (instance(&redis.url()), instance(&redis.url()));
-    assert_eq!(a.token, b.token, "the bootstrap token is stored once and printed by both");
+    assert_eq!(a.token(), b.token(), "the bootstrap token is stored once and printed by both");
     let http = Client::new();
 
     // A key made on one instance works on the other.
     let key = create_key(&http, &a, json!({"name": "ingest", "format": "nhk"})).await;
-    let ingest = async |at: &Instance| {
-        http.post(format!("{}/api/ingest/ev", at.base)).bearer_auth(&key).send().await.unwrap()
+    let ingest = async |at: &Running| {
+        http.post(format!("{}/api/ingest/ev", at.base())).bearer_auth(&key).send().await.unwrap()
     };
 
     // Hobby: 3 a second across both instances. Alternate A, B, A, B; retry
@@ -102,8 +64,8 @@ async fn two_instances_share_one_redis() {
 
     // One portal link, 16 concurrent opens spread over both: one session.
     let minted: Value = http
-        .post(format!("{}/management/v1/workspaces/ws_demo/applications/app_1/portal", a.base))
-        .bearer_auth(&a.token)
+        .post(format!("{}/management/v1/workspaces/ws_demo/applications/app_1/portal", a.base()))
+        .bearer_auth(a.token())
         .body("{}")
         .send()
         .await
@@ -114,7 +76,7 @@ async fn two_instances_share_one_redis() {
     let code = minted["code"].as_str().unwrap().to_owned();
     let opens: Vec<_> = (0..16)
         .map(|i| {
-            let base = if i % 2 == 0 { a.base.clone() } else { b.base.clone() };
+            let base = if i % 2 == 0 { a.base() } else { b.base() };
             let (http, code) = (http.clone(), code.clone());
             tokio::spawn(async move {
                 http.get(format!("{base}/portal?code={code}")).send().await.unwrap().status()
@@ -137,8 +99,8 @@ async fn two_instances_share_one_redis() {
         json!({"name": "app", "format": "sk", "scopes": ["applications:read"]}),
     )
     .await;
-    let apps = async |at: &Instance| {
-        http.get(format!("{}/v1/applications", at.base))
+    let apps = async |at: &Running| {
+        http.get(format!("{}/v1/applications", at.base()))
             .bearer_auth(&sk)
             .send()
             .await
@@ -147,8 +109,8 @@ async fn two_instances_share_one_redis() {
     };
     assert_eq!(apps(&b).await, StatusCode::OK, "now cached on B");
     let list: Value = http
-        .get(format!("{}/management/v1/workspaces/ws_demo/api-keys", b.base))
-        .bearer_auth(&b.token)
+        .get(format!("{}/management/v1/workspaces/ws_demo/api-keys", b.base()))
+        .bearer_auth(b.token())
         .send()
         .await
         .unwrap()
@@ -163,8 +125,8 @@ async fn two_instances_share_one_redis() {
         .map(|r| r["id"].as_str().unwrap().to_owned())
         .unwrap();
     let del = http
-        .delete(format!("{}/management/v1/workspaces/ws_demo/api-keys/{id}", a.base))
-        .bearer_auth(&a.token)
+        .delete(format!("{}/management/v1/workspaces/ws_demo/api-keys/{id}", a.base()))
+        .bearer_auth(a.token())
         .send()
         .await
         .unwrap();
@@ -184,7 +146,11 @@ async fn redis_outage_is_a_503_and_service_resumes() {
     let http = Client::new();
     let key = create_key(&http, &a, json!({"name": "hex", "format": "nh", "plan": "indie"})).await;
     let ping = async || {
-        http.get(format!("{}/api/v1/ping", a.base)).header("x-api-key", &key).send().await.unwrap()
+        http.get(format!("{}/api/v1/ping", a.base()))
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .unwrap()
     };
     assert_eq!(ping().await.status(), StatusCode::OK);
 

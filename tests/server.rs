@@ -5,9 +5,12 @@
 #[allow(dead_code)]
 mod app;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+#[path = "support/example_server.rs"]
+mod example_server;
+
 use std::time::Duration;
+
+use example_server::Running;
 
 use keygate::limit::PlanSet;
 use reqwest::{Client, Method, StatusCode};
@@ -563,59 +566,24 @@ async fn portal_api_follows_the_role() {
 /// request over loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn example_binary_prints_its_address_and_token_first() {
-    let bin = example_binary();
     let dir = std::env::temp_dir().join(format!("keygate-server-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let plans = dir.join("plans.json");
     std::fs::write(&plans, TINY).unwrap();
-    let mut child = Running(
-        Command::new(&bin)
-            .args(["--bind", "127.0.0.1:0", "--plans"])
-            .arg(&plans)
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bin.display())),
+    let running = Running::start(
+        &["--bind".as_ref(), "127.0.0.1:0".as_ref(), "--plans".as_ref(), plans.as_os_str()],
+        &[],
     );
-    let mut line = String::new();
-    BufReader::new(child.0.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let first: Value = serde_json::from_str(&line).unwrap();
+    let (first, line) = (&running.first, &running.line);
     let obj = first.as_object().unwrap();
     assert_eq!(obj.keys().collect::<Vec<_>>(), ["listening", "management_token", "workspace"]);
     assert!(line.starts_with("{\"listening\": \"127.0.0.1:"), "{line}");
     assert_eq!(first["workspace"], "ws_demo");
-    let token = first["management_token"].as_str().unwrap();
-    assert!(token.starts_with("nhm_"));
+    assert!(running.token().starts_with("nhm_"));
 
-    let s = Server {
-        base: format!("http://{}", first["listening"].as_str().unwrap()),
-        token: token.to_owned(),
-        http: Client::new(),
-    };
+    let s = Server { base: running.base(), token: running.token(), http: Client::new() };
     assert_eq!(s.call(Method::GET, "/healthz", &[], None).await.status, StatusCode::OK);
     // The --plans file's plan exists.
     s.key(json!({"name": "t", "format": "nh", "plan": "tiny"})).await;
     std::fs::remove_dir_all(&dir).ok();
-}
-
-/// Kills the server when the test ends, pass or fail.
-struct Running(Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn example_binary() -> std::path::PathBuf {
-    // tests run from target/<profile>/deps; examples live in target/<profile>/examples.
-    let exe = std::env::current_exe().unwrap();
-    let profile = exe.parent().and_then(|d| d.parent()).unwrap();
-    let bin = profile.join("examples").join(format!("server{}", std::env::consts::EXE_SUFFIX));
-    assert!(
-        bin.exists(),
-        "{} is missing: run the suite with `cargo test --all-targets` (as scripts/test.sh does), which builds the examples",
-        bin.display()
-    );
-    bin
 }
