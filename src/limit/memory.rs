@@ -57,16 +57,17 @@ impl KeyState {
 #[repr(align(128))]
 struct Padded<T>(T);
 
-/// A tracked key.
+/// A tracked key, as found in its shard.
 ///
 /// Most keys are checked against one GCRA or fixed-window policy: their
 /// whole state is one word, updated with a compare-and-swap under the
-/// shard's read lock. Stacked policies and sliding windows use a small
-/// locked state instead; a key moves to it (keeping its state) the first
+/// shard's read lock, and stored in a table of bare words (16 bytes a key
+/// for `u64` keys). Stacked policies and sliding windows use a small locked
+/// state in a second table; a key moves there (keeping its state) the first
 /// time it is checked against such a plan.
-enum Entry {
-    Word(AtomicU64),
-    Multi(Box<Mutex<KeyState>>),
+enum Found<'a> {
+    Word(&'a AtomicU64),
+    Multi(&'a Mutex<KeyState>),
 }
 
 /// Word layout: bit 63 clear = GCRA theoretical arrival time (ns); bit 63
@@ -148,25 +149,51 @@ fn word_fresh_at(word: u64) -> u64 {
     if word & FIXED_TAG == 0 { word } else { ((word & Q_MASK) + 1) << 20 }
 }
 
-impl Entry {
-    fn fresh_at(&mut self) -> u64 {
-        match self {
-            Self::Word(w) => word_fresh_at(*w.get_mut()),
-            Self::Multi(m) => m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at,
-        }
-    }
-}
-
 /// Keys and their state, found by a hash computed once per check (the
 /// same hash picks the shard).
 struct Shard<K> {
-    map: HashTable<(K, Entry)>,
+    words: HashTable<(K, AtomicU64)>,
+    multis: HashTable<(K, Box<Mutex<KeyState>>)>,
     /// Earliest monotonic time at which any tracked key becomes fresh:
     /// purging before then cannot free anything.
     next_purge: u64,
 }
 
 type ShardLock<K> = Padded<RwLock<Shard<K>>>;
+
+impl<K> Shard<K> {
+    fn find<Q>(&self, hash: u64, key: &Q) -> Option<Found<'_>>
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        if let Some((_, w)) = self.words.find(hash, |(k, _)| k.borrow() == key) {
+            return Some(Found::Word(w));
+        }
+        self.multis.find(hash, |(k, _)| k.borrow() == key).map(|(_, m)| Found::Multi(m))
+    }
+
+    fn len(&self) -> usize {
+        self.words.len() + self.multis.len()
+    }
+
+    /// Forgets every key whose state is indistinguishable from fresh at
+    /// `now`; returns when the next remaining one becomes so.
+    fn purge(&mut self, now: u64) -> u64 {
+        let mut next = u64::MAX;
+        let mut keep = |fresh_at: u64| {
+            let keep = fresh_at > now;
+            if keep {
+                next = next.min(fresh_at);
+            }
+            keep
+        };
+        self.words.retain(|(_, w)| keep(word_fresh_at(*w.get_mut())));
+        self.multis
+            .retain(|(_, m)| keep(m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at));
+        next
+    }
+}
 
 /// A keyed in-memory rate limiter.
 ///
@@ -295,7 +322,13 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         let n = shard_count();
         let per_shard = max_keys.div_ceil(n).max(1);
         let shards = (0..n)
-            .map(|_| Padded(RwLock::new(Shard { map: HashTable::new(), next_purge: 0 })))
+            .map(|_| {
+                Padded(RwLock::new(Shard {
+                    words: HashTable::new(),
+                    multis: HashTable::new(),
+                    next_purge: 0,
+                }))
+            })
             .collect();
         Self {
             shards,
@@ -315,10 +348,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
     /// Keys currently tracked.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).map.len())
-            .sum()
+        self.shards.iter().map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).len()).sum()
     }
 
     /// Whether no key is tracked.
@@ -391,79 +421,80 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         let now = self.wall.time(&self.clock);
         let word = word_policy(policies);
         let (hash, shard) = self.shard(key);
-        let eq = |(k, _): &(K, Entry)| k.borrow() == key;
         {
             let r = shard.read().unwrap_or_else(PoisonError::into_inner);
-            match (r.map.find(hash, eq).map(|(_, e)| e), word) {
-                (Some(Entry::Word(w)), Some(p)) => {
+            match (r.find(hash, key), word) {
+                (Some(Found::Word(w)), Some(p)) => {
                     return Ok(self.word_check(w, p, cost, mode, now));
                 }
-                (Some(Entry::Multi(m)), _) => {
+                (Some(Found::Multi(m)), _) => {
                     let mut st = m.lock().unwrap_or_else(PoisonError::into_inner);
                     return Ok(self.decide(&mut st, policies, cost, mode, now));
                 }
-                (Some(Entry::Word(_)), None) | (None, _) => {}
+                (Some(Found::Word(_)), None) | (None, _) => {}
             }
         }
         if let (CheckMode::Peek, Some(p)) = (mode, word) {
             // An unknown key is fresh; peeking does not start tracking it.
             return Ok(self.word_check(&AtomicU64::new(0), p, cost, mode, now));
         }
-        let mut w = shard.write().unwrap_or_else(PoisonError::into_inner);
-        let shard = &mut *w;
-        if shard.map.find(hash, eq).is_none() {
+        let mut guard = shard.write().unwrap_or_else(PoisonError::into_inner);
+        let shard = &mut *guard;
+        let hasher = &self.hasher;
+        let rehash = |k: &K| hasher.hash_one(k);
+        if shard.find(hash, key).is_none() {
             if mode == CheckMode::Peek {
                 return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
             }
-            if shard.map.len() >= self.per_shard {
+            if shard.len() >= self.per_shard {
                 if now >= shard.next_purge {
                     // Amortised in-band eviction: forget only keys whose
                     // state is indistinguishable from fresh, and remember
                     // when the next one becomes so.
-                    let mut next = u64::MAX;
-                    shard.map.retain(|(_, e)| {
-                        let fresh_at = e.fresh_at();
-                        let keep = fresh_at > now;
-                        if keep {
-                            next = next.min(fresh_at);
-                        }
-                        keep
-                    });
-                    shard.next_purge = next;
+                    shard.next_purge = shard.purge(now);
                 }
-                if shard.map.len() >= self.per_shard {
+                if shard.len() >= self.per_shard {
                     return Err(CapacityError { max: self.max_keys() });
                 }
             }
-            let fresh = if word.is_some() {
-                Entry::Word(AtomicU64::new(0))
+            if word.is_some() {
+                let fresh = (key.to_owned(), AtomicU64::new(0));
+                shard.words.insert_unique(hash, fresh, |(k, _)| rehash(k));
             } else {
-                Entry::Multi(Box::default())
-            };
-            let hasher = &self.hasher;
-            shard.map.insert_unique(hash, (key.to_owned(), fresh), |(k, _)| hasher.hash_one(k));
+                let fresh = (key.to_owned(), Box::default());
+                shard.multis.insert_unique(hash, fresh, |(k, _)| rehash(k));
+            }
         }
-        let (_, entry) =
-            shard.map.find_mut(hash, eq).unwrap_or_else(|| unreachable!("inserted above"));
-        let d = match (&mut *entry, word) {
-            (Entry::Word(a), Some(p)) => self.word_check(a, p, cost, mode, now),
-            (Entry::Word(a), None) => {
+        let found = shard.words.find_entry(hash, |(k, _)| k.borrow() == key);
+        let (d, fresh_at) = match (word, found) {
+            (Some(p), Ok(mut entry)) => {
+                let state = &mut entry.get_mut().1;
+                let d = self.word_check(state, p, cost, mode, now);
+                (d, word_fresh_at(*state.get_mut()))
+            }
+            (None, Ok(entry)) => {
                 // Moving to stacked or sliding policies: carry the word's
                 // state over to the first policy's slot.
+                let ((owned, mut state), _) = entry.remove();
                 let mut st = KeyState::default();
-                let slot = word_to_slot(&policies[0], *a.get_mut(), now);
+                let slot = word_to_slot(&policies[0], *state.get_mut(), now);
                 st.fresh_at = algorithm::fresh_at(&policies[0], &slot);
                 *st.slot_mut(&policies[0]) = slot;
                 let d = self.decide(&mut st, policies, cost, mode, now);
-                *entry = Entry::Multi(Box::new(Mutex::new(st)));
-                d
+                let fresh_at = st.fresh_at;
+                let moved = (owned, Box::new(Mutex::new(st)));
+                shard.multis.insert_unique(hash, moved, |(k, _)| rehash(k));
+                (d, fresh_at)
             }
-            (Entry::Multi(m), _) => {
+            (_, Err(_)) => {
+                let (_, m) = shard
+                    .multis
+                    .find_mut(hash, |(k, _)| k.borrow() == key)
+                    .unwrap_or_else(|| unreachable!("inserted above"));
                 let st = m.get_mut().unwrap_or_else(PoisonError::into_inner);
-                self.decide(st, policies, cost, mode, now)
+                (self.decide(st, policies, cost, mode, now), st.fresh_at)
             }
         };
-        let fresh_at = entry.fresh_at();
         shard.next_purge = shard.next_purge.min(fresh_at);
         Ok(d)
     }
@@ -509,9 +540,8 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         let now = self.wall.time(&self.clock);
         let (hash, shard) = self.shard(key);
         let r = shard.read().unwrap_or_else(PoisonError::into_inner);
-        match (r.map.find(hash, |(k, _)| k.borrow() == key).map(|(_, e)| e), word_policy(policies))
-        {
-            (Some(Entry::Word(w)), Some(p)) => {
+        match (r.find(hash, key), word_policy(policies)) {
+            (Some(Found::Word(w)), Some(p)) => {
                 let _ = w.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
                     let mut slot = word_to_slot(p, cur, now);
                     algorithm::refund(p, &mut slot, now, cost);
@@ -524,7 +554,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
                     })
                 });
             }
-            (Some(Entry::Multi(m)), _) => {
+            (Some(Found::Multi(m)), _) => {
                 let mut st = m.lock().unwrap_or_else(PoisonError::into_inner);
                 for p in policies {
                     algorithm::refund(p, st.slot_mut(p), now, cost);
