@@ -8,7 +8,7 @@ use std::io::{self, Read, Write};
 
 use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
 
-use crate::format::{FormatSet, KeyFormat};
+use crate::format::{FormatSet, KeyFormat, Segment};
 
 /// What the redactor writes after a key's hint.
 pub const REDACTED: &[u8] = b"[REDACTED]";
@@ -108,8 +108,11 @@ impl fmt::Debug for Match {
 #[derive(Clone)]
 pub struct Scanner {
     formats: FormatSet,
-    /// Searches for every format's `{name}_` prefix; pattern `i` is format `i`.
+    /// Searches for every format's literal prefix: `{name}_`, or
+    /// `{name}_{env}_` for each environment of a format that has them.
     prefixes: Prefixes,
+    /// Pattern `i` belongs to format `owners[i]`.
+    owners: Vec<usize>,
     max_len: usize,
     /// Bytes read per streaming step.
     chunk: usize,
@@ -122,7 +125,7 @@ impl fmt::Debug for Scanner {
 }
 
 /// The prefix searcher: SIMD Teddy where the CPU has it, else an
-/// Aho-Corasick automaton. Pattern `i` is format `i`'s `{name}_`.
+/// Aho-Corasick automaton, over the literal prefixes of [`literal_prefixes`].
 ///
 /// Teddy fingerprints the first three bytes of each prefix (`nhk`, `nk_`,
 /// `sk_`, …), which is far more selective on real logs than the automaton's
@@ -163,6 +166,42 @@ impl Prefixes {
     }
 }
 
+/// The literal prefixes to search for, and the format each belongs to.
+///
+/// A format with environments contributes `{name}_{env}_` for each (so
+/// `sk_live_` and `sk_test_`): words like `sk_total` in ordinary logs are
+/// then rejected inside the SIMD search instead of costing a parse. Falls
+/// back to `{name}_` alone when the expansion would exceed the packed
+/// searcher's pattern budget.
+fn literal_prefixes(formats: &FormatSet) -> (Vec<String>, Vec<usize>) {
+    const PACKED_MAX: usize = 64;
+    let expanded = formats
+        .formats()
+        .iter()
+        .map(|f| match f.segment() {
+            Segment::Environments(envs) => envs.len(),
+            _ => 1,
+        })
+        .sum::<usize>();
+    let mut patterns = Vec::with_capacity(expanded);
+    let mut owners = Vec::with_capacity(expanded);
+    for (i, f) in formats.formats().iter().enumerate() {
+        match f.segment() {
+            Segment::Environments(envs) if expanded <= PACKED_MAX => {
+                for env in envs {
+                    patterns.push(format!("{}_{}_", f.name(), env.as_str()));
+                    owners.push(i);
+                }
+            }
+            _ => {
+                patterns.push(format!("{}_", f.name()));
+                owners.push(i);
+            }
+        }
+    }
+    (patterns, owners)
+}
+
 const fn is_word(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_'
 }
@@ -182,11 +221,10 @@ impl Scanner {
     /// the automaton's limits.
     #[must_use]
     pub fn new(formats: FormatSet) -> Self {
-        let patterns: Vec<String> =
-            formats.formats().iter().map(|f| format!("{}_", f.name())).collect();
+        let (patterns, owners) = literal_prefixes(&formats);
         let prefixes = Prefixes::new(&patterns);
         let max_len = formats.max_len();
-        Self { formats, prefixes, max_len, chunk: CHUNK }
+        Self { formats, prefixes, owners, max_len, chunk: CHUNK }
     }
 
     /// Sets how many bytes are read per streaming step (default 64 KiB,
@@ -317,7 +355,7 @@ impl Scanner {
                 pos = hit_end;
                 continue;
             }
-            let format = &self.formats.formats()[pattern];
+            let format = &self.formats.formats()[self.owners[pattern]];
             // The token runs to the next non-word byte; keys are never longer
             // than `max_len`, so look no further than that.
             let cap = (start + self.max_len + 1).min(hay.len());
