@@ -268,7 +268,7 @@ impl PlanSet {
             .ok_or_else(|| err("plans", "must be an object"))?;
         let mut out = Self::default();
         for (name, pv) in plans {
-            let at = format!("plans.{name}");
+            let at = child("plans", name);
             let p = pv.as_object().ok_or_else(|| err(&at, "must be an object"))?;
             only(p, &["rate", "monthly"], &at)?;
             let rate_v = p
@@ -295,10 +295,23 @@ impl PlanSet {
     }
 }
 
+/// The path of member `key` under `at`: `at.key` for plain names, and
+/// `at["…"]` (JSON-quoted) for empty keys or keys with path syntax in them,
+/// so every error names an unambiguous, non-empty field.
+fn child(at: &str, key: &str) -> String {
+    let plain =
+        !key.is_empty() && key.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    match (plain, at.is_empty()) {
+        (true, true) => key.to_owned(),
+        (true, false) => format!("{at}.{key}"),
+        (false, _) => format!("{at}[{}]", Value::from(key)),
+    }
+}
+
 fn only(obj: &serde_json::Map<String, Value>, allowed: &[&str], at: &str) -> Result<(), PlanError> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => {
-            Err(err(if at.is_empty() { k.clone() } else { format!("{at}.{k}") }, "unknown field"))
+            Err(err(child(at, k), "unknown field"))
         }
         None => Ok(()),
     }

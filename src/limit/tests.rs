@@ -341,3 +341,14 @@ fn unix_ceil_matches_exact_arithmetic() {
         assert_eq!(super::unix_ceil(at, after), exact(at, after), "{at} + {after:?}");
     }
 }
+
+#[test]
+fn plan_errors_always_name_an_unambiguous_field() {
+    // Found by the `plans` fuzz target: an empty key named no field.
+    let e = PlanSet::from_json(r#"{"":{}}"#).unwrap_err();
+    assert_eq!(e.field, r#"[""]"#);
+    let e = PlanSet::from_json(r#"{"plans": {"a.b": {"rate": [], "x": 1}}}"#).unwrap_err();
+    assert_eq!(e.field, r#"plans["a.b"].x"#);
+    let e = PlanSet::from_json(r#"{"plans": {"tiny": {"rte": []}}}"#).unwrap_err();
+    assert_eq!(e.field, "plans.tiny.rte");
+}
