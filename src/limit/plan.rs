@@ -310,9 +310,7 @@ fn child(at: &str, key: &str) -> String {
 
 fn only(obj: &serde_json::Map<String, Value>, allowed: &[&str], at: &str) -> Result<(), PlanError> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
-        Some(k) => {
-            Err(err(child(at, k), "unknown field"))
-        }
+        Some(k) => Err(err(child(at, k), "unknown field")),
         None => Ok(()),
     }
 }
