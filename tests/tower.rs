@@ -232,3 +232,21 @@ async fn cookie_credentials_only_where_enabled() {
     assert_eq!(app.clone().oneshot(call("/c")).await.unwrap().status(), StatusCode::OK);
     assert_eq!(app.oneshot(call("/h")).await.unwrap().status(), StatusCode::UNAUTHORIZED);
 }
+
+#[tokio::test]
+async fn repeated_or_mixed_credential_headers_are_refused() {
+    let f = fixture().await;
+    let app = app(&f, FailMode::Closed, FailMode::Closed);
+    let both = Request::get("/events")
+        .header("x-api-key", &f.key)
+        .header("authorization", format!("Bearer {}", f.key))
+        .body(Body::empty())
+        .unwrap();
+    let twice = Request::get("/events").header("x-api-key", &f.key).header("X-Api-Key", &f.key);
+    for req in [both, twice.body(Body::empty()).unwrap()] {
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        let reason = res.extensions().get::<Refused>().unwrap().reason().to_string();
+        assert!(reason.contains("credential refused"), "{reason}");
+    }
+}
