@@ -16,6 +16,9 @@ fi
 
 cargo fmt --all --check
 cargo clippy --all-targets --all-features -- -D warnings
+# The server tests start the example as a real process; `cargo test` builds
+# examples only as test harnesses, so build the binaries first.
+cargo build --all-features --examples
 cargo test --all-features --all-targets
 cargo test --all-features --doc
 RUSTDOCFLAGS="-D warnings" cargo doc --all-features --no-deps

@@ -8,7 +8,9 @@ use std::process::{Child, Command, Stdio};
 
 use serde_json::Value;
 
-/// `target/<profile>/examples/server`, built by `cargo test --all-targets`.
+/// `target/<profile>/examples/server`. `cargo test` builds examples only as
+/// test harnesses, so the suite (`scripts/test.sh`) builds the real binary
+/// first with `cargo build --all-features --examples`.
 pub fn example_binary() -> PathBuf {
     // Tests run from target/<profile>/deps; examples live beside it.
     let exe = std::env::current_exe().expect("test executable path");
@@ -16,8 +18,7 @@ pub fn example_binary() -> PathBuf {
     let bin = profile.join("examples").join(format!("server{}", std::env::consts::EXE_SUFFIX));
     assert!(
         bin.exists(),
-        "{} is missing: run the suite with `cargo test --all-targets` (as scripts/test.sh does), \
-         which builds the examples",
+        "{} is missing: run `cargo build --all-features --examples` first (scripts/test.sh does)",
         bin.display()
     );
     bin
