@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -26,7 +26,9 @@ type Shard = HashMap<Digest, (Principal, Nanos), DigestBuildHasher>;
 /// revoked through this process is dropped at once with
 /// [`invalidate`](Self::invalidate). Memory is bounded by `capacity`.
 pub struct PrincipalCache {
-    shards: Box<[Mutex<Shard>]>,
+    /// Read-locked on the hot path, so concurrent requests for one key do
+    /// not queue behind each other.
+    shards: Box<[RwLock<Shard>]>,
     ttl: Duration,
     per_shard: usize,
 }
@@ -52,7 +54,7 @@ impl PrincipalCache {
     #[must_use]
     pub fn new(ttl: Duration, capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS).max(1);
-        let shards = (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect();
+        let shards = (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect();
         Self { shards, ttl, per_shard }
     }
 
@@ -62,7 +64,7 @@ impl PrincipalCache {
         self.ttl
     }
 
-    fn shard(&self, d: &Digest) -> &Mutex<Shard> {
+    fn shard(&self, d: &Digest) -> &RwLock<Shard> {
         let h = DigestBuildHasher::default().hash_one(d);
         // Use high bits: the map inside the shard uses the low ones.
         &self.shards[(h >> 60) as usize % SHARDS]
@@ -71,14 +73,14 @@ impl PrincipalCache {
     /// The cached principal for `digest`, if cached less than `ttl` ago.
     #[must_use]
     pub fn get(&self, digest: &Digest, now: Nanos) -> Option<Principal> {
-        let shard = self.shard(digest).lock().unwrap_or_else(PoisonError::into_inner);
+        let shard = self.shard(digest).read().unwrap_or_else(PoisonError::into_inner);
         let (p, at) = shard.get(digest)?;
         (now.saturating_since(*at) < self.ttl).then(|| p.clone())
     }
 
     /// Caches `principal` under `digest`.
     pub fn insert(&self, digest: Digest, principal: Principal, now: Nanos) {
-        let mut shard = self.shard(&digest).lock().unwrap_or_else(PoisonError::into_inner);
+        let mut shard = self.shard(&digest).write().unwrap_or_else(PoisonError::into_inner);
         if shard.len() >= self.per_shard {
             let ttl = self.ttl;
             shard.retain(|_, (_, at)| now.saturating_since(*at) < ttl);
@@ -96,7 +98,7 @@ impl PrincipalCache {
     /// Drops every entry of record `id` (called on revocation).
     pub fn invalidate(&self, id: &RecordId) {
         for s in &self.shards {
-            s.lock()
+            s.write()
                 .unwrap_or_else(PoisonError::into_inner)
                 .retain(|_, (p, _)| p.record_id() != id);
         }
@@ -105,7 +107,7 @@ impl PrincipalCache {
     /// Number of cached principals.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.lock().unwrap_or_else(PoisonError::into_inner).len()).sum()
+        self.shards.iter().map(|s| s.read().unwrap_or_else(PoisonError::into_inner).len()).sum()
     }
 
     /// Whether nothing is cached.
