@@ -13,6 +13,11 @@ use keygate::manager::{KeyManager, NewKey};
 use keygate::portal::{self as kportal, MemoryPortalStore, Portal, SessionRequest};
 use keygate::store::{MemoryKeyStore, Tenant};
 
+/// Minting and redemption insert into their stores, so a long run would
+/// grow them without bound and measure the growth. Both are measured in
+/// blocks of fresh stores holding at most this many sessions and tokens.
+const BLOCK: u64 = 10_000;
+
 fn ready<F: Future>(f: F) -> F::Output {
     let mut f = pin!(f);
     match f.as_mut().poll(&mut Context::from_waker(Waker::noop())) {
@@ -32,25 +37,54 @@ fn bench(crit: &mut Criterion) {
     let header = format!("Bearer {}", token.key().expose_secret());
     let mgmt =
         ready(auth.authenticate([("authorization", header.as_bytes())], &Target::any())).unwrap();
-    let portal = Portal::new(MemoryPortalStore::new(), keys);
     let (wsid, app) = ("ws_bench".parse().unwrap(), "app_1".parse().unwrap());
     let mut g = crit.benchmark_group("portal");
     g.bench_function("mint", |bench| {
-        bench.iter(|| {
-            ready(portal.create_session(&mgmt, &wsid, &app, SessionRequest::default())).unwrap()
+        bench.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(BLOCK);
+                left -= n;
+                let fresh = Portal::new(MemoryPortalStore::new(), MemoryKeyStore::new());
+                let start = std::time::Instant::now();
+                for _ in 0..n {
+                    let req = SessionRequest::default();
+                    black_box(ready(fresh.create_session(&mgmt, &wsid, &app, req)).unwrap());
+                }
+                total += start.elapsed();
+            }
+            total
         });
     });
     g.bench_function("redeem_to_access_token", |bench| {
-        bench.iter_batched(
-            || {
-                let minted =
-                    ready(portal.create_session(&mgmt, &wsid, &app, SessionRequest::default()))
+        bench.iter_custom(|iters| {
+            let mut total = std::time::Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                let n = left.min(BLOCK);
+                left -= n;
+                let fresh = Portal::new(MemoryPortalStore::new(), MemoryKeyStore::new());
+                let codes: Vec<String> = (0..n)
+                    .map(|_| {
+                        let minted = ready(fresh.create_session(
+                            &mgmt,
+                            &wsid,
+                            &app,
+                            SessionRequest::default(),
+                        ))
                         .unwrap();
-                minted.code().expose_secret().to_owned()
-            },
-            |code| ready(portal.redeem(black_box(&code))).unwrap(),
-            BatchSize::SmallInput,
-        );
+                        minted.code().expose_secret().to_owned()
+                    })
+                    .collect();
+                let start = std::time::Instant::now();
+                for code in &codes {
+                    black_box(ready(fresh.redeem(black_box(code))).unwrap());
+                }
+                total += start.elapsed();
+            }
+            total
+        });
     });
     // The store's atomic step alone.
     let store = MemoryPortalStore::new();

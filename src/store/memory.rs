@@ -13,17 +13,20 @@ use crate::hash::StoredDigest;
 use crate::secret::{Digest, DigestBuildHasher};
 
 type DigestMap<V> = HashMap<Digest, V, DigestBuildHasher>;
+/// Ids are random but caller-supplied: a keyed hash keeps probing fast and
+/// flood-resistant.
+type IdMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
 // Three indexes over the same records; the shared prefix names them.
 #[allow(clippy::struct_field_names)]
 #[derive(Default)]
 struct Inner {
-    by_id: HashMap<RecordId, Arc<KeyRecord>>,
+    by_id: IdMap<RecordId, Arc<KeyRecord>>,
     by_digest: DigestMap<Arc<KeyRecord>>,
-    by_key_id: HashMap<(String, KeyId), RecordId>,
+    by_key_id: IdMap<(String, KeyId), RecordId>,
     /// Records of each (workspace, project), so the active-key cap is
     /// checked against one project's records, not all of them.
-    by_project: HashMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
+    by_project: IdMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
 }
 
 impl Inner {
@@ -63,10 +66,10 @@ impl MemoryKeyStore {
     #[must_use]
     pub fn with_capacity(n: usize) -> Self {
         let inner = Inner {
-            by_id: HashMap::with_capacity(n),
+            by_id: IdMap::with_capacity_and_hasher(n, ahash::RandomState::new()),
             by_digest: DigestMap::with_capacity_and_hasher(n, DigestBuildHasher::default()),
-            by_key_id: HashMap::new(),
-            by_project: HashMap::new(),
+            by_key_id: IdMap::default(),
+            by_project: IdMap::default(),
         };
         Self { inner: Arc::new(RwLock::new(inner)) }
     }
