@@ -3,6 +3,7 @@
 use std::hint::black_box;
 use std::pin::pin;
 use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
 
 use criterion::{BatchSize, Criterion, criterion_group, criterion_main};
 use jiff::Timestamp;
@@ -17,6 +18,19 @@ use keygate::store::{MemoryKeyStore, Tenant};
 /// grow them without bound and measure the growth. Both are measured in
 /// blocks of fresh stores holding at most this many sessions and tokens.
 const BLOCK: u64 = 10_000;
+
+/// Runs `iters` operations in blocks of at most [`BLOCK`]; `block(n)` sets up
+/// fresh stores, times `n` operations and returns that time.
+fn in_blocks(iters: u64, mut block: impl FnMut(u64) -> Duration) -> Duration {
+    let mut total = Duration::ZERO;
+    let mut left = iters;
+    while left > 0 {
+        let n = left.min(BLOCK);
+        left -= n;
+        total += block(n);
+    }
+    total
+}
 
 fn ready<F: Future>(f: F) -> F::Output {
     let mut f = pin!(f);
@@ -39,51 +53,33 @@ fn bench(crit: &mut Criterion) {
         ready(auth.authenticate([("authorization", header.as_bytes())], &Target::any())).unwrap();
     let (wsid, app) = ("ws_bench".parse().unwrap(), "app_1".parse().unwrap());
     let mut g = crit.benchmark_group("portal");
+    let mint = |portal: &Portal<MemoryPortalStore, MemoryKeyStore>| {
+        ready(portal.create_session(&mgmt, &wsid, &app, SessionRequest::default())).unwrap()
+    };
     g.bench_function("mint", |bench| {
         bench.iter_custom(|iters| {
-            let mut total = std::time::Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let n = left.min(BLOCK);
-                left -= n;
+            in_blocks(iters, |n| {
                 let fresh = Portal::new(MemoryPortalStore::new(), MemoryKeyStore::new());
-                let start = std::time::Instant::now();
+                let start = Instant::now();
                 for _ in 0..n {
-                    let req = SessionRequest::default();
-                    black_box(ready(fresh.create_session(&mgmt, &wsid, &app, req)).unwrap());
+                    black_box(mint(&fresh));
                 }
-                total += start.elapsed();
-            }
-            total
+                start.elapsed()
+            })
         });
     });
     g.bench_function("redeem_to_access_token", |bench| {
         bench.iter_custom(|iters| {
-            let mut total = std::time::Duration::ZERO;
-            let mut left = iters;
-            while left > 0 {
-                let n = left.min(BLOCK);
-                left -= n;
+            in_blocks(iters, |n| {
                 let fresh = Portal::new(MemoryPortalStore::new(), MemoryKeyStore::new());
-                let codes: Vec<String> = (0..n)
-                    .map(|_| {
-                        let minted = ready(fresh.create_session(
-                            &mgmt,
-                            &wsid,
-                            &app,
-                            SessionRequest::default(),
-                        ))
-                        .unwrap();
-                        minted.code().expose_secret().to_owned()
-                    })
-                    .collect();
-                let start = std::time::Instant::now();
+                let codes: Vec<String> =
+                    (0..n).map(|_| mint(&fresh).code().expose_secret().to_owned()).collect();
+                let start = Instant::now();
                 for code in &codes {
                     black_box(ready(fresh.redeem(black_box(code))).unwrap());
                 }
-                total += start.elapsed();
-            }
-            total
+                start.elapsed()
+            })
         });
     });
     // The store's atomic step alone.

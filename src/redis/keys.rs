@@ -257,13 +257,7 @@ fn decode(flat: Vec<String>) -> Result<KeyRecord, BackendError> {
         .iter()
         .map(|s| s.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| bad("scopes")))
         .collect::<Result<_, _>>()?;
-    let metadata: BTreeMap<String, String> = m
-        .get("meta")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("meta"))?
-        .iter()
-        .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())).ok_or_else(|| bad("meta")))
-        .collect::<Result<_, _>>()?;
+    let metadata = string_map(m, "meta").ok_or_else(|| bad("meta"))?;
     Ok(KeyRecord {
         id: parse(m, "id")?,
         name: str_of(m, "name")?.to_owned(),
@@ -452,4 +446,14 @@ mod tests {
         assert_eq!(from_sortable("12"), None);
         assert_eq!(from_sortable("x00000000000000000000"), None);
     }
+}
+
+/// The flat string-to-string object at `key` of a stored JSON value (record
+/// or session metadata); `None` if it is missing or not all strings.
+pub(super) fn string_map(m: &Map<String, Value>, key: &str) -> Option<BTreeMap<String, String>> {
+    m.get(key)?
+        .as_object()?
+        .iter()
+        .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+        .collect()
 }

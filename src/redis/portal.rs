@@ -1,6 +1,5 @@
 //! [`RedisPortalStore`]: single-use redemption as one Lua step.
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::LazyLock;
 
@@ -9,7 +8,7 @@ use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
 use super::Redis;
-use super::keys::{from_sortable, sortable};
+use super::keys::{from_sortable, sortable, string_map};
 use crate::backend::BackendError;
 use crate::portal::{PortalSession, PortalStore, Redeem, TOMBSTONE_RETENTION};
 use crate::secret::Digest;
@@ -81,13 +80,7 @@ fn decode(s: &str) -> Result<PortalSession, BackendError> {
     let v: Value = serde_json::from_str(s).map_err(|_| BackendError::corrupt("portal session"))?;
     let m = v.as_object().ok_or_else(|| BackendError::corrupt("portal session"))?;
     let bad = |what: &str| BackendError::corrupt(format!("portal {what}"));
-    let metadata: BTreeMap<String, String> = m
-        .get("meta")
-        .and_then(Value::as_object)
-        .ok_or_else(|| bad("meta"))?
-        .iter()
-        .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())).ok_or_else(|| bad("meta")))
-        .collect::<Result<_, _>>()?;
+    let metadata = string_map(m, "meta").ok_or_else(|| bad("meta"))?;
     Ok(PortalSession {
         workspace: field(m, "ws")?.parse().map_err(|_| bad("ws"))?,
         application: field(m, "app")?.parse().map_err(|_| bad("app"))?,
