@@ -423,6 +423,16 @@ impl KeyStore for RedisKeyStore {
     }
 }
 
+/// The flat string-to-string object at `key` of a stored JSON value (record
+/// or session metadata); `None` if it is missing or not all strings.
+pub(super) fn string_map(m: &Map<String, Value>, key: &str) -> Option<BTreeMap<String, String>> {
+    m.get(key)?
+        .as_object()?
+        .iter()
+        .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -446,14 +456,4 @@ mod tests {
         assert_eq!(from_sortable("12"), None);
         assert_eq!(from_sortable("x00000000000000000000"), None);
     }
-}
-
-/// The flat string-to-string object at `key` of a stored JSON value (record
-/// or session metadata); `None` if it is missing or not all strings.
-pub(super) fn string_map(m: &Map<String, Value>, key: &str) -> Option<BTreeMap<String, String>> {
-    m.get(key)?
-        .as_object()?
-        .iter()
-        .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
-        .collect()
 }
