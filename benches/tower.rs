@@ -60,6 +60,17 @@ fn bench(crit: &mut Criterion) {
             black_box(res)
         });
     });
+    // The layer's checks alone (authenticate, limit, headers not built):
+    // the rest of the gated time is request plumbing.
+    let layer = gate.layer();
+    let mut headers = axum::http::HeaderMap::new();
+    headers.insert("x-api-key", key.parse().unwrap());
+    let any = keygate::auth::Target::any();
+    g.bench_function("admit_only", |b| {
+        b.iter(|| {
+            rt.block_on(async { black_box(gate.admit(layer.route(), &headers, &any).await) })
+        });
+    });
     g.finish();
 }
 
