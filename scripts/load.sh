@@ -19,7 +19,13 @@ trap 'kill "$pid" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 cat > "$tmp/plans.json" <<'JSON'
 {"plans": {"load": {"rate": [{"name": "default", "limit": 1000000000, "window_seconds": 1, "algorithm": "gcra"}]}}}
 JSON
-target/release/examples/server --bind 127.0.0.1:0 --plans "$tmp/plans.json" > "$tmp/out" &
+# With two or more CPUs, pin the server to one and wrk to another, so the
+# figures are the server's cost per request, not a fight over cores.
+pin_server=() pin_wrk=()
+if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
+  pin_server=(taskset -c 0) pin_wrk=(taskset -c 1)
+fi
+"${pin_server[@]}" target/release/examples/server --bind 127.0.0.1:0 --plans "$tmp/plans.json" > "$tmp/out" &
 pid=$!
 for _ in $(seq 50); do [ -s "$tmp/out" ] && break; sleep 0.1; done
 read -r addr token < <(python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).readline()); print(d["listening"], d["management_token"])' "$tmp/out")
@@ -31,7 +37,7 @@ wrk.method = "POST"
 wrk.headers["Authorization"] = "Bearer $key"
 LUA
 
-run() { wrk -t2 -c"$conns" -d"${secs}s" --latency "$@"; }
+run() { "${pin_wrk[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "$@"; }
 echo "== unauthenticated: GET /healthz"
 base=$(run "http://$addr/healthz")
 echo "$base" | grep -E "Requests/sec|99%|Non-2xx" || true
