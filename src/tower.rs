@@ -698,28 +698,40 @@ where
         let gate = self.gate.clone();
         let route = Arc::clone(&self.route);
         Box::pin(async move {
-            let (mut parts, body) = req.into_parts();
-            let target =
-                match route.target.as_ref().map_or_else(|| Ok(Target::any()), |f| f(&parts)) {
-                    Ok(t) => t,
-                    Err(rejection) => {
-                        let style = gate.style(&route);
-                        return Ok(gate.respond(Refused::new(Refusal::Target, rejection, style)));
+            let mut req = req;
+            let target = match route.target.as_ref() {
+                None => Target::any(),
+                Some(f) => {
+                    // The target function sees the request head only.
+                    let (parts, body) = req.into_parts();
+                    let target = f(&parts);
+                    req = Request::from_parts(parts, body);
+                    match target {
+                        Ok(t) => t,
+                        Err(rejection) => {
+                            let style = gate.style(&route);
+                            let refused = Refused::new(Refusal::Target, rejection, style);
+                            return Ok(gate.respond(refused));
+                        }
                     }
-                };
-            match gate.admit(&route, &parts.headers, &target).await {
+                }
+            };
+            match gate.admit(&route, req.headers(), &target).await {
                 Err(refused) => Ok(gate.respond(refused)),
                 Ok(admitted) => {
-                    parts.extensions.insert(admitted.principal);
+                    let ext = req.extensions_mut();
+                    ext.insert(admitted.principal);
                     if let Some(q) = admitted.quota {
-                        parts.extensions.insert(q);
+                        ext.insert(q);
                     }
                     let Some(decision) = admitted.decision else {
-                        return inner.call(Request::from_parts(parts, body)).await;
+                        return inner.call(req).await;
                     };
-                    parts.extensions.insert(decision.clone());
-                    let mut res = inner.call(Request::from_parts(parts, body)).await?;
-                    decision.append_headers(gate.0.headers, res.headers_mut());
+                    ext.insert(decision.clone());
+                    let mut res = inner.call(req).await?;
+                    let headers = res.headers_mut();
+                    headers.reserve(3);
+                    decision.append_headers(gate.0.headers, headers);
                     Ok(res)
                 }
             }
