@@ -661,6 +661,8 @@ pub struct DirectLimiter<C = SystemClock> {
     policy: Policy,
     interval: u64,
     horizon: u64,
+    /// The policy's capacity, read on every check.
+    capacity: u64,
     clock: C,
 }
 
@@ -720,7 +722,8 @@ impl<C: Clock> DirectLimiter<C> {
     pub fn with_clock(policy: Policy, clock: C) -> Self {
         let interval = policy.emission_interval_nanos();
         let horizon = interval.saturating_mul(u64::from(policy.capacity()));
-        Self { tat: AtomicU64::new(0), policy, interval, horizon, clock }
+        let capacity = u64::from(policy.capacity());
+        Self { tat: AtomicU64::new(0), policy, interval, horizon, capacity, clock }
     }
 
     /// The policy.
@@ -734,14 +737,16 @@ impl<C: Clock> DirectLimiter<C> {
     pub fn check(&self, cost: u32) -> Snapshot {
         let now = self.clock.monotonic().as_u64();
         let (t, h) = (self.interval, self.horizon);
+        // Out of the loop: what a check of `cost` asks for never changes.
+        let ask = t.saturating_mul(u64::from(cost));
+        let possible = u64::from(cost) <= self.capacity;
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
             let base = tat.max(now);
             let used = base - now;
-            let new_tat = base.saturating_add(t.saturating_mul(u64::from(cost)));
+            let new_tat = base.saturating_add(ask);
             let need = new_tat - now;
-            if u64::from(cost) > u64::from(self.policy.capacity()) || need > h {
-                let possible = u64::from(cost) <= u64::from(self.policy.capacity());
+            if !possible || need > h {
                 let wait = need.saturating_sub(h);
                 return Snapshot {
                     allowed: false,
