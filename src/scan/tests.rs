@@ -145,3 +145,32 @@ fn empty_and_tiny_inputs() {
     assert!(out.is_empty());
     assert!(s.find_all(b"nh_").is_empty());
 }
+
+#[test]
+fn every_environment_literal_is_searched_and_look_alikes_are_not_keys() {
+    let s = Scanner::presets();
+    let (patterns, owners) = literal_prefixes(s.formats());
+    for p in ["sk_live_", "sk_test_", "nk_live_", "nk_test_", "nhk_", "nhm_", "nh_"] {
+        assert!(patterns.iter().any(|q| q == p), "{p} missing from {patterns:?}");
+    }
+    assert_eq!(patterns.len(), owners.len());
+    let keys = [
+        "sk_live_Ab3dEf7hIj1lMn0pQr5tUv9xYz2aBc4D",
+        "sk_test_Ab3dEf7hIj1lMn0pQr5tUv9xYz2aBc4D",
+        "nk_live_Ab12CdEf_Ab3dEf7hIj1lMn0pQr5tUv9xYz2aBc4D",
+        "nk_test_Ab12CdEf_Ab3dEf7hIj1lMn0pQr5tUv9xYz2aBc4D",
+    ];
+    let log = format!(
+        "sk_total=3 nk_total=4 sk_staging_Ab3dEf7hIj1lMn0pQr5tUv9xYz2aBc4D {} {} {} {}",
+        keys[0], keys[1], keys[2], keys[3]
+    );
+    let found: Vec<String> = s
+        .find_all(log.as_bytes())
+        .iter()
+        .map(|m| {
+            let start = usize::try_from(m.offset()).unwrap();
+            log[start..start + m.len()].to_owned()
+        })
+        .collect();
+    assert_eq!(found, keys);
+}
