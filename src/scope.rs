@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// Why a scope string or scope operation was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -38,9 +39,10 @@ pub enum ScopeError {
     },
 }
 
-/// A validated scope: `*`, `resource:*` or `resource:action`.
+/// A validated scope: `*`, `resource:*` or `resource:action`. Cheap to
+/// clone (shared text).
 #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Scope(Box<str>);
+pub struct Scope(Arc<str>);
 
 const MAX_NAME: usize = 32;
 
@@ -277,6 +279,8 @@ pub struct ScopeRegistry {
     actions: Vec<Box<str>>,
     /// `resource:action` → bit, so compiling a concrete scope is one lookup.
     bits: HashMap<Box<str>, u16, ahash::RandomState>,
+    /// Bit → its scope, so listing a set's scopes shares text, not copies.
+    names: Vec<Scope>,
 }
 
 impl Default for ScopeRegistry {
@@ -306,6 +310,7 @@ impl Default for ScopeRegistry {
             resources: Vec::new(),
             actions: Vec::new(),
             bits: HashMap::default(),
+            names: Vec::new(),
         })
     }
 }
@@ -335,15 +340,19 @@ impl ScopeRegistry {
             resources.len() * actions.len(),
             ahash::RandomState::new(),
         );
+        let mut names = Vec::with_capacity(resources.len() * actions.len());
         for (ri, r) in resources.iter().enumerate() {
             for (ai, a) in actions.iter().enumerate() {
-                bits.insert(format!("{r}:{a}").into(), (ri * actions.len() + ai) as u16);
+                let name = format!("{r}:{a}");
+                bits.insert(name.as_str().into(), (ri * actions.len() + ai) as u16);
+                names.push(Scope(name.into()));
             }
         }
         Ok(Self {
             resources: resources.iter().map(|&r| r.into()).collect(),
             actions: actions.iter().map(|&a| a.into()).collect(),
             bits,
+            names,
         })
     }
 
@@ -457,16 +466,12 @@ impl ScopeRegistry {
     /// The concrete scopes in `set`, in registry order.
     #[must_use]
     pub fn scopes_of(&self, set: &ScopeSet) -> Vec<Scope> {
-        let n = self.actions.len();
-        let mut out = Vec::with_capacity(set.len());
-        for (ri, r) in self.resources.iter().enumerate() {
-            for (ai, a) in self.actions.iter().enumerate() {
-                if set.has(ri * n + ai) {
-                    out.push(Scope(format!("{r}:{a}").into()));
-                }
-            }
-        }
-        out
+        self.names
+            .iter()
+            .enumerate()
+            .filter(|(bit, _)| set.has(*bit))
+            .map(|(_, s)| s.clone())
+            .collect()
     }
 }
 
