@@ -10,18 +10,21 @@
 //! For each request the layer
 //!
 //! 1. authenticates the credential headers (the authenticator's
-//!    [`HeaderRules`](crate::auth::HeaderRules)) against the route's
-//!    [`Target`],
+//!    [`HeaderRules`](crate::auth::HeaderRules), or the route's cookie):
+//!    a key of a format the route does not accept is refused right after
+//!    parsing, an unknown, revoked, expired or other-region key is a 401,
 //! 2. applies the principal's plan rate limit (the key's plan, else the
 //!    route's, else the gate's default; no plan, no limit) and refuses with
 //!    429 when it is exhausted,
-//! 3. checks the route's required scope (403),
+//! 3. checks that the key reaches the route's [`Target`] (tenant,
+//!    environment; 403) and holds the route's scope (403),
 //! 4. counts the route's quota category, when it has one (429 with the
 //!    monthly message),
-//! 5. inserts the [`Principal`] and the limiter's [`Decision`] into the
-//!    request extensions and calls the inner service,
+//! 5. inserts the [`Principal`], the limiter's [`Decision`] and the
+//!    [`QuotaDecision`] into the request extensions and calls the inner
+//!    service,
 //! 6. adds the rate-limit headers to the response — success, 403 and 429
-//!    alike.
+//!    alike (the limit is checked before tenant and scope for that reason).
 //!
 //! Refusals are answered by the layer itself in the route's
 //! [`BodyStyle`], and carry a [`Refused`] in their response extensions so a
