@@ -6,14 +6,23 @@
 //! a failure at any stage becomes one [`Rejection`](http::Rejection):
 //!
 //! ```text
-//! headers ──► credentials ──► format::parse ──► hash ──► KeyStore lookup ──► verify
-//!  (Bearer /   (auth::HeaderRules: (typed parts;     (Hasher:   (by digest, or by     (constant-time digest
-//!   X-API-Key)  size, bytes, which  garbage never     SHA-256 /  public key id)        ==; revoked, expired,
-//!               format where)       reaches a store)  HMAC)                            region, env, tenant)
-//!                                                                                          │
-//!    response ◄── http::Rejection::to_response ◄── Principal::require(scope) ◄─────────────┘
-//!    (status, headers, body style)                  (one AND on a ScopeSet)
+//! headers ──► credentials ──► format::parse ──► hash ──► KeyStore lookup ──► verify ──► Principal
+//!  (Bearer /   (auth::HeaderRules: (typed parts;     (Hasher:   (by digest, or by     (constant-time    │
+//!   X-API-Key)  size, bytes, which  garbage never     SHA-256 /  public key id;        digest ==;        │
+//!               format where)       reaches a store)  HMAC)      PrincipalCache)       revoked, expired, │
+//!                                                                                      region)           │
+//!    ┌───────────────────────────────────────────────────────────────────────────────────────────────────┘
+//!    ▼
+//! LimitStore::check ──► Target::check ──► Principal::require(scope) ──► QuotaStore ──► handler
+//!  (the key's plan:      (tenant,          (one AND on a ScopeSet)        (monthly,
+//!   GCRA / windows;       environment)                                     by category)
+//!   Decision + headers)
+//!
+//!    response ◄── http::Rejection::to_response (status, headers, body style) on any refusal
 //! ```
+//!
+//! The `tower` feature's `Gate` runs this whole line per request; without
+//! it, a host calls the same pieces itself.
 //!
 //! | module | owns |
 //! |---|---|
