@@ -651,6 +651,10 @@ fn check_target(
     Ok(())
 }
 
+/// The `X-API-Key` header name, parsed once at compile time.
+#[cfg(feature = "http")]
+pub(crate) const X_API_KEY: http::HeaderName = http::HeaderName::from_static("x-api-key");
+
 #[cfg(feature = "http")]
 impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// [`authenticate`](Self::authenticate) over an `http::HeaderMap`.
@@ -665,12 +669,11 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     ) -> Result<Principal, AuthError> {
         // Two hash lookups instead of a walk over every header; `get_all`
         // keeps repeated credential headers visible to the conflict check.
-        let api_key = http::HeaderName::from_static("x-api-key");
         let pairs = headers
             .get_all(http::header::AUTHORIZATION)
             .iter()
             .map(|v| ("authorization", v.as_bytes()))
-            .chain(headers.get_all(&api_key).iter().map(|v| ("x-api-key", v.as_bytes())));
+            .chain(headers.get_all(&X_API_KEY).iter().map(|v| ("x-api-key", v.as_bytes())));
         self.authenticate(pairs, target).await
     }
 }

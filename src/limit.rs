@@ -174,7 +174,7 @@ impl Decision {
     #[must_use]
     pub fn headers(&self, set: HeaderSet) -> Vec<(&'static str, String)> {
         let mut h = Vec::with_capacity(6);
-        self.visit_headers(set, |name, value| h.push((name, value.into_string())));
+        self.visit_headers(set, |name, value| h.push((name.as_str(), value.into_string())));
         h
     }
 
@@ -183,38 +183,24 @@ impl Decision {
     /// intermediate `String`, names are pre-parsed constants.
     #[cfg(feature = "http")]
     pub fn append_headers(&self, set: HeaderSet, map: &mut ::http::HeaderMap) {
-        use ::http::header::{HeaderName, HeaderValue, RETRY_AFTER};
-        const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
-        const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
-        const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
-        const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
-        const STATE: HeaderName = HeaderName::from_static("ratelimit");
         self.visit_headers(set, |name, value| {
-            let name = match name {
-                "X-RateLimit-Limit" => LIMIT,
-                "X-RateLimit-Remaining" => REMAINING,
-                "X-RateLimit-Reset" => RESET,
-                "RateLimit-Policy" => POLICY,
-                "RateLimit" => STATE,
-                _ => RETRY_AFTER,
-            };
             let value = match value {
-                HeaderNum::Int(n) => Ok(HeaderValue::from(n)),
-                HeaderNum::Text(s) => HeaderValue::try_from(s),
+                HeaderNum::Int(n) => Ok(::http::HeaderValue::from(n)),
+                HeaderNum::Text(s) => ::http::HeaderValue::try_from(s),
             };
             if let Ok(v) = value {
-                map.append(name, v);
+                map.append(name.http(), v);
             }
         });
     }
 
     /// The one definition of which headers a decision produces, in order.
-    fn visit_headers(&self, set: HeaderSet, mut emit: impl FnMut(&'static str, HeaderNum)) {
+    fn visit_headers(&self, set: HeaderSet, mut emit: impl FnMut(LimitHeader, HeaderNum)) {
         let b = self.binding();
         if set.x_ratelimit {
-            emit("X-RateLimit-Limit", HeaderNum::Int(i64::from(b.limit)));
-            emit("X-RateLimit-Remaining", HeaderNum::Int(i64::from(b.remaining)));
-            emit("X-RateLimit-Reset", HeaderNum::Int(self.reset_unix()));
+            emit(LimitHeader::Limit, HeaderNum::Int(i64::from(b.limit)));
+            emit(LimitHeader::Remaining, HeaderNum::Int(i64::from(b.remaining)));
+            emit(LimitHeader::Reset, HeaderNum::Int(self.reset_unix()));
         }
         if set.ietf {
             let policy: Vec<String> = self
@@ -230,13 +216,57 @@ impl Decision {
                     format!("\"{}\";r={};t={}", p.name, p.remaining, ceil_secs(t))
                 })
                 .collect();
-            emit("RateLimit-Policy", HeaderNum::Text(policy.join(", ")));
-            emit("RateLimit", HeaderNum::Text(state.join(", ")));
+            emit(LimitHeader::Policy, HeaderNum::Text(policy.join(", ")));
+            emit(LimitHeader::State, HeaderNum::Text(state.join(", ")));
         }
         if set.retry_after
             && let Some(s) = self.retry_after_secs()
         {
-            emit("Retry-After", HeaderNum::Int(i64::try_from(s).unwrap_or(i64::MAX)));
+            emit(LimitHeader::RetryAfter, HeaderNum::Int(i64::try_from(s).unwrap_or(i64::MAX)));
+        }
+    }
+}
+
+/// The headers a decision can produce.
+#[derive(Clone, Copy)]
+enum LimitHeader {
+    Limit,
+    Remaining,
+    Reset,
+    Policy,
+    State,
+    RetryAfter,
+}
+
+impl LimitHeader {
+    /// The name in its conventional casing.
+    const fn as_str(self) -> &'static str {
+        match self {
+            Self::Limit => "X-RateLimit-Limit",
+            Self::Remaining => "X-RateLimit-Remaining",
+            Self::Reset => "X-RateLimit-Reset",
+            Self::Policy => "RateLimit-Policy",
+            Self::State => "RateLimit",
+            Self::RetryAfter => "Retry-After",
+        }
+    }
+
+    /// The `http` name, parsed at compile time (consts, not per call).
+    #[cfg(feature = "http")]
+    fn http(self) -> ::http::HeaderName {
+        use ::http::HeaderName;
+        const LIMIT: HeaderName = HeaderName::from_static("x-ratelimit-limit");
+        const REMAINING: HeaderName = HeaderName::from_static("x-ratelimit-remaining");
+        const RESET: HeaderName = HeaderName::from_static("x-ratelimit-reset");
+        const POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
+        const STATE: HeaderName = HeaderName::from_static("ratelimit");
+        match self {
+            Self::Limit => LIMIT,
+            Self::Remaining => REMAINING,
+            Self::Reset => RESET,
+            Self::Policy => POLICY,
+            Self::State => STATE,
+            Self::RetryAfter => ::http::header::RETRY_AFTER,
         }
     }
 }

@@ -413,7 +413,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let auth = &self.0.auth;
         let from_cookie = route.cookie.as_deref().and_then(|name| {
             let has_header = headers.contains_key(::http::header::AUTHORIZATION)
-                || headers.contains_key("x-api-key");
+                || headers.contains_key(&crate::auth::X_API_KEY);
             if has_header { None } else { cookie(headers, name) }
         });
         // Who is calling: format, secret, revocation, expiry and region.

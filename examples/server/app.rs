@@ -142,11 +142,13 @@ pub(crate) fn router<B: Backend>(
     let gate = Gate::builder(auth, limits).plans(config.plans).quotas(quotas).build();
     let portal = Portal::new(sessions, keys.clone())
         .url_template(format!("{}/portal?code={{code}}", config.base_url));
+    // One configuration for the app's manager and the caller's (bootstrap):
+    // both drop revoked keys from the shared principal cache.
+    let manager =
+        || KeyManager::new(keys.clone()).formats(portal::formats()).cache(config.cache.clone());
     let app = Arc::new(App::<B> {
         workspace: config.workspace,
-        manager: KeyManager::new(keys.clone())
-            .formats(portal::formats())
-            .cache(config.cache.clone()),
+        manager: manager(),
         gate: gate.clone(),
         portal,
         endpoints: Mutex::new(HashMap::new()),
@@ -219,14 +221,10 @@ pub(crate) fn router<B: Backend>(
             let _ = app.gate.authenticator().flush_last_use().await;
         }
     });
-    Ok((router, app.manager_clone()))
+    Ok((router, manager()))
 }
 
 impl<B: Backend> App<B> {
-    fn manager_clone(&self) -> KeyManager<B::Keys> {
-        KeyManager::new(self.manager.store().clone()).formats(portal::formats())
-    }
-
     fn reject(&self, rejection: &Rejection, style: BodyStyle) -> Response {
         rejection
             .to_response(style, self.gate.authenticator().clock_ref().now())
