@@ -535,8 +535,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         }
         let bytes = token.as_bytes();
         let current = self.hasher.digest(bytes);
-        let mono = self.clock.monotonic();
-        let now = self.clock.now();
+        let (now, mono) = self.clock.read();
         if let Some(cache) = &self.cache
             && let Some(p) = cache.get(current.digest(), mono)
         {

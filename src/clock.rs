@@ -2,8 +2,8 @@
 //! public fake clock for tests.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use jiff::Timestamp;
@@ -65,6 +65,15 @@ pub trait Clock: Send + Sync {
     /// Implementations should not go backwards; callers must nevertheless
     /// treat a backwards step as "no time passed" rather than panic.
     fn monotonic(&self) -> Nanos;
+
+    /// [`now`](Self::now) and [`monotonic`](Self::monotonic) together.
+    ///
+    /// The default reads both clocks. [`SystemClock`] reads the monotonic
+    /// clock once and derives wall time from it (see [`SystemClock::read`]),
+    /// which halves the cost of a request that needs both.
+    fn read(&self) -> (Timestamp, Nanos) {
+        (self.now(), self.monotonic())
+    }
 }
 
 impl<C: Clock + ?Sized> Clock for &C {
@@ -74,6 +83,9 @@ impl<C: Clock + ?Sized> Clock for &C {
     fn monotonic(&self) -> Nanos {
         (**self).monotonic()
     }
+    fn read(&self) -> (Timestamp, Nanos) {
+        (**self).read()
+    }
 }
 
 impl<C: Clock + ?Sized> Clock for Arc<C> {
@@ -82,6 +94,9 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
     }
     fn monotonic(&self) -> Nanos {
         (**self).monotonic()
+    }
+    fn read(&self) -> (Timestamp, Nanos) {
+        (**self).read()
     }
 }
 
@@ -116,6 +131,60 @@ impl Clock for SystemClock {
 
     fn monotonic(&self) -> Nanos {
         Nanos(duration_nanos(self.origin.elapsed()))
+    }
+
+    /// One monotonic reading, and wall time derived from it: the offset
+    /// between the two clocks is measured again whenever a second has passed
+    /// since it was last measured (by any `SystemClock` in the process). A
+    /// wall-clock step therefore shows within about a second; between
+    /// measurements the derived time runs at the monotonic clock's rate.
+    fn read(&self) -> (Timestamp, Nanos) {
+        let instant = Instant::now();
+        let mono = Nanos(duration_nanos(instant.saturating_duration_since(self.origin)));
+        (ANCHOR.wall(instant), mono)
+    }
+}
+
+/// The wall-clock offset behind [`SystemClock::read`], shared by the process.
+static ANCHOR: WallAnchor = WallAnchor::new();
+
+/// Wall time as an offset from an `Instant` origin, re-measured at most
+/// once a second. Racing re-measurements are harmless: each stores a valid
+/// offset.
+struct WallAnchor {
+    origin: OnceLock<Instant>,
+    /// Wall nanoseconds since the Unix epoch minus nanoseconds since `origin`.
+    offset: AtomicI64,
+    /// Nanoseconds since `origin` at the last measurement, plus one (zero:
+    /// never measured).
+    at: AtomicU64,
+}
+
+impl WallAnchor {
+    const fn new() -> Self {
+        Self { origin: OnceLock::new(), offset: AtomicI64::new(0), at: AtomicU64::new(0) }
+    }
+
+    fn wall(&self, instant: Instant) -> Timestamp {
+        let origin = *self.origin.get_or_init(|| instant);
+        let since =
+            i64::try_from(instant.saturating_duration_since(origin).as_nanos()).unwrap_or(i64::MAX);
+        let at = self.at.load(Ordering::Relaxed);
+        let offset = if at == 0 || since.saturating_sub_unsigned(at - 1) >= 1_000_000_000 {
+            let wall = SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map_or(0, |d| i64::try_from(d.as_nanos()).unwrap_or(i64::MAX));
+            let offset = wall.saturating_sub(since);
+            self.offset.store(offset, Ordering::Relaxed);
+            self.at.store(since.unsigned_abs() + 1, Ordering::Relaxed);
+            offset
+        } else {
+            self.offset.load(Ordering::Relaxed)
+        };
+        // i64 nanoseconds reach 2262: plain 64-bit arithmetic.
+        let ns = since.saturating_add(offset);
+        let (secs, sub) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
+        Timestamp::new(secs, i32::try_from(sub).unwrap_or(0)).unwrap_or(Timestamp::UNIX_EPOCH)
     }
 }
 
@@ -233,5 +302,21 @@ mod tests {
         let b = c.monotonic();
         assert!(b >= a);
         assert!(c.now() > Timestamp::UNIX_EPOCH);
+    }
+
+    #[test]
+    fn system_clock_read_agrees_with_both_clocks() {
+        let c = SystemClock::new();
+        for _ in 0..1000 {
+            let before = c.now();
+            let m0 = c.monotonic();
+            let (wall, mono) = c.read();
+            let after = c.now();
+            assert!(mono >= m0);
+            // Derived wall time is within a few milliseconds of the real
+            // one (the anchor is at most a second old; slew is ppm).
+            let slack = jiff::SignedDuration::from_millis(5);
+            assert!(wall >= before - slack && wall <= after + slack, "{before} {wall} {after}");
+        }
     }
 }

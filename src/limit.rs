@@ -8,7 +8,6 @@ mod plan;
 mod policy;
 mod store;
 
-use std::borrow::Cow;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -16,7 +15,7 @@ use smallvec::SmallVec;
 
 pub use memory::{CapacityError, DirectLimiter, MemoryLimiter, Snapshot};
 pub use plan::{Plan, PlanError, PlanSet, QuotaRule};
-pub use policy::{Algorithm, Policy, PolicyError};
+pub use policy::{Algorithm, Policy, PolicyError, PolicyName};
 pub use store::{CheckMode, LimitStore};
 
 use crate::http::{Rejection, ceil_secs};
@@ -41,7 +40,7 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyDecision {
     /// The policy's name (for `RateLimit` headers).
-    pub name: Cow<'static, str>,
+    pub name: PolicyName,
     /// Units per period.
     pub limit: u32,
     /// The period.
@@ -181,17 +180,31 @@ impl Decision {
     /// Appends the headers of [`headers`](Self::headers) to an
     /// [`http::HeaderMap`] directly: numbers are written without an
     /// intermediate `String`, names are pre-parsed constants.
+    ///
+    /// All values are rendered into one shared buffer, so a response's
+    /// limit headers cost one allocation, not one per header.
     #[cfg(feature = "http")]
     pub fn append_headers(&self, set: HeaderSet, map: &mut ::http::HeaderMap) {
+        let mut buf = bytes::BytesMut::with_capacity(64);
+        let mut spans: SmallVec<[(LimitHeader, usize, usize); 6]> = SmallVec::new();
         self.visit_headers(set, |name, value| {
-            let value = match value {
-                HeaderNum::Int(n) => Ok(::http::HeaderValue::from(n)),
-                HeaderNum::Text(s) => ::http::HeaderValue::try_from(s),
-            };
-            if let Ok(v) = value {
+            let start = buf.len();
+            match value {
+                HeaderNum::Int(n) => {
+                    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes())
+                }
+                HeaderNum::Text(s) => buf.extend_from_slice(s.as_bytes()),
+            }
+            spans.push((name, start, buf.len()));
+        });
+        let buf = buf.freeze();
+        map.reserve(spans.len());
+        for (name, start, end) in spans {
+            // Numbers and the IETF fields' syntax are always valid values.
+            if let Ok(v) = ::http::HeaderValue::from_maybe_shared(buf.slice(start..end)) {
                 map.append(name.http(), v);
             }
-        });
+        }
     }
 
     /// The one definition of which headers a decision produces, in order.

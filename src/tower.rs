@@ -732,9 +732,7 @@ where
                     };
                     ext.insert(decision.clone());
                     let mut res = inner.call(req).await?;
-                    let headers = res.headers_mut();
-                    headers.reserve(3);
-                    decision.append_headers(gate.0.headers, headers);
+                    decision.append_headers(gate.0.headers, res.headers_mut());
                     Ok(res)
                 }
             }

@@ -2,7 +2,7 @@
 //! lock-free single-key GCRA limiter.
 
 use hashbrown::HashTable;
-use std::borrow::{Borrow, Cow};
+use std::borrow::Borrow;
 use std::fmt;
 use std::future::{Future, ready};
 use std::hash::Hash;
@@ -15,7 +15,9 @@ use smallvec::SmallVec;
 use super::algorithm::{self, Slot};
 use jiff::Timestamp;
 
-use super::{Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision};
+use super::{
+    Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision, PolicyName,
+};
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock};
 
@@ -32,7 +34,7 @@ pub struct CapacityError {
 /// A key's state: one slot per policy name.
 #[derive(Debug, Default)]
 struct KeyState {
-    slots: SmallVec<[(Cow<'static, str>, Slot); 2]>,
+    slots: SmallVec<[(PolicyName, Slot); 2]>,
     /// Monotonic time after which every slot is fresh again.
     fresh_at: u64,
 }
@@ -46,7 +48,7 @@ impl KeyState {
         let i = if let Some(i) = self.slots.iter().position(|(n, _)| n == policy.name()) {
             i
         } else {
-            self.slots.push((policy.name_cow(), Slot::Fresh));
+            self.slots.push((policy.policy_name(), Slot::Fresh));
             self.slots.len() - 1
         };
         &mut self.slots[i].1
@@ -614,7 +616,7 @@ fn outcome_of(s: &algorithm::Step) -> Outcome {
 
 pub(crate) fn policy_decision(p: &Policy, s: &algorithm::Step) -> PolicyDecision {
     PolicyDecision {
-        name: p.name_cow(),
+        name: p.policy_name(),
         limit: p.limit(),
         period: p.period(),
         remaining: s.remaining,
@@ -780,7 +782,7 @@ impl<C: Clock> DirectLimiter<C> {
             (false, None) => Outcome::Impossible,
         };
         let pd = PolicyDecision {
-            name: self.policy.name_cow(),
+            name: self.policy.policy_name(),
             limit: self.policy.limit(),
             period: self.policy.period(),
             remaining: s.remaining,

@@ -3,6 +3,7 @@
 use std::borrow::Cow;
 use std::fmt;
 use std::num::NonZeroU32;
+use std::ops::Deref;
 use std::time::Duration;
 
 /// How a policy counts.
@@ -72,7 +73,7 @@ pub enum PolicyError {
 /// ```
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Policy {
-    name: Cow<'static, str>,
+    name: PolicyName,
     limit: NonZeroU32,
     period: Duration,
     burst: Option<NonZeroU32>,
@@ -111,7 +112,7 @@ impl Policy {
         algorithm: Algorithm,
     ) -> Self {
         Self {
-            name: Cow::Borrowed("default"),
+            name: PolicyName::DEFAULT,
             limit,
             period,
             burst: None,
@@ -140,15 +141,7 @@ impl Policy {
         if algorithm == Algorithm::SlidingWindow && limit.get() > Self::MAX_SLIDING_LIMIT {
             return Err(PolicyError::SlidingTooLarge { max: Self::MAX_SLIDING_LIMIT });
         }
-        let name = name.into();
-        let ok = !name.is_empty()
-            && name.len() <= 32
-            && name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
-        if !ok {
-            return Err(PolicyError::Name);
-        }
+        let name = PolicyName::new(&name.into()).ok_or(PolicyError::Name)?;
         Ok(Self {
             name,
             limit,
@@ -190,9 +183,10 @@ impl Policy {
         &self.name
     }
 
-    /// The name, cheaply cloned (no allocation for constant names).
-    pub(crate) fn name_cow(&self) -> Cow<'static, str> {
-        self.name.clone()
+    /// The name as a copyable value.
+    #[must_use]
+    pub const fn policy_name(&self) -> PolicyName {
+        self.name
     }
 
     /// Units per period.
@@ -289,5 +283,90 @@ mod tests {
         let f = Policy::new("f", 10, s, Algorithm::FixedWindow).unwrap();
         assert_eq!(f.with_burst(5), Err(PolicyError::Burst));
         assert_eq!(p.emission_interval_nanos(), 100_000_000);
+    }
+}
+
+/// A policy's name: 1 to 32 bytes of `a-z`, `0-9`, `_` and `-`, stored
+/// inline so that copying it (into every [`Decision`](super::Decision))
+/// never allocates or touches a shared reference count.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PolicyName {
+    len: u8,
+    bytes: [u8; PolicyName::MAX_LEN],
+}
+
+impl PolicyName {
+    /// Longest name, in bytes.
+    pub const MAX_LEN: usize = 32;
+
+    /// `default`, the name of a policy that was not given one.
+    pub const DEFAULT: Self = match Self::new("default") {
+        Some(n) => n,
+        None => panic!("`default` is a valid policy name"),
+    };
+
+    /// `name` if it is a valid policy name.
+    #[must_use]
+    pub const fn new(name: &str) -> Option<Self> {
+        let b = name.as_bytes();
+        if b.is_empty() || b.len() > Self::MAX_LEN {
+            return None;
+        }
+        let mut bytes = [0u8; Self::MAX_LEN];
+        let mut i = 0;
+        while i < b.len() {
+            let c = b[i];
+            if !(c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'_' || c == b'-') {
+                return None;
+            }
+            bytes[i] = c;
+            i += 1;
+        }
+        #[allow(clippy::cast_possible_truncation)] // at most MAX_LEN (32)
+        Some(Self { len: b.len() as u8, bytes })
+    }
+
+    /// The name.
+    #[must_use]
+    pub fn as_str(&self) -> &str {
+        // Only ASCII is ever stored, so this cannot fail.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl Deref for PolicyName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl AsRef<str> for PolicyName {
+    fn as_ref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl PartialEq<str> for PolicyName {
+    fn eq(&self, other: &str) -> bool {
+        self.bytes[..usize::from(self.len)] == *other.as_bytes()
+    }
+}
+
+impl PartialEq<&str> for PolicyName {
+    fn eq(&self, other: &&str) -> bool {
+        *self == **other
+    }
+}
+
+impl fmt::Display for PolicyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for PolicyName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
     }
 }

@@ -313,7 +313,7 @@ fn decode(policies: &[Policy], reply: &[i64]) -> Result<Decision, BackendError> 
     let mut out = SmallVec::with_capacity(policies.len());
     for (p, r) in policies.iter().zip(reply[3..].chunks_exact(4)) {
         out.push(PolicyDecision {
-            name: p.name_cow(),
+            name: p.policy_name(),
             limit: p.limit(),
             period: p.period(),
             remaining: u32::try_from(r[1].max(0)).unwrap_or(u32::MAX),
