@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
             last_used_at: None,
             metadata: BTreeMap::new(),
         };
-        ready(store.insert(record, None)).unwrap();
+        ready(store.insert(std::sync::Arc::new(record), None)).unwrap();
         if i == keys / 2 {
             key.expose_secret().clone_into(&mut probe);
         }

@@ -191,7 +191,7 @@ impl Decision {
             let start = buf.len();
             match value {
                 HeaderNum::Int(n) => {
-                    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes())
+                    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
                 }
                 HeaderNum::Text(s) => buf.extend_from_slice(s.as_bytes()),
             }

@@ -17,6 +17,7 @@ use crate::format::{
 use crate::hash::Hasher;
 use crate::http::Rejection;
 use crate::scope::{Scope, ScopeError, ScopeRegistry};
+use crate::secret::OsBatch;
 use crate::store::{
     ActiveLimit, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, Tenant, WorkspaceId,
 };
@@ -171,7 +172,7 @@ impl NewKey {
 /// A newly created key: the full key, shown once, and its stored record.
 pub struct CreatedKey {
     key: ApiKey,
-    record: KeyRecord,
+    record: Arc<KeyRecord>,
 }
 
 impl CreatedKey {
@@ -189,7 +190,7 @@ impl CreatedKey {
 
     /// Both parts.
     #[must_use]
-    pub fn into_parts(self) -> (ApiKey, KeyRecord) {
+    pub fn into_parts(self) -> (ApiKey, Arc<KeyRecord>) {
         (self.key, self.record)
     }
 }
@@ -411,7 +412,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         if let Some(r) = new.region {
             spec = spec.region(r);
         }
-        let key = new.format.mint(spec)?;
+        // One OS call for the key and its record id.
+        let mut rng = OsBatch::new();
+        let key = new.format.mint_with_rng(spec, &mut rng)?;
         if key.environment().is_some() {
             environment = key.environment();
         }
@@ -423,8 +426,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             }
             None => None,
         };
-        let record = KeyRecord {
-            id: RecordId::generate()?,
+        let id = RecordId::generate_with(&mut rng).map_err(BackendError::unavailable)?;
+        drop(rng);
+        let record = Arc::new(KeyRecord {
+            id,
             name: new.name,
             hint: key.hint(),
             digest: self.hasher.digest(key.expose_secret().as_bytes()),
@@ -440,9 +445,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             revoked_at: None,
             last_used_at: None,
             metadata: new.metadata,
-        };
+        });
         let limit = self.max_active.filter(|_| capped).map(|max| ActiveLimit { max, now });
-        match self.store.insert(record.clone(), limit).await? {
+        match self.store.insert(Arc::clone(&record), limit).await? {
             InsertOutcome::Inserted => Ok(CreatedKey { key, record }),
             InsertOutcome::LimitReached { max } => Err(ManagerError::LimitReached { max }),
             _ => Err(ManagerError::Collision),
@@ -510,7 +515,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // Same expiry as the key it replaces.
         if let Some(e) = old.expires_at {
             self.store.shorten_expiry(&created.record.id, e).await?;
-            created.record.expires_at = Some(e);
+            Arc::make_mut(&mut created.record).expires_at = Some(e);
         }
         let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
         let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);

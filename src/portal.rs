@@ -27,11 +27,11 @@ pub use store::{MemoryPortalStore, PortalSession, PortalStore, Redeem, TOMBSTONE
 use crate::auth::Principal;
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock};
-use crate::format::{Alphabet, FormatSet, KeyFormat, NH, NHK, NHM, NK, SK};
+use crate::format::{Alphabet, FormatSet, KeyFormat, MintSpec, NH, NHK, NHM, NK, SK};
 use crate::hash::Hasher;
 use crate::http::Rejection;
 use crate::scope::{ScopeError, ScopeRegistry};
-use crate::secret::{Digest, SecretString};
+use crate::secret::{Digest, OsBatch, SecretString};
 use crate::store::{
     ApplicationId, InsertOutcome, KeyRecord, KeyStore, RecordId, Tenant, WorkspaceId,
 };
@@ -155,7 +155,7 @@ impl PortalError {
 /// A redeemed code: the access token (shown once) and its stored record.
 pub struct AccessToken {
     token: crate::format::ApiKey,
-    record: KeyRecord,
+    record: Arc<KeyRecord>,
 }
 
 impl AccessToken {
@@ -313,11 +313,17 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             Redeem::Unknown => return Err(PortalError::UnknownCode),
         };
         let grants = self.registry.role(session.role, &self.resources)?;
-        let token = ACCESS_TOKEN.mint_default().map_err(|_| PortalError::Collision)?;
+        // One OS call for the token and its record id.
+        let mut rng = OsBatch::new();
+        let token = ACCESS_TOKEN
+            .mint_with_rng(MintSpec::new(), &mut rng)
+            .map_err(|_| PortalError::Collision)?;
+        let id = RecordId::generate_with(&mut rng).map_err(BackendError::unavailable)?;
+        drop(rng);
         let mut metadata = session.metadata;
         metadata.insert("portal.role".into(), session.role.to_string());
-        let record = KeyRecord {
-            id: RecordId::generate()?,
+        let record = Arc::new(KeyRecord {
+            id,
             name: format!("portal session ({})", session.role),
             hint: token.hint(),
             digest: self.hasher.digest(token.expose_secret().as_bytes()),
@@ -333,8 +339,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             revoked_at: None,
             last_used_at: None,
             metadata,
-        };
-        match self.keys.insert(record.clone(), None).await? {
+        });
+        match self.keys.insert(Arc::clone(&record), None).await? {
             InsertOutcome::Inserted => Ok(AccessToken { token, record }),
             _ => Err(PortalError::Collision),
         }

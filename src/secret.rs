@@ -214,6 +214,69 @@ pub(crate) type DigestBuildHasher = std::hash::BuildHasherDefault<DigestHasher>;
 #[error("digest must be 64 lowercase hex characters")]
 pub struct DigestParseError;
 
+/// Bytes from the OS CSPRNG for one operation (a key and its record id, say),
+/// fetched with one system call instead of one per value: a stack buffer
+/// filled on first use, refilled when spent, each byte wiped as it is handed
+/// out and the rest on drop.
+///
+/// It lives only as long as the operation: never in a static or a
+/// thread-local, so no two operations, and no forked child process, can be
+/// handed the same bytes.
+pub(crate) struct OsBatch {
+    buf: [u8; 128],
+    pos: usize,
+}
+
+impl OsBatch {
+    pub(crate) const fn new() -> Self {
+        Self { buf: [0; 128], pos: 128 }
+    }
+}
+
+impl rand_core::TryRng for OsBatch {
+    type Error = getrandom::Error;
+
+    fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+        let mut b = [0u8; 4];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u32::from_le_bytes(b))
+    }
+
+    fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+        let mut b = [0u8; 8];
+        self.try_fill_bytes(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+
+    fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+        if dst.len() > self.buf.len() {
+            return getrandom::fill(dst);
+        }
+        let mut done = 0;
+        while done < dst.len() {
+            if self.pos == self.buf.len() {
+                getrandom::fill(&mut self.buf)?;
+                self.pos = 0;
+            }
+            let n = (dst.len() - done).min(self.buf.len() - self.pos);
+            let src = &mut self.buf[self.pos..self.pos + n];
+            dst[done..done + n].copy_from_slice(src);
+            src.zeroize();
+            self.pos += n;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl rand_core::TryCryptoRng for OsBatch {}
+
+impl Drop for OsBatch {
+    fn drop(&mut self) {
+        self.buf.zeroize();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -238,6 +301,25 @@ mod tests {
         assert_eq!(Digest::from_hex(&a.to_hex()), Ok(a));
         assert_eq!(Digest::from_hex(&a.to_hex().to_uppercase()), Err(DigestParseError));
         assert_eq!(Digest::from_hex("00"), Err(DigestParseError));
+    }
+
+    #[test]
+    fn os_batch_hands_out_each_byte_once() {
+        use rand_core::TryRng;
+        let mut rng = OsBatch::new();
+        let mut seen = Vec::new();
+        // Spans several refills, with odd sizes that straddle them.
+        for n in [1usize, 7, 64, 100, 3, 200, 128] {
+            let mut b = vec![0u8; n];
+            rng.try_fill_bytes(&mut b).unwrap();
+            seen.extend_from_slice(&b);
+        }
+        // 603 random bytes: all-zero or repeated 16-byte windows would mean
+        // bytes were handed out twice or never filled.
+        let windows: std::collections::HashSet<&[u8]> = seen.chunks_exact(16).collect();
+        assert_eq!(windows.len(), seen.len() / 16);
+        assert!(memchr::memchr_iter(0, &seen).count() < 20);
+        assert!(rng.buf[..rng.pos].iter().all(|&b| b == 0), "served bytes are wiped");
     }
 
     #[test]

@@ -10,6 +10,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use jiff::Timestamp;
+use rand_core::TryCryptoRng;
 
 pub use memory::MemoryKeyStore;
 
@@ -108,10 +109,17 @@ impl RecordId {
     ///
     /// [`BackendError::Unavailable`] if the OS generator fails.
     pub fn generate() -> Result<Self, BackendError> {
+        Self::generate_with(&mut getrandom::SysRng).map_err(BackendError::unavailable)
+    }
+
+    /// [`generate`](Self::generate) drawing from `rng`.
+    ///
+    /// # Errors
+    ///
+    /// `rng`'s error.
+    pub fn generate_with<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<Self, R::Error> {
         let mut out = *b"key_0000000000000000";
-        Alphabet::BASE62
-            .fill(&mut getrandom::SysRng, &mut out[4..])
-            .map_err(BackendError::unavailable)?;
+        Alphabet::BASE62.fill(rng, &mut out[4..])?;
         Ok(Self(String::from_utf8_lossy(&out).into()))
     }
 }
@@ -268,9 +276,12 @@ pub trait KeyStore: Send + Sync {
     /// Stores `record` if its id, digest and (format, key id) are new and,
     /// when `limit` is given and the record has a project, the project holds
     /// fewer than `limit.max` active keys.
+    ///
+    /// The record is shared, not copied: an in-process store keeps this
+    /// very allocation, and the caller keeps its handle to it.
     fn insert(
         &self,
-        record: KeyRecord,
+        record: Arc<KeyRecord>,
         limit: Option<ActiveLimit>,
     ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send;
 
@@ -329,7 +340,7 @@ pub trait KeyStore: Send + Sync {
 impl<S: KeyStore + ?Sized> KeyStore for Arc<S> {
     fn insert(
         &self,
-        record: KeyRecord,
+        record: Arc<KeyRecord>,
         limit: Option<ActiveLimit>,
     ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send {
         (**self).insert(record, limit)

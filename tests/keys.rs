@@ -298,7 +298,8 @@ fn the_cap_holds_under_concurrent_inserts() {
             s.spawn(|| {
                 for _ in 0..50 {
                     let r = keygate::testkit::keys::sample_record("ws_c", Some("p"), 0, false);
-                    let out = store.insert(r, Some(ActiveLimit { max: 10, now }));
+                    let out =
+                        store.insert(std::sync::Arc::new(r), Some(ActiveLimit { max: 10, now }));
                     let out = futures_ready(out);
                     if out == InsertOutcome::Inserted {
                         inserted.fetch_add(1, Ordering::Relaxed);
@@ -446,7 +447,7 @@ struct Counting {
 impl KeyStore for Counting {
     fn insert(
         &self,
-        r: KeyRecord,
+        r: std::sync::Arc<KeyRecord>,
         l: Option<ActiveLimit>,
     ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send {
         self.inner.insert(r, l)

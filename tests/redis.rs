@@ -173,7 +173,9 @@ async fn concurrent_quota_counts_and_capped_inserts_are_exact() {
         .map(|_| {
             let k = Arc::clone(&keys);
             let r = keygate::testkit::keys::sample_record("ws_c", Some("p"), 0, false);
-            tokio::spawn(async move { k.insert(r, Some(limit)).await.unwrap() })
+            tokio::spawn(
+                async move { k.insert(std::sync::Arc::new(r), Some(limit)).await.unwrap() },
+            )
         })
         .collect();
     let mut inserted = 0;
@@ -355,7 +357,7 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
         assert!(r.is_err() && t < BOUND, "{what}: portal insert {r:?} in {t:?}");
         let (r, t) = timed(quota.check_and_count("a", &rules, "email", 1, now)).await;
         assert!(r.is_err() && t < BOUND, "{what}: quota {r:?} in {t:?}");
-        let (r, t) = timed(keys.insert(record.clone(), None)).await;
+        let (r, t) = timed(keys.insert(std::sync::Arc::new(record.clone()), None)).await;
         assert!(r.is_err() && t < BOUND, "{what}: keys insert {r:?} in {t:?}");
         let (r, t) = timed(keys.find_by_digest(&record.digest)).await;
         assert!(r.is_err() && t < BOUND, "{what}: keys lookup {r:?} in {t:?}");
@@ -383,7 +385,7 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
     // The restarted server is empty and has no scripts cached: EVALSHA's
     // NOSCRIPT reload path ran, and the stores work from a clean slate.
     assert_eq!(
-        keys.insert(record.clone(), None).await.unwrap(),
+        keys.insert(std::sync::Arc::new(record.clone()), None).await.unwrap(),
         keygate::store::InsertOutcome::Inserted
     );
     assert_eq!(keys.get(&record.id).await.unwrap().unwrap().id, record.id);
@@ -440,7 +442,7 @@ async fn nothing_secret_is_stored_and_state_expires() {
     let mut record = keygate::testkit::keys::sample_record("ws_h", Some("p"), 0, false);
     record.digest = keygate::hash::Hasher::sha256().digest(key.expose_secret().as_bytes());
     record.hint = key.hint();
-    keys.insert(record.clone(), None).await.unwrap();
+    keys.insert(std::sync::Arc::new(record.clone()), None).await.unwrap();
     let limiter = redis.limiter();
     let p = [Policy::new("s", 3, Duration::from_millis(200), Algorithm::SlidingWindow).unwrap()];
     limiter.check("exp", &p, 1, CheckMode::Consume).await.unwrap();
@@ -497,7 +499,7 @@ async fn revocation_invalidates_caches_and_survives_a_restart() {
     let a = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
     let other = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
     for r in [&a, &other] {
-        keys.insert(r.clone(), None).await.unwrap();
+        keys.insert(std::sync::Arc::new(r.clone()), None).await.unwrap();
         cache.insert(*r.digest.digest(), principal(r), clock.monotonic());
     }
     assert!(keys.revoke(&a.id, jiff::Timestamp::now()).await.unwrap());
@@ -510,7 +512,7 @@ async fn revocation_invalidates_caches_and_survives_a_restart() {
     let b = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
     // The restarted server is empty and the store handle reconnects.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while keys.insert(b.clone(), None).await.is_err() {
+    while keys.insert(std::sync::Arc::new(b.clone()), None).await.is_err() {
         assert!(Instant::now() < deadline, "store did not reconnect");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

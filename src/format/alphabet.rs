@@ -14,6 +14,10 @@ pub struct Alphabet {
     chars: &'static str,
     /// `index[b]` is the position of byte `b` in `chars`, or `NONE`.
     index: [u8; 256],
+    /// `sample[r]` is the character a uniformly random byte `r` draws, or
+    /// `NONE` when `r` must be rejected (at or above the largest multiple of
+    /// the alphabet's size): sampling is one lookup, no division.
+    sample: [u8; 256],
 }
 
 const NONE: u8 = 0xFF;
@@ -58,7 +62,14 @@ impl Alphabet {
             index[c as usize] = i as u8;
             i += 1;
         }
-        Some(Self { chars, index })
+        let k = b.len();
+        let mut sample = [NONE; 256];
+        let mut r = 0;
+        while r < 256 - (256 % k) {
+            sample[r] = b[r % k];
+            r += 1;
+        }
+        Some(Self { chars, index, sample })
     }
 
     /// Number of characters.
@@ -136,20 +147,24 @@ impl Alphabet {
         rng: &mut R,
         out: &mut [u8],
     ) -> Result<(), R::Error> {
-        let k = self.len();
-        let limit = 256 - (256 % k); // accept bytes in [0, limit)
         let mut pool = [0u8; 64];
-        let mut used = pool.len();
-        for slot in out.iter_mut() {
+        let (mut used, mut have) = (0, 0);
+        for i in 0..out.len() {
             loop {
-                if used == pool.len() {
-                    rng.try_fill_bytes(&mut pool)?;
+                if used == have {
+                    // Ask for the characters still missing plus a margin for
+                    // rejections (3 % for base62), so one call almost always
+                    // suffices and a batch of OS bytes serves a whole
+                    // operation without being spent on unused bytes.
+                    let missing = out.len() - i;
+                    have = (missing + missing / 8 + 8).min(pool.len());
+                    rng.try_fill_bytes(&mut pool[..have])?;
                     used = 0;
                 }
-                let b = usize::from(pool[used]);
+                let c = self.sample[usize::from(pool[used])];
                 used += 1;
-                if b < limit {
-                    *slot = self.chars.as_bytes()[b % k];
+                if c != NONE {
+                    out[i] = c;
                     break;
                 }
             }

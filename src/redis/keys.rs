@@ -285,7 +285,7 @@ fn decode(flat: Vec<String>) -> Result<KeyRecord, BackendError> {
 impl KeyStore for RedisKeyStore {
     fn insert(
         &self,
-        record: KeyRecord,
+        record: Arc<KeyRecord>,
         limit: Option<ActiveLimit>,
     ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send {
         let ws = &record.tenant.workspace;

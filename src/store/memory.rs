@@ -31,8 +31,7 @@ struct Inner {
 
 impl Inner {
     /// Replaces the stored record (all indexes point at the new `Arc`).
-    fn replace(&mut self, record: KeyRecord) {
-        let record = Arc::new(record);
+    fn replace(&mut self, record: Arc<KeyRecord>) {
         self.by_digest.insert(*record.digest.digest(), Arc::clone(&record));
         self.by_id.insert(record.id.clone(), record);
     }
@@ -105,7 +104,7 @@ impl MemoryKeyStore {
         })
     }
 
-    fn insert_sync(&self, record: KeyRecord, limit: Option<ActiveLimit>) -> InsertOutcome {
+    fn insert_sync(&self, record: Arc<KeyRecord>, limit: Option<ActiveLimit>) -> InsertOutcome {
         self.write(|i| {
             if i.by_id.contains_key(&record.id) {
                 return InsertOutcome::DuplicateId;
@@ -148,7 +147,7 @@ impl MemoryKeyStore {
             let mut next = KeyRecord::clone(current);
             let changed = f(&mut next);
             if changed {
-                i.replace(next);
+                i.replace(Arc::new(next));
             }
             changed
         })
@@ -158,7 +157,7 @@ impl MemoryKeyStore {
 impl KeyStore for MemoryKeyStore {
     fn insert(
         &self,
-        record: KeyRecord,
+        record: Arc<KeyRecord>,
         limit: Option<ActiveLimit>,
     ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send {
         ready(Ok(self.insert_sync(record, limit)))

@@ -68,7 +68,11 @@ pub async fn run<S: KeyStore, F: Fn() -> S>(make: F) {
 
 async fn insert_and_find<S: KeyStore>(s: &S) {
     let r = sample_record("ws_a", Some("p1"), 0, false);
-    assert_eq!(s.insert(r.clone(), None).await.unwrap(), InsertOutcome::Inserted, "insert");
+    assert_eq!(
+        s.insert(Arc::new(r.clone()), None).await.unwrap(),
+        InsertOutcome::Inserted,
+        "insert"
+    );
     let got = s.find_by_digest(&r.digest).await.unwrap().expect("find_by_digest finds the record");
     assert_eq!(*got, r, "find_by_digest returns the record as stored");
     assert_eq!(*s.get(&r.id).await.unwrap().expect("get finds the record"), r);
@@ -78,7 +82,7 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
 
     let nk = sample_record("ws_a", Some("p1"), 1, true);
     let kid = nk.key_id.expect("nk has a key id");
-    s.insert(nk.clone(), None).await.unwrap();
+    s.insert(Arc::new(nk.clone()), None).await.unwrap();
     let got = s.find_by_key_id("nk", &kid).await.unwrap().expect("find_by_key_id finds it");
     assert_eq!(got.id, nk.id);
     assert!(s.find_by_key_id("sk", &kid).await.unwrap().is_none(), "key ids are per format");
@@ -86,50 +90,57 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
 
 async fn uniqueness<S: KeyStore>(s: &S) {
     let r = sample_record("ws_a", None, 0, true);
-    s.insert(r.clone(), None).await.unwrap();
+    s.insert(Arc::new(r.clone()), None).await.unwrap();
     let mut same_id = sample_record("ws_a", None, 0, false);
     same_id.id = r.id.clone();
-    assert_eq!(s.insert(same_id, None).await.unwrap(), InsertOutcome::DuplicateId);
+    assert_eq!(s.insert(Arc::new(same_id), None).await.unwrap(), InsertOutcome::DuplicateId);
     let mut same_digest = sample_record("ws_a", None, 0, false);
     same_digest.digest = r.digest;
-    assert_eq!(s.insert(same_digest, None).await.unwrap(), InsertOutcome::DuplicateKey);
+    assert_eq!(s.insert(Arc::new(same_digest), None).await.unwrap(), InsertOutcome::DuplicateKey);
     let mut dup_key_id = sample_record("ws_a", None, 0, true);
     dup_key_id.key_id = r.key_id;
-    assert_eq!(s.insert(dup_key_id, None).await.unwrap(), InsertOutcome::DuplicateKey);
+    assert_eq!(s.insert(Arc::new(dup_key_id), None).await.unwrap(), InsertOutcome::DuplicateKey);
 }
 
 async fn active_cap<S: KeyStore>(s: &S) {
     let limit = ActiveLimit { max: 3, now: t(100) };
     for i in 0..3 {
         let r = sample_record("ws_a", Some("capped"), i, false);
-        assert_eq!(s.insert(r, Some(limit)).await.unwrap(), InsertOutcome::Inserted, "key {i}");
+        assert_eq!(
+            s.insert(Arc::new(r), Some(limit)).await.unwrap(),
+            InsertOutcome::Inserted,
+            "key {i}"
+        );
     }
     let fourth = sample_record("ws_a", Some("capped"), 3, false);
     assert_eq!(
-        s.insert(fourth.clone(), Some(limit)).await.unwrap(),
+        s.insert(Arc::new(fourth.clone()), Some(limit)).await.unwrap(),
         InsertOutcome::LimitReached { max: 3 },
         "the cap is enforced"
     );
     assert!(s.get(&fourth.id).await.unwrap().is_none(), "a refused insert stores nothing");
     // Other projects and workspaces have their own count.
     let other = sample_record("ws_a", Some("other"), 0, false);
-    assert_eq!(s.insert(other, Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(s.insert(Arc::new(other), Some(limit)).await.unwrap(), InsertOutcome::Inserted);
     let other_ws = sample_record("ws_b", Some("capped"), 0, false);
-    assert_eq!(s.insert(other_ws, Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(s.insert(Arc::new(other_ws), Some(limit)).await.unwrap(), InsertOutcome::Inserted);
     // Revoked and expired keys do not count.
     let listed = s.list(&"ws_a".parse().unwrap(), Some(&"capped".parse().unwrap())).await.unwrap();
     s.revoke(&listed[0].id, t(50)).await.unwrap();
-    assert_eq!(s.insert(fourth.clone(), Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(
+        s.insert(Arc::new(fourth.clone()), Some(limit)).await.unwrap(),
+        InsertOutcome::Inserted
+    );
     s.shorten_expiry(&listed[1].id, t(100)).await.unwrap();
     let fifth = sample_record("ws_a", Some("capped"), 4, false);
     assert_eq!(
-        s.insert(fifth, Some(limit)).await.unwrap(),
+        s.insert(Arc::new(fifth), Some(limit)).await.unwrap(),
         InsertOutcome::Inserted,
         "expired at now"
     );
     // Without a limit, or without a project, there is no cap.
     let sixth = sample_record("ws_a", Some("capped"), 5, false);
-    assert_eq!(s.insert(sixth, None).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(s.insert(Arc::new(sixth), None).await.unwrap(), InsertOutcome::Inserted);
 }
 
 async fn listing<S: KeyStore>(store: &S) {
@@ -138,7 +149,7 @@ async fn listing<S: KeyStore>(store: &S) {
     let whole = sample_record("ws_l", None, 3, false);
     let elsewhere = sample_record("ws_other", Some("p1"), 0, false);
     for r in [&p1, &p2, &whole, &elsewhere] {
-        store.insert(r.clone(), None).await.unwrap();
+        store.insert(Arc::new(r.clone()), None).await.unwrap();
     }
     let ids = |v: Vec<Arc<KeyRecord>>| v.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
     let ws = "ws_l".parse().unwrap();
@@ -156,7 +167,7 @@ async fn listing<S: KeyStore>(store: &S) {
 
 async fn revoke_and_expiry<S: KeyStore>(s: &S) {
     let r = sample_record("ws_r", None, 0, false);
-    s.insert(r.clone(), None).await.unwrap();
+    s.insert(Arc::new(r.clone()), None).await.unwrap();
     assert!(s.revoke(&r.id, t(10)).await.unwrap(), "first revoke revokes");
     assert!(!s.revoke(&r.id, t(20)).await.unwrap(), "second revoke is a no-op");
     let got = s.get(&r.id).await.unwrap().unwrap();
@@ -166,7 +177,7 @@ async fn revoke_and_expiry<S: KeyStore>(s: &S) {
     assert!(!s.revoke(&RecordId::generate().unwrap(), t(0)).await.unwrap());
 
     let e = sample_record("ws_r", None, 0, false);
-    s.insert(e.clone(), None).await.unwrap();
+    s.insert(Arc::new(e.clone()), None).await.unwrap();
     assert!(s.shorten_expiry(&e.id, t(100)).await.unwrap());
     assert!(s.shorten_expiry(&e.id, t(200)).await.unwrap(), "exists");
     assert_eq!(s.get(&e.id).await.unwrap().unwrap().expires_at, Some(t(100)), "never extended");
@@ -177,7 +188,7 @@ async fn revoke_and_expiry<S: KeyStore>(s: &S) {
 
 async fn last_use<S: KeyStore>(s: &S) {
     let r = sample_record("ws_u", None, 0, false);
-    s.insert(r.clone(), None).await.unwrap();
+    s.insert(Arc::new(r.clone()), None).await.unwrap();
     let unknown = RecordId::generate().unwrap();
     s.record_last_used(&[(r.id.clone(), t(30)), (unknown, t(40))]).await.unwrap();
     assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)));
