@@ -482,6 +482,7 @@ impl KeyFormat {
 
     /// Checks the whole grammar without allocating; the scanner uses this
     /// so that scan results and [`parse`](Self::parse) agree by construction.
+    #[inline]
     pub(crate) fn parse_bytes(&self, b: &[u8]) -> Result<Parts, ParseError> {
         let (_, max) = self.len_range();
         if b.is_empty() {
@@ -491,7 +492,7 @@ impl KeyFormat {
             return Err(ParseError::TooLong { max });
         }
         let name = self.name.as_bytes();
-        if !(b.len() > name.len() && b.starts_with(name) && b[name.len()] == b'_') {
+        if !starts_with_segment(b, name) {
             return Err(ParseError::UnknownPrefix);
         }
         let mut pos = name.len() + 1;
@@ -511,10 +512,7 @@ impl KeyFormat {
                 let rest = &b[pos..];
                 let env = envs
                     .iter()
-                    .find(|e| {
-                        let e = e.as_bytes();
-                        rest.starts_with(e) && rest.get(e.len()) == Some(&b'_')
-                    })
+                    .find(|e| starts_with_segment(rest, e.as_bytes()))
                     .ok_or(ParseError::InvalidEnvironment)?;
                 environment = Some(*env);
                 pos += env.len() + 1;
@@ -663,6 +661,14 @@ fn expect_sep(b: &[u8], pos: usize, after: Part) -> Result<usize, ParseError> {
     }
 }
 
+/// Whether `b` starts with `seg` followed by `_`. The separator is checked
+/// first, so most mismatches cost one byte; the few bytes of a prefix are
+/// compared inline rather than through a `memcmp` call.
+#[inline]
+fn starts_with_segment(b: &[u8], seg: &[u8]) -> bool {
+    b.get(seg.len()) == Some(&b'_') && b.iter().zip(seg).all(|(x, y)| x == y)
+}
+
 fn check_alphabet(
     b: &[u8],
     start: usize,
@@ -670,10 +676,13 @@ fn check_alphabet(
     alphabet: &Alphabet,
     part: Part,
 ) -> Result<(), ParseError> {
-    match b[start..end].iter().position(|&c| !alphabet.contains(c)) {
-        None => Ok(()),
-        Some(i) => Err(ParseError::InvalidCharacter { part, offset: start + i }),
+    let part_bytes = &b[start..end];
+    // No early exit on the valid path: one lookup per byte, no branch.
+    if part_bytes.iter().fold(true, |ok, &c| ok & alphabet.contains(c)) {
+        return Ok(());
     }
+    let i = part_bytes.iter().position(|&c| !alphabet.contains(c)).unwrap_or(0);
+    Err(ParseError::InvalidCharacter { part, offset: start + i })
 }
 
 impl fmt::Debug for KeyFormat {
@@ -834,10 +843,7 @@ impl FormatSet {
     /// The format whose `{name}_` prefix `s` starts with.
     #[must_use]
     pub fn format_of(&self, s: &[u8]) -> Option<&KeyFormat> {
-        self.formats.iter().find(|f| {
-            let n = f.name.as_bytes();
-            s.len() > n.len() && s.starts_with(n) && s[n.len()] == b'_'
-        })
+        self.formats.iter().find(|f| starts_with_segment(s, f.name.as_bytes()))
     }
 
     /// Parses `s` as a key of whichever format its prefix names.
