@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use governor::middleware::StateInformationMiddleware;
 use governor::{Quota, RateLimiter};
+use keygate::clock::QuantaClock;
 use keygate::limit::{DirectLimiter, MemoryLimiter, Policy};
 
 /// High enough that checks are admitted, so both sides do the full update.
@@ -72,6 +73,20 @@ fn keyed(c: &mut Criterion) {
                     })
                 });
             });
+            // The same limiter on the TSC clock governor uses by default
+            // (feature `quanta`): the comparison with the clock held equal.
+            let ours_q = MemoryLimiter::<u64, _>::with_clock(n * 2 + 1024, QuantaClock::new());
+            for k in &ks {
+                let _ = ours_q.check(k, &p, 1);
+            }
+            g.bench_function(BenchmarkId::new("keygate_quanta", n), |b| {
+                b.iter_custom(|iters| {
+                    run_threads(threads, iters, |i| {
+                        let d = ours_q.check(&ks[i % ks.len()], &p, 1).unwrap();
+                        black_box((d.remaining(), d.reset_unix()));
+                    })
+                });
+            });
             g.bench_function(BenchmarkId::new("governor", n), |b| {
                 b.iter_custom(|iters| {
                     run_threads(threads, iters, |i| {
@@ -106,6 +121,8 @@ fn direct(c: &mut Criterion) {
     let mut g = c.benchmark_group("direct");
     let ours = DirectLimiter::new(policy()[0].clone());
     g.bench_function("keygate", |b| b.iter(|| black_box(ours.check(1)).remaining()));
+    let ours_q = DirectLimiter::with_clock(policy()[0].clone(), QuantaClock::new());
+    g.bench_function("keygate_quanta", |b| b.iter(|| black_box(ours_q.check(1)).remaining()));
     let theirs = RateLimiter::direct(Quota::per_second(NonZeroU32::new(RATE).unwrap()))
         .with_middleware::<StateInformationMiddleware>();
     g.bench_function("governor", |b| {

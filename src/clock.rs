@@ -124,9 +124,7 @@ impl Default for SystemClock {
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        // `SystemTime` before 1970 or past jiff's range is a broken host clock;
-        // fall back to the epoch rather than panic.
-        Timestamp::try_from(SystemTime::now()).unwrap_or(Timestamp::UNIX_EPOCH)
+        os_wall_now()
     }
 
     fn monotonic(&self) -> Nanos {
@@ -143,6 +141,59 @@ impl Clock for SystemClock {
         let mono = Nanos(duration_nanos(instant.saturating_duration_since(self.origin)));
         (ANCHOR.wall(instant), mono)
     }
+}
+
+/// A monotonic clock read from the CPU's time-stamp counter through
+/// [`quanta`] (feature `quanta`), the clock `governor` uses by default: a
+/// reading costs a few nanoseconds instead of a `clock_gettime` call. Where
+/// the counter is not reliable, `quanta` falls back to the OS clock by
+/// itself. Wall time comes from the OS clock, as with [`SystemClock`].
+///
+/// Counters of different cores may disagree by a few nanoseconds, so a
+/// reading can be slightly behind an earlier one taken on another core; the
+/// limiters treat any backwards step as "no time passed" and never admit
+/// more because of it.
+#[cfg(feature = "quanta")]
+#[derive(Debug, Clone)]
+pub struct QuantaClock {
+    clock: quanta::Clock,
+    origin: u64,
+}
+
+#[cfg(feature = "quanta")]
+impl QuantaClock {
+    /// A clock whose monotonic origin is now (calibrates the counter on the
+    /// first call in the process).
+    #[must_use]
+    pub fn new() -> Self {
+        let clock = quanta::Clock::new();
+        let origin = clock.raw();
+        Self { clock, origin }
+    }
+}
+
+#[cfg(feature = "quanta")]
+impl Default for QuantaClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+#[cfg(feature = "quanta")]
+impl Clock for QuantaClock {
+    fn now(&self) -> Timestamp {
+        os_wall_now()
+    }
+
+    fn monotonic(&self) -> Nanos {
+        Nanos(self.clock.delta_as_nanos(self.origin, self.clock.raw()))
+    }
+}
+
+/// The OS wall clock. `SystemTime` before 1970 or past jiff's range is a
+/// broken host clock: fall back to the epoch rather than panic.
+fn os_wall_now() -> Timestamp {
+    Timestamp::try_from(SystemTime::now()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 
 /// The wall-clock offset behind [`SystemClock::read`], shared by the process.
@@ -302,6 +353,19 @@ mod tests {
         let b = c.monotonic();
         assert!(b >= a);
         assert!(c.now() > Timestamp::UNIX_EPOCH);
+    }
+
+    #[cfg(feature = "quanta")]
+    #[test]
+    fn quanta_clock_tracks_the_os_clock() {
+        let q = QuantaClock::new();
+        let s = SystemClock::new();
+        let (q0, s0) = (q.monotonic(), s.monotonic());
+        std::thread::sleep(Duration::from_millis(50));
+        let (q1, s1) = (q.monotonic(), s.monotonic());
+        let dq = q1.saturating_since(q0).as_secs_f64();
+        let ds = s1.saturating_since(s0).as_secs_f64();
+        assert!((dq - ds).abs() < 0.005, "quanta {dq} s vs OS {ds} s");
     }
 
     #[test]
