@@ -253,43 +253,10 @@ impl fmt::Debug for Policy {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bounds() {
-        let s = Duration::from_secs(1);
-        assert_eq!(Policy::new("a", 0, s, Algorithm::Gcra), Err(PolicyError::ZeroLimit));
-        assert!(Policy::new("a", 1, s, Algorithm::Gcra).is_ok());
-        assert_eq!(Policy::new("a", 1, Duration::ZERO, Algorithm::Gcra), Err(PolicyError::Period));
-        assert!(Policy::new("a", 1, Duration::from_nanos(1), Algorithm::Gcra).is_ok());
-        assert!(Policy::new("a", 1, YEAR, Algorithm::Gcra).is_ok());
-        assert_eq!(
-            Policy::new("a", 1, YEAR + Duration::from_nanos(1), Algorithm::Gcra),
-            Err(PolicyError::Period)
-        );
-        assert!(Policy::new("a", 100_000, s, Algorithm::SlidingWindow).is_ok());
-        assert_eq!(
-            Policy::new("a", 100_001, s, Algorithm::SlidingWindow),
-            Err(PolicyError::SlidingTooLarge { max: 100_000 })
-        );
-        assert_eq!(Policy::new("", 1, s, Algorithm::Gcra), Err(PolicyError::Name));
-        assert_eq!(Policy::new("Burst", 1, s, Algorithm::Gcra), Err(PolicyError::Name));
-        let p = Policy::new("burst", 10, s, Algorithm::Gcra).unwrap();
-        assert_eq!(p.capacity(), 10);
-        assert_eq!(p.clone().with_burst(25).unwrap().capacity(), 25);
-        assert_eq!(p.clone().with_burst(0), Err(PolicyError::Burst));
-        let f = Policy::new("f", 10, s, Algorithm::FixedWindow).unwrap();
-        assert_eq!(f.with_burst(5), Err(PolicyError::Burst));
-        assert_eq!(p.emission_interval_nanos(), 100_000_000);
-    }
-}
-
 /// A policy's name: 1 to 32 bytes of `a-z`, `0-9`, `_` and `-`, stored
 /// inline so that copying it (into every [`Decision`](super::Decision))
 /// never allocates or touches a shared reference count.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct PolicyName {
     len: u8,
     bytes: [u8; PolicyName::MAX_LEN],
@@ -359,6 +326,18 @@ impl PartialEq<&str> for PolicyName {
     }
 }
 
+impl PartialOrd for PolicyName {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for PolicyName {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
 impl fmt::Display for PolicyName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
@@ -368,5 +347,54 @@ impl fmt::Display for PolicyName {
 impl fmt::Debug for PolicyName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bounds() {
+        let s = Duration::from_secs(1);
+        assert_eq!(Policy::new("a", 0, s, Algorithm::Gcra), Err(PolicyError::ZeroLimit));
+        assert!(Policy::new("a", 1, s, Algorithm::Gcra).is_ok());
+        assert_eq!(Policy::new("a", 1, Duration::ZERO, Algorithm::Gcra), Err(PolicyError::Period));
+        assert!(Policy::new("a", 1, Duration::from_nanos(1), Algorithm::Gcra).is_ok());
+        assert!(Policy::new("a", 1, YEAR, Algorithm::Gcra).is_ok());
+        assert_eq!(
+            Policy::new("a", 1, YEAR + Duration::from_nanos(1), Algorithm::Gcra),
+            Err(PolicyError::Period)
+        );
+        assert!(Policy::new("a", 100_000, s, Algorithm::SlidingWindow).is_ok());
+        assert_eq!(
+            Policy::new("a", 100_001, s, Algorithm::SlidingWindow),
+            Err(PolicyError::SlidingTooLarge { max: 100_000 })
+        );
+        assert_eq!(Policy::new("", 1, s, Algorithm::Gcra), Err(PolicyError::Name));
+        assert_eq!(Policy::new("Burst", 1, s, Algorithm::Gcra), Err(PolicyError::Name));
+        let p = Policy::new("burst", 10, s, Algorithm::Gcra).unwrap();
+        assert_eq!(p.capacity(), 10);
+        assert_eq!(p.clone().with_burst(25).unwrap().capacity(), 25);
+        assert_eq!(p.clone().with_burst(0), Err(PolicyError::Burst));
+        let f = Policy::new("f", 10, s, Algorithm::FixedWindow).unwrap();
+        assert_eq!(f.with_burst(5), Err(PolicyError::Burst));
+        assert_eq!(p.emission_interval_nanos(), 100_000_000);
+    }
+
+    #[test]
+    fn policy_names() {
+        assert_eq!(PolicyName::DEFAULT, "default");
+        assert_eq!(PolicyName::new("burst-1_x").unwrap().to_string(), "burst-1_x");
+        assert_eq!(format!("{:?}", PolicyName::new("a").unwrap()), "\"a\"");
+        let longest = "a".repeat(PolicyName::MAX_LEN);
+        assert_eq!(PolicyName::new(&longest).unwrap().len(), PolicyName::MAX_LEN);
+        for bad in ["", "Burst", "a b", "é", &"a".repeat(PolicyName::MAX_LEN + 1)] {
+            assert_eq!(PolicyName::new(bad), None, "{bad:?}");
+        }
+        // Ordered as strings, not by length.
+        let (b, aa) = (PolicyName::new("b").unwrap(), PolicyName::new("aa").unwrap());
+        assert!(aa < b);
+        assert_eq!(Policy::per_second(NonZeroU32::MIN).policy_name(), PolicyName::DEFAULT);
     }
 }
