@@ -30,7 +30,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::format::{Alphabet, FormatSet, KeyFormat, MintSpec, NH, NHK, NHM, NK, SK};
 use crate::hash::Hasher;
 use crate::http::Rejection;
-use crate::scope::{ScopeError, ScopeRegistry};
+use crate::scope::{Role, ScopeError, ScopeRegistry};
 use crate::secret::{Digest, OsBatch, SecretString};
 use crate::store::{
     ApplicationId, InsertOutcome, KeyRecord, KeyStore, RecordId, Tenant, WorkspaceId,
@@ -303,7 +303,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// [`PortalError::AlreadyUsed`], [`PortalError::Expired`],
     /// [`PortalError::UnknownCode`], or a backend failure.
     pub async fn redeem(&self, code: &str) -> Result<AccessToken, PortalError> {
-        CODE.parse(code).map_err(|_| PortalError::MalformedCode)?;
+        // Validate (grammar and checksum) without copying the code.
+        CODE.parse_bytes(code.as_bytes()).map_err(|_| PortalError::MalformedCode)?;
         let digest: Digest = *self.hasher.digest(code.as_bytes()).digest();
         let now = self.clock.now();
         let session = match self.sessions.redeem(&digest, now).await? {
@@ -321,10 +322,15 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let id = RecordId::generate_with(&mut rng).map_err(BackendError::unavailable)?;
         drop(rng);
         let mut metadata = session.metadata;
-        metadata.insert("portal.role".into(), session.role.to_string());
+        metadata.insert("portal.role".into(), session.role.as_str().to_owned());
         let record = Arc::new(KeyRecord {
             id,
-            name: format!("portal session ({})", session.role),
+            name: match session.role {
+                Role::Admin => "portal session (admin)",
+                Role::Editor => "portal session (editor)",
+                Role::Viewer => "portal session (viewer)",
+            }
+            .to_owned(),
             hint: token.hint(),
             digest: self.hasher.digest(token.expose_secret().as_bytes()),
             format: ACCESS_TOKEN.name().to_owned(),
