@@ -30,7 +30,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::format::{Alphabet, FormatSet, KeyFormat, MintSpec, NH, NHK, NHM, NK, SK};
 use crate::hash::Hasher;
 use crate::http::Rejection;
-use crate::scope::{Role, ScopeError, ScopeRegistry};
+use crate::scope::{Role, Scope, ScopeError, ScopeRegistry, ScopeSet};
 use crate::secret::{Digest, OsBatch, SecretString};
 use crate::store::{
     ApplicationId, InsertOutcome, KeyRecord, KeyStore, RecordId, Tenant, WorkspaceId,
@@ -187,6 +187,28 @@ pub struct Portal<P, S, C = SystemClock> {
     clock: C,
     url_template: String,
     resources: Vec<&'static str>,
+    roles: RoleGrants,
+}
+
+/// Each role's grants, and their scopes as stored on an access token, under
+/// one registry: fixed until the registry changes, so computed once rather
+/// than on every redemption.
+type RoleGrants = Result<Arc<[(ScopeSet, Vec<Scope>); 3]>, ScopeError>;
+
+fn role_grants(registry: &ScopeRegistry, resources: &[&str]) -> RoleGrants {
+    let one = |role| -> Result<(ScopeSet, Vec<Scope>), ScopeError> {
+        let grants = registry.role(role, resources)?;
+        Ok((grants, registry.scopes_of(&grants)))
+    };
+    Ok(Arc::new([one(Role::Admin)?, one(Role::Editor)?, one(Role::Viewer)?]))
+}
+
+const fn role_slot(role: Role) -> usize {
+    match role {
+        Role::Admin => 0,
+        Role::Editor => 1,
+        Role::Viewer => 2,
+    }
 }
 
 impl<P, S, C> fmt::Debug for Portal<P, S, C> {
@@ -200,11 +222,13 @@ impl<P: PortalStore, S: KeyStore> Portal<P, S> {
     /// URLs `https://portal.example.com/portal?code={code}` until
     /// [`url_template`](Self::url_template) says otherwise.
     pub fn new(sessions: P, keys: S) -> Self {
+        let registry = Arc::new(ScopeRegistry::default());
         Self {
             sessions,
             keys,
             hasher: Hasher::sha256(),
-            registry: Arc::new(ScopeRegistry::default()),
+            roles: role_grants(&registry, PORTAL_RESOURCES),
+            registry,
             clock: SystemClock::new(),
             url_template: "https://portal.example.com/portal?code={code}".to_owned(),
             resources: PORTAL_RESOURCES.to_vec(),
@@ -223,6 +247,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             clock,
             url_template: self.url_template,
             resources: self.resources,
+            roles: self.roles,
         }
     }
 
@@ -240,9 +265,17 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         self
     }
 
+    fn role(&self, role: Role) -> Result<&(ScopeSet, Vec<Scope>), ScopeError> {
+        match &self.roles {
+            Ok(roles) => Ok(&roles[role_slot(role)]),
+            Err(e) => Err(e.clone()),
+        }
+    }
+
     /// Compiles role scopes against `registry`.
     #[must_use]
     pub fn registry(mut self, registry: Arc<ScopeRegistry>) -> Self {
+        self.roles = role_grants(&registry, &self.resources);
         self.registry = registry;
         self
     }
@@ -266,8 +299,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         if minter.format() != NHM.name() || !minter.tenant().reaches(&target) {
             return Err(PortalError::NotManagementToken);
         }
-        let grants = self.registry.role(request.role, &self.resources)?;
-        self.registry.attenuate(grants, minter.scopes())?;
+        let (grants, _) = self.role(request.role)?;
+        self.registry.attenuate(*grants, minter.scopes())?;
         let now = self.clock.now();
         let minutes =
             SignedDuration::from_mins(i64::try_from(request.expires_in_minutes).unwrap_or(60));
@@ -313,7 +346,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             Redeem::Expired => return Err(PortalError::Expired),
             Redeem::Unknown => return Err(PortalError::UnknownCode),
         };
-        let grants = self.registry.role(session.role, &self.resources)?;
+        let (_, scopes) = self.role(session.role)?;
         // One OS call for the token and its record id.
         let mut rng = OsBatch::new();
         let token = ACCESS_TOKEN
@@ -338,7 +371,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             environment: None,
             region: None,
             tenant: Tenant::workspace(session.workspace).with_application(session.application),
-            scopes: self.registry.scopes_of(&grants),
+            scopes: scopes.clone(),
             plan: None,
             created_at: now,
             expires_at: Some(session.expires_at),
