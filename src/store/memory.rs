@@ -23,10 +23,24 @@ type IdMap<K, V> = HashMap<K, V, ahash::RandomState>;
 struct Inner {
     by_id: IdMap<RecordId, Arc<KeyRecord>>,
     by_digest: DigestMap<Arc<KeyRecord>>,
-    by_key_id: IdMap<(String, KeyId), RecordId>,
+    /// `hashbrown` so that a lookup borrows the format name (see
+    /// [`KeyIdQuery`]) instead of allocating a `String` per request.
+    by_key_id: hashbrown::HashMap<(String, KeyId), RecordId, ahash::RandomState>,
     /// Records of each (workspace, project), so the active-key cap is
     /// checked against one project's records, not all of them.
     by_project: IdMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
+}
+
+/// A borrowed `(format, key id)` key of `by_key_id`. It hashes exactly as
+/// the owned tuple does (`str` and `String` hash alike), so lookups need no
+/// allocation.
+#[derive(Hash)]
+struct KeyIdQuery<'a>(&'a str, &'a KeyId);
+
+impl hashbrown::Equivalent<(String, KeyId)> for KeyIdQuery<'_> {
+    fn equivalent(&self, key: &(String, KeyId)) -> bool {
+        self.0 == key.0 && *self.1 == key.1
+    }
 }
 
 impl Inner {
@@ -67,7 +81,7 @@ impl MemoryKeyStore {
         let inner = Inner {
             by_id: IdMap::with_capacity_and_hasher(n, ahash::RandomState::new()),
             by_digest: DigestMap::with_capacity_and_hasher(n, DigestBuildHasher::default()),
-            by_key_id: IdMap::default(),
+            by_key_id: hashbrown::HashMap::default(),
             by_project: IdMap::default(),
         };
         Self { inner: Arc::new(RwLock::new(inner)) }
@@ -113,7 +127,7 @@ impl MemoryKeyStore {
                 return InsertOutcome::DuplicateKey;
             }
             if let Some(kid) = record.key_id
-                && i.by_key_id.contains_key(&(record.format.clone(), kid))
+                && i.by_key_id.contains_key(&KeyIdQuery(&record.format, &kid))
             {
                 return InsertOutcome::DuplicateKey;
             }
@@ -176,7 +190,7 @@ impl KeyStore for MemoryKeyStore {
         key_id: &KeyId,
     ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
         let found = self.read(|i| {
-            i.by_key_id.get(&(format.to_owned(), *key_id)).and_then(|id| i.by_id.get(id)).cloned()
+            i.by_key_id.get(&KeyIdQuery(format, key_id)).and_then(|id| i.by_id.get(id)).cloned()
         });
         ready(Ok(found))
     }
