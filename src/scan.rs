@@ -292,30 +292,29 @@ impl Scanner {
         // starting at least that far before the end of the buffer can be
         // decided without more input.
         let lookahead = self.max_len + 1;
-        let chunk = self.chunk;
-        let mut buf = Vec::with_capacity(chunk + lookahead);
+        // Allocated and zeroed once: refilling reads into the free tail.
+        let mut buf = vec![0u8; self.chunk + lookahead];
+        let mut filled = 0;
         let mut base = 0u64;
         let mut prev: Option<u8> = None;
         let mut eof = false;
         loop {
             if !eof {
-                let have = buf.len();
-                buf.resize(have + chunk, 0);
                 let n = loop {
-                    match input.read(&mut buf[have..]) {
+                    match input.read(&mut buf[filled..]) {
                         Ok(n) => break n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(e),
                     }
                 };
-                buf.truncate(have + n);
+                filled += n;
                 eof = n == 0;
-                if !eof && buf.len() < chunk + lookahead {
+                if !eof && filled < buf.len() {
                     continue; // keep filling before deciding anything
                 }
             }
-            let limit = if eof { buf.len() } else { buf.len() - lookahead };
-            let block = &buf[..];
+            let limit = if eof { filled } else { filled - lookahead };
+            let block = &buf[..filled];
             let last_end = self.scan_block(block, prev, limit, |start, end, format, hint_len| {
                 sink.key(block, base, start, end, format, hint_len);
             });
@@ -324,7 +323,8 @@ impl Scanner {
             if consumed > 0 {
                 prev = Some(buf[consumed - 1]);
             }
-            buf.drain(..consumed);
+            buf.copy_within(consumed..filled, 0);
+            filled -= consumed;
             base += consumed as u64;
             if eof {
                 return Ok(());
