@@ -6,6 +6,8 @@
 use std::fmt;
 use std::io::{self, Read, Write};
 
+use aho_corasick::{AhoCorasick, Input, MatchKind, Span, packed};
+
 use crate::format::{FormatSet, KeyFormat, Segment};
 
 /// What the redactor writes after a key's hint.
@@ -110,12 +112,20 @@ impl fmt::Debug for Match {
 /// rule puts a non-word byte or the edge of the input on both sides, so a key
 /// is always a whole run of word bytes — and a long one: no valid format has
 /// keys under 24 bytes (a secret carries 128 bits in symbols of at most 62
-/// values), no preset under 40. The scanner tests 16-byte groups, a few
-/// vector instructions each, spaced so that every run as long as the
-/// shortest key contains one. Only runs around a group of word bytes are
-/// looked at, and only runs of a length some format has are matched against
-/// the formats' literal prefixes and parsed: in ordinary text most bytes are
-/// never read.
+/// values), no preset under 40. A key also starts with a literal prefix
+/// (`nh_`, `sk_live_`, …). The scanner looks for either, span by span, and
+/// switches to the other when the one it uses keeps finding candidates that
+/// are not keys:
+///
+/// - *runs*: tests 16-byte groups, a few vector instructions each, spaced so
+///   that every run as long as the shortest key contains one, and looks
+///   closer only at long runs. Fast on ordinary logs, whose words are short
+///   but full of look-alike prefixes (`nh_count`, `sk_total`).
+/// - *prefixes*: a SIMD multi-literal search (Teddy). Fast on logs full of
+///   hashes and trace ids, which are long runs without prefixes.
+///
+/// Either way a candidate is a whole run of a length some format has, is
+/// matched against the formats' literal prefixes, and is parsed.
 #[derive(Clone)]
 pub struct Scanner {
     formats: FormatSet,
@@ -124,6 +134,10 @@ pub struct Scanner {
     prefixes: Vec<Box<[u8]>>,
     /// Pattern `i` belongs to format `owners[i]`.
     owners: Vec<usize>,
+    /// Finds the `prefixes` in the input.
+    searcher: Prefixes,
+    /// Longest of the `prefixes`.
+    longest_prefix: usize,
     /// `lengths[n]`: some format has keys of `n` bytes (a superset is fine:
     /// the parser decides).
     lengths: Vec<bool>,
@@ -132,7 +146,38 @@ pub struct Scanner {
     max_len: usize,
     /// Bytes read per streaming step.
     chunk: usize,
+    tuning: Tuning,
 }
+
+/// How the scanner finds candidates in the next span of input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Search {
+    /// Runs of word bytes at least as long as the shortest key.
+    Runs,
+    /// The formats' literal prefixes.
+    Prefixes,
+}
+
+/// When the scanner switches between [`Search`] modes.
+#[derive(Clone, Copy, Debug)]
+struct Tuning {
+    /// The mode of the first span.
+    start: Search,
+    /// Bytes of input per decision.
+    span: usize,
+    /// Switch from [`Search::Runs`] after more wasted candidates than this
+    /// in a span.
+    runs_waste: usize,
+    /// Switch from [`Search::Prefixes`] after more than this.
+    prefixes_waste: usize,
+}
+
+/// A wasted candidate costs about 15 ns in runs mode and 35 ns in prefix
+/// mode; a 4 KiB span costs about 300 ns in either when nothing is found.
+/// Switching at roughly that much waste keeps each mode near its best, and
+/// a key-dense input (where both find mostly keys) in runs mode.
+const TUNING: Tuning =
+    Tuning { start: Search::Runs, span: 4096, runs_waste: 32, prefixes_waste: 8 };
 
 impl fmt::Debug for Scanner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -140,15 +185,55 @@ impl fmt::Debug for Scanner {
     }
 }
 
+/// The prefix searcher: SIMD Teddy where the CPU has it, else an
+/// Aho-Corasick automaton, over the literal prefixes of [`literal_prefixes`].
+///
+/// Teddy fingerprints the first three bytes of each prefix (`nhk`, `nk_`,
+/// `sk_`, …), which is far more selective on real logs than the automaton's
+/// default rare-byte prefilter: `_`, `n` and `k` are common in log text.
+#[derive(Clone, Debug)]
+enum Prefixes {
+    Packed(packed::Searcher),
+    Automaton(AhoCorasick),
+}
+
+impl Prefixes {
+    fn new(prefixes: &[String]) -> Self {
+        let mut cfg = packed::Config::new();
+        cfg.match_kind(packed::MatchKind::LeftmostFirst);
+        if let Some(s) = cfg.builder().extend(prefixes).build() {
+            return Self::Packed(s);
+        }
+        // Prefixes end in `_`, which no name contains, so no prefix is a
+        // proper prefix of another: leftmost-first and leftmost-longest agree.
+        let ac = AhoCorasick::builder()
+            .match_kind(MatchKind::LeftmostFirst)
+            .build(prefixes)
+            .expect("a handful of short prefixes always builds");
+        Self::Automaton(ac)
+    }
+
+    /// The first prefix within `hay[from..to]`: (start, end).
+    #[inline]
+    fn find(&self, hay: &[u8], from: usize, to: usize) -> Option<(usize, usize)> {
+        match self {
+            Self::Packed(s) => s.find_in(hay, Span::from(from..to)).map(|m| (m.start(), m.end())),
+            Self::Automaton(ac) => {
+                ac.find(Input::new(hay).range(from..to)).map(|m| (m.start(), m.end()))
+            }
+        }
+    }
+}
+
 /// The literal prefixes a key can start with, and the format each belongs to.
 ///
 /// A format with environments contributes `{name}_{env}_` for each (so
-/// `sk_live_` and `sk_test_`): runs like `sk_totally_not_a_key…` are then
-/// rejected by a comparison instead of costing a parse. Falls back to
-/// `{name}_` alone when the expansion would exceed 64 literals, which bounds
-/// the work per candidate run.
+/// `sk_live_` and `sk_test_`): words like `sk_total` in ordinary logs are
+/// then rejected inside the SIMD search instead of costing a parse. Falls
+/// back to `{name}_` alone when the expansion would exceed the packed
+/// searcher's pattern budget.
 fn literal_prefixes(formats: &FormatSet) -> (Vec<String>, Vec<usize>) {
-    const EXPANDED_MAX: usize = 64;
+    const PACKED_MAX: usize = 64;
     let expanded = formats
         .formats()
         .iter()
@@ -161,7 +246,7 @@ fn literal_prefixes(formats: &FormatSet) -> (Vec<String>, Vec<usize>) {
     let mut owners = Vec::with_capacity(expanded);
     for (i, f) in formats.formats().iter().enumerate() {
         match f.segment() {
-            Segment::Environments(envs) if expanded <= EXPANDED_MAX => {
+            Segment::Environments(envs) if expanded <= PACKED_MAX => {
                 for env in envs {
                     patterns.push(format!("{}_{}_", f.name(), env.as_str()));
                     owners.push(i);
@@ -244,9 +329,16 @@ impl Scanner {
     }
 
     /// A scanner for `formats`.
+    ///
+    /// # Panics
+    ///
+    /// Never in practice: format names are at most 16 ASCII bytes, far below
+    /// the automaton's limits.
     #[must_use]
     pub fn new(formats: FormatSet) -> Self {
         let (patterns, owners) = literal_prefixes(&formats);
+        let searcher = Prefixes::new(&patterns);
+        let longest_prefix = patterns.iter().map(String::len).max().unwrap_or(0);
         let prefixes = patterns.into_iter().map(|p| p.into_bytes().into_boxed_slice()).collect();
         let max_len = formats.max_len();
         let mut lengths = vec![false; max_len + 1];
@@ -257,7 +349,18 @@ impl Scanner {
             min_len = min_len.min(lo);
         }
         let min_len = if formats.formats().is_empty() { 0 } else { min_len };
-        Self { formats, prefixes, owners, lengths, min_len, max_len, chunk: CHUNK }
+        Self {
+            formats,
+            prefixes,
+            owners,
+            searcher,
+            longest_prefix,
+            lengths,
+            min_len,
+            max_len,
+            chunk: CHUNK,
+            tuning: TUNING,
+        }
     }
 
     /// Sets how many bytes are read per streaming step (default 64 KiB,
@@ -278,7 +381,8 @@ impl Scanner {
     /// order: the cheapest way to find keys in memory (no line numbers, no
     /// allocation).
     pub fn for_each_key(&self, haystack: &[u8], mut on_key: impl FnMut(usize, usize, &KeyFormat)) {
-        self.scan_block(haystack, None, haystack.len(), |start, end, format, _| {
+        let mut search = self.tuning.start;
+        self.scan_block(haystack, None, haystack.len(), &mut search, |start, end, format, _| {
             on_key(start, end, format);
         });
     }
@@ -288,8 +392,9 @@ impl Scanner {
     pub fn find_all(&self, haystack: &[u8]) -> Vec<Match> {
         let mut out = Vec::new();
         let mut lines = LineCounter::default();
-        self.scan_block(haystack, None, haystack.len(), |start, end, format, hint_len| {
-            out.push(lines.make_match(haystack, 0, start, end, format, hint_len));
+        let mut search = self.tuning.start;
+        self.scan_block(haystack, None, haystack.len(), &mut search, |start, end, format, len| {
+            out.push(lines.make_match(haystack, 0, start, end, format, len));
         });
         out
     }
@@ -331,6 +436,7 @@ impl Scanner {
         let mut base = 0u64;
         let mut prev: Option<u8> = None;
         let mut eof = false;
+        let mut search = self.tuning.start;
         loop {
             if !eof {
                 let n = loop {
@@ -348,9 +454,10 @@ impl Scanner {
             }
             let limit = if eof { filled } else { filled - lookahead };
             let block = &buf[..filled];
-            let last_end = self.scan_block(block, prev, limit, |start, end, format, hint_len| {
-                sink.key(block, base, start, end, format, hint_len);
-            });
+            let last_end =
+                self.scan_block(block, prev, limit, &mut search, |start, end, format, hint_len| {
+                    sink.key(block, base, start, end, format, hint_len);
+                });
             let consumed = last_end.max(limit);
             sink.flush(block, base, consumed)?;
             if consumed > 0 {
@@ -366,42 +473,148 @@ impl Scanner {
     }
 
     /// Reports every key in `hay` that starts before `limit`, given the byte
-    /// `prev` before `hay[0]`. Returns the end of the last key reported (or 0).
+    /// `prev` before `hay[0]`, searching span by span in the mode `search`
+    /// (updated as it goes). Returns the end of the last key reported (or 0).
     /// `on_key(start, end, format, hint_len)`.
     fn scan_block(
         &self,
         hay: &[u8],
         prev: Option<u8>,
         limit: usize,
+        search: &mut Search,
         mut on_key: impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> usize {
-        let continues = prev.is_some_and(is_word);
+        if self.min_len == 0 {
+            return 0; // no formats
+        }
         let mut last_end = 0;
-        // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
+        let mut report = |start, end, format: &KeyFormat, hint_len| {
+            last_end = end;
+            on_key(start, end, format, hint_len);
+        };
+        // Invariant: every run of word bytes that starts before `from` has
+        // been decided.
         let mut from = 0;
-        while let Some((start, end)) = self.next_run(hay, from, limit) {
+        while from < limit {
+            let in_run = match from {
+                0 => prev.is_some_and(is_word),
+                _ => is_word(hay[from - 1]),
+            };
+            let to = (from + self.tuning.span).min(limit);
+            let mut waste = 0;
+            let (resume, allowed, other) = match *search {
+                Search::Runs => (
+                    self.runs_in(hay, from, to, in_run, &mut waste, &mut report),
+                    self.tuning.runs_waste,
+                    Search::Prefixes,
+                ),
+                Search::Prefixes => (
+                    self.prefixes_in(hay, from, to, in_run, &mut waste, &mut report),
+                    self.tuning.prefixes_waste,
+                    Search::Runs,
+                ),
+            };
+            if waste > allowed {
+                *search = other;
+            }
+            from = resume;
+        }
+        last_end
+    }
+
+    /// Reports the keys starting in `hay[from..to]` by looking for long runs
+    /// of word bytes; `in_run` says `hay[from - 1]` (or the byte before the
+    /// block) is a word byte. Counts the candidates that are not keys in
+    /// `waste`. Returns where the next span starts: every run starting
+    /// before it has been decided.
+    fn runs_in(
+        &self,
+        hay: &[u8],
+        mut from: usize,
+        to: usize,
+        in_run: bool,
+        waste: &mut usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> usize {
+        if in_run {
+            // The run at `from` began earlier: it has been decided.
+            from = first_non_word(hay, from, hay.len()) + 1;
+        }
+        // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
+        while let Some((start, end)) = self.next_run(hay, from, to, waste) {
             if end - start > self.max_len {
                 // Longer than any key: skip the rest of it.
+                *waste += 1;
                 from = first_non_word(hay, end, hay.len()) + 1;
                 continue;
             }
             from = end + 1;
-            // A run at 0 that began in the previous block is not a key.
-            if (start == 0 && continues) || !self.lengths[end - start] {
-                continue;
-            }
-            let token = &hay[start..end];
-            let Some(i) = self.prefixes.iter().position(|p| token.starts_with(p)) else {
-                continue;
-            };
-            let format = &self.formats.formats()[self.owners[i]];
-            if let Ok(parts) = format.parse_bytes(token) {
-                let hint_len = format.hint_of(token, &parts).len();
-                on_key(start, end, format, hint_len);
-                last_end = end;
+            if !self.check(hay, start, end, on_key) {
+                *waste += 1;
             }
         }
-        last_end
+        from.max(to)
+    }
+
+    /// As [`runs_in`](Self::runs_in), by searching for the literal prefixes.
+    fn prefixes_in(
+        &self,
+        hay: &[u8],
+        from: usize,
+        to: usize,
+        in_run: bool,
+        waste: &mut usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> usize {
+        // Prefixes starting before `to` end before this.
+        let search_end = (to + self.longest_prefix).min(hay.len());
+        let mut pos = from;
+        while pos < to {
+            let Some((start, hit_end)) = self.searcher.find(hay, pos, search_end) else { break };
+            if start >= to {
+                break;
+            }
+            let before_is_word = if start == from { in_run } else { is_word(hay[start - 1]) };
+            if before_is_word {
+                // Inside a word: no key can start anywhere in this word.
+                *waste += 1;
+                pos = hit_end;
+                continue;
+            }
+            // The run goes on to the next non-word byte; keys are never
+            // longer than `max_len`, so look no further than that.
+            let cap = (start + self.max_len + 1).min(hay.len());
+            let end = first_non_word(hay, hit_end, cap);
+            if end - start > self.max_len || !self.check(hay, start, end, on_key) {
+                *waste += 1;
+            }
+            pos = end.max(hit_end);
+        }
+        pos.max(to)
+    }
+
+    /// Reports the run `hay[start..end]` (at most `max_len` bytes, a whole
+    /// run of word bytes) if it is a key; returns whether it was.
+    #[inline]
+    fn check(
+        &self,
+        hay: &[u8],
+        start: usize,
+        end: usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> bool {
+        if !self.lengths[end - start] {
+            return false;
+        }
+        let token = &hay[start..end];
+        let Some(i) = self.prefixes.iter().position(|p| token.starts_with(p)) else {
+            return false;
+        };
+        let format = &self.formats.formats()[self.owners[i]];
+        let Ok(parts) = format.parse_bytes(token) else { return false };
+        let hint_len = format.hint_of(token, &parts).len();
+        on_key(start, end, format, hint_len);
+        true
     }
 
     /// The first run of at least `min_len` word bytes that starts at or
@@ -414,11 +627,17 @@ impl Scanner {
     /// `min_len - GROUP + 1`: only those groups are tested, and a run is
     /// looked at only around a group made of word bytes alone.
     #[inline]
-    fn next_run(&self, hay: &[u8], from: usize, limit: usize) -> Option<(usize, usize)> {
+    fn next_run(
+        &self,
+        hay: &[u8],
+        from: usize,
+        limit: usize,
+        waste: &mut usize,
+    ) -> Option<(usize, usize)> {
         let min = self.min_len;
         if min < GROUP {
-            // No valid format is this short; an empty set lands here (0).
-            return if min == 0 { None } else { self.next_run_bytewise(hay, from, limit) };
+            // No valid format is this short.
+            return self.next_run_bytewise(hay, from, limit);
         }
         let stride = min - GROUP + 1;
         // A run starting before `limit` has a tested group before this.
@@ -437,6 +656,7 @@ impl Scanner {
                     return Some((start, end));
                 }
                 // Too short: look on after it.
+                *waste += 1;
                 g = end + 1;
                 continue;
             }

@@ -402,6 +402,7 @@ proptest! {
     fn scanning_agrees_with_the_run_by_run_reference(
         pieces in prop::collection::vec(piece(), 0..40),
         chunk in 1usize..160,
+        span in 1usize..300,
     ) {
         let hay = pieces.concat();
         for set in [custom_set(), FormatSet::presets()] {
@@ -416,14 +417,51 @@ proptest! {
                 t.min_len = min;
                 prop_assert_eq!(found(&t, &hay), want.clone(), "min_len {}", min);
             }
-            let mut streamed = Vec::new();
-            s.clone()
-                .chunk_size(chunk)
-                .scan_reader(Trickle(&hay, chunk / 3 + 1), |m| {
-                    streamed.push((usize::try_from(m.offset()).unwrap(), m.len(), m.format()));
-                })
-                .unwrap();
-            prop_assert_eq!(streamed, want);
+            // Each search mode alone, and switching at every wasted
+            // candidate, over spans of any length.
+            for (start, waste) in [
+                (Search::Runs, usize::MAX),
+                (Search::Prefixes, usize::MAX),
+                (Search::Runs, 0),
+                (Search::Prefixes, 0),
+                (Search::Runs, 1),
+            ] {
+                let tuning = Tuning { start, span, runs_waste: waste, prefixes_waste: waste };
+                let mut t = s.clone();
+                t.tuning = tuning;
+                prop_assert_eq!(found(&t, &hay), want.clone(), "{:?}", tuning);
+                let mut streamed = Vec::new();
+                t.chunk_size(chunk)
+                    .scan_reader(Trickle(&hay, chunk / 3 + 1), |m| {
+                        streamed.push((usize::try_from(m.offset()).unwrap(), m.len(), m.format()));
+                    })
+                    .unwrap();
+                prop_assert_eq!(streamed, want.clone(), "{:?} chunk {}", tuning, chunk);
+            }
         }
     }
+}
+
+#[test]
+fn the_search_switches_to_prefixes_on_long_ids_and_back_on_look_alikes() {
+    let s = Scanner::presets();
+    let key = format!("nh_{HEX64}");
+    // Hex ids: long runs without prefixes; then short look-alike words.
+    let ids = format!("id={} ", "0123456789abcdef0123456789abcdef0123456789");
+    let words = "nh_count=1 sk_total=2 nhk_region=3 ";
+    let mut text = ids.repeat(TUNING.span / ids.len() * 2);
+    text.push_str(&key);
+    text.push(' ');
+    text.push_str(&words.repeat(TUNING.span / words.len() * 2));
+    text.push_str(&key);
+    let mut search = Search::Runs;
+    let mut modes = Vec::new();
+    for span in text.as_bytes().chunks(TUNING.span) {
+        s.scan_block(span, None, span.len(), &mut search, |_, _, _, _| {});
+        modes.push(search);
+    }
+    // Ids turn the prefix search on, look-alike words turn it off again.
+    assert!(modes.contains(&Search::Prefixes), "{modes:?}");
+    assert_eq!(modes.last(), Some(&Search::Runs), "{modes:?}");
+    assert_eq!(s.find_all(text.as_bytes()).len(), 2);
 }
