@@ -371,6 +371,18 @@ impl Scanner {
         self
     }
 
+    /// For the fuzzer only (`cargo fuzz` sets `cfg(fuzzing)`): spans of
+    /// `span` bytes, the prefix search first if `prefixes`, a switch after
+    /// more than `waste` wasted candidates in a span.
+    #[cfg(fuzzing)]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn fuzz_tuning(mut self, prefixes: bool, span: usize, waste: usize) -> Self {
+        let start = if prefixes { Search::Prefixes } else { Search::Runs };
+        self.tuning = Tuning { start, span: span.max(1), runs_waste: waste, prefixes_waste: waste };
+        self
+    }
+
     /// The formats searched for.
     #[must_use]
     pub fn formats(&self) -> &FormatSet {

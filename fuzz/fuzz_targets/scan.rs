@@ -1,9 +1,10 @@
 //! Scanning never panics; every match parses as a key of its format; every
 //! run of word bytes that parses is matched (the boundary rule applied
 //! literally, so no key is skipped); the redacted output contains no key;
-//! streaming in small chunks agrees with scanning in memory. Runs for the
-//! presets and for a set whose shortest key (24 bytes) is the smallest the
-//! format rules allow, with a checksummed format.
+//! streaming in small chunks agrees with scanning in memory, whichever
+//! search mode (long runs, prefixes) runs when. Runs for the presets and for
+//! a set whose shortest key (24 bytes) is the smallest the format rules
+//! allow, with a checksummed format.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -59,6 +60,20 @@ fn check(scanner: &Scanner, data: &[u8]) {
     let mut streamed = Vec::new();
     scanner.clone().chunk_size(chunk).scan_reader(data, |m| streamed.push(m.clone())).unwrap();
     assert_eq!(streamed, found);
+    // Either search mode first, spans and switching thresholds from the
+    // input: the same keys.
+    let span = usize::from(data.get(1).copied().unwrap_or(0)) * 4 + 1;
+    let waste = match data.get(2).copied().unwrap_or(0) {
+        w @ 0..=7 => usize::from(w),
+        _ => usize::MAX,
+    };
+    for prefixes in [false, true] {
+        let tuned = scanner.clone().fuzz_tuning(prefixes, span, waste);
+        assert_eq!(tuned.find_all(data), found);
+        let mut streamed = Vec::new();
+        tuned.chunk_size(chunk).scan_reader(data, |m| streamed.push(m.clone())).unwrap();
+        assert_eq!(streamed, found);
+    }
     let mut out = Vec::new();
     let n = scanner.redact(data, &mut out).unwrap();
     assert_eq!(n, found.len() as u64);
