@@ -1,5 +1,6 @@
 //! Scan and redact throughput against the `regex` crate searching the union
-//! of the presets' patterns, on a realistic log and a key-dense corpus.
+//! of the presets' patterns, on a realistic log, a key-dense corpus, and a
+//! log full of key-length identifiers (the run search's hard case).
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use keygate::format::{FormatSet, MintSpec};
@@ -89,6 +90,39 @@ fn realistic(keys: &[String]) -> Vec<u8> {
     out
 }
 
+/// About 4 MB of log lines full of long identifiers (commit hashes, trace
+/// ids, hex digests, base62 session ids), one line in 500 with a key: many
+/// runs of word bytes as long as keys, which the scanner must look at.
+fn ids(keys: &[String]) -> Vec<u8> {
+    let mut rng = Xs(0x2545_f491_4f6c_dd1d);
+    let mut word = |n: usize, alphabet: &[u8]| -> String {
+        (0..n)
+            .map(|_| char::from(alphabet[(rng.next() % alphabet.len() as u64) as usize]))
+            .collect()
+    };
+    let hex = b"0123456789abcdef";
+    let b62 = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::with_capacity(4_200_000);
+    let mut i = 0u64;
+    while out.len() < 4_000_000 {
+        i += 1;
+        let line = format!(
+            "2026-01-09T12:00:00Z DEBUG deploy commit={} trace_id={} span_id={} session={} etag=\"{}\"\n",
+            word(40, hex),
+            word(32, hex),
+            word(16, hex),
+            word(24, b62),
+            word(64, hex),
+        );
+        out.extend_from_slice(line.as_bytes());
+        if i.is_multiple_of(500) {
+            let k = &keys[(i / 500 % keys.len() as u64) as usize];
+            out.extend_from_slice(format!("WARN leaked Authorization: Bearer {k}\n").as_bytes());
+        }
+    }
+    out
+}
+
 /// About 1 MB that is mostly keys, with near-misses between them.
 fn dense(keys: &[String]) -> Vec<u8> {
     let mut rng = Xs(42);
@@ -107,7 +141,9 @@ fn bench(c: &mut Criterion) {
     let keys = keys();
     let scanner = Scanner::presets();
     let re = Regex::new(UNION).unwrap();
-    for (name, corpus) in [("realistic", realistic(&keys)), ("dense", dense(&keys))] {
+    for (name, corpus) in
+        [("realistic", realistic(&keys)), ("dense", dense(&keys)), ("ids", ids(&keys))]
+    {
         // Both sides must find the same keys, or the comparison is meaningless.
         assert_eq!(scanner.find_all(&corpus).len(), re.find_iter(&corpus).count());
         let mut g = c.benchmark_group(format!("scan/{name}"));

@@ -105,18 +105,79 @@ impl fmt::Debug for Match {
 /// scanner.redact(log.as_bytes(), &mut out).unwrap();
 /// assert_eq!(out, format!("GET /ping key={}[REDACTED] 200\n", key.hint()).into_bytes());
 /// ```
+///
+/// # How it searches
+///
+/// Keys hold word bytes only (ASCII letters, digits, `_`), and the boundary
+/// rule puts a non-word byte or the edge of the input on both sides, so a key
+/// is always a whole run of word bytes — and a long one: no valid format has
+/// keys under 24 bytes (a secret carries 128 bits in symbols of at most 62
+/// values), no preset under 40. A key also starts with a literal prefix
+/// (`nh_`, `sk_live_`, …). The scanner looks for either, span by span, and
+/// switches to the other when the one it uses keeps finding candidates that
+/// are not keys:
+///
+/// - *runs*: tests 16-byte groups, a few vector instructions each, spaced so
+///   that every run as long as the shortest key contains one, and looks
+///   closer only at long runs. Fast on ordinary logs, whose words are short
+///   but full of look-alike prefixes (`nh_count`, `sk_total`).
+/// - *prefixes*: a SIMD multi-literal search (Teddy). Fast on logs full of
+///   hashes and trace ids, which are long runs without prefixes.
+///
+/// Either way a candidate is a whole run of a length some format has, is
+/// matched against the formats' literal prefixes, and is parsed.
 #[derive(Clone)]
 pub struct Scanner {
     formats: FormatSet,
-    /// Searches for every format's literal prefix: `{name}_`, or
-    /// `{name}_{env}_` for each environment of a format that has them.
-    prefixes: Prefixes,
+    /// The literal prefixes of [`literal_prefixes`]: a run that starts with
+    /// `prefixes[i]` can only be a key of format `owners[i]`.
+    prefixes: Vec<Box<[u8]>>,
     /// Pattern `i` belongs to format `owners[i]`.
     owners: Vec<usize>,
+    /// Finds the `prefixes` in the input.
+    searcher: Prefixes,
+    /// Longest of the `prefixes`.
+    longest_prefix: usize,
+    /// `lengths[n]`: some format has keys of `n` bytes (a superset is fine:
+    /// the parser decides).
+    lengths: Vec<bool>,
+    /// Shortest key of any format; 0 for an empty set.
+    min_len: usize,
     max_len: usize,
     /// Bytes read per streaming step.
     chunk: usize,
+    tuning: Tuning,
 }
+
+/// How the scanner finds candidates in the next span of input.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Search {
+    /// Runs of word bytes at least as long as the shortest key.
+    Runs,
+    /// The formats' literal prefixes.
+    Prefixes,
+}
+
+/// When the scanner switches between [`Search`] modes.
+#[derive(Clone, Copy, Debug)]
+struct Tuning {
+    /// The mode of the first span.
+    start: Search,
+    /// Bytes of input per decision.
+    span: usize,
+    /// Switch from [`Search::Runs`] after more wasted candidates than this
+    /// in a span.
+    runs_waste: usize,
+    /// Switch from [`Search::Prefixes`] after more than this.
+    prefixes_waste: usize,
+}
+
+/// A wasted candidate costs about 15 ns in runs mode and 35 ns in prefix
+/// mode; a 4 KiB span costs about 300 ns in either when nothing is found.
+/// Switching at roughly that much waste keeps each mode near its best, and
+/// a key-dense input (where both find mostly keys) in runs mode.
+const TUNING: Tuning =
+    Tuning { start: Search::Runs, span: 4096, runs_waste: 32, prefixes_waste: 8 };
 
 impl fmt::Debug for Scanner {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -152,21 +213,19 @@ impl Prefixes {
         Self::Automaton(ac)
     }
 
-    /// The first prefix at or after `from`: (start, end, pattern index).
+    /// The first prefix within `hay[from..to]`: (start, end).
     #[inline]
-    fn find(&self, hay: &[u8], from: usize) -> Option<(usize, usize, usize)> {
+    fn find(&self, hay: &[u8], from: usize, to: usize) -> Option<(usize, usize)> {
         match self {
-            Self::Packed(s) => s
-                .find_in(hay, Span::from(from..hay.len()))
-                .map(|m| (m.start(), m.end(), m.pattern().as_usize())),
-            Self::Automaton(ac) => ac
-                .find(Input::new(hay).range(from..))
-                .map(|m| (m.start(), m.end(), m.pattern().as_usize())),
+            Self::Packed(s) => s.find_in(hay, Span::from(from..to)).map(|m| (m.start(), m.end())),
+            Self::Automaton(ac) => {
+                ac.find(Input::new(hay).range(from..to)).map(|m| (m.start(), m.end()))
+            }
         }
     }
 }
 
-/// The literal prefixes to search for, and the format each belongs to.
+/// The literal prefixes a key can start with, and the format each belongs to.
 ///
 /// A format with environments contributes `{name}_{env}_` for each (so
 /// `sk_live_` and `sk_test_`): words like `sk_total` in ordinary logs are
@@ -202,8 +261,64 @@ fn literal_prefixes(formats: &FormatSet) -> (Vec<String>, Vec<usize>) {
     (patterns, owners)
 }
 
+/// Whether `b` is an ASCII letter, digit or `_`, without branches or tables
+/// so that loops over it vectorize (hence `|`, not `||`).
+#[inline]
+#[allow(clippy::needless_bitwise_bool)]
 const fn is_word(b: u8) -> bool {
-    b.is_ascii_alphanumeric() || b == b'_'
+    ((b | 0x20).wrapping_sub(b'a') < 26) | (b.wrapping_sub(b'0') < 10) | (b == b'_')
+}
+
+/// Bytes the run search tests at once: one SSE2 or NEON register.
+const GROUP: usize = 16;
+
+/// Whether every byte of `group` is a word byte. Compiles to a handful of
+/// vector instructions.
+// Measured: with plain `#[inline]` LLVM may leave this a call in the loop.
+#[allow(clippy::inline_always)]
+#[inline(always)]
+fn all_word(group: &[u8; GROUP]) -> bool {
+    group.iter().fold(true, |all, &b| all & is_word(b))
+}
+
+/// Byte `i` of the result (bits `8i..8i + 8`) is `0xFF` where `group[i]` is
+/// not a word byte, else 0. Also vectorizes.
+#[allow(clippy::inline_always)] // as for `all_word`
+#[inline(always)]
+fn non_word_mask(group: &[u8; GROUP]) -> u128 {
+    let mut m = [0u8; GROUP];
+    for (m, &b) in m.iter_mut().zip(group) {
+        *m = if is_word(b) { 0 } else { 0xFF };
+    }
+    u128::from_le_bytes(m)
+}
+
+/// The first non-word byte of `hay[from..to]`, or `to`.
+#[inline]
+fn first_non_word(hay: &[u8], from: usize, to: usize) -> usize {
+    let mut i = from;
+    while let Some(group) = hay[i..to].first_chunk::<GROUP>() {
+        let m = non_word_mask(group);
+        if m != 0 {
+            return i + m.trailing_zeros() as usize / 8;
+        }
+        i += GROUP;
+    }
+    hay[i..to].iter().position(|&b| !is_word(b)).map_or(to, |j| i + j)
+}
+
+/// The last non-word byte of `hay[from..to]`, if any.
+#[inline]
+fn last_non_word(hay: &[u8], from: usize, to: usize) -> Option<usize> {
+    let mut i = to;
+    while let Some(group) = hay[from..i].last_chunk::<GROUP>() {
+        let m = non_word_mask(group);
+        if m != 0 {
+            return Some(i - 1 - m.leading_zeros() as usize / 8);
+        }
+        i -= GROUP;
+    }
+    hay[from..i].iter().rposition(|&b| !is_word(b)).map(|j| from + j)
 }
 
 impl Scanner {
@@ -222,9 +337,30 @@ impl Scanner {
     #[must_use]
     pub fn new(formats: FormatSet) -> Self {
         let (patterns, owners) = literal_prefixes(&formats);
-        let prefixes = Prefixes::new(&patterns);
+        let searcher = Prefixes::new(&patterns);
+        let longest_prefix = patterns.iter().map(String::len).max().unwrap_or(0);
+        let prefixes = patterns.into_iter().map(|p| p.into_bytes().into_boxed_slice()).collect();
         let max_len = formats.max_len();
-        Self { formats, prefixes, owners, max_len, chunk: CHUNK }
+        let mut lengths = vec![false; max_len + 1];
+        let mut min_len = usize::MAX;
+        for f in formats.formats() {
+            let (lo, hi) = f.len_range();
+            lengths[lo..=hi].fill(true);
+            min_len = min_len.min(lo);
+        }
+        let min_len = if formats.formats().is_empty() { 0 } else { min_len };
+        Self {
+            formats,
+            prefixes,
+            owners,
+            searcher,
+            longest_prefix,
+            lengths,
+            min_len,
+            max_len,
+            chunk: CHUNK,
+            tuning: TUNING,
+        }
     }
 
     /// Sets how many bytes are read per streaming step (default 64 KiB,
@@ -232,6 +368,18 @@ impl Scanner {
     #[must_use]
     pub fn chunk_size(mut self, bytes: usize) -> Self {
         self.chunk = bytes.max(1);
+        self
+    }
+
+    /// For the fuzzer only (`cargo fuzz` sets `cfg(fuzzing)`): spans of
+    /// `span` bytes, the prefix search first if `prefixes`, a switch after
+    /// more than `waste` wasted candidates in a span.
+    #[cfg(fuzzing)]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn fuzz_tuning(mut self, prefixes: bool, span: usize, waste: usize) -> Self {
+        let start = if prefixes { Search::Prefixes } else { Search::Runs };
+        self.tuning = Tuning { start, span: span.max(1), runs_waste: waste, prefixes_waste: waste };
         self
     }
 
@@ -245,7 +393,8 @@ impl Scanner {
     /// order: the cheapest way to find keys in memory (no line numbers, no
     /// allocation).
     pub fn for_each_key(&self, haystack: &[u8], mut on_key: impl FnMut(usize, usize, &KeyFormat)) {
-        self.scan_block(haystack, None, haystack.len(), |start, end, format, _| {
+        let mut search = self.tuning.start;
+        self.scan_block(haystack, None, haystack.len(), &mut search, |start, end, format, _| {
             on_key(start, end, format);
         });
     }
@@ -255,8 +404,9 @@ impl Scanner {
     pub fn find_all(&self, haystack: &[u8]) -> Vec<Match> {
         let mut out = Vec::new();
         let mut lines = LineCounter::default();
-        self.scan_block(haystack, None, haystack.len(), |start, end, format, hint_len| {
-            out.push(lines.make_match(haystack, 0, start, end, format, hint_len));
+        let mut search = self.tuning.start;
+        self.scan_block(haystack, None, haystack.len(), &mut search, |start, end, format, len| {
+            out.push(lines.make_match(haystack, 0, start, end, format, len));
         });
         out
     }
@@ -292,39 +442,41 @@ impl Scanner {
         // starting at least that far before the end of the buffer can be
         // decided without more input.
         let lookahead = self.max_len + 1;
-        let chunk = self.chunk;
-        let mut buf = Vec::with_capacity(chunk + lookahead);
+        // Allocated and zeroed once: refilling reads into the free tail.
+        let mut buf = vec![0u8; self.chunk + lookahead];
+        let mut filled = 0;
         let mut base = 0u64;
         let mut prev: Option<u8> = None;
         let mut eof = false;
+        let mut search = self.tuning.start;
         loop {
             if !eof {
-                let have = buf.len();
-                buf.resize(have + chunk, 0);
                 let n = loop {
-                    match input.read(&mut buf[have..]) {
+                    match input.read(&mut buf[filled..]) {
                         Ok(n) => break n,
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                         Err(e) => return Err(e),
                     }
                 };
-                buf.truncate(have + n);
+                filled += n;
                 eof = n == 0;
-                if !eof && buf.len() < chunk + lookahead {
+                if !eof && filled < buf.len() {
                     continue; // keep filling before deciding anything
                 }
             }
-            let limit = if eof { buf.len() } else { buf.len() - lookahead };
-            let block = &buf[..];
-            let last_end = self.scan_block(block, prev, limit, |start, end, format, hint_len| {
-                sink.key(block, base, start, end, format, hint_len);
-            });
+            let limit = if eof { filled } else { filled - lookahead };
+            let block = &buf[..filled];
+            let last_end =
+                self.scan_block(block, prev, limit, &mut search, |start, end, format, hint_len| {
+                    sink.key(block, base, start, end, format, hint_len);
+                });
             let consumed = last_end.max(limit);
             sink.flush(block, base, consumed)?;
             if consumed > 0 {
                 prev = Some(buf[consumed - 1]);
             }
-            buf.drain(..consumed);
+            buf.copy_within(consumed..filled, 0);
+            filled -= consumed;
             base += consumed as u64;
             if eof {
                 return Ok(());
@@ -333,44 +485,215 @@ impl Scanner {
     }
 
     /// Reports every key in `hay` that starts before `limit`, given the byte
-    /// `prev` before `hay[0]`. Returns the end of the last key reported (or 0).
+    /// `prev` before `hay[0]`, searching span by span in the mode `search`
+    /// (updated as it goes). Returns the end of the last key reported (or 0).
     /// `on_key(start, end, format, hint_len)`.
     fn scan_block(
         &self,
         hay: &[u8],
         prev: Option<u8>,
         limit: usize,
+        search: &mut Search,
         mut on_key: impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> usize {
-        let mut pos = 0;
+        if self.min_len == 0 {
+            return 0; // no formats
+        }
         let mut last_end = 0;
-        while pos < limit {
-            let Some((start, hit_end, pattern)) = self.prefixes.find(hay, pos) else { break };
-            if start >= limit {
+        let mut report = |start, end, format: &KeyFormat, hint_len| {
+            last_end = end;
+            on_key(start, end, format, hint_len);
+        };
+        // Invariant: every run of word bytes that starts before `from` has
+        // been decided.
+        let mut from = 0;
+        while from < limit {
+            let in_run = match from {
+                0 => prev.is_some_and(is_word),
+                _ => is_word(hay[from - 1]),
+            };
+            let to = (from + self.tuning.span).min(limit);
+            let mut waste = 0;
+            let (resume, allowed, other) = match *search {
+                Search::Runs => (
+                    self.runs_in(hay, from, to, in_run, &mut waste, &mut report),
+                    self.tuning.runs_waste,
+                    Search::Prefixes,
+                ),
+                Search::Prefixes => (
+                    self.prefixes_in(hay, from, to, in_run, &mut waste, &mut report),
+                    self.tuning.prefixes_waste,
+                    Search::Runs,
+                ),
+            };
+            if waste > allowed {
+                *search = other;
+            }
+            from = resume;
+        }
+        last_end
+    }
+
+    /// Reports the keys starting in `hay[from..to]` by looking for long runs
+    /// of word bytes; `in_run` says `hay[from - 1]` (or the byte before the
+    /// block) is a word byte. Counts the candidates that are not keys in
+    /// `waste`. Returns where the next span starts: every run starting
+    /// before it has been decided.
+    fn runs_in(
+        &self,
+        hay: &[u8],
+        mut from: usize,
+        to: usize,
+        in_run: bool,
+        waste: &mut usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> usize {
+        if in_run {
+            // The run at `from` began earlier: it has been decided.
+            from = first_non_word(hay, from, hay.len()) + 1;
+        }
+        // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
+        while let Some((start, end)) = self.next_run(hay, from, to, waste) {
+            if end - start > self.max_len {
+                // Longer than any key: skip the rest of it.
+                *waste += 1;
+                from = first_non_word(hay, end, hay.len()) + 1;
+                continue;
+            }
+            from = end + 1;
+            if !self.check(hay, start, end, on_key) {
+                *waste += 1;
+            }
+        }
+        from.max(to)
+    }
+
+    /// As [`runs_in`](Self::runs_in), by searching for the literal prefixes.
+    fn prefixes_in(
+        &self,
+        hay: &[u8],
+        from: usize,
+        to: usize,
+        in_run: bool,
+        waste: &mut usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> usize {
+        // Prefixes starting before `to` end before this.
+        let search_end = (to + self.longest_prefix).min(hay.len());
+        let mut pos = from;
+        while pos < to {
+            let Some((start, hit_end)) = self.searcher.find(hay, pos, search_end) else { break };
+            if start >= to {
                 break;
             }
-            let before = if start == 0 { prev } else { Some(hay[start - 1]) };
-            if before.is_some_and(is_word) {
+            let before_is_word = if start == from { in_run } else { is_word(hay[start - 1]) };
+            if before_is_word {
                 // Inside a word: no key can start anywhere in this word.
+                *waste += 1;
                 pos = hit_end;
                 continue;
             }
-            let format = &self.formats.formats()[self.owners[pattern]];
-            // The token runs to the next non-word byte; keys are never longer
-            // than `max_len`, so look no further than that.
+            // The run goes on to the next non-word byte; keys are never
+            // longer than `max_len`, so look no further than that.
             let cap = (start + self.max_len + 1).min(hay.len());
-            let end =
-                hay[hit_end..cap].iter().position(|&b| !is_word(b)).map_or(cap, |i| hit_end + i);
-            if end - start <= self.max_len
-                && let Ok(parts) = format.parse_bytes(&hay[start..end])
-            {
-                let hint_len = format.hint_of(&hay[start..end], &parts).len();
-                on_key(start, end, format, hint_len);
-                last_end = end;
+            let end = first_non_word(hay, hit_end, cap);
+            if end - start > self.max_len || !self.check(hay, start, end, on_key) {
+                *waste += 1;
             }
             pos = end.max(hit_end);
         }
-        last_end
+        pos.max(to)
+    }
+
+    /// Reports the run `hay[start..end]` (at most `max_len` bytes, a whole
+    /// run of word bytes) if it is a key; returns whether it was.
+    #[inline]
+    fn check(
+        &self,
+        hay: &[u8],
+        start: usize,
+        end: usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> bool {
+        if !self.lengths[end - start] {
+            return false;
+        }
+        let token = &hay[start..end];
+        let Some(i) = self.prefixes.iter().position(|p| token.starts_with(p)) else {
+            return false;
+        };
+        let format = &self.formats.formats()[self.owners[i]];
+        let Ok(parts) = format.parse_bytes(token) else { return false };
+        let hint_len = format.hint_of(token, &parts).len();
+        on_key(start, end, format, hint_len);
+        true
+    }
+
+    /// The first run of at least `min_len` word bytes that starts at or
+    /// after `from` and before `limit`, as `(start, end)` with `end` capped
+    /// at `start + max_len + 1` (so `end - start > max_len` means "longer
+    /// than any key"). `from` must be 0 or follow a non-word byte.
+    ///
+    /// A run of `min_len` bytes or more fully contains a group of [`GROUP`]
+    /// bytes starting at `from + k * stride` for some `k`, where `stride` is
+    /// `min_len - GROUP + 1`: only those groups are tested, and a run is
+    /// looked at only around a group made of word bytes alone.
+    #[inline]
+    fn next_run(
+        &self,
+        hay: &[u8],
+        from: usize,
+        limit: usize,
+        waste: &mut usize,
+    ) -> Option<(usize, usize)> {
+        let min = self.min_len;
+        if min < GROUP {
+            // No valid format is this short.
+            return self.next_run_bytewise(hay, from, limit);
+        }
+        let stride = min - GROUP + 1;
+        // A run starting before `limit` has a tested group before this.
+        let groups_end = limit + stride - 1;
+        let mut g = from;
+        while g < groups_end {
+            let group = hay.get(g..)?.first_chunk::<GROUP>()?;
+            if all_word(group) {
+                let start = last_non_word(hay, from, g).map_or(from, |i| i + 1);
+                if start >= limit {
+                    return None;
+                }
+                let cap = (start + self.max_len + 1).min(hay.len());
+                let end = first_non_word(hay, g + GROUP, cap);
+                if end - start >= min {
+                    return Some((start, end));
+                }
+                // Too short: look on after it.
+                *waste += 1;
+                g = end + 1;
+                continue;
+            }
+            g += stride;
+        }
+        None
+    }
+
+    /// [`next_run`](Self::next_run) one byte at a time, for a shortest key
+    /// under [`GROUP`] bytes (which format validation rules out).
+    fn next_run_bytewise(&self, hay: &[u8], from: usize, limit: usize) -> Option<(usize, usize)> {
+        let mut start = from;
+        while start < limit {
+            if !is_word(hay[start]) {
+                start += 1;
+                continue;
+            }
+            let cap = (start + self.max_len + 1).min(hay.len());
+            let end = first_non_word(hay, start, cap);
+            if end - start >= self.min_len {
+                return Some((start, end));
+            }
+            start = end + 1;
+        }
+        None
     }
 }
 

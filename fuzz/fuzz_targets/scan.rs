@@ -1,19 +1,51 @@
-//! Scanning never panics; every match parses as a key of its format; the
-//! redacted output contains no key; streaming in small chunks agrees with
-//! scanning in memory.
+//! Scanning never panics; every match parses as a key of its format; every
+//! run of word bytes that parses is matched (the boundary rule applied
+//! literally, so no key is skipped); the redacted output contains no key;
+//! streaming in small chunks agrees with scanning in memory, whichever
+//! search mode (long runs, prefixes) runs when. Runs for the presets and for
+//! a set whose shortest key (24 bytes) is the smallest the format rules
+//! allow, with a checksummed format.
 #![no_main]
 
 use std::sync::OnceLock;
 
-use keygate::format::FormatSet;
+use keygate::format::{Alphabet, Environment, FormatSet, KeyFormat, NH, SK};
 use keygate::scan::Scanner;
 use libfuzzer_sys::fuzz_target;
 
-static SCANNER: OnceLock<Scanner> = OnceLock::new();
+/// `a_` + 22 base62: the shortest valid key.
+const SHORT: KeyFormat = KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap();
+/// `chk_live_` + 22 base62 + 6 checksum characters.
+const CHK: KeyFormat = KeyFormat::builder("chk")
+    .environments(&[Environment::LIVE])
+    .secret(&Alphabet::BASE62, 22)
+    .crc32()
+    .build_unwrap();
 
-fuzz_target!(|data: &[u8]| {
-    let set = FormatSet::presets();
-    let scanner = SCANNER.get_or_init(|| Scanner::new(set.clone()));
+static SCANNERS: OnceLock<[Scanner; 2]> = OnceLock::new();
+
+/// Offsets and lengths of the maximal runs of word bytes that parse.
+fn reference(set: &FormatSet, data: &[u8]) -> Vec<(u64, usize)> {
+    let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < data.len() {
+        let len = data[i..].iter().take_while(|b| word(b)).count();
+        if len == 0 {
+            i += 1;
+            continue;
+        }
+        let token = std::str::from_utf8(&data[i..i + len]).unwrap();
+        if set.parse(token).is_ok() {
+            out.push((i as u64, len));
+        }
+        i += len;
+    }
+    out
+}
+
+fn check(scanner: &Scanner, data: &[u8]) {
+    let set = scanner.formats();
     let found = scanner.find_all(data);
     for m in &found {
         let start = usize::try_from(m.offset()).unwrap();
@@ -22,12 +54,40 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(key.format().name(), m.format());
         assert_eq!(key.hint(), m.hint());
     }
+    let spans: Vec<(u64, usize)> = found.iter().map(|m| (m.offset(), m.len())).collect();
+    assert_eq!(spans, reference(set, data));
     let chunk = usize::from(data.first().copied().unwrap_or(1)).max(1);
     let mut streamed = Vec::new();
     scanner.clone().chunk_size(chunk).scan_reader(data, |m| streamed.push(m.clone())).unwrap();
     assert_eq!(streamed, found);
+    // Either search mode first, spans and switching thresholds from the
+    // input: the same keys.
+    let span = usize::from(data.get(1).copied().unwrap_or(0)) * 4 + 1;
+    let waste = match data.get(2).copied().unwrap_or(0) {
+        w @ 0..=7 => usize::from(w),
+        _ => usize::MAX,
+    };
+    for prefixes in [false, true] {
+        let tuned = scanner.clone().fuzz_tuning(prefixes, span, waste);
+        assert_eq!(tuned.find_all(data), found);
+        let mut streamed = Vec::new();
+        tuned.chunk_size(chunk).scan_reader(data, |m| streamed.push(m.clone())).unwrap();
+        assert_eq!(streamed, found);
+    }
     let mut out = Vec::new();
     let n = scanner.redact(data, &mut out).unwrap();
     assert_eq!(n, found.len() as u64);
     assert!(scanner.find_all(&out).is_empty());
+}
+
+fuzz_target!(|data: &[u8]| {
+    let scanners = SCANNERS.get_or_init(|| {
+        [
+            Scanner::new(FormatSet::presets()),
+            Scanner::new(FormatSet::new([SHORT, CHK, NH, SK]).unwrap()),
+        ]
+    });
+    for scanner in scanners {
+        check(scanner, data);
+    }
 });

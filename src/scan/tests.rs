@@ -174,3 +174,294 @@ fn every_environment_literal_is_searched_and_look_alikes_are_not_keys() {
         .collect();
     assert_eq!(found, keys);
 }
+
+// ---- The run search: edge cases and agreement with a run-by-run reference.
+
+use proptest::prelude::*;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+
+/// The shortest format the rules allow: `a_` + 22 base62 (131 bits).
+const SHORT: KeyFormat = KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap();
+/// Short, with a checksum: `chk_live_` + 22 + 6.
+const CHK: KeyFormat = KeyFormat::builder("chk")
+    .environments(&[Environment::LIVE])
+    .secret(&Alphabet::BASE62, 22)
+    .crc32()
+    .build_unwrap();
+/// With a key id and a region: `kid_eu_{8}_{22}`.
+const KID: KeyFormat = KeyFormat::builder("kid")
+    .region()
+    .key_id(&Alphabet::LOWER_HEX, 8)
+    .secret(&Alphabet::BASE62, 22)
+    .build_unwrap();
+
+fn custom_set() -> FormatSet {
+    FormatSet::new([SHORT, CHK, KID, NH, crate::format::SK]).unwrap()
+}
+
+fn mint(f: &KeyFormat, seed: u64) -> String {
+    f.mint_with_rng(MintSpec::new(), &mut StdRng::seed_from_u64(seed))
+        .unwrap()
+        .expose_secret()
+        .to_owned()
+}
+
+/// The boundary rule applied literally: every maximal run of word bytes
+/// that parses as a key of its format.
+fn reference(set: &FormatSet, hay: &[u8]) -> Vec<(usize, usize, &'static str)> {
+    let word = |b: u8| b.is_ascii_alphanumeric() || b == b'_';
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < hay.len() {
+        if !word(hay[i]) {
+            i += 1;
+            continue;
+        }
+        let end = hay[i..].iter().position(|&b| !word(b)).map_or(hay.len(), |j| i + j);
+        if let Ok((f, _)) = set.parse_parts(&hay[i..end]) {
+            out.push((i, end - i, f.name()));
+        }
+        i = end;
+    }
+    out
+}
+
+fn found(s: &Scanner, hay: &[u8]) -> Vec<(usize, usize, &'static str)> {
+    s.find_all(hay)
+        .iter()
+        .map(|m| (usize::try_from(m.offset()).unwrap(), m.len(), m.format()))
+        .collect()
+}
+
+#[test]
+fn word_bytes_are_letters_digits_and_underscore() {
+    for b in 0..=255u8 {
+        assert_eq!(is_word(b), b.is_ascii_alphanumeric() || b == b'_', "{b:#04x}");
+        let mut group = [b'a'; GROUP];
+        assert!(all_word(&group));
+        group[GROUP - 1] = b;
+        assert_eq!(all_word(&group), is_word(b), "{b:#04x}");
+        let mask = non_word_mask(&group);
+        assert_eq!(mask, if is_word(b) { 0 } else { 0xFF << (8 * (GROUP - 1)) }, "{b:#04x}");
+    }
+}
+
+#[test]
+fn group_helpers_agree_with_byte_loops() {
+    let hay: Vec<u8> =
+        (0..200u32).map(|i| if i % 37 == 0 || i % 53 == 0 { b' ' } else { b'x' }).collect();
+    for from in 0..hay.len() {
+        for to in from..=hay.len() {
+            let first = hay[from..to].iter().position(|&b| b == b' ').map_or(to, |j| from + j);
+            assert_eq!(first_non_word(&hay, from, to), first, "{from}..{to}");
+            let last = hay[from..to].iter().rposition(|&b| b == b' ').map(|j| from + j);
+            assert_eq!(last_non_word(&hay, from, to), last, "{from}..{to}");
+        }
+    }
+}
+
+#[test]
+fn no_valid_format_is_shorter_than_a_group() {
+    // 21 base62 characters carry under 128 bits: the shortest secret is 22.
+    assert!(KeyFormat::builder("a").secret(&Alphabet::BASE62, 21).build().is_err());
+    assert_eq!(SHORT.len_range(), (24, 24));
+    assert!(SHORT.len_range().0 >= GROUP);
+    assert_eq!(Scanner::new(custom_set()).min_len, 24);
+    assert_eq!(Scanner::presets().min_len, 40);
+    assert_eq!(Scanner::new(FormatSet::new([]).unwrap()).min_len, 0);
+}
+
+#[test]
+fn empty_format_set_finds_nothing() {
+    let s = Scanner::new(FormatSet::new([]).unwrap()).chunk_size(3);
+    let text = keys().join(" ");
+    assert!(s.find_all(text.as_bytes()).is_empty());
+    let mut out = Vec::new();
+    assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), 0);
+    assert_eq!(out, text.as_bytes());
+}
+
+#[test]
+fn runs_of_exactly_the_shortest_key_length() {
+    let s = Scanner::new(custom_set());
+    let key = mint(&SHORT, 1);
+    assert_eq!(key.len(), 24);
+    // The key alone, at the edges, between non-word bytes.
+    for text in [key.clone(), format!(" {key}"), format!("{key}\n"), format!("-{key}-")] {
+        assert_eq!(found(&s, text.as_bytes()).len(), 1, "{text:?}");
+    }
+    // 23 and 25 bytes: never keys; a run of 24 that is not a key.
+    let short = &key[..23];
+    let glued = format!("{key}x");
+    let other = "b_".to_owned() + &key[2..];
+    for text in [short, &glued, &other, &format!("x{key}")] {
+        assert!(found(&s, text.as_bytes()).is_empty(), "{text:?}");
+    }
+    // Packed tight, one separator apart, at every alignment.
+    for pad in 0..GROUP * 2 {
+        let text = format!("{}{key} {key}.{key}", " ".repeat(pad));
+        assert_eq!(found(&s, text.as_bytes()), reference(s.formats(), text.as_bytes()));
+        assert_eq!(found(&s, text.as_bytes()).len(), 3, "pad {pad}");
+    }
+}
+
+#[test]
+fn checksummed_custom_keys_are_found_and_forgeries_are_not() {
+    let s = Scanner::new(custom_set());
+    let key = mint(&CHK, 7);
+    assert_eq!(key.len(), 9 + 22 + 6);
+    let mut forged = key.clone().into_bytes();
+    let i = 12;
+    forged[i] = if forged[i] == b'A' { b'B' } else { b'A' };
+    let forged = String::from_utf8(forged).unwrap();
+    let text = format!("{forged} {key} {forged}");
+    assert_eq!(found(&s, text.as_bytes()), [(forged.len() + 1, key.len(), "chk")]);
+}
+
+#[test]
+fn over_long_runs_are_skipped_and_what_follows_is_found() {
+    let s = Scanner::new(custom_set());
+    let key = mint(&SHORT, 3);
+    let max = s.formats().max_len();
+    for extra in [1, 2, GROUP, 1000] {
+        // A key followed by more word bytes is one over-long run.
+        let long = format!("{key}{}", "z".repeat(max + extra - key.len()));
+        let text = format!("{long} {key}\n{long}");
+        let want = vec![(long.len() + 1, key.len(), "a")];
+        assert_eq!(found(&s, text.as_bytes()), want, "extra {extra}");
+        for chunk in [1, 5, 16, 24, 100] {
+            let mut got = Vec::new();
+            s.clone()
+                .chunk_size(chunk)
+                .scan_reader(text.as_bytes(), |m| got.push(usize::try_from(m.offset()).unwrap()))
+                .unwrap();
+            assert_eq!(got, [long.len() + 1], "extra {extra} chunk {chunk}");
+        }
+    }
+}
+
+#[test]
+fn short_custom_keys_straddling_every_chunk_boundary() {
+    let set = custom_set();
+    let mut text = Vec::new();
+    for (i, f) in set.formats().iter().enumerate() {
+        text.extend_from_slice(format!("{i} x=").as_bytes());
+        text.extend_from_slice(mint(f, i as u64).as_bytes());
+        text.extend_from_slice(if i % 2 == 0 { b"\n" } else { b" " });
+        text.extend_from_slice(format!("y{}", mint(f, 99)).as_bytes()); // glued: no key
+        text.push(b';');
+    }
+    let whole = Scanner::new(set);
+    let expected = whole.find_all(&text);
+    assert_eq!(expected.len(), 5);
+    let mut expected_redacted = Vec::new();
+    whole.redact(&text[..], &mut expected_redacted).unwrap();
+    for chunk in 1..=100 {
+        for trickle in [1, 13, 4096] {
+            let s = whole.clone().chunk_size(chunk);
+            let mut got = Vec::new();
+            s.scan_reader(Trickle(&text, trickle), |m| got.push(m.clone())).unwrap();
+            assert_eq!(got, expected, "chunk {chunk} trickle {trickle}");
+            let mut red = Vec::new();
+            s.redact(Trickle(&text, trickle), &mut red).unwrap();
+            assert_eq!(red, expected_redacted, "chunk {chunk} trickle {trickle}");
+        }
+    }
+}
+
+/// Pieces of a haystack: keys of every format, word runs of lengths around
+/// the group size and key lengths, separators, arbitrary bytes.
+fn piece() -> impl Strategy<Value = Vec<u8>> {
+    let formats = [SHORT, CHK, KID, NH, crate::format::SK, crate::format::NK];
+    let lens = vec![1usize, 2, 8, 15, 16, 17, 23, 24, 25, 36, 39, 40, 41, 67, 68, 200];
+    prop_oneof![
+        3 => (0..formats.len(), any::<u64>())
+            .prop_map(move |(i, seed)| mint(&formats[i], seed).into_bytes()),
+        3 => (prop::sample::select(lens), any::<u64>()).prop_map(|(n, mut x)| {
+            const WORD: &[u8] = b"0123456789abcdefABCXYZ_";
+            (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    WORD[(x % WORD.len() as u64) as usize]
+                })
+                .collect()
+        }),
+        3 => prop::sample::select(vec![&b" "[..], b"\n", b"-", b"=", b"\xff", b"\0", b"_"])
+            .prop_map(<[u8]>::to_vec),
+        1 => prop::collection::vec(any::<u8>(), 0..6),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn scanning_agrees_with_the_run_by_run_reference(
+        pieces in prop::collection::vec(piece(), 0..40),
+        chunk in 1usize..160,
+        span in 1usize..300,
+    ) {
+        let hay = pieces.concat();
+        for set in [custom_set(), FormatSet::presets()] {
+            let s = Scanner::new(set);
+            let want = reference(s.formats(), &hay);
+            prop_assert_eq!(found(&s, &hay), want.clone());
+            // Any lower bound at or under the true shortest key gives the
+            // same keys: strides of 1 (byte by byte), 1 (group of 16), 2, …
+            let true_min = s.min_len;
+            for min in [1, GROUP - 1, GROUP, GROUP + 1, true_min - 1] {
+                let mut t = s.clone();
+                t.min_len = min;
+                prop_assert_eq!(found(&t, &hay), want.clone(), "min_len {}", min);
+            }
+            // Each search mode alone, and switching at every wasted
+            // candidate, over spans of any length.
+            for (start, waste) in [
+                (Search::Runs, usize::MAX),
+                (Search::Prefixes, usize::MAX),
+                (Search::Runs, 0),
+                (Search::Prefixes, 0),
+                (Search::Runs, 1),
+            ] {
+                let tuning = Tuning { start, span, runs_waste: waste, prefixes_waste: waste };
+                let mut t = s.clone();
+                t.tuning = tuning;
+                prop_assert_eq!(found(&t, &hay), want.clone(), "{:?}", tuning);
+                let mut streamed = Vec::new();
+                t.chunk_size(chunk)
+                    .scan_reader(Trickle(&hay, chunk / 3 + 1), |m| {
+                        streamed.push((usize::try_from(m.offset()).unwrap(), m.len(), m.format()));
+                    })
+                    .unwrap();
+                prop_assert_eq!(streamed, want.clone(), "{:?} chunk {}", tuning, chunk);
+            }
+        }
+    }
+}
+
+#[test]
+fn the_search_switches_to_prefixes_on_long_ids_and_back_on_look_alikes() {
+    let s = Scanner::presets();
+    let key = format!("nh_{HEX64}");
+    // Hex ids: long runs without prefixes; then short look-alike words.
+    let ids = format!("id={} ", "0123456789abcdef0123456789abcdef0123456789");
+    let words = "nh_count=1 sk_total=2 nhk_region=3 ";
+    let mut text = ids.repeat(TUNING.span / ids.len() * 2);
+    text.push_str(&key);
+    text.push(' ');
+    text.push_str(&words.repeat(TUNING.span / words.len() * 2));
+    text.push_str(&key);
+    let mut search = Search::Runs;
+    let mut modes = Vec::new();
+    for span in text.as_bytes().chunks(TUNING.span) {
+        s.scan_block(span, None, span.len(), &mut search, |_, _, _, _| {});
+        modes.push(search);
+    }
+    // Ids turn the prefix search on, look-alike words turn it off again.
+    assert!(modes.contains(&Search::Prefixes), "{modes:?}");
+    assert_eq!(modes.last(), Some(&Search::Runs), "{modes:?}");
+    assert_eq!(s.find_all(text.as_bytes()).len(), 2);
+}
