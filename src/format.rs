@@ -661,6 +661,11 @@ fn expect_sep(b: &[u8], pos: usize, after: Part) -> Result<usize, ParseError> {
     }
 }
 
+/// The longest key any of `formats` can have.
+fn longest(formats: &[KeyFormat]) -> usize {
+    formats.iter().map(|f| f.len_range().1).max().unwrap_or(0)
+}
+
 /// Whether `b` starts with `seg` followed by `_`. The separator is checked
 /// first, so most mismatches cost one byte; the few bytes of a prefix are
 /// compared inline rather than through a `memcmp` call.
@@ -801,7 +806,10 @@ impl FormatSet {
     /// The five presets: `nhk`, `nhm`, `nk`, `sk`, `nh`.
     #[must_use]
     pub fn presets() -> Self {
-        Self { formats: vec![NHK, NHM, NK, SK, NH], max_len: presets::MAX_PRESET_LEN }
+        let formats = vec![NHK, NHM, NK, SK, NH];
+        // Computed, not a hand-kept constant: the scanner's length table
+        // relies on it being exact.
+        Self { max_len: longest(&formats), formats }
     }
 
     /// A set of `formats`.
@@ -818,8 +826,7 @@ impl FormatSet {
                 return Err(FormatError::OverlappingPrefixes);
             }
         }
-        let max_len = formats.iter().map(|f| f.len_range().1).max().unwrap_or(0);
-        Ok(Self { formats, max_len })
+        Ok(Self { max_len: longest(&formats), formats })
     }
 
     /// The formats, in the order given.

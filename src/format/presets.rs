@@ -34,6 +34,3 @@ pub const SK: KeyFormat = KeyFormat::builder("sk")
 /// makes 67; keygate follows the grammar, which is the part a key's bytes
 /// can be checked against.
 pub const NH: KeyFormat = KeyFormat::builder("nh").secret(&Alphabet::LOWER_HEX, 64).build_unwrap();
-
-/// Longest preset key (`nhk_us_` + 64 = 71).
-pub(super) const MAX_PRESET_LEN: usize = 71;
