@@ -39,7 +39,7 @@
 //! | [`quota`] | monthly quotas by category, calendar-month reset, [`QuotaStore`](quota::QuotaStore) |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
 //! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
-//! | [`clock`] | wall and monotonic time behind one trait; system and fake clocks |
+//! | [`clock`] | wall and monotonic time behind one trait; system, fake and (feature `quanta`) TSC clocks |
 //! | `tower` (feature) | `Gate` and its per-route layer: authenticate, rate-limit, authorize, count quota, answer refusals |
 //! | `redis` (feature) | Redis-backed limiter, portal, quota and key stores (one Lua step each, server clock), revocation pub/sub |
 //! | `testkit` (feature) | conformance suites for implementations of the store traits |
