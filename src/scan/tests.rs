@@ -99,19 +99,31 @@ fn streaming_agrees_with_in_memory_at_every_split() {
         text.extend_from_slice(b"\n");
     }
     text.extend_from_slice(format!("x{}", keys()[4]).as_bytes()); // not a key
-    let whole = Scanner::presets();
-    let expected = whole.find_all(&text);
-    assert_eq!(expected.len(), 5);
+    assert_streaming_agrees(&Scanner::presets(), &text, 5, 80, &[1, 7, 1000]);
+}
+
+/// Scanning and redacting `text` streamed through every chunk size up to
+/// `max_chunk`, fed `trickles` bytes per read, give what scanning it in
+/// memory gives (`keys` matches).
+fn assert_streaming_agrees(
+    whole: &Scanner,
+    text: &[u8],
+    keys: usize,
+    max_chunk: usize,
+    trickles: &[usize],
+) {
+    let expected = whole.find_all(text);
+    assert_eq!(expected.len(), keys);
     let mut expected_redacted = Vec::new();
-    whole.redact(&text[..], &mut expected_redacted).unwrap();
-    for chunk in 1..=80 {
-        for trickle in [1, 7, 1000] {
-            let s = Scanner::presets().chunk_size(chunk);
+    whole.redact(text, &mut expected_redacted).unwrap();
+    for chunk in 1..=max_chunk {
+        for &trickle in trickles {
+            let s = whole.clone().chunk_size(chunk);
             let mut got = Vec::new();
-            s.scan_reader(Trickle(&text, trickle), |m| got.push(m.clone())).unwrap();
+            s.scan_reader(Trickle(text, trickle), |m| got.push(m.clone())).unwrap();
             assert_eq!(got, expected, "chunk {chunk} trickle {trickle}");
             let mut red = Vec::new();
-            s.redact(Trickle(&text, trickle), &mut red).unwrap();
+            s.redact(Trickle(text, trickle), &mut red).unwrap();
             assert_eq!(red, expected_redacted, "chunk {chunk} trickle {trickle}");
         }
     }
@@ -352,22 +364,7 @@ fn short_custom_keys_straddling_every_chunk_boundary() {
         text.extend_from_slice(format!("y{}", mint(f, 99)).as_bytes()); // glued: no key
         text.push(b';');
     }
-    let whole = Scanner::new(set);
-    let expected = whole.find_all(&text);
-    assert_eq!(expected.len(), 5);
-    let mut expected_redacted = Vec::new();
-    whole.redact(&text[..], &mut expected_redacted).unwrap();
-    for chunk in 1..=100 {
-        for trickle in [1, 13, 4096] {
-            let s = whole.clone().chunk_size(chunk);
-            let mut got = Vec::new();
-            s.scan_reader(Trickle(&text, trickle), |m| got.push(m.clone())).unwrap();
-            assert_eq!(got, expected, "chunk {chunk} trickle {trickle}");
-            let mut red = Vec::new();
-            s.redact(Trickle(&text, trickle), &mut red).unwrap();
-            assert_eq!(red, expected_redacted, "chunk {chunk} trickle {trickle}");
-        }
-    }
+    assert_streaming_agrees(&Scanner::new(set), &text, 5, 100, &[1, 13, 4096]);
 }
 
 /// Pieces of a haystack: keys of every format, word runs of lengths around
