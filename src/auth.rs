@@ -608,6 +608,16 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         if noted != 0 && mono.as_u64().saturating_sub(noted) < self.last_use_interval {
             return;
         }
+        // The store already says the key was used within the interval: a
+        // new write would only move it by less than the interval (the
+        // precision last use has anyway). Saves the batch's lock on
+        // principals that were not cached.
+        if p.record().last_used_at.is_some_and(|t| {
+            let since = now.duration_since(t);
+            !since.is_negative() && since.as_nanos() < i128::from(self.last_use_interval)
+        }) {
+            return;
+        }
         p.0.use_noted.store(mono.as_u64().max(1), Ordering::Relaxed);
         if let Some(batch) = self.last_use.note(p.record_id(), now, mono) {
             let _ = self.store.record_last_used(&batch).await;

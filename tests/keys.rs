@@ -531,6 +531,31 @@ async fn last_use_writes_are_coalesced() {
 }
 
 #[tokio::test]
+async fn last_use_is_not_rewritten_within_the_interval() {
+    let clock = FakeClock::at_2026();
+    let store = Counting::default();
+    let manager = KeyManager::new(store.clone()).clock(clock.clone());
+    // No principal cache: every request reads the record from the store.
+    let auth = Authenticator::new(store.clone())
+        .clock(clock.clone())
+        .last_use_interval(Duration::from_secs(60));
+    let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let h = bearer(k.key().expose_secret());
+    let call = async || {
+        auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+        auth.flush_last_use().await.unwrap();
+        store.get(&k.record().id).await.unwrap().unwrap().last_used_at
+    };
+    let first = call().await.expect("recorded");
+    let writes = store.last_use_writes.load(Ordering::Relaxed);
+    clock.advance(Duration::from_secs(59));
+    assert_eq!(call().await, Some(first), "within the interval: no new write");
+    assert_eq!(store.last_use_writes.load(Ordering::Relaxed), writes);
+    clock.advance(Duration::from_secs(2));
+    assert_eq!(call().await, Some(clock.now()), "after it: recorded again");
+}
+
+#[tokio::test]
 async fn pepper_rotation_keeps_old_keys_working() {
     let pepper = |id: u32, b: u8| Pepper::new(PepperId(id), Secret::new(vec![b; 32])).unwrap();
     let store = MemoryKeyStore::new();
