@@ -21,7 +21,7 @@ type IdMap<K, V> = HashMap<K, V, ahash::RandomState>;
 #[allow(clippy::struct_field_names)]
 #[derive(Default)]
 struct Inner {
-    by_id: IdMap<RecordId, Arc<KeyRecord>>,
+    by_id: IdIndex,
     by_digest: DigestMap<Arc<KeyRecord>>,
     /// `hashbrown` so that a lookup borrows the format name (see
     /// [`KeyIdQuery`]) instead of allocating a `String` per request.
@@ -43,11 +43,55 @@ impl hashbrown::Equivalent<(String, KeyId)> for KeyIdQuery<'_> {
     }
 }
 
+/// Records by id. Each entry keeps its id's hash, so growing the table
+/// never follows a pointer to re-hash an id string, and the id is not
+/// copied into a separate key: the record is the entry.
+struct IdIndex {
+    table: hashbrown::HashTable<(u64, Arc<KeyRecord>)>,
+    hasher: ahash::RandomState,
+}
+
+impl Default for IdIndex {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+impl IdIndex {
+    fn with_capacity(n: usize) -> Self {
+        Self { table: hashbrown::HashTable::with_capacity(n), hasher: ahash::RandomState::new() }
+    }
+
+    fn get(&self, id: &RecordId) -> Option<&Arc<KeyRecord>> {
+        let h = self.hasher.hash_one(id);
+        self.table.find(h, |(eh, r)| *eh == h && r.id == *id).map(|(_, r)| r)
+    }
+
+    /// Inserts `record`, replacing the record with the same id.
+    fn insert(&mut self, record: Arc<KeyRecord>) {
+        let h = self.hasher.hash_one(&record.id);
+        match self.table.entry(h, |(eh, r)| *eh == h && r.id == record.id, |(eh, _)| *eh) {
+            hashbrown::hash_table::Entry::Occupied(mut e) => e.get_mut().1 = record,
+            hashbrown::hash_table::Entry::Vacant(e) => {
+                e.insert((h, record));
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.table.len()
+    }
+
+    fn records(&self) -> impl Iterator<Item = &Arc<KeyRecord>> {
+        self.table.iter().map(|(_, r)| r)
+    }
+}
+
 impl Inner {
     /// Replaces the stored record (all indexes point at the new `Arc`).
     fn replace(&mut self, record: Arc<KeyRecord>) {
         self.by_digest.insert(*record.digest.digest(), Arc::clone(&record));
-        self.by_id.insert(record.id.clone(), record);
+        self.by_id.insert(record);
     }
 }
 
@@ -79,7 +123,7 @@ impl MemoryKeyStore {
     #[must_use]
     pub fn with_capacity(n: usize) -> Self {
         let inner = Inner {
-            by_id: IdMap::with_capacity_and_hasher(n, ahash::RandomState::new()),
+            by_id: IdIndex::with_capacity(n),
             by_digest: DigestMap::with_capacity_and_hasher(n, DigestBuildHasher::default()),
             by_key_id: hashbrown::HashMap::default(),
             by_project: IdMap::default(),
@@ -120,7 +164,7 @@ impl MemoryKeyStore {
 
     fn insert_sync(&self, record: Arc<KeyRecord>, limit: Option<ActiveLimit>) -> InsertOutcome {
         self.write(|i| {
-            if i.by_id.contains_key(&record.id) {
+            if i.by_id.get(&record.id).is_some() {
                 return InsertOutcome::DuplicateId;
             }
             if i.by_digest.contains_key(record.digest.digest()) {
@@ -209,7 +253,7 @@ impl KeyStore for MemoryKeyStore {
     ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send {
         let mut out: Vec<Arc<KeyRecord>> = self.read(|i| {
             i.by_id
-                .values()
+                .records()
                 .filter(|r| {
                     &r.tenant.workspace == workspace
                         && project.is_none_or(|p| r.tenant.project.as_ref() == Some(p))
@@ -240,7 +284,7 @@ impl KeyStore for MemoryKeyStore {
         id: &RecordId,
         expires_at: Timestamp,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
-        let exists = self.read(|i| i.by_id.contains_key(id));
+        let exists = self.read(|i| i.by_id.get(id).is_some());
         self.update(id, |r| {
             if r.expires_at.is_some_and(|e| e <= expires_at) {
                 return false;
