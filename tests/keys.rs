@@ -503,14 +503,23 @@ impl KeyStore for Counting {
 
 use std::future::Future;
 
-#[tokio::test]
-async fn last_use_writes_are_coalesced() {
+/// A counting store, a manager and an authenticator on one fake clock, with
+/// a 60 s last-use interval and no principal cache (every request reads the
+/// record from the store).
+fn last_use_setup()
+-> (FakeClock, Counting, KeyManager<Counting, FakeClock>, Authenticator<Counting, FakeClock>) {
     let clock = FakeClock::at_2026();
     let store = Counting::default();
     let manager = KeyManager::new(store.clone()).clock(clock.clone());
     let auth = Authenticator::new(store.clone())
         .clock(clock.clone())
         .last_use_interval(Duration::from_secs(60));
+    (clock, store, manager, auth)
+}
+
+#[tokio::test]
+async fn last_use_writes_are_coalesced() {
+    let (clock, store, manager, auth) = last_use_setup();
     let mut created = Vec::new();
     for _ in 0..3 {
         created.push(manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap());
@@ -532,13 +541,7 @@ async fn last_use_writes_are_coalesced() {
 
 #[tokio::test]
 async fn last_use_is_not_rewritten_within_the_interval() {
-    let clock = FakeClock::at_2026();
-    let store = Counting::default();
-    let manager = KeyManager::new(store.clone()).clock(clock.clone());
-    // No principal cache: every request reads the record from the store.
-    let auth = Authenticator::new(store.clone())
-        .clock(clock.clone())
-        .last_use_interval(Duration::from_secs(60));
+    let (clock, store, manager, auth) = last_use_setup();
     let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
     let h = bearer(k.key().expose_secret());
     let call = async || {
