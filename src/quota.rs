@@ -1,7 +1,6 @@
 //! Monthly quotas: usage per account and calendar month (UTC) by category,
 //! checked and counted in one atomic step.
 
-use std::collections::HashMap;
 use std::future::{Future, ready};
 use std::sync::{Mutex, PoisonError};
 
@@ -78,6 +77,38 @@ pub struct QuotaDecision {
 }
 
 impl QuotaDecision {
+    /// No rule counts the category: admitted, uncounted.
+    pub(crate) const fn uncounted(resets_at: Timestamp) -> Self {
+        Self { allowed: true, rule: None, used: 0, limit: u64::MAX, resets_at }
+    }
+
+    /// `rule`, with `used` units already counted, has no room.
+    pub(crate) fn denied(rule: &QuotaRule, used: u64, resets_at: Timestamp) -> Self {
+        Self { allowed: false, rule: Some(rule.name.clone()), used, limit: rule.limit, resets_at }
+    }
+
+    /// Admitted and counted; reports the tightest rule of `counted` (each
+    /// with its units used after counting): fewest units left, the first on
+    /// ties. Every store reports the same rule this way.
+    pub(crate) fn admitted<'r>(
+        counted: impl IntoIterator<Item = (&'r QuotaRule, u64)>,
+        resets_at: Timestamp,
+    ) -> Self {
+        let mut tightest: Option<(&QuotaRule, u64)> = None;
+        for (r, used) in counted {
+            let left = r.limit.saturating_sub(used);
+            if tightest.is_none_or(|(t, u)| left < t.limit.saturating_sub(u)) {
+                tightest = Some((r, used));
+            }
+        }
+        match tightest {
+            Some((r, used)) => {
+                Self { allowed: true, rule: Some(r.name.clone()), used, limit: r.limit, resets_at }
+            }
+            None => Self::uncounted(resets_at),
+        }
+    }
+
     /// The 429 rejection for a denial, `None` when allowed. Its message is
     /// the seed's exactly: `Monthly usage limit exceeded (100/100). Upgrade
     /// your plan or wait for reset on 2/1/2026.`
@@ -125,12 +156,34 @@ pub trait QuotaStore: Send + Sync {
     ) -> impl Future<Output = Result<u64, BackendError>> + Send;
 }
 
+/// Usage per (account, rule name). `hashbrown` so that a check looks entries
+/// up by borrowed names ([`CounterKey`]) instead of allocating two
+/// `String`s per rule per request; std's keyed hasher resists flooding.
+type Counters = hashbrown::HashMap<(String, String), (Month, u64), std::hash::RandomState>;
+
+/// A borrowed `(account, rule)` key of [`Counters`]: hashes as the owned
+/// tuple does (`str` and `String` hash alike).
+#[derive(Hash)]
+struct CounterKey<'a>(&'a str, &'a str);
+
+impl hashbrown::Equivalent<(String, String)> for CounterKey<'_> {
+    fn equivalent(&self, key: &(String, String)) -> bool {
+        self.0 == key.0 && self.1 == key.1
+    }
+}
+
+impl From<&CounterKey<'_>> for (String, String) {
+    fn from(k: &CounterKey<'_>) -> Self {
+        (k.0.to_owned(), k.1.to_owned())
+    }
+}
+
 /// A [`QuotaStore`] in process memory. One entry per (account, rule); an
 /// entry from an earlier month is reset when next touched, so memory is
 /// bounded by accounts × rules.
 #[derive(Debug, Default)]
 pub struct MemoryQuotaStore {
-    counters: Mutex<HashMap<(String, String), (Month, u64)>>,
+    counters: Mutex<Counters>,
 }
 
 impl MemoryQuotaStore {
@@ -153,42 +206,26 @@ impl MemoryQuotaStore {
         let month = Month::of(now);
         let resets_at = month.next_reset();
         let mut map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        let used_now = |map: &HashMap<(String, String), (Month, u64)>, r: &QuotaRule| {
-            map.get(&(account.to_owned(), r.name.clone()))
+        let used_now = |map: &Counters, r: &QuotaRule| {
+            map.get(&CounterKey(account, &r.name))
                 .filter(|(m, _)| *m == month)
                 .map_or(0, |(_, u)| *u)
         };
         let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
         if let Some(r) = counting.iter().find(|r| used_now(&map, r).saturating_add(cost) > r.limit)
         {
-            return QuotaDecision {
-                allowed: false,
-                rule: Some(r.name.clone()),
-                used: used_now(&map, r),
-                limit: r.limit,
-                resets_at,
-            };
+            return QuotaDecision::denied(r, used_now(&map, r), resets_at);
         }
-        let mut tightest: Option<(String, u64, u64)> = None;
-        for r in counting {
-            let e = map.entry((account.to_owned(), r.name.clone())).or_insert((month, 0));
+        // Every counting rule has room: count in each as the decision is made.
+        let counted = counting.into_iter().map(|r| {
+            let e = map.entry_ref(&CounterKey(account, &r.name)).or_insert((month, 0));
             if e.0 != month {
                 *e = (month, 0);
             }
             e.1 += cost;
-            let left = r.limit - e.1;
-            if tightest.as_ref().is_none_or(|(_, used, limit)| left < limit - used) {
-                tightest = Some((r.name.clone(), e.1, r.limit));
-            }
-        }
-        match tightest {
-            Some((rule, used, limit)) => {
-                QuotaDecision { allowed: true, rule: Some(rule), used, limit, resets_at }
-            }
-            None => {
-                QuotaDecision { allowed: true, rule: None, used: 0, limit: u64::MAX, resets_at }
-            }
-        }
+            (r, e.1)
+        });
+        QuotaDecision::admitted(counted, resets_at)
     }
 }
 
@@ -212,10 +249,8 @@ impl QuotaStore for MemoryQuotaStore {
     ) -> impl Future<Output = Result<u64, BackendError>> + Send {
         let month = Month::of(now);
         let map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        let used = map
-            .get(&(account.to_owned(), rule.to_owned()))
-            .filter(|(m, _)| *m == month)
-            .map_or(0, |(_, u)| *u);
+        let used =
+            map.get(&CounterKey(account, rule)).filter(|(m, _)| *m == month).map_or(0, |(_, u)| *u);
         ready(Ok(used))
     }
 }

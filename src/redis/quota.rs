@@ -80,47 +80,21 @@ impl QuotaStore for RedisQuotaStore {
         let call =
             (!counting.is_empty()).then(|| self.redis.eval::<Vec<u64>>(&COUNT_SCRIPT, keys, args));
         async move {
-            let Some(call) = call else {
-                return Ok(QuotaDecision {
-                    allowed: true,
-                    rule: None,
-                    used: 0,
-                    limit: u64::MAX,
-                    resets_at,
-                });
-            };
+            let Some(call) = call else { return Ok(QuotaDecision::uncounted(resets_at)) };
             let reply = call.await?;
             let bad = || BackendError::corrupt("quota reply");
             match reply.first() {
                 Some(0) => {
                     let i = usize::try_from(*reply.get(1).ok_or_else(bad)?).map_err(|_| bad())?;
                     let r = counting.get(i.wrapping_sub(1)).ok_or_else(bad)?;
-                    Ok(QuotaDecision {
-                        allowed: false,
-                        rule: Some(r.name.clone()),
-                        used: *reply.get(2).ok_or_else(bad)?,
-                        limit: r.limit,
-                        resets_at,
-                    })
+                    Ok(QuotaDecision::denied(r, *reply.get(2).ok_or_else(bad)?, resets_at))
                 }
                 Some(1) if reply.len() == counting.len() + 1 => {
-                    // The tightest rule: fewest units left (first on ties),
-                    // as the in-memory store reports.
-                    let mut best: Option<(&QuotaRule, u64)> = None;
-                    for (r, &used) in counting.iter().zip(&reply[1..]) {
-                        let left = r.limit.saturating_sub(used);
-                        if best.is_none_or(|(b, u)| left < b.limit.saturating_sub(u)) {
-                            best = Some((r, used));
-                        }
-                    }
-                    let (r, used) = best.ok_or_else(bad)?;
-                    Ok(QuotaDecision {
-                        allowed: true,
-                        rule: Some(r.name.clone()),
-                        used,
-                        limit: r.limit,
+                    // Same tightest rule as the in-memory store reports.
+                    Ok(QuotaDecision::admitted(
+                        counting.iter().zip(reply[1..].iter().copied()),
                         resets_at,
-                    })
+                    ))
                 }
                 _ => Err(bad()),
             }
