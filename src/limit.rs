@@ -3,6 +3,8 @@
 //! [`LimitStore`] trait for distributed backends.
 
 mod algorithm;
+
+pub(crate) use algorithm::Step;
 mod memory;
 mod plan;
 mod policy;
@@ -55,6 +57,22 @@ pub struct PolicyDecision {
     pub retry_after: Option<Duration>,
     /// Whether this policy admitted the request.
     pub allowed: bool,
+}
+
+impl PolicyDecision {
+    /// `p`'s view of algorithm step `s`: the one translation every limit
+    /// store (in memory, Redis) uses.
+    pub(crate) fn of(p: &Policy, s: &Step) -> Self {
+        Self {
+            name: p.policy_name(),
+            limit: p.limit(),
+            period: p.period(),
+            remaining: s.remaining,
+            reset_after: Duration::from_nanos(s.reset_after),
+            retry_after: s.retry_after.map(Duration::from_nanos),
+            allowed: s.allowed,
+        }
+    }
 }
 
 /// The result of a rate-limit check: the outcome, every stacked policy's

@@ -529,7 +529,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
 
     fn decision(&self, outcome: Outcome, p: &Policy, s: &algorithm::Step, now: u64) -> Decision {
         let mut v = SmallVec::new();
-        v.push(policy_decision(p, s));
+        v.push(PolicyDecision::of(p, s));
         Decision::new(outcome, v, self.wall.wall(now))
     }
 
@@ -600,7 +600,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
                 // Nothing was consumed: report what this policy has now.
                 s.remaining = s.remaining.saturating_add(cost);
             }
-            out.push(policy_decision(p, &s));
+            out.push(PolicyDecision::of(p, &s));
         }
         Decision::new(outcome, out, self.wall.wall(now))
     }
@@ -611,18 +611,6 @@ fn outcome_of(s: &algorithm::Step) -> Outcome {
         (true, _) => Outcome::Allowed,
         (false, true) => Outcome::Impossible,
         (false, false) => Outcome::Limited,
-    }
-}
-
-pub(crate) fn policy_decision(p: &Policy, s: &algorithm::Step) -> PolicyDecision {
-    PolicyDecision {
-        name: p.policy_name(),
-        limit: p.limit(),
-        period: p.period(),
-        remaining: s.remaining,
-        reset_after: Duration::from_nanos(s.reset_after),
-        retry_after: s.retry_after.map(Duration::from_nanos),
-        allowed: s.allowed,
     }
 }
 

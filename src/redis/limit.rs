@@ -3,7 +3,6 @@
 
 use std::future::Future;
 use std::sync::LazyLock;
-use std::time::Duration;
 
 use ::redis::Script;
 use jiff::Timestamp;
@@ -11,7 +10,9 @@ use smallvec::SmallVec;
 
 use super::Redis;
 use crate::backend::BackendError;
-use crate::limit::{Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision};
+use crate::limit::{
+    Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision, Step,
+};
 
 /// Shared Lua helpers. Redis Lua numbers are doubles: wall-clock
 /// nanoseconds (~1.8e18) do not fit their 53-bit mantissa, so time is
@@ -293,8 +294,8 @@ fn args(policies: &[Policy], cost: u32, mode: CheckMode) -> Vec<Vec<u8>> {
     a
 }
 
-fn nanos(v: i64) -> Duration {
-    Duration::from_nanos(u64::try_from(v).unwrap_or(0))
+fn nanos(v: i64) -> u64 {
+    u64::try_from(v).unwrap_or(0)
 }
 
 fn decode(policies: &[Policy], reply: &[i64]) -> Result<Decision, BackendError> {
@@ -312,15 +313,14 @@ fn decode(policies: &[Policy], reply: &[i64]) -> Result<Decision, BackendError> 
         .map_err(|_| BackendError::corrupt("server time"))?;
     let mut out = SmallVec::with_capacity(policies.len());
     for (p, r) in policies.iter().zip(reply[3..].chunks_exact(4)) {
-        out.push(PolicyDecision {
-            name: p.policy_name(),
-            limit: p.limit(),
-            period: p.period(),
+        let step = Step {
+            allowed: r[0] == 1,
+            impossible: outcome == Outcome::Impossible,
             remaining: u32::try_from(r[1].max(0)).unwrap_or(u32::MAX),
             reset_after: nanos(r[2]),
             retry_after: (r[3] >= 0).then(|| nanos(r[3])),
-            allowed: r[0] == 1,
-        });
+        };
+        out.push(PolicyDecision::of(p, &step));
     }
     Ok(Decision::new(outcome, out, at))
 }
