@@ -39,8 +39,9 @@ struct Args {
     plans: Option<PathBuf>,
     /// Keep keys, limits, portal sessions, quotas and revocations in Redis
     /// (`redis://[:password@]host:port[/db]`), so that every instance
-    /// started against the same Redis behaves as one.
-    #[arg(long, env = "REDIS_URL")]
+    /// started against the same Redis behaves as one. Its value is kept
+    /// out of `--help`: the URL may hold a password.
+    #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
 }
 
