@@ -7,6 +7,7 @@ mod credentials;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,7 +22,7 @@ use cache::LastUse;
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock, duration_nanos};
 use crate::format::{Environment, FormatSet, ParseError, Region};
-use crate::hash::{Hasher, StoredDigest};
+use crate::hash::Hasher;
 use crate::http::Rejection;
 use crate::scope::{Required, ScopeError, ScopeRegistry, ScopeSet};
 use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
@@ -192,8 +193,8 @@ pub struct Target {
 impl Target {
     /// No tenant, environment or region restriction.
     #[must_use]
-    pub fn any() -> Self {
-        Self::default()
+    pub const fn any() -> Self {
+        Self { tenant: None, environment: None, region: None, formats: None }
     }
 
     /// The request addresses `tenant`; the key must reach it (same
@@ -500,16 +501,21 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     ///
     /// An [`AuthError`] saying exactly why; show the caller only
     /// [`AuthError::rejection`].
-    pub async fn authenticate<'h, I>(
+    pub fn authenticate<'h, I>(
         &self,
         headers: I,
         target: &Target,
-    ) -> Result<Principal, AuthError>
+    ) -> impl Future<Output = Result<Principal, AuthError>> + Send
     where
         I: IntoIterator<Item = (&'h str, &'h [u8])>,
     {
-        let (source, token) = self.rules.extract(headers)?.ok_or(AuthError::Missing)?;
-        self.authenticate_token(token, source, target).await
+        // The credential is found before the future is built, so the future
+        // holds a borrowed token, not the header iterator.
+        let extracted = self.rules.extract(headers);
+        async move {
+            let (source, token) = extracted?.ok_or(AuthError::Missing)?;
+            self.authenticate_token(token, source, target).await
+        }
     }
 
     /// Authenticates a key already taken from `source`.
@@ -544,7 +550,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             }
             let r = p.record();
             check_target(&r.id, &r.tenant, r.environment, r.region, target)?;
-            self.note_use(&p, now, mono).await;
+            if let Some(batch) = self.note_use(&p, now, mono) {
+                self.write_last_use(batch).await;
+            }
             return Ok(p);
         }
         let record = match parts.key_id {
@@ -562,7 +570,15 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
                 }
                 r
             }
-            None => self.find_by_digest(bytes, current).await?.ok_or(AuthError::Unknown)?,
+            None => match self.store.find_by_digest(&current).await? {
+                Some(r) => r,
+                // Boxed: a miss under pepper rotation is rare, and its loop
+                // state would otherwise enlarge every authentication future.
+                None if self.hasher.has_older_peppers() => {
+                    Box::pin(self.find_by_older_digest(bytes)).await?.ok_or(AuthError::Unknown)?
+                }
+                None => return Err(AuthError::Unknown),
+            },
         };
         if record.format != format {
             return Err(AuthError::Unknown);
@@ -579,19 +595,17 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         if let Some(cache) = &self.cache {
             cache.insert(*current.digest(), p.clone(), mono);
         }
-        self.note_use(&p, now, mono).await;
+        if let Some(batch) = self.note_use(&p, now, mono) {
+            self.write_last_use(batch).await;
+        }
         Ok(p)
     }
 
-    async fn find_by_digest(
+    /// Looks `key` up under digests made with older peppers, newest first.
+    async fn find_by_older_digest(
         &self,
         key: &[u8],
-        current: StoredDigest,
     ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
-        if let Some(r) = self.store.find_by_digest(&current).await? {
-            return Ok(Some(r));
-        }
-        // Digests made with older peppers, newest first.
         for d in self.hasher.candidates(key).skip(1) {
             if let Some(r) = self.store.find_by_digest(&d).await? {
                 return Ok(Some(r));
@@ -601,12 +615,17 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     }
 
     /// Records a use; at most once per interval per cached principal, and
-    /// one batched store write per interval overall. A failed last-use write
-    /// never fails the request: last use is advisory.
-    async fn note_use(&self, p: &Principal, now: Timestamp, mono: crate::clock::Nanos) {
+    /// one batched store write per interval overall: the batch to write,
+    /// when this call is the one that flushes.
+    fn note_use(
+        &self,
+        p: &Principal,
+        now: Timestamp,
+        mono: crate::clock::Nanos,
+    ) -> Option<Vec<(RecordId, Timestamp)>> {
         let noted = p.0.use_noted.load(Ordering::Relaxed);
         if noted != 0 && mono.as_u64().saturating_sub(noted) < self.last_use_interval {
-            return;
+            return None;
         }
         // The store already says the key was used within the interval: a
         // new write would only move it by less than the interval (the
@@ -616,12 +635,22 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             let since = now.duration_since(t);
             !since.is_negative() && since.as_nanos() < i128::from(self.last_use_interval)
         }) {
-            return;
+            return None;
         }
         p.0.use_noted.store(mono.as_u64().max(1), Ordering::Relaxed);
-        if let Some(batch) = self.last_use.note(p.record_id(), now, mono) {
+        self.last_use.note(p.record_id(), now, mono)
+    }
+
+    /// Writes a last-use batch. A failed write never fails the request:
+    /// last use is advisory. It happens once per interval, so its future is
+    /// boxed rather than enlarging every authentication's future.
+    fn write_last_use(
+        &self,
+        batch: Vec<(RecordId, Timestamp)>,
+    ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        Box::pin(async move {
             let _ = self.store.record_last_used(&batch).await;
-        }
+        })
     }
 
     /// Writes every pending last-use time now (e.g. at shutdown).
@@ -671,11 +700,11 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// # Errors
     ///
     /// As [`authenticate`](Self::authenticate).
-    pub async fn authenticate_http(
+    pub fn authenticate_http(
         &self,
         headers: &http::HeaderMap,
         target: &Target,
-    ) -> Result<Principal, AuthError> {
+    ) -> impl Future<Output = Result<Principal, AuthError>> + Send {
         // Two hash lookups instead of a walk over every header; `get_all`
         // keeps repeated credential headers visible to the conflict check.
         let pairs = headers
@@ -683,6 +712,6 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             .iter()
             .map(|v| ("authorization", v.as_bytes()))
             .chain(headers.get_all(&X_API_KEY).iter().map(|v| ("x-api-key", v.as_bytes())));
-        self.authenticate(pairs, target).await
+        self.authenticate(pairs, target)
     }
 }

@@ -253,6 +253,13 @@ impl Hasher {
         }
     }
 
+    /// Whether keys may be stored under digests other than the current
+    /// algorithm's (older peppers that still verify).
+    #[must_use]
+    pub fn has_older_peppers(&self) -> bool {
+        self.peppers.len() > 1
+    }
+
     /// Every digest `key` may be stored under: the current algorithm first,
     /// then older peppers (newest first). A store lookup tries them in order.
     pub fn candidates<'a>(&'a self, key: &'a [u8]) -> impl Iterator<Item = StoredDigest> + 'a {

@@ -203,8 +203,18 @@ impl Decision {
     /// limit headers cost one allocation, not one per header.
     #[cfg(feature = "http")]
     pub fn append_headers(&self, set: HeaderSet, map: &mut ::http::HeaderMap) {
+        self.rendered_headers(set).append_to(map);
+    }
+
+    /// The headers of [`headers`](Self::headers), rendered for an
+    /// [`http::HeaderMap`] but not yet added: for a middleware that hands
+    /// the decision on (e.g. into request extensions) before the response
+    /// exists.
+    #[cfg(feature = "http")]
+    #[must_use]
+    pub fn rendered_headers(&self, set: HeaderSet) -> RenderedHeaders {
         let mut buf = bytes::BytesMut::with_capacity(64);
-        let mut spans: SmallVec<[(LimitHeader, usize, usize); 6]> = SmallVec::new();
+        let mut spans: SmallVec<[(LimitHeader, u16, u16); 6]> = SmallVec::new();
         self.visit_headers(set, |name, value| {
             let start = buf.len();
             match value {
@@ -213,16 +223,12 @@ impl Decision {
                 }
                 HeaderNum::Text(s) => buf.extend_from_slice(s.as_bytes()),
             }
-            spans.push((name, start, buf.len()));
-        });
-        let buf = buf.freeze();
-        map.reserve(spans.len());
-        for (name, start, end) in spans {
-            // Numbers and the IETF fields' syntax are always valid values.
-            if let Ok(v) = ::http::HeaderValue::from_maybe_shared(buf.slice(start..end)) {
-                map.append(name.http(), v);
+            // Values are short (numbers, or one list item per policy).
+            if let (Ok(start), Ok(end)) = (u16::try_from(start), u16::try_from(buf.len())) {
+                spans.push((name, start, end));
             }
-        }
+        });
+        RenderedHeaders { buf: buf.freeze(), spans }
     }
 
     /// The one definition of which headers a decision produces, in order.
@@ -258,8 +264,32 @@ impl Decision {
     }
 }
 
+/// A decision's rate-limit headers, rendered into one buffer and ready to
+/// add to a response ([`Decision::rendered_headers`]).
+#[cfg(feature = "http")]
+#[derive(Debug, Clone)]
+pub struct RenderedHeaders {
+    buf: bytes::Bytes,
+    spans: SmallVec<[(LimitHeader, u16, u16); 6]>,
+}
+
+#[cfg(feature = "http")]
+impl RenderedHeaders {
+    /// Appends the headers to `map`.
+    pub fn append_to(&self, map: &mut ::http::HeaderMap) {
+        map.reserve(self.spans.len());
+        for &(name, start, end) in &self.spans {
+            let value = self.buf.slice(usize::from(start)..usize::from(end));
+            // Numbers and the IETF fields' syntax are always valid values.
+            if let Ok(v) = ::http::HeaderValue::from_maybe_shared(value) {
+                map.append(name.http(), v);
+            }
+        }
+    }
+}
+
 /// The headers a decision can produce.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum LimitHeader {
     Limit,
     Remaining,

@@ -66,7 +66,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use ::http::request::Parts;
-use ::http::{HeaderMap, Request, Response};
+use ::http::{Extensions, HeaderMap, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -74,7 +74,7 @@ use crate::auth::{AuthError, Authenticator, MissingScope, Principal, Source, Tar
 use crate::backend::{BackendError, FailMode};
 use crate::clock::{Clock, SystemClock};
 use crate::http::{BodyStyle, Rejection};
-use crate::limit::{CheckMode, Decision, HeaderSet, LimitStore, Plan, PlanSet};
+use crate::limit::{CheckMode, Decision, HeaderSet, LimitStore, Plan, PlanSet, RenderedHeaders};
 use crate::quota::{MemoryQuotaStore, QuotaDecision, QuotaStore};
 use crate::scope::{Required, ScopeError};
 use crate::store::KeyStore;
@@ -700,45 +700,67 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let gate = self.gate.clone();
         let route = Arc::clone(&self.route);
-        Box::pin(async move {
-            let mut req = req;
-            let target = match route.target.as_ref() {
-                None => Target::any(),
-                Some(f) => {
-                    // The target function sees the request head only.
-                    let (parts, body) = req.into_parts();
-                    let target = f(&parts);
-                    req = Request::from_parts(parts, body);
-                    match target {
-                        Ok(t) => t,
-                        Err(rejection) => {
-                            let style = gate.style(&route);
-                            let refused = Refused::new(Refusal::Target, rejection, style);
-                            return Ok(gate.respond(refused));
-                        }
+        // The target function is synchronous and sees the request head only:
+        // run it now, so the future holds its result, not the steps.
+        let (mut req, target) = match route.target.as_ref() {
+            None => (req, None),
+            Some(f) => {
+                let (parts, body) = req.into_parts();
+                let target = f(&parts);
+                let req = Request::from_parts(parts, body);
+                match target {
+                    // Boxed: most routes have no target function, and the
+                    // future should not carry an empty `Target` for them.
+                    Ok(t) => (req, Some(Box::new(t))),
+                    Err(rejection) => {
+                        let refused = Refused::new(Refusal::Target, rejection, gate.style(&route));
+                        let res = gate.respond(refused);
+                        return Box::pin(async move { Ok(res) });
                     }
-                }
-            };
-            match gate.admit(&route, req.headers(), &target).await {
-                Err(refused) => Ok(gate.respond(refused)),
-                Ok(admitted) => {
-                    let ext = req.extensions_mut();
-                    ext.insert(admitted.principal);
-                    if let Some(q) = admitted.quota {
-                        ext.insert(q);
-                    }
-                    let Some(decision) = admitted.decision else {
-                        return inner.call(req).await;
-                    };
-                    ext.insert(decision.clone());
-                    let mut res = inner.call(req).await?;
-                    decision.append_headers(gate.0.headers, res.headers_mut());
-                    Ok(res)
                 }
             }
+        };
+        // Kept small (one allocation from the allocator's fast path): the
+        // request moves in once; only `admit`'s future and then the inner
+        // service's (with the rendered headers) are held.
+        Box::pin(async move {
+            let admitted =
+                match gate.admit(&route, req.headers(), target.as_deref().unwrap_or(&ANY)).await {
+                    Ok(a) => a,
+                    Err(refused) => return Ok(gate.respond(refused)),
+                };
+            let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
+            let mut res = inner.call(req).await?;
+            if let Some(headers) = headers {
+                headers.append_to(res.headers_mut());
+            }
+            Ok(res)
         })
     }
 }
+
+impl Admitted {
+    /// Moves the principal and the decisions into request `extensions`;
+    /// returns the decision's headers (in `set`) for the response.
+    fn into_extensions(
+        self,
+        extensions: &mut Extensions,
+        set: HeaderSet,
+    ) -> Option<RenderedHeaders> {
+        extensions.insert(self.principal);
+        if let Some(q) = self.quota {
+            extensions.insert(q);
+        }
+        let decision = self.decision?;
+        // Rendered before the decision moves into the extensions.
+        let headers = decision.rendered_headers(set);
+        extensions.insert(decision);
+        Some(headers)
+    }
+}
+
+/// The target of routes without a target function.
+static ANY: Target = Target::any();
 
 /// The value of cookie `name` in the request's `Cookie` headers.
 fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
