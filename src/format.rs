@@ -16,7 +16,7 @@ pub use alphabet::Alphabet;
 pub use parts::{Environment, KeyId, PartError, Region};
 pub use presets::{NH, NHK, NHM, NK, SK};
 
-use crate::secret::SecretString;
+use crate::secret::{OsBatch, SecretString};
 
 /// Longest key of any format, in bytes. Inputs longer than this are rejected
 /// before any other work, which bounds the cost of every parse.
@@ -574,7 +574,17 @@ impl KeyFormat {
     /// [`MintError`] when `spec` asks for an environment or region the format
     /// does not have, or the OS generator fails.
     pub fn mint(&self, spec: MintSpec) -> Result<ApiKey, MintError> {
-        self.mint_with_rng(spec, &mut getrandom::SysRng)
+        self.mint_with_rng(spec, &mut OsBatch::new(self.random_bytes()))
+    }
+
+    /// Random bytes a mint of this format almost always consumes (one
+    /// system call's worth for [`OsBatch`]).
+    pub(crate) const fn random_bytes(&self) -> usize {
+        let key_id = match self.key_id {
+            Some((alphabet, len)) => alphabet.bytes_for(len as usize),
+            None => 0,
+        };
+        key_id + self.secret.bytes_for(self.secret_len())
     }
 
     /// Mints a key with `rng`. The full key is in the returned value, and only
@@ -762,8 +772,8 @@ impl ApiKey {
             secret_start: self.secret_start,
         };
         let hint = self.format.hint_of(self.key.expose_secret().as_bytes(), &parts);
-        // Keys are ASCII, so any prefix is valid UTF-8.
-        String::from_utf8_lossy(hint).into_owned()
+        // Keys are ASCII: one char per byte.
+        hint.iter().map(|&b| char::from(b)).collect()
     }
 }
 

@@ -413,7 +413,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             spec = spec.region(r);
         }
         // One OS call for the key and its record id.
-        let mut rng = OsBatch::new();
+        let mut rng = OsBatch::new(new.format.random_bytes() + RecordId::RANDOM_BYTES);
         let key = new.format.mint_with_rng(spec, &mut rng)?;
         if key.environment().is_some() {
             environment = key.environment();

@@ -46,6 +46,11 @@ pub const CODE: KeyFormat =
 pub const ACCESS_TOKEN: KeyFormat =
     KeyFormat::builder("kgpt").secret(&Alphabet::BASE62, 43).crc32().hint_chars(4).build_unwrap();
 
+/// Random bytes a redemption draws: the access token's secret and its
+/// record id, both base62.
+const REDEEM_RANDOM_BYTES: usize =
+    Alphabet::BASE62.bytes_for(ACCESS_TOKEN.secret_len() + RecordId::RANDOM_CHARS);
+
 /// The preset formats plus [`ACCESS_TOKEN`]: give this to the
 /// authenticator that serves the portal's API.
 ///
@@ -348,7 +353,9 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         };
         let (_, scopes) = self.role(session.role)?;
         // One OS call for the token and its record id.
-        let mut rng = OsBatch::new();
+        // The token's and the id's characters are all base62, so one margin
+        // for rejections covers both: 64 bytes (see `OsBatch`).
+        let mut rng = OsBatch::new(REDEEM_RANDOM_BYTES);
         let token = ACCESS_TOKEN
             .mint_with_rng(MintSpec::new(), &mut rng)
             .map_err(|_| PortalError::Collision)?;
@@ -404,5 +411,12 @@ mod tests {
         forged.push(if last == 'A' { 'B' } else { 'A' });
         assert!(CODE.parse(&forged).is_err());
         assert_eq!(formats().formats().len(), 6);
+    }
+
+    #[test]
+    fn a_redemption_fits_one_64_byte_fetch() {
+        // Both parts are base62, which is what lets them share one margin.
+        assert_eq!(ACCESS_TOKEN.random_bytes(), Alphabet::BASE62.bytes_for(43));
+        assert_eq!(REDEEM_RANDOM_BYTES, 64);
     }
 }

@@ -18,6 +18,7 @@ use crate::backend::BackendError;
 use crate::format::{Alphabet, Environment, KeyId, Region};
 use crate::hash::StoredDigest;
 use crate::scope::Scope;
+use crate::secret::OsBatch;
 
 /// A string id failed its grammar: 1 to 64 ASCII letters, digits, `_` or `-`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -109,7 +110,8 @@ impl RecordId {
     ///
     /// [`BackendError::Unavailable`] if the OS generator fails.
     pub fn generate() -> Result<Self, BackendError> {
-        Self::generate_with(&mut getrandom::SysRng).map_err(BackendError::unavailable)
+        Self::generate_with(&mut OsBatch::new(Self::RANDOM_BYTES))
+            .map_err(BackendError::unavailable)
     }
 
     /// [`generate`](Self::generate) drawing from `rng`.
@@ -119,9 +121,16 @@ impl RecordId {
     /// `rng`'s error.
     pub fn generate_with<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<Self, R::Error> {
         let mut out = *b"key_0000000000000000";
-        Alphabet::BASE62.fill(rng, &mut out[4..])?;
-        Ok(Self(String::from_utf8_lossy(&out).into()))
+        Alphabet::BASE62.fill(rng, &mut out[4..4 + Self::RANDOM_CHARS])?;
+        // ASCII throughout: one char per byte.
+        Ok(Self(out.iter().map(|&b| char::from(b)).collect::<String>().into()))
     }
+
+    /// Random base62 characters in a generated id.
+    pub(crate) const RANDOM_CHARS: usize = 16;
+
+    /// Random bytes generating an id almost always consumes.
+    pub(crate) const RANDOM_BYTES: usize = Alphabet::BASE62.bytes_for(Self::RANDOM_CHARS);
 }
 
 /// Who a key belongs to: exactly one workspace, optionally narrowed to a

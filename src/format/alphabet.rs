@@ -138,34 +138,43 @@ impl Alphabet {
         }
     }
 
+    /// Random bytes to fetch for `chars` characters: one byte per character,
+    /// plus a margin for rejections where the alphabet's size does not
+    /// divide 256 (about 3 % for base62): twice the expected number, plus
+    /// two. The margin makes a second fetch rare (under 2 % for 59 base62
+    /// characters), not impossible: [`fill`](Self::fill) asks for more when
+    /// needed.
+    #[must_use]
+    pub(crate) const fn bytes_for(&self, chars: usize) -> usize {
+        let rejected = 256 % self.len();
+        if rejected == 0 {
+            return chars;
+        }
+        chars + chars * rejected * 2 / (256 - rejected) + 2
+    }
+
     /// Fills `out` with characters drawn uniformly from the alphabet.
     ///
     /// Unbiased: random bytes at or above the largest multiple of the alphabet
     /// size are rejected and redrawn (about 3 % for base62, none for hex).
+    /// Asks `rng` for exactly the characters still missing each time, so a
+    /// batch of OS bytes ([`OsBatch`](crate::secret::OsBatch)) sized with
+    /// [`bytes_for`](Self::bytes_for) serves a whole operation.
     pub(crate) fn fill<R: TryCryptoRng + ?Sized>(
         &self,
         rng: &mut R,
         out: &mut [u8],
     ) -> Result<(), R::Error> {
         let mut pool = [0u8; 64];
-        let (mut used, mut have) = (0, 0);
-        for i in 0..out.len() {
-            loop {
-                if used == have {
-                    // Ask for the characters still missing plus a margin for
-                    // rejections (3 % for base62), so one call almost always
-                    // suffices and a batch of OS bytes serves a whole
-                    // operation without being spent on unused bytes.
-                    let missing = out.len() - i;
-                    have = (missing + missing / 8 + 8).min(pool.len());
-                    rng.try_fill_bytes(&mut pool[..have])?;
-                    used = 0;
-                }
-                let c = self.sample[usize::from(pool[used])];
-                used += 1;
+        let mut i = 0;
+        while i < out.len() {
+            let want = (out.len() - i).min(pool.len());
+            rng.try_fill_bytes(&mut pool[..want])?;
+            for &b in &pool[..want] {
+                let c = self.sample[usize::from(b)];
                 if c != NONE {
                     out[i] = c;
-                    break;
+                    i += 1;
                 }
             }
         }
@@ -183,6 +192,41 @@ impl fmt::Debug for Alphabet {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bytes_for_covers_rejections_and_fill_draws_exactly_what_is_missing() {
+        // A generator that counts what it is asked for and serves bytes
+        // that base62 rejects every fourth time.
+        struct Counting(usize, u8);
+        impl rand_core::TryRng for Counting {
+            type Error = std::convert::Infallible;
+            fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+                unreachable!()
+            }
+            fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+                unreachable!()
+            }
+            fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+                for b in dst {
+                    self.0 += 1;
+                    self.1 = self.1.wrapping_add(1);
+                    *b = if self.1.is_multiple_of(4) { 255 } else { self.1 };
+                }
+                Ok(())
+            }
+        }
+        impl rand_core::TryCryptoRng for Counting {}
+        assert_eq!(Alphabet::LOWER_HEX.bytes_for(32), 32, "no rejections for hex");
+        assert_eq!(Alphabet::BASE62.bytes_for(59), 64);
+        assert_eq!(Alphabet::BASE62.bytes_for(16), 19);
+        let mut rng = Counting(0, 0);
+        let mut out = [0u8; 30];
+        Alphabet::BASE62.fill(&mut rng, &mut out).unwrap();
+        assert!(out.iter().all(u8::is_ascii_alphanumeric));
+        // 30 accepted bytes, and one rejection per three accepted: exactly
+        // 39 or 40 bytes drawn, none wasted beyond the last request.
+        assert!((39..=40).contains(&rng.0), "{}", rng.0);
+    }
 
     #[test]
     fn presets() {
