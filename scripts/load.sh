@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Load check: throughput and latency of an authenticated, rate-limited route
-# vs an unauthenticated route of the same reference server, in the same run.
+# vs unauthenticated routes of the same reference server, in the same run:
+# `GET /healthz`, and `POST /load/ingest/load` -- the ingest route's handler
+# with no layer (served with `--load-twin`), sent the same request, so the
+# difference between it and the gated route is the layer alone.
 #
 #   bash scripts/load.sh [SECONDS] [CONNECTIONS]
 #
@@ -25,7 +28,7 @@ pin_server=() pin_wrk=()
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   pin_server=(taskset -c 0) pin_wrk=(taskset -c 1)
 fi
-"${pin_server[@]}" target/release/examples/server --bind 127.0.0.1:0 --plans "$tmp/plans.json" > "$tmp/out" &
+"${pin_server[@]}" target/release/examples/server --bind 127.0.0.1:0 --plans "$tmp/plans.json" --load-twin > "$tmp/out" &
 pid=$!
 for _ in $(seq 50); do [ -s "$tmp/out" ] && break; sleep 0.1; done
 read -r addr token < <(python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).readline()); print(d["listening"], d["management_token"])' "$tmp/out")
@@ -41,12 +44,16 @@ run() { "${pin_wrk[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "$@"; }
 echo "== unauthenticated: GET /healthz"
 base=$(run "http://$addr/healthz")
 echo "$base" | grep -E "Requests/sec|99%|Non-2xx" || true
+echo "== unauthenticated twin: POST /load/ingest/load (same handler and request, no layer)"
+twin=$(run -s "$tmp/post.lua" "http://$addr/load/ingest/load")
+echo "$twin" | grep -E "Requests/sec|99%|Non-2xx" || true
 echo "== authenticated + rate-limited: POST /api/ingest/load (Bearer nhk_, plan 'load')"
 auth=$(run -s "$tmp/post.lua" "http://$addr/api/ingest/load")
 echo "$auth" | grep -E "Requests/sec|99%|Non-2xx" || true
-python3 - "$base" "$auth" <<'PY'
+python3 - "$base" "$twin" "$auth" <<'PY'
 import sys
 def rps(t): return float([l for l in t.splitlines() if "Requests/sec" in l][0].split()[1])
-b, a = rps(sys.argv[1]), rps(sys.argv[2])
-print(f"throughput ratio authenticated/unauthenticated: {a/b:.3f} (layer cost {100*(1-a/b):.1f}%)")
+b, t, a = rps(sys.argv[1]), rps(sys.argv[2]), rps(sys.argv[3])
+print(f"layer cost (gated vs twin): ratio {a/t:.3f}, {100*(1-a/t):.1f}% of throughput, {1e6/a-1e6/t:.2f} us/request")
+print(f"gated vs /healthz: ratio {a/b:.3f} ({100*(1-a/b):.1f}%)")
 PY

@@ -53,6 +53,7 @@ async fn start() -> Server {
         plans,
         base_url: format!("http://{addr}"),
         cache: std::sync::Arc::default(),
+        load_twin: false,
     };
     let (router, manager) = app::router(app::Stores::memory(), config).unwrap();
     let token = app::bootstrap(&manager, workspace).await.unwrap();

@@ -110,6 +110,9 @@ pub(crate) struct Config {
     /// key manager (which drops revoked keys from it at once), and by a
     /// revocation listener when keys live in Redis.
     pub(crate) cache: Arc<PrincipalCache>,
+    /// Also serve `POST /load/ingest/{endpoint}`: the ingest handler with
+    /// no layer, so a load check can price the layer alone.
+    pub(crate) load_twin: bool,
 }
 
 /// The portal session cookie.
@@ -210,6 +213,11 @@ pub(crate) fn router<B: Backend>(
             delete(delete_endpoint::<B>).layer(portal_api.require("endpoints:delete")?),
         )
         .with_state(app.clone());
+    let router = if config.load_twin {
+        router.route("/load/ingest/{endpoint}", post(ingest_event))
+    } else {
+        router
+    };
     // Last use is coalesced in memory; write it out every few seconds for
     // as long as the app lives.
     let weak = Arc::downgrade(&app);

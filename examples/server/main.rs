@@ -43,6 +43,11 @@ struct Args {
     /// out of `--help`: the URL may hold a password.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
+    /// Also serve `POST /load/ingest/{endpoint}` without authentication or
+    /// limits (the ingest route's handler alone), for `scripts/load.sh` to
+    /// price the layer against.
+    #[arg(long)]
+    load_twin: bool,
 }
 
 #[tokio::main]
@@ -65,6 +70,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
         plans,
         base_url: format!("http://{addr}"),
         cache: cache.clone(),
+        load_twin: args.load_twin,
     };
     let (router, token) = match &args.redis {
         None => {
