@@ -233,6 +233,10 @@ impl KeyRecord {
     }
 }
 
+/// How long the shipped stores keep a record after it expires (listed, and
+/// refused as expired) before forgetting it: one day.
+pub const EXPIRED_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
+
 /// A cap on active keys per project, enforced by [`KeyStore::insert`] in the
 /// same atomic step as the insert.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -279,6 +283,14 @@ pub enum InsertOutcome {
 /// - **Failure.** Infrastructure failures are [`BackendError`]s; "not found"
 ///   is `Ok(None)`. The authenticator turns a backend error into a 503 (fail
 ///   closed) unless the host chose otherwise.
+/// - **Retention.** A store may forget a record once it has been expired for
+///   longer than a retention period of the host's choosing (SQL: a periodic
+///   `DELETE … WHERE expires_at < now() - retention`; Redis: a key expiry).
+///   Short-lived credentials such as portal access tokens are records too,
+///   so a store that never forgets grows with every redemption. A forgotten
+///   key fails as unknown instead of expired: the same 401.
+///   [`MemoryKeyStore`] and `RedisKeyStore` keep expired records for
+///   [`EXPIRED_RETENTION`] by default.
 ///
 /// Methods return `impl Future + Send`; implement them with `async` blocks.
 pub trait KeyStore: Send + Sync {

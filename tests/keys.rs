@@ -600,3 +600,84 @@ async fn listing_shows_metadata_only() {
     let dbg = format!("{list:?} {created:?}");
     assert!(!dbg.contains(&created.key().expose_secret()[11..]), "no key in records");
 }
+
+#[tokio::test]
+async fn expired_records_are_forgotten_after_the_retention() {
+    use keygate::testkit::keys::sample_record;
+    let at = |secs: i64| Timestamp::from_second(1_767_225_600 + secs).unwrap();
+    // 1,024 records (the purge threshold) that expire after one minute,
+    // with key ids and projects so every index holds them.
+    let mut old = Vec::new();
+    for i in 0..1024 {
+        let mut r = sample_record("ws_a", Some("p1"), 0, i % 2 == 0);
+        r.created_at = at(0);
+        r.expires_at = Some(at(60));
+        old.push(Arc::new(r));
+    }
+    let filled = || async {
+        let store = MemoryKeyStore::new().expired_retention(Duration::from_secs(3600));
+        for r in &old {
+            assert_eq!(store.insert(Arc::clone(r), None).await.unwrap(), InsertOutcome::Inserted);
+        }
+        store
+    };
+    let record_at = |secs| {
+        let mut r = sample_record("ws_a", Some("p1"), 0, false);
+        r.created_at = at(secs);
+        Arc::new(r)
+    };
+    // Within the retention, the insert that purges keeps them (they are
+    // still refused as expired).
+    let store = filled().await;
+    store.insert(record_at(60 + 3599), None).await.unwrap();
+    assert_eq!(store.len(), 1025);
+    // Past it, the insert that purges forgets them from every index.
+    let store = filled().await;
+    let late = record_at(60 + 3600);
+    store.insert(Arc::clone(&late), None).await.unwrap();
+    assert_eq!(store.len(), 1);
+    let r = &old[0];
+    assert!(store.find_by_digest(&r.digest).await.unwrap().is_none());
+    assert!(store.get(&r.id).await.unwrap().is_none());
+    assert!(store.find_by_key_id("nk", &r.key_id.unwrap()).await.unwrap().is_none());
+    let listed = store.list(&"ws_a".parse().unwrap(), Some(&"p1".parse().unwrap())).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert!(store.find_by_digest(&late.digest).await.unwrap().is_some());
+    // The project index lost the forgotten ids: the cap counts one record.
+    let limit = ActiveLimit { max: 2, now: at(60 + 3600) };
+    let extra = Arc::new(sample_record("ws_a", Some("p1"), 0, false));
+    assert_eq!(store.insert(extra, Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+}
+
+#[tokio::test]
+async fn portal_redemptions_do_not_accumulate_in_the_key_store() {
+    use keygate::portal::{MemoryPortalStore, Portal, SessionRequest};
+    let clock = FakeClock::at_2026();
+    let keys = MemoryKeyStore::new();
+    let mgmt = KeyManager::new(keys.clone())
+        .clock(clock.clone())
+        .create(NewKey::new("m", NHM, ws("ws_a")).scopes(&["*"]).unwrap())
+        .await
+        .unwrap();
+    let auth =
+        Authenticator::new(keys.clone()).clock(clock.clone()).formats(keygate::portal::formats());
+    let caller = auth_bearer(&auth, mgmt.key().expose_secret(), &Target::any()).await.unwrap();
+    let sessions = MemoryKeyStore::new();
+    let portal = Portal::new(MemoryPortalStore::new(), sessions.clone()).clock(clock.clone());
+    let (w, app) = ("ws_a".parse().unwrap(), "app_1".parse().unwrap());
+    // Four days of redemptions, 96 an hour: 9,216 in all. Every token
+    // expires within the hour and may be forgotten a day after, so the store
+    // holds about a day's worth (2,304) plus the purges' amortisation slack
+    // (each waits for the store to double), not everything ever redeemed.
+    let mut most = 0;
+    for _ in 0..(4 * 24 * 24) {
+        for _ in 0..4 {
+            let code = portal.create_session(&caller, &w, &app, SessionRequest::default()).await;
+            let code = code.unwrap().code().expose_secret().to_owned();
+            portal.redeem(&code).await.unwrap();
+        }
+        clock.advance(Duration::from_secs(150));
+        most = most.max(sessions.len());
+    }
+    assert!(most <= 5000, "{most} records at most");
+}

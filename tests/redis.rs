@@ -525,3 +525,52 @@ async fn revocation_invalidates_caches_and_survives_a_restart() {
     assert_eq!(stats.invalidated(), 2);
     task.abort();
 }
+
+#[tokio::test]
+async fn redis_key_store_forgets_expired_records_and_their_ids() {
+    use ::redis::AsyncCommands;
+    use keygate::store::{ActiveLimit, InsertOutcome};
+    let server = RedisServer::start();
+    let store = connect(&server, "ret").await.keys().expired_retention(Duration::from_secs(60));
+    let now = jiff::Timestamp::now();
+    let mut r = keygate::testkit::keys::sample_record("ws_x", Some("p1"), 0, true);
+    r.expires_at = Some(now + jiff::SignedDuration::from_secs(10));
+    store.insert(Arc::new(r.clone()), None).await.unwrap();
+    let forever = keygate::testkit::keys::sample_record("ws_x", None, 0, false);
+    store.insert(Arc::new(forever.clone()), None).await.unwrap();
+
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let base = "{ret:keys}:";
+    let rec = format!("{base}rec:{}", r.id);
+    let indexes = [
+        rec.clone(),
+        format!("{base}dig:{}", r.digest.digest().to_hex()),
+        format!("{base}kid:nk:{}", r.key_id.unwrap()),
+    ];
+    // Expiry (10 s) plus retention (60 s): Redis forgets all three then.
+    for key in &indexes {
+        let ttl: i64 = con.pttl(key).await.unwrap();
+        assert!((65_000..=70_000).contains(&ttl), "{key}: {ttl} ms");
+    }
+    let ttl: i64 = con.pttl(format!("{base}rec:{}", forever.id)).await.unwrap();
+    assert_eq!(ttl, -1, "a record that never expires is kept");
+    // Shortening an expiry moves the record's forget-at with it.
+    let soon = now + jiff::SignedDuration::from_secs(5);
+    assert!(store.shorten_expiry(&forever.id, soon).await.unwrap());
+    let ttl: i64 = con.pttl(format!("{base}rec:{}", forever.id)).await.unwrap();
+    assert!((60_000..=65_000).contains(&ttl), "{ttl} ms");
+
+    // Once Redis has forgotten the record, the id sets drop its id: the
+    // cap count skips it, and listing removes it.
+    let _: () = con.del(&rec).await.unwrap();
+    let limit = ActiveLimit { max: 1, now };
+    let other = keygate::testkit::keys::sample_record("ws_x", Some("p1"), 0, false);
+    assert_eq!(store.insert(Arc::new(other), Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+    let project: usize = con.scard(format!("{base}proj:ws_x:p1")).await.unwrap();
+    assert_eq!(project, 1);
+    let listed = store.list(&"ws_x".parse().unwrap(), None).await.unwrap();
+    assert_eq!(listed.len(), 2);
+    let workspace: usize = con.scard(format!("{base}ws:ws_x")).await.unwrap();
+    assert_eq!(workspace, 2);
+}

@@ -7,7 +7,7 @@ use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 
 use ::redis::Script;
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 use serde_json::{Map, Value, json};
 
 use super::Redis;
@@ -42,8 +42,17 @@ pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
 }
 
 /// KEYS: record, digest index, key-id index, project set, workspace set.
-/// ARGV: id, immutable JSON, expiry, has key id, has project, cap (or ``),
-/// now, record-key prefix, revoked, last used (times sortable or ``).
+/// ARGV: id, immutable JSON, expiry, has key id, has project, cap (or
+/// empty), now, record-key prefix, revoked, last used (times sortable or
+/// empty), forget-at (Unix ms: expiry plus retention, or empty).
+///
+/// Redis drops an expired record and its indexes at forget-at by itself
+/// (set only when forget-at is still ahead of the server's clock: a record
+/// written with times from the past, as tests on a fake clock do, is kept).
+/// The id sets lose the ids of forgotten records in-band: each insert tests
+/// two random members of each set it adds to (a set stays about twice its
+/// live size at most), the cap count skips and drops them, and so does
+/// `LIST`.
 const INSERT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'dup_id' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'dup_key' end
@@ -51,10 +60,19 @@ if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 'dup_key' e
 if ARGV[5] == '1' and ARGV[6] ~= '' then
   local active = 0
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-    local v = redis.call('HMGET', ARGV[8] .. id, 'rev', 'exp')
-    if not v[1] and (not v[2] or v[2] > ARGV[7]) then active = active + 1 end
+    local v = redis.call('HMGET', ARGV[8] .. id, 'r', 'rev', 'exp')
+    if not v[1] then
+      redis.call('SREM', KEYS[4], id)
+    elseif not v[2] and (not v[3] or v[3] > ARGV[7]) then
+      active = active + 1
+    end
   end
   if active >= tonumber(ARGV[6]) then return 'limit' end
+end
+local function sweep(set)
+  for _, id in ipairs(redis.call('SRANDMEMBER', set, 2)) do
+    if redis.call('EXISTS', ARGV[8] .. id) == 0 then redis.call('SREM', set, id) end
+  end
 end
 redis.call('HSET', KEYS[1], 'r', ARGV[2])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[3]) end
@@ -62,7 +80,16 @@ if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'rev', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'used', ARGV[10]) end
 redis.call('SET', KEYS[2], ARGV[1])
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[1]) end
-if ARGV[5] == '1' then redis.call('SADD', KEYS[4], ARGV[1]) end
+if ARGV[11] ~= '' and FUTURE(ARGV[11]) then
+  redis.call('PEXPIREAT', KEYS[1], ARGV[11])
+  redis.call('PEXPIREAT', KEYS[2], ARGV[11])
+  if ARGV[4] == '1' then redis.call('PEXPIREAT', KEYS[3], ARGV[11]) end
+end
+if ARGV[5] == '1' then
+  sweep(KEYS[4])
+  redis.call('SADD', KEYS[4], ARGV[1])
+end
+sweep(KEYS[5])
 redis.call('SADD', KEYS[5], ARGV[1])
 return 'ok'
 ";
@@ -75,12 +102,13 @@ if not id then return {} end
 return redis.call('HGETALL', ARGV[1] .. id)
 ";
 
-/// KEYS[1]: a set of ids. ARGV[1]: record-key prefix.
+/// KEYS[1]: a set of ids. ARGV[1]: record-key prefix. Drops the ids of
+/// records Redis has forgotten.
 const LIST: &str = r"
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local r = redis.call('HGETALL', ARGV[1] .. id)
-  if #r > 0 then table.insert(out, r) end
+  if #r > 0 then table.insert(out, r) else redis.call('SREM', KEYS[1], id) end
 end
 return out
 ";
@@ -94,11 +122,16 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 ";
 
-/// KEYS[1]: record. ARGV[1]: expiry (sortable).
+/// KEYS[1]: record. ARGV[1]: expiry (sortable), ARGV[2]: forget-at (Unix
+/// ms, or empty). The digest and key-id indexes keep their later forget-at and
+/// then point at nothing, which lookups treat as not found.
 const SHORTEN: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'exp')
-if not cur or ARGV[1] < cur then redis.call('HSET', KEYS[1], 'exp', ARGV[1]) end
+if not cur or ARGV[1] < cur then
+  redis.call('HSET', KEYS[1], 'exp', ARGV[1])
+  if ARGV[2] ~= '' and FUTURE(ARGV[2]) then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
+end
 return 1
 ";
 
@@ -113,11 +146,22 @@ end
 return 0
 ";
 
-static INSERT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(INSERT));
+/// Lua shared by the scripts that set key expiries: whether Unix ms `ms` is
+/// ahead of the server's clock.
+const FUTURE_FN: &str = r"
+local function FUTURE(ms)
+  local t = redis.call('TIME')
+  return tonumber(ms) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+";
+
+static INSERT_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{FUTURE_FN}{INSERT}")));
 static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
 static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIST));
 static REVOKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE));
-static SHORTEN_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(SHORTEN));
+static SHORTEN_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{FUTURE_FN}{SHORTEN}")));
 static LAST_USED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_USED));
 
 /// A [`KeyStore`] on Redis.
@@ -142,12 +186,37 @@ pub struct RedisKeyStore {
     redis: Redis,
     /// `{prefix:keys}:`
     base: String,
+    /// How long a record stays after it expires.
+    retention: SignedDuration,
 }
 
 impl RedisKeyStore {
     pub(super) fn new(redis: Redis) -> Self {
         let base = format!("{{{}:keys}}:", redis.prefix());
-        Self { redis, base }
+        let retention = SignedDuration::try_from(crate::store::EXPIRED_RETENTION)
+            .unwrap_or(SignedDuration::MAX);
+        Self { redis, base, retention }
+    }
+
+    /// Keeps records for `retention` after they expire (default
+    /// [`EXPIRED_RETENTION`](crate::store::EXPIRED_RETENTION), one day);
+    /// then Redis deletes them and their indexes (a key expiry), so
+    /// short-lived credentials such as portal access tokens do not
+    /// accumulate.
+    #[must_use]
+    pub fn expired_retention(mut self, retention: std::time::Duration) -> Self {
+        self.retention = SignedDuration::try_from(retention).unwrap_or(SignedDuration::MAX);
+        self
+    }
+
+    /// When Redis may forget a record expiring at `expires_at`: Unix ms, or
+    /// empty for never.
+    fn forget_at(&self, expires_at: Option<Timestamp>) -> Vec<u8> {
+        expires_at
+            .and_then(|e| e.checked_add(self.retention).ok())
+            .map(|t| t.as_millisecond().to_string())
+            .unwrap_or_default()
+            .into_bytes()
     }
 
     fn rec_prefix(&self) -> String {
@@ -310,6 +379,7 @@ impl KeyStore for RedisKeyStore {
             self.rec_prefix().into_bytes(),
             opt_sortable(record.revoked_at),
             opt_sortable(record.last_used_at),
+            self.forget_at(record.expires_at),
         ];
         let max = limit.map_or(0, |l| l.max);
         let call = self.redis.eval::<String>(&INSERT_SCRIPT, keys, args);
@@ -401,7 +471,7 @@ impl KeyStore for RedisKeyStore {
         let call = self.redis.eval::<i64>(
             &SHORTEN_SCRIPT,
             vec![self.rec(id)],
-            vec![sortable(expires_at).into_bytes()],
+            vec![sortable(expires_at).into_bytes(), self.forget_at(Some(expires_at))],
         );
         async move { Ok(call.await? == 1) }
     }

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::future::{Future, ready};
 use std::sync::{Arc, PoisonError, RwLock};
 
-use jiff::Timestamp;
+use jiff::{SignedDuration, Timestamp};
 
 use super::{ActiveLimit, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, WorkspaceId};
 use crate::backend::BackendError;
@@ -19,7 +19,6 @@ type IdMap<K, V> = HashMap<K, V, ahash::RandomState>;
 
 // Three indexes over the same records; the shared prefix names them.
 #[allow(clippy::struct_field_names)]
-#[derive(Default)]
 struct Inner {
     by_id: IdIndex,
     by_digest: DigestMap<Arc<KeyRecord>>,
@@ -29,6 +28,58 @@ struct Inner {
     /// Records of each (workspace, project), so the active-key cap is
     /// checked against one project's records, not all of them.
     by_project: IdMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
+    /// How long a record stays after it expires.
+    retention: SignedDuration,
+    /// Record count at which the next insert purges forgotten records.
+    purge_at: usize,
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self::with_capacity(0)
+    }
+}
+
+/// The smallest store that purges: below it, a purge would cost more than
+/// the memory it frees.
+const MIN_PURGE: usize = 1024;
+
+impl Inner {
+    fn with_capacity(n: usize) -> Self {
+        Self {
+            by_id: IdIndex::with_capacity(n),
+            by_digest: DigestMap::with_capacity_and_hasher(n, DigestBuildHasher::default()),
+            by_key_id: hashbrown::HashMap::default(),
+            by_project: IdMap::default(),
+            retention: retention(super::EXPIRED_RETENTION),
+            purge_at: MIN_PURGE,
+        }
+    }
+
+    /// Forgets every record expired for longer than the retention at
+    /// `now`. Amortised: the next purge waits until the store has doubled.
+    fn purge(&mut self, now: Timestamp) {
+        let Ok(cutoff) = now.checked_sub(self.retention) else { return };
+        let gone = |r: &KeyRecord| r.expires_at.is_some_and(|e| e <= cutoff);
+        if self.by_id.records().any(|r| gone(r)) {
+            let by_id = &self.by_id;
+            let kept = |id: &RecordId| by_id.get(id).is_some_and(|r| !gone(r));
+            self.by_key_id.retain(|_, id| kept(id));
+            self.by_project.retain(|_, ids| {
+                ids.retain(|id| kept(id));
+                !ids.is_empty()
+            });
+            self.by_digest.retain(|_, r| !gone(r));
+            self.by_id.table.retain(|(_, r)| !gone(r));
+        }
+        self.purge_at = (self.by_id.len() * 2).max(MIN_PURGE);
+    }
+}
+
+/// `d` as a signed duration, saturating (a retention beyond jiff's range
+/// means "forever" in practice).
+fn retention(d: std::time::Duration) -> SignedDuration {
+    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
 }
 
 /// A borrowed `(format, key id)` key of `by_key_id`. It hashes exactly as
@@ -122,13 +173,20 @@ impl MemoryKeyStore {
     /// An empty store with room for `n` records.
     #[must_use]
     pub fn with_capacity(n: usize) -> Self {
-        let inner = Inner {
-            by_id: IdIndex::with_capacity(n),
-            by_digest: DigestMap::with_capacity_and_hasher(n, DigestBuildHasher::default()),
-            by_key_id: hashbrown::HashMap::default(),
-            by_project: IdMap::default(),
-        };
-        Self { inner: Arc::new(RwLock::new(inner)) }
+        Self { inner: Arc::new(RwLock::new(Inner::with_capacity(n))) }
+    }
+
+    /// Keeps records for `retention` after they expire (default
+    /// [`EXPIRED_RETENTION`](super::EXPIRED_RETENTION), one day): until
+    /// then they are listed and refused as expired; afterwards an insert
+    /// may forget them, so short-lived credentials such as portal access
+    /// tokens do not accumulate. Purges run in-band, amortised over inserts
+    /// (each waits until the store has doubled), and only in stores of at
+    /// least 1,024 records.
+    #[must_use]
+    pub fn expired_retention(self, retention: std::time::Duration) -> Self {
+        self.write(|i| i.retention = self::retention(retention));
+        self
     }
 
     /// Number of records, revoked ones included.
@@ -164,6 +222,10 @@ impl MemoryKeyStore {
 
     fn insert_sync(&self, record: Arc<KeyRecord>, limit: Option<ActiveLimit>) -> InsertOutcome {
         self.write(|i| {
+            if i.by_id.len() >= i.purge_at {
+                // A new record is stamped with the time it is made.
+                i.purge(record.created_at);
+            }
             if i.by_id.get(&record.id).is_some() {
                 return InsertOutcome::DuplicateId;
             }
