@@ -44,6 +44,7 @@ fn to_u32(x: u64) -> u32 {
 
 /// Decides `cost` units at `now` under `policy` given `slot`; returns the
 /// step and, if allowed, the state to commit.
+#[inline]
 pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
     match policy.algorithm() {
         Algorithm::Gcra => gcra(policy, slot, now, cost),
@@ -52,6 +53,7 @@ pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, 
     }
 }
 
+#[inline]
 fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
     let t = policy.emission_interval_nanos();
     let cap = u64::from(policy.capacity());
@@ -64,12 +66,13 @@ fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot
     // an extra admission.
     let base = tat.max(now);
     let used = base - now; // time already "borrowed"
-    let available = to_u32(horizon.saturating_sub(used) / t);
+    // Only refusals report it: one division fewer on the admitted path.
+    let available = || to_u32(horizon.saturating_sub(used) / t);
     if u64::from(cost) > cap {
         let s = Step {
             allowed: false,
             impossible: true,
-            remaining: available,
+            remaining: available(),
             reset_after: used,
             retry_after: None,
         };
@@ -92,7 +95,7 @@ fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot
         let s = Step {
             allowed: false,
             impossible: false,
-            remaining: available,
+            remaining: available(),
             reset_after: wait,
             retry_after: Some(wait),
         };

@@ -100,6 +100,7 @@ fn word_policy(policies: &[Policy]) -> Option<&Policy> {
 }
 
 /// One word-policy step: the decision and, if admitted, the next word.
+#[inline]
 fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Option<u64>) {
     if p.algorithm() == Algorithm::Gcra {
         let tat = if cur & FIXED_TAG == 0 { cur } else { 0 };
