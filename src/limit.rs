@@ -210,25 +210,27 @@ impl Decision {
     /// [`http::HeaderMap`] but not yet added: for a middleware that hands
     /// the decision on (e.g. into request extensions) before the response
     /// exists.
+    ///
+    /// Numbers below 1,000 (limits and remaining counts, typically) are
+    /// static values; only larger numbers, such as the reset time, and the
+    /// IETF fields allocate.
     #[cfg(feature = "http")]
     #[must_use]
     pub fn rendered_headers(&self, set: HeaderSet) -> RenderedHeaders {
-        let mut buf = bytes::BytesMut::with_capacity(64);
-        let mut spans: SmallVec<[(LimitHeader, u16, u16); 6]> = SmallVec::new();
+        let mut values = SmallVec::new();
         self.visit_headers(set, |name, value| {
-            let start = buf.len();
-            match value {
-                HeaderNum::Int(n) => {
-                    buf.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
-                }
-                HeaderNum::Text(s) => buf.extend_from_slice(s.as_bytes()),
-            }
-            // Values are short (numbers, or one list item per policy).
-            if let (Ok(start), Ok(end)) = (u16::try_from(start), u16::try_from(buf.len())) {
-                spans.push((name, start, end));
-            }
+            let value = match value {
+                HeaderNum::Int(n) => small_number(n)
+                    .map_or_else(|| ::http::HeaderValue::from(n), ::http::HeaderValue::from_static),
+                // The IETF fields' syntax is always a valid value.
+                HeaderNum::Text(s) => match ::http::HeaderValue::try_from(s) {
+                    Ok(v) => v,
+                    Err(_) => return,
+                },
+            };
+            values.push((name, value));
         });
-        RenderedHeaders { buf: buf.freeze(), spans }
+        RenderedHeaders { values }
     }
 
     /// The one definition of which headers a decision produces, in order.
@@ -264,28 +266,60 @@ impl Decision {
     }
 }
 
-/// A decision's rate-limit headers, rendered into one buffer and ready to
-/// add to a response ([`Decision::rendered_headers`]).
+/// A decision's rate-limit headers, rendered and ready to add to a
+/// response ([`Decision::rendered_headers`]).
 #[cfg(feature = "http")]
 #[derive(Debug, Clone)]
 pub struct RenderedHeaders {
-    buf: bytes::Bytes,
-    spans: SmallVec<[(LimitHeader, u16, u16); 6]>,
+    /// Three inline: the `X-RateLimit-*` set, the common case.
+    values: SmallVec<[(LimitHeader, ::http::HeaderValue); 3]>,
 }
 
 #[cfg(feature = "http")]
 impl RenderedHeaders {
     /// Appends the headers to `map`.
-    pub fn append_to(&self, map: &mut ::http::HeaderMap) {
-        map.reserve(self.spans.len());
-        for &(name, start, end) in &self.spans {
-            let value = self.buf.slice(usize::from(start)..usize::from(end));
-            // Numbers and the IETF fields' syntax are always valid values.
-            if let Ok(v) = ::http::HeaderValue::from_maybe_shared(value) {
-                map.append(name.http(), v);
-            }
+    pub fn append_to(self, map: &mut ::http::HeaderMap) {
+        map.reserve(self.values.len());
+        for (name, value) in self.values {
+            map.append(name.http(), value);
         }
     }
+}
+
+/// `"000"` to `"999"` back to back: the digits of every number below 1,000,
+/// so header values for them need no allocation.
+#[cfg(feature = "http")]
+static TRIPLES: [u8; 3000] = {
+    let mut t = [0u8; 3000];
+    let mut n = 0;
+    while n < 1000 {
+        // n < 1000, so each digit fits a u8.
+        #[allow(clippy::cast_possible_truncation)]
+        let (a, b, c) = ((n / 100) as u8, (n / 10 % 10) as u8, (n % 10) as u8);
+        t[3 * n] = b'0' + a;
+        t[3 * n + 1] = b'0' + b;
+        t[3 * n + 2] = b'0' + c;
+        n += 1;
+    }
+    t
+};
+
+#[cfg(feature = "http")]
+static TRIPLES_STR: &str = match std::str::from_utf8(&TRIPLES) {
+    Ok(s) => s,
+    Err(_) => panic!("decimal digits are ASCII"),
+};
+
+/// The decimal form of `n` as a static string, for `0 <= n < 1000`.
+#[cfg(feature = "http")]
+fn small_number(n: i64) -> Option<&'static str> {
+    let n = usize::try_from(n).ok().filter(|&n| n < 1000)?;
+    let skip = match n {
+        0..10 => 2,
+        10..100 => 1,
+        _ => 0,
+    };
+    TRIPLES_STR.get(3 * n + skip..3 * n + 3)
 }
 
 /// The headers a decision can produce.

@@ -352,3 +352,34 @@ fn plan_errors_always_name_an_unambiguous_field() {
     let e = PlanSet::from_json(r#"{"plans": {"tiny": {"rte": []}}}"#).unwrap_err();
     assert_eq!(e.field, "plans.tiny.rte");
 }
+
+#[cfg(feature = "http")]
+#[test]
+fn small_numbers_are_their_decimal_form() {
+    for n in -5..1100_i64 {
+        let want = (0..1000).contains(&n).then(|| n.to_string());
+        assert_eq!(small_number(n).map(str::to_owned), want, "{n}");
+    }
+}
+
+#[cfg(feature = "http")]
+#[test]
+fn an_http_header_map_gets_exactly_the_listed_headers() {
+    let l = MemoryLimiter::<String, _>::with_clock(100, clock());
+    let burst = Policy::new("burst", 100, Duration::from_secs(60), Algorithm::FixedWindow).unwrap();
+    let day = Policy::new("day", 5000, Duration::from_secs(86_400), Algorithm::Gcra).unwrap();
+    // Small and large limits, a denial (Retry-After), and the IETF fields.
+    let plan = [burst, day];
+    let allowed = l.check("k", &plan, 1).unwrap();
+    let denied = l.check("k", &plan, 100).unwrap();
+    assert!(!denied.is_allowed());
+    for d in [allowed, denied] {
+        let listed = d.headers(HeaderSet::all());
+        let mut map = ::http::HeaderMap::new();
+        d.append_headers(HeaderSet::all(), &mut map);
+        assert_eq!(map.len(), listed.len());
+        for (name, value) in &listed {
+            assert_eq!(map.get(*name).unwrap(), value.as_str(), "{name}");
+        }
+    }
+}
