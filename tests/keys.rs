@@ -605,10 +605,10 @@ async fn listing_shows_metadata_only() {
 async fn expired_records_are_forgotten_after_the_retention() {
     use keygate::testkit::keys::sample_record;
     let at = |secs: i64| Timestamp::from_second(1_767_225_600 + secs).unwrap();
-    // 1,024 records (the purge threshold) that expire after one minute,
-    // with key ids and projects so every index holds them.
+    // Records that expire after one minute, with key ids and projects so
+    // every index holds them.
     let mut old = Vec::new();
-    for i in 0..1024 {
+    for i in 0..100 {
         let mut r = sample_record("ws_a", Some("p1"), 0, i % 2 == 0);
         r.created_at = at(0);
         r.expires_at = Some(at(60));
@@ -626,12 +626,12 @@ async fn expired_records_are_forgotten_after_the_retention() {
         r.created_at = at(secs);
         Arc::new(r)
     };
-    // Within the retention, the insert that purges keeps them (they are
-    // still refused as expired).
+    // Within the retention, an insert keeps them (they are still refused
+    // as expired).
     let store = filled().await;
     store.insert(record_at(60 + 3599), None).await.unwrap();
-    assert_eq!(store.len(), 1025);
-    // Past it, the insert that purges forgets them from every index.
+    assert_eq!(store.len(), 101);
+    // Past it, the next insert forgets them from every index.
     let store = filled().await;
     let late = record_at(60 + 3600);
     store.insert(Arc::clone(&late), None).await.unwrap();
@@ -666,9 +666,9 @@ async fn portal_redemptions_do_not_accumulate_in_the_key_store() {
     let portal = Portal::new(MemoryPortalStore::new(), sessions.clone()).clock(clock.clone());
     let (w, app) = ("ws_a".parse().unwrap(), "app_1".parse().unwrap());
     // Four days of redemptions, 96 an hour: 9,216 in all. Every token
-    // expires within the hour and may be forgotten a day after, so the store
-    // holds about a day's worth (2,304) plus the purges' amortisation slack
-    // (each waits for the store to double), not everything ever redeemed.
+    // expires within the hour and is forgotten a day after, so the store
+    // holds at most about 25 hours' worth (2,400), not everything ever
+    // redeemed.
     let mut most = 0;
     for _ in 0..(4 * 24 * 24) {
         for _ in 0..4 {
@@ -679,5 +679,28 @@ async fn portal_redemptions_do_not_accumulate_in_the_key_store() {
         clock.advance(Duration::from_secs(150));
         most = most.max(sessions.len());
     }
-    assert!(most <= 5000, "{most} records at most");
+    assert!((2300..=2410).contains(&most), "{most} records at most");
+}
+
+#[tokio::test]
+async fn a_shortened_expiry_is_forgotten_on_the_new_schedule() {
+    use keygate::testkit::keys::sample_record;
+    let at = |secs: i64| Timestamp::from_second(1_767_225_600 + secs).unwrap();
+    let store = MemoryKeyStore::new().expired_retention(Duration::from_secs(60));
+    let record = |created: i64, expires: Option<i64>| {
+        let mut r = sample_record("ws_a", None, 0, false);
+        r.created_at = at(created);
+        r.expires_at = expires.map(at);
+        Arc::new(r)
+    };
+    let rolled = record(0, Some(365 * 86_400));
+    store.insert(Arc::clone(&rolled), None).await.unwrap();
+    // Rolling a key shortens the old one's expiry to the grace period.
+    assert!(store.shorten_expiry(&rolled.id, at(10)).await.unwrap());
+    store.revoke(&rolled.id, at(5)).await.unwrap();
+    store.insert(record(69, None), None).await.unwrap();
+    assert!(store.get(&rolled.id).await.unwrap().is_some(), "kept within the retention");
+    store.insert(record(70, None), None).await.unwrap();
+    assert!(store.get(&rolled.id).await.unwrap().is_none(), "forgotten 60 s after the new expiry");
+    assert_eq!(store.len(), 2);
 }

@@ -1,6 +1,7 @@
 //! An in-process [`KeyStore`]: one read-mostly lock over three indexes.
 
-use std::collections::HashMap;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap};
 use std::future::{Future, ready};
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -30,19 +31,12 @@ struct Inner {
     by_project: IdMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
     /// How long a record stays after it expires.
     retention: SignedDuration,
-    /// Record count at which the next insert purges forgotten records.
-    purge_at: usize,
+    /// (expiry, id hash) of every record that expires, soonest first: no
+    /// copy of the id. An entry whose record is gone or has a different
+    /// expiry since is stale and skipped; an id that shares the hash is
+    /// forgotten only if it is as expired.
+    expiries: BinaryHeap<Reverse<(Timestamp, u64)>>,
 }
-
-impl Default for Inner {
-    fn default() -> Self {
-        Self::with_capacity(0)
-    }
-}
-
-/// The smallest store that purges: below it, a purge would cost more than
-/// the memory it frees.
-const MIN_PURGE: usize = 1024;
 
 impl Inner {
     fn with_capacity(n: usize) -> Self {
@@ -52,27 +46,51 @@ impl Inner {
             by_key_id: hashbrown::HashMap::default(),
             by_project: IdMap::default(),
             retention: retention(super::EXPIRED_RETENTION),
-            purge_at: MIN_PURGE,
+            expiries: BinaryHeap::new(),
         }
     }
 
     /// Forgets every record expired for longer than the retention at
-    /// `now`. Amortised: the next purge waits until the store has doubled.
-    fn purge(&mut self, now: Timestamp) {
+    /// `now`: pops due entries off the expiry heap, so the cost is that of
+    /// the records forgotten (and a heap peek when there are none).
+    fn forget_expired(&mut self, now: Timestamp) {
         let Ok(cutoff) = now.checked_sub(self.retention) else { return };
-        let gone = |r: &KeyRecord| r.expires_at.is_some_and(|e| e <= cutoff);
-        if self.by_id.records().any(|r| gone(r)) {
-            let by_id = &self.by_id;
-            let kept = |id: &RecordId| by_id.get(id).is_some_and(|r| !gone(r));
-            self.by_key_id.retain(|_, id| kept(id));
-            self.by_project.retain(|_, ids| {
-                ids.retain(|id| kept(id));
-                !ids.is_empty()
-            });
-            self.by_digest.retain(|_, r| !gone(r));
-            self.by_id.table.retain(|(_, r)| !gone(r));
+        while self.expiries.peek().is_some_and(|Reverse((at, _))| *at <= cutoff) {
+            let Some(Reverse((at, hash))) = self.expiries.pop() else { break };
+            let due: Vec<RecordId> = self
+                .by_id
+                .with_hash(hash)
+                .filter(|r| r.expires_at == Some(at))
+                .map(|r| r.id.clone())
+                .collect();
+            for id in &due {
+                self.remove(id);
+            }
         }
-        self.purge_at = (self.by_id.len() * 2).max(MIN_PURGE);
+    }
+
+    /// Removes record `id` from every index.
+    fn remove(&mut self, id: &RecordId) {
+        let Some(r) = self.by_id.remove(id) else { return };
+        self.by_digest.remove(r.digest.digest());
+        if let Some(kid) = r.key_id {
+            self.by_key_id.remove(&KeyIdQuery(&r.format, &kid));
+        }
+        if let Some(p) = &r.tenant.project {
+            let key = (r.tenant.workspace.clone(), p.clone());
+            if let Some(ids) = self.by_project.get_mut(&key) {
+                ids.retain(|x| x != id);
+                if ids.is_empty() {
+                    self.by_project.remove(&key);
+                }
+            }
+        }
+    }
+}
+
+impl Default for Inner {
+    fn default() -> Self {
+        Self::with_capacity(0)
     }
 }
 
@@ -116,6 +134,23 @@ impl IdIndex {
     fn get(&self, id: &RecordId) -> Option<&Arc<KeyRecord>> {
         let h = self.hasher.hash_one(id);
         self.table.find(h, |(eh, r)| *eh == h && r.id == *id).map(|(_, r)| r)
+    }
+
+    /// The hash `id` is filed under.
+    fn hash(&self, id: &RecordId) -> u64 {
+        self.hasher.hash_one(id)
+    }
+
+    /// The records filed under `hash` (one, bar a collision).
+    fn with_hash(&self, hash: u64) -> impl Iterator<Item = &Arc<KeyRecord>> {
+        self.table.iter_hash(hash).filter(move |(eh, _)| *eh == hash).map(|(_, r)| r)
+    }
+
+    /// Removes and returns the record with id `id`.
+    fn remove(&mut self, id: &RecordId) -> Option<Arc<KeyRecord>> {
+        let h = self.hasher.hash_one(id);
+        let entry = self.table.find_entry(h, |(eh, r)| *eh == h && r.id == *id).ok()?;
+        Some(entry.remove().0.1)
     }
 
     /// Inserts `record`, replacing the record with the same id.
@@ -178,11 +213,11 @@ impl MemoryKeyStore {
 
     /// Keeps records for `retention` after they expire (default
     /// [`EXPIRED_RETENTION`](super::EXPIRED_RETENTION), one day): until
-    /// then they are listed and refused as expired; afterwards an insert
-    /// may forget them, so short-lived credentials such as portal access
-    /// tokens do not accumulate. Purges run in-band, amortised over inserts
-    /// (each waits until the store has doubled), and only in stores of at
-    /// least 1,024 records.
+    /// then they are listed and refused as expired; afterwards the next
+    /// insert forgets them, so short-lived credentials such as portal
+    /// access tokens do not accumulate. The store keeps its expiring
+    /// records in a heap by expiry, so an insert pays only for the records
+    /// it forgets: no scan, no pause.
     #[must_use]
     pub fn expired_retention(self, retention: std::time::Duration) -> Self {
         self.write(|i| i.retention = self::retention(retention));
@@ -222,10 +257,8 @@ impl MemoryKeyStore {
 
     fn insert_sync(&self, record: Arc<KeyRecord>, limit: Option<ActiveLimit>) -> InsertOutcome {
         self.write(|i| {
-            if i.by_id.len() >= i.purge_at {
-                // A new record is stamped with the time it is made.
-                i.purge(record.created_at);
-            }
+            // A new record is stamped with the time it is made.
+            i.forget_expired(record.created_at);
             if i.by_id.get(&record.id).is_some() {
                 return InsertOutcome::DuplicateId;
             }
@@ -256,6 +289,9 @@ impl MemoryKeyStore {
             if let Some(pk) = project_key {
                 i.by_project.entry(pk).or_default().push(record.id.clone());
             }
+            if let Some(at) = record.expires_at {
+                i.expiries.push(Reverse((at, i.by_id.hash(&record.id))));
+            }
             i.replace(record);
             InsertOutcome::Inserted
         })
@@ -267,6 +303,11 @@ impl MemoryKeyStore {
             let mut next = KeyRecord::clone(current);
             let changed = f(&mut next);
             if changed {
+                if let Some(at) = next.expires_at.filter(|_| next.expires_at != current.expires_at)
+                {
+                    let hash = i.by_id.hash(&next.id);
+                    i.expiries.push(Reverse((at, hash)));
+                }
                 i.replace(Arc::new(next));
             }
             changed
