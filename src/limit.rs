@@ -10,6 +10,7 @@ mod plan;
 mod policy;
 mod store;
 
+use std::fmt::Write as _;
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -242,21 +243,20 @@ impl Decision {
             emit(LimitHeader::Reset, HeaderNum::Int(self.reset_unix()));
         }
         if set.ietf {
-            let policy: Vec<String> = self
-                .policies
-                .iter()
-                .map(|p| format!("\"{}\";q={};w={}", p.name, p.limit, ceil_secs(p.period).max(1)))
-                .collect();
-            let state: Vec<String> = self
-                .policies
-                .iter()
-                .map(|p| {
-                    let t = p.retry_after.unwrap_or(p.reset_after);
-                    format!("\"{}\";r={};t={}", p.name, p.remaining, ceil_secs(t))
-                })
-                .collect();
-            emit(LimitHeader::Policy, HeaderNum::Text(policy.join(", ")));
-            emit(LimitHeader::State, HeaderNum::Text(state.join(", ")));
+            // One list item per stacked policy, each field written straight
+            // into its value (no per-item strings).
+            let mut policy = String::with_capacity(24 * self.policies.len());
+            let mut state = String::with_capacity(24 * self.policies.len());
+            for (i, p) in self.policies.iter().enumerate() {
+                let sep = if i == 0 { "" } else { ", " };
+                let t = p.retry_after.unwrap_or(p.reset_after);
+                let w = ceil_secs(p.period).max(1);
+                // Writing to a String cannot fail.
+                let _ = write!(policy, "{sep}\"{}\";q={};w={w}", p.name, p.limit);
+                let _ = write!(state, "{sep}\"{}\";r={};t={}", p.name, p.remaining, ceil_secs(t));
+            }
+            emit(LimitHeader::Policy, HeaderNum::Text(policy));
+            emit(LimitHeader::State, HeaderNum::Text(state));
         }
         if set.retry_after
             && let Some(s) = self.retry_after_secs()
