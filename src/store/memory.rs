@@ -217,7 +217,8 @@ impl MemoryKeyStore {
     /// insert forgets them, so short-lived credentials such as portal
     /// access tokens do not accumulate. The store keeps its expiring
     /// records in a heap by expiry, so an insert pays only for the records
-    /// it forgets: no scan, no pause.
+    /// it forgets: no scan, no pause. Clones share the records, so the
+    /// setting applies to every clone.
     #[must_use]
     pub fn expired_retention(self, retention: std::time::Duration) -> Self {
         self.write(|i| i.retention = self::retention(retention));
