@@ -704,3 +704,90 @@ async fn a_shortened_expiry_is_forgotten_on_the_new_schedule() {
     assert!(store.get(&rolled.id).await.unwrap().is_none(), "forgotten 60 s after the new expiry");
     assert_eq!(store.len(), 2);
 }
+
+#[derive(Debug, Clone)]
+enum StoreOp {
+    /// Insert a record `advance` seconds after the previous insert,
+    /// expiring `expires` seconds after its creation (or never).
+    Insert {
+        advance: i64,
+        expires: Option<i64>,
+    },
+    /// Shorten the expiry of the `pick`-th record ever inserted to `to`
+    /// seconds after the latest insert.
+    Shorten {
+        pick: usize,
+        to: i64,
+    },
+    Revoke {
+        pick: usize,
+    },
+}
+
+fn store_op() -> impl proptest::strategy::Strategy<Value = StoreOp> {
+    use proptest::prelude::*;
+    prop_oneof![
+        3 => (0..200_i64, proptest::option::of(-100..300_i64))
+            .prop_map(|(advance, expires)| StoreOp::Insert { advance, expires }),
+        1 => (any::<usize>(), -100..300_i64).prop_map(|(pick, to)| StoreOp::Shorten { pick, to }),
+        1 => any::<usize>().prop_map(|pick| StoreOp::Revoke { pick }),
+    ]
+}
+
+proptest::proptest! {
+    /// Against a model: after every operation the store holds exactly the
+    /// records that were never due to be forgotten at an insert (expiry
+    /// plus retention at or before that insert's time), whatever the order
+    /// of expiries, shortenings and revocations.
+    #[test]
+    fn the_store_forgets_exactly_what_retention_allows(ops in proptest::collection::vec(store_op(), 1..80)) {
+        use keygate::testkit::keys::sample_record;
+        const RETENTION: i64 = 60;
+        let at = |secs: i64| Timestamp::from_second(1_767_225_600 + secs).unwrap();
+        let store = MemoryKeyStore::new().expired_retention(Duration::from_secs(60));
+        // Every record ever inserted, and its expiry in the model (None
+        // once forgotten: Some(expiry) inside, for "present").
+        let mut all: Vec<(RecordId, Option<Option<i64>>)> = Vec::new();
+        let mut now = 0_i64;
+        for op in ops {
+            match op {
+                StoreOp::Insert { advance, expires } => {
+                    now += advance;
+                    for (_, state) in &mut all {
+                        if let Some(Some(e)) = *state && e + RETENTION <= now {
+                            *state = None;
+                        }
+                    }
+                    let mut r = sample_record("ws_m", Some("p1"), 0, all.len() % 2 == 0);
+                    r.created_at = at(now);
+                    r.expires_at = expires.map(|e| at(now + e));
+                    all.push((r.id.clone(), Some(expires.map(|e| now + e))));
+                    futures_ready(store.insert(Arc::new(r), None));
+                }
+                StoreOp::Shorten { pick, to } if !all.is_empty() => {
+                    let n = all.len();
+                    let (id, state) = &mut all[pick % n];
+                    let changed = futures_ready(store.shorten_expiry(id, at(now + to)));
+                    proptest::prop_assert_eq!(changed, state.is_some());
+                    if let Some(e) = state {
+                        *e = Some(e.map_or(now + to, |e| e.min(now + to)));
+                    }
+                }
+                StoreOp::Revoke { pick } if !all.is_empty() => {
+                    let (id, _) = &all[pick % all.len()];
+                    futures_ready(store.revoke(id, at(now)));
+                }
+                _ => {}
+            }
+            let present = all.iter().filter(|(_, s)| s.is_some()).count();
+            proptest::prop_assert_eq!(store.len(), present);
+            for (id, state) in &all {
+                let got = futures_ready(store.get(id));
+                proptest::prop_assert_eq!(got.is_some(), state.is_some());
+                if let (Some(r), Some(e)) = (got, state) {
+                    proptest::prop_assert_eq!(r.expires_at, e.map(at));
+                }
+            }
+        }
+    }
+}
