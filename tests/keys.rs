@@ -758,7 +758,7 @@ proptest::proptest! {
                             *state = None;
                         }
                     }
-                    let mut r = sample_record("ws_m", Some("p1"), 0, all.len() % 2 == 0);
+                    let mut r = sample_record("ws_m", Some("p1"), 0, all.len().is_multiple_of(2));
                     r.created_at = at(now);
                     r.expires_at = expires.map(|e| at(now + e));
                     all.push((r.id.clone(), Some(expires.map(|e| now + e))));
