@@ -45,6 +45,13 @@ impl Nanos {
     }
 }
 
+/// `d` as a jiff duration, saturating at `SignedDuration::MAX` (beyond
+/// jiff's range means "forever" in practice).
+#[must_use]
+pub(crate) fn signed_duration(d: Duration) -> jiff::SignedDuration {
+    jiff::SignedDuration::try_from(d).unwrap_or(jiff::SignedDuration::MAX)
+}
+
 /// A duration in whole nanoseconds, saturating at `u64::MAX` (584 years).
 #[must_use]
 pub fn duration_nanos(d: Duration) -> u64 {

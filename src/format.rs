@@ -590,6 +590,11 @@ impl KeyFormat {
     /// Mints a key with `rng`. The full key is in the returned value, and only
     /// there: show it to its owner once and store [`ApiKey`]'s digest.
     ///
+    /// `rng` is asked, part by part, for as many bytes as characters are
+    /// still missing (rejection sampling), so a generator that makes a
+    /// system call per request is better used through
+    /// [`mint`](Self::mint), which batches them.
+    ///
     /// # Errors
     ///
     /// As [`mint`](Self::mint); [`MintError::Rng`] when `rng` fails.

@@ -198,10 +198,8 @@ impl Decision {
 
     /// Appends the headers of [`headers`](Self::headers) to an
     /// [`http::HeaderMap`] directly: numbers are written without an
-    /// intermediate `String`, names are pre-parsed constants.
-    ///
-    /// All values are rendered into one shared buffer, so a response's
-    /// limit headers cost one allocation, not one per header.
+    /// intermediate `String`, names are pre-parsed constants (see
+    /// [`rendered_headers`](Self::rendered_headers) for the values).
     #[cfg(feature = "http")]
     pub fn append_headers(&self, set: HeaderSet, map: &mut ::http::HeaderMap) {
         self.rendered_headers(set).append_to(map);

@@ -517,7 +517,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             self.store.shorten_expiry(&created.record.id, e).await?;
             Arc::make_mut(&mut created.record).expires_at = Some(e);
         }
-        let grace = SignedDuration::try_from(grace).unwrap_or(SignedDuration::MAX);
+        let grace = crate::clock::signed_duration(grace);
         let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
         // `shorten_expiry` never extends: the grace cannot outlive the old
         // key's own expiry.

@@ -352,9 +352,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             Redeem::Unknown => return Err(PortalError::UnknownCode),
         };
         let (_, scopes) = self.role(session.role)?;
-        // One OS call for the token and its record id.
-        // The token's and the id's characters are all base62, so one margin
-        // for rejections covers both: 64 bytes (see `OsBatch`).
+        // One OS call for the token and its record id: their characters are
+        // all base62, so one rejection margin covers both (64 bytes).
         let mut rng = OsBatch::new(REDEEM_RANDOM_BYTES);
         let token = ACCESS_TOKEN
             .mint_with_rng(MintSpec::new(), &mut rng)

@@ -12,6 +12,7 @@ use serde_json::{Map, Value, json};
 
 use super::Redis;
 use crate::backend::BackendError;
+use crate::clock::signed_duration;
 use crate::format::KeyId;
 use crate::hash::StoredDigest;
 use crate::store::{
@@ -193,9 +194,7 @@ pub struct RedisKeyStore {
 impl RedisKeyStore {
     pub(super) fn new(redis: Redis) -> Self {
         let base = format!("{{{}:keys}}:", redis.prefix());
-        let retention = SignedDuration::try_from(crate::store::EXPIRED_RETENTION)
-            .unwrap_or(SignedDuration::MAX);
-        Self { redis, base, retention }
+        Self { redis, base, retention: signed_duration(crate::store::EXPIRED_RETENTION) }
     }
 
     /// Keeps records for `retention` after they expire (default
@@ -205,7 +204,7 @@ impl RedisKeyStore {
     /// accumulate.
     #[must_use]
     pub fn expired_retention(mut self, retention: std::time::Duration) -> Self {
-        self.retention = SignedDuration::try_from(retention).unwrap_or(SignedDuration::MAX);
+        self.retention = signed_duration(retention);
         self
     }
 

@@ -9,6 +9,7 @@ use jiff::{SignedDuration, Timestamp};
 
 use super::{ActiveLimit, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, WorkspaceId};
 use crate::backend::BackendError;
+use crate::clock::signed_duration;
 use crate::format::KeyId;
 use crate::hash::StoredDigest;
 use crate::secret::{Digest, DigestBuildHasher};
@@ -45,7 +46,7 @@ impl Inner {
             by_digest: DigestMap::with_capacity_and_hasher(n, DigestBuildHasher::default()),
             by_key_id: hashbrown::HashMap::default(),
             by_project: IdMap::default(),
-            retention: retention(super::EXPIRED_RETENTION),
+            retention: signed_duration(super::EXPIRED_RETENTION),
             expiries: BinaryHeap::new(),
         }
     }
@@ -94,12 +95,6 @@ impl Default for Inner {
     }
 }
 
-/// `d` as a signed duration, saturating (a retention beyond jiff's range
-/// means "forever" in practice).
-fn retention(d: std::time::Duration) -> SignedDuration {
-    SignedDuration::try_from(d).unwrap_or(SignedDuration::MAX)
-}
-
 /// A borrowed `(format, key id)` key of `by_key_id`. It hashes exactly as
 /// the owned tuple does (`str` and `String` hash alike), so lookups need no
 /// allocation.
@@ -132,7 +127,11 @@ impl IdIndex {
     }
 
     fn get(&self, id: &RecordId) -> Option<&Arc<KeyRecord>> {
-        let h = self.hasher.hash_one(id);
+        self.find(self.hash(id), id)
+    }
+
+    /// The record with id `id`, whose hash is `h`.
+    fn find(&self, h: u64, id: &RecordId) -> Option<&Arc<KeyRecord>> {
         self.table.find(h, |(eh, r)| *eh == h && r.id == *id).map(|(_, r)| r)
     }
 
@@ -148,14 +147,14 @@ impl IdIndex {
 
     /// Removes and returns the record with id `id`.
     fn remove(&mut self, id: &RecordId) -> Option<Arc<KeyRecord>> {
-        let h = self.hasher.hash_one(id);
+        let h = self.hash(id);
         let entry = self.table.find_entry(h, |(eh, r)| *eh == h && r.id == *id).ok()?;
         Some(entry.remove().0.1)
     }
 
-    /// Inserts `record`, replacing the record with the same id.
-    fn insert(&mut self, record: Arc<KeyRecord>) {
-        let h = self.hasher.hash_one(&record.id);
+    /// Inserts `record`, whose id hashes to `h`, replacing the record with
+    /// the same id.
+    fn insert(&mut self, h: u64, record: Arc<KeyRecord>) {
         match self.table.entry(h, |(eh, r)| *eh == h && r.id == record.id, |(eh, _)| *eh) {
             hashbrown::hash_table::Entry::Occupied(mut e) => e.get_mut().1 = record,
             hashbrown::hash_table::Entry::Vacant(e) => {
@@ -174,10 +173,11 @@ impl IdIndex {
 }
 
 impl Inner {
-    /// Replaces the stored record (all indexes point at the new `Arc`).
-    fn replace(&mut self, record: Arc<KeyRecord>) {
+    /// Replaces the stored record, whose id hashes to `h` (all indexes
+    /// point at the new `Arc`).
+    fn replace(&mut self, h: u64, record: Arc<KeyRecord>) {
         self.by_digest.insert(*record.digest.digest(), Arc::clone(&record));
-        self.by_id.insert(record);
+        self.by_id.insert(h, record);
     }
 }
 
@@ -221,7 +221,7 @@ impl MemoryKeyStore {
     /// setting applies to every clone.
     #[must_use]
     pub fn expired_retention(self, retention: std::time::Duration) -> Self {
-        self.write(|i| i.retention = self::retention(retention));
+        self.write(|i| i.retention = signed_duration(retention));
         self
     }
 
@@ -260,7 +260,10 @@ impl MemoryKeyStore {
         self.write(|i| {
             // A new record is stamped with the time it is made.
             i.forget_expired(record.created_at);
-            if i.by_id.get(&record.id).is_some() {
+            // One hash of the id serves the check, the expiry heap and the
+            // insert.
+            let h = i.by_id.hash(&record.id);
+            if i.by_id.find(h, &record.id).is_some() {
                 return InsertOutcome::DuplicateId;
             }
             if i.by_digest.contains_key(record.digest.digest()) {
@@ -291,25 +294,27 @@ impl MemoryKeyStore {
                 i.by_project.entry(pk).or_default().push(record.id.clone());
             }
             if let Some(at) = record.expires_at {
-                i.expiries.push(Reverse((at, i.by_id.hash(&record.id))));
+                i.expiries.push(Reverse((at, h)));
             }
-            i.replace(record);
+            i.replace(h, record);
             InsertOutcome::Inserted
         })
     }
 
     fn update(&self, id: &RecordId, f: impl FnOnce(&mut KeyRecord) -> bool) -> bool {
         self.write(|i| {
-            let Some(current) = i.by_id.get(id) else { return false };
+            let h = i.by_id.hash(id);
+            let Some(current) = i.by_id.find(h, id) else { return false };
             let mut next = KeyRecord::clone(current);
             let changed = f(&mut next);
             if changed {
-                if let Some(at) = next.expires_at.filter(|_| next.expires_at != current.expires_at)
+                // A new expiry is scheduled; the old heap entry goes stale.
+                if next.expires_at != current.expires_at
+                    && let Some(at) = next.expires_at
                 {
-                    let hash = i.by_id.hash(&next.id);
-                    i.expiries.push(Reverse((at, hash)));
+                    i.expiries.push(Reverse((at, h)));
                 }
-                i.replace(Arc::new(next));
+                i.replace(h, Arc::new(next));
             }
             changed
         })
