@@ -109,6 +109,54 @@ fn two_threads_never_get_more_than_the_quota() {
     }
 }
 
+/// Readers probe the shards' tables without a lock while writers grow them,
+/// forget fresh keys and move keys between the one-word and the locked
+/// form. Whatever interleaving happens, every key admits exactly its limit
+/// on a frozen clock: an update lost in a table swap would admit more, a
+/// key lost in one would admit its limit again.
+#[test]
+fn table_rebuilds_and_moves_lose_no_update_under_concurrent_checks() {
+    const KEYS: u64 = 3000;
+    const LIMIT: u32 = 4;
+    let clock = FakeClock::at_2026();
+    // A cap just above the key count: shards fill up and purge (finding
+    // nothing fresh) while the tables grow from empty.
+    let l = MemoryLimiter::<u64, _>::with_clock(2 * KEYS as usize, clock);
+    let one = [Policy::new("d", LIMIT, Duration::from_secs(3600), Algorithm::Gcra).unwrap()];
+    let generous = Policy::new("g", 1_000_000, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+    let stacked = [one[0].clone(), generous];
+    let threads = 4u64;
+    let wins: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..threads)
+            .map(|t| {
+                let (l, one, stacked) = (&l, &one, &stacked);
+                s.spawn(move || {
+                    let mut wins = vec![0u32; KEYS as usize];
+                    for round in 0..3 * u64::from(LIMIT) {
+                        for i in 0..KEYS {
+                            // Each thread walks the keys in its own order.
+                            let k = (i * 7919 + t * 1013 + round * 31) % KEYS;
+                            // Every 16th key moves to the locked form.
+                            let p: &[Policy] =
+                                if k.is_multiple_of(16) && round % 2 == 1 { stacked } else { one };
+                            if l.check(&k, p, 1).unwrap().is_allowed() {
+                                wins[k as usize] += 1;
+                            }
+                        }
+                    }
+                    wins
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for k in 0..KEYS as usize {
+        let total: u32 = wins.iter().map(|w| w[k]).sum();
+        assert_eq!(total, LIMIT, "key {k}");
+    }
+    assert_eq!(l.len(), KEYS as usize);
+}
+
 #[test]
 fn ten_million_distinct_keys_stay_under_the_cap() {
     let clock = FakeClock::at_2026();

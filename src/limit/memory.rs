@@ -7,7 +7,11 @@ use std::fmt;
 use std::future::{Future, ready};
 use std::hash::Hash;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{
+    Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use smallvec::SmallVec;
@@ -55,32 +59,25 @@ impl KeyState {
     }
 }
 
-/// Cache-line padding so neighbouring shards' locks never share a line.
+/// Cache-line padding so neighbouring shards' hot words never share a line.
 #[repr(align(128))]
 struct Padded<T>(T);
 
-/// A tracked key, as found in its shard.
-///
-/// Most keys are checked against one GCRA or fixed-window policy: their
-/// whole state is one word, updated with a compare-and-swap under the
-/// shard's read lock, and stored in a table of bare words (16 bytes a key
-/// for `u64` keys). Stacked policies and sliding windows use a small locked
-/// state in a second table; a key moves there (keeping its state) the first
-/// time it is checked against such a plan.
-enum Found<'a> {
-    Word(&'a AtomicU64),
-    Multi(&'a Mutex<KeyState>),
-}
-
 /// Word layout: bit 63 clear = GCRA theoretical arrival time (ns); bit 63
 /// set = fixed window: 23-bit count at bits 40..63, window end >> 20 (about
-/// milliseconds) in bits 0..40. Zero is a fresh key.
+/// milliseconds) in bits 0..40. Zero is a fresh key; [`DEAD`] is a slot
+/// whose key lives elsewhere now.
 const FIXED_TAG: u64 = 1 << 63;
 const Q_BITS: u32 = 40;
 const Q_MASK: u64 = (1 << Q_BITS) - 1;
 const COUNT_MAX: u64 = (1 << 23) - 1;
 /// Windows shorter than this do not fit the word's resolution.
 const MIN_WORD_PERIOD: u64 = 1 << 21;
+/// A slot that no longer holds its key's state: the key was forgotten,
+/// moved to the locked form, or copied to a newer table. No policy state
+/// is ever this word (a GCRA time has bit 63 clear, a window count stays
+/// below `COUNT_MAX`).
+const DEAD: u64 = u64::MAX;
 
 /// Whether one word can hold the state of `policies`.
 fn word_policy(policies: &[Policy]) -> Option<&Policy> {
@@ -88,7 +85,7 @@ fn word_policy(policies: &[Policy]) -> Option<&Policy> {
         [p] => match p.algorithm() {
             Algorithm::Gcra => Some(p),
             Algorithm::FixedWindow
-                if u64::from(p.limit()) <= COUNT_MAX
+                if u64::from(p.limit()) < COUNT_MAX
                     && crate::clock::duration_nanos(p.period()) >= MIN_WORD_PERIOD =>
             {
                 Some(p)
@@ -152,61 +149,163 @@ fn word_fresh_at(word: u64) -> u64 {
     if word & FIXED_TAG == 0 { word } else { ((word & Q_MASK) + 1) << 20 }
 }
 
-/// Keys and their state, found by a hash computed once per check (the
-/// same hash picks the shard).
-struct Shard<K> {
-    words: HashTable<(K, AtomicU64)>,
-    multis: HashTable<(K, Box<Mutex<KeyState>>)>,
-    /// Earliest monotonic time at which any tracked key becomes fresh:
-    /// purging before then cannot free anything.
-    next_purge: u64,
+/// A shard's one-word keys: an open-addressing table (linear probing) of
+/// slots that are set once — key and state together — and never cleared,
+/// so readers probe it without a lock. A key that is forgotten or moves to
+/// the locked form leaves its slot [`DEAD`]; when the table fills up, the
+/// shard's writer copies the live keys into a new table and kills every
+/// old slot first, so a reader that meets a dead slot retries on the new
+/// table and no update is lost.
+///
+/// A `u64` key's slot is 24 bytes, in the same cache line as its state:
+/// one memory access finds and updates a key.
+struct Table<K> {
+    slots: Box<[OnceLock<(K, AtomicU64)>]>,
 }
 
-type ShardLock<K> = Padded<RwLock<Shard<K>>>;
+/// Where a key's probe ended.
+enum Probe<'a> {
+    /// The key's state word (possibly [`DEAD`]).
+    Found(&'a AtomicU64),
+    /// Not in the table; the empty slot that ended the probe.
+    Absent(usize),
+}
 
-impl<K> Shard<K> {
-    fn find<Q>(&self, hash: u64, key: &Q) -> Option<Found<'_>>
+/// Load factors (live keys over slots, as fractions): a table is built at
+/// `target` and rebuilt once its used slots (live or dead) would pass
+/// `max`. Slots of word-sized keys (24 bytes) are packed densely, where a
+/// probe's extra slots are mostly in the same cache line; bigger keys, and
+/// keys compared through a pointer (strings), get shorter probes.
+struct Load {
+    target: (usize, usize),
+    max: (usize, usize),
+}
+
+impl<K> Table<K> {
+    const LOAD: Load = if size_of::<OnceLock<(K, AtomicU64)>>() <= 24 {
+        Load { target: (7, 10), max: (17, 20) }
+    } else {
+        Load { target: (1, 2), max: (7, 10) }
+    };
+
+    /// A table for `live` keys at the target load (never full).
+    fn for_keys(live: usize) -> Self {
+        let (num, den) = Self::LOAD.target;
+        let n = (live.saturating_mul(den) / num).max(8) + 1;
+        Self { slots: (0..n).map(|_| OnceLock::new()).collect() }
+    }
+
+    /// Whether one more used slot keeps the table under its maximum load.
+    fn has_room(&self, used: usize) -> bool {
+        let (num, den) = Self::LOAD.max;
+        (used + 1).saturating_mul(den) <= self.slots.len().saturating_mul(num)
+    }
+
+    /// The key's home slot: the hash scaled to the table's length.
+    fn home(&self, hash: u64) -> usize {
+        ((u128::from(hash) * self.slots.len() as u128) >> 64) as usize
+    }
+
+    #[inline]
+    fn find<Q>(&self, hash: u64, key: &Q) -> Probe<'_>
     where
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
-        if let Some((_, w)) = self.words.find(hash, |(k, _)| k.borrow() == key) {
-            return Some(Found::Word(w));
+        let n = self.slots.len();
+        let mut i = self.home(hash);
+        // The table is never full, so an empty slot ends every probe; the
+        // bound is only a guarantee of termination.
+        for _ in 0..n {
+            match self.slots[i].get() {
+                None => return Probe::Absent(i),
+                Some((k, state)) if k.borrow() == key => return Probe::Found(state),
+                Some(_) => {}
+            }
+            i = if i + 1 == n { 0 } else { i + 1 };
         }
-        self.multis.find(hash, |(k, _)| k.borrow() == key).map(|(_, m)| Found::Multi(m))
+        Probe::Absent(n)
+    }
+}
+
+/// What only the shard's writer changes, under its lock.
+#[derive(Default)]
+struct Tracked {
+    /// Live one-word keys in the current table.
+    words: usize,
+    /// Set slots (live or dead) in the current table.
+    used: usize,
+    /// Earliest limiter time at which any tracked key becomes fresh:
+    /// purging before then cannot free anything.
+    next_purge: u64,
+}
+
+/// One shard: the lock-free table of one-word keys, and under locks the
+/// writer's bookkeeping and the keys in the locked form (stacked policies
+/// and sliding windows).
+struct Shard<K> {
+    table: Padded<ArcSwap<Table<K>>>,
+    locked: Padded<Locked<K>>,
+}
+
+struct Locked<K> {
+    /// Serialises every change of which keys are tracked, and table swaps.
+    writer: Mutex<Tracked>,
+    multis: RwLock<HashTable<(K, Box<Mutex<KeyState>>)>>,
+}
+
+impl<K> Shard<K> {
+    fn new() -> Self {
+        Self {
+            table: Padded(ArcSwap::from_pointee(Table::for_keys(0))),
+            locked: Padded(Locked {
+                writer: Mutex::new(Tracked::default()),
+                multis: RwLock::new(HashTable::new()),
+            }),
+        }
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Tracked> {
+        self.locked.0.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn multis(&self) -> RwLockReadGuard<'_, HashTable<(K, Box<Mutex<KeyState>>)>> {
+        self.locked.0.multis.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn multis_mut(&self) -> RwLockWriteGuard<'_, HashTable<(K, Box<Mutex<KeyState>>)>> {
+        self.locked.0.multis.write().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn len(&self) -> usize {
-        self.words.len() + self.multis.len()
+        self.writer().words + self.multis().len()
     }
+}
 
-    /// Forgets every key whose state is indistinguishable from fresh at
-    /// `now`; returns when the next remaining one becomes so.
-    fn purge(&mut self, now: u64) -> u64 {
-        let mut next = u64::MAX;
-        let mut keep = |fresh_at: u64| {
-            let keep = fresh_at > now;
-            if keep {
-                next = next.min(fresh_at);
-            }
-            keep
-        };
-        self.words.retain(|(_, w)| keep(word_fresh_at(*w.get_mut())));
-        self.multis
-            .retain(|(_, m)| keep(m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at));
-        next
-    }
+fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// A keyed in-memory rate limiter.
 ///
 /// Keys are spread over cache-padded shards by a randomly keyed hash
 /// (`ahash`, resistant to hash flooding). A check of a known key against a
-/// single GCRA or fixed-window policy takes the shard's read lock and one
-/// compare-and-swap — a few atomic operations, no global lock, no future, no
-/// write on denial. Each key can be checked against its own stacked
+/// single GCRA or fixed-window policy takes no lock: it probes the shard's
+/// open-addressing table (an `arc-swap` load, then slots that are written
+/// once), where the key and its one-word state share a cache line, and
+/// updates the state with one compare-and-swap — no global lock, no
+/// future, no write on denial, and no shared lock word for threads hitting
+/// the same hot key to fight over. New keys, table growth, eviction and
+/// stacked or sliding-window policies (a small per-key mutex) go through
+/// the shard's writer lock. Each key can be checked against its own stacked
 /// policies on every call, so plan changes apply at once and keep state
 /// (slots are matched by policy name).
+///
+/// Growing or purging a shard copies its table. Every old slot is retired
+/// with an atomic swap before its state is copied, so a check racing the
+/// copy either lands before the swap (and is copied) or retries on the new
+/// table; no update is lost and no key is admitted twice. Keys must be
+/// `Clone` for that copy.
 ///
 /// Memory is bounded: at most `max_keys` keys are tracked. When a shard is
 /// full, keys whose state is indistinguishable from fresh are evicted in
@@ -226,7 +325,7 @@ impl<K> Shard<K> {
 /// assert!(!limiter.check("key_1", &hobby, 1).unwrap().is_allowed());
 /// ```
 pub struct MemoryLimiter<K = String, C = SystemClock> {
-    shards: Box<[ShardLock<K>]>,
+    shards: Box<[Shard<K>]>,
     hasher: ahash::RandomState,
     per_shard: usize,
     clock: C,
@@ -310,7 +409,7 @@ fn shard_count() -> usize {
     (cpus * 4).next_power_of_two().clamp(4, 256)
 }
 
-impl<K: Hash + Eq> MemoryLimiter<K> {
+impl<K: Hash + Eq + Clone> MemoryLimiter<K> {
     /// A limiter tracking at most about `max_keys` keys, on the system clock.
     #[must_use]
     pub fn new(max_keys: usize) -> Self {
@@ -318,23 +417,14 @@ impl<K: Hash + Eq> MemoryLimiter<K> {
     }
 }
 
-impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
+impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// A limiter on `clock`.
     #[must_use]
     pub fn with_clock(max_keys: usize, clock: C) -> Self {
         let n = shard_count();
         let per_shard = max_keys.div_ceil(n).max(1);
-        let shards = (0..n)
-            .map(|_| {
-                Padded(RwLock::new(Shard {
-                    words: HashTable::new(),
-                    multis: HashTable::new(),
-                    next_purge: 0,
-                }))
-            })
-            .collect();
         Self {
-            shards,
+            shards: (0..n).map(|_| Shard::new()).collect(),
             hasher: ahash::RandomState::new(),
             per_shard,
             wall: WallAnchor::new(&clock),
@@ -351,7 +441,7 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
     /// Keys currently tracked.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).len()).sum()
+        self.shards.iter().map(Shard::len).sum()
     }
 
     /// Whether no key is tracked.
@@ -360,11 +450,11 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         self.len() == 0
     }
 
-    /// The key's hash and its shard (picked by bits the table's buckets
-    /// do not use first).
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> (u64, &RwLock<Shard<K>>) {
+    /// The key's hash and its shard (picked by bits the table's home slot
+    /// does not depend on).
+    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> (u64, &Shard<K>) {
         let h = self.hasher.hash_one(key);
-        (h, &self.shards[(h >> 32) as usize & (self.shards.len() - 1)].0)
+        (h, &self.shards[(h >> 32) as usize & (self.shards.len() - 1)])
     }
 
     /// Checks and consumes `cost` units for `key` against every policy (all
@@ -424,85 +514,205 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         let now = self.wall.time(&self.clock);
         let word = word_policy(policies);
         let (hash, shard) = self.shard(key);
+        // The fast path: a lock-free probe and one compare-and-swap.
+        let mut untracked = true;
+        if let Some(p) = word
+            && let Probe::Found(state) = shard.table.0.load().find(hash, key)
         {
-            let r = shard.read().unwrap_or_else(PoisonError::into_inner);
-            match (r.find(hash, key), word) {
-                (Some(Found::Word(w)), Some(p)) => {
-                    return Ok(self.word_check(w, p, cost, mode, now));
-                }
-                (Some(Found::Multi(m)), _) => {
-                    let mut st = m.lock().unwrap_or_else(PoisonError::into_inner);
-                    return Ok(self.decide(&mut st, policies, cost, mode, now));
-                }
-                (Some(Found::Word(_)), None) | (None, _) => {}
+            match self.word_check(state, p, cost, mode, now) {
+                Some(d) => return Ok(d),
+                None => untracked = false,
             }
         }
-        if let (CheckMode::Peek, Some(p)) = (mode, word) {
+        if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
+            return Ok(self.decide(&mut lock_state(m), policies, cost, mode, now));
+        }
+        if let (CheckMode::Peek, Some(p), true) = (mode, word, untracked) {
             // An unknown key is fresh; peeking does not start tracking it.
-            return Ok(self.word_check(&AtomicU64::new(0), p, cost, mode, now));
+            return Ok(self
+                .word_check(&AtomicU64::new(0), p, cost, mode, now)
+                .unwrap_or_else(|| unreachable!("a fresh word is live")));
         }
-        let mut guard = shard.write().unwrap_or_else(PoisonError::into_inner);
-        let shard = &mut *guard;
-        let hasher = &self.hasher;
-        let rehash = |k: &K| hasher.hash_one(k);
-        if shard.find(hash, key).is_none() {
-            if mode == CheckMode::Peek {
-                return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
-            }
-            if shard.len() >= self.per_shard {
-                if now >= shard.next_purge {
-                    // Amortised in-band eviction: forget only keys whose
-                    // state is indistinguishable from fresh, and remember
-                    // when the next one becomes so.
-                    shard.next_purge = shard.purge(now);
-                }
-                if shard.len() >= self.per_shard {
-                    return Err(CapacityError { max: self.max_keys() });
-                }
-            }
-            if word.is_some() {
-                let fresh = (key.to_owned(), AtomicU64::new(0));
-                shard.words.insert_unique(hash, fresh, |(k, _)| rehash(k));
-            } else {
-                let fresh = (key.to_owned(), Box::default());
-                shard.multis.insert_unique(hash, fresh, |(k, _)| rehash(k));
+        self.check_tracking(hash, shard, key, policies, cost, mode, now)
+    }
+
+    /// The writer's path: a new key, a key changing form, or a slot that
+    /// died under a reader.
+    #[allow(clippy::too_many_arguments)]
+    fn check_tracking<Q>(
+        &self,
+        hash: u64,
+        shard: &Shard<K>,
+        key: &Q,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+        now: u64,
+    ) -> Result<Decision, CapacityError>
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let word = word_policy(policies);
+        let mut tracked = shard.writer();
+        // Only this lock's holder kills slots or swaps tables, so what this
+        // probe finds stays put until we return.
+        if let Probe::Found(state) = shard.table.0.load().find(hash, key) {
+            let cur = state.load(Ordering::Acquire);
+            if cur != DEAD {
+                let (d, fresh_at) = if let Some(p) = word {
+                    let d = self.word_check(state, p, cost, mode, now);
+                    let d = d.unwrap_or_else(|| unreachable!("only the writer kills slots"));
+                    (d, word_fresh_at(state.load(Ordering::Acquire)))
+                } else {
+                    let old = kill(state);
+                    tracked.words -= 1;
+                    self.move_to_multis(shard, hash, key, old, policies, cost, mode, now)
+                };
+                tracked.next_purge = tracked.next_purge.min(fresh_at);
+                return Ok(d);
             }
         }
-        let found = shard.words.find_entry(hash, |(k, _)| k.borrow() == key);
-        let (d, fresh_at) = match (word, found) {
-            (Some(p), Ok(mut entry)) => {
-                let state = &mut entry.get_mut().1;
-                let d = self.word_check(state, p, cost, mode, now);
-                (d, word_fresh_at(*state.get_mut()))
+        if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
+            return Ok(self.decide(&mut lock_state(m), policies, cost, mode, now));
+        }
+        if mode == CheckMode::Peek {
+            return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
+        }
+        self.make_room(shard, &mut tracked, now)?;
+        let Some(p) = word else {
+            let (d, fresh_at) = self.move_to_multis(shard, hash, key, 0, policies, cost, mode, now);
+            tracked.next_purge = tracked.next_purge.min(fresh_at);
+            return Ok(d);
+        };
+        let mut table = shard.table.0.load_full();
+        if matches!(table.find(hash, key), Probe::Absent(_)) && !table.has_room(tracked.used) {
+            self.rebuild(shard, &mut tracked, now, false);
+            table = shard.table.0.load_full();
+        }
+        let state = match table.find(hash, key) {
+            // Forgotten after a move to the locked form: fresh again.
+            Probe::Found(state) => {
+                state.store(0, Ordering::Release);
+                state
             }
-            (None, Ok(entry)) => {
-                // Moving to stacked or sliding policies: carry the word's
-                // state over to the first policy's slot.
-                let ((owned, mut state), _) = entry.remove();
-                let mut st = KeyState::default();
-                let slot = word_to_slot(&policies[0], *state.get_mut(), now);
-                st.fresh_at = algorithm::fresh_at(&policies[0], &slot);
-                *st.slot_mut(&policies[0]) = slot;
-                let d = self.decide(&mut st, policies, cost, mode, now);
-                let fresh_at = st.fresh_at;
-                let moved = (owned, Box::new(Mutex::new(st)));
-                shard.multis.insert_unique(hash, moved, |(k, _)| rehash(k));
-                (d, fresh_at)
-            }
-            (_, Err(_)) => {
-                let (_, m) = shard
-                    .multis
-                    .find_mut(hash, |(k, _)| k.borrow() == key)
-                    .unwrap_or_else(|| unreachable!("inserted above"));
-                let st = m.get_mut().unwrap_or_else(PoisonError::into_inner);
-                (self.decide(st, policies, cost, mode, now), st.fresh_at)
+            Probe::Absent(i) => {
+                let slot = table.slots.get(i).unwrap_or_else(|| {
+                    unreachable!("a table below its maximum load has an empty slot")
+                });
+                let _ = slot.set((key.to_owned(), AtomicU64::new(0)));
+                tracked.used += 1;
+                &slot.get().unwrap_or_else(|| unreachable!("set above")).1
             }
         };
-        shard.next_purge = shard.next_purge.min(fresh_at);
+        tracked.words += 1;
+        let d = self.word_check(state, p, cost, mode, now);
+        let d = d.unwrap_or_else(|| unreachable!("only the writer kills slots"));
+        tracked.next_purge = tracked.next_purge.min(word_fresh_at(state.load(Ordering::Acquire)));
         Ok(d)
     }
 
-    /// The compare-and-swap path for one-word keys.
+    /// Puts `key` in the locked form, its first policy's state taken from
+    /// `word`, and checks it there.
+    #[allow(clippy::too_many_arguments)]
+    fn move_to_multis<Q>(
+        &self,
+        shard: &Shard<K>,
+        hash: u64,
+        key: &Q,
+        word: u64,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+        now: u64,
+    ) -> (Decision, u64)
+    where
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
+        let mut st = KeyState::default();
+        if let Some(first) = policies.first() {
+            let slot = word_to_slot(first, word, now);
+            st.fresh_at = algorithm::fresh_at(first, &slot);
+            *st.slot_mut(first) = slot;
+        }
+        let d = self.decide(&mut st, policies, cost, mode, now);
+        let fresh_at = st.fresh_at;
+        let hasher = &self.hasher;
+        shard.multis_mut().insert_unique(
+            hash,
+            (key.to_owned(), Box::new(Mutex::new(st))),
+            |(k, _)| hasher.hash_one(k),
+        );
+        (d, fresh_at)
+    }
+
+    /// Lets one more key in, forgetting fresh keys first if the shard is
+    /// full and some may have gone fresh.
+    fn make_room(
+        &self,
+        shard: &Shard<K>,
+        tracked: &mut Tracked,
+        now: u64,
+    ) -> Result<(), CapacityError> {
+        if tracked.words + shard.multis().len() < self.per_shard {
+            return Ok(());
+        }
+        if now >= tracked.next_purge {
+            // Amortised in-band eviction: forget only keys whose state is
+            // indistinguishable from fresh, and remember when the next one
+            // becomes so.
+            let mut next = u64::MAX;
+            shard.multis_mut().retain(|(_, m)| {
+                let fresh_at = m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at;
+                next = next.min(fresh_at);
+                fresh_at > now
+            });
+            let next_word = self.rebuild(shard, tracked, now, true);
+            tracked.next_purge = next.min(next_word);
+        }
+        if tracked.words + shard.multis().len() < self.per_shard {
+            Ok(())
+        } else {
+            Err(CapacityError { max: self.max_keys() })
+        }
+    }
+
+    /// Replaces the shard's table by one holding its live one-word keys
+    /// (when `purge`, only those not yet fresh) with room for one more;
+    /// returns when the next kept key becomes fresh.
+    ///
+    /// Every old slot is killed (its last state taken by compare-and-swap)
+    /// before its key is copied, so no reader's update is lost: a reader
+    /// whose swap fails on a dead slot takes the writer's path and finds
+    /// the key in the new table.
+    fn rebuild(&self, shard: &Shard<K>, tracked: &mut Tracked, now: u64, purge: bool) -> u64 {
+        let old = shard.table.0.load_full();
+        let mut keep = Vec::with_capacity(tracked.words);
+        let mut next = u64::MAX;
+        for (key, state) in old.slots.iter().filter_map(OnceLock::get) {
+            let word = kill(state);
+            let fresh_at = word_fresh_at(word);
+            if word != DEAD && (fresh_at > now || !purge) {
+                next = next.min(fresh_at);
+                keep.push((key.clone(), word));
+            }
+        }
+        let table = Table::for_keys(keep.len() + 1);
+        tracked.words = keep.len();
+        tracked.used = keep.len();
+        for (key, word) in keep {
+            if let Probe::Absent(i) = table.find(self.hasher.hash_one(&key), &key) {
+                let _ = table.slots[i].set((key, AtomicU64::new(word)));
+            }
+        }
+        shard.table.0.store(Arc::new(table));
+        next
+    }
+
+    /// The compare-and-swap path for one-word keys; `None` if the slot is
+    /// dead.
+    #[inline]
     fn word_check(
         &self,
         word: &AtomicU64,
@@ -510,20 +720,23 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         cost: u32,
         mode: CheckMode,
         now: u64,
-    ) -> Decision {
+    ) -> Option<Decision> {
         let mut cur = word.load(Ordering::Acquire);
         loop {
+            if cur == DEAD {
+                return None;
+            }
             let (s, next) = word_step(p, cur, now, cost);
             let outcome = outcome_of(&s);
             match next {
                 Some(next) if mode == CheckMode::Consume => {
                     match word.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
                     {
-                        Ok(_) => return self.decision(outcome, p, &s, now),
+                        Ok(_) => return Some(self.decision(outcome, p, &s, now)),
                         Err(v) => cur = v,
                     }
                 }
-                _ => return self.decision(outcome, p, &s, now),
+                _ => return Some(self.decision(outcome, p, &s, now)),
             }
         }
     }
@@ -542,28 +755,24 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
     {
         let now = self.wall.time(&self.clock);
         let (hash, shard) = self.shard(key);
-        let r = shard.read().unwrap_or_else(PoisonError::into_inner);
-        match (r.find(hash, key), word_policy(policies)) {
-            (Some(Found::Word(w)), Some(p)) => {
-                let _ = w.fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
-                    let mut slot = word_to_slot(p, cur, now);
-                    algorithm::refund(p, &mut slot, now, cost);
-                    Some(match slot {
-                        Slot::Tat(t) => t,
-                        Slot::Window { count, .. } => {
-                            FIXED_TAG | (u64::from(count) << Q_BITS) | (cur & Q_MASK)
-                        }
-                        _ => 0,
-                    })
-                });
+        let word = word_policy(policies);
+        if let (Some(p), Probe::Found(state)) = (word, shard.table.0.load().find(hash, key)) {
+            if refund_word(state, p, now, cost) {
+                return;
             }
-            (Some(Found::Multi(m)), _) => {
-                let mut st = m.lock().unwrap_or_else(PoisonError::into_inner);
-                for p in policies {
-                    algorithm::refund(p, st.slot_mut(p), now, cost);
-                }
+            // Dead: the key moved; wait for the writer to finish moving it.
+            let _tracked = shard.writer();
+            if let Probe::Found(state) = shard.table.0.load().find(hash, key)
+                && refund_word(state, p, now, cost)
+            {
+                return;
             }
-            _ => {}
+        }
+        if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
+            let mut st = lock_state(m);
+            for p in policies {
+                algorithm::refund(p, st.slot_mut(p), now, cost);
+            }
         }
     }
 
@@ -605,6 +814,31 @@ impl<K: Hash + Eq, C: Clock> MemoryLimiter<K, C> {
         }
         Decision::new(outcome, out, self.wall.wall(now))
     }
+}
+
+/// Kills a slot; returns the last state it held ([`DEAD`] if it was dead).
+fn kill(state: &AtomicU64) -> u64 {
+    state.swap(DEAD, Ordering::AcqRel)
+}
+
+/// Refunds a one-word key; `false` if its slot is dead.
+fn refund_word(state: &AtomicU64, p: &Policy, now: u64, cost: u32) -> bool {
+    state
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+            if cur == DEAD {
+                return None;
+            }
+            let mut slot = word_to_slot(p, cur, now);
+            algorithm::refund(p, &mut slot, now, cost);
+            Some(match slot {
+                Slot::Tat(t) => t,
+                Slot::Window { count, .. } => {
+                    FIXED_TAG | (u64::from(count) << Q_BITS) | (cur & Q_MASK)
+                }
+                _ => 0,
+            })
+        })
+        .is_ok()
 }
 
 fn outcome_of(s: &algorithm::Step) -> Outcome {
