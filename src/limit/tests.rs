@@ -295,6 +295,39 @@ fn moving_to_a_stacked_plan_keeps_the_single_policy_state() {
     assert_eq!(d.binding().name, "default");
 }
 
+/// Refunds and peeks find a key wherever the writer put it: in a table
+/// rebuilt since the key was first checked, and in the locked form after a
+/// move (its old slot dead).
+#[test]
+fn refund_and_peek_follow_a_key_through_rebuilds_and_moves() {
+    let l = MemoryLimiter::<u64, _>::with_clock(100_000, clock());
+    let p = [Policy::new("d", 2, Duration::from_secs(3600), Algorithm::Gcra).unwrap()];
+    assert_eq!(l.check(&0, &p, 1).unwrap().remaining(), 1);
+    // Enough new keys to grow (rebuild) every shard's table many times.
+    for k in 1..5_000u64 {
+        assert!(l.check(&k, &p, 1).unwrap().is_allowed());
+    }
+    assert_eq!(l.peek(&0, &p, 1).unwrap().remaining(), 0, "state survived the rebuilds");
+    l.refund(&0, &p, 1);
+    assert_eq!(l.check(&0, &p, 1).unwrap().remaining(), 1, "the refund reached the new table");
+    assert_eq!(l.check(&0, &p, 1).unwrap().remaining(), 0);
+    assert!(!l.check(&0, &p, 1).unwrap().is_allowed());
+
+    // A key moves to the locked form; a single-policy refund and peek of
+    // it must find it there, not in its dead slot.
+    let stacked =
+        [p[0].clone(), Policy::new("g", 1000, Duration::from_secs(1), Algorithm::Gcra).unwrap()];
+    let k = 10_000;
+    assert!(l.check(&k, &p, 1).unwrap().is_allowed());
+    assert!(l.check(&k, &stacked, 1).unwrap().is_allowed());
+    assert!(!l.check(&k, &p, 1).unwrap().is_allowed(), "2 of 2 used");
+    l.refund(&k, &p, 1);
+    assert_eq!(l.peek(&k, &p, 1).unwrap().remaining(), 0);
+    assert!(l.check(&k, &p, 1).unwrap().is_allowed());
+    assert!(!l.check(&k, &stacked, 1).unwrap().is_allowed());
+    assert_eq!(l.len(), 5_001);
+}
+
 #[test]
 fn fixed_windows_follow_wall_clock_seconds_through_drift() {
     let c = clock();
