@@ -159,8 +159,76 @@ fn word_fresh_at(word: u64) -> u64 {
 ///
 /// A `u64` key's slot is 24 bytes, in the same cache line as its state:
 /// one memory access finds and updates a key.
-struct Table<K> {
-    slots: Box<[OnceLock<(K, AtomicU64)>]>,
+struct Table<S> {
+    slots: Box<[OnceLock<S>]>,
+}
+
+/// What a table slot holds: a key and its state word.
+trait Entry<K>: Sized {
+    fn new(hash: u64, key: K, state: u64) -> Self;
+    fn key(&self) -> &K;
+    fn state(&self) -> &AtomicU64;
+    /// Whether this is `key` (whose hash is `hash`).
+    fn is<Q>(&self, hash: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized;
+}
+
+/// The slot of a key no bigger than a word (`u64`, `u32`, …): compared
+/// directly, 24 bytes a slot.
+struct Plain<K> {
+    key: K,
+    state: AtomicU64,
+}
+
+impl<K> Entry<K> for Plain<K> {
+    fn new(_: u64, key: K, state: u64) -> Self {
+        Self { key, state: AtomicU64::new(state) }
+    }
+    fn key(&self) -> &K {
+        &self.key
+    }
+    fn state(&self) -> &AtomicU64 {
+        &self.state
+    }
+    #[inline]
+    fn is<Q>(&self, _: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        self.key.borrow() == key
+    }
+}
+
+/// The slot of a bigger key (a `String`, say): its hash is compared first,
+/// so a probe reads the key itself (through its pointer) only for the one
+/// slot that is almost surely it.
+struct Tagged<K> {
+    hash: u64,
+    key: K,
+    state: AtomicU64,
+}
+
+impl<K> Entry<K> for Tagged<K> {
+    fn new(hash: u64, key: K, state: u64) -> Self {
+        Self { hash, key, state: AtomicU64::new(state) }
+    }
+    fn key(&self) -> &K {
+        &self.key
+    }
+    fn state(&self) -> &AtomicU64 {
+        &self.state
+    }
+    #[inline]
+    fn is<Q>(&self, hash: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        self.hash == hash && self.key.borrow() == key
+    }
 }
 
 /// Where a key's probe ended.
@@ -172,32 +240,23 @@ enum Probe<'a> {
 }
 
 /// Load factors (live keys over slots, as fractions): a table is built at
-/// `target` and rebuilt once its used slots (live or dead) would pass
-/// `max`. Slots of word-sized keys (24 bytes) are packed densely, where a
-/// probe's extra slots are mostly in the same cache line; bigger keys, and
-/// keys compared through a pointer (strings), get shorter probes.
-struct Load {
-    target: (usize, usize),
-    max: (usize, usize),
-}
+/// the target load and rebuilt once its used slots (live or dead) would pass
+/// the maximum. Dense, because a probe's extra slots are mostly in the same
+/// cache line and compared without reading the key's heap data.
+const TARGET_LOAD: (usize, usize) = (7, 10);
+const MAX_LOAD: (usize, usize) = (17, 20);
 
-impl<K> Table<K> {
-    const LOAD: Load = if size_of::<OnceLock<(K, AtomicU64)>>() <= 24 {
-        Load { target: (7, 10), max: (17, 20) }
-    } else {
-        Load { target: (1, 2), max: (7, 10) }
-    };
-
+impl<S> Table<S> {
     /// A table for `live` keys at the target load (never full).
     fn for_keys(live: usize) -> Self {
-        let (num, den) = Self::LOAD.target;
+        let (num, den) = TARGET_LOAD;
         let n = (live.saturating_mul(den) / num).max(8) + 1;
         Self { slots: (0..n).map(|_| OnceLock::new()).collect() }
     }
 
     /// Whether one more used slot keeps the table under its maximum load.
     fn has_room(&self, used: usize) -> bool {
-        let (num, den) = Self::LOAD.max;
+        let (num, den) = MAX_LOAD;
         (used + 1).saturating_mul(den) <= self.slots.len().saturating_mul(num)
     }
 
@@ -207,8 +266,9 @@ impl<K> Table<K> {
     }
 
     #[inline]
-    fn find<Q>(&self, hash: u64, key: &Q) -> Probe<'_>
+    fn find<K, Q>(&self, hash: u64, key: &Q) -> Probe<'_>
     where
+        S: Entry<K>,
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
@@ -219,7 +279,7 @@ impl<K> Table<K> {
         for _ in 0..n {
             match self.slots[i].get() {
                 None => return Probe::Absent(i),
-                Some((k, state)) if k.borrow() == key => return Probe::Found(state),
+                Some(e) if e.is(hash, key) => return Probe::Found(e.state()),
                 Some(_) => {}
             }
             i = if i + 1 == n { 0 } else { i + 1 };
@@ -243,8 +303,8 @@ struct Tracked {
 /// One shard: the lock-free table of one-word keys, and under locks the
 /// writer's bookkeeping and the keys in the locked form (stacked policies
 /// and sliding windows).
-struct Shard<K> {
-    table: Padded<ArcSwap<Table<K>>>,
+struct Shard<K, S> {
+    table: Padded<ArcSwap<Table<S>>>,
     locked: Padded<Locked<K>>,
 }
 
@@ -254,7 +314,7 @@ struct Locked<K> {
     multis: RwLock<HashTable<(K, Box<Mutex<KeyState>>)>>,
 }
 
-impl<K> Shard<K> {
+impl<K, S> Shard<K, S> {
     fn new() -> Self {
         Self {
             table: Padded(ArcSwap::from_pointee(Table::for_keys(0))),
@@ -325,7 +385,7 @@ fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
 /// assert!(!limiter.check("key_1", &hobby, 1).unwrap().is_allowed());
 /// ```
 pub struct MemoryLimiter<K = String, C = SystemClock> {
-    shards: Box<[Shard<K>]>,
+    shards: Shards<K>,
     hasher: ahash::RandomState,
     per_shard: usize,
     clock: C,
@@ -395,11 +455,45 @@ impl WallAnchor {
     }
 }
 
+/// The shards, with the slot kind that suits `K`'s size.
+enum Shards<K> {
+    Plain(Box<[Shard<K, Plain<K>>]>),
+    Tagged(Box<[Shard<K, Tagged<K>>]>),
+}
+
+impl<K> Shards<K> {
+    fn new(n: usize) -> Self {
+        if size_of::<K>() <= size_of::<u64>() {
+            Self::Plain((0..n).map(|_| Shard::new()).collect())
+        } else {
+            Self::Tagged((0..n).map(|_| Shard::new()).collect())
+        }
+    }
+
+    fn count(&self) -> usize {
+        match self {
+            Self::Plain(s) => s.len(),
+            Self::Tagged(s) => s.len(),
+        }
+    }
+}
+
+/// Runs `$body` with `$s` bound to the limiter's shards, whatever their
+/// slot kind.
+macro_rules! with_shards {
+    ($self:expr, |$s:ident| $body:expr) => {
+        match &$self.shards {
+            Shards::Plain($s) => $body,
+            Shards::Tagged($s) => $body,
+        }
+    };
+}
+
 impl<K, C> fmt::Debug for MemoryLimiter<K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryLimiter")
-            .field("shards", &self.shards.len())
-            .field("max_keys", &(self.per_shard * self.shards.len()))
+            .field("shards", &self.shards.count())
+            .field("max_keys", &(self.per_shard * self.shards.count()))
             .finish_non_exhaustive()
     }
 }
@@ -424,7 +518,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let n = shard_count();
         let per_shard = max_keys.div_ceil(n).max(1);
         Self {
-            shards: (0..n).map(|_| Shard::new()).collect(),
+            shards: Shards::new(n),
             hasher: ahash::RandomState::new(),
             per_shard,
             wall: WallAnchor::new(&clock),
@@ -435,13 +529,13 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// Most keys tracked at once.
     #[must_use]
     pub fn max_keys(&self) -> usize {
-        self.per_shard * self.shards.len()
+        self.per_shard * self.shards.count()
     }
 
     /// Keys currently tracked.
     #[must_use]
     pub fn len(&self) -> usize {
-        self.shards.iter().map(Shard::len).sum()
+        with_shards!(self, |s| s.iter().map(Shard::len).sum())
     }
 
     /// Whether no key is tracked.
@@ -452,9 +546,13 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
 
     /// The key's hash and its shard (picked by bits the table's home slot
     /// does not depend on).
-    fn shard<Q: Hash + ?Sized>(&self, key: &Q) -> (u64, &Shard<K>) {
+    fn shard<'s, S, Q: Hash + ?Sized>(
+        &self,
+        shards: &'s [Shard<K, S>],
+        key: &Q,
+    ) -> (u64, &'s Shard<K, S>) {
         let h = self.hasher.hash_one(key);
-        (h, &self.shards[(h >> 32) as usize & (self.shards.len() - 1)])
+        (h, &shards[(h >> 32) as usize & (shards.len() - 1)])
     }
 
     /// Checks and consumes `cost` units for `key` against every policy (all
@@ -511,9 +609,25 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
+        with_shards!(self, |s| self.check_in(s, key, policies, cost, mode))
+    }
+
+    fn check_in<S, Q>(
+        &self,
+        shards: &[Shard<K, S>],
+        key: &Q,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+    ) -> Result<Decision, CapacityError>
+    where
+        S: Entry<K>,
+        K: Borrow<Q>,
+        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
+    {
         let now = self.wall.time(&self.clock);
         let word = word_policy(policies);
-        let (hash, shard) = self.shard(key);
+        let (hash, shard) = self.shard(shards, key);
         // The fast path: a lock-free probe and one compare-and-swap.
         let mut untracked = true;
         if let Some(p) = word
@@ -539,10 +653,10 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// The writer's path: a new key, a key changing form, or a slot that
     /// died under a reader.
     #[allow(clippy::too_many_arguments)]
-    fn check_tracking<Q>(
+    fn check_tracking<S, Q>(
         &self,
         hash: u64,
-        shard: &Shard<K>,
+        shard: &Shard<K, S>,
         key: &Q,
         policies: &[Policy],
         cost: u32,
@@ -550,6 +664,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         now: u64,
     ) -> Result<Decision, CapacityError>
     where
+        S: Entry<K>,
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
@@ -600,9 +715,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 let slot = table.slots.get(i).unwrap_or_else(|| {
                     unreachable!("a table below its maximum load has an empty slot")
                 });
-                let _ = slot.set((key.to_owned(), AtomicU64::new(0)));
+                let _ = slot.set(S::new(hash, key.to_owned(), 0));
                 tracked.used += 1;
-                &slot.get().unwrap_or_else(|| unreachable!("set above")).1
+                slot.get().unwrap_or_else(|| unreachable!("set above")).state()
             }
         };
         tracked.words += 1;
@@ -615,9 +730,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// Puts `key` in the locked form, its first policy's state taken from
     /// `word`, and checks it there.
     #[allow(clippy::too_many_arguments)]
-    fn move_to_multis<Q>(
+    fn move_to_multis<S, Q>(
         &self,
-        shard: &Shard<K>,
+        shard: &Shard<K, S>,
         hash: u64,
         key: &Q,
         word: u64,
@@ -649,9 +764,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
 
     /// Lets one more key in, forgetting fresh keys first if the shard is
     /// full and some may have gone fresh.
-    fn make_room(
+    fn make_room<S: Entry<K>>(
         &self,
-        shard: &Shard<K>,
+        shard: &Shard<K, S>,
         tracked: &mut Tracked,
         now: u64,
     ) -> Result<(), CapacityError> {
@@ -686,24 +801,31 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// before its key is copied, so no reader's update is lost: a reader
     /// whose swap fails on a dead slot takes the writer's path and finds
     /// the key in the new table.
-    fn rebuild(&self, shard: &Shard<K>, tracked: &mut Tracked, now: u64, purge: bool) -> u64 {
+    fn rebuild<S: Entry<K>>(
+        &self,
+        shard: &Shard<K, S>,
+        tracked: &mut Tracked,
+        now: u64,
+        purge: bool,
+    ) -> u64 {
         let old = shard.table.0.load_full();
         let mut keep = Vec::with_capacity(tracked.words);
         let mut next = u64::MAX;
-        for (key, state) in old.slots.iter().filter_map(OnceLock::get) {
-            let word = kill(state);
+        for entry in old.slots.iter().filter_map(OnceLock::get) {
+            let word = kill(entry.state());
             let fresh_at = word_fresh_at(word);
             if word != DEAD && (fresh_at > now || !purge) {
                 next = next.min(fresh_at);
-                keep.push((key.clone(), word));
+                keep.push((entry.key().clone(), word));
             }
         }
         let table = Table::for_keys(keep.len() + 1);
         tracked.words = keep.len();
         tracked.used = keep.len();
         for (key, word) in keep {
-            if let Probe::Absent(i) = table.find(self.hasher.hash_one(&key), &key) {
-                let _ = table.slots[i].set((key, AtomicU64::new(word)));
+            let hash = self.hasher.hash_one(&key);
+            if let Probe::Absent(i) = table.find(hash, &key) {
+                let _ = table.slots[i].set(S::new(hash, key, word));
             }
         }
         shard.table.0.store(Arc::new(table));
@@ -753,8 +875,17 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
+        with_shards!(self, |s| self.refund_in(s, key, policies, cost));
+    }
+
+    fn refund_in<S, Q>(&self, shards: &[Shard<K, S>], key: &Q, policies: &[Policy], cost: u32)
+    where
+        S: Entry<K>,
+        K: Borrow<Q>,
+        Q: Hash + Eq + ?Sized,
+    {
         let now = self.wall.time(&self.clock);
-        let (hash, shard) = self.shard(key);
+        let (hash, shard) = self.shard(shards, key);
         let word = word_policy(policies);
         if let (Some(p), Probe::Found(state)) = (word, shard.table.0.load().find(hash, key)) {
             if refund_word(state, p, now, cost) {
