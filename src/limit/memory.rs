@@ -159,75 +159,56 @@ fn word_fresh_at(word: u64) -> u64 {
 ///
 /// A `u64` key's slot is 24 bytes, in the same cache line as its state:
 /// one memory access finds and updates a key.
-struct Table<S> {
-    slots: Box<[OnceLock<S>]>,
+struct Table<K, T> {
+    slots: Box<[OnceLock<Entry<K, T>>]>,
 }
 
-/// What a table slot holds: a key and its state word.
-trait Entry<K>: Sized {
-    fn new(hash: u64, key: K, state: u64) -> Self;
-    fn key(&self) -> &K;
-    fn state(&self) -> &AtomicU64;
-    /// Whether this is `key` (whose hash is `hash`).
-    fn is<Q>(&self, hash: u64, key: &Q) -> bool
-    where
-        K: Borrow<Q>,
-        Q: Eq + ?Sized;
-}
-
-/// The slot of a key no bigger than a word (`u64`, `u32`, …): compared
-/// directly, 24 bytes a slot.
-struct Plain<K> {
+/// A table slot: a key, its state word, and a tag that filters probes
+/// before the key is compared.
+struct Entry<K, T> {
+    tag: T,
     key: K,
     state: AtomicU64,
 }
 
-impl<K> Entry<K> for Plain<K> {
-    fn new(_: u64, key: K, state: u64) -> Self {
-        Self { key, state: AtomicU64::new(state) }
-    }
-    fn key(&self) -> &K {
-        &self.key
-    }
-    fn state(&self) -> &AtomicU64 {
-        &self.state
-    }
-    #[inline]
-    fn is<Q>(&self, _: u64, key: &Q) -> bool
-    where
-        K: Borrow<Q>,
-        Q: Eq + ?Sized,
-    {
-        self.key.borrow() == key
+/// What a slot keeps of its key's hash: nothing (`()`) for keys no bigger
+/// than a word (`u64`, `u32`, …), compared directly in 24-byte slots; the
+/// whole hash (`u64`) for bigger keys (a `String`, say), so a probe reads a
+/// key through its pointer only in the one slot that is almost surely it.
+trait Tag: Copy {
+    fn of(hash: u64) -> Self;
+    fn matches(self, hash: u64) -> bool;
+}
+
+impl Tag for () {
+    fn of(_: u64) -> Self {}
+    fn matches(self, _: u64) -> bool {
+        true
     }
 }
 
-/// The slot of a bigger key (a `String`, say): its hash is compared first,
-/// so a probe reads the key itself (through its pointer) only for the one
-/// slot that is almost surely it.
-struct Tagged<K> {
-    hash: u64,
-    key: K,
-    state: AtomicU64,
+impl Tag for u64 {
+    fn of(hash: u64) -> Self {
+        hash
+    }
+    fn matches(self, hash: u64) -> bool {
+        self == hash
+    }
 }
 
-impl<K> Entry<K> for Tagged<K> {
+impl<K, T: Tag> Entry<K, T> {
     fn new(hash: u64, key: K, state: u64) -> Self {
-        Self { hash, key, state: AtomicU64::new(state) }
+        Self { tag: T::of(hash), key, state: AtomicU64::new(state) }
     }
-    fn key(&self) -> &K {
-        &self.key
-    }
-    fn state(&self) -> &AtomicU64 {
-        &self.state
-    }
+
+    /// Whether this is `key` (whose hash is `hash`).
     #[inline]
     fn is<Q>(&self, hash: u64, key: &Q) -> bool
     where
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
-        self.hash == hash && self.key.borrow() == key
+        self.tag.matches(hash) && self.key.borrow() == key
     }
 }
 
@@ -246,7 +227,7 @@ enum Probe<'a> {
 const TARGET_LOAD: (usize, usize) = (7, 10);
 const MAX_LOAD: (usize, usize) = (17, 20);
 
-impl<S> Table<S> {
+impl<K, T: Tag> Table<K, T> {
     /// A table for `live` keys at the target load (never full).
     fn for_keys(live: usize) -> Self {
         let (num, den) = TARGET_LOAD;
@@ -266,9 +247,8 @@ impl<S> Table<S> {
     }
 
     #[inline]
-    fn find<K, Q>(&self, hash: u64, key: &Q) -> Probe<'_>
+    fn find<Q>(&self, hash: u64, key: &Q) -> Probe<'_>
     where
-        S: Entry<K>,
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
@@ -279,7 +259,7 @@ impl<S> Table<S> {
         for _ in 0..n {
             match self.slots[i].get() {
                 None => return Probe::Absent(i),
-                Some(e) if e.is(hash, key) => return Probe::Found(e.state()),
+                Some(e) if e.is(hash, key) => return Probe::Found(&e.state),
                 Some(_) => {}
             }
             i = if i + 1 == n { 0 } else { i + 1 };
@@ -303,8 +283,8 @@ struct Tracked {
 /// One shard: the lock-free table of one-word keys, and under locks the
 /// writer's bookkeeping and the keys in the locked form (stacked policies
 /// and sliding windows).
-struct Shard<K, S> {
-    table: Padded<ArcSwap<Table<S>>>,
+struct Shard<K, T> {
+    table: Padded<ArcSwap<Table<K, T>>>,
     locked: Padded<Locked<K>>,
 }
 
@@ -314,7 +294,7 @@ struct Locked<K> {
     multis: RwLock<HashTable<(K, Box<Mutex<KeyState>>)>>,
 }
 
-impl<K, S> Shard<K, S> {
+impl<K, T: Tag> Shard<K, T> {
     fn new() -> Self {
         Self {
             table: Padded(ArcSwap::from_pointee(Table::for_keys(0))),
@@ -457,8 +437,8 @@ impl WallAnchor {
 
 /// The shards, with the slot kind that suits `K`'s size.
 enum Shards<K> {
-    Plain(Box<[Shard<K, Plain<K>>]>),
-    Tagged(Box<[Shard<K, Tagged<K>>]>),
+    Plain(Box<[Shard<K, ()>]>),
+    Tagged(Box<[Shard<K, u64>]>),
 }
 
 impl<K> Shards<K> {
@@ -546,11 +526,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
 
     /// The key's hash and its shard (picked by bits the table's home slot
     /// does not depend on).
-    fn shard<'s, S, Q: Hash + ?Sized>(
+    fn shard<'s, T, Q: Hash + ?Sized>(
         &self,
-        shards: &'s [Shard<K, S>],
+        shards: &'s [Shard<K, T>],
         key: &Q,
-    ) -> (u64, &'s Shard<K, S>) {
+    ) -> (u64, &'s Shard<K, T>) {
         let h = self.hasher.hash_one(key);
         (h, &shards[(h >> 32) as usize & (shards.len() - 1)])
     }
@@ -612,16 +592,16 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         with_shards!(self, |s| self.check_in(s, key, policies, cost, mode))
     }
 
-    fn check_in<S, Q>(
+    fn check_in<T, Q>(
         &self,
-        shards: &[Shard<K, S>],
+        shards: &[Shard<K, T>],
         key: &Q,
         policies: &[Policy],
         cost: u32,
         mode: CheckMode,
     ) -> Result<Decision, CapacityError>
     where
-        S: Entry<K>,
+        T: Tag,
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
@@ -653,10 +633,10 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// The writer's path: a new key, a key changing form, or a slot that
     /// died under a reader.
     #[allow(clippy::too_many_arguments)]
-    fn check_tracking<S, Q>(
+    fn check_tracking<T, Q>(
         &self,
         hash: u64,
-        shard: &Shard<K, S>,
+        shard: &Shard<K, T>,
         key: &Q,
         policies: &[Policy],
         cost: u32,
@@ -664,7 +644,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         now: u64,
     ) -> Result<Decision, CapacityError>
     where
-        S: Entry<K>,
+        T: Tag,
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
@@ -715,9 +695,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 let slot = table.slots.get(i).unwrap_or_else(|| {
                     unreachable!("a table below its maximum load has an empty slot")
                 });
-                let _ = slot.set(S::new(hash, key.to_owned(), 0));
+                let _ = slot.set(Entry::new(hash, key.to_owned(), 0));
                 tracked.used += 1;
-                slot.get().unwrap_or_else(|| unreachable!("set above")).state()
+                &slot.get().unwrap_or_else(|| unreachable!("set above")).state
             }
         };
         tracked.words += 1;
@@ -730,9 +710,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// Puts `key` in the locked form, its first policy's state taken from
     /// `word`, and checks it there.
     #[allow(clippy::too_many_arguments)]
-    fn move_to_multis<S, Q>(
+    fn move_to_multis<T, Q>(
         &self,
-        shard: &Shard<K, S>,
+        shard: &Shard<K, T>,
         hash: u64,
         key: &Q,
         word: u64,
@@ -742,6 +722,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         now: u64,
     ) -> (Decision, u64)
     where
+        T: Tag,
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
@@ -764,9 +745,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
 
     /// Lets one more key in, forgetting fresh keys first if the shard is
     /// full and some may have gone fresh.
-    fn make_room<S: Entry<K>>(
+    fn make_room<T: Tag>(
         &self,
-        shard: &Shard<K, S>,
+        shard: &Shard<K, T>,
         tracked: &mut Tracked,
         now: u64,
     ) -> Result<(), CapacityError> {
@@ -801,9 +782,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// before its key is copied, so no reader's update is lost: a reader
     /// whose swap fails on a dead slot takes the writer's path and finds
     /// the key in the new table.
-    fn rebuild<S: Entry<K>>(
+    fn rebuild<T: Tag>(
         &self,
-        shard: &Shard<K, S>,
+        shard: &Shard<K, T>,
         tracked: &mut Tracked,
         now: u64,
         purge: bool,
@@ -812,11 +793,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let mut keep = Vec::with_capacity(tracked.words);
         let mut next = u64::MAX;
         for entry in old.slots.iter().filter_map(OnceLock::get) {
-            let word = kill(entry.state());
+            let word = kill(&entry.state);
             let fresh_at = word_fresh_at(word);
             if word != DEAD && (fresh_at > now || !purge) {
                 next = next.min(fresh_at);
-                keep.push((entry.key().clone(), word));
+                keep.push((entry.key.clone(), word));
             }
         }
         let table = Table::for_keys(keep.len() + 1);
@@ -825,7 +806,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         for (key, word) in keep {
             let hash = self.hasher.hash_one(&key);
             if let Probe::Absent(i) = table.find(hash, &key) {
-                let _ = table.slots[i].set(S::new(hash, key, word));
+                let _ = table.slots[i].set(Entry::new(hash, key, word));
             }
         }
         shard.table.0.store(Arc::new(table));
@@ -878,9 +859,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         with_shards!(self, |s| self.refund_in(s, key, policies, cost));
     }
 
-    fn refund_in<S, Q>(&self, shards: &[Shard<K, S>], key: &Q, policies: &[Policy], cost: u32)
+    fn refund_in<T, Q>(&self, shards: &[Shard<K, T>], key: &Q, policies: &[Policy], cost: u32)
     where
-        S: Entry<K>,
+        T: Tag,
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
