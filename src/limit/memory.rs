@@ -268,23 +268,35 @@ impl<K, T: Tag> Table<K, T> {
     }
 }
 
+/// Policy names whose single-policy checks get the lock-free one-word form,
+/// each in tables of its own: a key's state under one name never mixes
+/// with its state under another (slots are matched by name, as in the
+/// locked form). Checks under further names use the locked form.
+const WORD_NAMES: usize = 4;
+
 /// What only the shard's writer changes, under its lock.
 #[derive(Default)]
 struct Tracked {
-    /// Live one-word keys in the current table.
-    words: usize,
-    /// Set slots (live or dead) in the current table.
-    used: usize,
+    /// Live one-word states in each table.
+    words: [usize; WORD_NAMES],
+    /// Set slots (live or dead) in each table.
+    used: [usize; WORD_NAMES],
     /// Earliest limiter time at which any tracked key becomes fresh:
     /// purging before then cannot free anything.
     next_purge: u64,
 }
 
-/// One shard: the lock-free table of one-word keys, and under locks the
-/// writer's bookkeeping and the keys in the locked form (stacked policies
-/// and sliding windows).
+impl Tracked {
+    fn words(&self) -> usize {
+        self.words.iter().sum()
+    }
+}
+
+/// One shard: a lock-free table of one-word states per word name, and
+/// under locks the writer's bookkeeping and the keys in the locked form
+/// (stacked policies, sliding windows, other names).
 struct Shard<K, T> {
-    table: Padded<ArcSwap<Table<K, T>>>,
+    tables: [Padded<ArcSwap<Table<K, T>>>; WORD_NAMES],
     locked: Padded<Locked<K>>,
 }
 
@@ -297,7 +309,7 @@ struct Locked<K> {
 impl<K, T: Tag> Shard<K, T> {
     fn new() -> Self {
         Self {
-            table: Padded(ArcSwap::from_pointee(Table::for_keys(0))),
+            tables: std::array::from_fn(|_| Padded(ArcSwap::from_pointee(Table::for_keys(0)))),
             locked: Padded(Locked {
                 writer: Mutex::new(Tracked::default()),
                 multis: RwLock::new(HashTable::new()),
@@ -318,7 +330,17 @@ impl<K, T: Tag> Shard<K, T> {
     }
 
     fn len(&self) -> usize {
-        self.writer().words + self.multis().len()
+        self.writer().words() + self.multis().len()
+    }
+
+    /// The key's live one-word state in table `i`, if any.
+    fn live_word<Q>(&self, i: usize, hash: u64, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        matches!(self.tables[i].0.load().find(hash, key),
+            Probe::Found(state) if state.load(Ordering::Acquire) != DEAD)
     }
 }
 
@@ -339,7 +361,8 @@ fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
 /// stacked or sliding-window policies (a small per-key mutex) go through
 /// the shard's writer lock. Each key can be checked against its own stacked
 /// policies on every call, so plan changes apply at once and keep state
-/// (slots are matched by policy name).
+/// (slots are matched by policy name: the first four names used alone get
+/// one-word tables of their own, further names the locked form).
 ///
 /// Growing or purging a shard copies its table. Every old slot is retired
 /// with an atomic swap before its state is copied, so a check racing the
@@ -370,6 +393,8 @@ pub struct MemoryLimiter<K = String, C = SystemClock> {
     per_shard: usize,
     clock: C,
     wall: WallAnchor,
+    /// The names with one-word tables, set in order, first come.
+    word_names: [OnceLock<PolicyName>; WORD_NAMES],
 }
 
 /// Wall-clock time derived from the monotonic clock and re-anchored at most
@@ -502,6 +527,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             hasher: ahash::RandomState::new(),
             per_shard,
             wall: WallAnchor::new(&clock),
+            word_names: Default::default(),
             clock,
         }
     }
@@ -606,12 +632,12 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let now = self.wall.time(&self.clock);
-        let word = word_policy(policies);
+        let word = self.word_form(policies, mode == CheckMode::Consume);
         let (hash, shard) = self.shard(shards, key);
         // The fast path: a lock-free probe and one compare-and-swap.
         let mut untracked = true;
-        if let Some(p) = word
-            && let Probe::Found(state) = shard.table.0.load().find(hash, key)
+        if let Some((p, i)) = word
+            && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
         {
             match self.word_check(state, p, cost, mode, now) {
                 Some(d) => return Ok(d),
@@ -619,15 +645,65 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             }
         }
         if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
-            return Ok(self.decide(&mut lock_state(m), policies, cost, mode, now));
+            if !self.has_live_words(shard, hash, key, policies) {
+                return Ok(self.decide(&mut lock_state(m), policies, cost, mode, now));
+            }
+            untracked = false;
         }
-        if let (CheckMode::Peek, Some(p), true) = (mode, word, untracked) {
+        if let (CheckMode::Peek, Some((p, _)), true) = (mode, word, untracked) {
             // An unknown key is fresh; peeking does not start tracking it.
             return Ok(self
                 .word_check(&AtomicU64::new(0), p, cost, mode, now)
                 .unwrap_or_else(|| unreachable!("a fresh word is live")));
         }
         self.check_tracking(hash, shard, key, policies, cost, mode, now)
+    }
+
+    /// The single word-form policy of `policies` and its table, if it has
+    /// one (registering its name if `register` and a table is free).
+    #[inline]
+    fn word_form<'p>(&self, policies: &'p [Policy], register: bool) -> Option<(&'p Policy, usize)> {
+        let p = word_policy(policies)?;
+        Some((p, self.word_table(p.name_value(), register)?))
+    }
+
+    /// The table of one-word states for policies named `name`.
+    #[inline]
+    fn word_table(&self, name: &PolicyName, register: bool) -> Option<usize> {
+        for (i, cell) in self.word_names.iter().enumerate() {
+            match cell.get() {
+                Some(n) if n == name => return Some(i),
+                Some(_) => {}
+                // Names are set in order, so no later table has this one.
+                None if !register => return None,
+                None => {
+                    let _ = cell.set(*name);
+                    if cell.get() == Some(name) {
+                        return Some(i);
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Whether the key has a live one-word state under one of `policies`'
+    /// names (which a check in the locked form must take over first).
+    fn has_live_words<T, Q>(
+        &self,
+        shard: &Shard<K, T>,
+        hash: u64,
+        key: &Q,
+        policies: &[Policy],
+    ) -> bool
+    where
+        T: Tag,
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        policies.iter().any(|p| {
+            self.word_table(p.name_value(), false).is_some_and(|i| shard.live_word(i, hash, key))
+        })
     }
 
     /// The writer's path: a new key, a key changing form, or a slot that
@@ -648,99 +724,90 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
-        let word = word_policy(policies);
+        let word = self.word_form(policies, mode == CheckMode::Consume);
         let mut tracked = shard.writer();
-        // Only this lock's holder kills slots or swaps tables, so what this
-        // probe finds stays put until we return.
-        if let Probe::Found(state) = shard.table.0.load().find(hash, key) {
-            let cur = state.load(Ordering::Acquire);
-            if cur != DEAD {
-                let (d, fresh_at) = if let Some(p) = word {
-                    let d = self.word_check(state, p, cost, mode, now);
-                    let d = d.unwrap_or_else(|| unreachable!("only the writer kills slots"));
-                    (d, word_fresh_at(state.load(Ordering::Acquire)))
-                } else {
-                    let old = kill(state);
-                    tracked.words -= 1;
-                    self.move_to_multis(shard, hash, key, old, policies, cost, mode, now)
-                };
-                tracked.next_purge = tracked.next_purge.min(fresh_at);
-                return Ok(d);
-            }
-        }
-        if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
-            return Ok(self.decide(&mut lock_state(m), policies, cost, mode, now));
-        }
-        if mode == CheckMode::Peek {
-            return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
-        }
-        self.make_room(shard, &mut tracked, now)?;
-        let Some(p) = word else {
-            let (d, fresh_at) = self.move_to_multis(shard, hash, key, 0, policies, cost, mode, now);
-            tracked.next_purge = tracked.next_purge.min(fresh_at);
+        // Only this lock's holder kills slots or swaps tables, so what a
+        // probe finds here stays put until we return.
+        if let Some((p, i)) = word
+            && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
+            && let Some(d) = self.word_check(state, p, cost, mode, now)
+        {
+            tracked.next_purge =
+                tracked.next_purge.min(word_fresh_at(state.load(Ordering::Acquire)));
             return Ok(d);
-        };
-        let mut table = shard.table.0.load_full();
-        if matches!(table.find(hash, key), Probe::Absent(_)) && !table.has_room(tracked.used) {
-            self.rebuild(shard, &mut tracked, now, false);
-            table = shard.table.0.load_full();
         }
-        let state = match table.find(hash, key) {
-            // Forgotten after a move to the locked form: fresh again.
-            Probe::Found(state) => {
-                state.store(0, Ordering::Release);
-                state
+        let in_multis = shard.multis().find(hash, |(k, _)| k.borrow() == key).is_some();
+        if let (Some((p, i)), false) = (word, in_multis) {
+            if mode == CheckMode::Peek {
+                return Ok(self
+                    .word_check(&AtomicU64::new(0), p, cost, mode, now)
+                    .unwrap_or_else(|| unreachable!("a fresh word is live")));
             }
-            Probe::Absent(i) => {
-                let slot = table.slots.get(i).unwrap_or_else(|| {
-                    unreachable!("a table below its maximum load has an empty slot")
-                });
-                let _ = slot.set(Entry::new(hash, key.to_owned(), 0));
-                tracked.used += 1;
-                &slot.get().unwrap_or_else(|| unreachable!("set above")).state
+            self.make_room(shard, &mut tracked, now)?;
+            let mut table = shard.tables[i].0.load_full();
+            if matches!(table.find(hash, key), Probe::Absent(_)) && !table.has_room(tracked.used[i])
+            {
+                self.rebuild(shard, i, &mut tracked, now, false);
+                table = shard.tables[i].0.load_full();
             }
-        };
-        tracked.words += 1;
-        let d = self.word_check(state, p, cost, mode, now);
-        let d = d.unwrap_or_else(|| unreachable!("only the writer kills slots"));
-        tracked.next_purge = tracked.next_purge.min(word_fresh_at(state.load(Ordering::Acquire)));
-        Ok(d)
-    }
-
-    /// Puts `key` in the locked form, its first policy's state taken from
-    /// `word`, and checks it there.
-    #[allow(clippy::too_many_arguments)]
-    fn move_to_multis<T, Q>(
-        &self,
-        shard: &Shard<K, T>,
-        hash: u64,
-        key: &Q,
-        word: u64,
-        policies: &[Policy],
-        cost: u32,
-        mode: CheckMode,
-        now: u64,
-    ) -> (Decision, u64)
-    where
-        T: Tag,
-        K: Borrow<Q>,
-        Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
-    {
-        let mut st = KeyState::default();
-        if let Some(first) = policies.first() {
-            let slot = word_to_slot(first, word, now);
-            st.fresh_at = algorithm::fresh_at(first, &slot);
-            *st.slot_mut(first) = slot;
+            let state = match table.find(hash, key) {
+                // Dead after a move to the locked form, since forgotten
+                // there: fresh again.
+                Probe::Found(state) => {
+                    state.store(0, Ordering::Release);
+                    state
+                }
+                Probe::Absent(at) => {
+                    let slot = table.slots.get(at).unwrap_or_else(|| {
+                        unreachable!("a table below its maximum load has an empty slot")
+                    });
+                    let _ = slot.set(Entry::new(hash, key.to_owned(), 0));
+                    tracked.used[i] += 1;
+                    &slot.get().unwrap_or_else(|| unreachable!("set above")).state
+                }
+            };
+            tracked.words[i] += 1;
+            let d = self.word_check(state, p, cost, mode, now);
+            let d = d.unwrap_or_else(|| unreachable!("only the writer kills slots"));
+            tracked.next_purge =
+                tracked.next_purge.min(word_fresh_at(state.load(Ordering::Acquire)));
+            return Ok(d);
+        }
+        // The locked form.
+        if !in_multis {
+            let moving = self.has_live_words(shard, hash, key, policies);
+            if mode == CheckMode::Peek && !moving {
+                return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
+            }
+            if !moving {
+                self.make_room(shard, &mut tracked, now)?;
+            }
+            let hasher = &self.hasher;
+            shard
+                .multis_mut()
+                .insert_unique(hash, (key.to_owned(), Box::default()), |(k, _)| hasher.hash_one(k));
+        }
+        let multis = shard.multis();
+        let (_, m) = multis
+            .find(hash, |(k, _)| k.borrow() == key)
+            .unwrap_or_else(|| unreachable!("only the writer, which we are, removes keys"));
+        let mut st = lock_state(m);
+        // Take over the key's one-word states under these policies' names.
+        for p in policies {
+            let Some(i) = self.word_table(p.name_value(), false) else { continue };
+            if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key) {
+                let old = kill(state);
+                if old != DEAD {
+                    tracked.words[i] -= 1;
+                    let slot = word_to_slot(p, old, now);
+                    st.fresh_at = st.fresh_at.max(algorithm::fresh_at(p, &slot));
+                    *st.slot_mut(p) = slot;
+                }
+            }
         }
         let d = self.decide(&mut st, policies, cost, mode, now);
-        let fresh_at = st.fresh_at;
-        let hasher = &self.hasher;
-        shard.multis_mut().insert_unique(
-            hash,
-            (key.to_owned(), Box::new(Mutex::new(st))),
-            |(k, _)| hasher.hash_one(k),
-        );
-        (d, fresh_at)
+        tracked.next_purge = tracked.next_purge.min(st.fresh_at);
+        Ok(d)
     }
 
     /// Lets one more key in, forgetting fresh keys first if the shard is
@@ -751,7 +818,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         tracked: &mut Tracked,
         now: u64,
     ) -> Result<(), CapacityError> {
-        if tracked.words + shard.multis().len() < self.per_shard {
+        if tracked.words() + shard.multis().len() < self.per_shard {
             return Ok(());
         }
         if now >= tracked.next_purge {
@@ -764,33 +831,36 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 next = next.min(fresh_at);
                 fresh_at > now
             });
-            let next_word = self.rebuild(shard, tracked, now, true);
-            tracked.next_purge = next.min(next_word);
+            for i in 0..WORD_NAMES {
+                next = next.min(self.rebuild(shard, i, tracked, now, true));
+            }
+            tracked.next_purge = next;
         }
-        if tracked.words + shard.multis().len() < self.per_shard {
+        if tracked.words() + shard.multis().len() < self.per_shard {
             Ok(())
         } else {
             Err(CapacityError { max: self.max_keys() })
         }
     }
 
-    /// Replaces the shard's table by one holding its live one-word keys
-    /// (when `purge`, only those not yet fresh) with room for one more;
-    /// returns when the next kept key becomes fresh.
+    /// Replaces the shard's table `i` by one holding its live one-word
+    /// states (when `purge`, only those not yet fresh) with room for one
+    /// more; returns when the next kept state becomes fresh.
     ///
-    /// Every old slot is killed (its last state taken by compare-and-swap)
+    /// Every old slot is killed (its last state taken by an atomic swap)
     /// before its key is copied, so no reader's update is lost: a reader
     /// whose swap fails on a dead slot takes the writer's path and finds
     /// the key in the new table.
     fn rebuild<T: Tag>(
         &self,
         shard: &Shard<K, T>,
+        i: usize,
         tracked: &mut Tracked,
         now: u64,
         purge: bool,
     ) -> u64 {
-        let old = shard.table.0.load_full();
-        let mut keep = Vec::with_capacity(tracked.words);
+        let old = shard.tables[i].0.load_full();
+        let mut keep = Vec::with_capacity(tracked.words[i]);
         let mut next = u64::MAX;
         for entry in old.slots.iter().filter_map(OnceLock::get) {
             let word = kill(&entry.state);
@@ -801,15 +871,15 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             }
         }
         let table = Table::for_keys(keep.len() + 1);
-        tracked.words = keep.len();
-        tracked.used = keep.len();
+        tracked.words[i] = keep.len();
+        tracked.used[i] = keep.len();
         for (key, word) in keep {
             let hash = self.hasher.hash_one(&key);
-            if let Probe::Absent(i) = table.find(hash, &key) {
-                let _ = table.slots[i].set(Entry::new(hash, key, word));
+            if let Probe::Absent(at) = table.find(hash, &key) {
+                let _ = table.slots[at].set(Entry::new(hash, key, word));
             }
         }
-        shard.table.0.store(Arc::new(table));
+        shard.tables[i].0.store(Arc::new(table));
         next
     }
 
@@ -867,23 +937,25 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     {
         let now = self.wall.time(&self.clock);
         let (hash, shard) = self.shard(shards, key);
-        let word = word_policy(policies);
-        if let (Some(p), Probe::Found(state)) = (word, shard.table.0.load().find(hash, key)) {
-            if refund_word(state, p, now, cost) {
-                return;
-            }
-            // Dead: the key moved; wait for the writer to finish moving it.
-            let _tracked = shard.writer();
-            if let Probe::Found(state) = shard.table.0.load().find(hash, key)
-                && refund_word(state, p, now, cost)
+        for p in policies {
+            let one = std::slice::from_ref(p);
+            if let Some((_, i)) = self.word_form(one, false)
+                && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
             {
-                return;
+                if refund_word(state, p, now, cost) {
+                    continue;
+                }
+                // Dead: the key moved or its table was swapped; wait for
+                // the writer to finish, then look again.
+                let _tracked = shard.writer();
+                if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
+                    && refund_word(state, p, now, cost)
+                {
+                    continue;
+                }
             }
-        }
-        if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
-            let mut st = lock_state(m);
-            for p in policies {
-                algorithm::refund(p, st.slot_mut(p), now, cost);
+            if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
+                algorithm::refund(p, lock_state(m).slot_mut(p), now, cost);
             }
         }
     }

@@ -183,6 +183,11 @@ impl Policy {
         &self.name
     }
 
+    /// The name, borrowed as the inline value (compares without `memcmp`).
+    pub(crate) const fn name_value(&self) -> &PolicyName {
+        &self.name
+    }
+
     /// The name as a copyable value.
     #[must_use]
     pub const fn policy_name(&self) -> PolicyName {

@@ -416,3 +416,127 @@ fn an_http_header_map_gets_exactly_the_listed_headers() {
         }
     }
 }
+
+/// Model-based: whatever the keyed limiter does with its tables (growth,
+/// purges at a tiny cap, moves between the one-word and the locked form),
+/// every decision equals that of a plain map of per-policy slots stepped
+/// with the same algorithm. GCRA only, whose steps do not depend on where
+/// the time line starts, so the model can count from the fake clock's
+/// monotonic time.
+mod model {
+    use std::collections::HashMap;
+
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::limit::algorithm::{self, Slot};
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Check { key: u64, plan: usize, cost: u32 },
+        Peek { key: u64, plan: usize, cost: u32 },
+        Refund { key: u64, plan: usize, cost: u32 },
+        Advance { ms: u64 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let args = (0..40u64, 0..3usize, 1..4u32);
+        prop_oneof![
+            6 => args.clone().prop_map(|(key, plan, cost)| Op::Check { key, plan, cost }),
+            1 => args.clone().prop_map(|(key, plan, cost)| Op::Peek { key, plan, cost }),
+            1 => args.prop_map(|(key, plan, cost)| Op::Refund { key, plan, cost }),
+            1 => (0..3_000u64).prop_map(|ms| Op::Advance { ms }),
+        ]
+    }
+
+    fn plans() -> [Vec<Policy>; 3] {
+        let gcra = |name, limit, ms| {
+            Policy::new(name, limit, Duration::from_millis(ms), Algorithm::Gcra).unwrap()
+        };
+        let a = gcra("a", 4, 1_000);
+        [vec![a.clone()], vec![a, gcra("b", 6, 10_000)], vec![gcra("b", 6, 10_000)]]
+    }
+
+    /// The reference: per key, per policy name, a slot.
+    #[derive(Default)]
+    struct Model(HashMap<u64, HashMap<&'static str, Slot>>);
+
+    impl Model {
+        fn check(
+            &mut self,
+            key: u64,
+            policies: &[Policy],
+            cost: u32,
+            now: u64,
+            consume: bool,
+        ) -> (Outcome, Vec<u32>) {
+            let slots = self.0.entry(key).or_default();
+            let steps: Vec<_> = policies
+                .iter()
+                .map(|p| algorithm::step(p, slots.get(p.name()).unwrap_or(&Slot::Fresh), now, cost))
+                .collect();
+            let outcome = if steps.iter().any(|(s, _)| s.impossible) {
+                Outcome::Impossible
+            } else if steps.iter().all(|(s, _)| s.allowed) {
+                Outcome::Allowed
+            } else {
+                Outcome::Limited
+            };
+            let mut remaining = Vec::new();
+            for (p, (s, next)) in policies.iter().zip(steps) {
+                if outcome == Outcome::Allowed
+                    && consume
+                    && let Some(next) = next
+                {
+                    let name: &'static str = if p.name() == "a" { "a" } else { "b" };
+                    slots.insert(name, next);
+                }
+                let unconsumed = outcome != Outcome::Allowed && s.allowed;
+                remaining.push(if unconsumed { s.remaining + cost } else { s.remaining });
+            }
+            (outcome, remaining)
+        }
+
+        fn refund(&mut self, key: u64, policies: &[Policy], cost: u32, now: u64) {
+            if let Some(slots) = self.0.get_mut(&key) {
+                for p in policies {
+                    let name: &'static str = if p.name() == "a" { "a" } else { "b" };
+                    let slot = slots.entry(name).or_insert(Slot::Fresh);
+                    algorithm::refund(p, slot, now, cost);
+                }
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        #[test]
+        fn the_keyed_limiter_decides_like_a_plain_map(cap in 1..64usize, ops in prop::collection::vec(op(), 1..400)) {
+            let c = clock();
+            let l = MemoryLimiter::<u64, _>::with_clock(cap, c.clone());
+            let plans = plans();
+            let mut model = Model::default();
+            for op in ops {
+                let now = c.monotonic().as_u64();
+                match op {
+                    Op::Check { key, plan, cost } | Op::Peek { key, plan, cost } => {
+                        let consume = matches!(op, Op::Check { .. });
+                        let p = &plans[plan];
+                        let got = if consume { l.check(&key, p, cost) } else { l.peek(&key, p, cost) };
+                        // A refusal to track a new key changes nothing.
+                        let Ok(d) = got else { continue };
+                        let want = model.check(key, p, cost, now, consume);
+                        let remaining: Vec<u32> = d.policies().iter().map(|p| p.remaining).collect();
+                        prop_assert_eq!((d.outcome(), remaining), want, "{:?}", op);
+                    }
+                    Op::Refund { key, plan, cost } => {
+                        l.refund(&key, &plans[plan], cost);
+                        model.refund(key, &plans[plan], cost, now);
+                    }
+                    Op::Advance { ms } => c.advance(Duration::from_millis(ms)),
+                }
+                prop_assert!(l.len() <= l.max_keys());
+            }
+        }
+    }
+}
