@@ -112,35 +112,43 @@ fn two_threads_never_get_more_than_the_quota() {
 /// Readers probe the shards' tables without a lock while writers grow them,
 /// forget fresh keys and move keys between the one-word and the locked
 /// form. Whatever interleaving happens, every key admits exactly its limit
-/// on a frozen clock: an update lost in a table swap would admit more, a
-/// key lost in one would admit its limit again.
+/// under each policy name on a frozen clock: an update lost in a table swap
+/// would admit more, a key lost in one would admit its limit again, and
+/// names sharing a state would admit less.
 #[test]
 fn table_rebuilds_and_moves_lose_no_update_under_concurrent_checks() {
     const KEYS: u64 = 3000;
     const LIMIT: u32 = 4;
     let clock = FakeClock::at_2026();
-    // A cap just above the key count: shards fill up and purge (finding
-    // nothing fresh) while the tables grow from empty.
-    let l = MemoryLimiter::<u64, _>::with_clock(2 * KEYS as usize, clock);
-    let one = [Policy::new("d", LIMIT, Duration::from_secs(3600), Algorithm::Gcra).unwrap()];
-    let generous = Policy::new("g", 1_000_000, Duration::from_secs(1), Algorithm::Gcra).unwrap();
-    let stacked = [one[0].clone(), generous];
+    // A cap just above the number of states: shards fill up and purge
+    // (finding nothing fresh) while the tables grow from empty.
+    let l = MemoryLimiter::<u64, _>::with_clock(3 * KEYS as usize, clock);
+    let gcra = |name, limit, secs| {
+        Policy::new(name, limit, Duration::from_secs(secs), Algorithm::Gcra).unwrap()
+    };
+    let search = [gcra("d", LIMIT, 3600)];
+    let upload = [gcra("e", LIMIT, 3600)];
+    let stacked = [search[0].clone(), gcra("g", 1_000_000, 1)];
     let threads = 4u64;
-    let wins: Vec<Vec<u32>> = std::thread::scope(|s| {
+    let wins: Vec<Vec<[u32; 2]>> = std::thread::scope(|s| {
         let handles: Vec<_> = (0..threads)
             .map(|t| {
-                let (l, one, stacked) = (&l, &one, &stacked);
+                let (limiter, search, upload, stacked) = (&l, &search, &upload, &stacked);
                 s.spawn(move || {
-                    let mut wins = vec![0u32; KEYS as usize];
-                    for round in 0..3 * u64::from(LIMIT) {
+                    let mut wins = vec![[0u32; 2]; KEYS as usize];
+                    for round in 0..6 * u64::from(LIMIT) {
                         for i in 0..KEYS {
                             // Each thread walks the keys in its own order.
                             let k = (i * 7919 + t * 1013 + round * 31) % KEYS;
-                            // Every 16th key moves to the locked form.
-                            let p: &[Policy] =
-                                if k.is_multiple_of(16) && round % 2 == 1 { stacked } else { one };
-                            if l.check(&k, p, 1).unwrap().is_allowed() {
-                                wins[k as usize] += 1;
+                            // Two names alternate; every 16th key moves to
+                            // the locked form for "d".
+                            let (p, name): (&[Policy], usize) = match (round + t) % 3 {
+                                0 => (upload, 1),
+                                _ if k.is_multiple_of(16) && round % 2 == 1 => (stacked, 0),
+                                _ => (search, 0),
+                            };
+                            if limiter.check(&k, p, 1).unwrap().is_allowed() {
+                                wins[k as usize][name] += 1;
                             }
                         }
                     }
@@ -151,10 +159,13 @@ fn table_rebuilds_and_moves_lose_no_update_under_concurrent_checks() {
         handles.into_iter().map(|h| h.join().unwrap()).collect()
     });
     for k in 0..KEYS as usize {
-        let total: u32 = wins.iter().map(|w| w[k]).sum();
-        assert_eq!(total, LIMIT, "key {k}");
+        for name in 0..2 {
+            let total: u32 = wins.iter().map(|w| w[k][name]).sum();
+            assert_eq!(total, LIMIT, "key {k}, name {name}");
+        }
     }
-    assert_eq!(l.len(), KEYS as usize);
+    // Each key: one state per name (in words or in the locked form).
+    assert!(l.len() >= KEYS as usize && l.len() <= 2 * KEYS as usize, "{}", l.len());
 }
 
 #[test]
