@@ -221,23 +221,25 @@ enum Probe<'a> {
 }
 
 /// Load factors (live keys over slots, as fractions): a table is built at
-/// the target load and rebuilt once its used slots (live or dead) would pass
-/// the maximum. Dense, because a probe's extra slots are mostly in the same
-/// cache line and compared without reading the key's heap data.
-const TARGET_LOAD: (usize, usize) = (7, 10);
-const MAX_LOAD: (usize, usize) = (17, 20);
+/// a target load and rebuilt once its used slots (live or dead) would pass
+/// a maximum. Small tables, which stay in cache, are sparse for short
+/// probes; big ones are dense, since there memory is what counts and a
+/// probe's extra slots are mostly in the line it already read.
+const SMALL: usize = 1 << 14;
+const SPARSE: [(usize, usize); 2] = [(1, 2), (7, 10)];
+const DENSE: [(usize, usize); 2] = [(7, 10), (17, 20)];
 
 impl<K, T: Tag> Table<K, T> {
     /// A table for `live` keys at the target load (never full).
     fn for_keys(live: usize) -> Self {
-        let (num, den) = TARGET_LOAD;
+        let (num, den) = if live < SMALL { SPARSE[0] } else { DENSE[0] };
         let n = (live.saturating_mul(den) / num).max(8) + 1;
         Self { slots: (0..n).map(|_| OnceLock::new()).collect() }
     }
 
     /// Whether one more used slot keeps the table under its maximum load.
     fn has_room(&self, used: usize) -> bool {
-        let (num, den) = MAX_LOAD;
+        let (num, den) = if used < SMALL { SPARSE[1] } else { DENSE[1] };
         (used + 1).saturating_mul(den) <= self.slots.len().saturating_mul(num)
     }
 
