@@ -149,13 +149,13 @@ fn word_fresh_at(word: u64) -> u64 {
     if word & FIXED_TAG == 0 { word } else { ((word & Q_MASK) + 1) << 20 }
 }
 
-/// A shard's one-word keys: an open-addressing table (linear probing) of
-/// slots that are set once — key and state together — and never cleared,
-/// so readers probe it without a lock. A key that is forgotten or moves to
-/// the locked form leaves its slot [`DEAD`]; when the table fills up, the
-/// shard's writer copies the live keys into a new table and kills every
-/// old slot first, so a reader that meets a dead slot retries on the new
-/// table and no update is lost.
+/// One policy name's one-word states in a shard: an open-addressing table
+/// (linear probing) of slots that are set once — key and state together —
+/// and never cleared, so readers probe it without a lock. A key that is
+/// forgotten or moves to the locked form leaves its slot [`DEAD`]; when
+/// the table fills up, the shard's writer copies the live keys into a new
+/// table and kills every old slot first, so a reader that meets a dead
+/// slot retries on the new table and no update is lost.
 ///
 /// A `u64` key's slot is 24 bytes, in the same cache line as its state:
 /// one memory access finds and updates a key.
@@ -372,7 +372,8 @@ fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
 /// table; no update is lost and no key is admitted twice. Keys must be
 /// `Clone` for that copy.
 ///
-/// Memory is bounded: at most `max_keys` keys are tracked. When a shard is
+/// Memory is bounded: at most `max_keys` keys are tracked (a key checked
+/// alone under two word-form policy names counts twice). When a shard is
 /// full, keys whose state is indistinguishable from fresh are evicted in
 /// band (no background thread); if every key is still limiting, the new key
 /// is refused with a [`CapacityError`] rather than forgetting a key that
@@ -877,8 +878,10 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         tracked.used[i] = keep.len();
         for (key, word) in keep {
             let hash = self.hasher.hash_one(&key);
-            if let Probe::Absent(at) = table.find(hash, &key) {
-                let _ = table.slots[at].set(Entry::new(hash, key, word));
+            if let Probe::Absent(at) = table.find(hash, &key)
+                && let Some(slot) = table.slots.get(at)
+            {
+                let _ = slot.set(Entry::new(hash, key, word));
             }
         }
         shard.tables[i].0.store(Arc::new(table));
