@@ -165,7 +165,10 @@ impl Alphabet {
         rng: &mut R,
         out: &mut [u8],
     ) -> Result<(), R::Error> {
-        let mut pool = [0u8; 64];
+        // The raw bytes map one to one onto secret characters: wiped on
+        // every exit, the error path included, and not as a dead store the
+        // compiler may drop.
+        let mut pool = zeroize::Zeroizing::new([0u8; 64]);
         let mut i = 0;
         while i < out.len() {
             let want = (out.len() - i).min(pool.len());
@@ -178,7 +181,6 @@ impl Alphabet {
                 }
             }
         }
-        pool.fill(0);
         Ok(())
     }
 }

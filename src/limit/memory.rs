@@ -120,7 +120,7 @@ fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Opt
     let slot = Slot::Window { index, count };
     let (s, next) = algorithm::step(p, &slot, now, cost);
     let next = next.map(|n| match n {
-        Slot::Window { count, .. } => FIXED_TAG | (u64::from(count) << Q_BITS) | (q & Q_MASK),
+        Slot::Window { count, .. } => window_word(count, q),
         _ => 0,
     });
     (s, next)
@@ -142,6 +142,11 @@ fn word_to_slot(p: &Policy, word: u64, now: u64) -> Slot {
     } else {
         Slot::Fresh
     }
+}
+
+/// A fixed window's word: `count` units in the window ending at `q`.
+fn window_word(count: u32, q: u64) -> u64 {
+    FIXED_TAG | (u64::from(count) << Q_BITS) | (q & Q_MASK)
 }
 
 /// When a word is indistinguishable from fresh.
@@ -178,12 +183,17 @@ struct Entry<K, T> {
 trait Tag: Copy {
     fn of(hash: u64) -> Self;
     fn matches(self, hash: u64) -> bool;
+    /// The key's hash, if kept (so a rebuild need not hash the key again).
+    fn hash(self) -> Option<u64>;
 }
 
 impl Tag for () {
     fn of(_: u64) -> Self {}
     fn matches(self, _: u64) -> bool {
         true
+    }
+    fn hash(self) -> Option<u64> {
+        None
     }
 }
 
@@ -193,6 +203,9 @@ impl Tag for u64 {
     }
     fn matches(self, hash: u64) -> bool {
         self == hash
+    }
+    fn hash(self) -> Option<u64> {
+        Some(self)
     }
 }
 
@@ -332,10 +345,15 @@ impl<K, T: Tag> Shard<K, T> {
     }
 
     fn len(&self) -> usize {
-        self.writer().words() + self.multis().len()
+        self.tracked(&self.writer())
     }
 
-    /// The key's live one-word state in table `i`, if any.
+    /// Keys tracked, given the writer's bookkeeping.
+    fn tracked(&self, tracked: &Tracked) -> usize {
+        tracked.words() + self.multis().len()
+    }
+
+    /// Whether the key has a live one-word state in table `i`.
     fn live_word<Q>(&self, i: usize, hash: u64, key: &Q) -> bool
     where
         K: Borrow<Q>,
@@ -655,9 +673,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         }
         if let (CheckMode::Peek, Some((p, _)), true) = (mode, word, untracked) {
             // An unknown key is fresh; peeking does not start tracking it.
-            return Ok(self
-                .word_check(&AtomicU64::new(0), p, cost, mode, now)
-                .unwrap_or_else(|| unreachable!("a fresh word is live")));
+            return Ok(self.live_check(&AtomicU64::new(0), p, cost, mode, now));
         }
         self.check_tracking(hash, shard, key, policies, cost, mode, now)
     }
@@ -742,9 +758,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let in_multis = shard.multis().find(hash, |(k, _)| k.borrow() == key).is_some();
         if let (Some((p, i)), false) = (word, in_multis) {
             if mode == CheckMode::Peek {
-                return Ok(self
-                    .word_check(&AtomicU64::new(0), p, cost, mode, now)
-                    .unwrap_or_else(|| unreachable!("a fresh word is live")));
+                return Ok(self.live_check(&AtomicU64::new(0), p, cost, mode, now));
             }
             self.make_room(shard, &mut tracked, now)?;
             let mut table = shard.tables[i].0.load_full();
@@ -770,8 +784,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 }
             };
             tracked.words[i] += 1;
-            let d = self.word_check(state, p, cost, mode, now);
-            let d = d.unwrap_or_else(|| unreachable!("only the writer kills slots"));
+            let d = self.live_check(state, p, cost, mode, now);
             tracked.next_purge =
                 tracked.next_purge.min(word_fresh_at(state.load(Ordering::Acquire)));
             return Ok(d);
@@ -821,7 +834,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         tracked: &mut Tracked,
         now: u64,
     ) -> Result<(), CapacityError> {
-        if tracked.words() + shard.multis().len() < self.per_shard {
+        if shard.tracked(tracked) < self.per_shard {
             return Ok(());
         }
         if now >= tracked.next_purge {
@@ -835,11 +848,14 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 fresh_at > now
             });
             for i in 0..WORD_NAMES {
-                next = next.min(self.rebuild(shard, i, tracked, now, true));
+                // A table no key ever used has nothing to forget.
+                if tracked.used[i] > 0 {
+                    next = next.min(self.rebuild(shard, i, tracked, now, true));
+                }
             }
             tracked.next_purge = next;
         }
-        if tracked.words() + shard.multis().len() < self.per_shard {
+        if shard.tracked(tracked) < self.per_shard {
             Ok(())
         } else {
             Err(CapacityError { max: self.max_keys() })
@@ -870,14 +886,14 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             let fresh_at = word_fresh_at(word);
             if word != DEAD && (fresh_at > now || !purge) {
                 next = next.min(fresh_at);
-                keep.push((entry.key.clone(), word));
+                let hash = entry.tag.hash().unwrap_or_else(|| self.hasher.hash_one(&entry.key));
+                keep.push((hash, entry.key.clone(), word));
             }
         }
         let table = Table::for_keys(keep.len() + 1);
         tracked.words[i] = keep.len();
         tracked.used[i] = keep.len();
-        for (key, word) in keep {
-            let hash = self.hasher.hash_one(&key);
+        for (hash, key, word) in keep {
             if let Probe::Absent(at) = table.find(hash, &key)
                 && let Some(slot) = table.slots.get(at)
             {
@@ -917,6 +933,20 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 _ => return Some(self.decision(outcome, p, &s, now)),
             }
         }
+    }
+
+    /// [`word_check`](Self::word_check) of a word known to be live: a fresh
+    /// one, or one only the writer (holding its lock) could kill.
+    fn live_check(
+        &self,
+        word: &AtomicU64,
+        p: &Policy,
+        cost: u32,
+        mode: CheckMode,
+        now: u64,
+    ) -> Decision {
+        self.word_check(word, p, cost, mode, now)
+            .unwrap_or_else(|| unreachable!("only the writer kills slots"))
     }
 
     fn decision(&self, outcome: Outcome, p: &Policy, s: &algorithm::Step, now: u64) -> Decision {
@@ -1021,9 +1051,7 @@ fn refund_word(state: &AtomicU64, p: &Policy, now: u64, cost: u32) -> bool {
             algorithm::refund(p, &mut slot, now, cost);
             Some(match slot {
                 Slot::Tat(t) => t,
-                Slot::Window { count, .. } => {
-                    FIXED_TAG | (u64::from(count) << Q_BITS) | (cur & Q_MASK)
-                }
+                Slot::Window { count, .. } => window_word(count, cur),
                 _ => 0,
             })
         })
