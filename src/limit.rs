@@ -219,8 +219,18 @@ impl Decision {
         let mut values = SmallVec::new();
         self.visit_headers(set, |name, value| {
             let value = match value {
-                HeaderNum::Int(n) => small_number(n)
-                    .map_or_else(|| ::http::HeaderValue::from(n), ::http::HeaderValue::from_static),
+                HeaderNum::Int(n) => match small_number(n) {
+                    Some(s) => ::http::HeaderValue::from_static(s),
+                    // One exact-size buffer: `HeaderValue::from(i64)`
+                    // reserves 20 bytes and then allocates again to share
+                    // the unused tail.
+                    None => match ::http::HeaderValue::from_bytes(
+                        itoa::Buffer::new().format(n).as_bytes(),
+                    ) {
+                        Ok(v) => v,
+                        Err(_) => return,
+                    },
+                },
                 // The IETF fields' syntax is always a valid value.
                 HeaderNum::Text(s) => match ::http::HeaderValue::try_from(s) {
                     Ok(v) => v,
