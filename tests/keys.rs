@@ -540,6 +540,24 @@ async fn last_use_writes_are_coalesced() {
 }
 
 #[tokio::test]
+async fn the_first_use_after_start_is_written_at_once() {
+    let (clock, store, manager, auth) = last_use_setup();
+    let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let h = bearer(k.key().expose_secret());
+    clock.advance(Duration::from_secs(1));
+    auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    assert_eq!(store.last_use_writes.load(Ordering::Relaxed), 1, "written without a flush");
+    let r = store.get(&k.record().id).await.unwrap().unwrap();
+    assert_eq!(r.last_used_at, Some(clock.now()));
+    // The stored time now answers for the interval: no more writes.
+    for _ in 0..10 {
+        clock.advance(Duration::from_secs(1));
+        auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    }
+    assert_eq!(store.last_use_writes.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test]
 async fn last_use_is_not_rewritten_within_the_interval() {
     let (clock, store, manager, auth) = last_use_setup();
     let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();

@@ -122,7 +122,8 @@ impl PrincipalCache {
 #[derive(Debug)]
 pub(crate) struct LastUse {
     pending: Mutex<HashMap<RecordId, Timestamp, ahash::RandomState>>,
-    /// Monotonic time of the last flush, in nanoseconds.
+    /// Monotonic time of the last flush, in nanoseconds; 0 before the
+    /// first.
     last_flush: AtomicU64,
     interval: u64,
 }
@@ -152,14 +153,16 @@ impl LastUse {
                 }
             }
         }
+        // 0 is "never flushed": the first use after start is written at
+        // once, and from then on at most one batch per interval.
         let last = self.last_flush.load(Ordering::Relaxed);
-        if now.as_u64().saturating_sub(last) < self.interval {
+        if last != 0 && now.as_u64().saturating_sub(last) < self.interval {
             return None;
         }
         // One caller wins the right to flush this interval.
         if self
             .last_flush
-            .compare_exchange(last, now.as_u64(), Ordering::AcqRel, Ordering::Relaxed)
+            .compare_exchange(last, now.as_u64().max(1), Ordering::AcqRel, Ordering::Relaxed)
             .is_err()
         {
             return None;
