@@ -132,6 +132,9 @@ impl QuotaDecision {
 ///   not counted (Redis: one Lua script; SQL: one transaction with
 ///   `UPDATE … SET used = used + $cost WHERE used + $cost <= $limit`
 ///   per rule, rolled back if any fails).
+/// - **Names.** A rule's name is its counter. Callers pass rules of
+///   distinct names, as [`Plan::new`](crate::limit::Plan::new) guarantees
+///   for a plan's `monthly` list.
 /// - **Months.** Counters are per calendar month in UTC and start from zero
 ///   on the 1st; old months may be dropped.
 /// - **Failure.** An unreachable backend is a [`BackendError`].

@@ -84,6 +84,14 @@ impl Plan {
                 return Err(err(format!("rate[{i}].name"), "policy names must be distinct"));
             }
         }
+        // A quota's name is its counter: two rules of one name would count
+        // one counter twice per request, and categories would leak into
+        // each other.
+        for (i, q) in monthly.iter().enumerate() {
+            if monthly[..i].iter().any(|r| r.name == q.name) {
+                return Err(err(format!("monthly[{i}].name"), "quota names must be distinct"));
+            }
+        }
         Ok(Self { name, rate, monthly })
     }
 

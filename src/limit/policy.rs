@@ -56,6 +56,13 @@ pub enum PolicyError {
     /// The policy name is empty, too long, or not a token.
     #[error("policy name must be 1 to 32 characters of a-z, 0-9, `_`, `-`")]
     Name,
+    /// A full burst would take longer than 366 days to refill at the
+    /// sustained rate (`burst × period / limit`).
+    #[error("burst × period / limit must be at most 366 days (burst at most {max} here)")]
+    BurstTooLarge {
+        /// The largest burst this limit and period allow.
+        max: u32,
+    },
 }
 
 /// A rate limit: at most `limit` units per `period` (plus burst, for GCRA).
@@ -157,12 +164,22 @@ impl Policy {
     ///
     /// # Errors
     ///
-    /// [`PolicyError::Burst`] for a non-GCRA policy or a zero burst.
+    /// [`PolicyError::Burst`] for a non-GCRA policy or a zero burst;
+    /// [`PolicyError::BurstTooLarge`] when a full burst would take more than
+    /// 366 days to refill (the bound that keeps every GCRA time within a
+    /// year of now, so no arithmetic saturates into "unlimited").
     pub fn with_burst(mut self, burst: u32) -> Result<Self, PolicyError> {
         if self.algorithm != Algorithm::Gcra {
             return Err(PolicyError::Burst);
         }
-        self.burst = Some(NonZeroU32::new(burst).ok_or(PolicyError::Burst)?);
+        let burst = NonZeroU32::new(burst).ok_or(PolicyError::Burst)?;
+        // `interval` is at least 1 and at most 366 days in nanoseconds.
+        let max = YEAR.as_nanos() / u128::from(self.interval);
+        if u128::from(burst.get()) > max {
+            let max = u32::try_from(max).unwrap_or(u32::MAX);
+            return Err(PolicyError::BurstTooLarge { max });
+        }
+        self.burst = Some(burst);
         Ok(self)
     }
 
@@ -382,6 +399,13 @@ mod tests {
         assert_eq!(p.capacity(), 10);
         assert_eq!(p.clone().with_burst(25).unwrap().capacity(), 25);
         assert_eq!(p.clone().with_burst(0), Err(PolicyError::Burst));
+        // 1 a day: a burst refilling in more than 366 days is refused, so a
+        // GCRA horizon never saturates (which would admit everything).
+        let daily = Policy::new("d", 1, Duration::from_secs(86_400), Algorithm::Gcra).unwrap();
+        assert!(daily.clone().with_burst(366).is_ok());
+        assert_eq!(daily.with_burst(367), Err(PolicyError::BurstTooLarge { max: 366 }));
+        let fast = Policy::new("f", 1_000, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+        assert!(fast.with_burst(u32::MAX).is_ok(), "4.3e9 x 1 ms is under a year");
         let f = Policy::new("f", 10, s, Algorithm::FixedWindow).unwrap();
         assert_eq!(f.with_burst(5), Err(PolicyError::Burst));
         assert_eq!(p.emission_interval_nanos(), 100_000_000);

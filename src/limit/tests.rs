@@ -239,6 +239,18 @@ fn plans_from_json() {
             "plans.x.monthly[0].counts",
         ),
         (r#"{"plan": {}}"#, "plan"),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1}], "monthly": [{"name": "n", "limit": 10, "counts": ["webhook"]}, {"name": "n", "limit": 10, "counts": ["email"]}]}}}"#,
+            "plans.x.monthly[1].name",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1}], "monthly": [{"limit": 10, "counts": ["webhook"]}, {"limit": 10, "counts": ["email"]}]}}}"#,
+            "plans.x.monthly[1].name",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 86400, "burst": 367}]}}}"#,
+            "plans.x.rate[0].burst",
+        ),
     ] {
         assert_eq!(PlanSet::from_json(bad).unwrap_err().field, field, "{bad}");
     }
