@@ -291,8 +291,10 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     ///
     /// # Errors
     ///
-    /// [`PortalError::NotManagementToken`], [`PortalError::Scope`] when the
-    /// role exceeds the token, or a backend failure.
+    /// [`PortalError::Request`] for a request that breaks a rule of
+    /// [`SessionRequest::validate`], [`PortalError::NotManagementToken`],
+    /// [`PortalError::Scope`] when the role exceeds the token, or a backend
+    /// failure.
     pub async fn create_session(
         &self,
         minter: &Principal,
@@ -304,11 +306,15 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         if minter.format() != NHM.name() || !minter.tenant().reaches(&target) {
             return Err(PortalError::NotManagementToken);
         }
+        // The fields are public: a request built in code meets the same
+        // rules as one parsed from JSON (and 1..=60 minutes cannot overflow).
+        request.validate()?;
         let (grants, _) = self.role(request.role)?;
         self.registry.attenuate(*grants, minter.scopes())?;
         let now = self.clock.now();
-        let minutes =
-            SignedDuration::from_mins(i64::try_from(request.expires_in_minutes).unwrap_or(60));
+        let minutes = SignedDuration::from_secs(
+            i64::try_from(request.expires_in_minutes).unwrap_or(60).saturating_mul(60),
+        );
         let expires_at = now.checked_add(minutes).map_err(|_| PortalError::Collision)?;
         let code = CODE.mint_default().map_err(|_| PortalError::Collision)?;
         let session = PortalSession {

@@ -179,6 +179,20 @@ async fn forged_codes_and_wrong_minters_are_refused() {
         .to_response(BodyStyle::Nested, jiff::Timestamp::UNIX_EPOCH);
     assert_eq!(r.status, 400);
     assert!(r.body.contains("expiresInMinutes must be between 1 and 60"));
+    // A request built in code is held to the same rules: no week-long
+    // code, no overflow panic, no unbounded metadata.
+    for req in [
+        SessionRequest { expires_in_minutes: 10_000, ..Default::default() },
+        SessionRequest { expires_in_minutes: 1 << 62, ..Default::default() },
+        SessionRequest {
+            metadata: (0..100).map(|i| (format!("k{i}"), "v".into())).collect(),
+            ..Default::default()
+        },
+    ] {
+        let err = w.portal.create_session(&w.mgmt, &ws, &app, req).await.unwrap_err();
+        assert!(matches!(err, PortalError::Request(_)), "{err}");
+        assert_eq!(err.rejection().status(), 400);
+    }
 }
 
 #[tokio::test]

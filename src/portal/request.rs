@@ -132,30 +132,20 @@ impl SessionRequest {
                     if n.is_f64() {
                         return Err(RequestError::ExpiresType);
                     }
-                    match n.as_u64() {
-                        Some(m)
-                            if (MIN_EXPIRES_IN_MINUTES..=MAX_EXPIRES_IN_MINUTES).contains(&m) =>
-                        {
-                            req.expires_in_minutes = m;
-                        }
-                        _ => return Err(RequestError::ExpiresRange),
-                    }
+                    // Negative numbers are out of range, not of type.
+                    let m = n.as_u64().ok_or(RequestError::ExpiresRange)?;
+                    check_expires(m)?;
+                    req.expires_in_minutes = m;
                 }
                 "metadata" => {
                     let Value::Object(md) = v else { return Err(RequestError::MetadataType) };
-                    if md.len() > MAX_METADATA_KEYS {
-                        return Err(RequestError::MetadataTooManyKeys);
-                    }
+                    check_metadata_count(md.len())?;
                     for (mk, mv) in md {
-                        if mk.is_empty() || mk.len() > MAX_METADATA_KEY_LEN {
-                            return Err(RequestError::MetadataKeyLength);
-                        }
+                        check_metadata_key(&mk)?;
                         let Value::String(s) = mv else {
                             return Err(RequestError::MetadataValueType);
                         };
-                        if s.len() > MAX_METADATA_VALUE_LEN {
-                            return Err(RequestError::MetadataValueLength);
-                        }
+                        check_metadata_value(&s)?;
                         req.metadata.insert(mk, s);
                     }
                 }
@@ -164,6 +154,49 @@ impl SessionRequest {
         }
         Ok(req)
     }
+
+    /// Checks the rules [`from_json`](Self::from_json) enforces on a request
+    /// built in code (the fields are public): lifetime `1..=60` minutes and
+    /// the metadata caps. [`Portal::create_session`](super::Portal::create_session)
+    /// calls it, so a request that skipped the parser is held to the same
+    /// rules.
+    ///
+    /// # Errors
+    ///
+    /// The [`RequestError`] of the first rule broken.
+    pub fn validate(&self) -> Result<(), RequestError> {
+        check_expires(self.expires_in_minutes)?;
+        check_metadata_count(self.metadata.len())?;
+        for (k, v) in &self.metadata {
+            check_metadata_key(k)?;
+            check_metadata_value(v)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_expires(minutes: u64) -> Result<(), RequestError> {
+    if (MIN_EXPIRES_IN_MINUTES..=MAX_EXPIRES_IN_MINUTES).contains(&minutes) {
+        Ok(())
+    } else {
+        Err(RequestError::ExpiresRange)
+    }
+}
+
+fn check_metadata_count(n: usize) -> Result<(), RequestError> {
+    if n > MAX_METADATA_KEYS { Err(RequestError::MetadataTooManyKeys) } else { Ok(()) }
+}
+
+fn check_metadata_key(k: &str) -> Result<(), RequestError> {
+    if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
+        Err(RequestError::MetadataKeyLength)
+    } else {
+        Ok(())
+    }
+}
+
+fn check_metadata_value(v: &str) -> Result<(), RequestError> {
+    if v.len() > MAX_METADATA_VALUE_LEN { Err(RequestError::MetadataValueLength) } else { Ok(()) }
 }
 
 #[cfg(test)]
@@ -213,6 +246,41 @@ mod tests {
         for (body, want) in cases {
             assert_eq!(SessionRequest::from_json(body.as_bytes()), Err(want), "{body}");
         }
+        // The same rules hold for a request built in code.
+        for (req, want) in [
+            (
+                SessionRequest { expires_in_minutes: 0, ..Default::default() },
+                RequestError::ExpiresRange,
+            ),
+            (
+                SessionRequest { expires_in_minutes: 1 << 62, ..Default::default() },
+                RequestError::ExpiresRange,
+            ),
+            (
+                SessionRequest {
+                    metadata: (0..11).map(|i| (format!("k{i}"), "v".into())).collect(),
+                    ..Default::default()
+                },
+                RequestError::MetadataTooManyKeys,
+            ),
+            (
+                SessionRequest {
+                    metadata: [(String::new(), "v".into())].into(),
+                    ..Default::default()
+                },
+                RequestError::MetadataKeyLength,
+            ),
+            (
+                SessionRequest {
+                    metadata: [("a".into(), "v".repeat(513))].into(),
+                    ..Default::default()
+                },
+                RequestError::MetadataValueLength,
+            ),
+        ] {
+            assert_eq!(req.validate(), Err(want), "{req:?}");
+        }
+        assert_eq!(SessionRequest::default().validate(), Ok(()));
         let r = RequestError::ExpiresRange.to_rejection();
         assert!(matches!(r, Rejection::BadRequest { ref field, ref message }
             if field == "expiresInMinutes" && message == "expiresInMinutes must be between 1 and 60"));
