@@ -78,6 +78,9 @@ pub struct NewKey {
     environment: Option<Environment>,
     region: Option<Region>,
     lifetime: Option<Duration>,
+    /// An absolute cap on the expiry (a parent's or a rolled key's own),
+    /// applied in the same insert as the record.
+    not_after: Option<Timestamp>,
     plan: Option<String>,
     metadata: BTreeMap<String, String>,
 }
@@ -94,6 +97,7 @@ impl NewKey {
             environment: None,
             region: None,
             lifetime: None,
+            not_after: None,
             plan: None,
             metadata: BTreeMap::new(),
         }
@@ -226,6 +230,13 @@ pub enum ManagerError {
     /// The parent principal may not create keys for that tenant.
     #[error("parent credential does not reach that tenant")]
     TenantNotReachable,
+    /// The parent principal may not create keys for that environment (a
+    /// `test` key cannot mint a `live` one).
+    #[error("parent credential does not reach that environment")]
+    EnvironmentNotReachable,
+    /// The requested lifetime is zero or too long to represent.
+    #[error("key lifetime must be positive and end before the year 9999")]
+    Lifetime,
     /// The record's format is not one the manager knows.
     #[error("unknown key format `{0}`")]
     UnknownFormat(String),
@@ -248,8 +259,11 @@ impl ManagerError {
             }
             // Asking for more than the parent holds, or for another tenant,
             // is a 403; the wire message stays generic.
-            Self::Scope(ScopeError::Exceeds { .. }) | Self::TenantNotReachable => {
-                Rejection::Forbidden { scope: None }
+            Self::Scope(ScopeError::Exceeds { .. })
+            | Self::TenantNotReachable
+            | Self::EnvironmentNotReachable => Rejection::Forbidden { scope: None },
+            Self::Lifetime => {
+                Rejection::BadRequest { field: "expiresInDays".into(), message: self.to_string() }
             }
             Self::Scope(e) => {
                 Rejection::BadRequest { field: "scopes".into(), message: e.to_string() }
@@ -361,26 +375,41 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// for an environment or region the format lacks,
     /// [`ManagerError::LimitReached`] when the project is full.
     pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManagerError> {
-        self.insert_new(new, true).await
+        self.insert_capped(new, self.max_active).await
     }
 
     /// [`create`](Self::create) on behalf of `parent`: the new key gets at
-    /// most the parent's scopes and only a tenant the parent reaches.
+    /// most the parent's scopes, only a tenant the parent reaches, the
+    /// parent's environment (when it has one; the new key's default), and
+    /// expires no later than the parent.
     ///
     /// # Errors
     ///
     /// As [`create`](Self::create); [`ScopeError::Exceeds`] when asking for
-    /// more than the parent holds; [`ManagerError::TenantNotReachable`].
+    /// more than the parent holds; [`ManagerError::TenantNotReachable`];
+    /// [`ManagerError::EnvironmentNotReachable`] when asking for another
+    /// environment than the parent's.
     pub async fn create_for(
         &self,
         parent: &Principal,
-        new: NewKey,
+        mut new: NewKey,
     ) -> Result<CreatedKey, ManagerError> {
         if !parent.tenant().reaches(&new.tenant) {
             return Err(ManagerError::TenantNotReachable);
         }
+        if let Some(env) = parent.environment() {
+            match new.environment {
+                None => new.environment = Some(env),
+                Some(e) if e == env => {}
+                Some(_) => return Err(ManagerError::EnvironmentNotReachable),
+            }
+        }
+        new.not_after = earliest(new.not_after, parent.expires_at());
         let requested = self.registry.compile(&new.scopes)?;
-        self.registry.attenuate(requested, parent.scopes())?;
+        // The parent's grants in this manager's registry (the principal's
+        // own set may come from an authenticator with another registry).
+        self.registry
+            .attenuate(requested, &self.registry.compile_known(&parent.record().scopes))?;
         self.create(new).await
     }
 
@@ -402,7 +431,13 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         self.create(new).await
     }
 
-    async fn insert_new(&self, new: NewKey, capped: bool) -> Result<CreatedKey, ManagerError> {
+    /// Mints and inserts `new`, with at most `max` active keys in its
+    /// project (checked in the insert's atomic step).
+    async fn insert_capped(
+        &self,
+        new: NewKey,
+        max: Option<u32>,
+    ) -> Result<CreatedKey, ManagerError> {
         self.registry.compile(&new.scopes)?;
         let mut spec = MintSpec::new();
         let mut environment = new.environment;
@@ -420,12 +455,14 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         }
         let now = self.clock.now();
         let expires_at = match new.lifetime {
+            Some(d) if d.is_zero() => return Err(ManagerError::Lifetime),
             Some(d) => {
-                let d = SignedDuration::try_from(d).map_err(|_| ManagerError::Collision)?;
-                Some(now.checked_add(d).map_err(|_| ManagerError::Collision)?)
+                let d = SignedDuration::try_from(d).map_err(|_| ManagerError::Lifetime)?;
+                Some(now.checked_add(d).map_err(|_| ManagerError::Lifetime)?)
             }
             None => None,
         };
+        let expires_at = earliest(expires_at, new.not_after);
         let id = RecordId::generate_with(&mut rng).map_err(BackendError::unavailable)?;
         drop(rng);
         let record = Arc::new(KeyRecord {
@@ -446,7 +483,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             last_used_at: None,
             metadata: new.metadata,
         });
-        let limit = self.max_active.filter(|_| capped).map(|max| ActiveLimit { max, now });
+        let limit = max.map(|max| ActiveLimit { max, now });
         match self.store.insert(Arc::clone(&record), limit).await? {
             InsertOutcome::Inserted => Ok(CreatedKey { key, record }),
             InsertOutcome::LimitReached { max } => Err(ManagerError::LimitReached { max }),
@@ -486,15 +523,18 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         Ok(revoked)
     }
 
-    /// Replaces key `id` with a new key of the same format and grants. The
-    /// old key keeps working for `grace` — but never past its own expiry —
-    /// and then stops. The new key does not count against the project cap
-    /// while both are active.
+    /// Replaces key `id` with a new key of the same format, grants and
+    /// expiry. The old key keeps working for `grace` — but never past its
+    /// own expiry — and then stops. While both work the project may hold
+    /// one key over its cap (the one being replaced), and no more: rolling
+    /// a key again during its grace, or a second key while one roll's grace
+    /// runs in a full project, is [`ManagerError::LimitReached`].
     ///
     /// # Errors
     ///
     /// [`ManagerError::NotFound`], [`ManagerError::Inactive`] for a revoked
-    /// or expired key, [`ManagerError::UnknownFormat`].
+    /// or expired key, [`ManagerError::UnknownFormat`],
+    /// [`ManagerError::LimitReached`].
     pub async fn roll(&self, id: &RecordId, grace: Duration) -> Result<CreatedKey, ManagerError> {
         let old = self.store.get(id).await?.ok_or(ManagerError::NotFound)?;
         let now = self.clock.now();
@@ -511,12 +551,17 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         new.environment = old.environment;
         new.region = old.region;
         new.plan.clone_from(&old.plan);
-        let mut created = self.insert_new(new, false).await?;
-        // Same expiry as the key it replaces.
-        if let Some(e) = old.expires_at {
-            self.store.shorten_expiry(&created.record.id, e).await?;
-            Arc::make_mut(&mut created.record).expires_at = Some(e);
-        }
+        // Same expiry as the key it replaces, set in the insert itself.
+        new.not_after = old.expires_at;
+        // The old key is active and counted: one over the cap, no more.
+        let cap = self.max_active;
+        let created = match self.insert_capped(new, cap.map(|m| m.saturating_add(1))).await {
+            // Report the project's cap, not the roll's allowance.
+            Err(ManagerError::LimitReached { max }) => {
+                return Err(ManagerError::LimitReached { max: cap.unwrap_or(max) });
+            }
+            r => r?,
+        };
         let grace = crate::clock::signed_duration(grace);
         let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
         // `shorten_expiry` never extends: the grace cannot outlive the old
@@ -526,5 +571,13 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             cache.invalidate(id);
         }
         Ok(created)
+    }
+}
+
+/// The earlier of two optional deadlines (`None` is "never").
+fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

@@ -310,7 +310,9 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         // rules as one parsed from JSON (and 1..=60 minutes cannot overflow).
         request.validate()?;
         let (grants, _) = self.role(request.role)?;
-        self.registry.attenuate(*grants, minter.scopes())?;
+        // The token's grants in this portal's registry (the principal's own
+        // set may come from an authenticator with another registry).
+        self.registry.attenuate(*grants, &self.registry.compile_known(&minter.record().scopes))?;
         let now = self.clock.now();
         let minutes = SignedDuration::from_secs(
             i64::try_from(request.expires_in_minutes).unwrap_or(60).saturating_mul(60),

@@ -376,6 +376,17 @@ impl ScopeRegistry {
     /// [`ScopeError::Unknown`] for a scope naming an unregistered resource or
     /// action.
     pub fn compile(&self, scopes: &[Scope]) -> Result<ScopeSet, ScopeError> {
+        self.compile_with(scopes, true)
+    }
+
+    /// [`compile`](Self::compile) that skips scopes this registry does not
+    /// know: a parent's grants as seen by this registry (a scope it does not
+    /// know cannot be asked for through it either).
+    pub(crate) fn compile_known(&self, scopes: &[Scope]) -> ScopeSet {
+        self.compile_with(scopes, false).unwrap_or(ScopeSet::EMPTY)
+    }
+
+    fn compile_with(&self, scopes: &[Scope], strict: bool) -> Result<ScopeSet, ScopeError> {
         let mut set = ScopeSet::EMPTY;
         let n = self.actions.len();
         for s in scopes {
@@ -385,16 +396,16 @@ impl ScopeRegistry {
                         set.insert(bit);
                     }
                 }
-                (Some(r), Some("*")) => {
-                    let ri = self.resource_index(r).ok_or_else(|| Self::unknown(s))?;
-                    for ai in 0..n {
-                        set.insert(ri * n + ai);
-                    }
-                }
-                (Some(_), Some(_)) => {
-                    let bit = self.bits.get(s.as_str()).ok_or_else(|| Self::unknown(s))?;
-                    set.insert(usize::from(*bit));
-                }
+                (Some(r), Some("*")) => match self.resource_index(r) {
+                    Some(ri) => (0..n).for_each(|ai| set.insert(ri * n + ai)),
+                    None if strict => return Err(Self::unknown(s)),
+                    None => {}
+                },
+                (Some(_), Some(_)) => match self.bits.get(s.as_str()) {
+                    Some(bit) => set.insert(usize::from(*bit)),
+                    None if strict => return Err(Self::unknown(s)),
+                    None => {}
+                },
                 (Some(_), None) => return Err(ScopeError::Syntax),
             }
         }

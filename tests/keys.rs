@@ -259,6 +259,111 @@ async fn attenuation_on_create_for() {
 }
 
 #[tokio::test]
+async fn create_for_keeps_the_parents_environment_and_expiry() {
+    let f = fixture();
+    let test_parent = f
+        .manager
+        .create(
+            NewKey::new("t", SK, ws("ws_a"))
+                .scopes(&["api_keys:*"])
+                .unwrap()
+                .environment(Environment::TEST)
+                .expires_in(Duration::from_secs(3600)),
+        )
+        .await
+        .unwrap();
+    let parent =
+        auth_bearer(&f.auth, test_parent.key().expose_secret(), &Target::any()).await.unwrap();
+    // No environment asked: the parent's, not the format's default (live).
+    let child = f.manager.create_for(&parent, NewKey::new("c", SK, ws("ws_a"))).await.unwrap();
+    assert_eq!(child.record().environment, Some(Environment::TEST));
+    assert!(child.key().expose_secret().starts_with("sk_test_"));
+    // Never outlives the parent: "never" and a longer life are both capped.
+    assert_eq!(child.record().expires_at, test_parent.record().expires_at);
+    let longer = NewKey::new("c", SK, ws("ws_a")).expires_in(Duration::from_secs(7200));
+    let longer = f.manager.create_for(&parent, longer).await.unwrap();
+    assert_eq!(longer.record().expires_at, test_parent.record().expires_at);
+    let shorter = NewKey::new("c", SK, ws("ws_a")).expires_in(Duration::from_secs(60));
+    let shorter = f.manager.create_for(&parent, shorter).await.unwrap();
+    assert_eq!(shorter.record().expires_at, Some(f.clock.now() + Duration::from_secs(60)));
+    // A test key cannot mint a live one.
+    let live = NewKey::new("c", SK, ws("ws_a")).environment(Environment::LIVE);
+    let err = f.manager.create_for(&parent, live).await.unwrap_err();
+    assert!(matches!(err, ManagerError::EnvironmentNotReachable), "{err}");
+    assert_eq!(err.rejection().status(), 403);
+}
+
+#[tokio::test]
+async fn attenuation_reads_the_parents_scopes_in_the_managers_registry() {
+    // The host gave its authenticator a registry of its own and left the
+    // manager on the default one: bit 0 is `billing:read` in the first and
+    // `applications:read` in the second.
+    let f = fixture();
+    let custom = Arc::new(
+        keygate::scope::ScopeRegistry::new(&["billing", "api_keys"], &["read", "create"]).unwrap(),
+    );
+    let custom_manager =
+        KeyManager::new(f.store.clone()).clock(f.clock.clone()).registry(Arc::clone(&custom));
+    let auth = Authenticator::new(f.store.clone()).clock(f.clock.clone()).registry(custom);
+    let parent_key = custom_manager
+        .create(
+            NewKey::new("p", NHM, ws("ws_a")).scopes(&["billing:read", "api_keys:create"]).unwrap(),
+        )
+        .await
+        .unwrap();
+    let parent =
+        auth_bearer(&auth, parent_key.key().expose_secret(), &Target::any()).await.unwrap();
+    let ask = NewKey::new("c", SK, ws("ws_a")).scopes(&["applications:read"]).unwrap();
+    let err = f.manager.create_for(&parent, ask).await.unwrap_err();
+    assert!(matches!(err, ManagerError::Scope(ScopeError::Exceeds { .. })), "{err}");
+}
+
+#[tokio::test]
+async fn lifetimes_that_are_zero_or_unrepresentable_are_bad_requests() {
+    let f = fixture();
+    for lifetime in [Duration::ZERO, Duration::MAX] {
+        let err = f
+            .manager
+            .create(NewKey::new("k", SK, ws("ws_a")).expires_in(lifetime))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ManagerError::Lifetime), "{err}");
+        assert_eq!(err.rejection().status(), 400);
+    }
+}
+
+#[tokio::test]
+async fn rolling_holds_at_most_one_key_over_the_cap() {
+    let f = fixture();
+    let t = project("ws_a", "p1");
+    let mut keys = Vec::new();
+    for _ in 0..10 {
+        keys.push(f.manager.create(NewKey::new("k", SK, t.clone())).await.unwrap());
+    }
+    let id = keys[0].record().id.clone();
+    // The first roll of a full project is allowed: 11 active during grace.
+    f.manager.roll(&id, Duration::from_secs(600)).await.unwrap();
+    // Rolling the same key again, or another one, during that grace is not.
+    for again in [&id, &keys[1].record().id] {
+        let err = f.manager.roll(again, Duration::from_secs(600)).await.unwrap_err();
+        assert!(matches!(err, ManagerError::LimitReached { max: 10 }), "{err}");
+    }
+    let active = |f: &Fixture| {
+        let (store, now) = (f.store.clone(), f.clock.now());
+        async move {
+            let ws = "ws_a".parse().unwrap();
+            let list = store.list(&ws, None).await.unwrap();
+            list.iter().filter(|r| r.is_active(now)).count()
+        }
+    };
+    assert_eq!(active(&f).await, 11);
+    // After the grace the project is back at the cap, and can roll again.
+    f.clock.advance(Duration::from_secs(600));
+    assert_eq!(active(&f).await, 10);
+    f.manager.roll(&keys[1].record().id, Duration::from_secs(600)).await.unwrap();
+}
+
+#[tokio::test]
 async fn at_most_ten_active_keys_per_project() {
     let f = fixture();
     let t = project("ws_a", "full");
