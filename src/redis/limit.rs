@@ -46,6 +46,21 @@ local function tat_abs(rel)
   local q = (x - r) / 1000000000
   return string.format('%d%09d', nsec + q, r)
 end
+-- A fixed window's state is `end_us:count`. The stored count holds until
+-- the stored end: a clock that stepped back, or a period that changed,
+-- keeps it no longer than the window it was counted in (as in memory).
+-- Otherwise the window is the period-aligned one holding now.
+local function window(key, period)
+  local s = redis.call('GET', key)
+  if s then
+    local sep = string.find(s, ':', 1, true)
+    local e = sep and tonumber(string.sub(s, 1, sep - 1))
+    local c = sep and tonumber(string.sub(s, sep + 1))
+    if e and c and e > now_us then return c, e end
+  end
+  local p = period / 1000
+  return 0, (math.floor(now_us / p) + 1) * p
+end
 local function lower_bound(log, start)
   local lo, hi = 0, #log
   while lo < hi do
@@ -94,18 +109,8 @@ for i = 1, #KEYS do
       end
     end
   elseif alg == 'f' then
-    local p = period / 1000
-    local rem = math.fmod(now_us, p)
-    local index = (now_us - rem) / p
-    local count = 0
-    local s = redis.call('GET', KEYS[i])
-    if s then
-      local sep = string.find(s, ':', 1, true)
-      local si = tonumber(string.sub(s, 1, sep - 1))
-      local sc = tonumber(string.sub(s, sep + 1))
-      if si == index then count = sc elseif si > index then index = si; count = sc end
-    end
-    local until_end = (index + 1) * p - now_us
+    local count, window_end = window(KEYS[i], period)
+    local until_end = window_end - now_us
     if until_end < 0 then until_end = 0 end
     local left = limit - count
     if left < 0 then left = 0 end
@@ -115,7 +120,7 @@ for i = 1, #KEYS do
       local total = count + cost
       st.allowed = true; st.remaining = limit - total; st.reset = until_end * 1000
       st.commit = function()
-        redis.call('SET', KEYS[i], string.format('%.17g:%d', index, total), 'PX', ms_ceil(until_end * 1000))
+        redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, total), 'PX', ms_ceil(until_end * 1000))
       end
     else
       st.remaining = left; st.reset = until_end * 1000; st.retry = until_end * 1000
@@ -209,18 +214,11 @@ for i = 1, #KEYS do
       end
     end
   elseif alg == 'f' then
-    local s = redis.call('GET', KEYS[i])
-    if s then
-      local p = period / 1000
-      local index = (now_us - math.fmod(now_us, p)) / p
-      local sep = string.find(s, ':', 1, true)
-      local si = tonumber(string.sub(s, 1, sep - 1))
-      local sc = tonumber(string.sub(s, sep + 1))
-      if si == index then
-        sc = sc - cost
-        if sc < 0 then sc = 0 end
-        redis.call('SET', KEYS[i], string.format('%.17g:%d', si, sc), 'KEEPTTL')
-      end
+    local count, window_end = window(KEYS[i], period)
+    if count > 0 then
+      count = count - cost
+      if count < 0 then count = 0 end
+      redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, count), 'KEEPTTL')
     end
   else
     if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RPOP', KEYS[i], cost) end

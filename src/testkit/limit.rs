@@ -22,6 +22,24 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
         peek_refund_impossible(store, &format!("{key}:p"), alg).await;
     }
     stacked(store, &format!("{prefix}:stacked")).await;
+    period_change(store, &format!("{prefix}:period")).await;
+}
+
+/// A key whose fixed window grows (a plan change) keeps what it counted no
+/// longer than the window it counted it in: never a lockout, never a reset
+/// time beyond either window.
+async fn period_change<S: LimitStore>(store: &S, key: &str) {
+    let hourly = [policy("default", 2, Algorithm::FixedWindow)];
+    for _ in 0..2 {
+        assert!(store.check(key, &hourly, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    }
+    assert!(!store.check(key, &hourly, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    let two_hours = Duration::from_secs(7200);
+    let longer = [Policy::new("default", 100, two_hours, Algorithm::FixedWindow).unwrap()];
+    let d = store.check(key, &longer, 1, CheckMode::Consume).await.unwrap();
+    assert!(d.is_allowed(), "the new plan's room is there at once");
+    let reset = d.binding().reset_after;
+    assert!(reset <= two_hours, "reset {reset:?} lies within one of the windows");
 }
 
 async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
