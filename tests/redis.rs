@@ -555,11 +555,17 @@ async fn redis_key_store_forgets_expired_records_and_their_ids() {
     }
     let ttl: i64 = con.pttl(format!("{base}rec:{}", forever.id)).await.unwrap();
     assert_eq!(ttl, -1, "a record that never expires is kept");
-    // Shortening an expiry moves the record's forget-at with it.
+    // Shortening an expiry moves the forget-at of the record and of its
+    // indexes with it (they had none: the record never expired).
     let soon = now + jiff::SignedDuration::from_secs(5);
     assert!(store.shorten_expiry(&forever.id, soon).await.unwrap());
-    let ttl: i64 = con.pttl(format!("{base}rec:{}", forever.id)).await.unwrap();
-    assert!((60_000..=65_000).contains(&ttl), "{ttl} ms");
+    for key in [
+        format!("{base}rec:{}", forever.id),
+        format!("{base}dig:{}", forever.digest.digest().to_hex()),
+    ] {
+        let ttl: i64 = con.pttl(&key).await.unwrap();
+        assert!((60_000..=65_000).contains(&ttl), "{key}: {ttl} ms");
+    }
 
     // Once Redis has forgotten the record, the id sets drop its id: the
     // cap count skips it, and listing removes it.

@@ -123,15 +123,22 @@ redis.call('PUBLISH', ARGV[2], ARGV[3])
 return 1
 ";
 
-/// KEYS[1]: record. ARGV[1]: expiry (sortable), ARGV[2]: forget-at (Unix
-/// ms, or empty). The digest and key-id indexes keep their later forget-at and
-/// then point at nothing, which lookups treat as not found.
+/// KEYS: record, digest index, key-id index. ARGV[1]: expiry (sortable),
+/// ARGV[2]: forget-at (Unix ms, or empty), ARGV[3]: id, ARGV[4]: has key
+/// id. The indexes that point at the record are forgotten with it (a record
+/// made without an expiry has indexes without one).
 const SHORTEN: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'exp')
 if not cur or ARGV[1] < cur then
   redis.call('HSET', KEYS[1], 'exp', ARGV[1])
-  if ARGV[2] ~= '' and FUTURE(ARGV[2]) then redis.call('PEXPIREAT', KEYS[1], ARGV[2]) end
+  if ARGV[2] ~= '' and FUTURE(ARGV[2]) then
+    redis.call('PEXPIREAT', KEYS[1], ARGV[2])
+    if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('PEXPIREAT', KEYS[2], ARGV[2]) end
+    if ARGV[4] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
+      redis.call('PEXPIREAT', KEYS[3], ARGV[2])
+    end
+  end
 end
 return 1
 ";
@@ -467,12 +474,27 @@ impl KeyStore for RedisKeyStore {
         id: &RecordId,
         expires_at: Timestamp,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
-        let call = self.redis.eval::<i64>(
-            &SHORTEN_SCRIPT,
-            vec![self.rec(id)],
-            vec![sortable(expires_at).into_bytes(), self.forget_at(Some(expires_at))],
-        );
-        async move { Ok(call.await? == 1) }
+        let args = vec![
+            sortable(expires_at).into_bytes(),
+            self.forget_at(Some(expires_at)),
+            id.as_str().as_bytes().to_vec(),
+        ];
+        // The index keys come from the record's (immutable) digest and key
+        // id: one read first. Shortening is rare (rolls), so two round
+        // trips are fine.
+        let get = self.get(id);
+        async move {
+            let Some(record) = get.await? else { return Ok(false) };
+            let kid = record.key_id.map(|k| self.kid(&record.format, &k));
+            let keys = vec![
+                self.rec(&record.id),
+                self.dig(&record.digest),
+                kid.clone().unwrap_or_else(|| format!("{}kid:-", self.base)),
+            ];
+            let mut args = args;
+            args.push(if kid.is_some() { b"1".to_vec() } else { b"0".to_vec() });
+            Ok(self.redis.eval::<i64>(&SHORTEN_SCRIPT, keys, args).await? == 1)
+        }
     }
 
     fn record_last_used(
