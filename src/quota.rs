@@ -215,7 +215,10 @@ impl MemoryQuotaStore {
                 .map_or(0, |(_, u)| *u)
         };
         let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
-        if let Some(r) = counting.iter().find(|r| used_now(&map, r).saturating_add(cost) > r.limit)
+        // A sum past u64 is past every limit (and must not wrap below).
+        if let Some(r) = counting
+            .iter()
+            .find(|r| used_now(&map, r).checked_add(cost).is_none_or(|total| total > r.limit))
         {
             return QuotaDecision::denied(r, used_now(&map, r), resets_at);
         }

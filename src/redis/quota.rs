@@ -31,6 +31,9 @@ return out
 
 static COUNT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COUNT));
 
+/// The largest limit the script compares exactly (Lua numbers are doubles).
+const LUA_EXACT: u64 = 1 << 52;
+
 /// How long a month's counters outlive the month, so an application server
 /// whose clock lags a little still finds its month's counts.
 const GRACE_MS: i128 = 86_400_000;
@@ -75,8 +78,13 @@ impl QuotaStore for RedisQuotaStore {
         // Relative TTL: the caller's `now` decides the month, so the
         // counter lives to the end of that month (plus grace) from now.
         let ttl = (resets_at.duration_since(now).as_millis() + GRACE_MS).max(1);
-        let mut args = vec![cost.to_string().into_bytes(), ttl.to_string().into_bytes()];
-        args.extend(counting.iter().map(|r| r.limit.to_string().into_bytes()));
+        // Lua numbers are doubles: limits are capped at 2^52 (exact, and a
+        // count can never reach INCRBY's i64 overflow, which would stop the
+        // script after some counters moved), and a larger cost, which no
+        // capped limit admits, is sent as 2^52 + 1.
+        let mut args =
+            vec![cost.min(LUA_EXACT + 1).to_string().into_bytes(), ttl.to_string().into_bytes()];
+        args.extend(counting.iter().map(|r| r.limit.min(LUA_EXACT).to_string().into_bytes()));
         let call =
             (!counting.is_empty()).then(|| self.redis.eval::<Vec<u64>>(&COUNT_SCRIPT, keys, args));
         async move {

@@ -37,6 +37,15 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
         .await
         .unwrap();
     assert!(d.allowed && d.used == 2, "a new month starts from zero");
+    // Huge limits and costs neither overflow nor fail part-way.
+    let huge_acct = format!("{prefix}:huge");
+    let huge = [QuotaRule::new("huge", u64::MAX, &["x"])];
+    let d = store.check_and_count(&huge_acct, &huge, "x", 1, jan).await.unwrap();
+    assert!(d.allowed && d.used == 1);
+    let d = store.check_and_count(&huge_acct, &huge, "x", u64::MAX, jan).await.unwrap();
+    assert!(!d.allowed && d.used == 1, "used + cost past u64 is past the limit");
+    let d = store.check_and_count(&huge_acct, &huge, "x", 1, jan).await.unwrap();
+    assert!(d.allowed && d.used == 2, "the refused cost was not counted");
     let d = store.check_and_count(&acct, &rules, "sms", 1000, jan).await.unwrap();
     assert!(d.allowed && d.rule.is_none(), "uncounted categories are unlimited");
     let d = store
