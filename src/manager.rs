@@ -234,8 +234,11 @@ pub enum ManagerError {
     /// `test` key cannot mint a `live` one).
     #[error("parent credential does not reach that environment")]
     EnvironmentNotReachable,
-    /// The requested lifetime is zero or too long to represent.
-    #[error("key lifetime must be positive and end before the year 9999")]
+    /// The requested lifetime is zero or too long to represent, or, for a
+    /// management token, not one of 30 days, 90 days or a year.
+    #[error(
+        "key lifetime must be positive and end before the year 9999 (management tokens: 30d, 90d, 1y or never)"
+    )]
     Lifetime,
     /// The record's format is not one the manager knows.
     #[error("unknown key format `{0}`")]
@@ -454,8 +457,17 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             environment = key.environment();
         }
         let now = self.clock.now();
+        // Management tokens offer exactly the seed's choices.
+        let token_choice = |d: Duration| {
+            [TokenExpiry::Days30, TokenExpiry::Days90, TokenExpiry::Year1]
+                .iter()
+                .any(|e| e.duration() == Some(d))
+        };
         let expires_at = match new.lifetime {
             Some(d) if d.is_zero() => return Err(ManagerError::Lifetime),
+            Some(d) if new.format.name() == NHM.name() && !token_choice(d) => {
+                return Err(ManagerError::Lifetime);
+            }
             Some(d) => {
                 let d = SignedDuration::try_from(d).map_err(|_| ManagerError::Lifetime)?;
                 Some(now.checked_add(d).map_err(|_| ManagerError::Lifetime)?)

@@ -330,6 +330,11 @@ async fn lifetimes_that_are_zero_or_unrepresentable_are_bad_requests() {
         assert!(matches!(err, ManagerError::Lifetime), "{err}");
         assert_eq!(err.rejection().status(), 400);
     }
+    // Management tokens: 30 days, 90 days, a year or never, nothing else.
+    let week = NewKey::new("t", NHM, ws("ws_a")).expires_in(Duration::from_secs(7 * 86_400));
+    assert!(matches!(f.manager.create(week).await.unwrap_err(), ManagerError::Lifetime));
+    let month = NewKey::new("t", NHM, ws("ws_a")).token_expiry(TokenExpiry::Days30);
+    assert!(f.manager.create(month).await.is_ok());
 }
 
 #[tokio::test]
