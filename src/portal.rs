@@ -20,7 +20,7 @@ use serde_json::json;
 
 pub use request::{
     MAX_EXPIRES_IN_MINUTES, MAX_METADATA_KEY_LEN, MAX_METADATA_KEYS, MAX_METADATA_VALUE_LEN,
-    MIN_EXPIRES_IN_MINUTES, RequestError, SessionRequest,
+    MIN_EXPIRES_IN_MINUTES, RESERVED_METADATA_PREFIX, RequestError, SessionRequest,
 };
 pub use store::{MemoryPortalStore, PortalSession, PortalStore, Redeem, TOMBSTONE_RETENTION};
 
@@ -61,6 +61,10 @@ const REDEEM_RANDOM_BYTES: usize =
 pub fn formats() -> FormatSet {
     FormatSet::new([NHK, NHM, NK, SK, NH, ACCESS_TOKEN]).expect("distinct format names")
 }
+
+/// The metadata key of an access token's record that names the session's
+/// role (`admin`, `editor`, `viewer`), beside the session's own metadata.
+pub const ROLE_METADATA_KEY: &str = "portal.role";
 
 /// The resources a portal role covers by default.
 pub const PORTAL_RESOURCES: &[&str] = &["endpoints", "subscriptions", "deliveries"];
@@ -369,7 +373,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let id = RecordId::generate_with(&mut rng).map_err(BackendError::unavailable)?;
         drop(rng);
         let mut metadata = session.metadata;
-        metadata.insert("portal.role".into(), session.role.as_str().to_owned());
+        // The request's rules keep `portal.` keys out of session metadata.
+        metadata.insert(ROLE_METADATA_KEY.into(), session.role.as_str().to_owned());
         let record = Arc::new(KeyRecord {
             id,
             name: match session.role {

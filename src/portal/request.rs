@@ -18,6 +18,9 @@ pub const MAX_METADATA_KEYS: usize = 10;
 pub const MAX_METADATA_KEY_LEN: usize = 64;
 /// Longest metadata value, in bytes.
 pub const MAX_METADATA_VALUE_LEN: usize = 512;
+/// The prefix of metadata keys keygate sets itself (`portal.role` on the
+/// access token's record); a session request may not use it.
+pub const RESERVED_METADATA_PREFIX: &str = "portal.";
 /// Shortest allowed session lifetime, in minutes.
 pub const MIN_EXPIRES_IN_MINUTES: u64 = 1;
 /// Longest allowed (and default) session lifetime, in minutes.
@@ -78,6 +81,10 @@ pub enum RequestError {
     /// A metadata key is empty or longer than [`MAX_METADATA_KEY_LEN`].
     #[error("metadata keys must be 1 to 64 bytes long")]
     MetadataKeyLength,
+    /// A metadata key starts with `portal.`, the prefix of the keys keygate
+    /// adds itself (`portal.role` on the access token).
+    #[error("metadata keys starting with `portal.` are reserved")]
+    MetadataReservedKey,
     /// A metadata value is not a string (nested objects included).
     #[error("metadata values must be strings")]
     MetadataValueType,
@@ -98,6 +105,7 @@ impl RequestError {
             Self::MetadataType
             | Self::MetadataTooManyKeys
             | Self::MetadataKeyLength
+            | Self::MetadataReservedKey
             | Self::MetadataValueType
             | Self::MetadataValueLength => "metadata".into(),
         }
@@ -190,6 +198,8 @@ fn check_metadata_count(n: usize) -> Result<(), RequestError> {
 fn check_metadata_key(k: &str) -> Result<(), RequestError> {
     if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
         Err(RequestError::MetadataKeyLength)
+    } else if k.starts_with(RESERVED_METADATA_PREFIX) {
+        Err(RequestError::MetadataReservedKey)
     } else {
         Ok(())
     }
@@ -238,6 +248,7 @@ mod tests {
             (format!(r#"{{"metadata":{{{eleven}}}}}"#), RequestError::MetadataTooManyKeys),
             (r#"{"metadata":{"":"v"}}"#.into(), RequestError::MetadataKeyLength),
             (r#"{"metadata":{"a":{"b":"c"}}}"#.into(), RequestError::MetadataValueType),
+            (r#"{"metadata":{"portal.role":"admin"}}"#.into(), RequestError::MetadataReservedKey),
             (
                 format!(r#"{{"metadata":{{"a":"{}"}}}}"#, "v".repeat(513)),
                 RequestError::MetadataValueLength,
