@@ -547,7 +547,9 @@ impl KeyFormat {
         check_alphabet(b, pos, secret_end, self.secret, Part::Secret)?;
         if let Some(Checksum::Crc32) = self.checksum {
             check_alphabet(b, secret_end, b.len(), self.secret, Part::Checksum)?;
-            let mut expect = [0u8; 8];
+            // 32 characters encode a u32 in the smallest (2-character)
+            // alphabet; decimal needs 10, hex 8, base62 6.
+            let mut expect = [0u8; 32];
             let expect = &mut expect[..self.checksum_len()];
             self.secret.encode_u32(crc32fast::hash(&b[..secret_end]), expect);
             if expect != &b[secret_end..] {
@@ -609,11 +611,7 @@ impl KeyFormat {
         out.push(b'_');
         let (mut environment, mut region) = (None, None);
         match self.segment {
-            Segment::None => {
-                if spec.environment.is_some() {
-                    return Err(MintError::Environment);
-                }
-            }
+            Segment::None => {}
             Segment::Region => {
                 let r = spec.region.unwrap_or(Region::US);
                 out.extend_from_slice(r.as_str().as_bytes());
@@ -633,6 +631,9 @@ impl KeyFormat {
         }
         if spec.region.is_some() && !matches!(self.segment, Segment::Region) {
             return Err(MintError::Region);
+        }
+        if spec.environment.is_some() && !matches!(self.segment, Segment::Environments(_)) {
+            return Err(MintError::Environment);
         }
         let mut key_id = None;
         if let Some((alphabet, len)) = self.key_id {

@@ -155,6 +155,11 @@ fn mint_spec_is_checked() {
         MintError::Environment
     );
     assert_eq!(SK.mint(MintSpec::new().region(Region::US)).unwrap_err(), MintError::Region);
+    // A region format has no environment to set either.
+    assert_eq!(
+        NHK.mint(MintSpec::new().environment(Environment::TEST)).unwrap_err(),
+        MintError::Environment
+    );
 }
 
 #[test]
@@ -188,6 +193,24 @@ fn crc32_checksum() {
         F.parse(&bad),
         Err(ParseError::InvalidCharacter { part: Part::Checksum, .. })
     ));
+}
+
+#[test]
+fn crc32_checksums_in_small_alphabets_round_trip() {
+    // A u32 takes 10 decimal characters and 32 binary ones: wider than the
+    // 8 of hex, which once bounded the parser's buffer.
+    const DECIMAL: Alphabet = Alphabet::new_unwrap("0123456789");
+    const BINARY: Alphabet = Alphabet::new_unwrap("01");
+    for (alphabet, width) in [(&DECIMAL, 10), (&BINARY, 32)] {
+        let f = KeyFormat::builder("pin").secret(alphabet, 128).crc32().build().unwrap();
+        let k = f.mint_default().unwrap();
+        assert_eq!(k.expose_secret().len(), 4 + 128 + width);
+        assert!(f.parse(k.expose_secret()).is_ok());
+        let mut forged = k.expose_secret().to_owned();
+        let last = forged.pop().unwrap();
+        forged.push(if last == '0' { '1' } else { '0' });
+        assert_eq!(f.parse(&forged).err(), Some(ParseError::ChecksumMismatch));
+    }
 }
 
 #[test]
