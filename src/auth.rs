@@ -542,6 +542,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         let bytes = token.as_bytes();
         let current = self.hasher.digest(bytes);
         let (now, mono) = self.clock.read();
+        // Read before the store lookup: a revocation in between keeps the
+        // record read here out of the cache.
+        let generation = self.cache.as_ref().map_or(0, |c| c.generation());
         if let Some(cache) = &self.cache
             && let Some(p) = cache.get(current.digest(), mono)
         {
@@ -593,7 +596,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         let p = Principal::from_record(Arc::clone(&record), &self.registry)
             .map_err(|source| AuthError::Scopes { id: record.id.clone(), source })?;
         if let Some(cache) = &self.cache {
-            cache.insert(*current.digest(), p.clone(), mono);
+            cache.insert_unless_invalidated(generation, *current.digest(), p.clone(), mono);
         }
         if let Some(batch) = self.note_use(&p, now, mono) {
             self.write_last_use(batch).await;

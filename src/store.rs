@@ -276,10 +276,12 @@ pub enum InsertOutcome {
 ///   `INSERT … SELECT … WHERE (SELECT count(*) …) < max`; Redis: one Lua
 ///   script). `revoke` and `set_expiry` are single-record conditional
 ///   updates.
-/// - **Staleness.** Reads may come from a replica or cache that lags by at
-///   most the bound the host configures for the verified-principal cache (30
-///   seconds by default): a revoked key may authenticate for that long on
-///   other instances, never longer. `last_used_at` is advisory and may lag.
+/// - **Staleness.** Reads may come from a replica or cache that lags. Lag
+///   and the verified-principal cache's TTL add up: a revoked key may
+///   authenticate on other instances for the replica lag plus the TTL (30
+///   seconds by default), so a host whose bound is 30 s and whose replicas
+///   lag up to 5 s sets the TTL to 25 s. In the process that revoked it, a
+///   key stops at once. `last_used_at` is advisory and may lag.
 /// - **Failure.** Infrastructure failures are [`BackendError`]s; "not found"
 ///   is `Ok(None)`. The authenticator turns a backend error into a 503 (fail
 ///   closed) unless the host chose otherwise.

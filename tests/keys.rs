@@ -547,11 +547,13 @@ async fn cache_bounds_staleness_and_local_revocation_is_immediate() {
     assert!(auth_bearer(&auth, c.key().expose_secret(), &any).await.is_err());
 }
 
-/// A store that counts last-use writes.
+/// A store that counts last-use writes, and can run a hook right after a
+/// digest lookup has read its record (to stage races).
 #[derive(Clone, Default)]
 struct Counting {
     inner: MemoryKeyStore,
     last_use_writes: Arc<AtomicUsize>,
+    after_lookup: Arc<std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>>,
 }
 
 impl KeyStore for Counting {
@@ -566,7 +568,15 @@ impl KeyStore for Counting {
         &self,
         d: &StoredDigest,
     ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
-        self.inner.find_by_digest(d)
+        let found = self.inner.find_by_digest(d);
+        let hook = self.after_lookup.lock().unwrap().take();
+        async move {
+            let found = found.await;
+            if let Some(hook) = hook {
+                hook();
+            }
+            found
+        }
     }
     fn find_by_key_id(
         &self,
@@ -647,6 +657,33 @@ async fn last_use_writes_are_coalesced() {
         let r = store.get(&k.record().id).await.unwrap().unwrap();
         assert!(r.last_used_at.is_some(), "last use recorded");
     }
+}
+
+#[tokio::test]
+async fn a_revocation_during_a_lookup_is_not_undone_by_the_cache() {
+    let (clock, store, manager, _) = last_use_setup();
+    let cache = Arc::new(PrincipalCache::default());
+    let manager = manager.cache(Arc::clone(&cache));
+    let auth = Authenticator::new(store.clone()).clock(clock.clone()).cache(Arc::clone(&cache));
+    let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    // The revocation lands after this authentication has read the record
+    // (not yet revoked) and before it caches the principal.
+    let (inner, id, c, at) =
+        (store.inner.clone(), k.record().id.clone(), cache.clone(), clock.now());
+    *store.after_lookup.lock().unwrap() = Some(Box::new(move || {
+        let mut revoke = std::pin::pin!(inner.revoke(&id, at));
+        let cx = &mut std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(matches!(revoke.as_mut().poll(cx), std::task::Poll::Ready(Ok(true))));
+        c.invalidate(&id);
+    }));
+    let h = bearer(k.key().expose_secret());
+    // In flight when the revocation happened: it may still pass.
+    auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    // But nothing it read may outlive the revocation in this process.
+    let err =
+        auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::Revoked { .. }), "{err}");
+    assert!(cache.is_empty());
 }
 
 #[tokio::test]

@@ -21,16 +21,23 @@ type Shard = HashMap<Digest, (Principal, Nanos), DigestBuildHasher>;
 /// Remembers principals that verified recently, keyed by the key's digest,
 /// so a hot key costs one hash and one map probe.
 ///
-/// An entry lives at most `ttl` (30 s by default): that is the bound on how
+/// An entry lives at most `ttl` (30 s by default): that, plus the lag of
+/// the store's reads (see the `KeyStore` contract), is the bound on how
 /// long a key revoked on another instance may keep working here. A key
 /// revoked through this process is dropped at once with
-/// [`invalidate`](Self::invalidate). Memory is bounded by `capacity`.
+/// [`invalidate`](Self::invalidate), and authentications that read it
+/// before the revocation do not cache it after. Memory is bounded by
+/// `capacity`.
 pub struct PrincipalCache {
     /// Read-locked on the hot path, so concurrent requests for one key do
     /// not queue behind each other.
     shards: Box<[RwLock<Shard>]>,
     ttl: Duration,
     per_shard: usize,
+    /// Bumped by every [`invalidate`](Self::invalidate): an authentication
+    /// that read its record before a revocation finished must not cache it
+    /// after (see [`insert_unless_invalidated`](Self::insert_unless_invalidated)).
+    generation: AtomicU64,
 }
 
 impl fmt::Debug for PrincipalCache {
@@ -55,7 +62,14 @@ impl PrincipalCache {
     pub fn new(ttl: Duration, capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect();
-        Self { shards, ttl, per_shard }
+        Self { shards, ttl, per_shard, generation: AtomicU64::new(0) }
+    }
+
+    /// The invalidation generation: read it before looking a record up, and
+    /// pass it to [`insert_unless_invalidated`](Self::insert_unless_invalidated).
+    #[must_use]
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
     }
 
     /// The staleness bound.
@@ -81,10 +95,43 @@ impl PrincipalCache {
     /// Caches `principal` under `digest`.
     pub fn insert(&self, digest: Digest, principal: Principal, now: Nanos) {
         let mut shard = self.shard(&digest).write().unwrap_or_else(PoisonError::into_inner);
-        if shard.len() >= self.per_shard {
-            let ttl = self.ttl;
+        Self::insert_locked(&mut shard, self.per_shard, self.ttl, digest, principal, now);
+    }
+
+    /// Caches `principal` under `digest` unless an
+    /// [`invalidate`](Self::invalidate) began since `generation` was read:
+    /// a record read before a revocation is then not cached after it, where
+    /// it would keep a revoked key working here for up to the TTL.
+    /// Whether it was cached.
+    pub fn insert_unless_invalidated(
+        &self,
+        generation: u64,
+        digest: Digest,
+        principal: Principal,
+        now: Nanos,
+    ) -> bool {
+        let mut shard = self.shard(&digest).write().unwrap_or_else(PoisonError::into_inner);
+        // Checked under the shard lock: an invalidation bumps the
+        // generation before it locks the shards, so either this insert sees
+        // the bump, or the invalidation's sweep sees this entry.
+        if self.generation.load(Ordering::SeqCst) != generation {
+            return false;
+        }
+        Self::insert_locked(&mut shard, self.per_shard, self.ttl, digest, principal, now);
+        true
+    }
+
+    fn insert_locked(
+        shard: &mut Shard,
+        per_shard: usize,
+        ttl: Duration,
+        digest: Digest,
+        principal: Principal,
+        now: Nanos,
+    ) {
+        if shard.len() >= per_shard {
             shard.retain(|_, (_, at)| now.saturating_since(*at) < ttl);
-            if shard.len() >= self.per_shard {
+            if shard.len() >= per_shard {
                 // Still full of live entries: drop an arbitrary one. Any
                 // eviction only costs a store lookup later.
                 if let Some(k) = shard.keys().next().copied() {
@@ -95,8 +142,11 @@ impl PrincipalCache {
         shard.insert(digest, (principal, now));
     }
 
-    /// Drops every entry of record `id` (called on revocation).
+    /// Drops every entry of record `id` (called on revocation, after the
+    /// store has recorded it), and keeps authentications already under way
+    /// from caching it again.
     pub fn invalidate(&self, id: &RecordId) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for s in &self.shards {
             s.write()
                 .unwrap_or_else(PoisonError::into_inner)
