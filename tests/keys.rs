@@ -553,8 +553,11 @@ async fn cache_bounds_staleness_and_local_revocation_is_immediate() {
 struct Counting {
     inner: MemoryKeyStore,
     last_use_writes: Arc<AtomicUsize>,
-    after_lookup: Arc<std::sync::Mutex<Option<Box<dyn FnOnce() + Send>>>>,
+    after_lookup: Arc<std::sync::Mutex<Option<Hook>>>,
 }
+
+/// A one-shot callback run inside a store call.
+type Hook = Box<dyn FnOnce() + Send>;
 
 impl KeyStore for Counting {
     fn insert(
