@@ -17,7 +17,10 @@
 //!    route's, else the gate's default; no plan, no limit) and refuses with
 //!    429 when it is exhausted,
 //! 3. checks that the key reaches the route's [`Target`] (tenant,
-//!    environment; 403) and holds the route's scope (403),
+//!    environment; 403), or answers with the target function's refusal
+//!    (which it runs first but applies only here, so a caller without a
+//!    valid key gets its 401), and that the key holds the route's scope
+//!    (403),
 //! 4. counts the route's quota category, when it has one (429 with the
 //!    monthly message),
 //! 5. inserts the [`Principal`], the limiter's [`Decision`] and the
@@ -409,6 +412,19 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         headers: &HeaderMap,
         target: &Target,
     ) -> Result<Admitted, Refused> {
+        self.admit_to(route, headers, Ok(target)).await
+    }
+
+    /// [`admit`](Self::admit) for a request whose target function may have
+    /// refused it: the caller is still authenticated and rate-limited first,
+    /// so a missing or invalid key is a 401 and a refusal carries the limit
+    /// headers, as for any other 403.
+    async fn admit_to(
+        &self,
+        route: &Route,
+        headers: &HeaderMap,
+        target: Result<&Target, &Rejection>,
+    ) -> Result<Admitted, Refused> {
         let style = self.style(route);
         let auth = &self.0.auth;
         let from_cookie = route.cookie.as_deref().and_then(|name| {
@@ -422,8 +438,11 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let identity = Target {
             tenant: None,
             environment: None,
-            region: target.region,
-            formats: target.formats.clone().or_else(|| route.formats.clone()),
+            region: target.ok().and_then(|t| t.region),
+            formats: narrowest(
+                target.ok().and_then(|t| t.formats.as_ref()),
+                route.formats.as_ref(),
+            ),
         };
         let principal = match from_cookie {
             Some(token) => auth.authenticate_token(token, Source::Bearer, &identity).await,
@@ -469,6 +488,13 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 style,
             )));
         }
+        let target = match target {
+            Ok(t) => t,
+            Err(rejection) => {
+                let refused = Refused::new(Refusal::Target, rejection.clone(), style);
+                return Err(with_headers(refused));
+            }
+        };
         target.check(&principal).map_err(|e| {
             let rejection = e.rejection();
             with_headers(Refused::new(Refusal::Auth(e), rejection, style))
@@ -628,7 +654,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
 
     /// Derives the request's [`Target`] (tenant, environment, region), e.g.
     /// the workspace from a path segment; a key that does not reach it is a
-    /// 403.
+    /// 403. The function's own refusal (say, a malformed path segment) is
+    /// answered after authentication and the rate limit, with their
+    /// headers. Formats the target names narrow the route's, never widen
+    /// them.
     #[must_use]
     pub fn target(
         self,
@@ -701,34 +730,31 @@ where
         let gate = self.gate.clone();
         let route = Arc::clone(&self.route);
         // The target function is synchronous and sees the request head only:
-        // run it now, so the future holds its result, not the steps.
+        // run it now, so the future holds its result, not the steps. Its
+        // refusal waits until the caller is authenticated and limited.
+        // Boxed: most routes have no target function, and the future should
+        // not carry an empty `Target` or a `Rejection` for them.
         let (mut req, target) = match route.target.as_ref() {
             None => (req, None),
             Some(f) => {
                 let (parts, body) = req.into_parts();
-                let target = f(&parts);
-                let req = Request::from_parts(parts, body);
-                match target {
-                    // Boxed: most routes have no target function, and the
-                    // future should not carry an empty `Target` for them.
-                    Ok(t) => (req, Some(Box::new(t))),
-                    Err(rejection) => {
-                        let refused = Refused::new(Refusal::Target, rejection, gate.style(&route));
-                        let res = gate.respond(refused);
-                        return Box::pin(async move { Ok(res) });
-                    }
-                }
+                let target = Box::new(f(&parts));
+                (Request::from_parts(parts, body), Some(target))
             }
         };
         // Kept small (one allocation from the allocator's fast path): the
         // request moves in once; only `admit`'s future and then the inner
         // service's (with the rendered headers) are held.
         Box::pin(async move {
-            let admitted =
-                match gate.admit(&route, req.headers(), target.as_deref().unwrap_or(&ANY)).await {
-                    Ok(a) => a,
-                    Err(refused) => return Ok(gate.respond(refused)),
-                };
+            let target = match target.as_deref() {
+                None => Ok(&ANY),
+                Some(Ok(t)) => Ok(t),
+                Some(Err(rejection)) => Err(rejection),
+            };
+            let admitted = match gate.admit_to(&route, req.headers(), target).await {
+                Ok(a) => a,
+                Err(refused) => return Ok(gate.respond(refused)),
+            };
             let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
             let mut res = inner.call(req).await?;
             if let Some(headers) = headers {
@@ -761,6 +787,20 @@ impl Admitted {
 
 /// The target of routes without a target function.
 static ANY: Target = Target::any();
+
+/// The formats both lists accept (either alone when the other is unset): a
+/// target function narrows a route's formats, never widens them.
+fn narrowest(
+    target: Option<&Arc<[Cow<'static, str>]>>,
+    route: Option<&Arc<[Cow<'static, str>]>>,
+) -> Option<Arc<[Cow<'static, str>]>> {
+    match (target, route) {
+        (Some(t), Some(r)) if !Arc::ptr_eq(t, r) => {
+            Some(t.iter().filter(|f| r.contains(f)).cloned().collect())
+        }
+        (t, r) => t.or(r).cloned(),
+    }
+}
 
 /// The value of cookie `name` in the request's `Cookie` headers.
 fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {

@@ -274,3 +274,41 @@ async fn the_request_future_fits_the_allocators_small_size_classes() {
     let res = fut.await.unwrap();
     assert_eq!(res.headers()["x-ratelimit-remaining"], "4");
 }
+
+#[tokio::test]
+async fn a_target_refusal_comes_after_authentication_and_carries_the_limit_headers() {
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(1000))
+        .plans(PlanSet::presets())
+        .build();
+    let refuse =
+        |_: &axum::http::request::Parts| Err(keygate::http::Rejection::Forbidden { scope: None });
+    // The target function also asks for `sk` keys: it narrows the route's
+    // `nh`, it cannot widen it.
+    let widen = |_: &axum::http::request::Parts| Ok(keygate::auth::Target::any().formats(["sk"]));
+    let app = Router::new()
+        .route("/refused", get(|| async { "unreachable" }))
+        .route_layer(gate.layer().formats(["nh"]).target(refuse))
+        .merge(
+            Router::new()
+                .route("/narrowed", get(|| async { "unreachable" }))
+                .route_layer(gate.layer().formats(["nh"]).target(widen)),
+        );
+    let call = |path: &'static str, key: Option<&str>| {
+        let mut req = Request::get(path);
+        if let Some(key) = key {
+            req = req.header("x-api-key", key);
+        }
+        app.clone().oneshot(req.body(Body::empty()).unwrap())
+    };
+    // No key: a 401, whatever the target function says.
+    assert_eq!(call("/refused", None).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    // A valid key: the target's 403, with the limit headers like any 403.
+    let res = call("/refused", Some(&f.key)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    assert_eq!(res.headers()["x-ratelimit-limit"], "5");
+    assert!(matches!(res.extensions().get::<Refused>().unwrap().reason(), Refusal::Target));
+    // `nh` and `sk` have nothing in common: no key format is accepted.
+    let res = call("/narrowed", Some(&f.key)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+}
