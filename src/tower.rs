@@ -519,8 +519,11 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// `principal`'s plan, for handlers whose category comes from the body.
     /// `Ok(None)` when there is no quota store or no plan.
     ///
-    /// The account is the key's workspace: every key of a workspace draws on
-    /// one monthly allowance.
+    /// The account is the key's workspace and plan (`{workspace}/{plan}`):
+    /// every key of a workspace on one plan draws on one monthly allowance,
+    /// and keys on another plan (or after a plan change) on another, so a
+    /// free key's use never eats a paid key's quota, and making more keys
+    /// on one plan buys nothing.
     ///
     /// # Errors
     ///
@@ -544,9 +547,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         cost: u64,
     ) -> Result<Option<QuotaDecision>, Refused> {
         let (Some(quotas), Some(plan)) = (&self.0.quotas, plan) else { return Ok(None) };
-        let account = principal.tenant().workspace.as_str();
+        // Workspace ids have no `/`: the pair is unambiguous.
+        let account = format!("{}/{}", principal.tenant().workspace, plan.name());
         let now = self.0.auth.clock_ref().now();
-        match quotas.check_and_count(account, plan.monthly(), category, cost, now).await {
+        match quotas.check_and_count(&account, plan.monthly(), category, cost, now).await {
             Ok(q) => match q.rejection() {
                 None => Ok(Some(q)),
                 Some(rejection) => Err(Refused::new(Refusal::Quota(q), rejection, self.0.style)),

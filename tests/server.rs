@@ -423,6 +423,28 @@ async fn notifications_count_monthly_quota_by_channel() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_on_other_plans_have_their_own_monthly_allowance() {
+    let s = start().await;
+    let (_, indie) = s.key(json!({"name": "i", "format": "nh", "plan": "indie"})).await;
+    let (_, tiny) = s.key(json!({"name": "t", "format": "nh", "plan": "tiny"})).await;
+    let (_, tiny2) = s.key(json!({"name": "t2", "format": "nh", "plan": "tiny"})).await;
+    let send = async |key: &str| {
+        let body = Some(json!({"channel": "webhook"}));
+        s.x_api_key(Method::POST, "/api/v1/notifications", key, body).await.status
+    };
+    // Five webhooks on the indie plan (4,000 a month) ...
+    for _ in 0..5 {
+        assert_eq!(send(&indie).await, StatusCode::ACCEPTED);
+    }
+    // ... leave the workspace's tiny allowance (5) untouched,
+    for _ in 0..5 {
+        assert_eq!(send(&tiny).await, StatusCode::ACCEPTED);
+    }
+    // which every tiny key of the workspace shares.
+    assert_eq!(send(&tiny2).await, StatusCode::TOO_MANY_REQUESTS);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn seq_execute_checks_the_project_and_environment() {
     let s = start().await;
     let (_, live) = s.key(json!({"name": "seq", "format": "nk", "project": "billing"})).await;
