@@ -257,6 +257,9 @@ impl ManagerError {
     #[must_use]
     pub fn rejection(&self) -> Rejection {
         match self {
+            Self::Mint(e @ MintError::Region) => {
+                Rejection::BadRequest { field: "region".into(), message: e.to_string() }
+            }
             Self::Mint(e) => {
                 Rejection::BadRequest { field: "environment".into(), message: e.to_string() }
             }
@@ -275,7 +278,10 @@ impl ManagerError {
                 Rejection::Conflict { message: self.to_string() }
             }
             Self::NotFound => Rejection::NotFound,
-            Self::UnknownFormat(_) | Self::Collision | Self::Backend(_) => Rejection::Unavailable,
+            Self::Mint(MintError::Rng)
+            | Self::UnknownFormat(_)
+            | Self::Collision
+            | Self::Backend(_) => Rejection::Unavailable,
         }
     }
 }

@@ -135,6 +135,7 @@ async fn create_list_revoke_keys() {
         s.mgmt(Method::POST, "/api-keys", Some(json!({"name": "ingest", "format": "nhk"}))).await;
     assert_eq!(r.status, StatusCode::CREATED);
     assert_eq!(r.header("cache-control"), Some("no-store"));
+    assert!(has_limit_headers(&r), "management responses are authenticated too");
     for field in ["id", "name", "key", "prefix", "created_at"] {
         assert!(r.body.get(field).is_some(), "missing {field}: {}", r.text);
     }
@@ -180,6 +181,7 @@ async fn create_key_bad_bodies_name_the_field() {
         (json!({"name": 7, "format": "nhk"}), "name"),
         (json!({"name": "x", "format": "nhk", "plan": "platinum"}), "plan"),
         (json!({"name": "x", "format": "sk", "environment": "prod"}), "environment"),
+        (json!({"name": "x", "format": "sk", "region": "eu"}), "region"),
         (json!({"name": "x", "format": "sk", "scopes": "applications:read"}), "scopes"),
         (json!({"name": "x", "format": "sk", "scopes": ["nonsense:read"]}), "scopes"),
         (json!({"name": "x", "format": "nhk", "expiresInDays": 0}), "expiresInDays"),
@@ -566,6 +568,7 @@ async fn portal_api_follows_the_role() {
 
     let created = call(Method::POST, "/portal/api/endpoints", &editor, ep.clone()).await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    assert!(has_limit_headers(&created), "portal API responses carry the limit headers");
     assert_eq!(created.body["metadata"]["customer"], "c_42");
     let id = created.body["id"].as_str().unwrap().to_owned();
     let listed = call(Method::GET, "/portal/api/endpoints", &viewer, None).await;

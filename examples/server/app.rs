@@ -123,7 +123,8 @@ struct App<B: Backend> {
     manager: KeyManager<B::Keys>,
     gate: Gate<B::Keys, B::Limits, B::Quotas>,
     portal: Portal<B::Sessions, B::Keys>,
-    /// Portal endpoints by application id (demo data, not keygate's).
+    /// Portal endpoints by `{workspace}/{application}` (demo data, not
+    /// keygate's).
     endpoints: Mutex<HashMap<String, Vec<Value>>>,
     next_id: AtomicU64,
 }
@@ -158,10 +159,11 @@ pub(crate) fn router<B: Backend>(
         next_id: AtomicU64::new(1),
     });
 
-    let mgmt = gate.layer().formats(["nhm"]).target(workspace_from_path);
-    let ingest = gate.layer().formats(["nhk"]).body_style(BodyStyle::Flat);
     // Keys of formats without a preset plan get the enterprise limits here,
-    // so their responses (403s included) carry rate-limit headers too.
+    // so their responses (403s included) carry rate-limit headers too, and a
+    // leaked management token cannot mint keys without bound.
+    let mgmt = gate.layer().formats(["nhm"]).plan("enterprise").target(workspace_from_path);
+    let ingest = gate.layer().formats(["nhk"]).body_style(BodyStyle::Flat);
     let svix = gate.layer().formats(["sk"]).body_style(BodyStyle::Nested).plan("enterprise");
     let hex = gate.layer().formats(["nh"]).body_style(BodyStyle::Envelope);
     let ws = app.workspace.clone();
@@ -170,7 +172,7 @@ pub(crate) fn router<B: Backend>(
         .formats(["nk"])
         .plan("enterprise")
         .target(move |parts| project_from_path(&ws, parts));
-    let portal_api = gate.layer().formats(["kgpt"]).cookie(PORTAL_COOKIE);
+    let portal_api = gate.layer().formats(["kgpt"]).plan("enterprise").cookie(PORTAL_COOKIE);
 
     let keys_path = "/management/v1/workspaces/{ws}/api-keys";
     let router = Router::new()
@@ -600,8 +602,12 @@ fn html_escape(s: &str) -> String {
         .collect()
 }
 
+/// The caller's workspace and application: the key of its endpoint list
+/// (application ids are unique within a workspace only).
 fn application_of(caller: &Principal) -> String {
-    caller.tenant().application.as_ref().map_or_else(String::new, |a| a.as_str().to_owned())
+    let t = caller.tenant();
+    let app = t.application.as_ref().map_or("", |a| a.as_str());
+    format!("{}/{app}", t.workspace)
 }
 
 async fn list_endpoints<B: Backend>(
