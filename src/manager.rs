@@ -260,7 +260,7 @@ impl ManagerError {
             Self::Mint(e @ MintError::Region) => {
                 Rejection::BadRequest { field: "region".into(), message: e.to_string() }
             }
-            Self::Mint(e) => {
+            Self::Mint(e @ MintError::Environment) => {
                 Rejection::BadRequest { field: "environment".into(), message: e.to_string() }
             }
             // Asking for more than the parent holds, or for another tenant,
