@@ -98,8 +98,12 @@ impl FromStr for StoredDigest {
             "sha256" => (Algorithm::Sha256, rest),
             "hmac-sha256" => {
                 let (id, hex) = rest.split_once('$').ok_or(StoredDigestError::PepperId)?;
-                let valid =
-                    !id.is_empty() && id.len() <= 10 && id.bytes().all(|b| b.is_ascii_digit());
+                // Canonical decimal only (no leading zero but `0` itself),
+                // so the string form round-trips.
+                let valid = !id.is_empty()
+                    && id.len() <= 10
+                    && id.bytes().all(|b| b.is_ascii_digit())
+                    && (id == "0" || !id.starts_with('0'));
                 let id = if valid { id.parse().ok() } else { None };
                 (Algorithm::HmacSha256(PepperId(id.ok_or(StoredDigestError::PepperId)?)), hex)
             }
@@ -195,17 +199,22 @@ pub enum PepperError {
 pub struct Hasher {
     /// Empty for plain SHA-256; else oldest first, the last one current.
     peppers: Vec<Pepper>,
+    /// With peppers: whether plain SHA-256 digests (stored before peppers
+    /// were introduced) still verify.
+    legacy_sha256: bool,
 }
 
 impl Hasher {
     /// Plain SHA-256 of the whole key (the default).
     #[must_use]
     pub const fn sha256() -> Self {
-        Self { peppers: Vec::new() }
+        Self { peppers: Vec::new(), legacy_sha256: false }
     }
 
     /// HMAC-SHA256 with `peppers`, oldest first: new digests use the last
-    /// one; digests made with any of them still verify.
+    /// one; digests made with any of them still verify. Plain SHA-256
+    /// digests do not, unless [`accept_legacy_sha256`](Self::accept_legacy_sha256)
+    /// says so.
     ///
     /// # Errors
     ///
@@ -219,7 +228,22 @@ impl Hasher {
                 return Err(PepperError::DuplicateId);
             }
         }
-        Ok(Self { peppers })
+        Ok(Self { peppers, legacy_sha256: false })
+    }
+
+    /// Keeps plain SHA-256 digests verifying next to the peppers: for keys
+    /// stored before peppers were introduced, tried after every pepper. It
+    /// applies to every lookup alike (by digest, and by the `nk` key id).
+    #[must_use]
+    pub fn accept_legacy_sha256(mut self) -> Self {
+        self.legacy_sha256 = true;
+        self
+    }
+
+    /// Whether plain SHA-256 digests verify: without peppers always, with
+    /// them when legacy digests are accepted.
+    fn accepts_sha256(&self) -> bool {
+        self.peppers.is_empty() || self.legacy_sha256
     }
 
     /// The algorithm new digests are made with.
@@ -238,11 +262,14 @@ impl Hasher {
     }
 
     /// Digest of `key` with `alg`, or `None` when `alg` names a pepper this
-    /// hasher does not hold.
+    /// hasher does not hold, or plain SHA-256 on a peppered hasher that does
+    /// not [accept legacy digests](Self::accept_legacy_sha256).
     #[must_use]
     pub fn digest_with(&self, key: &[u8], alg: Algorithm) -> Option<Digest> {
         match alg {
-            Algorithm::Sha256 => Some(Digest::from_bytes(Sha256::digest(key).into())),
+            Algorithm::Sha256 => {
+                self.accepts_sha256().then(|| Digest::from_bytes(Sha256::digest(key).into()))
+            }
             Algorithm::HmacSha256(id) => {
                 let pepper = self.peppers.iter().find(|p| p.id == id)?;
                 let mut mac =
@@ -254,19 +281,23 @@ impl Hasher {
     }
 
     /// Whether keys may be stored under digests other than the current
-    /// algorithm's (older peppers that still verify).
+    /// algorithm's (older peppers, or accepted legacy SHA-256, that still
+    /// verify).
     #[must_use]
     pub fn has_older_peppers(&self) -> bool {
-        self.peppers.len() > 1
+        self.peppers.len() > 1 || (self.legacy_sha256 && !self.peppers.is_empty())
     }
 
     /// Every digest `key` may be stored under: the current algorithm first,
-    /// then older peppers (newest first). A store lookup tries them in order.
+    /// then older peppers (newest first), then accepted legacy SHA-256. A
+    /// store lookup tries them in order.
     pub fn candidates<'a>(&'a self, key: &'a [u8]) -> impl Iterator<Item = StoredDigest> + 'a {
         let algs: Vec<Algorithm> = if self.peppers.is_empty() {
             vec![Algorithm::Sha256]
         } else {
-            self.peppers.iter().rev().map(|p| Algorithm::HmacSha256(p.id)).collect()
+            let peppers = self.peppers.iter().rev().map(|p| Algorithm::HmacSha256(p.id));
+            let legacy = self.legacy_sha256.then_some(Algorithm::Sha256);
+            peppers.chain(legacy).collect()
         };
         algs.into_iter().filter_map(move |a| {
             self.digest_with(key, a).map(|d| StoredDigest { algorithm: a, digest: d })
@@ -337,6 +368,22 @@ mod tests {
     }
 
     #[test]
+    fn legacy_sha256_verifies_only_when_accepted() {
+        let plain = Hasher::sha256().digest(b"nh_key");
+        let peppered = Hasher::hmac(vec![pepper(1, 1)]).unwrap();
+        assert!(!peppered.verify(b"nh_key", &plain), "peppers alone refuse plain digests");
+        assert_eq!(peppered.candidates(b"nh_key").count(), 1);
+        assert!(!peppered.has_older_peppers());
+        let legacy = peppered.accept_legacy_sha256();
+        assert!(legacy.verify(b"nh_key", &plain));
+        assert!(!legacy.verify(b"nh_kez", &plain));
+        let cands: Vec<_> = legacy.candidates(b"nh_key").collect();
+        assert_eq!(cands, [legacy.digest(b"nh_key"), plain], "legacy is tried last");
+        assert!(legacy.has_older_peppers());
+        assert_eq!(legacy.current(), Algorithm::HmacSha256(PepperId(1)));
+    }
+
+    #[test]
     fn stored_form_round_trips_and_rejects() {
         for s in [
             format!("sha256${}", "ab".repeat(32)),
@@ -356,10 +403,13 @@ mod tests {
             format!("hmac-sha256$4294967296${hex}").parse::<StoredDigest>(),
             Err(StoredDigestError::PepperId)
         );
-        assert_eq!(
-            format!("hmac-sha256$+1${hex}").parse::<StoredDigest>(),
-            Err(StoredDigestError::PepperId)
-        );
+        for id in ["+1", "007", "00"] {
+            assert_eq!(
+                format!("hmac-sha256${id}${hex}").parse::<StoredDigest>(),
+                Err(StoredDigestError::PepperId),
+                "{id}: only the canonical form, so the string round-trips"
+            );
+        }
         assert_eq!(
             format!("sha256${}", hex.to_uppercase()).parse::<StoredDigest>(),
             Err(StoredDigestError::Digest)

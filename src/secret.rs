@@ -31,8 +31,16 @@ impl<S: Zeroize> Secret<S> {
 }
 
 impl From<String> for SecretString {
-    fn from(value: String) -> Self {
-        Self(value.into_boxed_str())
+    /// Takes `value`'s buffer when it is exactly full; otherwise copies it
+    /// to an exact-size box and wipes the original, since shrinking in place
+    /// may move the bytes and free the old block unwiped.
+    fn from(mut value: String) -> Self {
+        if value.len() == value.capacity() {
+            return Self(value.into_boxed_str());
+        }
+        let exact = Box::<str>::from(value.as_str());
+        value.zeroize();
+        Self(exact)
     }
 }
 

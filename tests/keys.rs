@@ -750,6 +750,27 @@ async fn pepper_rotation_keeps_old_keys_working() {
     assert!(auth_bearer_plain(&plain, old.key().expose_secret()).await.is_err());
 }
 
+#[tokio::test]
+async fn keys_from_before_peppers_verify_only_when_accepted_by_every_lookup() {
+    let pepper = |id: u32, b: u8| Pepper::new(PepperId(id), Secret::new(vec![b; 32])).unwrap();
+    let store = MemoryKeyStore::new();
+    // An sk key (found by digest) and an nk key (found by its key id), both
+    // stored with plain SHA-256 before peppers were introduced.
+    let manager = KeyManager::new(store.clone());
+    let keys = [
+        manager.create(NewKey::new("s", SK, ws("ws_a"))).await.unwrap(),
+        manager.create(NewKey::new("n", NK, ws("ws_a"))).await.unwrap(),
+    ];
+    let peppered = Hasher::hmac(vec![pepper(1, 7)]).unwrap();
+    let strict = Authenticator::new(store.clone()).hasher(peppered.clone());
+    let legacy = Authenticator::new(store).hasher(peppered.accept_legacy_sha256());
+    for k in &keys {
+        let key = k.key().expose_secret();
+        assert!(auth_bearer_plain(&strict, key).await.is_err(), "{key}: refused alike");
+        assert!(auth_bearer_plain(&legacy, key).await.is_ok(), "{key}: accepted alike");
+    }
+}
+
 async fn auth_bearer_plain(
     a: &Authenticator<MemoryKeyStore>,
     key: &str,
