@@ -507,6 +507,24 @@ async fn rolling_keeps_grants_and_the_grace_never_outlives_expiry() {
     ));
 }
 
+#[test]
+fn a_cache_full_of_live_principals_stays_within_its_capacity() {
+    use keygate::auth::Principal;
+    use keygate::clock::Nanos;
+    let cache = PrincipalCache::new(Duration::from_secs(30), 160);
+    let record = Arc::new(keygate::testkit::keys::sample_record("ws_a", None, 0, false));
+    let p = Principal::from_record(record, &keygate::scope::ScopeRegistry::default()).unwrap();
+    let now = Nanos::new(1);
+    for i in 0..20_000u32 {
+        let mut bytes = [0u8; 32];
+        bytes[..4].copy_from_slice(&i.to_le_bytes());
+        let d = keygate::Digest::from_bytes(bytes);
+        cache.insert(d, p.clone(), now);
+        assert!(cache.get(&d, now).is_some(), "the newest entry is kept");
+    }
+    assert!(cache.len() <= 160, "{} entries", cache.len());
+}
+
 #[tokio::test]
 async fn cache_bounds_staleness_and_local_revocation_is_immediate() {
     let f = fixture();

@@ -132,11 +132,16 @@ impl PrincipalCache {
         if shard.len() >= per_shard {
             shard.retain(|_, (_, at)| now.saturating_since(*at) < ttl);
             if shard.len() >= per_shard {
-                // Still full of live entries: drop an arbitrary one. Any
+                // Still full of live entries: drop an arbitrary sixteenth,
+                // so the next sweep is that many inserts away (each sweep
+                // is a pass over the shard: amortized O(1) per insert). Any
                 // eviction only costs a store lookup later.
-                if let Some(k) = shard.keys().next().copied() {
-                    shard.remove(&k);
-                }
+                let mut evict = (per_shard / 16).max(1);
+                shard.retain(|_, _| {
+                    let keep = evict == 0;
+                    evict = evict.saturating_sub(1);
+                    keep
+                });
             }
         }
         shard.insert(digest, (principal, now));
