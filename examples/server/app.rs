@@ -684,38 +684,3 @@ pub(crate) async fn bootstrap<K: KeyStore>(
     let all: Scope = "*".parse().map_err(keygate::manager::ManagerError::Scope)?;
     manager.create_management_token(workspace, "bootstrap", TokenExpiry::Never, vec![all]).await
 }
-
-/// The bootstrap management token of a server whose keys live in Redis:
-/// the first instance to start mints it and stores it under
-/// `{prefix}:demo:bootstrap`; every later instance prints that same token.
-///
-/// Demo only: a real deployment hands its bootstrap token to an operator
-/// once and keeps nothing but its digest.
-///
-/// # Errors
-///
-/// Redis or the key store failed.
-pub(crate) async fn bootstrap_shared(
-    manager: &KeyManager<keygate::redis::RedisKeyStore>,
-    redis: &keygate::redis::Redis,
-    workspace: WorkspaceId,
-) -> Result<String, Box<dyn std::error::Error>> {
-    let slot = format!("{}:demo:bootstrap:{}", redis.prefix(), workspace.as_str());
-    let mut conn = redis.connection();
-    let existing: Option<String> = redis::cmd("GET").arg(&slot).query_async(&mut conn).await?;
-    if let Some(token) = existing {
-        return Ok(token);
-    }
-    // Mint and store a record first, then claim the slot; whoever loses
-    // the race revokes its own token and prints the winner's.
-    let created = bootstrap(manager, workspace).await?;
-    let mine = created.key().expose_secret().to_owned();
-    let won: bool =
-        redis::cmd("SET").arg(&slot).arg(&mine).arg("NX").query_async(&mut conn).await?;
-    if won {
-        return Ok(mine);
-    }
-    manager.revoke(&created.record().id).await?;
-    let theirs: String = redis::cmd("GET").arg(&slot).query_async(&mut conn).await?;
-    Ok(theirs)
-}

@@ -84,8 +84,11 @@ async fn main() -> Result<(), Box<dyn Error>> {
             // the cache's TTL bounds staleness if a message is lost.
             tokio::spawn(redis.revocation_listener(cache).run());
             let (router, manager) = app::router(app::Stores::redis(&redis), config)?;
-            let token = app::bootstrap_shared(&manager, &redis, workspace.clone()).await?;
-            (router, token)
+            // Each instance mints its own bootstrap token: only digests are
+            // stored, so there is no token to hand from one to another.
+            // Every instance's token works on all of them.
+            let token = app::bootstrap(&manager, workspace.clone()).await?;
+            (router, token.key().expose_secret().to_owned())
         }
     };
 
