@@ -31,15 +31,11 @@ async fn create_key(http: &Client, at: &Running, body: Value) -> String {
     v["key"].as_str().unwrap().to_owned()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn two_instances_share_one_redis() {
-    let redis = RedisServer::start();
-    let (a, b) = (instance(&redis.url()), instance(&redis.url()));
-    let http = Client::new();
-    // Only digests are stored: each instance printed a token of its own,
-    // and each works on the other.
+/// Only digests are stored: each instance printed a token of its own, and
+/// each works on the other.
+async fn each_token_works_on_the_other(http: &Client, a: &Running, b: &Running) {
     assert_ne!(a.token(), b.token());
-    for (token, at) in [(a.token(), &b), (b.token(), &a)] {
+    for (token, at) in [(a.token(), b), (b.token(), a)] {
         let r = http
             .get(format!("{}/management/v1/workspaces/ws_demo/api-keys", at.base()))
             .bearer_auth(token)
@@ -48,6 +44,14 @@ async fn two_instances_share_one_redis() {
             .unwrap();
         assert_eq!(r.status(), StatusCode::OK);
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn two_instances_share_one_redis() {
+    let redis = RedisServer::start();
+    let (a, b) = (instance(&redis.url()), instance(&redis.url()));
+    let http = Client::new();
+    each_token_works_on_the_other(&http, &a, &b).await;
 
     // A key made on one instance works on the other.
     let key = create_key(&http, &a, json!({"name": "ingest", "format": "nhk"})).await;
