@@ -3,7 +3,9 @@
 # vs unauthenticated routes of the same reference server, in the same run:
 # `GET /healthz`, and `POST /load/ingest/load` -- the ingest route's handler
 # with no layer (served with `--load-twin`), sent the same request, so the
-# difference between it and the gated route is the layer alone.
+# difference between it and the gated route is the layer alone. A third
+# route adds the three X-RateLimit-* headers as constants to that twin: the
+# wire cost of headers the gated route must send, apart from keygate's work.
 #
 #   bash scripts/load.sh [SECONDS] [CONNECTIONS]
 #
@@ -47,13 +49,17 @@ echo "$base" | grep -E "Requests/sec|99%|Non-2xx" || true
 echo "== unauthenticated twin: POST /load/ingest/load (same handler and request, no layer)"
 twin=$(run -s "$tmp/post.lua" "http://$addr/load/ingest/load")
 echo "$twin" | grep -E "Requests/sec|99%|Non-2xx" || true
+echo "== twin + three constant X-RateLimit-* headers: POST /load/ingest-with-headers/load"
+hdrs=$(run -s "$tmp/post.lua" "http://$addr/load/ingest-with-headers/load")
+echo "$hdrs" | grep -E "Requests/sec|99%|Non-2xx" || true
 echo "== authenticated + rate-limited: POST /api/ingest/load (Bearer nhk_, plan 'load')"
 auth=$(run -s "$tmp/post.lua" "http://$addr/api/ingest/load")
 echo "$auth" | grep -E "Requests/sec|99%|Non-2xx" || true
-python3 - "$base" "$twin" "$auth" <<'PY'
+python3 - "$base" "$twin" "$auth" "$hdrs" <<'PY'
 import sys
 def rps(t): return float([l for l in t.splitlines() if "Requests/sec" in l][0].split()[1])
-b, t, a = rps(sys.argv[1]), rps(sys.argv[2]), rps(sys.argv[3])
+b, t, a, h = rps(sys.argv[1]), rps(sys.argv[2]), rps(sys.argv[3]), rps(sys.argv[4])
+print(f"the headers alone (twin + constants vs twin): {100*(1-h/t):.1f}% of throughput")
 print(f"layer cost (gated vs twin): ratio {a/t:.3f}, {100*(1-a/t):.1f}% of throughput, {1e6/a-1e6/t:.2f} us/request")
 print(f"gated vs /healthz: ratio {a/b:.3f} ({100*(1-a/b):.1f}%)")
 PY

@@ -111,7 +111,9 @@ pub(crate) struct Config {
     /// revocation listener when keys live in Redis.
     pub(crate) cache: Arc<PrincipalCache>,
     /// Also serve `POST /load/ingest/{endpoint}`: the ingest handler with
-    /// no layer, so a load check can price the layer alone.
+    /// no layer, so a load check can price the layer alone (and
+    /// `/load/ingest-with-headers/{endpoint}`, the same with constant
+    /// rate-limit headers).
     pub(crate) load_twin: bool,
 }
 
@@ -216,7 +218,20 @@ pub(crate) fn router<B: Backend>(
         )
         .with_state(app.clone());
     let router = if config.load_twin {
-        router.route("/load/ingest/{endpoint}", post(ingest_event))
+        // The twin again, with three rate-limit headers of the gated
+        // route's length added as constants: what the headers the issue
+        // requires cost on the wire, apart from keygate's work.
+        router.route("/load/ingest/{endpoint}", post(ingest_event)).route(
+            "/load/ingest-with-headers/{endpoint}",
+            post(|| async {
+                let mut r = ingest_event().await;
+                let h = r.headers_mut();
+                h.insert("x-ratelimit-limit", HeaderValue::from_static("1000000000"));
+                h.insert("x-ratelimit-remaining", HeaderValue::from_static("999999999"));
+                h.insert("x-ratelimit-reset", HeaderValue::from_static("1764100000"));
+                r
+            }),
+        )
     } else {
         router
     };

@@ -44,8 +44,9 @@ struct Args {
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
     /// Also serve `POST /load/ingest/{endpoint}` without authentication or
-    /// limits (the ingest route's handler alone), for `scripts/load.sh` to
-    /// price the layer against.
+    /// limits (the ingest route's handler alone), and
+    /// `/load/ingest-with-headers/{endpoint}` (the same plus constant
+    /// rate-limit headers), for `scripts/load.sh` to price the layer against.
     #[arg(long)]
     load_twin: bool,
 }
