@@ -456,14 +456,27 @@ impl WallAnchor {
     }
 
     /// The limiter's time now: monotonic plus phase, re-anchoring when due.
+    ///
+    /// The phase follows a drift of the wall clock no faster than 1,000
+    /// ppm (twice NTP's largest slew) plus a millisecond per anchor: a step
+    /// (a manual change, a VM resume, an NTP step) moves the wall time in
+    /// headers but not the limiter's time line, which would otherwise lock
+    /// every key out for a step back and hand every key a fresh quota for a
+    /// step forward. After a step, fixed windows keep their old alignment.
     fn time<C: Clock>(&self, clock: &C) -> u64 {
         let mono = clock.monotonic().as_u64();
         let at = self.at.load(Ordering::Relaxed);
-        if mono.saturating_sub(at - 1) >= 1_000_000_000 || mono < at - 1 {
+        let since = mono.saturating_sub(at - 1);
+        if since >= 1_000_000_000 || mono < at - 1 {
             let offset = Self::measure(clock, mono);
             let drift = offset - self.offset.swap(offset, Ordering::Relaxed);
-            let phase = self.phase.load(Ordering::Relaxed).saturating_add_signed(drift);
-            self.phase.store(phase, Ordering::Relaxed);
+            let slew = since / 1_000 + 1_000_000;
+            if drift.unsigned_abs() <= slew {
+                // Two's complement: adding the drift's bits wraps to a
+                // subtraction when it is negative; one atomic step, so two
+                // threads re-anchoring at once both count.
+                self.phase.fetch_add(drift.cast_unsigned(), Ordering::Relaxed);
+            }
             self.at.store(mono + 1, Ordering::Relaxed);
         }
         mono + self.phase.load(Ordering::Relaxed)

@@ -351,11 +351,11 @@ fn fixed_windows_follow_wall_clock_seconds_through_drift() {
     let d = l.check("a", &p, 1).unwrap();
     assert_eq!(window_end(&d), d.at().as_second() + 1, "the window ends at the next whole second");
     assert_eq!(d.binding().reset_after, Duration::from_millis(600));
-    // The wall clock slews 250 ms ahead of the monotonic one (an NTP step);
-    // after the next re-anchor, windows follow the wall clock again, by
-    // that amount and not by a day.
+    // The wall clock slews 0.4 ms ahead of the monotonic one over a second
+    // (NTP's rate is at most 0.5 ms a second); after the next re-anchor,
+    // windows follow the wall clock again, by that amount.
     c.advance(Duration::from_secs(2));
-    c.set_wall(c.now().checked_add(Duration::from_millis(250)).unwrap());
+    c.set_wall(c.now().checked_add(Duration::from_micros(400)).unwrap());
     c.advance(Duration::from_millis(1100));
     let d = l.check("b", &p, 1).unwrap();
     let into_second = d.at().subsec_nanosecond();
@@ -364,6 +364,36 @@ fn fixed_windows_follow_wall_clock_seconds_through_drift() {
         Duration::from_nanos(u64::try_from(1_000_000_000 - into_second).unwrap())
     );
     assert_eq!(window_end(&d), d.at().as_second() + 1);
+}
+
+#[test]
+fn wall_clock_steps_neither_refill_nor_lock_out() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let minute = [fixed(3, 60)];
+    let gcra = [Policy::new("g", 3, Duration::from_secs(1), Algorithm::Gcra).unwrap()];
+    for _ in 0..3 {
+        assert!(l.check("spent", &minute, 1).unwrap().is_allowed());
+    }
+    assert!(l.check("once", &minute, 1).unwrap().is_allowed());
+    assert!(l.check("g", &gcra, 3).unwrap().is_allowed());
+    // An hour forward (a VM resume, a manual change): no fresh quotas.
+    c.set_wall(c.now().checked_add(Duration::from_secs(3600)).unwrap());
+    c.advance(Duration::from_millis(1100));
+    let d = l.check("spent", &minute, 1).unwrap();
+    assert!(!d.is_allowed(), "a step forward does not start a new window");
+    assert!(d.retry_after().unwrap() <= Duration::from_secs(60));
+    // Headers follow the new wall time: the reset lies within a minute of it.
+    assert!(d.reset_unix() - d.at().as_second() <= 60, "{} vs {}", d.reset_unix(), d.at());
+    // An hour back: nothing is locked out for the hour.
+    c.set_wall(c.now().checked_sub(Duration::from_secs(7200)).unwrap());
+    c.advance(Duration::from_millis(1100));
+    let d = l.check("once", &minute, 1).unwrap();
+    assert!(d.is_allowed(), "a step back locks nobody out");
+    assert_eq!(d.remaining(), 1);
+    c.advance(Duration::from_secs(1));
+    let d = l.check("g", &gcra, 3).unwrap();
+    assert!(d.is_allowed(), "GCRA refilled at the monotonic rate: {d:?}");
 }
 
 #[test]
