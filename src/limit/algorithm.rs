@@ -15,8 +15,11 @@ pub(crate) enum Slot {
     Fresh,
     /// GCRA: the theoretical arrival time.
     Tat(u64),
-    /// Fixed window: (window index, units counted in it).
-    Window { index: u64, count: u32 },
+    /// Fixed window: the end of the window the units were counted in, and
+    /// their number. The count holds until that end, whatever the policy's
+    /// period is by then: a clock that stepped back or a plan change never
+    /// admits extra, and never holds the count past its own window.
+    Window { end: u64, count: u32 },
     /// Sliding window: admission times of the units in the window, oldest
     /// first (one entry per unit).
     Log(VecDeque<u64>),
@@ -106,18 +109,13 @@ fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot
 fn fixed(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
     let period = duration_nanos(policy.period()).max(1);
     let limit = policy.limit();
-    let mut index = now / period;
-    let count = match slot {
-        Slot::Window { index: i, count } if *i == index => *count,
-        // The clock stepped back into an earlier window: keep counting in
-        // the later one, so going back never admits extra.
-        Slot::Window { index: i, count } if *i > index => {
-            index = *i;
-            *count
-        }
-        _ => 0,
+    let (count, window_end) = match slot {
+        // The window the count belongs to has not ended (the same window, a
+        // later one after the clock stepped back, or one of another period
+        // before a plan change): keep counting in it.
+        Slot::Window { end, count } if *end > now => (*count, *end),
+        _ => (0, (now / period + 1).saturating_mul(period)),
     };
-    let window_end = (index + 1).saturating_mul(period);
     let until_end = window_end.saturating_sub(now);
     if cost > limit {
         let s = Step {
@@ -138,7 +136,7 @@ fn fixed(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slo
             reset_after: until_end,
             retry_after: None,
         };
-        (s, Some(Slot::Window { index, count: total }))
+        (s, Some(Slot::Window { end: window_end, count: total }))
     } else {
         let s = Step {
             allowed: false,
@@ -198,7 +196,8 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<S
         let s = Step {
             allowed: false,
             impossible: false,
-            remaining: to_u32((limit - count) as u64),
+            // A plan change can leave more in the log than the new limit.
+            remaining: to_u32(limit.saturating_sub(count) as u64),
             reset_after: wait,
             retry_after: Some(wait),
         };
@@ -213,16 +212,14 @@ pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32) {
             let back = policy.emission_interval_nanos().saturating_mul(u64::from(cost));
             *tat = tat.saturating_sub(back).max(now.min(*tat));
         }
-        Slot::Window { index, count } => {
-            let period = duration_nanos(policy.period()).max(1);
-            if *index == now / period {
+        Slot::Window { end, count } => {
+            if *end > now {
                 *count = count.saturating_sub(cost);
             }
         }
         Slot::Log(log) => {
-            for _ in 0..cost {
-                log.pop_back();
-            }
+            // Bounded by the log's length, not by `cost` (up to u32::MAX).
+            log.truncate(log.len().saturating_sub(cost as usize));
         }
         Slot::Fresh => {}
     }
@@ -234,9 +231,7 @@ pub(crate) fn fresh_at(policy: &Policy, slot: &Slot) -> u64 {
     match slot {
         Slot::Fresh => 0,
         Slot::Tat(tat) => *tat,
-        Slot::Window { index, .. } => {
-            (index + 1).saturating_mul(duration_nanos(policy.period()).max(1))
-        }
+        Slot::Window { end, .. } => *end,
         Slot::Log(log) => {
             log.back().map_or(0, |&n| n.saturating_add(duration_nanos(policy.period())))
         }
@@ -277,11 +272,11 @@ mod tests {
         assert_eq!(steps[3].retry_after, Some(700 * MS));
         assert_eq!(steps[3].reset_after, 700 * MS);
         // Next window admits again.
-        let mut slot = Slot::Window { index: 0, count: 3 };
+        let mut slot = Slot::Window { end: S, count: 3 };
         let (s, n) = step(&p, &slot, S, 1);
         assert!(s.allowed && s.remaining == 2);
         slot = n.unwrap();
-        assert_eq!(slot, Slot::Window { index: 1, count: 1 });
+        assert_eq!(slot, Slot::Window { end: 2 * S, count: 1 });
     }
 
     #[test]
@@ -332,7 +327,7 @@ mod tests {
     #[test]
     fn refund_gives_units_back() {
         let p = Policy::new("d", 2, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
-        let mut slot = Slot::Window { index: 0, count: 2 };
+        let mut slot = Slot::Window { end: S, count: 2 };
         refund(&p, &mut slot, 0, 1);
         assert!(step(&p, &slot, 0, 1).0.allowed);
         let g = Policy::new("d", 1, Duration::from_secs(1), Algorithm::Gcra).unwrap();

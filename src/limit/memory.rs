@@ -105,25 +105,32 @@ fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Opt
         let next = next.map(|n| if let Slot::Tat(t) = n { t & !FIXED_TAG } else { 0 });
         return (s, next);
     }
-    let period = crate::clock::duration_nanos(p.period());
-    let index = now / period;
-    let end = (index + 1).saturating_mul(period);
-    let q = end >> 20;
-    let (count, stored_q) = if cur & FIXED_TAG == 0 {
-        (0, 0)
-    } else {
-        (((cur >> Q_BITS) & COUNT_MAX) as u32, cur & Q_MASK)
-    };
-    // Same window, or the clock stepped back into an earlier one (keep
-    // counting in the later window: never an extra admission).
-    let (count, q) = if stored_q >= q { (count, stored_q) } else { (0, q) };
-    let slot = Slot::Window { index, count };
+    let slot = window_slot(p, cur, now);
     let (s, next) = algorithm::step(p, &slot, now, cost);
     let next = next.map(|n| match n {
-        Slot::Window { count, .. } => window_word(count, q),
+        Slot::Window { count, end } => window_word(count, end >> 20),
         _ => 0,
     });
     (s, next)
+}
+
+/// A fixed-window word as a slot. The word keeps its window's end to 2^20
+/// ns (about a millisecond). Windows end on multiples of their period, and
+/// a word period is at least 2^21 ns, so the one multiple of the period in
+/// that span is the exact end (the current window's, or an earlier one's
+/// after the clock stepped back); with no multiple there (the period
+/// changed), the span's last nanosecond stands in: the count then holds at
+/// most a millisecond longer, never shorter.
+fn window_slot(p: &Policy, word: u64, now: u64) -> Slot {
+    if word & FIXED_TAG == 0 {
+        return Slot::Fresh;
+    }
+    let period = crate::clock::duration_nanos(p.period()).max(1);
+    let count = ((word >> Q_BITS) & COUNT_MAX) as u32;
+    let (lo, hi) = ((word & Q_MASK) << 20, (((word & Q_MASK) + 1) << 20) - 1);
+    let multiple = hi / period * period;
+    let end = if multiple >= lo { multiple } else { hi };
+    if end > now { Slot::Window { end, count } } else { Slot::Fresh }
 }
 
 /// The word's state as a slot (when a key moves to the locked form).
@@ -134,14 +141,7 @@ fn word_to_slot(p: &Policy, word: u64, now: u64) -> Slot {
     if word & FIXED_TAG == 0 {
         return Slot::Tat(word);
     }
-    let period = crate::clock::duration_nanos(p.period()).max(1);
-    let count = ((word >> Q_BITS) & COUNT_MAX) as u32;
-    let index = now / period;
-    if ((index + 1).saturating_mul(period) >> 20) <= (word & Q_MASK) {
-        Slot::Window { index, count }
-    } else {
-        Slot::Fresh
-    }
+    window_slot(p, word, now)
 }
 
 /// A fixed window's word: `count` units in the window ending at `q`.

@@ -582,3 +582,49 @@ mod model {
         }
     }
 }
+
+#[test]
+fn plan_changes_keep_counts_within_their_own_windows() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let g = Policy::new("g", 1_000, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+    for stacked in [false, true] {
+        let plan = |p: Policy| if stacked { vec![p, g.clone()] } else { vec![p] };
+        let key = format!("k{stacked}");
+        // Longer window, same name: the ten counted in the one-second
+        // window hold only until it ends, not for the new period's count.
+        let second = plan(fixed(10, 1));
+        for _ in 0..10 {
+            assert!(l.check(&key, &second, 1).unwrap().is_allowed());
+        }
+        let minute = plan(fixed(100, 60));
+        let d = l.check(&key, &minute, 1).unwrap();
+        assert!(d.is_allowed(), "stacked {stacked}");
+        assert!(d.binding().reset_after <= Duration::from_secs(60), "stacked {stacked}: {d:?}");
+        // Shorter window: the minute's count holds to the minute's end, and
+        // the decision says so (its reset and retry agree).
+        let key = format!("s{stacked}");
+        for _ in 0..50 {
+            assert!(l.check(&key, &minute, 1).unwrap().is_allowed());
+        }
+        let d = l.check(&key, &second, 1).unwrap();
+        assert!(!d.is_allowed(), "stacked {stacked}");
+        let p = &d.policies()[0];
+        assert_eq!(p.retry_after, Some(p.reset_after), "stacked {stacked}");
+        assert!(p.reset_after > Duration::from_secs(1) && p.reset_after <= Duration::from_secs(60));
+    }
+    // A sliding window downgraded below what it holds: no underflow.
+    let startup =
+        [Policy::new("default", 200, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()];
+    let free =
+        [Policy::new("default", 5, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()];
+    for _ in 0..150 {
+        assert!(l.check("slide", &startup, 1).unwrap().is_allowed());
+    }
+    let d = l.check("slide", &free, 1).unwrap();
+    assert!(!d.is_allowed());
+    assert_eq!(d.remaining(), 0);
+    // A huge refund is bounded by what the log holds.
+    l.refund("slide", &free, u32::MAX);
+    assert!(l.check("slide", &free, 5).unwrap().is_allowed());
+}
