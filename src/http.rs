@@ -360,6 +360,25 @@ mod tests {
     }
 
     #[test]
+    fn seed_bodies_in_the_seeds_key_order() {
+        // Byte for byte, keys in the order the seeds print them.
+        let text = |r: &Rejection, s| r.to_response(s, t()).body;
+        let rl = Rejection::RateLimited { limit: 50, retry_after: Duration::from_millis(200) };
+        assert_eq!(
+            text(&rl, BodyStyle::Flat),
+            r#"{"error":"Rate limit exceeded","limit":50,"retryAfter":1}"#
+        );
+        assert_eq!(
+            text(&rl, BodyStyle::Envelope),
+            r#"{"success":false,"error":"Rate limit exceeded","timestamp":"2026-01-09T12:00:00.000Z"}"#
+        );
+        assert_eq!(
+            text(&Rejection::InvalidCredentials, BodyStyle::Nested),
+            r#"{"error":{"code":"unauthorized","message":"Invalid or missing API key"}}"#
+        );
+    }
+
+    #[test]
     fn seed_bodies_exactly() {
         assert_eq!(
             body(&Rejection::MissingCredentials, BodyStyle::Envelope),

@@ -152,7 +152,8 @@ async fn create_list_revoke_keys() {
     let row = rows.iter().find(|r| r["id"] == id.as_str()).expect("created key listed");
     assert_eq!(
         row.as_object().unwrap().keys().collect::<Vec<_>>(),
-        ["created_at", "id", "last_used_at", "name", "prefix"]
+        ["id", "name", "prefix", "created_at", "last_used_at"],
+        "the issue's fields, in its order"
     );
     assert!(row["last_used_at"].is_string(), "{row}");
     assert!(!list.text.contains(&key[4..]), "list leaks the key");
@@ -602,7 +603,8 @@ async fn example_binary_prints_its_address_and_token_first() {
     );
     let (first, line) = (&running.first, &running.line);
     let obj = first.as_object().unwrap();
-    assert_eq!(obj.keys().collect::<Vec<_>>(), ["listening", "management_token", "workspace"]);
+    // In the documented order (the JSON parser keeps the line's order).
+    assert_eq!(obj.keys().collect::<Vec<_>>(), ["listening", "workspace", "management_token"]);
     assert!(line.starts_with("{\"listening\": \"127.0.0.1:"), "{line}");
     assert_eq!(first["workspace"], "ws_demo");
     assert!(running.token().starts_with("nhm_"));
