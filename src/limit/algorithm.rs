@@ -45,10 +45,40 @@ fn to_u32(x: u64) -> u32 {
     u32::try_from(x).unwrap_or(u32::MAX)
 }
 
+/// How to turn a slot into its next state once every stacked policy
+/// admitted: a new value, or (sliding windows) dropping the entries that
+/// left the window and appending the new ones in place, so an admission
+/// never copies the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Commit {
+    /// Replace the slot.
+    Set(Slot),
+    /// Drop the `expired` oldest entries, then append `cost` entries at `at`.
+    Append { expired: usize, at: u64, cost: u32 },
+}
+
+impl Commit {
+    /// Applies the commit to `slot`, the slot it was decided on.
+    pub(crate) fn apply(self, slot: &mut Slot) {
+        match self {
+            Self::Set(next) => *slot = next,
+            Self::Append { expired, at, cost } => {
+                if !matches!(slot, Slot::Log(_)) {
+                    *slot = Slot::Log(VecDeque::new());
+                }
+                if let Slot::Log(log) = slot {
+                    log.drain(..expired.min(log.len()));
+                    log.extend(std::iter::repeat_n(at, cost as usize));
+                }
+            }
+        }
+    }
+}
+
 /// Decides `cost` units at `now` under `policy` given `slot`; returns the
-/// step and, if allowed, the state to commit.
+/// step and, if allowed, the commit that makes the next state.
 #[inline]
-pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
+pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Commit>) {
     match policy.algorithm() {
         Algorithm::Gcra => gcra(policy, slot, now, cost),
         Algorithm::FixedWindow => fixed(policy, slot, now, cost),
@@ -57,7 +87,7 @@ pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, 
 }
 
 #[inline]
-fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
+fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Commit>) {
     let t = policy.emission_interval_nanos();
     let cap = u64::from(policy.capacity());
     let horizon = t.saturating_mul(cap);
@@ -92,7 +122,7 @@ fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot
             reset_after: need,
             retry_after: None,
         };
-        (s, Some(Slot::Tat(new_tat)))
+        (s, Some(Commit::Set(Slot::Tat(new_tat))))
     } else {
         let wait = need - horizon;
         let s = Step {
@@ -106,7 +136,7 @@ fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot
     }
 }
 
-fn fixed(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
+fn fixed(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Commit>) {
     let period = duration_nanos(policy.period()).max(1);
     let limit = policy.limit();
     let (count, window_end) = match slot {
@@ -136,7 +166,7 @@ fn fixed(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slo
             reset_after: until_end,
             retry_after: None,
         };
-        (s, Some(Slot::Window { end: window_end, count: total }))
+        (s, Some(Commit::Set(Slot::Window { end: window_end, count: total })))
     } else {
         let s = Step {
             allowed: false,
@@ -149,7 +179,7 @@ fn fixed(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slo
     }
 }
 
-fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
+fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Commit>) {
     let period = duration_nanos(policy.period());
     let limit = policy.limit() as usize;
     let empty = VecDeque::new();
@@ -175,10 +205,8 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<S
         return (s, None);
     }
     if count + cost_n <= limit {
-        let mut next: VecDeque<u64> = log.iter().skip(expired).copied().collect();
         // Keep entries ordered even if the clock stepped back.
-        let at = next.back().map_or(now, |&b| b.max(now));
-        next.extend(std::iter::repeat_n(at, cost_n));
+        let at = log.back().filter(|_| count > 0).map_or(now, |&b| b.max(now));
         let s = Step {
             allowed: true,
             impossible: false,
@@ -186,7 +214,7 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<S
             reset_after: at.saturating_add(period).saturating_sub(now),
             retry_after: None,
         };
-        (s, Some(Slot::Log(next)))
+        (s, Some(Commit::Append { expired, at, cost }))
     } else {
         // The request fits once the oldest (count + cost - limit) entries
         // have left the window.
@@ -246,12 +274,23 @@ mod tests {
     const MS: u64 = 1_000_000;
     const S: u64 = 1_000_000_000;
 
+    /// `step` with the commit applied to a copy: the next slot.
+    fn next_slot(p: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Slot>) {
+        let (s, commit) = step(p, slot, now, cost);
+        let next = commit.map(|c| {
+            let mut n = slot.clone();
+            c.apply(&mut n);
+            n
+        });
+        (s, next)
+    }
+
     fn run(p: &Policy, times: &[u64]) -> Vec<Step> {
         let mut slot = Slot::Fresh;
         times
             .iter()
             .map(|&t| {
-                let (s, next) = step(p, &slot, t, 1);
+                let (s, next) = next_slot(p, &slot, t, 1);
                 if let Some(n) = next {
                     slot = n;
                 }
@@ -273,7 +312,7 @@ mod tests {
         assert_eq!(steps[3].reset_after, 700 * MS);
         // Next window admits again.
         let mut slot = Slot::Window { end: S, count: 3 };
-        let (s, n) = step(&p, &slot, S, 1);
+        let (s, n) = next_slot(&p, &slot, S, 1);
         assert!(s.allowed && s.remaining == 2);
         slot = n.unwrap();
         assert_eq!(slot, Slot::Window { end: 2 * S, count: 1 });
@@ -289,7 +328,7 @@ mod tests {
         assert!(!steps[10].allowed);
         assert_eq!(steps[10].retry_after, Some(100 * MS));
         // Impossible: cost above the burst.
-        let (s, n) = step(&p, &Slot::Fresh, 0, 11);
+        let (s, n) = next_slot(&p, &Slot::Fresh, 0, 11);
         assert!(s.impossible && !s.allowed && n.is_none());
         assert_eq!(s.remaining, 10);
     }
@@ -313,7 +352,7 @@ mod tests {
             let mut slot = Slot::Fresh;
             let mut admitted = 0;
             for t in [5 * S, 5 * S, 4 * S, 3 * S, 0, 5 * S] {
-                let (s, n) = step(&p, &slot, t, 1);
+                let (s, n) = next_slot(&p, &slot, t, 1);
                 if let Some(n) = n {
                     slot = n;
                     admitted += 1;
@@ -331,7 +370,7 @@ mod tests {
         refund(&p, &mut slot, 0, 1);
         assert!(step(&p, &slot, 0, 1).0.allowed);
         let g = Policy::new("d", 1, Duration::from_secs(1), Algorithm::Gcra).unwrap();
-        let (_, n) = step(&g, &Slot::Fresh, 0, 1);
+        let (_, n) = next_slot(&g, &Slot::Fresh, 0, 1);
         let mut slot = n.unwrap();
         assert!(!step(&g, &slot, 0, 1).0.allowed);
         refund(&g, &mut slot, 0, 1);

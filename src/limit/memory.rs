@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use smallvec::SmallVec;
 
-use super::algorithm::{self, Slot};
+use super::algorithm::{self, Commit, Slot};
 use jiff::Timestamp;
 
 use super::{
@@ -102,13 +102,16 @@ fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Opt
     if p.algorithm() == Algorithm::Gcra {
         let tat = if cur & FIXED_TAG == 0 { cur } else { 0 };
         let (s, next) = algorithm::step(p, &Slot::Tat(tat), now, cost);
-        let next = next.map(|n| if let Slot::Tat(t) = n { t & !FIXED_TAG } else { 0 });
+        let next = next.map(|n| match n {
+            Commit::Set(Slot::Tat(t)) => t & !FIXED_TAG,
+            _ => 0,
+        });
         return (s, next);
     }
     let slot = window_slot(p, cur, now);
     let (s, next) = algorithm::step(p, &slot, now, cost);
     let next = next.map(|n| match n {
-        Slot::Window { count, end } => window_word(count, end >> 20),
+        Commit::Set(Slot::Window { count, end }) => window_word(count, end >> 20),
         _ => 0,
     });
     (s, next)
@@ -1017,7 +1020,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         now: u64,
     ) -> Decision {
         let fresh = Slot::Fresh;
-        let mut steps: SmallVec<[(algorithm::Step, Option<Slot>); 2]> = SmallVec::new();
+        let mut steps: SmallVec<[(algorithm::Step, Option<Commit>); 2]> = SmallVec::new();
         for p in policies {
             let slot = st.slot(p.name()).unwrap_or(&fresh);
             steps.push(algorithm::step(p, slot, now, cost));
@@ -1033,8 +1036,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let mut out = SmallVec::with_capacity(policies.len());
         for (p, (s, next)) in policies.iter().zip(steps) {
             if commit && let Some(next) = next {
-                let fresh_at = algorithm::fresh_at(p, &next);
-                *st.slot_mut(p) = next;
+                let slot = st.slot_mut(p);
+                next.apply(slot);
+                let fresh_at = algorithm::fresh_at(p, slot);
                 st.fresh_at = st.fresh_at.max(fresh_at);
             }
             let mut s = s;

@@ -531,7 +531,7 @@ mod model {
                     && let Some(next) = next
                 {
                     let name: &'static str = if p.name() == "a" { "a" } else { "b" };
-                    slots.insert(name, next);
+                    next.apply(slots.entry(name).or_default());
                 }
                 let unconsumed = outcome != Outcome::Allowed && s.allowed;
                 remaining.push(if unconsumed { s.remaining + cost } else { s.remaining });
