@@ -69,6 +69,12 @@ pub enum Rejection {
         /// How long until a retry can succeed.
         retry_after: Duration,
     },
+    /// 429: the request costs more than a rate limit ever allows at once
+    /// (its burst): no wait helps, so there is no `Retry-After`.
+    CostExceedsLimit {
+        /// The limit of the policy the cost exceeds, for the body's `limit`.
+        limit: u64,
+    },
     /// 429: a monthly quota is used up.
     QuotaExceeded {
         /// Units used this month.
@@ -132,7 +138,9 @@ impl Rejection {
             Self::NotFound => 404,
             Self::Conflict { .. } => 409,
             Self::Gone => 410,
-            Self::RateLimited { .. } | Self::QuotaExceeded { .. } => 429,
+            Self::RateLimited { .. }
+            | Self::CostExceedsLimit { .. }
+            | Self::QuotaExceeded { .. } => 429,
             Self::Unavailable => 503,
         }
     }
@@ -149,6 +157,7 @@ impl Rejection {
             Self::NotFound => "Not found".into(),
             Self::Gone => "This link has already been used".into(),
             Self::RateLimited { .. } => "Rate limit exceeded".into(),
+            Self::CostExceedsLimit { .. } => "Request cost exceeds the rate limit".into(),
             Self::QuotaExceeded { used, limit, resets_at } => {
                 let d = jiff::tz::Offset::UTC.to_datetime(*resets_at).date();
                 format!(
@@ -173,7 +182,7 @@ impl Rejection {
             Self::NotFound => "not_found",
             Self::Conflict { .. } => "conflict",
             Self::Gone => "gone",
-            Self::RateLimited { .. } => "rate_limit_exceeded",
+            Self::RateLimited { .. } | Self::CostExceedsLimit { .. } => "rate_limit_exceeded",
             Self::QuotaExceeded { .. } => "quota_exceeded",
             Self::Unavailable => "unavailable",
         }
@@ -237,6 +246,9 @@ impl Rejection {
                 if let Self::RateLimited { limit, .. } = self {
                     v["limit"] = json!(limit);
                     v["retryAfter"] = json!(retry);
+                }
+                if let Self::CostExceedsLimit { limit } = self {
+                    v["limit"] = json!(limit);
                 }
                 self.add_field(&mut v);
                 v

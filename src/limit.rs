@@ -149,6 +149,11 @@ impl Decision {
     /// policies), for a [`Outcome::Limited`] decision.
     #[must_use]
     pub fn retry_after(&self) -> Option<Duration> {
+        // An impossible request has no retry, even if another stacked
+        // policy would also make it wait.
+        if self.outcome != Outcome::Limited {
+            return None;
+        }
         self.policies.iter().filter_map(|p| p.retry_after).max()
     }
 
@@ -180,6 +185,13 @@ impl Decision {
     pub fn rejection(&self) -> Option<Rejection> {
         if self.is_allowed() {
             return None;
+        }
+        if self.outcome() == Outcome::Impossible {
+            // No wait helps: no `Retry-After`. The limit is that of the
+            // policy the cost exceeds (denied, with no retry).
+            let p = self.policies.iter().find(|p| !p.allowed && p.retry_after.is_none());
+            let limit = p.map_or_else(|| self.limit(), |p| p.limit);
+            return Some(Rejection::CostExceedsLimit { limit: u64::from(limit) });
         }
         let secs = self.retry_after_secs().unwrap_or(1);
         Some(Rejection::RateLimited {

@@ -628,3 +628,29 @@ fn plan_changes_keep_counts_within_their_own_windows() {
     l.refund("slide", &free, u32::MAX);
     assert!(l.check("slide", &free, 5).unwrap().is_allowed());
 }
+
+#[test]
+fn an_impossible_request_is_not_told_to_retry() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let small = fixed(3, 1);
+    let d = l.check("k", std::slice::from_ref(&small), 4).unwrap();
+    assert_eq!(d.outcome(), Outcome::Impossible);
+    assert_eq!(header(&d.headers(HeaderSet::all()), "Retry-After"), None);
+    let r = d.rejection().unwrap();
+    assert_eq!(r, crate::http::Rejection::CostExceedsLimit { limit: 3 });
+    let res = r.to_response(crate::http::BodyStyle::Flat, c.now());
+    assert_eq!(res.status, 429);
+    assert_eq!(res.header("Retry-After"), None);
+    assert_eq!(res.body, r#"{"error":"Request cost exceeds the rate limit","limit":3}"#);
+    // Stacked: one policy would make it wait, another can never fit it.
+    let wide = Policy::new("wide", 100, Duration::from_secs(60), Algorithm::FixedWindow).unwrap();
+    for _ in 0..100 {
+        assert!(l.check("s", std::slice::from_ref(&wide), 1).unwrap().is_allowed());
+    }
+    let d = l.check("s", &[wide, small.named("small").unwrap()], 4).unwrap();
+    assert_eq!(d.outcome(), Outcome::Impossible);
+    assert_eq!(d.retry_after(), None);
+    assert_eq!(header(&d.headers(HeaderSet::all()), "Retry-After"), None);
+    assert_eq!(d.rejection(), Some(crate::http::Rejection::CostExceedsLimit { limit: 3 }));
+}
