@@ -79,10 +79,65 @@ impl Commit {
 /// step and, if allowed, the commit that makes the next state.
 #[inline]
 pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Commit>) {
+    match (policy.algorithm(), slot) {
+        (Algorithm::Gcra, Slot::Window { .. } | Slot::Log(_)) => {
+            gcra(policy, &convert(policy, slot, now), now, cost)
+        }
+        (Algorithm::FixedWindow, Slot::Tat(_) | Slot::Log(_)) => {
+            fixed(policy, &convert(policy, slot, now), now, cost)
+        }
+        (Algorithm::SlidingWindow, Slot::Tat(_) | Slot::Window { .. }) => {
+            let log = convert(policy, slot, now);
+            // The commit must keep the converted entries: replace the slot.
+            let (s, commit) = sliding(policy, &log, now, cost);
+            let commit = commit.map(|c| {
+                let mut next = log;
+                c.apply(&mut next);
+                Commit::Set(next)
+            });
+            (s, commit)
+        }
+        (Algorithm::Gcra, _) => gcra(policy, slot, now, cost),
+        (Algorithm::FixedWindow, _) => fixed(policy, slot, now, cost),
+        (Algorithm::SlidingWindow, _) => sliding(policy, slot, now, cost),
+    }
+}
+
+/// A state kept under another algorithm (a plan change that kept the
+/// policy's name), carried over as the units it still holds, counted as
+/// used now: the change takes effect without forgetting what was used, and
+/// never admits more than either policy would.
+fn convert(policy: &Policy, slot: &Slot, now: u64) -> Slot {
+    let interval = policy.emission_interval_nanos();
+    let period = duration_nanos(policy.period()).max(1);
+    // Units the old state still holds against the new policy.
+    let held: u64 = match slot {
+        Slot::Fresh => 0,
+        // GCRA: the time borrowed ahead of now, in units of the new rate.
+        Slot::Tat(tat) => tat.saturating_sub(now).div_ceil(interval),
+        Slot::Window { end, count } => {
+            if *end > now {
+                u64::from(*count)
+            } else {
+                0
+            }
+        }
+        // Entries still inside a window of the new period.
+        Slot::Log(log) => {
+            let start = now.saturating_sub(period);
+            (log.len() - log.partition_point(|&e| e <= start && now >= period)) as u64
+        }
+    };
     match policy.algorithm() {
-        Algorithm::Gcra => gcra(policy, slot, now, cost),
-        Algorithm::FixedWindow => fixed(policy, slot, now, cost),
-        Algorithm::SlidingWindow => sliding(policy, slot, now, cost),
+        Algorithm::Gcra => Slot::Tat(now.saturating_add(held.saturating_mul(interval))),
+        Algorithm::FixedWindow => Slot::Window {
+            end: (now / period + 1).saturating_mul(period),
+            count: u32::try_from(held).unwrap_or(u32::MAX),
+        },
+        Algorithm::SlidingWindow => {
+            let n = usize::try_from(held.min(u64::from(policy.limit()))).unwrap_or(0);
+            Slot::Log(std::iter::repeat_n(now, n).collect())
+        }
     }
 }
 

@@ -99,18 +99,16 @@ fn word_policy(policies: &[Policy]) -> Option<&Policy> {
 /// One word-policy step: the decision and, if admitted, the next word.
 #[inline]
 fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Option<u64>) {
-    if p.algorithm() == Algorithm::Gcra {
-        let tat = if cur & FIXED_TAG == 0 { cur } else { 0 };
-        let (s, next) = algorithm::step(p, &Slot::Tat(tat), now, cost);
-        let next = next.map(|n| match n {
-            Commit::Set(Slot::Tat(t)) => t & !FIXED_TAG,
-            _ => 0,
-        });
-        return (s, next);
-    }
-    let slot = window_slot(p, cur, now);
+    // A word of the other algorithm (a plan change under one name) is
+    // converted by the step, not dropped.
+    let slot = if p.algorithm() == Algorithm::Gcra && cur & FIXED_TAG == 0 {
+        Slot::Tat(cur)
+    } else {
+        word_to_slot(p, cur, now)
+    };
     let (s, next) = algorithm::step(p, &slot, now, cost);
     let next = next.map(|n| match n {
+        Commit::Set(Slot::Tat(t)) => t & !FIXED_TAG,
         Commit::Set(Slot::Window { count, end }) => window_word(count, end >> 20),
         _ => 0,
     });

@@ -654,3 +654,34 @@ fn an_impossible_request_is_not_told_to_retry() {
     assert_eq!(header(&d.headers(HeaderSet::all()), "Retry-After"), None);
     assert_eq!(d.rejection(), Some(crate::http::Rejection::CostExceedsLimit { limit: 3 }));
 }
+
+#[test]
+fn a_plan_change_of_algorithm_carries_what_was_used() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let other = Policy::new("other", 1_000, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+    let gcra = Policy::new("default", 3, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+    let sliding =
+        Policy::new("default", 5, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap();
+    for stacked in [false, true] {
+        let plan =
+            |p: &Policy| if stacked { vec![p.clone(), other.clone()] } else { vec![p.clone()] };
+        // Hobby (fixed 3/s) to GCRA 3/s: the three used this second count.
+        let key = format!("g{stacked}");
+        for _ in 0..3 {
+            assert!(l.check(&key, &plan(&fixed(3, 1)), 1).unwrap().is_allowed());
+        }
+        assert!(!l.check(&key, &plan(&gcra), 1).unwrap().is_allowed(), "stacked {stacked}");
+        // Hobby to free (sliding 5/min): two more this minute, not five.
+        let key = format!("s{stacked}");
+        for _ in 0..3 {
+            assert!(l.check(&key, &plan(&fixed(3, 1)), 1).unwrap().is_allowed());
+        }
+        let admitted = (0..5).filter(|_| l.check(&key, &plan(&sliding), 1).unwrap().is_allowed());
+        assert_eq!(admitted.count(), 2, "stacked {stacked}");
+        // GCRA 3/s used up, then fixed 3/s: nothing more this second.
+        let key = format!("f{stacked}");
+        assert!(l.check(&key, &plan(&gcra), 3).unwrap().is_allowed());
+        assert!(!l.check(&key, &plan(&fixed(3, 1)), 1).unwrap().is_allowed(), "stacked {stacked}");
+    }
+}
