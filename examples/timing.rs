@@ -169,6 +169,10 @@ fn report(what: &str, t: f64) {
     println!(
         "{what}: |t| = {:.3} ({})",
         t.abs(),
-        if t.abs() < 5.0 { "no leak detected: below 5" } else { "LEAK SUSPECTED: 5 or more, or undefined" }
+        if t.abs() < 5.0 {
+            "no leak detected: below 5"
+        } else {
+            "LEAK SUSPECTED: 5 or more, or undefined"
+        }
     );
 }

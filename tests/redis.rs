@@ -509,6 +509,9 @@ async fn revocation_invalidates_caches_and_survives_a_restart() {
     // Lose the connection; the listener reconnects and subscribes again.
     server.restart();
     wait_for("resubscription", || stats.subscriptions() >= 2).await;
+    // Revocations published while it was away are lost: the cache was
+    // cleared on resubscription, so every key is checked against the store.
+    assert!(cache.is_empty(), "a resubscription clears the cache");
     let b = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
     // The restarted server is empty and the store handle reconnects.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -159,6 +159,16 @@ impl PrincipalCache {
         }
     }
 
+    /// Drops every entry (say, after revocation messages may have been
+    /// missed), and keeps authentications already under way from caching
+    /// what they read before.
+    pub fn clear(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        for s in &self.shards {
+            s.write().unwrap_or_else(PoisonError::into_inner).clear();
+        }
+    }
+
     /// Number of cached principals.
     #[must_use]
     pub fn len(&self) -> usize {

@@ -51,6 +51,7 @@ pub struct RevocationListener {
 pub struct ListenerStats {
     invalidated: AtomicU64,
     connects: AtomicU64,
+    failures: AtomicU64,
 }
 
 impl ListenerStats {
@@ -63,7 +64,16 @@ impl ListenerStats {
     /// Successful subscriptions (1 plus the number of reconnections).
     #[must_use]
     pub fn subscriptions(&self) -> u64 {
-        self.connects.load(Ordering::Relaxed)
+        self.connects.load(Ordering::Acquire)
+    }
+
+    /// Failed attempts to subscribe (an unreachable server, a refused
+    /// `SUBSCRIBE` or RESP3 handshake): a count that keeps growing while
+    /// [`subscriptions`](Self::subscriptions) does not means revocations
+    /// reach this process only through the cache's TTL.
+    #[must_use]
+    pub fn failures(&self) -> u64 {
+        self.failures.load(Ordering::Relaxed)
     }
 }
 
@@ -78,6 +88,8 @@ impl fmt::Debug for RevocationListener {
 
 const MIN_BACKOFF: Duration = Duration::from_millis(50);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// A subscription that lived this long resets the backoff.
+const STABLE: Duration = Duration::from_secs(10);
 
 impl RevocationListener {
     pub(super) fn new(client: Client, channel: String, cache: Arc<PrincipalCache>) -> Self {
@@ -107,18 +119,37 @@ impl RevocationListener {
     }
 
     /// Listens forever: subscribe, apply messages, reconnect on loss.
+    ///
+    /// Revocations published while the listener was disconnected are not
+    /// replayed, so every re-subscription clears the cache (each key is then
+    /// verified against the store once more). A connection that is dropped
+    /// soon after it subscribed does not reset the backoff, so a server that
+    /// keeps killing subscribers is not hammered.
     pub async fn run(self) {
         let mut backoff = MIN_BACKOFF;
         loop {
             let lost = Arc::new(Notify::new());
-            if let Ok(conn) = self.subscribe(Arc::clone(&lost)).await {
-                backoff = MIN_BACKOFF;
-                self.stats.connects.fetch_add(1, Ordering::Relaxed);
-                self.watch(conn, &lost).await;
-            } else {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+            match self.subscribe(Arc::clone(&lost)).await {
+                Ok(conn) => {
+                    // Cleared before the count moves, so a reader that sees
+                    // the new subscription sees the cleared cache.
+                    if self.stats.connects.load(Ordering::Acquire) > 0 {
+                        self.cache.clear();
+                    }
+                    self.stats.connects.fetch_add(1, Ordering::Release);
+                    let since = tokio::time::Instant::now();
+                    self.watch(conn, &lost).await;
+                    if since.elapsed() >= STABLE {
+                        backoff = MIN_BACKOFF;
+                        continue;
+                    }
+                }
+                Err(_) => {
+                    self.stats.failures.fetch_add(1, Ordering::Relaxed);
+                }
             }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
     }
 
