@@ -118,17 +118,24 @@ impl Decision {
         self.at
     }
 
-    /// The policy the headers report: the first that denied, else the one
-    /// with the fewest units left.
+    /// The policy the headers report: for a request that can never fit, the
+    /// policy it exceeds; else the first that denied, else the one with the
+    /// fewest units left.
     ///
     /// # Panics
     ///
     /// Never: a decision always has at least one policy.
     #[must_use]
     pub fn binding(&self) -> &PolicyDecision {
-        self.policies
-            .iter()
-            .find(|p| !p.allowed)
+        // For a request that can never fit: the policy it exceeds (denied,
+        // with no retry), so headers and body name the same limit.
+        let impossible = || {
+            (self.outcome == Outcome::Impossible)
+                .then(|| self.policies.iter().find(|p| !p.allowed && p.retry_after.is_none()))
+                .flatten()
+        };
+        impossible()
+            .or_else(|| self.policies.iter().find(|p| !p.allowed))
             .or_else(|| self.policies.iter().min_by_key(|p| p.remaining))
             .expect("a decision has at least one policy")
     }
@@ -189,9 +196,7 @@ impl Decision {
         if self.outcome() == Outcome::Impossible {
             // No wait helps: no `Retry-After`. The limit is that of the
             // policy the cost exceeds (denied, with no retry).
-            let p = self.policies.iter().find(|p| !p.allowed && p.retry_after.is_none());
-            let limit = p.map_or_else(|| self.limit(), |p| p.limit);
-            return Some(Rejection::CostExceedsLimit { limit: u64::from(limit) });
+            return Some(Rejection::CostExceedsLimit { limit: u64::from(self.limit()) });
         }
         let secs = self.retry_after_secs().unwrap_or(1);
         Some(Rejection::RateLimited {

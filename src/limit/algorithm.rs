@@ -103,11 +103,25 @@ pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, 
     }
 }
 
-/// A state kept under another algorithm (a plan change that kept the
-/// policy's name), carried over as the units it still holds, counted as
-/// used now: the change takes effect without forgetting what was used, and
-/// never admits more than either policy would.
-fn convert(policy: &Policy, slot: &Slot, now: u64) -> Slot {
+/// Whether `slot` was kept under another algorithm than `policy`'s (a plan
+/// change that kept the policy's name), so [`convert`] applies.
+pub(crate) fn is_foreign(policy: &Policy, slot: &Slot) -> bool {
+    matches!(
+        (policy.algorithm(), slot),
+        (Algorithm::Gcra, Slot::Window { .. } | Slot::Log(_))
+            | (Algorithm::FixedWindow, Slot::Tat(_) | Slot::Log(_))
+            | (Algorithm::SlidingWindow, Slot::Tat(_) | Slot::Window { .. })
+    )
+}
+
+/// A state kept under another algorithm, carried over as the units it
+/// still holds, counted as used now, so a plan change takes effect without
+/// forgetting what was used. The units are counted in the new policy's
+/// terms (a GCRA state's borrowed time at the new rate: the old rate is not
+/// kept) and capped at its capacity, so a change never locks a key out for
+/// longer than one window or burst of the new policy. Callers write the
+/// result back even when the check is denied, so it is converted once.
+pub(crate) fn convert(policy: &Policy, slot: &Slot, now: u64) -> Slot {
     let interval = policy.emission_interval_nanos();
     let period = duration_nanos(policy.period()).max(1);
     // Units the old state still holds against the new policy.
@@ -128,6 +142,7 @@ fn convert(policy: &Policy, slot: &Slot, now: u64) -> Slot {
             (log.len() - log.partition_point(|&e| e <= start && now >= period)) as u64
         }
     };
+    let held = held.min(u64::from(policy.capacity()));
     match policy.algorithm() {
         Algorithm::Gcra => Slot::Tat(now.saturating_add(held.saturating_mul(interval))),
         Algorithm::FixedWindow => Slot::Window {

@@ -107,11 +107,19 @@ fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Opt
         word_to_slot(p, cur, now)
     };
     let (s, next) = algorithm::step(p, &slot, now, cost);
-    let next = next.map(|n| match n {
-        Commit::Set(Slot::Tat(t)) => t & !FIXED_TAG,
-        Commit::Set(Slot::Window { count, end }) => window_word(count, end >> 20),
+    let word = |slot: Slot| match slot {
+        Slot::Tat(t) => t & !FIXED_TAG,
+        Slot::Window { count, end } => window_word(count, end >> 20),
         _ => 0,
-    });
+    };
+    let next = match next {
+        Some(Commit::Set(n)) => Some(word(n)),
+        Some(Commit::Append { .. }) => Some(0),
+        // Denied on the other algorithm's word: keep the converted state,
+        // so later checks read it instead of converting again.
+        None if algorithm::is_foreign(p, &slot) => Some(word(algorithm::convert(p, &slot, now))),
+        None => None,
+    };
     (s, next)
 }
 
@@ -1017,6 +1025,17 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         mode: CheckMode,
         now: u64,
     ) -> Decision {
+        // A state kept under another algorithm is converted once and kept,
+        // whatever this check decides.
+        if mode == CheckMode::Consume {
+            for p in policies {
+                if st.slot(p.name()).is_some_and(|s| algorithm::is_foreign(p, s)) {
+                    let slot = st.slot_mut(p);
+                    *slot = algorithm::convert(p, slot, now);
+                    st.fresh_at = st.fresh_at.max(algorithm::fresh_at(p, st.slot_mut(p)));
+                }
+            }
+        }
         let fresh = Slot::Fresh;
         let mut steps: SmallVec<[(algorithm::Step, Option<Commit>); 2]> = SmallVec::new();
         for p in policies {
@@ -1032,8 +1051,15 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         };
         let commit = outcome == Outcome::Allowed && mode == CheckMode::Consume;
         let mut out = SmallVec::with_capacity(policies.len());
-        for (p, (s, next)) in policies.iter().zip(steps) {
-            if commit && let Some(next) = next {
+        for (i, (p, (s, next))) in policies.iter().zip(steps).enumerate() {
+            // Policies share a state by name (a plan's names are distinct):
+            // a repeated name's commit, decided on the same old state, would
+            // apply twice. The first of a name decides its state.
+            let repeated = policies[..i].iter().any(|q| q.name_value() == p.name_value());
+            if commit
+                && !repeated
+                && let Some(next) = next
+            {
                 let slot = st.slot_mut(p);
                 next.apply(slot);
                 let fresh_at = algorithm::fresh_at(p, slot);

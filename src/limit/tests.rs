@@ -653,6 +653,7 @@ fn an_impossible_request_is_not_told_to_retry() {
     assert_eq!(d.retry_after(), None);
     assert_eq!(header(&d.headers(HeaderSet::all()), "Retry-After"), None);
     assert_eq!(d.rejection(), Some(crate::http::Rejection::CostExceedsLimit { limit: 3 }));
+    assert_eq!(header(&d.headers(HeaderSet::all()), "X-RateLimit-Limit"), Some("3"));
 }
 
 #[test]
@@ -684,4 +685,39 @@ fn a_plan_change_of_algorithm_carries_what_was_used() {
         assert!(l.check(&key, &plan(&gcra), 3).unwrap().is_allowed());
         assert!(!l.check(&key, &plan(&fixed(3, 1)), 1).unwrap().is_allowed(), "stacked {stacked}");
     }
+}
+
+#[test]
+fn converted_states_are_capped_and_kept() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let other = Policy::new("other", 1_000, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+    let slow = Policy::new("default", 1, Duration::from_secs(60), Algorithm::Gcra)
+        .unwrap()
+        .with_burst(5)
+        .unwrap();
+    for stacked in [false, true] {
+        let plan = |p: Policy| if stacked { vec![p, other.clone()] } else { vec![p] };
+        let key = format!("k{stacked}");
+        // Five minutes of GCRA time borrowed, then a plan of 100 a second:
+        // the first window is full, the next one is not.
+        assert!(l.check(&key, &plan(slow.clone()), 5).unwrap().is_allowed());
+        let fast = plan(fixed(100, 1));
+        let d = l.check(&key, &fast, 1).unwrap();
+        assert!(!d.is_allowed(), "stacked {stacked}");
+        let wait = d.retry_after().unwrap();
+        assert!(wait <= Duration::from_secs(1), "stacked {stacked}: {wait:?}");
+        c.advance(wait);
+        assert!(l.check(&key, &fast, 1).unwrap().is_allowed(), "stacked {stacked}: not locked out");
+    }
+}
+
+#[test]
+fn a_repeated_policy_name_is_charged_once() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c);
+    let p = Policy::new("x", 10, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap();
+    let twice = [p.clone(), p];
+    let admitted = (0..12).filter(|_| l.check("k", &twice, 1).unwrap().is_allowed()).count();
+    assert_eq!(admitted, 10);
 }
