@@ -128,6 +128,30 @@ fn scan_files_directories_and_stdin() {
 
     let out = keygate(&["scan", dir.join("missing").to_str().unwrap()], b"");
     assert_eq!(out.status.code(), Some(2));
+
+    // Named paths are followed wherever they point: a link to a directory,
+    // a FIFO (as `<(cat f)` gives). A dangling link is an error, never a
+    // silent "clean".
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::symlink;
+        symlink(dir.join("sub"), dir.join("link-to-sub")).unwrap();
+        let out = keygate(&["scan", dir.join("link-to-sub").to_str().unwrap()], b"");
+        assert_eq!(out.status.code(), Some(1), "a named link to a directory is scanned");
+        symlink(dir.join("nowhere"), dir.join("dangling")).unwrap();
+        let out = keygate(&["scan", dir.join("dangling").to_str().unwrap()], b"");
+        assert_eq!(out.status.code(), Some(2), "a dangling link is reported");
+        let fifo = dir.join("fifo");
+        let made = Command::new("mkfifo").arg(&fifo).status().is_ok_and(|s| s.success());
+        if made {
+            let path = fifo.clone();
+            let key = sk.clone();
+            let writer = std::thread::spawn(move || std::fs::write(path, format!("{key}\n")));
+            let out = keygate(&["scan", fifo.to_str().unwrap()], b"");
+            writer.join().unwrap().unwrap();
+            assert_eq!(out.status.code(), Some(1), "a named FIFO is read");
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -217,7 +217,7 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
     } else {
         let mut files = Vec::new();
         for p in paths {
-            collect(p, &mut files, &mut errors);
+            collect(p, &mut files, &mut errors, true);
         }
         for f in files {
             let label = f.display().to_string();
@@ -246,10 +246,16 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
     }
 }
 
-/// Files under `path`, depth first in name order. Symbolic links to
-/// directories are not followed, so a link loop cannot hang the scan.
-fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool) {
-    let meta = match fs::symlink_metadata(path) {
+/// Files under `path`, depth first in name order. A path named on the
+/// command line is followed wherever it points (a symbolic link, a FIFO
+/// such as `<(cat f)` or `/dev/stdin`: anything that is not a directory is
+/// read); inside a directory, symbolic links to directories are not
+/// followed, so a link loop cannot hang the scan, and only regular files
+/// (or links to them) are read. Whatever cannot be read is reported and
+/// makes the exit status 2: a skipped path is never a silent "clean".
+fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool) {
+    let meta = if named { fs::metadata(path) } else { fs::symlink_metadata(path) };
+    let meta = match meta {
         Ok(m) => m,
         Err(e) => {
             *errors = true;
@@ -259,19 +265,28 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool) {
     };
     if meta.is_dir() {
         let entries = match fs::read_dir(path) {
-            Ok(rd) => rd.filter_map(Result::ok).map(|e| e.path()).collect::<Vec<_>>(),
+            Ok(rd) => rd,
             Err(e) => {
                 *errors = true;
                 eprintln!("keygate: {}: {e}", path.display());
                 return;
             }
         };
-        let mut entries = entries;
-        entries.sort();
-        for e in entries {
-            collect(&e, files, errors);
+        let mut paths = Vec::new();
+        for entry in entries {
+            match entry {
+                Ok(e) => paths.push(e.path()),
+                Err(e) => {
+                    *errors = true;
+                    eprintln!("keygate: {}: {e}", path.display());
+                }
+            }
         }
-    } else if meta.is_file() || (meta.file_type().is_symlink() && path.is_file()) {
+        paths.sort();
+        for p in paths {
+            collect(&p, files, errors, false);
+        }
+    } else if named || meta.is_file() || (meta.file_type().is_symlink() && path.is_file()) {
         files.push(path.to_path_buf());
     }
 }
