@@ -99,7 +99,21 @@ async fn uniqueness<S: KeyStore>(s: &S) {
     assert_eq!(s.insert(Arc::new(same_digest), None).await.unwrap(), InsertOutcome::DuplicateKey);
     let mut dup_key_id = sample_record("ws_a", None, 0, true);
     dup_key_id.key_id = r.key_id;
-    assert_eq!(s.insert(Arc::new(dup_key_id), None).await.unwrap(), InsertOutcome::DuplicateKey);
+    assert_eq!(
+        s.insert(Arc::new(dup_key_id.clone()), None).await.unwrap(),
+        InsertOutcome::DuplicateKey
+    );
+    // A refused insert leaves no trace in any index: not its id, not its
+    // (new) digest, and the key id still finds the first record.
+    assert!(s.get(&dup_key_id.id).await.unwrap().is_none(), "refused: no record");
+    assert!(
+        s.find_by_digest(&dup_key_id.digest).await.unwrap().is_none(),
+        "refused: no digest index entry"
+    );
+    let kid = r.key_id.expect("nk has a key id");
+    let by_kid = s.find_by_key_id("nk", &kid).await.unwrap().expect("first record kept");
+    assert_eq!(by_kid.id, r.id, "refused: the key id still finds the first record");
+    assert_eq!(*s.find_by_digest(&r.digest).await.unwrap().unwrap(), r, "first record intact");
 }
 
 async fn active_cap<S: KeyStore>(s: &S) {
@@ -175,6 +189,17 @@ async fn revoke_and_expiry<S: KeyStore>(s: &S) {
     let by_digest = s.find_by_digest(&r.digest).await.unwrap().unwrap();
     assert_eq!(by_digest.revoked_at, Some(t(10)), "revocation visible through the digest index");
     assert!(!s.revoke(&RecordId::generate().unwrap(), t(0)).await.unwrap());
+
+    // `nk` keys authenticate through the key-id index: revocation and a
+    // shortened expiry must show there too.
+    let nk = sample_record("ws_r", None, 0, true);
+    let kid = nk.key_id.expect("nk has a key id");
+    s.insert(Arc::new(nk.clone()), None).await.unwrap();
+    assert!(s.revoke(&nk.id, t(15)).await.unwrap());
+    assert!(s.shorten_expiry(&nk.id, t(500)).await.unwrap());
+    let by_kid = s.find_by_key_id("nk", &kid).await.unwrap().unwrap();
+    assert_eq!(by_kid.revoked_at, Some(t(15)), "revocation visible through the key-id index");
+    assert_eq!(by_kid.expires_at, Some(t(500)), "expiry visible through the key-id index");
 
     let e = sample_record("ws_r", None, 0, false);
     s.insert(Arc::new(e.clone()), None).await.unwrap();
