@@ -193,6 +193,18 @@ fn hash_prints_the_stored_digest() {
     std::fs::write(&pepper, [7u8; 8]).unwrap();
     let out = keygate(&["hash", key, "--pepper-file", pepper.to_str().unwrap()], b"");
     assert_eq!(out.status.code(), Some(2));
+    // A trailing newline is kept (random bytes may end in one) but flagged;
+    // a huge file is refused in bounded memory.
+    let mut text_pepper = vec![b'a'; 64];
+    text_pepper.push(b'\n');
+    std::fs::write(&pepper, &text_pepper).unwrap();
+    let out = keygate(&["hash", key, "--pepper-file", pepper.to_str().unwrap()], b"");
+    assert!(out.status.success());
+    assert!(String::from_utf8(out.stderr).unwrap().contains("ends with a newline"));
+    std::fs::write(&pepper, vec![7u8; 5000]).unwrap();
+    let out = keygate(&["hash", key, "--pepper-file", pepper.to_str().unwrap()], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8(out.stderr).unwrap().contains("at most 4096 bytes"));
     std::fs::remove_dir_all(&dir).unwrap();
 
     let out = keygate(&["hash", "sk_live_nope"], b"");

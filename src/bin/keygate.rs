@@ -172,8 +172,8 @@ fn hash(formats: &FormatSet, input: &str, pepper_file: Option<&Path>, pepper_id:
     let hasher = match pepper_file {
         None => Hasher::sha256(),
         Some(path) => {
-            let bytes = match fs::read(path) {
-                Ok(b) => Secret::new(b),
+            let bytes = match read_pepper(path) {
+                Ok(b) => b,
                 Err(e) => return fail(2, format_args!("{}: {e}", path.display())),
             };
             match Pepper::new(PepperId(pepper_id), bytes).and_then(|p| Hasher::hmac(vec![p])) {
@@ -184,6 +184,37 @@ fn hash(formats: &FormatSet, input: &str, pepper_file: Option<&Path>, pepper_id:
     };
     println!("{}", hasher.digest(key.expose_secret().as_bytes()));
     ExitCode::SUCCESS
+}
+
+/// Largest pepper file read, in bytes.
+const MAX_PEPPER: u64 = 4096;
+
+/// The pepper's raw bytes, read in bounded memory into one buffer that is
+/// wiped on drop (no growth, so no unwiped copies). Warns on stderr about
+/// a trailing newline (a text editor or `echo` adds one, and it becomes
+/// part of the key) and about a file others can read.
+fn read_pepper(path: &Path) -> io::Result<Secret<Vec<u8>>> {
+    let file = fs::File::open(path)?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if file.metadata()?.permissions().mode() & 0o077 != 0 {
+            eprintln!("keygate: warning: {} is readable by others (chmod 600)", path.display());
+        }
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(MAX_PEPPER).unwrap_or(4096) + 1);
+    file.take(MAX_PEPPER + 1).read_to_end(&mut bytes)?;
+    let bytes = Secret::new(bytes);
+    if bytes.expose_secret().len() as u64 > MAX_PEPPER {
+        return Err(io::Error::other(format!("a pepper file holds at most {MAX_PEPPER} bytes")));
+    }
+    if bytes.expose_secret().ends_with(b"\n") {
+        eprintln!(
+            "keygate: warning: {} ends with a newline, which is part of the pepper",
+            path.display()
+        );
+    }
+    Ok(bytes)
 }
 
 fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
