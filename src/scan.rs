@@ -450,7 +450,12 @@ impl Scanner {
         let mut eof = false;
         let mut search = self.tuning.start;
         loop {
+            // A short read (a pipe or terminal with nothing more for now, as
+            // `tail -f log | keygate redact`): decide what can be decided
+            // instead of waiting for a full buffer.
+            let mut early = None;
             if !eof {
+                let want = buf.len() - filled;
                 let n = loop {
                     match input.read(&mut buf[filled..]) {
                         Ok(n) => break n,
@@ -461,10 +466,22 @@ impl Scanner {
                 filled += n;
                 eof = n == 0;
                 if !eof && filled < buf.len() {
-                    continue; // keep filling before deciding anything
+                    // Every run of word bytes before the last other byte is
+                    // whole, so keys starting before it can be decided.
+                    early = (n < want)
+                        .then(|| buf[..filled].iter().rposition(|&b| !is_word(b)))
+                        .flatten()
+                        .map(|i| i + 1);
+                    if early.is_none() {
+                        continue; // keep filling before deciding anything
+                    }
                 }
             }
-            let limit = if eof { filled } else { filled - lookahead };
+            let limit = match early {
+                Some(safe) => safe,
+                None if eof => filled,
+                None => filled - lookahead,
+            };
             let block = &buf[..filled];
             let last_end =
                 self.scan_block(block, prev, limit, &mut search, |start, end, format, hint_len| {
@@ -480,6 +497,9 @@ impl Scanner {
             base += consumed as u64;
             if eof {
                 return Ok(());
+            }
+            if early.is_some() {
+                sink.idle()?;
             }
         }
     }
@@ -709,6 +729,10 @@ trait Sink {
         hint_len: usize,
     );
     fn flush(&mut self, block: &[u8], base: u64, consumed: usize) -> io::Result<()>;
+    /// The input paused: pass on what is done (say, flush the output).
+    fn idle(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 struct ScanSink<F> {
@@ -757,6 +781,10 @@ impl<W: Write> Sink for RedactSink<W> {
             self.count += 1;
         }
         self.output.write_all(&block[at..consumed])
+    }
+
+    fn idle(&mut self) -> io::Result<()> {
+        self.output.flush()
     }
 }
 

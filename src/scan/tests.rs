@@ -462,3 +462,44 @@ fn the_search_switches_to_prefixes_on_long_ids_and_back_on_look_alikes() {
     assert_eq!(modes.last(), Some(&Search::Runs), "{modes:?}");
     assert_eq!(s.find_all(text.as_bytes()).len(), 2);
 }
+
+#[test]
+fn a_paused_input_gets_its_finished_lines_redacted_at_once() {
+    use std::sync::{Arc, Mutex};
+    /// Output that the input can look at while the scan runs.
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+    /// Gives one line per read, as `tail -f` would with a pause between,
+    /// and before the second checks that the first already came out.
+    struct Lines {
+        lines: std::vec::IntoIter<Vec<u8>>,
+        reads: usize,
+        out: Shared,
+    }
+    impl Read for Lines {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.reads += 1;
+            if self.reads == 2 {
+                let seen = self.out.0.lock().unwrap().clone();
+                assert_eq!(seen, b"auth nh_0123[REDACTED]\n", "redacted before more input");
+            }
+            let Some(line) = self.lines.next() else { return Ok(0) };
+            buf[..line.len()].copy_from_slice(&line);
+            Ok(line.len())
+        }
+    }
+    let out = Shared::default();
+    let lines = vec![format!("auth nh_{HEX64}\n").into_bytes(), b"end\n".to_vec()];
+    let input = Lines { lines: lines.into_iter(), reads: 0, out: out.clone() };
+    assert_eq!(Scanner::presets().redact(input, out.clone()).unwrap(), 1);
+    assert_eq!(*out.0.lock().unwrap(), b"auth nh_0123[REDACTED]\nend\n");
+}
