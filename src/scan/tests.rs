@@ -481,7 +481,7 @@ fn a_paused_input_gets_its_finished_lines_redacted_at_once() {
     /// Gives one line per read, as `tail -f` would with a pause between,
     /// and before the second checks that the first already came out.
     struct Lines {
-        lines: std::vec::IntoIter<Vec<u8>>,
+        next: std::vec::IntoIter<Vec<u8>>,
         reads: usize,
         out: Shared,
     }
@@ -492,14 +492,14 @@ fn a_paused_input_gets_its_finished_lines_redacted_at_once() {
                 let seen = self.out.0.lock().unwrap().clone();
                 assert_eq!(seen, b"auth nh_0123[REDACTED]\n", "redacted before more input");
             }
-            let Some(line) = self.lines.next() else { return Ok(0) };
+            let Some(line) = self.next.next() else { return Ok(0) };
             buf[..line.len()].copy_from_slice(&line);
             Ok(line.len())
         }
     }
     let out = Shared::default();
     let lines = vec![format!("auth nh_{HEX64}\n").into_bytes(), b"end\n".to_vec()];
-    let input = Lines { lines: lines.into_iter(), reads: 0, out: out.clone() };
+    let input = Lines { next: lines.into_iter(), reads: 0, out: out.clone() };
     assert_eq!(Scanner::presets().redact(input, out.clone()).unwrap(), 1);
     assert_eq!(*out.0.lock().unwrap(), b"auth nh_0123[REDACTED]\nend\n");
 }
