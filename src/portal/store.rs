@@ -55,7 +55,8 @@ pub enum Redeem {
 ///   used_at IS NULL AND expires_at > $now RETURNING …`, then tell the
 ///   no-row cases apart with a plain `SELECT`. Redis: one Lua script that
 ///   reads the session, checks expiry, and replaces it with an "used"
-///   tombstone (or `GETDEL` plus a `SET NX` tombstone).
+///   tombstone. (Not `GETDEL` then `SET NX`: a loser that runs between the
+///   two finds nothing and answers unknown instead of already used.)
 /// - **Expiry.** A code is redeemable strictly before `expires_at`.
 /// - **Bounded.** Expired sessions and tombstones are dropped on their own
 ///   (TTL, or in-band purging); memory does not grow with history.

@@ -110,10 +110,14 @@ pub fn race<S: PortalStore>(store: &S, codes: u64, threads: usize, salt: u8) -> 
                 for n in 0..codes {
                     // All threads line up, then redeem the same code at once.
                     barrier.wait();
-                    if let Redeem::Session(_) =
-                        block_on(store.redeem(&digest(1000 + n, salt), ts(1))).unwrap()
-                    {
-                        wins[usize::try_from(n).unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
+                    match block_on(store.redeem(&digest(1000 + n, salt), ts(1))).unwrap() {
+                        Redeem::Session(_) => {
+                            wins[usize::try_from(n).unwrap_or(0)].fetch_add(1, Ordering::Relaxed);
+                        }
+                        // Every loser learns the code was used, never that
+                        // it is unknown or expired.
+                        Redeem::AlreadyUsed => {}
+                        other => panic!("a losing redeem of code {n} answered {other:?}"),
                     }
                 }
                 let _ = t;
