@@ -60,6 +60,11 @@ async fn memory_store_passes_the_testkit() {
     keygate::testkit::keys::run(MemoryKeyStore::new).await;
 }
 
+#[test]
+fn memory_store_race_caps_and_unique_digests() {
+    assert_eq!(keygate::testkit::keys::race(&MemoryKeyStore::new(), 200, 8, 3), 200);
+}
+
 #[tokio::test]
 async fn create_then_authenticate_each_header() {
     let f = fixture();

@@ -87,6 +87,15 @@ fn redis_portal_race_exactly_one_winner_per_code() {
     assert_eq!(keygate::testkit::portal::race(&store, 300, 16, 7), 300);
 }
 
+#[test]
+fn redis_key_store_race_caps_and_unique_digests() {
+    let server = RedisServer::start();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let redis = rt.block_on(connect(&server, "krace"));
+    assert_eq!(keygate::testkit::keys::race(&redis.keys(), 30, 16, 3), 30);
+}
+
 // ---- concurrency on the async path ----
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

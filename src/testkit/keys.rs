@@ -221,3 +221,53 @@ async fn last_use<S: KeyStore>(s: &S) {
     assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)), "later wins");
     s.record_last_used(&[]).await.unwrap();
 }
+
+/// Races `threads` threads against the atomicity the contract promises:
+/// each round, every thread inserts its own record into one project capped
+/// at `max` active keys, and then every thread inserts a record with one
+/// shared digest. Exactly `max` capped inserts and exactly one of the
+/// shared-digest inserts may succeed. Returns the number of rounds run.
+///
+/// Threads drive the futures with [`block_on`](super::portal::block_on),
+/// as the portal race does: use it with stores whose futures make progress
+/// without a runtime's help (or from inside one that has worker threads).
+///
+/// # Panics
+///
+/// When more (or fewer) inserts succeed than the contract allows.
+pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u32) -> usize {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    for round in 0..rounds {
+        let project = format!("race{round}");
+        let limit = ActiveLimit { max, now: t(100) };
+        let capped = AtomicUsize::new(0);
+        let shared = sample_record("ws_race", None, 0, false).digest;
+        let same_digest = AtomicUsize::new(0);
+        let barrier = std::sync::Barrier::new(threads);
+        std::thread::scope(|sc| {
+            for _ in 0..threads {
+                let (capped, same_digest, barrier, project) =
+                    (&capped, &same_digest, &barrier, &project);
+                sc.spawn(move || {
+                    let mine = sample_record("ws_race", Some(project), 0, false);
+                    barrier.wait();
+                    let won = super::portal::block_on(store.insert(Arc::new(mine), Some(limit)));
+                    if won.expect("insert") == InsertOutcome::Inserted {
+                        capped.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let mut dup = sample_record("ws_race", None, 0, false);
+                    dup.digest = shared;
+                    barrier.wait();
+                    let won = super::portal::block_on(store.insert(Arc::new(dup), None));
+                    if won.expect("insert") == InsertOutcome::Inserted {
+                        same_digest.fetch_add(1, Ordering::Relaxed);
+                    }
+                });
+            }
+        });
+        let max = usize::try_from(max).unwrap_or(usize::MAX).min(threads);
+        assert_eq!(capped.into_inner(), max, "round {round}: the cap admits exactly {max}");
+        assert_eq!(same_digest.into_inner(), 1, "round {round}: one insert per digest");
+    }
+    rounds
+}
