@@ -80,6 +80,15 @@ fn main() -> ExitCode {
     }
 }
 
+/// Prints `line` to stdout: success, or exit status 2 when stdout is gone
+/// (a closed pipe), where `println!` would panic.
+fn print_line(line: impl std::fmt::Display) -> ExitCode {
+    match writeln!(io::stdout().lock(), "{line}") {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(2, format_args!("stdout: {e}")),
+    }
+}
+
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
     eprintln!("keygate: {msg}");
     ExitCode::from(code)
@@ -124,8 +133,7 @@ fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<Str
             v["key"] = json!(key.expose_secret());
             v["digest"] =
                 json!(Hasher::sha256().digest(key.expose_secret().as_bytes()).to_string());
-            println!("{v}");
-            ExitCode::SUCCESS
+            print_line(v)
         }
         Err(e) => fail(2, e),
     }
@@ -156,8 +164,7 @@ fn read_key(key: Option<&str>) -> Result<String, ExitCode> {
 fn inspect(formats: &FormatSet, input: &str) -> ExitCode {
     match formats.parse(input) {
         Ok(key) => {
-            println!("{}", parts_json(&key));
-            ExitCode::SUCCESS
+            print_line(parts_json(&key))
         }
         // Parse errors never contain the input.
         Err(e) => fail(1, format_args!("invalid key: {e}")),
@@ -182,8 +189,7 @@ fn hash(formats: &FormatSet, input: &str, pepper_file: Option<&Path>, pepper_id:
             }
         }
     };
-    println!("{}", hasher.digest(key.expose_secret().as_bytes()));
-    ExitCode::SUCCESS
+    print_line(hasher.digest(key.expose_secret().as_bytes()))
 }
 
 /// Largest pepper file read, in bytes.
