@@ -19,6 +19,12 @@ async fn memory_quota_store_passes_the_testkit() {
     keygate::testkit::quota::run(&MemoryQuotaStore::new(), "t").await;
 }
 
+#[test]
+fn memory_limiter_and_quota_races_admit_exactly_the_limit() {
+    keygate::testkit::limit::race(&MemoryLimiter::<String>::new(10_000), "r", 8, 20);
+    keygate::testkit::quota::race(&MemoryQuotaStore::new(), "r", 8, 20);
+}
+
 /// Runs `gaps_ms` arrivals against a fresh limiter on a fake clock and
 /// returns the admission times in milliseconds.
 fn admitted(p: &Policy, gaps_ms: &[u64]) -> Vec<u64> {

@@ -88,6 +88,16 @@ fn redis_portal_race_exactly_one_winner_per_code() {
 }
 
 #[test]
+fn redis_limiter_and_quota_races_admit_exactly_the_limit() {
+    let server = RedisServer::start();
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let redis = rt.block_on(connect(&server, "lrace"));
+    keygate::testkit::limit::race(&redis.limiter(), "r", 8, 20);
+    keygate::testkit::quota::race(&redis.quota(), "r", 8, 20);
+}
+
+#[test]
 fn redis_key_store_race_caps_and_unique_digests() {
     let server = RedisServer::start();
     let rt =

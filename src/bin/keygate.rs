@@ -163,9 +163,7 @@ fn read_key(key: Option<&str>) -> Result<String, ExitCode> {
 
 fn inspect(formats: &FormatSet, input: &str) -> ExitCode {
     match formats.parse(input) {
-        Ok(key) => {
-            print_line(parts_json(&key))
-        }
+        Ok(key) => print_line(parts_json(&key)),
         // Parse errors never contain the input.
         Err(e) => fail(1, format_args!("invalid key: {e}")),
     }

@@ -86,3 +86,43 @@ async fn stacked<S: LimitStore>(store: &S, key: &str) {
     assert_eq!(d.policies()[1].remaining, 1, "the denied check charged no policy");
     assert_eq!(d.binding().name, "burst");
 }
+
+/// Races `threads` threads, each checking `per_thread` units one at a time
+/// on one key, under each algorithm and a stacked plan (all with long
+/// windows, so time does not refill them during the race): exactly the
+/// limit is admitted. Threads drive the futures with
+/// [`block_on`](super::portal::block_on); see [`super::keys::race`].
+///
+/// # Panics
+///
+/// When more or fewer units are admitted than the limit.
+pub fn race<S: LimitStore + Sync>(store: &S, prefix: &str, threads: usize, per_thread: usize) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let plans = [
+        vec![policy("default", 50, Algorithm::Gcra)],
+        vec![policy("default", 50, Algorithm::FixedWindow)],
+        vec![policy("default", 50, Algorithm::SlidingWindow)],
+        vec![policy("burst", 50, Algorithm::FixedWindow), policy("sustained", 80, Algorithm::Gcra)],
+    ];
+    for (i, plan) in plans.iter().enumerate() {
+        let key = format!("{prefix}:race{i}");
+        let admitted = AtomicUsize::new(0);
+        let barrier = std::sync::Barrier::new(threads);
+        std::thread::scope(|sc| {
+            for _ in 0..threads {
+                let (key, admitted, barrier) = (&key, &admitted, &barrier);
+                sc.spawn(move || {
+                    barrier.wait();
+                    for _ in 0..per_thread {
+                        let check = store.check(key, plan, 1, CheckMode::Consume);
+                        if super::portal::block_on(check).expect("check").is_allowed() {
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        let want = 50.min(threads * per_thread);
+        assert_eq!(admitted.into_inner(), want, "plan {i}: exactly the limit is admitted");
+    }
+}

@@ -69,3 +69,43 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     assert!(store.check_and_count(&acct, &rules, "email", 8, t).await.unwrap().allowed);
     assert!(!store.check_and_count(&acct, &rules, "email", 1, t).await.unwrap().allowed);
 }
+
+/// Races `threads` threads, each counting `per_thread` single units of one
+/// category for one account under two rules: exactly the tighter limit is
+/// counted, and both counters end at it. Threads drive the futures with
+/// [`block_on`](super::portal::block_on); see [`super::keys::race`].
+///
+/// # Panics
+///
+/// When more or fewer units are counted than the limit.
+pub fn race<S: QuotaStore + Sync>(store: &S, prefix: &str, threads: usize, per_thread: usize) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let account = format!("{prefix}:race");
+    let rules = [
+        QuotaRule::new("all", 100, &["email", "webhook"]),
+        QuotaRule::new("hooks", 40, &["webhook"]),
+    ];
+    let now = ts("2026-03-15T12:00:00Z");
+    let counted = AtomicU64::new(0);
+    let barrier = std::sync::Barrier::new(threads);
+    std::thread::scope(|sc| {
+        for _ in 0..threads {
+            let (account, rules, counted, barrier) = (&account, &rules, &counted, &barrier);
+            sc.spawn(move || {
+                barrier.wait();
+                for _ in 0..per_thread {
+                    let check = store.check_and_count(account, rules, "webhook", 1, now);
+                    if super::portal::block_on(check).expect("count").allowed {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let want = 40.min(u64::try_from(threads * per_thread).unwrap_or(u64::MAX));
+    assert_eq!(counted.into_inner(), want, "exactly the tighter limit is counted");
+    for rule in ["all", "hooks"] {
+        let used = super::portal::block_on(store.usage(&account, rule, now)).expect("usage");
+        assert_eq!(used, want, "{rule}: denials counted nothing, admissions counted once");
+    }
+}
