@@ -74,25 +74,28 @@ async fn redis_key_store_passes_the_testkit() {
     .await;
 }
 
-/// The testkit's race drives the store from plain threads with its own
-/// `block_on` (no runtime there): the Redis stores run their calls on the
-/// runtime they were connected on.
+/// A Redis handle for the testkit's races, which drive the stores from
+/// plain threads with their own `block_on` (no runtime there): the Redis
+/// stores run their calls on the runtime they were connected on, returned
+/// with it so it outlives the race.
+fn for_races(server: &RedisServer, prefix: &str) -> (tokio::runtime::Runtime, Redis) {
+    let rt =
+        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let redis = rt.block_on(connect(server, prefix));
+    (rt, redis)
+}
+
 #[test]
 fn redis_portal_race_exactly_one_winner_per_code() {
     let server = RedisServer::start();
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let redis = rt.block_on(connect(&server, "race"));
-    let store = redis.portal();
-    assert_eq!(keygate::testkit::portal::race(&store, 300, 16, 7), 300);
+    let (_rt, redis) = for_races(&server, "race");
+    assert_eq!(keygate::testkit::portal::race(&redis.portal(), 300, 16, 7), 300);
 }
 
 #[test]
 fn redis_limiter_and_quota_races_admit_exactly_the_limit() {
     let server = RedisServer::start();
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let redis = rt.block_on(connect(&server, "lrace"));
+    let (_rt, redis) = for_races(&server, "lrace");
     keygate::testkit::limit::race(&redis.limiter(), "r", 8, 20);
     keygate::testkit::quota::race(&redis.quota(), "r", 8, 20);
 }
@@ -100,9 +103,7 @@ fn redis_limiter_and_quota_races_admit_exactly_the_limit() {
 #[test]
 fn redis_key_store_race_caps_and_unique_digests() {
     let server = RedisServer::start();
-    let rt =
-        tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-    let redis = rt.block_on(connect(&server, "krace"));
+    let (_rt, redis) = for_races(&server, "krace");
     assert_eq!(keygate::testkit::keys::race(&redis.keys(), 30, 16, 3), 30);
 }
 
