@@ -246,6 +246,11 @@ static REFUND_SCRIPT: LazyLock<Script> =
 ///
 /// Sliding windows keep one list entry per admitted unit (at most the
 /// limit) and read the list on each check: use them for small limits.
+///
+/// One difference from `MemoryLimiter`: state is kept per policy name *and
+/// algorithm*, so when a key's plan changes a policy's algorithm under the
+/// same name (fixed window to sliding window, say), the new algorithm
+/// starts from a fresh state instead of carrying over the units used.
 #[derive(Debug, Clone)]
 pub struct RedisLimiter {
     redis: Redis,
