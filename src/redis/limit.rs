@@ -61,6 +61,66 @@ local function window(key, period)
   local p = period / 1000
   return 0, (math.floor(now_us / p) + 1) * p
 end
+-- Policies in this call (KEYS also holds two sibling keys per policy, after
+-- the policies' own: the states of the same name under the other two
+-- algorithms, in the order of OTHERS).
+local n = (#ARGV - 2) / 5
+local OTHERS = {g = {'f', 's'}, f = {'g', 's'}, s = {'g', 'f'}}
+local function sibling(i, j) return KEYS[n + 2 * (i - 1) + j] end
+-- When policy i has no state of its own but a sibling does (a plan change
+-- kept the name and changed the algorithm): the units the sibling still
+-- holds, in the new policy's terms, capped at its capacity, as MemoryLimiter
+-- converts them. nil when there is nothing to convert.
+local function foreign(i, alg, period, interval, cap)
+  if redis.call('EXISTS', KEYS[i]) == 1 then return nil end
+  local held, found = 0, false
+  for j, a in ipairs(OTHERS[alg]) do
+    local k = sibling(i, j)
+    if a == 'g' then
+      local s = redis.call('GET', k)
+      if s then
+        found = true
+        local used = tat_rel(s)
+        if used > 0 then held = held + math.ceil(used / interval) end
+      end
+    elseif a == 'f' then
+      local s = redis.call('GET', k)
+      if s then
+        found = true
+        local sep = string.find(s, ':', 1, true)
+        local e = sep and tonumber(string.sub(s, 1, sep - 1))
+        local c = sep and tonumber(string.sub(s, sep + 1))
+        if e and c and e > now_us then held = held + c end
+      end
+    else
+      local log = redis.call('LRANGE', k, 0, -1)
+      if #log > 0 then
+        found = true
+        local start = now_us - period / 1000
+        for _, e in ipairs(log) do
+          if tonumber(e) > start then held = held + 1 end
+        end
+      end
+    end
+  end
+  if not found then return nil end
+  if held > cap then held = cap end
+  return held
+end
+local function drop_siblings(i)
+  redis.call('DEL', sibling(i, 1), sibling(i, 2))
+end
+local function push_entries(key, entry, count)
+  local left = count
+  while left > 0 do
+    local m = left
+    if m > 1000 then m = 1000 end
+    local batch = {}
+    for j = 1, m do batch[j] = entry end
+    redis.call('RPUSH', key, unpack(batch))
+    left = left - m
+  end
+end
 local function lower_bound(log, start)
   local lo, hi = 0, #log
   while lo < hi do
@@ -81,7 +141,7 @@ local consume = ARGV[2] == '1'
 local out = {0, nsec, nus}
 local steps = {}
 local any_impossible, all_allowed = false, true
-for i = 1, #KEYS do
+for i = 1, n do
   local b = 2 + (i - 1) * 5
   local alg = ARGV[b + 1]
   local limit = tonumber(ARGV[b + 2])
@@ -89,9 +149,14 @@ for i = 1, #KEYS do
   local interval = tonumber(ARGV[b + 4])
   local cap = tonumber(ARGV[b + 5])
   local st = {allowed = false, impossible = false, remaining = 0, reset = 0, retry = -1}
+  local held = foreign(i, alg, period, interval, cap)
   if alg == 'g' then
     local used = tat_rel(redis.call('GET', KEYS[i]))
+    if held then used = held * interval end
     if used < 0 then used = 0 end
+    if held and used > 0 then
+      st.convert = function() redis.call('SET', KEYS[i], tat_abs(used), 'PX', ms_ceil(used)) end
+    end
     local horizon = interval * cap
     local free = horizon - used
     if free < 0 then free = 0 end
@@ -110,8 +175,14 @@ for i = 1, #KEYS do
     end
   elseif alg == 'f' then
     local count, window_end = window(KEYS[i], period)
+    if held then count = held end
     local until_end = window_end - now_us
     if until_end < 0 then until_end = 0 end
+    if held and held > 0 then
+      st.convert = function()
+        redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, held), 'PX', ms_ceil(until_end * 1000))
+      end
+    end
     local left = limit - count
     if left < 0 then left = 0 end
     if cost > limit then
@@ -128,6 +199,17 @@ for i = 1, #KEYS do
   else
     local p = period / 1000
     local log = redis.call('LRANGE', KEYS[i], 0, -1)
+    local synth = string.format('%d', now_us)
+    if held then
+      log = {}
+      for j = 1, held do log[j] = synth end
+    end
+    if held and held > 0 then
+      st.convert = function()
+        push_entries(KEYS[i], synth, held)
+        redis.call('PEXPIRE', KEYS[i], ms_ceil(p * 1000))
+      end
+    end
     local len = #log
     local expired = 0
     if now_us >= p then expired = lower_bound(log, now_us - p) end
@@ -148,17 +230,9 @@ for i = 1, #KEYS do
       if r < 0 then r = 0 end
       st.allowed = true; st.remaining = limit - count - cost; st.reset = r * 1000
       st.commit = function()
+        if held and held > 0 then push_entries(KEYS[i], synth, held) end
         if expired > 0 then redis.call('LTRIM', KEYS[i], expired, -1) end
-        local entry = string.format('%d', at)
-        local left = cost
-        while left > 0 do
-          local n = left
-          if n > 1000 then n = 1000 end
-          local batch = {}
-          for j = 1, n do batch[j] = entry end
-          redis.call('RPUSH', KEYS[i], unpack(batch))
-          left = left - n
-        end
+        push_entries(KEYS[i], string.format('%d', at), cost)
         redis.call('PEXPIRE', KEYS[i], ms_ceil(r * 1000))
       end
     else
@@ -170,14 +244,22 @@ for i = 1, #KEYS do
   end
   if st.impossible then any_impossible = true end
   if not st.allowed then all_allowed = false end
+  st.converted = held ~= nil
   steps[i] = st
 end
 local outcome = 1
 if any_impossible then outcome = 2 elseif all_allowed then outcome = 0 end
 out[1] = outcome
-for i = 1, #KEYS do
+for i = 1, n do
   local st = steps[i]
-  if outcome == 0 and consume and st.commit then st.commit() end
+  if outcome == 0 and consume and st.commit then
+    st.commit()
+  elseif consume and st.convert then
+    -- Denied (or nothing to commit): keep the converted state anyway, so
+    -- it is converted once.
+    st.convert()
+  end
+  if consume and st.converted then drop_siblings(i) end
   local remaining = st.remaining
   if outcome ~= 0 and st.allowed then remaining = remaining + cost end
   local a = 0
@@ -194,7 +276,7 @@ return out
 /// `cost` units back to every policy.
 const REFUND: &str = r"
 local cost = tonumber(ARGV[1])
-for i = 1, #KEYS do
+for i = 1, n do
   local b = 2 + (i - 1) * 5
   local alg = ARGV[b + 1]
   local period = tonumber(ARGV[b + 3])
@@ -247,10 +329,11 @@ static REFUND_SCRIPT: LazyLock<Script> =
 /// Sliding windows keep one list entry per admitted unit (at most the
 /// limit) and read the list on each check: use them for small limits.
 ///
-/// One difference from `MemoryLimiter`: state is kept per policy name *and
-/// algorithm*, so when a key's plan changes a policy's algorithm under the
-/// same name (fixed window to sliding window, say), the new algorithm
-/// starts from a fresh state instead of carrying over the units used.
+/// State is kept per policy name and algorithm; when a key's plan changes a
+/// policy's algorithm under the same name (fixed window to sliding window,
+/// say), the script converts the other algorithm's state as
+/// `MemoryLimiter` does (the units still held, capped at the new capacity)
+/// and drops it.
 #[derive(Debug, Clone)]
 pub struct RedisLimiter {
     redis: Redis,
@@ -261,16 +344,24 @@ impl RedisLimiter {
         Self { redis }
     }
 
+    /// Each policy's state key, then two sibling keys per policy: the same
+    /// name under the other algorithms (in the script's `OTHERS` order), so
+    /// a plan change of algorithm carries the units used over.
     fn keys(&self, key: &str, policies: &[Policy]) -> Vec<String> {
-        policies
-            .iter()
-            .map(|p| {
-                let alg = alg_code(p.algorithm());
-                // The tag `{k:…}` is never empty, so the slot is the key's
-                // even for an empty key.
-                self.redis.key(&format!("rl:{{k:{key}}}:{}:{alg}", p.name()))
-            })
-            .collect()
+        // The tag `{k:…}` is never empty, so the slot is the key's even for
+        // an empty key; siblings share it.
+        let state =
+            |p: &Policy, alg: &str| self.redis.key(&format!("rl:{{k:{key}}}:{}:{alg}", p.name()));
+        let own = policies.iter().map(|p| state(p, alg_code(p.algorithm())));
+        let siblings = policies.iter().flat_map(|p| {
+            let others: [&str; 2] = match alg_code(p.algorithm()) {
+                "f" => ["g", "s"],
+                "s" => ["g", "f"],
+                _ => ["f", "s"],
+            };
+            others.map(|a| state(p, a))
+        });
+        own.chain(siblings).collect()
     }
 }
 

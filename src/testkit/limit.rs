@@ -23,6 +23,33 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     }
     stacked(store, &format!("{prefix}:stacked")).await;
     period_change(store, &format!("{prefix}:period")).await;
+    algorithm_change(store, &format!("{prefix}:algorithm")).await;
+}
+
+/// A key whose plan changes a policy's algorithm under one name keeps what
+/// it used: three used under a fixed window leave two of a sliding window's
+/// five, and a used-up GCRA policy leaves nothing of a fixed window's.
+async fn algorithm_change<S: LimitStore>(store: &S, key: &str) {
+    let fixed = [policy("default", 3, Algorithm::FixedWindow)];
+    for _ in 0..3 {
+        assert!(store.check(key, &fixed, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    }
+    let sliding = [policy("default", 5, Algorithm::SlidingWindow)];
+    let mut admitted = 0;
+    for _ in 0..5 {
+        admitted += u32::from(
+            store.check(key, &sliding, 1, CheckMode::Consume).await.unwrap().is_allowed(),
+        );
+    }
+    assert_eq!(admitted, 2, "the three used under the fixed window count");
+    let key = format!("{key}:g");
+    let gcra = [policy("default", 3, Algorithm::Gcra)];
+    assert!(store.check(&key, &gcra, 3, CheckMode::Consume).await.unwrap().is_allowed());
+    let d = store.check(&key, &fixed, 1, CheckMode::Consume).await.unwrap();
+    assert!(!d.is_allowed(), "the three used under GCRA count");
+    assert!(d.retry_after().unwrap() <= Duration::from_secs(3600), "within one window");
+    let again = store.check(&key, &fixed, 1, CheckMode::Consume).await.unwrap();
+    assert!(!again.is_allowed(), "the converted state was kept, not forgotten");
 }
 
 /// A key whose fixed window grows (a plan change) keeps what it counted no
