@@ -56,23 +56,29 @@ local function window(key, period)
     local sep = string.find(s, ':', 1, true)
     local e = sep and tonumber(string.sub(s, 1, sep - 1))
     local c = sep and tonumber(string.sub(s, sep + 1))
-    if e and c and e > now_us then return c, e end
+    if e and c and e > now_us then return c, e, true end
   end
   local p = period / 1000
-  return 0, (math.floor(now_us / p) + 1) * p
+  return 0, (math.floor(now_us / p) + 1) * p, s ~= false and s ~= nil
 end
--- Policies in this call (KEYS also holds two sibling keys per policy, after
--- the policies' own: the states of the same name under the other two
--- algorithms, in the order of OTHERS).
-local n = (#ARGV - 2) / 5
+local n = #KEYS
 local OTHERS = {g = {'f', 's'}, f = {'g', 's'}, s = {'g', 'f'}}
-local function sibling(i, j) return KEYS[n + 2 * (i - 1) + j] end
+-- The state of policy i's name under another algorithm: its key with the
+-- last character (the algorithm code) replaced. Not in KEYS, so that every
+-- check does not pay for two more keys; it shares the declared key's hash
+-- tag, so it lives in the same slot (and on the same cluster node). Read
+-- only when the policy has no state of its own: after a plan change.
+local function sibling(i, j)
+  local alg = string.sub(KEYS[i], -1)
+  return string.sub(KEYS[i], 1, -2) .. OTHERS[alg][j]
+end
 -- When policy i has no state of its own but a sibling does (a plan change
 -- kept the name and changed the algorithm): the units the sibling still
 -- holds, in the new policy's terms, capped at its capacity, as MemoryLimiter
 -- converts them. nil when there is nothing to convert.
+-- Called only when policy i's own state is absent, so a key with state pays
+-- nothing for it.
 local function foreign(i, alg, period, interval, cap)
-  if redis.call('EXISTS', KEYS[i]) == 1 then return nil end
   local held, found = 0, false
   for j, a in ipairs(OTHERS[alg]) do
     local k = sibling(i, j)
@@ -149,9 +155,11 @@ for i = 1, n do
   local interval = tonumber(ARGV[b + 4])
   local cap = tonumber(ARGV[b + 5])
   local st = {allowed = false, impossible = false, remaining = 0, reset = 0, retry = -1}
-  local held = foreign(i, alg, period, interval, cap)
+  local held = nil
   if alg == 'g' then
-    local used = tat_rel(redis.call('GET', KEYS[i]))
+    local raw = redis.call('GET', KEYS[i])
+    if not raw then held = foreign(i, alg, period, interval, cap) end
+    local used = tat_rel(raw)
     if held then used = held * interval end
     if used < 0 then used = 0 end
     if held and used > 0 then
@@ -174,7 +182,8 @@ for i = 1, n do
       end
     end
   elseif alg == 'f' then
-    local count, window_end = window(KEYS[i], period)
+    local count, window_end, existed = window(KEYS[i], period)
+    if not existed then held = foreign(i, alg, period, interval, cap) end
     if held then count = held end
     local until_end = window_end - now_us
     if until_end < 0 then until_end = 0 end
@@ -199,6 +208,7 @@ for i = 1, n do
   else
     local p = period / 1000
     local log = redis.call('LRANGE', KEYS[i], 0, -1)
+    if #log == 0 then held = foreign(i, alg, period, interval, cap) end
     local synth = string.format('%d', now_us)
     if held then
       log = {}
@@ -344,24 +354,19 @@ impl RedisLimiter {
         Self { redis }
     }
 
-    /// Each policy's state key, then two sibling keys per policy: the same
-    /// name under the other algorithms (in the script's `OTHERS` order), so
-    /// a plan change of algorithm carries the units used over.
+    /// Each policy's state key. It ends in the algorithm's code, which the
+    /// script swaps to find the same name's state under another algorithm
+    /// after a plan change.
     fn keys(&self, key: &str, policies: &[Policy]) -> Vec<String> {
-        // The tag `{k:…}` is never empty, so the slot is the key's even for
-        // an empty key; siblings share it.
-        let state =
-            |p: &Policy, alg: &str| self.redis.key(&format!("rl:{{k:{key}}}:{}:{alg}", p.name()));
-        let own = policies.iter().map(|p| state(p, alg_code(p.algorithm())));
-        let siblings = policies.iter().flat_map(|p| {
-            let others: [&str; 2] = match alg_code(p.algorithm()) {
-                "f" => ["g", "s"],
-                "s" => ["g", "f"],
-                _ => ["f", "s"],
-            };
-            others.map(|a| state(p, a))
-        });
-        own.chain(siblings).collect()
+        policies
+            .iter()
+            .map(|p| {
+                let alg = alg_code(p.algorithm());
+                // The tag `{k:…}` is never empty, so the slot is the key's
+                // even for an empty key.
+                self.redis.key(&format!("rl:{{k:{key}}}:{}:{alg}", p.name()))
+            })
+            .collect()
     }
 }
 
