@@ -542,9 +542,6 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         let bytes = token.as_bytes();
         let current = self.hasher.digest(bytes);
         let (now, mono) = self.clock.read();
-        // Read before the store lookup: a revocation in between keeps the
-        // record read here out of the cache.
-        let generation = self.cache.as_ref().map_or(0, |c| c.generation());
         if let Some(cache) = &self.cache
             && let Some(p) = cache.get(current.digest(), mono)
         {
@@ -558,6 +555,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             }
             return Ok(p);
         }
+        // Read before the store lookup (on a miss only): a revocation in
+        // between keeps the record read here out of the cache.
+        let generation = self.cache.as_ref().map_or(0, |c| c.generation());
         let record = match parts.key_id {
             // The public id is the lookup handle; the secret is then checked
             // by comparing digests in constant time.

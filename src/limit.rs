@@ -129,12 +129,10 @@ impl Decision {
     pub fn binding(&self) -> &PolicyDecision {
         // For a request that can never fit: the policy it exceeds (denied,
         // with no retry), so headers and body name the same limit.
-        let impossible = || {
-            (self.outcome == Outcome::Impossible)
-                .then(|| self.policies.iter().find(|p| !p.allowed && p.retry_after.is_none()))
-                .flatten()
-        };
-        impossible()
+        let impossible = self.outcome == Outcome::Impossible;
+        self.policies
+            .iter()
+            .find(|p| impossible && !p.allowed && p.retry_after.is_none())
             .or_else(|| self.policies.iter().find(|p| !p.allowed))
             .or_else(|| self.policies.iter().min_by_key(|p| p.remaining))
             .expect("a decision has at least one policy")
@@ -235,26 +233,22 @@ impl Decision {
     pub fn rendered_headers(&self, set: HeaderSet) -> RenderedHeaders {
         let mut values = SmallVec::new();
         self.visit_headers(set, |name, value| {
+            // Digits and the IETF fields' syntax are always valid values.
             let value = match value {
-                HeaderNum::Int(n) => match small_number(n) {
-                    Some(s) => ::http::HeaderValue::from_static(s),
+                HeaderNum::Int(n) => small_number(n).map(::http::HeaderValue::from_static).or_else(
                     // One exact-size buffer: `HeaderValue::from(i64)`
                     // reserves 20 bytes and then allocates again to share
                     // the unused tail.
-                    None => match ::http::HeaderValue::from_bytes(
-                        itoa::Buffer::new().format(n).as_bytes(),
-                    ) {
-                        Ok(v) => v,
-                        Err(_) => return,
+                    || {
+                        ::http::HeaderValue::from_bytes(itoa::Buffer::new().format(n).as_bytes())
+                            .ok()
                     },
-                },
-                // The IETF fields' syntax is always a valid value.
-                HeaderNum::Text(s) => match ::http::HeaderValue::try_from(s) {
-                    Ok(v) => v,
-                    Err(_) => return,
-                },
+                ),
+                HeaderNum::Text(s) => ::http::HeaderValue::try_from(s).ok(),
             };
-            values.push((name, value));
+            if let Some(value) = value {
+                values.push((name, value));
+            }
         });
         RenderedHeaders { values }
     }

@@ -455,7 +455,6 @@ impl Scanner {
             // instead of waiting for a full buffer.
             let mut early = None;
             if !eof {
-                let want = buf.len() - filled;
                 let n = loop {
                     match input.read(&mut buf[filled..]) {
                         Ok(n) => break n,
@@ -468,10 +467,7 @@ impl Scanner {
                 if !eof && filled < buf.len() {
                     // Every run of word bytes before the last other byte is
                     // whole, so keys starting before it can be decided.
-                    early = (n < want)
-                        .then(|| buf[..filled].iter().rposition(|&b| !is_word(b)))
-                        .flatten()
-                        .map(|i| i + 1);
+                    early = buf[..filled].iter().rposition(|&b| !is_word(b)).map(|i| i + 1);
                     if early.is_none() {
                         continue; // keep filling before deciding anything
                     }

@@ -151,21 +151,22 @@ impl PrincipalCache {
     /// store has recorded it), and keeps authentications already under way
     /// from caching it again.
     pub fn invalidate(&self, id: &RecordId) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        for s in &self.shards {
-            s.write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .retain(|_, (p, _)| p.record_id() != id);
-        }
+        self.drop_where(|p| p.record_id() == id);
     }
 
     /// Drops every entry (say, after revocation messages may have been
     /// missed), and keeps authentications already under way from caching
     /// what they read before.
     pub fn clear(&self) {
+        self.drop_where(|_| true);
+    }
+
+    /// Bumps the generation, then drops the entries `doomed` picks: an
+    /// insert racing it either sees the bump or is swept.
+    fn drop_where(&self, mut doomed: impl FnMut(&Principal) -> bool) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         for s in &self.shards {
-            s.write().unwrap_or_else(PoisonError::into_inner).clear();
+            s.write().unwrap_or_else(PoisonError::into_inner).retain(|_, (p, _)| !doomed(p));
         }
     }
 

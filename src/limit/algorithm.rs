@@ -79,28 +79,34 @@ impl Commit {
 /// step and, if allowed, the commit that makes the next state.
 #[inline]
 pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Commit>) {
-    match (policy.algorithm(), slot) {
-        (Algorithm::Gcra, Slot::Window { .. } | Slot::Log(_)) => {
-            gcra(policy, &convert(policy, slot, now), now, cost)
-        }
-        (Algorithm::FixedWindow, Slot::Tat(_) | Slot::Log(_)) => {
-            fixed(policy, &convert(policy, slot, now), now, cost)
-        }
-        (Algorithm::SlidingWindow, Slot::Tat(_) | Slot::Window { .. }) => {
-            let log = convert(policy, slot, now);
-            // The commit must keep the converted entries: replace the slot.
-            let (s, commit) = sliding(policy, &log, now, cost);
-            let commit = commit.map(|c| {
-                let mut next = log;
-                c.apply(&mut next);
-                Commit::Set(next)
-            });
-            (s, commit)
-        }
-        (Algorithm::Gcra, _) => gcra(policy, slot, now, cost),
-        (Algorithm::FixedWindow, _) => fixed(policy, slot, now, cost),
-        (Algorithm::SlidingWindow, _) => sliding(policy, slot, now, cost),
+    if is_foreign(policy, slot) {
+        let converted = convert(policy, slot, now);
+        // The commit must keep the converted state: replace the slot.
+        let (s, commit) = step_native(policy, &converted, now, cost);
+        let commit = commit.map(|c| {
+            let mut next = converted;
+            c.apply(&mut next);
+            Commit::Set(next)
+        });
+        return (s, commit);
     }
+    step_native(policy, slot, now, cost)
+}
+
+/// [`step`] on a slot of the policy's own algorithm (or fresh).
+#[inline]
+fn step_native(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Commit>) {
+    match policy.algorithm() {
+        Algorithm::Gcra => gcra(policy, slot, now, cost),
+        Algorithm::FixedWindow => fixed(policy, slot, now, cost),
+        Algorithm::SlidingWindow => sliding(policy, slot, now, cost),
+    }
+}
+
+/// Entries of a sliding log that have left the window `(now - period,
+/// now]`; entries after `now` (a clock that stepped back) still count.
+fn expired(log: &VecDeque<u64>, now: u64, period: u64) -> usize {
+    if now >= period { log.partition_point(|&e| e <= now - period) } else { 0 }
 }
 
 /// Whether `slot` was kept under another algorithm than `policy`'s (a plan
@@ -137,10 +143,7 @@ pub(crate) fn convert(policy: &Policy, slot: &Slot, now: u64) -> Slot {
             }
         }
         // Entries still inside a window of the new period.
-        Slot::Log(log) => {
-            let start = now.saturating_sub(period);
-            (log.len() - log.partition_point(|&e| e <= start && now >= period)) as u64
-        }
+        Slot::Log(log) => (log.len() - expired(log, now, period)) as u64,
     };
     let held = held.min(u64::from(policy.capacity()));
     match policy.algorithm() {
@@ -149,9 +152,9 @@ pub(crate) fn convert(policy: &Policy, slot: &Slot, now: u64) -> Slot {
             end: (now / period + 1).saturating_mul(period),
             count: u32::try_from(held).unwrap_or(u32::MAX),
         },
+        // A sliding window's capacity is its limit.
         Algorithm::SlidingWindow => {
-            let n = usize::try_from(held.min(u64::from(policy.limit()))).unwrap_or(0);
-            Slot::Log(std::iter::repeat_n(now, n).collect())
+            Slot::Log(std::iter::repeat_n(now, usize::try_from(held).unwrap_or(0)).collect())
         }
     }
 }
@@ -257,10 +260,7 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
         Slot::Log(l) => l,
         _ => &empty,
     };
-    // The window is (now - period, now]; entries at or before its start no
-    // longer count. Entries after `now` (a clock that stepped back) still do.
-    let start = now.saturating_sub(period);
-    let expired = if now >= period { log.partition_point(|&e| e <= start) } else { 0 };
+    let expired = expired(log, now, period);
     let count = log.len() - expired;
     let cost_n = cost as usize;
     if cost_n > limit {

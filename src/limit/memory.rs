@@ -101,11 +101,7 @@ fn word_policy(policies: &[Policy]) -> Option<&Policy> {
 fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Option<u64>) {
     // A word of the other algorithm (a plan change under one name) is
     // converted by the step, not dropped.
-    let slot = if p.algorithm() == Algorithm::Gcra && cur & FIXED_TAG == 0 {
-        Slot::Tat(cur)
-    } else {
-        word_to_slot(p, cur, now)
-    };
+    let slot = word_to_slot(p, cur, now);
     let (s, next) = algorithm::step(p, &slot, now, cost);
     let word = |slot: Slot| match slot {
         Slot::Tat(t) => t & !FIXED_TAG,
@@ -1032,7 +1028,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 if st.slot(p.name()).is_some_and(|s| algorithm::is_foreign(p, s)) {
                     let slot = st.slot_mut(p);
                     *slot = algorithm::convert(p, slot, now);
-                    st.fresh_at = st.fresh_at.max(algorithm::fresh_at(p, st.slot_mut(p)));
+                    let fresh_at = algorithm::fresh_at(p, slot);
+                    st.fresh_at = st.fresh_at.max(fresh_at);
                 }
             }
         }
