@@ -48,7 +48,7 @@ fn bench(c: &mut Criterion) {
             environment: key.environment(),
             region: None,
             tenant: tenant.clone(),
-            scopes: scopes.clone(),
+            scopes: scopes.clone().into(),
             plan: None,
             created_at: Timestamp::UNIX_EPOCH,
             expires_at: None,

@@ -778,8 +778,8 @@ impl ApiKey {
             secret_start: self.secret_start,
         };
         let hint = self.format.hint_of(self.key.expose_secret().as_bytes(), &parts);
-        // Keys are ASCII: one char per byte.
-        hint.iter().map(|&b| char::from(b)).collect()
+        // Keys are ASCII, so this is one copy (never a replacement).
+        String::from_utf8_lossy(hint).into_owned()
     }
 }
 

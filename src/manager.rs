@@ -74,7 +74,7 @@ pub struct NewKey {
     name: String,
     format: KeyFormat,
     tenant: Tenant,
-    scopes: Vec<Scope>,
+    scopes: Arc<[Scope]>,
     environment: Option<Environment>,
     region: Option<Region>,
     lifetime: Option<Duration>,
@@ -93,7 +93,7 @@ impl NewKey {
             name: name.into(),
             format,
             tenant,
-            scopes: Vec::new(),
+            scopes: Arc::from([]),
             environment: None,
             region: None,
             lifetime: None,
@@ -114,10 +114,10 @@ impl NewKey {
         Ok(self)
     }
 
-    /// Grants already-parsed `scopes`.
+    /// Grants already-parsed `scopes` (a `Vec<Scope>`, or a shared list).
     #[must_use]
-    pub fn with_scopes(mut self, scopes: Vec<Scope>) -> Self {
-        self.scopes = scopes;
+    pub fn with_scopes(mut self, scopes: impl Into<Arc<[Scope]>>) -> Self {
+        self.scopes = scopes.into();
         self
     }
 

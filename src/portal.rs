@@ -202,12 +202,12 @@ pub struct Portal<P, S, C = SystemClock> {
 /// Each role's grants, and their scopes as stored on an access token, under
 /// one registry: fixed until the registry changes, so computed once rather
 /// than on every redemption.
-type RoleGrants = Result<Arc<[(ScopeSet, Vec<Scope>); 3]>, ScopeError>;
+type RoleGrants = Result<Arc<[(ScopeSet, Arc<[Scope]>); 3]>, ScopeError>;
 
 fn role_grants(registry: &ScopeRegistry, resources: &[&str]) -> RoleGrants {
-    let one = |role| -> Result<(ScopeSet, Vec<Scope>), ScopeError> {
+    let one = |role| -> Result<(ScopeSet, Arc<[Scope]>), ScopeError> {
         let grants = registry.role(role, resources)?;
-        Ok((grants, registry.scopes_of(&grants)))
+        Ok((grants, registry.scopes_of(&grants).into()))
     };
     Ok(Arc::new([one(Role::Admin)?, one(Role::Editor)?, one(Role::Viewer)?]))
 }
@@ -274,7 +274,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         self
     }
 
-    fn role(&self, role: Role) -> Result<&(ScopeSet, Vec<Scope>), ScopeError> {
+    fn role(&self, role: Role) -> Result<&(ScopeSet, Arc<[Scope]>), ScopeError> {
         match &self.roles {
             Ok(roles) => Ok(&roles[role_slot(role)]),
             Err(e) => Err(e.clone()),
@@ -390,7 +390,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             environment: None,
             region: None,
             tenant: Tenant::workspace(session.workspace).with_application(session.application),
-            scopes: scopes.clone(),
+            scopes: Arc::clone(scopes),
             plan: None,
             created_at: now,
             expires_at: Some(session.expires_at),

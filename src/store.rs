@@ -209,8 +209,9 @@ pub struct KeyRecord {
     pub region: Option<Region>,
     /// The tenant the key belongs to.
     pub tenant: Tenant,
-    /// Granted scopes.
-    pub scopes: Vec<Scope>,
+    /// Granted scopes, shared: records minted from one template (a portal
+    /// role, a rolled key) hold one list.
+    pub scopes: Arc<[Scope]>,
     /// Rate-limit plan name, if the host assigns plans per key.
     pub plan: Option<String>,
     /// Creation time.

@@ -42,7 +42,7 @@ pub fn sample_record(
         environment: Some(Environment::LIVE),
         region: None,
         tenant,
-        scopes: vec!["applications:read".parse().expect("valid scope")],
+        scopes: Arc::from(["applications:read".parse().expect("valid scope")]),
         plan: None,
         created_at: t(created),
         expires_at: None,
