@@ -390,23 +390,25 @@ impl ScopeRegistry {
         let mut set = ScopeSet::EMPTY;
         let n = self.actions.len();
         for s in scopes {
-            match (s.resource(), s.action()) {
-                (None, _) => {
+            // Concrete scopes, the common case, are one lookup of the whole
+            // text; only wildcards and unknown scopes are split.
+            if let Some(bit) = self.bits.get(s.as_str()) {
+                set.insert(usize::from(*bit));
+                continue;
+            }
+            match s.0.split_once(':') {
+                None => {
                     for bit in 0..self.resources.len() * n {
                         set.insert(bit);
                     }
                 }
-                (Some(r), Some("*")) => match self.resource_index(r) {
+                Some((r, "*")) => match self.resource_index(r) {
                     Some(ri) => (0..n).for_each(|ai| set.insert(ri * n + ai)),
                     None if strict => return Err(Self::unknown(s)),
                     None => {}
                 },
-                (Some(_), Some(_)) => match self.bits.get(s.as_str()) {
-                    Some(bit) => set.insert(usize::from(*bit)),
-                    None if strict => return Err(Self::unknown(s)),
-                    None => {}
-                },
-                (Some(_), None) => return Err(ScopeError::Syntax),
+                Some(_) if strict => return Err(Self::unknown(s)),
+                Some(_) => {}
             }
         }
         Ok(set)
