@@ -24,7 +24,7 @@ use crate::clock::{Clock, SystemClock, duration_nanos};
 use crate::format::{Environment, FormatSet, ParseError, Region};
 use crate::hash::Hasher;
 use crate::http::Rejection;
-use crate::scope::{Required, ScopeError, ScopeRegistry, ScopeSet};
+use crate::scope::{Layout, Required, ScopeError, ScopeRegistry, ScopeSet};
 use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
 
 /// Who a request is: what authentication yields. Cheap to clone.
@@ -34,6 +34,8 @@ pub struct Principal(Arc<PrincipalInner>);
 struct PrincipalInner {
     record: Arc<KeyRecord>,
     scopes: ScopeSet,
+    /// The bit layout `scopes` was compiled under.
+    layout: Layout,
     /// Monotonic time at which a use of this principal was last noted, so
     /// cached principals skip last-use bookkeeping within an interval.
     use_noted: AtomicU64,
@@ -52,7 +54,8 @@ impl Principal {
         registry: &ScopeRegistry,
     ) -> Result<Self, ScopeError> {
         let scopes = registry.compile(&record.scopes)?;
-        Ok(Self(Arc::new(PrincipalInner { record, scopes, use_noted: AtomicU64::new(0) })))
+        let layout = registry.layout();
+        Ok(Self(Arc::new(PrincipalInner { record, scopes, layout, use_noted: AtomicU64::new(0) })))
     }
 
     /// The key record the principal was built from (metadata only).
@@ -127,10 +130,13 @@ impl Principal {
         &self.0.record.metadata
     }
 
-    /// Whether the principal holds `scope`.
+    /// Whether the principal holds `scope`. Never, for a requirement
+    /// compiled against a registry with another bit layout than the one the
+    /// principal's scopes were compiled against: there a bit would name a
+    /// different scope.
     #[must_use]
     pub fn allows(&self, scope: &Required) -> bool {
-        self.0.scopes.allows(scope)
+        self.0.layout == scope.layout() && self.0.scopes.allows(scope)
     }
 
     /// `Ok` if the principal holds `scope`.

@@ -128,7 +128,11 @@ impl ScopeSet {
     /// The empty set.
     pub const EMPTY: Self = Self([0; 4]);
 
-    /// Whether the set grants `required`.
+    /// Whether the set grants `required`, which must come from the registry
+    /// that compiled the set, or one built from the same lists (the set
+    /// does not know its registry; [`Principal::allows`] checks it).
+    ///
+    /// [`Principal::allows`]: crate::auth::Principal::allows
     #[inline]
     #[must_use]
     pub const fn allows(&self, required: &Required) -> bool {
@@ -189,9 +193,17 @@ impl fmt::Debug for ScopeSet {
 
 /// One concrete scope compiled against a registry: what a route requires.
 /// Build once at start-up with [`ScopeRegistry::required`].
+///
+/// It remembers the registry's bit layout: [`Principal::allows`] refuses a
+/// requirement compiled against a registry whose layout differs from the
+/// one the principal's grants were compiled against, where the same bit
+/// would name a different scope.
+///
+/// [`Principal::allows`]: crate::auth::Principal::allows
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Required {
     bit: u16,
+    layout: Layout,
     scope: Scope,
 }
 
@@ -200,6 +212,36 @@ impl Required {
     #[must_use]
     pub const fn scope(&self) -> &Scope {
         &self.scope
+    }
+
+    /// The bit layout of the registry this was compiled against.
+    pub(crate) const fn layout(&self) -> Layout {
+        self.layout
+    }
+}
+
+/// A registry's bit layout (which scope each bit means), as a fingerprint
+/// of its resource and action lists in order: registries built from the
+/// same lists share it, so their sets and requirements are interchangeable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub(crate) struct Layout(u64);
+
+impl Layout {
+    fn of(resources: &[&str], actions: &[&str]) -> Self {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        for list in [resources, actions] {
+            for name in list {
+                // Names never contain a NUL: it separates them unambiguously.
+                h.update(name.as_bytes());
+                h.update([0]);
+            }
+            h.update([1]);
+        }
+        let d = h.finalize();
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&d[..8]);
+        Self(u64::from_le_bytes(first))
     }
 }
 
@@ -275,6 +317,7 @@ impl FromStr for Role {
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ScopeRegistry {
+    layout: Layout,
     resources: Vec<Box<str>>,
     actions: Vec<Box<str>>,
     /// `resource:action` → bit, so compiling a concrete scope is one lookup.
@@ -307,6 +350,7 @@ impl Default for ScopeRegistry {
             &["read", "create", "update", "delete", "write", "execute"],
         )
         .unwrap_or_else(|_| Self {
+            layout: Layout::of(&[], &[]),
             resources: Vec::new(),
             actions: Vec::new(),
             bits: HashMap::default(),
@@ -349,11 +393,17 @@ impl ScopeRegistry {
             }
         }
         Ok(Self {
+            layout: Layout::of(resources, actions),
             resources: resources.iter().map(|&r| r.into()).collect(),
             actions: actions.iter().map(|&a| a.into()).collect(),
             bits,
             names,
         })
+    }
+
+    /// The registry's bit layout.
+    pub(crate) const fn layout(&self) -> Layout {
+        self.layout
     }
 
     fn resource_index(&self, r: &str) -> Option<usize> {
@@ -427,7 +477,7 @@ impl ScopeRegistry {
         }
         let set = self.compile(std::slice::from_ref(&scope))?;
         let bit = (0..ScopeSet::CAPACITY).find(|&b| set.has(b)).unwrap_or(0);
-        Ok(Required { bit: bit as u16, scope })
+        Ok(Required { bit: bit as u16, layout: self.layout, scope })
     }
 
     /// The set a role grants over `resources`. Actions of the role that the

@@ -513,6 +513,29 @@ async fn rolling_keeps_grants_and_the_grace_never_outlives_expiry() {
 }
 
 #[test]
+fn a_requirement_from_a_registry_with_another_layout_is_refused() {
+    use keygate::auth::Principal;
+    use keygate::scope::ScopeRegistry;
+    let mut record = keygate::testkit::keys::sample_record("ws_a", None, 0, false);
+    record.scopes = Arc::from(["webhooks:read".parse::<keygate::scope::Scope>().unwrap()]);
+    let ours = ScopeRegistry::new(&["webhooks", "applications"], &["read", "delete"]).unwrap();
+    let p = Principal::from_record(Arc::new(record), &ours).unwrap();
+    // The same lists in another instance: the same layout, interchangeable.
+    let twin = ScopeRegistry::new(&["webhooks", "applications"], &["read", "delete"]).unwrap();
+    assert!(p.allows(&twin.required("webhooks:read").unwrap()));
+    assert!(!p.allows(&twin.required("applications:delete").unwrap()));
+    // Resources in the other order: bit 0 is `applications:read` there, the
+    // bit the principal holds for `webhooks:read`. Without the layout check
+    // this was allowed.
+    let other = ScopeRegistry::new(&["applications", "webhooks"], &["read", "delete"]).unwrap();
+    let foreign = other.required("applications:read").unwrap();
+    assert!(!p.allows(&foreign));
+    assert!(p.require(&foreign).is_err());
+    // And the scope the principal does hold, asked through the other layout.
+    assert!(!p.allows(&other.required("webhooks:read").unwrap()));
+}
+
+#[test]
 fn a_cache_full_of_live_principals_stays_within_its_capacity() {
     use keygate::auth::Principal;
     use keygate::clock::Nanos;
