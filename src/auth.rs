@@ -550,6 +550,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         let (now, mono) = self.clock.read();
         if let Some(cache) = &self.cache
             && let Some(p) = cache.get(current.digest(), mono)
+            // A cache shared with an authenticator of another registry may
+            // hold principals compiled under another layout: a miss here.
+            && p.0.layout == self.registry.layout()
         {
             if p.expires_at().is_some_and(|e| now >= e) {
                 return Err(AuthError::Expired { id: p.record_id().clone() });

@@ -417,8 +417,13 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         let requested = self.registry.compile(&new.scopes)?;
         // The parent's grants in this manager's registry (the principal's
         // own set may come from an authenticator with another registry).
-        self.registry
+        let granted = self
+            .registry
             .attenuate(requested, &self.registry.compile_known(&parent.record().scopes))?;
+        // Stored as the concrete scopes checked here: a wildcard kept as
+        // text would grow with the registry (a resource added later, or a
+        // larger registry where it is compiled again) past the parent.
+        new.scopes = self.registry.scopes_of(&granted).into();
         self.create(new).await
     }
 

@@ -264,6 +264,38 @@ async fn attenuation_on_create_for() {
 }
 
 #[tokio::test]
+async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() {
+    use keygate::scope::ScopeRegistry;
+    let f = fixture();
+    let small = Arc::new(ScopeRegistry::new(&["webhooks"], &["read", "write"]).unwrap());
+    let manager = KeyManager::new(f.store.clone()).clock(f.clock.clone()).registry(small.clone());
+    let auth = Authenticator::new(f.store.clone()).clock(f.clock.clone()).registry(small);
+    let parent_key = manager
+        .create(
+            NewKey::new("p", NHM, ws("ws_a")).scopes(&["webhooks:read", "webhooks:write"]).unwrap(),
+        )
+        .await
+        .unwrap();
+    let parent =
+        auth_bearer(&auth, parent_key.key().expose_secret(), &Target::any()).await.unwrap();
+    // Within the parent's grants under this registry, so it is accepted...
+    let child = manager
+        .create_for(&parent, NewKey::new("c", SK, ws("ws_a")).scopes(&["webhooks:*"]).unwrap())
+        .await
+        .unwrap();
+    // ...and stored as what was checked, not as the wildcard.
+    let stored: Vec<&str> = child.record().scopes.iter().map(|s| s.as_str()).collect();
+    assert_eq!(stored, ["webhooks:read", "webhooks:write"]);
+    // A registry that has since learned `delete` grants the child no more
+    // than its parent.
+    let grown = ScopeRegistry::new(&["webhooks"], &["read", "write", "delete"]).unwrap();
+    let (_, record) = child.into_parts();
+    let child = keygate::auth::Principal::from_record(record, &grown).unwrap();
+    assert!(!child.allows(&grown.required("webhooks:delete").unwrap()));
+    assert!(child.allows(&grown.required("webhooks:write").unwrap()));
+}
+
+#[tokio::test]
 async fn create_for_keeps_the_parents_environment_and_expiry() {
     let f = fixture();
     let test_parent = f
@@ -533,6 +565,33 @@ fn a_requirement_from_a_registry_with_another_layout_is_refused() {
     assert!(p.require(&foreign).is_err());
     // And the scope the principal does hold, asked through the other layout.
     assert!(!p.allows(&other.required("webhooks:read").unwrap()));
+}
+
+#[tokio::test]
+async fn a_cache_shared_by_authenticators_of_two_registries_answers_each_in_its_own() {
+    use keygate::scope::ScopeRegistry;
+    let f = fixture();
+    let key = f
+        .manager
+        .create(NewKey::new("k", SK, ws("ws_a")).scopes(&["webhooks:read"]).unwrap())
+        .await
+        .unwrap();
+    let cache = Arc::new(PrincipalCache::default());
+    let a = Authenticator::new(f.store.clone()).clock(f.clock.clone()).cache(cache.clone());
+    let other = Arc::new(ScopeRegistry::new(&["webhooks", "applications"], &["read"]).unwrap());
+    let b = Authenticator::new(f.store.clone())
+        .clock(f.clock.clone())
+        .cache(cache)
+        .registry(other.clone());
+    let need_a = a.scope_registry().required("webhooks:read").unwrap();
+    let need_b = other.required("webhooks:read").unwrap();
+    for _ in 0..2 {
+        // Each authentication may hit an entry the other one cached.
+        let pa = auth_bearer(&a, key.key().expose_secret(), &Target::any()).await.unwrap();
+        assert!(pa.allows(&need_a));
+        let pb = auth_bearer(&b, key.key().expose_secret(), &Target::any()).await.unwrap();
+        assert!(pb.allows(&need_b), "a principal compiled under the other registry");
+    }
 }
 
 #[test]
