@@ -266,6 +266,44 @@ async fn management_tokens() {
         .await;
     assert_eq!(never.status, StatusCode::CREATED);
     assert!(never.body["expires_at"].is_null());
+
+    // Tokens are listed and revoked on their own routes: a child token
+    // minted with a leaked one can be found and revoked.
+    let child = s
+        .bearer(
+            Method::POST,
+            "/management/v1/workspaces/ws_demo/tokens",
+            token,
+            Some(json!({"name": "child", "expiresIn": "never"})),
+        )
+        .await;
+    assert_eq!(child.status, StatusCode::CREATED, "{}", child.text);
+    let child_id = child.body["id"].as_str().unwrap().to_owned();
+    let child_token = child.body["token"].as_str().unwrap().to_owned();
+    let tokens = s.mgmt(Method::GET, "/tokens", None).await;
+    assert_eq!(tokens.status, StatusCode::OK, "{}", tokens.text);
+    let names: Vec<&str> = tokens.body["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"child") && names.contains(&"ci"), "{names:?}");
+    assert!(
+        tokens.body["data"][0].get("key").is_none()
+            && tokens.body["data"][0].get("token").is_none()
+    );
+    // Not an API key: the API-key routes neither list nor revoke it.
+    let keys = s.mgmt(Method::GET, "/api-keys", None).await;
+    assert!(!keys.text.contains(&child_id));
+    let r = s.mgmt(Method::DELETE, &format!("/api-keys/{child_id}"), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    let r = s.mgmt(Method::DELETE, &format!("/tokens/{child_id}"), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT);
+    let r = s
+        .bearer(Method::GET, "/management/v1/workspaces/ws_demo/api-keys", &child_token, None)
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
 
 /// Sends `n` calls back to back; retries the burst (up to 5 times) if it

@@ -177,6 +177,7 @@ pub(crate) fn router<B: Backend>(
     let portal_api = gate.layer().formats(["kgpt"]).plan("enterprise").cookie(PORTAL_COOKIE);
 
     let keys_path = "/management/v1/workspaces/{ws}/api-keys";
+    let tokens = "/management/v1/workspaces/{ws}/tokens";
     let router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route(keys_path, post(create_key::<B>).layer(mgmt.clone().require("api_keys:create")?))
@@ -185,9 +186,11 @@ pub(crate) fn router<B: Backend>(
             "/management/v1/workspaces/{ws}/api-keys/{id}",
             delete(revoke_key::<B>).layer(mgmt.clone().require("api_keys:delete")?),
         )
+        .route(tokens, post(create_token::<B>).layer(mgmt.clone().require("tokens:create")?))
+        .route(tokens, get(list_tokens::<B>).layer(mgmt.clone().require("tokens:read")?))
         .route(
-            "/management/v1/workspaces/{ws}/tokens",
-            post(create_token::<B>).layer(mgmt.clone().require("tokens:create")?),
+            &format!("{tokens}/{{id}}"),
+            delete(revoke_token::<B>).layer(mgmt.clone().require("tokens:delete")?),
         )
         .route(
             "/management/v1/workspaces/{ws}/applications/{app}/portal",
@@ -412,7 +415,33 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
     Ok(new)
 }
 
-async fn list_keys<B: Backend>(State(app): AppState<B>, Path(ws): Path<String>) -> Response {
+/// What a management listing or revocation route addresses: API keys, or
+/// management tokens. Portal access tokens are neither (the portal owns
+/// them).
+#[derive(Clone, Copy)]
+enum Kind {
+    ApiKeys,
+    Tokens,
+}
+
+impl Kind {
+    fn holds(self, r: &keygate::store::KeyRecord) -> bool {
+        match self {
+            Self::ApiKeys => r.format != "nhm" && r.format != "kgpt",
+            Self::Tokens => r.format == "nhm",
+        }
+    }
+}
+
+async fn list_keys<B: Backend>(state: AppState<B>, ws: Path<String>) -> Response {
+    list::<B>(state, ws, Kind::ApiKeys).await
+}
+
+async fn list_tokens<B: Backend>(state: AppState<B>, ws: Path<String>) -> Response {
+    list::<B>(state, ws, Kind::Tokens).await
+}
+
+async fn list<B: Backend>(State(app): AppState<B>, Path(ws): Path<String>, kind: Kind) -> Response {
     let Ok(ws) = ws.parse::<WorkspaceId>() else {
         return app.reject(&Rejection::NotFound, BodyStyle::Nested);
     };
@@ -423,15 +452,19 @@ async fn list_keys<B: Backend>(State(app): AppState<B>, Path(ws): Path<String>) 
         Ok(records) => {
             let data: Vec<Value> = records
                 .iter()
-                .filter(|r| r.revoked_at.is_none() && r.format != "nhm" && r.format != "kgpt")
+                .filter(|r| r.revoked_at.is_none() && kind.holds(r))
                 .map(|r| {
-                    json!({
+                    let mut v = json!({
                         "id": r.id.as_str(),
                         "name": r.name,
                         "prefix": r.hint,
                         "created_at": timestamp_millis(r.created_at),
                         "last_used_at": r.last_used_at.map(timestamp_millis),
-                    })
+                    });
+                    if let Kind::Tokens = kind {
+                        v["expires_at"] = json!(r.expires_at.map(timestamp_millis));
+                    }
+                    v
                 })
                 .collect();
             json(StatusCode::OK, json!({ "data": data }))
@@ -439,15 +472,26 @@ async fn list_keys<B: Backend>(State(app): AppState<B>, Path(ws): Path<String>) 
     }
 }
 
-async fn revoke_key<B: Backend>(
+async fn revoke_key<B: Backend>(state: AppState<B>, path: Path<(String, String)>) -> Response {
+    revoke::<B>(state, path, Kind::ApiKeys).await
+}
+
+async fn revoke_token<B: Backend>(state: AppState<B>, path: Path<(String, String)>) -> Response {
+    revoke::<B>(state, path, Kind::Tokens).await
+}
+
+async fn revoke<B: Backend>(
     State(app): AppState<B>,
     Path((ws, id)): Path<(String, String)>,
+    kind: Kind,
 ) -> Response {
     let not_found = || app.reject(&Rejection::NotFound, BodyStyle::Nested);
     let Ok(id) = id.parse::<RecordId>() else { return not_found() };
-    // Another workspace's key is not this caller's to see.
+    // Another workspace's key, or a record this route does not address
+    // (`api_keys:delete` does not reach management tokens), is not this
+    // caller's to see.
     match app.manager.store().get(&id).await {
-        Ok(Some(r)) if r.tenant.workspace.as_str() == ws => {}
+        Ok(Some(r)) if r.tenant.workspace.as_str() == ws && kind.holds(&r) => {}
         Ok(_) => return not_found(),
         Err(e) => {
             return app
