@@ -211,8 +211,9 @@ impl Target {
         self
     }
 
-    /// The request runs in `env`; a key of another environment is refused
-    /// (a `test` key never reaches `live`, a `staging` key only `staging`).
+    /// The request runs in `env`; a key of another environment, or with
+    /// none, is refused (a `test` key never reaches `live`, a `staging` key
+    /// only `staging`).
     #[must_use]
     pub fn environment(mut self, env: Environment) -> Self {
         self.environment = Some(env);

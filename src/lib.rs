@@ -6,12 +6,12 @@
 //! a failure at any stage becomes one [`Rejection`](http::Rejection):
 //!
 //! ```text
-//! headers ──► credentials ──► format::parse ──► hash ──► KeyStore lookup ──► verify ──► Principal
-//!  (Bearer /   (auth::HeaderRules: (typed parts;     (Hasher:   (by digest, or by     (constant-time    │
-//!   X-API-Key)  size, bytes, which  garbage never     SHA-256 /  public key id;        digest ==;        │
-//!               format where)       reaches a store)  HMAC)      PrincipalCache)       revoked, expired, │
-//!                                                                                      region)           │
-//!    ┌───────────────────────────────────────────────────────────────────────────────────────────────────┘
+//! headers ──► credentials ──► FormatSet::parse ──► format checks ──► hash ──► PrincipalCache ──► KeyStore lookup ──► verify ──► Principal
+//!  (Bearer /   (HeaderRules:   (typed parts;        (HeaderRules:     (Hasher:  (hit: skip the     (by digest, or by    (constant-time  │
+//!   X-API-Key)  size, bytes)    garbage never        which format      SHA-256 / store and verify) public key id)       digest ==;      │
+//!                               reaches a store)     where; route     HMAC)                                            revoked,         │
+//!                                                    formats)                                                          expired, region) │
+//!    ┌──────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘
 //!    ▼
 //! LimitStore::check ──► Target::check ──► Principal::require(scope) ──► QuotaStore ──► handler
 //!  (the key's plan:      (tenant,          (one AND on a ScopeSet)        (monthly,

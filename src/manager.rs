@@ -221,7 +221,9 @@ pub enum ManagerError {
         /// The cap.
         max: u32,
     },
-    /// No record has that id (in that workspace).
+    /// No record has that id. [`KeyManager::revoke`] and
+    /// [`KeyManager::roll`] look a record up by id alone: check its
+    /// `tenant` against the caller's before calling them.
     #[error("no such key")]
     NotFound,
     /// The key is revoked or expired, so it cannot be rolled.
@@ -382,7 +384,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     ///
     /// [`ManagerError::Scope`] for unknown scopes, [`ManagerError::Mint`]
     /// for an environment or region the format lacks,
-    /// [`ManagerError::LimitReached`] when the project is full.
+    /// [`ManagerError::Lifetime`] for a lifetime the format does not offer,
+    /// [`ManagerError::LimitReached`] when the project is full,
+    /// [`ManagerError::Collision`] when the minted key or id is taken, and
+    /// [`ManagerError::Backend`] when the store fails.
     pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManagerError> {
         self.insert_capped(new, self.max_active).await
     }

@@ -297,8 +297,9 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     ///
     /// [`PortalError::Request`] for a request that breaks a rule of
     /// [`SessionRequest::validate`], [`PortalError::NotManagementToken`],
-    /// [`PortalError::Scope`] when the role exceeds the token, or a backend
-    /// failure.
+    /// [`PortalError::Scope`] when the role exceeds the token,
+    /// [`PortalError::Collision`] when the minted code is taken, or a
+    /// backend failure.
     pub async fn create_session(
         &self,
         minter: &Principal,
@@ -351,7 +352,9 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     ///
     /// [`PortalError::MalformedCode`] (no store asked),
     /// [`PortalError::AlreadyUsed`], [`PortalError::Expired`],
-    /// [`PortalError::UnknownCode`], or a backend failure.
+    /// [`PortalError::UnknownCode`], [`PortalError::Scope`] when the
+    /// portal's role scopes do not compile, [`PortalError::Collision`] when
+    /// the minted token is taken, or a backend failure.
     pub async fn redeem(&self, code: &str) -> Result<AccessToken, PortalError> {
         // Validate (grammar and checksum) without copying the code.
         CODE.parse_bytes(code.as_bytes()).map_err(|_| PortalError::MalformedCode)?;

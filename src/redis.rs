@@ -97,9 +97,6 @@ pub enum RedisConfigError {
     /// other than ASCII letters, digits, `_`, `-`, `.` or `:`.
     #[error("redis key prefix must be 1 to 64 of a-z, A-Z, 0-9, `_`, `-`, `.`, `:`")]
     Prefix,
-    /// The timeout is zero.
-    #[error("redis timeout must be non-zero")]
-    Timeout,
 }
 
 impl From<RedisConfigError> for BackendError {

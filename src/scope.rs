@@ -503,7 +503,8 @@ impl ScopeRegistry {
     }
 
     /// `requested` if it is within `parent`: anything minted from a
-    /// principal (a rolled key, a portal session) gets at most its grants.
+    /// principal (a key created for a parent, a portal session) gets at most
+    /// its grants.
     ///
     /// # Errors
     ///

@@ -275,17 +275,19 @@ pub enum InsertOutcome {
 ///   the record written together (SQL: one transaction with a unique index
 ///   and `SELECT count(*) … FOR UPDATE` on the project, or a conditional
 ///   `INSERT … SELECT … WHERE (SELECT count(*) …) < max`; Redis: one Lua
-///   script). `revoke` and `set_expiry` are single-record conditional
-///   updates.
+///   script). `revoke` and `shorten_expiry` (which never extends an
+///   expiry) are single-record conditional updates.
 /// - **Staleness.** Reads may come from a replica or cache that lags. Lag
 ///   and the verified-principal cache's TTL add up: a revoked key may
 ///   authenticate on other instances for the replica lag plus the TTL (30
 ///   seconds by default), so a host whose bound is 30 s and whose replicas
 ///   lag up to 5 s sets the TTL to 25 s. In the process that revoked it, a
-///   key stops at once. `last_used_at` is advisory and may lag.
+///   key stops at once when the `KeyManager` shares the authenticator's
+///   cache. `last_used_at` is advisory and may lag.
 /// - **Failure.** Infrastructure failures are [`BackendError`]s; "not found"
-///   is `Ok(None)`. The authenticator turns a backend error into a 503 (fail
-///   closed) unless the host chose otherwise.
+///   is `Ok(None)`. The authenticator always turns a key-store error into a
+///   503 (fail closed); the gate's fail modes apply to the limiter and
+///   quota stores only.
 /// - **Retention.** A store may forget a record once it has been expired for
 ///   longer than a retention period of the host's choosing (SQL: a periodic
 ///   `DELETE … WHERE expires_at < now() - retention`; Redis: a key expiry).

@@ -259,7 +259,8 @@ pub enum Refusal {
     Auth(AuthError),
     /// The route's target function refused the request.
     Target,
-    /// The key names a plan the gate does not know (a deployment error).
+    /// The plan that applies (the key's, the route's or the gate's default)
+    /// is not among the gate's plans (a deployment error).
     UnknownPlan {
         /// The plan name.
         plan: String,
@@ -345,8 +346,9 @@ impl Refused {
 }
 
 /// What the gate learned about an admitted request. The layer inserts its
-/// parts, [`Principal`] and (when a plan applied) [`Decision`], into the
-/// request extensions.
+/// parts into the request extensions: the [`Principal`], the [`Decision`]
+/// (when a plan applied) and the [`QuotaDecision`] (when the route counts a
+/// category).
 #[derive(Debug, Clone)]
 pub struct Admitted {
     /// Who is calling.
@@ -516,8 +518,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     }
 
     /// Counts `cost` units of `category` against the monthly quotas of
-    /// `principal`'s plan, for handlers whose category comes from the body.
-    /// `Ok(None)` when there is no quota store or no plan.
+    /// `principal`'s plan, else the gate's default plan, for handlers whose
+    /// category comes from the body. A route's `.plan(…)` does not apply
+    /// here: on such routes, give keys their plan, or count with the route's
+    /// `.quota(…)`. `Ok(None)` when there is no quota store or no plan.
     ///
     /// The account is the key's workspace and plan (`{workspace}/{plan}`):
     /// every key of a workspace on one plan draws on one monthly allowance,

@@ -284,7 +284,8 @@ async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() 
         .await
         .unwrap();
     // ...and stored as what was checked, not as the wildcard.
-    let stored: Vec<&str> = child.record().scopes.iter().map(keygate::scope::Scope::as_str).collect();
+    let stored: Vec<&str> =
+        child.record().scopes.iter().map(keygate::scope::Scope::as_str).collect();
     assert_eq!(stored, ["webhooks:read", "webhooks:write"]);
     // A registry that has since learned `delete` grants the child no more
     // than its parent.

@@ -93,7 +93,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
         }
     };
 
-    // Keys in the documented order (a `json!` map would sort them).
+    // Keys in the documented order, written out so the line's form is plain
+    // to see.
     let first = format!(
         "{{\"listening\": {}, \"workspace\": {}, \"management_token\": {}}}",
         json!(addr.to_string()),

@@ -64,12 +64,13 @@ const fn nz(n: u32) -> NonZeroU32 {
 }
 
 impl Plan {
-    /// A plan of `rate` policies (at most [`MAX_STACKED`], distinct names)
-    /// and `monthly` quotas.
+    /// A plan of `rate` policies (1 to [`MAX_STACKED`], distinct names)
+    /// and `monthly` quotas (distinct names).
     ///
     /// # Errors
     ///
-    /// [`PlanError`] for too many or duplicate policies.
+    /// [`PlanError`] for no rate policy, too many, or duplicate policy or
+    /// quota names.
     pub fn new(
         name: impl Into<String>,
         rate: Vec<Policy>,

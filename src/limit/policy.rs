@@ -14,8 +14,9 @@ pub enum Algorithm {
     /// refill continuously at `limit / period`, up to `burst` at once.
     #[default]
     Gcra,
-    /// Fixed windows of `period` aligned to the clock's origin; at most
-    /// `limit` per window. `X-RateLimit-Reset` is the window's end.
+    /// Fixed windows of `period` starting on whole Unix seconds (minutes,
+    /// hours: any period that divides a day lines up with the calendar); at
+    /// most `limit` per window. `X-RateLimit-Reset` is the window's end.
     FixedWindow,
     /// An exact rolling window: at most `limit` in any `period`-long span.
     SlidingWindow,

@@ -21,7 +21,8 @@ pub struct PortalSession {
     pub application: ApplicationId,
     /// What the session may do.
     pub role: Role,
-    /// Flat metadata, attached to endpoints created during the session.
+    /// Flat metadata, copied onto the access token's record (where the host
+    /// reads it to attach to what the session creates).
     pub metadata: BTreeMap<String, String>,
     /// When it was minted.
     pub created_at: Timestamp,

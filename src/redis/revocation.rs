@@ -24,9 +24,10 @@ use crate::store::RecordId;
 /// Spawn [`run`](Self::run) on tokio; it never returns. When the
 /// connection is lost (Redis restarted, network cut) it reconnects with
 /// capped exponential backoff and subscribes again. A revocation published
-/// while it was disconnected is **not** replayed: the cache's TTL
-/// ([`PrincipalCache::ttl`], 30 s by default) stays the bound on how long
-/// such a key may keep working here, exactly as without a listener.
+/// while it was disconnected is **not** replayed: the listener clears the
+/// cache when it subscribes again, and until then the cache's TTL
+/// ([`PrincipalCache::ttl`], 30 s by default) bounds how long such a key
+/// may keep working here.
 ///
 /// ```no_run
 /// # async fn demo(redis: keygate::redis::Redis) {
