@@ -236,6 +236,11 @@ pub enum ManagerError {
     /// `test` key cannot mint a `live` one).
     #[error("parent credential does not reach that environment")]
     EnvironmentNotReachable,
+    /// The parent principal is bound to a region and may create keys only
+    /// of that region, in a format that carries it (a key without a region
+    /// would reach every region).
+    #[error("parent credential does not reach that region")]
+    RegionNotReachable,
     /// The requested lifetime is zero or too long to represent, or, for a
     /// management token, not one of 30 days, 90 days or a year.
     #[error(
@@ -269,7 +274,8 @@ impl ManagerError {
             // is a 403; the wire message stays generic.
             Self::Scope(ScopeError::Exceeds { .. })
             | Self::TenantNotReachable
-            | Self::EnvironmentNotReachable => Rejection::Forbidden { scope: None },
+            | Self::EnvironmentNotReachable
+            | Self::RegionNotReachable => Rejection::Forbidden { scope: None },
             Self::Lifetime => {
                 Rejection::BadRequest { field: "expiresInDays".into(), message: self.to_string() }
             }
@@ -402,7 +408,8 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// As [`create`](Self::create); [`ScopeError::Exceeds`] when asking for
     /// more than the parent holds; [`ManagerError::TenantNotReachable`];
     /// [`ManagerError::EnvironmentNotReachable`] when asking for another
-    /// environment than the parent's.
+    /// environment than the parent's; [`ManagerError::RegionNotReachable`]
+    /// when the parent has a region and the key would have another or none.
     pub async fn create_for(
         &self,
         parent: &Principal,
@@ -416,6 +423,16 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
                 None => new.environment = Some(env),
                 Some(e) if e == env => {}
                 Some(_) => return Err(ManagerError::EnvironmentNotReachable),
+            }
+        }
+        if let Some(region) = parent.region() {
+            match new.region {
+                _ if new.format.segment() != Segment::Region => {
+                    return Err(ManagerError::RegionNotReachable);
+                }
+                None => new.region = Some(region),
+                Some(r) if r == region => {}
+                Some(_) => return Err(ManagerError::RegionNotReachable),
             }
         }
         new.not_after = earliest(new.not_after, parent.expires_at());

@@ -297,6 +297,31 @@ async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() 
 }
 
 #[tokio::test]
+async fn a_regional_parent_creates_keys_of_its_region_only() {
+    let f = fixture();
+    let parent_key = f
+        .manager
+        .create(NewKey::new("p", NHK, ws("ws_a")).region(Region::EU).scopes(&["*"]).unwrap())
+        .await
+        .unwrap();
+    let parent =
+        auth_bearer(&f.auth, parent_key.key().expose_secret(), &Target::any()).await.unwrap();
+    // Unset, the region is the parent's.
+    let child = f.manager.create_for(&parent, NewKey::new("c", NHK, ws("ws_a"))).await.unwrap();
+    assert_eq!(child.record().region, Some(Region::EU));
+    assert!(child.key().expose_secret().starts_with("nhk_eu_"));
+    // Another region, or a format without one (which would reach every
+    // region), is refused.
+    for new in
+        [NewKey::new("c", NHK, ws("ws_a")).region(Region::US), NewKey::new("c", SK, ws("ws_a"))]
+    {
+        let err = f.manager.create_for(&parent, new).await.unwrap_err();
+        assert!(matches!(err, ManagerError::RegionNotReachable), "{err}");
+        assert_eq!(err.rejection().status(), 403);
+    }
+}
+
+#[tokio::test]
 async fn create_for_keeps_the_parents_environment_and_expiry() {
     let f = fixture();
     let test_parent = f
