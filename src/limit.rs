@@ -60,6 +60,17 @@ pub struct PolicyDecision {
     pub allowed: bool,
 }
 
+/// What a check under no policies reports: nothing limits it.
+static UNLIMITED: PolicyDecision = PolicyDecision {
+    name: PolicyName::DEFAULT,
+    limit: u32::MAX,
+    period: Duration::ZERO,
+    remaining: u32::MAX,
+    reset_after: Duration::ZERO,
+    retry_after: None,
+    allowed: true,
+};
+
 impl PolicyDecision {
     /// `p`'s view of algorithm step `s`: the one translation every limit
     /// store (in memory, Redis) uses.
@@ -120,11 +131,8 @@ impl Decision {
 
     /// The policy the headers report: for a request that can never fit, the
     /// policy it exceeds; else the first that denied, else the one with the
-    /// fewest units left.
-    ///
-    /// # Panics
-    ///
-    /// Never: a decision always has at least one policy.
+    /// fewest units left. A check under no policies (no limit) reports an
+    /// unlimited policy: `u32::MAX` units, nothing to wait for.
     #[must_use]
     pub fn binding(&self) -> &PolicyDecision {
         // For a request that can never fit: the policy it exceeds (denied,
@@ -135,7 +143,7 @@ impl Decision {
             .find(|p| impossible && !p.allowed && p.retry_after.is_none())
             .or_else(|| self.policies.iter().find(|p| !p.allowed))
             .or_else(|| self.policies.iter().min_by_key(|p| p.remaining))
-            .expect("a decision has at least one policy")
+            .unwrap_or(&UNLIMITED)
     }
 
     /// Units left under the binding policy.
@@ -255,6 +263,10 @@ impl Decision {
 
     /// The one definition of which headers a decision produces, in order.
     fn visit_headers(&self, set: HeaderSet, mut emit: impl FnMut(LimitHeader, HeaderNum)) {
+        // No policy, no limit to advertise.
+        if self.policies.is_empty() {
+            return;
+        }
         let b = self.binding();
         if set.x_ratelimit {
             emit(LimitHeader::Limit, HeaderNum::Int(i64::from(b.limit)));

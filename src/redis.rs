@@ -342,14 +342,24 @@ impl Redis {
         // stores' futures small in the host's state machines, for one
         // allocation next to a network round trip.
         let fut = Box::pin(fut);
+        // The timer belongs to the client's runtime: a caller on a runtime
+        // without a time driver (or on none) would otherwise panic.
+        let bounded = {
+            let _client = runtime.enter();
+            tokio::time::timeout(timeout, fut)
+        };
         let guarded = async move {
-            match tokio::time::timeout(timeout, fut).await {
+            match bounded.await {
                 Ok(r) => r.map_err(map_err),
                 Err(_) => Err(BackendError::Timeout),
             }
         };
         async move {
-            if tokio::runtime::Handle::try_current().is_ok() {
+            // On the client's own runtime, inline; anywhere else (another
+            // runtime, perhaps without I/O or timers, or no runtime at all)
+            // on the client's, whose drivers the client's futures need.
+            let here = tokio::runtime::Handle::try_current().map(|h| h.id());
+            if here.is_ok_and(|id| id == runtime.id()) {
                 guarded.await
             } else {
                 runtime.spawn(guarded).await.map_err(BackendError::unavailable)?

@@ -86,6 +86,20 @@ fn for_races(server: &RedisServer, prefix: &str) -> (tokio::runtime::Runtime, Re
 }
 
 #[test]
+fn a_caller_on_a_runtime_without_timers_gets_answers_not_a_panic() {
+    let server = RedisServer::start();
+    let (_rt, redis) = for_races(&server, "bare");
+    // The host's runtime has neither I/O nor time drivers: the store's
+    // timeout must run on the client's runtime.
+    let bare = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let plan = [keygate::limit::Policy::per_second(std::num::NonZeroU32::new(5).unwrap())];
+    let d = bare
+        .block_on(redis.limiter().check("k", &plan, 1, keygate::limit::CheckMode::Consume))
+        .unwrap();
+    assert!(d.is_allowed());
+}
+
+#[test]
 fn redis_portal_race_exactly_one_winner_per_code() {
     let server = RedisServer::start();
     let (_rt, redis) = for_races(&server, "race");

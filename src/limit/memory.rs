@@ -990,7 +990,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     {
         let now = self.wall.time(&self.clock);
         let (hash, shard) = self.shard(shards, key);
-        for p in policies {
+        for (n, p) in policies.iter().enumerate() {
+            // A repeated name was charged once: it is given back once.
+            if policies[..n].iter().any(|q| q.name_value() == p.name_value()) {
+                continue;
+            }
             let one = std::slice::from_ref(p);
             if let Some((_, i)) = self.word_form(one, false)
                 && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)

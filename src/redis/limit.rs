@@ -113,6 +113,17 @@ local function foreign(i, alg, period, interval, cap)
   if held > cap then held = cap end
   return held
 end
+-- Whether policy i is the first of its name in KEYS (a name's keys differ
+-- only in the last character): policies share a state by name, so a
+-- repeated name is decided on the same state but committed once, as in
+-- MemoryLimiter, and never treats the first's state as a sibling to drop.
+local function first_of_name(i)
+  local name = string.sub(KEYS[i], 1, -2)
+  for j = 1, i - 1 do
+    if string.sub(KEYS[j], 1, -2) == name then return false end
+  end
+  return true
+end
 local function drop_siblings(i)
   redis.call('DEL', sibling(i, 1), sibling(i, 2))
 end
@@ -262,14 +273,15 @@ if any_impossible then outcome = 2 elseif all_allowed then outcome = 0 end
 out[1] = outcome
 for i = 1, n do
   local st = steps[i]
-  if outcome == 0 and consume and st.commit then
+  local writes = consume and first_of_name(i)
+  if outcome == 0 and writes and st.commit then
     st.commit()
-  elseif consume and st.convert then
+  elseif writes and st.convert then
     -- Denied (or nothing to commit): keep the converted state anyway, so
     -- it is converted once.
     st.convert()
   end
-  if consume and st.converted then drop_siblings(i) end
+  if writes and st.converted then drop_siblings(i) end
   local remaining = st.remaining
   if outcome ~= 0 and st.allowed then remaining = remaining + cost end
   local a = 0
@@ -287,33 +299,35 @@ return out
 const REFUND: &str = r"
 local cost = tonumber(ARGV[1])
 for i = 1, n do
-  local b = 2 + (i - 1) * 5
-  local alg = ARGV[b + 1]
-  local period = tonumber(ARGV[b + 3])
-  local interval = tonumber(ARGV[b + 4])
-  if alg == 'g' then
-    local s = redis.call('GET', KEYS[i])
-    if s then
-      local rel = tat_rel(s)
-      local floor = rel
-      if floor > 0 then floor = 0 end
-      local next = rel - interval * cost
-      if next < floor then next = floor end
-      if next <= 0 then
-        redis.call('DEL', KEYS[i])
-      else
-        redis.call('SET', KEYS[i], tat_abs(next), 'PX', ms_ceil(next))
+  if first_of_name(i) then
+    local b = 2 + (i - 1) * 5
+    local alg = ARGV[b + 1]
+    local period = tonumber(ARGV[b + 3])
+    local interval = tonumber(ARGV[b + 4])
+    if alg == 'g' then
+      local s = redis.call('GET', KEYS[i])
+      if s then
+        local rel = tat_rel(s)
+        local floor = rel
+        if floor > 0 then floor = 0 end
+        local next = rel - interval * cost
+        if next < floor then next = floor end
+        if next <= 0 then
+          redis.call('DEL', KEYS[i])
+        else
+          redis.call('SET', KEYS[i], tat_abs(next), 'PX', ms_ceil(next))
+        end
       end
+    elseif alg == 'f' then
+      local count, window_end = window(KEYS[i], period)
+      if count > 0 then
+        count = count - cost
+        if count < 0 then count = 0 end
+        redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, count), 'KEEPTTL')
+      end
+    else
+      if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RPOP', KEYS[i], cost) end
     end
-  elseif alg == 'f' then
-    local count, window_end = window(KEYS[i], period)
-    if count > 0 then
-      count = count - cost
-      if count < 0 then count = 0 end
-      redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, count), 'KEEPTTL')
-    end
-  else
-    if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RPOP', KEYS[i], cost) end
   end
 end
 return 0
@@ -440,7 +454,12 @@ impl LimitStore for RedisLimiter {
         let policies: SmallVec<[Policy; 2]> = policies.iter().cloned().collect();
         async move {
             if policies.is_empty() {
-                return Err(BackendError::corrupt("a check needs at least one policy"));
+                // No limit, as in memory; nothing to ask the server.
+                return Ok(Decision::new(
+                    Outcome::Allowed,
+                    SmallVec::new(),
+                    crate::clock::Clock::now(&crate::clock::SystemClock::new()),
+                ));
             }
             decode(&policies, &call.await?)
         }

@@ -24,6 +24,35 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     stacked(store, &format!("{prefix}:stacked")).await;
     period_change(store, &format!("{prefix}:period")).await;
     algorithm_change(store, &format!("{prefix}:algorithm")).await;
+    repeated_name(store, &format!("{prefix}:repeated")).await;
+    let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
+    assert!(none.is_allowed() && none.policies().is_empty(), "no policy is no limit");
+    assert_eq!((none.remaining(), none.retry_after()), (u32::MAX, None));
+}
+
+/// Policies share a key's state by name: a list naming one twice (a host
+/// stacking lists by hand) is charged once per check.
+async fn repeated_name<S: LimitStore>(store: &S, key: &str) {
+    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let key = format!("{key}:{}", alg.as_str());
+        let twice = [policy("x", 10, alg), policy("x", 10, alg)];
+        let mut admitted = 0;
+        for _ in 0..12 {
+            admitted += u32::from(
+                store.check(&key, &twice, 1, CheckMode::Consume).await.unwrap().is_allowed(),
+            );
+        }
+        assert_eq!(admitted, 10, "{}: one state, charged once per check", alg.as_str());
+        // Given back once, too: one unit refunded admits one check.
+        store.refund(&key, &twice, 1).await.unwrap();
+        let mut admitted = 0;
+        for _ in 0..3 {
+            admitted += u32::from(
+                store.check(&key, &twice, 1, CheckMode::Consume).await.unwrap().is_allowed(),
+            );
+        }
+        assert_eq!(admitted, 1, "{}: refunded once", alg.as_str());
+    }
 }
 
 /// A key whose plan changes a policy's algorithm under one name keeps what
