@@ -175,6 +175,67 @@ fn table_rebuilds_and_moves_lose_no_update_under_concurrent_checks() {
 }
 
 #[test]
+fn a_key_in_both_forms_is_not_decided_on_the_locked_form_while_its_table_is_copied() {
+    // Keys with a live one-word state under "d" that are also in the locked
+    // form (for a stacked plan not naming "d"). While a rebuild has retired
+    // a key's word and not yet published the new table, a check under "d"
+    // must wait for the copy, not decide on the locked form (where "d" looks
+    // fresh).
+    const KEYS: u64 = 2000;
+    const LIMIT: u32 = 3;
+    for round in 0..4u64 {
+        let clock = FakeClock::at_2026();
+        let l = MemoryLimiter::<u64, _>::with_clock(1 << 20, clock);
+        let gcra = |name, limit| {
+            Policy::new(name, limit, Duration::from_secs(3600), Algorithm::Gcra).unwrap()
+        };
+        let d = [gcra("d", LIMIT)];
+        let other = [gcra("h", 1_000_000), gcra("g", 1_000_000)];
+        for k in 0..KEYS {
+            assert!(l.check(&k, &d, 1).unwrap().is_allowed());
+            assert!(l.check(&k, &other, 1).unwrap().is_allowed());
+        }
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let wins: Vec<Vec<u32>> = std::thread::scope(|s| {
+            let checkers: Vec<_> = (0..2u64)
+                .map(|t| {
+                    let (l, d, done) = (&l, &d, &done);
+                    s.spawn(move || {
+                        let mut wins = vec![0u32; KEYS as usize];
+                        let mut pass = 0u64;
+                        while pass < 4 * u64::from(LIMIT)
+                            || !done.load(std::sync::atomic::Ordering::Relaxed)
+                        {
+                            pass += 1;
+                            for i in 0..KEYS {
+                                let k = (i * 7919 + t * 1013 + pass * 31) % KEYS;
+                                wins[k as usize] +=
+                                    u32::from(l.check(&k, d, 1).unwrap().is_allowed());
+                            }
+                        }
+                        wins
+                    })
+                })
+                .collect();
+            // Meanwhile new keys under "d" grow the tables again and again.
+            let (l2, d2, done2) = (&l, &d, &done);
+            s.spawn(move || {
+                for k in 0..400_000u64 {
+                    let _ = l2.check(&(1_000_000 + round * 1_000_000 + k), d2, 1);
+                }
+                done2.store(true, std::sync::atomic::Ordering::Relaxed);
+            });
+            checkers.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for k in 0..KEYS as usize {
+            let total: u32 = wins.iter().map(|w| w[k]).sum();
+            // One of the LIMIT units was used before the race.
+            assert_eq!(total, LIMIT - 1, "round {round}, key {k}");
+        }
+    }
+}
+
+#[test]
 fn ten_million_distinct_keys_stay_under_the_cap() {
     let clock = FakeClock::at_2026();
     let l = MemoryLimiter::<u64, _>::with_clock(10_000, clock.clone());

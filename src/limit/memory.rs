@@ -6,7 +6,7 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::future::{Future, ready};
 use std::hash::Hash;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{
     Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
 };
@@ -171,6 +171,10 @@ fn word_fresh_at(word: u64) -> u64 {
 /// one memory access finds and updates a key.
 struct Table<K, T> {
     slots: Box<[OnceLock<Entry<K, T>>]>,
+    /// Set by the writer before it retires the table's slots to copy them
+    /// into a new one: a [`DEAD`] slot here may be a key in the middle of
+    /// that copy, not a key that moved to the locked form.
+    retired: AtomicBool,
 }
 
 /// A table slot: a key, its state word, and a tag that filters probes
@@ -252,7 +256,7 @@ impl<K, T: Tag> Table<K, T> {
     fn for_keys(live: usize) -> Self {
         let (num, den) = if live < SMALL { SPARSE[0] } else { DENSE[0] };
         let n = (live.saturating_mul(den) / num).max(8) + 1;
-        Self { slots: (0..n).map(|_| OnceLock::new()).collect() }
+        Self { slots: (0..n).map(|_| OnceLock::new()).collect(), retired: AtomicBool::new(false) }
     }
 
     /// Whether one more used slot keeps the table under its maximum load.
@@ -358,14 +362,20 @@ impl<K, T: Tag> Shard<K, T> {
         tracked.words() + self.multis().len()
     }
 
-    /// Whether the key has a live one-word state in table `i`.
+    /// Whether the key may have a live one-word state in table `i`: a live
+    /// word, or a dead one in a table being copied (where the key's word
+    /// may be on its way to the new table; only the writer knows).
     fn live_word<Q>(&self, i: usize, hash: u64, key: &Q) -> bool
     where
         K: Borrow<Q>,
         Q: Eq + ?Sized,
     {
-        matches!(self.tables[i].0.load().find(hash, key),
-            Probe::Found(state) if state.load(Ordering::Acquire) != DEAD)
+        let table = self.tables[i].0.load();
+        matches!(table.find(hash, key),
+            // The acquire load that sees the kill also sees `retired`, which
+            // the writer set before killing.
+            Probe::Found(state) if state.load(Ordering::Acquire) != DEAD
+                || table.retired.load(Ordering::Relaxed))
     }
 }
 
@@ -897,6 +907,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         purge: bool,
     ) -> u64 {
         let old = shard.tables[i].0.load_full();
+        // Before any slot dies: readers that see a dead slot here wait for
+        // the writer instead of taking the key for moved.
+        old.retired.store(true, Ordering::Release);
         let mut keep = Vec::with_capacity(tracked.words[i]);
         let mut next = u64::MAX;
         for entry in old.slots.iter().filter_map(OnceLock::get) {
