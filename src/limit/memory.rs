@@ -1038,6 +1038,15 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         mode: CheckMode,
         now: u64,
     ) -> Decision {
+        // When the key becomes fresh depends on the policies it is checked
+        // under (a sliding window's log lasts its period): a plan whose
+        // period grew keeps the key from eviction even while it only
+        // denies. Bookkeeping, not quota state: peeks and denials too.
+        for p in policies {
+            if let Some(slot) = st.slot(p.name()) {
+                st.fresh_at = st.fresh_at.max(algorithm::fresh_at(p, slot));
+            }
+        }
         // A state kept under another algorithm is converted once and kept,
         // whatever this check decides.
         if mode == CheckMode::Consume {

@@ -721,3 +721,26 @@ fn a_repeated_policy_name_is_charged_once() {
     let admitted = (0..12).filter(|_| l.check("k", &twice, 1).unwrap().is_allowed()).count();
     assert_eq!(admitted, 10);
 }
+
+#[test]
+fn a_sliding_key_whose_period_grew_is_not_evicted_while_it_still_limits() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let sliding =
+        |secs| Policy::new("s", 5, Duration::from_secs(secs), Algorithm::SlidingWindow).unwrap();
+    let (minute, hour) = ([sliding(60)], [sliding(3600)]);
+    for _ in 0..5 {
+        assert!(l.check("k", &minute, 1).unwrap().is_allowed());
+    }
+    // The plan becomes 5 an hour: the five count, every check is denied.
+    c.advance(Duration::from_secs(30));
+    assert!(!l.check("k", &hour, 1).unwrap().is_allowed());
+    // Past the old minute; new keys fill the limiter and purge it.
+    c.advance(Duration::from_secs(32));
+    let quick = [Policy::new("q", 1, Duration::from_millis(1), Algorithm::Gcra).unwrap()];
+    for i in 0..1000 {
+        let _ = l.check(&format!("n{i}"), &quick, 1);
+        c.advance(Duration::from_millis(2));
+    }
+    assert!(!l.check("k", &hour, 1).unwrap().is_allowed(), "evicted while still limiting");
+}
