@@ -308,6 +308,11 @@ struct Tracked {
     /// Earliest limiter time at which any tracked key becomes fresh:
     /// purging before then cannot free anything.
     next_purge: u64,
+    /// The latest time a purge judged keys fresh at. A check that read an
+    /// earlier time before taking the lock decides a key it (re)creates
+    /// at this time instead: the key was forgotten as fresh then, and must
+    /// not be judged at an earlier time where its old state still counted.
+    purged_at: u64,
 }
 
 impl Tracked {
@@ -773,6 +778,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     {
         let word = self.word_form(policies, mode == CheckMode::Consume);
         let mut tracked = shard.writer();
+        let now = now.max(tracked.purged_at);
         // Only this lock's holder kills slots or swaps tables, so what a
         // probe finds here stays put until we return.
         if let Some((p, i)) = word
@@ -869,6 +875,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             // Amortised in-band eviction: forget only keys whose state is
             // indistinguishable from fresh, and remember when the next one
             // becomes so.
+            tracked.purged_at = tracked.purged_at.max(now);
             let mut next = u64::MAX;
             shard.multis_mut().retain(|(_, m)| {
                 let fresh_at = m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at;
