@@ -329,7 +329,14 @@ pub(crate) fn fresh_at(policy: &Policy, slot: &Slot) -> u64 {
     match slot {
         Slot::Fresh => 0,
         Slot::Tat(tat) => *tat,
-        Slot::Window { end, .. } => *end,
+        // A window that counts nothing is as good as fresh.
+        Slot::Window { end, count } => {
+            if *count == 0 {
+                0
+            } else {
+                *end
+            }
+        }
         Slot::Log(log) => {
             log.back().map_or(0, |&n| n.saturating_add(duration_nanos(policy.period())))
         }

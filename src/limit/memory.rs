@@ -154,9 +154,16 @@ fn window_word(count: u32, q: u64) -> u64 {
     FIXED_TAG | (u64::from(count) << Q_BITS) | (q & Q_MASK)
 }
 
-/// When a word is indistinguishable from fresh.
+/// When a word is indistinguishable from fresh: a window that counts
+/// nothing (refunded to zero, say) already is.
 fn word_fresh_at(word: u64) -> u64 {
-    if word & FIXED_TAG == 0 { word } else { ((word & Q_MASK) + 1) << 20 }
+    if word & FIXED_TAG == 0 {
+        word
+    } else if (word >> Q_BITS) & COUNT_MAX == 0 {
+        0
+    } else {
+        ((word & Q_MASK) + 1) << 20
+    }
 }
 
 /// One policy name's one-word states in a shard: an open-addressing table
@@ -879,8 +886,12 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             let mut next = u64::MAX;
             shard.multis_mut().retain(|(_, m)| {
                 let fresh_at = m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at;
-                next = next.min(fresh_at);
-                fresh_at > now
+                // Only the keys kept say when the next purge can help.
+                let keep = fresh_at > now;
+                if keep {
+                    next = next.min(fresh_at);
+                }
+                keep
             });
             for i in 0..WORD_NAMES {
                 // A table no key ever used has nothing to forget.
@@ -1019,15 +1030,20 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             if let Some((_, i)) = self.word_form(one, false)
                 && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
             {
+                // A refund can make the key fresh sooner (a window back to
+                // zero): the next purge may free it now.
                 if refund_word(state, p, now, cost) {
+                    let mut tracked = shard.writer();
+                    tracked.next_purge = tracked.next_purge.min(now);
                     continue;
                 }
                 // Dead: the key moved or its table was swapped; wait for
                 // the writer to finish, then look again.
-                let _tracked = shard.writer();
+                let mut tracked = shard.writer();
                 if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
                     && refund_word(state, p, now, cost)
                 {
+                    tracked.next_purge = tracked.next_purge.min(now);
                     continue;
                 }
             }

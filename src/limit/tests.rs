@@ -744,3 +744,23 @@ fn a_sliding_key_whose_period_grew_is_not_evicted_while_it_still_limits() {
     }
     assert!(!l.check("k", &hour, 1).unwrap().is_allowed(), "evicted while still limiting");
 }
+
+#[test]
+fn keys_refunded_to_nothing_make_room_for_new_ones() {
+    // A day's fixed window on a full limiter, every admission refunded (an
+    // upstream outage): the keys count nothing, so new keys take their place
+    // instead of being refused until midnight.
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c);
+    let day = [Policy::new("d", 100, Duration::from_secs(86_400), Algorithm::FixedWindow).unwrap()];
+    let mut refused = 0;
+    for i in 0..2_000 {
+        let k = format!("k{i}");
+        match l.check(&k, &day, 1) {
+            Ok(d) if d.is_allowed() => l.refund(&k, &day, 1),
+            Ok(_) => {}
+            Err(_) => refused += 1,
+        }
+    }
+    assert_eq!(refused, 0);
+}
