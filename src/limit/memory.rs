@@ -474,7 +474,7 @@ impl WallAnchor {
         Self {
             offset: AtomicI64::new(offset),
             phase: AtomicU64::new(phase.unsigned_abs()),
-            at: AtomicU64::new(mono + 1),
+            at: AtomicU64::new(mono.saturating_add(1)),
         }
     }
 
@@ -496,7 +496,9 @@ impl WallAnchor {
         let since = mono.saturating_sub(at - 1);
         if since >= 1_000_000_000 || mono < at - 1 {
             let offset = Self::measure(clock, mono);
-            let drift = offset - self.offset.swap(offset, Ordering::Relaxed);
+            // Wrapping: a jump of centuries (a custom clock) is a huge drift,
+            // refused below, not an overflow.
+            let drift = offset.wrapping_sub(self.offset.swap(offset, Ordering::Relaxed));
             let slew = since / 1_000 + 1_000_000;
             if drift.unsigned_abs() <= slew {
                 // Two's complement: adding the drift's bits wraps to a
@@ -504,9 +506,9 @@ impl WallAnchor {
                 // threads re-anchoring at once both count.
                 self.phase.fetch_add(drift.cast_unsigned(), Ordering::Relaxed);
             }
-            self.at.store(mono + 1, Ordering::Relaxed);
+            self.at.store(mono.saturating_add(1), Ordering::Relaxed);
         }
-        mono + self.phase.load(Ordering::Relaxed)
+        mono.saturating_add(self.phase.load(Ordering::Relaxed))
     }
 
     /// The wall-clock time of limiter time `t`.
@@ -693,6 +695,10 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let now = self.wall.time(&self.clock);
+        if policies.is_empty() {
+            // No limit: nothing to track.
+            return Ok(Decision::new(Outcome::Allowed, SmallVec::new(), self.wall.wall(now)));
+        }
         let word = self.word_form(policies, mode == CheckMode::Consume);
         let (hash, shard) = self.shard(shards, key);
         // The fast path: a lock-free probe and one compare-and-swap.
@@ -798,8 +804,13 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         }
         let in_multis = shard.multis().find(hash, |(k, _)| k.borrow() == key).is_some();
         if let (Some((p, i)), false) = (word, in_multis) {
-            if mode == CheckMode::Peek {
-                return Ok(self.live_check(&AtomicU64::new(0), p, cost, mode, now));
+            // A new key that a fresh state denies (a cost beyond the
+            // policy's capacity) is answered without tracking it: a denial
+            // writes nothing, and a full shard does not turn it into a
+            // capacity error.
+            let fresh = self.live_check(&AtomicU64::new(0), p, cost, CheckMode::Peek, now);
+            if mode == CheckMode::Peek || !fresh.is_allowed() {
+                return Ok(fresh);
             }
             self.make_room(shard, &mut tracked, now)?;
             let mut table = shard.tables[i].0.load_full();
@@ -833,8 +844,14 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         // The locked form.
         if !in_multis {
             let moving = self.has_live_words(shard, hash, key, policies);
-            if mode == CheckMode::Peek && !moving {
-                return Ok(self.decide(&mut KeyState::default(), policies, cost, mode, now));
+            if !moving {
+                // As above: a new key is tracked only if a fresh state
+                // admits it.
+                let fresh =
+                    self.decide(&mut KeyState::default(), policies, cost, CheckMode::Peek, now);
+                if mode == CheckMode::Peek || !fresh.is_allowed() {
+                    return Ok(fresh);
+                }
             }
             if !moving {
                 self.make_room(shard, &mut tracked, now)?;

@@ -764,3 +764,49 @@ fn keys_refunded_to_nothing_make_room_for_new_ones() {
     }
     assert_eq!(refused, 0);
 }
+
+#[test]
+fn extreme_clocks_do_not_panic() {
+    // Debug builds check overflow: a wall clock that jumps by five
+    // centuries (a custom clock), and a monotonic clock near its end.
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let p = [fixed(2, 1)];
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+    c.set_wall("2250-01-01T00:00:00Z".parse().unwrap());
+    c.advance(Duration::from_secs(2));
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+    c.set_wall("1720-01-01T00:00:00Z".parse().unwrap());
+    c.advance(Duration::from_secs(2));
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+    let mono = c.monotonic().as_u64();
+    c.advance(Duration::from_nanos(u64::MAX - mono - 5));
+    let _ = l.check("k", &p, 1).unwrap();
+    let _ = l.check("k", &p, 1).unwrap();
+}
+
+#[test]
+fn denials_of_new_keys_and_empty_policy_lists_track_nothing() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c);
+    let p = [fixed(2, 3600)];
+    let stacked = [
+        fixed(2, 3600),
+        Policy::new("m", 5, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap(),
+    ];
+    // Fill the limiter with keys that still limit.
+    let mut i = 0;
+    while l.check(&format!("k{i}"), &p, 1).is_ok() {
+        i += 1;
+        assert!(i < 10_000);
+    }
+    let full = l.len();
+    for (name, policies) in [("word", &p[..]), ("locked", &stacked[..])] {
+        // A cost no window can hold: impossible, not a capacity error.
+        let d = l.check(&format!("new-{name}"), policies, 3).unwrap();
+        assert_eq!(d.outcome(), Outcome::Impossible, "{name}");
+    }
+    let d = l.check("new-none", &[], 1).unwrap();
+    assert!(d.is_allowed() && d.policies().is_empty());
+    assert_eq!(l.len(), full, "nothing was tracked");
+}
