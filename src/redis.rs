@@ -36,9 +36,17 @@
 //! limited key as a hash tag (`prefix:rl:{k:KEY}:policy:alg`), so a stacked
 //! check touches one slot; quota counters are tagged by account. The key
 //! store keeps all its records and indexes under one tag
-//! (`{prefix:keys}`), so that an insert can check every uniqueness index and
+//! (`prefix:{prefix:keys}:…`), so that an insert can check every uniqueness index and
 //! the per-project cap in one atomic script: key records are small and
-//! written rarely, so one slot holds them comfortably.
+//! written rarely, so one slot holds them comfortably. Scripts reach keys
+//! they derive from the keys they are given (records from indexes, a
+//! policy's state under another algorithm), all in the given keys' slot:
+//! fine on Redis and on a cluster with a cluster-aware client, but a server
+//! that insists every key be declared (Dragonfly by default) refuses them.
+//! This crate's client is single-node.
+//!
+//! A call that times out may still have run on the server: a redemption
+//! then counts as used, a limiter or quota check as counted.
 
 mod keys;
 mod limit;

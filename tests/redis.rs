@@ -61,6 +61,19 @@ async fn redis_portal_store_passes_the_testkit() {
 }
 
 #[tokio::test]
+async fn the_key_store_reads_records_over_resp3_too() {
+    let server = RedisServer::start();
+    let url = format!("{}?protocol=resp3", server.url().trim_end_matches('/'));
+    let redis = RedisConfig::from_url(&url).unwrap().prefix("r3").unwrap().connect().await.unwrap();
+    let keys = redis.keys();
+    let r = keygate::testkit::keys::sample_record("ws_x", Some("p1"), 0, true);
+    keys.insert(Arc::new(r.clone()), None).await.unwrap();
+    let got = keys.get(&r.id).await.unwrap().expect("the record");
+    assert_eq!(*got, r);
+    assert!(keys.find_by_digest(&r.digest).await.unwrap().is_some());
+}
+
+#[tokio::test]
 async fn redis_key_store_passes_the_testkit() {
     let server = RedisServer::start();
     let redis = connect(&server, "tk").await;
@@ -578,7 +591,7 @@ async fn redis_key_store_forgets_expired_records_and_their_ids() {
 
     let client = ::redis::Client::open(server.url()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
-    let base = "{ret:keys}:";
+    let base = "ret:{ret:keys}:";
     let rec = format!("{base}rec:{}", r.id);
     let indexes = [
         rec.clone(),
@@ -616,4 +629,21 @@ async fn redis_key_store_forgets_expired_records_and_their_ids() {
     assert_eq!(listed.len(), 2);
     let workspace: usize = con.scard(format!("{base}ws:ws_x")).await.unwrap();
     assert_eq!(workspace, 2);
+
+    // Written with an expiry whose retention is already over (an import, a
+    // clock far behind): kept for one retention from now, not forever.
+    let mut old = keygate::testkit::keys::sample_record("ws_x", None, 0, false);
+    old.expires_at = Some(now - jiff::SignedDuration::from_hours(48));
+    store.insert(Arc::new(old.clone()), None).await.unwrap();
+    let ttl: i64 = con.pttl(format!("{base}rec:{}", old.id)).await.unwrap();
+    assert!((55_000..=60_000).contains(&ttl), "{ttl} ms");
+    // The same for an expiry shortened into the past (a roll with no grace
+    // and no retention left).
+    let kept = keygate::testkit::keys::sample_record("ws_x", None, 0, false);
+    store.insert(Arc::new(kept.clone()), None).await.unwrap();
+    assert!(
+        store.shorten_expiry(&kept.id, now - jiff::SignedDuration::from_hours(48)).await.unwrap()
+    );
+    let ttl: i64 = con.pttl(format!("{base}rec:{}", kept.id)).await.unwrap();
+    assert!((55_000..=60_000).contains(&ttl), "{ttl} ms");
 }

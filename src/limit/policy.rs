@@ -16,7 +16,9 @@ pub enum Algorithm {
     Gcra,
     /// Fixed windows of `period` starting on whole Unix seconds (minutes,
     /// hours: any period that divides a day lines up with the calendar); at
-    /// most `limit` per window. `X-RateLimit-Reset` is the window's end.
+    /// most `limit` per window. Longer periods (a week) start on multiples
+    /// of the period since the Unix epoch on Redis, and on a midnight of the
+    /// process's choosing in memory. `X-RateLimit-Reset` is the window's end.
     FixedWindow,
     /// An exact rolling window: at most `limit` in any `period`-long span.
     SlidingWindow,

@@ -45,11 +45,14 @@ pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
 /// KEYS: record, digest index, key-id index, project set, workspace set.
 /// ARGV: id, immutable JSON, expiry, has key id, has project, cap (or
 /// empty), now, record-key prefix, revoked, last used (times sortable or
-/// empty), forget-at (Unix ms: expiry plus retention, or empty).
+/// empty), forget-at (Unix ms: expiry plus retention, or empty), retention
+/// (ms).
 ///
-/// Redis drops an expired record and its indexes at forget-at by itself
-/// (set only when forget-at is still ahead of the server's clock: a record
-/// written with times from the past, as tests on a fake clock do, is kept).
+/// Redis drops an expired record and its indexes at forget-at by itself.
+/// A forget-at already behind the server's clock (a record written with
+/// times from the past: an import, a caller's clock far behind, a test on
+/// a fake clock) keeps the record for one retention from now instead:
+/// bounded, as in memory, without dropping what was just written.
 /// The id sets lose the ids of forgotten records in-band: each insert tests
 /// two random members of each set it adds to (a set stays about twice its
 /// live size at most), the cap count skips and drops them, and so does
@@ -81,10 +84,10 @@ if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'rev', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'used', ARGV[10]) end
 redis.call('SET', KEYS[2], ARGV[1])
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[1]) end
-if ARGV[11] ~= '' and FUTURE(ARGV[11]) then
-  redis.call('PEXPIREAT', KEYS[1], ARGV[11])
-  redis.call('PEXPIREAT', KEYS[2], ARGV[11])
-  if ARGV[4] == '1' then redis.call('PEXPIREAT', KEYS[3], ARGV[11]) end
+if ARGV[11] ~= '' then
+  FORGET(KEYS[1], ARGV[11], ARGV[12])
+  FORGET(KEYS[2], ARGV[11], ARGV[12])
+  if ARGV[4] == '1' then FORGET(KEYS[3], ARGV[11], ARGV[12]) end
 end
 if ARGV[5] == '1' then
   sweep(KEYS[4])
@@ -124,19 +127,19 @@ return 1
 ";
 
 /// KEYS: record, digest index, key-id index. ARGV[1]: expiry (sortable),
-/// ARGV[2]: forget-at (Unix ms, or empty), ARGV[3]: id, ARGV[4]: has key
-/// id. The indexes that point at the record are forgotten with it (a record
+/// ARGV[2]: forget-at (Unix ms, or empty), ARGV[3]: id, ARGV[4]: retention
+/// (ms), ARGV[5]: has key id. The indexes that point at the record are forgotten with it (a record
 /// made without an expiry has indexes without one).
 const SHORTEN: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'exp')
 if not cur or ARGV[1] < cur then
   redis.call('HSET', KEYS[1], 'exp', ARGV[1])
-  if ARGV[2] ~= '' and FUTURE(ARGV[2]) then
-    redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-    if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('PEXPIREAT', KEYS[2], ARGV[2]) end
-    if ARGV[4] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
-      redis.call('PEXPIREAT', KEYS[3], ARGV[2])
+  if ARGV[2] ~= '' then
+    FORGET(KEYS[1], ARGV[2], ARGV[4])
+    if redis.call('GET', KEYS[2]) == ARGV[3] then FORGET(KEYS[2], ARGV[2], ARGV[4]) end
+    if ARGV[5] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
+      FORGET(KEYS[3], ARGV[2], ARGV[4])
     end
   end
 end
@@ -160,6 +163,14 @@ const FUTURE_FN: &str = r"
 local function FUTURE(ms)
   local t = redis.call('TIME')
   return tonumber(ms) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+-- Forget `key` at Unix ms `ms`, or `keep` ms from now if that is past.
+local function FORGET(key, ms, keep)
+  if FUTURE(ms) then
+    redis.call('PEXPIREAT', key, ms)
+  else
+    redis.call('PEXPIRE', key, math.max(tonumber(keep), 1))
+  end
 end
 ";
 
@@ -192,7 +203,7 @@ static LAST_USED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_US
 #[derive(Debug, Clone)]
 pub struct RedisKeyStore {
     redis: Redis,
-    /// `{prefix:keys}:`
+    /// `prefix:{prefix:keys}:`
     base: String,
     /// How long a record stays after it expires.
     retention: SignedDuration,
@@ -200,7 +211,8 @@ pub struct RedisKeyStore {
 
 impl RedisKeyStore {
     pub(super) fn new(redis: Redis) -> Self {
-        let base = format!("{{{}:keys}}:", redis.prefix());
+        let p = redis.prefix();
+        let base = format!("{p}:{{{p}:keys}}:");
         Self { redis, base, retention: signed_duration(crate::store::EXPIRED_RETENTION) }
     }
 
@@ -223,6 +235,12 @@ impl RedisKeyStore {
             .map(|t| t.as_millisecond().to_string())
             .unwrap_or_default()
             .into_bytes()
+    }
+
+    /// The retention in whole milliseconds (at least one).
+    fn retention_ms(&self) -> Vec<u8> {
+        let ms = self.retention.as_millis().max(1);
+        ms.to_string().into_bytes()
     }
 
     fn rec_prefix(&self) -> String {
@@ -315,13 +333,18 @@ fn time_opt(f: &HashMap<String, String>, k: &str) -> Result<Option<Timestamp>, B
     f.get(k).map(|s| from_sortable(s).ok_or_else(|| bad(k))).transpose()
 }
 
-/// A record from its hash fields (`HGETALL`, flat).
+/// A record from its hash fields (`HGETALL` as a script returns it: flat).
 fn decode(flat: Vec<String>) -> Result<KeyRecord, BackendError> {
     let mut f = HashMap::with_capacity(flat.len() / 2);
     let mut it = flat.into_iter();
     while let (Some(k), Some(v)) = (it.next(), it.next()) {
         f.insert(k, v);
     }
+    decode_fields(&f)
+}
+
+/// A record from its hash fields by name.
+fn decode_fields(f: &HashMap<String, String>) -> Result<KeyRecord, BackendError> {
     let v: Value =
         serde_json::from_str(f.get("r").ok_or_else(|| bad("body"))?).map_err(|_| bad("body"))?;
     let m = v.as_object().ok_or_else(|| bad("body"))?;
@@ -350,9 +373,9 @@ fn decode(flat: Vec<String>) -> Result<KeyRecord, BackendError> {
         scopes,
         plan: parse_opt(m, "plan")?,
         created_at: from_sortable(str_of(m, "created")?).ok_or_else(|| bad("created"))?,
-        expires_at: time_opt(&f, "exp")?,
-        revoked_at: time_opt(&f, "rev")?,
-        last_used_at: time_opt(&f, "used")?,
+        expires_at: time_opt(f, "exp")?,
+        revoked_at: time_opt(f, "rev")?,
+        last_used_at: time_opt(f, "used")?,
         metadata,
     })
 }
@@ -386,6 +409,7 @@ impl KeyStore for RedisKeyStore {
             opt_sortable(record.revoked_at),
             opt_sortable(record.last_used_at),
             self.forget_at(record.expires_at),
+            self.retention_ms(),
         ];
         let max = limit.map_or(0, |l| l.max);
         let call = self.redis.eval::<String>(&INSERT_SCRIPT, keys, args);
@@ -426,10 +450,16 @@ impl KeyStore for RedisKeyStore {
     ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
         let mut cmd = ::redis::cmd("HGETALL");
         cmd.arg(self.rec(id));
-        let call = self.redis.query::<Vec<String>>(cmd);
+        // A map: RESP3 answers `HGETALL` with one, RESP2 with a flat array,
+        // and the client reads either as a map.
+        let call = self.redis.query::<HashMap<String, String>>(cmd);
         async move {
             let fields = call.await?;
-            if fields.is_empty() { Ok(None) } else { decode(fields).map(|r| Some(Arc::new(r))) }
+            if fields.is_empty() {
+                Ok(None)
+            } else {
+                decode_fields(&fields).map(|r| Some(Arc::new(r)))
+            }
         }
     }
 
@@ -478,6 +508,7 @@ impl KeyStore for RedisKeyStore {
             sortable(expires_at).into_bytes(),
             self.forget_at(Some(expires_at)),
             id.as_str().as_bytes().to_vec(),
+            self.retention_ms(),
         ];
         // The index keys come from the record's (immutable) digest and key
         // id: one read first. Shortening is rare (rolls), so two round

@@ -44,7 +44,9 @@ const GRACE_MS: i128 = 86_400_000;
 /// A check reads every counter of the rules that count the category and,
 /// only if all have room, increments them all — one Lua script, one round
 /// trip. Months are calendar months in UTC of the `now` the caller passes;
-/// a counter expires a day after its month ends.
+/// a counter expires a day after its month ends. Limits above 2^52 are
+/// enforced as 2^52 (the script's numbers are doubles); `MemoryQuotaStore`
+/// counts to the full `u64`.
 #[derive(Debug, Clone)]
 pub struct RedisQuotaStore {
     redis: Redis,
