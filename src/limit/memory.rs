@@ -36,7 +36,7 @@ pub struct CapacityError {
 }
 
 /// A key's state: one slot per policy name.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 struct KeyState {
     slots: SmallVec<[(PolicyName, Slot); 2]>,
     /// Monotonic time after which every slot is fresh again.
@@ -803,6 +803,10 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             return Ok(d);
         }
         let in_multis = shard.multis().find(hash, |(k, _)| k.borrow() == key).is_some();
+        if mode == CheckMode::Peek && (in_multis || self.has_live_words(shard, hash, key, policies))
+        {
+            return Ok(self.peek_both_forms(hash, shard, key, policies, cost, now));
+        }
         if let (Some((p, i)), false) = (word, in_multis) {
             // A new key that a fresh state denies (a cost beyond the
             // policy's capacity) is answered without tracking it: a denial
@@ -882,6 +886,40 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let d = self.decide(&mut st, policies, cost, mode, now);
         tracked.next_purge = tracked.next_purge.min(st.fresh_at);
         Ok(d)
+    }
+
+    /// A peek at a key whose state is in the locked form, in words, or
+    /// both: decided on a copy, so a peek neither moves the key between
+    /// forms nor retires its words. The caller holds the writer lock.
+    fn peek_both_forms<T, Q>(
+        &self,
+        hash: u64,
+        shard: &Shard<K, T>,
+        key: &Q,
+        policies: &[Policy],
+        cost: u32,
+        now: u64,
+    ) -> Decision
+    where
+        T: Tag,
+        K: Borrow<Q>,
+        Q: Eq + ?Sized,
+    {
+        let mut st = shard
+            .multis()
+            .find(hash, |(k, _)| k.borrow() == key)
+            .map(|(_, m)| lock_state(m).clone())
+            .unwrap_or_default();
+        for p in policies {
+            let Some(i) = self.word_table(p.name_value(), false) else { continue };
+            if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key) {
+                let word = state.load(Ordering::Acquire);
+                if word != DEAD {
+                    *st.slot_mut(p) = word_to_slot(p, word, now);
+                }
+            }
+        }
+        self.decide(&mut st, policies, cost, CheckMode::Peek, now)
     }
 
     /// Lets one more key in, forgetting fresh keys first if the shard is
