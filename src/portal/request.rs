@@ -54,6 +54,10 @@ pub enum RequestError {
     /// The body is not a JSON object.
     #[error("request body must be a JSON object")]
     NotAnObject,
+    /// The body is not valid JSON (or holds a number too large for JSON
+    /// parsers to represent).
+    #[error("request body must be valid JSON")]
+    InvalidJson,
     /// A field the request does not define.
     #[error("{field} is not a known field")]
     UnknownField {
@@ -98,7 +102,7 @@ impl RequestError {
     #[must_use]
     pub fn field(&self) -> Cow<'static, str> {
         match self {
-            Self::NotAnObject => "body".into(),
+            Self::NotAnObject | Self::InvalidJson => "body".into(),
             Self::UnknownField { field } => field.clone().into(),
             Self::RoleType | Self::UnknownRole => "role".into(),
             Self::ExpiresType | Self::ExpiresRange => "expiresInMinutes".into(),
@@ -124,12 +128,23 @@ impl SessionRequest {
     /// # Errors
     ///
     /// [`RequestError`] naming the first violated rule; unknown fields are
-    /// refused.
+    /// refused. Every option is optional: an empty body, `null`, and a
+    /// field set to `null` (as SDKs send unset options) take the defaults.
     pub fn from_json(bytes: &[u8]) -> Result<Self, RequestError> {
-        let value: Value = serde_json::from_slice(bytes).map_err(|_| RequestError::NotAnObject)?;
-        let Value::Object(map) = value else { return Err(RequestError::NotAnObject) };
+        if bytes.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Self::default());
+        }
+        let value: Value = serde_json::from_slice(bytes).map_err(|_| RequestError::InvalidJson)?;
+        let map = match value {
+            Value::Object(map) => map,
+            Value::Null => return Ok(Self::default()),
+            _ => return Err(RequestError::NotAnObject),
+        };
         let mut req = Self::default();
         for (k, v) in map {
+            if v.is_null() && matches!(k.as_str(), "role" | "expiresInMinutes" | "metadata") {
+                continue;
+            }
             match k.as_str() {
                 "role" => {
                     let s = v.as_str().ok_or(RequestError::RoleType)?;
@@ -137,11 +152,23 @@ impl SessionRequest {
                 }
                 "expiresInMinutes" => {
                     let n = v.as_number().ok_or(RequestError::ExpiresType)?;
-                    if n.is_f64() {
-                        return Err(RequestError::ExpiresType);
-                    }
-                    // Negative numbers are out of range, not of type.
-                    let m = n.as_u64().ok_or(RequestError::ExpiresRange)?;
+                    let m = match (n.as_u64(), n.as_f64()) {
+                        (Some(m), _) => m,
+                        // `30.0` is an integer in JSON's data model (and
+                        // what some serializers write).
+                        (None, Some(f)) if f.fract() == 0.0 && (0.0..=60.0).contains(&f) => {
+                            // Whole and within 0..=60: exact.
+                            #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
+                            let m = f as u64;
+                            m
+                        }
+                        // Whole but out of range: negative, or too large
+                        // for a u64.
+                        (None, Some(f)) if f.fract() == 0.0 => {
+                            return Err(RequestError::ExpiresRange);
+                        }
+                        _ => return Err(RequestError::ExpiresType),
+                    };
                     check_expires(m)?;
                     req.expires_in_minutes = m;
                 }
@@ -219,6 +246,23 @@ mod tests {
     }
 
     #[test]
+    fn unset_options_take_the_defaults_however_they_are_sent() {
+        // No body, a JSON null, and options set to null (as SDKs that send
+        // unset fields do) are all "no options".
+        for body in ["", "  \n", "null", r#"{"role":null,"expiresInMinutes":null,"metadata":null}"#]
+        {
+            assert_eq!(
+                SessionRequest::from_json(body.as_bytes()),
+                Ok(SessionRequest::default()),
+                "{body:?}"
+            );
+        }
+        // A whole number written with a fraction is that number.
+        let r = SessionRequest::from_json(br#"{"expiresInMinutes":30.0}"#).unwrap();
+        assert_eq!(r.expires_in_minutes, 30);
+    }
+
+    #[test]
     fn full_request_parses() {
         let r = SessionRequest::from_json(
             br#"{"role":"viewer","expiresInMinutes":30,"metadata":{"customerId":"c_1"}}"#,
@@ -235,7 +279,12 @@ mod tests {
             (0..11).map(|i| format!("\"k{i}\":\"v\"")).collect::<Vec<_>>().join(",");
         let cases: Vec<(String, RequestError)> = vec![
             ("[]".into(), RequestError::NotAnObject),
-            ("not json".into(), RequestError::NotAnObject),
+            ("not json".into(), RequestError::InvalidJson),
+            ("\"x\"".into(), RequestError::NotAnObject),
+            (r#"{"expiresInMinutes":1e400}"#.into(), RequestError::InvalidJson),
+            (r#"{"expiresInMinutes":18446744073709551616}"#.into(), RequestError::ExpiresRange),
+            (r#"{"expiresInMinutes":61.0}"#.into(), RequestError::ExpiresRange),
+            (r#"{"expiresInMinutes":-2.0}"#.into(), RequestError::ExpiresRange),
             (r#"{"x":1}"#.into(), RequestError::UnknownField { field: "x".into() }),
             (r#"{"role":1}"#.into(), RequestError::RoleType),
             (r#"{"role":"owner"}"#.into(), RequestError::UnknownRole),
