@@ -355,18 +355,18 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// [`PortalError::UnknownCode`], [`PortalError::Scope`] when the
     /// portal's role scopes do not compile, [`PortalError::Collision`] when
     /// the minted token is taken, or a backend failure.
+    ///
+    /// Role scopes and randomness are settled before the code is spent, so
+    /// those failures leave the link usable. Storing the access token comes
+    /// after (the token's expiry is the session's): if that store call
+    /// fails, the link is used up and the host mints a new one.
     pub async fn redeem(&self, code: &str) -> Result<AccessToken, PortalError> {
         // Validate (grammar and checksum) without copying the code.
         CODE.parse_bytes(code.as_bytes()).map_err(|_| PortalError::MalformedCode)?;
         let digest: Digest = *self.hasher.digest(code.as_bytes()).digest();
-        let now = self.clock.now();
-        let session = match self.sessions.redeem(&digest, now).await? {
-            Redeem::Session(s) => s,
-            Redeem::AlreadyUsed => return Err(PortalError::AlreadyUsed),
-            Redeem::Expired => return Err(PortalError::Expired),
-            Redeem::Unknown => return Err(PortalError::UnknownCode),
-        };
-        let (_, scopes) = self.role(session.role)?;
+        // Everything that can fail without the store is done before the
+        // code is spent: a failure here leaves the link usable.
+        let roles = self.roles.as_ref().map_err(Clone::clone)?;
         // One OS call for the token and its record id: their characters are
         // all base62, so one rejection margin covers both (64 bytes).
         let mut rng = OsBatch::new(REDEEM_RANDOM_BYTES);
@@ -375,6 +375,14 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             .map_err(|_| PortalError::Collision)?;
         let id = RecordId::generate_with(&mut rng).map_err(BackendError::unavailable)?;
         drop(rng);
+        let now = self.clock.now();
+        let session = match self.sessions.redeem(&digest, now).await? {
+            Redeem::Session(s) => s,
+            Redeem::AlreadyUsed => return Err(PortalError::AlreadyUsed),
+            Redeem::Expired => return Err(PortalError::Expired),
+            Redeem::Unknown => return Err(PortalError::UnknownCode),
+        };
+        let (_, scopes) = &roles[role_slot(session.role)];
         let mut metadata = session.metadata;
         // The request's rules keep `portal.` keys out of session metadata.
         metadata.insert(ROLE_METADATA_KEY.into(), session.role.as_str().to_owned());

@@ -128,6 +128,23 @@ async fn roles_map_to_permissions() {
 }
 
 #[tokio::test]
+async fn a_redemption_that_fails_before_the_store_leaves_the_link_usable() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let sessions = Arc::new(MemoryPortalStore::new());
+    let good = Portal::new(sessions.clone(), w.keys.clone()).clock(w.clock.clone());
+    let minted = good.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
+    // A misconfigured instance (its registry lacks the portal's resources)
+    // cannot redeem, and must not spend the code trying.
+    let broken = Portal::new(sessions, w.keys.clone())
+        .clock(w.clock.clone())
+        .registry(Arc::new(keygate::scope::ScopeRegistry::new(&["other"], &["read"]).unwrap()));
+    let err = broken.redeem(minted.code().expose_secret()).await.unwrap_err();
+    assert!(matches!(err, PortalError::Scope(_)), "{err}");
+    assert!(good.redeem(minted.code().expose_secret()).await.is_ok(), "the link still works");
+}
+
+#[tokio::test]
 async fn expiry_boundary_and_defaults() {
     let w = world(&["*"]).await;
     let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
