@@ -55,7 +55,7 @@ async fn start() -> Server {
         cache: std::sync::Arc::default(),
         load_twin: false,
     };
-    let (router, manager) = app::router(app::Stores::memory(), config).unwrap();
+    let (router, manager, _flush) = app::router(app::Stores::memory(), config).unwrap();
     let token = app::bootstrap(&manager, workspace).await.unwrap();
     tokio::spawn(async move { axum::serve(listener, router).await.unwrap() });
     Server {
@@ -625,6 +625,31 @@ async fn portal_api_follows_the_role() {
     let token = viewer.split_once('=').unwrap().1;
     let r = s.bearer(Method::GET, "/management/v1/workspaces/ws_demo/api-keys", token, None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // The demo's endpoint lists are bounded: URL length, count, body size.
+    let long = Some(json!({"url": format!("https://h.test/{}", "a".repeat(2100))}));
+    let r = call(Method::POST, "/portal/api/endpoints", &editor, long).await;
+    assert_eq!(
+        (r.status, r.body["error"]["field"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("url"))
+    );
+    // (100 a second is the portal's rate: wait out a full window.)
+    let mut created = 0;
+    while created < 100 {
+        let r = call(Method::POST, "/portal/api/endpoints", &editor, ep.clone()).await;
+        if r.status == StatusCode::TOO_MANY_REQUESTS {
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+            continue;
+        }
+        assert_eq!(r.status, StatusCode::CREATED);
+        created += 1;
+    }
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let r = call(Method::POST, "/portal/api/endpoints", &editor, ep.clone()).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.text);
+    let huge = Some(json!({"url": "https://h.test/", "pad": "x".repeat(100_000)}));
+    let r = call(Method::POST, "/portal/api/endpoints", &admin, huge).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
 }
 
 /// The example binary itself: its first stdout line, `--plans`, and a

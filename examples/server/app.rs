@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -29,6 +29,7 @@ use keygate::scope::Scope;
 use keygate::store::{KeyStore, ProjectId, RecordId, Tenant, WorkspaceId};
 use keygate::tower::Gate;
 use serde_json::{Map, Value, json};
+use std::pin::Pin;
 
 /// Where the server keeps its state: in memory, or in a shared backend.
 pub(crate) trait Backend: Send + Sync + 'static {
@@ -133,7 +134,15 @@ struct App<B: Backend> {
 
 type AppState<B> = State<Arc<App<B>>>;
 
-/// The router, and the stores' key manager for bootstrapping.
+/// Writes out the last-use times still pending (at shutdown).
+pub(crate) type Flush = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
+
+/// Request bodies larger than this are refused (413) before any handler
+/// reads them.
+const MAX_BODY: usize = 64 * 1024;
+
+/// The router, the stores' key manager for bootstrapping, and the
+/// shutdown flush of last use.
 ///
 /// # Errors
 ///
@@ -141,7 +150,7 @@ type AppState<B> = State<Arc<App<B>>>;
 pub(crate) fn router<B: Backend>(
     stores: Stores<B>,
     config: Config,
-) -> Result<(Router, KeyManager<B::Keys>), keygate::scope::ScopeError> {
+) -> Result<(Router, KeyManager<B::Keys>, Flush), keygate::scope::ScopeError> {
     let Stores { keys, limits, quotas, sessions } = stores;
     let auth =
         Authenticator::new(keys.clone()).formats(portal::formats()).cache(config.cache.clone());
@@ -180,76 +189,56 @@ pub(crate) fn router<B: Backend>(
     let tokens = "/management/v1/workspaces/{ws}/tokens";
     let router = Router::new()
         .route("/healthz", get(|| async { "ok" }))
-        .route(keys_path, post(create_key::<B>).layer(mgmt.clone().require("api_keys:create")?))
-        .route(keys_path, get(list_keys::<B>).layer(mgmt.clone().require("api_keys:read")?))
+        .route(
+            keys_path,
+            post(create_key::<B>).route_layer(mgmt.clone().require("api_keys:create")?),
+        )
+        .route(keys_path, get(list_keys::<B>).route_layer(mgmt.clone().require("api_keys:read")?))
         .route(
             "/management/v1/workspaces/{ws}/api-keys/{id}",
-            delete(revoke_key::<B>).layer(mgmt.clone().require("api_keys:delete")?),
+            delete(revoke_key::<B>).route_layer(mgmt.clone().require("api_keys:delete")?),
         )
-        .route(tokens, post(create_token::<B>).layer(mgmt.clone().require("tokens:create")?))
-        .route(tokens, get(list_tokens::<B>).layer(mgmt.clone().require("tokens:read")?))
+        .route(tokens, post(create_token::<B>).route_layer(mgmt.clone().require("tokens:create")?))
+        .route(tokens, get(list_tokens::<B>).route_layer(mgmt.clone().require("tokens:read")?))
         .route(
             &format!("{tokens}/{{id}}"),
-            delete(revoke_token::<B>).layer(mgmt.clone().require("tokens:delete")?),
+            delete(revoke_token::<B>).route_layer(mgmt.clone().require("tokens:delete")?),
         )
         .route(
             "/management/v1/workspaces/{ws}/applications/{app}/portal",
-            post(create_portal::<B>).layer(mgmt.require("portal:create")?),
+            post(create_portal::<B>).route_layer(mgmt.require("portal:create")?),
         )
-        .route("/api/ingest/{endpoint}", post(ingest_event).layer(ingest))
+        .route("/api/ingest/{endpoint}", post(ingest_event).route_layer(ingest))
         .route(
             "/v1/applications",
             get(|| async { Json(json!({"data": []})) })
-                .layer(svix.clone().require("applications:read")?),
+                .route_layer(svix.clone().require("applications:read")?),
         )
-        .route("/v1/webhooks", post(create_webhook::<B>).layer(svix.require("webhooks:write")?))
-        .route("/api/v1/ping", get(ping).layer(hex.clone()))
-        .route("/api/v1/notifications", post(notify::<B>).layer(hex))
-        .route("/api/v1/seq/{org}/{project}/{flow}/execute", post(execute).layer(seq))
+        .route(
+            "/v1/webhooks",
+            post(create_webhook::<B>).route_layer(svix.require("webhooks:write")?),
+        )
+        .route("/api/v1/ping", get(ping).route_layer(hex.clone()))
+        .route("/api/v1/notifications", post(notify::<B>).route_layer(hex))
+        .route("/api/v1/seq/{org}/{project}/{flow}/execute", post(execute).route_layer(seq))
         .route("/portal", get(open_portal::<B>))
         .route(
             "/portal/api/endpoints",
-            get(list_endpoints::<B>).layer(portal_api.clone().require("endpoints:read")?),
+            get(list_endpoints::<B>).route_layer(portal_api.clone().require("endpoints:read")?),
         )
         .route(
             "/portal/api/endpoints",
-            post(create_endpoint::<B>).layer(portal_api.clone().require("endpoints:create")?),
+            post(create_endpoint::<B>).route_layer(portal_api.clone().require("endpoints:create")?),
         )
         .route(
             "/portal/api/endpoints/{id}",
-            delete(delete_endpoint::<B>).layer(portal_api.require("endpoints:delete")?),
+            delete(delete_endpoint::<B>).route_layer(portal_api.require("endpoints:delete")?),
         )
+        .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app.clone());
-    let router = if config.load_twin {
-        // The twin again, with three rate-limit headers of the gated
-        // route's length added as constants: what the headers the issue
-        // requires cost on the wire, apart from keygate's work.
-        router.route("/load/ingest/{endpoint}", post(ingest_event)).route(
-            "/load/ingest-with-headers/{endpoint}",
-            post(|| async {
-                let mut r = ingest_event().await;
-                let h = r.headers_mut();
-                h.insert("x-ratelimit-limit", HeaderValue::from_static("1000000000"));
-                h.insert("x-ratelimit-remaining", HeaderValue::from_static("999999999"));
-                h.insert("x-ratelimit-reset", HeaderValue::from_static("1764100000"));
-                r
-            }),
-        )
-    } else {
-        router
-    };
-    // Last use is coalesced in memory; write it out every few seconds for
-    // as long as the app lives.
-    let weak = Arc::downgrade(&app);
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tick.tick().await;
-            let Some(app) = weak.upgrade() else { break };
-            let _ = app.gate.authenticator().flush_last_use().await;
-        }
-    });
-    Ok((router, manager()))
+    let router = if config.load_twin { with_load_twin(router) } else { router };
+    let flush = flush_last_use(app);
+    Ok((router, manager(), flush))
 }
 
 impl<B: Backend> App<B> {
@@ -285,6 +274,43 @@ fn no_store(mut res: Response) -> Response {
 
 fn bad(field: &'static str, message: impl Into<String>) -> Rejection {
     Rejection::BadRequest { field: field.into(), message: message.into() }
+}
+
+/// The load check's twins of the ingest route: the handler with no layer,
+/// and the same with three rate-limit headers of the gated route's length
+/// added as constants: what the headers the issue requires cost on the
+/// wire, apart from keygate's work.
+fn with_load_twin(router: Router) -> Router {
+    router.route("/load/ingest/{endpoint}", post(ingest_event)).route(
+        "/load/ingest-with-headers/{endpoint}",
+        post(|| async {
+            let mut r = ingest_event().await;
+            let h = r.headers_mut();
+            h.insert("x-ratelimit-limit", HeaderValue::from_static("1000000000"));
+            h.insert("x-ratelimit-remaining", HeaderValue::from_static("999999999"));
+            h.insert("x-ratelimit-reset", HeaderValue::from_static("1764100000"));
+            r
+        }),
+    )
+}
+
+/// Last use is coalesced in memory: written out every few seconds for as
+/// long as the app lives, and once more by the returned [`Flush`].
+fn flush_last_use<B: Backend>(app: Arc<App<B>>) -> Flush {
+    let weak = Arc::downgrade(&app);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let Some(app) = weak.upgrade() else { break };
+            let _ = app.gate.authenticator().flush_last_use().await;
+        }
+    });
+    Box::new(move || {
+        Box::pin(async move {
+            let _ = app.gate.authenticator().flush_last_use().await;
+        })
+    })
 }
 
 /// `/management/v1/workspaces/{ws}/…`: the key must reach `{ws}`.
@@ -683,6 +709,10 @@ async fn list_endpoints<B: Backend>(
     json(StatusCode::OK, json!({ "data": data }))
 }
 
+/// Bounds on the demo's in-memory endpoint lists.
+const MAX_URL_LEN: usize = 2048;
+const MAX_ENDPOINTS: usize = 100;
+
 async fn create_endpoint<B: Backend>(
     State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
@@ -690,10 +720,12 @@ async fn create_endpoint<B: Backend>(
 ) -> Response {
     let url = object(&body).and_then(|obj| {
         let url = req_str(&obj, "url")?;
-        if url.starts_with("https://") || url.starts_with("http://") {
-            Ok(url.to_owned())
-        } else {
+        if !(url.starts_with("https://") || url.starts_with("http://")) {
             Err(bad("url", "url must be an http(s) URL"))
+        } else if url.len() > MAX_URL_LEN {
+            Err(bad("url", format!("url must be at most {MAX_URL_LEN} bytes")))
+        } else {
+            Ok(url.to_owned())
         }
     });
     let url = match url {
@@ -706,12 +738,16 @@ async fn create_endpoint<B: Backend>(
         "metadata": caller.metadata(),
         "created_by": caller.hint(),
     });
-    app.endpoints
-        .lock()
-        .expect("endpoint list lock")
-        .entry(application_of(&caller))
-        .or_default()
-        .push(endpoint.clone());
+    {
+        let mut endpoints = app.endpoints.lock().expect("endpoint list lock");
+        let list = endpoints.entry(application_of(&caller)).or_default();
+        // Bounded: a session (or many) cannot grow the demo's memory at will.
+        if list.len() >= MAX_ENDPOINTS {
+            let message = format!("an application has at most {MAX_ENDPOINTS} endpoints");
+            return app.reject(&Rejection::Conflict { message }, BodyStyle::Nested);
+        }
+        list.push(endpoint.clone());
+    }
     json(StatusCode::CREATED, endpoint)
 }
 

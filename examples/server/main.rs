@@ -73,23 +73,23 @@ async fn main() -> Result<(), Box<dyn Error>> {
         cache: cache.clone(),
         load_twin: args.load_twin,
     };
-    let (router, token) = match &args.redis {
+    let (router, token, flush) = match &args.redis {
         None => {
-            let (router, manager) = app::router(app::Stores::memory(), config)?;
+            let (router, manager, flush) = app::router(app::Stores::memory(), config)?;
             let token = app::bootstrap(&manager, workspace.clone()).await?;
-            (router, token.key().expose_secret().to_owned())
+            (router, token.key().expose_secret().to_owned(), flush)
         }
         Some(url) => {
             let redis = RedisConfig::from_url(url)?.connect().await?;
             // Revocations on any instance reach this one's cache at once;
             // the cache's TTL bounds staleness if a message is lost.
             tokio::spawn(redis.revocation_listener(cache).run());
-            let (router, manager) = app::router(app::Stores::redis(&redis), config)?;
+            let (router, manager, flush) = app::router(app::Stores::redis(&redis), config)?;
             // Each instance mints its own bootstrap token: only digests are
             // stored, so there is no token to hand from one to another.
             // Every instance's token works on all of them.
             let token = app::bootstrap(&manager, workspace.clone()).await?;
-            (router, token.key().expose_secret().to_owned())
+            (router, token.key().expose_secret().to_owned(), flush)
         }
     };
 
@@ -111,5 +111,8 @@ async fn main() -> Result<(), Box<dyn Error>> {
             let _ = tokio::signal::ctrl_c().await;
         })
         .await?;
+    // The last few seconds of last use, which the periodic flush has not
+    // written yet.
+    flush().await;
     Ok(())
 }
