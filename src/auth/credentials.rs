@@ -143,6 +143,9 @@ impl HeaderRules {
         let Some((source, value)) = found else { return Ok(None) };
         let token = match source {
             Source::ApiKeyHeader => value,
+            // `Bearer` with nothing after it (an unset variable in a
+            // script) is a missing key, not a malformed one.
+            Source::Bearer if value.eq_ignore_ascii_case(b"bearer") => &[],
             Source::Bearer => {
                 let scheme = value.get(..7).ok_or(CredentialError::NotBearer)?;
                 if !scheme.eq_ignore_ascii_case(b"bearer ") {
@@ -154,7 +157,7 @@ impl HeaderRules {
             }
         };
         if token.is_empty() {
-            return Err(CredentialError::NotBearer);
+            return Ok(None);
         }
         // Checked ASCII above, so this cannot fail.
         let token = std::str::from_utf8(token).map_err(|_| CredentialError::InvalidBytes)?;
@@ -183,8 +186,12 @@ mod tests {
     #[test]
     fn refusals() {
         assert_eq!(ex(&[("Authorization", "Basic abc")]), Err(CredentialError::NotBearer));
-        assert_eq!(ex(&[("Authorization", "Bearer")]), Err(CredentialError::NotBearer));
-        assert_eq!(ex(&[("Authorization", "Bearer ")]), Err(CredentialError::NotBearer));
+        // A scheme or header with no key in it is a missing key (an unset
+        // variable in a script), answered as such.
+        for empty in ["Bearer", "Bearer ", "bearer   "] {
+            assert_eq!(ex(&[("Authorization", empty)]), Ok(None), "{empty:?}");
+        }
+        assert_eq!(ex(&[("X-API-Key", "")]), Ok(None));
         assert_eq!(ex(&[("Authorization", "Bearerabc")]), Err(CredentialError::NotBearer));
         assert_eq!(
             ex(&[("Authorization", "Bearer a"), ("X-API-Key", "b")]),
