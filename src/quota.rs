@@ -209,9 +209,13 @@ impl MemoryQuotaStore {
         let month = Month::of(now);
         let resets_at = month.next_reset();
         let mut map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        // A call stamped in an earlier month than the counter's (two calls
+        // straddling midnight on the 1st, the later one counted first)
+        // counts in the counter's month: a late call never erases a newer
+        // month's count.
         let used_now = |map: &Counters, r: &QuotaRule| {
             map.get(&CounterKey(account, &r.name))
-                .filter(|(m, _)| *m == month)
+                .filter(|(m, _)| *m >= month)
                 .map_or(0, |(_, u)| *u)
         };
         let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
@@ -225,7 +229,7 @@ impl MemoryQuotaStore {
         // Every counting rule has room: count in each as the decision is made.
         let counted = counting.into_iter().map(|r| {
             let e = map.entry_ref(&CounterKey(account, &r.name)).or_insert((month, 0));
-            if e.0 != month {
+            if e.0 < month {
                 *e = (month, 0);
             }
             e.1 += cost;

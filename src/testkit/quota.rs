@@ -68,6 +68,20 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     assert_eq!(store.usage(&acct, "all", t).await.unwrap(), 2, "a denial charges no rule");
     assert!(store.check_and_count(&acct, &rules, "email", 8, t).await.unwrap().allowed);
     assert!(!store.check_and_count(&acct, &rules, "email", 1, t).await.unwrap().allowed);
+
+    // Calls stamped on both sides of midnight on the 1st, interleaved (two
+    // servers, or times read before a lock): at most each month's limit
+    // in each month, never a count erased by the other month.
+    let acct = format!("{prefix}:c");
+    let rules = [QuotaRule::new("n", 3, &["x"])];
+    let (before, after) = (ts("2026-01-31T23:59:59Z"), ts("2026-02-01T00:00:00Z"));
+    let mut admitted = 0;
+    for i in 0..20 {
+        let now = if i % 2 == 0 { before } else { after };
+        admitted +=
+            u32::from(store.check_and_count(&acct, &rules, "x", 1, now).await.unwrap().allowed);
+    }
+    assert!(admitted <= 6, "{admitted} admitted across two months of 3");
 }
 
 /// Races `threads` threads, each counting `per_thread` single units of one
