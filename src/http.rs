@@ -75,6 +75,12 @@ pub enum Rejection {
         /// The limit of the policy the cost exceeds, for the body's `limit`.
         limit: u64,
     },
+    /// 429: the request costs more than a monthly quota allows in a whole
+    /// month: no reset helps, so there is no `Retry-After`.
+    CostExceedsQuota {
+        /// The monthly limit the cost exceeds, for the body's `limit`.
+        limit: u64,
+    },
     /// 429: a monthly quota is used up.
     QuotaExceeded {
         /// Units used this month.
@@ -140,6 +146,7 @@ impl Rejection {
             Self::Gone => 410,
             Self::RateLimited { .. }
             | Self::CostExceedsLimit { .. }
+            | Self::CostExceedsQuota { .. }
             | Self::QuotaExceeded { .. } => 429,
             Self::Unavailable => 503,
         }
@@ -158,6 +165,9 @@ impl Rejection {
             Self::Gone => "This link has already been used".into(),
             Self::RateLimited { .. } => "Rate limit exceeded".into(),
             Self::CostExceedsLimit { .. } => "Request cost exceeds the rate limit".into(),
+            Self::CostExceedsQuota { limit } => {
+                format!("Request cost exceeds the monthly usage limit ({limit}).").into()
+            }
             Self::QuotaExceeded { used, limit, resets_at } => {
                 let d = jiff::tz::Offset::UTC.to_datetime(*resets_at).date();
                 format!(
@@ -183,7 +193,7 @@ impl Rejection {
             Self::Conflict { .. } => "conflict",
             Self::Gone => "gone",
             Self::RateLimited { .. } | Self::CostExceedsLimit { .. } => "rate_limit_exceeded",
-            Self::QuotaExceeded { .. } => "quota_exceeded",
+            Self::QuotaExceeded { .. } | Self::CostExceedsQuota { .. } => "quota_exceeded",
             Self::Unavailable => "unavailable",
         }
     }
@@ -247,7 +257,7 @@ impl Rejection {
                     v["limit"] = json!(limit);
                     v["retryAfter"] = json!(retry);
                 }
-                if let Self::CostExceedsLimit { limit } = self {
+                if let Self::CostExceedsLimit { limit } | Self::CostExceedsQuota { limit } = self {
                     v["limit"] = json!(limit);
                 }
                 self.add_field(&mut v);

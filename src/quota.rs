@@ -74,17 +74,34 @@ pub struct QuotaDecision {
     pub limit: u64,
     /// When the month's quotas reset.
     pub resets_at: Timestamp,
+    /// Denied because the cost alone is more than the rule's monthly
+    /// limit: no reset helps, so the rejection carries no `Retry-After`.
+    pub cost_exceeds_limit: bool,
 }
 
 impl QuotaDecision {
     /// No rule counts the category: admitted, uncounted.
     pub(crate) const fn uncounted(resets_at: Timestamp) -> Self {
-        Self { allowed: true, rule: None, used: 0, limit: u64::MAX, resets_at }
+        Self {
+            allowed: true,
+            rule: None,
+            used: 0,
+            limit: u64::MAX,
+            resets_at,
+            cost_exceeds_limit: false,
+        }
     }
 
-    /// `rule`, with `used` units already counted, has no room.
-    pub(crate) fn denied(rule: &QuotaRule, used: u64, resets_at: Timestamp) -> Self {
-        Self { allowed: false, rule: Some(rule.name.clone()), used, limit: rule.limit, resets_at }
+    /// `rule`, with `used` units already counted, has no room for `cost`.
+    pub(crate) fn denied(rule: &QuotaRule, used: u64, cost: u64, resets_at: Timestamp) -> Self {
+        Self {
+            allowed: false,
+            rule: Some(rule.name.clone()),
+            used,
+            limit: rule.limit,
+            resets_at,
+            cost_exceeds_limit: cost > rule.limit,
+        }
     }
 
     /// Admitted and counted; reports the tightest rule of `counted` (each
@@ -102,9 +119,14 @@ impl QuotaDecision {
             }
         }
         match tightest {
-            Some((r, used)) => {
-                Self { allowed: true, rule: Some(r.name.clone()), used, limit: r.limit, resets_at }
-            }
+            Some((r, used)) => Self {
+                allowed: true,
+                rule: Some(r.name.clone()),
+                used,
+                limit: r.limit,
+                resets_at,
+                cost_exceeds_limit: false,
+            },
             None => Self::uncounted(resets_at),
         }
     }
@@ -114,11 +136,17 @@ impl QuotaDecision {
     /// your plan or wait for reset on 2/1/2026.`
     #[must_use]
     pub fn rejection(&self) -> Option<Rejection> {
-        (!self.allowed).then_some(Rejection::QuotaExceeded {
-            used: self.used,
-            limit: self.limit,
-            resets_at: self.resets_at,
-        })
+        if self.allowed {
+            None
+        } else if self.cost_exceeds_limit {
+            Some(Rejection::CostExceedsQuota { limit: self.limit })
+        } else {
+            Some(Rejection::QuotaExceeded {
+                used: self.used,
+                limit: self.limit,
+                resets_at: self.resets_at,
+            })
+        }
     }
 }
 
@@ -224,7 +252,7 @@ impl MemoryQuotaStore {
             .iter()
             .find(|r| used_now(&map, r).checked_add(cost).is_none_or(|total| total > r.limit))
         {
-            return QuotaDecision::denied(r, used_now(&map, r), resets_at);
+            return QuotaDecision::denied(r, used_now(&map, r), cost, resets_at);
         }
         // Every counting rule has room: count in each as the decision is made.
         let counted = counting.into_iter().map(|r| {
@@ -287,6 +315,25 @@ mod tests {
             assert_eq!(Month::of(ts(now)).next_reset(), ts(reset), "{now}");
         }
         assert_eq!(Month::of(ts("2026-01-09T12:00:00Z")).key(), "2026-01");
+    }
+
+    #[test]
+    fn a_cost_above_the_monthly_limit_is_not_told_to_wait_for_the_reset() {
+        let s = MemoryQuotaStore::new();
+        let rules = Plan::free().monthly().to_vec();
+        let jan = ts("2026-01-09T12:00:00Z");
+        let d = s.check_and_count_sync("acct", &rules, "email", 150, jan);
+        assert!(!d.allowed && d.cost_exceeds_limit);
+        let r = d.rejection().unwrap().to_response(BodyStyle::Flat, jan);
+        assert_eq!(r.status, 429);
+        assert!(r.headers.iter().all(|(h, _)| *h != "Retry-After"), "{:?}", r.headers);
+        assert!(r.body.contains("exceeds the monthly usage limit (100)"), "{}", r.body);
+        // A cost that fits an empty month is the ordinary refusal.
+        let d = s.check_and_count_sync("acct", &rules, "email", 100, jan);
+        assert!(d.allowed);
+        let d = s.check_and_count_sync("acct", &rules, "email", 1, jan);
+        assert!(!d.allowed && !d.cost_exceeds_limit);
+        assert!(matches!(d.rejection(), Some(Rejection::QuotaExceeded { .. })));
     }
 
     #[test]

@@ -97,7 +97,7 @@ impl QuotaStore for RedisQuotaStore {
                 Some(0) => {
                     let i = usize::try_from(*reply.get(1).ok_or_else(bad)?).map_err(|_| bad())?;
                     let r = counting.get(i.wrapping_sub(1)).ok_or_else(bad)?;
-                    Ok(QuotaDecision::denied(r, *reply.get(2).ok_or_else(bad)?, resets_at))
+                    Ok(QuotaDecision::denied(r, *reply.get(2).ok_or_else(bad)?, cost, resets_at))
                 }
                 Some(1) if reply.len() == counting.len() + 1 => {
                     // Same tightest rule as the in-memory store reports.
