@@ -197,14 +197,16 @@ impl<S, L, Q, C> GateBuilder<S, L, Q, C> {
     }
 
     /// What a request gets when the limiter's store fails (default
-    /// [`FailMode::Closed`]: 503).
+    /// [`FailMode::Closed`]: 503). Under [`FailMode::Open`] the request
+    /// passes unlimited, with a [`FailedOpen`] in its extensions.
     pub fn limiter_fail_mode(mut self, mode: FailMode) -> Self {
         self.inner.limit_fail = mode;
         self
     }
 
     /// What a request gets when the quota store fails (default
-    /// [`FailMode::Closed`]: 503).
+    /// [`FailMode::Closed`]: 503). Under [`FailMode::Open`] the request
+    /// passes uncounted, with a [`FailedOpen`] in its extensions.
     pub fn quota_fail_mode(mut self, mode: FailMode) -> Self {
         self.inner.quota_fail = mode;
         self
@@ -357,6 +359,21 @@ pub struct Admitted {
     pub decision: Option<Decision>,
     /// The quota decision, when the route counts a category.
     pub quota: Option<QuotaDecision>,
+    /// Checks let through because their store failed under
+    /// [`FailMode::Open`], when any were.
+    pub failed_open: Option<FailedOpen>,
+}
+
+/// Checks the gate let through because their store failed and the host
+/// chose [`FailMode::Open`]. The layer puts it in the request's and the
+/// response's extensions, so an outage that lets requests through
+/// unlimited or uncounted is still there for the host's logs and alerts.
+#[derive(Debug, Clone, Default)]
+pub struct FailedOpen {
+    /// The limiter's error: the request was not rate-limited.
+    pub limiter: Option<Arc<BackendError>>,
+    /// The quota store's error: the request was not counted.
+    pub quota: Option<Arc<BackendError>>,
 }
 
 impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
@@ -456,6 +473,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         })?;
 
         let plan = self.plan_for(&principal, route)?;
+        let mut failed = FailedOpen::default();
         let decision = match plan.filter(|p| !p.rate().is_empty()) {
             None => None,
             Some(plan) => {
@@ -464,7 +482,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 match self.0.limiter.check(key, plan.rate(), cost, CheckMode::Consume).await {
                     Ok(d) => Some(d),
                     Err(e) => match self.0.limit_fail {
-                        FailMode::Open => None,
+                        FailMode::Open => {
+                            failed.limiter = Some(Arc::new(e));
+                            None
+                        }
                         FailMode::Closed => {
                             return Err(Refused::new(
                                 Refusal::LimiterBackend(e),
@@ -510,11 +531,12 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let quota = match &route.quota {
             None => None,
             Some(category) => self
-                .charge_plan(&principal, plan, category, 1)
+                .charge_plan(&principal, plan, category, 1, &mut failed.quota)
                 .await
                 .map_err(|r| with_headers(r.with_style(style)))?,
         };
-        Ok(Admitted { principal, decision, quota })
+        let failed_open = (failed.limiter.is_some() || failed.quota.is_some()).then_some(failed);
+        Ok(Admitted { principal, decision, quota, failed_open })
     }
 
     /// Counts `cost` units of `category` against the monthly quotas of
@@ -540,15 +562,18 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         cost: u64,
     ) -> Result<Option<QuotaDecision>, Refused> {
         let plan = self.plan_for(principal, &Route::default())?;
-        self.charge_plan(principal, plan, category, cost).await
+        self.charge_plan(principal, plan, category, cost, &mut None).await
     }
 
+    /// Counts under `plan`; a store error under [`FailMode::Open`] is
+    /// `Ok(None)`, with the error left in `failed`.
     async fn charge_plan(
         &self,
         principal: &Principal,
         plan: Option<&Plan>,
         category: &str,
         cost: u64,
+        failed: &mut Option<Arc<BackendError>>,
     ) -> Result<Option<QuotaDecision>, Refused> {
         let (Some(quotas), Some(plan)) = (&self.0.quotas, plan) else { return Ok(None) };
         // Workspace ids have no `/`: the pair is unambiguous.
@@ -560,7 +585,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 Some(rejection) => Err(Refused::new(Refusal::Quota(q), rejection, self.0.style)),
             },
             Err(e) => match self.0.quota_fail {
-                FailMode::Open => Ok(None),
+                FailMode::Open => {
+                    *failed = Some(Arc::new(e));
+                    Ok(None)
+                }
                 FailMode::Closed => Err(Refused::new(
                     Refusal::QuotaBackend(e),
                     Rejection::Unavailable,
@@ -763,10 +791,14 @@ where
                 Ok(a) => a,
                 Err(refused) => return Ok(gate.respond(refused)),
             };
+            let failed_open = admitted.failed_open.clone();
             let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
             let mut res = inner.call(req).await?;
             if let Some(headers) = headers {
                 headers.append_to(res.headers_mut());
+            }
+            if let Some(f) = failed_open {
+                res.extensions_mut().insert(f);
             }
             Ok(res)
         })
@@ -784,6 +816,9 @@ impl Admitted {
         extensions.insert(self.principal);
         if let Some(q) = self.quota {
             extensions.insert(q);
+        }
+        if let Some(f) = self.failed_open {
+            extensions.insert(f);
         }
         let decision = self.decision?;
         // Rendered before the decision moves into the extensions.

@@ -30,6 +30,9 @@ impl Switch {
     fn set_down(&self) {
         self.0.store(true, Ordering::SeqCst);
     }
+    fn set_up(&self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
 }
 
 fn outage() -> BackendError {
@@ -162,7 +165,14 @@ async fn store_outage_fails_open_when_chosen() {
     let res = get_events(&app, &f.key).await;
     assert_eq!(res.status(), StatusCode::OK);
     assert!(res.headers().get("x-ratelimit-limit").is_none(), "no decision, no headers");
+    // Let through, but not unseen: both errors are there for the logs.
+    let failed = res.extensions().get::<keygate::tower::FailedOpen>().expect("the outage");
+    assert!(failed.limiter.is_some() && failed.quota.is_some(), "{failed:?}");
     assert_eq!(text(res).await, "t 0");
+    // Once the stores are back, nothing is reported.
+    f.switch.set_up();
+    let res = get_events(&app, &f.key).await;
+    assert!(res.extensions().get::<keygate::tower::FailedOpen>().is_none());
 }
 
 #[tokio::test]
