@@ -662,7 +662,11 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         batch: Vec<(RecordId, Timestamp)>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            let _ = self.store.record_last_used(&batch).await;
+            if self.store.record_last_used(&batch).await.is_err() {
+                // Advisory, so the request goes on; the times wait for the
+                // next flush instead of being lost.
+                self.last_use.restore(batch);
+            }
         })
     }
 
@@ -673,7 +677,14 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// The store's [`BackendError`].
     pub async fn flush_last_use(&self) -> Result<(), BackendError> {
         let batch = self.last_use.drain();
-        if batch.is_empty() { Ok(()) } else { self.store.record_last_used(&batch).await }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let written = self.store.record_last_used(&batch).await;
+        if written.is_err() {
+            self.last_use.restore(batch);
+        }
+        written
     }
 }
 

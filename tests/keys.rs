@@ -684,6 +684,8 @@ async fn cache_bounds_staleness_and_local_revocation_is_immediate() {
 struct Counting {
     inner: MemoryKeyStore,
     last_use_writes: Arc<AtomicUsize>,
+    /// Last-use writes fail while set.
+    last_use_down: Arc<std::sync::atomic::AtomicBool>,
     after_lookup: Arc<std::sync::Mutex<Option<Hook>>>,
 }
 
@@ -751,7 +753,15 @@ impl KeyStore for Counting {
         uses: &[(RecordId, Timestamp)],
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         self.last_use_writes.fetch_add(1, Ordering::Relaxed);
-        self.inner.record_last_used(uses)
+        // The memory store writes when called: call it only when up.
+        let write = (!self.last_use_down.load(Ordering::Relaxed))
+            .then(|| self.inner.record_last_used(uses));
+        async move {
+            match write {
+                Some(w) => w.await,
+                None => Err(BackendError::unavailable(std::io::Error::other("down"))),
+            }
+        }
     }
 }
 
@@ -769,6 +779,30 @@ fn last_use_setup()
         .clock(clock.clone())
         .last_use_interval(Duration::from_secs(60));
     (clock, store, manager, auth)
+}
+
+#[tokio::test]
+async fn a_failed_last_use_write_is_retried_not_lost() {
+    let (clock, store, manager, auth) = last_use_setup();
+    let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    store.last_use_down.store(true, Ordering::Relaxed);
+    // The first use after start is written at once: that write fails.
+    let h = bearer(k.key().expose_secret());
+    auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    assert!(auth.flush_last_use().await.is_err(), "still pending, still failing");
+    let used = f_get(&store, k.record()).await;
+    assert_eq!(used, None);
+    store.last_use_down.store(false, Ordering::Relaxed);
+    clock.advance(Duration::from_secs(1));
+    auth.flush_last_use().await.unwrap();
+    assert_eq!(
+        f_get(&store, k.record()).await,
+        Some(Timestamp::from_second(1_767_225_600).unwrap())
+    );
+}
+
+async fn f_get(store: &Counting, r: &KeyRecord) -> Option<Timestamp> {
+    store.get(&r.id).await.unwrap().unwrap().last_used_at
 }
 
 #[tokio::test]

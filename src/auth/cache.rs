@@ -242,4 +242,14 @@ impl LastUse {
     pub(crate) fn drain(&self) -> Vec<(RecordId, Timestamp)> {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner).drain().collect()
     }
+
+    /// Puts back a batch whose write failed, so the next flush retries it
+    /// (times noted since then win when later).
+    pub(crate) fn restore(&self, batch: Vec<(RecordId, Timestamp)>) {
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        for (id, at) in batch {
+            let t = p.entry(id).or_insert(at);
+            *t = (*t).max(at);
+        }
+    }
 }
