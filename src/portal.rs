@@ -260,7 +260,9 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         }
     }
 
-    /// The URL template; `{code}` is replaced by the code.
+    /// The URL template; `{code}` is replaced by the code (codes are
+    /// URL-safe). A template without `{code}` makes links that cannot be
+    /// redeemed: include it, e.g. `https://portal.acme.com/?code={code}`.
     #[must_use]
     pub fn url_template(mut self, template: impl Into<String>) -> Self {
         self.url_template = template.into();

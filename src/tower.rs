@@ -653,7 +653,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     }
 
     /// Counts one unit of `category` against the plan's monthly quotas for
-    /// every admitted request.
+    /// every admitted request, before the handler runs: a request the
+    /// handler then fails, or one the client abandons, still counts. Count
+    /// in the handler with [`Gate::charge`] when only completed work should.
     #[must_use]
     pub fn quota(self, category: impl Into<Cow<'static, str>>) -> Self {
         let category = category.into();
@@ -854,6 +856,8 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
         .flat_map(|v| v.split(';'))
         .find_map(|pair| {
             let (n, v) = pair.trim_start().split_once('=')?;
+            // RFC 6265 allows a value in double quotes.
+            let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
             (n == name).then_some(v)
         })
 }

@@ -240,7 +240,11 @@ async fn cookie_credentials_only_where_enabled() {
         Request::get(path).header("cookie", &cookie).body(Body::empty()).unwrap()
     };
     assert_eq!(app.clone().oneshot(call("/c")).await.unwrap().status(), StatusCode::OK);
-    assert_eq!(app.oneshot(call("/h")).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(app.clone().oneshot(call("/h")).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    // A quoted cookie value (RFC 6265) is the same credential.
+    let quoted = format!("sess=\"{}\"", sk.key().expose_secret());
+    let req = Request::get("/c").header("cookie", &quoted).body(Body::empty()).unwrap();
+    assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::OK);
 }
 
 #[tokio::test]
