@@ -50,6 +50,7 @@ pub mod clock;
 pub mod format;
 pub mod hash;
 pub mod http;
+mod json;
 pub mod limit;
 pub mod manager;
 pub mod portal;

@@ -258,8 +258,8 @@ impl PlanSet {
     ///
     /// [`PlanError`] naming the first offending field.
     pub fn from_json(text: &str) -> Result<Self, PlanError> {
-        let v: Value =
-            serde_json::from_str(text).map_err(|e| err("$", format!("invalid JSON: {e}")))?;
+        // A plan or field named twice is an error, not "the last one wins".
+        let v = crate::json::parse(text.as_bytes()).map_err(|e| err("$", e.to_string()))?;
         Self::from_value(&v)
     }
 

@@ -254,6 +254,15 @@ fn plans_from_json() {
     ] {
         assert_eq!(PlanSet::from_json(bad).unwrap_err().field, field, "{bad}");
     }
+    // A plan, or a field, named twice is refused (serde_json alone keeps
+    // the last silently).
+    for bad in [
+        r#"{"plans": {"pro": {"rate": [{"limit": 1, "window_seconds": 1}]}, "pro": {"rate": [{"limit": 9, "window_seconds": 1}]}}}"#,
+        r#"{"plans": {"pro": {"rate": [{"limit": 1, "limit": 9, "window_seconds": 1}]}}}"#,
+    ] {
+        let e = PlanSet::from_json(bad).unwrap_err();
+        assert!(e.to_string().contains("duplicate key"), "{e}");
+    }
 }
 
 #[test]

@@ -58,6 +58,13 @@ pub enum RequestError {
     /// parsers to represent).
     #[error("request body must be valid JSON")]
     InvalidJson,
+    /// An object in the request names a key twice (the body's own fields
+    /// or the metadata's): which one counts would depend on the reader.
+    #[error("{field} appears more than once")]
+    DuplicateField {
+        /// The repeated key.
+        field: String,
+    },
     /// A field the request does not define.
     #[error("{field} is not a known field")]
     UnknownField {
@@ -103,7 +110,7 @@ impl RequestError {
     pub fn field(&self) -> Cow<'static, str> {
         match self {
             Self::NotAnObject | Self::InvalidJson => "body".into(),
-            Self::UnknownField { field } => field.clone().into(),
+            Self::UnknownField { field } | Self::DuplicateField { field } => field.clone().into(),
             Self::RoleType | Self::UnknownRole => "role".into(),
             Self::ExpiresType | Self::ExpiresRange => "expiresInMinutes".into(),
             Self::MetadataType
@@ -134,7 +141,10 @@ impl SessionRequest {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self::default());
         }
-        let value: Value = serde_json::from_slice(bytes).map_err(|_| RequestError::InvalidJson)?;
+        let value = crate::json::parse(bytes).map_err(|e| match e {
+            crate::json::JsonError::Duplicate(field) => RequestError::DuplicateField { field },
+            crate::json::JsonError::Syntax(_) => RequestError::InvalidJson,
+        })?;
         let map = match value {
             Value::Object(map) => map,
             Value::Null => return Ok(Self::default()),
@@ -280,6 +290,14 @@ mod tests {
         let cases: Vec<(String, RequestError)> = vec![
             ("[]".into(), RequestError::NotAnObject),
             ("not json".into(), RequestError::InvalidJson),
+            (
+                r#"{"role":"viewer","role":"admin"}"#.into(),
+                RequestError::DuplicateField { field: "role".into() },
+            ),
+            (
+                r#"{"metadata":{"a":"1","a":"2"}}"#.into(),
+                RequestError::DuplicateField { field: "a".into() },
+            ),
             ("\"x\"".into(), RequestError::NotAnObject),
             (r#"{"expiresInMinutes":1e400}"#.into(), RequestError::InvalidJson),
             (r#"{"expiresInMinutes":18446744073709551616}"#.into(), RequestError::ExpiresRange),
