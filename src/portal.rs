@@ -378,7 +378,13 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let id = RecordId::generate_with(&mut rng).map_err(BackendError::unavailable)?;
         drop(rng);
         let now = self.clock.now();
-        let session = match self.sessions.redeem(&digest, now).await? {
+        let mut outcome = self.sessions.redeem(&digest, now).await?;
+        if matches!(outcome, Redeem::Unknown) && self.hasher.has_older_peppers() {
+            // Minted before a pepper rotation: stored under an older one.
+            // Boxed: rare, and it would otherwise enlarge every redemption.
+            outcome = Box::pin(self.redeem_older(code, now)).await?;
+        }
+        let session = match outcome {
             Redeem::Session(s) => s,
             Redeem::AlreadyUsed => return Err(PortalError::AlreadyUsed),
             Redeem::Expired => return Err(PortalError::Expired),
@@ -415,6 +421,19 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             InsertOutcome::Inserted => Ok(AccessToken { token, record }),
             _ => Err(PortalError::Collision),
         }
+    }
+}
+
+impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
+    /// Redeems `code` under the hasher's older peppers, newest first.
+    async fn redeem_older(&self, code: &str, now: Timestamp) -> Result<Redeem, PortalError> {
+        for d in self.hasher.candidates(code.as_bytes()).skip(1) {
+            match self.sessions.redeem(d.digest(), now).await? {
+                Redeem::Unknown => {}
+                found => return Ok(found),
+            }
+        }
+        Ok(Redeem::Unknown)
     }
 }
 

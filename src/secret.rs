@@ -287,8 +287,11 @@ impl rand_core::TryRng for OsBatch {
                     // Larger than any batch: straight from the OS.
                     return getrandom::fill(&mut dst[done..]);
                 }
-                self.end = self.fetch.max(missing);
-                getrandom::fill(&mut self.buf[..self.end])?;
+                let want = self.fetch.max(missing);
+                // On failure the batch stays empty (pos == end): a retry
+                // fetches again rather than serve stale bytes.
+                getrandom::fill(&mut self.buf[..want])?;
+                self.end = want;
                 self.pos = 0;
             }
             let n = (dst.len() - done).min(self.end - self.pos);

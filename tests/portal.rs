@@ -145,6 +145,29 @@ async fn a_redemption_that_fails_before_the_store_leaves_the_link_usable() {
 }
 
 #[tokio::test]
+async fn a_code_minted_before_a_pepper_rotation_still_redeems() {
+    use keygate::Secret;
+    use keygate::hash::{Hasher, Pepper, PepperId};
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let pepper = |id: u32, b: u8| Pepper::new(PepperId(id), Secret::new(vec![b; 32])).unwrap();
+    let sessions = Arc::new(MemoryPortalStore::new());
+    let before = Portal::new(sessions.clone(), w.keys.clone())
+        .clock(w.clock.clone())
+        .hasher(Hasher::hmac(vec![pepper(1, 7)]).unwrap());
+    let minted =
+        before.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
+    let after = Portal::new(sessions, w.keys.clone())
+        .clock(w.clock.clone())
+        .hasher(Hasher::hmac(vec![pepper(1, 7), pepper(2, 9)]).unwrap());
+    assert!(after.redeem(minted.code().expose_secret()).await.is_ok());
+    assert!(matches!(
+        after.redeem(minted.code().expose_secret()).await.unwrap_err(),
+        PortalError::AlreadyUsed
+    ));
+}
+
+#[tokio::test]
 async fn expiry_boundary_and_defaults() {
     let w = world(&["*"]).await;
     let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
