@@ -295,6 +295,28 @@ fn non_word_mask(group: &[u8; GROUP]) -> u128 {
 
 /// The first non-word byte of `hay[from..to]`, or `to`.
 #[inline]
+/// The length of the escape's word bytes at the start of the run at
+/// `start` (the run follows a non-word byte): `n` in `\n`, `u0022` in
+/// `\u0022`, `20` in `%20`.
+fn escape_len(hay: &[u8], start: usize) -> Option<usize> {
+    let opener = *hay.get(start.checked_sub(1)?)?;
+    let rest = hay.get(start..)?;
+    match (opener, rest) {
+        (b'\\', [b'n' | b't' | b'r' | b'b' | b'f', ..]) => Some(1),
+        (b'\\', [b'u', a, b, c, d, ..]) if [a, b, c, d].iter().all(|x| x.is_ascii_hexdigit()) => {
+            Some(5)
+        }
+        (b'%', [a, b, ..]) if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => Some(2),
+        _ => None,
+    }
+}
+
+/// Whether the word bytes right before `start` are an escape's, so that a
+/// key starting at `start` is not inside a word (see [`escape_len`]).
+fn escaped_before(hay: &[u8], start: usize) -> bool {
+    (1..=5).any(|k| start.checked_sub(k).is_some_and(|s| escape_len(hay, s) == Some(k)))
+}
+
 fn first_non_word(hay: &[u8], from: usize, to: usize) -> usize {
     let mut i = from;
     while let Some(group) = hay[i..to].first_chunk::<GROUP>() {
@@ -478,6 +500,15 @@ impl Scanner {
                 None if eof => filled,
                 None => filled - lookahead,
             };
+            // Never cut right after a backslash or `%`: the run after it may
+            // open with an escape's letters (`\n`, `%20`), and deciding it
+            // needs the opener in the same block.
+            let limit = if eof {
+                limit
+            } else {
+                let openers = buf[..limit].iter().rev().take_while(|&&b| b == b'\\' || b == b'%');
+                limit - openers.count()
+            };
             let block = &buf[..filled];
             let last_end =
                 self.scan_block(block, prev, limit, &mut search, |start, end, format, hint_len| {
@@ -571,17 +602,37 @@ impl Scanner {
         // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
         while let Some((start, end)) = self.next_run(hay, from, to, waste) {
             if end - start > self.max_len {
-                // Longer than any key: skip the rest of it.
-                *waste += 1;
+                // Longer than any key (unless an escape's bytes made it so):
+                // skip the rest of it.
+                if !self.check_escaped(hay, start, on_key) {
+                    *waste += 1;
+                }
                 from = first_non_word(hay, end, hay.len()) + 1;
                 continue;
             }
             from = end + 1;
-            if !self.check(hay, start, end, on_key) {
+            if !self.check(hay, start, end, on_key) && !self.check_escaped(hay, start, on_key) {
                 *waste += 1;
             }
         }
         from.max(to)
+    }
+
+    /// The key (if any) in the run at `start` after the escape that opens
+    /// it: `\n`, `\t`, `\r`, `\b`, `\f`, `\uXXXX` after a backslash, or
+    /// `XX` after a `%`. Keys leak in JSON logs and URL-encoded strings,
+    /// where `"…\nsk_live_…"` and `Bearer%20sk_live_…` glue the key to
+    /// the escape's word bytes.
+    fn check_escaped(
+        &self,
+        hay: &[u8],
+        start: usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> bool {
+        let Some(skip) = escape_len(hay, start) else { return false };
+        let s = start + skip;
+        let e = first_non_word(hay, s, (s + self.max_len + 1).min(hay.len()));
+        e - s <= self.max_len && self.check(hay, s, e, on_key)
     }
 
     /// As [`runs_in`](Self::runs_in), by searching for the literal prefixes.
@@ -603,7 +654,7 @@ impl Scanner {
                 break;
             }
             let before_is_word = if start == from { in_run } else { is_word(hay[start - 1]) };
-            if before_is_word {
+            if before_is_word && !escaped_before(hay, start) {
                 // Inside a word: no key can start anywhere in this word.
                 *waste += 1;
                 pos = hit_end;

@@ -65,6 +65,35 @@ fn boundaries_are_exact() {
 }
 
 #[test]
+fn keys_glued_to_an_escape_are_found() {
+    // JSON logs and URL-encoded strings glue a key to an escape's letters.
+    let s = Scanner::presets();
+    let nh = format!("nh_{HEX64}");
+    let sk = format!("sk_live_{}", "a1B2".repeat(8));
+    let nhm = format!("nhm_{HEX64}");
+    for (text, key) in [
+        (format!(r#"{{"msg":"denied\n{nh}"}}"#), &nh),
+        (format!(r#"{{"msg":"x\t{sk}\r"}}"#), &sk),
+        (format!(r#"{{"msg":"\u0022{sk}\u0022"}}"#), &sk),
+        (format!("q=Bearer%20{sk}&x=1"), &sk),
+        (format!("a%3D{nh}"), &nh),
+        // The longest format, so the run with the escape's bytes is longer
+        // than any key.
+        (format!(r"\n{nhm}"), &nhm),
+    ] {
+        let found = s.find_all(text.as_bytes());
+        assert_eq!(found.len(), 1, "{text}");
+        let mut red = Vec::new();
+        s.redact(text.as_bytes(), &mut red).unwrap();
+        assert!(!String::from_utf8_lossy(&red).contains(&key[key.len() - 20..]), "{text}");
+    }
+    // Not an escape: still inside a word.
+    for text in [format!(r"\q{nh}"), format!("%G0{nh}"), format!("an{nh}")] {
+        assert!(s.find_all(text.as_bytes()).is_empty(), "{text}");
+    }
+}
+
+#[test]
 fn adjacent_and_repeated_keys() {
     let s = Scanner::presets();
     let all = keys().join(" ");
