@@ -9,7 +9,7 @@
 use std::fmt;
 
 use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 /// Why a JSON text was refused.
 #[derive(Debug)]
@@ -34,90 +34,86 @@ impl fmt::Display for JsonError {
 const DUPLICATE: &str = "keygate: duplicate key ";
 
 /// Parses `bytes` as JSON, refusing objects that repeat a key (at any depth).
+///
+/// Two passes: `serde_json` builds the value as it always does (whatever its
+/// features, `arbitrary_precision` included), then a visitor that keeps
+/// nothing but each object's keys looks for repeats.
 pub(crate) fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
-    match serde_json::from_slice::<Unique>(bytes) {
-        Ok(Unique(v)) => Ok(v),
+    let value: Value = serde_json::from_slice(bytes).map_err(JsonError::Syntax)?;
+    match serde_json::from_slice::<Distinct>(bytes) {
+        Ok(Distinct) => Ok(value),
         Err(e) => {
             let text = e.to_string();
-            match text.strip_prefix(DUPLICATE) {
-                // The message ends with serde_json's " at line … column …".
-                Some(rest) => Err(JsonError::Duplicate(
-                    rest.rsplit_once(" at line ").map_or(rest, |(k, _)| k).to_owned(),
-                )),
-                None => Err(JsonError::Syntax(e)),
-            }
+            let key = text.strip_prefix(DUPLICATE).unwrap_or(&text);
+            // The message ends with serde_json's " at line … column …".
+            Err(JsonError::Duplicate(
+                key.rsplit_once(" at line ").map_or(key, |(k, _)| k).to_owned(),
+            ))
         }
     }
 }
 
-/// A [`Value`] whose objects have distinct keys.
-struct Unique(Value);
+/// A JSON value whose objects have distinct keys (nothing is kept).
+struct Distinct;
 
-impl<'de> Deserialize<'de> for Unique {
+impl<'de> Deserialize<'de> for Distinct {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(UniqueVisitor).map(Unique)
+        d.deserialize_any(DistinctVisitor)
     }
 }
 
-struct UniqueVisitor;
+struct DistinctVisitor;
 
-impl<'de> Visitor<'de> for UniqueVisitor {
-    type Value = Value;
+impl<'de> Visitor<'de> for DistinctVisitor {
+    type Value = Distinct;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
-        Ok(Value::Bool(b))
+    fn visit_bool<E>(self, _: bool) -> Result<Distinct, E> {
+        Ok(Distinct)
     }
 
-    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
-        Ok(Value::from(n))
+    fn visit_i64<E>(self, _: i64) -> Result<Distinct, E> {
+        Ok(Distinct)
     }
 
-    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
-        Ok(Value::from(n))
+    fn visit_u64<E>(self, _: u64) -> Result<Distinct, E> {
+        Ok(Distinct)
     }
 
-    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
-        Ok(Value::from(n))
+    fn visit_f64<E>(self, _: f64) -> Result<Distinct, E> {
+        Ok(Distinct)
     }
 
-    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
-        Ok(Value::String(s.to_owned()))
+    fn visit_str<E>(self, _: &str) -> Result<Distinct, E> {
+        Ok(Distinct)
     }
 
-    fn visit_string<E>(self, s: String) -> Result<Value, E> {
-        Ok(Value::String(s))
+    fn visit_unit<E>(self) -> Result<Distinct, E> {
+        Ok(Distinct)
     }
 
-    fn visit_unit<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_none<E>(self) -> Result<Distinct, E> {
+        Ok(Distinct)
     }
 
-    fn visit_none<E>(self) -> Result<Value, E> {
-        Ok(Value::Null)
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Distinct, A::Error> {
+        while seq.next_element::<Distinct>()?.is_some() {}
+        Ok(Distinct)
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
-        let mut items = Vec::new();
-        while let Some(Unique(v)) = seq.next_element()? {
-            items.push(v);
-        }
-        Ok(Value::Array(items))
-    }
-
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
-        let mut out = Map::new();
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Distinct, A::Error> {
+        let mut seen = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
-            if out.contains_key(&key) {
+            if seen.contains(&key) {
                 return Err(de::Error::custom(format_args!("{DUPLICATE}{key}")));
             }
-            let Unique(v) = map.next_value()?;
-            out.insert(key, v);
+            map.next_value::<Distinct>()?;
+            seen.insert(key);
         }
-        Ok(Value::Object(out))
+        Ok(Distinct)
     }
 }
 
