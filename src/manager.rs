@@ -16,7 +16,7 @@ use crate::format::{
 };
 use crate::hash::Hasher;
 use crate::http::Rejection;
-use crate::scope::{Scope, ScopeError, ScopeRegistry};
+use crate::scope::{Scope, ScopeError, ScopeRegistry, ScopeSet};
 use crate::secret::OsBatch;
 use crate::store::{
     ActiveLimit, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, Tenant, WorkspaceId,
@@ -442,11 +442,26 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         let granted = self
             .registry
             .attenuate(requested, &self.registry.compile_known(&parent.record().scopes))?;
-        // Stored as the concrete scopes checked here: a wildcard kept as
-        // text would grow with the registry (a resource added later, or a
-        // larger registry where it is compiled again) past the parent.
-        new.scopes = self.registry.scopes_of(&granted).into();
+        new.scopes = self.stored_scopes(&new.scopes, granted, &parent.record().scopes);
         self.create(new).await
+    }
+
+    /// The scopes to store for a child: a wildcard the parent holds as text
+    /// (the same `resource:*`, or `*`) stays a wildcard, since it can only
+    /// grow as far as the parent's does; any other wildcard becomes the
+    /// concrete scopes checked here, or it would grow with the registry (a
+    /// resource added later, a larger registry where it is compiled again)
+    /// past the parent.
+    fn stored_scopes(&self, asked: &[Scope], granted: ScopeSet, parent: &[Scope]) -> Arc<[Scope]> {
+        let covered = |s: &Scope| parent.iter().any(|p| p == s || p.as_str() == "*");
+        if asked.iter().all(|s| !s.is_wildcard() || covered(s)) {
+            return asked.into();
+        }
+        let mut out: Vec<Scope> =
+            asked.iter().filter(|s| !s.is_wildcard() || covered(s)).cloned().collect();
+        let kept = self.registry.compile_known(&out);
+        out.extend(self.registry.scopes_of(&granted.difference(kept)));
+        out.into()
     }
 
     /// A management token (`nhm_…`) for `workspace`.

@@ -294,6 +294,24 @@ async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() 
     let child = keygate::auth::Principal::from_record(record, &grown).unwrap();
     assert!(!child.allows(&grown.required("webhooks:delete").unwrap()));
     assert!(child.allows(&grown.required("webhooks:write").unwrap()));
+
+    // A wildcard the parent holds as text stays a wildcard: it grows no
+    // further than the parent's, and it compiles under any registry.
+    for parent_scope in ["*", "webhooks:*"] {
+        let parent_key = manager
+            .create(NewKey::new("p", NHM, ws("ws_a")).scopes(&[parent_scope]).unwrap())
+            .await
+            .unwrap();
+        let parent =
+            auth_bearer(&auth, parent_key.key().expose_secret(), &Target::any()).await.unwrap();
+        let child = manager
+            .create_for(&parent, NewKey::new("c", SK, ws("ws_a")).scopes(&["webhooks:*"]).unwrap())
+            .await
+            .unwrap();
+        let stored: Vec<&str> =
+            child.record().scopes.iter().map(keygate::scope::Scope::as_str).collect();
+        assert_eq!(stored, ["webhooks:*"], "parent {parent_scope}");
+    }
 }
 
 #[tokio::test]
