@@ -247,6 +247,11 @@ impl MemoryQuotaStore {
                 .map_or(0, |(_, u)| *u)
         };
         let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
+        // A cost above some rule's whole limit is refused as such, whatever
+        // other rules have left: no reset helps.
+        if let Some(r) = counting.iter().find(|r| cost > r.limit) {
+            return QuotaDecision::denied(r, used_now(&map, r), cost, resets_at);
+        }
         // A sum past u64 is past every limit (and must not wrap below).
         if let Some(r) = counting
             .iter()

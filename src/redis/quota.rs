@@ -73,8 +73,12 @@ impl QuotaStore for RedisQuotaStore {
     ) -> impl Future<Output = Result<QuotaDecision, BackendError>> + Send {
         let month = Month::of(now);
         let resets_at = month.next_reset();
-        let counting: Vec<QuotaRule> =
+        let mut counting: Vec<QuotaRule> =
             rules.iter().filter(|r| r.counts(category)).cloned().collect();
+        // Rules the cost alone exceeds first (stable otherwise): the script
+        // reports the first rule without room, and such a refusal is
+        // reported as such whatever other rules have left, as in memory.
+        counting.sort_by_key(|r| cost <= r.limit);
         let keys: Vec<String> =
             counting.iter().map(|r| self.key(account, &r.name, month)).collect();
         // Relative TTL: the caller's `now` decides the month, so the

@@ -82,6 +82,16 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
             u32::from(store.check_and_count(&acct, &rules, "x", 1, now).await.unwrap().allowed);
     }
     assert!(admitted <= 6, "{admitted} admitted across two months of 3");
+
+    // A cost above one rule's whole limit is reported as such, even when
+    // another rule, checked first, is merely used up this month.
+    let acct = format!("{prefix}:d");
+    let rules = [QuotaRule::new("big", 200, &["x", "y"]), QuotaRule::new("small", 100, &["x"])];
+    let t = ts("2026-06-10T00:00:00Z");
+    assert!(store.check_and_count(&acct, &rules, "y", 200, t).await.unwrap().allowed);
+    let d = store.check_and_count(&acct, &rules, "x", 150, t).await.unwrap();
+    assert!(!d.allowed && d.cost_exceeds_limit, "{d:?}");
+    assert_eq!(d.rule.as_deref(), Some("small"));
 }
 
 /// Races `threads` threads, each counting `per_thread` single units of one
