@@ -662,10 +662,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         batch: Vec<(RecordId, Timestamp)>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
         Box::pin(async move {
-            if self.store.record_last_used(&batch).await.is_err() {
-                // Advisory, so the request goes on; the times wait for the
-                // next flush instead of being lost.
-                self.last_use.restore(batch);
+            // Advisory, so the request goes on either way.
+            if let Err(e) = self.store.record_last_used(&batch).await {
+                self.last_use.restore_after(&e, batch);
             }
         })
     }
@@ -681,8 +680,8 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             return Ok(());
         }
         let written = self.store.record_last_used(&batch).await;
-        if written.is_err() {
-            self.last_use.restore(batch);
+        if let Err(e) = &written {
+            self.last_use.restore_after(e, batch);
         }
         written
     }

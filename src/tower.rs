@@ -305,11 +305,20 @@ pub struct Refused {
     rejection: Rejection,
     style: BodyStyle,
     headers: Vec<(&'static str, String)>,
+    failed_open: Option<FailedOpen>,
 }
 
 impl Refused {
     fn new(reason: Refusal, rejection: Rejection, style: BodyStyle) -> Self {
-        Self { reason: Arc::new(reason), rejection, style, headers: Vec::new() }
+        Self { reason: Arc::new(reason), rejection, style, headers: Vec::new(), failed_open: None }
+    }
+
+    /// Checks let through under [`FailMode::Open`] before this refusal (the
+    /// limiter down, then a scope refused, say): also in the response's
+    /// extensions.
+    #[must_use]
+    pub fn failed_open(&self) -> Option<&FailedOpen> {
+        self.failed_open.as_ref()
     }
 
     /// Why, for logs.
@@ -342,6 +351,9 @@ impl Refused {
             self.headers.iter().filter(|(n, _)| !(has_retry && *n == "Retry-After")).cloned(),
         );
         let mut res = out.into_http::<B>();
+        if let Some(f) = &self.failed_open {
+            res.extensions_mut().insert(f.clone());
+        }
         res.extensions_mut().insert(self);
         res
     }
@@ -352,6 +364,7 @@ impl Refused {
 /// (when a plan applied) and the [`QuotaDecision`] (when the route counts a
 /// category).
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct Admitted {
     /// Who is calling.
     pub principal: Principal,
@@ -369,6 +382,7 @@ pub struct Admitted {
 /// response's extensions, so an outage that lets requests through
 /// unlimited or uncounted is still there for the host's logs and alerts.
 #[derive(Debug, Clone, Default)]
+#[non_exhaustive]
 pub struct FailedOpen {
     /// The limiter's error: the request was not rate-limited.
     pub limiter: Option<Arc<BackendError>>,
@@ -498,8 +512,13 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             }
         };
         // Refusals from here on carry the limit headers (built only then).
+        // A refusal after the limiter failed open still reports it.
+        let limiter_failed = failed.limiter.clone();
         let with_headers = |mut r: Refused| {
             r.headers = decision.as_ref().map(|d| d.headers(self.0.headers)).unwrap_or_default();
+            r.failed_open = limiter_failed
+                .as_ref()
+                .map(|e| FailedOpen { limiter: Some(Arc::clone(e)), quota: None });
             r
         };
         if let Some(d) = &decision
@@ -543,7 +562,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// `principal`'s plan, else the gate's default plan, for handlers whose
     /// category comes from the body. A route's `.plan(…)` does not apply
     /// here: on such routes, give keys their plan, or count with the route's
-    /// `.quota(…)`. `Ok(None)` when there is no quota store or no plan.
+    /// `.quota(…)`. `Ok(None)` when there is no quota store or no plan, and
+    /// when the quota store failed under [`FailMode::Open`] (the caller has
+    /// no request to leave a [`FailedOpen`] in: fail closed to see it).
     ///
     /// The account is the key's workspace and plan (`{workspace}/{plan}`):
     /// every key of a workspace on one plan draws on one monthly allowance,

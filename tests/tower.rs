@@ -169,6 +169,18 @@ async fn store_outage_fails_open_when_chosen() {
     let failed = res.extensions().get::<keygate::tower::FailedOpen>().expect("the outage");
     assert!(failed.limiter.is_some() && failed.quota.is_some(), "{failed:?}");
     assert_eq!(text(res).await, "t 0");
+    // A refusal after the limiter failed open reports it too.
+    let unscoped = KeyManager::new(f.keys.clone())
+        .create(
+            NewKey::new("u", keygate::format::NH, Tenant::workspace("ws_t".parse().unwrap()))
+                .plan("free"),
+        )
+        .await
+        .unwrap();
+    let res = get_events(&app, unscoped.key().expose_secret()).await;
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let failed = res.extensions().get::<keygate::tower::FailedOpen>().expect("the outage");
+    assert!(failed.limiter.is_some());
     // Once the stores are back, nothing is reported.
     f.switch.set_up();
     let res = get_events(&app, &f.key).await;

@@ -10,6 +10,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 use super::Principal;
+use crate::backend::BackendError;
 use crate::clock::{Nanos, duration_nanos};
 use crate::secret::{Digest, DigestBuildHasher};
 use crate::store::RecordId;
@@ -195,6 +196,10 @@ pub(crate) struct LastUse {
 }
 
 impl LastUse {
+    /// Most last-use times kept back for a retry after failed writes: an
+    /// outage delays last use, it does not grow memory without bound.
+    pub(crate) const MAX_PENDING: usize = 100_000;
+
     pub(crate) fn new(interval: Duration) -> Self {
         Self {
             pending: Mutex::new(HashMap::default()),
@@ -243,11 +248,18 @@ impl LastUse {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner).drain().collect()
     }
 
-    /// Puts back a batch whose write failed, so the next flush retries it
-    /// (times noted since then win when later).
-    pub(crate) fn restore(&self, batch: Vec<(RecordId, Timestamp)>) {
+    /// Puts back a batch whose write failed with `error`, so the next flush
+    /// retries it (times noted since then win when later), as far as the
+    /// pending map stays under [`MAX_PENDING`](Self::MAX_PENDING) entries.
+    /// Only after a transient error: a batch the store refuses as such
+    /// (corrupt data) would fail every later flush with it.
+    pub(crate) fn restore_after(&self, error: &BackendError, batch: Vec<(RecordId, Timestamp)>) {
+        if !matches!(error, BackendError::Timeout | BackendError::Unavailable { .. }) {
+            return;
+        }
         let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        for (id, at) in batch {
+        let room = Self::MAX_PENDING.saturating_sub(p.len());
+        for (id, at) in batch.into_iter().take(room) {
             let t = p.entry(id).or_insert(at);
             *t = (*t).max(at);
         }

@@ -1085,11 +1085,14 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             if let Some((_, i)) = self.word_form(one, false)
                 && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
             {
-                // A refund can make the key fresh sooner (a window back to
-                // zero): the next purge may free it now.
+                // A refund can make the key fresh (a window back to zero):
+                // then the next purge may free it now. Only then is the
+                // writer's lock taken; other refunds stay lock-free.
                 if refund_word(state, p, now, cost) {
-                    let mut tracked = shard.writer();
-                    tracked.next_purge = tracked.next_purge.min(now);
+                    if word_fresh_at(state.load(Ordering::Acquire)) <= now {
+                        let mut tracked = shard.writer();
+                        tracked.next_purge = tracked.next_purge.min(now);
+                    }
                     continue;
                 }
                 // Dead: the key moved or its table was swapped; wait for
