@@ -503,11 +503,15 @@ impl Scanner {
             // Never cut right after a backslash or `%`: the run after it may
             // open with an escape's letters (`\n`, `%20`), and deciding it
             // needs the opener in the same block.
+            // A full buffer must still consume something (its next read
+            // would get no room and look like the end of the input), so
+            // there the cut backs off only if that leaves progress.
             let limit = if eof {
                 limit
             } else {
                 let openers = buf[..limit].iter().rev().take_while(|&&b| b == b'\\' || b == b'%');
-                limit - openers.count()
+                let backed = limit - openers.count();
+                if backed > 0 || early.is_some() { backed } else { limit }
             };
             let block = &buf[..filled];
             let last_end =

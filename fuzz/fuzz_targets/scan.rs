@@ -24,7 +24,19 @@ const CHK: KeyFormat = KeyFormat::builder("chk")
 
 static SCANNERS: OnceLock<[Scanner; 2]> = OnceLock::new();
 
-/// Offsets and lengths of the maximal runs of word bytes that parse.
+/// The escape letters opening the run at `i`, after a backslash or `%`.
+fn escape(data: &[u8], i: usize) -> Option<usize> {
+    let hex = |j: usize| data.get(j).is_some_and(u8::is_ascii_hexdigit);
+    match data.get(i.checked_sub(1)?)? {
+        b'\\' if matches!(data.get(i), Some(b'n' | b't' | b'r' | b'b' | b'f')) => Some(1),
+        b'\\' if data.get(i) == Some(&b'u') && (1..=4).all(|k| hex(i + k)) => Some(5),
+        b'%' if hex(i) && hex(i + 1) => Some(2),
+        _ => None,
+    }
+}
+
+/// Offsets and lengths of the maximal runs of word bytes that parse (after
+/// an opening escape's letters, if any).
 fn reference(set: &FormatSet, data: &[u8]) -> Vec<(u64, usize)> {
     let word = |b: &u8| b.is_ascii_alphanumeric() || *b == b'_';
     let mut out = Vec::new();
@@ -38,6 +50,13 @@ fn reference(set: &FormatSet, data: &[u8]) -> Vec<(u64, usize)> {
         let token = std::str::from_utf8(&data[i..i + len]).unwrap();
         if set.parse(token).is_ok() {
             out.push((i as u64, len));
+        } else if let Some(skip) = escape(data, i).filter(|&k| k < len) {
+            // A run opening with an escape's letters (`\n`, `\u0022`,
+            // `%20`): the key is the rest of it.
+            let rest = std::str::from_utf8(&data[i + skip..i + len]).unwrap();
+            if set.parse(rest).is_ok() {
+                out.push(((i + skip) as u64, len - skip));
+            }
         }
         i += len;
     }

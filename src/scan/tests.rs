@@ -94,6 +94,27 @@ fn keys_glued_to_an_escape_are_found() {
 }
 
 #[test]
+fn runs_of_escape_openers_never_stall_a_small_buffer() {
+    // The streaming cut backs off from backslashes and `%`s; a buffer full
+    // of them must still make progress, or the rest of the input would be
+    // taken for its end (found by the fuzzer).
+    let nh = format!("nh_{HEX64}");
+    let text = format!("{} {nh} {}\\n{nh}", "%\\".repeat(200), "%".repeat(150));
+    let whole = Scanner::presets();
+    let found = whole.find_all(text.as_bytes());
+    assert_eq!(found.len(), 2);
+    for chunk in [1, 2, 7, 64] {
+        let mut streamed = Vec::new();
+        whole
+            .clone()
+            .chunk_size(chunk)
+            .scan_reader(text.as_bytes(), |m| streamed.push(m.clone()))
+            .unwrap();
+        assert_eq!(streamed, found, "chunk {chunk}");
+    }
+}
+
+#[test]
 fn adjacent_and_repeated_keys() {
     let s = Scanner::presets();
     let all = keys().join(" ");
