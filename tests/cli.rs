@@ -151,7 +151,16 @@ fn scan_files_directories_and_stdin() {
             writer.join().unwrap().unwrap();
             assert_eq!(out.status.code(), Some(1), "a named FIFO is read");
         }
+        // Inside a directory too, a dangling link is reported.
+        let out = keygate(&["scan", dir.to_str().unwrap()], b"");
+        assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(String::from_utf8_lossy(&out.stderr).contains("dangling symbolic link"));
     }
+    // `-` is standard input, beside files.
+    let clean = dir.join("clean.txt");
+    let out = keygate(&["scan", clean.to_str().unwrap(), "-"], format!("x {nh}").as_bytes());
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("-:1:3: nh {}\n", &nh[..7]));
     std::fs::remove_dir_all(&dir).unwrap();
 }
 

@@ -244,30 +244,23 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
         })?;
         write_err
     };
-    if paths.is_empty() {
-        if let Err(e) = report("-", &mut io::stdin().lock(), &mut out) {
+    let stdin = [PathBuf::from("-")];
+    let paths = if paths.is_empty() { &stdin[..] } else { paths };
+    let mut files = Vec::new();
+    for p in paths {
+        collect(p, &mut files, &mut errors, true);
+    }
+    for f in files {
+        let label = f.display().to_string();
+        // `-` is standard input, as for `inspect` and `hash`.
+        let result = if f.as_os_str() == "-" {
+            report(&label, &mut io::stdin().lock(), &mut out)
+        } else {
+            fs::File::open(&f).and_then(|mut file| report(&label, &mut file, &mut out))
+        };
+        if let Err(e) = result {
             errors = true;
-            eprintln!("keygate: -: {e}");
-        }
-    } else {
-        let mut files = Vec::new();
-        for p in paths {
-            collect(p, &mut files, &mut errors, true);
-        }
-        for f in files {
-            let label = f.display().to_string();
-            match fs::File::open(&f) {
-                Ok(mut file) => {
-                    if let Err(e) = report(&label, &mut file, &mut out) {
-                        errors = true;
-                        eprintln!("keygate: {label}: {e}");
-                    }
-                }
-                Err(e) => {
-                    errors = true;
-                    eprintln!("keygate: {label}: {e}");
-                }
-            }
+            eprintln!("keygate: {label}: {e}");
         }
     }
     if let Err(e) = out.flush() {
@@ -289,6 +282,10 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
 /// (or links to them) are read. Whatever cannot be read is reported and
 /// makes the exit status 2: a skipped path is never a silent "clean".
 fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool) {
+    if named && path.as_os_str() == "-" {
+        files.push(path.to_path_buf());
+        return;
+    }
     let meta = if named { fs::metadata(path) } else { fs::symlink_metadata(path) };
     let meta = match meta {
         Ok(m) => m,
@@ -323,6 +320,10 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
         }
     } else if named || meta.is_file() || (meta.file_type().is_symlink() && path.is_file()) {
         files.push(path.to_path_buf());
+    } else if meta.file_type().is_symlink() && !path.exists() {
+        // A link to nothing cannot be read: say so rather than pass it by.
+        *errors = true;
+        eprintln!("keygate: {}: dangling symbolic link", path.display());
     }
 }
 
