@@ -489,7 +489,14 @@ impl Scanner {
                 if !eof && filled < buf.len() {
                     // Every run of word bytes before the last other byte is
                     // whole, so keys starting before it can be decided.
-                    early = buf[..filled].iter().rposition(|&b| !is_word(b)).map(|i| i + 1);
+                    // Only the bytes just read are searched: those kept from
+                    // earlier reads lie after the last cut (word bytes, or
+                    // openers it backed off from), so they offer no further
+                    // cut, and input trickling in a byte at a time costs
+                    // linear time, not quadratic.
+                    let new = filled - n;
+                    early =
+                        buf[new..filled].iter().rposition(|&b| !is_word(b)).map(|i| new + i + 1);
                     if early.is_none() {
                         continue; // keep filling before deciding anything
                     }

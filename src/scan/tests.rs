@@ -553,3 +553,14 @@ fn a_paused_input_gets_its_finished_lines_redacted_at_once() {
     assert_eq!(Scanner::presets().redact(input, out.clone()).unwrap(), 1);
     assert_eq!(*out.0.lock().unwrap(), b"auth nh_0123[REDACTED]\nend\n");
 }
+
+#[test]
+fn input_trickling_in_a_byte_at_a_time_is_scanned_whole() {
+    let nh = format!("nh_{HEX64}");
+    let text = format!("{}\n{nh} %{}\\n{nh}", "a".repeat(70_000), "b".repeat(100));
+    let s = Scanner::presets();
+    let mut streamed = Vec::new();
+    s.scan_reader(Trickle(text.as_bytes(), 1), |m| streamed.push(m.clone())).unwrap();
+    assert_eq!(streamed, s.find_all(text.as_bytes()));
+    assert_eq!(streamed.len(), 2);
+}
