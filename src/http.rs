@@ -62,6 +62,10 @@ pub enum Rejection {
     },
     /// 410: a single-use resource (a portal link) was already used.
     Gone,
+    /// 410: a single-use link is not one (malformed, unknown) or has
+    /// expired: one answer for all three, in a link's words rather than an
+    /// API key's.
+    InvalidLink,
     /// 429: a rate limit denied the request.
     RateLimited {
         /// The limit of the policy that denied, for the body's `limit`.
@@ -143,7 +147,7 @@ impl Rejection {
             Self::BadRequest { .. } => 400,
             Self::NotFound => 404,
             Self::Conflict { .. } => 409,
-            Self::Gone => 410,
+            Self::Gone | Self::InvalidLink => 410,
             Self::RateLimited { .. }
             | Self::CostExceedsLimit { .. }
             | Self::CostExceedsQuota { .. }
@@ -163,6 +167,7 @@ impl Rejection {
             Self::BadRequest { message, .. } | Self::Conflict { message } => message.clone().into(),
             Self::NotFound => "Not found".into(),
             Self::Gone => "This link has already been used".into(),
+            Self::InvalidLink => "This link is invalid or has expired".into(),
             Self::RateLimited { .. } => "Rate limit exceeded".into(),
             Self::CostExceedsLimit { .. } => "Request cost exceeds the rate limit".into(),
             Self::CostExceedsQuota { limit } => {
@@ -191,7 +196,7 @@ impl Rejection {
             Self::BadRequest { .. } => "invalid_request",
             Self::NotFound => "not_found",
             Self::Conflict { .. } => "conflict",
-            Self::Gone => "gone",
+            Self::Gone | Self::InvalidLink => "gone",
             Self::RateLimited { .. } | Self::CostExceedsLimit { .. } => "rate_limit_exceeded",
             Self::QuotaExceeded { .. } | Self::CostExceedsQuota { .. } => "quota_exceeded",
             Self::Unavailable => "unavailable",

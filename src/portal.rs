@@ -152,9 +152,7 @@ impl PortalError {
         match self {
             Self::Request(e) => e.to_rejection(),
             Self::NotManagementToken | Self::Scope(_) => Rejection::Forbidden { scope: None },
-            Self::MalformedCode | Self::UnknownCode | Self::Expired => {
-                Rejection::InvalidCredentials
-            }
+            Self::MalformedCode | Self::UnknownCode | Self::Expired => Rejection::InvalidLink,
             Self::AlreadyUsed => Rejection::Gone,
             Self::Collision | Self::Backend(_) => Rejection::Unavailable,
         }

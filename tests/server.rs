@@ -553,7 +553,9 @@ async fn portal_links_open_once() {
         assert_eq!(r.body["error"]["field"], field, "{body}: {}", r.text);
     }
     let garbage = s.call(Method::GET, "/portal?code=kgpc_nope", &[], None).await;
-    assert_eq!(garbage.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(garbage.status, StatusCode::GONE);
+    assert_eq!(garbage.body["error"]["message"], "This link is invalid or has expired");
+    assert!(garbage.header("www-authenticate").is_none(), "a link is not an API key");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
