@@ -147,6 +147,9 @@ pub struct Scanner {
     /// Bytes read per streaming step.
     chunk: usize,
     tuning: Tuning,
+    /// Also report runs that look like a damaged key (see [`suspect`]):
+    /// set by [`redact`](Scanner::redact), which errs towards hiding.
+    suspects: bool,
 }
 
 /// How the scanner finds candidates in the next span of input.
@@ -293,8 +296,27 @@ fn non_word_mask(group: &[u8; GROUP]) -> u128 {
     u128::from_le_bytes(m)
 }
 
-/// The first non-word byte of `hay[from..to]`, or `to`.
-#[inline]
+/// Fewest secret characters after the last separator for a run to count
+/// as a damaged key.
+const SUSPECT_MIN: usize = 16;
+
+/// Whether `rest`, the run after one of `format`'s literal prefixes, looks
+/// like a damaged key of it: cut short, or with a wrong character or
+/// checksum. At most two more separators (a region or environment, a key
+/// id), then at least [`SUSPECT_MIN`] characters of the secret's alphabet.
+/// A redactor that left such a run whole would show most of a key (a
+/// truncated `nh_` key keeps 63 of its 64 hex digits), or one a checksum
+/// lets an attacker repair offline.
+fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
+    // At most three parts: the region or environment, the key id, the
+    // secret (the last part).
+    let parts = rest.split(|&b| b == b'_').count();
+    let secret = rest.rsplit(|&b| b == b'_').next().unwrap_or(rest);
+    parts <= 3
+        && secret.len() >= SUSPECT_MIN
+        && secret.iter().all(|&b| format.secret_alphabet().contains(b))
+}
+
 /// The length of the escape's word bytes at the start of the run at
 /// `start` (the run follows a non-word byte): `n` in `\n`, `u0022` in
 /// `\u0022`, `20` in `%20`.
@@ -317,6 +339,8 @@ fn escaped_before(hay: &[u8], start: usize) -> bool {
     (1..=5).any(|k| start.checked_sub(k).is_some_and(|s| escape_len(hay, s) == Some(k)))
 }
 
+/// The first non-word byte of `hay[from..to]`, or `to`.
+#[inline]
 fn first_non_word(hay: &[u8], from: usize, to: usize) -> usize {
     let mut i = from;
     while let Some(group) = hay[i..to].first_chunk::<GROUP>() {
@@ -382,6 +406,7 @@ impl Scanner {
             max_len,
             chunk: CHUNK,
             tuning: TUNING,
+            suspects: false,
         }
     }
 
@@ -447,12 +472,24 @@ impl Scanner {
     /// `{hint}[REDACTED]` and leaving every other byte untouched. Streams in
     /// constant memory. Returns the number of keys redacted.
     ///
+    /// It errs towards hiding: a run that is not a key but looks like a
+    /// damaged one (a format's literal prefix, then at least 16 characters
+    /// of its secret alphabet after at most two more separators: a key cut
+    /// short, mistyped, or with a bad checksum) becomes `{prefix}[REDACTED]`
+    /// as well. [`find_all`](Self::find_all) and
+    /// [`scan_reader`](Self::scan_reader) report whole keys only.
+    ///
     /// # Errors
     ///
     /// Any error from reading `input` or writing `output`.
     pub fn redact<R: Read, W: Write>(&self, input: R, output: W) -> io::Result<u64> {
         let mut sink = RedactSink { output, pending: Vec::new(), count: 0 };
-        self.stream(input, &mut sink)?;
+        // Damaged keys may be shorter than any whole one: runs as short as
+        // a literal prefix plus the suspect minimum are candidates here.
+        let shortest = self.prefixes.iter().map(|p| p.len()).min().unwrap_or(0);
+        let min_len = if self.min_len == 0 { 0 } else { self.min_len.min(shortest + SUSPECT_MIN) };
+        let hiding = Self { suspects: true, min_len, ..self.clone() };
+        hiding.stream(input, &mut sink)?;
         sink.output.flush()?;
         Ok(sink.count)
     }
@@ -693,7 +730,8 @@ impl Scanner {
         end: usize,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> bool {
-        if !self.lengths[end - start] {
+        let fits = self.lengths[end - start];
+        if !fits && !self.suspects {
             return false;
         }
         let token = &hay[start..end];
@@ -701,10 +739,18 @@ impl Scanner {
             return false;
         };
         let format = &self.formats.formats()[self.owners[i]];
-        let Ok(parts) = format.parse_bytes(token) else { return false };
-        let hint_len = format.hint_of(token, &parts).len();
-        on_key(start, end, format, hint_len);
-        true
+        if fits && let Ok(parts) = format.parse_bytes(token) {
+            let hint_len = format.hint_of(token, &parts).len();
+            on_key(start, end, format, hint_len);
+            return true;
+        }
+        let prefix = self.prefixes[i].len();
+        if self.suspects && suspect(format, &token[prefix..]) {
+            // Nothing of a damaged key is shown past its literal prefix.
+            on_key(start, end, format, prefix);
+            return true;
+        }
+        false
     }
 
     /// The first run of at least `min_len` word bytes that starts at or

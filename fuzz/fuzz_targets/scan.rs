@@ -95,7 +95,8 @@ fn check(scanner: &Scanner, data: &[u8]) {
     }
     let mut out = Vec::new();
     let n = scanner.redact(data, &mut out).unwrap();
-    assert_eq!(n, found.len() as u64);
+    // Every key, and possibly damaged ones too.
+    assert!(n >= found.len() as u64);
     assert!(scanner.find_all(&out).is_empty());
 }
 

@@ -564,3 +564,29 @@ fn input_trickling_in_a_byte_at_a_time_is_scanned_whole() {
     assert_eq!(streamed, s.find_all(text.as_bytes()));
     assert_eq!(streamed.len(), 2);
 }
+
+#[test]
+fn the_redactor_hides_damaged_keys_too() {
+    let s = Scanner::presets();
+    let nh = format!("nh_{HEX64}");
+    let cut = &nh[..nh.len() - 1];
+    let typo = format!("sk_live_{}!", "a1B2".repeat(7));
+    for text in [format!("log: {cut}… (truncated)"), format!("k={}", &typo[..typo.len() - 1])] {
+        // Not keys: scanning reports nothing...
+        assert!(s.find_all(text.as_bytes()).is_empty(), "{text}");
+        // ...but redaction hides all but the literal prefix.
+        let mut out = Vec::new();
+        assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), 1, "{text}");
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("_[REDACTED]"), "{out}");
+        assert!(!out.contains("0123456789abcdef") && !out.contains("a1B2a1B2"), "{out}");
+    }
+    // Identifiers that merely start like a key stay as they are.
+    for text in
+        ["sk_test_helper_function_name", "nh_count", "nh_deadbeef", "nk_live_x_y_z_longword"]
+    {
+        let mut out = Vec::new();
+        assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), 0, "{text}");
+        assert_eq!(out, text.as_bytes());
+    }
+}
