@@ -215,6 +215,11 @@ pub enum ManagerError {
     /// A scope is malformed, unknown, or exceeds the parent's grants.
     #[error(transparent)]
     Scope(#[from] ScopeError),
+    /// The key was already rolled and its replacement is active: roll the
+    /// replacement instead (a second roll's key would stop when the first
+    /// roll's grace ends).
+    #[error("key was already rolled; roll its replacement")]
+    AlreadyRolled,
     /// The project already holds the maximum number of active keys.
     #[error("project already has {max} active keys")]
     LimitReached {
@@ -282,7 +287,7 @@ impl ManagerError {
             Self::Scope(e) => {
                 Rejection::BadRequest { field: "scopes".into(), message: e.to_string() }
             }
-            Self::LimitReached { .. } | Self::Inactive => {
+            Self::LimitReached { .. } | Self::Inactive | Self::AlreadyRolled => {
                 Rejection::Conflict { message: self.to_string() }
             }
             Self::NotFound => Rejection::NotFound,
@@ -576,25 +581,32 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         if self.store.get(id).await?.is_none() {
             return Err(ManagerError::NotFound);
         }
-        let revoked = self.store.revoke(id, self.clock.now()).await?;
+        let revoked = self.store.revoke(id, self.clock.now()).await;
+        // Also when the store failed to answer: it may have revoked, and
+        // invalidating too often is harmless.
         if let Some(cache) = &self.cache {
             cache.invalidate(id);
         }
-        Ok(revoked)
+        Ok(revoked?)
     }
 
     /// Replaces key `id` with a new key of the same format, grants and
     /// expiry. The old key keeps working for `grace` — but never past its
     /// own expiry — and then stops. While both work the project may hold
     /// one key over its cap (the one being replaced), and no more: rolling
-    /// a key again during its grace, or a second key while one roll's grace
-    /// runs in a full project, is [`ManagerError::LimitReached`].
+    /// a second key while one roll's grace runs in a full project is
+    /// [`ManagerError::LimitReached`]. Rolling a key again while its
+    /// replacement is active is [`ManagerError::AlreadyRolled`] (roll the
+    /// replacement). The replacement's metadata names the key it replaced
+    /// under [`ROLLED_FROM`].
     ///
     /// # Errors
     ///
     /// [`ManagerError::NotFound`], [`ManagerError::Inactive`] for a revoked
-    /// or expired key, [`ManagerError::UnknownFormat`],
-    /// [`ManagerError::LimitReached`].
+    /// or expired key, [`ManagerError::AlreadyRolled`],
+    /// [`ManagerError::UnknownFormat`], [`ManagerError::LimitReached`], or
+    /// the store's error (if shortening the old key's expiry fails, the new
+    /// key is revoked: its secret was never shown).
     pub async fn roll(&self, id: &RecordId, grace: Duration) -> Result<CreatedKey, ManagerError> {
         let old = self.store.get(id).await?.ok_or(ManagerError::NotFound)?;
         let now = self.clock.now();
@@ -605,9 +617,21 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             .formats
             .get(&old.format)
             .ok_or_else(|| ManagerError::UnknownFormat(old.format.clone()))?;
+        // Rolled already (a retry that lost the first answer, say): the
+        // first replacement is active, and a second would inherit the
+        // grace's end as its expiry. Best effort: two rolls racing can
+        // both pass this check.
+        let siblings = self.store.list(&old.tenant.workspace, old.tenant.project.as_ref()).await?;
+        if siblings.iter().any(|r| {
+            r.is_active(now) && r.metadata.get(ROLLED_FROM).is_some_and(|f| f == id.as_str())
+        }) {
+            return Err(ManagerError::AlreadyRolled);
+        }
+        let mut metadata = old.metadata.clone();
+        metadata.insert(ROLLED_FROM.to_owned(), id.as_str().to_owned());
         let mut new = NewKey::new(old.name.clone(), format, old.tenant.clone())
             .with_scopes(old.scopes.clone())
-            .with_metadata(old.metadata.clone());
+            .with_metadata(metadata);
         new.environment = old.environment;
         new.region = old.region;
         new.plan.clone_from(&old.plan);
@@ -626,13 +650,24 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
         // `shorten_expiry` never extends: the grace cannot outlive the old
         // key's own expiry.
-        self.store.shorten_expiry(id, end).await?;
+        let shortened = self.store.shorten_expiry(id, end).await;
+        // Whatever the store said (it may have applied the change before
+        // failing to answer): invalidating too often is harmless.
         if let Some(cache) = &self.cache {
             cache.invalidate(id);
+        }
+        if let Err(e) = shortened {
+            // The new key's secret is never shown: revoke it (best effort)
+            // rather than leave an orphan counting against the cap.
+            let _ = self.store.revoke(&created.record().id, now).await;
+            return Err(e.into());
         }
         Ok(created)
     }
 }
+
+/// Metadata key on a rolled key's replacement: the id it replaced.
+pub const ROLLED_FROM: &str = "keygate.rolled_from";
 
 /// The earlier of two optional deadlines (`None` is "never").
 fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {

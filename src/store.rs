@@ -272,10 +272,12 @@ pub enum InsertOutcome {
 ///
 /// - **Atomicity.** `insert` is one atomic step: the uniqueness of the id,
 ///   the digest and (format, key id), and the active-key cap are checked and
-///   the record written together (SQL: one transaction with a unique index
-///   and `SELECT count(*) … FOR UPDATE` on the project, or a conditional
-///   `INSERT … SELECT … WHERE (SELECT count(*) …) < max`; Redis: one Lua
-///   script). `revoke` and `shorten_expiry` (which never extends an
+///   the record written together (SQL: one transaction that locks the
+///   project's row — `SELECT … FROM projects WHERE … FOR UPDATE`, or an
+///   advisory lock on the project — then counts its active keys and
+///   inserts, with unique indexes on the id, the digest and (format, key
+///   id); a bare `INSERT … SELECT … WHERE (SELECT count(*) …) < max` races
+///   under READ COMMITTED; Redis: one Lua script). `revoke` and `shorten_expiry` (which never extends an
 ///   expiry) are single-record conditional updates.
 /// - **Staleness.** Reads may come from a replica or cache that lags. Lag
 ///   and the verified-principal cache's TTL add up: a revoked key may
@@ -283,7 +285,9 @@ pub enum InsertOutcome {
 ///   seconds by default), so a host whose bound is 30 s and whose replicas
 ///   lag up to 5 s sets the TTL to 25 s. In the process that revoked it, a
 ///   key stops at once when the `KeyManager` shares the authenticator's
-///   cache. `last_used_at` is advisory and may lag.
+///   cache and the store reads its own writes; with replica reads, a
+///   lookup racing the revocation can cache the stale record there too,
+///   for the lag plus the TTL. `last_used_at` is advisory and may lag.
 /// - **Failure.** Infrastructure failures are [`BackendError`]s; "not found"
 ///   is `Ok(None)`. The authenticator always turns a key-store error into a
 ///   503 (fail closed); the gate's fail modes apply to the limiter and

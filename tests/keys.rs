@@ -429,11 +429,13 @@ async fn rolling_holds_at_most_one_key_over_the_cap() {
     let id = keys[0].record().id.clone();
     // The first roll of a full project is allowed: 11 active during grace.
     f.manager.roll(&id, Duration::from_secs(600)).await.unwrap();
-    // Rolling the same key again, or another one, during that grace is not.
-    for again in [&id, &keys[1].record().id] {
-        let err = f.manager.roll(again, Duration::from_secs(600)).await.unwrap_err();
-        assert!(matches!(err, ManagerError::LimitReached { max: 10 }), "{err}");
-    }
+    // Rolling another key during that grace is not; nor is rolling the
+    // same key again (its replacement is active: roll that one instead).
+    let err = f.manager.roll(&keys[1].record().id, Duration::from_secs(600)).await.unwrap_err();
+    assert!(matches!(err, ManagerError::LimitReached { max: 10 }), "{err}");
+    let err = f.manager.roll(&id, Duration::from_secs(600)).await.unwrap_err();
+    assert!(matches!(err, ManagerError::AlreadyRolled), "{err}");
+    assert_eq!(err.rejection().status(), 409);
     let active = |f: &Fixture| {
         let (store, now) = (f.store.clone(), f.clock.now());
         async move {
@@ -555,10 +557,15 @@ async fn rolling_keeps_grants_and_the_grace_never_outlives_expiry() {
     let new = f.manager.roll(&old.record().id, Duration::from_secs(600)).await.unwrap();
     assert_ne!(new.key().expose_secret(), old.key().expose_secret());
     let (o, n) = (old.record(), new.record());
-    assert_eq!(
-        (&n.scopes, &n.plan, &n.metadata, &n.tenant),
-        (&o.scopes, &o.plan, &o.metadata, &o.tenant)
-    );
+    assert_eq!((&n.scopes, &n.plan, &n.tenant), (&o.scopes, &o.plan, &o.tenant));
+    // The metadata, plus where the key came from.
+    let mut expected = o.metadata.clone();
+    expected.insert(keygate::manager::ROLLED_FROM.into(), o.id.as_str().into());
+    assert_eq!(n.metadata, expected);
+    // In an uncapped project too, a second roll of the same key is refused:
+    // its key would stop when the first roll's grace ends.
+    let err = f.manager.roll(&old.record().id, Duration::from_secs(600)).await.unwrap_err();
+    assert!(matches!(err, ManagerError::AlreadyRolled), "{err}");
     assert_eq!(n.expires_at, o.expires_at);
     let any = Target::any();
     assert!(auth_bearer(&f.auth, old.key().expose_secret(), &any).await.is_ok());
@@ -636,6 +643,21 @@ async fn a_cache_shared_by_authenticators_of_two_registries_answers_each_in_its_
         let pb = auth_bearer(&b, key.key().expose_secret(), &Target::any()).await.unwrap();
         assert!(pb.allows(&need_b), "a principal compiled under the other registry");
     }
+}
+
+#[test]
+fn a_cache_entry_stamped_by_a_later_clock_is_stale() {
+    use keygate::auth::Principal;
+    use keygate::clock::Nanos;
+    // Shared by two authenticators whose monotonic clocks started hours
+    // apart: an entry stamped at 6 h read at 1 s has no known age.
+    let cache = PrincipalCache::new(Duration::from_secs(30), 160);
+    let record = Arc::new(keygate::testkit::keys::sample_record("ws_a", None, 0, false));
+    let p = Principal::from_record(record, &keygate::scope::ScopeRegistry::default()).unwrap();
+    let d = keygate::Digest::from_bytes([3; 32]);
+    cache.insert(d, p, Nanos::new(6 * 3600 * 1_000_000_000));
+    assert!(cache.get(&d, Nanos::new(1_000_000_000)).is_none());
+    assert!(cache.get(&d, Nanos::new(6 * 3600 * 1_000_000_000 + 1)).is_some());
 }
 
 #[test]

@@ -86,11 +86,14 @@ impl PrincipalCache {
     }
 
     /// The cached principal for `digest`, if cached less than `ttl` ago.
+    /// An entry stamped after `now` is stale too: it came from another
+    /// clock (a cache shared by authenticators whose monotonic clocks start
+    /// at different times), so its age is unknown.
     #[must_use]
     pub fn get(&self, digest: &Digest, now: Nanos) -> Option<Principal> {
         let shard = self.shard(digest).read().unwrap_or_else(PoisonError::into_inner);
         let (p, at) = shard.get(digest)?;
-        (now.saturating_since(*at) < self.ttl).then(|| p.clone())
+        fresh(*at, now, self.ttl).then(|| p.clone())
     }
 
     /// Caches `principal` under `digest`.
@@ -131,7 +134,7 @@ impl PrincipalCache {
         now: Nanos,
     ) {
         if shard.len() >= per_shard {
-            shard.retain(|_, (_, at)| now.saturating_since(*at) < ttl);
+            shard.retain(|_, (_, at)| fresh(*at, now, ttl));
             if shard.len() >= per_shard {
                 // Still full of live entries: drop an arbitrary sixteenth,
                 // so the next sweep is that many inserts away (each sweep
@@ -182,6 +185,12 @@ impl PrincipalCache {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+/// Whether an entry stamped `at` is younger than `ttl` at `now` (an entry
+/// from the future is not: its clock was another one).
+fn fresh(at: Nanos, now: Nanos, ttl: Duration) -> bool {
+    at <= now && now.saturating_since(at) < ttl
 }
 
 /// Collects last-use times and hands them out as one batch per interval,

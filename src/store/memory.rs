@@ -393,15 +393,18 @@ impl KeyStore for MemoryKeyStore {
         id: &RecordId,
         expires_at: Timestamp,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
-        let exists = self.read(|i| i.by_id.get(id).is_some());
+        // Found under the same write lock as the update: a record forgotten
+        // in between is not reported as there.
+        let mut found = false;
         self.update(id, |r| {
+            found = true;
             if r.expires_at.is_some_and(|e| e <= expires_at) {
                 return false;
             }
             r.expires_at = Some(expires_at);
             true
         });
-        ready(Ok(exists))
+        ready(Ok(found))
     }
 
     fn record_last_used(
