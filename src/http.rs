@@ -269,7 +269,11 @@ impl Rejection {
                 v
             }
             BodyStyle::Envelope => {
-                json!({ "success": false, "error": message, "timestamp": timestamp_millis(now) })
+                let mut v =
+                    json!({ "success": false, "error": message, "timestamp": timestamp_millis(now) });
+                // A 400 names its field in every style.
+                self.add_field(&mut v);
+                v
             }
             BodyStyle::Nested => {
                 let mut inner = json!({ "code": self.code(), "message": self.nested_message() });
@@ -492,5 +496,9 @@ mod tests {
         let v = body(&r, BodyStyle::Nested);
         assert_eq!(v["error"]["field"], "expiresInMinutes");
         assert_eq!(r.to_response(BodyStyle::Flat, t()).status, 400);
+        // Every style names it.
+        for style in [BodyStyle::Flat, BodyStyle::Envelope, BodyStyle::Problem] {
+            assert_eq!(body(&r, style)["field"], "expiresInMinutes", "{style:?}");
+        }
     }
 }
