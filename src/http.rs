@@ -269,8 +269,7 @@ impl Rejection {
                 v
             }
             BodyStyle::Envelope => {
-                let mut v =
-                    json!({ "success": false, "error": message, "timestamp": timestamp_millis(now) });
+                let mut v = json!({ "success": false, "error": message, "timestamp": timestamp_millis(now) });
                 // A 400 names its field in every style.
                 self.add_field(&mut v);
                 v

@@ -84,8 +84,26 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
     let kid = nk.key_id.expect("nk has a key id");
     s.insert(Arc::new(nk.clone()), None).await.unwrap();
     let got = s.find_by_key_id("nk", &kid).await.unwrap().expect("find_by_key_id finds it");
-    assert_eq!(got.id, nk.id);
+    assert_eq!(*got, nk, "find_by_key_id returns the record as stored");
     assert!(s.find_by_key_id("sk", &kid).await.unwrap().is_none(), "key ids are per format");
+
+    // Every field round-trips, the optional ones set: an application (a
+    // portal token's tenant: dropping it would reach every application), an
+    // expiry set at insert, a plan, a region, a last use; no environment,
+    // no metadata.
+    let mut full = sample_record("ws_a", Some("p1"), 2, true);
+    full.tenant = full.tenant.clone().with_application("app_1".parse().expect("valid id"));
+    full.expires_at = Some(t(1000));
+    full.plan = Some("pro".into());
+    full.environment = None;
+    full.region = Some("eu".parse().expect("valid region"));
+    full.last_used_at = Some(t(1));
+    full.metadata.clear();
+    s.insert(Arc::new(full.clone()), None).await.unwrap();
+    assert_eq!(*s.get(&full.id).await.unwrap().expect("stored"), full, "every field kept");
+    assert_eq!(*s.find_by_digest(&full.digest).await.unwrap().expect("stored"), full);
+    let kid = full.key_id.expect("nk has a key id");
+    assert_eq!(*s.find_by_key_id("nk", &kid).await.unwrap().expect("stored"), full);
 }
 
 async fn uniqueness<S: KeyStore>(s: &S) {
@@ -93,10 +111,21 @@ async fn uniqueness<S: KeyStore>(s: &S) {
     s.insert(Arc::new(r.clone()), None).await.unwrap();
     let mut same_id = sample_record("ws_a", None, 0, false);
     same_id.id = r.id.clone();
-    assert_eq!(s.insert(Arc::new(same_id), None).await.unwrap(), InsertOutcome::DuplicateId);
+    assert_eq!(
+        s.insert(Arc::new(same_id.clone()), None).await.unwrap(),
+        InsertOutcome::DuplicateId
+    );
     let mut same_digest = sample_record("ws_a", None, 0, false);
     same_digest.digest = r.digest;
-    assert_eq!(s.insert(Arc::new(same_digest), None).await.unwrap(), InsertOutcome::DuplicateKey);
+    assert_eq!(
+        s.insert(Arc::new(same_digest.clone()), None).await.unwrap(),
+        InsertOutcome::DuplicateKey
+    );
+    // Neither refusal left anything behind.
+    assert!(s.find_by_digest(&same_id.digest).await.unwrap().is_none(), "refused id: no digest");
+    assert!(s.get(&same_digest.id).await.unwrap().is_none(), "refused digest: no record");
+    let all = s.list(&"ws_a".parse().expect("valid id"), None).await.unwrap();
+    assert_eq!(all.iter().map(|x| x.id.clone()).collect::<Vec<_>>(), vec![r.id.clone()]);
     let mut dup_key_id = sample_record("ws_a", None, 0, true);
     dup_key_id.key_id = r.key_id;
     assert_eq!(
@@ -155,6 +184,34 @@ async fn active_cap<S: KeyStore>(s: &S) {
     // Without a limit, or without a project, there is no cap.
     let sixth = sample_record("ws_a", Some("capped"), 5, false);
     assert_eq!(s.insert(Arc::new(sixth), None).await.unwrap(), InsertOutcome::Inserted);
+    let one = ActiveLimit { max: 1, now: t(100) };
+    for i in 0..2 {
+        let whole = sample_record("ws_c", None, i, false);
+        assert_eq!(
+            s.insert(Arc::new(whole), Some(one)).await.unwrap(),
+            InsertOutcome::Inserted,
+            "no project, no cap"
+        );
+    }
+    let in_p = sample_record("ws_c", Some("p"), 3, false);
+    assert_eq!(
+        s.insert(Arc::new(in_p), Some(one)).await.unwrap(),
+        InsertOutcome::Inserted,
+        "workspace-wide keys do not count against a project"
+    );
+    // Keys expiring after `limit.now` are active, judged at `limit.now`
+    // (not the store's clock).
+    let two = ActiveLimit { max: 2, now: t(100) };
+    for exp in [t(1000), t(1000), t(50)] {
+        let mut r = sample_record("ws_a", Some("cap2"), 0, false);
+        r.expires_at = Some(exp);
+        s.insert(Arc::new(r), None).await.unwrap();
+    }
+    assert_eq!(
+        s.insert(Arc::new(sample_record("ws_a", Some("cap2"), 1, false)), Some(two)).await.unwrap(),
+        InsertOutcome::LimitReached { max: 2 },
+        "two keys expire after limit.now: both count"
+    );
 }
 
 async fn listing<S: KeyStore>(store: &S) {
@@ -177,6 +234,12 @@ async fn listing<S: KeyStore>(store: &S) {
         vec![p1.id.clone()]
     );
     assert!(store.list(&"ws_none".parse().unwrap(), None).await.unwrap().is_empty());
+    // Revoked records are listed too, as stored.
+    store.revoke(&p1.id, t(10)).await.unwrap();
+    let all = store.list(&ws, None).await.unwrap();
+    assert_eq!(ids(all.clone()), vec![p2.id.clone(), p1.id.clone(), whole.id.clone()]);
+    assert_eq!(all[1].revoked_at, Some(t(10)), "the listing shows the revocation");
+    assert_eq!(*all[0], p2, "listed records are the stored records");
 }
 
 async fn revoke_and_expiry<S: KeyStore>(s: &S) {
@@ -208,6 +271,8 @@ async fn revoke_and_expiry<S: KeyStore>(s: &S) {
     assert_eq!(s.get(&e.id).await.unwrap().unwrap().expires_at, Some(t(100)), "never extended");
     s.shorten_expiry(&e.id, t(50)).await.unwrap();
     assert_eq!(s.get(&e.id).await.unwrap().unwrap().expires_at, Some(t(50)), "shortened");
+    let by_digest = s.find_by_digest(&e.digest).await.unwrap().unwrap();
+    assert_eq!(by_digest.expires_at, Some(t(50)), "expiry visible through the digest index");
     assert!(!s.shorten_expiry(&RecordId::generate().unwrap(), t(0)).await.unwrap());
 }
 
@@ -215,8 +280,9 @@ async fn last_use<S: KeyStore>(s: &S) {
     let r = sample_record("ws_u", None, 0, false);
     s.insert(Arc::new(r.clone()), None).await.unwrap();
     let unknown = RecordId::generate().unwrap();
-    s.record_last_used(&[(r.id.clone(), t(30)), (unknown, t(40))]).await.unwrap();
+    s.record_last_used(&[(r.id.clone(), t(30)), (unknown.clone(), t(40))]).await.unwrap();
     assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)));
+    assert!(s.get(&unknown).await.unwrap().is_none(), "last use creates no record");
     s.record_last_used(&[(r.id.clone(), t(20))]).await.unwrap();
     assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)), "later wins");
     s.record_last_used(&[]).await.unwrap();
@@ -237,6 +303,10 @@ async fn last_use<S: KeyStore>(s: &S) {
 /// When more (or fewer) inserts succeed than the contract allows.
 pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u32) -> usize {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    assert!(
+        usize::try_from(max).is_ok_and(|m| m < threads),
+        "more threads than the cap, or the cap is never contended"
+    );
     for round in 0..rounds {
         let project = format!("race{round}");
         let limit = ActiveLimit { max, now: t(100) };

@@ -9,6 +9,20 @@ fn policy(name: &'static str, limit: u32, algorithm: Algorithm) -> Policy {
     Policy::new(name, limit, Duration::from_secs(3600), algorithm).expect("valid policy")
 }
 
+/// The checks use hour-long windows on the real clock, and fixed windows
+/// start on the hour: a run that crossed it would see every window reset.
+/// Waits out the last 30 seconds of an hour (which also covers a few
+/// seconds of skew between this host and a store's server clock).
+fn clear_of_the_hour() {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let left = 3600 - secs % 3600;
+    if left < 30 {
+        std::thread::sleep(Duration::from_secs(left + 5));
+    }
+}
+
 /// Runs every check against `store`, using keys that start with `prefix`
 /// (so runs against a shared backend do not collide).
 ///
@@ -16,6 +30,7 @@ fn policy(name: &'static str, limit: u32, algorithm: Algorithm) -> Policy {
 ///
 /// When the store breaks the [`LimitStore`] contract.
 pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
+    clear_of_the_hour();
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{prefix}:{}", alg.as_str());
         exact_limit(store, &key, alg).await;
@@ -154,6 +169,7 @@ async fn stacked<S: LimitStore>(store: &S, key: &str) {
 /// When more or fewer units are admitted than the limit.
 pub fn race<S: LimitStore + Sync>(store: &S, prefix: &str, threads: usize, per_thread: usize) {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    clear_of_the_hour();
     let plans = [
         vec![policy("default", 50, Algorithm::Gcra)],
         vec![policy("default", 50, Algorithm::FixedWindow)],

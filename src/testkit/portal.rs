@@ -59,6 +59,20 @@ pub async fn run<S: PortalStore>(store: &S, salt: u8) {
     let late = digest(2, salt);
     store.insert(late, sample_session(60)).await.unwrap();
     assert_eq!(store.redeem(&late, ts(60)).await.unwrap(), Redeem::Expired, "expiry is exclusive");
+    assert_ne!(
+        store.redeem(&late, ts(61)).await.unwrap(),
+        Redeem::AlreadyUsed,
+        "an expired code was never used: asking again does not make it so"
+    );
+    // Every role, and empty metadata, come back as stored.
+    for (i, role) in [Role::Admin, Role::Viewer].into_iter().enumerate() {
+        let mut s = sample_session(60);
+        s.role = role;
+        s.metadata.clear();
+        let c = digest(10 + i as u64, salt);
+        store.insert(c, s.clone()).await.unwrap();
+        assert_eq!(store.redeem(&c, ts(1)).await.unwrap(), Redeem::Session(s), "{role:?}");
+    }
     let edge = digest(3, salt);
     let s = sample_session(60);
     store.insert(edge, s.clone()).await.unwrap();
