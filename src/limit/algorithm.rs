@@ -316,8 +316,15 @@ pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32) {
             }
         }
         Slot::Log(log) => {
-            // Bounded by the log's length, not by `cost` (up to u32::MAX).
-            log.truncate(log.len().saturating_sub(cost as usize));
+            // The refunded request's entries are unknown: give back the
+            // oldest still in the window. What stays is then, entry by
+            // entry, no earlier than the true log, so nothing is admitted
+            // early. (Dropping the newest would keep an older entry that
+            // expires sooner than the refunded one.) Bounded by the log's
+            // length, not by `cost` (up to u32::MAX).
+            let gone = expired(log, now, duration_nanos(policy.period()));
+            log.drain(..gone);
+            log.drain(..(cost as usize).min(log.len()));
         }
         Slot::Fresh => {}
     }

@@ -819,3 +819,22 @@ fn denials_of_new_keys_and_empty_policy_lists_track_nothing() {
     assert!(d.is_allowed() && d.policies().is_empty());
     assert_eq!(l.len(), full, "nothing was tracked");
 }
+
+#[test]
+fn a_sliding_refund_gives_back_the_oldest_entry_not_the_newest() {
+    // 2 a minute: A at 0 s, B at 30 s; A is refunded at 31 s. Giving back
+    // B's entry (the newest) would keep A's, which expires at 60 s and lets
+    // a third request into B's minute.
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let p = [Policy::new("s", 2, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()];
+    assert!(l.check("k", &p, 1).unwrap().is_allowed()); // A at 0
+    c.advance(Duration::from_secs(30));
+    assert!(l.check("k", &p, 1).unwrap().is_allowed()); // B at 30
+    c.advance(Duration::from_secs(1));
+    l.refund("k", &p, 1); // A fails
+    assert!(l.check("k", &p, 1).unwrap().is_allowed()); // C at 31
+    c.advance(Duration::from_secs(29));
+    // At 60 s the last minute holds B and C.
+    assert!(!l.check("k", &p, 1).unwrap().is_allowed(), "a third in (0, 60]");
+}

@@ -326,7 +326,21 @@ for i = 1, n do
         redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, count), 'KEEPTTL')
       end
     else
-      if redis.call('EXISTS', KEYS[i]) == 1 then redis.call('RPOP', KEYS[i], cost) end
+      -- The oldest entries still in the window, as MemoryLimiter: what
+      -- stays is no earlier than the true log, so nothing is admitted
+      -- early.
+      local log = redis.call('LRANGE', KEYS[i], 0, -1)
+      if #log > 0 then
+        local p = period / 1000
+        local gone = 0
+        if now_us >= p then gone = lower_bound(log, now_us - p) end
+        local drop = gone + cost
+        if drop >= #log then
+          redis.call('DEL', KEYS[i])
+        else
+          redis.call('LTRIM', KEYS[i], drop, -1)
+        end
+      end
     end
   end
 end
