@@ -261,8 +261,11 @@ impl Policy {
 }
 
 const fn interval_nanos(period: Duration, limit: NonZeroU32) -> u64 {
-    // Periods are at most 366 days (< 2^55 ns), so the quotient fits.
-    let i = (period.as_nanos() / limit.get() as u128) as u64;
+    // Rounded up: a rounded-down interval lets the units of a period land
+    // inside it (3 a second at 333,333,333 ns each put a sixth unit at
+    // 999,999,999 ns, one more than GCRA's 2L - 1 in any second). Periods
+    // are at most 366 days (< 2^55 ns), so the quotient fits.
+    let i = period.as_nanos().div_ceil(limit.get() as u128) as u64;
     if i == 0 { 1 } else { i }
 }
 

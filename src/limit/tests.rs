@@ -838,3 +838,19 @@ fn a_sliding_refund_gives_back_the_oldest_entry_not_the_newest() {
     // At 60 s the last minute holds B and C.
     assert!(!l.check("k", &p, 1).unwrap().is_allowed(), "a third in (0, 60]");
 }
+
+#[test]
+fn gcra_admits_at_most_two_bursts_less_one_in_any_period() {
+    // 3 a second: a burst of 3 at 0, then one every third of a second. In
+    // [0, 1 s) GCRA allows 2L - 1 = 5; a rounded-down emission interval
+    // (333,333,333 ns) let a sixth in at 999,999,999 ns.
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let p = [Policy::new("g", 3, Duration::from_secs(1), Algorithm::Gcra).unwrap()];
+    let mut admitted = (0..3).filter(|_| l.check("k", &p, 1).unwrap().is_allowed()).count();
+    for _ in 0..3 {
+        c.advance(Duration::from_nanos(333_333_333));
+        admitted += usize::from(l.check("k", &p, 1).unwrap().is_allowed());
+    }
+    assert_eq!(admitted, 5, "at most 2L - 1 within one period");
+}
