@@ -130,8 +130,10 @@ impl Decision {
     }
 
     /// The policy the headers report: for a request that can never fit, the
-    /// policy it exceeds; else the first that denied, else the one with the
-    /// fewest units left. A check under no policies (no limit) reports an
+    /// policy it exceeds; else the denying policy with the longest wait
+    /// (the first on ties), so `Limit`, `Remaining` and `Reset` name the
+    /// limit that makes the client wait; else the one with the fewest units
+    /// left. A check under no policies (no limit) reports an
     /// unlimited policy: `u32::MAX` units, nothing to wait for.
     #[must_use]
     pub fn binding(&self) -> &PolicyDecision {
@@ -141,7 +143,10 @@ impl Decision {
         self.policies
             .iter()
             .find(|p| impossible && !p.allowed && p.retry_after.is_none())
-            .or_else(|| self.policies.iter().find(|p| !p.allowed))
+            .or_else(|| {
+                // `max_by_key` keeps the last of equals: reversed, the first.
+                self.policies.iter().rev().filter(|p| !p.allowed).max_by_key(|p| p.retry_after)
+            })
             .or_else(|| self.policies.iter().min_by_key(|p| p.remaining))
             .unwrap_or(&UNLIMITED)
     }

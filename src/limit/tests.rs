@@ -854,3 +854,28 @@ fn gcra_admits_at_most_two_bursts_less_one_in_any_period() {
     }
     assert_eq!(admitted, 5, "at most 2L - 1 within one period");
 }
+
+#[test]
+fn a_stacked_denial_reports_the_policy_that_makes_the_client_wait_longest() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let burst = Policy::new("burst", 10, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+    let hour = Policy::new("hour", 100, Duration::from_secs(3600), Algorithm::FixedWindow).unwrap();
+    let p = [burst, hour];
+    // Ten a second for ten seconds: the hour is used up as the tenth
+    // second's burst is.
+    for s in 0..10 {
+        for _ in 0..10 {
+            assert!(l.check("k", &p, 1).unwrap().is_allowed(), "second {s}");
+        }
+        if s < 9 {
+            c.advance(Duration::from_secs(1));
+        }
+    }
+    let d = l.check("k", &p, 1).unwrap();
+    assert!(!d.is_allowed());
+    assert!(d.policies().iter().all(|p| !p.allowed), "both deny");
+    assert_eq!(d.binding().name.as_str(), "hour");
+    assert_eq!(d.limit(), 100);
+    assert!(d.retry_after().unwrap() > Duration::from_secs(60));
+}
