@@ -130,6 +130,18 @@ impl Principal {
         &self.0.record.metadata
     }
 
+    /// The principal's grants as `registry` sees them: its own set when it
+    /// was compiled under the same layout, else its scopes compiled again
+    /// (skipping those `registry` does not know), as when an authenticator
+    /// and a manager or portal hold different registries.
+    pub(crate) fn scopes_in(&self, registry: &ScopeRegistry) -> ScopeSet {
+        if self.0.layout == registry.layout() {
+            self.0.scopes
+        } else {
+            registry.compile_known(&self.0.record.scopes)
+        }
+    }
+
     /// Whether the principal holds `scope`. Never, for a requirement
     /// compiled against a registry with another bit layout than the one the
     /// principal's scopes were compiled against: there a bit would name a
@@ -619,7 +631,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         &self,
         key: &[u8],
     ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
-        for d in self.hasher.candidates(key).skip(1) {
+        for d in self.hasher.older_candidates(key) {
             if let Some(r) = self.store.find_by_digest(&d).await? {
                 return Ok(Some(r));
             }
@@ -661,12 +673,20 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         &self,
         batch: Vec<(RecordId, Timestamp)>,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + '_>> {
+        // Advisory, so the request goes on either way.
         Box::pin(async move {
-            // Advisory, so the request goes on either way.
-            if let Err(e) = self.store.record_last_used(&batch).await {
-                self.last_use.restore_after(&e, batch);
-            }
+            let _ = self.write_batch(batch).await;
         })
+    }
+
+    /// Writes `batch`; after a transient failure its times wait for the
+    /// next flush.
+    async fn write_batch(&self, batch: Vec<(RecordId, Timestamp)>) -> Result<(), BackendError> {
+        let written = self.store.record_last_used(&batch).await;
+        if let Err(e) = &written {
+            self.last_use.restore_after(e, batch);
+        }
+        written
     }
 
     /// Writes every pending last-use time now (e.g. at shutdown).
@@ -676,14 +696,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// The store's [`BackendError`].
     pub async fn flush_last_use(&self) -> Result<(), BackendError> {
         let batch = self.last_use.drain();
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let written = self.store.record_last_used(&batch).await;
-        if let Err(e) = &written {
-            self.last_use.restore_after(e, batch);
-        }
-        written
+        if batch.is_empty() { Ok(()) } else { self.write_batch(batch).await }
     }
 }
 

@@ -292,14 +292,33 @@ impl Hasher {
     /// then older peppers (newest first), then accepted legacy SHA-256. A
     /// store lookup tries them in order.
     pub fn candidates<'a>(&'a self, key: &'a [u8]) -> impl Iterator<Item = StoredDigest> + 'a {
-        let algs: Vec<Algorithm> = if self.peppers.is_empty() {
-            vec![Algorithm::Sha256]
-        } else {
-            let peppers = self.peppers.iter().rev().map(|p| Algorithm::HmacSha256(p.id));
-            let legacy = self.legacy_sha256.then_some(Algorithm::Sha256);
-            peppers.chain(legacy).collect()
-        };
-        algs.into_iter().filter_map(move |a| {
+        self.digests(key, self.algorithms())
+    }
+
+    /// [`candidates`](Self::candidates) after the current algorithm's (a
+    /// lookup that missed under the current one): computes none of the
+    /// digest the caller already has.
+    pub(crate) fn older_candidates<'a>(
+        &'a self,
+        key: &'a [u8],
+    ) -> impl Iterator<Item = StoredDigest> + 'a {
+        self.digests(key, self.algorithms().skip(1))
+    }
+
+    /// Every algorithm a stored digest may use, in [`candidates`] order.
+    ///
+    /// [`candidates`]: Self::candidates
+    fn algorithms(&self) -> impl Iterator<Item = Algorithm> + '_ {
+        let peppers = self.peppers.iter().rev().map(|p| Algorithm::HmacSha256(p.id));
+        peppers.chain(self.accepts_sha256().then_some(Algorithm::Sha256))
+    }
+
+    fn digests<'a>(
+        &'a self,
+        key: &'a [u8],
+        algs: impl Iterator<Item = Algorithm> + 'a,
+    ) -> impl Iterator<Item = StoredDigest> + 'a {
+        algs.filter_map(move |a| {
             self.digest_with(key, a).map(|d| StoredDigest { algorithm: a, digest: d })
         })
     }

@@ -258,12 +258,15 @@ impl Rejection {
         let body = match style {
             BodyStyle::Flat => {
                 let mut v = json!({ "error": message });
-                if let Self::RateLimited { limit, .. } = self {
-                    v["limit"] = json!(limit);
-                    v["retryAfter"] = json!(retry);
-                }
-                if let Self::CostExceedsLimit { limit } | Self::CostExceedsQuota { limit } = self {
-                    v["limit"] = json!(limit);
+                match self {
+                    Self::RateLimited { limit, .. } => {
+                        v["limit"] = json!(limit);
+                        v["retryAfter"] = json!(retry);
+                    }
+                    Self::CostExceedsLimit { limit } | Self::CostExceedsQuota { limit } => {
+                        v["limit"] = json!(limit);
+                    }
+                    _ => {}
                 }
                 self.add_field(&mut v);
                 v

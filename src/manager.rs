@@ -442,11 +442,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         }
         new.not_after = earliest(new.not_after, parent.expires_at());
         let requested = self.registry.compile(&new.scopes)?;
-        // The parent's grants in this manager's registry (the principal's
-        // own set may come from an authenticator with another registry).
-        let granted = self
-            .registry
-            .attenuate(requested, &self.registry.compile_known(&parent.record().scopes))?;
+        let granted = self.registry.attenuate(requested, &parent.scopes_in(&self.registry))?;
         new.scopes = self.stored_scopes(&new.scopes, granted, &parent.record().scopes);
         self.create(new).await
     }

@@ -200,7 +200,8 @@ pub struct Portal<P, S, C = SystemClock> {
 /// Each role's grants, and their scopes as stored on an access token, under
 /// one registry: fixed until the registry changes, so computed once rather
 /// than on every redemption.
-type RoleGrants = Result<Arc<[(ScopeSet, Arc<[Scope]>); 3]>, ScopeError>;
+type RoleTable = [(ScopeSet, Arc<[Scope]>); 3];
+type RoleGrants = Result<Arc<RoleTable>, ScopeError>;
 
 fn role_grants(registry: &ScopeRegistry, resources: &[&str]) -> RoleGrants {
     let one = |role| -> Result<(ScopeSet, Arc<[Scope]>), ScopeError> {
@@ -274,11 +275,9 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         self
     }
 
-    fn role(&self, role: Role) -> Result<&(ScopeSet, Arc<[Scope]>), ScopeError> {
-        match &self.roles {
-            Ok(roles) => Ok(&roles[role_slot(role)]),
-            Err(e) => Err(e.clone()),
-        }
+    /// Each role's grants and scopes, in [`role_slot`] order.
+    fn roles(&self) -> Result<&RoleTable, ScopeError> {
+        self.roles.as_deref().map_err(Clone::clone)
     }
 
     /// Compiles role scopes against `registry`.
@@ -314,15 +313,13 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         // The fields are public: a request built in code meets the same
         // rules as one parsed from JSON (and 1..=60 minutes cannot overflow).
         request.validate()?;
-        let (grants, _) = self.role(request.role)?;
-        // The token's grants in this portal's registry (the principal's own
-        // set may come from an authenticator with another registry).
-        self.registry.attenuate(*grants, &self.registry.compile_known(&minter.record().scopes))?;
+        let (grants, _) = &self.roles()?[role_slot(request.role)];
+        self.registry.attenuate(*grants, &minter.scopes_in(&self.registry))?;
         let now = self.clock.now();
-        let minutes = SignedDuration::from_secs(
-            i64::try_from(request.expires_in_minutes).unwrap_or(60).saturating_mul(60),
-        );
-        let expires_at = now.checked_add(minutes).map_err(|_| PortalError::Collision)?;
+        // 1..=60 minutes (validated): exact, and no timestamp overflows.
+        #[allow(clippy::cast_possible_wrap)]
+        let minutes = SignedDuration::from_mins(request.expires_in_minutes as i64);
+        let expires_at = now.saturating_add(minutes).map_err(|_| PortalError::Collision)?;
         let code = CODE.mint_default().map_err(|_| PortalError::Collision)?;
         let session = PortalSession {
             workspace: workspace.clone(),
@@ -366,7 +363,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let digest: Digest = *self.hasher.digest(code.as_bytes()).digest();
         // Everything that can fail without the store is done before the
         // code is spent: a failure here leaves the link usable.
-        let roles = self.roles.as_ref().map_err(Clone::clone)?;
+        let roles = self.roles()?;
         // One OS call for the token and its record id: their characters are
         // all base62, so one rejection margin covers both (64 bytes).
         let mut rng = OsBatch::new(REDEEM_RANDOM_BYTES);
@@ -425,7 +422,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
 impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// Redeems `code` under the hasher's older peppers, newest first.
     async fn redeem_older(&self, code: &str, now: Timestamp) -> Result<Redeem, PortalError> {
-        for d in self.hasher.candidates(code.as_bytes()).skip(1) {
+        for d in self.hasher.older_candidates(code.as_bytes()) {
             match self.sessions.redeem(d.digest(), now).await? {
                 Redeem::Unknown => {}
                 found => return Ok(found),

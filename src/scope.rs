@@ -143,8 +143,7 @@ impl ScopeSet {
     /// Whether every scope in `self` is in `other`.
     #[must_use]
     pub const fn is_subset_of(&self, other: &Self) -> bool {
-        let (a, b) = (self.0, other.0);
-        a[0] & !b[0] == 0 && a[1] & !b[1] == 0 && a[2] & !b[2] == 0 && a[3] & !b[3] == 0
+        self.difference(*other).is_empty()
     }
 
     /// The union of both sets.
@@ -524,12 +523,7 @@ impl ScopeRegistry {
         if requested.is_subset_of(parent) {
             return Ok(requested);
         }
-        let extra = ScopeSet([
-            requested.0[0] & !parent.0[0],
-            requested.0[1] & !parent.0[1],
-            requested.0[2] & !parent.0[2],
-            requested.0[3] & !parent.0[3],
-        ]);
+        let extra = requested.difference(*parent);
         let scope = self.scopes_of(&extra).first().map(ToString::to_string).unwrap_or_default();
         Err(ScopeError::Exceeds { scope })
     }

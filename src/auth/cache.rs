@@ -99,7 +99,7 @@ impl PrincipalCache {
     /// Caches `principal` under `digest`.
     pub fn insert(&self, digest: Digest, principal: Principal, now: Nanos) {
         let mut shard = self.shard(&digest).write().unwrap_or_else(PoisonError::into_inner);
-        Self::insert_locked(&mut shard, self.per_shard, self.ttl, digest, principal, now);
+        self.insert_locked(&mut shard, digest, principal, now);
     }
 
     /// Caches `principal` under `digest` unless an
@@ -121,18 +121,12 @@ impl PrincipalCache {
         if self.generation.load(Ordering::SeqCst) != generation {
             return false;
         }
-        Self::insert_locked(&mut shard, self.per_shard, self.ttl, digest, principal, now);
+        self.insert_locked(&mut shard, digest, principal, now);
         true
     }
 
-    fn insert_locked(
-        shard: &mut Shard,
-        per_shard: usize,
-        ttl: Duration,
-        digest: Digest,
-        principal: Principal,
-        now: Nanos,
-    ) {
+    fn insert_locked(&self, shard: &mut Shard, digest: Digest, principal: Principal, now: Nanos) {
+        let (per_shard, ttl) = (self.per_shard, self.ttl);
         if shard.len() >= per_shard {
             shard.retain(|_, (_, at)| fresh(*at, now, ttl));
             if shard.len() >= per_shard {

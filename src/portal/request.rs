@@ -26,6 +26,10 @@ pub const MIN_EXPIRES_IN_MINUTES: u64 = 1;
 /// Longest allowed (and default) session lifetime, in minutes.
 pub const MAX_EXPIRES_IN_MINUTES: u64 = 60;
 
+/// [`MAX_EXPIRES_IN_MINUTES`] as JSON's other number type.
+#[allow(clippy::cast_precision_loss)] // 60 is exact.
+const MAX_EXPIRES_F64: f64 = MAX_EXPIRES_IN_MINUTES as f64;
+
 /// A validated portal session request (`{}` gives every default).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionRequest {
@@ -152,10 +156,9 @@ impl SessionRequest {
         };
         let mut req = Self::default();
         for (k, v) in map {
-            if v.is_null() && matches!(k.as_str(), "role" | "expiresInMinutes" | "metadata") {
-                continue;
-            }
             match k.as_str() {
+                // Unset, as SDKs send it: the default.
+                "role" | "expiresInMinutes" | "metadata" if v.is_null() => {}
                 "role" => {
                     let s = v.as_str().ok_or(RequestError::RoleType)?;
                     req.role = s.parse().map_err(|_| RequestError::UnknownRole)?;
@@ -166,8 +169,10 @@ impl SessionRequest {
                         (Some(m), _) => m,
                         // `30.0` is an integer in JSON's data model (and
                         // what some serializers write).
-                        (None, Some(f)) if f.fract() == 0.0 && (0.0..=60.0).contains(&f) => {
-                            // Whole and within 0..=60: exact.
+                        (None, Some(f))
+                            if f.fract() == 0.0 && (0.0..=MAX_EXPIRES_F64).contains(&f) =>
+                        {
+                            // Whole and within range: exact.
                             #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
                             let m = f as u64;
                             m
