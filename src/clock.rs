@@ -199,7 +199,7 @@ impl Clock for QuantaClock {
 
 /// The OS wall clock. `SystemTime` before 1970 or past jiff's range is a
 /// broken host clock: fall back to the epoch rather than panic.
-fn os_wall_now() -> Timestamp {
+pub(crate) fn os_wall_now() -> Timestamp {
     Timestamp::try_from(SystemTime::now()).unwrap_or(Timestamp::UNIX_EPOCH)
 }
 

@@ -100,23 +100,33 @@ fn word_policy(policies: &[Policy]) -> Option<&Policy> {
 #[inline]
 fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Option<u64>) {
     // A word of the other algorithm (a plan change under one name) is
-    // converted by the step, not dropped.
-    let slot = word_to_slot(p, cur, now);
+    // converted, not dropped.
+    let mut slot = word_to_slot(p, cur, now);
+    let foreign = algorithm::is_foreign(p, &slot);
+    if foreign {
+        slot = algorithm::convert(p, &slot, now);
+    }
     let (s, next) = algorithm::step(p, &slot, now, cost);
-    let word = |slot: Slot| match slot {
+    let word = |slot: &Slot| match slot {
         Slot::Tat(t) => t & !FIXED_TAG,
-        Slot::Window { count, end } => window_word(count, end >> 20),
+        Slot::Window { count, end } => window_word(*count, end >> 20),
         _ => 0,
     };
     let next = match next {
-        Some(Commit::Set(n)) => Some(word(n)),
-        Some(Commit::Append { .. }) => Some(0),
+        // GCRA and fixed windows (the word-form algorithms) commit by Set.
+        Some(Commit::Set(n)) => Some(word(&n)),
         // Denied on the other algorithm's word: keep the converted state,
         // so later checks read it instead of converting again.
-        None if algorithm::is_foreign(p, &slot) => Some(word(algorithm::convert(p, &slot, now))),
-        None => None,
+        _ if foreign => Some(word(&slot)),
+        _ => None,
     };
     (s, next)
+}
+
+/// Whether `policies[i]` is the first of its name: policies share a key's
+/// state by name, so a repeated name is charged (and refunded) once.
+fn first_of_name(policies: &[Policy], i: usize) -> bool {
+    !policies[..i].iter().any(|q| q.name_value() == policies[i].name_value())
 }
 
 /// A fixed-window word as a slot. The word keeps its window's end to 2^20
@@ -127,9 +137,6 @@ fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Opt
 /// changed), the span's last nanosecond stands in: the count then holds at
 /// most a millisecond longer, never shorter.
 fn window_slot(p: &Policy, word: u64, now: u64) -> Slot {
-    if word & FIXED_TAG == 0 {
-        return Slot::Fresh;
-    }
     let period = crate::clock::duration_nanos(p.period()).max(1);
     let count = ((word >> Q_BITS) & COUNT_MAX) as u32;
     let (lo, hi) = ((word & Q_MASK) << 20, (((word & Q_MASK) + 1) << 20) - 1);
@@ -812,10 +819,14 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             // policy's capacity) is answered without tracking it: a denial
             // writes nothing, and a full shard does not turn it into a
             // capacity error.
-            let fresh = self.live_check(&AtomicU64::new(0), p, cost, CheckMode::Peek, now);
-            if mode == CheckMode::Peek || !fresh.is_allowed() {
-                return Ok(fresh);
+            // Decided once, on a word of its own, and stored only if
+            // admitted (no reader can see the slot before it holds it).
+            let local = AtomicU64::new(0);
+            let d = self.live_check(&local, p, cost, mode, now);
+            if mode == CheckMode::Peek || !d.is_allowed() {
+                return Ok(d);
             }
+            let word = local.into_inner();
             self.make_room(shard, &mut tracked, now)?;
             let mut table = shard.tables[i].0.load_full();
             if matches!(table.find(hash, key), Probe::Absent(_)) && !table.has_room(tracked.used[i])
@@ -823,44 +834,40 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 self.rebuild(shard, i, &mut tracked, now, false);
                 table = shard.tables[i].0.load_full();
             }
-            let state = match table.find(hash, key) {
+            match table.find(hash, key) {
                 // Dead after a move to the locked form, since forgotten
                 // there: fresh again.
-                Probe::Found(state) => {
-                    state.store(0, Ordering::Release);
-                    state
-                }
+                Probe::Found(state) => state.store(word, Ordering::Release),
                 Probe::Absent(at) => {
                     let slot = table.slots.get(at).unwrap_or_else(|| {
                         unreachable!("a table below its maximum load has an empty slot")
                     });
-                    let _ = slot.set(Entry::new(hash, key.to_owned(), 0));
+                    let _ = slot.set(Entry::new(hash, key.to_owned(), word));
                     tracked.used[i] += 1;
-                    &slot.get().unwrap_or_else(|| unreachable!("set above")).state
                 }
-            };
+            }
             tracked.words[i] += 1;
-            let d = self.live_check(state, p, cost, mode, now);
-            tracked.next_purge =
-                tracked.next_purge.min(word_fresh_at(state.load(Ordering::Acquire)));
+            tracked.next_purge = tracked.next_purge.min(word_fresh_at(word));
             return Ok(d);
         }
         // The locked form.
         if !in_multis {
             let moving = self.has_live_words(shard, hash, key, policies);
-            if !moving {
-                // As above: a new key is tracked only if a fresh state
-                // admits it.
-                let fresh =
-                    self.decide(&mut KeyState::default(), policies, cost, CheckMode::Peek, now);
-                if mode == CheckMode::Peek || !fresh.is_allowed() {
-                    return Ok(fresh);
-                }
-            }
-            if !moving {
-                self.make_room(shard, &mut tracked, now)?;
-            }
             let hasher = &self.hasher;
+            if !moving {
+                // As above: decided once on a state of its own, tracked only
+                // if admitted.
+                let mut st = KeyState::default();
+                let d = self.decide(&mut st, policies, cost, mode, now);
+                if mode == CheckMode::Peek || !d.is_allowed() {
+                    return Ok(d);
+                }
+                self.make_room(shard, &mut tracked, now)?;
+                tracked.next_purge = tracked.next_purge.min(st.fresh_at);
+                let entry = (key.to_owned(), Box::new(Mutex::new(st)));
+                shard.multis_mut().insert_unique(hash, entry, |(k, _)| hasher.hash_one(k));
+                return Ok(d);
+            }
             shard
                 .multis_mut()
                 .insert_unique(hash, (key.to_owned(), Box::default()), |(k, _)| hasher.hash_one(k));
@@ -877,9 +884,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 let old = kill(state);
                 if old != DEAD {
                     tracked.words[i] -= 1;
-                    let slot = word_to_slot(p, old, now);
-                    st.fresh_at = st.fresh_at.max(algorithm::fresh_at(p, &slot));
-                    *st.slot_mut(p) = slot;
+                    // `decide` folds the slot into the key's fresh time.
+                    *st.slot_mut(p) = word_to_slot(p, old, now);
                 }
             }
         }
@@ -1078,7 +1084,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let (hash, shard) = self.shard(shards, key);
         for (n, p) in policies.iter().enumerate() {
             // A repeated name was charged once: it is given back once.
-            if policies[..n].iter().any(|q| q.name_value() == p.name_value()) {
+            if !first_of_name(policies, n) {
                 continue;
             }
             let one = std::slice::from_ref(p);
@@ -1101,7 +1107,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
                     && refund_word(state, p, now, cost)
                 {
-                    tracked.next_purge = tracked.next_purge.min(now);
+                    if word_fresh_at(state.load(Ordering::Acquire)) <= now {
+                        tracked.next_purge = tracked.next_purge.min(now);
+                    }
                     continue;
                 }
             }
@@ -1159,9 +1167,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             // Policies share a state by name (a plan's names are distinct):
             // a repeated name's commit, decided on the same old state, would
             // apply twice. The first of a name decides its state.
-            let repeated = policies[..i].iter().any(|q| q.name_value() == p.name_value());
             if commit
-                && !repeated
+                && first_of_name(policies, i)
                 && let Some(next) = next
             {
                 let slot = st.slot_mut(p);

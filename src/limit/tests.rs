@@ -378,7 +378,9 @@ fn fixed_windows_follow_wall_clock_seconds_through_drift() {
 #[test]
 fn wall_clock_steps_neither_refill_nor_lock_out() {
     let c = clock();
-    let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    // Room to spare: with a cap of 16 (two keys a shard on two CPUs), the
+    // three keys could hash into one shard and the third be refused.
+    let l = MemoryLimiter::<String, _>::with_clock(1024, c.clone());
     let minute = [fixed(3, 60)];
     let gcra = [Policy::new("g", 3, Duration::from_secs(1), Algorithm::Gcra).unwrap()];
     for _ in 0..3 {

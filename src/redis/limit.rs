@@ -72,6 +72,14 @@ local function sibling(i, j)
   local alg = string.sub(KEYS[i], -1)
   return string.sub(KEYS[i], 1, -2) .. OTHERS[alg][j]
 end
+local function lower_bound(log, start)
+  local lo, hi = 0, #log
+  while lo < hi do
+    local mid = math.floor((lo + hi) / 2)
+    if tonumber(log[mid + 1]) <= start then lo = mid + 1 else hi = mid end
+  end
+  return lo
+end
 -- When policy i has no state of its own but a sibling does (a plan change
 -- kept the name and changed the algorithm): the units the sibling still
 -- holds, in the new policy's terms, capped at its capacity, as MemoryLimiter
@@ -79,6 +87,8 @@ end
 -- Called only when policy i's own state is absent, so a key with state pays
 -- nothing for it.
 local function foreign(i, alg, period, interval, cap)
+  -- The common case, a new key: one call finds no sibling either.
+  if redis.call('EXISTS', sibling(i, 1), sibling(i, 2)) == 0 then return nil end
   local held, found = 0, false
   for j, a in ipairs(OTHERS[alg]) do
     local k = sibling(i, j)
@@ -90,22 +100,16 @@ local function foreign(i, alg, period, interval, cap)
         if used > 0 then held = held + math.ceil(used / interval) end
       end
     elseif a == 'f' then
-      local s = redis.call('GET', k)
-      if s then
+      local c, _, existed = window(k, period)
+      if existed then
         found = true
-        local sep = string.find(s, ':', 1, true)
-        local e = sep and tonumber(string.sub(s, 1, sep - 1))
-        local c = sep and tonumber(string.sub(s, sep + 1))
-        if e and c and e > now_us then held = held + c end
+        held = held + c
       end
     else
       local log = redis.call('LRANGE', k, 0, -1)
       if #log > 0 then
         found = true
-        local start = now_us - period / 1000
-        for _, e in ipairs(log) do
-          if tonumber(e) > start then held = held + 1 end
-        end
+        held = held + #log - lower_bound(log, now_us - period / 1000)
       end
     end
   end
@@ -137,14 +141,6 @@ local function push_entries(key, entry, count)
     redis.call('RPUSH', key, unpack(batch))
     left = left - m
   end
-end
-local function lower_bound(log, start)
-  local lo, hi = 0, #log
-  while lo < hi do
-    local mid = math.floor((lo + hi) / 2)
-    if tonumber(log[mid + 1]) <= start then lo = mid + 1 else hi = mid end
-  end
-  return lo
 end
 ";
 
@@ -220,7 +216,8 @@ for i = 1, n do
     local p = period / 1000
     local log = redis.call('LRANGE', KEYS[i], 0, -1)
     if #log == 0 then held = foreign(i, alg, period, interval, cap) end
-    local synth = string.format('%d', now_us)
+    -- Entries standing for converted units (only with a sibling's state).
+    local synth = held and string.format('%d', now_us)
     if held then
       log = {}
       for j = 1, held do log[j] = synth end
@@ -460,21 +457,20 @@ impl LimitStore for RedisLimiter {
         cost: u32,
         mode: CheckMode,
     ) -> impl Future<Output = Result<Decision, BackendError>> + Send {
-        let call = self.redis.eval::<Vec<i64>>(
-            &CHECK_SCRIPT,
-            self.keys(key, policies),
-            args(policies, cost, mode),
-        );
+        // No policies, no limit (as in memory): nothing to ask the server.
+        let call = (!policies.is_empty()).then(|| {
+            self.redis.eval::<Vec<i64>>(
+                &CHECK_SCRIPT,
+                self.keys(key, policies),
+                args(policies, cost, mode),
+            )
+        });
         let policies: SmallVec<[Policy; 2]> = policies.iter().cloned().collect();
         async move {
-            if policies.is_empty() {
-                // No limit, as in memory; nothing to ask the server.
-                return Ok(Decision::new(
-                    Outcome::Allowed,
-                    SmallVec::new(),
-                    crate::clock::Clock::now(&crate::clock::SystemClock::new()),
-                ));
-            }
+            let Some(call) = call else {
+                let now = crate::clock::os_wall_now();
+                return Ok(Decision::new(Outcome::Allowed, SmallVec::new(), now));
+            };
             decode(&policies, &call.await?)
         }
     }
