@@ -148,8 +148,10 @@ fn scan_files_directories_and_stdin() {
             let key = sk.clone();
             let writer = std::thread::spawn(move || std::fs::write(path, format!("{key}\n")));
             let out = keygate(&["scan", fifo.to_str().unwrap()], b"");
-            writer.join().unwrap().unwrap();
+            // Before joining: a scan that skipped the FIFO leaves the writer
+            // blocked, and this fails instead of hanging.
             assert_eq!(out.status.code(), Some(1), "a named FIFO is read");
+            writer.join().unwrap().unwrap();
         }
         // Inside a directory too, a dangling link is reported.
         let out = keygate(&["scan", dir.to_str().unwrap()], b"");

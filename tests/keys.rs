@@ -46,8 +46,8 @@ fn bearer(key: &str) -> String {
     format!("Bearer {key}")
 }
 
-async fn auth_bearer(
-    a: &Authenticator<MemoryKeyStore, FakeClock>,
+async fn auth_bearer<S: KeyStore, C: Clock>(
+    a: &Authenticator<S, C>,
     key: &str,
     target: &Target,
 ) -> Result<keygate::auth::Principal, AuthError> {
@@ -62,7 +62,7 @@ async fn memory_store_passes_the_testkit() {
 
 #[test]
 fn memory_store_race_caps_and_unique_digests() {
-    assert_eq!(keygate::testkit::keys::race(&MemoryKeyStore::new(), 200, 8, 3), 200);
+    keygate::testkit::keys::race(&MemoryKeyStore::new(), 200, 8, 3);
 }
 
 #[tokio::test]
@@ -827,8 +827,7 @@ async fn a_failed_last_use_write_is_retried_not_lost() {
     let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
     store.last_use_down.store(true, Ordering::Relaxed);
     // The first use after start is written at once: that write fails.
-    let h = bearer(k.key().expose_secret());
-    auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    auth_bearer(&auth, k.key().expose_secret(), &Target::any()).await.unwrap();
     assert!(auth.flush_last_use().await.is_err(), "still pending, still failing");
     let used = f_get(&store, k.record()).await;
     assert_eq!(used, None);
@@ -855,8 +854,7 @@ async fn last_use_writes_are_coalesced() {
     for i in 0..300 {
         clock.advance(Duration::from_millis(500)); // 150 s in all
         let k = &created[i % 3];
-        let h = bearer(k.key().expose_secret());
-        auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+        auth_bearer(&auth, k.key().expose_secret(), &Target::any()).await.unwrap();
     }
     let writes = store.last_use_writes.load(Ordering::Relaxed);
     assert!((1..=3).contains(&writes), "300 requests over 150 s made {writes} writes");
@@ -884,12 +882,11 @@ async fn a_revocation_during_a_lookup_is_not_undone_by_the_cache() {
         assert!(matches!(revoke.as_mut().poll(cx), std::task::Poll::Ready(Ok(true))));
         c.invalidate(&id);
     }));
-    let h = bearer(k.key().expose_secret());
+    let key = k.key().expose_secret();
     // In flight when the revocation happened: it may still pass.
-    auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    auth_bearer(&auth, key, &Target::any()).await.unwrap();
     // But nothing it read may outlive the revocation in this process.
-    let err =
-        auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap_err();
+    let err = auth_bearer(&auth, key, &Target::any()).await.unwrap_err();
     assert!(matches!(err, AuthError::Revoked { .. }), "{err}");
     assert!(cache.is_empty());
 }
@@ -898,16 +895,16 @@ async fn a_revocation_during_a_lookup_is_not_undone_by_the_cache() {
 async fn the_first_use_after_start_is_written_at_once() {
     let (clock, store, manager, auth) = last_use_setup();
     let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
-    let h = bearer(k.key().expose_secret());
+    let key = k.key().expose_secret();
     clock.advance(Duration::from_secs(1));
-    auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    auth_bearer(&auth, key, &Target::any()).await.unwrap();
     assert_eq!(store.last_use_writes.load(Ordering::Relaxed), 1, "written without a flush");
     let r = store.get(&k.record().id).await.unwrap().unwrap();
     assert_eq!(r.last_used_at, Some(clock.now()));
     // The stored time now answers for the interval: no more writes.
     for _ in 0..10 {
         clock.advance(Duration::from_secs(1));
-        auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+        auth_bearer(&auth, key, &Target::any()).await.unwrap();
     }
     assert_eq!(store.last_use_writes.load(Ordering::Relaxed), 1);
 }
@@ -916,9 +913,9 @@ async fn the_first_use_after_start_is_written_at_once() {
 async fn last_use_is_not_rewritten_within_the_interval() {
     let (clock, store, manager, auth) = last_use_setup();
     let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
-    let h = bearer(k.key().expose_secret());
+    let key = k.key().expose_secret();
     let call = async || {
-        auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+        auth_bearer(&auth, key, &Target::any()).await.unwrap();
         auth.flush_last_use().await.unwrap();
         store.get(&k.record().id).await.unwrap().unwrap().last_used_at
     };
@@ -948,11 +945,11 @@ async fn pepper_rotation_keeps_old_keys_working() {
     assert!(new.record().digest.to_string().starts_with("hmac-sha256$2$"));
     let auth = Authenticator::new(store.clone()).hasher(v2);
     for k in [&old, &new] {
-        assert!(auth_bearer_plain(&auth, k.key().expose_secret()).await.is_ok());
+        assert!(auth_bearer(&auth, k.key().expose_secret(), &Target::any()).await.is_ok());
     }
     // Without the pepper, nothing verifies.
     let plain = Authenticator::new(store);
-    assert!(auth_bearer_plain(&plain, old.key().expose_secret()).await.is_err());
+    assert!(auth_bearer(&plain, old.key().expose_secret(), &Target::any()).await.is_err());
 }
 
 #[tokio::test]
@@ -971,17 +968,9 @@ async fn keys_from_before_peppers_verify_only_when_accepted_by_every_lookup() {
     let legacy = Authenticator::new(store).hasher(peppered.accept_legacy_sha256());
     for k in &keys {
         let key = k.key().expose_secret();
-        assert!(auth_bearer_plain(&strict, key).await.is_err(), "{key}: refused alike");
-        assert!(auth_bearer_plain(&legacy, key).await.is_ok(), "{key}: accepted alike");
+        assert!(auth_bearer(&strict, key, &Target::any()).await.is_err(), "{key}: refused alike");
+        assert!(auth_bearer(&legacy, key, &Target::any()).await.is_ok(), "{key}: accepted alike");
     }
-}
-
-async fn auth_bearer_plain(
-    a: &Authenticator<MemoryKeyStore>,
-    key: &str,
-) -> Result<keygate::auth::Principal, AuthError> {
-    let h = bearer(key);
-    a.authenticate([("Authorization", h.as_bytes())], &Target::any()).await
 }
 
 #[tokio::test]

@@ -131,7 +131,7 @@ fn redis_limiter_and_quota_races_admit_exactly_the_limit() {
 fn redis_key_store_race_caps_and_unique_digests() {
     let server = RedisServer::start();
     let (_rt, redis) = for_races(&server, "krace");
-    assert_eq!(keygate::testkit::keys::race(&redis.keys(), 30, 16, 3), 30);
+    keygate::testkit::keys::race(&redis.keys(), 30, 16, 3);
 }
 
 // ---- concurrency on the async path ----

@@ -636,8 +636,10 @@ async fn portal_api_follows_the_role() {
         (StatusCode::BAD_REQUEST, Some("url"))
     );
     // (100 a second is the portal's rate: wait out a full window.)
-    let mut created = 0;
+    let (mut created, mut tries) = (0, 0);
     while created < 100 {
+        tries += 1;
+        assert!(tries < 400, "a limiter that never admits again");
         let r = call(Method::POST, "/portal/api/endpoints", &editor, ep.clone()).await;
         if r.status == StatusCode::TOO_MANY_REQUESTS {
             tokio::time::sleep(Duration::from_millis(1100)).await;

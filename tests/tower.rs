@@ -334,7 +334,16 @@ async fn a_target_refusal_comes_after_authentication_and_carries_the_limit_heade
     assert_eq!(res.status(), StatusCode::FORBIDDEN);
     assert_eq!(res.headers()["x-ratelimit-limit"], "5");
     assert!(matches!(res.extensions().get::<Refused>().unwrap().reason(), Refusal::Target));
-    // `nh` and `sk` have nothing in common: no key format is accepted.
+    // `nh` and `sk` have nothing in common: no key format is accepted,
+    // neither the route's nor the one the target function names.
     let res = call("/narrowed", Some(&f.key)).await.unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let sk = KeyManager::new(f.keys.clone())
+        .create(NewKey::new("s", keygate::format::SK, Tenant::workspace("ws_t".parse().unwrap())))
+        .await
+        .unwrap();
+    let bearer = format!("Bearer {}", sk.key().expose_secret());
+    let req = Request::get("/narrowed").header("authorization", bearer).body(Body::empty());
+    let res = app.clone().oneshot(req.unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "the target cannot widen the route");
 }

@@ -59,11 +59,10 @@ pub async fn run<S: PortalStore>(store: &S, salt: u8) {
     let late = digest(2, salt);
     store.insert(late, sample_session(60)).await.unwrap();
     assert_eq!(store.redeem(&late, ts(60)).await.unwrap(), Redeem::Expired, "expiry is exclusive");
-    assert_ne!(
-        store.redeem(&late, ts(61)).await.unwrap(),
-        Redeem::AlreadyUsed,
-        "an expired code was never used: asking again does not make it so"
-    );
+    // An expired code was never used: asking again does not make it so
+    // (and a store that forgets it may answer unknown).
+    let again = store.redeem(&late, ts(61)).await.unwrap();
+    assert!(matches!(again, Redeem::Expired | Redeem::Unknown), "{again:?}");
     // Every role, and empty metadata, come back as stored.
     for (i, role) in [Role::Admin, Role::Viewer].into_iter().enumerate() {
         let mut s = sample_session(60);
