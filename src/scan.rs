@@ -147,8 +147,18 @@ pub struct Scanner {
     /// Bytes read per streaming step.
     chunk: usize,
     tuning: Tuning,
-    /// Also report runs that look like a damaged key (see [`suspect`]):
-    /// set by [`redact`](Scanner::redact), which errs towards hiding.
+    /// [`min_len`](Self::min_len) when redacting: damaged keys (see
+    /// [`suspect`]) may be shorter than any whole one, down to a literal
+    /// prefix plus [`SUSPECT_MIN`].
+    hiding_min_len: usize,
+}
+
+/// What one pass looks for: runs from `min_len` bytes, and whether runs
+/// that look like damaged keys count too ([`Scanner::redact`] errs towards
+/// hiding; finding reports whole keys only).
+#[derive(Clone, Copy)]
+struct Mode {
+    min_len: usize,
     suspects: bool,
 }
 
@@ -310,9 +320,9 @@ const SUSPECT_MIN: usize = 16;
 fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
     // At most three parts: the region or environment, the key id, the
     // secret (the last part).
-    let parts = rest.split(|&b| b == b'_').count();
-    let secret = rest.rsplit(|&b| b == b'_').next().unwrap_or(rest);
-    parts <= 3
+    let mut parts = rest.rsplit(|&b| b == b'_');
+    let secret = parts.next().unwrap_or_default();
+    parts.count() <= 2
         && secret.len() >= SUSPECT_MIN
         && secret.iter().all(|&b| format.secret_alphabet().contains(b))
 }
@@ -385,7 +395,8 @@ impl Scanner {
         let (patterns, owners) = literal_prefixes(&formats);
         let searcher = Prefixes::new(&patterns);
         let longest_prefix = patterns.iter().map(String::len).max().unwrap_or(0);
-        let prefixes = patterns.into_iter().map(|p| p.into_bytes().into_boxed_slice()).collect();
+        let prefixes: Vec<Box<[u8]>> =
+            patterns.into_iter().map(|p| p.into_bytes().into_boxed_slice()).collect();
         let max_len = formats.max_len();
         let mut lengths = vec![false; max_len + 1];
         let mut min_len = usize::MAX;
@@ -395,6 +406,8 @@ impl Scanner {
             min_len = min_len.min(lo);
         }
         let min_len = if formats.formats().is_empty() { 0 } else { min_len };
+        let shortest = prefixes.iter().map(|p| p.len()).min().unwrap_or(0);
+        let hiding_min_len = min_len.min(shortest + SUSPECT_MIN);
         Self {
             formats,
             prefixes,
@@ -406,7 +419,7 @@ impl Scanner {
             max_len,
             chunk: CHUNK,
             tuning: TUNING,
-            suspects: false,
+            hiding_min_len,
         }
     }
 
@@ -441,9 +454,17 @@ impl Scanner {
     /// allocation).
     pub fn for_each_key(&self, haystack: &[u8], mut on_key: impl FnMut(usize, usize, &KeyFormat)) {
         let mut search = self.tuning.start;
-        self.scan_block(haystack, None, haystack.len(), &mut search, |start, end, format, _| {
-            on_key(start, end, format);
-        });
+        let mode = self.finding();
+        self.scan_block(
+            haystack,
+            None,
+            haystack.len(),
+            &mut search,
+            mode,
+            |start, end, format, _| {
+                on_key(start, end, format);
+            },
+        );
     }
 
     /// Every key in `haystack`, in order, with line, column and hint.
@@ -452,9 +473,17 @@ impl Scanner {
         let mut out = Vec::new();
         let mut lines = LineCounter::default();
         let mut search = self.tuning.start;
-        self.scan_block(haystack, None, haystack.len(), &mut search, |start, end, format, len| {
-            out.push(lines.make_match(haystack, 0, start, end, format, len));
-        });
+        let mode = self.finding();
+        self.scan_block(
+            haystack,
+            None,
+            haystack.len(),
+            &mut search,
+            mode,
+            |start, end, format, len| {
+                out.push(lines.make_match(haystack, 0, start, end, format, len));
+            },
+        );
         out
     }
 
@@ -465,7 +494,11 @@ impl Scanner {
     ///
     /// Any error from reading `input`.
     pub fn scan_reader<R: Read>(&self, input: R, on_match: impl FnMut(&Match)) -> io::Result<()> {
-        self.stream(input, &mut ScanSink { lines: LineCounter::default(), on_match })
+        self.stream(
+            input,
+            &mut ScanSink { lines: LineCounter::default(), on_match },
+            self.finding(),
+        )
     }
 
     /// Copies `input` to `output`, replacing each key by
@@ -484,19 +517,19 @@ impl Scanner {
     /// Any error from reading `input` or writing `output`.
     pub fn redact<R: Read, W: Write>(&self, input: R, output: W) -> io::Result<u64> {
         let mut sink = RedactSink { output, pending: Vec::new(), count: 0 };
-        // Damaged keys may be shorter than any whole one: runs as short as
-        // a literal prefix plus the suspect minimum are candidates here.
-        let shortest = self.prefixes.iter().map(|p| p.len()).min().unwrap_or(0);
-        let min_len = if self.min_len == 0 { 0 } else { self.min_len.min(shortest + SUSPECT_MIN) };
-        let hiding = Self { suspects: true, min_len, ..self.clone() };
-        hiding.stream(input, &mut sink)?;
+        self.stream(input, &mut sink, Mode { min_len: self.hiding_min_len, suspects: true })?;
         sink.output.flush()?;
         Ok(sink.count)
     }
 
     /// The streaming driver: fills a buffer, reports keys whose start is
     /// safely inside it, hands the consumed prefix to the sink, keeps the rest.
-    fn stream<R: Read>(&self, mut input: R, sink: &mut impl Sink) -> io::Result<()> {
+    /// Finding whole keys only.
+    const fn finding(&self) -> Mode {
+        Mode { min_len: self.min_len, suspects: false }
+    }
+
+    fn stream<R: Read>(&self, mut input: R, sink: &mut impl Sink, mode: Mode) -> io::Result<()> {
         // A key and the byte after it fit in `max_len + 1` bytes; a candidate
         // starting at least that far before the end of the buffer can be
         // decided without more input.
@@ -558,10 +591,16 @@ impl Scanner {
                 if backed > 0 || early.is_some() { backed } else { limit }
             };
             let block = &buf[..filled];
-            let last_end =
-                self.scan_block(block, prev, limit, &mut search, |start, end, format, hint_len| {
+            let last_end = self.scan_block(
+                block,
+                prev,
+                limit,
+                &mut search,
+                mode,
+                |start, end, format, hint_len| {
                     sink.key(block, base, start, end, format, hint_len);
-                });
+                },
+            );
             let consumed = last_end.max(limit);
             sink.flush(block, base, consumed)?;
             if consumed > 0 {
@@ -589,9 +628,10 @@ impl Scanner {
         prev: Option<u8>,
         limit: usize,
         search: &mut Search,
+        mode: Mode,
         mut on_key: impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> usize {
-        if self.min_len == 0 {
+        if mode.min_len == 0 {
             return 0; // no formats
         }
         let mut last_end = 0;
@@ -611,12 +651,12 @@ impl Scanner {
             let mut waste = 0;
             let (resume, allowed, other) = match *search {
                 Search::Runs => (
-                    self.runs_in(hay, from, to, in_run, &mut waste, &mut report),
+                    self.runs_in(hay, from, to, in_run, mode, &mut waste, &mut report),
                     self.tuning.runs_waste,
                     Search::Prefixes,
                 ),
                 Search::Prefixes => (
-                    self.prefixes_in(hay, from, to, in_run, &mut waste, &mut report),
+                    self.prefixes_in(hay, from, to, in_run, mode, &mut waste, &mut report),
                     self.tuning.prefixes_waste,
                     Search::Runs,
                 ),
@@ -634,12 +674,14 @@ impl Scanner {
     /// block) is a word byte. Counts the candidates that are not keys in
     /// `waste`. Returns where the next span starts: every run starting
     /// before it has been decided.
+    #[allow(clippy::too_many_arguments)] // one span's inputs and outputs
     fn runs_in(
         &self,
         hay: &[u8],
         mut from: usize,
         to: usize,
         in_run: bool,
+        mode: Mode,
         waste: &mut usize,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> usize {
@@ -648,18 +690,20 @@ impl Scanner {
             from = first_non_word(hay, from, hay.len()) + 1;
         }
         // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
-        while let Some((start, end)) = self.next_run(hay, from, to, waste) {
+        while let Some((start, end)) = self.next_run(hay, from, to, mode.min_len, waste) {
             if end - start > self.max_len {
                 // Longer than any key (unless an escape's bytes made it so):
                 // skip the rest of it.
-                if !self.check_escaped(hay, start, on_key) {
+                if !self.check_escaped(hay, start, mode.suspects, on_key) {
                     *waste += 1;
                 }
                 from = first_non_word(hay, end, hay.len()) + 1;
                 continue;
             }
             from = end + 1;
-            if !self.check(hay, start, end, on_key) && !self.check_escaped(hay, start, on_key) {
+            if !self.check(hay, start, end, mode.suspects, on_key)
+                && !self.check_escaped(hay, start, mode.suspects, on_key)
+            {
                 *waste += 1;
             }
         }
@@ -675,21 +719,24 @@ impl Scanner {
         &self,
         hay: &[u8],
         start: usize,
+        suspects: bool,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> bool {
         let Some(skip) = escape_len(hay, start) else { return false };
         let s = start + skip;
         let e = first_non_word(hay, s, (s + self.max_len + 1).min(hay.len()));
-        e - s <= self.max_len && self.check(hay, s, e, on_key)
+        e - s <= self.max_len && self.check(hay, s, e, suspects, on_key)
     }
 
     /// As [`runs_in`](Self::runs_in), by searching for the literal prefixes.
+    #[allow(clippy::too_many_arguments)] // one span's inputs and outputs
     fn prefixes_in(
         &self,
         hay: &[u8],
         from: usize,
         to: usize,
         in_run: bool,
+        mode: Mode,
         waste: &mut usize,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> usize {
@@ -712,7 +759,7 @@ impl Scanner {
             // longer than `max_len`, so look no further than that.
             let cap = (start + self.max_len + 1).min(hay.len());
             let end = first_non_word(hay, hit_end, cap);
-            if end - start > self.max_len || !self.check(hay, start, end, on_key) {
+            if end - start > self.max_len || !self.check(hay, start, end, mode.suspects, on_key) {
                 *waste += 1;
             }
             pos = end.max(hit_end);
@@ -728,10 +775,11 @@ impl Scanner {
         hay: &[u8],
         start: usize,
         end: usize,
+        suspects: bool,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> bool {
         let fits = self.lengths[end - start];
-        if !fits && !self.suspects {
+        if !fits && !suspects {
             return false;
         }
         let token = &hay[start..end];
@@ -745,7 +793,7 @@ impl Scanner {
             return true;
         }
         let prefix = self.prefixes[i].len();
-        if self.suspects && suspect(format, &token[prefix..]) {
+        if suspects && suspect(format, &token[prefix..]) {
             // Nothing of a damaged key is shown past its literal prefix.
             on_key(start, end, format, prefix);
             return true;
@@ -768,12 +816,12 @@ impl Scanner {
         hay: &[u8],
         from: usize,
         limit: usize,
+        min: usize,
         waste: &mut usize,
     ) -> Option<(usize, usize)> {
-        let min = self.min_len;
         if min < GROUP {
             // No valid format is this short.
-            return self.next_run_bytewise(hay, from, limit);
+            return self.next_run_bytewise(hay, from, limit, min);
         }
         let stride = min - GROUP + 1;
         // A run starting before `limit` has a tested group before this.
@@ -803,7 +851,13 @@ impl Scanner {
 
     /// [`next_run`](Self::next_run) one byte at a time, for a shortest key
     /// under [`GROUP`] bytes (which format validation rules out).
-    fn next_run_bytewise(&self, hay: &[u8], from: usize, limit: usize) -> Option<(usize, usize)> {
+    fn next_run_bytewise(
+        &self,
+        hay: &[u8],
+        from: usize,
+        limit: usize,
+        min: usize,
+    ) -> Option<(usize, usize)> {
         let mut start = from;
         while start < limit {
             if !is_word(hay[start]) {
@@ -812,7 +866,7 @@ impl Scanner {
             }
             let cap = (start + self.max_len + 1).min(hay.len());
             let end = first_non_word(hay, start, cap);
-            if end - start >= self.min_len {
+            if end - start >= min {
                 return Some((start, end));
             }
             start = end + 1;

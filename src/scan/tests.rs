@@ -504,7 +504,7 @@ fn the_search_switches_to_prefixes_on_long_ids_and_back_on_look_alikes() {
     let mut search = Search::Runs;
     let mut modes = Vec::new();
     for span in text.as_bytes().chunks(TUNING.span) {
-        s.scan_block(span, None, span.len(), &mut search, |_, _, _, _| {});
+        s.scan_block(span, None, span.len(), &mut search, s.finding(), |_, _, _, _| {});
         modes.push(search);
     }
     // Ids turn the prefix search on, look-alike words turn it off again.
