@@ -179,13 +179,8 @@ impl Decision {
     /// `X-RateLimit-Reset`. For a denial, when the request would fit.
     #[must_use]
     pub fn reset_unix(&self) -> i64 {
-        let b = self.binding();
-        let after = if self.outcome == Outcome::Limited {
-            self.retry_after().unwrap_or(b.reset_after)
-        } else {
-            b.reset_after
-        };
-        unix_ceil(self.at, after)
+        // `retry_after` is `None` unless the decision is Limited.
+        unix_ceil(self.at, self.retry_after().unwrap_or(self.binding().reset_after))
     }
 
     /// Whole seconds for `Retry-After` on a denial: rounded up, at least 1,
