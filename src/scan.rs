@@ -453,18 +453,14 @@ impl Scanner {
     /// order: the cheapest way to find keys in memory (no line numbers, no
     /// allocation).
     pub fn for_each_key(&self, haystack: &[u8], mut on_key: impl FnMut(usize, usize, &KeyFormat)) {
+        self.in_memory(haystack, |start, end, format, _| on_key(start, end, format));
+    }
+
+    /// Every whole key of `haystack` (held in memory), in order:
+    /// `on_key(start, end, format, hint_len)`.
+    fn in_memory(&self, haystack: &[u8], on_key: impl FnMut(usize, usize, &KeyFormat, usize)) {
         let mut search = self.tuning.start;
-        let mode = self.finding();
-        self.scan_block(
-            haystack,
-            None,
-            haystack.len(),
-            &mut search,
-            mode,
-            |start, end, format, _| {
-                on_key(start, end, format);
-            },
-        );
+        self.scan_block(haystack, None, haystack.len(), &mut search, self.finding(), on_key);
     }
 
     /// Every key in `haystack`, in order, with line, column and hint.
@@ -472,18 +468,9 @@ impl Scanner {
     pub fn find_all(&self, haystack: &[u8]) -> Vec<Match> {
         let mut out = Vec::new();
         let mut lines = LineCounter::default();
-        let mut search = self.tuning.start;
-        let mode = self.finding();
-        self.scan_block(
-            haystack,
-            None,
-            haystack.len(),
-            &mut search,
-            mode,
-            |start, end, format, len| {
-                out.push(lines.make_match(haystack, 0, start, end, format, len));
-            },
-        );
+        self.in_memory(haystack, |start, end, format, len| {
+            out.push(lines.make_match(haystack, 0, start, end, format, len));
+        });
         out
     }
 
