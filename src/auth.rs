@@ -124,10 +124,25 @@ impl Principal {
         self.0.record.expires_at
     }
 
-    /// Host metadata (for portal sessions: the session metadata).
+    /// The record's metadata: the host's, or for a portal access token the
+    /// session's metadata plus keys under the reserved `portal.` prefix
+    /// that the library adds ([`ROLE_METADATA_KEY`](crate::portal::ROLE_METADATA_KEY)).
     #[must_use]
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.0.record.metadata
+    }
+
+    /// The metadata without the keys under the reserved `portal.` prefix:
+    /// for a portal access token, exactly the metadata its session was
+    /// created with (what a host attaches to resources made during the
+    /// session).
+    pub fn session_metadata(&self) -> impl Iterator<Item = (&str, &str)> {
+        self.0
+            .record
+            .metadata
+            .iter()
+            .filter(|(k, _)| !k.starts_with(crate::portal::RESERVED_METADATA_PREFIX))
+            .map(|(k, v)| (k.as_str(), v.as_str()))
     }
 
     /// The principal's grants as `registry` sees them: its own set when it

@@ -4,7 +4,7 @@
 //! objects (`KeyManager`, `Portal`, `Gate`); the handlers are the thin HTTP
 //! glue an API platform writes itself.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -735,7 +735,8 @@ async fn create_endpoint<B: Backend>(
     let endpoint = json!({
         "id": app.id("ep"),
         "url": url,
-        "metadata": caller.metadata(),
+        // The session's metadata, not the library's `portal.` keys.
+        "metadata": caller.session_metadata().collect::<BTreeMap<_, _>>(),
         "created_by": caller.hint(),
     });
     {
