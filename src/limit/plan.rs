@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{Algorithm, MAX_STACKED, Policy, PolicyError};
+use super::{Algorithm, MAX_STACKED, Policy, PolicyError, PolicyName};
 
 /// A monthly quota: at most `limit` units per calendar month (UTC) across
 /// the categories it counts; other categories are free and uncounted.
@@ -123,7 +123,12 @@ impl Plan {
     pub fn hobby() -> Self {
         Self::preset(
             "hobby",
-            Policy::const_new(nz(3), Duration::from_secs(1), Algorithm::FixedWindow),
+            Policy::const_new(
+                PolicyName::DEFAULT,
+                nz(3),
+                Duration::from_secs(1),
+                Algorithm::FixedWindow,
+            ),
             vec![],
         )
     }
@@ -133,7 +138,12 @@ impl Plan {
     pub fn starter() -> Self {
         Self::preset(
             "starter",
-            Policy::const_new(nz(5), Duration::from_secs(1), Algorithm::FixedWindow),
+            Policy::const_new(
+                PolicyName::DEFAULT,
+                nz(5),
+                Duration::from_secs(1),
+                Algorithm::FixedWindow,
+            ),
             vec![],
         )
     }
@@ -143,7 +153,12 @@ impl Plan {
     pub fn pro() -> Self {
         Self::preset(
             "pro",
-            Policy::const_new(nz(10), Duration::from_secs(1), Algorithm::FixedWindow),
+            Policy::const_new(
+                PolicyName::DEFAULT,
+                nz(10),
+                Duration::from_secs(1),
+                Algorithm::FixedWindow,
+            ),
             vec![],
         )
     }
@@ -153,7 +168,12 @@ impl Plan {
     pub fn enterprise() -> Self {
         Self::preset(
             "enterprise",
-            Policy::const_new(nz(100), Duration::from_secs(1), Algorithm::FixedWindow),
+            Policy::const_new(
+                PolicyName::DEFAULT,
+                nz(100),
+                Duration::from_secs(1),
+                Algorithm::FixedWindow,
+            ),
             vec![],
         )
     }
@@ -164,7 +184,12 @@ impl Plan {
     pub fn free() -> Self {
         Self::preset(
             "free",
-            Policy::const_new(nz(5), Duration::from_secs(60), Algorithm::SlidingWindow),
+            Policy::const_new(
+                PolicyName::DEFAULT,
+                nz(5),
+                Duration::from_secs(60),
+                Algorithm::SlidingWindow,
+            ),
             vec![QuotaRule::new("notifications", 100, &["email", "webhook"])],
         )
     }
@@ -175,7 +200,12 @@ impl Plan {
     pub fn indie() -> Self {
         Self::preset(
             "indie",
-            Policy::const_new(nz(50), Duration::from_secs(60), Algorithm::SlidingWindow),
+            Policy::const_new(
+                PolicyName::DEFAULT,
+                nz(50),
+                Duration::from_secs(60),
+                Algorithm::SlidingWindow,
+            ),
             vec![QuotaRule::new("notifications", 4_000, &["webhook"])],
         )
     }
@@ -186,7 +216,12 @@ impl Plan {
     pub fn startup() -> Self {
         Self::preset(
             "startup",
-            Policy::const_new(nz(200), Duration::from_secs(60), Algorithm::SlidingWindow),
+            Policy::const_new(
+                PolicyName::DEFAULT,
+                nz(200),
+                Duration::from_secs(60),
+                Algorithm::SlidingWindow,
+            ),
             vec![QuotaRule::new("notifications", 15_000, &["webhook"])],
         )
     }

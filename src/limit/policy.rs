@@ -98,31 +98,36 @@ impl Policy {
     /// Largest `limit` of a sliding-window policy (8 bytes of state each).
     pub const MAX_SLIDING_LIMIT: u32 = 100_000;
 
-    /// `n` per second, GCRA.
+    /// `n` per second, GCRA, named `per_second`.
+    ///
+    /// Each shortcut has a name of its own, so they stack: a key checked
+    /// against `[per_second(10), per_hour(1000)]` keeps one state for each
+    /// (policies share a key's state by name).
     #[must_use]
     pub const fn per_second(n: NonZeroU32) -> Self {
-        Self::const_new(n, Duration::from_secs(1), Algorithm::Gcra)
+        Self::const_new(PolicyName::PER_SECOND, n, Duration::from_secs(1), Algorithm::Gcra)
     }
 
-    /// `n` per minute, GCRA.
+    /// `n` per minute, GCRA, named `per_minute`.
     #[must_use]
     pub const fn per_minute(n: NonZeroU32) -> Self {
-        Self::const_new(n, Duration::from_secs(60), Algorithm::Gcra)
+        Self::const_new(PolicyName::PER_MINUTE, n, Duration::from_secs(60), Algorithm::Gcra)
     }
 
-    /// `n` per hour, GCRA.
+    /// `n` per hour, GCRA, named `per_hour`.
     #[must_use]
     pub const fn per_hour(n: NonZeroU32) -> Self {
-        Self::const_new(n, Duration::from_secs(3600), Algorithm::Gcra)
+        Self::const_new(PolicyName::PER_HOUR, n, Duration::from_secs(3600), Algorithm::Gcra)
     }
 
     pub(crate) const fn const_new(
+        name: PolicyName,
         limit: NonZeroU32,
         period: Duration,
         algorithm: Algorithm,
     ) -> Self {
         Self {
-            name: PolicyName::DEFAULT,
+            name,
             limit,
             period,
             burst: None,
@@ -295,10 +300,21 @@ impl PolicyName {
     pub const MAX_LEN: usize = 32;
 
     /// `default`, the name of a policy that was not given one.
-    pub const DEFAULT: Self = match Self::new("default") {
-        Some(n) => n,
-        None => panic!("`default` is a valid policy name"),
-    };
+    pub const DEFAULT: Self = Self::known("default");
+
+    /// `per_second`, the name of [`Policy::per_second`]'s policies.
+    pub const PER_SECOND: Self = Self::known("per_second");
+    /// `per_minute`, the name of [`Policy::per_minute`]'s policies.
+    pub const PER_MINUTE: Self = Self::known("per_minute");
+    /// `per_hour`, the name of [`Policy::per_hour`]'s policies.
+    pub const PER_HOUR: Self = Self::known("per_hour");
+
+    const fn known(name: &str) -> Self {
+        match Self::new(name) {
+            Some(n) => n,
+            None => panic!("a valid policy name"),
+        }
+    }
 
     /// `name` if it is a valid policy name.
     #[must_use]
@@ -430,6 +446,8 @@ mod tests {
         // Ordered as strings, not by length.
         let (b, aa) = (PolicyName::new("b").unwrap(), PolicyName::new("aa").unwrap());
         assert!(aa < b);
-        assert_eq!(Policy::per_second(NonZeroU32::MIN).policy_name(), PolicyName::DEFAULT);
+        assert_eq!(Policy::per_second(NonZeroU32::MIN).name(), "per_second");
+        assert_eq!(Policy::per_minute(NonZeroU32::MIN).name(), "per_minute");
+        assert_eq!(Policy::per_hour(NonZeroU32::MIN).name(), "per_hour");
     }
 }

@@ -32,6 +32,12 @@ pub enum CheckMode {
 ///   between application servers cannot change a decision.
 /// - **Denials do not write.** A denied or impossible check leaves the state
 ///   as it was.
+/// - **State by name.** A key keeps one state per policy *name*, so plan
+///   changes keep state and stacked policies need distinct names. A later
+///   policy in one call named like an earlier one shares that policy's
+///   state and is charged once ([`Plan`](super::Plan)s refuse duplicate
+///   names; the [`Policy::per_second`](super::Policy::per_second) family
+///   is named by its period).
 /// - **Failure.** An unreachable backend is a [`BackendError`]; the host's
 ///   [`FailMode`](crate::backend::FailMode) decides whether the request is
 ///   refused (503, the default) or let through.

@@ -881,3 +881,25 @@ fn a_stacked_denial_reports_the_policy_that_makes_the_client_wait_longest() {
     assert_eq!(d.limit(), 100);
     assert!(d.retry_after().unwrap() > Duration::from_secs(60));
 }
+
+#[test]
+fn shortcut_policies_stack() {
+    // Each shortcut is named by its period, so a stack of them keeps one
+    // state per policy: the hourly limit binds, the per-second one too.
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let nz = |n| NonZeroU32::new(n).unwrap();
+    let p = [Policy::per_second(nz(10)), Policy::per_hour(nz(20))];
+    let mut admitted = 0;
+    for _ in 0..5 {
+        for _ in 0..12 {
+            admitted += usize::from(l.check("k", &p, 1).unwrap().is_allowed());
+        }
+        c.advance(Duration::from_secs(1));
+    }
+    assert_eq!(admitted, 20, "the hourly limit binds across seconds");
+    // Within one second, the per-second limit binds first.
+    let fresh = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let in_one_second = (0..12).filter(|_| fresh.check("k", &p, 1).unwrap().is_allowed()).count();
+    assert_eq!(in_one_second, 10);
+}
