@@ -21,7 +21,7 @@ use keygate::auth::{Authenticator, PrincipalCache, Target};
 use keygate::format::SK;
 use keygate::hash::Hasher;
 use keygate::scope::ScopeRegistry;
-use keygate::store::{KeyRecord, KeyStore, MemoryKeyStore, RecordId, Tenant};
+use keygate::store::{InsertOutcome, KeyRecord, KeyStore, MemoryKeyStore, RecordId, Tenant};
 use sha2::{Digest as _, Sha256};
 
 fn ready<F: Future>(f: F) -> F::Output {
@@ -86,7 +86,7 @@ fn bench(c: &mut Criterion) {
         };
         let record = Arc::new(record);
         floor.insert(Sha256::digest(key.expose_secret().as_bytes()).into(), Arc::clone(&record));
-        ready(store.insert(record, None)).unwrap();
+        assert_eq!(ready(store.insert(record, None)).unwrap(), InsertOutcome::Inserted);
         if i == keys / 2 {
             key.expose_secret().clone_into(&mut probe);
         }

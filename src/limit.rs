@@ -89,6 +89,7 @@ impl PolicyDecision {
 
 /// The result of a rate-limit check: the outcome, every stacked policy's
 /// state, and the wall-clock time it was made at (for `X-RateLimit-Reset`).
+#[must_use = "a denied check is `Ok`: call `is_allowed()` or `rejection()`"]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     outcome: Outcome,

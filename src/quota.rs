@@ -61,6 +61,7 @@ impl Month {
 }
 
 /// The result of a quota check.
+#[must_use = "a refused quota check is `Ok`: call `is_allowed()` or `rejection()`"]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuotaDecision {
     /// Whether the usage was admitted (and counted).
@@ -225,7 +226,6 @@ impl MemoryQuotaStore {
     }
 
     /// Synchronous [`QuotaStore::check_and_count`].
-    #[must_use]
     pub fn check_and_count_sync(
         &self,
         account: &str,

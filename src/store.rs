@@ -249,6 +249,7 @@ pub struct ActiveLimit {
 }
 
 /// What [`KeyStore::insert`] did.
+#[must_use = "only `Inserted` stored the record"]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InsertOutcome {

@@ -1012,12 +1012,12 @@ async fn expired_records_are_forgotten_after_the_retention() {
     // Within the retention, an insert keeps them (they are still refused
     // as expired).
     let store = filled().await;
-    store.insert(record_at(60 + 3599), None).await.unwrap();
+    assert_eq!(store.insert(record_at(60 + 3599), None).await.unwrap(), InsertOutcome::Inserted);
     assert_eq!(store.len(), 101);
     // Past it, the next insert forgets them from every index.
     let store = filled().await;
     let late = record_at(60 + 3600);
-    store.insert(Arc::clone(&late), None).await.unwrap();
+    assert_eq!(store.insert(Arc::clone(&late), None).await.unwrap(), InsertOutcome::Inserted);
     assert_eq!(store.len(), 1);
     let r = &old[0];
     assert!(store.find_by_digest(&r.digest).await.unwrap().is_none());
@@ -1077,13 +1077,13 @@ async fn a_shortened_expiry_is_forgotten_on_the_new_schedule() {
         Arc::new(r)
     };
     let rolled = record(0, Some(365 * 86_400));
-    store.insert(Arc::clone(&rolled), None).await.unwrap();
+    assert_eq!(store.insert(Arc::clone(&rolled), None).await.unwrap(), InsertOutcome::Inserted);
     // Rolling a key shortens the old one's expiry to the grace period.
     assert!(store.shorten_expiry(&rolled.id, at(10)).await.unwrap());
     store.revoke(&rolled.id, at(5)).await.unwrap();
-    store.insert(record(69, None), None).await.unwrap();
+    assert_eq!(store.insert(record(69, None), None).await.unwrap(), InsertOutcome::Inserted);
     assert!(store.get(&rolled.id).await.unwrap().is_some(), "kept within the retention");
-    store.insert(record(70, None), None).await.unwrap();
+    assert_eq!(store.insert(record(70, None), None).await.unwrap(), InsertOutcome::Inserted);
     assert!(store.get(&rolled.id).await.unwrap().is_none(), "forgotten 60 s after the new expiry");
     assert_eq!(store.len(), 2);
 }
@@ -1145,7 +1145,7 @@ proptest::proptest! {
                     r.created_at = at(now);
                     r.expires_at = expires.map(|e| at(now + e));
                     all.push((r.id.clone(), Some(expires.map(|e| now + e))));
-                    futures_ready(store.insert(Arc::new(r), None));
+                    assert_eq!(futures_ready(store.insert(Arc::new(r), None)), InsertOutcome::Inserted);
                 }
                 StoreOp::Shorten { pick, to } if !all.is_empty() => {
                     let n = all.len();

@@ -19,7 +19,7 @@ use keygate::quota::QuotaStore;
 use keygate::redis::{Redis, RedisConfig};
 use keygate::scope::ScopeRegistry;
 use keygate::secret::Digest;
-use keygate::store::KeyStore;
+use keygate::store::{InsertOutcome, KeyStore};
 use redis_server::RedisServer;
 
 async fn connect(server: &RedisServer, prefix: &str) -> Redis {
@@ -67,7 +67,7 @@ async fn the_key_store_reads_records_over_resp3_too() {
     let redis = RedisConfig::from_url(&url).unwrap().prefix("r3").unwrap().connect().await.unwrap();
     let keys = redis.keys();
     let r = keygate::testkit::keys::sample_record("ws_x", Some("p1"), 0, true);
-    keys.insert(Arc::new(r.clone()), None).await.unwrap();
+    assert_eq!(keys.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     let got = keys.get(&r.id).await.unwrap().expect("the record");
     assert_eq!(*got, r);
     assert!(keys.find_by_digest(&r.digest).await.unwrap().is_some());
@@ -342,10 +342,10 @@ async fn a_stacked_check_is_exactly_one_round_trip() {
     let plan =
         [hour("a", 1_000_000, Algorithm::Gcra), hour("b", 1_000_000, Algorithm::FixedWindow)];
     // Warm up: the first call loads the script (EVALSHA, NOSCRIPT, LOAD).
-    limiter.check("rt", &plan, 1, CheckMode::Consume).await.unwrap();
+    assert!(limiter.check("rt", &plan, 1, CheckMode::Consume).await.unwrap().is_allowed());
     let before = command_stats(&redis).await;
     for _ in 0..N {
-        limiter.check("rt", &plan, 1, CheckMode::Consume).await.unwrap();
+        assert!(limiter.check("rt", &plan, 1, CheckMode::Consume).await.unwrap().is_allowed());
     }
     let after = command_stats(&redis).await;
     let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
@@ -384,9 +384,9 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
     let record = keygate::testkit::keys::sample_record("ws_f", Some("p"), 0, false);
 
     let all_ok = async || {
-        limiter.check("k", &plan, 1, CheckMode::Consume).await?;
-        portal.redeem(&code, now).await?;
-        quota.check_and_count("a", &rules, "email", 1, now).await?;
+        let _ = limiter.check("k", &plan, 1, CheckMode::Consume).await?;
+        let _ = portal.redeem(&code, now).await?;
+        let _ = quota.check_and_count("a", &rules, "email", 1, now).await?;
         keys.get(&record.id).await?;
         Ok::<_, BackendError>(())
     };
@@ -446,7 +446,7 @@ async fn a_hung_server_is_a_timeout_not_a_hang() {
     let redis = connect(&server, "hang").await;
     let limiter = redis.limiter();
     let plan = [hour("default", 100, Algorithm::Gcra)];
-    limiter.check("k", &plan, 1, CheckMode::Consume).await.unwrap();
+    assert!(limiter.check("k", &plan, 1, CheckMode::Consume).await.unwrap().is_allowed());
     server.signal("STOP");
     let (r, t) = timed(limiter.check("k", &plan, 1, CheckMode::Consume)).await;
     assert!(matches!(r, Err(BackendError::Timeout)), "{r:?}");
@@ -489,10 +489,13 @@ async fn nothing_secret_is_stored_and_state_expires() {
     let mut record = keygate::testkit::keys::sample_record("ws_h", Some("p"), 0, false);
     record.digest = keygate::hash::Hasher::sha256().digest(key.expose_secret().as_bytes());
     record.hint = key.hint();
-    keys.insert(std::sync::Arc::new(record.clone()), None).await.unwrap();
+    assert_eq!(
+        keys.insert(std::sync::Arc::new(record.clone()), None).await.unwrap(),
+        InsertOutcome::Inserted
+    );
     let limiter = redis.limiter();
     let p = [Policy::new("s", 3, Duration::from_millis(200), Algorithm::SlidingWindow).unwrap()];
-    limiter.check("exp", &p, 1, CheckMode::Consume).await.unwrap();
+    assert!(limiter.check("exp", &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
 
     let mut conn = redis.connection();
     let all: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut conn).await.unwrap();
@@ -546,7 +549,10 @@ async fn revocation_invalidates_caches_and_survives_a_restart() {
     let a = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
     let other = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
     for r in [&a, &other] {
-        keys.insert(std::sync::Arc::new(r.clone()), None).await.unwrap();
+        assert_eq!(
+            keys.insert(std::sync::Arc::new(r.clone()), None).await.unwrap(),
+            InsertOutcome::Inserted
+        );
         cache.insert(*r.digest.digest(), principal(r), clock.monotonic());
     }
     assert!(keys.revoke(&a.id, jiff::Timestamp::now()).await.unwrap());
@@ -585,9 +591,12 @@ async fn redis_key_store_forgets_expired_records_and_their_ids() {
     let now = jiff::Timestamp::now();
     let mut r = keygate::testkit::keys::sample_record("ws_x", Some("p1"), 0, true);
     r.expires_at = Some(now + jiff::SignedDuration::from_secs(10));
-    store.insert(Arc::new(r.clone()), None).await.unwrap();
+    assert_eq!(store.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     let forever = keygate::testkit::keys::sample_record("ws_x", None, 0, false);
-    store.insert(Arc::new(forever.clone()), None).await.unwrap();
+    assert_eq!(
+        store.insert(Arc::new(forever.clone()), None).await.unwrap(),
+        InsertOutcome::Inserted
+    );
 
     let client = ::redis::Client::open(server.url()).unwrap();
     let mut con = client.get_multiplexed_async_connection().await.unwrap();
@@ -634,13 +643,13 @@ async fn redis_key_store_forgets_expired_records_and_their_ids() {
     // clock far behind): kept for one retention from now, not forever.
     let mut old = keygate::testkit::keys::sample_record("ws_x", None, 0, false);
     old.expires_at = Some(now - jiff::SignedDuration::from_hours(48));
-    store.insert(Arc::new(old.clone()), None).await.unwrap();
+    assert_eq!(store.insert(Arc::new(old.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     let ttl: i64 = con.pttl(format!("{base}rec:{}", old.id)).await.unwrap();
     assert!((55_000..=60_000).contains(&ttl), "{ttl} ms");
     // The same for an expiry shortened into the past (a roll with no grace
     // and no retention left).
     let kept = keygate::testkit::keys::sample_record("ws_x", None, 0, false);
-    store.insert(Arc::new(kept.clone()), None).await.unwrap();
+    assert_eq!(store.insert(Arc::new(kept.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     assert!(
         store.shorten_expiry(&kept.id, now - jiff::SignedDuration::from_hours(48)).await.unwrap()
     );

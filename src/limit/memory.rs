@@ -1365,7 +1365,6 @@ impl<C: Clock> DirectLimiter<C> {
     }
 
     /// The full [`Decision`] (with headers) for a check of `cost` units.
-    #[must_use]
     pub fn decide(&self, cost: u32) -> Decision {
         let s = self.check(cost);
         let outcome = match (s.allowed, s.retry_after) {

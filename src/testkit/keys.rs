@@ -82,7 +82,7 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
 
     let nk = sample_record("ws_a", Some("p1"), 1, true);
     let kid = nk.key_id.expect("nk has a key id");
-    s.insert(Arc::new(nk.clone()), None).await.unwrap();
+    assert_eq!(s.insert(Arc::new(nk.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     let got = s.find_by_key_id("nk", &kid).await.unwrap().expect("find_by_key_id finds it");
     assert_eq!(*got, nk, "find_by_key_id returns the record as stored");
     assert!(s.find_by_key_id("sk", &kid).await.unwrap().is_none(), "key ids are per format");
@@ -99,7 +99,7 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
     full.region = Some("eu".parse().expect("valid region"));
     full.last_used_at = Some(t(1));
     full.metadata.clear();
-    s.insert(Arc::new(full.clone()), None).await.unwrap();
+    assert_eq!(s.insert(Arc::new(full.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     assert_eq!(*s.get(&full.id).await.unwrap().expect("stored"), full, "every field kept");
     assert_eq!(*s.find_by_digest(&full.digest).await.unwrap().expect("stored"), full);
     let kid = full.key_id.expect("nk has a key id");
@@ -108,7 +108,7 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
 
 async fn uniqueness<S: KeyStore>(s: &S) {
     let r = sample_record("ws_a", None, 0, true);
-    s.insert(Arc::new(r.clone()), None).await.unwrap();
+    assert_eq!(s.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     let mut same_id = sample_record("ws_a", None, 0, false);
     same_id.id = r.id.clone();
     assert_eq!(
@@ -205,7 +205,7 @@ async fn active_cap<S: KeyStore>(s: &S) {
     for exp in [t(1000), t(1000), t(50)] {
         let mut r = sample_record("ws_a", Some("cap2"), 0, false);
         r.expires_at = Some(exp);
-        s.insert(Arc::new(r), None).await.unwrap();
+        assert_eq!(s.insert(Arc::new(r), None).await.unwrap(), InsertOutcome::Inserted);
     }
     assert_eq!(
         s.insert(Arc::new(sample_record("ws_a", Some("cap2"), 1, false)), Some(two)).await.unwrap(),
@@ -220,7 +220,7 @@ async fn listing<S: KeyStore>(store: &S) {
     let whole = sample_record("ws_l", None, 3, false);
     let elsewhere = sample_record("ws_other", Some("p1"), 0, false);
     for r in [&p1, &p2, &whole, &elsewhere] {
-        store.insert(Arc::new(r.clone()), None).await.unwrap();
+        assert_eq!(store.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     }
     let ids = |v: Vec<Arc<KeyRecord>>| v.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
     let ws = "ws_l".parse().unwrap();
@@ -244,7 +244,7 @@ async fn listing<S: KeyStore>(store: &S) {
 
 async fn revoke_and_expiry<S: KeyStore>(s: &S) {
     let r = sample_record("ws_r", None, 0, false);
-    s.insert(Arc::new(r.clone()), None).await.unwrap();
+    assert_eq!(s.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     assert!(s.revoke(&r.id, t(10)).await.unwrap(), "first revoke revokes");
     assert!(!s.revoke(&r.id, t(20)).await.unwrap(), "second revoke is a no-op");
     let got = s.get(&r.id).await.unwrap().unwrap();
@@ -257,7 +257,7 @@ async fn revoke_and_expiry<S: KeyStore>(s: &S) {
     // shortened expiry must show there too.
     let nk = sample_record("ws_r", None, 0, true);
     let kid = nk.key_id.expect("nk has a key id");
-    s.insert(Arc::new(nk.clone()), None).await.unwrap();
+    assert_eq!(s.insert(Arc::new(nk.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     assert!(s.revoke(&nk.id, t(15)).await.unwrap());
     assert!(s.shorten_expiry(&nk.id, t(500)).await.unwrap());
     let by_kid = s.find_by_key_id("nk", &kid).await.unwrap().unwrap();
@@ -265,7 +265,7 @@ async fn revoke_and_expiry<S: KeyStore>(s: &S) {
     assert_eq!(by_kid.expires_at, Some(t(500)), "expiry visible through the key-id index");
 
     let e = sample_record("ws_r", None, 0, false);
-    s.insert(Arc::new(e.clone()), None).await.unwrap();
+    assert_eq!(s.insert(Arc::new(e.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     assert!(s.shorten_expiry(&e.id, t(100)).await.unwrap());
     assert!(s.shorten_expiry(&e.id, t(200)).await.unwrap(), "exists");
     assert_eq!(s.get(&e.id).await.unwrap().unwrap().expires_at, Some(t(100)), "never extended");
@@ -278,7 +278,7 @@ async fn revoke_and_expiry<S: KeyStore>(s: &S) {
 
 async fn last_use<S: KeyStore>(s: &S) {
     let r = sample_record("ws_u", None, 0, false);
-    s.insert(Arc::new(r.clone()), None).await.unwrap();
+    assert_eq!(s.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     let unknown = RecordId::generate().unwrap();
     s.record_last_used(&[(r.id.clone(), t(30)), (unknown.clone(), t(40))]).await.unwrap();
     assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)));
