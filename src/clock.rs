@@ -110,16 +110,22 @@ impl<C: Clock + ?Sized> Clock for Arc<C> {
 /// The operating system's clocks: [`SystemTime`] for wall time and
 /// [`Instant`] (a monotonic OS clock, not a raw TSC that can step backwards
 /// across cores) for intervals.
+///
+/// Every `SystemClock` of the process reads one monotonic time line (its
+/// origin is the first one's creation), so readings of clocks made at
+/// different times compare: a [`PrincipalCache`](crate::auth::PrincipalCache)
+/// shared by an authenticator built at start-up and one rebuilt later ages
+/// their entries alike.
 #[derive(Debug, Clone, Copy)]
 pub struct SystemClock {
     origin: Instant,
 }
 
 impl SystemClock {
-    /// A clock whose monotonic origin is now.
+    /// A clock on the process's monotonic time line.
     #[must_use]
     pub fn new() -> Self {
-        Self { origin: Instant::now() }
+        Self { origin: *ANCHOR.origin.get_or_init(Instant::now) }
     }
 }
 
@@ -169,12 +175,14 @@ pub struct QuantaClock {
 
 #[cfg(feature = "quanta")]
 impl QuantaClock {
-    /// A clock whose monotonic origin is now (calibrates the counter on the
-    /// first call in the process).
+    /// A clock on the process's counter time line, shared by every
+    /// `QuantaClock` as [`SystemClock`]s share theirs (calibrates the
+    /// counter on the first call in the process).
     #[must_use]
     pub fn new() -> Self {
+        static ORIGIN: OnceLock<u64> = OnceLock::new();
         let clock = quanta::Clock::new();
-        let origin = clock.raw();
+        let origin = *ORIGIN.get_or_init(|| clock.raw());
         Self { clock, origin }
     }
 }
@@ -343,6 +351,30 @@ mod tests {
         c.rewind(Duration::from_secs(10));
         assert_eq!(c.monotonic(), Nanos::ZERO);
         assert_eq!(t0.as_millisecond() - c.now().as_millisecond(), 8500);
+    }
+
+    /// Clocks made at different times read one time line: a later clock's
+    /// reading is not behind an earlier clock's reading taken before it.
+    fn one_time_line<C: Clock>(make: impl Fn() -> C) {
+        let early = make();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_millis(2) {
+            std::hint::spin_loop();
+        }
+        let late = make();
+        let (a, b) = (early.monotonic(), late.monotonic());
+        assert!(b >= a, "a clock made 2 ms later reads {b:?} after {a:?}");
+    }
+
+    #[test]
+    fn system_clocks_share_a_time_line() {
+        one_time_line(SystemClock::new);
+    }
+
+    #[cfg(feature = "quanta")]
+    #[test]
+    fn quanta_clocks_share_a_time_line() {
+        one_time_line(QuantaClock::new);
     }
 
     #[test]

@@ -86,9 +86,13 @@ impl PrincipalCache {
     }
 
     /// The cached principal for `digest`, if cached less than `ttl` ago.
-    /// An entry stamped after `now` is stale too: it came from another
-    /// clock (a cache shared by authenticators whose monotonic clocks start
-    /// at different times), so its age is unknown.
+    ///
+    /// Ages are told by the authenticators' monotonic clocks, so share a
+    /// cache among authenticators whose clocks read one time line: every
+    /// [`SystemClock`](crate::clock::SystemClock) of a process does, every
+    /// `QuantaClock` does, clones of a `FakeClock` do. An entry stamped
+    /// after `now` is stale: it came from another time line, so its age is
+    /// unknown.
     #[must_use]
     pub fn get(&self, digest: &Digest, now: Nanos) -> Option<Principal> {
         let shard = self.shard(digest).read().unwrap_or_else(PoisonError::into_inner);
