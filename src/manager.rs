@@ -566,9 +566,32 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         Ok(self.store.list(workspace, project).await?)
     }
 
+    /// [`list`](Self::list) on behalf of `caller`: the records of its
+    /// workspace that it [reaches](Self::revoke_for) — its project's (or
+    /// `project`'s, for a workspace-wide caller), its environment's and its
+    /// region's.
+    ///
+    /// # Errors
+    ///
+    /// The store's [`BackendError`].
+    pub async fn list_for(
+        &self,
+        caller: &Principal,
+        project: Option<&ProjectId>,
+    ) -> Result<Vec<Arc<KeyRecord>>, ManagerError> {
+        let tenant = caller.tenant();
+        let project = tenant.project.as_ref().or(project);
+        let mut records = self.store.list(&tenant.workspace, project).await?;
+        records.retain(|r| reaches(caller, r));
+        Ok(records)
+    }
+
     /// Revokes key `id`. It stops working at once in this process (the cache
     /// entry is dropped) and within the cache bound everywhere else.
     /// `Ok(false)` if it was already revoked.
+    ///
+    /// This looks the record up by id alone: an operator's call. On behalf
+    /// of a caller (an API request), use [`revoke_for`](Self::revoke_for).
     ///
     /// # Errors
     ///
@@ -577,6 +600,31 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         if self.store.get(id).await?.is_none() {
             return Err(ManagerError::NotFound);
         }
+        self.revoke_found(id).await
+    }
+
+    /// [`revoke`](Self::revoke) on behalf of `caller`: only a record it
+    /// reaches — a tenant it [reaches](Tenant::reaches), its environment and
+    /// its region, when it has them. Any other record is
+    /// [`ManagerError::NotFound`], as if it did not exist: ids are not
+    /// secret, so knowing one must not let a caller revoke another
+    /// tenant's key.
+    ///
+    /// # Errors
+    ///
+    /// As [`revoke`](Self::revoke).
+    pub async fn revoke_for(
+        &self,
+        caller: &Principal,
+        id: &RecordId,
+    ) -> Result<bool, ManagerError> {
+        match self.store.get(id).await? {
+            Some(r) if reaches(caller, &r) => self.revoke_found(id).await,
+            _ => Err(ManagerError::NotFound),
+        }
+    }
+
+    async fn revoke_found(&self, id: &RecordId) -> Result<bool, ManagerError> {
         let revoked = self.store.revoke(id, self.clock.now()).await;
         // Also when the store failed to answer: it may have revoked, and
         // invalidating too often is harmless.
@@ -603,8 +651,48 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::UnknownFormat`], [`ManagerError::LimitReached`], or
     /// the store's error (if shortening the old key's expiry fails, the new
     /// key is revoked: its secret was never shown).
+    ///
+    /// This looks the record up by id alone and hands back a working
+    /// secret with its grants: an operator's call. On behalf of a caller
+    /// (an API request), use [`roll_for`](Self::roll_for).
     pub async fn roll(&self, id: &RecordId, grace: Duration) -> Result<CreatedKey, ManagerError> {
         let old = self.store.get(id).await?.ok_or(ManagerError::NotFound)?;
+        self.roll_found(old, grace, None).await
+    }
+
+    /// [`roll`](Self::roll) on behalf of `caller`: only a record it reaches
+    /// (as [`revoke_for`](Self::revoke_for); any other is
+    /// [`ManagerError::NotFound`]), only when it holds every scope of the
+    /// key (the replacement's secret goes to the caller: rolling must not
+    /// hand it more than it could [create](Self::create_for)), and the
+    /// replacement expires no later than the caller.
+    ///
+    /// # Errors
+    ///
+    /// As [`roll`](Self::roll); [`ScopeError::Exceeds`] when the key holds
+    /// scopes the caller does not.
+    pub async fn roll_for(
+        &self,
+        caller: &Principal,
+        id: &RecordId,
+        grace: Duration,
+    ) -> Result<CreatedKey, ManagerError> {
+        let old = match self.store.get(id).await? {
+            Some(r) if reaches(caller, &r) => r,
+            _ => return Err(ManagerError::NotFound),
+        };
+        let held = self.registry.compile(&old.scopes)?;
+        self.registry.attenuate(held, &caller.scopes_in(&self.registry))?;
+        self.roll_found(old, grace, Some(caller)).await
+    }
+
+    async fn roll_found(
+        &self,
+        old: Arc<KeyRecord>,
+        grace: Duration,
+        caller: Option<&Principal>,
+    ) -> Result<CreatedKey, ManagerError> {
+        let id = &old.id;
         let now = self.clock.now();
         if !old.is_active(now) {
             return Err(ManagerError::Inactive);
@@ -631,8 +719,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         new.environment = old.environment;
         new.region = old.region;
         new.plan.clone_from(&old.plan);
-        // Same expiry as the key it replaces, set in the insert itself.
-        new.not_after = old.expires_at;
+        // Same expiry as the key it replaces (no later than the caller's),
+        // set in the insert itself.
+        new.not_after = earliest(old.expires_at, caller.and_then(Principal::expires_at));
         // The old key is active and counted: one over the cap, no more.
         let cap = self.max_active;
         let created = match self.insert_capped(new, cap.map(|m| m.saturating_add(1))).await {
@@ -664,6 +753,14 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
 /// Metadata key on a rolled key's replacement: the id it replaced.
 pub const ROLLED_FROM: &str = "keygate.rolled_from";
+
+/// Whether `caller` may act on `record`: a tenant it reaches, and its
+/// environment and region when it has them.
+fn reaches(caller: &Principal, record: &KeyRecord) -> bool {
+    caller.tenant().reaches(&record.tenant)
+        && caller.environment().is_none_or(|e| record.environment == Some(e))
+        && caller.region().is_none_or(|r| record.region == Some(r))
+}
 
 /// The earlier of two optional deadlines (`None` is "never").
 fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {

@@ -263,6 +263,70 @@ async fn attenuation_on_create_for() {
     ));
 }
 
+/// A management token of `tenant` with `scopes`, authenticated.
+async fn caller(f: &Fixture, tenant: Tenant, scopes: &[&str]) -> keygate::auth::Principal {
+    let token =
+        f.manager.create(NewKey::new("m", NHM, tenant).scopes(scopes).unwrap()).await.unwrap();
+    auth_bearer(&f.auth, token.key().expose_secret(), &Target::any()).await.unwrap()
+}
+
+#[tokio::test]
+async fn revoke_roll_and_list_for_a_caller_reach_only_its_records() {
+    let f = fixture();
+    let mine = f
+        .manager
+        .create(NewKey::new("k", SK, project("ws_a", "p1")).scopes(&["applications:read"]).unwrap())
+        .await
+        .unwrap();
+    let theirs = f.manager.create(NewKey::new("k", SK, ws("ws_b"))).await.unwrap();
+    let admin = caller(&f, ws("ws_a"), &["*"]).await;
+    let other_project = caller(&f, project("ws_a", "p2"), &["*"]).await;
+    let (mine_id, theirs_id) = (&mine.record().id, &theirs.record().id);
+
+    // Another tenant's record is not found, and stays working.
+    for c in [&admin, &other_project] {
+        let id = if std::ptr::eq(c, &admin) { theirs_id } else { mine_id };
+        assert!(matches!(f.manager.revoke_for(c, id).await, Err(ManagerError::NotFound)));
+        let rolled = f.manager.roll_for(c, id, Duration::ZERO).await;
+        assert!(matches!(rolled, Err(ManagerError::NotFound)));
+    }
+    let key = theirs.key().expose_secret();
+    assert!(auth_bearer(&f.auth, key, &Target::any()).await.is_ok());
+    let listed = f.manager.list_for(&other_project, None).await.unwrap();
+    assert!(listed.iter().all(|r| r.tenant.project.as_ref().is_some_and(|p| p.as_str() == "p2")));
+    let listed = f.manager.list_for(&admin, None).await.unwrap();
+    assert!(listed.iter().any(|r| r.id == *mine_id));
+    assert!(listed.iter().all(|r| r.tenant.workspace.as_str() == "ws_a"));
+
+    // Rolling hands the caller the key's secret: only with its scopes.
+    let narrow = caller(&f, ws("ws_a"), &["api_keys:update"]).await;
+    let rolled = f.manager.roll_for(&narrow, mine_id, Duration::ZERO).await;
+    assert!(matches!(rolled, Err(ManagerError::Scope(ScopeError::Exceeds { .. }))));
+    let rolled = f.manager.roll_for(&admin, mine_id, Duration::ZERO).await.unwrap();
+    assert_eq!(rolled.record().tenant, mine.record().tenant);
+    assert!(f.manager.revoke_for(&admin, &rolled.record().id).await.unwrap());
+}
+
+#[tokio::test]
+async fn a_replacement_rolled_for_a_caller_expires_no_later_than_it() {
+    let f = fixture();
+    let key = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let token = f
+        .manager
+        .create(
+            NewKey::new("m", NHM, ws("ws_a"))
+                .scopes(&["*"])
+                .unwrap()
+                .token_expiry(TokenExpiry::Days30),
+        )
+        .await
+        .unwrap();
+    let c = auth_bearer(&f.auth, token.key().expose_secret(), &Target::any()).await.unwrap();
+    assert!(c.expires_at().is_some() && key.record().expires_at.is_none());
+    let rolled = f.manager.roll_for(&c, &key.record().id, Duration::ZERO).await.unwrap();
+    assert_eq!(rolled.record().expires_at, c.expires_at());
+}
+
 #[tokio::test]
 async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() {
     use keygate::scope::ScopeRegistry;

@@ -459,21 +459,34 @@ impl Kind {
     }
 }
 
-async fn list_keys<B: Backend>(state: AppState<B>, ws: Path<String>) -> Response {
-    list::<B>(state, ws, Kind::ApiKeys).await
+async fn list_keys<B: Backend>(
+    state: AppState<B>,
+    caller: Extension<Principal>,
+    ws: Path<String>,
+) -> Response {
+    list::<B>(state, caller, ws, Kind::ApiKeys).await
 }
 
-async fn list_tokens<B: Backend>(state: AppState<B>, ws: Path<String>) -> Response {
-    list::<B>(state, ws, Kind::Tokens).await
+async fn list_tokens<B: Backend>(
+    state: AppState<B>,
+    caller: Extension<Principal>,
+    ws: Path<String>,
+) -> Response {
+    list::<B>(state, caller, ws, Kind::Tokens).await
 }
 
-async fn list<B: Backend>(State(app): AppState<B>, Path(ws): Path<String>, kind: Kind) -> Response {
-    let Ok(ws) = ws.parse::<WorkspaceId>() else {
+async fn list<B: Backend>(
+    State(app): AppState<B>,
+    Extension(caller): Extension<Principal>,
+    Path(ws): Path<String>,
+    kind: Kind,
+) -> Response {
+    if caller.tenant().workspace.as_str() != ws {
         return app.reject(&Rejection::NotFound, BodyStyle::Nested);
-    };
+    }
     // Show this instance's latest uses (last use is advisory and batched).
     let _ = app.gate.authenticator().flush_last_use().await;
-    match app.manager.list(&ws, None).await {
+    match app.manager.list_for(&caller, None).await {
         Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
         Ok(records) => {
             let data: Vec<Value> = records
@@ -498,16 +511,25 @@ async fn list<B: Backend>(State(app): AppState<B>, Path(ws): Path<String>, kind:
     }
 }
 
-async fn revoke_key<B: Backend>(state: AppState<B>, path: Path<(String, String)>) -> Response {
-    revoke::<B>(state, path, Kind::ApiKeys).await
+async fn revoke_key<B: Backend>(
+    state: AppState<B>,
+    caller: Extension<Principal>,
+    path: Path<(String, String)>,
+) -> Response {
+    revoke::<B>(state, caller, path, Kind::ApiKeys).await
 }
 
-async fn revoke_token<B: Backend>(state: AppState<B>, path: Path<(String, String)>) -> Response {
-    revoke::<B>(state, path, Kind::Tokens).await
+async fn revoke_token<B: Backend>(
+    state: AppState<B>,
+    caller: Extension<Principal>,
+    path: Path<(String, String)>,
+) -> Response {
+    revoke::<B>(state, caller, path, Kind::Tokens).await
 }
 
 async fn revoke<B: Backend>(
     State(app): AppState<B>,
+    Extension(caller): Extension<Principal>,
     Path((ws, id)): Path<(String, String)>,
     kind: Kind,
 ) -> Response {
@@ -524,7 +546,8 @@ async fn revoke<B: Backend>(
                 .reject(&keygate::manager::ManagerError::from(e).rejection(), BodyStyle::Nested);
         }
     }
-    match app.manager.revoke(&id).await {
+    // The manager checks again that the caller reaches the record.
+    match app.manager.revoke_for(&caller, &id).await {
         Ok(_) => StatusCode::NO_CONTENT.into_response(),
         Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
     }
