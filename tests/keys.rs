@@ -284,8 +284,7 @@ async fn revoke_roll_and_list_for_a_caller_reach_only_its_records() {
     let (mine_id, theirs_id) = (&mine.record().id, &theirs.record().id);
 
     // Another tenant's record is not found, and stays working.
-    for c in [&admin, &other_project] {
-        let id = if std::ptr::eq(c, &admin) { theirs_id } else { mine_id };
+    for (c, id) in [(&admin, theirs_id), (&other_project, mine_id)] {
         assert!(matches!(f.manager.revoke_for(c, id).await, Err(ManagerError::NotFound)));
         let rolled = f.manager.roll_for(c, id, Duration::ZERO).await;
         assert!(matches!(rolled, Err(ManagerError::NotFound)));
