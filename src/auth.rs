@@ -350,9 +350,47 @@ pub enum AuthError {
         /// The compile error.
         source: ScopeError,
     },
+    /// The key is valid but its account is inactive or deleted (the
+    /// host's [`AccountStatus`] said so).
+    #[error("the account of key {id} is inactive")]
+    AccountInactive {
+        /// The record.
+        id: RecordId,
+    },
     /// The key store failed.
     #[error("key store failed: {0}")]
     Backend(#[from] BackendError),
+}
+
+/// The host's answer to "may this account use its keys now?", asked on
+/// every authentication — cache hits included, so deactivating an account
+/// refuses its keys at once — after the key itself has been verified. A
+/// refused account is a 403 ([`Rejection::AccountInactive`]), not a 401:
+/// the key is valid.
+///
+/// Any `Fn(&Tenant) -> bool` is one. It runs on the request path, so it
+/// should answer from memory (a set the host keeps current), not a query.
+///
+/// ```
+/// use keygate::auth::Authenticator;
+/// use keygate::store::{MemoryKeyStore, WorkspaceId};
+/// use std::collections::HashSet;
+/// use std::sync::{Arc, RwLock};
+///
+/// let inactive: Arc<RwLock<HashSet<WorkspaceId>>> = Arc::default();
+/// let seen = Arc::clone(&inactive);
+/// let auth = Authenticator::new(MemoryKeyStore::new())
+///     .account_status(move |t: &keygate::store::Tenant| !seen.read().unwrap().contains(&t.workspace));
+/// ```
+pub trait AccountStatus: Send + Sync {
+    /// Whether the account `tenant` belongs to is active.
+    fn is_active(&self, tenant: &Tenant) -> bool;
+}
+
+impl<F: Fn(&Tenant) -> bool + Send + Sync> AccountStatus for F {
+    fn is_active(&self, tenant: &Tenant) -> bool {
+        self(tenant)
+    }
 }
 
 impl AuthError {
@@ -375,6 +413,7 @@ impl AuthError {
             Self::WrongEnvironment { .. } | Self::WrongTenant { .. } => {
                 Rejection::Forbidden { scope: None }
             }
+            Self::AccountInactive { .. } => Rejection::AccountInactive,
             Self::Scopes { .. } | Self::Backend(_) => Rejection::Unavailable,
         }
     }
@@ -419,6 +458,7 @@ pub struct Authenticator<S, C = SystemClock> {
     registry: Arc<ScopeRegistry>,
     clock: C,
     cache: Option<Arc<PrincipalCache>>,
+    accounts: Option<Arc<dyn AccountStatus>>,
     last_use: LastUse,
     last_use_interval: u64,
 }
@@ -429,6 +469,7 @@ impl<S, C> fmt::Debug for Authenticator<S, C> {
             .field("hasher", &self.hasher)
             .field("rules", &self.rules)
             .field("cache", &self.cache)
+            .field("account_status", &self.accounts.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -446,6 +487,7 @@ impl<S: KeyStore> Authenticator<S> {
             registry: Arc::new(ScopeRegistry::default()),
             clock: SystemClock::new(),
             cache: None,
+            accounts: None,
             last_use: LastUse::new(Duration::from_secs(60)),
             last_use_interval: duration_nanos(Duration::from_secs(60)),
         }
@@ -463,6 +505,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             registry: self.registry,
             clock,
             cache: self.cache,
+            accounts: self.accounts,
             last_use: self.last_use,
             last_use_interval: self.last_use_interval,
         }
@@ -508,6 +551,14 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     #[must_use]
     pub fn cache(mut self, cache: Arc<PrincipalCache>) -> Self {
         self.cache = Some(cache);
+        self
+    }
+
+    /// Refuses keys of accounts `status` says are inactive (403), after
+    /// the key itself is verified, on every authentication.
+    #[must_use]
+    pub fn account_status(mut self, status: impl AccountStatus + 'static) -> Self {
+        self.accounts = Some(Arc::new(status));
         self
     }
 
@@ -587,6 +638,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             }
             let r = p.record();
             check_target(&r.id, &r.tenant, r.environment, r.region, target)?;
+            self.check_account(r)?;
             if let Some(batch) = self.note_use(&p, now, mono) {
                 self.write_last_use(batch).await;
             }
@@ -630,6 +682,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             return Err(AuthError::Expired { id: record.id.clone() });
         }
         check_target(&record.id, &record.tenant, record.environment, record.region, target)?;
+        self.check_account(&record)?;
         let p = Principal::from_record(Arc::clone(&record), &self.registry)
             .map_err(|source| AuthError::Scopes { id: record.id.clone(), source })?;
         if let Some(cache) = &self.cache {
@@ -639,6 +692,16 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             self.write_last_use(batch).await;
         }
         Ok(p)
+    }
+
+    /// The host's account check, if any.
+    fn check_account(&self, record: &KeyRecord) -> Result<(), AuthError> {
+        match &self.accounts {
+            Some(a) if !a.is_active(&record.tenant) => {
+                Err(AuthError::AccountInactive { id: record.id.clone() })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Looks `key` up under digests made with older peppers, newest first.

@@ -327,6 +327,36 @@ async fn a_replacement_rolled_for_a_caller_expires_no_later_than_it() {
 }
 
 #[tokio::test]
+async fn keys_of_an_inactive_account_are_forbidden_even_from_the_cache() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let f = fixture();
+    let key = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let other = f.manager.create(NewKey::new("k", SK, ws("ws_b"))).await.unwrap();
+    let ws_a_inactive = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&ws_a_inactive);
+    let auth = Authenticator::new(f.store.clone())
+        .clock(f.clock.clone())
+        .cache(Arc::new(PrincipalCache::default()))
+        .account_status(move |t: &Tenant| {
+            !(t.workspace.as_str() == "ws_a" && flag.load(Ordering::SeqCst))
+        });
+    let (k, o) = (key.key().expose_secret(), other.key().expose_secret());
+    assert!(auth_bearer(&auth, k, &Target::any()).await.is_ok(), "active, and now cached");
+    ws_a_inactive.store(true, Ordering::SeqCst);
+    let err = auth_bearer(&auth, k, &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::AccountInactive { ref id } if *id == key.record().id));
+    let r = err.rejection();
+    assert_eq!((r.status(), &*r.message()), (403, "Account is inactive"));
+    assert!(auth_bearer(&auth, o, &Target::any()).await.is_ok(), "other accounts unaffected");
+    // A wrong secret is still the 401 it always is: no account is named.
+    let wrong = format!("sk_live_{}", "A".repeat(32));
+    let err = auth_bearer(&auth, &wrong, &Target::any()).await.unwrap_err();
+    assert_eq!(err.rejection().status(), 401);
+    ws_a_inactive.store(false, Ordering::SeqCst);
+    assert!(auth_bearer(&auth, k, &Target::any()).await.is_ok());
+}
+
+#[tokio::test]
 async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() {
     use keygate::scope::ScopeRegistry;
     let f = fixture();
