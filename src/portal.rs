@@ -71,15 +71,16 @@ pub const PORTAL_RESOURCES: &[&str] = &["endpoints", "subscriptions", "deliverie
 
 /// A freshly minted session: what the API returns, once.
 pub struct MintedSession {
-    url: String,
+    url: SecretString,
     code: SecretString,
     expires_at: Timestamp,
 }
 
 impl MintedSession {
-    /// The one-time URL (embeds the code).
+    /// The one-time URL. It embeds the code, so it is as secret: shown
+    /// once, in the response, never logged.
     #[must_use]
-    pub fn url(&self) -> &str {
+    pub fn url(&self) -> &SecretString {
         &self.url
     }
 
@@ -100,7 +101,11 @@ impl MintedSession {
     #[must_use]
     pub fn to_json(&self) -> serde_json::Value {
         let secs = Timestamp::from_second(self.expires_at.as_second()).unwrap_or(self.expires_at);
-        json!({ "url": self.url, "code": self.code.expose_secret(), "expiresAt": secs.to_string() })
+        json!({
+            "url": self.url.expose_secret(),
+            "code": self.code.expose_secret(),
+            "expiresAt": secs.to_string(),
+        })
     }
 }
 
@@ -335,7 +340,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         }
         let url = self.url_template.replace("{code}", code.expose_secret());
         Ok(MintedSession {
-            url,
+            url: SecretString::from(url),
             code: SecretString::from(code.expose_secret().to_owned()),
             expires_at,
         })

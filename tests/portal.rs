@@ -70,6 +70,9 @@ async fn seed_request_to_principal() {
     assert_eq!(body["expiresAt"], "2026-01-01T00:30:00Z");
     assert_eq!(body.as_object().unwrap().len(), 3);
     assert!(!format!("{minted:?}").contains(code));
+    // The URL embeds the code: it stays in the secret wrapper too.
+    assert_eq!(body["url"], minted.url().expose_secret());
+    assert!(!format!("{:?}", minted.url()).contains(code));
 
     let access = w.portal.redeem(code).await.unwrap();
     // Second open: gone, however soon.
