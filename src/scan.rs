@@ -423,11 +423,16 @@ impl Scanner {
         }
     }
 
+    /// Largest streaming step: a chunk size from configuration cannot make
+    /// a scan allocate more than this (plus the longest key).
+    pub const MAX_CHUNK: usize = 64 << 20;
+
     /// Sets how many bytes are read per streaming step (default 64 KiB,
-    /// at least 1). Memory use is about this plus the longest key.
+    /// clamped to 1 ..= [`MAX_CHUNK`](Self::MAX_CHUNK)). Memory use is
+    /// about this plus the longest key.
     #[must_use]
     pub fn chunk_size(mut self, bytes: usize) -> Self {
-        self.chunk = bytes.max(1);
+        self.chunk = bytes.clamp(1, Self::MAX_CHUNK);
         self
     }
 

@@ -590,3 +590,14 @@ fn the_redactor_hides_damaged_keys_too() {
         assert_eq!(out, text.as_bytes());
     }
 }
+
+#[test]
+fn a_huge_chunk_size_is_clamped_not_allocated() {
+    let s = Scanner::presets().chunk_size(usize::MAX);
+    let mut out = Vec::new();
+    s.redact(&b"key sk_live_0123456789abcdefghijABCDEFGHIJ here"[..], &mut out).unwrap();
+    assert!(out.starts_with(b"key sk_live_"));
+    let mut found = 0;
+    s.scan_reader(&b"nothing"[..], |_| found += 1).unwrap();
+    assert_eq!(found, 0);
+}
