@@ -459,6 +459,8 @@ pub struct Authenticator<S, C = SystemClock> {
     clock: C,
     cache: Option<Arc<PrincipalCache>>,
     accounts: Option<Arc<dyn AccountStatus>>,
+    environment: Option<Environment>,
+    region: Option<Region>,
     last_use: LastUse,
     last_use_interval: u64,
 }
@@ -488,6 +490,8 @@ impl<S: KeyStore> Authenticator<S> {
             clock: SystemClock::new(),
             cache: None,
             accounts: None,
+            environment: None,
+            region: None,
             last_use: LastUse::new(Duration::from_secs(60)),
             last_use_interval: duration_nanos(Duration::from_secs(60)),
         }
@@ -506,6 +510,8 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             clock,
             cache: self.cache,
             accounts: self.accounts,
+            environment: self.environment,
+            region: self.region,
             last_use: self.last_use,
             last_use_interval: self.last_use_interval,
         }
@@ -551,6 +557,26 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     #[must_use]
     pub fn cache(mut self, cache: Arc<PrincipalCache>) -> Self {
         self.cache = Some(cache);
+        self
+    }
+
+    /// This deployment's environment: keys that carry another one (an
+    /// `sk_test_` key on a `live` deployment) are refused on every request
+    /// (403), whatever the route's [`Target`]. Keys of formats without an
+    /// environment are not affected; a route that must refuse them names
+    /// its environment in its target.
+    #[must_use]
+    pub fn environment(mut self, environment: Environment) -> Self {
+        self.environment = Some(environment);
+        self
+    }
+
+    /// This deployment's region: keys that carry another one are refused
+    /// on every request (401, as a key of another region is unknown here).
+    /// Keys of formats without a region are not affected.
+    #[must_use]
+    pub fn region(mut self, region: Region) -> Self {
+        self.region = Some(region);
         self
     }
 
@@ -636,9 +662,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             if p.expires_at().is_some_and(|e| now >= e) {
                 return Err(AuthError::Expired { id: p.record_id().clone() });
             }
-            let r = p.record();
-            check_target(&r.id, &r.tenant, r.environment, r.region, target)?;
-            self.check_account(r)?;
+            self.check_record(p.record(), target)?;
             if let Some(batch) = self.note_use(&p, now, mono) {
                 self.write_last_use(batch).await;
             }
@@ -681,8 +705,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         if record.expires_at.is_some_and(|e| now >= e) {
             return Err(AuthError::Expired { id: record.id.clone() });
         }
-        check_target(&record.id, &record.tenant, record.environment, record.region, target)?;
-        self.check_account(&record)?;
+        self.check_record(&record, target)?;
         let p = Principal::from_record(Arc::clone(&record), &self.registry)
             .map_err(|source| AuthError::Scopes { id: record.id.clone(), source })?;
         if let Some(cache) = &self.cache {
@@ -694,11 +717,24 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         Ok(p)
     }
 
-    /// The host's account check, if any.
-    fn check_account(&self, record: &KeyRecord) -> Result<(), AuthError> {
+    /// The checks of a verified, live record (fresh from the store or
+    /// cached): the request's target, this deployment's environment and
+    /// region, and the host's account status.
+    fn check_record(&self, r: &KeyRecord, target: &Target) -> Result<(), AuthError> {
+        check_target(&r.id, &r.tenant, r.environment, r.region, target)?;
+        if let (Some(want), Some(have)) = (self.region, r.region)
+            && want != have
+        {
+            return Err(AuthError::WrongRegion { id: r.id.clone() });
+        }
+        if let (Some(want), Some(have)) = (self.environment, r.environment)
+            && want != have
+        {
+            return Err(AuthError::WrongEnvironment { id: r.id.clone() });
+        }
         match &self.accounts {
-            Some(a) if !a.is_active(&record.tenant) => {
-                Err(AuthError::AccountInactive { id: record.id.clone() })
+            Some(a) if !a.is_active(&r.tenant) => {
+                Err(AuthError::AccountInactive { id: r.id.clone() })
             }
             _ => Ok(()),
         }

@@ -357,6 +357,38 @@ async fn keys_of_an_inactive_account_are_forbidden_even_from_the_cache() {
 }
 
 #[tokio::test]
+async fn a_deployments_environment_and_region_apply_to_every_route() {
+    let f = fixture();
+    let mk = async |new: NewKey| f.manager.create(new).await.unwrap();
+    let test = mk(NewKey::new("t", SK, ws("ws_a")).environment(Environment::TEST)).await;
+    let live = mk(NewKey::new("l", SK, ws("ws_a"))).await;
+    let us = mk(NewKey::new("u", NHK, ws("ws_a")).region(Region::US)).await;
+    let eu = mk(NewKey::new("e", NHK, ws("ws_a")).region(Region::EU)).await;
+    let plain = mk(NewKey::new("p", NH, ws("ws_a"))).await;
+    let auth = Authenticator::new(f.store.clone())
+        .clock(f.clock.clone())
+        .cache(Arc::new(PrincipalCache::default()))
+        .environment(Environment::LIVE)
+        .region(Region::EU);
+    let outcome = async |key: &keygate::manager::CreatedKey| {
+        let k = key.key().expose_secret();
+        let x = ("x-api-key", k.as_bytes());
+        let h = bearer(k);
+        let b = ("authorization", h.as_bytes());
+        let headers = if key.record().format == "nh" { [x] } else { [b] };
+        auth.authenticate(headers, &Target::any()).await.map_err(|e| e.rejection().status())
+    };
+    // Twice each: the second answer comes from the cache.
+    for _ in 0..2 {
+        assert_eq!(outcome(&test).await.unwrap_err(), 403, "a test key on a live deployment");
+        assert_eq!(outcome(&us).await.unwrap_err(), 401, "a us key in an eu deployment");
+        assert!(outcome(&live).await.is_ok());
+        assert!(outcome(&eu).await.is_ok());
+        assert!(outcome(&plain).await.is_ok(), "formats without either are not affected");
+    }
+}
+
+#[tokio::test]
 async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() {
     use keygate::scope::ScopeRegistry;
     let f = fixture();
