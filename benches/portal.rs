@@ -82,6 +82,17 @@ fn bench(crit: &mut Criterion) {
             })
         });
     });
+    // The one OS call a redemption makes (its token and record id are
+    // drawn from one 64-byte fetch): a floor no in-process work removes.
+    // Where the C library serves `getrandom` from the vDSO (glibc 2.41+ on
+    // Linux 6.11+), it costs tens of nanoseconds instead.
+    g.bench_function("os_random_64_bytes", |bench| {
+        let mut buf = [0u8; 64];
+        bench.iter(|| {
+            getrandom::fill(black_box(&mut buf)).unwrap();
+            buf[0]
+        });
+    });
     // The store's atomic step alone.
     let store = MemoryPortalStore::new();
     let now = Timestamp::from_second(1_767_225_600).unwrap();
