@@ -568,7 +568,8 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
     /// [`list`](Self::list) on behalf of `caller`: the records of its
     /// workspace that it [reaches](Self::revoke_for) — its project's (or
-    /// `project`'s, for a workspace-wide caller), its environment's and its
+    /// `project`'s, for a workspace-wide caller; none for a project-scoped
+    /// caller asking for another project), its environment's and its
     /// region's.
     ///
     /// # Errors
@@ -580,7 +581,12 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         project: Option<&ProjectId>,
     ) -> Result<Vec<Arc<KeyRecord>>, ManagerError> {
         let tenant = caller.tenant();
-        let project = tenant.project.as_ref().or(project);
+        let project = match (tenant.project.as_ref(), project) {
+            // Another project than the caller's: nothing it reaches.
+            (Some(own), Some(asked)) if own != asked => return Ok(Vec::new()),
+            (Some(own), _) => Some(own),
+            (None, asked) => asked,
+        };
         let mut records = self.store.list(&tenant.workspace, project).await?;
         records.retain(|r| reaches(caller, r));
         Ok(records)

@@ -293,6 +293,10 @@ async fn revoke_roll_and_list_for_a_caller_reach_only_its_records() {
     assert!(auth_bearer(&f.auth, key, &Target::any()).await.is_ok());
     let listed = f.manager.list_for(&other_project, None).await.unwrap();
     assert!(listed.iter().all(|r| r.tenant.project.as_ref().is_some_and(|p| p.as_str() == "p2")));
+    let p1 = "p1".parse().unwrap();
+    assert!(f.manager.list_for(&other_project, Some(&p1)).await.unwrap().is_empty());
+    let in_p1 = f.manager.list_for(&admin, Some(&p1)).await.unwrap();
+    assert_eq!(in_p1.iter().map(|r| &r.id).collect::<Vec<_>>(), [mine_id]);
     let listed = f.manager.list_for(&admin, None).await.unwrap();
     assert!(listed.iter().any(|r| r.id == *mine_id));
     assert!(listed.iter().all(|r| r.tenant.workspace.as_str() == "ws_a"));
