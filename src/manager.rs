@@ -454,12 +454,11 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// resource added later, a larger registry where it is compiled again)
     /// past the parent.
     fn stored_scopes(&self, asked: &[Scope], granted: ScopeSet, parent: &[Scope]) -> Arc<[Scope]> {
-        let covered = |s: &Scope| parent.iter().any(|p| p == s || p.as_str() == "*");
-        if asked.iter().all(|s| !s.is_wildcard() || covered(s)) {
+        if asked.iter().all(|s| textually_held(parent, s)) {
             return asked.into();
         }
         let mut out: Vec<Scope> =
-            asked.iter().filter(|s| !s.is_wildcard() || covered(s)).cloned().collect();
+            asked.iter().filter(|s| textually_held(parent, s)).cloned().collect();
         let kept = self.registry.compile_known(&out);
         out.extend(self.registry.scopes_of(&granted.difference(kept)));
         out.into()
@@ -669,9 +668,11 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`roll`](Self::roll) on behalf of `caller`: only a record it reaches
     /// (as [`revoke_for`](Self::revoke_for); any other is
     /// [`ManagerError::NotFound`]), only when it holds every scope of the
-    /// key (the replacement's secret goes to the caller: rolling must not
-    /// hand it more than it could [create](Self::create_for)), and the
-    /// replacement expires no later than the caller.
+    /// key, each wildcard of the key as text too (the replacement's secret
+    /// goes to the caller, with the key's scopes as stored: rolling must not
+    /// hand it more than it could [create](Self::create_for), now or once
+    /// the registry grows), and the replacement expires no later than the
+    /// caller.
     ///
     /// # Errors
     ///
@@ -689,6 +690,11 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         };
         let held = self.registry.compile(&old.scopes)?;
         self.registry.attenuate(held, &caller.scopes_in(&self.registry))?;
+        // The replacement keeps the old key's scopes as text: a wildcard the
+        // caller does not hold as text would grow with the registry past it.
+        if let Some(w) = old.scopes.iter().find(|s| !textually_held(&caller.record().scopes, s)) {
+            return Err(ScopeError::Exceeds { scope: w.as_str().to_owned() }.into());
+        }
         self.roll_found(old, grace, Some(caller)).await
     }
 
@@ -759,6 +765,13 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
 /// Metadata key on a rolled key's replacement: the id it replaced.
 pub const ROLLED_FROM: &str = "keygate.rolled_from";
+
+/// Whether `scope` can grow no further than `parent`'s scopes do: a
+/// concrete scope (checked against the compiled grants elsewhere), or a
+/// wildcard `parent` holds as text (the same `resource:*`, or `*`).
+fn textually_held(parent: &[Scope], scope: &Scope) -> bool {
+    !scope.is_wildcard() || parent.iter().any(|p| p == scope || p.as_str() == "*")
+}
 
 /// Whether `caller` may act on `record`: a tenant it reaches, and its
 /// environment and region when it has them.

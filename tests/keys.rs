@@ -395,6 +395,36 @@ async fn a_deployments_environment_and_region_apply_to_every_route() {
 }
 
 #[tokio::test]
+async fn roll_for_refuses_a_wildcard_the_caller_holds_only_concretely() {
+    use keygate::scope::ScopeRegistry;
+    let f = fixture();
+    let small = Arc::new(ScopeRegistry::new(&["webhooks"], &["read", "write"]).unwrap());
+    let manager = KeyManager::new(f.store.clone()).clock(f.clock.clone()).registry(small.clone());
+    let auth = Authenticator::new(f.store.clone()).clock(f.clock.clone()).registry(small);
+    let key = manager
+        .create(NewKey::new("k", SK, ws("ws_a")).scopes(&["webhooks:*"]).unwrap())
+        .await
+        .unwrap();
+    let as_caller = async |scopes: &[&str]| {
+        let token = manager
+            .create(NewKey::new("m", NHM, ws("ws_a")).scopes(scopes).unwrap())
+            .await
+            .unwrap();
+        auth_bearer(&auth, token.key().expose_secret(), &Target::any()).await.unwrap()
+    };
+    // Every compiled grant, but not the wildcard: the replacement would
+    // keep `webhooks:*`, which grows past the caller with the registry.
+    let concrete = as_caller(&["webhooks:read", "webhooks:write"]).await;
+    let err = manager.roll_for(&concrete, &key.record().id, Duration::ZERO).await.unwrap_err();
+    assert!(
+        matches!(err, ManagerError::Scope(ScopeError::Exceeds { ref scope }) if scope == "webhooks:*")
+    );
+    let wildcard = as_caller(&["webhooks:*"]).await;
+    let rolled = manager.roll_for(&wildcard, &key.record().id, Duration::ZERO).await.unwrap();
+    assert_eq!(rolled.record().scopes, key.record().scopes);
+}
+
+#[tokio::test]
 async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() {
     use keygate::scope::ScopeRegistry;
     let f = fixture();
