@@ -7,6 +7,7 @@ mod credentials;
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -221,13 +222,17 @@ pub struct Target {
     pub(crate) environment: Option<Environment>,
     pub(crate) region: Option<Region>,
     pub(crate) formats: Option<Arc<[Cow<'static, str>]>>,
+    /// Leave the deployment environment and account checks to the caller
+    /// ([`Authenticator::check_standing`]): the tower layer runs them after
+    /// the rate limit, so their 403s carry its headers as other 403s do.
+    pub(crate) defer_standing: bool,
 }
 
 impl Target {
     /// No tenant, environment or region restriction.
     #[must_use]
     pub const fn any() -> Self {
-        Self { tenant: None, environment: None, region: None, formats: None }
+        Self { tenant: None, environment: None, region: None, formats: None, defer_standing: false }
     }
 
     /// The request addresses `tenant`; the key must reach it (same
@@ -287,7 +292,7 @@ impl Target {
 /// Why authentication failed — for the host's logs. The caller sees only
 /// [`AuthError::rejection`]: a 401 that is the same for every reason a key
 /// is invalid, a 403 for a valid key aimed at the wrong tenant or
-/// environment, a 503 when the store is down.
+/// environment or of an inactive account, a 503 when the store is down.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {
@@ -458,7 +463,8 @@ pub struct Authenticator<S, C = SystemClock> {
     registry: Arc<ScopeRegistry>,
     clock: C,
     cache: Option<Arc<PrincipalCache>>,
-    accounts: Option<Arc<dyn AccountStatus>>,
+    /// Asserted unwind-safe: the host's check holds no state of ours.
+    accounts: Option<AssertUnwindSafe<Arc<dyn AccountStatus>>>,
     environment: Option<Environment>,
     region: Option<Region>,
     last_use: LastUse,
@@ -560,20 +566,21 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         self
     }
 
-    /// This deployment's environment: keys that carry another one (an
-    /// `sk_test_` key on a `live` deployment) are refused on every request
-    /// (403), whatever the route's [`Target`]. Keys of formats without an
-    /// environment are not affected; a route that must refuse them names
-    /// its environment in its target.
+    /// This deployment's environment: keys whose record carries another
+    /// one (an `sk_test_` key on a `live` deployment, or a key created for
+    /// a `test` parent) are refused on every request (403), whatever the
+    /// route's [`Target`]. Records without an environment are not
+    /// affected; a route that must refuse them names its environment in
+    /// its target.
     #[must_use]
     pub fn environment(mut self, environment: Environment) -> Self {
         self.environment = Some(environment);
         self
     }
 
-    /// This deployment's region: keys that carry another one are refused
-    /// on every request (401, as a key of another region is unknown here).
-    /// Keys of formats without a region are not affected.
+    /// This deployment's region: keys whose record carries another one are
+    /// refused on every request (401, as a key of another region is unknown
+    /// here). Records without a region are not affected.
     #[must_use]
     pub fn region(mut self, region: Region) -> Self {
         self.region = Some(region);
@@ -581,10 +588,12 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     }
 
     /// Refuses keys of accounts `status` says are inactive (403), after
-    /// the key itself is verified, on every authentication.
+    /// the key itself is verified, on every authentication. Only
+    /// authentication asks it: a portal link of an inactive account still
+    /// redeems, and its access token is then refused here.
     #[must_use]
     pub fn account_status(mut self, status: impl AccountStatus + 'static) -> Self {
-        self.accounts = Some(Arc::new(status));
+        self.accounts = Some(AssertUnwindSafe(Arc::new(status)));
         self
     }
 
@@ -718,22 +727,31 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     }
 
     /// The checks of a verified, live record (fresh from the store or
-    /// cached): the request's target, this deployment's environment and
-    /// region, and the host's account status.
+    /// cached), in the order their answers rank: this deployment's region
+    /// (a key of another region is unknown here, 401), the request's
+    /// target, then the record's [standing](Self::check_standing) (403s).
     fn check_record(&self, r: &KeyRecord, target: &Target) -> Result<(), AuthError> {
-        check_target(&r.id, &r.tenant, r.environment, r.region, target)?;
         if let (Some(want), Some(have)) = (self.region, r.region)
             && want != have
         {
             return Err(AuthError::WrongRegion { id: r.id.clone() });
         }
+        check_target(&r.id, &r.tenant, r.environment, r.region, target)?;
+        if target.defer_standing { Ok(()) } else { self.check_standing(r) }
+    }
+
+    /// Whether an authenticated key may act here at all: its record's
+    /// environment is this deployment's (when both have one), and the
+    /// host's [`AccountStatus`] says its account is active. Authentication
+    /// runs this itself; the tower layer runs it after the rate limit.
+    pub(crate) fn check_standing(&self, r: &KeyRecord) -> Result<(), AuthError> {
         if let (Some(want), Some(have)) = (self.environment, r.environment)
             && want != have
         {
             return Err(AuthError::WrongEnvironment { id: r.id.clone() });
         }
         match &self.accounts {
-            Some(a) if !a.is_active(&r.tenant) => {
+            Some(a) if !a.0.is_active(&r.tenant) => {
                 Err(AuthError::AccountInactive { id: r.id.clone() })
             }
             _ => Ok(()),

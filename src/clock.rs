@@ -12,7 +12,8 @@ use jiff::Timestamp;
 ///
 /// Limiters measure intervals on this line; it never jumps with NTP or a
 /// manual clock change. Values are only meaningful relative to each other and
-/// only for the clock that produced them.
+/// only on one time line: every [`SystemClock`] and `QuantaClock` of a
+/// process reads the same one; a [`FakeClock`] and its clones have their own.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct Nanos(u64);
 
@@ -170,20 +171,26 @@ impl Clock for SystemClock {
 #[derive(Debug, Clone)]
 pub struct QuantaClock {
     clock: quanta::Clock,
+    /// The counter's reading at the anchor.
     origin: u64,
+    /// The `SystemClock` time line's nanoseconds at the anchor.
+    base: u64,
 }
 
 #[cfg(feature = "quanta")]
 impl QuantaClock {
-    /// A clock on the process's counter time line, shared by every
-    /// `QuantaClock` as [`SystemClock`]s share theirs (calibrates the
-    /// counter on the first call in the process).
+    /// A clock on the process's monotonic time line, the one every
+    /// [`SystemClock`] reads: the counter is anchored to it when the first
+    /// `QuantaClock` is made (and calibrated then), after which the two
+    /// differ only by the counter's drift against the OS clock (parts per
+    /// million).
     #[must_use]
     pub fn new() -> Self {
-        static ORIGIN: OnceLock<u64> = OnceLock::new();
+        static ORIGIN: OnceLock<(u64, u64)> = OnceLock::new();
         let clock = quanta::Clock::new();
-        let origin = *ORIGIN.get_or_init(|| clock.raw());
-        Self { clock, origin }
+        let (raw, base) =
+            *ORIGIN.get_or_init(|| (clock.raw(), SystemClock::new().monotonic().as_u64()));
+        Self { clock, origin: raw, base }
     }
 }
 
@@ -201,7 +208,7 @@ impl Clock for QuantaClock {
     }
 
     fn monotonic(&self) -> Nanos {
-        Nanos(self.clock.delta_as_nanos(self.origin, self.clock.raw()))
+        Nanos(self.base.saturating_add(self.clock.delta_as_nanos(self.origin, self.clock.raw())))
     }
 }
 
@@ -375,6 +382,9 @@ mod tests {
     #[test]
     fn quanta_clocks_share_a_time_line() {
         one_time_line(QuantaClock::new);
+        // The system clocks' line, too (to well within a millisecond).
+        let (q, sys) = (QuantaClock::new().monotonic(), SystemClock::new().monotonic());
+        assert!(sys.as_u64().abs_diff(q.as_u64()) < 1_000_000, "{q:?} vs {sys:?}");
     }
 
     #[test]

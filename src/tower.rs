@@ -19,8 +19,10 @@
 //! 3. checks that the key reaches the route's [`Target`] (tenant,
 //!    environment; 403), or answers with the target function's refusal
 //!    (which it runs first but applies only here, so a caller without a
-//!    valid key gets its 401), and that the key holds the route's scope
-//!    (403),
+//!    valid key gets its 401), that it carries the deployment's
+//!    environment and its account is active (the authenticator's
+//!    `environment` and `account_status`; 403), and that the key holds the
+//!    route's scope (403),
 //! 4. counts the route's quota category, when it has one (429 with the
 //!    monthly message),
 //! 5. inserts the [`Principal`], the limiter's [`Decision`] and the
@@ -476,6 +478,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 target.ok().and_then(|t| t.formats.as_ref()),
                 route.formats.as_ref(),
             ),
+            // The deployment's environment and the account's status too.
+            defer_standing: true,
         };
         let principal = match from_cookie {
             Some(token) => auth.authenticate_token(token, Source::Bearer, &identity).await,
@@ -537,10 +541,12 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 return Err(with_headers(refused));
             }
         };
-        target.check(&principal).map_err(|e| {
-            let rejection = e.rejection();
-            with_headers(Refused::new(Refusal::Auth(e), rejection, style))
-        })?;
+        target.check(&principal).and_then(|()| auth.check_standing(principal.record())).map_err(
+            |e| {
+                let rejection = e.rejection();
+                with_headers(Refused::new(Refusal::Auth(e), rejection, style))
+            },
+        )?;
         if let Some(required) = &route.required
             && let Err(missing) = principal.require(required)
         {

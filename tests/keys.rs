@@ -311,6 +311,53 @@ async fn revoke_roll_and_list_for_a_caller_reach_only_its_records() {
 }
 
 #[tokio::test]
+async fn callers_with_an_environment_or_region_reach_only_records_with_theirs() {
+    let f = fixture();
+    let mk = async |new: NewKey| f.manager.create(new.scopes(&["*"]).unwrap()).await.unwrap();
+    let as_principal = async |k: &keygate::manager::CreatedKey| {
+        let secret = k.key().expose_secret();
+        let header = if k.record().format == "nh" { "x-api-key" } else { "authorization" };
+        let value = if header == "x-api-key" { secret.to_owned() } else { bearer(secret) };
+        f.auth.authenticate([(header, value.as_bytes())], &Target::any()).await.unwrap()
+    };
+    let test = mk(NewKey::new("t", SK, ws("ws_a")).environment(Environment::TEST)).await;
+    let live = mk(NewKey::new("l", SK, ws("ws_a"))).await;
+    let eu = mk(NewKey::new("e", NHK, ws("ws_a")).region(Region::EU)).await;
+    let us = mk(NewKey::new("u", NHK, ws("ws_a")).region(Region::US)).await;
+    let plain = mk(NewKey::new("p", NH, ws("ws_a"))).await;
+    let (test_caller, eu_caller) = (as_principal(&test).await, as_principal(&eu).await);
+    for (caller, other) in [(&test_caller, &live), (&eu_caller, &us), (&test_caller, &plain)] {
+        let id = &other.record().id;
+        assert!(matches!(f.manager.revoke_for(caller, id).await, Err(ManagerError::NotFound)));
+        let rolled = f.manager.roll_for(caller, id, Duration::ZERO).await;
+        assert!(matches!(rolled, Err(ManagerError::NotFound)));
+    }
+    let ids = async |c: &keygate::auth::Principal| {
+        let mut ids: Vec<String> = f
+            .manager
+            .list_for(c, None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.id.as_str().to_owned())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(ids(&test_caller).await, [test.record().id.as_str()]);
+    // As with create_for: a regional caller reaches its region's records
+    // only, not those without a region.
+    assert_eq!(ids(&eu_caller).await, [eu.record().id.as_str()]);
+    // A caller rolls itself: the old key lasts its grace, the new one works.
+    let rolled = f.manager.roll_for(&eu_caller, &eu.record().id, Duration::from_secs(60)).await;
+    let rolled = rolled.unwrap();
+    assert_eq!(rolled.record().region, Some(Region::EU));
+    f.clock.advance(Duration::from_secs(61));
+    assert!(auth_bearer(&f.auth, eu.key().expose_secret(), &Target::any()).await.is_err());
+    assert!(auth_bearer(&f.auth, rolled.key().expose_secret(), &Target::any()).await.is_ok());
+}
+
+#[tokio::test]
 async fn a_replacement_rolled_for_a_caller_expires_no_later_than_it() {
     let f = fixture();
     let key = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
@@ -352,10 +399,19 @@ async fn keys_of_an_inactive_account_are_forbidden_even_from_the_cache() {
     let r = err.rejection();
     assert_eq!((r.status(), &*r.message()), (403, "Account is inactive"));
     assert!(auth_bearer(&auth, o, &Target::any()).await.is_ok(), "other accounts unaffected");
-    // A wrong secret is still the 401 it always is: no account is named.
-    let wrong = format!("sk_live_{}", "A".repeat(32));
+    // A wrong secret for a key of the inactive account is still the 401
+    // it always is: the account is asked only after the key verifies.
+    let nk = f.manager.create(NewKey::new("n", NK, ws("ws_a"))).await.unwrap();
+    let real = nk.key().expose_secret();
+    let (head, secret) = real.rsplit_once('_').unwrap();
+    let flipped = if secret.starts_with('A') { 'B' } else { 'A' };
+    let wrong = format!("{head}_{flipped}{}", &secret[1..]);
     let err = auth_bearer(&auth, &wrong, &Target::any()).await.unwrap_err();
-    assert_eq!(err.rejection().status(), 401);
+    assert!(matches!(err, AuthError::WrongSecret), "{err:?}");
+    assert!(matches!(
+        auth_bearer(&auth, real, &Target::any()).await.unwrap_err(),
+        AuthError::AccountInactive { .. }
+    ));
     ws_a_inactive.store(false, Ordering::SeqCst);
     assert!(auth_bearer(&auth, k, &Target::any()).await.is_ok());
 }
@@ -369,9 +425,13 @@ async fn a_deployments_environment_and_region_apply_to_every_route() {
     let us = mk(NewKey::new("u", NHK, ws("ws_a")).region(Region::US)).await;
     let eu = mk(NewKey::new("e", NHK, ws("ws_a")).region(Region::EU)).await;
     let plain = mk(NewKey::new("p", NH, ws("ws_a"))).await;
-    let auth = Authenticator::new(f.store.clone())
+    // The cache is warmed by an authenticator without the guards; the
+    // guarded one has an empty store, so it meets every key on a cache hit.
+    let cache = Arc::new(PrincipalCache::default());
+    let open = Authenticator::new(f.store.clone()).clock(f.clock.clone()).cache(cache.clone());
+    let auth = Authenticator::new(MemoryKeyStore::new())
         .clock(f.clock.clone())
-        .cache(Arc::new(PrincipalCache::default()))
+        .cache(cache.clone())
         .environment(Environment::LIVE)
         .region(Region::EU);
     let outcome = async |key: &keygate::manager::CreatedKey| {
@@ -382,12 +442,16 @@ async fn a_deployments_environment_and_region_apply_to_every_route() {
         } else {
             ("authorization", bearer.as_bytes())
         };
-        auth.authenticate([header], &Target::any()).await.map_err(|e| e.rejection().status())
+        assert!(open.authenticate([header], &Target::any()).await.is_ok());
+        auth.authenticate([header], &Target::any()).await
     };
-    // Twice each: the second answer comes from the cache.
     for _ in 0..2 {
-        assert_eq!(outcome(&test).await.unwrap_err(), 403, "a test key on a live deployment");
-        assert_eq!(outcome(&us).await.unwrap_err(), 401, "a us key in an eu deployment");
+        let err = outcome(&test).await.unwrap_err();
+        assert!(matches!(err, AuthError::WrongEnvironment { .. }), "test key, live: {err:?}");
+        assert_eq!(err.rejection().status(), 403);
+        let err = outcome(&us).await.unwrap_err();
+        assert!(matches!(err, AuthError::WrongRegion { .. }), "us key, eu: {err:?}");
+        assert_eq!(err.rejection().status(), 401);
         assert!(outcome(&live).await.is_ok());
         assert!(outcome(&eu).await.is_ok());
         assert!(outcome(&plain).await.is_ok(), "formats without either are not affected");

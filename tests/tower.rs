@@ -9,7 +9,7 @@ use axum::http::{Request, StatusCode};
 use axum::routing::get;
 use axum::{Extension, Router};
 use jiff::Timestamp;
-use keygate::auth::{Authenticator, Principal};
+use keygate::auth::{AuthError, Authenticator, Principal};
 use keygate::backend::{BackendError, FailMode};
 use keygate::limit::QuotaRule;
 use keygate::limit::{CheckMode, Decision, LimitStore, MemoryLimiter, PlanSet, Policy};
@@ -346,4 +346,42 @@ async fn a_target_refusal_comes_after_authentication_and_carries_the_limit_heade
     let req = Request::get("/narrowed").header("authorization", bearer).body(Body::empty());
     let res = app.clone().oneshot(req.unwrap()).await.unwrap();
     assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "the target cannot widen the route");
+}
+
+#[tokio::test]
+async fn an_inactive_account_or_a_foreign_environment_is_a_403_with_the_limit_headers() {
+    let f = fixture().await;
+    let sk_test = KeyManager::new(f.keys.clone())
+        .create(
+            NewKey::new("s", keygate::format::SK, Tenant::workspace("ws_t".parse().unwrap()))
+                .environment(keygate::format::Environment::TEST)
+                .plan("free"),
+        )
+        .await
+        .unwrap();
+    let auth = Authenticator::new(f.keys.clone())
+        .environment(keygate::format::Environment::LIVE)
+        .account_status(|t: &Tenant| t.workspace.as_str() != "ws_t");
+    let gate = Gate::builder(auth, MemoryLimiter::new(1000)).plans(PlanSet::presets()).build();
+    let app = Router::new().route("/x", get(|| async { "unreachable" })).route_layer(gate.layer());
+    let call = |header: &'static str, value: String| {
+        let req = Request::get("/x").header(header, value).body(Body::empty()).unwrap();
+        app.clone().oneshot(req)
+    };
+    let inactive = call("x-api-key", f.key.clone()).await.unwrap();
+    let foreign = call("authorization", format!("Bearer {}", sk_test.key().expose_secret()));
+    let foreign = foreign.await.unwrap();
+    for (res, reason) in [(inactive, "inactive"), (foreign, "environment")] {
+        assert_eq!(res.status(), StatusCode::FORBIDDEN, "{reason}");
+        assert_eq!(res.headers()["x-ratelimit-limit"], "5", "{reason}: limited, with headers");
+        let refused = res.extensions().get::<Refused>().unwrap();
+        let auth_error = match refused.reason() {
+            Refusal::Auth(e) => e,
+            other => panic!("{reason}: {other:?}"),
+        };
+        match reason {
+            "inactive" => assert!(matches!(auth_error, AuthError::AccountInactive { .. })),
+            _ => assert!(matches!(auth_error, AuthError::WrongEnvironment { .. })),
+        }
+    }
 }

@@ -88,9 +88,9 @@ impl PrincipalCache {
     /// The cached principal for `digest`, if cached less than `ttl` ago.
     ///
     /// Ages are told by the authenticators' monotonic clocks, so share a
-    /// cache among authenticators whose clocks read one time line: every
-    /// [`SystemClock`](crate::clock::SystemClock) of a process does, every
-    /// `QuantaClock` does, clones of a `FakeClock` do. An entry stamped
+    /// cache among authenticators whose clocks read one time line: the
+    /// [`SystemClock`](crate::clock::SystemClock)s and `QuantaClock`s of a
+    /// process do, clones of a `FakeClock` do. An entry stamped
     /// after `now` is stale: it came from another time line, so its age is
     /// unknown.
     #[must_use]
