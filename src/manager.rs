@@ -615,6 +615,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// secret, so knowing one must not let a caller revoke another
     /// tenant's key.
     ///
+    /// This checks reach, not permission: whether the caller may revoke
+    /// keys at all is the route's scope (`api_keys:delete`, say), which the
+    /// host requires before calling.
+    ///
     /// # Errors
     ///
     /// As [`revoke`](Self::revoke).
