@@ -183,6 +183,11 @@ async fn create_key_bad_bodies_name_the_field() {
         (json!({"name": "x", "format": "nhk", "plan": "platinum"}), "plan"),
         (json!({"name": "x", "format": "sk", "environment": "prod"}), "environment"),
         (json!({"name": "x", "format": "sk", "region": "eu"}), "region"),
+        (
+            json!({"name": "x", "format": "nhk", "region": "eu", "environment": "test"}),
+            "environment",
+        ),
+        (json!({"name": "x", "format": "nh", "region": "eu"}), "region"),
         (json!({"name": "x", "format": "sk", "scopes": "applications:read"}), "scopes"),
         (json!({"name": "x", "format": "sk", "scopes": ["nonsense:read"]}), "scopes"),
         (json!({"name": "x", "format": "nhk", "expiresInDays": 0}), "expiresInDays"),
@@ -261,6 +266,25 @@ async fn management_tokens() {
             (StatusCode::BAD_REQUEST, Some(field))
         );
     }
+    // A token may ask for fewer scopes than its creator holds, never more.
+    let narrow = s
+        .mgmt(
+            Method::POST,
+            "/tokens",
+            Some(json!({"name": "ro", "expiresIn": "30d", "scopes": ["api_keys:read"]})),
+        )
+        .await;
+    assert_eq!(narrow.status, StatusCode::CREATED, "{}", narrow.text);
+    let ro = narrow.body["token"].as_str().unwrap();
+    let ws = "/management/v1/workspaces/ws_demo";
+    let r = s.bearer(Method::GET, &format!("{ws}/api-keys"), ro, None).await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = s.bearer(Method::GET, &format!("{ws}/tokens"), ro, None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "api_keys:read does not read tokens");
+    let bad = json!({"name": "x", "expiresIn": "30d", "scopes": ["nonsense:read"]});
+    let r = s.mgmt(Method::POST, "/tokens", Some(bad)).await;
+    assert_eq!(r.body["error"]["field"], "scopes", "{}", r.text);
+
     let never = s
         .mgmt(Method::POST, "/tokens", Some(json!({"name": "forever", "expiresIn": "never"})))
         .await;

@@ -19,7 +19,7 @@ use axum::{Extension, Router};
 use jiff::Timestamp;
 use keygate::auth::{Authenticator, Principal, PrincipalCache, Target};
 use keygate::clock::Clock;
-use keygate::format::{NH, NHK, NK, SK};
+use keygate::format::{NH, NHK, NK, SK, Segment};
 use keygate::http::{BodyStyle, Rejection, timestamp_millis};
 use keygate::limit::{LimitStore, PlanSet};
 use keygate::manager::{CreatedKey, KeyManager, NewKey, TokenExpiry};
@@ -404,25 +404,25 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
     let project: ProjectId =
         project.parse().map_err(|e| bad("project", format!("project is invalid: {e}")))?;
     let mut new = NewKey::new(name, format, Tenant::workspace(ws).with_project(project));
+    // Only where the key's text carries it: an `nhk` key has no
+    // environment to show, an `sk` key no region.
+    let segment = format.segment();
     if let Some(env) = opt_str(&obj, "environment")? {
+        if !matches!(segment, Segment::Environments(_)) {
+            return Err(bad("environment", format!("{} keys have no environment", format.name())));
+        }
         let env = env.parse().map_err(|e| bad("environment", format!("{e}")))?;
         new = new.environment(env);
     }
     if let Some(region) = opt_str(&obj, "region")? {
+        if segment != Segment::Region {
+            return Err(bad("region", format!("{} keys have no region", format.name())));
+        }
         let region = region.parse().map_err(|e| bad("region", format!("{e}")))?;
         new = new.region(region);
     }
-    match obj.get("scopes") {
-        None | Some(Value::Null) => {}
-        Some(Value::Array(items)) => {
-            let scopes = items
-                .iter()
-                .map(|v| v.as_str().and_then(|s| s.parse::<Scope>().ok()))
-                .collect::<Option<Vec<_>>>()
-                .ok_or_else(|| bad("scopes", "scopes must be resource:action strings"))?;
-            new = new.with_scopes(scopes);
-        }
-        Some(_) => return Err(bad("scopes", "scopes must be an array")),
+    if let Some(scopes) = scopes_field(&obj)? {
+        new = new.with_scopes(scopes);
     }
     match opt_str(&obj, "plan")?.or(default_plan) {
         Some(plan) if app.gate.plans().get(plan).is_none() => {
@@ -439,6 +439,20 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
         },
     }
     Ok(new)
+}
+
+/// The optional `scopes` field: an array of `resource:action` strings.
+fn scopes_field(obj: &serde_json::Map<String, Value>) -> Result<Option<Arc<[Scope]>>, Rejection> {
+    match obj.get("scopes") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|v| v.as_str().and_then(|s| s.parse::<Scope>().ok()))
+            .collect::<Option<Arc<[Scope]>>>()
+            .map(Some)
+            .ok_or_else(|| bad("scopes", "scopes must be resource:action strings")),
+        Some(_) => Err(bad("scopes", "scopes must be an array")),
+    }
 }
 
 /// What a management listing or revocation route addresses: API keys, or
@@ -562,14 +576,17 @@ async fn create_token<B: Backend>(
         let name = req_str(&obj, "name")?.to_owned();
         let expiry: TokenExpiry =
             req_str(&obj, "expiresIn")?.parse().map_err(|e| bad("expiresIn", format!("{e}")))?;
-        Ok((name, expiry))
+        Ok((name, expiry, scopes_field(&obj)?))
     });
-    let (name, expiry) = match parsed {
+    let (name, expiry, asked) = match parsed {
         Ok(v) => v,
         Err(r) => return app.reject(&r, BodyStyle::Nested),
     };
-    // A token can grant at most what the caller holds.
-    let scopes = app.gate.authenticator().scope_registry().scopes_of(caller.scopes());
+    // The scopes asked for, else the caller's; never more than the caller
+    // holds (`create_for` refuses that with a 403).
+    let scopes = asked.unwrap_or_else(|| {
+        app.gate.authenticator().scope_registry().scopes_of(caller.scopes()).into()
+    });
     let new = NewKey::new(
         name,
         keygate::format::NHM,
