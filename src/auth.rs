@@ -125,7 +125,9 @@ impl Principal {
         self.0.record.expires_at
     }
 
-    /// The record's metadata: the host's, or for a portal access token the
+    /// The record's metadata: the host's (plus
+    /// [`ROLLED_FROM`](crate::manager::ROLLED_FROM) on a rolled key's
+    /// replacement), or for a portal access token the
     /// session's metadata plus keys under the reserved `portal.` prefix
     /// that the library adds ([`ROLE_METADATA_KEY`](crate::portal::ROLE_METADATA_KEY)).
     #[must_use]
@@ -273,7 +275,8 @@ impl Target {
     }
 
     /// Checks an authenticated `principal` against this target's region,
-    /// environment and tenant, as authentication does.
+    /// environment and tenant, as authentication does (not the
+    /// authenticator's deployment environment, region or account status).
     ///
     /// # Errors
     ///
@@ -335,7 +338,8 @@ pub enum AuthError {
         /// The record.
         id: RecordId,
     },
-    /// The key belongs to another environment than the request's.
+    /// The key belongs to another environment than the request's target
+    /// or the deployment's ([`Authenticator::environment`]).
     #[error("key {id} is for another environment")]
     WrongEnvironment {
         /// The record.

@@ -10,19 +10,23 @@
 //!  (Bearer /   (HeaderRules:   (typed parts;        (HeaderRules:     (Hasher:  (hit: skip the     (by digest, or by    (constant-time  │
 //!   X-API-Key)  size, bytes)    garbage never        which format      SHA-256 / store and verify) public key id)       digest ==;      │
 //!                               reaches a store)     where; route     HMAC)                                            revoked,         │
-//!                                                    formats)                                                          expired, region) │
+//!                                                    formats)                                                          expired; route's │
+//!                                                                                                                      and deployment's │
+//!                                                                                                                      region)          │
 //!    ┌──────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────────┘
 //!    ▼
-//! LimitStore::check ──► Target::check ──► Principal::require(scope) ──► QuotaStore ──► handler
-//!  (the key's plan:      (tenant,          (one AND on a ScopeSet)        (monthly,
-//!   GCRA / windows;       environment)                                     by category)
-//!   Decision + headers)
+//! LimitStore::check ──► Target::check ──► standing ──► Principal::require(scope) ──► QuotaStore ──► handler
+//!  (the key's plan:      (tenant,          (deployment    (one AND on a ScopeSet)       (monthly,
+//!   GCRA / windows;       environment)      environment,                                 by category)
+//!   Decision + headers)                     AccountStatus)
 //!
 //!    response ◄── http::Rejection::to_response (status, headers, body style) on any refusal
 //! ```
 //!
 //! The `tower` feature's `Gate` runs this whole line per request; without
-//! it, a host calls the same pieces itself.
+//! it, a host calls the same pieces itself, and the standing checks (the
+//! authenticator's `environment` and `account_status`) run inside
+//! authentication, before any limit.
 //!
 //! | module | owns |
 //! |---|---|

@@ -226,9 +226,10 @@ pub enum ManagerError {
         /// The cap.
         max: u32,
     },
-    /// No record has that id. [`KeyManager::revoke`] and
-    /// [`KeyManager::roll`] look a record up by id alone: check its
-    /// `tenant` against the caller's before calling them.
+    /// No record has that id, or (for [`KeyManager::revoke_for`] and
+    /// [`KeyManager::roll_for`]) none the caller reaches. On behalf of a
+    /// caller, use the `_for` forms: [`KeyManager::revoke`] and
+    /// [`KeyManager::roll`] look a record up by id alone.
     #[error("no such key")]
     NotFound,
     /// The key is revoked or expired, so it cannot be rolled.
@@ -680,8 +681,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     ///
     /// # Errors
     ///
-    /// As [`roll`](Self::roll); [`ScopeError::Exceeds`] when the key holds
-    /// scopes the caller does not.
+    /// As [`roll`](Self::roll); [`ManagerError::Scope`] —
+    /// [`ScopeError::Exceeds`] when the key holds scopes the caller does
+    /// not, `Unknown` when its stored scopes do not compile under the
+    /// manager's registry.
     pub async fn roll_for(
         &self,
         caller: &Principal,

@@ -88,8 +88,9 @@ impl fmt::Debug for Match {
 ///
 /// A candidate counts only when the byte before it and the byte after it are
 /// not ASCII letters, digits or `_` (or it touches the start or end of the
-/// input), and the whole token parses as a key of its format — so scanning
-/// and [`KeyFormat::parse`] agree by construction.
+/// input; the word bytes of an escape such as `\n`, `\u0022` or `%20` right
+/// before a key do not count), and the whole token parses as a key of its
+/// format — so scanning and [`KeyFormat::parse`] agree by construction.
 ///
 /// ```
 /// use keygate::scan::Scanner;
@@ -109,8 +110,8 @@ impl fmt::Debug for Match {
 /// # How it searches
 ///
 /// Keys hold word bytes only (ASCII letters, digits, `_`), and the boundary
-/// rule puts a non-word byte or the edge of the input on both sides, so a key
-/// is always a whole run of word bytes — and a long one: no valid format has
+/// rule puts a non-word byte (or an escape) or the edge of the input on both
+/// sides, so a key is always a whole run of word bytes — and a long one: no valid format has
 /// keys under 24 bytes (a secret carries 128 bits in symbols of at most 62
 /// values), no preset under 40. A key also starts with a literal prefix
 /// (`nh_`, `sk_live_`, …). The scanner looks for either, span by span, and

@@ -259,7 +259,8 @@ impl fmt::Debug for Route {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum Refusal {
-    /// Authentication failed (missing, invalid, wrong tenant, store down).
+    /// Authentication or a key check failed (missing, invalid, wrong tenant
+    /// or environment, inactive account, store down).
     Auth(AuthError),
     /// The route's target function refused the request.
     Target,

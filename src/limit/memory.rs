@@ -410,7 +410,8 @@ fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
 /// open-addressing table (an `arc-swap` load, then slots that are written
 /// once), where the key and its one-word state share a cache line, and
 /// updates the state with one compare-and-swap — no global lock, no
-/// future, no write on denial, and no shared lock word for threads hitting
+/// future, no write on denial (but the one-time conversion of a state kept
+/// under another algorithm), and no shared lock word for threads hitting
 /// the same hot key to fight over. New keys, table growth, eviction and
 /// stacked or sliding-window policies (a small per-key mutex) go through
 /// the shard's writer lock. Each key can be checked against its own stacked

@@ -30,8 +30,10 @@ pub enum CheckMode {
 /// - **Time.** The store's own clock decides: the in-memory limiter uses its
 ///   injected monotonic clock, Redis uses the server's `TIME`, so clock skew
 ///   between application servers cannot change a decision.
-/// - **Denials do not write.** A denied or impossible check leaves the state
-///   as it was.
+/// - **Denials do not consume.** A denied or impossible check leaves the
+///   counts as they were (a state kept under another algorithm, after a
+///   plan change that kept the policy name, is converted once and stored,
+///   even on a denial).
 /// - **State by name.** A key keeps one state per policy *name*, so plan
 ///   changes keep state and stacked policies need distinct names. A later
 ///   policy in one call named like an earlier one shares that policy's
