@@ -4,7 +4,10 @@
 //!
 //! One [`RedisConfig::connect`] yields a [`Redis`] handle; every store made
 //! from it shares one auto-reconnecting multiplexed connection
-//! ([`redis::aio::ConnectionManager`]). Every call is one server-side step
+//! ([`redis::aio::ConnectionManager`]), which the handle replaces when it
+//! stays open but useless (a peer that stopped answering without a reset,
+//! a primary demoted to a replica under it; see
+//! [`Redis::replacements`]). Every call is one server-side step
 //! (a Lua script sent as `EVALSHA`, loaded once and reloaded after
 //! `NOSCRIPT`) bounded by the configured timeout: an unreachable server is a
 //! [`BackendError`] within that bound, never a panic or a hang.
@@ -57,10 +60,13 @@ mod revocation;
 use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use ::redis::io::tcp::TcpSettings;
 use ::redis::{Client, ErrorKind, FromRedisValue, RedisError, Script};
+use arc_swap::ArcSwap;
 
 pub use keys::RedisKeyStore;
 pub use limit::RedisLimiter;
@@ -167,6 +173,14 @@ impl RedisConfig {
     /// [`BackendError`] when the server cannot be reached in time.
     pub async fn connect(self) -> Result<Redis, BackendError> {
         let runtime = tokio::runtime::Handle::try_current().map_err(BackendError::unavailable)?;
+        // Requests go out at once, and a connection whose peer stopped
+        // acknowledging (a host gone without a reset) is aborted by the
+        // kernel after a few timeouts, so the manager reconnects.
+        let tcp = TcpSettings::default().set_nodelay(true);
+        #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
+        let tcp = tcp.set_user_timeout((self.timeout * 4).max(Duration::from_secs(2)));
+        let info = self.client.get_connection_info().clone().set_tcp_settings(tcp);
+        let client = Client::open(info).map_err(map_err)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
@@ -177,29 +191,137 @@ impl RedisConfig {
             .set_number_of_retries(4);
         let manager = tokio::time::timeout(
             self.timeout,
-            ConnectionManager::new_with_config(self.client.clone(), config),
+            ConnectionManager::new_with_config(client.clone(), config.clone()),
         )
         .await
         .map_err(|_| BackendError::Timeout)?
         .map_err(map_err)?;
-        Ok(Redis {
-            inner: Arc::new(Inner {
-                conn: manager,
-                client: self.client,
-                timeout: self.timeout,
-                prefix: self.prefix,
-                runtime,
-            }),
-        })
+        let link = Link {
+            conn: ArcSwap::from_pointee(manager),
+            client,
+            config,
+            timeout: self.timeout,
+            runtime,
+            strikes: AtomicU32::new(0),
+            replacing: AtomicBool::new(false),
+            replaced: AtomicU64::new(0),
+            origin: Instant::now(),
+            last_attempt: AtomicU64::new(0),
+        };
+        Ok(Redis { inner: Arc::new(Inner { link: Arc::new(link), prefix: self.prefix }) })
     }
 }
 
 struct Inner {
-    conn: ConnectionManager,
-    client: Client,
-    timeout: Duration,
+    link: Arc<Link>,
     prefix: String,
+}
+
+/// The connection every store of one [`RedisConfig::connect`] shares (under
+/// any prefix), and what it takes to replace it.
+///
+/// The client's manager reconnects when a connection drops, but not when
+/// it stays open and useless: a peer that stopped answering without a
+/// reset (every call a timeout), a primary demoted to a replica under open
+/// connections (`READONLY`), a reconnect that failed on authentication.
+/// Then a call's failure is a strike, and a few strikes in a row (or one
+/// `READONLY`) make a new manager, in the background, at most once a
+/// second, while calls go on failing fast with typed errors.
+struct Link {
+    conn: ArcSwap<ConnectionManager>,
+    client: Client,
+    config: ConnectionManagerConfig,
+    timeout: Duration,
     runtime: tokio::runtime::Handle,
+    /// Calls in a row that failed in a way a new connection may cure.
+    strikes: AtomicU32,
+    /// A replacement is being made.
+    replacing: AtomicBool,
+    /// Replacements made.
+    replaced: AtomicU64,
+    origin: Instant,
+    /// Milliseconds after `origin` of the last replacement attempt, plus
+    /// one (zero: none yet).
+    last_attempt: AtomicU64,
+}
+
+/// Failed calls in a row that make a new connection.
+const STRIKES: u32 = 3;
+/// Least time between two replacement attempts.
+const REPLACE_GAP: Duration = Duration::from_secs(1);
+
+impl Link {
+    fn manager(&self) -> ConnectionManager {
+        ConnectionManager::clone(&self.conn.load())
+    }
+
+    /// Notes a call's outcome: a success clears the strikes; a failure a
+    /// new connection may cure adds one (a demoted primary, at once
+    /// enough), and enough of them start a replacement.
+    fn note(self: &Arc<Self>, outcome: Result<(), Curable>) {
+        let enough = match outcome {
+            Ok(()) => {
+                self.strikes.store(0, Ordering::Relaxed);
+                return;
+            }
+            Err(Curable::No) => return,
+            Err(Curable::Strike) => self.strikes.fetch_add(1, Ordering::Relaxed) + 1 >= STRIKES,
+            Err(Curable::Now) => true,
+        };
+        if enough {
+            self.replace();
+        }
+    }
+
+    /// Makes a new manager in the background, unless one is being made or
+    /// the last attempt was under [`REPLACE_GAP`] ago.
+    fn replace(self: &Arc<Self>) {
+        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let last = self.last_attempt.load(Ordering::Relaxed);
+        let gap = u64::try_from(REPLACE_GAP.as_millis()).unwrap_or(u64::MAX);
+        if last != 0 && now.saturating_sub(last) < gap {
+            return;
+        }
+        if self.replacing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.last_attempt.store(now, Ordering::Relaxed);
+        let link = Arc::clone(self);
+        self.runtime.spawn(async move {
+            let fresh =
+                ConnectionManager::new_with_config(link.client.clone(), link.config.clone());
+            if let Ok(Ok(manager)) = tokio::time::timeout(link.timeout, fresh).await {
+                link.conn.store(Arc::new(manager));
+                link.replaced.fetch_add(1, Ordering::Relaxed);
+                link.strikes.store(0, Ordering::Relaxed);
+            }
+            link.replacing.store(false, Ordering::Release);
+        });
+    }
+}
+
+/// Whether a failed call's cause may go away with a new connection.
+#[derive(Clone, Copy)]
+enum Curable {
+    /// Not a connection's fault (a bad answer, an out-of-memory server).
+    No,
+    /// Perhaps (a timeout, a connection the manager failed to restore).
+    Strike,
+    /// Yes: the server is a replica now.
+    Now,
+}
+
+fn curable(e: &RedisError) -> Curable {
+    match e.code() {
+        Some("READONLY" | "MASTERDOWN") => return Curable::Now,
+        Some(_) => return Curable::No,
+        None => {}
+    }
+    if e.is_timeout() || e.is_io_error() || e.kind() == ErrorKind::AuthenticationFailed {
+        Curable::Strike
+    } else {
+        Curable::No
+    }
 }
 
 /// A connected Redis: cheap to clone, shared by every store made from it.
@@ -211,7 +333,7 @@ pub struct Redis {
 impl fmt::Debug for Redis {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Redis")
-            .field("timeout", &self.inner.timeout)
+            .field("timeout", &self.inner.link.timeout)
             .field("prefix", &self.inner.prefix)
             .finish_non_exhaustive()
     }
@@ -248,7 +370,7 @@ impl Redis {
     /// published; spawn [`RevocationListener::run`] on tokio.
     #[must_use]
     pub fn revocation_listener(&self, cache: Arc<PrincipalCache>) -> RevocationListener {
-        RevocationListener::new(self.inner.client.clone(), self.revocation_channel(), cache)
+        RevocationListener::new(self.inner.link.client.clone(), self.revocation_channel(), cache)
     }
 
     /// The pub/sub channel revocations are published on:
@@ -266,16 +388,7 @@ impl Redis {
     /// [`RedisConfigError::Prefix`] as for [`RedisConfig::prefix`].
     pub fn with_prefix(&self, prefix: &str) -> Result<Self, RedisConfigError> {
         let prefix = RedisConfig::check_prefix(prefix)?;
-        let i = &self.inner;
-        Ok(Self {
-            inner: Arc::new(Inner {
-                conn: i.conn.clone(),
-                client: i.client.clone(),
-                timeout: i.timeout,
-                prefix,
-                runtime: i.runtime.clone(),
-            }),
-        })
+        Ok(Self { inner: Arc::new(Inner { link: Arc::clone(&self.inner.link), prefix }) })
     }
 
     /// The key prefix.
@@ -287,14 +400,24 @@ impl Redis {
     /// The per-call timeout.
     #[must_use]
     pub fn timeout(&self) -> Duration {
-        self.inner.timeout
+        self.inner.link.timeout
     }
 
     /// A clone of the underlying connection, for the host's own commands
-    /// (not bounded by the timeout).
+    /// (not bounded by the timeout). After the handle
+    /// [replaced](Self::replacements) its connection, ask again.
     #[must_use]
     pub fn connection(&self) -> ConnectionManager {
-        self.inner.conn.clone()
+        self.inner.link.manager()
+    }
+
+    /// How many times the handle made a new connection because its calls
+    /// kept failing in a way the client's own reconnects do not cure (a
+    /// silent peer, a primary demoted under open connections): a figure
+    /// for the host's metrics.
+    #[must_use]
+    pub fn replacements(&self) -> u64 {
+        self.inner.link.replaced.load(Ordering::Relaxed)
     }
 
     /// Runs `script` with `keys` and `args` as one `EVALSHA` (loading it on
@@ -308,7 +431,7 @@ impl Redis {
     where
         T: FromRedisValue + Send + 'static,
     {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.link.manager();
         self.bounded(async move {
             let mut inv = script.prepare_invoke();
             for k in keys {
@@ -329,7 +452,7 @@ impl Redis {
     where
         T: FromRedisValue + Send + 'static,
     {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.link.manager();
         self.bounded(async move { cmd.query_async::<T>(&mut conn).await })
     }
 
@@ -344,8 +467,8 @@ impl Redis {
         T: Send + 'static,
         F: Future<Output = Result<T, RedisError>> + Send + 'static,
     {
-        let timeout = self.inner.timeout;
-        let runtime = self.inner.runtime.clone();
+        let link = Arc::clone(&self.inner.link);
+        let (timeout, runtime) = (link.timeout, link.runtime.clone());
         // The client's futures are large (kilobytes); boxing keeps the
         // stores' futures small in the host's state machines, for one
         // allocation next to a network round trip.
@@ -357,9 +480,20 @@ impl Redis {
             tokio::time::timeout(timeout, fut)
         };
         let guarded = async move {
-            match bounded.await {
-                Ok(r) => r.map_err(map_err),
-                Err(_) => Err(BackendError::Timeout),
+            let r = match bounded.await {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err((curable(&e), map_err(e))),
+                Err(_) => Err((Curable::Strike, BackendError::Timeout)),
+            };
+            match r {
+                Ok(v) => {
+                    link.note(Ok(()));
+                    Ok(v)
+                }
+                Err((c, e)) => {
+                    link.note(Err(c));
+                    Err(e)
+                }
             }
         };
         async move {

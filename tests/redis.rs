@@ -656,3 +656,131 @@ async fn redis_key_store_forgets_expired_records_and_their_ids() {
     let ttl: i64 = con.pttl(format!("{base}rec:{}", kept.id)).await.unwrap();
     assert!((55_000..=60_000).contains(&ttl), "{ttl} ms");
 }
+
+// ---- a connection that stays open but useless is replaced ----
+
+/// A loopback TCP proxy to a switchable Redis. `cut` stops forwarding on
+/// every connection made so far without closing it (a peer that went away
+/// without a reset: the kernel still acknowledges, nothing answers).
+struct Proxy {
+    addr: std::net::SocketAddr,
+    target: Arc<std::sync::Mutex<std::net::SocketAddr>>,
+    epoch: Arc<AtomicUsize>,
+}
+
+impl Proxy {
+    async fn start(target: u16) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let target =
+            Arc::new(std::sync::Mutex::new(std::net::SocketAddr::from(([127, 0, 0, 1], target))));
+        let epoch = Arc::new(AtomicUsize::new(0));
+        let (t, e) = (Arc::clone(&target), Arc::clone(&epoch));
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let to = *t.lock().unwrap();
+                let (e, born) = (Arc::clone(&e), e.load(Ordering::SeqCst));
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(to).await else { return };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let pipe =
+                        async |r: &mut tokio::net::tcp::OwnedReadHalf,
+                               w: &mut tokio::net::tcp::OwnedWriteHalf| {
+                            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                            let mut buf = [0u8; 16 * 1024];
+                            loop {
+                                let n = match r.read(&mut buf).await {
+                                    Ok(0) | Err(_) => return,
+                                    Ok(n) => n,
+                                };
+                                if e.load(Ordering::SeqCst) != born {
+                                    // Cut: swallow everything, answer nothing.
+                                    continue;
+                                }
+                                if w.write_all(&buf[..n]).await.is_err() {
+                                    return;
+                                }
+                            }
+                        };
+                    tokio::join!(pipe(&mut cr, &mut sw), pipe(&mut sr, &mut cw));
+                });
+            }
+        });
+        Self { addr, target, epoch }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}/", self.addr)
+    }
+
+    fn point_at(&self, port: u16) {
+        *self.target.lock().unwrap() = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    }
+
+    fn cut(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Checks until one is admitted, for at most `within`.
+async fn recovers(limiter: &keygate::redis::RedisLimiter, within: Duration) -> bool {
+    let plan = [hour("default", 1_000_000, Algorithm::Gcra)];
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if let Ok(d) = limiter.check("k", &plan, 1, CheckMode::Consume).await {
+            return d.is_allowed();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_replaced_after_a_few_timeouts() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let proxy = Proxy::start(a.port()).await;
+    let redis = RedisConfig::from_url(&proxy.url())
+        .unwrap()
+        .timeout(Duration::from_millis(250))
+        .connect()
+        .await
+        .unwrap();
+    let limiter = redis.limiter();
+    assert!(recovers(&limiter, Duration::from_secs(2)).await);
+    // The old peer goes silent; new connections reach another server.
+    proxy.point_at(b.port());
+    proxy.cut();
+    let plan = [hour("default", 1_000_000, Algorithm::Gcra)];
+    let r = limiter.check("k", &plan, 1, CheckMode::Consume).await;
+    assert!(matches!(r, Err(BackendError::Timeout)), "{r:?}");
+    assert!(recovers(&limiter, Duration::from_secs(10)).await, "never recovered");
+    assert!(redis.replacements() >= 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_demoted_under_open_connections_is_replaced() {
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    let proxy = Proxy::start(a.port()).await;
+    let redis = RedisConfig::from_url(&proxy.url())
+        .unwrap()
+        .timeout(Duration::from_millis(250))
+        .connect()
+        .await
+        .unwrap();
+    let limiter = redis.limiter();
+    assert!(recovers(&limiter, Duration::from_secs(2)).await);
+    // Failover: B is the primary now, A its replica; the open connection
+    // still reaches A, which refuses writes.
+    proxy.point_at(b.port());
+    let mut direct =
+        ::redis::Client::open(a.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("REPLICAOF")
+        .arg("127.0.0.1")
+        .arg(b.port())
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert!(recovers(&limiter, Duration::from_secs(10)).await, "never recovered");
+    assert!(redis.replacements() >= 1);
+}
