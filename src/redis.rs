@@ -205,6 +205,7 @@ impl RedisConfig {
             strikes: AtomicU32::new(0),
             replacing: AtomicBool::new(false),
             replaced: AtomicU64::new(0),
+            unpublished: AtomicU64::new(0),
             origin: Instant::now(),
             last_attempt: AtomicU64::new(0),
         };
@@ -239,6 +240,8 @@ struct Link {
     replacing: AtomicBool,
     /// Replacements made.
     replaced: AtomicU64,
+    /// Revocations (and shortened expiries) stored but not published.
+    unpublished: AtomicU64,
     origin: Instant,
     /// Milliseconds after `origin` of the last replacement attempt, plus
     /// one (zero: none yet).
@@ -507,6 +510,24 @@ impl Redis {
                 runtime.spawn(guarded).await.map_err(BackendError::unavailable)?
             }
         }
+    }
+
+    /// How many revocations (or shortened expiries) were stored but not
+    /// published, because the server refused the `PUBLISH` (an ACL user
+    /// without channel rights): other instances then see them only when
+    /// their cache entries age out. A figure for the host's alerts.
+    #[must_use]
+    pub fn unpublished_revocations(&self) -> u64 {
+        self.inner.link.unpublished.load(Ordering::Relaxed)
+    }
+
+    /// Counts a script's "stored, not published" answer (2); returns the
+    /// answer.
+    pub(crate) fn note_published(&self, answer: i64) -> i64 {
+        if answer == 2 {
+            self.inner.link.unpublished.fetch_add(1, Ordering::Relaxed);
+        }
+        answer
     }
 
     /// `prefix:` followed by `rest`.

@@ -784,3 +784,47 @@ async fn a_primary_demoted_under_open_connections_is_replaced() {
     assert!(recovers(&limiter, Duration::from_secs(10)).await, "never recovered");
     assert!(redis.replacements() >= 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shortened_expiry_reaches_other_caches_like_a_revocation() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "short").await;
+    let keys = redis.keys();
+    let cache = Arc::new(PrincipalCache::new(Duration::from_secs(30), 100));
+    let listener =
+        redis.revocation_listener(Arc::clone(&cache)).heartbeat(Duration::from_millis(100));
+    let stats = listener.stats();
+    let task = tokio::spawn(listener.run());
+    wait_for("subscription", || stats.subscriptions() == 1).await;
+    let clock = SystemClock::new();
+    let r = keygate::testkit::keys::sample_record("ws_s", None, 0, false);
+    assert_eq!(keys.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    cache.insert(*r.digest.digest(), principal(&r), clock.monotonic());
+    // A roll with no grace on another instance: the old key ends now.
+    assert!(keys.shorten_expiry(&r.id, jiff::Timestamp::now()).await.unwrap());
+    wait_for("invalidation", || cache.get(r.digest.digest(), clock.monotonic()).is_none()).await;
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_revocation_the_server_will_not_publish_still_stands_and_is_counted() {
+    let server = RedisServer::start();
+    let admin = ::redis::Client::open(server.url()).unwrap();
+    let mut admin = admin.get_multiplexed_async_connection().await.unwrap();
+    // A user with every key and command but no pub/sub channel.
+    let _: () = ::redis::cmd("ACL")
+        .arg(&["SETUSER", "nochan", "on", ">pw", "~*", "resetchannels", "+@all"])
+        .query_async(&mut admin)
+        .await
+        .unwrap();
+    let url = format!("redis://nochan:pw@127.0.0.1:{}/", server.port());
+    let redis =
+        RedisConfig::from_url(&url).unwrap().prefix("acl").unwrap().connect().await.unwrap();
+    let keys = redis.keys();
+    let r = keygate::testkit::keys::sample_record("ws_a", None, 0, false);
+    assert_eq!(keys.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    assert!(keys.revoke(&r.id, jiff::Timestamp::now()).await.unwrap(), "revoked here");
+    assert_eq!(redis.unpublished_revocations(), 1);
+    assert!(!keys.revoke(&r.id, jiff::Timestamp::now()).await.unwrap(), "already revoked");
+    assert!(keys.get(&r.id).await.unwrap().unwrap().revoked_at.is_some());
+}

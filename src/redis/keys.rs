@@ -117,19 +117,25 @@ end
 return out
 ";
 
-/// KEYS[1]: record. ARGV: time (sortable), channel, id.
+/// KEYS[1]: record. ARGV: time (sortable), channel, id. 1: revoked and
+/// published; 2: revoked, but the server refused the publication (an ACL
+/// without channel rights, say): scripts do not roll back, so the revocation
+/// stands either way.
 const REVOKE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'rev', ARGV[1])
-redis.call('PUBLISH', ARGV[2], ARGV[3])
-return 1
+return PUBLISHED(ARGV[2], ARGV[3])
 ";
 
 /// KEYS: record, digest index, key-id index. ARGV[1]: expiry (sortable),
 /// ARGV[2]: forget-at (Unix ms, or empty), ARGV[3]: id, ARGV[4]: retention
-/// (ms), ARGV[5]: has key id. The indexes that point at the record are forgotten with it (a record
-/// made without an expiry has indexes without one).
+/// (ms), ARGV[5]: revocation channel, ARGV[6]: has key id. The indexes that
+/// point at the record are forgotten with it (a record made without an
+/// expiry has indexes without one). A changed expiry is published like a
+/// revocation, so other instances' caches drop the record (a roll with no
+/// grace ends the old key everywhere at once). 0: no record; 1: done;
+/// 2: changed, but the publication was refused.
 const SHORTEN: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local cur = redis.call('HGET', KEYS[1], 'exp')
@@ -138,10 +144,11 @@ if not cur or ARGV[1] < cur then
   if ARGV[2] ~= '' then
     FORGET(KEYS[1], ARGV[2], ARGV[4])
     if redis.call('GET', KEYS[2]) == ARGV[3] then FORGET(KEYS[2], ARGV[2], ARGV[4]) end
-    if ARGV[5] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
+    if ARGV[6] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
       FORGET(KEYS[3], ARGV[2], ARGV[4])
     end
   end
+  return PUBLISHED(ARGV[5], ARGV[3])
 end
 return 1
 ";
@@ -155,6 +162,18 @@ for i = 1, #KEYS do
   end
 end
 return 0
+";
+
+/// Lua shared by the scripts that publish a record id on the revocation
+/// channel: 1, or 2 when the server refuses to publish (an ACL without
+/// channel rights). The script's writes stand either way (scripts do not
+/// roll back), so a refusal must not fail the call.
+const PUBLISHED_FN: &str = r"
+local function PUBLISHED(channel, msg)
+  local r = redis.pcall('PUBLISH', channel, msg)
+  if type(r) == 'table' and r.err then return 2 end
+  return 1
+end
 ";
 
 /// Lua shared by the scripts that set key expiries: whether Unix ms `ms` is
@@ -178,9 +197,10 @@ static INSERT_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{FUTURE_FN}{INSERT}")));
 static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
 static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIST));
-static REVOKE_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REVOKE));
+static REVOKE_SCRIPT: LazyLock<Script> =
+    LazyLock::new(|| Script::new(&format!("{PUBLISHED_FN}{REVOKE}")));
 static SHORTEN_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{FUTURE_FN}{SHORTEN}")));
+    LazyLock::new(|| Script::new(&format!("{PUBLISHED_FN}{FUTURE_FN}{SHORTEN}")));
 static LAST_USED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_USED));
 
 /// A [`KeyStore`] on Redis.
@@ -193,10 +213,14 @@ static LAST_USED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_US
 /// each workspace and project.
 ///
 /// `insert` is one Lua script checking the id, both indexes and the
-/// per-project active cap, then writing everything. `revoke` is one script
-/// that also publishes the record id on the revocation channel, which
+/// per-project active cap, then writing everything. `revoke` and
+/// `shorten_expiry` are one script each that also publishes the record id on
+/// the revocation channel, which
 /// [`RevocationListener`](super::RevocationListener)s turn into
 /// [`PrincipalCache::invalidate`](crate::auth::PrincipalCache::invalidate).
+/// A server that refuses the publication (an ACL user without channel
+/// rights) does not undo the change: it is counted in
+/// [`Redis::unpublished_revocations`](super::Redis::unpublished_revocations).
 /// Lookups by digest or key id are one round trip. All keys share the hash
 /// tag `{prefix:keys}` (one Redis Cluster slot), which the scripts need to
 /// touch records found through an index.
@@ -496,7 +520,8 @@ impl KeyStore for RedisKeyStore {
             id.as_str().as_bytes().to_vec(),
         ];
         let call = self.redis.eval::<i64>(&REVOKE_SCRIPT, vec![self.rec(id)], args);
-        async move { Ok(call.await? == 1) }
+        let redis = self.redis.clone();
+        async move { Ok(redis.note_published(call.await?) != 0) }
     }
 
     fn shorten_expiry(
@@ -509,6 +534,7 @@ impl KeyStore for RedisKeyStore {
             self.forget_at(Some(expires_at)),
             id.as_str().as_bytes().to_vec(),
             self.retention_ms(),
+            self.redis.revocation_channel().into_bytes(),
         ];
         // The index keys come from the record's (immutable) digest and key
         // id: one read first. Shortening is rare (rolls), so two round
@@ -524,7 +550,8 @@ impl KeyStore for RedisKeyStore {
             ];
             let mut args = args;
             args.push(if kid.is_some() { b"1".to_vec() } else { b"0".to_vec() });
-            Ok(self.redis.eval::<i64>(&SHORTEN_SCRIPT, keys, args).await? == 1)
+            let done = self.redis.eval::<i64>(&SHORTEN_SCRIPT, keys, args).await?;
+            Ok(self.redis.note_published(done) != 0)
         }
     }
 
