@@ -79,7 +79,7 @@ impl Commit {
 /// step and, if allowed, the commit that makes the next state.
 #[inline]
 pub(crate) fn step(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Commit>) {
-    if is_foreign(policy, slot) {
+    if is_foreign(policy, slot, now) {
         let converted = convert(policy, slot, now);
         // The commit must keep the converted state: replace the slot.
         let (s, commit) = step_native(policy, &converted, now, cost);
@@ -109,15 +109,29 @@ fn expired(log: &VecDeque<u64>, now: u64, period: u64) -> usize {
     if now >= period { log.partition_point(|&e| e <= now - period) } else { 0 }
 }
 
-/// Whether `slot` was kept under another algorithm than `policy`'s (a plan
-/// change that kept the policy's name), so [`convert`] applies.
-pub(crate) fn is_foreign(policy: &Policy, slot: &Slot) -> bool {
-    matches!(
-        (policy.algorithm(), slot),
+/// Whether `slot` was kept under another policy than `policy` (a plan
+/// change that kept the policy's name), so [`convert`] applies: a state of
+/// another algorithm, or one that reaches further ahead than `policy` ever
+/// lets a state reach — a GCRA time past its horizon, a fixed window past
+/// its current window (a policy of a longer horizon or period before; or,
+/// on a server's clock, a step back). Such a state would lock the key out
+/// for the old policy's span, not the new one's.
+pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
+    match (policy.algorithm(), slot) {
         (Algorithm::Gcra, Slot::Window { .. } | Slot::Log(_))
-            | (Algorithm::FixedWindow, Slot::Tat(_) | Slot::Log(_))
-            | (Algorithm::SlidingWindow, Slot::Tat(_) | Slot::Window { .. })
-    )
+        | (Algorithm::FixedWindow, Slot::Tat(_) | Slot::Log(_))
+        | (Algorithm::SlidingWindow, Slot::Tat(_) | Slot::Window { .. }) => true,
+        (Algorithm::Gcra, Slot::Tat(tat)) => {
+            let horizon =
+                policy.emission_interval_nanos().saturating_mul(u64::from(policy.capacity()));
+            *tat > now.saturating_add(horizon)
+        }
+        (Algorithm::FixedWindow, Slot::Window { end, .. }) => {
+            let period = duration_nanos(policy.period()).max(1);
+            *end > (now / period + 1).saturating_mul(period)
+        }
+        _ => false,
+    }
 }
 
 /// A state kept under another algorithm, carried over as the units it

@@ -102,7 +102,7 @@ fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Opt
     // A word of the other algorithm (a plan change under one name) is
     // converted, not dropped.
     let mut slot = word_to_slot(p, cur, now);
-    let foreign = algorithm::is_foreign(p, &slot);
+    let foreign = algorithm::is_foreign(p, &slot, now);
     if foreign {
         slot = algorithm::convert(p, &slot, now);
     }
@@ -1141,7 +1141,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         // whatever this check decides.
         if mode == CheckMode::Consume {
             for p in policies {
-                if st.slot(p.name()).is_some_and(|s| algorithm::is_foreign(p, s)) {
+                if st.slot(p.name()).is_some_and(|s| algorithm::is_foreign(p, s, now)) {
                     let slot = st.slot_mut(p);
                     *slot = algorithm::convert(p, slot, now);
                     let fresh_at = algorithm::fresh_at(p, slot);

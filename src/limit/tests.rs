@@ -612,8 +612,10 @@ fn plan_changes_keep_counts_within_their_own_windows() {
         let d = l.check(&key, &minute, 1).unwrap();
         assert!(d.is_allowed(), "stacked {stacked}");
         assert!(d.binding().reset_after <= Duration::from_secs(60), "stacked {stacked}: {d:?}");
-        // Shorter window: the minute's count holds to the minute's end, and
-        // the decision says so (its reset and retry agree).
+        // Shorter window: the minute's count holds for the current second's
+        // window only (the key used at least this policy's whole limit; it
+        // is not locked out for the rest of the minute), and the decision
+        // says so (its reset and retry agree).
         let key = format!("s{stacked}");
         for _ in 0..50 {
             assert!(l.check(&key, &minute, 1).unwrap().is_allowed());
@@ -622,7 +624,9 @@ fn plan_changes_keep_counts_within_their_own_windows() {
         assert!(!d.is_allowed(), "stacked {stacked}");
         let p = &d.policies()[0];
         assert_eq!(p.retry_after, Some(p.reset_after), "stacked {stacked}");
-        assert!(p.reset_after > Duration::from_secs(1) && p.reset_after <= Duration::from_secs(60));
+        assert!(p.reset_after <= Duration::from_secs(1), "stacked {stacked}: {p:?}");
+        c.advance(p.reset_after);
+        assert!(l.check(&key, &second, 1).unwrap().is_allowed(), "stacked {stacked}");
     }
     // A sliding window downgraded below what it holds: no underflow.
     let startup =
@@ -902,4 +906,26 @@ fn shortcut_policies_stack() {
     let fresh = MemoryLimiter::<String, _>::with_clock(16, c.clone());
     let in_one_second = (0..12).filter(|_| fresh.check("k", &p, 1).unwrap().is_allowed()).count();
     assert_eq!(in_one_second, 10);
+}
+
+#[test]
+fn a_plan_change_to_a_shorter_gcra_horizon_does_not_lock_the_key_out() {
+    // Same name, same algorithm, a shorter horizon: a key that used the
+    // hourly burst has used the new policy's whole burst, no more.
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let hourly = [Policy::new("default", 100, Duration::from_secs(3600), Algorithm::Gcra).unwrap()];
+    let per_second = [Policy::new("default", 10, Duration::from_secs(1), Algorithm::Gcra).unwrap()];
+    for _ in 0..100 {
+        assert!(l.check("k", &hourly, 1).unwrap().is_allowed());
+    }
+    let d = l.check("k", &per_second, 1).unwrap();
+    assert!(!d.is_allowed());
+    assert_eq!(d.remaining(), 0);
+    let retry = d.retry_after().unwrap();
+    assert!(retry <= Duration::from_millis(100), "one unit's interval, not an hour: {retry:?}");
+    c.advance(retry);
+    assert!(l.check("k", &per_second, 1).unwrap().is_allowed());
+    // ...and it is limited by the new policy from there: no full burst.
+    assert!(!l.check("k", &per_second, 1).unwrap().is_allowed());
 }

@@ -47,19 +47,24 @@ local function tat_abs(rel)
   return string.format('%d%09d', nsec + q, r)
 end
 -- A fixed window's state is `end_us:count`. The stored count holds until
--- the stored end: a clock that stepped back, or a period that changed,
--- keeps it no longer than the window it was counted in (as in memory).
--- Otherwise the window is the period-aligned one holding now.
+-- the stored end, but no later than the end of the period-aligned window
+-- holding now: a longer window's count (a plan change that kept the name)
+-- or one from before the clock stepped back holds for one window of this
+-- period at most (as in memory). Otherwise the window is that one.
 local function window(key, period)
+  local p = period / 1000
+  local current = (math.floor(now_us / p) + 1) * p
   local s = redis.call('GET', key)
   if s then
     local sep = string.find(s, ':', 1, true)
     local e = sep and tonumber(string.sub(s, 1, sep - 1))
     local c = sep and tonumber(string.sub(s, sep + 1))
-    if e and c and e > now_us then return c, e, true end
+    if e and c and e > now_us then
+      if e > current then return c, current, true, true end
+      return c, e, true, false
+    end
   end
-  local p = period / 1000
-  return 0, (math.floor(now_us / p) + 1) * p, s ~= false and s ~= nil
+  return 0, current, s ~= false and s ~= nil, false
 end
 local n = #KEYS
 local OTHERS = {g = {'f', 's'}, f = {'g', 's'}, s = {'g', 'f'}}
@@ -166,13 +171,18 @@ for i = 1, n do
   if alg == 'g' then
     local raw = redis.call('GET', KEYS[i])
     if not raw then held = foreign(i, alg, period, interval, cap) end
+    local horizon = interval * cap
     local used = tat_rel(raw)
     if held then used = held * interval end
     if used < 0 then used = 0 end
-    if held and used > 0 then
+    -- Beyond the horizon: a longer policy's state (a plan change that kept
+    -- the name) or a clock that stepped back. The whole burst is used, no
+    -- more, and kept so even on a denial (as in memory).
+    local beyond = used > horizon
+    if beyond then used = horizon end
+    if (held or beyond) and used > 0 then
       st.convert = function() redis.call('SET', KEYS[i], tat_abs(used), 'PX', ms_ceil(used)) end
     end
-    local horizon = interval * cap
     local free = horizon - used
     if free < 0 then free = 0 end
     local available = idiv(free, interval)
@@ -189,9 +199,16 @@ for i = 1, n do
       end
     end
   elseif alg == 'f' then
-    local count, window_end, existed = window(KEYS[i], period)
+    local count, window_end, existed, clamped = window(KEYS[i], period)
     if not existed then held = foreign(i, alg, period, interval, cap) end
     if held then count = held end
+    -- A longer window's count (or one from before the clock stepped back)
+    -- holds for this window at most, capped at this limit, and is kept so
+    -- even on a denial (as in memory).
+    if clamped then
+      if count > limit then count = limit end
+      held = count
+    end
     local until_end = window_end - now_us
     if until_end < 0 then until_end = 0 end
     if held and held > 0 then

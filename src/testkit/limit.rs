@@ -38,6 +38,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     }
     stacked(store, &format!("{prefix}:stacked")).await;
     period_change(store, &format!("{prefix}:period")).await;
+    shorter_span(store, &format!("{prefix}:shorter")).await;
     algorithm_change(store, &format!("{prefix}:algorithm")).await;
     repeated_name(store, &format!("{prefix}:repeated")).await;
     let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
@@ -111,6 +112,38 @@ async fn period_change<S: LimitStore>(store: &S, key: &str) {
     assert!(d.is_allowed(), "the new plan's room is there at once");
     let reset = d.binding().reset_after;
     assert!(reset <= two_hours, "reset {reset:?} lies within one of the windows");
+}
+
+/// A plan change to a shorter span under one name (an hourly GCRA burst to
+/// a per-second rate, an hourly fixed window to a short one): what the key
+/// used holds for the new policy's burst or window at most — it is not
+/// locked out for the rest of the hour — and it is kept, so the next
+/// window or interval admits.
+async fn shorter_span<S: LimitStore>(store: &S, key: &str) {
+    for (alg, short) in [
+        (Algorithm::Gcra, Policy::new("default", 1000, Duration::from_secs(1), Algorithm::Gcra)),
+        (
+            Algorithm::FixedWindow,
+            Policy::new("default", 5, Duration::from_millis(50), Algorithm::FixedWindow),
+        ),
+    ] {
+        let key = format!("{key}:{}", alg.as_str());
+        let short = [short.expect("valid policy")];
+        let hourly = [policy("default", 10, alg)];
+        for _ in 0..10 {
+            assert!(store.check(&key, &hourly, 1, CheckMode::Consume).await.unwrap().is_allowed());
+        }
+        // GCRA: 10 hourly units are 6 minutes ahead, past a one-second
+        // horizon; fixed: 10 in the hour, over a limit of 5.
+        let d = store.check(&key, &short, 1, CheckMode::Consume).await.unwrap();
+        let span = Duration::from_millis(50);
+        let wait = d.retry_after().unwrap_or(Duration::ZERO);
+        assert!(wait <= span, "{}: waits {wait:?}, not the hour", alg.as_str());
+        // Past that wait (plus a little clock skew), it admits again.
+        std::thread::sleep(wait + Duration::from_millis(10));
+        let d = store.check(&key, &short, 1, CheckMode::Consume).await.unwrap();
+        assert!(d.is_allowed(), "{}: admitted after the new span: {d:?}", alg.as_str());
+    }
 }
 
 async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
