@@ -50,6 +50,12 @@
 //!
 //! A call that times out may still have run on the server: a redemption
 //! then counts as used, a limiter or quota check as counted.
+//!
+//! Run the server with `maxmemory-policy noeviction` (the default): under
+//! an `allkeys-*` policy Redis may evict key records and the indexes the
+//! per-project cap counts, under a `volatile-*` one limiter and quota state
+//! (which resets limits). With `noeviction`, a full server refuses writes,
+//! which the stores report as [`BackendError`]s.
 
 mod keys;
 mod limit;
@@ -103,8 +109,8 @@ impl fmt::Debug for RedisConfig {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum RedisConfigError {
-    /// The URL does not parse as a `redis://`, `rediss://` or
-    /// `redis+unix://` URL.
+    /// The URL does not parse as a `redis://` or `redis+unix://` URL (this
+    /// build has no TLS: a `rediss://` URL is refused too).
     #[error("invalid redis url")]
     Url(#[source] RedisError),
     /// The prefix is empty, longer than 64 bytes, or holds a character
@@ -542,6 +548,10 @@ impl Redis {
 fn map_err(e: RedisError) -> BackendError {
     if e.is_timeout() {
         return BackendError::Timeout;
+    }
+    // A key of the wrong type under our prefix: something else wrote there.
+    if e.code() == Some("WRONGTYPE") {
+        return BackendError::corrupt(e);
     }
     match e.kind() {
         ErrorKind::UnexpectedReturnType | ErrorKind::Parse => BackendError::corrupt(e),

@@ -828,3 +828,21 @@ async fn a_revocation_the_server_will_not_publish_still_stands_and_is_counted() 
     assert!(!keys.revoke(&r.id, jiff::Timestamp::now()).await.unwrap(), "already revoked");
     assert!(keys.get(&r.id).await.unwrap().unwrap().revoked_at.is_some());
 }
+
+#[tokio::test]
+async fn a_key_of_the_wrong_type_under_the_prefix_is_corrupt_data() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "wt").await;
+    let mut conn = redis.connection();
+    // Something else wrote a hash where the limiter keeps a GCRA time.
+    let _: () = ::redis::cmd("HSET")
+        .arg("wt:rl:{k:k}:default:g")
+        .arg("x")
+        .arg("1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let plan = [hour("default", 10, Algorithm::Gcra)];
+    let r = redis.limiter().check("k", &plan, 1, CheckMode::Consume).await;
+    assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{r:?}");
+}
