@@ -71,7 +71,11 @@ pub trait Clock: Send + Sync {
     /// Current position on the monotonic time line.
     ///
     /// Implementations should not go backwards; callers must nevertheless
-    /// treat a backwards step as "no time passed" rather than panic.
+    /// treat a backwards step as "no time passed" rather than panic. The
+    /// limiters never admit extra for a step back of up to a second; after
+    /// a longer one (a [`FakeClock`] rewound), a key's state from before it
+    /// reads as a longer policy's and is converted to its full burst or
+    /// window, which may forgive one burst.
     fn monotonic(&self) -> Nanos;
 
     /// [`now`](Self::now) and [`monotonic`](Self::monotonic) together.

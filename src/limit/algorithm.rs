@@ -17,8 +17,9 @@ pub(crate) enum Slot {
     Tat(u64),
     /// Fixed window: the end of the window the units were counted in, and
     /// their number. The count holds until that end, whatever the policy's
-    /// period is by then: a clock that stepped back or a plan change never
-    /// admits extra, and never holds the count past its own window.
+    /// period is by then (a clock that stepped back a little, or a plan
+    /// change, never admits extra) — but no further ahead than the
+    /// policy's own period allows ([`is_foreign`]).
     Window { end: u64, count: u32 },
     /// Sliding window: admission times of the units in the window, oldest
     /// first (one entry per unit).
@@ -109,13 +110,22 @@ fn expired(log: &VecDeque<u64>, now: u64, period: u64) -> usize {
     if now >= period { log.partition_point(|&e| e <= now - period) } else { 0 }
 }
 
+/// How far past a policy's own span (a GCRA horizon, a fixed window's
+/// period) a state may reach and still be judged the policy's own: more
+/// than any check's reading of the clock can lag another's (a thread that
+/// read the time, then waited for a lock or a retry), far less than what a
+/// plan change to a shorter span leaves behind.
+pub(crate) const SPAN_SLACK: u64 = 1_000_000_000;
+
 /// Whether `slot` was kept under another policy than `policy` (a plan
 /// change that kept the policy's name), so [`convert`] applies: a state of
 /// another algorithm, or one that reaches further ahead than `policy` ever
-/// lets a state reach — a GCRA time past its horizon, a fixed window past
-/// its current window (a policy of a longer horizon or period before; or,
-/// on a server's clock, a step back). Such a state would lock the key out
-/// for the old policy's span, not the new one's.
+/// lets a state reach, by more than [`SPAN_SLACK`] — a GCRA time past its
+/// horizon, a fixed window ending past its period from now (a policy of a
+/// longer horizon or period before; or, on a server's clock, a step back
+/// of more than the slack). Such a state would lock the key out for the
+/// old policy's span, not the new one's. Callers whose `now` may be stale
+/// read the clock again before converting.
 pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
     match (policy.algorithm(), slot) {
         (Algorithm::Gcra, Slot::Window { .. } | Slot::Log(_))
@@ -124,11 +134,11 @@ pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
         (Algorithm::Gcra, Slot::Tat(tat)) => {
             let horizon =
                 policy.emission_interval_nanos().saturating_mul(u64::from(policy.capacity()));
-            *tat > now.saturating_add(horizon)
+            *tat > now.saturating_add(horizon).saturating_add(SPAN_SLACK)
         }
         (Algorithm::FixedWindow, Slot::Window { end, .. }) => {
             let period = duration_nanos(policy.period()).max(1);
-            *end > (now / period + 1).saturating_mul(period)
+            *end > now.saturating_add(period).saturating_add(SPAN_SLACK)
         }
         _ => false,
     }
@@ -183,7 +193,8 @@ fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Comm
         _ => 0,
     };
     // A clock that stepped back sees the stored TAT as further away: never
-    // an extra admission.
+    // an extra admission (a step of more than `SPAN_SLACK` past the horizon
+    // is converted before this, as another policy's state).
     let base = tat.max(now);
     let used = base - now; // time already "borrowed"
     // Only refusals report it: one division fewer on the admitted path.

@@ -97,13 +97,24 @@ fn word_policy(policies: &[Policy]) -> Option<&Policy> {
 }
 
 /// One word-policy step: the decision and, if admitted, the next word.
+/// With `convert` false, a word of another policy is not converted: the
+/// answer is `Err(())`, for the caller to read the clock again first.
 #[inline]
-fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Option<u64>) {
-    // A word of the other algorithm (a plan change under one name) is
+fn word_step(
+    p: &Policy,
+    cur: u64,
+    now: u64,
+    cost: u32,
+    convert: bool,
+) -> Result<(algorithm::Step, Option<u64>), ()> {
+    // A word of another policy (a plan change under one name) is
     // converted, not dropped.
     let mut slot = word_to_slot(p, cur, now);
     let foreign = algorithm::is_foreign(p, &slot, now);
     if foreign {
+        if !convert {
+            return Err(());
+        }
         slot = algorithm::convert(p, &slot, now);
     }
     let (s, next) = algorithm::step(p, &slot, now, cost);
@@ -120,7 +131,7 @@ fn word_step(p: &Policy, cur: u64, now: u64, cost: u32) -> (algorithm::Step, Opt
         _ if foreign => Some(word(&slot)),
         _ => None,
     };
-    (s, next)
+    Ok((s, next))
 }
 
 /// Whether `policies[i]` is the first of its name: policies share a key's
@@ -1027,11 +1038,20 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         now: u64,
     ) -> Option<Decision> {
         let mut cur = word.load(Ordering::Acquire);
+        let (mut now, mut fresh_clock) = (now, false);
         loop {
             if cur == DEAD {
                 return None;
             }
-            let (s, next) = word_step(p, cur, now, cost);
+            // A word that looks like another policy's may only be ahead of
+            // a stale `now` (another thread read the clock later and wrote
+            // first): converting it would forget units. Judge it again on a
+            // fresh reading, read after the word was.
+            let Ok((s, next)) = word_step(p, cur, now, cost, fresh_clock) else {
+                now = now.max(self.wall.time(&self.clock));
+                fresh_clock = true;
+                continue;
+            };
             let outcome = outcome_of(&s);
             match next {
                 Some(next) if mode == CheckMode::Consume => {
@@ -1137,11 +1157,23 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 st.fresh_at = st.fresh_at.max(algorithm::fresh_at(p, slot));
             }
         }
-        // A state kept under another algorithm is converted once and kept,
-        // whatever this check decides.
+        // A state that looks like another policy's may only be ahead of a
+        // `now` read before the lock: judge it on a fresh reading.
+        let foreign = |now| {
+            policies.iter().enumerate().any(|(i, p)| {
+                first_of_name(policies, i)
+                    && st.slot(p.name()).is_some_and(|s| algorithm::is_foreign(p, s, now))
+            })
+        };
+        let now = if foreign(now) { now.max(self.wall.time(&self.clock)) } else { now };
+        // A state kept under another policy is converted once and kept,
+        // whatever this check decides. The first of a name decides (a
+        // repeated name shares its state, as in the Lua script).
         if mode == CheckMode::Consume {
-            for p in policies {
-                if st.slot(p.name()).is_some_and(|s| algorithm::is_foreign(p, s, now)) {
+            for (i, p) in policies.iter().enumerate() {
+                if first_of_name(policies, i)
+                    && st.slot(p.name()).is_some_and(|s| algorithm::is_foreign(p, s, now))
+                {
                     let slot = st.slot_mut(p);
                     *slot = algorithm::convert(p, slot, now);
                     let fresh_at = algorithm::fresh_at(p, slot);

@@ -929,3 +929,46 @@ fn a_plan_change_to_a_shorter_gcra_horizon_does_not_lock_the_key_out() {
     // ...and it is limited by the new policy from there: no full burst.
     assert!(!l.check("k", &per_second, 1).unwrap().is_allowed());
 }
+
+#[test]
+fn a_check_with_a_slightly_stale_clock_reading_never_erases_units() {
+    // Another thread read the clock later and wrote first: this check's
+    // `now` lags the state by a little. The state is the policy's own, not
+    // a longer policy's, and nothing it counted is forgotten.
+    for alg in [Algorithm::Gcra, Algorithm::FixedWindow] {
+        let c = clock();
+        c.advance(Duration::from_millis(1_001));
+        let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+        let p = [Policy::new("d", 100, Duration::from_secs(1), alg).unwrap()];
+        for _ in 0..50 {
+            assert!(l.check("k", &p, 1).unwrap().is_allowed());
+        }
+        c.rewind(Duration::from_millis(2));
+        let _ = l.check("k", &p, 1).unwrap();
+        c.advance(Duration::from_millis(52));
+        let admitted = (0..100).filter(|_| l.check("k", &p, 1).unwrap().is_allowed()).count();
+        // Fixed: 49 left in the window. GCRA: 49, plus the 5.2 units the
+        // 52 ms regenerated at 10 ms each, rounded down.
+        let want = if alg == Algorithm::Gcra { 54 } else { 49 };
+        assert_eq!(admitted, want, "{alg:?}: after 51 of 100");
+    }
+}
+
+#[test]
+fn a_repeated_name_keeps_the_first_policys_state() {
+    // One name twice: the state is the first policy's, and a later one of a
+    // shorter span never converts it (as in the Lua script).
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let hourly = Policy::new("x", 3, Duration::from_secs(3600), Algorithm::FixedWindow).unwrap();
+    let second = Policy::new("x", 100, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+    let both = [hourly, second];
+    let mut admitted = 0;
+    for _ in 0..5 {
+        for _ in 0..3 {
+            admitted += usize::from(l.check("k", &both, 1).unwrap().is_allowed());
+        }
+        c.advance(Duration::from_millis(1_500));
+    }
+    assert_eq!(admitted, 3, "the hourly limit holds across seconds");
+}

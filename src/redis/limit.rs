@@ -46,11 +46,14 @@ local function tat_abs(rel)
   local q = (x - r) / 1000000000
   return string.format('%d%09d', nsec + q, r)
 end
+-- How far past its own span (a GCRA horizon, a window's period) a state
+-- may reach and still be this policy's (as in memory): a second.
+local SLACK_NS = 1000000000
 -- A fixed window's state is `end_us:count`. The stored count holds until
--- the stored end, but no later than the end of the period-aligned window
--- holding now: a longer window's count (a plan change that kept the name)
--- or one from before the clock stepped back holds for one window of this
--- period at most (as in memory). Otherwise the window is that one.
+-- the stored end; an end more than the period and the slack away is a
+-- longer window's (a plan change that kept the name, or a clock that
+-- stepped back): its count holds for the window holding now at most (as
+-- in memory; the fourth result says so). Otherwise the window is that one.
 local function window(key, period)
   local p = period / 1000
   local current = (math.floor(now_us / p) + 1) * p
@@ -60,7 +63,7 @@ local function window(key, period)
     local e = sep and tonumber(string.sub(s, 1, sep - 1))
     local c = sep and tonumber(string.sub(s, sep + 1))
     if e and c and e > now_us then
-      if e > current then return c, current, true, true end
+      if e > now_us + p + SLACK_NS / 1000 then return c, current, true, true end
       return c, e, true, false
     end
   end
@@ -175,10 +178,10 @@ for i = 1, n do
     local used = tat_rel(raw)
     if held then used = held * interval end
     if used < 0 then used = 0 end
-    -- Beyond the horizon: a longer policy's state (a plan change that kept
-    -- the name) or a clock that stepped back. The whole burst is used, no
-    -- more, and kept so even on a denial (as in memory).
-    local beyond = used > horizon
+    -- Beyond the horizon and the slack: a longer policy's state (a plan
+    -- change that kept the name) or a clock that stepped back. The whole
+    -- burst is used, no more, and kept so even on a denial (as in memory).
+    local beyond = used > horizon + SLACK_NS
     if beyond then used = horizon end
     if (held or beyond) and used > 0 then
       st.convert = function() redis.call('SET', KEYS[i], tat_abs(used), 'PX', ms_ceil(used)) end
