@@ -144,7 +144,9 @@ impl RedisConfig {
 
     /// Sets the bound on every call (connecting included). A call that has
     /// no answer by then is [`BackendError::Timeout`]. Zero is replaced by
-    /// the default.
+    /// the default. Give the host's own deadlines more than this: a call
+    /// dropped before its timeout tells the handle nothing, and repeated
+    /// timeouts are how it notices a connection gone silent.
     #[must_use]
     pub fn timeout(mut self, timeout: Duration) -> Self {
         self.timeout = if timeout.is_zero() { Self::DEFAULT_TIMEOUT } else { timeout };
@@ -184,7 +186,10 @@ impl RedisConfig {
         // kernel after a few timeouts, so the manager reconnects.
         let tcp = TcpSettings::default().set_nodelay(true);
         #[cfg(any(target_os = "android", target_os = "fuchsia", target_os = "linux"))]
-        let tcp = tcp.set_user_timeout((self.timeout * 4).max(Duration::from_secs(2)));
+        let tcp = tcp.set_user_timeout(
+            // The option holds milliseconds in 32 bits: ten minutes at most.
+            self.timeout.saturating_mul(4).clamp(Duration::from_secs(2), Duration::from_secs(600)),
+        );
         let info = self.client.get_connection_info().clone().set_tcp_settings(tcp);
         let client = Client::open(info).map_err(map_err)?;
         let config = ConnectionManagerConfig::new()
@@ -264,10 +269,15 @@ impl Link {
         ConnectionManager::clone(&self.conn.load())
     }
 
-    /// Notes a call's outcome: a success clears the strikes; a failure a
-    /// new connection may cure adds one (a demoted primary, at once
-    /// enough), and enough of them start a replacement.
-    fn note(self: &Arc<Self>, outcome: Result<(), Curable>) {
+    /// Notes the outcome of a call made on `used`: a success clears the
+    /// strikes; a failure a new connection may cure adds one (a demoted
+    /// primary, at once enough), and enough of them start a replacement.
+    /// A call made on a manager since replaced says nothing of the current
+    /// one.
+    fn note(self: &Arc<Self>, used: &Arc<ConnectionManager>, outcome: Result<(), Curable>) {
+        if !Arc::ptr_eq(&self.conn.load(), used) {
+            return;
+        }
         let enough = match outcome {
             Ok(()) => {
                 self.strikes.store(0, Ordering::Relaxed);
@@ -323,6 +333,14 @@ enum Curable {
 fn curable(e: &RedisError) -> Curable {
     match e.code() {
         Some("READONLY" | "MASTERDOWN") => return Curable::Now,
+        // Before Redis 7, an error inside a script comes back as `ERR` with
+        // the original one in its text.
+        Some("ERR")
+            if e.detail()
+                .is_some_and(|d| d.contains("-READONLY ") || d.contains("-MASTERDOWN ")) =>
+        {
+            return Curable::Now;
+        }
         Some(_) => return Curable::No,
         None => {}
     }
@@ -413,8 +431,9 @@ impl Redis {
     }
 
     /// A clone of the underlying connection, for the host's own commands
-    /// (not bounded by the timeout). After the handle
-    /// [replaced](Self::replacements) its connection, ask again.
+    /// (not bounded by the timeout). The handle may
+    /// [replace](Self::replacements) its connection: a clone kept since
+    /// stays on the old one, so ask again rather than keep one.
     #[must_use]
     pub fn connection(&self) -> ConnectionManager {
         self.inner.link.manager()
@@ -440,8 +459,9 @@ impl Redis {
     where
         T: FromRedisValue + Send + 'static,
     {
-        let mut conn = self.inner.link.manager();
-        self.bounded(async move {
+        let used = self.inner.link.conn.load_full();
+        let mut conn = ConnectionManager::clone(&used);
+        self.bounded(used, async move {
             let mut inv = script.prepare_invoke();
             for k in keys {
                 inv.key(k);
@@ -461,8 +481,9 @@ impl Redis {
     where
         T: FromRedisValue + Send + 'static,
     {
-        let mut conn = self.inner.link.manager();
-        self.bounded(async move { cmd.query_async::<T>(&mut conn).await })
+        let used = self.inner.link.conn.load_full();
+        let mut conn = ConnectionManager::clone(&used);
+        self.bounded(used, async move { cmd.query_async::<T>(&mut conn).await })
     }
 
     /// Bounds `fut` by the timeout and maps its error. Off a tokio runtime
@@ -470,6 +491,7 @@ impl Redis {
     /// was connected on, so the store's futures work on any executor.
     fn bounded<T, F>(
         &self,
+        used: Arc<ConnectionManager>,
         fut: F,
     ) -> impl Future<Output = Result<T, BackendError>> + Send + 'static
     where
@@ -496,11 +518,11 @@ impl Redis {
             };
             match r {
                 Ok(v) => {
-                    link.note(Ok(()));
+                    link.note(&used, Ok(()));
                     Ok(v)
                 }
                 Err((c, e)) => {
-                    link.note(Err(c));
+                    link.note(&used, Err(c));
                     Err(e)
                 }
             }
@@ -556,5 +578,39 @@ fn map_err(e: RedisError) -> BackendError {
     match e.kind() {
         ErrorKind::UnexpectedReturnType | ErrorKind::Parse => BackendError::corrupt(e),
         _ => BackendError::unavailable(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server_error(reply: &[u8]) -> RedisError {
+        match ::redis::parse_redis_value(reply).and_then(::redis::Value::extract_error) {
+            Err(e) => e,
+            Ok(v) => panic!("not an error reply: {v:?}"),
+        }
+    }
+
+    #[test]
+    fn a_demoted_primary_is_curable_now_on_redis_6_and_7() {
+        let v7 = server_error(b"-READONLY You can't write against a read only replica.\r\n");
+        let v6 = server_error(
+            b"-ERR Error running script (call to f_0123): @user_script:3: -READONLY You can't \
+              write against a read only replica.\r\n",
+        );
+        let down = server_error(b"-MASTERDOWN Link with MASTER is down\r\n");
+        for e in [v7, v6, down] {
+            assert!(matches!(curable(&e), Curable::Now), "{e:?}");
+        }
+        for other in [
+            &b"-ERR Error running script (call to f_0123): @user_script:1: bad thing\r\n"[..],
+            b"-OOM command not allowed when used memory > 'maxmemory'.\r\n",
+            b"-NOPERM this user has no permissions\r\n",
+            b"-WRONGTYPE Operation against a key holding the wrong kind of value\r\n",
+        ] {
+            let e = server_error(other);
+            assert!(matches!(curable(&e), Curable::No), "{e:?}");
+        }
     }
 }

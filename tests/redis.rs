@@ -846,3 +846,13 @@ async fn a_key_of_the_wrong_type_under_the_prefix_is_corrupt_data() {
     let r = redis.limiter().check("k", &plan, 1, CheckMode::Consume).await;
     assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{r:?}");
 }
+
+#[tokio::test]
+async fn the_longest_timeout_connects_without_overflow() {
+    let server = RedisServer::start();
+    let redis =
+        RedisConfig::from_url(&server.url()).unwrap().timeout(Duration::MAX).connect().await;
+    let redis = redis.expect("a timeout of Duration::MAX is a long timeout, not a panic");
+    let plan = [hour("default", 10, Algorithm::Gcra)];
+    assert!(redis.limiter().check("k", &plan, 1, CheckMode::Consume).await.unwrap().is_allowed());
+}

@@ -51,6 +51,11 @@ impl RedisServer {
         s
     }
 
+    /// The server's working directory (under the system's temp dir).
+    fn dir(&self) -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("keygate-redis-{}", self.port))
+    }
+
     /// The port.
     pub fn port(&self) -> u16 {
         self.port
@@ -81,9 +86,15 @@ impl RedisServer {
     /// When it does not answer `PING` within 10 s.
     pub fn restart(&mut self) {
         self.stop();
+        // Its own working directory: a server made a replica writes the
+        // data it syncs (`dump.rdb`) there, not into the crate.
+        let dir = self.dir();
+        std::fs::create_dir_all(&dir).expect("create the server's directory");
         let child = Command::new(&self.bin)
             .args(["--bind", "127.0.0.1", "--port"])
             .arg(self.port.to_string())
+            .arg("--dir")
+            .arg(&dir)
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "yes"])
             .args(["--daemonize", "no", "--loglevel", "warning"])
             .stdout(Stdio::null())
@@ -132,5 +143,6 @@ impl Drop for RedisServer {
                 Command::new("kill").arg("-CONT").arg(self.pid().unwrap_or(0).to_string()).status();
         }
         self.stop();
+        let _ = std::fs::remove_dir_all(self.dir());
     }
 }
