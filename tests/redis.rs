@@ -736,8 +736,9 @@ async fn recovers(limiter: &keygate::redis::RedisLimiter, within: Duration) -> b
     false
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_peer_is_replaced_after_a_few_timeouts() {
+/// Two servers, a proxy to the first, and a handle connected through it
+/// (checked to work).
+async fn behind_a_proxy() -> (RedisServer, RedisServer, Proxy, Redis) {
     let (a, b) = (RedisServer::start(), RedisServer::start());
     let proxy = Proxy::start(a.port()).await;
     let redis = RedisConfig::from_url(&proxy.url())
@@ -746,8 +747,14 @@ async fn a_silent_peer_is_replaced_after_a_few_timeouts() {
         .connect()
         .await
         .unwrap();
+    assert!(recovers(&redis.limiter(), Duration::from_secs(2)).await);
+    (a, b, proxy, redis)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_peer_is_replaced_after_a_few_timeouts() {
+    let (_a, b, proxy, redis) = behind_a_proxy().await;
     let limiter = redis.limiter();
-    assert!(recovers(&limiter, Duration::from_secs(2)).await);
     // The old peer goes silent; new connections reach another server.
     proxy.point_at(b.port());
     proxy.cut();
@@ -760,16 +767,8 @@ async fn a_silent_peer_is_replaced_after_a_few_timeouts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_demoted_under_open_connections_is_replaced() {
-    let (a, b) = (RedisServer::start(), RedisServer::start());
-    let proxy = Proxy::start(a.port()).await;
-    let redis = RedisConfig::from_url(&proxy.url())
-        .unwrap()
-        .timeout(Duration::from_millis(250))
-        .connect()
-        .await
-        .unwrap();
+    let (a, b, proxy, redis) = behind_a_proxy().await;
     let limiter = redis.limiter();
-    assert!(recovers(&limiter, Duration::from_secs(2)).await);
     // Failover: B is the primary now, A its replica; the open connection
     // still reaches A, which refuses writes.
     proxy.point_at(b.port());
