@@ -91,6 +91,64 @@ proptest! {
     }
 }
 
+/// The policies a key may move between under one name (all `d`): every
+/// algorithm, spans from 50 ms to an hour.
+fn plan(i: usize) -> Policy {
+    let (limit, ms, alg) = [
+        (5, 1_000, Algorithm::Gcra),
+        (3, 50, Algorithm::Gcra),
+        (20, 3_600_000, Algorithm::Gcra),
+        (4, 1_000, Algorithm::FixedWindow),
+        (2, 100, Algorithm::FixedWindow),
+        (30, 3_600_000, Algorithm::FixedWindow),
+        (6, 1_000, Algorithm::SlidingWindow),
+        (10, 60_000, Algorithm::SlidingWindow),
+    ][i];
+    Policy::new("d", limit, Duration::from_millis(ms), alg).unwrap()
+}
+
+/// The most `p` admits in any span of `len_ms` starting at an admission:
+/// its limit per window (two windows' worth for a fixed window, whose
+/// spans may straddle a boundary), plus a full burst for GCRA.
+fn bound(p: &Policy) -> usize {
+    match p.algorithm() {
+        Algorithm::SlidingWindow => p.limit() as usize,
+        _ => 2 * p.limit() as usize,
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Plan changes under one name keep (and convert) state, and never let
+    /// a policy admit more than its own bound while it is the plan: what
+    /// was carried over only counts as used.
+    #[test]
+    fn plan_changes_never_let_a_policy_exceed_its_bound(
+        steps in prop::collection::vec((0usize..8, 1usize..30, 0u64..400), 1..40),
+    ) {
+        let clock = FakeClock::at_2026();
+        let l = MemoryLimiter::<String, _>::with_clock(16, clock.clone());
+        let mut t = 0u64;
+        for (which, n, gap) in steps {
+            let p = plan(which);
+            let span = u64::try_from(p.period().as_millis()).unwrap();
+            let mut times = Vec::new();
+            for _ in 0..n {
+                clock.advance(Duration::from_millis(gap));
+                t += gap;
+                if l.check("k", std::slice::from_ref(&p), 1).unwrap().is_allowed() {
+                    times.push(t);
+                }
+            }
+            prop_assert!(
+                max_in_any_window(&times, span) <= bound(&p),
+                "{:?} {} per {} ms admitted {:?}", p.algorithm(), p.limit(), span, times
+            );
+        }
+    }
+}
+
 #[test]
 fn two_threads_never_get_more_than_the_quota() {
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {

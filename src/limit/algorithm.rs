@@ -123,7 +123,8 @@ pub(crate) const SPAN_SLACK: u64 = 1_000_000_000;
 /// lets a state reach, by more than [`SPAN_SLACK`] — a GCRA time past its
 /// horizon, a fixed window ending past its period from now (a policy of a
 /// longer horizon or period before; or, on a server's clock, a step back
-/// of more than the slack). Such a state would lock the key out for the
+/// of more than the slack) — or a fixed window of a shorter period, still
+/// open, whose units would otherwise not count in this policy's window. Such a state would lock the key out for the
 /// old policy's span, not the new one's. Callers whose `now` may be stale
 /// read the clock again before converting.
 pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
@@ -138,7 +139,13 @@ pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
         }
         (Algorithm::FixedWindow, Slot::Window { end, .. }) => {
             let period = duration_nanos(policy.period()).max(1);
+            let current_end = (now / period + 1).saturating_mul(period);
+            // Too far ahead (a longer window's), or ending inside this
+            // policy's current window (a shorter window's: no window of
+            // this period ends there, and its units are counted in the
+            // current window rather than forgotten when it ends).
             *end > now.saturating_add(period).saturating_add(SPAN_SLACK)
+                || (*end > now && *end < current_end)
         }
         _ => false,
     }

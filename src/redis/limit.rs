@@ -52,8 +52,9 @@ local SLACK_NS = 1000000000
 -- A fixed window's state is `end_us:count`. The stored count holds until
 -- the stored end; an end more than the period and the slack away is a
 -- longer window's (a plan change that kept the name, or a clock that
--- stepped back): its count holds for the window holding now at most (as
--- in memory; the fourth result says so). Otherwise the window is that one.
+-- stepped back), one inside the current window a shorter window's: either
+-- count holds for the window holding now (as in memory; the fourth result
+-- says so). Otherwise the window is that one.
 local function window(key, period)
   local p = period / 1000
   local current = (math.floor(now_us / p) + 1) * p
@@ -63,7 +64,9 @@ local function window(key, period)
     local e = sep and tonumber(string.sub(s, 1, sep - 1))
     local c = sep and tonumber(string.sub(s, sep + 1))
     if e and c and e > now_us then
-      if e > now_us + p + SLACK_NS / 1000 then return c, current, true, true end
+      -- A longer window's (too far ahead), or a shorter window's (ending
+      -- inside the current one): counted in the current window.
+      if e > now_us + p + SLACK_NS / 1000 or e < current then return c, current, true, true end
       return c, e, true, false
     end
   end

@@ -39,6 +39,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     stacked(store, &format!("{prefix}:stacked")).await;
     period_change(store, &format!("{prefix}:period")).await;
     shorter_span(store, &format!("{prefix}:shorter")).await;
+    longer_window(store, &format!("{prefix}:longer")).await;
     algorithm_change(store, &format!("{prefix}:algorithm")).await;
     repeated_name(store, &format!("{prefix}:repeated")).await;
     let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
@@ -144,6 +145,23 @@ async fn shorter_span<S: LimitStore>(store: &S, key: &str) {
         let d = store.check(&key, &short, 1, CheckMode::Consume).await.unwrap();
         assert!(d.is_allowed(), "{}: admitted after the new span: {d:?}", alg.as_str());
     }
+}
+
+/// A plan change to a longer fixed window under one name while the short
+/// window is open: its units count in the long window, not only until the
+/// short one ends (which would admit them again there).
+async fn longer_window<S: LimitStore>(store: &S, key: &str) {
+    let short = [Policy::new("default", 2, Duration::from_millis(50), Algorithm::FixedWindow)
+        .expect("valid policy")];
+    let hourly = [policy("default", 3, Algorithm::FixedWindow)];
+    for _ in 0..2 {
+        assert!(store.check(key, &short, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    }
+    assert!(store.check(key, &hourly, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    // The short window has ended; the hour's three are used.
+    std::thread::sleep(Duration::from_millis(60));
+    let d = store.check(key, &hourly, 1, CheckMode::Consume).await.unwrap();
+    assert!(!d.is_allowed(), "the short window's units count in the hour: {d:?}");
 }
 
 async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
