@@ -232,10 +232,22 @@ impl KeyRecord {
     pub fn is_active(&self, now: Timestamp) -> bool {
         self.revoked_at.is_none() && self.expires_at.is_none_or(|e| now < e)
     }
+
+    /// When the key stopped working for good, if it has: the earlier of its
+    /// expiry and its revocation. Stores forget a record a retention after
+    /// this.
+    #[must_use]
+    pub fn ended_at(&self) -> Option<Timestamp> {
+        match (self.expires_at, self.revoked_at) {
+            (Some(e), Some(r)) => Some(e.min(r)),
+            (e, r) => e.or(r),
+        }
+    }
 }
 
-/// How long the shipped stores keep a record after it expires (listed, and
-/// refused as expired) before forgetting it: one day.
+/// How long the shipped stores keep a record after it expires or is revoked
+/// (listed, and refused as expired or revoked) before forgetting it: one
+/// day.
 pub const EXPIRED_RETENTION: std::time::Duration = std::time::Duration::from_secs(24 * 60 * 60);
 
 /// A cap on active keys per project, enforced by [`KeyStore::insert`] in the
@@ -293,14 +305,15 @@ pub enum InsertOutcome {
 ///   is `Ok(None)`. The authenticator always turns a key-store error into a
 ///   503 (fail closed); the gate's fail modes apply to the limiter and
 ///   quota stores only.
-/// - **Retention.** A store may forget a record once it has been expired for
-///   longer than a retention period of the host's choosing (SQL: a periodic
-///   `DELETE … WHERE expires_at < now() - retention`; Redis: a key expiry).
-///   Short-lived credentials such as portal access tokens are records too,
-///   so a store that never forgets grows with every redemption. A forgotten
-///   key fails as unknown instead of expired: the same 401.
-///   [`MemoryKeyStore`] and `RedisKeyStore` keep expired records for
-///   [`EXPIRED_RETENTION`] by default.
+/// - **Retention.** A store may forget a record once it has been expired or
+///   revoked for longer than a retention period of the host's choosing
+///   (SQL: a periodic `DELETE … WHERE least(expires_at, revoked_at) < now()
+///   - retention`; Redis: a key expiry). Short-lived credentials such as
+///   portal access tokens are records too, and a tenant may create and
+///   revoke keys in a loop, so a store that never forgets grows without
+///   bound. A forgotten key fails as unknown instead of expired or revoked:
+///   the same 401. [`MemoryKeyStore`] and `RedisKeyStore` keep ended
+///   records for [`EXPIRED_RETENTION`] by default.
 ///
 /// Methods return `impl Future + Send`; implement them with `async` blocks.
 pub trait KeyStore: Send + Sync {

@@ -1303,9 +1303,10 @@ async fn a_shortened_expiry_is_forgotten_on_the_new_schedule() {
     };
     let rolled = record(0, Some(365 * 86_400));
     assert_eq!(store.insert(Arc::clone(&rolled), None).await.unwrap(), InsertOutcome::Inserted);
-    // Rolling a key shortens the old one's expiry to the grace period.
+    // Rolling a key shortens the old one's expiry to the grace period; a
+    // revocation after that expiry does not move its end.
     assert!(store.shorten_expiry(&rolled.id, at(10)).await.unwrap());
-    store.revoke(&rolled.id, at(5)).await.unwrap();
+    assert!(store.revoke(&rolled.id, at(20)).await.unwrap());
     assert_eq!(store.insert(record(69, None), None).await.unwrap(), InsertOutcome::Inserted);
     assert!(store.get(&rolled.id).await.unwrap().is_some(), "kept within the retention");
     assert_eq!(store.insert(record(70, None), None).await.unwrap(), InsertOutcome::Inserted);
@@ -1344,32 +1345,38 @@ fn store_op() -> impl proptest::strategy::Strategy<Value = StoreOp> {
 
 proptest::proptest! {
     /// Against a model: after every operation the store holds exactly the
-    /// records that were never due to be forgotten at an insert (expiry
-    /// plus retention at or before that insert's time), whatever the order
-    /// of expiries, shortenings and revocations.
+    /// records that were never due to be forgotten at an insert (end — the
+    /// earlier of expiry and revocation — plus retention at or before that
+    /// insert's time), whatever the order of expiries, shortenings and
+    /// revocations.
     #[test]
     fn the_store_forgets_exactly_what_retention_allows(ops in proptest::collection::vec(store_op(), 1..80)) {
         use keygate::testkit::keys::sample_record;
         const RETENTION: i64 = 60;
         let at = |secs: i64| Timestamp::from_second(1_767_225_600 + secs).unwrap();
         let store = MemoryKeyStore::new().expired_retention(Duration::from_secs(60));
-        // Every record ever inserted, and its expiry in the model (None
-        // once forgotten: Some(expiry) inside, for "present").
-        let mut all: Vec<(RecordId, Option<Option<i64>>)> = Vec::new();
+        // Every record ever inserted, and its (expiry, revocation) in the
+        // model (None once forgotten).
+        type Ends = (Option<i64>, Option<i64>);
+        let mut all: Vec<(RecordId, Option<Ends>)> = Vec::new();
         let mut now = 0_i64;
         for op in ops {
             match op {
                 StoreOp::Insert { advance, expires } => {
                     now += advance;
                     for (_, state) in &mut all {
-                        if let Some(Some(e)) = *state && e + RETENTION <= now {
+                        let end = state.and_then(|(e, r)| match (e, r) {
+                            (Some(e), Some(r)) => Some(e.min(r)),
+                            (e, r) => e.or(r),
+                        });
+                        if end.is_some_and(|end| end + RETENTION <= now) {
                             *state = None;
                         }
                     }
                     let mut r = sample_record("ws_m", Some("p1"), 0, all.len().is_multiple_of(2));
                     r.created_at = at(now);
                     r.expires_at = expires.map(|e| at(now + e));
-                    all.push((r.id.clone(), Some(expires.map(|e| now + e))));
+                    all.push((r.id.clone(), Some((expires.map(|e| now + e), None))));
                     assert_eq!(futures_ready(store.insert(Arc::new(r), None)), InsertOutcome::Inserted);
                 }
                 StoreOp::Shorten { pick, to } if !all.is_empty() => {
@@ -1377,13 +1384,19 @@ proptest::proptest! {
                     let (id, state) = &mut all[pick % n];
                     let changed = futures_ready(store.shorten_expiry(id, at(now + to)));
                     proptest::prop_assert_eq!(changed, state.is_some());
-                    if let Some(e) = state {
+                    if let Some((e, _)) = state {
                         *e = Some(e.map_or(now + to, |e| e.min(now + to)));
                     }
                 }
                 StoreOp::Revoke { pick } if !all.is_empty() => {
-                    let (id, _) = &all[pick % all.len()];
-                    futures_ready(store.revoke(id, at(now)));
+                    let n = all.len();
+                    let (id, state) = &mut all[pick % n];
+                    let revoked = futures_ready(store.revoke(id, at(now)));
+                    let first = matches!(state, Some((_, None)));
+                    proptest::prop_assert_eq!(revoked, first);
+                    if let Some((_, r @ None)) = state {
+                        *r = Some(now);
+                    }
                 }
                 _ => {}
             }
@@ -1392,8 +1405,9 @@ proptest::proptest! {
             for (id, state) in &all {
                 let got = futures_ready(store.get(id));
                 proptest::prop_assert_eq!(got.is_some(), state.is_some());
-                if let (Some(r), Some(e)) = (got, state) {
+                if let (Some(r), Some((e, rv))) = (got, state) {
                     proptest::prop_assert_eq!(r.expires_at, e.map(at));
+                    proptest::prop_assert_eq!(r.revoked_at, rv.map(at));
                 }
             }
         }

@@ -855,3 +855,30 @@ async fn the_longest_timeout_connects_without_overflow() {
     let plan = [hour("default", 10, Algorithm::Gcra)];
     assert!(redis.limiter().check("k", &plan, 1, CheckMode::Consume).await.unwrap().is_allowed());
 }
+
+#[tokio::test]
+async fn a_revoked_record_and_its_indexes_are_forgotten_a_retention_later() {
+    use ::redis::AsyncCommands;
+    let server = RedisServer::start();
+    let store = connect(&server, "rv").await.keys().expired_retention(Duration::from_secs(60));
+    let r = keygate::testkit::keys::sample_record("ws_x", Some("p1"), 0, true);
+    assert_eq!(store.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let base = "rv:{rv:keys}:";
+    let keys = [
+        format!("{base}rec:{}", r.id),
+        format!("{base}dig:{}", r.digest.digest().to_hex()),
+        format!("{base}kid:nk:{}", r.key_id.unwrap()),
+    ];
+    for key in &keys {
+        let ttl: i64 = con.pttl(key).await.unwrap();
+        assert_eq!(ttl, -1, "{key}: a record that never expires is kept while active");
+    }
+    assert!(store.revoke(&r.id, jiff::Timestamp::now()).await.unwrap());
+    for key in &keys {
+        let ttl: i64 = con.pttl(key).await.unwrap();
+        assert!((55_000..=60_000).contains(&ttl), "{key}: {ttl} ms after the revocation");
+    }
+    assert!(store.get(&r.id).await.unwrap().unwrap().revoked_at.is_some(), "listed until then");
+}

@@ -117,14 +117,25 @@ end
 return out
 ";
 
-/// KEYS[1]: record. ARGV: time (sortable), channel, id. 1: revoked and
-/// published; 2: revoked, but the server refused the publication (an ACL
-/// without channel rights, say): scripts do not roll back, so the revocation
-/// stands either way.
+/// KEYS: record, digest index, key-id index. ARGV: time (sortable),
+/// channel, id, forget-at (Unix ms: the earlier of the expiry and now, plus
+/// retention), retention (ms), has key id. The record and the indexes that
+/// point at it are forgotten a retention after the revocation (or the
+/// expiry, if earlier), so create-and-revoke loops do not grow Redis.
+/// 1: revoked and published; 2: revoked, but the server refused the
+/// publication (an ACL without channel rights, say): scripts do not roll
+/// back, so the revocation stands either way.
 const REVOKE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'rev', ARGV[1])
+if ARGV[4] ~= '' then
+  FORGET(KEYS[1], ARGV[4], ARGV[5])
+  if redis.call('GET', KEYS[2]) == ARGV[3] then FORGET(KEYS[2], ARGV[4], ARGV[5]) end
+  if ARGV[6] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
+    FORGET(KEYS[3], ARGV[4], ARGV[5])
+  end
+end
 return PUBLISHED(ARGV[2], ARGV[3])
 ";
 
@@ -198,7 +209,7 @@ static INSERT_SCRIPT: LazyLock<Script> =
 static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
 static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIST));
 static REVOKE_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{PUBLISHED_FN}{REVOKE}")));
+    LazyLock::new(|| Script::new(&format!("{PUBLISHED_FN}{FUTURE_FN}{REVOKE}")));
 static SHORTEN_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&format!("{PUBLISHED_FN}{FUTURE_FN}{SHORTEN}")));
 static LAST_USED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_USED));
@@ -253,6 +264,20 @@ impl RedisKeyStore {
 
     /// When Redis may forget a record expiring at `expires_at`: Unix ms, or
     /// empty for never.
+    /// The keys a script that changes a record's end touches: the record,
+    /// its digest index and its key-id index (a placeholder when it has no
+    /// key id), and whether it has one (`1` or `0`).
+    fn record_keys(&self, record: &KeyRecord) -> (Vec<String>, Vec<u8>) {
+        let kid = record.key_id.map(|k| self.kid(&record.format, &k));
+        let has_kid = if kid.is_some() { b"1".to_vec() } else { b"0".to_vec() };
+        let keys = vec![
+            self.rec(&record.id),
+            self.dig(&record.digest),
+            kid.unwrap_or_else(|| format!("{}kid:-", self.base)),
+        ];
+        (keys, has_kid)
+    }
+
     fn forget_at(&self, expires_at: Option<Timestamp>) -> Vec<u8> {
         expires_at
             .and_then(|e| e.checked_add(self.retention).ok())
@@ -432,7 +457,8 @@ impl KeyStore for RedisKeyStore {
             self.rec_prefix().into_bytes(),
             opt_sortable(record.revoked_at),
             opt_sortable(record.last_used_at),
-            self.forget_at(record.expires_at),
+            // A record written revoked (an import) ends then too.
+            self.forget_at(record.ended_at()),
             self.retention_ms(),
         ];
         let max = limit.map_or(0, |l| l.max);
@@ -514,14 +540,24 @@ impl KeyStore for RedisKeyStore {
         id: &RecordId,
         at: Timestamp,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
-        let args = vec![
-            sortable(at).into_bytes(),
-            self.redis.revocation_channel().into_bytes(),
-            id.as_str().as_bytes().to_vec(),
-        ];
-        let call = self.redis.eval::<i64>(&REVOKE_SCRIPT, vec![self.rec(id)], args);
-        let redis = self.redis.clone();
-        async move { Ok(redis.note_published(call.await?) != 0) }
+        // The index keys come from the record's (immutable) digest and key
+        // id: one read first, as for `shorten_expiry`. Revoking is rare.
+        let get = self.get(id);
+        async move {
+            let Some(record) = get.await? else { return Ok(false) };
+            let end = record.expires_at.map_or(at, |e| e.min(at));
+            let (keys, has_kid) = self.record_keys(&record);
+            let args = vec![
+                sortable(at).into_bytes(),
+                self.redis.revocation_channel().into_bytes(),
+                record.id.as_str().as_bytes().to_vec(),
+                self.forget_at(Some(end)),
+                self.retention_ms(),
+                has_kid,
+            ];
+            let done = self.redis.eval::<i64>(&REVOKE_SCRIPT, keys, args).await?;
+            Ok(self.redis.note_published(done) != 0)
+        }
     }
 
     fn shorten_expiry(
@@ -529,27 +565,24 @@ impl KeyStore for RedisKeyStore {
         id: &RecordId,
         expires_at: Timestamp,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
-        let args = vec![
-            sortable(expires_at).into_bytes(),
-            self.forget_at(Some(expires_at)),
-            id.as_str().as_bytes().to_vec(),
-            self.retention_ms(),
-            self.redis.revocation_channel().into_bytes(),
-        ];
         // The index keys come from the record's (immutable) digest and key
         // id: one read first. Shortening is rare (rolls), so two round
         // trips are fine.
         let get = self.get(id);
         async move {
             let Some(record) = get.await? else { return Ok(false) };
-            let kid = record.key_id.map(|k| self.kid(&record.format, &k));
-            let keys = vec![
-                self.rec(&record.id),
-                self.dig(&record.digest),
-                kid.clone().unwrap_or_else(|| format!("{}kid:-", self.base)),
+            // Forgotten a retention after it ends: the new expiry, or an
+            // earlier revocation.
+            let end = record.revoked_at.map_or(expires_at, |r| r.min(expires_at));
+            let (keys, has_kid) = self.record_keys(&record);
+            let args = vec![
+                sortable(expires_at).into_bytes(),
+                self.forget_at(Some(end)),
+                record.id.as_str().as_bytes().to_vec(),
+                self.retention_ms(),
+                self.redis.revocation_channel().into_bytes(),
+                has_kid,
             ];
-            let mut args = args;
-            args.push(if kid.is_some() { b"1".to_vec() } else { b"0".to_vec() });
             let done = self.redis.eval::<i64>(&SHORTEN_SCRIPT, keys, args).await?;
             Ok(self.redis.note_published(done) != 0)
         }

@@ -32,10 +32,10 @@ struct Inner {
     by_project: IdMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
     /// How long a record stays after it expires.
     retention: SignedDuration,
-    /// (expiry, id hash) of every record that expires, soonest first: no
-    /// copy of the id. An entry whose record is gone or has a different
-    /// expiry since is stale and skipped; an id that shares the hash is
-    /// forgotten only if it is as expired.
+    /// (end, id hash) of every record that expires or was revoked (its
+    /// [`KeyRecord::ended_at`]), soonest first: no copy of the id. An entry whose record is
+    /// gone or has a different end since is stale and skipped; an id that
+    /// shares the hash is forgotten only if it ended as long ago.
     expiries: BinaryHeap<Reverse<(Timestamp, u64)>>,
 }
 
@@ -51,9 +51,9 @@ impl Inner {
         }
     }
 
-    /// Forgets every record expired for longer than the retention at
-    /// `now`: pops due entries off the expiry heap, so the cost is that of
-    /// the records forgotten (and a heap peek when there are none).
+    /// Forgets every record expired or revoked for longer than the
+    /// retention at `now`: pops due entries off the heap, so the cost is
+    /// that of the records forgotten (and a heap peek when there are none).
     fn forget_expired(&mut self, now: Timestamp) {
         let Ok(cutoff) = now.checked_sub(self.retention) else { return };
         while self.expiries.peek().is_some_and(|Reverse((at, _))| *at <= cutoff) {
@@ -61,7 +61,7 @@ impl Inner {
             let due: Vec<RecordId> = self
                 .by_id
                 .with_hash(hash)
-                .filter(|r| r.expires_at == Some(at))
+                .filter(|r| r.ended_at() == Some(at))
                 .map(|r| r.id.clone())
                 .collect();
             for id in &due {
@@ -211,10 +211,10 @@ impl MemoryKeyStore {
         Self { inner: Arc::new(RwLock::new(Inner::with_capacity(n))) }
     }
 
-    /// Keeps records for `retention` after they expire (default
-    /// [`EXPIRED_RETENTION`](super::EXPIRED_RETENTION), one day): until
-    /// then they are listed and refused as expired; afterwards the next
-    /// insert forgets them, so short-lived credentials such as portal
+    /// Keeps records for `retention` after they expire or are revoked
+    /// (default [`EXPIRED_RETENTION`](super::EXPIRED_RETENTION), one day):
+    /// until then they are listed and refused as expired or revoked;
+    /// afterwards the next insert forgets them, so short-lived credentials such as portal
     /// access tokens do not accumulate. The store keeps its expiring
     /// records in a heap by expiry, so an insert pays only for the records
     /// it forgets: no scan, no pause. Clones share the records, so the
@@ -293,7 +293,7 @@ impl MemoryKeyStore {
             if let Some(pk) = project_key {
                 i.by_project.entry(pk).or_default().push(record.id.clone());
             }
-            if let Some(at) = record.expires_at {
+            if let Some(at) = record.ended_at() {
                 i.expiries.push(Reverse((at, h)));
             }
             i.replace(h, record);
@@ -308,9 +308,9 @@ impl MemoryKeyStore {
             let mut next = KeyRecord::clone(current);
             let changed = f(&mut next);
             if changed {
-                // A new expiry is scheduled; the old heap entry goes stale.
-                if next.expires_at != current.expires_at
-                    && let Some(at) = next.expires_at
+                // A new end is scheduled; the old heap entry goes stale.
+                if next.ended_at() != current.ended_at()
+                    && let Some(at) = next.ended_at()
                 {
                     i.expiries.push(Reverse((at, h)));
                 }
