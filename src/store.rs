@@ -307,8 +307,8 @@ pub enum InsertOutcome {
 ///   quota stores only.
 /// - **Retention.** A store may forget a record once it has been expired or
 ///   revoked for longer than a retention period of the host's choosing
-///   (SQL: a periodic `DELETE … WHERE least(expires_at, revoked_at) < now()
-///   - retention`; Redis: a key expiry). Short-lived credentials such as
+///   (SQL: a periodic `DELETE` of rows whose earlier of `expires_at` and
+///   `revoked_at` is older than the retention; Redis: a key expiry). Short-lived credentials such as
 ///   portal access tokens are records too, and a tenant may create and
 ///   revoke keys in a loop, so a store that never forgets grows without
 ///   bound. A forgotten key fails as unknown instead of expired or revoked:
