@@ -1314,6 +1314,9 @@ async fn a_shortened_expiry_is_forgotten_on_the_new_schedule() {
     assert_eq!(store.len(), 2);
 }
 
+/// A modelled record's expiry and revocation (seconds).
+type Ends = (Option<i64>, Option<i64>);
+
 #[derive(Debug, Clone)]
 enum StoreOp {
     /// Insert a record `advance` seconds after the previous insert,
@@ -1357,7 +1360,6 @@ proptest::proptest! {
         let store = MemoryKeyStore::new().expired_retention(Duration::from_secs(60));
         // Every record ever inserted, and its (expiry, revocation) in the
         // model (None once forgotten).
-        type Ends = (Option<i64>, Option<i64>);
         let mut all: Vec<(RecordId, Option<Ends>)> = Vec::new();
         let mut now = 0_i64;
         for op in ops {
