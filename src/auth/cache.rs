@@ -17,7 +17,50 @@ use crate::store::RecordId;
 
 const SHARDS: usize = 16;
 
-type Shard = HashMap<Digest, (Principal, Nanos), DigestBuildHasher>;
+/// One shard: principals by digest, and the digests each record is cached
+/// under (one, or a few across pepper rotations), so invalidating a record
+/// is a lookup per shard, not a scan of every entry.
+#[derive(Default)]
+struct Shard {
+    by_digest: HashMap<Digest, (Principal, Nanos), DigestBuildHasher>,
+    by_id: HashMap<RecordId, Vec<Digest>, ahash::RandomState>,
+}
+
+impl Shard {
+    fn len(&self) -> usize {
+        self.by_digest.len()
+    }
+
+    fn insert(&mut self, digest: Digest, principal: Principal, now: Nanos) {
+        let digests = self.by_id.entry(principal.record_id().clone()).or_default();
+        if !digests.contains(&digest) {
+            digests.push(digest);
+        }
+        self.by_digest.insert(digest, (principal, now));
+    }
+
+    /// Keeps the entries `keep` says to keep.
+    fn retain(&mut self, mut keep: impl FnMut(&Principal, Nanos) -> bool) {
+        let by_id = &mut self.by_id;
+        self.by_digest.retain(|d, (p, at)| {
+            let kept = keep(p, *at);
+            if !kept && let Some(ds) = by_id.get_mut(p.record_id()) {
+                ds.retain(|x| x != d);
+                if ds.is_empty() {
+                    by_id.remove(p.record_id());
+                }
+            }
+            kept
+        });
+    }
+
+    /// Drops record `id`'s entries.
+    fn remove_record(&mut self, id: &RecordId) {
+        for d in self.by_id.remove(id).unwrap_or_default() {
+            self.by_digest.remove(&d);
+        }
+    }
+}
 
 /// Remembers principals that verified recently, keyed by the key's digest,
 /// so a hot key costs one hash and one map probe.
@@ -96,7 +139,7 @@ impl PrincipalCache {
     #[must_use]
     pub fn get(&self, digest: &Digest, now: Nanos) -> Option<Principal> {
         let shard = self.shard(digest).read().unwrap_or_else(PoisonError::into_inner);
-        let (p, at) = shard.get(digest)?;
+        let (p, at) = shard.by_digest.get(digest)?;
         fresh(*at, now, self.ttl).then(|| p.clone())
     }
 
@@ -132,7 +175,7 @@ impl PrincipalCache {
     fn insert_locked(&self, shard: &mut Shard, digest: Digest, principal: Principal, now: Nanos) {
         let (per_shard, ttl) = (self.per_shard, self.ttl);
         if shard.len() >= per_shard {
-            shard.retain(|_, (_, at)| fresh(*at, now, ttl));
+            shard.retain(|_, at| fresh(at, now, ttl));
             if shard.len() >= per_shard {
                 // Still full of live entries: drop an arbitrary sixteenth,
                 // so the next sweep is that many inserts away (each sweep
@@ -146,29 +189,31 @@ impl PrincipalCache {
                 });
             }
         }
-        shard.insert(digest, (principal, now));
+        shard.insert(digest, principal, now);
     }
 
     /// Drops every entry of record `id` (called on revocation, after the
     /// store has recorded it), and keeps authentications already under way
     /// from caching it again.
     pub fn invalidate(&self, id: &RecordId) {
-        self.drop_where(|p| p.record_id() == id);
+        self.drop_in_each(|s| s.remove_record(id));
     }
 
     /// Drops every entry (say, after revocation messages may have been
     /// missed), and keeps authentications already under way from caching
     /// what they read before.
     pub fn clear(&self) {
-        self.drop_where(|_| true);
+        self.drop_in_each(|s| *s = Shard::default());
     }
 
-    /// Bumps the generation, then drops the entries `doomed` picks: an
-    /// insert racing it either sees the bump or is swept.
-    fn drop_where(&self, mut doomed: impl FnMut(&Principal) -> bool) {
+    /// Bumps the generation, then drops entries from each shard with
+    /// `drop`: an insert racing it either sees the bump or is swept. A
+    /// record's entries are found through its id, so invalidating one (a
+    /// revocation message) costs a lookup per shard, not a scan.
+    fn drop_in_each(&self, mut drop: impl FnMut(&mut Shard)) {
         self.generation.fetch_add(1, Ordering::SeqCst);
         for s in &self.shards {
-            s.write().unwrap_or_else(PoisonError::into_inner).retain(|_, (p, _)| !doomed(p));
+            drop(&mut s.write().unwrap_or_else(PoisonError::into_inner));
         }
     }
 
@@ -270,5 +315,66 @@ impl LastUse {
             let t = p.entry(id).or_insert(at);
             *t = (*t).max(at);
         }
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::scope::ScopeRegistry;
+    use crate::testkit::keys::sample_record;
+
+    fn principal() -> (Digest, Principal) {
+        let r = sample_record("ws_c", None, 0, false);
+        let d = *r.digest.digest();
+        (d, Principal::from_record(Arc::new(r), &ScopeRegistry::default()).unwrap())
+    }
+
+    /// Every digest indexed by id is cached under that id, and every
+    /// cached entry is indexed: invalidation by id finds exactly them.
+    fn consistent(c: &PrincipalCache) {
+        for s in &c.shards {
+            let s = s.read().unwrap();
+            let indexed: usize = s.by_id.values().map(Vec::len).sum();
+            assert_eq!(indexed, s.by_digest.len());
+            for (id, ds) in &s.by_id {
+                for d in ds {
+                    assert_eq!(s.by_digest.get(d).map(|(p, _)| p.record_id()), Some(id));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_id_index_follows_inserts_evictions_and_invalidations() {
+        let c = PrincipalCache::new(Duration::from_secs(30), 64);
+        let mut kept = Vec::new();
+        for i in 0..1_000_u64 {
+            let (d, p) = principal();
+            c.insert(d, p.clone(), Nanos::new(i * 1_000_000));
+            kept.push((d, p));
+            if i % 7 == 0 {
+                let (_, victim) = &kept[usize::try_from(i / 2).unwrap()];
+                c.invalidate(victim.record_id());
+            }
+        }
+        consistent(&c);
+        assert!(c.len() <= 64 + SHARDS, "bounded: {}", c.len());
+        // Invalidating one record drops its entry and nothing else.
+        let now = Nanos::new(1_000 * 1_000_000);
+        let (d, p) = &kept[999];
+        let (d2, p2) = &kept[998];
+        c.insert(*d, p.clone(), now);
+        c.insert(*d2, p2.clone(), now);
+        let before = c.len();
+        c.invalidate(p.record_id());
+        assert!(c.get(d, now).is_none() && c.get(d2, now).is_some());
+        assert_eq!(c.len(), before - 1);
+        consistent(&c);
+        c.clear();
+        assert!(c.is_empty());
+        consistent(&c);
     }
 }
