@@ -594,7 +594,8 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
     /// Revokes key `id`. It stops working at once in this process (the cache
     /// entry is dropped) and within the cache bound everywhere else.
-    /// `Ok(false)` if it was already revoked.
+    /// `Ok(false)` if it was already revoked — within the store's retention:
+    /// once a revoked record is forgotten, it is `NotFound`.
     ///
     /// This looks the record up by id alone: an operator's call. On behalf
     /// of a caller (an API request), use [`revoke_for`](Self::revoke_for).

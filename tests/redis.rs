@@ -882,3 +882,21 @@ async fn a_revoked_record_and_its_indexes_are_forgotten_a_retention_later() {
     }
     assert!(store.get(&r.id).await.unwrap().unwrap().revoked_at.is_some(), "listed until then");
 }
+
+#[tokio::test]
+async fn a_key_revoked_before_revocations_had_a_ttl_gets_one_when_revoked_again() {
+    use ::redis::AsyncCommands;
+    let server = RedisServer::start();
+    let store = connect(&server, "up").await.keys().expired_retention(Duration::from_secs(60));
+    let r = keygate::testkit::keys::sample_record("ws_u", None, 0, false);
+    assert_eq!(store.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    assert!(store.revoke(&r.id, jiff::Timestamp::now()).await.unwrap());
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let rec = format!("up:{{up:keys}}:rec:{}", r.id);
+    // As an older version left it: revoked, kept forever.
+    let _: bool = con.persist(&rec).await.unwrap();
+    assert!(!store.revoke(&r.id, jiff::Timestamp::now()).await.unwrap(), "already revoked");
+    let ttl: i64 = con.pttl(&rec).await.unwrap();
+    assert!((55_000..=60_000).contains(&ttl), "{ttl} ms");
+}

@@ -45,8 +45,8 @@ pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
 /// KEYS: record, digest index, key-id index, project set, workspace set.
 /// ARGV: id, immutable JSON, expiry, has key id, has project, cap (or
 /// empty), now, record-key prefix, revoked, last used (times sortable or
-/// empty), forget-at (Unix ms: expiry plus retention, or empty), retention
-/// (ms).
+/// empty), forget-at (Unix ms: the record's end — expiry or revocation —
+/// plus retention, or empty), retention (ms).
 ///
 /// Redis drops an expired record and its indexes at forget-at by itself.
 /// A forget-at already behind the server's clock (a record written with
@@ -127,15 +127,21 @@ return out
 /// back, so the revocation stands either way.
 const REVOKE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then return 0 end
-redis.call('HSET', KEYS[1], 'rev', ARGV[1])
-if ARGV[4] ~= '' then
+local function schedule()
+  if ARGV[4] == '' then return end
   FORGET(KEYS[1], ARGV[4], ARGV[5])
   if redis.call('GET', KEYS[2]) == ARGV[3] then FORGET(KEYS[2], ARGV[4], ARGV[5]) end
   if ARGV[6] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
     FORGET(KEYS[3], ARGV[4], ARGV[5])
   end
 end
+if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then
+  -- Revoked by a version that kept revoked records forever: schedule it.
+  if redis.call('PTTL', KEYS[1]) == -1 then schedule() end
+  return 0
+end
+redis.call('HSET', KEYS[1], 'rev', ARGV[1])
+schedule()
 return PUBLISHED(ARGV[2], ARGV[3])
 ";
 
@@ -251,19 +257,17 @@ impl RedisKeyStore {
         Self { redis, base, retention: signed_duration(crate::store::EXPIRED_RETENTION) }
     }
 
-    /// Keeps records for `retention` after they expire (default
-    /// [`EXPIRED_RETENTION`](crate::store::EXPIRED_RETENTION), one day);
-    /// then Redis deletes them and their indexes (a key expiry), so
-    /// short-lived credentials such as portal access tokens do not
-    /// accumulate.
+    /// Keeps records for `retention` after they expire or are revoked
+    /// (default [`EXPIRED_RETENTION`](crate::store::EXPIRED_RETENTION), one
+    /// day); then Redis deletes them and their indexes (a key expiry), so
+    /// short-lived credentials such as portal access tokens, and keys
+    /// created and revoked in a loop, do not accumulate.
     #[must_use]
     pub fn expired_retention(mut self, retention: std::time::Duration) -> Self {
         self.retention = signed_duration(retention);
         self
     }
 
-    /// When Redis may forget a record expiring at `expires_at`: Unix ms, or
-    /// empty for never.
     /// The keys a script that changes a record's end touches: the record,
     /// its digest index and its key-id index (a placeholder when it has no
     /// key id), and whether it has one (`1` or `0`).
@@ -278,8 +282,10 @@ impl RedisKeyStore {
         (keys, has_kid)
     }
 
-    fn forget_at(&self, expires_at: Option<Timestamp>) -> Vec<u8> {
-        expires_at
+    /// When Redis may forget a record that ended (expired or was revoked)
+    /// at `ended_at`: Unix ms, or empty for never.
+    fn forget_at(&self, ended_at: Option<Timestamp>) -> Vec<u8> {
+        ended_at
             .and_then(|e| e.checked_add(self.retention).ok())
             .map(|t| t.as_millisecond().to_string())
             .unwrap_or_default()
@@ -545,7 +551,9 @@ impl KeyStore for RedisKeyStore {
         let get = self.get(id);
         async move {
             let Some(record) = get.await? else { return Ok(false) };
-            let end = record.expires_at.map_or(at, |e| e.min(at));
+            // Its end: the earlier of its expiry, an earlier revocation,
+            // and this one.
+            let end = record.ended_at().map_or(at, |e| e.min(at));
             let (keys, has_kid) = self.record_keys(&record);
             let args = vec![
                 sortable(at).into_bytes(),

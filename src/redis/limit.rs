@@ -57,7 +57,11 @@ local SLACK_NS = 1000000000
 -- says so). Otherwise the window is that one.
 local function window(key, period)
   local p = period / 1000
-  local current = (math.floor(now_us / p) + 1) * p
+  -- The window holding now, k * p <= now_us < (k + 1) * p, exactly: a
+  -- period of a fraction of a microsecond makes the quotient round.
+  local k = math.floor(now_us / p)
+  if (k + 1) * p <= now_us then k = k + 1 elseif k * p > now_us then k = k - 1 end
+  local current = (k + 1) * p
   local s = redis.call('GET', key)
   if s then
     local sep = string.find(s, ':', 1, true)

@@ -30,7 +30,7 @@ struct Inner {
     /// Records of each (workspace, project), so the active-key cap is
     /// checked against one project's records, not all of them.
     by_project: IdMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
-    /// How long a record stays after it expires.
+    /// How long a record stays after it ends (expires or is revoked).
     retention: SignedDuration,
     /// (end, id hash) of every record that expires or was revoked (its
     /// [`KeyRecord::ended_at`]), soonest first: no copy of the id. An entry whose record is
@@ -67,6 +67,24 @@ impl Inner {
             for id in &due {
                 self.remove(id);
             }
+        }
+    }
+
+    /// Schedules the record whose id hashes to `hash` to be forgotten a
+    /// retention after `at`. An end that moved earlier (a revocation, a
+    /// shortened expiry) leaves the old entry stale until its time; when
+    /// stale entries outnumber the records, the heap is rebuilt from the
+    /// records (amortized O(1) per push), so a loop of create-with-expiry
+    /// and revoke does not grow it for a year.
+    fn schedule(&mut self, at: Timestamp, hash: u64) {
+        self.expiries.push(Reverse((at, hash)));
+        if self.expiries.len() > 2 * self.by_id.len() + 64 {
+            self.expiries = self
+                .by_id
+                .table
+                .iter()
+                .filter_map(|(h, r)| r.ended_at().map(|at| Reverse((at, *h))))
+                .collect();
         }
     }
 
@@ -294,7 +312,7 @@ impl MemoryKeyStore {
                 i.by_project.entry(pk).or_default().push(record.id.clone());
             }
             if let Some(at) = record.ended_at() {
-                i.expiries.push(Reverse((at, h)));
+                i.schedule(at, h);
             }
             i.replace(h, record);
             InsertOutcome::Inserted
@@ -312,7 +330,7 @@ impl MemoryKeyStore {
                 if next.ended_at() != current.ended_at()
                     && let Some(at) = next.ended_at()
                 {
-                    i.expiries.push(Reverse((at, h)));
+                    i.schedule(at, h);
                 }
                 i.replace(h, Arc::new(next));
             }
@@ -421,5 +439,32 @@ impl KeyStore for MemoryKeyStore {
             });
         }
         ready(Ok(()))
+    }
+}
+
+#[cfg(all(test, feature = "testkit"))]
+mod tests {
+    use super::*;
+    use crate::testkit::keys::sample_record;
+
+    #[test]
+    fn create_and_revoke_loops_keep_the_expiry_heap_bounded() {
+        let t = |secs: i64| Timestamp::from_second(1_767_225_600 + secs).unwrap();
+        let store = MemoryKeyStore::new().expired_retention(std::time::Duration::from_secs(60));
+        let mut now = 0;
+        for _ in 0..5_000 {
+            // A key that would expire in a year, revoked at once.
+            let mut r = sample_record("ws_h", Some("p"), 0, false);
+            r.created_at = t(now);
+            r.expires_at = Some(t(now + 365 * 86_400));
+            let id = r.id.clone();
+            let inserted = crate::testkit::portal::block_on(store.insert(Arc::new(r), None));
+            assert_eq!(inserted.unwrap(), InsertOutcome::Inserted);
+            assert!(crate::testkit::portal::block_on(store.revoke(&id, t(now))).unwrap());
+            now += 61;
+        }
+        let (heap, records) = store.read(|i| (i.expiries.len(), i.by_id.len()));
+        assert!(records <= 2, "revoked records are forgotten: {records}");
+        assert!(heap <= 2 * records + 65, "stale heap entries are dropped: {heap}");
     }
 }

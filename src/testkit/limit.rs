@@ -154,6 +154,13 @@ async fn longer_window<S: LimitStore>(store: &S, key: &str) {
     let short = [Policy::new("default", 2, Duration::from_millis(50), Algorithm::FixedWindow)
         .expect("valid policy")];
     let hourly = [policy("default", 3, Algorithm::FixedWindow)];
+    // All three checks must land in one short window: start at a window's
+    // beginning (the checks then have 30 ms or more).
+    let d = store.check(key, &short, 1, CheckMode::Peek).await.unwrap();
+    let left = d.binding().reset_after;
+    if left < Duration::from_millis(30) {
+        std::thread::sleep(left + Duration::from_millis(2));
+    }
     for _ in 0..2 {
         assert!(store.check(key, &short, 1, CheckMode::Consume).await.unwrap().is_allowed());
     }
