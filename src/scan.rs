@@ -346,6 +346,10 @@ fn escape_len(hay: &[u8], start: usize) -> Option<usize> {
 
 /// Whether the word bytes right before `start` are an escape's, so that a
 /// key starting at `start` is not inside a word (see [`escape_len`]).
+/// Bytes before a key that deciding it may look at: an escape of up to
+/// five bytes (`\uXXXX`) before it, and the byte before that escape.
+const HISTORY: usize = 6;
+
 fn escaped_before(hay: &[u8], start: usize) -> bool {
     (1..=5).any(|k| start.checked_sub(k).is_some_and(|s| escape_len(hay, s) == Some(k)))
 }
@@ -466,7 +470,7 @@ impl Scanner {
     /// `on_key(start, end, format, hint_len)`.
     fn in_memory(&self, haystack: &[u8], on_key: impl FnMut(usize, usize, &KeyFormat, usize)) {
         let mut search = self.tuning.start;
-        self.scan_block(haystack, None, haystack.len(), &mut search, self.finding(), on_key);
+        self.scan_block(haystack, 0, haystack.len(), &mut search, self.finding(), on_key);
     }
 
     /// Every key in `haystack`, in order, with line, column and hint.
@@ -527,11 +531,16 @@ impl Scanner {
         // starting at least that far before the end of the buffer can be
         // decided without more input.
         let lookahead = self.max_len + 1;
-        // Allocated and zeroed once: refilling reads into the free tail.
-        let mut buf = vec![0u8; self.chunk + lookahead];
-        let mut filled = 0;
+        // The buffer starts with up to `HISTORY` bytes already decided: what
+        // an escape before a key (`\u0022`, `%20`, `\n`) and the run test
+        // look back at, so a cut anywhere — right after a `\`, between an
+        // escape's letters and the key — decides keys as the in-memory scan
+        // does. Allocated and zeroed once: refilling reads into the free tail.
+        let mut buf = vec![0u8; HISTORY + self.chunk + lookahead];
+        // `buf[..hist]` is history, `buf[hist..filled]` undecided input.
+        let (mut hist, mut filled) = (0, 0);
+        // Input offset of `buf[hist]`.
         let mut base = 0u64;
-        let mut prev: Option<u8> = None;
         let mut eof = false;
         let mut search = self.tuning.start;
         loop {
@@ -553,10 +562,9 @@ impl Scanner {
                     // Every run of word bytes before the last other byte is
                     // whole, so keys starting before it can be decided.
                     // Only the bytes just read are searched: those kept from
-                    // earlier reads lie after the last cut (word bytes, or
-                    // openers it backed off from), so they offer no further
-                    // cut, and input trickling in a byte at a time costs
-                    // linear time, not quadratic.
+                    // earlier reads lie after the last cut (word bytes), so
+                    // they offer no further cut, and input trickling in a
+                    // byte at a time costs linear time, not quadratic.
                     let new = filled - n;
                     early =
                         buf[new..filled].iter().rposition(|&b| !is_word(b)).map(|i| new + i + 1);
@@ -570,38 +578,26 @@ impl Scanner {
                 None if eof => filled,
                 None => filled - lookahead,
             };
-            // Never cut right after a backslash or `%`: the run after it may
-            // open with an escape's letters (`\n`, `%20`), and deciding it
-            // needs the opener in the same block.
-            // A full buffer must still consume something (its next read
-            // would get no room and look like the end of the input), so
-            // there the cut backs off only if that leaves progress.
-            let limit = if eof {
-                limit
-            } else {
-                let openers = buf[..limit].iter().rev().take_while(|&&b| b == b'\\' || b == b'%');
-                let backed = limit - openers.count();
-                if backed > 0 || early.is_some() { backed } else { limit }
-            };
-            let block = &buf[..filled];
+            let hay = &buf[..filled];
+            let block = &buf[hist..filled];
             let last_end = self.scan_block(
-                block,
-                prev,
+                hay,
+                hist,
                 limit,
                 &mut search,
                 mode,
                 |start, end, format, hint_len| {
-                    sink.key(block, base, start, end, format, hint_len);
+                    sink.key(block, base, start - hist, end - hist, format, hint_len);
                 },
             );
             let consumed = last_end.max(limit);
-            sink.flush(block, base, consumed)?;
-            if consumed > 0 {
-                prev = Some(buf[consumed - 1]);
-            }
-            buf.copy_within(consumed..filled, 0);
-            filled -= consumed;
-            base += consumed as u64;
+            sink.flush(block, base, consumed - hist)?;
+            base += (consumed - hist) as u64;
+            // Keep the last decided bytes as the next block's history.
+            let keep = consumed.min(HISTORY);
+            buf.copy_within(consumed - keep..filled, 0);
+            filled -= consumed - keep;
+            hist = keep;
             if eof {
                 return Ok(());
             }
@@ -611,14 +607,15 @@ impl Scanner {
         }
     }
 
-    /// Reports every key in `hay` that starts before `limit`, given the byte
-    /// `prev` before `hay[0]`, searching span by span in the mode `search`
-    /// (updated as it goes). Returns the end of the last key reported (or 0).
-    /// `on_key(start, end, format, hint_len)`.
+    /// Reports every key in `hay` that starts in `start..limit`; the bytes
+    /// before `start` are context already decided (what an escape or a run
+    /// before the first key looks back at). Searches span by span in the
+    /// mode `search` (updated as it goes). Returns the end of the last key
+    /// reported (or 0). `on_key(start, end, format, hint_len)`.
     fn scan_block(
         &self,
         hay: &[u8],
-        prev: Option<u8>,
+        start: usize,
         limit: usize,
         search: &mut Search,
         mode: Mode,
@@ -634,12 +631,9 @@ impl Scanner {
         };
         // Invariant: every run of word bytes that starts before `from` has
         // been decided.
-        let mut from = 0;
+        let mut from = start;
         while from < limit {
-            let in_run = match from {
-                0 => prev.is_some_and(is_word),
-                _ => is_word(hay[from - 1]),
-            };
+            let in_run = from > 0 && is_word(hay[from - 1]);
             let to = (from + self.tuning.span).min(limit);
             let mut waste = 0;
             let (resume, allowed, other) = match *search {

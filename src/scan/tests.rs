@@ -504,7 +504,7 @@ fn the_search_switches_to_prefixes_on_long_ids_and_back_on_look_alikes() {
     let mut search = Search::Runs;
     let mut modes = Vec::new();
     for span in text.as_bytes().chunks(TUNING.span) {
-        s.scan_block(span, None, span.len(), &mut search, s.finding(), |_, _, _, _| {});
+        s.scan_block(span, 0, span.len(), &mut search, s.finding(), |_, _, _, _| {});
         modes.push(search);
     }
     // Ids turn the prefix search on, look-alike words turn it off again.
@@ -601,4 +601,43 @@ fn a_huge_chunk_size_is_clamped() {
     let mut found = 0;
     s.scan_reader(&b"nothing"[..], |_| found += 1).unwrap();
     assert_eq!(found, 0);
+}
+
+#[test]
+fn a_key_glued_to_an_escape_is_found_wherever_a_streaming_cut_falls() {
+    // Found by the `scan` fuzz target: a cut right after a `\` or `%`, or
+    // between an escape's letters and the key, hid the key from streaming
+    // scans and left it in `redact`'s output. Hex hashes push the default
+    // scanner into prefix search; the key is moved across the first cut.
+    let key = format!("nh_{HEX64}");
+    let filler = b"0123456789abcdef0123456789abcdef01234567 ";
+    for escape in [&b"\\n"[..], b"%20", b"\\u0022", b"\\"] {
+        for at in (64 * 1024 - 8)..(64 * 1024 + 16) {
+            let mut hay: Vec<u8> = filler.iter().copied().cycle().take(at - escape.len()).collect();
+            hay.extend_from_slice(escape);
+            hay.extend_from_slice(key.as_bytes());
+            hay.extend_from_slice(b" tail\n");
+            let s = Scanner::presets();
+            let want = s.find_all(&hay);
+            assert_eq!(want.len(), 1, "{escape:?} at {at}");
+            let mut got = Vec::new();
+            s.scan_reader(&hay[..], |m| got.push(m.clone())).unwrap();
+            assert_eq!(got, want, "{escape:?} at {at}");
+            let mut out = Vec::new();
+            s.redact(&hay[..], &mut out).unwrap();
+            let leaked = out.windows(key.len()).any(|w| w == key.as_bytes());
+            assert_eq!(leaked, want.is_empty(), "{escape:?} at {at}");
+        }
+    }
+    // Every cut position: one-byte chunks.
+    for escape in [&b"\\n"[..], b"%20", b"\\u0022", b"\\r"] {
+        let mut hay = b"x \x01".to_vec();
+        hay.extend_from_slice(escape);
+        hay.extend_from_slice(key.as_bytes());
+        let s = Scanner::presets().chunk_size(1);
+        let mut got = Vec::new();
+        s.scan_reader(&hay[..], |m| got.push(m.clone())).unwrap();
+        assert_eq!(got, s.find_all(&hay), "{escape:?}");
+        assert_eq!(got.len(), 1, "{escape:?}");
+    }
 }
