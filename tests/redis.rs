@@ -533,17 +533,25 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn revocation_invalidates_caches_and_survives_a_restart() {
-    let mut server = RedisServer::start();
-    let redis = connect(&server, "rev").await;
-    let keys = redis.keys();
+/// A cache with a revocation listener on `redis`, subscribed.
+async fn listening(
+    redis: &Redis,
+) -> (Arc<PrincipalCache>, Arc<keygate::redis::ListenerStats>, tokio::task::JoinHandle<()>) {
     let cache = Arc::new(PrincipalCache::new(Duration::from_secs(30), 100));
     let listener =
         redis.revocation_listener(Arc::clone(&cache)).heartbeat(Duration::from_millis(100));
     let stats = listener.stats();
     let task = tokio::spawn(listener.run());
     wait_for("subscription", || stats.subscriptions() == 1).await;
+    (cache, stats, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_invalidates_caches_and_survives_a_restart() {
+    let mut server = RedisServer::start();
+    let redis = connect(&server, "rev").await;
+    let keys = redis.keys();
+    let (cache, stats, task) = listening(&redis).await;
 
     let clock = SystemClock::new();
     let a = keygate::testkit::keys::sample_record("ws_r", None, 0, false);
@@ -789,12 +797,7 @@ async fn a_shortened_expiry_reaches_other_caches_like_a_revocation() {
     let server = RedisServer::start();
     let redis = connect(&server, "short").await;
     let keys = redis.keys();
-    let cache = Arc::new(PrincipalCache::new(Duration::from_secs(30), 100));
-    let listener =
-        redis.revocation_listener(Arc::clone(&cache)).heartbeat(Duration::from_millis(100));
-    let stats = listener.stats();
-    let task = tokio::spawn(listener.run());
-    wait_for("subscription", || stats.subscriptions() == 1).await;
+    let (cache, _stats, task) = listening(&redis).await;
     let clock = SystemClock::new();
     let r = keygate::testkit::keys::sample_record("ws_s", None, 0, false);
     assert_eq!(keys.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
