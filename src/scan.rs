@@ -344,12 +344,12 @@ fn escape_len(hay: &[u8], start: usize) -> Option<usize> {
     }
 }
 
-/// Whether the word bytes right before `start` are an escape's, so that a
-/// key starting at `start` is not inside a word (see [`escape_len`]).
 /// Bytes before a key that deciding it may look at: an escape of up to
 /// five bytes (`\uXXXX`) before it, and the byte before that escape.
 const HISTORY: usize = 6;
 
+/// Whether the word bytes right before `start` are an escape's, so that a
+/// key starting at `start` is not inside a word (see [`escape_len`]).
 fn escaped_before(hay: &[u8], start: usize) -> bool {
     (1..=5).any(|k| start.checked_sub(k).is_some_and(|s| escape_len(hay, s) == Some(k)))
 }
@@ -527,10 +527,11 @@ impl Scanner {
     }
 
     fn stream<R: Read>(&self, mut input: R, sink: &mut impl Sink, mode: Mode) -> io::Result<()> {
-        // A key and the byte after it fit in `max_len + 1` bytes; a candidate
-        // starting at least that far before the end of the buffer can be
-        // decided without more input.
-        let lookahead = self.max_len + 1;
+        // A key and the byte after it fit in `max_len + 1` bytes, and a run
+        // may open with up to five bytes of an escape before its key: a
+        // candidate starting at least that far before the end of the
+        // buffer can be decided without more input.
+        let lookahead = self.max_len + 1 + (HISTORY - 1);
         // The buffer starts with up to `HISTORY` bytes already decided: what
         // an escape before a key (`\u0022`, `%20`, `\n`) and the run test
         // look back at, so a cut anywhere — right after a `\`, between an
@@ -561,10 +562,10 @@ impl Scanner {
                 if !eof && filled < buf.len() {
                     // Every run of word bytes before the last other byte is
                     // whole, so keys starting before it can be decided.
-                    // Only the bytes just read are searched: those kept from
-                    // earlier reads lie after the last cut (word bytes), so
-                    // they offer no further cut, and input trickling in a
-                    // byte at a time costs linear time, not quadratic.
+                    // Only the bytes just read are searched (a cut in the
+                    // bytes kept from earlier reads would only be earlier),
+                    // so input trickling in a byte at a time costs linear
+                    // time, not quadratic.
                     let new = filled - n;
                     early =
                         buf[new..filled].iter().rposition(|&b| !is_word(b)).map(|i| new + i + 1);
@@ -673,8 +674,17 @@ impl Scanner {
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> usize {
         if in_run {
-            // The run at `from` began earlier: it has been decided.
-            from = first_non_word(hay, from, hay.len()) + 1;
+            // The run at `from` began earlier. A search by runs decided it
+            // whole; a search by prefixes (the span before, or the block
+            // before a cut) decided only prefixes starting before `from`,
+            // so a key after an escape's letters (`\r` + `sk_…`) may start
+            // at or just after `from`: at most four bytes on, since an
+            // escape has at most five letters and began before `from`.
+            let end = first_non_word(hay, from, hay.len());
+            if let Some(p) = (from..end.min(from + 5)).find(|&p| escaped_before(hay, p)) {
+                self.check(hay, p, end, mode.suspects, on_key);
+            }
+            from = end + 1;
         }
         // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
         while let Some((start, end)) = self.next_run(hay, from, to, mode.min_len, waste) {

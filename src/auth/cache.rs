@@ -32,11 +32,28 @@ impl Shard {
     }
 
     fn insert(&mut self, digest: Digest, principal: Principal, now: Nanos) {
-        let digests = self.by_id.entry(principal.record_id().clone()).or_default();
+        let id = principal.record_id().clone();
+        // The digest cached for another record before (the same key stored
+        // again under a new id): it is that record's no longer.
+        if let Some((old, _)) = self.by_digest.insert(digest, (principal, now))
+            && *old.record_id() != id
+        {
+            self.unindex(old.record_id(), &digest);
+        }
+        let digests = self.by_id.entry(id).or_default();
         if !digests.contains(&digest) {
             digests.push(digest);
         }
-        self.by_digest.insert(digest, (principal, now));
+    }
+
+    /// Drops `digest` from record `id`'s list.
+    fn unindex(&mut self, id: &RecordId, digest: &Digest) {
+        if let Some(ds) = self.by_id.get_mut(id) {
+            ds.retain(|x| x != digest);
+            if ds.is_empty() {
+                self.by_id.remove(id);
+            }
+        }
     }
 
     /// Keeps the entries `keep` says to keep.
@@ -375,6 +392,19 @@ mod tests {
         consistent(&c);
         c.clear();
         assert!(c.is_empty());
+        consistent(&c);
+        // One key stored again under a new id: its digest moves records.
+        let (d, first) = principal();
+        let mut again = first.record().clone();
+        again.id = RecordId::generate().unwrap();
+        let again = Principal::from_record(Arc::new(again), &ScopeRegistry::default()).unwrap();
+        c.insert(d, first.clone(), now);
+        c.insert(d, again.clone(), now);
+        consistent(&c);
+        c.invalidate(first.record_id());
+        assert!(c.get(&d, now).is_some(), "the old id no longer names the entry");
+        c.invalidate(again.record_id());
+        assert!(c.get(&d, now).is_none());
         consistent(&c);
     }
 }

@@ -641,3 +641,75 @@ fn a_key_glued_to_an_escape_is_found_wherever_a_streaming_cut_falls() {
         assert_eq!(got.len(), 1, "{escape:?}");
     }
 }
+
+#[test]
+fn the_longest_key_after_a_unicode_escape_is_found_wherever_a_cut_falls() {
+    // A run of `u0022` and a key of the longest format exceeds the key's
+    // length: the lookahead must cover the escape too, or a cut a few bytes
+    // after the `\` hides the key's end (review of the history fix).
+    let key = format!("nhk_us_{HEX64}");
+    for chunk in [1, 2, 3, 7] {
+        for lead in 0..8 {
+            let mut hay = "a".repeat(lead).into_bytes();
+            hay.extend_from_slice(b" \\u0022");
+            hay.extend_from_slice(key.as_bytes());
+            hay.extend_from_slice(b" tail\n");
+            let s = Scanner::presets().chunk_size(chunk);
+            let want = s.find_all(&hay);
+            assert_eq!(want.len(), 1, "lead {lead}");
+            let mut got = Vec::new();
+            s.scan_reader(&hay[..], |m| got.push(m.clone())).unwrap();
+            assert_eq!(got, want, "chunk {chunk}, lead {lead}");
+            let mut out = Vec::new();
+            s.redact(&hay[..], &mut out).unwrap();
+            let secret_tail = &key.as_bytes()[key.len() - 8..];
+            assert!(!out.windows(8).any(|w| w == secret_tail), "chunk {chunk}, lead {lead}");
+        }
+    }
+    // The default chunk, word filler (runs search), the `\` swept across
+    // the first cut.
+    let filler = b"lorem ipsum dolor sit amet ";
+    for at in (64 * 1024 - 8)..(64 * 1024 + 16) {
+        let mut hay: Vec<u8> = filler.iter().copied().cycle().take(at).collect();
+        hay.extend_from_slice(b"\\u0022");
+        hay.extend_from_slice(key.as_bytes());
+        hay.extend_from_slice(b" tail\n");
+        let s = Scanner::presets();
+        let mut got = Vec::new();
+        s.scan_reader(&hay[..], |m| got.push(m.clone())).unwrap();
+        assert_eq!(got, s.find_all(&hay), "at {at}");
+        assert_eq!(got.len(), 1, "at {at}");
+    }
+}
+
+#[test]
+fn a_key_after_an_escape_is_found_when_prefix_search_hands_over_mid_run() {
+    // Found by the `scan` fuzz target (its seed file, replayed here): a
+    // prefix-search span or block ending between `\r` and `a_…` left the
+    // run to a search by runs, which took the run as decided.
+    const SHORT: KeyFormat = KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap();
+    const CHK: KeyFormat = KeyFormat::builder("chk")
+        .environments(&[Environment::LIVE])
+        .secret(&Alphabet::BASE62, 22)
+        .crc32()
+        .build_unwrap();
+    let data = include_bytes!("../../fuzz/seeds/scan/escape-run-across-a-mode-switch");
+    let base = Scanner::new(FormatSet::new([SHORT, CHK, NH, crate::format::SK]).unwrap());
+    let found = base.find_all(data);
+    assert_eq!(found.len(), 1);
+    for start in [Search::Runs, Search::Prefixes] {
+        for span in [1, 7, 64, 413] {
+            let mut s = base.clone();
+            s.tuning = Tuning { start, span, runs_waste: 2, prefixes_waste: 2 };
+            assert_eq!(s.find_all(data), found, "{start:?} span {span}");
+            for chunk in 1..200 {
+                let mut got = Vec::new();
+                s.clone()
+                    .chunk_size(chunk)
+                    .scan_reader(&data[..], |m| got.push(m.clone()))
+                    .unwrap();
+                assert_eq!(got, found, "{start:?} span {span} chunk {chunk}");
+            }
+        }
+    }
+}

@@ -79,6 +79,9 @@ impl Inner {
     fn schedule(&mut self, at: Timestamp, hash: u64) {
         self.expiries.push(Reverse((at, hash)));
         if self.expiries.len() > 2 * self.by_id.len() + 64 {
+            // The table keeps its peak capacity; shrink it so a store that
+            // emptied does not walk its peak size at every rebuild.
+            self.by_id.table.shrink_to_fit(|(h, _)| *h);
             self.expiries = self
                 .by_id
                 .table
@@ -311,10 +314,12 @@ impl MemoryKeyStore {
             if let Some(pk) = project_key {
                 i.by_project.entry(pk).or_default().push(record.id.clone());
             }
-            if let Some(at) = record.ended_at() {
+            // Scheduled once stored: a rebuild of the heap reads the records.
+            let end = record.ended_at();
+            i.replace(h, record);
+            if let Some(at) = end {
                 i.schedule(at, h);
             }
-            i.replace(h, record);
             InsertOutcome::Inserted
         })
     }
@@ -326,13 +331,13 @@ impl MemoryKeyStore {
             let mut next = KeyRecord::clone(current);
             let changed = f(&mut next);
             if changed {
-                // A new end is scheduled; the old heap entry goes stale.
-                if next.ended_at() != current.ended_at()
-                    && let Some(at) = next.ended_at()
-                {
+                // A new end is scheduled (once stored: a rebuild of the
+                // heap reads the records); the old heap entry goes stale.
+                let end = next.ended_at().filter(|_| next.ended_at() != current.ended_at());
+                i.replace(h, Arc::new(next));
+                if let Some(at) = end {
                     i.schedule(at, h);
                 }
-                i.replace(h, Arc::new(next));
             }
             changed
         })
@@ -446,6 +451,7 @@ impl KeyStore for MemoryKeyStore {
 mod tests {
     use super::*;
     use crate::testkit::keys::sample_record;
+    use crate::testkit::portal::block_on;
 
     #[test]
     fn create_and_revoke_loops_keep_the_expiry_heap_bounded() {
@@ -458,13 +464,38 @@ mod tests {
             r.created_at = t(now);
             r.expires_at = Some(t(now + 365 * 86_400));
             let id = r.id.clone();
-            let inserted = crate::testkit::portal::block_on(store.insert(Arc::new(r), None));
+            let inserted = block_on(store.insert(Arc::new(r), None));
             assert_eq!(inserted.unwrap(), InsertOutcome::Inserted);
-            assert!(crate::testkit::portal::block_on(store.revoke(&id, t(now))).unwrap());
+            assert!(block_on(store.revoke(&id, t(now))).unwrap());
             now += 61;
         }
         let (heap, records) = store.read(|i| (i.expiries.len(), i.by_id.len()));
         assert!(records <= 2, "revoked records are forgotten: {records}");
         assert!(heap <= 2 * records + 65, "stale heap entries are dropped: {heap}");
+    }
+
+    #[test]
+    fn the_entry_that_triggers_a_heap_rebuild_is_kept() {
+        // Shortening one expiry over and over pushes stale entries until a
+        // rebuild; the end scheduled by that very push must survive it.
+        let t = |secs: i64| Timestamp::from_second(1_767_225_600 + secs).unwrap();
+        let year = 365 * 86_400;
+        let store = MemoryKeyStore::new().expired_retention(std::time::Duration::from_secs(60));
+        let mut a = sample_record("ws_h", Some("p"), 0, false);
+        a.expires_at = Some(t(year));
+        let id = a.id.clone();
+        assert_eq!(block_on(store.insert(Arc::new(a), None)).unwrap(), InsertOutcome::Inserted);
+        // Until the push that makes the heap rebuild (its length drops).
+        for k in 1.. {
+            let before = store.read(|i| i.expiries.len());
+            assert!(block_on(store.shorten_expiry(&id, t(year - k))).unwrap());
+            if store.read(|i| i.expiries.len()) < before {
+                break;
+            }
+        }
+        let mut b = sample_record("ws_h", Some("p"), 0, false);
+        b.created_at = t(year + 86_400);
+        assert_eq!(block_on(store.insert(Arc::new(b), None)).unwrap(), InsertOutcome::Inserted);
+        assert!(block_on(store.get(&id)).unwrap().is_none(), "forgotten a retention after its end");
     }
 }
