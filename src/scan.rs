@@ -681,7 +681,9 @@ impl Scanner {
             // at or just after `from`: at most four bytes on, since an
             // escape has at most five letters and began before `from`.
             let end = first_non_word(hay, from, hay.len());
-            if let Some(p) = (from..end.min(from + 5)).find(|&p| escaped_before(hay, p)) {
+            if let Some(p) = (from..end.min(from + 5)).find(|&p| escaped_before(hay, p))
+                && end - p <= self.max_len
+            {
                 self.check(hay, p, end, mode.suspects, on_key);
             }
             from = end + 1;

@@ -682,34 +682,53 @@ fn the_longest_key_after_a_unicode_escape_is_found_wherever_a_cut_falls() {
     }
 }
 
-#[test]
-fn a_key_after_an_escape_is_found_when_prefix_search_hands_over_mid_run() {
-    // Found by the `scan` fuzz target (its seed file, replayed here): a
-    // prefix-search span or block ending between `\r` and `a_…` left the
-    // run to a search by runs, which took the run as decided.
+/// Replays a `scan` fuzz seed the way the target checks it: for the
+/// presets and for its small-key set, every start mode, a few span sizes
+/// and chunk sizes 1 to 199, streaming finds what the in-memory scan finds
+/// (and nothing panics).
+fn replay_fuzz_seed(data: &[u8]) {
     const SHORT: KeyFormat = KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap();
     const CHK: KeyFormat = KeyFormat::builder("chk")
         .environments(&[Environment::LIVE])
         .secret(&Alphabet::BASE62, 22)
         .crc32()
         .build_unwrap();
-    let data = include_bytes!("../../fuzz/seeds/scan/escape-run-across-a-mode-switch");
-    let base = Scanner::new(FormatSet::new([SHORT, CHK, NH, crate::format::SK]).unwrap());
-    let found = base.find_all(data);
-    assert_eq!(found.len(), 1);
-    for start in [Search::Runs, Search::Prefixes] {
-        for span in [1, 7, 64, 413] {
-            let mut s = base.clone();
-            s.tuning = Tuning { start, span, runs_waste: 2, prefixes_waste: 2 };
-            assert_eq!(s.find_all(data), found, "{start:?} span {span}");
-            for chunk in 1..200 {
-                let mut got = Vec::new();
-                s.clone()
-                    .chunk_size(chunk)
-                    .scan_reader(&data[..], |m| got.push(m.clone()))
-                    .unwrap();
-                assert_eq!(got, found, "{start:?} span {span} chunk {chunk}");
+    let sets = [FormatSet::presets(), FormatSet::new([SHORT, CHK, NH, crate::format::SK]).unwrap()];
+    for set in sets {
+        let base = Scanner::new(set);
+        let found = base.find_all(data);
+        for start in [Search::Runs, Search::Prefixes] {
+            for span in [1, 7, 64, 413] {
+                let mut s = base.clone();
+                s.tuning = Tuning { start, span, runs_waste: 2, prefixes_waste: 2 };
+                assert_eq!(s.find_all(data), found, "{start:?} span {span}");
+                for chunk in 1..200 {
+                    let mut got = Vec::new();
+                    s.clone().chunk_size(chunk).scan_reader(data, |m| got.push(m.clone())).unwrap();
+                    assert_eq!(got, found, "{start:?} span {span} chunk {chunk}");
+                }
             }
         }
     }
+}
+
+#[test]
+fn a_key_after_an_escape_is_found_when_prefix_search_hands_over_mid_run() {
+    // Found by the `scan` fuzz target: a prefix-search span or block ending
+    // between `\r` and `a_…` left the run to a search by runs, which took
+    // the run as decided.
+    let data = include_bytes!("../../fuzz/seeds/scan/escape-run-across-a-mode-switch");
+    assert_eq!(
+        Scanner::new(
+            FormatSet::new([KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap(),])
+                .unwrap()
+        )
+        .find_all(data)
+        .len(),
+        1
+    );
+    replay_fuzz_seed(data);
+    // And the check of such a run never indexes past a key's length (the
+    // fuzz target's next find: a run after the escape longer than a key).
+    replay_fuzz_seed(include_bytes!("../../fuzz/seeds/scan/escaped-run-longer-than-a-key"));
 }
