@@ -441,6 +441,24 @@ impl Scanner {
         self
     }
 
+    /// For the fuzzer and the tests that replay its finds: the presets'
+    /// `nh` and `sk` beside `a_` + 22 base62 (the shortest key the format
+    /// rules allow) and `chk_live_` + 22 base62 + a CRC32 checksum.
+    #[cfg(any(test, fuzzing))]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn fuzz_formats() -> FormatSet {
+        use crate::format::{Alphabet, Environment, NH, SK};
+        const SHORT: KeyFormat =
+            KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap();
+        const CHK: KeyFormat = KeyFormat::builder("chk")
+            .environments(&[Environment::LIVE])
+            .secret(&Alphabet::BASE62, 22)
+            .crc32()
+            .build_unwrap();
+        FormatSet::new([SHORT, CHK, NH, SK]).unwrap_or_else(|_| FormatSet::presets())
+    }
+
     /// For the fuzzer only (`cargo fuzz` sets `cfg(fuzzing)`): spans of
     /// `span` bytes, the prefix search first if `prefixes`, a switch after
     /// more than `waste` wasted candidates in a span.

@@ -9,18 +9,9 @@
 
 use std::sync::OnceLock;
 
-use keygate::format::{Alphabet, Environment, FormatSet, KeyFormat, NH, SK};
+use keygate::format::FormatSet;
 use keygate::scan::Scanner;
 use libfuzzer_sys::fuzz_target;
-
-/// `a_` + 22 base62: the shortest valid key.
-const SHORT: KeyFormat = KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap();
-/// `chk_live_` + 22 base62 + 6 checksum characters.
-const CHK: KeyFormat = KeyFormat::builder("chk")
-    .environments(&[Environment::LIVE])
-    .secret(&Alphabet::BASE62, 22)
-    .crc32()
-    .build_unwrap();
 
 static SCANNERS: OnceLock<[Scanner; 2]> = OnceLock::new();
 
@@ -104,7 +95,7 @@ fuzz_target!(|data: &[u8]| {
     let scanners = SCANNERS.get_or_init(|| {
         [
             Scanner::new(FormatSet::presets()),
-            Scanner::new(FormatSet::new([SHORT, CHK, NH, SK]).unwrap()),
+            Scanner::new(Scanner::fuzz_formats()),
         ]
     });
     for scanner in scanners {

@@ -687,13 +687,7 @@ fn the_longest_key_after_a_unicode_escape_is_found_wherever_a_cut_falls() {
 /// and chunk sizes 1 to 199, streaming finds what the in-memory scan finds
 /// (and nothing panics).
 fn replay_fuzz_seed(data: &[u8]) {
-    const SHORT: KeyFormat = KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap();
-    const CHK: KeyFormat = KeyFormat::builder("chk")
-        .environments(&[Environment::LIVE])
-        .secret(&Alphabet::BASE62, 22)
-        .crc32()
-        .build_unwrap();
-    let sets = [FormatSet::presets(), FormatSet::new([SHORT, CHK, NH, crate::format::SK]).unwrap()];
+    let sets = [FormatSet::presets(), Scanner::fuzz_formats()];
     for set in sets {
         let base = Scanner::new(set);
         let found = base.find_all(data);
@@ -718,15 +712,7 @@ fn a_key_after_an_escape_is_found_when_prefix_search_hands_over_mid_run() {
     // between `\r` and `a_…` left the run to a search by runs, which took
     // the run as decided.
     let data = include_bytes!("../../fuzz/seeds/scan/escape-run-across-a-mode-switch");
-    assert_eq!(
-        Scanner::new(
-            FormatSet::new([KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap(),])
-                .unwrap()
-        )
-        .find_all(data)
-        .len(),
-        1
-    );
+    assert_eq!(Scanner::new(Scanner::fuzz_formats()).find_all(data).len(), 1);
     replay_fuzz_seed(data);
     // And the check of such a run never indexes past a key's length (the
     // fuzz target's next find: a run after the escape longer than a key).
