@@ -344,6 +344,21 @@ fn escape_len(hay: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// The shortest format the rules allow: `a_` + 22 base62 (131 bits), for
+/// the fuzzer and the tests.
+#[cfg(any(test, fuzzing))]
+const SHORT: KeyFormat =
+    KeyFormat::builder("a").secret(&crate::format::Alphabet::BASE62, 22).build_unwrap();
+
+/// Short, with a checksum: `chk_live_` + 22 + 6, for the fuzzer and the
+/// tests.
+#[cfg(any(test, fuzzing))]
+const CHK: KeyFormat = KeyFormat::builder("chk")
+    .environments(&[crate::format::Environment::LIVE])
+    .secret(&crate::format::Alphabet::BASE62, 22)
+    .crc32()
+    .build_unwrap();
+
 /// Bytes before a key that deciding it may look at: an escape of up to
 /// five bytes (`\uXXXX`) before it, and the byte before that escape.
 const HISTORY: usize = 6;
@@ -442,21 +457,17 @@ impl Scanner {
     }
 
     /// For the fuzzer and the tests that replay its finds: the presets'
-    /// `nh` and `sk` beside `a_` + 22 base62 (the shortest key the format
-    /// rules allow) and `chk_live_` + 22 base62 + a CRC32 checksum.
+    /// `nh` and `sk` beside [`SHORT`] and [`CHK`].
+    ///
+    /// # Panics
+    ///
+    /// Never: the four formats have distinct names and prefixes.
     #[cfg(any(test, fuzzing))]
     #[doc(hidden)]
     #[must_use]
     pub fn fuzz_formats() -> FormatSet {
-        use crate::format::{Alphabet, Environment, NH, SK};
-        const SHORT: KeyFormat =
-            KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap();
-        const CHK: KeyFormat = KeyFormat::builder("chk")
-            .environments(&[Environment::LIVE])
-            .secret(&Alphabet::BASE62, 22)
-            .crc32()
-            .build_unwrap();
-        FormatSet::new([SHORT, CHK, NH, SK]).unwrap_or_else(|_| FormatSet::presets())
+        use crate::format::{NH, SK};
+        FormatSet::new([SHORT, CHK, NH, SK]).expect("fuzz formats are valid")
     }
 
     /// For the fuzzer only (`cargo fuzz` sets `cfg(fuzzing)`): spans of

@@ -243,14 +243,6 @@ use proptest::prelude::*;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 
-/// The shortest format the rules allow: `a_` + 22 base62 (131 bits).
-const SHORT: KeyFormat = KeyFormat::builder("a").secret(&Alphabet::BASE62, 22).build_unwrap();
-/// Short, with a checksum: `chk_live_` + 22 + 6.
-const CHK: KeyFormat = KeyFormat::builder("chk")
-    .environments(&[Environment::LIVE])
-    .secret(&Alphabet::BASE62, 22)
-    .crc32()
-    .build_unwrap();
 /// With a key id and a region: `kid_eu_{8}_{22}`.
 const KID: KeyFormat = KeyFormat::builder("kid")
     .region()
@@ -283,6 +275,12 @@ fn reference(set: &FormatSet, hay: &[u8]) -> Vec<(usize, usize, &'static str)> {
         let end = hay[i..].iter().position(|&b| !word(b)).map_or(hay.len(), |j| i + j);
         if let Ok((f, _)) = set.parse_parts(&hay[i..end]) {
             out.push((i, end - i, f.name()));
+        } else if let Some(skip) = escape_len(hay, i).filter(|&k| i + k < end)
+            && let Ok((f, _)) = set.parse_parts(&hay[i + skip..end])
+        {
+            // A run opening with an escape's letters (`\n`, `%20`): the
+            // key is the rest of it.
+            out.push((i + skip, end - i - skip, f.name()));
         }
         i = end;
     }
@@ -717,4 +715,10 @@ fn a_key_after_an_escape_is_found_when_prefix_search_hands_over_mid_run() {
     // And the check of such a run never indexes past a key's length (the
     // fuzz target's next find: a run after the escape longer than a key).
     replay_fuzz_seed(include_bytes!("../../fuzz/seeds/scan/escaped-run-longer-than-a-key"));
+}
+
+#[test]
+fn the_fuzz_formats_are_the_four_the_target_expects() {
+    let names: Vec<&str> = Scanner::fuzz_formats().formats().iter().map(KeyFormat::name).collect();
+    assert_eq!(names, ["a", "chk", "nh", "sk"]);
 }
