@@ -265,9 +265,32 @@ async fn attenuation_on_create_for() {
 
 /// A management token of `tenant` with `scopes`, authenticated.
 async fn caller(f: &Fixture, tenant: Tenant, scopes: &[&str]) -> keygate::auth::Principal {
+    token(&f.manager, &f.auth, tenant, scopes).await
+}
+
+/// A management token of `tenant` with `scopes`, made by `manager` and
+/// authenticated by `auth`.
+async fn token(
+    manager: &KeyManager<MemoryKeyStore, FakeClock>,
+    auth: &Authenticator<MemoryKeyStore, FakeClock>,
+    tenant: Tenant,
+    scopes: &[&str],
+) -> keygate::auth::Principal {
     let token =
-        f.manager.create(NewKey::new("m", NHM, tenant).scopes(scopes).unwrap()).await.unwrap();
-    auth_bearer(&f.auth, token.key().expose_secret(), &Target::any()).await.unwrap()
+        manager.create(NewKey::new("m", NHM, tenant).scopes(scopes).unwrap()).await.unwrap();
+    auth_bearer(auth, token.key().expose_secret(), &Target::any()).await.unwrap()
+}
+
+/// A manager and an authenticator over the fixture's store whose registry
+/// knows only `webhooks:read` and `webhooks:write`.
+fn webhooks_only(
+    f: &Fixture,
+) -> (KeyManager<MemoryKeyStore, FakeClock>, Authenticator<MemoryKeyStore, FakeClock>) {
+    let small =
+        Arc::new(keygate::scope::ScopeRegistry::new(&["webhooks"], &["read", "write"]).unwrap());
+    let manager = KeyManager::new(f.store.clone()).clock(f.clock.clone()).registry(small.clone());
+    let auth = Authenticator::new(f.store.clone()).clock(f.clock.clone()).registry(small);
+    (manager, auth)
 }
 
 #[tokio::test]
@@ -460,22 +483,13 @@ async fn a_deployments_environment_and_region_apply_to_every_route() {
 
 #[tokio::test]
 async fn roll_for_refuses_a_wildcard_the_caller_holds_only_concretely() {
-    use keygate::scope::ScopeRegistry;
     let f = fixture();
-    let small = Arc::new(ScopeRegistry::new(&["webhooks"], &["read", "write"]).unwrap());
-    let manager = KeyManager::new(f.store.clone()).clock(f.clock.clone()).registry(small.clone());
-    let auth = Authenticator::new(f.store.clone()).clock(f.clock.clone()).registry(small);
+    let (manager, auth) = webhooks_only(&f);
     let key = manager
         .create(NewKey::new("k", SK, ws("ws_a")).scopes(&["webhooks:*"]).unwrap())
         .await
         .unwrap();
-    let as_caller = async |scopes: &[&str]| {
-        let token = manager
-            .create(NewKey::new("m", NHM, ws("ws_a")).scopes(scopes).unwrap())
-            .await
-            .unwrap();
-        auth_bearer(&auth, token.key().expose_secret(), &Target::any()).await.unwrap()
-    };
+    let as_caller = async |scopes: &[&str]| token(&manager, &auth, ws("ws_a"), scopes).await;
     // Every compiled grant, but not the wildcard: the replacement would
     // keep `webhooks:*`, which grows past the caller with the registry.
     let concrete = as_caller(&["webhooks:read", "webhooks:write"]).await;
@@ -492,17 +506,8 @@ async fn roll_for_refuses_a_wildcard_the_caller_holds_only_concretely() {
 async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() {
     use keygate::scope::ScopeRegistry;
     let f = fixture();
-    let small = Arc::new(ScopeRegistry::new(&["webhooks"], &["read", "write"]).unwrap());
-    let manager = KeyManager::new(f.store.clone()).clock(f.clock.clone()).registry(small.clone());
-    let auth = Authenticator::new(f.store.clone()).clock(f.clock.clone()).registry(small);
-    let parent_key = manager
-        .create(
-            NewKey::new("p", NHM, ws("ws_a")).scopes(&["webhooks:read", "webhooks:write"]).unwrap(),
-        )
-        .await
-        .unwrap();
-    let parent =
-        auth_bearer(&auth, parent_key.key().expose_secret(), &Target::any()).await.unwrap();
+    let (manager, auth) = webhooks_only(&f);
+    let parent = token(&manager, &auth, ws("ws_a"), &["webhooks:read", "webhooks:write"]).await;
     // Within the parent's grants under this registry, so it is accepted...
     let child = manager
         .create_for(&parent, NewKey::new("c", SK, ws("ws_a")).scopes(&["webhooks:*"]).unwrap())
@@ -523,12 +528,7 @@ async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() 
     // A wildcard the parent holds as text stays a wildcard: it grows no
     // further than the parent's, and it compiles under any registry.
     for parent_scope in ["*", "webhooks:*"] {
-        let parent_key = manager
-            .create(NewKey::new("p", NHM, ws("ws_a")).scopes(&[parent_scope]).unwrap())
-            .await
-            .unwrap();
-        let parent =
-            auth_bearer(&auth, parent_key.key().expose_secret(), &Target::any()).await.unwrap();
+        let parent = token(&manager, &auth, ws("ws_a"), &[parent_scope]).await;
         let child = manager
             .create_for(&parent, NewKey::new("c", SK, ws("ws_a")).scopes(&["webhooks:*"]).unwrap())
             .await

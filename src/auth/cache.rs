@@ -8,6 +8,7 @@ use std::sync::{Mutex, PoisonError, RwLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
+use smallvec::SmallVec;
 
 use super::Principal;
 use crate::backend::BackendError;
@@ -23,7 +24,9 @@ const SHARDS: usize = 16;
 #[derive(Default)]
 struct Shard {
     by_digest: HashMap<Digest, (Principal, Nanos), DigestBuildHasher>,
-    by_id: HashMap<RecordId, Vec<Digest>, ahash::RandomState>,
+    /// One digest inline: a record has one, unless cached under several
+    /// peppers.
+    by_id: HashMap<RecordId, SmallVec<[Digest; 1]>, ahash::RandomState>,
 }
 
 impl Shard {
@@ -56,19 +59,19 @@ impl Shard {
         }
     }
 
-    /// Keeps the entries `keep` says to keep.
+    /// Keeps the entries `keep` says to keep (eviction, not the hot path).
     fn retain(&mut self, mut keep: impl FnMut(&Principal, Nanos) -> bool) {
-        let by_id = &mut self.by_id;
+        let mut dropped = Vec::new();
         self.by_digest.retain(|d, (p, at)| {
             let kept = keep(p, *at);
-            if !kept && let Some(ds) = by_id.get_mut(p.record_id()) {
-                ds.retain(|x| x != d);
-                if ds.is_empty() {
-                    by_id.remove(p.record_id());
-                }
+            if !kept {
+                dropped.push((p.record_id().clone(), *d));
             }
             kept
         });
+        for (id, d) in dropped {
+            self.unindex(&id, &d);
+        }
     }
 
     /// Drops record `id`'s entries.
@@ -354,7 +357,7 @@ mod tests {
     fn consistent(c: &PrincipalCache) {
         for s in &c.shards {
             let s = s.read().unwrap();
-            let indexed: usize = s.by_id.values().map(Vec::len).sum();
+            let indexed: usize = s.by_id.values().map(|ds| ds.len()).sum();
             assert_eq!(indexed, s.by_digest.len());
             for (id, ds) in &s.by_id {
                 for d in ds {

@@ -333,9 +333,10 @@ impl MemoryKeyStore {
             if changed {
                 // A new end is scheduled (once stored: a rebuild of the
                 // heap reads the records); the old heap entry goes stale.
-                let end = next.ended_at().filter(|_| next.ended_at() != current.ended_at());
+                let end = next.ended_at();
+                let moved = end != current.ended_at();
                 i.replace(h, Arc::new(next));
-                if let Some(at) = end {
+                if moved && let Some(at) = end {
                     i.schedule(at, h);
                 }
             }
