@@ -357,7 +357,7 @@ mod tests {
     fn consistent(c: &PrincipalCache) {
         for s in &c.shards {
             let s = s.read().unwrap();
-            let indexed: usize = s.by_id.values().map(|ds| ds.len()).sum();
+            let indexed: usize = s.by_id.values().map(SmallVec::len).sum();
             assert_eq!(indexed, s.by_digest.len());
             for (id, ds) in &s.by_id {
                 for d in ds {
