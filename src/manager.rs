@@ -401,7 +401,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::Collision`] when the minted key or id is taken, and
     /// [`ManagerError::Backend`] when the store fails.
     pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManagerError> {
-        self.insert_capped(new, self.max_active).await
+        self.insert_capped(new, self.max_active, None).await
     }
 
     /// [`create`](Self::create) on behalf of `parent`: the new key gets at
@@ -485,10 +485,13 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
     /// Mints and inserts `new`, with at most `max` active keys in its
     /// project (checked in the insert's atomic step).
+    /// Mints and stores `new` under the cap `max`, replacing the record
+    /// `replacing` (a roll: checked active, and not counted, in the insert).
     async fn insert_capped(
         &self,
         new: NewKey,
         max: Option<u32>,
+        replacing: Option<RecordId>,
     ) -> Result<CreatedKey, ManagerError> {
         self.registry.compile(&new.scopes)?;
         let mut spec = MintSpec::new();
@@ -544,10 +547,15 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             last_used_at: None,
             metadata: new.metadata,
         });
-        let limit = max.map(|max| ActiveLimit { max, now });
+        let limit = (max.is_some() || replacing.is_some()).then(|| ActiveLimit {
+            max: max.unwrap_or(u32::MAX),
+            now,
+            replacing,
+        });
         match self.store.insert(Arc::clone(&record), limit).await? {
             InsertOutcome::Inserted => Ok(CreatedKey { key, record }),
             InsertOutcome::LimitReached { max } => Err(ManagerError::LimitReached { max }),
+            InsertOutcome::ReplacingInactive => Err(ManagerError::Inactive),
             _ => Err(ManagerError::Collision),
         }
     }
@@ -742,15 +750,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // Same expiry as the key it replaces (no later than the caller's),
         // set in the insert itself.
         new.not_after = earliest(old.expires_at, caller.and_then(Principal::expires_at));
-        // The old key is active and counted: one over the cap, no more.
-        let cap = self.max_active;
-        let created = match self.insert_capped(new, cap.map(|m| m.saturating_add(1))).await {
-            // Report the project's cap, not the roll's allowance.
-            Err(ManagerError::LimitReached { max }) => {
-                return Err(ManagerError::LimitReached { max: cap.unwrap_or(max) });
-            }
-            r => r?,
-        };
+        // The old key, checked active again in the insert itself (a
+        // revocation may have come since), is not counted: one over the
+        // cap during the grace, no more.
+        let created = self.insert_capped(new, self.max_active, Some(id.clone())).await?;
         let grace = crate::clock::signed_duration(grace);
         let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
         // `shorten_expiry` never extends: the grace cannot outlive the old

@@ -252,12 +252,35 @@ pub const EXPIRED_RETENTION: std::time::Duration = std::time::Duration::from_sec
 
 /// A cap on active keys per project, enforced by [`KeyStore::insert`] in the
 /// same atomic step as the insert.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveLimit {
-    /// Most active keys a project may hold.
+    /// Most active keys a project may hold. `u32::MAX` is no cap at all
+    /// (what a roll without a cap passes to have `replacing` checked).
     pub max: u32,
     /// The time at which "active" (not revoked, not expired) is judged.
     pub now: Timestamp,
+    /// The record the new one replaces (a roll), if any. The insert
+    /// succeeds only while that record exists and is active at `now`
+    /// ([`InsertOutcome::ReplacingInactive`] otherwise), and it is not
+    /// counted against `max`: during the grace the project holds it and
+    /// its replacement, one over the cap. Checked in the same atomic step,
+    /// so a revocation or a create racing the roll cannot leave the project
+    /// over its cap for good, nor a revoked key with a fresh replacement.
+    pub replacing: Option<RecordId>,
+}
+
+impl ActiveLimit {
+    /// A cap of `max` active keys, judged at `now`.
+    #[must_use]
+    pub const fn new(max: u32, now: Timestamp) -> Self {
+        Self { max, now, replacing: None }
+    }
+
+    /// Whether `max` caps anything (`u32::MAX` does not).
+    #[must_use]
+    pub const fn is_capped(&self) -> bool {
+        self.max != u32::MAX
+    }
 }
 
 /// What [`KeyStore::insert`] did.
@@ -277,6 +300,9 @@ pub enum InsertOutcome {
         /// The cap.
         max: u32,
     },
+    /// The record named by [`ActiveLimit::replacing`] is gone, revoked or
+    /// expired at [`ActiveLimit::now`]; nothing was stored.
+    ReplacingInactive,
 }
 
 /// Where the host keeps key records: SQL, Redis, or [`MemoryKeyStore`].
@@ -284,14 +310,15 @@ pub enum InsertOutcome {
 /// # Contract
 ///
 /// - **Atomicity.** `insert` is one atomic step: the uniqueness of the id,
-///   the digest and (format, key id), and the active-key cap are checked and
-///   the record written together (SQL: one transaction that locks the
-///   project's row — `SELECT … FROM projects WHERE … FOR UPDATE`, or an
-///   advisory lock on the project — then counts its active keys and
-///   inserts, with unique indexes on the id, the digest and (format, key
-///   id); a bare `INSERT … SELECT … WHERE (SELECT count(*) …) < max` races
-///   under READ COMMITTED; Redis: one Lua script). `revoke` and `shorten_expiry` (which never extends an
-///   expiry) are single-record conditional updates.
+///   the digest and (format, key id), the replaced record's standing and the
+///   active-key cap are checked and the record written together (SQL: one
+///   transaction that locks the project's row — `SELECT … FROM projects
+///   WHERE … FOR UPDATE`, or an advisory lock on the project — then reads
+///   the replaced record, counts the project's active keys and inserts, with
+///   unique indexes on the id, the digest and (format, key id); a bare
+///   `INSERT … SELECT … WHERE (SELECT count(*) …) < max` races under READ
+///   COMMITTED; Redis: one Lua script). `revoke` and `shorten_expiry` (which
+///   never extends an expiry) are single-record conditional updates.
 /// - **Staleness.** Reads may come from a replica or cache that lags. Lag
 ///   and the verified-principal cache's TTL add up: a revoked key may
 ///   authenticate on other instances for the replica lag plus the TTL (30
@@ -318,8 +345,13 @@ pub enum InsertOutcome {
 /// Methods return `impl Future + Send`; implement them with `async` blocks.
 pub trait KeyStore: Send + Sync {
     /// Stores `record` if its id, digest and (format, key id) are new and,
-    /// when `limit` is given and the record has a project, the project holds
-    /// fewer than `limit.max` active keys.
+    /// when `limit` is given: the record it is [`replacing`] (if any) is
+    /// active at `limit.now`, and, when the record has a project, the
+    /// project holds fewer than `limit.max` active keys besides that one.
+    /// The checks come in that order: duplicates, then the replaced record,
+    /// then the cap.
+    ///
+    /// [`replacing`]: ActiveLimit::replacing
     ///
     /// The record is shared, not copied: an in-process store keeps this
     /// very allocation, and the caller keeps its handle to it.

@@ -716,8 +716,7 @@ fn the_cap_holds_under_concurrent_inserts() {
             s.spawn(|| {
                 for _ in 0..50 {
                     let r = keygate::testkit::keys::sample_record("ws_c", Some("p"), 0, false);
-                    let out =
-                        store.insert(std::sync::Arc::new(r), Some(ActiveLimit { max: 10, now }));
+                    let out = store.insert(std::sync::Arc::new(r), Some(ActiveLimit::new(10, now)));
                     let out = futures_ready(out);
                     if out == InsertOutcome::Inserted {
                         inserted.fetch_add(1, Ordering::Relaxed);
@@ -952,6 +951,8 @@ struct Counting {
     /// Last-use writes fail while set.
     last_use_down: Arc<std::sync::atomic::AtomicBool>,
     after_lookup: Arc<std::sync::Mutex<Option<Hook>>>,
+    /// Run when `list` is called, before it reads.
+    on_list: Arc<std::sync::Mutex<Option<Hook>>>,
 }
 
 /// A one-shot callback run inside a store call.
@@ -997,6 +998,9 @@ impl KeyStore for Counting {
         w: &WorkspaceId,
         p: Option<&ProjectId>,
     ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send {
+        if let Some(hook) = self.on_list.lock().unwrap().take() {
+            hook();
+        }
         self.inner.list(w, p)
     }
     fn revoke(
@@ -1114,6 +1118,32 @@ async fn a_revocation_during_a_lookup_is_not_undone_by_the_cache() {
     let err = auth_bearer(&auth, key, &Target::any()).await.unwrap_err();
     assert!(matches!(err, AuthError::Revoked { .. }), "{err}");
     assert!(cache.is_empty());
+}
+
+#[tokio::test]
+async fn a_roll_racing_a_revocation_neither_breaks_the_cap_nor_replaces_a_revoked_key() {
+    let (clock, store, manager, _) = last_use_setup();
+    let manager = manager.max_active_per_project(Some(3));
+    let mut keys = Vec::new();
+    for i in 0..3 {
+        keys.push(
+            manager.create(NewKey::new(format!("k{i}"), SK, project("ws_a", "p1"))).await.unwrap(),
+        );
+    }
+    let old = keys[0].record().id.clone();
+    // After the roll has found the old key active, and before it inserts:
+    // the old key is revoked and its freed place taken by a new key.
+    let (inner, id, at) = (store.inner.clone(), old.clone(), clock.now());
+    *store.on_list.lock().unwrap() = Some(Box::new(move || {
+        assert!(futures_ready(inner.revoke(&id, at)));
+        let r = keygate::testkit::keys::sample_record("ws_a", Some("p1"), 0, false);
+        let limit = ActiveLimit::new(3, at);
+        assert_eq!(futures_ready(inner.insert(Arc::new(r), Some(limit))), InsertOutcome::Inserted);
+    }));
+    let err = manager.roll(&old, Duration::from_secs(600)).await.unwrap_err();
+    assert!(matches!(err, ManagerError::Inactive), "{err}");
+    let list = store.list(&"ws_a".parse().unwrap(), Some(&"p1".parse().unwrap())).await.unwrap();
+    assert_eq!(list.iter().filter(|r| r.is_active(clock.now())).count(), 3, "the cap holds");
 }
 
 #[tokio::test]
@@ -1252,7 +1282,7 @@ async fn expired_records_are_forgotten_after_the_retention() {
     assert_eq!(listed.len(), 1);
     assert!(store.find_by_digest(&late.digest).await.unwrap().is_some());
     // The project index lost the forgotten ids: the cap counts one record.
-    let limit = ActiveLimit { max: 2, now: at(60 + 3600) };
+    let limit = ActiveLimit::new(2, at(60 + 3600));
     let extra = Arc::new(sample_record("ws_a", Some("p1"), 0, false));
     assert_eq!(store.insert(extra, Some(limit)).await.unwrap(), InsertOutcome::Inserted);
 }

@@ -215,10 +215,10 @@ async fn concurrent_quota_counts_and_capped_inserts_are_exact() {
     assert_eq!(quota.usage("acct", "n", now).await.unwrap(), 30);
 
     let keys = Arc::new(redis.keys());
-    let limit = keygate::store::ActiveLimit { max: 10, now };
+    let limit = keygate::store::ActiveLimit::new(10, now);
     let tasks: Vec<_> = (0..25)
         .map(|_| {
-            let k = Arc::clone(&keys);
+            let (k, limit) = (Arc::clone(&keys), limit.clone());
             let r = keygate::testkit::keys::sample_record("ws_c", Some("p"), 0, false);
             tokio::spawn(
                 async move { k.insert(std::sync::Arc::new(r), Some(limit)).await.unwrap() },
@@ -637,7 +637,7 @@ async fn redis_key_store_forgets_expired_records_and_their_ids() {
     // Once Redis has forgotten the record, the id sets drop its id: the
     // cap count skips it, and listing removes it.
     let _: () = con.del(&rec).await.unwrap();
-    let limit = ActiveLimit { max: 1, now };
+    let limit = ActiveLimit::new(1, now);
     let other = keygate::testkit::keys::sample_record("ws_x", Some("p1"), 0, false);
     assert_eq!(store.insert(Arc::new(other), Some(limit)).await.unwrap(), InsertOutcome::Inserted);
     let project: usize = con.scard(format!("{base}proj:ws_x:p1")).await.unwrap();

@@ -46,7 +46,8 @@ pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
 /// ARGV: id, immutable JSON, expiry, has key id, has project, cap (or
 /// empty), now, record-key prefix, revoked, last used (times sortable or
 /// empty), forget-at (Unix ms: the record's end — expiry or revocation —
-/// plus retention, or empty), retention (ms).
+/// plus retention, or empty), retention (ms), the id of the record being
+/// replaced (or empty: it must be active at now, and is not counted).
 ///
 /// Redis drops an expired record and its indexes at forget-at by itself.
 /// A forget-at already behind the server's clock (a record written with
@@ -61,13 +62,17 @@ const INSERT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'dup_id' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'dup_key' end
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 'dup_key' end
+if ARGV[13] ~= '' then
+  local v = redis.call('HMGET', ARGV[8] .. ARGV[13], 'r', 'rev', 'exp')
+  if not v[1] or v[2] or (v[3] and v[3] <= ARGV[7]) then return 'replacing' end
+end
 if ARGV[5] == '1' and ARGV[6] ~= '' then
   local active = 0
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
     local v = redis.call('HMGET', ARGV[8] .. id, 'r', 'rev', 'exp')
     if not v[1] then
       redis.call('SREM', KEYS[4], id)
-    elseif not v[2] and (not v[3] or v[3] > ARGV[7]) then
+    elseif id ~= ARGV[13] and not v[2] and (not v[3] or v[3] > ARGV[7]) then
       active = active + 1
     end
   end
@@ -458,14 +463,23 @@ impl KeyStore for RedisKeyStore {
             opt_sortable(record.expires_at),
             flag(kid.is_some()),
             flag(proj.is_some()),
-            limit.map(|l| l.max.to_string()).unwrap_or_default().into_bytes(),
-            opt_sortable(limit.map(|l| l.now)),
+            limit
+                .as_ref()
+                .filter(|l| l.is_capped())
+                .map(|l| l.max.to_string())
+                .unwrap_or_default()
+                .into_bytes(),
+            opt_sortable(limit.as_ref().map(|l| l.now)),
             self.rec_prefix().into_bytes(),
             opt_sortable(record.revoked_at),
             opt_sortable(record.last_used_at),
             // A record written revoked (an import) ends then too.
             self.forget_at(record.ended_at()),
             self.retention_ms(),
+            limit
+                .as_ref()
+                .and_then(|l| l.replacing.as_ref())
+                .map_or_else(Vec::new, |id| id.as_str().as_bytes().to_vec()),
         ];
         let max = limit.map_or(0, |l| l.max);
         let call = self.redis.eval::<String>(&INSERT_SCRIPT, keys, args);
@@ -475,6 +489,7 @@ impl KeyStore for RedisKeyStore {
                 "dup_id" => Ok(InsertOutcome::DuplicateId),
                 "dup_key" => Ok(InsertOutcome::DuplicateKey),
                 "limit" => Ok(InsertOutcome::LimitReached { max }),
+                "replacing" => Ok(InsertOutcome::ReplacingInactive),
                 _ => Err(BackendError::corrupt("insert reply")),
             }
         }

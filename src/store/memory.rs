@@ -297,9 +297,16 @@ impl MemoryKeyStore {
             }
             let project_key =
                 record.tenant.project.clone().map(|p| (record.tenant.workspace.clone(), p));
-            if let (Some(limit), Some(pk)) = (limit, &project_key) {
+            if let Some(limit) = &limit
+                && let Some(old) = &limit.replacing
+                && !i.by_id.get(old).is_some_and(|r| r.is_active(limit.now))
+            {
+                return InsertOutcome::ReplacingInactive;
+            }
+            if let (Some(limit), Some(pk)) = (limit.filter(ActiveLimit::is_capped), &project_key) {
                 let active = i.by_project.get(pk).map_or(0, |ids| {
                     ids.iter()
+                        .filter(|id| limit.replacing.as_ref() != Some(*id))
                         .filter_map(|id| i.by_id.get(id))
                         .filter(|r| r.is_active(limit.now))
                         .count()

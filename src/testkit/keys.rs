@@ -61,6 +61,7 @@ pub async fn run<S: KeyStore, F: Fn() -> S>(make: F) {
     insert_and_find(&make()).await;
     uniqueness(&make()).await;
     active_cap(&make()).await;
+    replacing(&make()).await;
     listing(&make()).await;
     revoke_and_expiry(&make()).await;
     last_use(&make()).await;
@@ -146,72 +147,137 @@ async fn uniqueness<S: KeyStore>(s: &S) {
 }
 
 async fn active_cap<S: KeyStore>(s: &S) {
-    let limit = ActiveLimit { max: 3, now: t(100) };
+    let limit = ActiveLimit::new(3, t(100));
     for i in 0..3 {
         let r = sample_record("ws_a", Some("capped"), i, false);
         assert_eq!(
-            s.insert(Arc::new(r), Some(limit)).await.unwrap(),
+            s.insert(Arc::new(r), Some(limit.clone())).await.unwrap(),
             InsertOutcome::Inserted,
             "key {i}"
         );
     }
     let fourth = sample_record("ws_a", Some("capped"), 3, false);
     assert_eq!(
-        s.insert(Arc::new(fourth.clone()), Some(limit)).await.unwrap(),
+        s.insert(Arc::new(fourth.clone()), Some(limit.clone())).await.unwrap(),
         InsertOutcome::LimitReached { max: 3 },
         "the cap is enforced"
     );
     assert!(s.get(&fourth.id).await.unwrap().is_none(), "a refused insert stores nothing");
     // Other projects and workspaces have their own count.
     let other = sample_record("ws_a", Some("other"), 0, false);
-    assert_eq!(s.insert(Arc::new(other), Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(
+        s.insert(Arc::new(other), Some(limit.clone())).await.unwrap(),
+        InsertOutcome::Inserted
+    );
     let other_ws = sample_record("ws_b", Some("capped"), 0, false);
-    assert_eq!(s.insert(Arc::new(other_ws), Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(
+        s.insert(Arc::new(other_ws), Some(limit.clone())).await.unwrap(),
+        InsertOutcome::Inserted
+    );
     // Revoked and expired keys do not count.
     let listed = s.list(&"ws_a".parse().unwrap(), Some(&"capped".parse().unwrap())).await.unwrap();
     s.revoke(&listed[0].id, t(50)).await.unwrap();
     assert_eq!(
-        s.insert(Arc::new(fourth.clone()), Some(limit)).await.unwrap(),
+        s.insert(Arc::new(fourth.clone()), Some(limit.clone())).await.unwrap(),
         InsertOutcome::Inserted
     );
     s.shorten_expiry(&listed[1].id, t(100)).await.unwrap();
     let fifth = sample_record("ws_a", Some("capped"), 4, false);
     assert_eq!(
-        s.insert(Arc::new(fifth), Some(limit)).await.unwrap(),
+        s.insert(Arc::new(fifth), Some(limit.clone())).await.unwrap(),
         InsertOutcome::Inserted,
         "expired at now"
     );
     // Without a limit, or without a project, there is no cap.
     let sixth = sample_record("ws_a", Some("capped"), 5, false);
     assert_eq!(s.insert(Arc::new(sixth), None).await.unwrap(), InsertOutcome::Inserted);
-    let one = ActiveLimit { max: 1, now: t(100) };
+    let one = ActiveLimit::new(1, t(100));
     for i in 0..2 {
         let whole = sample_record("ws_c", None, i, false);
         assert_eq!(
-            s.insert(Arc::new(whole), Some(one)).await.unwrap(),
+            s.insert(Arc::new(whole), Some(one.clone())).await.unwrap(),
             InsertOutcome::Inserted,
             "no project, no cap"
         );
     }
     let in_p = sample_record("ws_c", Some("p"), 3, false);
     assert_eq!(
-        s.insert(Arc::new(in_p), Some(one)).await.unwrap(),
+        s.insert(Arc::new(in_p), Some(one.clone())).await.unwrap(),
         InsertOutcome::Inserted,
         "workspace-wide keys do not count against a project"
     );
     // Keys expiring after `limit.now` are active, judged at `limit.now`
     // (not the store's clock).
-    let two = ActiveLimit { max: 2, now: t(100) };
+    let two = ActiveLimit::new(2, t(100));
     for exp in [t(1000), t(1000), t(50)] {
         let mut r = sample_record("ws_a", Some("cap2"), 0, false);
         r.expires_at = Some(exp);
         assert_eq!(s.insert(Arc::new(r), None).await.unwrap(), InsertOutcome::Inserted);
     }
     assert_eq!(
-        s.insert(Arc::new(sample_record("ws_a", Some("cap2"), 1, false)), Some(two)).await.unwrap(),
+        s.insert(Arc::new(sample_record("ws_a", Some("cap2"), 1, false)), Some(two.clone()))
+            .await
+            .unwrap(),
         InsertOutcome::LimitReached { max: 2 },
         "two keys expire after limit.now: both count"
     );
+}
+
+async fn replacing<S: KeyStore>(s: &S) {
+    let now = t(100);
+    let mut held = Vec::new();
+    for i in 0..2 {
+        let r = sample_record("ws_r", Some("p"), i, false);
+        held.push(r.id.clone());
+        assert_eq!(s.insert(Arc::new(r), None).await.unwrap(), InsertOutcome::Inserted);
+    }
+    let roll =
+        |id: &RecordId| ActiveLimit { replacing: Some(id.clone()), ..ActiveLimit::new(2, now) };
+    // At the cap: the replaced record is not counted, so a roll fits (one
+    // over the cap during the grace) and a plain insert does not.
+    let first = sample_record("ws_r", Some("p"), 2, false);
+    assert_eq!(
+        s.insert(Arc::new(first.clone()), Some(roll(&held[0]))).await.unwrap(),
+        InsertOutcome::Inserted,
+        "the replaced record is not counted"
+    );
+    assert_eq!(
+        s.insert(Arc::new(sample_record("ws_r", Some("p"), 3, false)), Some(roll(&held[1])))
+            .await
+            .unwrap(),
+        InsertOutcome::LimitReached { max: 2 },
+        "everything else is counted"
+    );
+    // A revoked, expired or unknown record cannot be replaced, capped or not.
+    s.revoke(&held[1], t(50)).await.unwrap();
+    let mut expired = sample_record("ws_r", Some("q"), 0, false);
+    expired.expires_at = Some(now);
+    let expired_id = expired.id.clone();
+    assert_eq!(s.insert(Arc::new(expired), None).await.unwrap(), InsertOutcome::Inserted);
+    let unknown = sample_record("ws_r", None, 0, false).id;
+    for (old, why) in
+        [(&held[1], "revoked"), (&expired_id, "expired at now"), (&unknown, "unknown")]
+    {
+        for max in [2, u32::MAX] {
+            let r = sample_record("ws_r", Some("q"), 4, false);
+            let limit = ActiveLimit { replacing: Some(old.clone()), ..ActiveLimit::new(max, now) };
+            assert_eq!(
+                s.insert(Arc::new(r.clone()), Some(limit)).await.unwrap(),
+                InsertOutcome::ReplacingInactive,
+                "{why}, max {max}"
+            );
+            assert!(s.get(&r.id).await.unwrap().is_none(), "a refused insert stores nothing");
+        }
+    }
+    // Without a cap (`u32::MAX`), only the replaced record is checked.
+    let free = ActiveLimit { replacing: Some(first.id.clone()), ..ActiveLimit::new(u32::MAX, now) };
+    for i in 0..3 {
+        let r = sample_record("ws_r", Some("p"), 5 + i, false);
+        assert_eq!(
+            s.insert(Arc::new(r), Some(free.clone())).await.unwrap(),
+            InsertOutcome::Inserted
+        );
+    }
 }
 
 async fn listing<S: KeyStore>(store: &S) {
@@ -307,19 +373,20 @@ pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u
     assert!(cap < threads, "more threads than the cap, or the cap is never contended");
     for round in 0..rounds {
         let project = format!("race{round}");
-        let limit = ActiveLimit { max, now: t(100) };
+        let limit = ActiveLimit::new(max, t(100));
         let capped = AtomicUsize::new(0);
         let shared = sample_record("ws_race", None, 0, false).digest;
         let same_digest = AtomicUsize::new(0);
         let barrier = std::sync::Barrier::new(threads);
         std::thread::scope(|sc| {
             for _ in 0..threads {
-                let (capped, same_digest, barrier, project) =
-                    (&capped, &same_digest, &barrier, &project);
+                let (capped, same_digest, barrier, project, limit) =
+                    (&capped, &same_digest, &barrier, &project, &limit);
                 sc.spawn(move || {
                     let mine = sample_record("ws_race", Some(project), 0, false);
                     barrier.wait();
-                    let won = super::portal::block_on(store.insert(Arc::new(mine), Some(limit)));
+                    let won =
+                        super::portal::block_on(store.insert(Arc::new(mine), Some(limit.clone())));
                     if won.expect("insert") == InsertOutcome::Inserted {
                         capped.fetch_add(1, Ordering::Relaxed);
                     }
