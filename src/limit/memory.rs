@@ -475,7 +475,13 @@ pub struct MemoryLimiter<K = String, C = SystemClock> {
 /// is exactly the Unix time a window ends. When the offset drifts (NTP
 /// slew), the phase follows by the same small amount, never by a day.
 struct WallAnchor {
-    /// Wall nanoseconds minus monotonic nanoseconds at the last anchor.
+    /// The clock's monotonic reading when the limiter was made: the time
+    /// line counts from it, so its values stay small (one-word states keep
+    /// fixed-window ends below 2^60 ns, 36 years) whatever origin a custom
+    /// clock's monotonic time has (Unix nanoseconds, say).
+    origin: u64,
+    /// Wall nanoseconds minus monotonic nanoseconds (since `origin`) at the
+    /// last anchor.
     offset: AtomicI64,
     /// Added to monotonic time to get the limiter's time line.
     phase: AtomicU64,
@@ -487,14 +493,21 @@ const DAY_NANOS: i64 = 86_400 * 1_000_000_000;
 
 impl WallAnchor {
     fn new<C: Clock>(clock: &C) -> Self {
-        let mono = clock.monotonic().as_u64();
-        let offset = Self::measure(clock, mono);
+        let origin = clock.monotonic().as_u64();
+        let offset = Self::measure(clock, 0);
         let phase = offset.rem_euclid(DAY_NANOS) + DAY_NANOS;
         Self {
+            origin,
             offset: AtomicI64::new(offset),
             phase: AtomicU64::new(phase.unsigned_abs()),
-            at: AtomicU64::new(mono.saturating_add(1)),
+            at: AtomicU64::new(1),
         }
+    }
+
+    /// Monotonic nanoseconds since `origin` (zero for a clock that went
+    /// back past it).
+    fn mono<C: Clock>(&self, clock: &C) -> u64 {
+        clock.monotonic().as_u64().saturating_sub(self.origin)
     }
 
     fn measure<C: Clock>(clock: &C, mono: u64) -> i64 {
@@ -510,8 +523,17 @@ impl WallAnchor {
     /// every key out for a step back and hand every key a fresh quota for a
     /// step forward. After a step, fixed windows keep their old alignment.
     fn time<C: Clock>(&self, clock: &C) -> u64 {
-        let mono = clock.monotonic().as_u64();
-        let at = self.at.load(Ordering::Relaxed);
+        let mut mono = self.mono(clock);
+        let mut at = self.at.load(Ordering::Relaxed);
+        if mono < at - 1 {
+            // Behind the last anchor: a reading that went stale while
+            // another thread anchored, or a clock that stepped back. Read
+            // again; only the latter still is, and only it (or a second
+            // gone) re-anchors, so a stale reading never passes its delay
+            // off as a drift of the wall clock.
+            mono = self.mono(clock);
+            at = self.at.load(Ordering::Relaxed);
+        }
         let since = mono.saturating_sub(at - 1);
         if since >= 1_000_000_000 || mono < at - 1 {
             let offset = Self::measure(clock, mono);

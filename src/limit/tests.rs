@@ -801,6 +801,32 @@ fn extreme_clocks_do_not_panic() {
 }
 
 #[test]
+fn a_monotonic_clock_counting_from_the_unix_epoch_still_limits() {
+    // A custom clock whose monotonic time is Unix nanoseconds (past 2^60):
+    // the limiter's one-word states count from the limiter's own origin.
+    struct UnixMono(FakeClock);
+    impl Clock for UnixMono {
+        fn now(&self) -> jiff::Timestamp {
+            self.0.now()
+        }
+        fn monotonic(&self) -> crate::clock::Nanos {
+            crate::clock::Nanos::new(u64::try_from(self.0.now().as_nanosecond()).unwrap_or(0))
+        }
+    }
+    let c = clock();
+    assert!(UnixMono(c.clone()).monotonic().as_u64() > 1 << 60);
+    let l = MemoryLimiter::<u64, _>::with_clock(64, UnixMono(c.clone()));
+    let gcra = Policy::per_minute(NonZeroU32::new(1).unwrap());
+    for (key, p) in [(1, fixed(1, 60)), (2, gcra)] {
+        let p = [p];
+        assert!(l.check(&key, &p, 1).unwrap().is_allowed(), "{key}");
+        assert!(!l.check(&key, &p, 1).unwrap().is_allowed(), "{key}: limited");
+        c.advance(Duration::from_secs(61));
+        assert!(l.check(&key, &p, 1).unwrap().is_allowed(), "{key}: a new period");
+    }
+}
+
+#[test]
 fn denials_of_new_keys_and_empty_policy_lists_track_nothing() {
     let c = clock();
     let l = MemoryLimiter::<String, _>::with_clock(64, c);
