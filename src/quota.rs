@@ -53,6 +53,15 @@ impl Month {
             .unwrap_or(Timestamp::MAX)
     }
 
+    /// The month before this one.
+    const fn before(self) -> Self {
+        if self.month == 1 {
+            Self { year: self.year - 1, month: 12 }
+        } else {
+            Self { year: self.year, month: self.month - 1 }
+        }
+    }
+
     /// A compact key for storage: `YYYY-MM`.
     #[must_use]
     pub fn key(self) -> String {
@@ -191,7 +200,51 @@ pub trait QuotaStore: Send + Sync {
 /// Usage per (account, rule name). `hashbrown` so that a check looks entries
 /// up by borrowed names ([`CounterKey`]) instead of allocating two
 /// `String`s per rule per request; std's keyed hasher resists flooding.
-type Counters = hashbrown::HashMap<(String, String), (Month, u64), std::hash::RandomState>;
+type Counters = hashbrown::HashMap<(String, String), Counter, std::hash::RandomState>;
+
+/// One (account, rule)'s counts: its latest month's and the month before's,
+/// so a call stamped just before midnight on the 1st that arrives after the
+/// new month's first counts in its own month, as in the Redis store.
+#[derive(Debug, Clone, Copy)]
+struct Counter {
+    month: Month,
+    used: u64,
+    /// The count of the month before `month`.
+    before: u64,
+}
+
+impl Counter {
+    /// The count of `month`: `None` for a month older than the two kept
+    /// (a call stamped that long ago is judged as a fresh month's, and not
+    /// kept).
+    fn of(&self, month: Month) -> Option<u64> {
+        if month > self.month {
+            Some(0)
+        } else if month == self.month {
+            Some(self.used)
+        } else if month == self.month.before() {
+            Some(self.before)
+        } else {
+            None
+        }
+    }
+
+    /// The count of `month` to add to, moving on to `month` if it is newer.
+    fn slot(&mut self, month: Month) -> Option<&mut u64> {
+        if month > self.month {
+            self.before = if month.before() == self.month { self.used } else { 0 };
+            self.used = 0;
+            self.month = month;
+        }
+        if month == self.month {
+            Some(&mut self.used)
+        } else if month == self.month.before() {
+            Some(&mut self.before)
+        } else {
+            None
+        }
+    }
+}
 
 /// A borrowed `(account, rule)` key of [`Counters`]: hashes as the owned
 /// tuple does (`str` and `String` hash alike).
@@ -237,14 +290,12 @@ impl MemoryQuotaStore {
         let month = Month::of(now);
         let resets_at = month.next_reset();
         let mut map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        // A call stamped in an earlier month than the counter's (two calls
+        // A call stamped in the month before the counter's (two calls
         // straddling midnight on the 1st, the later one counted first)
-        // counts in the counter's month: a late call never erases a newer
-        // month's count.
+        // counts in its own month, which the counter keeps: a late call
+        // neither erases the newer month's count nor adds to it.
         let used_now = |map: &Counters, r: &QuotaRule| {
-            map.get(&CounterKey(account, &r.name))
-                .filter(|(m, _)| *m >= month)
-                .map_or(0, |(_, u)| *u)
+            map.get(&CounterKey(account, &r.name)).and_then(|c| c.of(month)).unwrap_or(0)
         };
         let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
         // A cost above some rule's whole limit is refused as such, whatever
@@ -260,13 +311,19 @@ impl MemoryQuotaStore {
             return QuotaDecision::denied(r, used_now(&map, r), cost, resets_at);
         }
         // Every counting rule has room: count in each as the decision is made.
-        let counted = counting.into_iter().map(|r| {
-            let e = map.entry_ref(&CounterKey(account, &r.name)).or_insert((month, 0));
-            if e.0 < month {
-                *e = (month, 0);
-            }
-            e.1 += cost;
-            (r, e.1)
+        let counted = counting.iter().enumerate().map(|(i, r)| {
+            let fresh = Counter { month, used: 0, before: 0 };
+            let c = map.entry_ref(&CounterKey(account, &r.name)).or_insert(fresh);
+            // A name repeated (rules sharing one counter) counts once.
+            let again = counting[..i].iter().any(|q| q.name == r.name);
+            // Checked above: the sum fits and is within the limit.
+            let used = c.slot(month).map_or(cost, |u| {
+                if !again {
+                    *u += cost;
+                }
+                *u
+            });
+            (*r, used)
         });
         QuotaDecision::admitted(counted, resets_at)
     }
@@ -292,8 +349,7 @@ impl QuotaStore for MemoryQuotaStore {
     ) -> impl Future<Output = Result<u64, BackendError>> + Send {
         let month = Month::of(now);
         let map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        let used =
-            map.get(&CounterKey(account, rule)).filter(|(m, _)| *m == month).map_or(0, |(_, u)| *u);
+        let used = map.get(&CounterKey(account, rule)).and_then(|c| c.of(month)).unwrap_or(0);
         ready(Ok(used))
     }
 }

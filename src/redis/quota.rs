@@ -13,7 +13,8 @@ use crate::quota::{Month, QuotaDecision, QuotaStore};
 
 /// KEYS: one counter per counting rule. ARGV: cost, TTL ms, then each
 /// rule's limit. Returns `{1, used…}` (counted) or `{0, i, used}` (rule `i`
-/// had no room; nothing counted).
+/// had no room; nothing counted). A counter named twice (rules sharing a
+/// name) is counted once.
 const COUNT: &str = r"
 local cost = tonumber(ARGV[1])
 local used = {}
@@ -21,10 +22,13 @@ for i = 1, #KEYS do
   used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
   if used[i] + cost > tonumber(ARGV[2 + i]) then return {0, i, used[i]} end
 end
-local out = {1}
+local out, done = {1}, {}
 for i = 1, #KEYS do
-  out[i + 1] = redis.call('INCRBY', KEYS[i], ARGV[1])
-  redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  if not done[KEYS[i]] then
+    done[KEYS[i]] = redis.call('INCRBY', KEYS[i], ARGV[1])
+    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+  end
+  out[i + 1] = done[KEYS[i]]
 end
 return out
 ";

@@ -70,18 +70,35 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     assert!(!store.check_and_count(&acct, &rules, "email", 1, t).await.unwrap().allowed);
 
     // Calls stamped on both sides of midnight on the 1st, interleaved (two
-    // servers, or times read before a lock): at most each month's limit
-    // in each month, never a count erased by the other month.
+    // servers, or times read before a lock): each counts in the month it
+    // is stamped with, neither erasing nor adding to the other's.
     let acct = format!("{prefix}:c");
     let rules = [QuotaRule::new("n", 3, &["x"])];
     let (before, after) = (ts("2026-01-31T23:59:59Z"), ts("2026-02-01T00:00:00Z"));
     let mut admitted = 0;
     for i in 0..20 {
-        let now = if i % 2 == 0 { before } else { after };
+        let now = if i % 2 == 0 { after } else { before };
         admitted +=
             u32::from(store.check_and_count(&acct, &rules, "x", 1, now).await.unwrap().allowed);
     }
-    assert!((3..=6).contains(&admitted), "{admitted} admitted across two months of 3");
+    assert_eq!(admitted, 6, "each month admits its own 3");
+    assert_eq!(store.usage(&acct, "n", before).await.unwrap(), 3, "January's count");
+    assert_eq!(store.usage(&acct, "n", after).await.unwrap(), 3, "February's count");
+    let d = store.check_and_count(&acct, &rules, "x", 1, before).await.unwrap();
+    assert!(!d.allowed && d.used == 3, "{d:?}");
+    assert_eq!(d.resets_at, after, "a January call is refused until February");
+
+    // Rules sharing a name share one counter: each is checked, the counter
+    // counted once.
+    let acct = format!("{prefix}:twice");
+    let rules = [QuotaRule::new("n", 5, &["x"]), QuotaRule::new("n", 3, &["x"])];
+    let t = ts("2026-08-08T00:00:00Z");
+    for i in 1..=3 {
+        let d = store.check_and_count(&acct, &rules, "x", 1, t).await.unwrap();
+        assert!(d.allowed, "unit {i}");
+        assert_eq!(store.usage(&acct, "n", t).await.unwrap(), i, "counted once");
+    }
+    assert!(!store.check_and_count(&acct, &rules, "x", 1, t).await.unwrap().allowed);
 
     // Accounts are separate, even under one rule name.
     let r = [QuotaRule::new("shared", 1, &["x"])];
