@@ -3,8 +3,17 @@
 //! `serde_json` keeps the last of two equal keys, so `{"role": "viewer",
 //! "role": "admin"}` would be read as `admin` while a proxy that reads the
 //! first saw `viewer`, and a plan file naming one plan twice would lose the
-//! first silently. Requests and configuration are parsed here instead: a
-//! repeated key is an error naming it.
+//! first silently. keygate reads requests and configuration with [`parse`]
+//! instead: a repeated key is an error naming it. Hosts reading the bodies
+//! of their own routes beside keygate's can hold them to the same rule.
+//!
+//! ```
+//! use keygate::json::{parse, JsonError};
+//!
+//! assert!(parse(br#"{"scopes": ["*"]}"#).is_ok());
+//! let e = parse(br#"{"scopes": ["*"], "scopes": []}"#).unwrap_err();
+//! assert!(matches!(e, JsonError::Duplicate(ref k) if k == "scopes"));
+//! ```
 
 use std::fmt;
 
@@ -13,7 +22,8 @@ use serde_json::Value;
 
 /// Why a JSON text was refused.
 #[derive(Debug)]
-pub(crate) enum JsonError {
+#[non_exhaustive]
+pub enum JsonError {
     /// Not JSON (or nested too deeply, or a number out of range).
     Syntax(serde_json::Error),
     /// An object repeats this key.
@@ -29,16 +39,30 @@ impl fmt::Display for JsonError {
     }
 }
 
+impl std::error::Error for JsonError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Syntax(e) => Some(e),
+            Self::Duplicate(_) => None,
+        }
+    }
+}
+
 /// Marks the custom error the visitor raises, so it can be told from the
 /// parser's own errors.
 const DUPLICATE: &str = "keygate: duplicate key ";
 
 /// Parses `bytes` as JSON, refusing objects that repeat a key (at any depth).
 ///
+/// # Errors
+///
+/// [`JsonError::Syntax`] for text that is not JSON (or nests deeper than
+/// `serde_json`'s 128 levels), [`JsonError::Duplicate`] for a repeated key.
+///
 /// Two passes: `serde_json` builds the value as it always does (whatever its
 /// features, `arbitrary_precision` included), then a visitor that keeps
 /// nothing but each object's keys looks for repeats.
-pub(crate) fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
+pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
     let value: Value = serde_json::from_slice(bytes).map_err(JsonError::Syntax)?;
     match serde_json::from_slice::<Distinct>(bytes) {
         Ok(Distinct) => Ok(value),
@@ -117,6 +141,99 @@ impl<'de> Visitor<'de> for DistinctVisitor {
     }
 }
 
+/// A JSON value read from any serde deserializer, refusing objects that
+/// repeat a key: for `Deserialize` impls of configuration (a `PlanSet` read
+/// by `serde_json::from_str`, or from another format), where [`parse`]'s
+/// two passes over the text are not available.
+#[cfg(feature = "serde")]
+pub(crate) struct UniqueValue(pub(crate) Value);
+
+/// The key `serde_json` (with its `arbitrary_precision` feature, which
+/// another crate of the build may turn on) presents a number under.
+#[cfg(feature = "serde")]
+const NUMBER_TOKEN: &str = "$serde_json::private::Number";
+
+#[cfg(feature = "serde")]
+impl<'de> Deserialize<'de> for UniqueValue {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(UniqueVisitor)
+    }
+}
+
+#[cfg(feature = "serde")]
+struct UniqueVisitor;
+
+#[cfg(feature = "serde")]
+impl<'de> Visitor<'de> for UniqueVisitor {
+    type Value = UniqueValue;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON value")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<UniqueValue, E> {
+        Ok(UniqueValue(Value::Bool(b)))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<UniqueValue, E> {
+        Ok(UniqueValue(Value::from(n)))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<UniqueValue, E> {
+        Ok(UniqueValue(Value::from(n)))
+    }
+
+    fn visit_f64<E>(self, n: f64) -> Result<UniqueValue, E> {
+        // As `serde_json::Value` reads it: no JSON number is not finite.
+        Ok(UniqueValue(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number)))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<UniqueValue, E> {
+        Ok(UniqueValue(Value::String(s.to_owned())))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<UniqueValue, E> {
+        Ok(UniqueValue(Value::String(s)))
+    }
+
+    fn visit_unit<E>(self) -> Result<UniqueValue, E> {
+        Ok(UniqueValue(Value::Null))
+    }
+
+    fn visit_none<E>(self) -> Result<UniqueValue, E> {
+        Ok(UniqueValue(Value::Null))
+    }
+
+    fn visit_some<D: Deserializer<'de>>(self, d: D) -> Result<UniqueValue, D::Error> {
+        UniqueValue::deserialize(d)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UniqueValue, A::Error> {
+        let mut items = Vec::new();
+        while let Some(UniqueValue(v)) = seq.next_element()? {
+            items.push(v);
+        }
+        Ok(UniqueValue(Value::Array(items)))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UniqueValue, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            if object.is_empty() && key == NUMBER_TOKEN {
+                let digits: String = map.next_value()?;
+                let n = serde_json::from_str(&digits).map_err(de::Error::custom)?;
+                return Ok(UniqueValue(n));
+            }
+            if object.contains_key(&key) {
+                return Err(de::Error::custom(format_args!("duplicate key `{key}`")));
+            }
+            let UniqueValue(v) = map.next_value()?;
+            object.insert(key, v);
+        }
+        Ok(UniqueValue(Value::Object(object)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -143,5 +260,19 @@ mod tests {
         assert!(matches!(parse(b"1e400"), Err(JsonError::Syntax(_))));
         let deep = "[".repeat(200) + &"]".repeat(200);
         assert!(matches!(parse(deep.as_bytes()), Err(JsonError::Syntax(_))), "depth limit");
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn unique_values_read_like_serde_json_and_refuse_repeats() {
+        let text = r#"{"b":[1,-2,3.5,"s",null,true,18446744073709551615],"a":{"c":{}}}"#;
+        let UniqueValue(v) = serde_json::from_str(text).unwrap();
+        assert_eq!(v, serde_json::from_str::<Value>(text).unwrap());
+        for dup in [r#"{"a":1,"a":2}"#, r#"{"x":[{"b":1,"b":1}]}"#] {
+            let e = serde_json::from_str::<UniqueValue>(dup).err().unwrap();
+            assert!(e.to_string().starts_with("duplicate key `"), "{e}");
+        }
+        let deep = "[".repeat(200) + &"]".repeat(200);
+        assert!(serde_json::from_str::<UniqueValue>(&deep).is_err(), "depth limit");
     }
 }

@@ -42,6 +42,7 @@
 //! | [`limit`] | policies, plans, GCRA / fixed / sliding windows, decisions and headers, keyed and direct limiters, [`LimitStore`](limit::LimitStore) |
 //! | [`quota`] | monthly quotas by category, calendar-month reset, [`QuotaStore`](quota::QuotaStore) |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
+//! | [`json`] | JSON input that refuses repeated object keys (requests, plan files) |
 //! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
 //! | [`clock`] | wall and monotonic time behind one trait; system, fake and (feature `quanta`) TSC clocks |
 //! | `tower` (feature) | `Gate` and its per-route layer: authenticate, rate-limit, authorize, count quota, answer refusals |
@@ -54,7 +55,7 @@ pub mod clock;
 pub mod format;
 pub mod hash;
 pub mod http;
-mod json;
+pub mod json;
 pub mod limit;
 pub mod manager;
 pub mod portal;

@@ -199,6 +199,18 @@ async fn create_key_bad_bodies_name_the_field() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
         assert_eq!(r.body["error"]["field"], field, "{body}: {}", r.text);
     }
+    // A field named twice is refused, not read as its last value.
+    let res = s
+        .http
+        .post(format!("{}/management/v1/workspaces/ws_demo/api-keys", s.base))
+        .bearer_auth(&s.token)
+        .header("content-type", "application/json")
+        .body(r#"{"name": "x", "format": "nh", "format": "sk"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+    assert!(res.text().await.unwrap().contains("`format` twice"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

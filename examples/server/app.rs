@@ -335,9 +335,13 @@ fn object(body: &[u8]) -> Result<Map<String, Value>, Rejection> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Map::new());
     }
-    match serde_json::from_slice(body) {
+    // A key named twice is refused, not read as its last value.
+    match keygate::json::parse(body) {
         Ok(Value::Object(m)) => Ok(m),
         Ok(_) => Err(bad("body", "body must be a JSON object")),
+        Err(keygate::json::JsonError::Duplicate(field)) => {
+            Err(bad("body", format!("body names `{field}` twice")))
+        }
         Err(e) => Err(bad("body", format!("body is not valid JSON: {e}"))),
     }
 }
@@ -752,6 +756,9 @@ async fn list_endpoints<B: Backend>(
 /// Bounds on the demo's in-memory endpoint lists.
 const MAX_URL_LEN: usize = 2048;
 const MAX_ENDPOINTS: usize = 100;
+/// Applications holding endpoints: the path names the application, so
+/// without this a management token could spread endpoints over any number.
+const MAX_APPLICATIONS: usize = 1000;
 
 async fn create_endpoint<B: Backend>(
     State(app): AppState<B>,
@@ -781,8 +788,13 @@ async fn create_endpoint<B: Backend>(
     });
     {
         let mut endpoints = app.endpoints.lock().expect("endpoint list lock");
-        let list = endpoints.entry(application_of(&caller)).or_default();
-        // Bounded: a session (or many) cannot grow the demo's memory at will.
+        let application = application_of(&caller);
+        // Bounded: sessions cannot grow the demo's memory at will.
+        if endpoints.len() >= MAX_APPLICATIONS && !endpoints.contains_key(&application) {
+            let message = format!("at most {MAX_APPLICATIONS} applications hold endpoints");
+            return app.reject(&Rejection::Conflict { message }, BodyStyle::Nested);
+        }
+        let list = endpoints.entry(application).or_default();
         if list.len() >= MAX_ENDPOINTS {
             let message = format!("an application has at most {MAX_ENDPOINTS} endpoints");
             return app.reject(&Rejection::Conflict { message }, BodyStyle::Nested);
@@ -798,12 +810,19 @@ async fn delete_endpoint<B: Backend>(
     Extension(caller): Extension<Principal>,
 ) -> Response {
     let mut all = app.endpoints.lock().expect("endpoint list lock");
-    let list = all.entry(application_of(&caller)).or_default();
+    let application = application_of(&caller);
+    let Some(list) = all.get_mut(&application) else {
+        drop(all);
+        return app.reject(&Rejection::NotFound, BodyStyle::Nested);
+    };
     let before = list.len();
     list.retain(|e| e["id"] != id.as_str());
     if list.len() == before {
         drop(all);
         return app.reject(&Rejection::NotFound, BodyStyle::Nested);
+    }
+    if list.is_empty() {
+        all.remove(&application);
     }
     StatusCode::NO_CONTENT.into_response()
 }

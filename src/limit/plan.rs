@@ -435,7 +435,9 @@ fn quota_from(v: &Value, at: &str) -> Result<QuotaRule, PlanError> {
 #[cfg(feature = "serde")]
 impl<'de> serde::Deserialize<'de> for PlanSet {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let v = Value::deserialize(d)?;
+        // Not `Value`: it keeps the last of two equal keys, and a plan file
+        // naming one plan twice would lose the first silently.
+        let crate::json::UniqueValue(v) = crate::json::UniqueValue::deserialize(d)?;
         Self::from_value(&v).map_err(serde::de::Error::custom)
     }
 }

@@ -262,7 +262,15 @@ fn plans_from_json() {
     ] {
         let e = PlanSet::from_json(bad).unwrap_err();
         assert!(e.to_string().contains("duplicate key"), "{e}");
+        // The same through serde, as a host's configuration reads it.
+        #[cfg(feature = "serde")]
+        {
+            let e = serde_json::from_str::<PlanSet>(bad).err().unwrap();
+            assert!(e.to_string().contains("duplicate key"), "{e}");
+        }
     }
+    #[cfg(feature = "serde")]
+    assert_eq!(serde_json::from_str::<PlanSet>(text).unwrap(), set);
 }
 
 #[test]
