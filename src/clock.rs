@@ -301,11 +301,19 @@ impl FakeClock {
         Self::new(Timestamp::from_second(1_767_225_600).unwrap_or(Timestamp::UNIX_EPOCH))
     }
 
-    /// Moves both wall and monotonic time forward by `d`.
+    /// Moves both wall and monotonic time forward by `d` (saturating at
+    /// the ends of their ranges).
     pub fn advance(&self, d: Duration) {
         let n = duration_nanos(d);
-        self.inner.mono.fetch_add(n, Ordering::SeqCst);
-        self.inner.wall.fetch_add(i64::try_from(n).unwrap_or(i64::MAX), Ordering::SeqCst);
+        let _ = self
+            .inner
+            .mono
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| Some(m.saturating_add(n)));
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let _ = self
+            .inner
+            .wall
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(w.saturating_add(n)));
     }
 
     /// Moves both wall and monotonic time backward by `d` (saturating at the
@@ -316,7 +324,11 @@ impl FakeClock {
             .inner
             .mono
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| Some(m.saturating_sub(n)));
-        self.inner.wall.fetch_sub(i64::try_from(n).unwrap_or(i64::MAX), Ordering::SeqCst);
+        let n = i64::try_from(n).unwrap_or(i64::MAX);
+        let _ = self
+            .inner
+            .wall
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(w.saturating_sub(n)));
     }
 
     /// Sets wall time to `t`, leaving the monotonic time line alone (as an
@@ -362,6 +374,11 @@ mod tests {
         c.rewind(Duration::from_secs(10));
         assert_eq!(c.monotonic(), Nanos::ZERO);
         assert_eq!(t0.as_millisecond() - c.now().as_millisecond(), 8500);
+        // The ends of the ranges hold: no wrap back to the past.
+        c.advance(Duration::MAX);
+        c.advance(Duration::from_secs(1));
+        assert_eq!(c.monotonic(), Nanos::new(u64::MAX));
+        assert!(c.now() > t0);
     }
 
     /// Clocks made at different times read one time line: a later clock's

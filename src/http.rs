@@ -121,7 +121,7 @@ impl Response {
 /// Whole seconds in `d`, rounded up: a 100 ms wait is `1`, never `0`.
 #[must_use]
 pub fn ceil_secs(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0)
+    d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
 /// RFC 3339 UTC with milliseconds, as the seeds write timestamps:
@@ -480,6 +480,7 @@ mod tests {
         assert_eq!(ceil_secs(Duration::from_nanos(1)), 1);
         assert_eq!(ceil_secs(Duration::from_secs(1)), 1);
         assert_eq!(ceil_secs(Duration::from_millis(1001)), 2);
+        assert_eq!(ceil_secs(Duration::MAX), u64::MAX, "saturates, never wraps to 0");
     }
 
     #[test]

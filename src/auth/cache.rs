@@ -108,7 +108,7 @@ impl fmt::Debug for PrincipalCache {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PrincipalCache")
             .field("ttl", &self.ttl)
-            .field("capacity", &(self.per_shard * SHARDS))
+            .field("capacity", &self.per_shard.saturating_mul(SHARDS))
             .finish_non_exhaustive()
     }
 }

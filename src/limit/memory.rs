@@ -602,7 +602,7 @@ impl<K, C> fmt::Debug for MemoryLimiter<K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryLimiter")
             .field("shards", &self.shards.count())
-            .field("max_keys", &(self.per_shard * self.shards.count()))
+            .field("max_keys", &self.per_shard.saturating_mul(self.shards.count()))
             .finish_non_exhaustive()
     }
 }
@@ -639,7 +639,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// Most keys tracked at once.
     #[must_use]
     pub fn max_keys(&self) -> usize {
-        self.per_shard * self.shards.count()
+        self.per_shard.saturating_mul(self.shards.count())
     }
 
     /// Keys currently tracked.

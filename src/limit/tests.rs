@@ -809,6 +809,11 @@ fn extreme_clocks_do_not_panic() {
 }
 
 #[test]
+fn a_huge_capacity_saturates() {
+    assert_eq!(MemoryLimiter::<u64>::new(usize::MAX).max_keys(), usize::MAX);
+}
+
+#[test]
 fn a_monotonic_clock_counting_from_the_unix_epoch_still_limits() {
     // A custom clock whose monotonic time is Unix nanoseconds (past 2^60):
     // the limiter's one-word states count from the limiter's own origin.
