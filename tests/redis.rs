@@ -850,6 +850,38 @@ async fn a_key_of_the_wrong_type_under_the_prefix_is_corrupt_data() {
 }
 
 #[tokio::test]
+async fn a_sliding_log_ahead_of_a_clock_that_stepped_back_holds_one_window() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "sw").await;
+    let mut conn = redis.connection();
+    // Five entries an hour ahead of the server's clock: written before
+    // its clock stepped back an hour.
+    let (secs, micros): (u64, u64) = ::redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let ahead = (secs + 3600) * 1_000_000 + micros;
+    let _: () = ::redis::cmd("RPUSH")
+        .arg("sw:rl:{k:k}:default:s")
+        .arg(vec![ahead.to_string(); 5])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let plan =
+        [Policy::new("default", 5, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()];
+    let d = redis.limiter().check("k", &plan, 1, CheckMode::Consume).await.unwrap();
+    assert!(!d.is_allowed(), "the five still count");
+    let retry = d.retry_after().unwrap();
+    assert!(
+        retry <= Duration::from_secs(62),
+        "one window (plus the slack), not the step: {retry:?}"
+    );
+    // Written back: the next check (and the key's expiry) agree.
+    let ttl: i64 =
+        ::redis::cmd("PTTL").arg("sw:rl:{k:k}:default:s").query_async(&mut conn).await.unwrap();
+    assert!((0..=62_000).contains(&ttl), "{ttl}");
+    let again = redis.limiter().check("k", &plan, 1, CheckMode::Consume).await.unwrap();
+    assert!(again.retry_after().unwrap() <= retry);
+}
+
+#[tokio::test]
 async fn the_longest_timeout_connects_without_overflow() {
     let server = RedisServer::start();
     let redis =

@@ -243,6 +243,25 @@ for i = 1, n do
     local p = period / 1000
     local log = redis.call('LRANGE', KEYS[i], 0, -1)
     if #log == 0 then held = foreign(i, alg, period, interval, cap) end
+    -- Entries more than the slack ahead of now: the server's clock
+    -- stepped back. They count as made at now plus the slack (the log
+    -- stays sorted), written back so that they expire a period from then
+    -- rather than hold the key for the whole step.
+    local ahead = now_us + SLACK_NS / 1000
+    local clamped = false
+    for j = 1, #log do
+      if tonumber(log[j]) > ahead then log[j] = string.format('%d', ahead); clamped = true end
+    end
+    local function rewrite()
+      redis.call('DEL', KEYS[i])
+      for j = 1, #log, 1000 do
+        local last = j + 999
+        if last > #log then last = #log end
+        redis.call('RPUSH', KEYS[i], unpack(log, j, last))
+      end
+      redis.call('PEXPIRE', KEYS[i], ms_ceil((ahead + p - now_us) * 1000))
+    end
+    if clamped then st.convert = rewrite end
     -- Entries standing for converted units (only with a sibling's state).
     local synth = held and string.format('%d', now_us)
     if held then
@@ -275,6 +294,7 @@ for i = 1, n do
       if r < 0 then r = 0 end
       st.allowed = true; st.remaining = limit - count - cost; st.reset = r * 1000
       st.commit = function()
+        if clamped then rewrite() end
         if held and held > 0 then push_entries(KEYS[i], synth, held) end
         if expired > 0 then redis.call('LTRIM', KEYS[i], expired, -1) end
         push_entries(KEYS[i], string.format('%d', at), cost)
