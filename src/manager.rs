@@ -50,6 +50,19 @@ impl TokenExpiry {
     }
 }
 
+/// `scopes` with each scope once, in first-seen order (the same list when
+/// nothing repeats). Distinct known scopes are bounded by the registry, so
+/// this bounds what a key stores and what checking it against a parent's
+/// list costs, however long the list a request sends.
+fn distinct(scopes: Arc<[Scope]>) -> Arc<[Scope]> {
+    let mut seen = std::collections::HashSet::with_capacity(scopes.len());
+    if scopes.iter().all(|s| seen.insert(s.as_str())) {
+        return scopes;
+    }
+    seen.clear();
+    scopes.iter().filter(|s| seen.insert(s.as_str())).cloned().collect()
+}
+
 /// Not one of `30d`, `90d`, `1y`, `never`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("expiry must be one of 30d, 90d, 1y, never")]
@@ -110,14 +123,16 @@ impl NewKey {
     /// [`ScopeError::Syntax`] for a malformed scope. Unknown scopes are
     /// refused by [`KeyManager::create`].
     pub fn scopes(mut self, scopes: &[&str]) -> Result<Self, ScopeError> {
-        self.scopes = scopes.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+        let parsed: Arc<[Scope]> = scopes.iter().map(|s| s.parse()).collect::<Result<_, _>>()?;
+        self.scopes = distinct(parsed);
         Ok(self)
     }
 
     /// Grants already-parsed `scopes` (a `Vec<Scope>`, or a shared list).
+    /// A scope listed twice is kept once.
     #[must_use]
     pub fn with_scopes(mut self, scopes: impl Into<Arc<[Scope]>>) -> Self {
-        self.scopes = scopes.into();
+        self.scopes = distinct(scopes.into());
         self
     }
 

@@ -537,6 +537,26 @@ async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() 
             child.record().scopes.iter().map(keygate::scope::Scope::as_str).collect();
         assert_eq!(stored, ["webhooks:*"], "parent {parent_scope}");
     }
+
+    // A scope repeated (a request listing thousands) is stored once: what a
+    // key holds is bounded by the registry, not by the request.
+    let many = vec!["webhooks:read"; 5000];
+    let child = manager
+        .create_for(&parent, NewKey::new("c", SK, ws("ws_a")).scopes(&many).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(child.record().scopes.len(), 1);
+    let twice: Vec<keygate::scope::Scope> = ["webhooks:write", "webhooks:read", "webhooks:write"]
+        .iter()
+        .map(|s| s.parse().unwrap())
+        .collect();
+    let child = manager
+        .create_for(&parent, NewKey::new("c", SK, ws("ws_a")).with_scopes(twice))
+        .await
+        .unwrap();
+    let stored: Vec<&str> =
+        child.record().scopes.iter().map(keygate::scope::Scope::as_str).collect();
+    assert_eq!(stored, ["webhooks:write", "webhooks:read"], "first-seen order");
 }
 
 #[tokio::test]
@@ -1285,6 +1305,24 @@ async fn expired_records_are_forgotten_after_the_retention() {
     let limit = ActiveLimit::new(2, at(60 + 3600));
     let extra = Arc::new(sample_record("ws_a", Some("p1"), 0, false));
     assert_eq!(store.insert(extra, Some(limit)).await.unwrap(), InsertOutcome::Inserted);
+}
+
+#[tokio::test]
+async fn a_record_stamped_ahead_of_the_clock_does_not_forget_keys_in_use() {
+    use keygate::testkit::keys::sample_record;
+    let now = Timestamp::now();
+    let day = jiff::SignedDuration::from_hours(24);
+    let store = MemoryKeyStore::new().expired_retention(Duration::from_secs(60));
+    // Valid for another day.
+    let mut live = sample_record("ws_a", None, 0, false);
+    live.created_at = now;
+    live.expires_at = Some(now + day);
+    assert_eq!(store.insert(Arc::new(live.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    // An import stamped three days ahead (a skewed clock).
+    let mut ahead = sample_record("ws_a", None, 0, false);
+    ahead.created_at = now + day * 3;
+    assert_eq!(store.insert(Arc::new(ahead), None).await.unwrap(), InsertOutcome::Inserted);
+    assert!(store.get(&live.id).await.unwrap().is_some(), "still valid: kept");
 }
 
 #[tokio::test]

@@ -235,8 +235,10 @@ impl MemoryKeyStore {
     /// Keeps records for `retention` after they expire or are revoked
     /// (default [`EXPIRED_RETENTION`](super::EXPIRED_RETENTION), one day):
     /// until then they are listed and refused as expired or revoked;
-    /// afterwards the next insert forgets them, so short-lived credentials such as portal
-    /// access tokens do not accumulate. The store keeps its expiring
+    /// afterwards the next insert forgets them (judged at the earlier of
+    /// its record's creation time and the system clock), so short-lived
+    /// credentials such as portal access tokens do not accumulate. The
+    /// store keeps its expiring
     /// records in a heap by expiry, so an insert pays only for the records
     /// it forgets: no scan, no pause. Clones share the records, so the
     /// setting applies to every clone.
@@ -279,8 +281,11 @@ impl MemoryKeyStore {
 
     fn insert_sync(&self, record: Arc<KeyRecord>, limit: Option<ActiveLimit>) -> InsertOutcome {
         self.write(|i| {
-            // A new record is stamped with the time it is made.
-            i.forget_expired(record.created_at);
+            // A new record is stamped with the time it is made; one stamped
+            // ahead of the system clock (an import, a caller's clock
+            // running fast) must not make the store forget keys still in
+            // use, so the earlier of the two judges.
+            i.forget_expired(record.created_at.min(Timestamp::now()));
             // One hash of the id serves the check, the expiry heap and the
             // insert.
             let h = i.by_id.hash(&record.id);
