@@ -189,6 +189,19 @@ async fn expiry_boundary_and_defaults() {
         w.portal.redeem(early.code().expose_secret()).await.unwrap_err(),
         PortalError::Expired
     ));
+    // A tombstone answers for its retention past the expiry, then the code
+    // is unknown (as when Redis has dropped its key), purged or not.
+    assert!(matches!(
+        w.portal.redeem(minted.code().expose_secret()).await.unwrap_err(),
+        PortalError::AlreadyUsed
+    ));
+    w.clock.advance(portal::TOMBSTONE_RETENTION);
+    for code in [&minted, &early] {
+        assert!(matches!(
+            w.portal.redeem(code.code().expose_secret()).await.unwrap_err(),
+            PortalError::UnknownCode
+        ));
+    }
 }
 
 #[tokio::test]

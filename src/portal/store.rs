@@ -96,6 +96,13 @@ impl Entry {
             Self::Used { expires_at } => *expires_at,
         }
     }
+
+    /// Whether the entry is past its tombstone retention at `now`: as good
+    /// as gone (the Redis store's key has expired by then).
+    fn forgotten(&self, now: Timestamp) -> bool {
+        let keep = SignedDuration::try_from(TOMBSTONE_RETENTION).unwrap_or(SignedDuration::ZERO);
+        self.expires_at().checked_add(keep).is_ok_and(|t| t <= now)
+    }
 }
 
 const SHARDS: usize = 16;
@@ -156,9 +163,7 @@ impl MemoryPortalStore {
     pub fn insert_sync(&self, code: Digest, session: PortalSession, now: Timestamp) -> bool {
         let mut shard = self.shard(&code).lock().unwrap_or_else(PoisonError::into_inner);
         if shard.map.len() >= shard.purge_at {
-            let keep =
-                SignedDuration::try_from(TOMBSTONE_RETENTION).unwrap_or(SignedDuration::ZERO);
-            shard.map.retain(|_, e| e.expires_at().checked_add(keep).map_or(true, |t| t > now));
+            shard.map.retain(|_, e| !e.forgotten(now));
             // Amortised: the next purge waits until the map doubles.
             shard.purge_at = (shard.map.len() * 2).max(64);
         }
@@ -173,6 +178,11 @@ impl MemoryPortalStore {
     pub fn redeem_sync(&self, code: &Digest, now: Timestamp) -> Redeem {
         let mut shard = self.shard(code).lock().unwrap_or_else(PoisonError::into_inner);
         let Some(entry) = shard.map.get_mut(code) else { return Redeem::Unknown };
+        if entry.forgotten(now) {
+            // Not purged yet (a quiet shard): unknown all the same.
+            shard.map.remove(code);
+            return Redeem::Unknown;
+        }
         match entry {
             Entry::Used { .. } => Redeem::AlreadyUsed,
             Entry::Pending(s) if now >= s.expires_at => Redeem::Expired,
