@@ -316,6 +316,17 @@ impl RenderedHeaders {
             map.append(name.http(), value);
         }
     }
+
+    /// Adds each header `map` does not have yet; values already there (a
+    /// handler's own, an inner layer's) stand.
+    pub fn fill_in(self, map: &mut ::http::HeaderMap) {
+        map.reserve(self.values.len());
+        for (name, value) in self.values {
+            if let ::http::header::Entry::Vacant(e) = map.entry(name.http()) {
+                e.insert(value);
+            }
+        }
+    }
 }
 
 /// `"000"` to `"999"` back to back: the digits of every number below 1,000,

@@ -1,5 +1,7 @@
 //! A [`tower`](https://docs.rs/tower) layer that puts keygate in front of
-//! any tower-based HTTP stack: axum, tonic, plain hyper services.
+//! tower-based HTTP stacks: axum, and plain hyper services, whose response
+//! bodies can be made from a `String` (the layer's refusals are JSON bodies,
+//! not gRPC statuses).
 //!
 //! One [`Gate`] holds what every route shares — the [`Authenticator`], the
 //! [`LimitStore`], the [`PlanSet`], optionally a [`QuotaStore`] — and hands
@@ -38,6 +40,24 @@
 //! [`FailMode::Open`] for the limiter or the quota store. Nothing blocks:
 //! every store call is awaited.
 //!
+//! Units are consumed when the limiter admits a request, before the
+//! tenant, scope and quota checks and before the handler runs: a 403, a
+//! quota 429 or a handler's 5xx still costs its units (nothing is refunded
+//! for you; [`LimitStore::refund`] is there for a host that wants to).
+//!
+//! Layers of one gate nest: a layer on a whole router authenticates and
+//! charges each request once, and a layer of the same gate on a route
+//! inside it adds that route's target, scope and quota checks, charging
+//! again only for a route with a cost or a plan of its own. Each response
+//! carries one set of rate-limit headers (a handler's own values stand).
+//!
+//! Put the layer on a route's method router (`get(h).route_layer(…)`, as
+//! below), so that another method is the router's plain 405. On a
+//! `Router`, it also runs for the 405s and 404s it answers (and consumes
+//! units for them). The layer demands a credential on every request,
+//! CORS preflight `OPTIONS` included: put a CORS layer outside it, exposing
+//! `X-RateLimit-*`, `RateLimit*` and `Retry-After` to browser code.
+//!
 //! ```
 //! use axum::{Extension, Router, routing::get};
 //! use keygate::auth::{Authenticator, Principal};
@@ -52,9 +72,10 @@
 //!     .default_plan("hobby")
 //!     .build();
 //!
-//! let app: Router = Router::new()
-//!     .route("/v1/applications", get(list_applications))
-//!     .route_layer(gate.layer().require("applications:read")?);
+//! let app: Router = Router::new().route(
+//!     "/v1/applications",
+//!     get(list_applications).route_layer(gate.layer().require("applications:read")?),
+//! );
 //!
 //! async fn list_applications(Extension(who): Extension<Principal>) -> String {
 //!     format!("hello, {}", who.name())
@@ -401,6 +422,11 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         GateLayer { gate: self.clone(), route: Arc::new(Route::default()) }
     }
 
+    /// This gate's mark on the requests it admitted.
+    fn mark(&self) -> AdmittedBy {
+        AdmittedBy(Arc::as_ptr(&self.0).addr())
+    }
+
     /// The authenticator.
     #[must_use]
     pub fn authenticator(&self) -> &Authenticator<S, C> {
@@ -448,7 +474,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         headers: &HeaderMap,
         target: &Target,
     ) -> Result<Admitted, Refused> {
-        self.admit_to(route, headers, Ok(target)).await
+        self.admit_to(route, headers, Ok(target), None).await
     }
 
     /// [`admit`](Self::admit) for a request whose target function may have
@@ -460,14 +486,16 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         route: &Route,
         headers: &HeaderMap,
         target: Result<&Target, &Rejection>,
+        // The caller an outer layer of this gate admitted: not
+        // authenticated again, and charged only on a route with a cost or
+        // a plan of its own. (One function, not two steps: the request's
+        // future then holds one state, not a future per step.)
+        known: Option<Principal>,
     ) -> Result<Admitted, Refused> {
         let style = self.style(route);
         let auth = &self.0.auth;
-        let from_cookie = route.cookie.as_deref().and_then(|name| {
-            let has_header = headers.contains_key(::http::header::AUTHORIZATION)
-                || headers.contains_key(&crate::auth::X_API_KEY);
-            if has_header { None } else { cookie(headers, name) }
-        });
+        let limit = known.is_none() || route.cost.is_some() || route.plan.is_some();
+        let from_cookie = route.cookie.as_deref().and_then(|name| cookie_credential(headers, name));
         // Who is calling: format, secret, revocation, expiry and region.
         // Whether the key reaches this tenant and environment is checked
         // after the rate limit, so that 403s carry the limit headers too.
@@ -482,9 +510,13 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             // The deployment's environment and the account's status too.
             defer_standing: true,
         };
-        let principal = match from_cookie {
-            Some(token) => auth.authenticate_token(token, Source::Bearer, &identity).await,
-            None => auth.authenticate_http(headers, &identity).await,
+        let principal = if let Some(p) = known {
+            Ok(p)
+        } else {
+            match from_cookie {
+                Some(token) => auth.authenticate_token(token, Source::Bearer, &identity).await,
+                None => auth.authenticate_http(headers, &identity).await,
+            }
         };
         let principal = principal.map_err(|e| {
             let rejection = e.rejection();
@@ -493,7 +525,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
 
         let plan = self.plan_for(&principal, route)?;
         let mut failed = FailedOpen::default();
-        let decision = match plan.filter(|p| !p.rate().is_empty()) {
+        let decision = match plan.filter(|p| limit && !p.rate().is_empty()) {
             None => None,
             Some(plan) => {
                 let key = principal.record_id().as_str();
@@ -817,15 +849,22 @@ where
                 Some(Ok(t)) => Ok(t),
                 Some(Err(rejection)) => Err(rejection),
             };
-            let admitted = match gate.admit_to(&route, req.headers(), target).await {
+            // Inside another layer of this gate (authentication for the
+            // whole router, scopes per route): its admission stands.
+            let outer = (req.extensions().get::<AdmittedBy>() == Some(&gate.mark()))
+                .then(|| req.extensions().get::<Principal>().cloned())
+                .flatten();
+            let admitted = match gate.admit_to(&route, req.headers(), target, outer).await {
                 Ok(a) => a,
                 Err(refused) => return Ok(gate.respond(refused)),
             };
             let failed_open = admitted.failed_open.clone();
             let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
+            req.extensions_mut().insert(gate.mark());
             let mut res = inner.call(req).await?;
             if let Some(headers) = headers {
-                headers.append_to(res.headers_mut());
+                // One of each: an inner layer's, or the handler's, stand.
+                headers.fill_in(res.headers_mut());
             }
             if let Some(f) = failed_open {
                 res.extensions_mut().insert(f);
@@ -861,6 +900,11 @@ impl Admitted {
 /// The target of routes without a target function.
 static ANY: Target = Target::any();
 
+/// Which gate admitted a request (its address, while it lives): a layer of
+/// the same gate nested inside reuses the admission.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct AdmittedBy(usize);
+
 /// The formats both lists accept (either alone when the other is unset): a
 /// target function narrows a route's formats, never widens them.
 fn narrowest(
@@ -873,6 +917,14 @@ fn narrowest(
         }
         (t, r) => t.or(r).cloned(),
     }
+}
+
+/// The credential in cookie `name`, for a request with no credential
+/// header.
+fn cookie_credential<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    let has_header = headers.contains_key(::http::header::AUTHORIZATION)
+        || headers.contains_key(&crate::auth::X_API_KEY);
+    if has_header { None } else { cookie(headers, name) }
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.

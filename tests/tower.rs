@@ -385,3 +385,58 @@ async fn an_inactive_account_or_a_foreign_environment_is_a_403_with_the_limit_he
         }
     }
 }
+
+#[tokio::test]
+async fn a_gate_nested_in_itself_authenticates_and_charges_once() {
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .build();
+    // Authentication for the whole router, scopes per route: the natural
+    // layout, with the same gate twice on each request.
+    let app: Router = Router::new()
+        .route(
+            "/events",
+            get(|| async { "in" }).route_layer(gate.layer().require("events:read").unwrap()),
+        )
+        .route(
+            "/keys",
+            get(|| async { "in" }).route_layer(gate.layer().require("api_keys:read").unwrap()),
+        )
+        .route(
+            "/costly",
+            get(|Extension(d): Extension<Decision>| async move { d.remaining().to_string() })
+                .route_layer(gate.layer().cost(2)),
+        )
+        .layer(gate.layer());
+    let call = |path: &'static str| {
+        Request::get(path).header("x-api-key", &f.key).body(Body::empty()).unwrap()
+    };
+    // The free plan: 5 a minute.
+    let res = app.clone().oneshot(call("/events")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let remaining: Vec<_> = res.headers().get_all("x-ratelimit-remaining").iter().collect();
+    assert_eq!(remaining, ["4"], "charged once, one header");
+    // A refusal by the inner layer carries the outer layer's headers, once.
+    let res = app.clone().oneshot(call("/keys")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN);
+    let remaining: Vec<_> = res.headers().get_all("x-ratelimit-remaining").iter().collect();
+    assert_eq!(remaining, ["3"]);
+    // An inner route with a cost of its own is charged that too, and its
+    // decision is the one the handler and the headers see.
+    let res = app.clone().oneshot(call("/costly")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let remaining: Vec<_> = res.headers().get_all("x-ratelimit-remaining").iter().collect();
+    assert_eq!(remaining, ["0"], "1 by the router's layer, 2 by the route's");
+    assert_eq!(text(res).await, "0");
+    // Another gate is another gate: it authenticates (and charges) itself.
+    let other = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .build();
+    let twice: Router = Router::new()
+        .route("/e", get(|| async { "in" }).route_layer(other.layer()))
+        .layer(gate.layer());
+    let req = Request::get("/e").header("x-api-key", &f.key).body(Body::empty()).unwrap();
+    let res = twice.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "the first gate's budget is spent");
+}
