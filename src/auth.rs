@@ -699,15 +699,22 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
                 }
                 r
             }
-            None => match self.store.find_by_digest(&current).await? {
-                Some(r) => r,
-                // Boxed: a miss under pepper rotation is rare, and its loop
-                // state would otherwise enlarge every authentication future.
-                None if self.hasher.has_older_peppers() => {
-                    Box::pin(self.find_by_older_digest(bytes)).await?.ok_or(AuthError::Unknown)?
+            // The store's answer is held to the digest asked for (in
+            // constant time): a store that matched loosely (a truncated
+            // column, a case-insensitive collation) finds nothing.
+            None => {
+                match self.store.find_by_digest(&current).await?.filter(|r| r.digest == current) {
+                    Some(r) => r,
+                    // Boxed: a miss under pepper rotation is rare, and its loop
+                    // state would otherwise enlarge every authentication future.
+                    None if self.hasher.has_older_peppers() => {
+                        Box::pin(self.find_by_older_digest(bytes))
+                            .await?
+                            .ok_or(AuthError::Unknown)?
+                    }
+                    None => return Err(AuthError::Unknown),
                 }
-                None => return Err(AuthError::Unknown),
-            },
+            }
         };
         if record.format != format {
             return Err(AuthError::Unknown);
@@ -768,7 +775,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         key: &[u8],
     ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
         for d in self.hasher.older_candidates(key) {
-            if let Some(r) = self.store.find_by_digest(&d).await? {
+            if let Some(r) = self.store.find_by_digest(&d).await?.filter(|r| r.digest == d) {
                 return Ok(Some(r));
             }
         }

@@ -134,7 +134,11 @@ impl<'de> serde::Deserialize<'de> for StoredDigest {
 #[derive(Clone)]
 pub struct Pepper {
     id: PepperId,
-    key: Arc<Secret<Vec<u8>>>,
+    /// HMAC keyed with the pepper once (its inner and outer states, wiped
+    /// when the last clone drops): each digest clones it, so neither the
+    /// pepper nor its padded forms are laid out again per key, and a digest
+    /// costs two compressions fewer.
+    mac: Arc<Hmac<Sha256>>,
 }
 
 impl Pepper {
@@ -150,7 +154,9 @@ impl Pepper {
         if key.expose_secret().len() < Self::MIN_LEN {
             return Err(PepperError::TooShort { min: Self::MIN_LEN });
         }
-        Ok(Self { id, key: Arc::new(key) })
+        let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret())
+            .map_err(|_| PepperError::TooShort { min: Self::MIN_LEN })?;
+        Ok(Self { id, mac: Arc::new(mac) })
     }
 
     /// The pepper's id.
@@ -272,8 +278,7 @@ impl Hasher {
             }
             Algorithm::HmacSha256(id) => {
                 let pepper = self.peppers.iter().find(|p| p.id == id)?;
-                let mut mac =
-                    <Hmac<Sha256> as KeyInit>::new_from_slice(pepper.key.expose_secret()).ok()?;
+                let mut mac = Hmac::<Sha256>::clone(&pepper.mac);
                 mac.update(key);
                 Some(Digest::from_bytes(mac.finalize().into_bytes().into()))
             }

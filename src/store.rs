@@ -361,7 +361,9 @@ pub trait KeyStore: Send + Sync {
         limit: Option<ActiveLimit>,
     ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send;
 
-    /// The record whose digest is `digest`.
+    /// The record whose digest is `digest` — exactly, algorithm included
+    /// (compare whole digests, as binary or exact text; the authenticator
+    /// refuses a record whose digest differs from the one it asked for).
     fn find_by_digest(
         &self,
         digest: &StoredDigest,

@@ -973,6 +973,9 @@ struct Counting {
     after_lookup: Arc<std::sync::Mutex<Option<Hook>>>,
     /// Run when `list` is called, before it reads.
     on_list: Arc<std::sync::Mutex<Option<Hook>>>,
+    /// While set, every digest lookup answers this record (a store that
+    /// matches loosely).
+    loose: Arc<std::sync::Mutex<Option<Arc<KeyRecord>>>>,
 }
 
 /// A one-shot callback run inside a store call.
@@ -992,8 +995,12 @@ impl KeyStore for Counting {
     ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send {
         let found = self.inner.find_by_digest(d);
         let hook = self.after_lookup.lock().unwrap().take();
+        let loose = self.loose.lock().unwrap().clone();
         async move {
-            let found = found.await;
+            let found = match loose {
+                Some(r) => Ok(Some(r)),
+                None => found.await,
+            };
             if let Some(hook) = hook {
                 hook();
             }
@@ -1164,6 +1171,18 @@ async fn a_roll_racing_a_revocation_neither_breaks_the_cap_nor_replaces_a_revoke
     assert!(matches!(err, ManagerError::Inactive), "{err}");
     let list = store.list(&"ws_a".parse().unwrap(), Some(&"p1".parse().unwrap())).await.unwrap();
     assert_eq!(list.iter().filter(|r| r.is_active(clock.now())).count(), 3, "the cap holds");
+}
+
+#[tokio::test]
+async fn a_record_whose_digest_differs_from_the_one_asked_for_is_refused() {
+    let (_, store, manager, auth) = last_use_setup();
+    let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    auth_bearer(&auth, k.key().expose_secret(), &Target::any()).await.unwrap();
+    // A store that matches loosely answers every lookup with this record.
+    *store.loose.lock().unwrap() = Some(Arc::new(k.record().clone()));
+    let other = SK.mint_default().unwrap();
+    let err = auth_bearer(&auth, other.expose_secret(), &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::Unknown), "{err}");
 }
 
 #[tokio::test]
