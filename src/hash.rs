@@ -156,6 +156,8 @@ impl Pepper {
         }
         let mac = <Hmac<Sha256> as KeyInit>::new_from_slice(key.expose_secret())
             .map_err(|_| PepperError::TooShort { min: Self::MIN_LEN })?;
+        // Wiped here: only the keyed state is kept.
+        drop(key);
         Ok(Self { id, mac: Arc::new(mac) })
     }
 
