@@ -177,6 +177,16 @@ fn redact_streams_stdin_to_stdout() {
     let mut want = b"\xff\x00 bearer ".to_vec();
     want.extend_from_slice(format!("{}[REDACTED]\r\n", &nh[..7]).as_bytes());
     assert_eq!(out.stdout, want);
+    // Portal codes (in URLs, so in access logs) and access tokens (in
+    // cookies) too.
+    let code = json(&keygate(&["mint", "kgpc"], b""))["key"].as_str().unwrap().to_owned();
+    let token = json(&keygate(&["mint", "kgpt"], b""))["key"].as_str().unwrap().to_owned();
+    let log = format!("GET /portal?code={code} 200\nCookie: kg_portal={token}\n");
+    let out = keygate(&["redact"], log.as_bytes());
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert!(!text.contains(&code[9..]) && !text.contains(&token[9..]), "{text}");
+    assert_eq!(text.matches("[REDACTED]").count(), 2, "{text}");
 }
 
 #[test]

@@ -27,7 +27,7 @@ struct Cli {
 enum Command {
     /// Mint a key and print it with its parts as one JSON line.
     Mint {
-        /// Format: nhk, nhm, nk, sk or nh.
+        /// Format: nhk, nhm, nk, sk, nh, or the portal's kgpc (code) and kgpt (access token).
         format: String,
         /// Environment, for formats that have one (default: live).
         #[arg(long)]
@@ -64,7 +64,14 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let formats = FormatSet::presets();
+    // The presets and the portal's codes and access tokens (which travel
+    // in URLs and cookies, so in access logs): everything keygate mints.
+    let presets = FormatSet::presets();
+    let portal = [keygate::portal::CODE, keygate::portal::ACCESS_TOKEN];
+    let Ok(formats) = FormatSet::new(presets.formats().iter().copied().chain(portal)) else {
+        eprintln!("keygate: format names collide");
+        return ExitCode::FAILURE;
+    };
     match cli.command {
         Command::Mint { format, env, region } => mint(&formats, &format, env, region),
         Command::Inspect { key } => match read_key(key.as_deref()) {
