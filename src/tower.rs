@@ -96,7 +96,9 @@ use ::http::{Extensions, HeaderMap, Request, Response};
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::auth::{AuthError, Authenticator, MissingScope, Principal, Source, Target};
+use crate::auth::{
+    AuthError, Authenticator, CredentialError, MissingScope, Principal, Source, Target,
+};
 use crate::backend::{BackendError, FailMode};
 use crate::clock::{Clock, SystemClock};
 use crate::http::{BodyStyle, Rejection};
@@ -495,7 +497,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let style = self.style(route);
         let auth = &self.0.auth;
         let limit = known.is_none() || route.cost.is_some() || route.plan.is_some();
-        let from_cookie = route.cookie.as_deref().and_then(|name| cookie_credential(headers, name));
+        let from_cookie =
+            route.cookie.as_deref().map_or(Ok(None), |name| cookie_credential(headers, name));
         // Who is calling: format, secret, revocation, expiry and region.
         // Whether the key reaches this tenant and environment is checked
         // after the rate limit, so that 403s carry the limit headers too.
@@ -514,8 +517,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             Ok(p)
         } else {
             match from_cookie {
-                Some(token) => auth.authenticate_token(token, Source::Bearer, &identity).await,
-                None => auth.authenticate_http(headers, &identity).await,
+                Ok(Some(token)) => auth.authenticate_token(token, Source::Bearer, &identity).await,
+                Ok(None) => auth.authenticate_http(headers, &identity).await,
+                Err(e) => Err(e.into()),
             }
         };
         let principal = principal.map_err(|e| {
@@ -921,23 +925,37 @@ fn narrowest(
 
 /// The credential in cookie `name`, for a request with no credential
 /// header.
-fn cookie_credential<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
+fn cookie_credential<'h>(
+    headers: &'h HeaderMap,
+    name: &str,
+) -> Result<Option<&'h str>, CredentialError> {
     let has_header = headers.contains_key(::http::header::AUTHORIZATION)
         || headers.contains_key(&crate::auth::X_API_KEY);
-    if has_header { None } else { cookie(headers, name) }
+    if has_header { Ok(None) } else { cookie(headers, name) }
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
-fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    headers
+///
+/// # Errors
+///
+/// [`CredentialError::Conflicting`] when the cookie comes twice (a sibling
+/// domain or a narrower path can set one of the same name: which the
+/// browser sends first is not the site's choice).
+fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, CredentialError> {
+    let mut found = headers
         .get_all(::http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
-        .find_map(|pair| {
-            let (n, v) = pair.trim_start().split_once('=')?;
+        .filter_map(|pair| {
+            let (n, v) = pair.trim().split_once('=')?;
             // RFC 6265 allows a value in double quotes.
             let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
             (n == name).then_some(v)
-        })
+        });
+    let first = found.next();
+    if found.next().is_some() {
+        return Err(CredentialError::Conflicting);
+    }
+    Ok(first)
 }

@@ -253,10 +253,33 @@ async fn cookie_credentials_only_where_enabled() {
     };
     assert_eq!(app.clone().oneshot(call("/c")).await.unwrap().status(), StatusCode::OK);
     assert_eq!(app.clone().oneshot(call("/h")).await.unwrap().status(), StatusCode::UNAUTHORIZED);
-    // A quoted cookie value (RFC 6265) is the same credential.
-    let quoted = format!("sess=\"{}\"", sk.key().expose_secret());
-    let req = Request::get("/c").header("cookie", &quoted).body(Body::empty()).unwrap();
-    assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::OK);
+    // A quoted cookie value (RFC 6265) is the same credential, and so is
+    // one with spaces around it.
+    for value in [
+        format!("sess=\"{}\"", sk.key().expose_secret()),
+        format!("sess={} ; a=b", sk.key().expose_secret()),
+    ] {
+        let req = Request::get("/c").header("cookie", &value).body(Body::empty()).unwrap();
+        assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK, "{value}");
+    }
+    // Two cookies of the name (one set by a sibling domain, or for a
+    // narrower path) are two credentials: refused, whichever comes first.
+    let other = KeyManager::new(f.keys.clone())
+        .create(NewKey::new(
+            "other",
+            keygate::format::SK,
+            Tenant::workspace("ws_t".parse().unwrap()),
+        ))
+        .await
+        .unwrap();
+    let two = format!("sess={}; sess={}", other.key().expose_secret(), sk.key().expose_secret());
+    let req = Request::get("/c").header("cookie", &two).body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert!(matches!(
+        res.extensions().get::<Refused>().unwrap().reason(),
+        Refusal::Auth(AuthError::Credential(keygate::auth::CredentialError::Conflicting))
+    ));
 }
 
 #[tokio::test]
