@@ -740,8 +740,15 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     }
 
     /// Also takes the credential from the cookie `name` when the request
-    /// has no credential header (browser sessions such as the portal's).
-    /// Set the cookie `HttpOnly; Secure; SameSite=Strict`.
+    /// has no credential header (browser sessions such as the portal's);
+    /// the cookie twice is two credentials, refused. Set the cookie
+    /// `HttpOnly; Secure; SameSite=Strict`, and mind that a cookie rides
+    /// along on any request the browser makes to the site: `SameSite`
+    /// stops other sites, not a sibling subdomain. For requests that change
+    /// state, accept only what no HTML form can send (a JSON body; a
+    /// cross-origin script then needs a CORS preflight, which is not to be
+    /// granted) and refuse `Sec-Fetch-Site` other than `same-origin`, as
+    /// the reference server's portal API does.
     #[must_use]
     pub fn cookie(self, name: impl Into<Cow<'static, str>>) -> Self {
         let name = name.into();

@@ -565,8 +565,15 @@ async fn portal_links_open_once() {
     assert!(r.body["code"].as_str().unwrap().starts_with("kgpc_"));
     assert!(r.body["expiresAt"].is_string());
 
+    // A HEAD (a link checker, `curl -I`) does not spend the link.
+    let head = s.http.head(&url).send().await.unwrap();
+    assert_eq!(head.status(), StatusCode::OK);
+    assert!(head.headers().get("set-cookie").is_none());
     let first = s.http.get(&url).send().await.unwrap();
     assert_eq!(first.status(), StatusCode::OK);
+    // The URL holds the code: never sent on as a Referer, never cached.
+    assert_eq!(first.headers()["referrer-policy"], "no-referrer");
+    assert_eq!(first.headers()["cache-control"], "no-store");
     let set = first.headers()["set-cookie"].to_str().unwrap().to_owned();
     assert!(
         set.starts_with("kg_portal=kgpt_")
@@ -577,6 +584,7 @@ async fn portal_links_open_once() {
     assert!(first.text().await.unwrap().contains("<html"));
     let second = s.http.get(&url).send().await.unwrap();
     assert_eq!(second.status(), StatusCode::GONE);
+    assert_eq!(second.headers()["referrer-policy"], "no-referrer");
 
     for (body, field) in [
         (json!({"expiresInMinutes": 0}), "expiresInMinutes"),
@@ -643,6 +651,23 @@ async fn portal_api_follows_the_role() {
         StatusCode::FORBIDDEN
     );
 
+    // The cookie rides along on any request the browser makes: a form
+    // post (not JSON) or a request from another origin of the same site
+    // changes nothing.
+    let forged = [
+        vec![("content-type", "text/plain")],
+        vec![("content-type", "application/json"), ("sec-fetch-site", "same-site")],
+    ];
+    for extra in forged {
+        let mut h = vec![("cookie", editor.as_str())];
+        h.extend(extra.iter().copied());
+        let r = s.call(Method::POST, "/portal/api/endpoints", &h, None).await;
+        assert!(
+            r.status == StatusCode::BAD_REQUEST || r.status == StatusCode::FORBIDDEN,
+            "{extra:?}: {}",
+            r.text
+        );
+    }
     let created = call(Method::POST, "/portal/api/endpoints", &editor, ep.clone()).await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
     assert!(has_limit_headers(&created), "portal API responses carry the limit headers");

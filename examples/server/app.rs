@@ -221,7 +221,8 @@ pub(crate) fn router<B: Backend>(
         .route("/api/v1/ping", get(ping).route_layer(hex.clone()))
         .route("/api/v1/notifications", post(notify::<B>).route_layer(hex))
         .route("/api/v1/seq/{org}/{project}/{flow}/execute", post(execute).route_layer(seq))
-        .route("/portal", get(open_portal::<B>))
+        // HEAD (a link checker, `curl -I`) must not spend the link.
+        .route("/portal", get(open_portal::<B>).head(portal_head))
         .route(
             "/portal/api/endpoints",
             get(list_endpoints::<B>).route_layer(portal_api.clone().require("endpoints:read")?),
@@ -684,13 +685,26 @@ async fn execute(
 
 // ---- portal -----------------------------------------------------------------
 
+/// What a portal page's response always carries: never cached, and never
+/// sent on as a `Referer` (the URL holds the code).
+fn portal_page(mut res: Response) -> Response {
+    res.headers_mut().insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    no_store(res)
+}
+
+async fn portal_head() -> Response {
+    portal_page(
+        (StatusCode::OK, [(header::CONTENT_TYPE, "text/html; charset=utf-8")]).into_response(),
+    )
+}
+
 async fn open_portal<B: Backend>(
     State(app): AppState<B>,
     Query(mut q): Query<HashMap<String, String>>,
 ) -> Response {
     let code = q.remove("code").unwrap_or_default();
     match app.portal.redeem(&code).await {
-        Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
+        Err(e) => portal_page(app.reject(&e.rejection(), BodyStyle::Nested)),
         Ok(access) => {
             let record = access.record();
             let max_age = record
@@ -705,16 +719,19 @@ async fn open_portal<B: Backend>(
             let html = format!(
                 "<!doctype html><html><head><meta charset=\"utf-8\"><title>Developer portal</title></head>\
                  <body><h1>Developer portal</h1><p>Application {}</p>\
-                 <p>This link has now been used; bookmark nothing but this page's session.</p></body></html>",
+                 <p>This link has now been used; bookmark nothing but this page's session.</p>\
+                 <script>history.replaceState(null, \"\", \"/portal\")</script></body></html>",
                 html_escape(&application)
             );
             let mut res =
                 (StatusCode::OK, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html)
                     .into_response();
-            if let Ok(v) = HeaderValue::from_str(&cookie) {
+            if let Ok(mut v) = HeaderValue::from_str(&cookie) {
+                // Holds the access token: kept out of HTTP/2 header tables.
+                v.set_sensitive(true);
                 res.headers_mut().insert(header::SET_COOKIE, v);
             }
-            no_store(res)
+            portal_page(res)
         }
     }
 }
@@ -760,12 +777,31 @@ const MAX_ENDPOINTS: usize = 100;
 /// without this a management token could spread endpoints over any number.
 const MAX_APPLICATIONS: usize = 1000;
 
+/// A cookie-authenticated request that changes state must come from the
+/// portal's own pages: `SameSite=Strict` stops other sites, not a sibling
+/// subdomain (same site), so the request must also be one no HTML form can
+/// send (a JSON body: a cross-origin script needs a CORS preflight, which
+/// this server never grants) and, where the browser says, same-origin.
+fn same_origin_json(headers: &axum::http::HeaderMap) -> Result<(), Rejection> {
+    let site = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
+    if site.is_some_and(|s| s != b"same-origin" && s != b"none") {
+        return Err(Rejection::Forbidden { scope: None });
+    }
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+    if json { Ok(()) } else { Err(bad("body", "body must be sent as application/json")) }
+}
+
 async fn create_endpoint<B: Backend>(
     State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
+    headers: axum::http::HeaderMap,
     body: Bytes,
 ) -> Response {
-    let url = object(&body).and_then(|obj| {
+    let url = same_origin_json(&headers).and_then(|()| object(&body)).and_then(|obj| {
         let url = req_str(&obj, "url")?;
         if !(url.starts_with("https://") || url.starts_with("http://")) {
             Err(bad("url", "url must be an http(s) URL"))
