@@ -423,7 +423,8 @@ impl AuthError {
                 Rejection::Forbidden { scope: None }
             }
             Self::AccountInactive { .. } => Rejection::AccountInactive,
-            Self::Scopes { .. } | Self::Backend(_) => Rejection::Unavailable,
+            Self::Scopes { .. } => Rejection::Misconfigured,
+            Self::Backend(_) => Rejection::Unavailable,
         }
     }
 }

@@ -96,6 +96,10 @@ pub enum Rejection {
     },
     /// 503: a backend store failed and the host chose to fail closed.
     Unavailable,
+    /// 500: the deployment is misconfigured (a key names a plan the gate
+    /// does not have; a key's scopes do not compile under the registry).
+    /// No `Retry-After`: retrying does not help.
+    Misconfigured,
 }
 
 /// An HTTP response as plain data.
@@ -153,6 +157,7 @@ impl Rejection {
             | Self::CostExceedsQuota { .. }
             | Self::QuotaExceeded { .. } => 429,
             Self::Unavailable => 503,
+            Self::Misconfigured => 500,
         }
     }
 
@@ -184,6 +189,7 @@ impl Rejection {
                 .into()
             }
             Self::Unavailable => "Service temporarily unavailable".into(),
+            Self::Misconfigured => "Internal server error".into(),
         }
     }
 
@@ -200,6 +206,7 @@ impl Rejection {
             Self::RateLimited { .. } | Self::CostExceedsLimit { .. } => "rate_limit_exceeded",
             Self::QuotaExceeded { .. } | Self::CostExceedsQuota { .. } => "quota_exceeded",
             Self::Unavailable => "unavailable",
+            Self::Misconfigured => "internal_error",
         }
     }
 
@@ -375,6 +382,7 @@ fn reason_phrase(status: u16) -> &'static str {
         409 => "Conflict",
         410 => "Gone",
         429 => "Too Many Requests",
+        500 => "Internal Server Error",
         503 => "Service Unavailable",
         _ => "Error",
     }
@@ -408,6 +416,20 @@ mod tests {
         assert_eq!(
             text(&Rejection::InvalidCredentials, BodyStyle::Nested),
             r#"{"error":{"code":"unauthorized","message":"Invalid or missing API key"}}"#
+        );
+    }
+
+    #[test]
+    fn a_misconfiguration_is_a_500_without_retry_after() {
+        let r = Rejection::Misconfigured;
+        for style in [BodyStyle::Flat, BodyStyle::Envelope, BodyStyle::Nested, BodyStyle::Problem] {
+            let res = r.to_response(style, t());
+            assert_eq!(res.status, 500);
+            assert!(res.header("Retry-After").is_none(), "{style:?}");
+        }
+        assert_eq!(
+            body(&r, BodyStyle::Nested),
+            json!({"error": {"code": "internal_error", "message": "Internal server error"}})
         );
     }
 

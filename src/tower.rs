@@ -446,14 +446,15 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     ///
     /// # Errors
     ///
-    /// [`Refused`] (503) when that name is not in the gate's plans.
+    /// [`Refused`] (500, [`Rejection::Misconfigured`]) when that name is not
+    /// in the gate's plans.
     pub fn plan_for(&self, principal: &Principal, route: &Route) -> Result<Option<&Plan>, Refused> {
         let name = principal.plan().or(route.plan.as_deref()).or(self.0.default_plan.as_deref());
         let Some(name) = name else { return Ok(None) };
         self.0.plans.get(name).map(Some).ok_or_else(|| {
             Refused::new(
                 Refusal::UnknownPlan { plan: name.to_owned() },
-                Rejection::Unavailable,
+                Rejection::Misconfigured,
                 self.style(route),
             )
         })

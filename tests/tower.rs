@@ -227,7 +227,9 @@ async fn unknown_plan_is_a_deployment_error_not_a_free_pass() {
     let app: Router = Router::new().route("/", get(|| async { "in" })).route_layer(gate.layer());
     let req = Request::get("/").header("x-api-key", &f.key).body(Body::empty()).unwrap();
     let res = app.oneshot(req).await.unwrap();
-    assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+    // A deployment error: a 500, with no invitation to retry.
+    assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert!(res.headers().get("retry-after").is_none());
     assert!(matches!(
         res.extensions().get::<Refused>().unwrap().reason(),
         Refusal::UnknownPlan { .. }
