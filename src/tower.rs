@@ -873,6 +873,16 @@ where
             let failed_open = admitted.failed_open.clone();
             let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
             req.extensions_mut().insert(gate.mark());
+            // The credential goes on to the handler (and any layer inside):
+            // marked sensitive, so a `Debug` of the headers shows no key.
+            for (name, value) in req.headers_mut().iter_mut() {
+                if name == ::http::header::AUTHORIZATION
+                    || name == crate::auth::X_API_KEY
+                    || name == ::http::header::COOKIE
+                {
+                    value.set_sensitive(true);
+                }
+            }
             let mut res = inner.call(req).await?;
             if let Some(headers) = headers {
                 // One of each: an inner layer's, or the handler's, stand.

@@ -465,3 +465,21 @@ async fn a_gate_nested_in_itself_authenticates_and_charges_once() {
     let res = twice.oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS, "the first gate's budget is spent");
 }
+
+#[tokio::test]
+async fn the_handler_sees_the_credential_marked_sensitive() {
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .build();
+    let app: Router = Router::new().route(
+        "/",
+        get(|headers: axum::http::HeaderMap| async move { format!("{headers:?}") })
+            .route_layer(gate.layer()),
+    );
+    let req = Request::get("/").header("x-api-key", &f.key).body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let logged = text(res).await;
+    assert!(!logged.contains(&f.key) && logged.contains("Sensitive"), "{logged}");
+}
