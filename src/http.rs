@@ -232,12 +232,14 @@ impl Rejection {
             // No error code when credentials are missing (RFC 6750 §3.1).
             Self::MissingCredentials => Some("Bearer".to_owned()),
             Self::InvalidCredentials => Some("Bearer error=\"invalid_token\"".to_owned()),
-            Self::Forbidden { scope: Some(s) } => {
+            // RFC 6750's scope syntax (printable ASCII but `"` and `\`); a
+            // host-built scope outside it is left out, never spliced in.
+            Self::Forbidden { scope: Some(s) }
+                if s.bytes().all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E | b' ')) =>
+            {
                 Some(format!("Bearer error=\"insufficient_scope\", scope=\"{s}\""))
             }
-            Self::Forbidden { scope: None } => {
-                Some("Bearer error=\"insufficient_scope\"".to_owned())
-            }
+            Self::Forbidden { .. } => Some("Bearer error=\"insufficient_scope\"".to_owned()),
             _ => None,
         }
     }
@@ -416,6 +418,17 @@ mod tests {
         assert_eq!(
             text(&Rejection::InvalidCredentials, BodyStyle::Nested),
             r#"{"error":{"code":"unauthorized","message":"Invalid or missing API key"}}"#
+        );
+    }
+
+    #[test]
+    fn a_scope_outside_the_header_syntax_is_left_out() {
+        let r = Rejection::Forbidden { scope: Some("a\"\r\nX-Injected: y".into()) };
+        assert_eq!(r.www_authenticate().as_deref(), Some("Bearer error=\"insufficient_scope\""));
+        let r = Rejection::Forbidden { scope: Some("webhooks:write".into()) };
+        assert_eq!(
+            r.www_authenticate().as_deref(),
+            Some("Bearer error=\"insufficient_scope\", scope=\"webhooks:write\"")
         );
     }
 
