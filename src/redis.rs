@@ -573,10 +573,13 @@ fn map_err(e: RedisError) -> BackendError {
     }
     // A key of the wrong type under our prefix: something else wrote there.
     if e.code() == Some("WRONGTYPE") {
-        return BackendError::corrupt(e);
+        return BackendError::corrupt("a key under the prefix holds the wrong type");
     }
+    // Fixed words, not the client's message: it quotes the value that did
+    // not decode (a record, a session), which logs must not carry.
     match e.kind() {
-        ErrorKind::UnexpectedReturnType | ErrorKind::Parse => BackendError::corrupt(e),
+        ErrorKind::UnexpectedReturnType => BackendError::corrupt("a reply of an unexpected type"),
+        ErrorKind::Parse => BackendError::corrupt("a reply that does not parse"),
         _ => BackendError::unavailable(e),
     }
 }
@@ -590,6 +593,20 @@ mod tests {
             Err(e) => e,
             Ok(v) => panic!("not an error reply: {v:?}"),
         }
+    }
+
+    #[test]
+    fn corrupt_replies_are_described_without_their_contents() {
+        let leaked = RedisError::from((
+            ErrorKind::UnexpectedReturnType,
+            "Response was of incompatible type",
+            "value was {\"digest\":\"sha256$0123\",\"metadata\":{\"team\":\"core\"}}".to_owned(),
+        ));
+        let text = map_err(leaked).to_string();
+        assert!(
+            text.contains("corrupt") && !text.contains("sha256") && !text.contains("core"),
+            "{text}"
+        );
     }
 
     #[test]
