@@ -442,7 +442,7 @@ pub struct HeaderSet {
     /// IETF `RateLimit-Policy` and `RateLimit` (httpapi draft syntax).
     pub ietf: bool,
     /// `Retry-After` on denials, among a [`Decision`]'s headers. A
-    /// [`Rejection`](crate::http::Rejection)'s response (the tower layer's
+    /// [`Rejection`]'s response (the tower layer's
     /// 429) carries its own `Retry-After` whatever this says: a client
     /// told "too many requests" is told when to come back.
     pub retry_after: bool,
