@@ -44,9 +44,11 @@ pub enum Outcome {
 pub struct PolicyDecision {
     /// The policy's name (for `RateLimit` headers).
     pub name: PolicyName,
-    /// Units per period.
+    /// Units per period: the policy's limit, or its GCRA burst when that
+    /// is larger (what `remaining` counts down from).
     pub limit: u32,
-    /// The period.
+    /// The period: the policy's, or for a burst above the limit, the time
+    /// the sustained rate takes to grant the whole burst.
     pub period: Duration,
     /// Units left after this check (if allowed) or now (if not).
     pub remaining: u32,
@@ -75,14 +77,29 @@ impl PolicyDecision {
     /// `p`'s view of algorithm step `s`: the one translation every limit
     /// store (in memory, Redis) uses.
     pub(crate) fn of(p: &Policy, s: &Step) -> Self {
+        let (limit, period) = Self::reported(p);
         Self {
             name: p.policy_name(),
-            limit: p.limit(),
-            period: p.period(),
+            limit,
+            period,
             remaining: s.remaining,
             reset_after: Duration::from_nanos(s.reset_after),
             retry_after: s.retry_after.map(Duration::from_nanos),
             allowed: s.allowed,
+        }
+    }
+
+    /// The limit and period a decision under `p` reports. A GCRA burst
+    /// above the limit is reported as the bucket it is: `burst` units per
+    /// the time the sustained rate takes to grant them, so that `remaining`
+    /// never exceeds `limit` in the headers and the IETF policy describes
+    /// what a client can really send.
+    pub(crate) fn reported(p: &Policy) -> (u32, Duration) {
+        if p.capacity() > p.limit() {
+            let nanos = p.period().as_nanos() * u128::from(p.capacity()) / u128::from(p.limit());
+            (p.capacity(), u64::try_from(nanos).map_or(Duration::MAX, Duration::from_nanos))
+        } else {
+            (p.limit(), p.period())
         }
     }
 }

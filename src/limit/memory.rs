@@ -1427,10 +1427,11 @@ impl<C: Clock> DirectLimiter<C> {
             (false, Some(_)) => Outcome::Limited,
             (false, None) => Outcome::Impossible,
         };
+        let (limit, period) = PolicyDecision::reported(&self.policy);
         let pd = PolicyDecision {
             name: self.policy.policy_name(),
-            limit: self.policy.limit(),
-            period: self.policy.period(),
+            limit,
+            period,
             remaining: s.remaining,
             reset_after: s.reset_after,
             retry_after: s.retry_after,

@@ -96,6 +96,24 @@ fn ietf_headers_list_every_stacked_policy() {
 }
 
 #[test]
+fn a_burst_above_the_limit_is_reported_as_its_bucket() {
+    // 10 a second with bursts of 50: 50 can go at once, refilled in 5 s.
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(100, c);
+    let p = [Policy::new("api", 10, Duration::from_secs(1), Algorithm::Gcra)
+        .unwrap()
+        .with_burst(50)
+        .unwrap()];
+    let d = l.check("k", &p, 1).unwrap();
+    let h = d.headers(HeaderSet::all());
+    assert_eq!(header(&h, "X-RateLimit-Limit"), Some("50"));
+    assert_eq!(header(&h, "X-RateLimit-Remaining"), Some("49"), "never above the limit");
+    assert_eq!(header(&h, "RateLimit-Policy"), Some("\"api\";q=50;w=5"));
+    let direct = DirectLimiter::with_clock(p[0].clone(), clock()).decide(1);
+    assert_eq!((direct.policies()[0].limit, direct.remaining()), (50, 49));
+}
+
+#[test]
 fn stacked_policies_are_all_or_nothing() {
     let l = MemoryLimiter::<String, _>::with_clock(100, clock());
     let burst = Policy::new("burst", 2, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
