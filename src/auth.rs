@@ -742,6 +742,20 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// cached), in the order their answers rank: this deployment's region
     /// (a key of another region is unknown here, 401), the request's
     /// target, then the record's [standing](Self::check_standing) (403s).
+    /// The checks authentication makes of `target` (formats, region, and
+    /// the rest of [`check_record`](Self::check_record)) for a principal
+    /// authenticated earlier, against another target: a second layer of a
+    /// tower gate with narrower needs.
+    pub(crate) fn recheck(&self, p: &Principal, target: &Target) -> Result<(), AuthError> {
+        let r = p.record();
+        let format =
+            self.formats.get(&r.format).map(crate::KeyFormat::name).ok_or(AuthError::Unknown)?;
+        if !target.accepts_format(format) {
+            return Err(AuthError::FormatNotAccepted { format });
+        }
+        self.check_record(r, target)
+    }
+
     fn check_record(&self, r: &KeyRecord, target: &Target) -> Result<(), AuthError> {
         if let (Some(want), Some(have)) = (self.region, r.region)
             && want != have

@@ -515,7 +515,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             defer_standing: true,
         };
         let principal = if let Some(p) = known {
-            Ok(p)
+            // Admitted by an outer layer: held to this route's formats and
+            // region too.
+            auth.recheck(&p, &identity).map(|()| p)
         } else {
             match from_cookie {
                 Ok(Some(token)) => auth.authenticate_token(token, Source::Bearer, &identity).await,

@@ -454,6 +454,21 @@ async fn a_gate_nested_in_itself_authenticates_and_charges_once() {
     let remaining: Vec<_> = res.headers().get_all("x-ratelimit-remaining").iter().collect();
     assert_eq!(remaining, ["0"], "1 by the router's layer, 2 by the route's");
     assert_eq!(text(res).await, "0");
+    // An inner layer's narrower formats hold for the outer's caller too: an
+    // `nh` key admitted by the router's layer is refused on an `sk` route.
+    let fresh = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .build();
+    let narrow: Router = Router::new()
+        .route("/sk", get(|| async { "in" }).route_layer(fresh.layer().formats(["sk"])))
+        .layer(fresh.layer());
+    let req = Request::get("/sk").header("x-api-key", &f.key).body(Body::empty()).unwrap();
+    let res = narrow.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert!(matches!(
+        res.extensions().get::<Refused>().unwrap().reason(),
+        Refusal::Auth(AuthError::FormatNotAccepted { format: "nh" })
+    ));
     // Another gate is another gate: it authenticates (and charges) itself.
     let other = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
         .plans(PlanSet::presets())
