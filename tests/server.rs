@@ -715,6 +715,8 @@ async fn portal_api_follows_the_role() {
     let huge = Some(json!({"url": "https://h.test/", "pad": "x".repeat(100_000)}));
     let r = call(Method::POST, "/portal/api/endpoints", &admin, huge).await;
     assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(r.body["error"]["field"], "body", "{}", r.text);
+    assert!(has_limit_headers(&r), "authenticated: the limit headers stay");
 }
 
 /// The example binary itself: its first stdout line, `--plans`, and a

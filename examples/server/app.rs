@@ -236,6 +236,9 @@ pub(crate) fn router<B: Backend>(
             delete(delete_endpoint::<B>).route_layer(portal_api.require("endpoints:delete")?),
         )
         .layer(DefaultBodyLimit::max(MAX_BODY))
+        // axum answers an oversized body in plain text: in JSON, like every
+        // other refusal of this server.
+        .layer(axum::middleware::map_response(json_too_large))
         .with_state(app.clone());
     let router = if config.load_twin { with_load_twin(router) } else { router };
     let flush = flush_last_use(app);
@@ -268,6 +271,19 @@ fn json(status: StatusCode, value: Value) -> Response {
 }
 
 /// Marks a response that carries a key, token or code as uncacheable.
+async fn json_too_large(res: Response) -> Response {
+    if res.status() != StatusCode::PAYLOAD_TOO_LARGE {
+        return res;
+    }
+    // The body only: the gate's rate-limit headers stay.
+    let (mut parts, _) = res.into_parts();
+    let message = format!("body must be at most {MAX_BODY} bytes");
+    let body = json!({"error": {"code": "payload_too_large", "field": "body", "message": message}});
+    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Body::from(body.to_string()))
+}
+
 fn no_store(mut res: Response) -> Response {
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
