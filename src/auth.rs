@@ -295,7 +295,8 @@ impl Target {
 /// Why authentication failed — for the host's logs. The caller sees only
 /// [`AuthError::rejection`]: a 401 that is the same for every reason a key
 /// is invalid, a 403 for a valid key aimed at the wrong tenant or
-/// environment or of an inactive account, a 503 when the store is down.
+/// environment or of an inactive account, a 503 when the store is down, a
+/// 500 when the key's stored scopes do not compile (a deployment error).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum AuthError {

@@ -97,7 +97,8 @@ pub enum Rejection {
     /// 503: a backend store failed and the host chose to fail closed.
     Unavailable,
     /// 500: the deployment is misconfigured (a key names a plan the gate
-    /// does not have; a key's scopes do not compile under the registry).
+    /// does not have; a key's scopes do not compile under the registry; a
+    /// record names a format the manager does not know).
     /// No `Retry-After`: retrying does not help.
     Misconfigured,
 }

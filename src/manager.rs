@@ -307,10 +307,11 @@ impl ManagerError {
                 Rejection::Conflict { message: self.to_string() }
             }
             Self::NotFound => Rejection::NotFound,
-            Self::Mint(MintError::Rng)
-            | Self::UnknownFormat(_)
-            | Self::Collision
-            | Self::Backend(_) => Rejection::Unavailable,
+            // A record of a format this manager does not know: deployment.
+            Self::UnknownFormat(_) => Rejection::Misconfigured,
+            Self::Mint(MintError::Rng) | Self::Collision | Self::Backend(_) => {
+                Rejection::Unavailable
+            }
         }
     }
 }
@@ -498,10 +499,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         self.create(new).await
     }
 
-    /// Mints and inserts `new`, with at most `max` active keys in its
-    /// project (checked in the insert's atomic step).
-    /// Mints and stores `new` under the cap `max`, replacing the record
-    /// `replacing` (a roll: checked active, and not counted, in the insert).
+    /// Mints and stores `new`, with at most `max` active keys in its project
+    /// and, for a roll, the record `replacing` still active and not counted
+    /// (both checked in the insert's atomic step).
     async fn insert_capped(
         &self,
         new: NewKey,

@@ -216,7 +216,8 @@ struct Counter {
 impl Counter {
     /// The count of `month`: `None` for a month older than the two kept
     /// (a call stamped that long ago is judged as a fresh month's, and not
-    /// kept).
+    /// counted — where the Redis store, which keys counters by month,
+    /// counts it).
     fn of(&self, month: Month) -> Option<u64> {
         if month > self.month {
             Some(0)

@@ -255,7 +255,8 @@ pub const EXPIRED_RETENTION: std::time::Duration = std::time::Duration::from_sec
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ActiveLimit {
     /// Most active keys a project may hold. `u32::MAX` is no cap at all
-    /// (what a roll without a cap passes to have `replacing` checked).
+    /// (what a roll without a cap passes to have `replacing` checked):
+    /// skip the count then ([`is_capped`](Self::is_capped)).
     pub max: u32,
     /// The time at which "active" (not revoked, not expired) is judged.
     pub now: Timestamp,

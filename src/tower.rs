@@ -47,9 +47,12 @@
 //!
 //! Layers of one gate nest: a layer on a whole router authenticates and
 //! charges each request once, and a layer of the same gate on a route
-//! inside it adds that route's target, scope and quota checks, charging
-//! again only for a route with a cost or a plan of its own. Each response
-//! carries one set of rate-limit headers (a handler's own values stand).
+//! inside it adds that route's checks (formats, region, target, scope,
+//! quota) without authenticating again, charging again only when the plan
+//! that applies there differs or the route has a cost of its own. A
+//! credential the outer layer took from a cookie reaches only inner routes
+//! that take that cookie too. Each response carries one set of rate-limit
+//! headers (a handler's own values stand).
 //!
 //! Put the layer on a route's method router (`get(h).route_layer(…)`, as
 //! below), so that another method is the router's plain 405. On a
@@ -401,6 +404,8 @@ pub struct Admitted {
     /// Checks let through because their store failed under
     /// [`FailMode::Open`], when any were.
     pub failed_open: Option<FailedOpen>,
+    /// How, for layers of this gate nested inside.
+    mark: AdmittedBy,
 }
 
 /// Checks the gate let through because their store failed and the host
@@ -424,9 +429,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         GateLayer { gate: self.clone(), route: Arc::new(Route::default()) }
     }
 
-    /// This gate's mark on the requests it admitted.
-    fn mark(&self) -> AdmittedBy {
-        AdmittedBy(Arc::as_ptr(&self.0).addr())
+    /// This gate's identity in its marks on the requests it admitted.
+    fn id(&self) -> usize {
+        Arc::as_ptr(&self.0).addr()
     }
 
     /// The authenticator.
@@ -489,34 +494,21 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         route: &Route,
         headers: &HeaderMap,
         target: Result<&Target, &Rejection>,
-        // The caller an outer layer of this gate admitted: not
-        // authenticated again, and charged only on a route with a cost or
-        // a plan of its own. (One function, not two steps: the request's
-        // future then holds one state, not a future per step.)
-        known: Option<Principal>,
+        // The caller an outer layer of this gate admitted, and how: not
+        // authenticated again (but held to this route's formats and
+        // region), and charged again only under another plan or for a
+        // cost of this route's own. (One function, not two steps: the
+        // request's future then holds one state, not a future per step.)
+        known: Option<(Principal, AdmittedBy)>,
     ) -> Result<Admitted, Refused> {
         let style = self.style(route);
         let auth = &self.0.auth;
-        let limit = known.is_none() || route.cost.is_some() || route.plan.is_some();
+        let outer = known.as_ref().map(|(_, m)| *m);
         let from_cookie =
             route.cookie.as_deref().map_or(Ok(None), |name| cookie_credential(headers, name));
-        // Who is calling: format, secret, revocation, expiry and region.
-        // Whether the key reaches this tenant and environment is checked
-        // after the rate limit, so that 403s carry the limit headers too.
-        let identity = Target {
-            tenant: None,
-            environment: None,
-            region: target.ok().and_then(|t| t.region),
-            formats: narrowest(
-                target.ok().and_then(|t| t.formats.as_ref()),
-                route.formats.as_ref(),
-            ),
-            // The deployment's environment and the account's status too.
-            defer_standing: true,
-        };
-        let principal = if let Some(p) = known {
-            // Admitted by an outer layer: held to this route's formats and
-            // region too.
+        let identity = identity(route, target);
+        let via_cookie = matches!(from_cookie, Ok(Some(_)));
+        let principal = if let Some((p, _)) = known {
             auth.recheck(&p, &identity).map(|()| p)
         } else {
             match from_cookie {
@@ -531,6 +523,13 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         })?;
 
         let plan = self.plan_for(&principal, route)?;
+        let plan_id = plan.map_or(0, |p| std::ptr::from_ref(p).addr());
+        let limit = outer.is_none_or(|o| route.cost.is_some() || o.plan() != plan_id);
+        let mark = match outer {
+            Some(o) if !limit => o,
+            Some(o) => AdmittedBy::new(o.gate, plan_id, o.cookie()),
+            None => AdmittedBy::new(self.id(), plan_id, via_cookie),
+        };
         let mut failed = FailedOpen::default();
         let decision = match plan.filter(|p| limit && !p.rate().is_empty()) {
             None => None,
@@ -601,7 +600,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 .map_err(|r| with_headers(r.with_style(style)))?,
         };
         let failed_open = (failed.limiter.is_some() || failed.quota.is_some()).then_some(failed);
-        Ok(Admitted { principal, decision, quota, failed_open })
+        Ok(Admitted { principal, decision, quota, failed_open, mark })
     }
 
     /// Counts `cost` units of `category` against the monthly quotas of
@@ -865,16 +864,20 @@ where
             };
             // Inside another layer of this gate (authentication for the
             // whole router, scopes per route): its admission stands.
-            let outer = (req.extensions().get::<AdmittedBy>() == Some(&gate.mark()))
-                .then(|| req.extensions().get::<Principal>().cloned())
-                .flatten();
+            // A cookie credential reaches only routes that take cookies.
+            let outer = req
+                .extensions()
+                .get::<AdmittedBy>()
+                .filter(|m| m.gate == gate.id() && (!m.cookie() || route.cookie.is_some()))
+                .and_then(|m| Some((req.extensions().get::<Principal>()?.clone(), *m)));
             let admitted = match gate.admit_to(&route, req.headers(), target, outer).await {
                 Ok(a) => a,
                 Err(refused) => return Ok(gate.respond(refused)),
             };
             let failed_open = admitted.failed_open.clone();
+            let mark = admitted.mark;
             let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
-            req.extensions_mut().insert(gate.mark());
+            req.extensions_mut().insert(mark);
             // The credential goes on to the handler (and any layer inside):
             // marked sensitive, so a `Debug` of the headers shows no key.
             for (name, value) in req.headers_mut().iter_mut() {
@@ -924,10 +927,46 @@ impl Admitted {
 /// The target of routes without a target function.
 static ANY: Target = Target::any();
 
-/// Which gate admitted a request (its address, while it lives): a layer of
-/// the same gate nested inside reuses the admission.
+/// How a request was admitted: by which gate (its address, while it lives),
+/// charged under which plan (the plan's address in the gate's set; 0 for
+/// none), and whether the credential came from a cookie. A layer of the same
+/// gate nested inside reuses the admission.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct AdmittedBy(usize);
+struct AdmittedBy {
+    gate: usize,
+    /// The plan's address, with bit 0 set for a cookie credential (plans
+    /// are word-aligned): two words, as the request's future holds it.
+    plan: usize,
+}
+
+impl AdmittedBy {
+    fn new(gate: usize, plan: usize, cookie: bool) -> Self {
+        Self { gate, plan: plan | usize::from(cookie) }
+    }
+
+    fn plan(self) -> usize {
+        self.plan & !1
+    }
+
+    fn cookie(self) -> bool {
+        self.plan & 1 == 1
+    }
+}
+
+/// What authentication checks for `route` and `target`: who is calling
+/// (format, secret, revocation, expiry, region). Whether the key reaches
+/// the tenant and environment, the deployment's environment and the
+/// account's status are checked after the rate limit, so that those 403s
+/// carry the limit headers too.
+fn identity(route: &Route, target: Result<&Target, &Rejection>) -> Target {
+    Target {
+        tenant: None,
+        environment: None,
+        region: target.ok().and_then(|t| t.region),
+        formats: narrowest(target.ok().and_then(|t| t.formats.as_ref()), route.formats.as_ref()),
+        defer_standing: true,
+    }
+}
 
 /// The formats both lists accept (either alone when the other is unset): a
 /// target function narrows a route's formats, never widens them.

@@ -234,6 +234,10 @@ async fn scopes_are_checked_and_named() {
         .unwrap_err();
     assert!(matches!(unknown, ManagerError::Scope(ScopeError::Unknown { .. })), "{unknown}");
     assert_eq!(unknown.rejection().status(), 400);
+    // A record of a format this deployment does not know is its error, not
+    // an outage to retry.
+    let r = ManagerError::UnknownFormat("legacy".into()).rejection();
+    assert_eq!((r.status(), r.retry_after_secs(jiff::Timestamp::UNIX_EPOCH)), (500, None));
 }
 
 #[tokio::test]

@@ -163,6 +163,9 @@ impl MemoryPortalStore {
     pub fn insert_sync(&self, code: Digest, session: PortalSession, now: Timestamp) -> bool {
         let mut shard = self.shard(&code).lock().unwrap_or_else(PoisonError::into_inner);
         if shard.map.len() >= shard.purge_at {
+            // A session stamped ahead of the system clock must not purge
+            // codes and tombstones still in use.
+            let now = now.min(Timestamp::now());
             shard.map.retain(|_, e| !e.forgotten(now));
             // Amortised: the next purge waits until the map doubles.
             shard.purge_at = (shard.map.len() * 2).max(64);
