@@ -304,31 +304,26 @@ impl FakeClock {
     /// Moves both wall and monotonic time forward by `d` (saturating at
     /// the ends of their ranges).
     pub fn advance(&self, d: Duration) {
-        let n = duration_nanos(d);
-        let _ = self
-            .inner
-            .mono
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| Some(m.saturating_add(n)));
-        let n = i64::try_from(n).unwrap_or(i64::MAX);
-        let _ = self
-            .inner
-            .wall
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(w.saturating_add(n)));
+        self.shift(d, true);
     }
 
     /// Moves both wall and monotonic time backward by `d` (saturating at the
     /// monotonic origin), to test code against clocks that step back.
     pub fn rewind(&self, d: Duration) {
+        self.shift(d, false);
+    }
+
+    /// Both clocks by `d`, forward or back, saturating.
+    fn shift(&self, d: Duration, forward: bool) {
         let n = duration_nanos(d);
-        let _ = self
-            .inner
-            .mono
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| Some(m.saturating_sub(n)));
-        let n = i64::try_from(n).unwrap_or(i64::MAX);
-        let _ = self
-            .inner
-            .wall
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |w| Some(w.saturating_sub(n)));
+        let w = i64::try_from(n).unwrap_or(i64::MAX);
+        let (mono, wall) = (&self.inner.mono, &self.inner.wall);
+        let _ = mono.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |m| {
+            Some(if forward { m.saturating_add(n) } else { m.saturating_sub(n) })
+        });
+        let _ = wall.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |t| {
+            Some(if forward { t.saturating_add(w) } else { t.saturating_sub(w) })
+        });
     }
 
     /// Sets wall time to `t`, leaving the monotonic time line alone (as an
