@@ -456,7 +456,10 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
         None | Some(Value::Null) => {}
         Some(v) => match v.as_u64().filter(|d| (1..=3650).contains(d)) {
             Some(days) => new = new.expires_in(Duration::from_secs(days * 86_400)),
-            None => return Err(bad("expiresInDays", "expiresInDays must be between 1 and 3650")),
+            None => {
+                let message = "expiresInDays must be a whole number of days from 1 to 3650";
+                return Err(bad("expiresInDays", message));
+            }
         },
     }
     Ok(new)
