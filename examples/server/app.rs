@@ -454,13 +454,13 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
     }
     match obj.get("expiresInDays") {
         None | Some(Value::Null) => {}
-        Some(v) => match v.as_u64().filter(|d| (1..=3650).contains(d)) {
-            Some(days) => new = new.expires_in(Duration::from_secs(days * 86_400)),
-            None => {
+        Some(v) => {
+            let Some(days) = v.as_u64().filter(|d| (1..=3650).contains(d)) else {
                 let message = "expiresInDays must be a whole number of days from 1 to 3650";
                 return Err(bad("expiresInDays", message));
-            }
-        },
+            };
+            new = new.expires_in(Duration::from_secs(days * 86_400));
+        }
     }
     Ok(new)
 }
