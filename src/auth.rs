@@ -739,10 +739,6 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         Ok(p)
     }
 
-    /// The checks of a verified, live record (fresh from the store or
-    /// cached), in the order their answers rank: this deployment's region
-    /// (a key of another region is unknown here, 401), the request's
-    /// target, then the record's [standing](Self::check_standing) (403s).
     /// The checks authentication makes of `target` (formats, region, and
     /// the rest of [`check_record`](Self::check_record)) for a principal
     /// authenticated earlier, against another target: a second layer of a
@@ -757,6 +753,10 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         self.check_record(r, target)
     }
 
+    /// The checks of a verified, live record (fresh from the store or
+    /// cached), in the order their answers rank: this deployment's region
+    /// (a key of another region is unknown here, 401), the request's
+    /// target, then the record's [standing](Self::check_standing) (403s).
     fn check_record(&self, r: &KeyRecord, target: &Target) -> Result<(), AuthError> {
         if let (Some(want), Some(have)) = (self.region, r.region)
             && want != have

@@ -35,7 +35,9 @@ pub enum BodyStyle {
 pub enum Rejection {
     /// 401: no credential was presented.
     MissingCredentials,
-    /// 401: the credential is malformed, unknown, revoked or expired.
+    /// 401: the credential is malformed, unknown, revoked or expired, holds
+    /// the wrong secret, is of a format the route does not take or of
+    /// another region, or came in a way the header rules refuse.
     InvalidCredentials,
     /// 403: the key is valid but may not reach this resource (scope, tenant,
     /// environment). `scope` names the missing scope when there is one.
@@ -94,7 +96,9 @@ pub enum Rejection {
         /// When the quota resets (the next 1st, 00:00 UTC).
         resets_at: Timestamp,
     },
-    /// 503: a backend store failed and the host chose to fail closed.
+    /// 503: a backend store failed and the host chose to fail closed, the
+    /// OS random generator failed, or a generated id collided: a retry may
+    /// succeed.
     Unavailable,
     /// 500: the deployment is misconfigured (a key names a plan the gate
     /// does not have; a key's scopes do not compile under the registry; a

@@ -24,9 +24,10 @@
 //! ```
 //!
 //! The `tower` feature's `Gate` runs this whole line per request; without
-//! it, a host calls the same pieces itself, and the standing checks (the
-//! authenticator's `environment` and `account_status`) run inside
-//! authentication, before any limit.
+//! it, a host calls the same pieces itself, and the target's tenant and
+//! environment checks and the standing checks (the authenticator's
+//! `environment` and `account_status`) run inside authentication, before
+//! any limit.
 //!
 //! | module | owns |
 //! |---|---|

@@ -452,7 +452,7 @@ fn unix_ceil(at: Timestamp, after: Duration) -> i64 {
 
 /// Which rate-limit headers a response carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[allow(clippy::struct_excessive_bools)] // four independent switches
+#[allow(clippy::struct_excessive_bools)] // three independent switches
 pub struct HeaderSet {
     /// `X-RateLimit-Limit`, `X-RateLimit-Remaining`, `X-RateLimit-Reset`.
     pub x_ratelimit: bool,

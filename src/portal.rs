@@ -156,7 +156,11 @@ impl PortalError {
     pub fn rejection(&self) -> Rejection {
         match self {
             Self::Request(e) => e.to_rejection(),
-            Self::NotManagementToken | Self::Scope(_) => Rejection::Forbidden { scope: None },
+            Self::NotManagementToken | Self::Scope(ScopeError::Exceeds { .. }) => {
+                Rejection::Forbidden { scope: None }
+            }
+            // The portal's role scopes do not compile under the registry.
+            Self::Scope(_) => Rejection::Misconfigured,
             Self::MalformedCode | Self::UnknownCode | Self::Expired => Rejection::InvalidLink,
             Self::AlreadyUsed => Rejection::Gone,
             Self::Collision | Self::Backend(_) => Rejection::Unavailable,

@@ -619,8 +619,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     ///
     /// # Errors
     ///
-    /// [`Refused`] (429 with the monthly message, or 503) in the gate's body
-    /// style; [`Refused::with_style`] changes it.
+    /// [`Refused`] in the gate's body style ([`Refused::with_style`] changes
+    /// it): 429 with the monthly message (or, for a cost above a whole
+    /// month's quota, without `Retry-After`), 500 when the plan is not the
+    /// gate's, 503 when the quota store fails closed.
     pub async fn charge(
         &self,
         principal: &Principal,
@@ -749,8 +751,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     /// stops other sites, not a sibling subdomain. For requests that change
     /// state, accept only what no HTML form can send (a JSON body; a
     /// cross-origin script then needs a CORS preflight, which is not to be
-    /// granted) and refuse `Sec-Fetch-Site` other than `same-origin`, as
-    /// the reference server's portal API does.
+    /// granted) and refuse `Sec-Fetch-Site` other than `same-origin` (or
+    /// `none`, a user's own navigation), as the reference server's portal
+    /// API does.
     #[must_use]
     pub fn cookie(self, name: impl Into<Cow<'static, str>>) -> Self {
         let name = name.into();

@@ -144,6 +144,7 @@ async fn a_redemption_that_fails_before_the_store_leaves_the_link_usable() {
         .registry(Arc::new(keygate::scope::ScopeRegistry::new(&["other"], &["read"]).unwrap()));
     let err = broken.redeem(minted.code().expose_secret()).await.unwrap_err();
     assert!(matches!(err, PortalError::Scope(_)), "{err}");
+    assert_eq!(err.rejection().status(), 500, "a deployment error, not the caller's");
     assert!(good.redeem(minted.code().expose_secret()).await.is_ok(), "the link still works");
 }
 

@@ -137,8 +137,8 @@ type AppState<B> = State<Arc<App<B>>>;
 /// Writes out the last-use times still pending (at shutdown).
 pub(crate) type Flush = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Send>> + Send>;
 
-/// Request bodies larger than this are refused (413) before any handler
-/// reads them.
+/// Request bodies larger than this are refused (a JSON 413) on the routes
+/// that read a body; the others never read one.
 const MAX_BODY: usize = 64 * 1024;
 
 /// The router, the stores' key manager for bootstrapping, and the
@@ -270,7 +270,7 @@ fn json(status: StatusCode, value: Value) -> Response {
     (status, Json(value)).into_response()
 }
 
-/// Marks a response that carries a key, token or code as uncacheable.
+/// Re-renders axum's plain-text 413 as JSON, keeping the headers.
 async fn json_too_large(res: Response) -> Response {
     if res.status() != StatusCode::PAYLOAD_TOO_LARGE {
         return res;
@@ -284,6 +284,7 @@ async fn json_too_large(res: Response) -> Response {
     Response::from_parts(parts, Body::from(body.to_string()))
 }
 
+/// Marks a response that carries a key, token or code as uncacheable.
 fn no_store(mut res: Response) -> Response {
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     res
