@@ -236,9 +236,6 @@ pub(crate) fn router<B: Backend>(
             delete(delete_endpoint::<B>).route_layer(portal_api.require("endpoints:delete")?),
         )
         .layer(DefaultBodyLimit::max(MAX_BODY))
-        // axum answers an oversized body in plain text: in JSON, like every
-        // other refusal of this server.
-        .layer(axum::middleware::map_response(json_too_large))
         .with_state(app.clone());
     let router = if config.load_twin { with_load_twin(router) } else { router };
     let flush = flush_last_use(app);
@@ -270,18 +267,25 @@ fn json(status: StatusCode, value: Value) -> Response {
     (status, Json(value)).into_response()
 }
 
-/// Re-renders axum's plain-text 413 as JSON, keeping the headers.
-async fn json_too_large(res: Response) -> Response {
-    if res.status() != StatusCode::PAYLOAD_TOO_LARGE {
-        return res;
+/// A request body of at most [`MAX_BODY`] bytes. Over it, a JSON 413 like
+/// every other refusal of this server (axum's own is plain text); the
+/// layer's rate-limit headers are added on the way out as to any response.
+struct BodyBytes(Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for BodyBytes {
+    type Rejection = Response;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, Response> {
+        match Bytes::from_request(req, state).await {
+            Ok(b) => Ok(Self(b)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                let message = format!("body must be at most {MAX_BODY} bytes");
+                let body = json!({"error": {"code": "payload_too_large", "field": "body", "message": message}});
+                Err(json(StatusCode::PAYLOAD_TOO_LARGE, body))
+            }
+            Err(e) => Err(e.into_response()),
+        }
     }
-    // The body only: the gate's rate-limit headers stay.
-    let (mut parts, _) = res.into_parts();
-    let message = format!("body must be at most {MAX_BODY} bytes");
-    let body = json!({"error": {"code": "payload_too_large", "field": "body", "message": message}});
-    parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
-    parts.headers.remove(header::CONTENT_LENGTH);
-    Response::from_parts(parts, Body::from(body.to_string()))
 }
 
 /// Marks a response that carries a key, token or code as uncacheable.
@@ -397,7 +401,7 @@ async fn create_key<B: Backend>(
     State(app): AppState<B>,
     Path(ws): Path<String>,
     Extension(caller): Extension<Principal>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     match new_key::<B>(&app, &ws, &body) {
         Err(r) => app.reject(&r, BodyStyle::Nested),
@@ -595,7 +599,7 @@ async fn revoke<B: Backend>(
 async fn create_token<B: Backend>(
     State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let parsed = object(&body).and_then(|obj| {
         let name = req_str(&obj, "name")?.to_owned();
@@ -633,7 +637,7 @@ async fn create_portal<B: Backend>(
     State(app): AppState<B>,
     Path((ws, application)): Path<(String, String)>,
     Extension(caller): Extension<Principal>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let request = match SessionRequest::from_json(&body) {
         Ok(r) => r,
@@ -668,7 +672,7 @@ async fn ping() -> Response {
 async fn notify<B: Backend>(
     State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let channel = object(&body).and_then(|obj| match req_str(&obj, "channel")? {
         c @ ("email" | "webhook") => Ok(c.to_owned()),
@@ -819,7 +823,7 @@ async fn create_endpoint<B: Backend>(
     State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
     headers: axum::http::HeaderMap,
-    body: Bytes,
+    BodyBytes(body): BodyBytes,
 ) -> Response {
     let url = same_origin_json(&headers).and_then(|()| object(&body)).and_then(|obj| {
         let url = req_str(&obj, "url")?;
