@@ -106,6 +106,13 @@ fn exercise(plan: &Plan) {
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
+    // Through serde (a host's configuration crate), the same set or an
+    // error: duplicate keys refused alike.
+    let via_serde = serde_json::from_str::<PlanSet>(text);
+    assert_eq!(via_serde.is_ok(), PlanSet::from_json(text).is_ok(), "{via_serde:?}");
+    if let (Ok(a), Ok(b)) = (&via_serde, PlanSet::from_json(text)) {
+        assert_eq!(*a, b);
+    }
     let set = match PlanSet::from_json(text) {
         Ok(set) => set,
         Err(e) => {
