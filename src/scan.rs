@@ -312,20 +312,25 @@ fn non_word_mask(group: &[u8; GROUP]) -> u128 {
 const SUSPECT_MIN: usize = 16;
 
 /// Whether `rest`, the run after one of `format`'s literal prefixes, looks
-/// like a damaged key of it: cut short, or with a wrong character or
-/// checksum. At most two more separators (a region or environment, a key
-/// id), then at least [`SUSPECT_MIN`] characters of the secret's alphabet.
-/// A redactor that left such a run whole would show most of a key (a
-/// truncated `nh_` key keeps 63 of its 64 hex digits), or one a checksum
-/// lets an attacker repair offline.
+/// like a damaged key of it: cut short, with a wrong character or checksum,
+/// or with a suffix glued on (`…_old`, `…_1`). At most four parts (a
+/// region or environment, a key id, the secret, a suffix), one of them at
+/// least [`SUSPECT_MIN`] characters of the secret's alphabet. A redactor
+/// that left such a run whole would show most of a key (a truncated `nh_`
+/// key keeps 63 of its 64 hex digits), one a checksum lets an attacker
+/// repair offline, or a whole key with a name tacked on.
 fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
-    // At most three parts: the region or environment, the key id, the
-    // secret (the last part).
-    let mut parts = rest.rsplit(|&b| b == b'_');
-    let secret = parts.next().unwrap_or_default();
-    parts.count() <= 2
-        && secret.len() >= SUSPECT_MIN
-        && secret.iter().all(|&b| format.secret_alphabet().contains(b))
+    let alphabet = format.secret_alphabet();
+    let mut parts = 0;
+    let mut secret = false;
+    for part in rest.split(|&b| b == b'_') {
+        parts += 1;
+        if parts > 4 {
+            return false;
+        }
+        secret |= part.len() >= SUSPECT_MIN && part.iter().all(|&b| alphabet.contains(b));
+    }
+    secret
 }
 
 /// The length of the escape's word bytes at the start of the run at

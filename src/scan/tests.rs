@@ -569,7 +569,15 @@ fn the_redactor_hides_damaged_keys_too() {
     let nh = format!("nh_{HEX64}");
     let cut = &nh[..nh.len() - 1];
     let typo = format!("sk_live_{}!", "a1B2".repeat(7));
-    for text in [format!("log: {cut}… (truncated)"), format!("k={}", &typo[..typo.len() - 1])] {
+    let sk = crate::format::SK.mint_default().unwrap();
+    let sk = sk.expose_secret();
+    for text in [
+        format!("log: {cut}… (truncated)"),
+        format!("k={}", &typo[..typo.len() - 1]),
+        // Whole keys with a suffix glued on: a name, a counter.
+        format!("{nh}_1 rotated"),
+        format!("cp {sk}_old"),
+    ] {
         // Not keys: scanning reports nothing...
         assert!(s.find_all(text.as_bytes()).is_empty(), "{text}");
         // ...but redaction hides all but the literal prefix.
@@ -578,6 +586,7 @@ fn the_redactor_hides_damaged_keys_too() {
         let out = String::from_utf8(out).unwrap();
         assert!(out.contains("_[REDACTED]"), "{out}");
         assert!(!out.contains("0123456789abcdef") && !out.contains("a1B2a1B2"), "{out}");
+        assert!(!out.contains(&sk[10..]), "{out}");
     }
     // Identifiers that merely start like a key stay as they are.
     for text in
