@@ -198,8 +198,11 @@ fn hash_prints_the_stored_digest() {
     let out = keygate(&["hash", key], b"");
     assert!(out.status.success());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{digest}\n"));
+    // An argument shows in `ps` and shell history: said so, on stderr.
+    assert!(String::from_utf8(out.stderr).unwrap().contains("pipe it in"));
     let out = keygate(&["hash"], format!("{key}\n").as_bytes());
     assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{digest}\n"));
+    assert!(out.stderr.is_empty(), "stdin is the quiet way");
 
     let dir = std::env::temp_dir().join(format!("keygate-pepper-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

@@ -11,6 +11,7 @@ use keygate::format::{ApiKey, Environment, FormatSet, MintSpec, Region, Segment}
 use keygate::hash::{Hasher, Pepper, PepperId};
 use keygate::scan::Scanner;
 use serde_json::json;
+use zeroize::Zeroizing;
 
 /// Longest input `inspect` reads from stdin: far above any key, small enough
 /// that a mistaken pipe cannot exhaust memory.
@@ -148,11 +149,17 @@ fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<Str
 
 /// The key from the argument, or from stdin (capped, one trailing newline
 /// stripped) when absent or `-`.
-fn read_key(key: Option<&str>) -> Result<String, ExitCode> {
+/// The key from the argument, else stdin; wiped when dropped. Read into
+/// one buffer of the cap's size, so no reallocation leaves a copy behind.
+fn read_key(key: Option<&str>) -> Result<Zeroizing<String>, ExitCode> {
     if let Some(k) = key.filter(|k| *k != "-") {
-        return Ok(k.to_owned());
+        eprintln!(
+            "keygate: a key given as an argument shows in `ps` and shell history; pipe it in"
+        );
+        return Ok(Zeroizing::new(k.to_owned()));
     }
-    let mut buf = Vec::new();
+    let cap = usize::try_from(STDIN_CAP).unwrap_or(4096) + 1;
+    let mut buf = Zeroizing::new(Vec::with_capacity(cap));
     if let Err(e) = io::stdin().take(STDIN_CAP + 1).read_to_end(&mut buf) {
         return Err(fail(1, format_args!("cannot read stdin: {e}")));
     }
@@ -161,11 +168,16 @@ fn read_key(key: Option<&str>) -> Result<String, ExitCode> {
     }
     // Strip exactly one trailing newline (as `echo` adds), nothing else.
     if buf.ends_with(b"\r\n") {
-        buf.truncate(buf.len() - 2);
+        let n = buf.len() - 2;
+        buf.truncate(n);
     } else if buf.ends_with(b"\n") {
-        buf.truncate(buf.len() - 1);
+        let n = buf.len() - 1;
+        buf.truncate(n);
     }
-    String::from_utf8(buf).map_err(|_| fail(1, "key is not valid UTF-8"))
+    match std::str::from_utf8(&buf) {
+        Ok(text) => Ok(Zeroizing::new(text.to_owned())),
+        Err(_) => Err(fail(1, "key is not valid UTF-8")),
+    }
 }
 
 fn inspect(formats: &FormatSet, input: &str) -> ExitCode {
