@@ -312,25 +312,20 @@ fn non_word_mask(group: &[u8; GROUP]) -> u128 {
 const SUSPECT_MIN: usize = 16;
 
 /// Whether `rest`, the run after one of `format`'s literal prefixes, looks
-/// like a damaged key of it: cut short, with a wrong character or checksum,
-/// or with a suffix glued on (`…_old`, `…_1`). At most four parts (a
-/// region or environment, a key id, the secret, a suffix), one of them at
-/// least [`SUSPECT_MIN`] characters of the secret's alphabet. A redactor
-/// that left such a run whole would show most of a key (a truncated `nh_`
-/// key keeps 63 of its 64 hex digits), one a checksum lets an attacker
-/// repair offline, or a whole key with a name tacked on.
+/// like a damaged key of it: cut short, or with a wrong character or
+/// checksum. At most two more separators (a region or environment, a key
+/// id), then at least [`SUSPECT_MIN`] characters of the secret's alphabet.
+/// A redactor that left such a run whole would show most of a key (a
+/// truncated `nh_` key keeps 63 of its 64 hex digits), or one a checksum
+/// lets an attacker repair offline.
 fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
-    let alphabet = format.secret_alphabet();
-    let mut parts = 0;
-    let mut secret = false;
-    for part in rest.split(|&b| b == b'_') {
-        parts += 1;
-        if parts > 4 {
-            return false;
-        }
-        secret |= part.len() >= SUSPECT_MIN && part.iter().all(|&b| alphabet.contains(b));
-    }
-    secret
+    // At most three parts: the region or environment, the key id, the
+    // secret (the last part).
+    let mut parts = rest.rsplit(|&b| b == b'_');
+    let secret = parts.next().unwrap_or_default();
+    parts.count() <= 2
+        && secret.len() >= SUSPECT_MIN
+        && secret.iter().all(|&b| format.secret_alphabet().contains(b))
 }
 
 /// The length of the escape's word bytes at the start of the run at
@@ -540,7 +535,8 @@ impl Scanner {
     /// damaged one (a format's literal prefix, then at least 16 characters
     /// of its secret alphabet after at most two more separators: a key cut
     /// short, mistyped, or with a bad checksum) becomes `{prefix}[REDACTED]`
-    /// as well. [`find_all`](Self::find_all) and
+    /// as well, and a key (or damaged key) with a suffix glued on by `_`
+    /// (`…_old`) is redacted, its suffix left as it is. [`find_all`](Self::find_all) and
     /// [`scan_reader`](Self::scan_reader) report whole keys only.
     ///
     /// # Errors
@@ -715,30 +711,22 @@ impl Scanner {
             // at or just after `from`: at most four bytes on, since an
             // escape has at most five letters and began before `from`.
             let end = first_non_word(hay, from, hay.len());
-            if let Some(p) = (from..end.min(from + 5)).find(|&p| escaped_before(hay, p))
-                && end - p <= self.max_len
-            {
-                self.check(hay, p, end, mode.suspects, on_key);
+            if let Some(p) = (from..end.min(from + 5)).find(|&p| escaped_before(hay, p)) {
+                self.check_hiding(hay, p, end, mode.suspects, on_key);
             }
             from = end + 1;
         }
         // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
         while let Some((start, end)) = self.next_run(hay, from, to, mode.min_len, waste) {
-            if end - start > self.max_len {
-                // Longer than any key (unless an escape's bytes made it so):
-                // skip the rest of it.
-                if !self.check_escaped(hay, start, mode.suspects, on_key) {
-                    *waste += 1;
-                }
-                from = first_non_word(hay, end, hay.len()) + 1;
-                continue;
-            }
-            from = end + 1;
-            if !self.check(hay, start, end, mode.suspects, on_key)
+            let long = end - start > self.max_len;
+            if !self.check_hiding(hay, start, end, mode.suspects, on_key)
                 && !self.check_escaped(hay, start, mode.suspects, on_key)
             {
                 *waste += 1;
             }
+            // Longer than any key (unless an escape's bytes made it so, or
+            // a suffix is glued on): skip the rest of it.
+            from = if long { first_non_word(hay, end, hay.len()) } else { end } + 1;
         }
         from.max(to)
     }
@@ -758,7 +746,7 @@ impl Scanner {
         let Some(skip) = escape_len(hay, start) else { return false };
         let s = start + skip;
         let e = first_non_word(hay, s, (s + self.max_len + 1).min(hay.len()));
-        e - s <= self.max_len && self.check(hay, s, e, suspects, on_key)
+        self.check_hiding(hay, s, e, suspects, on_key)
     }
 
     /// As [`runs_in`](Self::runs_in), by searching for the literal prefixes.
@@ -792,12 +780,35 @@ impl Scanner {
             // longer than `max_len`, so look no further than that.
             let cap = (start + self.max_len + 1).min(hay.len());
             let end = first_non_word(hay, hit_end, cap);
-            if end - start > self.max_len || !self.check(hay, start, end, mode.suspects, on_key) {
+            if !self.check_hiding(hay, start, end, mode.suspects, on_key) {
                 *waste += 1;
             }
             pos = end.max(hit_end);
         }
         pos.max(to)
+    }
+
+    /// [`check`](Self::check) for a run of any length (only its first
+    /// `max_len + 1` bytes are read); when hiding, also a key with a suffix
+    /// glued on by `_` (`sk_live_…_old`, `nh_…_1`): the longest key (or
+    /// damaged key) ending right before one of the run's `_`, which is
+    /// reported alone, its suffix left as it is.
+    fn check_hiding(
+        &self,
+        hay: &[u8],
+        start: usize,
+        end: usize,
+        suspects: bool,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> bool {
+        if end - start <= self.max_len && self.check(hay, start, end, suspects, on_key) {
+            return true;
+        }
+        if !suspects {
+            return false;
+        }
+        let last = end.min(start + self.max_len + 1);
+        (start + 1..last).rev().any(|p| hay[p] == b'_' && self.check(hay, start, p, true, on_key))
     }
 
     /// Reports the run `hay[start..end]` (at most `max_len` bytes, a whole
