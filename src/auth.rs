@@ -32,6 +32,14 @@ use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
 #[derive(Clone)]
 pub struct Principal(Arc<PrincipalInner>);
 
+impl Principal {
+    /// This principal's identity (its shared state's address), for marks
+    /// that vouch for exactly this value.
+    pub(crate) fn addr(&self) -> usize {
+        Arc::as_ptr(&self.0).addr()
+    }
+}
+
 struct PrincipalInner {
     record: Arc<KeyRecord>,
     scopes: ScopeSet,

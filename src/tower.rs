@@ -404,8 +404,11 @@ pub struct Admitted {
     /// Checks let through because their store failed under
     /// [`FailMode::Open`], when any were.
     pub failed_open: Option<FailedOpen>,
-    /// How, for layers of this gate nested inside.
-    mark: AdmittedBy,
+    /// The plan charged (its address; 0 for none) and the cookie the
+    /// credential came from (its [`cookie_id`]; 0 for a header): for the
+    /// mark layers of this gate nested inside read.
+    plan: usize,
+    cookie: u64,
 }
 
 /// Checks the gate let through because their store failed and the host
@@ -499,15 +502,18 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         // region), and charged again only under another plan or for a
         // cost of this route's own. (One function, not two steps: the
         // request's future then holds one state, not a future per step.)
-        known: Option<(Principal, AdmittedBy)>,
+        known: Option<(Principal, usize)>,
     ) -> Result<Admitted, Refused> {
         let style = self.style(route);
         let auth = &self.0.auth;
-        let outer = known.as_ref().map(|(_, m)| *m);
+        let outer_plan = known.as_ref().map(|(_, plan)| *plan);
         let from_cookie =
             route.cookie.as_deref().map_or(Ok(None), |name| cookie_credential(headers, name));
         let identity = identity(route, target);
-        let via_cookie = matches!(from_cookie, Ok(Some(_)));
+        let cookie = match (&from_cookie, route.cookie.as_deref()) {
+            (Ok(Some(_)), Some(name)) if known.is_none() => cookie_id(name),
+            _ => 0,
+        };
         let principal = if let Some((p, _)) = known {
             auth.recheck(&p, &identity).map(|()| p)
         } else {
@@ -524,12 +530,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
 
         let plan = self.plan_for(&principal, route)?;
         let plan_id = plan.map_or(0, |p| std::ptr::from_ref(p).addr());
-        let limit = outer.is_none_or(|o| route.cost.is_some() || o.plan() != plan_id);
-        let mark = match outer {
-            Some(o) if !limit => o,
-            Some(o) => AdmittedBy::new(o.gate, plan_id, o.cookie()),
-            None => AdmittedBy::new(self.id(), plan_id, via_cookie),
-        };
+        let limit = outer_plan.is_none_or(|o| route.cost.is_some() || o != plan_id);
         let mut failed = FailedOpen::default();
         let decision = match plan.filter(|p| limit && !p.rate().is_empty()) {
             None => None,
@@ -600,7 +601,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 .map_err(|r| with_headers(r.with_style(style)))?,
         };
         let failed_open = (failed.limiter.is_some() || failed.quota.is_some()).then_some(failed);
-        Ok(Admitted { principal, decision, quota, failed_open, mark })
+        Ok(Admitted { principal, decision, quota, failed_open, plan: plan_id, cookie })
     }
 
     /// Counts `cost` units of `category` against the monthly quotas of
@@ -867,18 +868,24 @@ where
             };
             // Inside another layer of this gate (authentication for the
             // whole router, scopes per route): its admission stands.
-            // A cookie credential reaches only routes that take cookies.
-            let outer = req
-                .extensions()
-                .get::<AdmittedBy>()
-                .filter(|m| m.gate == gate.id() && (!m.cookie() || route.cookie.is_some()))
-                .and_then(|m| Some((req.extensions().get::<Principal>()?.clone(), *m)));
-            let admitted = match gate.admit_to(&route, req.headers(), target, outer).await {
+            // A cookie credential reaches only routes that take it.
+            let outer = req.extensions().get::<AdmittedBy>().and_then(|m| {
+                let p = req.extensions().get::<Principal>()?;
+                m.vouches(gate.id(), p, &route).then(|| (p.clone(), *m))
+            });
+            let outer_cookie = outer.as_ref().map(|(_, m)| m.cookie);
+            let known = outer.map(|(p, m)| (p, m.plan));
+            let admitted = match gate.admit_to(&route, req.headers(), target, known).await {
                 Ok(a) => a,
                 Err(refused) => return Ok(gate.respond(refused)),
             };
             let failed_open = admitted.failed_open.clone();
-            let mark = admitted.mark;
+            let mark = AdmittedBy {
+                gate: gate.id(),
+                principal: admitted.principal.addr(),
+                plan: admitted.plan,
+                cookie: outer_cookie.unwrap_or(admitted.cookie),
+            };
             let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
             req.extensions_mut().insert(mark);
             // The credential goes on to the handler (and any layer inside):
@@ -930,30 +937,37 @@ impl Admitted {
 /// The target of routes without a target function.
 static ANY: Target = Target::any();
 
-/// How a request was admitted: by which gate (its address, while it lives),
-/// charged under which plan (the plan's address in the gate's set; 0 for
-/// none), and whether the credential came from a cookie. A layer of the same
-/// gate nested inside reuses the admission.
+/// How a request was admitted, for a layer of the same gate nested inside
+/// to reuse: by which gate (its address, while it lives), for which
+/// principal (the very value it put in the extensions, not one a layer in
+/// between may have swapped in), charged under which plan (its address in
+/// the gate's set; 0 for none), and from which cookie (a hash of its name;
+/// 0 for a credential header).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct AdmittedBy {
     gate: usize,
-    /// The plan's address, with bit 0 set for a cookie credential (plans
-    /// are word-aligned): two words, as the request's future holds it.
+    principal: usize,
     plan: usize,
+    cookie: u64,
 }
 
 impl AdmittedBy {
-    fn new(gate: usize, plan: usize, cookie: bool) -> Self {
-        Self { gate, plan: plan | usize::from(cookie) }
+    /// Whether a layer of `gate` on `route` may take this admission for
+    /// `principal`: the same gate and principal, and a cookie credential
+    /// only where the route takes that very cookie.
+    fn vouches(&self, gate: usize, principal: &Principal, route: &Route) -> bool {
+        self.gate == gate
+            && self.principal == principal.addr()
+            && (self.cookie == 0 || route.cookie.as_deref().map(cookie_id) == Some(self.cookie))
     }
+}
 
-    fn plan(self) -> usize {
-        self.plan & !1
-    }
-
-    fn cookie(self) -> bool {
-        self.plan & 1 == 1
-    }
+/// A cookie name's identity in an [`AdmittedBy`] (never 0).
+fn cookie_id(name: &str) -> u64 {
+    std::hash::BuildHasher::hash_one(
+        &std::hash::BuildHasherDefault::<std::hash::DefaultHasher>::default(),
+        name,
+    ) | 1
 }
 
 /// What authentication checks for `route` and `target`: who is calling
@@ -1004,16 +1018,19 @@ fn cookie_credential<'h>(
 /// domain or a narrower path can set one of the same name: which the
 /// browser sends first is not the site's choice).
 fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, CredentialError> {
+    // By bytes: one cookie of the site with non-ASCII bytes (another app's,
+    // a sibling subdomain's) must not hide this one in the same header.
     let mut found = headers
         .get_all(::http::header::COOKIE)
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
+        .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
         .filter_map(|pair| {
-            let (n, v) = pair.trim().split_once('=')?;
+            let (n, v) =
+                pair.trim_ascii().split_at(pair.trim_ascii().iter().position(|&b| b == b'=')?);
+            let v = &v[1..];
             // RFC 6265 allows a value in double quotes.
-            let v = v.strip_prefix('"').and_then(|v| v.strip_suffix('"')).unwrap_or(v);
-            (n == name).then_some(v)
+            let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
+            (n == name.as_bytes()).then(|| std::str::from_utf8(v).ok()).flatten()
         });
     let first = found.next();
     if found.next().is_some() {

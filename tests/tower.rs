@@ -264,6 +264,11 @@ async fn cookie_credentials_only_where_enabled() {
         let req = Request::get("/c").header("cookie", &value).body(Body::empty()).unwrap();
         assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK, "{value}");
     }
+    // Another cookie of the site holding UTF-8 does not hide this one.
+    let mixed = format!("x=caf\u{e9}; sess={}", sk.key().expose_secret());
+    let value = axum::http::HeaderValue::from_bytes(mixed.as_bytes()).unwrap();
+    let req = Request::get("/c").header("cookie", value).body(Body::empty()).unwrap();
+    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK);
     // Two cookies of the name (one set by a sibling domain, or for a
     // narrower path) are two credentials: refused, whichever comes first.
     let other = KeyManager::new(f.keys.clone())
@@ -309,7 +314,7 @@ async fn the_request_future_fits_the_allocators_small_size_classes() {
     // free chunks first), which cost ~100 ns per request when this future
     // held copies of its request and decisions. The inner service here is
     // small, so the figure is the layer's own share (808 bytes before
-    // nested layers of one gate; 912 with what they carry).
+    // nested layers of one gate; 952 with what they carry).
     use tower::{Layer, Service};
     let f = fixture().await;
     let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(1000))
@@ -480,28 +485,6 @@ async fn a_gate_nested_in_itself_authenticates_and_charges_once() {
     assert_eq!(res.status(), StatusCode::OK);
     let remaining: Vec<_> = res.headers().get_all("x-ratelimit-remaining").iter().collect();
     assert_eq!(remaining, ["3"], "one more unit (after the /sk refusal's), not two");
-    // A cookie admitted by the outer layer reaches only inner routes that
-    // take cookies: the others answer as if no credential came.
-    let ws = Tenant::workspace("ws_t".parse().unwrap());
-    let sk = KeyManager::new(f.keys.clone())
-        .create(NewKey::new("b", keygate::format::SK, ws))
-        .await
-        .unwrap();
-    let cookie = format!("sess={}", sk.key().expose_secret());
-    let browser: Router = Router::new()
-        .route("/page", get(|| async { "in" }).route_layer(fresh.layer().cookie("sess")))
-        .route("/api", get(|| async { "in" }).route_layer(fresh.layer()))
-        .layer(fresh.layer().cookie("sess"));
-    let call = |path: &'static str| {
-        Request::get(path).header("cookie", &cookie).body(Body::empty()).unwrap()
-    };
-    assert_eq!(browser.clone().oneshot(call("/page")).await.unwrap().status(), StatusCode::OK);
-    let res = browser.oneshot(call("/api")).await.unwrap();
-    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-    assert!(matches!(
-        res.extensions().get::<Refused>().unwrap().reason(),
-        Refusal::Auth(AuthError::Missing)
-    ));
     // Another gate is another gate: it authenticates (and charges) itself.
     let other = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
         .plans(PlanSet::presets())
@@ -530,4 +513,63 @@ async fn the_handler_sees_the_credential_marked_sensitive() {
     assert_eq!(res.status(), StatusCode::OK);
     let logged = text(res).await;
     assert!(!logged.contains(&f.key) && logged.contains("Sensitive"), "{logged}");
+}
+
+#[tokio::test]
+async fn a_nested_layer_vouches_only_for_its_own_principal_and_cookie() {
+    let f = fixture().await;
+    let fresh = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .build();
+    // A cookie admitted by the outer layer reaches only inner routes that
+    // take cookies: the others answer as if no credential came.
+    let ws = Tenant::workspace("ws_t".parse().unwrap());
+    let sk = KeyManager::new(f.keys.clone())
+        .create(NewKey::new("b", keygate::format::SK, ws))
+        .await
+        .unwrap();
+    let cookie = format!("sess={}", sk.key().expose_secret());
+    let browser: Router = Router::new()
+        .route("/page", get(|| async { "in" }).route_layer(fresh.layer().cookie("sess")))
+        .route("/api", get(|| async { "in" }).route_layer(fresh.layer()))
+        .layer(fresh.layer().cookie("sess"));
+    let call = |path: &'static str| {
+        Request::get(path).header("cookie", &cookie).body(Body::empty()).unwrap()
+    };
+    assert_eq!(browser.clone().oneshot(call("/page")).await.unwrap().status(), StatusCode::OK);
+    let res = browser.oneshot(call("/api")).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    assert!(matches!(
+        res.extensions().get::<Refused>().unwrap().reason(),
+        Refusal::Auth(AuthError::Missing)
+    ));
+    // ...and only the cookie it came in: an inner route taking another
+    // cookie answers as if no credential came.
+    let two: Router = Router::new()
+        .route("/b", get(|| async { "in" }).route_layer(fresh.layer().cookie("other")))
+        .layer(fresh.layer().cookie("sess"));
+    let req = Request::get("/b").header("cookie", &cookie).body(Body::empty()).unwrap();
+    assert_eq!(two.oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
+    // A principal swapped in between the layers is not vouched for: the
+    // inner layer authenticates the request itself.
+    let decoy = keygate::auth::Principal::from_record(
+        Arc::new(sk.record().clone()),
+        &keygate::scope::ScopeRegistry::default(),
+    )
+    .unwrap();
+    let swapped: Router = Router::new()
+        .route(
+            "/who",
+            get(|Extension(p): Extension<Principal>| async move { p.name().to_owned() })
+                .route_layer(fresh.layer()),
+        )
+        .layer(tower::util::MapRequestLayer::new(move |mut r: Request<Body>| {
+            r.extensions_mut().insert(decoy.clone());
+            r
+        }))
+        .layer(fresh.layer());
+    let req = Request::get("/who").header("x-api-key", &f.key).body(Body::empty()).unwrap();
+    let res = swapped.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(text(res).await, "t", "the key's own principal, not the decoy");
 }
