@@ -52,7 +52,11 @@
 //! that applies there differs or the route has a cost of its own. A
 //! credential the outer layer took from a cookie reaches only inner routes
 //! that take that cookie too. Each response carries one set of rate-limit
-//! headers (a handler's own values stand).
+//! headers (a handler's own values stand). A layer of another gate in
+//! between starts over: the inner layer of the first gate authenticates
+//! and charges again. An outer layer with `.cost(0)` charges nothing, and
+//! inner routes under the same plan without a cost of their own are then
+//! not charged either.
 //!
 //! Put the layer on a route's method router (`get(h).route_layer(…)`, as
 //! below), so that another method is the router's plain 405. On a

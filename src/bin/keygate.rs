@@ -149,8 +149,9 @@ fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<Str
 
 /// The key from the argument, or from stdin (capped, one trailing newline
 /// stripped) when absent or `-`.
-/// The key from the argument, else stdin; wiped when dropped. Read into
-/// one buffer of the cap's size, so no reallocation leaves a copy behind.
+/// The key from the argument, else stdin; wiped when dropped. Read from the
+/// file descriptor into one buffer of the cap's size, so neither std's
+/// stdin buffer nor a reallocation leaves a copy behind.
 fn read_key(key: Option<&str>) -> Result<Zeroizing<String>, ExitCode> {
     if let Some(k) = key.filter(|k| *k != "-") {
         eprintln!(
@@ -160,7 +161,7 @@ fn read_key(key: Option<&str>) -> Result<Zeroizing<String>, ExitCode> {
     }
     let cap = usize::try_from(STDIN_CAP).unwrap_or(4096) + 1;
     let mut buf = Zeroizing::new(Vec::with_capacity(cap));
-    if let Err(e) = io::stdin().take(STDIN_CAP + 1).read_to_end(&mut buf) {
+    if let Err(e) = raw_stdin().take(STDIN_CAP + 1).read_to_end(&mut buf) {
         return Err(fail(1, format_args!("cannot read stdin: {e}")));
     }
     if buf.len() as u64 > STDIN_CAP {
@@ -178,6 +179,22 @@ fn read_key(key: Option<&str>) -> Result<Zeroizing<String>, ExitCode> {
         Ok(text) => Ok(Zeroizing::new(text.to_owned())),
         Err(_) => Err(fail(1, "key is not valid UTF-8")),
     }
+}
+
+/// Standard input without std's process-wide 8 KiB buffer, which would keep
+/// a copy of the key that nothing wipes.
+#[cfg(unix)]
+fn raw_stdin() -> Box<dyn Read> {
+    use std::os::fd::AsFd;
+    match io::stdin().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(fs::File::from(fd)),
+        Err(_) => Box::new(io::stdin()),
+    }
+}
+
+#[cfg(not(unix))]
+fn raw_stdin() -> Box<dyn Read> {
+    Box::new(io::stdin())
 }
 
 fn inspect(formats: &FormatSet, input: &str) -> ExitCode {
