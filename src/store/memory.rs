@@ -54,17 +54,29 @@ impl Inner {
     /// Forgets every record expired or revoked for longer than the
     /// retention at `now`: pops due entries off the heap, so the cost is
     /// that of the records forgotten (and a heap peek when there are none).
+    ///
+    /// `now` comes from the caller (the time a new record is stamped with);
+    /// when anything is due, the system clock bounds it, so a record stamped
+    /// ahead of the real time never makes the store forget keys still in
+    /// use. (Read only then: most inserts forget nothing.)
     fn forget_expired(&mut self, now: Timestamp) {
+        let due = |heap: &BinaryHeap<Reverse<(Timestamp, u64)>>, cutoff: Timestamp| {
+            heap.peek().is_some_and(|Reverse((at, _))| *at <= cutoff)
+        };
         let Ok(cutoff) = now.checked_sub(self.retention) else { return };
-        while self.expiries.peek().is_some_and(|Reverse((at, _))| *at <= cutoff) {
+        if !due(&self.expiries, cutoff) {
+            return;
+        }
+        let Ok(cutoff) = now.min(Timestamp::now()).checked_sub(self.retention) else { return };
+        while due(&self.expiries, cutoff) {
             let Some(Reverse((at, hash))) = self.expiries.pop() else { break };
-            let due: Vec<RecordId> = self
+            let ended: Vec<RecordId> = self
                 .by_id
                 .with_hash(hash)
                 .filter(|r| r.ended_at() == Some(at))
                 .map(|r| r.id.clone())
                 .collect();
-            for id in &due {
+            for id in &ended {
                 self.remove(id);
             }
         }
@@ -281,11 +293,9 @@ impl MemoryKeyStore {
 
     fn insert_sync(&self, record: Arc<KeyRecord>, limit: Option<ActiveLimit>) -> InsertOutcome {
         self.write(|i| {
-            // A new record is stamped with the time it is made; one stamped
-            // ahead of the system clock (an import, a caller's clock
-            // running fast) must not make the store forget keys still in
-            // use, so the earlier of the two judges.
-            i.forget_expired(record.created_at.min(Timestamp::now()));
+            // A new record is stamped with the time it is made (bounded by
+            // the system clock: an import, a caller's clock running fast).
+            i.forget_expired(record.created_at);
             // One hash of the id serves the check, the expiry heap and the
             // insert.
             let h = i.by_id.hash(&record.id);
