@@ -280,3 +280,33 @@ fn expired_sessions_do_not_accumulate() {
     // Live: 60 s of sessions plus an hour of retained tombstones, ~3,660.
     assert!(store.len() < 20_000, "{} entries", store.len());
 }
+
+#[test]
+fn sessions_stamped_ahead_of_the_clock_purge_nothing_still_in_use() {
+    use keygate::Digest;
+    use keygate::portal::Redeem;
+    let store = MemoryPortalStore::new();
+    let now = jiff::Timestamp::now();
+    let digest = |i: u64| {
+        let mut b = [7u8; 32];
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        Digest::from_bytes(b)
+    };
+    // A code redeemed now: its tombstone says "already used" for an hour
+    // past its expiry.
+    let mut used = keygate::testkit::portal::sample_session(0);
+    used.created_at = now;
+    used.expires_at = now + jiff::SignedDuration::from_mins(1);
+    assert!(store.insert_sync(digest(0), used, now));
+    assert!(matches!(store.redeem_sync(&digest(0), now), Redeem::Session(_)));
+    // Enough sessions stamped three days ahead (a fast clock) to purge
+    // every shard several times over.
+    let ahead = now + jiff::SignedDuration::from_hours(72);
+    for i in 1..4000 {
+        let mut s = keygate::testkit::portal::sample_session(0);
+        s.created_at = ahead;
+        s.expires_at = ahead + jiff::SignedDuration::from_mins(10);
+        assert!(store.insert_sync(digest(i), s, ahead));
+    }
+    assert!(matches!(store.redeem_sync(&digest(0), now), Redeem::AlreadyUsed));
+}
