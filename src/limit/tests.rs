@@ -827,6 +827,44 @@ fn extreme_clocks_do_not_panic() {
 }
 
 #[test]
+fn a_stale_clock_reading_does_not_shift_header_times() {
+    use std::collections::VecDeque;
+    use std::sync::Mutex;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    // A monotonic clock that serves queued (stale) readings first: a thread
+    // that read the clock, was descheduled while another re-anchored, and
+    // then carried on.
+    struct Stale {
+        queued: Mutex<VecDeque<u64>>,
+        now: AtomicU64,
+        base: jiff::Timestamp,
+    }
+    impl Clock for &'static Stale {
+        fn now(&self) -> jiff::Timestamp {
+            let ns = i64::try_from(self.now.load(Ordering::SeqCst)).unwrap();
+            self.base + jiff::SignedDuration::from_nanos(ns)
+        }
+        fn monotonic(&self) -> crate::clock::Nanos {
+            let queued = self.queued.lock().unwrap().pop_front();
+            crate::clock::Nanos::new(queued.unwrap_or_else(|| self.now.load(Ordering::SeqCst)))
+        }
+    }
+    let c: &'static Stale = Box::leak(Box::new(Stale {
+        queued: Mutex::new(VecDeque::new()),
+        now: AtomicU64::new(0),
+        base: "2026-01-01T00:00:00Z".parse().unwrap(),
+    }));
+    let l = MemoryLimiter::<u64, _>::with_clock(16, c);
+    let p = [Policy::per_second(NonZeroU32::new(1000).unwrap())];
+    c.now.store(2_000_000_000, Ordering::SeqCst);
+    assert_eq!(l.check(&1, &p, 1).unwrap().at(), c.now(), "anchored two seconds in");
+    // Half a second stale, read just after that anchor.
+    c.queued.lock().unwrap().push_back(1_500_000_000);
+    let _ = l.check(&1, &p, 1).unwrap();
+    assert_eq!(l.check(&1, &p, 1).unwrap().at(), c.now(), "header times unmoved");
+}
+
+#[test]
 fn a_huge_capacity_saturates() {
     assert_eq!(MemoryLimiter::<u64>::new(usize::MAX).max_keys(), usize::MAX);
 }
