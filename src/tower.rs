@@ -100,6 +100,7 @@ use std::task::{Context, Poll};
 
 use ::http::request::Parts;
 use ::http::{Extensions, HeaderMap, Request, Response};
+use smallvec::SmallVec;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -259,7 +260,8 @@ pub type TargetFn = dyn Fn(&Parts) -> Result<Target, Rejection> + Send + Sync;
 /// [`GateLayer`]'s methods.
 #[derive(Clone, Default)]
 pub struct Route {
-    required: Option<Required>,
+    /// Every scope the route requires (all of them).
+    required: SmallVec<[Required; 1]>,
     formats: Option<Arc<[Cow<'static, str>]>>,
     quota: Option<Cow<'static, str>>,
     style: Option<BodyStyle>,
@@ -272,7 +274,10 @@ pub struct Route {
 impl fmt::Debug for Route {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Route")
-            .field("required", &self.required.as_ref().map(|r| r.scope().as_str()))
+            .field(
+                "required",
+                &self.required.iter().map(|r| r.scope().as_str()).collect::<Vec<_>>(),
+            )
             .field("formats", &self.formats)
             .field("quota", &self.quota)
             .field("style", &self.style)
@@ -591,9 +596,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 with_headers(Refused::new(Refusal::Auth(e), rejection, style))
             },
         )?;
-        if let Some(required) = &route.required
-            && let Err(missing) = principal.require(required)
-        {
+        if let Some(missing) = route.required.iter().find_map(|r| principal.require(r).err()) {
             let rejection = missing.rejection();
             return Err(with_headers(Refused::new(Refusal::Scope(missing), rejection, style)));
         }
@@ -703,14 +706,15 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     }
 
     /// Requires `scope` (e.g. `applications:read`), compiled against the
-    /// authenticator's scope registry.
+    /// authenticator's scope registry. Called again, requires that scope
+    /// too: a key must hold every one.
     ///
     /// # Errors
     ///
     /// [`ScopeError`] when the registry does not know the scope.
     pub fn require(self, scope: &str) -> Result<Self, ScopeError> {
         let required = self.gate.0.auth.scope_registry().required(scope)?;
-        Ok(self.with(|r| r.required = Some(required)))
+        Ok(self.with(|r| r.required.push(required)))
     }
 
     /// Accepts only keys of these formats (by name, e.g. `["sk"]`); a valid

@@ -573,3 +573,18 @@ async fn a_nested_layer_vouches_only_for_its_own_principal_and_cookie() {
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(text(res).await, "t", "the key's own principal, not the decoy");
 }
+
+#[tokio::test]
+async fn every_required_scope_is_required() {
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .build();
+    // The key holds `events:read` only.
+    let layer = gate.layer().require("events:write").unwrap().require("events:read").unwrap();
+    let app: Router = Router::new().route("/e", get(|| async { "in" }).route_layer(layer));
+    let req = Request::get("/e").header("x-api-key", &f.key).body(Body::empty()).unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::FORBIDDEN, "both, not the last one");
+    assert!(res.headers()["www-authenticate"].to_str().unwrap().contains("events:write"));
+}
