@@ -499,7 +499,10 @@ impl<S, C> fmt::Debug for Authenticator<S, C> {
 impl<S: KeyStore> Authenticator<S> {
     /// An authenticator over `store` with the defaults: SHA-256 digests, the
     /// preset formats, default header rules and scope registry, the system
-    /// clock, no principal cache, last use written at most once a minute.
+    /// clock, no principal cache, last use written at most once a minute,
+    /// and no deployment [`environment`](Self::environment) or
+    /// [`region`](Self::region): a `test` key, or another region's, is
+    /// accepted wherever a route's target does not say otherwise.
     pub fn new(store: S) -> Self {
         Self {
             store,

@@ -230,6 +230,14 @@ pub enum ManagerError {
     /// A scope is malformed, unknown, or exceeds the parent's grants.
     #[error(transparent)]
     Scope(#[from] ScopeError),
+    /// On behalf of a caller, metadata under a prefix the library keeps
+    /// for itself (`keygate.`, as in [`ROLLED_FROM`]; `portal.`): a caller
+    /// setting `keygate.rolled_from` could block a roll of another key.
+    #[error("metadata key `{key}` is reserved")]
+    ReservedMetadata {
+        /// The key.
+        key: String,
+    },
     /// The key was already rolled and its replacement is active: roll the
     /// replacement instead (a second roll's key would stop when the first
     /// roll's grace ends).
@@ -302,6 +310,9 @@ impl ManagerError {
             }
             Self::Scope(e) => {
                 Rejection::BadRequest { field: "scopes".into(), message: e.to_string() }
+            }
+            Self::ReservedMetadata { .. } => {
+                Rejection::BadRequest { field: "metadata".into(), message: self.to_string() }
             }
             Self::LimitReached { .. } | Self::Inactive | Self::AlreadyRolled => {
                 Rejection::Conflict { message: self.to_string() }
@@ -423,7 +434,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`create`](Self::create) on behalf of `parent`: the new key gets at
     /// most the parent's scopes, only a tenant the parent reaches, the
     /// parent's environment (when it has one; the new key's default), and
-    /// expires no later than the parent.
+    /// expires no later than the parent. Its plan is whatever `new` says:
+    /// the host's entitlement decision, never a caller's input passed
+    /// through unchecked.
     ///
     /// # Errors
     ///
@@ -431,7 +444,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// more than the parent holds; [`ManagerError::TenantNotReachable`];
     /// [`ManagerError::EnvironmentNotReachable`] when asking for another
     /// environment than the parent's; [`ManagerError::RegionNotReachable`]
-    /// when the parent has a region and the key would have another or none.
+    /// when the parent has a region and the key would have another or none;
+    /// [`ManagerError::ReservedMetadata`] for metadata under
+    /// [`RESERVED_METADATA`].
     pub async fn create_for(
         &self,
         parent: &Principal,
@@ -456,6 +471,11 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
                 Some(r) if r == region => {}
                 Some(_) => return Err(ManagerError::RegionNotReachable),
             }
+        }
+        if let Some(key) =
+            new.metadata.keys().find(|k| RESERVED_METADATA.iter().any(|p| k.starts_with(p)))
+        {
+            return Err(ManagerError::ReservedMetadata { key: key.clone() });
         }
         new.not_after = earliest(new.not_after, parent.expires_at());
         let requested = self.registry.compile(&new.scopes)?;
@@ -615,8 +635,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         Ok(records)
     }
 
-    /// Revokes key `id`. It stops working at once in this process (the cache
-    /// entry is dropped) and within the cache bound everywhere else.
+    /// Revokes key `id`. It stops working at once in this process when this
+    /// manager shares the authenticator's cache ([`cache`](Self::cache):
+    /// the entry is dropped), and within the cache bound everywhere else.
     /// `Ok(false)` if it was already revoked — within the store's retention:
     /// once a revoked record is forgotten, it is `NotFound`.
     ///
@@ -791,6 +812,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
 /// Metadata key on a rolled key's replacement: the id it replaced.
 pub const ROLLED_FROM: &str = "keygate.rolled_from";
+
+/// Metadata prefixes the library keeps for itself: a caller's key may not
+/// carry them ([`KeyManager::create_for`]).
+pub const RESERVED_METADATA: &[&str] = &["keygate.", "portal."];
 
 /// Whether `scope` can grow no further than `parent`'s scopes do: a
 /// concrete scope (checked against the compiled grants elsewhere), or a

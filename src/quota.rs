@@ -178,7 +178,8 @@ impl QuotaDecision {
 /// - **Failure.** An unreachable backend is a [`BackendError`].
 pub trait QuotaStore: Send + Sync {
     /// Counts `cost` units of `category` for `account` if every rule that
-    /// counts the category has room.
+    /// counts the category has room. A denial is `Ok`, with
+    /// [`QuotaDecision::allowed`] false: `Err` is a store failure only.
     fn check_and_count(
         &self,
         account: &str,

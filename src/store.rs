@@ -187,7 +187,10 @@ fn narrower<T: PartialEq>(credential: Option<&T>, target: Option<&T>) -> bool {
     }
 }
 
-/// Everything stored about a key — never the key itself.
+/// Everything stored about a key — never the key itself. Its `Serialize`
+/// (feature `serde`, for stores) includes the digest: never send records to
+/// clients as they are; pick the fields (as the reference server's list
+/// does).
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct KeyRecord {

@@ -187,13 +187,18 @@ impl<S: KeyStore, L: LimitStore, C: Clock> Gate<S, L, MemoryQuotaStore, C> {
 }
 
 impl<S, L, Q, C> GateBuilder<S, L, Q, C> {
-    /// The plans keys may name. Replaces any set before.
+    /// The plans keys may name. Replaces any set before. A key that names
+    /// no plan, on a route that names none, gets the
+    /// [`default_plan`](Self::default_plan) — and without one, no limit at
+    /// all.
     pub fn plans(mut self, plans: PlanSet) -> Self {
         self.inner.plans = plans;
         self
     }
 
-    /// The plan of a key that names none, on routes that name none.
+    /// The plan of a key that names none, on routes that name none. A name
+    /// not in [`plans`](Self::plans) is a deployment error every request
+    /// answers (500, [`Rejection::Misconfigured`]).
     pub fn default_plan(mut self, plan: impl Into<String>) -> Self {
         self.inner.default_plan = Some(plan.into());
         self
@@ -231,7 +236,9 @@ impl<S, L, Q, C> GateBuilder<S, L, Q, C> {
 
     /// What a request gets when the limiter's store fails (default
     /// [`FailMode::Closed`]: 503). Under [`FailMode::Open`] the request
-    /// passes unlimited, with a [`FailedOpen`] in its extensions.
+    /// passes unlimited, with a [`FailedOpen`] in its extensions. A full
+    /// `MemoryLimiter` (no room to track a new key) is such a failure too:
+    /// size it for the keys a window sees, or new keys pass unlimited.
     pub fn limiter_fail_mode(mut self, mode: FailMode) -> Self {
         self.inner.limit_fail = mode;
         self
@@ -435,7 +442,11 @@ pub struct FailedOpen {
 
 impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// A layer for routes that need authentication only (plus the plan's
-    /// rate limit). Narrow it with [`GateLayer`]'s methods.
+    /// rate limit). Narrow it with [`GateLayer`]'s methods. Without
+    /// [`target`](GateLayer::target), the key's tenant is compared with
+    /// nothing: on a route whose path names a workspace or project, set a
+    /// target (or check `Principal::tenant()` in the handler), or any valid
+    /// key reaches any tenant's data.
     #[must_use]
     pub fn layer(&self) -> GateLayer<S, L, Q, C> {
         GateLayer { gate: self.clone(), route: Arc::new(Route::default()) }
@@ -733,6 +744,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     /// every admitted request, before the handler runs: a request the
     /// handler then fails, or one the client abandons, still counts. Count
     /// in the handler with [`Gate::charge`] when only completed work should.
+    /// It counts nothing without the gate's
+    /// [`quotas`](GateBuilder::quotas) store, or for a category no rule of
+    /// the plan counts (spelled otherwise, say).
     #[must_use]
     pub fn quota(self, category: impl Into<Cow<'static, str>>) -> Self {
         let category = category.into();

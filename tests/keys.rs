@@ -241,6 +241,20 @@ async fn scopes_are_checked_and_named() {
 }
 
 #[tokio::test]
+async fn create_for_refuses_metadata_the_library_keeps_for_itself() {
+    let f = fixture();
+    let parent = token(&f.manager, &f.auth, ws("ws_a"), &["*"]).await;
+    for key in [keygate::manager::ROLLED_FROM, "portal.role"] {
+        let new = NewKey::new("c", SK, ws("ws_a")).metadata(key, "key_x");
+        let err = f.manager.create_for(&parent, new).await.unwrap_err();
+        assert!(matches!(err, ManagerError::ReservedMetadata { .. }), "{err}");
+        assert_eq!(err.rejection().status(), 400);
+    }
+    let new = NewKey::new("c", SK, ws("ws_a")).metadata("team", "core");
+    assert!(f.manager.create_for(&parent, new).await.is_ok());
+}
+
+#[tokio::test]
 async fn attenuation_on_create_for() {
     let f = fixture();
     let parent_key = f

@@ -614,6 +614,9 @@ fn shard_count() -> usize {
 
 impl<K: Hash + Eq + Clone> MemoryLimiter<K> {
     /// A limiter tracking at most about `max_keys` keys, on the system clock.
+    /// A new key that finds no room is refused with [`CapacityError`] (a
+    /// store failure to a [`LimitStore`] caller: 503, or unlimited under a
+    /// fail-open gate): size it for the keys a window sees.
     #[must_use]
     pub fn new(max_keys: usize) -> Self {
         Self::with_clock(max_keys, SystemClock::new())

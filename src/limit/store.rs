@@ -47,6 +47,8 @@ pub enum CheckMode {
 /// [`MemoryLimiter`]: super::MemoryLimiter
 pub trait LimitStore: Send + Sync {
     /// Checks `cost` units for `key` against every policy in `policies`.
+    /// A denial is `Ok`, with [`Decision::is_allowed`] false: `Err` is a
+    /// store failure only.
     fn check(
         &self,
         key: &str,
@@ -56,7 +58,9 @@ pub trait LimitStore: Send + Sync {
     ) -> impl Future<Output = Result<Decision, BackendError>> + Send;
 
     /// Gives back `cost` units previously consumed for `key` (e.g. the
-    /// request failed before doing work).
+    /// request failed before doing work). Never credits beyond a fresh
+    /// state: a refund of units never consumed (a key just forgotten, a
+    /// window since passed) leaves no extra room.
     fn refund(
         &self,
         key: &str,

@@ -42,6 +42,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     longer_window(store, &format!("{prefix}:longer")).await;
     algorithm_change(store, &format!("{prefix}:algorithm")).await;
     repeated_name(store, &format!("{prefix}:repeated")).await;
+    over_refund(store, &format!("{prefix}:over")).await;
     let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
     assert!(none.is_allowed() && none.policies().is_empty(), "no policy is no limit");
     assert_eq!((none.remaining(), none.retry_after()), (u32::MAX, None));
@@ -69,6 +70,24 @@ async fn repeated_name<S: LimitStore>(store: &S, key: &str) {
             );
         }
         assert_eq!(admitted, 1, "{}: refunded once", alg.as_str());
+    }
+}
+
+/// A refund of units never consumed (a fresh key; more than was used)
+/// leaves no extra room: a host refunding on a 429 gains nothing.
+async fn over_refund<S: LimitStore>(store: &S, key: &str) {
+    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let key = format!("{key}:{}", alg.as_str());
+        let p = [policy("x", 3, alg)];
+        store.refund(&key, &p, 5).await.unwrap();
+        assert!(store.check(&key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
+        store.refund(&key, &p, 5).await.unwrap();
+        let mut admitted = 0;
+        for _ in 0..5 {
+            admitted +=
+                u32::from(store.check(&key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
+        }
+        assert_eq!(admitted, 3, "{}: never more than the limit", alg.as_str());
     }
 }
 
