@@ -22,6 +22,16 @@ pub enum BackendError {
     /// The backend did not answer within the configured timeout.
     #[error("storage backend timed out")]
     Timeout,
+    /// The store is full: it cannot take another entry without dropping
+    /// one it must keep (an in-memory limiter tracking its maximum of keys,
+    /// all still limiting). Size it up: under a fail-open gate, requests
+    /// pass unlimited meanwhile.
+    #[error("storage backend full: {source}")]
+    Full {
+        /// What is full.
+        #[source]
+        source: Box<dyn StdError + Send + Sync>,
+    },
     /// The backend answered with data that does not decode (a bug, or a
     /// record written by an incompatible version).
     #[error("storage backend returned corrupt data: {what}")]

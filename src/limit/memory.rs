@@ -1284,7 +1284,10 @@ impl<C: Clock> LimitStore for MemoryLimiter<String, C> {
         cost: u32,
         mode: CheckMode,
     ) -> impl Future<Output = Result<Decision, BackendError>> + Send {
-        ready(self.check_mode(key, policies, cost, mode).map_err(BackendError::unavailable))
+        ready(
+            self.check_mode(key, policies, cost, mode)
+                .map_err(|e| BackendError::Full { source: Box::new(e) }),
+        )
     }
 
     fn refund(

@@ -865,6 +865,31 @@ fn a_stale_clock_reading_does_not_shift_header_times() {
 }
 
 #[test]
+fn a_full_limiter_is_a_full_store_not_an_unreachable_one() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(1, c);
+    let p = [fixed(1, 3600)];
+    // Fill every shard with keys still limiting.
+    let mut full = None;
+    for i in 0..10_000 {
+        let key = format!("k{i}");
+        let mut f = std::pin::pin!(LimitStore::check(&l, &key, &p, 1, CheckMode::Consume));
+        let std::task::Poll::Ready(r) =
+            f.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop()))
+        else {
+            unreachable!("in memory")
+        };
+        if let Err(e) = r {
+            full = Some(e);
+            break;
+        }
+    }
+    let e = full.expect("a bounded limiter fills up");
+    assert!(matches!(e, crate::backend::BackendError::Full { .. }), "{e}");
+    assert!(e.to_string().contains("full"), "{e}");
+}
+
+#[test]
 fn a_huge_capacity_saturates() {
     assert_eq!(MemoryLimiter::<u64>::new(usize::MAX).max_keys(), usize::MAX);
 }
