@@ -33,10 +33,26 @@ use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
 pub struct Principal(Arc<PrincipalInner>);
 
 impl Principal {
-    /// This principal's identity (its shared state's address), for marks
-    /// that vouch for exactly this value.
-    pub(crate) fn addr(&self) -> usize {
-        Arc::as_ptr(&self.0).addr()
+    /// A handle naming exactly this value, for marks that vouch for it. It
+    /// keeps the value's allocation (not the value) alive, so no other
+    /// principal can take its address while the handle is held.
+    pub(crate) fn handle(&self) -> PrincipalHandle {
+        PrincipalHandle(Arc::downgrade(&self.0))
+    }
+
+    /// Whether `handle` names this very value.
+    pub(crate) fn is(&self, handle: &PrincipalHandle) -> bool {
+        std::ptr::eq(Arc::as_ptr(&self.0), handle.0.as_ptr())
+    }
+}
+
+/// See [`Principal::handle`].
+#[derive(Clone)]
+pub(crate) struct PrincipalHandle(std::sync::Weak<PrincipalInner>);
+
+impl fmt::Debug for PrincipalHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("PrincipalHandle")
     }
 }
 

@@ -24,9 +24,9 @@ pub enum BackendError {
     Timeout,
     /// The store is full: it cannot take another entry without dropping
     /// one it must keep (an in-memory limiter tracking its maximum of keys,
-    /// all still limiting). Size it up: under a fail-open gate, requests
-    /// pass unlimited meanwhile.
-    #[error("storage backend full: {source}")]
+    /// all still limiting; Redis at `maxmemory` with `noeviction`). Size it
+    /// up: under a fail-open gate, requests pass unlimited meanwhile.
+    #[error("storage backend full")]
     Full {
         /// What is full.
         #[source]

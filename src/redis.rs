@@ -571,6 +571,10 @@ fn map_err(e: RedisError) -> BackendError {
     if e.is_timeout() {
         return BackendError::Timeout;
     }
+    // At `maxmemory` with `noeviction`: full, not unreachable.
+    if e.code() == Some("OOM") {
+        return BackendError::Full { source: Box::new(e) };
+    }
     // A key of the wrong type under our prefix: something else wrote there.
     if e.code() == Some("WRONGTYPE") {
         return BackendError::corrupt("a key under the prefix holds the wrong type");
@@ -607,6 +611,12 @@ mod tests {
             text.contains("corrupt") && !text.contains("sha256") && !text.contains("core"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn a_server_out_of_memory_is_full_not_unreachable() {
+        let oom = server_error(b"-OOM command not allowed when used memory > 'maxmemory'.\r\n");
+        assert!(matches!(map_err(oom), BackendError::Full { .. }));
     }
 
     #[test]

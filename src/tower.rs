@@ -893,10 +893,10 @@ where
             // A cookie credential reaches only routes that take it.
             let outer = req.extensions().get::<AdmittedBy>().and_then(|m| {
                 let p = req.extensions().get::<Principal>()?;
-                m.vouches(gate.id(), p, &route).then(|| (p.clone(), *m))
+                m.vouches(gate.id(), p, &route).then(|| (p.clone(), m.plan, m.cookie))
             });
-            let outer_cookie = outer.as_ref().map(|(_, m)| m.cookie);
-            let known = outer.map(|(p, m)| (p, m.plan));
+            let outer_cookie = outer.as_ref().map(|&(_, _, cookie)| cookie);
+            let known = outer.map(|(p, plan, _)| (p, plan));
             let admitted = match gate.admit_to(&route, req.headers(), target, known).await {
                 Ok(a) => a,
                 Err(refused) => return Ok(gate.respond(refused)),
@@ -904,7 +904,7 @@ where
             let failed_open = admitted.failed_open.clone();
             let mark = AdmittedBy {
                 gate: gate.id(),
-                principal: admitted.principal.addr(),
+                principal: admitted.principal.handle(),
                 plan: admitted.plan,
                 cookie: outer_cookie.unwrap_or(admitted.cookie),
             };
@@ -965,10 +965,10 @@ static ANY: Target = Target::any();
 /// between may have swapped in), charged under which plan (its address in
 /// the gate's set; 0 for none), and from which cookie (a hash of its name;
 /// 0 for a credential header).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 struct AdmittedBy {
     gate: usize,
-    principal: usize,
+    principal: crate::auth::PrincipalHandle,
     plan: usize,
     cookie: u64,
 }
@@ -979,7 +979,7 @@ impl AdmittedBy {
     /// only where the route takes that very cookie.
     fn vouches(&self, gate: usize, principal: &Principal, route: &Route) -> bool {
         self.gate == gate
-            && self.principal == principal.addr()
+            && principal.is(&self.principal)
             && (self.cookie == 0 || route.cookie.as_deref().map(cookie_id) == Some(self.cookie))
     }
 }

@@ -326,7 +326,10 @@ impl LastUse {
     /// Only after a transient error: a batch the store refuses as such
     /// (corrupt data) would fail every later flush with it.
     pub(crate) fn restore_after(&self, error: &BackendError, batch: Vec<(RecordId, Timestamp)>) {
-        if !matches!(error, BackendError::Timeout | BackendError::Unavailable { .. }) {
+        if !matches!(
+            error,
+            BackendError::Timeout | BackendError::Unavailable { .. } | BackendError::Full { .. }
+        ) {
             return;
         }
         let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);

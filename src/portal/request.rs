@@ -96,9 +96,11 @@ pub enum RequestError {
     /// A metadata key is empty or longer than [`MAX_METADATA_KEY_LEN`].
     #[error("metadata keys must be 1 to 64 bytes long")]
     MetadataKeyLength,
-    /// A metadata key starts with `portal.`, the prefix of the keys keygate
-    /// adds itself (`portal.role` on the access token).
-    #[error("metadata keys starting with `portal.` are reserved")]
+    /// A metadata key starts with a prefix keygate keeps for itself:
+    /// `portal.` (`portal.role` on the access token) or `keygate.`
+    /// (`keygate.rolled_from`, which a session's token could otherwise
+    /// carry to block another key's roll).
+    #[error("metadata keys starting with `portal.` or `keygate.` are reserved")]
     MetadataReservedKey,
     /// A metadata value is not a string (nested objects included).
     #[error("metadata values must be strings")]
@@ -240,7 +242,7 @@ fn check_metadata_count(n: usize) -> Result<(), RequestError> {
 fn check_metadata_key(k: &str) -> Result<(), RequestError> {
     if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
         Err(RequestError::MetadataKeyLength)
-    } else if k.starts_with(RESERVED_METADATA_PREFIX) {
+    } else if crate::manager::RESERVED_METADATA.iter().any(|p| k.starts_with(p)) {
         Err(RequestError::MetadataReservedKey)
     } else {
         Ok(())
@@ -321,6 +323,10 @@ mod tests {
             (r#"{"metadata":{"":"v"}}"#.into(), RequestError::MetadataKeyLength),
             (r#"{"metadata":{"a":{"b":"c"}}}"#.into(), RequestError::MetadataValueType),
             (r#"{"metadata":{"portal.role":"admin"}}"#.into(), RequestError::MetadataReservedKey),
+            (
+                r#"{"metadata":{"keygate.rolled_from":"key_x"}}"#.into(),
+                RequestError::MetadataReservedKey,
+            ),
             (
                 format!(r#"{{"metadata":{{"a":"{}"}}}}"#, "v".repeat(513)),
                 RequestError::MetadataValueLength,

@@ -74,7 +74,7 @@ async fn repeated_name<S: LimitStore>(store: &S, key: &str) {
 }
 
 /// A refund of units never consumed (a fresh key; more than was used)
-/// leaves no extra room: a host refunding on a 429 gains nothing.
+/// leaves no extra room beyond a fresh state.
 async fn over_refund<S: LimitStore>(store: &S, key: &str) {
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{key}:{}", alg.as_str());
