@@ -252,10 +252,34 @@ impl<S, L, Q, C> GateBuilder<S, L, Q, C> {
         self
     }
 
-    /// The gate.
+    /// The gate. A [`default_plan`](Self::default_plan) that names no plan
+    /// of the set shows only when requests come (a 500 each):
+    /// [`try_build`](Self::try_build) refuses it at start-up instead.
     pub fn build(self) -> Gate<S, L, Q, C> {
         Gate(Arc::new(self.inner))
     }
+
+    /// The gate, checked: the default plan, when set, is one of the plans.
+    ///
+    /// # Errors
+    ///
+    /// [`UnknownPlan`] naming the default plan when the set lacks it.
+    pub fn try_build(self) -> Result<Gate<S, L, Q, C>, UnknownPlan> {
+        match &self.inner.default_plan {
+            Some(name) if self.inner.plans.get(name).is_none() => {
+                Err(UnknownPlan { plan: name.clone() })
+            }
+            _ => Ok(self.build()),
+        }
+    }
+}
+
+/// A plan name the gate's plans lack ([`GateBuilder::try_build`]).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("plan `{plan}` is not among the gate's plans")]
+pub struct UnknownPlan {
+    /// The name.
+    pub plan: String,
 }
 
 /// Picks the request's [`Target`] (tenant, environment, region) from its

@@ -227,6 +227,17 @@ async fn unknown_plan_is_a_deployment_error_not_a_free_pass() {
     let app: Router = Router::new().route("/", get(|| async { "in" })).route_layer(gate.layer());
     let req = Request::get("/").header("x-api-key", &f.key).body(Body::empty()).unwrap();
     let res = app.oneshot(req).await.unwrap();
+    // A misspelled default plan is caught at start-up by `try_build`.
+    let checked = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .default_plan("hobbby")
+        .try_build();
+    assert_eq!(checked.err().map(|e| e.plan), Some("hobbby".to_owned()));
+    let fine = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .default_plan("hobby")
+        .try_build();
+    assert!(fine.is_ok());
     // A deployment error: a 500, with no invitation to retry.
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
     assert!(res.headers().get("retry-after").is_none());
