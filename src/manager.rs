@@ -472,9 +472,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
                 Some(_) => return Err(ManagerError::RegionNotReachable),
             }
         }
-        if let Some(key) =
-            new.metadata.keys().find(|k| RESERVED_METADATA.iter().any(|p| k.starts_with(p)))
-        {
+        if let Some(key) = new.metadata.keys().find(|k| is_reserved_metadata(k)) {
             return Err(ManagerError::ReservedMetadata { key: key.clone() });
         }
         new.not_after = earliest(new.not_after, parent.expires_at());
@@ -815,7 +813,12 @@ pub const ROLLED_FROM: &str = "keygate.rolled_from";
 
 /// Metadata prefixes the library keeps for itself: a caller's key may not
 /// carry them ([`KeyManager::create_for`]).
-pub const RESERVED_METADATA: &[&str] = &["keygate.", "portal."];
+pub const RESERVED_METADATA: &[&str] = &["keygate.", crate::portal::RESERVED_METADATA_PREFIX];
+
+/// Whether metadata `key` is under one of [`RESERVED_METADATA`].
+pub(crate) fn is_reserved_metadata(key: &str) -> bool {
+    RESERVED_METADATA.iter().any(|p| key.starts_with(p))
+}
 
 /// Whether `scope` can grow no further than `parent`'s scopes do: a
 /// concrete scope (checked against the compiled grants elsewhere), or a

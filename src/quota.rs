@@ -220,15 +220,9 @@ impl Counter {
     /// counted — where the Redis store, which keys counters by month,
     /// counts it).
     fn of(&self, month: Month) -> Option<u64> {
-        if month > self.month {
-            Some(0)
-        } else if month == self.month {
-            Some(self.used)
-        } else if month == self.month.before() {
-            Some(self.before)
-        } else {
-            None
-        }
+        // What `slot` would find, on a copy: a newer month starts at zero.
+        let mut c = *self;
+        c.slot(month).map(|u| *u)
     }
 
     /// The count of `month` to add to, moving on to `month` if it is newer.

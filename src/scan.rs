@@ -804,7 +804,9 @@ impl Scanner {
         if end - start <= self.max_len && self.check(hay, start, end, suspects, on_key) {
             return true;
         }
-        if !suspects {
+        // A glued key starts where the run does, with a format's prefix:
+        // most runs (words of the text) have none, and need no more look.
+        if !suspects || !self.prefixes.iter().any(|p| hay[start..end].starts_with(p)) {
             return false;
         }
         let last = end.min(start + self.max_len + 1);

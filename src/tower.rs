@@ -1071,9 +1071,9 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Cre
         .iter()
         .flat_map(|v| v.as_bytes().split(|&b| b == b';'))
         .filter_map(|pair| {
-            let (n, v) =
-                pair.trim_ascii().split_at(pair.trim_ascii().iter().position(|&b| b == b'=')?);
-            let v = &v[1..];
+            let pair = pair.trim_ascii();
+            let eq = pair.iter().position(|&b| b == b'=')?;
+            let (n, v) = (&pair[..eq], &pair[eq + 1..]);
             // RFC 6265 allows a value in double quotes.
             let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
             (n == name.as_bytes()).then(|| std::str::from_utf8(v).ok()).flatten()

@@ -242,7 +242,7 @@ fn check_metadata_count(n: usize) -> Result<(), RequestError> {
 fn check_metadata_key(k: &str) -> Result<(), RequestError> {
     if k.is_empty() || k.len() > MAX_METADATA_KEY_LEN {
         Err(RequestError::MetadataKeyLength)
-    } else if crate::manager::RESERVED_METADATA.iter().any(|p| k.starts_with(p)) {
+    } else if crate::manager::is_reserved_metadata(k) {
         Err(RequestError::MetadataReservedKey)
     } else {
         Ok(())
