@@ -32,6 +32,7 @@ use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
 #[derive(Clone)]
 pub struct Principal(Arc<PrincipalInner>);
 
+#[cfg(feature = "tower")]
 impl Principal {
     /// A handle naming exactly this value, for marks that vouch for it. It
     /// keeps the value's allocation (not the value) alive, so no other
@@ -47,9 +48,11 @@ impl Principal {
 }
 
 /// See [`Principal::handle`].
+#[cfg(feature = "tower")]
 #[derive(Clone)]
 pub(crate) struct PrincipalHandle(std::sync::Weak<PrincipalInner>);
 
+#[cfg(feature = "tower")]
 impl fmt::Debug for PrincipalHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("PrincipalHandle")
@@ -770,6 +773,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// the rest of [`check_record`](Self::check_record)) for a principal
     /// authenticated earlier, against another target: a second layer of a
     /// tower gate with narrower needs.
+    #[cfg(feature = "tower")]
     pub(crate) fn recheck(&self, p: &Principal, target: &Target) -> Result<(), AuthError> {
         let r = p.record();
         let format =
