@@ -122,8 +122,9 @@ impl RecordId {
     pub fn generate_with<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<Self, R::Error> {
         let mut out = *b"key_0000000000000000";
         Alphabet::BASE62.fill(rng, &mut out[4..4 + Self::RANDOM_CHARS])?;
-        // ASCII throughout: one char per byte.
-        Ok(Self(out.iter().map(|&b| char::from(b)).collect::<String>().into()))
+        // ASCII throughout, so the lossy conversion borrows: one allocation,
+        // of the exact size.
+        Ok(Self(String::from_utf8_lossy(&out).into()))
     }
 
     /// Random base62 characters in a generated id.
