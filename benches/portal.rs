@@ -83,9 +83,12 @@ fn bench(crit: &mut Criterion) {
         });
     });
     // The one OS call a redemption makes (its token and record id are
-    // drawn from one 64-byte fetch): a floor no in-process work removes.
-    // Where the C library serves `getrandom` from the vDSO (glibc 2.41+ on
-    // Linux 6.11+), it costs tens of nanoseconds instead.
+    // drawn from one 64-byte fetch) when it goes through the system call:
+    // a floor no in-process work removes. Where the C library serves
+    // `getrandom` from the vDSO (glibc 2.41+ on Linux 6.11+), or with
+    // feature `vdso` (`cargo bench --bench portal --features vdso`), the
+    // draw skips the call; this line still measures the call, for the
+    // comparison.
     g.bench_function("os_random_64_bytes", |bench| {
         let mut buf = [0u8; 64];
         bench.iter(|| {

@@ -31,7 +31,7 @@
 //!
 //! | module | owns |
 //! |---|---|
-//! | [`secret`] | [`Secret`] wrapper and constant-time [`Digest`] — the only place plaintext lives |
+//! | [`secret`] | [`Secret`] wrapper and constant-time [`Digest`] — the only place plaintext lives; OS CSPRNG draws (feature `vdso`: through the Linux vDSO) |
 //! | [`format`](mod@format) | declarative key grammars, presets, minting and parsing from one value |
 //! | [`scan`] | streaming [`Scanner`](scan::Scanner): find and redact keys in arbitrary bytes |
 //! | [`hash`] | key → [`StoredDigest`](hash::StoredDigest): SHA-256 or HMAC-SHA256 with rotating peppers |

@@ -285,12 +285,16 @@ impl rand_core::TryRng for OsBatch {
                 let missing = dst.len() - done;
                 if missing > Self::MAX {
                     // Larger than any batch: straight from the OS.
-                    return getrandom::fill(&mut dst[done..]);
+                    return os_fill(&mut dst[done..]);
                 }
                 let want = self.fetch.max(missing);
                 // On failure the batch stays empty (pos == end): a retry
-                // fetches again rather than serve stale bytes.
-                getrandom::fill(&mut self.buf[..want])?;
+                // fetches again rather than serve stale bytes, and whatever
+                // the failed call wrote is wiped.
+                if let Err(e) = os_fill(&mut self.buf[..want]) {
+                    self.buf[..want].zeroize();
+                    return Err(e);
+                }
                 self.end = want;
                 self.pos = 0;
             }
@@ -307,9 +311,78 @@ impl rand_core::TryRng for OsBatch {
 
 impl rand_core::TryCryptoRng for OsBatch {}
 
+/// Fills `buf` from the OS CSPRNG.
+///
+/// With feature `vdso` on Linux, through the kernel's vDSO `getrandom`
+/// (Linux 6.11+): the same generator as the system call, with the same
+/// guarantees (its per-thread state lives in memory the kernel wipes on
+/// fork and reseeds on the kernel's schedule), without the call's cost.
+/// This is what glibc 2.41 and later do inside `getrandom(3)`; the feature
+/// brings it to older C libraries. Where the vDSO lacks it, or it fails,
+/// the system call serves instead.
+///
+/// The states come from `vdso-rng`'s pool, which maps its pages once per
+/// CPU-count's worth of threads. (Its 0.3.1 release reads an `mmap` failure
+/// other than `EPERM` as an address; a sandbox that refuses `mmap` with
+/// another error would crash the first draw, so leave the feature off
+/// there.)
+fn os_fill(buf: &mut [u8]) -> Result<(), getrandom::Error> {
+    #[cfg(all(feature = "vdso", target_os = "linux"))]
+    if vdso::fill(buf) {
+        return Ok(());
+    }
+    getrandom::fill(buf)
+}
+
+#[cfg(all(feature = "vdso", target_os = "linux"))]
+mod vdso {
+    use std::cell::RefCell;
+    use std::sync::LazyLock;
+
+    use vdso_rng::{LocalState, Pool};
+
+    /// The process's pool of vDSO states (`None`: the vDSO has no
+    /// `getrandom`).
+    static POOL: LazyLock<Option<Pool>> = LazyLock::new(|| Pool::new().ok());
+
+    thread_local! {
+        /// This thread's state, rented from [`POOL`] on first use and
+        /// returned when the thread ends.
+        static STATE: RefCell<Option<LocalState<'static>>> = const { RefCell::new(None) };
+    }
+
+    /// Fills `buf` through the vDSO; `false` (with `buf` wiped) when that
+    /// is not possible here and now, so the caller uses the system call.
+    pub(super) fn fill(buf: &mut [u8]) -> bool {
+        let Some(pool) = POOL.as_ref() else { return false };
+        let filled = STATE
+            .try_with(|state| {
+                let Ok(mut state) = state.try_borrow_mut() else { return false };
+                if state.is_none() {
+                    *state = LocalState::new(pool).ok();
+                }
+                state.as_mut().is_some_and(|s| s.fill(buf, 0).is_ok())
+            })
+            // The thread is ending and its state is gone.
+            .unwrap_or(false);
+        if !filled {
+            zeroize::Zeroize::zeroize(buf);
+        }
+        filled
+    }
+
+    /// Whether the vDSO serves this process.
+    #[cfg(test)]
+    pub(super) fn available() -> bool {
+        POOL.is_some()
+    }
+}
+
 impl Drop for OsBatch {
     fn drop(&mut self) {
-        self.buf.zeroize();
+        // Served bytes were wiped as they were handed out; never-fetched
+        // bytes are still zero.
+        self.buf[self.pos..self.end].zeroize();
     }
 }
 
@@ -356,6 +429,52 @@ mod tests {
         assert_eq!(windows.len(), seen.len() / 16);
         assert!(memchr::memchr_iter(0, &seen).count() < 20);
         assert!(rng.buf[..rng.pos].iter().all(|&b| b == 0), "served bytes are wiped");
+    }
+
+    #[test]
+    fn os_fill_serves_distinct_bytes_from_many_threads() {
+        // Each thread has its own generator state (with feature `vdso`, a
+        // state rented from the shared pool, which grows past the CPU
+        // count here): no two threads may be handed the same bytes.
+        let blocks: Vec<[u8; 32]> = std::thread::scope(|s| {
+            let threads: Vec<_> = (0..24)
+                .map(|_| {
+                    s.spawn(|| {
+                        (0..8)
+                            .map(|_| {
+                                let mut b = [0u8; 32];
+                                os_fill(&mut b).unwrap();
+                                b
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+        });
+        let distinct: std::collections::HashSet<_> = blocks.iter().collect();
+        assert_eq!(distinct.len(), 24 * 8);
+        assert!(blocks.iter().all(|b| memchr::memchr_iter(0, b).count() < 8));
+    }
+
+    #[cfg(all(feature = "vdso", target_os = "linux"))]
+    #[test]
+    fn vdso_serves_where_the_kernel_has_it() {
+        // Linux 6.11+ on x86-64 has `getrandom` in the vDSO. Elsewhere the
+        // system call serves, and this checks only that the fallback says so.
+        let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+        let mut parts = kernel.trim().split(['.', '-']).map(|p| p.parse::<u32>().unwrap_or(0));
+        let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+        let mut b = [0u8; 64];
+        let served = vdso::fill(&mut b);
+        assert_eq!(served, vdso::available());
+        if cfg!(target_arch = "x86_64") && (major, minor) >= (6, 11) {
+            assert!(served, "kernel {kernel} has vDSO getrandom");
+            assert!(memchr::memchr_iter(0, &b).count() < 8);
+        }
+        if !served {
+            assert_eq!(b, [0; 64], "a refused fill leaves nothing behind");
+        }
     }
 
     #[test]
