@@ -159,7 +159,8 @@ pub enum MintError {
     /// A region was requested for a format without a region segment.
     #[error("this format has no region segment")]
     Region,
-    /// The random number generator failed.
+    /// The random number generator failed, or yields only bytes the
+    /// alphabet rejects (a generator stuck on one value).
     #[error("random number generator failed")]
     Rng,
 }

@@ -15,7 +15,7 @@ use rand_core::TryCryptoRng;
 pub use memory::MemoryKeyStore;
 
 use crate::backend::BackendError;
-use crate::format::{Alphabet, Environment, KeyId, Region};
+use crate::format::{Alphabet, Environment, KeyId, MintError, Region};
 use crate::hash::StoredDigest;
 use crate::scope::Scope;
 use crate::secret::OsBatch;
@@ -118,10 +118,13 @@ impl RecordId {
     ///
     /// # Errors
     ///
-    /// `rng`'s error.
-    pub fn generate_with<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<Self, R::Error> {
+    /// [`MintError::Rng`] if `rng` fails, or yields only bytes base62
+    /// rejects (a generator stuck on one value).
+    pub fn generate_with<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<Self, MintError> {
         let mut out = *b"key_0000000000000000";
-        Alphabet::BASE62.fill(rng, &mut out[4..4 + Self::RANDOM_CHARS])?;
+        Alphabet::BASE62
+            .fill(rng, &mut out[4..4 + Self::RANDOM_CHARS])
+            .map_err(|_| MintError::Rng)?;
         // ASCII throughout, so the lossy conversion borrows: one allocation,
         // of the exact size.
         Ok(Self(String::from_utf8_lossy(&out).into()))

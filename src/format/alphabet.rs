@@ -160,19 +160,26 @@ impl Alphabet {
     /// Asks `rng` for exactly the characters still missing each time, so a
     /// batch of OS bytes ([`OsBatch`](crate::secret::OsBatch)) sized with
     /// [`bytes_for`](Self::bytes_for) serves a whole operation.
+    ///
+    /// Bounded: a generator whose draws are all rejected
+    /// [`STUCK_ROUNDS`](Self::STUCK_ROUNDS) times in a row (one stuck on a
+    /// rejected value, a test double filling with `0xff`) is
+    /// [`FillError::Stuck`], not an endless loop.
     pub(crate) fn fill<R: TryCryptoRng + ?Sized>(
         &self,
         rng: &mut R,
         out: &mut [u8],
-    ) -> Result<(), R::Error> {
+    ) -> Result<(), FillError<R::Error>> {
         // The raw bytes map one to one onto secret characters: wiped on
         // every exit, the error path included, and not as a dead store the
         // compiler may drop.
         let mut pool = zeroize::Zeroizing::new([0u8; 64]);
         let mut i = 0;
+        let mut idle = 0;
         while i < out.len() {
             let want = (out.len() - i).min(pool.len());
-            rng.try_fill_bytes(&mut pool[..want])?;
+            rng.try_fill_bytes(&mut pool[..want]).map_err(FillError::Rng)?;
+            let before = i;
             for &b in &pool[..want] {
                 let c = self.sample[usize::from(b)];
                 if c != NONE {
@@ -180,9 +187,28 @@ impl Alphabet {
                     i += 1;
                 }
             }
+            idle = if i == before { idle + 1 } else { 0 };
+            if idle == Self::STUCK_ROUNDS {
+                return Err(FillError::Stuck);
+            }
         }
         Ok(())
     }
+
+    /// Draws in a row that [`fill`](Self::fill) accepts yielding nothing.
+    /// A fair generator's draw is all rejected at most about 19 % of the
+    /// time (for the worst alphabet size), so 64 in a row happen with
+    /// probability under 10⁻⁴⁵.
+    pub(crate) const STUCK_ROUNDS: u32 = 64;
+}
+
+/// Why [`Alphabet::fill`] drew no characters.
+#[derive(Debug)]
+pub(crate) enum FillError<E> {
+    /// The generator failed.
+    Rng(E),
+    /// The generator yields only bytes the alphabet rejects.
+    Stuck,
 }
 
 impl fmt::Debug for Alphabet {
@@ -228,6 +254,43 @@ mod tests {
         // 30 accepted bytes, and one rejection per three accepted: exactly
         // 39 or 40 bytes drawn, none wasted beyond the last request.
         assert!((39..=40).contains(&rng.0), "{}", rng.0);
+    }
+
+    #[test]
+    fn a_generator_stuck_on_rejected_bytes_is_an_error_not_a_hang() {
+        // Fills with 0xff, which base62 rejects, and counts its draws.
+        struct Stuck(u32);
+        impl rand_core::TryRng for Stuck {
+            type Error = std::convert::Infallible;
+            fn try_next_u32(&mut self) -> Result<u32, Self::Error> {
+                Ok(u32::MAX)
+            }
+            fn try_next_u64(&mut self) -> Result<u64, Self::Error> {
+                Ok(u64::MAX)
+            }
+            fn try_fill_bytes(&mut self, dst: &mut [u8]) -> Result<(), Self::Error> {
+                self.0 += 1;
+                dst.fill(0xff);
+                Ok(())
+            }
+        }
+        impl rand_core::TryCryptoRng for Stuck {}
+        let mut rng = Stuck(0);
+        let mut out = [0u8; 16];
+        assert!(matches!(Alphabet::BASE62.fill(&mut rng, &mut out), Err(FillError::Stuck)));
+        assert_eq!(rng.0, Alphabet::STUCK_ROUNDS);
+        // Every caller turns it into its error.
+        assert_eq!(
+            crate::store::RecordId::generate_with(&mut Stuck(0)),
+            Err(crate::format::MintError::Rng)
+        );
+        assert_eq!(
+            crate::portal::CODE.mint_with_rng(crate::format::MintSpec::new(), &mut Stuck(0)).err(),
+            Some(crate::format::MintError::Rng)
+        );
+        // Hex takes every byte: the same generator serves it.
+        Alphabet::LOWER_HEX.fill(&mut Stuck(0), &mut out).unwrap();
+        assert_eq!(&out, b"ffffffffffffffff");
     }
 
     #[test]
