@@ -306,6 +306,16 @@ for i = 1, n do
       if wait < 1 then wait = 1 end
       st.remaining = limit - count; st.reset = wait; st.retry = wait
     end
+    -- Not committed (denied, here or by a sibling): the log's entries may
+    -- have been written under a shorter period, whose expiry would forget
+    -- them while this period still counts them. Kept until the newest
+    -- leaves this window.
+    if count > 0 and not st.convert then
+      local r = tonumber(log[len]) + p - now_us
+      st.convert = function()
+        redis.call('PEXPIRE', KEYS[i], ms_ceil(r * 1000))
+      end
+    end
   end
   if st.impossible then any_impossible = true end
   if not st.allowed then all_allowed = false end

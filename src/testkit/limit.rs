@@ -40,6 +40,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     period_change(store, &format!("{prefix}:period")).await;
     shorter_span(store, &format!("{prefix}:shorter")).await;
     longer_window(store, &format!("{prefix}:longer")).await;
+    longer_window_denied(store, &format!("{prefix}:longer-denied")).await;
     algorithm_change(store, &format!("{prefix}:algorithm")).await;
     repeated_name(store, &format!("{prefix}:repeated")).await;
     over_refund(store, &format!("{prefix}:over")).await;
@@ -188,6 +189,37 @@ async fn longer_window<S: LimitStore>(store: &S, key: &str) {
     std::thread::sleep(Duration::from_millis(60));
     let d = store.check(key, &hourly, 1, CheckMode::Consume).await.unwrap();
     assert!(!d.is_allowed(), "the short window's units count in the hour: {d:?}");
+}
+
+/// A plan change to a longer window under one name whose first check is a
+/// denial (the units the short window counted already fill the long one):
+/// the state outlives the short window, although the denial consumed
+/// nothing, so the long window still denies once the short one is over.
+async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
+    for alg in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let key = format!("{key}:{}", alg.as_str());
+        let short =
+            [Policy::new("default", 2, Duration::from_millis(50), alg).expect("valid policy")];
+        let hourly = [policy("default", 2, alg)];
+        // Both units in one short window (as in `longer_window`).
+        let d = store.check(&key, &short, 1, CheckMode::Peek).await.unwrap();
+        let left = d.binding().reset_after;
+        if alg == Algorithm::FixedWindow && left < Duration::from_millis(30) {
+            std::thread::sleep(left + Duration::from_millis(2));
+        }
+        for _ in 0..2 {
+            assert!(store.check(&key, &short, 1, CheckMode::Consume).await.unwrap().is_allowed());
+        }
+        let d = store.check(&key, &hourly, 1, CheckMode::Consume).await.unwrap();
+        assert!(!d.is_allowed(), "{}: the two count in the hour: {d:?}", alg.as_str());
+        std::thread::sleep(Duration::from_millis(80));
+        let d = store.check(&key, &hourly, 1, CheckMode::Consume).await.unwrap();
+        assert!(
+            !d.is_allowed(),
+            "{}: still counted after the short window ended: {d:?}",
+            alg.as_str()
+        );
+    }
 }
 
 async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
