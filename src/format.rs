@@ -13,6 +13,7 @@ use std::str::FromStr;
 use rand_core::TryCryptoRng;
 
 pub use alphabet::Alphabet;
+pub(crate) use alphabet::FillError;
 pub use parts::{Environment, KeyId, PartError, Region};
 pub use presets::{NH, NHK, NHM, NK, SK};
 

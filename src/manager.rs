@@ -560,7 +560,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             None => None,
         };
         let expires_at = earliest(expires_at, new.not_after);
-        let id = RecordId::generate_with(&mut rng).map_err(BackendError::unavailable)?;
+        let id = RecordId::generate_os(&mut rng)?;
         drop(rng);
         let record = Arc::new(KeyRecord {
             id,

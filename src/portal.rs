@@ -379,7 +379,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let token = ACCESS_TOKEN
             .mint_with_rng(MintSpec::new(), &mut rng)
             .map_err(|_| PortalError::Collision)?;
-        let id = RecordId::generate_with(&mut rng).map_err(BackendError::unavailable)?;
+        let id = RecordId::generate_os(&mut rng)?;
         drop(rng);
         let now = self.clock.now();
         let mut outcome = self.sessions.redeem(&digest, now).await?;

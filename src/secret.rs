@@ -223,14 +223,16 @@ pub(crate) type DigestBuildHasher = std::hash::BuildHasherDefault<DigestHasher>;
 pub struct DigestParseError;
 
 /// Bytes from the OS CSPRNG for one operation (a key and its record id, say),
-/// fetched with one system call instead of one per value: a stack buffer
-/// filled on first use, refilled when spent, each byte wiped as it is handed
-/// out and the rest on drop.
+/// fetched with one draw ([`os_fill`]: a system call, or the vDSO with
+/// feature `vdso`) instead of one per value: a stack buffer filled on first
+/// use, refilled when spent, each byte wiped as it is handed out and the
+/// rest on drop.
 ///
 /// The fetch size is the operation's need (`Alphabet::bytes_for`): the
-/// kernel's cost grows with the bytes asked for (on Linux 6.x, about 235 ns
-/// up to 32 bytes, 315 ns up to 64, 450 ns for 128), so a batch asks for
-/// what the operation will use, not a fixed large block.
+/// kernel's cost grows with the bytes asked for (measured on Linux 6.18:
+/// the system call about 220 ns up to 32 bytes, 300 ns up to 64, 410 ns
+/// for 128; the vDSO about 2 ns a byte), so a batch asks for what the
+/// operation will use, not a fixed large block.
 ///
 /// It lives only as long as the operation: never in a static or a
 /// thread-local, so no two operations, and no forked child process, can be
@@ -313,37 +315,55 @@ impl rand_core::TryCryptoRng for OsBatch {}
 
 /// Fills `buf` from the OS CSPRNG.
 ///
-/// With feature `vdso` on Linux, through the kernel's vDSO `getrandom`
-/// (Linux 6.11+): the same generator as the system call, with the same
-/// guarantees (its per-thread state lives in memory the kernel wipes on
-/// fork and reseeds on the kernel's schedule), without the call's cost.
-/// This is what glibc 2.41 and later do inside `getrandom(3)`; the feature
-/// brings it to older C libraries. Where the vDSO lacks it, or it fails,
-/// the system call serves instead.
+/// With feature `vdso` on x86-64 (Linux 6.11+) and aarch64 (6.12+) Linux,
+/// through the kernel's vDSO `getrandom`: the kernel's generator, reseeded
+/// on its schedule, with per-thread state in pages the kernel wipes on
+/// fork, without the system call's cost. glibc 2.41 and later do this
+/// inside `getrandom(3)`; the feature brings it to older C libraries.
+/// Where the vDSO lacks it, or it fails once, the system call serves
+/// instead (for the rest of the process, after a failure).
 ///
-/// The states come from `vdso-rng`'s pool, which maps its pages once per
-/// CPU-count's worth of threads. (Its 0.3.1 release reads an `mmap` failure
-/// other than `EPERM` as an address; a sandbox that refuses `mmap` with
-/// another error would crash the first draw, so leave the feature off
-/// there.)
+/// The states come from `vdso-rng`'s pool, whose limits are the feature's
+/// (documented in the README):
+/// - its 0.3.1 release reads an `mmap` failure other than `EPERM` (an
+///   address-space limit's `ENOMEM`) as an address, so a pool that must
+///   grow under such a limit crashes the process instead of failing;
+/// - in the child of a `fork` from a multithreaded process, a thread
+///   without a state yet takes the pool's lock, which another thread of
+///   the parent may have held: as POSIX has it, such a child should only
+///   `exec`.
 fn os_fill(buf: &mut [u8]) -> Result<(), getrandom::Error> {
-    #[cfg(all(feature = "vdso", target_os = "linux"))]
+    #[cfg(all(
+        feature = "vdso",
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
     if vdso::fill(buf) {
         return Ok(());
     }
     getrandom::fill(buf)
 }
 
-#[cfg(all(feature = "vdso", target_os = "linux"))]
+#[cfg(all(
+    feature = "vdso",
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 mod vdso {
     use std::cell::RefCell;
     use std::sync::LazyLock;
+    use std::sync::atomic::{AtomicBool, Ordering};
 
     use vdso_rng::{LocalState, Pool};
 
     /// The process's pool of vDSO states (`None`: the vDSO has no
     /// `getrandom`).
     static POOL: LazyLock<Option<Pool>> = LazyLock::new(|| Pool::new().ok());
+
+    /// Set when renting a state or a draw failed: from then on the system
+    /// call serves, rather than every draw paying for a failing attempt
+    /// first.
+    static GAVE_UP: AtomicBool = AtomicBool::new(false);
 
     thread_local! {
         /// This thread's state, rented from [`POOL`] on first use and
@@ -354,14 +374,22 @@ mod vdso {
     /// Fills `buf` through the vDSO; `false` (with `buf` wiped) when that
     /// is not possible here and now, so the caller uses the system call.
     pub(super) fn fill(buf: &mut [u8]) -> bool {
+        if GAVE_UP.load(Ordering::Relaxed) {
+            return false;
+        }
         let Some(pool) = POOL.as_ref() else { return false };
         let filled = STATE
             .try_with(|state| {
+                // Busy only if re-entered (a signal handler): not a failure.
                 let Ok(mut state) = state.try_borrow_mut() else { return false };
                 if state.is_none() {
                     *state = LocalState::new(pool).ok();
                 }
-                state.as_mut().is_some_and(|s| s.fill(buf, 0).is_ok())
+                let filled = state.as_mut().is_some_and(|s| s.fill(buf, 0).is_ok());
+                if !filled {
+                    GAVE_UP.store(true, Ordering::Relaxed);
+                }
+                filled
             })
             // The thread is ending and its state is gone.
             .unwrap_or(false);
@@ -374,7 +402,7 @@ mod vdso {
     /// Whether the vDSO serves this process.
     #[cfg(test)]
     pub(super) fn available() -> bool {
-        POOL.is_some()
+        POOL.is_some() && !GAVE_UP.load(Ordering::Relaxed)
     }
 }
 
@@ -434,14 +462,21 @@ mod tests {
     #[test]
     fn os_fill_serves_distinct_bytes_from_many_threads() {
         // Each thread has its own generator state (with feature `vdso`, a
-        // state rented from the shared pool, which grows past the CPU
-        // count here): no two threads may be handed the same bytes.
+        // state rented from the shared pool). All 64 hold theirs at once
+        // (the barrier), more than one block of the pool has for a machine
+        // with few CPUs (a page of about 28 states), so the pool grows.
+        // No two threads may be handed the same bytes.
+        const THREADS: usize = 64;
+        let barrier = std::sync::Barrier::new(THREADS);
         let blocks: Vec<[u8; 32]> = std::thread::scope(|s| {
-            let threads: Vec<_> = (0..24)
+            let threads: Vec<_> = (0..THREADS)
                 .map(|_| {
                     s.spawn(|| {
                         (0..8)
-                            .map(|_| {
+                            .map(|i| {
+                                if i == 1 {
+                                    barrier.wait();
+                                }
                                 let mut b = [0u8; 32];
                                 os_fill(&mut b).unwrap();
                                 b
@@ -453,11 +488,15 @@ mod tests {
             threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
         });
         let distinct: std::collections::HashSet<_> = blocks.iter().collect();
-        assert_eq!(distinct.len(), 24 * 8);
+        assert_eq!(distinct.len(), THREADS * 8);
         assert!(blocks.iter().all(|b| memchr::memchr_iter(0, b).count() < 8));
     }
 
-    #[cfg(all(feature = "vdso", target_os = "linux"))]
+    #[cfg(all(
+        feature = "vdso",
+        target_os = "linux",
+        any(target_arch = "x86_64", target_arch = "aarch64")
+    ))]
     #[test]
     fn vdso_serves_where_the_kernel_has_it() {
         // Linux 6.11+ on x86-64 has `getrandom` in the vDSO. Elsewhere the

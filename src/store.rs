@@ -15,7 +15,7 @@ use rand_core::TryCryptoRng;
 pub use memory::MemoryKeyStore;
 
 use crate::backend::BackendError;
-use crate::format::{Alphabet, Environment, KeyId, MintError, Region};
+use crate::format::{Alphabet, Environment, FillError, KeyId, MintError, Region};
 use crate::hash::StoredDigest;
 use crate::scope::Scope;
 use crate::secret::OsBatch;
@@ -110,8 +110,16 @@ impl RecordId {
     ///
     /// [`BackendError::Unavailable`] if the OS generator fails.
     pub fn generate() -> Result<Self, BackendError> {
-        Self::generate_with(&mut OsBatch::new(Self::RANDOM_BYTES))
-            .map_err(BackendError::unavailable)
+        Self::generate_os(&mut OsBatch::new(Self::RANDOM_BYTES))
+    }
+
+    /// [`generate`](Self::generate) from a batch an operation shares (a
+    /// key and its id): the OS error, if any, is the one reported.
+    pub(crate) fn generate_os(rng: &mut OsBatch) -> Result<Self, BackendError> {
+        Self::draw(rng).map_err(|e| match e {
+            FillError::Rng(e) => BackendError::unavailable(e),
+            FillError::Stuck => BackendError::unavailable(MintError::Rng),
+        })
     }
 
     /// [`generate`](Self::generate) drawing from `rng`.
@@ -121,13 +129,14 @@ impl RecordId {
     /// [`MintError::Rng`] if `rng` fails, or yields only bytes base62
     /// rejects (a generator stuck on one value).
     pub fn generate_with<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<Self, MintError> {
+        Self::draw(rng).map_err(|_| MintError::Rng)
+    }
+
+    fn draw<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<Self, FillError<R::Error>> {
         let mut out = *b"key_0000000000000000";
-        Alphabet::BASE62
-            .fill(rng, &mut out[4..4 + Self::RANDOM_CHARS])
-            .map_err(|_| MintError::Rng)?;
-        // ASCII throughout, so the lossy conversion borrows: one allocation,
-        // of the exact size.
-        Ok(Self(String::from_utf8_lossy(&out).into()))
+        Alphabet::BASE62.fill(rng, &mut out[4..4 + Self::RANDOM_CHARS])?;
+        // ASCII throughout: one char per byte.
+        Ok(Self(out.iter().map(|&b| char::from(b)).collect::<String>().into()))
     }
 
     /// Random base62 characters in a generated id.

@@ -196,15 +196,18 @@ async fn longer_window<S: LimitStore>(store: &S, key: &str) {
 /// the state outlives the short window, although the denial consumed
 /// nothing, so the long window still denies once the short one is over.
 async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
+    // A short window long enough that the three checks below fit in it on
+    // a loaded machine.
+    let span = Duration::from_millis(300);
     for alg in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{key}:{}", alg.as_str());
-        let short =
-            [Policy::new("default", 2, Duration::from_millis(50), alg).expect("valid policy")];
+        let short = [Policy::new("default", 2, span, alg).expect("valid policy")];
         let hourly = [policy("default", 2, alg)];
-        // Both units in one short window (as in `longer_window`).
+        // Fixed windows: start at a window's beginning (as in
+        // `longer_window`), so all three land in one.
         let d = store.check(&key, &short, 1, CheckMode::Peek).await.unwrap();
         let left = d.binding().reset_after;
-        if alg == Algorithm::FixedWindow && left < Duration::from_millis(30) {
+        if alg == Algorithm::FixedWindow && left < Duration::from_millis(200) {
             std::thread::sleep(left + Duration::from_millis(2));
         }
         for _ in 0..2 {
@@ -212,7 +215,7 @@ async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
         }
         let d = store.check(&key, &hourly, 1, CheckMode::Consume).await.unwrap();
         assert!(!d.is_allowed(), "{}: the two count in the hour: {d:?}", alg.as_str());
-        std::thread::sleep(Duration::from_millis(80));
+        std::thread::sleep(span + Duration::from_millis(50));
         let d = store.check(&key, &hourly, 1, CheckMode::Consume).await.unwrap();
         assert!(
             !d.is_allowed(),
