@@ -294,17 +294,26 @@ fn plans_from_json() {
 #[test]
 fn presets_match_the_seeds() {
     let s = PlanSet::presets();
-    for (name, limit, secs) in [
-        ("hobby", 3, 1),
-        ("starter", 5, 1),
-        ("pro", 10, 1),
-        ("enterprise", 100, 1),
-        ("free", 5, 60),
-        ("indie", 50, 60),
-        ("startup", 200, 60),
+    // The seeds: "per-second window" for the ingestion tiers, "1-minute
+    // rolling window" for the notification tiers.
+    let (fixed, rolling) = (Algorithm::FixedWindow, Algorithm::SlidingWindow);
+    for (name, limit, secs, alg) in [
+        ("hobby", 3, 1, fixed),
+        ("starter", 5, 1, fixed),
+        ("pro", 10, 1, fixed),
+        ("enterprise", 100, 1, fixed),
+        ("free", 5, 60, rolling),
+        ("indie", 50, 60, rolling),
+        ("startup", 200, 60, rolling),
     ] {
-        let p = &s.get(name).unwrap().rate()[0];
-        assert_eq!((p.limit(), p.period()), (limit, Duration::from_secs(secs)), "{name}");
+        let rate = s.get(name).unwrap().rate();
+        assert_eq!(rate.len(), 1, "{name}");
+        let p = &rate[0];
+        assert_eq!(
+            (p.limit(), p.period(), p.algorithm()),
+            (limit, Duration::from_secs(secs), alg),
+            "{name}"
+        );
     }
     assert_eq!(s.get("free").unwrap().monthly()[0].counts, ["email", "webhook"]);
     assert_eq!(s.get("indie").unwrap().monthly()[0].limit, 4000);

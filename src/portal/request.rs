@@ -291,6 +291,64 @@ mod tests {
     }
 
     #[test]
+    fn every_limit_is_inclusive() {
+        // The last value each rule admits, and the first it refuses.
+        let keys =
+            |n: usize| (0..n).map(|i| format!("\"k{i}\":\"v\"")).collect::<Vec<_>>().join(",");
+        let admitted = [
+            r#"{"expiresInMinutes":1}"#.to_owned(),
+            r#"{"expiresInMinutes":60}"#.to_owned(),
+            r#"{"expiresInMinutes":1.0}"#.to_owned(),
+            format!(r#"{{"metadata":{{{}}}}}"#, keys(MAX_METADATA_KEYS)),
+            format!(r#"{{"metadata":{{"{}":"v"}}}}"#, "k".repeat(MAX_METADATA_KEY_LEN)),
+            format!(r#"{{"metadata":{{"a":"{}"}}}}"#, "v".repeat(MAX_METADATA_VALUE_LEN)),
+        ];
+        for body in &admitted {
+            let r = SessionRequest::from_json(body.as_bytes());
+            assert!(r.as_ref().is_ok_and(|r| r.validate().is_ok()), "{body}: {r:?}");
+        }
+        assert_eq!(
+            SessionRequest::from_json(br#"{"expiresInMinutes":1}"#).map(|r| r.expires_in_minutes),
+            Ok(MIN_EXPIRES_IN_MINUTES)
+        );
+        let refused = [
+            (r#"{"expiresInMinutes":0}"#.to_owned(), RequestError::ExpiresRange),
+            (r#"{"expiresInMinutes":61}"#.to_owned(), RequestError::ExpiresRange),
+            (
+                format!(r#"{{"metadata":{{{}}}}}"#, keys(MAX_METADATA_KEYS + 1)),
+                RequestError::MetadataTooManyKeys,
+            ),
+            (
+                format!(r#"{{"metadata":{{"{}":"v"}}}}"#, "k".repeat(MAX_METADATA_KEY_LEN + 1)),
+                RequestError::MetadataKeyLength,
+            ),
+            (
+                format!(r#"{{"metadata":{{"a":"{}"}}}}"#, "v".repeat(MAX_METADATA_VALUE_LEN + 1)),
+                RequestError::MetadataValueLength,
+            ),
+        ];
+        for (body, want) in refused {
+            assert_eq!(SessionRequest::from_json(body.as_bytes()), Err(want), "{body}");
+        }
+        // A request built in code meets the same edges.
+        let built = |minutes, n: usize, key: usize, value: usize| SessionRequest {
+            expires_in_minutes: minutes,
+            metadata: (0..n).map(|i| (format!("{i:0>key$}"), "v".repeat(value))).collect(),
+            ..Default::default()
+        };
+        assert_eq!(
+            built(1, MAX_METADATA_KEYS, MAX_METADATA_KEY_LEN, MAX_METADATA_VALUE_LEN).validate(),
+            Ok(())
+        );
+        assert_eq!(built(60, 1, 1, 0).validate(), Ok(()));
+        assert_eq!(built(61, 1, 1, 0).validate(), Err(RequestError::ExpiresRange));
+        assert_eq!(
+            built(60, 1, MAX_METADATA_KEY_LEN + 1, 0).validate(),
+            Err(RequestError::MetadataKeyLength)
+        );
+    }
+
+    #[test]
     fn every_rule_has_its_error() {
         let eleven: String =
             (0..11).map(|i| format!("\"k{i}\":\"v\"")).collect::<Vec<_>>().join(",");
