@@ -183,10 +183,8 @@ async fn create_key_bad_bodies_name_the_field() {
         (json!({"name": "x", "format": "nhk", "plan": "platinum"}), "plan"),
         (json!({"name": "x", "format": "sk", "environment": "prod"}), "environment"),
         (json!({"name": "x", "format": "sk", "region": "eu"}), "region"),
-        (
-            json!({"name": "x", "format": "nhk", "region": "eu", "environment": "test"}),
-            "environment",
-        ),
+        (json!({"name": "x", "format": "nhk", "environment": "has space"}), "environment"),
+        (json!({"name": "x", "format": "nk", "environment": "staging"}), "environment"),
         (json!({"name": "x", "format": "nh", "region": "eu"}), "region"),
         (json!({"name": "x", "format": "sk", "scopes": "applications:read"}), "scopes"),
         (json!({"name": "x", "format": "sk", "scopes": ["nonsense:read"]}), "scopes"),
@@ -391,6 +389,15 @@ async fn ingest_per_second_plan_limits() {
         assert_eq!(denied.header("retry-after"), Some(retry.to_string().as_str()));
         assert_eq!(denied.header("x-ratelimit-remaining"), Some("0"));
     }
+    // An ingestion key of an environment (seed 000: a `staging` key's
+    // events go to staging endpoints only): its text has no environment
+    // segment, its record has it, and the route answers with it.
+    let (_, staging) =
+        s.key(json!({"name": "ingest", "format": "nhk", "environment": "staging"})).await;
+    assert!(staging.starts_with("nhk_us_"), "{staging}");
+    let r = s.bearer(Method::POST, "/api/ingest/ev", &staging, None).await;
+    assert_eq!(r.status, StatusCode::ACCEPTED);
+    assert_eq!(r.body, json!({"accepted": true, "environment": "staging"}));
     // Another format's valid key is not an ingestion key.
     let (_, sk) = s.key(json!({"name": "app", "format": "sk"})).await;
     assert_eq!(

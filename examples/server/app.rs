@@ -19,7 +19,7 @@ use axum::{Extension, Router};
 use jiff::Timestamp;
 use keygate::auth::{Authenticator, Principal, PrincipalCache, Target};
 use keygate::clock::Clock;
-use keygate::format::{NH, NHK, NK, SK, Segment};
+use keygate::format::{Environment, NH, NHK, NK, SK, Segment};
 use keygate::http::{BodyStyle, Rejection, timestamp_millis};
 use keygate::limit::{LimitStore, PlanSet};
 use keygate::manager::{CreatedKey, KeyManager, NewKey, TokenExpiry};
@@ -306,7 +306,7 @@ fn with_load_twin(router: Router) -> Router {
     router.route("/load/ingest/{endpoint}", post(ingest_event)).route(
         "/load/ingest-with-headers/{endpoint}",
         post(|| async {
-            let mut r = ingest_event().await;
+            let mut r = ingest_event(None).await;
             let h = r.headers_mut();
             h.insert("x-ratelimit-limit", HeaderValue::from_static("1000000000"));
             h.insert("x-ratelimit-remaining", HeaderValue::from_static("999999999"));
@@ -430,14 +430,21 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
     let project: ProjectId =
         project.parse().map_err(|e| bad("project", format!("project is invalid: {e}")))?;
     let mut new = NewKey::new(name, format, Tenant::workspace(ws).with_project(project));
-    // Only where the key's text carries it: an `nhk` key has no
-    // environment to show, an `sk` key no region.
+    // A region only where the key's text carries it (an `sk` key has none).
+    // An environment either way: `sk_test_…` and `nk_live_…` show theirs
+    // (one of the format's), while an ingestion key's (`nhk`, a `staging`
+    // key, say) is kept on its record, and its events are the
+    // environment's (the ingestion route answers with it).
     let segment = format.segment();
     if let Some(env) = opt_str(&obj, "environment")? {
-        if !matches!(segment, Segment::Environments(_)) {
-            return Err(bad("environment", format!("{} keys have no environment", format.name())));
+        let env: Environment = env.parse().map_err(|e| bad("environment", format!("{e}")))?;
+        if let Segment::Environments(envs) = segment
+            && !envs.contains(&env)
+        {
+            let names: Vec<&str> = envs.iter().map(Environment::as_str).collect();
+            let message = format!("{} keys are one of: {}", format.name(), names.join(", "));
+            return Err(bad("environment", message));
         }
-        let env = env.parse().map_err(|e| bad("environment", format!("{e}")))?;
         new = new.environment(env);
     }
     if let Some(region) = opt_str(&obj, "region")? {
@@ -654,10 +661,21 @@ async fn create_portal<B: Backend>(
 
 // ---- product APIs -----------------------------------------------------------
 
-async fn ingest_event() -> Response {
-    // A constant body: the hot path of an ingestion API.
-    (StatusCode::ACCEPTED, [(header::CONTENT_TYPE, "application/json")], r#"{"accepted":true}"#)
-        .into_response()
+async fn ingest_event(caller: Option<Extension<Principal>>) -> Response {
+    // The hot path of an ingestion API: a constant body, unless the key
+    // belongs to an environment, whose endpoints alone get the events.
+    let environment = caller.as_ref().and_then(|c| c.environment());
+    match environment {
+        None => (
+            StatusCode::ACCEPTED,
+            [(header::CONTENT_TYPE, "application/json")],
+            r#"{"accepted":true}"#,
+        )
+            .into_response(),
+        Some(env) => {
+            json(StatusCode::ACCEPTED, json!({"accepted": true, "environment": env.as_str()}))
+        }
+    }
 }
 
 async fn create_webhook<B: Backend>(State(app): AppState<B>) -> Response {
