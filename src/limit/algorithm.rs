@@ -337,6 +337,13 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
 
 /// Gives back `cost` units to `slot` (a refunded request).
 pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32) {
+    // Read as a check reads it: another policy's state (a plan change that
+    // kept the name) is carried into this policy's terms first, so the
+    // units it holds count here for this policy's window, not only until
+    // the old one's end.
+    if is_foreign(policy, slot, now) {
+        *slot = convert(policy, slot, now);
+    }
     match slot {
         Slot::Tat(tat) => {
             let back = policy.emission_interval_nanos().saturating_mul(u64::from(cost));
@@ -477,6 +484,19 @@ mod tests {
             }
             assert_eq!(admitted, 2, "{alg:?}");
         }
+    }
+
+    #[test]
+    fn refund_reads_another_windows_state_as_a_check_does() {
+        // Three used in a 50 ms window, then the plan's window is an hour
+        // (the same name): a refund counts them in the hour, less one, so
+        // they outlive the short window's end.
+        let hour = Policy::new("d", 3, Duration::from_secs(3600), Algorithm::FixedWindow).unwrap();
+        let mut slot = Slot::Window { end: 50_000_000, count: 3 };
+        refund(&hour, &mut slot, 10_000_000, 1);
+        assert_eq!(slot, Slot::Window { end: 3_600 * S, count: 2 });
+        assert!(!step(&hour, &slot, 60_000_000, 2).0.allowed, "two more would make four");
+        assert!(step(&hour, &slot, 60_000_000, 1).0.allowed);
     }
 
     #[test]

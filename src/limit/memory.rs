@@ -118,20 +118,25 @@ fn word_step(
         slot = algorithm::convert(p, &slot, now);
     }
     let (s, next) = algorithm::step(p, &slot, now, cost);
-    let word = |slot: &Slot| match slot {
-        Slot::Tat(t) => t & !FIXED_TAG,
-        Slot::Window { count, end } => window_word(*count, end >> 20),
-        _ => 0,
-    };
     let next = match next {
         // GCRA and fixed windows (the word-form algorithms) commit by Set.
-        Some(Commit::Set(n)) => Some(word(&n)),
+        Some(Commit::Set(n)) => Some(slot_word(&n)),
         // Denied on the other algorithm's word: keep the converted state,
         // so later checks read it instead of converting again.
-        _ if foreign => Some(word(&slot)),
+        _ if foreign => Some(slot_word(&slot)),
         _ => None,
     };
     Ok((s, next))
+}
+
+/// The word of a word-form slot (GCRA or fixed window; anything else is
+/// fresh).
+fn slot_word(slot: &Slot) -> u64 {
+    match slot {
+        Slot::Tat(t) => t & !FIXED_TAG,
+        Slot::Window { count, end } => window_word(*count, end >> 20),
+        _ => 0,
+    }
 }
 
 /// Whether `policies[i]` is the first of its name: policies share a key's
@@ -1259,11 +1264,7 @@ fn refund_word(state: &AtomicU64, p: &Policy, now: u64, cost: u32) -> bool {
             }
             let mut slot = word_to_slot(p, cur, now);
             algorithm::refund(p, &mut slot, now, cost);
-            Some(match slot {
-                Slot::Tat(t) => t,
-                Slot::Window { count, .. } => window_word(count, cur),
-                _ => 0,
-            })
+            Some(slot_word(&slot))
         })
         .is_ok()
 }

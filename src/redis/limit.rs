@@ -27,6 +27,14 @@ local nus = tonumber(t[2])
 local now_us = nsec * 1000000 + nus
 local function idiv(a, b) return (a - math.fmod(a, b)) / b end
 local function ms_ceil(ns) local m = math.ceil(ns / 1000000) if m < 1 then m = 1 end return m end
+-- Makes `key` live at least `ms` more milliseconds, never less: a state
+-- written under another period (a plan change that kept the name) must not
+-- expire while this period still counts it, and bookkeeping must not cut
+-- short what a longer period still needs.
+local function keep_for(key, ms)
+  local ttl = redis.call('PTTL', key)
+  if ttl >= 0 and ttl < ms then redis.call('PEXPIRE', key, ms) end
+end
 local function tat_rel(s)
   if not s then return 0 end
   local len = string.len(s)
@@ -306,15 +314,13 @@ for i = 1, n do
       if wait < 1 then wait = 1 end
       st.remaining = limit - count; st.reset = wait; st.retry = wait
     end
-    -- Not committed (denied, here or by a sibling): the log's entries may
-    -- have been written under a shorter period, whose expiry would forget
-    -- them while this period still counts them. Kept until the newest
-    -- leaves this window.
-    if count > 0 and not st.convert then
+    -- Not committed (denied, here or by a sibling, or a peek): the log's
+    -- entries may have been written under a shorter period, whose expiry
+    -- would forget them while this period still counts them. Kept until
+    -- the newest leaves this window.
+    if count > 0 and not held then
       local r = tonumber(log[len]) + p - now_us
-      st.convert = function()
-        redis.call('PEXPIRE', KEYS[i], ms_ceil(r * 1000))
-      end
+      st.keep = function() keep_for(KEYS[i], ms_ceil(r * 1000)) end
     end
   end
   if st.impossible then any_impossible = true end
@@ -334,6 +340,8 @@ for i = 1, n do
     -- Denied (or nothing to commit): keep the converted state anyway, so
     -- it is converted once.
     st.convert()
+  elseif first_of_name(i) and st.keep then
+    st.keep()
   end
   if writes and st.converted then drop_siblings(i) end
   local remaining = st.remaining
@@ -362,6 +370,10 @@ for i = 1, n do
       local s = redis.call('GET', KEYS[i])
       if s then
         local rel = tat_rel(s)
+        -- A longer policy's state (beyond this burst and the slack) holds
+        -- this whole burst, as a check reads it.
+        local horizon = interval * tonumber(ARGV[b + 5])
+        if rel > horizon + SLACK_NS then rel = horizon end
         local floor = rel
         if floor > 0 then floor = 0 end
         local next = rel - interval * cost
@@ -373,11 +385,18 @@ for i = 1, n do
         end
       end
     elseif alg == 'f' then
-      local count, window_end = window(KEYS[i], period)
+      local count, window_end, _, clamped = window(KEYS[i], period)
       if count > 0 then
+        -- Another window's count (a plan change that kept the name) holds
+        -- for this window, capped at its limit, as a check reads it; it is
+        -- written with this window's end and lifetime, not the old one's.
+        local limit = tonumber(ARGV[b + 2])
+        if clamped and count > limit then count = limit end
         count = count - cost
         if count < 0 then count = 0 end
-        redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, count), 'KEEPTTL')
+        local until_end = window_end - now_us
+        if until_end < 0 then until_end = 0 end
+        redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, count), 'PX', ms_ceil(until_end * 1000))
       end
     else
       -- The oldest entries still in the window, as MemoryLimiter: what
@@ -393,6 +412,8 @@ for i = 1, n do
           redis.call('DEL', KEYS[i])
         else
           redis.call('LTRIM', KEYS[i], drop, -1)
+          -- What stays counts for this period (see `keep_for`).
+          keep_for(KEYS[i], ms_ceil((tonumber(log[#log]) + p - now_us) * 1000))
         end
       end
     end

@@ -41,6 +41,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     shorter_span(store, &format!("{prefix}:shorter")).await;
     longer_window(store, &format!("{prefix}:longer")).await;
     longer_window_denied(store, &format!("{prefix}:longer-denied")).await;
+    longer_window_refund_peek(store, &format!("{prefix}:longer-refund")).await;
     algorithm_change(store, &format!("{prefix}:algorithm")).await;
     repeated_name(store, &format!("{prefix}:repeated")).await;
     over_refund(store, &format!("{prefix}:over")).await;
@@ -221,6 +222,48 @@ async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
             !d.is_allowed(),
             "{}: still counted after the short window ended: {d:?}",
             alg.as_str()
+        );
+    }
+}
+
+/// As [`longer_window_denied`], but the only calls under the long window
+/// before the short one ends are a refund or a peek: neither may let the
+/// state expire on the short window's schedule.
+async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
+    let span = Duration::from_millis(300);
+    for (alg, peek) in [
+        (Algorithm::FixedWindow, false),
+        (Algorithm::SlidingWindow, false),
+        (Algorithm::SlidingWindow, true),
+    ] {
+        let key = format!("{key}:{}:{peek}", alg.as_str());
+        let short = [Policy::new("default", 3, span, alg).expect("valid policy")];
+        let hourly = [policy("default", 3, alg)];
+        let d = store.check(&key, &short, 1, CheckMode::Peek).await.unwrap();
+        let left = d.binding().reset_after;
+        if alg == Algorithm::FixedWindow && left < Duration::from_millis(200) {
+            std::thread::sleep(left + Duration::from_millis(2));
+        }
+        for _ in 0..3 {
+            assert!(store.check(&key, &short, 1, CheckMode::Consume).await.unwrap().is_allowed());
+        }
+        // Three used in the hour; a refund gives one back (two left used),
+        // a peek changes nothing (three used).
+        let (used, ask) = if peek {
+            let d = store.check(&key, &hourly, 1, CheckMode::Peek).await.unwrap();
+            assert!(!d.is_allowed(), "{}: a peek sees the three", alg.as_str());
+            (3, 1)
+        } else {
+            store.refund(&key, &hourly, 1).await.unwrap();
+            (2, 2)
+        };
+        std::thread::sleep(span + Duration::from_millis(50));
+        let d = store.check(&key, &hourly, ask, CheckMode::Consume).await.unwrap();
+        assert!(
+            !d.is_allowed(),
+            "{} ({}): {used} still used in the hour after the short window: {d:?}",
+            alg.as_str(),
+            if peek { "peek" } else { "refund" }
         );
     }
 }
