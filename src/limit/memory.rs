@@ -1145,7 +1145,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // A refund can make the key fresh (a window back to zero):
                 // then the next purge may free it now. Only then is the
                 // writer's lock taken; other refunds stay lock-free.
-                if refund_word(state, p, now, cost) {
+                if refund_word(state, p, now, cost, || self.wall.time(&self.clock)) {
                     if word_fresh_at(state.load(Ordering::Acquire)) <= now {
                         let mut tracked = shard.writer();
                         tracked.next_purge = tracked.next_purge.min(now);
@@ -1156,7 +1156,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // the writer to finish, then look again.
                 let mut tracked = shard.writer();
                 if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
-                    && refund_word(state, p, now, cost)
+                    && refund_word(state, p, now, cost, || self.wall.time(&self.clock))
                 {
                     if word_fresh_at(state.load(Ordering::Acquire)) <= now {
                         tracked.next_purge = tracked.next_purge.min(now);
@@ -1165,7 +1165,20 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 }
             }
             if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
-                algorithm::refund(p, lock_state(m).slot_mut(p), now, cost);
+                let mut st = lock_state(m);
+                let slot = st.slot_mut(p);
+                // Judged on a reading taken under the lock (see
+                // `refund_word`).
+                let now = if algorithm::is_foreign(p, slot, now) {
+                    now.max(self.wall.time(&self.clock))
+                } else {
+                    now
+                };
+                algorithm::refund(p, slot, now, cost);
+                // A refund that carried another window's state into this
+                // policy's keeps it longer: eviction must wait as long.
+                let fresh_at = algorithm::fresh_at(p, slot);
+                st.fresh_at = st.fresh_at.max(fresh_at);
             }
         }
     }
@@ -1256,13 +1269,29 @@ fn kill(state: &AtomicU64) -> u64 {
 }
 
 /// Refunds a one-word key; `false` if its slot is dead.
-fn refund_word(state: &AtomicU64, p: &Policy, now: u64, cost: u32) -> bool {
+///
+/// A word that looks like another policy's may only be ahead of a stale
+/// `now` (another thread read the clock later and wrote first): as in
+/// [`MemoryLimiter::word_check`], it is judged again on `fresh()`, a
+/// reading taken after the word was, before it is converted.
+fn refund_word(
+    state: &AtomicU64,
+    p: &Policy,
+    now: u64,
+    cost: u32,
+    fresh: impl Fn() -> u64,
+) -> bool {
     state
         .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
             if cur == DEAD {
                 return None;
             }
+            let mut now = now;
             let mut slot = word_to_slot(p, cur, now);
+            if algorithm::is_foreign(p, &slot, now) {
+                now = now.max(fresh());
+                slot = word_to_slot(p, cur, now);
+            }
             algorithm::refund(p, &mut slot, now, cost);
             Some(slot_word(&slot))
         })

@@ -796,6 +796,30 @@ fn a_sliding_key_whose_period_grew_is_not_evicted_while_it_still_limits() {
 }
 
 #[test]
+fn a_key_refunded_under_a_longer_period_is_not_evicted_while_it_still_limits() {
+    // As above, but the only call under the hourly plan is a refund: it
+    // keeps four of the five, which must outlive the old minute.
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let sliding =
+        |secs| Policy::new("s", 5, Duration::from_secs(secs), Algorithm::SlidingWindow).unwrap();
+    let (minute, hour) = ([sliding(60)], [sliding(3600)]);
+    for _ in 0..5 {
+        assert!(l.check("k", &minute, 1).unwrap().is_allowed());
+    }
+    c.advance(Duration::from_secs(30));
+    l.refund("k", &hour, 1);
+    c.advance(Duration::from_secs(32));
+    let quick = [Policy::new("q", 1, Duration::from_millis(1), Algorithm::Gcra).unwrap()];
+    for i in 0..1000 {
+        let _ = l.check(&format!("n{i}"), &quick, 1);
+        c.advance(Duration::from_millis(2));
+    }
+    assert!(l.check("k", &hour, 1).unwrap().is_allowed(), "the refunded unit");
+    assert!(!l.check("k", &hour, 1).unwrap().is_allowed(), "evicted while still limiting");
+}
+
+#[test]
 fn keys_refunded_to_nothing_make_room_for_new_ones() {
     // A day's fixed window on a full limiter, every admission refunded (an
     // upstream outage): the keys count nothing, so new keys take their place

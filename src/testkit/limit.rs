@@ -197,9 +197,9 @@ async fn longer_window<S: LimitStore>(store: &S, key: &str) {
 /// the state outlives the short window, although the denial consumed
 /// nothing, so the long window still denies once the short one is over.
 async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
-    // A short window long enough that the three checks below fit in it on
-    // a loaded machine.
-    let span = Duration::from_millis(300);
+    // A short window long enough that the checks below fit in it on a
+    // loaded machine (a store a network round trip away).
+    let span = Duration::from_secs(1);
     for alg in [Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{key}:{}", alg.as_str());
         let short = [Policy::new("default", 2, span, alg).expect("valid policy")];
@@ -208,7 +208,7 @@ async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
         // `longer_window`), so all three land in one.
         let d = store.check(&key, &short, 1, CheckMode::Peek).await.unwrap();
         let left = d.binding().reset_after;
-        if alg == Algorithm::FixedWindow && left < Duration::from_millis(200) {
+        if alg == Algorithm::FixedWindow && left < Duration::from_millis(700) {
             std::thread::sleep(left + Duration::from_millis(2));
         }
         for _ in 0..2 {
@@ -230,7 +230,7 @@ async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
 /// before the short one ends are a refund or a peek: neither may let the
 /// state expire on the short window's schedule.
 async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
-    let span = Duration::from_millis(300);
+    let span = Duration::from_secs(1);
     for (alg, peek) in [
         (Algorithm::FixedWindow, false),
         (Algorithm::SlidingWindow, false),
@@ -241,7 +241,7 @@ async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
         let hourly = [policy("default", 3, alg)];
         let d = store.check(&key, &short, 1, CheckMode::Peek).await.unwrap();
         let left = d.binding().reset_after;
-        if alg == Algorithm::FixedWindow && left < Duration::from_millis(200) {
+        if alg == Algorithm::FixedWindow && left < Duration::from_millis(700) {
             std::thread::sleep(left + Duration::from_millis(2));
         }
         for _ in 0..3 {
@@ -266,6 +266,22 @@ async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
             if peek { "peek" } else { "refund" }
         );
     }
+    // GCRA: an hour's burst used up, then a per-second policy of the same
+    // name. A check reads the long state as this burst used up; a refund
+    // reads it so too, and gives back one unit of it, not one of the hour.
+    let key = format!("{key}:gcra");
+    let hourly = [policy("default", 100, Algorithm::Gcra)];
+    let per_second =
+        [Policy::new("default", 3, Duration::from_secs(1), Algorithm::Gcra).expect("valid policy")];
+    assert!(store.check(&key, &hourly, 100, CheckMode::Consume).await.unwrap().is_allowed());
+    store.refund(&key, &per_second, 1).await.unwrap();
+    let mut admitted = 0;
+    for _ in 0..3 {
+        admitted += u32::from(
+            store.check(&key, &per_second, 1, CheckMode::Consume).await.unwrap().is_allowed(),
+        );
+    }
+    assert!((1..=2).contains(&admitted), "gcra: the refunded unit, at most one more: {admitted}");
 }
 
 async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
