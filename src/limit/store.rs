@@ -33,7 +33,10 @@ pub enum CheckMode {
 /// - **Denials do not consume.** A denied or impossible check leaves the
 ///   counts as they were (a state kept under another algorithm, after a
 ///   plan change that kept the policy name, is converted once and stored,
-///   even on a denial).
+///   even on a denial). Nor do they shorten what is kept: a state written
+///   under a shorter window lives, from any check or refund under a longer
+///   one, as long as the longer window counts it (testkit:
+///   `longer_window_denied`, `longer_window_refund_peek`).
 /// - **State by name.** A key keeps one state per policy *name*, so plan
 ///   changes keep state and stacked policies need distinct names. A later
 ///   policy in one call named like an earlier one shares that policy's
@@ -60,7 +63,10 @@ pub trait LimitStore: Send + Sync {
     /// Gives back `cost` units previously consumed for `key` (e.g. the
     /// request failed before doing work). Never credits beyond a fresh
     /// state: a refund of units never consumed (a key just forgotten, a
-    /// window since passed) leaves no extra room.
+    /// window since passed) leaves no extra room. The state is read as a
+    /// check under `policies` reads it: a state kept under another window
+    /// or burst of the same name counts in this policy's terms (and is kept
+    /// as long as this policy needs it), then gives `cost` back.
     fn refund(
         &self,
         key: &str,
