@@ -787,12 +787,18 @@ fn a_sliding_key_whose_period_grew_is_not_evicted_while_it_still_limits() {
     assert!(!l.check("k", &hour, 1).unwrap().is_allowed());
     // Past the old minute; new keys fill the limiter and purge it.
     c.advance(Duration::from_secs(32));
+    fill_and_purge(&l, &c);
+    assert!(!l.check("k", &hour, 1).unwrap().is_allowed(), "evicted while still limiting");
+}
+
+/// Checks a thousand new keys, two milliseconds apart, through `l`: it
+/// fills up and purges whatever is evictable.
+fn fill_and_purge(l: &MemoryLimiter<String, FakeClock>, c: &FakeClock) {
     let quick = [Policy::new("q", 1, Duration::from_millis(1), Algorithm::Gcra).unwrap()];
     for i in 0..1000 {
         let _ = l.check(&format!("n{i}"), &quick, 1);
         c.advance(Duration::from_millis(2));
     }
-    assert!(!l.check("k", &hour, 1).unwrap().is_allowed(), "evicted while still limiting");
 }
 
 #[test]
@@ -810,11 +816,7 @@ fn a_key_refunded_under_a_longer_period_is_not_evicted_while_it_still_limits() {
     c.advance(Duration::from_secs(30));
     l.refund("k", &hour, 1);
     c.advance(Duration::from_secs(32));
-    let quick = [Policy::new("q", 1, Duration::from_millis(1), Algorithm::Gcra).unwrap()];
-    for i in 0..1000 {
-        let _ = l.check(&format!("n{i}"), &quick, 1);
-        c.advance(Duration::from_millis(2));
-    }
+    fill_and_purge(&l, &c);
     assert!(l.check("k", &hour, 1).unwrap().is_allowed(), "the refunded unit");
     assert!(!l.check("k", &hour, 1).unwrap().is_allowed(), "evicted while still limiting");
 }

@@ -192,6 +192,22 @@ async fn longer_window<S: LimitStore>(store: &S, key: &str) {
     assert!(!d.is_allowed(), "the short window's units count in the hour: {d:?}");
 }
 
+/// Uses up `short`'s one policy (a fixed or sliding window of about a
+/// second) for `key`, one unit at a time. A fixed window is started at its
+/// beginning (as in `longer_window`), so the units and the checks that
+/// follow land in one window.
+async fn use_up<S: LimitStore>(store: &S, key: &str, short: &[Policy; 1]) {
+    let p = &short[0];
+    let d = store.check(key, short, 1, CheckMode::Peek).await.unwrap();
+    let left = d.binding().reset_after;
+    if p.algorithm() == Algorithm::FixedWindow && left < p.period() * 7 / 10 {
+        std::thread::sleep(left + Duration::from_millis(2));
+    }
+    for _ in 0..p.limit() {
+        assert!(store.check(key, short, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    }
+}
+
 /// A plan change to a longer window under one name whose first check is a
 /// denial (the units the short window counted already fill the long one):
 /// the state outlives the short window, although the denial consumed
@@ -204,16 +220,7 @@ async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
         let key = format!("{key}:{}", alg.as_str());
         let short = [Policy::new("default", 2, span, alg).expect("valid policy")];
         let hourly = [policy("default", 2, alg)];
-        // Fixed windows: start at a window's beginning (as in
-        // `longer_window`), so all three land in one.
-        let d = store.check(&key, &short, 1, CheckMode::Peek).await.unwrap();
-        let left = d.binding().reset_after;
-        if alg == Algorithm::FixedWindow && left < Duration::from_millis(700) {
-            std::thread::sleep(left + Duration::from_millis(2));
-        }
-        for _ in 0..2 {
-            assert!(store.check(&key, &short, 1, CheckMode::Consume).await.unwrap().is_allowed());
-        }
+        use_up(store, &key, &short).await;
         let d = store.check(&key, &hourly, 1, CheckMode::Consume).await.unwrap();
         assert!(!d.is_allowed(), "{}: the two count in the hour: {d:?}", alg.as_str());
         std::thread::sleep(span + Duration::from_millis(50));
@@ -239,14 +246,7 @@ async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
         let key = format!("{key}:{}:{peek}", alg.as_str());
         let short = [Policy::new("default", 3, span, alg).expect("valid policy")];
         let hourly = [policy("default", 3, alg)];
-        let d = store.check(&key, &short, 1, CheckMode::Peek).await.unwrap();
-        let left = d.binding().reset_after;
-        if alg == Algorithm::FixedWindow && left < Duration::from_millis(700) {
-            std::thread::sleep(left + Duration::from_millis(2));
-        }
-        for _ in 0..3 {
-            assert!(store.check(&key, &short, 1, CheckMode::Consume).await.unwrap().is_allowed());
-        }
+        use_up(store, &key, &short).await;
         // Three used in the hour; a refund gives one back (two left used),
         // a peek changes nothing (three used).
         let (used, ask) = if peek {
