@@ -774,51 +774,38 @@ fn a_repeated_policy_name_is_charged_once() {
 
 #[test]
 fn a_sliding_key_whose_period_grew_is_not_evicted_while_it_still_limits() {
-    let c = clock();
-    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
-    let sliding =
-        |secs| Policy::new("s", 5, Duration::from_secs(secs), Algorithm::SlidingWindow).unwrap();
-    let (minute, hour) = ([sliding(60)], [sliding(3600)]);
-    for _ in 0..5 {
-        assert!(l.check("k", &minute, 1).unwrap().is_allowed());
+    // The plan becomes 5 an hour, and the first call under it is a check
+    // (denied: the five count) or a refund (four stay): either way what
+    // stays must outlive the old minute.
+    for refund in [false, true] {
+        let c = clock();
+        let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+        let sliding = |secs| {
+            Policy::new("s", 5, Duration::from_secs(secs), Algorithm::SlidingWindow).unwrap()
+        };
+        let (minute, hour) = ([sliding(60)], [sliding(3600)]);
+        for _ in 0..5 {
+            assert!(l.check("k", &minute, 1).unwrap().is_allowed());
+        }
+        c.advance(Duration::from_secs(30));
+        if refund {
+            l.refund("k", &hour, 1);
+        } else {
+            assert!(!l.check("k", &hour, 1).unwrap().is_allowed());
+        }
+        // Past the old minute; new keys fill the limiter and purge it.
+        c.advance(Duration::from_secs(32));
+        let quick = [Policy::new("q", 1, Duration::from_millis(1), Algorithm::Gcra).unwrap()];
+        for i in 0..1000 {
+            let _ = l.check(&format!("n{i}"), &quick, 1);
+            c.advance(Duration::from_millis(2));
+        }
+        if refund {
+            assert!(l.check("k", &hour, 1).unwrap().is_allowed(), "the refunded unit");
+        }
+        let d = l.check("k", &hour, 1).unwrap();
+        assert!(!d.is_allowed(), "refund {refund}: evicted while still limiting");
     }
-    // The plan becomes 5 an hour: the five count, every check is denied.
-    c.advance(Duration::from_secs(30));
-    assert!(!l.check("k", &hour, 1).unwrap().is_allowed());
-    // Past the old minute; new keys fill the limiter and purge it.
-    c.advance(Duration::from_secs(32));
-    fill_and_purge(&l, &c);
-    assert!(!l.check("k", &hour, 1).unwrap().is_allowed(), "evicted while still limiting");
-}
-
-/// Checks a thousand new keys, two milliseconds apart, through `l`: it
-/// fills up and purges whatever is evictable.
-fn fill_and_purge(l: &MemoryLimiter<String, FakeClock>, c: &FakeClock) {
-    let quick = [Policy::new("q", 1, Duration::from_millis(1), Algorithm::Gcra).unwrap()];
-    for i in 0..1000 {
-        let _ = l.check(&format!("n{i}"), &quick, 1);
-        c.advance(Duration::from_millis(2));
-    }
-}
-
-#[test]
-fn a_key_refunded_under_a_longer_period_is_not_evicted_while_it_still_limits() {
-    // As above, but the only call under the hourly plan is a refund: it
-    // keeps four of the five, which must outlive the old minute.
-    let c = clock();
-    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
-    let sliding =
-        |secs| Policy::new("s", 5, Duration::from_secs(secs), Algorithm::SlidingWindow).unwrap();
-    let (minute, hour) = ([sliding(60)], [sliding(3600)]);
-    for _ in 0..5 {
-        assert!(l.check("k", &minute, 1).unwrap().is_allowed());
-    }
-    c.advance(Duration::from_secs(30));
-    l.refund("k", &hour, 1);
-    c.advance(Duration::from_secs(32));
-    fill_and_purge(&l, &c);
-    assert!(l.check("k", &hour, 1).unwrap().is_allowed(), "the refunded unit");
-    assert!(!l.check("k", &hour, 1).unwrap().is_allowed(), "evicted while still limiting");
 }
 
 #[test]
