@@ -185,6 +185,7 @@ async fn create_key_bad_bodies_name_the_field() {
         (json!({"name": "x", "format": "sk", "region": "eu"}), "region"),
         (json!({"name": "x", "format": "nhk", "environment": "has space"}), "environment"),
         (json!({"name": "x", "format": "nk", "environment": "staging"}), "environment"),
+        (json!({"name": "x", "format": "nh", "environment": "staging"}), "environment"),
         (json!({"name": "x", "format": "nh", "region": "eu"}), "region"),
         (json!({"name": "x", "format": "sk", "scopes": "applications:read"}), "scopes"),
         (json!({"name": "x", "format": "sk", "scopes": ["nonsense:read"]}), "scopes"),
@@ -197,6 +198,15 @@ async fn create_key_bad_bodies_name_the_field() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
         assert_eq!(r.body["error"]["field"], field, "{body}: {}", r.text);
     }
+    // A format's environments are named.
+    let r = s
+        .mgmt(
+            Method::POST,
+            "/api-keys",
+            Some(json!({"name": "x", "format": "nk", "environment": "staging"})),
+        )
+        .await;
+    assert_eq!(r.body["error"]["message"], "nk keys are one of: live, test", "{}", r.text);
     // A field named twice is refused, not read as its last value.
     let res = s
         .http
@@ -389,9 +399,9 @@ async fn ingest_per_second_plan_limits() {
         assert_eq!(denied.header("retry-after"), Some(retry.to_string().as_str()));
         assert_eq!(denied.header("x-ratelimit-remaining"), Some("0"));
     }
-    // An ingestion key of an environment (seed 000: a `staging` key's
-    // events go to staging endpoints only): its text has no environment
-    // segment, its record has it, and the route answers with it.
+    // An ingestion key of an environment (seed 000's `staging` keys): its
+    // text has no environment segment, its record has it, and the route
+    // answers with it.
     let (_, staging) =
         s.key(json!({"name": "ingest", "format": "nhk", "environment": "staging"})).await;
     assert!(staging.starts_with("nhk_us_"), "{staging}");

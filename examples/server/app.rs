@@ -431,19 +431,26 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
         project.parse().map_err(|e| bad("project", format!("project is invalid: {e}")))?;
     let mut new = NewKey::new(name, format, Tenant::workspace(ws).with_project(project));
     // A region only where the key's text carries it (an `sk` key has none).
-    // An environment either way: `sk_test_…` and `nk_live_…` show theirs
-    // (one of the format's), while an ingestion key's (`nhk`, a `staging`
-    // key, say) is kept on its record, and its events are the
-    // environment's (the ingestion route answers with it).
+    // An environment where the key's text carries it (`sk_test_…`,
+    // `nk_live_…`: one of the format's), and on ingestion keys, whose
+    // record keeps it (seed 000's `staging` keys): the ingestion route
+    // answers with it; routing events to that environment's endpoints is
+    // the host's part. An `nh` key has no use for one.
     let segment = format.segment();
     if let Some(env) = opt_str(&obj, "environment")? {
         let env: Environment = env.parse().map_err(|e| bad("environment", format!("{e}")))?;
-        if let Segment::Environments(envs) = segment
-            && !envs.contains(&env)
-        {
-            let names: Vec<&str> = envs.iter().map(Environment::as_str).collect();
-            let message = format!("{} keys are one of: {}", format.name(), names.join(", "));
-            return Err(bad("environment", message));
+        match segment {
+            Segment::Environments(envs) if !envs.contains(&env) => {
+                let names: Vec<&str> = envs.iter().map(Environment::as_str).collect();
+                let message = format!("{} keys are one of: {}", format.name(), names.join(", "));
+                return Err(bad("environment", message));
+            }
+            Segment::Environments(_) => {}
+            _ if format.name() == NHK.name() => {}
+            _ => {
+                let message = format!("{} keys have no environment", format.name());
+                return Err(bad("environment", message));
+            }
         }
         new = new.environment(env);
     }
@@ -663,7 +670,8 @@ async fn create_portal<B: Backend>(
 
 async fn ingest_event(caller: Option<Extension<Principal>>) -> Response {
     // The hot path of an ingestion API: a constant body, unless the key
-    // belongs to an environment, whose endpoints alone get the events.
+    // belongs to an environment, which the answer names (the events are
+    // that environment's; delivering them is the host's part).
     let environment = caller.as_ref().and_then(|c| c.environment());
     match environment {
         None => (

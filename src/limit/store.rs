@@ -66,7 +66,10 @@ pub trait LimitStore: Send + Sync {
     /// window since passed) leaves no extra room. The state is read as a
     /// check under `policies` reads it: a state kept under another window
     /// or burst of the same name counts in this policy's terms (and is kept
-    /// as long as this policy needs it), then gives `cost` back.
+    /// as long as this policy needs it), then gives `cost` back. (Across an
+    /// algorithm change under the same name, the Redis store refunds only
+    /// the new algorithm's state, crediting less; the in-memory one
+    /// converts first.)
     fn refund(
         &self,
         key: &str,

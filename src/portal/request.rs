@@ -299,6 +299,7 @@ mod tests {
             r#"{"expiresInMinutes":1}"#.to_owned(),
             r#"{"expiresInMinutes":60}"#.to_owned(),
             r#"{"expiresInMinutes":1.0}"#.to_owned(),
+            r#"{"expiresInMinutes":60.0}"#.to_owned(),
             format!(r#"{{"metadata":{{{}}}}}"#, keys(MAX_METADATA_KEYS)),
             format!(r#"{{"metadata":{{"{}":"v"}}}}"#, "k".repeat(MAX_METADATA_KEY_LEN)),
             format!(r#"{{"metadata":{{"a":"{}"}}}}"#, "v".repeat(MAX_METADATA_VALUE_LEN)),
@@ -314,6 +315,8 @@ mod tests {
         let refused = [
             (r#"{"expiresInMinutes":0}"#.to_owned(), RequestError::ExpiresRange),
             (r#"{"expiresInMinutes":61}"#.to_owned(), RequestError::ExpiresRange),
+            (r#"{"expiresInMinutes":0.0}"#.to_owned(), RequestError::ExpiresRange),
+            (r#"{"expiresInMinutes":61.0}"#.to_owned(), RequestError::ExpiresRange),
             (
                 format!(r#"{{"metadata":{{{}}}}}"#, keys(MAX_METADATA_KEYS + 1)),
                 RequestError::MetadataTooManyKeys,
