@@ -23,6 +23,16 @@ fn clear_of_the_hour() {
     }
 }
 
+/// How many of `n` one-unit checks of `key` against `policies` are admitted.
+async fn count_admitted<S: LimitStore>(store: &S, key: &str, policies: &[Policy], n: u32) -> u32 {
+    let mut admitted = 0;
+    for _ in 0..n {
+        let d = store.check(key, policies, 1, CheckMode::Consume).await.unwrap();
+        admitted += u32::from(d.is_allowed());
+    }
+    admitted
+}
+
 /// Runs every check against `store`, using keys that start with `prefix`
 /// (so runs against a shared backend do not collide).
 ///
@@ -56,21 +66,11 @@ async fn repeated_name<S: LimitStore>(store: &S, key: &str) {
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{key}:{}", alg.as_str());
         let twice = [policy("x", 10, alg), policy("x", 10, alg)];
-        let mut admitted = 0;
-        for _ in 0..12 {
-            admitted += u32::from(
-                store.check(&key, &twice, 1, CheckMode::Consume).await.unwrap().is_allowed(),
-            );
-        }
+        let admitted = count_admitted(store, &key, &twice, 12).await;
         assert_eq!(admitted, 10, "{}: one state, charged once per check", alg.as_str());
         // Given back once, too: one unit refunded admits one check.
         store.refund(&key, &twice, 1).await.unwrap();
-        let mut admitted = 0;
-        for _ in 0..3 {
-            admitted += u32::from(
-                store.check(&key, &twice, 1, CheckMode::Consume).await.unwrap().is_allowed(),
-            );
-        }
+        let admitted = count_admitted(store, &key, &twice, 3).await;
         assert_eq!(admitted, 1, "{}: refunded once", alg.as_str());
     }
 }
@@ -84,11 +84,7 @@ async fn over_refund<S: LimitStore>(store: &S, key: &str) {
         store.refund(&key, &p, 5).await.unwrap();
         assert!(store.check(&key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
         store.refund(&key, &p, 5).await.unwrap();
-        let mut admitted = 0;
-        for _ in 0..5 {
-            admitted +=
-                u32::from(store.check(&key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
-        }
+        let admitted = count_admitted(store, &key, &p, 5).await;
         assert_eq!(admitted, 3, "{}: never more than the limit", alg.as_str());
     }
 }
@@ -102,12 +98,7 @@ async fn algorithm_change<S: LimitStore>(store: &S, key: &str) {
         assert!(store.check(key, &fixed, 1, CheckMode::Consume).await.unwrap().is_allowed());
     }
     let sliding = [policy("default", 5, Algorithm::SlidingWindow)];
-    let mut admitted = 0;
-    for _ in 0..5 {
-        admitted += u32::from(
-            store.check(key, &sliding, 1, CheckMode::Consume).await.unwrap().is_allowed(),
-        );
-    }
+    let admitted = count_admitted(store, key, &sliding, 5).await;
     assert_eq!(admitted, 2, "the three used under the fixed window count");
     let key = format!("{key}:g");
     let gcra = [policy("default", 3, Algorithm::Gcra)];
@@ -277,11 +268,7 @@ async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
             .expect("valid policy")];
     assert!(store.check(&key, &hourly, 100, CheckMode::Consume).await.unwrap().is_allowed());
     store.refund(&key, &short, 1).await.unwrap();
-    let mut admitted = 0;
-    for _ in 0..3 {
-        admitted +=
-            u32::from(store.check(&key, &short, 1, CheckMode::Consume).await.unwrap().is_allowed());
-    }
+    let admitted = count_admitted(store, &key, &short, 3).await;
     assert_eq!(admitted, 1, "gcra: the refunded unit, no more");
 }
 
