@@ -915,12 +915,14 @@ where
             // Inside another layer of this gate (authentication for the
             // whole router, scopes per route): its admission stands.
             // A cookie credential reaches only routes that take it.
-            let outer = req.extensions().get::<AdmittedBy>().and_then(|m| {
-                let p = req.extensions().get::<Principal>()?;
-                m.vouches(gate.id(), p, &route).then(|| (p.clone(), m.plan, m.cookie))
-            });
-            let outer_cookie = outer.as_ref().map(|&(_, _, cookie)| cookie);
-            let known = outer.map(|(p, plan, _)| (p, plan));
+            let (known, outer_cookie) = req
+                .extensions()
+                .get::<AdmittedBy>()
+                .and_then(|m| {
+                    let p = req.extensions().get::<Principal>()?;
+                    m.vouches(gate.id(), p, &route).then(|| ((p.clone(), m.plan), m.cookie))
+                })
+                .unzip();
             let admitted = match gate.admit_to(&route, req.headers(), target, known).await {
                 Ok(a) => a,
                 Err(refused) => return Ok(gate.respond(refused)),

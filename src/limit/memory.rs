@@ -1132,6 +1132,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         Q: Hash + Eq + ?Sized,
     {
         let now = self.wall.time(&self.clock);
+        let fresh = || self.wall.time(&self.clock);
         let (hash, shard) = self.shard(shards, key);
         for (n, p) in policies.iter().enumerate() {
             // A repeated name was charged once: it is given back once.
@@ -1145,7 +1146,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // A refund can make the key fresh (a window back to zero):
                 // then the next purge may free it now. Only then is the
                 // writer's lock taken; other refunds stay lock-free.
-                if refund_word(state, p, now, cost, || self.wall.time(&self.clock)) {
+                if refund_word(state, p, now, cost, fresh) {
                     if word_fresh_at(state.load(Ordering::Acquire)) <= now {
                         let mut tracked = shard.writer();
                         tracked.next_purge = tracked.next_purge.min(now);
@@ -1156,7 +1157,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // the writer to finish, then look again.
                 let mut tracked = shard.writer();
                 if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
-                    && refund_word(state, p, now, cost, || self.wall.time(&self.clock))
+                    && refund_word(state, p, now, cost, fresh)
                 {
                     if word_fresh_at(state.load(Ordering::Acquire)) <= now {
                         tracked.next_purge = tracked.next_purge.min(now);
@@ -1169,11 +1170,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 let slot = st.slot_mut(p);
                 // Judged on a reading taken under the lock (see
                 // `refund_word`).
-                let now = if algorithm::is_foreign(p, slot, now) {
-                    now.max(self.wall.time(&self.clock))
-                } else {
-                    now
-                };
+                let now = if algorithm::is_foreign(p, slot, now) { now.max(fresh()) } else { now };
                 algorithm::refund(p, slot, now, cost);
                 // A refund that carried another window's state into this
                 // policy's keeps it longer: eviction must wait as long.
