@@ -132,11 +132,7 @@ pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
         (Algorithm::Gcra, Slot::Window { .. } | Slot::Log(_))
         | (Algorithm::FixedWindow, Slot::Tat(_) | Slot::Log(_))
         | (Algorithm::SlidingWindow, Slot::Tat(_) | Slot::Window { .. }) => true,
-        (Algorithm::Gcra, Slot::Tat(tat)) => {
-            let horizon =
-                policy.emission_interval_nanos().saturating_mul(u64::from(policy.capacity()));
-            *tat > now.saturating_add(horizon).saturating_add(SPAN_SLACK)
-        }
+        (Algorithm::Gcra, Slot::Tat(tat)) => gcra_is_foreign(policy, *tat, now),
         (Algorithm::FixedWindow, Slot::Window { end, .. }) => {
             let period = duration_nanos(policy.period()).max(1);
             let current_end = (now / period + 1).saturating_mul(period);
@@ -192,13 +188,29 @@ pub(crate) fn convert(policy: &Policy, slot: &Slot, now: u64) -> Slot {
 
 #[inline]
 fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Commit>) {
-    let t = policy.emission_interval_nanos();
-    let cap = u64::from(policy.capacity());
-    let horizon = t.saturating_mul(cap);
     let tat = match slot {
         Slot::Tat(v) => *v,
         _ => 0,
     };
+    let (s, next) = gcra_tat(policy, tat, now, cost);
+    (s, next.map(|t| Commit::Set(Slot::Tat(t))))
+}
+
+/// Whether a GCRA state `tat` reaches further ahead than `policy`'s own
+/// horizon allows (a longer burst's or a slower rate's, before a plan
+/// change).
+#[inline]
+pub(crate) fn gcra_is_foreign(policy: &Policy, tat: u64, now: u64) -> bool {
+    tat > now.saturating_add(policy.horizon_nanos()).saturating_add(SPAN_SLACK)
+}
+
+/// [`gcra`] on a bare theoretical arrival time (0 for a fresh key): the
+/// step and, if admitted, the next one.
+#[inline]
+pub(crate) fn gcra_tat(policy: &Policy, tat: u64, now: u64, cost: u32) -> (Step, Option<u64>) {
+    let t = policy.emission_interval_nanos();
+    let cap = u64::from(policy.capacity());
+    let horizon = policy.horizon_nanos();
     // A clock that stepped back sees the stored TAT as further away: never
     // an extra admission (a step of more than `SPAN_SLACK` past the horizon
     // is converted before this, as another policy's state).
@@ -227,7 +239,7 @@ fn gcra(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Comm
             reset_after: need,
             retry_after: None,
         };
-        (s, Some(Commit::Set(Slot::Tat(new_tat))))
+        (s, Some(new_tat))
     } else {
         let wait = need - horizon;
         let s = Step {

@@ -107,6 +107,26 @@ fn word_step(
     cost: u32,
     convert: bool,
 ) -> Result<(algorithm::Step, Option<u64>), ()> {
+    // The common case first: a GCRA key's own theoretical arrival time
+    // (or a fresh 0), stepped on the bare word, as `slot_step` would.
+    if p.algorithm() == Algorithm::Gcra
+        && cur & FIXED_TAG == 0
+        && !algorithm::gcra_is_foreign(p, cur, now)
+    {
+        let (s, next) = algorithm::gcra_tat(p, cur, now, cost);
+        return Ok((s, next.map(|t| t & !FIXED_TAG)));
+    }
+    slot_step(p, cur, now, cost, convert)
+}
+
+/// [`word_step`] through the word's [`Slot`]: any word, any policy.
+fn slot_step(
+    p: &Policy,
+    cur: u64,
+    now: u64,
+    cost: u32,
+    convert: bool,
+) -> Result<(algorithm::Step, Option<u64>), ()> {
     // A word of another policy (a plan change under one name) is
     // converted, not dropped.
     let mut slot = word_to_slot(p, cur, now);
@@ -756,7 +776,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
         {
             match self.word_check(state, p, cost, mode, now) {
-                Some(d) => return Ok(d),
+                Some(judged) => return Ok(self.decision(p, judged)),
                 None => untracked = false,
             }
         }
@@ -768,7 +788,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         }
         if let (CheckMode::Peek, Some((p, _)), true) = (mode, word, untracked) {
             // An unknown key is fresh; peeking does not start tracking it.
-            return Ok(self.live_check(&AtomicU64::new(0), p, cost, mode, now));
+            return Ok(self.decision(p, self.live_check(&AtomicU64::new(0), p, cost, mode, now)));
         }
         self.check_tracking(hash, shard, key, policies, cost, mode, now)
     }
@@ -845,11 +865,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         // probe finds here stays put until we return.
         if let Some((p, i)) = word
             && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
-            && let Some(d) = self.word_check(state, p, cost, mode, now)
+            && let Some(judged) = self.word_check(state, p, cost, mode, now)
         {
             tracked.next_purge =
                 tracked.next_purge.min(word_fresh_at(state.load(Ordering::Acquire)));
-            return Ok(d);
+            return Ok(self.decision(p, judged));
         }
         let in_multis = shard.multis().find(hash, |(k, _)| k.borrow() == key).is_some();
         if mode == CheckMode::Peek && (in_multis || self.has_live_words(shard, hash, key, policies))
@@ -864,7 +884,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             // Decided once, on a word of its own, and stored only if
             // admitted (no reader can see the slot before it holds it).
             let local = AtomicU64::new(0);
-            let d = self.live_check(&local, p, cost, mode, now);
+            let d = self.decision(p, self.live_check(&local, p, cost, mode, now));
             if mode == CheckMode::Peek || !d.is_allowed() {
                 return Ok(d);
             }
@@ -1056,8 +1076,10 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         next
     }
 
-    /// The compare-and-swap path for one-word keys; `None` if the slot is
-    /// dead.
+    /// The compare-and-swap path for one-word keys: the step and the time
+    /// it was judged at, for [`decision`](Self::decision) to report (a
+    /// small value, so the full decision is built once, in place); `None`
+    /// if the slot is dead.
     #[inline]
     fn word_check(
         &self,
@@ -1066,7 +1088,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         cost: u32,
         mode: CheckMode,
         now: u64,
-    ) -> Option<Decision> {
+    ) -> Option<(algorithm::Step, u64)> {
         let mut cur = word.load(Ordering::Acquire);
         let (mut now, mut fresh_clock) = (now, false);
         loop {
@@ -1082,16 +1104,15 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 fresh_clock = true;
                 continue;
             };
-            let outcome = outcome_of(&s);
             match next {
                 Some(next) if mode == CheckMode::Consume => {
                     match word.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
                     {
-                        Ok(_) => return Some(self.decision(outcome, p, &s, now)),
+                        Ok(_) => return Some((s, now)),
                         Err(v) => cur = v,
                     }
                 }
-                _ => return Some(self.decision(outcome, p, &s, now)),
+                _ => return Some((s, now)),
             }
         }
     }
@@ -1105,15 +1126,14 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         cost: u32,
         mode: CheckMode,
         now: u64,
-    ) -> Decision {
+    ) -> (algorithm::Step, u64) {
         self.word_check(word, p, cost, mode, now)
             .unwrap_or_else(|| unreachable!("only the writer kills slots"))
     }
 
-    fn decision(&self, outcome: Outcome, p: &Policy, s: &algorithm::Step, now: u64) -> Decision {
-        let mut v = SmallVec::new();
-        v.push(PolicyDecision::of(p, s));
-        Decision::new(outcome, v, self.wall.wall(now))
+    fn decision(&self, p: &Policy, (s, now): (algorithm::Step, u64)) -> Decision {
+        let v = SmallVec::from_buf([PolicyDecision::of(p, &s)]);
+        Decision::new(outcome_of(&s), v, self.wall.wall(now))
     }
 
     /// Gives back `cost` units to `key` under every policy.
@@ -1403,7 +1423,7 @@ impl<C: Clock> DirectLimiter<C> {
     #[must_use]
     pub fn with_clock(policy: Policy, clock: C) -> Self {
         let interval = policy.emission_interval_nanos();
-        let horizon = interval.saturating_mul(u64::from(policy.capacity()));
+        let horizon = policy.horizon_nanos();
         let capacity = u64::from(policy.capacity());
         Self { tat: AtomicU64::new(0), policy, interval, horizon, capacity, clock }
     }
@@ -1470,8 +1490,44 @@ impl<C: Clock> DirectLimiter<C> {
             retry_after: s.retry_after,
             allowed: s.allowed,
         };
-        let mut v = SmallVec::new();
-        v.push(pd);
-        Decision::new(outcome, v, self.clock.now())
+        Decision::new(outcome, SmallVec::from_buf([pd]), self.clock.now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    proptest! {
+        /// The GCRA shortcut of `word_step` decides and commits exactly as
+        /// the general path through a `Slot` does, for any word: its own,
+        /// a fresh one, one reaching past the horizon (a plan change), a
+        /// fixed window's.
+        #[test]
+        fn gcra_shortcut_matches_the_slot_path(
+            limit in 1u32..1_000,
+            period_ms in 1u64..100_000,
+            burst in proptest::option::of(1u32..2_000),
+            word in prop_oneof![
+                Just(0u64),
+                0u64..1 << 50,
+                (0u32..1_000, 0u64..Q_MASK).prop_map(|(c, q)| window_word(c, q)),
+            ],
+            now in 0u64..1 << 48,
+            cost in 0u32..3_000,
+            convert: bool,
+        ) {
+            let mut p = Policy::new("p", limit, Duration::from_millis(period_ms), Algorithm::Gcra)
+                .unwrap();
+            if let Some(b) = burst {
+                p = p.with_burst(b).unwrap();
+            }
+            prop_assert_eq!(
+                word_step(&p, word, now, cost, convert),
+                slot_step(&p, word, now, cost, convert)
+            );
+        }
     }
 }

@@ -263,6 +263,13 @@ impl Policy {
     pub const fn emission_interval_nanos(&self) -> u64 {
         self.interval
     }
+
+    /// GCRA's horizon: how far ahead of now a key's theoretical arrival
+    /// time may reach, the time the sustained rate takes to grant the
+    /// whole capacity (under a year, so it never saturates).
+    pub(crate) const fn horizon_nanos(&self) -> u64 {
+        self.interval.saturating_mul(self.capacity() as u64)
+    }
 }
 
 const fn interval_nanos(period: Duration, limit: NonZeroU32) -> u64 {
