@@ -145,6 +145,10 @@ pub enum PortalError {
     /// A generated code or token collided (vanishingly unlikely; retry).
     #[error("generated code collided; retry")]
     Collision,
+    /// The portal's [URL template](Portal::url_template) has no `{code}`:
+    /// its links could never be redeemed, so none is minted.
+    #[error("the portal URL template has no {{code}}")]
+    UrlTemplate,
     /// A store failed.
     #[error("store failed: {0}")]
     Backend(#[from] BackendError),
@@ -160,7 +164,7 @@ impl PortalError {
                 Rejection::Forbidden { scope: None }
             }
             // The portal's role scopes do not compile under the registry.
-            Self::Scope(_) => Rejection::Misconfigured,
+            Self::Scope(_) | Self::UrlTemplate => Rejection::Misconfigured,
             Self::MalformedCode | Self::UnknownCode | Self::Expired => Rejection::InvalidLink,
             Self::AlreadyUsed => Rejection::Gone,
             Self::Collision | Self::Backend(_) => Rejection::Unavailable,
@@ -269,8 +273,9 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     }
 
     /// The URL template; `{code}` is replaced by the code (codes are
-    /// URL-safe). A template without `{code}` makes links that cannot be
-    /// redeemed: include it, e.g. `https://portal.acme.com/?code={code}`.
+    /// URL-safe), e.g. `https://portal.acme.com/?code={code}`. A template
+    /// without `{code}` would make links that cannot be redeemed: minting
+    /// then fails with [`PortalError::UrlTemplate`] (a 500).
     #[must_use]
     pub fn url_template(mut self, template: impl Into<String>) -> Self {
         self.url_template = template.into();
@@ -306,8 +311,14 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// [`PortalError::Request`] for a request that breaks a rule of
     /// [`SessionRequest::validate`], [`PortalError::NotManagementToken`],
     /// [`PortalError::Scope`] when the role exceeds the token,
+    /// [`PortalError::UrlTemplate`] when the template has no `{code}`,
     /// [`PortalError::Collision`] when the minted code is taken, or a
-    /// backend failure.
+    /// backend failure (the OS generator's included).
+    ///
+    /// A session never outlives its minter: it expires when the
+    /// management token does, if that is sooner than `expiresInMinutes`
+    /// (as a key [created for](crate::manager::KeyManager::create_for) a
+    /// principal does), and so does the access token it is redeemed for.
     pub async fn create_session(
         &self,
         minter: &Principal,
@@ -322,14 +333,18 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         // The fields are public: a request built in code meets the same
         // rules as one parsed from JSON (and 1..=60 minutes cannot overflow).
         request.validate()?;
+        if !self.url_template.contains("{code}") {
+            return Err(PortalError::UrlTemplate);
+        }
         let (grants, _) = &self.roles()?[role_slot(request.role)];
         self.registry.attenuate(*grants, &minter.scopes_in(&self.registry))?;
         let now = self.clock.now();
         // 1..=60 minutes (validated): exact, and no timestamp overflows.
         #[allow(clippy::cast_possible_wrap)]
         let minutes = SignedDuration::from_mins(request.expires_in_minutes as i64);
-        let expires_at = now.saturating_add(minutes).map_err(|_| PortalError::Collision)?;
-        let code = CODE.mint_default().map_err(|_| PortalError::Collision)?;
+        let asked = now.saturating_add(minutes).map_err(|_| PortalError::Collision)?;
+        let expires_at = minter.expires_at().map_or(asked, |end| asked.min(end));
+        let code = CODE.mint_default().map_err(BackendError::unavailable)?;
         let session = PortalSession {
             workspace: workspace.clone(),
             application: application.clone(),
@@ -378,7 +393,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let mut rng = OsBatch::new(REDEEM_RANDOM_BYTES);
         let token = ACCESS_TOKEN
             .mint_with_rng(MintSpec::new(), &mut rng)
-            .map_err(|_| PortalError::Collision)?;
+            .map_err(BackendError::unavailable)?;
         let id = RecordId::generate_os(&mut rng)?;
         drop(rng);
         let now = self.clock.now();

@@ -252,6 +252,10 @@ impl Layout {
 }
 
 /// A portal or team role: a named bundle of actions over resources.
+///
+/// `write` is the seeds' word for creating and changing (`webhooks:write`
+/// guards `POST /v1/webhooks`), so editors hold it: guard deletion with
+/// `delete`, which only admins hold, never with `write`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 #[non_exhaustive]
 pub enum Role {

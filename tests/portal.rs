@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use keygate::auth::{AuthError, Authenticator, Target};
-use keygate::clock::FakeClock;
+use keygate::clock::{Clock, FakeClock};
 use keygate::format::NHM;
 use keygate::http::{BodyStyle, Rejection};
 use keygate::manager::{KeyManager, NewKey, TokenExpiry};
@@ -250,6 +250,55 @@ async fn forged_codes_and_wrong_minters_are_refused() {
         assert!(matches!(err, PortalError::Request(_)), "{err}");
         assert_eq!(err.rejection().status(), 400);
     }
+}
+
+#[tokio::test]
+async fn a_session_never_outlives_its_minter() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    // A 30-day management token with five minutes left.
+    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
+    let token = manager
+        .create(
+            NewKey::new("short", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
+                .scopes(&["*"])
+                .unwrap()
+                .token_expiry(TokenExpiry::Days30),
+        )
+        .await
+        .unwrap();
+    w.clock.advance(Duration::from_secs(30 * 86_400 - 300));
+    let h = format!("Bearer {}", token.key().expose_secret());
+    let headers = [("authorization", h.as_bytes())];
+    let short_lived = w.auth.authenticate(headers, &Target::any()).await.unwrap();
+    let end = short_lived.expires_at().unwrap();
+    let minted =
+        w.portal.create_session(&short_lived, &ws, &app, SessionRequest::default()).await.unwrap();
+    assert_eq!(minted.expires_at(), end, "capped at the token's end, not 60 minutes");
+    let access = w.portal.redeem(minted.code().expose_secret()).await.unwrap();
+    assert_eq!(access.record().expires_at, Some(end));
+    let cookie = format!("Bearer {}", access.token().expose_secret());
+    let portal_headers = [("authorization", cookie.as_bytes())];
+    assert!(w.auth.authenticate(portal_headers, &Target::any()).await.is_ok());
+    // Once the minter is gone, so is what it minted.
+    w.clock.advance(Duration::from_secs(300));
+    assert!(w.auth.authenticate(headers, &Target::any()).await.is_err());
+    assert!(w.auth.authenticate(portal_headers, &Target::any()).await.is_err());
+    // A minter that never expires leaves the asked-for 60 minutes.
+    let long = w.portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await;
+    assert_eq!(long.unwrap().expires_at(), w.clock.now() + jiff::SignedDuration::from_mins(60));
+}
+
+#[tokio::test]
+async fn a_url_template_without_the_code_mints_nothing() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let portal = Portal::new(Arc::new(MemoryPortalStore::new()), w.keys.clone())
+        .url_template("https://portal.acme.com/open");
+    let err = portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await;
+    let err = err.unwrap_err();
+    assert!(matches!(err, PortalError::UrlTemplate), "{err}");
+    assert_eq!(err.rejection().status(), 500);
 }
 
 #[tokio::test]
