@@ -192,6 +192,10 @@ async fn create_key_bad_bodies_name_the_field() {
         (json!({"name": "x", "format": "nhk", "expiresInDays": 0}), "expiresInDays"),
         (json!({"name": "x", "format": "nhk", "project": "has space"}), "project"),
         (json!([1, 2]), "body"),
+        // A typo is refused, not a key without the scopes or expiry asked.
+        (json!({"name": "x", "format": "sk", "scope": ["applications:read"]}), "scope"),
+        (json!({"name": "x", "format": "nhk", "expiresIn": "30d"}), "expiresIn"),
+        (json!({"name": "", "format": "nhk"}), "name"),
     ];
     for (body, field) in cases {
         let r = s.mgmt(Method::POST, "/api-keys", Some(body.clone())).await;
@@ -301,9 +305,16 @@ async fn management_tokens() {
     assert_eq!(r.status, StatusCode::OK);
     let r = s.bearer(Method::GET, &format!("{ws}/tokens"), ro, None).await;
     assert_eq!(r.status, StatusCode::FORBIDDEN, "api_keys:read does not read tokens");
-    let bad = json!({"name": "x", "expiresIn": "30d", "scopes": ["nonsense:read"]});
-    let r = s.mgmt(Method::POST, "/tokens", Some(bad)).await;
-    assert_eq!(r.body["error"]["field"], "scopes", "{}", r.text);
+    for (bad, field) in [
+        (json!({"name": "x", "expiresIn": "30d", "scopes": ["nonsense:read"]}), "scopes"),
+        (json!({"name": "x", "expiresIn": "30d", "scope": ["tokens:read"]}), "scope"),
+        (json!({"name": "", "expiresIn": "30d"}), "name"),
+        (json!({"name": "x".repeat(101), "expiresIn": "30d"}), "name"),
+    ] {
+        let r = s.mgmt(Method::POST, "/tokens", Some(bad)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+        assert_eq!(r.body["error"]["field"], field, "{}", r.text);
+    }
 
     let never = s
         .mgmt(Method::POST, "/tokens", Some(json!({"name": "forever", "expiresIn": "never"})))
@@ -671,19 +682,23 @@ async fn portal_api_follows_the_role() {
     // The cookie rides along on any request the browser makes: a form
     // post (not JSON) or a request from another origin of the same site
     // changes nothing.
+    // A valid body each time, so only the forged headers can refuse it.
     let forged = [
-        vec![("content-type", "text/plain")],
-        vec![("content-type", "application/json"), ("sec-fetch-site", "same-site")],
+        (vec![("content-type", "text/plain")], StatusCode::BAD_REQUEST),
+        (
+            vec![("content-type", "application/json"), ("sec-fetch-site", "same-site")],
+            StatusCode::FORBIDDEN,
+        ),
     ];
-    for extra in forged {
-        let mut h = vec![("cookie", editor.as_str())];
-        h.extend(extra.iter().copied());
-        let r = s.call(Method::POST, "/portal/api/endpoints", &h, None).await;
-        assert!(
-            r.status == StatusCode::BAD_REQUEST || r.status == StatusCode::FORBIDDEN,
-            "{extra:?}: {}",
-            r.text
-        );
+    for (extra, want) in forged {
+        let body = json!({"url": "https://hooks.example.test/forged"}).to_string();
+        let url = format!("{}/portal/api/endpoints", s.base);
+        let mut req = s.http.post(url).header("cookie", editor.as_str()).body(body);
+        for (n, v) in &extra {
+            req = req.header(*n, *v);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), want, "{extra:?}");
     }
     let created = call(Method::POST, "/portal/api/endpoints", &editor, ep.clone()).await;
     assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
@@ -692,6 +707,7 @@ async fn portal_api_follows_the_role() {
     let id = created.body["id"].as_str().unwrap().to_owned();
     let listed = call(Method::GET, "/portal/api/endpoints", &viewer, None).await;
     assert_eq!(listed.body["data"][0]["id"], id.as_str());
+    assert_eq!(listed.body["data"].as_array().map(Vec::len), Some(1), "no forged endpoint");
     let path = format!("/portal/api/endpoints/{id}");
     assert_eq!(call(Method::DELETE, &path, &editor, None).await.status, StatusCode::FORBIDDEN);
     assert_eq!(call(Method::DELETE, &path, &admin, None).await.status, StatusCode::NO_CONTENT);

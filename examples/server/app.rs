@@ -412,12 +412,38 @@ async fn create_key<B: Backend>(
     }
 }
 
-fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Rejection> {
-    let obj = object(body)?;
-    let name = req_str(&obj, "name")?;
+/// Every field `POST …/api-keys` reads.
+const KEY_FIELDS: &[&str] =
+    &["name", "format", "project", "environment", "region", "scopes", "plan", "expiresInDays"];
+
+/// Every field `POST …/tokens` reads.
+const TOKEN_FIELDS: &[&str] = &["name", "expiresIn", "scopes"];
+
+/// Refuses a field the route does not read: a typo (`scope`, `expiresIn`
+/// on a key) must not mint a key without the scopes or expiry it asked for.
+fn known_fields(obj: &Map<String, Value>, fields: &[&str]) -> Result<(), Rejection> {
+    match obj.keys().find(|k| !fields.contains(&k.as_str())) {
+        None => Ok(()),
+        Some(k) => Err(Rejection::BadRequest {
+            field: k.clone().into(),
+            message: format!("{k} is not a known field"),
+        }),
+    }
+}
+
+/// The required `name`: 1 to 100 characters.
+fn name_field(obj: &Map<String, Value>) -> Result<&str, Rejection> {
+    let name = req_str(obj, "name")?;
     if name.is_empty() || name.chars().count() > 100 {
         return Err(bad("name", "name must be 1 to 100 characters"));
     }
+    Ok(name)
+}
+
+fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Rejection> {
+    let obj = object(body)?;
+    known_fields(&obj, KEY_FIELDS)?;
+    let name = name_field(&obj)?;
     let (format, default_plan) = match req_str(&obj, "format")? {
         "nhk" => (NHK, Some("hobby")),
         "nk" => (NK, None),
@@ -546,9 +572,11 @@ async fn list<B: Backend>(
     match app.manager.list_for(&caller, None).await {
         Err(e) => app.reject(&e.rejection(), BodyStyle::Nested),
         Ok(records) => {
+            // The active ones: not revoked, not expired.
+            let now = app.gate.authenticator().clock_ref().now();
             let data: Vec<Value> = records
                 .iter()
-                .filter(|r| r.revoked_at.is_none() && kind.holds(r))
+                .filter(|r| r.is_active(now) && kind.holds(r))
                 .map(|r| {
                     let mut v = json!({
                         "id": r.id.as_str(),
@@ -616,7 +644,8 @@ async fn create_token<B: Backend>(
     BodyBytes(body): BodyBytes,
 ) -> Response {
     let parsed = object(&body).and_then(|obj| {
-        let name = req_str(&obj, "name")?.to_owned();
+        known_fields(&obj, TOKEN_FIELDS)?;
+        let name = name_field(&obj)?.to_owned();
         let expiry: TokenExpiry =
             req_str(&obj, "expiresIn")?.parse().map_err(|e| bad("expiresIn", format!("{e}")))?;
         Ok((name, expiry, scopes_field(&obj)?))
