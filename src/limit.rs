@@ -26,6 +26,10 @@ use crate::http::{Rejection, ceil_secs};
 /// Most policies one plan may stack on a key.
 pub const MAX_STACKED: usize = 4;
 
+/// Per policy of a refund, what its check left in that policy's state
+/// ([`Decision::receipts`]).
+pub(crate) type Receipts = SmallVec<[Option<u64>; 2]>;
+
 /// The overall result of a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -112,6 +116,21 @@ pub struct Decision {
     outcome: Outcome,
     policies: SmallVec<[PolicyDecision; 1]>,
     at: Timestamp,
+    /// What an admitted consume took, for [`LimitStore::refund`].
+    charge: Option<Charge>,
+}
+
+/// What an admitted consume charged: enough for a refund to give back
+/// only what this check still holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Charge {
+    /// Units charged to every policy.
+    cost: u32,
+    /// The store's own clock at the check, in its nanoseconds (a
+    /// `MemoryLimiter`'s time line, the Redis server's Unix time).
+    mark: u64,
+    /// Each policy's algorithm, in order.
+    algorithms: [Option<Algorithm>; MAX_STACKED],
 }
 
 impl Decision {
@@ -120,7 +139,55 @@ impl Decision {
         policies: SmallVec<[PolicyDecision; 1]>,
         at: Timestamp,
     ) -> Self {
-        Self { outcome, policies, at }
+        Self { outcome, policies, at, charge: None }
+    }
+
+    /// Records what an admitted consume of `cost` units under `policies`
+    /// charged, at `mark` on the store's clock (nothing for a denial, a
+    /// peek or a cost of zero).
+    pub(crate) fn charged(mut self, policies: &[Policy], cost: u32, mark: u64) -> Self {
+        if self.outcome == Outcome::Allowed && cost > 0 {
+            let mut algorithms = [None; MAX_STACKED];
+            for (a, p) in algorithms.iter_mut().zip(policies) {
+                *a = Some(p.algorithm());
+            }
+            self.charge = Some(Charge { cost, mark, algorithms });
+        }
+        self
+    }
+
+    /// For a refund of `cost` units under `policies`: the units to give
+    /// back (at most what this check charged) and, per policy, what the
+    /// check left in its state on the store's clock (a GCRA key's
+    /// theoretical arrival time, a fixed window's end, a sliding window's
+    /// entry time), or `None` where it charged that policy nothing (a
+    /// denial, a peek, another name or algorithm at that place: a plan
+    /// changed in between).
+    pub(crate) fn receipts(&self, policies: &[Policy], cost: u32) -> (u32, Receipts) {
+        let Some(charge) = self.charge else {
+            return (0, policies.iter().map(|_| None).collect());
+        };
+        let receipts = policies
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let pd = self.policies.get(i)?;
+                if pd.name != p.policy_name() || charge.algorithms.get(i)? != &Some(p.algorithm()) {
+                    return None;
+                }
+                let after =
+                    charge.mark.saturating_add(crate::clock::duration_nanos(pd.reset_after));
+                Some(match p.algorithm() {
+                    // The newest entry is this check's: it leaves the
+                    // window a period after it was made.
+                    Algorithm::SlidingWindow => {
+                        after.saturating_sub(crate::clock::duration_nanos(pd.period))
+                    }
+                    _ => after,
+                })
+            })
+            .collect();
+        (cost.min(charge.cost), receipts)
     }
 
     /// The outcome.

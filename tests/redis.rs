@@ -276,8 +276,10 @@ async fn decisions_match_the_memory_limiter() {
             }
             assert_eq!((r.limit(), r.remaining()), (m.limit(), m.remaining()));
             if j % 5 == 4 {
-                memory.refund(key.as_str(), plan, 1);
-                limiter.refund(&key, plan, 1).await.unwrap();
+                // The check just made, given back (nothing if it was not
+                // an admitted consume).
+                memory.refund(key.as_str(), plan, 1, &m);
+                limiter.refund(&key, plan, 1, &r).await.unwrap();
             }
         }
     }
@@ -391,6 +393,8 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
         Ok::<_, BackendError>(())
     };
     all_ok().await.unwrap();
+    // An admitted check, for a refund to give back while the server is down.
+    let charged = limiter.check("k", &plan, 1, CheckMode::Consume).await.unwrap();
 
     for (what, round) in [("stopped", 0), ("still stopped", 1)] {
         if round == 0 {
@@ -414,7 +418,7 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
         assert!(r.is_err() && t < BOUND, "{what}: keys list {r:?} in {t:?}");
         let (r, t) = timed(quota.usage("a", "n", now)).await;
         assert!(r.is_err() && t < BOUND, "{what}: quota usage {r:?} in {t:?}");
-        let (r, t) = timed(limiter.refund("k", &plan, 1)).await;
+        let (r, t) = timed(limiter.refund("k", &plan, 1, &charged)).await;
         assert!(r.is_err() && t < BOUND, "{what}: limiter refund {r:?} in {t:?}");
     }
 

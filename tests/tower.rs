@@ -55,8 +55,14 @@ impl LimitStore for FlakyLimiter {
         LimitStore::check(&self.0, key, policies, cost, mode).await
     }
 
-    async fn refund(&self, key: &str, policies: &[Policy], cost: u32) -> Result<(), BackendError> {
-        LimitStore::refund(&self.0, key, policies, cost).await
+    async fn refund(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+        check: &Decision,
+    ) -> Result<(), BackendError> {
+        LimitStore::refund(&self.0, key, policies, cost, check).await
     }
 }
 

@@ -347,8 +347,13 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
     }
 }
 
-/// Gives back `cost` units to `slot` (a refunded request).
-pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32) {
+/// Gives back `cost` units of a refunded check to `slot`, no more than
+/// that check still holds: `receipt` is what it left in this policy's state
+/// (a GCRA theoretical arrival time, a fixed window's end, a sliding
+/// window's entry time; [`Decision::receipts`](super::Decision::receipts)).
+/// Units counted in a window since passed, or time already earned back,
+/// are not credited to what came after.
+pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, receipt: u64) {
     // Read as a check reads it: another policy's state (a plan change that
     // kept the name) is carried into this policy's terms first, so the
     // units it holds count here for this policy's window, not only until
@@ -358,24 +363,31 @@ pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32) {
     }
     match slot {
         Slot::Tat(tat) => {
-            let back = policy.emission_interval_nanos().saturating_mul(u64::from(cost));
+            // The check pushed the arrival time to `receipt`; of that, only
+            // what lies ahead of now is still borrowed. Taking back no more
+            // never frees time a later check used: each later check moves
+            // the arrival time by at most what it adds.
+            let back = policy
+                .emission_interval_nanos()
+                .saturating_mul(u64::from(cost))
+                .min(receipt.saturating_sub(now));
             *tat = tat.saturating_sub(back).max(now.min(*tat));
         }
         Slot::Window { end, count } => {
-            if *end > now {
+            // Only in the window the check counted in.
+            if *end == receipt && *end > now {
                 *count = count.saturating_sub(cost);
             }
         }
         Slot::Log(log) => {
-            // The refunded request's entries are unknown: give back the
-            // oldest still in the window. What stays is then, entry by
-            // entry, no earlier than the true log, so nothing is admitted
-            // early. (Dropping the newest would keep an older entry that
-            // expires sooner than the refunded one.) Bounded by the log's
-            // length, not by `cost` (up to u32::MAX).
+            // The check's own entries (any of a check at the same instant
+            // stand for each other), if still in the log. Bounded by the
+            // log's length, not by `cost` (up to u32::MAX).
             let gone = expired(log, now, duration_nanos(policy.period()));
             log.drain(..gone);
-            log.drain(..(cost as usize).min(log.len()));
+            let from = log.partition_point(|&e| e < receipt);
+            let to = log.partition_point(|&e| e <= receipt);
+            log.drain(from..to.min(from.saturating_add(cost as usize)));
         }
         Slot::Fresh => {}
     }
@@ -501,27 +513,80 @@ mod tests {
     #[test]
     fn refund_reads_another_windows_state_as_a_check_does() {
         // Three used in a 50 ms window, then the plan's window is an hour
-        // (the same name): a refund counts them in the hour, less one, so
-        // they outlive the short window's end.
+        // (the same name): a refund reads them as counted in the hour, so
+        // they outlive the short window's end, and credits nothing, since
+        // the refunded check counted in the short window.
         let hour = Policy::new("d", 3, Duration::from_secs(3600), Algorithm::FixedWindow).unwrap();
         let mut slot = Slot::Window { end: 50_000_000, count: 3 };
-        refund(&hour, &mut slot, 10_000_000, 1);
-        assert_eq!(slot, Slot::Window { end: 3_600 * S, count: 2 });
-        assert!(!step(&hour, &slot, 60_000_000, 2).0.allowed, "two more would make four");
-        assert!(step(&hour, &slot, 60_000_000, 1).0.allowed);
+        refund(&hour, &mut slot, 10_000_000, 1, 50_000_000);
+        assert_eq!(slot, Slot::Window { end: 3_600 * S, count: 3 });
+        assert!(!step(&hour, &slot, 60_000_000, 1).0.allowed, "the three count in the hour");
     }
 
     #[test]
     fn refund_gives_units_back() {
         let p = Policy::new("d", 2, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
         let mut slot = Slot::Window { end: S, count: 2 };
-        refund(&p, &mut slot, 0, 1);
+        refund(&p, &mut slot, 0, 1, S);
         assert!(step(&p, &slot, 0, 1).0.allowed);
         let g = Policy::new("d", 1, Duration::from_secs(1), Algorithm::Gcra).unwrap();
         let (_, n) = next_slot(&g, &Slot::Fresh, 0, 1);
         let mut slot = n.unwrap();
         assert!(!step(&g, &slot, 0, 1).0.allowed);
-        refund(&g, &mut slot, 0, 1);
+        refund(&g, &mut slot, 0, 1, S);
         assert!(step(&g, &slot, 0, 1).0.allowed);
+        let w = Policy::new("d", 1, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap();
+        let (_, n) = next_slot(&w, &Slot::Fresh, 0, 1);
+        let mut slot = n.unwrap();
+        refund(&w, &mut slot, 0, 1, 0);
+        assert!(step(&w, &slot, 0, 1).0.allowed);
+    }
+
+    /// A refund that comes after the refunded check's window (or the time
+    /// its units held) has passed gives nothing to the checks after it.
+    #[test]
+    fn a_late_refund_is_not_credited_to_later_checks() {
+        let ms = |n: u64| n * MS;
+        // Fixed, 3 a second: one unit at 0.9 s, three at 1.0 s (the next
+        // window), then the first is refunded.
+        let f = Policy::new("d", 3, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+        let (s, _) = next_slot(&f, &Slot::Fresh, ms(900), 1);
+        let receipt = ms(900) + s.reset_after;
+        let mut slot = Slot::Fresh;
+        for _ in 0..3 {
+            slot = next_slot(&f, &slot, S, 1).1.unwrap();
+        }
+        refund(&f, &mut slot, S, 1, receipt);
+        assert!(!step(&f, &slot, S, 1).0.allowed, "fixed: the window already has its three");
+        // GCRA, 1 a second: units at 0 s and 1.5 s, then the first is
+        // refunded: it was earned back at 1 s.
+        let g = Policy::new("d", 1, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+        let (s, first) = next_slot(&g, &Slot::Fresh, 0, 1);
+        let receipt = s.reset_after;
+        let mut slot = next_slot(&g, &first.unwrap(), ms(1_500), 1).1.unwrap();
+        refund(&g, &mut slot, ms(1_500), 1, receipt);
+        assert!(!step(&g, &slot, ms(1_500), 1).0.allowed, "gcra: one a second");
+        // A prompt GCRA refund, after later checks, gives back only what
+        // the refunded unit still holds: 3 a second, one unit at 0, two at
+        // 0.1 s, the first refunded at 0.2 s (0.2 s of it already earned).
+        let g3 = Policy::new("d", 3, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+        let (s, first) = next_slot(&g3, &Slot::Fresh, 0, 1);
+        let receipt = s.reset_after;
+        let mut slot = first.unwrap();
+        for _ in 0..2 {
+            slot = next_slot(&g3, &slot, ms(100), 1).1.unwrap();
+        }
+        refund(&g3, &mut slot, ms(200), 1, receipt);
+        assert!(step(&g3, &slot, ms(200), 1).0.allowed);
+        let slot = next_slot(&g3, &slot, ms(200), 1).1.unwrap();
+        assert!(!step(&g3, &slot, ms(200), 1).0.allowed, "never more than the burst");
+        // Sliding, 1 a second: units at 0 s and 1.5 s, then the first is
+        // refunded: its entry has left the window; the 1.5 s one stays.
+        let w = Policy::new("d", 1, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap();
+        let (s, first) = next_slot(&w, &Slot::Fresh, 0, 1);
+        let receipt = s.reset_after - S;
+        let mut slot = next_slot(&w, &first.unwrap(), ms(1_500), 1).1.unwrap();
+        refund(&w, &mut slot, ms(1_500), 1, receipt);
+        assert!(!step(&w, &slot, ms(1_500), 1).0.allowed, "sliding: one a second");
     }
 }

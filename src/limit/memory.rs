@@ -776,7 +776,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
         {
             match self.word_check(state, p, cost, mode, now) {
-                Some(judged) => return Ok(self.decision(p, judged)),
+                Some(judged) => return Ok(self.decision(p, judged, cost, mode)),
                 None => untracked = false,
             }
         }
@@ -788,7 +788,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         }
         if let (CheckMode::Peek, Some((p, _)), true) = (mode, word, untracked) {
             // An unknown key is fresh; peeking does not start tracking it.
-            return Ok(self.decision(p, self.live_check(&AtomicU64::new(0), p, cost, mode, now)));
+            let judged = self.live_check(&AtomicU64::new(0), p, cost, mode, now);
+            return Ok(self.decision(p, judged, cost, mode));
         }
         self.check_tracking(hash, shard, key, policies, cost, mode, now)
     }
@@ -869,7 +870,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         {
             tracked.next_purge =
                 tracked.next_purge.min(word_fresh_at(state.load(Ordering::Acquire)));
-            return Ok(self.decision(p, judged));
+            return Ok(self.decision(p, judged, cost, mode));
         }
         let in_multis = shard.multis().find(hash, |(k, _)| k.borrow() == key).is_some();
         if mode == CheckMode::Peek && (in_multis || self.has_live_words(shard, hash, key, policies))
@@ -884,7 +885,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             // Decided once, on a word of its own, and stored only if
             // admitted (no reader can see the slot before it holds it).
             let local = AtomicU64::new(0);
-            let d = self.decision(p, self.live_check(&local, p, cost, mode, now));
+            let d = self.decision(p, self.live_check(&local, p, cost, mode, now), cost, mode);
             if mode == CheckMode::Peek || !d.is_allowed() {
                 return Ok(d);
             }
@@ -1131,22 +1132,42 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             .unwrap_or_else(|| unreachable!("only the writer kills slots"))
     }
 
-    fn decision(&self, p: &Policy, (s, now): (algorithm::Step, u64)) -> Decision {
+    fn decision(
+        &self,
+        p: &Policy,
+        (s, now): (algorithm::Step, u64),
+        cost: u32,
+        mode: CheckMode,
+    ) -> Decision {
         let v = SmallVec::from_buf([PolicyDecision::of(p, &s)]);
-        Decision::new(outcome_of(&s), v, self.wall.wall(now))
+        let d = Decision::new(outcome_of(&s), v, self.wall.wall(now));
+        if mode == CheckMode::Consume { d.charged(std::slice::from_ref(p), cost, now) } else { d }
     }
 
-    /// Gives back `cost` units to `key` under every policy.
-    pub fn refund<Q>(&self, key: &Q, policies: &[Policy], cost: u32)
+    /// Gives back up to `cost` units that `check`, an admitted consume of
+    /// `key` under `policies` by this limiter, took (see
+    /// [`LimitStore::refund`]): never more than that check charged, and
+    /// only what it still holds now.
+    pub fn refund<Q>(&self, key: &Q, policies: &[Policy], cost: u32, check: &Decision)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        with_shards!(self, |s| self.refund_in(s, key, policies, cost));
+        let (cost, receipts) = check.receipts(policies, cost);
+        if cost == 0 {
+            return;
+        }
+        with_shards!(self, |s| self.refund_in(s, key, policies, cost, &receipts));
     }
 
-    fn refund_in<T, Q>(&self, shards: &[Shard<K, T>], key: &Q, policies: &[Policy], cost: u32)
-    where
+    fn refund_in<T, Q>(
+        &self,
+        shards: &[Shard<K, T>],
+        key: &Q,
+        policies: &[Policy],
+        cost: u32,
+        receipts: &[Option<u64>],
+    ) where
         T: Tag,
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
@@ -1154,8 +1175,10 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let now = self.wall.time(&self.clock);
         let fresh = || self.wall.time(&self.clock);
         let (hash, shard) = self.shard(shards, key);
-        for (n, p) in policies.iter().enumerate() {
-            // A repeated name was charged once: it is given back once.
+        for (n, (p, receipt)) in policies.iter().zip(receipts).enumerate() {
+            // A repeated name was charged once: it is given back once. A
+            // policy the check did not charge gets nothing.
+            let Some(receipt) = *receipt else { continue };
             if !first_of_name(policies, n) {
                 continue;
             }
@@ -1166,7 +1189,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // A refund can make the key fresh (a window back to zero):
                 // then the next purge may free it now. Only then is the
                 // writer's lock taken; other refunds stay lock-free.
-                if refund_word(state, p, now, cost, fresh) {
+                if refund_word(state, p, now, cost, receipt, fresh) {
                     if word_fresh_at(state.load(Ordering::Acquire)) <= now {
                         let mut tracked = shard.writer();
                         tracked.next_purge = tracked.next_purge.min(now);
@@ -1177,7 +1200,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // the writer to finish, then look again.
                 let mut tracked = shard.writer();
                 if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
-                    && refund_word(state, p, now, cost, fresh)
+                    && refund_word(state, p, now, cost, receipt, fresh)
                 {
                     if word_fresh_at(state.load(Ordering::Acquire)) <= now {
                         tracked.next_purge = tracked.next_purge.min(now);
@@ -1191,7 +1214,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // Judged on a reading taken under the lock (see
                 // `refund_word`).
                 let now = if algorithm::is_foreign(p, slot, now) { now.max(fresh()) } else { now };
-                algorithm::refund(p, slot, now, cost);
+                algorithm::refund(p, slot, now, cost, receipt);
                 // A refund that carried another window's state into this
                 // policy's keeps it longer: eviction must wait as long.
                 let fresh_at = algorithm::fresh_at(p, slot);
@@ -1276,7 +1299,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             }
             out.push(PolicyDecision::of(p, &s));
         }
-        Decision::new(outcome, out, self.wall.wall(now))
+        let d = Decision::new(outcome, out, self.wall.wall(now));
+        if mode == CheckMode::Consume { d.charged(policies, cost, now) } else { d }
     }
 }
 
@@ -1296,6 +1320,7 @@ fn refund_word(
     p: &Policy,
     now: u64,
     cost: u32,
+    receipt: u64,
     fresh: impl Fn() -> u64,
 ) -> bool {
     state
@@ -1309,7 +1334,7 @@ fn refund_word(
                 now = now.max(fresh());
                 slot = word_to_slot(p, cur, now);
             }
-            algorithm::refund(p, &mut slot, now, cost);
+            algorithm::refund(p, &mut slot, now, cost, receipt);
             Some(slot_word(&slot))
         })
         .is_ok()
@@ -1342,8 +1367,9 @@ impl<C: Clock> LimitStore for MemoryLimiter<String, C> {
         key: &str,
         policies: &[Policy],
         cost: u32,
+        check: &Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        MemoryLimiter::refund(self, key, policies, cost);
+        MemoryLimiter::refund(self, key, policies, cost, check);
         ready(Ok(()))
     }
 }

@@ -60,20 +60,25 @@ pub trait LimitStore: Send + Sync {
         mode: CheckMode,
     ) -> impl Future<Output = Result<Decision, BackendError>> + Send;
 
-    /// Gives back `cost` units previously consumed for `key` (e.g. the
-    /// request failed before doing work). Never credits beyond a fresh
-    /// state: a refund of units never consumed (a key just forgotten, a
-    /// window since passed) leaves no extra room. The state is read as a
-    /// check under `policies` reads it: a state kept under another window
-    /// or burst of the same name counts in this policy's terms (and is kept
-    /// as long as this policy needs it), then gives `cost` back. (Across an
-    /// algorithm change under the same name, the Redis store refunds only
-    /// the new algorithm's state, crediting less; the in-memory one
-    /// converts first.)
+    /// Gives back up to `cost` units that `check` took: `check` is the
+    /// decision of an admitted consume of `key` under `policies` by this
+    /// store (the request failed before doing work, say). Refund a check
+    /// once.
+    ///
+    /// A refund gives back only what that check still holds, so it never
+    /// lets the key exceed its limit: nothing once its fixed window has
+    /// ended (the units are not credited to the next window's), nothing of
+    /// GCRA time already earned back, and of a sliding window only the
+    /// check's own entries. A denied check, a peek, or a policy the check
+    /// did not run under (a plan changed in between) gets nothing back.
+    /// The state is read as a check under `policies` reads it: a state
+    /// kept under another window or burst of the same name counts in this
+    /// policy's terms and is kept as long as this policy needs it.
     fn refund(
         &self,
         key: &str,
         policies: &[Policy],
         cost: u32,
+        check: &Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 }

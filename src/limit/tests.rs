@@ -140,9 +140,10 @@ fn impossible_peek_refund() {
     let peek = l.peek("k", &p, 5).unwrap();
     assert!(peek.is_allowed());
     assert_eq!(l.peek("k", &p, 1).unwrap().remaining(), 4, "peek consumed nothing");
-    assert!(l.check("k", &p, 5).unwrap().is_allowed());
+    let five = l.check("k", &p, 5).unwrap();
+    assert!(five.is_allowed());
     assert!(!l.check("k", &p, 1).unwrap().is_allowed());
-    l.refund("k", &p, 2);
+    l.refund("k", &p, 2, &five);
     assert_eq!(l.check("k", &p, 2).unwrap().remaining(), 0);
     // Peeking an unknown key does not start tracking it.
     assert!(l.peek("new", &p, 1).unwrap().is_allowed());
@@ -358,13 +359,14 @@ fn moving_to_a_stacked_plan_keeps_the_single_policy_state() {
 fn refund_and_peek_follow_a_key_through_rebuilds_and_moves() {
     let l = MemoryLimiter::<u64, _>::with_clock(100_000, clock());
     let p = [Policy::new("d", 2, Duration::from_secs(3600), Algorithm::Gcra).unwrap()];
-    assert_eq!(l.check(&0, &p, 1).unwrap().remaining(), 1);
+    let first = l.check(&0, &p, 1).unwrap();
+    assert_eq!(first.remaining(), 1);
     // Enough new keys to grow (rebuild) every shard's table many times.
     for k in 1..5_000u64 {
         assert!(l.check(&k, &p, 1).unwrap().is_allowed());
     }
     assert_eq!(l.peek(&0, &p, 1).unwrap().remaining(), 0, "state survived the rebuilds");
-    l.refund(&0, &p, 1);
+    l.refund(&0, &p, 1, &first);
     assert_eq!(l.check(&0, &p, 1).unwrap().remaining(), 1, "the refund reached the new table");
     assert_eq!(l.check(&0, &p, 1).unwrap().remaining(), 0);
     assert!(!l.check(&0, &p, 1).unwrap().is_allowed());
@@ -375,9 +377,10 @@ fn refund_and_peek_follow_a_key_through_rebuilds_and_moves() {
         [p[0].clone(), Policy::new("g", 1000, Duration::from_secs(1), Algorithm::Gcra).unwrap()];
     let k = 10_000;
     assert!(l.check(&k, &p, 1).unwrap().is_allowed());
-    assert!(l.check(&k, &stacked, 1).unwrap().is_allowed());
+    let moved = l.check(&k, &stacked, 1).unwrap();
+    assert!(moved.is_allowed());
     assert!(!l.check(&k, &p, 1).unwrap().is_allowed(), "2 of 2 used");
-    l.refund(&k, &p, 1);
+    l.refund(&k, &p, 1, &moved);
     assert_eq!(l.peek(&k, &p, 1).unwrap().remaining(), 0);
     assert!(l.check(&k, &p, 1).unwrap().is_allowed());
     assert!(!l.check(&k, &stacked, 1).unwrap().is_allowed());
@@ -545,9 +548,14 @@ mod model {
         [vec![a.clone()], vec![a, gcra("b", 6, 10_000)], vec![gcra("b", 6, 10_000)]]
     }
 
-    /// The reference: per key, per policy name, a slot.
+    /// What a key's last consume charged: per policy, its name and what
+    /// the check left in its state; and the cost.
+    type Charged = Option<(Vec<(&'static str, u64)>, u32)>;
+
+    /// The reference: per key, per policy name, a slot; and per key what
+    /// its last consume charged (the check a refund gives back).
     #[derive(Default)]
-    struct Model(HashMap<u64, HashMap<&'static str, Slot>>);
+    struct Model(HashMap<u64, HashMap<&'static str, Slot>>, HashMap<u64, Charged>);
 
     impl Model {
         fn check(
@@ -571,26 +579,38 @@ mod model {
                 Outcome::Limited
             };
             let mut remaining = Vec::new();
+            let mut receipts = Vec::new();
             for (p, (s, next)) in policies.iter().zip(steps) {
+                let name: &'static str = if p.name() == "a" { "a" } else { "b" };
+                receipts.push((name, now + s.reset_after));
                 if outcome == Outcome::Allowed
                     && consume
                     && let Some(next) = next
                 {
-                    let name: &'static str = if p.name() == "a" { "a" } else { "b" };
                     next.apply(slots.entry(name).or_default());
                 }
                 let unconsumed = outcome != Outcome::Allowed && s.allowed;
                 remaining.push(if unconsumed { s.remaining + cost } else { s.remaining });
             }
+            if consume {
+                let charged = (outcome == Outcome::Allowed).then_some((receipts, cost));
+                self.1.insert(key, charged);
+            }
             (outcome, remaining)
         }
 
+        /// Gives back what the key's last consume charged, policy by
+        /// policy where the refund's plan has the check's at that place.
         fn refund(&mut self, key: u64, policies: &[Policy], cost: u32, now: u64) {
-            if let Some(slots) = self.0.get_mut(&key) {
-                for p in policies {
-                    let name: &'static str = if p.name() == "a" { "a" } else { "b" };
+            let (Some(slots), Some(Some((receipts, charged)))) =
+                (self.0.get_mut(&key), self.1.get(&key))
+            else {
+                return;
+            };
+            for (p, (name, receipt)) in policies.iter().zip(receipts) {
+                if p.name() == *name {
                     let slot = slots.entry(name).or_insert(Slot::Fresh);
-                    algorithm::refund(p, slot, now, cost);
+                    algorithm::refund(p, slot, now, cost.min(*charged), *receipt);
                 }
             }
         }
@@ -604,6 +624,7 @@ mod model {
             let l = MemoryLimiter::<u64, _>::with_clock(cap, c.clone());
             let plans = plans();
             let mut model = Model::default();
+            let mut last: HashMap<u64, Decision> = HashMap::new();
             for op in ops {
                 let now = c.monotonic().as_u64();
                 match op {
@@ -614,12 +635,17 @@ mod model {
                         // A refusal to track a new key changes nothing.
                         let Ok(d) = got else { continue };
                         let want = model.check(key, p, cost, now, consume);
+                        if consume {
+                            last.insert(key, d.clone());
+                        }
                         let remaining: Vec<u32> = d.policies().iter().map(|p| p.remaining).collect();
                         prop_assert_eq!((d.outcome(), remaining), want, "{:?}", op);
                     }
                     Op::Refund { key, plan, cost } => {
-                        l.refund(&key, &plans[plan], cost);
-                        model.refund(key, &plans[plan], cost, now);
+                        if let Some(d) = last.get(&key) {
+                            l.refund(&key, &plans[plan], cost, d);
+                            model.refund(key, &plans[plan], cost, now);
+                        }
                     }
                     Op::Advance { ms } => c.advance(Duration::from_millis(ms)),
                 }
@@ -668,15 +694,22 @@ fn plan_changes_keep_counts_within_their_own_windows() {
         [Policy::new("default", 200, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()];
     let free =
         [Policy::new("default", 5, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()];
+    let mut last = None;
     for _ in 0..150 {
-        assert!(l.check("slide", &startup, 1).unwrap().is_allowed());
+        let d = l.check("slide", &startup, 1).unwrap();
+        assert!(d.is_allowed());
+        last = Some(d);
     }
     let d = l.check("slide", &free, 1).unwrap();
     assert!(!d.is_allowed());
     assert_eq!(d.remaining(), 0);
-    // A huge refund is bounded by what the log holds.
-    l.refund("slide", &free, u32::MAX);
-    assert!(l.check("slide", &free, 5).unwrap().is_allowed());
+    // A huge refund gives back what the check took, no more.
+    l.refund("slide", &free, u32::MAX, &last.unwrap());
+    assert!(!l.check("slide", &free, 1).unwrap().is_allowed(), "149 still in the minute");
+    let big = [Policy::new("big", 200, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()];
+    let d = l.check("slide", &big, 150).unwrap();
+    l.refund("slide", &big, u32::MAX, &d);
+    assert!(l.check("slide", &big, 200).unwrap().is_allowed(), "all 150 given back");
 }
 
 #[test]
@@ -784,12 +817,16 @@ fn a_sliding_key_whose_period_grew_is_not_evicted_while_it_still_limits() {
             Policy::new("s", 5, Duration::from_secs(secs), Algorithm::SlidingWindow).unwrap()
         };
         let (minute, hour) = ([sliding(60)], [sliding(3600)]);
+        let mut last = None;
         for _ in 0..5 {
-            assert!(l.check("k", &minute, 1).unwrap().is_allowed());
+            let d = l.check("k", &minute, 1).unwrap();
+            assert!(d.is_allowed());
+            last = Some(d);
         }
         c.advance(Duration::from_secs(30));
         if refund {
-            l.refund("k", &hour, 1);
+            // The last check's entry is still in the log: given back.
+            l.refund("k", &hour, 1, &last.unwrap());
         } else {
             assert!(!l.check("k", &hour, 1).unwrap().is_allowed());
         }
@@ -820,7 +857,7 @@ fn keys_refunded_to_nothing_make_room_for_new_ones() {
     for i in 0..2_000 {
         let k = format!("k{i}");
         match l.check(&k, &day, 1) {
-            Ok(d) if d.is_allowed() => l.refund(&k, &day, 1),
+            Ok(d) if d.is_allowed() => l.refund(&k, &day, 1, &d),
             Ok(_) => {}
             Err(_) => refused += 1,
         }
@@ -969,18 +1006,19 @@ fn denials_of_new_keys_and_empty_policy_lists_track_nothing() {
 }
 
 #[test]
-fn a_sliding_refund_gives_back_the_oldest_entry_not_the_newest() {
+fn a_sliding_refund_gives_back_the_refunded_checks_entry() {
     // 2 a minute: A at 0 s, B at 30 s; A is refunded at 31 s. Giving back
     // B's entry (the newest) would keep A's, which expires at 60 s and lets
     // a third request into B's minute.
     let c = clock();
     let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
     let p = [Policy::new("s", 2, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()];
-    assert!(l.check("k", &p, 1).unwrap().is_allowed()); // A at 0
+    let a = l.check("k", &p, 1).unwrap(); // A at 0
+    assert!(a.is_allowed());
     c.advance(Duration::from_secs(30));
     assert!(l.check("k", &p, 1).unwrap().is_allowed()); // B at 30
     c.advance(Duration::from_secs(1));
-    l.refund("k", &p, 1); // A fails
+    l.refund("k", &p, 1, &a); // A fails
     assert!(l.check("k", &p, 1).unwrap().is_allowed()); // C at 31
     c.advance(Duration::from_secs(29));
     // At 60 s the last minute holds B and C.

@@ -356,12 +356,16 @@ end
 return out
 ";
 
-/// Same KEYS and per-policy ARGV as the check (ARGV[2] unused): gives
-/// `cost` units back to every policy.
+/// Same KEYS and per-policy ARGV as the check (ARGV[2] unused), then one
+/// receipt per policy (`Decision::receipts`: a GCRA theoretical arrival
+/// time in ns, a fixed window's end or a sliding window's entry time in
+/// µs; empty for a policy the check did not charge): gives up to `cost`
+/// units back to every policy, no more than the check still holds.
 const REFUND: &str = r"
 local cost = tonumber(ARGV[1])
 for i = 1, n do
-  if first_of_name(i) then
+  local receipt = ARGV[2 + n * 5 + i]
+  if first_of_name(i) and receipt ~= '' then
     local b = 2 + (i - 1) * 5
     local alg = ARGV[b + 1]
     local period = tonumber(ARGV[b + 3])
@@ -376,7 +380,13 @@ for i = 1, n do
         if rel > horizon + SLACK_NS then rel = horizon end
         local floor = rel
         if floor > 0 then floor = 0 end
-        local next = rel - interval * cost
+        -- Only the check's time still ahead of now is given back (time
+        -- already earned back belongs to the checks after it).
+        local back = interval * cost
+        local held = tat_rel(receipt)
+        if held < back then back = held end
+        if back < 0 then back = 0 end
+        local next = rel - back
         if next < floor then next = floor end
         if next <= 0 then
           redis.call('DEL', KEYS[i])
@@ -392,29 +402,24 @@ for i = 1, n do
         -- written with this window's end and lifetime, not the old one's.
         local limit = tonumber(ARGV[b + 2])
         if clamped and count > limit then count = limit end
-        count = count - cost
-        if count < 0 then count = 0 end
+        -- Given back only in the window the check counted in.
+        if not clamped and math.abs(window_end - tonumber(receipt)) < 1 then
+          count = count - cost
+          if count < 0 then count = 0 end
+        end
         local until_end = window_end - now_us
         if until_end < 0 then until_end = 0 end
         redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, count), 'PX', ms_ceil(until_end * 1000))
       end
     else
-      -- The oldest entries still in the window, as MemoryLimiter: what
-      -- stays is no earlier than the true log, so nothing is admitted
-      -- early.
-      local log = redis.call('LRANGE', KEYS[i], 0, -1)
+      -- The check's own entries, if still in the log (entries of checks
+      -- at the same microsecond stand for each other).
+      redis.call('LREM', KEYS[i], cost, receipt)
+      local log = redis.call('LRANGE', KEYS[i], -1, -1)
       if #log > 0 then
+        -- What stays counts for this period (see `keep_for`).
         local p = period / 1000
-        local gone = 0
-        if now_us >= p then gone = lower_bound(log, now_us - p) end
-        local drop = gone + cost
-        if drop >= #log then
-          redis.call('DEL', KEYS[i])
-        else
-          redis.call('LTRIM', KEYS[i], drop, -1)
-          -- What stays counts for this period (see `keep_for`).
-          keep_for(KEYS[i], ms_ceil((tonumber(log[#log]) + p - now_us) * 1000))
-        end
+        keep_for(KEYS[i], ms_ceil((tonumber(log[1]) + p - now_us) * 1000))
       end
     end
   end
@@ -500,7 +505,29 @@ fn nanos(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
 
-fn decode(policies: &[Policy], reply: &[i64]) -> Result<Decision, BackendError> {
+/// The REFUND script's receipts, after the check's arguments: per policy,
+/// in the units its state keeps (see `REFUND`).
+fn receipt_args(policies: &[Policy], receipts: &[Option<u64>]) -> Vec<Vec<u8>> {
+    policies
+        .iter()
+        .zip(receipts)
+        .map(|(p, r)| match (p.algorithm(), r) {
+            (_, None) => Vec::new(),
+            (Algorithm::FixedWindow, Some(ns)) => (ns / 1000).to_string().into_bytes(),
+            // Entries are whole microseconds; the receipt is within a
+            // nanosecond of one.
+            (Algorithm::SlidingWindow, Some(ns)) => ((ns + 500) / 1000).to_string().into_bytes(),
+            (_, Some(ns)) => ns.to_string().into_bytes(),
+        })
+        .collect()
+}
+
+fn decode(
+    policies: &[Policy],
+    reply: &[i64],
+    cost: u32,
+    mode: CheckMode,
+) -> Result<Decision, BackendError> {
     if reply.len() != 3 + 4 * policies.len() {
         return Err(BackendError::corrupt("limiter reply has the wrong length"));
     }
@@ -524,7 +551,10 @@ fn decode(policies: &[Policy], reply: &[i64]) -> Result<Decision, BackendError> 
         };
         out.push(PolicyDecision::of(p, &step));
     }
-    Ok(Decision::new(outcome, out, at))
+    let d = Decision::new(outcome, out, at);
+    // The server's clock, as the receipts count it.
+    let mark = u64::try_from(micros * 1000).unwrap_or(0);
+    Ok(if mode == CheckMode::Consume { d.charged(policies, cost, mark) } else { d })
 }
 
 impl LimitStore for RedisLimiter {
@@ -549,7 +579,7 @@ impl LimitStore for RedisLimiter {
                 let now = crate::clock::os_wall_now();
                 return Ok(Decision::new(Outcome::Allowed, SmallVec::new(), now));
             };
-            decode(&policies, &call.await?)
+            decode(&policies, &call.await?, cost, mode)
         }
     }
 
@@ -558,14 +588,19 @@ impl LimitStore for RedisLimiter {
         key: &str,
         policies: &[Policy],
         cost: u32,
+        check: &Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        let call = self.redis.eval::<i64>(
-            &REFUND_SCRIPT,
-            self.keys(key, policies),
-            args(policies, cost, CheckMode::Consume),
-        );
+        let (cost, receipts) = check.receipts(policies, cost);
+        // Nothing to give back: nothing to ask the server.
+        let call = (cost > 0).then(|| {
+            let mut argv = args(policies, cost, CheckMode::Consume);
+            argv.extend(receipt_args(policies, &receipts));
+            self.redis.eval::<i64>(&REFUND_SCRIPT, self.keys(key, policies), argv)
+        });
         async move {
-            call.await?;
+            if let Some(call) = call {
+                call.await?;
+            }
             Ok(())
         }
     }

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::limit::{Algorithm, CheckMode, LimitStore, Outcome, Policy};
+use crate::limit::{Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy};
 
 fn policy(name: &'static str, limit: u32, algorithm: Algorithm) -> Policy {
     Policy::new(name, limit, Duration::from_secs(3600), algorithm).expect("valid policy")
@@ -25,12 +25,25 @@ fn clear_of_the_hour() {
 
 /// How many of `n` one-unit checks of `key` against `policies` are admitted.
 async fn count_admitted<S: LimitStore>(store: &S, key: &str, policies: &[Policy], n: u32) -> u32 {
-    let mut admitted = 0;
+    admitted_last(store, key, policies, n).await.0
+}
+
+/// [`count_admitted`], and the last admitted check's decision (to refund).
+async fn admitted_last<S: LimitStore>(
+    store: &S,
+    key: &str,
+    policies: &[Policy],
+    n: u32,
+) -> (u32, Option<Decision>) {
+    let (mut admitted, mut last) = (0, None);
     for _ in 0..n {
         let d = store.check(key, policies, 1, CheckMode::Consume).await.unwrap();
-        admitted += u32::from(d.is_allowed());
+        if d.is_allowed() {
+            admitted += 1;
+            last = Some(d);
+        }
     }
-    admitted
+    (admitted, last)
 }
 
 /// Runs every check against `store`, using keys that start with `prefix`
@@ -55,6 +68,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     algorithm_change(store, &format!("{prefix}:algorithm")).await;
     repeated_name(store, &format!("{prefix}:repeated")).await;
     over_refund(store, &format!("{prefix}:over")).await;
+    late_refund(store, &format!("{prefix}:late")).await;
     let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
     assert!(none.is_allowed() && none.policies().is_empty(), "no policy is no limit");
     assert_eq!((none.remaining(), none.retry_after()), (u32::MAX, None));
@@ -66,26 +80,57 @@ async fn repeated_name<S: LimitStore>(store: &S, key: &str) {
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{key}:{}", alg.as_str());
         let twice = [policy("x", 10, alg), policy("x", 10, alg)];
-        let admitted = count_admitted(store, &key, &twice, 12).await;
+        let (admitted, last) = admitted_last(store, &key, &twice, 12).await;
         assert_eq!(admitted, 10, "{}: one state, charged once per check", alg.as_str());
         // Given back once, too: one unit refunded admits one check.
-        store.refund(&key, &twice, 1).await.unwrap();
+        store.refund(&key, &twice, 1, &last.unwrap()).await.unwrap();
         let admitted = count_admitted(store, &key, &twice, 3).await;
         assert_eq!(admitted, 1, "{}: refunded once", alg.as_str());
     }
 }
 
-/// A refund of units never consumed (a fresh key; more than was used)
-/// leaves no extra room beyond a fresh state.
+/// A refund of units never consumed (a peek's; more than the check took;
+/// the same check twice) leaves no extra room beyond a fresh state.
 async fn over_refund<S: LimitStore>(store: &S, key: &str) {
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{key}:{}", alg.as_str());
         let p = [policy("x", 3, alg)];
-        store.refund(&key, &p, 5).await.unwrap();
-        assert!(store.check(&key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
-        store.refund(&key, &p, 5).await.unwrap();
+        let peek = store.check(&key, &p, 1, CheckMode::Peek).await.unwrap();
+        store.refund(&key, &p, 5, &peek).await.unwrap();
+        let d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(d.is_allowed());
+        store.refund(&key, &p, 5, &d).await.unwrap();
+        store.refund(&key, &p, 5, &d).await.unwrap();
         let admitted = count_admitted(store, &key, &p, 5).await;
         assert_eq!(admitted, 3, "{}: never more than the limit", alg.as_str());
+    }
+}
+
+/// A refund that comes after the refunded check's window has ended (or,
+/// for GCRA, after its time was earned back) gives nothing to the checks
+/// made since: a one-a-second key with a unit used before that and one
+/// after stays used up.
+async fn late_refund<S: LimitStore>(store: &S, key: &str) {
+    let span = Duration::from_secs(1);
+    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let key = format!("{key}:{}", alg.as_str());
+        let p = [Policy::new("x", 1, span, alg).expect("valid policy")];
+        let first = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(first.is_allowed(), "{}: {first:?}", alg.as_str());
+        // Past the first unit's window (or its interval), then the next
+        // one: a fixed window starts it at that window's beginning, so
+        // the checks below land in it.
+        let wait = first.binding().reset_after + Duration::from_millis(20);
+        std::thread::sleep(wait);
+        let second = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(second.is_allowed(), "{}: {second:?}", alg.as_str());
+        store.refund(&key, &p, 1, &first).await.unwrap();
+        let d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(!d.is_allowed(), "{}: the late refund admitted a second unit", alg.as_str());
+        // A prompt refund of the second gives its unit back.
+        store.refund(&key, &p, 1, &second).await.unwrap();
+        let d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(d.is_allowed(), "{}: the prompt refund gave nothing: {d:?}", alg.as_str());
     }
 }
 
@@ -187,16 +232,19 @@ async fn longer_window<S: LimitStore>(store: &S, key: &str) {
 /// second) for `key`, one unit at a time. A fixed window is started at its
 /// beginning (as in `longer_window`), so the units and the checks that
 /// follow land in one window.
-async fn use_up<S: LimitStore>(store: &S, key: &str, short: &[Policy; 1]) {
+async fn use_up<S: LimitStore>(store: &S, key: &str, short: &[Policy; 1]) -> Decision {
     let p = &short[0];
     let d = store.check(key, short, 1, CheckMode::Peek).await.unwrap();
     let left = d.binding().reset_after;
     if p.algorithm() == Algorithm::FixedWindow && left < p.period() * 7 / 10 {
         std::thread::sleep(left + Duration::from_millis(2));
     }
+    let mut last = d;
     for _ in 0..p.limit() {
-        assert!(store.check(key, short, 1, CheckMode::Consume).await.unwrap().is_allowed());
+        last = store.check(key, short, 1, CheckMode::Consume).await.unwrap();
+        assert!(last.is_allowed());
     }
+    last
 }
 
 /// A plan change to a longer window under one name whose first check is a
@@ -211,7 +259,7 @@ async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
         let key = format!("{key}:{}", alg.as_str());
         let short = [Policy::new("default", 2, span, alg).expect("valid policy")];
         let hourly = [policy("default", 2, alg)];
-        use_up(store, &key, &short).await;
+        let _ = use_up(store, &key, &short).await;
         let d = store.check(&key, &hourly, 1, CheckMode::Consume).await.unwrap();
         assert!(!d.is_allowed(), "{}: the two count in the hour: {d:?}", alg.as_str());
         std::thread::sleep(span + Duration::from_millis(50));
@@ -225,8 +273,9 @@ async fn longer_window_denied<S: LimitStore>(store: &S, key: &str) {
 }
 
 /// As [`longer_window_denied`], but the only calls under the long window
-/// before the short one ends are a refund or a peek: neither may let the
-/// state expire on the short window's schedule.
+/// before the short one ends are a refund (of the last check under the
+/// short window) or a peek: neither may let the state expire on the short
+/// window's schedule.
 async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
     let span = Duration::from_secs(1);
     for (alg, peek) in [
@@ -237,17 +286,20 @@ async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
         let key = format!("{key}:{}:{peek}", alg.as_str());
         let short = [Policy::new("default", 3, span, alg).expect("valid policy")];
         let hourly = [policy("default", 3, alg)];
-        use_up(store, &key, &short).await;
-        // Three used in the hour; a refund gives one back (two left used),
-        // a peek changes nothing (three used).
-        let (used, ask) = if peek {
+        let last = use_up(store, &key, &short).await;
+        // Three used in the hour; a refund gives back one of a sliding
+        // window (its entry is still in the log: two left used) and none of
+        // a fixed window (it counted in the short window: three used), a
+        // peek changes nothing (three used). Two more never fit.
+        let used = if peek {
             let d = store.check(&key, &hourly, 1, CheckMode::Peek).await.unwrap();
             assert!(!d.is_allowed(), "{}: a peek sees the three", alg.as_str());
-            (3, 1)
+            3
         } else {
-            store.refund(&key, &hourly, 1).await.unwrap();
-            (2, 2)
+            store.refund(&key, &hourly, 1, &last).await.unwrap();
+            if alg == Algorithm::FixedWindow { 3 } else { 2 }
         };
+        let ask = 4 - used;
         std::thread::sleep(span + Duration::from_millis(50));
         let d = store.check(&key, &hourly, ask, CheckMode::Consume).await.unwrap();
         assert!(
@@ -266,8 +318,9 @@ async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
     let short =
         [Policy::new("default", 3, Duration::from_secs(30), Algorithm::Gcra)
             .expect("valid policy")];
-    assert!(store.check(&key, &hourly, 100, CheckMode::Consume).await.unwrap().is_allowed());
-    store.refund(&key, &short, 1).await.unwrap();
+    let d = store.check(&key, &hourly, 100, CheckMode::Consume).await.unwrap();
+    assert!(d.is_allowed());
+    store.refund(&key, &short, 1, &d).await.unwrap();
     let admitted = count_admitted(store, &key, &short, 3).await;
     assert_eq!(admitted, 1, "gcra: the refunded unit, no more");
 }
@@ -299,7 +352,7 @@ async fn peek_refund_impossible<S: LimitStore>(store: &S, key: &str, alg: Algori
     let d = store.check(key, &p, 3, CheckMode::Consume).await.unwrap();
     assert!(d.is_allowed(), "{alg:?}: neither peek nor impossible consumed anything");
     assert!(!store.check(key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
-    store.refund(key, &p, 1).await.unwrap();
+    store.refund(key, &p, 1, &d).await.unwrap();
     let d = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
     assert!(d.is_allowed(), "{alg:?}: a refunded unit can be used again");
     assert_eq!(d.remaining(), 0);
