@@ -56,26 +56,32 @@ fn seed_fixed_window_headers_exactly() {
 #[test]
 fn retry_after_is_never_zero_nor_before_reset() {
     let c = clock();
-    // Put wall time 0.9 s into a second, so rounding could disagree.
+    // Put wall time 0.9 s into a second (X.9), so rounding could disagree:
+    // one unit per 1.05 s, used at X.9, is back at X+1.95 (reset X+2).
     c.advance(Duration::from_millis(900));
     let l = MemoryLimiter::<String, _>::with_clock(100, c.clone());
-    let p = [Policy::new("d", 1, Duration::from_millis(1100), Algorithm::Gcra).unwrap()];
-    assert!(l.check("k", &p, 1).unwrap().is_allowed());
-    for step in [0, 1, 500, 999, 1099] {
-        let c2 = c.clone();
-        let _ = step;
+    let p = [Policy::new("d", 1, Duration::from_millis(1050), Algorithm::Gcra).unwrap()];
+    let first = l.check("k", &p, 1).unwrap();
+    assert!(first.is_allowed());
+    let x = first.at().as_second();
+    assert_eq!(first.at().subsec_nanosecond(), 900_000_000);
+    // Denials (which change nothing) at these offsets after the first
+    // check: the wait shrinks from 1.05 s to 1 ms. `Retry-After` is the
+    // wait rounded up, but never points before the reset second (X+2)
+    // counted from the whole second the client sees (`Date`): at X.95 the
+    // wait is 1.0 s, yet X + 1 would be early, so it says 2.
+    let mut at = 0;
+    for (offset_ms, want_retry) in [(0, 2), (49, 2), (50, 2), (99, 2), (100, 1), (1049, 1)] {
+        c.advance(Duration::from_millis(offset_ms - at));
+        at = offset_ms;
         let d = l.check("k", &p, 1).unwrap();
-        assert!(!d.is_allowed());
-        let retry = d.retry_after_secs().unwrap();
-        assert!(retry >= 1);
-        let reset = d.reset_unix();
-        assert!(
-            d.at().as_second() + i64::try_from(retry).unwrap() >= reset,
-            "retry {retry} reset {reset}"
-        );
-        assert!(Duration::from_secs(retry) >= d.retry_after().unwrap());
-        c2.advance(Duration::from_millis(1));
+        assert!(!d.is_allowed(), "+{offset_ms} ms");
+        assert_eq!(d.retry_after(), Some(Duration::from_millis(1050 - offset_ms)));
+        assert_eq!(d.reset_unix(), x + 2, "+{offset_ms} ms");
+        assert_eq!(d.retry_after_secs(), Some(want_retry), "+{offset_ms} ms");
     }
+    c.advance(Duration::from_millis(1));
+    assert!(l.check("k", &p, 1).unwrap().is_allowed(), "back at X+1.95");
 }
 
 #[test]
