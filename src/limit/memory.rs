@@ -1294,8 +1294,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             }
             let mut s = s;
             if outcome != Outcome::Allowed && s.allowed {
-                // Nothing was consumed: report what this policy has now.
-                s.remaining = s.remaining.saturating_add(cost);
+                // Nothing was consumed: report what this policy has now
+                // (units left, and the time until it is fully restored),
+                // as a check of no units sees it.
+                let slot = st.slot(p.name()).unwrap_or(&fresh);
+                s = algorithm::step(p, slot, now, 0).0;
             }
             out.push(PolicyDecision::of(p, &s));
         }

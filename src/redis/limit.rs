@@ -204,6 +204,7 @@ for i = 1, n do
     local free = horizon - used
     if free < 0 then free = 0 end
     local available = idiv(free, interval)
+    st.reset0 = used
     if cost > cap then
       st.impossible = true; st.remaining = available; st.reset = used
     else
@@ -236,6 +237,7 @@ for i = 1, n do
     end
     local left = limit - count
     if left < 0 then left = 0 end
+    st.reset0 = until_end * 1000
     if cost > limit then
       st.impossible = true; st.remaining = left; st.reset = until_end * 1000
     elseif count + cost <= limit then
@@ -286,6 +288,10 @@ for i = 1, n do
     local expired = 0
     if now_us >= p then expired = lower_bound(log, now_us - p) end
     local count = len - expired
+    -- As a check of no units: until this log's newest entry leaves.
+    local at0 = now_us
+    if count > 0 and tonumber(log[len]) > at0 then at0 = tonumber(log[len]) end
+    st.reset0 = (at0 + p - now_us) * 1000
     if cost > limit then
       local c = count
       if c > limit then c = limit end
@@ -344,13 +350,15 @@ for i = 1, n do
     st.keep()
   end
   if writes and st.converted then drop_siblings(i) end
-  local remaining = st.remaining
-  if outcome ~= 0 and st.allowed then remaining = remaining + cost end
+  -- Nothing consumed: what this policy has now, as a check of no units
+  -- sees it.
+  local remaining, reset = st.remaining, st.reset
+  if outcome ~= 0 and st.allowed then remaining = remaining + cost; reset = st.reset0 end
   local a = 0
   if st.allowed then a = 1 end
   table.insert(out, a)
   table.insert(out, remaining)
-  table.insert(out, st.reset)
+  table.insert(out, reset)
   table.insert(out, st.retry)
 end
 return out

@@ -367,6 +367,10 @@ async fn stacked<S: LimitStore>(store: &S, key: &str) {
     assert_eq!(d.policies().len(), 2, "the decision reports every stacked policy");
     assert!(!d.policies()[0].allowed && d.policies()[1].allowed);
     assert_eq!(d.policies()[1].remaining, 1, "the denied check charged no policy");
+    // Two units of a unit per 20 minutes borrowed: restored in 40 minutes,
+    // not the hour the denied unit would have made it.
+    let reset = d.policies()[1].reset_after;
+    assert!(reset <= Duration::from_secs(2400), "sustained resets in {reset:?}");
     assert_eq!(d.binding().name, "burst");
 }
 
