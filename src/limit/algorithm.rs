@@ -173,6 +173,11 @@ pub(crate) fn convert(policy: &Policy, slot: &Slot, now: u64) -> Slot {
         Slot::Log(log) => (log.len() - expired(log, now, period)) as u64,
     };
     let held = held.min(u64::from(policy.capacity()));
+    if held == 0 {
+        // Nothing carried over: fresh, not an empty window of this
+        // policy's (which a later plan change would have to read again).
+        return Slot::Fresh;
+    }
     match policy.algorithm() {
         Algorithm::Gcra => Slot::Tat(now.saturating_add(held.saturating_mul(interval))),
         Algorithm::FixedWindow => Slot::Window {
@@ -260,7 +265,9 @@ fn fixed(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Com
         // The window the count belongs to has not ended (the same window, a
         // later one after the clock stepped back, or one of another period
         // before a plan change): keep counting in it.
-        Slot::Window { end, count } if *end > now => (*count, *end),
+        // A window that counts nothing (refunded to zero) is fresh: this
+        // policy's own current window applies, not its end.
+        Slot::Window { end, count } if *end > now && *count > 0 => (*count, *end),
         _ => (0, (now / period + 1).saturating_mul(period)),
     };
     let until_end = window_end.saturating_sub(now);
@@ -540,6 +547,25 @@ mod tests {
         let mut slot = n.unwrap();
         refund(&w, &mut slot, 0, 1, 0);
         assert!(step(&w, &slot, 0, 1).0.allowed);
+    }
+
+    /// A window that counts nothing (refunded to zero, or carried over
+    /// from another policy with nothing held) is fresh: a plan change to a
+    /// shorter window starts this policy's own window, not the old end.
+    #[test]
+    fn an_empty_window_is_fresh() {
+        let ms = |n: u64| n * MS;
+        let short =
+            Policy::new("d", 2, Duration::from_millis(100), Algorithm::FixedWindow).unwrap();
+        let mut slot = Slot::Window { end: ms(900), count: 0 };
+        for _ in 0..2 {
+            slot = next_slot(&short, &slot, 0, 1).1.unwrap();
+        }
+        let (s, _) = next_slot(&short, &slot, 0, 1);
+        assert_eq!(s.retry_after, Some(ms(100)), "this policy's window, not the old one's");
+        let gcra = Policy::new("d", 2, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+        assert_eq!(convert(&short, &Slot::Tat(0), ms(5)), Slot::Fresh);
+        assert_eq!(convert(&gcra, &Slot::Window { end: ms(900), count: 0 }, 0), Slot::Fresh);
     }
 
     /// A refund that comes after the refunded check's window (or the time

@@ -75,7 +75,8 @@ local function window(key, period)
     local sep = string.find(s, ':', 1, true)
     local e = sep and tonumber(string.sub(s, 1, sep - 1))
     local c = sep and tonumber(string.sub(s, sep + 1))
-    if e and c and e > now_us then
+    -- A window counting nothing (refunded to zero) is fresh.
+    if e and c and c > 0 and e > now_us then
       -- A longer window's (too far ahead), or a shorter window's (ending
       -- inside the current one): counted in the current window.
       if e > now_us + p + SLACK_NS / 1000 or e < current then return c, current, true, true end
