@@ -26,10 +26,6 @@ use crate::http::{Rejection, ceil_secs};
 /// Most policies one plan may stack on a key.
 pub const MAX_STACKED: usize = 4;
 
-/// Per policy of a refund, what its check left in that policy's state
-/// ([`Decision::receipts`]).
-pub(crate) type Receipts = SmallVec<[Option<u64>; 2]>;
-
 /// The overall result of a check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -142,10 +138,52 @@ impl Decision {
         Self { outcome, policies, at, charge: None }
     }
 
+    /// A decision made by a [`LimitStore`] of the host's own (a SQL
+    /// table, say): the outcome, each policy's view in the order of the
+    /// checked policies, and when the check was made (the store's clock,
+    /// for `X-RateLimit-Reset`). For an admitted consume, add
+    /// [`with_charge`](Self::with_charge) so that it can be refunded.
+    ///
+    /// ```
+    /// use std::num::NonZeroU32;
+    /// use std::time::Duration;
+    /// use keygate::limit::{Decision, Outcome, Policy, PolicyDecision};
+    ///
+    /// let p = [Policy::per_minute(NonZeroU32::new(10).unwrap())];
+    /// // The store's row, at `mark` ns on its clock: one more admitted,
+    /// // six left, fully restored in 24 s.
+    /// let mark = 5_000_000_000;
+    /// let view = PolicyDecision {
+    ///     name: p[0].policy_name(),
+    ///     limit: 10,
+    ///     period: Duration::from_secs(60),
+    ///     remaining: 6,
+    ///     reset_after: Duration::from_secs(24),
+    ///     retry_after: None,
+    ///     allowed: true,
+    /// };
+    /// let d = Decision::from_policies(Outcome::Allowed, [view], jiff::Timestamp::UNIX_EPOCH)
+    ///     .with_charge(&p, 1, mark);
+    /// // A refund of this check: one unit at most, and the arrival time the
+    /// // check left (GCRA), which it may give back only while ahead of now.
+    /// let (units, mut receipts) = d.receipts(&p, 5);
+    /// assert_eq!(units, 1);
+    /// assert_eq!(receipts.next(), Some(Some(mark + 24_000_000_000)));
+    /// ```
+    pub fn from_policies(
+        outcome: Outcome,
+        policies: impl IntoIterator<Item = PolicyDecision>,
+        at: Timestamp,
+    ) -> Self {
+        Self::new(outcome, policies.into_iter().collect(), at)
+    }
+
     /// Records what an admitted consume of `cost` units under `policies`
-    /// charged, at `mark` on the store's clock (nothing for a denial, a
-    /// peek or a cost of zero).
-    pub(crate) fn charged(mut self, policies: &[Policy], cost: u32, mark: u64) -> Self {
+    /// charged, at `mark` on the store's own clock in nanoseconds (the
+    /// clock its states are kept on): what
+    /// [`receipts`](Self::receipts) reads back for a refund. Nothing is
+    /// recorded for a denial or a cost of zero.
+    pub fn with_charge(mut self, policies: &[Policy], cost: u32, mark: u64) -> Self {
         if self.outcome == Outcome::Allowed && cost > 0 {
             let mut algorithms = [None; MAX_STACKED];
             for (a, p) in algorithms.iter_mut().zip(policies) {
@@ -156,38 +194,40 @@ impl Decision {
         self
     }
 
-    /// For a refund of `cost` units under `policies`: the units to give
-    /// back (at most what this check charged) and, per policy, what the
-    /// check left in its state on the store's clock (a GCRA key's
-    /// theoretical arrival time, a fixed window's end, a sliding window's
-    /// entry time), or `None` where it charged that policy nothing (a
-    /// denial, a peek, another name or algorithm at that place: a plan
-    /// changed in between).
-    pub(crate) fn receipts(&self, policies: &[Policy], cost: u32) -> (u32, Receipts) {
-        let Some(charge) = self.charge else {
-            return (0, policies.iter().map(|_| None).collect());
-        };
-        let receipts = policies
-            .iter()
-            .enumerate()
-            .map(|(i, p)| {
-                let pd = self.policies.get(i)?;
-                if pd.name != p.policy_name() || charge.algorithms.get(i)? != &Some(p.algorithm()) {
-                    return None;
-                }
-                let after =
-                    charge.mark.saturating_add(crate::clock::duration_nanos(pd.reset_after));
-                Some(match p.algorithm() {
-                    // The newest entry is this check's: it leaves the
-                    // window a period after it was made.
-                    Algorithm::SlidingWindow => {
-                        after.saturating_sub(crate::clock::duration_nanos(pd.period))
-                    }
-                    _ => after,
-                })
-            })
-            .collect();
-        (cost.min(charge.cost), receipts)
+    /// For a refund of `cost` units of this check under `policies`: the
+    /// units to give back (at most what the check charged; 0 for a denial,
+    /// a peek, or a decision without [`with_charge`](Self::with_charge))
+    /// and, per policy, what the check left in its state on the store's
+    /// clock in nanoseconds: a GCRA key's theoretical arrival time, a fixed
+    /// window's end, a sliding window's entry time. `None` where it charged
+    /// that policy nothing (another name or algorithm at that place: a plan
+    /// changed in between). A store gives back, per policy, no more than
+    /// the check still holds at that mark (see [`LimitStore::refund`]).
+    pub fn receipts<'p>(
+        &self,
+        policies: &'p [Policy],
+        cost: u32,
+    ) -> (u32, impl Iterator<Item = Option<u64>> + use<'_, 'p>) {
+        let cost = self.charge.map_or(0, |c| cost.min(c.cost));
+        (cost, policies.iter().enumerate().map(|(i, p)| self.receipt(i, p)))
+    }
+
+    /// [`receipts`](Self::receipts) of policy `p`, at place `i`.
+    fn receipt(&self, i: usize, p: &Policy) -> Option<u64> {
+        let charge = self.charge?;
+        let pd = self.policies.get(i)?;
+        if pd.name != p.policy_name() || charge.algorithms.get(i)? != &Some(p.algorithm()) {
+            return None;
+        }
+        let after = charge.mark.saturating_add(crate::clock::duration_nanos(pd.reset_after));
+        Some(match p.algorithm() {
+            // The newest entry is this check's: it leaves the window a
+            // period after it was made.
+            Algorithm::SlidingWindow => {
+                after.saturating_sub(crate::clock::duration_nanos(pd.period))
+            }
+            _ => after,
+        })
     }
 
     /// The outcome.

@@ -1141,7 +1141,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     ) -> Decision {
         let v = SmallVec::from_buf([PolicyDecision::of(p, &s)]);
         let d = Decision::new(outcome_of(&s), v, self.wall.wall(now));
-        if mode == CheckMode::Consume { d.charged(std::slice::from_ref(p), cost, now) } else { d }
+        if mode == CheckMode::Consume {
+            d.with_charge(std::slice::from_ref(p), cost, now)
+        } else {
+            d
+        }
     }
 
     /// Gives back up to `cost` units that `check`, an admitted consume of
@@ -1157,6 +1161,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         if cost == 0 {
             return;
         }
+        let receipts: SmallVec<[Option<u64>; super::MAX_STACKED]> = receipts.collect();
         with_shards!(self, |s| self.refund_in(s, key, policies, cost, &receipts));
     }
 
@@ -1303,7 +1308,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             out.push(PolicyDecision::of(p, &s));
         }
         let d = Decision::new(outcome, out, self.wall.wall(now));
-        if mode == CheckMode::Consume { d.charged(policies, cost, now) } else { d }
+        if mode == CheckMode::Consume { d.with_charge(policies, cost, now) } else { d }
     }
 }
 

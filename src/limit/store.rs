@@ -43,6 +43,12 @@ pub enum CheckMode {
 ///   state and is charged once ([`Plan`](super::Plan)s refuse duplicate
 ///   names; the [`Policy::per_second`](super::Policy::per_second) family
 ///   is named by its period).
+/// - **Decisions and refunds.** A store of the host's own builds its
+///   decisions with [`Decision::from_policies`], and marks an admitted
+///   consume with [`Decision::with_charge`] (the cost, and its own clock
+///   at the check); its refund reads them back with
+///   [`Decision::receipts`] and gives back, per policy, no more than the
+///   check still holds.
 /// - **Failure.** An unreachable backend is a [`BackendError`]; the host's
 ///   [`FailMode`](crate::backend::FailMode) decides whether the request is
 ///   refused (503, the default) or let through.

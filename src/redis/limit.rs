@@ -563,7 +563,7 @@ fn decode(
     let d = Decision::new(outcome, out, at);
     // The server's clock, as the receipts count it.
     let mark = u64::try_from(micros * 1000).unwrap_or(0);
-    Ok(if mode == CheckMode::Consume { d.charged(policies, cost, mark) } else { d })
+    Ok(if mode == CheckMode::Consume { d.with_charge(policies, cost, mark) } else { d })
 }
 
 impl LimitStore for RedisLimiter {
@@ -600,6 +600,7 @@ impl LimitStore for RedisLimiter {
         check: &Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let (cost, receipts) = check.receipts(policies, cost);
+        let receipts: Vec<Option<u64>> = receipts.collect();
         // Nothing to give back: nothing to ask the server.
         let call = (cost > 0).then(|| {
             let mut argv = args(policies, cost, CheckMode::Consume);
