@@ -110,23 +110,56 @@ impl PolicyDecision {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Decision {
     outcome: Outcome,
+    /// What an admitted consume took, for [`LimitStore::refund`] (a
+    /// [`Charge`] kept flat, in this struct's padding: checks are the hot
+    /// path and the decision is returned by value). `cost` 0: none.
+    cost: u32,
+    algorithms: u8,
+    mark: u64,
+    /// When the check was made, in Unix nanoseconds.
+    at: i64,
     policies: SmallVec<[PolicyDecision; 1]>,
-    at: Timestamp,
-    /// What an admitted consume took, for [`LimitStore::refund`].
-    charge: Option<Charge>,
 }
 
 /// What an admitted consume charged: enough for a refund to give back
 /// only what this check still holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Charge {
-    /// Units charged to every policy.
-    cost: u32,
+pub(crate) struct Charge {
     /// The store's own clock at the check, in its nanoseconds (a
     /// `MemoryLimiter`'s time line, the Redis server's Unix time).
     mark: u64,
-    /// Each policy's algorithm, in order.
-    algorithms: [Option<Algorithm>; MAX_STACKED],
+    /// Units charged to every policy.
+    cost: std::num::NonZeroU32,
+    /// Each policy's algorithm, two bits apiece in order (see
+    /// [`Charge::code`]), for the first [`MAX_STACKED`] policies.
+    algorithms: u8,
+}
+
+impl Charge {
+    /// The charge of an admitted consume of `cost` units under `policies`
+    /// at `mark`; `None` for a cost of zero.
+    pub(crate) fn of(policies: &[Policy], cost: u32, mark: u64) -> Option<Self> {
+        let cost = std::num::NonZeroU32::new(cost)?;
+        let mut algorithms = 0;
+        for (i, p) in policies.iter().take(MAX_STACKED).enumerate() {
+            algorithms |= Self::code(p.algorithm()) << (2 * i);
+        }
+        Some(Self { mark, cost, algorithms })
+    }
+
+    /// An algorithm's two bits (never 0, which marks no policy).
+    fn code(a: Algorithm) -> u8 {
+        match a {
+            Algorithm::FixedWindow => 2,
+            Algorithm::SlidingWindow => 3,
+            _ => 1,
+        }
+    }
+
+    /// Whether policy `i` of the check ran under `a`.
+    fn ran(&self, i: usize, a: Algorithm) -> bool {
+        i < MAX_STACKED && (self.algorithms >> (2 * i)) & 3 == Self::code(a)
+    }
 }
 
 impl Decision {
@@ -135,7 +168,30 @@ impl Decision {
         policies: SmallVec<[PolicyDecision; 1]>,
         at: Timestamp,
     ) -> Self {
-        Self { outcome, policies, at, charge: None }
+        // i64 nanoseconds reach 1678 to 2262.
+        let at = i64::try_from(at.as_nanosecond()).unwrap_or(0);
+        Self::new_charged(outcome, policies, at, None)
+    }
+
+    /// [`new`](Self::new) at `at` Unix nanoseconds, with what an admitted
+    /// consume charged.
+    pub(crate) fn new_charged(
+        outcome: Outcome,
+        policies: SmallVec<[PolicyDecision; 1]>,
+        at: i64,
+        charge: Option<Charge>,
+    ) -> Self {
+        let mut d = Self { outcome, cost: 0, algorithms: 0, mark: 0, at, policies };
+        if let Some(c) = charge.filter(|_| outcome == Outcome::Allowed) {
+            (d.cost, d.algorithms, d.mark) = (c.cost.get(), c.algorithms, c.mark);
+        }
+        d
+    }
+
+    /// What an admitted consume charged, if this is one.
+    fn charge(&self) -> Option<Charge> {
+        let cost = std::num::NonZeroU32::new(self.cost)?;
+        Some(Charge { mark: self.mark, cost, algorithms: self.algorithms })
     }
 
     /// A decision made by a [`LimitStore`] of the host's own (a SQL
@@ -183,15 +239,9 @@ impl Decision {
     /// clock its states are kept on): what
     /// [`receipts`](Self::receipts) reads back for a refund. Nothing is
     /// recorded for a denial or a cost of zero.
-    pub fn with_charge(mut self, policies: &[Policy], cost: u32, mark: u64) -> Self {
-        if self.outcome == Outcome::Allowed && cost > 0 {
-            let mut algorithms = [None; MAX_STACKED];
-            for (a, p) in algorithms.iter_mut().zip(policies) {
-                *a = Some(p.algorithm());
-            }
-            self.charge = Some(Charge { cost, mark, algorithms });
-        }
-        self
+    pub fn with_charge(self, policies: &[Policy], cost: u32, mark: u64) -> Self {
+        let charge = Charge::of(policies, cost, mark);
+        Self::new_charged(self.outcome, self.policies, self.at, charge)
     }
 
     /// For a refund of `cost` units of this check under `policies`: the
@@ -208,15 +258,15 @@ impl Decision {
         policies: &'p [Policy],
         cost: u32,
     ) -> (u32, impl Iterator<Item = Option<u64>> + use<'_, 'p>) {
-        let cost = self.charge.map_or(0, |c| cost.min(c.cost));
+        let cost = self.charge().map_or(0, |c| cost.min(c.cost.get()));
         (cost, policies.iter().enumerate().map(|(i, p)| self.receipt(i, p)))
     }
 
     /// [`receipts`](Self::receipts) of policy `p`, at place `i`.
     fn receipt(&self, i: usize, p: &Policy) -> Option<u64> {
-        let charge = self.charge?;
+        let charge = self.charge()?;
         let pd = self.policies.get(i)?;
-        if pd.name != p.policy_name() || charge.algorithms.get(i)? != &Some(p.algorithm()) {
+        if pd.name != p.policy_name() || !charge.ran(i, p.algorithm()) {
             return None;
         }
         let after = charge.mark.saturating_add(crate::clock::duration_nanos(pd.reset_after));
@@ -250,8 +300,8 @@ impl Decision {
 
     /// When the decision was made.
     #[must_use]
-    pub const fn at(&self) -> Timestamp {
-        self.at
+    pub fn at(&self) -> Timestamp {
+        Timestamp::from_nanosecond(i128::from(self.at)).unwrap_or(Timestamp::UNIX_EPOCH)
     }
 
     /// The policy the headers report: for a request that can never fit, the
@@ -313,7 +363,7 @@ impl Decision {
     #[must_use]
     pub fn retry_after_secs(&self) -> Option<u64> {
         let wait = self.retry_after()?;
-        let floor_now = self.at.as_second();
+        let floor_now = self.at.div_euclid(1_000_000_000);
         let to_reset = u64::try_from(self.reset_unix() - floor_now).unwrap_or(0);
         Some(ceil_secs(wait).max(to_reset).max(1))
     }
@@ -548,13 +598,12 @@ impl HeaderNum {
     }
 }
 
-fn unix_ceil(at: Timestamp, after: Duration) -> i64 {
-    // Seconds and nanoseconds apart: no i128 division on the hot path.
-    let nanos = i64::from(at.subsec_nanosecond()) + i64::from(after.subsec_nanos());
-    let after_secs = i64::try_from(after.as_secs()).unwrap_or(i64::MAX);
-    let secs =
-        at.as_second().saturating_add(after_secs).saturating_add(nanos.div_euclid(1_000_000_000));
-    secs.saturating_add(i64::from(nanos.rem_euclid(1_000_000_000) != 0))
+fn unix_ceil(at: i64, after: Duration) -> i64 {
+    // Unix nanoseconds fit an i64 until 2262; a wait of a year more does
+    // not overflow before then.
+    let after = i64::try_from(after.as_nanos()).unwrap_or(i64::MAX);
+    let end = at.saturating_add(after);
+    end.div_euclid(1_000_000_000) + i64::from(end.rem_euclid(1_000_000_000) != 0)
 }
 
 /// Which rate-limit headers a response carries.

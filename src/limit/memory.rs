@@ -20,7 +20,7 @@ use super::algorithm::{self, Commit, Slot};
 use jiff::Timestamp;
 
 use super::{
-    Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision, PolicyName,
+    Algorithm, Charge, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision, PolicyName,
 };
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock};
@@ -577,15 +577,17 @@ impl WallAnchor {
         mono.saturating_add(self.phase.load(Ordering::Relaxed))
     }
 
-    /// The wall-clock time of limiter time `t`.
-    fn wall(&self, t: u64) -> Timestamp {
-        // i64 nanoseconds reach 2262: plain 64-bit arithmetic, no i128
-        // division on the hot path.
+    /// The wall-clock time of limiter time `t`, in Unix nanoseconds (they
+    /// reach 2262: plain 64-bit arithmetic on the hot path).
+    fn wall_nanos(&self, t: u64) -> i64 {
         let phase = self.phase.load(Ordering::Relaxed);
         let offset = self.offset.load(Ordering::Relaxed);
-        let ns = i64::try_from(t.wrapping_sub(phase)).unwrap_or(0).saturating_add(offset);
-        let (secs, sub) = (ns.div_euclid(1_000_000_000), ns.rem_euclid(1_000_000_000));
-        Timestamp::new(secs, sub as i32).unwrap_or(Timestamp::UNIX_EPOCH)
+        i64::try_from(t.wrapping_sub(phase)).unwrap_or(0).saturating_add(offset)
+    }
+
+    /// The wall-clock time of limiter time `t`.
+    fn wall(&self, t: u64) -> Timestamp {
+        Timestamp::from_nanosecond(i128::from(self.wall_nanos(t))).unwrap_or(Timestamp::UNIX_EPOCH)
     }
 }
 
@@ -1139,13 +1141,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         cost: u32,
         mode: CheckMode,
     ) -> Decision {
+        let charge = (mode == CheckMode::Consume && s.allowed)
+            .then(|| Charge::of(std::slice::from_ref(p), cost, now))
+            .flatten();
         let v = SmallVec::from_buf([PolicyDecision::of(p, &s)]);
-        let d = Decision::new(outcome_of(&s), v, self.wall.wall(now));
-        if mode == CheckMode::Consume {
-            d.with_charge(std::slice::from_ref(p), cost, now)
-        } else {
-            d
-        }
+        Decision::new_charged(outcome_of(&s), v, self.wall.wall_nanos(now), charge)
     }
 
     /// Gives back up to `cost` units that `check`, an admitted consume of
@@ -1307,8 +1307,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             }
             out.push(PolicyDecision::of(p, &s));
         }
-        let d = Decision::new(outcome, out, self.wall.wall(now));
-        if mode == CheckMode::Consume { d.with_charge(policies, cost, now) } else { d }
+        let charge = commit.then(|| Charge::of(policies, cost, now)).flatten();
+        Decision::new_charged(outcome, out, self.wall.wall_nanos(now), charge)
     }
 }
 
