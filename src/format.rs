@@ -524,11 +524,12 @@ impl KeyFormat {
         if let Some((alphabet, len)) = self.key_id {
             let len = usize::from(len);
             let end = pos + len;
-            let found = b[pos..].iter().position(|&c| c == b'_').unwrap_or(b.len() - pos);
+            // No `_` after the key id is its own error, whatever is left: a
+            // stand-in length could equal the key id's and walk past the end.
+            let Some(found) = b[pos..].iter().position(|&c| c == b'_') else {
+                return Err(ParseError::MissingSeparator { after: Part::KeyId });
+            };
             if found != len {
-                if found == b.len() - pos {
-                    return Err(ParseError::MissingSeparator { after: Part::KeyId });
-                }
                 return Err(ParseError::WrongLength { part: Part::KeyId, expected: len, found });
             }
             check_alphabet(b, pos, end, alphabet, Part::KeyId)?;

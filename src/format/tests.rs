@@ -113,6 +113,16 @@ fn nk_bounds() {
     );
     assert!(NK.parse(&format!("nk_live_Ab12CdEf_{}", &B62_32[..31])).is_err());
     assert!(NK.parse(&format!("nk_live_Ab12CdEf_{B62_32}x")).is_err());
+    // A key id of exactly its length at the very end, with no `_` after
+    // it, used to read past the input (a subtraction overflow: a panic in
+    // debug builds, a bogus length in release).
+    for cut in ["nk_live_Ab12CdEf", "nk_live_Ab12CdE", "nk_live_Ab12CdEfG", "nk_live_"] {
+        assert_eq!(
+            NK.parse(cut).err(),
+            Some(ParseError::MissingSeparator { after: Part::KeyId }),
+            "{cut}"
+        );
+    }
 }
 
 #[test]
