@@ -218,13 +218,14 @@ impl Decision {
     ///     retry_after: None,
     ///     allowed: true,
     /// };
-    /// let d = Decision::from_policies(Outcome::Allowed, [view], jiff::Timestamp::UNIX_EPOCH)
+    /// let mut d = Decision::from_policies(Outcome::Allowed, [view], jiff::Timestamp::UNIX_EPOCH)
     ///     .with_charge(&p, 1, mark);
     /// // A refund of this check: one unit at most, and the arrival time the
     /// // check left (GCRA), which it may give back only while ahead of now.
-    /// let (units, mut receipts) = d.receipts(&p, 5);
-    /// assert_eq!(units, 1);
-    /// assert_eq!(receipts.next(), Some(Some(mark + 24_000_000_000)));
+    /// assert_eq!(d.refund_receipts(&p, 5), (1, vec![Some(mark + 24_000_000_000)]));
+    /// // Once given back, a second refund of the same check gives nothing.
+    /// d.refunded(1);
+    /// assert_eq!(d.refund_receipts(&p, 5).0, 0);
     /// ```
     pub fn from_policies(
         outcome: Outcome,
@@ -237,36 +238,52 @@ impl Decision {
     /// Records what an admitted consume of `cost` units under `policies`
     /// charged, at `mark` on the store's own clock in nanoseconds (the
     /// clock its states are kept on): what
-    /// [`receipts`](Self::receipts) reads back for a refund. Nothing is
+    /// [`refund_receipts`](Self::refund_receipts) reads back. Nothing is
     /// recorded for a denial or a cost of zero.
     pub fn with_charge(self, policies: &[Policy], cost: u32, mark: u64) -> Self {
         let charge = Charge::of(policies, cost, mark);
         Self::new_charged(self.outcome, self.policies, self.at, charge)
     }
 
-    /// For a refund of `cost` units of this check under `policies`: the
-    /// units to give back (at most what the check charged; 0 for a denial,
-    /// a peek, or a decision without [`with_charge`](Self::with_charge))
-    /// and, per policy, what the check left in its state on the store's
-    /// clock in nanoseconds: a GCRA key's theoretical arrival time, a fixed
-    /// window's end, a sliding window's entry time. `None` where it charged
-    /// that policy nothing (another name or algorithm at that place: a plan
-    /// changed in between). A store gives back, per policy, no more than
-    /// the check still holds at that mark (see [`LimitStore::refund`]).
-    pub fn receipts<'p>(
-        &self,
-        policies: &'p [Policy],
-        cost: u32,
-    ) -> (u32, impl Iterator<Item = Option<u64>> + use<'_, 'p>) {
-        let cost = self.charge().map_or(0, |c| cost.min(c.cost.get()));
-        (cost, policies.iter().enumerate().map(|(i, p)| self.receipt(i, p)))
+    /// What a refund of up to `cost` units of this check under `policies`
+    /// may give back: the units (at most what the check charged and
+    /// earlier refunds left; 0 for a denial, a peek, or a decision without
+    /// [`with_charge`](Self::with_charge)) and, per policy, what the check
+    /// left in its state on the store's clock in nanoseconds: a GCRA key's
+    /// theoretical arrival time, a fixed window's end, a sliding window's
+    /// entry time. `None` where it charged that policy nothing it can give
+    /// back: another name, algorithm, limit, period or burst at that place
+    /// (a plan changed in between).
+    ///
+    /// A store gives back, per policy, no more than the check still holds
+    /// at that mark, then calls [`refunded`](Self::refunded) (see
+    /// [`LimitStore::refund`]).
+    #[must_use]
+    pub fn refund_receipts(&self, policies: &[Policy], cost: u32) -> (u32, Vec<Option<u64>>) {
+        let units = cost.min(self.cost);
+        if units == 0 {
+            return (0, Vec::new());
+        }
+        (units, policies.iter().enumerate().map(|(i, p)| self.receipt(i, p)).collect())
     }
 
-    /// [`receipts`](Self::receipts) of policy `p`, at place `i`.
+    /// Takes `units` given back off the check's charge, so that refunding
+    /// the same decision again gives back only what is left (never a later
+    /// check's units).
+    pub fn refunded(&mut self, units: u32) {
+        self.cost = self.cost.saturating_sub(units);
+    }
+
+    /// [`refund_receipts`](Self::refund_receipts)' receipt of policy `p`, at place
+    /// `i`: only for the very policy the check ran (a refund in another
+    /// policy's terms could give back more than the check took).
     fn receipt(&self, i: usize, p: &Policy) -> Option<u64> {
         let charge = self.charge()?;
         let pd = self.policies.get(i)?;
-        if pd.name != p.policy_name() || !charge.ran(i, p.algorithm()) {
+        if pd.name != p.policy_name()
+            || !charge.ran(i, p.algorithm())
+            || PolicyDecision::reported(p) != (pd.limit, pd.period)
+        {
             return None;
         }
         let after = charge.mark.saturating_add(crate::clock::duration_nanos(pd.reset_after));

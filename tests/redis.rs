@@ -257,8 +257,8 @@ async fn decisions_match_the_memory_limiter() {
         let key = format!("k{i}");
         for (j, &cost) in costs.iter().enumerate() {
             let mode = if j % 4 == 3 { CheckMode::Peek } else { CheckMode::Consume };
-            let m = memory.check_mode(key.as_str(), plan, cost, mode).unwrap();
-            let r = limiter.check(&key, plan, cost, mode).await.unwrap();
+            let mut m = memory.check_mode(key.as_str(), plan, cost, mode).unwrap();
+            let mut r = limiter.check(&key, plan, cost, mode).await.unwrap();
             assert_eq!(r.outcome(), m.outcome(), "plan {i} step {j}");
             for (rp, mp) in r.policies().iter().zip(m.policies()) {
                 let ctx = format!("plan {i} step {j} policy {}", mp.name);
@@ -278,8 +278,8 @@ async fn decisions_match_the_memory_limiter() {
             if j % 5 == 4 {
                 // The check just made, given back (nothing if it was not
                 // an admitted consume).
-                memory.refund(key.as_str(), plan, 1, &m);
-                limiter.refund(&key, plan, 1, &r).await.unwrap();
+                memory.refund(key.as_str(), plan, 1, &mut m);
+                limiter.refund(&key, plan, 1, &mut r).await.unwrap();
             }
         }
     }
@@ -394,7 +394,7 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
     };
     all_ok().await.unwrap();
     // An admitted check, for a refund to give back while the server is down.
-    let charged = limiter.check("k", &plan, 1, CheckMode::Consume).await.unwrap();
+    let mut charged = limiter.check("k", &plan, 1, CheckMode::Consume).await.unwrap();
 
     for (what, round) in [("stopped", 0), ("still stopped", 1)] {
         if round == 0 {
@@ -418,7 +418,7 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
         assert!(r.is_err() && t < BOUND, "{what}: keys list {r:?} in {t:?}");
         let (r, t) = timed(quota.usage("a", "n", now)).await;
         assert!(r.is_err() && t < BOUND, "{what}: quota usage {r:?} in {t:?}");
-        let (r, t) = timed(limiter.refund("k", &plan, 1, &charged)).await;
+        let (r, t) = timed(limiter.refund("k", &plan, 1, &mut charged)).await;
         assert!(r.is_err() && t < BOUND, "{what}: limiter refund {r:?} in {t:?}");
     }
 

@@ -60,7 +60,7 @@ impl LimitStore for FlakyLimiter {
         key: &str,
         policies: &[Policy],
         cost: u32,
-        check: &Decision,
+        check: &mut Decision,
     ) -> Result<(), BackendError> {
         LimitStore::refund(&self.0, key, policies, cost, check).await
     }

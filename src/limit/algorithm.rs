@@ -356,18 +356,24 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
 
 /// Gives back `cost` units of a refunded check to `slot`, no more than
 /// that check still holds: `receipt` is what it left in this policy's state
+/// (`None` where it charged this policy nothing: the state is only read)
 /// (a GCRA theoretical arrival time, a fixed window's end, a sliding
 /// window's entry time; [`Decision::receipts`](super::Decision::receipts)).
 /// Units counted in a window since passed, or time already earned back,
 /// are not credited to what came after.
-pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, receipt: u64) {
+pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, receipt: Option<u64>) {
     // Read as a check reads it: another policy's state (a plan change that
-    // kept the name) is carried into this policy's terms first, so the
-    // units it holds count here for this policy's window, not only until
-    // the old one's end.
+    // kept the name) is carried into this policy's terms, so the units it
+    // holds count here for this policy's window, not only until the old
+    // one's end. Nothing is given back then: the state is not the one the
+    // refunded check left (a conversion capped at this policy's capacity
+    // may already have dropped its units).
     if is_foreign(policy, slot, now) {
         *slot = convert(policy, slot, now);
+        return;
     }
+    // `None`: the check did not charge this policy; only read it.
+    let Some(receipt) = receipt else { return };
     match slot {
         Slot::Tat(tat) => {
             // The check pushed the arrival time to `receipt`; of that, only
@@ -525,7 +531,7 @@ mod tests {
         // the refunded check counted in the short window.
         let hour = Policy::new("d", 3, Duration::from_secs(3600), Algorithm::FixedWindow).unwrap();
         let mut slot = Slot::Window { end: 50_000_000, count: 3 };
-        refund(&hour, &mut slot, 10_000_000, 1, 50_000_000);
+        refund(&hour, &mut slot, 10_000_000, 1, Some(50_000_000));
         assert_eq!(slot, Slot::Window { end: 3_600 * S, count: 3 });
         assert!(!step(&hour, &slot, 60_000_000, 1).0.allowed, "the three count in the hour");
     }
@@ -534,18 +540,18 @@ mod tests {
     fn refund_gives_units_back() {
         let p = Policy::new("d", 2, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
         let mut slot = Slot::Window { end: S, count: 2 };
-        refund(&p, &mut slot, 0, 1, S);
+        refund(&p, &mut slot, 0, 1, Some(S));
         assert!(step(&p, &slot, 0, 1).0.allowed);
         let g = Policy::new("d", 1, Duration::from_secs(1), Algorithm::Gcra).unwrap();
         let (_, n) = next_slot(&g, &Slot::Fresh, 0, 1);
         let mut slot = n.unwrap();
         assert!(!step(&g, &slot, 0, 1).0.allowed);
-        refund(&g, &mut slot, 0, 1, S);
+        refund(&g, &mut slot, 0, 1, Some(S));
         assert!(step(&g, &slot, 0, 1).0.allowed);
         let w = Policy::new("d", 1, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap();
         let (_, n) = next_slot(&w, &Slot::Fresh, 0, 1);
         let mut slot = n.unwrap();
-        refund(&w, &mut slot, 0, 1, 0);
+        refund(&w, &mut slot, 0, 1, Some(0));
         assert!(step(&w, &slot, 0, 1).0.allowed);
     }
 
@@ -582,7 +588,7 @@ mod tests {
         for _ in 0..3 {
             slot = next_slot(&f, &slot, S, 1).1.unwrap();
         }
-        refund(&f, &mut slot, S, 1, receipt);
+        refund(&f, &mut slot, S, 1, Some(receipt));
         assert!(!step(&f, &slot, S, 1).0.allowed, "fixed: the window already has its three");
         // GCRA, 1 a second: units at 0 s and 1.5 s, then the first is
         // refunded: it was earned back at 1 s.
@@ -590,7 +596,7 @@ mod tests {
         let (s, first) = next_slot(&g, &Slot::Fresh, 0, 1);
         let receipt = s.reset_after;
         let mut slot = next_slot(&g, &first.unwrap(), ms(1_500), 1).1.unwrap();
-        refund(&g, &mut slot, ms(1_500), 1, receipt);
+        refund(&g, &mut slot, ms(1_500), 1, Some(receipt));
         assert!(!step(&g, &slot, ms(1_500), 1).0.allowed, "gcra: one a second");
         // A prompt GCRA refund, after later checks, gives back only what
         // the refunded unit still holds: 3 a second, one unit at 0, two at
@@ -602,7 +608,7 @@ mod tests {
         for _ in 0..2 {
             slot = next_slot(&g3, &slot, ms(100), 1).1.unwrap();
         }
-        refund(&g3, &mut slot, ms(200), 1, receipt);
+        refund(&g3, &mut slot, ms(200), 1, Some(receipt));
         assert!(step(&g3, &slot, ms(200), 1).0.allowed);
         let slot = next_slot(&g3, &slot, ms(200), 1).1.unwrap();
         assert!(!step(&g3, &slot, ms(200), 1).0.allowed, "never more than the burst");
@@ -612,7 +618,7 @@ mod tests {
         let (s, first) = next_slot(&w, &Slot::Fresh, 0, 1);
         let receipt = s.reset_after - S;
         let mut slot = next_slot(&w, &first.unwrap(), ms(1_500), 1).1.unwrap();
-        refund(&w, &mut slot, ms(1_500), 1, receipt);
+        refund(&w, &mut slot, ms(1_500), 1, Some(receipt));
         assert!(!step(&w, &slot, ms(1_500), 1).0.allowed, "sliding: one a second");
     }
 }

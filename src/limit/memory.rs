@@ -1152,17 +1152,19 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// `key` under `policies` by this limiter, took (see
     /// [`LimitStore::refund`]): never more than that check charged, and
     /// only what it still holds now.
-    pub fn refund<Q>(&self, key: &Q, policies: &[Policy], cost: u32, check: &Decision)
+    /// The units given back are taken off `check`'s charge
+    /// ([`Decision::refunded`]).
+    pub fn refund<Q>(&self, key: &Q, policies: &[Policy], cost: u32, check: &mut Decision)
     where
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let (cost, receipts) = check.receipts(policies, cost);
+        let (cost, receipts) = check.refund_receipts(policies, cost);
         if cost == 0 {
             return;
         }
-        let receipts: SmallVec<[Option<u64>; super::MAX_STACKED]> = receipts.collect();
         with_shards!(self, |s| self.refund_in(s, key, policies, cost, &receipts));
+        check.refunded(cost);
     }
 
     fn refund_in<T, Q>(
@@ -1180,10 +1182,10 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let now = self.wall.time(&self.clock);
         let fresh = || self.wall.time(&self.clock);
         let (hash, shard) = self.shard(shards, key);
-        for (n, (p, receipt)) in policies.iter().zip(receipts).enumerate() {
+        for (n, (p, &receipt)) in policies.iter().zip(receipts).enumerate() {
             // A repeated name was charged once: it is given back once. A
-            // policy the check did not charge gets nothing.
-            let Some(receipt) = *receipt else { continue };
+            // policy the check did not charge (`None`) gets nothing, but is
+            // read as a check reads it (another policy's state converted).
             if !first_of_name(policies, n) {
                 continue;
             }
@@ -1218,8 +1220,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 let slot = st.slot_mut(p);
                 // Judged on a reading taken under the lock (see
                 // `refund_word`).
-                let now = if algorithm::is_foreign(p, slot, now) { now.max(fresh()) } else { now };
-                algorithm::refund(p, slot, now, cost, receipt);
+                algorithm::refund(p, slot, now.max(fresh()), cost, receipt);
                 // A refund that carried another window's state into this
                 // policy's keeps it longer: eviction must wait as long.
                 let fresh_at = algorithm::fresh_at(p, slot);
@@ -1319,16 +1320,16 @@ fn kill(state: &AtomicU64) -> u64 {
 
 /// Refunds a one-word key; `false` if its slot is dead.
 ///
-/// A word that looks like another policy's may only be ahead of a stale
-/// `now` (another thread read the clock later and wrote first): as in
-/// [`MemoryLimiter::word_check`], it is judged again on `fresh()`, a
-/// reading taken after the word was, before it is converted.
+/// Each attempt is judged on a clock reading taken after the word was
+/// read: a check that committed in between (the reason for a retry) moved
+/// time on, and what the refunded check still holds is measured from then
+/// (a reading from before would give back time that check already used).
 fn refund_word(
     state: &AtomicU64,
     p: &Policy,
     now: u64,
     cost: u32,
-    receipt: u64,
+    receipt: Option<u64>,
     fresh: impl Fn() -> u64,
 ) -> bool {
     state
@@ -1336,12 +1337,8 @@ fn refund_word(
             if cur == DEAD {
                 return None;
             }
-            let mut now = now;
+            let now = now.max(fresh());
             let mut slot = word_to_slot(p, cur, now);
-            if algorithm::is_foreign(p, &slot, now) {
-                now = now.max(fresh());
-                slot = word_to_slot(p, cur, now);
-            }
             algorithm::refund(p, &mut slot, now, cost, receipt);
             Some(slot_word(&slot))
         })
@@ -1375,7 +1372,7 @@ impl<C: Clock> LimitStore for MemoryLimiter<String, C> {
         key: &str,
         policies: &[Policy],
         cost: u32,
-        check: &Decision,
+        check: &mut Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         MemoryLimiter::refund(self, key, policies, cost, check);
         ready(Ok(()))

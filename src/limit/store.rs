@@ -47,8 +47,8 @@ pub enum CheckMode {
 ///   decisions with [`Decision::from_policies`], and marks an admitted
 ///   consume with [`Decision::with_charge`] (the cost, and its own clock
 ///   at the check); its refund reads them back with
-///   [`Decision::receipts`] and gives back, per policy, no more than the
-///   check still holds.
+///   [`Decision::refund_receipts`], gives back, per policy, no more than
+///   the check still holds, then records it with [`Decision::refunded`].
 /// - **Failure.** An unreachable backend is a [`BackendError`]; the host's
 ///   [`FailMode`](crate::backend::FailMode) decides whether the request is
 ///   refused (503, the default) or let through.
@@ -68,23 +68,28 @@ pub trait LimitStore: Send + Sync {
 
     /// Gives back up to `cost` units that `check` took: `check` is the
     /// decision of an admitted consume of `key` under `policies` by this
-    /// store (the request failed before doing work, say). Refund a check
-    /// once.
+    /// store (the request failed before doing work, say). What is given
+    /// back is taken off `check`'s charge once the store has done it, so a
+    /// decision refunded again gives back only what is left, and a refund
+    /// that failed can be tried again.
     ///
-    /// A refund gives back only what that check still holds, so it never
-    /// lets the key exceed its limit: nothing once its fixed window has
-    /// ended (the units are not credited to the next window's), nothing of
-    /// GCRA time already earned back, and of a sliding window only the
-    /// check's own entries. A denied check, a peek, or a policy the check
-    /// did not run under (a plan changed in between) gets nothing back.
-    /// The state is read as a check under `policies` reads it: a state
-    /// kept under another window or burst of the same name counts in this
-    /// policy's terms and is kept as long as this policy needs it.
+    /// A refund gives back only what that check still holds: nothing once
+    /// its fixed window has ended (the units are not credited to the next
+    /// window's), nothing of GCRA time already earned back, and of a
+    /// sliding window only the check's own entries. A denied check or a
+    /// peek gives nothing back, nor does a policy the check did not run as
+    /// it is now (another name, algorithm, limit, period or burst: a plan
+    /// changed in between), nor a state kept under another policy since.
+    /// Such a state is still read as a check under `policies` reads it, and
+    /// kept as long as this policy counts it. (A plan changed and changed
+    /// back between a check and its refund is the one case the state may
+    /// have dropped units the refund then gives back: a conversion capped
+    /// at the other plan's capacity already forgot them.)
     fn refund(
         &self,
         key: &str,
         policies: &[Policy],
         cost: u32,
-        check: &Decision,
+        check: &mut Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 }

@@ -373,8 +373,12 @@ return out
 const REFUND: &str = r"
 local cost = tonumber(ARGV[1])
 for i = 1, n do
+  -- Empty: the check did not charge this policy. Its state is still read
+  -- as a check reads it (and kept as long as this policy counts it), but
+  -- nothing is given back.
   local receipt = ARGV[2 + n * 5 + i]
-  if first_of_name(i) and receipt ~= '' then
+  local credit = receipt ~= ''
+  if first_of_name(i) then
     local b = 2 + (i - 1) * 5
     local alg = ARGV[b + 1]
     local period = tonumber(ARGV[b + 3])
@@ -386,15 +390,20 @@ for i = 1, n do
         -- A longer policy's state (beyond this burst and the slack) holds
         -- this whole burst, as a check reads it.
         local horizon = interval * tonumber(ARGV[b + 5])
-        if rel > horizon + SLACK_NS then rel = horizon end
+        local beyond = rel > horizon + SLACK_NS
+        if beyond then rel = horizon end
         local floor = rel
         if floor > 0 then floor = 0 end
         -- Only the check's time still ahead of now is given back (time
-        -- already earned back belongs to the checks after it).
-        local back = interval * cost
-        local held = tat_rel(receipt)
-        if held < back then back = held end
-        if back < 0 then back = 0 end
+        -- already earned back belongs to the checks after it); nothing of
+        -- a state the check did not leave (converted, as in memory).
+        local back = 0
+        if credit and not beyond then
+          back = interval * cost
+          local held = tat_rel(receipt)
+          if held < back then back = held end
+          if back < 0 then back = 0 end
+        end
         local next = rel - back
         if next < floor then next = floor end
         if next <= 0 then
@@ -412,7 +421,7 @@ for i = 1, n do
         local limit = tonumber(ARGV[b + 2])
         if clamped and count > limit then count = limit end
         -- Given back only in the window the check counted in.
-        if not clamped and math.abs(window_end - tonumber(receipt)) < 1 then
+        if credit and not clamped and math.abs(window_end - tonumber(receipt)) < 1 then
           count = count - cost
           if count < 0 then count = 0 end
         end
@@ -423,7 +432,7 @@ for i = 1, n do
     else
       -- The check's own entries, if still in the log (entries of checks
       -- at the same microsecond stand for each other).
-      redis.call('LREM', KEYS[i], cost, receipt)
+      if credit then redis.call('LREM', KEYS[i], cost, receipt) end
       local log = redis.call('LRANGE', KEYS[i], -1, -1)
       if #log > 0 then
         -- What stays counts for this period (see `keep_for`).
@@ -525,7 +534,9 @@ fn receipt_args(policies: &[Policy], receipts: &[Option<u64>]) -> Vec<Vec<u8>> {
             (Algorithm::FixedWindow, Some(ns)) => (ns / 1000).to_string().into_bytes(),
             // Entries are whole microseconds; the receipt is within a
             // nanosecond of one.
-            (Algorithm::SlidingWindow, Some(ns)) => ((ns + 500) / 1000).to_string().into_bytes(),
+            (Algorithm::SlidingWindow, Some(ns)) => {
+                (ns / 1000 + u64::from(ns % 1000 >= 500)).to_string().into_bytes()
+            }
             (_, Some(ns)) => ns.to_string().into_bytes(),
         })
         .collect()
@@ -597,10 +608,9 @@ impl LimitStore for RedisLimiter {
         key: &str,
         policies: &[Policy],
         cost: u32,
-        check: &Decision,
+        check: &mut Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        let (cost, receipts) = check.receipts(policies, cost);
-        let receipts: Vec<Option<u64>> = receipts.collect();
+        let (cost, receipts) = check.refund_receipts(policies, cost);
         // Nothing to give back: nothing to ask the server.
         let call = (cost > 0).then(|| {
             let mut argv = args(policies, cost, CheckMode::Consume);
@@ -610,6 +620,9 @@ impl LimitStore for RedisLimiter {
         async move {
             if let Some(call) = call {
                 call.await?;
+                // Taken off the charge once the server gave it back: a
+                // refund that failed can be tried again.
+                check.refunded(cost);
             }
             Ok(())
         }

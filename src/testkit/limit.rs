@@ -69,6 +69,8 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     repeated_name(store, &format!("{prefix}:repeated")).await;
     over_refund(store, &format!("{prefix}:over")).await;
     late_refund(store, &format!("{prefix}:late")).await;
+    refund_twice(store, &format!("{prefix}:twice")).await;
+    refund_after_plan_change(store, &format!("{prefix}:replanned")).await;
     let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
     assert!(none.is_allowed() && none.policies().is_empty(), "no policy is no limit");
     assert_eq!((none.remaining(), none.retry_after()), (u32::MAX, None));
@@ -83,7 +85,7 @@ async fn repeated_name<S: LimitStore>(store: &S, key: &str) {
         let (admitted, last) = admitted_last(store, &key, &twice, 12).await;
         assert_eq!(admitted, 10, "{}: one state, charged once per check", alg.as_str());
         // Given back once, too: one unit refunded admits one check.
-        store.refund(&key, &twice, 1, &last.unwrap()).await.unwrap();
+        store.refund(&key, &twice, 1, &mut last.unwrap()).await.unwrap();
         let admitted = count_admitted(store, &key, &twice, 3).await;
         assert_eq!(admitted, 1, "{}: refunded once", alg.as_str());
     }
@@ -95,15 +97,48 @@ async fn over_refund<S: LimitStore>(store: &S, key: &str) {
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{key}:{}", alg.as_str());
         let p = [policy("x", 3, alg)];
-        let peek = store.check(&key, &p, 1, CheckMode::Peek).await.unwrap();
-        store.refund(&key, &p, 5, &peek).await.unwrap();
-        let d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        let mut peek = store.check(&key, &p, 1, CheckMode::Peek).await.unwrap();
+        store.refund(&key, &p, 5, &mut peek).await.unwrap();
+        let mut d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
         assert!(d.is_allowed());
-        store.refund(&key, &p, 5, &d).await.unwrap();
-        store.refund(&key, &p, 5, &d).await.unwrap();
+        store.refund(&key, &p, 5, &mut d).await.unwrap();
+        store.refund(&key, &p, 5, &mut d).await.unwrap();
         let admitted = count_admitted(store, &key, &p, 5).await;
         assert_eq!(admitted, 3, "{}: never more than the limit", alg.as_str());
     }
+}
+
+/// A check refunded twice gives back once: the second refund must not take
+/// back a unit a later check used.
+async fn refund_twice<S: LimitStore>(store: &S, key: &str) {
+    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let key = format!("{key}:{}", alg.as_str());
+        let p = [policy("x", 1, alg)];
+        let mut first = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(first.is_allowed());
+        store.refund(&key, &p, 1, &mut first).await.unwrap();
+        let second = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(second.is_allowed(), "{}: the refunded unit", alg.as_str());
+        store.refund(&key, &p, 1, &mut first).await.unwrap();
+        let d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(!d.is_allowed(), "{}: refunded twice, credited twice", alg.as_str());
+    }
+}
+
+/// A refund under a policy the check did not run (the same name and
+/// algorithm at another rate) gives nothing back: in the new terms a unit
+/// is worth more time, and giving that back would free other checks'
+/// units. 999 + 1 of 1,000 an hour used, then 1 an hour: whether or not
+/// the one is refunded, the hour's unit is used.
+async fn refund_after_plan_change<S: LimitStore>(store: &S, key: &str) {
+    let fast = [policy("x", 1000, Algorithm::Gcra)];
+    let slow = [policy("x", 1, Algorithm::Gcra)];
+    assert!(store.check(key, &fast, 999, CheckMode::Consume).await.unwrap().is_allowed());
+    let mut one = store.check(key, &fast, 1, CheckMode::Consume).await.unwrap();
+    assert!(one.is_allowed());
+    store.refund(key, &slow, 1, &mut one).await.unwrap();
+    let d = store.check(key, &slow, 1, CheckMode::Consume).await.unwrap();
+    assert!(!d.is_allowed(), "the refund freed the other 999's time: {d:?}");
 }
 
 /// A refund that comes after the refunded check's window has ended (or,
@@ -115,20 +150,20 @@ async fn late_refund<S: LimitStore>(store: &S, key: &str) {
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{key}:{}", alg.as_str());
         let p = [Policy::new("x", 1, span, alg).expect("valid policy")];
-        let first = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        let mut first = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
         assert!(first.is_allowed(), "{}: {first:?}", alg.as_str());
         // Past the first unit's window (or its interval), then the next
         // one: a fixed window starts it at that window's beginning, so
         // the checks below land in it.
         let wait = first.binding().reset_after + Duration::from_millis(20);
         std::thread::sleep(wait);
-        let second = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        let mut second = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
         assert!(second.is_allowed(), "{}: {second:?}", alg.as_str());
-        store.refund(&key, &p, 1, &first).await.unwrap();
+        store.refund(&key, &p, 1, &mut first).await.unwrap();
         let d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
         assert!(!d.is_allowed(), "{}: the late refund admitted a second unit", alg.as_str());
         // A prompt refund of the second gives its unit back.
-        store.refund(&key, &p, 1, &second).await.unwrap();
+        store.refund(&key, &p, 1, &mut second).await.unwrap();
         let d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
         assert!(d.is_allowed(), "{}: the prompt refund gave nothing: {d:?}", alg.as_str());
     }
@@ -286,20 +321,17 @@ async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
         let key = format!("{key}:{}:{peek}", alg.as_str());
         let short = [Policy::new("default", 3, span, alg).expect("valid policy")];
         let hourly = [policy("default", 3, alg)];
-        let last = use_up(store, &key, &short).await;
-        // Three used in the hour; a refund gives back one of a sliding
-        // window (its entry is still in the log: two left used) and none of
-        // a fixed window (it counted in the short window: three used), a
-        // peek changes nothing (three used). Two more never fit.
-        let used = if peek {
+        let mut last = use_up(store, &key, &short).await;
+        // Three used in the hour. A refund of a check under the short
+        // window, asked under the hourly one, gives nothing back (another
+        // policy's units), and a peek changes nothing: one more never fits.
+        let (used, ask) = (3, 1);
+        if peek {
             let d = store.check(&key, &hourly, 1, CheckMode::Peek).await.unwrap();
             assert!(!d.is_allowed(), "{}: a peek sees the three", alg.as_str());
-            3
         } else {
-            store.refund(&key, &hourly, 1, &last).await.unwrap();
-            if alg == Algorithm::FixedWindow { 3 } else { 2 }
-        };
-        let ask = 4 - used;
+            store.refund(&key, &hourly, 1, &mut last).await.unwrap();
+        }
         std::thread::sleep(span + Duration::from_millis(50));
         let d = store.check(&key, &hourly, ask, CheckMode::Consume).await.unwrap();
         assert!(
@@ -311,18 +343,19 @@ async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
     }
     // GCRA: an hour's burst used up, then a shorter policy of the same name
     // (3 per 30 s: a unit every 10 s, far apart for a slow store). A check
-    // reads the long state as this burst used up; a refund reads it so too,
-    // and gives back one unit of it, not one of the hour.
+    // reads the long state as this burst used up; a refund of the hourly
+    // check under the short policy reads it so too, and gives nothing back
+    // (in the short policy's terms a unit is worth less time).
     let key = format!("{key}:gcra");
     let hourly = [policy("default", 100, Algorithm::Gcra)];
     let short =
         [Policy::new("default", 3, Duration::from_secs(30), Algorithm::Gcra)
             .expect("valid policy")];
-    let d = store.check(&key, &hourly, 100, CheckMode::Consume).await.unwrap();
+    let mut d = store.check(&key, &hourly, 100, CheckMode::Consume).await.unwrap();
     assert!(d.is_allowed());
-    store.refund(&key, &short, 1, &d).await.unwrap();
+    store.refund(&key, &short, 1, &mut d).await.unwrap();
     let admitted = count_admitted(store, &key, &short, 3).await;
-    assert_eq!(admitted, 1, "gcra: the refunded unit, no more");
+    assert_eq!(admitted, 0, "gcra: the short burst is used up");
 }
 
 async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
@@ -349,10 +382,10 @@ async fn peek_refund_impossible<S: LimitStore>(store: &S, key: &str, alg: Algori
     assert_eq!(d.retry_after(), None);
     let d = store.check(key, &p, 2, CheckMode::Peek).await.unwrap();
     assert!(d.is_allowed(), "{alg:?}: peek");
-    let d = store.check(key, &p, 3, CheckMode::Consume).await.unwrap();
+    let mut d = store.check(key, &p, 3, CheckMode::Consume).await.unwrap();
     assert!(d.is_allowed(), "{alg:?}: neither peek nor impossible consumed anything");
     assert!(!store.check(key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
-    store.refund(key, &p, 1, &d).await.unwrap();
+    store.refund(key, &p, 1, &mut d).await.unwrap();
     let d = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
     assert!(d.is_allowed(), "{alg:?}: a refunded unit can be used again");
     assert_eq!(d.remaining(), 0);
