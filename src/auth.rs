@@ -64,6 +64,11 @@ struct PrincipalInner {
     scopes: ScopeSet,
     /// The bit layout `scopes` was compiled under.
     layout: Layout,
+    /// The authenticator that verified it against its store
+    /// ([`Authenticator`]'s `source`; 0 for one built by hand): a cache
+    /// shared by authenticators of different stores serves each only its
+    /// own principals.
+    source: u64,
     /// Monotonic time at which a use of this principal was last noted, so
     /// cached principals skip last-use bookkeeping within an interval.
     use_noted: AtomicU64,
@@ -81,9 +86,20 @@ impl Principal {
         record: Arc<KeyRecord>,
         registry: &ScopeRegistry,
     ) -> Result<Self, ScopeError> {
+        Self::verified_by(record, registry, 0)
+    }
+
+    /// [`from_record`](Self::from_record), as verified by the
+    /// authenticator `source`.
+    fn verified_by(
+        record: Arc<KeyRecord>,
+        registry: &ScopeRegistry,
+        source: u64,
+    ) -> Result<Self, ScopeError> {
         let scopes = registry.compile(&record.scopes)?;
         let layout = registry.layout();
-        Ok(Self(Arc::new(PrincipalInner { record, scopes, layout, use_noted: AtomicU64::new(0) })))
+        let use_noted = AtomicU64::new(0);
+        Ok(Self(Arc::new(PrincipalInner { record, scopes, layout, source, use_noted })))
     }
 
     /// The key record the principal was built from (metadata only).
@@ -502,7 +518,15 @@ pub struct Authenticator<S, C = SystemClock> {
     region: Option<Region>,
     last_use: LastUse,
     last_use_interval: u64,
+    /// This authenticator's identity (and its clones'), set at
+    /// [`new`](Authenticator::new): a shared [`PrincipalCache`] hit counts
+    /// only if this authenticator verified the principal against its own
+    /// store.
+    source: u64,
 }
+
+/// The next [`Authenticator`] identity (0 is a principal built by hand).
+static NEXT_SOURCE: AtomicU64 = AtomicU64::new(1);
 
 impl<S, C> fmt::Debug for Authenticator<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -536,6 +560,7 @@ impl<S: KeyStore> Authenticator<S> {
             region: None,
             last_use: LastUse::new(Duration::from_secs(60)),
             last_use_interval: duration_nanos(Duration::from_secs(60)),
+            source: NEXT_SOURCE.fetch_add(1, Ordering::Relaxed),
         }
     }
 }
@@ -556,6 +581,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             region: self.region,
             last_use: self.last_use,
             last_use_interval: self.last_use_interval,
+            source: self.source,
         }
     }
 
@@ -595,7 +621,10 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
 
     /// Caches verified principals in `cache` (share it with the
     /// [`KeyManager`](crate::manager::KeyManager) so revocations through it
-    /// apply at once).
+    /// apply at once). One cache may serve several authenticators: each is
+    /// served only the principals it verified against its own store, so an
+    /// authenticator of another store (a sandbox, another tenant's) never
+    /// takes a key its store does not hold.
     #[must_use]
     pub fn cache(mut self, cache: Arc<PrincipalCache>) -> Self {
         self.cache = Some(cache);
@@ -701,8 +730,10 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         if let Some(cache) = &self.cache
             && let Some(p) = cache.get(current.digest(), mono)
             // A cache shared with an authenticator of another registry may
-            // hold principals compiled under another layout: a miss here.
+            // hold principals compiled under another layout, or of another
+            // store (a key only that store holds): a miss here.
             && p.0.layout == self.registry.layout()
+            && p.0.source == self.source
         {
             if p.expires_at().is_some_and(|e| now >= e) {
                 return Err(AuthError::Expired { id: p.record_id().clone() });
@@ -758,7 +789,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             return Err(AuthError::Expired { id: record.id.clone() });
         }
         self.check_record(&record, target)?;
-        let p = Principal::from_record(Arc::clone(&record), &self.registry)
+        let p = Principal::verified_by(Arc::clone(&record), &self.registry, self.source)
             .map_err(|source| AuthError::Scopes { id: record.id.clone(), source })?;
         if let Some(cache) = &self.cache {
             cache.insert_unless_invalidated(generation, *current.digest(), p.clone(), mono);

@@ -466,11 +466,12 @@ async fn a_deployments_environment_and_region_apply_to_every_route() {
     let us = mk(NewKey::new("u", NHK, ws("ws_a")).region(Region::US)).await;
     let eu = mk(NewKey::new("e", NHK, ws("ws_a")).region(Region::EU)).await;
     let plain = mk(NewKey::new("p", NH, ws("ws_a"))).await;
-    // The cache is warmed by an authenticator without the guards; the
-    // guarded one has an empty store, so it meets every key on a cache hit.
+    // One cache for an authenticator without the guards and a guarded one
+    // of the same store: the guarded one meets each key first from the
+    // store, then (the second pass) from its own cache entries.
     let cache = Arc::new(PrincipalCache::default());
     let open = Authenticator::new(f.store.clone()).clock(f.clock.clone()).cache(cache.clone());
-    let auth = Authenticator::new(MemoryKeyStore::new())
+    let auth = Authenticator::new(f.store.clone())
         .clock(f.clock.clone())
         .cache(cache.clone())
         .environment(Environment::LIVE)
@@ -496,6 +497,16 @@ async fn a_deployments_environment_and_region_apply_to_every_route() {
         assert!(outcome(&live).await.is_ok());
         assert!(outcome(&eu).await.is_ok());
         assert!(outcome(&plain).await.is_ok(), "formats without either are not affected");
+    }
+    // An authenticator of another store sharing the cache never takes a
+    // key from it that its own store does not hold.
+    let other = Authenticator::new(MemoryKeyStore::new()).clock(f.clock.clone()).cache(cache);
+    for key in [&live, &eu, &plain] {
+        let secret = key.key().expose_secret();
+        let h = [("authorization", bearer(secret)), ("x-api-key", secret.to_owned())];
+        let header = if key.record().format == "nh" { &h[1] } else { &h[0] };
+        let err = other.authenticate([(header.0, header.1.as_bytes())], &Target::any()).await;
+        assert!(matches!(err, Err(AuthError::Unknown)), "{err:?}");
     }
 }
 
