@@ -10,7 +10,7 @@ mod plan;
 mod policy;
 mod store;
 
-use std::fmt::Write as _;
+use std::fmt::{self, Write as _};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -107,7 +107,7 @@ impl PolicyDecision {
 /// The result of a rate-limit check: the outcome, every stacked policy's
 /// state, and the wall-clock time it was made at (for `X-RateLimit-Reset`).
 #[must_use = "a denied check is `Ok`: call `is_allowed()` or `rejection()`"]
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Decision {
     outcome: Outcome,
     /// What an admitted consume took, for [`LimitStore::refund`] (a
@@ -159,6 +159,19 @@ impl Charge {
     /// Whether policy `i` of the check ran under `a`.
     fn ran(&self, i: usize, a: Algorithm) -> bool {
         i < MAX_STACKED && (self.algorithms >> (2 * i)) & 3 == Self::code(a)
+    }
+}
+
+impl fmt::Debug for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The receipt's store-clock reading means nothing outside the
+        // store: the units still refundable say what it is for.
+        f.debug_struct("Decision")
+            .field("outcome", &self.outcome)
+            .field("at", &self.at())
+            .field("policies", &self.policies)
+            .field("refundable", &self.cost)
+            .finish()
     }
 }
 
