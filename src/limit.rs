@@ -171,7 +171,7 @@ impl fmt::Debug for Decision {
             .field("at", &self.at())
             .field("policies", &self.policies)
             .field("refundable", &self.cost)
-            .finish()
+            .finish_non_exhaustive()
     }
 }
 
