@@ -270,6 +270,11 @@ pub enum ManagerError {
     /// would reach every region).
     #[error("parent credential does not reach that region")]
     RegionNotReachable,
+    /// Only a management token may create a management token: the format
+    /// is itself a capability (it alone mints portal sessions), which a
+    /// key of another format must not hand itself through a child.
+    #[error("only a management token can create a management token")]
+    FormatNotReachable,
     /// The requested lifetime is zero or too long to represent, or, for a
     /// management token, not one of 30 days, 90 days or a year.
     #[error(
@@ -304,7 +309,8 @@ impl ManagerError {
             Self::Scope(ScopeError::Exceeds { .. })
             | Self::TenantNotReachable
             | Self::EnvironmentNotReachable
-            | Self::RegionNotReachable => Rejection::Forbidden { scope: None },
+            | Self::RegionNotReachable
+            | Self::FormatNotReachable => Rejection::Forbidden { scope: None },
             Self::Lifetime => {
                 Rejection::BadRequest { field: "expiresInDays".into(), message: self.to_string() }
             }
@@ -443,7 +449,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// As [`create`](Self::create); [`ScopeError::Exceeds`] when asking for
     /// more than the parent holds; [`ManagerError::TenantNotReachable`];
     /// [`ManagerError::EnvironmentNotReachable`] when asking for another
-    /// environment than the parent's; [`ManagerError::RegionNotReachable`]
+    /// environment than the parent's; [`ManagerError::FormatNotReachable`]
+    /// for a management token asked by a key of another format;
+    /// [`ManagerError::RegionNotReachable`]
     /// when the parent has a region and the key would have another or none;
     /// [`ManagerError::ReservedMetadata`] for metadata under
     /// [`RESERVED_METADATA`].
@@ -454,6 +462,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     ) -> Result<CreatedKey, ManagerError> {
         if !parent.tenant().reaches(&new.tenant) {
             return Err(ManagerError::TenantNotReachable);
+        }
+        if new.format.name() == NHM.name() && parent.format() != NHM.name() {
+            return Err(ManagerError::FormatNotReachable);
         }
         if let Some(env) = parent.environment() {
             match new.environment {

@@ -279,6 +279,17 @@ async fn attenuation_on_create_for() {
         f.manager.create_for(&parent, elsewhere).await.unwrap_err(),
         ManagerError::TenantNotReachable
     ));
+    // A management token makes management tokens; an `sk` key holding the
+    // same scopes does not (the format alone mints portal sessions).
+    let nhm = || NewKey::new("m", NHM, ws("ws_a")).scopes(&["applications:read"]).unwrap();
+    assert!(f.manager.create_for(&parent, nhm()).await.is_ok());
+    let sk =
+        f.manager.create(NewKey::new("s", SK, ws("ws_a")).scopes(&["*"]).unwrap()).await.unwrap();
+    let sk = auth_bearer(&f.auth, sk.key().expose_secret(), &Target::any()).await.unwrap();
+    let err = f.manager.create_for(&sk, nhm()).await.unwrap_err();
+    assert!(matches!(err, ManagerError::FormatNotReachable), "{err}");
+    assert_eq!(err.rejection().status(), 403);
+    assert!(f.manager.create_for(&sk, NewKey::new("c", SK, ws("ws_a"))).await.is_ok());
 }
 
 /// A management token of `tenant` with `scopes`, authenticated.
