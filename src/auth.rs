@@ -591,6 +591,19 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         &self.clock
     }
 
+    /// Where this authenticator keeps the principal of a key with
+    /// `digest` in a shared cache: the digest with its first eight bytes
+    /// mixed with the authenticator's identity, so that authenticators
+    /// sharing a cache keep entries of their own instead of replacing each
+    /// other's (a hit is also checked against the identity).
+    fn cache_key(&self, digest: &crate::Digest) -> crate::Digest {
+        let mut bytes = *digest.as_bytes();
+        for (b, s) in bytes.iter_mut().zip(self.source.to_le_bytes()) {
+            *b ^= s;
+        }
+        crate::Digest::from_bytes(bytes)
+    }
+
     /// Uses `hasher` (must match the one keys were stored with).
     #[must_use]
     pub fn hasher(mut self, hasher: Hasher) -> Self {
@@ -728,7 +741,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         let current = self.hasher.digest(bytes);
         let (now, mono) = self.clock.read();
         if let Some(cache) = &self.cache
-            && let Some(p) = cache.get(current.digest(), mono)
+            && let Some(p) = cache.get(&self.cache_key(current.digest()), mono)
             // A cache shared with an authenticator of another registry may
             // hold principals compiled under another layout, or of another
             // store (a key only that store holds): a miss here.
@@ -792,7 +805,12 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         let p = Principal::verified_by(Arc::clone(&record), &self.registry, self.source)
             .map_err(|source| AuthError::Scopes { id: record.id.clone(), source })?;
         if let Some(cache) = &self.cache {
-            cache.insert_unless_invalidated(generation, *current.digest(), p.clone(), mono);
+            cache.insert_unless_invalidated(
+                generation,
+                self.cache_key(current.digest()),
+                p.clone(),
+                mono,
+            );
         }
         if let Some(batch) = self.note_use(&p, now, mono) {
             self.write_last_use(batch).await;

@@ -181,8 +181,10 @@ impl Decision {
         policies: SmallVec<[PolicyDecision; 1]>,
         at: Timestamp,
     ) -> Self {
-        // i64 nanoseconds reach 1678 to 2262.
-        let at = i64::try_from(at.as_nanosecond()).unwrap_or(0);
+        // i64 nanoseconds reach 1678 to 2262: a time beyond is held at the
+        // nearest end (a custom clock's), never wrapped.
+        let n = at.as_nanosecond();
+        let at = i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX });
         Self::new_charged(outcome, policies, at, None)
     }
 
@@ -210,7 +212,8 @@ impl Decision {
     /// A decision made by a [`LimitStore`] of the host's own (a SQL
     /// table, say): the outcome, each policy's view in the order of the
     /// checked policies, and when the check was made (the store's clock,
-    /// for `X-RateLimit-Reset`). For an admitted consume, add
+    /// for `X-RateLimit-Reset`; kept to the nanosecond between 1678 and
+    /// 2262, held at the nearer end outside). For an admitted consume, add
     /// [`with_charge`](Self::with_charge) so that it can be refunded.
     ///
     /// ```
@@ -282,7 +285,9 @@ impl Decision {
 
     /// Takes `units` given back off the check's charge, so that refunding
     /// the same decision again gives back only what is left (never a later
-    /// check's units).
+    /// check's units). A clone keeps its own charge: refund one copy of a
+    /// decision, not each. (The charge is part of the decision's equality:
+    /// before and after a refund, the same check compares unequal.)
     pub fn refunded(&mut self, units: u32) {
         self.cost = self.cost.saturating_sub(units);
     }
@@ -328,7 +333,8 @@ impl Decision {
         &self.policies
     }
 
-    /// When the decision was made.
+    /// When the decision was made (between 1678 and 2262: see
+    /// [`from_policies`](Self::from_policies)).
     #[must_use]
     pub fn at(&self) -> Timestamp {
         Timestamp::from_nanosecond(i128::from(self.at)).unwrap_or(Timestamp::UNIX_EPOCH)

@@ -270,7 +270,7 @@ pub enum ManagerError {
     /// would reach every region).
     #[error("parent credential does not reach that region")]
     RegionNotReachable,
-    /// Only a management token may create a management token: the format
+    /// Only a management token may create (or roll) a management token: the format
     /// is itself a capability (it alone mints portal sessions), which a
     /// key of another format must not hand itself through a child.
     #[error("only a management token can create a management token")]
@@ -749,6 +749,11 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             Some(r) if reaches(caller, &r) => r,
             _ => return Err(ManagerError::NotFound),
         };
+        // As in `create_for`: a new management token's secret only for a
+        // management token.
+        if old.format == NHM.name() && caller.format() != NHM.name() {
+            return Err(ManagerError::FormatNotReachable);
+        }
         let held = self.registry.compile(&old.scopes)?;
         self.registry.attenuate(held, &caller.scopes_in(&self.registry))?;
         // The replacement keeps the old key's scopes as text: a wildcard the

@@ -163,7 +163,13 @@ impl PrincipalCache {
         fresh(*at, now, self.ttl).then(|| p.clone())
     }
 
-    /// Caches `principal` under `digest`.
+    /// Caches `principal` under `digest`. An [`Authenticator`] is served
+    /// only principals it verified itself (under a key of its own), so a
+    /// principal built by hand ([`Principal::from_record`]) and inserted
+    /// here is found by `get`, never by an authenticator.
+    ///
+    /// [`Authenticator`]: crate::auth::Authenticator
+    /// [`Principal::from_record`]: crate::auth::Principal::from_record
     pub fn insert(&self, digest: Digest, principal: Principal, now: Nanos) {
         let mut shard = self.shard(&digest).write().unwrap_or_else(PoisonError::into_inner);
         self.insert_locked(&mut shard, digest, principal, now);

@@ -358,7 +358,7 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
 /// that check still holds: `receipt` is what it left in this policy's state
 /// (`None` where it charged this policy nothing: the state is only read)
 /// (a GCRA theoretical arrival time, a fixed window's end, a sliding
-/// window's entry time; [`Decision::receipts`](super::Decision::receipts)).
+/// window's entry time; [`Decision::refund_receipts`](super::Decision::refund_receipts)).
 /// Units counted in a window since passed, or time already earned back,
 /// are not credited to what came after.
 pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, receipt: Option<u64>) {
