@@ -338,3 +338,101 @@ fn fixed_windows_align_with_unix_seconds() {
         break;
     }
 }
+
+/// One step of [`refunds_match_a_plain_window_model`].
+#[derive(Debug, Clone)]
+enum RefundOp {
+    Check(u32),
+    /// Refund `cost` of the `pick`-th earlier check (modulo their number).
+    Refund {
+        pick: usize,
+        cost: u32,
+    },
+    Advance(u64),
+}
+
+fn refund_op() -> impl Strategy<Value = RefundOp> {
+    prop_oneof![
+        4 => (1..3u32).prop_map(RefundOp::Check),
+        2 => (any::<usize>(), 1..4u32).prop_map(|(pick, cost)| RefundOp::Refund { pick, cost }),
+        2 => (0..700u64).prop_map(RefundOp::Advance),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Checks and refunds (late, repeated, partial) against a model written
+    /// from the windows' definitions, not from the limiter's code: a fixed
+    /// window counts the units admitted in it less those given back while
+    /// it was the current one; a sliding window counts the entries of the
+    /// last period, and a refund removes its check's own entries (any of a
+    /// check at the same instant). A refund gives back at most what its
+    /// check charged, over all its refunds. Every check must agree.
+    #[test]
+    fn refunds_match_a_plain_window_model(
+        sliding: bool,
+        ops in prop::collection::vec(refund_op(), 1..60),
+    ) {
+        const LIMIT: u32 = 3;
+        const PERIOD_MS: u64 = 1_000;
+        let alg = if sliding { Algorithm::SlidingWindow } else { Algorithm::FixedWindow };
+        let p = [Policy::new("w", LIMIT, Duration::from_millis(PERIOD_MS), alg).unwrap()];
+        let clock = FakeClock::at_2026();
+        let l = MemoryLimiter::<u64, _>::with_clock(16, clock.clone());
+        let mut t = 0u64; // ms since the start, a whole second (window edge)
+        // The model: per check, its time, units still refundable; per
+        // fixed window, units held; for sliding, one entry time per unit.
+        let mut checks: Vec<(keygate::limit::Decision, u64, u32)> = Vec::new();
+        let mut held: std::collections::HashMap<u64, u32> = std::collections::HashMap::new();
+        let mut entries: Vec<u64> = Vec::new();
+        for op in ops {
+            match op {
+                RefundOp::Check(cost) => {
+                    let fits = if sliding {
+                        let live = entries.iter().filter(|&&e| e + PERIOD_MS > t).count();
+                        live as u32 + cost <= LIMIT
+                    } else {
+                        held.get(&(t / PERIOD_MS)).copied().unwrap_or(0) + cost <= LIMIT
+                    };
+                    let d = l.check(&1, &p, cost).unwrap();
+                    prop_assert_eq!(d.is_allowed(), fits, "check of {} at {} ms", cost, t);
+                    if fits {
+                        if sliding {
+                            entries.extend(std::iter::repeat_n(t, cost as usize));
+                        } else {
+                            *held.entry(t / PERIOD_MS).or_default() += cost;
+                        }
+                    }
+                    checks.push((d, t, if fits { cost } else { 0 }));
+                }
+                RefundOp::Refund { pick, cost } => {
+                    if checks.is_empty() {
+                        continue;
+                    }
+                    let n = checks.len();
+                    let (d, at, left) = &mut checks[pick % n];
+                    let give = cost.min(*left);
+                    *left -= give;
+                    l.refund(&1, &p, cost, d);
+                    if sliding {
+                        // Its own entries, while still in the last period.
+                        let mut n = give;
+                        entries.retain(|&e| {
+                            let mine = n > 0 && e == *at && e + PERIOD_MS > t;
+                            n -= u32::from(mine);
+                            !mine
+                        });
+                    } else if *at / PERIOD_MS == t / PERIOD_MS {
+                        let h = held.entry(t / PERIOD_MS).or_default();
+                        *h = h.saturating_sub(give);
+                    }
+                }
+                RefundOp::Advance(ms) => {
+                    clock.advance(Duration::from_millis(ms));
+                    t += ms;
+                }
+            }
+        }
+    }
+}
