@@ -463,9 +463,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         if !parent.tenant().reaches(&new.tenant) {
             return Err(ManagerError::TenantNotReachable);
         }
-        if new.format.name() == NHM.name() && parent.format() != NHM.name() {
-            return Err(ManagerError::FormatNotReachable);
-        }
+        may_hold(parent, new.format.name())?;
         if let Some(env) = parent.environment() {
             match new.environment {
                 None => new.environment = Some(env),
@@ -749,11 +747,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             Some(r) if reaches(caller, &r) => r,
             _ => return Err(ManagerError::NotFound),
         };
-        // As in `create_for`: a new management token's secret only for a
-        // management token.
-        if old.format == NHM.name() && caller.format() != NHM.name() {
-            return Err(ManagerError::FormatNotReachable);
-        }
+        may_hold(caller, &old.format)?;
         let held = self.registry.compile(&old.scopes)?;
         self.registry.attenuate(held, &caller.scopes_in(&self.registry))?;
         // The replacement keeps the old key's scopes as text: a wildcard the
@@ -830,6 +824,16 @@ pub const ROLLED_FROM: &str = "keygate.rolled_from";
 /// Metadata prefixes the library keeps for itself: a caller's key may not
 /// carry them ([`KeyManager::create_for`]).
 pub const RESERVED_METADATA: &[&str] = &["keygate.", crate::portal::RESERVED_METADATA_PREFIX];
+
+/// Whether `caller` may obtain a key of `format` (create one, or roll one
+/// for its new secret): a management token only for a management token,
+/// since that format alone mints portal sessions.
+fn may_hold(caller: &Principal, format: &str) -> Result<(), ManagerError> {
+    if format == NHM.name() && caller.format() != NHM.name() {
+        return Err(ManagerError::FormatNotReachable);
+    }
+    Ok(())
+}
 
 /// Whether metadata `key` is under one of [`RESERVED_METADATA`].
 pub(crate) fn is_reserved_metadata(key: &str) -> bool {

@@ -299,7 +299,9 @@ pub struct Route {
     plan: Option<String>,
     target: Option<Arc<TargetFn>>,
     cost: Option<u32>,
-    cookie: Option<Cow<'static, str>>,
+    /// The cookie's name and its [`cookie_id`], hashed once here rather
+    /// than per request.
+    cookie: Option<(Cow<'static, str>, u64)>,
 }
 
 impl fmt::Debug for Route {
@@ -315,7 +317,7 @@ impl fmt::Debug for Route {
             .field("plan", &self.plan)
             .field("target", &self.target.is_some())
             .field("cost", &self.cost)
-            .field("cookie", &self.cookie)
+            .field("cookie", &self.cookie.as_ref().map(|(name, _)| name))
             .finish()
     }
 }
@@ -552,10 +554,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let auth = &self.0.auth;
         let outer_plan = known.as_ref().map(|(_, plan)| *plan);
         let from_cookie =
-            route.cookie.as_deref().map_or(Ok(None), |name| cookie_credential(headers, name));
+            route.cookie.as_ref().map_or(Ok(None), |(name, _)| cookie_credential(headers, name));
         let identity = identity(route, target);
-        let cookie = match (&from_cookie, route.cookie.as_deref()) {
-            (Ok(Some(_)), Some(name)) if known.is_none() => cookie_id(name),
+        let cookie = match (&from_cookie, &route.cookie) {
+            (Ok(Some(_)), Some((_, id))) if known.is_none() => *id,
             _ => 0,
         };
         let principal = if let Some((p, _)) = known {
@@ -804,7 +806,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     #[must_use]
     pub fn cookie(self, name: impl Into<Cow<'static, str>>) -> Self {
         let name = name.into();
-        self.with(|r| r.cookie = Some(name))
+        let id = cookie_id(&name);
+        self.with(|r| r.cookie = Some((name, id)))
     }
 
     /// Units each request consumes from the rate limit (default 1).
@@ -1006,7 +1009,7 @@ impl AdmittedBy {
     fn vouches(&self, gate: usize, principal: &Principal, route: &Route) -> bool {
         self.gate == gate
             && principal.is(&self.principal)
-            && (self.cookie == 0 || route.cookie.as_deref().map(cookie_id) == Some(self.cookie))
+            && (self.cookie == 0 || route.cookie.as_ref().map(|(_, id)| *id) == Some(self.cookie))
     }
 }
 

@@ -1152,6 +1152,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// `key` under `policies` by this limiter, took (see
     /// [`LimitStore::refund`]): never more than that check charged, and
     /// only what it still holds now.
+    ///
     /// The units given back are taken off `check`'s charge
     /// ([`Decision::refunded`]).
     pub fn refund<Q>(&self, key: &Q, policies: &[Policy], cost: u32, check: &mut Decision)

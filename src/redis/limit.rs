@@ -5,13 +5,12 @@ use std::future::Future;
 use std::sync::LazyLock;
 
 use ::redis::Script;
-use jiff::Timestamp;
 use smallvec::SmallVec;
 
 use super::Redis;
 use crate::backend::BackendError;
 use crate::limit::{
-    Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision, Step,
+    Algorithm, Charge, CheckMode, Decision, LimitStore, Outcome, Policy, PolicyDecision, Step,
 };
 
 /// Shared Lua helpers. Redis Lua numbers are doubles: wall-clock
@@ -557,9 +556,12 @@ fn decode(
         2 => Outcome::Impossible,
         _ => return Err(BackendError::corrupt("limiter outcome")),
     };
-    let micros = i128::from(reply[1]) * 1_000_000 + i128::from(reply[2]);
-    let at = Timestamp::from_nanosecond(micros * 1000)
-        .map_err(|_| BackendError::corrupt("server time"))?;
+    // The server's clock: the decision's time, and the mark its receipts
+    // count from (Unix nanoseconds, from before 2262).
+    let server_ns = (i128::from(reply[1]) * 1_000_000 + i128::from(reply[2])) * 1000;
+    let (Ok(at), Ok(mark)) = (i64::try_from(server_ns), u64::try_from(server_ns)) else {
+        return Err(BackendError::corrupt("server time"));
+    };
     let mut out = SmallVec::with_capacity(policies.len());
     for (p, r) in policies.iter().zip(reply[3..].chunks_exact(4)) {
         let step = Step {
@@ -571,10 +573,8 @@ fn decode(
         };
         out.push(PolicyDecision::of(p, &step));
     }
-    let d = Decision::new(outcome, out, at);
-    // The server's clock, as the receipts count it.
-    let mark = u64::try_from(micros * 1000).unwrap_or(0);
-    Ok(if mode == CheckMode::Consume { d.with_charge(policies, cost, mark) } else { d })
+    let charge = (mode == CheckMode::Consume).then(|| Charge::of(policies, cost, mark)).flatten();
+    Ok(Decision::new_charged(outcome, out, at, charge))
 }
 
 impl LimitStore for RedisLimiter {
