@@ -7,7 +7,10 @@
 # route adds the three X-RateLimit-* headers as constants to that twin: the
 # wire cost of headers the gated route must send, apart from keygate's work.
 #
-#   bash scripts/load.sh [SECONDS] [CONNECTIONS]
+#   bash scripts/load.sh [SECONDS] [CONNECTIONS] [ROUNDS]
+#
+# Each route runs SECONDS per round, ROUNDS rounds (default 3) in turn; the
+# ratios come from each route's median.
 #
 # Needs `wrk` (apt-get install wrk). Loopback only. The key's plan admits far
 # more than wrk can send, so every request passes the full keygate path
@@ -16,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 secs="${1:-10}"
 conns="${2:-32}"
+rounds="${3:-3}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 
 cargo build --release --example server -q
@@ -43,22 +47,46 @@ wrk.headers["Authorization"] = "Bearer $key"
 LUA
 
 run() { "${pin_wrk[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "$@"; }
-echo "== unauthenticated: GET /healthz"
-base=$(run "http://$addr/healthz")
-echo "$base" | grep -E "Requests/sec|99%|Non-2xx" || true
-echo "== unauthenticated twin: POST /load/ingest/load (same handler and request, no layer)"
-twin=$(run -s "$tmp/post.lua" "http://$addr/load/ingest/load")
-echo "$twin" | grep -E "Requests/sec|99%|Non-2xx" || true
-echo "== twin + three constant X-RateLimit-* headers: POST /load/ingest-with-headers/load"
-hdrs=$(run -s "$tmp/post.lua" "http://$addr/load/ingest-with-headers/load")
-echo "$hdrs" | grep -E "Requests/sec|99%|Non-2xx" || true
-echo "== authenticated + rate-limited: POST /api/ingest/load (Bearer nhk_, plan 'load')"
-auth=$(run -s "$tmp/post.lua" "http://$addr/api/ingest/load")
-echo "$auth" | grep -E "Requests/sec|99%|Non-2xx" || true
-python3 - "$base" "$twin" "$auth" "$hdrs" <<'PY'
-import sys
-def rps(t): return float([l for l in t.splitlines() if "Requests/sec" in l][0].split()[1])
-b, t, a, h = rps(sys.argv[1]), rps(sys.argv[2]), rps(sys.argv[3]), rps(sys.argv[4])
+# The routes, measured in turn, round after round: a drift of the machine
+# (a neighbour's load, frequency) lands on every route alike, and the
+# figures below are each route's median over the rounds.
+names=(healthz twin headers gated)
+labels=(
+  "unauthenticated: GET /healthz"
+  "unauthenticated twin: POST /load/ingest/load (same handler and request, no layer)"
+  "twin + three constant X-RateLimit-* headers: POST /load/ingest-with-headers/load"
+  "authenticated + rate-limited: POST /api/ingest/load (Bearer nhk_, plan 'load')"
+)
+urls=(
+  "http://$addr/healthz"
+  "-s $tmp/post.lua http://$addr/load/ingest/load"
+  "-s $tmp/post.lua http://$addr/load/ingest-with-headers/load"
+  "-s $tmp/post.lua http://$addr/api/ingest/load"
+)
+: > "$tmp/results"
+for round in $(seq "$rounds"); do
+  for i in "${!names[@]}"; do
+    echo "== round $round: ${labels[$i]}"
+    # shellcheck disable=SC2086 # the options and URL split on purpose
+    out=$(run ${urls[$i]})
+    echo "$out" | grep -E "Requests/sec|99%|Non-2xx" || true
+    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
+    echo "${names[$i]} $rps $p99" >> "$tmp/results"
+  done
+done
+python3 - "$tmp/results" <<'PY'
+import statistics, sys
+rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
+rps = {n: [float(r) for m, r, _ in rows if m == n] for n, _, _ in rows}
+def ms(v):
+    return float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-2]) if v.endswith("ms") else float(v[:-1]) * 1000
+p99 = {n: [ms(p) for m, _, p in rows if m == n] for n, _, _ in rows}
+med = {n: statistics.median(v) for n, v in rps.items()}
+print(f"medians over {len(rps['twin'])} round(s):")
+for n in rps:
+    print(f"  {n:8s} {med[n]:10.0f} req/s  p99 {statistics.median(p99[n]):.3f} ms  (rounds: {', '.join(f'{x:.0f}' for x in rps[n])})")
+b, t, h, a = med["healthz"], med["twin"], med["headers"], med["gated"]
 print(f"the headers alone (twin + constants vs twin): {100*(1-h/t):.1f}% of throughput")
 print(f"layer cost (gated vs twin): ratio {a/t:.3f}, {100*(1-a/t):.1f}% of throughput, {1e6/a-1e6/t:.2f} us/request")
 print(f"gated vs /healthz: ratio {a/b:.3f} ({100*(1-a/b):.1f}%)")
