@@ -236,9 +236,10 @@ impl Decision {
     /// };
     /// let mut d = Decision::from_policies(Outcome::Allowed, [view], jiff::Timestamp::UNIX_EPOCH)
     ///     .with_charge(&p, 1, mark);
-    /// // A refund of this check: one unit at most, and the arrival time the
-    /// // check left (GCRA), which it may give back only while ahead of now.
-    /// assert_eq!(d.refund_receipts(&p, 5), (1, vec![Some(mark + 24_000_000_000)]));
+    /// // A refund of this check: one unit at most, and the end of its own
+    /// // share of the arrival time (GCRA: one 6 s interval from its time),
+    /// // which it may give back only while ahead of now.
+    /// assert_eq!(d.refund_receipts(&p, 5), (1, vec![Some(mark + 6_000_000_000)]));
     /// // Once given back, a second refund of the same check gives nothing.
     /// d.refunded(1);
     /// assert_eq!(d.refund_receipts(&p, 5).0, 0);
@@ -265,9 +266,12 @@ impl Decision {
     /// may give back: the units (at most what the check charged and
     /// earlier refunds left; 0 for a denial, a peek, or a decision without
     /// [`with_charge`](Self::with_charge)) and, per policy, what the check
-    /// left in its state on the store's clock in nanoseconds: a GCRA key's
-    /// theoretical arrival time, a fixed window's end, a sliding window's
-    /// entry time. `None` where it charged that policy nothing it can give
+    /// left in its state on the store's clock in nanoseconds: for GCRA, the
+    /// end of the check's own share of the arrival time (its time plus an
+    /// emission interval per unit not yet given back: measured from the
+    /// arrival time the check left, refunds of it or of earlier checks could
+    /// give back time that had passed); a fixed window's end; a sliding
+    /// window's entry time. `None` where it charged that policy nothing it can give
     /// back: another name, algorithm, limit, period or burst at that place
     /// (a plan changed in between).
     ///
@@ -311,7 +315,19 @@ impl Decision {
             Algorithm::SlidingWindow => {
                 after.saturating_sub(crate::clock::duration_nanos(pd.period))
             }
-            _ => after,
+            Algorithm::FixedWindow => after,
+            // The check's share of the arrival time, as if it had queued
+            // behind nothing: its units not yet given back, from its own
+            // time. The arrival time it left (`after`) is no bound: a
+            // refund of an earlier check moves this check's share earlier,
+            // and an earlier refund of this one takes time off its end, so
+            // measured from `after` a refund could give back time that had
+            // already passed (the limiter then admitting more than a world
+            // where the refunded units were never asked for). A check that
+            // did queue gets back less the later its refund comes.
+            Algorithm::Gcra => charge.mark.saturating_add(
+                u64::from(charge.cost.get()).saturating_mul(p.emission_interval_nanos()),
+            ),
         })
     }
 

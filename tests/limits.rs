@@ -436,3 +436,94 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// GCRA refunds (late, repeated, partial, in any order, on the one-word
+    /// and the locked form) never make the limiter more permissive than a
+    /// world where the refunded units were never asked for: the model
+    /// replays every admitted check at its own time with its cost less what
+    /// was refunded of it, on GCRA's definition (the arrival time moves to
+    /// `max(tat, t) + cost * T`; a check fits while that stays within the
+    /// burst's horizon of now). A check the limiter admits, that world
+    /// admits too.
+    #[test]
+    fn gcra_refunds_never_beat_a_world_without_the_refunded_units(
+        stacked: bool,
+        ops in prop::collection::vec(refund_op(), 1..60),
+    ) {
+        // T = 1 s exactly (3 per 3 s), horizon 3 s: no rounding in the model.
+        const T_MS: u64 = 1_000;
+        const CAP: u64 = 3;
+        let g = Policy::new("g", 3, Duration::from_secs(3), Algorithm::Gcra).unwrap();
+        // A second, never binding policy puts the key in the locked form.
+        let loose = Policy::per_second(std::num::NonZeroU32::new(1_000).unwrap());
+        let p: Vec<Policy> = if stacked { vec![g, loose] } else { vec![g] };
+        let clock = FakeClock::at_2026();
+        let l = MemoryLimiter::<u64, _>::with_clock(16, clock.clone());
+        let mut t = 0u64; // ms since the start
+        // Per admitted check: its decision, time, cost, units refunded.
+        let mut checks: Vec<(keygate::limit::Decision, u64, u32, u32)> = Vec::new();
+        for op in ops {
+            match op {
+                RefundOp::Check(cost) => {
+                    let d = l.check(&1, &p, cost).unwrap();
+                    if d.is_allowed() {
+                        let world = checks.iter().fold(0u64, |tat, (_, at, c, r)| {
+                            tat.max(*at) + u64::from(c - r) * T_MS
+                        });
+                        let need = world.max(t) + u64::from(cost) * T_MS - t;
+                        prop_assert!(
+                            need <= CAP * T_MS,
+                            "admitted {} at {} ms where the world's arrival time is {} ms",
+                            cost, t, world
+                        );
+                        checks.push((d, t, cost, 0));
+                    }
+                }
+                RefundOp::Refund { pick, cost } => {
+                    if checks.is_empty() {
+                        continue;
+                    }
+                    let n = checks.len();
+                    let (d, _, c, r) = &mut checks[pick % n];
+                    l.refund(&1, &p, cost, d);
+                    *r = (*r + cost).min(*c);
+                }
+                RefundOp::Advance(ms) => {
+                    clock.advance(Duration::from_millis(ms));
+                    t += ms;
+                }
+            }
+        }
+    }
+}
+
+/// The case the property above first found, by name: refunds of two
+/// earlier checks move a third check's share of the arrival time to start
+/// at its own time; a later refund of it, measured from the arrival time it
+/// left, gave back the time of it that had passed since, and the key then
+/// admitted three where a world without the three refunded checks admits
+/// two.
+#[test]
+fn a_gcra_refund_after_refunds_of_earlier_checks_gives_back_no_passed_time() {
+    let p = [Policy::new("g", 3, Duration::from_secs(3), Algorithm::Gcra).unwrap()];
+    let clock = FakeClock::at_2026();
+    let limiter = MemoryLimiter::<u64, _>::with_clock(16, clock.clone());
+    let mut first = limiter.check(&1, &p, 1).unwrap();
+    let mut second = limiter.check(&1, &p, 1).unwrap();
+    let mut third = limiter.check(&1, &p, 1).unwrap();
+    assert!(first.is_allowed() && second.is_allowed() && third.is_allowed());
+    limiter.refund(&1, &p, 1, &mut first);
+    limiter.refund(&1, &p, 1, &mut second);
+    clock.advance(Duration::from_millis(600));
+    assert!(limiter.check(&1, &p, 1).unwrap().is_allowed(), "y");
+    // 600 ms of the third's second have passed: 400 ms of it are left to give back.
+    limiter.refund(&1, &p, 1, &mut third);
+    clock.advance(Duration::from_millis(400));
+    // Without the three: y at 0.6 s leaves its arrival time at 1.6 s, so
+    // at 1 s two more fit in the 3 s horizon, not three.
+    let admitted = (0..3).filter(|_| limiter.check(&1, &p, 1).unwrap().is_allowed()).count();
+    assert_eq!(admitted, 2);
+}

@@ -357,7 +357,7 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
 /// Gives back `cost` units of a refunded check to `slot`, no more than
 /// that check still holds: `receipt` is what it left in this policy's state
 /// (`None` where it charged this policy nothing: the state is only read)
-/// (a GCRA theoretical arrival time, a fixed window's end, a sliding
+/// (the end of a GCRA check's own share of the arrival time, a fixed window's end, a sliding
 /// window's entry time; [`Decision::refund_receipts`](super::Decision::refund_receipts)).
 /// Units counted in a window since passed, or time already earned back,
 /// are not credited to what came after.
@@ -376,10 +376,13 @@ pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, rece
     let Some(receipt) = receipt else { return };
     match slot {
         Slot::Tat(tat) => {
-            // The check pushed the arrival time to `receipt`; of that, only
-            // what lies ahead of now is still borrowed. Taking back no more
-            // never frees time a later check used: each later check moves
-            // the arrival time by at most what it adds.
+            // The check's own share of the arrival time ends at `receipt`
+            // (its time plus its units not yet given back, as if it had
+            // queued behind nothing); of that, only what lies ahead of now
+            // is still borrowed. Taking back no more never frees time a
+            // later check used, nor time that passed: whatever was given
+            // back before (of this check or of earlier ones), the share
+            // cannot end later than that.
             let back = policy
                 .emission_interval_nanos()
                 .saturating_mul(u64::from(cost))

@@ -557,7 +557,16 @@ mod model {
 
     /// What a key's last consume charged: per policy, its name and what
     /// the check left in its state; and the cost.
-    type Charged = Option<(Vec<(&'static str, u64)>, u32)>;
+    /// Per policy of the charged check: its name, and its receipt, or for
+    /// GCRA the check's time and emission interval (the receipt is the
+    /// end of the check's own share, by the units still charged).
+    type Charged = Option<(Vec<(&'static str, Receipt)>, u32)>;
+
+    #[derive(Clone, Copy)]
+    enum Receipt {
+        At(u64),
+        Share { at: u64, interval: u64 },
+    }
 
     /// The reference: per key, per policy name, a slot; and per key what
     /// its last consume charged (the check a refund gives back).
@@ -589,7 +598,14 @@ mod model {
             let mut receipts = Vec::new();
             for (p, (s, next)) in policies.iter().zip(steps) {
                 let name: &'static str = if p.name() == "a" { "a" } else { "b" };
-                receipts.push((name, now + s.reset_after));
+                receipts.push((
+                    name,
+                    if p.algorithm() == Algorithm::Gcra {
+                        Receipt::Share { at: now, interval: p.emission_interval_nanos() }
+                    } else {
+                        Receipt::At(now + s.reset_after)
+                    },
+                ));
                 if outcome == Outcome::Allowed
                     && consume
                     && let Some(next) = next
@@ -616,14 +632,19 @@ mod model {
             };
             // What is given back is taken off the charge.
             let give = cost.min(*charged);
+            let held = *charged;
             *charged -= give;
             if give == 0 {
                 return;
             }
             for (p, (name, receipt)) in policies.iter().zip(receipts.iter()) {
                 if p.name() == *name {
+                    let receipt = match *receipt {
+                        Receipt::At(r) => r,
+                        Receipt::Share { at, interval } => at + u64::from(held) * interval,
+                    };
                     let slot = slots.entry(name).or_insert(Slot::Fresh);
-                    algorithm::refund(p, slot, now, give, Some(*receipt));
+                    algorithm::refund(p, slot, now, give, Some(receipt));
                 }
             }
         }

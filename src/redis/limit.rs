@@ -365,8 +365,8 @@ return out
 ";
 
 /// Same KEYS and per-policy ARGV as the check (ARGV[2] unused), then one
-/// receipt per policy (`Decision::refund_receipts`: a GCRA theoretical arrival
-/// time in ns, a fixed window's end or a sliding window's entry time in
+/// receipt per policy (`Decision::refund_receipts`: the end of a GCRA check's
+/// own share of the arrival time in ns, a fixed window's end or a sliding window's entry time in
 /// µs; empty for a policy the check did not charge): gives up to `cost`
 /// units back to every policy, no more than the check still holds.
 const REFUND: &str = r"
