@@ -164,15 +164,25 @@ impl QuotaDecision {
 ///
 /// # Contract
 ///
-/// - **One atomic step.** `check_and_count` reads every counter of the
-///   account's rules that count `category` for the month of `now`, and only
-///   if all have room for `cost` increments them all; a denied request is
-///   not counted (Redis: one Lua script; SQL: one transaction with
-///   `UPDATE … SET used = used + $cost WHERE used + $cost <= $limit`
-///   per rule, rolled back if any fails).
-/// - **Names.** A rule's name is its counter. Callers pass rules of
-///   distinct names, as [`Plan::new`](crate::limit::Plan::new) guarantees
-///   for a plan's `monthly` list.
+/// - **Counters are per category.** Usage is kept per (account, category,
+///   month); a rule is a view over it: its usage is the sum of the counts
+///   of the categories it counts (each once). So a plan change in the
+///   middle of a month neither charges one category's units to a rule
+///   that does not count them (emails sent on a plan that counts them
+///   together with webhooks, then an upgrade whose rule counts webhooks
+///   only) nor forgets them (emails sent on a plan that leaves them
+///   uncounted, then a plan that counts them).
+/// - **One atomic step.** `check_and_count` reads the counts of every
+///   category that a rule counting `category` counts, for the month of
+///   `now`, and only if every such rule has room for `cost` adds `cost` to
+///   `category`'s count; a denied request is not counted. An admitted
+///   request is counted even when no rule counts its category (it is
+///   unlimited under these rules, not under every plan). Redis: one Lua
+///   script; SQL: one transaction that locks the account's counter rows
+///   of the month (`SELECT … FOR UPDATE`), sums them per rule, and
+///   upserts `category`'s row only if every sum has room.
+/// - **Categories** are the host's names (`email`, `webhook`): a handful,
+///   not request data; each one used gets a counter per account.
 /// - **Months.** Counters are per calendar month in UTC and start from zero
 ///   on the 1st; old months may be dropped.
 /// - **Failure.** An unreachable backend is a [`BackendError`].
@@ -189,21 +199,40 @@ pub trait QuotaStore: Send + Sync {
         now: Timestamp,
     ) -> impl Future<Output = Result<QuotaDecision, BackendError>> + Send;
 
-    /// Units of `account` counted by `rule` in the month of `now`.
+    /// Units of `category` counted for `account` in the month of `now`.
     fn usage(
         &self,
         account: &str,
-        rule: &str,
+        category: &str,
         now: Timestamp,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Units of `account` that `rule` counts in the month of `now`: the
+    /// [`usage`](Self::usage) of each of its categories, each once
+    /// (saturating). Not one atomic read: a count made meanwhile may be
+    /// in or out.
+    fn rule_usage(
+        &self,
+        account: &str,
+        rule: &QuotaRule,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        async move {
+            let mut total = 0u64;
+            for c in rule.distinct_counts() {
+                total = total.saturating_add(self.usage(account, c, now).await?);
+            }
+            Ok(total)
+        }
+    }
 }
 
-/// Usage per (account, rule name). `hashbrown` so that a check looks entries
+/// Usage per (account, category). `hashbrown` so that a check looks entries
 /// up by borrowed names ([`CounterKey`]) instead of allocating two
-/// `String`s per rule per request; std's keyed hasher resists flooding.
+/// `String`s per category per request; std's keyed hasher resists flooding.
 type Counters = hashbrown::HashMap<(String, String), Counter, std::hash::RandomState>;
 
-/// One (account, rule)'s counts: its latest month's and the month before's,
+/// One (account, category)'s counts: its latest month's and the month before's,
 /// so a call stamped just before midnight on the 1st that arrives after the
 /// new month's first counts in its own month, as in the Redis store.
 #[derive(Debug, Clone, Copy)]
@@ -242,7 +271,7 @@ impl Counter {
     }
 }
 
-/// A borrowed `(account, rule)` key of [`Counters`]: hashes as the owned
+/// A borrowed `(account, category)` key of [`Counters`]: hashes as the owned
 /// tuple does (`str` and `String` hash alike).
 #[derive(Hash)]
 struct CounterKey<'a>(&'a str, &'a str);
@@ -259,9 +288,9 @@ impl From<&CounterKey<'_>> for (String, String) {
     }
 }
 
-/// A [`QuotaStore`] in process memory. One entry per (account, rule); an
-/// entry from an earlier month is reset when next touched, so memory is
-/// bounded by accounts × rules.
+/// A [`QuotaStore`] in process memory. One entry per (account, category);
+/// an entry from an earlier month is reset when next touched, so memory is
+/// bounded by accounts × categories.
 #[derive(Debug, Default)]
 pub struct MemoryQuotaStore {
     counters: Mutex<Counters>,
@@ -290,37 +319,35 @@ impl MemoryQuotaStore {
         // straddling midnight on the 1st, the later one counted first)
         // counts in its own month, which the counter keeps: a late call
         // neither erases the newer month's count nor adds to it.
-        let used_now = |map: &Counters, r: &QuotaRule| {
-            map.get(&CounterKey(account, &r.name)).and_then(|c| c.of(month)).unwrap_or(0)
+        let count_of = |map: &Counters, c: &str| {
+            map.get(&CounterKey(account, c)).and_then(|k| k.of(month)).unwrap_or(0)
+        };
+        // A rule's usage: its categories' counts. A sum past u64 is past
+        // every limit (and must not wrap below): `None`.
+        let used_by = |map: &Counters, r: &QuotaRule| {
+            r.distinct_counts().try_fold(0u64, |sum, c| sum.checked_add(count_of(map, c)))
         };
         let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
         // A cost above some rule's whole limit is refused as such, whatever
         // other rules have left: no reset helps.
         if let Some(r) = counting.iter().find(|r| cost > r.limit) {
-            return QuotaDecision::denied(r, used_now(&map, r), cost, resets_at);
+            return QuotaDecision::denied(r, used_by(&map, r).unwrap_or(u64::MAX), cost, resets_at);
         }
-        // A sum past u64 is past every limit (and must not wrap below).
-        if let Some(r) = counting
-            .iter()
-            .find(|r| used_now(&map, r).checked_add(cost).is_none_or(|total| total > r.limit))
-        {
-            return QuotaDecision::denied(r, used_now(&map, r), cost, resets_at);
+        let mut counted = Vec::with_capacity(counting.len());
+        for r in counting {
+            let used = used_by(&map, r);
+            match used.and_then(|u| u.checked_add(cost)) {
+                Some(after) if after <= r.limit => counted.push((r, after)),
+                _ => return QuotaDecision::denied(r, used.unwrap_or(u64::MAX), cost, resets_at),
+            }
         }
-        // Every counting rule has room: count in each as the decision is made.
-        let counted = counting.iter().enumerate().map(|(i, r)| {
-            let fresh = Counter { month, used: 0, before: 0 };
-            let c = map.entry_ref(&CounterKey(account, &r.name)).or_insert(fresh);
-            // A name repeated (rules sharing one counter) counts once.
-            let again = counting[..i].iter().any(|q| q.name == r.name);
-            // Checked above: the sum fits and is within the limit.
-            let used = c.slot(month).map_or(cost, |u| {
-                if !again {
-                    *u += cost;
-                }
-                *u
-            });
-            (*r, used)
-        });
+        // Every counting rule has room: count the category, whether or not
+        // a rule counts it (a plan that does, later this month, sees it).
+        let fresh = Counter { month, used: 0, before: 0 };
+        let c = map.entry_ref(&CounterKey(account, category)).or_insert(fresh);
+        if let Some(u) = c.slot(month) {
+            *u = u.saturating_add(cost);
+        }
         QuotaDecision::admitted(counted, resets_at)
     }
 }
@@ -340,12 +367,12 @@ impl QuotaStore for MemoryQuotaStore {
     fn usage(
         &self,
         account: &str,
-        rule: &str,
+        category: &str,
         now: Timestamp,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send {
         let month = Month::of(now);
         let map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        let used = map.get(&CounterKey(account, rule)).and_then(|c| c.of(month)).unwrap_or(0);
+        let used = map.get(&CounterKey(account, category)).and_then(|c| c.of(month)).unwrap_or(0);
         ready(Ok(used))
     }
 }

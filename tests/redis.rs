@@ -212,7 +212,7 @@ async fn concurrent_quota_counts_and_capped_inserts_are_exact() {
         allowed += usize::from(t.await.unwrap().allowed);
     }
     assert_eq!(allowed, 30);
-    assert_eq!(quota.usage("acct", "n", now).await.unwrap(), 30);
+    assert_eq!(quota.usage("acct", "webhook", now).await.unwrap(), 30);
 
     let keys = Arc::new(redis.keys());
     let limit = keygate::store::ActiveLimit::new(10, now);
@@ -416,7 +416,7 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
         assert!(r.is_err() && t < BOUND, "{what}: keys revoke {r:?} in {t:?}");
         let (r, t) = timed(keys.list(&record.tenant.workspace, None)).await;
         assert!(r.is_err() && t < BOUND, "{what}: keys list {r:?} in {t:?}");
-        let (r, t) = timed(quota.usage("a", "n", now)).await;
+        let (r, t) = timed(quota.usage("a", "email", now)).await;
         assert!(r.is_err() && t < BOUND, "{what}: quota usage {r:?} in {t:?}");
         let (r, t) = timed(limiter.refund("k", &plan, 1, &mut charged)).await;
         assert!(r.is_err() && t < BOUND, "{what}: limiter refund {r:?} in {t:?}");

@@ -83,8 +83,13 @@ impl QuotaStore for FlakyQuota {
         self.0.check_and_count(account, rules, category, cost, now).await
     }
 
-    async fn usage(&self, account: &str, rule: &str, now: Timestamp) -> Result<u64, BackendError> {
-        self.0.usage(account, rule, now).await
+    async fn usage(
+        &self,
+        account: &str,
+        category: &str,
+        now: Timestamp,
+    ) -> Result<u64, BackendError> {
+        self.0.usage(account, category, now).await
     }
 }
 

@@ -32,6 +32,16 @@ impl QuotaRule {
     pub fn counts(&self, category: &str) -> bool {
         self.counts.iter().any(|c| c == category)
     }
+
+    /// The categories counted, each once (a name listed twice is one
+    /// category).
+    pub fn distinct_counts(&self) -> impl Iterator<Item = &str> {
+        self.counts
+            .iter()
+            .enumerate()
+            .filter(|(i, c)| !self.counts[..*i].contains(c))
+            .map(|(_, c)| c.as_str())
+    }
 }
 
 /// A named bundle of stacked rate policies and monthly quotas.
@@ -69,14 +79,18 @@ impl Plan {
     ///
     /// # Errors
     ///
-    /// [`PlanError`] for no rate policy, too many, or duplicate policy or
-    /// quota names.
+    /// [`PlanError`] for an empty name, no rate policy, too many,
+    /// duplicate policy or quota names, or a quota with an empty name, a
+    /// limit of 0, no category, or an empty or repeated one.
     pub fn new(
         name: impl Into<String>,
         rate: Vec<Policy>,
         monthly: Vec<QuotaRule>,
     ) -> Result<Self, PlanError> {
         let name = name.into();
+        if name.is_empty() {
+            return Err(err("name", "must not be empty"));
+        }
         if rate.is_empty() || rate.len() > MAX_STACKED {
             return Err(err("rate", format!("a plan stacks 1 to {MAX_STACKED} policies")));
         }
@@ -85,12 +99,31 @@ impl Plan {
                 return Err(err(format!("rate[{i}].name"), "policy names must be distinct"));
             }
         }
-        // A quota's name is its counter: two rules of one name would count
-        // one counter twice per request, and categories would leak into
-        // each other.
+        // A quota's name is what a refusal names: two of one name could not
+        // be told apart.
         for (i, q) in monthly.iter().enumerate() {
+            if q.name.is_empty() {
+                return Err(err(format!("monthly[{i}].name"), "must not be empty"));
+            }
             if monthly[..i].iter().any(|r| r.name == q.name) {
                 return Err(err(format!("monthly[{i}].name"), "quota names must be distinct"));
+            }
+            // A limit of 0 refuses every request as costing more than the
+            // month allows: a plan without the category says that plainly.
+            if q.limit == 0 {
+                return Err(err(format!("monthly[{i}].limit"), "must be at least 1"));
+            }
+            let counts = format!("monthly[{i}].counts");
+            if q.counts.is_empty() {
+                return Err(err(counts, "must name at least one category"));
+            }
+            for (j, c) in q.counts.iter().enumerate() {
+                if c.is_empty() {
+                    return Err(err(counts, "categories must not be empty"));
+                }
+                if q.counts[..j].contains(c) {
+                    return Err(err(counts, format!("names `{c}` twice")));
+                }
             }
         }
         Ok(Self { name, rate, monthly })
@@ -426,9 +459,7 @@ fn quota_from(v: &Value, at: &str) -> Result<QuotaRule, PlanError> {
         .map(|c| c.as_str().map(str::to_owned))
         .collect::<Option<Vec<_>>>()
         .ok_or_else(|| err(format!("{at}.counts"), "must be an array of strings"))?;
-    if counts.is_empty() {
-        return Err(err(format!("{at}.counts"), "must name at least one category"));
-    }
+    // Emptiness, a zero limit and repeats are refused by `Plan::new`.
     Ok(QuotaRule { name: name.to_owned(), limit, counts })
 }
 

@@ -276,6 +276,24 @@ fn plans_from_json() {
             r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 86400, "burst": 367}]}}}"#,
             "plans.x.rate[0].burst",
         ),
+        // Monthly quotas that would refuse everything, or name nothing.
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1}], "monthly": [{"limit": 0, "counts": ["email"]}]}}}"#,
+            "plans.x.monthly[0].limit",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1}], "monthly": [{"name": "", "limit": 1, "counts": ["email"]}]}}}"#,
+            "plans.x.monthly[0].name",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1}], "monthly": [{"limit": 1, "counts": [""]}]}}}"#,
+            "plans.x.monthly[0].counts",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1}], "monthly": [{"limit": 1, "counts": ["email", "email"]}]}}}"#,
+            "plans.x.monthly[0].counts",
+        ),
+        (r#"{"plans": {"": {"rate": [{"limit": 1, "window_seconds": 1}]}}}"#, r#"plans[""].name"#),
     ] {
         assert_eq!(PlanSet::from_json(bad).unwrap_err().field, field, "{bad}");
     }

@@ -11,25 +11,37 @@ use crate::backend::BackendError;
 use crate::limit::QuotaRule;
 use crate::quota::{Month, QuotaDecision, QuotaStore};
 
-/// KEYS: one counter per counting rule. ARGV: cost, TTL ms, then each
-/// rule's limit. Returns `{1, used…}` (counted) or `{0, i, used}` (rule `i`
-/// had no room; nothing counted). A counter named twice (rules sharing a
-/// name) is counted once.
+/// KEYS: the counter of the category counted first, then those of the
+/// other categories the counting rules count, each once. ARGV: cost, TTL
+/// ms, the number of counting rules, then per rule its limit, how many
+/// categories it counts and their places in KEYS. Returns `{1, used…}`
+/// (counted; each rule's usage after) or `{0, i, used}` (rule `i` had no
+/// room; nothing counted).
 const COUNT: &str = r"
 local cost = tonumber(ARGV[1])
-local used = {}
-for i = 1, #KEYS do
-  used[i] = tonumber(redis.call('GET', KEYS[i]) or '0')
-  if used[i] + cost > tonumber(ARGV[2 + i]) then return {0, i, used[i]} end
-end
-local out, done = {1}, {}
-for i = 1, #KEYS do
-  if not done[KEYS[i]] then
-    done[KEYS[i]] = redis.call('INCRBY', KEYS[i], ARGV[1])
-    redis.call('PEXPIRE', KEYS[i], ARGV[2])
+local count = {}
+for i = 1, #KEYS do count[i] = tonumber(redis.call('GET', KEYS[i]) or '0') end
+local rules = tonumber(ARGV[3])
+local at = 4
+local out = {1}
+for r = 1, rules do
+  local limit = tonumber(ARGV[at])
+  local k = tonumber(ARGV[at + 1])
+  at = at + 2
+  local used = 0
+  for j = 1, k do
+    used = used + count[tonumber(ARGV[at])]
+    at = at + 1
   end
-  out[i + 1] = done[KEYS[i]]
+  if used + cost > limit then return {0, r, used} end
+  out[r + 1] = used + cost
 end
+-- Counted whether or not a rule counts the category; held at 2^53, where
+-- the script's doubles stop being exact (no rule's limit reaches it).
+local add = cost
+if count[1] + add > 9007199254740992 then add = 9007199254740992 - count[1] end
+if add > 0 then redis.call('INCRBY', KEYS[1], add) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return out
 ";
 
@@ -42,12 +54,12 @@ const LUA_EXACT: u64 = 1 << 52;
 /// whose clock lags a little still finds its month's counts.
 const GRACE_MS: i128 = 86_400_000;
 
-/// A [`QuotaStore`] on Redis: one counter per (account, rule, month), all
-/// of an account's counters under one hash tag.
+/// A [`QuotaStore`] on Redis: one counter per (account, category, month),
+/// all of an account's counters under one hash tag.
 ///
-/// A check reads every counter of the rules that count the category and,
-/// only if all have room, increments them all — one Lua script, one round
-/// trip. Months are calendar months in UTC of the `now` the caller passes;
+/// A check reads the counters of every category the rules counting the
+/// request's category count and, only if each rule's sum has room, adds
+/// the cost to the request's category — one Lua script, one round trip. Months are calendar months in UTC of the `now` the caller passes;
 /// a counter expires a day after its month ends. Limits above 2^52 are
 /// enforced as 2^52 (the script's numbers are doubles); `MemoryQuotaStore`
 /// counts to the full `u64`.
@@ -61,8 +73,8 @@ impl RedisQuotaStore {
         Self { redis }
     }
 
-    fn key(&self, account: &str, rule: &str, month: Month) -> String {
-        self.redis.key(&format!("quota:{{a:{account}}}:{}:{rule}", month.key()))
+    fn key(&self, account: &str, category: &str, month: Month) -> String {
+        self.redis.key(&format!("quota:{{a:{account}}}:{}:c:{category}", month.key()))
     }
 }
 
@@ -83,8 +95,15 @@ impl QuotaStore for RedisQuotaStore {
         // reports the first rule without room, and such a refusal is
         // reported as such whatever other rules have left, as in memory.
         counting.sort_by_key(|r| cost <= r.limit);
-        let keys: Vec<String> =
-            counting.iter().map(|r| self.key(account, &r.name, month)).collect();
+        // The request's category first (the one counted), then every other
+        // category a counting rule counts, once each.
+        let mut categories: Vec<&str> = vec![category];
+        for c in counting.iter().flat_map(QuotaRule::distinct_counts) {
+            if !categories.contains(&c) {
+                categories.push(c);
+            }
+        }
+        let keys: Vec<String> = categories.iter().map(|c| self.key(account, c, month)).collect();
         // Relative TTL: the caller's `now` decides the month, so the
         // counter lives to the end of that month (plus grace) from now.
         let ttl = (resets_at.duration_since(now).as_millis() + GRACE_MS).max(1);
@@ -92,13 +111,21 @@ impl QuotaStore for RedisQuotaStore {
         // count can never reach INCRBY's i64 overflow, which would stop the
         // script after some counters moved), and a larger cost, which no
         // capped limit admits, is sent as 2^52 + 1.
-        let mut args =
-            vec![cost.min(LUA_EXACT + 1).to_string().into_bytes(), ttl.to_string().into_bytes()];
-        args.extend(counting.iter().map(|r| r.limit.min(LUA_EXACT).to_string().into_bytes()));
-        let call =
-            (!counting.is_empty()).then(|| self.redis.eval::<Vec<u64>>(&COUNT_SCRIPT, keys, args));
+        let num = |n: u64| n.to_string().into_bytes();
+        let mut args = vec![num(cost.min(LUA_EXACT + 1)), ttl.to_string().into_bytes()];
+        args.push(num(counting.len() as u64));
+        for r in &counting {
+            args.push(num(r.limit.min(LUA_EXACT)));
+            let places: Vec<u64> = r
+                .distinct_counts()
+                .filter_map(|c| categories.iter().position(|&k| k == c))
+                .map(|i| i as u64 + 1)
+                .collect();
+            args.push(num(places.len() as u64));
+            args.extend(places.into_iter().map(num));
+        }
+        let call = self.redis.eval::<Vec<u64>>(&COUNT_SCRIPT, keys, args);
         async move {
-            let Some(call) = call else { return Ok(QuotaDecision::uncounted(resets_at)) };
             let reply = call.await?;
             let bad = || BackendError::corrupt("quota reply");
             match reply.first() {
@@ -107,13 +134,12 @@ impl QuotaStore for RedisQuotaStore {
                     let r = counting.get(i.wrapping_sub(1)).ok_or_else(bad)?;
                     Ok(QuotaDecision::denied(r, *reply.get(2).ok_or_else(bad)?, cost, resets_at))
                 }
-                Some(1) if reply.len() == counting.len() + 1 => {
-                    // Same tightest rule as the in-memory store reports.
-                    Ok(QuotaDecision::admitted(
-                        counting.iter().zip(reply[1..].iter().copied()),
-                        resets_at,
-                    ))
-                }
+                // Same tightest rule as the in-memory store reports (none:
+                // uncounted, though counted in its category).
+                Some(1) if reply.len() == counting.len() + 1 => Ok(QuotaDecision::admitted(
+                    counting.iter().zip(reply[1..].iter().copied()),
+                    resets_at,
+                )),
                 _ => Err(bad()),
             }
         }
@@ -122,11 +148,11 @@ impl QuotaStore for RedisQuotaStore {
     fn usage(
         &self,
         account: &str,
-        rule: &str,
+        category: &str,
         now: Timestamp,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send {
         let mut cmd = ::redis::cmd("GET");
-        cmd.arg(self.key(account, rule, Month::of(now)));
+        cmd.arg(self.key(account, category, Month::of(now)));
         let call = self.redis.query::<Option<u64>>(cmd);
         async move { Ok(call.await?.unwrap_or(0)) }
     }

@@ -27,11 +27,9 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     assert!(!d.allowed, "the fourth unit is denied");
     assert_eq!((d.used, d.limit), (3, 3));
     assert_eq!(d.resets_at, ts("2026-02-01T00:00:00Z"));
-    assert_eq!(
-        store.usage(&acct, "notifications", jan).await.unwrap(),
-        3,
-        "denials are not counted"
-    );
+    assert_eq!(store.rule_usage(&acct, &rules[0], jan).await.unwrap(), 3, "denials count nothing");
+    assert_eq!(store.usage(&acct, "webhook", jan).await.unwrap(), 3, "each category its own");
+    assert_eq!(store.usage(&acct, "email", jan).await.unwrap(), 0, "the denied email");
     let d = store
         .check_and_count(&acct, &rules, "webhook", 2, ts("2026-02-01T00:00:00Z"))
         .await
@@ -48,6 +46,7 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     assert!(d.allowed && d.used == 2, "the refused cost was not counted");
     let d = store.check_and_count(&acct, &rules, "sms", 1000, jan).await.unwrap();
     assert!(d.allowed && d.rule.is_none(), "uncounted categories are unlimited");
+    assert_eq!(store.usage(&acct, "sms", jan).await.unwrap(), 1000, "and still counted");
     let d = store
         .check_and_count(&acct, &rules, "webhook", 4, ts("2026-03-01T00:00:00Z"))
         .await
@@ -65,7 +64,7 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     let d = store.check_and_count(&acct, &rules, "webhook", 1, t).await.unwrap();
     assert!(!d.allowed);
     assert_eq!(d.rule.as_deref(), Some("hooks"));
-    assert_eq!(store.usage(&acct, "all", t).await.unwrap(), 2, "a denial charges no rule");
+    assert_eq!(store.rule_usage(&acct, &rules[0], t).await.unwrap(), 2, "a denial charges no rule");
     assert!(store.check_and_count(&acct, &rules, "email", 8, t).await.unwrap().allowed);
     assert!(!store.check_and_count(&acct, &rules, "email", 1, t).await.unwrap().allowed);
 
@@ -82,23 +81,26 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
             u32::from(store.check_and_count(&acct, &rules, "x", 1, now).await.unwrap().allowed);
     }
     assert_eq!(admitted, 6, "each month admits its own 3");
-    assert_eq!(store.usage(&acct, "n", before).await.unwrap(), 3, "January's count");
-    assert_eq!(store.usage(&acct, "n", after).await.unwrap(), 3, "February's count");
+    assert_eq!(store.usage(&acct, "x", before).await.unwrap(), 3, "January's count");
+    assert_eq!(store.usage(&acct, "x", after).await.unwrap(), 3, "February's count");
     let d = store.check_and_count(&acct, &rules, "x", 1, before).await.unwrap();
     assert!(!d.allowed && d.used == 3, "{d:?}");
     assert_eq!(d.resets_at, after, "a January call is refused until February");
 
-    // Rules sharing a name share one counter: each is checked, the counter
-    // counted once.
+    // Rules counting one category (under one name, even, or listing it
+    // twice): each is checked, the category counted once.
     let acct = format!("{prefix}:twice");
-    let rules = [QuotaRule::new("n", 5, &["x"]), QuotaRule::new("n", 3, &["x"])];
+    let rules = [QuotaRule::new("n", 5, &["x", "x"]), QuotaRule::new("n", 3, &["x"])];
     let t = ts("2026-08-08T00:00:00Z");
     for i in 1..=3 {
         let d = store.check_and_count(&acct, &rules, "x", 1, t).await.unwrap();
         assert!(d.allowed, "unit {i}");
-        assert_eq!(store.usage(&acct, "n", t).await.unwrap(), i, "counted once");
+        assert_eq!(store.usage(&acct, "x", t).await.unwrap(), i, "counted once");
+        assert_eq!(store.rule_usage(&acct, &rules[0], t).await.unwrap(), i, "summed once");
     }
     assert!(!store.check_and_count(&acct, &rules, "x", 1, t).await.unwrap().allowed);
+
+    plan_change(store, prefix).await;
 
     // Accounts are separate, even under one rule name.
     let r = [QuotaRule::new("shared", 1, &["x"])];
@@ -118,6 +120,25 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     let d = store.check_and_count(&acct, &rules, "x", 150, t).await.unwrap();
     assert!(!d.allowed && d.cost_exceeds_limit, "{d:?}");
     assert_eq!(d.rule.as_deref(), Some("small"));
+}
+
+/// A plan change in the middle of a month: usage is per category, and each
+/// plan's rules read the categories they count. Emails counted with
+/// webhooks, then a plan counting webhooks only: its webhooks are all
+/// there. Emails it leaves uncounted, then a plan counting both: they
+/// count.
+async fn plan_change<S: QuotaStore>(store: &S, prefix: &str) {
+    let acct = format!("{prefix}:plans");
+    let both = [QuotaRule::new("notifications", 5, &["email", "webhook"])];
+    let hooks = [QuotaRule::new("notifications", 3, &["webhook"])];
+    let t = ts("2026-09-09T00:00:00Z");
+    assert!(store.check_and_count(&acct, &both, "email", 5, t).await.unwrap().allowed);
+    assert!(!store.check_and_count(&acct, &both, "webhook", 1, t).await.unwrap().allowed);
+    let d = store.check_and_count(&acct, &hooks, "webhook", 3, t).await.unwrap();
+    assert!(d.allowed && d.used == 3, "the upgrade's webhooks, not the emails: {d:?}");
+    assert!(store.check_and_count(&acct, &hooks, "email", 2, t).await.unwrap().allowed);
+    let d = store.check_and_count(&acct, &both, "webhook", 1, t).await.unwrap();
+    assert!(!d.allowed && d.used == 10, "back on both: 7 emails and 3 webhooks: {d:?}");
 }
 
 /// Races `threads` threads, each counting `per_thread` single units of one
@@ -154,8 +175,8 @@ pub fn race<S: QuotaStore + Sync>(store: &S, prefix: &str, threads: usize, per_t
     });
     let want = 40.min(u64::try_from(threads * per_thread).unwrap_or(u64::MAX));
     assert_eq!(counted.into_inner(), want, "exactly the tighter limit is counted");
-    for rule in ["all", "hooks"] {
-        let used = super::portal::block_on(store.usage(&account, rule, now)).expect("usage");
-        assert_eq!(used, want, "{rule}: denials counted nothing, admissions counted once");
+    for rule in &rules {
+        let used = super::portal::block_on(store.rule_usage(&account, rule, now)).expect("usage");
+        assert_eq!(used, want, "{}: denials counted nothing, admissions counted once", rule.name);
     }
 }
