@@ -49,7 +49,9 @@
 //! This crate's client is single-node.
 //!
 //! A call that times out may still have run on the server: a redemption
-//! then counts as used, a limiter or quota check as counted.
+//! then counts as used, a limiter or quota check as counted, and a refund
+//! as given back (its decision's charge is spent, so a retry gives nothing
+//! twice).
 //!
 //! Run the server with `maxmemory-policy noeviction` (the default): under
 //! an `allkeys-*` policy Redis may evict key records and the indexes the

@@ -192,6 +192,55 @@ async fn concurrent_checks_never_admit_more_than_the_limit() {
     }
 }
 
+/// A refund whose answer times out may still run on the server (here
+/// after a `CLIENT PAUSE`); retried, it must not give the units back a
+/// second time. One an hour, one unit refunded: two admitted in all.
+#[tokio::test]
+async fn a_refund_that_timed_out_is_not_given_twice() {
+    let server = RedisServer::start();
+    let redis = RedisConfig::from_url(&server.url())
+        .unwrap()
+        .timeout(Duration::from_millis(100))
+        .prefix("late")
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let limiter = redis.limiter();
+    let mut other = ::redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for alg in [Algorithm::FixedWindow, Algorithm::Gcra, Algorithm::SlidingWindow] {
+        let key = format!("k:{}", alg.as_str());
+        let plan = [hour("d", 1, alg)];
+        // The script loaded before the pause: a first call's `EVALSHA`
+        // miss would be followed by an `EVAL` the timed-out caller never
+        // sends.
+        let mut warm = limiter.check("warm", &plan, 1, CheckMode::Consume).await.unwrap();
+        limiter.refund("warm", &plan, 1, &mut warm).await.unwrap();
+        let mut first = limiter.check(&key, &plan, 1, CheckMode::Consume).await.unwrap();
+        assert!(first.is_allowed());
+        let _: () = ::redis::cmd("CLIENT")
+            .arg("PAUSE")
+            .arg(600)
+            .arg("ALL")
+            .query_async(&mut other)
+            .await
+            .unwrap();
+        let r = limiter.refund(&key, &plan, 1, &mut first).await;
+        assert!(matches!(r, Err(BackendError::Timeout)), "{alg:?}: {r:?}");
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        // The paused refund ran: its unit is back.
+        let second = limiter.check(&key, &plan, 1, CheckMode::Consume).await.unwrap();
+        assert!(second.is_allowed(), "{alg:?}: {second:?}");
+        limiter.refund(&key, &plan, 1, &mut first).await.unwrap();
+        let third = limiter.check(&key, &plan, 1, CheckMode::Consume).await.unwrap();
+        assert!(!third.is_allowed(), "{alg:?}: the retried refund gave the unit twice");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_quota_counts_and_capped_inserts_are_exact() {
     let server = RedisServer::start();
@@ -419,7 +468,13 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
         let (r, t) = timed(quota.usage("a", "email", now)).await;
         assert!(r.is_err() && t < BOUND, "{what}: quota usage {r:?} in {t:?}");
         let (r, t) = timed(limiter.refund("k", &plan, 1, &mut charged)).await;
-        assert!(r.is_err() && t < BOUND, "{what}: limiter refund {r:?} in {t:?}");
+        if round == 0 {
+            assert!(r.is_err() && t < BOUND, "{what}: limiter refund {r:?} in {t:?}");
+        } else {
+            // The failed refund may have run: it counts as given back, and
+            // there is nothing left to send.
+            assert!(r.is_ok(), "{what}: limiter refund {r:?}");
+        }
     }
 
     server.restart();

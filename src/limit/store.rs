@@ -69,9 +69,11 @@ pub trait LimitStore: Send + Sync {
     /// Gives back up to `cost` units that `check` took: `check` is the
     /// decision of an admitted consume of `key` under `policies` by this
     /// store (the request failed before doing work, say). What is given
-    /// back is taken off `check`'s charge once the store has done it, so a
-    /// decision refunded again gives back only what is left, and a refund
-    /// that failed can be tried again.
+    /// back is taken off `check`'s charge, so a decision refunded again
+    /// gives back only what is left. A refund that fails is taken off too:
+    /// it may have been done (a remote store that ran it but whose answer
+    /// timed out), and done twice it would free a later check's units; at
+    /// worst, the units stay used.
     ///
     /// A refund gives back only what that check still holds: nothing once
     /// its fixed window has ended (the units are not credited to the next

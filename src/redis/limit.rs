@@ -619,10 +619,13 @@ impl LimitStore for RedisLimiter {
         });
         async move {
             if let Some(call) = call {
-                call.await?;
-                // Taken off the charge once the server gave it back: a
-                // refund that failed can be tried again.
+                // Taken off the charge whatever the outcome: a refund that
+                // failed may still have run (a timeout after the server
+                // took the script, a connection lost before the reply),
+                // and run again it would give the units back twice.
+                let done = call.await;
                 check.refunded(cost);
+                done?;
             }
             Ok(())
         }
