@@ -73,8 +73,12 @@ impl RedisQuotaStore {
         Self { redis }
     }
 
+    /// The counter's key. Account and category are any strings: each is
+    /// written after its length, so no two pairs share a key (`a}:x` and
+    /// `y` would otherwise meet `a` and `x}:y`).
     fn key(&self, account: &str, category: &str, month: Month) -> String {
-        self.redis.key(&format!("quota:{{a:{account}}}:{}:c:{category}", month.key()))
+        let (a, c) = (account.len(), category.len());
+        self.redis.key(&format!("quota:{{a:{a}:{account}}}:{}:c:{c}:{category}", month.key()))
     }
 }
 

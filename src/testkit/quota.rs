@@ -101,6 +101,7 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     assert!(!store.check_and_count(&acct, &rules, "x", 1, t).await.unwrap().allowed);
 
     plan_change(store, prefix).await;
+    opaque_names(store, prefix).await;
 
     // Accounts are separate, even under one rule name.
     let r = [QuotaRule::new("shared", 1, &["x"])];
@@ -139,6 +140,19 @@ async fn plan_change<S: QuotaStore>(store: &S, prefix: &str) {
     assert!(store.check_and_count(&acct, &hooks, "email", 2, t).await.unwrap().allowed);
     let d = store.check_and_count(&acct, &both, "webhook", 1, t).await.unwrap();
     assert!(!d.allowed && d.used == 10, "back on both: 7 emails and 3 webhooks: {d:?}");
+}
+
+/// Accounts and categories are opaque strings: two pairs that read alike
+/// once joined with separators (`{account}:{month}:{category}`) count
+/// apart.
+async fn opaque_names<S: QuotaStore>(store: &S, prefix: &str) {
+    let t = ts("2026-01-10T00:00:00Z");
+    let (a1, c1) = (format!("{prefix}:o}}:2026-01:c:x"), "y");
+    let (a2, c2) = (format!("{prefix}:o"), "x}:2026-01:c:y");
+    let d = store.check_and_count(&a1, &[QuotaRule::new("q", 1, &[c1])], c1, 1, t).await.unwrap();
+    assert!(d.allowed);
+    let d = store.check_and_count(&a2, &[QuotaRule::new("q", 1, &[c2])], c2, 1, t).await.unwrap();
+    assert!(d.allowed && d.used == 1, "another account's category: {d:?}");
 }
 
 /// Races `threads` threads, each counting `per_thread` single units of one
