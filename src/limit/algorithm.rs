@@ -147,6 +147,17 @@ pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
     }
 }
 
+/// Whether `slot` is a state of `policy`'s algorithm (of any period,
+/// limit or burst).
+fn same_algorithm(policy: &Policy, slot: &Slot) -> bool {
+    matches!(
+        (policy.algorithm(), slot),
+        (Algorithm::Gcra, Slot::Tat(_))
+            | (Algorithm::FixedWindow, Slot::Window { .. })
+            | (Algorithm::SlidingWindow, Slot::Log(_))
+    )
+}
+
 /// A state kept under another algorithm, carried over as the units it
 /// still holds, counted as used now, so a plan change takes effect without
 /// forgetting what was used. The units are counted in the new policy's
@@ -369,7 +380,15 @@ pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, rece
     // refunded check left (a conversion capped at this policy's capacity
     // may already have dropped its units).
     if is_foreign(policy, slot, now) {
-        *slot = convert(policy, slot, now);
+        // A state under another algorithm is left for the next check to
+        // read: the refund's policy may be the plan before the change (a
+        // refund of a check made under it), and converting the new plan's
+        // state into the old one's terms could drop or keep units. (The
+        // Redis store keeps each algorithm's state apart, and its refund
+        // reads only its own.)
+        if same_algorithm(policy, slot) {
+            *slot = convert(policy, slot, now);
+        }
         return;
     }
     // `None`: the check did not charge this policy; only read it.

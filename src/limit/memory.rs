@@ -1340,8 +1340,11 @@ fn refund_word(
             }
             let now = now.max(fresh());
             let mut slot = word_to_slot(p, cur, now);
+            let before = slot.clone();
             algorithm::refund(p, &mut slot, now, cost, receipt);
-            Some(slot_word(&slot))
+            // Unchanged (another algorithm's state, say): the word as it
+            // was, not a re-encoding of its reading.
+            Some(if slot == before { cur } else { slot_word(&slot) })
         })
         .is_ok()
 }

@@ -71,6 +71,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     late_refund(store, &format!("{prefix}:late")).await;
     refund_twice(store, &format!("{prefix}:twice")).await;
     refund_after_plan_change(store, &format!("{prefix}:replanned")).await;
+    refund_after_algorithm_change(store, &format!("{prefix}:realg")).await;
     let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
     assert!(none.is_allowed() && none.policies().is_empty(), "no policy is no limit");
     assert_eq!((none.remaining(), none.retry_after()), (u32::MAX, None));
@@ -139,6 +140,23 @@ async fn refund_after_plan_change<S: LimitStore>(store: &S, key: &str) {
     store.refund(key, &slow, 1, &mut one).await.unwrap();
     let d = store.check(key, &slow, 1, CheckMode::Consume).await.unwrap();
     assert!(!d.is_allowed(), "the refund freed the other 999's time: {d:?}");
+}
+
+/// A refund under the plan a check ran, after the plan moved the name to
+/// another algorithm, gives nothing back and leaves the new state as it is:
+/// three of a fixed window's three used, one more of a sliding window's
+/// four, then the first three refunded under the old plan: the key stays
+/// used up.
+async fn refund_after_algorithm_change<S: LimitStore>(store: &S, key: &str) {
+    let fixed = [policy("x", 3, Algorithm::FixedWindow)];
+    let sliding = [Policy::new("x", 4, Duration::from_secs(7200), Algorithm::SlidingWindow)
+        .expect("valid policy")];
+    let mut three = store.check(key, &fixed, 3, CheckMode::Consume).await.unwrap();
+    assert!(three.is_allowed());
+    assert!(store.check(key, &sliding, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    store.refund(key, &fixed, 3, &mut three).await.unwrap();
+    let d = store.check(key, &sliding, 1, CheckMode::Consume).await.unwrap();
+    assert!(!d.is_allowed(), "the old plan's refund freed the new plan's units: {d:?}");
 }
 
 /// A refund that comes after the refunded check's window has ended (or,
