@@ -469,6 +469,14 @@ static REFUND_SCRIPT: LazyLock<Script> =
 /// say), the script converts the other algorithm's state as
 /// `MemoryLimiter` does (the units still held, capped at the new capacity)
 /// and drops it.
+///
+/// One difference from `MemoryLimiter`, after a plan change to a longer
+/// window under the same name: a state expires on the schedule of the last
+/// policy that touched it. If no call under the longer policy comes before
+/// the shorter one's state expires, its units are forgotten, where the
+/// in-memory limiter, which keeps the state until it is fresh under the
+/// policy that reads it, still counts them in the longer window. At most
+/// one shorter window's units, once per change.
 #[derive(Debug, Clone)]
 pub struct RedisLimiter {
     redis: Redis,
