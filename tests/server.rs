@@ -129,6 +129,18 @@ async fn healthz_needs_no_credential() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_methods_answer_json() {
+    let s = start().await;
+    let r = s.call(Method::GET, "/nope", &[], None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+    assert_eq!(r.body["error"]["code"], "not_found", "{}", r.text);
+    let r = s.call(Method::PUT, "/v1/applications", &[], None).await;
+    assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(r.body["error"]["code"], "method_not_allowed", "{}", r.text);
+    assert_eq!(r.header("allow"), Some("GET,HEAD"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_list_revoke_keys() {
     let s = start().await;
     let r =

@@ -238,6 +238,9 @@ pub(crate) fn router<B: Backend>(
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app.clone());
     let router = if config.load_twin { with_load_twin(router) } else { router };
+    // JSON for the refusals axum makes itself, as for every other one
+    // (axum still adds `Allow` to the 405).
+    let router = router.fallback(not_found).method_not_allowed_fallback(method_not_allowed);
     let flush = flush_last_use(app);
     Ok((router, manager(), flush))
 }
@@ -286,6 +289,17 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for BodyBytes {
             Err(e) => Err(e.into_response()),
         }
     }
+}
+
+async fn not_found() -> Response {
+    json(StatusCode::NOT_FOUND, json!({"error": {"code": "not_found", "message": "No such route"}}))
+}
+
+async fn method_not_allowed() -> Response {
+    json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        json!({"error": {"code": "method_not_allowed", "message": "Method not allowed on this route"}}),
+    )
 }
 
 /// Marks a response that carries a key, token or code as uncacheable.
