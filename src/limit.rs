@@ -76,6 +76,7 @@ static UNLIMITED: PolicyDecision = PolicyDecision {
 impl PolicyDecision {
     /// `p`'s view of algorithm step `s`: the one translation every limit
     /// store (in memory, Redis) uses.
+    #[inline]
     pub(crate) fn of(p: &Policy, s: &Step) -> Self {
         let (limit, period) = Self::reported(p);
         Self {
@@ -94,6 +95,7 @@ impl PolicyDecision {
     /// the time the sustained rate takes to grant them, so that `remaining`
     /// never exceeds `limit` in the headers and the IETF policy describes
     /// what a client can really send.
+    #[inline]
     pub(crate) fn reported(p: &Policy) -> (u32, Duration) {
         if p.capacity() > p.limit() {
             let nanos = p.period().as_nanos() * u128::from(p.capacity()) / u128::from(p.limit());
@@ -138,6 +140,7 @@ pub(crate) struct Charge {
 impl Charge {
     /// The charge of an admitted consume of `cost` units under `policies`
     /// at `mark`; `None` for a cost of zero.
+    #[inline]
     pub(crate) fn of(policies: &[Policy], cost: u32, mark: u64) -> Option<Self> {
         let cost = std::num::NonZeroU32::new(cost)?;
         let mut algorithms = 0;
@@ -190,6 +193,7 @@ impl Decision {
 
     /// [`new`](Self::new) at `at` Unix nanoseconds, with what an admitted
     /// consume charged.
+    #[inline]
     pub(crate) fn new_charged(
         outcome: Outcome,
         policies: SmallVec<[PolicyDecision; 1]>,
@@ -363,7 +367,12 @@ impl Decision {
     /// left. A check under no policies (no limit) reports an
     /// unlimited policy: `u32::MAX` units, nothing to wait for.
     #[must_use]
+    #[inline]
     pub fn binding(&self) -> &PolicyDecision {
+        // One policy (the common case): it binds, whatever the outcome.
+        if let [only] = self.policies.as_slice() {
+            return only;
+        }
         // For a request that can never fit: the policy it exceeds (denied,
         // with no retry), so headers and body name the same limit.
         let impossible = self.outcome == Outcome::Impossible;
@@ -380,6 +389,7 @@ impl Decision {
 
     /// Units left under the binding policy.
     #[must_use]
+    #[inline]
     pub fn remaining(&self) -> u32 {
         self.binding().remaining
     }
@@ -393,6 +403,7 @@ impl Decision {
     /// Time until a retry can succeed (the longest wait among denying
     /// policies), for a [`Outcome::Limited`] decision.
     #[must_use]
+    #[inline]
     pub fn retry_after(&self) -> Option<Duration> {
         // An impossible request has no retry, even if another stacked
         // policy would also make it wait.
@@ -405,6 +416,7 @@ impl Decision {
     /// Unix seconds at which the binding policy resets (rounded up):
     /// `X-RateLimit-Reset`. For a denial, when the request would fit.
     #[must_use]
+    #[inline]
     pub fn reset_unix(&self) -> i64 {
         // `retry_after` is `None` unless the decision is Limited.
         unix_ceil(self.at, self.retry_after().unwrap_or(self.binding().reset_after))
@@ -650,6 +662,7 @@ impl HeaderNum {
     }
 }
 
+#[inline]
 fn unix_ceil(at: i64, after: Duration) -> i64 {
     // Unix nanoseconds fit an i64 until 2262; a wait of a year more does
     // not overflow before then.

@@ -579,6 +579,7 @@ impl WallAnchor {
 
     /// The wall-clock time of limiter time `t`, in Unix nanoseconds (they
     /// reach 2262: plain 64-bit arithmetic on the hot path).
+    #[inline]
     fn wall_nanos(&self, t: u64) -> i64 {
         let phase = self.phase.load(Ordering::Relaxed);
         let offset = self.offset.load(Ordering::Relaxed);
