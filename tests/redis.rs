@@ -192,9 +192,9 @@ async fn concurrent_checks_never_admit_more_than_the_limit() {
     }
 }
 
-/// A refund whose answer times out may still run on the server (here
-/// after a `CLIENT PAUSE`); retried, it must not give the units back a
-/// second time. One an hour, one unit refunded: two admitted in all.
+/// A refund whose answer times out, or whose future the caller drops once
+/// it was sent, may still run on the server (here after a `CLIENT
+/// PAUSE`); retried, it must not give the units back a second time. One an hour, one unit refunded: two admitted in all.
 #[tokio::test]
 async fn a_refund_that_timed_out_is_not_given_twice() {
     let server = RedisServer::start();
@@ -212,8 +212,10 @@ async fn a_refund_that_timed_out_is_not_given_twice() {
         .get_multiplexed_async_connection()
         .await
         .unwrap();
-    for alg in [Algorithm::FixedWindow, Algorithm::Gcra, Algorithm::SlidingWindow] {
-        let key = format!("k:{}", alg.as_str());
+    let algs = [Algorithm::FixedWindow, Algorithm::Gcra, Algorithm::SlidingWindow];
+    // Timed out by the client, or dropped by the caller once sent.
+    for (alg, dropped) in algs.into_iter().flat_map(|a| [(a, false), (a, true)]) {
+        let key = format!("k:{}:{dropped}", alg.as_str());
         let plan = [hour("d", 1, alg)];
         // The script loaded before the pause: a first call's `EVALSHA`
         // miss would be followed by an `EVAL` the timed-out caller never
@@ -229,15 +231,21 @@ async fn a_refund_that_timed_out_is_not_given_twice() {
             .query_async(&mut other)
             .await
             .unwrap();
-        let r = limiter.refund(&key, &plan, 1, &mut first).await;
-        assert!(matches!(r, Err(BackendError::Timeout)), "{alg:?}: {r:?}");
+        if dropped {
+            let refund = limiter.refund(&key, &plan, 1, &mut first);
+            let r = tokio::time::timeout(Duration::from_millis(50), refund).await;
+            assert!(r.is_err(), "{alg:?}: the caller gave up first");
+        } else {
+            let r = limiter.refund(&key, &plan, 1, &mut first).await;
+            assert!(matches!(r, Err(BackendError::Timeout)), "{alg:?}: {r:?}");
+        }
         tokio::time::sleep(Duration::from_millis(600)).await;
         // The paused refund ran: its unit is back.
         let second = limiter.check(&key, &plan, 1, CheckMode::Consume).await.unwrap();
         assert!(second.is_allowed(), "{alg:?}: {second:?}");
         limiter.refund(&key, &plan, 1, &mut first).await.unwrap();
         let third = limiter.check(&key, &plan, 1, CheckMode::Consume).await.unwrap();
-        assert!(!third.is_allowed(), "{alg:?}: the retried refund gave the unit twice");
+        assert!(!third.is_allowed(), "{alg:?} ({dropped}): the retried refund gave the unit twice");
     }
 }
 

@@ -70,8 +70,9 @@ pub trait LimitStore: Send + Sync {
     /// decision of an admitted consume of `key` under `policies` by this
     /// store (the request failed before doing work, say). What is given
     /// back is taken off `check`'s charge, so a decision refunded again
-    /// gives back only what is left. A refund that fails is taken off too:
-    /// it may have been done (a remote store that ran it but whose answer
+    /// gives back only what is left. Take it off when the refund is made,
+    /// before any call: a refund that fails, or whose future is dropped,
+    /// may have been done (a remote store that ran it but whose answer
     /// timed out), and done twice it would free a later check's units; at
     /// worst, the units stay used.
     ///

@@ -619,6 +619,12 @@ impl LimitStore for RedisLimiter {
         check: &mut Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         let (cost, receipts) = check.refund_receipts(policies, cost);
+        // Taken off the charge now, whatever the outcome: a refund that
+        // fails may still have run (a timeout after the server took the
+        // script, a connection lost before the reply, a future the caller
+        // dropped once it was sent), and run again it would give the units
+        // back twice.
+        check.refunded(cost);
         // Nothing to give back: nothing to ask the server.
         let call = (cost > 0).then(|| {
             let mut argv = args(policies, cost, CheckMode::Consume);
@@ -627,13 +633,7 @@ impl LimitStore for RedisLimiter {
         });
         async move {
             if let Some(call) = call {
-                // Taken off the charge whatever the outcome: a refund that
-                // failed may still have run (a timeout after the server
-                // took the script, a connection lost before the reply),
-                // and run again it would give the units back twice.
-                let done = call.await;
-                check.refunded(cost);
-                done?;
+                call.await?;
             }
             Ok(())
         }
