@@ -135,27 +135,22 @@ pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
         (Algorithm::Gcra, Slot::Tat(tat)) => gcra_is_foreign(policy, *tat, now),
         (Algorithm::FixedWindow, Slot::Window { end, .. }) => {
             let period = duration_nanos(policy.period()).max(1);
-            let current_end = (now / period + 1).saturating_mul(period);
-            // Too far ahead (a longer window's), or ending inside this
-            // policy's current window (a shorter window's: no window of
-            // this period ends there, and its units are counted in the
-            // current window rather than forgotten when it ends).
+            // Too far ahead (a longer window's), or a shorter window's.
             *end > now.saturating_add(period).saturating_add(SPAN_SLACK)
-                || (*end > now && *end < current_end)
+                || window_is_shorter(policy, *end, now)
         }
         _ => false,
     }
 }
 
-/// Whether `slot` is a state of `policy`'s algorithm (of any period,
-/// limit or burst).
-fn same_algorithm(policy: &Policy, slot: &Slot) -> bool {
-    matches!(
-        (policy.algorithm(), slot),
-        (Algorithm::Gcra, Slot::Tat(_))
-            | (Algorithm::FixedWindow, Slot::Window { .. })
-            | (Algorithm::SlidingWindow, Slot::Log(_))
-    )
+/// Whether a window ending at `end` is a shorter window's, for fixed
+/// window `policy` at `now`: it ends inside this policy's current window,
+/// where no window of this period ends (its units are counted in the
+/// current window rather than forgotten when it ends).
+fn window_is_shorter(policy: &Policy, end: u64, now: u64) -> bool {
+    let period = duration_nanos(policy.period()).max(1);
+    let current_end = (now / period + 1).saturating_mul(period);
+    end > now && end < current_end
 }
 
 /// A state kept under another algorithm, carried over as the units it
@@ -373,20 +368,21 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
 /// Units counted in a window since passed, or time already earned back,
 /// are not credited to what came after.
 pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, receipt: Option<u64>) {
-    // Read as a check reads it: another policy's state (a plan change that
-    // kept the name) is carried into this policy's terms, so the units it
-    // holds count here for this policy's window, not only until the old
-    // one's end. Nothing is given back then: the state is not the one the
-    // refunded check left (a conversion capped at this policy's capacity
-    // may already have dropped its units).
+    // Another policy's state (a plan change that kept the name) is not the
+    // one the refunded check left: nothing is given back. A shorter
+    // window's count is carried into this policy's window, as a check
+    // reads it (every unit kept, so they count here for this window, not
+    // only until the old one's end). Any other such state is left for the
+    // next check to read: the refund's policy may be the plan before the
+    // change (a refund of a check made under it), and converting a longer
+    // span's or another algorithm's state into its terms, capped at its
+    // capacity, would drop units the new plan counts. (The Redis store's
+    // refund does the same.)
     if is_foreign(policy, slot, now) {
-        // A state under another algorithm is left for the next check to
-        // read: the refund's policy may be the plan before the change (a
-        // refund of a check made under it), and converting the new plan's
-        // state into the old one's terms could drop or keep units. (The
-        // Redis store keeps each algorithm's state apart, and its refund
-        // reads only its own.)
-        if same_algorithm(policy, slot) {
+        if let Slot::Window { end, .. } = slot
+            && policy.algorithm() == Algorithm::FixedWindow
+            && window_is_shorter(policy, *end, now)
+        {
             *slot = convert(policy, slot, now);
         }
         return;

@@ -83,10 +83,11 @@ pub trait LimitStore: Send + Sync {
     /// peek gives nothing back, nor does a policy the check did not run as
     /// it is now (another name, algorithm, limit, period or burst: a plan
     /// changed in between), nor a state kept under another policy since.
-    /// Such a state of the same algorithm is still read as a check under
-    /// `policies` reads it, and kept as long as this policy counts it; one
-    /// of another algorithm is left as it is (the refund's plan may be the
-    /// one before the change). (A plan changed and changed
+    /// A shorter window's count is still read as a check under `policies`
+    /// reads it (carried into this policy's window, and kept as long as it
+    /// counts it); any other such state (a longer span's, another
+    /// algorithm's) is left as it is: the refund's plan may be the one
+    /// before the change, and in its terms the state would lose units. (A plan changed and changed
     /// back between a check and its refund is the one case the state may
     /// have dropped units the refund then gives back: a conversion capped
     /// at the other plan's capacity already forgot them.)

@@ -78,11 +78,12 @@ local function window(key, period)
     if e and c and c > 0 and e > now_us then
       -- A longer window's (too far ahead), or a shorter window's (ending
       -- inside the current one): counted in the current window.
-      if e > now_us + p + SLACK_NS / 1000 or e < current then return c, current, true, true end
-      return c, e, true, false
+      if e > now_us + p + SLACK_NS / 1000 then return c, current, true, true, true end
+      if e < current then return c, current, true, true, false end
+      return c, e, true, false, false
     end
   end
-  return 0, current, s ~= false and s ~= nil, false
+  return 0, current, s ~= false and s ~= nil, false, false
 end
 local n = #KEYS
 local OTHERS = {g = {'f', 's'}, f = {'g', 's'}, s = {'g', 'f'}}
@@ -384,20 +385,19 @@ for i = 1, n do
     local interval = tonumber(ARGV[b + 4])
     if alg == 'g' then
       local s = redis.call('GET', KEYS[i])
-      if s then
+      -- A longer policy's state (beyond this burst and the slack) is left
+      -- as it is for the next check to read, as in memory: the refund's
+      -- policy may be the plan before the change, and capping the state at
+      -- its horizon would drop units the new plan counts.
+      local horizon = interval * tonumber(ARGV[b + 5])
+      if s and tat_rel(s) <= horizon + SLACK_NS then
         local rel = tat_rel(s)
-        -- A longer policy's state (beyond this burst and the slack) holds
-        -- this whole burst, as a check reads it.
-        local horizon = interval * tonumber(ARGV[b + 5])
-        local beyond = rel > horizon + SLACK_NS
-        if beyond then rel = horizon end
         local floor = rel
         if floor > 0 then floor = 0 end
         -- Only the check's time still ahead of now is given back (time
-        -- already earned back belongs to the checks after it); nothing of
-        -- a state the check did not leave (converted, as in memory).
+        -- already earned back belongs to the checks after it).
         local back = 0
-        if credit and not beyond then
+        if credit then
           back = interval * cost
           local held = tat_rel(receipt)
           if held < back then back = held end
@@ -412,11 +412,14 @@ for i = 1, n do
         end
       end
     elseif alg == 'f' then
-      local count, window_end, _, clamped = window(KEYS[i], period)
-      if count > 0 then
-        -- Another window's count (a plan change that kept the name) holds
-        -- for this window, capped at its limit, as a check reads it; it is
-        -- written with this window's end and lifetime, not the old one's.
+      local count, window_end, _, clamped, longer = window(KEYS[i], period)
+      -- A longer window's count is left as it is, as in memory (see GCRA
+      -- above).
+      if count > 0 and not longer then
+        -- A shorter window's count (a plan change that kept the name)
+        -- holds for this window, capped at its limit, as a check reads it;
+        -- it is written with this window's end and lifetime, not the old
+        -- one's.
         local limit = tonumber(ARGV[b + 2])
         if clamped and count > limit then count = limit end
         -- Given back only in the window the check counted in.

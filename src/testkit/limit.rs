@@ -72,6 +72,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     refund_twice(store, &format!("{prefix}:twice")).await;
     refund_after_plan_change(store, &format!("{prefix}:replanned")).await;
     refund_after_algorithm_change(store, &format!("{prefix}:realg")).await;
+    refund_under_a_shorter_plan(store, &format!("{prefix}:shorter")).await;
     let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
     assert!(none.is_allowed() && none.policies().is_empty(), "no policy is no limit");
     assert_eq!((none.remaining(), none.retry_after()), (u32::MAX, None));
@@ -157,6 +158,30 @@ async fn refund_after_algorithm_change<S: LimitStore>(store: &S, key: &str) {
     store.refund(key, &fixed, 3, &mut three).await.unwrap();
     let d = store.check(key, &sliding, 1, CheckMode::Consume).await.unwrap();
     assert!(!d.is_allowed(), "the old plan's refund freed the new plan's units: {d:?}");
+}
+
+/// A refund under the plan a check ran, after the plan moved the name to
+/// a longer span of the same algorithm, gives nothing back and leaves the
+/// new state as it is (read in the old plan's terms, it would be capped at
+/// the old capacity, and the units the new plan counted lost): one unit of
+/// 3 an hour, then 30 of 60 in 20 hours (GCRA), or 50 of 100 a day (fixed
+/// windows, after one of 3 an hour), then the first unit refunded under
+/// the old plan: the new plan admits what it has left, no more.
+async fn refund_under_a_shorter_plan<S: LimitStore>(store: &S, key: &str) {
+    let gcra_long = Policy::new("x", 60, Duration::from_secs(72_000), Algorithm::Gcra);
+    let day = Policy::new("x", 100, Duration::from_secs(86_400), Algorithm::FixedWindow);
+    for (alg, long, used) in [(Algorithm::Gcra, gcra_long, 30), (Algorithm::FixedWindow, day, 50)] {
+        let key = format!("{key}:{}", alg.as_str());
+        let short = [policy("x", 3, alg)];
+        let long = [long.expect("valid policy")];
+        let mut first = store.check(&key, &short, 1, CheckMode::Consume).await.unwrap();
+        assert!(first.is_allowed());
+        assert!(store.check(&key, &long, used, CheckMode::Consume).await.unwrap().is_allowed());
+        store.refund(&key, &short, 1, &mut first).await.unwrap();
+        let left = 100.min(long[0].limit()) - used - 1;
+        let admitted = count_admitted(store, &key, &long, long[0].limit()).await;
+        assert!(admitted <= left, "{}: {admitted} admitted, {left} left", alg.as_str());
+    }
 }
 
 /// A refund that comes after the refunded check's window has ended (or,
