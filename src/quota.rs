@@ -166,18 +166,19 @@ impl QuotaDecision {
 ///
 /// - **Counters are per category.** Usage is kept per (account, category,
 ///   month); a rule is a view over it: its usage is the sum of the counts
-///   of the categories it counts (each once). So a plan change in the
-///   middle of a month neither charges one category's units to a rule
-///   that does not count them (emails sent on a plan that counts them
-///   together with webhooks, then an upgrade whose rule counts webhooks
-///   only) nor forgets them (emails sent on a plan that leaves them
-///   uncounted, then a plan that counts them).
+///   of the categories it counts (each once). So rules of another plan,
+///   checked for the same account in the middle of a month, never charge
+///   one category's units to a rule that does not count them (emails sent
+///   on a plan that counts them together with webhooks, then an upgrade
+///   whose rule counts webhooks only).
 /// - **One atomic step.** `check_and_count` reads the counts of every
 ///   category that a rule counting `category` counts, for the month of
 ///   `now`, and only if every such rule has room for `cost` adds `cost` to
-///   `category`'s count; a denied request is not counted. An admitted
-///   request is counted even when no rule counts its category (it is
-///   unlimited under these rules, not under every plan). Redis: one Lua
+///   `category`'s count; a denied request is not counted. A request whose
+///   category no rule counts is admitted and not counted (counting it
+///   would give a host that passes request data as the category a counter
+///   per value, and a store call per request on plans without quotas).
+///   Redis: one Lua
 ///   script; SQL: one transaction that locks the account's counter rows
 ///   of the month (`SELECT … FOR UPDATE`), sums them per rule, and
 ///   upserts `category`'s row only if every sum has room.
@@ -328,6 +329,9 @@ impl MemoryQuotaStore {
             r.distinct_counts().try_fold(0u64, |sum, c| sum.checked_add(count_of(map, c)))
         };
         let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
+        if counting.is_empty() {
+            return QuotaDecision::uncounted(resets_at);
+        }
         // A cost above some rule's whole limit is refused as such, whatever
         // other rules have left: no reset helps.
         if let Some(r) = counting.iter().find(|r| cost > r.limit) {
@@ -341,8 +345,7 @@ impl MemoryQuotaStore {
                 _ => return QuotaDecision::denied(r, used.unwrap_or(u64::MAX), cost, resets_at),
             }
         }
-        // Every counting rule has room: count the category, whether or not
-        // a rule counts it (a plan that does, later this month, sees it).
+        // Every counting rule has room: count the category.
         let fresh = Counter { month, used: 0, before: 0 };
         let c = map.entry_ref(&CounterKey(account, category)).or_insert(fresh);
         if let Some(u) = c.slot(month) {

@@ -36,8 +36,8 @@ for r = 1, rules do
   if used + cost > limit then return {0, r, used} end
   out[r + 1] = used + cost
 end
--- Counted whether or not a rule counts the category; held at 2^53, where
--- the script's doubles stop being exact (no rule's limit reaches it).
+-- Held at 2^53, where the script's doubles stop being exact (no rule's
+-- limit reaches it).
 local add = cost
 if count[1] + add > 9007199254740992 then add = 9007199254740992 - count[1] end
 if add > 0 then redis.call('INCRBY', KEYS[1], add) end
@@ -128,8 +128,11 @@ impl QuotaStore for RedisQuotaStore {
             args.push(num(places.len() as u64));
             args.extend(places.into_iter().map(num));
         }
-        let call = self.redis.eval::<Vec<u64>>(&COUNT_SCRIPT, keys, args);
+        // No rule counts the category: unlimited and uncounted, no call.
+        let call =
+            (!counting.is_empty()).then(|| self.redis.eval::<Vec<u64>>(&COUNT_SCRIPT, keys, args));
         async move {
+            let Some(call) = call else { return Ok(QuotaDecision::uncounted(resets_at)) };
             let reply = call.await?;
             let bad = || BackendError::corrupt("quota reply");
             match reply.first() {
@@ -138,8 +141,7 @@ impl QuotaStore for RedisQuotaStore {
                     let r = counting.get(i.wrapping_sub(1)).ok_or_else(bad)?;
                     Ok(QuotaDecision::denied(r, *reply.get(2).ok_or_else(bad)?, cost, resets_at))
                 }
-                // Same tightest rule as the in-memory store reports (none:
-                // uncounted, though counted in its category).
+                // Same tightest rule as the in-memory store reports.
                 Some(1) if reply.len() == counting.len() + 1 => Ok(QuotaDecision::admitted(
                     counting.iter().zip(reply[1..].iter().copied()),
                     resets_at,
