@@ -527,3 +527,66 @@ fn a_gcra_refund_after_refunds_of_earlier_checks_gives_back_no_passed_time() {
     let admitted = (0..3).filter(|_| limiter.check(&1, &p, 1).unwrap().is_allowed()).count();
     assert_eq!(admitted, 2);
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// A `DirectLimiter` decides as a `MemoryLimiter` does for one key, for
+    /// every algorithm: GCRA and a fixed window in one word, a sliding
+    /// window (and a fixed window too large for a word) under a lock.
+    #[test]
+    fn the_direct_limiter_decides_as_the_keyed_one(
+        alg in 0..4u8,
+        steps in prop::collection::vec((0..400u64, 1..4u32), 1..80),
+    ) {
+        let p = match alg {
+            0 => Policy::new("d", 3, Duration::from_secs(1), Algorithm::Gcra).unwrap(),
+            1 => Policy::new("d", 3, Duration::from_secs(1), Algorithm::FixedWindow).unwrap(),
+            2 => Policy::new("d", 3, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap(),
+            // Past a word's count: the locked form of a fixed window.
+            _ => Policy::new("d", 5_000_000, Duration::from_secs(1), Algorithm::FixedWindow)
+                .unwrap(),
+        };
+        let clock = FakeClock::at_2026();
+        let keyed = MemoryLimiter::<u64, _>::with_clock(16, clock.clone());
+        let direct = keygate::limit::DirectLimiter::with_clock(p.clone(), clock.clone());
+        for (gap_ms, cost) in steps {
+            clock.advance(Duration::from_millis(gap_ms));
+            let cost = if alg == 3 { cost * 2_000_000 } else { cost };
+            let k = keyed.check(&1, std::slice::from_ref(&p), cost).unwrap();
+            let d = direct.check(cost);
+            prop_assert_eq!(
+                (d.is_allowed(), d.remaining(), d.reset_after(), d.retry_after()),
+                (k.is_allowed(), k.remaining(), k.binding().reset_after, k.retry_after()),
+                "{:?} cost {}", p.algorithm(), cost
+            );
+        }
+    }
+}
+
+/// The scripted sequence on a `DirectLimiter` with a fixed window
+/// (3 a second): at 0.0, 0.1, 0.2 and 0.3 s, remaining 2, 1, 0, then a
+/// denial with `Retry-After: 1` and the window's end as the reset; the
+/// next window admits three again. (It ran fixed windows as GCRA before,
+/// which admitted a fifth unit within one window.)
+#[test]
+fn a_direct_fixed_window_counts_per_window() {
+    let p = Policy::new("w", 3, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+    let clock = FakeClock::at_2026();
+    let l = keygate::limit::DirectLimiter::with_clock(p, clock.clone());
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        remaining.push(l.check(1).remaining());
+        clock.advance(Duration::from_millis(100));
+    }
+    assert_eq!(remaining, [2, 1, 0]);
+    let d = l.decide(1);
+    assert!(!d.is_allowed());
+    assert_eq!(d.retry_after_secs(), Some(1));
+    assert_eq!(d.reset_unix(), 1_767_225_601);
+    clock.advance(Duration::from_millis(699));
+    assert!(!l.check(1).is_allowed(), "still the first window at 0.999 s");
+    clock.advance(Duration::from_millis(1));
+    let admitted = (0..5).filter(|_| l.check(1).is_allowed()).count();
+    assert_eq!(admitted, 3, "a new window, three more");
+}

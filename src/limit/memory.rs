@@ -1384,24 +1384,49 @@ impl<C: Clock> LimitStore for MemoryLimiter<String, C> {
     }
 }
 
-/// A single-key GCRA limiter: one `AtomicU64` and a compare-and-swap loop.
-/// A denied check does not write.
+/// A single-key limiter. GCRA is one `AtomicU64` and a compare-and-swap
+/// loop; a fixed window is one word too (its end and count, as in
+/// [`MemoryLimiter`], when its limit and period fit one); a sliding
+/// window (or a fixed window that does not fit a word) is kept under a
+/// lock. Every algorithm decides as [`MemoryLimiter`] does for one key. A
+/// denied check does not write.
 ///
 /// ```
-/// use keygate::limit::{DirectLimiter, Policy};
+/// use keygate::limit::{Algorithm, DirectLimiter, Policy};
 /// use std::num::NonZeroU32;
+/// use std::time::Duration;
 ///
 /// let limiter = DirectLimiter::new(Policy::per_second(NonZeroU32::new(100).unwrap()));
 /// assert!(limiter.check(1).is_allowed());
+/// // At most 3 in each whole second.
+/// let window = Policy::new("w", 3, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+/// let limiter = DirectLimiter::new(window);
+/// assert_eq!(limiter.check(3).remaining(), 0);
 /// ```
 pub struct DirectLimiter<C = SystemClock> {
+    /// GCRA's arrival time, or a fixed window's word.
     tat: AtomicU64,
     policy: Policy,
     interval: u64,
     horizon: u64,
     /// The policy's capacity, read on every check.
     capacity: u64,
+    /// How the state is kept, by the policy's algorithm.
+    form: Form,
+    /// The time line windows are aligned on (whole Unix seconds, as in
+    /// [`MemoryLimiter`]); GCRA needs none.
+    wall: WallAnchor,
     clock: C,
+}
+
+/// Where a [`DirectLimiter`] keeps its state.
+enum Form {
+    /// GCRA, in the word.
+    Gcra,
+    /// A fixed window, in the word.
+    Word,
+    /// A sliding window, or a fixed window too large for a word.
+    Locked(Mutex<Slot>),
 }
 
 impl<C> fmt::Debug for DirectLimiter<C> {
@@ -1420,6 +1445,15 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    fn of(s: &algorithm::Step) -> Self {
+        Self {
+            allowed: s.allowed,
+            remaining: s.remaining,
+            reset_after: Duration::from_nanos(s.reset_after),
+            retry_after: s.retry_after.map(Duration::from_nanos),
+        }
+    }
+
     /// Whether the units were granted.
     #[must_use]
     pub const fn is_allowed(&self) -> bool {
@@ -1446,8 +1480,7 @@ impl Snapshot {
 }
 
 impl DirectLimiter {
-    /// A GCRA limiter for `policy` on the system clock. Non-GCRA policies
-    /// are treated as GCRA with the same limit and period.
+    /// A limiter for `policy` on the system clock.
     #[must_use]
     pub fn new(policy: Policy) -> Self {
         Self::with_clock(policy, SystemClock::new())
@@ -1461,7 +1494,13 @@ impl<C: Clock> DirectLimiter<C> {
         let interval = policy.emission_interval_nanos();
         let horizon = policy.horizon_nanos();
         let capacity = u64::from(policy.capacity());
-        Self { tat: AtomicU64::new(0), policy, interval, horizon, capacity, clock }
+        let form = match policy.algorithm() {
+            Algorithm::Gcra => Form::Gcra,
+            _ if word_policy(std::slice::from_ref(&policy)).is_some() => Form::Word,
+            _ => Form::Locked(Mutex::new(Slot::Fresh)),
+        };
+        let wall = WallAnchor::new(&clock);
+        Self { tat: AtomicU64::new(0), policy, interval, horizon, capacity, form, wall, clock }
     }
 
     /// The policy.
@@ -1473,6 +1512,46 @@ impl<C: Clock> DirectLimiter<C> {
     /// Takes `cost` units if they fit.
     #[must_use]
     pub fn check(&self, cost: u32) -> Snapshot {
+        match &self.form {
+            Form::Gcra => self.check_gcra(cost),
+            Form::Word => self.check_word(cost),
+            Form::Locked(slot) => self.check_locked(slot, cost),
+        }
+    }
+
+    /// A fixed window's word: [`MemoryLimiter`]'s one-word step and a
+    /// compare-and-swap.
+    fn check_word(&self, cost: u32) -> Snapshot {
+        let p = &self.policy;
+        let now = self.wall.time(&self.clock);
+        let mut cur = self.tat.load(Ordering::Acquire);
+        loop {
+            // The word is only ever this policy's: nothing to convert.
+            let Ok((s, next)) = word_step(p, cur, now, cost, true) else {
+                unreachable!("a word step that may convert always answers")
+            };
+            let Some(next) = next else { return Snapshot::of(&s) };
+            match self.tat.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Snapshot::of(&s),
+                Err(v) => cur = v,
+            }
+        }
+    }
+
+    /// A state that does not fit a word, under its lock.
+    fn check_locked(&self, slot: &Mutex<Slot>, cost: u32) -> Snapshot {
+        let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
+        // Read under the lock: checks are ordered as their times are.
+        let now = self.wall.time(&self.clock);
+        let (s, commit) = algorithm::step(&self.policy, &slot, now, cost);
+        if let Some(c) = commit.filter(|_| s.allowed) {
+            c.apply(&mut slot);
+        }
+        Snapshot::of(&s)
+    }
+
+    /// GCRA on the bare word.
+    fn check_gcra(&self, cost: u32) -> Snapshot {
         let now = self.clock.monotonic().as_u64();
         let (t, h) = (self.interval, self.horizon);
         // Out of the loop: what a check of `cost` asks for never changes.
