@@ -138,6 +138,11 @@ async fn unknown_routes_and_methods_answer_json() {
     assert_eq!(r.status, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(r.body["error"]["code"], "method_not_allowed", "{}", r.text);
     assert_eq!(r.header("allow"), Some("GET,HEAD"));
+    // A path parameter that does not decode (not UTF-8): JSON, naming it.
+    let r = s.mgmt(Method::DELETE, "/api-keys/%FF", None).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.text);
+    assert_eq!(r.body["error"]["field"], "path", "{}", r.text);
+    assert!(has_limit_headers(&r), "the layer's headers, as on every answer");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -302,6 +302,29 @@ async fn method_not_allowed() -> Response {
     )
 }
 
+/// The route's path parameters; a path that does not decode (`%FF`) is a
+/// JSON 400 like every other refusal of this server (axum's own is plain
+/// text).
+struct PathParams<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned + Send> axum::extract::FromRequestParts<S>
+    for PathParams<T>
+{
+    type Rejection = Response;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Response> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(Self(v)),
+            Err(e) => Err(bad("path", e.body_text())
+                .to_response(BodyStyle::Nested, Timestamp::now())
+                .into_http::<Body>()),
+        }
+    }
+}
+
 /// Marks a response that carries a key, token or code as uncacheable.
 fn no_store(mut res: Response) -> Response {
     res.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
@@ -413,7 +436,7 @@ fn created_json(created: &CreatedKey) -> Value {
 
 async fn create_key<B: Backend>(
     State(app): AppState<B>,
-    Path(ws): Path<String>,
+    PathParams(ws): PathParams<String>,
     Extension(caller): Extension<Principal>,
     BodyBytes(body): BodyBytes,
 ) -> Response {
@@ -559,7 +582,7 @@ impl Kind {
 async fn list_keys<B: Backend>(
     state: AppState<B>,
     caller: Extension<Principal>,
-    ws: Path<String>,
+    ws: PathParams<String>,
 ) -> Response {
     list::<B>(state, caller, ws, Kind::ApiKeys).await
 }
@@ -567,7 +590,7 @@ async fn list_keys<B: Backend>(
 async fn list_tokens<B: Backend>(
     state: AppState<B>,
     caller: Extension<Principal>,
-    ws: Path<String>,
+    ws: PathParams<String>,
 ) -> Response {
     list::<B>(state, caller, ws, Kind::Tokens).await
 }
@@ -575,7 +598,7 @@ async fn list_tokens<B: Backend>(
 async fn list<B: Backend>(
     State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
-    Path(ws): Path<String>,
+    PathParams(ws): PathParams<String>,
     kind: Kind,
 ) -> Response {
     if caller.tenant().workspace.as_str() != ws {
@@ -613,7 +636,7 @@ async fn list<B: Backend>(
 async fn revoke_key<B: Backend>(
     state: AppState<B>,
     caller: Extension<Principal>,
-    path: Path<(String, String)>,
+    path: PathParams<(String, String)>,
 ) -> Response {
     revoke::<B>(state, caller, path, Kind::ApiKeys).await
 }
@@ -621,7 +644,7 @@ async fn revoke_key<B: Backend>(
 async fn revoke_token<B: Backend>(
     state: AppState<B>,
     caller: Extension<Principal>,
-    path: Path<(String, String)>,
+    path: PathParams<(String, String)>,
 ) -> Response {
     revoke::<B>(state, caller, path, Kind::Tokens).await
 }
@@ -629,7 +652,7 @@ async fn revoke_token<B: Backend>(
 async fn revoke<B: Backend>(
     State(app): AppState<B>,
     Extension(caller): Extension<Principal>,
-    Path((ws, id)): Path<(String, String)>,
+    PathParams((ws, id)): PathParams<(String, String)>,
     kind: Kind,
 ) -> Response {
     let not_found = || app.reject(&Rejection::NotFound, BodyStyle::Nested);
@@ -692,7 +715,7 @@ async fn create_token<B: Backend>(
 
 async fn create_portal<B: Backend>(
     State(app): AppState<B>,
-    Path((ws, application)): Path<(String, String)>,
+    PathParams((ws, application)): PathParams<(String, String)>,
     Extension(caller): Extension<Principal>,
     BodyBytes(body): BodyBytes,
 ) -> Response {
@@ -765,7 +788,7 @@ async fn notify<B: Backend>(
 }
 
 async fn execute(
-    Path((org, project, flow)): Path<(String, String, String)>,
+    PathParams((org, project, flow)): PathParams<(String, String, String)>,
     Extension(caller): Extension<Principal>,
 ) -> Response {
     let environment = caller.environment().map_or_else(|| "live".to_owned(), |e| e.to_string());
@@ -935,7 +958,7 @@ async fn create_endpoint<B: Backend>(
 
 async fn delete_endpoint<B: Backend>(
     State(app): AppState<B>,
-    Path(id): Path<String>,
+    PathParams(id): PathParams<String>,
     Extension(caller): Extension<Principal>,
 ) -> Response {
     let mut all = app.endpoints.lock().expect("endpoint list lock");
