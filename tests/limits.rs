@@ -590,3 +590,127 @@ fn a_direct_fixed_window_counts_per_window() {
     let admitted = (0..5).filter(|_| l.check(1).is_allowed()).count();
     assert_eq!(admitted, 3, "a new window, three more");
 }
+
+/// A clock whose next `now()`, once armed, blocks until released (and
+/// answers what it read on entry): a thread preempted in the middle of a
+/// check.
+struct StallClock {
+    inner: FakeClock,
+    armed: std::sync::atomic::AtomicBool,
+    stalled: std::sync::atomic::AtomicBool,
+    release: std::sync::atomic::AtomicBool,
+}
+
+impl keygate::clock::Clock for StallClock {
+    fn now(&self) -> jiff::Timestamp {
+        use std::sync::atomic::Ordering::SeqCst;
+        let v = self.inner.now();
+        if self.armed.swap(false, SeqCst) {
+            self.stalled.store(true, SeqCst);
+            while !self.release.load(SeqCst) {
+                std::thread::yield_now();
+            }
+        }
+        v
+    }
+
+    fn monotonic(&self) -> keygate::clock::Nanos {
+        self.inner.monotonic()
+    }
+}
+
+/// A fixed window's check that read the clock and then stalled past the
+/// window's end, while another thread moved the key on to the next window:
+/// the stale reading must not take the newer window's word for a longer
+/// window's and fold it back into the old one (its units would be lost).
+/// 5 per 10 s: one check reads the time at 8.5 s (its re-anchoring read
+/// stalls); 3 are used at 10.1 s; then the window [10, 20) has 2 left, for
+/// `DirectLimiter` as for `MemoryLimiter`.
+#[test]
+fn a_stalled_window_check_keeps_the_next_windows_units() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let p = Policy::new("w", 5, Duration::from_secs(10), Algorithm::FixedWindow).unwrap();
+    for direct in [true, false] {
+        let clock = Arc::new(StallClock {
+            inner: FakeClock::at_2026(),
+            armed: false.into(),
+            stalled: false.into(),
+            release: false.into(),
+        });
+        let d = Arc::new(keygate::limit::DirectLimiter::with_clock(p.clone(), Arc::clone(&clock)));
+        let k = Arc::new(MemoryLimiter::<u64, _>::with_clock(16, Arc::clone(&clock)));
+        let check = {
+            let (d, k, p) = (Arc::clone(&d), Arc::clone(&k), p.clone());
+            move |cost: u32| {
+                if direct {
+                    d.check(cost).is_allowed()
+                } else {
+                    k.check(&1, std::slice::from_ref(&p), cost).unwrap().is_allowed()
+                }
+            }
+        };
+        clock.inner.advance(Duration::from_millis(8_500));
+        clock.armed.store(true, SeqCst);
+        let stalled = {
+            let check = check.clone();
+            std::thread::spawn(move || check(1))
+        };
+        while !clock.stalled.load(SeqCst) {
+            std::thread::yield_now();
+        }
+        clock.inner.advance(Duration::from_millis(1_600));
+        assert!(check(3));
+        clock.release.store(true, SeqCst);
+        let _ = stalled.join().unwrap();
+        let more = (0..10).filter(|_| check(1)).count();
+        assert!(more <= 2, "direct {direct}: {more} more admitted in [10, 20) after 3 (or 4) of 5");
+    }
+}
+
+/// `DirectLimiter::decide`'s reset for a fixed window is the window's end
+/// on the real clock too: the wall time of the reading the check was
+/// judged at, not a later one (a window ending on a whole second then read
+/// as ending a second later).
+#[test]
+fn a_direct_fixed_windows_reset_is_its_end_on_the_system_clock() {
+    let p = Policy::new("w", 1_000_000, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+    let direct = keygate::limit::DirectLimiter::new(p);
+    for _ in 0..50 {
+        let d = direct.decide(1);
+        assert_eq!(d.reset_unix(), d.at().as_second() + 1, "{d:?}");
+        std::thread::sleep(Duration::from_millis(3));
+    }
+}
+
+/// A refund under the plan before a change reads a fixed window that ends
+/// inside its own current window as its own (carried over), keeping every
+/// unit: such a window may be a longer one's this period does not divide.
+/// 3 per 2 s, then 100 per 3 s with 50 used at 2.5 s (its window [0, 3)
+/// ends inside the 2 s plan's [2, 4)); a refund of the first check under
+/// the 2 s plan; the 3 s window has 50 left, no more. And a sliding window
+/// refund gives back only the check's own entry, dropping none the longer
+/// plan still counts: 1 of 3 a second, 3 of 4 an hour, then after 1.1 s
+/// the first refunded: one more fits.
+#[test]
+fn refunds_under_an_older_plan_keep_what_the_newer_plan_counts() {
+    let clock = FakeClock::at_2026();
+    let l = MemoryLimiter::<u64, _>::with_clock(16, clock.clone());
+    let short = [Policy::new("x", 3, Duration::from_secs(2), Algorithm::FixedWindow).unwrap()];
+    let long = [Policy::new("x", 100, Duration::from_secs(3), Algorithm::FixedWindow).unwrap()];
+    clock.advance(Duration::from_millis(50));
+    let mut first = l.check(&1, &short, 1).unwrap();
+    clock.advance(Duration::from_millis(2_450));
+    assert!(l.check(&1, &long, 50).unwrap().is_allowed());
+    l.refund(&1, &short, 1, &mut first);
+    let admitted = (0..120).filter(|_| l.check(&1, &long, 1).unwrap().is_allowed()).count();
+    assert_eq!(admitted, 50, "fixed windows");
+
+    let short = [Policy::new("y", 3, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap()];
+    let hour = [Policy::new("y", 4, Duration::from_secs(3600), Algorithm::SlidingWindow).unwrap()];
+    let mut first = l.check(&2, &short, 1).unwrap();
+    assert!(l.check(&2, &hour, 3).unwrap().is_allowed());
+    clock.advance(Duration::from_millis(1_100));
+    l.refund(&2, &short, 1, &mut first);
+    let admitted = (0..6).filter(|_| l.check(&2, &hour, 1).unwrap().is_allowed()).count();
+    assert_eq!(admitted, 1, "sliding windows");
+}

@@ -194,7 +194,8 @@ async fn concurrent_checks_never_admit_more_than_the_limit() {
 
 /// A refund whose answer times out, or whose future the caller drops once
 /// it was sent, may still run on the server (here after a `CLIENT
-/// PAUSE`); retried, it must not give the units back a second time. One an hour, one unit refunded: two admitted in all.
+/// PAUSE`); retried, it must not give the units back a second time. One an
+/// hour, one unit refunded: two admitted in all.
 #[tokio::test]
 async fn a_refund_that_timed_out_is_not_given_twice() {
     let server = RedisServer::start();
@@ -247,6 +248,55 @@ async fn a_refund_that_timed_out_is_not_given_twice() {
         let third = limiter.check(&key, &plan, 1, CheckMode::Consume).await.unwrap();
         assert!(!third.is_allowed(), "{alg:?} ({dropped}): the retried refund gave the unit twice");
     }
+}
+
+/// Refunds under the plan before a change keep what the newer plan counts
+/// (as `MemoryLimiter` does; tests/limits.rs has the same on a fake
+/// clock). A sliding window refund removes only the check's own entry: 1
+/// of 3 a second, 3 of 4 an hour, 1.1 s later the first refunded, one
+/// more fits. A fixed window ending inside the older plan's current one is
+/// carried over uncapped: 3 per 2 s, then 50 of 100 per 3 s at 2.5 s into a
+/// 6 s cycle (the 3 s window [0, 3) ends inside the 2 s plan's [2, 4)),
+/// then the first refunded under the 2 s plan: 50 left, no more.
+#[tokio::test]
+async fn refunds_under_an_older_plan_keep_what_the_newer_plan_counts() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "older").await;
+    let l = redis.limiter();
+    let (c, p) = (CheckMode::Consume, |n, l, s, a| Policy::new(n, l, Duration::from_secs(s), a));
+    let short = [p("y", 3, 1, Algorithm::SlidingWindow).unwrap()];
+    let hour = [p("y", 4, 3600, Algorithm::SlidingWindow).unwrap()];
+    let mut first = l.check("s", &short, 1, c).await.unwrap();
+    assert!(l.check("s", &hour, 3, c).await.unwrap().is_allowed());
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    l.refund("s", &short, 1, &mut first).await.unwrap();
+    let mut admitted = 0;
+    for _ in 0..6 {
+        admitted += u32::from(l.check("s", &hour, 1, c).await.unwrap().is_allowed());
+    }
+    assert_eq!(admitted, 1, "sliding windows");
+
+    let short = [p("x", 3, 2, Algorithm::FixedWindow).unwrap()];
+    let long = [p("x", 100, 3, Algorithm::FixedWindow).unwrap()];
+    let unix = || std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap();
+    // The next 6 s cycle (windows of 2 s and of 3 s both start on it).
+    let cycle = (unix().as_secs() / 6 + 1) * 6;
+    let until = |at_ms: u64| {
+        let t = Duration::from_millis(cycle * 1000 + at_ms);
+        tokio::time::sleep(t.saturating_sub(unix()))
+    };
+    until(50).await;
+    let mut first = l.check("f", &short, 1, c).await.unwrap();
+    assert!(first.is_allowed());
+    until(2_500).await;
+    assert!(l.check("f", &long, 50, c).await.unwrap().is_allowed());
+    l.refund("f", &short, 1, &mut first).await.unwrap();
+    let mut admitted = 0;
+    for _ in 0..120 {
+        admitted += u32::from(l.check("f", &long, 1, c).await.unwrap().is_allowed());
+    }
+    assert!(unix().as_secs() < cycle + 3, "the checks ended inside the 3 s window");
+    assert_eq!(admitted, 50, "fixed windows");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

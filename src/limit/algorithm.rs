@@ -124,8 +124,9 @@ pub(crate) const SPAN_SLACK: u64 = 1_000_000_000;
 /// horizon, a fixed window ending past its period from now (a policy of a
 /// longer horizon or period before; or, on a server's clock, a step back
 /// of more than the slack) — or a fixed window of a shorter period, still
-/// open, whose units would otherwise not count in this policy's window. Such a state would lock the key out for the
-/// old policy's span, not the new one's. Callers whose `now` may be stale
+/// open, whose units would otherwise not count in this policy's window.
+/// Such a state would lock the key out for the old policy's span, not the
+/// new one's. Callers whose `now` may be stale
 /// read the clock again before converting.
 pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
     match (policy.algorithm(), slot) {
@@ -143,10 +144,11 @@ pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
     }
 }
 
-/// Whether a window ending at `end` is a shorter window's, for fixed
-/// window `policy` at `now`: it ends inside this policy's current window,
-/// where no window of this period ends (its units are counted in the
-/// current window rather than forgotten when it ends).
+/// Whether a window ending at `end` ends inside fixed window `policy`'s
+/// current window at `now`, where no window of this period ends: a shorter
+/// window's (or a longer one's that this period does not divide); its
+/// units are counted in the current window rather than forgotten when it
+/// ends.
 fn window_is_shorter(policy: &Policy, end: u64, now: u64) -> bool {
     let period = duration_nanos(policy.period()).max(1);
     let current_end = (now / period + 1).saturating_mul(period);
@@ -369,21 +371,23 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
 /// are not credited to what came after.
 pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, receipt: Option<u64>) {
     // Another policy's state (a plan change that kept the name) is not the
-    // one the refunded check left: nothing is given back. A shorter
-    // window's count is carried into this policy's window, as a check
-    // reads it (every unit kept, so they count here for this window, not
-    // only until the old one's end). Any other such state is left for the
+    // one the refunded check left: nothing is given back. A window ending
+    // inside this policy's current one is carried into it, as a check
+    // reads it, so its units count here for this window, not only until
+    // its own end; every unit is kept, uncapped: such a window may be a
+    // shorter one's, or a longer one's whose period this one's does not
+    // divide, and capping would drop units a longer plan counts. Any other
+    // such state (a longer span's, another algorithm's) is left for the
     // next check to read: the refund's policy may be the plan before the
-    // change (a refund of a check made under it), and converting a longer
-    // span's or another algorithm's state into its terms, capped at its
-    // capacity, would drop units the new plan counts. (The Redis store's
-    // refund does the same.)
+    // change (a refund of a check made under it), and in its terms the
+    // state would lose units. (The Redis store's refund does the same.)
     if is_foreign(policy, slot, now) {
         if let Slot::Window { end, .. } = slot
             && policy.algorithm() == Algorithm::FixedWindow
             && window_is_shorter(policy, *end, now)
         {
-            *slot = convert(policy, slot, now);
+            let period = duration_nanos(policy.period()).max(1);
+            *end = (now / period + 1).saturating_mul(period);
         }
         return;
     }
@@ -414,8 +418,6 @@ pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, rece
             // The check's own entries (any of a check at the same instant
             // stand for each other), if still in the log. Bounded by the
             // log's length, not by `cost` (up to u32::MAX).
-            let gone = expired(log, now, duration_nanos(policy.period()));
-            log.drain(..gone);
             let from = log.partition_point(|&e| e < receipt);
             let to = log.partition_point(|&e| e <= receipt);
             log.drain(from..to.min(from.saturating_add(cost as usize)));

@@ -1512,34 +1512,54 @@ impl<C: Clock> DirectLimiter<C> {
     /// Takes `cost` units if they fit.
     #[must_use]
     pub fn check(&self, cost: u32) -> Snapshot {
+        self.check_at(cost).0
+    }
+
+    /// [`check`](Self::check), and the time line's reading it was judged
+    /// at (windows only: GCRA's is the bare monotonic clock).
+    fn check_at(&self, cost: u32) -> (Snapshot, Option<u64>) {
         match &self.form {
-            Form::Gcra => self.check_gcra(cost),
-            Form::Word => self.check_word(cost),
-            Form::Locked(slot) => self.check_locked(slot, cost),
+            Form::Gcra => (self.check_gcra(cost), None),
+            Form::Word => {
+                let (s, n) = self.check_word(cost);
+                (s, Some(n))
+            }
+            Form::Locked(slot) => {
+                let (s, n) = self.check_locked(slot, cost);
+                (s, Some(n))
+            }
         }
     }
 
     /// A fixed window's word: [`MemoryLimiter`]'s one-word step and a
-    /// compare-and-swap.
-    fn check_word(&self, cost: u32) -> Snapshot {
+    /// compare-and-swap, and the time it was judged at.
+    fn check_word(&self, cost: u32) -> (Snapshot, u64) {
         let p = &self.policy;
-        let now = self.wall.time(&self.clock);
+        let mut now = self.wall.time(&self.clock);
+        let mut fresh_clock = false;
         let mut cur = self.tat.load(Ordering::Acquire);
         loop {
-            // The word is only ever this policy's: nothing to convert.
-            let Ok((s, next)) = word_step(p, cur, now, cost, true) else {
-                unreachable!("a word step that may convert always answers")
+            // A word that looks like a longer window's may only be ahead of
+            // a stale `now` (another thread read the clock later and moved
+            // to the next window first): converting it would forget that
+            // window's units. Judge it again on a fresh reading, as
+            // `MemoryLimiter` does.
+            let Ok((s, next)) = word_step(p, cur, now, cost, fresh_clock) else {
+                now = now.max(self.wall.time(&self.clock));
+                fresh_clock = true;
+                continue;
             };
-            let Some(next) = next else { return Snapshot::of(&s) };
+            let Some(next) = next else { return (Snapshot::of(&s), now) };
             match self.tat.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Snapshot::of(&s),
+                Ok(_) => return (Snapshot::of(&s), now),
                 Err(v) => cur = v,
             }
         }
     }
 
-    /// A state that does not fit a word, under its lock.
-    fn check_locked(&self, slot: &Mutex<Slot>, cost: u32) -> Snapshot {
+    /// A state that does not fit a word, under its lock, and the time it
+    /// was judged at.
+    fn check_locked(&self, slot: &Mutex<Slot>, cost: u32) -> (Snapshot, u64) {
         let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
         // Read under the lock: checks are ordered as their times are.
         let now = self.wall.time(&self.clock);
@@ -1547,7 +1567,7 @@ impl<C: Clock> DirectLimiter<C> {
         if let Some(c) = commit.filter(|_| s.allowed) {
             c.apply(&mut slot);
         }
-        Snapshot::of(&s)
+        (Snapshot::of(&s), now)
     }
 
     /// GCRA on the bare word.
@@ -1589,7 +1609,7 @@ impl<C: Clock> DirectLimiter<C> {
 
     /// The full [`Decision`] (with headers) for a check of `cost` units.
     pub fn decide(&self, cost: u32) -> Decision {
-        let s = self.check(cost);
+        let (s, tl) = self.check_at(cost);
         let outcome = match (s.allowed, s.retry_after) {
             (true, _) => Outcome::Allowed,
             (false, Some(_)) => Outcome::Limited,
@@ -1605,7 +1625,11 @@ impl<C: Clock> DirectLimiter<C> {
             retry_after: s.retry_after,
             allowed: s.allowed,
         };
-        Decision::new(outcome, SmallVec::from_buf([pd]), self.clock.now())
+        // A window's reset is on the time line it was judged on: the wall
+        // time of that reading, not a later one (a window ending on a whole
+        // second would read as ending a second later).
+        let at = tl.map_or_else(|| self.clock.now(), |t| self.wall.wall(t));
+        Decision::new(outcome, SmallVec::from_buf([pd]), at)
     }
 }
 

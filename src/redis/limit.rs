@@ -61,7 +61,8 @@ local SLACK_NS = 1000000000
 -- longer window's (a plan change that kept the name, or a clock that
 -- stepped back), one inside the current window a shorter window's: either
 -- count holds for the window holding now (as in memory; the fourth result
--- says so). Otherwise the window is that one.
+-- says so, and the fifth that it is a longer window's). Otherwise the
+-- window is that one.
 local function window(key, period)
   local p = period / 1000
   -- The window holding now, k * p <= now_us < (k + 1) * p, exactly: a
@@ -416,13 +417,12 @@ for i = 1, n do
       -- A longer window's count is left as it is, as in memory (see GCRA
       -- above).
       if count > 0 and not longer then
-        -- A shorter window's count (a plan change that kept the name)
-        -- holds for this window, capped at its limit, as a check reads it;
-        -- it is written with this window's end and lifetime, not the old
-        -- one's.
-        local limit = tonumber(ARGV[b + 2])
-        if clamped and count > limit then count = limit end
-        -- Given back only in the window the check counted in.
+        -- A window ending inside this one (a plan change that kept the
+        -- name) holds for this window, every unit of it (it may be a longer
+        -- window's this period does not divide: capping would drop units a
+        -- longer plan counts); it is written with this window's end and
+        -- lifetime, not the old one's. Given back only in the window the
+        -- check counted in.
         if credit and not clamped and math.abs(window_end - tonumber(receipt)) < 1 then
           count = count - cost
           if count < 0 then count = 0 end

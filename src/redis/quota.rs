@@ -59,8 +59,9 @@ const GRACE_MS: i128 = 86_400_000;
 ///
 /// A check reads the counters of every category the rules counting the
 /// request's category count and, only if each rule's sum has room, adds
-/// the cost to the request's category — one Lua script, one round trip. Months are calendar months in UTC of the `now` the caller passes;
-/// a counter expires a day after its month ends. Limits above 2^52 are
+/// the cost to the request's category — one Lua script, one round trip.
+/// Months are calendar months in UTC of the `now` the caller passes; a
+/// counter expires a day after its month ends. Limits above 2^52 are
 /// enforced as 2^52 (the script's numbers are doubles); `MemoryQuotaStore`
 /// counts to the full `u64`.
 #[derive(Debug, Clone)]

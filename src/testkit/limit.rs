@@ -387,8 +387,9 @@ async fn longer_window_refund_peek<S: LimitStore>(store: &S, key: &str) {
     // GCRA: an hour's burst used up, then a shorter policy of the same name
     // (3 per 30 s: a unit every 10 s, far apart for a slow store). A check
     // reads the long state as this burst used up; a refund of the hourly
-    // check under the short policy reads it so too, and gives nothing back
-    // (in the short policy's terms a unit is worth less time).
+    // check under the short policy gives nothing back (in the short
+    // policy's terms a unit is worth less time) and leaves the long state
+    // as it is.
     let key = format!("{key}:gcra");
     let hourly = [policy("default", 100, Algorithm::Gcra)];
     let short =
