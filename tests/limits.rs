@@ -704,6 +704,10 @@ fn refunds_under_an_older_plan_keep_what_the_newer_plan_counts() {
     l.refund(&1, &short, 1, &mut first);
     let admitted = (0..120).filter(|_| l.check(&1, &long, 1).unwrap().is_allowed()).count();
     assert_eq!(admitted, 50, "fixed windows");
+    // Nor does the refund reach into the newer plan's next window [3, 6).
+    clock.advance(Duration::from_millis(600));
+    let admitted = (0..120).filter(|_| l.check(&1, &long, 1).unwrap().is_allowed()).count();
+    assert_eq!(admitted, 100, "fixed windows, the next window");
 
     let short = [Policy::new("y", 3, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap()];
     let hour = [Policy::new("y", 4, Duration::from_secs(3600), Algorithm::SlidingWindow).unwrap()];

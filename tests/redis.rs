@@ -297,6 +297,13 @@ async fn refunds_under_an_older_plan_keep_what_the_newer_plan_counts() {
     }
     assert!(unix().as_secs() < cycle + 3, "the checks ended inside the 3 s window");
     assert_eq!(admitted, 50, "fixed windows");
+    // Nor does the refund reach into the newer plan's next window [3, 6).
+    until(3_100).await;
+    let mut admitted = 0;
+    for _ in 0..120 {
+        admitted += u32::from(l.check("f", &long, 1, c).await.unwrap().is_allowed());
+    }
+    assert_eq!(admitted, 100, "fixed windows, the next window");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

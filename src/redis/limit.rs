@@ -415,10 +415,12 @@ for i = 1, n do
     elseif alg == 'f' then
       local count, window_end, _, clamped, longer = window(KEYS[i], period)
       -- A longer window's count is left as it is, as in memory (see GCRA
-      -- above).
-      if count > 0 and not longer then
-        -- A window ending inside this one (a plan change that kept the
-        -- name) holds for this window, every unit of it (it may be a longer
+      -- above); so is any other policy's under the check's own policy (a
+      -- receipt): it is a newer plan's, and moved into this window it would
+      -- lock that plan's next window out.
+      if count > 0 and not longer and not (clamped and credit) then
+        -- Under a newer plan (no receipt), a window ending inside this one
+        -- holds for this window, every unit of it (it may be a longer
         -- window's this period does not divide: capping would drop units a
         -- longer plan counts); it is written with this window's end and
         -- lifetime, not the old one's. Given back only in the window the
