@@ -371,29 +371,16 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
 /// are not credited to what came after.
 pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, receipt: Option<u64>) {
     // Another policy's state (a plan change that kept the name) is not the
-    // one the refunded check left: nothing is given back. Under a policy the
-    // check did not run (no receipt: the plan changed before the refund, and
-    // this is the newer plan), a window ending inside this policy's current
-    // one is carried into it, as a check reads it, so its units count here
-    // for this window, not only until its own end; every unit is kept,
-    // uncapped. Under the check's own policy (a receipt), such a state is a
-    // newer plan's: moving its end into this policy's window would make that
-    // plan read it again in its own next window, and lock it out. It, and
-    // any other such state (a longer span's, another algorithm's), is left
-    // for the next check to read: in the refund's terms it would lose units.
-    // (The Redis store's refund does the same.)
+    // one the refunded check left: nothing is given back, and it is left
+    // exactly as it is for the next check to read. A refund that gives
+    // nothing changes nothing: reading the state in the refund's terms
+    // (converting, or carrying a window over) could lock the key out
+    // longer, or let it through sooner, than the same sequence without the
+    // refund. (The Redis store's refund does the same.)
     if is_foreign(policy, slot, now) {
-        if receipt.is_none()
-            && let Slot::Window { end, .. } = slot
-            && policy.algorithm() == Algorithm::FixedWindow
-            && window_is_shorter(policy, *end, now)
-        {
-            let period = duration_nanos(policy.period()).max(1);
-            *end = (now / period + 1).saturating_mul(period);
-        }
         return;
     }
-    // `None`: the check did not charge this policy; only read it.
+    // `None`: the check did not charge this policy.
     let Some(receipt) = receipt else { return };
     match slot {
         Slot::Tat(tat) => {
@@ -546,22 +533,18 @@ mod tests {
     }
 
     #[test]
-    fn refund_reads_another_windows_state_as_a_check_does() {
+    fn a_refund_leaves_another_windows_state_as_it_is() {
         // Three used in a 50 ms window, then the plan's window is an hour
-        // (the same name): a refund under the hour (a policy the refunded
-        // check did not run: no receipt) reads them as counted in the hour,
-        // so they outlive the short window's end, and credits nothing.
+        // (the same name): a refund under either gives nothing back and
+        // changes nothing (a check under the hour reads the three).
         let hour = Policy::new("d", 3, Duration::from_secs(3600), Algorithm::FixedWindow).unwrap();
         let short = Slot::Window { end: 50_000_000, count: 3 };
-        let mut slot = short.clone();
-        refund(&hour, &mut slot, 10_000_000, 1, None);
-        assert_eq!(slot, Slot::Window { end: 3_600 * S, count: 3 });
-        assert!(!step(&hour, &slot, 60_000_000, 1).0.allowed, "the three count in the hour");
-        // Under a policy the check did run (a receipt), the short window is
-        // a newer plan's: left as it is.
-        let mut slot = short.clone();
-        refund(&hour, &mut slot, 10_000_000, 1, Some(3_600 * S));
-        assert_eq!(slot, short);
+        for receipt in [None, Some(3_600 * S)] {
+            let mut slot = short.clone();
+            refund(&hour, &mut slot, 10_000_000, 1, receipt);
+            assert_eq!(slot, short, "{receipt:?}");
+        }
+        assert!(!step(&hour, &short, 10_000_000, 1).0.allowed, "a check counts the three");
     }
 
     #[test]

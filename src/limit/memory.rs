@@ -1186,9 +1186,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let (hash, shard) = self.shard(shards, key);
         for (n, (p, &receipt)) in policies.iter().zip(receipts).enumerate() {
             // A repeated name was charged once: it is given back once. A
-            // policy the check did not charge (`None`) gets nothing, but is
-            // read as a check reads it (another policy's state converted).
-            if !first_of_name(policies, n) {
+            // policy the check did not charge (`None`) gets nothing, and its
+            // state is left as it is.
+            if !first_of_name(policies, n) || receipt.is_none() {
                 continue;
             }
             let one = std::slice::from_ref(p);
@@ -1222,11 +1222,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 let slot = st.slot_mut(p);
                 // Judged on a reading taken under the lock (see
                 // `refund_word`).
+                // A refund only takes units off; it never delays eviction
+                // (the key's `fresh_at` can only stand or be early).
                 algorithm::refund(p, slot, now.max(fresh()), cost, receipt);
-                // A refund that carried another window's state into this
-                // policy's keeps it longer: eviction must wait as long.
-                let fresh_at = algorithm::fresh_at(p, slot);
-                st.fresh_at = st.fresh_at.max(fresh_at);
             }
         }
     }

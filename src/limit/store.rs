@@ -83,14 +83,15 @@ pub trait LimitStore: Send + Sync {
     /// peek gives nothing back, nor does a policy the check did not run as
     /// it is now (another name, algorithm, limit, period or burst: a plan
     /// changed in between), nor a state kept under another policy since.
-    /// A shorter window's count is still read as a check under `policies`
-    /// reads it (carried into this policy's window, and kept as long as it
-    /// counts it); any other such state (a longer span's, another
-    /// algorithm's) is left as it is: the refund's plan may be the one
-    /// before the change, and in its terms the state would lose units. (A plan changed and changed
-    /// back between a check and its refund is the one case the state may
-    /// have dropped units the refund then gives back: a conversion capped
-    /// at the other plan's capacity already forgot them.)
+    /// Such a state is left exactly as it is: a refund that gives nothing
+    /// back changes nothing.
+    ///
+    /// One case can still give back units the state no longer holds: a
+    /// check under another plan since converted the state (capping it at
+    /// that plan's capacity), and it now reads as the refunded check's
+    /// policy's own (a GCRA time within its horizon, a fixed window ending
+    /// where the check's did). The refund may then give back up to its
+    /// units that the conversion had already dropped.
     fn refund(
         &self,
         key: &str,

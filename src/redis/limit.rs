@@ -374,9 +374,8 @@ return out
 const REFUND: &str = r"
 local cost = tonumber(ARGV[1])
 for i = 1, n do
-  -- Empty: the check did not charge this policy. Its state is still read
-  -- as a check reads it (and kept as long as this policy counts it), but
-  -- nothing is given back.
+  -- Empty: the check did not charge this policy: nothing is given back,
+  -- and nothing is changed.
   local receipt = ARGV[2 + n * 5 + i]
   local credit = receipt ~= ''
   if first_of_name(i) then
@@ -387,23 +386,19 @@ for i = 1, n do
     if alg == 'g' then
       local s = redis.call('GET', KEYS[i])
       -- A longer policy's state (beyond this burst and the slack) is left
-      -- as it is for the next check to read, as in memory: the refund's
-      -- policy may be the plan before the change, and capping the state at
-      -- its horizon would drop units the new plan counts.
+      -- as it is for the next check to read, as in memory: a refund that
+      -- gives nothing changes nothing.
       local horizon = interval * tonumber(ARGV[b + 5])
-      if s and tat_rel(s) <= horizon + SLACK_NS then
+      if credit and s and tat_rel(s) <= horizon + SLACK_NS then
         local rel = tat_rel(s)
         local floor = rel
         if floor > 0 then floor = 0 end
         -- Only the check's time still ahead of now is given back (time
         -- already earned back belongs to the checks after it).
-        local back = 0
-        if credit then
-          back = interval * cost
-          local held = tat_rel(receipt)
-          if held < back then back = held end
-          if back < 0 then back = 0 end
-        end
+        local back = interval * cost
+        local held = tat_rel(receipt)
+        if held < back then back = held end
+        if back < 0 then back = 0 end
         local next = rel - back
         if next < floor then next = floor end
         if next <= 0 then
@@ -413,35 +408,30 @@ for i = 1, n do
         end
       end
     elseif alg == 'f' then
-      local count, window_end, _, clamped, longer = window(KEYS[i], period)
-      -- A longer window's count is left as it is, as in memory (see GCRA
-      -- above); so is any other policy's under the check's own policy (a
-      -- receipt): it is a newer plan's, and moved into this window it would
-      -- lock that plan's next window out.
-      if count > 0 and not longer and not (clamped and credit) then
-        -- Under a newer plan (no receipt), a window ending inside this one
-        -- holds for this window, every unit of it (it may be a longer
-        -- window's this period does not divide: capping would drop units a
-        -- longer plan counts); it is written with this window's end and
-        -- lifetime, not the old one's. Given back only in the window the
-        -- check counted in.
-        if credit and not clamped and math.abs(window_end - tonumber(receipt)) < 1 then
-          count = count - cost
-          if count < 0 then count = 0 end
-        end
+      local count, window_end, _, clamped = window(KEYS[i], period)
+      -- Given back only in the window the check counted in; another
+      -- window's count (a plan change that kept the name) is left exactly
+      -- as it is, as in memory: a refund that gives nothing changes
+      -- nothing.
+      if credit and count > 0 and not clamped and math.abs(window_end - tonumber(receipt)) < 1 then
+        count = count - cost
+        if count < 0 then count = 0 end
         local until_end = window_end - now_us
         if until_end < 0 then until_end = 0 end
         redis.call('SET', KEYS[i], string.format('%.17g:%d', window_end, count), 'PX', ms_ceil(until_end * 1000))
       end
     else
       -- The check's own entries, if still in the log (entries of checks
-      -- at the same microsecond stand for each other).
-      if credit then redis.call('LREM', KEYS[i], cost, receipt) end
-      local log = redis.call('LRANGE', KEYS[i], -1, -1)
-      if #log > 0 then
-        -- What stays counts for this period (see `keep_for`).
-        local p = period / 1000
-        keep_for(KEYS[i], ms_ceil((tonumber(log[1]) + p - now_us) * 1000))
+      -- at the same microsecond stand for each other). Without a receipt,
+      -- nothing is touched, not even the key's lifetime.
+      if credit then
+        redis.call('LREM', KEYS[i], cost, receipt)
+        local log = redis.call('LRANGE', KEYS[i], -1, -1)
+        if #log > 0 then
+          -- What stays counts for this period (see `keep_for`).
+          local p = period / 1000
+          keep_for(KEYS[i], ms_ceil((tonumber(log[1]) + p - now_us) * 1000))
+        end
       end
     end
   end
@@ -630,8 +620,9 @@ impl LimitStore for RedisLimiter {
         // dropped once it was sent), and run again it would give the units
         // back twice.
         check.refunded(cost);
-        // Nothing to give back: nothing to ask the server.
-        let call = (cost > 0).then(|| {
+        // Nothing to give back (no units, or no policy the check ran as
+        // it is now): nothing to ask the server.
+        let call = (cost > 0 && receipts.iter().any(Option::is_some)).then(|| {
             let mut argv = args(policies, cost, CheckMode::Consume);
             argv.extend(receipt_args(policies, &receipts));
             self.redis.eval::<i64>(&REFUND_SCRIPT, self.keys(key, policies), argv)
