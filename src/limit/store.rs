@@ -86,12 +86,16 @@ pub trait LimitStore: Send + Sync {
     /// Such a state is left exactly as it is: a refund that gives nothing
     /// back changes nothing.
     ///
-    /// One case can still give back units the state no longer holds: a
-    /// check under another plan since converted the state (capping it at
-    /// that plan's capacity), and it now reads as the refunded check's
-    /// policy's own (a GCRA time within its horizon, a fixed window ending
-    /// where the check's did). The refund may then give back up to its
-    /// units that the conversion had already dropped.
+    /// One case can still give back units the state no longer holds for
+    /// the check: checks under another plan (same name) have written the
+    /// state since, and it reads as the refunded check's policy's own (a
+    /// GCRA time within its horizon; a fixed window ending where the
+    /// check's did, such as a 1 s window and a 10 s one both ending on the
+    /// same second). The refund may then give back up to its units of what
+    /// that plan counted, or of what its conversion had already dropped.
+    /// States keep no record of the policy that wrote them; a refund that
+    /// follows a plan change is best made under the current plan (it then
+    /// gives nothing back).
     fn refund(
         &self,
         key: &str,
