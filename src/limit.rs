@@ -275,9 +275,9 @@ impl Decision {
     /// emission interval per unit not yet given back: measured from the
     /// arrival time the check left, refunds of it or of earlier checks could
     /// give back time that had passed); a fixed window's end; a sliding
-    /// window's entry time. `None` where it charged that policy nothing it can give
-    /// back: another name, algorithm, limit, period or burst at that place
-    /// (a plan changed in between).
+    /// window's entry time. `None` where it charged that policy nothing it
+    /// can give back: another name, algorithm, limit, period or burst at
+    /// that place (a plan changed in between).
     ///
     /// A store gives back, per policy, no more than the check still holds
     /// at that mark, then calls [`refunded`](Self::refunded) (see
@@ -298,6 +298,22 @@ impl Decision {
     /// before and after a refund, the same check compares unequal.)
     pub fn refunded(&mut self, units: u32) {
         self.cost = self.cost.saturating_sub(units);
+    }
+
+    /// A refund of up to `cost` units under `policies`, as this crate's
+    /// stores make it: the units and receipts of
+    /// [`refund_receipts`](Self::refund_receipts), taken off the charge at
+    /// once (before any call: a refund that fails may still have been
+    /// done); `None` when there is nothing to give back (no units left, or
+    /// no policy the check ran as it is now).
+    pub(crate) fn take_refund(
+        &mut self,
+        policies: &[Policy],
+        cost: u32,
+    ) -> Option<(u32, Vec<Option<u64>>)> {
+        let (units, receipts) = self.refund_receipts(policies, cost);
+        self.refunded(units);
+        (units > 0 && receipts.iter().any(Option::is_some)).then_some((units, receipts))
     }
 
     /// [`refund_receipts`](Self::refund_receipts)' receipt of policy `p`, at place

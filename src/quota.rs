@@ -178,10 +178,9 @@ impl QuotaDecision {
 ///   category no rule counts is admitted and not counted (counting it
 ///   would give a host that passes request data as the category a counter
 ///   per value, and a store call per request on plans without quotas).
-///   Redis: one Lua
-///   script; SQL: one transaction that locks the account's counter rows
-///   of the month (`SELECT … FOR UPDATE`), sums them per rule, and
-///   upserts `category`'s row only if every sum has room.
+///   Redis: one Lua script; SQL: one transaction that locks the account's
+///   counter rows of the month (`SELECT … FOR UPDATE`), sums them per rule,
+///   and upserts `category`'s row only if every sum has room.
 /// - **Categories** are the host's names (`email`, `webhook`): a handful,
 ///   not request data; each one used gets a counter per account.
 /// - **Months.** Counters are per calendar month in UTC and start from zero

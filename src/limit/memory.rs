@@ -1093,32 +1093,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         mode: CheckMode,
         now: u64,
     ) -> Option<(algorithm::Step, u64)> {
-        let mut cur = word.load(Ordering::Acquire);
-        let (mut now, mut fresh_clock) = (now, false);
-        loop {
-            if cur == DEAD {
-                return None;
-            }
-            // A word that looks like another policy's may only be ahead of
-            // a stale `now` (another thread read the clock later and wrote
-            // first): converting it would forget units. Judge it again on a
-            // fresh reading, read after the word was.
-            let Ok((s, next)) = word_step(p, cur, now, cost, fresh_clock) else {
-                now = now.max(self.wall.time(&self.clock));
-                fresh_clock = true;
-                continue;
-            };
-            match next {
-                Some(next) if mode == CheckMode::Consume => {
-                    match word.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire)
-                    {
-                        Ok(_) => return Some((s, now)),
-                        Err(v) => cur = v,
-                    }
-                }
-                _ => return Some((s, now)),
-            }
-        }
+        let fresh = || self.wall.time(&self.clock);
+        word_cas(word, p, cost, mode == CheckMode::Consume, now, fresh)
     }
 
     /// [`word_check`](Self::word_check) of a word known to be live: a fresh
@@ -1161,12 +1137,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         K: Borrow<Q>,
         Q: Hash + Eq + ?Sized,
     {
-        let (cost, receipts) = check.refund_receipts(policies, cost);
-        if cost == 0 {
-            return;
-        }
+        let Some((cost, receipts)) = check.take_refund(policies, cost) else { return };
         with_shards!(self, |s| self.refund_in(s, key, policies, cost, &receipts));
-        check.refunded(cost);
     }
 
     fn refund_in<T, Q>(
@@ -1316,6 +1288,45 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
 /// Kills a slot; returns the last state it held ([`DEAD`] if it was dead).
 fn kill(state: &AtomicU64) -> u64 {
     state.swap(DEAD, Ordering::AcqRel)
+}
+
+/// A check of one-word state `word` at `now` (committed with a
+/// compare-and-swap if `consume`): the step and the time it was judged at;
+/// `None` if the slot is dead. `fresh` reads the limiter's clock again.
+#[inline]
+fn word_cas(
+    word: &AtomicU64,
+    p: &Policy,
+    cost: u32,
+    consume: bool,
+    now: u64,
+    fresh: impl Fn() -> u64,
+) -> Option<(algorithm::Step, u64)> {
+    let mut cur = word.load(Ordering::Acquire);
+    let (mut now, mut fresh_clock) = (now, false);
+    loop {
+        if cur == DEAD {
+            return None;
+        }
+        // A word that looks like another policy's may only be ahead of a
+        // stale `now` (another thread read the clock later and wrote
+        // first): converting it would forget units. Judge it again on a
+        // fresh reading, read after the word was.
+        let Ok((s, next)) = word_step(p, cur, now, cost, fresh_clock) else {
+            now = now.max(fresh());
+            fresh_clock = true;
+            continue;
+        };
+        match next {
+            Some(next) if consume => {
+                match word.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) => return Some((s, now)),
+                    Err(v) => cur = v,
+                }
+            }
+            _ => return Some((s, now)),
+        }
+    }
 }
 
 /// Refunds a one-word key; `false` if its slot is dead.
@@ -1529,30 +1540,13 @@ impl<C: Clock> DirectLimiter<C> {
         }
     }
 
-    /// A fixed window's word: [`MemoryLimiter`]'s one-word step and a
-    /// compare-and-swap, and the time it was judged at.
+    /// A fixed window's word: [`MemoryLimiter`]'s one-word check, and the
+    /// time it was judged at.
     fn check_word(&self, cost: u32) -> (Snapshot, u64) {
-        let p = &self.policy;
-        let mut now = self.wall.time(&self.clock);
-        let mut fresh_clock = false;
-        let mut cur = self.tat.load(Ordering::Acquire);
-        loop {
-            // A word that looks like a longer window's may only be ahead of
-            // a stale `now` (another thread read the clock later and moved
-            // to the next window first): converting it would forget that
-            // window's units. Judge it again on a fresh reading, as
-            // `MemoryLimiter` does.
-            let Ok((s, next)) = word_step(p, cur, now, cost, fresh_clock) else {
-                now = now.max(self.wall.time(&self.clock));
-                fresh_clock = true;
-                continue;
-            };
-            let Some(next) = next else { return (Snapshot::of(&s), now) };
-            match self.tat.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return (Snapshot::of(&s), now),
-                Err(v) => cur = v,
-            }
-        }
+        let fresh = || self.wall.time(&self.clock);
+        let (s, now) = word_cas(&self.tat, &self.policy, cost, true, fresh(), fresh)
+            .unwrap_or_else(|| unreachable!("a direct limiter's word is never dead"));
+        (Snapshot::of(&s), now)
     }
 
     /// A state that does not fit a word, under its lock, and the time it

@@ -61,8 +61,7 @@ local SLACK_NS = 1000000000
 -- longer window's (a plan change that kept the name, or a clock that
 -- stepped back), one inside the current window a shorter window's: either
 -- count holds for the window holding now (as in memory; the fourth result
--- says so, and the fifth that it is a longer window's). Otherwise the
--- window is that one.
+-- says so). Otherwise the window is that one.
 local function window(key, period)
   local p = period / 1000
   -- The window holding now, k * p <= now_us < (k + 1) * p, exactly: a
@@ -79,12 +78,11 @@ local function window(key, period)
     if e and c and c > 0 and e > now_us then
       -- A longer window's (too far ahead), or a shorter window's (ending
       -- inside the current one): counted in the current window.
-      if e > now_us + p + SLACK_NS / 1000 then return c, current, true, true, true end
-      if e < current then return c, current, true, true, false end
-      return c, e, true, false, false
+      if e > now_us + p + SLACK_NS / 1000 or e < current then return c, current, true, true end
+      return c, e, true, false
     end
   end
-  return 0, current, s ~= false and s ~= nil, false, false
+  return 0, current, s ~= false and s ~= nil, false
 end
 local n = #KEYS
 local OTHERS = {g = {'f', 's'}, f = {'g', 's'}, s = {'g', 'f'}}
@@ -367,10 +365,11 @@ return out
 ";
 
 /// Same KEYS and per-policy ARGV as the check (ARGV[2] unused), then one
-/// receipt per policy (`Decision::refund_receipts`: the end of a GCRA check's
-/// own share of the arrival time in ns, a fixed window's end or a sliding window's entry time in
-/// µs; empty for a policy the check did not charge): gives up to `cost`
-/// units back to every policy, no more than the check still holds.
+/// receipt per policy (`Decision::refund_receipts`: the end of a GCRA
+/// check's own share of the arrival time in ns, a fixed window's end or a
+/// sliding window's entry time in µs; empty for a policy the check did not
+/// charge): gives up to `cost` units back to every policy, no more than the
+/// check still holds.
 const REFUND: &str = r"
 local cost = tonumber(ARGV[1])
 for i = 1, n do
@@ -613,16 +612,12 @@ impl LimitStore for RedisLimiter {
         cost: u32,
         check: &mut Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
-        let (cost, receipts) = check.refund_receipts(policies, cost);
         // Taken off the charge now, whatever the outcome: a refund that
         // fails may still have run (a timeout after the server took the
         // script, a connection lost before the reply, a future the caller
         // dropped once it was sent), and run again it would give the units
-        // back twice.
-        check.refunded(cost);
-        // Nothing to give back (no units, or no policy the check ran as
-        // it is now): nothing to ask the server.
-        let call = (cost > 0 && receipts.iter().any(Option::is_some)).then(|| {
+        // back twice. Nothing to give back: nothing to ask the server.
+        let call = check.take_refund(policies, cost).map(|(cost, receipts)| {
             let mut argv = args(policies, cost, CheckMode::Consume);
             argv.extend(receipt_args(policies, &receipts));
             self.redis.eval::<i64>(&REFUND_SCRIPT, self.keys(key, policies), argv)

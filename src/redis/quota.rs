@@ -36,11 +36,8 @@ for r = 1, rules do
   if used + cost > limit then return {0, r, used} end
   out[r + 1] = used + cost
 end
--- Held at 2^53, where the script's doubles stop being exact (no rule's
--- limit reaches it).
-local add = cost
-if count[1] + add > 9007199254740992 then add = 9007199254740992 - count[1] end
-if add > 0 then redis.call('INCRBY', KEYS[1], add) end
+-- Within every counting rule's limit (at most 2^52): exact.
+redis.call('INCRBY', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return out
 ";
