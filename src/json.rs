@@ -4,8 +4,9 @@
 //! "role": "admin"}` would be read as `admin` while a proxy that reads the
 //! first saw `viewer`, and a plan file naming one plan twice would lose the
 //! first silently. keygate reads requests and configuration with [`parse`]
-//! instead: a repeated key is an error naming it. Hosts reading the bodies
-//! of their own routes beside keygate's can hold them to the same rule.
+//! instead: a repeated key is an error naming where it is. Hosts reading
+//! the bodies of their own routes beside keygate's can hold them to the
+//! same rule.
 //!
 //! ```
 //! use keygate::json::{parse, JsonError};
@@ -13,11 +14,16 @@
 //! assert!(parse(br#"{"scopes": ["*"]}"#).is_ok());
 //! let e = parse(br#"{"scopes": ["*"], "scopes": []}"#).unwrap_err();
 //! assert!(matches!(e, JsonError::Duplicate(ref k) if k == "scopes"));
+//! // A repeat inside a value is named by its path from the top.
+//! let e = parse(br#"{"metadata": {"a": "1", "a": "2"}}"#).unwrap_err();
+//! assert!(matches!(e, JsonError::Duplicate(ref k) if k == "metadata.a"));
 //! ```
 
 use std::fmt;
 
-use serde::de::{self, Deserialize, Deserializer, MapAccess, SeqAccess, Visitor};
+#[cfg(feature = "serde")]
+use serde::de::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// Why a JSON text was refused.
@@ -26,7 +32,10 @@ use serde_json::Value;
 pub enum JsonError {
     /// Not JSON (or nested too deeply, or a number out of range).
     Syntax(serde_json::Error),
-    /// An object repeats this key.
+    /// An object repeats a key. The key's path from the top of the
+    /// document: its bare name at the top level (`scopes`), else its
+    /// parents' keys and array indices before it (`metadata.role`,
+    /// `[0].id`, `plans.tiny.rate[1].name`).
     Duplicate(String),
 }
 
@@ -64,8 +73,9 @@ const DUPLICATE: &str = "keygate: duplicate key ";
 /// nothing but each object's keys looks for repeats.
 pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
     let value: Value = serde_json::from_slice(bytes).map_err(JsonError::Syntax)?;
-    match serde_json::from_slice::<Distinct>(bytes) {
-        Ok(Distinct) => Ok(value),
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    match Distinct(At::Top).deserialize(&mut de) {
+        Ok(()) => Ok(value),
         Err(e) => {
             let text = e.to_string();
             let key = text.strip_prefix(DUPLICATE).unwrap_or(&text);
@@ -77,67 +87,91 @@ pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
     }
 }
 
-/// A JSON value whose objects have distinct keys (nothing is kept).
-struct Distinct;
+/// Where a value sits in the document: built on the stack as the visitor
+/// descends, written out only for the error.
+#[derive(Clone, Copy)]
+enum At<'a> {
+    Top,
+    Key(&'a At<'a>, &'a str),
+    Index(&'a At<'a>, usize),
+}
 
-impl<'de> Deserialize<'de> for Distinct {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        d.deserialize_any(DistinctVisitor)
+impl fmt::Display for At<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Top => Ok(()),
+            Self::Key(Self::Top, key) => f.write_str(key),
+            Self::Key(up, key) => write!(f, "{up}.{key}"),
+            Self::Index(up, i) => write!(f, "{up}[{i}]"),
+        }
     }
 }
 
-struct DistinctVisitor;
+/// A JSON value at `.0` whose objects have distinct keys (nothing is kept).
+struct Distinct<'a>(At<'a>);
 
-impl<'de> Visitor<'de> for DistinctVisitor {
-    type Value = Distinct;
+impl<'de> DeserializeSeed<'de> for Distinct<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Distinct<'_> {
+    type Value = ();
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON value")
     }
 
-    fn visit_bool<E>(self, _: bool) -> Result<Distinct, E> {
-        Ok(Distinct)
+    fn visit_bool<E>(self, _: bool) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_i64<E>(self, _: i64) -> Result<Distinct, E> {
-        Ok(Distinct)
+    fn visit_i64<E>(self, _: i64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_u64<E>(self, _: u64) -> Result<Distinct, E> {
-        Ok(Distinct)
+    fn visit_u64<E>(self, _: u64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_f64<E>(self, _: f64) -> Result<Distinct, E> {
-        Ok(Distinct)
+    fn visit_f64<E>(self, _: f64) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_str<E>(self, _: &str) -> Result<Distinct, E> {
-        Ok(Distinct)
+    fn visit_str<E>(self, _: &str) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_unit<E>(self) -> Result<Distinct, E> {
-        Ok(Distinct)
+    fn visit_unit<E>(self) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_none<E>(self) -> Result<Distinct, E> {
-        Ok(Distinct)
+    fn visit_none<E>(self) -> Result<(), E> {
+        Ok(())
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Distinct, A::Error> {
-        while seq.next_element::<Distinct>()?.is_some() {}
-        Ok(Distinct)
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        let mut i = 0;
+        while seq.next_element_seed(Distinct(At::Index(&self.0, i)))?.is_some() {
+            i += 1;
+        }
+        Ok(())
     }
 
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Distinct, A::Error> {
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
         let mut seen = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
+            let at = At::Key(&self.0, &key);
             if seen.contains(&key) {
-                return Err(de::Error::custom(format_args!("{DUPLICATE}{key}")));
+                return Err(de::Error::custom(format_args!("{DUPLICATE}{at}")));
             }
-            map.next_value::<Distinct>()?;
+            map.next_value_seed(Distinct(at))?;
             seen.insert(key);
         }
-        Ok(Distinct)
+        Ok(())
     }
 }
 
@@ -241,9 +275,15 @@ mod tests {
     #[test]
     fn repeated_keys_are_refused_at_any_depth() {
         assert!(matches!(parse(br#"{"a":1,"a":2}"#), Err(JsonError::Duplicate(k)) if k == "a"));
-        assert!(
-            matches!(parse(br#"{"x":[{"b":1,"b":1}]}"#), Err(JsonError::Duplicate(k)) if k == "b")
-        );
+        // Deeper repeats are named by their path.
+        for (text, path) in [
+            (r#"{"x":[{"b":1,"b":1}]}"#, "x[0].b"),
+            (r#"[1,{"a":1},{"a":{"c":[[],{"d":0,"d":0}]}}]"#, "[2].a.c[1].d"),
+            (r#"{"m":{"role":"a","role":"b"},"role":"c"}"#, "m.role"),
+        ] {
+            let e = parse(text.as_bytes()).unwrap_err();
+            assert!(matches!(e, JsonError::Duplicate(ref k) if k == path), "{text}: {e}");
+        }
         // A key with spaces and the marker's words in it is still named.
         let e = parse(br#"{"k at line 3":1,"k at line 3":2}"#).unwrap_err();
         assert!(matches!(e, JsonError::Duplicate(ref k) if k == "k at line 3"), "{e}");

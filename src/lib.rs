@@ -47,7 +47,7 @@
 //! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
 //! | [`clock`] | wall and monotonic time behind one trait; system, fake and (feature `quanta`) TSC clocks |
 //! | `tower` (feature) | `Gate` and its per-route layer: authenticate, rate-limit, authorize, count quota, answer refusals |
-//! | `redis` (feature) | Redis-backed limiter, portal, quota and key stores (one Lua step each, server clock), revocation pub/sub |
+//! | `redis` (feature) | Redis-backed limiter, portal, quota and key stores (one Lua step each; the limiter on the server's clock, the others on the caller's), revocation pub/sub |
 //! | `testkit` (feature) | conformance suites for implementations of the store traits |
 
 pub mod auth;

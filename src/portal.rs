@@ -15,7 +15,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use jiff::{SignedDuration, Timestamp};
+use jiff::{RoundMode, SignedDuration, Timestamp, TimestampRound, Unit};
 use serde_json::json;
 
 pub use request::{
@@ -100,11 +100,11 @@ impl MintedSession {
     /// UTC timestamp such as `2024-01-15T12:30:00Z`.
     #[must_use]
     pub fn to_json(&self) -> serde_json::Value {
-        let secs = Timestamp::from_second(self.expires_at.as_second()).unwrap_or(self.expires_at);
+        // Whole seconds already (see `create_session`).
         json!({
             "url": self.url.expose_secret(),
             "code": self.code.expose_secret(),
-            "expiresAt": secs.to_string(),
+            "expiresAt": self.expires_at.to_string(),
         })
     }
 }
@@ -343,7 +343,12 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         #[allow(clippy::cast_possible_wrap)]
         let minutes = SignedDuration::from_mins(request.expires_in_minutes as i64);
         let asked = now.saturating_add(minutes).map_err(|_| PortalError::Collision)?;
-        let expires_at = minter.expires_at().map_or(asked, |end| asked.min(end));
+        // Whole seconds, rounded down: the response's `expiresAt` (RFC 3339
+        // without fractions) is then the exact instant the code stops
+        // working, never a moment before it does.
+        let exact = minter.expires_at().map_or(asked, |end| asked.min(end));
+        let whole = TimestampRound::new().smallest(Unit::Second).mode(RoundMode::Floor);
+        let expires_at = exact.round(whole).unwrap_or(exact);
         let code = CODE.mint_default().map_err(BackendError::unavailable)?;
         let session = PortalSession {
             workspace: workspace.clone(),

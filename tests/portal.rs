@@ -206,6 +206,32 @@ async fn expiry_boundary_and_defaults() {
 }
 
 #[tokio::test]
+async fn a_code_expires_at_the_time_its_response_advertises() {
+    // Minted half a second into a second: the response's `expiresAt` has
+    // whole seconds, and the code is refused from that instant on, not up
+    // to a second later.
+    let w = world(&["*"]).await;
+    w.clock.advance(Duration::from_millis(500));
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let mint = || async {
+        let req = SessionRequest::from_json(br#"{"expiresInMinutes": 1}"#).unwrap();
+        w.portal.create_session(&w.mgmt, &ws, &app, req).await.unwrap()
+    };
+    let (on_time, late) = (mint().await, mint().await);
+    let advertised: jiff::Timestamp =
+        late.to_json()["expiresAt"].as_str().unwrap().parse().unwrap();
+    assert_eq!(advertised.to_string(), "2026-01-01T00:01:00Z");
+    assert_eq!(late.expires_at(), advertised);
+    w.clock.set_wall(advertised - jiff::SignedDuration::from_nanos(1));
+    assert!(w.portal.redeem(on_time.code().expose_secret()).await.is_ok());
+    w.clock.set_wall(advertised);
+    assert!(matches!(
+        w.portal.redeem(late.code().expose_secret()).await.unwrap_err(),
+        PortalError::Expired
+    ));
+}
+
+#[tokio::test]
 async fn forged_codes_and_wrong_minters_are_refused() {
     let w = world(&["*"]).await;
     let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());

@@ -144,8 +144,10 @@ impl PrincipalCache {
 
     fn shard(&self, d: &Digest) -> &RwLock<Shard> {
         let h = DigestBuildHasher::default().hash_one(d);
-        // Use high bits: the map inside the shard uses the low ones.
-        &self.shards[(h >> 60) as usize % SHARDS]
+        // Bits the map inside the shard does not use: hashbrown takes the
+        // bucket from the low bits and each slot's tag from the top seven
+        // (shards picked by top bits would leave each map 3 tag bits of 7).
+        &self.shards[(h >> 32) as usize % SHARDS]
     }
 
     /// The cached principal for `digest`, if cached less than `ttl` ago.

@@ -66,7 +66,10 @@ pub enum RequestError {
     /// or the metadata's): which one counts would depend on the reader.
     #[error("{field} appears more than once")]
     DuplicateField {
-        /// The repeated key.
+        /// The repeated key's path: `role`, or `metadata.role` for a key
+        /// repeated inside `metadata` (see [`JsonError::Duplicate`]).
+        ///
+        /// [`JsonError::Duplicate`]: crate::json::JsonError::Duplicate
         field: String,
     },
     /// A field the request does not define.
@@ -116,7 +119,11 @@ impl RequestError {
     pub fn field(&self) -> Cow<'static, str> {
         match self {
             Self::NotAnObject | Self::InvalidJson => "body".into(),
-            Self::UnknownField { field } | Self::DuplicateField { field } => field.clone().into(),
+            Self::UnknownField { field } => field.clone().into(),
+            // The request's own field: the path's first key.
+            Self::DuplicateField { field } => {
+                field.split(['.', '[']).next().unwrap_or_default().to_owned().into()
+            }
             Self::RoleType | Self::UnknownRole => "role".into(),
             Self::ExpiresType | Self::ExpiresRange => "expiresInMinutes".into(),
             Self::MetadataType
@@ -148,6 +155,10 @@ impl SessionRequest {
             return Ok(Self::default());
         }
         let value = crate::json::parse(bytes).map_err(|e| match e {
+            // A repeat inside an array at the top: not an object at all.
+            crate::json::JsonError::Duplicate(field) if field.starts_with('[') => {
+                RequestError::NotAnObject
+            }
             crate::json::JsonError::Duplicate(field) => RequestError::DuplicateField { field },
             crate::json::JsonError::Syntax(_) => RequestError::InvalidJson,
         })?;
@@ -364,8 +375,13 @@ mod tests {
             ),
             (
                 r#"{"metadata":{"a":"1","a":"2"}}"#.into(),
-                RequestError::DuplicateField { field: "a".into() },
+                RequestError::DuplicateField { field: "metadata.a".into() },
             ),
+            (
+                r#"{"role":"viewer","metadata":{"role":"a","role":"b"}}"#.into(),
+                RequestError::DuplicateField { field: "metadata.role".into() },
+            ),
+            (r#"[{"a":1,"a":2}]"#.into(), RequestError::NotAnObject),
             ("\"x\"".into(), RequestError::NotAnObject),
             (r#"{"expiresInMinutes":1e400}"#.into(), RequestError::InvalidJson),
             (r#"{"expiresInMinutes":18446744073709551616}"#.into(), RequestError::ExpiresRange),
@@ -396,6 +412,15 @@ mod tests {
         for (body, want) in cases {
             assert_eq!(SessionRequest::from_json(body.as_bytes()), Err(want), "{body}");
         }
+        // A key repeated inside `metadata` is that field's error, not the
+        // top-level field of the same name's.
+        let e = SessionRequest::from_json(br#"{"metadata":{"role":"a","role":"b"}}"#).unwrap_err();
+        assert_eq!(
+            (e.field(), e.to_string()),
+            ("metadata".into(), "metadata.role appears more than once".into())
+        );
+        let e = SessionRequest::from_json(br#"{"role":"a","role":"b"}"#).unwrap_err();
+        assert_eq!(e.field(), "role");
         // The same rules hold for a request built in code.
         for (req, want) in [
             (

@@ -156,7 +156,10 @@ impl MemoryPortalStore {
 
     fn shard(&self, d: &Digest) -> &Mutex<Shard> {
         let h = std::hash::BuildHasher::hash_one(&DigestBuildHasher::default(), d);
-        &self.shards[(h >> 60) as usize % SHARDS]
+        // Bits the map inside the shard does not use: hashbrown takes the
+        // bucket from the low bits and each slot's tag from the top seven
+        // (shards picked by top bits would leave each map 3 tag bits of 7).
+        &self.shards[(h >> 32) as usize % SHARDS]
     }
 
     /// Synchronous [`PortalStore::insert`]; `now` drives in-band purging.

@@ -45,6 +45,12 @@ static REDEEM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REDEEM));
 /// used and expired codes keep answering "already used" / "expired" for
 /// that long, like [`MemoryPortalStore`](crate::portal::MemoryPortalStore),
 /// and nothing outlives it.
+///
+/// Expiry is judged at the `now` the caller passes (the [`Portal`]'s
+/// clock), as in memory, not on the server's clock: application servers
+/// whose clocks disagree move a code's end by their skew. Keep them on NTP.
+///
+/// [`Portal`]: crate::portal::Portal
 #[derive(Debug, Clone)]
 pub struct RedisPortalStore {
     redis: Redis,
