@@ -88,8 +88,9 @@ impl fmt::Debug for Match {
 ///
 /// A candidate counts only when the byte before it and the byte after it are
 /// not ASCII letters, digits or `_` (or it touches the start or end of the
-/// input; the word bytes of an escape such as `\n`, `\u0022` or `%20` right
-/// before a key do not count), and the whole token parses as a key of its
+/// input; the word bytes of an escape of a non-word character, such as
+/// `\n`, `\u0022` or `%20`, right before a key do not count, where `%5F`,
+/// an `_`, does), and the whole token parses as a key of its
 /// format — so scanning and [`KeyFormat::parse`] agree by construction.
 ///
 /// ```
@@ -330,25 +331,38 @@ fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
 
 /// The length of the escape's word bytes at the start of the run at
 /// `start` (the run follows a non-word byte): `n` in `\n`, `u0022` in
-/// `\u0022`, `20` in `%20`.
+/// `\u0022`, `20` in `%20`. Only an escape of a non-word character
+/// counts: `\u005f` and `%5F` are `_`, and `%41` is `A`, so a key after
+/// them is as inside a word as after the characters themselves.
 fn escape_len(hay: &[u8], start: usize) -> Option<usize> {
     let opener = *hay.get(start.checked_sub(1)?)?;
     let rest = hay.get(start..)?;
     match (opener, rest) {
         (b'\\', [b'n' | b't' | b'r' | b'b' | b'f', ..]) => Some(1),
-        (b'\\', [b'u', a, b, c, d, ..]) if [a, b, c, d].iter().all(|x| x.is_ascii_hexdigit()) => {
-            Some(5)
-        }
-        (b'%', [a, b, ..]) if a.is_ascii_hexdigit() && b.is_ascii_hexdigit() => Some(2),
+        (b'\\', [b'u', hex @ ..]) => hex.get(..4).filter(|h| escapes_non_word(h)).map(|_| 5),
+        (b'%', hex) => hex.get(..2).filter(|h| escapes_non_word(h)).map(|_| 2),
         _ => None,
     }
 }
 
-/// The shortest format the rules allow: `a_` + 22 base62 (131 bits), for
-/// the fuzzer and the tests.
+/// Whether `hex` (all hex digits) is the code of a character that is not
+/// a word byte.
+fn escapes_non_word(hex: &[u8]) -> bool {
+    let mut code = 0u32;
+    for &h in hex {
+        let Some(d) = char::from(h).to_digit(16) else { return false };
+        code = code * 16 + d;
+    }
+    !char::from_u32(code).is_some_and(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
+/// The shortest format the rules allow: `a_` + 22 base62 (131 bits), its
+/// hint showing none of them, for the fuzzer and the tests.
 #[cfg(any(test, fuzzing))]
-const SHORT: KeyFormat =
-    KeyFormat::builder("a").secret(&crate::format::Alphabet::BASE62, 22).build_unwrap();
+const SHORT: KeyFormat = KeyFormat::builder("a")
+    .secret(&crate::format::Alphabet::BASE62, 22)
+    .hint_chars(0)
+    .build_unwrap();
 
 /// Short, with a checksum: `chk_live_` + 22 + 6, for the fuzzer and the
 /// tests.
@@ -356,6 +370,7 @@ const SHORT: KeyFormat =
 const CHK: KeyFormat = KeyFormat::builder("chk")
     .environments(&[crate::format::Environment::LIVE])
     .secret(&crate::format::Alphabet::BASE62, 22)
+    .hint_chars(0)
     .crc32()
     .build_unwrap();
 

@@ -87,8 +87,19 @@ fn keys_glued_to_an_escape_are_found() {
         s.redact(text.as_bytes(), &mut red).unwrap();
         assert!(!String::from_utf8_lossy(&red).contains(&key[key.len() - 20..]), "{text}");
     }
-    // Not an escape: still inside a word.
-    for text in [format!(r"\q{nh}"), format!("%G0{nh}"), format!("an{nh}")] {
+    // Not an escape, or an escape of a word character (`_`, `A`, `0`):
+    // still inside a word, as `foo_nh_…` is.
+    for text in [
+        format!(r"\q{nh}"),
+        format!("%G0{nh}"),
+        format!("an{nh}"),
+        format!(r#"{{"k":"foo\u005f{nh}"}}"#),
+        format!(r#"{{"k":"foo\u0041{nh}"}}"#),
+        format!("q=foo%5F{nh}"),
+        format!("q=foo%5f{nh}"),
+        format!("q=foo%41{nh}"),
+        format!("q=%30{nh}"),
+    ] {
         assert!(s.find_all(text.as_bytes()).is_empty(), "{text}");
     }
 }
@@ -275,7 +286,7 @@ fn reference(set: &FormatSet, hay: &[u8]) -> Vec<(usize, usize, &'static str)> {
         let end = hay[i..].iter().position(|&b| !word(b)).map_or(hay.len(), |j| i + j);
         if let Ok((f, _)) = set.parse_parts(&hay[i..end]) {
             out.push((i, end - i, f.name()));
-        } else if let Some(skip) = escape_len(hay, i).filter(|&k| i + k < end)
+        } else if let Some(skip) = reference_escape(hay, i).filter(|&k| i + k < end)
             && let Ok((f, _)) = set.parse_parts(&hay[i + skip..end])
         {
             // A run opening with an escape's letters (`\n`, `%20`): the
@@ -285,6 +296,25 @@ fn reference(set: &FormatSet, hay: &[u8]) -> Vec<(usize, usize, &'static str)> {
         i = end;
     }
     out
+}
+
+/// The escape rule, written apart from the scanner's: the length of the
+/// escape letters opening the run at `i` (after `\` or `%`), when the escape
+/// stands for a non-word character.
+fn reference_escape(hay: &[u8], i: usize) -> Option<usize> {
+    let opener = hay[..i].last()?;
+    let text = String::from_utf8_lossy(&hay[i..hay.len().min(i + 5)]).into_owned();
+    let non_word = |hex: &str, n: usize| {
+        let hex = hex.get(..n).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+        let c = char::from_u32(u32::from_str_radix(hex, 16).ok()?)?;
+        (!(c.is_ascii_alphanumeric() || c == '_')).then_some(())
+    };
+    match opener {
+        b'\\' if ["n", "t", "r", "b", "f"].iter().any(|e| text.starts_with(e)) => Some(1),
+        b'\\' => non_word(text.strip_prefix('u')?, 4).map(|()| 5),
+        b'%' => non_word(&text, 2).map(|()| 2),
+        _ => None,
+    }
 }
 
 fn found(s: &Scanner, hay: &[u8]) -> Vec<(usize, usize, &'static str)> {
