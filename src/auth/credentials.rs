@@ -144,8 +144,13 @@ impl HeaderRules {
         let token = match source {
             Source::ApiKeyHeader => value,
             // `Bearer` with nothing after it (an unset variable in a
-            // script) is a missing key, not a malformed one.
-            Source::Bearer if value.eq_ignore_ascii_case(b"bearer") => &[],
+            // script), or an empty header, is a missing key, not a
+            // malformed one.
+            Source::Bearer
+                if value.eq_ignore_ascii_case(b"bearer") || value.iter().all(|&b| b == b' ') =>
+            {
+                &[]
+            }
             Source::Bearer => {
                 let scheme = value.get(..7).ok_or(CredentialError::NotBearer)?;
                 if !scheme.eq_ignore_ascii_case(b"bearer ") {
@@ -188,7 +193,7 @@ mod tests {
         assert_eq!(ex(&[("Authorization", "Basic abc")]), Err(CredentialError::NotBearer));
         // A scheme or header with no key in it is a missing key (an unset
         // variable in a script), answered as such.
-        for empty in ["Bearer", "Bearer ", "bearer   "] {
+        for empty in ["Bearer", "Bearer ", "bearer   ", "", "   "] {
             assert_eq!(ex(&[("Authorization", empty)]), Ok(None), "{empty:?}");
         }
         assert_eq!(ex(&[("X-API-Key", "")]), Ok(None));
