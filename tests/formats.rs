@@ -119,14 +119,59 @@ fn chi_square(counts: &[u64]) -> f64 {
         .sum()
 }
 
-/// Critical values of the chi-square distribution at a false-failure rate of
-/// 1e-6 (upper tail), from the Wilson–Hilferty approximation
-/// `k (1 - 2/(9k) + z sqrt(2/(9k)))^3` with z = 4.7534 (the standard normal's
-/// 1e-6 upper quantile): 15 degrees of freedom → 57.4, 61 → 128.9. We use the
-/// rounded-up values, so the test fails by chance less than once in a
-/// million runs per statistic.
-const CRIT_DF15: f64 = 57.5;
-const CRIT_DF61: f64 = 129.0;
+/// Critical values of the chi-square distribution: the test checks three
+/// statistics (two with 61 degrees of freedom, one with 15), each cut at an
+/// upper tail below 1e-6 / 3, so that all together fail by chance less than
+/// once in a million runs (checked exactly below, in
+/// `the_uniformity_test_fails_by_chance_less_than_once_in_a_million`).
+const CRIT_DF15: f64 = 59.3;
+const CRIT_DF61: f64 = 132.5;
+
+/// The chi-square distribution's upper tail `P(X > x)` with `k` degrees of
+/// freedom (odd `k`): the regularized upper incomplete gamma function
+/// `Q(k/2, x/2)`, by its continued fraction (Lentz's method; it converges
+/// for `x/2 > k/2 + 1`, which the critical values are far past).
+fn chi_square_tail(stat: f64, dof: u32) -> f64 {
+    assert!(dof % 2 == 1, "half-integer shape only");
+    let (shape, x) = (f64::from(dof) / 2.0, stat / 2.0);
+    assert!(x > shape + 1.0);
+    // ln Γ(n + 1/2) = ln √π + Σ ln(i − 1/2), i = 1..=n.
+    let ln_gamma = std::f64::consts::PI.sqrt().ln()
+        + (1..=dof / 2).map(|i| (f64::from(i) - 0.5).ln()).sum::<f64>();
+    let tiny = 1e-300;
+    let mut b = x + 1.0 - shape;
+    let (mut c, mut d) = (1.0 / tiny, 1.0 / b);
+    let mut fraction = d;
+    for i in 1..10_000 {
+        let an = -f64::from(i) * (f64::from(i) - shape);
+        b += 2.0;
+        d = an * d + b;
+        d = 1.0 / if d.abs() < tiny { tiny } else { d };
+        c = b + an / c;
+        c = if c.abs() < tiny { tiny } else { c };
+        let delta = d * c;
+        fraction *= delta;
+        if (delta - 1.0).abs() < 1e-15 {
+            break;
+        }
+    }
+    (-x + shape * x.ln() - ln_gamma).exp() * fraction
+}
+
+#[test]
+fn the_uniformity_test_fails_by_chance_less_than_once_in_a_million() {
+    // Known values first: P(X > 30) with 1 degree of freedom is
+    // erfc(√15); with 3, erfc(√15) + √(60/π)·e^-15.
+    let one = chi_square_tail(30.0, 1);
+    assert!((one / 4.320_463_057_827_49e-8 - 1.0).abs() < 1e-9, "{one}");
+    let three = chi_square_tail(30.0, 3);
+    assert!((three / 1.380_057_031_293_25e-6 - 1.0).abs() < 1e-9, "{three}");
+    let (df61, df15) = (chi_square_tail(CRIT_DF61, 61), chi_square_tail(CRIT_DF15, 15));
+    let any = 1.0 - (1.0 - df61).powi(2) * (1.0 - df15);
+    assert!(any < 1e-6, "false-failure rate {any:e}");
+    // And not needlessly lax: each cut is within 10 % of its share.
+    assert!(df61 > 0.9e-6 / 3.0 && df15 > 0.9e-6 / 3.0, "{df61:e} {df15:e}");
+}
 
 fn char_counts(f: KeyFormat, n: usize, first_only: bool) -> Vec<u64> {
     let alphabet = f.secret_alphabet();
