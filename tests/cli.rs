@@ -97,6 +97,17 @@ fn inspect_rejects_without_echoing() {
         assert_eq!(err.lines().count(), 1, "{err}");
         assert!(!err.contains(&secret[..20]), "{err}");
     }
+    // Given as an argument, a refused key is still one line, warning and
+    // all; so for `hash`.
+    for command in ["inspect", "hash"] {
+        let out = keygate(&[command, &format!("nh_{secret}")], b"");
+        assert_eq!(out.status.code(), Some(1));
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(err.lines().count(), 1, "{err}");
+        assert!(err.contains("invalid key") && err.contains("pipe it in"), "{err}");
+        assert!(!err.contains(&secret[..20]), "{err}");
+    }
 }
 
 #[test]

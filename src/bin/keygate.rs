@@ -152,12 +152,9 @@ fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<Str
 /// The key from the argument, else stdin; wiped when dropped. Read from the
 /// file descriptor into one buffer of the cap's size, so neither std's
 /// stdin buffer nor a reallocation leaves a copy behind.
-fn read_key(key: Option<&str>) -> Result<Zeroizing<String>, ExitCode> {
+fn read_key(key: Option<&str>) -> Result<Input, ExitCode> {
     if let Some(k) = key.filter(|k| *k != "-") {
-        eprintln!(
-            "keygate: a key given as an argument shows in `ps` and shell history; pipe it in"
-        );
-        return Ok(Zeroizing::new(k.to_owned()));
+        return Ok(Input { key: Zeroizing::new(k.to_owned()), from_argument: true });
     }
     let cap = usize::try_from(STDIN_CAP).unwrap_or(4096) + 1;
     let mut buf = Zeroizing::new(Vec::with_capacity(cap));
@@ -176,8 +173,39 @@ fn read_key(key: Option<&str>) -> Result<Zeroizing<String>, ExitCode> {
         buf.truncate(n);
     }
     match std::str::from_utf8(&buf) {
-        Ok(text) => Ok(Zeroizing::new(text.to_owned())),
+        Ok(text) => Ok(Input { key: Zeroizing::new(text.to_owned()), from_argument: false }),
         Err(_) => Err(fail(1, "key is not valid UTF-8")),
+    }
+}
+
+/// A key to inspect or hash, and whether it came as an argument.
+struct Input {
+    key: Zeroizing<String>,
+    from_argument: bool,
+}
+
+/// Said on stderr for a key given as an argument: on its own line after a
+/// success, inside the error's line for a refused key (a refusal is one
+/// line).
+const ARGUMENT_WARNING: &str =
+    "a key given as an argument shows in `ps` and shell history; pipe it in";
+
+impl Input {
+    /// The refusal of this input's key, in one line.
+    fn refuse(&self, e: impl std::fmt::Display) -> ExitCode {
+        if self.from_argument {
+            fail(1, format_args!("invalid key: {e} (and {ARGUMENT_WARNING})"))
+        } else {
+            fail(1, format_args!("invalid key: {e}"))
+        }
+    }
+
+    /// `code`, after the warning if the key was an argument.
+    fn warned(&self, code: ExitCode) -> ExitCode {
+        if self.from_argument {
+            eprintln!("keygate: {ARGUMENT_WARNING}");
+        }
+        code
     }
 }
 
@@ -197,18 +225,23 @@ fn raw_stdin() -> Box<dyn Read> {
     Box::new(io::stdin())
 }
 
-fn inspect(formats: &FormatSet, input: &str) -> ExitCode {
-    match formats.parse(input) {
-        Ok(key) => print_line(parts_json(&key)),
+fn inspect(formats: &FormatSet, input: &Input) -> ExitCode {
+    match formats.parse(&input.key) {
+        Ok(key) => input.warned(print_line(parts_json(&key))),
         // Parse errors never contain the input.
-        Err(e) => fail(1, format_args!("invalid key: {e}")),
+        Err(e) => input.refuse(e),
     }
 }
 
-fn hash(formats: &FormatSet, input: &str, pepper_file: Option<&Path>, pepper_id: u32) -> ExitCode {
-    let key = match formats.parse(input) {
+fn hash(
+    formats: &FormatSet,
+    input: &Input,
+    pepper_file: Option<&Path>,
+    pepper_id: u32,
+) -> ExitCode {
+    let key = match formats.parse(&input.key) {
         Ok(k) => k,
-        Err(e) => return fail(1, format_args!("invalid key: {e}")),
+        Err(e) => return input.refuse(e),
     };
     let hasher = match pepper_file {
         None => Hasher::sha256(),
@@ -223,7 +256,7 @@ fn hash(formats: &FormatSet, input: &str, pepper_file: Option<&Path>, pepper_id:
             }
         }
     };
-    print_line(hasher.digest(key.expose_secret().as_bytes()))
+    input.warned(print_line(hasher.digest(key.expose_secret().as_bytes())))
 }
 
 /// Largest pepper file read, in bytes.
