@@ -138,8 +138,11 @@ pub enum FormatError {
         /// Longest key id.
         max: usize,
     },
-    /// The secret has fewer than 128 bits of entropy or more than 128 characters.
-    #[error("secret must carry at least 128 bits and be at most 128 characters")]
+    /// The secret, less the characters its hint shows, has fewer than 128
+    /// bits of entropy, or the secret has more than 128 characters.
+    #[error(
+        "secret must carry at least 128 bits besides what its hint shows, and be at most 128 characters"
+    )]
     SecretStrength,
     /// The hint would show more than a quarter of the secret, or more than 8 characters.
     #[error("hint may show at most 8 characters and a quarter of the secret")]
@@ -246,7 +249,9 @@ impl KeyFormatBuilder {
     }
 
     /// How many leading secret characters the hint shows (default 4; 0 when
-    /// the format has a key id).
+    /// the format has a key id). They are public (key listings show the
+    /// hint), so [`build`](Self::build) counts the secret's 128 bits
+    /// without them.
     pub const fn hint_chars(mut self, n: u8) -> Self {
         self.0.hint_chars = n;
         self
@@ -283,8 +288,12 @@ impl KeyFormatBuilder {
         {
             return Err(FormatError::KeyIdLength { max: KeyId::MAX_LEN });
         }
-        // Entropy check in integers: len * log2(k) >= 128  <=>  k^len >= 2^128.
-        if f.secret_len > 128 || !pow_at_least_2_128(f.secret.len() as u128, f.secret_len) {
+        // The characters the hint shows are public (listings, logs): the
+        // rest must carry the 128 bits. In integers: n * log2(k) >= 128
+        // <=>  k^n >= 2^128.
+        let shown = if f.key_id.is_some() { 0 } else { f.hint_chars };
+        let hidden = f.secret_len.saturating_sub(shown);
+        if f.secret_len > 128 || !pow_at_least_2_128(f.secret.len() as u128, hidden) {
             return Err(FormatError::SecretStrength);
         }
         if f.hint_chars > 8 || (f.hint_chars as usize) * 4 > f.secret_len as usize {

@@ -212,7 +212,8 @@ fn crc32_checksums_in_small_alphabets_round_trip() {
     const DECIMAL: Alphabet = Alphabet::new_unwrap("0123456789");
     const BINARY: Alphabet = Alphabet::new_unwrap("01");
     for (alphabet, width) in [(&DECIMAL, 10), (&BINARY, 32)] {
-        let f = KeyFormat::builder("pin").secret(alphabet, 128).crc32().build().unwrap();
+        let f =
+            KeyFormat::builder("pin").secret(alphabet, 128).hint_chars(0).crc32().build().unwrap();
         let k = f.mint_default().unwrap();
         assert_eq!(k.expose_secret().len(), 4 + 128 + width);
         assert!(f.parse(k.expose_secret()).is_ok());
@@ -233,15 +234,34 @@ fn builder_rejects_bad_definitions() {
         KeyFormat::builder("ab").environments(&[Environment::LIVE, Environment::LIVE]).build(),
         Err(FormatError::Environments)
     );
-    // 31 hex chars = 124 bits < 128; 32 = 128 bits.
+    // 31 hex chars = 124 bits < 128; 32 = 128 bits (with no hint
+    // characters; the default hint shows 4, so 36 are needed).
     assert_eq!(
-        KeyFormat::builder("ab").secret(&Alphabet::LOWER_HEX, 31).build(),
+        KeyFormat::builder("ab").secret(&Alphabet::LOWER_HEX, 31).hint_chars(0).build(),
         Err(FormatError::SecretStrength)
     );
-    assert!(KeyFormat::builder("ab").secret(&Alphabet::LOWER_HEX, 32).build().is_ok());
+    assert!(
+        KeyFormat::builder("ab").secret(&Alphabet::LOWER_HEX, 32).hint_chars(0).build().is_ok()
+    );
+    assert!(KeyFormat::builder("ab").secret(&Alphabet::LOWER_HEX, 35).build().is_err());
+    assert!(KeyFormat::builder("ab").secret(&Alphabet::LOWER_HEX, 36).build().is_ok());
     // 21 base62 = 125 bits; 22 = 131 bits.
-    assert!(KeyFormat::builder("ab").secret(&Alphabet::BASE62, 21).build().is_err());
-    assert!(KeyFormat::builder("ab").secret(&Alphabet::BASE62, 22).hint_chars(4).build().is_ok());
+    assert!(KeyFormat::builder("ab").secret(&Alphabet::BASE62, 21).hint_chars(0).build().is_err());
+    assert!(KeyFormat::builder("ab").secret(&Alphabet::BASE62, 22).hint_chars(0).build().is_ok());
+    // What the hint shows is public: 22 base62 showing 4 leaves 18 (107
+    // bits); 26 showing 4 leaves 22. A key id's hint shows no secret.
+    assert_eq!(
+        KeyFormat::builder("ab").secret(&Alphabet::BASE62, 22).hint_chars(4).build(),
+        Err(FormatError::SecretStrength)
+    );
+    assert!(KeyFormat::builder("ab").secret(&Alphabet::BASE62, 26).hint_chars(4).build().is_ok());
+    assert!(
+        KeyFormat::builder("ab")
+            .key_id(&Alphabet::BASE62, 8)
+            .secret(&Alphabet::BASE62, 22)
+            .build()
+            .is_ok()
+    );
     assert_eq!(
         KeyFormat::builder("ab").key_id(&Alphabet::BASE62, 33).build(),
         Err(FormatError::KeyIdLength { max: 32 })
