@@ -15,13 +15,19 @@ use libfuzzer_sys::fuzz_target;
 
 static SCANNERS: OnceLock<[Scanner; 2]> = OnceLock::new();
 
-/// The escape letters opening the run at `i`, after a backslash or `%`.
+/// The escape letters opening the run at `i`, after a backslash or `%`,
+/// when the escape stands for a non-word character (`%5F` is an `_`).
 fn escape(data: &[u8], i: usize) -> Option<usize> {
-    let hex = |j: usize| data.get(j).is_some_and(u8::is_ascii_hexdigit);
+    let non_word = |from: usize, n: usize| {
+        let hex = std::str::from_utf8(data.get(from..from + n)?).ok()?;
+        let hex = Some(hex).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+        let c = char::from_u32(u32::from_str_radix(hex, 16).ok()?)?;
+        (!(c.is_ascii_alphanumeric() || c == '_')).then_some(())
+    };
     match data.get(i.checked_sub(1)?)? {
         b'\\' if matches!(data.get(i), Some(b'n' | b't' | b'r' | b'b' | b'f')) => Some(1),
-        b'\\' if data.get(i) == Some(&b'u') && (1..=4).all(|k| hex(i + k)) => Some(5),
-        b'%' if hex(i) && hex(i + 1) => Some(2),
+        b'\\' if data.get(i) == Some(&b'u') => non_word(i + 1, 4).map(|()| 5),
+        b'%' => non_word(i, 2).map(|()| 2),
         _ => None,
     }
 }
