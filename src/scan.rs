@@ -313,11 +313,13 @@ fn non_word_mask(group: &[u8; GROUP]) -> u128 {
 const SUSPECT_MIN: usize = 16;
 
 /// Whether `rest`, the run after one of `format`'s literal prefixes, looks
-/// like a damaged key of it: cut short, or with a wrong character or
-/// checksum. At most two more separators (a region or environment, a key
-/// id), then at least [`SUSPECT_MIN`] characters of the secret's alphabet.
-/// A redactor that left such a run whole would show most of a key (a
-/// truncated `nh_` key keeps 63 of its 64 hex digits), or one a checksum
+/// like a damaged key of it: cut short, or with a wrong character, a
+/// changed case or a bad checksum. At most two more separators (a region
+/// or environment, a key id), then a last part holding at least
+/// [`SUSPECT_MIN`] characters of the secret's alphabet, whatever else it
+/// holds. A redactor that left such a run whole would show most of a key
+/// (a truncated `nh_` key keeps 63 of its 64 hex digits; one with a `g` in
+/// it, the other 63; an upper-cased one, its digits), or one a checksum
 /// lets an attacker repair offline.
 fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
     // At most three parts: the region or environment, the key id, the
@@ -325,8 +327,7 @@ fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
     let mut parts = rest.rsplit(|&b| b == b'_');
     let secret = parts.next().unwrap_or_default();
     parts.count() <= 2
-        && secret.len() >= SUSPECT_MIN
-        && secret.iter().all(|&b| format.secret_alphabet().contains(b))
+        && secret.iter().filter(|&&b| format.secret_alphabet().contains(b)).count() >= SUSPECT_MIN
 }
 
 /// The length of the escape's word bytes at the start of the run at

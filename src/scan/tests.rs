@@ -599,7 +599,15 @@ fn the_redactor_hides_damaged_keys_too() {
     let nh = format!("nh_{HEX64}");
     let cut = &nh[..nh.len() - 1];
     let typo = format!("sk_live_{}!", "a1B2".repeat(7));
-    for text in [format!("log: {cut}… (truncated)"), format!("k={}", &typo[..typo.len() - 1])] {
+    // A wrong character, a changed case: still most of a hex key.
+    let wrong = format!("nh_{}g{}", &HEX64[..20], &HEX64[21..]);
+    let upper = format!("nh_{}", HEX64.to_ascii_uppercase());
+    for text in [
+        format!("log: {cut}… (truncated)"),
+        format!("k={}", &typo[..typo.len() - 1]),
+        format!("k={wrong} x"),
+        format!("k={upper}"),
+    ] {
         // Not keys: scanning reports nothing...
         assert!(s.find_all(text.as_bytes()).is_empty(), "{text}");
         // ...but redaction hides all but the literal prefix.
@@ -607,7 +615,7 @@ fn the_redactor_hides_damaged_keys_too() {
         assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), 1, "{text}");
         let out = String::from_utf8(out).unwrap();
         assert!(out.contains("_[REDACTED]"), "{out}");
-        assert!(!out.contains("0123456789abcdef") && !out.contains("a1B2a1B2"), "{out}");
+        assert!(!out.contains("0123456789") && !out.contains("a1B2a1B2"), "{out}");
     }
     // Keys with a suffix glued on by `_` (a name, a counter), however long
     // the whole run: the key is hidden, the suffix stays.
