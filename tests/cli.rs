@@ -78,6 +78,10 @@ fn mint_defaults_and_options() {
         assert!(out.stdout.is_empty());
         assert!(!out.stderr.is_empty());
     }
+    // The unknown-format error lists every format `mint` takes.
+    let err = String::from_utf8(keygate(&["mint", "zz"], b"").stderr).unwrap();
+    assert!(err.contains("nhk") && err.contains("kgpc") && err.contains("kgpt"), "{err}");
+    assert!(keygate(&["mint", "kgpt"], b"").status.success());
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use keygate::Secret;
-use keygate::format::{ApiKey, Environment, FormatSet, MintSpec, Region, Segment};
+use keygate::format::{ApiKey, Environment, FormatSet, KeyFormat, MintSpec, Region, Segment};
 use keygate::hash::{Hasher, Pepper, PepperId};
 use keygate::scan::Scanner;
 use serde_json::json;
@@ -114,7 +114,8 @@ fn parts_json(key: &ApiKey) -> serde_json::Value {
 
 fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<String>) -> ExitCode {
     let Some(format) = formats.get(name) else {
-        return fail(2, format_args!("unknown format `{name}` (expected nhk, nhm, nk, sk or nh)"));
+        let known = formats.formats().iter().map(KeyFormat::name).collect::<Vec<_>>().join(", ");
+        return fail(2, format_args!("unknown format `{name}` (expected one of {known})"));
     };
     let mut spec = MintSpec::new();
     // Defaults apply only where the format has the segment, so
