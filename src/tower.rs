@@ -48,15 +48,24 @@
 //! Layers of one gate nest: a layer on a whole router authenticates and
 //! charges each request once, and a layer of the same gate on a route
 //! inside it adds that route's checks (formats, region, target, scope,
-//! quota) without authenticating again, charging again only when the plan
-//! that applies there differs or the route has a cost of its own. A
-//! credential the outer layer took from a cookie reaches only inner routes
-//! that take that cookie too. Each response carries one set of rate-limit
-//! headers (a handler's own values stand). A layer of another gate in
-//! between starts over: the inner layer of the first gate authenticates
-//! and charges again. An outer layer with `.cost(0)` charges nothing, and
-//! inner routes under the same plan without a cost of their own are then
-//! not charged either.
+//! quota) without authenticating again. A key that names no plan is under
+//! the nearest layer's `.plan(…)` (the route's, else the router's, else
+//! the gate's default). Where the plan that applies on the inner route
+//! differs, or the route has a cost of its own, the inner layer gives the
+//! outer layer's charge back and charges the request itself: a request
+//! costs what its route says, once. A route's plan draws on units of its
+//! own for keys that name none (the limiter key `{record id}#{plan}`), so
+//! routes under different plans never share one state. A credential the
+//! outer layer took from a cookie reaches only inner routes that take
+//! that cookie too. Each response carries one set of rate-limit headers (a
+//! handler's own values stand), none on an inner layer's 401. Each
+//! layer's [`FailedOpen`] trace is kept beside the others'. A router-wide
+//! `.quota(…)` counts every request the router's layer admits, before the
+//! inner layers' checks: put quotas on the routes whose refusals should not
+//! count. A layer of another gate in between starts over: the inner layer
+//! of the first gate authenticates and charges again. An outer layer with
+//! `.cost(0)` charges nothing, and inner routes under the same plan
+//! without a cost of their own are then not charged either.
 //!
 //! Put the layer on a route's method router (`get(h).route_layer(…)`, as
 //! below), so that another method is the router's plain 405. On a
@@ -466,6 +475,14 @@ pub struct FailedOpen {
     pub quota: Option<Arc<BackendError>>,
 }
 
+impl FailedOpen {
+    /// These failures, and `other`'s where this has none.
+    fn or(self, other: Option<Self>) -> Self {
+        let Some(other) = other else { return self };
+        Self { limiter: self.limiter.or(other.limiter), quota: self.quota.or(other.quota) }
+    }
+}
+
 impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// A layer for routes that need authentication only (plus the plan's
     /// rate limit). Narrow it with [`GateLayer`]'s methods. Without
@@ -503,6 +520,21 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// [`Refused`] (500, [`Rejection::Misconfigured`]) when that name is not
     /// in the gate's plans.
     pub fn plan_for(&self, principal: &Principal, route: &Route) -> Result<Option<&Plan>, Refused> {
+        self.plan_within(principal, route, None)
+    }
+
+    /// [`plan_for`](Self::plan_for) on a route inside a layer of this gate
+    /// that applied `outer`: the key's plan, else this route's, else the
+    /// outer layer's, else the gate's default (the nearest wins).
+    fn plan_within<'g>(
+        &'g self,
+        principal: &Principal,
+        route: &Route,
+        outer: Option<&'g Plan>,
+    ) -> Result<Option<&'g Plan>, Refused> {
+        if let (None, None, Some(outer)) = (principal.plan(), &route.plan, outer) {
+            return Ok(Some(outer));
+        }
         let name = principal.plan().or(route.plan.as_deref()).or(self.0.default_plan.as_deref());
         let Some(name) = name else { return Ok(None) };
         self.0.plans.get(name).map(Some).ok_or_else(|| {
@@ -512,6 +544,60 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 self.style(route),
             )
         })
+    }
+
+    /// Whose units a request under `plan` spends. Under the key's own plan,
+    /// or the gate's default for a key that names none, the key's (one
+    /// state, kept when the key is given a plan or changes it); under a
+    /// plan a route gives keys that name none, the key's units of that plan
+    /// (`{record id}#{plan}`), so that routes of different plans neither
+    /// share nor mix one state, as their policies' names (`default` in
+    /// every preset) would otherwise make them.
+    fn limit_key<'p>(&self, principal: &'p Principal, plan: &Plan) -> Cow<'p, str> {
+        let id = principal.record_id().as_str();
+        if principal.plan().is_some() || self.0.default_plan.as_deref() == Some(plan.name()) {
+            Cow::Borrowed(id)
+        } else {
+            Cow::Owned(format!("{id}#{}", plan.name()))
+        }
+    }
+
+    /// The gate's plan at address `addr` (a mark's record of it).
+    fn plan_at(&self, addr: usize) -> Option<&Plan> {
+        self.0.plans.iter().find(|p| std::ptr::from_ref(*p).addr() == addr)
+    }
+
+    /// The refund of what an outer layer's admitted check `taken` charged
+    /// under `outer`, if this layer charges (`charging`) instead; a refund
+    /// that fails leaves the charge standing. Boxed: only nested layers
+    /// under two plans (or a route's own cost) come here, and every
+    /// request's future would otherwise hold room for it.
+    fn give_back<'a>(
+        &'a self,
+        principal: &'a Principal,
+        outer: Option<&'a Plan>,
+        taken: Option<Box<Decision>>,
+        charging: bool,
+    ) -> Option<impl Future<Output = ()> + 'a> {
+        let (outer, mut taken) = (outer?, taken.filter(|d| charging && d.is_allowed())?);
+        let key = self.limit_key(principal, outer).into_owned();
+        Some(Box::pin(async move {
+            let _ = self.0.limiter.refund(&key, outer.rate(), u32::MAX, &mut taken).await;
+        }))
+    }
+
+    /// A consuming check under a [`limit_key`](Self::limit_key) of its
+    /// own; boxed, as [`give_back`](Self::give_back), since only keys
+    /// under a route's plan come here.
+    fn check_owned<'a>(
+        &'a self,
+        key: String,
+        plan: &'a Plan,
+        cost: u32,
+    ) -> impl Future<Output = Result<Decision, BackendError>> + 'a {
+        Box::pin(
+            async move { self.0.limiter.check(&key, plan.rate(), cost, CheckMode::Consume).await },
+        )
     }
 
     fn style(&self, route: &Route) -> BodyStyle {
@@ -543,16 +629,13 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         route: &Route,
         headers: &HeaderMap,
         target: Result<&Target, &Rejection>,
-        // The caller an outer layer of this gate admitted, and how: not
-        // authenticated again (but held to this route's formats and
-        // region), and charged again only under another plan or for a
-        // cost of this route's own. (One function, not two steps: the
-        // request's future then holds one state, not a future per step.)
-        known: Option<(Principal, usize)>,
+        // What an outer layer of this gate settled (see `Known`). One
+        // function, not steps: the request's future holds one state.
+        mut known: Option<Known>,
     ) -> Result<Admitted, Refused> {
         let style = self.style(route);
         let auth = &self.0.auth;
-        let outer_plan = known.as_ref().map(|(_, plan)| *plan);
+        let (outer, outer_charge) = known.as_mut().map(|k| (k.plan, k.decision.take())).unzip();
         let from_cookie =
             route.cookie.as_ref().map_or(Ok(None), |(name, _)| cookie_credential(headers, name));
         let identity = identity(route, target);
@@ -560,8 +643,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             (Ok(Some(_)), Some((_, id))) if known.is_none() => *id,
             _ => 0,
         };
-        let principal = if let Some((p, _)) = known {
-            auth.recheck(&p, &identity).map(|()| p)
+        let principal = if let Some(Known { principal, .. }) = known {
+            auth.recheck(&principal, &identity).map(|()| principal)
         } else {
             match from_cookie {
                 Ok(Some(token)) => auth.authenticate_token(token, Source::Bearer, &identity).await,
@@ -574,30 +657,37 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             Refused::new(Refusal::Auth(e), rejection, style)
         })?;
 
-        let plan = self.plan_for(&principal, route)?;
+        let outer_plan = outer.and_then(|addr| self.plan_at(addr));
+        let plan = self.plan_within(&principal, route, outer_plan)?;
         let plan_id = plan.map_or(0, |p| std::ptr::from_ref(p).addr());
-        let limit = outer_plan.is_none_or(|o| route.cost.is_some() || o != plan_id);
+        let limit = outer.is_none_or(|o| route.cost.is_some() || o != plan_id);
+        // Charged here instead of outside: what the outer layer took is
+        // given back first, so the request costs what this route says, once.
+        if let Some(refund) = self.give_back(&principal, outer_plan, outer_charge.flatten(), limit)
+        {
+            refund.await;
+        }
         let mut failed = FailedOpen::default();
         let decision = match plan.filter(|p| limit && !p.rate().is_empty()) {
             None => None,
             Some(plan) => {
-                let key = principal.record_id().as_str();
                 let cost = route.cost.unwrap_or(1);
-                match self.0.limiter.check(key, plan.rate(), cost, CheckMode::Consume).await {
-                    Ok(d) => Some(d),
-                    Err(e) => match self.0.limit_fail {
-                        FailMode::Open => {
-                            failed.limiter = Some(Arc::new(e));
-                            None
-                        }
-                        FailMode::Closed => {
-                            return Err(Refused::new(
-                                Refusal::LimiterBackend(e),
-                                Rejection::Unavailable,
-                                style,
-                            ));
-                        }
-                    },
+                let checked = match self.limit_key(&principal, plan) {
+                    Cow::Borrowed(key) => {
+                        self.0.limiter.check(key, plan.rate(), cost, CheckMode::Consume).await
+                    }
+                    Cow::Owned(key) => self.check_owned(key, plan, cost).await,
+                };
+                match (checked, self.0.limit_fail) {
+                    (Ok(d), _) => Some(d),
+                    (Err(e), FailMode::Open) => {
+                        failed.limiter = Some(Arc::new(e));
+                        None
+                    }
+                    (Err(e), FailMode::Closed) => {
+                        let refusal = Refusal::LimiterBackend(e);
+                        return Err(Refused::new(refusal, Rejection::Unavailable, style));
+                    }
                 }
             }
         };
@@ -923,7 +1013,12 @@ where
                 .get::<AdmittedBy>()
                 .and_then(|m| {
                     let p = req.extensions().get::<Principal>()?;
-                    m.vouches(gate.id(), p, &route).then(|| ((p.clone(), m.plan), m.cookie))
+                    let known = || Known {
+                        principal: p.clone(),
+                        plan: m.plan,
+                        decision: req.extensions().get::<Decision>().cloned().map(Box::new),
+                    };
+                    m.vouches(gate.id(), p, &route).then(|| (known(), m.cookie))
                 })
                 .unzip();
             let admitted = match gate.admit_to(&route, req.headers(), target, known).await {
@@ -950,12 +1045,19 @@ where
                 }
             }
             let mut res = inner.call(req).await?;
-            if let Some(headers) = headers {
-                // One of each: an inner layer's, or the handler's, stand.
+            // One of each: an inner layer's, or the handler's, stand. An
+            // inner layer's 401 (a key of another region or format there)
+            // gets none: an unknown key's 401 has none, and the two must
+            // look alike.
+            if let Some(headers) = headers
+                && res.status() != ::http::StatusCode::UNAUTHORIZED
+            {
                 headers.fill_in(res.headers_mut());
             }
             if let Some(f) = failed_open {
-                res.extensions_mut().insert(f);
+                // Beside, not over, what an inner layer left.
+                let inner = res.extensions_mut().remove::<FailedOpen>();
+                res.extensions_mut().insert(f.or(inner));
             }
             Ok(res)
         })
@@ -975,7 +1077,9 @@ impl Admitted {
             extensions.insert(q);
         }
         if let Some(f) = self.failed_open {
-            extensions.insert(f);
+            // An outer layer's trace stays beside this one's.
+            let outer = extensions.remove::<FailedOpen>();
+            extensions.insert(f.or(outer));
         }
         let decision = self.decision?;
         // Rendered before the decision moves into the extensions.
@@ -987,6 +1091,19 @@ impl Admitted {
 
 /// The target of routes without a target function.
 static ANY: Target = Target::any();
+
+/// What an outer layer of the same gate settled, for the layer inside:
+/// the principal it admitted (not authenticated again, but held to the
+/// inner route's formats and region), the plan it applied (its address in
+/// the gate's set; 0 for none) and its limiter decision (its charge given
+/// back when the inner layer charges instead: under another plan, or for
+/// a cost of the inner route's own).
+struct Known {
+    principal: Principal,
+    plan: usize,
+    /// Boxed: the request's future holds it.
+    decision: Option<Box<Decision>>,
+}
 
 /// How a request was admitted, for a layer of the same gate nested inside
 /// to reuse: by which gate (its address, while it lives), for which
