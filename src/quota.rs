@@ -227,6 +227,39 @@ pub trait QuotaStore: Send + Sync {
     }
 }
 
+/// A shared store is a store (one count behind several gates, or read by
+/// the host beside the gate).
+impl<Q: QuotaStore + ?Sized> QuotaStore for std::sync::Arc<Q> {
+    fn check_and_count(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<QuotaDecision, BackendError>> + Send {
+        (**self).check_and_count(account, rules, category, cost, now)
+    }
+
+    fn usage(
+        &self,
+        account: &str,
+        category: &str,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        (**self).usage(account, category, now)
+    }
+
+    fn rule_usage(
+        &self,
+        account: &str,
+        rule: &QuotaRule,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send {
+        (**self).rule_usage(account, rule, now)
+    }
+}
+
 /// Usage per (account, category). `hashbrown` so that a check looks entries
 /// up by borrowed names ([`CounterKey`]) instead of allocating two
 /// `String`s per category per request; std's keyed hasher resists flooding.

@@ -649,31 +649,6 @@ mod nested {
     use keygate::format::{NH, NHK, Region};
     use keygate::tower::FailedOpen;
 
-    /// A quota store whose counts the test can read after the app has it.
-    #[derive(Clone, Default)]
-    struct Shared(Arc<MemoryQuotaStore>);
-
-    impl QuotaStore for Shared {
-        async fn check_and_count(
-            &self,
-            account: &str,
-            rules: &[QuotaRule],
-            category: &str,
-            cost: u64,
-            now: Timestamp,
-        ) -> Result<QuotaDecision, BackendError> {
-            self.0.check_and_count(account, rules, category, cost, now).await
-        }
-        async fn usage(
-            &self,
-            account: &str,
-            category: &str,
-            now: Timestamp,
-        ) -> Result<u64, BackendError> {
-            self.0.usage(account, category, now).await
-        }
-    }
-
     /// An `nh` key holding `events:read`, on `plan` (or none).
     async fn key(keys: &MemoryKeyStore, plan: Option<&str>) -> String {
         let ws = Tenant::workspace("ws_t".parse().unwrap());
@@ -718,7 +693,7 @@ mod nested {
     async fn a_route_quota_counts_under_the_routers_plan() {
         let keys = MemoryKeyStore::new();
         let k = key(&keys, None).await;
-        let quotas = Shared::default();
+        let quotas = Arc::new(MemoryQuotaStore::new());
         let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
             .plans(PlanSet::presets())
             .quotas(quotas.clone())

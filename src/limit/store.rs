@@ -104,3 +104,26 @@ pub trait LimitStore: Send + Sync {
         check: &mut Decision,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 }
+
+/// A shared store is a store (one limiter behind several gates, say).
+impl<L: LimitStore + ?Sized> LimitStore for std::sync::Arc<L> {
+    fn check(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+    ) -> impl Future<Output = Result<Decision, BackendError>> + Send {
+        (**self).check(key, policies, cost, mode)
+    }
+
+    fn refund(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+        check: &mut Decision,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        (**self).refund(key, policies, cost, check)
+    }
+}
