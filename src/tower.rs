@@ -55,7 +55,13 @@
 //! outer layer's charge back and charges the request itself: a request
 //! costs what its route says, once. A route's plan draws on units of its
 //! own for keys that name none (the limiter key `{record id}#{plan}`), so
-//! routes under different plans never share one state. A credential the
+//! routes under different plans never share one state. The outer layer
+//! checks first, though, and knows nothing of the routes inside: a request
+//! must also have a unit left under the router's plan as it passes (lent,
+//! and given back), so a route's plan cannot let a key past a router plan
+//! it has used up. Give such routes a layer of their own, outside the
+//! router's (or no router-wide layer). If giving back fails, the request
+//! stays charged under both ([`FailedOpen::refund`]). A credential the
 //! outer layer took from a cookie reaches only inner routes that take
 //! that cookie too. Each response carries one set of rate-limit headers (a
 //! handler's own values stand), none on an inner layer's 401. Each
@@ -386,19 +392,55 @@ pub struct Refused {
     style: BodyStyle,
     headers: Vec<(&'static str, String)>,
     failed_open: Option<FailedOpen>,
+    /// Refused after this layer took the charge over from an outer one
+    /// (see `TookOver`).
+    took_over: bool,
 }
 
 impl Refused {
     fn new(reason: Refusal, rejection: Rejection, style: BodyStyle) -> Self {
-        Self { reason: Arc::new(reason), rejection, style, headers: Vec::new(), failed_open: None }
+        let (headers, failed_open, took_over) = (Vec::new(), None, false);
+        Self { reason: Arc::new(reason), rejection, style, headers, failed_open, took_over }
     }
 
     /// Checks let through under [`FailMode::Open`] before this refusal (the
-    /// limiter down, then a scope refused, say): also in the response's
-    /// extensions.
+    /// limiter down, then a scope refused, say), an outer layer's
+    /// included: also in the response's extensions.
     #[must_use]
     pub fn failed_open(&self) -> Option<&FailedOpen> {
         self.failed_open.as_ref()
+    }
+
+    /// A refusal made after the limiter ran: with the decision's headers
+    /// (in `set`), the fail-open trace so far (`limiter`, `refund`), and
+    /// whether the layer had taken the charge over.
+    fn after_limit(
+        mut self,
+        decision: Option<&Decision>,
+        set: HeaderSet,
+        (limiter, refund): (&Option<Arc<BackendError>>, &Option<Arc<BackendError>>),
+        took_over: bool,
+    ) -> Self {
+        self.headers = decision.map(|d| d.headers(set)).unwrap_or_default();
+        let (limiter, refund) = (limiter.clone(), refund.clone());
+        self.failed_open = (limiter.is_some() || refund.is_some()).then(|| FailedOpen {
+            limiter,
+            refund,
+            quota: None,
+        });
+        self.took_over = took_over;
+        self
+    }
+
+    /// This refusal with an outer layer's fail-open trace beside its own.
+    fn with_outer_trace(mut self, outer: Option<FailedOpen>) -> Self {
+        if let Some(outer) = outer {
+            self.failed_open = Some(match self.failed_open.take() {
+                Some(own) => own.or(Some(outer)),
+                None => outer,
+            });
+        }
+        self
     }
 
     /// Why, for logs.
@@ -460,6 +502,9 @@ pub struct Admitted {
     /// mark layers of this gate nested inside read.
     plan: usize,
     cookie: u64,
+    /// This layer charged the request itself, an outer layer's charge
+    /// given back (see `TookOver`).
+    took_over: bool,
 }
 
 /// Checks the gate let through because their store failed and the host
@@ -471,6 +516,10 @@ pub struct Admitted {
 pub struct FailedOpen {
     /// The limiter's error: the request was not rate-limited.
     pub limiter: Option<Arc<BackendError>>,
+    /// The limiter's error giving an outer layer's charge back, when a
+    /// layer nested inside charged the request itself (under another plan
+    /// or cost): the request stayed charged under both.
+    pub refund: Option<Arc<BackendError>>,
     /// The quota store's error: the request was not counted.
     pub quota: Option<Arc<BackendError>>,
 }
@@ -479,7 +528,16 @@ impl FailedOpen {
     /// These failures, and `other`'s where this has none.
     fn or(self, other: Option<Self>) -> Self {
         let Some(other) = other else { return self };
-        Self { limiter: self.limiter.or(other.limiter), quota: self.quota.or(other.quota) }
+        Self {
+            limiter: self.limiter.or(other.limiter),
+            refund: self.refund.or(other.refund),
+            quota: self.quota.or(other.quota),
+        }
+    }
+
+    /// Whether anything failed.
+    fn any(&self) -> bool {
+        self.limiter.is_some() || self.refund.is_some() || self.quota.is_some()
     }
 }
 
@@ -569,7 +627,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
 
     /// The refund of what an outer layer's admitted check `taken` charged
     /// under `outer`, if this layer charges (`charging`) instead; a refund
-    /// that fails leaves the charge standing. Boxed: only nested layers
+    /// that fails leaves the charge standing ([`FailedOpen::refund`]).
+    /// Boxed: only nested layers
     /// under two plans (or a route's own cost) come here, and every
     /// request's future would otherwise hold room for it.
     fn give_back<'a>(
@@ -578,11 +637,11 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         outer: Option<&'a Plan>,
         taken: Option<Box<Decision>>,
         charging: bool,
-    ) -> Option<impl Future<Output = ()> + 'a> {
+    ) -> Option<impl Future<Output = Result<(), BackendError>> + 'a> {
         let (outer, mut taken) = (outer?, taken.filter(|d| charging && d.is_allowed())?);
         let key = self.limit_key(principal, outer).into_owned();
         Some(Box::pin(async move {
-            let _ = self.0.limiter.refund(&key, outer.rate(), u32::MAX, &mut taken).await;
+            self.0.limiter.refund(&key, outer.rate(), u32::MAX, &mut taken).await
         }))
     }
 
@@ -663,11 +722,13 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let limit = outer.is_none_or(|o| route.cost.is_some() || o != plan_id);
         // Charged here instead of outside: what the outer layer took is
         // given back first, so the request costs what this route says, once.
-        if let Some(refund) = self.give_back(&principal, outer_plan, outer_charge.flatten(), limit)
-        {
-            refund.await;
-        }
         let mut failed = FailedOpen::default();
+        let took_over = limit && outer.is_some(); // see `TookOver`
+        if let Some(refund) = self.give_back(&principal, outer_plan, outer_charge.flatten(), limit)
+            && let Err(e) = refund.await
+        {
+            failed.refund = Some(Arc::new(e));
+        }
         let decision = match plan.filter(|p| limit && !p.rate().is_empty()) {
             None => None,
             Some(plan) => {
@@ -685,21 +746,18 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                         None
                     }
                     (Err(e), FailMode::Closed) => {
-                        let refusal = Refusal::LimiterBackend(e);
-                        return Err(Refused::new(refusal, Rejection::Unavailable, style));
+                        let r =
+                            Refused::new(Refusal::LimiterBackend(e), Rejection::Unavailable, style);
+                        return Err(r.after_limit(None, self.0.headers, (&None, &None), took_over));
                     }
                 }
             }
         };
         // Refusals from here on carry the limit headers (built only then).
         // A refusal after the limiter failed open still reports it.
-        let limiter_failed = failed.limiter.clone();
-        let with_headers = |mut r: Refused| {
-            r.headers = decision.as_ref().map(|d| d.headers(self.0.headers)).unwrap_or_default();
-            r.failed_open = limiter_failed
-                .as_ref()
-                .map(|e| FailedOpen { limiter: Some(Arc::clone(e)), quota: None });
-            r
+        let with_headers = |r: Refused| {
+            let so_far = (&failed.limiter, &failed.refund);
+            r.after_limit(decision.as_ref(), self.0.headers, so_far, took_over)
         };
         if let Some(d) = &decision
             && let Some(rejection) = d.rejection()
@@ -734,8 +792,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 .await
                 .map_err(|r| with_headers(r.with_style(style)))?,
         };
-        let failed_open = (failed.limiter.is_some() || failed.quota.is_some()).then_some(failed);
-        Ok(Admitted { principal, decision, quota, failed_open, plan: plan_id, cookie })
+        let failed_open = failed.any().then_some(failed);
+        Ok(Admitted { principal, decision, quota, failed_open, plan: plan_id, cookie, took_over })
     }
 
     /// Counts `cost` units of `category` against the monthly quotas of
@@ -799,6 +857,19 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 )),
             },
         }
+    }
+
+    /// A layer's refusal as its response: with any outer layer's
+    /// fail-open trace (from the request's `extensions`), and marked
+    /// [`TookOver`] when the layer had taken the charge over.
+    fn refused_response<B: From<String>>(&self, refused: Refused, ext: &Extensions) -> Response<B> {
+        let took_over = refused.took_over;
+        let outer = ext.get::<FailedOpen>().cloned();
+        let mut res = self.respond(refused.with_outer_trace(outer));
+        if took_over {
+            res.extensions_mut().insert(TookOver(self.id()));
+        }
+        res
     }
 
     /// `refused` as a response stamped with the gate's clock.
@@ -1023,8 +1094,13 @@ where
                 .unzip();
             let admitted = match gate.admit_to(&route, req.headers(), target, known).await {
                 Ok(a) => a,
-                Err(refused) => return Ok(gate.respond(refused)),
+                Err(refused) => return Ok(gate.refused_response(refused, req.extensions())),
             };
+            let took_over = admitted.took_over;
+            if took_over {
+                // Given back: the outer layer's decision is spent.
+                req.extensions_mut().remove::<Decision>();
+            }
             let failed_open = admitted.failed_open.clone();
             let mark = AdmittedBy {
                 gate: gate.id(),
@@ -1045,14 +1121,25 @@ where
                 }
             }
             let mut res = inner.call(req).await?;
-            // One of each: an inner layer's, or the handler's, stand. An
-            // inner layer's 401 (a key of another region or format there)
-            // gets none: an unknown key's 401 has none, and the two must
-            // look alike.
+            // One of each: an inner layer's, or the handler's, stand. None
+            // where an inner layer charged the request itself (this layer's
+            // charge was given back), and none on an inner layer's 401 (a
+            // key of another region or format there): an unknown key's 401
+            // has none, and the two must look alike.
+            let inner_401 = res
+                .extensions()
+                .get::<Refused>()
+                .is_some_and(|r| matches!(r.reason(), Refusal::Auth(_)));
             if let Some(headers) = headers
-                && res.status() != ::http::StatusCode::UNAUTHORIZED
+                && !inner_401
+                && res.extensions().get::<TookOver>().is_none_or(|t| t.0 != gate.id())
             {
                 headers.fill_in(res.headers_mut());
+            }
+            // After this layer's own headers: those of the layers outside
+            // it are spent.
+            if took_over {
+                res.extensions_mut().insert(TookOver(gate.id()));
             }
             if let Some(f) = failed_open {
                 // Beside, not over, what an inner layer left.
@@ -1091,6 +1178,13 @@ impl Admitted {
 
 /// The target of routes without a target function.
 static ANY: Target = Target::any();
+
+/// In a response's extensions: a layer nested inside charged the request
+/// itself and gave the outer layers' charge back, so their decisions are
+/// spent and their headers are not added.
+/// Names the gate (its address), whose layers alone it concerns.
+#[derive(Debug, Clone, Copy)]
+struct TookOver(usize);
 
 /// What an outer layer of the same gate settled, for the layer inside:
 /// the principal it admitted (not authenticated again, but held to the

@@ -336,7 +336,7 @@ async fn the_request_future_fits_the_allocators_small_size_classes() {
     // free chunks first), which cost ~100 ns per request when this future
     // held copies of its request and decisions. The inner service here is
     // small, so the figure is the layer's own share (808 bytes before
-    // nested layers of one gate; 912 with what they carry, 976 since an
+    // nested layers of one gate; 912 with what they carry, 992 since an
     // inner layer can give the outer one's charge back).
     use tower::{Layer, Service};
     let f = fixture().await;
@@ -822,5 +822,144 @@ mod nested {
         let f = res.extensions().get::<FailedOpen>().cloned().unwrap();
         assert_eq!((f.limiter.is_some(), f.quota.is_some()), (true, true));
         assert_eq!(text(res).await, "true true", "the handler's view");
+    }
+
+    /// The in-memory limiter, with route-plan keys (`…#plan`) down when
+    /// `route_plans_down`, and refunds down when `refunds_down`.
+    #[derive(Clone)]
+    struct Partial {
+        mem: Arc<MemoryLimiter<String, FakeClock>>,
+        route_plans_down: bool,
+        refunds_down: bool,
+    }
+
+    impl LimitStore for Partial {
+        async fn check(
+            &self,
+            key: &str,
+            policies: &[Policy],
+            cost: u32,
+            mode: CheckMode,
+        ) -> Result<Decision, BackendError> {
+            if self.route_plans_down && key.contains('#') {
+                return Err(outage());
+            }
+            self.mem.check(key, policies, cost, mode).await
+        }
+        async fn refund(
+            &self,
+            key: &str,
+            policies: &[Policy],
+            cost: u32,
+            check: &mut Decision,
+        ) -> Result<(), BackendError> {
+            if self.refunds_down {
+                return Err(outage());
+            }
+            LimitStore::refund(&self.mem, key, policies, cost, check).await
+        }
+    }
+
+    fn partial_gate(
+        keys: &MemoryKeyStore,
+        route_plans_down: bool,
+        refunds_down: bool,
+    ) -> Gate<MemoryKeyStore, Partial, MemoryQuotaStore, FakeClock> {
+        let clock = FakeClock::at_2026();
+        let mem = Arc::new(MemoryLimiter::with_clock(100, clock.clone()));
+        let store = Partial { mem, route_plans_down, refunds_down };
+        Gate::builder(Authenticator::new(keys.clone()).clock(clock), store)
+            .plans(PlanSet::presets())
+            .default_plan("hobby")
+            .limiter_fail_mode(FailMode::Open)
+            .build()
+    }
+
+    #[tokio::test]
+    async fn a_charge_given_back_is_not_reported_or_left_to_refund_again() {
+        // The route layer gives the router's hobby unit back, then its own
+        // (pro) check fails open: no decision, no headers; the router's
+        // spent decision is neither reported nor handed to the handler.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, None).await;
+        let gate = partial_gate(&keys, true, false);
+        let app: Router = Router::new()
+            .route("/h", get(|| async { "in" }))
+            .route(
+                "/pro",
+                get(|d: Option<Extension<Decision>>| async move { d.is_some().to_string() })
+                    .route_layer(gate.layer().plan("pro")),
+            )
+            .layer(gate.layer());
+        let res = app.clone().oneshot(call("/pro", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(res.extensions().get::<FailedOpen>().is_some_and(|f| f.limiter.is_some()));
+        assert_eq!(header(&res, "x-ratelimit-remaining"), Vec::<String>::new());
+        assert_eq!(text(res).await, "false", "the handler got no spent decision");
+        // The hobby plan's 3 a second are all there.
+        for _ in 0..3 {
+            assert_eq!(app.clone().oneshot(call("/h", &k)).await.unwrap().status(), StatusCode::OK);
+        }
+        let res = app.oneshot(call("/h", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::TOO_MANY_REQUESTS);
+    }
+
+    #[tokio::test]
+    async fn a_refund_that_fails_is_traced() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, None).await;
+        let gate = partial_gate(&keys, false, true);
+        let app: Router = Router::new()
+            .route("/c", get(|| async { "in" }).route_layer(gate.layer().cost(1)))
+            .layer(gate.layer());
+        let res = app.oneshot(call("/c", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        // Charged under both (the refund failed), and said so.
+        assert_eq!(header(&res, "x-ratelimit-remaining"), ["1"]);
+        let f = res.extensions().get::<FailedOpen>().unwrap();
+        assert!(f.refund.is_some() && f.limiter.is_none());
+    }
+
+    #[tokio::test]
+    async fn a_handlers_own_401_keeps_the_limit_headers() {
+        // Only an inner layer's 401 (a key refused there) goes without.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("hobby")).await;
+        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .build();
+        let app: Router = Router::new().route(
+            "/x",
+            get(|| async { (StatusCode::UNAUTHORIZED, "step-up required") })
+                .route_layer(gate.layer()),
+        );
+        let res = app.oneshot(call("/x", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(header(&res, "x-ratelimit-limit"), ["3"], "charged, so reported");
+    }
+
+    #[tokio::test]
+    async fn an_inner_refusal_carries_the_outer_layers_fail_open_trace() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("hobby")).await;
+        let switch = Switch::default();
+        switch.set_down();
+        let gate = Gate::builder(
+            Authenticator::new(keys.clone()),
+            FlakyLimiter(MemoryLimiter::new(100), switch.clone()),
+        )
+        .plans(PlanSet::presets())
+        .limiter_fail_mode(FailMode::Open)
+        .build();
+        let app: Router = Router::new()
+            .route(
+                "/k",
+                get(|| async { "in" }).route_layer(gate.layer().require("api_keys:read").unwrap()),
+            )
+            .layer(gate.layer());
+        let res = app.oneshot(call("/k", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        let refused = res.extensions().get::<Refused>().unwrap();
+        assert!(refused.failed_open().is_some_and(|f| f.limiter.is_some()));
     }
 }
