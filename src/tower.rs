@@ -518,7 +518,8 @@ pub struct FailedOpen {
     pub limiter: Option<Arc<BackendError>>,
     /// The limiter's error giving an outer layer's charge back, when a
     /// layer nested inside charged the request itself (under another plan
-    /// or cost): the request stayed charged under both.
+    /// or cost): the request stayed charged under both. Reported whatever
+    /// the fail mode (nothing was let through: it is charged too much).
     pub refund: Option<Arc<BackendError>>,
     /// The quota store's error: the request was not counted.
     pub quota: Option<Arc<BackendError>>,
@@ -748,7 +749,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                     (Err(e), FailMode::Closed) => {
                         let r =
                             Refused::new(Refusal::LimiterBackend(e), Rejection::Unavailable, style);
-                        return Err(r.after_limit(None, self.0.headers, (&None, &None), took_over));
+                        let so_far = (&None, &failed.refund);
+                        return Err(r.after_limit(None, self.0.headers, so_far, took_over));
                     }
                 }
             }
@@ -1079,26 +1081,29 @@ where
             // Inside another layer of this gate (authentication for the
             // whole router, scopes per route): its admission stands.
             // A cookie credential reaches only routes that take it.
-            let (known, outer_cookie) = req
+            let (known, outer) = req
                 .extensions()
                 .get::<AdmittedBy>()
                 .and_then(|m| {
                     let p = req.extensions().get::<Principal>()?;
+                    let decision = || req.extensions().get::<Decision>().cloned().map(Box::new);
                     let known = || Known {
                         principal: p.clone(),
                         plan: m.plan,
-                        decision: req.extensions().get::<Decision>().cloned().map(Box::new),
+                        decision: if m.decided { decision() } else { None },
                     };
-                    m.vouches(gate.id(), p, &route).then(|| (known(), m.cookie))
+                    m.vouches(gate.id(), p, &route).then(|| (known(), (m.cookie, m.decided)))
                 })
                 .unzip();
+            let (outer_cookie, outer_decided) = outer.unzip();
             let admitted = match gate.admit_to(&route, req.headers(), target, known).await {
                 Ok(a) => a,
                 Err(refused) => return Ok(gate.refused_response(refused, req.extensions())),
             };
             let took_over = admitted.took_over;
-            if took_over {
-                // Given back: the outer layer's decision is spent.
+            if took_over && outer_decided == Some(true) {
+                // Given back: the outer layer's decision is spent (a
+                // decision of another gate's stays).
                 req.extensions_mut().remove::<Decision>();
             }
             let failed_open = admitted.failed_open.clone();
@@ -1107,6 +1112,8 @@ where
                 principal: admitted.principal.handle(),
                 plan: admitted.plan,
                 cookie: outer_cookie.unwrap_or(admitted.cookie),
+                decided: admitted.decision.is_some()
+                    || (outer_decided == Some(true) && !admitted.took_over),
             };
             let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
             req.extensions_mut().insert(mark);
@@ -1126,10 +1133,11 @@ where
             // charge was given back), and none on an inner layer's 401 (a
             // key of another region or format there): an unknown key's 401
             // has none, and the two must look alike.
-            let inner_401 = res
-                .extensions()
-                .get::<Refused>()
-                .is_some_and(|r| matches!(r.reason(), Refusal::Auth(_)));
+            let inner_401 = res.status() == ::http::StatusCode::UNAUTHORIZED
+                && res
+                    .extensions()
+                    .get::<Refused>()
+                    .is_some_and(|r| matches!(r.reason(), Refusal::Auth(_)));
             if let Some(headers) = headers
                 && !inner_401
                 && res.extensions().get::<TookOver>().is_none_or(|t| t.0 != gate.id())
@@ -1211,6 +1219,10 @@ struct AdmittedBy {
     principal: crate::auth::PrincipalHandle,
     plan: usize,
     cookie: u64,
+    /// Whether the request's `Decision` is this gate's (a layer of it
+    /// charged, and no layer inside gave that back): not another gate's,
+    /// for a layer inside to give back.
+    decided: bool,
 }
 
 impl AdmittedBy {

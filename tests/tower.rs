@@ -962,4 +962,117 @@ mod nested {
         let refused = res.extensions().get::<Refused>().unwrap();
         assert!(refused.failed_open().is_some_and(|f| f.limiter.is_some()));
     }
+
+    #[tokio::test]
+    async fn a_route_layers_403_after_authentication_keeps_the_routers_headers() {
+        // Another tenant's route: a 403 (not a 401) with an `Auth` reason.
+        // The router charged the request, so its headers are reported.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("hobby")).await;
+        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .build();
+        let other = |_: &axum::http::request::Parts| {
+            let ws = Tenant::workspace("ws_other".parse().unwrap());
+            Ok(keygate::auth::Target::any().tenant(ws))
+        };
+        let app: Router = Router::new()
+            .route("/w", get(|| async { "in" }).route_layer(gate.layer().target(other)))
+            .layer(gate.layer());
+        let res = app.oneshot(call("/w", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert!(matches!(res.extensions().get::<Refused>().unwrap().reason(), Refusal::Auth(_)));
+        assert_eq!(header(&res, "x-ratelimit-remaining"), ["2"]);
+    }
+
+    #[tokio::test]
+    async fn a_503_after_a_refund_that_failed_still_reports_it() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, None).await;
+        let clock = FakeClock::at_2026();
+        let mem = Arc::new(MemoryLimiter::with_clock(100, clock.clone()));
+        let store = Partial { mem, route_plans_down: true, refunds_down: true };
+        let gate = Gate::builder(Authenticator::new(keys.clone()).clock(clock), store)
+            .plans(PlanSet::presets())
+            .default_plan("hobby")
+            .build();
+        let app: Router = Router::new()
+            .route("/pro", get(|| async { "in" }).route_layer(gate.layer().plan("pro")))
+            .layer(gate.layer());
+        let res = app.oneshot(call("/pro", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let refused = res.extensions().get::<Refused>().unwrap();
+        assert!(refused.failed_open().is_some_and(|f| f.refund.is_some()));
+    }
+
+    #[tokio::test]
+    async fn three_levels_charge_once_and_report_the_innermost() {
+        // Router (default hobby), group `.plan("pro")`, route
+        // `.plan("enterprise")`: one charge, one set of headers, the
+        // handler's decision the route's; hobby and pro given back.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, None).await;
+        let clock = FakeClock::at_2026();
+        let gate = Gate::builder(
+            Authenticator::new(keys.clone()).clock(clock.clone()),
+            MemoryLimiter::with_clock(100, clock.clone()),
+        )
+        .plans(PlanSet::presets())
+        .default_plan("hobby")
+        .build();
+        let handler = |Extension(d): Extension<Decision>| async move {
+            format!("{} {}", d.limit(), d.remaining())
+        };
+        let group: Router = Router::new()
+            .route("/e", get(handler).route_layer(gate.layer().plan("enterprise")))
+            .route("/p", get(handler))
+            .layer(gate.layer().plan("pro"));
+        let app: Router =
+            Router::new().route("/h", get(handler)).nest("/g", group).layer(gate.layer());
+        for i in 1..=5u32 {
+            let res = app.clone().oneshot(call("/g/e", &k)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(header(&res, "x-ratelimit-limit"), ["100"]);
+            assert_eq!(header(&res, "x-ratelimit-remaining"), [(100 - i).to_string()]);
+            assert_eq!(text(res).await, format!("100 {}", 100 - i));
+        }
+        let res = app.clone().oneshot(call("/g/p", &k)).await.unwrap();
+        assert_eq!(text(res).await, "10 9", "pro untouched by /g/e");
+        let res = app.oneshot(call("/h", &k)).await.unwrap();
+        assert_eq!(text(res).await, "3 2", "hobby given back each time");
+    }
+
+    #[tokio::test]
+    async fn another_gates_decision_is_not_taken_for_an_outer_layers() {
+        // Gate B outside gate A. A's router layer fails open (no decision
+        // of its own); A's route layer, under another plan, must not give
+        // B's decision back nor take it from the handler.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("hobby")).await;
+        let b = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .build();
+        let switch = Switch::default();
+        switch.set_down();
+        let a = Gate::builder(
+            Authenticator::new(keys.clone()),
+            FlakyLimiter(MemoryLimiter::new(100), switch.clone()),
+        )
+        .plans(PlanSet::presets())
+        .limiter_fail_mode(FailMode::Open)
+        .build();
+        let app: Router = Router::new()
+            .route(
+                "/r",
+                get(|d: Option<Extension<Decision>>| async move { d.is_some().to_string() })
+                    .route_layer(a.layer().cost(2)),
+            )
+            .layer(a.layer())
+            .layer(b.layer());
+        let res = app.oneshot(call("/r", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let f = res.extensions().get::<FailedOpen>().cloned().unwrap();
+        assert!(f.limiter.is_some() && f.refund.is_none(), "{f:?}");
+        assert_eq!(text(res).await, "true", "B's decision reaches the handler");
+    }
 }
