@@ -53,9 +53,11 @@
 //! the gate's default). Where the plan that applies on the inner route
 //! differs, or the route has a cost of its own, the inner layer gives the
 //! outer layer's charge back and charges the request itself: a request
-//! costs what its route says, once. A route's plan draws on units of its
-//! own for keys that name none (the limiter key `{record id}#{plan}`), so
-//! routes under different plans never share one state. The outer layer
+//! costs what its route says, once: its own `.cost`, or 1 (an outer
+//! layer's `.cost` is not inherited the way its plan is). A route's plan
+//! draws on units of its own for keys that name none (the limiter key
+//! `{record id}#{plan}`), so routes under different plans never share one
+//! state. The outer layer
 //! checks first, though, and knows nothing of the routes inside: a request
 //! must also have a unit left under the router's plan as it passes (lent,
 //! and given back), so a route's plan cannot let a key past a router plan
