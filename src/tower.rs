@@ -868,10 +868,14 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// [`TookOver`] when the layer had taken the charge over.
     fn refused_response<B: From<String>>(&self, refused: Refused, ext: &Extensions) -> Response<B> {
         let took_over = refused.took_over;
+        let key_refused = matches!(refused.reason(), Refusal::Auth(_));
         let outer = ext.get::<FailedOpen>().cloned();
         let mut res = self.respond(refused.with_outer_trace(outer));
         if took_over {
             res.extensions_mut().insert(TookOver(self.id()));
+        }
+        if key_refused && res.status() == ::http::StatusCode::UNAUTHORIZED {
+            res.extensions_mut().insert(LayerRefusedKey);
         }
         res
     }
@@ -1135,14 +1139,11 @@ where
             // charge was given back), and none on an inner layer's 401 (a
             // key of another region or format there): an unknown key's 401
             // has none, and the two must look alike.
-            let inner_401 = res.status() == ::http::StatusCode::UNAUTHORIZED
-                && res
-                    .extensions()
-                    .get::<Refused>()
-                    .is_some_and(|r| matches!(r.reason(), Refusal::Auth(_)));
+            let took_over_inside =
+                res.extensions().get::<TookOver>().is_some_and(|t| t.0 == gate.id());
             if let Some(headers) = headers
-                && !inner_401
-                && res.extensions().get::<TookOver>().is_none_or(|t| t.0 != gate.id())
+                && res.extensions().get::<LayerRefusedKey>().is_none()
+                && !took_over_inside
             {
                 headers.fill_in(res.headers_mut());
             }
@@ -1152,9 +1153,14 @@ where
                 res.extensions_mut().insert(TookOver(gate.id()));
             }
             if let Some(f) = failed_open {
-                // Beside, not over, what an inner layer left.
+                // Beside, not over, what an inner layer left; this layer's
+                // limiter failure no longer holds where a layer inside
+                // checked the limit again.
                 let inner = res.extensions_mut().remove::<FailedOpen>();
-                res.extensions_mut().insert(f.or(inner));
+                let f = if took_over_inside { FailedOpen { limiter: None, ..f } } else { f };
+                if let Some(f) = Some(f.or(inner)).filter(FailedOpen::any) {
+                    res.extensions_mut().insert(f);
+                }
             }
             Ok(res)
         })
@@ -1173,10 +1179,15 @@ impl Admitted {
         if let Some(q) = self.quota {
             extensions.insert(q);
         }
-        if let Some(f) = self.failed_open {
-            // An outer layer's trace stays beside this one's.
-            let outer = extensions.remove::<FailedOpen>();
-            extensions.insert(f.or(outer));
+        // An outer layer's trace stays beside this one's, but for its
+        // limiter failure where this layer checked the limit again.
+        let outer = extensions
+            .remove::<FailedOpen>()
+            .map(|o| if self.took_over { FailedOpen { limiter: None, ..o } } else { o });
+        if let Some(f) =
+            self.failed_open.map_or(outer.clone(), |f| Some(f.or(outer))).filter(FailedOpen::any)
+        {
+            extensions.insert(f);
         }
         let decision = self.decision?;
         // Rendered before the decision moves into the extensions.
@@ -1192,6 +1203,13 @@ static ANY: Target = Target::any();
 /// In a response's extensions: a layer nested inside charged the request
 /// itself and gave the outer layers' charge back, so their decisions are
 /// spent and their headers are not added.
+/// In a response's extensions: a layer refused the key (a 401, as for an
+/// unknown key), so the layers outside it add no rate-limit headers,
+/// whatever they charged: the 401 must look like any other. A handler's
+/// own 401 (through [`Gate::respond`] or not) keeps them.
+#[derive(Debug, Clone, Copy)]
+struct LayerRefusedKey;
+
 /// Names the gate (its address), whose layers alone it concerns.
 #[derive(Debug, Clone, Copy)]
 struct TookOver(usize);

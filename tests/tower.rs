@@ -1075,4 +1075,81 @@ mod nested {
         assert!(f.limiter.is_some() && f.refund.is_none(), "{f:?}");
         assert_eq!(text(res).await, "true", "B's decision reaches the handler");
     }
+
+    /// The in-memory limiter, down for every key but route-plan ones.
+    struct PlainKeysDown(MemoryLimiter);
+
+    impl LimitStore for PlainKeysDown {
+        async fn check(
+            &self,
+            key: &str,
+            policies: &[Policy],
+            cost: u32,
+            mode: CheckMode,
+        ) -> Result<Decision, BackendError> {
+            if !key.contains('#') {
+                return Err(outage());
+            }
+            LimitStore::check(&self.0, key, policies, cost, mode).await
+        }
+        async fn refund(
+            &self,
+            key: &str,
+            policies: &[Policy],
+            cost: u32,
+            check: &mut Decision,
+        ) -> Result<(), BackendError> {
+            LimitStore::refund(&self.0, key, policies, cost, check).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_limit_checked_again_inside_clears_the_routers_failure() {
+        // The router's check fails open; the route's, under its own plan,
+        // works: the request was rate-limited, and no trace says not.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, None).await;
+        let gate =
+            Gate::builder(Authenticator::new(keys.clone()), PlainKeysDown(MemoryLimiter::new(100)))
+                .plans(PlanSet::presets())
+                .default_plan("hobby")
+                .limiter_fail_mode(FailMode::Open)
+                .build();
+        let app: Router = Router::new()
+            .route(
+                "/pro",
+                get(|f: Option<Extension<FailedOpen>>| async move { f.is_some().to_string() })
+                    .route_layer(gate.layer().plan("pro")),
+            )
+            .layer(gate.layer());
+        let res = app.oneshot(call("/pro", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), ["9"]);
+        assert!(res.extensions().get::<FailedOpen>().is_none());
+        assert_eq!(text(res).await, "false", "nor in the request");
+    }
+
+    #[tokio::test]
+    async fn a_handlers_401_through_gate_respond_keeps_the_limit_headers() {
+        // A step-up check in the handler, answered with the gate's own
+        // `respond`: the layer charged, so its headers are reported.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("hobby")).await;
+        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .build();
+        let inner = gate.clone();
+        let handler = move |req: Request<Body>| async move {
+            let step_up = inner.layer().formats(["sk"]);
+            let target = keygate::auth::Target::any();
+            match inner.admit(step_up.route(), req.headers(), &target).await {
+                Ok(_) => axum::response::Response::new(Body::from("in")),
+                Err(r) => inner.respond::<Body>(r),
+            }
+        };
+        let app: Router = Router::new().route("/s", get(handler).route_layer(gate.layer()));
+        let res = app.oneshot(call("/s", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), ["2"]);
+    }
 }
