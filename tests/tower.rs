@@ -667,6 +667,13 @@ mod nested {
         res.headers().get_all(name).iter().map(|v| v.to_str().unwrap().to_owned()).collect()
     }
 
+    /// The presets on an in-memory limiter, no default plan.
+    fn memory_gate(keys: &MemoryKeyStore) -> Gate<MemoryKeyStore, MemoryLimiter> {
+        Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .build()
+    }
+
     #[tokio::test]
     async fn the_routers_plan_holds_for_keys_without_one_inside_a_route_layer() {
         let keys = MemoryKeyStore::new();
@@ -740,9 +747,7 @@ mod nested {
             .create(NewKey::new("u", NHK, ws).region(Region::US).plan("hobby"))
             .await
             .unwrap();
-        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
-            .plans(PlanSet::presets())
-            .build();
+        let gate = memory_gate(&keys);
         let eu_only =
             |_: &axum::http::request::Parts| Ok(keygate::auth::Target::any().region(Region::EU));
         let app: Router = Router::new()
@@ -824,13 +829,24 @@ mod nested {
         assert_eq!(text(res).await, "true true", "the handler's view");
     }
 
-    /// The in-memory limiter, with route-plan keys (`…#plan`) down when
-    /// `route_plans_down`, and refunds down when `refunds_down`.
+    /// The in-memory limiter, with checks of the keys `down` picks, and
+    /// refunds when `refunds_down`, failing.
     #[derive(Clone)]
     struct Partial {
         mem: Arc<MemoryLimiter<String, FakeClock>>,
-        route_plans_down: bool,
+        down: fn(&str) -> bool,
         refunds_down: bool,
+    }
+
+    /// Route-plan keys (`{record id}#{plan}`), or the others.
+    fn route_plan_keys(key: &str) -> bool {
+        key.contains('#')
+    }
+    fn plain_keys(key: &str) -> bool {
+        !key.contains('#')
+    }
+    fn no_keys(_: &str) -> bool {
+        false
     }
 
     impl LimitStore for Partial {
@@ -841,7 +857,7 @@ mod nested {
             cost: u32,
             mode: CheckMode,
         ) -> Result<Decision, BackendError> {
-            if self.route_plans_down && key.contains('#') {
+            if (self.down)(key) {
                 return Err(outage());
             }
             self.mem.check(key, policies, cost, mode).await
@@ -862,12 +878,12 @@ mod nested {
 
     fn partial_gate(
         keys: &MemoryKeyStore,
-        route_plans_down: bool,
+        down: fn(&str) -> bool,
         refunds_down: bool,
     ) -> Gate<MemoryKeyStore, Partial, MemoryQuotaStore, FakeClock> {
         let clock = FakeClock::at_2026();
         let mem = Arc::new(MemoryLimiter::with_clock(100, clock.clone()));
-        let store = Partial { mem, route_plans_down, refunds_down };
+        let store = Partial { mem, down, refunds_down };
         Gate::builder(Authenticator::new(keys.clone()).clock(clock), store)
             .plans(PlanSet::presets())
             .default_plan("hobby")
@@ -882,7 +898,7 @@ mod nested {
         // spent decision is neither reported nor handed to the handler.
         let keys = MemoryKeyStore::new();
         let k = key(&keys, None).await;
-        let gate = partial_gate(&keys, true, false);
+        let gate = partial_gate(&keys, route_plan_keys, false);
         let app: Router = Router::new()
             .route("/h", get(|| async { "in" }))
             .route(
@@ -908,7 +924,7 @@ mod nested {
     async fn a_refund_that_fails_is_traced() {
         let keys = MemoryKeyStore::new();
         let k = key(&keys, None).await;
-        let gate = partial_gate(&keys, false, true);
+        let gate = partial_gate(&keys, no_keys, true);
         let app: Router = Router::new()
             .route("/c", get(|| async { "in" }).route_layer(gate.layer().cost(1)))
             .layer(gate.layer());
@@ -925,9 +941,7 @@ mod nested {
         // Only an inner layer's 401 (a key refused there) goes without.
         let keys = MemoryKeyStore::new();
         let k = key(&keys, Some("hobby")).await;
-        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
-            .plans(PlanSet::presets())
-            .build();
+        let gate = memory_gate(&keys);
         let app: Router = Router::new().route(
             "/x",
             get(|| async { (StatusCode::UNAUTHORIZED, "step-up required") })
@@ -969,9 +983,7 @@ mod nested {
         // The router charged the request, so its headers are reported.
         let keys = MemoryKeyStore::new();
         let k = key(&keys, Some("hobby")).await;
-        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
-            .plans(PlanSet::presets())
-            .build();
+        let gate = memory_gate(&keys);
         let other = |_: &axum::http::request::Parts| {
             let ws = Tenant::workspace("ws_other".parse().unwrap());
             Ok(keygate::auth::Target::any().tenant(ws))
@@ -991,7 +1003,7 @@ mod nested {
         let k = key(&keys, None).await;
         let clock = FakeClock::at_2026();
         let mem = Arc::new(MemoryLimiter::with_clock(100, clock.clone()));
-        let store = Partial { mem, route_plans_down: true, refunds_down: true };
+        let store = Partial { mem, down: route_plan_keys, refunds_down: true };
         let gate = Gate::builder(Authenticator::new(keys.clone()).clock(clock), store)
             .plans(PlanSet::presets())
             .default_plan("hobby")
@@ -1049,9 +1061,7 @@ mod nested {
         // B's decision back nor take it from the handler.
         let keys = MemoryKeyStore::new();
         let k = key(&keys, Some("hobby")).await;
-        let b = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
-            .plans(PlanSet::presets())
-            .build();
+        let b = memory_gate(&keys);
         let switch = Switch::default();
         switch.set_down();
         let a = Gate::builder(
@@ -1076,45 +1086,13 @@ mod nested {
         assert_eq!(text(res).await, "true", "B's decision reaches the handler");
     }
 
-    /// The in-memory limiter, down for every key but route-plan ones.
-    struct PlainKeysDown(MemoryLimiter);
-
-    impl LimitStore for PlainKeysDown {
-        async fn check(
-            &self,
-            key: &str,
-            policies: &[Policy],
-            cost: u32,
-            mode: CheckMode,
-        ) -> Result<Decision, BackendError> {
-            if !key.contains('#') {
-                return Err(outage());
-            }
-            LimitStore::check(&self.0, key, policies, cost, mode).await
-        }
-        async fn refund(
-            &self,
-            key: &str,
-            policies: &[Policy],
-            cost: u32,
-            check: &mut Decision,
-        ) -> Result<(), BackendError> {
-            LimitStore::refund(&self.0, key, policies, cost, check).await
-        }
-    }
-
     #[tokio::test]
     async fn a_limit_checked_again_inside_clears_the_routers_failure() {
         // The router's check fails open; the route's, under its own plan,
         // works: the request was rate-limited, and no trace says not.
         let keys = MemoryKeyStore::new();
         let k = key(&keys, None).await;
-        let gate =
-            Gate::builder(Authenticator::new(keys.clone()), PlainKeysDown(MemoryLimiter::new(100)))
-                .plans(PlanSet::presets())
-                .default_plan("hobby")
-                .limiter_fail_mode(FailMode::Open)
-                .build();
+        let gate = partial_gate(&keys, plain_keys, false);
         let app: Router = Router::new()
             .route(
                 "/pro",
@@ -1135,9 +1113,7 @@ mod nested {
         // `respond`: the layer charged, so its headers are reported.
         let keys = MemoryKeyStore::new();
         let k = key(&keys, Some("hobby")).await;
-        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
-            .plans(PlanSet::presets())
-            .build();
+        let gate = memory_gate(&keys);
         let inner = gate.clone();
         let handler = move |req: Request<Body>| async move {
             let step_up = inner.layer().formats(["sk"]);
