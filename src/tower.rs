@@ -57,11 +57,10 @@
 //! layer's `.cost` is not inherited the way its plan is). A route's plan
 //! draws on units of its own for keys that name none (the limiter key
 //! `{record id}#{plan}`), so routes under different plans never share one
-//! state. The outer layer
-//! checks first, though, and knows nothing of the routes inside: a request
-//! must also have a unit left under the router's plan as it passes (lent,
-//! and given back), so a route's plan cannot let a key past a router plan
-//! it has used up. Give such routes a layer of their own, outside the
+//! state. The outer layer checks first, though, and knows nothing of the
+//! routes inside: a request must also have a unit left under the router's
+//! plan as it passes (lent, and given back), so a route's plan cannot let
+//! a key past a router plan it has used up. Give such routes a layer of their own, outside the
 //! router's (or no router-wide layer). If giving back fails, the request
 //! stays charged under both ([`FailedOpen::refund`]). A credential the
 //! outer layer took from a cookie reaches only inner routes that take
@@ -401,8 +400,14 @@ pub struct Refused {
 
 impl Refused {
     fn new(reason: Refusal, rejection: Rejection, style: BodyStyle) -> Self {
-        let (headers, failed_open, took_over) = (Vec::new(), None, false);
-        Self { reason: Arc::new(reason), rejection, style, headers, failed_open, took_over }
+        Self {
+            reason: Arc::new(reason),
+            rejection,
+            style,
+            headers: Vec::new(),
+            failed_open: None,
+            took_over: false,
+        }
     }
 
     /// Checks let through under [`FailMode::Open`] before this refusal (the
@@ -436,12 +441,7 @@ impl Refused {
 
     /// This refusal with an outer layer's fail-open trace beside its own.
     fn with_outer_trace(mut self, outer: Option<FailedOpen>) -> Self {
-        if let Some(outer) = outer {
-            self.failed_open = Some(match self.failed_open.take() {
-                Some(own) => own.or(Some(outer)),
-                None => outer,
-            });
-        }
+        self.failed_open = FailedOpen::beside(self.failed_open.take(), outer, false);
         self
     }
 
@@ -528,14 +528,21 @@ pub struct FailedOpen {
 }
 
 impl FailedOpen {
-    /// These failures, and `other`'s where this has none.
-    fn or(self, other: Option<Self>) -> Self {
-        let Some(other) = other else { return self };
-        Self {
-            limiter: self.limiter.or(other.limiter),
-            refund: self.refund.or(other.refund),
-            quota: self.quota.or(other.quota),
-        }
+    /// One layer's trace beside an outer layer's: the inner one's failures,
+    /// and the outer one's where it has none — but for the outer limiter's,
+    /// which no longer holds where the inner layer `checked_again` (took
+    /// the charge over). `None` when nothing failed.
+    fn beside(inner: Option<Self>, outer: Option<Self>, checked_again: bool) -> Option<Self> {
+        let outer = outer.map(|o| if checked_again { Self { limiter: None, ..o } } else { o });
+        let both = match (inner, outer) {
+            (Some(i), Some(o)) => Self {
+                limiter: i.limiter.or(o.limiter),
+                refund: i.refund.or(o.refund),
+                quota: i.quota.or(o.quota),
+            },
+            (one, other) => one.or(other)?,
+        };
+        both.any().then_some(both)
     }
 
     /// Whether anything failed.
@@ -631,9 +638,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// The refund of what an outer layer's admitted check `taken` charged
     /// under `outer`, if this layer charges (`charging`) instead; a refund
     /// that fails leaves the charge standing ([`FailedOpen::refund`]).
-    /// Boxed: only nested layers
-    /// under two plans (or a route's own cost) come here, and every
-    /// request's future would otherwise hold room for it.
+    /// Boxed: only nested layers under two plans (or a route's own cost)
+    /// come here, and every request's future would otherwise hold room for
+    /// it.
     fn give_back<'a>(
         &'a self,
         principal: &'a Principal,
@@ -1157,8 +1164,7 @@ where
                 // limiter failure no longer holds where a layer inside
                 // checked the limit again.
                 let inner = res.extensions_mut().remove::<FailedOpen>();
-                let f = if took_over_inside { FailedOpen { limiter: None, ..f } } else { f };
-                if let Some(f) = Some(f.or(inner)).filter(FailedOpen::any) {
+                if let Some(f) = FailedOpen::beside(inner, Some(f), took_over_inside) {
                     res.extensions_mut().insert(f);
                 }
             }
@@ -1181,12 +1187,8 @@ impl Admitted {
         }
         // An outer layer's trace stays beside this one's, but for its
         // limiter failure where this layer checked the limit again.
-        let outer = extensions
-            .remove::<FailedOpen>()
-            .map(|o| if self.took_over { FailedOpen { limiter: None, ..o } } else { o });
-        if let Some(f) =
-            self.failed_open.map_or(outer.clone(), |f| Some(f.or(outer))).filter(FailedOpen::any)
-        {
+        let outer = extensions.remove::<FailedOpen>();
+        if let Some(f) = FailedOpen::beside(self.failed_open, outer, self.took_over) {
             extensions.insert(f);
         }
         let decision = self.decision?;
@@ -1200,9 +1202,6 @@ impl Admitted {
 /// The target of routes without a target function.
 static ANY: Target = Target::any();
 
-/// In a response's extensions: a layer nested inside charged the request
-/// itself and gave the outer layers' charge back, so their decisions are
-/// spent and their headers are not added.
 /// In a response's extensions: a layer refused the key (a 401, as for an
 /// unknown key), so the layers outside it add no rate-limit headers,
 /// whatever they charged: the 401 must look like any other. A handler's
@@ -1210,7 +1209,10 @@ static ANY: Target = Target::any();
 #[derive(Debug, Clone, Copy)]
 struct LayerRefusedKey;
 
-/// Names the gate (its address), whose layers alone it concerns.
+/// In a response's extensions: a layer nested inside charged the request
+/// itself and gave the outer layers' charge back, so their decisions are
+/// spent and their headers are not added. Names the gate (its address),
+/// whose layers alone it concerns.
 #[derive(Debug, Clone, Copy)]
 struct TookOver(usize);
 

@@ -667,6 +667,22 @@ mod nested {
         res.headers().get_all(name).iter().map(|v| v.to_str().unwrap().to_owned()).collect()
     }
 
+    /// The presets on an in-memory limiter on a frozen clock, `default` the
+    /// plan of keys naming none.
+    fn frozen_gate(
+        keys: &MemoryKeyStore,
+        default: &str,
+    ) -> Gate<MemoryKeyStore, MemoryLimiter<String, FakeClock>, MemoryQuotaStore, FakeClock> {
+        let clock = FakeClock::at_2026();
+        Gate::builder(
+            Authenticator::new(keys.clone()).clock(clock.clone()),
+            MemoryLimiter::with_clock(100, clock),
+        )
+        .plans(PlanSet::presets())
+        .default_plan(default)
+        .build()
+    }
+
     /// The presets on an in-memory limiter, no default plan.
     fn memory_gate(keys: &MemoryKeyStore) -> Gate<MemoryKeyStore, MemoryLimiter> {
         Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
@@ -718,14 +734,7 @@ mod nested {
     async fn a_routes_own_plan_is_charged_once_not_on_top_of_the_routers() {
         let keys = MemoryKeyStore::new();
         let k = key(&keys, None).await;
-        let clock = FakeClock::at_2026();
-        let gate = Gate::builder(
-            Authenticator::new(keys.clone()).clock(clock.clone()),
-            MemoryLimiter::with_clock(100, clock.clone()),
-        )
-        .plans(PlanSet::presets())
-        .default_plan("starter")
-        .build();
+        let gate = frozen_gate(&keys, "starter");
         let app: Router = Router::new()
             .route("/big", get(|| async { "in" }).route_layer(gate.layer().plan("enterprise")))
             .layer(gate.layer());
@@ -848,6 +857,9 @@ mod nested {
     fn no_keys(_: &str) -> bool {
         false
     }
+    fn all_keys(_: &str) -> bool {
+        true
+    }
 
     impl LimitStore for Partial {
         async fn check(
@@ -956,15 +968,7 @@ mod nested {
     async fn an_inner_refusal_carries_the_outer_layers_fail_open_trace() {
         let keys = MemoryKeyStore::new();
         let k = key(&keys, Some("hobby")).await;
-        let switch = Switch::default();
-        switch.set_down();
-        let gate = Gate::builder(
-            Authenticator::new(keys.clone()),
-            FlakyLimiter(MemoryLimiter::new(100), switch.clone()),
-        )
-        .plans(PlanSet::presets())
-        .limiter_fail_mode(FailMode::Open)
-        .build();
+        let gate = partial_gate(&keys, all_keys, false);
         let app: Router = Router::new()
             .route(
                 "/k",
@@ -1024,14 +1028,7 @@ mod nested {
         // handler's decision the route's; hobby and pro given back.
         let keys = MemoryKeyStore::new();
         let k = key(&keys, None).await;
-        let clock = FakeClock::at_2026();
-        let gate = Gate::builder(
-            Authenticator::new(keys.clone()).clock(clock.clone()),
-            MemoryLimiter::with_clock(100, clock.clone()),
-        )
-        .plans(PlanSet::presets())
-        .default_plan("hobby")
-        .build();
+        let gate = frozen_gate(&keys, "hobby");
         let handler = |Extension(d): Extension<Decision>| async move {
             format!("{} {}", d.limit(), d.remaining())
         };
@@ -1062,15 +1059,7 @@ mod nested {
         let keys = MemoryKeyStore::new();
         let k = key(&keys, Some("hobby")).await;
         let b = memory_gate(&keys);
-        let switch = Switch::default();
-        switch.set_down();
-        let a = Gate::builder(
-            Authenticator::new(keys.clone()),
-            FlakyLimiter(MemoryLimiter::new(100), switch.clone()),
-        )
-        .plans(PlanSet::presets())
-        .limiter_fail_mode(FailMode::Open)
-        .build();
+        let a = partial_gate(&keys, all_keys, false);
         let app: Router = Router::new()
             .route(
                 "/r",
