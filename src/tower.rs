@@ -527,6 +527,56 @@ pub struct FailedOpen {
     pub quota: Option<Arc<BackendError>>,
 }
 
+/// What [`Gate::charge`] did with a request it let through (a denial is
+/// its `Err`).
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Charge {
+    /// Counted: the quota store's decision (its `rule` is `None` where the
+    /// plan does not count the category).
+    Counted(QuotaDecision),
+    /// Nothing to count against: the gate has no quota store, or neither
+    /// the key nor the gate names a plan.
+    Uncounted,
+    /// The quota store failed and the gate fails open
+    /// ([`FailMode::Open`]): let through uncounted. The trace's
+    /// [`quota`](FailedOpen::quota) holds the store's error.
+    FailedOpen(FailedOpen),
+}
+
+impl Charge {
+    /// The quota store's decision, when it counted.
+    #[must_use]
+    pub const fn decision(&self) -> Option<&QuotaDecision> {
+        match self {
+            Self::Counted(q) => Some(q),
+            Self::Uncounted | Self::FailedOpen(_) => None,
+        }
+    }
+
+    /// The outage the charge was let through despite, when there was one.
+    #[must_use]
+    pub const fn failed_open(&self) -> Option<&FailedOpen> {
+        match self {
+            Self::FailedOpen(f) => Some(f),
+            Self::Counted(_) | Self::Uncounted => None,
+        }
+    }
+
+    /// Leaves a [`FailedOpen`] trace in a response's `extensions`, beside
+    /// any already there, where the quota store failed: the layer around
+    /// the handler keeps it beside its own trace, so the outage reaches the
+    /// host's logging layer as a layer's own does. Does nothing otherwise.
+    pub fn trace_into(&self, extensions: &mut Extensions) {
+        if let Self::FailedOpen(f) = self {
+            let there = extensions.remove::<FailedOpen>();
+            if let Some(both) = FailedOpen::beside(Some(f.clone()), there, false) {
+                extensions.insert(both);
+            }
+        }
+    }
+}
+
 impl FailedOpen {
     /// One layer's trace beside an outer layer's: the inner one's failures,
     /// and the outer one's where it has none — but for the outer limiter's,
@@ -811,9 +861,11 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// `principal`'s plan, else the gate's default plan, for handlers whose
     /// category comes from the body. A route's `.plan(…)` does not apply
     /// here: on such routes, give keys their plan, or count with the route's
-    /// `.quota(…)`. `Ok(None)` when there is no quota store or no plan, and
-    /// when the quota store failed under [`FailMode::Open`] (the caller has
-    /// no request to leave a [`FailedOpen`] in: fail closed to see it).
+    /// `.quota(…)`. [`Charge::Uncounted`] when there is no quota store or
+    /// no plan; [`Charge::FailedOpen`] when the quota store failed under
+    /// [`FailMode::Open`]: put that trace in the response's extensions
+    /// ([`Charge::trace_into`]) and the layer keeps it beside its own, for
+    /// the host's logs.
     ///
     /// The account is the key's workspace and plan (`{workspace}/{plan}`):
     /// every key of a workspace on one plan draws on one monthly allowance,
@@ -832,9 +884,17 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         principal: &Principal,
         category: &str,
         cost: u64,
-    ) -> Result<Option<QuotaDecision>, Refused> {
+    ) -> Result<Charge, Refused> {
         let plan = self.plan_for(principal, &Route::default())?;
-        self.charge_plan(principal, plan, category, cost, &mut None).await
+        let mut failed = None;
+        let counted = self.charge_plan(principal, plan, category, cost, &mut failed).await?;
+        Ok(match (counted, failed) {
+            (Some(q), _) => Charge::Counted(q),
+            (None, None) => Charge::Uncounted,
+            (None, quota @ Some(_)) => {
+                Charge::FailedOpen(FailedOpen { quota, ..FailedOpen::default() })
+            }
+        })
     }
 
     /// Counts under `plan`; a store error under [`FailMode::Open`] is

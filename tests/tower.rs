@@ -155,6 +155,63 @@ async fn admitted_requests_see_principal_and_decision() {
     assert_eq!(text(res).await, "t 4");
 }
 
+/// `Gate::charge` from a handler: its decision, nothing to count, or an
+/// outage let through whose trace the handler hands to the layer.
+#[tokio::test]
+async fn a_handlers_charge_reports_an_outage_it_let_through() {
+    use keygate::tower::{Charge, FailedOpen};
+    let f = fixture().await;
+    let gate = Gate::builder(
+        Authenticator::new(f.keys.clone()),
+        FlakyLimiter(MemoryLimiter::new(1000), f.switch.clone()),
+    )
+    .plans(PlanSet::presets())
+    .quotas(FlakyQuota(MemoryQuotaStore::new(), f.switch.clone()))
+    .limiter_fail_mode(FailMode::Open)
+    .quota_fail_mode(FailMode::Open)
+    .build();
+    let charging = gate.clone();
+    let app = Router::new()
+        .route(
+            "/events",
+            get(move |Extension(p): Extension<Principal>| async move {
+                let charge = charging.charge(&p, "email", 1).await.unwrap();
+                let used = charge.decision().map_or(0, |q| q.used);
+                let mut res = axum::response::IntoResponse::into_response(used.to_string());
+                charge.trace_into(res.extensions_mut());
+                res
+            }),
+        )
+        .route_layer(gate.layer());
+    let res = get_events(&app, &f.key).await;
+    assert!(res.extensions().get::<FailedOpen>().is_none());
+    assert_eq!(text(res).await, "1", "counted");
+    // Both stores down: the layer's limiter failure and the handler's
+    // quota failure side by side in the response.
+    f.switch.set_down();
+    let res = get_events(&app, &f.key).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let failed = res.extensions().get::<FailedOpen>().expect("the outage").clone();
+    assert!(failed.limiter.is_some() && failed.quota.is_some(), "{failed:?}");
+    assert_eq!(text(res).await, "0", "let through uncounted");
+    f.switch.set_up();
+    let principal = Authenticator::new(f.keys.clone())
+        .authenticate([("x-api-key", f.key.as_bytes())], &keygate::auth::Target::any())
+        .await
+        .unwrap();
+    let charge = gate.charge(&principal, "email", 1).await.unwrap();
+    assert_eq!(charge.decision().map(|q| q.used), Some(2), "{charge:?}");
+    // Without a quota store there is nothing to count against.
+    let uncounted = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .build();
+    let charge = uncounted.charge(&principal, "email", 1).await.unwrap();
+    assert!(matches!(charge, Charge::Uncounted) && charge.failed_open().is_none());
+    let mut ext = axum::http::Extensions::new();
+    charge.trace_into(&mut ext);
+    assert!(ext.get::<FailedOpen>().is_none());
+}
+
 #[tokio::test]
 async fn store_outage_fails_closed_by_default() {
     let f = fixture().await;

@@ -776,13 +776,17 @@ async fn notify<B: Backend>(
     };
     match app.gate.charge(&caller, &channel, 1).await {
         Err(refused) => app.gate.respond(refused.with_style(BodyStyle::Envelope)),
-        Ok(usage) => {
+        Ok(charge) => {
             let now = timestamp_millis(Timestamp::now());
-            let used = usage.as_ref().filter(|u| u.rule.is_some()).map(|u| u.used);
-            json(
+            let used = charge.decision().filter(|u| u.rule.is_some()).map(|u| u.used);
+            let mut res = json(
                 StatusCode::ACCEPTED,
                 json!({"success": true, "data": {"id": app.id("ntf"), "channel": channel, "monthlyUsage": used}, "timestamp": now}),
-            )
+            );
+            // A quota outage let through (fail open) reaches the logs as
+            // the layer's own do.
+            charge.trace_into(res.extensions_mut());
+            res
         }
     }
 }
