@@ -321,12 +321,40 @@ impl From<&CounterKey<'_>> for (String, String) {
     }
 }
 
-/// A [`QuotaStore`] in process memory. One entry per (account, category);
-/// an entry from an earlier month is reset when next touched, so memory is
-/// bounded by accounts × categories.
+/// A [`QuotaStore`] in process memory. One entry per (account, category)
+/// counted this month or the month before: when the first call of a new
+/// month comes in, the entries of accounts idle since before the month
+/// that just ended are dropped (one pass over the table, under its lock,
+/// once a month), so memory is bounded by the accounts × categories active
+/// in two months, not by every account ever counted.
 #[derive(Debug, Default)]
 pub struct MemoryQuotaStore {
-    counters: Mutex<Counters>,
+    counters: Mutex<Table>,
+}
+
+/// The counters, and the newest month a count was made in.
+#[derive(Debug, Default)]
+struct Table {
+    map: Counters,
+    newest: Option<Month>,
+}
+
+impl Table {
+    /// Notes a count in `month`. On the first of the month after the
+    /// newest, drops the entries with nothing in either month a count can
+    /// still go to (this one and the one before). A clock that jumps
+    /// further ahead drops nothing: the entries' own months still decide
+    /// what they hold, and a jump back leaves their counts where they are.
+    fn counting_in(&mut self, month: Month) {
+        match self.newest {
+            Some(newest) if month <= newest => {}
+            Some(newest) if month.before() == newest => {
+                self.newest = Some(month);
+                self.map.retain(|_, c| c.month >= newest);
+            }
+            _ => self.newest = Some(month),
+        }
+    }
 }
 
 impl MemoryQuotaStore {
@@ -347,7 +375,9 @@ impl MemoryQuotaStore {
     ) -> QuotaDecision {
         let month = Month::of(now);
         let resets_at = month.next_reset();
-        let mut map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut table = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        table.counting_in(month);
+        let map = &mut table.map;
         // A call stamped in the month before the counter's (two calls
         // straddling midnight on the 1st, the later one counted first)
         // counts in its own month, which the counter keeps: a late call
@@ -367,11 +397,11 @@ impl MemoryQuotaStore {
         // A cost above some rule's whole limit is refused as such, whatever
         // other rules have left: no reset helps.
         if let Some(r) = counting.iter().find(|r| cost > r.limit) {
-            return QuotaDecision::denied(r, used_by(&map, r).unwrap_or(u64::MAX), cost, resets_at);
+            return QuotaDecision::denied(r, used_by(map, r).unwrap_or(u64::MAX), cost, resets_at);
         }
         let mut counted = Vec::with_capacity(counting.len());
         for r in counting {
-            let used = used_by(&map, r);
+            let used = used_by(map, r);
             match used.and_then(|u| u.checked_add(cost)) {
                 Some(after) if after <= r.limit => counted.push((r, after)),
                 _ => return QuotaDecision::denied(r, used.unwrap_or(u64::MAX), cost, resets_at),
@@ -406,8 +436,9 @@ impl QuotaStore for MemoryQuotaStore {
         now: Timestamp,
     ) -> impl Future<Output = Result<u64, BackendError>> + Send {
         let month = Month::of(now);
-        let map = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        let used = map.get(&CounterKey(account, category)).and_then(|c| c.of(month)).unwrap_or(0);
+        let table = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        let used =
+            table.map.get(&CounterKey(account, category)).and_then(|c| c.of(month)).unwrap_or(0);
         ready(Ok(used))
     }
 }
@@ -502,5 +533,32 @@ mod tests {
             s.check_and_count_sync("b", &rules, "webhook", 1, t).allowed,
             "accounts are separate"
         );
+    }
+
+    #[test]
+    fn accounts_idle_for_a_whole_month_are_forgotten_and_none_sooner() {
+        let s = MemoryQuotaStore::new();
+        let rules = Plan::free().monthly().to_vec();
+        let held = |s: &MemoryQuotaStore| s.counters.lock().unwrap().map.len();
+        let count = |account: &str, at: &str| {
+            s.check_and_count_sync(account, &rules, "email", 1, ts(at)).used
+        };
+        for i in 0..1000 {
+            count(&format!("jan{i}"), "2026-01-20T00:00:00Z");
+        }
+        assert_eq!(count("feb", "2026-02-01T00:00:00Z"), 1);
+        assert_eq!(held(&s), 1001, "January's counts can still take late calls");
+        // A late call stamped in January still counts there.
+        assert_eq!(count("jan7", "2026-01-31T23:59:59.9Z"), 2);
+        assert_eq!(count("feb", "2026-03-01T00:00:00Z"), 1);
+        assert_eq!(held(&s), 1, "idle since January: nothing left to count in");
+        // A clock jumping years ahead forgets nothing; back on time, the
+        // counts are where they were, and the next month sweeps as usual.
+        assert_eq!(count("mar", "2026-03-02T00:00:00Z"), 1);
+        count("x", "2029-07-01T00:00:00Z");
+        assert_eq!(held(&s), 3);
+        assert_eq!(count("mar", "2026-03-03T00:00:00Z"), 2);
+        count("y", "2029-08-01T00:00:00Z");
+        assert_eq!(held(&s), 2, "only the two counted in July and August 2029");
     }
 }
