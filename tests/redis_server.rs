@@ -154,6 +154,33 @@ async fn two_instances_share_one_redis() {
     assert_eq!(apps(&a).await, StatusCode::UNAUTHORIZED);
 }
 
+/// A clean shutdown revokes the instance's own bootstrap token: restarts
+/// do not pile up all-powerful tokens in Redis, and the other instances
+/// (their caches told at once) refuse it from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_instances_bootstrap_token_stops_working() {
+    let redis = RedisServer::start();
+    let (mut a, b) = (instance(&redis.url()), instance(&redis.url()));
+    let http = Client::new();
+    let list = async |token: &str| {
+        http.get(format!("{}/management/v1/workspaces/ws_demo/api-keys", b.base()))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap()
+            .status()
+    };
+    assert_eq!(list(&a.token()).await, StatusCode::OK, "and now cached on B");
+    a.interrupt();
+    // Revoked in Redis before A exits; B hears of it by pub/sub.
+    let start = Instant::now();
+    while list(&a.token()).await != StatusCode::UNAUTHORIZED {
+        assert!(start.elapsed() < Duration::from_secs(5), "B still accepts A's bootstrap token");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(list(&b.token()).await, StatusCode::OK, "B's own still works");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_outage_is_a_503_and_service_resumes() {
     let mut redis = RedisServer::start();

@@ -87,9 +87,21 @@ async fn main() -> Result<(), Box<dyn Error>> {
             let (router, manager, flush) = app::router(app::Stores::redis(&redis), config)?;
             // Each instance mints its own bootstrap token: only digests are
             // stored, so there is no token to hand from one to another.
-            // Every instance's token works on all of them.
+            // Every instance's token works on all of them, while the
+            // instance runs: a clean shutdown revokes it, so restarts do
+            // not pile up all-powerful tokens in Redis, and one left in an
+            // old log no longer works.
             let token = app::bootstrap(&manager, workspace.clone()).await?;
-            (router, token.key().expose_secret().to_owned(), flush)
+            let id = token.record().id.clone();
+            let shutdown: app::Flush = Box::new(move || {
+                Box::pin(async move {
+                    flush().await;
+                    if let Err(e) = manager.revoke(&id).await {
+                        eprintln!("could not revoke this instance's bootstrap token: {e}");
+                    }
+                })
+            });
+            (router, token.key().expose_secret().to_owned(), shutdown)
         }
     };
 

@@ -60,6 +60,19 @@ impl Running {
     pub fn token(&self) -> String {
         self.first["management_token"].as_str().expect("management_token").to_owned()
     }
+
+    /// Stops the server as Ctrl-C does (SIGINT: a graceful shutdown) and
+    /// waits for it to exit, at most 10 seconds.
+    pub fn interrupt(&mut self) {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-INT", &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -INT {pid}");
+        let start = std::time::Instant::now();
+        while self.child.try_wait().expect("server status").is_none() {
+            assert!(start.elapsed().as_secs() < 10, "the server ignored SIGINT");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Running {
