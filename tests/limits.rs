@@ -718,3 +718,57 @@ fn refunds_under_an_older_plan_keep_what_the_newer_plan_counts() {
     let admitted = (0..6).filter(|_| l.check(&2, &hour, 1).unwrap().is_allowed()).count();
     assert_eq!(admitted, 1, "sliding windows");
 }
+
+/// Limits at the edges of the arithmetic never saturate into "unlimited".
+mod edges {
+    use std::num::NonZeroU32;
+    use std::time::Duration;
+
+    use keygate::clock::{Clock, FakeClock};
+    use keygate::limit::{Algorithm, DirectLimiter, MemoryLimiter, Policy};
+
+    const YEAR: u64 = 365 * 86_400;
+
+    fn admitted_of_ten(check: impl Fn() -> bool) -> usize {
+        (0..10).filter(|_| check()).count()
+    }
+
+    #[test]
+    fn a_full_fixed_window_of_u32_max_admits_no_more() {
+        let p =
+            Policy::new("w", u32::MAX, Duration::from_secs(60), Algorithm::FixedWindow).unwrap();
+        let keyed = MemoryLimiter::<String, _>::with_clock(1000, FakeClock::at_2026());
+        let d = keyed.check("k", std::slice::from_ref(&p), u32::MAX).unwrap();
+        assert!(d.is_allowed() && d.remaining() == 0);
+        let ps = std::slice::from_ref(&p);
+        assert_eq!(admitted_of_ten(|| keyed.check("k", ps, 1).unwrap().is_allowed()), 0);
+        let direct = DirectLimiter::with_clock(p, FakeClock::at_2026());
+        assert!(direct.check(u32::MAX).is_allowed());
+        assert_eq!(admitted_of_ten(|| direct.check(1).is_allowed()), 0);
+    }
+
+    #[test]
+    fn decades_on_the_time_line_keep_one_word_states_exact() {
+        let fixed = [Policy::new("w", 1, Duration::from_secs(60), Algorithm::FixedWindow).unwrap()];
+        let gcra = [Policy::per_second(NonZeroU32::new(1).unwrap())];
+        for (years, p) in [(37, &fixed), (300, &gcra), (300, &fixed)] {
+            let clock = FakeClock::at_2026();
+            let l = MemoryLimiter::<String, _>::with_clock(1000, clock.clone());
+            clock.advance(Duration::from_secs(years * YEAR));
+            let n = admitted_of_ten(|| l.check("k", p, 1).unwrap().is_allowed());
+            assert_eq!(n, 1, "{years} years on, {:?}", p[0].algorithm());
+        }
+    }
+
+    #[test]
+    fn a_direct_gcra_at_the_end_of_the_clock_admits_its_burst_only() {
+        let clock = FakeClock::at_2026();
+        let l = DirectLimiter::with_clock(
+            Policy::per_second(NonZeroU32::new(1).unwrap()),
+            clock.clone(),
+        );
+        clock.advance(Duration::MAX);
+        assert_eq!(clock.monotonic().as_u64(), u64::MAX);
+        assert_eq!(admitted_of_ten(|| l.check(1).is_allowed()), 1);
+    }
+}

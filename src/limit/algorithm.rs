@@ -289,8 +289,10 @@ fn fixed(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<Com
         };
         return (s, None);
     }
-    let total = count.saturating_add(cost);
-    if total <= limit {
+    // In 64 bits: a sum saturating at `u32::MAX` would fit a limit of
+    // `u32::MAX`, and a full window would admit on and on.
+    let total = u64::from(count) + u64::from(cost);
+    if let Some(total) = u32::try_from(total).ok().filter(|&t| t <= limit) {
         let s = Step {
             allowed: true,
             impossible: false,

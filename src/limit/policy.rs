@@ -92,7 +92,7 @@ pub struct Policy {
     interval: u64,
 }
 
-const YEAR: Duration = Duration::from_secs(366 * 86_400);
+pub(crate) const YEAR: Duration = Duration::from_secs(366 * 86_400);
 
 impl Policy {
     /// Largest `limit` of a sliding-window policy (8 bytes of state each).
