@@ -792,6 +792,57 @@ async fn redis_key_store_forgets_expired_records_and_their_ids() {
     assert!((55_000..=60_000).contains(&ttl), "{ttl} ms");
 }
 
+/// The id sets of a workspace or project go with its last record: a churned
+/// tenant leaves nothing in Redis. A set with a record that never expires
+/// stays, and gets an expiry once that record is revoked.
+#[tokio::test]
+async fn redis_id_sets_live_as_long_as_their_longest_lived_record() {
+    use ::redis::AsyncCommands;
+    let server = RedisServer::start();
+    let store = connect(&server, "ids").await.keys().expired_retention(Duration::from_millis(1));
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let now = jiff::Timestamp::now();
+    let left = async |con: &mut ::redis::aio::MultiplexedConnection| {
+        let keys: Vec<String> = con.keys("ids:*").await.unwrap();
+        keys
+    };
+    // Tenants whose records have all ended: everything goes.
+    for i in 0..20 {
+        let mut r =
+            keygate::testkit::keys::sample_record(&format!("ws_{i}"), Some("p"), 0, i % 2 == 0);
+        r.expires_at = Some(now + jiff::SignedDuration::from_millis(50 + i));
+        assert_eq!(store.insert(Arc::new(r), None).await.unwrap(), InsertOutcome::Inserted);
+    }
+    // One tenant with a key that never expires beside one that does.
+    let forever = keygate::testkit::keys::sample_record("ws_keep", Some("p"), 0, false);
+    let mut brief = keygate::testkit::keys::sample_record("ws_keep", Some("p"), 0, false);
+    brief.expires_at = Some(now + jiff::SignedDuration::from_millis(50));
+    for r in [&forever, &brief] {
+        assert_eq!(store.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    }
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let mut keys = left(&mut con).await;
+    keys.sort();
+    let base = "ids:{ids:keys}:";
+    let expected = [
+        format!("{base}dig:{}", forever.digest.digest().to_hex()),
+        format!("{base}proj:ws_keep:p"),
+        format!("{base}rec:{}", forever.id),
+        format!("{base}ws:ws_keep"),
+    ];
+    assert_eq!(keys, expected, "only the live record, its index and its sets");
+    for set in [&expected[1], &expected[3]] {
+        let ttl: i64 = con.pttl(set).await.unwrap();
+        assert_eq!(ttl, -1, "{set}: kept while its record lives");
+    }
+    assert_eq!(store.list(&"ws_keep".parse().unwrap(), None).await.unwrap().len(), 1);
+    // Revoked, the last record ends: its sets end with it.
+    assert!(store.revoke(&forever.id, now).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(left(&mut con).await, Vec::<String>::new());
+}
+
 // ---- a connection that stays open but useless is replaced ----
 
 /// A loopback TCP proxy to a switchable Redis. `cut` stops forwarding on

@@ -57,7 +57,9 @@ pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
 /// The id sets lose the ids of forgotten records in-band: each insert tests
 /// two random members of each set it adds to (a set stays about twice its
 /// live size at most), the cap count skips and drops them, and so does
-/// `LIST`.
+/// `LIST`. A set itself lives as long as its longest-lived record
+/// ([`SETS_FN`]): a workspace or project whose records are all forgotten
+/// leaves nothing behind.
 const INSERT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'dup_id' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'dup_key' end
@@ -96,10 +98,10 @@ if ARGV[11] ~= '' then
 end
 if ARGV[5] == '1' then
   sweep(KEYS[4])
-  redis.call('SADD', KEYS[4], ARGV[1])
+  JOIN(KEYS[4], KEYS[1], ARGV[1])
 end
 sweep(KEYS[5])
-redis.call('SADD', KEYS[5], ARGV[1])
+JOIN(KEYS[5], KEYS[1], ARGV[1])
 return 'ok'
 ";
 
@@ -122,9 +124,10 @@ end
 return out
 ";
 
-/// KEYS: record, digest index, key-id index. ARGV: time (sortable),
-/// channel, id, forget-at (Unix ms: the earlier of the expiry and now, plus
-/// retention), retention (ms), has key id. The record and the indexes that
+/// KEYS: record, digest index, key-id index, project set, workspace set.
+/// ARGV: time (sortable), channel, id, forget-at (Unix ms: the earlier of
+/// the expiry and now, plus retention), retention (ms), has key id,
+/// record-key prefix. The record and the indexes that
 /// point at it are forgotten a retention after the revocation (or the
 /// expiry, if earlier), so create-and-revoke loops do not grow Redis.
 /// 1: revoked and published; 2: revoked, but the server refused the
@@ -147,12 +150,15 @@ if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then
 end
 redis.call('HSET', KEYS[1], 'rev', ARGV[1])
 schedule()
+ENDED(KEYS[4], ARGV[7])
+ENDED(KEYS[5], ARGV[7])
 return PUBLISHED(ARGV[2], ARGV[3])
 ";
 
-/// KEYS: record, digest index, key-id index. ARGV[1]: expiry (sortable),
-/// ARGV[2]: forget-at (Unix ms, or empty), ARGV[3]: id, ARGV[4]: retention
-/// (ms), ARGV[5]: revocation channel, ARGV[6]: has key id. The indexes that
+/// KEYS: record, digest index, key-id index, project set, workspace set.
+/// ARGV[1]: expiry (sortable), ARGV[2]: forget-at (Unix ms, or empty),
+/// ARGV[3]: id, ARGV[4]: retention (ms), ARGV[5]: revocation channel,
+/// ARGV[6]: has key id, ARGV[7]: record-key prefix. The indexes that
 /// point at the record are forgotten with it (a record made without an
 /// expiry has indexes without one). A changed expiry is published like a
 /// revocation, so other instances' caches drop the record (a roll with no
@@ -169,6 +175,8 @@ if not cur or ARGV[1] < cur then
     if ARGV[6] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
       FORGET(KEYS[3], ARGV[2], ARGV[4])
     end
+    ENDED(KEYS[4], ARGV[7])
+    ENDED(KEYS[5], ARGV[7])
   end
   return PUBLISHED(ARGV[5], ARGV[3])
 end
@@ -215,14 +223,60 @@ local function FORGET(key, ms, keep)
 end
 ";
 
+/// Lua shared by the scripts that change a record's end: an id set lives
+/// as long as its longest-lived record, so the sets of a workspace or
+/// project whose records are all forgotten go with them. Without an expiry
+/// while a member has no end (its key never expires); else until the last
+/// member's record is forgotten.
+///
+/// `JOIN` adds `id` (record key `rec`, its expiry already set) to `set`.
+/// `ENDED`, after a member got an end, gives `set` an expiry if that was its
+/// last member without one: a pass over the members, so only for sets of
+/// at most [`ENDED_SCAN`] members (a larger set keeps no expiry, and its
+/// forgotten members are dropped as inserts and listings meet them).
+const SETS_FN: &str = r"
+local function JOIN(set, rec, id)
+  local new = redis.call('EXISTS', set) == 0
+  redis.call('SADD', set, id)
+  local ttl = redis.call('PTTL', rec)
+  if ttl == -1 then
+    redis.call('PERSIST', set)
+  elseif ttl >= 0 then
+    -- 0: the record goes within the millisecond.
+    ttl = math.max(ttl, 1)
+    local cur = redis.call('PTTL', set)
+    if new or (cur >= 0 and cur < ttl) then redis.call('PEXPIRE', set, ttl) end
+  end
+end
+local function ENDED(set, prefix)
+  if redis.call('PTTL', set) ~= -1 or redis.call('SCARD', set) > ENDED_SCAN then return end
+  -- A member going within the millisecond has 0 left: it counts.
+  local longest = 1
+  for _, id in ipairs(redis.call('SMEMBERS', set)) do
+    local t = redis.call('PTTL', prefix .. id)
+    if t == -1 then return end
+    if t == -2 then redis.call('SREM', set, id) elseif t > longest then longest = t end
+  end
+  -- An emptied set is gone already; this is then a no-op.
+  redis.call('PEXPIRE', set, longest)
+end
+";
+
+/// The largest id set `ENDED` ([`SETS_FN`]) passes over.
+const ENDED_SCAN: usize = 1000;
+
+fn with_sets(script: &str) -> String {
+    format!("{}{script}", SETS_FN.replace("ENDED_SCAN", &ENDED_SCAN.to_string()))
+}
+
 static INSERT_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{FUTURE_FN}{INSERT}")));
+    LazyLock::new(|| Script::new(&with_sets(&format!("{FUTURE_FN}{INSERT}"))));
 static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
 static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIST));
 static REVOKE_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{PUBLISHED_FN}{FUTURE_FN}{REVOKE}")));
+    LazyLock::new(|| Script::new(&with_sets(&format!("{PUBLISHED_FN}{FUTURE_FN}{REVOKE}"))));
 static SHORTEN_SCRIPT: LazyLock<Script> =
-    LazyLock::new(|| Script::new(&format!("{PUBLISHED_FN}{FUTURE_FN}{SHORTEN}")));
+    LazyLock::new(|| Script::new(&with_sets(&format!("{PUBLISHED_FN}{FUTURE_FN}{SHORTEN}"))));
 static LAST_USED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_USED));
 
 /// A [`KeyStore`] on Redis.
@@ -275,14 +329,22 @@ impl RedisKeyStore {
 
     /// The keys a script that changes a record's end touches: the record,
     /// its digest index and its key-id index (a placeholder when it has no
-    /// key id), and whether it has one (`1` or `0`).
+    /// key id), its project's id set (a placeholder when it has none) and
+    /// its workspace's; and whether it has a key id (`1` or `0`).
     fn record_keys(&self, record: &KeyRecord) -> (Vec<String>, Vec<u8>) {
         let kid = record.key_id.map(|k| self.kid(&record.format, &k));
         let has_kid = if kid.is_some() { b"1".to_vec() } else { b"0".to_vec() };
+        let ws = &record.tenant.workspace;
         let keys = vec![
             self.rec(&record.id),
             self.dig(&record.digest),
             kid.unwrap_or_else(|| format!("{}kid:-", self.base)),
+            record
+                .tenant
+                .project
+                .as_ref()
+                .map_or_else(|| format!("{}proj:-", self.base), |p| self.proj(ws, p)),
+            self.ws(ws),
         ];
         (keys, has_kid)
     }
@@ -577,6 +639,7 @@ impl KeyStore for RedisKeyStore {
                 self.forget_at(Some(end)),
                 self.retention_ms(),
                 has_kid,
+                self.rec_prefix().into_bytes(),
             ];
             let done = self.redis.eval::<i64>(&REVOKE_SCRIPT, keys, args).await?;
             Ok(self.redis.note_published(done) != 0)
@@ -605,6 +668,7 @@ impl KeyStore for RedisKeyStore {
                 self.retention_ms(),
                 self.redis.revocation_channel().into_bytes(),
                 has_kid,
+                self.rec_prefix().into_bytes(),
             ];
             let done = self.redis.eval::<i64>(&SHORTEN_SCRIPT, keys, args).await?;
             Ok(self.redis.note_published(done) != 0)
