@@ -18,7 +18,7 @@ use jiff::Timestamp;
 pub use cache::PrincipalCache;
 pub use credentials::{CredentialError, HeaderRules, Source};
 
-use cache::LastUse;
+use cache::{InFlight, LastUse};
 
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock, duration_nanos};
@@ -518,6 +518,8 @@ pub struct Authenticator<S, C = SystemClock> {
     region: Option<Region>,
     last_use: LastUse,
     last_use_interval: u64,
+    /// Requests write last use (else the host's flushes alone do).
+    last_use_in_requests: bool,
     /// This authenticator's identity (and its clones'), set at
     /// [`new`](Authenticator::new): a shared [`PrincipalCache`] hit counts
     /// only if this authenticator verified the principal against its own
@@ -560,6 +562,7 @@ impl<S: KeyStore> Authenticator<S> {
             region: None,
             last_use: LastUse::new(Duration::from_secs(60)),
             last_use_interval: duration_nanos(Duration::from_secs(60)),
+            last_use_in_requests: true,
             source: NEXT_SOURCE.fetch_add(1, Ordering::Relaxed),
         }
     }
@@ -581,6 +584,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             region: self.region,
             last_use: self.last_use,
             last_use_interval: self.last_use_interval,
+            last_use_in_requests: self.last_use_in_requests,
             source: self.source,
         }
     }
@@ -672,6 +676,19 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     #[must_use]
     pub fn account_status(mut self, status: impl AccountStatus + 'static) -> Self {
         self.accounts = Some(AssertUnwindSafe(Arc::new(status)));
+        self
+    }
+
+    /// Whether requests write last use (the default): the first request
+    /// of each interval writes the batch of times noted since the last
+    /// write, before it returns, so it waits for the store (at most its
+    /// timeout; a batch whose write is cancelled waits for the next one).
+    /// With `false`, requests only note their use, and the host writes the
+    /// batch with [`flush_last_use`](Self::flush_last_use) on a timer of its
+    /// own (and at shutdown): no request ever waits for it.
+    #[must_use]
+    pub const fn last_use_in_requests(mut self, write: bool) -> Self {
+        self.last_use_in_requests = write;
         self
     }
 
@@ -902,7 +919,12 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             return None;
         }
         p.0.use_noted.store(mono.as_u64().max(1), Ordering::Relaxed);
-        self.last_use.note(p.record_id(), now, mono)
+        if self.last_use_in_requests {
+            self.last_use.note(p.record_id(), now, mono)
+        } else {
+            self.last_use.record(p.record_id(), now);
+            None
+        }
     }
 
     /// Writes a last-use batch. A failed write never fails the request:
@@ -921,7 +943,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// Writes `batch`; after a transient failure its times wait for the
     /// next flush.
     async fn write_batch(&self, batch: Vec<(RecordId, Timestamp)>) -> Result<(), BackendError> {
-        let written = self.store.record_last_used(&batch).await;
+        let in_flight = InFlight::new(&self.last_use, batch);
+        let written = self.store.record_last_used(in_flight.batch()).await;
+        let batch = in_flight.done();
         if let Err(e) = &written {
             self.last_use.restore_after(e, batch);
         }

@@ -1016,6 +1016,8 @@ struct Counting {
     last_use_writes: Arc<AtomicUsize>,
     /// Last-use writes fail while set.
     last_use_down: Arc<std::sync::atomic::AtomicBool>,
+    /// Last-use writes never finish while set (a stuck backend).
+    last_use_stuck: Arc<std::sync::atomic::AtomicBool>,
     after_lookup: Arc<std::sync::Mutex<Option<Hook>>>,
     /// Run when `list` is called, before it reads.
     on_list: Arc<std::sync::Mutex<Option<Hook>>>,
@@ -1096,9 +1098,13 @@ impl KeyStore for Counting {
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         self.last_use_writes.fetch_add(1, Ordering::Relaxed);
         // The memory store writes when called: call it only when up.
-        let write = (!self.last_use_down.load(Ordering::Relaxed))
+        let stuck = self.last_use_stuck.load(Ordering::Relaxed);
+        let write = (!self.last_use_down.load(Ordering::Relaxed) && !stuck)
             .then(|| self.inner.record_last_used(uses));
         async move {
+            if stuck {
+                std::future::pending::<()>().await;
+            }
             match write {
                 Some(w) => w.await,
                 None => Err(BackendError::unavailable(std::io::Error::other("down"))),
@@ -1135,6 +1141,53 @@ async fn a_failed_last_use_write_is_retried_not_lost() {
     assert_eq!(used, None);
     store.last_use_down.store(false, Ordering::Relaxed);
     clock.advance(Duration::from_secs(1));
+    auth.flush_last_use().await.unwrap();
+    assert_eq!(
+        f_get(&store, k.record()).await,
+        Some(Timestamp::from_second(1_767_225_600).unwrap())
+    );
+}
+
+/// A request cancelled while it writes the last-use batch (a client gone,
+/// a timeout layer) puts the batch back for the next write.
+#[tokio::test]
+async fn a_cancelled_last_use_write_is_not_lost() {
+    let (clock, store, manager, auth) = last_use_setup();
+    let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    store.last_use_stuck.store(true, Ordering::Relaxed);
+    {
+        let any = Target::any();
+        let header = format!("Bearer {}", k.key().expose_secret());
+        let mut request =
+            std::pin::pin!(auth.authenticate([("authorization", header.as_bytes())], &any));
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        assert!(request.as_mut().poll(&mut cx).is_pending(), "writing last use");
+    }
+    store.last_use_stuck.store(false, Ordering::Relaxed);
+    clock.advance(Duration::from_secs(1));
+    auth.flush_last_use().await.unwrap();
+    assert_eq!(
+        f_get(&store, k.record()).await,
+        Some(Timestamp::from_second(1_767_225_600).unwrap())
+    );
+}
+
+/// With requests not writing last use, none waits for the store: the
+/// host's flush writes what they noted.
+#[tokio::test]
+async fn requests_can_leave_last_use_writes_to_the_host() {
+    let (_clock, store, manager, auth) = last_use_setup();
+    let auth = auth.last_use_in_requests(false);
+    let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    store.last_use_stuck.store(true, Ordering::Relaxed);
+    let any = Target::any();
+    let header = format!("Bearer {}", k.key().expose_secret());
+    let mut request =
+        std::pin::pin!(auth.authenticate([("authorization", header.as_bytes())], &any));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(request.as_mut().poll(&mut cx).is_ready(), "no write in the request");
+    assert_eq!(store.last_use_writes.load(Ordering::Relaxed), 0);
+    store.last_use_stuck.store(false, Ordering::Relaxed);
     auth.flush_last_use().await.unwrap();
     assert_eq!(
         f_get(&store, k.record()).await,

@@ -288,6 +288,21 @@ impl LastUse {
         }
     }
 
+    /// Notes a use, for the next flush: as far as the pending map stays
+    /// under [`MAX_PENDING`](Self::MAX_PENDING) entries (a host that never
+    /// flushes loses last use, not memory).
+    pub(crate) fn record(&self, id: &RecordId, at: Timestamp) {
+        let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
+        let full = p.len() >= Self::MAX_PENDING;
+        match p.get_mut(id) {
+            Some(t) => *t = (*t).max(at),
+            None if !full => {
+                p.insert(id.clone(), at);
+            }
+            None => {}
+        }
+    }
+
     /// Notes a use; returns a batch to write when the interval has passed.
     pub(crate) fn note(
         &self,
@@ -295,15 +310,7 @@ impl LastUse {
         at: Timestamp,
         now: Nanos,
     ) -> Option<Vec<(RecordId, Timestamp)>> {
-        {
-            let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-            match p.get_mut(id) {
-                Some(t) => *t = (*t).max(at),
-                None => {
-                    p.insert(id.clone(), at);
-                }
-            }
-        }
+        self.record(id, at);
         // 0 is "never flushed": the first use after start is written at
         // once, and from then on at most one batch per interval.
         let last = self.last_flush.load(Ordering::Relaxed);
@@ -340,11 +347,50 @@ impl LastUse {
         ) {
             return;
         }
+        self.restore(batch);
+    }
+
+    /// Puts back a batch that was not written (its write failed or was
+    /// cancelled); times noted since then win when later.
+    pub(crate) fn restore(&self, batch: Vec<(RecordId, Timestamp)>) {
         let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
         let room = Self::MAX_PENDING.saturating_sub(p.len());
         for (id, at) in batch.into_iter().take(room) {
             let t = p.entry(id).or_insert(at);
             *t = (*t).max(at);
+        }
+    }
+}
+
+/// A last-use batch out of the pending map while its write runs: put back
+/// if the write's future is dropped before it finished (a cancelled
+/// request, a timeout layer), so its times wait for the next flush instead
+/// of being lost.
+pub(crate) struct InFlight<'a> {
+    last_use: &'a LastUse,
+    batch: Option<Vec<(RecordId, Timestamp)>>,
+}
+
+impl<'a> InFlight<'a> {
+    pub(crate) const fn new(last_use: &'a LastUse, batch: Vec<(RecordId, Timestamp)>) -> Self {
+        Self { last_use, batch: Some(batch) }
+    }
+
+    /// The batch being written.
+    pub(crate) fn batch(&self) -> &[(RecordId, Timestamp)] {
+        self.batch.as_deref().unwrap_or_default()
+    }
+
+    /// The write finished: the batch, for the caller to deal with.
+    pub(crate) fn done(mut self) -> Vec<(RecordId, Timestamp)> {
+        self.batch.take().unwrap_or_default()
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(batch) = self.batch.take() {
+            self.last_use.restore(batch);
         }
     }
 }
