@@ -254,9 +254,12 @@ impl<'de> Visitor<'de> for UniqueVisitor {
         let mut object = serde_json::Map::new();
         while let Some(key) = map.next_key::<String>()? {
             if object.is_empty() && key == NUMBER_TOKEN {
+                // A number, and nothing else: read as any JSON, the token's
+                // string could smuggle in an object with repeated keys.
                 let digits: String = map.next_value()?;
-                let n = serde_json::from_str(&digits).map_err(de::Error::custom)?;
-                return Ok(UniqueValue(n));
+                let n: serde_json::Number =
+                    serde_json::from_str(&digits).map_err(de::Error::custom)?;
+                return Ok(UniqueValue(Value::Number(n)));
             }
             if object.contains_key(&key) {
                 return Err(de::Error::custom(format_args!("duplicate key `{key}`")));
@@ -271,6 +274,21 @@ impl<'de> Visitor<'de> for UniqueVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The number token's value is a number or an error, never JSON of
+    /// its own (an object whose repeated keys nobody checked).
+    #[cfg(feature = "serde")]
+    #[test]
+    fn the_number_token_carries_only_numbers() {
+        let smuggled = r#"{"$serde_json::private::Number": "{\"a\": 1, \"a\": 2}"}"#;
+        assert!(serde_json::from_str::<UniqueValue>(smuggled).is_err());
+        let plans = r#"{"plans": {"pro": {"rate": [{"limit": 1, "window_seconds": 1}]}, "pro": {"rate": [{"limit": 9, "window_seconds": 1}]}}}"#;
+        let wrapped = serde_json::json!({ NUMBER_TOKEN: plans }).to_string();
+        assert!(serde_json::from_str::<crate::limit::PlanSet>(&wrapped).is_err());
+        let number = serde_json::json!({ NUMBER_TOKEN: "12.5" }).to_string();
+        let UniqueValue(v) = serde_json::from_str(&number).unwrap();
+        assert_eq!(v, serde_json::json!(12.5));
+    }
 
     #[test]
     fn repeated_keys_are_refused_at_any_depth() {

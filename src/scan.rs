@@ -552,7 +552,10 @@ impl Scanner {
     /// of its secret alphabet after at most two more separators: a key cut
     /// short, mistyped, or with a bad checksum) becomes `{prefix}[REDACTED]`
     /// as well, and a key (or damaged key) with a suffix glued on by `_`
-    /// (`…_old`) is redacted, its suffix left as it is. [`find_all`](Self::find_all) and
+    /// (`…_old`) is redacted, its suffix left as it is. A run longer than
+    /// any key that starts with a prefix and has no such `_` (a key with
+    /// letters glued on) loses its first longest-key's worth of bytes the
+    /// same way. [`find_all`](Self::find_all) and
     /// [`scan_reader`](Self::scan_reader) report whole keys only.
     ///
     /// # Errors
@@ -796,7 +799,11 @@ impl Scanner {
             // longer than `max_len`, so look no further than that.
             let cap = (start + self.max_len + 1).min(hay.len());
             let end = first_non_word(hay, hit_end, cap);
-            if !self.check_hiding(hay, start, end, mode.suspects, on_key) {
+            // As in `runs_in`: the prefix found may begin with an escape's
+            // letters (`\n` + `h_…` reads as `nh_…`), the key after them.
+            if !self.check_hiding(hay, start, end, mode.suspects, on_key)
+                && !self.check_escaped(hay, start, mode.suspects, on_key)
+            {
                 *waste += 1;
             }
             pos = end.max(hit_end);
@@ -826,7 +833,17 @@ impl Scanner {
             return false;
         }
         let last = end.min(start + self.max_len + 1);
-        (start + 1..last).rev().any(|p| hay[p] == b'_' && self.check(hay, start, p, true, on_key))
+        if (start + 1..last)
+            .rev()
+            .any(|p| hay[p] == b'_' && self.check(hay, start, p, true, on_key))
+        {
+            return true;
+        }
+        // A run longer than any key, with no key before one of its `_`:
+        // a key (or damaged key) with word bytes glued on without a `_`
+        // (`nh_…` + `01234`). Any key in it lies within its first
+        // `max_len` bytes: those go, as a damaged key, the rest stays.
+        end - start > self.max_len && self.check(hay, start, start + self.max_len, true, on_key)
     }
 
     /// Reports the run `hay[start..end]` (at most `max_len` bytes, a whole

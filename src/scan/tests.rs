@@ -786,3 +786,56 @@ fn the_fuzz_formats_are_the_four_the_target_expects() {
     let names: Vec<&str> = Scanner::fuzz_formats().formats().iter().map(KeyFormat::name).collect();
     assert_eq!(names, ["a", "chk", "nh", "sk"]);
 }
+
+/// A key with word bytes glued on without a `_`, the run longer than any
+/// key: what could be the key goes, the tail stays.
+#[test]
+fn the_redactor_hides_keys_with_a_long_glued_tail() {
+    let s = Scanner::presets();
+    let nh = format!("nh_{HEX64}");
+    let sk = crate::format::SK.mint_default().unwrap();
+    let sk = sk.expose_secret();
+    for (key, tail) in [
+        (nh.as_str(), "0"),
+        (nh.as_str(), "0123"),
+        (nh.as_str(), "01234"),
+        (nh.as_str(), "0123456789abcdef"),
+        (nh.as_str(), "deadbeefdeadbeefdeadbeefdeadbeef"),
+        (sk, &"X".repeat(40)),
+    ] {
+        for text in [format!("token={key}{tail} ok\n"), format!("\"\\n{key}{tail}\"")] {
+            let mut out = Vec::new();
+            assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), 1, "{text}");
+            let out = String::from_utf8(out).unwrap();
+            assert!(!out.contains(&key[key.len() - 16..]), "leaks the key: {out}");
+            assert!(out.contains("_[REDACTED]"), "{out}");
+        }
+    }
+    // Long identifiers that merely start like a key stay as they are.
+    let ident = "sk_test_helper_function_name_that_goes_on_and_on_for_a_long_while_yes";
+    let mut out = Vec::new();
+    assert_eq!(s.redact(ident.as_bytes(), &mut out).unwrap(), 0);
+}
+
+/// The prefix search meets `nh_` in `\nh_…` (an escape, then another
+/// format's `h_` key): it tries the key after the escape, as the run
+/// search does, whichever search is on when the key comes.
+#[test]
+fn a_key_after_an_escape_that_spells_another_prefix_is_found_by_both_searches() {
+    use std::fmt::Write as _;
+    const H: KeyFormat = KeyFormat::builder("h").build_unwrap();
+    let s = Scanner::new(FormatSet::new([NH, H]).unwrap());
+    let secret = "ZYXWVUTSRQPONMLKJIHGzyxwvutsrqpo";
+    let line = format!("{{\"msg\":\"auth failed\\nh_{secret}\"}}\n");
+    assert_eq!(s.find_all(line.as_bytes()).len(), 1, "after plain text");
+    let mut text = String::new();
+    for i in 0..60u128 {
+        writeln!(text, "trace={:040x}", i * 0x9e37_79b9_7f4a_7c15).unwrap();
+    }
+    text.push_str(&"-".repeat(4096));
+    text.push_str(&line);
+    assert_eq!(s.find_all(text.as_bytes()).len(), 1, "after ids (prefix search)");
+    let mut out = Vec::new();
+    s.redact(text.as_bytes(), &mut out).unwrap();
+    assert!(!String::from_utf8(out).unwrap().contains(secret));
+}
