@@ -811,6 +811,9 @@ fn the_redactor_hides_keys_with_a_long_glued_tail() {
             assert!(out.contains("_[REDACTED]"), "{out}");
         }
     }
+    // Streamed, cut anywhere: the same.
+    let text = format!("a nh_{HEX64}01234567 b\n{sk}{} c\n", "X".repeat(40));
+    assert_streaming_agrees(&s, text.as_bytes(), 0, 90, &[1, 7, 1000]);
     // Long identifiers that merely start like a key stay as they are.
     let ident = "sk_test_helper_function_name_that_goes_on_and_on_for_a_long_while_yes";
     let mut out = Vec::new();
