@@ -375,6 +375,15 @@ const CHK: KeyFormat = KeyFormat::builder("chk")
     .crc32()
     .build_unwrap();
 
+/// `h_` + 22 base62: with the escape `\n` before it, it spells `nh_`, the
+/// preset's prefix (which of the two a run is must not depend on the
+/// search), for the fuzzer and the tests.
+#[cfg(any(test, fuzzing))]
+const SPELLED: KeyFormat = KeyFormat::builder("h")
+    .secret(&crate::format::Alphabet::BASE62, 22)
+    .hint_chars(0)
+    .build_unwrap();
+
 /// Bytes before a key that deciding it may look at: an escape of up to
 /// five bytes (`\uXXXX`) before it, and the byte before that escape.
 const HISTORY: usize = 6;
@@ -473,17 +482,17 @@ impl Scanner {
     }
 
     /// For the fuzzer and the tests that replay its finds: the presets'
-    /// `nh` and `sk` beside [`SHORT`] and [`CHK`].
+    /// `nh` and `sk` beside [`SHORT`], [`CHK`] and [`SPELLED`].
     ///
     /// # Panics
     ///
-    /// Never: the four formats have distinct names and prefixes.
+    /// Never: the five formats have distinct names and prefixes.
     #[cfg(any(test, fuzzing))]
     #[doc(hidden)]
     #[must_use]
     pub fn fuzz_formats() -> FormatSet {
         use crate::format::{NH, SK};
-        FormatSet::new([SHORT, CHK, NH, SK]).expect("fuzz formats are valid")
+        FormatSet::new([SHORT, CHK, NH, SK, SPELLED]).expect("fuzz formats are valid")
     }
 
     /// For the fuzzer only (`cargo fuzz` sets `cfg(fuzzing)`): spans of

@@ -782,9 +782,9 @@ fn a_key_after_an_escape_is_found_when_prefix_search_hands_over_mid_run() {
 }
 
 #[test]
-fn the_fuzz_formats_are_the_four_the_target_expects() {
+fn the_fuzz_formats_are_the_five_the_target_expects() {
     let names: Vec<&str> = Scanner::fuzz_formats().formats().iter().map(KeyFormat::name).collect();
-    assert_eq!(names, ["a", "chk", "nh", "sk"]);
+    assert_eq!(names, ["a", "chk", "nh", "sk", "h"]);
 }
 
 /// A key with word bytes glued on without a `_`, the run longer than any
