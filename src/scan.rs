@@ -561,10 +561,10 @@ impl Scanner {
     /// of its secret alphabet after at most two more separators: a key cut
     /// short, mistyped, or with a bad checksum) becomes `{prefix}[REDACTED]`
     /// as well, and a key (or damaged key) with a suffix glued on by `_`
-    /// (`…_old`) is redacted, its suffix left as it is. A run longer than
-    /// any key that starts with a prefix and has no such `_` (a key with
-    /// letters glued on) loses its first longest-key's worth of bytes the
-    /// same way. [`find_all`](Self::find_all) and
+    /// (`…_old`) is redacted, its suffix left as it is, and so is a key
+    /// glued to more letters without a `_` in a run longer than any key
+    /// (the run's first key-length bytes all of the format's alphabet).
+    /// [`find_all`](Self::find_all) and
     /// [`scan_reader`](Self::scan_reader) report whole keys only.
     ///
     /// # Errors
@@ -850,9 +850,49 @@ impl Scanner {
         }
         // A run longer than any key, with no key before one of its `_`:
         // a key (or damaged key) with word bytes glued on without a `_`
-        // (`nh_…` + `01234`). Any key in it lies within its first
-        // `max_len` bytes: those go, as a damaged key, the rest stays.
-        end - start > self.max_len && self.check(hay, start, start + self.max_len, true, on_key)
+        // (`nh_…` + `01234`)?
+        end - start > self.max_len && self.check_glued(hay, start, on_key)
+    }
+
+    /// The key at the start of a run longer than any key, word bytes glued
+    /// on after it: the run's first bytes, as long as the key of the format
+    /// whose prefix the run starts with, are a key of it, or a damaged one
+    /// whose last part is made of the secret's alphabet alone (either
+    /// case). Those bytes are reported, the tail is left. Stricter than
+    /// [`suspect`]: a long identifier that merely starts with a prefix
+    /// (`nh_metricsRequestDuration…`) is not a key with a tail, where its
+    /// letters are not all of the alphabet (they are for base62 formats:
+    /// `sk_live_` and 32 letters is a key, whatever follows).
+    fn check_glued(
+        &self,
+        hay: &[u8],
+        start: usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> bool {
+        let run = &hay[start..];
+        let Some(i) = self.prefixes.iter().position(|p| run.starts_with(p)) else { return false };
+        let format = &self.formats.formats()[self.owners[i]];
+        let (shortest, longest) = format.len_range();
+        for len in (shortest..=longest).rev() {
+            let Some(token) = run.get(..len) else { continue };
+            if let Ok(parts) = format.parse_bytes(token) {
+                on_key(start, start + len, format, format.hint_of(token, &parts).len());
+                return true;
+            }
+        }
+        let prefix = self.prefixes[i].len();
+        let Some(rest) = run.get(prefix..longest) else { return false };
+        let mut parts = rest.rsplit(|&b| b == b'_');
+        let secret = parts.next().unwrap_or_default();
+        let alphabet = format.secret_alphabet();
+        let of_alphabet = |b: &u8| {
+            alphabet.contains(b.to_ascii_lowercase()) || alphabet.contains(b.to_ascii_uppercase())
+        };
+        if parts.count() <= 2 && secret.len() >= SUSPECT_MIN && secret.iter().all(of_alphabet) {
+            on_key(start, start + longest, format, prefix);
+            return true;
+        }
+        false
     }
 
     /// Reports the run `hay[start..end]` (at most `max_len` bytes, a whole
