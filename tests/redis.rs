@@ -843,6 +843,50 @@ async fn redis_id_sets_live_as_long_as_their_longest_lived_record() {
     assert_eq!(left(&mut con).await, Vec::<String>::new());
 }
 
+/// A record revoked or shortened past its retention is kept a retention
+/// from now: its id sets stay at least as long, so `list` shows what `get`
+/// finds.
+#[tokio::test]
+async fn a_record_kept_past_its_forget_at_stays_listed() {
+    let server = RedisServer::start();
+    let store = connect(&server, "past").await.keys().expired_retention(Duration::from_secs(2));
+    let now = jiff::Timestamp::now();
+    let mut old = keygate::testkit::keys::sample_record("ws_old", Some("p"), 0, false);
+    old.expires_at = Some(now - jiff::SignedDuration::from_hours(1));
+    assert_eq!(store.insert(Arc::new(old.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(store.revoke(&old.id, jiff::Timestamp::now()).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    assert!(store.get(&old.id).await.unwrap().is_some(), "the record is still kept");
+    let ws = "ws_old".parse().unwrap();
+    let listed = (
+        store.list(&ws, None).await.unwrap().len(),
+        store.list(&ws, Some(&"p".parse().unwrap())).await.unwrap().len(),
+    );
+    assert_eq!(listed, (1, 1), "listed while get still finds it");
+}
+
+/// A record revoked by a version that kept revoked records forever is
+/// scheduled when revoked again, and its sets with it.
+#[tokio::test]
+async fn a_legacy_revoked_records_sets_go_with_it() {
+    use ::redis::AsyncCommands;
+    let server = RedisServer::start();
+    let store = connect(&server, "lg").await.keys().expired_retention(Duration::from_millis(100));
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let r = keygate::testkit::keys::sample_record("ws_legacy", Some("p"), 0, false);
+    assert_eq!(store.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    let rec = format!("lg:{{lg:keys}}:rec:{}", r.id);
+    let _: () = con.hset(&rec, "rev", "401767225600000000000").await.unwrap();
+    assert!(!store.revoke(&r.id, jiff::Timestamp::now()).await.unwrap());
+    let ttl: i64 = con.pttl(&rec).await.unwrap();
+    assert!(ttl > 0, "the record is scheduled: {ttl}");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let left: Vec<String> = con.keys("lg:*").await.unwrap();
+    assert_eq!(left, Vec::<String>::new(), "nothing left of a forgotten tenant");
+}
+
 // ---- a connection that stays open but useless is replaced ----
 
 /// A loopback TCP proxy to a switchable Redis. `cut` stops forwarding on

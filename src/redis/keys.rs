@@ -143,15 +143,21 @@ local function schedule()
     FORGET(KEYS[3], ARGV[4], ARGV[5])
   end
 end
+local function ended()
+  ENDED(KEYS[4], ARGV[7], KEYS[1])
+  ENDED(KEYS[5], ARGV[7], KEYS[1])
+end
 if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then
   -- Revoked by a version that kept revoked records forever: schedule it.
-  if redis.call('PTTL', KEYS[1]) == -1 then schedule() end
+  if redis.call('PTTL', KEYS[1]) == -1 then
+    schedule()
+    ended()
+  end
   return 0
 end
 redis.call('HSET', KEYS[1], 'rev', ARGV[1])
 schedule()
-ENDED(KEYS[4], ARGV[7])
-ENDED(KEYS[5], ARGV[7])
+ended()
 return PUBLISHED(ARGV[2], ARGV[3])
 ";
 
@@ -175,8 +181,8 @@ if not cur or ARGV[1] < cur then
     if ARGV[6] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
       FORGET(KEYS[3], ARGV[2], ARGV[4])
     end
-    ENDED(KEYS[4], ARGV[7])
-    ENDED(KEYS[5], ARGV[7])
+    ENDED(KEYS[4], ARGV[7], KEYS[1])
+    ENDED(KEYS[5], ARGV[7], KEYS[1])
   end
   return PUBLISHED(ARGV[5], ARGV[3])
 end
@@ -230,10 +236,13 @@ end
 /// member's record is forgotten.
 ///
 /// `JOIN` adds `id` (record key `rec`, its expiry already set) to `set`.
-/// `ENDED`, after a member got an end, gives `set` an expiry if that was its
-/// last member without one: a pass over the members, so only for sets of
-/// at most [`ENDED_SCAN`] members (a larger set keeps no expiry, and its
-/// forgotten members are dropped as inserts and listings meet them).
+/// `ENDED`, after member `rec` got an end: a set with an expiry keeps it,
+/// or takes `rec`'s if that is later (a forget-at already past keeps the
+/// record a retention from now); a set without one gets one if that was
+/// its last member without an end: a pass over the members, so only for
+/// sets of at most [`ENDED_SCAN`] members (a larger set keeps no expiry,
+/// and its forgotten members are dropped as inserts and listings meet
+/// them).
 const SETS_FN: &str = r"
 local function JOIN(set, rec, id)
   local new = redis.call('EXISTS', set) == 0
@@ -248,8 +257,14 @@ local function JOIN(set, rec, id)
     if new or (cur >= 0 and cur < ttl) then redis.call('PEXPIRE', set, ttl) end
   end
 end
-local function ENDED(set, prefix)
-  if redis.call('PTTL', set) ~= -1 or redis.call('SCARD', set) > ENDED_SCAN then return end
+local function ENDED(set, prefix, rec)
+  local cur = redis.call('PTTL', set)
+  if cur >= 0 then
+    local ttl = redis.call('PTTL', rec)
+    if ttl > cur then redis.call('PEXPIRE', set, ttl) end
+    return
+  end
+  if cur == -2 or redis.call('SCARD', set) > ENDED_SCAN then return end
   -- A member going within the millisecond has 0 left: it counts.
   local longest = 1
   for _, id in ipairs(redis.call('SMEMBERS', set)) do
