@@ -685,7 +685,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// timeout; a batch whose write is cancelled waits for the next one).
     /// With `false`, requests only note their use, and the host writes the
     /// batch with [`flush_last_use`](Self::flush_last_use) on a timer of its
-    /// own (and at shutdown): no request ever waits for it.
+    /// own (and at shutdown): no request ever waits for it. Up to 100,000
+    /// keys' times wait between two flushes; the uses of more keys are not
+    /// noted (a host that never flushes loses last use, not memory).
     #[must_use]
     pub const fn last_use_in_requests(mut self, write: bool) -> Self {
         self.last_use_in_requests = write;

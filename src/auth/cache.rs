@@ -288,12 +288,17 @@ impl LastUse {
         }
     }
 
-    /// Notes a use, for the next flush: as far as the pending map stays
-    /// under [`MAX_PENDING`](Self::MAX_PENDING) entries (a host that never
-    /// flushes loses last use, not memory).
+    /// Notes a use, for a flush by the host: as far as the pending map
+    /// stays under [`MAX_PENDING`](Self::MAX_PENDING) entries (a host that
+    /// never flushes loses last use, not memory).
     pub(crate) fn record(&self, id: &RecordId, at: Timestamp) {
+        self.put(id, at, Self::MAX_PENDING);
+    }
+
+    /// Notes a use in the pending map, unless that holds `cap` others.
+    fn put(&self, id: &RecordId, at: Timestamp, cap: usize) {
         let mut p = self.pending.lock().unwrap_or_else(PoisonError::into_inner);
-        let full = p.len() >= Self::MAX_PENDING;
+        let full = p.len() >= cap;
         match p.get_mut(id) {
             Some(t) => *t = (*t).max(at),
             None if !full => {
@@ -310,7 +315,9 @@ impl LastUse {
         at: Timestamp,
         now: Nanos,
     ) -> Option<Vec<(RecordId, Timestamp)>> {
-        self.record(id, at);
+        // Unbounded: a request takes the whole map out every interval, so
+        // it holds at most the keys used in one.
+        self.put(id, at, usize::MAX);
         // 0 is "never flushed": the first use after start is written at
         // once, and from then on at most one batch per interval.
         let last = self.last_flush.load(Ordering::Relaxed);
@@ -407,6 +414,27 @@ mod tests {
         let r = sample_record("ws_c", None, 0, false);
         let d = *r.digest.digest();
         (d, Principal::from_record(Arc::new(r), &ScopeRegistry::default()).unwrap())
+    }
+
+    /// With requests writing, every key used in an interval is in the
+    /// next batch, however many: the map empties each interval.
+    #[test]
+    fn every_key_used_in_an_interval_is_in_its_batch() {
+        let last_use = LastUse::new(Duration::from_secs(60));
+        let at = Timestamp::from_second(1_767_225_600).unwrap();
+        let id = |i: usize| format!("key_{i:016}").parse::<RecordId>().unwrap();
+        assert_eq!(last_use.note(&id(0), at, Nanos::new(1)).map(|b| b.len()), Some(1));
+        let n = LastUse::MAX_PENDING + 10;
+        for i in 1..=n {
+            assert!(last_use.note(&id(i), at, Nanos::new(2)).is_none());
+        }
+        let batch = last_use.note(&id(n + 1), at, Nanos::new(61_000_000_000)).expect("a batch");
+        assert_eq!(batch.len(), n + 1);
+        // Noted for the host's flushes, they are bounded.
+        for i in 0..n {
+            last_use.record(&id(i), at);
+        }
+        assert_eq!(last_use.drain().len(), LastUse::MAX_PENDING);
     }
 
     /// Every digest indexed by id is cached under that id, and every
