@@ -160,7 +160,7 @@ async fn two_instances_share_one_redis() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_instances_bootstrap_token_stops_working() {
     let redis = RedisServer::start();
-    let (mut a, b) = (instance(&redis.url()), instance(&redis.url()));
+    let (a, b) = (instance(&redis.url()), instance(&redis.url()));
     let http = Client::new();
     let list = async |token: &str| {
         http.get(format!("{}/management/v1/workspaces/ws_demo/api-keys", b.base()))
@@ -170,13 +170,19 @@ async fn a_stopped_instances_bootstrap_token_stops_working() {
             .unwrap()
             .status()
     };
-    assert_eq!(list(&a.token()).await, StatusCode::OK, "and now cached on B");
-    a.interrupt();
-    // Revoked in Redis before A exits; B hears of it by pub/sub.
-    let start = Instant::now();
-    while list(&a.token()).await != StatusCode::UNAUTHORIZED {
-        assert!(start.elapsed() < Duration::from_secs(5), "B still accepts A's bootstrap token");
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Ctrl-C, or SIGTERM from a service manager.
+    for (mut a, signal) in [(a, "INT"), (instance(&redis.url()), "TERM")] {
+        assert_eq!(list(&a.token()).await, StatusCode::OK, "and now cached on B");
+        a.stop_with(signal);
+        // Revoked in Redis before A exits; B hears of it by pub/sub.
+        let start = Instant::now();
+        while list(&a.token()).await != StatusCode::UNAUTHORIZED {
+            assert!(
+                start.elapsed() < Duration::from_secs(5),
+                "B still accepts A's token ({signal})"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
     assert_eq!(list(&b.token()).await, StatusCode::OK, "B's own still works");
 }

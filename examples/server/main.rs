@@ -118,13 +118,27 @@ async fn main() -> Result<(), Box<dyn Error>> {
     out.flush()?;
     drop(out);
 
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    axum::serve(listener, router).with_graceful_shutdown(stop_signal()).await?;
     // The last few seconds of last use, which the periodic flush has not
     // written yet.
     flush().await;
     Ok(())
+}
+
+/// Ctrl-C, or (on Unix) SIGTERM, which service managers (systemd, `docker
+/// stop`, Kubernetes) send: either shuts down cleanly, flushing last use
+/// and revoking the bootstrap token.
+async fn stop_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }

@@ -61,15 +61,16 @@ impl Running {
         self.first["management_token"].as_str().expect("management_token").to_owned()
     }
 
-    /// Stops the server as Ctrl-C does (SIGINT: a graceful shutdown) and
-    /// waits for it to exit, at most 10 seconds.
-    pub fn interrupt(&mut self) {
+    /// Stops the server with `signal` (`INT`, as Ctrl-C does, or `TERM`,
+    /// as service managers do: a graceful shutdown either way) and waits
+    /// for it to exit, at most 10 seconds.
+    pub fn stop_with(&mut self, signal: &str) {
         let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-INT", &pid]).status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill -INT {pid}");
+        let sent = Command::new("kill").args([&format!("-{signal}"), &pid]).status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
         let start = std::time::Instant::now();
         while self.child.try_wait().expect("server status").is_none() {
-            assert!(start.elapsed().as_secs() < 10, "the server ignored SIGINT");
+            assert!(start.elapsed().as_secs() < 10, "the server ignored SIG{signal}");
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
     }
