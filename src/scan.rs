@@ -330,6 +330,36 @@ fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
         && secret.iter().filter(|&&b| format.secret_alphabet().contains(b)).count() >= SUSPECT_MIN
 }
 
+/// A damaged key at the start of a run longer than any key, word bytes
+/// glued on after it: the run's first bytes, as long as `format`'s
+/// longest key, have a last part made of the secret's alphabet alone
+/// (either case). Those bytes are reported, the tail is left. Stricter
+/// than [`suspect`]: a long identifier that merely starts with a prefix
+/// (`nh_metricsRequestDuration…`) is not a key with a tail, where its
+/// letters are not all of the alphabet (they are for base62 formats:
+/// `sk_live_` and 32 letters is a key, whatever follows).
+fn glued_damaged(
+    hay: &[u8],
+    start: usize,
+    format: &KeyFormat,
+    prefix: usize,
+    on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+) -> bool {
+    let longest = format.len_range().1;
+    let Some(rest) = hay.get(start + prefix..start + longest) else { return false };
+    let mut parts = rest.rsplit(|&b| b == b'_');
+    let secret = parts.next().unwrap_or_default();
+    let alphabet = format.secret_alphabet();
+    let of_alphabet = |b: &u8| {
+        alphabet.contains(b.to_ascii_lowercase()) || alphabet.contains(b.to_ascii_uppercase())
+    };
+    if parts.count() <= 2 && secret.len() >= SUSPECT_MIN && secret.iter().all(of_alphabet) {
+        on_key(start, start + longest, format, prefix);
+        return true;
+    }
+    false
+}
+
 /// The length of the escape's word bytes at the start of the run at
 /// `start` (the run follows a non-word byte): `n` in `\n`, `u0022` in
 /// `\u0022`, `20` in `%20`. Only an escape of a non-word character
@@ -563,8 +593,10 @@ impl Scanner {
     /// as well, and a key (or damaged key) with a suffix glued on by `_`
     /// (`…_old`) is redacted, its suffix left as it is, and so is a key
     /// glued to more letters without a `_` in a run longer than any key
-    /// (the run's first key-length bytes all of the format's alphabet).
-    /// [`find_all`](Self::find_all) and
+    /// (the run's first key-length bytes all of the format's alphabet);
+    /// keys glued one after another are each hidden, as far as the longest
+    /// key's length into the run (bytes past it are not looked at, as a
+    /// key inside a word is not found). [`find_all`](Self::find_all) and
     /// [`scan_reader`](Self::scan_reader) report whole keys only.
     ///
     /// # Errors
@@ -821,11 +853,37 @@ impl Scanner {
     }
 
     /// [`check`](Self::check) for a run of any length (only its first
-    /// `max_len + 1` bytes are read); when hiding, also a key with a suffix
-    /// glued on by `_` (`sk_live_…_old`, `nh_…_1`): the longest key (or
-    /// damaged key) ending right before one of the run's `_`, which is
-    /// reported alone, its suffix left as it is.
+    /// `max_len + 1` bytes are read); when hiding, also a key with word
+    /// bytes glued on, reported alone: a whole key at the run's start;
+    /// else the longest key (or damaged key) ending right before one of the
+    /// run's `_` (`sk_live_…_old`, `nh_…_1`); else, in a run longer than
+    /// any key, a damaged key ([`glued_damaged`]). What follows it in the
+    /// run (past any `_` joining them) is then looked at as a run of its
+    /// own: keys glued one after another are each hidden.
     fn check_hiding(
+        &self,
+        hay: &[u8],
+        start: usize,
+        end: usize,
+        suspects: bool,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> bool {
+        let mut reported = end;
+        let found = self.check_run_start(hay, start, end, suspects, &mut |s, e, f, h| {
+            reported = e;
+            on_key(s, e, f, h);
+        });
+        if found && suspects {
+            let next = reported + hay[reported..end].iter().take_while(|&&b| b == b'_').count();
+            if next < end {
+                self.check_hiding(hay, next, end, true, on_key);
+            }
+        }
+        found
+    }
+
+    /// [`check_hiding`](Self::check_hiding)'s look at the start of a run.
+    fn check_run_start(
         &self,
         hay: &[u8],
         start: usize,
@@ -838,8 +896,21 @@ impl Scanner {
         }
         // A glued key starts where the run does, with a format's prefix:
         // most runs (words of the text) have none, and need no more look.
-        if !suspects || !self.prefixes.iter().any(|p| hay[start..end].starts_with(p)) {
+        let run = &hay[start..end];
+        let Some(i) = self.prefixes.iter().position(|p| run.starts_with(p)) else { return false };
+        if !suspects {
             return false;
+        }
+        let format = &self.formats.formats()[self.owners[i]];
+        // A whole key at the start, word bytes glued on after it: before any
+        // cut at a `_`, which could fall inside the key (after a long key
+        // id) and leave its secret out.
+        let (shortest, longest) = format.len_range();
+        for len in (shortest..=longest.min(run.len() - 1)).rev() {
+            if let Ok(parts) = format.parse_bytes(&run[..len]) {
+                on_key(start, start + len, format, format.hint_of(&run[..len], &parts).len());
+                return true;
+            }
         }
         let last = end.min(start + self.max_len + 1);
         if (start + 1..last)
@@ -849,50 +920,9 @@ impl Scanner {
             return true;
         }
         // A run longer than any key, with no key before one of its `_`:
-        // a key (or damaged key) with word bytes glued on without a `_`
-        // (`nh_…` + `01234`)?
-        end - start > self.max_len && self.check_glued(hay, start, on_key)
-    }
-
-    /// The key at the start of a run longer than any key, word bytes glued
-    /// on after it: the run's first bytes, as long as the key of the format
-    /// whose prefix the run starts with, are a key of it, or a damaged one
-    /// whose last part is made of the secret's alphabet alone (either
-    /// case). Those bytes are reported, the tail is left. Stricter than
-    /// [`suspect`]: a long identifier that merely starts with a prefix
-    /// (`nh_metricsRequestDuration…`) is not a key with a tail, where its
-    /// letters are not all of the alphabet (they are for base62 formats:
-    /// `sk_live_` and 32 letters is a key, whatever follows).
-    fn check_glued(
-        &self,
-        hay: &[u8],
-        start: usize,
-        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
-    ) -> bool {
-        let run = &hay[start..];
-        let Some(i) = self.prefixes.iter().position(|p| run.starts_with(p)) else { return false };
-        let format = &self.formats.formats()[self.owners[i]];
-        let (shortest, longest) = format.len_range();
-        for len in (shortest..=longest).rev() {
-            let Some(token) = run.get(..len) else { continue };
-            if let Ok(parts) = format.parse_bytes(token) {
-                on_key(start, start + len, format, format.hint_of(token, &parts).len());
-                return true;
-            }
-        }
-        let prefix = self.prefixes[i].len();
-        let Some(rest) = run.get(prefix..longest) else { return false };
-        let mut parts = rest.rsplit(|&b| b == b'_');
-        let secret = parts.next().unwrap_or_default();
-        let alphabet = format.secret_alphabet();
-        let of_alphabet = |b: &u8| {
-            alphabet.contains(b.to_ascii_lowercase()) || alphabet.contains(b.to_ascii_uppercase())
-        };
-        if parts.count() <= 2 && secret.len() >= SUSPECT_MIN && secret.iter().all(of_alphabet) {
-            on_key(start, start + longest, format, prefix);
-            return true;
-        }
-        false
+        // a damaged key with word bytes glued on without a `_`?
+        end - start > self.max_len
+            && glued_damaged(hay, start, format, self.prefixes[i].len(), on_key)
     }
 
     /// Reports the run `hay[start..end]` (at most `max_len` bytes, a whole

@@ -857,3 +857,63 @@ fn a_key_after_an_escape_that_spells_another_prefix_is_found_by_both_searches() 
     s.redact(text.as_bytes(), &mut out).unwrap();
     assert!(!String::from_utf8(out).unwrap().contains(secret));
 }
+
+/// A custom format with a long key id: a key glued to letters is found
+/// whole, not cut at the `_` after its id (which would leave the secret).
+#[test]
+fn a_glued_key_with_a_long_key_id_keeps_its_secret_hidden() {
+    const LONG_ID: KeyFormat = KeyFormat::builder("acme")
+        .environments(&[Environment::LIVE])
+        .key_id(&Alphabet::BASE62, 16)
+        .secret(&Alphabet::BASE62, 32)
+        .build_unwrap();
+    let s = Scanner::new(FormatSet::new([LONG_ID]).unwrap());
+    let key = mint(&LONG_ID, 7);
+    let secret = &key[key.len() - 32..];
+    for tail in ["X", "XYZ", "0123456789", "_a_b_c"] {
+        let text = format!("token={key}{tail} ok\n");
+        let mut out = Vec::new();
+        assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), 1, "{text}");
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains(secret), "tail {tail:?} leaks the secret: {out}");
+        assert!(out.ends_with(&format!("[REDACTED]{tail} ok\n")), "{out}");
+    }
+}
+
+/// Keys glued one after another, directly or by a `_`, are each hidden:
+/// none is left for the next reader of the redacted text (the fuzzer's
+/// find: two `chk` keys back to back). What lies more than the longest
+/// key's length into a run is not looked at (as for finding: a key there
+/// is inside a word).
+#[test]
+fn keys_glued_one_after_another_are_each_hidden() {
+    let fuzz = Scanner::new(Scanner::fuzz_formats());
+    let chk = mint(&CHK, 5);
+    let sk = crate::format::SK.mint_default().unwrap();
+    let sk = sk.expose_secret();
+    let nh = NH.mint_default().unwrap();
+    let nh = nh.expose_secret();
+    for (s, text) in [
+        (&fuzz, format!("{chk}{chk}")),
+        (&fuzz, format!("x {chk}_{chk} y")),
+        (&fuzz, format!("\\n{chk}{chk}\\n")),
+        (&Scanner::presets(), format!("{sk}{sk}")),
+        (&Scanner::presets(), format!("{sk}_{sk}")),
+    ] {
+        let mut out = Vec::new();
+        s.redact(text.as_bytes(), &mut out).unwrap();
+        assert!(s.find_all(&out).is_empty(), "{}", String::from_utf8_lossy(&out));
+        let out = String::from_utf8(out).unwrap();
+        for key in [chk.as_str(), sk, nh] {
+            assert!(!out.contains(&key[key.len() - 12..]), "{text} → {out}");
+        }
+    }
+    // Past the longest key's length into the run, bytes stay: the first
+    // key goes, and no whole key is left.
+    let s = Scanner::presets();
+    let text = format!("{sk}{nh}");
+    let mut out = Vec::new();
+    s.redact(text.as_bytes(), &mut out).unwrap();
+    assert!(s.find_all(&out).is_empty());
+    assert!(!String::from_utf8(out).unwrap().contains(&sk[12..]));
+}
