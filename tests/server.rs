@@ -795,3 +795,32 @@ async fn example_binary_prints_its_address_and_token_first() {
     s.key(json!({"name": "t", "format": "nh", "plan": "tiny"})).await;
     std::fs::remove_dir_all(&dir).ok();
 }
+
+/// A stop signal sent the moment the server's first line is read still
+/// shuts it down cleanly (exit 0: last use flushed, a Redis bootstrap token
+/// revoked): the handlers are in place before the line is written. The
+/// signal comes from the shell's built-in `kill`, as fast as a supervisor's.
+#[cfg(unix)]
+#[test]
+fn a_stop_signal_right_after_the_first_line_is_a_clean_shutdown() {
+    let script = r#"
+        dir=$(mktemp -d); mkfifo "$dir/out"
+        "$BIN" --bind 127.0.0.1:0 > "$dir/out" &
+        pid=$!
+        exec 3<"$dir/out"; read -r line <&3
+        kill -"$SIG" $pid; wait $pid; status=$?
+        rm -r "$dir"; exit $status
+    "#;
+    let bin = example_server::example_binary();
+    for signal in ["TERM", "INT"] {
+        for _ in 0..10 {
+            let status = std::process::Command::new("bash")
+                .args(["-c", script])
+                .env("BIN", &bin)
+                .env("SIG", signal)
+                .status()
+                .unwrap();
+            assert!(status.success(), "SIG{signal} right after the first line: {status}");
+        }
+    }
+}

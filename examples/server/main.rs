@@ -54,6 +54,9 @@ struct Args {
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn Error>> {
     let args = Args::parse();
+    // Listened for before anything is minted or announced: a signal sent as
+    // soon as the first line is read still shuts down cleanly.
+    let stop = stop_signal()?;
     let mut plans = PlanSet::presets();
     if let Some(path) = &args.plans {
         let text = std::fs::read_to_string(path)
@@ -118,7 +121,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     out.flush()?;
     drop(out);
 
-    axum::serve(listener, router).with_graceful_shutdown(stop_signal()).await?;
+    axum::serve(listener, router).with_graceful_shutdown(stop).await?;
     // The last few seconds of last use, which the periodic flush has not
     // written yet.
     flush().await;
@@ -127,18 +130,25 @@ async fn main() -> Result<(), Box<dyn Error>> {
 
 /// Ctrl-C, or (on Unix) SIGTERM, which service managers (systemd, `docker
 /// stop`, Kubernetes) send: either shuts down cleanly, flushing last use
-/// and revoking the bootstrap token.
-async fn stop_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
+/// and revoking the bootstrap token. The handlers are installed when this
+/// is called, not when the future is first polled.
+#[cfg(unix)]
+fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = int.recv() => {}
+            _ = term.recv() => {}
         }
-    }
-    let _ = tokio::signal::ctrl_c().await;
+    })
+}
+
+/// Ctrl-C.
+#[cfg(not(unix))]
+fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
+    })
 }

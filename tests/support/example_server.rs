@@ -69,10 +69,14 @@ impl Running {
         let sent = Command::new("kill").args([&format!("-{signal}"), &pid]).status();
         assert!(sent.is_ok_and(|s| s.success()), "kill -{signal} {pid}");
         let start = std::time::Instant::now();
-        while self.child.try_wait().expect("server status").is_none() {
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("server status") {
+                break status;
+            }
             assert!(start.elapsed().as_secs() < 10, "the server ignored SIG{signal}");
             std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        };
+        assert!(status.success(), "SIG{signal}: not a clean shutdown ({status})");
     }
 }
 
