@@ -1142,10 +1142,7 @@ async fn a_failed_last_use_write_is_retried_not_lost() {
     store.last_use_down.store(false, Ordering::Relaxed);
     clock.advance(Duration::from_secs(1));
     auth.flush_last_use().await.unwrap();
-    assert_eq!(
-        f_get(&store, k.record()).await,
-        Some(Timestamp::from_second(1_767_225_600).unwrap())
-    );
+    assert_eq!(f_get(&store, k.record()).await, Some(fake_clock_start()));
 }
 
 /// A request cancelled while it writes the last-use batch (a client gone,
@@ -1155,21 +1152,11 @@ async fn a_cancelled_last_use_write_is_not_lost() {
     let (clock, store, manager, auth) = last_use_setup();
     let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
     store.last_use_stuck.store(true, Ordering::Relaxed);
-    {
-        let any = Target::any();
-        let header = format!("Bearer {}", k.key().expose_secret());
-        let mut request =
-            std::pin::pin!(auth.authenticate([("authorization", header.as_bytes())], &any));
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        assert!(request.as_mut().poll(&mut cx).is_pending(), "writing last use");
-    }
+    assert!(!polled_once_is_done(&auth, k.key().expose_secret()), "writing last use");
     store.last_use_stuck.store(false, Ordering::Relaxed);
     clock.advance(Duration::from_secs(1));
     auth.flush_last_use().await.unwrap();
-    assert_eq!(
-        f_get(&store, k.record()).await,
-        Some(Timestamp::from_second(1_767_225_600).unwrap())
-    );
+    assert_eq!(f_get(&store, k.record()).await, Some(fake_clock_start()));
 }
 
 /// With requests not writing last use, none waits for the store: the
@@ -1180,19 +1167,27 @@ async fn requests_can_leave_last_use_writes_to_the_host() {
     let auth = auth.last_use_in_requests(false);
     let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
     store.last_use_stuck.store(true, Ordering::Relaxed);
-    let any = Target::any();
-    let header = format!("Bearer {}", k.key().expose_secret());
-    let mut request =
-        std::pin::pin!(auth.authenticate([("authorization", header.as_bytes())], &any));
-    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-    assert!(request.as_mut().poll(&mut cx).is_ready(), "no write in the request");
+    assert!(polled_once_is_done(&auth, k.key().expose_secret()), "no write in the request");
     assert_eq!(store.last_use_writes.load(Ordering::Relaxed), 0);
     store.last_use_stuck.store(false, Ordering::Relaxed);
     auth.flush_last_use().await.unwrap();
-    assert_eq!(
-        f_get(&store, k.record()).await,
-        Some(Timestamp::from_second(1_767_225_600).unwrap())
-    );
+    assert_eq!(f_get(&store, k.record()).await, Some(fake_clock_start()));
+}
+
+/// Whether an authentication of `key`, polled once, is done; else it is
+/// dropped unfinished, as a cancelled request's.
+fn polled_once_is_done(auth: &Authenticator<Counting, FakeClock>, key: &str) -> bool {
+    let any = Target::any();
+    let header = format!("Bearer {key}");
+    let mut request =
+        std::pin::pin!(auth.authenticate([("authorization", header.as_bytes())], &any));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    request.as_mut().poll(&mut cx).is_ready()
+}
+
+/// Where `FakeClock::at_2026` starts: the last use of a key used at once.
+fn fake_clock_start() -> Timestamp {
+    Timestamp::from_second(1_767_225_600).unwrap()
 }
 
 async fn f_get(store: &Counting, r: &KeyRecord) -> Option<Timestamp> {
