@@ -391,6 +391,13 @@ impl KeyFormat {
         self.name
     }
 
+    /// How many `_` a key of this format has: after its name, after its
+    /// region or environment, and after its key id.
+    pub(crate) const fn separators(&self) -> usize {
+        let segment = !matches!(self.segment, Segment::None);
+        1 + segment as usize + self.key_id.is_some() as usize
+    }
+
     /// The environment or region segment.
     #[must_use]
     pub const fn segment(&self) -> Segment {

@@ -330,6 +330,11 @@ fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
         && secret.iter().filter(|&&b| format.secret_alphabet().contains(b)).count() >= SUSPECT_MIN
 }
 
+/// The `_` in `bytes`.
+fn count_underscores(bytes: &[u8]) -> usize {
+    memchr::memchr_iter(b'_', bytes).count()
+}
+
 /// A damaged key at the start of a run longer than any key, word bytes
 /// glued on after it: the run's first bytes, as long as `format`'s
 /// longest key, have a last part made of the secret's alphabet alone
@@ -593,10 +598,12 @@ impl Scanner {
     /// as well, and a key (or damaged key) with a suffix glued on by `_`
     /// (`…_old`) is redacted, its suffix left as it is, and so is a key
     /// glued to more letters without a `_` in a run longer than any key
-    /// (the run's first key-length bytes all of the format's alphabet);
-    /// keys glued one after another are each hidden, as far as the longest
-    /// key's length into the run (bytes past it are not looked at, as a
-    /// key inside a word is not found). [`find_all`](Self::find_all) and
+    /// (the run's first key-length bytes all of the format's alphabet).
+    /// Only a run's first key-length bytes (and a few more) are read: a
+    /// key glued right after another one is cut at its own `_` when that
+    /// lies within them (its secret then stays, without its prefix), and
+    /// past them it stays whole, after the first one's `[REDACTED]`.
+    /// [`find_all`](Self::find_all) and
     /// [`scan_reader`](Self::scan_reader) report whole keys only.
     ///
     /// # Errors
@@ -772,7 +779,8 @@ impl Scanner {
             // escape has at most five letters and began before `from`.
             let end = first_non_word(hay, from, hay.len());
             if let Some(p) = (from..end.min(from + 5)).find(|&p| escaped_before(hay, p)) {
-                self.check_hiding(hay, p, end, mode.suspects, on_key);
+                // Capped as every run is: only a key's length is read.
+                self.check_hiding(hay, p, end.min(p + self.max_len + 1), mode.suspects, on_key);
             }
             from = end + 1;
         }
@@ -854,36 +862,15 @@ impl Scanner {
 
     /// [`check`](Self::check) for a run of any length (only its first
     /// `max_len + 1` bytes are read); when hiding, also a key with word
-    /// bytes glued on, reported alone: a whole key at the run's start;
-    /// else the longest key (or damaged key) ending right before one of the
-    /// run's `_` (`sk_live_…_old`, `nh_…_1`); else, in a run longer than
-    /// any key, a damaged key ([`glued_damaged`]). What follows it in the
-    /// run (past any `_` joining them) is then looked at as a run of its
-    /// own: keys glued one after another are each hidden.
+    /// bytes glued on, reported alone: the longest key (or damaged key)
+    /// ending right before one of the run's `_` (`sk_live_…_old`,
+    /// `nh_…_1`) but for the `_` inside a key of the prefix's format (after
+    /// its region, environment or key id: a cut there would leave the
+    /// secret); else, in a run longer than any key, a whole key at its
+    /// start, or a damaged one ([`glued_damaged`]). What follows stays: it
+    /// starts with a `_` or lies past a key's length into the run, where
+    /// no key starts, or it follows a whole key.
     fn check_hiding(
-        &self,
-        hay: &[u8],
-        start: usize,
-        end: usize,
-        suspects: bool,
-        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
-    ) -> bool {
-        let mut reported = end;
-        let found = self.check_run_start(hay, start, end, suspects, &mut |s, e, f, h| {
-            reported = e;
-            on_key(s, e, f, h);
-        });
-        if found && suspects {
-            let next = reported + hay[reported..end].iter().take_while(|&&b| b == b'_').count();
-            if next < end {
-                self.check_hiding(hay, next, end, true, on_key);
-            }
-        }
-        found
-    }
-
-    /// [`check_hiding`](Self::check_hiding)'s look at the start of a run.
-    fn check_run_start(
         &self,
         hay: &[u8],
         start: usize,
@@ -902,27 +889,30 @@ impl Scanner {
             return false;
         }
         let format = &self.formats.formats()[self.owners[i]];
-        // A whole key at the start, word bytes glued on after it: before any
-        // cut at a `_`, which could fall inside the key (after a long key
-        // id) and leave its secret out.
+        let prefix = self.prefixes[i].len();
+        // The `_` a key of the format has past its literal prefix.
+        let inner = format.separators() - count_underscores(&self.prefixes[i]);
+        let last = end.min(start + self.max_len + 1);
+        if (start + prefix..last).rev().any(|p| {
+            hay[p] == b'_'
+                && count_underscores(&hay[start + prefix..p]) >= inner
+                && self.check(hay, start, p, true, on_key)
+        }) {
+            return true;
+        }
+        // A run longer than any key, with no key before one of its `_`:
+        // a key (or damaged key) with word bytes glued on without a `_`?
+        if end - start <= self.max_len {
+            return false;
+        }
         let (shortest, longest) = format.len_range();
-        for len in (shortest..=longest.min(run.len() - 1)).rev() {
+        for len in (shortest..=longest).rev() {
             if let Ok(parts) = format.parse_bytes(&run[..len]) {
                 on_key(start, start + len, format, format.hint_of(&run[..len], &parts).len());
                 return true;
             }
         }
-        let last = end.min(start + self.max_len + 1);
-        if (start + 1..last)
-            .rev()
-            .any(|p| hay[p] == b'_' && self.check(hay, start, p, true, on_key))
-        {
-            return true;
-        }
-        // A run longer than any key, with no key before one of its `_`:
-        // a damaged key with word bytes glued on without a `_`?
-        end - start > self.max_len
-            && glued_damaged(hay, start, format, self.prefixes[i].len(), on_key)
+        glued_damaged(hay, start, format, prefix, on_key)
     }
 
     /// Reports the run `hay[start..end]` (at most `max_len` bytes, a whole
