@@ -322,17 +322,18 @@ const SUSPECT_MIN: usize = 16;
 /// it, the other 63; an upper-cased one, its digits), or one a checksum
 /// lets an attacker repair offline.
 fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
-    // At most three parts: the region or environment, the key id, the
-    // secret (the last part).
-    let mut parts = rest.rsplit(|&b| b == b'_');
-    let secret = parts.next().unwrap_or_default();
-    parts.count() <= 2
-        && secret.iter().filter(|&&b| format.secret_alphabet().contains(b)).count() >= SUSPECT_MIN
+    last_part(rest).is_some_and(|secret| {
+        secret.iter().filter(|&&b| format.secret_alphabet().contains(b)).count() >= SUSPECT_MIN
+    })
 }
 
-/// The `_` in `bytes`.
-fn count_underscores(bytes: &[u8]) -> usize {
-    memchr::memchr_iter(b'_', bytes).count()
+/// The last part of `rest` (after a literal prefix), where the secret of a
+/// key is, if `rest` has at most three: the region or environment, the key
+/// id, the secret.
+fn last_part(rest: &[u8]) -> Option<&[u8]> {
+    let mut parts = rest.rsplit(|&b| b == b'_');
+    let last = parts.next().unwrap_or_default();
+    (parts.count() <= 2).then_some(last)
 }
 
 /// A damaged key at the start of a run longer than any key, word bytes
@@ -352,17 +353,16 @@ fn glued_damaged(
 ) -> bool {
     let longest = format.len_range().1;
     let Some(rest) = hay.get(start + prefix..start + longest) else { return false };
-    let mut parts = rest.rsplit(|&b| b == b'_');
-    let secret = parts.next().unwrap_or_default();
     let alphabet = format.secret_alphabet();
     let of_alphabet = |b: &u8| {
         alphabet.contains(b.to_ascii_lowercase()) || alphabet.contains(b.to_ascii_uppercase())
     };
-    if parts.count() <= 2 && secret.len() >= SUSPECT_MIN && secret.iter().all(of_alphabet) {
+    let damaged = last_part(rest)
+        .is_some_and(|secret| secret.len() >= SUSPECT_MIN && secret.iter().all(of_alphabet));
+    if damaged {
         on_key(start, start + longest, format, prefix);
-        return true;
     }
-    false
+    damaged
 }
 
 /// The length of the escape's word bytes at the start of the run at
@@ -890,14 +890,21 @@ impl Scanner {
         }
         let format = &self.formats.formats()[self.owners[i]];
         let prefix = self.prefixes[i].len();
-        // The `_` a key of the format has past its literal prefix.
-        let inner = format.separators() - count_underscores(&self.prefixes[i]);
+        // Cuts start after the `_` a key of the format has past its literal
+        // prefix (after its region, environment or key id).
+        let inner = format.separators() - memchr::memchr_iter(b'_', &self.prefixes[i]).count();
         let last = end.min(start + self.max_len + 1);
-        if (start + prefix..last).rev().any(|p| {
-            hay[p] == b'_'
-                && count_underscores(&hay[start + prefix..p]) >= inner
-                && self.check(hay, start, p, true, on_key)
-        }) {
+        let first_cut = match inner.checked_sub(1) {
+            None => start + prefix,
+            Some(n) => match memchr::memchr_iter(b'_', &hay[start + prefix..last]).nth(n) {
+                Some(at) => start + prefix + at + 1,
+                None => last,
+            },
+        };
+        if (first_cut..last)
+            .rev()
+            .any(|p| hay[p] == b'_' && self.check(hay, start, p, true, on_key))
+        {
             return true;
         }
         // A run longer than any key, with no key before one of its `_`:
@@ -906,13 +913,8 @@ impl Scanner {
             return false;
         }
         let (shortest, longest) = format.len_range();
-        for len in (shortest..=longest).rev() {
-            if let Ok(parts) = format.parse_bytes(&run[..len]) {
-                on_key(start, start + len, format, format.hint_of(&run[..len], &parts).len());
-                return true;
-            }
-        }
-        glued_damaged(hay, start, format, prefix, on_key)
+        (shortest..=longest).rev().any(|len| self.check(hay, start, start + len, false, on_key))
+            || glued_damaged(hay, start, format, prefix, on_key)
     }
 
     /// Reports the run `hay[start..end]` (at most `max_len` bytes, a whole

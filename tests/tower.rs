@@ -950,13 +950,23 @@ mod nested {
         down: fn(&str) -> bool,
         refunds_down: bool,
     ) -> Gate<MemoryKeyStore, Partial, MemoryQuotaStore, FakeClock> {
+        partial_gate_failing(keys, down, refunds_down, FailMode::Open)
+    }
+
+    /// [`partial_gate`] with the limiter failing as `mode` says.
+    fn partial_gate_failing(
+        keys: &MemoryKeyStore,
+        down: fn(&str) -> bool,
+        refunds_down: bool,
+        mode: FailMode,
+    ) -> Gate<MemoryKeyStore, Partial, MemoryQuotaStore, FakeClock> {
         let clock = FakeClock::at_2026();
         let mem = Arc::new(MemoryLimiter::with_clock(100, clock.clone()));
         let store = Partial { mem, down, refunds_down };
         Gate::builder(Authenticator::new(keys.clone()).clock(clock), store)
             .plans(PlanSet::presets())
             .default_plan("hobby")
-            .limiter_fail_mode(FailMode::Open)
+            .limiter_fail_mode(mode)
             .build()
     }
 
@@ -1062,13 +1072,7 @@ mod nested {
     async fn a_503_after_a_refund_that_failed_still_reports_it() {
         let keys = MemoryKeyStore::new();
         let k = key(&keys, None).await;
-        let clock = FakeClock::at_2026();
-        let mem = Arc::new(MemoryLimiter::with_clock(100, clock.clone()));
-        let store = Partial { mem, down: route_plan_keys, refunds_down: true };
-        let gate = Gate::builder(Authenticator::new(keys.clone()).clock(clock), store)
-            .plans(PlanSet::presets())
-            .default_plan("hobby")
-            .build();
+        let gate = partial_gate_failing(&keys, route_plan_keys, true, FailMode::Closed);
         let app: Router = Router::new()
             .route("/pro", get(|| async { "in" }).route_layer(gate.layer().plan("pro")))
             .layer(gate.layer());

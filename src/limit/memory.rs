@@ -516,12 +516,17 @@ struct WallAnchor {
 
 const DAY_NANOS: i64 = 86_400 * 1_000_000_000;
 
+/// Room left at the end of a time line: two of the longest periods. Every
+/// state stays within a period (or a full GCRA burst, at most as long) of
+/// now, so a time line stopped this far short of a bound keeps every
+/// state below it.
+const END_ROOM: u64 = 2 * super::policy::YEAR.as_nanos() as u64;
+
 /// Where a limiter's time line stops: 2^60 ns (36 years) after the limiter
-/// was made, less two of the longest periods. Every state stays within a
-/// period (or a full GCRA burst, at most as long) of now, so fixed-window
-/// ends stay below 2^60 ns and arrival times below 2^63, as one-word states
-/// need. Past it, time stands still: limits hold, and no longer refill.
-const TIME_LINE_END: u64 = (1 << 60) - 2 * super::policy::YEAR.as_nanos() as u64;
+/// was made, less [`END_ROOM`], so fixed-window ends stay below 2^60 ns and
+/// arrival times below 2^63, as one-word states need. Past it, time stands
+/// still: limits hold, and no longer refill.
+const TIME_LINE_END: u64 = (1 << 60) - END_ROOM;
 
 impl WallAnchor {
     fn new<C: Clock>(clock: &C) -> Self {
@@ -1571,13 +1576,9 @@ impl<C: Clock> DirectLimiter<C> {
 
     /// GCRA on the bare word.
     fn check_gcra(&self, cost: u32) -> Snapshot {
-        // Short of the end by two of the longest bursts, so the sums below
-        // never saturate (a saturated arrival time would admit everyone).
-        let now = self
-            .clock
-            .monotonic()
-            .as_u64()
-            .min(u64::MAX - 2 * super::policy::YEAR.as_nanos() as u64);
+        // Short of the end by `END_ROOM`, so the sums below never saturate
+        // (a saturated arrival time would admit everyone).
+        let now = self.clock.monotonic().as_u64().min(u64::MAX - END_ROOM);
         let (t, h) = (self.interval, self.horizon);
         // Out of the loop: what a check of `cost` asks for never changes.
         let ask = t.saturating_mul(u64::from(cost));
