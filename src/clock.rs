@@ -145,6 +145,7 @@ impl Clock for SystemClock {
         os_wall_now()
     }
 
+    #[inline]
     fn monotonic(&self) -> Nanos {
         Nanos(duration_nanos(self.origin.elapsed()))
     }
@@ -211,6 +212,7 @@ impl Clock for QuantaClock {
         os_wall_now()
     }
 
+    #[inline]
     fn monotonic(&self) -> Nanos {
         Nanos(self.base.saturating_add(self.clock.delta_as_nanos(self.origin, self.clock.raw())))
     }

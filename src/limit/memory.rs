@@ -1532,7 +1532,12 @@ impl<C: Clock> DirectLimiter<C> {
 
     /// Takes `cost` units if they fit.
     #[must_use]
+    #[inline]
     pub fn check(&self, cost: u32) -> Snapshot {
+        // GCRA, the common case, inline: no frame for the other forms.
+        if let Form::Gcra = self.form {
+            return self.check_gcra(cost);
+        }
         self.check_at(cost).0
     }
 
@@ -1575,6 +1580,7 @@ impl<C: Clock> DirectLimiter<C> {
     }
 
     /// GCRA on the bare word.
+    #[inline]
     fn check_gcra(&self, cost: u32) -> Snapshot {
         // Short of the end by `END_ROOM`, so the sums below never saturate
         // (a saturated arrival time would admit everyone).
