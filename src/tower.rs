@@ -439,9 +439,11 @@ impl Refused {
         self
     }
 
-    /// This refusal with an outer layer's fail-open trace beside its own.
+    /// This refusal with an outer layer's fail-open trace beside its own:
+    /// all of it, but for its limiter failure where this layer had taken
+    /// the charge over and checked the limit again.
     fn with_outer_trace(mut self, outer: Option<FailedOpen>) -> Self {
-        self.failed_open = FailedOpen::beside(self.failed_open.take(), outer, false);
+        self.failed_open = FailedOpen::beside(self.failed_open.take(), outer, self.took_over);
         self
     }
 
@@ -932,10 +934,18 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
 
     /// A layer's refusal as its response: with any outer layer's
     /// fail-open trace (from the request's `extensions`), and marked
-    /// [`TookOver`] when the layer had taken the charge over.
+    /// [`TookOver`] when the layer had taken the charge over. A 401 inside
+    /// a layer that admitted the key answers in that layer's style: an
+    /// unknown key's 401 comes from there, and the two must look alike.
     fn refused_response<B: From<String>>(&self, refused: Refused, ext: &Extensions) -> Response<B> {
         let took_over = refused.took_over;
         let key_refused = matches!(refused.reason(), Refusal::Auth(_));
+        let refused = match ext.get::<AdmittedBy>() {
+            Some(m) if key_refused && refused.rejection().status() == 401 => {
+                refused.with_style(m.style)
+            }
+            _ => refused,
+        };
         let outer = ext.get::<FailedOpen>().cloned();
         let mut res = self.respond(refused.with_outer_trace(outer));
         if took_over {
@@ -1015,7 +1025,11 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
         self.with(|r| r.quota = Some(category))
     }
 
-    /// Answers refusals on this route in `style`.
+    /// Answers refusals on this route in `style`, but for a 401 inside a
+    /// layer that admitted the key (a router-wide layer, say): that one
+    /// answers in the outer layer's style, as an unknown key's 401 from
+    /// the outer layer does, so the body does not tell a valid key of a
+    /// refused format or region from an invalid one.
     #[must_use]
     pub fn body_style(self, style: BodyStyle) -> Self {
         self.with(|r| r.style = Some(style))
@@ -1169,6 +1183,8 @@ where
                 })
                 .unzip();
             let (outer_cookie, outer_decided) = outer.unzip();
+            // The outermost admitting layer's style, whatever its gate.
+            let outer_style = req.extensions().get::<AdmittedBy>().map(|m| m.style);
             let admitted = match gate.admit_to(&route, req.headers(), target, known).await {
                 Ok(a) => a,
                 Err(refused) => return Ok(gate.refused_response(refused, req.extensions())),
@@ -1187,6 +1203,7 @@ where
                 cookie: outer_cookie.unwrap_or(admitted.cookie),
                 decided: admitted.decision.is_some()
                     || (outer_decided == Some(true) && !admitted.took_over),
+                style: outer_style.unwrap_or_else(|| gate.style(&route)),
             };
             let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
             req.extensions_mut().insert(mark);
@@ -1305,6 +1322,10 @@ struct AdmittedBy {
     /// charged, and no layer inside gave that back): not another gate's,
     /// for a layer inside to give back.
     decided: bool,
+    /// The style of the outermost layer that admitted the request (of
+    /// any gate): where an unknown key's 401 comes from, so a layer
+    /// inside answers its own 401s alike.
+    style: BodyStyle,
 }
 
 impl AdmittedBy {

@@ -1158,6 +1158,56 @@ mod nested {
     }
 
     #[tokio::test]
+    async fn an_inner_refusal_after_a_take_over_drops_the_routers_limiter_failure() {
+        // The router's check fails open; the route's own (pro) check
+        // works, then the route refuses (a scope, then its own limit): the
+        // request was rate-limited, and no trace may say it was not.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, None).await;
+        let gate = partial_gate(&keys, plain_keys, false);
+        let scoped = gate.layer().plan("pro").require("api_keys:read").unwrap();
+        let app: Router = Router::new()
+            .route("/scope", get(|| async { "in" }).route_layer(scoped))
+            .route("/cost", get(|| async { "in" }).route_layer(gate.layer().plan("pro").cost(11)))
+            .layer(gate.layer());
+        for (path, status) in
+            [("/scope", StatusCode::FORBIDDEN), ("/cost", StatusCode::TOO_MANY_REQUESTS)]
+        {
+            let res = app.clone().oneshot(call(path, &k)).await.unwrap();
+            assert_eq!(res.status(), status, "{path}");
+            let refused = res.extensions().get::<Refused>().unwrap();
+            assert!(
+                refused.failed_open().is_none_or(|f| f.limiter.is_none()),
+                "{path}: {:?}",
+                refused.failed_open()
+            );
+            let f = res.extensions().get::<FailedOpen>();
+            assert!(f.is_none_or(|f| f.limiter.is_none()), "{path}: {f:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_inner_401_answers_as_an_unknown_keys_401_whatever_the_routes_style() {
+        // An unknown key is refused by the router's layer, in its style; a
+        // valid key of a format the route refuses must get the very same
+        // body, or the body tells valid keys from invalid ones.
+        let keys = MemoryKeyStore::new();
+        let valid = key(&keys, Some("hobby")).await;
+        let unknown = format!("nh_{}", "0".repeat(64));
+        let gate = memory_gate(&keys);
+        let flat = gate.layer().formats(["sk"]).body_style(keygate::http::BodyStyle::Flat);
+        let app: Router =
+            Router::new().route("/r", get(|| async { "in" }).route_layer(flat)).layer(gate.layer());
+        let mut bodies = Vec::new();
+        for k in [&unknown, &valid] {
+            let res = app.clone().oneshot(call("/r", k)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+            bodies.push(text(res).await);
+        }
+        assert_eq!(bodies[0], bodies[1]);
+    }
+
+    #[tokio::test]
     async fn a_handlers_401_through_gate_respond_keeps_the_limit_headers() {
         // A step-up check in the handler, answered with the gate's own
         // `respond`: the layer charged, so its headers are reported.
