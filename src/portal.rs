@@ -142,6 +142,10 @@ pub enum PortalError {
     /// The code expired.
     #[error("portal code expired")]
     Expired,
+    /// The minting token ends within the second: a session would end
+    /// before it starts. Mint with a longer-lived token.
+    #[error("the management token expires too soon to mint a portal session")]
+    MinterExpiring,
     /// A generated code or token collided (vanishingly unlikely; retry).
     #[error("generated code collided; retry")]
     Collision,
@@ -160,6 +164,7 @@ impl PortalError {
     pub fn rejection(&self) -> Rejection {
         match self {
             Self::Request(e) => e.to_rejection(),
+            Self::MinterExpiring => Rejection::InvalidCredentials,
             Self::NotManagementToken | Self::Scope(ScopeError::Exceeds { .. }) => {
                 Rejection::Forbidden { scope: None }
             }
@@ -349,6 +354,11 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let exact = minter.expires_at().map_or(asked, |end| asked.min(end));
         let whole = TimestampRound::new().smallest(Unit::Second).mode(RoundMode::Floor);
         let expires_at = exact.round(whole).unwrap_or(exact);
+        if expires_at <= now {
+            // A minter ending within the second: its link would be dead on
+            // arrival (a success the first redemption calls expired).
+            return Err(PortalError::MinterExpiring);
+        }
         let code = CODE.mint_default().map_err(BackendError::unavailable)?;
         let session = PortalSession {
             workspace: workspace.clone(),
@@ -357,6 +367,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             metadata: request.metadata,
             created_at: now,
             expires_at,
+            environment: minter.environment(),
+            region: minter.region(),
         };
         let digest = *self.hasher.digest(code.expose_secret().as_bytes()).digest();
         if !self.sessions.insert(digest, session).await? {
@@ -430,8 +442,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             digest: self.hasher.digest(token.expose_secret().as_bytes()),
             format: ACCESS_TOKEN.name().to_owned(),
             key_id: None,
-            environment: None,
-            region: None,
+            environment: session.environment,
+            region: session.region,
             tenant: Tenant::workspace(session.workspace).with_application(session.application),
             scopes: Arc::clone(scopes),
             plan: None,

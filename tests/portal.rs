@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use keygate::auth::{AuthError, Authenticator, Target};
 use keygate::clock::{Clock, FakeClock};
-use keygate::format::NHM;
+use keygate::format::{Environment, NHM};
 use keygate::http::{BodyStyle, Rejection};
 use keygate::manager::{KeyManager, NewKey, TokenExpiry};
 use keygate::portal::{self, MemoryPortalStore, Portal, PortalError, SessionRequest};
@@ -313,6 +313,70 @@ async fn a_session_never_outlives_its_minter() {
     // A minter that never expires leaves the asked-for 60 minutes.
     let long = w.portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await;
     assert_eq!(long.unwrap().expires_at(), w.clock.now() + jiff::SignedDuration::from_mins(60));
+}
+
+#[tokio::test]
+async fn a_minter_ending_within_the_second_mints_no_dead_link() {
+    // The token ends 0.3 s from now, not on a whole second: the session's
+    // end, rounded down to the second, would already be past.
+    let w = world(&["*"]).await;
+    w.clock.advance(Duration::from_millis(500));
+    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
+    let token = manager
+        .create(
+            NewKey::new("short", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
+                .scopes(&["*"])
+                .unwrap()
+                .token_expiry(TokenExpiry::Days30),
+        )
+        .await
+        .unwrap();
+    w.clock.advance(Duration::from_secs(30 * 86_400) - Duration::from_millis(200));
+    let h = format!("Bearer {}", token.key().expose_secret());
+    let minter = w.auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await;
+    let minter = minter.unwrap();
+    assert!(minter.expires_at().unwrap() > w.clock.now());
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let r = w.portal.create_session(&minter, &ws, &app, SessionRequest::default()).await;
+    let e = r.err().unwrap();
+    assert!(matches!(e, PortalError::MinterExpiring), "{e:?}");
+    assert_eq!(e.rejection().status(), 401);
+}
+
+#[tokio::test]
+async fn the_access_token_keeps_the_minters_environment() {
+    // A `test` management token is refused on `live`; so must be the
+    // portal it opens.
+    let w = world(&["*"]).await;
+    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
+    let token = manager
+        .create(
+            NewKey::new("mgmt-test", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
+                .scopes(&["*"])
+                .unwrap()
+                .environment(Environment::TEST),
+        )
+        .await
+        .unwrap();
+    let on = |env| {
+        Authenticator::new(w.keys.clone())
+            .clock(w.clock.clone())
+            .formats(portal::formats())
+            .environment(env)
+    };
+    let (test, live) = (on(Environment::TEST), on(Environment::LIVE));
+    let h = format!("Bearer {}", token.key().expose_secret());
+    let minter = test.authenticate([("authorization", h.as_bytes())], &Target::any()).await;
+    let minter = minter.unwrap();
+    assert!(live.authenticate([("authorization", h.as_bytes())], &Target::any()).await.is_err());
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let session = w.portal.create_session(&minter, &ws, &app, SessionRequest::default()).await;
+    let access = w.portal.redeem(session.unwrap().code().expose_secret()).await.unwrap();
+    assert_eq!(access.record().environment, Some(Environment::TEST));
+    let a = format!("Bearer {}", access.token().expose_secret());
+    let headers = [("authorization", a.as_bytes())];
+    assert!(test.authenticate(headers, &Target::any()).await.is_ok());
+    assert!(live.authenticate(headers, &Target::any()).await.is_err(), "a test portal on live");
 }
 
 #[tokio::test]

@@ -8,6 +8,7 @@ use std::time::Duration;
 use jiff::{SignedDuration, Timestamp};
 
 use crate::backend::BackendError;
+use crate::format::{Environment, Region};
 use crate::scope::Role;
 use crate::secret::{Digest, DigestBuildHasher};
 use crate::store::{ApplicationId, WorkspaceId};
@@ -28,6 +29,12 @@ pub struct PortalSession {
     pub created_at: Timestamp,
     /// When the code stops working.
     pub expires_at: Timestamp,
+    /// The minting token's environment (`test`, `live`), carried to the
+    /// access token: authentication enforces it there as on the minter,
+    /// so a `test` token's portal never reaches `live`.
+    pub environment: Option<Environment>,
+    /// The minting token's region, carried to the access token likewise.
+    pub region: Option<Region>,
 }
 
 /// What redeeming a code found.

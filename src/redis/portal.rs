@@ -74,12 +74,24 @@ fn encode(s: &PortalSession) -> String {
         "meta": s.metadata,
         "created": sortable(s.created_at),
         "expires": sortable(s.expires_at),
+        "env": s.environment.as_ref().map(crate::format::Environment::as_str),
+        "region": s.region.as_ref().map(crate::format::Region::as_str),
     })
     .to_string()
 }
 
 fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Result<&'a str, BackendError> {
     m.get(k).and_then(Value::as_str).ok_or_else(|| BackendError::corrupt(format!("portal {k}")))
+}
+
+/// Field `k` as a string; `None` when absent or null (a session stored
+/// before the field existed).
+fn optional<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, BackendError> {
+    match m.get(k) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(_) => Err(BackendError::corrupt(format!("portal {k}"))),
+    }
 }
 
 fn decode(s: &str) -> Result<PortalSession, BackendError> {
@@ -94,6 +106,8 @@ fn decode(s: &str) -> Result<PortalSession, BackendError> {
         metadata,
         created_at: from_sortable(field(m, "created")?).ok_or_else(|| bad("created"))?,
         expires_at: from_sortable(field(m, "expires")?).ok_or_else(|| bad("expires"))?,
+        environment: optional(m, "env")?.map(str::parse).transpose().map_err(|_| bad("env"))?,
+        region: optional(m, "region")?.map(str::parse).transpose().map_err(|_| bad("region"))?,
     })
 }
 

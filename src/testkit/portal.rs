@@ -38,6 +38,8 @@ pub fn sample_session(expires: i64) -> PortalSession {
         metadata: BTreeMap::from([("userId".into(), "usr_456".into())]),
         created_at: ts(0),
         expires_at: ts(expires),
+        environment: Some(crate::format::Environment::TEST),
+        region: None,
     }
 }
 
