@@ -824,3 +824,43 @@ fn a_stop_signal_right_after_the_first_line_is_a_clean_shutdown() {
         }
     }
 }
+
+/// SIGTERM while a client holds a half-sent request open: the server still
+/// exits within its grace period (and runs its shutdown work), rather than
+/// wait on the client until a supervisor's SIGKILL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_client_does_not_hold_off_a_stop_signal() {
+    use std::io::Write;
+    let mut running = Running::start(&["--bind".as_ref(), "127.0.0.1:0".as_ref()], &[]);
+    let addr = running.first["listening"].as_str().unwrap().to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    let head = format!(
+        "POST /management/v1/workspaces/ws_demo/tokens HTTP/1.1\r\nHost: x\r\n\
+         Authorization: Bearer {}\r\nContent-Length: 100\r\n\r\n{{\"na",
+        running.token()
+    );
+    conn.write_all(head.as_bytes()).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // Asserts a clean exit within 10 s.
+    running.stop_with("TERM");
+    drop(conn);
+}
+
+/// The access check reads the path's project and workspace as the handler
+/// does, percent-decoded: `proj%5Fx` names `proj_x` to both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_encoded_path_names_the_same_project_and_workspace() {
+    let s = start().await;
+    let (_, nk) = s.key(json!({"name": "seq", "format": "nk", "project": "proj_x"})).await;
+    let plain = s.bearer(Method::POST, "/api/v1/seq/o/proj_x/f/execute", &nk, None).await;
+    assert_eq!(plain.status, StatusCode::OK, "{}", plain.text);
+    let encoded = s.bearer(Method::POST, "/api/v1/seq/o/proj%5Fx/f/execute", &nk, None).await;
+    assert_eq!(encoded.status, StatusCode::OK, "{}", encoded.text);
+    let other = s.bearer(Method::POST, "/api/v1/seq/o/proj%5Fy/f/execute", &nk, None).await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN, "{}", other.text);
+    let auth = format!("Bearer {}", s.token);
+    let headers = [("authorization", auth.as_str())];
+    let path = "/management/v1/workspaces/ws%5Fdemo/api-keys";
+    let list = s.call(Method::GET, path, &headers, None).await;
+    assert_eq!(list.status, StatusCode::OK, "{}", list.text);
+}

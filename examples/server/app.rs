@@ -374,9 +374,17 @@ fn flush_last_use<B: Backend>(app: Arc<App<B>>) -> Flush {
 
 /// `/management/v1/workspaces/{ws}/…`: the key must reach `{ws}`.
 fn workspace_from_path(parts: &axum::http::request::Parts) -> Result<Target, Rejection> {
-    let ws = parts.uri.path().split('/').nth(4).unwrap_or("");
+    let ws = path_segment(parts, 4).ok_or(Rejection::NotFound)?;
     let ws: WorkspaceId = ws.parse().map_err(|_| Rejection::NotFound)?;
     Ok(Target::any().tenant(Tenant::workspace(ws)))
+}
+
+/// Path segment `n`, percent-decoded as axum's `Path` decodes it for the
+/// handler: the access check and the handler read one value (`proj%5Fx` is
+/// `proj_x` to both). `None` when missing or not UTF-8 once decoded.
+fn path_segment(parts: &axum::http::request::Parts, n: usize) -> Option<String> {
+    let raw = parts.uri.path().split('/').nth(n)?;
+    percent_encoding::percent_decode_str(raw).decode_utf8().ok().map(std::borrow::Cow::into_owned)
 }
 
 /// `/api/v1/seq/{org}/{project}/…`: the key must belong to `{project}`.
@@ -384,8 +392,8 @@ fn project_from_path(
     ws: &WorkspaceId,
     parts: &axum::http::request::Parts,
 ) -> Result<Target, Rejection> {
-    let project = parts.uri.path().split('/').nth(5).unwrap_or("");
     // A segment no project can have is a project no key reaches.
+    let project = path_segment(parts, 5).ok_or(Rejection::Forbidden { scope: None })?;
     let project: ProjectId = project.parse().map_err(|_| Rejection::Forbidden { scope: None })?;
     Ok(Target::any().tenant(Tenant::workspace(ws.clone()).with_project(project)))
 }

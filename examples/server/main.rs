@@ -121,12 +121,34 @@ async fn main() -> Result<(), Box<dyn Error>> {
     out.flush()?;
     drop(out);
 
-    axum::serve(listener, router).with_graceful_shutdown(stop).await?;
+    // Graceful: in-flight requests finish. Bounded: a client holding a
+    // half-sent request open must not keep the process past a supervisor's
+    // grace period (its SIGKILL would skip the flush and the revocation).
+    let stopped = Arc::new(tokio::sync::Notify::new());
+    let signalled = Arc::clone(&stopped);
+    let graceful = async move {
+        stop.await;
+        // A permit is stored if no one waits yet.
+        signalled.notify_one();
+    };
+    let deadline = async {
+        stopped.notified().await;
+        tokio::time::sleep(SHUTDOWN_GRACE).await;
+    };
+    tokio::select! {
+        served = axum::serve(listener, router).with_graceful_shutdown(graceful) => served?,
+        () = deadline => {
+            eprintln!("connections still open {SHUTDOWN_GRACE:?} after the stop signal: closing them");
+        }
+    }
     // The last few seconds of last use, which the periodic flush has not
     // written yet.
     flush().await;
     Ok(())
 }
+
+/// How long open connections may take to finish after a stop signal.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Ctrl-C, or (on Unix) SIGTERM, which service managers (systemd, `docker
 /// stop`, Kubernetes) send: either shuts down cleanly, flushing last use
