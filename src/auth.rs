@@ -24,7 +24,7 @@ use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock, duration_nanos};
 use crate::format::{Environment, FormatSet, ParseError, Region};
 use crate::hash::Hasher;
-use crate::http::Rejection;
+use crate::http::{AuthScheme, Rejection};
 use crate::scope::{Layout, Required, ScopeError, ScopeRegistry, ScopeSet};
 use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
 
@@ -586,6 +586,21 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             last_use_interval: self.last_use_interval,
             last_use_in_requests: self.last_use_in_requests,
             source: self.source,
+        }
+    }
+
+    /// The challenge of a route taking keys of `formats` (every format
+    /// of the set when `None`): Bearer when the header rules take one of
+    /// them as a Bearer token, else `X-API-Key` when they take one there.
+    pub(crate) fn auth_scheme(&self, formats: Option<&[Cow<'static, str>]>) -> AuthScheme {
+        let takes = |source: Source| match formats {
+            Some(names) => names.iter().any(|n| self.rules.accepts(n, source)),
+            None => self.formats.formats().iter().any(|f| self.rules.accepts(f.name(), source)),
+        };
+        if !takes(Source::Bearer) && takes(Source::ApiKeyHeader) {
+            AuthScheme::ApiKeyHeader
+        } else {
+            AuthScheme::Bearer
         }
     }
 

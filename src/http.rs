@@ -24,6 +24,39 @@ pub enum BodyStyle {
     Problem,
 }
 
+/// How a route takes credentials, for the `WWW-Authenticate` challenge of
+/// its 401s (and scope 403s): RFC 7235 asks for a challenge that applies to
+/// the resource, and a route that takes keys only in `X-API-Key` refuses
+/// a Bearer token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum AuthScheme {
+    /// RFC 6750 Bearer tokens (`Authorization: Bearer …`).
+    #[default]
+    Bearer,
+    /// A key in the `X-API-Key` header: `ApiKey header="X-API-Key"`, with
+    /// RFC 6750's error and scope parameters.
+    ApiKeyHeader,
+}
+
+impl AuthScheme {
+    /// The challenge's scheme and its own parameters.
+    const fn head(self) -> &'static str {
+        match self {
+            Self::Bearer => "Bearer",
+            Self::ApiKeyHeader => "ApiKey header=\"X-API-Key\"",
+        }
+    }
+
+    /// Separates the scheme's head from the first error parameter.
+    const fn sep(self) -> &'static str {
+        match self {
+            Self::Bearer => " ",
+            Self::ApiKeyHeader => ", ",
+        }
+    }
+}
+
 /// Why a request is refused, as the caller will see it.
 ///
 /// Deliberately coarse: a missing key and an invalid key are distinguished
@@ -233,18 +266,26 @@ impl Rejection {
     /// The RFC 6750 `WWW-Authenticate` value for 401 and scope-related 403s.
     #[must_use]
     pub fn www_authenticate(&self) -> Option<String> {
+        self.challenge(AuthScheme::Bearer)
+    }
+
+    /// The `WWW-Authenticate` value for 401 and scope-related 403s, in
+    /// `scheme`.
+    #[must_use]
+    pub fn challenge(&self, scheme: AuthScheme) -> Option<String> {
+        let (head, sep) = (scheme.head(), scheme.sep());
         match self {
             // No error code when credentials are missing (RFC 6750 §3.1).
-            Self::MissingCredentials => Some("Bearer".to_owned()),
-            Self::InvalidCredentials => Some("Bearer error=\"invalid_token\"".to_owned()),
+            Self::MissingCredentials => Some(head.to_owned()),
+            Self::InvalidCredentials => Some(format!("{head}{sep}error=\"invalid_token\"")),
             // RFC 6750's scope syntax (printable ASCII but `"` and `\`); a
             // host-built scope outside it is left out, never spliced in.
             Self::Forbidden { scope: Some(s) }
                 if s.bytes().all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E | b' ')) =>
             {
-                Some(format!("Bearer error=\"insufficient_scope\", scope=\"{s}\""))
+                Some(format!("{head}{sep}error=\"insufficient_scope\", scope=\"{s}\""))
             }
-            Self::Forbidden { .. } => Some("Bearer error=\"insufficient_scope\"".to_owned()),
+            Self::Forbidden { .. } => Some(format!("{head}{sep}error=\"insufficient_scope\"")),
             _ => None,
         }
     }

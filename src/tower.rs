@@ -125,7 +125,7 @@ use crate::auth::{
 };
 use crate::backend::{BackendError, FailMode};
 use crate::clock::{Clock, SystemClock};
-use crate::http::{BodyStyle, Rejection};
+use crate::http::{AuthScheme, BodyStyle, Rejection};
 use crate::limit::{CheckMode, Decision, HeaderSet, LimitStore, Plan, PlanSet, RenderedHeaders};
 use crate::quota::{MemoryQuotaStore, QuotaDecision, QuotaStore};
 use crate::scope::{Required, ScopeError};
@@ -318,6 +318,9 @@ pub struct Route {
     /// The cookie's name and its [`cookie_id`], hashed once here rather
     /// than per request.
     cookie: Option<(Cow<'static, str>, u64)>,
+    /// The challenge of the route's 401s, from its formats and the header
+    /// rules, settled as the route is built.
+    scheme: AuthScheme,
 }
 
 impl fmt::Debug for Route {
@@ -334,6 +337,7 @@ impl fmt::Debug for Route {
             .field("target", &self.target.is_some())
             .field("cost", &self.cost)
             .field("cookie", &self.cookie.as_ref().map(|(name, _)| name))
+            .field("scheme", &self.scheme)
             .finish()
     }
 }
@@ -391,6 +395,8 @@ pub struct Refused {
     reason: Arc<Refusal>,
     rejection: Rejection,
     style: BodyStyle,
+    /// The `WWW-Authenticate` challenge's scheme.
+    scheme: AuthScheme,
     headers: Vec<(&'static str, String)>,
     failed_open: Option<FailedOpen>,
     /// Refused after this layer took the charge over from an outer one
@@ -404,6 +410,7 @@ impl Refused {
             reason: Arc::new(reason),
             rejection,
             style,
+            scheme: AuthScheme::Bearer,
             headers: Vec::new(),
             failed_open: None,
             took_over: false,
@@ -466,11 +473,24 @@ impl Refused {
         self
     }
 
+    /// Challenges in `scheme` (for `WWW-Authenticate`) instead.
+    fn with_scheme(mut self, scheme: AuthScheme) -> Self {
+        self.scheme = scheme;
+        self
+    }
+
     /// The response, stamped `now`, with the rate-limit headers and this
     /// value in its extensions.
     #[must_use]
     pub fn into_response<B: From<String>>(self, now: jiff::Timestamp) -> Response<B> {
         let mut out = self.rejection.to_response(self.style, now);
+        // The rendering's challenge is Bearer's; the route's, if not.
+        if self.scheme != AuthScheme::Bearer
+            && let Some(challenge) = self.rejection.challenge(self.scheme)
+            && let Some((_, v)) = out.headers.iter_mut().find(|(n, _)| *n == "WWW-Authenticate")
+        {
+            *v = challenge;
+        }
         // The rejection's own `Retry-After` wins over the limiter's.
         let has_retry = out.header("Retry-After").is_some();
         out.headers.extend(
@@ -612,7 +632,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// key reaches any tenant's data.
     #[must_use]
     pub fn layer(&self) -> GateLayer<S, L, Q, C> {
-        GateLayer { gate: self.clone(), route: Arc::new(Route::default()) }
+        let scheme = self.0.auth.auth_scheme(None);
+        GateLayer { gate: self.clone(), route: Arc::new(Route { scheme, ..Route::default() }) }
     }
 
     /// This gate's identity in its marks on the requests it admitted.
@@ -738,7 +759,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         headers: &HeaderMap,
         target: &Target,
     ) -> Result<Admitted, Refused> {
-        self.admit_to(route, headers, Ok(target), None).await
+        let admitted = self.admit_to(route, headers, Ok(target), None).await;
+        admitted.map_err(|r| r.with_scheme(route.scheme))
     }
 
     /// [`admit`](Self::admit) for a request whose target function may have
@@ -937,14 +959,19 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// [`TookOver`] when the layer had taken the charge over. A 401 inside
     /// a layer that admitted the key answers in that layer's style: an
     /// unknown key's 401 comes from there, and the two must look alike.
-    fn refused_response<B: From<String>>(&self, refused: Refused, ext: &Extensions) -> Response<B> {
+    fn refused_response<B: From<String>>(
+        &self,
+        refused: Refused,
+        route: &Route,
+        ext: &Extensions,
+    ) -> Response<B> {
         let took_over = refused.took_over;
         let key_refused = matches!(refused.reason(), Refusal::Auth(_));
         let refused = match ext.get::<AdmittedBy>() {
             Some(m) if key_refused && refused.rejection().status() == 401 => {
-                refused.with_style(m.style)
+                refused.with_style(m.style).with_scheme(m.scheme)
             }
-            _ => refused,
+            _ => refused.with_scheme(route.scheme),
         };
         let outer = ext.get::<FailedOpen>().cloned();
         let mut res = self.respond(refused.with_outer_trace(outer));
@@ -984,7 +1011,9 @@ impl<S, L, Q, C> fmt::Debug for GateLayer<S, L, Q, C> {
 
 impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> {
     fn with(mut self, f: impl FnOnce(&mut Route)) -> Self {
-        f(Arc::make_mut(&mut self.route));
+        let route = Arc::make_mut(&mut self.route);
+        f(route);
+        route.scheme = self.gate.0.auth.auth_scheme(route.formats.as_deref());
         self
     }
 
@@ -1183,11 +1212,14 @@ where
                 })
                 .unzip();
             let (outer_cookie, outer_decided) = outer.unzip();
-            // The outermost admitting layer's style, whatever its gate.
-            let outer_style = req.extensions().get::<AdmittedBy>().map(|m| m.style);
+            // The outermost admitting layer's style and challenge, whatever
+            // its gate.
+            let outer_answer = req.extensions().get::<AdmittedBy>().map(|m| (m.style, m.scheme));
             let admitted = match gate.admit_to(&route, req.headers(), target, known).await {
                 Ok(a) => a,
-                Err(refused) => return Ok(gate.refused_response(refused, req.extensions())),
+                Err(refused) => {
+                    return Ok(gate.refused_response(refused, &route, req.extensions()));
+                }
             };
             let took_over = admitted.took_over;
             if took_over && outer_decided == Some(true) {
@@ -1203,7 +1235,8 @@ where
                 cookie: outer_cookie.unwrap_or(admitted.cookie),
                 decided: admitted.decision.is_some()
                     || (outer_decided == Some(true) && !admitted.took_over),
-                style: outer_style.unwrap_or_else(|| gate.style(&route)),
+                style: outer_answer.map_or_else(|| gate.style(&route), |(s, _)| s),
+                scheme: outer_answer.map_or(route.scheme, |(_, s)| s),
             };
             let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
             req.extensions_mut().insert(mark);
@@ -1326,6 +1359,8 @@ struct AdmittedBy {
     /// any gate): where an unknown key's 401 comes from, so a layer
     /// inside answers its own 401s alike.
     style: BodyStyle,
+    /// That layer's challenge, likewise.
+    scheme: AuthScheme,
 }
 
 impl AdmittedBy {

@@ -1198,13 +1198,64 @@ mod nested {
         let flat = gate.layer().formats(["sk"]).body_style(keygate::http::BodyStyle::Flat);
         let app: Router =
             Router::new().route("/r", get(|| async { "in" }).route_layer(flat)).layer(gate.layer());
-        let mut bodies = Vec::new();
+        let mut answers = Vec::new();
         for k in [&unknown, &valid] {
             let res = app.clone().oneshot(call("/r", k)).await.unwrap();
             assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
-            bodies.push(text(res).await);
+            let challenge = header(&res, "www-authenticate");
+            answers.push((challenge, text(res).await));
         }
-        assert_eq!(bodies[0], bodies[1]);
+        assert_eq!(answers[0], answers[1]);
+    }
+
+    #[tokio::test]
+    async fn a_route_taking_keys_only_in_x_api_key_challenges_for_that_header() {
+        // `nh` keys come only in `X-API-Key` (the default header rules): a
+        // Bearer challenge would name a scheme the route refuses.
+        let keys = MemoryKeyStore::new();
+        let valid = key(&keys, Some("hobby")).await;
+        let gate = memory_gate(&keys);
+        let app: Router = Router::new()
+            .route("/nh", get(|| async { "in" }).route_layer(gate.layer().formats(["nh"])))
+            .route("/any", get(|| async { "in" }).route_layer(gate.layer()))
+            .route(
+                "/write",
+                get(|| async { "in" })
+                    .route_layer(gate.layer().formats(["nh"]).require("events:write").unwrap()),
+            );
+        let ask = |path: &'static str, key: Option<&str>| {
+            let mut req = Request::get(path);
+            if let Some(k) = key {
+                req = req.header("x-api-key", k);
+            }
+            app.clone().oneshot(req.body(Body::empty()).unwrap())
+        };
+        let unknown = format!("nh_{}", "0".repeat(64));
+        let res = ask("/nh", None).await.unwrap();
+        assert_eq!(header(&res, "www-authenticate"), [r#"ApiKey header="X-API-Key""#]);
+        let res = ask("/nh", Some(&unknown)).await.unwrap();
+        assert_eq!(
+            header(&res, "www-authenticate"),
+            [r#"ApiKey header="X-API-Key", error="invalid_token""#]
+        );
+        let res = ask("/write", Some(&valid)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert_eq!(
+            header(&res, "www-authenticate"),
+            [r#"ApiKey header="X-API-Key", error="insufficient_scope", scope="events:write""#]
+        );
+        // A route that also takes Bearer formats keeps the Bearer challenge.
+        let res = ask("/any", None).await.unwrap();
+        assert_eq!(header(&res, "www-authenticate"), ["Bearer"]);
+        // A refusal through `Gate::admit` and `Gate::respond` challenges as
+        // its route does.
+        let layer = gate.layer().formats(["nh"]);
+        let refused = gate
+            .admit(layer.route(), &axum::http::HeaderMap::new(), &keygate::auth::Target::any())
+            .await
+            .unwrap_err();
+        let res = gate.respond::<Body>(refused);
+        assert_eq!(header(&res, "www-authenticate"), [r#"ApiKey header="X-API-Key""#]);
     }
 
     #[tokio::test]
