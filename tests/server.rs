@@ -864,3 +864,17 @@ async fn an_encoded_path_names_the_same_project_and_workspace() {
     let list = s.call(Method::GET, path, &headers, None).await;
     assert_eq!(list.status, StatusCode::OK, "{}", list.text);
 }
+
+/// `--public-url` names where clients reach the server: portal links use
+/// it, not the bound address (`0.0.0.0` behind a wildcard bind).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_links_use_the_public_url() {
+    let args = ["--bind", "127.0.0.1:0", "--public-url", "https://api.example.com/"];
+    let running = Running::start(&args.map(std::ffi::OsStr::new), &[]);
+    let s = Server { base: running.base(), token: running.token(), http: Client::new() };
+    let r = portal_link(&s, json!({})).await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.text);
+    let url = r.body["url"].as_str().unwrap();
+    let code = r.body["code"].as_str().unwrap();
+    assert_eq!(url, format!("https://api.example.com/portal?code={code}"));
+}

@@ -49,11 +49,27 @@ struct Args {
     /// rate-limit headers), for `scripts/load.sh` to price the layer against.
     #[arg(long)]
     load_twin: bool,
+    /// The URL clients reach this server at, for the portal links it hands
+    /// out (`https://api.example.com`, say). Defaults to `http://` and the
+    /// bound address, which a wildcard bind (`0.0.0.0`) makes useless to
+    /// anyone else.
+    #[arg(long)]
+    public_url: Option<String>,
 }
 
 #[tokio::main]
-async fn main() -> Result<(), Box<dyn Error>> {
-    let args = Args::parse();
+async fn main() -> std::process::ExitCode {
+    // Errors as their messages (`error: --plans: …`), not Debug dumps.
+    match run(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Box<dyn Error>> {
     // Listened for before anything is minted or announced: a signal sent as
     // soon as the first line is read still shuts down cleanly.
     let stop = stop_signal()?;
@@ -72,7 +88,7 @@ async fn main() -> Result<(), Box<dyn Error>> {
     let config = app::Config {
         workspace: workspace.clone(),
         plans,
-        base_url: format!("http://{addr}"),
+        base_url: public_url(args.public_url.as_deref(), addr)?,
         cache: cache.clone(),
         load_twin: args.load_twin,
     };
@@ -145,6 +161,19 @@ async fn main() -> Result<(), Box<dyn Error>> {
     // written yet.
     flush().await;
     Ok(())
+}
+
+/// `--public-url` without a trailing `/`: an `http(s)` URL of a host, no
+/// query or fragment (the link appends `/portal?code=…`); else `http://`
+/// and the bound address.
+fn public_url(given: Option<&str>, addr: SocketAddr) -> Result<String, String> {
+    let Some(url) = given else { return Ok(format!("http://{addr}")) };
+    let url = url.trim_end_matches('/');
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
+    match rest {
+        Some(r) if !r.is_empty() && !r.contains(['?', '#', ' ']) => Ok(url.to_owned()),
+        _ => Err(format!("--public-url: {url:?} is not an http(s) URL of a host")),
+    }
 }
 
 /// How long open connections may take to finish after a stop signal.
