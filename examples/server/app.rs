@@ -905,6 +905,17 @@ const MAX_ENDPOINTS: usize = 100;
 /// without this a management token could spread endpoints over any number.
 const MAX_APPLICATIONS: usize = 1000;
 
+/// An `http(s)` URL (the scheme in any case, as RFC 3986 has it) with a
+/// host: not `https://` alone, nor `https:///path`.
+fn is_http_url(url: &str) -> bool {
+    let Some((scheme, rest)) = url.split_once("://") else { return false };
+    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    (scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http"))
+        && !host.is_empty()
+        && !host.starts_with(':')
+}
+
 /// A cookie-authenticated request that changes state must come from the
 /// portal's own pages: `SameSite=Strict` stops other sites, not a sibling
 /// subdomain (same site), so the request must also be one no HTML form can
@@ -930,9 +941,10 @@ async fn create_endpoint<B: Backend>(
     BodyBytes(body): BodyBytes,
 ) -> Response {
     let url = same_origin_json(&headers).and_then(|()| object(&body)).and_then(|obj| {
+        known_fields(&obj, &["url"])?;
         let url = req_str(&obj, "url")?;
-        if !(url.starts_with("https://") || url.starts_with("http://")) {
-            Err(bad("url", "url must be an http(s) URL"))
+        if !is_http_url(url) {
+            Err(bad("url", "url must be an http(s) URL with a host"))
         } else if url.len() > MAX_URL_LEN {
             Err(bad("url", format!("url must be at most {MAX_URL_LEN} bytes")))
         } else {
