@@ -739,25 +739,16 @@ async fn portal_api_follows_the_role() {
     let r = s.bearer(Method::GET, "/management/v1/workspaces/ws_demo/api-keys", token, None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 
-    // A URL needs a host; its scheme is any case; a field the route does
-    // not read is refused, as on the management routes.
-    for (body, status) in [
-        (json!({"url": "https://"}), StatusCode::BAD_REQUEST),
-        (json!({"url": "https:///in"}), StatusCode::BAD_REQUEST),
-        (json!({"url": "https://user@/in"}), StatusCode::BAD_REQUEST),
-        (json!({"url": "https://h.test", "extra": 1}), StatusCode::BAD_REQUEST),
-        (json!({"url": "HTTPS://h.test/in"}), StatusCode::CREATED),
-    ] {
+    // A URL needs a host; its scheme is any case; unknown fields are refused.
+    let bad = ["https://", "https:///in", "https://user@/in"].map(|u| json!({"url": u}));
+    for body in bad.into_iter().chain([json!({"url": "https://h.test", "extra": 1})]) {
         let r = call(Method::POST, "/portal/api/endpoints", &editor, Some(body.clone())).await;
-        assert_eq!(r.status, status, "{body}: {}", r.text);
-        if status == StatusCode::CREATED {
-            let path = format!("/portal/api/endpoints/{}", r.body["id"].as_str().unwrap());
-            assert_eq!(
-                call(Method::DELETE, &path, &admin, None).await.status,
-                StatusCode::NO_CONTENT
-            );
-        }
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
     }
+    let upper = Some(json!({"url": "HTTPS://h.test/in"}));
+    let r = call(Method::POST, "/portal/api/endpoints", &editor, upper).await;
+    let path = format!("/portal/api/endpoints/{}", r.body["id"].as_str().unwrap());
+    assert_eq!(call(Method::DELETE, &path, &admin, None).await.status, StatusCode::NO_CONTENT);
     // The demo's endpoint lists are bounded: URL length, count, body size.
     let long = Some(json!({"url": format!("https://h.test/{}", "a".repeat(2100))}));
     let r = call(Method::POST, "/portal/api/endpoints", &editor, long).await;
