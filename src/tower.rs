@@ -446,11 +446,16 @@ impl Refused {
         self
     }
 
-    /// This refusal with an outer layer's fail-open trace beside its own:
-    /// all of it, but for its limiter failure where this layer had taken
-    /// the charge over and checked the limit again.
-    fn with_outer_trace(mut self, outer: Option<FailedOpen>) -> Self {
-        self.failed_open = FailedOpen::beside(self.failed_open.take(), outer, self.took_over);
+    /// This refusal with the outer layers' fail-open trace beside its own:
+    /// all of it, but for `superseded`, the limiter failure of this gate's
+    /// outer layer where this layer had taken the charge over and checked
+    /// the limit again (another gate's failure stands).
+    fn with_outer_trace(
+        mut self,
+        outer: Option<FailedOpen>,
+        superseded: Option<&Arc<BackendError>>,
+    ) -> Self {
+        self.failed_open = FailedOpen::beside(self.failed_open.take(), outer, superseded);
         self
     }
 
@@ -592,7 +597,7 @@ impl Charge {
     pub fn trace_into(&self, extensions: &mut Extensions) {
         if let Self::FailedOpen(f) = self {
             let there = extensions.remove::<FailedOpen>();
-            if let Some(both) = FailedOpen::beside(Some(f.clone()), there, false) {
+            if let Some(both) = FailedOpen::beside(Some(f.clone()), there, None) {
                 extensions.insert(both);
             }
         }
@@ -601,11 +606,19 @@ impl Charge {
 
 impl FailedOpen {
     /// One layer's trace beside an outer layer's: the inner one's failures,
-    /// and the outer one's where it has none — but for the outer limiter's,
-    /// which no longer holds where the inner layer `checked_again` (took
-    /// the charge over). `None` when nothing failed.
-    fn beside(inner: Option<Self>, outer: Option<Self>, checked_again: bool) -> Option<Self> {
-        let outer = outer.map(|o| if checked_again { Self { limiter: None, ..o } } else { o });
+    /// and the outer one's where it has none — but for the outer limiter
+    /// failure `superseded`, which no longer holds where the inner layer
+    /// took the charge over from the layer of its gate that failed (it
+    /// checked the limit again). `None` when nothing failed.
+    fn beside(
+        inner: Option<Self>,
+        outer: Option<Self>,
+        superseded: Option<&Arc<BackendError>>,
+    ) -> Option<Self> {
+        let outer = outer.map(|o| match (&o.limiter, superseded) {
+            (Some(l), Some(s)) if Arc::ptr_eq(l, s) => Self { limiter: None, ..o },
+            _ => o,
+        });
         let both = match (inner, outer) {
             (Some(i), Some(o)) => Self {
                 limiter: i.limiter.or(o.limiter),
@@ -967,14 +980,26 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     ) -> Response<B> {
         let took_over = refused.took_over;
         let key_refused = matches!(refused.reason(), Refusal::Auth(_));
-        let refused = match ext.get::<AdmittedBy>() {
+        let mark = ext.get::<AdmittedBy>();
+        let mut refused = match mark {
             Some(m) if key_refused && refused.rejection().status() == 401 => {
                 refused.with_style(m.style).with_scheme(m.scheme)
             }
             _ => refused.with_scheme(route.scheme),
         };
+        if mark.is_some_and(|m| m.cookie != 0)
+            && matches!(refused.reason(), Refusal::Auth(AuthError::Missing))
+        {
+            // An outer layer took a cookie this route does not: to the
+            // client, a presented credential refused, as an unknown key in
+            // that cookie is (a "missing" would tell the two apart).
+            refused.rejection = Rejection::InvalidCredentials;
+        }
+        let superseded = mark
+            .filter(|m| took_over && m.gate == self.id())
+            .and_then(|m| m.limiter_failed.as_ref());
         let outer = ext.get::<FailedOpen>().cloned();
-        let mut res = self.respond(refused.with_outer_trace(outer));
+        let mut res = self.respond(refused.with_outer_trace(outer, superseded));
         if took_over {
             res.extensions_mut().insert(TookOver(self.id()));
         }
@@ -1228,6 +1253,17 @@ where
                 req.extensions_mut().remove::<Decision>();
             }
             let failed_open = admitted.failed_open.clone();
+            // This gate's standing limiter failure: this layer's own, or
+            // (where it did not check the limit again) its outer layer's,
+            // from the mark it vouched with (still in place). Read here,
+            // not held across the admission.
+            let outer_failed = outer_cookie
+                .and_then(|_| req.extensions().get::<AdmittedBy>())
+                .and_then(|m| m.limiter_failed.clone());
+            let own_failure = failed_open.as_ref().and_then(|f| f.limiter.clone());
+            let (superseded, carried) =
+                if took_over { (outer_failed, None) } else { (None, outer_failed) };
+            let limiter_failed = own_failure.or(carried);
             let mark = AdmittedBy {
                 gate: gate.id(),
                 principal: admitted.principal.handle(),
@@ -1235,10 +1271,12 @@ where
                 cookie: outer_cookie.unwrap_or(admitted.cookie),
                 decided: admitted.decision.is_some()
                     || (outer_decided == Some(true) && !admitted.took_over),
+                limiter_failed,
                 style: outer_answer.map_or_else(|| gate.style(&route), |(s, _)| s),
                 scheme: outer_answer.map_or(route.scheme, |(_, s)| s),
             };
-            let headers = admitted.into_extensions(req.extensions_mut(), gate.0.headers);
+            let headers =
+                admitted.into_extensions(req.extensions_mut(), gate.0.headers, superseded.as_ref());
             req.extensions_mut().insert(mark);
             // The credential goes on to the handler (and any layer inside):
             // marked sensitive, so a `Debug` of the headers shows no key.
@@ -1274,7 +1312,8 @@ where
                 // limiter failure no longer holds where a layer inside
                 // checked the limit again.
                 let inner = res.extensions_mut().remove::<FailedOpen>();
-                if let Some(f) = FailedOpen::beside(inner, Some(f), took_over_inside) {
+                let mine = f.limiter.clone().filter(|_| took_over_inside);
+                if let Some(f) = FailedOpen::beside(inner, Some(f), mine.as_ref()) {
                     res.extensions_mut().insert(f);
                 }
             }
@@ -1290,15 +1329,16 @@ impl Admitted {
         self,
         extensions: &mut Extensions,
         set: HeaderSet,
+        superseded: Option<&Arc<BackendError>>,
     ) -> Option<RenderedHeaders> {
         extensions.insert(self.principal);
         if let Some(q) = self.quota {
             extensions.insert(q);
         }
-        // An outer layer's trace stays beside this one's, but for its
-        // limiter failure where this layer checked the limit again.
+        // The outer layers' trace stays beside this one's, but for the
+        // limiter failure of this gate's that this layer checked again.
         let outer = extensions.remove::<FailedOpen>();
-        if let Some(f) = FailedOpen::beside(self.failed_open, outer, self.took_over) {
+        if let Some(f) = FailedOpen::beside(self.failed_open, outer, superseded) {
             extensions.insert(f);
         }
         let decision = self.decision?;
@@ -1361,6 +1401,11 @@ struct AdmittedBy {
     style: BodyStyle,
     /// That layer's challenge, likewise.
     scheme: AuthScheme,
+    /// This gate's limiter failure standing for the request (the failing
+    /// layer's error, shared with the trace): the one a layer of the gate
+    /// inside drops from the trace when it checks the limit again; another
+    /// gate's failure is not this gate's to drop.
+    limiter_failed: Option<Arc<BackendError>>,
 }
 
 impl AdmittedBy {

@@ -1280,3 +1280,117 @@ mod nested {
         assert_eq!(header(&res, "x-ratelimit-remaining"), ["2"]);
     }
 }
+
+/// Two gates nested, and a cookie taken by an outer layer only.
+mod across_gates {
+    use super::*;
+    use keygate::format::{NH, SK};
+    use keygate::http::BodyStyle;
+    use keygate::tower::FailedOpen;
+
+    /// A limiter that is always down.
+    struct Down;
+
+    impl LimitStore for Down {
+        async fn check(
+            &self,
+            _: &str,
+            _: &[Policy],
+            _: u32,
+            _: CheckMode,
+        ) -> Result<Decision, BackendError> {
+            Err(outage())
+        }
+        async fn refund(
+            &self,
+            _: &str,
+            _: &[Policy],
+            _: u32,
+            _: &mut Decision,
+        ) -> Result<(), BackendError> {
+            Err(outage())
+        }
+    }
+
+    async fn nh_key(keys: &MemoryKeyStore) -> String {
+        let ws = Tenant::workspace("ws_t".parse().unwrap());
+        // Pro: ten a second, room for both routes' charges.
+        let new = NewKey::new("t", NH, ws).plan("pro").scopes(&["events:read"]).unwrap();
+        KeyManager::new(keys.clone()).create(new).await.unwrap().key().expose_secret().to_owned()
+    }
+
+    fn call(path: &'static str, key: &str) -> Request<Body> {
+        Request::get(path).header("x-api-key", key).body(Body::empty()).unwrap()
+    }
+
+    /// Gate B (outside) fails open on a limiter that is down; gate A
+    /// (inside) works.
+    fn gates(
+        keys: &MemoryKeyStore,
+    ) -> (Gate<MemoryKeyStore, Down>, Gate<MemoryKeyStore, MemoryLimiter>) {
+        let b = Gate::builder(Authenticator::new(keys.clone()), Down)
+            .plans(PlanSet::presets())
+            .limiter_fail_mode(FailMode::Open)
+            .build();
+        let a = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .build();
+        (b, a)
+    }
+
+    #[tokio::test]
+    async fn a_take_over_inside_one_gate_keeps_another_gates_limiter_failure() {
+        // A's route layer takes A's charge over and checks A's limit again:
+        // B's limit was never checked, on a refusal or on success.
+        let keys = MemoryKeyStore::new();
+        let k = nh_key(&keys).await;
+        let (b, a) = gates(&keys);
+        let scoped = a.layer().cost(2).require("api_keys:read").unwrap();
+        let told = |f: Option<Extension<FailedOpen>>| async move {
+            f.is_some_and(|Extension(f)| f.limiter.is_some()).to_string()
+        };
+        let app: Router = Router::new()
+            .route("/refused", get(|| async { "in" }).route_layer(scoped))
+            .route("/ok", get(told).route_layer(a.layer().cost(2)))
+            .layer(a.layer())
+            .layer(b.layer());
+        let res = app.clone().oneshot(call("/refused", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        assert!(res.extensions().get::<FailedOpen>().is_some_and(|f| f.limiter.is_some()));
+        let refused = res.extensions().get::<Refused>().unwrap();
+        assert!(refused.failed_open().is_some_and(|f| f.limiter.is_some()), "{refused:?}");
+        let res = app.oneshot(call("/ok", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(text(res).await, "true", "the handler is told B's limiter ran");
+    }
+
+    #[tokio::test]
+    async fn a_valid_cookie_key_refused_inside_answers_as_an_unknown_one() {
+        // The router's layer takes the cookie, the route's does not: a valid
+        // key there is admitted outside and missing inside; an unknown one
+        // is refused outside. The client must not tell them apart.
+        let keys = MemoryKeyStore::new();
+        let ws = Tenant::workspace("ws_t".parse().unwrap());
+        let sk = KeyManager::new(keys.clone()).create(NewKey::new("b", SK, ws)).await.unwrap();
+        let valid = sk.key().expose_secret().to_owned();
+        let unknown = format!("sk_live_{}", "A".repeat(32));
+        for style in [BodyStyle::Nested, BodyStyle::Flat] {
+            let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+                .plans(PlanSet::presets())
+                .body_style(style)
+                .build();
+            let app: Router = Router::new()
+                .route("/api", get(|| async { "in" }).route_layer(gate.layer()))
+                .layer(gate.layer().cookie("sess"));
+            let mut seen = Vec::new();
+            for k in [&unknown, &valid] {
+                let req = Request::get("/api").header("cookie", format!("sess={k}"));
+                let res = app.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+                assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+                let www = res.headers()["www-authenticate"].to_str().unwrap().to_owned();
+                seen.push((www, text(res).await));
+            }
+            assert_eq!(seen[0], seen[1], "{style:?}");
+        }
+    }
+}
