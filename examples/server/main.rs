@@ -158,8 +158,11 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
         }
     }
     // The last few seconds of last use, which the periodic flush has not
-    // written yet.
-    flush().await;
+    // written yet (and, with Redis, the bootstrap token's revocation):
+    // bounded too, so a store that hangs does not hold the exit.
+    if tokio::time::timeout(SHUTDOWN_GRACE, flush()).await.is_err() {
+        eprintln!("the shutdown writes did not finish within {SHUTDOWN_GRACE:?}: exiting");
+    }
     Ok(())
 }
 
