@@ -278,23 +278,23 @@ async fn forged_codes_and_wrong_minters_are_refused() {
     }
 }
 
+/// Another management token of `ws_abc` with every scope, made on the
+/// world's clock with `more` applied: its `Authorization` value.
+async fn another_token(w: &World, more: impl FnOnce(NewKey) -> NewKey) -> String {
+    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
+    let ws = Tenant::workspace("ws_abc".parse().unwrap());
+    let new = NewKey::new("another", NHM, ws).scopes(&["*"]).unwrap();
+    let token = manager.create(more(new)).await.unwrap();
+    format!("Bearer {}", token.key().expose_secret())
+}
+
 #[tokio::test]
 async fn a_session_never_outlives_its_minter() {
     let w = world(&["*"]).await;
     let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
     // A 30-day management token with five minutes left.
-    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
-    let token = manager
-        .create(
-            NewKey::new("short", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
-                .scopes(&["*"])
-                .unwrap()
-                .token_expiry(TokenExpiry::Days30),
-        )
-        .await
-        .unwrap();
+    let h = another_token(&w, |k| k.token_expiry(TokenExpiry::Days30)).await;
     w.clock.advance(Duration::from_secs(30 * 86_400 - 300));
-    let h = format!("Bearer {}", token.key().expose_secret());
     let headers = [("authorization", h.as_bytes())];
     let short_lived = w.auth.authenticate(headers, &Target::any()).await.unwrap();
     let end = short_lived.expires_at().unwrap();
@@ -321,18 +321,8 @@ async fn a_minter_ending_within_the_second_mints_no_dead_link() {
     // end, rounded down to the second, would already be past.
     let w = world(&["*"]).await;
     w.clock.advance(Duration::from_millis(500));
-    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
-    let token = manager
-        .create(
-            NewKey::new("short", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
-                .scopes(&["*"])
-                .unwrap()
-                .token_expiry(TokenExpiry::Days30),
-        )
-        .await
-        .unwrap();
+    let h = another_token(&w, |k| k.token_expiry(TokenExpiry::Days30)).await;
     w.clock.advance(Duration::from_secs(30 * 86_400) - Duration::from_millis(200));
-    let h = format!("Bearer {}", token.key().expose_secret());
     let minter = w.auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await;
     let minter = minter.unwrap();
     assert!(minter.expires_at().unwrap() > w.clock.now());
@@ -348,16 +338,7 @@ async fn the_access_token_keeps_the_minters_environment() {
     // A `test` management token is refused on `live`; so must be the
     // portal it opens.
     let w = world(&["*"]).await;
-    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
-    let token = manager
-        .create(
-            NewKey::new("mgmt-test", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
-                .scopes(&["*"])
-                .unwrap()
-                .environment(Environment::TEST),
-        )
-        .await
-        .unwrap();
+    let h = another_token(&w, |k| k.environment(Environment::TEST)).await;
     let on = |env| {
         Authenticator::new(w.keys.clone())
             .clock(w.clock.clone())
@@ -365,7 +346,6 @@ async fn the_access_token_keeps_the_minters_environment() {
             .environment(env)
     };
     let (test, live) = (on(Environment::TEST), on(Environment::LIVE));
-    let h = format!("Bearer {}", token.key().expose_secret());
     let minter = test.authenticate([("authorization", h.as_bytes())], &Target::any()).await;
     let minter = minter.unwrap();
     assert!(live.authenticate([("authorization", h.as_bytes())], &Target::any()).await.is_err());

@@ -39,6 +39,46 @@ fn outage() -> BackendError {
     BackendError::unavailable(std::io::Error::other("connection refused"))
 }
 
+/// A limiter and a quota store that are always down.
+struct Down;
+
+impl QuotaStore for Down {
+    async fn check_and_count(
+        &self,
+        _: &str,
+        _: &[QuotaRule],
+        _: &str,
+        _: u64,
+        _: Timestamp,
+    ) -> Result<QuotaDecision, BackendError> {
+        Err(outage())
+    }
+    async fn usage(&self, _: &str, _: &str, _: Timestamp) -> Result<u64, BackendError> {
+        Err(outage())
+    }
+}
+
+impl LimitStore for Down {
+    async fn check(
+        &self,
+        _: &str,
+        _: &[Policy],
+        _: u32,
+        _: CheckMode,
+    ) -> Result<Decision, BackendError> {
+        Err(outage())
+    }
+    async fn refund(
+        &self,
+        _: &str,
+        _: &[Policy],
+        _: u32,
+        _: &mut Decision,
+    ) -> Result<(), BackendError> {
+        Err(outage())
+    }
+}
+
 struct FlakyLimiter(MemoryLimiter, Switch);
 
 impl LimitStore for FlakyLimiter {
@@ -833,42 +873,6 @@ mod nested {
 
     #[tokio::test]
     async fn each_layers_fail_open_trace_survives() {
-        struct Down;
-        impl LimitStore for Down {
-            async fn check(
-                &self,
-                _: &str,
-                _: &[Policy],
-                _: u32,
-                _: CheckMode,
-            ) -> Result<Decision, BackendError> {
-                Err(outage())
-            }
-            async fn refund(
-                &self,
-                _: &str,
-                _: &[Policy],
-                _: u32,
-                _: &mut Decision,
-            ) -> Result<(), BackendError> {
-                Err(outage())
-            }
-        }
-        impl QuotaStore for Down {
-            async fn check_and_count(
-                &self,
-                _: &str,
-                _: &[QuotaRule],
-                _: &str,
-                _: u64,
-                _: Timestamp,
-            ) -> Result<QuotaDecision, BackendError> {
-                Err(outage())
-            }
-            async fn usage(&self, _: &str, _: &str, _: Timestamp) -> Result<u64, BackendError> {
-                Err(outage())
-            }
-        }
         let keys = MemoryKeyStore::new();
         let k = key(&keys, Some("free")).await;
         let gate = Gate::builder(Authenticator::new(keys.clone()), Down)
@@ -1287,30 +1291,6 @@ mod across_gates {
     use keygate::format::{NH, SK};
     use keygate::http::BodyStyle;
     use keygate::tower::FailedOpen;
-
-    /// A limiter that is always down.
-    struct Down;
-
-    impl LimitStore for Down {
-        async fn check(
-            &self,
-            _: &str,
-            _: &[Policy],
-            _: u32,
-            _: CheckMode,
-        ) -> Result<Decision, BackendError> {
-            Err(outage())
-        }
-        async fn refund(
-            &self,
-            _: &str,
-            _: &[Policy],
-            _: u32,
-            _: &mut Decision,
-        ) -> Result<(), BackendError> {
-            Err(outage())
-        }
-    }
 
     async fn nh_key(keys: &MemoryKeyStore) -> String {
         let ws = Tenant::workspace("ws_t".parse().unwrap());
