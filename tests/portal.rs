@@ -401,6 +401,26 @@ fn expired_sessions_do_not_accumulate() {
 }
 
 #[test]
+fn a_store_on_a_clock_ahead_of_the_systems_still_purges() {
+    // A host's tests on a fake clock a year ahead: judged by the system
+    // clock, nothing would ever have expired.
+    let start = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(365 * 24);
+    let clock = FakeClock::new(start);
+    let store = MemoryPortalStore::with_clock(clock.clone());
+    let mut session = keygate::testkit::portal::sample_session(60);
+    for i in 0..200_000u64 {
+        let mut b = [7u8; 32];
+        b[..8].copy_from_slice(&i.to_le_bytes());
+        let now = clock.now();
+        session.created_at = now;
+        session.expires_at = now + jiff::SignedDuration::from_secs(60);
+        store.insert_sync(keygate::Digest::from_bytes(b), session.clone(), now);
+        clock.advance(Duration::from_secs(1));
+    }
+    assert!(store.len() < 20_000, "{} entries", store.len());
+}
+
+#[test]
 fn sessions_stamped_ahead_of_the_clock_purge_nothing_still_in_use() {
     use keygate::Digest;
     use keygate::portal::Redeem;

@@ -2,12 +2,13 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::future::{Future, ready};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 
 use crate::backend::BackendError;
+use crate::clock::{Clock, SystemClock};
 use crate::format::{Environment, Region};
 use crate::scope::Role;
 use crate::secret::{Digest, DigestBuildHasher};
@@ -125,6 +126,8 @@ struct Shard {
 /// purged in band as new sessions arrive.
 pub struct MemoryPortalStore {
     shards: Box<[Mutex<Shard>]>,
+    /// The clock purges are judged by, at most (default: the system's).
+    clock: Arc<dyn Clock + Send + Sync>,
 }
 
 impl std::fmt::Debug for MemoryPortalStore {
@@ -138,7 +141,7 @@ impl Default for MemoryPortalStore {
         let shards = (0..SHARDS)
             .map(|_| Mutex::new(Shard { map: HashMap::default(), purge_at: 64 }))
             .collect();
-        Self { shards }
+        Self { shards, clock: Arc::new(SystemClock::new()) }
     }
 }
 
@@ -147,6 +150,16 @@ impl MemoryPortalStore {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store whose purges are judged by `clock`, the one its
+    /// [`Portal`](crate::portal::Portal) reads: a session stamped ahead of
+    /// that clock (a caller's fast clock) purges nothing still in use, and
+    /// a clock ahead of the system's (a [`FakeClock`](crate::clock::FakeClock)
+    /// set in the future) still purges. By default, the system clock.
+    #[must_use]
+    pub fn with_clock(clock: impl Clock + Send + Sync + 'static) -> Self {
+        Self { clock: Arc::new(clock), ..Self::default() }
     }
 
     /// Entries held (pending sessions and tombstones).
@@ -173,9 +186,9 @@ impl MemoryPortalStore {
     pub fn insert_sync(&self, code: Digest, session: PortalSession, now: Timestamp) -> bool {
         let mut shard = self.shard(&code).lock().unwrap_or_else(PoisonError::into_inner);
         if shard.map.len() >= shard.purge_at {
-            // A session stamped ahead of the system clock must not purge
+            // A session stamped ahead of the store's clock must not purge
             // codes and tombstones still in use.
-            let now = now.min(Timestamp::now());
+            let now = now.min(self.clock.now());
             shard.map.retain(|_, e| !e.forgotten(now));
             // Amortised: the next purge waits until the map doubles.
             shard.purge_at = (shard.map.len() * 2).max(64);
