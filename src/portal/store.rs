@@ -127,7 +127,7 @@ struct Shard {
 pub struct MemoryPortalStore {
     shards: Box<[Mutex<Shard>]>,
     /// The clock purges are judged by, at most (default: the system's).
-    clock: Arc<dyn Clock + Send + Sync>,
+    clock: Arc<dyn Clock>,
 }
 
 impl std::fmt::Debug for MemoryPortalStore {
@@ -158,7 +158,7 @@ impl MemoryPortalStore {
     /// a clock ahead of the system's (a [`FakeClock`](crate::clock::FakeClock)
     /// set in the future) still purges. By default, the system clock.
     #[must_use]
-    pub fn with_clock(clock: impl Clock + Send + Sync + 'static) -> Self {
+    pub fn with_clock(clock: impl Clock + 'static) -> Self {
         Self { clock: Arc::new(clock), ..Self::default() }
     }
 
