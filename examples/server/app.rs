@@ -906,14 +906,35 @@ const MAX_ENDPOINTS: usize = 100;
 const MAX_APPLICATIONS: usize = 1000;
 
 /// An `http(s)` URL (the scheme in any case, as RFC 3986 has it) with a
-/// host: not `https://` alone, nor `https:///path`.
-fn is_http_url(url: &str) -> bool {
+/// usable host: a name of letters, digits, `.` and `-`, or a bracketed IPv6
+/// literal, with an optional numeric port. Not `https://` alone, nor
+/// `https:///path`, `https://:80`, `https://user@/`; no `\\` (which
+/// browsers read as `/`), whitespace or control characters anywhere.
+pub(crate) fn is_http_url(url: &str) -> bool {
+    if url.bytes().any(|b| b == b'\\' || b.is_ascii_whitespace() || b.is_ascii_control()) {
+        return false;
+    }
     let Some((scheme, rest)) = url.split_once("://") else { return false };
-    let host = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host = host.rsplit_once('@').map_or(host, |(_, h)| h);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    // The host, and what follows it (empty, or `:` and a port).
+    let (host_ok, after) = if let Some(v6) = host_port.strip_prefix('[') {
+        let (addr, after) = v6.split_once(']').unwrap_or(("", ""));
+        let v6_byte = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
+        (!addr.is_empty() && addr.bytes().all(v6_byte), after)
+    } else {
+        let end = host_port.find(':').unwrap_or(host_port.len());
+        let host = &host_port[..end];
+        let name_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
+        (!host.is_empty() && host.bytes().all(name_byte), &host_port[end..])
+    };
+    let port_ok = after.is_empty()
+        || after
+            .strip_prefix(':')
+            .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
     (scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http"))
-        && !host.is_empty()
-        && !host.starts_with(':')
+        && host_ok
+        && port_ok
 }
 
 /// A cookie-authenticated request that changes state must come from the
@@ -1014,4 +1035,42 @@ pub(crate) async fn bootstrap<K: KeyStore>(
 ) -> Result<CreatedKey, keygate::manager::ManagerError> {
     let all: Scope = "*".parse().map_err(keygate::manager::ManagerError::Scope)?;
     manager.create_management_token(workspace, "bootstrap", TokenExpiry::Never, vec![all]).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_http_url;
+
+    #[test]
+    fn an_http_url_has_a_usable_host() {
+        let good = [
+            "https://h.test",
+            "HTTP://h.test:8080/in?x=1",
+            "https://u@h.test/",
+            "http://[::1]/",
+            "http://[::1]:80",
+        ];
+        for url in good {
+            assert!(is_http_url(url), "{url}");
+        }
+        let bad = [
+            "https://",
+            "https:///in",
+            "https://user@/in",
+            "http://:80",
+            "http://\\",
+            "http://\\@h.test",
+            "http:// ",
+            "http://[",
+            "https://a b/",
+            "http://[::1]80",
+            "http://h.test:",
+            "http://h.test:123456",
+            "ftp://h.test",
+            "h.test",
+        ];
+        for url in bad {
+            assert!(!is_http_url(url), "{url}");
+        }
+    }
 }

@@ -166,16 +166,16 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
-/// `--public-url` without a trailing `/`: an `http(s)` URL of a host, no
-/// query or fragment (the link appends `/portal?code=…`); else `http://`
-/// and the bound address.
+/// `--public-url` without a trailing `/`: an `http(s)` URL of a host (as
+/// portal endpoint URLs are checked), no query or fragment (the link
+/// appends `/portal?code=…`); else `http://` and the bound address.
 fn public_url(given: Option<&str>, addr: SocketAddr) -> Result<String, String> {
     let Some(url) = given else { return Ok(format!("http://{addr}")) };
     let url = url.trim_end_matches('/');
-    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://"));
-    match rest {
-        Some(r) if !r.is_empty() && !r.contains(['?', '#', ' ']) => Ok(url.to_owned()),
-        _ => Err(format!("--public-url: {url:?} is not an http(s) URL of a host")),
+    if app::is_http_url(url) && !url.contains(['?', '#']) {
+        Ok(url.to_owned())
+    } else {
+        Err(format!("--public-url: {url:?} is not an http(s) URL of a host"))
     }
 }
 
@@ -205,4 +205,24 @@ fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
     Ok(async {
         let _ = tokio::signal::ctrl_c().await;
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::public_url;
+
+    #[test]
+    fn a_public_url_names_a_host() {
+        let addr = "127.0.0.1:8080".parse().unwrap();
+        assert_eq!(public_url(None, addr).unwrap(), "http://127.0.0.1:8080");
+        for ok in ["https://api.example.com/", "HTTPS://api.example.com", "http://[::1]:8080/base"]
+        {
+            assert!(public_url(Some(ok), addr).is_ok(), "{ok}");
+        }
+        for bad in
+            ["https://:80", "https://@", "https://user@/", "https://h?x", "ftp://h", "https://h\\"]
+        {
+            assert!(public_url(Some(bad), addr).is_err(), "{bad}");
+        }
+    }
 }
