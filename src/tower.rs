@@ -773,7 +773,18 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         target: &Target,
     ) -> Result<Admitted, Refused> {
         let admitted = self.admit_to(route, headers, Ok(target), None).await;
-        admitted.map_err(|r| r.with_scheme(route.scheme))
+        admitted.map_err(|r| r.with_scheme(self.scheme(route, Some(target))))
+    }
+
+    /// The challenge of `route` for a request whose target is `target`:
+    /// the route's, unless the target narrows its formats.
+    fn scheme(&self, route: &Route, target: Option<&Target>) -> AuthScheme {
+        match target.and_then(|t| t.formats.as_ref()) {
+            None => route.scheme,
+            Some(t) => {
+                self.0.auth.auth_scheme(narrowest(Some(t), route.formats.as_ref()).as_deref())
+            }
+        }
     }
 
     /// [`admit`](Self::admit) for a request whose target function may have
@@ -975,7 +986,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     fn refused_response<B: From<String>>(
         &self,
         refused: Refused,
-        route: &Route,
+        scheme: AuthScheme,
         ext: &Extensions,
     ) -> Response<B> {
         let took_over = refused.took_over;
@@ -985,7 +996,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             Some(m) if key_refused && refused.rejection().status() == 401 => {
                 refused.with_style(m.style).with_scheme(m.scheme)
             }
-            _ => refused.with_scheme(route.scheme),
+            _ => refused.with_scheme(scheme),
         };
         if mark.is_some_and(|m| m.cookie != 0)
             && matches!(refused.reason(), Refusal::Auth(AuthError::Missing))
@@ -1001,7 +1012,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let outer = ext.get::<FailedOpen>().cloned();
         let mut res = self.respond(refused.with_outer_trace(outer, superseded));
         if took_over {
-            res.extensions_mut().insert(TookOver(self.id()));
+            res.extensions_mut().insert(TookOver(self.id(), superseded.cloned()));
         }
         if key_refused && res.status() == ::http::StatusCode::UNAUTHORIZED {
             res.extensions_mut().insert(LayerRefusedKey);
@@ -1237,13 +1248,13 @@ where
                 })
                 .unzip();
             let (outer_cookie, outer_decided) = outer.unzip();
-            // The outermost admitting layer's style and challenge, whatever
-            // its gate.
-            let outer_answer = req.extensions().get::<AdmittedBy>().map(|m| (m.style, m.scheme));
+            // This route's challenge for this target, settled before the
+            // admission: the target itself is not held across it.
+            let scheme = gate.scheme(&route, target.ok());
             let admitted = match gate.admit_to(&route, req.headers(), target, known).await {
                 Ok(a) => a,
                 Err(refused) => {
-                    return Ok(gate.refused_response(refused, &route, req.extensions()));
+                    return Ok(gate.refused_response(refused, scheme, req.extensions()));
                 }
             };
             let took_over = admitted.took_over;
@@ -1253,6 +1264,9 @@ where
                 req.extensions_mut().remove::<Decision>();
             }
             let failed_open = admitted.failed_open.clone();
+            // The outermost admitting layer's style and challenge, whatever
+            // its gate (its mark is still in place).
+            let outer_answer = req.extensions().get::<AdmittedBy>().map(|m| (m.style, m.scheme));
             // This gate's standing limiter failure: this layer's own, or
             // (where it did not check the limit again) its outer layer's,
             // from the mark it vouched with (still in place). Read here,
@@ -1273,7 +1287,7 @@ where
                     || (outer_decided == Some(true) && !admitted.took_over),
                 limiter_failed,
                 style: outer_answer.map_or_else(|| gate.style(&route), |(s, _)| s),
-                scheme: outer_answer.map_or(route.scheme, |(_, s)| s),
+                scheme: outer_answer.map_or(scheme, |(_, s)| s),
             };
             let headers =
                 admitted.into_extensions(req.extensions_mut(), gate.0.headers, superseded.as_ref());
@@ -1294,8 +1308,11 @@ where
             // charge was given back), and none on an inner layer's 401 (a
             // key of another region or format there): an unknown key's 401
             // has none, and the two must look alike.
-            let took_over_inside =
-                res.extensions().get::<TookOver>().is_some_and(|t| t.0 == gate.id());
+            let inside = res.extensions().get::<TookOver>().filter(|t| t.0 == gate.id());
+            let took_over_inside = inside.is_some();
+            // The limiter failure of this gate that the take-over inside
+            // checked again (this layer's own, or none of its).
+            let superseded_inside = inside.and_then(|t| t.1.clone());
             if let Some(headers) = headers
                 && res.extensions().get::<LayerRefusedKey>().is_none()
                 && !took_over_inside
@@ -1305,15 +1322,15 @@ where
             // After this layer's own headers: those of the layers outside
             // it are spent.
             if took_over {
-                res.extensions_mut().insert(TookOver(gate.id()));
+                res.extensions_mut().insert(TookOver(gate.id(), superseded));
             }
             if let Some(f) = failed_open {
                 // Beside, not over, what an inner layer left; this layer's
                 // limiter failure no longer holds where a layer inside
-                // checked the limit again.
+                // took over from this very layer and checked the limit
+                // again (not where it took over from another layer).
                 let inner = res.extensions_mut().remove::<FailedOpen>();
-                let mine = f.limiter.clone().filter(|_| took_over_inside);
-                if let Some(f) = FailedOpen::beside(inner, Some(f), mine.as_ref()) {
+                if let Some(f) = FailedOpen::beside(inner, Some(f), superseded_inside.as_ref()) {
                     res.extensions_mut().insert(f);
                 }
             }
@@ -1362,9 +1379,11 @@ struct LayerRefusedKey;
 /// In a response's extensions: a layer nested inside charged the request
 /// itself and gave the outer layers' charge back, so their decisions are
 /// spent and their headers are not added. Names the gate (its address),
-/// whose layers alone it concerns.
-#[derive(Debug, Clone, Copy)]
-struct TookOver(usize);
+/// whose layers alone it concerns; with the limiter failure of that gate
+/// the take-over checked again, if any (the error its failing layer
+/// recorded), which that layer then drops from its trace.
+#[derive(Debug, Clone)]
+struct TookOver(usize, Option<Arc<BackendError>>);
 
 /// What an outer layer of the same gate settled, for the layer inside:
 /// the principal it admitted (not authenticated again, but held to the

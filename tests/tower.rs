@@ -1251,6 +1251,12 @@ mod nested {
         // A route that also takes Bearer formats keeps the Bearer challenge.
         let res = ask("/any", None).await.unwrap();
         assert_eq!(header(&res, "www-authenticate"), ["Bearer"]);
+        // A target function that narrows the formats to `nh` narrows the
+        // challenge too.
+        let narrowed = gate.layer().target(|_| Ok(keygate::auth::Target::any().formats(["nh"])));
+        let app: Router = Router::new().route("/t", get(|| async { "in" }).route_layer(narrowed));
+        let res = app.oneshot(Request::get("/t").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(header(&res, "www-authenticate"), [r#"ApiKey header="X-API-Key""#]);
         // A refusal through `Gate::admit` and `Gate::respond` challenges as
         // its route does.
         let layer = gate.layer().formats(["nh"]);
@@ -1342,6 +1348,66 @@ mod across_gates {
         let res = app.oneshot(call("/ok", &k)).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         assert_eq!(text(res).await, "true", "the handler is told B's limiter ran");
+    }
+
+    /// A limiter whose first check fails.
+    struct FailsFirst(MemoryLimiter, AtomicBool);
+
+    impl LimitStore for FailsFirst {
+        async fn check(
+            &self,
+            key: &str,
+            p: &[Policy],
+            cost: u32,
+            mode: CheckMode,
+        ) -> Result<Decision, BackendError> {
+            if !self.1.swap(true, Ordering::SeqCst) {
+                return Err(outage());
+            }
+            LimitStore::check(&self.0, key, p, cost, mode).await
+        }
+        async fn refund(
+            &self,
+            key: &str,
+            p: &[Policy],
+            cost: u32,
+            c: &mut Decision,
+        ) -> Result<(), BackendError> {
+            LimitStore::refund(&self.0, key, p, cost, c).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_take_over_from_another_layer_keeps_the_routers_failure() {
+        // A's router layer fails open; B's layer between means A's group
+        // layer does not vouch and charges afresh; A's route layer takes
+        // the group's charge over. The router's failure was never checked
+        // again: the handler and the response both keep it.
+        let keys = MemoryKeyStore::new();
+        let k = nh_key(&keys).await;
+        let a = Gate::builder(
+            Authenticator::new(keys.clone()),
+            FailsFirst(MemoryLimiter::new(100), AtomicBool::new(false)),
+        )
+        .plans(PlanSet::presets())
+        .limiter_fail_mode(FailMode::Open)
+        .build();
+        let b = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .build();
+        let told = |f: Option<Extension<FailedOpen>>| async move {
+            f.is_some_and(|Extension(f)| f.limiter.is_some()).to_string()
+        };
+        let app: Router = Router::new()
+            .route("/ok", get(told).route_layer(a.layer().cost(2)))
+            .layer(a.layer())
+            .layer(b.layer())
+            .layer(a.layer());
+        let res = app.oneshot(call("/ok", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let traced = res.extensions().get::<FailedOpen>().is_some_and(|f| f.limiter.is_some());
+        assert_eq!(text(res).await, "true", "the handler is told the router's limiter failed");
+        assert!(traced, "the response's trace keeps it too");
     }
 
     #[tokio::test]
