@@ -1083,7 +1083,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     /// in the handler with [`Gate::charge`] when only completed work should.
     /// It counts nothing without the gate's
     /// [`quotas`](GateBuilder::quotas) store, or for a category no rule of
-    /// the plan counts (spelled otherwise, say).
+    /// the plan counts (spelled otherwise, say). Unlike the rate limit, a
+    /// quota is not taken over by nested layers of one gate: each layer
+    /// that names a category counts it, so name a category on one layer of
+    /// a route (the router's, or the route's), not on both.
     #[must_use]
     pub fn quota(self, category: impl Into<Cow<'static, str>>) -> Self {
         let category = category.into();
