@@ -1267,16 +1267,15 @@ where
                 req.extensions_mut().remove::<Decision>();
             }
             let failed_open = admitted.failed_open.clone();
-            // The outermost admitting layer's style and challenge, whatever
-            // its gate (its mark is still in place).
-            let outer_answer = req.extensions().get::<AdmittedBy>().map(|m| (m.style, m.scheme));
-            // This gate's standing limiter failure: this layer's own, or
-            // (where it did not check the limit again) its outer layer's,
-            // from the mark it vouched with (still in place). Read here,
-            // not held across the admission.
-            let outer_failed = outer_cookie
-                .and_then(|_| req.extensions().get::<AdmittedBy>())
-                .and_then(|m| m.limiter_failed.clone());
+            // The outer mark, still in place: read here, not held across
+            // the admission. The outermost admitting layer's style and
+            // challenge, whatever its gate; and this gate's standing limiter
+            // failure, where it vouched (this gate's mark).
+            let outer_mark = req.extensions().get::<AdmittedBy>();
+            let outer_answer = outer_mark.map(|m| (m.style, m.scheme));
+            let outer_failed = outer_cookie.and(outer_mark).and_then(|m| m.limiter_failed.clone());
+            // This gate's standing failure now: this layer's own, or (where
+            // it did not check the limit again) the outer layer's.
             let own_failure = failed_open.as_ref().and_then(|f| f.limiter.clone());
             let (superseded, carried) =
                 if took_over { (outer_failed, None) } else { (None, outer_failed) };
