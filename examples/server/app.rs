@@ -906,35 +906,33 @@ const MAX_ENDPOINTS: usize = 100;
 const MAX_APPLICATIONS: usize = 1000;
 
 /// An `http(s)` URL (the scheme in any case, as RFC 3986 has it) with a
-/// usable host: a name of letters, digits, `.` and `-`, or a bracketed IPv6
-/// literal, with an optional numeric port. Not `https://` alone, nor
-/// `https:///path`, `https://:80`, `https://user@/`; no `\\` (which
-/// browsers read as `/`), whitespace or control characters anywhere.
-pub(crate) fn is_http_url(url: &str) -> bool {
-    if url.bytes().any(|b| b == b'\\' || b.is_ascii_whitespace() || b.is_ascii_control()) {
+/// usable host, as the `url` crate (the WHATWG URL standard) parses it: a
+/// domain of letter, digit and `-` labels (none empty or starting or ending
+/// with `-`; one trailing `.` allowed), or an IPv4 or IPv6 address; a port,
+/// if any, not 0. No `\\` (which the standard reads as `/`), whitespace or
+/// control characters anywhere: what a client must send is what it gave.
+pub(crate) fn is_http_url(raw: &str) -> bool {
+    if raw.bytes().any(|b| b == b'\\' || b.is_ascii_whitespace() || b.is_ascii_control()) {
         return false;
     }
-    let Some((scheme, rest)) = url.split_once("://") else { return false };
-    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
-    let host_port = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
-    // The host, and what follows it (empty, or `:` and a port).
-    let (host_ok, after) = if let Some(v6) = host_port.strip_prefix('[') {
-        let (addr, after) = v6.split_once(']').unwrap_or(("", ""));
-        let v6_byte = |b: u8| b.is_ascii_hexdigit() || b == b':' || b == b'.';
-        (!addr.is_empty() && addr.bytes().all(v6_byte), after)
-    } else {
-        let end = host_port.find(':').unwrap_or(host_port.len());
-        let host = &host_port[..end];
-        let name_byte = |b: u8| b.is_ascii_alphanumeric() || b == b'.' || b == b'-';
-        (!host.is_empty() && host.bytes().all(name_byte), &host_port[end..])
+    // The host right after `://`, as written: the standard would read
+    // `https:///in` or `https:in` as host `in`.
+    if !raw.split_once("://").is_some_and(|(_, rest)| !rest.is_empty() && !rest.starts_with('/')) {
+        return false;
+    }
+    let Ok(url) = url::Url::parse(raw) else { return false };
+    let label = |l: &str| {
+        !l.is_empty()
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
     };
-    let port_ok = after.is_empty()
-        || after
-            .strip_prefix(':')
-            .is_some_and(|p| (1..=5).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_digit()));
-    (scheme.eq_ignore_ascii_case("https") || scheme.eq_ignore_ascii_case("http"))
-        && host_ok
-        && port_ok
+    let host_ok = match url.host() {
+        Some(url::Host::Domain(d)) => d.strip_suffix('.').unwrap_or(d).split('.').all(label),
+        Some(url::Host::Ipv4(_) | url::Host::Ipv6(_)) => true,
+        None => false,
+    };
+    matches!(url.scheme(), "http" | "https") && host_ok && url.port() != Some(0)
 }
 
 /// A cookie-authenticated request that changes state must come from the
@@ -1049,6 +1047,10 @@ mod tests {
             "https://u@h.test/",
             "http://[::1]/",
             "http://[::1]:80",
+            "https://H.TEST./",
+            "https://xn--bcher-kva.test/",
+            "http://h.test:65535",
+            "http://192.0.2.1/",
         ];
         for url in good {
             assert!(is_http_url(url), "{url}");
@@ -1056,6 +1058,7 @@ mod tests {
         let bad = [
             "https://",
             "https:///in",
+            "https:in",
             "https://user@/in",
             "http://:80",
             "http://\\",
@@ -1064,8 +1067,18 @@ mod tests {
             "http://[",
             "https://a b/",
             "http://[::1]80",
-            "http://h.test:",
             "http://h.test:123456",
+            "http://h.test:65536/",
+            "http://h.test:0/",
+            "http://[:]/",
+            "http://[1]/",
+            "http://[1.2.3.4]/",
+            "http://999.1.1.1/",
+            "http://./",
+            "http://../",
+            "http://-/",
+            "http://a..b/",
+            "http://-a.test/",
             "ftp://h.test",
             "h.test",
         ];
