@@ -540,6 +540,11 @@ pub struct Admitted {
 /// chose [`FailMode::Open`]. The layer puts it in the request's and the
 /// response's extensions, so an outage that lets requests through
 /// unlimited or uncounted is still there for the host's logs and alerts.
+///
+/// One error per field: where layers nested in each other failed alike,
+/// the outermost layer's error is the one kept (any one says the request
+/// went through unchecked there); a failure a layer inside superseded by
+/// checking the same gate's limit again is dropped.
 #[derive(Debug, Clone, Default)]
 #[non_exhaustive]
 pub struct FailedOpen {
@@ -621,7 +626,12 @@ impl FailedOpen {
         });
         let both = match (inner, outer) {
             (Some(i), Some(o)) => Self {
-                limiter: i.limiter.or(o.limiter),
+                // The outer failure where both failed: a take-over further
+                // in supersedes the failure of the layer it vouched on, and
+                // a layer that failed after another of its gate overwrote
+                // that one's mark, so the outermost failure is never the
+                // one superseded while an inner one stands.
+                limiter: o.limiter.or(i.limiter),
                 refund: i.refund.or(o.refund),
                 quota: i.quota.or(o.quota),
             },
@@ -1325,6 +1335,11 @@ where
             // it are spent.
             if took_over {
                 res.extensions_mut().insert(TookOver(gate.id(), superseded));
+            } else if took_over_inside && outer_cookie.is_none() {
+                // The layer inside took over this layer's fresh charge, not
+                // one of a layer further out (this one did not vouch): the
+                // take-over stops here.
+                res.extensions_mut().remove::<TookOver>();
             }
             if let Some(f) = failed_open {
                 // Beside, not over, what an inner layer left; this layer's

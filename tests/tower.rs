@@ -1410,6 +1410,107 @@ mod across_gates {
         assert!(traced, "the response's trace keeps it too");
     }
 
+    /// A limiter whose checks of one cost fail (refunds work).
+    struct FailsCost(MemoryLimiter, u32);
+
+    impl LimitStore for FailsCost {
+        async fn check(
+            &self,
+            key: &str,
+            p: &[Policy],
+            cost: u32,
+            mode: CheckMode,
+        ) -> Result<Decision, BackendError> {
+            if cost == self.1 {
+                return Err(outage());
+            }
+            LimitStore::check(&self.0, key, p, cost, mode).await
+        }
+        async fn refund(
+            &self,
+            key: &str,
+            p: &[Policy],
+            cost: u32,
+            c: &mut Decision,
+        ) -> Result<(), BackendError> {
+            LimitStore::refund(&self.0, key, p, cost, c).await
+        }
+    }
+
+    /// Gate A failing open on checks of `cost`, and gate B answering with
+    /// the IETF headers only (so A's `X-RateLimit-*` are A's alone).
+    fn a_and_b(
+        keys: &MemoryKeyStore,
+        cost: u32,
+    ) -> (Gate<MemoryKeyStore, FailsCost>, Gate<MemoryKeyStore, MemoryLimiter>) {
+        let a = Gate::builder(
+            Authenticator::new(keys.clone()),
+            FailsCost(MemoryLimiter::new(100), cost),
+        )
+        .plans(PlanSet::presets())
+        .limiter_fail_mode(FailMode::Open)
+        .build();
+        let ietf_only =
+            keygate::limit::HeaderSet { x_ratelimit: false, ietf: true, retry_after: false };
+        let b = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .rate_limit_headers(ietf_only)
+            .build();
+        (a, b)
+    }
+
+    #[tokio::test]
+    async fn the_routers_failure_stands_where_a_group_of_its_gate_failed_too() {
+        // A's router and group layers (B between: the group does not
+        // vouch) both fail open; the route takes the group's charge over:
+        // the router's limit was never checked again, on every side.
+        let keys = MemoryKeyStore::new();
+        let k = nh_key(&keys).await;
+        let (a, b) = a_and_b(&keys, 1);
+        let told = |f: Option<Extension<FailedOpen>>| async move {
+            f.is_some_and(|Extension(f)| f.limiter.is_some()).to_string()
+        };
+        let scoped = a.layer().cost(2).require("api_keys:read").unwrap();
+        let app: Router = Router::new()
+            .route("/ok", get(told).route_layer(a.layer().cost(2)))
+            .route("/refused", get(|| async { "in" }).route_layer(scoped))
+            .layer(a.layer())
+            .layer(b.layer())
+            .layer(a.layer());
+        let res = app.clone().oneshot(call("/ok", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        let traced = res.extensions().get::<FailedOpen>().is_some_and(|f| f.limiter.is_some());
+        let handler = text(res).await;
+        let res = app.oneshot(call("/refused", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::FORBIDDEN);
+        let r_traced = res.extensions().get::<FailedOpen>().is_some_and(|f| f.limiter.is_some());
+        let refused = res.extensions().get::<Refused>().unwrap();
+        let r_refused = refused.failed_open().is_some_and(|f| f.limiter.is_some());
+        assert_eq!(
+            (handler.as_str(), traced, r_refused, r_traced),
+            ("true", true, true, true),
+            "(handler, response trace, Refused::failed_open, refusal's response trace)"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_take_over_stops_at_the_layer_whose_charge_it_took() {
+        // The route takes over the group's fresh charge (the group did not
+        // vouch, B being between): the router's unit stays spent, so its
+        // headers are reported.
+        let keys = MemoryKeyStore::new();
+        let k = nh_key(&keys).await;
+        let (a, b) = a_and_b(&keys, 2);
+        let app: Router = Router::new()
+            .route("/ok", get(|| async { "in" }).route_layer(a.layer().cost(2)))
+            .layer(a.layer())
+            .layer(b.layer())
+            .layer(a.layer());
+        let res = app.oneshot(call("/ok", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert!(res.headers().get("x-ratelimit-remaining").is_some(), "{:?}", res.headers());
+    }
+
     #[tokio::test]
     async fn a_valid_cookie_key_refused_inside_answers_as_an_unknown_one() {
         // The router's layer takes the cookie, the route's does not: a valid
