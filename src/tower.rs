@@ -70,7 +70,14 @@
 //! `.quota(…)` counts every request the router's layer admits, before the
 //! inner layers' checks: put quotas on the routes whose refusals should not
 //! count. A layer of another gate in between starts over: the inner layer
-//! of the first gate authenticates and charges again. An outer layer with
+//! of the first gate authenticates and charges again. The request holds
+//! one [`Decision`], the innermost layer's that charged: where an inner
+//! layer takes its gate's charge over and its own check then fails open,
+//! the handler sees none, even where a layer of another gate outside
+//! charged too (its decision was replaced, not kept; its headers are on
+//! the response all the same). A take-over whose own check fails closed
+//! (a 503) no longer reports the outer layer's failure it replaced: the
+//! request was refused. An outer layer with
 //! `.cost(0)` charges nothing, and inner routes under the same plan
 //! without a cost of their own are then not charged either.
 //!
