@@ -16,11 +16,11 @@ use axum::http::Request;
 use axum::routing::get;
 use axum::{Extension, Router};
 use keygate::auth::Authenticator;
-use keygate::backend::{BackendError, FailMode};
+use keygate::backend::FailMode;
 use keygate::clock::FakeClock;
 use keygate::format::NH;
 use keygate::http::BodyStyle;
-use keygate::limit::{CheckMode, Decision, HeaderSet, LimitStore, MemoryLimiter, PlanSet, Policy};
+use keygate::limit::{Decision, HeaderSet, MemoryLimiter, PlanSet};
 use keygate::manager::{KeyManager, NewKey};
 use keygate::quota::MemoryQuotaStore;
 use keygate::store::{MemoryKeyStore, Tenant};
@@ -29,43 +29,13 @@ use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 use tower::ServiceExt;
 
-/// In-memory limiter on a frozen clock whose checks of cost `fail` fail
+#[path = "support/failing.rs"]
+mod failing;
+use failing::Failing;
+
+/// A gate on a frozen clock whose limiter fails checks of cost `fail`
 /// (`fail` past 1000: of cost `fail - 1000`, and the gate fails closed).
-#[derive(Debug)]
-struct FailsCost {
-    mem: MemoryLimiter<String, FakeClock>,
-    fail: u32,
-    refund_down: bool,
-}
-
-impl LimitStore for FailsCost {
-    async fn check(
-        &self,
-        key: &str,
-        p: &[Policy],
-        cost: u32,
-        mode: CheckMode,
-    ) -> Result<Decision, BackendError> {
-        if cost == self.fail % 1000 {
-            return Err(BackendError::unavailable(std::io::Error::other("down")));
-        }
-        LimitStore::check(&self.mem, key, p, cost, mode).await
-    }
-    async fn refund(
-        &self,
-        key: &str,
-        p: &[Policy],
-        cost: u32,
-        c: &mut Decision,
-    ) -> Result<(), BackendError> {
-        if self.refund_down {
-            return Err(BackendError::unavailable(std::io::Error::other("down")));
-        }
-        LimitStore::refund(&self.mem, key, p, cost, c).await
-    }
-}
-
-type G = Gate<MemoryKeyStore, FailsCost, MemoryQuotaStore, FakeClock>;
+type G = Gate<MemoryKeyStore, Failing<FakeClock>, MemoryQuotaStore, FakeClock>;
 
 /// One layer: its gate and what it is narrowed with.
 #[derive(Clone, Copy, Debug)]
@@ -83,7 +53,8 @@ struct L {
 fn gate(keys: &MemoryKeyStore, clock: &FakeClock, fail: u32, refund_down: bool, b: bool) -> G {
     let mut builder = Gate::builder(
         Authenticator::new(keys.clone()).clock(clock.clone()),
-        FailsCost { mem: MemoryLimiter::with_clock(100, clock.clone()), fail, refund_down },
+        Failing::new(MemoryLimiter::with_clock(100, clock.clone()), move |_, c| c == fail % 1000)
+            .refunds_failing(refund_down),
     )
     .plans(PlanSet::presets())
     .default_plan("hobby")
@@ -96,7 +67,10 @@ fn gate(keys: &MemoryKeyStore, clock: &FakeClock, fail: u32, refund_down: bool, 
     builder.build()
 }
 
-fn layer(g: &G, l: &L) -> GateLayer<MemoryKeyStore, FailsCost, MemoryQuotaStore, FakeClock> {
+fn layer(
+    g: &G,
+    l: &L,
+) -> GateLayer<MemoryKeyStore, Failing<FakeClock>, MemoryQuotaStore, FakeClock> {
     let mut x = g.layer();
     if let Some(c) = l.cost {
         x = x.cost(c);

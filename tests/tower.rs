@@ -19,6 +19,10 @@ use keygate::store::{MemoryKeyStore, Tenant};
 use keygate::tower::{Gate, Refusal, Refused};
 use tower::ServiceExt;
 
+#[path = "support/failing.rs"]
+mod failing;
+use failing::{Failing, outage};
+
 /// A store that can be switched off, as when Redis goes away.
 #[derive(Clone, Default)]
 struct Switch(Arc<AtomicBool>);
@@ -33,10 +37,6 @@ impl Switch {
     fn set_up(&self) {
         self.0.store(false, Ordering::SeqCst);
     }
-}
-
-fn outage() -> BackendError {
-    BackendError::unavailable(std::io::Error::other("connection refused"))
 }
 
 /// A limiter and a quota store that are always down.
@@ -76,33 +76,6 @@ impl LimitStore for Down {
         _: &mut Decision,
     ) -> Result<(), BackendError> {
         Err(outage())
-    }
-}
-
-struct FlakyLimiter(MemoryLimiter, Switch);
-
-impl LimitStore for FlakyLimiter {
-    async fn check(
-        &self,
-        key: &str,
-        policies: &[Policy],
-        cost: u32,
-        mode: CheckMode,
-    ) -> Result<Decision, BackendError> {
-        if self.1.down() {
-            return Err(outage());
-        }
-        LimitStore::check(&self.0, key, policies, cost, mode).await
-    }
-
-    async fn refund(
-        &self,
-        key: &str,
-        policies: &[Policy],
-        cost: u32,
-        check: &mut Decision,
-    ) -> Result<(), BackendError> {
-        LimitStore::refund(&self.0, key, policies, cost, check).await
     }
 }
 
@@ -154,16 +127,19 @@ async fn fixture() -> Fixture {
     Fixture { key: created.key().expose_secret().to_owned(), switch: Switch::default(), keys }
 }
 
+/// An in-memory limiter that fails while `switch` is down.
+fn flaky_limiter(switch: &Switch) -> Failing {
+    let switch = switch.clone();
+    Failing::new(MemoryLimiter::new(1000), move |_, _| switch.down())
+}
+
 fn app(f: &Fixture, limit_fail: FailMode, quota_fail: FailMode) -> Router {
-    let gate = Gate::builder(
-        Authenticator::new(f.keys.clone()),
-        FlakyLimiter(MemoryLimiter::new(1000), f.switch.clone()),
-    )
-    .plans(PlanSet::presets())
-    .quotas(FlakyQuota(MemoryQuotaStore::new(), f.switch.clone()))
-    .limiter_fail_mode(limit_fail)
-    .quota_fail_mode(quota_fail)
-    .build();
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), flaky_limiter(&f.switch))
+        .plans(PlanSet::presets())
+        .quotas(FlakyQuota(MemoryQuotaStore::new(), f.switch.clone()))
+        .limiter_fail_mode(limit_fail)
+        .quota_fail_mode(quota_fail)
+        .build();
     Router::new()
         .route(
             "/events",
@@ -201,15 +177,12 @@ async fn admitted_requests_see_principal_and_decision() {
 async fn a_handlers_charge_reports_an_outage_it_let_through() {
     use keygate::tower::{Charge, FailedOpen};
     let f = fixture().await;
-    let gate = Gate::builder(
-        Authenticator::new(f.keys.clone()),
-        FlakyLimiter(MemoryLimiter::new(1000), f.switch.clone()),
-    )
-    .plans(PlanSet::presets())
-    .quotas(FlakyQuota(MemoryQuotaStore::new(), f.switch.clone()))
-    .limiter_fail_mode(FailMode::Open)
-    .quota_fail_mode(FailMode::Open)
-    .build();
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), flaky_limiter(&f.switch))
+        .plans(PlanSet::presets())
+        .quotas(FlakyQuota(MemoryQuotaStore::new(), f.switch.clone()))
+        .limiter_fail_mode(FailMode::Open)
+        .quota_fail_mode(FailMode::Open)
+        .build();
     let charging = gate.clone();
     let app = Router::new()
         .route(
@@ -899,15 +872,6 @@ mod nested {
         assert_eq!(text(res).await, "true true", "the handler's view");
     }
 
-    /// The in-memory limiter, with checks of the keys `down` picks, and
-    /// refunds when `refunds_down`, failing.
-    #[derive(Clone)]
-    struct Partial {
-        mem: Arc<MemoryLimiter<String, FakeClock>>,
-        down: fn(&str) -> bool,
-        refunds_down: bool,
-    }
-
     /// Route-plan keys (`{record id}#{plan}`), or the others.
     fn route_plan_keys(key: &str) -> bool {
         key.contains('#')
@@ -922,38 +886,11 @@ mod nested {
         true
     }
 
-    impl LimitStore for Partial {
-        async fn check(
-            &self,
-            key: &str,
-            policies: &[Policy],
-            cost: u32,
-            mode: CheckMode,
-        ) -> Result<Decision, BackendError> {
-            if (self.down)(key) {
-                return Err(outage());
-            }
-            self.mem.check(key, policies, cost, mode).await
-        }
-        async fn refund(
-            &self,
-            key: &str,
-            policies: &[Policy],
-            cost: u32,
-            check: &mut Decision,
-        ) -> Result<(), BackendError> {
-            if self.refunds_down {
-                return Err(outage());
-            }
-            LimitStore::refund(&self.mem, key, policies, cost, check).await
-        }
-    }
-
     fn partial_gate(
         keys: &MemoryKeyStore,
         down: fn(&str) -> bool,
         refunds_down: bool,
-    ) -> Gate<MemoryKeyStore, Partial, MemoryQuotaStore, FakeClock> {
+    ) -> Gate<MemoryKeyStore, Failing<FakeClock>, MemoryQuotaStore, FakeClock> {
         partial_gate_failing(keys, down, refunds_down, FailMode::Open)
     }
 
@@ -963,10 +900,10 @@ mod nested {
         down: fn(&str) -> bool,
         refunds_down: bool,
         mode: FailMode,
-    ) -> Gate<MemoryKeyStore, Partial, MemoryQuotaStore, FakeClock> {
+    ) -> Gate<MemoryKeyStore, Failing<FakeClock>, MemoryQuotaStore, FakeClock> {
         let clock = FakeClock::at_2026();
-        let mem = Arc::new(MemoryLimiter::with_clock(100, clock.clone()));
-        let store = Partial { mem, down, refunds_down };
+        let mem = MemoryLimiter::with_clock(100, clock.clone());
+        let store = Failing::new(mem, move |key, _| down(key)).refunds_failing(refunds_down);
         Gate::builder(Authenticator::new(keys.clone()).clock(clock), store)
             .plans(PlanSet::presets())
             .default_plan("hobby")
@@ -1350,33 +1287,6 @@ mod across_gates {
         assert_eq!(text(res).await, "true", "the handler is told B's limiter ran");
     }
 
-    /// A limiter whose first check fails.
-    struct FailsFirst(MemoryLimiter, AtomicBool);
-
-    impl LimitStore for FailsFirst {
-        async fn check(
-            &self,
-            key: &str,
-            p: &[Policy],
-            cost: u32,
-            mode: CheckMode,
-        ) -> Result<Decision, BackendError> {
-            if !self.1.swap(true, Ordering::SeqCst) {
-                return Err(outage());
-            }
-            LimitStore::check(&self.0, key, p, cost, mode).await
-        }
-        async fn refund(
-            &self,
-            key: &str,
-            p: &[Policy],
-            cost: u32,
-            c: &mut Decision,
-        ) -> Result<(), BackendError> {
-            LimitStore::refund(&self.0, key, p, cost, c).await
-        }
-    }
-
     #[tokio::test]
     async fn a_take_over_from_another_layer_keeps_the_routers_failure() {
         // A's router layer fails open; B's layer between means A's group
@@ -1385,10 +1295,11 @@ mod across_gates {
         // again: the handler and the response both keep it.
         let keys = MemoryKeyStore::new();
         let k = nh_key(&keys).await;
-        let a = Gate::builder(
-            Authenticator::new(keys.clone()),
-            FailsFirst(MemoryLimiter::new(100), AtomicBool::new(false)),
-        )
+        let a = Gate::builder(Authenticator::new(keys.clone()), {
+            // The first check fails.
+            let first = AtomicBool::new(true);
+            Failing::new(MemoryLimiter::new(100), move |_, _| first.swap(false, Ordering::SeqCst))
+        })
         .plans(PlanSet::presets())
         .limiter_fail_mode(FailMode::Open)
         .build();
@@ -1410,42 +1321,15 @@ mod across_gates {
         assert!(traced, "the response's trace keeps it too");
     }
 
-    /// A limiter whose checks of one cost fail (refunds work).
-    struct FailsCost(MemoryLimiter, u32);
-
-    impl LimitStore for FailsCost {
-        async fn check(
-            &self,
-            key: &str,
-            p: &[Policy],
-            cost: u32,
-            mode: CheckMode,
-        ) -> Result<Decision, BackendError> {
-            if cost == self.1 {
-                return Err(outage());
-            }
-            LimitStore::check(&self.0, key, p, cost, mode).await
-        }
-        async fn refund(
-            &self,
-            key: &str,
-            p: &[Policy],
-            cost: u32,
-            c: &mut Decision,
-        ) -> Result<(), BackendError> {
-            LimitStore::refund(&self.0, key, p, cost, c).await
-        }
-    }
-
     /// Gate A failing open on checks of `cost`, and gate B answering with
     /// the IETF headers only (so A's `X-RateLimit-*` are A's alone).
     fn a_and_b(
         keys: &MemoryKeyStore,
         cost: u32,
-    ) -> (Gate<MemoryKeyStore, FailsCost>, Gate<MemoryKeyStore, MemoryLimiter>) {
+    ) -> (Gate<MemoryKeyStore, Failing>, Gate<MemoryKeyStore, MemoryLimiter>) {
         let a = Gate::builder(
             Authenticator::new(keys.clone()),
-            FailsCost(MemoryLimiter::new(100), cost),
+            Failing::new(MemoryLimiter::new(100), move |_, c| c == cost),
         )
         .plans(PlanSet::presets())
         .limiter_fail_mode(FailMode::Open)
