@@ -294,6 +294,13 @@ impl Rejection {
     /// timestamp.
     #[must_use]
     pub fn to_response(&self, style: BodyStyle, now: Timestamp) -> Response {
+        self.to_response_in(style, AuthScheme::Bearer, now)
+    }
+
+    /// [`to_response`](Self::to_response) with the `WWW-Authenticate`
+    /// challenge in `scheme`.
+    #[must_use]
+    pub fn to_response_in(&self, style: BodyStyle, scheme: AuthScheme, now: Timestamp) -> Response {
         let status = self.status();
         let mut headers = Vec::with_capacity(3);
         let content_type = if style == BodyStyle::Problem {
@@ -302,7 +309,7 @@ impl Rejection {
             "application/json"
         };
         headers.push(("Content-Type", content_type.to_owned()));
-        if let Some(v) = self.www_authenticate() {
+        if let Some(v) = self.challenge(scheme) {
             headers.push(("WWW-Authenticate", v));
         }
         let retry = self.retry_after_secs(now);

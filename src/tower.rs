@@ -495,14 +495,7 @@ impl Refused {
     /// value in its extensions.
     #[must_use]
     pub fn into_response<B: From<String>>(self, now: jiff::Timestamp) -> Response<B> {
-        let mut out = self.rejection.to_response(self.style, now);
-        // The rendering's challenge is Bearer's; the route's, if not.
-        if self.scheme != AuthScheme::Bearer
-            && let Some(challenge) = self.rejection.challenge(self.scheme)
-            && let Some((_, v)) = out.headers.iter_mut().find(|(n, _)| *n == "WWW-Authenticate")
-        {
-            *v = challenge;
-        }
+        let mut out = self.rejection.to_response_in(self.style, self.scheme, now);
         // The rejection's own `Retry-After` wins over the limiter's.
         let has_retry = out.header("Retry-After").is_some();
         out.headers.extend(

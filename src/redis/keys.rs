@@ -459,6 +459,16 @@ fn parse<T: FromStr>(m: &Map<String, Value>, k: &str) -> Result<T, BackendError>
 }
 
 fn parse_opt<T: FromStr>(m: &Map<String, Value>, k: &str) -> Result<Option<T>, BackendError> {
+    opt_field(m, k, bad)
+}
+
+/// Field `k` parsed as a `T`; `None` when absent or null (a record stored
+/// before the field existed); `bad(k)` when it is not a string of a `T`.
+pub(super) fn opt_field<T: FromStr>(
+    m: &Map<String, Value>,
+    k: &str,
+    bad: impl FnOnce(&str) -> BackendError,
+) -> Result<Option<T>, BackendError> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => s.parse().map(Some).map_err(|_| bad(k)),

@@ -8,7 +8,7 @@ use jiff::Timestamp;
 use serde_json::{Map, Value, json};
 
 use super::Redis;
-use super::keys::{from_sortable, sortable, string_map};
+use super::keys::{from_sortable, opt_field, sortable, string_map};
 use crate::backend::BackendError;
 use crate::portal::{PortalSession, PortalStore, Redeem, TOMBSTONE_RETENTION};
 use crate::secret::Digest;
@@ -84,16 +84,6 @@ fn field<'a>(m: &'a Map<String, Value>, k: &str) -> Result<&'a str, BackendError
     m.get(k).and_then(Value::as_str).ok_or_else(|| BackendError::corrupt(format!("portal {k}")))
 }
 
-/// Field `k` as a string; `None` when absent or null (a session stored
-/// before the field existed).
-fn optional<'a>(m: &'a Map<String, Value>, k: &str) -> Result<Option<&'a str>, BackendError> {
-    match m.get(k) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(BackendError::corrupt(format!("portal {k}"))),
-    }
-}
-
 fn decode(s: &str) -> Result<PortalSession, BackendError> {
     let v: Value = serde_json::from_str(s).map_err(|_| BackendError::corrupt("portal session"))?;
     let m = v.as_object().ok_or_else(|| BackendError::corrupt("portal session"))?;
@@ -106,8 +96,8 @@ fn decode(s: &str) -> Result<PortalSession, BackendError> {
         metadata,
         created_at: from_sortable(field(m, "created")?).ok_or_else(|| bad("created"))?,
         expires_at: from_sortable(field(m, "expires")?).ok_or_else(|| bad("expires"))?,
-        environment: optional(m, "env")?.map(str::parse).transpose().map_err(|_| bad("env"))?,
-        region: optional(m, "region")?.map(str::parse).transpose().map_err(|_| bad("region"))?,
+        environment: opt_field(m, "env", bad)?,
+        region: opt_field(m, "region", bad)?,
     })
 }
 
