@@ -168,14 +168,17 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
 
 /// `--public-url` without a trailing `/`: an `http(s)` URL of a host (as
 /// portal endpoint URLs are checked), no query or fragment (the link
-/// appends `/portal?code=…`); else `http://` and the bound address.
+/// appends `/portal?code=…`) and no user info (every link would hand its
+/// credentials out); else `http://` and the bound address. The error does
+/// not echo the value, which may hold a password.
 fn public_url(given: Option<&str>, addr: SocketAddr) -> Result<String, String> {
     let Some(url) = given else { return Ok(format!("http://{addr}")) };
     let url = url.trim_end_matches('/');
-    if app::is_http_url(url) && !url.contains(['?', '#']) {
+    if app::is_http_url(url) && !url.contains(['?', '#', '@']) {
         Ok(url.to_owned())
     } else {
-        Err(format!("--public-url: {url:?} is not an http(s) URL of a host"))
+        Err("--public-url must be an http(s) URL of a host, without user info, query or fragment"
+            .to_owned())
     }
 }
 
@@ -219,9 +222,15 @@ mod tests {
         {
             assert!(public_url(Some(ok), addr).is_ok(), "{ok}");
         }
-        for bad in
-            ["https://:80", "https://@", "https://user@/", "https://h?x", "ftp://h", "https://h\\"]
-        {
+        for bad in [
+            "https://:80",
+            "https://@",
+            "https://user@/",
+            "https://h?x",
+            "ftp://h",
+            "https://h\\",
+            "https://u:pw@h",
+        ] {
             assert!(public_url(Some(bad), addr).is_err(), "{bad}");
         }
     }
