@@ -382,9 +382,10 @@ fn workspace_from_path(parts: &axum::http::request::Parts) -> Result<Target, Rej
 /// Path segment `n`, percent-decoded as axum's `Path` decodes it for the
 /// handler: the access check and the handler read one value (`proj%5Fx` is
 /// `proj_x` to both). `None` when missing or not UTF-8 once decoded.
-fn path_segment(parts: &axum::http::request::Parts, n: usize) -> Option<String> {
+fn path_segment(parts: &axum::http::request::Parts, n: usize) -> Option<std::borrow::Cow<'_, str>> {
     let raw = parts.uri.path().split('/').nth(n)?;
-    percent_encoding::percent_decode_str(raw).decode_utf8().ok().map(std::borrow::Cow::into_owned)
+    // Borrowed unless there was something to decode.
+    percent_encoding::percent_decode_str(raw).decode_utf8().ok()
 }
 
 /// `/api/v1/seq/{org}/{project}/…`: the key must belong to `{project}`.
