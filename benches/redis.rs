@@ -165,6 +165,7 @@ fn bench(crit: &mut Criterion) {
         });
     }
     g.finish();
+    sliding(crit, &s);
 
     // Under `cargo test --all-targets` (no `--bench`), criterion only
     // smoke-tests each benchmark once: skip the timed comparison too.
@@ -215,6 +216,35 @@ fn bench(crit: &mut Criterion) {
             None => println!(),
         }
     }
+}
+
+/// A sliding-window check on a key whose window is full (every check
+/// denied, so the window stays as it is), at several window sizes: what a
+/// check costs as the window's log grows.
+fn sliding(crit: &mut Criterion, s: &Setup) {
+    let sizes: &[u32] =
+        if std::env::args().any(|a| a == "--bench") { &[10, 1_000, 100_000] } else { &[10] };
+    let mut g = crit.benchmark_group("redis_limiter");
+    g.sample_size(10).measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    for &limit in sizes {
+        let policy =
+            [Policy::new("w", limit, Duration::from_secs(3600), Algorithm::SlidingWindow).unwrap()];
+        let key = format!("sliding-full-{limit}");
+        let limiter = &s.limiters[0];
+        s.rt.block_on(async {
+            let d = limiter.check(&key, &policy, limit, CheckMode::Consume).await.unwrap();
+            assert!(d.is_allowed(), "the window fills in one check");
+        });
+        g.bench_function(format!("check_sliding_full/{limit}"), |b| {
+            b.iter(|| {
+                s.rt.block_on(async {
+                    let d = limiter.check(&key, &policy, 1, CheckMode::Consume).await.unwrap();
+                    assert!(!d.is_allowed());
+                });
+            });
+        });
+    }
+    g.finish();
 }
 
 criterion_group!(benches, bench);

@@ -475,6 +475,34 @@ async fn a_stacked_check_is_exactly_one_round_trip() {
     }
 }
 
+#[tokio::test]
+async fn a_sliding_check_reads_a_few_entries_of_its_log_not_all() {
+    const LIMIT: u32 = 100_000;
+    let server = RedisServer::start();
+    let redis = connect(&server, "log").await;
+    let limiter = redis.limiter();
+    let plan = [hour("default", LIMIT, Algorithm::SlidingWindow)];
+    let mut filled = limiter.check("k", &plan, LIMIT - 1, CheckMode::Consume).await.unwrap();
+    assert!(filled.is_allowed());
+    let before = command_stats(&redis).await;
+    // Admitted (the last unit), denied, a peek, and a refund: each reads a
+    // few entries near the log's ends, whatever its length.
+    let mut last = limiter.check("k", &plan, 1, CheckMode::Consume).await.unwrap();
+    assert!(last.is_allowed());
+    assert!(!limiter.check("k", &plan, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    assert_eq!(limiter.check("k", &plan, 1, CheckMode::Peek).await.unwrap().remaining(), 0);
+    limiter.refund("k", &plan, 1, &mut last).await.unwrap();
+    assert!(limiter.check("k", &plan, 1, CheckMode::Peek).await.unwrap().is_allowed());
+    limiter.refund("k", &plan, LIMIT - 1, &mut filled).await.unwrap();
+    let after = command_stats(&redis).await;
+    let delta = |k: &str| after.get(k).copied().unwrap_or(0) - before.get(k).copied().unwrap_or(0);
+    assert_eq!(delta("lrange"), 0, "no check or refund reads the whole log");
+    // Six operations, each at most two searches of 2 log2(n) probes.
+    assert!(delta("lindex") <= 6 * 4 * 17, "{} LINDEX", delta("lindex"));
+    let peek = limiter.check("k", &plan, 1, CheckMode::Peek).await.unwrap();
+    assert_eq!(peek.remaining(), LIMIT - 1, "both refunds gave everything back");
+}
+
 // ---- faults: stop, time out, restart ----
 
 const BOUND: Duration = Duration::from_secs(2);
@@ -1156,4 +1184,62 @@ async fn a_key_revoked_before_revocations_had_a_ttl_gets_one_when_revoked_again(
     assert!(!store.revoke(&r.id, jiff::Timestamp::now()).await.unwrap(), "already revoked");
     let ttl: i64 = con.pttl(&rec).await.unwrap();
     assert!((55_000..=60_000).contains(&ttl), "{ttl} ms");
+}
+
+/// A sliding check reads its log an entry at a time (a search from the
+/// oldest end): every split of expired and live entries is counted
+/// exactly, the expired ones are trimmed by an admitted check, a denial
+/// waits for the right entry, and a refund removes the check's own
+/// entries from a long log.
+#[tokio::test]
+async fn sliding_checks_count_any_split_of_expired_and_live_entries() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "split").await;
+    let mut conn = redis.connection();
+    let limiter = redis.limiter();
+    let (secs, micros): (u64, u64) = ::redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let now = secs * 1_000_000 + micros;
+    let minute = |limit| {
+        [Policy::new("default", limit, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()]
+    };
+    for expired in [0u64, 1, 2, 3, 4, 5, 7, 8, 9, 100, 700] {
+        for live in [0u64, 1, 2, 3, 300] {
+            let key = format!("k{expired}-{live}");
+            let list = format!("split:rl:{{k:{key}}}:default:s");
+            // Expired: two minutes old, one µs apart. Live: from 30 s ago
+            // on, 10 µs apart (the oldest leaves the window 30 s from now).
+            let entries: Vec<String> = (0..expired)
+                .map(|j| now - 120_000_000 + j)
+                .chain((0..live).map(|j| now - 30_000_000 + 10 * j))
+                .map(|t| t.to_string())
+                .collect();
+            if !entries.is_empty() {
+                let _: () = ::redis::cmd("RPUSH")
+                    .arg(&list)
+                    .arg(entries)
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+            }
+            let what = format!("{expired} expired, {live} live");
+            let limit = u32::try_from(live).unwrap() + 2;
+            let d = limiter.check(&key, &minute(limit), 1, CheckMode::Consume).await.unwrap();
+            assert!(d.is_allowed(), "{what}");
+            assert_eq!(d.remaining(), 1, "{what}");
+            let len: u64 = ::redis::cmd("LLEN").arg(&list).query_async(&mut conn).await.unwrap();
+            assert_eq!(len, live + 1, "{what}: the expired entries are trimmed");
+            // Full now: a denial waits until the oldest live entry leaves.
+            let full = limiter.check(&key, &minute(limit - 1), 1, CheckMode::Consume).await;
+            let full = full.unwrap();
+            assert!(!full.is_allowed(), "{what}");
+            let retry = full.retry_after().unwrap();
+            let expected = if live == 0 { 60.0 } else { 30.0 };
+            assert!((retry.as_secs_f64() - expected).abs() < 1.5, "{what}: {retry:?}");
+            // The admitted check's unit is given back; the others stay.
+            let mut d = d;
+            limiter.refund(&key, &minute(limit), 1, &mut d).await.unwrap();
+            let len: u64 = ::redis::cmd("LLEN").arg(&list).query_async(&mut conn).await.unwrap();
+            assert_eq!(len, live, "{what}: the refund took the check's own entry");
+        }
+    }
 }

@@ -95,11 +95,31 @@ local function sibling(i, j)
   local alg = string.sub(KEYS[i], -1)
   return string.sub(KEYS[i], 1, -2) .. OTHERS[alg][j]
 end
+-- A sliding window's log (entry times in µs, oldest first), read an entry
+-- at a time: `at(j)` is the j-th entry (1-based). A check reads a few
+-- entries near the ends, never the whole list: what it costs does not grow
+-- with the window's limit.
+local function list_log(key)
+  local function at(j) return tonumber(redis.call('LINDEX', key, j - 1)) end
+  return {len = redis.call('LLEN', key), at = at}
+end
+-- How many entries of `log` are at or before `start`. The ones that left
+-- the window are the oldest, and few since the last check: searched from
+-- the oldest end in doubling steps, then by halving.
 local function lower_bound(log, start)
-  local lo, hi = 0, #log
-  while lo < hi do
+  local len = log.len
+  if len == 0 or log.at(1) > start then return 0 end
+  -- Invariant: entry lo is at or before start; entry hi (or the end,
+  -- len + 1) after it.
+  local lo, hi, step = 1, len + 1, 1
+  while lo + step <= len do
+    if log.at(lo + step) > start then hi = lo + step break end
+    lo = lo + step
+    step = step * 2
+  end
+  while hi - lo > 1 do
     local mid = math.floor((lo + hi) / 2)
-    if tonumber(log[mid + 1]) <= start then lo = mid + 1 else hi = mid end
+    if log.at(mid) <= start then lo = mid else hi = mid end
   end
   return lo
 end
@@ -129,10 +149,10 @@ local function foreign(i, alg, period, interval, cap)
         held = held + c
       end
     else
-      local log = redis.call('LRANGE', k, 0, -1)
-      if #log > 0 then
+      local log = list_log(k)
+      if log.len > 0 then
         found = true
-        held = held + #log - lower_bound(log, now_us - period / 1000)
+        held = held + log.len - lower_bound(log, now_us - period / 1000)
       end
     end
   end
@@ -251,32 +271,38 @@ for i = 1, n do
     end
   else
     local p = period / 1000
-    local log = redis.call('LRANGE', KEYS[i], 0, -1)
-    if #log == 0 then held = foreign(i, alg, period, interval, cap) end
+    local log = list_log(KEYS[i])
+    if log.len == 0 then held = foreign(i, alg, period, interval, cap) end
     -- Entries more than the slack ahead of now: the server's clock
     -- stepped back. They count as made at now plus the slack (the log
     -- stays sorted), written back so that they expire a period from then
-    -- rather than hold the key for the whole step.
+    -- rather than hold the key for the whole step. The newest entry tells
+    -- (the log is sorted); only then is the log read whole.
     local ahead = now_us + SLACK_NS / 1000
-    local clamped = false
-    for j = 1, #log do
-      if tonumber(log[j]) > ahead then log[j] = string.format('%d', ahead); clamped = true end
+    local clamped = log.len > 0 and log.at(log.len) > ahead
+    local entries = {}
+    if clamped then
+      entries = redis.call('LRANGE', KEYS[i], 0, -1)
+      for j = 1, #entries do
+        if tonumber(entries[j]) > ahead then entries[j] = string.format('%d', ahead) end
+      end
+      log = {len = #entries, at = function(j) return tonumber(entries[j]) end}
     end
     local function rewrite()
       redis.call('DEL', KEYS[i])
-      for j = 1, #log, 1000 do
+      for j = 1, #entries, 1000 do
         local last = j + 999
-        if last > #log then last = #log end
-        redis.call('RPUSH', KEYS[i], unpack(log, j, last))
+        if last > #entries then last = #entries end
+        redis.call('RPUSH', KEYS[i], unpack(entries, j, last))
       end
       redis.call('PEXPIRE', KEYS[i], ms_ceil((ahead + p - now_us) * 1000))
     end
     if clamped then st.convert = rewrite end
-    -- Entries standing for converted units (only with a sibling's state).
+    -- Entries standing for converted units (only with a sibling's state),
+    -- all made now.
     local synth = held and string.format('%d', now_us)
     if held then
-      log = {}
-      for j = 1, held do log[j] = synth end
+      log = {len = held, at = function() return now_us end}
     end
     if held and held > 0 then
       st.convert = function()
@@ -284,26 +310,27 @@ for i = 1, n do
         redis.call('PEXPIRE', KEYS[i], ms_ceil(p * 1000))
       end
     end
-    local len = #log
+    local len = log.len
     local expired = 0
     if now_us >= p then expired = lower_bound(log, now_us - p) end
     local count = len - expired
+    local newest = count > 0 and log.at(len)
     -- As a check of no units: until this log's newest entry leaves.
     local at0 = now_us
-    if count > 0 and tonumber(log[len]) > at0 then at0 = tonumber(log[len]) end
+    if count > 0 and newest > at0 then at0 = newest end
     st.reset0 = (at0 + p - now_us) * 1000
     if cost > limit then
       local c = count
       if c > limit then c = limit end
       st.impossible = true; st.remaining = limit - c
       if count > 0 then
-        local r = tonumber(log[len]) + p - now_us
+        local r = newest + p - now_us
         if r < 0 then r = 0 end
         st.reset = r * 1000
       end
     elseif count + cost <= limit then
       local at = now_us
-      if count > 0 and tonumber(log[len]) > at then at = tonumber(log[len]) end
+      if count > 0 and newest > at then at = newest end
       local r = at + p - now_us
       if r < 0 then r = 0 end
       st.allowed = true; st.remaining = limit - count - cost; st.reset = r * 1000
@@ -316,7 +343,7 @@ for i = 1, n do
       end
     else
       local must = count + cost - limit
-      local wait = (tonumber(log[expired + must]) + p - now_us) * 1000
+      local wait = (log.at(expired + must) + p - now_us) * 1000
       if wait < 1 then wait = 1 end
       st.remaining = limit - count; st.reset = wait; st.retry = wait
     end
@@ -325,7 +352,7 @@ for i = 1, n do
     -- would forget them while this period still counts them. Kept until
     -- the newest leaves this window.
     if count > 0 and not held then
-      local r = tonumber(log[len]) + p - now_us
+      local r = newest + p - now_us
       st.keep = function() keep_for(KEYS[i], ms_ceil(r * 1000)) end
     end
   end
@@ -422,14 +449,19 @@ for i = 1, n do
     else
       -- The check's own entries, if still in the log (entries of checks
       -- at the same microsecond stand for each other). Without a receipt,
-      -- nothing is touched, not even the key's lifetime.
+      -- nothing is touched, not even the key's lifetime. They sit
+      -- together (the log is sorted): counted first, so that the removal
+      -- stops at them, searching from the newest end.
       if credit then
-        redis.call('LREM', KEYS[i], cost, receipt)
-        local log = redis.call('LRANGE', KEYS[i], -1, -1)
-        if #log > 0 then
+        local log, at = list_log(KEYS[i]), tonumber(receipt)
+        local mine = lower_bound(log, at) - lower_bound(log, at - 1)
+        if mine > cost then mine = cost end
+        if mine > 0 then redis.call('LREM', KEYS[i], -mine, receipt) end
+        local newest = redis.call('LINDEX', KEYS[i], -1)
+        if newest then
           -- What stays counts for this period (see `keep_for`).
           local p = period / 1000
-          keep_for(KEYS[i], ms_ceil((tonumber(log[1]) + p - now_us) * 1000))
+          keep_for(KEYS[i], ms_ceil((tonumber(newest) + p - now_us) * 1000))
         end
       end
     end
