@@ -2,13 +2,14 @@
 //! checked and counted in one atomic step.
 
 use std::future::{Future, ready};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::Offset;
 
 use crate::backend::BackendError;
+use crate::clock::{Clock, SystemClock};
 use crate::http::Rejection;
 use crate::limit::QuotaRule;
 
@@ -265,42 +266,48 @@ impl<Q: QuotaStore + ?Sized> QuotaStore for std::sync::Arc<Q> {
 /// `String`s per category per request; std's keyed hasher resists flooding.
 type Counters = hashbrown::HashMap<(String, String), Counter, std::hash::RandomState>;
 
-/// One (account, category)'s counts: its latest month's and the month before's,
-/// so a call stamped just before midnight on the 1st that arrives after the
-/// new month's first counts in its own month, as in the Redis store.
-#[derive(Debug, Clone, Copy)]
+/// One (account, category)'s counts in the (at most three) months it was
+/// last counted in, the most recently counted first, as the Redis store
+/// keeps a counter per month: this month's and the month before's (a call
+/// stamped just before midnight on the 1st that arrives after the new
+/// month's first counts in its own month), and one more, so that a call
+/// stamped in another month (a host clock that jumped ahead and back)
+/// neither ends the month still in use nor starts it again from zero: a
+/// month not kept takes the place of the least recently counted one but
+/// for the store's current month and the month before.
+#[derive(Debug, Clone, Copy, Default)]
 struct Counter {
-    month: Month,
-    used: u64,
-    /// The count of the month before `month`.
-    before: u64,
+    months: [Option<(Month, u64)>; 3],
 }
 
 impl Counter {
-    /// The count of `month`: `None` for a month older than the two kept
-    /// (a call stamped that long ago is judged as a fresh month's, and not
-    /// counted — where the Redis store, which keys counters by month,
-    /// counts it).
-    fn of(&self, month: Month) -> Option<u64> {
-        // What `slot` would find, on a copy: a newer month starts at zero.
-        let mut c = *self;
-        c.slot(month).map(|u| *u)
+    /// The count of `month` (zero for a month not kept).
+    fn of(&self, month: Month) -> u64 {
+        self.months.iter().flatten().find(|(m, _)| *m == month).map_or(0, |&(_, n)| n)
     }
 
-    /// The count of `month` to add to, moving on to `month` if it is newer.
-    fn slot(&mut self, month: Month) -> Option<&mut u64> {
-        if month > self.month {
-            self.before = if month.before() == self.month { self.used } else { 0 };
-            self.used = 0;
-            self.month = month;
-        }
-        if month == self.month {
-            Some(&mut self.used)
-        } else if month == self.month.before() {
-            Some(&mut self.before)
-        } else {
-            None
-        }
+    /// The count of `month` to add to, made the most recently counted; a
+    /// month not kept takes the place of the least recently counted one
+    /// (or a free place) but for `current` (the store's month) and the
+    /// month before.
+    fn slot(&mut self, month: Month, current: Option<Month>) -> &mut u64 {
+        let kept = |m: Month| current.is_some_and(|c| m == c || m == c.before());
+        let i = self.months.iter().position(|s| s.is_some_and(|(m, _)| m == month));
+        let i = i.unwrap_or_else(|| {
+            // Three places, at most two kept: one is always found.
+            let free = self.months.iter().rposition(|s| s.is_none_or(|(m, _)| !kept(m)));
+            let free = free.unwrap_or(self.months.len() - 1);
+            self.months[free] = Some((month, 0));
+            free
+        });
+        self.months[..=i].rotate_right(1);
+        let (_, n) = self.months[0].get_or_insert((month, 0));
+        n
+    }
+
+    /// Whether a count of `month` or later is kept.
+    fn counts_since(&self, month: Month) -> bool {
+        self.months.iter().flatten().any(|(m, _)| *m >= month)
     }
 }
 
@@ -327,12 +334,36 @@ impl From<&CounterKey<'_>> for (String, String) {
 /// that just ended are dropped (one pass over the table, under its lock,
 /// once a month), so memory is bounded by the accounts × categories active
 /// in two months, not by every account ever counted.
-#[derive(Debug, Default)]
+///
+/// Which month it is, for that, is judged by the store's clock (the
+/// system's unless [`with_clock`](Self::with_clock)): a call stamped ahead
+/// of it (a host clock that jumped ahead) counts in its own month but
+/// drops nothing, so a count still in use is never forgotten, and the
+/// calls on time go on dropping what they should.
 pub struct MemoryQuotaStore {
     counters: Mutex<Table>,
+    /// The clock months are judged by, for dropping entries, at most.
+    clock: Arc<dyn Clock>,
 }
 
-/// The counters, and the newest month a count was made in.
+impl std::fmt::Debug for MemoryQuotaStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let table = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        f.debug_struct("MemoryQuotaStore")
+            .field("counters", &table.map.len())
+            .field("month", &table.newest)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for MemoryQuotaStore {
+    fn default() -> Self {
+        Self::with_clock(SystemClock::new())
+    }
+}
+
+/// The counters, and the newest month (by the store's clock, at most) a
+/// count was made in.
 #[derive(Debug, Default)]
 struct Table {
     map: Counters,
@@ -340,19 +371,23 @@ struct Table {
 }
 
 impl Table {
-    /// Notes a count in `month`. On the first of the month after the
-    /// newest, drops the entries with nothing in either month a count can
-    /// still go to (this one and the one before). A clock that jumps
-    /// further ahead drops nothing: the entries' own months still decide
-    /// what they hold, and a jump back leaves their counts where they are.
-    fn counting_in(&mut self, month: Month) {
+    /// Notes a count in `month`, `clock` reading the store's clock. In a
+    /// month after the newest (both judged by that clock at most), drops
+    /// the entries with nothing in the months a count can still go to (this
+    /// one and the one before).
+    fn counting_in(&mut self, month: Month, clock: &dyn Clock) {
+        if self.newest.is_some_and(|newest| month <= newest) {
+            return;
+        }
+        let month = month.min(Month::of(clock.now()));
         match self.newest {
             Some(newest) if month <= newest => {}
-            Some(newest) if month.before() == newest => {
+            Some(_) => {
                 self.newest = Some(month);
-                self.map.retain(|_, c| c.month >= newest);
+                let since = month.before();
+                self.map.retain(|_, c| c.counts_since(since));
             }
-            _ => self.newest = Some(month),
+            None => self.newest = Some(month),
         }
     }
 }
@@ -362,6 +397,16 @@ impl MemoryQuotaStore {
     #[must_use]
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An empty store that judges which month it is (for dropping idle
+    /// accounts) by `clock`, the one its callers stamp their calls with:
+    /// calls stamped on a clock ahead of the system's (a
+    /// [`FakeClock`](crate::clock::FakeClock) set in the future) then still
+    /// drop them. By default, the system clock.
+    #[must_use]
+    pub fn with_clock(clock: impl Clock + 'static) -> Self {
+        Self { counters: Mutex::default(), clock: Arc::new(clock) }
     }
 
     /// Synchronous [`QuotaStore::check_and_count`].
@@ -376,15 +421,15 @@ impl MemoryQuotaStore {
         let month = Month::of(now);
         let resets_at = month.next_reset();
         let mut table = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        table.counting_in(month);
+        table.counting_in(month, &*self.clock);
+        let current = table.newest;
         let map = &mut table.map;
         // A call stamped in the month before the counter's (two calls
         // straddling midnight on the 1st, the later one counted first)
         // counts in its own month, which the counter keeps: a late call
         // neither erases the newer month's count nor adds to it.
-        let count_of = |map: &Counters, c: &str| {
-            map.get(&CounterKey(account, c)).and_then(|k| k.of(month)).unwrap_or(0)
-        };
+        let count_of =
+            |map: &Counters, c: &str| map.get(&CounterKey(account, c)).map_or(0, |k| k.of(month));
         // A rule's usage: its categories' counts. A sum past u64 is past
         // every limit (and must not wrap below): `None`.
         let used_by = |map: &Counters, r: &QuotaRule| {
@@ -408,11 +453,9 @@ impl MemoryQuotaStore {
             }
         }
         // Every counting rule has room: count the category.
-        let fresh = Counter { month, used: 0, before: 0 };
-        let c = map.entry_ref(&CounterKey(account, category)).or_insert(fresh);
-        if let Some(u) = c.slot(month) {
-            *u = u.saturating_add(cost);
-        }
+        let c = map.entry_ref(&CounterKey(account, category)).or_default();
+        let u = c.slot(month, current);
+        *u = u.saturating_add(cost);
         QuotaDecision::admitted(counted, resets_at)
     }
 }
@@ -437,8 +480,7 @@ impl QuotaStore for MemoryQuotaStore {
     ) -> impl Future<Output = Result<u64, BackendError>> + Send {
         let month = Month::of(now);
         let table = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
-        let used =
-            table.map.get(&CounterKey(account, category)).and_then(|c| c.of(month)).unwrap_or(0);
+        let used = table.map.get(&CounterKey(account, category)).map_or(0, |c| c.of(month));
         ready(Ok(used))
     }
 }
@@ -535,30 +577,90 @@ mod tests {
         );
     }
 
-    #[test]
-    fn accounts_idle_for_a_whole_month_are_forgotten_and_none_sooner() {
-        let s = MemoryQuotaStore::new();
+    /// A store on a fake clock, the clock, and a call counting one email
+    /// for `account` stamped `at` (its `used`).
+    fn store_on_clock(
+        start: &str,
+    ) -> (MemoryQuotaStore, crate::clock::FakeClock, impl Fn(&MemoryQuotaStore, &str, &str) -> u64)
+    {
+        let clock = crate::clock::FakeClock::new(ts(start));
         let rules = Plan::free().monthly().to_vec();
-        let held = |s: &MemoryQuotaStore| s.counters.lock().unwrap().map.len();
-        let count = |account: &str, at: &str| {
+        let count = move |s: &MemoryQuotaStore, account: &str, at: &str| {
             s.check_and_count_sync(account, &rules, "email", 1, ts(at)).used
         };
+        (MemoryQuotaStore::with_clock(clock.clone()), clock, count)
+    }
+
+    fn held(s: &MemoryQuotaStore) -> usize {
+        s.counters.lock().unwrap().map.len()
+    }
+
+    #[test]
+    fn accounts_idle_for_a_whole_month_are_forgotten_and_none_sooner() {
+        let (s, clock, count) = store_on_clock("2026-01-20T00:00:00Z");
         for i in 0..1000 {
-            count(&format!("jan{i}"), "2026-01-20T00:00:00Z");
+            count(&s, &format!("jan{i}"), "2026-01-20T00:00:00Z");
         }
-        assert_eq!(count("feb", "2026-02-01T00:00:00Z"), 1);
+        clock.set_wall(ts("2026-02-01T00:00:00Z"));
+        assert_eq!(count(&s, "feb", "2026-02-01T00:00:00Z"), 1);
         assert_eq!(held(&s), 1001, "January's counts can still take late calls");
         // A late call stamped in January still counts there.
-        assert_eq!(count("jan7", "2026-01-31T23:59:59.9Z"), 2);
-        assert_eq!(count("feb", "2026-03-01T00:00:00Z"), 1);
+        assert_eq!(count(&s, "jan7", "2026-01-31T23:59:59.9Z"), 2);
+        clock.set_wall(ts("2026-03-01T00:00:00Z"));
+        assert_eq!(count(&s, "feb", "2026-03-01T00:00:00Z"), 1);
         assert_eq!(held(&s), 1, "idle since January: nothing left to count in");
-        // A clock jumping years ahead forgets nothing; back on time, the
-        // counts are where they were, and the next month sweeps as usual.
-        assert_eq!(count("mar", "2026-03-02T00:00:00Z"), 1);
-        count("x", "2029-07-01T00:00:00Z");
-        assert_eq!(held(&s), 3);
-        assert_eq!(count("mar", "2026-03-03T00:00:00Z"), 2);
-        count("y", "2029-08-01T00:00:00Z");
-        assert_eq!(held(&s), 2, "only the two counted in July and August 2029");
+        // Calls stamped years ahead of the store's clock count in their
+        // own months and forget nothing; back on time, the counts are where
+        // they were.
+        assert_eq!(count(&s, "mar", "2026-03-02T00:00:00Z"), 1);
+        count(&s, "x", "2029-07-01T00:00:00Z");
+        count(&s, "y", "2029-08-01T00:00:00Z");
+        assert_eq!(held(&s), 4);
+        assert_eq!(count(&s, "mar", "2026-03-03T00:00:00Z"), 2);
+        assert_eq!(count(&s, "feb", "2026-03-04T00:00:00Z"), 2);
+        // After two idle months, the first call forgets every account idle
+        // since before May, but those counted in months still to come.
+        clock.set_wall(ts("2026-06-02T00:00:00Z"));
+        assert_eq!(count(&s, "jun", "2026-06-02T00:00:00Z"), 1);
+        assert_eq!(held(&s), 3, "x, y and jun");
+    }
+
+    #[test]
+    fn a_call_stamped_ahead_of_the_store_stops_no_sweep() {
+        let (s, clock, count) = store_on_clock("2026-03-10T00:00:00Z");
+        count(&s, "glitch", "2029-07-01T00:00:00Z");
+        for (m, month) in ["2026-03", "2026-04", "2026-05", "2026-06", "2026-07"].iter().enumerate()
+        {
+            clock.set_wall(ts(&format!("{month}-10T00:00:00Z")));
+            for i in 0..100 {
+                count(&s, &format!("m{m}-{i}"), &format!("{month}-10T00:00:00Z"));
+            }
+        }
+        // Active in June and July: 200 accounts, and the one counted in 2029.
+        assert_eq!(held(&s), 201);
+    }
+
+    #[test]
+    fn calls_stamped_in_other_months_keep_this_months_count() {
+        let (s, _clock, _) = store_on_clock("2026-03-10T00:00:00Z");
+        let rules = Plan::free().monthly().to_vec();
+        let check = |account: &str, cost: u64, at: &str| {
+            s.check_and_count_sync(account, &rules, "email", cost, ts(at))
+        };
+        assert!(check("acct", 100, "2026-03-10T00:00:00Z").allowed);
+        assert!(!check("acct", 1, "2026-03-10T00:00:00Z").allowed);
+        // A host clock that jumps ahead and back: another account's calls,
+        // and this account's own, stamped in months to come.
+        for at in ["2026-06-01T00:00:00Z", "2026-07-01T00:00:00Z"] {
+            assert!(check("other", 1, at).allowed);
+            assert!(check("acct", 1, at).allowed, "a month of its own");
+        }
+        // Back on time, still March: the 100 of 100 still count.
+        let d = check("acct", 1, "2026-03-11T00:00:00Z");
+        assert!(!d.allowed, "{d:?}");
+        assert_eq!(d.used, 100);
+        // And the late call of the month before still counts in its own.
+        assert_eq!(check("acct", 1, "2026-02-28T23:59:59Z").used, 1);
+        assert!(!check("acct", 1, "2026-03-11T00:00:00Z").allowed);
     }
 }
