@@ -90,8 +90,12 @@ impl Shard {
 /// long a key revoked on another instance may keep working here. A key
 /// revoked through this process is dropped at once with
 /// [`invalidate`](Self::invalidate), and authentications that read it
-/// before the revocation do not cache it after. Memory is bounded by
-/// `capacity`.
+/// before the revocation do not cache it after. The same bound holds for
+/// any other change to a record made outside this process's
+/// [`KeyManager`](crate::manager::KeyManager) (its scopes, plan or expiry
+/// edited in the host's database): a cached principal keeps the record as
+/// it was read until its entry expires or is invalidated. Memory is
+/// bounded by `capacity`.
 pub struct PrincipalCache {
     /// Read-locked on the hot path, so concurrent requests for one key do
     /// not queue behind each other.
