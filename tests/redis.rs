@@ -1243,3 +1243,76 @@ async fn sliding_checks_count_any_split_of_expired_and_live_entries() {
         }
     }
 }
+
+// ---- an id used again by another tenant ----
+
+/// `ws_a/p` holds one live record (so its id sets stay) and one with a
+/// host-chosen id that Redis then forgets (its retention over); the id
+/// stays in `ws_a`'s sets until something sweeps it. A record of another
+/// tenant (`ws_b/q`) then takes the freed id.
+async fn reused_id(redis: &Redis) -> (keygate::redis::RedisKeyStore, keygate::store::KeyRecord) {
+    use keygate::testkit::keys::sample_record;
+    let store = redis.keys().expired_retention(Duration::from_millis(1));
+    let keep = sample_record("ws_a", Some("p"), 0, false);
+    assert_eq!(store.insert(Arc::new(keep), None).await.unwrap(), InsertOutcome::Inserted);
+    let mut brief = sample_record("ws_a", Some("p"), 0, false);
+    brief.id = "key_imported_1".parse().unwrap();
+    brief.expires_at = Some(jiff::Timestamp::now() + jiff::SignedDuration::from_millis(50));
+    assert_eq!(store.insert(Arc::new(brief.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(store.get(&brief.id).await.unwrap().is_none(), "forgotten after its retention");
+    let mut other = sample_record("ws_b", Some("q"), 0, false);
+    other.id = brief.id.clone();
+    assert_eq!(store.insert(Arc::new(other.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    (store, other)
+}
+
+#[tokio::test]
+async fn a_freed_id_used_by_another_tenant_is_not_listed_under_the_old_one() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "reuse").await;
+    let (store, other) = reused_id(&redis).await;
+    let (ws_a, p) = ("ws_a".parse().unwrap(), "p".parse().unwrap());
+    for listed in
+        [store.list(&ws_a, None).await.unwrap(), store.list(&ws_a, Some(&p)).await.unwrap()]
+    {
+        assert_eq!(listed.len(), 1, "{listed:?}");
+        assert!(listed.iter().all(|r| r.tenant.workspace == ws_a && r.id != other.id));
+    }
+    let ws_b = "ws_b".parse().unwrap();
+    let theirs = store.list(&ws_b, None).await.unwrap();
+    assert_eq!(theirs.iter().map(|r| &r.id).collect::<Vec<_>>(), [&other.id]);
+}
+
+#[tokio::test]
+async fn a_freed_id_used_by_another_tenant_counts_against_its_own_cap_only() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "reusecap").await;
+    let (store, _) = reused_id(&redis).await;
+    let third = keygate::testkit::keys::sample_record("ws_a", Some("p"), 0, false);
+    let limit = keygate::store::ActiveLimit::new(2, jiff::Timestamp::now());
+    assert_eq!(
+        store.insert(Arc::new(third), Some(limit)).await.unwrap(),
+        InsertOutcome::Inserted,
+        "ws_a/p holds one active key of its own under a cap of 2"
+    );
+}
+
+#[tokio::test]
+async fn a_freed_id_used_by_another_tenant_does_not_keep_the_old_sets_forever() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "reuseset").await;
+    let (store, _) = reused_id(&redis).await;
+    let ws_a = "ws_a".parse().unwrap();
+    // Revoking ws_a's last record ends its sets: the other tenant's record,
+    // which never expires, is not one of their members.
+    let mine = store.list(&ws_a, None).await.unwrap();
+    // Listing dropped the stale id already; put it back, as it was.
+    let set = "reuseset:{reuseset:keys}:ws:ws_a";
+    let mut conn = redis.connection();
+    let _: () =
+        ::redis::cmd("SADD").arg(set).arg("key_imported_1").query_async(&mut conn).await.unwrap();
+    assert!(store.revoke(&mine[0].id, jiff::Timestamp::now()).await.unwrap());
+    let ttl: i64 = ::redis::cmd("PTTL").arg(set).query_async(&mut conn).await.unwrap();
+    assert_ne!(ttl, -1, "the set ends with its own last record");
+}

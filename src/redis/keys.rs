@@ -71,8 +71,8 @@ end
 if ARGV[5] == '1' and ARGV[6] ~= '' then
   local active = 0
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
-    local v = redis.call('HMGET', ARGV[8] .. id, 'r', 'rev', 'exp')
-    if not v[1] then
+    local v = redis.call('HMGET', ARGV[8] .. id, 'r', 'rev', 'exp', 'pj')
+    if not v[1] or (v[4] and v[4] ~= KEYS[4]) then
       redis.call('SREM', KEYS[4], id)
     elseif id ~= ARGV[13] and not v[2] and (not v[3] or v[3] > ARGV[7]) then
       active = active + 1
@@ -80,12 +80,13 @@ if ARGV[5] == '1' and ARGV[6] ~= '' then
   end
   if active >= tonumber(ARGV[6]) then return 'limit' end
 end
-local function sweep(set)
+local function sweep(set, field)
   for _, id in ipairs(redis.call('SRANDMEMBER', set, 2)) do
-    if redis.call('EXISTS', ARGV[8] .. id) == 0 then redis.call('SREM', set, id) end
+    if not OWNED(ARGV[8] .. id, field, set) then redis.call('SREM', set, id) end
   end
 end
-redis.call('HSET', KEYS[1], 'r', ARGV[2])
+redis.call('HSET', KEYS[1], 'r', ARGV[2], 'ws', KEYS[5])
+if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'pj', KEYS[4]) end
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[3]) end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'rev', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'used', ARGV[10]) end
@@ -97,10 +98,10 @@ if ARGV[11] ~= '' then
   if ARGV[4] == '1' then FORGET(KEYS[3], ARGV[11], ARGV[12]) end
 end
 if ARGV[5] == '1' then
-  sweep(KEYS[4])
+  sweep(KEYS[4], 'pj')
   JOIN(KEYS[4], KEYS[1], ARGV[1])
 end
-sweep(KEYS[5])
+sweep(KEYS[5], 'ws')
 JOIN(KEYS[5], KEYS[1], ARGV[1])
 return 'ok'
 ";
@@ -113,15 +114,34 @@ if not id then return {} end
 return redis.call('HGETALL', ARGV[1] .. id)
 ";
 
-/// KEYS[1]: a set of ids. ARGV[1]: record-key prefix. Drops the ids of
-/// records Redis has forgotten.
+/// KEYS[1]: a set of ids. ARGV[1]: record-key prefix, ARGV[2]: the field
+/// naming the set in its members' records (`ws` or `pj`). Drops the ids of
+/// records Redis has forgotten, and of records of another tenant stored
+/// under such an id since.
 const LIST: &str = r"
 local out = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local r = redis.call('HGETALL', ARGV[1] .. id)
-  if #r > 0 then table.insert(out, r) else redis.call('SREM', KEYS[1], id) end
+  local rec = ARGV[1] .. id
+  if OWNED(rec, ARGV[2], KEYS[1]) then
+    table.insert(out, redis.call('HGETALL', rec))
+  else
+    redis.call('SREM', KEYS[1], id)
+  end
 end
 return out
+";
+
+/// Lua shared by the scripts that read id sets: whether record key `rec`
+/// is a member of `set`, which its record names in hash field `field`
+/// (`ws` for a workspace's set, `pj` for a project's). Not if Redis forgot
+/// the record, nor if the id, once freed, now holds a record of another
+/// tenant (ids are the host's to choose: an import may use one again). A
+/// record written before the field existed is taken at its word.
+const OWNED_FN: &str = r"
+local function OWNED(rec, field, set)
+  local v = redis.call('HMGET', rec, 'r', field)
+  return v[1] ~= false and (not v[2] or v[2] == set)
+end
 ";
 
 /// KEYS: record, digest index, key-id index, project set, workspace set.
@@ -144,8 +164,8 @@ local function schedule()
   end
 end
 local function ended()
-  ENDED(KEYS[4], ARGV[7], KEYS[1])
-  ENDED(KEYS[5], ARGV[7], KEYS[1])
+  ENDED(KEYS[4], ARGV[7], KEYS[1], 'pj')
+  ENDED(KEYS[5], ARGV[7], KEYS[1], 'ws')
 end
 if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then
   -- Revoked by a version that kept revoked records forever: schedule it.
@@ -181,8 +201,8 @@ if not cur or ARGV[1] < cur then
     if ARGV[6] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
       FORGET(KEYS[3], ARGV[2], ARGV[4])
     end
-    ENDED(KEYS[4], ARGV[7], KEYS[1])
-    ENDED(KEYS[5], ARGV[7], KEYS[1])
+    ENDED(KEYS[4], ARGV[7], KEYS[1], 'pj')
+    ENDED(KEYS[5], ARGV[7], KEYS[1], 'ws')
   end
   return PUBLISHED(ARGV[5], ARGV[3])
 end
@@ -257,7 +277,7 @@ local function JOIN(set, rec, id)
     if new or (cur >= 0 and cur < ttl) then redis.call('PEXPIRE', set, ttl) end
   end
 end
-local function ENDED(set, prefix, rec)
+local function ENDED(set, prefix, rec, field)
   local cur = redis.call('PTTL', set)
   if cur >= 0 then
     local ttl = redis.call('PTTL', rec)
@@ -268,9 +288,13 @@ local function ENDED(set, prefix, rec)
   -- A member going within the millisecond has 0 left: it counts.
   local longest = 1
   for _, id in ipairs(redis.call('SMEMBERS', set)) do
-    local t = redis.call('PTTL', prefix .. id)
-    if t == -1 then return end
-    if t == -2 then redis.call('SREM', set, id) elseif t > longest then longest = t end
+    if OWNED(prefix .. id, field, set) then
+      local t = redis.call('PTTL', prefix .. id)
+      if t == -1 then return end
+      if t > longest then longest = t end
+    else
+      redis.call('SREM', set, id)
+    end
   end
   -- An emptied set is gone already; this is then a no-op.
   redis.call('PEXPIRE', set, longest)
@@ -281,13 +305,13 @@ end
 const ENDED_SCAN: usize = 1000;
 
 fn with_sets(script: &str) -> String {
-    format!("{}{script}", SETS_FN.replace("ENDED_SCAN", &ENDED_SCAN.to_string()))
+    format!("{OWNED_FN}{}{script}", SETS_FN.replace("ENDED_SCAN", &ENDED_SCAN.to_string()))
 }
 
 static INSERT_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&with_sets(&format!("{FUTURE_FN}{INSERT}"))));
 static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
-static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LIST));
+static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{OWNED_FN}{LIST}")));
 static REVOKE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&with_sets(&format!("{PUBLISHED_FN}{FUTURE_FN}{REVOKE}"))));
 static SHORTEN_SCRIPT: LazyLock<Script> =
@@ -626,17 +650,26 @@ impl KeyStore for RedisKeyStore {
         workspace: &WorkspaceId,
         project: Option<&ProjectId>,
     ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send {
-        let set = project.map_or_else(|| self.ws(workspace), |p| self.proj(workspace, p));
+        let (set, field) =
+            project.map_or_else(|| (self.ws(workspace), "ws"), |p| (self.proj(workspace, p), "pj"));
         let call = self.redis.eval::<Vec<Vec<String>>>(
             &LIST_SCRIPT,
             vec![set],
-            vec![self.rec_prefix().into_bytes()],
+            vec![self.rec_prefix().into_bytes(), field.into()],
         );
+        let tenant = (workspace.clone(), project.cloned());
         async move {
+            // The tenant is checked here too: records written before they
+            // named their sets are taken at their word by the script.
+            let of_tenant = |r: &KeyRecord| {
+                r.tenant.workspace == tenant.0
+                    && tenant.1.as_ref().is_none_or(|p| r.tenant.project.as_ref() == Some(p))
+            };
             let mut out = call
                 .await?
                 .into_iter()
                 .map(|f| decode(f).map(Arc::new))
+                .filter(|r| r.as_ref().map_or(true, |r| of_tenant(r)))
                 .collect::<Result<Vec<_>, _>>()?;
             out.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
             Ok(out)
