@@ -1316,3 +1316,27 @@ async fn a_freed_id_used_by_another_tenant_does_not_keep_the_old_sets_forever() 
     let ttl: i64 = ::redis::cmd("PTTL").arg(set).query_async(&mut conn).await.unwrap();
     assert_ne!(ttl, -1, "the set ends with its own last record");
 }
+
+/// A key cached before the listener first subscribed (requests served
+/// while it started, or while its first attempts failed) may have missed
+/// a revocation: the first subscription clears the cache too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_before_the_first_subscription_is_not_missed() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "first").await;
+    let keys = redis.keys();
+    let clock = SystemClock::new();
+    let cache = Arc::new(PrincipalCache::new(Duration::from_secs(30), 100));
+    let a = keygate::testkit::keys::sample_record("ws_f", None, 0, false);
+    assert_eq!(keys.insert(Arc::new(a.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    cache.insert(*a.digest.digest(), principal(&a), clock.monotonic());
+    // Revoked on another instance before this one's listener is up.
+    assert!(keys.revoke(&a.id, jiff::Timestamp::now()).await.unwrap());
+    let listener =
+        redis.revocation_listener(Arc::clone(&cache)).heartbeat(Duration::from_millis(100));
+    let stats = listener.stats();
+    let task = tokio::spawn(listener.run());
+    wait_for("subscription", || stats.subscriptions() == 1).await;
+    assert!(cache.get(a.digest.digest(), clock.monotonic()).is_none(), "still cached");
+    task.abort();
+}

@@ -24,8 +24,9 @@ use crate::store::RecordId;
 /// Spawn [`run`](Self::run) on tokio; it never returns. When the
 /// connection is lost (Redis restarted, network cut) it reconnects with
 /// capped exponential backoff and subscribes again. A revocation published
-/// while it was disconnected is **not** replayed: the listener clears the
-/// cache when it subscribes again, and until then the cache's TTL
+/// while it was not subscribed is **not** replayed: the listener clears the
+/// cache whenever it subscribes (the first time too: what the cache took in
+/// before then may have missed one), and until then the cache's TTL
 /// ([`PrincipalCache::ttl`], 30 s by default) bounds how long such a key
 /// may keep working here.
 ///
@@ -121,9 +122,12 @@ impl RevocationListener {
 
     /// Listens forever: subscribe, apply messages, reconnect on loss.
     ///
-    /// Revocations published while the listener was disconnected are not
-    /// replayed, so every re-subscription clears the cache (each key is then
-    /// verified against the store once more). A connection that is dropped
+    /// Revocations published while the listener was not subscribed are
+    /// not replayed, so every subscription clears the cache (each key is
+    /// then verified against the store once more): a re-subscription, and
+    /// the first one too, since the cache may have taken keys in before it
+    /// (requests served while the listener started, or while its first
+    /// attempts failed). A connection that is dropped
     /// soon after it subscribed does not reset the backoff, so a server that
     /// keeps killing subscribers is not hammered.
     pub async fn run(self) {
@@ -134,9 +138,7 @@ impl RevocationListener {
                 Ok(conn) => {
                     // Cleared before the count moves, so a reader that sees
                     // the new subscription sees the cleared cache.
-                    if self.stats.connects.load(Ordering::Acquire) > 0 {
-                        self.cache.clear();
-                    }
+                    self.cache.clear();
                     self.stats.connects.fetch_add(1, Ordering::Release);
                     let since = tokio::time::Instant::now();
                     self.watch(conn, &lost).await;
