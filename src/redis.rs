@@ -144,8 +144,10 @@ impl RedisConfig {
         Ok(Self { client, timeout: Self::DEFAULT_TIMEOUT, prefix: Self::DEFAULT_PREFIX.into() })
     }
 
-    /// Sets the bound on every call (connecting included). A call that has
-    /// no answer by then is [`BackendError::Timeout`]. Zero is replaced by
+    /// Sets the bound on every round trip (connecting included): each
+    /// store call is one, but `RedisKeyStore::revoke` and `shorten_expiry`
+    /// (which read the record first) take two, so at most twice this. A
+    /// call that has no answer by then is [`BackendError::Timeout`]. Zero is replaced by
     /// the default. Give the host's own deadlines more than this: a call
     /// dropped before its timeout tells the handle nothing, and repeated
     /// timeouts are how it notices a connection gone silent.
