@@ -3,6 +3,7 @@
 //! the caller commits the new state only if every stacked policy allows.
 
 use std::collections::VecDeque;
+use std::time::Duration;
 
 use super::{Algorithm, Policy};
 use crate::clock::duration_nanos;
@@ -417,9 +418,10 @@ pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, rece
     }
 }
 
-/// The monotonic time after which `slot` is indistinguishable from fresh
-/// under `policy` (so it may be evicted without admitting anything extra).
-pub(crate) fn fresh_at(policy: &Policy, slot: &Slot) -> u64 {
+/// The time-line time after which `slot` is indistinguishable from fresh
+/// under a policy of `period` (so it may be evicted without admitting
+/// anything extra): only a sliding log's depends on the period.
+pub(crate) fn fresh_at(period: Duration, slot: &Slot) -> u64 {
     match slot {
         Slot::Fresh => 0,
         Slot::Tat(tat) => *tat,
@@ -431,9 +433,7 @@ pub(crate) fn fresh_at(policy: &Policy, slot: &Slot) -> u64 {
                 *end
             }
         }
-        Slot::Log(log) => {
-            log.back().map_or(0, |&n| n.saturating_add(duration_nanos(policy.period())))
-        }
+        Slot::Log(log) => log.back().map_or(0, |&n| n.saturating_add(duration_nanos(period))),
     }
 }
 

@@ -35,27 +35,59 @@ pub struct CapacityError {
     pub max: usize,
 }
 
-/// A key's state: one slot per policy name.
+/// A key's state: one slot per policy name, with the longest period it was
+/// judged under since it was last written (how long a sliding log lasts:
+/// a plan whose period grew keeps the key from eviction even while it only
+/// denies).
 #[derive(Debug, Default, Clone)]
 struct KeyState {
-    slots: SmallVec<[(PolicyName, Slot); 2]>,
-    /// Monotonic time after which every slot is fresh again.
+    slots: SmallVec<[(PolicyName, Slot, Duration); 2]>,
+    /// Time-line time after which every slot is fresh again (see
+    /// [`refresh`](Self::refresh)).
     fresh_at: u64,
 }
 
 impl KeyState {
     fn slot(&self, name: &str) -> Option<&Slot> {
-        self.slots.iter().find(|(n, _)| n == name).map(|(_, s)| s)
+        self.slots.iter().find(|(n, ..)| n == name).map(|(_, s, _)| s)
     }
 
+    /// `policy`'s slot, to write; then [`written`](Self::written) (or
+    /// [`refresh`](Self::refresh), for a refund).
     fn slot_mut(&mut self, policy: &Policy) -> &mut Slot {
-        let i = if let Some(i) = self.slots.iter().position(|(n, _)| n == policy.name()) {
+        let i = if let Some(i) = self.slots.iter().position(|(n, ..)| n == policy.name()) {
             i
         } else {
-            self.slots.push((policy.policy_name(), Slot::Fresh));
+            self.slots.push((policy.policy_name(), Slot::Fresh, policy.period()));
             self.slots.len() - 1
         };
         &mut self.slots[i].1
+    }
+
+    /// Notes that `policy` judged its slot (a peek and a denial too): a
+    /// longer period keeps the slot's log longer.
+    fn judged(&mut self, policy: &Policy) {
+        if let Some((.., period)) = self.slots.iter_mut().find(|(n, ..)| n == policy.name()) {
+            *period = (*period).max(policy.period());
+        }
+        self.refresh();
+    }
+
+    /// Notes that `policy` wrote its slot (a commit, a conversion, a state
+    /// taken over): the state is that policy's now, and lasts its period.
+    fn written(&mut self, policy: &Policy) {
+        if let Some((.., period)) = self.slots.iter_mut().find(|(n, ..)| n == policy.name()) {
+            *period = policy.period();
+        }
+        self.refresh();
+    }
+
+    /// `fresh_at` from the slots as they are: earlier after a conversion
+    /// to a shorter plan or a refund, so such a key makes room as soon as
+    /// it counts nothing.
+    fn refresh(&mut self) {
+        self.fresh_at =
+            self.slots.iter().map(|(_, s, p)| algorithm::fresh_at(*p, s)).max().unwrap_or(0);
     }
 }
 
@@ -96,9 +128,10 @@ fn word_policy(policies: &[Policy]) -> Option<&Policy> {
     }
 }
 
-/// One word-policy step: the decision and, if admitted, the next word.
-/// With `convert` false, a word of another policy is not converted: the
-/// answer is `Err(())`, for the caller to read the clock again first.
+/// One word-policy step: the decision, the next word (if admitted, or if
+/// converted), and whether the word was another policy's, converted. With
+/// `convert` false, a word of another policy is not converted: the answer
+/// is `Err(())`, for the caller to read the clock again first.
 #[inline]
 fn word_step(
     p: &Policy,
@@ -106,7 +139,7 @@ fn word_step(
     now: u64,
     cost: u32,
     convert: bool,
-) -> Result<(algorithm::Step, Option<u64>), ()> {
+) -> Result<(algorithm::Step, Option<u64>, bool), ()> {
     // The common case first: a GCRA key's own theoretical arrival time
     // (or a fresh 0), stepped on the bare word, as `slot_step` would.
     if p.algorithm() == Algorithm::Gcra
@@ -114,7 +147,7 @@ fn word_step(
         && !algorithm::gcra_is_foreign(p, cur, now)
     {
         let (s, next) = algorithm::gcra_tat(p, cur, now, cost);
-        return Ok((s, next.map(|t| t & !FIXED_TAG)));
+        return Ok((s, next.map(|t| t & !FIXED_TAG), false));
     }
     slot_step(p, cur, now, cost, convert)
 }
@@ -126,7 +159,7 @@ fn slot_step(
     now: u64,
     cost: u32,
     convert: bool,
-) -> Result<(algorithm::Step, Option<u64>), ()> {
+) -> Result<(algorithm::Step, Option<u64>, bool), ()> {
     // A word of another policy (a plan change under one name) is
     // converted, not dropped.
     let mut slot = word_to_slot(p, cur, now);
@@ -146,7 +179,7 @@ fn slot_step(
         _ if foreign => Some(slot_word(&slot)),
         _ => None,
     };
-    Ok((s, next))
+    Ok((s, next, foreign))
 }
 
 /// The word of a word-form slot (GCRA or fixed window; anything else is
@@ -171,7 +204,11 @@ fn first_of_name(policies: &[Policy], i: usize) -> bool {
 /// that span is the exact end (the current window's, or an earlier one's
 /// after the clock stepped back); with no multiple there (the period
 /// changed), the span's last nanosecond stands in: the count then holds at
-/// most a millisecond longer, never shorter.
+/// most a millisecond longer. One case holds it shorter: a plan change
+/// (same name) to a period with a multiple in that span before the old
+/// window's end, which then stands in — the old count ends up to a
+/// millisecond early, once, at the change (the locked form keeps exact
+/// ends).
 fn window_slot(p: &Policy, word: u64, now: u64) -> Slot {
     let period = crate::clock::duration_nanos(p.period()).max(1);
     let count = ((word >> Q_BITS) & COUNT_MAX) as u32;
@@ -791,15 +828,37 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
         {
             match self.word_check(state, p, cost, mode, now) {
-                Some(judged) => return Ok(self.decision(p, judged, cost, mode)),
+                Some((s, now, converted)) => {
+                    if converted {
+                        // Another plan's state, converted: it may be fresh
+                        // sooner than the shard's next purge expects.
+                        sooner_purge(shard, now);
+                    }
+                    return Ok(self.decision(p, (s, now), cost, mode));
+                }
                 None => untracked = false,
             }
         }
-        if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
-            if !self.has_live_words(shard, hash, key, policies) {
-                return Ok(self.decide(&mut lock_state(m), policies, cost, mode, now));
+        let locked = shard.multis().find(hash, |(k, _)| k.borrow() == key).map(|(_, m)| {
+            if self.has_live_words(shard, hash, key, policies) {
+                return None;
             }
-            untracked = false;
+            let mut st = lock_state(m);
+            let before = st.fresh_at;
+            let d = self.decide(&mut st, policies, cost, mode, now);
+            Some((d, (st.fresh_at < before).then_some(st.fresh_at)))
+        });
+        match locked {
+            Some(Some((d, sooner))) => {
+                // Converted to a shorter plan: as above (the shard's lock
+                // is taken only now, with the key's released).
+                if let Some(at) = sooner {
+                    sooner_purge(shard, at);
+                }
+                return Ok(d);
+            }
+            Some(None) => untracked = false,
+            None => {}
         }
         if let (CheckMode::Peek, Some((p, _)), true) = (mode, word, untracked) {
             // An unknown key is fresh; peeking does not start tracking it.
@@ -881,8 +940,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         // probe finds here stays put until we return.
         if let Some((p, i)) = word
             && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
-            && let Some(judged) = self.word_check(state, p, cost, mode, now)
+            && let Some((s, now, _)) = self.word_check(state, p, cost, mode, now)
         {
+            let judged = (s, now);
             tracked.next_purge =
                 tracked.next_purge.min(word_fresh_at(state.load(Ordering::Acquire)));
             return Ok(self.decision(p, judged, cost, mode));
@@ -962,8 +1022,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 let old = kill(state);
                 if old != DEAD {
                     tracked.words[i] -= 1;
-                    // `decide` folds the slot into the key's fresh time.
                     *st.slot_mut(p) = word_to_slot(p, old, now);
+                    st.written(p);
                 }
             }
         }
@@ -1104,7 +1164,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         cost: u32,
         mode: CheckMode,
         now: u64,
-    ) -> Option<(algorithm::Step, u64)> {
+    ) -> Option<(algorithm::Step, u64, bool)> {
         let fresh = || self.wall.time(&self.clock);
         word_cas(word, p, cost, mode == CheckMode::Consume, now, fresh)
     }
@@ -1119,8 +1179,10 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         mode: CheckMode,
         now: u64,
     ) -> (algorithm::Step, u64) {
-        self.word_check(word, p, cost, mode, now)
-            .unwrap_or_else(|| unreachable!("only the writer kills slots"))
+        let (s, now, _) = self
+            .word_check(word, p, cost, mode, now)
+            .unwrap_or_else(|| unreachable!("only the writer kills slots"));
+        (s, now)
     }
 
     fn decision(
@@ -1201,14 +1263,20 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                     continue;
                 }
             }
-            if let Some((_, m)) = shard.multis().find(hash, |(k, _)| k.borrow() == key) {
-                let mut st = lock_state(m);
-                let slot = st.slot_mut(p);
-                // Judged on a reading taken under the lock (see
-                // `refund_word`).
-                // A refund only takes units off; it never delays eviction
-                // (the key's `fresh_at` can only stand or be early).
-                algorithm::refund(p, slot, now.max(fresh()), cost, receipt);
+            let sooner =
+                shard.multis().find(hash, |(k, _)| k.borrow() == key).and_then(|(_, m)| {
+                    let mut st = lock_state(m);
+                    let before = st.fresh_at;
+                    // Judged on a reading taken under the lock (see
+                    // `refund_word`).
+                    algorithm::refund(p, st.slot_mut(p), now.max(fresh()), cost, receipt);
+                    // A refund only takes units off: the key may be fresh
+                    // sooner (a window back to zero), never later.
+                    st.refresh();
+                    (st.fresh_at < before).then_some(st.fresh_at)
+                });
+            if let Some(at) = sooner {
+                sooner_purge(shard, at);
             }
         }
     }
@@ -1226,9 +1294,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         // period grew keeps the key from eviction even while it only
         // denies. Bookkeeping, not quota state: peeks and denials too.
         for p in policies {
-            if let Some(slot) = st.slot(p.name()) {
-                st.fresh_at = st.fresh_at.max(algorithm::fresh_at(p, slot));
-            }
+            st.judged(p);
         }
         // A state that looks like another policy's may only be ahead of a
         // `now` read before the lock: judge it on a fresh reading.
@@ -1249,8 +1315,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 {
                     let slot = st.slot_mut(p);
                     *slot = algorithm::convert(p, slot, now);
-                    let fresh_at = algorithm::fresh_at(p, slot);
-                    st.fresh_at = st.fresh_at.max(fresh_at);
+                    st.written(p);
                 }
             }
         }
@@ -1277,10 +1342,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 && first_of_name(policies, i)
                 && let Some(next) = next
             {
-                let slot = st.slot_mut(p);
-                next.apply(slot);
-                let fresh_at = algorithm::fresh_at(p, slot);
-                st.fresh_at = st.fresh_at.max(fresh_at);
+                next.apply(st.slot_mut(p));
+                st.written(p);
             }
             let mut s = s;
             if outcome != Outcome::Allowed && s.allowed {
@@ -1297,14 +1360,26 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     }
 }
 
+/// Makes the shard's next purge no later than `at`: a state became fresh
+/// sooner than the purge expects (converted to a shorter plan, refunded)
+/// outside the writer's lock. Takes that lock: the caller holds none of
+/// the shard's.
+#[cold]
+fn sooner_purge<K, T: Tag>(shard: &Shard<K, T>, at: u64) {
+    let mut tracked = shard.writer();
+    tracked.next_purge = tracked.next_purge.min(at);
+}
+
 /// Kills a slot; returns the last state it held ([`DEAD`] if it was dead).
 fn kill(state: &AtomicU64) -> u64 {
     state.swap(DEAD, Ordering::AcqRel)
 }
 
 /// A check of one-word state `word` at `now` (committed with a
-/// compare-and-swap if `consume`): the step and the time it was judged at;
-/// `None` if the slot is dead. `fresh` reads the limiter's clock again.
+/// compare-and-swap if `consume`): the step, the time it was judged at,
+/// and whether it wrote a word converted from another policy's (whose
+/// fresh time may be earlier); `None` if the slot is dead. `fresh` reads
+/// the limiter's clock again.
 #[inline]
 fn word_cas(
     word: &AtomicU64,
@@ -1313,7 +1388,7 @@ fn word_cas(
     consume: bool,
     now: u64,
     fresh: impl Fn() -> u64,
-) -> Option<(algorithm::Step, u64)> {
+) -> Option<(algorithm::Step, u64, bool)> {
     let mut cur = word.load(Ordering::Acquire);
     let (mut now, mut fresh_clock) = (now, false);
     loop {
@@ -1324,7 +1399,7 @@ fn word_cas(
         // stale `now` (another thread read the clock later and wrote
         // first): converting it would forget units. Judge it again on a
         // fresh reading, read after the word was.
-        let Ok((s, next)) = word_step(p, cur, now, cost, fresh_clock) else {
+        let Ok((s, next, converted)) = word_step(p, cur, now, cost, fresh_clock) else {
             now = now.max(fresh());
             fresh_clock = true;
             continue;
@@ -1332,11 +1407,11 @@ fn word_cas(
         match next {
             Some(next) if consume => {
                 match word.compare_exchange_weak(cur, next, Ordering::AcqRel, Ordering::Acquire) {
-                    Ok(_) => return Some((s, now)),
+                    Ok(_) => return Some((s, now, converted)),
                     Err(v) => cur = v,
                 }
             }
-            _ => return Some((s, now)),
+            _ => return Some((s, now, false)),
         }
     }
 }
@@ -1561,7 +1636,7 @@ impl<C: Clock> DirectLimiter<C> {
     /// time it was judged at.
     fn check_word(&self, cost: u32) -> (Snapshot, u64) {
         let fresh = || self.wall.time(&self.clock);
-        let (s, now) = word_cas(&self.tat, &self.policy, cost, true, fresh(), fresh)
+        let (s, now, _) = word_cas(&self.tat, &self.policy, cost, true, fresh(), fresh)
             .unwrap_or_else(|| unreachable!("a direct limiter's word is never dead"));
         (Snapshot::of(&s), now)
     }
@@ -1582,15 +1657,22 @@ impl<C: Clock> DirectLimiter<C> {
     /// GCRA on the bare word.
     #[inline]
     fn check_gcra(&self, cost: u32) -> Snapshot {
-        // Short of the end by `END_ROOM`, so the sums below never saturate
-        // (a saturated arrival time would admit everyone).
-        let now = self.clock.monotonic().as_u64().min(u64::MAX - END_ROOM);
+        let mut now = self.gcra_now();
         let (t, h) = (self.interval, self.horizon);
         // Out of the loop: what a check of `cost` asks for never changes.
         let ask = t.saturating_mul(u64::from(cost));
         let possible = u64::from(cost) <= self.capacity;
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {
+            if algorithm::gcra_is_foreign(&self.policy, tat, now) {
+                match self.convert_gcra(tat, &mut now) {
+                    Ok(converted) => tat = converted,
+                    Err(current) => {
+                        tat = current;
+                        continue;
+                    }
+                }
+            }
             let base = tat.max(now);
             let used = base - now;
             let new_tat = base.saturating_add(ask);
@@ -1617,6 +1699,32 @@ impl<C: Clock> DirectLimiter<C> {
                 Err(current) => tat = current,
             }
         }
+    }
+
+    /// The time line's now for [`check_gcra`](Self::check_gcra): short of
+    /// its end by `END_ROOM`, so the sums there never saturate (a saturated
+    /// arrival time would admit everyone).
+    #[inline]
+    fn gcra_now(&self) -> u64 {
+        self.clock.monotonic().as_u64().min(u64::MAX - END_ROOM)
+    }
+
+    /// An arrival time beyond the horizon (and the slack): a clock that
+    /// stepped back (a fake clock rewound). Judged again on a fresh reading
+    /// (`now` may only be stale: another check read the clock later and
+    /// wrote first), then converted as [`MemoryLimiter`] converts it — the
+    /// whole burst used, and kept so. The time to go on with, or the word
+    /// another check wrote meanwhile.
+    #[cold]
+    fn convert_gcra(&self, tat: u64, now: &mut u64) -> Result<u64, u64> {
+        *now = (*now).max(self.gcra_now());
+        if !algorithm::gcra_is_foreign(&self.policy, tat, *now) {
+            return Ok(tat);
+        }
+        let converted = now.saturating_add(self.capacity.saturating_mul(self.interval));
+        self.tat
+            .compare_exchange(tat, converted, Ordering::AcqRel, Ordering::Acquire)
+            .map(|_| converted)
     }
 
     /// The full [`Decision`] (with headers) for a check of `cost` units.

@@ -1203,3 +1203,104 @@ fn a_repeated_name_keeps_the_first_policys_state() {
     }
     assert_eq!(admitted, 3, "the hourly limit holds across seconds");
 }
+
+fn gcra_named(name: &'static str, limit: u32, period: Duration) -> Policy {
+    Policy::new(name, limit, period, Algorithm::Gcra).unwrap()
+}
+
+/// With one tracked key per shard (`max_keys` 1), finds a key `b` whose
+/// shard is `a`'s (the first refused), while `a` is still limiting; each
+/// candidate comes two seconds after the last, so every other tracked key
+/// is fresh by then.
+fn key_in_the_shard_of_a(l: &MemoryLimiter<u64, FakeClock>, c: &FakeClock, p: &[Policy]) -> u64 {
+    (1..10_000u64)
+        .find(|k| {
+            c.advance(Duration::from_secs(2));
+            l.check(k, p, 1).is_err()
+        })
+        .expect("a key sharing a's shard")
+}
+
+#[test]
+fn a_key_converted_to_a_shorter_plan_makes_room_when_fresh() {
+    // An hour's state converted to a one-second plan of the same name (a
+    // plan change) is fresh within seconds: a new key in its shard must
+    // find room then, in the one-word form and in the locked one.
+    let mut refused = Vec::new();
+    for (long, short) in [
+        (
+            vec![gcra_named("a", 1, Duration::from_secs(3600))],
+            vec![gcra_named("a", 1, Duration::from_secs(1))],
+        ),
+        (
+            vec![
+                gcra_named("a", 1, Duration::from_secs(3600)),
+                gcra_named("b", 1, Duration::from_secs(3600)),
+            ],
+            vec![
+                gcra_named("a", 1, Duration::from_secs(1)),
+                gcra_named("b", 1, Duration::from_secs(1)),
+            ],
+        ),
+    ] {
+        let c = clock();
+        let l = MemoryLimiter::<u64, _>::with_clock(1, c.clone());
+        assert!(l.check(&0, &long, 1).unwrap().is_allowed());
+        let b = key_in_the_shard_of_a(&l, &c, &short);
+        assert!(!l.check(&0, &short, 1).unwrap().is_allowed(), "converted: the burst is used");
+        c.advance(Duration::from_secs(3));
+        assert!(l.peek(&0, &short, 1).unwrap().is_allowed(), "fresh under the new plan");
+        assert!(l.peek(&0, &long, 1).unwrap().is_allowed(), "and under the old one");
+        if l.check(&b, &short, 1).is_err() {
+            refused.push(long.len());
+        }
+    }
+    assert!(refused.is_empty(), "refused while the only key is fresh, policies: {refused:?}");
+}
+
+#[test]
+fn locked_keys_refunded_to_nothing_make_room_for_new_ones() {
+    // As `keys_refunded_to_nothing_make_room_for_new_ones`, for the states
+    // that do not fit a word: stacked windows and a sliding window.
+    for plan in [
+        vec![
+            Policy::new("d", 100, Duration::from_secs(86_400), Algorithm::FixedWindow).unwrap(),
+            Policy::new("h", 100, Duration::from_secs(3_600), Algorithm::FixedWindow).unwrap(),
+        ],
+        vec![Policy::new("s", 100, Duration::from_secs(86_400), Algorithm::SlidingWindow).unwrap()],
+    ] {
+        let l = MemoryLimiter::<String, _>::with_clock(64, clock());
+        let mut refused = 0;
+        for i in 0..2_000 {
+            let k = format!("k{i}");
+            match l.check(&k, &plan, 1) {
+                Ok(mut d) if d.is_allowed() => l.refund(&k, &plan, 1, &mut d),
+                Ok(_) => {}
+                Err(_) => refused += 1,
+            }
+        }
+        assert_eq!(refused, 0, "{:?}", plan.iter().map(Policy::name).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn a_direct_gcra_after_a_step_back_decides_as_the_keyed_one() {
+    // `DirectLimiter` decides as `MemoryLimiter` does for one key: after a
+    // monotonic clock stepped back (a fake clock rewound) the state is
+    // converted (the burst used), not a lock-out for the whole step.
+    let p = gcra_named("a", 1, Duration::from_secs(1));
+    let c = clock();
+    let keyed = MemoryLimiter::<u64, _>::with_clock(10, c.clone());
+    let direct = DirectLimiter::with_clock(p.clone(), c.clone());
+    c.advance(Duration::from_secs(100));
+    assert!(keyed.check(&1, std::slice::from_ref(&p), 1).unwrap().is_allowed());
+    assert!(direct.check(1).is_allowed());
+    c.rewind(Duration::from_secs(10));
+    for _ in 0..3 {
+        let k = keyed.check(&1, std::slice::from_ref(&p), 1).unwrap();
+        let d = direct.check(1);
+        assert_eq!((d.is_allowed(), d.retry_after()), (k.is_allowed(), k.retry_after()));
+        assert!(k.retry_after() <= Some(Duration::from_secs(1)), "a second at most: {k:?}");
+        c.advance(Duration::from_millis(400));
+    }
+}
