@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use jiff::Timestamp;
 use jiff::civil::Date;
 use jiff::tz::Offset;
+use smallvec::SmallVec;
 
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock};
@@ -266,48 +267,40 @@ impl<Q: QuotaStore + ?Sized> QuotaStore for std::sync::Arc<Q> {
 /// `String`s per category per request; std's keyed hasher resists flooding.
 type Counters = hashbrown::HashMap<(String, String), Counter, std::hash::RandomState>;
 
-/// One (account, category)'s counts in the (at most three) months it was
-/// last counted in, the most recently counted first, as the Redis store
-/// keeps a counter per month: this month's and the month before's (a call
-/// stamped just before midnight on the 1st that arrives after the new
-/// month's first counts in its own month), and one more, so that a call
-/// stamped in another month (a host clock that jumped ahead and back)
-/// neither ends the month still in use nor starts it again from zero: a
-/// month not kept takes the place of the least recently counted one but
-/// for the store's current month and the month before.
-#[derive(Debug, Clone, Copy, Default)]
+/// One (account, category)'s counts by month, as the Redis store keeps a
+/// counter per month: this month's and the month before's (a call stamped
+/// just before midnight on the 1st that arrives after the new month's
+/// first counts in its own month), and those of months ahead of the
+/// store's (a host clock that jumped ahead and back counts there, and
+/// neither ends nor restarts the month still in use). A month before both
+/// the store's previous one and the one before the counter's latest goes
+/// when the counter is next counted.
+#[derive(Debug, Clone, Default)]
 struct Counter {
-    months: [Option<(Month, u64)>; 3],
+    months: SmallVec<[(Month, u64); 2]>,
 }
 
 impl Counter {
     /// The count of `month` (zero for a month not kept).
     fn of(&self, month: Month) -> u64 {
-        self.months.iter().flatten().find(|(m, _)| *m == month).map_or(0, |&(_, n)| n)
+        self.months.iter().find(|(m, _)| *m == month).map_or(0, |&(_, n)| n)
     }
 
-    /// The count of `month` to add to, made the most recently counted; a
-    /// month not kept takes the place of the least recently counted one
-    /// (or a free place) but for `current` (the store's month) and the
-    /// month before.
+    /// The count of `month` to add to, `current` being the store's month.
     fn slot(&mut self, month: Month, current: Option<Month>) -> &mut u64 {
-        let kept = |m: Month| current.is_some_and(|c| m == c || m == c.before());
-        let i = self.months.iter().position(|s| s.is_some_and(|(m, _)| m == month));
-        let i = i.unwrap_or_else(|| {
-            // Three places, at most two kept: one is always found.
-            let free = self.months.iter().rposition(|s| s.is_none_or(|(m, _)| !kept(m)));
-            let free = free.unwrap_or(self.months.len() - 1);
-            self.months[free] = Some((month, 0));
-            free
+        let latest = self.months.iter().map(|&(m, _)| m).fold(month, Month::max);
+        let (own, store) = (latest.before(), current.map(Month::before));
+        self.months.retain(|(m, _)| *m == month || *m >= own || store.is_some_and(|s| *m >= s));
+        let i = self.months.iter().position(|(m, _)| *m == month).unwrap_or_else(|| {
+            self.months.push((month, 0));
+            self.months.len() - 1
         });
-        self.months[..=i].rotate_right(1);
-        let (_, n) = self.months[0].get_or_insert((month, 0));
-        n
+        &mut self.months[i].1
     }
 
     /// Whether a count of `month` or later is kept.
     fn counts_since(&self, month: Month) -> bool {
-        self.months.iter().flatten().any(|(m, _)| *m >= month)
+        self.months.iter().any(|(m, _)| *m >= month)
     }
 }
 
@@ -638,6 +631,26 @@ mod tests {
         }
         // Active in June and July: 200 accounts, and the one counted in 2029.
         assert_eq!(held(&s), 201);
+    }
+
+    #[test]
+    fn months_ahead_of_the_store_each_keep_their_limit() {
+        // The store's month is March; the account counted in February (a
+        // late call) and March. A host clock ahead stamps calls in June and
+        // July, alternating: each month still has its 100 at most, as in
+        // the Redis store (a counter per month).
+        let (s, _clock, _) = store_on_clock("2026-03-10T00:00:00Z");
+        let rules = Plan::free().monthly().to_vec();
+        let check = |at: &str| s.check_and_count_sync("acct", &rules, "email", 1, ts(at)).allowed;
+        assert!(check("2026-03-10T00:00:00Z"));
+        assert!(check("2026-02-28T23:59:59Z"));
+        let mut admitted = 0;
+        for _ in 0..150 {
+            admitted += u32::from(check("2026-06-10T00:00:00Z"));
+            admitted += u32::from(check("2026-07-10T00:00:00Z"));
+        }
+        assert_eq!(admitted, 200, "100 in June and 100 in July");
+        assert_eq!(s.counters.lock().unwrap().map.len(), 1);
     }
 
     #[test]

@@ -1251,6 +1251,15 @@ async fn sliding_checks_count_any_split_of_expired_and_live_entries() {
 /// stays in `ws_a`'s sets until something sweeps it. A record of another
 /// tenant (`ws_b/q`) then takes the freed id.
 async fn reused_id(redis: &Redis) -> (keygate::redis::RedisKeyStore, keygate::store::KeyRecord) {
+    reused_id_by(redis, "ws_b", Some("q")).await
+}
+
+/// As [`reused_id`], the freed id taken by a record of `ws`/`project`.
+async fn reused_id_by(
+    redis: &Redis,
+    ws: &str,
+    project: Option<&str>,
+) -> (keygate::redis::RedisKeyStore, keygate::store::KeyRecord) {
     use keygate::testkit::keys::sample_record;
     let store = redis.keys().expired_retention(Duration::from_millis(1));
     let keep = sample_record("ws_a", Some("p"), 0, false);
@@ -1261,7 +1270,7 @@ async fn reused_id(redis: &Redis) -> (keygate::redis::RedisKeyStore, keygate::st
     assert_eq!(store.insert(Arc::new(brief.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(store.get(&brief.id).await.unwrap().is_none(), "forgotten after its retention");
-    let mut other = sample_record("ws_b", Some("q"), 0, false);
+    let mut other = sample_record(ws, project, 0, false);
     other.id = brief.id.clone();
     assert_eq!(store.insert(Arc::new(other.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     (store, other)
@@ -1287,15 +1296,37 @@ async fn a_freed_id_used_by_another_tenant_is_not_listed_under_the_old_one() {
 #[tokio::test]
 async fn a_freed_id_used_by_another_tenant_counts_against_its_own_cap_only() {
     let server = RedisServer::start();
-    let redis = connect(&server, "reusecap").await;
-    let (store, _) = reused_id(&redis).await;
-    let third = keygate::testkit::keys::sample_record("ws_a", Some("p"), 0, false);
-    let limit = keygate::store::ActiveLimit::new(2, jiff::Timestamp::now());
-    assert_eq!(
-        store.insert(Arc::new(third), Some(limit)).await.unwrap(),
-        InsertOutcome::Inserted,
-        "ws_a/p holds one active key of its own under a cap of 2"
-    );
+    // Another workspace's record, and one of the same workspace without a
+    // project.
+    for (i, (ws, project)) in [("ws_b", Some("q")), ("ws_a", None)].into_iter().enumerate() {
+        let redis = connect(&server, &format!("reusecap{i}")).await;
+        let (store, _) = reused_id_by(&redis, ws, project).await;
+        let third = keygate::testkit::keys::sample_record("ws_a", Some("p"), 0, false);
+        let limit = keygate::store::ActiveLimit::new(2, jiff::Timestamp::now());
+        assert_eq!(
+            store.insert(Arc::new(third), Some(limit)).await.unwrap(),
+            InsertOutcome::Inserted,
+            "ws_a/p holds one active key of its own under a cap of 2 (the id taken in {ws})"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_freed_id_taken_without_a_project_does_not_keep_the_project_set_forever() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "reusenp").await;
+    let (store, _) = reused_id_by(&redis, "ws_a", None).await;
+    let (ws_a, p) = ("ws_a".parse().unwrap(), "p".parse().unwrap());
+    let mine = store.list(&ws_a, Some(&p)).await.unwrap();
+    assert_eq!(mine.len(), 1, "{mine:?}");
+    // Listing dropped the stale id already; put it back, as it was.
+    let set = "reusenp:{reusenp:keys}:proj:ws_a:p";
+    let mut conn = redis.connection();
+    let _: () =
+        ::redis::cmd("SADD").arg(set).arg("key_imported_1").query_async(&mut conn).await.unwrap();
+    assert!(store.revoke(&mine[0].id, jiff::Timestamp::now()).await.unwrap());
+    let ttl: i64 = ::redis::cmd("PTTL").arg(set).query_async(&mut conn).await.unwrap();
+    assert_ne!(ttl, -1, "the project set ends with its own last record");
 }
 
 #[tokio::test]
@@ -1339,4 +1370,24 @@ async fn a_revocation_before_the_first_subscription_is_not_missed() {
     wait_for("subscription", || stats.subscriptions() == 1).await;
     assert!(cache.get(a.digest.digest(), clock.monotonic()).is_none(), "still cached");
     task.abort();
+}
+
+/// One name twice, sliding: the first policy (3 a second) writes the log,
+/// the second (3 a minute) still counts it after the first's second: the
+/// log lives as long as the longer period counts it.
+#[tokio::test]
+async fn a_repeated_sliding_name_keeps_the_log_for_the_longest_period() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "rep").await;
+    let l = redis.limiter();
+    let both = [
+        Policy::new("x", 3, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap(),
+        Policy::new("x", 3, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap(),
+    ];
+    for _ in 0..3 {
+        assert!(l.check("k", &both, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    }
+    tokio::time::sleep(Duration::from_millis(1_300)).await;
+    let d = l.check("k", &both, 1, CheckMode::Consume).await.unwrap();
+    assert!(!d.is_allowed(), "a fourth unit within the minute: {d:?}");
 }

@@ -1355,6 +1355,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             }
             out.push(PolicyDecision::of(p, &s));
         }
+        // A state written by the first policy of a name is read by the
+        // others of that name too: it lasts the longest of their periods.
+        for p in policies {
+            st.judged(p);
+        }
         let charge = commit.then(|| Charge::of(policies, cost, now)).flatten();
         Decision::new_charged(outcome, out, self.wall.wall_nanos(now), charge)
     }

@@ -1304,3 +1304,26 @@ fn a_direct_gcra_after_a_step_back_decides_as_the_keyed_one() {
         c.advance(Duration::from_millis(400));
     }
 }
+
+#[test]
+fn a_repeated_name_keeps_its_state_for_the_longest_period() {
+    // One name twice, sliding: the first policy (3 a second) writes the
+    // log, the second (3 a minute) still counts it after the first's
+    // second: the key is not forgotten while it does.
+    let c = clock();
+    let l = MemoryLimiter::<u64, _>::with_clock(1, c.clone());
+    let both = [
+        Policy::new("x", 3, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap(),
+        Policy::new("x", 3, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap(),
+    ];
+    for _ in 0..3 {
+        assert!(l.check(&0, &both, 1).unwrap().is_allowed());
+    }
+    c.advance(Duration::from_secs(2));
+    for k in 1..200u64 {
+        let _ = l.check(&k, &both, 1);
+    }
+    c.advance(Duration::from_secs(2));
+    let d = l.check(&0, &both, 1).unwrap();
+    assert!(!d.is_allowed(), "a fourth unit within the minute: {d:?}");
+}

@@ -85,8 +85,9 @@ local function sweep(set, field)
     if not OWNED(ARGV[8] .. id, field, set) then redis.call('SREM', set, id) end
   end
 end
-redis.call('HSET', KEYS[1], 'r', ARGV[2], 'ws', KEYS[5])
-if ARGV[5] == '1' then redis.call('HSET', KEYS[1], 'pj', KEYS[4]) end
+-- The sets the record is a member of (a record without a project names
+-- the placeholder in KEYS[4]: a member of no project's set).
+redis.call('HSET', KEYS[1], 'r', ARGV[2], 'ws', KEYS[5], 'pj', KEYS[4])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[3]) end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'rev', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'used', ARGV[10]) end

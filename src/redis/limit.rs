@@ -347,13 +347,16 @@ for i = 1, n do
       if wait < 1 then wait = 1 end
       st.remaining = limit - count; st.reset = wait; st.retry = wait
     end
-    -- Not committed (denied, here or by a sibling, or a peek): the log's
-    -- entries may have been written under a shorter period, whose expiry
-    -- would forget them while this period still counts them. Kept until
-    -- the newest leaves this window.
-    if count > 0 and not held then
-      local r = newest + p - now_us
-      st.keep = function() keep_for(KEYS[i], ms_ceil(r * 1000)) end
+    -- Not committed (denied, here or by a sibling, or a peek), or
+    -- committed by an earlier policy of this name (one name twice): the
+    -- log's entries may have been written under a shorter period, whose
+    -- expiry would forget them while this period still counts them. Kept
+    -- until the newest (as the log stands then) leaves this window.
+    if not held then
+      st.keep = function()
+        local last = redis.call('LINDEX', KEYS[i], -1)
+        if last then keep_for(KEYS[i], ms_ceil((tonumber(last) + p - now_us) * 1000)) end
+      end
     end
   end
   if st.impossible then any_impossible = true end
@@ -373,7 +376,9 @@ for i = 1, n do
     -- Denied (or nothing to commit): keep the converted state anyway, so
     -- it is converted once.
     st.convert()
-  elseif first_of_name(i) and st.keep then
+  elseif st.keep then
+    -- A later policy of the name reads the state the first one decided
+    -- (and wrote, above): it keeps it as long as it counts it.
     st.keep()
   end
   if writes and st.converted then drop_siblings(i) end
