@@ -24,7 +24,9 @@ use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock, duration_nanos};
 use crate::format::{Environment, FormatSet, ParseError, Region};
 use crate::hash::Hasher;
-use crate::http::{AuthScheme, Rejection};
+#[cfg(feature = "tower")]
+use crate::http::AuthScheme;
+use crate::http::Rejection;
 use crate::scope::{Layout, Required, ScopeError, ScopeRegistry, ScopeSet};
 use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
 
@@ -592,6 +594,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// The challenge of a route taking keys of `formats` (every format
     /// of the set when `None`): Bearer when the header rules take one of
     /// them as a Bearer token, else `X-API-Key` when they take one there.
+    #[cfg(feature = "tower")]
     pub(crate) fn auth_scheme(&self, formats: Option<&[Cow<'static, str>]>) -> AuthScheme {
         let takes = |source: Source| match formats {
             Some(names) => names.iter().any(|n| self.rules.accepts(n, source)),
