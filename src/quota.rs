@@ -650,7 +650,7 @@ mod tests {
             admitted += u32::from(check("2026-07-10T00:00:00Z"));
         }
         assert_eq!(admitted, 200, "100 in June and 100 in July");
-        assert_eq!(s.counters.lock().unwrap().map.len(), 1);
+        assert_eq!(held(&s), 1);
     }
 
     #[test]

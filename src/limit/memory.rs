@@ -52,8 +52,8 @@ impl KeyState {
         self.slots.iter().find(|(n, ..)| n == name).map(|(_, s, _)| s)
     }
 
-    /// `policy`'s slot, to write; then [`written`](Self::written) (or
-    /// [`refresh`](Self::refresh), for a refund).
+    /// `policy`'s slot, to write; then [`written`](Self::written), and
+    /// [`refresh`](Self::refresh) once done.
     fn slot_mut(&mut self, policy: &Policy) -> &mut Slot {
         let i = if let Some(i) = self.slots.iter().position(|(n, ..)| n == policy.name()) {
             i
@@ -70,7 +70,6 @@ impl KeyState {
         if let Some((.., period)) = self.slots.iter_mut().find(|(n, ..)| n == policy.name()) {
             *period = (*period).max(policy.period());
         }
-        self.refresh();
     }
 
     /// Notes that `policy` wrote its slot (a commit, a conversion, a state
@@ -79,7 +78,6 @@ impl KeyState {
         if let Some((.., period)) = self.slots.iter_mut().find(|(n, ..)| n == policy.name()) {
             *period = policy.period();
         }
-        self.refresh();
     }
 
     /// `fresh_at` from the slots as they are: earlier after a conversion
@@ -1289,13 +1287,6 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         mode: CheckMode,
         now: u64,
     ) -> Decision {
-        // When the key becomes fresh depends on the policies it is checked
-        // under (a sliding window's log lasts its period): a plan whose
-        // period grew keeps the key from eviction even while it only
-        // denies. Bookkeeping, not quota state: peeks and denials too.
-        for p in policies {
-            st.judged(p);
-        }
         // A state that looks like another policy's may only be ahead of a
         // `now` read before the lock: judge it on a fresh reading.
         let foreign = |now| {
@@ -1355,11 +1346,16 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             }
             out.push(PolicyDecision::of(p, &s));
         }
-        // A state written by the first policy of a name is read by the
-        // others of that name too: it lasts the longest of their periods.
+        // When the key becomes fresh depends on the policies it is checked
+        // under (a sliding window's log lasts its period): a plan whose
+        // period grew keeps the key from eviction even while it only
+        // denies, and a state the first policy of a name wrote lasts the
+        // longest period of that name's. Bookkeeping, not quota state:
+        // peeks and denials too.
         for p in policies {
             st.judged(p);
         }
+        st.refresh();
         let charge = commit.then(|| Charge::of(policies, cost, now)).flatten();
         Decision::new_charged(outcome, out, self.wall.wall_nanos(now), charge)
     }
@@ -1726,7 +1722,7 @@ impl<C: Clock> DirectLimiter<C> {
         if !algorithm::gcra_is_foreign(&self.policy, tat, *now) {
             return Ok(tat);
         }
-        let converted = now.saturating_add(self.capacity.saturating_mul(self.interval));
+        let converted = slot_word(&algorithm::convert(&self.policy, &Slot::Tat(tat), *now));
         self.tat
             .compare_exchange(tat, converted, Ordering::AcqRel, Ordering::Acquire)
             .map(|_| converted)

@@ -96,11 +96,15 @@ local function sibling(i, j)
   return string.sub(KEYS[i], 1, -2) .. OTHERS[alg][j]
 end
 -- A sliding window's log (entry times in µs, oldest first), read an entry
--- at a time: `at(j)` is the j-th entry (1-based). A check reads a few
--- entries near the ends, never the whole list: what it costs does not grow
--- with the window's limit.
+-- at a time: `at(j)` is the j-th entry (1-based), each read once. A check
+-- reads a few entries near the ends, never the whole list: what it costs
+-- does not grow with the window's limit.
 local function list_log(key)
-  local function at(j) return tonumber(redis.call('LINDEX', key, j - 1)) end
+  local read = {}
+  local function at(j)
+    if read[j] == nil then read[j] = tonumber(redis.call('LINDEX', key, j - 1)) end
+    return read[j]
+  end
   return {len = redis.call('LLEN', key), at = at}
 end
 -- How many entries of `log` are at or before `start`. The ones that left
