@@ -598,6 +598,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             InsertOutcome::Inserted => Ok(CreatedKey { key, record }),
             InsertOutcome::LimitReached { max } => Err(ManagerError::LimitReached { max }),
             InsertOutcome::ReplacingInactive => Err(ManagerError::Inactive),
+            InsertOutcome::AlreadyReplaced => Err(ManagerError::AlreadyRolled),
             _ => Err(ManagerError::Collision),
         }
     }
@@ -775,8 +776,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             .ok_or_else(|| ManagerError::UnknownFormat(old.format.clone()))?;
         // Rolled already (a retry that lost the first answer, say): the
         // first replacement is active, and a second would inherit the
-        // grace's end as its expiry. Best effort: two rolls racing can
-        // both pass this check.
+        // grace's end as its expiry. Two rolls racing can both pass this
+        // check; the store's insert refuses the second
+        // (`InsertOutcome::AlreadyReplaced`). Checked here too for
+        // replacements stored before stores tracked them.
         let siblings = self.store.list(&old.tenant.workspace, old.tenant.project.as_ref()).await?;
         if siblings.iter().any(|r| {
             r.is_active(now) && r.metadata.get(ROLLED_FROM).is_some_and(|f| f == id.as_str())

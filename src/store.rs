@@ -284,6 +284,12 @@ pub struct ActiveLimit {
     /// its replacement, one over the cap. Checked in the same atomic step,
     /// so a revocation or a create racing the roll cannot leave the project
     /// over its cap for good, nor a revoked key with a fresh replacement.
+    ///
+    /// A record has at most one active replacement: the store remembers
+    /// which record replaced it, and while that one is active at `now`
+    /// another replacement is [`InsertOutcome::AlreadyReplaced`] — so two
+    /// rolls of one key racing yield one new key, not two (which would
+    /// leave the project over its cap once the grace ends).
     pub replacing: Option<RecordId>,
 }
 
@@ -321,6 +327,10 @@ pub enum InsertOutcome {
     /// The record named by [`ActiveLimit::replacing`] is gone, revoked or
     /// expired at [`ActiveLimit::now`]; nothing was stored.
     ReplacingInactive,
+    /// The record named by [`ActiveLimit::replacing`] already has a
+    /// replacement that is active at [`ActiveLimit::now`]; nothing was
+    /// stored.
+    AlreadyReplaced,
 }
 
 /// Where the host keeps key records: SQL, Redis, or [`MemoryKeyStore`].
@@ -328,11 +338,13 @@ pub enum InsertOutcome {
 /// # Contract
 ///
 /// - **Atomicity.** `insert` is one atomic step: the uniqueness of the id,
-///   the digest and (format, key id), the replaced record's standing and the
-///   active-key cap are checked and the record written together (SQL: one
-///   transaction that locks the project's row — `SELECT … FROM projects
-///   WHERE … FOR UPDATE`, or an advisory lock on the project — then reads
-///   the replaced record, counts the project's active keys and inserts, with
+///   the digest and (format, key id), the replaced record's standing (active,
+///   and no active replacement yet) and the active-key cap are checked and
+///   the record written together (SQL: one transaction that locks the
+///   project's row — `SELECT … FROM projects WHERE … FOR UPDATE`, or an
+///   advisory lock on the project — then locks and reads the replaced record
+///   (`SELECT … FOR UPDATE`, with a `replaced_by` column set by the insert),
+///   counts the project's active keys and inserts, with
 ///   unique indexes on the id, the digest and (format, key id); a bare
 ///   `INSERT … SELECT … WHERE (SELECT count(*) …) < max` races under READ
 ///   COMMITTED; Redis: one Lua script). `revoke` and `shorten_expiry` (which
@@ -364,10 +376,11 @@ pub enum InsertOutcome {
 pub trait KeyStore: Send + Sync {
     /// Stores `record` if its id, digest and (format, key id) are new and,
     /// when `limit` is given: the record it is [`replacing`] (if any) is
-    /// active at `limit.now`, and, when the record has a project, the
-    /// project holds fewer than `limit.max` active keys besides that one.
-    /// The checks come in that order: duplicates, then the replaced record,
-    /// then the cap.
+    /// active at `limit.now` and has no replacement active then, and, when
+    /// the record has a project, the project holds fewer than `limit.max`
+    /// active keys besides that one. The checks come in that order:
+    /// duplicates, then the replaced record, then the cap. A stored
+    /// replacement becomes the replaced record's one replacement.
     ///
     /// [`replacing`]: ActiveLimit::replacing
     ///

@@ -796,12 +796,46 @@ fn the_cap_holds_under_concurrent_inserts() {
     assert_eq!(inserted.load(Ordering::Relaxed), 10);
 }
 
+#[test]
+fn racing_rolls_of_one_key_yield_one_replacement() {
+    let store = MemoryKeyStore::new();
+    let manager = KeyManager::new(store.clone());
+    for round in 0..200 {
+        // A project each: at the cap, rolls are counted.
+        let p = format!("p{round}");
+        let key = ready_now(manager.create(NewKey::new("k", SK, project("ws_a", &p))))
+            .unwrap()
+            .record()
+            .id
+            .clone();
+        let (won, start) = (AtomicUsize::new(0), std::sync::Barrier::new(4));
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    start.wait();
+                    match ready_now(manager.roll(&key, Duration::from_secs(60))) {
+                        Ok(_) => {
+                            won.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => assert!(matches!(e, ManagerError::AlreadyRolled), "{e}"),
+                    }
+                });
+            }
+        });
+        assert_eq!(won.load(Ordering::Relaxed), 1, "round {round}");
+    }
+}
+
 /// Polls a future that the in-memory store always returns ready.
 fn futures_ready<T>(f: impl std::future::Future<Output = Result<T, BackendError>>) -> T {
-    let mut f = std::pin::pin!(f);
+    ready_now(f).unwrap()
+}
+
+/// Polls a future built on the in-memory store: always ready.
+fn ready_now<F: std::future::Future>(f: F) -> F::Output {
     let waker = std::task::Waker::noop();
-    match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
-        std::task::Poll::Ready(v) => v.unwrap(),
+    match std::pin::pin!(f).poll(&mut std::task::Context::from_waker(waker)) {
+        std::task::Poll::Ready(v) => v,
         std::task::Poll::Pending => panic!("in-memory futures are ready"),
     }
 }

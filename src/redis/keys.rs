@@ -47,7 +47,9 @@ pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
 /// empty), now, record-key prefix, revoked, last used (times sortable or
 /// empty), forget-at (Unix ms: the record's end — expiry or revocation —
 /// plus retention, or empty), retention (ms), the id of the record being
-/// replaced (or empty: it must be active at now, and is not counted).
+/// replaced (or empty: it must be active at now, with no replacement
+/// active then — the id in its hash field `rb`, which this insert sets —
+/// and is not counted).
 ///
 /// Redis drops an expired record and its indexes at forget-at by itself.
 /// A forget-at already behind the server's clock (a record written with
@@ -65,8 +67,12 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 'dup_id' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'dup_key' end
 if ARGV[4] == '1' and redis.call('EXISTS', KEYS[3]) == 1 then return 'dup_key' end
 if ARGV[13] ~= '' then
-  local v = redis.call('HMGET', ARGV[8] .. ARGV[13], 'r', 'rev', 'exp')
+  local v = redis.call('HMGET', ARGV[8] .. ARGV[13], 'r', 'rev', 'exp', 'rb')
   if not v[1] or v[2] or (v[3] and v[3] <= ARGV[7]) then return 'replacing' end
+  if v[4] then
+    local w = redis.call('HMGET', ARGV[8] .. v[4], 'r', 'rev', 'exp')
+    if w[1] and not w[2] and (not w[3] or w[3] > ARGV[7]) then return 'replaced' end
+  end
 end
 if ARGV[5] == '1' and ARGV[6] ~= '' then
   local active = 0
@@ -91,6 +97,7 @@ redis.call('HSET', KEYS[1], 'r', ARGV[2], 'ws', KEYS[5], 'pj', KEYS[4])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[3]) end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'rev', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'used', ARGV[10]) end
+if ARGV[13] ~= '' then redis.call('HSET', ARGV[8] .. ARGV[13], 'rb', ARGV[1]) end
 redis.call('SET', KEYS[2], ARGV[1])
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[1]) end
 if ARGV[11] ~= '' then
@@ -602,6 +609,7 @@ impl KeyStore for RedisKeyStore {
                 "dup_key" => Ok(InsertOutcome::DuplicateKey),
                 "limit" => Ok(InsertOutcome::LimitReached { max }),
                 "replacing" => Ok(InsertOutcome::ReplacingInactive),
+                "replaced" => Ok(InsertOutcome::AlreadyReplaced),
                 _ => Err(BackendError::corrupt("insert reply")),
             }
         }

@@ -30,6 +30,9 @@ struct Inner {
     /// Records of each (workspace, project), so the active-key cap is
     /// checked against one project's records, not all of them.
     by_project: IdMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
+    /// The replacement of each rolled record (forgotten with it): a record
+    /// has one active replacement at most.
+    replaced_by: IdMap<RecordId, RecordId>,
     /// How long a record stays after it ends (expires or is revoked).
     retention: SignedDuration,
     /// (end, id hash) of every record that expires or was revoked (its
@@ -46,6 +49,7 @@ impl Inner {
             by_digest: DigestMap::with_capacity_and_hasher(n, DigestBuildHasher::default()),
             by_key_id: hashbrown::HashMap::default(),
             by_project: IdMap::default(),
+            replaced_by: IdMap::default(),
             retention: signed_duration(super::EXPIRED_RETENTION),
             expiries: BinaryHeap::new(),
         }
@@ -107,6 +111,7 @@ impl Inner {
     fn remove(&mut self, id: &RecordId) {
         let Some(r) = self.by_id.remove(id) else { return };
         self.by_digest.remove(r.digest.digest());
+        self.replaced_by.remove(id);
         if let Some(kid) = r.key_id {
             self.by_key_id.remove(&KeyIdQuery(&r.format, &kid));
         }
@@ -318,6 +323,16 @@ impl MemoryKeyStore {
             {
                 return InsertOutcome::ReplacingInactive;
             }
+            let replacing = limit.as_ref().and_then(|l| Some((l.replacing.as_ref()?, l.now)));
+            if let Some((old, now)) = replacing
+                && i.replaced_by
+                    .get(old)
+                    .and_then(|n| i.by_id.get(n))
+                    .is_some_and(|r| r.is_active(now))
+            {
+                return InsertOutcome::AlreadyReplaced;
+            }
+            let replacing = replacing.map(|(old, _)| old.clone());
             if let (Some(limit), Some(pk)) = (limit.filter(ActiveLimit::is_capped), &project_key) {
                 let active = i.by_project.get(pk).map_or(0, |ids| {
                     ids.iter()
@@ -335,6 +350,9 @@ impl MemoryKeyStore {
             }
             if let Some(pk) = project_key {
                 i.by_project.entry(pk).or_default().push(record.id.clone());
+            }
+            if let Some(old) = replacing {
+                i.replaced_by.insert(old, record.id.clone());
             }
             // Scheduled once stored: a rebuild of the heap reads the records.
             let end = record.ended_at();

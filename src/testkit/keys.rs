@@ -248,6 +248,25 @@ async fn replacing<S: KeyStore>(s: &S) {
         InsertOutcome::LimitReached { max: 2 },
         "everything else is counted"
     );
+    // One active replacement per record: a second roll of held[0] (two
+    // rolls racing) stores nothing, capped or not — until the first
+    // replacement stops.
+    let again = sample_record("ws_r", Some("p"), 8, false);
+    for max in [2, u32::MAX] {
+        let limit = ActiveLimit { replacing: Some(held[0].clone()), ..ActiveLimit::new(max, now) };
+        assert_eq!(
+            s.insert(Arc::new(again.clone()), Some(limit)).await.unwrap(),
+            InsertOutcome::AlreadyReplaced,
+            "max {max}"
+        );
+        assert!(s.get(&again.id).await.unwrap().is_none(), "a refused insert stores nothing");
+    }
+    s.revoke(&first.id, t(50)).await.unwrap();
+    assert_eq!(
+        s.insert(Arc::new(again.clone()), Some(roll(&held[0]))).await.unwrap(),
+        InsertOutcome::Inserted,
+        "the first replacement is revoked"
+    );
     // A revoked, expired or unknown record cannot be replaced, capped or not.
     s.revoke(&held[1], t(50)).await.unwrap();
     let mut expired = sample_record("ws_r", Some("q"), 0, false);
@@ -269,14 +288,17 @@ async fn replacing<S: KeyStore>(s: &S) {
             assert!(s.get(&r.id).await.unwrap().is_none(), "a refused insert stores nothing");
         }
     }
-    // Without a cap (`u32::MAX`), only the replaced record is checked.
-    let free = ActiveLimit { replacing: Some(first.id.clone()), ..ActiveLimit::new(u32::MAX, now) };
+    // Without a cap (`u32::MAX`), only the replaced record is checked: a
+    // chain of rolls takes the project past any count.
+    let mut last = again.id;
     for i in 0..3 {
         let r = sample_record("ws_r", Some("p"), 5 + i, false);
+        let free = ActiveLimit { replacing: Some(last), ..ActiveLimit::new(u32::MAX, now) };
         assert_eq!(
-            s.insert(Arc::new(r), Some(free.clone())).await.unwrap(),
+            s.insert(Arc::new(r.clone()), Some(free)).await.unwrap(),
             InsertOutcome::Inserted
         );
+        last = r.id;
     }
 }
 
