@@ -649,6 +649,14 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// `Ok(false)` if it was already revoked — within the store's retention:
     /// once a revoked record is forgotten, it is `NotFound`.
     ///
+    /// Revoking a management token also revokes the portal access tokens of
+    /// the sessions it minted (found by listing its workspace), and its
+    /// links not opened yet stop opening ([`Portal::redeem`] checks the
+    /// minter). If revoking those tokens fails, the error is returned and
+    /// calling again finishes the job.
+    ///
+    /// [`Portal::redeem`]: crate::portal::Portal::redeem
+    ///
     /// This looks the record up by id alone: an operator's call. On behalf
     /// of a caller (an API request), use [`revoke_for`](Self::revoke_for).
     ///
@@ -656,10 +664,8 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     ///
     /// [`ManagerError::NotFound`] when there is no such record.
     pub async fn revoke(&self, id: &RecordId) -> Result<bool, ManagerError> {
-        if self.store.get(id).await?.is_none() {
-            return Err(ManagerError::NotFound);
-        }
-        self.revoke_found(id).await
+        let record = self.store.get(id).await?.ok_or(ManagerError::NotFound)?;
+        self.revoke_found(&record).await
     }
 
     /// [`revoke`](Self::revoke) on behalf of `caller`: only a record it
@@ -682,13 +688,45 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         id: &RecordId,
     ) -> Result<bool, ManagerError> {
         match self.store.get(id).await? {
-            Some(r) if reaches(caller, &r) => self.revoke_found(id).await,
+            Some(r) if reaches(caller, &r) => self.revoke_found(&r).await,
             _ => Err(ManagerError::NotFound),
         }
     }
 
-    async fn revoke_found(&self, id: &RecordId) -> Result<bool, ManagerError> {
-        let revoked = self.store.revoke(id, self.clock.now()).await;
+    async fn revoke_found(&self, record: &KeyRecord) -> Result<bool, ManagerError> {
+        let now = self.clock.now();
+        let revoked = self.revoke_id(&record.id, now).await?;
+        // Also when it was revoked already: a retry after a failure below
+        // finishes the job.
+        if record.format == NHM.name() {
+            self.revoke_minted(record, now).await?;
+        }
+        Ok(revoked)
+    }
+
+    /// Revokes the portal access tokens of the sessions `minter` minted
+    /// (their records name it under
+    /// [`MINTER_METADATA_KEY`](crate::portal::MINTER_METADATA_KEY)). Links
+    /// not redeemed yet need nothing: redeeming checks the minter.
+    async fn revoke_minted(&self, minter: &KeyRecord, now: Timestamp) -> Result<(), ManagerError> {
+        let its_token = |r: &KeyRecord| {
+            r.format == crate::portal::ACCESS_TOKEN.name()
+                && r.is_active(now)
+                && r.metadata
+                    .get(crate::portal::MINTER_METADATA_KEY)
+                    .is_some_and(|m| m == minter.id.as_str())
+        };
+        for r in self.store.list(&minter.tenant.workspace, None).await? {
+            if its_token(&r) {
+                self.revoke_id(&r.id, now).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Revokes record `id` in the store and drops it from the cache.
+    async fn revoke_id(&self, id: &RecordId, now: Timestamp) -> Result<bool, ManagerError> {
+        let revoked = self.store.revoke(id, now).await;
         // Also when the store failed to answer: it may have revoked, and
         // invalidating too often is harmless.
         if let Some(cache) = &self.cache {

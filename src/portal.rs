@@ -66,6 +66,12 @@ pub fn formats() -> FormatSet {
 /// role (`admin`, `editor`, `viewer`), beside the session's own metadata.
 pub const ROLE_METADATA_KEY: &str = "portal.role";
 
+/// The metadata key of an access token's record that names the record id
+/// of the management token that minted its session:
+/// [`KeyManager::revoke`](crate::manager::KeyManager::revoke) of that token
+/// revokes the access tokens naming it.
+pub const MINTER_METADATA_KEY: &str = "portal.minter";
+
 /// The resources a portal role covers by default.
 pub const PORTAL_RESOURCES: &[&str] = &["endpoints", "subscriptions", "deliveries"];
 
@@ -146,6 +152,11 @@ pub enum PortalError {
     /// before it starts. Mint with a longer-lived token.
     #[error("the management token expires too soon to mint a portal session")]
     MinterExpiring,
+    /// The management token that minted the link was revoked, or has
+    /// expired, since (the code is spent; the wire answer is that of an
+    /// unknown link).
+    #[error("the management token that minted this portal link is no longer active")]
+    MinterInactive,
     /// A generated code or token collided (vanishingly unlikely; retry).
     #[error("generated code collided; retry")]
     Collision,
@@ -170,7 +181,9 @@ impl PortalError {
             }
             // The portal's role scopes do not compile under the registry.
             Self::Scope(_) | Self::UrlTemplate => Rejection::Misconfigured,
-            Self::MalformedCode | Self::UnknownCode | Self::Expired => Rejection::InvalidLink,
+            Self::MalformedCode | Self::UnknownCode | Self::Expired | Self::MinterInactive => {
+                Rejection::InvalidLink
+            }
             Self::AlreadyUsed => Rejection::Gone,
             Self::Collision | Self::Backend(_) => Rejection::Unavailable,
         }
@@ -369,6 +382,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             expires_at,
             environment: minter.environment(),
             region: minter.region(),
+            minter: Some(minter.record_id().clone()),
         };
         let digest = *self.hasher.digest(code.expose_secret().as_bytes()).digest();
         if !self.sessions.insert(digest, session).await? {
@@ -430,6 +444,9 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let mut metadata = session.metadata;
         // The request's rules keep `portal.` keys out of session metadata.
         metadata.insert(ROLE_METADATA_KEY.into(), session.role.as_str().to_owned());
+        if let Some(minter) = &session.minter {
+            metadata.insert(MINTER_METADATA_KEY.into(), minter.as_str().to_owned());
+        }
         let record = Arc::new(KeyRecord {
             id,
             name: match session.role {
@@ -454,9 +471,22 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             metadata,
         });
         match self.keys.insert(Arc::clone(&record), None).await? {
-            InsertOutcome::Inserted => Ok(AccessToken { token, record }),
-            _ => Err(PortalError::Collision),
+            InsertOutcome::Inserted => {}
+            _ => return Err(PortalError::Collision),
         }
+        // The minter is checked once the token is stored: a revocation
+        // through the `KeyManager` either comes before this read (and the
+        // token is revoked here) or lists the token and revokes it there.
+        // A minter this store does not hold (access tokens kept apart from
+        // the keys) is not judged: a store that holds it keeps it, revoked,
+        // for its retention, longer than a session lives.
+        if let Some(minter) = &session.minter
+            && self.keys.get(minter).await?.is_some_and(|m| !m.is_active(now))
+        {
+            self.keys.revoke(&record.id, now).await?;
+            return Err(PortalError::MinterInactive);
+        }
+        Ok(AccessToken { token, record })
     }
 }
 

@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate::auth::{AuthError, Authenticator, Target};
+use keygate::auth::{AuthError, Authenticator, PrincipalCache, Target};
 use keygate::clock::{Clock, FakeClock};
 use keygate::format::{Environment, NHM};
 use keygate::http::{BodyStyle, Rejection};
 use keygate::manager::{KeyManager, NewKey, TokenExpiry};
 use keygate::portal::{self, MemoryPortalStore, Portal, PortalError, SessionRequest};
-use keygate::store::{MemoryKeyStore, Tenant};
+use keygate::store::{KeyStore, MemoryKeyStore, Tenant};
 
 #[tokio::test]
 async fn memory_store_passes_the_testkit() {
@@ -313,6 +313,51 @@ async fn a_session_never_outlives_its_minter() {
     // A minter that never expires leaves the asked-for 60 minutes.
     let long = w.portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await;
     assert_eq!(long.unwrap().expires_at(), w.clock.now() + jiff::SignedDuration::from_mins(60));
+}
+
+#[tokio::test]
+async fn revoking_the_minter_stops_its_links_and_its_portal_tokens() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    // The manager shares the authenticator's cache, as a host's does.
+    let cache = Arc::new(PrincipalCache::default());
+    let auth = Authenticator::new(w.keys.clone())
+        .clock(w.clock.clone())
+        .formats(portal::formats())
+        .cache(Arc::clone(&cache));
+    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone()).cache(cache);
+    let other = another_token(&w, |k| k).await;
+    let other = auth.authenticate([("authorization", other.as_bytes())], &Target::any()).await;
+    let other = other.unwrap();
+    let mint = |minter| w.portal.create_session(minter, &ws, &app, SessionRequest::default());
+    let (opened, unopened, kept) =
+        (mint(&w.mgmt).await.unwrap(), mint(&w.mgmt).await.unwrap(), mint(&other).await.unwrap());
+    let access = w.portal.redeem(opened.code().expose_secret()).await.unwrap();
+    let bearer = format!("Bearer {}", access.token().expose_secret());
+    let portal_headers = [("authorization", bearer.as_bytes())];
+    assert!(auth.authenticate(portal_headers, &Target::any()).await.is_ok(), "cached now");
+
+    assert!(manager.revoke(w.mgmt.record_id()).await.unwrap());
+    // The token it led to stops at once (this process's cache too)...
+    assert!(matches!(
+        auth.authenticate(portal_headers, &Target::any()).await.unwrap_err(),
+        AuthError::Revoked { .. }
+    ));
+    // ...a link not opened yet no longer opens, and answers as an unknown
+    // link does...
+    let err = w.portal.redeem(unopened.code().expose_secret()).await.unwrap_err();
+    assert!(matches!(err, PortalError::MinterInactive), "{err}");
+    assert_eq!(err.rejection(), PortalError::UnknownCode.rejection());
+    // ...and another token's sessions are untouched.
+    let access = w.portal.redeem(kept.code().expose_secret()).await.unwrap();
+    let bearer = format!("Bearer {}", access.token().expose_secret());
+    assert!(
+        auth.authenticate([("authorization", bearer.as_bytes())], &Target::any()).await.is_ok()
+    );
+    // The refused redemption left no working token behind.
+    let held = w.keys.list(&"ws_abc".parse().unwrap(), None).await.unwrap();
+    let live_portal = held.iter().filter(|r| r.format == portal::ACCESS_TOKEN.name());
+    assert_eq!(live_portal.filter(|r| r.is_active(w.clock.now())).count(), 1);
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::format::{Environment, Region};
 use crate::scope::Role;
 use crate::secret::{Digest, DigestBuildHasher};
-use crate::store::{ApplicationId, WorkspaceId};
+use crate::store::{ApplicationId, RecordId, WorkspaceId};
 
 /// A minted portal session, stored under its code's digest.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,6 +36,14 @@ pub struct PortalSession {
     pub environment: Option<Environment>,
     /// The minting token's region, carried to the access token likewise.
     pub region: Option<Region>,
+    /// The minting management token's record. Redeeming checks that it is
+    /// still active where the portal's key store holds it (a revoked
+    /// minter's links stop), and the access token
+    /// names it under [`MINTER_METADATA_KEY`](crate::portal::MINTER_METADATA_KEY)
+    /// so revoking the minter through the `KeyManager` revokes the tokens
+    /// too. `None` (a session stored before sessions named their minter)
+    /// skips the check.
+    pub minter: Option<RecordId>,
 }
 
 /// What redeeming a code found.

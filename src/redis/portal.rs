@@ -76,6 +76,7 @@ fn encode(s: &PortalSession) -> String {
         "expires": sortable(s.expires_at),
         "env": s.environment.as_ref().map(crate::format::Environment::as_str),
         "region": s.region.as_ref().map(crate::format::Region::as_str),
+        "minter": s.minter.as_ref().map(crate::store::RecordId::as_str),
     })
     .to_string()
 }
@@ -98,6 +99,7 @@ fn decode(s: &str) -> Result<PortalSession, BackendError> {
         expires_at: from_sortable(field(m, "expires")?).ok_or_else(|| bad("expires"))?,
         environment: opt_field(m, "env", bad)?,
         region: opt_field(m, "region", bad)?,
+        minter: opt_field(m, "minter", bad)?,
     })
 }
 

@@ -40,6 +40,7 @@ pub fn sample_session(expires: i64) -> PortalSession {
         expires_at: ts(expires),
         environment: Some(crate::format::Environment::TEST),
         region: None,
+        minter: Some("key_minter0000000001".parse().expect("valid id")),
     }
 }
 
