@@ -120,10 +120,16 @@ impl RequestError {
         match self {
             Self::NotAnObject | Self::InvalidJson => "body".into(),
             Self::UnknownField { field } => field.clone().into(),
-            // The request's own field: the path's first key.
-            Self::DuplicateField { field } => {
-                field.split(['.', '[']).next().unwrap_or_default().to_owned().into()
-            }
+            // The request's own field when the path is under one; else
+            // the path whole (a top-level key may itself hold a `.`).
+            Self::DuplicateField { field } => FIELDS
+                .iter()
+                .find(|f| {
+                    field.strip_prefix(**f).is_some_and(|rest| {
+                        rest.is_empty() || rest.starts_with('.') || rest.starts_with('[')
+                    })
+                })
+                .map_or_else(|| field.clone().into(), |f| (*f).into()),
             Self::RoleType | Self::UnknownRole => "role".into(),
             Self::ExpiresType | Self::ExpiresRange => "expiresInMinutes".into(),
             Self::MetadataType
@@ -156,7 +162,7 @@ impl SessionRequest {
         }
         let value = crate::json::parse(bytes).map_err(|e| match e {
             // A repeat inside an array at the top: not an object at all.
-            crate::json::JsonError::Duplicate(field) if field.starts_with('[') => {
+            crate::json::JsonError::Duplicate(_) if bytes.trim_ascii_start().starts_with(b"[") => {
                 RequestError::NotAnObject
             }
             crate::json::JsonError::Duplicate(field) => RequestError::DuplicateField { field },
@@ -180,20 +186,19 @@ impl SessionRequest {
                     let n = v.as_number().ok_or(RequestError::ExpiresType)?;
                     let m = match (n.as_u64(), n.as_f64()) {
                         (Some(m), _) => m,
-                        // `30.0` is an integer in JSON's data model (and
-                        // what some serializers write).
-                        (None, Some(f))
-                            if f.fract() == 0.0 && (0.0..=MAX_EXPIRES_F64).contains(&f) =>
-                        {
+                        // `30.0` and `3e1` are integers in JSON's data
+                        // model (and what some serializers write). Judged
+                        // by the digits as written: the nearest double of
+                        // `59.999999999999999` is 60.0.
+                        (None, Some(f)) if whole_literal(bytes) => {
+                            if !(0.0..=MAX_EXPIRES_F64).contains(&f) {
+                                // Negative, or too large for a u64.
+                                return Err(RequestError::ExpiresRange);
+                            }
                             // Whole and within range: exact.
                             #[allow(clippy::cast_sign_loss, clippy::cast_possible_truncation)]
                             let m = f as u64;
                             m
-                        }
-                        // Whole but out of range: negative, or too large
-                        // for a u64.
-                        (None, Some(f)) if f.fract() == 0.0 => {
-                            return Err(RequestError::ExpiresRange);
                         }
                         _ => return Err(RequestError::ExpiresType),
                     };
@@ -236,6 +241,38 @@ impl SessionRequest {
         }
         Ok(())
     }
+}
+
+/// The request's own fields.
+const FIELDS: [&str; 3] = ["role", "expiresInMinutes", "metadata"];
+
+/// Whether the body's `expiresInMinutes` (a number `serde_json` read as a
+/// double) is written as a whole number: no nonzero digit after the decimal
+/// point once the exponent has moved it (`30.0`, `3e1`, `300e-1` are;
+/// `1e-400` and `30.000000000000001` are not).
+fn whole_literal(body: &[u8]) -> bool {
+    // A second read of a body already parsed: only for non-integers.
+    let Ok(raw) = serde_json::from_slice::<
+        std::collections::BTreeMap<String, &serde_json::value::RawValue>,
+    >(body) else {
+        return false;
+    };
+    let Some(lit) = raw.get("expiresInMinutes").map(|r| r.get()) else { return false };
+    let lit = lit.strip_prefix('-').unwrap_or(lit);
+    let (mantissa, exp) = match lit.split_once(['e', 'E']) {
+        // serde_json read the number, so the exponent is digits with an
+        // optional sign; one too long for an i64 saturates.
+        Some((m, e)) => {
+            (m, e.parse::<i64>().unwrap_or(if e.starts_with('-') { i64::MIN } else { i64::MAX }))
+        }
+        None => (lit, 0),
+    };
+    let (int, frac) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    // Digits from this index on fall after the decimal point.
+    let len = int.len() + frac.len();
+    let point = i64::try_from(int.len()).unwrap_or(i64::MAX).saturating_add(exp);
+    let point = usize::try_from(point.max(0)).unwrap_or(usize::MAX).min(len);
+    int.bytes().chain(frac.bytes()).skip(point).all(|d| d == b'0')
 }
 
 fn check_expires(minutes: u64) -> Result<(), RequestError> {
@@ -285,9 +322,26 @@ mod tests {
                 "{body:?}"
             );
         }
-        // A whole number written with a fraction is that number.
-        let r = SessionRequest::from_json(br#"{"expiresInMinutes":30.0}"#).unwrap();
-        assert_eq!(r.expires_in_minutes, 30);
+        // A whole number written with a fraction or an exponent is that
+        // number.
+        for body in ["30.0", "3e1", "3.0E+1", "300e-1", "0.3e2", "30.000e0", "3000000e-5"] {
+            let json = format!(r#"{{"expiresInMinutes":{body}}}"#);
+            let r = SessionRequest::from_json(json.as_bytes()).unwrap();
+            assert_eq!(r.expires_in_minutes, 30, "{body}");
+        }
+    }
+
+    #[test]
+    fn a_repeat_names_the_requests_own_field_or_the_key_whole() {
+        for (body, field) in [
+            (r#"{"metadata":{"a":"1","a":"2"}}"#, "metadata"),
+            (r#"{"role":"viewer","role":"admin"}"#, "role"),
+            (r#"{"a.b":1,"a.b":2}"#, "a.b"),
+        ] {
+            let e = SessionRequest::from_json(body.as_bytes()).unwrap_err();
+            assert!(matches!(e, RequestError::DuplicateField { .. }), "{body}: {e}");
+            assert_eq!(e.field(), field, "{body}");
+        }
     }
 
     #[test]
@@ -382,6 +436,8 @@ mod tests {
                 RequestError::DuplicateField { field: "metadata.role".into() },
             ),
             (r#"[{"a":1,"a":2}]"#.into(), RequestError::NotAnObject),
+            (r#" [{"a":1,"a":2}]"#.into(), RequestError::NotAnObject),
+            (r#"{"[x":1,"[x":2}"#.into(), RequestError::DuplicateField { field: "[x".into() }),
             ("\"x\"".into(), RequestError::NotAnObject),
             (r#"{"expiresInMinutes":1e400}"#.into(), RequestError::InvalidJson),
             (r#"{"expiresInMinutes":18446744073709551616}"#.into(), RequestError::ExpiresRange),
@@ -392,6 +448,12 @@ mod tests {
             (r#"{"role":"owner"}"#.into(), RequestError::UnknownRole),
             (r#"{"expiresInMinutes":"5"}"#.into(), RequestError::ExpiresType),
             (r#"{"expiresInMinutes":1.5}"#.into(), RequestError::ExpiresType),
+            // Fractions whose nearest double is whole, or zero.
+            (r#"{"expiresInMinutes":0.99999999999999999}"#.into(), RequestError::ExpiresType),
+            (r#"{"expiresInMinutes":30.000000000000001}"#.into(), RequestError::ExpiresType),
+            (r#"{"expiresInMinutes":59.999999999999999}"#.into(), RequestError::ExpiresType),
+            (r#"{"expiresInMinutes":1e-400}"#.into(), RequestError::ExpiresType),
+            (r#"{"expiresInMinutes":-1e-400}"#.into(), RequestError::ExpiresType),
             (r#"{"expiresInMinutes":0}"#.into(), RequestError::ExpiresRange),
             (r#"{"expiresInMinutes":61}"#.into(), RequestError::ExpiresRange),
             (r#"{"expiresInMinutes":-1}"#.into(), RequestError::ExpiresRange),
