@@ -43,7 +43,11 @@
 //! Units are consumed when the limiter admits a request, before the
 //! tenant, scope and quota checks and before the handler runs: a 403, a
 //! quota 429 or a handler's 5xx still costs its units (nothing is refunded
-//! for you; [`LimitStore::refund`] is there for a host that wants to).
+//! for you; [`LimitStore::refund`] is there for a host that wants to). So
+//! does a 401 from an inner layer (a route taking other formats or
+//! regions) for a key the outer layer admitted: that key is known and
+//! was charged there, as for a 403; the 401 itself carries no rate-limit
+//! headers, as an unknown key's does not.
 //!
 //! Layers of one gate nest: a layer on a whole router authenticates and
 //! charges each request once, and a layer of the same gate on a route
