@@ -650,12 +650,15 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// once a revoked record is forgotten, it is `NotFound`.
     ///
     /// Revoking a management token also revokes the portal access tokens of
-    /// the sessions it minted (found by listing its workspace), and its
-    /// links not opened yet stop opening ([`Portal::redeem`] checks the
-    /// minter). If revoking those tokens fails, the error is returned and
-    /// calling again finishes the job.
+    /// the sessions it minted, where they are in this manager's store
+    /// (found by listing the token's workspace: a cost in proportion to its
+    /// records), and its links not opened yet stop opening
+    /// ([`Portal::redeem`] checks the minter; see
+    /// [`Portal::minters_elsewhere`]). If revoking those tokens fails, the
+    /// error is returned and calling again finishes the job.
     ///
     /// [`Portal::redeem`]: crate::portal::Portal::redeem
+    /// [`Portal::minters_elsewhere`]: crate::portal::Portal::minters_elsewhere
     ///
     /// This looks the record up by id alone: an operator's call. On behalf
     /// of a caller (an API request), use [`revoke_for`](Self::revoke_for).

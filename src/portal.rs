@@ -226,6 +226,9 @@ pub struct Portal<P, S, C = SystemClock> {
     url_template: String,
     resources: Vec<&'static str>,
     roles: RoleGrants,
+    /// Whether `keys` holds the minting tokens (see
+    /// [`minters_elsewhere`](Portal::minters_elsewhere)).
+    minters_here: bool,
 }
 
 /// Each role's grants, and their scopes as stored on an access token, under
@@ -271,6 +274,7 @@ impl<P: PortalStore, S: KeyStore> Portal<P, S> {
             clock: SystemClock::new(),
             url_template: "https://portal.example.com/portal?code={code}".to_owned(),
             resources: PORTAL_RESOURCES.to_vec(),
+            minters_here: true,
         }
     }
 }
@@ -287,7 +291,23 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             url_template: self.url_template,
             resources: self.resources,
             roles: self.roles,
+            minters_here: self.minters_here,
         }
+    }
+
+    /// For a portal whose key store (where access tokens go) is not the
+    /// one holding the management tokens that mint its sessions. By
+    /// default the store is taken to hold them, and a redemption whose
+    /// minter it holds revoked, expired — or no longer at all (forgotten
+    /// after the store's retention) — is refused
+    /// ([`PortalError::MinterInactive`]). With this, a minter the store
+    /// does not hold is not judged, and revoking one through a
+    /// `KeyManager` of the other store reaches neither its unopened links
+    /// nor the access tokens they led to: those end with their sessions.
+    #[must_use]
+    pub fn minters_elsewhere(mut self) -> Self {
+        self.minters_here = false;
+        self
     }
 
     /// The URL template; `{code}` is replaced by the code (codes are
@@ -477,11 +497,13 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         // The minter is checked once the token is stored: a revocation
         // through the `KeyManager` either comes before this read (and the
         // token is revoked here) or lists the token and revokes it there.
-        // A minter this store does not hold (access tokens kept apart from
-        // the keys) is not judged: a store that holds it keeps it, revoked,
-        // for its retention, longer than a session lives.
+        // A minter the store no longer holds was forgotten after it ended
+        // (unless the minters are kept elsewhere).
         if let Some(minter) = &session.minter
-            && self.keys.get(minter).await?.is_some_and(|m| !m.is_active(now))
+            && match self.keys.get(minter).await? {
+                Some(m) => !m.is_active(now),
+                None => self.minters_here,
+            }
         {
             self.keys.revoke(&record.id, now).await?;
             return Err(PortalError::MinterInactive);

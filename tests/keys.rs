@@ -1486,7 +1486,9 @@ async fn portal_redemptions_do_not_accumulate_in_the_key_store() {
         Authenticator::new(keys.clone()).clock(clock.clone()).formats(keygate::portal::formats());
     let caller = auth_bearer(&auth, mgmt.key().expose_secret(), &Target::any()).await.unwrap();
     let sessions = MemoryKeyStore::new();
-    let portal = Portal::new(MemoryPortalStore::new(), sessions.clone()).clock(clock.clone());
+    let portal = Portal::new(MemoryPortalStore::new(), sessions.clone())
+        .clock(clock.clone())
+        .minters_elsewhere();
     let (w, app) = ("ws_a".parse().unwrap(), "app_1".parse().unwrap());
     // Four days of redemptions, 96 an hour: 9,216 in all. Every token
     // expires within the hour and is forgotten a day after, so the store
@@ -1629,4 +1631,32 @@ proptest::proptest! {
             }
         }
     }
+}
+
+#[tokio::test]
+async fn a_freed_replacement_id_taken_again_does_not_block_a_roll() {
+    use keygate::testkit::keys::sample_record;
+    let t = |s: i64| Timestamp::from_second(1_767_225_600 + s).unwrap();
+    let store = MemoryKeyStore::new().expired_retention(Duration::from_secs(60));
+    let old = sample_record("ws_a", Some("p"), 0, false);
+    assert_eq!(store.insert(Arc::new(old.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    let mut first = sample_record("ws_a", Some("p"), 1, false);
+    first.id = "key_imported_1".parse().unwrap();
+    first.expires_at = Some(t(10));
+    let roll =
+        |now| ActiveLimit { replacing: Some(old.id.clone()), ..ActiveLimit::new(u32::MAX, now) };
+    assert_eq!(
+        store.insert(Arc::new(first.clone()), Some(roll(t(1)))).await.unwrap(),
+        InsertOutcome::Inserted
+    );
+    // A retention after the first replacement expired, an import takes its id.
+    let mut other = sample_record("ws_b", Some("q"), 100, false);
+    other.id = first.id.clone();
+    assert_eq!(store.insert(Arc::new(other), None).await.unwrap(), InsertOutcome::Inserted);
+    let second = sample_record("ws_a", Some("p"), 101, false);
+    assert_eq!(
+        store.insert(Arc::new(second), Some(roll(t(101)))).await.unwrap(),
+        InsertOutcome::Inserted,
+        "the old key's replacement expired and was forgotten; ws_b's record replaces nothing"
+    );
 }

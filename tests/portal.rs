@@ -494,3 +494,34 @@ fn sessions_stamped_ahead_of_the_clock_purge_nothing_still_in_use() {
     }
     assert!(matches!(store.redeem_sync(&digest(0), now), Redeem::AlreadyUsed));
 }
+
+#[tokio::test]
+async fn a_revoked_minter_forgotten_before_its_links_expire_still_stops_them() {
+    let clock = FakeClock::at_2026();
+    let keys = MemoryKeyStore::new().expired_retention(Duration::from_secs(60));
+    let manager = KeyManager::new(keys.clone()).clock(clock.clone());
+    let token = manager
+        .create(
+            NewKey::new("mgmt", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
+                .scopes(&["*"])
+                .unwrap()
+                .token_expiry(TokenExpiry::Never),
+        )
+        .await
+        .unwrap();
+    let auth = Authenticator::new(keys.clone()).clock(clock.clone()).formats(portal::formats());
+    let h = format!("Bearer {}", token.key().expose_secret());
+    let mgmt = auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    let portal = Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone()).clock(clock.clone());
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let link = portal.create_session(&mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
+    assert!(manager.revoke(mgmt.record_id()).await.unwrap());
+    // Two minutes on: the link (60 minutes) is still within its life.
+    clock.advance(Duration::from_secs(120));
+    let r = portal.redeem(link.code().expose_secret()).await;
+    assert!(
+        matches!(r, Err(PortalError::MinterInactive)),
+        "a revoked minter's link opened: {:?}",
+        r.map(|a| a.record().id.clone())
+    );
+}

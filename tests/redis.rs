@@ -1391,3 +1391,35 @@ async fn a_repeated_sliding_name_keeps_the_log_for_the_longest_period() {
     let d = l.check("k", &both, 1, CheckMode::Consume).await.unwrap();
     assert!(!d.is_allowed(), "a fourth unit within the minute: {d:?}");
 }
+
+#[tokio::test]
+async fn a_replacement_named_by_a_freed_id_taken_again_does_not_block_a_roll() {
+    use keygate::testkit::keys::sample_record;
+    let server = RedisServer::start();
+    let redis = connect(&server, "rbreuse").await;
+    let store = redis.keys().expired_retention(Duration::from_millis(1));
+    let old = sample_record("ws_a", Some("p"), 0, false);
+    assert_eq!(store.insert(Arc::new(old.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    let roll = || keygate::store::ActiveLimit {
+        replacing: Some(old.id.clone()),
+        ..keygate::store::ActiveLimit::new(u32::MAX, jiff::Timestamp::now())
+    };
+    let mut first = sample_record("ws_a", Some("p"), 0, false);
+    first.id = "key_imported_1".parse().unwrap();
+    first.expires_at = Some(jiff::Timestamp::now() + jiff::SignedDuration::from_millis(50));
+    assert_eq!(
+        store.insert(Arc::new(first.clone()), Some(roll())).await.unwrap(),
+        InsertOutcome::Inserted
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(store.get(&first.id).await.unwrap().is_none(), "forgotten after its retention");
+    let mut other = sample_record("ws_b", Some("q"), 0, false);
+    other.id = first.id.clone();
+    assert_eq!(store.insert(Arc::new(other), None).await.unwrap(), InsertOutcome::Inserted);
+    let second = sample_record("ws_a", Some("p"), 0, false);
+    assert_eq!(
+        store.insert(Arc::new(second), Some(roll())).await.unwrap(),
+        InsertOutcome::Inserted,
+        "ws_b's record under the freed id replaces nothing"
+    );
+}

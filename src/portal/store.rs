@@ -37,8 +37,9 @@ pub struct PortalSession {
     /// The minting token's region, carried to the access token likewise.
     pub region: Option<Region>,
     /// The minting management token's record. Redeeming checks that it is
-    /// still active where the portal's key store holds it (a revoked
-    /// minter's links stop), and the access token
+    /// still active (a revoked minter's links stop; see
+    /// [`Portal::minters_elsewhere`](crate::portal::Portal::minters_elsewhere)),
+    /// and the access token
     /// names it under [`MINTER_METADATA_KEY`](crate::portal::MINTER_METADATA_KEY)
     /// so revoking the minter through the `KeyManager` revokes the tokens
     /// too. `None` (a session stored before sessions named their minter)

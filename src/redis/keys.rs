@@ -48,8 +48,8 @@ pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
 /// empty), forget-at (Unix ms: the record's end — expiry or revocation —
 /// plus retention, or empty), retention (ms), the id of the record being
 /// replaced (or empty: it must be active at now, with no replacement
-/// active then — the id in its hash field `rb`, which this insert sets —
-/// and is not counted).
+/// active then — the id in its hash field `rb`, whose record names it back
+/// in `rf`; this insert sets both — and is not counted).
 ///
 /// Redis drops an expired record and its indexes at forget-at by itself.
 /// A forget-at already behind the server's clock (a record written with
@@ -70,8 +70,12 @@ if ARGV[13] ~= '' then
   local v = redis.call('HMGET', ARGV[8] .. ARGV[13], 'r', 'rev', 'exp', 'rb')
   if not v[1] or v[2] or (v[3] and v[3] <= ARGV[7]) then return 'replacing' end
   if v[4] then
-    local w = redis.call('HMGET', ARGV[8] .. v[4], 'r', 'rev', 'exp')
-    if w[1] and not w[2] and (not w[3] or w[3] > ARGV[7]) then return 'replaced' end
+    -- The record under that id, if it is the replacement still (`rf`
+    -- names what it replaced: a freed id taken again replaces nothing).
+    local w = redis.call('HMGET', ARGV[8] .. v[4], 'r', 'rev', 'exp', 'rf')
+    if w[1] and w[4] == ARGV[13] and not w[2] and (not w[3] or w[3] > ARGV[7]) then
+      return 'replaced'
+    end
   end
 end
 if ARGV[5] == '1' and ARGV[6] ~= '' then
@@ -97,7 +101,10 @@ redis.call('HSET', KEYS[1], 'r', ARGV[2], 'ws', KEYS[5], 'pj', KEYS[4])
 if ARGV[3] ~= '' then redis.call('HSET', KEYS[1], 'exp', ARGV[3]) end
 if ARGV[9] ~= '' then redis.call('HSET', KEYS[1], 'rev', ARGV[9]) end
 if ARGV[10] ~= '' then redis.call('HSET', KEYS[1], 'used', ARGV[10]) end
-if ARGV[13] ~= '' then redis.call('HSET', ARGV[8] .. ARGV[13], 'rb', ARGV[1]) end
+if ARGV[13] ~= '' then
+  redis.call('HSET', ARGV[8] .. ARGV[13], 'rb', ARGV[1])
+  redis.call('HSET', KEYS[1], 'rf', ARGV[13])
+end
 redis.call('SET', KEYS[2], ARGV[1])
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[1]) end
 if ARGV[11] ~= '' then

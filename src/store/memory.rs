@@ -30,9 +30,12 @@ struct Inner {
     /// Records of each (workspace, project), so the active-key cap is
     /// checked against one project's records, not all of them.
     by_project: IdMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
-    /// The replacement of each rolled record (forgotten with it): a record
-    /// has one active replacement at most.
+    /// The replacement of each rolled record: a record has one active
+    /// replacement at most. An entry goes when either record is forgotten
+    /// (a freed id taken again by another record replaces nothing).
     replaced_by: IdMap<RecordId, RecordId>,
+    /// `replaced_by` the other way round: replacement to replaced.
+    replaces: IdMap<RecordId, RecordId>,
     /// How long a record stays after it ends (expires or is revoked).
     retention: SignedDuration,
     /// (end, id hash) of every record that expires or was revoked (its
@@ -50,6 +53,7 @@ impl Inner {
             by_key_id: hashbrown::HashMap::default(),
             by_project: IdMap::default(),
             replaced_by: IdMap::default(),
+            replaces: IdMap::default(),
             retention: signed_duration(super::EXPIRED_RETENTION),
             expiries: BinaryHeap::new(),
         }
@@ -111,7 +115,12 @@ impl Inner {
     fn remove(&mut self, id: &RecordId) {
         let Some(r) = self.by_id.remove(id) else { return };
         self.by_digest.remove(r.digest.digest());
-        self.replaced_by.remove(id);
+        if let Some(new) = self.replaced_by.remove(id) {
+            self.replaces.remove(&new);
+        }
+        if let Some(old) = self.replaces.remove(id) {
+            self.replaced_by.remove(&old);
+        }
         if let Some(kid) = r.key_id {
             self.by_key_id.remove(&KeyIdQuery(&r.format, &kid));
         }
@@ -352,7 +361,10 @@ impl MemoryKeyStore {
                 i.by_project.entry(pk).or_default().push(record.id.clone());
             }
             if let Some(old) = replacing {
-                i.replaced_by.insert(old, record.id.clone());
+                i.replaces.insert(record.id.clone(), old.clone());
+                if let Some(earlier) = i.replaced_by.insert(old, record.id.clone()) {
+                    i.replaces.remove(&earlier);
+                }
             }
             // Scheduled once stored: a rebuild of the heap reads the records.
             let end = record.ended_at();
