@@ -1423,3 +1423,27 @@ async fn a_replacement_named_by_a_freed_id_taken_again_does_not_block_a_roll() {
         "ws_b's record under the freed id replaces nothing"
     );
 }
+
+#[tokio::test]
+async fn a_large_workspace_is_listed_a_page_at_a_time_each_record_once() {
+    use keygate::testkit::keys::sample_record;
+    let server = RedisServer::start();
+    let redis = connect(&server, "pages").await;
+    let store = redis.keys();
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..1_000 {
+        let r = sample_record("ws_big", (i % 3 == 0).then_some("p"), i, false);
+        ids.insert(r.id.clone());
+        assert_eq!(store.insert(Arc::new(r), None).await.unwrap(), InsertOutcome::Inserted);
+    }
+    let before = command_stats(&redis).await;
+    let listed = store.list(&"ws_big".parse().unwrap(), None).await.unwrap();
+    let after = command_stats(&redis).await;
+    let got: std::collections::BTreeSet<_> = listed.iter().map(|r| r.id.clone()).collect();
+    assert_eq!((listed.len(), got), (1_000, ids), "every record, once");
+    assert!(listed.windows(2).all(|w| w[0].created_at <= w[1].created_at), "oldest first");
+    // Pages, not one script over the whole set.
+    let calls = |m: &HashMap<String, u64>, c: &str| m.get(c).copied().unwrap_or(0);
+    assert!(calls(&after, "sscan") - calls(&before, "sscan") >= 3, "{after:?}");
+    assert_eq!(calls(&after, "smembers"), calls(&before, "smembers"));
+}

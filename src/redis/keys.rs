@@ -130,12 +130,14 @@ return redis.call('HGETALL', ARGV[1] .. id)
 ";
 
 /// KEYS[1]: a set of ids. ARGV[1]: record-key prefix, ARGV[2]: the field
-/// naming the set in its members' records (`ws` or `pj`). Drops the ids of
-/// records Redis has forgotten, and of records of another tenant stored
-/// under such an id since.
+/// naming the set in its members' records (`ws` or `pj`), ARGV[3…]: ids
+/// of the set (one page of an `SSCAN`). The records of those ids; drops
+/// the ids of records Redis has forgotten, and of records of another
+/// tenant stored under such an id since.
 const LIST: &str = r"
 local out = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+for i = 3, #ARGV do
+  local id = ARGV[i]
   local rec = ARGV[1] .. id
   if OWNED(rec, ARGV[2], KEYS[1]) then
     table.insert(out, redis.call('HGETALL', rec))
@@ -326,6 +328,9 @@ fn with_sets(script: &str) -> String {
 static INSERT_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&with_sets(&format!("{FUTURE_FN}{INSERT}"))));
 static LOOKUP_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LOOKUP));
+/// Ids a listing asks `SSCAN` for per page (a hint: a page may hold more).
+const LIST_PAGE: usize = 256;
+
 static LIST_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(&format!("{OWNED_FN}{LIST}")));
 static REVOKE_SCRIPT: LazyLock<Script> =
     LazyLock::new(|| Script::new(&with_sets(&format!("{PUBLISHED_FN}{FUTURE_FN}{REVOKE}"))));
@@ -668,21 +673,42 @@ impl KeyStore for RedisKeyStore {
     ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send {
         let (set, field) =
             project.map_or_else(|| (self.ws(workspace), "ws"), |p| (self.proj(workspace, p), "pj"));
-        let call = self.redis.eval::<Vec<Vec<String>>>(
-            &LIST_SCRIPT,
-            vec![set],
-            vec![self.rec_prefix().into_bytes(), field.into()],
-        );
+        let (redis, prefix) = (self.redis.clone(), self.rec_prefix());
         let tenant = (workspace.clone(), project.cloned());
         async move {
+            // A page at a time (`SSCAN`, then the page's records in one
+            // script): a workspace of many records (portal tokens are kept
+            // a day) never holds the server for long. Not a snapshot: a
+            // record stored or forgotten meanwhile may be in or out.
+            let mut seen = std::collections::HashSet::new();
+            let mut fields = Vec::new();
+            let mut cursor = 0u64;
+            loop {
+                let mut scan = ::redis::cmd("SSCAN");
+                scan.arg(&set).arg(cursor).arg("COUNT").arg(LIST_PAGE);
+                let (next, ids) = redis.query::<(u64, Vec<String>)>(scan).await?;
+                // `SSCAN` may return a member twice.
+                let mut args = vec![prefix.clone().into_bytes(), field.into()];
+                args.extend(
+                    ids.into_iter().filter(|id| seen.insert(id.clone())).map(String::into_bytes),
+                );
+                if args.len() > 2 {
+                    let page =
+                        redis.eval::<Vec<Vec<String>>>(&LIST_SCRIPT, vec![set.clone()], args);
+                    fields.extend(page.await?);
+                }
+                if next == 0 {
+                    break;
+                }
+                cursor = next;
+            }
             // The tenant is checked here too: records written before they
             // named their sets are taken at their word by the script.
             let of_tenant = |r: &KeyRecord| {
                 r.tenant.workspace == tenant.0
                     && tenant.1.as_ref().is_none_or(|p| r.tenant.project.as_ref() == Some(p))
             };
-            let mut out = call
-                .await?
+            let mut out = fields
                 .into_iter()
                 .map(|f| decode(f).map(Arc::new))
                 .filter(|r| r.as_ref().map_or(true, |r| of_tenant(r)))
