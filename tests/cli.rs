@@ -250,3 +250,35 @@ fn hash_prints_the_stored_digest() {
     assert_eq!(out.status.code(), Some(1));
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn scan_reports_a_key_while_stdin_stays_open() {
+    use std::io::{BufRead, BufReader};
+    // `tail -f app.log | keygate scan`: a key is reported as its line
+    // arrives, not when the input ends.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("scan")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let hex = "0123456789abcdef".repeat(4);
+    writeln!(stdin, "GET /ping token=nh_{hex} 200").unwrap();
+    stdin.flush().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+    drop(stdin);
+    let _ = child.wait();
+    assert_eq!(
+        got.as_deref().ok(),
+        Some("-:1:17: nh nh_0123\n"),
+        "reported while the pipe is open"
+    );
+}

@@ -28,6 +28,7 @@ fn escape(data: &[u8], i: usize) -> Option<usize> {
     match data.get(i.checked_sub(1)?)? {
         b'\\' if matches!(data.get(i), Some(b'n' | b't' | b'r' | b'b' | b'f')) => Some(1),
         b'\\' if data.get(i) == Some(&b'u') => non_word(i + 1, 4).map(|()| 5),
+        b'\\' if data.get(i) == Some(&b'x') => non_word(i + 1, 2).map(|()| 3),
         b'%' => non_word(i, 2).map(|()| 2),
         _ => None,
     }

@@ -309,7 +309,10 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
                     m.column(),
                     m.format(),
                     m.hint()
-                );
+                )
+                // A pipe may stay open (`tail -f log | keygate scan`): report
+                // each key now, not when the buffer fills or the input ends.
+                .and_then(|()| if label == "-" { out.flush() } else { Ok(()) });
             }
         })?;
         write_err

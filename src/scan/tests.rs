@@ -75,6 +75,8 @@ fn keys_glued_to_an_escape_are_found() {
         (format!(r#"{{"msg":"denied\n{nh}"}}"#), &nh),
         (format!(r#"{{"msg":"x\t{sk}\r"}}"#), &sk),
         (format!(r#"{{"msg":"\u0022{sk}\u0022"}}"#), &sk),
+        // nginx (`escape=default`), Python and shell write `"` as `\x22`.
+        (format!(r"{{\x22token\x22:\x22{sk}\x22}}"), &sk),
         (format!("q=Bearer%20{sk}&x=1"), &sk),
         (format!("a%3D{nh}"), &nh),
         // The longest format, so the run with the escape's bytes is longer
@@ -311,6 +313,7 @@ fn reference_escape(hay: &[u8], i: usize) -> Option<usize> {
     };
     match opener {
         b'\\' if ["n", "t", "r", "b", "f"].iter().any(|e| text.starts_with(e)) => Some(1),
+        b'\\' if text.starts_with('x') => non_word(&text[1..], 2).map(|()| 3),
         b'\\' => non_word(text.strip_prefix('u')?, 4).map(|()| 5),
         b'%' => non_word(&text, 2).map(|()| 2),
         _ => None,
@@ -1007,7 +1010,7 @@ fn redaction_piece() -> impl Strategy<Value = Vec<u8>> {
             k.extend_from_slice(s.as_bytes());
             k
         }),
-        2 => prop::sample::select(vec![&b"\\n"[..], b"\\t", b"\\u0022", b"%20", b"%5F", b"\\", b"%", b"\\r"])
+        2 => prop::sample::select(vec![&b"\\n"[..], b"\\t", b"\\u0022", b"\\x22", b"\\x5f", b"%20", b"%5F", b"\\", b"%", b"\\r"])
             .prop_map(<[u8]>::to_vec),
         2 => prop::sample::select(vec![&b" "[..], b"\n", b"\"", b"=", b"-", b"_", b"___", b"nh_x ", b"sk_live_", b"h_", b"a_", b"chk_live_"])
             .prop_map(<[u8]>::to_vec),
