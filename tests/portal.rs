@@ -32,8 +32,12 @@ struct World {
 }
 
 async fn world(scopes: &[&str]) -> World {
+    world_over(MemoryKeyStore::new(), scopes).await
+}
+
+/// A world whose key store is `keys`.
+async fn world_over(keys: MemoryKeyStore, scopes: &[&str]) -> World {
     let clock = FakeClock::at_2026();
-    let keys = MemoryKeyStore::new();
     let manager = KeyManager::new(keys.clone()).clock(clock.clone());
     let token = manager
         .create(
@@ -497,22 +501,10 @@ fn sessions_stamped_ahead_of_the_clock_purge_nothing_still_in_use() {
 
 #[tokio::test]
 async fn a_revoked_minter_forgotten_before_its_links_expire_still_stops_them() {
-    let clock = FakeClock::at_2026();
+    // A host that forgets ended records sooner than a session lives.
     let keys = MemoryKeyStore::new().expired_retention(Duration::from_secs(60));
-    let manager = KeyManager::new(keys.clone()).clock(clock.clone());
-    let token = manager
-        .create(
-            NewKey::new("mgmt", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
-                .scopes(&["*"])
-                .unwrap()
-                .token_expiry(TokenExpiry::Never),
-        )
-        .await
-        .unwrap();
-    let auth = Authenticator::new(keys.clone()).clock(clock.clone()).formats(portal::formats());
-    let h = format!("Bearer {}", token.key().expose_secret());
-    let mgmt = auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
-    let portal = Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone()).clock(clock.clone());
+    let World { clock, portal, mgmt, .. } = world_over(keys.clone(), &["*"]).await;
+    let manager = KeyManager::new(keys).clock(clock.clone());
     let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
     let link = portal.create_session(&mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
     assert!(manager.revoke(mgmt.record_id()).await.unwrap());
