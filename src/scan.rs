@@ -382,6 +382,24 @@ fn escape_len(hay: &[u8], start: usize) -> Option<usize> {
     }
 }
 
+/// [`escape_len`] of a URL escape encoded twice (`%253D`, a `=` in a
+/// redirect parameter): `253D`. Its first two letters also read as the
+/// escape `%25` (a `%`), after which a key may start (`%25` + `de_…` is a
+/// `%` before a key of a format named `de`): a run after `%25` is tried
+/// both ways, this one first.
+fn double_escape_len(hay: &[u8], start: usize) -> Option<usize> {
+    match (hay.get(start.checked_sub(1)?)?, hay.get(start..)?) {
+        (b'%', [b'2', b'5', hex @ ..]) => hex.get(..2).filter(|h| escapes_non_word(h)).map(|_| 4),
+        _ => None,
+    }
+}
+
+/// The lengths of the escape letters that may open the run at `start`,
+/// longest first (see [`double_escape_len`]).
+fn escape_lens(hay: &[u8], start: usize) -> impl Iterator<Item = usize> {
+    [double_escape_len(hay, start), escape_len(hay, start)].into_iter().flatten()
+}
+
 /// Whether `hex` (all hex digits) is the code of a character that is not
 /// a word byte.
 fn escapes_non_word(hex: &[u8]) -> bool {
@@ -427,7 +445,7 @@ const HISTORY: usize = 6;
 /// Whether the word bytes right before `start` are an escape's, so that a
 /// key starting at `start` is not inside a word (see [`escape_len`]).
 fn escaped_before(hay: &[u8], start: usize) -> bool {
-    (1..=5).any(|k| start.checked_sub(k).is_some_and(|s| escape_len(hay, s) == Some(k)))
+    (1..=5).any(|k| start.checked_sub(k).is_some_and(|s| escape_lens(hay, s).any(|n| n == k)))
 }
 
 /// The first non-word byte of `hay[from..to]`, or `to`.
@@ -779,10 +797,12 @@ impl Scanner {
             // at or just after `from`: at most four bytes on, since an
             // escape has at most five letters and began before `from`.
             let end = first_non_word(hay, from, hay.len());
-            if let Some(p) = (from..end.min(from + 5)).find(|&p| escaped_before(hay, p)) {
+            // The first that holds a key: `%25` + `3D` + key has two
+            // escapes' ends (`%25`, a `%`, and `%253D`, a `=`).
+            let _ = (from..end.min(from + 5)).filter(|&p| escaped_before(hay, p)).any(|p| {
                 // Capped as every run is: only a key's length is read.
-                self.check_hiding(hay, p, end.min(p + self.max_len + 1), mode.suspects, on_key);
-            }
+                self.check_hiding(hay, p, end.min(p + self.max_len + 1), mode.suspects, on_key)
+            });
             from = end + 1;
         }
         // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
@@ -801,8 +821,8 @@ impl Scanner {
     }
 
     /// The key (if any) in the run at `start` after the escape that opens
-    /// it: `\n`, `\t`, `\r`, `\b`, `\f`, `\uXXXX` after a backslash, or
-    /// `XX` after a `%`. Keys leak in JSON logs and URL-encoded strings,
+    /// it: `\n`, `\t`, `\r`, `\b`, `\f`, `\uXXXX`, `\xXX` after a
+    /// backslash, or `XX` (or `25XX`, encoded twice) after a `%`. Keys leak in JSON logs and URL-encoded strings,
     /// where `"…\nsk_live_…"` and `Bearer%20sk_live_…` glue the key to
     /// the escape's word bytes.
     fn check_escaped(
@@ -812,10 +832,11 @@ impl Scanner {
         suspects: bool,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> bool {
-        let Some(skip) = escape_len(hay, start) else { return false };
-        let s = start + skip;
-        let e = first_non_word(hay, s, (s + self.max_len + 1).min(hay.len()));
-        self.check_hiding(hay, s, e, suspects, on_key)
+        escape_lens(hay, start).any(|skip| {
+            let s = start + skip;
+            let e = first_non_word(hay, s, (s + self.max_len + 1).min(hay.len()));
+            self.check_hiding(hay, s, e, suspects, on_key)
+        })
     }
 
     /// As [`runs_in`](Self::runs_in), by searching for the literal prefixes.

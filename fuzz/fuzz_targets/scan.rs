@@ -16,15 +16,29 @@ use libfuzzer_sys::fuzz_target;
 
 static SCANNERS: OnceLock<[Scanner; 2]> = OnceLock::new();
 
-/// The escape letters opening the run at `i`, after a backslash or `%`,
-/// when the escape stands for a non-word character (`%5F` is an `_`).
-fn escape(data: &[u8], i: usize) -> Option<usize> {
-    let non_word = |from: usize, n: usize| {
-        let hex = std::str::from_utf8(data.get(from..from + n)?).ok()?;
-        let hex = Some(hex).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))?;
-        let c = char::from_u32(u32::from_str_radix(hex, 16).ok()?)?;
-        (!(c.is_ascii_alphanumeric() || c == '_')).then_some(())
-    };
+/// The lengths of the escape letters that may open the run at `i`, after
+/// a backslash or `%`, when the escape stands for a non-word character
+/// (`%5F` is an `_`), longest first: `%253D` is a `=` encoded twice, and
+/// also `%25` (a `%`) before `3D`.
+fn escape(data: &[u8], i: usize) -> Vec<usize> {
+    let after_percent = i > 0 && data[i - 1] == b'%';
+    let twice = (after_percent && data.get(i..i + 2) == Some(&b"25"[..]))
+        .then(|| non_word(data, i + 2, 2).map(|()| 4))
+        .flatten();
+    twice.into_iter().chain(escape_once(data, i)).collect()
+}
+
+/// Whether the `n` bytes at `from` are the hex code of a non-word character.
+fn non_word(data: &[u8], from: usize, n: usize) -> Option<()> {
+    let hex = std::str::from_utf8(data.get(from..from + n)?).ok()?;
+    let hex = Some(hex).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))?;
+    let c = char::from_u32(u32::from_str_radix(hex, 16).ok()?)?;
+    (!(c.is_ascii_alphanumeric() || c == '_')).then_some(())
+}
+
+/// As [`escape`], for an escape encoded once.
+fn escape_once(data: &[u8], i: usize) -> Option<usize> {
+    let non_word = |from: usize, n: usize| non_word(data, from, n);
     match data.get(i.checked_sub(1)?)? {
         b'\\' if matches!(data.get(i), Some(b'n' | b't' | b'r' | b'b' | b'f')) => Some(1),
         b'\\' if data.get(i) == Some(&b'u') => non_word(i + 1, 4).map(|()| 5),
@@ -49,13 +63,12 @@ fn reference(set: &FormatSet, data: &[u8]) -> Vec<(u64, usize)> {
         let token = std::str::from_utf8(&data[i..i + len]).unwrap();
         if set.parse(token).is_ok() {
             out.push((i as u64, len));
-        } else if let Some(skip) = escape(data, i).filter(|&k| k < len) {
+        } else if let Some(skip) = escape(data, i).into_iter().filter(|&k| k < len).find(|&k| {
             // A run opening with an escape's letters (`\n`, `\u0022`,
-            // `%20`): the key is the rest of it.
-            let rest = std::str::from_utf8(&data[i + skip..i + len]).unwrap();
-            if set.parse(rest).is_ok() {
-                out.push(((i + skip) as u64, len - skip));
-            }
+            // `%20`, `%253D`): the key is the rest of it.
+            set.parse(std::str::from_utf8(&data[i + k..i + len]).unwrap()).is_ok()
+        }) {
+            out.push(((i + skip) as u64, len - skip));
         }
         i += len;
     }

@@ -79,6 +79,9 @@ fn keys_glued_to_an_escape_are_found() {
         (format!(r"{{\x22token\x22:\x22{sk}\x22}}"), &sk),
         (format!("q=Bearer%20{sk}&x=1"), &sk),
         (format!("a%3D{nh}"), &nh),
+        // Encoded twice: a redirect parameter's own parameters.
+        (format!("GET /login?next=%252Fcb%253Ftoken%253D{sk} HTTP/1.1"), &sk),
+        (format!("q=Bearer%2520{nh}"), &nh),
         // The longest format, so the run with the escape's bytes is longer
         // than any key.
         (format!(r"\n{nhm}"), &nhm),
@@ -212,6 +215,22 @@ fn custom_formats_with_checksum() {
 }
 
 #[test]
+fn a_format_named_in_hex_letters_after_a_percent_sign_is_found() {
+    // `%25` is a `%`; `%25de` also reads as `de` encoded twice (0xDE, not
+    // a word character). The key after the `%` is found either way.
+    const DE: KeyFormat =
+        KeyFormat::builder("de").secret(&Alphabet::BASE62, 22).hint_chars(0).build_unwrap();
+    let s = Scanner::new(FormatSet::new([DE, NH]).unwrap());
+    let k = DE.mint(MintSpec::new()).unwrap();
+    for text in [format!("100%25{}", k.expose_secret()), format!("x=%25%253D{}", k.expose_secret())]
+    {
+        let found = s.find_all(text.as_bytes());
+        assert_eq!(found.len(), 1, "{text}");
+        assert_eq!(found[0].hint(), k.hint(), "{text}");
+    }
+}
+
+#[test]
 fn empty_and_tiny_inputs() {
     let s = Scanner::presets();
     assert!(s.find_all(b"").is_empty());
@@ -288,11 +307,13 @@ fn reference(set: &FormatSet, hay: &[u8]) -> Vec<(usize, usize, &'static str)> {
         let end = hay[i..].iter().position(|&b| !word(b)).map_or(hay.len(), |j| i + j);
         if let Ok((f, _)) = set.parse_parts(&hay[i..end]) {
             out.push((i, end - i, f.name()));
-        } else if let Some(skip) = reference_escape(hay, i).filter(|&k| i + k < end)
-            && let Ok((f, _)) = set.parse_parts(&hay[i + skip..end])
+        } else if let Some((skip, f)) = reference_escape(hay, i)
+            .into_iter()
+            .filter(|&k| i + k < end)
+            .find_map(|k| Some((k, set.parse_parts(&hay[i + k..end]).ok()?.0)))
         {
-            // A run opening with an escape's letters (`\n`, `%20`): the
-            // key is the rest of it.
+            // A run opening with an escape's letters (`\n`, `%20`, `%253D`):
+            // the key is the rest of it.
             out.push((i + skip, end - i - skip, f.name()));
         }
         i = end;
@@ -300,24 +321,30 @@ fn reference(set: &FormatSet, hay: &[u8]) -> Vec<(usize, usize, &'static str)> {
     out
 }
 
-/// The escape rule, written apart from the scanner's: the length of the
-/// escape letters opening the run at `i` (after `\` or `%`), when the escape
-/// stands for a non-word character.
-fn reference_escape(hay: &[u8], i: usize) -> Option<usize> {
-    let opener = hay[..i].last()?;
+/// The escape rule, written apart from the scanner's: the lengths of the
+/// escape letters that may open the run at `i` (after `\` or `%`), when the
+/// escape stands for a non-word character, longest first (`%253D` is a
+/// `=` encoded twice, and also `%25`, a `%`, before `3D`).
+fn reference_escape(hay: &[u8], i: usize) -> Vec<usize> {
+    let Some(opener) = hay[..i].last() else { return Vec::new() };
     let text = String::from_utf8_lossy(&hay[i..hay.len().min(i + 5)]).into_owned();
     let non_word = |hex: &str, n: usize| {
         let hex = hex.get(..n).filter(|h| h.bytes().all(|b| b.is_ascii_hexdigit()))?;
         let c = char::from_u32(u32::from_str_radix(hex, 16).ok()?)?;
         (!(c.is_ascii_alphanumeric() || c == '_')).then_some(())
     };
-    match opener {
+    let once = match opener {
         b'\\' if ["n", "t", "r", "b", "f"].iter().any(|e| text.starts_with(e)) => Some(1),
         b'\\' if text.starts_with('x') => non_word(&text[1..], 2).map(|()| 3),
-        b'\\' => non_word(text.strip_prefix('u')?, 4).map(|()| 5),
+        b'\\' => text.strip_prefix('u').and_then(|h| non_word(h, 4)).map(|()| 5),
         b'%' => non_word(&text, 2).map(|()| 2),
         _ => None,
-    }
+    };
+    let twice = match opener {
+        b'%' => text.strip_prefix("25").and_then(|h| non_word(h, 2)).map(|()| 4),
+        _ => None,
+    };
+    twice.into_iter().chain(once).collect()
 }
 
 fn found(s: &Scanner, hay: &[u8]) -> Vec<(usize, usize, &'static str)> {
@@ -1010,7 +1037,7 @@ fn redaction_piece() -> impl Strategy<Value = Vec<u8>> {
             k.extend_from_slice(s.as_bytes());
             k
         }),
-        2 => prop::sample::select(vec![&b"\\n"[..], b"\\t", b"\\u0022", b"\\x22", b"\\x5f", b"%20", b"%5F", b"\\", b"%", b"\\r"])
+        2 => prop::sample::select(vec![&b"\\n"[..], b"\\t", b"\\u0022", b"\\x22", b"\\x5f", b"%20", b"%253D", b"%2541", b"%25", b"%5F", b"\\", b"%", b"\\r"])
             .prop_map(<[u8]>::to_vec),
         2 => prop::sample::select(vec![&b" "[..], b"\n", b"\"", b"=", b"-", b"_", b"___", b"nh_x ", b"sk_live_", b"h_", b"a_", b"chk_live_"])
             .prop_map(<[u8]>::to_vec),
