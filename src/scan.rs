@@ -445,7 +445,16 @@ const HISTORY: usize = 6;
 /// Whether the word bytes right before `start` are an escape's, so that a
 /// key starting at `start` is not inside a word (see [`escape_len`]).
 fn escaped_before(hay: &[u8], start: usize) -> bool {
-    (1..=5).any(|k| start.checked_sub(k).is_some_and(|s| escape_lens(hay, s).any(|n| n == k)))
+    escape_start(hay, start).is_some()
+}
+
+/// Where the run whose escape letters end right before `start` begins
+/// (see [`escaped_before`]), if they do.
+fn escape_start(hay: &[u8], start: usize) -> Option<usize> {
+    (1..=5).find_map(|k| {
+        let s = start.checked_sub(k)?;
+        escape_lens(hay, s).any(|n| n == k).then_some(s)
+    })
 }
 
 /// The first non-word byte of `hay[from..to]`, or `to`.
@@ -799,7 +808,8 @@ impl Scanner {
             let end = first_non_word(hay, from, hay.len());
             // The first that holds a key: `%25` + `3D` + key has two
             // escapes' ends (`%25`, a `%`, and `%253D`, a `=`).
-            let _ = (from..end.min(from + 5)).filter(|&p| escaped_before(hay, p)).any(|p| {
+            // Longest reading first, as `check_escaped` tries them.
+            let _ = (from..end.min(from + 5)).rev().filter(|&p| escaped_before(hay, p)).any(|p| {
                 // Capped as every run is: only a key's length is read.
                 self.check_hiding(hay, p, end.min(p + self.max_len + 1), mode.suspects, on_key)
             });
@@ -860,21 +870,32 @@ impl Scanner {
                 break;
             }
             let before_is_word = if start == from { in_run } else { is_word(hay[start - 1]) };
-            if before_is_word && !escaped_before(hay, start) {
-                // Inside a word: no key can start anywhere in this word.
+            let escaped = if before_is_word { escape_start(hay, start) } else { None };
+            if before_is_word && escaped.is_none() {
+                // Inside a word: no key starts here. One may start inside
+                // this prefix, after an escape's letters that began before
+                // it (`\x` + `ca` + `fe_…`, where `cafe_` is found first).
                 *waste += 1;
-                pos = hit_end;
+                pos = start + 1;
                 continue;
             }
             // The run goes on to the next non-word byte; keys are never
             // longer than `max_len`, so look no further than that.
             let cap = (start + self.max_len + 1).min(hay.len());
             let end = first_non_word(hay, hit_end, cap);
-            // As in `runs_in`: the prefix found may begin with an escape's
-            // letters (`\n` + `h_…` reads as `nh_…`), the key after them.
-            if !self.check_hiding(hay, start, end, mode.suspects, on_key)
-                && !self.check_escaped(hay, start, mode.suspects, on_key)
-            {
+            // After an escape's letters the run is read from its start, as
+            // `runs_in` reads it: every reading, longest first (`%25` +
+            // `cafe_…` is also `%25ca` + `fe_…`). Else, as in `runs_in`: the
+            // prefix found may begin with an escape's letters (`\n` + `h_…`
+            // reads as `nh_…`), the key after them.
+            let hit = match escaped {
+                Some(run) => self.check_escaped(hay, run, mode.suspects, on_key),
+                None => {
+                    self.check_hiding(hay, start, end, mode.suspects, on_key)
+                        || self.check_escaped(hay, start, mode.suspects, on_key)
+                }
+            };
+            if !hit {
                 *waste += 1;
             }
             pos = end.max(hit_end);

@@ -494,7 +494,10 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
                 })
                 .collect()
         }),
-        3 => prop::sample::select(vec![&b" "[..], b"\n", b"-", b"=", b"\xff", b"\0", b"_"])
+        3 => prop::sample::select(vec![
+            &b" "[..], b"\n", b"-", b"=", b"\xff", b"\0", b"_", b"%25", b"%253D", b"%2525",
+            b"\\x22", b"\\x", b"%20", b"\\u0022", b"\\n", b"%", b"\\", b"%252F", b"%25e9",
+        ])
             .prop_map(<[u8]>::to_vec),
         1 => prop::collection::vec(any::<u8>(), 0..6),
     ]
@@ -1084,5 +1087,91 @@ proptest! {
                 }
             }
         }
+    }
+}
+
+/// `fe` + 22 base62, and `cafe` + 23: `ca` reads as the hex of an escape
+/// (`%25ca`, `\xca`, `\u00ca`), after which a key of `fe` starts inside
+/// the prefix `cafe_`.
+const FE: KeyFormat =
+    KeyFormat::builder("fe").secret(&Alphabet::BASE62, 22).hint_chars(0).build_unwrap();
+const CAFE: KeyFormat =
+    KeyFormat::builder("cafe").secret(&Alphabet::BASE62, 23).hint_chars(0).build_unwrap();
+
+#[test]
+fn both_searches_read_a_run_after_an_escape_from_its_start() {
+    let set = FormatSet::new([FE, CAFE]).unwrap();
+    let fe = mint(&FE, 7);
+    for text in [
+        format!("x=%25cafe_{} end", &fe[3..]),
+        format!(r"x=\xcafe_{} end", &fe[3..]),
+        format!(r"x=\u00cafe_{} end", &fe[3..]),
+    ] {
+        let want = reference(&set, text.as_bytes());
+        assert_eq!(want.len(), 1, "{text}");
+        for start in [Search::Runs, Search::Prefixes] {
+            let mut s = Scanner::new(set.clone());
+            s.tuning.start = start;
+            assert_eq!(found(&s, text.as_bytes()), want, "{text} {start:?}");
+        }
+    }
+    // Through the public API: the same line, alone and after lines that
+    // switch the search to prefixes.
+    let s = Scanner::new(set);
+    let line = format!("GET /r?next=%25cafe_{} HTTP/1.1\n", &fe[3..]);
+    let mut log = Vec::new();
+    for i in 0..40u128 {
+        log.extend_from_slice(format!("trace={:040x}\n", i * 0x9e37_79b9_7f4a_7c15).as_bytes());
+    }
+    log.extend_from_slice(line.as_bytes());
+    assert_eq!(s.find_all(line.as_bytes()).len(), 1);
+    assert_eq!(s.find_all(&log).len(), 1, "after the search switched to prefixes");
+}
+
+fn hex_named_piece() -> impl Strategy<Value = Vec<u8>> {
+    let formats = [FE, CAFE, SHORT, SPELLED];
+    prop_oneof![
+        3 => (0..formats.len(), any::<u64>())
+            .prop_map(move |(i, seed)| mint(&formats[i], seed).into_bytes()),
+        2 => any::<u64>().prop_map(|seed| format!("ca{}", mint(&FE, seed)).into_bytes()),
+        3 => prop::sample::select(vec![
+            &b"%25"[..], b"%25ca", b"%2525", b"%253D", b"ca", b"%", b"\\", b"\\x", b"\\x22",
+            b"\\n", b" ", b"_", b"%25%25", b"25", b"3D", b"\\u0022",
+        ])
+        .prop_map(<[u8]>::to_vec),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+    /// Formats whose names overlap through escape letters: both searches,
+    /// in blocks and streams, find what the reference does, and streamed
+    /// redaction is the one-block redaction.
+    #[test]
+    fn hex_named_formats_agree_in_every_search(
+        pieces in prop::collection::vec(hex_named_piece(), 0..12),
+        chunk in 1usize..100,
+        span in 1usize..64,
+        waste in prop::sample::select(vec![0usize, 1, usize::MAX]),
+        prefixes_first in any::<bool>(),
+    ) {
+        let hay = pieces.concat();
+        let mut s = Scanner::new(FormatSet::new([FE, CAFE, SHORT, SPELLED]).unwrap());
+        let want = reference(s.formats(), &hay);
+        let start = if prefixes_first { Search::Prefixes } else { Search::Runs };
+        s.tuning = Tuning { start, span, runs_waste: waste, prefixes_waste: waste };
+        prop_assert_eq!(found(&s, &hay), want.clone(), "block");
+        let mut streamed = Vec::new();
+        s.clone()
+            .chunk_size(chunk)
+            .scan_reader(Trickle(&hay, chunk / 3 + 1), |m| {
+                streamed.push((usize::try_from(m.offset()).unwrap(), m.len(), m.format()));
+            })
+            .unwrap();
+        prop_assert_eq!(streamed, want, "stream");
+        let one = redact_in_one_block(&s, &hay);
+        let mut got = Vec::new();
+        s.clone().chunk_size(chunk).redact(Trickle(&hay, chunk / 2 + 1), &mut got).unwrap();
+        prop_assert_eq!(got, one, "redact");
     }
 }
