@@ -89,8 +89,8 @@ impl fmt::Debug for Match {
 /// A candidate counts only when the byte before it and the byte after it are
 /// not ASCII letters, digits or `_` (or it touches the start or end of the
 /// input; the word bytes of an escape of a non-word character, such as
-/// `\n`, `\u0022`, `\x22` or `%20`, right before a key do not count, where `%5F`,
-/// an `_`, does), and the whole token parses as a key of its
+/// `\n`, `\u0022`, `\x22` or `%20`, right before a key do not count,
+/// where `%5F`, an `_`, does), and the whole token parses as a key of its
 /// format — so scanning and [`KeyFormat::parse`] agree by construction.
 ///
 /// ```
@@ -367,9 +367,10 @@ fn glued_damaged(
 
 /// The length of the escape's word bytes at the start of the run at
 /// `start` (the run follows a non-word byte): `n` in `\n`, `u0022` in
-/// `\u0022`, `x22` in `\x22` (nginx, Python, shells), `20` in `%20`. Only an escape of a non-word character
-/// counts: `\u005f` and `%5F` are `_`, and `%41` is `A`, so a key after
-/// them is as inside a word as after the characters themselves.
+/// `\u0022`, `x22` in `\x22` (nginx, Python, shells), `20` in `%20`.
+/// Only an escape of a non-word character counts: `\u005f` and `%5F` are
+/// `_`, and `%41` is `A`, so a key after them is as inside a word as after
+/// the characters themselves.
 fn escape_len(hay: &[u8], start: usize) -> Option<usize> {
     let opener = *hay.get(start.checked_sub(1)?)?;
     let rest = hay.get(start..)?;
@@ -806,9 +807,9 @@ impl Scanner {
             // at or just after `from`: at most four bytes on, since an
             // escape has at most five letters and began before `from`.
             let end = first_non_word(hay, from, hay.len());
-            // The first that holds a key: `%25` + `3D` + key has two
-            // escapes' ends (`%25`, a `%`, and `%253D`, a `=`).
-            // Longest reading first, as `check_escaped` tries them.
+            // `%25` + `3D` + key has two escapes' ends (`%25`, a `%`, and
+            // `%253D`, a `=`): the first that holds a key, longest reading
+            // first, as `check_escaped` tries them.
             let _ = (from..end.min(from + 5)).rev().filter(|&p| escaped_before(hay, p)).any(|p| {
                 // Capped as every run is: only a key's length is read.
                 self.check_hiding(hay, p, end.min(p + self.max_len + 1), mode.suspects, on_key)
@@ -832,9 +833,9 @@ impl Scanner {
 
     /// The key (if any) in the run at `start` after the escape that opens
     /// it: `\n`, `\t`, `\r`, `\b`, `\f`, `\uXXXX`, `\xXX` after a
-    /// backslash, or `XX` (or `25XX`, encoded twice) after a `%`. Keys leak in JSON logs and URL-encoded strings,
-    /// where `"…\nsk_live_…"` and `Bearer%20sk_live_…` glue the key to
-    /// the escape's word bytes.
+    /// backslash, or `XX` (or `25XX`, encoded twice) after a `%`. Keys
+    /// leak in JSON logs and URL-encoded strings, where `"…\nsk_live_…"`
+    /// and `Bearer%20sk_live_…` glue the key to the escape's word bytes.
     fn check_escaped(
         &self,
         hay: &[u8],

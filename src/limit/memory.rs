@@ -64,10 +64,15 @@ impl KeyState {
         &mut self.slots[i].1
     }
 
+    /// The period `policy`'s slot is judged to last, if it has a slot.
+    fn period_mut(&mut self, policy: &Policy) -> Option<&mut Duration> {
+        self.slots.iter_mut().find(|(n, ..)| n == policy.name()).map(|(.., p)| p)
+    }
+
     /// Notes that `policy` judged its slot (a peek and a denial too): a
     /// longer period keeps the slot's log longer.
     fn judged(&mut self, policy: &Policy) {
-        if let Some((.., period)) = self.slots.iter_mut().find(|(n, ..)| n == policy.name()) {
+        if let Some(period) = self.period_mut(policy) {
             *period = (*period).max(policy.period());
         }
     }
@@ -75,7 +80,7 @@ impl KeyState {
     /// Notes that `policy` wrote its slot (a commit, a conversion, a state
     /// taken over): the state is that policy's now, and lasts its period.
     fn written(&mut self, policy: &Policy) {
-        if let Some((.., period)) = self.slots.iter_mut().find(|(n, ..)| n == policy.name()) {
+        if let Some(period) = self.period_mut(policy) {
             *period = policy.period();
         }
     }
