@@ -822,11 +822,23 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // (`InsertOutcome::AlreadyReplaced`). Checked here too for
         // replacements stored before stores tracked them.
         let siblings = self.store.list(&old.tenant.workspace, old.tenant.project.as_ref()).await?;
-        if siblings.iter().any(|r| {
-            r.is_active(now) && r.metadata.get(ROLLED_FROM).is_some_and(|f| f == id.as_str())
-        }) {
+        let earlier: Vec<&Arc<KeyRecord>> = siblings
+            .iter()
+            .filter(|r| r.metadata.get(ROLLED_FROM).is_some_and(|f| f == id.as_str()))
+            .collect();
+        if earlier.iter().any(|r| r.is_active(now)) {
             return Err(ManagerError::AlreadyRolled);
         }
+        // Rolled before, its replacement since revoked: the old key's expiry
+        // is now that roll's grace end. Its own expiry is what the earlier
+        // replacements were given (the latest of them; `None` is never).
+        // Once the store has forgotten them, the grace end it is: never
+        // later than the key's own, only shorter.
+        let own_expiry = if earlier.is_empty() {
+            old.expires_at
+        } else {
+            earlier.iter().map(|r| r.expires_at).reduce(latest).flatten()
+        };
         let mut metadata = old.metadata.clone();
         metadata.insert(ROLLED_FROM.to_owned(), id.as_str().to_owned());
         let mut new = NewKey::new(old.name.clone(), format, old.tenant.clone())
@@ -837,7 +849,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         new.plan.clone_from(&old.plan);
         // Same expiry as the key it replaces (no later than the caller's),
         // set in the insert itself.
-        new.not_after = earliest(old.expires_at, caller.and_then(Principal::expires_at));
+        new.not_after = earliest(own_expiry, caller.and_then(Principal::expires_at));
         // The old key, checked active again in the insert itself (a
         // revocation may have come since), is not counted: one over the
         // cap during the grace, no more.
@@ -897,6 +909,14 @@ fn reaches(caller: &Principal, record: &KeyRecord) -> bool {
     caller.tenant().reaches(&record.tenant)
         && caller.environment().is_none_or(|e| record.environment == Some(e))
         && caller.region().is_none_or(|r| record.region == Some(r))
+}
+
+/// The later of two optional deadlines (`None` is "never").
+fn latest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        _ => None,
+    }
 }
 
 /// The earlier of two optional deadlines (`None` is "never").

@@ -921,6 +921,29 @@ async fn rolling_keeps_grants_and_the_grace_never_outlives_expiry() {
     ));
 }
 
+#[tokio::test]
+async fn rolling_again_after_the_replacement_was_revoked_keeps_the_keys_own_expiry() {
+    let f = fixture();
+    let grace = Duration::from_secs(600);
+    for life in [None, Some(Duration::from_secs(3600))] {
+        let mut spec = NewKey::new("prod", SK, ws("ws_a"));
+        if let Some(life) = life {
+            spec = spec.expires_in(life);
+        }
+        let old = f.manager.create(spec).await.unwrap();
+        let first = f.manager.roll(&old.record().id, grace).await.unwrap();
+        // The replacement leaked before it was deployed: revoked, and the
+        // key rolled again. The new key lives as long as the key did, not
+        // only to the first roll's grace end.
+        assert!(f.manager.revoke(&first.record().id).await.unwrap());
+        let second = f.manager.roll(&old.record().id, grace).await.unwrap();
+        assert_eq!(second.record().expires_at, old.record().expires_at, "{life:?}");
+        // The old key's grace still ends when the first roll said.
+        let rec = f.store.get(&old.record().id).await.unwrap().unwrap();
+        assert_eq!(rec.expires_at, Some(f.clock.now() + jiff::SignedDuration::from_secs(600)));
+    }
+}
+
 #[test]
 fn a_requirement_from_a_registry_with_another_layout_is_refused() {
     use keygate::auth::Principal;
