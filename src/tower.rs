@@ -1533,5 +1533,7 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Cre
     if found.next().is_some() {
         return Err(CredentialError::Conflicting);
     }
-    Ok(first)
+    // An empty value (a cleared session cookie) is no credential, as an
+    // empty credential header is: a missing key, not a malformed one.
+    Ok(first.filter(|v| !v.is_empty()))
 }

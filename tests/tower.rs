@@ -361,6 +361,20 @@ async fn cookie_credentials_only_where_enabled() {
     let value = axum::http::HeaderValue::from_bytes(mixed.as_bytes()).unwrap();
     let req = Request::get("/c").header("cookie", value).body(Body::empty()).unwrap();
     assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::OK);
+    // An empty cookie of the name (a session cleared by the browser) is no
+    // credential, as an empty credential header is: a missing key.
+    for value in ["sess=; theme=dark", "sess=\"\""] {
+        let req = Request::get("/c").header("cookie", value).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{value}");
+        assert!(
+            matches!(
+                res.extensions().get::<Refused>().unwrap().reason(),
+                Refusal::Auth(AuthError::Missing)
+            ),
+            "{value}"
+        );
+    }
     // Two cookies of the name (one set by a sibling domain, or for a
     // narrower path) are two credentials: refused, whichever comes first.
     let other = KeyManager::new(f.keys.clone())

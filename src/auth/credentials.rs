@@ -142,15 +142,12 @@ impl HeaderRules {
         }
         let Some((source, value)) = found else { return Ok(None) };
         let token = match source {
+            // A header of nothing or only spaces, or `Bearer` with nothing
+            // after it (an unset variable in a script), is a missing key,
+            // not a malformed one, in either header.
+            _ if value.iter().all(|&b| b == b' ') => &[],
             Source::ApiKeyHeader => value,
-            // `Bearer` with nothing after it (an unset variable in a
-            // script), or an empty header, is a missing key, not a
-            // malformed one.
-            Source::Bearer
-                if value.eq_ignore_ascii_case(b"bearer") || value.iter().all(|&b| b == b' ') =>
-            {
-                &[]
-            }
+            Source::Bearer if value.eq_ignore_ascii_case(b"bearer") => &[],
             Source::Bearer => {
                 let scheme = value.get(..7).ok_or(CredentialError::NotBearer)?;
                 if !scheme.eq_ignore_ascii_case(b"bearer ") {
@@ -196,7 +193,9 @@ mod tests {
         for empty in ["Bearer", "Bearer ", "bearer   ", "", "   "] {
             assert_eq!(ex(&[("Authorization", empty)]), Ok(None), "{empty:?}");
         }
-        assert_eq!(ex(&[("X-API-Key", "")]), Ok(None));
+        for empty in ["", "   "] {
+            assert_eq!(ex(&[("X-API-Key", empty)]), Ok(None), "{empty:?}");
+        }
         assert_eq!(ex(&[("Authorization", "Bearerabc")]), Err(CredentialError::NotBearer));
         assert_eq!(
             ex(&[("Authorization", "Bearer a"), ("X-API-Key", "b")]),
