@@ -380,8 +380,9 @@ impl Decision {
     /// policy it exceeds; else the denying policy with the longest wait
     /// (the first on ties), so `Limit`, `Remaining` and `Reset` name the
     /// limit that makes the client wait; else the one with the fewest units
-    /// left. A check under no policies (no limit) reports an
-    /// unlimited policy: `u32::MAX` units, nothing to wait for.
+    /// left (of those, the one that takes longest to reset). A check under
+    /// no policies (no limit) reports an unlimited policy: `u32::MAX`
+    /// units, nothing to wait for.
     #[must_use]
     #[inline]
     pub fn binding(&self) -> &PolicyDecision {
@@ -399,7 +400,12 @@ impl Decision {
                 // `max_by_key` keeps the last of equals: reversed, the first.
                 self.policies.iter().rev().filter(|p| !p.allowed).max_by_key(|p| p.retry_after)
             })
-            .or_else(|| self.policies.iter().min_by_key(|p| p.remaining))
+            // Of the policies with the fewest units left, the one that takes
+            // longest to restore: with none left under two, the client can
+            // send again only once both have reset.
+            .or_else(|| {
+                self.policies.iter().min_by_key(|p| (p.remaining, std::cmp::Reverse(p.reset_after)))
+            })
             .unwrap_or(&UNLIMITED)
     }
 

@@ -1118,6 +1118,30 @@ fn a_stacked_denial_reports_the_policy_that_makes_the_client_wait_longest() {
 }
 
 #[test]
+fn stacked_policies_used_up_together_report_the_later_reset() {
+    // Both policies reach zero in one admitted request: the headers name
+    // the one that resets last, when the client can send again; the
+    // first one's reset would be a time the next request is still refused.
+    let c = clock();
+    let start = c.now().as_second();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let p = [
+        fixed(2, 1),
+        Policy::new("hour", 2, Duration::from_secs(3600), Algorithm::FixedWindow).unwrap(),
+    ];
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+    let d = l.check("k", &p, 1).unwrap();
+    assert!(d.is_allowed());
+    assert_eq!(d.binding().name.as_str(), "hour");
+    let h = d.headers(HeaderSet::default());
+    assert_eq!(header(&h, "X-RateLimit-Remaining"), Some("0"));
+    let reset: i64 = header(&h, "X-RateLimit-Reset").unwrap().parse().unwrap();
+    assert_eq!(reset, start + 3600);
+    c.advance(Duration::from_secs((reset - start).unsigned_abs()));
+    assert!(l.check("k", &p, 1).unwrap().is_allowed(), "admitted at the advertised reset");
+}
+
+#[test]
 fn shortcut_policies_stack() {
     // Each shortcut is named by its period, so a stack of them keeps one
     // state per policy: the hourly limit binds, the per-second one too.
