@@ -1024,13 +1024,27 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         headers: &http::HeaderMap,
         target: &Target,
     ) -> impl Future<Output = Result<Principal, AuthError>> + Send {
-        // Two hash lookups instead of a walk over every header; `get_all`
-        // keeps repeated credential headers visible to the conflict check.
-        let pairs = headers
-            .get_all(http::header::AUTHORIZATION)
-            .iter()
-            .map(|v| ("authorization", v.as_bytes()))
-            .chain(headers.get_all(&X_API_KEY).iter().map(|v| ("x-api-key", v.as_bytes())));
-        self.authenticate(pairs, target)
+        self.authenticate(credential_headers(headers), target)
     }
+
+    /// Whether `headers` carry a credential header that is not blank (a
+    /// key, or a refusal such as a non-Bearer scheme): such a request is
+    /// judged by its header, not by a cookie.
+    pub(crate) fn has_credential_header(&self, headers: &http::HeaderMap) -> bool {
+        !matches!(self.rules.extract(credential_headers(headers)), Ok(None))
+    }
+}
+
+/// The credential headers of `headers`, as (name, value) pairs: two hash
+/// lookups instead of a walk over every header; `get_all` keeps repeated
+/// credential headers visible to the conflict check.
+#[cfg(feature = "http")]
+fn credential_headers<'h>(
+    headers: &'h http::HeaderMap,
+) -> impl Iterator<Item = (&'h str, &'h [u8])> + Send {
+    headers
+        .get_all(http::header::AUTHORIZATION)
+        .iter()
+        .map(|v| ("authorization", v.as_bytes()))
+        .chain(headers.get_all(&X_API_KEY).iter().map(|v| ("x-api-key", v.as_bytes())))
 }

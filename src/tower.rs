@@ -817,8 +817,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let style = self.style(route);
         let auth = &self.0.auth;
         let (outer, outer_charge) = known.as_mut().map(|k| (k.plan, k.decision.take())).unzip();
-        let from_cookie =
-            route.cookie.as_ref().map_or(Ok(None), |(name, _)| cookie_credential(headers, name));
+        let from_cookie = route
+            .cookie
+            .as_ref()
+            .map_or(Ok(None), |(name, _)| cookie_credential(auth, headers, name));
         let identity = identity(route, target);
         let cookie = match (&from_cookie, &route.cookie) {
             (Ok(Some(_)), Some((_, id))) if known.is_none() => *id,
@@ -1497,14 +1499,15 @@ fn narrowest(
 }
 
 /// The credential in cookie `name`, for a request with no credential
-/// header.
-fn cookie_credential<'h>(
+/// header (a blank one is none: see [`HeaderRules::extract`]).
+///
+/// [`HeaderRules::extract`]: crate::auth::HeaderRules::extract
+fn cookie_credential<'h, S: KeyStore, C: Clock>(
+    auth: &Authenticator<S, C>,
     headers: &'h HeaderMap,
     name: &str,
 ) -> Result<Option<&'h str>, CredentialError> {
-    let has_header = headers.contains_key(::http::header::AUTHORIZATION)
-        || headers.contains_key(&crate::auth::X_API_KEY);
-    if has_header { Ok(None) } else { cookie(headers, name) }
+    if auth.has_credential_header(headers) { Ok(None) } else { cookie(headers, name) }
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.

@@ -375,6 +375,24 @@ async fn cookie_credentials_only_where_enabled() {
             "{value}"
         );
     }
+    // A blank credential header (what a browser app sends with its token
+    // variable empty) is no credential either: the cookie still counts.
+    for (name, blank) in [("authorization", "Bearer "), ("authorization", ""), ("x-api-key", "")] {
+        let req = Request::get("/c")
+            .header(name, blank)
+            .header("cookie", &cookie)
+            .body(Body::empty())
+            .unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{name}: {blank:?}");
+    }
+    // A header with something in it is judged, not the cookie.
+    let req = Request::get("/c")
+        .header("authorization", "Basic abc")
+        .header("cookie", &cookie)
+        .body(Body::empty())
+        .unwrap();
+    assert_eq!(app.clone().oneshot(req).await.unwrap().status(), StatusCode::UNAUTHORIZED);
     // Two cookies of the name (one set by a sibling domain, or for a
     // narrower path) are two credentials: refused, whichever comes first.
     let other = KeyManager::new(f.keys.clone())

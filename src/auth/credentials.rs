@@ -105,7 +105,10 @@ impl HeaderRules {
 
     /// Finds the one credential in `headers` (name, value) pairs.
     ///
-    /// `Ok(None)` when no credential header is present. Header names are
+    /// `Ok(None)` when no credential header is present, or only blank ones:
+    /// nothing or only spaces, or `Bearer` with nothing after it (an unset
+    /// variable in a script) is a missing key, not a malformed one, and no
+    /// second credential beside another header's key. Header names are
     /// matched case-insensitively, the `Bearer` scheme too; the token itself
     /// is taken exactly (no trimming beyond the separating spaces).
     ///
@@ -117,7 +120,7 @@ impl HeaderRules {
     where
         I: IntoIterator<Item = (&'h str, &'h [u8])>,
     {
-        let mut found: Option<(Source, &'h [u8])> = None;
+        let mut found: Option<(Source, Result<&'h [u8], CredentialError>)> = None;
         for (name, value) in headers {
             let source = if name.eq_ignore_ascii_case("authorization") {
                 Source::Bearer
@@ -126,9 +129,6 @@ impl HeaderRules {
             } else {
                 continue;
             };
-            if found.is_some() {
-                return Err(CredentialError::Conflicting);
-            }
             if value.len() > self.max_len {
                 return Err(CredentialError::Oversized { max: self.max_len });
             }
@@ -138,32 +138,39 @@ impl HeaderRules {
             if !value.iter().fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b)) {
                 return Err(CredentialError::InvalidBytes);
             }
-            found = Some((source, value));
-        }
-        let Some((source, value)) = found else { return Ok(None) };
-        let token = match source {
-            // A header of nothing or only spaces, or `Bearer` with nothing
-            // after it (an unset variable in a script), is a missing key,
-            // not a malformed one, in either header.
-            _ if value.iter().all(|&b| b == b' ') => &[],
-            Source::ApiKeyHeader => value,
-            Source::Bearer if value.eq_ignore_ascii_case(b"bearer") => &[],
-            Source::Bearer => {
-                let scheme = value.get(..7).ok_or(CredentialError::NotBearer)?;
-                if !scheme.eq_ignore_ascii_case(b"bearer ") {
-                    return Err(CredentialError::NotBearer);
-                }
-                let rest = &value[7..];
-                let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
-                &rest[start..]
+            let token = token(source, value);
+            if token.is_ok_and(<[u8]>::is_empty) {
+                continue;
             }
-        };
-        if token.is_empty() {
-            return Ok(None);
+            if found.is_some() {
+                return Err(CredentialError::Conflicting);
+            }
+            found = Some((source, token));
         }
+        let Some((source, token)) = found else { return Ok(None) };
         // Checked ASCII above, so this cannot fail.
-        let token = std::str::from_utf8(token).map_err(|_| CredentialError::InvalidBytes)?;
+        let token = std::str::from_utf8(token?).map_err(|_| CredentialError::InvalidBytes)?;
         Ok(Some((source, token)))
+    }
+}
+
+/// The token in a credential header's `value`: empty for a blank header.
+fn token(source: Source, value: &[u8]) -> Result<&[u8], CredentialError> {
+    if value.iter().all(|&b| b == b' ') {
+        return Ok(&[]);
+    }
+    match source {
+        Source::ApiKeyHeader => Ok(value),
+        Source::Bearer if value.eq_ignore_ascii_case(b"bearer") => Ok(&[]),
+        Source::Bearer => {
+            let scheme = value.get(..7).ok_or(CredentialError::NotBearer)?;
+            if !scheme.eq_ignore_ascii_case(b"bearer ") {
+                return Err(CredentialError::NotBearer);
+            }
+            let rest = &value[7..];
+            let start = rest.iter().position(|&b| b != b' ').unwrap_or(rest.len());
+            Ok(&rest[start..])
+        }
     }
 }
 
@@ -203,6 +210,21 @@ mod tests {
         );
         assert_eq!(
             ex(&[("X-API-Key", "a"), ("x-api-key", "a")]),
+            Err(CredentialError::Conflicting)
+        );
+        // A blank header is no second credential beside another's key.
+        for blank in [("X-API-Key", " "), ("Authorization", "Bearer "), ("Authorization", "")] {
+            let key = if blank.0 == "X-API-Key" {
+                ("Authorization", "Bearer k")
+            } else {
+                ("X-API-Key", "k")
+            };
+            for pairs in [[blank, key], [key, blank]] {
+                assert_eq!(ex(&pairs).unwrap().unwrap().1, "k", "{pairs:?}");
+            }
+        }
+        assert_eq!(
+            ex(&[("Authorization", "Basic a"), ("X-API-Key", "b")]),
             Err(CredentialError::Conflicting)
         );
         assert_eq!(ex(&[("X-API-Key", "a\tb")]), Err(CredentialError::InvalidBytes));
