@@ -1039,9 +1039,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
 /// lookups instead of a walk over every header; `get_all` keeps repeated
 /// credential headers visible to the conflict check.
 #[cfg(feature = "http")]
-fn credential_headers<'h>(
-    headers: &'h http::HeaderMap,
-) -> impl Iterator<Item = (&'h str, &'h [u8])> + Send {
+fn credential_headers(headers: &http::HeaderMap) -> impl Iterator<Item = (&str, &[u8])> + Send {
     headers
         .get_all(http::header::AUTHORIZATION)
         .iter()

@@ -817,10 +817,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let style = self.style(route);
         let auth = &self.0.auth;
         let (outer, outer_charge) = known.as_mut().map(|k| (k.plan, k.decision.take())).unzip();
-        let from_cookie = route
-            .cookie
-            .as_ref()
-            .map_or(Ok(None), |(name, _)| cookie_credential(auth, headers, name));
+        let from_cookie = cookie_credential(auth, route, headers);
         let identity = identity(route, target);
         let cookie = match (&from_cookie, &route.cookie) {
             (Ok(Some(_)), Some((_, id))) if known.is_none() => *id,
@@ -1498,16 +1495,20 @@ fn narrowest(
     }
 }
 
-/// The credential in cookie `name`, for a request with no credential
-/// header (a blank one is none: see [`HeaderRules::extract`]).
+/// The credential in the route's cookie, if it takes one, for a request
+/// with no credential header (a blank one is none: see
+/// [`HeaderRules::extract`]).
 ///
 /// [`HeaderRules::extract`]: crate::auth::HeaderRules::extract
 fn cookie_credential<'h, S: KeyStore, C: Clock>(
     auth: &Authenticator<S, C>,
+    route: &Route,
     headers: &'h HeaderMap,
-    name: &str,
 ) -> Result<Option<&'h str>, CredentialError> {
-    if auth.has_credential_header(headers) { Ok(None) } else { cookie(headers, name) }
+    match &route.cookie {
+        Some((name, _)) if !auth.has_credential_header(headers) => cookie(headers, name),
+        _ => Ok(None),
+    }
 }
 
 /// The value of cookie `name` in the request's `Cookie` headers.
