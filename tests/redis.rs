@@ -915,6 +915,31 @@ async fn a_legacy_revoked_records_sets_go_with_it() {
     assert_eq!(left, Vec::<String>::new(), "nothing left of a forgotten tenant");
 }
 
+/// A set lives as long as its longest-lived record: a year-long record
+/// revoked, or its expiry shortened to now (a roll without grace), takes
+/// its sets with it a retention later, not a year later.
+#[tokio::test]
+async fn a_set_goes_with_its_records_when_their_ends_move_earlier() {
+    use ::redis::AsyncCommands;
+    let server = RedisServer::start();
+    let store = connect(&server, "st").await.keys().expired_retention(Duration::from_millis(100));
+    let year = jiff::Timestamp::now() + jiff::SignedDuration::from_hours(24 * 365);
+    let mut a = keygate::testkit::keys::sample_record("ws_s", Some("p"), 0, true);
+    let mut b = keygate::testkit::keys::sample_record("ws_t", Some("p"), 0, false);
+    for r in [&mut a, &mut b] {
+        r.created_at = jiff::Timestamp::now();
+        r.expires_at = Some(year);
+        assert_eq!(store.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    }
+    assert!(store.revoke(&a.id, jiff::Timestamp::now()).await.unwrap());
+    assert!(store.shorten_expiry(&b.id, jiff::Timestamp::now()).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = ::redis::Client::open(server.url()).unwrap();
+    let mut con = client.get_multiplexed_async_connection().await.unwrap();
+    let left: Vec<String> = con.keys("st:*").await.unwrap();
+    assert_eq!(left, Vec::<String>::new(), "nothing left of forgotten tenants");
+}
+
 // ---- a connection that stays open but useless is replaced ----
 
 /// A loopback TCP proxy to a switchable Redis. `cut` stops forwarding on

@@ -273,13 +273,12 @@ end
 /// member's record is forgotten.
 ///
 /// `JOIN` adds `id` (record key `rec`, its expiry already set) to `set`.
-/// `ENDED`, after member `rec` got an end: a set with an expiry keeps it,
-/// or takes `rec`'s if that is later (a forget-at already past keeps the
-/// record a retention from now); a set without one gets one if that was
-/// its last member without an end: a pass over the members, so only for
-/// sets of at most [`ENDED_SCAN`] members (a larger set keeps no expiry,
-/// and its forgotten members are dropped as inserts and listings meet
-/// them).
+/// `ENDED`, after member `rec` got an end (or an earlier one): the set
+/// lives until its longest-lived member is forgotten, without an expiry
+/// while a member has no end: a pass over the members, so only for sets
+/// of at most [`ENDED_SCAN`] members (a larger set with an expiry takes
+/// `rec`'s if that is later; one without keeps none, and its forgotten
+/// members are dropped as inserts and listings meet them).
 const SETS_FN: &str = r"
 local function JOIN(set, rec, id)
   local new = redis.call('EXISTS', set) == 0
@@ -296,18 +295,26 @@ local function JOIN(set, rec, id)
 end
 local function ENDED(set, prefix, rec, field)
   local cur = redis.call('PTTL', set)
-  if cur >= 0 then
-    local ttl = redis.call('PTTL', rec)
-    if ttl > cur then redis.call('PEXPIRE', set, ttl) end
+  if cur == -2 then return end
+  if redis.call('SCARD', set) > ENDED_SCAN then
+    -- Too large to pass over: only ever extended.
+    if cur >= 0 then
+      local ttl = redis.call('PTTL', rec)
+      if ttl > cur then redis.call('PEXPIRE', set, ttl) end
+    end
     return
   end
-  if cur == -2 or redis.call('SCARD', set) > ENDED_SCAN then return end
-  -- A member going within the millisecond has 0 left: it counts.
+  -- An end moved earlier may shorten the set's life too: recomputed from
+  -- its members. A member going within the millisecond has 0 left: it
+  -- counts.
   local longest = 1
   for _, id in ipairs(redis.call('SMEMBERS', set)) do
     if OWNED(prefix .. id, field, set) then
       local t = redis.call('PTTL', prefix .. id)
-      if t == -1 then return end
+      if t == -1 then
+        if cur >= 0 then redis.call('PERSIST', set) end
+        return
+      end
       if t > longest then longest = t end
     else
       redis.call('SREM', set, id)
