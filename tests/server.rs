@@ -887,4 +887,22 @@ async fn portal_links_use_the_public_url() {
     let url = r.body["url"].as_str().unwrap();
     let code = r.body["code"].as_str().unwrap();
     assert_eq!(url, format!("https://api.example.com/portal?code={code}"));
+    let opened = s.call(Method::GET, &format!("/portal?code={code}"), &[], None).await;
+    assert!(opened.header("set-cookie").unwrap().contains("; Path=/portal;"));
+}
+
+/// Behind a proxy that mounts the server under a path, links and the
+/// portal cookie's `Path` name that path: the browser sends the cookie to
+/// `/base/portal/api/…`, which the proxy hands on as `/portal/api/…`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_public_url_with_a_path_scopes_the_portal_cookie_to_it() {
+    let args = ["--bind", "127.0.0.1:0", "--public-url", "https://example.com/base/"];
+    let running = Running::start(&args.map(std::ffi::OsStr::new), &[]);
+    let s = Server { base: running.base(), token: running.token(), http: Client::new() };
+    let r = portal_link(&s, json!({})).await;
+    let code = r.body["code"].as_str().unwrap();
+    assert_eq!(r.body["url"], format!("https://example.com/base/portal?code={code}"));
+    let opened = s.call(Method::GET, &format!("/portal?code={code}"), &[], None).await;
+    let set = opened.header("set-cookie").unwrap();
+    assert!(set.contains("; Path=/base/portal;"), "{set}");
 }

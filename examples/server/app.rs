@@ -130,6 +130,10 @@ struct App<B: Backend> {
     /// keygate's).
     endpoints: Mutex<HashMap<String, Vec<Value>>>,
     next_id: AtomicU64,
+    /// The portal cookie's `Path`: `/portal` under the public URL's path
+    /// (a server mounted under `/base` by a proxy sets `/base/portal`, the
+    /// path the browser sees).
+    portal_path: String,
 }
 
 type AppState<B> = State<Arc<App<B>>>;
@@ -168,6 +172,7 @@ pub(crate) fn router<B: Backend>(
         portal,
         endpoints: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
+        portal_path: portal_path(&config.base_url),
     });
 
     // Keys of formats without a preset plan get the enterprise limits here,
@@ -840,8 +845,9 @@ async fn open_portal<B: Backend>(
                 .expires_at
                 .map_or(0, |t| t.duration_since(Timestamp::now()).as_secs().max(0));
             let cookie = format!(
-                "{PORTAL_COOKIE}={}; HttpOnly; Secure; SameSite=Strict; Path=/portal; Max-Age={max_age}",
-                access.token().expose_secret()
+                "{PORTAL_COOKIE}={}; HttpOnly; Secure; SameSite=Strict; Path={}; Max-Age={max_age}",
+                access.token().expose_secret(),
+                app.portal_path,
             );
             let application =
                 record.tenant.application.as_ref().map_or("", |a| a.as_str()).to_owned();
@@ -912,6 +918,13 @@ const MAX_APPLICATIONS: usize = 1000;
 /// with `-`; one trailing `.` allowed), or an IPv4 or IPv6 address; a port,
 /// if any, not 0. No `\\` (which the standard reads as `/`), whitespace or
 /// control characters anywhere: what a client must send is what it gave.
+/// `/portal` under the path of `base_url` (an http(s) URL without a
+/// trailing `/`).
+fn portal_path(base_url: &str) -> String {
+    let path = url::Url::parse(base_url).map(|u| u.path().to_owned()).unwrap_or_default();
+    format!("{}/portal", path.trim_end_matches('/'))
+}
+
 pub(crate) fn is_http_url(raw: &str) -> bool {
     if raw.bytes().any(|b| b == b'\\' || b.is_ascii_whitespace() || b.is_ascii_control()) {
         return false;

@@ -168,16 +168,17 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
 
 /// `--public-url` without a trailing `/`: an `http(s)` URL of a host (as
 /// portal endpoint URLs are checked), no query or fragment (the link
-/// appends `/portal?code=…`) and no user info (every link would hand its
-/// credentials out); else `http://` and the bound address. The error does
-/// not echo the value, which may hold a password.
+/// appends `/portal?code=…`), no user info (every link would hand its
+/// credentials out) and no `;` (its path is the portal cookie's); else
+/// `http://` and the bound address. The error does not echo the value,
+/// which may hold a password.
 fn public_url(given: Option<&str>, addr: SocketAddr) -> Result<String, String> {
     let Some(url) = given else { return Ok(format!("http://{addr}")) };
     let url = url.trim_end_matches('/');
-    if app::is_http_url(url) && !url.contains(['?', '#', '@']) {
+    if app::is_http_url(url) && !url.contains(['?', '#', '@', ';']) {
         Ok(url.to_owned())
     } else {
-        Err("--public-url must be an http(s) URL of a host, without user info, query or fragment"
+        Err("--public-url must be an http(s) URL of a host, without user info, query, fragment or `;`"
             .to_owned())
     }
 }
@@ -230,6 +231,7 @@ mod tests {
             "ftp://h",
             "https://h\\",
             "https://u:pw@h",
+            "https://h/a;b",
         ] {
             assert!(public_url(Some(bad), addr).is_err(), "{bad}");
         }
