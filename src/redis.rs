@@ -335,16 +335,8 @@ enum Curable {
 }
 
 fn curable(e: &RedisError) -> Curable {
-    match e.code() {
+    match code(e) {
         Some("READONLY" | "MASTERDOWN") => return Curable::Now,
-        // Before Redis 7, an error inside a script comes back as `ERR` with
-        // the original one in its text.
-        Some("ERR")
-            if e.detail()
-                .is_some_and(|d| d.contains("-READONLY ") || d.contains("-MASTERDOWN ")) =>
-        {
-            return Curable::Now;
-        }
         Some(_) => return Curable::No,
         None => {}
     }
@@ -352,6 +344,22 @@ fn curable(e: &RedisError) -> Curable {
         Curable::Strike
     } else {
         Curable::No
+    }
+}
+
+/// The server's error code of `e`, if it is a server error. Before Redis 7,
+/// an error raised by a command inside a script comes back as `ERR` with
+/// the original one in its text: that one's code, for the codes acted on.
+fn code(e: &RedisError) -> Option<&str> {
+    const INNER: [&str; 4] = ["READONLY", "MASTERDOWN", "OOM", "WRONGTYPE"];
+    match (e.code(), e.detail()) {
+        (Some("ERR"), Some(d)) => Some(
+            INNER
+                .into_iter()
+                .find(|c| d.split(' ').any(|w| w.strip_prefix('-') == Some(c)))
+                .unwrap_or("ERR"),
+        ),
+        (code, _) => code,
     }
 }
 
@@ -575,13 +583,15 @@ fn map_err(e: RedisError) -> BackendError {
     if e.is_timeout() {
         return BackendError::Timeout;
     }
-    // At `maxmemory` with `noeviction`: full, not unreachable.
-    if e.code() == Some("OOM") {
-        return BackendError::Full { source: Box::new(e) };
-    }
-    // A key of the wrong type under our prefix: something else wrote there.
-    if e.code() == Some("WRONGTYPE") {
-        return BackendError::corrupt("a key under the prefix holds the wrong type");
+    match code(&e) {
+        // At `maxmemory` with `noeviction`: full, not unreachable.
+        Some("OOM") => return BackendError::Full { source: Box::new(e) },
+        // A key of the wrong type under our prefix: something else wrote
+        // there.
+        Some("WRONGTYPE") => {
+            return BackendError::corrupt("a key under the prefix holds the wrong type");
+        }
+        _ => {}
     }
     // Fixed words, not the client's message: it quotes the value that did
     // not decode (a record, a session), which logs must not carry.
@@ -618,9 +628,22 @@ mod tests {
     }
 
     #[test]
-    fn a_server_out_of_memory_is_full_not_unreachable() {
-        let oom = server_error(b"-OOM command not allowed when used memory > 'maxmemory'.\r\n");
-        assert!(matches!(map_err(oom), BackendError::Full { .. }));
+    fn a_server_out_of_memory_is_full_not_unreachable_on_redis_6_and_7() {
+        let v7 = server_error(b"-OOM command not allowed when used memory > 'maxmemory'.\r\n");
+        let v6 = server_error(
+            b"-ERR Error running script (call to f_0123): @user_script:1: @user_script: 1: \
+              -OOM command not allowed when used memory > 'maxmemory'.\r\n",
+        );
+        for e in [v7, v6] {
+            assert!(matches!(map_err(e), BackendError::Full { .. }));
+        }
+        let wrong = server_error(
+            b"-ERR Error running script (call to f_0123): @user_script:2: -WRONGTYPE \
+              Operation against a key holding the wrong kind of value\r\n",
+        );
+        assert!(matches!(map_err(wrong), BackendError::Corrupt { .. }));
+        let other = server_error(b"-ERR Error running script (call to f_0123): OOMish\r\n");
+        assert!(matches!(map_err(other), BackendError::Unavailable { .. }));
     }
 
     #[test]
