@@ -18,17 +18,29 @@ fuzz_target!(|data: &[u8]| {
         };
         headers.push((name, v));
     }
+    let auth = |n: &str| n.eq_ignore_ascii_case("authorization");
+    // Blank credential headers are no credential.
+    let blank = |n: &str, v: &[u8]| {
+        v.iter().all(|&b| b == b' ')
+            || (auth(n) && v.trim_ascii_end().eq_ignore_ascii_case(b"bearer"))
+    };
+    let mut full = headers
+        .iter()
+        .filter(|(n, v)| (auth(n) || n.eq_ignore_ascii_case("x-api-key")) && !blank(n, v));
     let rules = HeaderRules::default();
-    if let Ok(Some((source, token))) = rules.extract(headers.iter().map(|(n, v)| (n.as_str(), *v)))
-    {
+    let extracted = rules.extract(headers.iter().map(|(n, v)| (n.as_str(), *v)));
+    if extracted == Ok(None) {
+        assert!(full.next().is_none(), "a credential header that is not blank was missed");
+    }
+    if let Ok(Some((source, token))) = extracted {
         assert!(!token.is_empty());
         assert!(token.len() <= 1024);
         assert!(token.bytes().all(|b| (0x20..0x7f).contains(&b)));
-        let from = headers.iter().find(|(n, _)| match source {
-            Source::Bearer => n.eq_ignore_ascii_case("authorization"),
-            _ => n.eq_ignore_ascii_case("x-api-key"),
-        });
-        let value = from.expect("the token came from a credential header").1;
+        // Exactly one credential header is not blank, of the token's
+        // source, and the token ends it.
+        let (name, value) = full.next().expect("the token came from a credential header");
+        assert!(full.next().is_none(), "one credential");
+        assert_eq!(auth(name), source == Source::Bearer);
         assert!(value.ends_with(token.as_bytes()));
         // The key parser accepts or rejects the token without panicking.
         let _ = keygate::FormatSet::presets().parse(token);
