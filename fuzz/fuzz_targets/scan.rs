@@ -120,10 +120,7 @@ fn check(scanner: &Scanner, data: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     let scanners = SCANNERS.get_or_init(|| {
-        [
-            Scanner::new(FormatSet::presets()),
-            Scanner::new(Scanner::fuzz_formats()),
-        ]
+        [Scanner::new(FormatSet::presets()), Scanner::new(Scanner::fuzz_formats())]
     });
     for scanner in scanners {
         check(scanner, data);
