@@ -272,8 +272,12 @@ pub enum ManagerError {
     RegionNotReachable,
     /// Only a management token may create (or roll) a management token: the format
     /// is itself a capability (it alone mints portal sessions), which a
-    /// key of another format must not hand itself through a child.
-    #[error("only a management token can create a management token")]
+    /// key of another format must not hand itself through a child. No
+    /// caller may create or roll a portal access token: only redeeming a
+    /// portal session mints one.
+    #[error(
+        "only a management token can create a management token, and no caller a portal access token"
+    )]
     FormatNotReachable,
     /// The requested lifetime is zero or too long to represent, or, for a
     /// management token, not one of 30 days, 90 days or a year.
@@ -450,7 +454,8 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// more than the parent holds; [`ManagerError::TenantNotReachable`];
     /// [`ManagerError::EnvironmentNotReachable`] when asking for another
     /// environment than the parent's; [`ManagerError::FormatNotReachable`]
-    /// for a management token asked by a key of another format;
+    /// for a management token asked by a key of another format, or a
+    /// portal access token asked by any caller;
     /// [`ManagerError::RegionNotReachable`]
     /// when the parent has a region and the key would have another or none;
     /// [`ManagerError::ReservedMetadata`] for metadata under
@@ -702,16 +707,23 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // Also when it was revoked already: a retry after a failure below
         // finishes the job.
         if record.format == NHM.name() {
-            self.revoke_minted(record, now).await?;
+            self.end_minted(record, now, None).await?;
         }
         Ok(revoked)
     }
 
-    /// Revokes the portal access tokens of the sessions `minter` minted
+    /// Ends the portal access tokens of the sessions `minter` minted
     /// (their records name it under
-    /// [`MINTER_METADATA_KEY`](crate::portal::MINTER_METADATA_KEY)). Links
-    /// not redeemed yet need nothing: redeeming checks the minter.
-    async fn revoke_minted(&self, minter: &KeyRecord, now: Timestamp) -> Result<(), ManagerError> {
+    /// [`MINTER_METADATA_KEY`](crate::portal::MINTER_METADATA_KEY)):
+    /// revoked, or with `until` (a rolled minter's grace end), ending no
+    /// later than that. Links not redeemed yet need nothing: redeeming
+    /// checks the minter, and caps the token at the minter's expiry.
+    async fn end_minted(
+        &self,
+        minter: &KeyRecord,
+        now: Timestamp,
+        until: Option<Timestamp>,
+    ) -> Result<(), ManagerError> {
         let its_token = |r: &KeyRecord| {
             r.format == crate::portal::ACCESS_TOKEN.name()
                 && r.is_active(now)
@@ -720,8 +732,22 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
                     .is_some_and(|m| m == minter.id.as_str())
         };
         for r in self.store.list(&minter.tenant.workspace, None).await? {
-            if its_token(&r) {
-                self.revoke_id(&r.id, now).await?;
+            if !its_token(&r) {
+                continue;
+            }
+            match until {
+                None => {
+                    self.revoke_id(&r.id, now).await?;
+                }
+                Some(end) if r.expires_at.is_none_or(|e| e > end) => {
+                    let shortened = self.store.shorten_expiry(&r.id, end).await;
+                    // As for a revocation: whatever the store answered.
+                    if let Some(cache) = &self.cache {
+                        cache.invalidate(&r.id);
+                    }
+                    shortened?;
+                }
+                Some(_) => {}
             }
         }
         Ok(())
@@ -746,7 +772,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::LimitReached`]. Rolling a key again while its
     /// replacement is active is [`ManagerError::AlreadyRolled`] (roll the
     /// replacement). The replacement's metadata names the key it replaced
-    /// under [`ROLLED_FROM`].
+    /// under [`ROLLED_FROM`]. Rolling a management token ends the portal
+    /// access tokens it minted with its grace (best effort: the
+    /// replacement's secret is returned even if that fails; a link opened
+    /// later is capped at the minter's end when redeemed).
     ///
     /// # Errors
     ///
@@ -870,6 +899,11 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             let _ = self.store.revoke(&created.record().id, now).await;
             return Err(e.into());
         }
+        if old.format == NHM.name() {
+            // The portal access tokens it minted end with it (best effort:
+            // the replacement is stored and its secret must be shown).
+            let _ = self.end_minted(&old, now, Some(end)).await;
+        }
         Ok(created)
     }
 }
@@ -883,9 +917,13 @@ pub const RESERVED_METADATA: &[&str] = &["keygate.", crate::portal::RESERVED_MET
 
 /// Whether `caller` may obtain a key of `format` (create one, or roll one
 /// for its new secret): a management token only for a management token,
-/// since that format alone mints portal sessions.
+/// since that format alone mints portal sessions; a portal access token
+/// for no caller: only redeeming a session mints one (with the role's
+/// scopes and its minter recorded, so revoking the minter reaches it).
 fn may_hold(caller: &Principal, format: &str) -> Result<(), ManagerError> {
-    if format == NHM.name() && caller.format() != NHM.name() {
+    if format == crate::portal::ACCESS_TOKEN.name()
+        || (format == NHM.name() && caller.format() != NHM.name())
+    {
         return Err(ManagerError::FormatNotReachable);
     }
     Ok(())

@@ -490,23 +490,52 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             last_used_at: None,
             metadata,
         });
-        match self.keys.insert(Arc::clone(&record), None).await? {
-            InsertOutcome::Inserted => {}
-            _ => return Err(PortalError::Collision),
+        match self.keys.insert(Arc::clone(&record), None).await {
+            Ok(InsertOutcome::Inserted) => {}
+            Ok(_) => return Err(PortalError::Collision),
+            Err(e) => {
+                // The store may have stored it before failing to answer;
+                // its secret is never shown: leave no active orphan.
+                let _ = self.keys.revoke(&record.id, now).await;
+                return Err(e.into());
+            }
         }
         // The minter is checked once the token is stored: a revocation
         // through the `KeyManager` either comes before this read (and the
         // token is revoked here) or lists the token and revokes it there.
         // A minter the store no longer holds was forgotten after it ended
         // (unless the minters are kept elsewhere).
-        if let Some(minter) = &session.minter
-            && match self.keys.get(minter).await? {
+        let mut record = record;
+        if let Some(minter) = &session.minter {
+            let found = match self.keys.get(minter).await {
+                Ok(found) => found,
+                Err(e) => {
+                    // Its secret is never shown: leave no active orphan.
+                    let _ = self.keys.revoke(&record.id, now).await;
+                    return Err(e.into());
+                }
+            };
+            let inactive = match &found {
                 Some(m) => !m.is_active(now),
                 None => self.minters_here,
+            };
+            if inactive {
+                self.keys.revoke(&record.id, now).await?;
+                return Err(PortalError::MinterInactive);
             }
-        {
-            self.keys.revoke(&record.id, now).await?;
-            return Err(PortalError::MinterInactive);
+            // The minter's end may have moved earlier since the session was
+            // minted (a roll's grace): the token ends no later.
+            if let Some(end) = found.and_then(|m| m.expires_at)
+                && record.expires_at.is_none_or(|e| end < e)
+            {
+                if let Err(e) = self.keys.shorten_expiry(&record.id, end).await {
+                    let _ = self.keys.revoke(&record.id, now).await;
+                    return Err(e.into());
+                }
+                let mut shortened = KeyRecord::clone(&record);
+                shortened.expires_at = Some(end);
+                record = Arc::new(shortened);
+            }
         }
         Ok(AccessToken { token, record })
     }

@@ -6,11 +6,14 @@ use std::time::Duration;
 
 use keygate::auth::{AuthError, Authenticator, PrincipalCache, Target};
 use keygate::clock::{Clock, FakeClock};
-use keygate::format::{Environment, NHM};
+use keygate::format::{Environment, NH, NHM};
 use keygate::http::{BodyStyle, Rejection};
-use keygate::manager::{KeyManager, NewKey, TokenExpiry};
+use keygate::manager::{KeyManager, ManagerError, NewKey, TokenExpiry};
 use keygate::portal::{self, MemoryPortalStore, Portal, PortalError, SessionRequest};
 use keygate::store::{KeyStore, MemoryKeyStore, Tenant};
+
+#[path = "support/failing.rs"]
+mod failing;
 
 #[tokio::test]
 async fn memory_store_passes_the_testkit() {
@@ -362,6 +365,79 @@ async fn revoking_the_minter_stops_its_links_and_its_portal_tokens() {
     let held = w.keys.list(&"ws_abc".parse().unwrap(), None).await.unwrap();
     let live_portal = held.iter().filter(|r| r.format == portal::ACCESS_TOKEN.name());
     assert_eq!(live_portal.filter(|r| r.is_active(w.clock.now())).count(), 1);
+}
+
+#[tokio::test]
+async fn rolling_the_minter_ends_its_portal_tokens_with_the_grace() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
+    let mint = || w.portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default());
+    let (before, during) = (mint().await.unwrap(), mint().await.unwrap());
+    let opened = w.portal.redeem(before.code().expose_secret()).await.unwrap();
+    // The token leaked: rolled with a minute's grace.
+    manager.roll(w.mgmt.record_id(), Duration::from_secs(60)).await.unwrap();
+    let grace_end = w.clock.now() + jiff::SignedDuration::from_secs(60);
+    // A link opened within the grace leads to a token that ends with it.
+    let late = w.portal.redeem(during.code().expose_secret()).await.unwrap();
+    assert_eq!(late.record().expires_at, Some(grace_end));
+    // Past the grace, neither token works: a session never outlives its
+    // minter.
+    w.clock.advance(Duration::from_secs(60));
+    for access in [&opened, &late] {
+        let bearer = format!("Bearer {}", access.token().expose_secret());
+        let err = w.auth.authenticate([("authorization", bearer.as_bytes())], &Target::any()).await;
+        assert!(matches!(err.unwrap_err(), AuthError::Expired { .. }));
+    }
+}
+
+#[tokio::test]
+async fn a_redemption_failing_after_its_token_is_stored_leaves_no_working_token() {
+    // The minter check fails (the store's `get`), or the token's insert
+    // stored it but its answer was lost: the caller gets an error and no
+    // token, so none may be left working in the store.
+    for lost_insert in [false, true] {
+        let keys = failing::FailingKeys::default();
+        let w = world_over(keys.mem.clone(), &["*"]).await;
+        let portal =
+            Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone()).clock(w.clock.clone());
+        let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+        let minted = portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default());
+        let minted = minted.await.unwrap();
+        let switch = if lost_insert { &keys.insert_answer_lost } else { &keys.get_down };
+        switch.store(true, std::sync::atomic::Ordering::SeqCst);
+        assert!(portal.redeem(minted.code().expose_secret()).await.is_err());
+        let held = w.keys.list(&ws, None).await.unwrap();
+        let live = held
+            .iter()
+            .filter(|r| r.format == portal::ACCESS_TOKEN.name() && r.is_active(w.clock.now()));
+        assert_eq!(live.count(), 0, "lost insert: {lost_insert}");
+    }
+}
+
+#[tokio::test]
+async fn only_a_redeemed_session_mints_a_portal_access_token() {
+    // Neither a key of another format nor a management token obtains one
+    // through the manager (created, or rolled for its new secret): it would
+    // carry no minter, and revoking the management token would miss it.
+    let w = world(&["*"]).await;
+    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone()).formats(portal::formats());
+    let spec = NewKey::new("h", NH, Tenant::workspace("ws_abc".parse().unwrap()));
+    let nh = manager.create(spec.scopes(&["*"]).unwrap()).await.unwrap();
+    let header = [("x-api-key", nh.key().expose_secret().as_bytes())];
+    let nh = w.auth.authenticate(header, &Target::any()).await.unwrap();
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let minted = w.portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await;
+    let access = w.portal.redeem(minted.unwrap().code().expose_secret()).await.unwrap();
+    let tenant = Tenant::workspace(ws).with_application(app);
+    for caller in [&nh, &w.mgmt] {
+        let new = NewKey::new("t", portal::ACCESS_TOKEN, tenant.clone());
+        let new = new.scopes(&["endpoints:read"]).unwrap();
+        let created = manager.create_for(caller, new).await;
+        assert!(matches!(created, Err(ManagerError::FormatNotReachable)), "{:?}", caller.format());
+        let rolled = manager.roll_for(caller, &access.record().id, Duration::ZERO).await;
+        assert!(matches!(rolled, Err(ManagerError::FormatNotReachable)), "{:?}", caller.format());
+    }
 }
 
 #[tokio::test]

@@ -71,3 +71,82 @@ impl<C: Clock> LimitStore for Failing<C> {
         LimitStore::refund(&*self.mem, key, policies, cost, check).await
     }
 }
+
+/// The in-memory key store with switches for failures: `get` failing, and
+/// `insert` storing its record and then answering a timeout (the answer
+/// lost on the way back).
+#[derive(Clone, Default)]
+pub struct FailingKeys {
+    pub mem: keygate::store::MemoryKeyStore,
+    pub get_down: Arc<std::sync::atomic::AtomicBool>,
+    pub insert_answer_lost: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FailingKeys {
+    fn on(switch: &std::sync::atomic::AtomicBool) -> bool {
+        switch.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl keygate::store::KeyStore for FailingKeys {
+    async fn insert(
+        &self,
+        record: Arc<keygate::store::KeyRecord>,
+        limit: Option<keygate::store::ActiveLimit>,
+    ) -> Result<keygate::store::InsertOutcome, BackendError> {
+        let stored = self.mem.insert(record, limit).await;
+        if Self::on(&self.insert_answer_lost) { Err(BackendError::Timeout) } else { stored }
+    }
+    fn find_by_digest(
+        &self,
+        digest: &keygate::hash::StoredDigest,
+    ) -> impl Future<Output = Result<Option<Arc<keygate::store::KeyRecord>>, BackendError>> + Send
+    {
+        self.mem.find_by_digest(digest)
+    }
+    fn find_by_key_id(
+        &self,
+        format: &str,
+        id: &keygate::format::KeyId,
+    ) -> impl Future<Output = Result<Option<Arc<keygate::store::KeyRecord>>, BackendError>> + Send
+    {
+        self.mem.find_by_key_id(format, id)
+    }
+    async fn get(
+        &self,
+        id: &keygate::store::RecordId,
+    ) -> Result<Option<Arc<keygate::store::KeyRecord>>, BackendError> {
+        if Self::on(&self.get_down) {
+            return Err(outage());
+        }
+        self.mem.get(id).await
+    }
+    fn list(
+        &self,
+        workspace: &keygate::store::WorkspaceId,
+        project: Option<&keygate::store::ProjectId>,
+    ) -> impl Future<Output = Result<Vec<Arc<keygate::store::KeyRecord>>, BackendError>> + Send
+    {
+        self.mem.list(workspace, project)
+    }
+    fn revoke(
+        &self,
+        id: &keygate::store::RecordId,
+        at: jiff::Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        self.mem.revoke(id, at)
+    }
+    fn shorten_expiry(
+        &self,
+        id: &keygate::store::RecordId,
+        at: jiff::Timestamp,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        self.mem.shorten_expiry(id, at)
+    }
+    fn record_last_used(
+        &self,
+        uses: &[(keygate::store::RecordId, jiff::Timestamp)],
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.mem.record_last_used(uses)
+    }
+}
