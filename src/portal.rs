@@ -493,51 +493,61 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         match self.keys.insert(Arc::clone(&record), None).await {
             Ok(InsertOutcome::Inserted) => {}
             Ok(_) => return Err(PortalError::Collision),
-            Err(e) => {
-                // The store may have stored it before failing to answer;
-                // its secret is never shown: leave no active orphan.
-                let _ = self.keys.revoke(&record.id, now).await;
-                return Err(e.into());
-            }
+            // The store may have stored it before failing to answer.
+            Err(e) => return Err(self.unshown(&record.id, now, e.into()).await),
         }
-        // The minter is checked once the token is stored: a revocation
-        // through the `KeyManager` either comes before this read (and the
-        // token is revoked here) or lists the token and revokes it there.
-        // A minter the store no longer holds was forgotten after it ended
-        // (unless the minters are kept elsewhere).
-        let mut record = record;
-        if let Some(minter) = &session.minter {
-            let found = match self.keys.get(minter).await {
-                Ok(found) => found,
-                Err(e) => {
-                    // Its secret is never shown: leave no active orphan.
-                    let _ = self.keys.revoke(&record.id, now).await;
-                    return Err(e.into());
-                }
-            };
-            let inactive = match &found {
-                Some(m) => !m.is_active(now),
-                None => self.minters_here,
-            };
-            if inactive {
-                self.keys.revoke(&record.id, now).await?;
-                return Err(PortalError::MinterInactive);
-            }
-            // The minter's end may have moved earlier since the session was
-            // minted (a roll's grace): the token ends no later.
-            if let Some(end) = found.and_then(|m| m.expires_at)
-                && record.expires_at.is_none_or(|e| end < e)
-            {
-                if let Err(e) = self.keys.shorten_expiry(&record.id, end).await {
-                    let _ = self.keys.revoke(&record.id, now).await;
-                    return Err(e.into());
-                }
+        let record = match self.bound_by_minter(record, session.minter.as_ref(), now).await {
+            Ok(record) => record,
+            Err((id, e)) => return Err(self.unshown(&id, now, e).await),
+        };
+        Ok(AccessToken { token, record })
+    }
+
+    /// The stored access token `record`, checked against its session's
+    /// `minter` once stored: a revocation through the `KeyManager` either
+    /// comes before this read (and the token is refused here) or lists the
+    /// token and revokes it there. A minter the store no longer holds was
+    /// forgotten after it ended (unless the minters are kept elsewhere).
+    /// The minter's end may have moved earlier since the session was
+    /// minted (a roll's grace): the token is shortened to end no later.
+    ///
+    /// On an error, the token's id with it: the caller will not get it.
+    async fn bound_by_minter(
+        &self,
+        record: Arc<KeyRecord>,
+        minter: Option<&RecordId>,
+        now: Timestamp,
+    ) -> Result<Arc<KeyRecord>, (RecordId, PortalError)> {
+        let Some(minter) = minter else { return Ok(record) };
+        let fail = |e: PortalError| (record.id.clone(), e);
+        let found = self.keys.get(minter).await.map_err(|e| fail(e.into()))?;
+        let active = match &found {
+            Some(m) => m.is_active(now),
+            None => !self.minters_here,
+        };
+        if !active {
+            return Err(fail(PortalError::MinterInactive));
+        }
+        match found.and_then(|m| m.expires_at) {
+            Some(end) if record.expires_at.is_none_or(|e| end < e) => {
+                self.keys.shorten_expiry(&record.id, end).await.map_err(|e| fail(e.into()))?;
                 let mut shortened = KeyRecord::clone(&record);
                 shortened.expires_at = Some(end);
-                record = Arc::new(shortened);
+                Ok(Arc::new(shortened))
             }
+            _ => Ok(record),
         }
-        Ok(AccessToken { token, record })
+    }
+
+    /// Revokes the stored access token `id`, which the caller will not get
+    /// for `e`: no working token nobody holds is left behind (best effort,
+    /// the store may be what failed). `e`, or the revocation's failure when
+    /// `e` is only the minter's refusal.
+    async fn unshown(&self, id: &RecordId, now: Timestamp, e: PortalError) -> PortalError {
+        match self.keys.revoke(id, now).await {
+            Err(revoke) if matches!(e, PortalError::MinterInactive) => revoke.into(),
+            _ => e,
+        }
     }
 }
 
