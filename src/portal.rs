@@ -408,9 +408,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         if !self.sessions.insert(digest, session).await? {
             return Err(PortalError::Collision);
         }
-        let url = self.url_template.replace("{code}", code.expose_secret());
         Ok(MintedSession {
-            url: SecretString::from(url),
+            url: SecretString::from(fill_template(&self.url_template, code.expose_secret())),
             code: SecretString::from(code.expose_secret().to_owned()),
             expires_at,
         })
@@ -564,12 +563,48 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     }
 }
 
+/// `template` with every `{code}` replaced by `code`, built in a buffer of
+/// the exact final size, which [`SecretString`] then takes as it is:
+/// `str::replace` grows its result as it goes, and a reallocation after
+/// the code was copied in frees a block still holding it, unwiped.
+fn fill_template(template: &str, code: &str) -> String {
+    const SLOT: &str = "{code}";
+    let slots = template.matches(SLOT).count();
+    let mut url = String::with_capacity(template.len() - slots * SLOT.len() + slots * code.len());
+    let mut rest = template;
+    while let Some(i) = rest.find(SLOT) {
+        url.push_str(&rest[..i]);
+        url.push_str(code);
+        rest = &rest[i + SLOT.len()..];
+    }
+    url.push_str(rest);
+    url
+}
+
 /// Session lifetime bounds as durations.
 pub const MAX_SESSION: Duration = Duration::from_secs(MAX_EXPIRES_IN_MINUTES * 60);
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_is_built_in_one_exact_buffer() {
+        // Exactly full, so no reallocation ever freed a copy of the code
+        // (a long tail after `{code}` made `str::replace` grow its buffer
+        // after copying the code in), and the wrapper takes it as it is.
+        let code = "kgpc_bGTqz4A4pYVr6tbo4JOr8AzsfvWvlL7U0UEvJJ";
+        for template in [
+            "https://p.example.com/?code={code}",
+            "https://p.example.com/?code={code}&return_to=https%3A%2F%2Fdashboard.example.com%2Fw",
+            "{code}",
+            "https://p.example.com/{code}/again/{code}?x=y",
+        ] {
+            let url = fill_template(template, code);
+            assert_eq!(url, template.replace("{code}", code));
+            assert_eq!(url.capacity(), url.len(), "{template}");
+        }
+    }
 
     #[test]
     fn formats_are_distinct_checksummed_and_strong() {
