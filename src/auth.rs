@@ -630,6 +630,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     #[must_use]
     pub fn hasher(mut self, hasher: Hasher) -> Self {
         self.hasher = hasher;
+        // Principals cached before were verified under the old peppers (one
+        // of which may be gone now): not this authenticator's any more.
+        self.source = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
         self
     }
 

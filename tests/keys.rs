@@ -1393,8 +1393,17 @@ async fn pepper_rotation_keeps_old_keys_working() {
         assert!(auth_bearer(&auth, k.key().expose_secret(), &Target::any()).await.is_ok());
     }
     // Without the pepper, nothing verifies.
-    let plain = Authenticator::new(store);
+    let plain = Authenticator::new(store.clone());
     assert!(auth_bearer(&plain, old.key().expose_secret(), &Target::any()).await.is_err());
+    // Nor once pepper 1 is dropped from an authenticator that cached the
+    // key while it still verified (cached under pepper 2's digest).
+    let cached = Authenticator::new(store)
+        .cache(Arc::new(PrincipalCache::default()))
+        .hasher(Hasher::hmac(vec![pepper(1, 7), pepper(2, 9)]).unwrap());
+    assert!(auth_bearer(&cached, old.key().expose_secret(), &Target::any()).await.is_ok());
+    let dropped = cached.hasher(Hasher::hmac(vec![pepper(2, 9)]).unwrap());
+    assert!(auth_bearer(&dropped, old.key().expose_secret(), &Target::any()).await.is_err());
+    assert!(auth_bearer(&dropped, new.key().expose_secret(), &Target::any()).await.is_ok());
 }
 
 #[tokio::test]
