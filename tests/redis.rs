@@ -406,6 +406,15 @@ async fn decisions_match_the_memory_limiter() {
         let r = limiter.check("fixed", &fixed, 1, CheckMode::Consume).await.unwrap();
         assert_eq!((r.outcome(), r.remaining()), (m.outcome(), m.remaining()), "fixed {j}");
     }
+    // A GCRA horizon beyond 2^53 ns (7 a year): every unit left is counted,
+    // on a fresh key's peek and on each use (the rounded horizon lost one).
+    let year = [Policy::new("y", 7, Duration::from_secs(366 * 86_400), Algorithm::Gcra).unwrap()];
+    for j in 0..9 {
+        let mode = if j == 0 { CheckMode::Peek } else { CheckMode::Consume };
+        let m = memory.check_mode("year", &year, 1, mode).unwrap();
+        let r = limiter.check("year", &year, 1, mode).await.unwrap();
+        assert_eq!((r.outcome(), r.remaining()), (m.outcome(), m.remaining()), "gcra {j}");
+    }
 }
 
 #[tokio::test]

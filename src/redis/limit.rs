@@ -24,7 +24,6 @@ local t = redis.call('TIME')
 local nsec = tonumber(t[1])
 local nus = tonumber(t[2])
 local now_us = nsec * 1000000 + nus
-local function idiv(a, b) return (a - math.fmod(a, b)) / b end
 local function ms_ceil(ns) local m = math.ceil(ns / 1000000) if m < 1 then m = 1 end return m end
 -- Makes `key` live at least `ms` more milliseconds, never less: a state
 -- written under another period (a plan change that kept the name) must not
@@ -225,16 +224,22 @@ for i = 1, n do
     if (held or beyond) and used > 0 then
       st.convert = function() redis.call('SET', KEYS[i], tat_abs(used), 'PX', ms_ceil(used)) end
     end
-    local free = horizon - used
-    if free < 0 then free = 0 end
-    local available = idiv(free, interval)
+    -- Units left, floor((horizon - used) / interval), counted as cap less
+    -- the units `used` covers: the horizon itself (beyond 2^53 ns, a long
+    -- period's) would round, and one unit would go missing. The quotient
+    -- of an exact multiple is rounded to the integer it is.
+    local rest = math.fmod(used, interval)
+    local covered = math.floor((used - rest) / interval + 0.5)
+    if rest > 0 then covered = covered + 1 end
+    local available = cap - covered
+    if available < 0 then available = 0 end
     st.reset0 = used
     if cost > cap then
       st.impossible = true; st.remaining = available; st.reset = used
     else
       local need = used + interval * cost
       if need <= horizon then
-        st.allowed = true; st.remaining = idiv(horizon - need, interval); st.reset = need
+        st.allowed = true; st.remaining = available - cost; st.reset = need
         st.commit = function() redis.call('SET', KEYS[i], tat_abs(need), 'PX', ms_ceil(need)) end
       else
         local wait = need - horizon
