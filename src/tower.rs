@@ -1124,8 +1124,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     }
 
     /// Also takes the credential from the cookie `name` when the request
-    /// has no credential header (browser sessions such as the portal's);
-    /// the cookie twice is two credentials, refused. Set the cookie
+    /// has no credential header (browser sessions such as the portal's; a
+    /// blank header, `Bearer ` with nothing after it, is none); the cookie
+    /// twice is two credentials, refused, and an empty one is none. Set the cookie
     /// `HttpOnly; Secure; SameSite=Strict`, and mind that a cookie rides
     /// along on any request the browser makes to the site: `SameSite`
     /// stops other sites, not a sibling subdomain. For requests that change
