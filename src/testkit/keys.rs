@@ -6,7 +6,7 @@ use std::sync::Arc;
 use jiff::Timestamp;
 
 use crate::format::{Environment, NK, SK};
-use crate::hash::Hasher;
+use crate::hash::{Algorithm, Hasher, PepperId, StoredDigest};
 use crate::store::{ActiveLimit, InsertOutcome, KeyRecord, KeyStore, RecordId, Tenant};
 
 fn t(secs: i64) -> Timestamp {
@@ -80,6 +80,11 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
     let other = sample_record("ws_a", Some("p1"), 0, false);
     assert!(s.find_by_digest(&other.digest).await.unwrap().is_none(), "unknown digest is None");
     assert!(s.get(&other.id).await.unwrap().is_none(), "unknown id is None");
+    let other_alg = StoredDigest::new(Algorithm::HmacSha256(PepperId(1)), *r.digest.digest());
+    assert!(
+        s.find_by_digest(&other_alg).await.unwrap().is_none(),
+        "digests compare with their algorithm"
+    );
 
     let nk = sample_record("ws_a", Some("p1"), 1, true);
     let kid = nk.key_id.expect("nk has a key id");
@@ -100,6 +105,10 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
     full.region = Some("eu".parse().expect("valid region"));
     full.last_used_at = Some(t(1));
     full.metadata.clear();
+    full.scopes = Arc::from([
+        "applications:read".parse().expect("valid scope"),
+        "applications:write".parse().expect("valid scope"),
+    ]);
     assert_eq!(s.insert(Arc::new(full.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     assert_eq!(*s.get(&full.id).await.unwrap().expect("stored"), full, "every field kept");
     assert_eq!(*s.find_by_digest(&full.digest).await.unwrap().expect("stored"), full);
@@ -278,7 +287,8 @@ async fn replacing<S: KeyStore>(s: &S) {
         [(&held[1], "revoked"), (&expired_id, "expired at now"), (&unknown, "unknown")]
     {
         for max in [2, u32::MAX] {
-            let r = sample_record("ws_r", Some("q"), 4, false);
+            // In "p", at its cap: the replaced record is checked first.
+            let r = sample_record("ws_r", Some("p"), 4, false);
             let limit = ActiveLimit { replacing: Some(old.clone()), ..ActiveLimit::new(max, now) };
             assert_eq!(
                 s.insert(Arc::new(r.clone()), Some(limit)).await.unwrap(),
@@ -288,6 +298,27 @@ async fn replacing<S: KeyStore>(s: &S) {
             assert!(s.get(&r.id).await.unwrap().is_none(), "a refused insert stores nothing");
         }
     }
+    // The replaced record and its replacement are judged at `limit.now`,
+    // not the store's clock: `rolled` expires after it, and once its one
+    // replacement has expired at `now`, `rolled` may be replaced again.
+    let mut rolled = sample_record("ws_r", Some("s"), 0, false);
+    rolled.expires_at = Some(t(1000));
+    assert_eq!(s.insert(Arc::new(rolled.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    let at =
+        |now| ActiveLimit { replacing: Some(rolled.id.clone()), ..ActiveLimit::new(u32::MAX, now) };
+    let mut brief = sample_record("ws_r", Some("s"), 1, false);
+    brief.expires_at = Some(t(150));
+    assert_eq!(
+        s.insert(Arc::new(brief), Some(at(t(100)))).await.unwrap(),
+        InsertOutcome::Inserted,
+        "active at limit.now"
+    );
+    let next = sample_record("ws_r", Some("s"), 2, false);
+    assert_eq!(
+        s.insert(Arc::new(next), Some(at(t(150)))).await.unwrap(),
+        InsertOutcome::Inserted,
+        "the first replacement expired at now"
+    );
     // Without a cap (`u32::MAX`), only the replaced record is checked: a
     // chain of rolls takes the project past any count.
     let mut last = again.id;
@@ -367,9 +398,14 @@ async fn revoke_and_expiry<S: KeyStore>(s: &S) {
 async fn last_use<S: KeyStore>(s: &S) {
     let r = sample_record("ws_u", None, 0, false);
     assert_eq!(s.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    let r2 = sample_record("ws_u", None, 1, false);
+    assert_eq!(s.insert(Arc::new(r2.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     let unknown = RecordId::generate().unwrap();
-    s.record_last_used(&[(r.id.clone(), t(30)), (unknown.clone(), t(40))]).await.unwrap();
+    s.record_last_used(&[(unknown.clone(), t(40)), (r.id.clone(), t(30)), (r2.id.clone(), t(35))])
+        .await
+        .unwrap();
     assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)));
+    assert_eq!(s.get(&r2.id).await.unwrap().unwrap().last_used_at, Some(t(35)), "whole batch");
     assert!(s.get(&unknown).await.unwrap().is_none(), "last use creates no record");
     s.record_last_used(&[(r.id.clone(), t(20))]).await.unwrap();
     assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)), "later wins");

@@ -107,6 +107,15 @@ async fn over_refund<S: LimitStore>(store: &S, key: &str) {
         store.refund(&key, &p, 5, &mut d).await.unwrap();
         let admitted = count_admitted(store, &key, &p, 5).await;
         assert_eq!(admitted, 3, "{}: never more than the limit", alg.as_str());
+        // On a used key: a refund of more than the check took gives back
+        // only what it took, not other checks' units.
+        let key = format!("{key}:used");
+        assert!(store.check(&key, &p, 2, CheckMode::Consume).await.unwrap().is_allowed());
+        let mut d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
+        assert!(d.is_allowed());
+        store.refund(&key, &p, 3, &mut d).await.unwrap();
+        let admitted = count_admitted(store, &key, &p, 3).await;
+        assert_eq!(admitted, 1, "{}: a refund gives back at most its charge", alg.as_str());
     }
 }
 
@@ -457,6 +466,10 @@ async fn stacked<S: LimitStore>(store: &S, key: &str) {
     let reset = d.policies()[1].reset_after;
     assert!(reset <= Duration::from_secs(2400), "sustained resets in {reset:?}");
     assert_eq!(d.binding().name, "burst");
+    // All or nothing: the denial left the sustained policy's last unit.
+    let sustained = [plan[1].clone()];
+    let d = store.check(key, &sustained, 1, CheckMode::Consume).await.unwrap();
+    assert!(d.is_allowed(), "the denied check charged the admitting policy: {d:?}");
 }
 
 /// Races `threads` threads, each checking `per_thread` units one at a time

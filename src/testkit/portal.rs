@@ -54,7 +54,9 @@ pub async fn run<S: PortalStore>(store: &S, salt: u8) {
     let code = digest(1, salt);
     let s = sample_session(60);
     assert!(store.insert(code, s.clone()).await.unwrap(), "insert");
-    assert!(!store.insert(code, s.clone()).await.unwrap(), "a digest is stored once");
+    let mut other = s.clone();
+    other.role = Role::Viewer;
+    assert!(!store.insert(code, other).await.unwrap(), "a digest is stored once");
     assert_eq!(store.redeem(&code, ts(10)).await.unwrap(), Redeem::Session(s), "first redeem wins");
     assert_eq!(store.redeem(&code, ts(11)).await.unwrap(), Redeem::AlreadyUsed);
     assert_eq!(store.redeem(&code, ts(61)).await.unwrap(), Redeem::AlreadyUsed, "used stays used");
@@ -71,6 +73,9 @@ pub async fn run<S: PortalStore>(store: &S, salt: u8) {
         let mut s = sample_session(60);
         s.role = role;
         s.metadata.clear();
+        // Region and environment round-trip too, set or not.
+        s.region = (i == 1).then(|| "eu".parse().expect("valid region"));
+        s.environment = (i == 0).then_some(crate::format::Environment::LIVE);
         let c = digest(10 + i as u64, salt);
         store.insert(c, s.clone()).await.unwrap();
         assert_eq!(store.redeem(&c, ts(1)).await.unwrap(), Redeem::Session(s), "{role:?}");

@@ -100,6 +100,7 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     }
     assert!(!store.check_and_count(&acct, &rules, "x", 1, t).await.unwrap().allowed);
 
+    december(store, prefix).await;
     plan_change(store, prefix).await;
     opaque_names(store, prefix).await;
 
@@ -121,6 +122,20 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     let d = store.check_and_count(&acct, &rules, "x", 150, t).await.unwrap();
     assert!(!d.allowed && d.cost_exceeds_limit, "{d:?}");
     assert_eq!(d.rule.as_deref(), Some("small"));
+}
+
+/// December resets on 1 January of the next year; a month a year later
+/// starts from zero (counters are per year and month).
+async fn december<S: QuotaStore>(store: &S, prefix: &str) {
+    let acct = format!("{prefix}:y");
+    let rules = [QuotaRule::new("n", 1, &["x"])];
+    let dec = ts("2026-12-31T23:59:59Z");
+    assert!(store.check_and_count(&acct, &rules, "x", 1, dec).await.unwrap().allowed);
+    let d = store.check_and_count(&acct, &rules, "x", 1, dec).await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.resets_at, ts("2027-01-01T00:00:00Z"), "December resets in January");
+    let d = store.check_and_count(&acct, &rules, "x", 1, ts("2027-12-01T00:00:00Z")).await.unwrap();
+    assert!(d.allowed && d.used == 1, "a year later, December starts from zero: {d:?}");
 }
 
 /// A plan change in the middle of a month: usage is per category, and each

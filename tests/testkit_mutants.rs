@@ -1,0 +1,550 @@
+//! The testkit suites can fail: each wrapper store here breaks one rule
+//! its trait documents, and the matching suite must refuse it (each test
+//! expects the suite's panic). A store a suite passes while breaking a
+//! documented rule would pass any host's broken store too.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use jiff::Timestamp;
+use keygate::backend::BackendError;
+use keygate::format::KeyId;
+use keygate::hash::{Algorithm as HashAlg, PepperId, StoredDigest};
+use keygate::limit::{CheckMode, Decision, LimitStore, MemoryLimiter, Outcome, Policy, QuotaRule};
+use keygate::portal::{MemoryPortalStore, PortalSession, PortalStore, Redeem};
+use keygate::quota::{MemoryQuotaStore, Month, QuotaDecision, QuotaStore};
+use keygate::secret::Digest;
+use keygate::store::{
+    ActiveLimit, InsertOutcome, KeyRecord, KeyStore, MemoryKeyStore, ProjectId, RecordId,
+    WorkspaceId,
+};
+
+// ---------------------------------------------------------------- keys
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum KM {
+    IgnoreCap,
+    HideRevoked,
+    ExtendExpiry,
+    NoAlreadyReplaced,
+    DupIdInserted,
+    DupKeyInserted,
+    ListCrossWorkspace,
+    ListIgnoreProject,
+    DropLastUse,
+    LastUseFirstOnly,
+    LastUseEarlierWins,
+    DigestAlgorithmBlind,
+    CapBeforeReplacing,
+    ReplacedJudgedByStoreClock,
+    ReplacementExpiryIgnored,
+    ScopesTruncated,
+}
+
+struct MK {
+    inner: MemoryKeyStore,
+    m: KM,
+    replaced_by: Mutex<HashMap<RecordId, RecordId>>,
+    // overlays emulating writes the memory store refuses to make
+    exp: Mutex<HashMap<RecordId, Timestamp>>,
+    lu: Mutex<HashMap<RecordId, Timestamp>>,
+}
+fn mk(m: KM) -> MK {
+    MK {
+        inner: MemoryKeyStore::new(),
+        m,
+        replaced_by: Mutex::new(HashMap::new()),
+        exp: Mutex::new(HashMap::new()),
+        lu: Mutex::new(HashMap::new()),
+    }
+}
+impl MK {
+    fn patch(&self, r: Arc<KeyRecord>) -> Arc<KeyRecord> {
+        let e = self.exp.lock().unwrap().get(&r.id).copied();
+        let l = self.lu.lock().unwrap().get(&r.id).copied();
+        if e.is_none() && l.is_none() {
+            return r;
+        }
+        let mut x = (*r).clone();
+        if let Some(e) = e {
+            x.expires_at = Some(e);
+        }
+        if let Some(l) = l {
+            x.last_used_at = Some(l);
+        }
+        Arc::new(x)
+    }
+    fn patch_opt(&self, r: Option<Arc<KeyRecord>>) -> Option<Arc<KeyRecord>> {
+        r.map(|r| self.patch(r))
+    }
+}
+
+impl KeyStore for MK {
+    async fn insert(
+        &self,
+        record: Arc<KeyRecord>,
+        limit: Option<ActiveLimit>,
+    ) -> Result<InsertOutcome, BackendError> {
+        let m = self.m;
+        match m {
+            KM::IgnoreCap if limit.as_ref().is_some_and(|l| l.replacing.is_none()) => {
+                return self.inner.insert(record, None).await;
+            }
+            KM::CapBeforeReplacing => {
+                if let (Some(l), Some(p)) = (&limit, &record.tenant.project)
+                    && let Some(old) = &l.replacing
+                {
+                    let old_ok = self.inner.get(old).await?.is_some_and(|r| r.is_active(l.now));
+                    if l.is_capped() && !old_ok {
+                        let n = self
+                            .inner
+                            .list(&record.tenant.workspace, Some(p))
+                            .await?
+                            .iter()
+                            .filter(|r| r.is_active(l.now) && &r.id != old)
+                            .count();
+                        if n as u64 >= u64::from(l.max) {
+                            return Ok(InsertOutcome::LimitReached { max: l.max });
+                        }
+                    }
+                }
+            }
+            KM::ReplacedJudgedByStoreClock => {
+                if let Some(old) = limit.as_ref().and_then(|l| l.replacing.clone())
+                    && let Some(r) = self.inner.get(&old).await?
+                    && r.expires_at.is_some_and(|e| Timestamp::now() >= e)
+                {
+                    return Ok(InsertOutcome::ReplacingInactive);
+                }
+            }
+            KM::ReplacementExpiryIgnored => {
+                if let Some(old) = limit.as_ref().and_then(|l| l.replacing.clone()) {
+                    let rep = self.replaced_by.lock().unwrap().get(&old).cloned();
+                    if let Some(rep) = rep {
+                        // "active" = not revoked; expiry ignored (the mutation)
+                        if self.inner.get(&rep).await?.is_some_and(|r| r.revoked_at.is_none()) {
+                            return Ok(InsertOutcome::AlreadyReplaced);
+                        }
+                    }
+                    let id = record.id.clone();
+                    let out = self.inner.insert(record, limit).await?;
+                    if out == InsertOutcome::Inserted {
+                        self.replaced_by.lock().unwrap().insert(old, id);
+                    }
+                    return Ok(out);
+                }
+            }
+            KM::ScopesTruncated => {
+                let mut r = (*record).clone();
+                r.scopes = Arc::from(&r.scopes[..r.scopes.len().min(1)]);
+                return self.inner.insert(Arc::new(r), limit).await;
+            }
+            _ => {}
+        }
+        let out = self.inner.insert(record.clone(), limit.clone()).await?;
+        match (m, out) {
+            (KM::NoAlreadyReplaced, InsertOutcome::AlreadyReplaced) => {
+                let l = limit.unwrap();
+                self.inner.insert(record, Some(ActiveLimit { replacing: None, ..l })).await
+            }
+            (KM::DupIdInserted, InsertOutcome::DuplicateId)
+            | (KM::DupKeyInserted, InsertOutcome::DuplicateKey) => Ok(InsertOutcome::Inserted),
+            _ => Ok(out),
+        }
+    }
+
+    async fn find_by_digest(
+        &self,
+        digest: &StoredDigest,
+    ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
+        let r = self.patch_opt(self.inner.find_by_digest(digest).await?);
+        match self.m {
+            KM::HideRevoked => Ok(r.filter(|r| r.revoked_at.is_none())),
+            KM::DigestAlgorithmBlind if r.is_none() => {
+                let mut algs = vec![HashAlg::Sha256];
+                algs.extend((0..4).map(|i| HashAlg::HmacSha256(PepperId(i))));
+                for a in algs {
+                    let d = StoredDigest::new(a, *digest.digest());
+                    if let Some(r) = self.inner.find_by_digest(&d).await? {
+                        return Ok(Some(r));
+                    }
+                }
+                Ok(None)
+            }
+            _ => Ok(r),
+        }
+    }
+
+    async fn find_by_key_id(
+        &self,
+        format: &str,
+        key_id: &KeyId,
+    ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
+        Ok(self.patch_opt(self.inner.find_by_key_id(format, key_id).await?))
+    }
+
+    async fn get(&self, id: &RecordId) -> Result<Option<Arc<KeyRecord>>, BackendError> {
+        Ok(self.patch_opt(self.inner.get(id).await?))
+    }
+
+    async fn list(
+        &self,
+        workspace: &WorkspaceId,
+        project: Option<&ProjectId>,
+    ) -> Result<Vec<Arc<KeyRecord>>, BackendError> {
+        let v = match self.m {
+            KM::ListCrossWorkspace => {
+                let mut all = Vec::new();
+                for ws in ["ws_a", "ws_b", "ws_c", "ws_l", "ws_other", "ws_r", "ws_u"] {
+                    let ws: WorkspaceId = ws.parse().unwrap();
+                    if &ws == workspace || project.is_some() {
+                        all.extend(self.inner.list(&ws, project).await?);
+                    }
+                }
+                all.sort_by_key(|r| r.created_at);
+                all
+            }
+            KM::ListIgnoreProject => self.inner.list(workspace, None).await?,
+            _ => self.inner.list(workspace, project).await?,
+        };
+        Ok(v.into_iter().map(|r| self.patch(r)).collect())
+    }
+
+    async fn revoke(&self, id: &RecordId, at: Timestamp) -> Result<bool, BackendError> {
+        self.inner.revoke(id, at).await
+    }
+
+    async fn shorten_expiry(
+        &self,
+        id: &RecordId,
+        expires_at: Timestamp,
+    ) -> Result<bool, BackendError> {
+        let ok = self.inner.shorten_expiry(id, expires_at).await?;
+        if self.m == KM::ExtendExpiry && ok {
+            // mutation: an unconditional `SET expires_at = $2`
+            self.exp.lock().unwrap().insert(id.clone(), expires_at);
+        }
+        Ok(ok)
+    }
+
+    async fn record_last_used(&self, uses: &[(RecordId, Timestamp)]) -> Result<(), BackendError> {
+        match self.m {
+            KM::DropLastUse => Ok(()),
+            KM::LastUseFirstOnly => self.inner.record_last_used(&uses[..uses.len().min(1)]).await,
+            KM::LastUseEarlierWins => {
+                // mutation: an unconditional `SET last_used_at = $2`
+                self.inner.record_last_used(uses).await?;
+                for (id, t) in uses {
+                    if self.inner.get(id).await?.is_some() {
+                        self.lu.lock().unwrap().insert(id.clone(), *t);
+                    }
+                }
+                Ok(())
+            }
+            _ => self.inner.record_last_used(uses).await,
+        }
+    }
+}
+
+macro_rules! key_mutants {
+    ($($name:ident => $m:expr, $why:literal),* $(,)?) => {$(
+        #[tokio::test]
+        #[should_panic(expected = $why)]
+        async fn $name() {
+            keygate::testkit::keys::run(|| mk($m)).await;
+        }
+    )*};
+}
+key_mutants! {
+    k_ignore_cap => KM::IgnoreCap, "the cap is enforced",
+    k_hide_revoked => KM::HideRevoked, "called `Option::unwrap()` on a `None` value",
+    k_extend_expiry => KM::ExtendExpiry, "never extended",
+    k_no_already_replaced => KM::NoAlreadyReplaced, "max 2",
+    k_dup_id_inserted => KM::DupIdInserted, "assertion `left == right` failed",
+    k_dup_key_inserted => KM::DupKeyInserted, "assertion `left == right` failed",
+    k_list_cross_workspace => KM::ListCrossWorkspace, "assertion `left == right` failed",
+    k_list_ignore_project => KM::ListIgnoreProject, "assertion `left == right` failed",
+    k_drop_last_use => KM::DropLastUse, "assertion `left == right` failed",
+    k_last_use_first_only => KM::LastUseFirstOnly, "assertion `left == right` failed",
+    k_last_use_earlier_wins => KM::LastUseEarlierWins, "later wins",
+    k_digest_algorithm_blind => KM::DigestAlgorithmBlind, "digests compare with their algorithm",
+    k_cap_before_replacing => KM::CapBeforeReplacing, "revoked, max 2",
+    k_replaced_judged_by_store_clock => KM::ReplacedJudgedByStoreClock, "active at limit.now",
+    k_replacement_expiry_ignored => KM::ReplacementExpiryIgnored, "the first replacement expired at now",
+    k_scopes_truncated => KM::ScopesTruncated, "every field kept",
+}
+
+// ---------------------------------------------------------------- portal
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum PM {
+    RedeemTwice,
+    AtExpiry,
+    ExpiredUnknown,
+    ExpiredUnknownLater,
+    RegionDropped,
+    InsertOverwrites,
+}
+struct MP {
+    inner: MemoryPortalStore,
+    m: PM,
+    latest: Mutex<HashMap<Digest, PortalSession>>,
+    expired_once: Mutex<Vec<Digest>>,
+}
+fn mp(m: PM) -> MP {
+    MP {
+        inner: MemoryPortalStore::new(),
+        m,
+        latest: Mutex::new(HashMap::new()),
+        expired_once: Mutex::new(Vec::new()),
+    }
+}
+impl PortalStore for MP {
+    async fn insert(&self, code: Digest, mut session: PortalSession) -> Result<bool, BackendError> {
+        if self.m == PM::RegionDropped {
+            session.region = None;
+        }
+        let ok = self.inner.insert(code, session.clone()).await?;
+        if ok || self.m == PM::InsertOverwrites {
+            self.latest.lock().unwrap().insert(code, session);
+        }
+        Ok(ok)
+    }
+    async fn redeem(&self, code: &Digest, now: Timestamp) -> Result<Redeem, BackendError> {
+        let now2 =
+            if self.m == PM::AtExpiry { now - jiff::SignedDuration::from_secs(1) } else { now };
+        let r = self.inner.redeem(code, now2).await?;
+        Ok(match (self.m, r) {
+            (PM::RedeemTwice, Redeem::AlreadyUsed) | (PM::InsertOverwrites, Redeem::Session(_)) => {
+                Redeem::Session(self.latest.lock().unwrap()[code].clone())
+            }
+            (PM::ExpiredUnknown, Redeem::Expired) => Redeem::Unknown,
+            (PM::ExpiredUnknownLater, Redeem::Expired) => {
+                let mut e = self.expired_once.lock().unwrap();
+                if e.contains(code) {
+                    Redeem::Unknown
+                } else {
+                    e.push(*code);
+                    Redeem::Expired
+                }
+            }
+            (_, r) => r,
+        })
+    }
+}
+macro_rules! portal_mutants {
+    ($($name:ident => $m:expr, $why:literal),* $(,)?) => {$(
+        #[tokio::test]
+        #[should_panic(expected = $why)]
+        async fn $name() {
+            keygate::testkit::portal::run(&mp($m), 1).await;
+        }
+    )*};
+}
+portal_mutants! {
+    p_redeem_twice => PM::RedeemTwice, "assertion `left == right` failed",
+    p_at_expiry => PM::AtExpiry, "expiry is exclusive",
+    p_expired_unknown => PM::ExpiredUnknown, "expiry is exclusive",
+    p_region_dropped => PM::RegionDropped, "assertion `left == right` failed",
+    p_insert_overwrites => PM::InsertOverwrites, "first redeem wins",
+}
+
+// ---------------------------------------------------------------- limit
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum LM {
+    PlusOne,
+    IgnoreCost,
+    PeekConsumes,
+    RefundIgnoresCharge,
+    RefundNotMarked,
+    DenialChargesAdmitting,
+}
+struct ML {
+    inner: MemoryLimiter<String>,
+    m: LM,
+}
+fn ml(m: LM) -> ML {
+    ML { inner: MemoryLimiter::<String>::new(10_000), m }
+}
+impl LimitStore for ML {
+    async fn check(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+        mode: CheckMode,
+    ) -> Result<Decision, BackendError> {
+        match self.m {
+            LM::PlusOne => {
+                let p: Vec<Policy> = policies
+                    .iter()
+                    .map(|p| {
+                        Policy::new(p.name().to_owned(), p.limit() + 1, p.period(), p.algorithm())
+                            .unwrap()
+                    })
+                    .collect();
+                LimitStore::check(&self.inner, key, &p, cost, mode).await
+            }
+            LM::IgnoreCost => {
+                LimitStore::check(&self.inner, key, policies, cost.min(1), mode).await
+            }
+            LM::PeekConsumes => {
+                LimitStore::check(&self.inner, key, policies, cost, CheckMode::Consume).await
+            }
+            LM::DenialChargesAdmitting => {
+                let d = LimitStore::check(&self.inner, key, policies, cost, mode).await?;
+                if mode == CheckMode::Consume
+                    && d.outcome() == Outcome::Limited
+                    && policies.len() > 1
+                {
+                    // mutation: per-policy writes, not all-or-nothing
+                    for p in policies {
+                        let _ = LimitStore::check(
+                            &self.inner,
+                            key,
+                            std::slice::from_ref(p),
+                            cost,
+                            CheckMode::Consume,
+                        )
+                        .await?;
+                    }
+                }
+                Ok(d)
+            }
+            _ => LimitStore::check(&self.inner, key, policies, cost, mode).await,
+        }
+    }
+    async fn refund(
+        &self,
+        key: &str,
+        policies: &[Policy],
+        cost: u32,
+        check: &mut Decision,
+    ) -> Result<(), BackendError> {
+        match self.m {
+            LM::RefundIgnoresCharge => {
+                // mutation: gives back `cost` units whatever the check charged
+                for _ in 0..cost {
+                    let mut c = check.clone();
+                    LimitStore::refund(&self.inner, key, policies, cost, &mut c).await?;
+                }
+                check.refunded(cost);
+                Ok(())
+            }
+            LM::RefundNotMarked => {
+                let mut c = check.clone();
+                LimitStore::refund(&self.inner, key, policies, cost, &mut c).await
+            }
+            _ => LimitStore::refund(&self.inner, key, policies, cost, check).await,
+        }
+    }
+}
+macro_rules! limit_mutants {
+    ($($name:ident => $m:expr, $why:literal),* $(,)?) => {$(
+        #[tokio::test]
+        #[should_panic(expected = $why)]
+        async fn $name() {
+            keygate::testkit::limit::run(&ml($m), "t").await;
+        }
+    )*};
+}
+limit_mutants! {
+    l_plus_one => LM::PlusOne, "remaining after request",
+    l_ignore_cost => LM::IgnoreCost, "cost above capacity",
+    l_peek_consumes => LM::PeekConsumes, "neither peek nor impossible consumed anything",
+    l_refund_ignores_charge => LM::RefundIgnoresCharge, "a refund gives back at most its charge",
+    l_refund_not_marked => LM::RefundNotMarked, "refunded twice, credited twice",
+    l_denial_charges_admitting => LM::DenialChargesAdmitting, "the denied check charged the admitting policy",
+}
+
+// ---------------------------------------------------------------- quota
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum QM {
+    CountDenied,
+    MonthAtUtcPlusOne,
+    YearBlind,
+    DecemberResetSameYear,
+}
+struct MQ {
+    inner: MemoryQuotaStore,
+    m: QM,
+}
+fn mq(m: QM) -> MQ {
+    MQ { inner: MemoryQuotaStore::new(), m }
+}
+impl MQ {
+    fn shift(&self, now: Timestamp) -> Timestamp {
+        match self.m {
+            QM::MonthAtUtcPlusOne => now + jiff::SignedDuration::from_hours(1),
+            QM::YearBlind => {
+                // mutation: counters keyed by month number only (`MM`, not `YYYY-MM`)
+                let dt = jiff::tz::Offset::UTC.to_datetime(now);
+                let dt = dt.with().year(2026).build().unwrap();
+                jiff::tz::Offset::UTC.to_timestamp(dt).unwrap()
+            }
+            _ => now,
+        }
+    }
+}
+impl QuotaStore for MQ {
+    async fn check_and_count(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> Result<QuotaDecision, BackendError> {
+        let mut d =
+            self.inner.check_and_count(account, rules, category, cost, self.shift(now)).await?;
+        match self.m {
+            QM::CountDenied if !d.allowed => {
+                let all = [QuotaRule::new("z", u64::MAX, &[category])];
+                let _ = self.inner.check_and_count(account, &all, category, cost, now).await?;
+            }
+            QM::YearBlind => d.resets_at = Month::of(now).next_reset(),
+            QM::DecemberResetSameYear => {
+                let m = Month::of(now);
+                if m.month() == 12 {
+                    d.resets_at = jiff::tz::Offset::UTC
+                        .to_timestamp(jiff::civil::date(m.year(), 1, 1).at(0, 0, 0, 0))
+                        .unwrap();
+                }
+            }
+            _ => {}
+        }
+        Ok(d)
+    }
+    async fn usage(
+        &self,
+        account: &str,
+        category: &str,
+        now: Timestamp,
+    ) -> Result<u64, BackendError> {
+        self.inner.usage(account, category, self.shift(now)).await
+    }
+}
+macro_rules! quota_mutants {
+    ($($name:ident => $m:expr, $why:literal),* $(,)?) => {$(
+        #[tokio::test]
+        #[should_panic(expected = $why)]
+        async fn $name() {
+            keygate::testkit::quota::run(&mq($m), "t").await;
+        }
+    )*};
+}
+quota_mutants! {
+    q_count_denied => QM::CountDenied, "denials count nothing",
+    q_month_at_utc_plus_one => QM::MonthAtUtcPlusOne, "assertion `left == right` failed",
+    q_year_blind => QM::YearBlind, "a year later, December starts from zero",
+    q_december_reset_same_year => QM::DecemberResetSameYear, "December resets in January",
+}
+
+/// The controls: the stores unmutated pass, and so does one that forgets an
+/// expired code after answering `Expired` once (stores may drop expired
+/// sessions: no rule is broken).
+#[tokio::test]
+async fn unmutated_stores_and_an_allowed_variation_pass() {
+    keygate::testkit::keys::run(MemoryKeyStore::new).await;
+    keygate::testkit::portal::run(&MemoryPortalStore::new(), 1).await;
+    keygate::testkit::portal::run(&mp(PM::ExpiredUnknownLater), 1).await;
+    keygate::testkit::quota::run(&MemoryQuotaStore::new(), "t").await;
+}
