@@ -322,9 +322,13 @@ const SUSPECT_MIN: usize = 16;
 /// it, the other 63; an upper-cased one, its digits), or one a checksum
 /// lets an attacker repair offline.
 fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
-    last_part(rest).is_some_and(|secret| {
-        secret.iter().filter(|&&b| format.secret_alphabet().contains(b)).count() >= SUSPECT_MIN
-    })
+    let alphabet = format.secret_alphabet();
+    // Either case, as in [`glued_damaged`]: an upper-cased key of a
+    // lower-case alphabet is a changed case too.
+    let of_alphabet = |b: &&u8| {
+        alphabet.contains(b.to_ascii_lowercase()) || alphabet.contains(b.to_ascii_uppercase())
+    };
+    last_part(rest).is_some_and(|secret| secret.iter().filter(of_alphabet).count() >= SUSPECT_MIN)
 }
 
 /// The last part of `rest` (after a literal prefix), where the secret of a

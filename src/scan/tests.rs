@@ -1175,3 +1175,26 @@ proptest! {
         prop_assert_eq!(got, one, "redact");
     }
 }
+
+/// A key of a lower-case alphabet, upper-cased ("a changed case", which the
+/// redactor promises to hide): hidden with a tail glued on, so alone too.
+#[test]
+fn an_upper_cased_key_is_hidden_with_or_without_a_glued_tail() {
+    const B32: Alphabet = Alphabet::new_unwrap("abcdefghijklmnopqrstuvwxyz234567");
+    const LB: KeyFormat = KeyFormat::builder("lb").secret(&B32, 30).build_unwrap();
+    let key = mint(&LB, 3);
+    let upper = format!("lb_{}", key[3..].to_ascii_uppercase());
+    for (s, text) in [
+        (Scanner::new(FormatSet::new([LB]).unwrap()), format!("k={upper} x\n")),
+        // A valid hex key made of letters only, upper-cased.
+        (Scanner::presets(), format!("k=nh_{} x\n", "ABCDEF".repeat(10) + "ABCD")),
+    ] {
+        let glued = text.replace(" x", "ZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZZ x");
+        let mut out = Vec::new();
+        assert_eq!(s.redact(glued.as_bytes(), &mut out).unwrap(), 1, "{glued}");
+        let mut out = Vec::new();
+        s.redact(text.as_bytes(), &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(out.contains("_[REDACTED]"), "left readable: {out}");
+    }
+}
