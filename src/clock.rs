@@ -293,7 +293,7 @@ impl FakeClock {
     /// A fake clock reading `start`, with its monotonic time line at zero.
     #[must_use]
     pub fn new(start: Timestamp) -> Self {
-        let wall = i64::try_from(start.as_nanosecond()).unwrap_or(i64::MAX);
+        let wall = saturating_i64(start.as_nanosecond());
         Self { inner: Arc::new(FakeInner { wall: AtomicI64::new(wall), mono: AtomicU64::new(0) }) }
     }
 
@@ -331,9 +331,14 @@ impl FakeClock {
     /// Sets wall time to `t`, leaving the monotonic time line alone (as an
     /// NTP step would).
     pub fn set_wall(&self, t: Timestamp) {
-        let wall = i64::try_from(t.as_nanosecond()).unwrap_or(i64::MAX);
+        let wall = saturating_i64(t.as_nanosecond());
         self.inner.wall.store(wall, Ordering::SeqCst);
     }
+}
+
+/// Unix nanoseconds held at the nearer end of `i64` (1678 to 2262).
+fn saturating_i64(n: i128) -> i64 {
+    i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })
 }
 
 impl fmt::Debug for FakeClock {
@@ -359,6 +364,16 @@ impl Clock for FakeClock {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fake_clock_before_1678_holds_at_the_past_end() {
+        // Beyond i64 nanoseconds: the nearer end, not the year 2262.
+        let start: Timestamp = "1600-01-01T00:00:00Z".parse().unwrap();
+        let c = FakeClock::new(start);
+        assert!(c.now() < Timestamp::UNIX_EPOCH, "{}", c.now());
+        c.set_wall(start);
+        assert!(c.now() < Timestamp::UNIX_EPOCH, "{}", c.now());
+    }
 
     #[test]
     fn fake_clock_moves_only_when_told() {

@@ -170,8 +170,9 @@ pub fn ceil_secs(d: Duration) -> u64 {
 /// `2026-01-09T12:00:00.000Z`.
 #[must_use]
 pub fn timestamp_millis(t: Timestamp) -> String {
-    // Truncate to whole milliseconds, then always print three digits.
-    let ms = t.as_millisecond();
+    // Truncate to whole milliseconds (toward the past, also before 1970),
+    // then always print three digits.
+    let ms = i64::try_from(t.as_nanosecond().div_euclid(1_000_000)).unwrap_or(0);
     let secs = ms.div_euclid(1000);
     let frac = ms.rem_euclid(1000);
     let whole = Timestamp::from_second(secs).unwrap_or(Timestamp::UNIX_EPOCH);
@@ -280,8 +281,13 @@ impl Rejection {
             Self::InvalidCredentials => Some(format!("{head}{sep}error=\"invalid_token\"")),
             // RFC 6750's scope syntax (printable ASCII but `"` and `\`); a
             // host-built scope outside it is left out, never spliced in.
+            // `scope = scope-token *( SP scope-token )`, each token
+            // non-empty.
             Self::Forbidden { scope: Some(s) }
-                if s.bytes().all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E | b' ')) =>
+                if s.split(' ').all(|t| {
+                    !t.is_empty()
+                        && t.bytes().all(|b| matches!(b, 0x21 | 0x23..=0x5B | 0x5D..=0x7E))
+                }) =>
             {
                 Some(format!("{head}{sep}error=\"insufficient_scope\", scope=\"{s}\""))
             }
@@ -476,8 +482,14 @@ mod tests {
 
     #[test]
     fn a_scope_outside_the_header_syntax_is_left_out() {
-        let r = Rejection::Forbidden { scope: Some("a\"\r\nX-Injected: y".into()) };
-        assert_eq!(r.www_authenticate().as_deref(), Some("Bearer error=\"insufficient_scope\""));
+        // RFC 6750: space-separated tokens, none empty.
+        for bad in ["a\"\r\nX-Injected: y", "", " a", "a  b", "a "] {
+            let r = Rejection::Forbidden { scope: Some(bad.into()) };
+            let header = r.www_authenticate();
+            assert_eq!(header.as_deref(), Some("Bearer error=\"insufficient_scope\""), "{bad:?}");
+        }
+        let r = Rejection::Forbidden { scope: Some("a:b c:d".into()) };
+        assert!(r.www_authenticate().unwrap().ends_with("scope=\"a:b c:d\""));
         let r = Rejection::Forbidden { scope: Some("webhooks:write".into()) };
         assert_eq!(
             r.www_authenticate().as_deref(),
@@ -576,6 +588,9 @@ mod tests {
         assert_eq!(timestamp_millis(t()), "2026-01-09T12:00:00.000Z");
         let t2: Timestamp = "2026-01-09T12:00:00.1234Z".parse().unwrap();
         assert_eq!(timestamp_millis(t2), "2026-01-09T12:00:00.123Z");
+        // Truncated toward the past before 1970 too, not into the next second.
+        let early = Timestamp::new(-1, 999_500_000).unwrap();
+        assert_eq!(timestamp_millis(early), "1969-12-31T23:59:59.999Z");
     }
 
     #[test]
