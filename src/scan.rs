@@ -320,15 +320,19 @@ const SUSPECT_MIN: usize = 16;
 /// holds. A redactor that left such a run whole would show most of a key
 /// (a truncated `nh_` key keeps 63 of its 64 hex digits; one with a `g` in
 /// it, the other 63; an upper-cased one, its digits), or one a checksum
-/// lets an attacker repair offline.
+/// lets an attacker repair offline (an upper-cased key of a lower-case
+/// alphabet, its letters too: see [`of_secret_alphabet`]).
 fn suspect(format: &KeyFormat, rest: &[u8]) -> bool {
+    last_part(rest).is_some_and(|secret| {
+        secret.iter().filter(|&&b| of_secret_alphabet(format, b)).count() >= SUSPECT_MIN
+    })
+}
+
+/// Whether `b` is of `format`'s secret alphabet in either case: a changed
+/// case is damage too, as a wrong character is.
+fn of_secret_alphabet(format: &KeyFormat, b: u8) -> bool {
     let alphabet = format.secret_alphabet();
-    // Either case, as in [`glued_damaged`]: an upper-cased key of a
-    // lower-case alphabet is a changed case too.
-    let of_alphabet = |b: &&u8| {
-        alphabet.contains(b.to_ascii_lowercase()) || alphabet.contains(b.to_ascii_uppercase())
-    };
-    last_part(rest).is_some_and(|secret| secret.iter().filter(of_alphabet).count() >= SUSPECT_MIN)
+    alphabet.contains(b.to_ascii_lowercase()) || alphabet.contains(b.to_ascii_uppercase())
 }
 
 /// The last part of `rest` (after a literal prefix), where the secret of a
@@ -357,12 +361,9 @@ fn glued_damaged(
 ) -> bool {
     let longest = format.len_range().1;
     let Some(rest) = hay.get(start + prefix..start + longest) else { return false };
-    let alphabet = format.secret_alphabet();
-    let of_alphabet = |b: &u8| {
-        alphabet.contains(b.to_ascii_lowercase()) || alphabet.contains(b.to_ascii_uppercase())
-    };
-    let damaged = last_part(rest)
-        .is_some_and(|secret| secret.len() >= SUSPECT_MIN && secret.iter().all(of_alphabet));
+    let damaged = last_part(rest).is_some_and(|secret| {
+        secret.len() >= SUSPECT_MIN && secret.iter().all(|&b| of_secret_alphabet(format, b))
+    });
     if damaged {
         on_key(start, start + longest, format, prefix);
     }

@@ -912,12 +912,6 @@ const MAX_ENDPOINTS: usize = 100;
 /// without this a management token could spread endpoints over any number.
 const MAX_APPLICATIONS: usize = 1000;
 
-/// An `http(s)` URL (the scheme in any case, as RFC 3986 has it) with a
-/// usable host, as the `url` crate (the WHATWG URL standard) parses it: a
-/// domain of letter, digit and `-` labels (none empty or starting or ending
-/// with `-`; one trailing `.` allowed), or an IPv4 or IPv6 address; a port,
-/// if any, not 0. No `\\` (which the standard reads as `/`), whitespace or
-/// control characters anywhere: what a client must send is what it gave.
 /// `/portal` under the path of `base_url` (an http(s) URL without a
 /// trailing `/`).
 fn portal_path(base_url: &str) -> String {
@@ -925,6 +919,12 @@ fn portal_path(base_url: &str) -> String {
     format!("{}/portal", path.trim_end_matches('/'))
 }
 
+/// An `http(s)` URL (the scheme in any case, as RFC 3986 has it) with a
+/// usable host, as the `url` crate (the WHATWG URL standard) parses it: a
+/// domain of letter, digit and `-` labels (none empty or starting or ending
+/// with `-`; one trailing `.` allowed), or an IPv4 or IPv6 address; a port,
+/// if any, not 0. No `\\` (which the standard reads as `/`), whitespace or
+/// control characters anywhere: what a client must send is what it gave.
 pub(crate) fn is_http_url(raw: &str) -> bool {
     if raw.bytes().any(|b| b == b'\\' || b.is_ascii_whitespace() || b.is_ascii_control()) {
         return false;
