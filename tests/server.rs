@@ -906,3 +906,23 @@ async fn a_public_url_with_a_path_scopes_the_portal_cookie_to_it() {
     let set = opened.header("set-cookie").unwrap();
     assert!(set.contains("; Path=/base/portal;"), "{set}");
 }
+
+/// Behind a proxy that mounts the server under a path, the opened portal
+/// page rewrites its address (dropping the spent code) to the portal's
+/// public path, where the session cookie is sent — not to `/portal`, which
+/// is outside the mount and gets no cookie.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_page_rewrites_its_address_to_the_public_path() {
+    let args = ["--bind", "127.0.0.1:0", "--public-url", "https://example.com/base/"];
+    let running = Running::start(&args.map(std::ffi::OsStr::new), &[]);
+    let s = Server { base: running.base(), token: running.token(), http: Client::new() };
+    let r = portal_link(&s, json!({})).await;
+    let code = r.body["code"].as_str().unwrap();
+    let opened = s.call(Method::GET, &format!("/portal?code={code}"), &[], None).await;
+    assert_eq!(opened.status, StatusCode::OK, "{}", opened.text);
+    assert!(
+        opened.text.contains(r#"history.replaceState(null, "", "/base/portal")"#),
+        "{}",
+        opened.text
+    );
+}

@@ -855,8 +855,13 @@ async fn open_portal<B: Backend>(
                 "<!doctype html><html><head><meta charset=\"utf-8\"><title>Developer portal</title></head>\
                  <body><h1>Developer portal</h1><p>Application {}</p>\
                  <p>This link has now been used; bookmark nothing but this page's session.</p>\
-                 <script>history.replaceState(null, \"\", \"/portal\")</script></body></html>",
-                html_escape(&application)
+                 <script>history.replaceState(null, \"\", {})</script></body></html>",
+                html_escape(&application),
+                // The portal's public path (`/base/portal` behind a proxy
+                // mounting the server under `/base`), where the cookie is
+                // sent: a JSON string, whose `<` the URL's path has already
+                // percent-encoded.
+                Value::String(app.portal_path.clone()),
             );
             let mut res =
                 (StatusCode::OK, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html)
