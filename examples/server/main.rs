@@ -39,8 +39,10 @@ struct Args {
     plans: Option<PathBuf>,
     /// Keep keys, limits, portal sessions, quotas and revocations in Redis
     /// (`redis://[:password@]host:port[/db]`), so that every instance
-    /// started against the same Redis behaves as one. Its value is kept
-    /// out of `--help`: the URL may hold a password.
+    /// started against the same Redis agrees on every key, limit, link and
+    /// quota (the demo's own data, portal endpoints and the ids it hands
+    /// out, stays in each instance's memory). Its value is kept out of
+    /// `--help`: the URL may hold a password.
     #[arg(long, env = "REDIS_URL", hide_env_values = true)]
     redis: Option<String>,
     /// Also serve `POST /load/ingest/{endpoint}` without authentication or
