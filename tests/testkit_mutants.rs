@@ -38,6 +38,9 @@ enum KM {
     ReplacedJudgedByStoreClock,
     ReplacementExpiryIgnored,
     ScopesTruncated,
+    ReplacedCheckNotAtomic,
+    CapBeforeDuplicates,
+    KeyIdCheckNotAtomic,
 }
 
 struct MK {
@@ -47,6 +50,8 @@ struct MK {
     // overlays emulating writes the memory store refuses to make
     exp: Mutex<HashMap<RecordId, Timestamp>>,
     lu: Mutex<HashMap<RecordId, Timestamp>>,
+    // (format, key id) → record, kept beside the inner store's indexes
+    kid: Mutex<HashMap<(String, KeyId), RecordId>>,
 }
 fn mk(m: KM) -> MK {
     MK {
@@ -55,16 +60,21 @@ fn mk(m: KM) -> MK {
         replaced_by: Mutex::new(HashMap::new()),
         exp: Mutex::new(HashMap::new()),
         lu: Mutex::new(HashMap::new()),
+        kid: Mutex::new(HashMap::new()),
     }
 }
 impl MK {
     fn patch(&self, r: Arc<KeyRecord>) -> Arc<KeyRecord> {
         let e = self.exp.lock().unwrap().get(&r.id).copied();
         let l = self.lu.lock().unwrap().get(&r.id).copied();
-        if e.is_none() && l.is_none() {
+        let kid = self.kid.lock().unwrap().iter().find(|(_, id)| **id == r.id).map(|(k, _)| k.1);
+        if e.is_none() && l.is_none() && kid.is_none() {
             return r;
         }
         let mut x = (*r).clone();
+        if kid.is_some() {
+            x.key_id = kid;
+        }
         if let Some(e) = e {
             x.expires_at = Some(e);
         }
@@ -75,6 +85,62 @@ impl MK {
     }
     fn patch_opt(&self, r: Option<Arc<KeyRecord>>) -> Option<Arc<KeyRecord>> {
         r.map(|r| self.patch(r))
+    }
+
+    /// The (format, key id) index checked in one step and written in
+    /// another: two inserts of one key id racing both pass the read.
+    async fn insert_kid_not_atomic(
+        &self,
+        record: Arc<KeyRecord>,
+        limit: Option<ActiveLimit>,
+    ) -> Result<InsertOutcome, BackendError> {
+        let kid = (record.format.clone(), record.key_id.unwrap());
+        if self.find_by_key_id(&kid.0, &kid.1).await?.is_some() {
+            return Ok(InsertOutcome::DuplicateKey);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let id = record.id.clone();
+        let bare = KeyRecord { key_id: None, ..(*record).clone() };
+        let out = self.inner.insert(Arc::new(bare), limit).await?;
+        if out == InsertOutcome::Inserted {
+            self.kid.lock().unwrap().insert(kid, id);
+        }
+        Ok(out)
+    }
+
+    /// Right in sequence, but the replaced record's standing is read in
+    /// one step and the record written in another: two rolls of one key
+    /// racing can both pass the read.
+    async fn insert_not_atomic(
+        &self,
+        record: Arc<KeyRecord>,
+        l: ActiveLimit,
+    ) -> Result<InsertOutcome, BackendError> {
+        let old = l.replacing.clone().unwrap();
+        let Some(old_rec) = self.inner.get(&old).await?.filter(|r| r.is_active(l.now)) else {
+            return Ok(InsertOutcome::ReplacingInactive);
+        };
+        let rep = self.replaced_by.lock().unwrap().get(&old).cloned();
+        if let Some(rep) = rep
+            && self.inner.get(&rep).await?.is_some_and(|r| r.is_active(l.now))
+        {
+            return Ok(InsertOutcome::AlreadyReplaced);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        // The replaced record is not counted against the cap.
+        let same = old_rec.tenant.workspace == record.tenant.workspace
+            && old_rec.tenant.project.is_some()
+            && old_rec.tenant.project == record.tenant.project;
+        let max = if l.is_capped() { l.max + u32::from(same) } else { u32::MAX };
+        let id = record.id.clone();
+        let out = self.inner.insert(record, Some(ActiveLimit::new(max, l.now))).await?;
+        if out == InsertOutcome::Inserted {
+            self.replaced_by.lock().unwrap().insert(old, id);
+        }
+        if let InsertOutcome::LimitReached { .. } = out {
+            return Ok(InsertOutcome::LimitReached { max: l.max });
+        }
+        Ok(out)
     }
 }
 
@@ -133,6 +199,12 @@ impl KeyStore for MK {
                     return Ok(out);
                 }
             }
+            KM::KeyIdCheckNotAtomic if record.key_id.is_some() => {
+                return self.insert_kid_not_atomic(record, limit).await;
+            }
+            KM::ReplacedCheckNotAtomic if limit.as_ref().is_some_and(|l| l.replacing.is_some()) => {
+                return self.insert_not_atomic(record, limit.unwrap()).await;
+            }
             KM::ScopesTruncated => {
                 let mut r = (*record).clone();
                 r.scopes = Arc::from(&r.scopes[..r.scopes.len().min(1)]);
@@ -145,6 +217,27 @@ impl KeyStore for MK {
             (KM::NoAlreadyReplaced, InsertOutcome::AlreadyReplaced) => {
                 let l = limit.unwrap();
                 self.inner.insert(record, Some(ActiveLimit { replacing: None, ..l })).await
+            }
+            // Duplicates reported as the cap when the project is full.
+            (KM::CapBeforeDuplicates, InsertOutcome::DuplicateId | InsertOutcome::DuplicateKey)
+                if limit.as_ref().is_some_and(ActiveLimit::is_capped) =>
+            {
+                let (l, p) = (limit.unwrap(), record.tenant.project.clone());
+                let active = match &p {
+                    Some(p) => self
+                        .inner
+                        .list(&record.tenant.workspace, Some(p))
+                        .await?
+                        .iter()
+                        .filter(|r| r.is_active(l.now) && Some(&r.id) != l.replacing.as_ref())
+                        .count(),
+                    None => 0,
+                };
+                if p.is_some() && active as u64 >= u64::from(l.max) {
+                    Ok(InsertOutcome::LimitReached { max: l.max })
+                } else {
+                    Ok(out)
+                }
             }
             (KM::DupIdInserted, InsertOutcome::DuplicateId)
             | (KM::DupKeyInserted, InsertOutcome::DuplicateKey) => Ok(InsertOutcome::Inserted),
@@ -179,6 +272,10 @@ impl KeyStore for MK {
         format: &str,
         key_id: &KeyId,
     ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
+        let own = self.kid.lock().unwrap().get(&(format.to_owned(), *key_id)).cloned();
+        if let Some(id) = own {
+            return Ok(self.patch_opt(self.inner.get(&id).await?));
+        }
         Ok(self.patch_opt(self.inner.find_by_key_id(format, key_id).await?))
     }
 
@@ -271,6 +368,7 @@ key_mutants! {
     k_replaced_judged_by_store_clock => KM::ReplacedJudgedByStoreClock, "active at limit.now",
     k_replacement_expiry_ignored => KM::ReplacementExpiryIgnored, "the first replacement expired at now",
     k_scopes_truncated => KM::ScopesTruncated, "every field kept",
+    k_cap_before_duplicates => KM::CapBeforeDuplicates, "duplicates are checked before the cap",
 }
 
 // ---------------------------------------------------------------- portal
@@ -536,6 +634,121 @@ quota_mutants! {
     q_month_at_utc_plus_one => QM::MonthAtUtcPlusOne, "assertion `left == right` failed",
     q_year_blind => QM::YearBlind, "a year later, December starts from zero",
     q_december_reset_same_year => QM::DecemberResetSameYear, "December resets in January",
+}
+
+/// Stores whose replacement or key-id check is right in sequence but not
+/// atomic pass the sequential suite; the race suite races two rolls of one
+/// key, and two inserts of one key id, and refuses them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k_checks_not_atomic_pass_run_but_not_race() {
+    for (m, why) in [
+        (KM::ReplacedCheckNotAtomic, "one replacement per record"),
+        (KM::KeyIdCheckNotAtomic, "one insert per key id"),
+    ] {
+        keygate::testkit::keys::run(|| mk(m)).await;
+        let raced = tokio::task::spawn_blocking(move || {
+            std::panic::catch_unwind(|| keygate::testkit::keys::race(&mk(m), 20, 8, 3))
+        })
+        .await
+        .unwrap();
+        let msg = raced.expect_err("the race suite refuses a non-atomic check");
+        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+        assert!(msg.contains(why), "{m:?}: {msg}");
+    }
+}
+
+/// Checks and counts under a lock of the request's category only: right
+/// in sequence, and one category's requests racing are serialized, but
+/// requests of two categories that one rule counts race past its limit
+/// (SQL: locking only the counted category's row).
+#[derive(Default)]
+struct PerCategoryLock {
+    inner: MemoryQuotaStore,
+    locks: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+}
+
+impl PerCategoryLock {
+    fn decide(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> QuotaDecision {
+        use keygate::testkit::portal::block_on;
+        let resets_at = Month::of(now).next_reset();
+        let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
+        let decision = |allowed, r: &QuotaRule, used| QuotaDecision {
+            allowed,
+            rule: Some(r.name.clone()),
+            used,
+            limit: r.limit,
+            resets_at,
+            cost_exceeds_limit: !allowed && cost > r.limit,
+        };
+        if counting.is_empty() {
+            let mut d = decision(true, &QuotaRule::new("-", u64::MAX, &[]), 0);
+            d.rule = None;
+            return d;
+        }
+        let lock = Arc::clone(
+            self.locks.lock().unwrap().entry(format!("{account}\0{category}")).or_default(),
+        );
+        let _held = lock.lock().unwrap();
+        let used: Vec<u64> = counting
+            .iter()
+            .map(|r| block_on(self.inner.rule_usage(account, r, now)).unwrap())
+            .collect();
+        std::thread::sleep(std::time::Duration::from_millis(1));
+        let full = |i: usize| used[i].checked_add(cost).is_none_or(|u| u > counting[i].limit);
+        let deny = (0..counting.len())
+            .find(|&i| cost > counting[i].limit)
+            .or_else(|| (0..counting.len()).find(|&i| full(i)));
+        if let Some(i) = deny {
+            return decision(false, counting[i], used[i]);
+        }
+        let any = [QuotaRule::new("any", u64::MAX, &[category])];
+        let counted = block_on(self.inner.check_and_count(account, &any, category, cost, now));
+        assert!(counted.unwrap().allowed);
+        let left = |i: usize| counting[i].limit - (used[i] + cost);
+        let best = (1..counting.len()).fold(0, |b, i| if left(i) < left(b) { i } else { b });
+        decision(true, counting[best], used[best] + cost)
+    }
+}
+
+impl QuotaStore for PerCategoryLock {
+    async fn check_and_count(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> Result<QuotaDecision, BackendError> {
+        Ok(self.decide(account, rules, category, cost, now))
+    }
+    async fn usage(
+        &self,
+        account: &str,
+        category: &str,
+        now: Timestamp,
+    ) -> Result<u64, BackendError> {
+        self.inner.usage(account, category, now).await
+    }
+}
+
+/// A quota store locking per category passes the sequential suite; the
+/// race suite races two categories of one rule and refuses it.
+#[tokio::test]
+async fn q_per_category_lock_passes_run_but_not_race() {
+    keygate::testkit::quota::run(&PerCategoryLock::default(), "t").await;
+    let raced = std::panic::catch_unwind(|| {
+        keygate::testkit::quota::race(&PerCategoryLock::default(), "t", 8, 20);
+    });
+    let msg = raced.expect_err("the race suite refuses a per-category lock");
+    let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains("categories"), "{msg}");
 }
 
 /// The controls: the stores unmutated pass, and so does one that forgets an

@@ -119,10 +119,10 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
 async fn uniqueness<S: KeyStore>(s: &S) {
     let r = sample_record("ws_a", None, 0, true);
     assert_eq!(s.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
-    let mut same_id = sample_record("ws_a", None, 0, false);
-    same_id.id = r.id.clone();
+    let mut one_per_record_id = sample_record("ws_a", None, 0, false);
+    one_per_record_id.id = r.id.clone();
     assert_eq!(
-        s.insert(Arc::new(same_id.clone()), None).await.unwrap(),
+        s.insert(Arc::new(one_per_record_id.clone()), None).await.unwrap(),
         InsertOutcome::DuplicateId
     );
     let mut same_digest = sample_record("ws_a", None, 0, false);
@@ -132,7 +132,10 @@ async fn uniqueness<S: KeyStore>(s: &S) {
         InsertOutcome::DuplicateKey
     );
     // Neither refusal left anything behind.
-    assert!(s.find_by_digest(&same_id.digest).await.unwrap().is_none(), "refused id: no digest");
+    assert!(
+        s.find_by_digest(&one_per_record_id.digest).await.unwrap().is_none(),
+        "refused id: no digest"
+    );
     assert!(s.get(&same_digest.id).await.unwrap().is_none(), "refused digest: no record");
     let all = s.list(&"ws_a".parse().expect("valid id"), None).await.unwrap();
     assert_eq!(all.iter().map(|x| x.id.clone()).collect::<Vec<_>>(), vec![r.id.clone()]);
@@ -172,6 +175,23 @@ async fn active_cap<S: KeyStore>(s: &S) {
         "the cap is enforced"
     );
     assert!(s.get(&fourth.id).await.unwrap().is_none(), "a refused insert stores nothing");
+    // Duplicates are checked before the cap: at the cap, a taken id or
+    // digest is still reported as such.
+    let held = s.list(&"ws_a".parse().unwrap(), Some(&"capped".parse().unwrap())).await.unwrap();
+    let mut one_per_record_id = sample_record("ws_a", Some("capped"), 3, false);
+    one_per_record_id.id = held[0].id.clone();
+    let mut same_digest = sample_record("ws_a", Some("capped"), 3, false);
+    same_digest.digest = held[0].digest;
+    for (r, want) in [
+        (one_per_record_id, InsertOutcome::DuplicateId),
+        (same_digest, InsertOutcome::DuplicateKey),
+    ] {
+        assert_eq!(
+            s.insert(Arc::new(r), Some(limit.clone())).await.unwrap(),
+            want,
+            "duplicates are checked before the cap"
+        );
+    }
     // Other projects and workspaces have their own count.
     let other = sample_record("ws_a", Some("other"), 0, false);
     assert_eq!(
@@ -414,9 +434,13 @@ async fn last_use<S: KeyStore>(s: &S) {
 
 /// Races `threads` threads against the atomicity the contract promises:
 /// each round, every thread inserts its own record into one project capped
-/// at `max` active keys, and then every thread inserts a record with one
-/// shared digest. Exactly `max` capped inserts and exactly one of the
-/// shared-digest inserts may succeed.
+/// at `max` active keys, then every thread inserts a record with one
+/// shared digest, one with a shared (format, key id) and one with a shared
+/// record id, and then every thread inserts a replacement of one shared
+/// record (two rolls of one key racing). Exactly `max` capped inserts,
+/// exactly one insert of each shared digest, key id and record id, and
+/// exactly one of the replacements may succeed (the others are
+/// [`InsertOutcome::AlreadyReplaced`]).
 ///
 /// Threads drive the futures with [`block_on`](super::portal::block_on),
 /// as the portal race does: use it with stores whose futures make progress
@@ -435,11 +459,30 @@ pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u
         let capped = AtomicUsize::new(0);
         let shared = sample_record("ws_race", None, 0, false).digest;
         let same_digest = AtomicUsize::new(0);
+        let shared_kid = sample_record("ws_race", None, 0, true).key_id;
+        let same_kid = AtomicUsize::new(0);
+        let taken_record_id = RecordId::generate().expect("OS RNG");
+        let one_per_record_id = AtomicUsize::new(0);
+        let rolled = sample_record("ws_race", Some(&format!("rolled{round}")), 0, false);
+        let roll = ActiveLimit {
+            replacing: Some(rolled.id.clone()),
+            ..ActiveLimit::new(u32::MAX, t(100))
+        };
+        let inserted = super::portal::block_on(store.insert(Arc::new(rolled), None));
+        assert_eq!(
+            inserted.expect("insert"),
+            InsertOutcome::Inserted,
+            "round {round}: the rolled key"
+        );
+        let replacements = AtomicUsize::new(0);
         let barrier = std::sync::Barrier::new(threads);
         std::thread::scope(|sc| {
             for _ in 0..threads {
                 let (capped, same_digest, barrier, project, limit) =
                     (&capped, &same_digest, &barrier, &project, &limit);
+                let (replacements, roll) = (&replacements, &roll);
+                let (same_kid, one_per_record_id, taken_record_id) =
+                    (&same_kid, &one_per_record_id, &taken_record_id);
                 sc.spawn(move || {
                     let mine = sample_record("ws_race", Some(project), 0, false);
                     barrier.wait();
@@ -455,10 +498,44 @@ pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u
                     if won.expect("insert") == InsertOutcome::Inserted {
                         same_digest.fetch_add(1, Ordering::Relaxed);
                     }
+                    let mut dup = sample_record("ws_race", None, 0, true);
+                    dup.key_id = shared_kid;
+                    barrier.wait();
+                    let won = super::portal::block_on(store.insert(Arc::new(dup), None));
+                    if won.expect("insert") == InsertOutcome::Inserted {
+                        same_kid.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let mut dup = sample_record("ws_race", None, 0, false);
+                    dup.id = taken_record_id.clone();
+                    barrier.wait();
+                    let won = super::portal::block_on(store.insert(Arc::new(dup), None));
+                    if won.expect("insert") == InsertOutcome::Inserted {
+                        one_per_record_id.fetch_add(1, Ordering::Relaxed);
+                    }
+                    let replacement =
+                        sample_record("ws_race", Some(&format!("rolled{round}")), 1, false);
+                    barrier.wait();
+                    let won = super::portal::block_on(
+                        store.insert(Arc::new(replacement), Some(roll.clone())),
+                    );
+                    match won.expect("insert") {
+                        InsertOutcome::Inserted => {
+                            replacements.fetch_add(1, Ordering::Relaxed);
+                        }
+                        InsertOutcome::AlreadyReplaced => {}
+                        other => panic!("round {round}: a losing roll answered {other:?}"),
+                    }
                 });
             }
         });
         assert_eq!(capped.into_inner(), cap, "round {round}: the cap admits exactly {cap}");
         assert_eq!(same_digest.into_inner(), 1, "round {round}: one insert per digest");
+        assert_eq!(same_kid.into_inner(), 1, "round {round}: one insert per key id");
+        assert_eq!(one_per_record_id.into_inner(), 1, "round {round}: one insert per record id");
+        assert_eq!(
+            replacements.into_inner(),
+            1,
+            "round {round}: one replacement per record (two rolls of one key racing)"
+        );
     }
 }

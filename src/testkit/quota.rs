@@ -173,8 +173,12 @@ async fn opaque_names<S: QuotaStore>(store: &S, prefix: &str) {
 
 /// Races `threads` threads, each counting `per_thread` single units of one
 /// category for one account under two rules: exactly the tighter limit is
-/// counted, and both counters end at it. Threads drive the futures with
-/// [`block_on`](super::portal::block_on); see [`super::keys::race`].
+/// counted, and both counters end at it. Then races threads counting two
+/// categories (`email` and `webhook`, alternately) that one rule counts:
+/// exactly its limit is counted across both (a store that locks only the
+/// counted category's counter lets them past it). Threads drive the
+/// futures with [`block_on`](super::portal::block_on); see
+/// [`super::keys::race`].
 ///
 /// # Panics
 ///
@@ -209,4 +213,32 @@ pub fn race<S: QuotaStore + Sync>(store: &S, prefix: &str, threads: usize, per_t
         let used = super::portal::block_on(store.rule_usage(&account, rule, now)).expect("usage");
         assert_eq!(used, want, "{}: denials counted nothing, admissions counted once", rule.name);
     }
+
+    // Two categories under one rule: a check reads both counters and
+    // counts one, in one step.
+    let account = format!("{prefix}:race-mixed");
+    let rules = [QuotaRule::new("all", 30, &["email", "webhook"])];
+    let counted = AtomicU64::new(0);
+    std::thread::scope(|sc| {
+        for t in 0..threads {
+            let (account, rules, counted, barrier) = (&account, &rules, &counted, &barrier);
+            let category = if t % 2 == 0 { "email" } else { "webhook" };
+            sc.spawn(move || {
+                barrier.wait();
+                for _ in 0..per_thread {
+                    let check = store.check_and_count(account, rules, category, 1, now);
+                    if super::portal::block_on(check).expect("count").allowed {
+                        counted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let want = 30.min(u64::try_from(threads * per_thread).unwrap_or(u64::MAX));
+    let used = super::portal::block_on(store.rule_usage(&account, &rules[0], now)).expect("usage");
+    assert_eq!(
+        (counted.into_inner(), used),
+        (want, want),
+        "two categories of one rule: exactly its limit is counted across both"
+    );
 }
