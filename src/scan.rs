@@ -88,9 +88,11 @@ impl fmt::Debug for Match {
 ///
 /// A candidate counts only when the byte before it and the byte after it are
 /// not ASCII letters, digits or `_` (or it touches the start or end of the
-/// input; the word bytes of an escape of a non-word character, such as
-/// `\n`, `\u0022`, `\x22` or `%20`, right before a key do not count,
-/// where `%5F`, an `_`, does), and the whole token parses as a key of its
+/// input; the word bytes of an escape of a non-word character right
+/// before a key do not count — C's one-letter escapes (`\n`, `\t`, `\r`,
+/// `\b`, `\f`, `\a`, `\v`, `\e`, `\0`), its three-digit octal (`\075`),
+/// `\xXX`, `\uXXXX` and URL escapes (`%20`, or twice: `%253D`) — where
+/// `%5F`, an `_`, does), and the whole token parses as a key of its
 /// format — so scanning and [`KeyFormat::parse`] agree by construction.
 ///
 /// ```
@@ -371,16 +373,22 @@ fn glued_damaged(
 }
 
 /// The length of the escape's word bytes at the start of the run at
-/// `start` (the run follows a non-word byte): `n` in `\n`, `u0022` in
-/// `\u0022`, `x22` in `\x22` (nginx, Python, shells), `20` in `%20`.
-/// Only an escape of a non-word character counts: `\u005f` and `%5F` are
-/// `_`, and `%41` is `A`, so a key after them is as inside a word as after
-/// the characters themselves.
+/// `start` (the run follows a non-word byte): `n` in `\n` (C's one-letter
+/// escapes `\n`, `\t`, `\r`, `\b`, `\f`, `\a`, `\v`, `\e` and `\0`),
+/// `075` in `\075` (C's octal escapes: `printf`, `strace`, Postgres),
+/// `u0022` in `\u0022`, `x22` in `\x22` (nginx, Python, shells), `20` in
+/// `%20`. Only an escape of a non-word character counts: `\u005f`, `\137`
+/// and `%5F` are `_`, and `%41` is `A`, so a key after them is as inside a
+/// word as after the characters themselves.
 fn escape_len(hay: &[u8], start: usize) -> Option<usize> {
     let opener = *hay.get(start.checked_sub(1)?)?;
     let rest = hay.get(start..)?;
     match (opener, rest) {
-        (b'\\', [b'n' | b't' | b'r' | b'b' | b'f', ..]) => Some(1),
+        (b'\\', [a @ b'0'..=b'3', b @ b'0'..=b'7', c @ b'0'..=b'7', ..]) => {
+            let code = (a - b'0') * 64 + (b - b'0') * 8 + (c - b'0');
+            (!(code.is_ascii_alphanumeric() || code == b'_')).then_some(3)
+        }
+        (b'\\', [b'n' | b't' | b'r' | b'b' | b'f' | b'a' | b'v' | b'e' | b'0', ..]) => Some(1),
         (b'\\', [b'u', hex @ ..]) => hex.get(..4).filter(|h| escapes_non_word(h)).map(|_| 5),
         (b'\\', [b'x', hex @ ..]) => hex.get(..2).filter(|h| escapes_non_word(h)).map(|_| 3),
         (b'%', hex) => hex.get(..2).filter(|h| escapes_non_word(h)).map(|_| 2),

@@ -40,7 +40,18 @@ fn non_word(data: &[u8], from: usize, n: usize) -> Option<()> {
 fn escape_once(data: &[u8], i: usize) -> Option<usize> {
     let non_word = |from: usize, n: usize| non_word(data, from, n);
     match data.get(i.checked_sub(1)?)? {
-        b'\\' if matches!(data.get(i), Some(b'n' | b't' | b'r' | b'b' | b'f')) => Some(1),
+        b'\\' if matches!(data.get(i..i + 3), Some([b'0'..=b'3', b'0'..=b'7', b'0'..=b'7'])) => {
+            let c = u8::from_str_radix(std::str::from_utf8(&data[i..i + 3]).ok()?, 8).ok()?;
+            (!(c.is_ascii_alphanumeric() || c == b'_')).then_some(3)
+        }
+        b'\\'
+            if matches!(
+                data.get(i),
+                Some(b'n' | b't' | b'r' | b'b' | b'f' | b'a' | b'v' | b'e' | b'0')
+            ) =>
+        {
+            Some(1)
+        }
         b'\\' if data.get(i) == Some(&b'u') => non_word(i + 1, 4).map(|()| 5),
         b'\\' if data.get(i) == Some(&b'x') => non_word(i + 1, 2).map(|()| 3),
         b'%' => non_word(i, 2).map(|()| 2),

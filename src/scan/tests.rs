@@ -110,6 +110,27 @@ fn keys_glued_to_an_escape_are_found() {
 }
 
 #[test]
+fn keys_after_octal_and_other_c_escapes_are_found() {
+    // The rule is "the word bytes of an escape of a non-word character do
+    // not count": C's octal escapes (`printf`, `strace`, PostgreSQL's
+    // `escape` output) and its other one-letter escapes are escapes too.
+    let s = Scanner::presets();
+    let sk = format!("sk_live_{}", "a1B2".repeat(8));
+    for esc in [r"\075", r"\042", r"\040", r"\012", r"\0", r"\a", r"\v", r"\e"] {
+        let text = format!("token={esc}{sk} status=200");
+        assert_eq!(s.find_all(text.as_bytes()).len(), 1, "{text}");
+        let mut red = Vec::new();
+        s.redact(text.as_bytes(), &mut red).unwrap();
+        assert!(!String::from_utf8_lossy(&red).contains(&sk[sk.len() - 20..]), "{text}");
+    }
+    // An octal escape of a word character (`0`, `A`, `_`) is inside a word.
+    for esc in [r"\060", r"\101", r"\137"] {
+        let text = format!("token={esc}{sk}");
+        assert!(s.find_all(text.as_bytes()).is_empty(), "{text}");
+    }
+}
+
+#[test]
 fn runs_of_escape_openers_never_stall_a_small_buffer() {
     // The streaming cut backs off from backslashes and `%`s; a buffer full
     // of them must still make progress, or the rest of the input would be
@@ -334,7 +355,22 @@ fn reference_escape(hay: &[u8], i: usize) -> Vec<usize> {
         (!(c.is_ascii_alphanumeric() || c == '_')).then_some(())
     };
     let once = match opener {
-        b'\\' if ["n", "t", "r", "b", "f"].iter().any(|e| text.starts_with(e)) => Some(1),
+        b'\\'
+            if text.len() >= 3 && text.as_bytes()[0] <= b'3' && {
+                let o = &text.as_bytes()[..3];
+                o.iter().all(|b| (b'0'..=b'7').contains(b))
+            } =>
+        {
+            let o = u8::from_str_radix(&text[..3], 8).ok();
+            o.filter(|c| !(c.is_ascii_alphanumeric() || *c == b'_')).map(|_| 3)
+        }
+        b'\\'
+            if ["n", "t", "r", "b", "f", "a", "v", "e", "0"]
+                .iter()
+                .any(|e| text.starts_with(e)) =>
+        {
+            Some(1)
+        }
         b'\\' if text.starts_with('x') => non_word(&text[1..], 2).map(|()| 3),
         b'\\' => text.strip_prefix('u').and_then(|h| non_word(h, 4)).map(|()| 5),
         b'%' => non_word(&text, 2).map(|()| 2),
@@ -497,6 +533,7 @@ fn piece() -> impl Strategy<Value = Vec<u8>> {
         3 => prop::sample::select(vec![
             &b" "[..], b"\n", b"-", b"=", b"\xff", b"\0", b"_", b"%25", b"%253D", b"%2525",
             b"\\x22", b"\\x", b"%20", b"\\u0022", b"\\n", b"%", b"\\", b"%252F", b"%25e9",
+            b"\\075", b"\\060", b"\\0", b"\\07", b"\\e",
         ])
             .prop_map(<[u8]>::to_vec),
         1 => prop::collection::vec(any::<u8>(), 0..6),
@@ -706,7 +743,7 @@ fn a_key_glued_to_an_escape_is_found_wherever_a_streaming_cut_falls() {
     // scanner into prefix search; the key is moved across the first cut.
     let key = format!("nh_{HEX64}");
     let filler = b"0123456789abcdef0123456789abcdef01234567 ";
-    for escape in [&b"\\n"[..], b"%20", b"\\u0022", b"\\"] {
+    for escape in [&b"\\n"[..], b"%20", b"\\u0022", b"\\", b"\\075"] {
         for at in (64 * 1024 - 8)..(64 * 1024 + 16) {
             let mut hay: Vec<u8> = filler.iter().copied().cycle().take(at - escape.len()).collect();
             hay.extend_from_slice(escape);
