@@ -396,14 +396,15 @@ impl Response {
     /// of any type that can be made from a `String` (axum's `Body`,
     /// `http_body_util::Full<Bytes>`, `String` itself).
     ///
-    /// # Panics
-    ///
-    /// Never: keygate writes only valid header names and values.
+    /// Never panics. keygate writes only valid statuses, header names and
+    /// values; in a response changed by hand (the fields are public), a
+    /// header that is not valid is left out and a status outside 100–999
+    /// becomes a 500.
     #[must_use]
     pub fn into_http<B: From<String>>(self) -> ::http::Response<B> {
         let mut out = ::http::Response::new(B::from(self.body));
         *out.status_mut() = ::http::StatusCode::from_u16(self.status)
-            .expect("keygate statuses are valid HTTP status codes");
+            .unwrap_or(::http::StatusCode::INTERNAL_SERVER_ERROR);
         append_headers(out.headers_mut(), self.headers);
         out
     }
@@ -459,6 +460,20 @@ mod tests {
 
     fn body(r: &Rejection, s: BodyStyle) -> Value {
         serde_json::from_str(&r.to_response(s, t()).body).unwrap()
+    }
+
+    /// `into_http` never panics, a `Response` made or changed by hand (its
+    /// fields are public) included: a status `http` cannot represent
+    /// becomes a 500.
+    #[cfg(feature = "http")]
+    #[test]
+    fn into_http_never_panics_on_a_hand_made_status() {
+        for status in [0, 99, 1000, u16::MAX] {
+            let r = Response { status, headers: vec![("x-a", "b".into())], body: "{}".into() };
+            let out = r.into_http::<String>();
+            assert_eq!(out.status(), 500, "{status}");
+            assert_eq!(out.headers()["x-a"], "b");
+        }
     }
 
     #[test]
