@@ -348,7 +348,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     ///
     /// [`PortalError::Request`] for a request that breaks a rule of
     /// [`SessionRequest::validate`], [`PortalError::NotManagementToken`],
-    /// [`PortalError::Scope`] when the role exceeds the token,
+    /// [`PortalError::MinterExpiring`] when the token ends within the
+    /// second, [`PortalError::Scope`] when the role exceeds the token,
     /// [`PortalError::UrlTemplate`] when the template has no `{code}`,
     /// [`PortalError::Collision`] when the minted code is taken, or a
     /// backend failure (the OS generator's included).
@@ -423,9 +424,12 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     ///
     /// [`PortalError::MalformedCode`] (no store asked),
     /// [`PortalError::AlreadyUsed`], [`PortalError::Expired`],
-    /// [`PortalError::UnknownCode`], [`PortalError::Scope`] when the
-    /// portal's role scopes do not compile, [`PortalError::Collision`] when
-    /// the minted token is taken, or a backend failure.
+    /// [`PortalError::UnknownCode`], [`PortalError::MinterInactive`] when
+    /// the minting token was revoked or has expired (see
+    /// [`minters_elsewhere`](Self::minters_elsewhere)),
+    /// [`PortalError::Scope`] when the portal's role scopes do not compile,
+    /// [`PortalError::Collision`] when the minted token is taken, or a
+    /// backend failure.
     ///
     /// Role scopes and randomness are settled before the code is spent, so
     /// those failures leave the link usable. Storing the access token comes

@@ -1149,10 +1149,11 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     }
 
     /// Derives the request's [`Target`] (tenant, environment, region), e.g.
-    /// the workspace from a path segment; a key that does not reach it is a
-    /// 403. The function's own refusal (say, a malformed path segment) is
-    /// answered after authentication and the rate limit, with their
-    /// headers. Formats the target names narrow the route's, never widen
+    /// the workspace from a path segment; a key that does not reach its
+    /// tenant or environment is a 403, and a key of another region is
+    /// invalid here: a 401, as an unknown key is. The function's own
+    /// refusal (say, a malformed path segment) is answered after
+    /// authentication and the rate limit, with their headers. Formats the target names narrow the route's, never widen
     /// them.
     #[must_use]
     pub fn target(

@@ -593,3 +593,31 @@ async fn a_revoked_minter_forgotten_before_its_links_expire_still_stops_them() {
         r.map(|a| a.record().id.clone())
     );
 }
+
+/// The changelog's "revoking a management token stops what it minted"
+/// holds for its portal sessions only: keys and tokens it created with
+/// `create_for` carry no link to it and keep working (the operator revokes
+/// them apart, from the token listing).
+#[tokio::test]
+async fn revoking_a_token_stops_its_portal_sessions_not_the_keys_it_created() {
+    let w = world(&["*"]).await;
+    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
+    let ws: keygate::store::WorkspaceId = "ws_abc".parse().unwrap();
+    let child = manager
+        .create_for(&w.mgmt, NewKey::new("child", NH, Tenant::workspace(ws.clone())))
+        .await
+        .unwrap();
+    let link = w
+        .portal
+        .create_session(&w.mgmt, &ws, &"app_1".parse().unwrap(), SessionRequest::default())
+        .await
+        .unwrap();
+    assert!(manager.revoke(w.mgmt.record_id()).await.unwrap());
+    assert!(matches!(
+        w.portal.redeem(link.code().expose_secret()).await,
+        Err(PortalError::MinterInactive)
+    ));
+    let h = child.key().expose_secret().to_owned();
+    let still = w.auth.authenticate([("x-api-key", h.as_bytes())], &Target::any()).await;
+    assert!(still.is_ok(), "{still:?}");
+}
