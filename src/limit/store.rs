@@ -42,7 +42,15 @@ pub enum CheckMode {
 ///   policy in one call named like an earlier one shares that policy's
 ///   state and is charged once ([`Plan`](super::Plan)s refuse duplicate
 ///   names; the [`Policy::per_second`](super::Policy::per_second) family
-///   is named by its period).
+///   is named by its period). A change of limit alone (same algorithm and
+///   window) reads the one state exactly. A change of algorithm or window
+///   converts the state, in the new policy's terms, losing what those
+///   terms cannot hold: once, at a switch, that is the point; but with the
+///   old and new plan both in use for one key (a rolling deploy that
+///   changes a policy's algorithm or window), each converts the other's
+///   state at its checks, and the key can then be admitted more than
+///   either plan allows. Give such a change a new policy name (keys start
+///   fresh under it), or switch every instance at once.
 /// - **Decisions and refunds.** A store of the host's own builds its
 ///   decisions with [`Decision::from_policies`], and marks an admitted
 ///   consume with [`Decision::with_charge`] (the cost, and its own clock
