@@ -651,9 +651,7 @@ async fn k_checks_not_atomic_pass_run_but_not_race() {
         })
         .await
         .unwrap();
-        let msg = raced.expect_err("the race suite refuses a non-atomic check");
-        let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
-        assert!(msg.contains(why), "{m:?}: {msg}");
+        assert_refused(raced, why);
     }
 }
 
@@ -746,9 +744,15 @@ async fn q_per_category_lock_passes_run_but_not_race() {
     let raced = std::panic::catch_unwind(|| {
         keygate::testkit::quota::race(&PerCategoryLock::default(), "t", 8, 20);
     });
-    let msg = raced.expect_err("the race suite refuses a per-category lock");
-    let msg = msg.downcast_ref::<String>().cloned().unwrap_or_default();
-    assert!(msg.contains("categories"), "{msg}");
+    assert_refused(raced, "categories");
+}
+
+/// That a suite run under `catch_unwind` panicked, with a message holding
+/// `why` (the suite's own words for the rule the mutant breaks).
+fn assert_refused(run: std::thread::Result<()>, why: &str) {
+    let payload = run.expect_err("the race suite refuses the mutant");
+    let msg = payload.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(msg.contains(why), "expected `{why}`: {msg}");
 }
 
 /// The controls: the stores unmutated pass, and so does one that forgets an
