@@ -621,3 +621,30 @@ async fn revoking_a_token_stops_its_portal_sessions_not_the_keys_it_created() {
     let still = w.auth.authenticate([("x-api-key", h.as_bytes())], &Target::any()).await;
     assert!(still.is_ok(), "{still:?}");
 }
+
+#[test]
+fn a_code_past_its_tombstone_retention_can_be_stored_again() {
+    // Redis drops the code's key an hour past its expiry, and then stores
+    // the digest anew; memory must not refuse it because no purge ran
+    // yet (its redeem already answers unknown then).
+    use keygate::portal::Redeem;
+    let clock = FakeClock::at_2026();
+    let store = MemoryPortalStore::with_clock(clock.clone());
+    let code = keygate::Digest::from_bytes([9; 32]);
+    let mut s = keygate::testkit::portal::sample_session(0);
+    s.created_at = clock.now();
+    s.expires_at = clock.now() + jiff::SignedDuration::from_mins(1);
+    assert!(store.insert_sync(code, s.clone(), clock.now()));
+    assert!(matches!(store.redeem_sync(&code, clock.now()), Redeem::Session(_)));
+    // Within the retention: still there.
+    clock.advance(Duration::from_secs(30 * 60));
+    s.created_at = clock.now();
+    s.expires_at = clock.now() + jiff::SignedDuration::from_mins(1);
+    assert!(!store.insert_sync(code, s.clone(), clock.now()));
+    // Past it: gone, for insert as for redeem.
+    clock.advance(Duration::from_secs(2 * 3600));
+    s.created_at = clock.now();
+    s.expires_at = clock.now() + jiff::SignedDuration::from_mins(1);
+    assert!(store.insert_sync(code, s.clone(), clock.now()), "a forgotten code is stored again");
+    assert_eq!(store.redeem_sync(&code, clock.now()), Redeem::Session(s));
+}

@@ -1481,3 +1481,546 @@ async fn a_large_workspace_is_listed_a_page_at_a_time_each_record_once() {
     assert!(calls(&after, "sscan") - calls(&before, "sscan") >= 3, "{after:?}");
     assert_eq!(calls(&after, "smembers"), calls(&before, "smembers"));
 }
+
+// ---- same answers as MemoryKeyStore / MemoryPortalStore ----
+
+/// A tiny deterministic generator (splitmix64): the seeds below replay.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+    fn pick<'a, T>(&mut self, v: &'a [T]) -> Option<&'a T> {
+        if v.is_empty() { None } else { v.get(self.below(v.len() as u64) as usize) }
+    }
+    fn int(&mut self, n: u64) -> i64 {
+        i64::try_from(self.below(n)).unwrap()
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// Times of the model runs: from 2031 (or `KEYGATE_MODEL_BASE`, Unix
+/// seconds), so that neither store's retention (one day, judged against
+/// the real clock at most) forgets anything during a run that spans hours.
+/// Retention is a "may" of the contract: when it applies, the stores
+/// forget at different times, and the runs would differ.
+fn model_t(secs: i64) -> jiff::Timestamp {
+    let base: i64 = std::env::var("KEYGATE_MODEL_BASE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_924_992_000);
+    jiff::Timestamp::from_second(base + secs).unwrap()
+}
+
+/// One random sequence of key-store operations, applied to a
+/// `MemoryKeyStore` and to `redis`; every answer must agree.
+#[allow(clippy::too_many_lines)]
+async fn key_store_model_run<S: KeyStore>(redis: &S, seed: u64) -> usize {
+    use keygate::hash::{Algorithm, PepperId, StoredDigest};
+    use keygate::store::{ActiveLimit, MemoryKeyStore, RecordId};
+    use keygate::testkit::keys::sample_record;
+
+    let memory = MemoryKeyStore::new();
+    let mut rng = Rng(seed);
+    let mut now: i64 = 0;
+    let mut known: Vec<keygate::store::KeyRecord> = Vec::new();
+    let mut counter = 0u64;
+    let wss = ["ws_a", "ws_b"];
+    let projects = [None, Some("p1"), Some("p2")];
+    let mut ops = 0;
+    let near = |rng: &mut Rng, now: i64| now - 1800 + rng.int(5400);
+    let steps =
+        std::env::var("KEYGATE_MODEL_STEPS").ok().and_then(|s| s.parse().ok()).unwrap_or(120);
+    for step in 0..steps {
+        let ctx = format!("seed {seed} step {step} now {now}");
+        ops += 1;
+        match rng.below(12) {
+            0..=2 => {
+                let ws = *rng.pick(&wss).unwrap();
+                let p = *rng.pick(&projects).unwrap();
+                let mut r = if rng.chance(20) && !known.is_empty() {
+                    // A duplicate of something: id, digest or key id.
+                    let old = rng.pick(&known).unwrap().clone();
+                    let mut r = sample_record(ws, p, 0, old.key_id.is_some());
+                    match rng.below(3) {
+                        0 => r.id = old.id.clone(),
+                        1 => r.digest = old.digest,
+                        _ => {
+                            r.format.clone_from(&old.format);
+                            r.key_id = old.key_id;
+                        }
+                    }
+                    r
+                } else {
+                    sample_record(ws, p, 0, rng.chance(50))
+                };
+                counter += 1;
+                r.name = format!("r{counter} ✓ \"q\"");
+                r.created_at = model_t(now - rng.int(3));
+                if rng.chance(50) {
+                    r.expires_at = Some(model_t(near(&mut rng, now)));
+                }
+                if rng.chance(10) {
+                    r.revoked_at = Some(model_t(near(&mut rng, now)));
+                }
+                if rng.chance(10) {
+                    r.last_used_at = Some(model_t(near(&mut rng, now)));
+                }
+                if rng.chance(20) {
+                    let ns = jiff::SignedDuration::from_nanos(rng.int(1_000_000_000));
+                    r.created_at = r.created_at.checked_add(ns).unwrap();
+                    r.expires_at = r.expires_at.map(|e| e.checked_add(ns).unwrap());
+                }
+                if rng.chance(20) {
+                    r.tenant.application = Some("app_1".parse().unwrap());
+                    r.plan = Some("pro".into());
+                    r.region = Some(keygate::format::Region::EU);
+                    r.environment = None;
+                    r.metadata.clear();
+                    r.scopes = Arc::from([]);
+                }
+                let limit = if rng.chance(60) {
+                    let max = [0, 1, 2, 3, u32::MAX][rng.below(5) as usize];
+                    let at = model_t(if rng.chance(80) { now } else { near(&mut rng, now) });
+                    let mut l = ActiveLimit::new(max, at);
+                    if rng.chance(50) {
+                        l.replacing = if rng.chance(85) {
+                            rng.pick(&known).map(|k| k.id.clone())
+                        } else {
+                            Some(RecordId::generate().unwrap())
+                        };
+                    }
+                    Some(l)
+                } else {
+                    None
+                };
+                let r = Arc::new(r);
+                let m = memory.insert(Arc::clone(&r), limit.clone()).await.unwrap();
+                let d = redis.insert(Arc::clone(&r), limit.clone()).await.unwrap();
+                assert_eq!(m, d, "{ctx}: insert {r:?} {limit:?}");
+                if m == InsertOutcome::Inserted {
+                    known.push((*r).clone());
+                }
+            }
+            3 => {
+                let id = match rng.pick(&known) {
+                    Some(k) if rng.chance(90) => k.id.clone(),
+                    _ => RecordId::generate().unwrap(),
+                };
+                let m = memory.get(&id).await.unwrap();
+                let d = redis.get(&id).await.unwrap();
+                assert_eq!(m, d, "{ctx}: get {id}");
+            }
+            4 => {
+                let Some(k) = rng.pick(&known) else { continue };
+                let dg = if rng.chance(20) {
+                    StoredDigest::new(Algorithm::HmacSha256(PepperId(1)), *k.digest.digest())
+                } else {
+                    k.digest
+                };
+                let m = memory.find_by_digest(&dg).await.unwrap();
+                let d = redis.find_by_digest(&dg).await.unwrap();
+                assert_eq!(m, d, "{ctx}: find_by_digest");
+            }
+            5 => {
+                let Some(k) = rng.pick(&known) else { continue };
+                let Some(kid) = k.key_id else { continue };
+                let format = if rng.chance(20) { "sk" } else { k.format.as_str() };
+                let m = memory.find_by_key_id(format, &kid).await.unwrap();
+                let d = redis.find_by_key_id(format, &kid).await.unwrap();
+                assert_eq!(m, d, "{ctx}: find_by_key_id");
+            }
+            6 => {
+                let ws: keygate::store::WorkspaceId = rng.pick(&wss).unwrap().parse().unwrap();
+                let p: Option<keygate::store::ProjectId> =
+                    rng.pick(&projects).unwrap().map(|p| p.parse().unwrap());
+                let m = memory.list(&ws, p.as_ref()).await.unwrap();
+                let d = redis.list(&ws, p.as_ref()).await.unwrap();
+                assert_eq!(m, d, "{ctx}: list {ws} {p:?}");
+            }
+            7 => {
+                let id = match rng.pick(&known) {
+                    Some(k) if rng.chance(90) => k.id.clone(),
+                    _ => RecordId::generate().unwrap(),
+                };
+                let at = model_t(if rng.chance(70) { now } else { near(&mut rng, now) });
+                let m = memory.revoke(&id, at).await.unwrap();
+                let d = redis.revoke(&id, at).await.unwrap();
+                assert_eq!(m, d, "{ctx}: revoke {id}");
+            }
+            8 => {
+                let id = match rng.pick(&known) {
+                    Some(k) if rng.chance(90) => k.id.clone(),
+                    _ => RecordId::generate().unwrap(),
+                };
+                let at = model_t(near(&mut rng, now));
+                let m = memory.shorten_expiry(&id, at).await.unwrap();
+                let d = redis.shorten_expiry(&id, at).await.unwrap();
+                assert_eq!(m, d, "{ctx}: shorten_expiry {id}");
+            }
+            9 => {
+                let n = rng.below(4);
+                let mut uses = Vec::new();
+                for _ in 0..n {
+                    let id = match rng.pick(&known) {
+                        Some(k) if rng.chance(90) => k.id.clone(),
+                        _ => RecordId::generate().unwrap(),
+                    };
+                    uses.push((id, model_t(near(&mut rng, now))));
+                }
+                memory.record_last_used(&uses).await.unwrap();
+                redis.record_last_used(&uses).await.unwrap();
+            }
+            _ => now += rng.int(900),
+        }
+    }
+    // The final state, record by record and listing by listing.
+    for k in &known {
+        let m = memory.get(&k.id).await.unwrap();
+        assert_eq!(m, redis.get(&k.id).await.unwrap(), "seed {seed}: final get");
+        assert_eq!(
+            memory.find_by_digest(&k.digest).await.unwrap(),
+            redis.find_by_digest(&k.digest).await.unwrap(),
+            "seed {seed}: final find_by_digest"
+        );
+        if let Some(kid) = k.key_id {
+            assert_eq!(
+                memory.find_by_key_id(&k.format, &kid).await.unwrap(),
+                redis.find_by_key_id(&k.format, &kid).await.unwrap(),
+                "seed {seed}: final find_by_key_id"
+            );
+        }
+    }
+    for ws in wss {
+        let ws: keygate::store::WorkspaceId = ws.parse().unwrap();
+        for p in projects {
+            let p: Option<keygate::store::ProjectId> = p.map(|p| p.parse().unwrap());
+            let m = memory.list(&ws, p.as_ref()).await.unwrap();
+            assert_eq!(m, redis.list(&ws, p.as_ref()).await.unwrap(), "seed {seed}: final list");
+        }
+    }
+    ops
+}
+
+#[tokio::test]
+async fn random_key_store_sequences_match_the_memory_store() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "km").await;
+    let seeds: u64 =
+        std::env::var("KEYGATE_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(150);
+    let mut ops = 0;
+    for seed in 0..seeds {
+        let store = redis.with_prefix(&format!("km{seed}")).unwrap().keys();
+        ops += key_store_model_run(&store, seed).await;
+    }
+    eprintln!("{seeds} sequences, {ops} operations");
+}
+
+/// One random sequence of portal-store operations, applied to a
+/// `MemoryPortalStore` and to `redis`; every answer must agree. A run
+/// spans under an hour of caller time, so no tombstone outlives its
+/// retention (judged at the caller's `now` in memory, on the server's
+/// clock in Redis).
+async fn portal_store_model_run<S: PortalStore>(redis: &S, seed: u64) -> usize {
+    use keygate::portal::MemoryPortalStore;
+    use keygate::scope::Role;
+    use keygate::testkit::portal::sample_session;
+
+    let memory = MemoryPortalStore::new();
+    let mut rng = Rng(seed ^ 0x5EED);
+    let mut now: i64 = 0;
+    let code = |n: u64| {
+        let mut b = [(seed % 251) as u8; 32];
+        b[..8].copy_from_slice(&n.to_le_bytes());
+        Digest::from_bytes(b)
+    };
+    let mut ops = 0;
+    for step in 0..60 {
+        let ctx = format!("seed {seed} step {step} now {now}");
+        ops += 1;
+        match rng.below(5) {
+            0 | 1 => {
+                let c = code(rng.below(6));
+                let mut s = sample_session(0);
+                s.created_at = model_t(now);
+                s.expires_at = model_t(now - 30 + rng.int(200));
+                if rng.chance(30) {
+                    s.expires_at = s
+                        .expires_at
+                        .checked_add(jiff::SignedDuration::from_nanos(rng.int(2_000_000_000)))
+                        .unwrap();
+                }
+                s.role = if rng.chance(50) { Role::Viewer } else { Role::Editor };
+                if rng.chance(30) {
+                    s.minter = None;
+                    s.environment = None;
+                    s.metadata.clear();
+                }
+                let m = memory.insert(c, s.clone()).await.unwrap();
+                let d = redis.insert(c, s.clone()).await.unwrap();
+                assert_eq!(m, d, "{ctx}: insert {s:?}");
+            }
+            2 | 3 => {
+                let c = code(rng.below(7));
+                let at = model_t(now)
+                    .checked_add(jiff::SignedDuration::from_nanos(
+                        rng.int(3_000_000_000) - 1_000_000_000,
+                    ))
+                    .unwrap();
+                let m = memory.redeem(&c, at).await.unwrap();
+                let d = redis.redeem(&c, at).await.unwrap();
+                assert_eq!(m, d, "{ctx}: redeem at {at}");
+            }
+            _ => now += rng.int(60),
+        }
+    }
+    ops
+}
+
+#[tokio::test]
+async fn random_portal_store_sequences_match_the_memory_store() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "pm").await;
+    let seeds: u64 =
+        std::env::var("KEYGATE_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(150);
+    let mut ops = 0;
+    for seed in 0..seeds {
+        let store = redis.with_prefix(&format!("pm{seed}")).unwrap().portal();
+        ops += portal_store_model_run(&store, seed).await;
+    }
+    eprintln!("{seeds} sequences, {ops} operations");
+}
+
+/// With a short retention on the real clock, once it has passed and an
+/// insert has run, both stores have forgotten the same records and keep
+/// the same ones (listings included).
+#[tokio::test]
+#[allow(clippy::too_many_lines)]
+async fn forgetting_after_the_retention_matches_the_memory_store() {
+    use keygate::store::{ActiveLimit, MemoryKeyStore};
+    use keygate::testkit::keys::sample_record;
+
+    let server = RedisServer::start();
+    let redis = connect(&server, "fm").await.keys().expired_retention(Duration::from_secs(1));
+    let memory = MemoryKeyStore::new().expired_retention(Duration::from_secs(1));
+    let now = jiff::Timestamp::now();
+    let secs = |s: f64| now.checked_add(jiff::SignedDuration::from_secs_f64(s)).unwrap();
+    let mut all = Vec::new();
+    // (project, expiry, revoked): ends before, around and after the wait.
+    let plans: [(Option<&str>, Option<f64>, Option<f64>); 10] = [
+        (Some("p1"), None, None),
+        (Some("p1"), Some(0.2), None),
+        (Some("p1"), None, Some(0.0)),
+        (Some("p2"), Some(-10.0), None),
+        (Some("p2"), Some(0.3), Some(-5.0)),
+        (None, Some(60.0), None),
+        (None, Some(0.1), None),
+        (Some("p3"), Some(0.1), None),
+        (Some("p3"), Some(60.0), Some(0.2)),
+        (Some("p4"), Some(60.0), None),
+    ];
+    for (i, (p, exp, rev)) in plans.into_iter().enumerate() {
+        let mut r = sample_record("ws_f", p, 0, i % 2 == 0);
+        r.created_at = secs(-20.0 + f64::from(u32::try_from(i).unwrap()));
+        r.expires_at = exp.map(secs);
+        r.revoked_at = rev.map(secs);
+        let r = Arc::new(r);
+        let limit = Some(ActiveLimit::new(5, now));
+        assert_eq!(
+            memory.insert(Arc::clone(&r), limit.clone()).await.unwrap(),
+            InsertOutcome::Inserted
+        );
+        assert_eq!(redis.insert(Arc::clone(&r), limit).await.unwrap(), InsertOutcome::Inserted);
+        all.push(r);
+    }
+    // p4's only key is shortened to end now, then revoked.
+    let p4 = &all[9];
+    for _ in 0..2 {
+        assert!(memory.shorten_expiry(&p4.id, secs(0.1)).await.unwrap());
+        assert!(redis.shorten_expiry(&p4.id, secs(0.1)).await.unwrap());
+    }
+    assert!(memory.revoke(&p4.id, secs(0.5)).await.unwrap());
+    assert!(redis.revoke(&p4.id, secs(0.5)).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut r = sample_record("ws_f", Some("p1"), 0, true);
+    r.created_at = jiff::Timestamp::now();
+    let r = Arc::new(r);
+    assert_eq!(memory.insert(Arc::clone(&r), None).await.unwrap(), InsertOutcome::Inserted);
+    assert_eq!(redis.insert(Arc::clone(&r), None).await.unwrap(), InsertOutcome::Inserted);
+    all.push(r);
+    for (i, k) in all.iter().enumerate() {
+        let m = memory.get(&k.id).await.unwrap();
+        assert_eq!(m, redis.get(&k.id).await.unwrap(), "get {i}");
+        assert_eq!(
+            memory.find_by_digest(&k.digest).await.unwrap(),
+            redis.find_by_digest(&k.digest).await.unwrap(),
+            "digest {i}"
+        );
+        if let Some(kid) = k.key_id {
+            assert_eq!(
+                memory.find_by_key_id(&k.format, &kid).await.unwrap(),
+                redis.find_by_key_id(&k.format, &kid).await.unwrap(),
+                "key id {i}"
+            );
+        }
+    }
+    let kept: Vec<bool> = {
+        let mut v = Vec::new();
+        for k in &all {
+            v.push(memory.get(&k.id).await.unwrap().is_some());
+        }
+        v
+    };
+    assert_eq!(kept, [true, false, false, false, false, true, false, false, false, false, true]);
+    let ws: keygate::store::WorkspaceId = "ws_f".parse().unwrap();
+    for p in [None, Some("p1"), Some("p2"), Some("p3"), Some("p4")] {
+        let p: Option<keygate::store::ProjectId> = p.map(|p| p.parse().unwrap());
+        let m = memory.list(&ws, p.as_ref()).await.unwrap();
+        assert_eq!(m, redis.list(&ws, p.as_ref()).await.unwrap(), "list {p:?}");
+    }
+    // And the caps count alike: one live key in p1 (a new one), p3 none.
+    for (p, max) in [("p1", 2), ("p3", 0), ("p3", 1)] {
+        let mut r = sample_record("ws_f", Some(p), 0, false);
+        r.created_at = jiff::Timestamp::now();
+        let r = Arc::new(r);
+        let limit = Some(ActiveLimit::new(max, jiff::Timestamp::now()));
+        let m = memory.insert(Arc::clone(&r), limit.clone()).await.unwrap();
+        assert_eq!(m, redis.insert(r, limit).await.unwrap(), "cap {p} {max}");
+    }
+}
+
+/// With a retention of a few hundred milliseconds on the real clock, Redis
+/// forgets records as the run goes; whatever it still holds, it lists
+/// (the id sets never expire before a member), and lookups agree with
+/// `get`.
+#[tokio::test]
+#[allow(clippy::too_many_lines)]
+async fn records_redis_still_holds_are_always_listed() {
+    use keygate::store::{ActiveLimit, KeyRecord, RecordId};
+    use keygate::testkit::keys::sample_record;
+
+    let server = RedisServer::start();
+    let base = connect(&server, "rl").await;
+    let seeds: u64 =
+        std::env::var("KEYGATE_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3);
+    let wss = ["ws_a", "ws_b"];
+    let projects = [None, Some("p1"), Some("p2")];
+    for seed in 0..seeds {
+        let redis = base
+            .with_prefix(&format!("rl{seed}"))
+            .unwrap()
+            .keys()
+            .expired_retention(Duration::from_millis(300));
+        let mut rng = Rng(seed ^ 0xA11);
+        let mut known: Vec<KeyRecord> = Vec::new();
+        let ms = |off: i64| jiff::Timestamp::now() + jiff::SignedDuration::from_millis(off);
+        for step in 0..80 {
+            let ctx = format!("seed {seed} step {step}");
+            let pick = |rng: &mut Rng, known: &[KeyRecord]| match rng.pick(known) {
+                Some(k) => k.id.clone(),
+                None => RecordId::generate().unwrap(),
+            };
+            match rng.below(6) {
+                0 | 1 => {
+                    let ws = *rng.pick(&wss).unwrap();
+                    let p = *rng.pick(&projects).unwrap();
+                    let mut r = sample_record(ws, p, 0, rng.chance(50));
+                    r.created_at = ms(0);
+                    if rng.chance(60) {
+                        r.expires_at = Some(ms(rng.int(800) - 300));
+                    }
+                    if rng.chance(10) {
+                        r.revoked_at = Some(ms(-(rng.int(500))));
+                    }
+                    let mut limit = ActiveLimit::new(u32::MAX, ms(0));
+                    if rng.chance(30) {
+                        limit.replacing = Some(pick(&mut rng, &known));
+                    }
+                    if redis.insert(Arc::new(r.clone()), Some(limit)).await.unwrap()
+                        == InsertOutcome::Inserted
+                    {
+                        known.push(r);
+                    }
+                }
+                2 => {
+                    let id = pick(&mut rng, &known);
+                    redis.revoke(&id, ms(-(rng.int(200)))).await.unwrap();
+                }
+                3 => {
+                    let id = pick(&mut rng, &known);
+                    redis.shorten_expiry(&id, ms(rng.int(600) - 300)).await.unwrap();
+                }
+                4 => tokio::time::sleep(Duration::from_millis(rng.below(250))).await,
+                5 if rng.chance(50) => {
+                    // A forgotten record frees its digest and key id.
+                    let Some(old) = rng.pick(&known).cloned() else { continue };
+                    if redis.get(&old.id).await.unwrap().is_some() {
+                        continue;
+                    }
+                    let mut clash = false;
+                    for k in &known {
+                        if (k.digest.digest() == old.digest.digest()
+                            || (k.key_id.is_some() && k.key_id == old.key_id))
+                            && redis.get(&k.id).await.unwrap().is_some()
+                        {
+                            clash = true;
+                        }
+                    }
+                    if clash {
+                        continue;
+                    }
+                    let mut r = sample_record("ws_a", Some("p1"), 0, false);
+                    r.created_at = ms(0);
+                    r.digest = old.digest;
+                    r.format.clone_from(&old.format);
+                    r.key_id = old.key_id;
+                    let got = redis.insert(Arc::new(r.clone()), None).await.unwrap();
+                    assert_eq!(got, InsertOutcome::Inserted, "{ctx}: reuse of {old:?}");
+                    known.push(r);
+                }
+                _ => {
+                    for ws in wss {
+                        let ws: keygate::store::WorkspaceId = ws.parse().unwrap();
+                        for p in projects {
+                            let p: Option<keygate::store::ProjectId> =
+                                p.map(|p| p.parse().unwrap());
+                            let listed = redis.list(&ws, p.as_ref()).await.unwrap();
+                            let listed: std::collections::BTreeSet<RecordId> =
+                                listed.iter().map(|r| r.id.clone()).collect();
+                            let mut held = std::collections::BTreeSet::new();
+                            for k in &known {
+                                if k.tenant.workspace == ws
+                                    && p.as_ref()
+                                        .is_none_or(|p| k.tenant.project.as_ref() == Some(p))
+                                    && redis.get(&k.id).await.unwrap().is_some()
+                                {
+                                    held.insert(k.id.clone());
+                                }
+                            }
+                            // Held before the listing, held after it too
+                            // (records only go): each must be listed.
+                            let mut after = std::collections::BTreeSet::new();
+                            for id in &held {
+                                if redis.get(id).await.unwrap().is_some() {
+                                    after.insert(id.clone());
+                                }
+                            }
+                            let missing: Vec<_> = after.difference(&listed).collect();
+                            assert!(missing.is_empty(), "{ctx}: {ws} {p:?} unlisted {missing:?}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -202,7 +202,9 @@ impl MemoryPortalStore {
             // Amortised: the next purge waits until the map doubles.
             shard.purge_at = (shard.map.len() * 2).max(64);
         }
-        if shard.map.contains_key(&code) {
+        // An entry past its tombstone retention is as good as gone (Redis
+        // has dropped its key by then), whether or not a purge ran.
+        if shard.map.get(&code).is_some_and(|e| !e.forgotten(now.min(self.clock.now()))) {
             return false;
         }
         shard.map.insert(code, Entry::Pending(session));
