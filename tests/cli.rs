@@ -282,3 +282,45 @@ fn scan_reports_a_key_while_stdin_stays_open() {
         "reported while the pipe is open"
     );
 }
+
+#[test]
+fn argument_errors_never_echo_a_key() {
+    // A key put where another value belongs (`mint` for `inspect`, an
+    // option's value, a second positional) is refused without printing it:
+    // stderr ends up in CI logs and terminals' scrollback.
+    let v = json(&keygate(&["mint", "sk"], b""));
+    let key = v["key"].as_str().unwrap().to_owned();
+    let tail = &key[v["hint"].as_str().unwrap().len()..];
+    for args in [
+        vec!["mint", key.as_str()],
+        vec!["inspect", "x", key.as_str()],
+        vec!["hash", "--pepper-id", key.as_str()],
+        vec!["hash", &key, &key],
+        vec!["mint", "sk", "--env", key.as_str()],
+        vec!["mint", "nhk", "--region", key.as_str()],
+        vec![key.as_str()],
+        // `scan` takes paths: a key given instead is reported unreadable,
+        // by its hint.
+        vec!["scan", key.as_str()],
+        vec!["hash", key.as_str(), "--pepper-file", key.as_str()],
+    ] {
+        let out = keygate(&args, b"");
+        assert!(!out.status.success(), "{args:?}");
+        let all = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!all.is_empty());
+        for w in tail.as_bytes().windows(8) {
+            let w = std::str::from_utf8(w).unwrap();
+            assert!(!all.contains(w), "{args:?} leaked {w:?}: {all}");
+        }
+    }
+    // Help and version still print as usual.
+    let out = keygate(&["--help"], b"");
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("inspect"));
+    assert!(keygate(&["--version"], b"").status.success());
+    let out = keygate(&["hash"], b"");
+    assert!(!out.status.success());
+}

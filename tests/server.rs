@@ -926,3 +926,32 @@ async fn the_portal_page_rewrites_its_address_to_the_public_path() {
         opened.text
     );
 }
+
+#[test]
+fn a_redis_password_on_the_command_line_is_warned_about_and_never_printed() {
+    // `ps` shows every process's arguments: a password there is readable
+    // by every local user, so the server says to use `REDIS_URL` instead;
+    // neither message repeats the password.
+    const PW: &str = "hunter2-Passw0rd-xyz";
+    let bin = example_server::example_binary();
+    for (args, envs, warned) in [
+        (vec!["--redis".to_owned(), format!("redis://:{PW}@127.0.0.1:1")], vec![], true),
+        (vec!["--redis".to_owned(), format!("redis://app:{PW}@127.0.0.1:1/x")], vec![], true),
+        (vec![], vec![("REDIS_URL", format!("redis://:{PW}@127.0.0.1:1"))], false),
+    ] {
+        let out = std::process::Command::new(&bin)
+            .args(["--bind", "127.0.0.1:0"])
+            .args(&args)
+            .envs(envs.iter().map(|(k, v)| (k, v)))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "port 1 has no Redis");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(!text.contains(&PW[..8]) && !text.contains(&PW[8..]), "{text}");
+        assert_eq!(text.contains("REDIS_URL"), warned, "{args:?}: {text}");
+    }
+}

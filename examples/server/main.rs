@@ -18,7 +18,8 @@ use std::path::PathBuf;
 
 use std::sync::Arc;
 
-use clap::Parser;
+use clap::parser::ValueSource;
+use clap::{CommandFactory, FromArgMatches, Parser};
 use keygate::auth::PrincipalCache;
 use keygate::limit::PlanSet;
 use keygate::redis::RedisConfig;
@@ -61,8 +62,21 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
+    let matches = Args::command().get_matches();
+    let args = match Args::from_arg_matches(&matches) {
+        Ok(args) => args,
+        Err(e) => e.exit(),
+    };
+    // `ps` shows every process's arguments to every local user.
+    if matches.value_source("redis") == Some(ValueSource::CommandLine)
+        && args.redis.as_deref().is_some_and(holds_credentials)
+    {
+        eprintln!(
+            "warning: --redis holds a password, which `ps` and shell history show; set REDIS_URL instead"
+        );
+    }
     // Errors as their messages (`error: --plans: …`), not Debug dumps.
-    match run(Args::parse()).await {
+    match run(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e}");
@@ -168,6 +182,14 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
     Ok(())
 }
 
+/// Whether a Redis URL carries credentials: user info (`user:pass@`) or a
+/// `pass=` query parameter (`redis+unix://…?pass=`).
+fn holds_credentials(url: &str) -> bool {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    authority.contains('@') || rest.contains("pass=")
+}
+
 /// `--public-url` without a trailing `/`: an `http(s)` URL of a host (as
 /// portal endpoint URLs are checked), no query or fragment (the link
 /// appends `/portal?code=…`), no user info (every link would hand its
@@ -215,7 +237,17 @@ fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
 
 #[cfg(test)]
 mod tests {
-    use super::public_url;
+    use super::{holds_credentials, public_url};
+
+    #[test]
+    fn redis_urls_with_credentials_are_recognised() {
+        for yes in ["redis://:pw@h:6379/0", "redis://u:pw@h", "redis+unix:///s.sock?db=1&pass=pw"] {
+            assert!(holds_credentials(yes), "{yes}");
+        }
+        for no in ["redis://h:6379/0", "redis://127.0.0.1", "redis://h/0?protocol=resp3"] {
+            assert!(!holds_credentials(no), "{no}");
+        }
+    }
 
     #[test]
     fn a_public_url_names_a_host() {

@@ -64,12 +64,11 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
-    // The presets and the portal's codes and access tokens (which travel
-    // in URLs and cookies, so in access logs): everything keygate mints.
-    let presets = FormatSet::presets();
-    let portal = [keygate::portal::CODE, keygate::portal::ACCESS_TOKEN];
-    let Ok(formats) = FormatSet::new(presets.formats().iter().copied().chain(portal)) else {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return argument_error(&e),
+    };
+    let Some(formats) = minted_formats() else {
         eprintln!("keygate: format names collide");
         return ExitCode::FAILURE;
     };
@@ -85,6 +84,46 @@ fn main() -> ExitCode {
         },
         Command::Scan { paths } => scan(formats, &paths),
         Command::Redact => redact(formats),
+    }
+}
+
+/// The presets and the portal's codes and access tokens (which travel in
+/// URLs and cookies, so in access logs): everything keygate mints. `None`
+/// if their names collided.
+fn minted_formats() -> Option<FormatSet> {
+    let portal = [keygate::portal::CODE, keygate::portal::ACCESS_TOKEN];
+    FormatSet::new(FormatSet::presets().formats().iter().copied().chain(portal)).ok()
+}
+
+/// Reports a command line clap refused. Help, version and missing
+/// arguments print as clap has them, and so does an unknown flag
+/// (`--pepperid`: a key never starts with `-`); every other refusal names
+/// only its kind and argument, since clap's own message quotes the
+/// offending value, and a value in the wrong place (`--pepper-id <key>`, a
+/// second key) is often a key.
+fn argument_error(e: &clap::Error) -> ExitCode {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    let arg = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(a)) => Some(a.as_str()),
+        _ => None,
+    };
+    let hidden = "(the value is not shown, as it may be a key); try `keygate --help`";
+    match e.kind() {
+        ErrorKind::DisplayHelp
+        | ErrorKind::DisplayVersion
+        | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        | ErrorKind::MissingRequiredArgument
+        | ErrorKind::MissingSubcommand => e.exit(),
+        // A flag's name, with no `=value` that could be a key.
+        ErrorKind::UnknownArgument
+            if arg.is_some_and(|a| a.starts_with('-') && !a.contains('=')) =>
+        {
+            e.exit()
+        }
+        ErrorKind::InvalidValue | ErrorKind::ValueValidation if arg.is_some() => {
+            fail(2, format_args!("invalid value for `{}` {hidden}", arg.unwrap_or_default()))
+        }
+        kind => fail(2, format_args!("{kind} {hidden}")),
     }
 }
 
@@ -115,7 +154,9 @@ fn parts_json(key: &ApiKey) -> serde_json::Value {
 fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<String>) -> ExitCode {
     let Some(format) = formats.get(name) else {
         let known = formats.formats().iter().map(KeyFormat::name).collect::<Vec<_>>().join(", ");
-        return fail(2, format_args!("unknown format `{name}` (expected one of {known})"));
+        // The name is not echoed: a key given to `mint` by mistake (for
+        // `inspect`) would land on stderr.
+        return fail(2, format_args!("unknown format (expected one of {known})"));
     };
     let mut spec = MintSpec::new();
     // Defaults apply only where the format has the segment, so
@@ -137,19 +178,40 @@ fn mint(formats: &FormatSet, name: &str, env: Option<String>, region: Option<Str
         _ => {}
     }
     match format.mint(spec) {
-        Ok(key) => {
-            let mut v = parts_json(&key);
-            v["key"] = json!(key.expose_secret());
-            v["digest"] =
-                json!(Hasher::sha256().digest(key.expose_secret().as_bytes()).to_string());
-            print_line(v)
-        }
+        Ok(key) => print_minted(&key),
         Err(e) => fail(2, e),
     }
 }
 
-/// The key from the argument, or from stdin (capped, one trailing newline
-/// stripped) when absent or `-`.
+/// Prints the minted `key` with its parts and digest as one JSON line.
+///
+/// The line is built in one buffer, reserved up front and wiped on drop,
+/// and written straight to the file descriptor: a `serde_json::Value`
+/// would hold an unwiped copy of the key, and std's stdout buffer
+/// another, for the rest of the process.
+fn print_minted(key: &ApiKey) -> ExitCode {
+    let digest = Hasher::sha256().digest(key.expose_secret().as_bytes()).to_string();
+    let parts = parts_json(key).to_string();
+    let mut line =
+        Zeroizing::new(Vec::with_capacity(parts.len() + 3 * key.expose_secret().len() + 128));
+    // `parts` is an object: its fields, then the key and the digest.
+    line.extend_from_slice(parts.strip_suffix('}').unwrap_or(&parts).as_bytes());
+    line.extend_from_slice(b",\"key\":");
+    // Written straight into the buffer (a key needs no escaping).
+    if serde_json::to_writer(&mut *line, key.expose_secret()).is_err() {
+        return fail(2, "cannot encode the key");
+    }
+    line.extend_from_slice(b",\"digest\":");
+    if serde_json::to_writer(&mut *line, &digest).is_err() {
+        return fail(2, "cannot encode the digest");
+    }
+    line.extend_from_slice(b"}\n");
+    match raw_stdout().write_all(&line) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(2, format_args!("stdout: {e}")),
+    }
+}
+
 /// The key from the argument, else stdin; wiped when dropped. Read from the
 /// file descriptor into one buffer of the cap's size, so neither std's
 /// stdin buffer nor a reallocation leaves a copy behind.
@@ -226,6 +288,21 @@ fn raw_stdin() -> Box<dyn Read> {
     Box::new(io::stdin())
 }
 
+/// Standard output without std's process-wide buffer (see [`raw_stdin`]).
+#[cfg(unix)]
+fn raw_stdout() -> Box<dyn Write> {
+    use std::os::fd::AsFd;
+    match io::stdout().as_fd().try_clone_to_owned() {
+        Ok(fd) => Box::new(fs::File::from(fd)),
+        Err(_) => Box::new(io::stdout()),
+    }
+}
+
+#[cfg(not(unix))]
+fn raw_stdout() -> Box<dyn Write> {
+    Box::new(io::stdout())
+}
+
 fn inspect(formats: &FormatSet, input: &Input) -> ExitCode {
     match formats.parse(&input.key) {
         Ok(key) => input.warned(print_line(parts_json(&key))),
@@ -249,7 +326,7 @@ fn hash(
         Some(path) => {
             let bytes = match read_pepper(path) {
                 Ok(b) => b,
-                Err(e) => return fail(2, format_args!("{}: {e}", path.display())),
+                Err(e) => return fail(2, format_args!("{}: {e}", shown(path))),
             };
             match Pepper::new(PepperId(pepper_id), bytes).and_then(|p| Hasher::hmac(vec![p])) {
                 Ok(h) => h,
@@ -273,7 +350,7 @@ fn read_pepper(path: &Path) -> io::Result<Secret<Vec<u8>>> {
     {
         use std::os::unix::fs::PermissionsExt;
         if file.metadata()?.permissions().mode() & 0o077 != 0 {
-            eprintln!("keygate: warning: {} is readable by others (chmod 600)", path.display());
+            eprintln!("keygate: warning: {} is readable by others (chmod 600)", shown(path));
         }
     }
     let mut bytes = Vec::with_capacity(usize::try_from(MAX_PEPPER).unwrap_or(4096) + 1);
@@ -285,7 +362,7 @@ fn read_pepper(path: &Path) -> io::Result<Secret<Vec<u8>>> {
     if bytes.expose_secret().ends_with(b"\n") {
         eprintln!(
             "keygate: warning: {} ends with a newline, which is part of the pepper",
-            path.display()
+            shown(path)
         );
     }
     Ok(bytes)
@@ -324,7 +401,7 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
         collect(p, &mut files, &mut errors, true);
     }
     for f in files {
-        let label = f.display().to_string();
+        let label = shown(&f);
         // `-` is standard input, as for `inspect` and `hash`.
         let result = if f.as_os_str() == "-" {
             report(&label, &mut io::stdin().lock(), &mut out)
@@ -347,6 +424,21 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
     }
 }
 
+/// `path` as printed: any key in it (a key given where a path belongs)
+/// as `{hint}[REDACTED]`.
+fn shown(path: &Path) -> String {
+    // Built once: `scan` labels every file it reads with its path.
+    static KEYS: std::sync::LazyLock<Scanner> = std::sync::LazyLock::new(|| {
+        Scanner::new(minted_formats().unwrap_or_else(FormatSet::presets))
+    });
+    let text = path.display().to_string();
+    let mut out = Vec::with_capacity(text.len());
+    match KEYS.redact(text.as_bytes(), &mut out) {
+        Ok(_) => String::from_utf8_lossy(&out).into_owned(),
+        Err(_) => "(path)".to_owned(),
+    }
+}
+
 /// Files under `path`, depth first in name order. A path named on the
 /// command line is followed wherever it points (a symbolic link, a FIFO
 /// such as `<(cat f)` or `/dev/stdin`: anything that is not a directory is
@@ -364,7 +456,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
         Ok(m) => m,
         Err(e) => {
             *errors = true;
-            eprintln!("keygate: {}: {e}", path.display());
+            eprintln!("keygate: {}: {e}", shown(path));
             return;
         }
     };
@@ -373,7 +465,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
             Ok(rd) => rd,
             Err(e) => {
                 *errors = true;
-                eprintln!("keygate: {}: {e}", path.display());
+                eprintln!("keygate: {}: {e}", shown(path));
                 return;
             }
         };
@@ -383,7 +475,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
                 Ok(e) => paths.push(e.path()),
                 Err(e) => {
                     *errors = true;
-                    eprintln!("keygate: {}: {e}", path.display());
+                    eprintln!("keygate: {}: {e}", shown(path));
                 }
             }
         }
@@ -396,7 +488,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
     } else if meta.file_type().is_symlink() && !path.exists() {
         // A link to nothing cannot be read: say so rather than pass it by.
         *errors = true;
-        eprintln!("keygate: {}: dangling symbolic link", path.display());
+        eprintln!("keygate: {}: dangling symbolic link", shown(path));
     }
 }
 
