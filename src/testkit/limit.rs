@@ -173,12 +173,18 @@ async fn refund_after_algorithm_change<S: LimitStore>(store: &S, key: &str) {
 /// a longer span of the same algorithm, gives nothing back and leaves the
 /// new state as it is (read in the old plan's terms, it would be capped at
 /// the old capacity, and the units the new plan counted lost): one unit of
-/// 3 an hour, then 30 of 60 in 20 hours (GCRA), or 50 of 100 a day (fixed
-/// windows, after one of 3 an hour), then the first unit refunded under
-/// the old plan: the new plan admits what it has left, no more.
+/// 3 an hour, then 30 of 60 in 20 hours (GCRA), or 50 of 100 in a day and
+/// a second (fixed windows, after one of 3 an hour), then the first unit
+/// refunded under the old plan: the new plan admits what it has left, no
+/// more.
+///
+/// Not a day: a day's window ends with an hour's in the last hour of every
+/// UTC day, and a window ending where the refunded check's did reads as
+/// its own — the one case [`LimitStore::refund`] may give back a unit the
+/// new plan counted. A day and a second ends on the hour once in ten years.
 async fn refund_under_a_shorter_plan<S: LimitStore>(store: &S, key: &str) {
     let gcra_long = Policy::new("x", 60, Duration::from_secs(72_000), Algorithm::Gcra);
-    let day = Policy::new("x", 100, Duration::from_secs(86_400), Algorithm::FixedWindow);
+    let day = Policy::new("x", 100, Duration::from_secs(86_401), Algorithm::FixedWindow);
     for (alg, long, used) in [(Algorithm::Gcra, gcra_long, 30), (Algorithm::FixedWindow, day, 50)] {
         let key = format!("{key}:{}", alg.as_str());
         let short = [policy("x", 3, alg)];
