@@ -121,7 +121,7 @@ JOIN(KEYS[5], KEYS[1], ARGV[1])
 return 'ok'
 ";
 
-/// KEYS[1]: an index key. ARGV[1]: record-key prefix. The record's fields,
+/// `KEYS[1]`: an index key. `ARGV[1]`: record-key prefix. The record's fields,
 /// or an empty array: lookup by index in one round trip.
 const LOOKUP: &str = r"
 local id = redis.call('GET', KEYS[1])
@@ -129,8 +129,8 @@ if not id then return {} end
 return redis.call('HGETALL', ARGV[1] .. id)
 ";
 
-/// KEYS[1]: a set of ids. ARGV[1]: record-key prefix, ARGV[2]: the field
-/// naming the set in its members' records (`ws` or `pj`), ARGV[3…]: ids
+/// `KEYS[1]`: a set of ids. `ARGV[1]`: record-key prefix, `ARGV[2]`: the field
+/// naming the set in its members' records (`ws` or `pj`), `ARGV[3…]`: ids
 /// of the set (one page of an `SSCAN`). The records of those ids; drops
 /// the ids of records Redis has forgotten, and of records of another
 /// tenant stored under such an id since.
@@ -199,9 +199,9 @@ return PUBLISHED(ARGV[2], ARGV[3])
 ";
 
 /// KEYS: record, digest index, key-id index, project set, workspace set.
-/// ARGV[1]: expiry (sortable), ARGV[2]: forget-at (Unix ms, or empty),
-/// ARGV[3]: id, ARGV[4]: retention (ms), ARGV[5]: revocation channel,
-/// ARGV[6]: has key id, ARGV[7]: record-key prefix. The indexes that
+/// `ARGV[1]`: expiry (sortable), `ARGV[2]`: forget-at (Unix ms, or empty),
+/// `ARGV[3]`: id, `ARGV[4]`: retention (ms), `ARGV[5]`: revocation channel,
+/// `ARGV[6]`: has key id, `ARGV[7]`: record-key prefix. The indexes that
 /// point at the record are forgotten with it (a record made without an
 /// expiry has indexes without one). A changed expiry is published like a
 /// revocation, so other instances' caches drop the record (a roll with no

@@ -405,7 +405,7 @@ end
 return out
 ";
 
-/// Same KEYS and per-policy ARGV as the check (ARGV[2] unused), then one
+/// Same KEYS and per-policy ARGV as the check (`ARGV[2]` unused), then one
 /// receipt per policy (`Decision::refund_receipts`: the end of a GCRA
 /// check's own share of the arrival time in ns, a fixed window's end or a
 /// sliding window's entry time in µs; empty for a policy the check did not

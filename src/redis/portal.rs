@@ -13,7 +13,7 @@ use crate::backend::BackendError;
 use crate::portal::{PortalSession, PortalStore, Redeem, TOMBSTONE_RETENTION};
 use crate::secret::Digest;
 
-/// KEYS[1]: the code's hash. ARGV: expiry (sortable), session JSON, TTL ms.
+/// `KEYS[1]`: the code's hash. ARGV: expiry (sortable), session JSON, TTL ms.
 const INSERT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'exp', ARGV[1], 's', ARGV[2])
@@ -21,7 +21,7 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// KEYS[1]: the code's hash. ARGV[1]: now (sortable). The hash becomes a
+/// `KEYS[1]`: the code's hash. `ARGV[1]`: now (sortable). The hash becomes a
 /// tombstone (`u` set, session dropped) keeping its TTL.
 const REDEEM: &str = r"
 local v = redis.call('HMGET', KEYS[1], 'exp', 'u', 's')
