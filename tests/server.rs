@@ -514,20 +514,45 @@ async fn ping_with_x_api_key_and_per_minute_limit() {
     assert!(denied.header("retry-after").is_some());
 }
 
+/// The UTC month now: the server's quotas count by the system clock.
+fn month() -> String {
+    // `2026-11-30T23:59:59.9Z`: the year and month.
+    jiff::Timestamp::now().to_string()[..7].to_owned()
+}
+
+/// Runs `f` on a fresh server until a run starts and ends in one UTC
+/// month (three tries): a run across midnight on the 1st sees the new
+/// month's allowance, the one legitimate reason for an extra admission.
+async fn in_one_month<T>(mut f: impl AsyncFnMut(Server) -> T) -> T {
+    for _ in 0..3 {
+        let before = month();
+        let out = f(start().await).await;
+        if month() == before {
+            return out;
+        }
+    }
+    panic!("every run straddled a month's end");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_count_monthly_quota_by_channel() {
-    let s = start().await;
-    let (_, key) = s.key(json!({"name": "n", "format": "nh", "plan": "tiny"})).await;
-    let send = async |channel: &str| {
-        s.x_api_key(Method::POST, "/api/v1/notifications", &key, Some(json!({"channel": channel})))
-            .await
-    };
-    for _ in 0..5 {
-        let r = send("webhook").await;
+    let channels = ["webhook"; 6].into_iter().chain(["email", "sms"]);
+    let mut replies = in_one_month(async |s: Server| {
+        let (_, key) = s.key(json!({"name": "n", "format": "nh", "plan": "tiny"})).await;
+        let mut out = Vec::new();
+        for channel in channels.clone() {
+            let body = Some(json!({"channel": channel}));
+            out.push(s.x_api_key(Method::POST, "/api/v1/notifications", &key, body).await);
+        }
+        out
+    })
+    .await;
+    let (bad, email, over) =
+        (replies.pop().unwrap(), replies.pop().unwrap(), replies.pop().unwrap());
+    for r in &replies {
         assert_eq!(r.status, StatusCode::ACCEPTED, "{}", r.text);
-        assert!(has_limit_headers(&r));
+        assert!(has_limit_headers(r));
     }
-    let over = send("webhook").await;
     assert_eq!(over.status, StatusCode::TOO_MANY_REQUESTS);
     let msg = over.body["error"].as_str().unwrap();
     assert!(
@@ -539,31 +564,30 @@ async fn notifications_count_monthly_quota_by_channel() {
     assert!(over.header("retry-after").is_some());
     assert!(has_limit_headers(&over));
     // tiny counts only webhooks: email still goes out.
-    assert_eq!(send("email").await.status, StatusCode::ACCEPTED);
-    let bad = send("sms").await;
+    assert_eq!(email.status, StatusCode::ACCEPTED);
     assert_eq!((bad.status, bad.body["success"].clone()), (StatusCode::BAD_REQUEST, json!(false)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_on_other_plans_have_their_own_monthly_allowance() {
-    let s = start().await;
-    let (_, indie) = s.key(json!({"name": "i", "format": "nh", "plan": "indie"})).await;
-    let (_, tiny) = s.key(json!({"name": "t", "format": "nh", "plan": "tiny"})).await;
-    let (_, tiny2) = s.key(json!({"name": "t2", "format": "nh", "plan": "tiny"})).await;
-    let send = async |key: &str| {
-        let body = Some(json!({"channel": "webhook"}));
-        s.x_api_key(Method::POST, "/api/v1/notifications", key, body).await.status
-    };
-    // Five webhooks on the indie plan (4,000 a month) ...
-    for _ in 0..5 {
-        assert_eq!(send(&indie).await, StatusCode::ACCEPTED);
-    }
-    // ... leave the workspace's tiny allowance (5) untouched,
-    for _ in 0..5 {
-        assert_eq!(send(&tiny).await, StatusCode::ACCEPTED);
-    }
-    // which every tiny key of the workspace shares.
-    assert_eq!(send(&tiny2).await, StatusCode::TOO_MANY_REQUESTS);
+    let statuses = in_one_month(async |s: Server| {
+        let (_, indie) = s.key(json!({"name": "i", "format": "nh", "plan": "indie"})).await;
+        let (_, tiny) = s.key(json!({"name": "t", "format": "nh", "plan": "tiny"})).await;
+        let (_, tiny2) = s.key(json!({"name": "t2", "format": "nh", "plan": "tiny"})).await;
+        let mut out = Vec::new();
+        for key in [&indie; 5].into_iter().chain([&tiny; 5]).chain([&tiny2]) {
+            let body = Some(json!({"channel": "webhook"}));
+            out.push(s.x_api_key(Method::POST, "/api/v1/notifications", key, body).await.status);
+        }
+        out
+    })
+    .await;
+    // Five webhooks on the indie plan (4,000 a month) leave the
+    // workspace's tiny allowance (5) untouched, which every tiny key of
+    // the workspace shares.
+    let mut want = vec![StatusCode::ACCEPTED; 10];
+    want.push(StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(statuses, want);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

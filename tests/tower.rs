@@ -177,7 +177,10 @@ async fn admitted_requests_see_principal_and_decision() {
 async fn a_handlers_charge_reports_an_outage_it_let_through() {
     use keygate::tower::{Charge, FailedOpen};
     let f = fixture().await;
-    let gate = Gate::builder(Authenticator::new(f.keys.clone()), flaky_limiter(&f.switch))
+    // A frozen clock counts the quota: the two charges below must land in
+    // one month, however near its end the test runs.
+    let auth = Authenticator::new(f.keys.clone()).clock(keygate::clock::FakeClock::at_2026());
+    let gate = Gate::builder(auth, flaky_limiter(&f.switch))
         .plans(PlanSet::presets())
         .quotas(FlakyQuota(MemoryQuotaStore::new(), f.switch.clone()))
         .limiter_fail_mode(FailMode::Open)
@@ -747,7 +750,7 @@ async fn every_required_scope_is_required() {
 /// applies, one charge is made, and what each layer reports survives.
 mod nested {
     use super::*;
-    use keygate::clock::FakeClock;
+    use keygate::clock::{Clock, FakeClock};
     use keygate::format::{NH, NHK, Region};
     use keygate::tower::FailedOpen;
 
@@ -796,10 +799,9 @@ mod nested {
     async fn the_routers_plan_holds_for_keys_without_one_inside_a_route_layer() {
         let keys = MemoryKeyStore::new();
         let k = key(&keys, None).await;
-        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
-            .plans(PlanSet::presets())
-            .default_plan("hobby")
-            .build();
+        // A frozen clock: pro's windows are a second long, and three checks
+        // across a second's end would find a fresh window.
+        let gate = frozen_gate(&keys, "hobby");
         let app: Router = Router::new()
             .route(
                 "/events",
@@ -819,7 +821,11 @@ mod nested {
         let keys = MemoryKeyStore::new();
         let k = key(&keys, None).await;
         let quotas = Arc::new(MemoryQuotaStore::new());
-        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+        // The gate's clock, not the system's: a month ending between the
+        // count and the read would read the next month's zero.
+        let clock = FakeClock::at_2026();
+        let auth = Authenticator::new(keys.clone()).clock(clock.clone());
+        let gate = Gate::builder(auth, MemoryLimiter::with_clock(100, clock.clone()))
             .plans(PlanSet::presets())
             .quotas(quotas.clone())
             .build();
@@ -828,7 +834,7 @@ mod nested {
             .layer(gate.layer().plan("free"));
         let res = app.oneshot(call("/n", &k)).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
-        let used = quotas.usage("ws_t/free", "email", Timestamp::now()).await.unwrap();
+        let used = quotas.usage("ws_t/free", "email", clock.now()).await.unwrap();
         assert_eq!(used, 1, "counted against the free plan's 100");
     }
 

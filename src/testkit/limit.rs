@@ -178,14 +178,21 @@ async fn refund_after_algorithm_change<S: LimitStore>(store: &S, key: &str) {
 /// refunded under the old plan: the new plan admits what it has left, no
 /// more.
 ///
-/// Not a day: a day's window ends with an hour's in the last hour of every
-/// UTC day, and a window ending where the refunded check's did reads as
-/// its own — the one case [`LimitStore::refund`] may give back a unit the
-/// new plan counted. A day and a second ends on the hour once in ten years.
+/// The long window must end after the hour's: one ending with it, or
+/// before it, leaves the units counted in the hour's window (the hour's is
+/// not a shorter window's then), which reads as the refunded check's own —
+/// the one case [`LimitStore::refund`] may give back a unit the new plan
+/// counted. No fixed period avoids that at every instant (a day's ends
+/// with the hour's in the last hour of every UTC day; a day and a second's,
+/// on Unix-aligned windows, falls inside an hour about once a day), so the
+/// long window is one of two periods whose windows never both end within
+/// the same hour (in 2026 to 2046), chosen by where they end now.
 async fn refund_under_a_shorter_plan<S: LimitStore>(store: &S, key: &str) {
     let gcra_long = Policy::new("x", 60, Duration::from_secs(72_000), Algorithm::Gcra);
-    let day = Policy::new("x", 100, Duration::from_secs(86_401), Algorithm::FixedWindow);
-    for (alg, long, used) in [(Algorithm::Gcra, gcra_long, 30), (Algorithm::FixedWindow, day, 50)] {
+    let day = long_fixed_window(store, &format!("{key}:probe")).await;
+    for (alg, long, used) in
+        [(Algorithm::Gcra, gcra_long, 30), (Algorithm::FixedWindow, Ok(day), 50)]
+    {
         let key = format!("{key}:{}", alg.as_str());
         let short = [policy("x", 3, alg)];
         let long = [long.expect("valid policy")];
@@ -197,6 +204,27 @@ async fn refund_under_a_shorter_plan<S: LimitStore>(store: &S, key: &str) {
         let admitted = count_admitted(store, &key, &long, long[0].limit()).await;
         assert!(admitted <= left, "{}: {admitted} admitted, {left} left", alg.as_str());
     }
+}
+
+/// A fixed window of 100 in a day and a second, or in a day and two
+/// seconds, whichever (on `store`'s clock, peeked at fresh keys under
+/// `probe`) ends more than a second after the current hour's window.
+async fn long_fixed_window<S: LimitStore>(store: &S, probe: &str) -> Policy {
+    let ends_in = |p: Policy, key: String| async move {
+        let d = store.check(&key, &[p], 1, CheckMode::Peek).await.unwrap();
+        d.binding().reset_after
+    };
+    let hour = ends_in(policy("x", 3, Algorithm::FixedWindow), format!("{probe}:hour")).await;
+    let mut long = None;
+    for secs in [86_401, 86_402] {
+        let p = Policy::new("x", 100, Duration::from_secs(secs), Algorithm::FixedWindow)
+            .expect("valid policy");
+        if ends_in(p.clone(), format!("{probe}:{secs}")).await > hour + Duration::from_secs(1) {
+            long = Some(p);
+            break;
+        }
+    }
+    long.expect("one of the two windows ends well after the hour's")
 }
 
 /// A refund that comes after the refunded check's window has ended (or,
