@@ -71,6 +71,46 @@ async fn redis_portal_store_passes_the_testkit() {
     keygate::testkit::portal::run(&redis.portal(), 1).await;
 }
 
+/// Past its tombstone retention (judged at the caller's `now`, as every
+/// other answer of `redeem` is), a code is unknown on Redis as in memory,
+/// whatever the server's clock says of the key's TTL: a host's test clock
+/// moved ahead sees the same answers from either store.
+#[tokio::test]
+async fn a_code_past_its_retention_is_unknown_as_in_memory() {
+    use keygate::portal::{MemoryPortalStore, TOMBSTONE_RETENTION};
+    use keygate::testkit::portal::sample_session;
+    let server = RedisServer::start();
+    let redis = connect(&server, "tomb").await.portal();
+    let memory = MemoryPortalStore::new();
+    let end = sample_session(60).expires_at;
+    let keep = jiff::SignedDuration::try_from(TOMBSTONE_RETENTION).unwrap();
+    let secs = jiff::SignedDuration::from_secs;
+    let (used, expired) = (Digest::from_bytes([7; 32]), Digest::from_bytes([8; 32]));
+    for code in [used, expired] {
+        assert!(memory.insert(code, sample_session(60)).await.unwrap());
+        assert!(redis.insert(code, sample_session(60)).await.unwrap());
+    }
+    let steps = [
+        (used, end - secs(1), "session"),
+        (used, end + keep - secs(1), "used"),
+        (used, end + keep, "unknown"),
+        (expired, end + keep - secs(1), "expired"),
+        (expired, end + keep, "unknown"),
+    ];
+    for (code, now, want) in steps {
+        let m = memory.redeem(&code, now).await.unwrap();
+        assert_eq!(redis.redeem(&code, now).await.unwrap(), m, "{want} at {now}");
+        let got = match m {
+            Redeem::Session(_) => "session",
+            Redeem::AlreadyUsed => "used",
+            Redeem::Expired => "expired",
+            Redeem::Unknown => "unknown",
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(got, want, "{now}");
+    }
+}
+
 #[tokio::test]
 async fn the_key_store_reads_records_over_resp3_too() {
     let server = RedisServer::start();

@@ -21,11 +21,17 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return 1
 ";
 
-/// `KEYS[1]`: the code's hash. `ARGV[1]`: now (sortable). The hash becomes a
-/// tombstone (`u` set, session dropped) keeping its TTL.
+/// `KEYS[1]`: the code's hash. `ARGV[1]`: now (sortable), `ARGV[2]`: now
+/// less the tombstone retention (sortable). The hash becomes a tombstone
+/// (`u` set, session dropped) keeping its TTL; one past its retention at
+/// the caller's now is gone, whatever its TTL on the server's clock says.
 const REDEEM: &str = r"
 local v = redis.call('HMGET', KEYS[1], 'exp', 'u', 's')
 if not v[1] then return {'unknown'} end
+if ARGV[2] >= v[1] then
+  redis.call('DEL', KEYS[1])
+  return {'unknown'}
+end
 if v[2] then return {'used'} end
 if ARGV[1] >= v[1] then return {'expired'} end
 redis.call('HSET', KEYS[1], 'u', '1')
@@ -46,8 +52,9 @@ static REDEEM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REDEEM));
 /// that long, like [`MemoryPortalStore`](crate::portal::MemoryPortalStore),
 /// and nothing outlives it.
 ///
-/// Expiry is judged at the `now` the caller passes (the [`Portal`]'s
-/// clock), as in memory, not on the server's clock: application servers
+/// Expiry, and the end of the retention (past it a code is unknown, even
+/// while its key lives on), are judged at the `now` the caller passes (the
+/// [`Portal`]'s clock), as in memory, not on the server's clock: application servers
 /// whose clocks disagree move a code's end by their skew. Keep them on NTP.
 ///
 /// [`Portal`]: crate::portal::Portal
@@ -103,6 +110,15 @@ fn decode(s: &str) -> Result<PortalSession, BackendError> {
     })
 }
 
+/// Sessions that ended at or before this are past their tombstone
+/// retention at `now` (as [`MemoryPortalStore`] judges them).
+///
+/// [`MemoryPortalStore`]: crate::portal::MemoryPortalStore
+fn forgotten_before(now: Timestamp) -> Timestamp {
+    let keep = jiff::SignedDuration::try_from(TOMBSTONE_RETENTION).unwrap_or_default();
+    now.checked_sub(keep).unwrap_or(Timestamp::MIN)
+}
+
 fn ttl_ms(s: &PortalSession) -> u64 {
     let life = s.expires_at.duration_since(s.created_at).as_millis().max(0);
     let life = u64::try_from(life).unwrap_or(u64::MAX / 4);
@@ -133,7 +149,7 @@ impl PortalStore for RedisPortalStore {
         let call = self.redis.eval::<Vec<String>>(
             &REDEEM_SCRIPT,
             vec![self.key(code)],
-            vec![sortable(now).into_bytes()],
+            vec![sortable(now).into_bytes(), sortable(forgotten_before(now)).into_bytes()],
         );
         async move {
             let reply = call.await?;
