@@ -54,8 +54,9 @@ static REDEEM_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REDEEM));
 ///
 /// Expiry, and the end of the retention (past it a code is unknown, even
 /// while its key lives on), are judged at the `now` the caller passes (the
-/// [`Portal`]'s clock), as in memory, not on the server's clock: application servers
-/// whose clocks disagree move a code's end by their skew. Keep them on NTP.
+/// [`Portal`]'s clock), as in memory, not on the server's clock:
+/// application servers whose clocks disagree move a code's end by their
+/// skew. Keep them on NTP.
 ///
 /// [`Portal`]: crate::portal::Portal
 #[derive(Debug, Clone)]
