@@ -274,33 +274,31 @@ impl Input {
 
 /// Standard input without std's process-wide 8 KiB buffer, which would keep
 /// a copy of the key that nothing wipes.
-#[cfg(unix)]
 fn raw_stdin() -> Box<dyn Read> {
-    use std::os::fd::AsFd;
-    match io::stdin().as_fd().try_clone_to_owned() {
-        Ok(fd) => Box::new(fs::File::from(fd)),
-        Err(_) => Box::new(io::stdin()),
+    match own_descriptor(&io::stdin()) {
+        Some(file) => Box::new(file),
+        None => Box::new(io::stdin()),
     }
-}
-
-#[cfg(not(unix))]
-fn raw_stdin() -> Box<dyn Read> {
-    Box::new(io::stdin())
 }
 
 /// Standard output without std's process-wide buffer (see [`raw_stdin`]).
-#[cfg(unix)]
 fn raw_stdout() -> Box<dyn Write> {
-    use std::os::fd::AsFd;
-    match io::stdout().as_fd().try_clone_to_owned() {
-        Ok(fd) => Box::new(fs::File::from(fd)),
-        Err(_) => Box::new(io::stdout()),
+    match own_descriptor(&io::stdout()) {
+        Some(file) => Box::new(file),
+        None => Box::new(io::stdout()),
     }
 }
 
+/// A file on a duplicate of `stream`'s descriptor: reads and writes go
+/// straight to it, past std's buffer. `None` where there is none.
+#[cfg(unix)]
+fn own_descriptor(stream: &impl std::os::fd::AsFd) -> Option<fs::File> {
+    stream.as_fd().try_clone_to_owned().ok().map(fs::File::from)
+}
+
 #[cfg(not(unix))]
-fn raw_stdout() -> Box<dyn Write> {
-    Box::new(io::stdout())
+fn own_descriptor<T>(_: &T) -> Option<fs::File> {
+    None
 }
 
 fn inspect(formats: &FormatSet, input: &Input) -> ExitCode {
