@@ -255,7 +255,9 @@ pub enum ManagerError {
     /// [`KeyManager::roll`] look a record up by id alone.
     #[error("no such key")]
     NotFound,
-    /// The key is revoked or expired, so it cannot be rolled.
+    /// The key is revoked or expired, so it cannot be rolled; or the
+    /// parent or caller a key is created or rolled for has expired (the
+    /// key would expire on arrival).
     #[error("key is not active")]
     Inactive,
     /// The parent principal may not create keys for that tenant.
@@ -459,7 +461,8 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::RegionNotReachable`]
     /// when the parent has a region and the key would have another or none;
     /// [`ManagerError::ReservedMetadata`] for metadata under
-    /// [`RESERVED_METADATA`].
+    /// [`RESERVED_METADATA`]; [`ManagerError::Inactive`] when the parent
+    /// has expired since it was authenticated.
     pub async fn create_for(
         &self,
         parent: &Principal,
@@ -574,6 +577,12 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             None => None,
         };
         let expires_at = earliest(expires_at, new.not_after);
+        if expires_at.is_some_and(|e| e <= now) {
+            // Capped by a parent or caller that has expired since it was
+            // authenticated: the key would be dead on arrival (and a roll
+            // would shorten the old key's life for it).
+            return Err(ManagerError::Inactive);
+        }
         let id = RecordId::generate_os(&mut rng)?;
         drop(rng);
         let record = Arc::new(KeyRecord {
@@ -804,7 +813,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     ///
     /// # Errors
     ///
-    /// As [`roll`](Self::roll); [`ManagerError::Scope`] —
+    /// As [`roll`](Self::roll) ([`ManagerError::Inactive`] also when the
+    /// caller has expired since it was authenticated);
+    /// [`ManagerError::Scope`] —
     /// [`ScopeError::Exceeds`] when the key holds scopes the caller does
     /// not, `Unknown` when its stored scopes do not compile under the
     /// manager's registry.
@@ -859,15 +870,14 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             return Err(ManagerError::AlreadyRolled);
         }
         // Rolled before, its replacement since revoked: the old key's expiry
-        // is now that roll's grace end. Its own expiry is what the earlier
-        // replacements were given (the latest of them; `None` is never).
-        // Once the store has forgotten them, the grace end it is: never
-        // later than the key's own, only shorter.
-        let own_expiry = if earlier.is_empty() {
-            old.expires_at
-        } else {
-            earlier.iter().map(|r| r.expires_at).reduce(latest).flatten()
-        };
+        // is now that roll's grace end. Its own expiry is at least what the
+        // earlier replacements were given and at least what it holds now
+        // (the latest of them; `None` is never): each is capped by the
+        // key's own, but a replacement rolled for a caller also by the
+        // caller's (which may have passed since), and the stored expiry by
+        // the grace. Once the store has forgotten them, the grace end it
+        // is: never later than the key's own, only shorter.
+        let own_expiry = earlier.iter().map(|r| r.expires_at).fold(old.expires_at, latest);
         let mut metadata = old.metadata.clone();
         metadata.insert(ROLLED_FROM.to_owned(), id.as_str().to_owned());
         let mut new = NewKey::new(old.name.clone(), format, old.tenant.clone())

@@ -944,6 +944,71 @@ async fn rolling_again_after_the_replacement_was_revoked_keeps_the_keys_own_expi
     }
 }
 
+/// A roll for a caller caps the replacement at the caller's expiry; once
+/// that replacement is revoked and the caller has expired, rolling the key
+/// again must not take the caller's past expiry for the key's own: the
+/// replacement would be dead on arrival, and the old key would still be
+/// shortened to the new grace — no working key left.
+#[tokio::test]
+async fn rolling_again_after_a_callers_roll_does_not_inherit_the_callers_expiry() {
+    let f = fixture();
+    let day = Duration::from_secs(86_400);
+    let key = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let token = f
+        .manager
+        .create(
+            NewKey::new("m", NHM, ws("ws_a"))
+                .scopes(&["*"])
+                .unwrap()
+                .token_expiry(TokenExpiry::Days30),
+        )
+        .await
+        .unwrap();
+    let c = auth_bearer(&f.auth, token.key().expose_secret(), &Target::any()).await.unwrap();
+    // Rolled for the 30-day token with a 60-day grace (2026-01-01): the
+    // replacement ends 2026-01-31, the key's grace 2026-03-02.
+    let first = f.manager.roll_for(&c, &key.record().id, 60 * day).await.unwrap();
+    assert_eq!(first.record().expires_at, c.expires_at());
+    assert!(f.manager.revoke(&first.record().id).await.unwrap());
+    // 2026-02-01: the token has expired; the operator rolls the key again.
+    f.clock.advance(31 * day);
+    let second = f.manager.roll(&key.record().id, Duration::from_secs(600)).await.unwrap();
+    let exp = second.record().expires_at.expect("bounded by what the store still knows");
+    assert!(exp > f.clock.now(), "dead on arrival: {exp}");
+    assert!(exp >= f.clock.now() + jiff::SignedDuration::from_hours(24 * 29), "{exp}");
+    f.clock.advance(Duration::from_secs(600));
+    assert!(auth_bearer(&f.auth, second.key().expose_secret(), &Target::any()).await.is_ok());
+}
+
+/// A parent or caller that expired after it was authenticated creates or
+/// rolls nothing: the key would expire on arrival (and a roll would still
+/// cut the old key's life to the grace).
+#[tokio::test]
+async fn an_expired_parent_creates_and_rolls_nothing() {
+    let f = fixture();
+    let key = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let token = f
+        .manager
+        .create(
+            NewKey::new("m", NHM, ws("ws_a"))
+                .scopes(&["*"])
+                .unwrap()
+                .token_expiry(TokenExpiry::Days30),
+        )
+        .await
+        .unwrap();
+    let c = auth_bearer(&f.auth, token.key().expose_secret(), &Target::any()).await.unwrap();
+    f.clock.advance(Duration::from_secs(30 * 86_400));
+    let err = f.manager.create_for(&c, NewKey::new("c", SK, ws("ws_a"))).await.unwrap_err();
+    assert!(matches!(err, ManagerError::Inactive), "{err}");
+    let err = f.manager.roll_for(&c, &key.record().id, Duration::ZERO).await.unwrap_err();
+    assert!(matches!(err, ManagerError::Inactive), "{err}");
+    // The old key is untouched, and nothing was stored.
+    assert_eq!(f.store.get(&key.record().id).await.unwrap().unwrap().expires_at, None);
+    assert_eq!(f.store.len(), 2);
+    assert!(auth_bearer(&f.auth, key.key().expose_secret(), &Target::any()).await.is_ok());
+}
+
 #[test]
 fn a_requirement_from_a_registry_with_another_layout_is_refused() {
     use keygate::auth::Principal;
