@@ -1351,3 +1351,70 @@ fn a_repeated_name_keeps_its_state_for_the_longest_period() {
     let d = l.check(&0, &both, 1).unwrap();
     assert!(!d.is_allowed(), "a fourth unit within the minute: {d:?}");
 }
+
+/// Repeated quota names and categories are found in linear time: a plan
+/// file may list any number of them, and the pairwise check it replaced
+/// took quadratic time (release build, `PlanSet::from_json`: a `counts`
+/// array of 64 KiB took 92 ms, of 512 KiB 4.1 s, ratio 45 for 8× the
+/// input; 8k quotas 4 ms, 64k quotas 169 ms). No timing is asserted: at
+/// these sizes the pairwise check (5·10⁹ comparisons) would not finish in
+/// any test run's patience, the sets take milliseconds.
+#[test]
+fn many_quotas_and_categories_are_checked_in_linear_time() {
+    const N: usize = 100_000;
+    let rate = || vec![Policy::new("d", 1, Duration::from_secs(1), Algorithm::Gcra).unwrap()];
+    let quota = |counts: &[String]| {
+        vec![QuotaRule::new("q", 1, &counts.iter().map(String::as_str).collect::<Vec<_>>())]
+    };
+    let mut counts: Vec<String> = (0..N).map(|i| format!("c{i}")).collect();
+    assert!(Plan::new("p", rate(), quota(&counts)).is_ok());
+    counts.push("c0".to_owned());
+    let e = Plan::new("p", rate(), quota(&counts)).unwrap_err();
+    assert_eq!(e.field, "monthly[0].counts");
+    let mut quotas: Vec<QuotaRule> =
+        (0..N).map(|i| QuotaRule::new(format!("q{i}"), 1, &["c"])).collect();
+    assert!(Plan::new("p", rate(), quotas.clone()).is_ok());
+    quotas.push(QuotaRule::new("q0", 1, &["c"]));
+    let e = Plan::new("p", rate(), quotas).unwrap_err();
+    assert_eq!(e.field, format!("monthly[{N}].name"));
+}
+
+/// `distinct_counts` runs on every quota check: past a handful of
+/// categories it uses a set (pairwise, a rule of 8k categories cost 100 ms
+/// a request in the memory store, 64k 5.3 s; now 0.36 ms and 3.3 ms). Both
+/// ways give each category once, in first-listed order.
+#[test]
+fn distinct_counts_short_and_long_lists_agree() {
+    for n in [3, 16, 17, 5_000] {
+        let mut counts: Vec<String> = (0..n).map(|i| format!("c{}", i % (n / 2 + 1))).collect();
+        counts.push("c0".to_owned());
+        let refs: Vec<&str> = counts.iter().map(String::as_str).collect();
+        let rule = QuotaRule::new("q", 1, &refs);
+        let want: Vec<String> = (0..=n / 2).take(n).map(|i| format!("c{i}")).collect();
+        assert_eq!(rule.distinct_counts().collect::<Vec<_>>(), want, "{n}");
+    }
+}
+
+/// Every shape of path an entry's error is joined to its plan's with
+/// (entries are read with an empty path, see `under`): the object itself,
+/// a plain field, a quoted one.
+#[test]
+fn plan_entry_errors_name_their_path() {
+    for (bad, field) in [
+        (r#"{"plans": {"x": {"rate": [1]}}}"#, "plans.x.rate[0]"),
+        (
+            r#"{"plans": {"a.b": {"rate": [{"limit": 1, "window_seconds": 1, "c.d": 1}]}}}"#,
+            r#"plans["a.b"].rate[0]["c.d"]"#,
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1}], "monthly": [{"limit": 1, "counts": ["a"]}, "q"]}}}"#,
+            "plans.x.monthly[1]",
+        ),
+        (
+            r#"{"plans": {"x": {"rate": [{"limit": 1, "window_seconds": 1}], "monthly": [{"name": 1, "limit": 1, "counts": ["a"]}]}}}"#,
+            "plans.x.monthly[0].name",
+        ),
+    ] {
+        assert_eq!(PlanSet::from_json(bad).unwrap_err().field, field, "{bad}");
+    }
+}

@@ -1,5 +1,7 @@
 //! [`RedisQuotaStore`]: monthly counters checked and counted in one Lua step.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::future::Future;
 use std::sync::LazyLock;
 
@@ -98,11 +100,15 @@ impl QuotaStore for RedisQuotaStore {
         // reported as such whatever other rules have left, as in memory.
         counting.sort_by_key(|r| cost <= r.limit);
         // The request's category first (the one counted), then every other
-        // category a counting rule counts, once each.
+        // category a counting rule counts, once each; `place` is each one's
+        // 1-based index among them (a map, not a search of the list per
+        // category: that was quadratic in the plan's categories).
         let mut categories: Vec<&str> = vec![category];
+        let mut place: HashMap<&str, u64> = HashMap::from([(category, 1)]);
         for c in counting.iter().flat_map(QuotaRule::distinct_counts) {
-            if !categories.contains(&c) {
+            if let Entry::Vacant(e) = place.entry(c) {
                 categories.push(c);
+                e.insert(categories.len() as u64);
             }
         }
         let keys: Vec<String> = categories.iter().map(|c| self.key(account, c, month)).collect();
@@ -118,11 +124,8 @@ impl QuotaStore for RedisQuotaStore {
         args.push(num(counting.len() as u64));
         for r in &counting {
             args.push(num(r.limit.min(LUA_EXACT)));
-            let places: Vec<u64> = r
-                .distinct_counts()
-                .filter_map(|c| categories.iter().position(|&k| k == c))
-                .map(|i| i as u64 + 1)
-                .collect();
+            let places: Vec<u64> =
+                r.distinct_counts().filter_map(|c| place.get(c).copied()).collect();
             args.push(num(places.len() as u64));
             args.extend(places.into_iter().map(num));
         }
