@@ -60,6 +60,7 @@ fn bench(crit: &mut Criterion) {
         let minter = Arc::new(mgmt.record().clone());
         assert_eq!(ready(keys.insert(minter, None)).unwrap(), InsertOutcome::Inserted);
         Portal::new(MemoryPortalStore::new(), keys)
+            .url_template("https://portal.acme.test/p?code={code}")
     };
     let mut g = crit.benchmark_group("portal");
     let mint = |portal: &Portal<MemoryPortalStore, MemoryKeyStore>| {

@@ -360,6 +360,19 @@ pub enum AuthError {
     /// A record with the key's public id exists but the secret is wrong.
     #[error("wrong secret for key id")]
     WrongSecret,
+    /// A record with the key's public id exists, but its digest was made
+    /// with an algorithm this authenticator's [`Hasher`] does not hold (a
+    /// pepper it lacks, or plain SHA-256 without
+    /// [`accept_legacy_sha256`](Hasher::accept_legacy_sha256)): a deployment
+    /// whose key manager and authenticator hash differently, not a wrong
+    /// secret. The caller sees the same 401.
+    #[error("record {id} has a {algorithm:?} digest this authenticator's hasher cannot check")]
+    UnverifiableDigest {
+        /// The record.
+        id: RecordId,
+        /// The algorithm the record's digest names.
+        algorithm: crate::hash::Algorithm,
+    },
     /// The key is of a format the target does not accept.
     #[error("`{format}` keys are not accepted here")]
     FormatNotAccepted {
@@ -459,6 +472,7 @@ impl AuthError {
             | Self::Malformed(_)
             | Self::Unknown
             | Self::WrongSecret
+            | Self::UnverifiableDigest { .. }
             | Self::FormatNotAccepted { .. }
             | Self::Revoked { .. }
             | Self::Expired { .. }
@@ -808,7 +822,11 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
                 let ok = if r.digest.algorithm() == current.algorithm() {
                     r.digest == current
                 } else {
-                    self.hasher.verify(bytes, &r.digest)
+                    let algorithm = r.digest.algorithm();
+                    let Some(d) = self.hasher.digest_with(bytes, algorithm) else {
+                        return Err(AuthError::UnverifiableDigest { id: r.id.clone(), algorithm });
+                    };
+                    d == *r.digest.digest()
                 };
                 if !ok {
                     return Err(AuthError::WrongSecret);

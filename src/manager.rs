@@ -431,6 +431,12 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
     /// Mints a key, stores its record (digest only), and returns both.
     ///
+    /// Whatever `new` asks for is granted — any tenant, any scopes (`*`
+    /// included), any format (management tokens and portal access tokens
+    /// included), any expiry: an operator's call. On behalf of a caller (an
+    /// API request), use [`create_for`](Self::create_for), which holds the
+    /// new key to what the caller reaches and holds.
+    ///
     /// # Errors
     ///
     /// [`ManagerError::Scope`] for unknown scopes, [`ManagerError::Mint`]
@@ -619,6 +625,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
     /// Records of `workspace` (narrowed to `project`), oldest first. Metadata
     /// only: a record holds a digest, never a key.
+    ///
+    /// Every record of the workspace, whatever its project, environment or
+    /// region: an operator's call. On behalf of a caller, use
+    /// [`list_for`](Self::list_for).
     ///
     /// # Errors
     ///

@@ -160,9 +160,9 @@ pub enum PortalError {
     /// A generated code or token collided (vanishingly unlikely; retry).
     #[error("generated code collided; retry")]
     Collision,
-    /// The portal's [URL template](Portal::url_template) has no `{code}`:
-    /// its links could never be redeemed, so none is minted.
-    #[error("the portal URL template has no {{code}}")]
+    /// The portal's [URL template](Portal::url_template) is unset or has no
+    /// `{code}`: its links could never be redeemed, so none is minted.
+    #[error("the portal URL template is unset or has no {{code}}")]
     UrlTemplate,
     /// A store failed.
     #[error("store failed: {0}")]
@@ -260,9 +260,10 @@ impl<P, S, C> fmt::Debug for Portal<P, S, C> {
 }
 
 impl<P: PortalStore, S: KeyStore> Portal<P, S> {
-    /// A portal over `sessions` (codes) and `keys` (access tokens), with
-    /// URLs `https://portal.example.com/portal?code={code}` until
-    /// [`url_template`](Self::url_template) says otherwise.
+    /// A portal over `sessions` (codes) and `keys` (access tokens). It
+    /// mints nothing ([`PortalError::UrlTemplate`]) until
+    /// [`url_template`](Self::url_template) says where links point: a
+    /// placeholder host would hand working codes to a third party's domain.
     pub fn new(sessions: P, keys: S) -> Self {
         let registry = Arc::new(ScopeRegistry::default());
         Self {
@@ -272,7 +273,7 @@ impl<P: PortalStore, S: KeyStore> Portal<P, S> {
             roles: role_grants(&registry, PORTAL_RESOURCES),
             registry,
             clock: SystemClock::new(),
-            url_template: "https://portal.example.com/portal?code={code}".to_owned(),
+            url_template: String::new(),
             resources: PORTAL_RESOURCES.to_vec(),
             minters_here: true,
         }
@@ -311,9 +312,10 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     }
 
     /// The URL template; `{code}` is replaced by the code (codes are
-    /// URL-safe), e.g. `https://portal.acme.com/?code={code}`. A template
-    /// without `{code}` would make links that cannot be redeemed: minting
-    /// then fails with [`PortalError::UrlTemplate`] (a 500).
+    /// URL-safe), e.g. `https://portal.acme.com/?code={code}`. Without one
+    /// (there is no default), or with one lacking `{code}` (links that
+    /// cannot be redeemed), minting fails with [`PortalError::UrlTemplate`]
+    /// (a 500).
     #[must_use]
     pub fn url_template(mut self, template: impl Into<String>) -> Self {
         self.url_template = template.into();
@@ -350,7 +352,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// [`SessionRequest::validate`], [`PortalError::NotManagementToken`],
     /// [`PortalError::MinterExpiring`] when the token ends within the
     /// second, [`PortalError::Scope`] when the role exceeds the token,
-    /// [`PortalError::UrlTemplate`] when the template has no `{code}`,
+    /// [`PortalError::UrlTemplate`] when the template is unset or has no
+    /// `{code}`,
     /// [`PortalError::Collision`] when the minted code is taken, or a
     /// backend failure (the OS generator's included).
     ///

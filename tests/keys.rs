@@ -1492,6 +1492,46 @@ async fn keys_from_before_peppers_verify_only_when_accepted_by_every_lookup() {
     }
 }
 
+/// An `nk` key (found by its key id) whose record was hashed under a pepper
+/// the authenticator lacks names that in its typed reason, not
+/// `WrongSecret`: the secret is right, the deployment's hashers differ.
+/// The caller still sees the same 401; a truly wrong secret still says
+/// `WrongSecret`.
+#[tokio::test]
+async fn a_key_id_record_under_a_hasher_the_authenticator_lacks_says_so() {
+    use keygate::hash::Algorithm;
+    let pepper = |id: u32, b: u8| Pepper::new(PepperId(id), Secret::new(vec![b; 32])).unwrap();
+    let store = MemoryKeyStore::new();
+    let peppered = Hasher::hmac(vec![pepper(1, 7)]).unwrap();
+    let created = KeyManager::new(store.clone())
+        .hasher(peppered)
+        .create(NewKey::new("n", NK, ws("ws_a")))
+        .await
+        .unwrap();
+    let id = created.record().id.clone();
+    let key = created.key().expose_secret();
+    let plain = Authenticator::new(store.clone());
+    let err = auth_bearer(&plain, key, &Target::any()).await.unwrap_err();
+    assert!(
+        matches!(&err, AuthError::UnverifiableDigest { id: i, algorithm: Algorithm::HmacSha256(PepperId(1)) } if *i == id),
+        "{err:?}"
+    );
+    assert_eq!(err.rejection(), Rejection::InvalidCredentials, "the same 401 on the wire");
+    // A pepper of another id: the same.
+    let other = Authenticator::new(store.clone()).hasher(Hasher::hmac(vec![pepper(2, 9)]).unwrap());
+    let err = auth_bearer(&other, key, &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::UnverifiableDigest { .. }), "{err:?}");
+    // The pepper held, under a newer one: a wrong secret is still that.
+    let rotated =
+        Authenticator::new(store).hasher(Hasher::hmac(vec![pepper(1, 7), pepper(2, 9)]).unwrap());
+    let (head, secret) = key.rsplit_once('_').unwrap();
+    let flipped = if secret.starts_with('A') { 'B' } else { 'A' };
+    let wrong = format!("{head}_{flipped}{}", &secret[1..]);
+    let err = auth_bearer(&rotated, &wrong, &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::WrongSecret), "{err:?}");
+    assert!(auth_bearer(&rotated, key, &Target::any()).await.is_ok());
+}
+
 #[tokio::test]
 async fn listing_shows_metadata_only() {
     let f = fixture();
@@ -1585,6 +1625,7 @@ async fn portal_redemptions_do_not_accumulate_in_the_key_store() {
     let sessions = MemoryKeyStore::new();
     let portal = Portal::new(MemoryPortalStore::new(), sessions.clone())
         .clock(clock.clone())
+        .url_template("https://portal.acme.test/p?code={code}")
         .minters_elsewhere();
     let (w, app) = ("ws_a".parse().unwrap(), "app_1".parse().unwrap());
     // Four days of redemptions, 96 an hour: 9,216 in all. Every token

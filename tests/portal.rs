@@ -142,7 +142,9 @@ async fn a_redemption_that_fails_before_the_store_leaves_the_link_usable() {
     let w = world(&["*"]).await;
     let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
     let sessions = Arc::new(MemoryPortalStore::new());
-    let good = Portal::new(sessions.clone(), w.keys.clone()).clock(w.clock.clone());
+    let good = Portal::new(sessions.clone(), w.keys.clone())
+        .clock(w.clock.clone())
+        .url_template("https://portal.acme.test/p?code={code}");
     let minted = good.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
     // A misconfigured instance (its registry lacks the portal's resources)
     // cannot redeem, and must not spend the code trying.
@@ -165,6 +167,7 @@ async fn a_code_minted_before_a_pepper_rotation_still_redeems() {
     let sessions = Arc::new(MemoryPortalStore::new());
     let before = Portal::new(sessions.clone(), w.keys.clone())
         .clock(w.clock.clone())
+        .url_template("https://portal.acme.test/p?code={code}")
         .hasher(Hasher::hmac(vec![pepper(1, 7)]).unwrap());
     let minted =
         before.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
@@ -399,8 +402,9 @@ async fn a_redemption_failing_after_its_token_is_stored_leaves_no_working_token(
     for lost_insert in [false, true] {
         let keys = failing::FailingKeys::default();
         let w = world_over(keys.mem.clone(), &["*"]).await;
-        let portal =
-            Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone()).clock(w.clock.clone());
+        let portal = Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone())
+            .clock(w.clock.clone())
+            .url_template("https://portal.acme.test/p?code={code}");
         let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
         let minted = portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default());
         let minted = minted.await.unwrap();
@@ -482,6 +486,20 @@ async fn the_access_token_keeps_the_minters_environment() {
     let headers = [("authorization", a.as_bytes())];
     assert!(test.authenticate(headers, &Target::any()).await.is_ok());
     assert!(live.authenticate(headers, &Target::any()).await.is_err(), "a test portal on live");
+}
+
+/// A portal whose template was never set mints no link to a placeholder
+/// host (the default was `https://portal.example.com/…`: working codes in
+/// links to a domain the host does not own).
+#[tokio::test]
+async fn a_portal_without_a_url_template_mints_nothing() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let portal = Portal::new(Arc::new(MemoryPortalStore::new()), w.keys.clone());
+    let err = portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await;
+    let err = err.unwrap_err();
+    assert!(matches!(err, PortalError::UrlTemplate), "{err}");
+    assert_eq!(err.rejection().status(), 500);
 }
 
 #[tokio::test]
