@@ -74,17 +74,40 @@ const DUPLICATE: &str = "keygate: duplicate key ";
 pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
     let value: Value = serde_json::from_slice(bytes).map_err(JsonError::Syntax)?;
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    match Distinct(At::Top).deserialize(&mut de) {
+    match Distinct(At::Top, true).deserialize(&mut de) {
         Ok(()) => Ok(value),
-        Err(e) => {
-            let text = e.to_string();
-            let key = text.strip_prefix(DUPLICATE).unwrap_or(&text);
-            // The message ends with serde_json's " at line … column …".
-            Err(JsonError::Duplicate(
-                key.rsplit_once(" at line ").map_or(key, |(k, _)| k).to_owned(),
-            ))
-        }
+        Err(e) => Err(duplicate(&e)),
     }
+}
+
+/// [`parse`]'s verdict without the value: `Ok` for one JSON text whose
+/// objects repeat no key, else the error `parse` gives (a syntax error
+/// anywhere wins over a repeat). Holds the keys of the objects being read,
+/// never a tree: a body of nested empty arrays makes a `Value` about 120
+/// times its size. For callers that then read only parts of the text
+/// (`RawValue`s).
+pub(crate) fn check(bytes: &[u8]) -> Result<(), JsonError> {
+    let walk = |distinct: bool| {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        Distinct(At::Top, distinct).deserialize(&mut de)?;
+        de.end()
+    };
+    match walk(true) {
+        Ok(()) => Ok(()),
+        Err(e) if e.to_string().starts_with(DUPLICATE) => match walk(false) {
+            Err(syntax) => Err(JsonError::Syntax(syntax)),
+            Ok(()) => Err(duplicate(&e)),
+        },
+        Err(syntax) => Err(JsonError::Syntax(syntax)),
+    }
+}
+
+/// The [`JsonError::Duplicate`] of the visitor's error `e`.
+fn duplicate(e: &serde_json::Error) -> JsonError {
+    let text = e.to_string();
+    let key = text.strip_prefix(DUPLICATE).unwrap_or(&text);
+    // The message ends with serde_json's " at line … column …".
+    JsonError::Duplicate(key.rsplit_once(" at line ").map_or(key, |(k, _)| k).to_owned())
 }
 
 /// Where a value sits in the document: built on the stack as the visitor
@@ -107,8 +130,9 @@ impl fmt::Display for At<'_> {
     }
 }
 
-/// A JSON value at `.0` whose objects have distinct keys (nothing is kept).
-struct Distinct<'a>(At<'a>);
+/// A JSON value at `.0` whose objects have distinct keys, if `.1` (else
+/// any JSON value); nothing is kept.
+struct Distinct<'a>(At<'a>, bool);
 
 impl<'de> DeserializeSeed<'de> for Distinct<'_> {
     type Value = ();
@@ -155,7 +179,7 @@ impl<'de> Visitor<'de> for Distinct<'_> {
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
         let mut i = 0;
-        while seq.next_element_seed(Distinct(At::Index(&self.0, i)))?.is_some() {
+        while seq.next_element_seed(Distinct(At::Index(&self.0, i), self.1))?.is_some() {
             i += 1;
         }
         Ok(())
@@ -165,11 +189,13 @@ impl<'de> Visitor<'de> for Distinct<'_> {
         let mut seen = std::collections::HashSet::new();
         while let Some(key) = map.next_key::<String>()? {
             let at = At::Key(&self.0, &key);
-            if seen.contains(&key) {
+            if self.1 && seen.contains(&key) {
                 return Err(de::Error::custom(format_args!("{DUPLICATE}{at}")));
             }
-            map.next_value_seed(Distinct(at))?;
-            seen.insert(key);
+            map.next_value_seed(Distinct(at, self.1))?;
+            if self.1 {
+                seen.insert(key);
+            }
         }
         Ok(())
     }
@@ -274,6 +300,33 @@ impl<'de> Visitor<'de> for UniqueVisitor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `check` gives `parse`'s verdict without the tree: the same errors,
+    /// a syntax error anywhere winning over a repeat before it.
+    #[test]
+    fn check_agrees_with_parse() {
+        let kind = |r: Result<(), JsonError>| match r {
+            Ok(()) => "ok".to_owned(),
+            Err(JsonError::Syntax(_)) => "syntax".to_owned(),
+            Err(JsonError::Duplicate(k)) => format!("duplicate {k}"),
+        };
+        for text in [
+            r#"{"a": [1, {"b": 2}], "c": null}"#,
+            r#"{"a": 1, "a": 2}"#,
+            r#"{"a": {"b": 1, "b": 2}}"#,
+            r#"[{"x": 1}, {"x": 1, "x": 2}]"#,
+            r#"{"a": 1, "a": 2, "b": 1e400}"#,
+            r#"{"a": 1, "a": 2, "b": }"#,
+            r#"{"a": 1} trailing"#,
+            r#"{"a": "\ud800"}"#,
+            "[[[[[[[[]]]]]]]]",
+            "",
+            "null",
+        ] {
+            let parsed = kind(parse(text.as_bytes()).map(drop));
+            assert_eq!(kind(check(text.as_bytes())), parsed, "{text}");
+        }
+    }
 
     /// The number token's value is a number or an error, never JSON of
     /// its own (an object whose repeated keys nobody checked).

@@ -7,8 +7,6 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 
-use serde_json::Value;
-
 use crate::http::Rejection;
 use crate::scope::Role;
 
@@ -151,10 +149,11 @@ impl RequestError {
 impl SessionRequest {
     /// Parses and validates a request body.
     ///
-    /// The whole body is read into a JSON tree before its fields are
-    /// judged, and a tree can take far more memory than its text (about
-    /// 120 times, for a body of nested empty arrays): cap the body first,
-    /// as any JSON endpoint should (the reference server allows 64 KiB).
+    /// No tree of the body is built (one of nested empty arrays would take
+    /// about 120 times its size): the text is checked in one pass that
+    /// holds only the keys of the objects being read, then only the values
+    /// of the known fields are parsed, from their text. Memory stays in
+    /// proportion to the body; cap it, as any JSON endpoint should.
     ///
     /// # Errors
     ///
@@ -165,7 +164,7 @@ impl SessionRequest {
         if bytes.iter().all(u8::is_ascii_whitespace) {
             return Ok(Self::default());
         }
-        let value = crate::json::parse(bytes).map_err(|e| match e {
+        crate::json::check(bytes).map_err(|e| match e {
             // A repeat inside an array at the top: not an object at all.
             crate::json::JsonError::Duplicate(_) if bytes.trim_ascii_start().starts_with(b"[") => {
                 RequestError::NotAnObject
@@ -173,29 +172,39 @@ impl SessionRequest {
             crate::json::JsonError::Duplicate(field) => RequestError::DuplicateField { field },
             crate::json::JsonError::Syntax(_) => RequestError::InvalidJson,
         })?;
-        let map = match value {
-            Value::Object(map) => map,
-            Value::Null => return Ok(Self::default()),
-            _ => return Err(RequestError::NotAnObject),
+        // Valid and without repeats: the fields are read as the text of
+        // their values, and only those of known fields are parsed (no tree
+        // of an unknown field, or of a value of the wrong type, is built).
+        let fields = match serde_json::from_slice::<Option<Fields<'_>>>(bytes) {
+            Ok(Some(fields)) => fields.0,
+            Ok(None) => return Ok(Self::default()),
+            Err(_) => return Err(RequestError::NotAnObject),
         };
         let mut req = Self::default();
-        for (k, v) in map {
+        for (k, raw) in fields {
+            let text = raw.get();
             match k.as_str() {
                 // Unset, as SDKs send it: the default.
-                "role" | "expiresInMinutes" | "metadata" if v.is_null() => {}
+                "role" | "expiresInMinutes" | "metadata" if text == "null" => {}
                 "role" => {
-                    let s = v.as_str().ok_or(RequestError::RoleType)?;
+                    let s = json_string(text).ok_or(RequestError::RoleType)?;
                     req.role = s.parse().map_err(|_| RequestError::UnknownRole)?;
                 }
                 "expiresInMinutes" => {
-                    let n = v.as_number().ok_or(RequestError::ExpiresType)?;
+                    let n = match text.as_bytes().first() {
+                        Some(b'-' | b'0'..=b'9') => {
+                            serde_json::from_str::<serde_json::Number>(text)
+                                .map_err(|_| RequestError::ExpiresType)?
+                        }
+                        _ => return Err(RequestError::ExpiresType),
+                    };
                     let m = match (n.as_u64(), n.as_f64()) {
                         (Some(m), _) => m,
                         // `30.0` and `3e1` are integers in JSON's data
                         // model (and what some serializers write). Judged
                         // by the digits as written: the nearest double of
                         // `59.999999999999999` is 60.0.
-                        (None, Some(f)) if whole_literal(bytes) => {
+                        (None, Some(f)) if whole_literal(text) => {
                             if !(0.0..=MAX_EXPIRES_F64).contains(&f) {
                                 // Negative, or too large for a u64.
                                 return Err(RequestError::ExpiresRange);
@@ -211,13 +220,15 @@ impl SessionRequest {
                     req.expires_in_minutes = m;
                 }
                 "metadata" => {
-                    let Value::Object(md) = v else { return Err(RequestError::MetadataType) };
-                    check_metadata_count(md.len())?;
-                    for (mk, mv) in md {
+                    let md = match text.as_bytes().first() {
+                        Some(b'{') => serde_json::from_str::<Fields<'_>>(text)
+                            .map_err(|_| RequestError::MetadataType)?,
+                        _ => return Err(RequestError::MetadataType),
+                    };
+                    check_metadata_count(md.0.len())?;
+                    for (mk, mv) in md.0 {
                         check_metadata_key(&mk)?;
-                        let Value::String(s) = mv else {
-                            return Err(RequestError::MetadataValueType);
-                        };
+                        let s = json_string(mv.get()).ok_or(RequestError::MetadataValueType)?;
                         check_metadata_value(&s)?;
                         req.metadata.insert(mk, s);
                     }
@@ -255,14 +266,7 @@ const FIELDS: [&str; 3] = ["role", "expiresInMinutes", "metadata"];
 /// double) is written as a whole number: no nonzero digit after the decimal
 /// point once the exponent has moved it (`30.0`, `3e1`, `300e-1` are;
 /// `1e-400` and `30.000000000000001` are not).
-fn whole_literal(body: &[u8]) -> bool {
-    // A second read of a body already parsed: only for non-integers.
-    let Ok(raw) = serde_json::from_slice::<
-        std::collections::BTreeMap<String, &serde_json::value::RawValue>,
-    >(body) else {
-        return false;
-    };
-    let Some(lit) = raw.get("expiresInMinutes").map(|r| r.get()) else { return false };
+fn whole_literal(lit: &str) -> bool {
     let lit = lit.strip_prefix('-').unwrap_or(lit);
     let (mantissa, exp) = match lit.split_once(['e', 'E']) {
         // serde_json read the number, so the exponent is digits with an
@@ -278,6 +282,39 @@ fn whole_literal(body: &[u8]) -> bool {
     let point = i64::try_from(int.len()).unwrap_or(i64::MAX).saturating_add(exp);
     let point = usize::try_from(point.max(0)).unwrap_or(usize::MAX).min(len);
     int.bytes().chain(frac.bytes()).skip(point).all(|d| d == b'0')
+}
+
+/// An object's members in document order, each value as its JSON text.
+struct Fields<'a>(Vec<(String, &'a serde_json::value::RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Fields<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Members;
+        impl<'de> serde::de::Visitor<'de> for Members {
+            type Value = Fields<'de>;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Fields<'de>, A::Error> {
+                let mut members = Vec::new();
+                while let Some(key) = map.next_key::<String>()? {
+                    members.push((key, map.next_value()?));
+                }
+                Ok(Fields(members))
+            }
+        }
+        d.deserialize_map(Members)
+    }
+}
+
+/// The string `text` (a JSON value's text) holds, if it is a string.
+fn json_string(text: &str) -> Option<String> {
+    text.starts_with('"').then(|| serde_json::from_str(text).ok()).flatten()
 }
 
 fn check_expires(minutes: u64) -> Result<(), RequestError> {
