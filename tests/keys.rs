@@ -55,6 +55,18 @@ async fn auth_bearer<S: KeyStore, C: Clock>(
     a.authenticate([("Authorization", h.as_bytes())], target).await
 }
 
+/// An `sk` key of `ws_a` that never expires, and a caller holding a 30-day
+/// management token (`*`) of the same workspace.
+async fn key_and_30_day_caller(
+    f: &Fixture,
+) -> (keygate::manager::CreatedKey, keygate::auth::Principal) {
+    let key = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let month = NewKey::new("m", NHM, ws("ws_a")).scopes(&["*"]).unwrap();
+    let token = f.manager.create(month.token_expiry(TokenExpiry::Days30)).await.unwrap();
+    let c = auth_bearer(&f.auth, token.key().expose_secret(), &Target::any()).await.unwrap();
+    (key, c)
+}
+
 #[tokio::test]
 async fn memory_store_passes_the_testkit() {
     keygate::testkit::keys::run(MemoryKeyStore::new).await;
@@ -420,18 +432,7 @@ async fn callers_with_an_environment_or_region_reach_only_records_with_theirs() 
 #[tokio::test]
 async fn a_replacement_rolled_for_a_caller_expires_no_later_than_it() {
     let f = fixture();
-    let key = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
-    let token = f
-        .manager
-        .create(
-            NewKey::new("m", NHM, ws("ws_a"))
-                .scopes(&["*"])
-                .unwrap()
-                .token_expiry(TokenExpiry::Days30),
-        )
-        .await
-        .unwrap();
-    let c = auth_bearer(&f.auth, token.key().expose_secret(), &Target::any()).await.unwrap();
+    let (key, c) = key_and_30_day_caller(&f).await;
     assert!(c.expires_at().is_some() && key.record().expires_at.is_none());
     let rolled = f.manager.roll_for(&c, &key.record().id, Duration::ZERO).await.unwrap();
     assert_eq!(rolled.record().expires_at, c.expires_at());
@@ -953,18 +954,7 @@ async fn rolling_again_after_the_replacement_was_revoked_keeps_the_keys_own_expi
 async fn rolling_again_after_a_callers_roll_does_not_inherit_the_callers_expiry() {
     let f = fixture();
     let day = Duration::from_secs(86_400);
-    let key = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
-    let token = f
-        .manager
-        .create(
-            NewKey::new("m", NHM, ws("ws_a"))
-                .scopes(&["*"])
-                .unwrap()
-                .token_expiry(TokenExpiry::Days30),
-        )
-        .await
-        .unwrap();
-    let c = auth_bearer(&f.auth, token.key().expose_secret(), &Target::any()).await.unwrap();
+    let (key, c) = key_and_30_day_caller(&f).await;
     // Rolled for the 30-day token with a 60-day grace (2026-01-01): the
     // replacement ends 2026-01-31, the key's grace 2026-03-02.
     let first = f.manager.roll_for(&c, &key.record().id, 60 * day).await.unwrap();
@@ -986,18 +976,7 @@ async fn rolling_again_after_a_callers_roll_does_not_inherit_the_callers_expiry(
 #[tokio::test]
 async fn an_expired_parent_creates_and_rolls_nothing() {
     let f = fixture();
-    let key = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
-    let token = f
-        .manager
-        .create(
-            NewKey::new("m", NHM, ws("ws_a"))
-                .scopes(&["*"])
-                .unwrap()
-                .token_expiry(TokenExpiry::Days30),
-        )
-        .await
-        .unwrap();
-    let c = auth_bearer(&f.auth, token.key().expose_secret(), &Target::any()).await.unwrap();
+    let (key, c) = key_and_30_day_caller(&f).await;
     f.clock.advance(Duration::from_secs(30 * 86_400));
     let err = f.manager.create_for(&c, NewKey::new("c", SK, ws("ws_a"))).await.unwrap_err();
     assert!(matches!(err, ManagerError::Inactive), "{err}");
