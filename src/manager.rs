@@ -678,8 +678,12 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// (found by listing the token's workspace: a cost in proportion to its
     /// records), and its links not opened yet stop opening
     /// ([`Portal::redeem`] checks the minter; see
-    /// [`Portal::minters_elsewhere`]). If revoking those tokens fails, the
-    /// error is returned and calling again finishes the job.
+    /// [`Portal::minters_elsewhere`]). They are ended before the token and
+    /// again after it (a redemption may store one meanwhile), so a call
+    /// whose future is dropped once the token is revoked leaves at most
+    /// those redeemed in that window working. If revoking them fails, the
+    /// error is returned (before the token is revoked, when the first pass
+    /// fails) and calling again finishes the job.
     ///
     /// [`Portal::redeem`]: crate::portal::Portal::redeem
     /// [`Portal::minters_elsewhere`]: crate::portal::Portal::minters_elsewhere
@@ -722,10 +726,19 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
     async fn revoke_found(&self, record: &KeyRecord) -> Result<bool, ManagerError> {
         let now = self.clock.now();
+        let minter = record.format == NHM.name();
+        // A management token's access tokens end before it does, too: a
+        // revocation whose future is dropped once the store revoked the
+        // token (a client gone, a timeout) leaves none of them working but
+        // those redeemed in between.
+        if minter {
+            self.end_minted(record, now, None).await?;
+        }
         let revoked = self.revoke_id(&record.id, now).await?;
-        // Also when it was revoked already: a retry after a failure below
-        // finishes the job.
-        if record.format == NHM.name() {
+        // And after: tokens redeemed while it ran (a redemption that read
+        // the minter before the revocation). Also when it was revoked
+        // already: a retry after a failure here finishes the job.
+        if minter {
             self.end_minted(record, now, None).await?;
         }
         Ok(revoked)
@@ -759,11 +772,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
                     self.revoke_id(&r.id, now).await?;
                 }
                 Some(end) if r.expires_at.is_none_or(|e| e > end) => {
-                    let shortened = self.store.shorten_expiry(&r.id, end).await;
                     // As for a revocation: whatever the store answered.
-                    if let Some(cache) = &self.cache {
-                        cache.invalidate(&r.id);
-                    }
+                    let invalidate = self.invalidate_after(&r.id);
+                    let shortened = self.store.shorten_expiry(&r.id, end).await;
+                    drop(invalidate);
                     shortened?;
                 }
                 Some(_) => {}
@@ -774,13 +786,20 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
     /// Revokes record `id` in the store and drops it from the cache.
     async fn revoke_id(&self, id: &RecordId, now: Timestamp) -> Result<bool, ManagerError> {
+        // Also when the store failed to answer, or this future is dropped
+        // while it runs: it may have revoked, and invalidating too often is
+        // harmless.
+        let invalidate = self.invalidate_after(id);
         let revoked = self.store.revoke(id, now).await;
-        // Also when the store failed to answer: it may have revoked, and
-        // invalidating too often is harmless.
-        if let Some(cache) = &self.cache {
-            cache.invalidate(id);
-        }
+        drop(invalidate);
         Ok(revoked?)
+    }
+
+    /// Drops record `id` from the cache when dropped: after the store call
+    /// it is held across, whether that answered, failed or had its future
+    /// dropped (the store may have applied it all the same).
+    fn invalidate_after<'a>(&'a self, id: &'a RecordId) -> InvalidateOnDrop<'a> {
+        InvalidateOnDrop { cache: self.cache.as_deref(), id }
     }
 
     /// Replaces key `id` with a new key of the same format, grants and
@@ -803,6 +822,14 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::UnknownFormat`], [`ManagerError::LimitReached`], or
     /// the store's error (if shortening the old key's expiry fails, the new
     /// key is revoked: its secret was never shown).
+    ///
+    /// A roll whose future is dropped once the replacement is stored (a
+    /// client gone, a timeout) cannot revoke it: the replacement stays
+    /// stored, its secret gone with the future, and the old key is cut to
+    /// its grace or not yet. A retry is then [`ManagerError::AlreadyRolled`]:
+    /// revoke the replacement (listed, naming the key under
+    /// [`ROLLED_FROM`]) and roll again; the new replacement keeps the key's
+    /// own expiry, not the grace's.
     ///
     /// This looks the record up by id alone and hands back a working
     /// secret with its grants: an operator's call. On behalf of a caller
@@ -907,12 +934,12 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
         // `shorten_expiry` never extends: the grace cannot outlive the old
         // key's own expiry.
+        // Whatever the store said, or if this future is dropped while it
+        // runs (it may have applied the change before failing to answer):
+        // invalidating too often is harmless.
+        let invalidate = self.invalidate_after(id);
         let shortened = self.store.shorten_expiry(id, end).await;
-        // Whatever the store said (it may have applied the change before
-        // failing to answer): invalidating too often is harmless.
-        if let Some(cache) = &self.cache {
-            cache.invalidate(id);
-        }
+        drop(invalidate);
         if let Err(e) = shortened {
             // The new key's secret is never shown: revoke it (best effort)
             // rather than leave an orphan counting against the cap.
@@ -925,6 +952,21 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             let _ = self.end_minted(&old, now, Some(end)).await;
         }
         Ok(created)
+    }
+}
+
+/// Invalidates a record's cache entries when dropped (see
+/// [`KeyManager::invalidate_after`]).
+struct InvalidateOnDrop<'a> {
+    cache: Option<&'a PrincipalCache>,
+    id: &'a RecordId,
+}
+
+impl Drop for InvalidateOnDrop<'_> {
+    fn drop(&mut self) {
+        if let Some(cache) = self.cache {
+            cache.invalidate(self.id);
+        }
     }
 }
 
