@@ -115,9 +115,13 @@ pub enum RedisConfigError {
     /// build has no TLS: a `rediss://` URL is refused too).
     #[error("invalid redis url")]
     Url(#[source] RedisError),
-    /// The prefix is empty, longer than 64 bytes, or holds a character
-    /// other than ASCII letters, digits, `_`, `-`, `.` or `:`.
-    #[error("redis key prefix must be 1 to 64 of a-z, A-Z, 0-9, `_`, `-`, `.`, `:`")]
+    /// The prefix is empty, longer than 64 bytes, holds a character
+    /// other than ASCII letters, digits, `_`, `-`, `.` or `:`, or ends in
+    /// `:rl`, `:quota` or `:portal`.
+    #[error(
+        "redis key prefix must be 1 to 64 of a-z, A-Z, 0-9, `_`, `-`, `.`, `:`, not ending in \
+         `:rl`, `:quota` or `:portal`"
+    )]
     Prefix,
 }
 
@@ -163,7 +167,10 @@ impl RedisConfig {
     /// # Errors
     ///
     /// [`RedisConfigError::Prefix`] for an empty, over-long prefix or one
-    /// with characters that could clash with hash tags (`{`, `}`) or spaces.
+    /// with characters that could clash with hash tags (`{`, `}`) or spaces,
+    /// or one ending in a segment the stores write after a prefix (`:rl`,
+    /// `:quota`, `:portal`): `app:rl`'s keys would start as `app`'s limiter
+    /// keys do, and `app`'s limiter could reach them.
     pub fn prefix(mut self, prefix: &str) -> Result<Self, RedisConfigError> {
         self.prefix = Self::check_prefix(prefix)?;
         Ok(self)
@@ -172,7 +179,13 @@ impl RedisConfig {
     fn check_prefix(prefix: &str) -> Result<String, RedisConfigError> {
         let ok = !prefix.is_empty()
             && prefix.len() <= 64
-            && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b));
+            && prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"_-.:".contains(&b))
+            // Another deployment's prefix plus one of these is where that
+            // deployment's own keys continue: `P:rl:{k:KEY}:…` can be
+            // `P:rl:{P:rl:keys}:ws:…` (for a `P` of `k` or `k:…`).
+            && !prefix
+                .rsplit_once(':')
+                .is_some_and(|(_, last)| ["rl", "quota", "portal"].contains(&last));
         if ok { Ok(prefix.into()) } else { Err(RedisConfigError::Prefix) }
     }
 

@@ -689,6 +689,12 @@ async fn connecting_to_nothing_is_an_error_within_the_timeout() {
     assert!(RedisConfig::from_url("http://nope").is_err());
     assert!(RedisConfig::from_url("redis://127.0.0.1/").unwrap().prefix("a{b}").is_err());
     assert!(RedisConfig::from_url("redis://127.0.0.1/").unwrap().prefix("").is_err());
+    for nested in ["k:rl", "a:quota", "a:b:portal"] {
+        assert!(RedisConfig::from_url("redis://127.0.0.1/").unwrap().prefix(nested).is_err());
+    }
+    for fine in ["rl", "a:rl:b", "a:rls", "a:xrl"] {
+        assert!(RedisConfig::from_url("redis://127.0.0.1/").unwrap().prefix(fine).is_ok());
+    }
 }
 
 // ---- data hygiene and expiry ----
@@ -1184,6 +1190,50 @@ async fn a_key_of_the_wrong_type_under_the_prefix_is_corrupt_data() {
     let plan = [hour("default", 10, Algorithm::Gcra)];
     let r = redis.limiter().check("k", &plan, 1, CheckMode::Consume).await;
     assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{r:?}");
+}
+
+/// Deployment `k:nx` and one nested under it as `k:nx:rl`: the outer
+/// limiter's key `nx:rl:keys` under policy `ws` was
+/// `k:nx:rl:{k:nx:rl:keys}:ws:f`, the inner key store's set of workspace
+/// `f`. A prefix may not end in a segment the stores put after a prefix.
+#[tokio::test]
+async fn a_prefix_nested_under_another_does_not_reach_its_keys() {
+    let server = RedisServer::start();
+    let outer = connect(&server, "k:nx").await;
+    let Ok(inner) = outer.with_prefix("k:nx:rl") else { return };
+    let keys = inner.keys();
+    let r = keygate::testkit::keys::sample_record("f", None, 0, false);
+    assert_eq!(keys.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    for alg in [Algorithm::FixedWindow, Algorithm::Gcra, Algorithm::SlidingWindow] {
+        let plan = [hour("ws", 10, alg)];
+        let d = outer.limiter().check("nx:rl:keys", &plan, 1, CheckMode::Consume).await;
+        assert!(d.unwrap().is_allowed(), "{alg:?}");
+    }
+    let listed = keys.list(&"f".parse().unwrap(), None).await.unwrap();
+    assert_eq!(listed.len(), 1, "the inner deployment's workspace set");
+}
+
+/// Keys a host derives from user input never meet across namespaces or
+/// policies: `}` and `:` in limiter keys, quota accounts and categories.
+#[tokio::test]
+async fn crafted_limiter_and_quota_keys_stay_apart() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "cr").await;
+    let lim = redis.limiter();
+    let one = [hour("a", 1, Algorithm::FixedWindow)];
+    // `x}:a:f` under `a` vs `x` under `a`: distinct (names have no `}`).
+    for key in ["x", "x}:a:f", "x}:a", "", "}", "x}:a:f}:a"] {
+        let d = lim.check(key, &one, 1, CheckMode::Consume).await.unwrap();
+        assert!(d.is_allowed(), "{key:?}");
+    }
+    // A limiter key shaped like a quota or key-store key stays a limiter key.
+    let q = redis.quota();
+    let rule = [QuotaRule::new("m", 1, &["c"])];
+    let now = jiff::Timestamp::now();
+    for (account, category) in [("a}:x", "c"), ("a", "c"), ("a:1:a", "c"), ("", "c")] {
+        let d = q.check_and_count(account, &rule, category, 1, now).await.unwrap();
+        assert!(d.allowed, "{account:?} {category:?}");
+    }
 }
 
 #[tokio::test]
