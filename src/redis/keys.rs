@@ -108,9 +108,10 @@ end
 redis.call('SET', KEYS[2], ARGV[1])
 if ARGV[4] == '1' then redis.call('SET', KEYS[3], ARGV[1]) end
 if ARGV[11] ~= '' then
-  FORGET(KEYS[1], ARGV[11], ARGV[12])
-  FORGET(KEYS[2], ARGV[11], ARGV[12])
-  if ARGV[4] == '1' then FORGET(KEYS[3], ARGV[11], ARGV[12]) end
+  local at = FORGET_AT(ARGV[11], ARGV[12])
+  FORGET(KEYS[1], at)
+  FORGET(KEYS[2], at)
+  if ARGV[4] == '1' then FORGET(KEYS[3], at) end
 end
 if ARGV[5] == '1' then
   sweep(KEYS[4], 'pj')
@@ -174,10 +175,11 @@ const REVOKE: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local function schedule()
   if ARGV[4] == '' then return end
-  FORGET(KEYS[1], ARGV[4], ARGV[5])
-  if redis.call('GET', KEYS[2]) == ARGV[3] then FORGET(KEYS[2], ARGV[4], ARGV[5]) end
+  local at = FORGET_AT(ARGV[4], ARGV[5])
+  FORGET(KEYS[1], at)
+  if redis.call('GET', KEYS[2]) == ARGV[3] then FORGET(KEYS[2], at) end
   if ARGV[6] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
-    FORGET(KEYS[3], ARGV[4], ARGV[5])
+    FORGET(KEYS[3], at)
   end
 end
 local function ended()
@@ -213,10 +215,11 @@ local cur = redis.call('HGET', KEYS[1], 'exp')
 if not cur or ARGV[1] < cur then
   redis.call('HSET', KEYS[1], 'exp', ARGV[1])
   if ARGV[2] ~= '' then
-    FORGET(KEYS[1], ARGV[2], ARGV[4])
-    if redis.call('GET', KEYS[2]) == ARGV[3] then FORGET(KEYS[2], ARGV[2], ARGV[4]) end
+    local at = FORGET_AT(ARGV[2], ARGV[4])
+    FORGET(KEYS[1], at)
+    if redis.call('GET', KEYS[2]) == ARGV[3] then FORGET(KEYS[2], at) end
     if ARGV[6] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
-      FORGET(KEYS[3], ARGV[2], ARGV[4])
+      FORGET(KEYS[3], at)
     end
     ENDED(KEYS[4], ARGV[7], KEYS[1], 'pj')
     ENDED(KEYS[5], ARGV[7], KEYS[1], 'ws')
@@ -249,20 +252,21 @@ local function PUBLISHED(channel, msg)
 end
 ";
 
-/// Lua shared by the scripts that set key expiries: whether Unix ms `ms` is
-/// ahead of the server's clock.
+/// Lua shared by the scripts that set key expiries. `FORGET_AT(ms, keep)`:
+/// Unix ms `ms`, or `keep` ms from now if `ms` is not ahead of the
+/// server's clock — read once per script, so a record and its indexes
+/// always get the same end (two readings could fall either side of `ms`,
+/// and an index then outlive its record by a retention, refusing its
+/// digest to a new record). `FORGET(key, at)` sets it.
 const FUTURE_FN: &str = r"
-local function FUTURE(ms)
+local function FORGET_AT(ms, keep)
   local t = redis.call('TIME')
-  return tonumber(ms) > tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  if tonumber(ms) > now then return ms end
+  return string.format('%d', now + math.max(tonumber(keep), 1))
 end
--- Forget `key` at Unix ms `ms`, or `keep` ms from now if that is past.
-local function FORGET(key, ms, keep)
-  if FUTURE(ms) then
-    redis.call('PEXPIREAT', key, ms)
-  else
-    redis.call('PEXPIRE', key, math.max(tonumber(keep), 1))
-  end
+local function FORGET(key, at)
+  redis.call('PEXPIREAT', key, at)
 end
 ";
 
