@@ -60,8 +60,11 @@
 //! costs what its route says, once: its own `.cost`, or 1 (an outer
 //! layer's `.cost` is not inherited the way its plan is). A route's plan
 //! draws on units of its own for keys that name none (the limiter key
-//! `{record id}#{plan}`), so routes under different plans never share one
-//! state. The outer layer checks first, though, and knows nothing of the
+//! `{record id}#{plan}`; else the record id alone), so routes under
+//! different plans never share one state. A host that also checks keys of
+//! its own (a login name, an IP) on the gate's limiter should tag them
+//! (`login:{name}`: record ids hold no `:`), or give them a limiter of their
+//! own, so none can equal a record id and share its key's state. The outer layer checks first, though, and knows nothing of the
 //! routes inside: a request must also have a unit left under the router's
 //! plan as it passes (lent, and given back), so a route's plan cannot let
 //! a key past a router plan it has used up. Give such routes a layer of their own, outside the
