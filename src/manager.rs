@@ -772,11 +772,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
                     self.revoke_id(&r.id, now).await?;
                 }
                 Some(end) if r.expires_at.is_none_or(|e| e > end) => {
-                    // As for a revocation: whatever the store answered.
-                    let invalidate = self.invalidate_after(&r.id);
-                    let shortened = self.store.shorten_expiry(&r.id, end).await;
-                    drop(invalidate);
-                    shortened?;
+                    self.shorten_id(&r.id, end).await?;
                 }
                 Some(_) => {}
             }
@@ -793,6 +789,15 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         let revoked = self.store.revoke(id, now).await;
         drop(invalidate);
         Ok(revoked?)
+    }
+
+    /// Shortens record `id`'s expiry to `end` (never extends) in the store
+    /// and drops it from the cache, as [`revoke_id`](Self::revoke_id) does.
+    async fn shorten_id(&self, id: &RecordId, end: Timestamp) -> Result<bool, BackendError> {
+        let invalidate = self.invalidate_after(id);
+        let shortened = self.store.shorten_expiry(id, end).await;
+        drop(invalidate);
+        shortened
     }
 
     /// Drops record `id` from the cache when dropped: after the store call
@@ -934,13 +939,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
         // `shorten_expiry` never extends: the grace cannot outlive the old
         // key's own expiry.
-        // Whatever the store said, or if this future is dropped while it
-        // runs (it may have applied the change before failing to answer):
-        // invalidating too often is harmless.
-        let invalidate = self.invalidate_after(id);
-        let shortened = self.store.shorten_expiry(id, end).await;
-        drop(invalidate);
-        if let Err(e) = shortened {
+        if let Err(e) = self.shorten_id(id, end).await {
             // The new key's secret is never shown: revoke it (best effort)
             // rather than leave an orphan counting against the cap.
             let _ = self.store.revoke(&created.record().id, now).await;

@@ -844,12 +844,12 @@ impl Scanner {
         from.max(to)
     }
 
-    /// The key (if any) in the run at `start` after the escape that opens
-    /// it (see [`escape_len`]): C's one-letter escapes, its three-digit
-    /// octal, `\uXXXX` or `\xXX` after a backslash, or `XX` (or `25XX`,
-    /// encoded twice) after a `%`. Keys
-    /// leak in JSON logs and URL-encoded strings, where `"…\nsk_live_…"`
-    /// and `Bearer%20sk_live_…` glue the key to the escape's word bytes.
+    /// The key (if any) in the run at `start` after the escape that opens it
+    /// (see [`escape_len`]): C's one-letter escapes, its three-digit octal,
+    /// `\uXXXX` or `\xXX` after a backslash, or `XX` (or `25XX`, encoded twice)
+    /// after a `%`. Keys leak in JSON logs and URL-encoded strings, where
+    /// `"…\nsk_live_…"` and `Bearer%20sk_live_…` glue the key to the escape's
+    /// word bytes.
     fn check_escaped(
         &self,
         hay: &[u8],

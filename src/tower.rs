@@ -49,44 +49,42 @@
 //! was charged there, as for a 403; the 401 itself carries no rate-limit
 //! headers, as an unknown key's does not.
 //!
-//! Layers of one gate nest: a layer on a whole router authenticates and
-//! charges each request once, and a layer of the same gate on a route
-//! inside it adds that route's checks (formats, region, target, scope,
-//! quota) without authenticating again. A key that names no plan is under
-//! the nearest layer's `.plan(…)` (the route's, else the router's, else
-//! the gate's default). Where the plan that applies on the inner route
-//! differs, or the route has a cost of its own, the inner layer gives the
-//! outer layer's charge back and charges the request itself: a request
-//! costs what its route says, once: its own `.cost`, or 1 (an outer
-//! layer's `.cost` is not inherited the way its plan is). A route's plan
-//! draws on units of its own for keys that name none (the limiter key
-//! `{record id}#{plan}`; else the record id alone), so routes under
-//! different plans never share one state. A host that also checks keys of
-//! its own (a login name, an IP) on the gate's limiter should tag them
+//! Layers of one gate nest: a layer on a whole router authenticates and charges
+//! each request once, and a layer of the same gate on a route inside it adds
+//! that route's checks (formats, region, target, scope, quota) without
+//! authenticating again. A key that names no plan is under the nearest layer's
+//! `.plan(…)` (the route's, else the router's, else the gate's default). Where
+//! the plan that applies on the inner route differs, or the route has a cost of
+//! its own, the inner layer gives the outer layer's charge back and charges the
+//! request itself: a request costs what its route says, once: its own `.cost`,
+//! or 1 (an outer layer's `.cost` is not inherited the way its plan is). A
+//! route's plan draws on units of its own for keys that name none (the limiter
+//! key `{record id}#{plan}`; else the record id alone), so routes under
+//! different plans never share one state. A host that also checks keys of its
+//! own (a login name, an IP) on the gate's limiter should tag them
 //! (`login:{name}`: record ids hold no `:`), or give them a limiter of their
-//! own, so none can equal a record id and share its key's state. The outer layer checks first, though, and knows nothing of the
-//! routes inside: a request must also have a unit left under the router's
-//! plan as it passes (lent, and given back), so a route's plan cannot let
-//! a key past a router plan it has used up. Give such routes a layer of their own, outside the
-//! router's (or no router-wide layer). If giving back fails, the request
-//! stays charged under both ([`FailedOpen::refund`]). A credential the
-//! outer layer took from a cookie reaches only inner routes that take
-//! that cookie too. Each response carries one set of rate-limit headers (a
-//! handler's own values stand), none on an inner layer's 401. Each
-//! layer's [`FailedOpen`] trace is kept beside the others'. A router-wide
-//! `.quota(…)` counts every request the router's layer admits, before the
-//! inner layers' checks: put quotas on the routes whose refusals should not
-//! count. A layer of another gate in between starts over: the inner layer
-//! of the first gate authenticates and charges again. The request holds
-//! one [`Decision`], the innermost layer's that charged: where an inner
-//! layer takes its gate's charge over and its own check then fails open,
-//! the handler sees none, even where a layer of another gate outside
-//! charged too (its decision was replaced, not kept; its headers are on
-//! the response all the same). A take-over whose own check fails closed
-//! (a 503) no longer reports the outer layer's failure it replaced: the
-//! request was refused. An outer layer with
-//! `.cost(0)` charges nothing, and inner routes under the same plan
-//! without a cost of their own are then not charged either.
+//! own, so none can equal a record id and share its key's state. The outer
+//! layer checks first, though, and knows nothing of the routes inside: a
+//! request must also have a unit left under the router's plan as it passes
+//! (lent, and given back), so a route's plan cannot let a key past a router
+//! plan it has used up. Give such routes a layer of their own, outside the
+//! router's (or no router-wide layer). If giving back fails, the request stays
+//! charged under both ([`FailedOpen::refund`]). A credential the outer layer
+//! took from a cookie reaches only inner routes that take that cookie too. Each
+//! response carries one set of rate-limit headers (a handler's own values
+//! stand), none on an inner layer's 401. Each layer's [`FailedOpen`] trace is
+//! kept beside the others'. A router-wide `.quota(…)` counts every request the
+//! router's layer admits, before the inner layers' checks: put quotas on the
+//! routes whose refusals should not count. A layer of another gate in between
+//! starts over: the inner layer of the first gate authenticates and charges
+//! again. The request holds one [`Decision`], the innermost layer's that
+//! charged: where an inner layer takes its gate's charge over and its own check
+//! then fails open, the handler sees none, even where a layer of another gate
+//! outside charged too (its decision was replaced, not kept; its headers are on
+//! the response all the same). A take-over whose own check fails closed (a 503)
+//! no longer reports the outer layer's failure it replaced: the request was
+//! refused. An outer layer with `.cost(0)` charges nothing, and inner routes
+//! under the same plan without a cost of their own are then not charged either.
 //!
 //! Put the layer on a route's method router (`get(h).route_layer(…)`, as
 //! below), so that another method is the router's plain 405. On a
@@ -1126,18 +1124,17 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
         self.with(|r| r.plan = Some(plan))
     }
 
-    /// Also takes the credential from the cookie `name` when the request
-    /// has no credential header (browser sessions such as the portal's; a
-    /// blank header, `Bearer ` with nothing after it, is none); the cookie
-    /// twice is two credentials, refused, and an empty one is none. Set the cookie
-    /// `HttpOnly; Secure; SameSite=Strict`, and mind that a cookie rides
-    /// along on any request the browser makes to the site: `SameSite`
-    /// stops other sites, not a sibling subdomain. For requests that change
-    /// state, accept only what no HTML form can send (a JSON body; a
-    /// cross-origin script then needs a CORS preflight, which is not to be
-    /// granted) and refuse `Sec-Fetch-Site` other than `same-origin` (or
-    /// `none`, a user's own navigation), as the reference server's portal
-    /// API does.
+    /// Also takes the credential from the cookie `name` when the request has no
+    /// credential header (browser sessions such as the portal's; a blank
+    /// header, `Bearer ` with nothing after it, is none); the cookie twice is
+    /// two credentials, refused, and an empty one is none. Set the cookie
+    /// `HttpOnly; Secure; SameSite=Strict`, and mind that a cookie rides along
+    /// on any request the browser makes to the site: `SameSite` stops other
+    /// sites, not a sibling subdomain. For requests that change state, accept
+    /// only what no HTML form can send (a JSON body; a cross-origin script then
+    /// needs a CORS preflight, which is not to be granted) and refuse
+    /// `Sec-Fetch-Site` other than `same-origin` (or `none`, a user's own
+    /// navigation), as the reference server's portal API does.
     #[must_use]
     pub fn cookie(self, name: impl Into<Cow<'static, str>>) -> Self {
         let name = name.into();
@@ -1152,11 +1149,11 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     }
 
     /// Derives the request's [`Target`] (tenant, environment, region), e.g.
-    /// the workspace from a path segment; a key that does not reach its
-    /// tenant or environment is a 403, and a key of another region is
-    /// invalid here: a 401, as an unknown key is. The function's own
-    /// refusal (say, a malformed path segment) is answered after
-    /// authentication and the rate limit, with their headers. Formats the target names narrow the route's, never widen
+    /// the workspace from a path segment; a key that does not reach its tenant
+    /// or environment is a 403, and a key of another region is invalid here: a
+    /// 401, as an unknown key is. The function's own refusal (say, a malformed
+    /// path segment) is answered after authentication and the rate limit, with
+    /// their headers. Formats the target names narrow the route's, never widen
     /// them.
     #[must_use]
     pub fn target(

@@ -342,16 +342,20 @@ impl KeyStore for MK {
     }
 }
 
-macro_rules! key_mutants {
-    ($($name:ident => $m:expr, $why:literal),* $(,)?) => {$(
+/// One test per mutant, passing when the suite `$suite` (run against the
+/// mutation, bound to `$m`) panics with the suite's own words `$why`.
+macro_rules! mutants {
+    (|$m:ident| $suite:expr; $($name:ident => $mutation:expr, $why:literal),* $(,)?) => {$(
         #[tokio::test]
         #[should_panic(expected = $why)]
         async fn $name() {
-            keygate::testkit::keys::run(|| mk($m)).await;
+            let $m = $mutation;
+            $suite.await;
         }
     )*};
 }
-key_mutants! {
+mutants! {
+    |m| keygate::testkit::keys::run(|| mk(m));
     k_ignore_cap => KM::IgnoreCap, "the cap is enforced",
     k_hide_revoked => KM::HideRevoked, "called `Option::unwrap()` on a `None` value",
     k_extend_expiry => KM::ExtendExpiry, "never extended",
@@ -428,16 +432,8 @@ impl PortalStore for MP {
         })
     }
 }
-macro_rules! portal_mutants {
-    ($($name:ident => $m:expr, $why:literal),* $(,)?) => {$(
-        #[tokio::test]
-        #[should_panic(expected = $why)]
-        async fn $name() {
-            keygate::testkit::portal::run(&mp($m), 1).await;
-        }
-    )*};
-}
-portal_mutants! {
+mutants! {
+    |m| keygate::testkit::portal::run(&mp(m), 1);
     p_redeem_twice => PM::RedeemTwice, "assertion `left == right` failed",
     p_at_expiry => PM::AtExpiry, "expiry is exclusive",
     p_expired_unknown => PM::ExpiredUnknown, "expiry is exclusive",
@@ -535,16 +531,8 @@ impl LimitStore for ML {
         }
     }
 }
-macro_rules! limit_mutants {
-    ($($name:ident => $m:expr, $why:literal),* $(,)?) => {$(
-        #[tokio::test]
-        #[should_panic(expected = $why)]
-        async fn $name() {
-            keygate::testkit::limit::run(&ml($m), "t").await;
-        }
-    )*};
-}
-limit_mutants! {
+mutants! {
+    |m| keygate::testkit::limit::run(&ml(m), "t");
     l_plus_one => LM::PlusOne, "remaining after request",
     l_ignore_cost => LM::IgnoreCost, "cost above capacity",
     l_peek_consumes => LM::PeekConsumes, "neither peek nor impossible consumed anything",
@@ -620,16 +608,8 @@ impl QuotaStore for MQ {
         self.inner.usage(account, category, self.shift(now)).await
     }
 }
-macro_rules! quota_mutants {
-    ($($name:ident => $m:expr, $why:literal),* $(,)?) => {$(
-        #[tokio::test]
-        #[should_panic(expected = $why)]
-        async fn $name() {
-            keygate::testkit::quota::run(&mq($m), "t").await;
-        }
-    )*};
-}
-quota_mutants! {
+mutants! {
+    |m| keygate::testkit::quota::run(&mq(m), "t");
     q_count_denied => QM::CountDenied, "denials count nothing",
     q_month_at_utc_plus_one => QM::MonthAtUtcPlusOne, "assertion `left == right` failed",
     q_year_blind => QM::YearBlind, "a year later, December starts from zero",
