@@ -621,6 +621,12 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         }
     }
 
+    /// Whether the authenticator's format set has a format named `name`.
+    #[cfg(feature = "tower")]
+    pub(crate) fn knows_format(&self, name: &str) -> bool {
+        self.formats.get(name).is_some()
+    }
+
     /// The clock this authenticator reads (for callers that stamp
     /// responses or count quotas on the same time line).
     pub fn clock_ref(&self) -> &C {

@@ -310,6 +310,29 @@ pub struct UnknownPlan {
     pub plan: String,
 }
 
+/// A name in a route's requirements that its gate cannot resolve
+/// ([`GateLayer::checked`]). Unchecked, each shows only when requests
+/// come: an unknown format refuses every key (401), an unknown plan
+/// answers 500, and a category no plan counts is never counted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RouteError {
+    /// [`GateLayer::formats`] names a format the authenticator lacks.
+    #[error("format `{0}` is not among the authenticator's formats")]
+    UnknownFormat(String),
+    /// [`GateLayer::plan`] names a plan the gate's plans lack.
+    #[error("plan `{0}` is not among the gate's plans")]
+    UnknownPlan(String),
+    /// [`GateLayer::quota`] names a category that no plan of the gate
+    /// counts (a misspelling, say).
+    #[error("no plan of the gate counts quota category `{0}`")]
+    UncountedCategory(String),
+    /// [`GateLayer::quota`] names a category, but the gate has no
+    /// [`quotas`](GateBuilder::quotas) store to count it in.
+    #[error("quota category `{0}` named, but the gate has no quota store")]
+    NoQuotaStore(String),
+}
+
 /// Picks the request's [`Target`] (tenant, environment, region) from its
 /// method, URI and headers — typically from path segments — or refuses the
 /// request (e.g. a path segment that names no possible tenant).
@@ -1080,7 +1103,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     }
 
     /// Accepts only keys of these formats (by name, e.g. `["sk"]`); a valid
-    /// key of another format is a 401.
+    /// key of another format is a 401. [`checked`](Self::checked) refuses
+    /// a name the authenticator lacks.
     #[must_use]
     pub fn formats<I, F>(self, formats: I) -> Self
     where
@@ -1097,7 +1121,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     /// in the handler with [`Gate::charge`] when only completed work should.
     /// It counts nothing without the gate's
     /// [`quotas`](GateBuilder::quotas) store, or for a category no rule of
-    /// the plan counts (spelled otherwise, say). Unlike the rate limit, a
+    /// the plan counts (spelled otherwise, say: [`checked`](Self::checked)
+    /// refuses a category no plan counts). Unlike the rate limit, a
     /// quota is not taken over by nested layers of one gate: each layer
     /// that names a category counts it, so name a category on one layer of
     /// a route (the router's, or the route's), not on both.
@@ -1117,7 +1142,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
         self.with(|r| r.style = Some(style))
     }
 
-    /// The plan of keys that name none, on this route.
+    /// The plan of keys that name none, on this route. An unknown plan
+    /// answers 500; [`checked`](Self::checked) refuses it at start-up.
     #[must_use]
     pub fn plan(self, plan: impl Into<String>) -> Self {
         let plan = plan.into();
@@ -1162,6 +1188,38 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     ) -> Self {
         let f: Arc<TargetFn> = Arc::new(f);
         self.with(|r| r.target = Some(f))
+    }
+
+    /// This layer, once every name its route uses resolves: each format
+    /// is one of the authenticator's, the plan one of the gate's, and the
+    /// quota category counted by some plan of the gate (in its quota
+    /// store). Call it last, at start-up, so a misspelled name stops the
+    /// service there rather than showing only when requests come.
+    ///
+    /// # Errors
+    ///
+    /// The first name that does not resolve, as a [`RouteError`].
+    pub fn checked(self) -> Result<Self, RouteError> {
+        let (gate, route) = (&self.gate.0, &self.route);
+        if let Some(unknown) =
+            route.formats.iter().flat_map(|f| f.iter()).find(|f| !gate.auth.knows_format(f))
+        {
+            return Err(RouteError::UnknownFormat(unknown.to_string()));
+        }
+        if let Some(plan) = route.plan.as_ref().filter(|p| gate.plans.get(p).is_none()) {
+            return Err(RouteError::UnknownPlan(plan.clone()));
+        }
+        if let Some(category) = &route.quota {
+            if gate.quotas.is_none() {
+                return Err(RouteError::NoQuotaStore(category.to_string()));
+            }
+            let counted =
+                gate.plans.iter().flat_map(Plan::monthly).any(|rule| rule.counts(category));
+            if !counted {
+                return Err(RouteError::UncountedCategory(category.to_string()));
+            }
+        }
+        Ok(self)
     }
 
     /// The route requirements this layer enforces.

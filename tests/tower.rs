@@ -16,7 +16,7 @@ use keygate::limit::{CheckMode, Decision, LimitStore, MemoryLimiter, PlanSet, Po
 use keygate::manager::{KeyManager, NewKey};
 use keygate::quota::{MemoryQuotaStore, QuotaDecision, QuotaStore};
 use keygate::store::{MemoryKeyStore, Tenant};
-use keygate::tower::{Gate, Refusal, Refused};
+use keygate::tower::{Gate, Refusal, Refused, RouteError};
 use tower::ServiceExt;
 
 #[path = "support/failing.rs"]
@@ -329,6 +329,41 @@ async fn unknown_plan_is_a_deployment_error_not_a_free_pass() {
         res.extensions().get::<Refused>().unwrap().reason(),
         Refusal::UnknownPlan { .. }
     ));
+}
+
+#[tokio::test]
+async fn checked_routes_refuse_names_that_resolve_to_nothing() {
+    let f = fixture().await;
+    let auth = || Authenticator::new(f.keys.clone());
+    let gate = Gate::builder(auth(), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .quotas(MemoryQuotaStore::new())
+        .build();
+    // Every name resolves: presets count `webhook` and `email`.
+    let fine = gate.layer().formats(["nh", "sk"]).plan("pro").quota("webhook").checked();
+    assert!(fine.is_ok());
+    assert!(gate.layer().checked().is_ok());
+    let err = |layer: keygate::tower::GateLayer<_, _, _, _>| layer.checked().err();
+    assert_eq!(
+        err(gate.layer().formats(["nh", "skk"])),
+        Some(RouteError::UnknownFormat("skk".into()))
+    );
+    assert_eq!(err(gate.layer().plan("proo")), Some(RouteError::UnknownPlan("proo".into())));
+    assert_eq!(
+        err(gate.layer().quota("webhok")),
+        Some(RouteError::UncountedCategory("webhok".into()))
+    );
+    // A category named without a store to count it in counts nothing.
+    let storeless = Gate::builder(auth(), MemoryLimiter::new(10)).plans(PlanSet::presets()).build();
+    assert_eq!(
+        storeless.layer().quota("webhook").checked().err(),
+        Some(RouteError::NoQuotaStore("webhook".into()))
+    );
+    // Unchecked, the misspelled category is admitted and never counted.
+    let app: Router =
+        Router::new().route("/", get(|| async { "in" })).route_layer(gate.layer().quota("webhok"));
+    let req = Request::get("/").header("x-api-key", &f.key).body(Body::empty()).unwrap();
+    assert_eq!(app.oneshot(req).await.unwrap().status(), StatusCode::OK);
 }
 
 #[tokio::test]

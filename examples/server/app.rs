@@ -145,16 +145,21 @@ pub(crate) type Flush = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()> + Se
 /// that read a body; the others never read one.
 const MAX_BODY: usize = 64 * 1024;
 
+/// What [`router`] builds: the app, its key manager, and the flush of
+/// coalesced last-use times.
+pub(crate) type Built<K> = (Router, KeyManager<K>, Flush);
+
 /// The router, the stores' key manager for bootstrapping, and the
 /// shutdown flush of last use.
 ///
 /// # Errors
 ///
-/// A scope literal the registry does not know (a programming error).
+/// A scope literal the registry does not know, or a route naming a format
+/// or plan the gate lacks (a programming error).
 pub(crate) fn router<B: Backend>(
     stores: Stores<B>,
     config: Config,
-) -> Result<(Router, KeyManager<B::Keys>, Flush), keygate::scope::ScopeError> {
+) -> Result<Built<B::Keys>, Box<dyn std::error::Error>> {
     let Stores { keys, limits, quotas, sessions } = stores;
     let auth =
         Authenticator::new(keys.clone()).formats(portal::formats()).cache(config.cache.clone());
@@ -178,17 +183,23 @@ pub(crate) fn router<B: Backend>(
     // Keys of formats without a preset plan get the enterprise limits here,
     // so their responses (403s included) carry rate-limit headers too, and a
     // leaked management token cannot mint keys without bound.
-    let mgmt = gate.layer().formats(["nhm"]).plan("enterprise").target(workspace_from_path);
-    let ingest = gate.layer().formats(["nhk"]).body_style(BodyStyle::Flat);
-    let svix = gate.layer().formats(["sk"]).body_style(BodyStyle::Nested).plan("enterprise");
-    let hex = gate.layer().formats(["nh"]).body_style(BodyStyle::Envelope);
+    // Each layer is `checked`: a name that resolves to nothing stops the
+    // server here, not at the first request.
+    let mgmt =
+        gate.layer().formats(["nhm"]).plan("enterprise").target(workspace_from_path).checked()?;
+    let ingest = gate.layer().formats(["nhk"]).body_style(BodyStyle::Flat).checked()?;
+    let svix =
+        gate.layer().formats(["sk"]).body_style(BodyStyle::Nested).plan("enterprise").checked()?;
+    let hex = gate.layer().formats(["nh"]).body_style(BodyStyle::Envelope).checked()?;
     let ws = app.workspace.clone();
     let seq = gate
         .layer()
         .formats(["nk"])
         .plan("enterprise")
-        .target(move |parts| project_from_path(&ws, parts));
-    let portal_api = gate.layer().formats(["kgpt"]).plan("enterprise").cookie(PORTAL_COOKIE);
+        .target(move |parts| project_from_path(&ws, parts))
+        .checked()?;
+    let portal_api =
+        gate.layer().formats(["kgpt"]).plan("enterprise").cookie(PORTAL_COOKIE).checked()?;
 
     let keys_path = "/management/v1/workspaces/{ws}/api-keys";
     let tokens = "/management/v1/workspaces/{ws}/tokens";
