@@ -160,9 +160,14 @@ pub enum PortalError {
     /// A generated code or token collided (vanishingly unlikely; retry).
     #[error("generated code collided; retry")]
     Collision,
-    /// The portal's [URL template](Portal::url_template) is unset or has no
-    /// `{code}`: its links could never be redeemed, so none is minted.
-    #[error("the portal URL template is unset or has no {{code}}")]
+    /// The portal's [URL template](Portal::url_template) is unset, has no
+    /// `{code}` (its links could never be redeemed), or is not `https://`
+    /// (a link is a bearer credential: over plain `http://` anyone on the
+    /// path reads it; `http://` is accepted to a loopback host only). No
+    /// link is minted.
+    #[error(
+        "the portal URL template is unset, has no {{code}}, or is not https (http only to a loopback host)"
+    )]
     UrlTemplate,
     /// A store failed.
     #[error("store failed: {0}")]
@@ -313,9 +318,10 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
 
     /// The URL template; `{code}` is replaced by the code (codes are
     /// URL-safe), e.g. `https://portal.acme.com/?code={code}`. Without one
-    /// (there is no default), or with one lacking `{code}` (links that
-    /// cannot be redeemed), minting fails with [`PortalError::UrlTemplate`]
-    /// (a 500).
+    /// (there is no default), with one lacking `{code}` (links that
+    /// cannot be redeemed), or with one neither `https://` nor `http://`
+    /// to a loopback host (`localhost`, `127.0.0.0/8`, `[::1]`: a demo's),
+    /// minting fails with [`PortalError::UrlTemplate`] (a 500).
     #[must_use]
     pub fn url_template(mut self, template: impl Into<String>) -> Self {
         self.url_template = template.into();
@@ -375,7 +381,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         // The fields are public: a request built in code meets the same
         // rules as one parsed from JSON (and 1..=60 minutes cannot overflow).
         request.validate()?;
-        if !self.url_template.contains("{code}") {
+        if !template_ok(&self.url_template) {
             return Err(PortalError::UrlTemplate);
         }
         let (grants, _) = &self.roles()?[role_slot(request.role)];
@@ -588,6 +594,35 @@ fn fill_template(template: &str, code: &str) -> String {
     url
 }
 
+/// Whether links from `template` can be redeemed and travel encrypted: it
+/// has `{code}`, and is `https://`, or `http://` to a loopback host (where
+/// the link never crosses a network).
+fn template_ok(template: &str) -> bool {
+    let scheme = |s: &str| template.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s));
+    if !template.contains("{code}") {
+        return false;
+    }
+    if scheme("https://") {
+        return true;
+    }
+    if !scheme("http://") {
+        return false;
+    }
+    let rest = &template["http://".len()..];
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    if authority.contains('@') {
+        // User info: the host is after it, and a link handing out
+        // credentials is wrong anyway.
+        return false;
+    }
+    let host = match authority.strip_prefix('[') {
+        Some(v6) => v6.split_once(']').map_or("", |(h, _)| h),
+        None => authority.split_once(':').map_or(authority, |(h, _)| h),
+    };
+    host.eq_ignore_ascii_case("localhost")
+        || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
 /// Session lifetime bounds as durations.
 pub const MAX_SESSION: Duration = Duration::from_secs(MAX_EXPIRES_IN_MINUTES * 60);
 
@@ -610,6 +645,39 @@ mod tests {
             let url = fill_template(template, code);
             assert_eq!(url, template.replace("{code}", code));
             assert_eq!(url.capacity(), url.len(), "{template}");
+        }
+    }
+
+    #[test]
+    fn links_go_out_over_https_or_to_a_loopback_host() {
+        for ok in [
+            "https://portal.acme.com/p?code={code}",
+            "HTTPS://portal.acme.com/{code}",
+            "http://localhost/p?code={code}",
+            "http://LOCALHOST:8080/portal?code={code}",
+            "http://127.0.0.1:8080/portal?code={code}",
+            "http://127.8.9.10/portal?code={code}",
+            "http://[::1]:8080/portal?code={code}",
+            "http://127.0.0.1?code={code}",
+        ] {
+            assert!(template_ok(ok), "{ok}");
+        }
+        for bad in [
+            "",
+            "https://portal.acme.com/open",
+            "http://portal.acme.com/p?code={code}",
+            "http://0.0.0.0:8080/portal?code={code}",
+            "http://192.168.1.2/portal?code={code}",
+            "http://localhost.evil.com/p?code={code}",
+            "http://127.0.0.1.evil.com/p?code={code}",
+            "http://user@localhost/p?code={code}",
+            "http://[::2]/p?code={code}",
+            "http://[::1/p?code={code}",
+            "ftp://localhost/{code}",
+            "/portal?code={code}",
+            "httpx://localhost/{code}",
+        ] {
+            assert!(!template_ok(bad), "{bad}");
         }
     }
 

@@ -53,9 +53,9 @@ struct Args {
     #[arg(long)]
     load_twin: bool,
     /// The URL clients reach this server at, for the portal links it hands
-    /// out (`https://api.example.com`, say). Defaults to `http://` and the
-    /// bound address, which a wildcard bind (`0.0.0.0`) makes useless to
-    /// anyone else.
+    /// out (`https://api.example.com`, say); `http://` only to a loopback
+    /// host, as portal links are credentials. Defaults to `http://` and the
+    /// bound address, and is required when that is not a loopback one.
     #[arg(long)]
     public_url: Option<String>,
 }
@@ -193,16 +193,38 @@ fn holds_credentials(url: &str) -> bool {
 /// `--public-url` without a trailing `/`: an `http(s)` URL of a host (as
 /// portal endpoint URLs are checked), no query or fragment (the link
 /// appends `/portal?code=…`), no user info (every link would hand its
-/// credentials out) and no `;` (its path is the portal cookie's); else
-/// `http://` and the bound address. The error does not echo the value,
-/// which may hold a password.
+/// credentials out) and no `;` (its path is the portal cookie's); `https`,
+/// or `http` to a loopback host only (portal links are credentials, as
+/// the library's template rule says); else `http://` and the bound
+/// address, which must then be a loopback one. The error does not echo
+/// the value, which may hold a password.
 fn public_url(given: Option<&str>, addr: SocketAddr) -> Result<String, String> {
-    let Some(url) = given else { return Ok(format!("http://{addr}")) };
+    let Some(url) = given else {
+        return if addr.ip().is_loopback() {
+            Ok(format!("http://{addr}"))
+        } else {
+            Err("a non-loopback --bind needs --public-url https://…: portal links are \
+                 credentials, not to be sent over plain http"
+                .to_owned())
+        };
+    };
     let url = url.trim_end_matches('/');
-    if app::is_http_url(url) && !url.contains(['?', '#', '@', ';']) {
+    if !app::is_http_url(url) || url.contains(['?', '#', '@', ';']) {
+        return Err("--public-url must be an http(s) URL of a host, without user info, query, \
+                    fragment or `;`"
+            .to_owned());
+    }
+    let loopback = url::Url::parse(url).is_ok_and(|u| match u.host() {
+        Some(url::Host::Domain(d)) => d.eq_ignore_ascii_case("localhost"),
+        Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+        Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+        None => false,
+    });
+    if url.get(..8).is_some_and(|p| p.eq_ignore_ascii_case("https://")) || loopback {
         Ok(url.to_owned())
     } else {
-        Err("--public-url must be an http(s) URL of a host, without user info, query, fragment or `;`"
+        Err("--public-url must be https (http only to a loopback host): portal links are \
+             credentials"
             .to_owned())
     }
 }
@@ -253,8 +275,17 @@ mod tests {
     fn a_public_url_names_a_host() {
         let addr = "127.0.0.1:8080".parse().unwrap();
         assert_eq!(public_url(None, addr).unwrap(), "http://127.0.0.1:8080");
-        for ok in ["https://api.example.com/", "HTTPS://api.example.com", "http://[::1]:8080/base"]
-        {
+        // Portal links are credentials: plain http to a loopback host only.
+        let open = "0.0.0.0:8080".parse().unwrap();
+        assert!(public_url(None, open).is_err());
+        assert!(public_url(Some("https://api.example.com"), open).is_ok());
+        for ok in [
+            "https://api.example.com/",
+            "HTTPS://api.example.com",
+            "http://[::1]:8080/base",
+            "http://localhost:8080",
+            "http://127.0.0.2",
+        ] {
             assert!(public_url(Some(ok), addr).is_ok(), "{ok}");
         }
         for bad in [
@@ -266,6 +297,9 @@ mod tests {
             "https://h\\",
             "https://u:pw@h",
             "https://h/a;b",
+            "http://api.example.com",
+            "http://10.0.0.1:8080",
+            "http://localhost.example.com",
         ] {
             assert!(public_url(Some(bad), addr).is_err(), "{bad}");
         }
