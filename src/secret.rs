@@ -331,7 +331,10 @@ impl rand_core::TryCryptoRng for OsBatch {}
 /// - in the child of a `fork` from a multithreaded process, a thread
 ///   without a state yet takes the pool's lock, which another thread of
 ///   the parent may have held: as POSIX has it, such a child should only
-///   `exec`.
+///   `exec`;
+/// - under Valgrind (3.19), which does not emulate the vDSO's generator,
+///   the first draw crashes the process (`SIGSEGV` in the pool's setup):
+///   run memory checkers on a build without the feature.
 fn os_fill(buf: &mut [u8]) -> Result<(), getrandom::Error> {
     #[cfg(all(
         feature = "vdso",
