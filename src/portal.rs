@@ -582,15 +582,22 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
 /// the code was copied in frees a block still holding it, unwiped.
 fn fill_template(template: &str, code: &str) -> String {
     const SLOT: &str = "{code}";
-    let slots = template.matches(SLOT).count();
-    let mut url = String::with_capacity(template.len() - slots * SLOT.len() + slots * code.len());
-    let mut rest = template;
-    while let Some(i) = rest.find(SLOT) {
-        url.push_str(&rest[..i]);
+    // Each `{` that starts a slot (a slot holds no other `{`, so slots
+    // never overlap): `str::matches` and `find`, or `memmem`, build a
+    // searcher per call, costing more here than the rest of the link.
+    let bytes = template.as_bytes();
+    let slots =
+        || memchr::memchr_iter(b'{', bytes).filter(|&i| bytes[i..].starts_with(SLOT.as_bytes()));
+    let n = slots().count();
+    let mut url = String::with_capacity(template.len() - n * SLOT.len() + n * code.len());
+    let mut from = 0;
+    for i in slots() {
+        // `{` starts a slot, so `i` is a char boundary.
+        url.push_str(&template[from..i]);
         url.push_str(code);
-        rest = &rest[i + SLOT.len()..];
+        from = i + SLOT.len();
     }
-    url.push_str(rest);
+    url.push_str(&template[from..]);
     url
 }
 
@@ -641,6 +648,8 @@ mod tests {
             "https://p.example.com/?code={code}&return_to=https%3A%2F%2Fdashboard.example.com%2Fw",
             "{code}",
             "https://p.example.com/{code}/again/{code}?x=y",
+            "https://p.example.com/{{code}{code}}/{cod{code}e}/{",
+            "https://p.example.com/é/{code}",
         ] {
             let url = fill_template(template, code);
             assert_eq!(url, template.replace("{code}", code));
