@@ -364,8 +364,12 @@ pub enum AuthError {
     /// with an algorithm this authenticator's [`Hasher`] does not hold (a
     /// pepper it lacks, or plain SHA-256 without
     /// [`accept_legacy_sha256`](Hasher::accept_legacy_sha256)): a deployment
-    /// whose key manager and authenticator hash differently, not a wrong
-    /// secret. The caller sees the same 401.
+    /// whose key manager and authenticator hash differently. The secret
+    /// cannot be checked, so this says nothing of it: a wrong guess at a
+    /// known key id reads the same (count these apart from
+    /// [`WrongSecret`](Self::WrongSecret) when watching for guessing, and
+    /// treat a run of them as a deployment error). The caller sees the same
+    /// 401.
     #[error("record {id} has a {algorithm:?} digest this authenticator's hasher cannot check")]
     UnverifiableDigest {
         /// The record.

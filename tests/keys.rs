@@ -1473,9 +1473,10 @@ async fn keys_from_before_peppers_verify_only_when_accepted_by_every_lookup() {
 
 /// An `nk` key (found by its key id) whose record was hashed under a pepper
 /// the authenticator lacks names that in its typed reason, not
-/// `WrongSecret`: the secret is right, the deployment's hashers differ.
-/// The caller still sees the same 401; a truly wrong secret still says
-/// `WrongSecret`.
+/// `WrongSecret`: the deployment's hashers differ, and the secret cannot
+/// be checked (a wrong guess at the id reads the same). The caller still
+/// sees the same 401; under a hasher holding the pepper, a wrong secret
+/// says `WrongSecret`.
 #[tokio::test]
 async fn a_key_id_record_under_a_hasher_the_authenticator_lacks_says_so() {
     use keygate::hash::Algorithm;
@@ -1508,6 +1509,9 @@ async fn a_key_id_record_under_a_hasher_the_authenticator_lacks_says_so() {
     let wrong = format!("{head}_{flipped}{}", &secret[1..]);
     let err = auth_bearer(&rotated, &wrong, &Target::any()).await.unwrap_err();
     assert!(matches!(err, AuthError::WrongSecret), "{err:?}");
+    // Without the pepper, the wrong secret cannot be told from the right one.
+    let err = auth_bearer(&plain, &wrong, &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::UnverifiableDigest { .. }), "{err:?}");
     assert!(auth_bearer(&rotated, key, &Target::any()).await.is_ok());
 }
 
