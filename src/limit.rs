@@ -448,10 +448,20 @@ impl Decision {
     /// and never pointing earlier than [`reset_unix`](Self::reset_unix).
     #[must_use]
     pub fn retry_after_secs(&self) -> Option<u64> {
-        let wait = self.retry_after()?;
+        Some(self.delta_secs(self.retry_after()?).max(1))
+    }
+
+    /// `wait` in whole seconds as headers give it: rounded up, and counted
+    /// from the whole second of the decision (the client's `Date`), so
+    /// that it never points earlier than the Unix second the wait ends in
+    /// (what `X-RateLimit-Reset` says). Zero for no wait.
+    fn delta_secs(&self, wait: Duration) -> u64 {
+        if wait.is_zero() {
+            return 0;
+        }
         let floor_now = self.at.div_euclid(1_000_000_000);
-        let to_reset = u64::try_from(self.reset_unix() - floor_now).unwrap_or(0);
-        Some(ceil_secs(wait).max(to_reset).max(1))
+        let to_end = u64::try_from(unix_ceil(self.at, wait) - floor_now).unwrap_or(0);
+        ceil_secs(wait).max(to_end)
     }
 
     /// The 429 rejection for a denied decision, `None` when allowed.
@@ -541,11 +551,11 @@ impl Decision {
             let mut state = String::with_capacity(24 * self.policies.len());
             for (i, p) in self.policies.iter().enumerate() {
                 let sep = if i == 0 { "" } else { ", " };
-                let t = p.retry_after.unwrap_or(p.reset_after);
+                let t = self.delta_secs(p.retry_after.unwrap_or(p.reset_after));
                 let w = ceil_secs(p.period).max(1);
                 // Writing to a String cannot fail.
                 let _ = write!(policy, "{sep}\"{}\";q={};w={w}", p.name, p.limit);
-                let _ = write!(state, "{sep}\"{}\";r={};t={}", p.name, p.remaining, ceil_secs(t));
+                let _ = write!(state, "{sep}\"{}\";r={};t={t}", p.name, p.remaining);
             }
             emit(LimitHeader::Policy, HeaderNum::Text(policy));
             emit(LimitHeader::State, HeaderNum::Text(state));

@@ -2127,3 +2127,29 @@ async fn records_redis_still_holds_are_always_listed() {
         }
     }
 }
+
+/// A check of no units (a peek, or a policy's view of a stacked denial)
+/// reports a sliding window as restored once its newest entry leaves, not
+/// a whole period from now, as in memory; an empty window has nothing to
+/// wait for.
+#[tokio::test]
+async fn a_sliding_windows_view_without_units_resets_when_its_newest_entry_leaves() {
+    clear_of_the_hour().await;
+    let server = RedisServer::start();
+    let redis = connect(&server, "sliding0").await;
+    let limiter = redis.limiter();
+    let minute =
+        Policy::new("minute", 5, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap();
+    let empty =
+        limiter.check("k", std::slice::from_ref(&minute), 0, CheckMode::Peek).await.unwrap();
+    assert_eq!(empty.policies()[0].reset_after, Duration::ZERO, "nothing used");
+    let p = [hour("burst", 1, Algorithm::FixedWindow), minute];
+    assert!(limiter.check("k", &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let within = |d: Duration| d >= Duration::from_secs(50) && d <= Duration::from_millis(58_900);
+    let peek = limiter.check("k", &p[1..], 0, CheckMode::Peek).await.unwrap();
+    assert!(within(peek.policies()[0].reset_after), "peek: {peek:?}");
+    let d = limiter.check("k", &p, 1, CheckMode::Consume).await.unwrap();
+    assert_eq!(d.outcome(), Outcome::Limited);
+    assert!(within(d.policies()[1].reset_after), "stacked denial: {d:?}");
+}

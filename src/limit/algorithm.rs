@@ -338,12 +338,18 @@ fn sliding(policy: &Policy, slot: &Slot, now: u64, cost: u32) -> (Step, Option<C
     }
     if count + cost_n <= limit {
         // Keep entries ordered even if the clock stepped back.
-        let at = log.back().filter(|_| count > 0).map_or(now, |&b| b.max(now));
+        let newest = log.back().copied().filter(|_| count > 0);
+        let at = newest.map_or(now, |b| b.max(now));
+        // Fully restored once the newest entry leaves the window: this
+        // check's own (at `at`), or, for a check of no units (a peek, or a
+        // policy's view of a stacked denial), the log's newest as it is —
+        // none at all for an empty window.
+        let last = if cost == 0 { newest } else { Some(at) };
         let s = Step {
             allowed: true,
             impossible: false,
             remaining: to_u32((limit - count - cost_n) as u64),
-            reset_after: at.saturating_add(period).saturating_sub(now),
+            reset_after: last.map_or(0, |l| l.saturating_add(period).saturating_sub(now)),
             retry_after: None,
         };
         (s, Some(Commit::Append { expired, at, cost }))

@@ -1418,3 +1418,55 @@ fn plan_entry_errors_name_their_path() {
         assert_eq!(PlanSet::from_json(bad).unwrap_err().field, field, "{bad}");
     }
 }
+
+/// A check of no units (a peek, or a policy's view of a stacked denial)
+/// reports a sliding window as restored once its newest entry leaves, not
+/// a whole period from now; an empty window has nothing to wait for.
+#[test]
+fn a_sliding_windows_view_without_units_resets_when_its_newest_entry_leaves() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let minute =
+        Policy::new("minute", 5, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap();
+    let empty = l.peek("k", std::slice::from_ref(&minute), 0).unwrap();
+    assert_eq!(empty.policies()[0].reset_after, Duration::ZERO, "nothing used");
+    let burst = fixed(1, 10);
+    let p = [burst, minute];
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+    c.advance(Duration::from_secs(5));
+    let peek = l.peek("k", &p[1..], 0).unwrap();
+    assert_eq!(peek.policies()[0].reset_after, Duration::from_secs(55), "peek");
+    // Denied by the 10 s window: the minute's entry of 5 s ago leaves in 55 s.
+    let d = l.check("k", &p, 1).unwrap();
+    assert_eq!(d.outcome(), Outcome::Limited);
+    assert_eq!(d.policies()[1].reset_after, Duration::from_secs(55), "{d:?}");
+    let h = d.headers(HeaderSet::all());
+    assert_eq!(header(&h, "RateLimit"), Some("\"default\";r=0;t=5, \"minute\";r=4;t=55"));
+    c.advance(Duration::from_secs(55));
+    assert_eq!(l.peek("k", &p[1..], 0).unwrap().remaining(), 5, "restored then");
+}
+
+/// `RateLimit`'s `t=` counts whole seconds as `Retry-After` does, from the
+/// whole second the client sees: for the same wait they never disagree,
+/// nor point before `X-RateLimit-Reset`.
+#[test]
+fn ietf_reset_seconds_agree_with_retry_after_and_the_reset_header() {
+    let c = clock();
+    // Wall time X.95: one unit per 1.05 s, used at X.9, back at X+1.95.
+    c.advance(Duration::from_millis(900));
+    let l = MemoryLimiter::<String, _>::with_clock(100, c.clone());
+    let p = [Policy::new("d", 1, Duration::from_millis(1050), Algorithm::Gcra).unwrap()];
+    let first = l.check("k", &p, 1).unwrap();
+    let x = first.at().as_second();
+    let h = first.headers(HeaderSet::all());
+    // Restored at X+1.95: the reset second is X+2, two from X.
+    assert_eq!(header(&h, "X-RateLimit-Reset"), Some((x + 2).to_string().as_str()));
+    assert_eq!(header(&h, "RateLimit"), Some("\"d\";r=0;t=2"));
+    c.advance(Duration::from_millis(50));
+    let d = l.check("k", &p, 1).unwrap();
+    assert!(!d.is_allowed());
+    let h = d.headers(HeaderSet::all());
+    assert_eq!(header(&h, "X-RateLimit-Reset"), Some((x + 2).to_string().as_str()));
+    assert_eq!(header(&h, "Retry-After"), Some("2"));
+    assert_eq!(header(&h, "RateLimit"), Some("\"d\";r=0;t=2"), "as Retry-After");
+}

@@ -324,10 +324,13 @@ for i = 1, n do
     if now_us >= p then expired = lower_bound(log, now_us - p) end
     local count = len - expired
     local newest = count > 0 and log.at(len)
-    -- As a check of no units: until this log's newest entry leaves.
-    local at0 = now_us
-    if count > 0 and newest > at0 then at0 = newest end
-    st.reset0 = (at0 + p - now_us) * 1000
+    -- As a check of no units: until this log's newest entry leaves (as
+    -- in memory; nothing to wait for in an empty window).
+    st.reset0 = 0
+    if count > 0 then
+      local r0 = newest + p - now_us
+      if r0 > 0 then st.reset0 = r0 * 1000 end
+    end
     if cost > limit then
       local c = count
       if c > limit then c = limit end
@@ -343,6 +346,8 @@ for i = 1, n do
       local r = at + p - now_us
       if r < 0 then r = 0 end
       st.allowed = true; st.remaining = limit - count - cost; st.reset = r * 1000
+      -- No units: nothing of this check's in the log.
+      if cost == 0 then st.reset = st.reset0 end
       st.commit = function()
         if clamped then rewrite() end
         if held and held > 0 then push_entries(KEYS[i], synth, held) end
