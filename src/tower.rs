@@ -7,7 +7,8 @@
 //! [`LimitStore`], the [`PlanSet`], optionally a [`QuotaStore`] — and hands
 //! out a [`GateLayer`] per route that adds what the route needs: a scope,
 //! the key formats it accepts, a quota category, a body style, the tenant
-//! taken from the path.
+//! taken from the path. [`GateLayer::checked`] refuses, at start-up, a
+//! layer naming a format, plan or quota category that resolves to nothing.
 //!
 //! For each request the layer
 //!
