@@ -30,8 +30,9 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Needs Redis 6.2 or later (`RPOP` with a count, `SET … KEEPTTL`, RESP3
-//! for the revocation listener).
+//! Needs Redis 6.2 or later (`RPOP` with a count, `SET … KEEPTTL`, RESP3:
+//! the stores' connection and the revocation listener speak it, whatever
+//! the URL's `protocol`).
 //!
 //! # Key layout and Redis Cluster
 //!
@@ -73,7 +74,7 @@ use std::time::{Duration, Instant};
 
 use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use ::redis::io::tcp::TcpSettings;
-use ::redis::{Client, ErrorKind, FromRedisValue, RedisError, Script};
+use ::redis::{Client, ErrorKind, FromRedisValue, ProtocolVersion, RedisError, Script};
 use arc_swap::ArcSwap;
 
 pub use keys::RedisKeyStore;
@@ -208,15 +209,21 @@ impl RedisConfig {
             self.timeout.saturating_mul(4).clamp(Duration::from_secs(2), Duration::from_secs(600)),
         );
         let info = self.client.get_connection_info().clone().set_tcp_settings(tcp);
-        let client = Client::open(info).map_err(map_err)?;
+        // RESP3, as the revocation listener speaks: the client then learns
+        // that the server closed the connection (a restart, an idle
+        // `timeout`, a proxy going away) when it happens and reconnects at
+        // once. Over RESP2 it learned only from the next call, which failed.
+        let resp3 = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+        let client = Client::open(info.set_redis_settings(resp3)).map_err(map_err)?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.timeout))
             .set_response_timeout(Some(self.timeout))
-            // Keep retrying in the background with short, capped delays, so
-            // service resumes soon after Redis does.
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(500))
-            .set_number_of_retries(4);
+            // One attempt per reconnection: a call that finds the last one
+            // refused starts another and waits for it (see `unsent`), so
+            // the first call after Redis is back is served, and calls fail
+            // fast while it is down rather than wait out a series of
+            // retries.
+            .set_number_of_retries(0);
         let manager = tokio::time::timeout(
             self.timeout,
             ConnectionManager::new_with_config(client.clone(), config.clone()),
@@ -236,8 +243,11 @@ impl RedisConfig {
             unpublished: AtomicU64::new(0),
             origin: Instant::now(),
             last_attempt: AtomicU64::new(0),
+            last_ok: AtomicU64::new(1),
         };
-        Ok(Redis { inner: Arc::new(Inner { link: Arc::new(link), prefix: self.prefix }) })
+        let link = Arc::new(link);
+        Link::keep_alive(&link);
+        Ok(Redis { inner: Arc::new(Inner { link, prefix: self.prefix }) })
     }
 }
 
@@ -274,14 +284,50 @@ struct Link {
     /// Milliseconds after `origin` of the last replacement attempt, plus
     /// one (zero: none yet).
     last_attempt: AtomicU64,
+    /// Milliseconds after `origin` of the last successful call, plus one.
+    last_ok: AtomicU64,
 }
 
 /// Failed calls in a row that make a new connection.
 const STRIKES: u32 = 3;
 /// Least time between two replacement attempts.
 const REPLACE_GAP: Duration = Duration::from_secs(1);
+/// How long the connection may go without a successful call before the
+/// handle checks it with a `PING`.
+const KEEP_ALIVE: Duration = Duration::from_millis(500);
 
 impl Link {
+    /// Milliseconds since `origin`, plus one (never zero).
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1
+    }
+
+    /// Checks the connection with a `PING` whenever no call succeeded for
+    /// [`KEEP_ALIVE`], until every handle is dropped. The client keeps the
+    /// error of a reconnection that failed (tried while Redis was still
+    /// down or going down) and hands it to the next call, however long
+    /// Redis has been back: the `PING` takes that error instead and starts
+    /// a new attempt, so an idle handle is connected again soon after
+    /// Redis is back, and its next call is served. Its failures count as a
+    /// call's do (a silent peer is noticed without traffic too).
+    fn keep_alive(link: &Arc<Self>) {
+        let weak = Arc::downgrade(link);
+        let every = u64::try_from(KEEP_ALIVE.as_millis()).unwrap_or(u64::MAX);
+        link.runtime.spawn(async move {
+            let mut tick = tokio::time::interval(KEEP_ALIVE);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(link) = weak.upgrade() else { return };
+                if link.now_ms().saturating_sub(link.last_ok.load(Ordering::Relaxed)) < every {
+                    continue;
+                }
+                let redis = Redis { inner: Arc::new(Inner { link, prefix: String::new() }) };
+                let _ = redis.query::<::redis::Value>(::redis::cmd("PING")).await;
+            }
+        });
+    }
+
     fn manager(&self) -> ConnectionManager {
         ConnectionManager::clone(&self.conn.load())
     }
@@ -298,6 +344,7 @@ impl Link {
         let enough = match outcome {
             Ok(()) => {
                 self.strikes.store(0, Ordering::Relaxed);
+                self.last_ok.store(self.now_ms(), Ordering::Relaxed);
                 return;
             }
             Err(Curable::No) => return,
@@ -312,7 +359,7 @@ impl Link {
     /// Makes a new manager in the background, unless one is being made or
     /// the last attempt was under [`REPLACE_GAP`] ago.
     fn replace(self: &Arc<Self>) {
-        let now = u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX - 1) + 1;
+        let now = self.now_ms();
         let last = self.last_attempt.load(Ordering::Relaxed);
         let gap = u64::try_from(REPLACE_GAP.as_millis()).unwrap_or(u64::MAX);
         if last != 0 && now.saturating_sub(last) < gap {
@@ -456,7 +503,8 @@ impl Redis {
     }
 
     /// A clone of the underlying connection, for the host's own commands
-    /// (not bounded by the timeout). The handle may
+    /// (not bounded by the timeout). It speaks RESP3, whatever the URL
+    /// asked: some commands answer in RESP3's types (maps, doubles, sets). The handle may
     /// [replace](Self::replacements) its connection: a clone kept since
     /// stays on the old one, so ask again rather than keep one.
     #[must_use]
@@ -494,7 +542,10 @@ impl Redis {
             for a in args {
                 inv.arg(a);
             }
-            inv.invoke_async::<T>(&mut conn).await
+            match inv.invoke_async::<T>(&mut conn).await {
+                Err(e) if unsent(&e) => inv.invoke_async::<T>(&mut conn).await,
+                done => done,
+            }
         })
     }
 
@@ -508,7 +559,12 @@ impl Redis {
     {
         let used = self.inner.link.conn.load_full();
         let mut conn = ConnectionManager::clone(&used);
-        self.bounded(used, async move { cmd.query_async::<T>(&mut conn).await })
+        self.bounded(used, async move {
+            match cmd.query_async::<T>(&mut conn).await {
+                Err(e) if unsent(&e) => cmd.query_async::<T>(&mut conn).await,
+                done => done,
+            }
+        })
     }
 
     /// Bounds `fut` by the timeout and maps its error. Off a tokio runtime
@@ -587,6 +643,16 @@ impl Redis {
     pub(crate) fn key(&self, rest: &str) -> String {
         format!("{}:{rest}", self.inner.prefix)
     }
+}
+
+/// Whether `e` proves the command never reached a server, so that sending
+/// it again cannot run it twice: the connection was refused. The client
+/// keeps a failed reconnection's error and hands it to the next call (which
+/// starts a new attempt) even when the server has been back for long: sent
+/// once more, the call waits for that attempt (within the same timeout)
+/// instead of failing with an outage that is over.
+fn unsent(e: &RedisError) -> bool {
+    e.is_connection_refusal()
 }
 
 /// Maps a client error: the client's own timeouts are timeouts, answers

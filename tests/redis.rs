@@ -654,6 +654,83 @@ async fn stores_fail_fast_when_redis_is_down_and_resume_after_restart() {
     assert_eq!((d.outcome(), d.remaining()), (Outcome::Allowed, 99));
 }
 
+/// One call of each store, all on `redis`.
+async fn one_of_each(redis: &Redis) -> Result<(), BackendError> {
+    let now = jiff::Timestamp::now();
+    let plan = [hour("default", 1_000_000, Algorithm::Gcra)];
+    let rules = [QuotaRule::new("n", 1_000_000, &["email"])];
+    assert!(redis.limiter().check("k", &plan, 1, CheckMode::Consume).await?.is_allowed());
+    redis.portal().redeem(&Digest::from_bytes([3; 32]), now).await?;
+    assert!(
+        redis.quota().check_and_count("a", &rules, "email", 1, now).await?.rejection().is_none()
+    );
+    redis.keys().get(&"key_x".parse().unwrap()).await?;
+    Ok(())
+}
+
+/// A server that closes an idle client (its `timeout` setting, a proxy or
+/// load balancer restarting, `CLIENT KILL`): the next call finds a working
+/// connection, not the closed one's error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_the_server_closed_while_idle_does_not_fail_the_next_call() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "idle").await;
+    one_of_each(&redis).await.unwrap();
+    let mut direct = ::redis::Client::open(server.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let killed: i64 = ::redis::cmd("CLIENT")
+        .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+        .query_async(&mut direct)
+        .await
+        .unwrap();
+    assert!(killed >= 1);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    one_of_each(&redis).await.expect("the first call after the server closed the connection");
+}
+
+/// Redis goes away and comes back while the handle is idle (or after the
+/// last failed call): once it is back, the first call is served, not
+/// failed with the outage's stale error. Over RESP2 (the default) and
+/// RESP3 URLs alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_first_call_after_an_outage_is_served() {
+    let mut server = RedisServer::start();
+    let url = server.url();
+    for (url, calls_while_down) in [
+        (url.clone(), false),
+        (url.clone(), true),
+        (format!("{}?protocol=resp3", url.trim_end_matches('/')), false),
+        (format!("{}?protocol=resp3", url.trim_end_matches('/')), true),
+    ] {
+        let redis = RedisConfig::from_url(&url)
+            .unwrap()
+            .timeout(Duration::from_millis(250))
+            .prefix("after")
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        one_of_each(&redis).await.unwrap();
+        server.stop();
+        let down = Instant::now();
+        while down.elapsed() < Duration::from_millis(1500) {
+            if calls_while_down {
+                assert!(one_of_each(&redis).await.is_err());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        server.restart();
+        // Back, and left alone long enough for any reconnection under way
+        // to have ended.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (r, t) = timed(one_of_each(&redis)).await;
+        assert!(r.is_ok(), "{url} (calls while down: {calls_while_down}): {r:?} in {t:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hung_server_is_a_timeout_not_a_hang() {
     let server = RedisServer::start();
@@ -724,8 +801,9 @@ async fn nothing_secret_is_stored_and_state_expires() {
         assert!(!k.contains(secret), "key name {k}");
         let t: String = redis::cmd("TYPE").arg(k).query_async(&mut conn).await.unwrap();
         if t == "hash" {
-            let v: Vec<String> = redis::cmd("HGETALL").arg(k).query_async(&mut conn).await.unwrap();
-            assert!(v.iter().all(|f| !f.contains(secret)), "hash {k}");
+            let v: HashMap<String, String> =
+                redis::cmd("HGETALL").arg(k).query_async(&mut conn).await.unwrap();
+            assert!(v.iter().all(|(f, v)| !f.contains(secret) && !v.contains(secret)), "hash {k}");
         }
     }
     // Limiter state expires on its own once it no longer limits.
