@@ -54,6 +54,29 @@
 //! as given back (its decision's charge is spent, so a retry gives nothing
 //! twice).
 //!
+//! # Persistence and lost data
+//!
+//! The stores keep no copy: what Redis loses (a restart without
+//! persistence, `FLUSHALL`, a failover to a replica that lagged) is gone,
+//! and what it restores from an older snapshot is rolled back. Nothing
+//! panics or reports corrupt data; the answers change:
+//!
+//! - key records lost: every key is unknown (a 401), until keys are made
+//!   again; a rolled-back revocation or shortened expiry is undone, so a
+//!   revoked key works again;
+//! - portal codes lost: unknown (never redeemable twice); a rolled-back
+//!   redemption makes the code redeemable once more, within its lifetime;
+//! - limiter state lost or rolled back: each key gets (part of) its
+//!   allowance again, once per loss;
+//! - quota counters lost or rolled back: the month's usage restarts from
+//!   zero or from the snapshot.
+//!
+//! Where that matters (key records, portal codes, quotas), run Redis with
+//! AOF persistence (`appendonly yes`; `appendfsync always` to lose no
+//! acknowledged write) rather than only periodic RDB snapshots, and give
+//! failovers a replica that acknowledged the writes (`WAIT`, or
+//! `min-replicas-to-write`).
+//!
 //! Run the server with `maxmemory-policy noeviction` (the default): under
 //! an `allkeys-*` policy Redis may evict key records and the indexes the
 //! per-project cap counts, under a `volatile-*` one limiter and quota state
