@@ -527,9 +527,10 @@ impl Redis {
 
     /// A clone of the underlying connection, for the host's own commands
     /// (not bounded by the timeout). It speaks RESP3, whatever the URL
-    /// asked: some commands answer in RESP3's types (maps, doubles, sets). The handle may
-    /// [replace](Self::replacements) its connection: a clone kept since
-    /// stays on the old one, so ask again rather than keep one.
+    /// asked: some commands answer in RESP3's types (maps, doubles, sets).
+    /// The handle may [replace](Self::replacements) its connection: a
+    /// clone kept since stays on the old one, so ask again rather than keep
+    /// one.
     #[must_use]
     pub fn connection(&self) -> ConnectionManager {
         self.inner.link.manager()
