@@ -324,3 +324,20 @@ fn argument_errors_never_echo_a_key() {
     let out = keygate(&["hash"], b"");
     assert!(!out.status.success());
 }
+
+#[test]
+fn pepper_id_without_a_pepper_file_is_refused() {
+    // `--pepper-id` names the pepper of `--pepper-file`; alone it printed a
+    // plain SHA-256 digest, as if it had been taken.
+    let key = json(&keygate(&["mint", "sk"], b""))["key"].as_str().unwrap().to_owned();
+    let out = keygate(&["hash", "--pepper-id", "3"], format!("{key}\n").as_bytes());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("--pepper-file"), "{err}");
+    assert!(!err.contains(&key[8..]), "{err}");
+    // With the key as an argument too, the refusal does not show it.
+    let out = keygate(&["hash", &key, "--pepper-id", "3"], b"");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains(&key[8..]));
+}

@@ -50,8 +50,9 @@ enum Command {
         /// instead of plain SHA-256.
         #[arg(long)]
         pepper_file: Option<PathBuf>,
-        /// The pepper's id, recorded in the digest string.
-        #[arg(long, default_value_t = 1)]
+        /// The pepper's id, recorded in the digest string (with
+        /// `--pepper-file` only).
+        #[arg(long, default_value_t = 1, requires = "pepper_file")]
         pepper_id: u32,
     },
     /// Report keys found in files, directories (recursively) or stdin.
