@@ -341,3 +341,39 @@ fn pepper_id_without_a_pepper_file_is_refused() {
     assert_eq!(out.status.code(), Some(2));
     assert!(!String::from_utf8_lossy(&out.stderr).contains(&key[8..]));
 }
+
+/// A pipe whose reading end is already closed, as `| head -0` leaves
+/// stdout: every write to it fails with `EPIPE`.
+fn closed_pipe() -> std::io::PipeWriter {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    writer
+}
+
+#[test]
+fn a_closed_stderr_is_no_panic() {
+    // `keygate … 2>&1 | head -1`: stderr is the closed pipe too. Each
+    // command still exits with its own status, not 101 from a panic in
+    // `eprintln!`.
+    for (args, stdin, code) in [
+        (&["mint", "zz"][..], &b""[..], 2),
+        (&["mint", "sk"], b"", 2),
+        (&["inspect"], b"nope", 1),
+        (&["hash", "-"], b"", 1),
+        (&["scan", "/nonexistent/keygate"], b"", 2),
+    ] {
+        let pipe = closed_pipe();
+        let status = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(pipe.try_clone().unwrap())
+            .stderr(pipe)
+            .spawn()
+            .and_then(|mut child| {
+                child.stdin.take().unwrap().write_all(stdin)?;
+                child.wait()
+            })
+            .unwrap();
+        assert_eq!(status.code(), Some(code), "{args:?}");
+    }
+}

@@ -70,7 +70,7 @@ fn main() -> ExitCode {
         Err(e) => return argument_error(&e),
     };
     let Some(formats) = minted_formats() else {
-        eprintln!("keygate: format names collide");
+        say("format names collide");
         return ExitCode::FAILURE;
     };
     match cli.command {
@@ -138,8 +138,15 @@ fn print_line(line: impl std::fmt::Display) -> ExitCode {
 }
 
 fn fail(code: u8, msg: impl std::fmt::Display) -> ExitCode {
-    eprintln!("keygate: {msg}");
+    say(msg);
     ExitCode::from(code)
+}
+
+/// Writes `keygate: {msg}` on stderr. Not `eprintln!`: it panics when
+/// stderr is a closed pipe (`keygate scan … 2>&1 | head -1`), and the
+/// command would exit with a panic's 101 instead of its own status.
+fn say(msg: impl std::fmt::Display) {
+    let _ = writeln!(io::stderr().lock(), "keygate: {msg}");
 }
 
 fn parts_json(key: &ApiKey) -> serde_json::Value {
@@ -267,7 +274,7 @@ impl Input {
     /// `code`, after the warning if the key was an argument.
     fn warned(&self, code: ExitCode) -> ExitCode {
         if self.from_argument {
-            eprintln!("keygate: {ARGUMENT_WARNING}");
+            say(ARGUMENT_WARNING);
         }
         code
     }
@@ -349,7 +356,7 @@ fn read_pepper(path: &Path) -> io::Result<Secret<Vec<u8>>> {
     {
         use std::os::unix::fs::PermissionsExt;
         if file.metadata()?.permissions().mode() & 0o077 != 0 {
-            eprintln!("keygate: warning: {} is readable by others (chmod 600)", shown(path));
+            say(format_args!("warning: {} is readable by others (chmod 600)", shown(path)));
         }
     }
     let mut bytes = Vec::with_capacity(usize::try_from(MAX_PEPPER).unwrap_or(4096) + 1);
@@ -359,10 +366,10 @@ fn read_pepper(path: &Path) -> io::Result<Secret<Vec<u8>>> {
         return Err(io::Error::other(format!("a pepper file holds at most {MAX_PEPPER} bytes")));
     }
     if bytes.expose_secret().ends_with(b"\n") {
-        eprintln!(
-            "keygate: warning: {} ends with a newline, which is part of the pepper",
+        say(format_args!(
+            "warning: {} ends with a newline, which is part of the pepper",
             shown(path)
-        );
+        ));
     }
     Ok(bytes)
 }
@@ -409,12 +416,12 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
         };
         if let Err(e) = result {
             errors = true;
-            eprintln!("keygate: {label}: {e}");
+            say(format_args!("{label}: {e}"));
         }
     }
     if let Err(e) = out.flush() {
         errors = true;
-        eprintln!("keygate: stdout: {e}");
+        say(format_args!("stdout: {e}"));
     }
     match (errors, found) {
         (true, _) => ExitCode::from(2),
@@ -455,7 +462,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
         Ok(m) => m,
         Err(e) => {
             *errors = true;
-            eprintln!("keygate: {}: {e}", shown(path));
+            say(format_args!("{}: {e}", shown(path)));
             return;
         }
     };
@@ -464,7 +471,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
             Ok(rd) => rd,
             Err(e) => {
                 *errors = true;
-                eprintln!("keygate: {}: {e}", shown(path));
+                say(format_args!("{}: {e}", shown(path)));
                 return;
             }
         };
@@ -474,7 +481,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
                 Ok(e) => paths.push(e.path()),
                 Err(e) => {
                     *errors = true;
-                    eprintln!("keygate: {}: {e}", shown(path));
+                    say(format_args!("{}: {e}", shown(path)));
                 }
             }
         }
@@ -487,7 +494,7 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
     } else if meta.file_type().is_symlink() && !path.exists() {
         // A link to nothing cannot be read: say so rather than pass it by.
         *errors = true;
-        eprintln!("keygate: {}: dangling symbolic link", shown(path));
+        say(format_args!("{}: dangling symbolic link", shown(path)));
     }
 }
 
