@@ -377,3 +377,55 @@ fn a_closed_stderr_is_no_panic() {
         assert_eq!(status.code(), Some(code), "{args:?}");
     }
 }
+
+#[test]
+fn scan_stops_at_a_closed_stdout() {
+    // `keygate scan dir | head -1`: once stdout is gone the scan stops, with
+    // one error naming stdout (not one per remaining file, each blaming
+    // that file).
+    let sk = json(&keygate(&["mint", "sk"], b""))["key"].as_str().unwrap().to_owned();
+    let dir = std::env::temp_dir().join(format!("keygate-cli-closed-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let lines = format!("x {sk}\n").repeat(1000);
+    for i in 0..20 {
+        std::fs::write(dir.join(format!("f{i:02}")), &lines).unwrap();
+    }
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["scan", dir.to_str().unwrap()])
+        .stdin(Stdio::null())
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("stdout") && !err.contains("f0"), "{err}");
+
+    // `tail -f app.log | keygate scan | head -1`: the input never ends, so
+    // the scan must stop on the failed write, not at the end of input.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("scan")
+        .stdin(Stdio::piped())
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "x {sk}").unwrap();
+    stdin.flush().unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    drop(stdin);
+    let _ = child.wait();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "exits while its input stays open");
+}

@@ -380,46 +380,73 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
     let mut out = BufWriter::new(stdout.lock());
     let mut found = false;
     let mut errors = false;
-    let mut report = |label: &str, input: &mut dyn Read, out: &mut dyn Write| -> io::Result<()> {
-        let mut write_err = Ok(());
-        scanner.scan_reader(input, |m| {
-            found = true;
-            if write_err.is_ok() {
-                write_err = writeln!(
-                    out,
-                    "{label}:{}:{}: {} {}",
-                    m.line(),
-                    m.column(),
-                    m.format(),
-                    m.hint()
-                )
-                // A pipe may stay open (`tail -f log | keygate scan`): report
-                // each key now, not when the buffer fills or the input ends.
-                .and_then(|()| if label == "-" { out.flush() } else { Ok(()) });
-            }
-        })?;
-        write_err
-    };
+    let mut report =
+        |label: &str, input: &mut dyn Read, out: &mut dyn Write| -> Result<(), Failed> {
+            // Set by the first failed write: the input then reads as ended, so
+            // a scan whose stdout is gone stops (`tail -f log | keygate scan |
+            // head -1` would otherwise read until the log ends, never).
+            let write_err = std::cell::Cell::new(None);
+            let stopped = std::cell::Cell::new(false);
+            let input = UntilStopped { input, stopped: &stopped };
+            scanner
+                .scan_reader(input, |m| {
+                    found = true;
+                    if stopped.get() {
+                        return;
+                    }
+                    let written = writeln!(
+                        out,
+                        "{label}:{}:{}: {} {}",
+                        m.line(),
+                        m.column(),
+                        m.format(),
+                        m.hint()
+                    )
+                    // A pipe may stay open (`tail -f log | keygate scan`): report
+                    // each key now, not when the buffer fills or the input ends.
+                    .and_then(|()| if label == "-" { out.flush() } else { Ok(()) });
+                    if let Err(e) = written {
+                        write_err.set(Some(e));
+                        stopped.set(true);
+                    }
+                })
+                .map_err(Failed::Read)?;
+            write_err.into_inner().map_or(Ok(()), |e| Err(Failed::Write(e)))
+        };
     let stdin = [PathBuf::from("-")];
     let paths = if paths.is_empty() { &stdin[..] } else { paths };
     let mut files = Vec::new();
     for p in paths {
         collect(p, &mut files, &mut errors, true);
     }
+    let mut stdout_gone = false;
     for f in files {
         let label = shown(&f);
         // `-` is standard input, as for `inspect` and `hash`.
         let result = if f.as_os_str() == "-" {
             report(&label, &mut io::stdin().lock(), &mut out)
         } else {
-            fs::File::open(&f).and_then(|mut file| report(&label, &mut file, &mut out))
+            fs::File::open(&f)
+                .map_err(Failed::Read)
+                .and_then(|mut file| report(&label, &mut file, &mut out))
         };
-        if let Err(e) = result {
-            errors = true;
-            say(format_args!("{label}: {e}"));
+        match result {
+            Ok(()) => {}
+            Err(Failed::Read(e)) => {
+                errors = true;
+                say(format_args!("{label}: {e}"));
+            }
+            // Said once, naming stdout: the rest of the files would only
+            // repeat it (each under its own name, as if it were unreadable).
+            Err(Failed::Write(e)) => {
+                errors = true;
+                stdout_gone = true;
+                say(format_args!("stdout: {e}"));
+                break;
+            }
         }
     }
-    if let Err(e) = out.flush() {
+    if !stdout_gone && let Err(e) = out.flush() {
         errors = true;
         say(format_args!("stdout: {e}"));
     }
@@ -427,6 +454,24 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
         (true, _) => ExitCode::from(2),
         (false, true) => ExitCode::from(1),
         (false, false) => ExitCode::SUCCESS,
+    }
+}
+
+/// Why scanning one input failed: reading it, or writing the report.
+enum Failed {
+    Read(io::Error),
+    Write(io::Error),
+}
+
+/// `input` until `stopped` is set, then the end of input.
+struct UntilStopped<'a, R: ?Sized> {
+    input: &'a mut R,
+    stopped: &'a std::cell::Cell<bool>,
+}
+
+impl<R: Read + ?Sized> Read for UntilStopped<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.stopped.get() { Ok(0) } else { self.input.read(buf) }
     }
 }
 
