@@ -698,24 +698,30 @@ impl Scanner {
                 };
                 filled += n;
                 eof = n == 0;
-                if !eof && filled < buf.len() {
+                if !eof {
                     // Every run of word bytes before the last other byte is
                     // whole, so keys starting before it can be decided.
-                    // Only the bytes just read are searched (a cut in the
-                    // bytes kept from earlier reads would only be earlier),
-                    // so input trickling in a byte at a time costs linear
-                    // time, not quadratic.
+                    // Only the bytes just read are searched: every cut is
+                    // made at or after the last other byte then in the
+                    // buffer, so the bytes kept from earlier reads are word
+                    // bytes only, and input trickling in a byte at a time
+                    // costs linear time, not quadratic. A read that fills
+                    // the buffer is cut there too (not only `lookahead`
+                    // bytes before its end): the input may pause right
+                    // after it, and its last finished line must not wait
+                    // for more input.
                     let new = filled - n;
                     early =
                         buf[new..filled].iter().rposition(|&b| !is_word(b)).map(|i| new + i + 1);
-                    if early.is_none() {
+                    if early.is_none() && filled < buf.len() {
                         continue; // keep filling before deciding anything
                     }
                 }
             }
             let limit = match early {
+                _ if eof => filled,
+                Some(safe) if filled == buf.len() => safe.max(filled - lookahead),
                 Some(safe) => safe,
-                None if eof => filled,
                 None => filled - lookahead,
             };
             let hay = &buf[..filled];

@@ -1235,3 +1235,72 @@ fn an_upper_cased_key_is_hidden_with_or_without_a_glued_tail() {
         assert!(out.contains("_[REDACTED]"), "left readable: {out}");
     }
 }
+
+/// Gives one read that fills the scanner's whole buffer and ends with a
+/// finished line holding a key, then pauses (as `tail -f` after a burst):
+/// before the second read, `seen` must show that line handled.
+struct Burst<F: FnMut()> {
+    line: Vec<u8>,
+    reads: usize,
+    seen: F,
+}
+
+impl<F: FnMut()> Read for Burst<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.reads += 1;
+        if self.reads > 1 {
+            (self.seen)();
+            return Ok(0);
+        }
+        // The first read is offered the whole buffer: fill it exactly.
+        let fill = buf.len() - self.line.len();
+        for (i, b) in buf[..fill].iter_mut().enumerate() {
+            *b = if i % 10 == 9 { b'\n' } else { b'a' };
+        }
+        buf[fill..].copy_from_slice(&self.line);
+        Ok(buf.len())
+    }
+}
+
+#[test]
+fn a_pause_after_a_read_that_fills_the_buffer_holds_back_no_finished_line() {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let line = format!("auth nh_{HEX64}\n").into_bytes();
+    for chunk in [1, 100, CHUNK] {
+        let s = Scanner::presets().chunk_size(chunk);
+        // Scanning: the key is reported before the input resumes.
+        let found = Rc::new(RefCell::new(Vec::new()));
+        let seen = Rc::clone(&found);
+        let input = Burst {
+            line: line.clone(),
+            reads: 0,
+            seen: move || assert_eq!(seen.borrow().len(), 1, "chunk {chunk}: key reported"),
+        };
+        s.scan_reader(input, |m| found.borrow_mut().push(m.clone())).unwrap();
+        assert_eq!(found.borrow().len(), 1);
+        // Redacting: the line comes out before the input resumes.
+        #[derive(Clone, Default)]
+        struct Shared(Rc<RefCell<Vec<u8>>>);
+        impl Write for Shared {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.borrow_mut().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let out = Shared::default();
+        let seen = out.clone();
+        let input = Burst {
+            line: line.clone(),
+            reads: 0,
+            seen: move || {
+                let seen = seen.0.borrow();
+                assert!(seen.ends_with(b"auth nh_0123[REDACTED]\n"), "chunk {chunk}: line out");
+            },
+        };
+        assert_eq!(s.redact(input, out.clone()).unwrap(), 1);
+    }
+}
