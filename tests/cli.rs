@@ -283,6 +283,39 @@ fn scan_reports_a_key_while_stdin_stays_open() {
     );
 }
 
+#[cfg(target_os = "linux")]
+#[test]
+fn scan_reports_a_key_while_a_named_pipe_stays_open() {
+    use std::io::{BufRead, BufReader};
+    // `keygate scan <(tail -f app.log)`, or `/dev/stdin` named as a path:
+    // a pipe given by name is reported on as promptly as `-`.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["scan", "/dev/stdin"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let hex = "0123456789abcdef".repeat(4);
+    writeln!(stdin, "GET /ping token=nh_{hex} 200").unwrap();
+    stdin.flush().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+    drop(stdin);
+    let _ = child.wait();
+    assert_eq!(
+        got.as_deref().ok(),
+        Some("/dev/stdin:1:17: nh nh_0123\n"),
+        "reported while the pipe is open"
+    );
+}
+
 #[test]
 fn argument_errors_never_echo_a_key() {
     // A key put where another value belongs (`mint` for `inspect`, an

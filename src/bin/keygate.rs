@@ -380,39 +380,44 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
     let mut out = BufWriter::new(stdout.lock());
     let mut found = false;
     let mut errors = false;
-    let mut report =
-        |label: &str, input: &mut dyn Read, out: &mut dyn Write| -> Result<(), Failed> {
-            // Set by the first failed write: the input then reads as ended, so
-            // a scan whose stdout is gone stops (`tail -f log | keygate scan |
-            // head -1` would otherwise read until the log ends, never).
-            let write_err = std::cell::Cell::new(None);
-            let stopped = std::cell::Cell::new(false);
-            let input = UntilStopped { input, stopped: &stopped };
-            scanner
-                .scan_reader(input, |m| {
-                    found = true;
-                    if stopped.get() {
-                        return;
-                    }
-                    let written = writeln!(
-                        out,
-                        "{label}:{}:{}: {} {}",
-                        m.line(),
-                        m.column(),
-                        m.format(),
-                        m.hint()
-                    )
-                    // A pipe may stay open (`tail -f log | keygate scan`): report
-                    // each key now, not when the buffer fills or the input ends.
-                    .and_then(|()| if label == "-" { out.flush() } else { Ok(()) });
-                    if let Err(e) = written {
-                        write_err.set(Some(e));
-                        stopped.set(true);
-                    }
-                })
-                .map_err(Failed::Read)?;
-            write_err.into_inner().map_or(Ok(()), |e| Err(Failed::Write(e)))
-        };
+    // `live`: the input is not a regular file (stdin, a FIFO or
+    // `/dev/stdin` named as a path) and may stay open.
+    let mut report = |label: &str,
+                      live: bool,
+                      input: &mut dyn Read,
+                      out: &mut dyn Write|
+     -> Result<(), Failed> {
+        // Set by the first failed write: the input then reads as ended, so
+        // a scan whose stdout is gone stops (`tail -f log | keygate scan |
+        // head -1` would otherwise read until the log ends, never).
+        let write_err = std::cell::Cell::new(None);
+        let stopped = std::cell::Cell::new(false);
+        let input = UntilStopped { input, stopped: &stopped };
+        scanner
+            .scan_reader(input, |m| {
+                found = true;
+                if stopped.get() {
+                    return;
+                }
+                let written = writeln!(
+                    out,
+                    "{label}:{}:{}: {} {}",
+                    m.line(),
+                    m.column(),
+                    m.format(),
+                    m.hint()
+                )
+                // A pipe may stay open (`tail -f log | keygate scan`): report
+                // each key now, not when the buffer fills or the input ends.
+                .and_then(|()| if live { out.flush() } else { Ok(()) });
+                if let Err(e) = written {
+                    write_err.set(Some(e));
+                    stopped.set(true);
+                }
+            })
+            .map_err(Failed::Read)?;
+        write_err.into_inner().map_or(Ok(()), |e| Err(Failed::Write(e)))
+    };
     let stdin = [PathBuf::from("-")];
     let paths = if paths.is_empty() { &stdin[..] } else { paths };
     let mut files = Vec::new();
@@ -424,11 +429,12 @@ fn scan(formats: FormatSet, paths: &[PathBuf]) -> ExitCode {
         let label = shown(&f);
         // `-` is standard input, as for `inspect` and `hash`.
         let result = if f.as_os_str() == "-" {
-            report(&label, &mut io::stdin().lock(), &mut out)
+            report(&label, true, &mut io::stdin().lock(), &mut out)
         } else {
-            fs::File::open(&f)
-                .map_err(Failed::Read)
-                .and_then(|mut file| report(&label, &mut file, &mut out))
+            fs::File::open(&f).map_err(Failed::Read).and_then(|mut file| {
+                let live = file.metadata().map_or(true, |m| !m.is_file());
+                report(&label, live, &mut file, &mut out)
+            })
         };
         match result {
             Ok(()) => {}
