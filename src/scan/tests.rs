@@ -1262,6 +1262,20 @@ impl<F: FnMut()> Read for Burst<F> {
     }
 }
 
+/// Output the input can look at while the scan runs.
+#[derive(Clone, Default)]
+struct SharedOut(std::rc::Rc<std::cell::RefCell<Vec<u8>>>);
+
+impl Write for SharedOut {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        self.0.borrow_mut().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 #[test]
 fn a_pause_after_a_read_that_fills_the_buffer_holds_back_no_finished_line() {
     use std::cell::RefCell;
@@ -1280,18 +1294,7 @@ fn a_pause_after_a_read_that_fills_the_buffer_holds_back_no_finished_line() {
         s.scan_reader(input, |m| found.borrow_mut().push(m.clone())).unwrap();
         assert_eq!(found.borrow().len(), 1);
         // Redacting: the line comes out before the input resumes.
-        #[derive(Clone, Default)]
-        struct Shared(Rc<RefCell<Vec<u8>>>);
-        impl Write for Shared {
-            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
-                self.0.borrow_mut().extend_from_slice(b);
-                Ok(b.len())
-            }
-            fn flush(&mut self) -> io::Result<()> {
-                Ok(())
-            }
-        }
-        let out = Shared::default();
+        let out = SharedOut::default();
         let seen = out.clone();
         let input = Burst {
             line: line.clone(),
