@@ -1154,7 +1154,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     /// Also takes the credential from the cookie `name` when the request has no
     /// credential header (browser sessions such as the portal's; a blank
     /// header, `Bearer ` with nothing after it, is none); the cookie twice is
-    /// two credentials, refused, and an empty one is none. Set the cookie
+    /// two credentials, refused, and an empty one is none (nor a second one
+    /// beside a live cookie of the name). Set the cookie
     /// `HttpOnly; Secure; SameSite=Strict`, and mind that a cookie rides along
     /// on any request the browser makes to the site: `SameSite` stops other
     /// sites, not a sibling subdomain. For requests that change state, accept
@@ -1593,12 +1594,14 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Cre
             // RFC 6265 allows a value in double quotes.
             let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
             (n == name.as_bytes()).then(|| std::str::from_utf8(v).ok()).flatten()
-        });
+        })
+        // An empty value (a cleared session cookie) is no credential, as an
+        // empty credential header is: a missing key, not a malformed one,
+        // and no second credential beside a live cookie of the name.
+        .filter(|v| !v.is_empty());
     let first = found.next();
     if found.next().is_some() {
         return Err(CredentialError::Conflicting);
     }
-    // An empty value (a cleared session cookie) is no credential, as an
-    // empty credential header is: a missing key, not a malformed one.
-    Ok(first.filter(|v| !v.is_empty()))
+    Ok(first)
 }

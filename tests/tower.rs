@@ -451,6 +451,34 @@ async fn cookie_credentials_only_where_enabled() {
     ));
 }
 
+/// An empty cookie of the route's name (one cleared for another path, say)
+/// is no credential (`GateLayer::cookie`), so it is no second credential
+/// beside a live one either, as a blank header is none beside another
+/// header's key: the live key is used, in whichever order they come.
+#[tokio::test]
+async fn an_empty_cookie_is_no_second_credential_beside_a_live_one() {
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10)).build();
+    let app: Router =
+        Router::new().route("/c", get(|| async { "in" }).layer(gate.layer().cookie("sess")));
+    let ws = Tenant::workspace("ws_t".parse().unwrap());
+    let sk = KeyManager::new(f.keys.clone())
+        .create(NewKey::new("browser", keygate::format::SK, ws))
+        .await
+        .unwrap();
+    let live = sk.key().expose_secret();
+    for value in [
+        format!("sess=; sess={live}"),
+        format!("sess={live}; sess="),
+        format!("sess=\"\"; theme=dark; sess={live}"),
+    ] {
+        let req = Request::get("/c").header("cookie", &value).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        let reason = res.extensions().get::<Refused>().map(|r| r.reason().to_string());
+        assert_eq!(res.status(), StatusCode::OK, "{value}: {reason:?}");
+    }
+}
+
 #[tokio::test]
 async fn repeated_or_mixed_credential_headers_are_refused() {
     let f = fixture().await;
