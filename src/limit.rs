@@ -587,13 +587,24 @@ impl RenderedHeaders {
         }
     }
 
-    /// Adds each header `map` does not have yet; values already there (a
-    /// handler's own, an inner layer's) stand.
+    /// Adds each family of these headers — the `X-RateLimit-*` trio, the
+    /// IETF `RateLimit-Policy` and `RateLimit` pair, `Retry-After` — that
+    /// `map` has no field of yet; a family already there, even in part (a
+    /// handler's own, an inner layer's), stands as it is, so that no field
+    /// of one limit is reported beside another limit's.
     pub fn fill_in(self, map: &mut ::http::HeaderMap) {
         map.reserve(self.values.len());
+        // The values come family by family: each family is looked up once.
+        let mut held: Option<(u8, bool)> = None;
         for (name, value) in self.values {
-            if let ::http::header::Entry::Vacant(e) = map.entry(name.http()) {
-                e.insert(value);
+            let (id, family) = name.family();
+            let there = match held {
+                Some((f, there)) if f == id => there,
+                _ => family.iter().any(|h| map.contains_key(h.http())),
+            };
+            held = Some((id, there));
+            if !there {
+                map.append(name.http(), value);
             }
         }
     }
@@ -647,6 +658,20 @@ enum LimitHeader {
 }
 
 impl LimitHeader {
+    /// The headers reported together with this one, of one decision: the
+    /// family's number and its members.
+    #[cfg(feature = "http")]
+    const fn family(self) -> (u8, &'static [Self]) {
+        const X: &[LimitHeader] = &[LimitHeader::Limit, LimitHeader::Remaining, LimitHeader::Reset];
+        const IETF: &[LimitHeader] = &[LimitHeader::Policy, LimitHeader::State];
+        const RETRY: &[LimitHeader] = &[LimitHeader::RetryAfter];
+        match self {
+            Self::Limit | Self::Remaining | Self::Reset => (0, X),
+            Self::Policy | Self::State => (1, IETF),
+            Self::RetryAfter => (2, RETRY),
+        }
+    }
+
     /// The name in its conventional casing.
     const fn as_str(self) -> &'static str {
         match self {

@@ -1380,7 +1380,8 @@ where
                 }
             }
             let mut res = inner.call(req).await?;
-            // One of each: an inner layer's, or the handler's, stand. None
+            // One of each family: an inner layer's, or the handler's, even in
+            // part, stand (no field beside another limit's). None
             // where an inner layer charged the request itself (this layer's
             // charge was given back), and none on an inner layer's 401 (a
             // key of another region or format there): an unknown key's 401

@@ -1083,6 +1083,37 @@ mod nested {
     }
 
     #[tokio::test]
+    async fn a_handlers_own_rate_limit_fields_are_not_mixed_with_the_layers() {
+        // A handler reporting a limit of its own (a per-endpoint limiter)
+        // in some of the `X-RateLimit-*` fields, or in `RateLimit` alone:
+        // its values stand, and the layer adds none of that family, or the
+        // set would describe no limit at all (the handler's Limit beside
+        // the gate's Remaining and Reset). Families it left alone are added.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("hobby")).await;
+        let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .rate_limit_headers(keygate::limit::HeaderSet::all())
+            .build();
+        let own_x =
+            || async { ([("x-ratelimit-limit", "1000"), ("x-ratelimit-remaining", "999")], "in") };
+        let own_ietf = || async { ([("ratelimit", "\"mine\";r=9;t=5")], "in") };
+        let app: Router = Router::new()
+            .route("/x", get(own_x).route_layer(gate.layer()))
+            .route("/i", get(own_ietf).route_layer(gate.layer()));
+        let res = app.clone().oneshot(call("/x", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "x-ratelimit-limit"), ["1000"]);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), ["999"]);
+        assert_eq!(header(&res, "x-ratelimit-reset"), Vec::<String>::new(), "not the gate's");
+        assert_eq!(header(&res, "ratelimit-policy"), [r#""default";q=3;w=1"#]);
+        let res = app.oneshot(call("/i", &k)).await.unwrap();
+        assert_eq!(header(&res, "ratelimit"), [r#""mine";r=9;t=5"#]);
+        assert_eq!(header(&res, "ratelimit-policy"), Vec::<String>::new(), "not the gate's");
+        assert_eq!(header(&res, "x-ratelimit-limit"), ["3"]);
+    }
+
+    #[tokio::test]
     async fn an_inner_refusal_carries_the_outer_layers_fail_open_trace() {
         let keys = MemoryKeyStore::new();
         let k = key(&keys, Some("hobby")).await;
