@@ -70,7 +70,11 @@
 //! (lent, and given back), so a route's plan cannot let a key past a router
 //! plan it has used up. Give such routes a layer of their own, outside the
 //! router's (or no router-wide layer). If giving back fails, the request stays
-//! charged under both ([`FailedOpen::refund`]). A credential the outer layer
+//! charged under both ([`FailedOpen::refund`]). The charge to give back rides
+//! in the request's extensions: a middleware between two layers of one gate
+//! that sends copies of a request (a retry layer) gives it back once per copy
+//! the inner layer takes over, so put such middleware outside the outermost
+//! layer or inside the innermost. A credential the outer layer
 //! took from a cookie reaches only inner routes that take that cookie too. Each
 //! response carries one set of rate-limit headers (a handler's own values
 //! stand), none on an inner layer's 401. Each layer's [`FailedOpen`] trace is
