@@ -803,6 +803,56 @@ async fn portal_api_follows_the_role() {
     assert!(has_limit_headers(&r), "authenticated: the limit headers stay");
 }
 
+/// Standard base64 (RFC 4648, padded), as CSP hash sources are written.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                char::from(ABC[(n >> (18 - 6 * i)) as usize & 63])
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+/// The portal page holds a session (and, until its script runs, the code in
+/// its address): it may not be framed by another page (clickjacking), its
+/// responses are not to be sniffed as another type, and its
+/// Content-Security-Policy lets its own script run and no other (an
+/// injected one included).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_page_is_not_framed_sniffed_or_open_to_foreign_script() {
+    use sha2::Digest as _;
+    let s = start().await;
+    let url = portal_link(&s, json!({})).await.body["url"].as_str().unwrap().to_owned();
+    let head = s.http.head(&url).send().await.unwrap();
+    let opened = s.call(Method::GET, url.strip_prefix(&s.base).unwrap(), &[], None).await;
+    assert_eq!(opened.status, StatusCode::OK, "{}", opened.text);
+    let again = s.call(Method::GET, url.strip_prefix(&s.base).unwrap(), &[], None).await;
+    assert_eq!(again.status, StatusCode::GONE);
+    let heads = [head.headers(), &opened.headers, &again.headers];
+    for h in heads {
+        let get = |n: &str| h.get(n).and_then(|v| v.to_str().ok()).unwrap_or_default();
+        assert_eq!(get("x-content-type-options"), "nosniff", "{h:?}");
+        assert_eq!(get("x-frame-options"), "DENY", "{h:?}");
+        let csp = get("content-security-policy");
+        for directive in ["default-src 'none'", "frame-ancestors 'none'", "base-uri 'none'"] {
+            assert!(csp.split(';').any(|d| d.trim() == directive), "{directive}: {csp}");
+        }
+        assert!(!csp.contains("unsafe-inline"), "{csp}");
+    }
+    // The page's one script is the one the policy allows, by its hash.
+    let script = opened.text.split_once("<script>").unwrap().1.split_once("</script>").unwrap().0;
+    let hash = base64(&sha2::Sha256::digest(script.as_bytes()));
+    let csp = opened.header("content-security-policy").unwrap();
+    assert!(csp.contains(&format!("script-src 'sha256-{hash}'")), "{csp}\n{script}");
+}
+
 /// The example binary itself: its first stdout line, `--plans`, and a
 /// request over loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -134,6 +134,12 @@ struct App<B: Backend> {
     /// (a server mounted under `/base` by a proxy sets `/base/portal`, the
     /// path the browser sees).
     portal_path: String,
+    /// The portal page's one script: it drops the spent code from the
+    /// page's address, for `portal_path`.
+    portal_script: String,
+    /// The portal page's Content-Security-Policy: that script (by its
+    /// hash) and nothing else, and no framing.
+    portal_csp: HeaderValue,
 }
 
 type AppState<B> = State<Arc<App<B>>>;
@@ -170,6 +176,12 @@ pub(crate) fn router<B: Backend>(
     // both drop revoked keys from the shared principal cache.
     let manager =
         || KeyManager::new(keys.clone()).formats(portal::formats()).cache(config.cache.clone());
+    let portal_path = portal_path(&config.base_url);
+    // The portal's public path (`/base/portal` behind a proxy mounting the
+    // server under `/base`), where the cookie is sent: a JSON string, whose
+    // `<` the URL's path has already percent-encoded.
+    let portal_script =
+        format!("history.replaceState(null, \"\", {})", Value::String(portal_path.clone()));
     let app = Arc::new(App::<B> {
         workspace: config.workspace,
         manager: manager(),
@@ -177,7 +189,9 @@ pub(crate) fn router<B: Backend>(
         portal,
         endpoints: Mutex::new(HashMap::new()),
         next_id: AtomicU64::new(1),
-        portal_path: portal_path(&config.base_url),
+        portal_csp: page_csp(&portal_script),
+        portal_path,
+        portal_script,
     });
 
     // Keys of formats without a preset plan get the enterprise limits here,
@@ -238,7 +252,7 @@ pub(crate) fn router<B: Backend>(
         .route("/api/v1/notifications", post(notify::<B>).route_layer(hex))
         .route("/api/v1/seq/{org}/{project}/{flow}/execute", post(execute).route_layer(seq))
         // HEAD (a link checker, `curl -I`) must not spend the link.
-        .route("/portal", get(open_portal::<B>).head(portal_head))
+        .route("/portal", get(open_portal::<B>).head(portal_head::<B>))
         .route(
             "/portal/api/endpoints",
             get(list_endpoints::<B>).route_layer(portal_api.clone().require("endpoints:read")?),
@@ -830,16 +844,53 @@ async fn execute(
 
 // ---- portal -----------------------------------------------------------------
 
-/// What a portal page's response always carries: never cached, and never
-/// sent on as a `Referer` (the URL holds the code).
-fn portal_page(mut res: Response) -> Response {
-    res.headers_mut().insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+/// What a portal page's response always carries: never cached, never sent
+/// on as a `Referer` (the URL holds the code), never framed by another page
+/// (clickjacking), never sniffed as another type, and `csp` (the page's
+/// own script, nothing else).
+fn portal_page(mut res: Response, csp: &HeaderValue) -> Response {
+    let h = res.headers_mut();
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    h.insert(header::CONTENT_SECURITY_POLICY, csp.clone());
     no_store(res)
 }
 
-async fn portal_head() -> Response {
+/// The portal page's Content-Security-Policy: `script` (the page's one,
+/// inline) by its SHA-256 hash, no other script, style, image or
+/// connection, no `<base>`, no form, and no framing.
+fn page_csp(script: &str) -> HeaderValue {
+    use sha2::Digest as _;
+    let hash = base64(&sha2::Sha256::digest(script.as_bytes()));
+    let csp = format!(
+        "default-src 'none'; script-src 'sha256-{hash}'; base-uri 'none'; form-action 'none'; \
+         frame-ancestors 'none'"
+    );
+    HeaderValue::from_str(&csp).expect("base64 is a header value")
+}
+
+/// Standard base64 (RFC 4648, padded), as CSP hash sources are written.
+fn base64(bytes: &[u8]) -> String {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let n = chunk.iter().enumerate().fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+        for i in 0..4 {
+            out.push(if i <= chunk.len() {
+                char::from(ABC[(n >> (18 - 6 * i)) as usize & 63])
+            } else {
+                '='
+            });
+        }
+    }
+    out
+}
+
+async fn portal_head<B: Backend>(State(app): AppState<B>) -> Response {
     portal_page(
         (StatusCode::OK, [(header::CONTENT_TYPE, "text/html; charset=utf-8")]).into_response(),
+        &app.portal_csp,
     )
 }
 
@@ -849,7 +900,7 @@ async fn open_portal<B: Backend>(
 ) -> Response {
     let code = q.remove("code").unwrap_or_default();
     match app.portal.redeem(&code).await {
-        Err(e) => portal_page(app.reject(&e.rejection(), BodyStyle::Nested)),
+        Err(e) => portal_page(app.reject(&e.rejection(), BodyStyle::Nested), &app.portal_csp),
         Ok(access) => {
             let record = access.record();
             let max_age = record
@@ -866,13 +917,9 @@ async fn open_portal<B: Backend>(
                 "<!doctype html><html><head><meta charset=\"utf-8\"><title>Developer portal</title></head>\
                  <body><h1>Developer portal</h1><p>Application {}</p>\
                  <p>This link has now been used; bookmark nothing but this page's session.</p>\
-                 <script>history.replaceState(null, \"\", {})</script></body></html>",
+                 <script>{}</script></body></html>",
                 html_escape(&application),
-                // The portal's public path (`/base/portal` behind a proxy
-                // mounting the server under `/base`), where the cookie is
-                // sent: a JSON string, whose `<` the URL's path has already
-                // percent-encoded.
-                Value::String(app.portal_path.clone()),
+                app.portal_script,
             );
             let mut res =
                 (StatusCode::OK, [(header::CONTENT_TYPE, "text/html; charset=utf-8")], html)
@@ -882,7 +929,7 @@ async fn open_portal<B: Backend>(
                 v.set_sensitive(true);
                 res.headers_mut().insert(header::SET_COOKIE, v);
             }
-            portal_page(res)
+            portal_page(res, &app.portal_csp)
         }
     }
 }
@@ -1067,7 +1114,24 @@ pub(crate) async fn bootstrap<K: KeyStore>(
 
 #[cfg(test)]
 mod tests {
-    use super::is_http_url;
+    use super::{base64, is_http_url};
+
+    #[test]
+    fn base64_is_rfc_4648s() {
+        let vectors = [
+            ("", ""),
+            ("f", "Zg=="),
+            ("fo", "Zm8="),
+            ("foo", "Zm9v"),
+            ("foob", "Zm9vYg=="),
+            ("fooba", "Zm9vYmE="),
+            ("foobar", "Zm9vYmFy"),
+        ];
+        for (plain, encoded) in vectors {
+            assert_eq!(base64(plain.as_bytes()), encoded, "{plain}");
+        }
+        assert_eq!(base64(&[0xfb, 0xff]), "+/8=");
+    }
 
     #[test]
     fn an_http_url_has_a_usable_host() {
