@@ -803,6 +803,14 @@ async fn portal_api_follows_the_role() {
     assert!(has_limit_headers(&r), "authenticated: the limit headers stay");
 }
 
+/// Opens a fresh portal link of `role` and returns its cookie pair.
+async fn portal_session(s: &Server, role: &str) -> String {
+    let r = portal_link(s, json!({"role": role})).await;
+    let url = r.body["url"].as_str().unwrap().to_owned();
+    let opened = s.call(Method::GET, url.strip_prefix(&s.base).unwrap(), &[], None).await;
+    cookie_of(&opened)
+}
+
 /// Standard base64 (RFC 4648, padded), as CSP hash sources are written.
 fn base64(bytes: &[u8]) -> String {
     const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -851,6 +859,30 @@ async fn the_portal_page_is_not_framed_sniffed_or_open_to_foreign_script() {
     let hash = base64(&sha2::Sha256::digest(script.as_bytes()));
     let csp = opened.header("content-security-policy").unwrap();
     assert!(csp.contains(&format!("script-src 'sha256-{hash}'")), "{csp}\n{script}");
+}
+
+/// The portal API answers with a session's data (its endpoints, its
+/// metadata) to a cookie, which, unlike `Authorization`, does not keep a
+/// shared cache from storing the answer: every answer is `no-store`, and
+/// none is to be sniffed as HTML.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn portal_api_answers_are_never_stored_or_sniffed() {
+    let s = start().await;
+    let admin = portal_session(&s, "admin").await;
+    let cookie = [("cookie", admin.as_str())];
+    let ep = json!({"url": "https://hooks.example.test/in"});
+    let created = s.call(Method::POST, "/portal/api/endpoints", &cookie, Some(ep)).await;
+    assert_eq!(created.status, StatusCode::CREATED, "{}", created.text);
+    let listed = s.call(Method::GET, "/portal/api/endpoints", &cookie, None).await;
+    let path = format!("/portal/api/endpoints/{}", created.body["id"].as_str().unwrap());
+    let deleted = s.call(Method::DELETE, &path, &cookie, None).await;
+    assert_eq!(deleted.status, StatusCode::NO_CONTENT);
+    let anonymous = s.call(Method::GET, "/portal/api/endpoints", &[], None).await;
+    assert_eq!(anonymous.status, StatusCode::UNAUTHORIZED);
+    for r in [&created, &listed, &deleted, &anonymous] {
+        assert_eq!(r.header("cache-control"), Some("no-store"), "{}: {:?}", r.status, r.headers);
+        assert_eq!(r.header("x-content-type-options"), Some("nosniff"), "{}", r.status);
+    }
 }
 
 /// The example binary itself: its first stdout line, `--plans`, and a

@@ -13,6 +13,7 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::map_response;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Router};
@@ -253,17 +254,24 @@ pub(crate) fn router<B: Backend>(
         .route("/api/v1/seq/{org}/{project}/{flow}/execute", post(execute).route_layer(seq))
         // HEAD (a link checker, `curl -I`) must not spend the link.
         .route("/portal", get(open_portal::<B>).head(portal_head::<B>))
+        // Outside the gate, so that its refusals are marked too.
         .route(
             "/portal/api/endpoints",
-            get(list_endpoints::<B>).route_layer(portal_api.clone().require("endpoints:read")?),
+            get(list_endpoints::<B>)
+                .route_layer(portal_api.clone().require("endpoints:read")?)
+                .route_layer(map_response(portal_api_headers)),
         )
         .route(
             "/portal/api/endpoints",
-            post(create_endpoint::<B>).route_layer(portal_api.clone().require("endpoints:create")?),
+            post(create_endpoint::<B>)
+                .route_layer(portal_api.clone().require("endpoints:create")?)
+                .route_layer(map_response(portal_api_headers)),
         )
         .route(
             "/portal/api/endpoints/{id}",
-            delete(delete_endpoint::<B>).route_layer(portal_api.require("endpoints:delete")?),
+            delete(delete_endpoint::<B>)
+                .route_layer(portal_api.require("endpoints:delete")?)
+                .route_layer(map_response(portal_api_headers)),
         )
         .layer(DefaultBodyLimit::max(MAX_BODY))
         .with_state(app.clone());
@@ -885,6 +893,15 @@ fn base64(bytes: &[u8]) -> String {
         }
     }
     out
+}
+
+/// What every portal API response carries: the session's data (its
+/// endpoints and metadata) answers a cookie, which, unlike
+/// `Authorization`, does not keep a shared cache from storing it; and
+/// JSON that echoes a caller's text is never to be sniffed as HTML.
+async fn portal_api_headers(mut res: Response) -> Response {
+    res.headers_mut().insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    no_store(res)
 }
 
 async fn portal_head<B: Backend>(State(app): AppState<B>) -> Response {
