@@ -885,6 +885,28 @@ async fn portal_api_answers_are_never_stored_or_sniffed() {
     }
 }
 
+/// A `DELETE` changes state as a `POST` does: one the browser marks as
+/// coming from another origin (a sibling subdomain included) deletes
+/// nothing, as the layer's cookie rules say.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_from_another_origin_deletes_nothing() {
+    let s = start().await;
+    let admin = portal_session(&s, "admin").await;
+    let cookie = [("cookie", admin.as_str())];
+    let ep = json!({"url": "https://hooks.example.test/in"});
+    let created = s.call(Method::POST, "/portal/api/endpoints", &cookie, Some(ep)).await;
+    let path = format!("/portal/api/endpoints/{}", created.body["id"].as_str().unwrap());
+    for site in ["cross-site", "same-site"] {
+        let h = [("cookie", admin.as_str()), ("sec-fetch-site", site)];
+        let r = s.call(Method::DELETE, &path, &h, None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{site}: {}", r.text);
+    }
+    let listed = s.call(Method::GET, "/portal/api/endpoints", &cookie, None).await;
+    assert_eq!(listed.body["data"].as_array().map(Vec::len), Some(1), "{}", listed.text);
+    let h = [("cookie", admin.as_str()), ("sec-fetch-site", "same-origin")];
+    assert_eq!(s.call(Method::DELETE, &path, &h, None).await.status, StatusCode::NO_CONTENT);
+}
+
 /// The example binary itself: its first stdout line, `--plans`, and a
 /// request over loopback.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1035,16 +1035,25 @@ pub(crate) fn is_http_url(raw: &str) -> bool {
 /// send (a JSON body: a cross-origin script needs a CORS preflight, which
 /// this server never grants) and, where the browser says, same-origin.
 fn same_origin_json(headers: &axum::http::HeaderMap) -> Result<(), Rejection> {
-    let site = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
-    if site.is_some_and(|s| s != b"same-origin" && s != b"none") {
-        return Err(Rejection::Forbidden { scope: None });
-    }
+    same_origin(headers)?;
     let json = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split(';').next())
         .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
     if json { Ok(()) } else { Err(bad("body", "body must be sent as application/json")) }
+}
+
+/// A request the browser says came from the portal's own origin, or from
+/// the user directly (`none`); one without `Sec-Fetch-Site` (not a
+/// browser's, or an old one) passes. Every state-changing method checks
+/// it, `DELETE` as well as `POST`.
+fn same_origin(headers: &axum::http::HeaderMap) -> Result<(), Rejection> {
+    let site = headers.get("sec-fetch-site").map(HeaderValue::as_bytes);
+    if site.is_some_and(|s| s != b"same-origin" && s != b"none") {
+        return Err(Rejection::Forbidden { scope: None });
+    }
+    Ok(())
 }
 
 async fn create_endpoint<B: Backend>(
@@ -1097,7 +1106,11 @@ async fn delete_endpoint<B: Backend>(
     State(app): AppState<B>,
     PathParams(id): PathParams<String>,
     Extension(caller): Extension<Principal>,
+    headers: axum::http::HeaderMap,
 ) -> Response {
+    if let Err(r) = same_origin(&headers) {
+        return app.reject(&r, BodyStyle::Nested);
+    }
     let mut all = app.endpoints.lock().expect("endpoint list lock");
     let application = application_of(&caller);
     let Some(list) = all.get_mut(&application) else {
