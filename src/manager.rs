@@ -238,9 +238,9 @@ pub enum ManagerError {
         /// The key.
         key: String,
     },
-    /// The key was already rolled and its replacement is active: roll the
-    /// replacement instead (a second roll's key would stop when the first
-    /// roll's grace ends).
+    /// The key was already rolled and its replacement (or, that one rolled
+    /// in turn, its latest replacement) is active: roll that one instead (a
+    /// second roll's key would stop when the first roll's grace ends).
     #[error("key was already rolled; roll its replacement")]
     AlreadyRolled,
     /// The project already holds the maximum number of active keys.
@@ -813,8 +813,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// one key over its cap (the one being replaced), and no more: rolling
     /// a second key while one roll's grace runs in a full project is
     /// [`ManagerError::LimitReached`]. Rolling a key again while its
-    /// replacement is active is [`ManagerError::AlreadyRolled`] (roll the
-    /// replacement). The replacement's metadata names the key it replaced
+    /// replacement is active — or, the replacement rolled in turn, the
+    /// replacement's replacement — is [`ManagerError::AlreadyRolled`] (roll
+    /// the latest replacement). The replacement's metadata names the key it replaced
     /// under [`ROLLED_FROM`]. Rolling a management token ends the portal
     /// access tokens it minted with its grace (best effort: the
     /// replacement's secret is returned even if that fails; a link opened
@@ -902,18 +903,18 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // grace's end as its expiry. Two rolls racing can both pass this
         // check; the store's insert refuses the second
         // (`InsertOutcome::AlreadyReplaced`). Checked here too for
-        // replacements stored before stores tracked them.
+        // replacements stored before stores tracked them. Its replacements'
+        // replacements count too: a replacement that was rolled itself stops
+        // when its grace ends, but the key's line goes on in the next one
+        // (which the store, tracking one step, does not see).
         let siblings = self.store.list(&old.tenant.workspace, old.tenant.project.as_ref()).await?;
-        let earlier: Vec<&Arc<KeyRecord>> = siblings
-            .iter()
-            .filter(|r| r.metadata.get(ROLLED_FROM).is_some_and(|f| f == id.as_str()))
-            .collect();
+        let earlier = descendants(&siblings, id);
         if earlier.iter().any(|r| r.is_active(now)) {
             return Err(ManagerError::AlreadyRolled);
         }
         // Rolled before, its replacement since revoked: the old key's expiry
         // is now that roll's grace end. Its own expiry is at least what the
-        // earlier replacements were given and at least what it holds now
+        // earlier replacements (and theirs) were given and at least what it holds now
         // (the latest of them; `None` is never): each is capped by the
         // key's own, but a replacement rolled for a caller also by the
         // caller's (which may have passed since), and the stored expiry by
@@ -1008,6 +1009,32 @@ fn reaches(caller: &Principal, record: &KeyRecord) -> bool {
     caller.tenant().reaches(&record.tenant)
         && caller.environment().is_none_or(|e| record.environment == Some(e))
         && caller.region().is_none_or(|r| record.region == Some(r))
+}
+
+/// The records in `records` that replaced `id`, directly or through a
+/// chain of rolls (each names the key it replaced under [`ROLLED_FROM`]).
+/// One pass over `records` (a workspace's, for a key without a project).
+fn descendants<'a>(records: &'a [Arc<KeyRecord>], id: &RecordId) -> Vec<&'a Arc<KeyRecord>> {
+    let mut children: std::collections::HashMap<&str, Vec<&Arc<KeyRecord>>> =
+        std::collections::HashMap::new();
+    for r in records {
+        if let Some(from) = r.metadata.get(ROLLED_FROM) {
+            children.entry(from.as_str()).or_default().push(r);
+        }
+    }
+    let mut out: Vec<&Arc<KeyRecord>> = Vec::new();
+    // Metadata an operator set could make a cycle: each record once.
+    let mut seen = std::collections::HashSet::from([id.as_str()]);
+    let mut next = vec![id.as_str()];
+    while let Some(parent) = next.pop() {
+        for &r in children.get(parent).into_iter().flatten() {
+            if seen.insert(r.id.as_str()) {
+                out.push(r);
+                next.push(r.id.as_str());
+            }
+        }
+    }
+    out
 }
 
 /// The later of two optional deadlines (`None` is "never").

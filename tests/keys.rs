@@ -1781,3 +1781,24 @@ async fn a_freed_replacement_id_taken_again_does_not_block_a_roll() {
         "the old key's replacement expired and was forgotten; ws_b's record replaces nothing"
     );
 }
+
+/// A key whose replacement was itself rolled (its lineage goes on in the
+/// replacement's replacement) is rolled already: rolling it again would
+/// hand out a second key that stops when the first roll's grace ends, and
+/// leave two lineages of one key.
+#[tokio::test]
+async fn a_key_whose_replacement_was_rolled_is_already_rolled() {
+    let f = fixture();
+    let k = f.manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let first = f.manager.roll(&k.record().id, Duration::from_secs(3600)).await.unwrap();
+    let second = f.manager.roll(&first.record().id, Duration::from_secs(60)).await.unwrap();
+    // The first replacement's grace is over; the key's own runs on.
+    f.clock.advance(Duration::from_secs(61));
+    let err = f.manager.roll(&k.record().id, Duration::from_secs(60)).await.unwrap_err();
+    assert!(matches!(err, ManagerError::AlreadyRolled), "{err}");
+    // Once the latest replacement is revoked, the key may be rolled again,
+    // and the new key keeps the key's own expiry (never), not a grace end.
+    assert!(f.manager.revoke(&second.record().id).await.unwrap());
+    let third = f.manager.roll(&k.record().id, Duration::from_secs(60)).await.unwrap();
+    assert_eq!(third.record().expires_at, None);
+}
