@@ -30,14 +30,17 @@ pub enum TokenExpiry {
     Days30,
     /// 90 days (`90d`).
     Days90,
-    /// One year, 365 days (`1y`).
+    /// One year (`1y`): the same date and time a year later, in UTC (366
+    /// days across a leap day; from 29 February, the 28th).
     Year1,
     /// Never expires (`never`).
     Never,
 }
 
 impl TokenExpiry {
-    /// The lifetime, or `None` for [`TokenExpiry::Never`].
+    /// The lifetime, or `None` for [`TokenExpiry::Never`]. A year is 365
+    /// days here; a token created with [`NewKey::token_expiry`] lasts a
+    /// calendar year ([`TokenExpiry::Year1`]).
     #[must_use]
     pub const fn duration(self) -> Option<Duration> {
         const DAY: u64 = 86_400;
@@ -91,6 +94,9 @@ pub struct NewKey {
     environment: Option<Environment>,
     region: Option<Region>,
     lifetime: Option<Duration>,
+    /// The lifetime is a calendar year ([`TokenExpiry::Year1`]), not
+    /// `lifetime`'s 365 days.
+    calendar_year: bool,
     /// An absolute cap on the expiry (a parent's or a rolled key's own),
     /// applied in the same insert as the record.
     not_after: Option<Timestamp>,
@@ -110,6 +116,7 @@ impl NewKey {
             environment: None,
             region: None,
             lifetime: None,
+            calendar_year: false,
             not_after: None,
             plan: None,
             metadata: BTreeMap::new(),
@@ -156,13 +163,16 @@ impl NewKey {
     #[must_use]
     pub fn expires_in(mut self, lifetime: Duration) -> Self {
         self.lifetime = Some(lifetime);
+        self.calendar_year = false;
         self
     }
 
-    /// A management-token lifetime: 30 days, 90 days, 1 year or never.
+    /// A management-token lifetime: 30 days, 90 days, 1 year (a calendar
+    /// year, in UTC) or never.
     #[must_use]
     pub fn token_expiry(mut self, expiry: TokenExpiry) -> Self {
         self.lifetime = expiry.duration();
+        self.calendar_year = expiry == TokenExpiry::Year1;
         self
     }
 
@@ -576,6 +586,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             Some(d) if new.format.name() == NHM.name() && !token_choice(d) => {
                 return Err(ManagerError::Lifetime);
             }
+            Some(_) if new.calendar_year => Some(a_year_after(now).ok_or(ManagerError::Lifetime)?),
             Some(d) => {
                 let d = SignedDuration::try_from(d).map_err(|_| ManagerError::Lifetime)?;
                 Some(now.checked_add(d).map_err(|_| ManagerError::Lifetime)?)
@@ -1035,6 +1046,14 @@ fn descendants<'a>(records: &'a [Arc<KeyRecord>], id: &RecordId) -> Vec<&'a Arc<
         }
     }
     out
+}
+
+/// The same date and time a year after `now`, in UTC (29 February goes to
+/// the 28th); `None` past the end of time.
+fn a_year_after(now: Timestamp) -> Option<Timestamp> {
+    let utc = jiff::tz::Offset::UTC;
+    let then = utc.to_datetime(now).checked_add(jiff::Span::new().years(1)).ok()?;
+    utc.to_timestamp(then).ok()
 }
 
 /// The later of two optional deadlines (`None` is "never").

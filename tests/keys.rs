@@ -1802,3 +1802,27 @@ async fn a_key_whose_replacement_was_rolled_is_already_rolled() {
     let third = f.manager.roll(&k.record().id, Duration::from_secs(60)).await.unwrap();
     assert_eq!(third.record().expires_at, None);
 }
+
+/// `1y` is a year on the calendar: a token made on 2027-03-01 works
+/// through 2028-02-29 and ends on 2028-03-01, not a day early.
+#[tokio::test]
+async fn a_one_year_token_lasts_a_calendar_year_across_a_leap_day() {
+    let start: Timestamp = "2027-03-01T12:00:00Z".parse().unwrap();
+    let clock = FakeClock::new(start);
+    let store = MemoryKeyStore::new();
+    let manager = KeyManager::new(store.clone()).clock(clock.clone());
+    let auth = Authenticator::new(store).clock(clock.clone());
+    let year = NewKey::new("t", NHM, ws("ws_a")).token_expiry(TokenExpiry::Year1);
+    let token = manager.create(year).await.unwrap();
+    let end: Timestamp = "2028-03-01T12:00:00Z".parse().unwrap();
+    assert_eq!(token.record().expires_at, Some(end));
+    clock.set_wall("2028-02-29T12:00:00Z".parse().unwrap());
+    assert!(auth_bearer(&auth, token.key().expose_secret(), &Target::any()).await.is_ok());
+    clock.set_wall(end);
+    assert!(auth_bearer(&auth, token.key().expose_secret(), &Target::any()).await.is_err());
+    // From a 29 February, to the 28th.
+    clock.set_wall("2028-02-29T08:00:00Z".parse().unwrap());
+    let year = NewKey::new("t", NHM, ws("ws_a")).token_expiry(TokenExpiry::Year1);
+    let token = manager.create(year).await.unwrap();
+    assert_eq!(token.record().expires_at, Some("2029-02-28T08:00:00Z".parse().unwrap()));
+}
