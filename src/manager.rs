@@ -826,9 +826,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::LimitReached`]. Rolling a key again while its
     /// replacement is active — or, the replacement rolled in turn, the
     /// replacement's replacement — is [`ManagerError::AlreadyRolled`] (roll
-    /// the latest replacement). The replacement's metadata names the key it replaced
-    /// under [`ROLLED_FROM`]. Rolling a management token ends the portal
-    /// access tokens it minted with its grace (best effort: the
+    /// the latest replacement). The replacement's metadata names the key
+    /// it replaced under [`ROLLED_FROM`]. Rolling a management token ends
+    /// the portal access tokens it minted with its grace (best effort: the
     /// replacement's secret is returned even if that fails; a link opened
     /// later is capped at the minter's end when redeemed).
     ///
@@ -925,9 +925,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         }
         // Rolled before, its replacement since revoked: the old key's expiry
         // is now that roll's grace end. Its own expiry is at least what the
-        // earlier replacements (and theirs) were given and at least what it holds now
-        // (the latest of them; `None` is never): each is capped by the
-        // key's own, but a replacement rolled for a caller also by the
+        // earlier replacements (and theirs) were given and at least what it
+        // holds now (the latest of them; `None` is never): each is capped by
+        // the key's own, but a replacement rolled for a caller also by the
         // caller's (which may have passed since), and the stored expiry by
         // the grace. Once the store has forgotten them, the grace end it
         // is: never later than the key's own, only shorter.
