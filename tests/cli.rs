@@ -256,13 +256,13 @@ fn hash_prints_the_stored_digest() {
     assert!(out.stdout.is_empty());
 }
 
-#[test]
-fn scan_reports_a_key_while_stdin_stays_open() {
+/// The first line `keygate scan [PATH]` reports for a key written to its
+/// stdin, which stays open while it is read (or `None` after 10 s).
+fn first_report_while_stdin_is_open(path: Option<&str>) -> Option<String> {
     use std::io::{BufRead, BufReader};
-    // `tail -f app.log | keygate scan`: a key is reported as its line
-    // arrives, not when the input ends.
     let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
         .arg("scan")
+        .args(path)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -278,11 +278,18 @@ fn scan_reports_a_key_while_stdin_stays_open() {
         let _ = BufReader::new(stdout).read_line(&mut line);
         let _ = tx.send(line);
     });
-    let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+    let got = rx.recv_timeout(std::time::Duration::from_secs(10)).ok();
     drop(stdin);
     let _ = child.wait();
+    got
+}
+
+#[test]
+fn scan_reports_a_key_while_stdin_stays_open() {
+    // `tail -f app.log | keygate scan`: a key is reported as its line
+    // arrives, not when the input ends.
     assert_eq!(
-        got.as_deref().ok(),
+        first_report_while_stdin_is_open(None).as_deref(),
         Some("-:1:17: nh nh_0123\n"),
         "reported while the pipe is open"
     );
@@ -291,31 +298,10 @@ fn scan_reports_a_key_while_stdin_stays_open() {
 #[cfg(target_os = "linux")]
 #[test]
 fn scan_reports_a_key_while_a_named_pipe_stays_open() {
-    use std::io::{BufRead, BufReader};
     // `keygate scan <(tail -f app.log)`, or `/dev/stdin` named as a path:
     // a pipe given by name is reported on as promptly as `-`.
-    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-        .args(["scan", "/dev/stdin"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let hex = "0123456789abcdef".repeat(4);
-    writeln!(stdin, "GET /ping token=nh_{hex} 200").unwrap();
-    stdin.flush().unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut line = String::new();
-        let _ = BufReader::new(stdout).read_line(&mut line);
-        let _ = tx.send(line);
-    });
-    let got = rx.recv_timeout(std::time::Duration::from_secs(10));
-    drop(stdin);
-    let _ = child.wait();
     assert_eq!(
-        got.as_deref().ok(),
+        first_report_while_stdin_is_open(Some("/dev/stdin")).as_deref(),
         Some("/dev/stdin:1:17: nh nh_0123\n"),
         "reported while the pipe is open"
     );
