@@ -358,8 +358,8 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// [`SessionRequest::validate`], [`PortalError::NotManagementToken`],
     /// [`PortalError::MinterExpiring`] when the token ends within the
     /// second, [`PortalError::Scope`] when the role exceeds the token,
-    /// [`PortalError::UrlTemplate`] when the template is unset or has no
-    /// `{code}`,
+    /// [`PortalError::UrlTemplate`] when the template is unset, has no
+    /// `{code}`, or is neither `https://` nor `http://` to a loopback host,
     /// [`PortalError::Collision`] when the minted code is taken, or a
     /// backend failure (the OS generator's included).
     ///

@@ -514,6 +514,27 @@ async fn a_url_template_without_the_code_mints_nothing() {
     assert_eq!(err.rejection().status(), 500);
 }
 
+/// Links are credentials: a template that is not `https://` mints nothing,
+/// but plain `http://` to a loopback host does (a demo's).
+#[tokio::test]
+async fn a_plain_http_url_template_mints_only_to_a_loopback_host() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let portal = |template: &str| {
+        Portal::new(Arc::new(MemoryPortalStore::new()), w.keys.clone()).url_template(template)
+    };
+    let open = portal("http://portal.acme.com/p?code={code}");
+    let err = open.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await;
+    let err = err.unwrap_err();
+    assert!(matches!(err, PortalError::UrlTemplate), "{err}");
+    assert_eq!(err.rejection().status(), 500);
+    for local in ["http://127.0.0.1:8080/portal?code={code}", "http://localhost/p?code={code}"] {
+        let local_portal = portal(local);
+        let minted = local_portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default());
+        assert!(minted.await.is_ok(), "{local}");
+    }
+}
+
 #[tokio::test]
 async fn a_role_never_exceeds_the_management_token() {
     let w = world(&["endpoints:read", "subscriptions:read", "deliveries:read"]).await;
