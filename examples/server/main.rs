@@ -28,7 +28,8 @@ use serde_json::json;
 /// keygate's reference API server.
 #[derive(Parser)]
 struct Args {
-    /// Address to listen on (port 0 picks a free port).
+    /// Address to listen on (port 0 picks a free port); one that is not
+    /// loopback needs `--public-url`.
     #[arg(long, default_value = "127.0.0.1:8080")]
     bind: SocketAddr,
     /// The workspace the bootstrap management token belongs to.
@@ -279,6 +280,9 @@ mod tests {
         let open = "0.0.0.0:8080".parse().unwrap();
         assert!(public_url(None, open).is_err());
         assert!(public_url(Some("https://api.example.com"), open).is_ok());
+        // What a non-loopback bind needs is a public URL, not https as such:
+        // plain http to a loopback host is taken beside it too.
+        assert!(public_url(Some("http://localhost:8080"), open).is_ok());
         for ok in [
             "https://api.example.com/",
             "HTTPS://api.example.com",
