@@ -32,7 +32,8 @@ pub enum CredentialError {
         max: usize,
     },
     /// More than one credential was presented (two `Authorization` headers,
-    /// two `X-API-Key` headers, or both kinds).
+    /// two `X-API-Key` headers, or both kinds; on a route that takes a
+    /// cookie, two non-empty cookies of its name).
     #[error("more than one credential presented")]
     Conflicting,
     /// A credential header holds non-ASCII or control bytes.
