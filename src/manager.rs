@@ -159,7 +159,10 @@ impl NewKey {
         self
     }
 
-    /// The key stops working `lifetime` after creation.
+    /// The key stops working `lifetime` after creation. A management
+    /// token's must be one of [`TokenExpiry`]'s; 365 days given here is
+    /// 365 days, not the calendar year of
+    /// [`token_expiry`](Self::token_expiry)`(`[`TokenExpiry::Year1`]`)`.
     #[must_use]
     pub fn expires_in(mut self, lifetime: Duration) -> Self {
         self.lifetime = Some(lifetime);

@@ -1816,6 +1816,10 @@ async fn a_one_year_token_lasts_a_calendar_year_across_a_leap_day() {
     let token = manager.create(year).await.unwrap();
     let end: Timestamp = "2028-03-01T12:00:00Z".parse().unwrap();
     assert_eq!(token.record().expires_at, Some(end));
+    // A lifetime of 365 days given as such stays 365 days: it ends on the 29th.
+    let days = NewKey::new("t", NHM, ws("ws_a")).expires_in(Duration::from_secs(365 * 86_400));
+    let days = manager.create(days).await.unwrap();
+    assert_eq!(days.record().expires_at, Some("2028-02-29T12:00:00Z".parse().unwrap()));
     clock.set_wall("2028-02-29T12:00:00Z".parse().unwrap());
     assert!(auth_bearer(&auth, token.key().expose_secret(), &Target::any()).await.is_ok());
     clock.set_wall(end);
