@@ -215,7 +215,9 @@ impl RedisConfig {
 
     /// Connects once, within the timeout, and returns the handle every
     /// store is made from. Must be called inside a tokio runtime (with
-    /// timers enabled): the connection's driver task runs there.
+    /// timers enabled): the connection's driver task runs there, and so
+    /// does the task that `PING`s the connection after 500 ms without a
+    /// successful call, until every handle is dropped.
     ///
     /// # Errors
     ///
