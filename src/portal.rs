@@ -601,6 +601,19 @@ fn fill_template(template: &str, code: &str) -> String {
     url
 }
 
+/// Checks a [URL template](Portal::url_template) as minting does, for a
+/// host that reads it from its configuration and wants to refuse a bad one
+/// at start-up rather than at the first mint: it must hold `{code}` and be
+/// `https://`, or `http://` to a loopback host (`localhost`, `127.0.0.0/8`,
+/// `[::1]`, as written: not a normalised form such as `127.1`).
+///
+/// # Errors
+///
+/// [`PortalError::UrlTemplate`] when minting from `template` would fail.
+pub fn check_url_template(template: &str) -> Result<(), PortalError> {
+    if template_ok(template) { Ok(()) } else { Err(PortalError::UrlTemplate) }
+}
+
 /// Whether links from `template` can be redeemed and travel encrypted: it
 /// has `{code}`, and is `https://`, or `http://` to a loopback host (where
 /// the link never crosses a network).
