@@ -16,6 +16,8 @@ use std::time::Duration;
 use jiff::Timestamp;
 
 pub use cache::PrincipalCache;
+#[cfg(feature = "tower")]
+pub(crate) use credentials::visible_ascii;
 pub use credentials::{CredentialError, HeaderRules, Source};
 
 use cache::{InFlight, LastUse};

@@ -1584,7 +1584,9 @@ fn cookie_credential<'h, S: KeyStore, C: Clock>(
 ///
 /// [`CredentialError::Conflicting`] when the cookie comes twice (a sibling
 /// domain or a narrower path can set one of the same name: which the
-/// browser sends first is not the site's choice).
+/// browser sends first is not the site's choice), whatever its bytes;
+/// [`CredentialError::InvalidBytes`] when its value holds bytes a
+/// credential header may not (a presented credential, not a missing one).
 fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, CredentialError> {
     // By bytes: one cookie of the site with non-ASCII bytes (another app's,
     // a sibling subdomain's) must not hide this one in the same header.
@@ -1598,7 +1600,7 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Cre
             let (n, v) = (&pair[..eq], &pair[eq + 1..]);
             // RFC 6265 allows a value in double quotes.
             let v = v.strip_prefix(b"\"").and_then(|v| v.strip_suffix(b"\"")).unwrap_or(v);
-            (n == name.as_bytes()).then(|| std::str::from_utf8(v).ok()).flatten()
+            (n == name.as_bytes()).then_some(v)
         })
         // An empty value (a cleared session cookie) is no credential, as an
         // empty credential header is: a missing key, not a malformed one,
@@ -1608,5 +1610,10 @@ fn cookie<'h>(headers: &'h HeaderMap, name: &str) -> Result<Option<&'h str>, Cre
     if found.next().is_some() {
         return Err(CredentialError::Conflicting);
     }
-    Ok(first)
+    let Some(value) = first else { return Ok(None) };
+    if !crate::auth::visible_ascii(value) {
+        return Err(CredentialError::InvalidBytes);
+    }
+    // Checked ASCII above, so this cannot fail.
+    std::str::from_utf8(value).map(Some).map_err(|_| CredentialError::InvalidBytes)
 }

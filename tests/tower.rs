@@ -451,6 +451,53 @@ async fn cookie_credentials_only_where_enabled() {
     ));
 }
 
+/// A cookie of the route's name whose value holds bytes no key has (here not
+/// even UTF-8) is a credential presented and refused for its bytes, as such a
+/// header is: not a missing key, and a second credential beside a live
+/// cookie of the name, whichever comes first.
+#[tokio::test]
+async fn a_cookie_with_non_ascii_bytes_is_an_invalid_credential_not_a_missing_one() {
+    use keygate::auth::CredentialError;
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10)).build();
+    let app: Router =
+        Router::new().route("/c", get(|| async { "in" }).layer(gate.layer().cookie("sess")));
+    let ws = Tenant::workspace("ws_t".parse().unwrap());
+    let sk = KeyManager::new(f.keys.clone())
+        .create(NewKey::new("browser", keygate::format::SK, ws))
+        .await
+        .unwrap();
+    let live = sk.key().expose_secret();
+    let mut bad = b"sess=sk_live_caf".to_vec();
+    bad.push(0xe9);
+    let mut before = bad.clone();
+    before.extend_from_slice(format!("; sess={live}").as_bytes());
+    let mut after = format!("sess={live}; ").into_bytes();
+    after.extend_from_slice(&bad);
+    for (value, want) in [
+        (bad, CredentialError::InvalidBytes),
+        (before, CredentialError::Conflicting),
+        (after, CredentialError::Conflicting),
+    ] {
+        let shown = String::from_utf8_lossy(&value).into_owned();
+        let value = axum::http::HeaderValue::from_bytes(&value).unwrap();
+        let req = Request::get("/c").header("cookie", value).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{shown}");
+        let refused = res.extensions().get::<Refused>().unwrap();
+        assert!(
+            matches!(refused.reason(), Refusal::Auth(AuthError::Credential(e)) if *e == want),
+            "{shown}: {}",
+            refused.reason()
+        );
+        assert_eq!(
+            res.headers().get("www-authenticate").unwrap(),
+            "Bearer error=\"invalid_token\"",
+            "{shown}"
+        );
+    }
+}
+
 /// An empty cookie of the route's name (one cleared for another path, say)
 /// is no credential (`GateLayer::cookie`), so it is no second credential
 /// beside a live one either, as a blank header is none beside another
@@ -1344,6 +1391,39 @@ mod nested {
             .unwrap_err();
         let res = gate.respond::<Body>(refused);
         assert_eq!(header(&res, "www-authenticate"), [r#"ApiKey header="X-API-Key""#]);
+    }
+
+    #[tokio::test]
+    async fn an_authorization_scheme_other_than_bearer_is_answered_as_no_key() {
+        // RFC 6750 §3.1: a request that "attempted using an unsupported
+        // authentication method" lacks authentication information, and its
+        // challenge carries no error code; no API key was presented, so the
+        // body says the key is missing. The logs still see why.
+        let keys = MemoryKeyStore::new();
+        let gate = memory_gate(&keys);
+        let app: Router = Router::new()
+            .route("/nh", get(|| async { "in" }).route_layer(gate.layer().formats(["nh"])))
+            .route("/any", get(|| async { "in" }).route_layer(gate.layer()));
+        for (path, challenge) in [("/any", "Bearer"), ("/nh", r#"ApiKey header="X-API-Key""#)] {
+            for value in ["Basic dXNlcjpwYXNz", "Token abc", "Digest username=\"u\""] {
+                let req = Request::get(path).header("authorization", value);
+                let res = app.clone().oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+                assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{path} {value}");
+                assert_eq!(header(&res, "www-authenticate"), [challenge], "{path} {value}");
+                let refused = res.extensions().get::<Refused>().unwrap();
+                assert_eq!(refused.rejection(), &keygate::http::Rejection::MissingCredentials);
+                assert!(
+                    matches!(
+                        refused.reason(),
+                        Refusal::Auth(AuthError::Credential(
+                            keygate::auth::CredentialError::NotBearer
+                        ))
+                    ),
+                    "{path} {value}: {}",
+                    refused.reason()
+                );
+            }
+        }
     }
 
     #[tokio::test]

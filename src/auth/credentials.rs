@@ -133,10 +133,7 @@ impl HeaderRules {
             if value.len() > self.max_len {
                 return Err(CredentialError::Oversized { max: self.max_len });
             }
-            // Visible ASCII and spaces only (RFC 9110 field values minus
-            // obs-text and HTAB): rejects NUL, CR/LF, DEL and UTF-8.
-            // No early exit: the fold vectorizes, and a header is short.
-            if !value.iter().fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b)) {
+            if !visible_ascii(value) {
                 return Err(CredentialError::InvalidBytes);
             }
             let token = token(source, value);
@@ -153,6 +150,14 @@ impl HeaderRules {
         let token = std::str::from_utf8(token?).map_err(|_| CredentialError::InvalidBytes)?;
         Ok(Some((source, token)))
     }
+}
+
+/// Whether `value` holds only visible ASCII and spaces (RFC 9110 field
+/// values minus obs-text and HTAB): false for NUL, CR/LF, DEL and UTF-8.
+/// The bytes a credential (header or cookie) may hold.
+pub(crate) fn visible_ascii(value: &[u8]) -> bool {
+    // No early exit: the fold vectorizes, and a credential is short.
+    value.iter().fold(true, |ok, &b| ok & (0x20..0x7f).contains(&b))
 }
 
 /// The token in a credential header's `value`: empty for a blank header.
