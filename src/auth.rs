@@ -469,11 +469,17 @@ impl<F: Fn(&Tenant) -> bool + Send + Sync> AccountStatus for F {
 
 impl AuthError {
     /// The rejection the caller sees. Every reason a key is invalid maps to
-    /// the same [`Rejection::InvalidCredentials`].
+    /// the same [`Rejection::InvalidCredentials`]. An `Authorization` header
+    /// of another scheme ([`CredentialError::NotBearer`], e.g. `Basic`)
+    /// holds no key: [`Rejection::MissingCredentials`], whose challenge has
+    /// no error code (RFC 6750 §3.1: a request "attempted using an
+    /// unsupported authentication method" lacks authentication information).
     #[must_use]
     pub fn rejection(&self) -> Rejection {
         match self {
-            Self::Missing => Rejection::MissingCredentials,
+            Self::Missing | Self::Credential(CredentialError::NotBearer) => {
+                Rejection::MissingCredentials
+            }
             Self::Credential(_)
             | Self::Malformed(_)
             | Self::Unknown

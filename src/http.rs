@@ -66,7 +66,8 @@ impl AuthScheme {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Rejection {
-    /// 401: no credential was presented.
+    /// 401: no credential was presented (nor any key: an `Authorization`
+    /// header of a scheme other than Bearer is answered so too).
     MissingCredentials,
     /// 401: the credential is malformed, unknown, revoked or expired, holds
     /// the wrong secret, is of a format the route does not take or of

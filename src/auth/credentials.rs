@@ -39,7 +39,11 @@ pub enum CredentialError {
     /// A credential header holds non-ASCII or control bytes.
     #[error("credential header contains non-ASCII or control bytes")]
     InvalidBytes,
-    /// `Authorization` uses a scheme other than `Bearer`, or no token follows it.
+    /// `Authorization` uses a scheme other than `Bearer` (`Basic …`,
+    /// `Token …`). No key was presented: the caller is answered as for a
+    /// missing one ([`AuthError::rejection`](crate::auth::AuthError::rejection)).
+    /// (`Bearer` with no token after it is no credential at all:
+    /// [`HeaderRules::extract`] finds none.)
     #[error("authorization header is not `Bearer <token>`")]
     NotBearer,
     /// The key's format may not be sent in this header (e.g. an `nh_` key
