@@ -856,7 +856,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             auth.recheck(&principal, &identity).map(|()| principal)
         } else {
             match from_cookie {
-                Ok(Some(token)) => auth.authenticate_token(token, Source::Bearer, &identity).await,
+                Ok(Some(token)) => auth.authenticate_token(token, Source::Cookie, &identity).await,
                 Ok(None) => auth.authenticate_http(headers, &identity).await,
                 Err(e) => Err(e.into()),
             }
@@ -1159,7 +1159,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     /// credential header (browser sessions such as the portal's; a blank
     /// header, `Bearer ` with nothing after it, is none); the cookie twice is
     /// two credentials, refused, and an empty one is none (nor a second one
-    /// beside a live cookie of the name). Set the cookie
+    /// beside a live cookie of the name). The cookie takes the formats the
+    /// header rules take as Bearer tokens (not `nh` by default), and its
+    /// refusals name [`Source::Cookie`]. Set the cookie
     /// `HttpOnly; Secure; SameSite=Strict`, and mind that a cookie rides along
     /// on any request the browser makes to the site: `SameSite` stops other
     /// sites, not a sibling subdomain. For requests that change state, accept

@@ -498,6 +498,34 @@ async fn a_cookie_with_non_ascii_bytes_is_an_invalid_credential_not_a_missing_on
     }
 }
 
+/// A cookie is held to the Bearer header rules (an `nh` key is refused
+/// there), and the typed reason for the logs names the cookie it came in,
+/// not an `Authorization` header the request never had.
+#[tokio::test]
+async fn a_key_refused_in_a_cookie_is_logged_as_from_the_cookie() {
+    use keygate::auth::{CredentialError, Source};
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10)).build();
+    let app: Router =
+        Router::new().route("/c", get(|| async { "in" }).layer(gate.layer().cookie("sess")));
+    let req = Request::get("/c").header("cookie", format!("sess={}", f.key));
+    let res = app.oneshot(req.body(Body::empty()).unwrap()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let refused = res.extensions().get::<Refused>().unwrap();
+    assert!(
+        matches!(
+            refused.reason(),
+            Refusal::Auth(AuthError::Credential(CredentialError::WrongHeader {
+                format: "nh",
+                header: Source::Cookie,
+            }))
+        ),
+        "{}",
+        refused.reason()
+    );
+    assert!(refused.reason().to_string().contains("cookie"), "{}", refused.reason());
+}
+
 /// An empty cookie of the route's name (one cleared for another path, say)
 /// is no credential (`GateLayer::cookie`), so it is no second credential
 /// beside a live one either, as a blank header is none beside another

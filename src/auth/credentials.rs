@@ -10,6 +10,10 @@ pub enum Source {
     Bearer,
     /// `X-API-Key: <key>`.
     ApiKeyHeader,
+    /// A cookie a gate route takes (`GateLayer::cookie`), held to the
+    /// Bearer rules: [`HeaderRules::accepts`] answers for it as for
+    /// [`Bearer`](Self::Bearer).
+    Cookie,
 }
 
 impl fmt::Display for Source {
@@ -17,6 +21,7 @@ impl fmt::Display for Source {
         f.write_str(match self {
             Self::Bearer => "Authorization: Bearer",
             Self::ApiKeyHeader => "X-API-Key",
+            Self::Cookie => "a cookie",
         })
     }
 }
@@ -104,7 +109,7 @@ impl HeaderRules {
         let api = self.api_key.contains(&format);
         match source {
             Source::ApiKeyHeader => api,
-            Source::Bearer => !(api && self.bearer_excludes_api_key),
+            Source::Bearer | Source::Cookie => !(api && self.bearer_excludes_api_key),
         }
     }
 
@@ -170,7 +175,9 @@ fn token(source: Source, value: &[u8]) -> Result<&[u8], CredentialError> {
         return Ok(&[]);
     }
     match source {
-        Source::ApiKeyHeader => Ok(value),
+        // A cookie's value, like `X-API-Key`'s, is the token itself (though
+        // `extract` reads headers only and never passes one).
+        Source::ApiKeyHeader | Source::Cookie => Ok(value),
         Source::Bearer if value.eq_ignore_ascii_case(b"bearer") => Ok(&[]),
         Source::Bearer => {
             let scheme = value.get(..7).ok_or(CredentialError::NotBearer)?;
@@ -252,7 +259,8 @@ mod tests {
         let r = HeaderRules::default();
         assert!(r.accepts("nh", Source::ApiKeyHeader) && !r.accepts("nh", Source::Bearer));
         assert!(r.accepts("sk", Source::Bearer) && !r.accepts("sk", Source::ApiKeyHeader));
+        assert!(!r.accepts("nh", Source::Cookie) && r.accepts("sk", Source::Cookie));
         let r = r.allow_api_key_formats_as_bearer();
-        assert!(r.accepts("nh", Source::Bearer));
+        assert!(r.accepts("nh", Source::Bearer) && r.accepts("nh", Source::Cookie));
     }
 }
