@@ -667,6 +667,59 @@ fn a_stalled_window_check_keeps_the_next_windows_units() {
     }
 }
 
+/// A fixed window's check that read the clock in a full window and then
+/// stalled past its end, while another thread used a unit of the next
+/// window and refunded it (that window now counts nothing): the stale
+/// reading must not take the emptied next window for a fresh key and start
+/// its own, already ended, window again. 3 per 10 s: 3 used at 8.5 s, one
+/// check reads the time at 9.6 s and stalls; at 10.7 s one unit is used and
+/// refunded; then [0, 10) must still have admitted 3 only, in the one-word
+/// form as in the locked one (a stacked plan).
+#[test]
+fn a_stalled_check_does_not_reopen_its_window_after_a_refund_empties_the_next() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let p = Policy::new("w", 3, Duration::from_secs(10), Algorithm::FixedWindow).unwrap();
+    let big = Policy::new("g", 1_000_000, Duration::from_secs(3600), Algorithm::Gcra).unwrap();
+    for policies in [vec![p.clone(), big], vec![p.clone()]] {
+        let clock = Arc::new(StallClock {
+            inner: FakeClock::at_2026(),
+            armed: false.into(),
+            stalled: false.into(),
+            release: false.into(),
+        });
+        let l = Arc::new(MemoryLimiter::<u64, _>::with_clock(16, Arc::clone(&clock)));
+        let policies = Arc::new(policies);
+        clock.inner.advance(Duration::from_millis(8_500));
+        for _ in 0..3 {
+            assert!(l.check(&1, &policies, 1).unwrap().is_allowed());
+        }
+        assert!(!l.check(&1, &policies, 1).unwrap().is_allowed());
+        // 1.1 s after the last anchor: the next check re-anchors, and stalls.
+        clock.inner.advance(Duration::from_millis(1_100));
+        clock.armed.store(true, SeqCst);
+        let stalled = {
+            let (l, policies) = (Arc::clone(&l), Arc::clone(&policies));
+            std::thread::spawn(move || l.check(&1, &policies, 1).unwrap())
+        };
+        while !clock.stalled.load(SeqCst) {
+            std::thread::yield_now();
+        }
+        clock.inner.advance(Duration::from_millis(1_100));
+        let mut next = l.check(&1, &policies, 1).unwrap();
+        assert!(next.is_allowed());
+        l.refund(&1, &policies, 1, &mut next);
+        clock.release.store(true, SeqCst);
+        let late = stalled.join().unwrap();
+        // Judged at 9.6 s: admitted into [0, 10), it resets in 0.4 s.
+        let in_first = late.policies()[0].reset_after < Duration::from_secs(1);
+        assert!(
+            !(late.is_allowed() && in_first),
+            "{} policies: a fourth unit admitted in the full window [0, 10): {late:?}",
+            policies.len()
+        );
+    }
+}
+
 /// `DirectLimiter::decide`'s reset for a fixed window is the window's end
 /// on the real clock too: the wall time of the reading the check was
 /// judged at, not a later one (a window ending on a whole second then read

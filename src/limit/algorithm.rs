@@ -135,11 +135,17 @@ pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
         | (Algorithm::FixedWindow, Slot::Tat(_) | Slot::Log(_))
         | (Algorithm::SlidingWindow, Slot::Tat(_) | Slot::Window { .. }) => true,
         (Algorithm::Gcra, Slot::Tat(tat)) => gcra_is_foreign(policy, *tat, now),
-        (Algorithm::FixedWindow, Slot::Window { end, .. }) => {
+        (Algorithm::FixedWindow, Slot::Window { end, count }) => {
             let period = duration_nanos(policy.period()).max(1);
             // Too far ahead (a longer window's), or a shorter window's.
             *end > now.saturating_add(period).saturating_add(SPAN_SLACK)
                 || window_is_shorter(policy, *end, now)
+                // An empty window (refunded to zero) ending after the current
+                // one: a longer window's, or a later one's seen on a stale
+                // `now`. Read as fresh on that `now`, it would reopen a
+                // window that has ended (and may be full): judged again on
+                // a fresh reading, it is this window, counting nothing.
+                || (*count == 0 && *end > (now / period + 1).saturating_mul(period))
         }
         _ => false,
     }
