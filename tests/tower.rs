@@ -451,13 +451,9 @@ async fn cookie_credentials_only_where_enabled() {
     ));
 }
 
-/// A cookie of the route's name whose value holds bytes no key has (here not
-/// even UTF-8) is a credential presented and refused for its bytes, as such a
-/// header is: not a missing key, and a second credential beside a live
-/// cookie of the name, whichever comes first.
-#[tokio::test]
-async fn a_cookie_with_non_ascii_bytes_is_an_invalid_credential_not_a_missing_one() {
-    use keygate::auth::CredentialError;
+/// A route taking credentials from cookie `sess` (`/c`), and a live `sk`
+/// key for it (a browser's).
+async fn cookie_route() -> (Router, String) {
     let f = fixture().await;
     let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10)).build();
     let app: Router =
@@ -467,7 +463,18 @@ async fn a_cookie_with_non_ascii_bytes_is_an_invalid_credential_not_a_missing_on
         .create(NewKey::new("browser", keygate::format::SK, ws))
         .await
         .unwrap();
-    let live = sk.key().expose_secret();
+    (app, sk.key().expose_secret().to_owned())
+}
+
+/// A cookie of the route's name whose value holds bytes no key has (here not
+/// even UTF-8) is a credential presented and refused for its bytes, as such a
+/// header is: not a missing key, and a second credential beside a live
+/// cookie of the name, whichever comes first.
+#[tokio::test]
+async fn a_cookie_with_non_ascii_bytes_is_an_invalid_credential_not_a_missing_one() {
+    use keygate::auth::CredentialError;
+    let (app, live) = cookie_route().await;
+    let live = live.as_str();
     let mut bad = b"sess=sk_live_caf".to_vec();
     bad.push(0xe9);
     let mut before = bad.clone();
@@ -532,16 +539,8 @@ async fn a_key_refused_in_a_cookie_is_logged_as_from_the_cookie() {
 /// header's key: the live key is used, in whichever order they come.
 #[tokio::test]
 async fn an_empty_cookie_is_no_second_credential_beside_a_live_one() {
-    let f = fixture().await;
-    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10)).build();
-    let app: Router =
-        Router::new().route("/c", get(|| async { "in" }).layer(gate.layer().cookie("sess")));
-    let ws = Tenant::workspace("ws_t".parse().unwrap());
-    let sk = KeyManager::new(f.keys.clone())
-        .create(NewKey::new("browser", keygate::format::SK, ws))
-        .await
-        .unwrap();
-    let live = sk.key().expose_secret();
+    let (app, live) = cookie_route().await;
+    let live = live.as_str();
     for value in [
         format!("sess=; sess={live}"),
         format!("sess={live}; sess="),
