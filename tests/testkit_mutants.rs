@@ -41,6 +41,7 @@ enum KM {
     ReplacedCheckNotAtomic,
     CapBeforeDuplicates,
     KeyIdCheckNotAtomic,
+    ReplacedBeforeDuplicates,
 }
 
 struct MK {
@@ -87,6 +88,47 @@ impl MK {
         r.map(|r| self.patch(r))
     }
 
+    /// The duplicate `insert` would find first (the mutants that check the
+    /// replaced record themselves keep the documented order).
+    async fn duplicate(&self, record: &KeyRecord) -> Result<Option<InsertOutcome>, BackendError> {
+        if self.get(&record.id).await?.is_some() {
+            return Ok(Some(InsertOutcome::DuplicateId));
+        }
+        let kid = match record.key_id {
+            Some(k) => self.find_by_key_id(&record.format, &k).await?.is_some(),
+            None => false,
+        };
+        if kid || self.find_by_digest(&record.digest).await?.is_some() {
+            return Ok(Some(InsertOutcome::DuplicateKey));
+        }
+        Ok(None)
+    }
+
+    /// A replacement counted as active until revoked, its expiry ignored.
+    async fn insert_replacement_expiry_ignored(
+        &self,
+        record: Arc<KeyRecord>,
+        limit: ActiveLimit,
+    ) -> Result<InsertOutcome, BackendError> {
+        let old = limit.replacing.clone().unwrap();
+        if let Some(dup) = self.duplicate(&record).await? {
+            return Ok(dup);
+        }
+        let rep = self.replaced_by.lock().unwrap().get(&old).cloned();
+        if let Some(rep) = rep {
+            // "active" = not revoked; expiry ignored (the mutation)
+            if self.inner.get(&rep).await?.is_some_and(|r| r.revoked_at.is_none()) {
+                return Ok(InsertOutcome::AlreadyReplaced);
+            }
+        }
+        let id = record.id.clone();
+        let out = self.inner.insert(record, Some(limit)).await?;
+        if out == InsertOutcome::Inserted {
+            self.replaced_by.lock().unwrap().insert(old, id);
+        }
+        Ok(out)
+    }
+
     /// The (format, key id) index checked in one step and written in
     /// another: two inserts of one key id racing both pass the read.
     async fn insert_kid_not_atomic(
@@ -117,6 +159,9 @@ impl MK {
         l: ActiveLimit,
     ) -> Result<InsertOutcome, BackendError> {
         let old = l.replacing.clone().unwrap();
+        if let Some(dup) = self.duplicate(&record).await? {
+            return Ok(dup);
+        }
         let Some(old_rec) = self.inner.get(&old).await?.filter(|r| r.is_active(l.now)) else {
             return Ok(InsertOutcome::ReplacingInactive);
         };
@@ -182,28 +227,25 @@ impl KeyStore for MK {
                     return Ok(InsertOutcome::ReplacingInactive);
                 }
             }
-            KM::ReplacementExpiryIgnored => {
-                if let Some(old) = limit.as_ref().and_then(|l| l.replacing.clone()) {
-                    let rep = self.replaced_by.lock().unwrap().get(&old).cloned();
-                    if let Some(rep) = rep {
-                        // "active" = not revoked; expiry ignored (the mutation)
-                        if self.inner.get(&rep).await?.is_some_and(|r| r.revoked_at.is_none()) {
-                            return Ok(InsertOutcome::AlreadyReplaced);
-                        }
-                    }
-                    let id = record.id.clone();
-                    let out = self.inner.insert(record, limit).await?;
-                    if out == InsertOutcome::Inserted {
-                        self.replaced_by.lock().unwrap().insert(old, id);
-                    }
-                    return Ok(out);
-                }
+            KM::ReplacementExpiryIgnored
+                if limit.as_ref().is_some_and(|l| l.replacing.is_some()) =>
+            {
+                return self.insert_replacement_expiry_ignored(record, limit.unwrap()).await;
             }
             KM::KeyIdCheckNotAtomic if record.key_id.is_some() => {
                 return self.insert_kid_not_atomic(record, limit).await;
             }
             KM::ReplacedCheckNotAtomic if limit.as_ref().is_some_and(|l| l.replacing.is_some()) => {
                 return self.insert_not_atomic(record, limit.unwrap()).await;
+            }
+            // The replaced record's standing checked before duplicates.
+            KM::ReplacedBeforeDuplicates => {
+                if let Some(l) = &limit
+                    && let Some(old) = &l.replacing
+                    && !self.inner.get(old).await?.is_some_and(|r| r.is_active(l.now))
+                {
+                    return Ok(InsertOutcome::ReplacingInactive);
+                }
             }
             KM::ScopesTruncated => {
                 let mut r = (*record).clone();
@@ -373,6 +415,7 @@ mutants! {
     k_replacement_expiry_ignored => KM::ReplacementExpiryIgnored, "the first replacement expired at now",
     k_scopes_truncated => KM::ScopesTruncated, "every field kept",
     k_cap_before_duplicates => KM::CapBeforeDuplicates, "duplicates are checked before the cap",
+    k_replaced_before_duplicates => KM::ReplacedBeforeDuplicates, "duplicates are checked before the replaced record",
 }
 
 // ---------------------------------------------------------------- portal

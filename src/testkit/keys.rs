@@ -62,6 +62,7 @@ pub async fn run<S: KeyStore, F: Fn() -> S>(make: F) {
     uniqueness(&make()).await;
     active_cap(&make()).await;
     replacing(&make()).await;
+    duplicates_before_replaced(&make()).await;
     listing(&make()).await;
     revoke_and_expiry(&make()).await;
     last_use(&make()).await;
@@ -350,6 +351,44 @@ async fn replacing<S: KeyStore>(s: &S) {
             InsertOutcome::Inserted
         );
         last = r.id;
+    }
+}
+
+/// Duplicates are checked before the replaced record: a taken id or digest
+/// is reported as such whatever the insert replaces (a revoked, an unknown,
+/// or an already replaced record).
+async fn duplicates_before_replaced<S: KeyStore>(s: &S) {
+    let now = t(100);
+    let [taken, revoked, replaced, replacement] =
+        [0, 1, 2, 3].map(|i| sample_record("ws_d", Some("p"), i, false));
+    for r in [&taken, &revoked, &replaced] {
+        assert_eq!(s.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    }
+    assert!(s.revoke(&revoked.id, t(50)).await.unwrap());
+    let roll = ActiveLimit { replacing: Some(replaced.id.clone()), ..ActiveLimit::new(10, now) };
+    assert_eq!(s.insert(Arc::new(replacement), Some(roll)).await.unwrap(), InsertOutcome::Inserted);
+    let unknown = sample_record("ws_d", None, 0, false).id;
+    let mut one_per_record_id = sample_record("ws_d", Some("p"), 4, false);
+    one_per_record_id.id = taken.id.clone();
+    let mut same_digest = sample_record("ws_d", Some("p"), 4, false);
+    same_digest.digest = taken.digest;
+    for (r, want) in [
+        (one_per_record_id, InsertOutcome::DuplicateId),
+        (same_digest, InsertOutcome::DuplicateKey),
+    ] {
+        for (old, why) in
+            [(&revoked.id, "revoked"), (&unknown, "unknown"), (&replaced.id, "replaced")]
+        {
+            for max in [2, u32::MAX] {
+                let limit =
+                    ActiveLimit { replacing: Some(old.clone()), ..ActiveLimit::new(max, now) };
+                assert_eq!(
+                    s.insert(Arc::new(r.clone()), Some(limit)).await.unwrap(),
+                    want,
+                    "duplicates are checked before the replaced record ({why}, max {max})"
+                );
+            }
+        }
     }
 }
 
