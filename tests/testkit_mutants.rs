@@ -5,12 +5,15 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use jiff::Timestamp;
 use keygate::backend::BackendError;
 use keygate::format::KeyId;
 use keygate::hash::{Algorithm as HashAlg, PepperId, StoredDigest};
-use keygate::limit::{CheckMode, Decision, LimitStore, MemoryLimiter, Outcome, Policy, QuotaRule};
+use keygate::limit::{
+    Algorithm, CheckMode, Decision, LimitStore, MemoryLimiter, Outcome, Policy, QuotaRule,
+};
 use keygate::portal::{MemoryPortalStore, PortalSession, PortalStore, Redeem};
 use keygate::quota::{MemoryQuotaStore, Month, QuotaDecision, QuotaStore};
 use keygate::secret::Digest;
@@ -493,6 +496,9 @@ enum LM {
     RefundIgnoresCharge,
     RefundNotMarked,
     DenialChargesAdmitting,
+    SlidingEmptyViewWaits,
+    SlidingViewFromNow,
+    GcraIntervalRoundedDown,
 }
 struct ML {
     inner: MemoryLimiter<String>,
@@ -501,6 +507,47 @@ struct ML {
 fn ml(m: LM) -> ML {
     ML { inner: MemoryLimiter::<String>::new(10_000), m }
 }
+impl ML {
+    /// GCRA policies with the emission interval rounded down (the period
+    /// cut to a whole number of nanoseconds per unit): the mutation.
+    fn floored(&self, policies: &[Policy]) -> Vec<Policy> {
+        policies
+            .iter()
+            .map(|p| {
+                if self.m != LM::GcraIntervalRoundedDown || p.algorithm() != Algorithm::Gcra {
+                    return p.clone();
+                }
+                let (ns, n) = (p.period().as_nanos(), u128::from(p.limit()));
+                let period = Duration::from_nanos(u64::try_from(ns / n * n).unwrap());
+                Policy::new(p.name().to_owned(), p.limit(), period, p.algorithm()).unwrap()
+            })
+            .collect()
+    }
+
+    /// A sliding window's view without units of its own (a check of cost
+    /// 0, or an admitting policy of a stacked denial) reported as restored
+    /// a whole period from now: for an empty window
+    /// (`SlidingEmptyViewWaits`), or for one holding entries
+    /// (`SlidingViewFromNow`).
+    fn sliding_view(&self, policies: &[Policy], cost: u32, d: Decision) -> Decision {
+        if !matches!(self.m, LM::SlidingEmptyViewWaits | LM::SlidingViewFromNow)
+            || (cost > 0 && d.outcome() != Outcome::Limited)
+        {
+            return d;
+        }
+        let views = d.policies().iter().zip(policies).map(|(v, p)| {
+            let mut v = v.clone();
+            let empty = v.remaining == v.limit;
+            let hit = if self.m == LM::SlidingEmptyViewWaits { empty } else { !empty };
+            if v.allowed && p.algorithm() == Algorithm::SlidingWindow && hit {
+                v.reset_after = p.period();
+            }
+            v
+        });
+        Decision::from_policies(d.outcome(), views.collect::<Vec<_>>(), d.at())
+    }
+}
+
 impl LimitStore for ML {
     async fn check(
         &self,
@@ -546,7 +593,11 @@ impl LimitStore for ML {
                 }
                 Ok(d)
             }
-            _ => LimitStore::check(&self.inner, key, policies, cost, mode).await,
+            LM::SlidingEmptyViewWaits | LM::SlidingViewFromNow => {
+                let d = LimitStore::check(&self.inner, key, policies, cost, mode).await?;
+                Ok(self.sliding_view(policies, cost, d))
+            }
+            _ => LimitStore::check(&self.inner, key, &self.floored(policies), cost, mode).await,
         }
     }
     async fn refund(
@@ -570,7 +621,7 @@ impl LimitStore for ML {
                 let mut c = check.clone();
                 LimitStore::refund(&self.inner, key, policies, cost, &mut c).await
             }
-            _ => LimitStore::refund(&self.inner, key, policies, cost, check).await,
+            _ => LimitStore::refund(&self.inner, key, &self.floored(policies), cost, check).await,
         }
     }
 }
@@ -582,6 +633,9 @@ mutants! {
     l_refund_ignores_charge => LM::RefundIgnoresCharge, "a refund gives back at most its charge",
     l_refund_not_marked => LM::RefundNotMarked, "refunded twice, credited twice",
     l_denial_charges_admitting => LM::DenialChargesAdmitting, "the denied check charged the admitting policy",
+    l_sliding_empty_view_waits => LM::SlidingEmptyViewWaits, "an empty window has nothing to wait for",
+    l_sliding_view_from_now => LM::SlidingViewFromNow, "restored when its newest entry leaves",
+    l_gcra_interval_rounded_down => LM::GcraIntervalRoundedDown, "the emission interval is rounded up",
 }
 
 // ---------------------------------------------------------------- quota

@@ -60,6 +60,8 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
         peek_refund_impossible(store, &format!("{key}:p"), alg).await;
     }
     stacked(store, &format!("{prefix}:stacked")).await;
+    sliding_views(store, &format!("{prefix}:views")).await;
+    gcra_interval(store, &format!("{prefix}:interval")).await;
     period_change(store, &format!("{prefix}:period")).await;
     shorter_span(store, &format!("{prefix}:shorter")).await;
     longer_window(store, &format!("{prefix}:longer")).await;
@@ -504,6 +506,63 @@ async fn stacked<S: LimitStore>(store: &S, key: &str) {
     let sustained = [plan[1].clone()];
     let d = store.check(key, &sustained, 1, CheckMode::Consume).await.unwrap();
     assert!(d.is_allowed(), "the denied check charged the admitting policy: {d:?}");
+}
+
+/// A sliding window's view without units of its own (a check of cost 0,
+/// or an admitting policy's view of a stacked denial) is restored when its
+/// newest entry leaves the window, not a whole period from now, and an
+/// empty window has nothing to wait for.
+async fn sliding_views<S: LimitStore>(store: &S, key: &str) {
+    let hour = Duration::from_secs(3600);
+    let sliding = [policy("sliding", 5, Algorithm::SlidingWindow)];
+    let plan = [policy("burst", 1, Algorithm::FixedWindow), sliding[0].clone()];
+    // Empty: a peek of no units, and the view of a denial by the burst.
+    let empty = format!("{key}:empty");
+    let d = store.check(&empty, &sliding, 0, CheckMode::Peek).await.unwrap();
+    assert_eq!(
+        (d.remaining(), d.binding().reset_after),
+        (5, Duration::ZERO),
+        "an empty window has nothing to wait for: {d:?}"
+    );
+    assert!(store.check(&empty, &plan[..1], 1, CheckMode::Consume).await.unwrap().is_allowed());
+    let d = store.check(&empty, &plan, 1, CheckMode::Consume).await.unwrap();
+    assert_eq!(d.outcome(), Outcome::Limited, "{d:?}");
+    assert_eq!(
+        (d.policies()[1].remaining, d.policies()[1].reset_after),
+        (5, Duration::ZERO),
+        "an empty window has nothing to wait for (stacked denial): {d:?}"
+    );
+    // One entry, then 50 ms: both views see it leave within the hour less
+    // those 50 ms (25 ms of them, for clock skew), not an hour from now.
+    let used = format!("{key}:used");
+    assert!(store.check(&used, &plan, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    std::thread::sleep(Duration::from_millis(50));
+    let in_bounds = |r: Duration| r + Duration::from_millis(25) <= hour && r >= hour / 2;
+    let d = store.check(&used, &sliding, 0, CheckMode::Peek).await.unwrap();
+    let reset = d.binding().reset_after;
+    assert!(in_bounds(reset), "a peek of no units is restored when its newest entry leaves: {d:?}");
+    let d = store.check(&used, &plan, 1, CheckMode::Consume).await.unwrap();
+    assert_eq!(d.outcome(), Outcome::Limited, "{d:?}");
+    assert!(
+        in_bounds(d.policies()[1].reset_after),
+        "a stacked denial's sliding view is restored when its newest entry leaves: {d:?}"
+    );
+}
+
+/// GCRA's emission interval is rounded up
+/// ([`Policy::emission_interval_nanos`]): 7 an hour, used at once, are
+/// restored an hour later at the earliest. Rounded down (514,285,714,285
+/// ns), they are back 5 ns early, and a key is admitted more than GCRA's
+/// `2L - 1` in some period.
+async fn gcra_interval<S: LimitStore>(store: &S, key: &str) {
+    let p = [policy("default", 7, Algorithm::Gcra)];
+    let d = store.check(key, &p, 7, CheckMode::Consume).await.unwrap();
+    assert!(d.is_allowed(), "{d:?}");
+    let reset = d.binding().reset_after;
+    assert!(
+        reset >= Duration::from_secs(3600),
+        "the emission interval is rounded up: restored in {reset:?}"
+    );
 }
 
 /// Races `threads` threads, each checking `per_thread` units one at a time
