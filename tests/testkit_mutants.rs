@@ -645,6 +645,7 @@ enum QM {
     MonthAtUtcPlusOne,
     YearBlind,
     DecemberResetSameYear,
+    AdmittedReportsFirstRule,
 }
 struct MQ {
     inner: MemoryQuotaStore,
@@ -684,6 +685,14 @@ impl QuotaStore for MQ {
                 let _ = self.inner.check_and_count(account, &all, category, cost, now).await?;
             }
             QM::YearBlind => d.resets_at = Month::of(now).next_reset(),
+            // mutation: an admission reports the first counting rule, not
+            // the tightest
+            QM::AdmittedReportsFirstRule if d.allowed && d.rule.is_some() => {
+                let first = rules.iter().find(|r| r.counts(category)).unwrap();
+                d.used = self.inner.rule_usage(account, first, now).await?;
+                d.rule = Some(first.name.clone());
+                d.limit = first.limit;
+            }
             QM::DecemberResetSameYear => {
                 let m = Month::of(now);
                 if m.month() == 12 {
@@ -711,6 +720,7 @@ mutants! {
     q_month_at_utc_plus_one => QM::MonthAtUtcPlusOne, "assertion `left == right` failed",
     q_year_blind => QM::YearBlind, "a year later, December starts from zero",
     q_december_reset_same_year => QM::DecemberResetSameYear, "December resets in January",
+    q_admitted_reports_first_rule => QM::AdmittedReportsFirstRule, "an admission reports the tightest rule",
 }
 
 /// Stores whose replacement or key-id check is right in sequence but not

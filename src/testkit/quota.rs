@@ -60,7 +60,14 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
         QuotaRule::new("hooks", 2, &["webhook"]),
     ];
     let t = ts("2026-05-05T00:00:00Z");
-    assert!(store.check_and_count(&acct, &rules, "webhook", 2, t).await.unwrap().allowed);
+    let d = store.check_and_count(&acct, &rules, "webhook", 2, t).await.unwrap();
+    assert!(d.allowed);
+    // `QuotaDecision::rule`: the tightest counting rule (fewest units left).
+    assert_eq!(
+        (d.rule.as_deref(), d.used, d.limit),
+        (Some("hooks"), 2, 2),
+        "an admission reports the tightest rule: {d:?}"
+    );
     let d = store.check_and_count(&acct, &rules, "webhook", 1, t).await.unwrap();
     assert!(!d.allowed);
     assert_eq!(d.rule.as_deref(), Some("hooks"));
