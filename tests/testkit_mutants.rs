@@ -499,6 +499,8 @@ enum LM {
     SlidingEmptyViewWaits,
     SlidingViewFromNow,
     GcraIntervalRoundedDown,
+    DenialConsumes,
+    AtEpoch,
 }
 struct ML {
     inner: MemoryLimiter<String>,
@@ -593,6 +595,36 @@ impl LimitStore for ML {
                 }
                 Ok(d)
             }
+            LM::DenialConsumes => {
+                let d = LimitStore::check(&self.inner, key, policies, cost, mode).await?;
+                if mode == CheckMode::Consume && d.outcome() == Outcome::Limited {
+                    // mutation: the denied units are counted all the same
+                    let p: Vec<Policy> = policies
+                        .iter()
+                        .map(|p| {
+                            Policy::new(
+                                p.name().to_owned(),
+                                u32::MAX / 2,
+                                p.period(),
+                                p.algorithm(),
+                            )
+                            .unwrap()
+                        })
+                        .collect();
+                    let _ = LimitStore::check(&self.inner, key, &p, cost, mode).await?;
+                }
+                Ok(d)
+            }
+            LM::AtEpoch => {
+                // mutation: decisions without a charge (peeks, denials)
+                // dated at the epoch, not the store's clock
+                let d = LimitStore::check(&self.inner, key, policies, cost, mode).await?;
+                if mode == CheckMode::Consume && d.is_allowed() {
+                    return Ok(d);
+                }
+                let views = d.policies().to_vec();
+                Ok(Decision::from_policies(d.outcome(), views, Timestamp::UNIX_EPOCH))
+            }
             LM::SlidingEmptyViewWaits | LM::SlidingViewFromNow => {
                 let d = LimitStore::check(&self.inner, key, policies, cost, mode).await?;
                 Ok(self.sliding_view(policies, cost, d))
@@ -636,6 +668,8 @@ mutants! {
     l_sliding_empty_view_waits => LM::SlidingEmptyViewWaits, "an empty window has nothing to wait for",
     l_sliding_view_from_now => LM::SlidingViewFromNow, "restored when its newest entry leaves",
     l_gcra_interval_rounded_down => LM::GcraIntervalRoundedDown, "the emission interval is rounded up",
+    l_denial_consumes => LM::DenialConsumes, "a refunded unit can be used again",
+    l_at_epoch => LM::AtEpoch, "made on the store's clock",
 }
 
 // ---------------------------------------------------------------- quota

@@ -455,6 +455,19 @@ async fn noop_refund<S: LimitStore>(store: &S, key: &str) {
     }
 }
 
+/// A decision is dated on the store's clock, when the check was made
+/// ([`Decision::from_policies`]): `X-RateLimit-Reset` counts from it. Up
+/// to a minute of skew from this host's clock is allowed.
+fn dated_now(d: &Decision, what: &str) {
+    let now = jiff::Timestamp::now();
+    let skew = d.at().duration_since(now).unsigned_abs();
+    assert!(
+        skew <= Duration::from_secs(60),
+        "{what}: a decision is dated when it was made on the store's clock: {} (now {now})",
+        d.at()
+    );
+}
+
 async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
     let p = [policy("default", 5, alg)];
     for i in 0..5u32 {
@@ -462,9 +475,11 @@ async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
         assert!(d.is_allowed(), "{alg:?}: request {i} of 5 admitted");
         assert_eq!(d.remaining(), 4 - i, "{alg:?}: remaining after request {i}");
         assert_eq!(d.limit(), 5);
+        dated_now(&d, "an admission");
     }
     let d = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
     assert_eq!(d.outcome(), Outcome::Limited, "{alg:?}: sixth request denied");
+    dated_now(&d, "a denial");
     let wait = d.retry_after().expect("a denial says when to retry");
     assert!(wait > Duration::ZERO && wait <= Duration::from_secs(3600), "{alg:?}: retry {wait:?}");
     assert!(d.retry_after_secs().unwrap() >= 1);
@@ -477,8 +492,10 @@ async fn peek_refund_impossible<S: LimitStore>(store: &S, key: &str, alg: Algori
     let d = store.check(key, &p, 4, CheckMode::Consume).await.unwrap();
     assert_eq!(d.outcome(), Outcome::Impossible, "{alg:?}: cost above capacity");
     assert_eq!(d.retry_after(), None);
+    dated_now(&d, "an impossible check");
     let d = store.check(key, &p, 2, CheckMode::Peek).await.unwrap();
     assert!(d.is_allowed(), "{alg:?}: peek");
+    dated_now(&d, "a peek");
     let mut d = store.check(key, &p, 3, CheckMode::Consume).await.unwrap();
     assert!(d.is_allowed(), "{alg:?}: neither peek nor impossible consumed anything");
     assert!(!store.check(key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
