@@ -680,6 +680,7 @@ enum QM {
     YearBlind,
     DecemberResetSameYear,
     AdmittedReportsFirstRule,
+    EveryDenialCostExceeds,
 }
 struct MQ {
     inner: MemoryQuotaStore,
@@ -719,6 +720,9 @@ impl QuotaStore for MQ {
                 let _ = self.inner.check_and_count(account, &all, category, cost, now).await?;
             }
             QM::YearBlind => d.resets_at = Month::of(now).next_reset(),
+            // mutation: every denial reported as a cost above the limit
+            // (no reset helps: no `Retry-After`)
+            QM::EveryDenialCostExceeds if !d.allowed => d.cost_exceeds_limit = true,
             // mutation: an admission reports the first counting rule, not
             // the tightest
             QM::AdmittedReportsFirstRule if d.allowed && d.rule.is_some() => {
@@ -755,6 +759,7 @@ mutants! {
     q_year_blind => QM::YearBlind, "a year later, December starts from zero",
     q_december_reset_same_year => QM::DecemberResetSameYear, "December resets in January",
     q_admitted_reports_first_rule => QM::AdmittedReportsFirstRule, "an admission reports the tightest rule",
+    q_every_denial_cost_exceeds => QM::EveryDenialCostExceeds, "a used-up month is not a cost above the limit",
 }
 
 /// Stores whose replacement or key-id check is right in sequence but not

@@ -26,6 +26,7 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     let d = store.check_and_count(&acct, &rules, "email", 1, jan).await.unwrap();
     assert!(!d.allowed, "the fourth unit is denied");
     assert_eq!((d.used, d.limit), (3, 3));
+    assert!(!d.cost_exceeds_limit, "a used-up month is not a cost above the limit: {d:?}");
     assert_eq!(d.resets_at, ts("2026-02-01T00:00:00Z"));
     assert_eq!(store.rule_usage(&acct, &rules[0], jan).await.unwrap(), 3, "denials count nothing");
     assert_eq!(store.usage(&acct, "webhook", jan).await.unwrap(), 3, "each category its own");
@@ -51,29 +52,12 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
         .check_and_count(&acct, &rules, "webhook", 4, ts("2026-03-01T00:00:00Z"))
         .await
         .unwrap();
-    assert!(!d.allowed && d.used == 0, "a cost above the limit is denied and not counted");
-
-    // Several rules: all must have room, and all are counted together.
-    let acct = format!("{prefix}:b");
-    let rules = [
-        QuotaRule::new("all", 10, &["email", "webhook"]),
-        QuotaRule::new("hooks", 2, &["webhook"]),
-    ];
-    let t = ts("2026-05-05T00:00:00Z");
-    let d = store.check_and_count(&acct, &rules, "webhook", 2, t).await.unwrap();
-    assert!(d.allowed);
-    // `QuotaDecision::rule`: the tightest counting rule (fewest units left).
-    assert_eq!(
-        (d.rule.as_deref(), d.used, d.limit),
-        (Some("hooks"), 2, 2),
-        "an admission reports the tightest rule: {d:?}"
+    assert!(
+        !d.allowed && d.used == 0 && d.cost_exceeds_limit,
+        "a cost above the limit is denied, not counted, and reported as such: {d:?}"
     );
-    let d = store.check_and_count(&acct, &rules, "webhook", 1, t).await.unwrap();
-    assert!(!d.allowed);
-    assert_eq!(d.rule.as_deref(), Some("hooks"));
-    assert_eq!(store.rule_usage(&acct, &rules[0], t).await.unwrap(), 2, "a denial charges no rule");
-    assert!(store.check_and_count(&acct, &rules, "email", 8, t).await.unwrap().allowed);
-    assert!(!store.check_and_count(&acct, &rules, "email", 1, t).await.unwrap().allowed);
+
+    several_rules(store, prefix).await;
 
     // Calls stamped on both sides of midnight on the 1st, interleaved (two
     // servers, or times read before a lock): each counts in the month it
@@ -129,6 +113,30 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
     let d = store.check_and_count(&acct, &rules, "x", 150, t).await.unwrap();
     assert!(!d.allowed && d.cost_exceeds_limit, "{d:?}");
     assert_eq!(d.rule.as_deref(), Some("small"));
+}
+
+/// Several rules: all must have room, and all are counted together.
+async fn several_rules<S: QuotaStore>(store: &S, prefix: &str) {
+    let acct = format!("{prefix}:b");
+    let rules = [
+        QuotaRule::new("all", 10, &["email", "webhook"]),
+        QuotaRule::new("hooks", 2, &["webhook"]),
+    ];
+    let t = ts("2026-05-05T00:00:00Z");
+    let d = store.check_and_count(&acct, &rules, "webhook", 2, t).await.unwrap();
+    assert!(d.allowed);
+    // `QuotaDecision::rule`: the tightest counting rule (fewest units left).
+    assert_eq!(
+        (d.rule.as_deref(), d.used, d.limit),
+        (Some("hooks"), 2, 2),
+        "an admission reports the tightest rule: {d:?}"
+    );
+    let d = store.check_and_count(&acct, &rules, "webhook", 1, t).await.unwrap();
+    assert!(!d.allowed);
+    assert_eq!(d.rule.as_deref(), Some("hooks"));
+    assert_eq!(store.rule_usage(&acct, &rules[0], t).await.unwrap(), 2, "a denial charges no rule");
+    assert!(store.check_and_count(&acct, &rules, "email", 8, t).await.unwrap().allowed);
+    assert!(!store.check_and_count(&acct, &rules, "email", 1, t).await.unwrap().allowed);
 }
 
 /// December resets on 1 January of the next year; a month a year later
