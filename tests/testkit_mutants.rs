@@ -501,6 +501,7 @@ enum LM {
     GcraIntervalRoundedDown,
     DenialConsumes,
     AtEpoch,
+    BurstIgnored,
 }
 struct ML {
     inner: MemoryLimiter<String>,
@@ -516,6 +517,11 @@ impl ML {
         policies
             .iter()
             .map(|p| {
+                if self.m == LM::BurstIgnored {
+                    // mutation: GCRA's burst dropped, capacity = limit
+                    return Policy::new(p.name().to_owned(), p.limit(), p.period(), p.algorithm())
+                        .unwrap();
+                }
                 if self.m != LM::GcraIntervalRoundedDown || p.algorithm() != Algorithm::Gcra {
                     return p.clone();
                 }
@@ -670,6 +676,7 @@ mutants! {
     l_gcra_interval_rounded_down => LM::GcraIntervalRoundedDown, "the emission interval is rounded up",
     l_denial_consumes => LM::DenialConsumes, "a refunded unit can be used again",
     l_at_epoch => LM::AtEpoch, "made on the store's clock",
+    l_burst_ignored => LM::BurstIgnored, "the burst admits 5 at once",
 }
 
 // ---------------------------------------------------------------- quota

@@ -62,6 +62,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     stacked(store, &format!("{prefix}:stacked")).await;
     sliding_views(store, &format!("{prefix}:views")).await;
     gcra_interval(store, &format!("{prefix}:interval")).await;
+    gcra_burst(store, &format!("{prefix}:burst")).await;
     period_change(store, &format!("{prefix}:period")).await;
     shorter_span(store, &format!("{prefix}:shorter")).await;
     longer_window(store, &format!("{prefix}:longer")).await;
@@ -580,6 +581,23 @@ async fn gcra_interval<S: LimitStore>(store: &S, key: &str) {
         reset >= Duration::from_secs(3600),
         "the emission interval is rounded up: restored in {reset:?}"
     );
+}
+
+/// GCRA's burst ([`Policy::with_burst`]) is its capacity: 5 at once of 3
+/// an hour, not one more, a cost above 5 impossible; and a unit of it
+/// refunded can be used again (the decision reports the policy as the
+/// refund reads it: [`Decision::refund_receipts`]).
+async fn gcra_burst<S: LimitStore>(store: &S, key: &str) {
+    let p = [policy("default", 3, Algorithm::Gcra).with_burst(5).expect("valid burst")];
+    let d = store.check(key, &p, 6, CheckMode::Consume).await.unwrap();
+    assert_eq!(d.outcome(), Outcome::Impossible, "a cost above the burst: {d:?}");
+    let mut d = store.check(key, &p, 5, CheckMode::Consume).await.unwrap();
+    assert!(d.is_allowed(), "the burst admits 5 at once: {d:?}");
+    assert_eq!((d.remaining(), d.limit()), (0, 5), "the burst is the limit reported");
+    assert!(!store.check(key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    store.refund(key, &p, 1, &mut d).await.unwrap();
+    let d = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
+    assert!(d.is_allowed(), "a refunded unit of a burst can be used again: {d:?}");
 }
 
 /// Races `threads` threads, each checking `per_thread` units one at a time
