@@ -502,13 +502,16 @@ enum LM {
     DenialConsumes,
     AtEpoch,
     BurstIgnored,
+    RefundDropsNewest,
 }
 struct ML {
     inner: MemoryLimiter<String>,
     m: LM,
+    /// Each key's newest admitted consume.
+    newest: Mutex<HashMap<String, Decision>>,
 }
 fn ml(m: LM) -> ML {
-    ML { inner: MemoryLimiter::<String>::new(10_000), m }
+    ML { inner: MemoryLimiter::<String>::new(10_000), m, newest: Mutex::new(HashMap::new()) }
 }
 impl ML {
     /// GCRA policies with the emission interval rounded down (the period
@@ -601,6 +604,13 @@ impl LimitStore for ML {
                 }
                 Ok(d)
             }
+            LM::RefundDropsNewest => {
+                let d = LimitStore::check(&self.inner, key, policies, cost, mode).await?;
+                if mode == CheckMode::Consume && d.is_allowed() {
+                    self.newest.lock().unwrap().insert(key.to_owned(), d.clone());
+                }
+                Ok(d)
+            }
             LM::DenialConsumes => {
                 let d = LimitStore::check(&self.inner, key, policies, cost, mode).await?;
                 if mode == CheckMode::Consume && d.outcome() == Outcome::Limited {
@@ -655,6 +665,24 @@ impl LimitStore for ML {
                 check.refunded(cost);
                 Ok(())
             }
+            LM::RefundDropsNewest => {
+                // mutation: a sliding-window refund drops the key's newest
+                // entries, not the refunded check's own (while those are
+                // still in the window)
+                let units = check.refund_receipts(policies, cost).0;
+                let newest = self.newest.lock().unwrap().get(key).cloned();
+                let sliding = policies.iter().all(|p| p.algorithm() == Algorithm::SlidingWindow);
+                let held = policies.iter().all(|p| check.at() + p.period() > Timestamp::now());
+                match newest {
+                    Some(mut n) if units > 0 && sliding && held && n != *check => {
+                        check.refunded(units);
+                        LimitStore::refund(&self.inner, key, policies, units, &mut n).await?;
+                        self.newest.lock().unwrap().insert(key.to_owned(), n);
+                        Ok(())
+                    }
+                    _ => LimitStore::refund(&self.inner, key, policies, cost, check).await,
+                }
+            }
             LM::RefundNotMarked => {
                 let mut c = check.clone();
                 LimitStore::refund(&self.inner, key, policies, cost, &mut c).await
@@ -677,6 +705,7 @@ mutants! {
     l_denial_consumes => LM::DenialConsumes, "a refunded unit can be used again",
     l_at_epoch => LM::AtEpoch, "made on the store's clock",
     l_burst_ignored => LM::BurstIgnored, "the burst admits 5 at once",
+    l_refund_drops_newest => LM::RefundDropsNewest, "a sliding refund gave back a later check's entry",
 }
 
 // ---------------------------------------------------------------- quota

@@ -72,6 +72,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     repeated_name(store, &format!("{prefix}:repeated")).await;
     over_refund(store, &format!("{prefix}:over")).await;
     late_refund(store, &format!("{prefix}:late")).await;
+    sliding_refund_own(store, &format!("{prefix}:own")).await;
     refund_twice(store, &format!("{prefix}:twice")).await;
     refund_after_plan_change(store, &format!("{prefix}:replanned")).await;
     refund_after_algorithm_change(store, &format!("{prefix}:realg")).await;
@@ -256,6 +257,29 @@ async fn late_refund<S: LimitStore>(store: &S, key: &str) {
         let d = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
         assert!(d.is_allowed(), "{}: the prompt refund gave nothing: {d:?}", alg.as_str());
     }
+}
+
+/// A sliding-window refund gives back the refunded check's own entry, not
+/// the key's newest: of 2 a second, A, then B half a second later, A
+/// refunded, then C. Once A's time has left the window, B and C are still
+/// in it, and D is denied (with B's entry dropped instead, A's expired
+/// entry would admit D: three within a second).
+async fn sliding_refund_own<S: LimitStore>(store: &S, key: &str) {
+    let p = [Policy::new("x", 2, Duration::from_secs(1), Algorithm::SlidingWindow)
+        .expect("valid policy")];
+    let mut a = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
+    let after_a = std::time::Instant::now();
+    assert!(a.is_allowed(), "{a:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(store.check(key, &p, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    store.refund(key, &p, 1, &mut a).await.unwrap();
+    let c = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
+    assert!(c.is_allowed(), "the refunded unit: {c:?}");
+    // Past A's time in the window, well within B's.
+    let past_a = Duration::from_millis(1050);
+    std::thread::sleep(past_a.saturating_sub(after_a.elapsed()));
+    let d = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
+    assert!(!d.is_allowed(), "a sliding refund gave back a later check's entry: {d:?}");
 }
 
 /// A key whose plan changes a policy's algorithm under one name keeps what
