@@ -45,6 +45,7 @@ enum KM {
     CapBeforeDuplicates,
     KeyIdCheckNotAtomic,
     ReplacedBeforeDuplicates,
+    KeyIdUniqueAcrossFormats,
 }
 
 struct MK {
@@ -241,6 +242,16 @@ impl KeyStore for MK {
             KM::ReplacedCheckNotAtomic if limit.as_ref().is_some_and(|l| l.replacing.is_some()) => {
                 return self.insert_not_atomic(record, limit.unwrap()).await;
             }
+            // mutation: a unique index on the key id alone, not (format,
+            // key id)
+            KM::KeyIdUniqueAcrossFormats if record.key_id.is_some() => {
+                let kid = record.key_id.unwrap();
+                for format in ["nk", "sk", "ck"] {
+                    if self.inner.find_by_key_id(format, &kid).await?.is_some() {
+                        return Ok(InsertOutcome::DuplicateKey);
+                    }
+                }
+            }
             // The replaced record's standing checked before duplicates.
             KM::ReplacedBeforeDuplicates => {
                 if let Some(l) = &limit
@@ -419,6 +430,7 @@ mutants! {
     k_scopes_truncated => KM::ScopesTruncated, "every field kept",
     k_cap_before_duplicates => KM::CapBeforeDuplicates, "duplicates are checked before the cap",
     k_replaced_before_duplicates => KM::ReplacedBeforeDuplicates, "duplicates are checked before the replaced record",
+    k_key_id_unique_across_formats => KM::KeyIdUniqueAcrossFormats, "key ids are unique per format",
 }
 
 // ---------------------------------------------------------------- portal

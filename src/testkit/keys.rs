@@ -157,6 +157,19 @@ async fn uniqueness<S: KeyStore>(s: &S) {
     let by_kid = s.find_by_key_id("nk", &kid).await.unwrap().expect("first record kept");
     assert_eq!(by_kid.id, r.id, "refused: the key id still finds the first record");
     assert_eq!(*s.find_by_digest(&r.digest).await.unwrap().unwrap(), r, "first record intact");
+    // Key ids are unique per format: a record of another format may hold
+    // the same key id, and each format's lookup finds its own record.
+    let mut other_format = sample_record("ws_a", None, 0, true);
+    other_format.format = "ck".into();
+    other_format.key_id = r.key_id;
+    assert_eq!(
+        s.insert(Arc::new(other_format.clone()), None).await.unwrap(),
+        InsertOutcome::Inserted,
+        "key ids are unique per format"
+    );
+    let got = s.find_by_key_id("ck", &kid).await.unwrap().expect("stored");
+    assert_eq!(got.id, other_format.id, "each format's key id finds its own record");
+    assert_eq!(s.find_by_key_id("nk", &kid).await.unwrap().expect("kept").id, r.id);
 }
 
 async fn active_cap<S: KeyStore>(s: &S) {
