@@ -515,6 +515,7 @@ enum LM {
     AtEpoch,
     BurstIgnored,
     RefundDropsNewest,
+    SlidingRetryTooSoon,
 }
 struct ML {
     inner: MemoryLimiter<String>,
@@ -643,6 +644,23 @@ impl LimitStore for ML {
                 }
                 Ok(d)
             }
+            LM::SlidingRetryTooSoon => {
+                // mutation: a sliding window's denial says to retry in a
+                // millisecond, whatever the wait
+                let d = LimitStore::check(&self.inner, key, policies, cost, mode).await?;
+                if d.outcome() != Outcome::Limited {
+                    return Ok(d);
+                }
+                let views = d.policies().iter().zip(policies).map(|(v, p)| {
+                    let mut v = v.clone();
+                    if v.retry_after.is_some() && p.algorithm() == Algorithm::SlidingWindow {
+                        (v.retry_after, v.reset_after) =
+                            (Some(Duration::from_millis(1)), Duration::from_millis(1));
+                    }
+                    v
+                });
+                Ok(Decision::from_policies(d.outcome(), views.collect::<Vec<_>>(), d.at()))
+            }
             LM::AtEpoch => {
                 // mutation: decisions without a charge (peeks, denials)
                 // dated at the epoch, not the store's clock
@@ -717,6 +735,7 @@ mutants! {
     l_denial_consumes => LM::DenialConsumes, "a refunded unit can be used again",
     l_at_epoch => LM::AtEpoch, "made on the store's clock",
     l_burst_ignored => LM::BurstIgnored, "the burst admits 5 at once",
+    l_sliding_retry_too_soon => LM::SlidingRetryTooSoon, "a denial waits until the request fits",
     l_refund_drops_newest => LM::RefundDropsNewest, "a sliding refund gave back a later check's entry",
 }
 

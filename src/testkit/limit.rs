@@ -495,9 +495,13 @@ fn dated_now(d: &Decision, what: &str) {
 
 async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
     let p = [policy("default", 5, alg)];
+    let (started, mut first) = (std::time::Instant::now(), Duration::ZERO);
     for i in 0..5u32 {
         let d = store.check(key, &p, 1, CheckMode::Consume).await.unwrap();
         assert!(d.is_allowed(), "{alg:?}: request {i} of 5 admitted");
+        if i == 0 {
+            first = d.binding().reset_after;
+        }
         assert_eq!(d.remaining(), 4 - i, "{alg:?}: remaining after request {i}");
         assert_eq!(d.limit(), 5);
         dated_now(&d, "an admission");
@@ -507,6 +511,13 @@ async fn exact_limit<S: LimitStore>(store: &S, key: &str, alg: Algorithm) {
     dated_now(&d, "a denial");
     let wait = d.retry_after().expect("a denial says when to retry");
     assert!(wait > Duration::ZERO && wait <= Duration::from_secs(3600), "{alg:?}: retry {wait:?}");
+    // The sixth fits once the first unit is given back (its window ended,
+    // its entry left, its interval earned back): not before the first's
+    // reset less the time since (and a second of slack).
+    assert!(
+        wait + started.elapsed() + Duration::from_secs(1) >= first,
+        "{alg:?}: a denial waits until the request fits: retry {wait:?}, first unit's reset {first:?}"
+    );
     assert!(d.retry_after_secs().unwrap() >= 1);
     let other = store.check(&format!("{key}:other"), &p, 1, CheckMode::Consume).await.unwrap();
     assert!(other.is_allowed(), "{alg:?}: keys are independent");
