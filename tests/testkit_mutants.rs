@@ -3,7 +3,7 @@
 //! expects the suite's panic). A store a suite passes while breaking a
 //! documented rule would pass any host's broken store too.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,8 +18,8 @@ use keygate::portal::{MemoryPortalStore, PortalSession, PortalStore, Redeem};
 use keygate::quota::{MemoryQuotaStore, Month, QuotaDecision, QuotaStore};
 use keygate::secret::Digest;
 use keygate::store::{
-    ActiveLimit, InsertOutcome, KeyRecord, KeyStore, MemoryKeyStore, ProjectId, RecordId,
-    WorkspaceId,
+    ActiveLimit, EXPIRED_RETENTION, InsertOutcome, KeyRecord, KeyStore, MemoryKeyStore, ProjectId,
+    RecordId, WorkspaceId,
 };
 
 // ---------------------------------------------------------------- keys
@@ -956,12 +956,97 @@ fn assert_refused(run: std::thread::Result<()>, why: &str) {
     assert!(msg.contains(why), "expected `{why}`: {msg}");
 }
 
-/// The controls: the stores unmutated pass, and so does one that forgets an
+/// A key store that forgets a record once it has been expired or revoked
+/// for a day (`EXPIRED_RETENTION`), judged on the real clock when the
+/// record is written: what the contract allows (SQL: a `DELETE` of such
+/// rows, run at each write).
+#[derive(Default)]
+struct Forgetful {
+    inner: MemoryKeyStore,
+    gone: Mutex<HashSet<RecordId>>,
+}
+impl Forgetful {
+    fn long_ended(r: &KeyRecord) -> bool {
+        r.ended_at().is_some_and(|e| e + EXPIRED_RETENTION <= Timestamp::now())
+    }
+    fn keep(&self, r: Option<Arc<KeyRecord>>) -> Option<Arc<KeyRecord>> {
+        r.filter(|r| !self.gone.lock().unwrap().contains(&r.id))
+    }
+    async fn sweep(&self, id: &RecordId) -> Result<(), BackendError> {
+        if let Some(r) = self.inner.get(id).await?
+            && Self::long_ended(&r)
+        {
+            self.gone.lock().unwrap().insert(id.clone());
+        }
+        Ok(())
+    }
+}
+impl KeyStore for Forgetful {
+    async fn insert(
+        &self,
+        record: Arc<KeyRecord>,
+        limit: Option<ActiveLimit>,
+    ) -> Result<InsertOutcome, BackendError> {
+        let id = record.id.clone();
+        let out = self.inner.insert(record, limit).await?;
+        if out == InsertOutcome::Inserted {
+            self.sweep(&id).await?;
+        }
+        Ok(out)
+    }
+    async fn find_by_digest(
+        &self,
+        d: &StoredDigest,
+    ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
+        Ok(self.keep(self.inner.find_by_digest(d).await?))
+    }
+    async fn find_by_key_id(
+        &self,
+        f: &str,
+        k: &KeyId,
+    ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
+        Ok(self.keep(self.inner.find_by_key_id(f, k).await?))
+    }
+    async fn get(&self, id: &RecordId) -> Result<Option<Arc<KeyRecord>>, BackendError> {
+        Ok(self.keep(self.inner.get(id).await?))
+    }
+    async fn list(
+        &self,
+        w: &WorkspaceId,
+        p: Option<&ProjectId>,
+    ) -> Result<Vec<Arc<KeyRecord>>, BackendError> {
+        let gone = self.gone.lock().unwrap().clone();
+        Ok(self.inner.list(w, p).await?.into_iter().filter(|r| !gone.contains(&r.id)).collect())
+    }
+    async fn revoke(&self, id: &RecordId, at: Timestamp) -> Result<bool, BackendError> {
+        if self.gone.lock().unwrap().contains(id) {
+            return Ok(false);
+        }
+        let ok = self.inner.revoke(id, at).await?;
+        self.sweep(id).await?;
+        Ok(ok)
+    }
+    async fn shorten_expiry(&self, id: &RecordId, e: Timestamp) -> Result<bool, BackendError> {
+        if self.gone.lock().unwrap().contains(id) {
+            return Ok(false);
+        }
+        let ok = self.inner.shorten_expiry(id, e).await?;
+        self.sweep(id).await?;
+        Ok(ok)
+    }
+    async fn record_last_used(&self, uses: &[(RecordId, Timestamp)]) -> Result<(), BackendError> {
+        self.inner.record_last_used(uses).await
+    }
+}
+
+/// The controls: the stores unmutated pass, and so do one that forgets an
 /// expired code after answering `Expired` once (stores may drop expired
-/// sessions: no rule is broken).
+/// sessions: no rule is broken) and one that forgets ended keys a day
+/// after their end, on the real clock.
 #[tokio::test]
 async fn unmutated_stores_and_an_allowed_variation_pass() {
     keygate::testkit::keys::run(MemoryKeyStore::new).await;
+    keygate::testkit::keys::run(Forgetful::default).await;
     keygate::testkit::portal::run(&MemoryPortalStore::new(), 1).await;
     keygate::testkit::portal::run(&mp(PM::ExpiredUnknownLater), 1).await;
     keygate::testkit::quota::run(&MemoryQuotaStore::new(), "t").await;

@@ -9,8 +9,27 @@ use crate::format::{Environment, NK, SK};
 use crate::hash::{Algorithm, Hasher, PepperId, StoredDigest};
 use crate::store::{ActiveLimit, InsertOutcome, KeyRecord, KeyStore, RecordId, Tenant};
 
+/// The suite's times: `secs` after the whole hour before the current one,
+/// so every time it uses lies in the past (a store judging anything on its
+/// own clock, not `ActiveLimit::now`, sees those records expired) but only
+/// hours back: a store may forget a record a retention after it ended, on
+/// its own clock, and one with a retention of a few hours keeps the
+/// suite's records. (Fixed times in January 2026 made such a store forget
+/// them at once, and fail.) [`run`] and [`race`] wait out an hour's last
+/// seconds, so that their times do not move during a run.
 fn t(secs: i64) -> Timestamp {
-    Timestamp::from_second(1_767_225_600 + secs).unwrap_or(Timestamp::UNIX_EPOCH)
+    let now = Timestamp::now().as_second();
+    let base = now - now.rem_euclid(3600) - 3600;
+    Timestamp::from_second(base + secs).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// Waits out the last 20 seconds of an hour, when [`t`] would move on
+/// during a run.
+fn clear_of_the_hour() {
+    let left = 3600 - Timestamp::now().as_second().rem_euclid(3600);
+    if left < 20 {
+        std::thread::sleep(std::time::Duration::from_secs(left.unsigned_abs() + 1));
+    }
 }
 
 /// A fresh active record of format `sk` (or `nk` when `with_key_id`) in
@@ -52,12 +71,15 @@ pub fn sample_record(
     }
 }
 
-/// Runs every check against fresh stores from `make`.
+/// Runs every check against fresh stores from `make`. Its records end up
+/// to two hours before the real time: a store forgetting ended records
+/// sooner than that (a shorter retention) fails it.
 ///
 /// # Panics
 ///
 /// When the store breaks the [`KeyStore`] contract.
 pub async fn run<S: KeyStore, F: Fn() -> S>(make: F) {
+    clear_of_the_hour();
     insert_and_find(&make()).await;
     uniqueness(&make()).await;
     active_cap(&make()).await;
@@ -505,6 +527,7 @@ pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u
     use std::sync::atomic::{AtomicUsize, Ordering};
     let cap = usize::try_from(max).unwrap_or(usize::MAX);
     assert!(cap < threads, "more threads than the cap, or the cap is never contended");
+    clear_of_the_hour();
     for round in 0..rounds {
         let project = format!("race{round}");
         let limit = ActiveLimit::new(max, t(100));
