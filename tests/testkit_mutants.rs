@@ -1039,15 +1039,39 @@ impl KeyStore for Forgetful {
     }
 }
 
+/// A portal store that hands each session's expiry to its backend as an
+/// absolute expiry on the backend's own clock (Redis `SET … PXAT`, a SQL
+/// row with a TTL job): a session whose expiry has passed on that clock is
+/// gone on arrival. Allowed: past its expiry a code answers `Expired` or
+/// `Unknown` alike, and the store's clock is the real one.
+struct ExpiresOnItsClock(MemoryPortalStore);
+impl PortalStore for ExpiresOnItsClock {
+    async fn insert(&self, code: Digest, session: PortalSession) -> Result<bool, BackendError> {
+        if session.expires_at <= Timestamp::now() {
+            return Ok(true);
+        }
+        self.0.insert(code, session).await
+    }
+    async fn redeem(&self, code: &Digest, now: Timestamp) -> Result<Redeem, BackendError> {
+        self.0.redeem(code, now).await
+    }
+}
+
 /// The controls: the stores unmutated pass, and so do one that forgets an
 /// expired code after answering `Expired` once (stores may drop expired
-/// sessions: no rule is broken) and one that forgets ended keys a day
-/// after their end, on the real clock.
+/// sessions: no rule is broken), one that forgets ended keys a day after
+/// their end, on the real clock, and one whose sessions expire on the real
+/// clock.
 #[tokio::test]
 async fn unmutated_stores_and_an_allowed_variation_pass() {
     keygate::testkit::keys::run(MemoryKeyStore::new).await;
     keygate::testkit::keys::run(Forgetful::default).await;
     keygate::testkit::portal::run(&MemoryPortalStore::new(), 1).await;
     keygate::testkit::portal::run(&mp(PM::ExpiredUnknownLater), 1).await;
+    keygate::testkit::portal::run(&ExpiresOnItsClock(MemoryPortalStore::new()), 1).await;
+    assert_eq!(
+        keygate::testkit::portal::race(&ExpiresOnItsClock(MemoryPortalStore::new()), 50, 4, 3),
+        50
+    );
     keygate::testkit::quota::run(&MemoryQuotaStore::new(), "t").await;
 }

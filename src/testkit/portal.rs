@@ -14,8 +14,17 @@ use crate::portal::{PortalSession, PortalStore, Redeem};
 use crate::scope::Role;
 use crate::secret::Digest;
 
-fn ts(secs: i64) -> Timestamp {
-    Timestamp::from_second(1_767_225_600 + secs).unwrap_or(Timestamp::UNIX_EPOCH)
+/// The current whole second: the suite's times count from it, so that
+/// sessions expire in the future on a store's own clock too (a store may
+/// hand the expiry to its backend, as Redis `SET … PXAT` does, and a
+/// session already expired there would be gone on arrival).
+fn origin() -> Timestamp {
+    Timestamp::from_second(Timestamp::now().as_second()).unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// `secs` seconds after `origin`.
+fn at(origin: Timestamp, secs: i64) -> Timestamp {
+    origin.saturating_add(jiff::SignedDuration::from_secs(secs)).unwrap_or(origin)
 }
 
 fn digest(n: u64, salt: u8) -> Digest {
@@ -24,20 +33,26 @@ fn digest(n: u64, salt: u8) -> Digest {
     Digest::from_bytes(b)
 }
 
-/// A session for the suite, expiring at `expires`.
+/// A session for the suite, created now (the current whole second) and
+/// expiring `expires` seconds later.
 ///
 /// # Panics
 ///
 /// Never (the ids are valid).
 #[must_use]
 pub fn sample_session(expires: i64) -> PortalSession {
+    session_at(origin(), expires)
+}
+
+/// A session created at `origin`, expiring `expires` seconds later.
+fn session_at(origin: Timestamp, expires: i64) -> PortalSession {
     PortalSession {
         workspace: "ws_portal".parse().expect("valid id"),
         application: "app_123".parse().expect("valid id"),
         role: Role::Editor,
         metadata: BTreeMap::from([("userId".into(), "usr_456".into())]),
-        created_at: ts(0),
-        expires_at: ts(expires),
+        created_at: origin,
+        expires_at: at(origin, expires),
         environment: Some(crate::format::Environment::TEST),
         region: None,
         minter: Some("key_minter0000000001".parse().expect("valid id")),
@@ -51,6 +66,9 @@ pub fn sample_session(expires: i64) -> PortalSession {
 ///
 /// When the store breaks the [`PortalStore`] contract.
 pub async fn run<S: PortalStore>(store: &S, salt: u8) {
+    let o = origin();
+    let ts = |secs| at(o, secs);
+    let sample_session = |expires| session_at(o, expires);
     let code = digest(1, salt);
     let s = sample_session(60);
     assert!(store.insert(code, s.clone()).await.unwrap(), "insert");
@@ -119,8 +137,10 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
 ///
 /// When a code is won twice or never.
 pub fn race<S: PortalStore>(store: &S, codes: u64, threads: usize, salt: u8) -> usize {
+    let o = origin();
+    let ts = |secs| at(o, secs);
     for n in 0..codes {
-        assert!(block_on(store.insert(digest(1000 + n, salt), sample_session(600))).unwrap());
+        assert!(block_on(store.insert(digest(1000 + n, salt), session_at(o, 600))).unwrap());
     }
     let wins: Vec<AtomicUsize> = (0..codes).map(|_| AtomicUsize::new(0)).collect();
     let barrier = std::sync::Barrier::new(threads);
