@@ -381,9 +381,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         // The fields are public: a request built in code meets the same
         // rules as one parsed from JSON (and 1..=60 minutes cannot overflow).
         request.validate()?;
-        if !template_ok(&self.url_template) {
-            return Err(PortalError::UrlTemplate);
-        }
+        check_url_template(&self.url_template)?;
         let (grants, _) = &self.roles()?[role_slot(request.role)];
         self.registry.attenuate(*grants, &minter.scopes_in(&self.registry))?;
         let now = self.clock.now();
@@ -581,17 +579,10 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
 /// `str::replace` grows its result as it goes, and a reallocation after
 /// the code was copied in frees a block still holding it, unwiped.
 fn fill_template(template: &str, code: &str) -> String {
-    const SLOT: &str = "{code}";
-    // Each `{` that starts a slot (a slot holds no other `{`, so slots
-    // never overlap): `str::matches` and `find`, or `memmem`, build a
-    // searcher per call, costing more here than the rest of the link.
-    let bytes = template.as_bytes();
-    let slots =
-        || memchr::memchr_iter(b'{', bytes).filter(|&i| bytes[i..].starts_with(SLOT.as_bytes()));
-    let n = slots().count();
+    let n = slots(template).count();
     let mut url = String::with_capacity(template.len() - n * SLOT.len() + n * code.len());
     let mut from = 0;
-    for i in slots() {
+    for i in slots(template) {
         // `{` starts a slot, so `i` is a char boundary.
         url.push_str(&template[from..i]);
         url.push_str(code);
@@ -599,6 +590,18 @@ fn fill_template(template: &str, code: &str) -> String {
     }
     url.push_str(&template[from..]);
     url
+}
+
+/// Where the code goes in a URL template.
+const SLOT: &str = "{code}";
+
+/// The offsets of the [`SLOT`]s in `template`: each `{` that starts one (a
+/// slot holds no other `{`, so slots never overlap). `str::contains`,
+/// `matches` and `find` build a two-way searcher per call, costing more
+/// than the rest of a link; every mint reads the template three times.
+fn slots(template: &str) -> impl Iterator<Item = usize> + '_ {
+    let bytes = template.as_bytes();
+    memchr::memchr_iter(b'{', bytes).filter(|&i| bytes[i..].starts_with(SLOT.as_bytes()))
 }
 
 /// Checks a [URL template](Portal::url_template) as minting does, for a
@@ -619,7 +622,7 @@ pub fn check_url_template(template: &str) -> Result<(), PortalError> {
 /// the link never crosses a network).
 fn template_ok(template: &str) -> bool {
     let scheme = |s: &str| template.get(..s.len()).is_some_and(|p| p.eq_ignore_ascii_case(s));
-    if !template.contains("{code}") {
+    if slots(template).next().is_none() {
         return false;
     }
     if scheme("https://") {
