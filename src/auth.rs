@@ -356,7 +356,8 @@ pub enum AuthError {
     /// The credential is not a key of any accepted format.
     #[error("malformed key: {0}")]
     Malformed(#[from] ParseError),
-    /// No record matches the key.
+    /// No record matches the key, or the record found names another
+    /// format, environment or region than the key itself.
     #[error("unknown key")]
     Unknown,
     /// A record with the key's public id exists but the secret is wrong.
@@ -868,7 +869,14 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
                 }
             }
         };
-        if record.format != format {
+        // A record that names another format, environment or region than
+        // the key's own text is not this key's record (a host's import
+        // gone wrong): an `sk_test_` key recorded as `live`, or with no
+        // environment, is a test key all the same and must not pass the
+        // environment checks as a live one (SPEC §2).
+        if record.format != format
+            || !key_format.segment_agrees(bytes, record.environment, record.region)
+        {
             return Err(AuthError::Unknown);
         }
         if record.revoked_at.is_some() {

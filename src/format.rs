@@ -487,6 +487,30 @@ impl KeyFormat {
         }
     }
 
+    /// Whether `environment` and `region` (a stored record's) are those
+    /// of `key`, a key that [`parse_bytes`](Self::parse_bytes) accepted,
+    /// for whichever segment the format has: read from the key's text, so
+    /// a caller holds no parsed parts across its awaits. A format without
+    /// a segment agrees with anything (its records' environment is the
+    /// host's to set).
+    pub(crate) fn segment_agrees(
+        &self,
+        key: &[u8],
+        environment: Option<Environment>,
+        region: Option<Region>,
+    ) -> bool {
+        let rest = key.get(self.name.len() + 1..).unwrap_or_default();
+        match self.segment {
+            Segment::None => true,
+            Segment::Region => {
+                region.is_some_and(|r| starts_with_segment(rest, r.as_str().as_bytes()))
+            }
+            Segment::Environments(_) => {
+                environment.is_some_and(|e| starts_with_segment(rest, e.as_bytes()))
+            }
+        }
+    }
+
     /// The non-secret hint of a key that [`parse_bytes`](Self::parse_bytes)
     /// accepted. Shared by [`ApiKey::hint`] and the scanner.
     pub(crate) fn hint_of<'k>(&self, key: &'k [u8], parts: &Parts) -> &'k [u8] {

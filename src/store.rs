@@ -220,9 +220,12 @@ pub struct KeyRecord {
     pub format: String,
     /// Public key id, for formats that have one (the lookup handle).
     pub key_id: Option<KeyId>,
-    /// Environment, for formats that have one (or set by the host).
+    /// Environment: the key's own, for formats that have one (a record
+    /// naming another, or none, is refused as not the key's); for other
+    /// formats, set by the host or none.
     pub environment: Option<Environment>,
-    /// Region, for formats that have one.
+    /// Region: the key's own, for formats that have one (a record naming
+    /// another, or none, is refused as not the key's).
     pub region: Option<Region>,
     /// The tenant the key belongs to.
     pub tenant: Tenant,

@@ -9,7 +9,7 @@ use keygate::Secret;
 use keygate::auth::{AuthError, Authenticator, PrincipalCache, Target};
 use keygate::backend::BackendError;
 use keygate::clock::{Clock, FakeClock};
-use keygate::format::{Environment, KeyId, NH, NHK, NHM, NK, Region, SK};
+use keygate::format::{Environment, KeyId, MintSpec, NH, NHK, NHM, NK, Region, SK};
 use keygate::hash::{Hasher, Pepper, PepperId, StoredDigest};
 use keygate::http::{BodyStyle, Rejection};
 use keygate::manager::{KeyManager, ManagerError, NewKey, TokenExpiry};
@@ -527,6 +527,51 @@ async fn a_deployments_environment_and_region_apply_to_every_route() {
         let header = if key.record().format == "nh" { &h[1] } else { &h[0] };
         let err = other.authenticate([(header.0, header.1.as_bytes())], &Target::any()).await;
         assert!(matches!(err, Err(AuthError::Unknown)), "{err:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_record_that_contradicts_its_keys_environment_or_region_is_not_its_record() {
+    // A host's own or imported record (the fields are public) that names
+    // another environment or region than the key's own segment, or none:
+    // the key says `sk_test_` or `nhk_eu_`, and a test key must never
+    // reach live (SPEC §2), however its record was written.
+    let f = fixture();
+    let live = Authenticator::new(f.store.clone())
+        .clock(f.clock.clone())
+        .environment(Environment::LIVE)
+        .region(Region::US);
+    let cases = [
+        (SK.mint(MintSpec::new().environment(Environment::TEST)), Some(Environment::LIVE), None),
+        (SK.mint(MintSpec::new().environment(Environment::TEST)), None, None),
+        (NHK.mint(MintSpec::new().region(Region::EU)), None, Some(Region::US)),
+        (NHK.mint(MintSpec::new().region(Region::EU)), None, None),
+    ];
+    for (key, environment, region) in cases {
+        let key = key.unwrap();
+        let record = KeyRecord {
+            id: RecordId::generate().unwrap(),
+            name: "imported".into(),
+            hint: key.hint(),
+            digest: Hasher::sha256().digest(key.expose_secret().as_bytes()),
+            format: key.format().name().into(),
+            key_id: None,
+            environment,
+            region,
+            tenant: ws("ws_a"),
+            scopes: Arc::from([]),
+            plan: None,
+            created_at: f.clock.now(),
+            expires_at: None,
+            revoked_at: None,
+            last_used_at: None,
+            metadata: std::collections::BTreeMap::new(),
+        };
+        assert_eq!(f.store.insert(Arc::new(record), None).await.unwrap(), InsertOutcome::Inserted);
+        let hint = key.hint();
+        let err = auth_bearer(&live, key.expose_secret(), &Target::any()).await.unwrap_err();
+        assert!(matches!(err, AuthError::Unknown), "{hint} as {environment:?} {region:?}: {err:?}");
+        assert_eq!(err.rejection(), Rejection::InvalidCredentials);
     }
 }
 
