@@ -19,8 +19,12 @@ pub use presets::{NH, NHK, NHM, NK, SK};
 
 use crate::secret::{OsBatch, SecretString};
 
-/// Longest key of any format, in bytes. Inputs longer than this are rejected
-/// before any other work, which bounds the cost of every parse.
+/// An upper bound on the length of a key of any format, in bytes (the
+/// format builder's limits keep every format below it): a host may refuse
+/// longer credentials before parsing. Each format, and each
+/// [`FormatSet`], rejects an input longer than its own longest key before
+/// any other work ([`ParseError::TooLong`]), which bounds the cost of every
+/// parse.
 pub const MAX_KEY_LEN: usize = 256;
 
 /// The segment between the prefix and the key id or secret.

@@ -291,3 +291,29 @@ fn errors_never_echo_the_input() {
     let k = NHK.parse(&format!("nhk_us_{HEX64}")).unwrap();
     assert!(!format!("{k:?}").contains(&HEX64[4..]));
 }
+
+#[test]
+fn no_format_the_builder_accepts_is_longer_than_max_key_len() {
+    // Every part at the builder's maximum: a 16-character name and
+    // environment, a 32-character key id, 128 secret characters of a
+    // two-character alphabet (128 bits, no hint) and its 32-character CRC.
+    static ENVS: [Environment; 1] = [Environment::new_unwrap("abcdefghijklmnop")];
+    static BITS: Alphabet = Alphabet::new_unwrap("01");
+    let longest = KeyFormat::builder("abcdefghijklmnop")
+        .environments(&ENVS)
+        .key_id(&Alphabet::BASE62, 32)
+        .secret(&BITS, 128)
+        .hint_chars(0)
+        .crc32()
+        .build()
+        .unwrap();
+    assert_eq!(longest.len_range().1, 227);
+    assert!(longest.len_range().1 <= MAX_KEY_LEN);
+    // One more secret character, key id character or name character is
+    // refused by the builder.
+    assert!(
+        KeyFormat::builder("abcdefghijklmnop").secret(&BITS, 129).hint_chars(0).build().is_err()
+    );
+    assert!(KeyFormat::builder("abcdefghijklmnopq").build().is_err());
+    assert!(KeyFormat::builder("ab").key_id(&Alphabet::BASE62, 33).build().is_err());
+}
