@@ -548,7 +548,10 @@ struct WallAnchor {
     /// Wall nanoseconds minus monotonic nanoseconds (since `origin`) at the
     /// last anchor.
     offset: AtomicI64,
-    /// Added to monotonic time to get the limiter's time line.
+    /// Added to monotonic time to get the limiter's time line: a signed
+    /// offset in two's complement. It starts a day above zero, but the
+    /// drift it follows may take it below (a jump of years with the wall
+    /// clock a day behind).
     phase: AtomicU64,
     /// Monotonic nanoseconds of the last anchor, plus one.
     at: AtomicU64,
@@ -626,7 +629,10 @@ impl WallAnchor {
             }
             self.at.store(mono.saturating_add(1), Ordering::Relaxed);
         }
-        mono.saturating_add(self.phase.load(Ordering::Relaxed)).min(TIME_LINE_END)
+        // Signed: a phase below zero read as a huge unsigned one would
+        // stop the time line at its end, every window full for good.
+        mono.saturating_add_signed(self.phase.load(Ordering::Relaxed).cast_signed())
+            .min(TIME_LINE_END)
     }
 
     /// The wall-clock time of limiter time `t`, in Unix nanoseconds (they

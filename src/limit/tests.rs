@@ -1470,3 +1470,33 @@ fn ietf_reset_seconds_agree_with_retry_after_and_the_reset_header() {
     assert_eq!(header(&h, "Retry-After"), Some("2"));
     assert_eq!(header(&h, "RateLimit"), Some("\"d\";r=0;t=2"), "as Retry-After");
 }
+
+#[test]
+fn a_jump_of_years_with_the_wall_clock_a_day_behind_does_not_stop_time() {
+    // Monotonic time jumps 1,001 days while the wall clock moves a day and
+    // a second less: a drift within 1,000 ppm of the jump, so the phase
+    // follows it, a day back. The limiter's time line must still run (and
+    // headers tell the wall time), not stand still at its end with every
+    // window full for good.
+    let c = clock();
+    let keyed = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let direct = DirectLimiter::with_clock(fixed(3, 1), c.clone());
+    let p = [fixed(3, 1)];
+    assert!(keyed.check("k", &p, 1).unwrap().is_allowed());
+    assert!(direct.check(1).is_allowed());
+    c.advance(Duration::from_secs(1_001 * 86_400));
+    c.set_wall(c.now().checked_sub(Duration::from_secs(86_401)).unwrap());
+    for second in 0..3 {
+        let keyed_admitted = (0..4).filter(|_| keyed.check("k", &p, 1).unwrap().is_allowed());
+        assert_eq!(keyed_admitted.count(), 3, "keyed, second {second}");
+        let direct_admitted = (0..4).filter(|_| direct.check(1).is_allowed());
+        assert_eq!(direct_admitted.count(), 3, "direct, second {second}");
+        for d in [keyed.check("k", &p, 1).unwrap(), direct.decide(1)] {
+            assert!(!d.is_allowed());
+            let lag = c.now().as_millisecond() - d.at().as_millisecond();
+            assert!(lag.abs() <= 1_000, "decided at {}, the wall clock reads {}", d.at(), c.now());
+            assert!(d.reset_unix() <= c.now().as_second() + 1, "{}", d.reset_unix());
+        }
+        c.advance(Duration::from_secs(1));
+    }
+}
