@@ -1659,6 +1659,13 @@ impl<C: Clock> DirectLimiter<C> {
         let mut slot = slot.lock().unwrap_or_else(PoisonError::into_inner);
         // Read under the lock: checks are ordered as their times are.
         let now = self.wall.time(&self.clock);
+        if algorithm::is_foreign(&self.policy, &slot, now) {
+            // A clock that stepped back: converted once and kept, denied
+            // or not, as `MemoryLimiter` keeps it. Converted anew by each
+            // check, the units would be counted again at each later time,
+            // and the key held for the whole step.
+            *slot = algorithm::convert(&self.policy, &slot, now);
+        }
         let (s, commit) = algorithm::step(&self.policy, &slot, now, cost);
         if let Some(c) = commit.filter(|_| s.allowed) {
             c.apply(&mut slot);

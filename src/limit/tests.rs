@@ -1500,3 +1500,26 @@ fn a_jump_of_years_with_the_wall_clock_a_day_behind_does_not_stop_time() {
         c.advance(Duration::from_secs(1));
     }
 }
+
+#[test]
+fn a_direct_window_too_big_for_a_word_after_a_step_back_decides_as_the_keyed_one() {
+    // A fixed window of 1 ms does not fit a word: its state is kept under
+    // a lock. After a step back it is converted, and the conversion kept
+    // even when the check is denied, so the next window admits again.
+    let p = Policy::new("f", 2, Duration::from_millis(1), Algorithm::FixedWindow).unwrap();
+    let c = clock();
+    let keyed = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let direct = DirectLimiter::with_clock(p.clone(), c.clone());
+    let p = [p];
+    c.advance(Duration::from_secs(100));
+    for _ in 0..2 {
+        assert!(keyed.check("k", &p, 1).unwrap().is_allowed());
+        assert!(direct.check(1).is_allowed());
+    }
+    c.rewind(Duration::from_secs(10));
+    for _ in 0..3 {
+        let (k, d) = (keyed.check("k", &p, 1).unwrap(), direct.check(1));
+        assert_eq!((k.is_allowed(), k.retry_after()), (d.is_allowed(), d.retry_after()));
+        c.advance(Duration::from_millis(1));
+    }
+}
