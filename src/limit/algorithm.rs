@@ -124,8 +124,10 @@ pub(crate) const SPAN_SLACK: u64 = 1_000_000_000;
 /// lets a state reach, by more than [`SPAN_SLACK`] — a GCRA time past its
 /// horizon, a fixed window ending past its period from now (a policy of a
 /// longer horizon or period before; or, on a server's clock, a step back
-/// of more than the slack) — or a fixed window of a shorter period, still
-/// open, whose units would otherwise not count in this policy's window.
+/// of more than the slack), a sliding log with entries beyond the slack
+/// ahead of now ([`log_is_ahead`]: a step back) — or a fixed window of a
+/// shorter period, still open, whose units would otherwise not count in
+/// this policy's window.
 /// Such a state would lock the key out for the old policy's span, not the
 /// new one's. Callers whose `now` may be stale
 /// read the clock again before converting.
@@ -147,8 +149,18 @@ pub(crate) fn is_foreign(policy: &Policy, slot: &Slot, now: u64) -> bool {
                 // a fresh reading, it is this window, counting nothing.
                 || (*count == 0 && *end > (now / period + 1).saturating_mul(period))
         }
+        (Algorithm::SlidingWindow, Slot::Log(_)) => log_is_ahead(slot, now),
         _ => false,
     }
+}
+
+/// Whether a sliding log holds entries more than [`SPAN_SLACK`] ahead of
+/// `now`: made before the clock stepped back. Counted where they are,
+/// they would hold the key for the whole step; [`convert`] brings them to
+/// the slack ahead of now, as the Redis limiter does, so they count for
+/// one window (and the slack) from the step.
+fn log_is_ahead(slot: &Slot, now: u64) -> bool {
+    matches!(slot, Slot::Log(log) if log.back().is_some_and(|&e| e > now.saturating_add(SPAN_SLACK)))
 }
 
 /// Whether a window ending at `end` ends inside fixed window `policy`'s
@@ -167,9 +179,18 @@ fn window_is_shorter(policy: &Policy, end: u64, now: u64) -> bool {
 /// forgetting what was used. The units are counted in the new policy's
 /// terms (a GCRA state's borrowed time at the new rate: the old rate is not
 /// kept) and capped at its capacity, so a change never locks a key out for
-/// longer than one window or burst of the new policy. Callers write the
-/// result back even when the check is denied, so it is converted once.
+/// longer than one window or burst of the new policy (a sliding log under
+/// a sliding policy is kept, its entries ahead brought to the slack ahead
+/// of now: [`log_is_ahead`]). Callers write the result back even when the
+/// check is denied, so it is converted once.
 pub(crate) fn convert(policy: &Policy, slot: &Slot, now: u64) -> Slot {
+    if let (Algorithm::SlidingWindow, Slot::Log(log)) = (policy.algorithm(), slot) {
+        // This policy's own log, ahead of a clock that stepped back: every
+        // entry kept, those ahead brought to the slack (the log stays
+        // sorted).
+        let ahead = now.saturating_add(SPAN_SLACK);
+        return Slot::Log(log.iter().map(|&e| e.min(ahead)).collect());
+    }
     let interval = policy.emission_interval_nanos();
     let period = duration_nanos(policy.period()).max(1);
     // Units the old state still holds against the new policy.
@@ -392,7 +413,10 @@ pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, rece
     // (converting, or carrying a window over) could lock the key out
     // longer, or let it through sooner, than the same sequence without the
     // refund. (The Redis store's refund does the same.)
-    if is_foreign(policy, slot, now) {
+    // A sliding log ahead of a clock that stepped back is this policy's
+    // own: the check's entry, if still where it was made, is given back,
+    // as the Redis script gives it back.
+    if is_foreign(policy, slot, now) && !log_is_ahead(slot, now) {
         return;
     }
     // `None`: the check did not charge this policy.

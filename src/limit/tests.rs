@@ -1502,6 +1502,38 @@ fn a_jump_of_years_with_the_wall_clock_a_day_behind_does_not_stop_time() {
 }
 
 #[test]
+fn a_step_back_holds_a_sliding_window_for_one_window_not_the_step() {
+    // Two used, then the monotonic clock steps back 50 s: the two still
+    // count, but for one window (and the slack) from the step, as in the
+    // Redis limiter and as fixed windows and GCRA convert, not until the
+    // clock has caught up with the entries.
+    let p = Policy::new("s", 2, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap();
+    let c = clock();
+    let keyed = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let direct = DirectLimiter::with_clock(p.clone(), c.clone());
+    let p = [p];
+    c.advance(Duration::from_secs(100));
+    for _ in 0..2 {
+        assert!(keyed.check("k", &p, 1).unwrap().is_allowed());
+        assert!(direct.check(1).is_allowed());
+    }
+    c.rewind(Duration::from_secs(50));
+    let mut waited = Duration::ZERO;
+    loop {
+        let (k, d) = (keyed.check("k", &p, 1).unwrap(), direct.check(1));
+        assert_eq!((k.is_allowed(), k.retry_after()), (d.is_allowed(), d.retry_after()));
+        if k.is_allowed() {
+            break;
+        }
+        assert!(k.retry_after().unwrap() <= Duration::from_secs(2), "{:?}", k.retry_after());
+        assert!(waited < Duration::from_secs(2), "still limited {waited:?} after the step");
+        c.advance(Duration::from_millis(500));
+        waited += Duration::from_millis(500);
+    }
+    assert!(waited >= Duration::from_secs(1), "the two still counted for a window: {waited:?}");
+}
+
+#[test]
 fn a_direct_window_too_big_for_a_word_after_a_step_back_decides_as_the_keyed_one() {
     // A fixed window of 1 ms does not fit a word: its state is kept under
     // a lock. After a step back it is converted, and the conversion kept
