@@ -333,6 +333,16 @@ impl From<&CounterKey<'_>> for (String, String) {
 /// of it (a host clock that jumped ahead) counts in its own month but
 /// drops nothing, so a count still in use is never forgotten, and the
 /// calls on time go on dropping what they should.
+///
+/// A store clock that steps back across one month boundary loses
+/// nothing (the month before is kept: its count still applies). One that
+/// jumps ahead across two boundaries or more (from late February into
+/// April, say) drops entries as if those months had passed: an account
+/// that counts nothing meanwhile is forgotten, and one that counts drops
+/// its February count. If the clock comes back, those accounts start
+/// February over: up to another month's limit. The Redis store's
+/// counters expire a span after each count, on the server's clock, and
+/// are not dropped by the application's.
 pub struct MemoryQuotaStore {
     counters: Mutex<Table>,
     /// The clock months are judged by, for dropping entries, at most.

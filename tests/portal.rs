@@ -687,3 +687,49 @@ fn a_code_past_its_tombstone_retention_can_be_stored_again() {
     assert!(store.insert_sync(code, s.clone(), clock.now()), "a forgotten code is stored again");
     assert_eq!(store.redeem_sync(&code, clock.now()), Redeem::Session(s));
 }
+
+#[tokio::test]
+async fn a_code_is_redeemed_once_whatever_the_clock_does() {
+    // Expiry is judged at each call's time; single use is not: a code seen
+    // expired, then redeemed on a clock that stepped back before its
+    // expiry, opens once, and never again, forward or back. Its token
+    // expires with the session on the authenticator's clock, cached or not.
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let req = SessionRequest::from_json(br#"{"expiresInMinutes": 5}"#).unwrap();
+    let minted = w.portal.create_session(&w.mgmt, &ws, &app, req).await.unwrap();
+    let code = minted.code().expose_secret();
+    let end = minted.expires_at();
+    w.clock.set_wall(end);
+    assert!(matches!(w.portal.redeem(code).await.unwrap_err(), PortalError::Expired));
+    w.clock.set_wall(end - jiff::SignedDuration::from_secs(1));
+    let access = w.portal.redeem(code).await.expect("not used up by the expired answer");
+    assert_eq!(access.record().expires_at, Some(end));
+    for at in
+        [end - jiff::SignedDuration::from_secs(200), end, end + jiff::SignedDuration::from_secs(60)]
+    {
+        w.clock.set_wall(at);
+        assert!(
+            matches!(w.portal.redeem(code).await.unwrap_err(), PortalError::AlreadyUsed),
+            "{at}"
+        );
+    }
+    // Far past the tombstone's retention, and back: unknown, then used.
+    w.clock.set_wall(end + jiff::SignedDuration::from_hours(2));
+    assert!(matches!(w.portal.redeem(code).await.unwrap_err(), PortalError::UnknownCode));
+    w.clock.set_wall(end - jiff::SignedDuration::from_secs(1));
+    assert!(w.portal.redeem(code).await.is_err(), "a forgotten code never opens again");
+
+    let auth = Authenticator::new(w.keys.clone())
+        .clock(w.clock.clone())
+        .formats(portal::formats())
+        .cache(Arc::new(PrincipalCache::default()));
+    let bearer = format!("Bearer {}", access.token().expose_secret());
+    let headers = [("authorization", bearer.as_bytes())];
+    assert!(auth.authenticate(headers, &Target::any()).await.is_ok(), "cached now");
+    w.clock.set_wall(end);
+    assert!(matches!(
+        auth.authenticate(headers, &Target::any()).await.unwrap_err(),
+        AuthError::Expired { .. }
+    ));
+}

@@ -75,7 +75,10 @@ pub enum Redeem {
 ///   reads the session, checks expiry, and replaces it with an "used"
 ///   tombstone. (Not `GETDEL` then `SET NX`: a loser that runs between the
 ///   two finds nothing and answers unknown instead of already used.)
-/// - **Expiry.** A code is redeemable strictly before `expires_at`.
+/// - **Expiry.** A code is redeemable strictly before `expires_at`, judged
+///   at each call's `now`: an [`Expired`](Redeem::Expired) answer does not use the
+///   code up, so a clock that steps back before `expires_at` finds it
+///   redeemable again (once, as ever: single use does not depend on time).
 /// - **Bounded.** Expired sessions and tombstones are dropped on their own
 ///   (TTL, or in-band purging); memory does not grow with history.
 /// - **Failure.** An unreachable backend is a [`BackendError`] — never a
