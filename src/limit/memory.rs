@@ -1740,7 +1740,13 @@ impl<C: Clock> DirectLimiter<C> {
         if !algorithm::gcra_is_foreign(&self.policy, tat, *now) {
             return Ok(tat);
         }
-        let converted = slot_word(&algorithm::convert(&self.policy, &Slot::Tat(tat), *now));
+        // The bare arrival time, not `slot_word`: this word has no tag bit
+        // (the time line runs to `u64::MAX - END_ROOM`), and a time past
+        // 2^63 cut to 63 bits would lie in the past, a fresh burst.
+        let converted = match algorithm::convert(&self.policy, &Slot::Tat(tat), *now) {
+            Slot::Tat(t) => t,
+            _ => 0,
+        };
         self.tat
             .compare_exchange(tat, converted, Ordering::AcqRel, Ordering::Acquire)
             .map(|_| converted)

@@ -1330,6 +1330,23 @@ fn a_direct_gcra_after_a_step_back_decides_as_the_keyed_one() {
 }
 
 #[test]
+fn a_direct_gcra_late_on_its_time_line_converts_a_step_back_to_a_used_burst() {
+    // The same after 2^63 ns on the monotonic clock (a custom clock, or a
+    // fake one advanced that far): the converted arrival time is kept
+    // whole, not cut to a one-word state's 63 bits, which put it in the
+    // distant past and handed out a fresh burst.
+    let p = gcra_named("a", 1, Duration::from_secs(1));
+    let c = clock();
+    c.advance(Duration::from_nanos(1 << 63) + Duration::from_secs(100));
+    let direct = DirectLimiter::with_clock(p, c.clone());
+    assert!(direct.check(1).is_allowed());
+    c.rewind(Duration::from_secs(10));
+    let d = direct.check(1);
+    assert!(!d.is_allowed(), "the burst was used before the step back: {d:?}");
+    assert_eq!(d.retry_after(), Some(Duration::from_secs(1)));
+}
+
+#[test]
 fn a_repeated_name_keeps_its_state_for_the_longest_period() {
     // One name twice, sliding: the first policy (3 a second) writes the
     // log, the second (3 a minute) still counts it after the first's
