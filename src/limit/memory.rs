@@ -590,8 +590,13 @@ impl WallAnchor {
         clock.monotonic().as_u64().saturating_sub(self.origin)
     }
 
+    /// Wall minus monotonic nanoseconds, held at the nearer end of an
+    /// `i64` for a wall time beyond it (a custom clock's, up to the year
+    /// 9999): wall times then read as 1678 or 2262, as a [`Decision`]
+    /// keeps them, not as 1970 (a reset centuries before now).
     fn measure<C: Clock>(clock: &C, mono: u64) -> i64 {
-        i64::try_from(clock.now().as_nanosecond() - i128::from(mono)).unwrap_or(0)
+        let n = clock.now().as_nanosecond() - i128::from(mono);
+        i64::try_from(n).unwrap_or(if n < 0 { i64::MIN } else { i64::MAX })
     }
 
     /// The limiter's time now: monotonic plus phase, re-anchoring when due.
@@ -617,11 +622,12 @@ impl WallAnchor {
         let since = mono.saturating_sub(at - 1);
         if since >= 1_000_000_000 || mono < at - 1 {
             let offset = Self::measure(clock, mono);
-            // Wrapping: a jump of centuries (a custom clock) is a huge drift,
-            // refused below, not an overflow.
-            let drift = offset.wrapping_sub(self.offset.swap(offset, Ordering::Relaxed));
+            let old = self.offset.swap(offset, Ordering::Relaxed);
             let slew = since / 1_000 + 1_000_000;
-            if drift.unsigned_abs() <= slew {
+            // Checked: a jump of centuries (a custom clock) is a huge drift,
+            // refused, even from one end of the offsets to the other (which
+            // wraps to a drift of a nanosecond).
+            if let Some(drift) = offset.checked_sub(old).filter(|d| d.unsigned_abs() <= slew) {
                 // Two's complement: adding the drift's bits wraps to a
                 // subtraction when it is negative; one atomic step, so two
                 // threads re-anchoring at once both count.

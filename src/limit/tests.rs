@@ -937,6 +937,42 @@ fn extreme_clocks_do_not_panic() {
 }
 
 #[test]
+fn wall_times_beyond_2262_are_held_at_the_nearer_end_not_read_as_1970() {
+    use std::sync::{Arc, Mutex};
+    // A custom clock may read any time of jiff's range. A decision keeps
+    // Unix nanoseconds, held at the nearer end of an i64 (1678 or 2262);
+    // the window limiters' wall anchor read a time beyond as an offset of
+    // zero, so their headers said 1970: a reset centuries before now.
+    struct Wall(FakeClock, Mutex<jiff::Timestamp>);
+    impl Clock for Wall {
+        fn now(&self) -> jiff::Timestamp {
+            *self.1.lock().unwrap()
+        }
+        fn monotonic(&self) -> crate::clock::Nanos {
+            self.0.monotonic()
+        }
+    }
+    for end in [jiff::Timestamp::MAX, jiff::Timestamp::MIN] {
+        let held = Decision::from_policies(Outcome::Allowed, [], end).at();
+        // Made at the end of time, and moved there after it was made.
+        for start in [end, clock().now()] {
+            let c = clock();
+            let w = Arc::new(Wall(c.clone(), Mutex::new(start)));
+            let keyed = MemoryLimiter::<u64, _>::with_clock(8, Arc::clone(&w));
+            let direct = DirectLimiter::with_clock(fixed(1, 1), Arc::clone(&w));
+            *w.1.lock().unwrap() = end;
+            c.advance(Duration::from_secs(2));
+            let k = keyed.check(&1, &[fixed(1, 1)], 1).unwrap();
+            for d in [k, direct.decide(1)] {
+                let off = (d.at().as_second() - held.as_second()).abs();
+                assert!(off <= 3, "{end} ({start}): {d:?} is not near {held}");
+                assert!(d.reset_unix() >= d.at().as_second(), "{d:?}");
+            }
+        }
+    }
+}
+
+#[test]
 fn a_stale_clock_reading_does_not_shift_header_times() {
     use std::collections::VecDeque;
     use std::sync::Mutex;
