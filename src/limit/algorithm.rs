@@ -670,4 +670,92 @@ mod tests {
         refund(&w, &mut slot, ms(1_500), 1, Some(receipt));
         assert!(!step(&w, &slot, ms(1_500), 1).0.allowed, "sliding: one a second");
     }
+
+    use proptest::prelude::*;
+
+    /// Values at and near the ends of a policy's ranges, and some between.
+    fn extreme_limit() -> impl Strategy<Value = u32> {
+        prop_oneof![Just(1), Just(2), Just(u32::MAX - 1), Just(u32::MAX), 1..1_000u32, 1..=u32::MAX]
+    }
+
+    fn extreme_period() -> impl Strategy<Value = Duration> {
+        let year = super::super::policy::YEAR;
+        let nanos = u64::try_from(year.as_nanos()).unwrap_or(u64::MAX);
+        prop_oneof![
+            Just(Duration::from_nanos(1)),
+            Just(Duration::from_nanos(3)),
+            Just(year),
+            (1..5_000_000_000u64).prop_map(Duration::from_nanos),
+            (1..=nanos).prop_map(Duration::from_nanos),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the limit (to `u32::MAX`), period (1 ns to a year),
+        /// burst, cost (to `u32::MAX`) and time (to 2^60 ns), no algorithm
+        /// admits past its bound: a fixed window's limit per window, a
+        /// sliding window's in any period, GCRA's burst plus one unit per
+        /// emission interval in any span. Checked on the admissions
+        /// themselves, not against the algorithm's own arithmetic.
+        #[test]
+        fn no_algorithm_admits_past_its_bound_at_the_ends_of_its_ranges(
+            alg in 0..3usize,
+            limit in extreme_limit(),
+            period in extreme_period(),
+            burst in proptest::option::of(extreme_limit()),
+            start in prop_oneof![Just(0u64), 0..1u64 << 59],
+            ops in prop::collection::vec((
+                prop_oneof![Just(0u64), Just(1), 0..2 * S, 0..1u64 << 56],
+                prop_oneof![Just(0u32), Just(1), Just(u32::MAX), 0..10u32, any::<u32>()],
+            ), 1..40),
+        ) {
+            let alg = [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow][alg];
+            let limit = if alg == Algorithm::SlidingWindow {
+                limit.min(Policy::MAX_SLIDING_LIMIT)
+            } else {
+                limit
+            };
+            let mut p = Policy::new("p", limit, period, alg).unwrap();
+            if let Some(b) = burst.filter(|_| alg == Algorithm::Gcra) {
+                p = p.clone().with_burst(b).unwrap_or(p);
+            }
+            let mut slot = Slot::Fresh;
+            let mut now = start;
+            let mut admitted: Vec<(u64, u64)> = Vec::new();
+            for (gap, cost) in ops {
+                now = now.saturating_add(gap).min(1 << 60);
+                let (s, next) = next_slot(&p, &slot, now, cost);
+                if let Some(next) = next {
+                    slot = next;
+                }
+                if s.allowed && cost > 0 {
+                    admitted.push((now, u64::from(cost)));
+                }
+                if !s.allowed && !s.impossible {
+                    prop_assert!(s.retry_after.is_some_and(|r| r > 0), "{s:?}");
+                }
+            }
+            let period = duration_nanos(p.period());
+            let within = |from: u64, len: u64| {
+                admitted.iter().filter(|(t, _)| *t >= from && *t - from < len).map(|(_, c)| c).sum::<u64>()
+            };
+            // Every span from one admission to another (or, for windows,
+            // the window or period from one).
+            for &(t, _) in &admitted {
+                for &(u, _) in admitted.iter().filter(|(u, _)| *u >= t) {
+                    let (used, bound) = match alg {
+                        Algorithm::FixedWindow => {
+                            (within(t / period * period, period), u64::from(limit))
+                        }
+                        Algorithm::SlidingWindow => (within(t, period), u64::from(limit)),
+                        _ => {
+                            let growth = (u - t) / p.emission_interval_nanos();
+                            (within(t, u - t + 1), u64::from(p.capacity()) + growth)
+                        }
+                    };
+                    prop_assert!(used <= bound, "{used} > {bound} in {t}..={u}: {admitted:?}");
+                }
+            }
+        }
+    }
 }
