@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::map_response;
 use axum::response::{IntoResponse, Response};
@@ -898,11 +898,11 @@ async fn portal_head<B: Backend>(State(app): AppState<B>) -> Response {
     )
 }
 
-async fn open_portal<B: Backend>(
-    State(app): AppState<B>,
-    Query(mut q): Query<HashMap<String, String>>,
-) -> Response {
-    let code = q.remove("code").unwrap_or_default();
+async fn open_portal<B: Backend>(State(app): AppState<B>, RawQuery(query): RawQuery) -> Response {
+    let code = match link_code(query.as_deref()) {
+        Ok(code) => code,
+        Err(r) => return portal_page(app.reject(&r, BodyStyle::Nested), &app.portal_csp),
+    };
     match app.portal.redeem(&code).await {
         Err(e) => portal_page(app.reject(&e.rejection(), BodyStyle::Nested), &app.portal_csp),
         Ok(access) => {
@@ -936,6 +936,21 @@ async fn open_portal<B: Backend>(
             portal_page(res, &app.portal_csp)
         }
     }
+}
+
+/// The `code` of a portal link's query (empty when it has none, which
+/// redeems as a malformed code). Named twice, the link is refused before
+/// either is redeemed: which one counts would depend on the reader (a map
+/// keeps the last, a proxy or a log reads the first), so a link with a
+/// second code appended must not spend that one silently.
+fn link_code(query: Option<&str>) -> Result<String, Rejection> {
+    let query = query.unwrap_or_default().as_bytes();
+    let mut codes = url::form_urlencoded::parse(query).filter(|(k, _)| k == "code").map(|(_, v)| v);
+    let code = codes.next().unwrap_or_default().into_owned();
+    if codes.next().is_some() {
+        return Err(bad("code", "code appears more than once"));
+    }
+    Ok(code)
 }
 
 fn html_escape(s: &str) -> String {
