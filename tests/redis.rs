@@ -23,9 +23,20 @@ use keygate::store::{InsertOutcome, KeyStore};
 use redis_server::RedisServer;
 
 async fn connect(server: &RedisServer, prefix: &str) -> Redis {
+    connect_within(server, prefix, Duration::from_millis(250)).await
+}
+
+/// For tests of thousands of calls that are not about outages: on a loaded
+/// machine one call in thousands can take longer than the outage tests'
+/// quarter of a second, and that is no disagreement between the stores.
+async fn connect_patient(server: &RedisServer, prefix: &str) -> Redis {
+    connect_within(server, prefix, Duration::from_secs(5)).await
+}
+
+async fn connect_within(server: &RedisServer, prefix: &str, timeout: Duration) -> Redis {
     RedisConfig::from_url(&server.url())
         .unwrap()
-        .timeout(Duration::from_millis(250))
+        .timeout(timeout)
         .prefix(prefix)
         .unwrap()
         .connect()
@@ -1896,7 +1907,7 @@ async fn key_store_model_run<S: KeyStore>(redis: &S, seed: u64) -> usize {
 #[tokio::test]
 async fn random_key_store_sequences_match_the_memory_store() {
     let server = RedisServer::start();
-    let redis = connect(&server, "km").await;
+    let redis = connect_patient(&server, "km").await;
     let seeds: u64 =
         std::env::var("KEYGATE_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(150);
     let mut ops = 0;
@@ -1971,7 +1982,7 @@ async fn portal_store_model_run<S: PortalStore>(redis: &S, seed: u64) -> usize {
 #[tokio::test]
 async fn random_portal_store_sequences_match_the_memory_store() {
     let server = RedisServer::start();
-    let redis = connect(&server, "pm").await;
+    let redis = connect_patient(&server, "pm").await;
     let seeds: u64 =
         std::env::var("KEYGATE_MODEL_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(150);
     let mut ops = 0;
