@@ -432,10 +432,15 @@ fn uint(
 ) -> Result<Option<u64>, PlanError> {
     match obj.get(key) {
         None => Ok(None),
-        Some(v) => v
-            .as_u64()
-            .map(Some)
-            .ok_or_else(|| err(format!("{at}.{key}"), "must be a non-negative integer")),
+        Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+            // An integer past u64 (`1e20`, or its digits) reaches here as a
+            // double: it is a count, only too large for one.
+            let huge = v.as_f64().is_some_and(|f| f >= 18_446_744_073_709_551_616.0);
+            err(
+                format!("{at}.{key}"),
+                if huge { "is too large" } else { "must be a non-negative integer" },
+            )
+        }),
     }
 }
 

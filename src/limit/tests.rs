@@ -317,6 +317,26 @@ fn plans_from_json() {
 }
 
 #[test]
+fn a_count_past_u64_is_too_large_not_a_non_integer() {
+    for (window, message) in [
+        ("100000000000000000000", "is too large"),
+        ("1e20", "is too large"),
+        ("1.5", "must be a non-negative integer"),
+        ("-1", "must be a non-negative integer"),
+    ] {
+        let json = format!(
+            r#"{{"plans": {{"x": {{"rate": [{{"limit": 1, "window_seconds": {window}}}]}}}}}}"#
+        );
+        let e = PlanSet::from_json(&json).unwrap_err();
+        assert_eq!(
+            (e.field.as_str(), e.message.as_str()),
+            ("plans.x.rate[0].window_seconds", message),
+            "{window}"
+        );
+    }
+}
+
+#[test]
 fn presets_match_the_seeds() {
     let s = PlanSet::presets();
     // The seeds: "per-second window" for the ingestion tiers, "1-minute
