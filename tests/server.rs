@@ -1002,6 +1002,73 @@ async fn a_stalled_client_does_not_hold_off_a_stop_signal() {
     drop(conn);
 }
 
+/// Reads from `conn` until the server closes it (end of stream, or a reset)
+/// and returns what it sent first; `None` if it still holds the connection
+/// open after `bound`.
+fn read_until_closed(conn: &mut std::net::TcpStream, bound: Duration) -> Option<String> {
+    use std::io::{ErrorKind, Read};
+    conn.set_read_timeout(Some(bound)).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0; 1024];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return Some(String::from_utf8_lossy(&got).into_owned()),
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                return None;
+            }
+            Err(_) => return Some(String::from_utf8_lossy(&got).into_owned()),
+        }
+    }
+}
+
+/// A client that sends part of a request head and then nothing (slowloris),
+/// or nothing at all, is disconnected once `--header-timeout` passes: it
+/// cannot hold a connection (a file descriptor, a task) for ever, nor hold
+/// off a stop signal until the shutdown cut-off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_stalls_in_the_request_head_is_disconnected() {
+    use std::io::Write;
+    let args = ["--bind", "127.0.0.1:0", "--header-timeout", "1"];
+    let running = Running::start(&args.map(std::ffi::OsStr::new), &[]);
+    let addr = running.first["listening"].as_str().unwrap().to_owned();
+    let mut partial = std::net::TcpStream::connect(&addr).unwrap();
+    let mut silent = std::net::TcpStream::connect(&addr).unwrap();
+    partial.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+    for (name, conn) in [("partial head", &mut partial), ("nothing sent", &mut silent)] {
+        // Well past the 1 s timeout; the answer, if any, is a 408.
+        let sent = read_until_closed(conn, Duration::from_secs(5));
+        let sent = sent.unwrap_or_else(|| panic!("{name}: still open 5 s after a 1 s timeout"));
+        assert!(sent.is_empty() || sent.starts_with("HTTP/1.1 408"), "{name}: {sent}");
+    }
+}
+
+/// The header timeout does not cut a kept-alive connection that pauses
+/// between requests for less than it: the second request on the same
+/// connection is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kept_alive_connection_serves_a_request_after_a_pause() {
+    use std::io::{Read, Write};
+    let args = ["--bind", "127.0.0.1:0", "--header-timeout", "5"];
+    let running = Running::start(&args.map(std::ffi::OsStr::new), &[]);
+    let addr = running.first["listening"].as_str().unwrap().to_owned();
+    let mut conn = std::net::TcpStream::connect(&addr).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for pause in [Duration::ZERO, Duration::from_millis(500)] {
+        std::thread::sleep(pause);
+        conn.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        // `ok`, with `content-length: 2`, ends the answer.
+        let mut got = Vec::new();
+        let mut buf = [0; 1024];
+        while !got.ends_with(b"\r\n\r\nok") {
+            let n = conn.read(&mut buf).expect("an answer on the kept-alive connection");
+            assert_ne!(n, 0, "closed after a {pause:?} pause: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{}", String::from_utf8_lossy(&got));
+    }
+}
+
 /// The access check reads the path's project and workspace as the handler
 /// does, percent-decoded: `proj%5Fx` names `proj_x` to both.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,18 +12,22 @@
 mod app;
 
 use std::error::Error;
-use std::io::Write;
+use std::io::{ErrorKind, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-
+use std::pin::pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
 use keygate::auth::PrincipalCache;
 use keygate::limit::PlanSet;
 use keygate::redis::RedisConfig;
 use serde_json::json;
+use tokio::net::{TcpListener, TcpStream};
 
 /// keygate's reference API server.
 #[derive(Parser)]
@@ -59,6 +63,19 @@ struct Args {
     /// bound address, and is required when that is not a loopback one.
     #[arg(long)]
     public_url: Option<String>,
+    /// Seconds a client has to send a request's head (request line and
+    /// headers), from when it connects or, on a kept-alive connection, from
+    /// the end of the previous answer; the connection is closed after that.
+    /// A client that stalls mid-head (slowloris) or sends nothing cannot
+    /// hold a connection open, and an idle kept-alive connection closes as
+    /// clients expect. From 1 to 3600.
+    #[arg(
+        long,
+        value_name = "SECS",
+        default_value_t = 10,
+        value_parser = clap::value_parser!(u64).range(1..=3600)
+    )]
+    header_timeout: u64,
 }
 
 #[tokio::main]
@@ -99,7 +116,7 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
     let workspace: keygate::store::WorkspaceId =
         args.workspace.parse().map_err(|e| format!("--workspace: {e}"))?;
 
-    let listener = tokio::net::TcpListener::bind(args.bind).await?;
+    let listener = TcpListener::bind(args.bind).await?;
     let addr = listener.local_addr()?;
     let cache = Arc::new(PrincipalCache::default());
     let config = app::Config {
@@ -168,8 +185,9 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
         stopped.notified().await;
         tokio::time::sleep(SHUTDOWN_GRACE).await;
     };
+    let header_timeout = Duration::from_secs(args.header_timeout);
     tokio::select! {
-        served = axum::serve(listener, router).with_graceful_shutdown(graceful) => served?,
+        () = serve(listener, router, header_timeout, graceful) => {}
         () = deadline => {
             eprintln!("connections still open {SHUTDOWN_GRACE:?} after the stop signal: closing them");
         }
@@ -181,6 +199,84 @@ async fn run(args: Args) -> Result<(), Box<dyn Error>> {
         eprintln!("the shutdown writes did not finish within {SHUTDOWN_GRACE:?}: exiting");
     }
     Ok(())
+}
+
+/// Serves HTTP/1.1 on `listener` until `stop`, then waits for the open
+/// connections: each finishes its request in flight, if any, and closes.
+///
+/// In place of `axum::serve`, which gives hyper no timer, so hyper's
+/// header-read timeout never fires (tokio-rs/axum#2741): a client that sent
+/// part of a request head, or nothing, held its connection for ever
+/// (slowloris), and held off shutdown until `SHUTDOWN_GRACE`. Otherwise as
+/// `axum::serve` served this router: HTTP/1.1 only (axum's `http2` feature
+/// is off), keep-alive and upgrades, the router cloned per connection (it
+/// uses no `ConnectInfo`), hyper's other defaults. hyper's own HTTP/1
+/// builder rather than hyper-util's `auto` one, whose HTTP/2 sniffing reads
+/// the first bytes with no timer at all.
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    header_timeout: Duration,
+    stop: impl Future<Output = ()>,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The timeout runs from the first read of every request head: also
+    // while a kept-alive connection waits for its next request, which
+    // hyper then closes (with no answer) once it passes.
+    http.timer(TokioTimer::new()).header_read_timeout(header_timeout);
+    // Every connection's task holds a receiver; the sender's `closed()`
+    // resolves once they have all ended.
+    let (stopping, stopped) = tokio::sync::watch::channel(false);
+    let mut stop = pin!(stop);
+    loop {
+        let tcp = tokio::select! {
+            () = &mut stop => break,
+            tcp = accept(&listener) => tcp,
+        };
+        let service = TowerToHyperService::new(router.clone());
+        let conn = http.serve_connection(TokioIo::new(tcp), service).with_upgrades();
+        let mut stopped = stopped.clone();
+        tokio::spawn(async move {
+            let mut conn = pin!(conn);
+            // A connection's error (a reset, a header timeout) is the
+            // client's business, not the log's.
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = stopped.wait_for(|stop| *stop) => {}
+            }
+            // Answers the request in flight, if any, then closes; an idle
+            // connection closes at once.
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        });
+    }
+    drop(listener);
+    stopping.send_replace(true);
+    drop(stopped);
+    stopping.closed().await;
+}
+
+/// The next connection. Errors are not fatal: one that ends a single
+/// connection before it is accepted is skipped; any other (`EMFILE`, out
+/// of file descriptors) is logged and retried a second later, as
+/// `axum::serve` does, which gives open connections time to close.
+async fn accept(listener: &TcpListener) -> TcpStream {
+    loop {
+        match listener.accept().await {
+            Ok((tcp, _)) => return tcp,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::ConnectionRefused
+                        | ErrorKind::ConnectionAborted
+                        | ErrorKind::ConnectionReset
+                ) => {}
+            Err(e) => {
+                eprintln!("accept error: {e}");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
 }
 
 /// Whether a Redis URL carries credentials: user info (`user:pass@`) or a
@@ -227,7 +323,7 @@ fn public_url(given: Option<&str>, addr: SocketAddr) -> Result<String, String> {
 }
 
 /// How long open connections may take to finish after a stop signal.
-const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(5);
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// Ctrl-C, or (on Unix) SIGTERM, which service managers (systemd, `docker
 /// stop`, Kubernetes) send: either shuts down cleanly, flushing last use
@@ -256,7 +352,23 @@ fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
 
 #[cfg(test)]
 mod tests {
-    use super::{holds_credentials, public_url};
+    use clap::Parser;
+
+    use super::{Args, holds_credentials, public_url};
+
+    #[test]
+    fn the_header_timeout_is_one_second_to_an_hour() {
+        let parse = |secs: &str| Args::try_parse_from(["server", "--header-timeout", secs]);
+        assert_eq!(Args::try_parse_from(["server"]).unwrap().header_timeout, 10);
+        assert_eq!(parse("1").unwrap().header_timeout, 1);
+        assert_eq!(parse("3600").unwrap().header_timeout, 3600);
+        // 0 would close every connection before its first request; past an
+        // hour it no longer guards anything (and `u64::MAX` seconds would
+        // overflow the timer's deadline).
+        for bad in ["0", "3601", "-1", "1.5", "18446744073709551615"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn redis_urls_with_credentials_are_recognised() {
