@@ -1470,6 +1470,63 @@ async fn sliding_checks_count_any_split_of_expired_and_live_entries() {
     }
 }
 
+/// A sliding window whose period is not a whole number of microseconds (a
+/// third of a second; a millisecond and 100 ns) keeps each entry, a whole
+/// microsecond of the server's clock, for exactly its period, as in memory:
+/// a check's reset and a denial's wait end a period after the entry was
+/// made, to the nanosecond (not the period rounded to the quarter
+/// microsecond that a double near 1.8e15 µs holds), and an entry made a
+/// whole millisecond before a check is still in a window of a millisecond
+/// and 100 ns.
+#[tokio::test]
+async fn sliding_periods_with_a_fraction_of_a_microsecond_are_kept_exactly() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "frac").await;
+    let mut conn = redis.connection();
+    let limiter = redis.limiter();
+    let third = Duration::from_nanos(333_333_333);
+    let p = [Policy::new("default", 1, third, Algorithm::SlidingWindow).unwrap()];
+    let d = limiter.check("third", &p, 1, CheckMode::Consume).await.unwrap();
+    assert_eq!(d.policies()[0].reset_after, third, "{d:?}");
+    let denied = limiter.check("third", &p, 1, CheckMode::Consume).await.unwrap();
+    let wait = denied.retry_after().expect("one a third of a second");
+    let made = d.at().as_nanosecond() + 333_333_333;
+    assert_eq!(denied.at().as_nanosecond() + i128::try_from(wait.as_nanos()).unwrap(), made);
+    // One entry a microsecond from a millisecond before now to 99 ms
+    // after, written by the server: whenever the check comes (within
+    // that), the entry made exactly a millisecond before it is one of
+    // them, and still counts.
+    let fill = ::redis::Script::new(
+        r"local t = redis.call('TIME')
+        local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+        for j = 0, 99999, 1000 do
+          local batch = {}
+          for k = 0, 999 do batch[k + 1] = string.format('%d', now - 1000 + j + k) end
+          redis.call('RPUSH', KEYS[1], unpack(batch))
+        end
+        return now",
+    );
+    let period = Duration::from_nanos(1_000_100);
+    let max = Policy::MAX_SLIDING_LIMIT;
+    let p = [Policy::new("default", max, period, Algorithm::SlidingWindow).unwrap()];
+    for attempt in 0.. {
+        let key = format!("ms{attempt}");
+        let list = format!("frac:rl:{{k:{key}}}:default:s");
+        let now: u64 = fill.key(&list).invoke_async(&mut conn).await.unwrap();
+        let entries = now - 1_000..now + 99_000;
+        let d = limiter.check(&key, &p, 0, CheckMode::Peek).await.unwrap();
+        let at = u64::try_from(d.at().as_microsecond()).unwrap();
+        if at >= now + 100_000 {
+            assert!(attempt < 5, "the checks came too late to tell");
+            continue;
+        }
+        // In the window: made after `at` less the period (1,000.1 µs).
+        let held = entries.filter(|&e| e + 1_000 >= at).count();
+        assert_eq!(d.remaining(), max - u32::try_from(held).unwrap(), "{d:?}");
+        break;
+    }
+}
+
 // ---- an id used again by another tenant ----
 
 /// `ws_a/p` holds one live record (so its id sets stay) and one with a

@@ -106,6 +106,17 @@ local function list_log(key)
   end
   return {len = redis.call('LLEN', key), at = at}
 end
+-- A sliding window of `period` ns over entries of whole µs: the latest
+-- entry time that has left it (a whole `e` is at or before
+-- `now_us - period / 1000` exactly when it is at or before
+-- `now_us - ceil(period / 1000)`), and the nanoseconds until an entry made
+-- at `e` leaves it. Both exact, as in memory: in µs, `now_us - period /
+-- 1000` and `e + period / 1000 - now_us` would round a period's fraction of
+-- a microsecond (a third of a second's) to the quarter microsecond that a
+-- double near 1.8e15 holds, and an entry on the window's edge would leave
+-- it early.
+local function left_by(period) return now_us - math.ceil(period / 1000) end
+local function leaves_in(e, period) return (e - now_us) * 1000 + period end
 -- How many entries of `log` are at or before `start`. The ones that left
 -- the window are the oldest, and few since the last check: searched from
 -- the oldest end in doubling steps, then by halving.
@@ -155,7 +166,7 @@ local function foreign(i, alg, period, interval, cap)
       local log = list_log(k)
       if log.len > 0 then
         found = true
-        held = held + log.len - lower_bound(log, now_us - period / 1000)
+        held = held + log.len - lower_bound(log, left_by(period))
       end
     end
   end
@@ -279,7 +290,6 @@ for i = 1, n do
       st.remaining = left; st.reset = until_end * 1000; st.retry = until_end * 1000
     end
   else
-    local p = period / 1000
     local log = list_log(KEYS[i])
     if log.len == 0 then held = foreign(i, alg, period, interval, cap) end
     -- Entries more than the slack ahead of now: the server's clock
@@ -304,7 +314,7 @@ for i = 1, n do
         if last > #entries then last = #entries end
         redis.call('RPUSH', KEYS[i], unpack(entries, j, last))
       end
-      redis.call('PEXPIRE', KEYS[i], ms_ceil((ahead + p - now_us) * 1000))
+      redis.call('PEXPIRE', KEYS[i], ms_ceil(leaves_in(ahead, period)))
     end
     if clamped then st.convert = rewrite end
     -- Entries standing for converted units (only with a sibling's state),
@@ -316,36 +326,36 @@ for i = 1, n do
     if held and held > 0 then
       st.convert = function()
         push_entries(KEYS[i], synth, held)
-        redis.call('PEXPIRE', KEYS[i], ms_ceil(p * 1000))
+        redis.call('PEXPIRE', KEYS[i], ms_ceil(period))
       end
     end
     local len = log.len
     local expired = 0
-    if now_us >= p then expired = lower_bound(log, now_us - p) end
+    if now_us >= period / 1000 then expired = lower_bound(log, left_by(period)) end
     local count = len - expired
     local newest = count > 0 and log.at(len)
     -- As a check of no units: until this log's newest entry leaves (as
     -- in memory; nothing to wait for in an empty window).
     st.reset0 = 0
     if count > 0 then
-      local r0 = newest + p - now_us
-      if r0 > 0 then st.reset0 = r0 * 1000 end
+      local r0 = leaves_in(newest, period)
+      if r0 > 0 then st.reset0 = r0 end
     end
     if cost > limit then
       local c = count
       if c > limit then c = limit end
       st.impossible = true; st.remaining = limit - c
       if count > 0 then
-        local r = newest + p - now_us
+        local r = leaves_in(newest, period)
         if r < 0 then r = 0 end
-        st.reset = r * 1000
+        st.reset = r
       end
     elseif count + cost <= limit then
       local at = now_us
       if count > 0 and newest > at then at = newest end
-      local r = at + p - now_us
+      local r = leaves_in(at, period)
       if r < 0 then r = 0 end
-      st.allowed = true; st.remaining = limit - count - cost; st.reset = r * 1000
+      st.allowed = true; st.remaining = limit - count - cost; st.reset = r
       -- No units: nothing of this check's in the log.
       if cost == 0 then st.reset = st.reset0 end
       st.commit = function()
@@ -353,11 +363,11 @@ for i = 1, n do
         if held and held > 0 then push_entries(KEYS[i], synth, held) end
         if expired > 0 then redis.call('LTRIM', KEYS[i], expired, -1) end
         push_entries(KEYS[i], string.format('%d', at), cost)
-        redis.call('PEXPIRE', KEYS[i], ms_ceil(r * 1000))
+        redis.call('PEXPIRE', KEYS[i], ms_ceil(r))
       end
     else
       local must = count + cost - limit
-      local wait = (log.at(expired + must) + p - now_us) * 1000
+      local wait = leaves_in(log.at(expired + must), period)
       if wait < 1 then wait = 1 end
       st.remaining = limit - count; st.reset = wait; st.retry = wait
     end
@@ -369,7 +379,7 @@ for i = 1, n do
     if not held then
       st.keep = function()
         local last = redis.call('LINDEX', KEYS[i], -1)
-        if last then keep_for(KEYS[i], ms_ceil((tonumber(last) + p - now_us) * 1000)) end
+        if last then keep_for(KEYS[i], ms_ceil(leaves_in(tonumber(last), period))) end
       end
     end
   end
@@ -479,8 +489,7 @@ for i = 1, n do
         local newest = redis.call('LINDEX', KEYS[i], -1)
         if newest then
           -- What stays counts for this period (see `keep_for`).
-          local p = period / 1000
-          keep_for(KEYS[i], ms_ceil((tonumber(newest) + p - now_us) * 1000))
+          keep_for(KEYS[i], ms_ceil(leaves_in(tonumber(newest), period)))
         end
       end
     end
