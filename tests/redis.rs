@@ -481,6 +481,39 @@ async fn decisions_match_the_memory_limiter() {
     }
 }
 
+/// A plan change (same name) from a sliding window to GCRA of a horizon
+/// beyond 2^53 ns (a few a year) carries exactly the units the window
+/// held, as in memory: the rest of the burst is left and can be used at
+/// once. Their time, held units times an interval, rounds to a few
+/// nanoseconds in a double there, and a few past a whole number of
+/// intervals read as one more unit: one too few left, and the rest of the
+/// burst refused.
+#[tokio::test]
+async fn a_long_gcra_horizon_converted_from_a_window_keeps_every_unit() {
+    let server = RedisServer::start();
+    let redis = connect(&server, "longconv").await;
+    let limiter = redis.limiter();
+    let memory = MemoryLimiter::<String, _>::with_clock(1000, FakeClock::at_2026());
+    for limit in [7, 11, 14, 29] {
+        let hourly = [hour("y", limit, Algorithm::SlidingWindow)];
+        let days = Duration::from_secs(200 * 86_400);
+        let long = [Policy::new("y", limit, days, Algorithm::Gcra).unwrap()];
+        for held in 1..limit {
+            let key = format!("{limit}-{held}");
+            let m = memory.check(key.as_str(), &hourly, held).unwrap();
+            let r = limiter.check(&key, &hourly, held, CheckMode::Consume).await.unwrap();
+            assert!(m.is_allowed() && r.is_allowed(), "{key}");
+            let m = memory.peek(key.as_str(), &long, 0).unwrap();
+            let r = limiter.check(&key, &long, 0, CheckMode::Peek).await.unwrap();
+            assert_eq!((r.remaining(), m.remaining()), (limit - held, limit - held), "{key}");
+            let m = memory.check(key.as_str(), &long, limit - held).unwrap();
+            let r = limiter.check(&key, &long, limit - held, CheckMode::Consume).await.unwrap();
+            assert!(m.is_allowed(), "{key}: {m:?}");
+            assert!(r.is_allowed(), "{key}: {r:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn decisions_use_the_server_clock_and_real_windows_pass() {
     let server = RedisServer::start();

@@ -52,6 +52,14 @@ local function tat_abs(rel)
   local q = (x - r) / 1000000000
   return string.format('%d%09d', nsec + q, r)
 end
+-- How far a GCRA time `x` ns may be off in a double: nothing below 2^53;
+-- beyond (a horizon of more than 104 days), a few nanoseconds for each
+-- rounding of the sum or product it came from. A time that far past a
+-- whole number of intervals is that number (units held times an interval,
+-- a conversion's; checks in one microsecond): read as one unit more, the
+-- rest of the burst would be refused. At worst, a unit comes due that many
+-- nanoseconds early.
+local function rounding(x) if x < 9007199254740992 then return 0 end return 64 end
 -- How far past its own span (a GCRA horizon, a window's period) a state
 -- may reach and still be this policy's (as in memory): a second.
 local SLACK_NS = 1000000000
@@ -238,10 +246,11 @@ for i = 1, n do
     -- Units left, floor((horizon - used) / interval), counted as cap less
     -- the units `used` covers: the horizon itself (beyond 2^53 ns, a long
     -- period's) would round, and one unit would go missing. The quotient
-    -- of an exact multiple is rounded to the integer it is.
+    -- of an exact multiple is rounded to the integer it is; a rounding
+    -- past one begins no unit (see `rounding`).
     local rest = math.fmod(used, interval)
     local covered = math.floor((used - rest) / interval + 0.5)
-    if rest > 0 then covered = covered + 1 end
+    if rest > rounding(used) then covered = covered + 1 end
     local available = cap - covered
     if available < 0 then available = 0 end
     st.reset0 = used
@@ -249,7 +258,7 @@ for i = 1, n do
       st.impossible = true; st.remaining = available; st.reset = used
     else
       local need = used + interval * cost
-      if need <= horizon then
+      if need <= horizon + rounding(need) then
         st.allowed = true; st.remaining = available - cost; st.reset = need
         st.commit = function() redis.call('SET', KEYS[i], tat_abs(need), 'PX', ms_ceil(need)) end
       else
@@ -510,10 +519,14 @@ static REFUND_SCRIPT: LazyLock<Script> =
 /// server's clock (`TIME`), so clock skew between application servers
 /// cannot change a decision. Decisions mean exactly what
 /// [`MemoryLimiter`](crate::limit::MemoryLimiter)'s do (same algorithms,
-/// same `limit`, `remaining`, `reset` and `retry-after`); fixed windows are
-/// aligned to the Unix epoch. State keys expire on their own once they are
-/// indistinguishable from fresh (`PX`/`PEXPIRE`), and all keys of one check
-/// share a hash tag (one Redis Cluster slot).
+/// same `limit`, `remaining`, `reset` and `retry-after`) at the server's
+/// microsecond, but for GCRA over a horizon beyond 104 days, whose times
+/// the script's doubles round to a few nanoseconds (a unit may come due up
+/// to 64 ns early); fixed windows are aligned to the Unix epoch (see
+/// [`Algorithm::FixedWindow`] for periods that do not divide a day). State
+/// keys expire on their own once they are indistinguishable from fresh
+/// (`PX`/`PEXPIRE`), and all keys of one check share a hash tag (one Redis
+/// Cluster slot).
 ///
 /// Sliding windows keep one list entry per admitted unit (at most the
 /// limit) and read the list on each check: use them for small limits.
