@@ -481,6 +481,108 @@ async fn decisions_match_the_memory_limiter() {
     }
 }
 
+/// A random policy named `name` for [`random_limiter_sequences_match_the_memory_limiter`]:
+/// an hour or more (GCRA up to a year, past 2^53 ns), so that the few
+/// seconds a run takes change no count: a unit takes at least 90 s to come
+/// back, no window ends (the run keeps clear of the hour), no state
+/// expires.
+fn random_long_policy(rng: &mut Rng, name: &'static str) -> Policy {
+    // Limits that divide every period here, so that GCRA intervals are
+    // whole nanoseconds: units counted under one limit are whole units
+    // under another, not a few nanoseconds more (which the fake clock
+    // would still count, and the server's would have left behind).
+    const LIMITS: [u32; 20] =
+        [1, 2, 3, 4, 5, 6, 8, 9, 10, 12, 15, 16, 18, 20, 24, 25, 30, 32, 36, 40];
+    let algorithm = [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow]
+        [usize::try_from(rng.below(3)).unwrap()];
+    let most = if rng.chance(20) { 20 } else { 6 };
+    let limit = LIMITS[usize::try_from(rng.below(most)).unwrap()];
+    let mut hours = [1, 2, 24][usize::try_from(rng.below(3)).unwrap()];
+    if algorithm == Algorithm::Gcra && rng.chance(30) {
+        hours = [200 * 24, 366 * 24][usize::try_from(rng.below(2)).unwrap()];
+    }
+    let p = Policy::new(name, limit, Duration::from_secs(hours * 3600), algorithm).unwrap();
+    if algorithm == Algorithm::Gcra && rng.chance(25) {
+        let burst = 1 + u32::try_from(rng.below(8)).unwrap();
+        return p.clone().with_burst(burst).unwrap_or(p);
+    }
+    p
+}
+
+/// Seeded random sequences of checks of random costs (0 to one above the
+/// capacity), peeks, refunds of the latest check and plan changes under the
+/// same names, over one to three stacked policies of every algorithm: Redis
+/// (its own clock) and `MemoryLimiter` (a fake clock set to the server's
+/// time) agree at every step on the outcome and each policy's units left,
+/// and on reset and retry times within the time the run has taken.
+#[tokio::test]
+async fn random_limiter_sequences_match_the_memory_limiter() {
+    use keygate::limit::Decision;
+    clear_of_the_hour().await;
+    let server = RedisServer::start();
+    let redis = connect(&server, "rand").await;
+    let limiter = redis.limiter();
+    let mut conn = redis.connection();
+    let (secs, micros): (i64, i64) = ::redis::cmd("TIME").query_async(&mut conn).await.unwrap();
+    let start = jiff::Timestamp::from_microsecond(secs * 1_000_000 + micros).unwrap();
+    let memory = MemoryLimiter::<String, _>::with_clock(10_000, FakeClock::new(start));
+    let began = Instant::now();
+    let names = ["a", "b", "c"];
+    for seed in 0..200 {
+        let mut rng = Rng(seed);
+        let key = format!("s{seed}");
+        let stacked = 1 + usize::try_from(rng.below(3)).unwrap();
+        let mut plan: Vec<Policy> =
+            names[..stacked].iter().map(|&name| random_long_policy(&mut rng, name)).collect();
+        let mut checks: Vec<(Decision, Decision)> = Vec::new();
+        for step in 0..30 {
+            let ctx = format!("seed {seed} step {step} plan {plan:?}");
+            let cap = plan.iter().map(Policy::capacity).max().unwrap();
+            match rng.below(10) {
+                0..=6 => {
+                    let mode = if rng.chance(25) { CheckMode::Peek } else { CheckMode::Consume };
+                    let cost = u32::try_from(rng.below(u64::from(cap) + 2)).unwrap();
+                    let mem = memory.check_mode(key.as_str(), &plan, cost, mode).unwrap();
+                    let red = limiter.check(&key, &plan, cost, mode).await.unwrap();
+                    let ctx = format!("{ctx}: {cost} {mode:?}\n{mem:?}\n{red:?}");
+                    assert_eq!(red.outcome(), mem.outcome(), "{ctx}");
+                    // What the run has taken: Redis's clock moved on,
+                    // the fake one did not.
+                    let close = |x: Duration, y: Duration| {
+                        x.abs_diff(y) <= began.elapsed() + Duration::from_millis(5)
+                    };
+                    for (rp, mp) in red.policies().iter().zip(mem.policies()) {
+                        assert_eq!(
+                            (rp.name, rp.limit, rp.period, rp.allowed, rp.remaining),
+                            (mp.name, mp.limit, mp.period, mp.allowed, mp.remaining),
+                            "{ctx}"
+                        );
+                        assert!(close(rp.reset_after, mp.reset_after), "{ctx}");
+                        match (rp.retry_after, mp.retry_after) {
+                            (Some(x), Some(y)) => assert!(close(x, y), "{ctx}"),
+                            (x, y) => assert_eq!(x.is_some(), y.is_some(), "{ctx}"),
+                        }
+                    }
+                    checks.push((mem, red));
+                }
+                // The latest check, given back: a GCRA refund of an
+                // earlier one gives back less the later it comes (time
+                // passes on Redis, not on the fake clock).
+                7 | 8 if !checks.is_empty() => {
+                    let cost = u32::try_from(rng.below(4)).unwrap();
+                    let (mem, red) = checks.last_mut().unwrap();
+                    memory.refund(key.as_str(), &plan, cost, mem);
+                    limiter.refund(&key, &plan, cost, red).await.unwrap();
+                }
+                _ => {
+                    let at = usize::try_from(rng.below(plan.len() as u64)).unwrap();
+                    plan[at] = random_long_policy(&mut rng, names[at]);
+                }
+            }
+        }
+    }
+}
+
 /// A plan change (same name) from a sliding window to GCRA of a horizon
 /// beyond 2^53 ns (a few a year) carries exactly the units the window
 /// held, as in memory: the rest of the burst is left and can be used at
