@@ -205,19 +205,20 @@ fn first_of_name(policies: &[Policy], i: usize) -> bool {
 /// ns (about a millisecond). Windows end on multiples of their period, and
 /// a word period is at least 2^21 ns, so the one multiple of the period in
 /// that span is the exact end (the current window's, or an earlier one's
-/// after the clock stepped back); with no multiple there (the period
-/// changed), the span's last nanosecond stands in: the count then holds at
-/// most a millisecond longer. One case holds it shorter: a plan change
-/// (same name) to a period with a multiple in that span before the old
-/// window's end, which then stands in — the old count ends up to a
-/// millisecond early, once, at the change (the locked form keeps exact
-/// ends).
+/// after the clock stepped back). With no multiple there (a plan change
+/// under one name, to another period), the span's first nanosecond stands
+/// in, as a multiple of the new period in the span does: read at a plan
+/// change within that millisecond, the old count may end up to a
+/// millisecond early, once. The other way round (the span's last
+/// nanosecond) a window that had just ended would still count, and the
+/// conversion would carry its units into the new policy's whole window —
+/// for a long GCRA policy, months. The locked form keeps exact ends.
 fn window_slot(p: &Policy, word: u64, now: u64) -> Slot {
     let period = crate::clock::duration_nanos(p.period()).max(1);
     let count = ((word >> Q_BITS) & COUNT_MAX) as u32;
     let (lo, hi) = ((word & Q_MASK) << 20, (((word & Q_MASK) + 1) << 20) - 1);
     let multiple = hi / period * period;
-    let end = if multiple >= lo { multiple } else { hi };
+    let end = if multiple >= lo { multiple } else { lo };
     if end > now { Slot::Window { end, count } } else { Slot::Fresh }
 }
 

@@ -789,10 +789,6 @@ fn plan_changes_keep_counts_within_their_own_windows() {
 /// very end of a window does not carry its count into the new policy's
 /// window.
 #[test]
-#[ignore = "the word keeps a window's end to 2^20 ns (about a millisecond): read \
-            under a period with no multiple in that span, a window that ended \
-            up to that long ago still counts, and is carried into the new \
-            policy's whole window; holding or dropping it is a design choice"]
 fn a_window_that_has_ended_carries_nothing_into_a_plan_change() {
     let c = clock();
     let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
