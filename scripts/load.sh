@@ -23,6 +23,9 @@ rounds="${3:-3}"
 command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
 
 cargo build --release --example server -q
+# Where cargo put it: CARGO_TARGET_DIR or a configured target dir, if set.
+server_bin="$(cargo metadata --format-version 1 --no-deps |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/server"
 tmp="$(mktemp -d)"
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 cat > "$tmp/plans.json" <<'JSON'
@@ -34,7 +37,7 @@ pin_server=() pin_wrk=()
 if command -v taskset >/dev/null && [ "$(nproc)" -ge 2 ]; then
   pin_server=(taskset -c 0) pin_wrk=(taskset -c 1)
 fi
-"${pin_server[@]}" target/release/examples/server --bind 127.0.0.1:0 --plans "$tmp/plans.json" --load-twin > "$tmp/out" &
+"${pin_server[@]}" "$server_bin" --bind 127.0.0.1:0 --plans "$tmp/plans.json" --load-twin > "$tmp/out" &
 pid=$!
 for _ in $(seq 50); do [ -s "$tmp/out" ] && break; sleep 0.1; done
 read -r addr token < <(python3 -c 'import json,sys; d=json.loads(open(sys.argv[1]).readline()); print(d["listening"], d["management_token"])' "$tmp/out")
