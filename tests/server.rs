@@ -207,6 +207,8 @@ async fn create_key_bad_bodies_name_the_field() {
         (json!({"name": "x", "format": "sk", "scopes": "applications:read"}), "scopes"),
         (json!({"name": "x", "format": "sk", "scopes": ["nonsense:read"]}), "scopes"),
         (json!({"name": "x", "format": "nhk", "expiresInDays": 0}), "expiresInDays"),
+        (json!({"name": "x", "format": "nhk", "expiresInDays": 1.5}), "expiresInDays"),
+        (json!({"name": "x", "format": "nhk", "expiresInDays": 3651.0}), "expiresInDays"),
         (json!({"name": "x", "format": "nhk", "project": "has space"}), "project"),
         (json!([1, 2]), "body"),
         // A typo is refused, not a key without the scopes or expiry asked.
@@ -218,6 +220,23 @@ async fn create_key_bad_bodies_name_the_field() {
         let r = s.mgmt(Method::POST, "/api-keys", Some(body.clone())).await;
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{body}: {}", r.text);
         assert_eq!(r.body["error"]["field"], field, "{body}: {}", r.text);
+    }
+    // A whole number of days written as a double is that number.
+    for days in [json!(30), json!(30.0), json!(3e1)] {
+        let r = s
+            .mgmt(
+                Method::POST,
+                "/api-keys",
+                Some(json!({"name": "x", "format": "nhk", "expiresInDays": days})),
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{days}: {}", r.text);
+        let at = |f: &str| r.body[f].as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+        let lifetime = at("expires_at").duration_since(at("created_at"));
+        assert_eq!(lifetime, jiff::SignedDuration::from_hours(30 * 24), "{days}");
+        let id = r.body["id"].as_str().unwrap();
+        let gone = s.mgmt(Method::DELETE, &format!("/api-keys/{id}"), None).await;
+        assert_eq!(gone.status, StatusCode::NO_CONTENT);
     }
     // A format's environments are named.
     let r = s

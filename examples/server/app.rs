@@ -584,7 +584,10 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
     match obj.get("expiresInDays") {
         None | Some(Value::Null) => {}
         Some(v) => {
-            let Some(days) = v.as_u64().filter(|d| (1..=3650).contains(d)) else {
+            // A whole number however it is written (`30`, `30.0`, `3e1`),
+            // as the library's portal reads `expiresInMinutes`: SDKs that
+            // hold numbers as doubles send them so.
+            let Some(days) = v.as_u64().or_else(|| v.as_f64().and_then(whole_days)) else {
                 let message = "expiresInDays must be a whole number of days from 1 to 3650";
                 return Err(bad("expiresInDays", message));
             };
@@ -592,6 +595,12 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
         }
     }
     Ok(new)
+}
+
+/// `f` as a count of days, if it is a whole number from 1 to 3650.
+#[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // in range: exact
+fn whole_days(f: f64) -> Option<u64> {
+    (f.fract() == 0.0 && (1.0..=3650.0).contains(&f)).then_some(f as u64)
 }
 
 /// The optional `scopes` field: an array of `resource:action` strings.
