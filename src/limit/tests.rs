@@ -1395,15 +1395,9 @@ fn a_direct_gcra_after_a_step_back_decides_as_the_keyed_one() {
     // monotonic clock stepped back (a fake clock rewound) the state is
     // converted (the burst used), not a lock-out for the whole step.
     let p = gcra_named("a", 1, Duration::from_secs(1));
-    let c = clock();
-    let keyed = MemoryLimiter::<u64, _>::with_clock(10, c.clone());
-    let direct = DirectLimiter::with_clock(p.clone(), c.clone());
-    c.advance(Duration::from_secs(100));
-    assert!(keyed.check(&1, std::slice::from_ref(&p), 1).unwrap().is_allowed());
-    assert!(direct.check(1).is_allowed());
-    c.rewind(Duration::from_secs(10));
+    let (c, keyed, direct) = used_up_then_rewound(&p, Duration::from_secs(10));
     for _ in 0..3 {
-        let k = keyed.check(&1, std::slice::from_ref(&p), 1).unwrap();
+        let k = keyed.check("k", std::slice::from_ref(&p), 1).unwrap();
         let d = direct.check(1);
         assert_eq!((d.is_allowed(), d.retry_after()), (k.is_allowed(), k.retry_after()));
         assert!(k.retry_after() <= Some(Duration::from_secs(1)), "a second at most: {k:?}");
@@ -1600,6 +1594,25 @@ fn a_jump_of_years_with_the_wall_clock_a_day_behind_does_not_stop_time() {
     }
 }
 
+/// A keyed and a direct limiter on one fake clock, key `k` of the keyed
+/// one and the direct one each charged `p`'s whole limit (one at a time,
+/// 100 s in), then the clock stepped back by `by`.
+fn used_up_then_rewound(
+    p: &Policy,
+    by: Duration,
+) -> (FakeClock, MemoryLimiter<String, FakeClock>, DirectLimiter<FakeClock>) {
+    let c = clock();
+    let keyed = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let direct = DirectLimiter::with_clock(p.clone(), c.clone());
+    c.advance(Duration::from_secs(100));
+    for _ in 0..p.limit() {
+        assert!(keyed.check("k", std::slice::from_ref(p), 1).unwrap().is_allowed());
+        assert!(direct.check(1).is_allowed());
+    }
+    c.rewind(by);
+    (c, keyed, direct)
+}
+
 #[test]
 fn a_step_back_holds_a_sliding_window_for_one_window_not_the_step() {
     // Two used, then the monotonic clock steps back 50 s: the two still
@@ -1607,16 +1620,8 @@ fn a_step_back_holds_a_sliding_window_for_one_window_not_the_step() {
     // Redis limiter and as fixed windows and GCRA convert, not until the
     // clock has caught up with the entries.
     let p = Policy::new("s", 2, Duration::from_secs(1), Algorithm::SlidingWindow).unwrap();
-    let c = clock();
-    let keyed = MemoryLimiter::<String, _>::with_clock(16, c.clone());
-    let direct = DirectLimiter::with_clock(p.clone(), c.clone());
+    let (c, keyed, direct) = used_up_then_rewound(&p, Duration::from_secs(50));
     let p = [p];
-    c.advance(Duration::from_secs(100));
-    for _ in 0..2 {
-        assert!(keyed.check("k", &p, 1).unwrap().is_allowed());
-        assert!(direct.check(1).is_allowed());
-    }
-    c.rewind(Duration::from_secs(50));
     let mut waited = Duration::ZERO;
     loop {
         let (k, d) = (keyed.check("k", &p, 1).unwrap(), direct.check(1));
@@ -1638,16 +1643,8 @@ fn a_direct_window_too_big_for_a_word_after_a_step_back_decides_as_the_keyed_one
     // a lock. After a step back it is converted, and the conversion kept
     // even when the check is denied, so the next window admits again.
     let p = Policy::new("f", 2, Duration::from_millis(1), Algorithm::FixedWindow).unwrap();
-    let c = clock();
-    let keyed = MemoryLimiter::<String, _>::with_clock(16, c.clone());
-    let direct = DirectLimiter::with_clock(p.clone(), c.clone());
+    let (c, keyed, direct) = used_up_then_rewound(&p, Duration::from_secs(10));
     let p = [p];
-    c.advance(Duration::from_secs(100));
-    for _ in 0..2 {
-        assert!(keyed.check("k", &p, 1).unwrap().is_allowed());
-        assert!(direct.check(1).is_allowed());
-    }
-    c.rewind(Duration::from_secs(10));
     for _ in 0..3 {
         let (k, d) = (keyed.check("k", &p, 1).unwrap(), direct.check(1));
         assert_eq!((k.is_allowed(), k.retry_after()), (d.is_allowed(), d.retry_after()));
