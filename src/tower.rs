@@ -92,7 +92,13 @@
 //! under the same plan without a cost of their own are then not charged either.
 //!
 //! Put the layer on a route's method router (`get(h).route_layer(…)`, as
-//! below), so that another method is the router's plain 405. On a
+//! below), so that another method is the router's plain 405. axum's
+//! `route_layer` wraps every method added to that method router before it:
+//! `get(list).route_layer(read).post(create).route_layer(write)` nests the
+//! `write` layer around `GET` too, so a read-only key gets a 403 there.
+//! Where a path's methods need different scopes, give each its own
+//! `.route(path, …)` (axum merges the methods of one path) or its handler
+//! its own layer (`get(list.layer(…))`), as in the second example. On a
 //! `Router`, it also runs for the 405s and 404s it answers (and consumes
 //! units for them). The layer demands a credential on every request,
 //! CORS preflight `OPTIONS` included: put a CORS layer outside it, exposing
@@ -121,6 +127,60 @@
 //!     format!("hello, {}", who.name())
 //! }
 //! # Ok(())
+//! # }
+//! ```
+//!
+//! One path, a scope per method (a key holding `applications:read` only):
+//!
+//! ```
+//! use axum::{Router, body::Body, handler::Handler, http::Request, routing::{get, post}};
+//! use keygate::auth::Authenticator;
+//! use keygate::limit::{MemoryLimiter, PlanSet};
+//! use keygate::manager::{KeyManager, NewKey};
+//! use keygate::store::{MemoryKeyStore, Tenant};
+//! use keygate::tower::Gate;
+//! use tower::ServiceExt;
+//!
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+//! let keys = MemoryKeyStore::new();
+//! let reader = KeyManager::new(keys.clone())
+//!     .create(NewKey::new("r", keygate::format::SK, Tenant::workspace("ws_a".parse()?))
+//!         .scopes(&["applications:read"])?)
+//!     .await?;
+//! let gate = Gate::builder(Authenticator::new(keys), MemoryLimiter::new(1_000))
+//!     .plans(PlanSet::presets())
+//!     .build();
+//! let (read, write) = (
+//!     gate.layer().require("applications:read")?,
+//!     gate.layer().require("applications:write")?,
+//! );
+//! async fn list() -> &'static str { "[]" }
+//! async fn create() -> &'static str { "created" }
+//!
+//! // Each method its own route, or each handler its own layer.
+//! let per_method: Router = Router::new()
+//!     .route("/v1/applications", get(list).route_layer(read.clone()))
+//!     .route("/v1/applications", post(create).route_layer(write.clone()));
+//! let per_handler: Router = Router::new().route(
+//!     "/v1/applications",
+//!     get(list.layer(read.clone())).post(create.layer(write.clone())),
+//! );
+//! // Not this: the second `route_layer` wraps `GET` as well.
+//! let chained: Router = Router::new().route(
+//!     "/v1/applications",
+//!     get(list).route_layer(read.clone()).post(create).route_layer(write.clone()),
+//! );
+//!
+//! let bearer = format!("Bearer {}", reader.key().expose_secret());
+//! let get_as_reader = || {
+//!     Request::get("/v1/applications").header("authorization", &bearer).body(Body::empty())
+//! };
+//! assert_eq!(per_method.oneshot(get_as_reader()?).await?.status(), 200);
+//! assert_eq!(per_handler.oneshot(get_as_reader()?).await?.status(), 200);
+//! assert_eq!(chained.oneshot(get_as_reader()?).await?.status(), 403);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! # })
 //! # }
 //! ```
 
