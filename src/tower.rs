@@ -1023,6 +1023,46 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// free key's use never eats a paid key's quota, and making more keys
     /// on one plan buys nothing.
     ///
+    /// A category that no rule of the plan counts is admitted and not
+    /// counted ([`Charge::Counted`] with no `rule`), as the store's
+    /// contract says. Where the client's body names the category, map it
+    /// onto the categories your plans count (and refuse the rest) before
+    /// calling: passed through, `"Email"` or `"emails"` is never counted
+    /// where `"email"` is limited.
+    ///
+    /// ```
+    /// use keygate::auth::{Authenticator, Target};
+    /// use keygate::limit::{MemoryLimiter, PlanSet};
+    /// use keygate::manager::{KeyManager, NewKey};
+    /// use keygate::quota::MemoryQuotaStore;
+    /// use keygate::store::{MemoryKeyStore, Tenant};
+    /// use keygate::tower::{Charge, Gate};
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+    /// let keys = MemoryKeyStore::new();
+    /// let tenant = Tenant::workspace("ws_a".parse()?);
+    /// // `free`: 100 notifications a month, `email` and `webhook` counted.
+    /// let key = KeyManager::new(keys.clone())
+    ///     .create(NewKey::new("n", keygate::format::NH, tenant).plan("free"))
+    ///     .await?;
+    /// let gate = Gate::builder(Authenticator::new(keys), MemoryLimiter::new(1_000))
+    ///     .plans(PlanSet::presets())
+    ///     .quotas(MemoryQuotaStore::new())
+    ///     .build();
+    /// let header = [("x-api-key", key.key().expose_secret().as_bytes())];
+    /// let who = gate.authenticator().authenticate(header, &Target::any()).await?;
+    ///
+    /// let rule = |c: Charge| c.decision().and_then(|d| d.rule.clone());
+    /// let counted = gate.charge(&who, "email", 1).await.map_err(|r| r.reason().to_string())?;
+    /// assert_eq!(rule(counted).as_deref(), Some("notifications"));
+    /// let free = gate.charge(&who, "Email", 1).await.map_err(|r| r.reason().to_string())?;
+    /// assert_eq!(rule(free), None); // admitted, counted nowhere
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # })
+    /// # }
+    /// ```
+    ///
     /// # Errors
     ///
     /// [`Refused`] in the gate's body style ([`Refused::with_style`] changes
