@@ -72,7 +72,24 @@ pub const ROLE_METADATA_KEY: &str = "portal.role";
 /// revokes the access tokens naming it.
 pub const MINTER_METADATA_KEY: &str = "portal.minter";
 
-/// The resources a portal role covers by default.
+/// The resources a portal role covers by default: `endpoints`,
+/// `subscriptions` and `deliveries` (the value, which rustdoc does not
+/// show). A host with a [`ScopeRegistry`] of its own lists them among its
+/// resources, or minting a session fails ([`PortalError::Scope`]:
+/// ``unknown scope `endpoints:*` ``); give that one registry to the
+/// `Portal`, the `Authenticator` and the `KeyManager` alike.
+///
+/// ```
+/// use keygate::portal::PORTAL_RESOURCES;
+/// use keygate::scope::ScopeRegistry;
+///
+/// assert_eq!(PORTAL_RESOURCES, ["endpoints", "subscriptions", "deliveries"]);
+/// let mut resources = vec!["orders"];
+/// resources.extend_from_slice(PORTAL_RESOURCES);
+/// let registry = ScopeRegistry::new(&resources, &["read", "create", "update", "delete", "write"])?;
+/// assert!(registry.required("endpoints:read").is_ok());
+/// # Ok::<(), keygate::scope::ScopeError>(())
+/// ```
 pub const PORTAL_RESOURCES: &[&str] = &["endpoints", "subscriptions", "deliveries"];
 
 /// A freshly minted session: what the API returns, once.

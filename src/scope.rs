@@ -338,7 +338,19 @@ pub struct ScopeRegistry {
 
 impl Default for ScopeRegistry {
     /// The resources of the seed products with CRUD actions plus `write`
-    /// (create or update) and `execute`.
+    /// (create or update) and `execute`. The resources: `applications`,
+    /// `webhooks`, `endpoints`, `event_types`, `events`, `messages`,
+    /// `subscriptions`, `deliveries`, `api_keys`, `tokens`, `portal`,
+    /// `ingest`, `notifications`, `workflows`; a host with others builds
+    /// its own with [`ScopeRegistry::new`].
+    ///
+    /// ```
+    /// use keygate::scope::ScopeRegistry;
+    ///
+    /// let reg = ScopeRegistry::default();
+    /// assert!(reg.required("workflows:execute").is_ok());
+    /// assert!(reg.required("orders:read").is_err());
+    /// ```
     fn default() -> Self {
         Self::new(
             &[
