@@ -303,6 +303,10 @@ pub enum ManagerError {
     /// The record's format is not one the manager knows.
     #[error("unknown key format `{0}`")]
     UnknownFormat(String),
+    /// The key names a plan the manager was told is not offered
+    /// ([`KeyManager::plans`]).
+    #[error("unknown plan `{0}`")]
+    UnknownPlan(String),
     /// A generated id or key collided with an existing one (vanishingly
     /// unlikely; retry).
     #[error("generated id collided; retry")]
@@ -339,6 +343,9 @@ impl ManagerError {
             Self::ReservedMetadata { .. } => {
                 Rejection::BadRequest { field: "metadata".into(), message: self.to_string() }
             }
+            Self::UnknownPlan(_) => {
+                Rejection::BadRequest { field: "plan".into(), message: self.to_string() }
+            }
             Self::LimitReached { .. } | Self::Inactive | Self::AlreadyRolled => {
                 Rejection::Conflict { message: self.to_string() }
             }
@@ -361,6 +368,8 @@ pub struct KeyManager<S, C = SystemClock> {
     clock: C,
     max_active: Option<u32>,
     cache: Option<Arc<PrincipalCache>>,
+    /// The plans keys may name, if told ([`plans`](KeyManager::plans)).
+    plans: Option<Arc<[String]>>,
 }
 
 impl<S, C> fmt::Debug for KeyManager<S, C> {
@@ -384,6 +393,7 @@ impl<S: KeyStore> KeyManager<S> {
             clock: SystemClock::new(),
             max_active: Some(10),
             cache: None,
+            plans: None,
         }
     }
 }
@@ -399,6 +409,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             clock,
             max_active: self.max_active,
             cache: self.cache,
+            plans: self.plans,
         }
     }
 
@@ -430,6 +441,19 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         self
     }
 
+    /// Refuses to create a key naming a plan `plans` lacks
+    /// ([`ManagerError::UnknownPlan`], a 400 naming `plan`): give it the
+    /// gate's [`PlanSet`](crate::limit::PlanSet), whose `Gate` would
+    /// otherwise answer every request of such a key with a 500 (its
+    /// deployment's error, found only once the key is used). A key naming
+    /// no plan is under the gate's default. Rolls keep the plan a key has.
+    /// By default any name is taken, for hosts that check plans themselves.
+    #[must_use]
+    pub fn plans(mut self, plans: &crate::limit::PlanSet) -> Self {
+        self.plans = Some(plans.iter().map(|p| p.name().to_owned()).collect());
+        self
+    }
+
     /// Drops revoked keys from `cache` at once.
     #[must_use]
     pub fn cache(mut self, cache: Arc<PrincipalCache>) -> Self {
@@ -456,9 +480,16 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// for an environment or region the format lacks,
     /// [`ManagerError::Lifetime`] for a lifetime the format does not offer,
     /// [`ManagerError::LimitReached`] when the project is full,
+    /// [`ManagerError::UnknownPlan`] for a plan outside
+    /// [`plans`](Self::plans) (once told),
     /// [`ManagerError::Collision`] when the minted key or id is taken, and
     /// [`ManagerError::Backend`] when the store fails.
     pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManagerError> {
+        if let (Some(plans), Some(plan)) = (&self.plans, &new.plan)
+            && !plans.contains(plan)
+        {
+            return Err(ManagerError::UnknownPlan(plan.clone()));
+        }
         self.insert_capped(new, self.max_active, None).await
     }
 

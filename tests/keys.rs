@@ -252,6 +252,34 @@ async fn scopes_are_checked_and_named() {
     assert_eq!((r.status(), r.retry_after_secs(jiff::Timestamp::UNIX_EPOCH)), (500, None));
 }
 
+/// A key naming a plan the deployment's gate lacks would be a 500 on every
+/// request (`UnknownPlan`) from its first use: a manager told the plans
+/// refuses it at creation (a 400 naming `plan`), directly and on behalf of
+/// a caller; a roll keeps the plan the key has.
+#[tokio::test]
+async fn a_manager_told_the_plans_refuses_a_key_naming_another() {
+    let f = fixture();
+    let plans = keygate::limit::PlanSet::presets();
+    let manager = KeyManager::new(f.store.clone()).plans(&plans);
+    let err = manager.create(NewKey::new("k", NHK, ws("ws_a")).plan("platinum")).await.unwrap_err();
+    assert!(matches!(&err, ManagerError::UnknownPlan(p) if p == "platinum"), "{err}");
+    let r = err.rejection();
+    assert_eq!(r.status(), 400);
+    assert!(matches!(r, Rejection::BadRequest { ref field, .. } if field == "plan"), "{r:?}");
+    let (_, caller) = key_and_30_day_caller(&f).await;
+    let err = manager
+        .create_for(&caller, NewKey::new("c", NHK, ws("ws_a")).plan("Pro"))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, ManagerError::UnknownPlan(_)), "{err}");
+    let pro = manager.create(NewKey::new("p", NHK, ws("ws_a")).plan("pro")).await.unwrap();
+    assert_eq!(pro.record().plan.as_deref(), Some("pro"));
+    // No plan is the gate's default: fine.
+    manager.create(NewKey::new("d", NHK, ws("ws_a"))).await.unwrap();
+    // Without `plans`, any name is taken (the host's own check).
+    f.manager.create(NewKey::new("x", NHK, ws("ws_a")).plan("platinum")).await.unwrap();
+}
+
 #[tokio::test]
 async fn create_for_refuses_metadata_the_library_keeps_for_itself() {
     let f = fixture();

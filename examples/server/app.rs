@@ -156,6 +156,17 @@ const MAX_BODY: usize = 64 * 1024;
 /// coalesced last-use times.
 pub(crate) type Built<K> = (Router, KeyManager<K>, Flush);
 
+/// The server's key manager over `keys`: it drops revoked keys from the
+/// shared principal `cache`, and refuses a key naming a plan the gate lacks
+/// (a 400, where the gate would answer each of its requests with a 500).
+fn key_manager<K: KeyStore>(
+    keys: K,
+    cache: &Arc<PrincipalCache>,
+    plans: &PlanSet,
+) -> KeyManager<K> {
+    KeyManager::new(keys).formats(portal::formats()).cache(cache.clone()).plans(plans)
+}
+
 /// The router, the stores' key manager for bootstrapping, and the
 /// shutdown flush of last use.
 ///
@@ -173,10 +184,8 @@ pub(crate) fn router<B: Backend>(
     let gate = Gate::builder(auth, limits).plans(config.plans).quotas(quotas).build();
     let portal = Portal::new(sessions, keys.clone())
         .url_template(format!("{}/portal?code={{code}}", config.base_url));
-    // One configuration for the app's manager and the caller's (bootstrap):
-    // both drop revoked keys from the shared principal cache.
-    let manager =
-        || KeyManager::new(keys.clone()).formats(portal::formats()).cache(config.cache.clone());
+    // One configuration for the app's manager and the caller's (bootstrap).
+    let manager = || key_manager(keys.clone(), &config.cache, gate.plans());
     let portal_path = portal_path(&config.base_url);
     // The portal's public path (`/base/portal` behind a proxy mounting the
     // server under `/base`), where the cookie is sent: a JSON string, whose
@@ -487,7 +496,7 @@ async fn create_key<B: Backend>(
     Extension(caller): Extension<Principal>,
     BodyBytes(body): BodyBytes,
 ) -> Response {
-    match new_key::<B>(&app, &ws, &body) {
+    match new_key(&ws, &body) {
         Err(r) => app.reject(&r, BodyStyle::Nested),
         Ok(new) => match app.manager.create_for(&caller, new).await {
             Ok(created) => no_store(json(StatusCode::CREATED, created_json(&created))),
@@ -524,7 +533,7 @@ fn name_field(obj: &Map<String, Value>) -> Result<&str, Rejection> {
     Ok(name)
 }
 
-fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Rejection> {
+fn new_key(ws: &str, body: &[u8]) -> Result<NewKey, Rejection> {
     let obj = object(body)?;
     known_fields(&obj, KEY_FIELDS)?;
     let name = name_field(&obj)?;
@@ -574,12 +583,9 @@ fn new_key<B: Backend>(app: &App<B>, ws: &str, body: &[u8]) -> Result<NewKey, Re
     if let Some(scopes) = scopes_field(&obj)? {
         new = new.with_scopes(scopes);
     }
-    match opt_str(&obj, "plan")?.or(default_plan) {
-        Some(plan) if app.gate.plans().get(plan).is_none() => {
-            return Err(bad("plan", format!("unknown plan `{plan}`")));
-        }
-        Some(plan) => new = new.plan(plan),
-        None => {}
+    // A plan the gate lacks is the manager's 400 (`KeyManager::plans`).
+    if let Some(plan) = opt_str(&obj, "plan")?.or(default_plan) {
+        new = new.plan(plan);
     }
     match obj.get("expiresInDays") {
         None | Some(Value::Null) => {}
