@@ -892,6 +892,26 @@ impl FormatSet {
         Ok(Self { max_len: longest(&formats), formats })
     }
 
+    /// This set and `format` (the presets and a host's own, say).
+    ///
+    /// ```
+    /// use keygate::format::{FormatSet, KeyFormat};
+    ///
+    /// const ACME: KeyFormat = KeyFormat::builder("acme").build_unwrap();
+    /// let set = FormatSet::presets().with(ACME)?;
+    /// assert!(set.get("acme").is_some() && set.get("sk").is_some());
+    /// assert!(set.with(ACME).is_err(), "a name is taken once");
+    /// # Ok::<(), keygate::format::FormatError>(())
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`FormatError::OverlappingPrefixes`] when the set has a format of
+    /// that name.
+    pub fn with(&self, format: KeyFormat) -> Result<Self, FormatError> {
+        Self::new(self.formats.iter().copied().chain([format]))
+    }
+
     /// The formats, in the order given.
     #[must_use]
     pub fn formats(&self) -> &[KeyFormat] {
