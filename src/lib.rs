@@ -23,6 +23,11 @@
 //!    response ◄── http::Rejection::to_response (status, headers, body style) on any refusal
 //! ```
 //!
+//! `verify` also requires the record found to be the key's: its format,
+//! and the environment or region the key's own text names (`sk_test_`,
+//! `nhk_eu_`), so a record written or imported wrong cannot carry a key
+//! past the environment and region checks.
+//!
 //! The `tower` feature's `Gate` runs this whole line per request; without
 //! it, a host calls the same pieces itself, and the target's tenant and
 //! environment checks and the standing checks (the authenticator's
