@@ -10,8 +10,9 @@ fn policy(name: &'static str, limit: u32, algorithm: Algorithm) -> Policy {
 }
 
 /// The checks use hour-long windows on the real clock, and fixed windows
-/// start on the hour: a run that crossed it would see every window reset.
-/// Waits out the last 30 seconds of an hour (which also covers a few
+/// start on the hour: a check that crossed it would see every window reset.
+/// Waits out the last 30 seconds of an hour (room for one check, or one
+/// race, on a store a round trip away) (which also covers a few
 /// seconds of skew between this host and a store's server clock).
 fn clear_of_the_hour() {
     let secs = std::time::SystemTime::now()
@@ -53,30 +54,35 @@ async fn admitted_last<S: LimitStore>(
 ///
 /// When the store breaks the [`LimitStore`] contract.
 pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
-    clear_of_the_hour();
+    // Each check starts clear of the hour's end, not only the run: on a
+    // store a round trip away a run takes longer than the margin (a minute
+    // at 100 ms a call), and one crossing the hour failed a correct store.
+    let fresh = |name: &str| {
+        clear_of_the_hour();
+        format!("{prefix}:{name}")
+    };
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
-        let key = format!("{prefix}:{}", alg.as_str());
-        exact_limit(store, &key, alg).await;
-        peek_refund_impossible(store, &format!("{key}:p"), alg).await;
+        exact_limit(store, &fresh(alg.as_str()), alg).await;
+        peek_refund_impossible(store, &fresh(&format!("{}:p", alg.as_str())), alg).await;
     }
-    stacked(store, &format!("{prefix}:stacked")).await;
-    sliding_views(store, &format!("{prefix}:views")).await;
-    gcra_interval(store, &format!("{prefix}:interval")).await;
-    gcra_burst(store, &format!("{prefix}:burst")).await;
-    period_change(store, &format!("{prefix}:period")).await;
-    shorter_span(store, &format!("{prefix}:shorter")).await;
-    longer_window(store, &format!("{prefix}:longer")).await;
-    longer_window_denied(store, &format!("{prefix}:longer-denied")).await;
-    longer_window_refund_peek(store, &format!("{prefix}:longer-refund")).await;
-    algorithm_change(store, &format!("{prefix}:algorithm")).await;
-    repeated_name(store, &format!("{prefix}:repeated")).await;
-    over_refund(store, &format!("{prefix}:over")).await;
-    late_refund(store, &format!("{prefix}:late")).await;
-    sliding_refund_own(store, &format!("{prefix}:own")).await;
-    refund_twice(store, &format!("{prefix}:twice")).await;
-    refund_after_plan_change(store, &format!("{prefix}:replanned")).await;
-    refund_after_algorithm_change(store, &format!("{prefix}:realg")).await;
-    refund_under_a_shorter_plan(store, &format!("{prefix}:shorter")).await;
+    stacked(store, &fresh("stacked")).await;
+    sliding_views(store, &fresh("views")).await;
+    gcra_interval(store, &fresh("interval")).await;
+    gcra_burst(store, &fresh("burst")).await;
+    period_change(store, &fresh("period")).await;
+    shorter_span(store, &fresh("shorter")).await;
+    longer_window(store, &fresh("longer")).await;
+    longer_window_denied(store, &fresh("longer-denied")).await;
+    longer_window_refund_peek(store, &fresh("longer-refund")).await;
+    algorithm_change(store, &fresh("algorithm")).await;
+    repeated_name(store, &fresh("repeated")).await;
+    over_refund(store, &fresh("over")).await;
+    late_refund(store, &fresh("late")).await;
+    sliding_refund_own(store, &fresh("own")).await;
+    refund_twice(store, &fresh("twice")).await;
+    refund_after_plan_change(store, &fresh("replanned")).await;
+    refund_after_algorithm_change(store, &fresh("realg")).await;
+    refund_under_a_shorter_plan(store, &fresh("shorter")).await;
     let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
     assert!(none.is_allowed() && none.policies().is_empty(), "no policy is no limit");
     assert_eq!((none.remaining(), none.retry_after()), (u32::MAX, None));
@@ -722,7 +728,6 @@ async fn gcra_burst<S: LimitStore>(store: &S, key: &str) {
 /// When more or fewer units are admitted than the limit.
 pub fn race<S: LimitStore + Sync>(store: &S, prefix: &str, threads: usize, per_thread: usize) {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    clear_of_the_hour();
     let plans = [
         vec![policy("default", 50, Algorithm::Gcra)],
         vec![policy("default", 50, Algorithm::FixedWindow)],
@@ -730,6 +735,7 @@ pub fn race<S: LimitStore + Sync>(store: &S, prefix: &str, threads: usize, per_t
         vec![policy("burst", 50, Algorithm::FixedWindow), policy("sustained", 80, Algorithm::Gcra)],
     ];
     for (i, plan) in plans.iter().enumerate() {
+        clear_of_the_hour();
         let key = format!("{prefix}:race{i}");
         let admitted = AtomicUsize::new(0);
         let barrier = std::sync::Barrier::new(threads);
