@@ -1099,11 +1099,52 @@ impl PortalStore for ExpiresOnItsClock {
     }
 }
 
+/// A quota store that drops a month's counters once the month has ended
+/// on its own (real) clock, at each write: what the contract allows ("old
+/// months may be dropped"; SQL: a `DELETE` of such rows, Redis: a
+/// counter expiring at its month's end). Modelled as a fresh store for
+/// every call about an ended month.
+#[derive(Default)]
+struct DropsEndedMonths(MemoryQuotaStore);
+impl DropsEndedMonths {
+    fn ended(now: Timestamp) -> bool {
+        Month::of(now).next_reset() <= Timestamp::now()
+    }
+}
+impl QuotaStore for DropsEndedMonths {
+    async fn check_and_count(
+        &self,
+        account: &str,
+        rules: &[QuotaRule],
+        category: &str,
+        cost: u64,
+        now: Timestamp,
+    ) -> Result<QuotaDecision, BackendError> {
+        if Self::ended(now) {
+            return MemoryQuotaStore::new()
+                .check_and_count(account, rules, category, cost, now)
+                .await;
+        }
+        self.0.check_and_count(account, rules, category, cost, now).await
+    }
+    async fn usage(
+        &self,
+        account: &str,
+        category: &str,
+        now: Timestamp,
+    ) -> Result<u64, BackendError> {
+        if Self::ended(now) {
+            return Ok(0);
+        }
+        self.0.usage(account, category, now).await
+    }
+}
+
 /// The controls: the stores unmutated pass, and so do one that forgets an
 /// expired code after answering `Expired` once (stores may drop expired
 /// sessions: no rule is broken), one that forgets ended keys a day after
-/// their end, on the real clock, and one whose sessions expire on the real
-/// clock.
+/// their end, on the real clock, one whose sessions expire on the real
+/// clock, and one that drops ended months on the real clock.
 #[tokio::test]
 async fn unmutated_stores_and_an_allowed_variation_pass() {
     keygate::testkit::keys::run(MemoryKeyStore::new).await;
@@ -1116,4 +1157,6 @@ async fn unmutated_stores_and_an_allowed_variation_pass() {
         50
     );
     keygate::testkit::quota::run(&MemoryQuotaStore::new(), "t").await;
+    keygate::testkit::quota::run(&DropsEndedMonths::default(), "t").await;
+    keygate::testkit::quota::race(&DropsEndedMonths::default(), "t", 8, 20);
 }
