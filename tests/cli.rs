@@ -119,11 +119,22 @@ fn inspect_rejects_without_echoing() {
     }
 }
 
+/// An empty directory `{name}-{pid}` under the temp dir. Emptied first: a
+/// run of this process id that stopped midway (a failure, a kill) left its
+/// files there (links, a FIFO), and a later process given the same id
+/// found them and failed.
+fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
 #[test]
 fn scan_files_directories_and_stdin() {
     let nh = json(&keygate(&["mint", "nh"], b""))["key"].as_str().unwrap().to_owned();
     let sk = json(&keygate(&["mint", "sk"], b""))["key"].as_str().unwrap().to_owned();
-    let dir = std::env::temp_dir().join(format!("keygate-cli-{}", std::process::id()));
+    let dir = fresh_dir("keygate-cli");
     std::fs::create_dir_all(dir.join("sub")).unwrap();
     std::fs::write(dir.join("a.log"), format!("ok\nauth {nh} done\n")).unwrap();
     std::fs::write(dir.join("sub/b.env"), format!("KEY={sk}\n")).unwrap();
@@ -224,8 +235,7 @@ fn hash_prints_the_stored_digest() {
     assert_eq!(String::from_utf8(out.stdout).unwrap(), format!("{digest}\n"));
     assert!(out.stderr.is_empty(), "stdin is the quiet way");
 
-    let dir = std::env::temp_dir().join(format!("keygate-pepper-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("keygate-pepper");
     let pepper = dir.join("pepper");
     std::fs::write(&pepper, [7u8; 32]).unwrap();
     let out =
@@ -408,8 +418,7 @@ fn scan_stops_at_a_closed_stdout() {
     // one error naming stdout (not one per remaining file, each blaming
     // that file).
     let sk = json(&keygate(&["mint", "sk"], b""))["key"].as_str().unwrap().to_owned();
-    let dir = std::env::temp_dir().join(format!("keygate-cli-closed-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = fresh_dir("keygate-cli-closed");
     let lines = format!("x {sk}\n").repeat(1000);
     for i in 0..20 {
         std::fs::write(dir.join(format!("f{i:02}")), &lines).unwrap();
