@@ -28,9 +28,9 @@
 //!    route's scope (403),
 //! 4. counts the route's quota category, when it has one (429 with the
 //!    monthly message),
-//! 5. inserts the [`Principal`], the limiter's [`Decision`] and the
-//!    [`QuotaDecision`] into the request extensions and calls the inner
-//!    service,
+//! 5. inserts the [`Principal`], the limiter's [`Decision`] (with a
+//!    [`Refund`] of what it charged) and the [`QuotaDecision`] into the
+//!    request extensions and calls the inner service,
 //! 6. adds the rate-limit headers to the response — success, 403 and 429
 //!    alike (the limit is checked before tenant and scope for that reason).
 //!
@@ -43,12 +43,15 @@
 //!
 //! Units are consumed when the limiter admits a request, before the
 //! tenant, scope and quota checks and before the handler runs: a 403, a
-//! quota 429 or a handler's 5xx still costs its units (nothing is refunded
-//! for you; [`LimitStore::refund`] is there for a host that wants to). So
-//! does a 401 from an inner layer (a route taking other formats or
-//! regions) for a key the outer layer admitted: that key is known and
-//! was charged there, as for a 403; the 401 itself carries no rate-limit
-//! headers, as an unknown key's does not.
+//! quota 429 or a handler's 5xx still costs its units. So does a 401 from
+//! an inner layer (a route taking other formats or regions) for a key the
+//! outer layer admitted: that key is known and was charged there, as for
+//! a 403; the 401 itself carries no rate-limit headers, as an unknown
+//! key's does not. Nothing is refunded for you: a handler gives its
+//! request's units back through the [`Refund`] in the request's
+//! extensions, which knows the limiter key and the plan the layer charged
+//! (a [`LimitStore::refund`] of the handler's own would need both, and
+//! under another key gives nothing back).
 //!
 //! Layers of one gate nest: a layer on a whole router authenticates and charges
 //! each request once, and a layer of the same gate on a route inside it adds
@@ -71,10 +74,10 @@
 //! plan it has used up. Give such routes a layer of their own, outside the
 //! router's (or no router-wide layer). If giving back fails, the request stays
 //! charged under both ([`FailedOpen::refund`]). The charge to give back rides
-//! in the request's extensions: a middleware between two layers of one gate
-//! that sends copies of a request (a retry layer) gives it back once per copy
-//! the inner layer takes over, so put such middleware outside the outermost
-//! layer or inside the innermost. A credential the outer layer
+//! in the request's extensions (its [`Refund`], which copies of the request
+//! share): a middleware between two layers of one gate that sends copies of
+//! a request (a retry layer) has it given back once, and each copy the inner
+//! layer takes over is charged the route's cost. A credential the outer layer
 //! took from a cookie reaches only inner routes that take that cookie too. Each
 //! response carries one set of rate-limit headers (a handler's own values
 //! stand), none on an inner layer's 401. Each layer's [`FailedOpen`] trace is
@@ -83,13 +86,14 @@
 //! routes whose refusals should not count. A layer of another gate in between
 //! starts over: the inner layer of the first gate authenticates and charges
 //! again. The request holds one [`Decision`], the innermost layer's that
-//! charged: where an inner layer takes its gate's charge over and its own check
-//! then fails open, the handler sees none, even where a layer of another gate
-//! outside charged too (its decision was replaced, not kept; its headers are on
-//! the response all the same). A take-over whose own check fails closed (a 503)
-//! no longer reports the outer layer's failure it replaced: the request was
-//! refused. An outer layer with `.cost(0)` charges nothing, and inner routes
-//! under the same plan without a cost of their own are then not charged either.
+//! charged, and its [`Refund`]: where an inner layer takes its gate's charge
+//! over and its own check then fails open, the handler sees neither, even
+//! where a layer of another gate outside charged too (its decision was
+//! replaced, not kept; its headers are on the response all the same). A
+//! take-over whose own check fails closed (a 503) no longer reports the
+//! outer layer's failure it replaced: the request was refused. An outer
+//! layer with `.cost(0)` charges nothing, and inner routes under the same
+//! plan without a cost of their own are then not charged either.
 //!
 //! Put the layer on a route's method router (`get(h).route_layer(…)`, as
 //! below), so that another method is the router's plain 405. axum's
@@ -184,11 +188,12 @@
 //! # }
 //! ```
 
+use std::any::Any;
 use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use ::http::request::Parts;
@@ -605,8 +610,8 @@ impl Refused {
 
 /// What the gate learned about an admitted request. The layer inserts its
 /// parts into the request extensions: the [`Principal`], the [`Decision`]
-/// (when a plan applied) and the [`QuotaDecision`] (when the route counts a
-/// category).
+/// (when a plan applied, with its [`Refund`]) and the [`QuotaDecision`]
+/// (when the route counts a category).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Admitted {
@@ -627,6 +632,193 @@ pub struct Admitted {
     /// This layer charged the request itself, an outer layer's charge
     /// given back (see `TookOver`).
     took_over: bool,
+}
+
+/// What the layer's limiter charged for this request, for the handler to
+/// give back: a request that failed before doing its work (a 5xx of its
+/// own, an upstream down), or one that should not count. The layer puts it
+/// in the request's extensions beside the [`Decision`] whose charge it
+/// holds (axum: `Extension<Refund>`): none where no plan applied or the
+/// limiter failed open, and one that gives nothing back where the route's
+/// cost is 0. It gives back under the limiter key and the plan the layer
+/// charged (the record id, or `{record id}#{plan}` under a route's plan),
+/// which the handler need not know.
+///
+/// Under nested layers of one gate it is the charge that stands: the outer
+/// layer's, or the inner layer's where that one charged the request itself
+/// (under another plan, or for a cost of its own) and gave the outer
+/// charge back. As for the [`Decision`], a layer of another gate inside
+/// that charged too puts its own in its place.
+///
+/// Copies share one charge: together they give back at most what the
+/// check charged. Use this handle rather than [`LimitStore::refund`] with
+/// the [`Decision`] from the extensions (a copy, which does not know what
+/// the handle gave back): both would give the units back twice.
+///
+/// The response's rate-limit headers report the check as the layer made
+/// it, before any refund: the units given back show from the key's next
+/// request on.
+///
+/// ```
+/// use axum::{Extension, Router, body::Body, http::{Request, StatusCode}, routing::post};
+/// use keygate::auth::Authenticator;
+/// use keygate::limit::{MemoryLimiter, PlanSet};
+/// use keygate::manager::{KeyManager, NewKey};
+/// use keygate::store::{MemoryKeyStore, Tenant};
+/// use keygate::tower::{Gate, Refund};
+/// use tower::ServiceExt;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+/// let keys = MemoryKeyStore::new();
+/// let tenant = Tenant::workspace("ws_a".parse()?);
+/// let key = KeyManager::new(keys.clone())
+///     .create(NewKey::new("n", keygate::format::NH, tenant).plan("free")) // 5 a minute
+///     .await?;
+/// let gate = Gate::builder(Authenticator::new(keys), MemoryLimiter::new(1_000))
+///     .plans(PlanSet::presets())
+///     .build();
+///
+/// // The upstream is down: nothing was sent, so the request costs nothing.
+/// // (`Option`: a request without a `Decision` carries no `Refund`.)
+/// async fn send(refund: Option<Extension<Refund>>) -> StatusCode {
+///     if let Some(Extension(refund)) = refund {
+///         // An error giving back leaves the unit spent: nothing more to do.
+///         let _ = refund.give_back(u32::MAX).await;
+///     }
+///     StatusCode::SERVICE_UNAVAILABLE
+/// }
+/// let app: Router = Router::new().route("/v1/send", post(send).route_layer(gate.layer()));
+///
+/// let call = || Request::post("/v1/send").header("x-api-key", key.key().expose_secret());
+/// for _ in 0..6 {
+///     let res = app.clone().oneshot(call().body(Body::empty())?).await?;
+///     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE); // never a 429
+///     // The check as the layer made it, before the handler's refund.
+///     assert_eq!(res.headers()["x-ratelimit-remaining"], "4");
+/// }
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Refund(Arc<dyn GiveBack>);
+
+impl Refund {
+    /// Gives back up to `cost` units of this request's charge (`u32::MAX`:
+    /// all of it), no more than the check charged and earlier calls (on
+    /// any copy) left: a second call gives back only what the first did
+    /// not, and nothing once all is given back. What it gives back is
+    /// taken off the charge as the call is made, so a refund that fails
+    /// (or whose future is dropped) is not made again; the units may then
+    /// stay spent. Beyond that, the limiter's own rules hold
+    /// ([`LimitStore::refund`]): nothing once the check's fixed window has
+    /// ended, say.
+    ///
+    /// # Errors
+    ///
+    /// The limiter store's [`BackendError`]; the units stay spent.
+    pub fn give_back(
+        &self,
+        cost: u32,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
+        let charged = Arc::clone(&self.0);
+        async move { charged.give_back_boxed(cost).await }
+    }
+
+    /// The units of the charge not yet given back (by any copy). What the
+    /// limiter still holds of them may be less: see
+    /// [`give_back`](Self::give_back).
+    #[must_use]
+    pub fn refundable(&self) -> u32 {
+        self.0.refundable()
+    }
+
+    /// The charge of `gate`, when the handle is one of its layers'.
+    fn of<S, L, Q, C>(&self, gate: &Gate<S, L, Q, C>) -> Option<Arc<Charged<S, L, Q, C>>>
+    where
+        S: KeyStore + 'static,
+        L: LimitStore + 'static,
+        Q: QuotaStore + 'static,
+        C: Clock + 'static,
+    {
+        let any: Arc<dyn Any + Send + Sync> = Arc::clone(&self.0) as _;
+        any.downcast::<Charged<S, L, Q, C>>().ok().filter(|c| c.gate.id() == gate.id())
+    }
+}
+
+impl fmt::Debug for Refund {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Refund").field("refundable", &self.refundable()).finish_non_exhaustive()
+    }
+}
+
+/// A [`Refund`]'s charge, whatever the gate's types.
+trait GiveBack: Any + Send + Sync {
+    /// [`Charged::give_back`].
+    fn give_back_boxed(
+        &self,
+        cost: u32,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BackendError>> + Send + '_>>;
+    /// The units still to give back.
+    fn refundable(&self) -> u32;
+    /// The gate's identity ([`Gate::id`]).
+    fn gate(&self) -> usize;
+}
+
+/// What one admitted check of a gate charged: the principal and the plan
+/// (its address in the gate's set) it was charged under, which settle the
+/// limiter key, and the check's decision, whose charge every copy of the
+/// [`Refund`] takes its units off.
+struct Charged<S, L, Q, C> {
+    gate: Gate<S, L, Q, C>,
+    principal: Principal,
+    plan: usize,
+    check: Mutex<Decision>,
+}
+
+impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Charged<S, L, Q, C> {
+    /// Gives back up to `cost` units: taken off the shared charge at once,
+    /// under the lock (copies racing each other give back what is there
+    /// once), then given back by the store from a copy of the decision as
+    /// it was, so that it gives back exactly those units (none, once all
+    /// are given back: the store then changes nothing).
+    async fn give_back(&self, cost: u32) -> Result<(), BackendError> {
+        let Some(plan) = self.gate.plan_at(self.plan) else { return Ok(()) };
+        let (units, mut check) = {
+            let mut shared = self.check.lock().unwrap_or_else(PoisonError::into_inner);
+            // The units alone: no policy needed (nor receipts built).
+            let units = shared.refund_receipts(&[], cost).0;
+            let check = shared.clone();
+            shared.refunded(units);
+            (units, check)
+        };
+        let key = self.gate.limit_key(&self.principal, plan);
+        self.gate.0.limiter.refund(&key, plan.rate(), units, &mut check).await
+    }
+}
+
+impl<S, L, Q, C> GiveBack for Charged<S, L, Q, C>
+where
+    S: KeyStore + 'static,
+    L: LimitStore + 'static,
+    Q: QuotaStore + 'static,
+    C: Clock + 'static,
+{
+    fn give_back_boxed(
+        &self,
+        cost: u32,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BackendError>> + Send + '_>> {
+        Box::pin(self.give_back(cost))
+    }
+
+    fn refundable(&self) -> u32 {
+        self.check.lock().unwrap_or_else(PoisonError::into_inner).refund_receipts(&[], u32::MAX).0
+    }
+
+    fn gate(&self) -> usize {
+        self.gate.id()
+    }
 }
 
 /// Checks the gate let through because their store failed and the host
@@ -824,24 +1016,19 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         self.0.plans.iter().find(|p| std::ptr::from_ref(*p).addr() == addr)
     }
 
-    /// The refund of what an outer layer's admitted check `taken` charged
-    /// under `outer`, if this layer charges (`charging`) instead; a refund
-    /// that fails leaves the charge standing ([`FailedOpen::refund`]).
-    /// Boxed: only nested layers under two plans (or a route's own cost)
-    /// come here, and every request's future would otherwise hold room for
-    /// it.
-    fn give_back<'a>(
-        &'a self,
-        principal: &'a Principal,
-        outer: Option<&'a Plan>,
-        taken: Option<Box<Decision>>,
+    /// The refund of what an outer layer's admitted check `taken` charged,
+    /// if this layer charges (`charging`) instead: through the outer
+    /// layer's [`Refund`], so a handle the request carries (a copy of the
+    /// request, say) cannot give it back again. A refund that fails leaves
+    /// the charge standing ([`FailedOpen::refund`]). Boxed: only nested
+    /// layers under two plans (or a route's own cost) come here, and every
+    /// request's future would otherwise hold room for it.
+    fn give_back(
+        taken: Option<Arc<Charged<S, L, Q, C>>>,
         charging: bool,
-    ) -> Option<impl Future<Output = Result<(), BackendError>> + 'a> {
-        let (outer, mut taken) = (outer?, taken.filter(|d| charging && d.is_allowed())?);
-        let key = self.limit_key(principal, outer).into_owned();
-        Some(Box::pin(async move {
-            self.0.limiter.refund(&key, outer.rate(), u32::MAX, &mut taken).await
-        }))
+    ) -> Option<impl Future<Output = Result<(), BackendError>>> {
+        let taken = taken.filter(|_| charging)?;
+        Some(Box::pin(async move { taken.give_back(u32::MAX).await }))
     }
 
     /// A consuming check under a [`limit_key`](Self::limit_key) of its
@@ -901,11 +1088,11 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         target: Result<&Target, &Rejection>,
         // What an outer layer of this gate settled (see `Known`). One
         // function, not steps: the request's future holds one state.
-        mut known: Option<Known>,
+        mut known: Option<Known<S, L, Q, C>>,
     ) -> Result<Admitted, Refused> {
         let style = self.style(route);
         let auth = &self.0.auth;
-        let (outer, outer_charge) = known.as_mut().map(|k| (k.plan, k.decision.take())).unzip();
+        let (outer, outer_charge) = known.as_mut().map(|k| (k.plan, k.charged.take())).unzip();
         let from_cookie = cookie_credential(auth, route, headers);
         let identity = identity(route, target);
         let cookie = match (&from_cookie, &route.cookie) {
@@ -934,7 +1121,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         // given back first, so the request costs what this route says, once.
         let mut failed = FailedOpen::default();
         let took_over = limit && outer.is_some(); // see `TookOver`
-        if let Some(refund) = self.give_back(&principal, outer_plan, outer_charge.flatten(), limit)
+        if let Some(refund) = Self::give_back(outer_charge.flatten(), limit)
             && let Err(e) = refund.await
         {
             failed.refund = Some(Arc::new(e));
@@ -1422,11 +1609,11 @@ where
                 .get::<AdmittedBy>()
                 .and_then(|m| {
                     let p = req.extensions().get::<Principal>()?;
-                    let decision = || req.extensions().get::<Decision>().cloned().map(Box::new);
+                    let charged = || req.extensions().get::<Refund>().and_then(|r| r.of(&gate));
                     let known = || Known {
                         principal: p.clone(),
                         plan: m.plan,
-                        decision: if m.decided { decision() } else { None },
+                        charged: if m.decided { charged() } else { None },
                     };
                     m.vouches(gate.id(), p, &route).then(|| (known(), (m.cookie, m.decided)))
                 })
@@ -1444,8 +1631,12 @@ where
             let took_over = admitted.took_over;
             if took_over && outer_decided == Some(true) {
                 // Given back: the outer layer's decision is spent (a
-                // decision of another gate's stays).
+                // decision of another gate's stays), and so is the refund
+                // that goes with it.
                 req.extensions_mut().remove::<Decision>();
+                if req.extensions().get::<Refund>().is_some_and(|r| r.0.gate() == gate.id()) {
+                    req.extensions_mut().remove::<Refund>();
+                }
             }
             let failed_open = admitted.failed_open.clone();
             // The outer mark, still in place: read here, not held across
@@ -1473,7 +1664,7 @@ where
                 scheme: outer_answer.map_or(scheme, |(_, s)| s),
             };
             let headers =
-                admitted.into_extensions(req.extensions_mut(), gate.0.headers, superseded.as_ref());
+                admitted.into_extensions(req.extensions_mut(), &gate, superseded.as_ref());
             req.extensions_mut().insert(mark);
             // The credential goes on to the handler (and any layer inside):
             // marked sensitive, so a `Debug` of the headers shows no key.
@@ -1529,15 +1720,21 @@ where
 }
 
 impl Admitted {
-    /// Moves the principal and the decisions into request `extensions`;
-    /// returns the decision's headers (in `set`) for the response.
-    fn into_extensions(
+    /// Moves the principal and the decisions into request `extensions`,
+    /// with a [`Refund`] of `gate`'s charge beside the limiter's decision;
+    /// returns the decision's headers (in the gate's set) for the response.
+    fn into_extensions<S, L, Q, C>(
         self,
         extensions: &mut Extensions,
-        set: HeaderSet,
+        gate: &Gate<S, L, Q, C>,
         superseded: Option<&Arc<BackendError>>,
-    ) -> Option<RenderedHeaders> {
-        extensions.insert(self.principal);
+    ) -> Option<RenderedHeaders>
+    where
+        S: KeyStore + 'static,
+        L: LimitStore + 'static,
+        Q: QuotaStore + 'static,
+        C: Clock + 'static,
+    {
         if let Some(q) = self.quota {
             extensions.insert(q);
         }
@@ -1547,9 +1744,23 @@ impl Admitted {
         if let Some(f) = FailedOpen::beside(self.failed_open, outer, superseded) {
             extensions.insert(f);
         }
-        let decision = self.decision?;
+        let Some(decision) = self.decision else {
+            extensions.insert(self.principal);
+            return None;
+        };
         // Rendered before the decision moves into the extensions.
-        let headers = decision.rendered_headers(set);
+        let headers = decision.rendered_headers(gate.0.headers);
+        // Beside every decision, a check of cost 0 too (it gives nothing
+        // back): a layer of the gate inside takes the charge over from the
+        // refund that goes with the decision it vouches for, so one must
+        // never stand beside another layer's decision.
+        extensions.insert(Refund(Arc::new(Charged {
+            gate: gate.clone(),
+            principal: self.principal.clone(),
+            plan: self.plan,
+            check: Mutex::new(decision.clone()),
+        })));
+        extensions.insert(self.principal);
         extensions.insert(decision);
         Some(headers)
     }
@@ -1577,14 +1788,15 @@ struct TookOver(usize, Option<Arc<BackendError>>);
 /// What an outer layer of the same gate settled, for the layer inside:
 /// the principal it admitted (not authenticated again, but held to the
 /// inner route's formats and region), the plan it applied (its address in
-/// the gate's set; 0 for none) and its limiter decision (its charge given
-/// back when the inner layer charges instead: under another plan, or for
-/// a cost of the inner route's own).
-struct Known {
+/// the gate's set; 0 for none) and its limiter charge (given back when the
+/// inner layer charges instead: under another plan, or for a cost of the
+/// inner route's own).
+struct Known<S, L, Q, C> {
     principal: Principal,
     plan: usize,
-    /// Boxed: the request's future holds it.
-    decision: Option<Box<Decision>>,
+    /// The outer layer's charge, through its [`Refund`] (one pointer: the
+    /// request's future holds it).
+    charged: Option<Arc<Charged<S, L, Q, C>>>,
 }
 
 /// How a request was admitted, for a layer of the same gate nested inside

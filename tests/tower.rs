@@ -1454,6 +1454,31 @@ mod nested {
     }
 
     #[tokio::test]
+    async fn a_request_sent_twice_between_nested_layers_gives_the_outer_charge_back_once() {
+        // A middleware between the layers that sends the request twice (a
+        // retry layer): each copy is charged the route's 2, and the
+        // router's unit they share is given back once.
+        async fn twice(
+            req: Request<Body>,
+            next: axum::middleware::Next,
+        ) -> axum::response::Response {
+            let (parts, body) = req.into_parts();
+            let copy = Request::from_parts(parts.clone(), Body::empty());
+            assert_eq!(next.clone().run(copy).await.status(), StatusCode::OK);
+            next.run(Request::from_parts(parts, body)).await
+        }
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await; // 5 a minute
+        let gate = frozen_gate(&keys, "hobby");
+        let app: Router = Router::new()
+            .route("/costly", get(|| async { "in" }).route_layer(gate.layer().cost(2)))
+            .layer(axum::middleware::from_fn(twice))
+            .layer(gate.layer());
+        let res = app.oneshot(call("/costly", &k)).await.unwrap();
+        assert_eq!(header(&res, "x-ratelimit-remaining"), ["1"], "not 2: given back twice");
+    }
+
+    #[tokio::test]
     async fn a_handlers_401_through_gate_respond_keeps_the_limit_headers() {
         // A step-up check in the handler, answered with the gate's own
         // `respond`: the layer charged, so its headers are reported.
@@ -1670,6 +1695,163 @@ mod across_gates {
                 seen.push((www, text(res).await));
             }
             assert_eq!(seen[0], seen[1], "{style:?}");
+        }
+    }
+}
+
+/// A handler giving back what the layer charged for its request, through
+/// the `Refund` handle the layer leaves in the request's extensions.
+mod refund {
+    use super::*;
+    use axum::routing::MethodRouter;
+    use keygate::clock::FakeClock;
+    use keygate::format::NH;
+    use keygate::tower::Refund;
+
+    /// An `nh` key holding `events:read`, on `plan` (or none).
+    async fn key(keys: &MemoryKeyStore, plan: Option<&str>) -> String {
+        let ws = Tenant::workspace("ws_t".parse().unwrap());
+        let mut new = NewKey::new("t", NH, ws).scopes(&["events:read"]).unwrap();
+        if let Some(p) = plan {
+            new = new.plan(p);
+        }
+        KeyManager::new(keys.clone()).create(new).await.unwrap().key().expose_secret().to_owned()
+    }
+
+    /// The presets on a frozen clock (no unit is earned back between two
+    /// requests), `hobby` the plan of keys naming none.
+    fn gate(
+        keys: &MemoryKeyStore,
+    ) -> Gate<MemoryKeyStore, MemoryLimiter<String, FakeClock>, MemoryQuotaStore, FakeClock> {
+        let clock = FakeClock::at_2026();
+        Gate::builder(
+            Authenticator::new(keys.clone()).clock(clock.clone()),
+            MemoryLimiter::with_clock(100, clock),
+        )
+        .plans(PlanSet::presets())
+        .default_plan("hobby")
+        .build()
+    }
+
+    /// `GET path` with the key, and its `X-RateLimit-Remaining`.
+    async fn remaining(app: &Router, path: &str, key: &str) -> (StatusCode, String) {
+        let req = Request::get(path).header("x-api-key", key).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        let left = res.headers().get("x-ratelimit-remaining").map(|v| v.to_str().unwrap());
+        (res.status(), left.unwrap_or("none").to_owned())
+    }
+
+    /// A handler that fails before doing any work and gives back what its
+    /// request was charged, then tries again through a copy of the handle.
+    fn fails() -> MethodRouter {
+        get(|Extension(refund): Extension<Refund>| async move {
+            assert!(refund.refundable() > 0);
+            refund.give_back(u32::MAX).await.unwrap();
+            assert_eq!(refund.clone().refundable(), 0, "copies share the charge");
+            refund.clone().give_back(u32::MAX).await.unwrap(); // nothing left
+            StatusCode::SERVICE_UNAVAILABLE
+        })
+    }
+
+    fn ok() -> MethodRouter {
+        get(|| async { "in" })
+    }
+
+    /// Five calls: ok, failing, ok, failing, ok. The failing ones leave the
+    /// key's units as they were; their own responses report the check as
+    /// the layer made it (before the handler gave its units back).
+    async fn five_calls(app: &Router, key: &str) -> Vec<(StatusCode, String)> {
+        let mut seen = Vec::new();
+        for path in ["/ok", "/fail", "/ok", "/fail", "/ok"] {
+            seen.push(remaining(app, path, key).await);
+        }
+        seen
+    }
+
+    fn counted(remaining: [&str; 5]) -> Vec<(StatusCode, String)> {
+        let status = [200, 503, 200, 503, 200].map(|s| StatusCode::from_u16(s).unwrap());
+        status.into_iter().zip(remaining.map(str::to_owned)).collect()
+    }
+
+    #[tokio::test]
+    async fn a_failing_handler_gives_back_its_unit_under_the_keys_plan() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await; // 5 a minute
+        let gate = gate(&keys);
+        let app: Router = Router::new()
+            .route("/ok", ok().route_layer(gate.layer()))
+            .route("/fail", fails().route_layer(gate.layer()));
+        assert_eq!(five_calls(&app, &k).await, counted(["4", "3", "3", "2", "2"]));
+    }
+
+    #[tokio::test]
+    async fn a_failing_handler_gives_back_its_unit_under_a_routes_plan() {
+        // A key naming no plan, on routes under `pro` (the gate's default
+        // being `hobby`): the units are the key's units of `pro`.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, None).await;
+        let gate = gate(&keys);
+        let pro = gate.layer().plan("pro"); // 10 a second
+        let app: Router = Router::new()
+            .route("/ok", ok().route_layer(pro.clone()))
+            .route("/fail", fails().route_layer(pro));
+        assert_eq!(five_calls(&app, &k).await, counted(["9", "8", "8", "7", "7"]));
+    }
+
+    #[tokio::test]
+    async fn a_failing_handler_gives_back_the_charge_that_stands_under_nested_layers() {
+        let keys = MemoryKeyStore::new();
+        let gate = gate(&keys);
+        // The router's charge, not taken over: the route adds a scope.
+        let k = key(&keys, Some("free")).await;
+        let scoped = gate.layer().require("events:read").unwrap();
+        let app: Router = Router::new()
+            .route("/ok", ok().route_layer(scoped.clone()))
+            .route("/fail", fails().route_layer(scoped))
+            .layer(gate.layer());
+        assert_eq!(five_calls(&app, &k).await, counted(["4", "3", "3", "2", "2"]));
+        // The route's own cost: it gave the router's unit back and charged
+        // its 2, which the handler gives back.
+        let k = key(&keys, Some("free")).await;
+        let app: Router = Router::new()
+            .route("/ok", ok().route_layer(gate.layer()))
+            .route("/fail", fails().route_layer(gate.layer().cost(2)))
+            .layer(gate.layer());
+        assert_eq!(five_calls(&app, &k).await, counted(["4", "2", "3", "1", "2"]));
+        // A route's plan inside the router's, for a key naming none: the
+        // route charges `{id}#enterprise`, and gives that back.
+        let k = key(&keys, None).await;
+        let enterprise = gate.layer().plan("enterprise"); // 100 a second
+        let app: Router = Router::new()
+            .route("/ok", ok().route_layer(enterprise.clone()))
+            .route("/fail", fails().route_layer(enterprise))
+            .layer(gate.layer().plan("pro"));
+        assert_eq!(five_calls(&app, &k).await, counted(["99", "98", "98", "97", "97"]));
+    }
+
+    #[tokio::test]
+    async fn a_request_charged_nothing_has_nothing_to_give_back() {
+        // No decision (the limiter failed open), no refund; a check of
+        // cost 0, a refund of nothing.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await;
+        let refundable = |r: Option<Extension<Refund>>| async move {
+            r.map_or("none".to_owned(), |Extension(r)| r.refundable().to_string())
+        };
+        let open = Gate::builder(Authenticator::new(keys.clone()), Down)
+            .plans(PlanSet::presets())
+            .limiter_fail_mode(FailMode::Open)
+            .build();
+        let free = gate(&keys);
+        let app: Router = Router::new()
+            .route("/open", get(refundable).route_layer(open.layer()))
+            .route("/free", get(refundable).route_layer(free.layer().cost(0)))
+            .route("/charged", get(refundable).route_layer(free.layer().cost(2)));
+        for (path, units) in [("/open", "none"), ("/free", "0"), ("/charged", "2")] {
+            let req = Request::get(path).header("x-api-key", &k).body(Body::empty()).unwrap();
+            let res = app.clone().oneshot(req).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(text(res).await, units, "{path}");
         }
     }
 }
