@@ -892,7 +892,7 @@ mod nested {
     use keygate::tower::FailedOpen;
 
     /// An `nh` key holding `events:read`, on `plan` (or none).
-    async fn key(keys: &MemoryKeyStore, plan: Option<&str>) -> String {
+    pub(super) async fn key(keys: &MemoryKeyStore, plan: Option<&str>) -> String {
         let ws = Tenant::workspace("ws_t".parse().unwrap());
         let mut new = NewKey::new("t", NH, ws).scopes(&["events:read"]).unwrap();
         if let Some(p) = plan {
@@ -1705,18 +1705,9 @@ mod refund {
     use super::*;
     use axum::routing::MethodRouter;
     use keygate::clock::FakeClock;
-    use keygate::format::NH;
     use keygate::tower::Refund;
 
-    /// An `nh` key holding `events:read`, on `plan` (or none).
-    async fn key(keys: &MemoryKeyStore, plan: Option<&str>) -> String {
-        let ws = Tenant::workspace("ws_t".parse().unwrap());
-        let mut new = NewKey::new("t", NH, ws).scopes(&["events:read"]).unwrap();
-        if let Some(p) = plan {
-            new = new.plan(p);
-        }
-        KeyManager::new(keys.clone()).create(new).await.unwrap().key().expose_secret().to_owned()
-    }
+    use super::nested::key;
 
     /// The presets on a frozen clock (no unit is earned back between two
     /// requests), `hobby` the plan of keys naming none.
