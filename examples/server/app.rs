@@ -590,9 +590,11 @@ fn new_key(ws: &str, body: &[u8]) -> Result<NewKey, Rejection> {
     match obj.get("expiresInDays") {
         None | Some(Value::Null) => {}
         Some(v) => {
-            // A whole number however it is written (`30`, `30.0`, `3e1`),
-            // as the library's portal reads `expiresInMinutes`: SDKs that
-            // hold numbers as doubles send them so.
+            // A whole number however it is written (`30`, `30.0`, `3e1`):
+            // SDKs that hold numbers as doubles send them so. Judged by the
+            // double serde_json read, not by its digits as the library's
+            // portal judges `expiresInMinutes`: `30.000000000000001` and
+            // `29.9999999999999999` read as 30.0 here, and are 30 days.
             let Some(days) = v.as_u64().or_else(|| v.as_f64().and_then(whole_days)) else {
                 let message = "expiresInDays must be a whole number of days from 1 to 3650";
                 return Err(bad("expiresInDays", message));
