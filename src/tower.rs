@@ -709,9 +709,11 @@ impl Refund {
     /// all of it), no more than the check charged and earlier calls (on
     /// any copy) left: a second call gives back only what the first did
     /// not, and nothing once all is given back. What it gives back is
-    /// taken off the charge as the call is made, so a refund that fails
-    /// (or whose future is dropped) is not made again; the units may then
-    /// stay spent. Beyond that, the limiter's own rules hold
+    /// taken off the charge when the returned future first runs, before
+    /// the store is called, so a refund that fails (or whose future is
+    /// dropped while the store works) is not made again; the units may
+    /// then stay spent. A future dropped before it runs takes nothing off.
+    /// Beyond that, the limiter's own rules hold
     /// ([`LimitStore::refund`]): nothing once the check's fixed window has
     /// ended, say.
     ///

@@ -1845,4 +1845,25 @@ mod refund {
             assert_eq!(text(res).await, units, "{path}");
         }
     }
+
+    #[tokio::test]
+    async fn a_give_back_takes_its_units_off_when_it_runs_not_when_it_is_called() {
+        // A future dropped before it runs gives nothing back and takes
+        // nothing off: the charge is still there for the next call.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await; // 5 a minute
+        let gate = gate(&keys);
+        let handler = |Extension(refund): Extension<Refund>| async move {
+            drop(refund.give_back(u32::MAX));
+            let after_drop = refund.refundable();
+            refund.give_back(u32::MAX).await.unwrap();
+            format!("{after_drop} {}", refund.refundable())
+        };
+        let app: Router = Router::new().route("/r", get(handler).route_layer(gate.layer().cost(2)));
+        let req = Request::get("/r").header("x-api-key", &k).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(text(res).await, "2 0");
+        // Given back by the second call: the next request finds 5 less 2.
+        assert_eq!(remaining(&app, "/r", &k).await, (StatusCode::OK, "3".to_owned()));
+    }
 }
