@@ -911,7 +911,7 @@ mod nested {
 
     /// The presets on an in-memory limiter on a frozen clock, `default` the
     /// plan of keys naming none.
-    fn frozen_gate(
+    pub(super) fn frozen_gate(
         keys: &MemoryKeyStore,
         default: &str,
     ) -> Gate<MemoryKeyStore, MemoryLimiter<String, FakeClock>, MemoryQuotaStore, FakeClock> {
@@ -1707,21 +1707,14 @@ mod refund {
     use keygate::clock::FakeClock;
     use keygate::tower::Refund;
 
-    use super::nested::key;
+    use super::nested::{frozen_gate, key};
 
     /// The presets on a frozen clock (no unit is earned back between two
     /// requests), `hobby` the plan of keys naming none.
     fn gate(
         keys: &MemoryKeyStore,
     ) -> Gate<MemoryKeyStore, MemoryLimiter<String, FakeClock>, MemoryQuotaStore, FakeClock> {
-        let clock = FakeClock::at_2026();
-        Gate::builder(
-            Authenticator::new(keys.clone()).clock(clock.clone()),
-            MemoryLimiter::with_clock(100, clock),
-        )
-        .plans(PlanSet::presets())
-        .default_plan("hobby")
-        .build()
+        frozen_gate(keys, "hobby")
     }
 
     /// `GET path` with the key, and its `X-RateLimit-Remaining`.
