@@ -413,10 +413,12 @@ pub(crate) fn refund(policy: &Policy, slot: &mut Slot, now: u64, cost: u32, rece
     // (converting, or carrying a window over) could lock the key out
     // longer, or let it through sooner, than the same sequence without the
     // refund. (The Redis store's refund does the same.)
-    // A sliding log ahead of a clock that stepped back is this policy's
-    // own: the check's entry, if still where it was made, is given back,
-    // as the Redis script gives it back.
-    if is_foreign(policy, slot, now) && !log_is_ahead(slot, now) {
+    // A sliding policy's own log ahead of a clock that stepped back (what
+    // makes it "foreign" to `is_foreign`) is still its own: the check's
+    // entry, if still where it was made, is given back, as the Redis
+    // script gives it back. Another algorithm's log is not.
+    let own_log = matches!((policy.algorithm(), &*slot), (Algorithm::SlidingWindow, Slot::Log(_)));
+    if !own_log && is_foreign(policy, slot, now) {
         return;
     }
     // `None`: the check did not charge this policy.
@@ -583,6 +585,22 @@ mod tests {
             assert_eq!(slot, short, "{receipt:?}");
         }
         assert!(!step(&hour, &short, 10_000_000, 1).0.allowed, "a check counts the three");
+    }
+
+    #[test]
+    fn a_refund_leaves_another_policys_log_ahead_of_the_clock_as_it_is() {
+        // A sliding log made before the clock stepped back, read by a GCRA
+        // or fixed-window policy of the same name (a plan change): not
+        // their state, so a refund under either changes nothing, even with
+        // a receipt that names one of its entries.
+        let ahead = 10 * S + 3 * SPAN_SLACK;
+        let log = Slot::Log([ahead - S, ahead].into_iter().collect());
+        for alg in [Algorithm::Gcra, Algorithm::FixedWindow] {
+            let p = Policy::new("d", 3, Duration::from_secs(1), alg).unwrap();
+            let mut slot = log.clone();
+            refund(&p, &mut slot, 10 * S, 1, Some(ahead));
+            assert_eq!(slot, log, "{alg:?}");
+        }
     }
 
     #[test]
