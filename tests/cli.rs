@@ -462,3 +462,23 @@ fn scan_stops_at_a_closed_stdout() {
     let _ = child.wait();
     assert_eq!(status.and_then(|s| s.code()), Some(2), "exits while its input stays open");
 }
+
+#[test]
+fn an_unreadable_stdin_is_an_error_not_a_refused_key() {
+    // Status 1 from `inspect` and `hash` says the input is not a key (a
+    // script tells it from a failure by that); a read that fails is a
+    // failure, 2, as for an unreadable file in `scan` or `--pepper-file`.
+    let dir = fresh_dir("keygate-cli-stdin-dir");
+    for command in ["inspect", "hash"] {
+        let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .arg(command)
+            .stdin(std::fs::File::open(&dir).unwrap())
+            .output()
+            .unwrap();
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(2), "{command}: {err}");
+        assert!(out.stdout.is_empty());
+        assert!(err.contains("stdin"), "{err}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -229,8 +229,10 @@ fn read_key(key: Option<&str>) -> Result<Input, ExitCode> {
     }
     let cap = usize::try_from(STDIN_CAP).unwrap_or(4096) + 1;
     let mut buf = Zeroizing::new(Vec::with_capacity(cap));
+    // A failed read is a failure (2, as an unreadable file is for `scan`),
+    // not a refused key (1): a script tells the two apart by the status.
     if let Err(e) = raw_stdin().take(STDIN_CAP + 1).read_to_end(&mut buf) {
-        return Err(fail(1, format_args!("cannot read stdin: {e}")));
+        return Err(fail(2, format_args!("cannot read stdin: {e}")));
     }
     if buf.len() as u64 > STDIN_CAP {
         return Err(fail(1, format_args!("input longer than {STDIN_CAP} bytes")));
