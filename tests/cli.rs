@@ -482,3 +482,19 @@ fn an_unreadable_stdin_is_an_error_not_a_refused_key() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_pepper_given_in_place_of_its_file_is_not_echoed() {
+    // `--pepper-file "$PEPPER"`: the pepper where its path belongs. As for
+    // a misplaced key, the refusal names the option, not the value.
+    let key = json(&keygate(&["mint", "sk"], b""))["key"].as_str().unwrap().to_owned();
+    let pepper = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08";
+    for pepper in [pepper.to_owned(), format!("sub/{pepper}")] {
+        let out = keygate(&["hash", "--pepper-file", &pepper], format!("{key}\n").as_bytes());
+        assert_eq!(out.status.code(), Some(2));
+        assert!(out.stdout.is_empty());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains("--pepper-file"), "{err}");
+        assert!(!err.contains(&pepper[pepper.len() - 16..]), "{err}");
+    }
+}

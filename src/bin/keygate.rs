@@ -334,7 +334,7 @@ fn hash(
         Some(path) => {
             let bytes = match read_pepper(path) {
                 Ok(b) => b,
-                Err(e) => return fail(2, format_args!("{}: {e}", shown(path))),
+                Err(e) => return fail(2, e),
             };
             match Pepper::new(PepperId(pepper_id), bytes).and_then(|p| Hasher::hmac(vec![p])) {
                 Ok(h) => h,
@@ -351,21 +351,28 @@ const MAX_PEPPER: u64 = 4096;
 /// The pepper's raw bytes, read in bounded memory into one buffer that is
 /// wiped on drop (no growth, so no unwiped copies). Warns on stderr about
 /// a trailing newline (a text editor or `echo` adds one, and it becomes
-/// part of the key) and about a file others can read.
-fn read_pepper(path: &Path) -> io::Result<Secret<Vec<u8>>> {
-    let file = fs::File::open(path)?;
+/// part of the key) and about a file others can read. Errs with the
+/// message to print.
+fn read_pepper(path: &Path) -> Result<Secret<Vec<u8>>, String> {
+    // A path that does not open may be no path at all but the pepper
+    // itself (`--pepper-file "$PEPPER"`): named by its option, never
+    // echoed. Once open, the path is a file's and is shown.
+    let file = fs::File::open(path).map_err(|e| {
+        format!("--pepper-file: {e} (the path is not shown, as it may be the pepper)")
+    })?;
+    let failed = |e: io::Error| format!("{}: {e}", shown(path));
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        if file.metadata()?.permissions().mode() & 0o077 != 0 {
+        if file.metadata().map_err(failed)?.permissions().mode() & 0o077 != 0 {
             say(format_args!("warning: {} is readable by others (chmod 600)", shown(path)));
         }
     }
     let mut bytes = Vec::with_capacity(usize::try_from(MAX_PEPPER).unwrap_or(4096) + 1);
-    file.take(MAX_PEPPER + 1).read_to_end(&mut bytes)?;
+    file.take(MAX_PEPPER + 1).read_to_end(&mut bytes).map_err(failed)?;
     let bytes = Secret::new(bytes);
     if bytes.expose_secret().len() as u64 > MAX_PEPPER {
-        return Err(io::Error::other(format!("a pepper file holds at most {MAX_PEPPER} bytes")));
+        return Err(format!("{}: a pepper file holds at most {MAX_PEPPER} bytes", shown(path)));
     }
     if bytes.expose_secret().ends_with(b"\n") {
         say(format_args!(
