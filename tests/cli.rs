@@ -498,3 +498,28 @@ fn a_pepper_given_in_place_of_its_file_is_not_echoed() {
         assert!(!err.contains(&pepper[pepper.len() - 16..]), "{err}");
     }
 }
+
+#[test]
+fn help_states_the_exit_statuses() {
+    // Scripts and CI branch on the status (`keygate scan` exits 1 when it
+    // finds a key, `inspect` when it refuses one): each command's help
+    // says what its statuses mean, and `mint` and `redact` have no 1.
+    for (command, one) in [
+        ("mint", None),
+        ("inspect", Some("refused")),
+        ("hash", Some("refused")),
+        ("scan", Some("key")),
+        ("redact", None),
+    ] {
+        let out = keygate(&[command, "--help"], b"");
+        assert!(out.status.success());
+        let help = String::from_utf8(out.stdout).unwrap();
+        let statuses = help.split_once("Exit status:").map(|(_, s)| s).unwrap_or_default();
+        let status = |n: char| statuses.lines().find(|l| l.trim_start().starts_with(n));
+        assert!(status('0').is_some() && status('2').is_some(), "{command}: {help}");
+        match one {
+            Some(word) => assert!(status('1').is_some_and(|l| l.contains(word)), "{help}"),
+            None => assert!(status('1').is_none(), "{command}: {help}"),
+        }
+    }
+}

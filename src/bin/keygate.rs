@@ -18,15 +18,46 @@ use zeroize::Zeroizing;
 const STDIN_CAP: u64 = 4096;
 
 #[derive(Parser)]
-#[command(name = "keygate", version, about = "Mint, inspect, scan for and redact API keys")]
+#[command(
+    name = "keygate",
+    version,
+    about = "Mint, inspect, scan for and redact API keys",
+    after_help = STATUS
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
 }
 
+/// What the help says of the exit status: scripts and CI branch on it
+/// (`keygate scan` exits 1 when it finds a key), and 1 means something
+/// else for each command, or nothing.
+const STATUS: &str = "Exit status: 0 on success; 1 when `scan` finds a key or `inspect` or
+`hash` refuses one; 2 on an error (see each command's help)";
+const MINT_STATUS: &str = "Exit status:
+  0  minted and printed
+  2  an error: a bad argument, stdout gone";
+const INSPECT_STATUS: &str = "Exit status:
+  0  the key parsed, and its parts printed
+  1  the key refused: not a key of a known format
+  2  an error: a bad argument, stdin unreadable, stdout gone";
+const HASH_STATUS: &str = "Exit status:
+  0  the key parsed, and its digest printed
+  1  the key refused: not a key of a known format
+  2  an error: a bad argument, stdin unreadable, a pepper file unreadable or
+     refused, stdout gone";
+const SCAN_STATUS: &str = "Exit status:
+  0  no key found
+  1  a key found
+  2  an error (a path that cannot be read, stdout gone), keys found or not";
+const REDACT_STATUS: &str = "Exit status:
+  0  all of stdin copied
+  2  an error: a bad argument, stdin unreadable, stdout gone";
+
 #[derive(Subcommand)]
 enum Command {
     /// Mint a key and print it with its parts as one JSON line.
+    #[command(after_help = MINT_STATUS)]
     Mint {
         /// Format: nhk, nhm, nk, sk, nh, or the portal's kgpc (code) and kgpt (access token).
         format: String,
@@ -38,11 +69,13 @@ enum Command {
         region: Option<String>,
     },
     /// Parse a key (argument, or stdin when absent or `-`) and print its parts, never the key.
+    #[command(after_help = INSPECT_STATUS)]
     Inspect {
         /// The key; read from stdin when absent or `-`.
         key: Option<String>,
     },
     /// Print the stored digest string of a key (argument, or stdin when absent or `-`).
+    #[command(after_help = HASH_STATUS)]
     Hash {
         /// The key; read from stdin when absent or `-`.
         key: Option<String>,
@@ -56,11 +89,13 @@ enum Command {
         pepper_id: u32,
     },
     /// Report keys found in files, directories (recursively) or stdin.
+    #[command(after_help = SCAN_STATUS)]
     Scan {
         /// Files or directories; stdin when none.
         paths: Vec<PathBuf>,
     },
     /// Copy stdin to stdout with each key replaced by `{hint}[REDACTED]`.
+    #[command(after_help = REDACT_STATUS)]
     Redact,
 }
 
