@@ -523,3 +523,34 @@ fn help_states_the_exit_statuses() {
         }
     }
 }
+
+#[test]
+fn a_failed_redact_names_the_stream() {
+    // `keygate: Broken pipe` or `keygate: Is a directory` alone does not
+    // say which side failed; `scan` says `stdout: …` and `-: …`.
+    let dir = fresh_dir("keygate-cli-redact-stdin");
+    let out = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("redact")
+        .stdin(std::fs::File::open(&dir).unwrap())
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("keygate: stdin: "), "{err}");
+
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("redact")
+        .stdin(Stdio::piped())
+        .stdout(closed_pipe())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The write fails once the output is flushed, at the latest at the end
+    // of input; the command may exit before all of it is written.
+    let _ = child.stdin.take().unwrap().write_all(b"a line\n");
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.starts_with("keygate: stdout: "), "{err}");
+}

@@ -596,8 +596,41 @@ fn collect(path: &Path, files: &mut Vec<PathBuf>, errors: &mut bool, named: bool
 fn redact(formats: FormatSet) -> ExitCode {
     let scanner = Scanner::new(formats);
     let stdout = io::stdout();
-    match scanner.redact(io::stdin().lock(), BufWriter::new(stdout.lock())) {
+    let input = Named { inner: io::stdin().lock(), name: "stdin" };
+    let output = Named { inner: BufWriter::new(stdout.lock()), name: "stdout" };
+    match scanner.redact(input, output) {
         Ok(_) => ExitCode::SUCCESS,
         Err(e) => fail(2, e),
+    }
+}
+
+/// `inner`, its errors prefixed with `name` (`stdin: Is a directory`):
+/// [`Scanner::redact`] fails with the error of either side, which alone
+/// does not say whether the input or the output failed.
+struct Named<T> {
+    inner: T,
+    name: &'static str,
+}
+
+impl<T> Named<T> {
+    /// `e`, named; its kind is kept (an `Interrupted` read is retried).
+    fn name(&self, e: &io::Error) -> io::Error {
+        io::Error::new(e.kind(), format!("{}: {e}", self.name))
+    }
+}
+
+impl<R: Read> Read for Named<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| self.name(&e))
+    }
+}
+
+impl<W: Write> Write for Named<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.inner.write(buf).map_err(|e| self.name(&e))
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush().map_err(|e| self.name(&e))
     }
 }
