@@ -325,6 +325,7 @@ fn argument_errors_never_echo_a_key() {
     let v = json(&keygate(&["mint", "sk"], b""));
     let key = v["key"].as_str().unwrap().to_owned();
     let tail = &key[v["hint"].as_str().unwrap().len()..];
+    let dashed = format!("--{key}");
     for args in [
         vec!["mint", key.as_str()],
         vec!["inspect", "x", key.as_str()],
@@ -337,6 +338,10 @@ fn argument_errors_never_echo_a_key() {
         // by its hint.
         vec!["scan", key.as_str()],
         vec!["hash", key.as_str(), "--pepper-file", key.as_str()],
+        // Read as an unknown flag (`--"$KEY"`), whose name clap's message
+        // quotes.
+        vec!["inspect", dashed.as_str()],
+        vec!["scan", "-", dashed.as_str()],
     ] {
         let out = keygate(&args, b"");
         assert!(!out.status.success(), "{args:?}");

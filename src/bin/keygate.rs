@@ -132,11 +132,11 @@ fn minted_formats() -> Option<FormatSet> {
 }
 
 /// Reports a command line clap refused. Help, version and missing
-/// arguments print as clap has them, and so does an unknown flag
-/// (`--pepperid`: a key never starts with `-`); every other refusal names
-/// only its kind and argument, since clap's own message quotes the
-/// offending value, and a value in the wrong place (`--pepper-id <key>`, a
-/// second key) is often a key.
+/// arguments print as clap has them, and so does an unknown flag that
+/// reads as a flag's name (`--pepperid`: see [`flag_like`]); every other
+/// refusal names only its kind and argument, since clap's own message
+/// quotes the offending value, and a value in the wrong place
+/// (`--pepper-id <key>`, a second key, `--"$KEY"`) is often a key.
 fn argument_error(e: &clap::Error) -> ExitCode {
     use clap::error::{ContextKind, ContextValue, ErrorKind};
     let arg = match e.get(ContextKind::InvalidArg) {
@@ -150,17 +150,23 @@ fn argument_error(e: &clap::Error) -> ExitCode {
         | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
         | ErrorKind::MissingRequiredArgument
         | ErrorKind::MissingSubcommand => e.exit(),
-        // A flag's name, with no `=value` that could be a key.
-        ErrorKind::UnknownArgument
-            if arg.is_some_and(|a| a.starts_with('-') && !a.contains('=')) =>
-        {
-            e.exit()
-        }
+        ErrorKind::UnknownArgument if arg.is_some_and(flag_like) => e.exit(),
         ErrorKind::InvalidValue | ErrorKind::ValueValidation if arg.is_some() => {
             fail(2, format_args!("invalid value for `{}` {hidden}", arg.unwrap_or_default()))
         }
         kind => fail(2, format_args!("{kind} {hidden}")),
     }
+}
+
+/// Whether `arg`, an unknown argument, can be shown: a flag's name, as
+/// flags are spelled (`-`, then lower-case letters, digits and `-`, no
+/// longer than a name is). A key glued after dashes (`--"$KEY"`) is no
+/// flag: every key has a `_` (the one after its format's name), and a
+/// pepper or a key of hex alone is longer than any name.
+fn flag_like(arg: &str) -> bool {
+    arg.len() <= 32
+        && arg.starts_with('-')
+        && arg.bytes().all(|b| b == b'-' || b.is_ascii_lowercase() || b.is_ascii_digit())
 }
 
 /// Prints `line` to stdout: success, or exit status 2 when stdout is gone
