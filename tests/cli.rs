@@ -559,3 +559,18 @@ fn a_failed_redact_names_the_stream() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.starts_with("keygate: stdout: "), "{err}");
 }
+
+#[test]
+fn a_repeated_option_is_named() {
+    // `--env live --env test` was refused as "an argument cannot be used
+    // with one or more of the other specified arguments", naming none.
+    for (args, name) in [
+        (&["mint", "sk", "--env", "live", "--env", "test"][..], "--env"),
+        (&["hash", "--pepper-file", "a", "--pepper-file", "b"], "--pepper-file"),
+    ] {
+        let out = keygate(args, b"");
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(err.contains(name) && err.contains("more than once"), "{args:?}: {err}");
+    }
+}

@@ -151,6 +151,13 @@ fn argument_error(e: &clap::Error) -> ExitCode {
         | ErrorKind::MissingRequiredArgument
         | ErrorKind::MissingSubcommand => e.exit(),
         ErrorKind::UnknownArgument if arg.is_some_and(flag_like) => e.exit(),
+        // Clap's one kind for a conflict and a repeat; both name
+        // arguments (`--env <ENV>`), never values.
+        ErrorKind::ArgumentConflict
+            if arg.is_some() && e.get(ContextKind::PriorArg) == e.get(ContextKind::InvalidArg) =>
+        {
+            fail(2, format_args!("`{}` given more than once", arg.unwrap_or_default()))
+        }
         ErrorKind::InvalidValue | ErrorKind::ValueValidation if arg.is_some() => {
             fail(2, format_args!("invalid value for `{}` {hidden}", arg.unwrap_or_default()))
         }
