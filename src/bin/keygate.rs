@@ -397,7 +397,8 @@ fn hash(
 const MAX_PEPPER: u64 = 4096;
 
 /// The pepper's raw bytes, read in bounded memory into one buffer that is
-/// wiped on drop (no growth, so no unwiped copies). Warns on stderr about
+/// wiped on drop, a failed read's included (no growth, so no unwiped
+/// copies). Warns on stderr about
 /// a trailing newline (a text editor or `echo` adds one, and it becomes
 /// part of the key) and about a file others can read. Errs with the
 /// message to print.
@@ -416,9 +417,13 @@ fn read_pepper(path: &Path) -> Result<Secret<Vec<u8>>, String> {
             say(format_args!("warning: {} is readable by others (chmod 600)", shown(path)));
         }
     }
-    let mut bytes = Vec::with_capacity(usize::try_from(MAX_PEPPER).unwrap_or(4096) + 1);
+    // Wiped on drop from the start: a read that fails part way has
+    // already put pepper bytes in the buffer.
+    let mut bytes = zeroize::Zeroizing::new(Vec::with_capacity(
+        usize::try_from(MAX_PEPPER).unwrap_or(4096) + 1,
+    ));
     file.take(MAX_PEPPER + 1).read_to_end(&mut bytes).map_err(failed)?;
-    let bytes = Secret::new(bytes);
+    let bytes = Secret::new(std::mem::take(&mut *bytes));
     if bytes.expose_secret().len() as u64 > MAX_PEPPER {
         return Err(format!("{}: a pepper file holds at most {MAX_PEPPER} bytes", shown(path)));
     }
