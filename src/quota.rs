@@ -315,9 +315,10 @@ impl hashbrown::Equivalent<(String, String)> for CounterKey<'_> {
     }
 }
 
-impl From<&CounterKey<'_>> for (String, String) {
-    fn from(k: &CounterKey<'_>) -> Self {
-        (k.0.to_owned(), k.1.to_owned())
+impl CounterKey<'_> {
+    /// The owned key, for a counter's first count.
+    fn owned(&self) -> (String, String) {
+        (self.0.to_owned(), self.1.to_owned())
     }
 }
 
@@ -456,7 +457,13 @@ impl MemoryQuotaStore {
             }
         }
         // Every counting rule has room: count the category.
-        let c = map.entry_ref(&CounterKey(account, category)).or_default();
+        let key = CounterKey(account, category);
+        let c = match map.entry_ref(&key) {
+            hashbrown::hash_map::EntryRef::Occupied(e) => e.into_mut(),
+            hashbrown::hash_map::EntryRef::Vacant(e) => {
+                e.insert_with_key(key.owned(), Counter::default())
+            }
+        };
         let u = c.slot(month, current);
         *u = u.saturating_add(cost);
         QuotaDecision::admitted(counted, resets_at)
