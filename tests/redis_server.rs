@@ -154,6 +154,58 @@ async fn two_instances_share_one_redis() {
     assert_eq!(apps(&a).await, StatusCode::UNAUTHORIZED);
 }
 
+/// One monthly allowance across instances: a plan of 5 webhook
+/// notifications a month, spent alternately on A and B, refuses the sixth
+/// on either with the monthly message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_one_monthly_quota() {
+    let redis = RedisServer::start();
+    let dir = std::env::temp_dir().join(format!("keygate-redis-quota-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plans = dir.join("plans.json");
+    std::fs::write(
+        &plans,
+        r#"{"plans": {"tiny": {
+            "rate": [{"name": "default", "limit": 1000, "window_seconds": 60, "algorithm": "sliding_window"}],
+            "monthly": [{"name": "notifications", "limit": 5, "counts": ["webhook"]}]}}}"#,
+    )
+    .unwrap();
+    let start = |url: &str| {
+        Running::start(
+            &["--bind".as_ref(), "127.0.0.1:0".as_ref(), "--plans".as_ref(), plans.as_os_str()],
+            &[("REDIS_URL", url)],
+        )
+    };
+    let (a, b) = (start(&redis.url()), start(&redis.url()));
+    let http = Client::new();
+    let key = create_key(&http, &a, json!({"name": "n", "format": "nh", "plan": "tiny"})).await;
+    let notify = async |at: &Running| {
+        http.post(format!("{}/api/v1/notifications", at.base()))
+            .header("x-api-key", &key)
+            .body(r#"{"channel": "webhook"}"#)
+            .send()
+            .await
+            .unwrap()
+    };
+    // The month the counts fall in: a run across a month's end (a new
+    // allowance) proves nothing, and is not judged.
+    let month = || jiff::Timestamp::now().strftime("%Y-%m").to_string();
+    let before = month();
+    let mut statuses = Vec::new();
+    for i in 0..5 {
+        statuses.push(notify(if i % 2 == 0 { &a } else { &b }).await.status());
+    }
+    let sixth = notify(&b).await;
+    let (status, body) = (sixth.status(), sixth.text().await.unwrap());
+    if month() != before {
+        return;
+    }
+    assert_eq!(statuses, [StatusCode::ACCEPTED; 5]);
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert!(body.contains("Monthly usage limit exceeded (5/5)"), "{body}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A clean shutdown revokes the instance's own bootstrap token: restarts
 /// do not pile up all-powerful tokens in Redis, and the other instances
 /// (their caches told at once) refuse it from then on.
