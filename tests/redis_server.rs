@@ -1,6 +1,7 @@
 //! Two instances of the reference server sharing one Redis behave as one:
 //! one key store (each instance's bootstrap token works on both), one
-//! global rate limit, one use per portal code, revocations seen everywhere.
+//! global rate limit and monthly quota, one use per portal code,
+//! revocations seen everywhere.
 
 #[path = "support/example_server.rs"]
 mod example_server;
