@@ -1444,6 +1444,41 @@ async fn a_key_of_the_wrong_type_under_the_prefix_is_corrupt_data() {
     assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{r:?}");
 }
 
+/// Every version wrote each of a record's optional fields (`null` for
+/// none): one missing was not written by this crate, and reading it as
+/// none would widen the key — a project key reaching the whole workspace,
+/// a portal token every application, a `test` key `live`, a key on a
+/// plan the gate's default.
+#[tokio::test]
+async fn a_key_record_missing_a_field_every_version_writes_is_corrupt_not_widened() {
+    use ::redis::AsyncCommands;
+    let server = RedisServer::start();
+    let redis = connect(&server, "mf").await;
+    let keys = redis.keys();
+    let mut r = keygate::testkit::keys::sample_record("ws_m", Some("p1"), 0, true);
+    r.tenant.application = Some("app_1".parse().unwrap());
+    r.region = Some("eu".parse().unwrap());
+    r.plan = Some("free".into());
+    assert_eq!(keys.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    let mut conn = redis.connection();
+    let rec = format!("mf:{{mf:keys}}:rec:{}", r.id);
+    let body: String = conn.hget(&rec, "r").await.unwrap();
+    for field in ["key_id", "env", "region", "proj", "app", "plan"] {
+        let mut v: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert!(v.as_object_mut().unwrap().remove(field).is_some(), "{field} is written");
+        let _: i64 = conn.hset(&rec, "r", v.to_string()).await.unwrap();
+        let got = keys.get(&r.id).await;
+        assert!(matches!(got, Err(BackendError::Corrupt { .. })), "without {field}: {got:?}");
+        let found = keys.find_by_digest(&r.digest).await;
+        assert!(matches!(found, Err(BackendError::Corrupt { .. })), "without {field}: {found:?}");
+    }
+    // Written as `null`, as every version writes a field with no value: none.
+    let _: i64 =
+        conn.hset(&rec, "r", body.replace(r#""proj":"p1""#, r#""proj":null"#)).await.unwrap();
+    let got = keys.get(&r.id).await.unwrap().expect("the record");
+    assert_eq!(got.tenant.project, None);
+}
+
 /// Deployment `k:nx` and one nested under it as `k:nx:rl`: the outer
 /// limiter's key `nx:rl:keys` under policy `ws` was
 /// `k:nx:rl:{k:nx:rl:keys}:ws:f`, the inner key store's set of workspace

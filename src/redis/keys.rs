@@ -513,12 +513,21 @@ fn parse<T: FromStr>(m: &Map<String, Value>, k: &str) -> Result<T, BackendError>
     str_of(m, k)?.parse().map_err(|_| bad(k))
 }
 
+/// Optional field `k` of a key record: `None` when null. Every version
+/// wrote each of them (`null` for none), so an absent one is corrupt, not
+/// none: read as none, a project key would reach its whole workspace, a
+/// portal token every application, a key of an environment any, and a
+/// key on a plan the gate's default.
 fn parse_opt<T: FromStr>(m: &Map<String, Value>, k: &str) -> Result<Option<T>, BackendError> {
+    if !m.contains_key(k) {
+        return Err(bad(k));
+    }
     opt_field(m, k, bad)
 }
 
-/// Field `k` parsed as a `T`; `None` when absent or null (a record stored
-/// before the field existed); `bad(k)` when it is not a string of a `T`.
+/// Field `k` parsed as a `T`; `None` when absent or null (for a field
+/// added later: a value stored before it existed); `bad(k)` when it is
+/// not a string of a `T`.
 pub(super) fn opt_field<T: FromStr>(
     m: &Map<String, Value>,
     k: &str,
