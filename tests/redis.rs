@@ -1479,6 +1479,43 @@ async fn a_key_record_missing_a_field_every_version_writes_is_corrupt_not_widene
     assert_eq!(got.tenant.project, None);
 }
 
+/// A quota counter holds what `INCRBY` wrote: a count, at most a limit
+/// (2^52). Anything else under its key (a value written outside keygate)
+/// is corrupt data: not an error of the script reported as the server
+/// unavailable, nor a count read as written (a negative one admitted
+/// units past the limit, and came back as a `used` near 2^64).
+#[tokio::test]
+async fn a_quota_counter_that_is_not_a_count_is_corrupt_data() {
+    use ::redis::AsyncCommands;
+    let server = RedisServer::start();
+    let redis = connect(&server, "qc").await;
+    let quota = redis.quota();
+    let rules = [QuotaRule::new("n", 10, &["email", "webhook"])];
+    let now = jiff::Timestamp::now();
+    for category in ["email", "webhook"] {
+        let d = quota.check_and_count("acct", &rules, category, 1, now).await.unwrap();
+        assert!(d.allowed);
+    }
+    let mut conn = redis.connection();
+    let counters: Vec<String> = conn.keys("qc:quota:*").await.unwrap();
+    assert_eq!(counters.len(), 2);
+    for counter in &counters {
+        for bad in ["abc", "", "-5", "2.5", "1e3", " 3", "007", "99999999999999999999999"] {
+            let _: () = conn.set(counter, bad).await.unwrap();
+            for category in ["email", "webhook"] {
+                let d = quota.check_and_count("acct", &rules, category, 1, now).await;
+                assert!(
+                    matches!(d, Err(BackendError::Corrupt { .. })),
+                    "{bad:?} counting {category}: {d:?}"
+                );
+            }
+        }
+        let _: () = conn.set(counter, "4").await.unwrap();
+    }
+    let d = quota.check_and_count("acct", &rules, "email", 2, now).await.unwrap();
+    assert!(d.allowed && d.used == 10, "{d:?}");
+}
+
 /// Deployment `k:nx` and one nested under it as `k:nx:rl`: the outer
 /// limiter's key `nx:rl:keys` under policy `ws` was
 /// `k:nx:rl:{k:nx:rl:keys}:ws:f`, the inner key store's set of workspace

@@ -17,12 +17,21 @@ use crate::quota::{Month, QuotaDecision, QuotaStore};
 /// other categories the counting rules count, each once. ARGV: cost, TTL
 /// ms, the number of counting rules, then per rule its limit, how many
 /// categories it counts and their places in KEYS. Returns `{1, used…}`
-/// (counted; each rule's usage after) or `{0, i, used}` (rule `i` had no
-/// room; nothing counted).
+/// (counted; each rule's usage after), `{0, i, used}` (rule `i` had no
+/// room; nothing counted) or `{2}` (a counter holds something other than
+/// a count `INCRBY` could have written — decimal digits without a leading
+/// zero, at most 2^53 — so something written outside keygate; nothing
+/// counted).
 const COUNT: &str = r"
 local cost = tonumber(ARGV[1])
 local count = {}
-for i = 1, #KEYS do count[i] = tonumber(redis.call('GET', KEYS[i]) or '0') end
+for i = 1, #KEYS do
+  local v = redis.call('GET', KEYS[i])
+  local c = 0
+  if v then c = (v == '0' or string.match(v, '^[1-9]%d*$')) and tonumber(v) end
+  if not c or c > 9007199254740992 then return {2} end
+  count[i] = c
+end
 local rules = tonumber(ARGV[3])
 local at = 4
 local out = {1}
@@ -142,6 +151,11 @@ impl QuotaStore for RedisQuotaStore {
                     let r = counting.get(i.wrapping_sub(1)).ok_or_else(bad)?;
                     Ok(QuotaDecision::denied(r, *reply.get(2).ok_or_else(bad)?, cost, resets_at))
                 }
+                // Not an outage: retrying will not help. Read as written, a
+                // negative count admitted units past the limit (and came
+                // back near 2^64), and text failed the script, which read
+                // as the server unavailable.
+                Some(2) => Err(BackendError::corrupt("quota counter")),
                 // Same tightest rule as the in-memory store reports.
                 Some(1) if reply.len() == counting.len() + 1 => Ok(QuotaDecision::admitted(
                     counting.iter().zip(reply[1..].iter().copied()),
