@@ -1903,3 +1903,45 @@ async fn a_one_year_token_lasts_a_calendar_year_across_a_leap_day() {
     let token = manager.create(year).await.unwrap();
     assert_eq!(token.record().expires_at, Some("2029-02-28T08:00:00Z".parse().unwrap()));
 }
+
+/// Any time jiff holds, the range's ends most of all.
+fn any_time() -> impl proptest::strategy::Strategy<Value = Timestamp> {
+    use proptest::prelude::*;
+    let (min, max) = (Timestamp::MIN.as_nanosecond(), Timestamp::MAX.as_nanosecond());
+    prop_oneof![
+        Just(Timestamp::MIN),
+        Just(Timestamp::MAX),
+        (min..=max).prop_map(|ns| Timestamp::from_nanosecond(ns).unwrap()),
+    ]
+}
+
+proptest::proptest! {
+    /// A record a host's store keeps as JSON (feature `serde`) reads back
+    /// equal in every field: any text and metadata, each optional field
+    /// set or not, times anywhere in jiff's range.
+    #[test]
+    fn a_record_reads_back_equal_through_serde(
+        name in proptest::prelude::any::<String>(),
+        plan in proptest::option::of(proptest::prelude::any::<String>()),
+        created in any_time(),
+        ends in (proptest::option::of(any_time()), proptest::option::of(any_time())),
+        used in proptest::option::of(any_time()),
+        metadata in proptest::collection::btree_map(".*", ".*", 0..4),
+        (project, with_key_id, app, region) in proptest::prelude::any::<(bool, bool, bool, bool)>(),
+    ) {
+        use keygate::testkit::keys::sample_record;
+        let mut r = sample_record("ws_s", project.then_some("p1"), 0, with_key_id);
+        r.name = name;
+        r.plan = plan;
+        r.created_at = created;
+        (r.expires_at, r.revoked_at) = ends;
+        r.last_used_at = used;
+        r.metadata = metadata;
+        r.tenant.application = app.then(|| "app_1".parse().unwrap());
+        r.region = region.then_some(Region::US);
+        r.environment = (!region).then_some(Environment::TEST);
+        let text = serde_json::to_string(&r).unwrap();
+        let back: KeyRecord = serde_json::from_str(&text).unwrap();
+        proptest::prop_assert_eq!(back, r);
+    }
+}

@@ -1444,6 +1444,58 @@ async fn a_key_of_the_wrong_type_under_the_prefix_is_corrupt_data() {
     assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{r:?}");
 }
 
+/// What the key and portal stores write reads back equal in every field:
+/// any text and metadata, each optional field set or not, times at the
+/// ends of jiff's range and a nanosecond either side of the epoch.
+#[tokio::test]
+async fn records_and_sessions_read_back_equal_in_every_field() {
+    use jiff::Timestamp;
+    use keygate::testkit::keys::sample_record;
+    let server = RedisServer::start();
+    let redis = connect(&server, "rt").await;
+    let (keys, portal) = (redis.keys(), redis.portal());
+    let odd = "é\u{0}\"\\ 🎉{}".repeat(64);
+    let mut records = vec![sample_record("ws_r", Some("p1"), 0, true)];
+    let mut r = sample_record("ws_r", Some("p1"), 1, true);
+    (r.name, r.hint, r.plan) = (odd.clone(), String::new(), Some(String::new()));
+    (r.created_at, r.expires_at) = (Timestamp::MIN, Some(Timestamp::MAX));
+    r.last_used_at = Some(Timestamp::from_nanosecond(-1).unwrap());
+    r.metadata = [(String::new(), String::new()), (odd.clone(), "x".repeat(4096))].into();
+    (r.scopes, r.environment, r.region) = (Arc::from([]), None, Some("eu".parse().unwrap()));
+    r.tenant.application = Some("app_1".parse().unwrap());
+    records.push(r);
+    let mut r = sample_record("ws_r", None, 2, false);
+    (r.created_at, r.expires_at) = (Timestamp::MAX, Some(Timestamp::MIN));
+    (r.revoked_at, r.last_used_at) = (Some(Timestamp::MAX), Some(Timestamp::MIN));
+    r.metadata.clear();
+    records.push(r);
+    for r in &records {
+        assert_eq!(keys.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+        assert_eq!(*keys.get(&r.id).await.unwrap().expect("by id"), *r);
+        assert_eq!(*keys.find_by_digest(&r.digest).await.unwrap().expect("by digest"), *r);
+        if let Some(k) = &r.key_id {
+            assert_eq!(*keys.find_by_key_id(&r.format, k).await.unwrap().expect("by key id"), *r);
+        }
+    }
+    let listed = keys.list(&"ws_r".parse().unwrap(), None).await.unwrap();
+    assert_eq!(listed.len(), records.len());
+    assert!(records.iter().all(|r| listed.iter().any(|l| **l == *r)));
+
+    let base = keygate::testkit::portal::sample_session(60);
+    let mut wide = base.clone();
+    (wide.created_at, wide.expires_at) = (Timestamp::MIN, Timestamp::MAX);
+    (wide.environment, wide.region, wide.minter) = (None, Some("eu".parse().unwrap()), None);
+    wide.metadata = [(odd.clone(), odd.clone()), ("k".repeat(64), String::new())].into();
+    let mut near = base.clone();
+    near.created_at = Timestamp::from_nanosecond(-1).unwrap();
+    near.expires_at = Timestamp::from_nanosecond(1).unwrap();
+    for (i, s) in [base, wide, near].into_iter().enumerate() {
+        let code = Digest::from_bytes([u8::try_from(i).unwrap() + 1; 32]);
+        assert!(portal.insert(code, s.clone()).await.unwrap());
+        assert_eq!(portal.redeem(&code, s.created_at).await.unwrap(), Redeem::Session(s));
+    }
+}
+
 /// Every version wrote each of a record's optional fields (`null` for
 /// none): one missing was not written by this crate, and reading it as
 /// none would widen the key — a project key reaching the whole workspace,

@@ -564,4 +564,39 @@ mod tests {
         assert!(matches!(r, Rejection::BadRequest { ref field, ref message }
             if field == "expiresInMinutes" && message == "expiresInMinutes must be between 1 and 60"));
     }
+
+    use proptest::strategy::Strategy as _;
+
+    proptest::proptest! {
+        /// A valid request written as JSON (as a client's serializer
+        /// writes it: escapes, any Unicode, keys and values at their
+        /// longest, every role and lifetime) reads back equal.
+        #[test]
+        fn a_valid_request_written_as_json_reads_back_equal(
+            role in 0..3_usize,
+            minutes in MIN_EXPIRES_IN_MINUTES..=MAX_EXPIRES_IN_MINUTES,
+            metadata in proptest::collection::btree_map(
+                proptest::prop_oneof![
+                    "\\PC{1,16}",
+                    proptest::strategy::Just("k".repeat(MAX_METADATA_KEY_LEN)),
+                ]
+                .prop_filter("reserved", |k| !crate::manager::is_reserved_metadata(k)),
+                proptest::prop_oneof![
+                    ".{0,128}",
+                    proptest::strategy::Just("\"\\\u{0}".repeat(MAX_METADATA_VALUE_LEN / 3)),
+                ],
+                0..=MAX_METADATA_KEYS,
+            ),
+        ) {
+            let role = [Role::Admin, Role::Editor, Role::Viewer][role];
+            let req = SessionRequest { role, expires_in_minutes: minutes, metadata };
+            let body = serde_json::json!({
+                "role": role.as_str(),
+                "expiresInMinutes": minutes,
+                "metadata": req.metadata,
+            });
+            let text = serde_json::to_vec(&body).unwrap();
+            proptest::prop_assert_eq!(SessionRequest::from_json(&text), Ok(req));
+        }
+    }
 }
