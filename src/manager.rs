@@ -727,8 +727,8 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// again after it (a redemption may store one meanwhile), so a call
     /// whose future is dropped once the token is revoked leaves at most
     /// those redeemed in that window working. If revoking them fails, the
-    /// error is returned (before the token is revoked, when the first pass
-    /// fails) and calling again finishes the job.
+    /// error is returned, the token itself revoked all the same, and
+    /// calling again finishes the job.
     ///
     /// [`Portal::redeem`]: crate::portal::Portal::redeem
     /// [`Portal::minters_elsewhere`]: crate::portal::Portal::minters_elsewhere
@@ -776,8 +776,12 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // revocation whose future is dropped once the store revoked the
         // token (a client gone, a timeout) leaves none of them working but
         // those redeemed in between.
-        if minter {
-            self.end_minted(record, now, None).await?;
+        if minter && let Err(e) = self.end_minted(record, now, None).await {
+            // The token is revoked all the same: a listing that fails for
+            // good (one record of the workspace the store cannot decode)
+            // kept it working however often the host called again.
+            self.revoke_id(&record.id, now).await?;
+            return Err(e);
         }
         let revoked = self.revoke_id(&record.id, now).await?;
         // And after: tokens redeemed while it ran (a redemption that read

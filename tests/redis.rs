@@ -1531,6 +1531,35 @@ async fn a_key_record_missing_a_field_every_version_writes_is_corrupt_not_widene
     assert_eq!(got.tenant.project, None);
 }
 
+/// Revoking a management token lists its workspace first, for the portal
+/// tokens it minted. One record there that does not decode (written
+/// outside keygate, or by an incompatible version) fails that listing:
+/// the revocation reports it, but the token itself is revoked all the
+/// same — a leaked token must not stay usable until the host repairs an
+/// unrelated record.
+#[tokio::test]
+async fn a_corrupt_record_in_its_workspace_does_not_keep_a_token_from_being_revoked() {
+    use ::redis::AsyncCommands;
+    use keygate::format::NHM;
+    use keygate::manager::{KeyManager, ManagerError, NewKey};
+    let server = RedisServer::start();
+    let redis = connect(&server, "cv").await;
+    let store = redis.keys();
+    let manager = KeyManager::new(store.clone());
+    let ws: keygate::store::WorkspaceId = "ws_c".parse().unwrap();
+    let tenant = keygate::store::Tenant::workspace(ws);
+    let token = manager.create(NewKey::new("t", NHM, tenant)).await.unwrap();
+    let other = keygate::testkit::keys::sample_record("ws_c", None, 0, false);
+    assert_eq!(store.insert(Arc::new(other.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    let mut conn = redis.connection();
+    let _: i64 = conn.hset(format!("cv:{{cv:keys}}:rec:{}", other.id), "r", "{}").await.unwrap();
+    let id = &token.record().id;
+    let r = manager.revoke(id).await;
+    assert!(matches!(r, Err(ManagerError::Backend(BackendError::Corrupt { .. }))), "{r:?}");
+    let stored = store.get(id).await.unwrap().expect("the token");
+    assert!(stored.revoked_at.is_some(), "the token itself is revoked");
+}
+
 /// A quota counter holds what `INCRBY` wrote: a count, at most a limit
 /// (2^52). Anything else under its key (a value written outside keygate)
 /// is corrupt data: not an error of the script reported as the server
