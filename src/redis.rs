@@ -435,8 +435,9 @@ fn curable(e: &RedisError) -> Curable {
 /// The server's error code of `e`, if it is a server error. Before Redis 7,
 /// an error raised by a command inside a script comes back as `ERR` with
 /// the original one in its text: that one's code, for the codes acted on.
+/// So does, on every version, a script's own `error('-KEYGATE_CORRUPT …')`.
 fn code(e: &RedisError) -> Option<&str> {
-    const INNER: [&str; 4] = ["READONLY", "MASTERDOWN", "OOM", "WRONGTYPE"];
+    const INNER: [&str; 5] = ["READONLY", "MASTERDOWN", "OOM", "WRONGTYPE", "KEYGATE_CORRUPT"];
     match (e.code(), e.detail()) {
         (Some("ERR"), Some(d)) => Some(
             INNER
@@ -696,6 +697,12 @@ fn map_err(e: RedisError) -> BackendError {
         Some("WRONGTYPE") => {
             return BackendError::corrupt("a key under the prefix holds the wrong type");
         }
+        // A script found a value it does not write (see `RedisLimiter`).
+        Some("KEYGATE_CORRUPT") => {
+            return BackendError::corrupt(
+                "a key under the prefix holds a value keygate did not write",
+            );
+        }
         _ => {}
     }
     // Fixed words, not the client's message: it quotes the value that did
@@ -749,6 +756,22 @@ mod tests {
         assert!(matches!(map_err(wrong), BackendError::Corrupt { .. }));
         let other = server_error(b"-ERR Error running script (call to f_0123): OOMish\r\n");
         assert!(matches!(map_err(other), BackendError::Unavailable { .. }));
+    }
+
+    #[test]
+    fn a_value_keygate_did_not_write_is_corrupt_on_redis_6_and_7() {
+        let v7 = server_error(
+            b"-ERR user_script:25: -KEYGATE_CORRUPT limiter state script: 0ea9e191, on \
+              @user_script:25.\r\n",
+        );
+        let v6 = server_error(
+            b"-ERR Error running script (call to f_0123): @user_script:25: user_script:25: \
+              -KEYGATE_CORRUPT limiter state\r\n",
+        );
+        for e in [v7, v6] {
+            assert!(matches!(curable(&e), Curable::No), "{e:?}");
+            assert!(matches!(map_err(e), BackendError::Corrupt { .. }));
+        }
     }
 
     #[test]

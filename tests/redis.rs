@@ -1597,6 +1597,49 @@ async fn a_quota_counter_that_is_not_a_count_is_corrupt_data() {
     assert!(d.allowed && d.used == 10, "{d:?}");
 }
 
+/// A GCRA state and a sliding log's entries are digits as the limiter
+/// writes them. Anything else under their keys (written outside keygate)
+/// is corrupt data, for checks and refunds, read directly or as a
+/// sibling's state after a plan change: not a script failing on
+/// arithmetic, which read as the server unavailable (and, with no expiry
+/// on such a key, stayed so for that key for good).
+#[tokio::test]
+async fn a_limiter_state_keygate_did_not_write_is_corrupt_data() {
+    use ::redis::AsyncCommands;
+    let server = RedisServer::start();
+    let redis = connect(&server, "ls").await;
+    let limiter = redis.limiter();
+    let mut conn = redis.connection();
+    let gcra = [hour("default", 10, Algorithm::Gcra)];
+    let sliding = [hour("default", 10, Algorithm::SlidingWindow)];
+    let fixed = [hour("default", 10, Algorithm::FixedWindow)];
+    for bad in ["abc", "", "-5", "1.5", "1e9", "12:3"] {
+        for (plan, code) in [(&gcra, "g"), (&sliding, "s")] {
+            let key = format!("ls:rl:{{k:k}}:default:{code}");
+            let _: i64 = conn.del(&key).await.unwrap();
+            let mut d = limiter.check("k", plan, 1, CheckMode::Consume).await.unwrap();
+            assert!(d.is_allowed());
+            let _: i64 = conn.del(&key).await.unwrap();
+            if code == "g" {
+                let _: () = conn.set(&key, bad).await.unwrap();
+            } else {
+                let _: i64 = conn.rpush(&key, &["1", bad]).await.unwrap();
+            }
+            let r = limiter.check("k", plan, 1, CheckMode::Consume).await;
+            assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{code} {bad:?}: {r:?}");
+            let r = limiter.refund("k", plan, 1, &mut d).await;
+            assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{code} {bad:?} refund: {r:?}");
+            // The same name under another algorithm reads it as its sibling.
+            let r = limiter.check("k", &fixed, 1, CheckMode::Consume).await;
+            assert!(
+                matches!(r, Err(BackendError::Corrupt { .. })),
+                "{code} {bad:?} as a sibling: {r:?}"
+            );
+            let _: i64 = conn.del(&key).await.unwrap();
+        }
+    }
+}
+
 /// Deployment `k:nx` and one nested under it as `k:nx:rl`: the outer
 /// limiter's key `nx:rl:keys` under policy `ws` was
 /// `k:nx:rl:{k:nx:rl:keys}:ws:f`, the inner key store's set of workspace

@@ -33,8 +33,18 @@ local function keep_for(key, ms)
   local ttl = redis.call('PTTL', key)
   if ttl >= 0 and ttl < ms then redis.call('PEXPIRE', key, ms) end
 end
+-- A stored GCRA time or log entry as a number: digits, as the limiter
+-- writes them. Anything else was written under the prefix by something
+-- else: refused as corrupt data (the client maps `-KEYGATE_CORRUPT`), not
+-- read as whatever `tonumber` makes of it, or failed on arithmetic, which
+-- read as the server unavailable.
+local function stored(s)
+  if not s or not string.match(s, '^%d+$') then error('-KEYGATE_CORRUPT limiter state') end
+  return tonumber(s)
+end
 local function tat_rel(s)
   if not s then return 0 end
+  stored(s)
   local len = string.len(s)
   local tsec, tns = 0, 0
   if len > 9 then
@@ -109,7 +119,7 @@ end
 local function list_log(key)
   local read = {}
   local function at(j)
-    if read[j] == nil then read[j] = tonumber(redis.call('LINDEX', key, j - 1)) end
+    if read[j] == nil then read[j] = stored(redis.call('LINDEX', key, j - 1)) end
     return read[j]
   end
   return {len = redis.call('LLEN', key), at = at}
@@ -312,7 +322,7 @@ for i = 1, n do
     if clamped then
       entries = redis.call('LRANGE', KEYS[i], 0, -1)
       for j = 1, #entries do
-        if tonumber(entries[j]) > ahead then entries[j] = string.format('%d', ahead) end
+        if stored(entries[j]) > ahead then entries[j] = string.format('%d', ahead) end
       end
       log = {len = #entries, at = function(j) return tonumber(entries[j]) end}
     end
@@ -388,7 +398,7 @@ for i = 1, n do
     if not held then
       st.keep = function()
         local last = redis.call('LINDEX', KEYS[i], -1)
-        if last then keep_for(KEYS[i], ms_ceil(leaves_in(tonumber(last), period))) end
+        if last then keep_for(KEYS[i], ms_ceil(leaves_in(stored(last), period))) end
       end
     end
   end
@@ -498,7 +508,7 @@ for i = 1, n do
         local newest = redis.call('LINDEX', KEYS[i], -1)
         if newest then
           -- What stays counts for this period (see `keep_for`).
-          keep_for(KEYS[i], ms_ceil(leaves_in(tonumber(newest), period)))
+          keep_for(KEYS[i], ms_ceil(leaves_in(stored(newest), period)))
         end
       end
     end
@@ -530,6 +540,11 @@ static REFUND_SCRIPT: LazyLock<Script> =
 ///
 /// Sliding windows keep one list entry per admitted unit (at most the
 /// limit) and read the list on each check: use them for small limits.
+///
+/// A GCRA time or log entry that is not digits, as the limiter writes
+/// them (something else wrote under the prefix), is
+/// [`BackendError::Corrupt`]; a fixed window's state that does not parse
+/// reads as a fresh window, as does the `index:count` of earlier versions.
 ///
 /// State is kept per policy name and algorithm; when a key's plan changes a
 /// policy's algorithm under the same name (fixed window to sliding window,
