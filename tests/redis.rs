@@ -122,6 +122,31 @@ async fn a_code_past_its_retention_is_unknown_as_in_memory() {
     }
 }
 
+/// A code's stored end that is not the store's own form (written under
+/// the prefix by something else) compared above every time as text: the
+/// code stayed redeemable past its end, and past its retention, until its
+/// key's TTL. It is corrupt data.
+#[tokio::test]
+async fn a_portal_code_whose_stored_end_keygate_did_not_write_is_corrupt_data() {
+    use ::redis::AsyncCommands;
+    use keygate::testkit::portal::sample_session;
+    let server = RedisServer::start();
+    let redis = connect(&server, "pe").await;
+    let portal = redis.portal();
+    let mut conn = redis.connection();
+    let end = sample_session(60).expires_at;
+    for (i, bad) in
+        ["zzz", "", "1", "-00000000000000000001", "99999999999999999999x"].into_iter().enumerate()
+    {
+        let code = Digest::from_bytes([u8::try_from(i).unwrap() + 1; 32]);
+        assert!(portal.insert(code, sample_session(60)).await.unwrap());
+        let key = format!("pe:portal:{}", code.to_hex());
+        let _: i64 = conn.hset(&key, "exp", bad).await.unwrap();
+        let r = portal.redeem(&code, end + jiff::SignedDuration::from_secs(1)).await;
+        assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{bad:?}: {r:?}");
+    }
+}
+
 #[tokio::test]
 async fn the_key_store_reads_records_over_resp3_too() {
     let server = RedisServer::start();

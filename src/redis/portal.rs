@@ -25,9 +25,16 @@ return 1
 /// less the tombstone retention (sortable). The hash becomes a tombstone
 /// (`u` set, session dropped) keeping its TTL; one past its retention at
 /// the caller's now is gone, whatever its TTL on the server's clock says.
+/// The end compares as text, so it must be in the store's own form (21
+/// digits): anything else, written under the prefix by something else,
+/// would compare above every time and never end. It is refused as corrupt
+/// data (the client maps `-KEYGATE_CORRUPT`).
 const REDEEM: &str = r"
 local v = redis.call('HMGET', KEYS[1], 'exp', 'u', 's')
 if not v[1] then return {'unknown'} end
+if string.len(v[1]) ~= 21 or not string.match(v[1], '^%d+$') then
+  error('-KEYGATE_CORRUPT portal code end')
+end
 if ARGV[2] >= v[1] then
   redis.call('DEL', KEYS[1])
   return {'unknown'}
