@@ -149,14 +149,18 @@ impl RecordId {
 
 /// Who a key belongs to: exactly one workspace, optionally narrowed to a
 /// project and an application. A key never reaches another tenant.
+/// Deserialized (feature `serde`), `project` and `application` must be
+/// present, `null` for none: a document missing one would read wider.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Tenant {
     /// The workspace.
     pub workspace: WorkspaceId,
     /// The project, for project-scoped keys.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "present"))]
     pub project: Option<ProjectId>,
     /// The application, for application-scoped credentials (portal sessions).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "present"))]
     pub application: Option<ApplicationId>,
 }
 
@@ -201,10 +205,27 @@ fn narrower<T: PartialEq>(credential: Option<&T>, target: Option<&T>) -> bool {
     }
 }
 
+/// Deserializes an `Option` field that must be present (`null` for none):
+/// with `deserialize_with`, serde reports a missing field as an error
+/// instead of reading it as `None`.
+#[cfg(feature = "serde")]
+fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    <Option<T> as serde::Deserialize>::deserialize(d)
+}
+
 /// Everything stored about a key — never the key itself. Its `Serialize`
 /// (feature `serde`, for stores) includes the digest: never send records to
 /// clients as they are; pick the fields (as the reference server's list
-/// does).
+/// does). Its `Deserialize` wants every field whose absence would widen the
+/// key — `key_id`, `environment`, `region`, `plan`, `expires_at`,
+/// `revoked_at`, the tenant's `project` and `application` — present, `null`
+/// for none (as `Serialize` writes them): a document missing one is damaged,
+/// and reading it as "none" would make a revoked key active, a project key
+/// workspace-wide. Only `last_used_at` may be absent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct KeyRecord {
@@ -219,13 +240,16 @@ pub struct KeyRecord {
     /// Name of the key's format, e.g. `sk`.
     pub format: String,
     /// Public key id, for formats that have one (the lookup handle).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "present"))]
     pub key_id: Option<KeyId>,
     /// Environment: the key's own, for formats that have one (a record
     /// naming another, or none, is refused as not the key's); for other
     /// formats, set by the host or none.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "present"))]
     pub environment: Option<Environment>,
     /// Region: the key's own, for formats that have one (a record naming
     /// another, or none, is refused as not the key's).
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "present"))]
     pub region: Option<Region>,
     /// The tenant the key belongs to.
     pub tenant: Tenant,
@@ -233,12 +257,15 @@ pub struct KeyRecord {
     /// role, a rolled key) hold one list.
     pub scopes: Arc<[Scope]>,
     /// Rate-limit plan name, if the host assigns plans per key.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "present"))]
     pub plan: Option<String>,
     /// Creation time.
     pub created_at: Timestamp,
     /// When the key stops working, if ever.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "present"))]
     pub expires_at: Option<Timestamp>,
     /// When the key was revoked, if it was.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "present"))]
     pub revoked_at: Option<Timestamp>,
     /// Last successful authentication (coalesced; may lag).
     pub last_used_at: Option<Timestamp>,

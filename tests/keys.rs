@@ -1945,3 +1945,39 @@ proptest::proptest! {
         proptest::prop_assert_eq!(back, r);
     }
 }
+
+/// A record read back from JSON (feature `serde`) that lacks a field whose
+/// absence would widen it — its project or application (a key of the whole
+/// workspace), environment or region (any), expiry or revocation (a key
+/// for ever, or active again), key id or plan — is refused: every version
+/// writes them, `null` for none, so a missing one is damage, not "none".
+/// The field of last use may be absent.
+#[test]
+fn a_record_missing_a_field_whose_absence_widens_it_does_not_read() {
+    use keygate::testkit::keys::sample_record;
+    let mut r = sample_record("ws_s", Some("p1"), 0, true);
+    r.revoked_at = Some(r.created_at);
+    r.expires_at = Some(r.created_at);
+    r.environment = Some(Environment::TEST);
+    r.plan = Some("pro".into());
+    r.tenant.application = Some("app_1".parse().unwrap());
+    let full = serde_json::to_value(&r).unwrap();
+    assert_eq!(serde_json::from_value::<KeyRecord>(full.clone()).unwrap(), r);
+    let top = ["key_id", "environment", "region", "plan", "expires_at", "revoked_at"];
+    for field in top {
+        let mut v = full.clone();
+        assert!(v.as_object_mut().unwrap().remove(field).is_some(), "{field}");
+        let e = serde_json::from_value::<KeyRecord>(v).unwrap_err();
+        assert!(e.to_string().contains(field), "{field}: {e}");
+    }
+    for field in ["project", "application"] {
+        let mut v = full.clone();
+        assert!(v["tenant"].as_object_mut().unwrap().remove(field).is_some(), "{field}");
+        let e = serde_json::from_value::<KeyRecord>(v).unwrap_err();
+        assert!(e.to_string().contains(field), "{field}: {e}");
+    }
+    let mut v = full;
+    v.as_object_mut().unwrap().remove("last_used_at");
+    let back = serde_json::from_value::<KeyRecord>(v).unwrap();
+    assert_eq!(back.last_used_at, None);
+}
