@@ -208,12 +208,16 @@ impl PrincipalCache {
         let (per_shard, ttl) = (self.per_shard, self.ttl);
         if shard.len() >= per_shard {
             shard.retain(|_, at| fresh(at, now, ttl));
-            if shard.len() >= per_shard {
-                // Still full of live entries: drop an arbitrary sixteenth,
-                // so the next sweep is that many inserts away (each sweep
-                // is a pass over the shard: amortized O(1) per insert). Any
-                // eviction only costs a store lookup later.
-                let mut evict = (per_shard / 16).max(1);
+            // A sweep leaves room for a sixteenth of the shard, so the next
+            // one is that many inserts away (each sweep is a pass over the
+            // shard: amortized O(1) per insert). Expired entries go first;
+            // if they were fewer (live entries only, or a stream of keys
+            // expiring as fast as new ones come in, one a sweep), arbitrary
+            // live ones make up the rest. Any eviction only costs a store
+            // lookup later.
+            let room = (per_shard / 16).max(1);
+            let mut evict = (shard.len() + room).saturating_sub(per_shard);
+            if evict > 0 {
                 shard.retain(|_, _| {
                     let keep = evict == 0;
                     evict = evict.saturating_sub(1);
@@ -499,6 +503,47 @@ mod tests {
         assert!(c.get(&d, now).is_some(), "the old id no longer names the entry");
         c.invalidate(again.record_id());
         assert!(c.get(&d, now).is_none());
+        consistent(&c);
+    }
+
+    /// A stream of new keys that outlives the TTL as fast as it comes in
+    /// (one entry expiring per insert) keeps a sweep a sixteenth of the
+    /// shard away: each insert into a full shard is a pass over it, so a
+    /// sweep that freed only the one expired entry made every insert
+    /// O(capacity).
+    #[test]
+    fn a_full_shard_expiring_one_entry_per_insert_sweeps_once_per_sixteenth() {
+        let per_shard = 128;
+        let c = PrincipalCache::new(Duration::from_millis(per_shard), 16 * 128);
+        assert_eq!(c.per_shard, 128);
+        // Digests of one shard, each with a principal of its own.
+        let mut seed = 0_u64;
+        let mut next = || loop {
+            seed += 1;
+            let mut bytes = [0; Digest::LEN];
+            bytes[..8].copy_from_slice(&seed.to_le_bytes());
+            let d = Digest::from_bytes(bytes);
+            if std::ptr::eq(c.shard(&d), &raw const c.shards[0]) {
+                return (d, principal().1);
+            }
+        };
+        let ms = |t: u64| Nanos::new(t * 1_000_000);
+        // One entry a millisecond: the first expires as the shard fills.
+        for t in 0..per_shard {
+            let (d, p) = next();
+            c.insert(d, p, ms(t));
+        }
+        let inserts = 8 * per_shard;
+        let mut passes = 0;
+        for t in per_shard..per_shard + inserts {
+            let (d, p) = next();
+            if c.shards[0].read().unwrap().len() >= c.per_shard {
+                passes += 1;
+            }
+            c.insert(d, p, ms(t));
+        }
+        let bound = inserts / (per_shard / 16) + 1;
+        assert!(passes <= bound, "{passes} passes over a full shard in {inserts} inserts");
         consistent(&c);
     }
 }
