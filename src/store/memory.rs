@@ -27,8 +27,12 @@ struct Inner {
     /// `hashbrown` so that a lookup borrows the format name (see
     /// [`KeyIdQuery`]) instead of allocating a `String` per request.
     by_key_id: hashbrown::HashMap<(String, KeyId), RecordId, ahash::RandomState>,
-    /// Records of each (workspace, project), so the active-key cap is
-    /// checked against one project's records, not all of them.
+    /// Records of each (workspace, project) that are not revoked, so the
+    /// active-key cap is checked against one project's records that may
+    /// count, not all of them: a revoked record never counts again, and a
+    /// loop of creating and revoking keys would otherwise make each create
+    /// walk a retention's worth of revoked ones (under the write lock that
+    /// every lookup waits for).
     by_project: IdMap<(WorkspaceId, ProjectId), Vec<RecordId>>,
     /// The replacement of each rolled record: a record has one active
     /// replacement at most. An entry goes when either record is forgotten
@@ -124,10 +128,15 @@ impl Inner {
         if let Some(kid) = r.key_id {
             self.by_key_id.remove(&KeyIdQuery(&r.format, &kid));
         }
+        self.unlist(&r);
+    }
+
+    /// Drops record `r` from its project's index (revoked, or forgotten).
+    fn unlist(&mut self, r: &KeyRecord) {
         if let Some(p) = &r.tenant.project {
             let key = (r.tenant.workspace.clone(), p.clone());
             if let Some(ids) = self.by_project.get_mut(&key) {
-                ids.retain(|x| x != id);
+                ids.retain(|x| *x != r.id);
                 if ids.is_empty() {
                     self.by_project.remove(&key);
                 }
@@ -357,7 +366,9 @@ impl MemoryKeyStore {
             if let Some(kid) = record.key_id {
                 i.by_key_id.insert((record.format.clone(), kid), record.id.clone());
             }
-            if let Some(pk) = project_key {
+            if let Some(pk) = project_key
+                && record.revoked_at.is_none()
+            {
                 i.by_project.entry(pk).or_default().push(record.id.clone());
             }
             if let Some(old) = replacing {
@@ -387,6 +398,9 @@ impl MemoryKeyStore {
                 // heap reads the records); the old heap entry goes stale.
                 let end = next.ended_at();
                 let moved = end != current.ended_at();
+                if next.revoked_at.is_some() && current.revoked_at.is_none() {
+                    i.unlist(&next);
+                }
                 i.replace(h, Arc::new(next));
                 if moved && let Some(at) = end {
                     i.schedule(at, h);
@@ -552,5 +566,29 @@ mod tests {
         b.created_at = t(year + 86_400);
         assert_eq!(block_on(store.insert(Arc::new(b), None)).unwrap(), InsertOutcome::Inserted);
         assert!(block_on(store.get(&id)).unwrap().is_none(), "forgotten a retention after its end");
+    }
+
+    /// A loop of creating a key in a project and revoking it (a CI job's
+    /// key per run) leaves revoked records for a retention; the project's
+    /// index, which the cap check walks on every create, holds only the
+    /// records that may still count (a revoked one never does).
+    #[test]
+    fn create_and_revoke_loops_keep_the_project_index_to_unrevoked_records() {
+        let t = |secs: i64| Timestamp::from_second(1_767_225_600 + secs).unwrap();
+        let store = MemoryKeyStore::new();
+        for now in 0..1_000 {
+            let mut r = sample_record("ws_h", Some("p"), 0, false);
+            r.created_at = t(now);
+            let id = r.id.clone();
+            let capped = Some(ActiveLimit::new(10, t(now)));
+            assert_eq!(
+                block_on(store.insert(Arc::new(r), capped)).unwrap(),
+                InsertOutcome::Inserted
+            );
+            assert!(block_on(store.revoke(&id, t(now))).unwrap());
+        }
+        assert_eq!(store.len(), 1_000, "revoked records are kept a retention");
+        let indexed = store.read(|i| i.by_project.values().map(Vec::len).sum::<usize>());
+        assert_eq!(indexed, 0, "every record of the project is revoked");
     }
 }
