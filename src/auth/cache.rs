@@ -1,6 +1,6 @@
 //! The verified-principal cache and coalesced last-use writes.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +17,11 @@ use crate::secret::{Digest, DigestBuildHasher};
 use crate::store::RecordId;
 
 const SHARDS: usize = 16;
+
+/// Invalidations remembered for [`PrincipalCache::insert_unless_invalidated`]:
+/// an authentication that read its record while more than these began is
+/// not cached, whichever records they dropped.
+const REMEMBERED: usize = 64;
 
 /// One shard: principals by digest, and the digests each record is cached
 /// under (one, or a few across pepper rotations), so invalidating a record
@@ -105,7 +110,32 @@ pub struct PrincipalCache {
     /// Bumped by every [`invalidate`](Self::invalidate): an authentication
     /// that read its record before a revocation finished must not cache it
     /// after (see [`insert_unless_invalidated`](Self::insert_unless_invalidated)).
+    /// Set under `dropped`'s lock, as its count.
     generation: AtomicU64,
+    /// What the latest invalidations dropped, so that an authentication
+    /// is kept out of the cache by a revocation of its own record only,
+    /// not by any revocation at all (a flood of them would keep every key
+    /// out, and each of its requests would go to the store).
+    dropped: Mutex<Dropped>,
+}
+
+/// What the last [`REMEMBERED`] invalidations dropped, oldest first: the
+/// last `records.len()` of `count`. `None` is a [`clear`](PrincipalCache::clear).
+#[derive(Default)]
+struct Dropped {
+    count: u64,
+    records: VecDeque<Option<RecordId>>,
+}
+
+impl Dropped {
+    /// Whether an invalidation after the `generation`th may have dropped
+    /// record `id` (or one after it is forgotten already).
+    fn since(&self, generation: u64, id: &RecordId) -> bool {
+        let Some(n) = self.count.checked_sub(generation) else { return true };
+        let Ok(n) = usize::try_from(n) else { return true };
+        n > self.records.len()
+            || self.records.iter().rev().take(n).any(|r| r.as_ref().is_none_or(|r| r == id))
+    }
 }
 
 impl fmt::Debug for PrincipalCache {
@@ -130,7 +160,8 @@ impl PrincipalCache {
     pub fn new(ttl: Duration, capacity: usize) -> Self {
         let per_shard = capacity.div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS).map(|_| RwLock::new(Shard::default())).collect();
-        Self { shards, ttl, per_shard, generation: AtomicU64::new(0) }
+        let dropped = Mutex::default();
+        Self { shards, ttl, per_shard, generation: AtomicU64::new(0), dropped }
     }
 
     /// The invalidation generation: read it before looking a record up, and
@@ -182,10 +213,12 @@ impl PrincipalCache {
     }
 
     /// Caches `principal` under `digest` unless an
-    /// [`invalidate`](Self::invalidate) began since `generation` was read:
-    /// a record read before a revocation is then not cached after it, where
-    /// it would keep a revoked key working here for up to the TTL.
-    /// Whether it was cached.
+    /// [`invalidate`](Self::invalidate) of its record (or a
+    /// [`clear`](Self::clear)) began since `generation` was read: a record
+    /// read before a revocation is then not cached after it, where it would
+    /// keep a revoked key working here for up to the TTL. Not cached
+    /// either when more than 64 invalidations began meanwhile, of whichever
+    /// records. Whether it was cached.
     pub fn insert_unless_invalidated(
         &self,
         generation: u64,
@@ -194,12 +227,14 @@ impl PrincipalCache {
         now: Nanos,
     ) -> bool {
         let mut shard = self.shard(&digest).write().unwrap_or_else(PoisonError::into_inner);
-        // Checked under the shard lock: an invalidation bumps the
-        // generation before it locks the shards, so either this insert sees
-        // the bump, or the invalidation's sweep sees this entry.
-        if self.generation.load(Ordering::SeqCst) != generation {
+        // Checked under the shard lock: an invalidation notes its record
+        // before it locks the shards, so either this insert sees it, or the
+        // invalidation's sweep sees this entry.
+        let dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
+        if dropped.since(generation, principal.record_id()) {
             return false;
         }
+        drop(dropped);
         self.insert_locked(&mut shard, digest, principal, now);
         true
     }
@@ -232,22 +267,31 @@ impl PrincipalCache {
     /// store has recorded it), and keeps authentications already under way
     /// from caching it again.
     pub fn invalidate(&self, id: &RecordId) {
-        self.drop_in_each(|s| s.remove_record(id));
+        self.drop_in_each(Some(id), |s| s.remove_record(id));
     }
 
     /// Drops every entry (say, after revocation messages may have been
     /// missed), and keeps authentications already under way from caching
     /// what they read before.
     pub fn clear(&self) {
-        self.drop_in_each(|s| *s = Shard::default());
+        self.drop_in_each(None, |s| *s = Shard::default());
     }
 
-    /// Bumps the generation, then drops entries from each shard with
-    /// `drop`: an insert racing it either sees the bump or is swept. A
+    /// Notes that record `id` (every record, for `None`) is dropped and
+    /// bumps the generation, then drops entries from each shard with
+    /// `drop`: an insert racing it either sees the note or is swept. A
     /// record's entries are found through its id, so invalidating one (a
     /// revocation message) costs a lookup per shard, not a scan.
-    fn drop_in_each(&self, mut drop: impl FnMut(&mut Shard)) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
+    fn drop_in_each(&self, id: Option<&RecordId>, mut drop: impl FnMut(&mut Shard)) {
+        {
+            let mut dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
+            if dropped.records.len() == REMEMBERED {
+                dropped.records.pop_front();
+            }
+            dropped.records.push_back(id.cloned());
+            dropped.count += 1;
+            self.generation.store(dropped.count, Ordering::SeqCst);
+        }
         for s in &self.shards {
             drop(&mut s.write().unwrap_or_else(PoisonError::into_inner));
         }
@@ -544,6 +588,46 @@ mod tests {
         }
         let bound = inserts / (per_shard / 16) + 1;
         assert!(passes <= bound, "{passes} passes over a full shard in {inserts} inserts");
+        consistent(&c);
+    }
+
+    /// A revocation keeps out what was read before it of its own record
+    /// only: a flood of revocations (of keys long revoked, say) must not
+    /// keep every other key's principal out of the cache, each of whose
+    /// requests would then go to the store.
+    #[test]
+    fn only_the_revoked_record_is_kept_out_of_the_cache() {
+        let c = PrincipalCache::new(Duration::from_secs(30), 1_000);
+        let now = Nanos::new(1);
+        let (d, p) = principal();
+        let (_, other) = principal();
+        // Read before a revocation of another record, cached after it.
+        let g = c.generation();
+        c.invalidate(other.record_id());
+        assert!(c.insert_unless_invalidated(g, d, p.clone(), now), "another record's revocation");
+        assert!(c.get(&d, now).is_some());
+        // Its own revocation, or a clear, keeps it out.
+        c.invalidate(p.record_id());
+        let g = c.generation();
+        c.invalidate(other.record_id());
+        c.invalidate(p.record_id());
+        c.invalidate(other.record_id());
+        assert!(!c.insert_unless_invalidated(g, d, p.clone(), now), "its own revocation");
+        let g = c.generation();
+        c.clear();
+        assert!(!c.insert_unless_invalidated(g, d, p.clone(), now), "a clear");
+        // More revocations than are remembered while it was read: kept
+        // out, whatever they were of.
+        let g = c.generation();
+        for _ in 0..=REMEMBERED {
+            c.invalidate(other.record_id());
+        }
+        assert!(!c.insert_unless_invalidated(g, d, p.clone(), now), "too many to tell");
+        let g = c.generation();
+        for _ in 0..REMEMBERED {
+            c.invalidate(other.record_id());
+        }
+        assert!(c.insert_unless_invalidated(g, d, p, now), "as many as are remembered");
         consistent(&c);
     }
 }
