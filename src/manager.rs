@@ -875,8 +875,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::NotFound`], [`ManagerError::Inactive`] for a revoked
     /// or expired key, [`ManagerError::AlreadyRolled`],
     /// [`ManagerError::UnknownFormat`], [`ManagerError::LimitReached`], or
-    /// the store's error (if shortening the old key's expiry fails, the new
-    /// key is revoked: its secret was never shown).
+    /// the store's error (if listing the key's line again or shortening the
+    /// old key's expiry fails, the new key is revoked: its secret was never
+    /// shown).
     ///
     /// A roll whose future is dropped once the replacement is stored (a
     /// client gone, a timeout) cannot revoke it: the replacement stays
@@ -955,7 +956,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // replacements stored before stores tracked them. Its replacements'
         // replacements count too: a replacement that was rolled itself stops
         // when its grace ends, but the key's line goes on in the next one
-        // (which the store, tracking one step, does not see).
+        // (which the store, tracking one step, does not see; a roll of a
+        // replacement racing this one is caught by listing again once the
+        // new key is stored).
         let siblings = self.store.list(&old.tenant.workspace, old.tenant.project.as_ref()).await?;
         let earlier = descendants(&siblings, id);
         if earlier.iter().any(|r| r.is_active(now)) {
@@ -985,15 +988,28 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // revocation may have come since), is not counted: one over the
         // cap during the grace, no more.
         let created = self.insert_capped(new, self.max_active, Some(id.clone())).await?;
+        // Listed again once stored: a listing that is not a snapshot (Redis
+        // reads the ids, then their records) may have shown a replacement
+        // ended by its own roll, racing this one, without that roll's
+        // replacement, stored in between: the key's line goes on there.
+        // Stored before the first listing read the ended one, it shows now.
+        let new_id = &created.record().id;
+        let other_line =
+            match self.store.list(&old.tenant.workspace, old.tenant.project.as_ref()).await {
+                Ok(again) => {
+                    descendants(&again, id).iter().any(|r| r.id != *new_id && r.is_active(now))
+                }
+                Err(e) => return Err(self.discard(new_id, now, e.into()).await),
+            };
+        if other_line {
+            return Err(self.discard(new_id, now, ManagerError::AlreadyRolled).await);
+        }
         let grace = crate::clock::signed_duration(grace);
         let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
         // `shorten_expiry` never extends: the grace cannot outlive the old
         // key's own expiry.
         if let Err(e) = self.shorten_id(id, end).await {
-            // The new key's secret is never shown: revoke it (best effort)
-            // rather than leave an orphan counting against the cap.
-            let _ = self.store.revoke(&created.record().id, now).await;
-            return Err(e.into());
+            return Err(self.discard(new_id, now, e.into()).await);
         }
         if old.format == NHM.name() {
             // The portal access tokens it minted end with it (best effort:
@@ -1001,6 +1017,14 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             let _ = self.end_minted(&old, now, Some(end)).await;
         }
         Ok(created)
+    }
+
+    /// Revokes the replacement `id` of a roll that fails with `e` (best
+    /// effort): its secret is never shown, and an orphan would count
+    /// against the cap. `e`.
+    async fn discard(&self, id: &RecordId, now: Timestamp, e: ManagerError) -> ManagerError {
+        let _ = self.store.revoke(id, now).await;
+        e
     }
 }
 

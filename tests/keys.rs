@@ -1195,6 +1195,10 @@ struct Counting {
     after_lookup: Arc<std::sync::Mutex<Option<Hook>>>,
     /// Run when `list` is called, before it reads.
     on_list: Arc<std::sync::Mutex<Option<Hook>>>,
+    /// When set, `list` reads the ids, runs this, then reads each record
+    /// (as a store whose listing is not a snapshot does: Redis scans the
+    /// ids, then reads their records).
+    between_list_reads: Arc<std::sync::Mutex<Option<Hook>>>,
     /// While set, every digest lookup answers this record (a store that
     /// matches loosely).
     loose: Arc<std::sync::Mutex<Option<Arc<KeyRecord>>>>,
@@ -1250,7 +1254,16 @@ impl KeyStore for Counting {
         if let Some(hook) = self.on_list.lock().unwrap().take() {
             hook();
         }
-        self.inner.list(w, p)
+        let listed = ready_now(self.inner.list(w, p));
+        let Some(hook) = self.between_list_reads.lock().unwrap().take() else {
+            return std::future::ready(listed);
+        };
+        hook();
+        let reread = listed.and_then(|ids| {
+            let records = ids.iter().map(|r| ready_now(self.inner.get(&r.id)));
+            records.filter_map(Result::transpose).collect()
+        });
+        std::future::ready(reread)
     }
     fn revoke(
         &self,
@@ -1439,6 +1452,30 @@ async fn a_roll_racing_a_revocation_neither_breaks_the_cap_nor_replaces_a_revoke
     assert!(matches!(err, ManagerError::Inactive), "{err}");
     let list = store.list(&"ws_a".parse().unwrap(), Some(&"p1".parse().unwrap())).await.unwrap();
     assert_eq!(list.iter().filter(|r| r.is_active(clock.now())).count(), 3, "the cap holds");
+}
+
+/// A roll of a key racing a roll of its replacement, over a store whose
+/// listing is not a snapshot (it reads the ids, then the records, as
+/// Redis does): the listing can show the replacement ended by its own roll
+/// (no grace) but not that roll's replacement, stored in between. The
+/// key's line goes on in that one: the roll is `AlreadyRolled`, not a
+/// second line of the key.
+#[tokio::test]
+async fn a_roll_racing_a_roll_of_its_replacement_starts_no_second_line() {
+    let (clock, store, manager, _) = last_use_setup();
+    let old = manager.create(NewKey::new("k", SK, project("ws_a", "p1"))).await.unwrap();
+    let old = old.record().id.clone();
+    let first = manager.roll(&old, Duration::from_secs(600)).await.unwrap();
+    let first = first.record().id.clone();
+    let other = KeyManager::new(store.clone()).clock(clock.clone());
+    *store.between_list_reads.lock().unwrap() = Some(Box::new(move || {
+        ready_now(other.roll(&first, Duration::ZERO)).unwrap();
+    }));
+    let err = manager.roll(&old, Duration::from_secs(600)).await.unwrap_err();
+    assert!(matches!(err, ManagerError::AlreadyRolled), "{err}");
+    let list = store.list(&"ws_a".parse().unwrap(), Some(&"p1".parse().unwrap())).await.unwrap();
+    let active = list.iter().filter(|r| r.is_active(clock.now())).count();
+    assert_eq!(active, 2, "the key in its grace and one replacement");
 }
 
 #[tokio::test]
