@@ -469,7 +469,11 @@ pub trait KeyStore: Send + Sync {
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
     /// Records last use for a batch of keys (coalesced by the caller). Later
-    /// times win; unknown ids are ignored.
+    /// times win; unknown ids are ignored. Only `last_used_at` changes: a
+    /// conditional update of that one field, never the whole record written
+    /// back as read before, which would undo a revocation or a shortened
+    /// expiry that came in between (a use noted before the revocation is
+    /// written after it).
     fn record_last_used(
         &self,
         uses: &[(RecordId, Timestamp)],

@@ -46,6 +46,7 @@ enum KM {
     KeyIdCheckNotAtomic,
     ReplacedBeforeDuplicates,
     KeyIdUniqueAcrossFormats,
+    LastUseRewritesRecord,
 }
 
 struct MK {
@@ -57,6 +58,8 @@ struct MK {
     lu: Mutex<HashMap<RecordId, Timestamp>>,
     // (format, key id) → record, kept beside the inner store's indexes
     kid: Mutex<HashMap<(String, KeyId), RecordId>>,
+    // records a last-use write brought back from revocation
+    unrevoked: Mutex<HashSet<RecordId>>,
 }
 fn mk(m: KM) -> MK {
     MK {
@@ -66,6 +69,7 @@ fn mk(m: KM) -> MK {
         exp: Mutex::new(HashMap::new()),
         lu: Mutex::new(HashMap::new()),
         kid: Mutex::new(HashMap::new()),
+        unrevoked: Mutex::new(HashSet::new()),
     }
 }
 impl MK {
@@ -73,10 +77,14 @@ impl MK {
         let e = self.exp.lock().unwrap().get(&r.id).copied();
         let l = self.lu.lock().unwrap().get(&r.id).copied();
         let kid = self.kid.lock().unwrap().iter().find(|(_, id)| **id == r.id).map(|(k, _)| k.1);
-        if e.is_none() && l.is_none() && kid.is_none() {
+        let unrevoked = self.unrevoked.lock().unwrap().contains(&r.id);
+        if e.is_none() && l.is_none() && kid.is_none() && !unrevoked {
             return r;
         }
         let mut x = (*r).clone();
+        if unrevoked {
+            x.revoked_at = None;
+        }
         if kid.is_some() {
             x.key_id = kid;
         }
@@ -393,6 +401,17 @@ impl KeyStore for MK {
                 }
                 Ok(())
             }
+            KM::LastUseRewritesRecord => {
+                // mutation: last use saved as the whole record, read before
+                // a revocation that came in between (an ORM's `save()`)
+                self.inner.record_last_used(uses).await?;
+                for (id, _) in uses {
+                    if self.inner.get(id).await?.is_some_and(|r| r.revoked_at.is_some()) {
+                        self.unrevoked.lock().unwrap().insert(id.clone());
+                    }
+                }
+                Ok(())
+            }
             _ => self.inner.record_last_used(uses).await,
         }
     }
@@ -431,6 +450,7 @@ mutants! {
     k_cap_before_duplicates => KM::CapBeforeDuplicates, "duplicates are checked before the cap",
     k_replaced_before_duplicates => KM::ReplacedBeforeDuplicates, "duplicates are checked before the replaced record",
     k_key_id_unique_across_formats => KM::KeyIdUniqueAcrossFormats, "key ids are unique per format",
+    k_last_use_rewrites_record => KM::LastUseRewritesRecord, "last use leaves the revocation",
 }
 
 // ---------------------------------------------------------------- portal

@@ -504,6 +504,16 @@ async fn last_use<S: KeyStore>(s: &S) {
     s.record_last_used(&[(r.id.clone(), t(20))]).await.unwrap();
     assert_eq!(s.get(&r.id).await.unwrap().unwrap().last_used_at, Some(t(30)), "later wins");
     s.record_last_used(&[]).await.unwrap();
+    // Last use touches nothing else: a use noted before a revocation or a
+    // roll's grace, written after it, leaves the key ended.
+    assert!(s.revoke(&r.id, t(40)).await.unwrap());
+    assert!(s.shorten_expiry(&r2.id, t(45)).await.unwrap());
+    s.record_last_used(&[(r.id.clone(), t(41)), (r2.id.clone(), t(46))]).await.unwrap();
+    let (revoked, shortened) =
+        (s.get(&r.id).await.unwrap().unwrap(), s.get(&r2.id).await.unwrap().unwrap());
+    assert_eq!(revoked.revoked_at, Some(t(40)), "last use leaves the revocation");
+    assert_eq!(shortened.expires_at, Some(t(45)), "last use leaves the shortened expiry");
+    assert_eq!((revoked.last_used_at, shortened.last_used_at), (Some(t(41)), Some(t(46))));
 }
 
 /// Races `threads` threads against the atomicity the contract promises:
