@@ -459,6 +459,13 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// those failures leave the link usable. Storing the access token comes
     /// after (the token's expiry is the session's): if that store call
     /// fails, the link is used up and the host mints a new one.
+    ///
+    /// Call it for a person's request, not for every fetch of the link:
+    /// mail security gateways and chat link previews fetch a link before
+    /// its recipient does, and a fetch that redeems spends the code. Where
+    /// links travel by mail or chat, answer the link's `GET` with a page
+    /// that redeems on a `POST` (a button, or a script: such fetchers send
+    /// no `POST`), and `HEAD` without redeeming.
     pub async fn redeem(&self, code: &str) -> Result<AccessToken, PortalError> {
         // Validate (grammar and checksum) without copying the code.
         CODE.parse_bytes(code.as_bytes()).map_err(|_| PortalError::MalformedCode)?;
