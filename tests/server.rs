@@ -261,6 +261,32 @@ async fn create_key_bad_bodies_name_the_field() {
     assert!(res.text().await.unwrap().contains("`format` twice"));
 }
 
+/// `expiresInDays` is 1 to 3650 however it is written: an integer beyond
+/// it is refused as the double `3651.0` is, not multiplied into seconds
+/// (past 213,503,982,334,601 days that product overflowed: a panic in a
+/// debug build, and in release a key expiring hours from now).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expires_in_days_past_3650_is_refused_however_written() {
+    let s = start().await;
+    for days in [json!(3651), json!(213_503_982_334_602_u64), json!(u64::MAX)] {
+        let body = json!({"name": "x", "format": "nhk", "expiresInDays": days});
+        let r = s.mgmt(Method::POST, "/api-keys", Some(body)).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{days}: {}", r.text);
+        assert_eq!(r.body["error"]["field"], "expiresInDays", "{days}: {}", r.text);
+    }
+    // The edges are still keys of that many days.
+    for days in [1, 3650] {
+        let body = json!({"name": "x", "format": "nhk", "expiresInDays": days});
+        let r = s.mgmt(Method::POST, "/api-keys", Some(body)).await;
+        assert_eq!(r.status, StatusCode::CREATED, "{days}: {}", r.text);
+        let at = |f: &str| r.body[f].as_str().unwrap().parse::<jiff::Timestamp>().unwrap();
+        let lifetime = at("expires_at").duration_since(at("created_at"));
+        assert_eq!(lifetime, jiff::SignedDuration::from_hours(days * 24), "{days}");
+        let id = r.body["id"].as_str().unwrap();
+        assert_eq!(s.mgmt(Method::DELETE, &format!("/api-keys/{id}"), None).await.status, 204);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eleventh_active_key_of_a_project_conflicts() {
     let s = start().await;

@@ -595,7 +595,11 @@ fn new_key(ws: &str, body: &[u8]) -> Result<NewKey, Rejection> {
             // double serde_json read, not by its digits as the library's
             // portal judges `expiresInMinutes`: `30.000000000000001` and
             // `29.9999999999999999` read as 30.0 here, and are 30 days.
-            let Some(days) = v.as_u64().or_else(|| v.as_f64().and_then(whole_days)) else {
+            // The range holds for an integer too: multiplied into seconds
+            // unchecked, one past 2^64 / 86,400 days wrapped (in release) to
+            // a key expiring within the day.
+            let days = v.as_u64().or_else(|| v.as_f64().and_then(whole_days));
+            let Some(days) = days.filter(|d| (1..=3650).contains(d)) else {
                 let message = "expiresInDays must be a whole number of days from 1 to 3650";
                 return Err(bad("expiresInDays", message));
             };
