@@ -228,6 +228,36 @@ async fn a_handlers_charge_reports_an_outage_it_let_through() {
     assert!(ext.get::<FailedOpen>().is_none());
 }
 
+/// A test-mode key spends its own month, not production's: `sk_test_` use
+/// in a sandbox (a CI run, a leaked test key) must not leave the live keys
+/// of its workspace at 429 (SPEC §2: `test` keys never reach `live`).
+#[tokio::test]
+#[ignore = "design decision: the quota account is {workspace}/{plan}, shared by every environment"]
+async fn a_test_keys_charges_leave_the_live_months_quota_alone() {
+    use keygate::format::{Environment, SK};
+    use keygate::scope::ScopeRegistry;
+    let keys = MemoryKeyStore::new();
+    let ws = Tenant::workspace("ws_e".parse().unwrap());
+    let manager = KeyManager::new(keys.clone());
+    let mut who = Vec::new();
+    for env in [Environment::TEST, Environment::LIVE] {
+        let created =
+            manager.create(NewKey::new("k", SK, ws.clone()).environment(env).plan("free")).await;
+        let (_, record) = created.unwrap().into_parts();
+        who.push(Principal::from_record(record, &ScopeRegistry::default()).unwrap());
+    }
+    let auth = Authenticator::new(keys).clock(keygate::clock::FakeClock::at_2026());
+    let gate = Gate::builder(auth, MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .quotas(MemoryQuotaStore::new())
+        .build();
+    // `free`: 100 notifications a month; the test key uses them all.
+    let spent = gate.charge(&who[0], "email", 100).await.unwrap();
+    assert_eq!(spent.decision().map(|q| q.used), Some(100));
+    let live = gate.charge(&who[1], "email", 1).await;
+    assert!(live.is_ok(), "the live key was refused by the test key's use: {live:?}");
+}
+
 #[tokio::test]
 async fn store_outage_fails_closed_by_default() {
     let f = fixture().await;
