@@ -1206,11 +1206,13 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// ([`Charge::trace_into`]) and the layer keeps it beside its own, for
     /// the host's logs.
     ///
-    /// The account is the key's workspace and plan (`{workspace}/{plan}`):
-    /// every key of a workspace on one plan draws on one monthly allowance,
-    /// and keys on another plan (or after a plan change) on another, so a
-    /// free key's use never eats a paid key's quota, and making more keys
-    /// on one plan buys nothing.
+    /// The account is the key's workspace, environment and plan
+    /// (`{workspace}/{plan}`, or `{workspace}.{environment}/{plan}` for a
+    /// key of an environment): every key of a workspace on one plan in one
+    /// environment draws on one monthly allowance, and keys on another plan
+    /// (or after a plan change) or of another environment on another, so a
+    /// free key's use never eats a paid key's quota, a `test` key's never
+    /// eats `live`'s, and making more keys on one plan buys nothing.
     ///
     /// A category that no rule of the plan counts is admitted and not
     /// counted ([`Charge::Counted`] with no `rule`), as the store's
@@ -1288,7 +1290,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     ) -> Result<Option<QuotaDecision>, Refused> {
         let (Some(quotas), Some(plan)) = (&self.0.quotas, plan) else { return Ok(None) };
         // Workspace ids have no `/`: the pair is unambiguous.
-        let account = format!("{}/{}", principal.tenant().workspace, plan.name());
+        let account = quota_account(principal, plan);
         let now = self.0.auth.clock_ref().now();
         match quotas.check_and_count(&account, plan.monthly(), category, cost, now).await {
             Ok(q) => match q.rejection() {
@@ -1765,6 +1767,17 @@ impl Admitted {
         extensions.insert(self.principal);
         extensions.insert(decision);
         Some(headers)
+    }
+}
+
+/// The quota account `principal`'s use under `plan` counts against (see
+/// [`Gate::charge`]). Unambiguous: workspace ids hold neither `.` nor `/`,
+/// environments only lowercase letters and digits.
+fn quota_account(principal: &Principal, plan: &Plan) -> String {
+    let workspace = &principal.tenant().workspace;
+    match principal.environment() {
+        None => format!("{workspace}/{}", plan.name()),
+        Some(env) => format!("{workspace}.{env}/{}", plan.name()),
     }
 }
 

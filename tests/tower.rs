@@ -232,7 +232,6 @@ async fn a_handlers_charge_reports_an_outage_it_let_through() {
 /// in a sandbox (a CI run, a leaked test key) must not leave the live keys
 /// of its workspace at 429 (SPEC §2: `test` keys never reach `live`).
 #[tokio::test]
-#[ignore = "design decision: the quota account is {workspace}/{plan}, shared by every environment"]
 async fn a_test_keys_charges_leave_the_live_months_quota_alone() {
     use keygate::format::{Environment, SK};
     use keygate::scope::ScopeRegistry;
