@@ -64,10 +64,13 @@
 //! or 1 (an outer layer's `.cost` is not inherited the way its plan is). A
 //! route's plan draws on units of its own for keys that name none (the limiter
 //! key `{record id}#{plan}`; else the record id alone), so routes under
-//! different plans never share one state. A host that also checks keys of its
-//! own (a login name, an IP) on the gate's limiter should tag them
-//! (`login:{name}`: record ids hold no `:`), or give them a limiter of their
-//! own, so none can equal a record id and share its key's state. The outer
+//! different plans never share one state. A host that also limits keys of its
+//! own (a login name, an IP) should give them a limiter of their own: keys a
+//! client can invent fill the gate's limiter to its cap, and then every new
+//! API key is refused ([`CapacityError`](crate::limit::CapacityError), a 503
+//! where the limiter fails closed). On the gate's limiter, such keys must at
+//! least be tagged (`login:{name}`: record ids hold no `:`), so none can
+//! equal a record id and share its key's state. The outer
 //! layer checks first, though, and knows nothing of the routes inside: a
 //! request must also have a unit left under the router's plan as it passes
 //! (lent, and given back), so a route's plan cannot let a key past a router
