@@ -490,6 +490,56 @@ impl Decision {
         h
     }
 
+    /// Adds the headers of [`headers`](Self::headers) to a plain header
+    /// list (a [`Response`](crate::http::Response)'s, or a host's own
+    /// `(String, String)` pairs) family by family, as
+    /// [`RenderedHeaders::fill_in`] does for an `http::HeaderMap`: each
+    /// family — the `X-RateLimit-*` trio, the IETF `RateLimit-Policy` and
+    /// `RateLimit` pair, `Retry-After` — that `headers` has no field of yet
+    /// (names compared case-insensitively). A family already there, even in
+    /// part, stands as it is: a 429 rendered by
+    /// [`Rejection::to_response`] keeps its own `Retry-After` and gains the
+    /// limit's trio, rather than two `Retry-After` fields.
+    ///
+    /// ```
+    /// use keygate::http::BodyStyle;
+    /// use keygate::limit::{HeaderSet, MemoryLimiter, PlanSet};
+    ///
+    /// let plans = PlanSet::presets();
+    /// let hobby = plans.get("hobby").unwrap().rate();
+    /// let limiter = MemoryLimiter::<String>::new(1_000);
+    /// let mut decision = limiter.check("key_abc123", hobby, 1)?;
+    /// while decision.is_allowed() {
+    ///     decision = limiter.check("key_abc123", hobby, 1)?;
+    /// }
+    /// let rejection = decision.rejection().unwrap();
+    /// let mut response = rejection.to_response(BodyStyle::Flat, decision.at());
+    /// decision.fill_in(HeaderSet::default(), &mut response.headers);
+    /// let retry = response.headers.iter().filter(|(n, _)| *n == "Retry-After").count();
+    /// assert_eq!(retry, 1);
+    /// assert_eq!(response.header("X-RateLimit-Remaining"), Some("0"));
+    /// # Ok::<(), keygate::limit::CapacityError>(())
+    /// ```
+    pub fn fill_in<N>(&self, set: HeaderSet, headers: &mut Vec<(N, String)>)
+    where
+        N: AsRef<str> + From<&'static str>,
+    {
+        // Which families the list holds before any is added: a family's
+        // first field added must not hide the rest of it.
+        let held = |family: &[LimitHeader]| {
+            family
+                .iter()
+                .any(|h| headers.iter().any(|(n, _)| n.as_ref().eq_ignore_ascii_case(h.as_str())))
+        };
+        let families = [LimitHeader::Limit, LimitHeader::Policy, LimitHeader::RetryAfter];
+        let there = families.map(|h| held(h.family().1));
+        self.visit_headers(set, |name, value| {
+            if !there[usize::from(name.family().0)] {
+                headers.push((N::from(name.as_str()), value.into_string()));
+            }
+        });
+    }
+
     /// Appends the headers of [`headers`](Self::headers) to an
     /// [`http::HeaderMap`] directly: numbers are written without an
     /// intermediate `String`, names are pre-parsed constants (see
@@ -660,7 +710,6 @@ enum LimitHeader {
 impl LimitHeader {
     /// The headers reported together with this one, of one decision: the
     /// family's number and its members.
-    #[cfg(feature = "http")]
     const fn family(self) -> (u8, &'static [Self]) {
         const X: &[LimitHeader] = &[LimitHeader::Limit, LimitHeader::Remaining, LimitHeader::Reset];
         const IETF: &[LimitHeader] = &[LimitHeader::Policy, LimitHeader::State];

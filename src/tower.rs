@@ -505,7 +505,9 @@ pub struct Refused {
     style: BodyStyle,
     /// The `WWW-Authenticate` challenge's scheme.
     scheme: AuthScheme,
-    headers: Vec<(&'static str, String)>,
+    /// The decision whose headers (in that set) the response carries;
+    /// boxed, to keep every `Result<_, Refused>` small.
+    limit: Option<Box<(Decision, HeaderSet)>>,
     failed_open: Option<FailedOpen>,
     /// Refused after this layer took the charge over from an outer one
     /// (see `TookOver`).
@@ -519,7 +521,7 @@ impl Refused {
             rejection,
             style,
             scheme: AuthScheme::Bearer,
-            headers: Vec::new(),
+            limit: None,
             failed_open: None,
             took_over: false,
         }
@@ -543,7 +545,7 @@ impl Refused {
         (limiter, refund): (&Option<Arc<BackendError>>, &Option<Arc<BackendError>>),
         took_over: bool,
     ) -> Self {
-        self.headers = decision.map(|d| d.headers(set)).unwrap_or_default();
+        self.limit = decision.map(|d| Box::new((d.clone(), set)));
         let (limiter, refund) = (limiter.clone(), refund.clone());
         self.failed_open = (limiter.is_some() || refund.is_some()).then(|| FailedOpen {
             limiter,
@@ -598,10 +600,10 @@ impl Refused {
     pub fn into_response<B: From<String>>(self, now: jiff::Timestamp) -> Response<B> {
         let mut out = self.rejection.to_response_in(self.style, self.scheme, now);
         // The rejection's own `Retry-After` wins over the limiter's.
-        let has_retry = out.header("Retry-After").is_some();
-        out.headers.extend(
-            self.headers.iter().filter(|(n, _)| !(has_retry && *n == "Retry-After")).cloned(),
-        );
+        if let Some(limit) = &self.limit {
+            let (decision, set) = &**limit;
+            decision.fill_in(*set, &mut out.headers);
+        }
         let mut res = out.into_http::<B>();
         if let Some(f) = &self.failed_open {
             res.extensions_mut().insert(f.clone());

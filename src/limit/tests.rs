@@ -1651,3 +1651,35 @@ fn a_direct_window_too_big_for_a_word_after_a_step_back_decides_as_the_keyed_one
         c.advance(Duration::from_millis(1));
     }
 }
+
+#[test]
+fn a_plain_header_list_gets_each_family_it_lacks_once() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(100, c.clone());
+    let p = [fixed(1, 1)];
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+    let denied = l.check("k", &p, 1).unwrap();
+    // A 429 rendered by its rejection carries its own `Retry-After`: the
+    // decision's trio joins it, its `Retry-After` does not.
+    let mut res = denied.rejection().unwrap().to_response(crate::http::BodyStyle::Flat, c.now());
+    denied.fill_in(HeaderSet::all(), &mut res.headers);
+    let count = |h: &[(&'static str, String)], name: &str| {
+        h.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)).count()
+    };
+    assert_eq!(count(&res.headers, "Retry-After"), 1, "{:?}", res.headers);
+    for name in ["X-RateLimit-Limit", "X-RateLimit-Remaining", "X-RateLimit-Reset"] {
+        assert_eq!(count(&res.headers, name), 1, "{name}");
+    }
+    assert_eq!(count(&res.headers, "RateLimit-Policy"), 1);
+    assert_eq!(count(&res.headers, "RateLimit"), 1);
+    // A host's own list, with one field of the trio in another casing (a
+    // handler's own limit): that family stands whole, the others join.
+    let mut own = vec![("x-ratelimit-limit".to_owned(), "7".to_owned())];
+    denied.fill_in(HeaderSet::all(), &mut own);
+    let names: Vec<&str> = own.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names, ["x-ratelimit-limit", "RateLimit-Policy", "RateLimit", "Retry-After"]);
+    // An empty list gets exactly the decision's headers.
+    let mut empty: Vec<(&'static str, String)> = Vec::new();
+    denied.fill_in(HeaderSet::all(), &mut empty);
+    assert_eq!(empty, denied.headers(HeaderSet::all()));
+}
