@@ -272,8 +272,7 @@ pub struct Target {
     pub(crate) region: Option<Region>,
     pub(crate) formats: Option<Arc<[Cow<'static, str>]>>,
     /// Leave the deployment environment and account checks to the caller
-    /// ([`Authenticator::check_standing`]): the tower layer runs them after
-    /// the rate limit, so their 403s carry its headers as other 403s do.
+    /// ([`Target::defer_standing`]).
     pub(crate) defer_standing: bool,
 }
 
@@ -321,9 +320,23 @@ impl Target {
         self
     }
 
+    /// Authentication leaves the key's standing — the deployment's
+    /// environment ([`Authenticator::environment`]) and the account's status
+    /// ([`Authenticator::account_status`]) — to the caller, who must then
+    /// call [`Authenticator::check_standing`]: after its rate limit, so
+    /// that those 403s carry the limit's headers as a tenant's or scope's
+    /// 403 does (the tower layer's order). A caller that skips that call
+    /// lets keys of inactive accounts and other environments through.
+    #[must_use]
+    pub const fn defer_standing(mut self) -> Self {
+        self.defer_standing = true;
+        self
+    }
+
     /// Checks an authenticated `principal` against this target's region,
     /// environment and tenant, as authentication does (not the
-    /// authenticator's deployment environment, region or account status).
+    /// authenticator's deployment environment, region or account status:
+    /// [`Authenticator::check_standing`]).
     ///
     /// # Errors
     ///
@@ -928,14 +941,27 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
             return Err(AuthError::WrongRegion { id: r.id.clone() });
         }
         check_target(&r.id, &r.tenant, r.environment, r.region, target)?;
-        if target.defer_standing { Ok(()) } else { self.check_standing(r) }
+        if target.defer_standing { Ok(()) } else { self.check_record_standing(r) }
     }
 
     /// Whether an authenticated key may act here at all: its record's
     /// environment is this deployment's (when both have one), and the
     /// host's [`AccountStatus`] says its account is active. Authentication
-    /// runs this itself; the tower layer runs it after the rate limit.
-    pub(crate) fn check_standing(&self, r: &KeyRecord) -> Result<(), AuthError> {
+    /// runs this itself, unless its target [defers
+    /// it](Target::defer_standing): then the caller runs it after the rate
+    /// limit (as the tower layer does), so its 403s carry the limit's
+    /// headers.
+    ///
+    /// # Errors
+    ///
+    /// [`AuthError::WrongEnvironment`] or [`AuthError::AccountInactive`]
+    /// (403s).
+    pub fn check_standing(&self, principal: &Principal) -> Result<(), AuthError> {
+        self.check_record_standing(principal.record())
+    }
+
+    /// [`check_standing`](Self::check_standing) of a record.
+    fn check_record_standing(&self, r: &KeyRecord) -> Result<(), AuthError> {
         if let (Some(want), Some(have)) = (self.environment, r.environment)
             && want != have
         {

@@ -1180,12 +1180,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 return Err(with_headers(refused));
             }
         };
-        target.check(&principal).and_then(|()| auth.check_standing(principal.record())).map_err(
-            |e| {
-                let rejection = e.rejection();
-                with_headers(Refused::new(Refusal::Auth(e), rejection, style))
-            },
-        )?;
+        target.check(&principal).and_then(|()| auth.check_standing(&principal)).map_err(|e| {
+            let rejection = e.rejection();
+            with_headers(Refused::new(Refusal::Auth(e), rejection, style))
+        })?;
         if let Some(missing) = route.required.iter().find_map(|r| principal.require(r).err()) {
             let rejection = missing.rejection();
             return Err(with_headers(Refused::new(Refusal::Scope(missing), rejection, style)));

@@ -506,6 +506,50 @@ async fn keys_of_an_inactive_account_are_forbidden_even_from_the_cache() {
 }
 
 #[tokio::test]
+async fn a_deferred_standing_is_checked_by_check_standing_alone() {
+    // A host without the tower layer rate-limits between the two, as the
+    // layer does: its 403s for an inactive account or another deployment
+    // environment then carry the limit's headers.
+    let f = fixture();
+    let inactive = f.manager.create(NewKey::new("i", SK, ws("ws_gone"))).await.unwrap();
+    let test = f
+        .manager
+        .create(NewKey::new("t", SK, ws("ws_a")).environment(Environment::TEST))
+        .await
+        .unwrap();
+    let live = f.manager.create(NewKey::new("l", SK, ws("ws_a"))).await.unwrap();
+    let auth = Authenticator::new(f.store.clone())
+        .clock(f.clock.clone())
+        .cache(Arc::new(PrincipalCache::default()))
+        .environment(Environment::LIVE)
+        .account_status(|t: &Tenant| t.workspace.as_str() != "ws_gone");
+    let deferred = Target::any().defer_standing();
+    // Twice: from the store, then from the cache.
+    for _ in 0..2 {
+        let p = auth_bearer(&auth, inactive.key().expose_secret(), &deferred).await.unwrap();
+        let err = auth.check_standing(&p).unwrap_err();
+        assert!(
+            matches!(err, AuthError::AccountInactive { ref id } if *id == inactive.record().id)
+        );
+        let p = auth_bearer(&auth, test.key().expose_secret(), &deferred).await.unwrap();
+        let err = auth.check_standing(&p).unwrap_err();
+        assert!(matches!(err, AuthError::WrongEnvironment { .. }), "{err:?}");
+        let p = auth_bearer(&auth, live.key().expose_secret(), &deferred).await.unwrap();
+        assert!(auth.check_standing(&p).is_ok());
+    }
+    // Not deferred, authentication refuses them itself, as before.
+    let err = auth_bearer(&auth, inactive.key().expose_secret(), &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::AccountInactive { .. }), "{err:?}");
+    let err = auth_bearer(&auth, test.key().expose_secret(), &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::WrongEnvironment { .. }), "{err:?}");
+    // Deferring standing defers nothing else: the target's tenant still
+    // applies during authentication.
+    let other = Target::any().tenant(ws("ws_b")).defer_standing();
+    let err = auth_bearer(&auth, live.key().expose_secret(), &other).await.unwrap_err();
+    assert!(matches!(err, AuthError::WrongTenant { .. }), "{err:?}");
+}
+
+#[tokio::test]
 async fn a_deployments_environment_and_region_apply_to_every_route() {
     let f = fixture();
     let mk = async |new: NewKey| f.manager.create(new).await.unwrap();
