@@ -166,6 +166,46 @@ impl Principal {
         self.0.record.plan.as_deref()
     }
 
+    /// Whose units a request of this key spends under `plan`, as the
+    /// [`LimitStore`](crate::limit::LimitStore) key — the tower layer's,
+    /// for a host that limits requests itself (or beside a gate, on one
+    /// store). Under the key's own plan, or `default_plan` (the
+    /// deployment's, for keys that name none), the record id: one state,
+    /// kept when the key is given a plan or changes it. Under another plan
+    /// (one a route gives keys that name none), `{record id}#{plan}`, so
+    /// that routes of different plans neither share nor mix one state, as
+    /// their policies' names (`default` in every preset) would otherwise
+    /// make them.
+    #[must_use]
+    pub fn limit_key(&self, plan: &crate::limit::Plan, default_plan: Option<&str>) -> Cow<'_, str> {
+        let id = self.record_id().as_str();
+        if self.plan().is_some() || default_plan == Some(plan.name()) {
+            Cow::Borrowed(id)
+        } else {
+            Cow::Owned(format!("{id}#{}", plan.name()))
+        }
+    }
+
+    /// The [`QuotaStore`](crate::quota::QuotaStore) account of this key's
+    /// monthly quotas under `plan`, as the tower layer counts them: the
+    /// key's workspace and plan, `{workspace}/{plan}`, and for a key of an
+    /// environment that too, `{workspace}.{environment}/{plan}`. Every key
+    /// of a workspace on one plan in one environment draws on one monthly
+    /// allowance, keys on another plan (or after a plan change) or of
+    /// another environment on another, so a free key's use never eats a
+    /// paid key's quota, a `test` key's never eats `live`'s, and making
+    /// more keys on one plan buys nothing.
+    #[must_use]
+    pub fn quota_account(&self, plan: &crate::limit::Plan) -> String {
+        // Unambiguous: workspace ids hold neither `.` nor `/`, environments
+        // only lowercase letters and digits.
+        let workspace = &self.tenant().workspace;
+        match self.environment() {
+            None => format!("{workspace}/{}", plan.name()),
+            Some(env) => format!("{workspace}.{env}/{}", plan.name()),
+        }
+    }
+
     /// When the credential expires, if it does.
     #[must_use]
     pub fn expires_at(&self) -> Option<Timestamp> {

@@ -1002,20 +1002,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         })
     }
 
-    /// Whose units a request under `plan` spends. Under the key's own plan,
-    /// or the gate's default for a key that names none, the key's (one
-    /// state, kept when the key is given a plan or changes it); under a
-    /// plan a route gives keys that name none, the key's units of that plan
-    /// (`{record id}#{plan}`), so that routes of different plans neither
-    /// share nor mix one state, as their policies' names (`default` in
-    /// every preset) would otherwise make them.
+    /// Whose units a request under `plan` spends
+    /// ([`Principal::limit_key`] under the gate's default plan).
     fn limit_key<'p>(&self, principal: &'p Principal, plan: &Plan) -> Cow<'p, str> {
-        let id = principal.record_id().as_str();
-        if principal.plan().is_some() || self.0.default_plan.as_deref() == Some(plan.name()) {
-            Cow::Borrowed(id)
-        } else {
-            Cow::Owned(format!("{id}#{}", plan.name()))
-        }
+        principal.limit_key(plan, self.0.default_plan.as_deref())
     }
 
     /// The gate's plan at address `addr` (a mark's record of it).
@@ -1210,12 +1200,13 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// the host's logs.
     ///
     /// The account is the key's workspace, environment and plan
-    /// (`{workspace}/{plan}`, or `{workspace}.{environment}/{plan}` for a
-    /// key of an environment): every key of a workspace on one plan in one
-    /// environment draws on one monthly allowance, and keys on another plan
-    /// (or after a plan change) or of another environment on another, so a
-    /// free key's use never eats a paid key's quota, a `test` key's never
-    /// eats `live`'s, and making more keys on one plan buys nothing.
+    /// ([`Principal::quota_account`]: `{workspace}/{plan}`, or
+    /// `{workspace}.{environment}/{plan}` for a key of an environment):
+    /// every key of a workspace on one plan in one environment draws on one
+    /// monthly allowance, and keys on another plan (or after a plan change)
+    /// or of another environment on another, so a free key's use never eats
+    /// a paid key's quota, a `test` key's never eats `live`'s, and making
+    /// more keys on one plan buys nothing.
     ///
     /// A category that no rule of the plan counts is admitted and not
     /// counted ([`Charge::Counted`] with no `rule`), as the store's
@@ -1292,8 +1283,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         failed: &mut Option<Arc<BackendError>>,
     ) -> Result<Option<QuotaDecision>, Refused> {
         let (Some(quotas), Some(plan)) = (&self.0.quotas, plan) else { return Ok(None) };
-        // Workspace ids have no `/`: the pair is unambiguous.
-        let account = quota_account(principal, plan);
+        let account = principal.quota_account(plan);
         let now = self.0.auth.clock_ref().now();
         match quotas.check_and_count(&account, plan.monthly(), category, cost, now).await {
             Ok(q) => match q.rejection() {
@@ -1770,17 +1760,6 @@ impl Admitted {
         extensions.insert(self.principal);
         extensions.insert(decision);
         Some(headers)
-    }
-}
-
-/// The quota account `principal`'s use under `plan` counts against (see
-/// [`Gate::charge`]). Unambiguous: workspace ids hold neither `.` nor `/`,
-/// environments only lowercase letters and digits.
-fn quota_account(principal: &Principal, plan: &Plan) -> String {
-    let workspace = &principal.tenant().workspace;
-    match principal.environment() {
-        None => format!("{workspace}/{}", plan.name()),
-        Some(env) => format!("{workspace}.{env}/{}", plan.name()),
     }
 }
 

@@ -1889,3 +1889,78 @@ mod refund {
         assert_eq!(remaining(&app, "/r", &k).await, (StatusCode::OK, "3".to_owned()));
     }
 }
+
+/// A host that limits or counts requests itself, beside a gate on the same
+/// stores, names the gate's states with `Principal::limit_key` and
+/// `Principal::quota_account`.
+#[tokio::test]
+async fn the_principals_limit_key_and_quota_account_are_the_gates() {
+    let keys = MemoryKeyStore::new();
+    let manager = KeyManager::new(keys.clone());
+    let ws = Tenant::workspace("ws_t".parse().unwrap());
+    let scopes = ["events:read"];
+    let own = manager.create(
+        NewKey::new("o", keygate::format::NH, ws.clone()).plan("free").scopes(&scopes).unwrap(),
+    );
+    let none = manager.create(NewKey::new("n", keygate::format::NH, ws).scopes(&scopes).unwrap());
+    let (own, none) = (own.await.unwrap(), none.await.unwrap());
+    let limiter = Arc::new(MemoryLimiter::<String>::new(1000));
+    let quotas = Arc::new(MemoryQuotaStore::new());
+    let gate = Gate::builder(Authenticator::new(keys), Arc::clone(&limiter))
+        .plans(PlanSet::presets())
+        .default_plan("hobby")
+        .quotas(Arc::clone(&quotas))
+        .build();
+    let ok = || async { "ok" };
+    let app = Router::new()
+        .route("/default", get(ok).route_layer(gate.layer().require("events:read").unwrap()))
+        .route(
+            "/indie",
+            get(ok).route_layer(
+                gate.layer().plan("indie").require("events:read").unwrap().quota("webhook"),
+            ),
+        );
+    let call = async |path: &str, key: &str| {
+        let req = Request::get(path).header("x-api-key", key).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+    };
+    let who = async |key: &str| {
+        let h = [("x-api-key", key.as_bytes())];
+        gate.authenticator().authenticate(h, &keygate::auth::Target::any()).await.unwrap()
+    };
+    let plans = PlanSet::presets();
+    let (free, hobby, indie) =
+        (plans.get("free").unwrap(), plans.get("hobby").unwrap(), plans.get("indie").unwrap());
+    let remaining = |key: &str, plan: &keygate::limit::Plan| {
+        // A peek of one unit: what is left once it would fit.
+        limiter.peek(key, plan.rate(), 1).unwrap().remaining()
+    };
+
+    let (own_key, none_key) = (own.key().expose_secret(), none.key().expose_secret());
+    let (own_p, none_p) = (who(own_key).await, who(none_key).await);
+    // The key's own plan, on both routes: one state, under the record id.
+    call("/default", own_key).await;
+    call("/indie", own_key).await;
+    let k = own_p.limit_key(free, Some("hobby"));
+    assert_eq!(k, own.record().id.as_str());
+    assert_eq!(remaining(&k, free), 5 - 2 - 1);
+    // A key naming none: the default plan under the record id, the route's
+    // plan under `{id}#indie`.
+    call("/default", none_key).await;
+    call("/indie", none_key).await;
+    call("/indie", none_key).await;
+    let k = none_p.limit_key(hobby, Some("hobby"));
+    assert_eq!(k, none.record().id.as_str());
+    assert_eq!(remaining(&k, hobby), 3 - 1 - 1);
+    let k = none_p.limit_key(indie, Some("hobby"));
+    assert_eq!(k, format!("{}#indie", none.record().id));
+    assert_eq!(remaining(&k, indie), 50 - 2 - 1);
+    // The quota the gate counted, under the workspace and plan. (A route's
+    // plan counts under that plan for a key naming none.)
+    let now = Timestamp::now();
+    let account = own_p.quota_account(free);
+    assert_eq!(account, "ws_t/free");
+    assert_eq!(quotas.usage(&account, "webhook", now).await.unwrap(), 1);
+    assert_eq!(quotas.usage(&none_p.quota_account(indie), "webhook", now).await.unwrap(), 2);
+}
