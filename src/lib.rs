@@ -29,10 +29,13 @@
 //! past the environment and region checks.
 //!
 //! The `tower` feature's `Gate` runs this whole line per request; without
-//! it, a host calls the same pieces itself, and the target's tenant and
-//! environment checks and the standing checks (the authenticator's
-//! `environment` and `account_status`) run inside authentication, before
-//! any limit.
+//! it, a host calls the same pieces itself (see `tests/no_tower.rs`): the
+//! target's tenant and environment checks and the standing checks (the
+//! authenticator's `environment` and `account_status`) run inside
+//! authentication, before any limit, unless the host checks the target
+//! itself after its limit (`Target::check`) and defers the standing checks
+//! (`Target::defer_standing`, then `Authenticator::check_standing`), as the
+//! gate does, so those 403s carry the rate-limit headers too.
 //!
 //! | module | owns |
 //! |---|---|
