@@ -26,9 +26,7 @@ use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock, duration_nanos};
 use crate::format::{Environment, FormatSet, ParseError, Region};
 use crate::hash::Hasher;
-#[cfg(feature = "tower")]
-use crate::http::AuthScheme;
-use crate::http::Rejection;
+use crate::http::{AuthScheme, Rejection};
 use crate::scope::{Layout, Required, ScopeError, ScopeRegistry, ScopeSet};
 use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
 
@@ -671,13 +669,30 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         }
     }
 
+    /// The `WWW-Authenticate` scheme of a 401 on a route taking every
+    /// format of this authenticator (pass it to
+    /// [`Rejection::to_response`](crate::http::Rejection::to_response)):
+    /// Bearer when the header rules take one of them as a Bearer token,
+    /// else `X-API-Key` when they take one there. The tower layer answers
+    /// with the same.
+    #[must_use]
+    pub fn auth_scheme(&self) -> AuthScheme {
+        self.scheme_of(None::<&[&str]>)
+    }
+
+    /// [`auth_scheme`](Self::auth_scheme) of a route taking keys of
+    /// `formats` (by name) only: an `X-API-Key` route of `nh` keys
+    /// challenges with `ApiKey header="X-API-Key"`, not Bearer.
+    #[must_use]
+    pub fn auth_scheme_for(&self, formats: &[&str]) -> AuthScheme {
+        self.scheme_of(Some(formats))
+    }
+
     /// The challenge of a route taking keys of `formats` (every format
-    /// of the set when `None`): Bearer when the header rules take one of
-    /// them as a Bearer token, else `X-API-Key` when they take one there.
-    #[cfg(feature = "tower")]
-    pub(crate) fn auth_scheme(&self, formats: Option<&[Cow<'static, str>]>) -> AuthScheme {
+    /// of the set when `None`).
+    pub(crate) fn scheme_of<N: AsRef<str>>(&self, formats: Option<&[N]>) -> AuthScheme {
         let takes = |source: Source| match formats {
-            Some(names) => names.iter().any(|n| self.rules.accepts(n, source)),
+            Some(names) => names.iter().any(|n| self.rules.accepts(n.as_ref(), source)),
             None => self.formats.formats().iter().any(|f| self.rules.accepts(f.name(), source)),
         };
         if !takes(Source::Bearer) && takes(Source::ApiKeyHeader) {

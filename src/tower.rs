@@ -947,7 +947,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// key reaches any tenant's data.
     #[must_use]
     pub fn layer(&self) -> GateLayer<S, L, Q, C> {
-        let scheme = self.0.auth.auth_scheme(None);
+        let scheme = self.0.auth.auth_scheme();
         GateLayer { gate: self.clone(), route: Arc::new(Route { scheme, ..Route::default() }) }
     }
 
@@ -1068,9 +1068,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     fn scheme(&self, route: &Route, target: Option<&Target>) -> AuthScheme {
         match target.and_then(|t| t.formats.as_ref()) {
             None => route.scheme,
-            Some(t) => {
-                self.0.auth.auth_scheme(narrowest(Some(t), route.formats.as_ref()).as_deref())
-            }
+            Some(t) => self.0.auth.scheme_of(narrowest(Some(t), route.formats.as_ref()).as_deref()),
         }
     }
 
@@ -1375,7 +1373,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     fn with(mut self, f: impl FnOnce(&mut Route)) -> Self {
         let route = Arc::make_mut(&mut self.route);
         f(route);
-        route.scheme = self.gate.0.auth.auth_scheme(route.formats.as_deref());
+        route.scheme = self.gate.0.auth.scheme_of(route.formats.as_deref());
         self
     }
 

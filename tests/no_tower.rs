@@ -75,7 +75,6 @@ impl From<Response> for Reply {
 /// One route's rules: what the gate's per-route layer would hold.
 struct Route {
     formats: &'static [&'static str],
-    scheme: AuthScheme,
     style: BodyStyle,
     scope: Option<&'static str>,
     quota: Option<&'static str>,
@@ -83,23 +82,16 @@ struct Route {
 
 const APPS: Route = Route {
     formats: &["sk"],
-    scheme: AuthScheme::Bearer,
     style: BodyStyle::Nested,
     scope: Some("applications:read"),
     quota: None,
 };
 
-const NOTIFY: Route = Route {
-    formats: &["nh"],
-    scheme: AuthScheme::ApiKeyHeader,
-    style: BodyStyle::Envelope,
-    scope: None,
-    quota: Some("webhook"),
-};
+const NOTIFY: Route =
+    Route { formats: &["nh"], style: BodyStyle::Envelope, scope: None, quota: Some("webhook") };
 
 const PORTAL_API: Route = Route {
     formats: &["kgpt"],
-    scheme: AuthScheme::Bearer,
     style: BodyStyle::Nested,
     scope: Some("endpoints:read"),
     quota: None,
@@ -107,13 +99,8 @@ const PORTAL_API: Route = Route {
 
 const PORTAL_DELETE: Route = Route { scope: Some("endpoints:delete"), ..PORTAL_API };
 
-const MANAGEMENT: Route = Route {
-    formats: &["nhm"],
-    scheme: AuthScheme::Bearer,
-    style: BodyStyle::Nested,
-    scope: None,
-    quota: None,
-};
+const MANAGEMENT: Route =
+    Route { formats: &["nhm"], style: BodyStyle::Nested, scope: None, quota: None };
 
 /// Any `LimitStore`: in memory here, `keygate::redis::RedisLimiter` across
 /// instances.
@@ -343,7 +330,10 @@ impl<L: LimitStore> Host<L> {
     /// A refusal in the route's body style and challenge scheme, with the
     /// decision's rate-limit headers when the limiter had been asked.
     fn refuse(&self, route: &Route, rejection: &Rejection, decision: Option<&Decision>) -> Reply {
-        let mut response = rejection.to_response_in(route.style, route.scheme, self.clock.now());
+        // The challenge the route's formats call for (`ApiKey header=…` on an
+        // `X-API-Key` route), as the tower layer answers.
+        let scheme = self.auth.auth_scheme_for(route.formats);
+        let mut response = rejection.to_response_in(route.style, scheme, self.clock.now());
         // `fill_in`, not an append of `decision.headers(…)`: a 429's
         // rejection already carries `Retry-After`, and a second one (the
         // decision's) would make two.
@@ -593,4 +583,16 @@ async fn a_limiter_outage_is_a_503_unless_the_host_chose_to_fail_open() {
     let open = host.handle("GET", "/v1/projects/shop/applications", &headers, "").await;
     assert_eq!(open.status, 200, "{open:?}");
     assert!(open.header("x-ratelimit-limit").is_none());
+}
+
+/// The challenge of a 401 follows where the route's formats travel: an
+/// `nh` route reads `X-API-Key`, so its challenge names that header, not
+/// Bearer (what `Rejection::to_response` defaults to).
+#[test]
+fn a_routes_challenge_is_the_authenticators_for_its_formats() {
+    let host = Host::new();
+    assert_eq!(host.auth.auth_scheme_for(&["nh"]), AuthScheme::ApiKeyHeader);
+    assert_eq!(host.auth.auth_scheme_for(&["sk"]), AuthScheme::Bearer);
+    assert_eq!(host.auth.auth_scheme_for(&["nh", "sk"]), AuthScheme::Bearer);
+    assert_eq!(host.auth.auth_scheme(), AuthScheme::Bearer);
 }
