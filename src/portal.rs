@@ -196,7 +196,7 @@ impl PortalError {
     #[must_use]
     pub fn rejection(&self) -> Rejection {
         match self {
-            Self::Request(e) => e.to_rejection(),
+            Self::Request(e) => e.rejection(),
             Self::MinterExpiring => Rejection::InvalidCredentials,
             Self::NotManagementToken | Self::Scope(ScopeError::Exceeds { .. }) => {
                 Rejection::Forbidden { scope: None }

@@ -206,7 +206,7 @@ impl<L: LimitStore> Host<L> {
                 let Ok(app) = app.parse() else { return Reply::ok(404, "") };
                 let request = match SessionRequest::from_json(body.as_bytes()) {
                     Ok(r) => r,
-                    Err(e) => return self.refuse(&MANAGEMENT, &e.to_rejection(), None),
+                    Err(e) => return self.refuse(&MANAGEMENT, &e.rejection(), None),
                 };
                 let target = Target::any().tenant(Tenant::workspace(self.workspace.clone()));
                 self.gated(&MANAGEMENT, target, headers, async move |admitted: Admitted| match self

@@ -789,7 +789,7 @@ async fn create_portal<B: Backend>(
 ) -> Response {
     let request = match SessionRequest::from_json(&body) {
         Ok(r) => r,
-        Err(e) => return app.reject(&e.to_rejection(), BodyStyle::Nested),
+        Err(e) => return app.reject(&e.rejection(), BodyStyle::Nested),
     };
     let (Ok(ws), Ok(application)) = (ws.parse(), application.parse()) else {
         return app.reject(&Rejection::NotFound, BodyStyle::Nested);

@@ -141,7 +141,7 @@ impl RequestError {
 
     /// The 400 rejection for this error.
     #[must_use]
-    pub fn to_rejection(&self) -> Rejection {
+    pub fn rejection(&self) -> Rejection {
         Rejection::BadRequest { field: self.field(), message: self.to_string() }
     }
 }
@@ -560,7 +560,7 @@ mod tests {
             assert_eq!(req.validate(), Err(want), "{req:?}");
         }
         assert_eq!(SessionRequest::default().validate(), Ok(()));
-        let r = RequestError::ExpiresRange.to_rejection();
+        let r = RequestError::ExpiresRange.rejection();
         assert!(matches!(r, Rejection::BadRequest { ref field, ref message }
             if field == "expiresInMinutes" && message == "expiresInMinutes must be between 1 and 60"));
     }
