@@ -1285,6 +1285,93 @@ async fn a_set_goes_with_its_records_when_their_ends_move_earlier() {
     assert_eq!(left, Vec::<String>::new(), "nothing left of forgotten tenants");
 }
 
+/// A loop of creating a key under the cap and revoking it (a CI job's key
+/// per run) leaves each revoked record listed for the retention; the cap
+/// check of a create reads the project's records that may count, not that
+/// history: it runs inside Redis's one thread, so a day of such a loop
+/// made every create stall every client of the server.
+#[tokio::test]
+async fn a_capped_create_reads_none_of_its_projects_revoked_records() {
+    use keygate::store::ActiveLimit;
+    use keygate::testkit::keys::sample_record;
+    const N: usize = 300;
+    let server = RedisServer::start();
+    let redis = connect(&server, "hist").await;
+    let store = redis.keys();
+    let cap = |max| Some(ActiveLimit::new(max, jiff::Timestamp::now()));
+    let keep = sample_record("ws_h", Some("p"), 0, false);
+    assert_eq!(store.insert(Arc::new(keep), cap(2)).await.unwrap(), InsertOutcome::Inserted);
+    for _ in 0..N {
+        let r = sample_record("ws_h", Some("p"), 0, false);
+        assert_eq!(
+            store.insert(Arc::new(r.clone()), cap(2)).await.unwrap(),
+            InsertOutcome::Inserted
+        );
+        assert!(store.revoke(&r.id, jiff::Timestamp::now()).await.unwrap());
+    }
+    let before = command_stats(&redis).await;
+    let r = sample_record("ws_h", Some("p"), 0, false);
+    assert_eq!(store.insert(Arc::new(r), cap(2)).await.unwrap(), InsertOutcome::Inserted);
+    let after = command_stats(&redis).await;
+    let hmget =
+        after.get("hmget").copied().unwrap_or(0) - before.get("hmget").copied().unwrap_or(0);
+    // The one active record, and two random members of each set the new
+    // one joins (the in-band sweep).
+    assert!(hmget <= 5, "{hmget} HMGET for one create after {N} revoked records");
+    let extra = sample_record("ws_h", Some("p"), 0, false);
+    assert_eq!(
+        store.insert(Arc::new(extra), cap(2)).await.unwrap(),
+        InsertOutcome::LimitReached { max: 2 },
+        "two active records"
+    );
+    let (ws, p) = ("ws_h".parse().unwrap(), "p".parse().unwrap());
+    for listed in [store.list(&ws, None).await.unwrap(), store.list(&ws, Some(&p)).await.unwrap()] {
+        assert_eq!(listed.len(), N + 2, "revoked records are listed for the retention");
+        assert_eq!(listed.iter().filter(|r| r.revoked_at.is_some()).count(), N);
+    }
+}
+
+/// Records revoked by a version that left them in the project's set (one
+/// from before records named their sets, too) are listed still, never
+/// counted, and leave the set the cap check walks when it first meets
+/// them.
+#[tokio::test]
+async fn revoked_records_left_in_the_project_set_by_an_older_version_are_moved_out() {
+    use ::redis::AsyncCommands;
+    use keygate::store::ActiveLimit;
+    use keygate::testkit::keys::sample_record;
+    let server = RedisServer::start();
+    let redis = connect(&server, "old").await;
+    let store = redis.keys();
+    let cap = || Some(ActiveLimit::new(2, jiff::Timestamp::now()));
+    let records: Vec<_> = (0..3).map(|_| sample_record("ws_o", Some("p"), 0, false)).collect();
+    for r in &records {
+        assert_eq!(store.insert(Arc::new(r.clone()), None).await.unwrap(), InsertOutcome::Inserted);
+    }
+    let mut con = redis.connection();
+    let (set, revoked) = ("old:{old:keys}:proj:ws_o:p", "old:{old:keys}:projrev:ws_o:p");
+    for r in &records[1..] {
+        assert!(store.revoke(&r.id, jiff::Timestamp::now()).await.unwrap());
+        // As an older version left it.
+        let _: () = con.smove(revoked, set, r.id.as_str()).await.unwrap();
+    }
+    let _: () = con.hdel(format!("old:{{old:keys}}:rec:{}", records[2].id), "pj").await.unwrap();
+    let (ws, p) = ("ws_o".parse().unwrap(), "p".parse().unwrap());
+    assert_eq!(store.list(&ws, Some(&p)).await.unwrap().len(), 3);
+    let new = sample_record("ws_o", Some("p"), 0, false);
+    assert_eq!(store.insert(Arc::new(new), cap()).await.unwrap(), InsertOutcome::Inserted);
+    let sizes: (usize, usize) = (con.scard(set).await.unwrap(), con.scard(revoked).await.unwrap());
+    assert_eq!(sizes, (2, 2), "the active records, and the revoked ones");
+    let extra = sample_record("ws_o", Some("p"), 0, false);
+    assert_eq!(
+        store.insert(Arc::new(extra), cap()).await.unwrap(),
+        InsertOutcome::LimitReached { max: 2 }
+    );
+    for listed in [store.list(&ws, None).await.unwrap(), store.list(&ws, Some(&p)).await.unwrap()] {
+        assert_eq!(listed.len(), 4, "{listed:?}");
+    }
+}
+
 // ---- a connection that stays open but useless is replaced ----
 
 /// A loopback TCP proxy to a switchable Redis. `cut` stops forwarding on

@@ -42,7 +42,8 @@ pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
     Timestamp::from_nanosecond((secs - OFFSET) * 1_000_000_000 + nanos).ok()
 }
 
-/// KEYS: record, digest index, key-id index, project set, workspace set.
+/// KEYS: record, digest index, key-id index, project set, workspace set,
+/// project's revoked set.
 /// ARGV: id, immutable JSON, expiry, has key id, has project, cap (or
 /// empty), now, record-key prefix, revoked, last used (times sortable or
 /// empty), forget-at (Unix ms: the record's end — expiry or revocation —
@@ -56,12 +57,19 @@ pub(super) fn from_sortable(s: &str) -> Option<Timestamp> {
 /// times from the past: an import, a caller's clock far behind, a test on
 /// a fake clock) keeps the record for one retention from now instead:
 /// bounded, as in memory, without dropping what was just written.
-/// The id sets lose the ids of forgotten records in-band: each insert tests
-/// two random members of each set it adds to (a set stays about twice its
-/// live size at most), the cap count skips and drops them, and so does
-/// `LIST`. A set itself lives as long as its longest-lived record
-/// ([`SETS_FN`]): a workspace or project whose records are all forgotten
-/// leaves nothing behind.
+/// A project's records are in two sets: those not revoked, which the cap
+/// count walks, and the revoked ones, which only `LIST` reads (a revoked
+/// record never counts again, and a loop of creating and revoking keys
+/// would otherwise make each create walk a retention's worth of them in
+/// Redis's one thread). A record written revoked (an import) joins the
+/// revoked set; one revoked by a version that kept revoked records in the
+/// first set is moved when the cap count meets it.
+/// The id sets lose the ids of forgotten records in-band: each insert (and
+/// revocation) tests two random members of each set it adds to (a set
+/// stays about twice its live size at most), the cap count skips and drops
+/// them, and so does `LIST`. A set itself lives as long as its
+/// longest-lived record ([`SETS_FN`]): a workspace or project whose
+/// records are all forgotten leaves nothing behind.
 const INSERT: &str = r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 'dup_id' end
 if redis.call('EXISTS', KEYS[2]) == 1 then return 'dup_key' end
@@ -84,16 +92,16 @@ if ARGV[5] == '1' and ARGV[6] ~= '' then
     local v = redis.call('HMGET', ARGV[8] .. id, 'r', 'rev', 'exp', 'pj')
     if not v[1] or (v[4] and v[4] ~= KEYS[4]) then
       redis.call('SREM', KEYS[4], id)
-    elseif id ~= ARGV[13] and not v[2] and (not v[3] or v[3] > ARGV[7]) then
+    elseif v[2] then
+      -- Revoked by a version that left revoked records here: moved.
+      redis.call('SREM', KEYS[4], id)
+      SWEEP(KEYS[6], ARGV[8], 'pj', KEYS[4])
+      JOIN(KEYS[6], ARGV[8] .. id, id)
+    elseif id ~= ARGV[13] and (not v[3] or v[3] > ARGV[7]) then
       active = active + 1
     end
   end
   if active >= tonumber(ARGV[6]) then return 'limit' end
-end
-local function sweep(set, field)
-  for _, id in ipairs(redis.call('SRANDMEMBER', set, 2)) do
-    if not OWNED(ARGV[8] .. id, field, set) then redis.call('SREM', set, id) end
-  end
 end
 -- The sets the record is a member of (a record without a project names
 -- the placeholder in KEYS[4]: a member of no project's set).
@@ -114,10 +122,12 @@ if ARGV[11] ~= '' then
   if ARGV[4] == '1' then FORGET(KEYS[3], at) end
 end
 if ARGV[5] == '1' then
-  sweep(KEYS[4], 'pj')
-  JOIN(KEYS[4], KEYS[1], ARGV[1])
+  local set = KEYS[4]
+  if ARGV[9] ~= '' then set = KEYS[6] end
+  SWEEP(set, ARGV[8], 'pj', KEYS[4])
+  JOIN(set, KEYS[1], ARGV[1])
 end
-sweep(KEYS[5], 'ws')
+SWEEP(KEYS[5], ARGV[8], 'ws', KEYS[5])
 JOIN(KEYS[5], KEYS[1], ARGV[1])
 return 'ok'
 ";
@@ -131,16 +141,18 @@ return redis.call('HGETALL', ARGV[1] .. id)
 ";
 
 /// `KEYS[1]`: a set of ids. `ARGV[1]`: record-key prefix, `ARGV[2]`: the field
-/// naming the set in its members' records (`ws` or `pj`), `ARGV[3…]`: ids
-/// of the set (one page of an `SSCAN`). The records of those ids; drops
-/// the ids of records Redis has forgotten, and of records of another
-/// tenant stored under such an id since.
+/// naming the tenant's set in its members' records (`ws` or `pj`),
+/// `ARGV[3]`: that set's key (`KEYS[1]`, or the project set for the
+/// project's revoked set), `ARGV[4…]`: ids of the set (one page of an
+/// `SSCAN`). The records of those ids; drops the ids of records Redis has
+/// forgotten, and of records of another tenant stored under such an id
+/// since.
 const LIST: &str = r"
 local out = {}
-for i = 3, #ARGV do
+for i = 4, #ARGV do
   local id = ARGV[i]
   local rec = ARGV[1] .. id
-  if OWNED(rec, ARGV[2], KEYS[1]) then
+  if OWNED(rec, ARGV[2], ARGV[3]) then
     table.insert(out, redis.call('HGETALL', rec))
   else
     redis.call('SREM', KEYS[1], id)
@@ -150,24 +162,28 @@ return out
 ";
 
 /// Lua shared by the scripts that read id sets: whether record key `rec`
-/// is a member of `set`, which its record names in hash field `field`
-/// (`ws` for a workspace's set, `pj` for a project's). Not if Redis forgot
-/// the record, nor if the id, once freed, now holds a record of another
-/// tenant (ids are the host's to choose: an import may use one again). A
-/// record written before the field existed is taken at its word.
+/// is a record of the tenant whose set `owner` is, which its record names
+/// in hash field `field` (`ws` for a workspace's set, `pj` for a project's:
+/// for the project's revoked set too). Not if Redis forgot the record, nor
+/// if the id, once freed, now holds a record of another tenant (ids are
+/// the host's to choose: an import may use one again). A record written
+/// before the field existed is taken at its word.
 const OWNED_FN: &str = r"
-local function OWNED(rec, field, set)
+local function OWNED(rec, field, owner)
   local v = redis.call('HMGET', rec, 'r', field)
-  return v[1] ~= false and (not v[2] or v[2] == set)
+  return v[1] ~= false and (not v[2] or v[2] == owner)
 end
 ";
 
-/// KEYS: record, digest index, key-id index, project set, workspace set.
+/// KEYS: record, digest index, key-id index, project set, workspace set,
+/// project's revoked set.
 /// ARGV: time (sortable), channel, id, forget-at (Unix ms: the earlier of
 /// the expiry and now, plus retention), retention (ms), has key id,
 /// record-key prefix. The record and the indexes that
 /// point at it are forgotten a retention after the revocation (or the
-/// expiry, if earlier), so create-and-revoke loops do not grow Redis.
+/// expiry, if earlier), so create-and-revoke loops do not grow Redis. The
+/// record moves from its project's set to the revoked set: it never counts
+/// toward the cap again, and listing still finds it.
 /// 1: revoked and published; 2: revoked, but the server refused the
 /// publication (an ACL without channel rights, say): scripts do not roll
 /// back, so the revocation stands either way.
@@ -183,8 +199,12 @@ local function schedule()
   end
 end
 local function ended()
-  ENDED(KEYS[4], ARGV[7], KEYS[1], 'pj')
-  ENDED(KEYS[5], ARGV[7], KEYS[1], 'ws')
+  if redis.call('SREM', KEYS[4], ARGV[3]) == 1 then
+    SWEEP(KEYS[6], ARGV[7], 'pj', KEYS[4])
+    JOIN(KEYS[6], KEYS[1], ARGV[3])
+  end
+  ENDED(KEYS[4], ARGV[7], KEYS[1], 'pj', KEYS[4])
+  ENDED(KEYS[5], ARGV[7], KEYS[1], 'ws', KEYS[5])
 end
 if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then
   -- Revoked by a version that kept revoked records forever: schedule it.
@@ -200,7 +220,8 @@ ended()
 return PUBLISHED(ARGV[2], ARGV[3])
 ";
 
-/// KEYS: record, digest index, key-id index, project set, workspace set.
+/// KEYS: record, digest index, key-id index, project set, workspace set,
+/// project's revoked set.
 /// `ARGV[1]`: expiry (sortable), `ARGV[2]`: forget-at (Unix ms, or empty),
 /// `ARGV[3]`: id, `ARGV[4]`: retention (ms), `ARGV[5]`: revocation channel,
 /// `ARGV[6]`: has key id, `ARGV[7]`: record-key prefix. The indexes that
@@ -221,8 +242,11 @@ if not cur or ARGV[1] < cur then
     if ARGV[6] == '1' and redis.call('GET', KEYS[3]) == ARGV[3] then
       FORGET(KEYS[3], at)
     end
-    ENDED(KEYS[4], ARGV[7], KEYS[1], 'pj')
-    ENDED(KEYS[5], ARGV[7], KEYS[1], 'ws')
+    ENDED(KEYS[4], ARGV[7], KEYS[1], 'pj', KEYS[4])
+    if redis.call('HEXISTS', KEYS[1], 'rev') == 1 then
+      ENDED(KEYS[6], ARGV[7], KEYS[1], 'pj', KEYS[4])
+    end
+    ENDED(KEYS[5], ARGV[7], KEYS[1], 'ws', KEYS[5])
   end
   return PUBLISHED(ARGV[5], ARGV[3])
 end
@@ -276,14 +300,21 @@ end
 /// while a member has no end (its key never expires); else until the last
 /// member's record is forgotten.
 ///
-/// `JOIN` adds `id` (record key `rec`, its expiry already set) to `set`.
-/// `ENDED`, after member `rec` got an end (or an earlier one): the set
-/// lives until its longest-lived member is forgotten, without an expiry
-/// while a member has no end: a pass over the members, so only for sets
-/// of at most [`ENDED_SCAN`] members (a larger set with an expiry takes
-/// `rec`'s if that is later; one without keeps none, and its forgotten
-/// members are dropped as inserts and listings meet them).
+/// `SWEEP`, before an id joins `set`, drops two random members that are
+/// not records of `owner`'s tenant (see [`OWNED_FN`]): forgotten records'
+/// ids go in-band. `JOIN` adds `id` (record key `rec`, its expiry already
+/// set) to `set`. `ENDED`, after member `rec` got an end (or an earlier
+/// one): the set lives until its longest-lived member is forgotten,
+/// without an expiry while a member has no end: a pass over the members,
+/// so only for sets of at most [`ENDED_SCAN`] members (a larger set with
+/// an expiry takes `rec`'s if that is later; one without keeps none, and
+/// its forgotten members are dropped as inserts and listings meet them).
 const SETS_FN: &str = r"
+local function SWEEP(set, prefix, field, owner)
+  for _, id in ipairs(redis.call('SRANDMEMBER', set, 2)) do
+    if not OWNED(prefix .. id, field, owner) then redis.call('SREM', set, id) end
+  end
+end
 local function JOIN(set, rec, id)
   local new = redis.call('EXISTS', set) == 0
   redis.call('SADD', set, id)
@@ -297,7 +328,7 @@ local function JOIN(set, rec, id)
     if new or (cur >= 0 and cur < ttl) then redis.call('PEXPIRE', set, ttl) end
   end
 end
-local function ENDED(set, prefix, rec, field)
+local function ENDED(set, prefix, rec, field, owner)
   local cur = redis.call('PTTL', set)
   if cur == -2 then return end
   if redis.call('SCARD', set) > ENDED_SCAN then
@@ -313,7 +344,7 @@ local function ENDED(set, prefix, rec, field)
   -- counts.
   local longest = 1
   for _, id in ipairs(redis.call('SMEMBERS', set)) do
-    if OWNED(prefix .. id, field, set) then
+    if OWNED(prefix .. id, field, owner) then
       local t = redis.call('PTTL', prefix .. id)
       if t == -1 then
         if cur >= 0 then redis.call('PERSIST', set) end
@@ -356,7 +387,8 @@ static LAST_USED_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(LAST_US
 /// separate fields the scripts compare. The key itself is never stored —
 /// only the [`StoredDigest`] the record already holds. Indexes map the
 /// digest and (format, key id) to the record id; sets list the records of
-/// each workspace and project.
+/// each workspace and project (a project's in two: those not revoked, which
+/// the cap check walks, and the revoked ones, kept for listing).
 ///
 /// `insert` is one Lua script checking the id, both indexes and the
 /// per-project active cap, then writing everything. `revoke` and
@@ -399,24 +431,34 @@ impl RedisKeyStore {
 
     /// The keys a script that changes a record's end touches: the record,
     /// its digest index and its key-id index (a placeholder when it has no
-    /// key id), its project's id set (a placeholder when it has none) and
-    /// its workspace's; and whether it has a key id (`1` or `0`).
+    /// key id), its project's id set (a placeholder when it has none), its
+    /// workspace's, and its project's revoked set (a placeholder when it
+    /// has none); and whether it has a key id (`1` or `0`).
     fn record_keys(&self, record: &KeyRecord) -> (Vec<String>, Vec<u8>) {
         let kid = record.key_id.map(|k| self.kid(&record.format, &k));
         let has_kid = if kid.is_some() { b"1".to_vec() } else { b"0".to_vec() };
-        let ws = &record.tenant.workspace;
+        let [proj, revoked] = self.project_sets(record);
         let keys = vec![
             self.rec(&record.id),
             self.dig(&record.digest),
             kid.unwrap_or_else(|| format!("{}kid:-", self.base)),
-            record
-                .tenant
-                .project
-                .as_ref()
-                .map_or_else(|| format!("{}proj:-", self.base), |p| self.proj(ws, p)),
-            self.ws(ws),
+            proj,
+            self.ws(&record.tenant.workspace),
+            revoked,
         ];
         (keys, has_kid)
+    }
+
+    /// The project's id set and its revoked set of `record`, or
+    /// placeholders (never written) for a record without a project.
+    fn project_sets(&self, record: &KeyRecord) -> [String; 2] {
+        match &record.tenant.project {
+            Some(p) => {
+                let ws = &record.tenant.workspace;
+                [self.proj(ws, p), self.proj_revoked(ws, p)]
+            }
+            None => [format!("{}proj:-", self.base), format!("{}projrev:-", self.base)],
+        }
     }
 
     /// When Redis may forget a record that ended (expired or was revoked)
@@ -457,6 +499,12 @@ impl RedisKeyStore {
 
     fn proj(&self, ws: &WorkspaceId, p: &ProjectId) -> String {
         format!("{}proj:{ws}:{p}", self.base)
+    }
+
+    /// The ids of the project's revoked records, kept for listing apart
+    /// from [`proj`](Self::proj), which the cap count walks.
+    fn proj_revoked(&self, ws: &WorkspaceId, p: &ProjectId) -> String {
+        format!("{}projrev:{ws}:{p}", self.base)
     }
 
     fn lookup(
@@ -597,23 +645,15 @@ impl KeyStore for RedisKeyStore {
         record: Arc<KeyRecord>,
         limit: Option<ActiveLimit>,
     ) -> impl Future<Output = Result<InsertOutcome, BackendError>> + Send {
-        let ws = &record.tenant.workspace;
-        let kid = record.key_id.map(|k| self.kid(&record.format, &k));
-        let proj = record.tenant.project.as_ref().map(|p| self.proj(ws, p));
-        let keys = vec![
-            self.rec(&record.id),
-            self.dig(&record.digest),
-            kid.clone().unwrap_or_else(|| format!("{}kid:-", self.base)),
-            proj.clone().unwrap_or_else(|| format!("{}proj:-", self.base)),
-            self.ws(ws),
-        ];
-        let flag = |b: bool| if b { b"1".to_vec() } else { b"0".to_vec() };
+        let (keys, has_kid) = self.record_keys(&record);
+        let has_project =
+            if record.tenant.project.is_some() { b"1".to_vec() } else { b"0".to_vec() };
         let args = vec![
             record.id.as_str().as_bytes().to_vec(),
             encode(&record).into_bytes(),
             opt_sortable(record.expires_at),
-            flag(kid.is_some()),
-            flag(proj.is_some()),
+            has_kid,
+            has_project,
             limit
                 .as_ref()
                 .filter(|l| l.is_capped())
@@ -691,36 +731,55 @@ impl KeyStore for RedisKeyStore {
         workspace: &WorkspaceId,
         project: Option<&ProjectId>,
     ) -> impl Future<Output = Result<Vec<Arc<KeyRecord>>, BackendError>> + Send {
-        let (set, field) =
-            project.map_or_else(|| (self.ws(workspace), "ws"), |p| (self.proj(workspace, p), "pj"));
+        // Each set with the field that names the tenant's set in its
+        // records, and that set: a project's revoked set is named by `pj`
+        // as its project's set.
+        let sets = project.map_or_else(
+            || vec![(self.ws(workspace), "ws", self.ws(workspace))],
+            |p| {
+                let proj = self.proj(workspace, p);
+                vec![
+                    (proj.clone(), "pj", proj.clone()),
+                    (self.proj_revoked(workspace, p), "pj", proj),
+                ]
+            },
+        );
         let (redis, prefix) = (self.redis.clone(), self.rec_prefix());
         let tenant = (workspace.clone(), project.cloned());
         async move {
             // A page at a time (`SSCAN`, then the page's records in one
             // script): a workspace of many records (portal tokens are kept
             // a day) never holds the server for long. Not a snapshot: a
-            // record stored or forgotten meanwhile may be in or out.
+            // record stored or forgotten meanwhile may be in or out. One
+            // revoked meanwhile is listed: it only ever moves from a
+            // project's set to its revoked set, which is read after.
             let mut seen = std::collections::HashSet::new();
             let mut fields = Vec::new();
-            let mut cursor = 0u64;
-            loop {
-                let mut scan = ::redis::cmd("SSCAN");
-                scan.arg(&set).arg(cursor).arg("COUNT").arg(LIST_PAGE);
-                let (next, ids) = redis.query::<(u64, Vec<String>)>(scan).await?;
-                // `SSCAN` may return a member twice.
-                let mut args = vec![prefix.clone().into_bytes(), field.into()];
-                args.extend(
-                    ids.into_iter().filter(|id| seen.insert(id.clone())).map(String::into_bytes),
-                );
-                if args.len() > 2 {
-                    let page =
-                        redis.eval::<Vec<Vec<String>>>(&LIST_SCRIPT, vec![set.clone()], args);
-                    fields.extend(page.await?);
+            for (set, field, owner) in sets {
+                let mut cursor = 0u64;
+                loop {
+                    let mut scan = ::redis::cmd("SSCAN");
+                    scan.arg(&set).arg(cursor).arg("COUNT").arg(LIST_PAGE);
+                    let (next, ids) = redis.query::<(u64, Vec<String>)>(scan).await?;
+                    // `SSCAN` may return a member twice, and an id may be
+                    // in both of a project's sets.
+                    let mut args =
+                        vec![prefix.clone().into_bytes(), field.into(), owner.clone().into_bytes()];
+                    args.extend(
+                        ids.into_iter()
+                            .filter(|id| seen.insert(id.clone()))
+                            .map(String::into_bytes),
+                    );
+                    if args.len() > 3 {
+                        let page =
+                            redis.eval::<Vec<Vec<String>>>(&LIST_SCRIPT, vec![set.clone()], args);
+                        fields.extend(page.await?);
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
                 }
-                if next == 0 {
-                    break;
-                }
-                cursor = next;
             }
             // The tenant is checked here too: records written before they
             // named their sets are taken at their word by the script.
