@@ -170,14 +170,16 @@ impl Principal {
     /// store). Under the key's own plan, or `default_plan` (the
     /// deployment's, for keys that name none), the record id: one state,
     /// kept when the key is given a plan or changes it. Under another plan
-    /// (one a route gives keys that name none), `{record id}#{plan}`, so
-    /// that routes of different plans neither share nor mix one state, as
-    /// their policies' names (`default` in every preset) would otherwise
-    /// make them.
+    /// (a route's, for keys that name none or for every key),
+    /// `{record id}#{plan}`, so that routes of different plans neither
+    /// share nor mix one state, as their policies' names (`default` in
+    /// every preset) would otherwise make them.
     #[must_use]
     pub fn limit_key(&self, plan: &crate::limit::Plan, default_plan: Option<&str>) -> Cow<'_, str> {
         let id = self.record_id().as_str();
-        if self.plan().is_some() || default_plan == Some(plan.name()) {
+        // The key's own plan, or the default for a key naming none: not any
+        // plan of a key that names one (a route's plan for every key).
+        if self.plan().or(default_plan) == Some(plan.name()) {
             Cow::Borrowed(id)
         } else {
             Cow::Owned(format!("{id}#{}", plan.name()))

@@ -549,6 +549,27 @@ async fn a_deferred_standing_is_checked_by_check_standing_alone() {
     assert!(matches!(err, AuthError::WrongTenant { .. }), "{err:?}");
 }
 
+/// `Principal::limit_key` under a plan other than the key's own (a host
+/// giving a costly route one plan for every key) is a state of its own, as
+/// it is for a key naming none: the presets all name their policy
+/// `default`, so sharing the record id would mix two plans in one state.
+#[tokio::test]
+async fn a_limit_key_under_another_plan_than_the_keys_own_is_apart() {
+    let f = fixture();
+    let plans = keygate::limit::PlanSet::presets();
+    let (pro, hobby) = (plans.get("pro").unwrap(), plans.get("hobby").unwrap());
+    let key = f.manager.create(NewKey::new("k", SK, ws("ws_a")).plan("pro")).await.unwrap();
+    let p = auth_bearer(&f.auth, key.key().expose_secret(), &Target::any()).await.unwrap();
+    let id = key.record().id.as_str();
+    assert_eq!(p.limit_key(pro, Some("hobby")), id, "the key's own plan");
+    assert_eq!(p.limit_key(hobby, Some("hobby")), format!("{id}#hobby"), "another plan");
+    let none = f.manager.create(NewKey::new("n", SK, ws("ws_a"))).await.unwrap();
+    let p = auth_bearer(&f.auth, none.key().expose_secret(), &Target::any()).await.unwrap();
+    let id = none.record().id.as_str();
+    assert_eq!(p.limit_key(hobby, Some("hobby")), id, "the default, for a key naming none");
+    assert_eq!(p.limit_key(pro, Some("hobby")), format!("{id}#pro"), "a route's plan");
+}
+
 #[tokio::test]
 async fn a_deployments_environment_and_region_apply_to_every_route() {
     let f = fixture();
