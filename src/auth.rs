@@ -673,7 +673,8 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
 
     /// The `WWW-Authenticate` scheme of a 401 on a route taking every
     /// format of this authenticator (pass it to
-    /// [`Rejection::to_response`](crate::http::Rejection::to_response)):
+    /// [`Rejection::to_response_in`](crate::http::Rejection::to_response_in);
+    /// `to_response` always challenges Bearer):
     /// Bearer when the header rules take one of them as a Bearer token,
     /// else `X-API-Key` when they take one there. The tower layer answers
     /// with the same.
@@ -685,6 +686,18 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// [`auth_scheme`](Self::auth_scheme) of a route taking keys of
     /// `formats` (by name) only: an `X-API-Key` route of `nh` keys
     /// challenges with `ApiKey header="X-API-Key"`, not Bearer.
+    ///
+    /// ```
+    /// use keygate::auth::Authenticator;
+    /// use keygate::http::{BodyStyle, Rejection};
+    /// use keygate::store::MemoryKeyStore;
+    ///
+    /// let auth = Authenticator::new(MemoryKeyStore::new());
+    /// let scheme = auth.auth_scheme_for(&["nh"]);
+    /// let now = jiff::Timestamp::now();
+    /// let res = Rejection::MissingCredentials.to_response_in(BodyStyle::Nested, scheme, now);
+    /// assert_eq!(res.header("WWW-Authenticate"), Some(r#"ApiKey header="X-API-Key""#));
+    /// ```
     #[must_use]
     pub fn auth_scheme_for(&self, formats: &[&str]) -> AuthScheme {
         self.scheme_of(Some(formats))
