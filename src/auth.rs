@@ -375,7 +375,8 @@ impl Target {
 
     /// Checks an authenticated `principal` against this target's region,
     /// environment and tenant, as authentication does (not the
-    /// authenticator's deployment environment, region or account status:
+    /// authenticator's deployment region, which authentication always
+    /// checks, nor its environment or account status:
     /// [`Authenticator::check_standing`]).
     ///
     /// # Errors
@@ -492,7 +493,9 @@ pub enum AuthError {
 
 /// The host's answer to "may this account use its keys now?", asked on
 /// every authentication — cache hits included, so deactivating an account
-/// refuses its keys at once — after the key itself has been verified. A
+/// refuses its keys at once — after the key itself has been verified (or,
+/// where the target [defers it](Target::defer_standing), by
+/// [`Authenticator::check_standing`] after the rate limit). A
 /// refused account is a 403 ([`Rejection::AccountInactive`]), not a 401:
 /// the key is valid.
 ///
@@ -788,7 +791,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// This deployment's environment: keys whose record carries another
     /// one (an `sk_test_` key on a `live` deployment, or a key created for
     /// a `test` parent) are refused on every request (403), whatever the
-    /// route's [`Target`]. Records without an environment are not
+    /// route's [`Target`] (one that [defers](Target::defer_standing) the
+    /// check leaves it to [`check_standing`](Self::check_standing)).
+    /// Records without an environment are not
     /// affected; a route that must refuse them names its environment in
     /// its target.
     #[must_use]
@@ -807,9 +812,10 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     }
 
     /// Refuses keys of accounts `status` says are inactive (403), after
-    /// the key itself is verified, on every authentication. Only
-    /// authentication asks it: a portal link of an inactive account still
-    /// redeems, and its access token is then refused here.
+    /// the key itself is verified, on every authentication (deferred:
+    /// in [`check_standing`](Self::check_standing)). Only these ask it: a
+    /// portal link of an inactive account still redeems, and its access
+    /// token is then refused here.
     #[must_use]
     pub fn account_status(mut self, status: impl AccountStatus + 'static) -> Self {
         self.accounts = Some(AssertUnwindSafe(Arc::new(status)));

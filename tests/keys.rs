@@ -549,6 +549,21 @@ async fn a_deferred_standing_is_checked_by_check_standing_alone() {
     assert!(matches!(err, AuthError::WrongTenant { .. }), "{err:?}");
 }
 
+/// A deployment's region is no part of a key's standing: authentication
+/// refuses a key of another region even where the standing is deferred,
+/// and `check_standing` does not look at regions.
+#[tokio::test]
+async fn a_deferred_standing_leaves_the_deployments_region_to_authentication() {
+    let f = fixture();
+    let eu = f.manager.create(NewKey::new("e", NHK, ws("ws_a")).region(Region::EU)).await.unwrap();
+    let us = Authenticator::new(f.store.clone()).clock(f.clock.clone()).region(Region::US);
+    let deferred = Target::any().defer_standing();
+    let err = auth_bearer(&us, eu.key().expose_secret(), &deferred).await.unwrap_err();
+    assert!(matches!(err, AuthError::WrongRegion { .. }), "{err:?}");
+    let p = auth_bearer(&f.auth, eu.key().expose_secret(), &deferred).await.unwrap();
+    assert!(us.check_standing(&p).is_ok());
+}
+
 /// `Principal::limit_key` under a plan other than the key's own (a host
 /// giving a costly route one plan for every key) is a state of its own, as
 /// it is for a key naming none: the presets all name their policy
