@@ -493,9 +493,10 @@ impl Decision {
     /// Adds the headers of [`headers`](Self::headers) to a plain header
     /// list (a [`Response`](crate::http::Response)'s, or a host's own
     /// `(String, String)` pairs) family by family, as
-    /// [`RenderedHeaders::fill_in`] does for an `http::HeaderMap`: each
-    /// family — the `X-RateLimit-*` trio, the IETF `RateLimit-Policy` and
-    /// `RateLimit` pair, `Retry-After` — that `headers` has no field of yet
+    /// `RenderedHeaders::fill_in` (feature `http`) does for an
+    /// `http::HeaderMap`: each family — the `X-RateLimit-*` trio, the IETF
+    /// `RateLimit-Policy` and `RateLimit` pair, `Retry-After` — that
+    /// `headers` has no field of yet
     /// (names compared case-insensitively). A family already there, even in
     /// part, stands as it is: a 429 rendered by
     /// [`Rejection::to_response`] keeps its own `Retry-After` and gains the
