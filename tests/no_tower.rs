@@ -300,8 +300,8 @@ impl<L: LimitStore> Host<L> {
                 return self.refuse(route, &missing.rejection(), decision.as_ref());
             }
         }
-        // 4. The route's monthly quota, per workspace and plan, under the
-        // gate's account name (`quota_account`).
+        // 4. The route's monthly quota, per workspace, environment and
+        // plan, under the gate's account name (`quota_account`).
         if let Some(category) = route.quota {
             let account = principal.quota_account(&plan);
             match self
