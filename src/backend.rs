@@ -32,8 +32,10 @@ pub enum BackendError {
         #[source]
         source: Box<dyn StdError + Send + Sync>,
     },
-    /// The backend answered with data that does not decode (a bug, or a
-    /// record written by an incompatible version).
+    /// The backend answered with data that does not decode, or that the
+    /// store never writes (a bug, a record written by an incompatible
+    /// version, or a value written under the store's keys by something
+    /// else: a Redis quota counter of `-5`, a record missing a field).
     #[error("storage backend returned corrupt data: {what}")]
     Corrupt {
         /// What could not be decoded (never a secret).
