@@ -543,8 +543,11 @@ static REFUND_SCRIPT: LazyLock<Script> =
 ///
 /// A GCRA time or log entry that is not digits, as the limiter writes
 /// them (something else wrote under the prefix), is
-/// [`BackendError::Corrupt`]; a fixed window's state that does not parse
-/// reads as a fresh window, as does the `index:count` of earlier versions.
+/// [`BackendError::Corrupt`]; a fixed window's state is read leniently:
+/// one that is not two numbers `end:count` (or whose end has passed, as
+/// the `index:count` of earlier versions has) reads as a fresh window, and
+/// two numbers that another writer put there are taken as an end and a
+/// count.
 ///
 /// State is kept per policy name and algorithm; when a key's plan changes a
 /// policy's algorithm under the same name (fixed window to sliding window,
