@@ -20,14 +20,16 @@
 
 use std::time::Duration;
 
+#[path = "support/failing.rs"]
+mod failing;
+use failing::Failing;
+
 use keygate::auth::{Authenticator, Principal, Target};
-use keygate::backend::{BackendError, FailMode};
+use keygate::backend::FailMode;
 use keygate::clock::{Clock, FakeClock};
 use keygate::format::{FormatSet, NH, NHM, SK};
 use keygate::http::{AuthScheme, BodyStyle, Rejection, Response};
-use keygate::limit::{
-    CheckMode, Decision, HeaderSet, LimitStore, MemoryLimiter, Plan, PlanSet, Policy,
-};
+use keygate::limit::{CheckMode, Decision, HeaderSet, LimitStore, MemoryLimiter, Plan, PlanSet};
 use keygate::manager::{KeyManager, NewKey, TokenExpiry};
 use keygate::portal::{MemoryPortalStore, Portal, SessionRequest};
 use keygate::quota::{MemoryQuotaStore, QuotaStore};
@@ -537,33 +539,14 @@ async fn an_inactive_account_is_a_403_after_the_limit_with_its_headers() {
     assert_eq!(r.header("x-ratelimit-remaining"), Some("2"), "{r:?}");
 }
 
-/// A limiter whose backend is down (Redis gone, say).
-struct Down;
-
-impl LimitStore for Down {
-    async fn check(
-        &self,
-        _: &str,
-        _: &[Policy],
-        _: u32,
-        _: CheckMode,
-    ) -> Result<Decision, BackendError> {
-        Err(BackendError::Timeout)
-    }
-    async fn refund(
-        &self,
-        _: &str,
-        _: &[Policy],
-        _: u32,
-        _: &mut Decision,
-    ) -> Result<(), BackendError> {
-        Err(BackendError::Timeout)
-    }
-}
-
 #[tokio::test]
 async fn a_limiter_outage_is_a_503_unless_the_host_chose_to_fail_open() {
-    let mut host = Host::with_limiter(Down, FakeClock::at_2026());
+    // A limiter whose backend is down (Redis gone, say): every check and
+    // refund fails.
+    let clock = FakeClock::at_2026();
+    let down = Failing::new(MemoryLimiter::with_clock(10_000, clock.clone()), |_, _| true)
+        .refunds_failing(true);
+    let mut host = Host::with_limiter(down, clock);
     let key = host
         .manager
         .create(
