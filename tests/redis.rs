@@ -1087,6 +1087,80 @@ async fn revocation_invalidates_caches_and_survives_a_restart() {
     task.abort();
 }
 
+/// A failover under the listener: the primary it subscribed on is demoted
+/// to a replica of the promoted one, its connection left open. A
+/// revocation published on the new primary before the old one followed
+/// it is in the data the old one syncs, never in its channel (a write the
+/// old primary took after the promotion, from a request still on it, makes
+/// it sync in full, not replay the new primary's stream): the listener
+/// must take the change of role for the lost subscription it is, and
+/// clear the cache, not serve the revoked key for the cache's whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_published_during_a_failover_is_not_missed() {
+    async fn admin(server: &RedisServer) -> ::redis::aio::MultiplexedConnection {
+        let client = ::redis::Client::open(server.url()).unwrap();
+        client.get_multiplexed_async_connection().await.unwrap()
+    }
+    /// `server` follows `primary` (and is in sync), or is a primary.
+    async fn replicaof(server: &RedisServer, primary: Option<&RedisServer>) {
+        let mut c = admin(server).await;
+        let mut cmd = ::redis::cmd("REPLICAOF");
+        let Some(primary) = primary else {
+            let _: () = cmd.arg("NO").arg("ONE").query_async(&mut c).await.unwrap();
+            return;
+        };
+        // A full sync starts at once, not after Redis 7's 5 s wait for
+        // more replicas.
+        let _: () = ::redis::cmd("CONFIG")
+            .arg(&["SET", "repl-diskless-sync-delay", "0"])
+            .query_async(&mut admin(primary).await)
+            .await
+            .unwrap();
+        let _: () = cmd.arg("127.0.0.1").arg(primary.port()).query_async(&mut c).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info: String =
+                ::redis::cmd("INFO").arg("replication").query_async(&mut c).await.unwrap();
+            if info.contains("master_link_status:up") {
+                return;
+            }
+            assert!(Instant::now() < deadline, "never in sync: {info}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let (a, b) = (RedisServer::start(), RedisServer::start());
+    replicaof(&b, Some(&a)).await;
+    let on_a = connect_quick(&a, "fo").await;
+    let (cache, stats, task) = listening(&on_a).await;
+    let clock = SystemClock::new();
+    let r = keygate::testkit::keys::sample_record("ws_fo", None, 0, false);
+    assert_eq!(
+        on_a.keys().insert(Arc::new(r.clone()), None).await.unwrap(),
+        InsertOutcome::Inserted
+    );
+    cache.insert(*r.digest.digest(), principal(&r), clock.monotonic());
+    let on_b = connect_quick(&b, "fo").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_b.keys().get(&r.id).await.unwrap().is_none() {
+        assert!(Instant::now() < deadline, "the record never reached the replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    replicaof(&b, None).await;
+    // A request still on A writes there after the promotion: A will sync
+    // in full when it follows B.
+    let plan = [hour("default", 10, Algorithm::Gcra)];
+    assert!(on_a.limiter().check("k", &plan, 1, CheckMode::Consume).await.unwrap().is_allowed());
+    // Another instance, on the new primary already, revokes the key.
+    assert!(on_b.keys().revoke(&r.id, jiff::Timestamp::now()).await.unwrap());
+    replicaof(&a, Some(&b)).await;
+    wait_for("the revoked key to leave the cache", || {
+        cache.get(r.digest.digest(), clock.monotonic()).is_none()
+    })
+    .await;
+    assert!(stats.subscriptions() >= 2, "subscribed again");
+    task.abort();
+}
+
 #[tokio::test]
 async fn redis_key_store_forgets_expired_records_and_their_ids() {
     use ::redis::AsyncCommands;

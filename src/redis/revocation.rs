@@ -22,8 +22,10 @@ use crate::store::RecordId;
 /// key revoked on one instance stops working on all of them at once.
 ///
 /// Spawn [`run`](Self::run) on tokio; it never returns. When the
-/// connection is lost (Redis restarted, network cut) it reconnects with
-/// capped exponential backoff and subscribes again. A revocation published
+/// connection is lost (Redis restarted, network cut), or the server
+/// changes role under it (a failover: a primary demoted to a replica, a
+/// replica promoted), it reconnects with capped exponential backoff and
+/// subscribes again. A revocation published
 /// while it was not subscribed is **not** replayed: the listener clears the
 /// cache whenever it subscribes (the first time too: what the cache took in
 /// before then may have missed one), and until then the cache's TTL
@@ -105,8 +107,9 @@ impl RevocationListener {
         }
     }
 
-    /// How often the connection is checked with a `PING` when no message
-    /// arrives (default 1 s); a failed check reconnects. A closed socket is
+    /// How often the connection is checked (default 1 s), with a `HELLO`
+    /// whose answer carries the server's role; a failed check, or a role
+    /// other than the one at subscription, reconnects. A closed socket is
     /// noticed at once regardless.
     #[must_use]
     pub fn heartbeat(mut self, every: Duration) -> Self {
@@ -135,13 +138,13 @@ impl RevocationListener {
         loop {
             let lost = Arc::new(Notify::new());
             match self.subscribe(Arc::clone(&lost)).await {
-                Ok(conn) => {
+                Ok((conn, role)) => {
                     // Cleared before the count moves, so a reader that sees
                     // the new subscription sees the cleared cache.
                     self.cache.clear();
                     self.stats.connects.fetch_add(1, Ordering::Release);
                     let since = tokio::time::Instant::now();
-                    self.watch(conn, &lost).await;
+                    self.watch(conn, role.as_deref(), &lost).await;
                     if since.elapsed() >= STABLE {
                         backoff = MIN_BACKOFF;
                         continue;
@@ -157,8 +160,11 @@ impl RevocationListener {
     }
 
     /// A RESP3 connection whose pushed messages invalidate the cache,
-    /// subscribed to the channel.
-    async fn subscribe(&self, lost: Arc<Notify>) -> Result<MultiplexedConnection, BackendError> {
+    /// subscribed to the channel, and the server's role then.
+    async fn subscribe(
+        &self,
+        lost: Arc<Notify>,
+    ) -> Result<(MultiplexedConnection, Option<String>), BackendError> {
         let info = self.client.get_connection_info().clone();
         let redis = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
         let client =
@@ -188,7 +194,11 @@ impl RevocationListener {
         let fut = async {
             let mut conn = client.get_multiplexed_async_connection_with_config(&config).await?;
             conn.subscribe(&self.channel).await?;
-            Ok::<_, ::redis::RedisError>(conn)
+            // Read after subscribing, before the cache is cleared: a
+            // failover since is seen as a change, one before is covered
+            // by the clearing.
+            let role = role(&mut conn).await?;
+            Ok::<_, ::redis::RedisError>((conn, role))
         };
         tokio::time::timeout(self.timeout, fut)
             .await
@@ -196,17 +206,44 @@ impl RevocationListener {
             .map_err(BackendError::unavailable)
     }
 
-    /// Returns when the connection is lost.
-    async fn watch(&self, mut conn: MultiplexedConnection, lost: &Notify) {
+    /// Returns when the connection is lost, or the server's role is no
+    /// longer `subscribed_as`.
+    ///
+    /// A failover can lose messages without closing the connection: a
+    /// primary demoted under it replays what the new primary published
+    /// since the promotion only if it continues that primary's stream; one
+    /// that took writes after the promotion (a request still on it) syncs
+    /// in full, and the revocations published meanwhile reach it as data,
+    /// never as messages. Each side of a failover changes role: that is
+    /// taken as the lost subscription it may be, and the next one clears
+    /// the cache.
+    async fn watch(
+        &self,
+        mut conn: MultiplexedConnection,
+        subscribed_as: Option<&str>,
+        lost: &Notify,
+    ) {
         loop {
             if tokio::time::timeout(self.heartbeat, lost.notified()).await.is_ok() {
                 return;
             }
-            let cmd = ::redis::cmd("PING");
-            let ping = cmd.query_async::<Value>(&mut conn);
-            if !matches!(tokio::time::timeout(self.timeout, ping).await, Ok(Ok(_))) {
-                return;
+            match tokio::time::timeout(self.timeout, role(&mut conn)).await {
+                Ok(Ok(now)) if now.as_deref() == subscribed_as => {}
+                _ => return,
             }
         }
     }
+}
+
+/// The server's role (`master`, `replica`) from `HELLO 3`, which every
+/// server the listener reaches answers (the listener connected with it),
+/// in subscribed mode too; `None` if the answer has none.
+async fn role(conn: &mut MultiplexedConnection) -> Result<Option<String>, ::redis::RedisError> {
+    let hello = ::redis::cmd("HELLO").arg(3).query_async::<Value>(conn).await?;
+    let Value::Map(fields) = hello else { return Ok(None) };
+    Ok(fields.into_iter().find_map(|(k, v)| match (k, v) {
+        (Value::BulkString(k), Value::BulkString(v)) if k == b"role" => String::from_utf8(v).ok(),
+        (Value::SimpleString(k), Value::SimpleString(v)) if k == "role" => Some(v),
+        _ => None,
+    }))
 }
