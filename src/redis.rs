@@ -10,7 +10,12 @@
 //! [`Redis::replacements`]). Every call is one server-side step
 //! (a Lua script sent as `EVALSHA`, loaded once and reloaded after
 //! `NOSCRIPT`) bounded by the configured timeout: an unreachable server is a
-//! [`BackendError`] within that bound, never a panic or a hang.
+//! [`BackendError`] within that bound, never a panic or a hang. A call
+//! that fails after its command went out (a timeout, a connection dropped
+//! mid-call, as a failover does) says nothing of whether the step ran: a
+//! check may have charged its units, a redemption spent its code. Such a
+//! step is never sent again, so the doubt falls on the safe side (a unit
+//! charged, a link used), never on a second run.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), keygate::backend::BackendError> {
