@@ -697,7 +697,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     ///
     /// let auth = Authenticator::new(MemoryKeyStore::new());
     /// let scheme = auth.auth_scheme_for(&["nh"]);
-    /// let now = jiff::Timestamp::now();
+    /// let now = keygate::jiff::Timestamp::now();
     /// let res = Rejection::MissingCredentials.to_response_in(BodyStyle::Nested, scheme, now);
     /// assert_eq!(res.header("WWW-Authenticate"), Some(r#"ApiKey header="X-API-Key""#));
     /// ```

@@ -81,4 +81,9 @@ pub mod testkit;
 pub mod tower;
 
 pub use format::{ApiKey, FormatSet, KeyFormat};
+/// The time crate of keygate's API: [`Timestamp`](jiff::Timestamp)s stamp
+/// responses (`Rejection::to_response(style, keygate::jiff::Timestamp::now())`),
+/// records and decisions. Re-exported so a host names the very version
+/// keygate uses, without a dependency of its own to keep in step.
+pub use jiff;
 pub use secret::{Digest, Secret, SecretString};

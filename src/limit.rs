@@ -238,7 +238,7 @@ impl Decision {
     ///     retry_after: None,
     ///     allowed: true,
     /// };
-    /// let mut d = Decision::from_policies(Outcome::Allowed, [view], jiff::Timestamp::UNIX_EPOCH)
+    /// let mut d = Decision::from_policies(Outcome::Allowed, [view], keygate::jiff::Timestamp::UNIX_EPOCH)
     ///     .with_charge(&p, 1, mark);
     /// // A refund of this check: one unit at most, and the end of its own
     /// // share of the arrival time (GCRA: one 6 s interval from its time),
