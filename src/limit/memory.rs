@@ -25,13 +25,15 @@ use super::{
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock};
 
-/// The keyed limiter is full of keys that are all still limiting: a new key
-/// cannot be tracked without forgetting one that might then exceed its
-/// quota.
+/// The keyed limiter's shard for a new key is full of keys that are all
+/// still limiting: the key cannot be tracked without forgetting one that
+/// might then exceed its quota. The shard fills before the whole limiter
+/// does (see [`MemoryLimiter::new`]), so the limiter may track far fewer
+/// keys than `max` when it refuses one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("rate limiter is tracking its maximum of {max} keys")]
+#[error("rate limiter has no room for a new key: its shard is full (at most {max} keys in all)")]
 pub struct CapacityError {
-    /// The configured cap.
+    /// The limiter's cap over all its shards ([`MemoryLimiter::max_keys`]).
     pub max: usize,
 }
 
@@ -503,11 +505,13 @@ fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
 /// `Clone` for that copy.
 ///
 /// Memory is bounded: at most `max_keys` keys are tracked (a key checked
-/// alone under two word-form policy names counts twice). When a shard is
-/// full, keys whose state is indistinguishable from fresh are evicted in
-/// band (no background thread); if every key is still limiting, the new key
-/// is refused with a [`CapacityError`] rather than forgetting a key that
-/// could then exceed its quota.
+/// alone under two word-form policy names counts twice), in equal parts
+/// per shard. When a new key's shard is full, keys whose state is
+/// indistinguishable from fresh are evicted in band (no background
+/// thread); if every key of the shard is still limiting, the new key is
+/// refused with a [`CapacityError`] rather than forgetting a key that could
+/// then exceed its quota. A shard fills before the whole limiter does:
+/// size it with the headroom [`new`](MemoryLimiter::new) gives.
 ///
 /// ```
 /// use keygate::limit::{MemoryLimiter, Policy};
@@ -706,10 +710,18 @@ fn shard_count() -> usize {
 }
 
 impl<K: Hash + Eq + Clone> MemoryLimiter<K> {
-    /// A limiter tracking at most about `max_keys` keys, on the system clock.
-    /// A new key that finds no room is refused with [`CapacityError`] (a
-    /// store failure to a [`LimitStore`] caller: 503, or unlimited under a
-    /// fail-open gate): size it for the keys a window sees.
+    /// A limiter tracking at most about `max_keys` keys, on the system clock,
+    /// in equal parts over its shards (four per CPU, from 4 to 256). A new
+    /// key that finds no room in its shard is refused with [`CapacityError`]
+    /// (a store failure to a [`LimitStore`] caller: 503, or unlimited under a
+    /// fail-open gate), and keys do not fill shards evenly: the first
+    /// refusal comes before `max_keys` keys are tracked, the sooner the
+    /// fewer keys a shard holds. On 64 CPUs (256 shards) `new(1_000)` (4
+    /// keys a shard) refuses at about a quarter of `max_keys`,
+    /// `new(16_384)` (64 a shard) at about 70%, `new(256_000)` at about
+    /// 90%; on 2 CPUs (8 shards) `new(100)` at about 70%, `new(100_000)` at
+    /// 99%. Size it at twice the keys a window sees, and at least 64 keys a
+    /// shard (16,384 covers any CPU count).
     #[must_use]
     pub fn new(max_keys: usize) -> Self {
         Self::with_clock(max_keys, SystemClock::new())

@@ -1082,6 +1082,26 @@ fn a_full_limiter_is_a_full_store_not_an_unreachable_one() {
 }
 
 #[test]
+fn a_key_refused_for_its_full_shard_is_not_told_the_limiter_is_full() {
+    // Keys are spread over shards of `max_keys / shards` each: a new key's
+    // shard can fill while the limiter tracks far fewer than `max_keys`
+    // (one a shard here, so by pigeonhole within `shards + 1` keys).
+    let p = [fixed(1, 3600)];
+    for _ in 0..100 {
+        let l = MemoryLimiter::<String, _>::with_clock(1, clock());
+        let refused = (0u32..).find_map(|i| l.check(&format!("k{i}"), &p, 1).err()).unwrap();
+        if l.len() < l.max_keys() {
+            assert_eq!(refused.max, l.max_keys());
+            let said = refused.to_string();
+            assert!(!said.contains("tracking its maximum"), "{said}: {} tracked", l.len());
+            assert!(said.contains("shard"), "{said}");
+            return;
+        }
+    }
+    unreachable!("in 100 limiters, some key's shard fills before every shard does");
+}
+
+#[test]
 fn a_huge_capacity_saturates() {
     assert_eq!(MemoryLimiter::<u64>::new(usize::MAX).max_keys(), usize::MAX);
 }
