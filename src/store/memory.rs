@@ -243,6 +243,10 @@ impl Inner {
 /// parallel; writes (insert, revoke, last-use batches) take the write lock
 /// briefly. Futures are always ready. Nothing survives a restart: use it for
 /// tests, demos and single-instance deployments.
+///
+/// Cheap to clone (one `Arc`): clones share one set of records, so the
+/// `KeyManager`, the `Authenticator` and the `Portal` each take a clone of
+/// the same store, and a key one creates is the key the others find.
 #[derive(Default, Clone)]
 pub struct MemoryKeyStore {
     inner: Arc<RwLock<Inner>>,
