@@ -1471,6 +1471,51 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     /// path segment) is answered after authentication and the rate limit, with
     /// their headers. Formats the target names narrow the route's, never widen
     /// them.
+    ///
+    /// The function reads the request as the layer sees it: under axum's
+    /// `Router::nest` the path has the nest's prefix stripped (axum keeps
+    /// the whole one in its `OriginalUri` extension), so count segments
+    /// from the nested router's own routes. Decode a segment as the
+    /// handler's extractor does (axum's `Path` percent-decodes), so the
+    /// check and the handler read one value.
+    ///
+    /// ```
+    /// use axum::{Router, body::Body, http::{Request, StatusCode, request::Parts}, routing::get};
+    /// use keygate::auth::{Authenticator, Target};
+    /// use keygate::http::Rejection;
+    /// use keygate::manager::{KeyManager, NewKey};
+    /// use keygate::store::{MemoryKeyStore, Tenant, WorkspaceId};
+    /// use keygate::tower::Gate;
+    /// use tower::ServiceExt;
+    ///
+    /// /// `/workspaces/{ws}/…`: the key must belong to workspace `{ws}`. A
+    /// /// segment no workspace can have is a 404 (after authentication and
+    /// /// the rate limit, with their headers).
+    /// fn workspace_from_path(parts: &Parts) -> Result<Target, Rejection> {
+    ///     let ws = parts.uri.path().split('/').nth(2).ok_or(Rejection::NotFound)?;
+    ///     let ws: WorkspaceId = ws.parse().map_err(|_| Rejection::NotFound)?;
+    ///     Ok(Target::any().tenant(Tenant::workspace(ws)))
+    /// }
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+    /// let keys = MemoryKeyStore::new();
+    /// let tenant = Tenant::workspace("ws_a".parse()?);
+    /// let key = KeyManager::new(keys.clone()).create(NewKey::new("n", keygate::format::NH, tenant)).await?;
+    /// let gate = Gate::builder(Authenticator::new(keys), keygate::limit::MemoryLimiter::new(1_000)).build();
+    /// let layer = gate.layer().target(workspace_from_path);
+    /// let app: Router = Router::new().route("/workspaces/{ws}/usage", get(|| async { "ok" }).route_layer(layer));
+    ///
+    /// let get = |path: &str| {
+    ///     let req = Request::get(path).header("x-api-key", key.key().expose_secret());
+    ///     app.clone().oneshot(req.body(Body::empty()).unwrap())
+    /// };
+    /// assert_eq!(get("/workspaces/ws_a/usage").await?.status(), StatusCode::OK);
+    /// assert_eq!(get("/workspaces/ws_b/usage").await?.status(), StatusCode::FORBIDDEN);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # })
+    /// # }
+    /// ```
     #[must_use]
     pub fn target(
         self,
