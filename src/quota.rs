@@ -89,11 +89,23 @@ pub struct QuotaDecision {
     /// Denied because the cost alone is more than the rule's monthly
     /// limit: no reset helps, so the rejection carries no `Retry-After`.
     pub cost_exceeds_limit: bool,
+    /// What an admitted check counted, for [`QuotaStore::refund`]: the
+    /// units not yet given back (0: none) and the month they were counted
+    /// in (meaningless without units). Kept flat, the month in the
+    /// padding after the flags: the tower layer's request future holds
+    /// decisions, and is kept within the allocator's small size classes.
+    refundable: u64,
+    counted_in: Month,
 }
 
+/// The [`QuotaDecision::counted_in`] of a decision that counted nothing.
+const NO_MONTH: Month = Month { year: 0, month: 1 };
+
 impl QuotaDecision {
-    /// No rule counts the category: admitted, uncounted.
-    pub(crate) const fn uncounted(resets_at: Timestamp) -> Self {
+    /// No rule counts the category: admitted, uncounted (nothing to
+    /// refund). For a [`QuotaStore`] of the host's own, as are
+    /// [`denied`](Self::denied) and [`admitted`](Self::admitted).
+    pub const fn uncounted(resets_at: Timestamp) -> Self {
         Self {
             allowed: true,
             rule: None,
@@ -101,11 +113,13 @@ impl QuotaDecision {
             limit: u64::MAX,
             resets_at,
             cost_exceeds_limit: false,
+            refundable: 0,
+            counted_in: NO_MONTH,
         }
     }
 
     /// `rule`, with `used` units already counted, has no room for `cost`.
-    pub(crate) fn denied(rule: &QuotaRule, used: u64, cost: u64, resets_at: Timestamp) -> Self {
+    pub fn denied(rule: &QuotaRule, used: u64, cost: u64, resets_at: Timestamp) -> Self {
         Self {
             allowed: false,
             rule: Some(rule.name.clone()),
@@ -113,13 +127,37 @@ impl QuotaDecision {
             limit: rule.limit,
             resets_at,
             cost_exceeds_limit: cost > rule.limit,
+            refundable: 0,
+            counted_in: NO_MONTH,
         }
     }
 
     /// Admitted and counted; reports the tightest rule of `counted` (each
     /// with its units used after counting): fewest units left, the first on
-    /// ties. Every store reports the same rule this way.
-    pub(crate) fn admitted<'r>(
+    /// ties. Every store reports the same rule this way. Uncounted when
+    /// `counted` is empty. Add [`with_count`](Self::with_count) so that it
+    /// can be refunded.
+    ///
+    /// ```
+    /// use keygate::limit::QuotaRule;
+    /// use keygate::quota::{Month, QuotaDecision};
+    ///
+    /// let rule = QuotaRule::new("notifications", 100, &["email", "webhook"]);
+    /// let now: jiff::Timestamp = "2026-01-09T12:00:00Z".parse()?;
+    /// let month = Month::of(now);
+    /// // The store's rows: 40 units of the rule used, 2 emails of them
+    /// // counted by this check.
+    /// let mut d = QuotaDecision::admitted([(&rule, 40)], month.next_reset())
+    ///     .with_count(2, month);
+    /// // A refund of this check: two units at most, and only in January.
+    /// assert_eq!(d.refund_units(5, now), 2);
+    /// assert_eq!(d.refund_units(5, month.next_reset()), 0);
+    /// // Once given back, a second refund of the same check gives nothing.
+    /// d.refunded(2);
+    /// assert_eq!(d.refund_units(5, now), 0);
+    /// # Ok::<(), jiff::Error>(())
+    /// ```
+    pub fn admitted<'r>(
         counted: impl IntoIterator<Item = (&'r QuotaRule, u64)>,
         resets_at: Timestamp,
     ) -> Self {
@@ -138,9 +176,58 @@ impl QuotaDecision {
                 limit: r.limit,
                 resets_at,
                 cost_exceeds_limit: false,
+                refundable: 0,
+                counted_in: NO_MONTH,
             },
             None => Self::uncounted(resets_at),
         }
+    }
+
+    /// Records that an admitted check counted `cost` units of its category
+    /// in `month` (the month of the check's `now`): what
+    /// [`refund_units`](Self::refund_units) reads back. Nothing is recorded
+    /// for a denial, an uncounted check (no `rule`) or a cost of zero.
+    pub fn with_count(mut self, cost: u64, month: Month) -> Self {
+        if self.allowed && self.rule.is_some() {
+            (self.refundable, self.counted_in) = (cost, month);
+        }
+        self
+    }
+
+    /// What a refund of up to `cost` units of this check, made at `now`,
+    /// may give back: at most what the check counted and earlier refunds
+    /// left, and nothing unless `now` is in the month it counted in (see
+    /// [`QuotaStore::refund`]); 0 for a denial, an uncounted check, or a
+    /// decision without [`with_count`](Self::with_count). A store gives
+    /// back that many units of the check's category in the month of `now`,
+    /// down to zero at most, then calls [`refunded`](Self::refunded).
+    #[must_use]
+    pub fn refund_units(&self, cost: u64, now: Timestamp) -> u64 {
+        if self.refundable == 0 || self.counted_in != Month::of(now) {
+            return 0;
+        }
+        cost.min(self.refundable)
+    }
+
+    /// Takes `units` given back off what the check counted, so that
+    /// refunding the same decision again gives back only what is left
+    /// (never a later check's units). A clone keeps its own count: refund
+    /// one copy of a decision, not each. (The count is part of the
+    /// decision's equality: before and after a refund, the same check
+    /// compares unequal.)
+    pub fn refunded(&mut self, units: u64) {
+        self.refundable = self.refundable.saturating_sub(units);
+    }
+
+    /// A refund of up to `cost` units at `now`, as this crate's stores
+    /// make it: the units of [`refund_units`](Self::refund_units) and the
+    /// month to give them back in, taken off the count at once (before any
+    /// call: a refund that fails may still have been done); `None` when
+    /// there is nothing to give back.
+    pub(crate) fn take_refund(&mut self, cost: u64, now: Timestamp) -> Option<(u64, Month)> {
+        let units = self.refund_units(cost, now);
+        self.refunded(units);
+        (units > 0).then(|| (units, Month::of(now)))
     }
 
     /// The 429 rejection for a denial, `None` when allowed. Its message is
@@ -187,6 +274,21 @@ impl QuotaDecision {
 ///   not request data; each one used gets a counter per account.
 /// - **Months.** Counters are per calendar month in UTC and start from zero
 ///   on the 1st; old months may be dropped.
+/// - **Refunds.** [`refund`](Self::refund) gives back units an admitted
+///   check counted, into the counter it counted them in (its category, in
+///   its month) and only while that month lasts by the refund's `now`:
+///   the new month was never charged, and an ended month's usage stays
+///   as it was read at its end (what a bill made on the 1st counted). It
+///   gives back no more than the check counted less what earlier refunds
+///   of that decision gave back, never takes a counter below zero (Redis:
+///   one Lua script; SQL: `SET n = GREATEST(n - units, 0)` on the row, a
+///   missing row left missing), and for a denied or uncounted check
+///   changes nothing. A store of the host's own builds its decisions with
+///   [`QuotaDecision::admitted`] (and [`denied`](QuotaDecision::denied),
+///   [`uncounted`](QuotaDecision::uncounted)), marks an admitted check
+///   with [`QuotaDecision::with_count`], and in its refund reads the units
+///   back with [`QuotaDecision::refund_units`] and takes them off with
+///   [`QuotaDecision::refunded`] before calling its backend.
 /// - **Failure.** An unreachable backend is a [`BackendError`].
 pub trait QuotaStore: Send + Sync {
     /// Counts `cost` units of `category` for `account` if every rule that
@@ -200,6 +302,34 @@ pub trait QuotaStore: Send + Sync {
         cost: u64,
         now: Timestamp,
     ) -> impl Future<Output = Result<QuotaDecision, BackendError>> + Send;
+
+    /// Gives back up to `cost` units that `check` counted: `check` is the
+    /// decision of an admitted check of `category` for `account` by this
+    /// store (the request failed before doing its work, say), `now` when
+    /// the refund is made (on the clock the checks are stamped with). What
+    /// is given back is taken off `check`'s count, so a decision refunded
+    /// again gives back only what is left. Take it off when the refund is
+    /// made, before any call: a refund that fails, or whose future is
+    /// dropped, may have been done (a remote store that ran it but whose
+    /// answer timed out), and done twice it would free a later check's
+    /// units; at worst, the units stay counted.
+    ///
+    /// Nothing is given back once the check's month has ended (by `now`),
+    /// for a denied or uncounted check, or beyond what the counter holds:
+    /// such a refund changes nothing. `account` and `category` must be the
+    /// check's: under others it gives back units the check did not count.
+    ///
+    /// # Errors
+    ///
+    /// The backend's [`BackendError`]; the units stay counted.
+    fn refund(
+        &self,
+        account: &str,
+        category: &str,
+        cost: u64,
+        check: &mut QuotaDecision,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// Units of `category` counted for `account` in the month of `now`.
     fn usage(
@@ -241,6 +371,17 @@ impl<Q: QuotaStore + ?Sized> QuotaStore for std::sync::Arc<Q> {
         now: Timestamp,
     ) -> impl Future<Output = Result<QuotaDecision, BackendError>> + Send {
         (**self).check_and_count(account, rules, category, cost, now)
+    }
+
+    fn refund(
+        &self,
+        account: &str,
+        category: &str,
+        cost: u64,
+        check: &mut QuotaDecision,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        (**self).refund(account, category, cost, check, now)
     }
 
     fn usage(
@@ -296,6 +437,14 @@ impl Counter {
             self.months.len() - 1
         });
         &mut self.months[i].1
+    }
+
+    /// Takes `units` off the count of `month`, down to zero at most (a
+    /// month not kept stays so).
+    fn give_back(&mut self, month: Month, units: u64) {
+        if let Some((_, n)) = self.months.iter_mut().find(|(m, _)| *m == month) {
+            *n = n.saturating_sub(units);
+        }
     }
 
     /// Whether a count of `month` or later is kept.
@@ -466,7 +615,23 @@ impl MemoryQuotaStore {
         };
         let u = c.slot(month, current);
         *u = u.saturating_add(cost);
-        QuotaDecision::admitted(counted, resets_at)
+        QuotaDecision::admitted(counted, resets_at).with_count(cost, month)
+    }
+
+    /// Synchronous [`QuotaStore::refund`].
+    pub fn refund_sync(
+        &self,
+        account: &str,
+        category: &str,
+        cost: u64,
+        check: &mut QuotaDecision,
+        now: Timestamp,
+    ) {
+        let Some((units, month)) = check.take_refund(cost, now) else { return };
+        let mut table = self.counters.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(c) = table.map.get_mut(&CounterKey(account, category)) {
+            c.give_back(month, units);
+        }
     }
 }
 
@@ -480,6 +645,18 @@ impl QuotaStore for MemoryQuotaStore {
         now: Timestamp,
     ) -> impl Future<Output = Result<QuotaDecision, BackendError>> + Send {
         ready(Ok(self.check_and_count_sync(account, rules, category, cost, now)))
+    }
+
+    fn refund(
+        &self,
+        account: &str,
+        category: &str,
+        cost: u64,
+        check: &mut QuotaDecision,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        self.refund_sync(account, category, cost, check, now);
+        ready(Ok(()))
     }
 
     fn usage(
@@ -585,6 +762,43 @@ mod tests {
             s.check_and_count_sync("b", &rules, "webhook", 1, t).allowed,
             "accounts are separate"
         );
+    }
+
+    #[test]
+    fn only_an_admitted_counted_check_records_what_it_counted() {
+        let rule = QuotaRule::new("n", 10, &["x"]);
+        let now = ts("2026-01-09T12:00:00Z");
+        let (month, resets_at) = (Month::of(now), Month::of(now).next_reset());
+        for d in [
+            QuotaDecision::denied(&rule, 10, 1, resets_at),
+            QuotaDecision::uncounted(resets_at),
+            QuotaDecision::admitted([], resets_at),
+        ] {
+            let d = d.with_count(3, month);
+            assert_eq!(d.refund_units(u64::MAX, now), 0, "{d:?}");
+        }
+        let d = QuotaDecision::admitted([(&rule, 1)], resets_at).with_count(0, month);
+        assert_eq!(d.refund_units(u64::MAX, now), 0, "a cost of zero");
+        let mut d = QuotaDecision::admitted([(&rule, 3)], resets_at).with_count(3, month);
+        d.refunded(1);
+        assert_eq!(d.refund_units(u64::MAX, now), 2, "what earlier refunds left");
+        d.refunded(5);
+        assert_eq!(d.refund_units(u64::MAX, now), 0);
+    }
+
+    #[test]
+    fn a_refund_of_a_dropped_count_recreates_nothing() {
+        let (s, clock, count) = store_on_clock("2026-01-20T00:00:00Z");
+        let rules = Plan::free().monthly().to_vec();
+        let jan = ts("2026-01-20T00:00:00Z");
+        let mut d = s.check_and_count_sync("jan", &rules, "email", 1, jan);
+        // Two months on, January's count is dropped.
+        clock.set_wall(ts("2026-03-01T00:00:00Z"));
+        count(&s, "mar", "2026-03-01T00:00:00Z");
+        assert_eq!(held(&s), 1);
+        s.refund_sync("jan", "email", 1, &mut d, jan);
+        assert_eq!(held(&s), 1, "nothing counted back in");
+        assert_eq!(d.refund_units(1, jan), 0, "taken off all the same");
     }
 
     /// A store on a fake clock, the clock, and a call counting one email

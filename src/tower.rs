@@ -1178,10 +1178,14 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         }
         let quota = match &route.quota {
             None => None,
-            Some(category) => self
-                .charge_plan(&principal, plan, category, 1, &mut failed.quota)
-                .await
-                .map_err(|r| with_headers(r.with_style(style)))?,
+            // Boxed, as `give_back`: only routes that count a quota come
+            // here, and every request's future would otherwise hold room
+            // for the store's future and its decision.
+            Some(category) => {
+                Box::pin(self.charge_plan(&principal, plan, category, 1, &mut failed.quota))
+                    .await
+                    .map_err(|r| with_headers(r.with_style(style)))?
+            }
         };
         let failed_open = failed.any().then_some(failed);
         Ok(Admitted { principal, decision, quota, failed_open, plan: plan_id, cookie, took_over })

@@ -1783,6 +1783,37 @@ async fn a_quota_counter_that_is_not_a_count_is_corrupt_data() {
     assert!(d.allowed && d.used == 10, "{d:?}");
 }
 
+/// A quota refund takes units off the count the check made, keeping the
+/// counter's expiry; a counter holding anything but a count is corrupt
+/// data for a refund too, and left as it is; a counter gone (expired,
+/// deleted) is not written again.
+#[tokio::test]
+async fn a_quota_refund_changes_only_a_count_and_keeps_its_expiry() {
+    use ::redis::AsyncCommands;
+    let server = RedisServer::start();
+    let redis = connect(&server, "qr").await;
+    let quota = redis.quota();
+    let rules = [QuotaRule::new("n", 10, &["email"])];
+    let now = jiff::Timestamp::now();
+    let mut d = quota.check_and_count("acct", &rules, "email", 8, now).await.unwrap();
+    let mut conn = redis.connection();
+    let counters: Vec<String> = conn.keys("qr:quota:*").await.unwrap();
+    let counter = &counters[0];
+    let expiry: i64 = conn.pexpire_time(counter).await.unwrap();
+    quota.refund("acct", "email", 1, &mut d, now).await.unwrap();
+    assert_eq!(quota.usage("acct", "email", now).await.unwrap(), 7);
+    assert_eq!(conn.pexpire_time::<_, i64>(counter).await.unwrap(), expiry, "the expiry stands");
+    for bad in ["abc", "", "-5", "2.5", "007", "99999999999999999999999"] {
+        let _: () = conn.set(counter, bad).await.unwrap();
+        let r = quota.refund("acct", "email", 1, &mut d, now).await;
+        assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{bad:?}: {r:?}");
+        assert_eq!(conn.get::<_, String>(counter).await.unwrap(), bad, "left as it is");
+    }
+    let _: () = conn.del(counter).await.unwrap();
+    quota.refund("acct", "email", 1, &mut d, now).await.unwrap();
+    assert!(!conn.exists::<_, bool>(counter).await.unwrap(), "not written again");
+}
+
 /// A GCRA state and a sliding log's entries are digits as the limiter
 /// writes them. Anything else under their keys (written outside keygate)
 /// is corrupt data, for checks and refunds, read directly or as a

@@ -768,6 +768,10 @@ enum QM {
     DecemberResetSameYear,
     AdmittedReportsFirstRule,
     EveryDenialCostExceeds,
+    RefundNothing,
+    RefundUncapped,
+    RefundNotTakenOff,
+    RefundIntoEndedMonth,
 }
 struct MQ {
     inner: MemoryQuotaStore,
@@ -830,6 +834,38 @@ impl QuotaStore for MQ {
         }
         Ok(d)
     }
+    async fn refund(
+        &self,
+        account: &str,
+        category: &str,
+        cost: u64,
+        check: &mut QuotaDecision,
+        now: Timestamp,
+    ) -> Result<(), BackendError> {
+        let now = self.shift(now);
+        match self.m {
+            // mutation: refunds are accepted and dropped
+            QM::RefundNothing => Ok(()),
+            // mutation: gives back `cost` for any admitted, counted check,
+            // whatever it counted
+            QM::RefundUncapped if check.allowed && check.rule.is_some() => {
+                let rule = QuotaRule::new("any", u64::MAX, &[category]);
+                let mut all = QuotaDecision::admitted([(&rule, 0)], check.resets_at)
+                    .with_count(cost, Month::of(now));
+                self.inner.refund(account, category, cost, &mut all, now).await
+            }
+            // mutation: refunds a copy, so the decision keeps its count
+            QM::RefundNotTakenOff => {
+                self.inner.refund(account, category, cost, &mut check.clone(), now).await
+            }
+            // mutation: gives back into the check's month after it ended
+            QM::RefundIntoEndedMonth => {
+                let in_month = check.resets_at - jiff::SignedDuration::from_secs(1);
+                self.inner.refund(account, category, cost, check, in_month).await
+            }
+            _ => self.inner.refund(account, category, cost, check, now).await,
+        }
+    }
     async fn usage(
         &self,
         account: &str,
@@ -847,6 +883,10 @@ mutants! {
     q_december_reset_same_year => QM::DecemberResetSameYear, "December resets in January",
     q_admitted_reports_first_rule => QM::AdmittedReportsFirstRule, "an admission reports the tightest rule",
     q_every_denial_cost_exceeds => QM::EveryDenialCostExceeds, "a used-up month is not a cost above the limit",
+    q_refund_nothing => QM::RefundNothing, "a refund gives back what the check counted",
+    q_refund_uncapped => QM::RefundUncapped, "a refund gives back at most what the check counted",
+    q_refund_not_taken_off => QM::RefundNotTakenOff, "a decision refunded twice gives back once",
+    q_refund_into_ended_month => QM::RefundIntoEndedMonth, "a refund after the month ended gives nothing back",
 }
 
 /// A correct limiter a network round trip away (15 ms a call, a cloud
@@ -932,18 +972,8 @@ impl PerCategoryLock {
         use keygate::testkit::portal::block_on;
         let resets_at = Month::of(now).next_reset();
         let counting: Vec<&QuotaRule> = rules.iter().filter(|r| r.counts(category)).collect();
-        let decision = |allowed, r: &QuotaRule, used| QuotaDecision {
-            allowed,
-            rule: Some(r.name.clone()),
-            used,
-            limit: r.limit,
-            resets_at,
-            cost_exceeds_limit: !allowed && cost > r.limit,
-        };
         if counting.is_empty() {
-            let mut d = decision(true, &QuotaRule::new("-", u64::MAX, &[]), 0);
-            d.rule = None;
-            return d;
+            return QuotaDecision::uncounted(resets_at);
         }
         let lock = Arc::clone(
             self.locks.lock().unwrap().entry(format!("{account}\0{category}")).or_default(),
@@ -959,14 +989,13 @@ impl PerCategoryLock {
             .find(|&i| cost > counting[i].limit)
             .or_else(|| (0..counting.len()).find(|&i| full(i)));
         if let Some(i) = deny {
-            return decision(false, counting[i], used[i]);
+            return QuotaDecision::denied(counting[i], used[i], cost, resets_at);
         }
         let any = [QuotaRule::new("any", u64::MAX, &[category])];
         let counted = block_on(self.inner.check_and_count(account, &any, category, cost, now));
         assert!(counted.unwrap().allowed);
-        let left = |i: usize| counting[i].limit - (used[i] + cost);
-        let best = (1..counting.len()).fold(0, |b, i| if left(i) < left(b) { i } else { b });
-        decision(true, counting[best], used[best] + cost)
+        let after = counting.iter().zip(&used).map(|(&r, &u)| (r, u + cost));
+        QuotaDecision::admitted(after, resets_at).with_count(cost, Month::of(now))
     }
 }
 
@@ -980,6 +1009,16 @@ impl QuotaStore for PerCategoryLock {
         now: Timestamp,
     ) -> Result<QuotaDecision, BackendError> {
         Ok(self.decide(account, rules, category, cost, now))
+    }
+    async fn refund(
+        &self,
+        account: &str,
+        category: &str,
+        cost: u64,
+        check: &mut QuotaDecision,
+        now: Timestamp,
+    ) -> Result<(), BackendError> {
+        self.inner.refund(account, category, cost, check, now).await
     }
     async fn usage(
         &self,
@@ -1146,6 +1185,19 @@ impl QuotaStore for DropsEndedMonths {
                 .await;
         }
         self.0.check_and_count(account, rules, category, cost, now).await
+    }
+    async fn refund(
+        &self,
+        account: &str,
+        category: &str,
+        cost: u64,
+        check: &mut QuotaDecision,
+        now: Timestamp,
+    ) -> Result<(), BackendError> {
+        if Self::ended(now) {
+            return MemoryQuotaStore::new().refund(account, category, cost, check, now).await;
+        }
+        self.0.refund(account, category, cost, check, now).await
     }
     async fn usage(
         &self,

@@ -55,6 +55,27 @@ return out
 
 static COUNT_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(COUNT));
 
+/// KEYS: the counter a check counted in (its category and month). ARGV:
+/// the units to give back. Takes them off, down to zero at most (a
+/// counter gone is not written again); returns 1, or 2 (as `COUNT`: the
+/// counter holds something other than a count; nothing changed). The
+/// counter's expiry stands. The decrement is written as received, or as
+/// the count read, never as a Lua number (doubles, printed rounded).
+const REFUND: &str = r"
+local v = redis.call('GET', KEYS[1])
+if not v then return 1 end
+local c = (v == '0' or string.match(v, '^[1-9]%d*$')) and tonumber(v)
+if not c or c > 9007199254740992 then return 2 end
+if tonumber(ARGV[1]) < c then
+  redis.call('DECRBY', KEYS[1], ARGV[1])
+elseif c > 0 then
+  redis.call('DECRBY', KEYS[1], v)
+end
+return 1
+";
+
+static REFUND_SCRIPT: LazyLock<Script> = LazyLock::new(|| Script::new(REFUND));
+
 /// The largest limit the script compares exactly (Lua numbers are doubles).
 const LUA_EXACT: u64 = 1 << 52;
 
@@ -160,8 +181,38 @@ impl QuotaStore for RedisQuotaStore {
                 Some(1) if reply.len() == counting.len() + 1 => Ok(QuotaDecision::admitted(
                     counting.iter().zip(reply[1..].iter().copied()),
                     resets_at,
-                )),
+                )
+                .with_count(cost, month)),
                 _ => Err(bad()),
+            }
+        }
+    }
+
+    fn refund(
+        &self,
+        account: &str,
+        category: &str,
+        cost: u64,
+        check: &mut QuotaDecision,
+        now: Timestamp,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        // Taken off the count now, whatever the outcome: a refund that
+        // fails may still have run (a timeout after the server took the
+        // script, a connection lost before the reply, a future the caller
+        // dropped once it was sent), and run again it would give the units
+        // back twice. Nothing to give back: nothing to ask the server.
+        let call = check.take_refund(cost, now).map(|(units, month)| {
+            let keys = vec![self.key(account, category, month)];
+            self.redis.eval::<i64>(&REFUND_SCRIPT, keys, vec![units.to_string().into_bytes()])
+        });
+        async move {
+            match call {
+                Some(call) => match call.await? {
+                    1 => Ok(()),
+                    // As for a check: text in the counter, not an outage.
+                    _ => Err(BackendError::corrupt("quota counter")),
+                },
+                None => Ok(()),
             }
         }
     }

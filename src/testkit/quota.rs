@@ -100,6 +100,7 @@ pub async fn run<S: QuotaStore>(store: &S, prefix: &str) {
 
     december(store, prefix).await;
     plan_change(store, prefix).await;
+    refunds(store, prefix).await;
     opaque_names(store, prefix).await;
 
     // Accounts are separate, even under one rule name.
@@ -178,6 +179,65 @@ async fn plan_change<S: QuotaStore>(store: &S, prefix: &str) {
     let d = store.check_and_count(&acct, &both, "webhook", 1, t).await.unwrap();
     assert!(!d.allowed && d.used == 8, "back on both: 5 emails and 3 webhooks: {d:?}");
     assert_eq!(store.usage(&acct, "email", t).await.unwrap(), 5, "the uncounted two are not");
+}
+
+/// Refunds: an admitted check's units are given back into its category's
+/// counter, no more than it counted, once, never below zero, not for a
+/// denied or uncounted check, and not once its month has ended.
+async fn refunds<S: QuotaStore>(store: &S, prefix: &str) {
+    let acct = format!("{prefix}:refund");
+    let rules = [QuotaRule::new("n", 5, &["email", "webhook"])];
+    let t = ts("2026-04-10T00:00:00Z");
+    let count = |category, cost| store.check_and_count(&acct, &rules, category, cost, t);
+    let hooks = || store.usage(&acct, "webhook", t);
+    let (mut a, mut c) = (count("webhook", 2).await.unwrap(), count("webhook", 2).await.unwrap());
+    assert!(a.allowed && c.allowed && c.used == 4, "{c:?}");
+    store.refund(&acct, "webhook", 1, &mut c, t).await.unwrap();
+    assert_eq!(hooks().await.unwrap(), 3, "a refund gives back what the check counted");
+    store.refund(&acct, "webhook", 5, &mut a, t).await.unwrap();
+    assert_eq!(hooks().await.unwrap(), 1, "a refund gives back at most what the check counted");
+    store.refund(&acct, "webhook", 5, &mut a, t).await.unwrap();
+    assert_eq!(hooks().await.unwrap(), 1, "a decision refunded twice gives back once");
+    // Four more webhooks fill the month: an email is denied, and its
+    // refund, or an uncounted check's, gives nothing back.
+    assert!(count("webhook", 4).await.unwrap().allowed);
+    let mut denied = count("email", 1).await.unwrap();
+    assert!(!denied.allowed, "{denied:?}");
+    store.refund(&acct, "email", 1, &mut denied, t).await.unwrap();
+    store.refund(&acct, "webhook", 1, &mut denied, t).await.unwrap();
+    let mut uncounted = count("sms", 3).await.unwrap();
+    assert!(uncounted.allowed && uncounted.rule.is_none(), "{uncounted:?}");
+    store.refund(&acct, "webhook", 3, &mut uncounted, t).await.unwrap();
+    assert_eq!(hooks().await.unwrap(), 5, "a denied or uncounted check gives nothing back");
+    assert!(!count("webhook", 1).await.unwrap().allowed, "the month is still full");
+
+    // Copies of one decision each keep its count (refund one, not each):
+    // refunded both, the counter stops at zero and counts on from there.
+    let acct = format!("{prefix}:refund-copies");
+    let rules = [QuotaRule::new("n", 5, &["x"])];
+    let mut d = store.check_and_count(&acct, &rules, "x", 2, t).await.unwrap();
+    let mut copy = d.clone();
+    store.refund(&acct, "x", 2, &mut d, t).await.unwrap();
+    store.refund(&acct, "x", 2, &mut copy, t).await.unwrap();
+    assert_eq!(store.usage(&acct, "x", t).await.unwrap(), 0, "never below zero");
+    let d = store.check_and_count(&acct, &rules, "x", 5, t).await.unwrap();
+    assert!(d.allowed && d.used == 5, "counted on from zero: {d:?}");
+
+    // A check stamped before midnight on the 1st, refunded after it: the
+    // new month was never charged, and the ended one stays as it was.
+    let acct = format!("{prefix}:refund-late");
+    let rules = [QuotaRule::new("n", 3, &["x"])];
+    let (jan, feb) = (ts("2026-01-31T23:59:59Z"), ts("2026-02-01T00:00:00Z"));
+    let mut d = store.check_and_count(&acct, &rules, "x", 2, jan).await.unwrap();
+    assert!(d.allowed);
+    assert!(store.check_and_count(&acct, &rules, "x", 3, feb).await.unwrap().allowed);
+    store.refund(&acct, "x", 2, &mut d, feb).await.unwrap();
+    assert_eq!(store.usage(&acct, "x", feb).await.unwrap(), 3, "the new month was never charged");
+    assert_eq!(
+        store.usage(&acct, "x", jan).await.unwrap(),
+        2,
+        "a refund after the month ended gives nothing back"
+    );
 }
 
 /// Accounts and categories are opaque strings: two pairs that read alike
