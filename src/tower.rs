@@ -29,8 +29,9 @@
 //! 4. counts the route's quota category, when it has one (429 with the
 //!    monthly message),
 //! 5. inserts the [`Principal`], the limiter's [`Decision`] (with a
-//!    [`Refund`] of what it charged) and the [`QuotaDecision`] into the
-//!    request extensions and calls the inner service,
+//!    [`Refund`] of what it charged) and the [`QuotaDecision`] (with a
+//!    [`QuotaRefund`] of what it counted) into the request extensions and
+//!    calls the inner service,
 //! 6. adds the rate-limit headers to the response — success, 403 and 429
 //!    alike (the limit is checked before tenant and scope for that reason).
 //!
@@ -51,7 +52,9 @@
 //! request's units back through the [`Refund`] in the request's
 //! extensions, which knows the limiter key and the plan the layer charged
 //! (a [`LimitStore::refund`] of the handler's own would need both, and
-//! under another key gives nothing back).
+//! under another key gives nothing back). Likewise a quota count, through
+//! the [`QuotaRefund`] beside the [`QuotaDecision`] (the innermost counting
+//! layer's, under nested layers).
 //!
 //! Layers of one gate nest: a layer on a whole router authenticates and charges
 //! each request once, and a layer of the same gate on a route inside it adds
@@ -616,7 +619,7 @@ impl Refused {
 /// What the gate learned about an admitted request. The layer inserts its
 /// parts into the request extensions: the [`Principal`], the [`Decision`]
 /// (when a plan applied, with its [`Refund`]) and the [`QuotaDecision`]
-/// (when the route counts a category).
+/// (when the route counts a category, with its [`QuotaRefund`]).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Admitted {
@@ -825,6 +828,175 @@ where
 
     fn gate(&self) -> usize {
         self.gate.id()
+    }
+}
+
+/// What the layer's quota store counted for this request, for the handler
+/// to give back: a request that failed before doing its work (an upstream
+/// down, nothing sent), where the host bills only delivered work. The
+/// layer puts it in the request's extensions beside the [`QuotaDecision`]
+/// whose count it holds (axum: `Extension<QuotaRefund>`): none where the
+/// route counts no category, the gate has no quota store or no plan
+/// applied, or the store failed open; one that gives nothing back where
+/// the plan does not count the category. It gives back under the quota
+/// account the layer counted ([`Principal::quota_account`] of the plan it
+/// applied) and the route's category, which the handler need not know.
+///
+/// Copies share one count: together they give back at most what the
+/// check counted. Use this handle rather than [`QuotaStore::refund`] with
+/// the [`QuotaDecision`] from the extensions (a copy, which does not know
+/// what the handle gave back): both would give the units back twice.
+/// Under nested layers it is the innermost counting layer's, as the
+/// [`QuotaDecision`] is: a router-wide `.quota(…)` that a route's own
+/// counted again is not given back through it. It gives back quota units
+/// only: the rate-limit units go back through the [`Refund`].
+///
+/// ```
+/// use axum::{Extension, Router, body::Body, http::{Request, StatusCode}, routing::post};
+/// use keygate::auth::Authenticator;
+/// use keygate::limit::{MemoryLimiter, PlanSet};
+/// use keygate::manager::{KeyManager, NewKey};
+/// use keygate::quota::MemoryQuotaStore;
+/// use keygate::store::{MemoryKeyStore, Tenant};
+/// use keygate::tower::{Gate, QuotaRefund};
+/// use std::sync::Arc;
+/// use tower::ServiceExt;
+///
+/// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+/// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+/// let keys = MemoryKeyStore::new();
+/// let tenant = Tenant::workspace("ws_a".parse()?);
+/// let key = KeyManager::new(keys.clone())
+///     .create(NewKey::new("n", keygate::format::NH, tenant).plan("indie")) // 4,000 webhooks a month
+///     .await?;
+/// let quotas = Arc::new(MemoryQuotaStore::new());
+/// let gate = Gate::builder(Authenticator::new(keys), MemoryLimiter::new(1_000))
+///     .plans(PlanSet::presets())
+///     .quotas(Arc::clone(&quotas))
+///     .build();
+///
+/// // The receiver is down: nothing was delivered, so the month's quota
+/// // keeps the unit. (`Option`: a request counted nowhere carries none.)
+/// async fn deliver(refund: Option<Extension<QuotaRefund>>) -> StatusCode {
+///     if let Some(Extension(refund)) = refund {
+///         // An error giving back leaves the unit counted: nothing more to do.
+///         let _ = refund.give_back(u64::MAX).await;
+///     }
+///     StatusCode::BAD_GATEWAY
+/// }
+/// let app: Router =
+///     Router::new().route("/v1/webhooks", post(deliver).route_layer(gate.layer().quota("webhook")));
+///
+/// let call = || Request::post("/v1/webhooks").header("x-api-key", key.key().expose_secret());
+/// for _ in 0..3 {
+///     let res = app.clone().oneshot(call().body(Body::empty())?).await?;
+///     assert_eq!(res.status(), StatusCode::BAD_GATEWAY);
+/// }
+/// // Nothing delivered, nothing counted (the account: the key's workspace
+/// // and plan, `Principal::quota_account`).
+/// use keygate::quota::QuotaStore;
+/// assert_eq!(quotas.usage("ws_a/indie", "webhook", jiff::Timestamp::now()).await?, 0);
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// # })
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct QuotaRefund(Arc<dyn GiveBackQuota>);
+
+impl QuotaRefund {
+    /// Gives back up to `cost` units of this request's count (`u64::MAX`:
+    /// all of it), no more than the check counted and earlier calls (on
+    /// any copy) left, and nothing once the month it counted in has ended
+    /// (by the gate's clock). What it gives back is taken off the count
+    /// when the returned future first runs, before the store is called,
+    /// so a refund that fails (or whose future is dropped while the store
+    /// works) is not made again; the units may then stay counted. A future
+    /// dropped before it runs takes nothing off. See [`QuotaStore::refund`].
+    ///
+    /// # Errors
+    ///
+    /// The quota store's [`BackendError`]; the units stay counted.
+    pub fn give_back(
+        &self,
+        cost: u64,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send + 'static {
+        let counted = Arc::clone(&self.0);
+        async move { counted.give_back_boxed(cost).await }
+    }
+
+    /// The units of the count not yet given back (by any copy); 0 once the
+    /// month it counted in has ended, by the gate's clock.
+    #[must_use]
+    pub fn refundable(&self) -> u64 {
+        self.0.refundable()
+    }
+}
+
+impl fmt::Debug for QuotaRefund {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QuotaRefund")
+            .field("refundable", &self.refundable())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`QuotaRefund`]'s count, whatever the gate's types.
+trait GiveBackQuota: Send + Sync {
+    /// [`QuotaCharged::give_back`].
+    fn give_back_boxed(
+        &self,
+        cost: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BackendError>> + Send + '_>>;
+    /// The units still to give back.
+    fn refundable(&self) -> u64;
+}
+
+/// What one admitted request's quota count took: the account and the
+/// category it counted, and the check's decision, whose count every copy
+/// of the [`QuotaRefund`] takes its units off.
+struct QuotaCharged<S, L, Q, C> {
+    gate: Gate<S, L, Q, C>,
+    account: String,
+    category: Cow<'static, str>,
+    check: Mutex<QuotaDecision>,
+}
+
+impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> QuotaCharged<S, L, Q, C> {
+    /// Gives back up to `cost` units: taken off the shared count at once,
+    /// under the lock (copies racing each other give back what is there
+    /// once), then given back by the store from a copy of the decision as
+    /// it was, so that it gives back exactly those units.
+    async fn give_back(&self, cost: u64) -> Result<(), BackendError> {
+        let Some(quotas) = &self.gate.0.quotas else { return Ok(()) };
+        let now = self.gate.0.auth.clock_ref().now();
+        let (units, mut check) = {
+            let mut shared = self.check.lock().unwrap_or_else(PoisonError::into_inner);
+            let units = shared.refund_units(cost, now);
+            let check = shared.clone();
+            shared.refunded(units);
+            (units, check)
+        };
+        quotas.refund(&self.account, &self.category, units, &mut check, now).await
+    }
+}
+
+impl<S, L, Q, C> GiveBackQuota for QuotaCharged<S, L, Q, C>
+where
+    S: KeyStore + 'static,
+    L: LimitStore + 'static,
+    Q: QuotaStore + 'static,
+    C: Clock + 'static,
+{
+    fn give_back_boxed(
+        &self,
+        cost: u64,
+    ) -> Pin<Box<dyn Future<Output = Result<(), BackendError>> + Send + '_>> {
+        Box::pin(self.give_back(cost))
+    }
+
+    fn refundable(&self) -> u64 {
+        let now = self.gate.0.auth.clock_ref().now();
+        self.check.lock().unwrap_or_else(PoisonError::into_inner).refund_units(u64::MAX, now)
     }
 }
 
@@ -1179,8 +1351,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         let quota = match &route.quota {
             None => None,
             // Boxed, as `give_back`: only routes that count a quota come
-            // here, and every request's future would otherwise hold room
-            // for the store's future and its decision.
+            // here (and allocate for their refund handle anyway), and every
+            // request's future would otherwise hold room for the store's
+            // future and its decision.
             Some(category) => {
                 Box::pin(self.charge_plan(&principal, plan, category, 1, &mut failed.quota))
                     .await
@@ -1708,7 +1881,7 @@ where
                 scheme: outer_answer.map_or(scheme, |(_, s)| s),
             };
             let headers =
-                admitted.into_extensions(req.extensions_mut(), &gate, superseded.as_ref());
+                admitted.into_extensions(req.extensions_mut(), &gate, &route, superseded.as_ref());
             req.extensions_mut().insert(mark);
             // The credential goes on to the handler (and any layer inside):
             // marked sensitive, so a `Debug` of the headers shows no key.
@@ -1771,6 +1944,7 @@ impl Admitted {
         self,
         extensions: &mut Extensions,
         gate: &Gate<S, L, Q, C>,
+        route: &Route,
         superseded: Option<&Arc<BackendError>>,
     ) -> Option<RenderedHeaders>
     where
@@ -1780,6 +1954,19 @@ impl Admitted {
         C: Clock + 'static,
     {
         if let Some(q) = self.quota {
+            // Beside every quota decision, an uncounted one too (it gives
+            // nothing back): an outer layer's handle must never stand
+            // beside this layer's decision.
+            let counted = gate.plan_at(self.plan).zip(route.quota.clone());
+            match counted {
+                Some((plan, category)) => extensions.insert(QuotaRefund(Arc::new(QuotaCharged {
+                    gate: gate.clone(),
+                    account: self.principal.quota_account(plan),
+                    category,
+                    check: Mutex::new(q.clone()),
+                }))),
+                None => extensions.remove::<QuotaRefund>(),
+            };
             extensions.insert(q);
         }
         // The outer layers' trace stays beside this one's, but for the

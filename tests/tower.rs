@@ -1918,6 +1918,133 @@ mod refund {
     }
 }
 
+/// A handler giving back what the layer's quota store counted for its
+/// request, through the `QuotaRefund` the layer leaves beside the
+/// `QuotaDecision` in the request's extensions.
+mod quota_refund {
+    use super::*;
+    use keygate::clock::{Clock, FakeClock};
+    use keygate::quota::Month;
+    use keygate::tower::QuotaRefund;
+
+    use super::nested::key;
+
+    type Quotas = Arc<MemoryQuotaStore>;
+    type Frozen = Gate<MemoryKeyStore, MemoryLimiter<String, FakeClock>, Quotas, FakeClock>;
+
+    /// The presets and a quota store the test reads, on a frozen clock.
+    fn gate(keys: &MemoryKeyStore) -> (Frozen, Quotas, FakeClock) {
+        let clock = FakeClock::at_2026();
+        let quotas = Arc::new(MemoryQuotaStore::with_clock(clock.clone()));
+        let auth = Authenticator::new(keys.clone()).clock(clock.clone());
+        let gate = Gate::builder(auth, MemoryLimiter::with_clock(100, clock.clone()))
+            .plans(PlanSet::presets())
+            .quotas(Arc::clone(&quotas))
+            .build();
+        (gate, quotas, clock)
+    }
+
+    /// A handler that fails before doing any work and gives back all its
+    /// request counted, then tries again through a copy of the handle;
+    /// answers what there was to give back (`none`: no handle).
+    async fn gives_back(refund: Option<Extension<QuotaRefund>>) -> String {
+        let Some(Extension(refund)) = refund else { return "none".to_owned() };
+        let had = refund.refundable();
+        refund.give_back(u64::MAX).await.unwrap();
+        assert_eq!(refund.clone().refundable(), 0, "copies share the count");
+        refund.clone().give_back(u64::MAX).await.unwrap(); // nothing left
+        had.to_string()
+    }
+
+    async fn get_text(app: &Router, path: &str, key: &str) -> String {
+        let req = Request::get(path).header("x-api-key", key).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK, "{path}");
+        text(res).await
+    }
+
+    #[tokio::test]
+    async fn a_failing_handler_gives_back_its_quota_unit() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await; // 100 notifications a month
+        let (gate, quotas, clock) = gate(&keys);
+        let app: Router = Router::new()
+            .route("/ok", get(|| async { "sent" }).route_layer(gate.layer().quota("email")))
+            .route("/fail", get(gives_back).route_layer(gate.layer().quota("email")));
+        for (path, seen) in [("/ok", "sent"), ("/fail", "1"), ("/ok", "sent"), ("/fail", "1")] {
+            assert_eq!(get_text(&app, path, &k).await, seen, "{path}");
+        }
+        let used = quotas.usage("ws_t/free", "email", clock.now()).await.unwrap();
+        assert_eq!(used, 2, "the two sent, not the two that failed");
+    }
+
+    #[tokio::test]
+    async fn under_nested_layers_the_handle_gives_back_the_innermost_count() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await;
+        let (gate, quotas, clock) = gate(&keys);
+        let used = async |c: &str| quotas.usage("ws_t/free", c, clock.now()).await.unwrap();
+        let app: Router = Router::new()
+            .route("/webhook", get(gives_back).route_layer(gate.layer().quota("webhook")))
+            .route(
+                "/router",
+                get(gives_back).route_layer(gate.layer().require("events:read").unwrap()),
+            )
+            .route("/sms", get(gives_back).route_layer(gate.layer().quota("sms")))
+            .layer(gate.layer().quota("email"));
+        // The route's own count is given back; the router's stands.
+        assert_eq!(get_text(&app, "/webhook", &k).await, "1");
+        assert_eq!((used("email").await, used("webhook").await), (1, 0));
+        // A route counting nothing: the router's count is the one.
+        assert_eq!(get_text(&app, "/router", &k).await, "1");
+        assert_eq!((used("email").await, used("webhook").await), (1, 0));
+        // A route whose category the plan does not count: its own handle,
+        // which gives nothing back, not the router's beside its decision.
+        assert_eq!(get_text(&app, "/sms", &k).await, "0");
+        assert_eq!((used("email").await, used("webhook").await), (2, 0));
+    }
+
+    #[tokio::test]
+    async fn a_request_counted_nowhere_carries_no_handle() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await;
+        let (gate, _, _) = gate(&keys);
+        let open = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .quotas(Down)
+            .quota_fail_mode(FailMode::Open)
+            .build();
+        let app: Router = Router::new()
+            .route("/none", get(gives_back).route_layer(gate.layer()))
+            .route("/open", get(gives_back).route_layer(open.layer().quota("email")));
+        for path in ["/none", "/open"] {
+            assert_eq!(get_text(&app, path, &k).await, "none", "{path}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_handle_gives_nothing_back_once_its_month_has_ended() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await;
+        let (gate, quotas, clock) = gate(&keys);
+        let counted_at = clock.now();
+        let late = {
+            let clock = clock.clone();
+            move |Extension(refund): Extension<QuotaRefund>| async move {
+                clock.set_wall(Month::of(clock.now()).next_reset());
+                let left = refund.refundable();
+                refund.give_back(u64::MAX).await.unwrap();
+                left.to_string()
+            }
+        };
+        let app: Router =
+            Router::new().route("/late", get(late).route_layer(gate.layer().quota("email")));
+        assert_eq!(get_text(&app, "/late", &k).await, "0");
+        let used = quotas.usage("ws_t/free", "email", counted_at).await.unwrap();
+        assert_eq!(used, 1, "the ended month's count stands");
+    }
+}
+
 /// A host that limits or counts requests itself, beside a gate on the same
 /// stores, names the gate's states with `Principal::limit_key` and
 /// `Principal::quota_account`.
