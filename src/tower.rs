@@ -849,7 +849,9 @@ where
 /// Under nested layers it is the innermost counting layer's, as the
 /// [`QuotaDecision`] is: a router-wide `.quota(…)` that a route's own
 /// counted again is not given back through it. It gives back quota units
-/// only: the rate-limit units go back through the [`Refund`].
+/// only: the rate-limit units go back through the [`Refund`]. For a
+/// category charged with [`Gate::charge`] (one the body names),
+/// [`Gate::quota_refund`] makes the same handle.
 ///
 /// ```
 /// use axum::{Extension, Router, body::Body, http::{Request, StatusCode}, routing::post};
@@ -1445,6 +1447,73 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 Charge::FailedOpen(FailedOpen { quota, ..FailedOpen::default() })
             }
         })
+    }
+
+    /// A [`QuotaRefund`] for what [`charge`](Self::charge) counted: the
+    /// handle the layer puts beside a route's [`QuotaDecision`], for
+    /// categories that come from the request. Pass the principal and the
+    /// category given to `charge` and the [`Charge::decision`] it returned:
+    /// the handle gives back under the account that charge counted in (the
+    /// principal's plan on this gate) on the gate's clock, and holds its
+    /// own copy of the decision (give back through the handle, not also
+    /// through [`QuotaStore::refund`]). `None` where the gate has no
+    /// quota store or no plan applies (nothing was counted).
+    ///
+    /// ```
+    /// # use keygate::auth::{Authenticator, Target};
+    /// # use keygate::limit::{MemoryLimiter, PlanSet};
+    /// # use keygate::manager::{KeyManager, NewKey};
+    /// # use keygate::quota::MemoryQuotaStore;
+    /// # use keygate::store::{MemoryKeyStore, Tenant};
+    /// # use keygate::tower::Gate;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+    /// # let keys = MemoryKeyStore::new();
+    /// # let tenant = Tenant::workspace("ws_a".parse()?);
+    /// # let key = KeyManager::new(keys.clone())
+    /// #     .create(NewKey::new("n", keygate::format::NH, tenant).plan("free"))
+    /// #     .await?;
+    /// # let gate = Gate::builder(Authenticator::new(keys), MemoryLimiter::new(1_000))
+    /// #     .plans(PlanSet::presets())
+    /// #     .quotas(MemoryQuotaStore::new())
+    /// #     .build();
+    /// # let header = [("x-api-key", key.key().expose_secret().as_bytes())];
+    /// # let who = gate.authenticator().authenticate(header, &Target::any()).await?;
+    /// // `free`: 100 notifications a month. The body named `email`.
+    /// let charge = gate.charge(&who, "email", 1).await.map_err(|r| r.reason().to_string())?;
+    /// let counted = charge.decision().and_then(|d| gate.quota_refund(&who, "email", d));
+    /// // The send failed upstream: nothing was delivered, nothing is billed.
+    /// if let Some(refund) = counted {
+    ///     refund.give_back(u64::MAX).await?;
+    ///     assert_eq!(refund.refundable(), 0);
+    /// }
+    /// let again = gate.charge(&who, "email", 1).await.map_err(|r| r.reason().to_string())?;
+    /// assert_eq!(again.decision().map(|d| d.used), Some(1)); // the first was given back
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # })
+    /// # }
+    /// ```
+    #[must_use]
+    pub fn quota_refund(
+        &self,
+        principal: &Principal,
+        category: impl Into<Cow<'static, str>>,
+        decision: &QuotaDecision,
+    ) -> Option<QuotaRefund>
+    where
+        S: 'static,
+        L: 'static,
+        Q: 'static,
+        C: 'static,
+    {
+        self.0.quotas.as_ref()?;
+        let plan = self.plan_for(principal, &Route::default()).ok()??;
+        Some(QuotaRefund(Arc::new(QuotaCharged {
+            gate: self.clone(),
+            account: principal.quota_account(plan),
+            category: category.into(),
+            check: Mutex::new(decision.clone()),
+        })))
     }
 
     /// Counts under `plan`; a store error under [`FailMode::Open`] is

@@ -2043,6 +2043,38 @@ mod quota_refund {
         let used = quotas.usage("ws_t/free", "email", counted_at).await.unwrap();
         assert_eq!(used, 1, "the ended month's count stands");
     }
+
+    /// Categories that come from the body are charged by `Gate::charge`;
+    /// `Gate::quota_refund` gives the same handle the layer gives, under
+    /// the account that charge counted in.
+    #[tokio::test]
+    async fn a_charge_from_the_body_is_given_back_through_the_gates_handle() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await;
+        let (gate, quotas, clock) = gate(&keys);
+        let who = gate
+            .authenticator()
+            .authenticate([("x-api-key", k.as_bytes())], &keygate::auth::Target::any())
+            .await
+            .unwrap();
+        let charge = gate.charge(&who, "webhook", 3).await.unwrap();
+        let d = charge.decision().expect("counted");
+        let refund = gate.quota_refund(&who, "webhook", d).expect("a plan applied");
+        assert_eq!(refund.refundable(), 3);
+        refund.give_back(2).await.unwrap();
+        refund.give_back(5).await.unwrap(); // only the 1 left
+        assert_eq!(refund.refundable(), 0);
+        assert_eq!(quotas.usage("ws_t/free", "webhook", clock.now()).await.unwrap(), 0);
+
+        // No plan, nothing counted: no handle.
+        let bare = key(&keys, None).await;
+        let nobody = gate
+            .authenticator()
+            .authenticate([("x-api-key", bare.as_bytes())], &keygate::auth::Target::any())
+            .await
+            .unwrap();
+        assert!(gate.quota_refund(&nobody, "webhook", d).is_none());
+    }
 }
 
 /// A host that limits or counts requests itself, beside a gate on the same
