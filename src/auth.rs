@@ -1178,7 +1178,9 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
 
     /// Whether `headers` carry a credential header that is not blank (a
     /// key, or a refusal such as a non-Bearer scheme): such a request is
-    /// judged by its header, not by a cookie.
+    /// judged by its header, not by a cookie. Only the tower layer reads
+    /// cookies, so only it asks (with `http` alone this would be dead code).
+    #[cfg(feature = "tower")]
     pub(crate) fn has_credential_header(&self, headers: &http::HeaderMap) -> bool {
         !matches!(self.rules.extract(credential_headers(headers)), Ok(None))
     }
