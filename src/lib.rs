@@ -23,6 +23,11 @@
 //!    response ◄── http::Rejection::to_response (status, headers, body style) on any refusal
 //! ```
 //!
+//! A handler whose request failed before doing its work (an upstream down)
+//! gives the units back: the rate limit's through its `Refund`
+//! ([`LimitStore::refund`](limit::LimitStore::refund)), the month's quota
+//! through its `QuotaRefund` ([`QuotaStore::refund`](quota::QuotaStore::refund)).
+//!
 //! `verify` also requires the record found to be the key's: its format,
 //! and the environment or region the key's own text names (`sk_test_`,
 //! `nhk_eu_`), so a record written or imported wrong cannot carry a key
@@ -49,7 +54,7 @@
 //! | [`manager`] | create, list, revoke and roll keys |
 //! | [`portal`] | portal session requests, single-use codes, [`PortalStore`](portal::PortalStore), access tokens |
 //! | [`limit`] | policies, plans, GCRA / fixed / sliding windows, decisions and headers, keyed and direct limiters, [`LimitStore`](limit::LimitStore) |
-//! | [`quota`] | monthly quotas by category, calendar-month reset, [`QuotaStore`](quota::QuotaStore) |
+//! | [`quota`] | monthly quotas by category, calendar-month reset, refunds, [`QuotaStore`](quota::QuotaStore) |
 //! | [`http`] | [`Rejection`](http::Rejection) → status, headers and JSON body in the host's style |
 //! | [`json`] | JSON input that refuses repeated object keys (requests, plan files) |
 //! | [`backend`] | [`BackendError`](backend::BackendError) returned by every store, and the host's [`FailMode`](backend::FailMode) |
