@@ -23,10 +23,9 @@ pub enum BackendError {
     #[error("storage backend timed out")]
     Timeout,
     /// The store is full: it cannot take another entry without dropping
-    /// one it must keep (an in-memory limiter whose shard for a new key is
-    /// full of keys all still limiting; Redis at `maxmemory` with
-    /// `noeviction`). Size it up: under a fail-open gate, requests pass
-    /// unlimited meanwhile.
+    /// one it must keep (an in-memory limiter tracking its maximum of keys,
+    /// all still limiting; Redis at `maxmemory` with `noeviction`). Size it
+    /// up: under a fail-open gate, requests pass unlimited meanwhile.
     #[error("storage backend full")]
     Full {
         /// What is full.

@@ -6,9 +6,11 @@ use std::borrow::Borrow;
 use std::fmt;
 use std::future::{Future, ready};
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{
     Arc, Mutex, MutexGuard, OnceLock, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard,
+    TryLockError,
 };
 
 use arc_swap::ArcSwap;
@@ -25,15 +27,13 @@ use super::{
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock};
 
-/// The keyed limiter's shard for a new key is full of keys that are all
-/// still limiting: the key cannot be tracked without forgetting one that
-/// might then exceed its quota. The shard fills before the whole limiter
-/// does (see [`MemoryLimiter::new`]), so the limiter may track far fewer
-/// keys than `max` when it refuses one.
+/// The keyed limiter is tracking its maximum of keys, all still limiting:
+/// a new key cannot be tracked without forgetting one that might then
+/// exceed its quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("rate limiter has no room for a new key: its shard is full (at most {max} keys in all)")]
+#[error("rate limiter is tracking its maximum of {max} keys, all still limiting")]
 pub struct CapacityError {
-    /// The limiter's cap over all its shards ([`MemoryLimiter::max_keys`]).
+    /// The configured cap ([`MemoryLimiter::max_keys`]).
     pub max: usize,
 }
 
@@ -406,6 +406,10 @@ struct Tracked {
     /// at this time instead: the key was forgotten as fresh then, and must
     /// not be judged at an earlier time where its old state still counted.
     purged_at: u64,
+    /// What this shard has added to the limiter's count of tracked keys:
+    /// its keys, once [settled](Shard::settle), and meanwhile the places
+    /// reserved for keys about to be added.
+    counted: usize,
 }
 
 impl Tracked {
@@ -439,8 +443,24 @@ impl<K, T: Tag> Shard<K, T> {
         }
     }
 
-    fn writer(&self) -> MutexGuard<'_, Tracked> {
-        self.locked.0.writer.lock().unwrap_or_else(PoisonError::into_inner)
+    /// The writer's lock, counting on the limiter's `count` (see
+    /// [`Writer`]).
+    fn writer<'a>(&'a self, count: &'a AtomicUsize) -> Writer<'a, K, T> {
+        let tracked = self.locked.0.writer.lock().unwrap_or_else(PoisonError::into_inner);
+        Writer { tracked, shard: self, count }
+    }
+
+    /// The writer's lock if no one holds it: for a thread that holds
+    /// another shard's, which must never wait for a second one (two
+    /// threads each holding one and waiting for the other's would wait for
+    /// good).
+    fn try_writer<'a>(&'a self, count: &'a AtomicUsize) -> Option<Writer<'a, K, T>> {
+        let tracked = match self.locked.0.writer.try_lock() {
+            Ok(tracked) => tracked,
+            Err(TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(TryLockError::WouldBlock) => return None,
+        };
+        Some(Writer { tracked, shard: self, count })
     }
 
     fn multis(&self) -> RwLockReadGuard<'_, HashTable<(K, Box<Mutex<KeyState>>)>> {
@@ -451,13 +471,28 @@ impl<K, T: Tag> Shard<K, T> {
         self.locked.0.multis.write().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn len(&self) -> usize {
-        self.tracked(&self.writer())
-    }
-
     /// Keys tracked, given the writer's bookkeeping.
     fn tracked(&self, tracked: &Tracked) -> usize {
         tracked.words() + self.multis().len()
+    }
+
+    /// Brings the limiter's `count` in line with this shard's keys, given
+    /// the writer's bookkeeping: gives back the places of keys forgotten
+    /// and of reservations no key took. Every key is added on a place
+    /// reserved first (see `MemoryLimiter::make_room`; a key moving to the
+    /// locked form takes the place of its words), so the count only grows
+    /// here after a change that skipped its reservation: none does.
+    fn settle(&self, tracked: &mut Tracked, count: &AtomicUsize) {
+        let keys = self.tracked(tracked);
+        debug_assert!(keys <= tracked.counted, "keys added without a reservation");
+        match keys.cmp(&tracked.counted) {
+            std::cmp::Ordering::Less => count.fetch_sub(tracked.counted - keys, Ordering::Relaxed),
+            std::cmp::Ordering::Greater => {
+                count.fetch_add(keys - tracked.counted, Ordering::Relaxed)
+            }
+            std::cmp::Ordering::Equal => return,
+        };
+        tracked.counted = keys;
     }
 
     /// Whether the key may have a live one-word state in table `i`: a live
@@ -474,6 +509,36 @@ impl<K, T: Tag> Shard<K, T> {
             // the writer set before killing.
             Probe::Found(state) if state.load(Ordering::Acquire) != DEAD
                 || table.retired.load(Ordering::Relaxed))
+    }
+}
+
+/// A shard's writer lock, held. Released, it [settles](Shard::settle) the
+/// limiter's count of tracked keys with the shard's: every change of which
+/// keys a shard tracks is made under this lock, so the limiter's count is
+/// true whenever no writer holds one, whatever path changed the keys.
+struct Writer<'a, K, T: Tag> {
+    tracked: MutexGuard<'a, Tracked>,
+    shard: &'a Shard<K, T>,
+    count: &'a AtomicUsize,
+}
+
+impl<K, T: Tag> Deref for Writer<'_, K, T> {
+    type Target = Tracked;
+
+    fn deref(&self) -> &Tracked {
+        &self.tracked
+    }
+}
+
+impl<K, T: Tag> DerefMut for Writer<'_, K, T> {
+    fn deref_mut(&mut self) -> &mut Tracked {
+        &mut self.tracked
+    }
+}
+
+impl<K, T: Tag> Drop for Writer<'_, K, T> {
+    fn drop(&mut self) {
+        self.shard.settle(&mut self.tracked, self.count);
     }
 }
 
@@ -505,13 +570,15 @@ fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
 /// `Clone` for that copy.
 ///
 /// Memory is bounded: at most `max_keys` keys are tracked (a key checked
-/// alone under two word-form policy names counts twice), in equal parts
-/// per shard. When a new key's shard is full, keys whose state is
-/// indistinguishable from fresh are evicted in band (no background
-/// thread); if every key of the shard is still limiting, the new key is
-/// refused with a [`CapacityError`] rather than forgetting a key that could
-/// then exceed its quota. A shard fills before the whole limiter does:
-/// size it with the headroom [`new`](MemoryLimiter::new) gives.
+/// alone under two word-form policy names counts twice), wherever they
+/// fall: the shards share one count, which only a new key takes a place
+/// on. At the cap, keys whose state is indistinguishable from fresh are
+/// evicted in band (no background thread): first in the new key's shard,
+/// then in the others, each purged only once a key of its own may have
+/// gone fresh, and never waited for (a shard another thread is changing
+/// at that moment is left to it); if every key is still limiting, the new
+/// key is refused with a [`CapacityError`] rather than forgetting a key
+/// that could then exceed its quota.
 ///
 /// ```
 /// use keygate::limit::{MemoryLimiter, Policy};
@@ -527,7 +594,14 @@ fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
 pub struct MemoryLimiter<K = String, C = SystemClock> {
     shards: Shards<K>,
     hasher: ahash::RandomState,
-    per_shard: usize,
+    max_keys: usize,
+    /// Keys tracked in all shards, and places reserved for keys about to
+    /// be added: kept by the shards' writers (see [`Writer`]), never above
+    /// `max_keys`. One count rather than a share of the cap per shard,
+    /// which keys, not filling shards evenly, overflowed long before the
+    /// cap (`new(1_000)` on 256 shards refused keys at a quarter of it).
+    /// Padded: new keys write it, and checks read the fields around it.
+    count: Padded<AtomicUsize>,
     clock: C,
     wall: WallAnchor,
     /// The names with one-word tables, set in order, first come.
@@ -699,9 +773,15 @@ impl<K, C> fmt::Debug for MemoryLimiter<K, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("MemoryLimiter")
             .field("shards", &self.shards.count())
-            .field("max_keys", &self.per_shard.saturating_mul(self.shards.count()))
+            .field("max_keys", &self.max_keys)
             .finish_non_exhaustive()
     }
+}
+
+/// The shard of a key whose hash is `hash`, of `n` (a power of two):
+/// picked by bits the table's home slot does not depend on.
+fn shard_index(hash: u64, n: usize) -> usize {
+    (hash >> 32) as usize & (n - 1)
 }
 
 fn shard_count() -> usize {
@@ -710,18 +790,12 @@ fn shard_count() -> usize {
 }
 
 impl<K: Hash + Eq + Clone> MemoryLimiter<K> {
-    /// A limiter tracking at most about `max_keys` keys, on the system clock,
-    /// in equal parts over its shards (four per CPU, from 4 to 256). A new
-    /// key that finds no room in its shard is refused with [`CapacityError`]
-    /// (a store failure to a [`LimitStore`] caller: 503, or unlimited under a
-    /// fail-open gate), and keys do not fill shards evenly: the first
-    /// refusal comes before `max_keys` keys are tracked, the sooner the
-    /// fewer keys a shard holds. On 64 CPUs (256 shards) `new(1_000)` (4
-    /// keys a shard) refuses at about a quarter of `max_keys`,
-    /// `new(16_384)` (64 a shard) at about 70%, `new(256_000)` at about
-    /// 90%; on 2 CPUs (8 shards) `new(100)` at about 70%, `new(100_000)` at
-    /// 99%. Size it at twice the keys a window sees, and at least 64 keys a
-    /// shard (16,384 covers any CPU count).
+    /// A limiter tracking at most `max_keys` keys (at least one), on the
+    /// system clock, however many CPUs the host has. A new key that finds
+    /// `max_keys` keys tracked, all still limiting, is refused with
+    /// [`CapacityError`] (a store failure to a [`LimitStore`] caller: 503,
+    /// or unlimited under a fail-open gate): size it for the keys a window
+    /// sees.
     #[must_use]
     pub fn new(max_keys: usize) -> Self {
         Self::with_clock(max_keys, SystemClock::new())
@@ -729,31 +803,44 @@ impl<K: Hash + Eq + Clone> MemoryLimiter<K> {
 }
 
 impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
-    /// A limiter on `clock`.
+    /// A limiter tracking at most `max_keys` keys (at least one), on
+    /// `clock`: as [`new`](MemoryLimiter::new).
     #[must_use]
     pub fn with_clock(max_keys: usize, clock: C) -> Self {
-        let n = shard_count();
-        let per_shard = max_keys.div_ceil(n).max(1);
         Self {
-            shards: Shards::new(n),
+            shards: Shards::new(shard_count()),
             hasher: ahash::RandomState::new(),
-            per_shard,
+            // A limiter that could track no key would refuse every one.
+            max_keys: max_keys.max(1),
+            count: Padded(AtomicUsize::new(0)),
             wall: WallAnchor::new(&clock),
             word_names: Default::default(),
             clock,
         }
     }
 
-    /// Most keys tracked at once.
+    /// A limiter on `clock` with `n` shards (a power of two): the shard
+    /// counts of other hosts.
+    #[cfg(test)]
+    pub(super) fn with_shards(max_keys: usize, clock: C, n: usize) -> Self {
+        assert!(n.is_power_of_two(), "a key's shard is picked by a mask");
+        let mut l = Self::with_clock(max_keys, clock);
+        l.shards = Shards::new(n);
+        l
+    }
+
+    /// Most keys tracked at once: the `max_keys` the limiter was made with
+    /// (at least one).
     #[must_use]
     pub fn max_keys(&self) -> usize {
-        self.per_shard.saturating_mul(self.shards.count())
+        self.max_keys
     }
 
     /// Keys currently tracked.
     #[must_use]
     pub fn len(&self) -> usize {
-        with_shards!(self, |s| s.iter().map(Shard::len).sum())
+        let count = &self.count.0;
+        with_shards!(self, |s| s.iter().map(|s| s.tracked(&s.writer(count))).sum())
     }
 
     /// Whether no key is tracked.
@@ -762,15 +849,14 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         self.len() == 0
     }
 
-    /// The key's hash and its shard (picked by bits the table's home slot
-    /// does not depend on).
+    /// The key's hash and its shard.
     fn shard<'s, T, Q: Hash + ?Sized>(
         &self,
         shards: &'s [Shard<K, T>],
         key: &Q,
     ) -> (u64, &'s Shard<K, T>) {
         let h = self.hasher.hash_one(key);
-        (h, &shards[(h >> 32) as usize & (shards.len() - 1)])
+        (h, &shards[shard_index(h, shards.len())])
     }
 
     /// Checks and consumes `cost` units for `key` against every policy (all
@@ -860,7 +946,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                     if converted {
                         // Another plan's state, converted: it may be fresh
                         // sooner than the shard's next purge expects.
-                        sooner_purge(shard, now);
+                        sooner_purge(shard, &self.count.0, now);
                     }
                     return Ok(self.decision(p, (s, now), cost, mode));
                 }
@@ -881,7 +967,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // Converted to a shorter plan: as above (the shard's lock
                 // is taken only now, with the key's released).
                 if let Some(at) = sooner {
-                    sooner_purge(shard, at);
+                    sooner_purge(shard, &self.count.0, at);
                 }
                 return Ok(d);
             }
@@ -893,7 +979,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             let judged = self.live_check(&AtomicU64::new(0), p, cost, mode, now);
             return Ok(self.decision(p, judged, cost, mode));
         }
-        self.check_tracking(hash, shard, key, policies, cost, mode, now)
+        self.check_tracking(shards, hash, key, policies, cost, mode, now)
     }
 
     /// The single word-form policy of `policies` and its table, if it has
@@ -948,8 +1034,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     #[allow(clippy::too_many_arguments)]
     fn check_tracking<T, Q>(
         &self,
+        shards: &[Shard<K, T>],
         hash: u64,
-        shard: &Shard<K, T>,
         key: &Q,
         policies: &[Policy],
         cost: u32,
@@ -962,7 +1048,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         Q: Hash + Eq + ToOwned<Owned = K> + ?Sized,
     {
         let word = self.word_form(policies, mode == CheckMode::Consume);
-        let mut tracked = shard.writer();
+        let shard = &shards[shard_index(hash, shards.len())];
+        let mut tracked = shard.writer(&self.count.0);
         let now = now.max(tracked.purged_at);
         // Only this lock's holder kills slots or swaps tables, so what a
         // probe finds here stays put until we return.
@@ -993,7 +1080,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 return Ok(d);
             }
             let word = local.into_inner();
-            self.make_room(shard, &mut tracked, now)?;
+            self.make_room(shards, hash, &mut tracked, now)?;
             let mut table = shard.tables[i].0.load_full();
             if matches!(table.find(hash, key), Probe::Absent(_)) && !table.has_room(tracked.used[i])
             {
@@ -1028,7 +1115,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 if mode == CheckMode::Peek || !d.is_allowed() {
                     return Ok(d);
                 }
-                self.make_room(shard, &mut tracked, now)?;
+                self.make_room(shards, hash, &mut tracked, now)?;
                 tracked.next_purge = tracked.next_purge.min(st.fresh_at);
                 let entry = (key.to_owned(), Box::new(Mutex::new(st)));
                 shard.multis_mut().insert_unique(hash, entry, |(k, _)| hasher.hash_one(k));
@@ -1094,45 +1181,84 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         self.decide(&mut st, policies, cost, CheckMode::Peek, now)
     }
 
-    /// Lets one more key in, forgetting fresh keys first if the shard is
-    /// full and some may have gone fresh.
+    /// Lets one more key into the shard of `hash`, whose writer's lock the
+    /// caller holds (`tracked`): a place reserved on the limiter's count,
+    /// which the key's insertion takes (or, not inserted, gives back when
+    /// the lock is released). At the cap, keys gone fresh make room: this
+    /// shard's first, then other shards' whose lock is free (never waited
+    /// for) and whose next purge has come. The walk is the path of a
+    /// limiter at its cap only, and each shard's purge is amortised by its
+    /// `next_purge`.
     fn make_room<T: Tag>(
         &self,
-        shard: &Shard<K, T>,
+        shards: &[Shard<K, T>],
+        hash: u64,
         tracked: &mut Tracked,
         now: u64,
     ) -> Result<(), CapacityError> {
-        if shard.tracked(tracked) < self.per_shard {
+        if self.reserve(tracked) {
             return Ok(());
         }
+        let i = shard_index(hash, shards.len());
         if now >= tracked.next_purge {
-            // Amortised in-band eviction: forget only keys whose state is
-            // indistinguishable from fresh, and remember when the next one
-            // becomes so.
-            tracked.purged_at = tracked.purged_at.max(now);
-            let mut next = u64::MAX;
-            shard.multis_mut().retain(|(_, m)| {
-                let fresh_at = m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at;
-                // Only the keys kept say when the next purge can help.
-                let keep = fresh_at > now;
-                if keep {
-                    next = next.min(fresh_at);
-                }
-                keep
-            });
-            for i in 0..WORD_NAMES {
-                // A table no key ever used has nothing to forget.
-                if tracked.used[i] > 0 {
-                    next = next.min(self.rebuild(shard, i, tracked, now, true));
+            self.purge(&shards[i], tracked, now);
+            shards[i].settle(tracked, &self.count.0);
+            if self.reserve(tracked) {
+                return Ok(());
+            }
+        }
+        // From the next shard on, so walks from different shards do not all
+        // purge the same ones first.
+        for other in shards[i + 1..].iter().chain(&shards[..i]) {
+            let Some(mut theirs) = other.try_writer(&self.count.0) else { continue };
+            if now >= theirs.next_purge {
+                self.purge(other, &mut theirs, now);
+                // Released: what it forgot goes back to the count.
+                drop(theirs);
+                if self.reserve(tracked) {
+                    return Ok(());
                 }
             }
-            tracked.next_purge = next;
         }
-        if shard.tracked(tracked) < self.per_shard {
-            Ok(())
-        } else {
-            Err(CapacityError { max: self.max_keys() })
+        Err(CapacityError { max: self.max_keys })
+    }
+
+    /// Takes a place on the limiter's count for a key about to be added to
+    /// the shard of `tracked`, if one is left below the cap.
+    fn reserve(&self, tracked: &mut Tracked) -> bool {
+        let max = self.max_keys;
+        let taken = self
+            .count
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
+            .is_ok();
+        tracked.counted += usize::from(taken);
+        taken
+    }
+
+    /// Amortised in-band eviction: forgets the shard's keys whose state is
+    /// indistinguishable from fresh at `now`, and remembers when the next
+    /// one becomes so. The caller holds the shard's writer lock
+    /// (`tracked`).
+    fn purge<T: Tag>(&self, shard: &Shard<K, T>, tracked: &mut Tracked, now: u64) {
+        tracked.purged_at = tracked.purged_at.max(now);
+        let mut next = u64::MAX;
+        shard.multis_mut().retain(|(_, m)| {
+            let fresh_at = m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at;
+            // Only the keys kept say when the next purge can help.
+            let keep = fresh_at > now;
+            if keep {
+                next = next.min(fresh_at);
+            }
+            keep
+        });
+        for i in 0..WORD_NAMES {
+            // A table no key ever used has nothing to forget.
+            if tracked.used[i] > 0 {
+                next = next.min(self.rebuild(shard, i, tracked, now, true));
+            }
         }
+        tracked.next_purge = next;
     }
 
     /// Replaces the shard's table `i` by one holding its live one-word
@@ -1274,14 +1400,14 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // writer's lock taken; other refunds stay lock-free.
                 if refund_word(state, p, now, cost, receipt, fresh) {
                     if word_fresh_at(state.load(Ordering::Acquire)) <= now {
-                        let mut tracked = shard.writer();
+                        let mut tracked = shard.writer(&self.count.0);
                         tracked.next_purge = tracked.next_purge.min(now);
                     }
                     continue;
                 }
                 // Dead: the key moved or its table was swapped; wait for
                 // the writer to finish, then look again.
-                let mut tracked = shard.writer();
+                let mut tracked = shard.writer(&self.count.0);
                 if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
                     && refund_word(state, p, now, cost, receipt, fresh)
                 {
@@ -1304,7 +1430,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                     (st.fresh_at < before).then_some(st.fresh_at)
                 });
             if let Some(at) = sooner {
-                sooner_purge(shard, at);
+                sooner_purge(shard, &self.count.0, at);
             }
         }
     }
@@ -1396,8 +1522,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
 /// outside the writer's lock. Takes that lock: the caller holds none of
 /// the shard's.
 #[cold]
-fn sooner_purge<K, T: Tag>(shard: &Shard<K, T>, at: u64) {
-    let mut tracked = shard.writer();
+fn sooner_purge<K, T: Tag>(shard: &Shard<K, T>, count: &AtomicUsize, at: u64) {
+    let mut tracked = shard.writer(count);
     tracked.next_purge = tracked.next_purge.min(at);
 }
 
@@ -1834,6 +1960,38 @@ mod tests {
         }
     }
 
+    /// At the cap, a new key whose shard holds only keys still limiting
+    /// takes the place of a key gone fresh in another shard (one-word or
+    /// locked), and the limiter stays within its cap.
+    #[test]
+    fn at_the_cap_a_new_key_takes_the_place_of_a_key_gone_fresh_in_another_shard() {
+        let gcra = |name, period| Policy::new(name, 1, period, Algorithm::Gcra).unwrap();
+        let hour = [gcra("a", Duration::from_secs(3600))];
+        let second = Duration::from_secs(1);
+        for short in [vec![gcra("a", second)], vec![gcra("a", second), gcra("b", second)]] {
+            for n in [shard_count(), 256] {
+                let clock = crate::clock::FakeClock::at_2026();
+                let l = MemoryLimiter::<u64, _>::with_shards(n, clock.clone(), n);
+                let Shards::Plain(shards) = &l.shards else { unreachable!("u64 keys are plain") };
+                let shard_of = |k: &u64| std::ptr::from_ref(l.shard(shards, k).1);
+                // Key 0 is the new key; `a` limits for an hour in its shard.
+                let a = (1..10_000).find(|k| shard_of(k) == shard_of(&0)).unwrap();
+                assert!(l.check(&a, &hour, 1).unwrap().is_allowed());
+                // Every other place goes to keys of other shards, limiting
+                // for a second.
+                let mut others = (1..10_000).filter(|k| shard_of(k) != shard_of(&0));
+                while l.len() < n {
+                    let _ = l.check(&others.next().unwrap(), &short, 1);
+                }
+                clock.advance(2 * second);
+                let d = l.check(&0, &short, 1);
+                assert!(d.is_ok_and(|d| d.is_allowed()), "{n} shards, {} policies", short.len());
+                assert!(l.len() <= l.max_keys(), "{} keys tracked", l.len());
+                assert!(!l.check(&a, &hour, 1).unwrap().is_allowed(), "a was forgotten");
+            }
+        }
+    }
+
     /// At its cap, with keys going fresh one at a time (a steady stream of
     /// keys, each limiting for its period, all of them live), each new key
     /// needs the one key gone fresh since the last: found by a purge, that
@@ -1845,8 +2003,9 @@ mod tests {
     #[ignore = "each new key at the cap copies the shard's table; amortising that needs a design decision"]
     fn at_the_cap_keys_going_fresh_one_at_a_time_copy_the_table_once_per_sixteenth() {
         let clock = crate::clock::FakeClock::new(Timestamp::from_second(1_767_225_600).unwrap());
+        // The cap is the one shard's keys: the limiter is at it.
         let per_shard = 256;
-        let l = MemoryLimiter::<u64, _>::with_clock(per_shard * shard_count(), clock.clone());
+        let l = MemoryLimiter::<u64, _>::with_clock(per_shard, clock.clone());
         let Shards::Plain(shards) = &l.shards else { unreachable!("u64 keys are plain") };
         let (_, first) = l.shard(shards, &0);
         let mut keys = (0..).filter(|k| std::ptr::eq(l.shard(shards, k).1, first));

@@ -1061,7 +1061,7 @@ fn a_full_limiter_is_a_full_store_not_an_unreachable_one() {
     let c = clock();
     let l = MemoryLimiter::<String, _>::with_clock(1, c);
     let p = [fixed(1, 3600)];
-    // Fill every shard with keys still limiting.
+    // Fill the limiter with keys still limiting.
     let mut full = None;
     for i in 0..10_000 {
         let key = format!("k{i}");
@@ -1081,24 +1081,56 @@ fn a_full_limiter_is_a_full_store_not_an_unreachable_one() {
     assert!(e.to_string().contains("full"), "{e}");
 }
 
+/// Limiters of `max_keys` on this host's shard count and on 256 shards (64
+/// CPUs): when keys are refused must not depend on it.
+fn on_both_shard_counts<K: std::hash::Hash + Eq + Clone>(
+    max_keys: usize,
+) -> [MemoryLimiter<K, FakeClock>; 2] {
+    [
+        MemoryLimiter::with_clock(max_keys, clock()),
+        MemoryLimiter::with_shards(max_keys, clock(), 256),
+    ]
+}
+
 #[test]
-fn a_key_refused_for_its_full_shard_is_not_told_the_limiter_is_full() {
-    // Keys are spread over shards of `max_keys / shards` each: a new key's
-    // shard can fill while the limiter tracks far fewer than `max_keys`
-    // (one a shard here, so by pigeonhole within `shards + 1` keys).
+fn the_first_key_refused_finds_max_keys_keys_tracked() {
+    // Keys do not fill shards evenly: a share of the cap per shard refused
+    // new keys of `new(1_000)` on 256 shards at about a quarter of the cap.
     let p = [fixed(1, 3600)];
-    for _ in 0..100 {
-        let l = MemoryLimiter::<String, _>::with_clock(1, clock());
-        let refused = (0u32..).find_map(|i| l.check(&format!("k{i}"), &p, 1).err()).unwrap();
-        if l.len() < l.max_keys() {
-            assert_eq!(refused.max, l.max_keys());
+    for max in [1, 7, 100, 1_000] {
+        for l in on_both_shard_counts::<String>(max) {
+            let refused = (0u32..).find_map(|i| l.check(&format!("k{i}"), &p, 1).err()).unwrap();
+            assert_eq!((l.len(), refused.max, l.max_keys()), (max, max, max), "{l:?}");
             let said = refused.to_string();
-            assert!(!said.contains("tracking its maximum"), "{said}: {} tracked", l.len());
-            assert!(said.contains("shard"), "{said}");
-            return;
+            assert!(said.contains(&format!("maximum of {max} keys")), "{said}");
         }
     }
-    unreachable!("in 100 limiters, some key's shard fills before every shard does");
+}
+
+#[test]
+fn threads_adding_keys_at_once_fill_the_cap_exactly() {
+    // Every key limits for an hour, so each admission keeps its place:
+    // however the threads interleave, exactly `max_keys` are admitted.
+    let p = [fixed(1, 3600)];
+    for max in [1, 7, 100, 1_000] {
+        for l in on_both_shard_counts::<u64>(max) {
+            let start = std::sync::Barrier::new(4);
+            let admitted: usize = std::thread::scope(|s| {
+                let threads: Vec<_> = (0..4u64)
+                    .map(|t| {
+                        let (l, p, start) = (&l, &p, &start);
+                        s.spawn(move || {
+                            start.wait();
+                            let keys = (0..u64::try_from(max).unwrap()).map(|i| t << 32 | i);
+                            keys.filter(|k| l.check(k, p, 1).is_ok()).count()
+                        })
+                    })
+                    .collect();
+                threads.into_iter().map(|t| t.join().unwrap()).sum()
+            });
+            assert_eq!((admitted, l.len()), (max, max), "{l:?}");
+        }
+    }
 }
 
 #[test]
@@ -1334,24 +1366,12 @@ fn gcra_named(name: &'static str, limit: u32, period: Duration) -> Policy {
     Policy::new(name, limit, period, Algorithm::Gcra).unwrap()
 }
 
-/// With one tracked key per shard (`max_keys` 1), finds a key `b` whose
-/// shard is `a`'s (the first refused), while `a` is still limiting; each
-/// candidate comes two seconds after the last, so every other tracked key
-/// is fresh by then.
-fn key_in_the_shard_of_a(l: &MemoryLimiter<u64, FakeClock>, c: &FakeClock, p: &[Policy]) -> u64 {
-    (1..10_000u64)
-        .find(|k| {
-            c.advance(Duration::from_secs(2));
-            l.check(k, p, 1).is_err()
-        })
-        .expect("a key sharing a's shard")
-}
-
 #[test]
 fn a_key_converted_to_a_shorter_plan_makes_room_when_fresh() {
     // An hour's state converted to a one-second plan of the same name (a
-    // plan change) is fresh within seconds: a new key in its shard must
-    // find room then, in the one-word form and in the locked one.
+    // plan change) is fresh within seconds: a new key must find room then,
+    // in the one-word form and in the locked one (the purge that makes it
+    // must not wait for the hour its shard's next purge was due at).
     let mut refused = Vec::new();
     for (long, short) in [
         (
@@ -1372,7 +1392,9 @@ fn a_key_converted_to_a_shorter_plan_makes_room_when_fresh() {
         let c = clock();
         let l = MemoryLimiter::<u64, _>::with_clock(1, c.clone());
         assert!(l.check(&0, &long, 1).unwrap().is_allowed());
-        let b = key_in_the_shard_of_a(&l, &c, &short);
+        // The one place is `a`'s.
+        let b = 1;
+        assert!(l.check(&b, &short, 1).is_err(), "a new key beside a");
         assert!(!l.check(&0, &short, 1).unwrap().is_allowed(), "converted: the burst is used");
         c.advance(Duration::from_secs(3));
         assert!(l.peek(&0, &short, 1).unwrap().is_allowed(), "fresh under the new plan");
