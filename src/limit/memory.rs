@@ -418,6 +418,27 @@ impl Tracked {
     }
 }
 
+/// What the shards' writers keep for the whole limiter.
+struct Census {
+    /// Keys tracked in all shards, and places reserved for keys about to
+    /// be added: kept by the shards' writers (see [`Writer`]), never above
+    /// `max_keys`. One count rather than a share of the cap per shard,
+    /// which keys, not filling shards evenly, overflowed long before the
+    /// cap (`new(1_000)` on 256 shards refused keys at a quarter of it).
+    count: AtomicUsize,
+    /// No shard has a key gone fresh before this time (no lower than its
+    /// `next_purge`, bar the writer's own while it holds its lock): a
+    /// limiter at its cap refuses a new key before then without walking
+    /// the other shards. Walks raise it (see `MemoryLimiter::make_room`);
+    /// every writer lowers it to its shard's `next_purge` when released.
+    /// Without it, every key refused by a limiter full of keys still
+    /// limiting (a flood of made-up keys) would try every shard's lock.
+    walk_at: AtomicU64,
+    /// Shards a walk looked at, for tests of its cost.
+    #[cfg(test)]
+    visits: AtomicUsize,
+}
+
 /// One shard: a lock-free table of one-word states per word name, and
 /// under locks the writer's bookkeeping and the keys in the locked form
 /// (stacked policies, sliding windows, other names).
@@ -430,6 +451,9 @@ struct Locked<K> {
     /// Serialises every change of which keys are tracked, and table swaps.
     writer: Mutex<Tracked>,
     multis: RwLock<HashTable<(K, Box<Mutex<KeyState>>)>>,
+    /// The writer's `next_purge` when it last released the lock: what a
+    /// walk reads without taking the lock.
+    due: AtomicU64,
 }
 
 impl<K, T: Tag> Shard<K, T> {
@@ -439,28 +463,29 @@ impl<K, T: Tag> Shard<K, T> {
             locked: Padded(Locked {
                 writer: Mutex::new(Tracked::default()),
                 multis: RwLock::new(HashTable::new()),
+                due: AtomicU64::new(0),
             }),
         }
     }
 
     /// The writer's lock, counting on the limiter's `count` (see
     /// [`Writer`]).
-    fn writer<'a>(&'a self, count: &'a AtomicUsize) -> Writer<'a, K, T> {
+    fn writer<'a>(&'a self, census: &'a Census) -> Writer<'a, K, T> {
         let tracked = self.locked.0.writer.lock().unwrap_or_else(PoisonError::into_inner);
-        Writer { tracked, shard: self, count }
+        Writer { tracked, shard: self, census }
     }
 
     /// The writer's lock if no one holds it: for a thread that holds
     /// another shard's, which must never wait for a second one (two
     /// threads each holding one and waiting for the other's would wait for
     /// good).
-    fn try_writer<'a>(&'a self, count: &'a AtomicUsize) -> Option<Writer<'a, K, T>> {
+    fn try_writer<'a>(&'a self, census: &'a Census) -> Option<Writer<'a, K, T>> {
         let tracked = match self.locked.0.writer.try_lock() {
             Ok(tracked) => tracked,
             Err(TryLockError::Poisoned(e)) => e.into_inner(),
             Err(TryLockError::WouldBlock) => return None,
         };
-        Some(Writer { tracked, shard: self, count })
+        Some(Writer { tracked, shard: self, census })
     }
 
     fn multis(&self) -> RwLockReadGuard<'_, HashTable<(K, Box<Mutex<KeyState>>)>> {
@@ -482,7 +507,8 @@ impl<K, T: Tag> Shard<K, T> {
     /// reserved first (see `MemoryLimiter::make_room`; a key moving to the
     /// locked form takes the place of its words), so the count only grows
     /// here after a change that skipped its reservation: none does.
-    fn settle(&self, tracked: &mut Tracked, count: &AtomicUsize) {
+    fn settle(&self, tracked: &mut Tracked, census: &Census) {
+        let count = &census.count;
         let keys = self.tracked(tracked);
         debug_assert!(keys <= tracked.counted, "keys added without a reservation");
         match keys.cmp(&tracked.counted) {
@@ -519,7 +545,7 @@ impl<K, T: Tag> Shard<K, T> {
 struct Writer<'a, K, T: Tag> {
     tracked: MutexGuard<'a, Tracked>,
     shard: &'a Shard<K, T>,
-    count: &'a AtomicUsize,
+    census: &'a Census,
 }
 
 impl<K, T: Tag> Deref for Writer<'_, K, T> {
@@ -538,7 +564,15 @@ impl<K, T: Tag> DerefMut for Writer<'_, K, T> {
 
 impl<K, T: Tag> Drop for Writer<'_, K, T> {
     fn drop(&mut self) {
-        self.shard.settle(&mut self.tracked, self.count);
+        self.shard.settle(&mut self.tracked, self.census);
+        // Published before the limiter's `walk_at` is read (both SeqCst):
+        // a walk that raised `walk_at` past this time either reads it in
+        // its second look or is seen here (see `MemoryLimiter::make_room`).
+        let at = self.tracked.next_purge;
+        self.shard.locked.0.due.store(at, Ordering::SeqCst);
+        if at < self.census.walk_at.load(Ordering::SeqCst) {
+            self.census.walk_at.fetch_min(at, Ordering::SeqCst);
+        }
     }
 }
 
@@ -595,13 +629,9 @@ pub struct MemoryLimiter<K = String, C = SystemClock> {
     shards: Shards<K>,
     hasher: ahash::RandomState,
     max_keys: usize,
-    /// Keys tracked in all shards, and places reserved for keys about to
-    /// be added: kept by the shards' writers (see [`Writer`]), never above
-    /// `max_keys`. One count rather than a share of the cap per shard,
-    /// which keys, not filling shards evenly, overflowed long before the
-    /// cap (`new(1_000)` on 256 shards refused keys at a quarter of it).
-    /// Padded: new keys write it, and checks read the fields around it.
-    count: Padded<AtomicUsize>,
+    /// The count of tracked keys and when a walk may free one. Padded: new
+    /// keys write it, and checks read the fields around it.
+    census: Padded<Census>,
     clock: C,
     wall: WallAnchor,
     /// The names with one-word tables, set in order, first come.
@@ -812,7 +842,12 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             hasher: ahash::RandomState::new(),
             // A limiter that could track no key would refuse every one.
             max_keys: max_keys.max(1),
-            count: Padded(AtomicUsize::new(0)),
+            census: Padded(Census {
+                count: AtomicUsize::new(0),
+                walk_at: AtomicU64::new(0),
+                #[cfg(test)]
+                visits: AtomicUsize::new(0),
+            }),
             wall: WallAnchor::new(&clock),
             word_names: Default::default(),
             clock,
@@ -839,8 +874,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// Keys currently tracked.
     #[must_use]
     pub fn len(&self) -> usize {
-        let count = &self.count.0;
-        with_shards!(self, |s| s.iter().map(|s| s.tracked(&s.writer(count))).sum())
+        let census = &self.census.0;
+        with_shards!(self, |s| s.iter().map(|s| s.tracked(&s.writer(census))).sum())
     }
 
     /// Whether no key is tracked.
@@ -946,7 +981,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                     if converted {
                         // Another plan's state, converted: it may be fresh
                         // sooner than the shard's next purge expects.
-                        sooner_purge(shard, &self.count.0, now);
+                        sooner_purge(shard, &self.census.0, now);
                     }
                     return Ok(self.decision(p, (s, now), cost, mode));
                 }
@@ -967,7 +1002,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // Converted to a shorter plan: as above (the shard's lock
                 // is taken only now, with the key's released).
                 if let Some(at) = sooner {
-                    sooner_purge(shard, &self.count.0, at);
+                    sooner_purge(shard, &self.census.0, at);
                 }
                 return Ok(d);
             }
@@ -1049,7 +1084,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     {
         let word = self.word_form(policies, mode == CheckMode::Consume);
         let shard = &shards[shard_index(hash, shards.len())];
-        let mut tracked = shard.writer(&self.count.0);
+        let mut tracked = shard.writer(&self.census.0);
         let now = now.max(tracked.purged_at);
         // Only this lock's holder kills slots or swaps tables, so what a
         // probe finds here stays put until we return.
@@ -1202,21 +1237,61 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let i = shard_index(hash, shards.len());
         if now >= tracked.next_purge {
             self.purge(&shards[i], tracked, now);
-            shards[i].settle(tracked, &self.count.0);
+            shards[i].settle(tracked, &self.census.0);
             if self.reserve(tracked) {
                 return Ok(());
             }
         }
+        let census = &self.census.0;
+        let walk_at = census.walk_at.load(Ordering::SeqCst);
+        if now < walk_at {
+            // No other shard has a key gone fresh yet.
+            return Err(CapacityError { max: self.max_keys });
+        }
+        // When a walk can next free a place: the earliest purge of any shard.
+        let mut next = tracked.next_purge;
         // From the next shard on, so walks from different shards do not all
         // purge the same ones first.
-        for other in shards[i + 1..].iter().chain(&shards[..i]) {
-            let Some(mut theirs) = other.try_writer(&self.count.0) else { continue };
-            if now >= theirs.next_purge {
+        let others = || shards[i + 1..].iter().chain(&shards[..i]);
+        for other in others() {
+            #[cfg(test)]
+            census.visits.fetch_add(1, Ordering::Relaxed);
+            let due = other.locked.0.due.load(Ordering::SeqCst);
+            if now < due {
+                next = next.min(due);
+                continue;
+            }
+            let Some(mut theirs) = other.try_writer(census) else {
+                // Due, but busy: the next refusal looks again.
+                next = next.min(now);
+                continue;
+            };
+            let purged = now >= theirs.next_purge;
+            if purged {
                 self.purge(other, &mut theirs, now);
-                // Released: what it forgot goes back to the count.
-                drop(theirs);
-                if self.reserve(tracked) {
-                    return Ok(());
+            }
+            next = next.min(theirs.next_purge);
+            // Released: what it forgot goes back to the count.
+            drop(theirs);
+            if purged && self.reserve(tracked) {
+                return Ok(());
+            }
+        }
+        // Nothing to free before `next`: refusals until then skip the walk.
+        // A writer that lowered its shard's purge time after this walk read
+        // it, and read `walk_at` before it was raised, left it lower: a
+        // second look at every shard (this one's own is published when its
+        // lock is released) puts such a time back.
+        if next > walk_at
+            && census
+                .walk_at
+                .compare_exchange(walk_at, next, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+        {
+            for other in others() {
+                let due = other.locked.0.due.load(Ordering::SeqCst);
+                if due < next {
+                    census.walk_at.fetch_min(due, Ordering::SeqCst);
                 }
             }
         }
@@ -1228,8 +1303,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     fn reserve(&self, tracked: &mut Tracked) -> bool {
         let max = self.max_keys;
         let taken = self
-            .count
+            .census
             .0
+            .count
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| (n < max).then_some(n + 1))
             .is_ok();
         tracked.counted += usize::from(taken);
@@ -1400,14 +1476,14 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // writer's lock taken; other refunds stay lock-free.
                 if refund_word(state, p, now, cost, receipt, fresh) {
                     if word_fresh_at(state.load(Ordering::Acquire)) <= now {
-                        let mut tracked = shard.writer(&self.count.0);
+                        let mut tracked = shard.writer(&self.census.0);
                         tracked.next_purge = tracked.next_purge.min(now);
                     }
                     continue;
                 }
                 // Dead: the key moved or its table was swapped; wait for
                 // the writer to finish, then look again.
-                let mut tracked = shard.writer(&self.count.0);
+                let mut tracked = shard.writer(&self.census.0);
                 if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
                     && refund_word(state, p, now, cost, receipt, fresh)
                 {
@@ -1430,7 +1506,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                     (st.fresh_at < before).then_some(st.fresh_at)
                 });
             if let Some(at) = sooner {
-                sooner_purge(shard, &self.count.0, at);
+                sooner_purge(shard, &self.census.0, at);
             }
         }
     }
@@ -1522,8 +1598,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
 /// outside the writer's lock. Takes that lock: the caller holds none of
 /// the shard's.
 #[cold]
-fn sooner_purge<K, T: Tag>(shard: &Shard<K, T>, count: &AtomicUsize, at: u64) {
-    let mut tracked = shard.writer(count);
+fn sooner_purge<K, T: Tag>(shard: &Shard<K, T>, census: &Census, at: u64) {
+    let mut tracked = shard.writer(census);
     tracked.next_purge = tracked.next_purge.min(at);
 }
 
@@ -1990,6 +2066,37 @@ mod tests {
                 assert!(!l.check(&a, &hour, 1).unwrap().is_allowed(), "a was forgotten");
             }
         }
+    }
+
+    /// A limiter full of keys still limiting (a flood of made-up keys)
+    /// refuses new keys without trying every shard's lock each time: one
+    /// walk finds when the first key goes fresh, and refusals before then
+    /// skip the walk. Once a key has gone fresh, the next new key walks
+    /// again and takes its place.
+    #[test]
+    fn refusals_at_a_full_limiter_walk_the_shards_once_until_a_key_can_go_fresh() {
+        let hour = [Policy::new("a", 1, Duration::from_secs(3600), Algorithm::Gcra).unwrap()];
+        let n = 256;
+        let clock = crate::clock::FakeClock::at_2026();
+        let l = MemoryLimiter::<u64, _>::with_shards(n, clock.clone(), n);
+        let mut keys = 0u64..;
+        while l.len() < n {
+            assert!(l.check(&keys.next().unwrap(), &hour, 1).unwrap().is_allowed());
+        }
+        let visits = || l.census.0.visits.load(Ordering::Relaxed);
+        let refused = 1_000;
+        for _ in 0..refused {
+            assert!(l.check(&keys.next().unwrap(), &hour, 1).is_err());
+            clock.advance(Duration::from_millis(1));
+        }
+        // One walk, and one more for a shard whose lock a refusal found
+        // busy (none here: one thread).
+        assert!(visits() <= 2 * (n - 1), "{} shard visits for {refused} refusals", visits());
+        assert_eq!(l.len(), n);
+        // The first keys go fresh an hour after their checks.
+        clock.advance(Duration::from_secs(3600));
+        assert!(l.check(&keys.next().unwrap(), &hour, 1).unwrap().is_allowed());
+        assert!(l.len() <= n);
     }
 
     /// At its cap, with keys going fresh one at a time (a steady stream of
