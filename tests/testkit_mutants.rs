@@ -772,13 +772,16 @@ enum QM {
     RefundUncapped,
     RefundNotTakenOff,
     RefundIntoEndedMonth,
+    RefundEveryCategory,
 }
 struct MQ {
     inner: MemoryQuotaStore,
     m: QM,
+    /// The categories counted per account.
+    counted: Mutex<HashMap<String, HashSet<String>>>,
 }
 fn mq(m: QM) -> MQ {
-    MQ { inner: MemoryQuotaStore::new(), m }
+    MQ { inner: MemoryQuotaStore::new(), m, counted: Mutex::default() }
 }
 impl MQ {
     fn shift(&self, now: Timestamp) -> Timestamp {
@@ -805,6 +808,8 @@ impl QuotaStore for MQ {
     ) -> Result<QuotaDecision, BackendError> {
         let mut d =
             self.inner.check_and_count(account, rules, category, cost, self.shift(now)).await?;
+        let counted = account.to_owned();
+        self.counted.lock().unwrap().entry(counted).or_default().insert(category.to_owned());
         match self.m {
             QM::CountDenied if !d.allowed => {
                 let all = [QuotaRule::new("z", u64::MAX, &[category])];
@@ -863,6 +868,18 @@ impl QuotaStore for MQ {
                 let in_month = check.resets_at - jiff::SignedDuration::from_secs(1);
                 self.inner.refund(account, category, cost, check, in_month).await
             }
+            // mutation: gives back into every category counted for the
+            // account, not the check's only (SQL: an `UPDATE` whose `WHERE`
+            // names the account and month but not the category)
+            QM::RefundEveryCategory => {
+                let units = check.refund_units(cost, now);
+                let counted = self.counted.lock().unwrap().get(account).cloned();
+                for c in counted.into_iter().flatten() {
+                    self.inner.refund(account, &c, units, &mut check.clone(), now).await?;
+                }
+                check.refunded(units);
+                Ok(())
+            }
             _ => self.inner.refund(account, category, cost, check, now).await,
         }
     }
@@ -887,6 +904,7 @@ mutants! {
     q_refund_uncapped => QM::RefundUncapped, "a refund gives back at most what the check counted",
     q_refund_not_taken_off => QM::RefundNotTakenOff, "a decision refunded twice gives back once",
     q_refund_into_ended_month => QM::RefundIntoEndedMonth, "a refund after the month ended gives nothing back",
+    q_refund_every_category => QM::RefundEveryCategory, "a refund gives back into the check's category only",
 }
 
 /// A correct limiter a network round trip away (15 ms a call, a cloud

@@ -182,18 +182,30 @@ async fn plan_change<S: QuotaStore>(store: &S, prefix: &str) {
 }
 
 /// Refunds: an admitted check's units are given back into its category's
-/// counter, no more than it counted, once, never below zero, not for a
-/// denied or uncounted check, and not once its month has ended.
+/// counter (not another category's of its rule), no more than it counted,
+/// once, never below zero, not for a denied or uncounted check, and not
+/// once its month has ended.
 async fn refunds<S: QuotaStore>(store: &S, prefix: &str) {
     let acct = format!("{prefix}:refund");
-    let rules = [QuotaRule::new("n", 5, &["email", "webhook"])];
+    let rules = [QuotaRule::new("n", 6, &["email", "webhook"])];
     let t = ts("2026-04-10T00:00:00Z");
     let count = |category, cost| store.check_and_count(&acct, &rules, category, cost, t);
     let hooks = || store.usage(&acct, "webhook", t);
+    assert!(count("email", 1).await.unwrap().allowed);
     let (mut a, mut c) = (count("webhook", 2).await.unwrap(), count("webhook", 2).await.unwrap());
-    assert!(a.allowed && c.allowed && c.used == 4, "{c:?}");
+    assert!(a.allowed && c.allowed && c.used == 5, "{c:?}");
     store.refund(&acct, "webhook", 1, &mut c, t).await.unwrap();
     assert_eq!(hooks().await.unwrap(), 3, "a refund gives back what the check counted");
+    // A rule counting two categories: the email it counted stays, and the
+    // rule's usage drops by the webhook given back, exactly.
+    assert_eq!(
+        (
+            store.usage(&acct, "email", t).await.unwrap(),
+            store.rule_usage(&acct, &rules[0], t).await.unwrap()
+        ),
+        (1, 4),
+        "a refund gives back into the check's category only"
+    );
     store.refund(&acct, "webhook", 5, &mut a, t).await.unwrap();
     assert_eq!(hooks().await.unwrap(), 1, "a refund gives back at most what the check counted");
     store.refund(&acct, "webhook", 5, &mut a, t).await.unwrap();
@@ -209,6 +221,7 @@ async fn refunds<S: QuotaStore>(store: &S, prefix: &str) {
     assert!(uncounted.allowed && uncounted.rule.is_none(), "{uncounted:?}");
     store.refund(&acct, "webhook", 3, &mut uncounted, t).await.unwrap();
     assert_eq!(hooks().await.unwrap(), 5, "a denied or uncounted check gives nothing back");
+    assert_eq!(store.usage(&acct, "email", t).await.unwrap(), 1, "nor takes an email off");
     assert!(!count("webhook", 1).await.unwrap().allowed, "the month is still full");
 
     // Copies of one decision each keep its count (refund one, not each):
