@@ -773,6 +773,7 @@ enum QM {
     RefundNotTakenOff,
     RefundIntoEndedMonth,
     RefundEveryCategory,
+    RefundNotAtomic,
 }
 struct MQ {
     inner: MemoryQuotaStore,
@@ -879,6 +880,21 @@ impl QuotaStore for MQ {
                 }
                 check.refunded(units);
                 Ok(())
+            }
+            // mutation: reads the count, then writes it less the units (a
+            // `GET` then a `SET`, not one step): counts made in between
+            // are lost
+            QM::RefundNotAtomic => {
+                let units = check.refund_units(cost, now);
+                check.refunded(units);
+                let before = self.inner.usage(account, category, now).await?;
+                std::thread::sleep(Duration::from_millis(1));
+                let after = self.inner.usage(account, category, now).await?;
+                let lost = after.saturating_sub(before.saturating_sub(units));
+                let rule = QuotaRule::new("any", u64::MAX, &[category]);
+                let mut set = QuotaDecision::admitted([(&rule, 0)], check.resets_at)
+                    .with_count(lost, Month::of(now));
+                self.inner.refund(account, category, lost, &mut set, now).await
             }
             _ => self.inner.refund(account, category, cost, check, now).await,
         }
@@ -1065,6 +1081,26 @@ async fn q_per_category_lock_passes_run_but_not_race() {
         .find(Result::is_err)
         .unwrap_or(Ok(()));
     assert_refused(raced, "categories");
+}
+
+/// A quota store whose refund reads the count and then writes it back
+/// less the units passes the sequential suite; the race suite races
+/// refunds with checks and refuses it.
+#[test]
+fn q_refund_not_atomic_passes_run_but_not_race() {
+    let store = mq(QM::RefundNotAtomic);
+    keygate::testkit::portal::block_on(keygate::testkit::quota::run(&store, "t"));
+    // Caught when a check lands between a refund's read and its write:
+    // tens of refunds, each holding 1 ms between them, race 8 threads.
+    let raced = (0..10)
+        .map(|_| {
+            std::panic::catch_unwind(|| {
+                keygate::testkit::quota::race(&mq(QM::RefundNotAtomic), "t", 8, 20);
+            })
+        })
+        .find(Result::is_err)
+        .unwrap_or(Ok(()));
+    assert_refused(raced, "refunds racing checks");
 }
 
 /// That a suite run under `catch_unwind` panicked, with a message holding

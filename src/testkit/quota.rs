@@ -273,13 +273,16 @@ async fn opaque_names<S: QuotaStore>(store: &S, prefix: &str) {
 /// counted, and both counters end at it. Then races threads counting two
 /// categories (`email` and `webhook`, alternately) that one rule counts:
 /// exactly its limit is counted across both (a store that locks only the
-/// counted category's counter lets them past it). Threads drive the
+/// counted category's counter lets them past it). Then races checks with
+/// refunds of every other admitted one: what stays counted is exactly
+/// what was admitted less what was given back. Threads drive the
 /// futures with [`block_on`](super::portal::block_on); see
 /// [`super::keys::race`].
 ///
 /// # Panics
 ///
-/// When more or fewer units are counted than the limit.
+/// When more or fewer units are counted than the limit, or than were
+/// admitted and not given back.
 pub fn race<S: QuotaStore + Sync>(store: &S, prefix: &str, threads: usize, per_thread: usize) {
     use std::sync::atomic::{AtomicU64, Ordering};
     let account = format!("{prefix}:race");
@@ -338,4 +341,43 @@ pub fn race<S: QuotaStore + Sync>(store: &S, prefix: &str, threads: usize, per_t
         (want, want),
         "two categories of one rule: exactly its limit is counted across both"
     );
+
+    // Refunds racing checks (and each other): every other admitted check
+    // is given back at once. A refund is one step on the counter (not a
+    // read, then a write of the count less the units, which loses the
+    // counts made in between): what stays counted is exactly what was
+    // admitted and not given back.
+    let account = format!("{prefix}:race-refunds");
+    let rules = [QuotaRule::new("n", 40, &["x"])];
+    let (admitted, refunded) = (AtomicU64::new(0), AtomicU64::new(0));
+    std::thread::scope(|sc| {
+        for _ in 0..threads {
+            let (account, rules, barrier) = (&account, &rules, &barrier);
+            let (admitted, refunded) = (&admitted, &refunded);
+            sc.spawn(move || {
+                barrier.wait();
+                for i in 0..per_thread {
+                    let check = store.check_and_count(account, rules, "x", 1, now);
+                    let mut d = super::portal::block_on(check).expect("count");
+                    if !d.allowed {
+                        continue;
+                    }
+                    admitted.fetch_add(1, Ordering::Relaxed);
+                    if i % 2 == 0 {
+                        let refund = store.refund(account, "x", 1, &mut d, now);
+                        super::portal::block_on(refund).expect("refund");
+                        refunded.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            });
+        }
+    });
+    let used = super::portal::block_on(store.usage(&account, "x", now)).expect("usage");
+    let (admitted, refunded) = (admitted.into_inner(), refunded.into_inner());
+    assert_eq!(
+        used,
+        admitted - refunded,
+        "refunds racing checks: what stays counted is what was admitted less what was given back"
+    );
+    assert!(used <= 40, "refunds racing checks: {used} counted under a limit of 40");
 }
