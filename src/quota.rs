@@ -198,9 +198,10 @@ impl QuotaDecision {
     /// may give back: at most what the check counted and earlier refunds
     /// left, and nothing unless `now` is in the month it counted in (see
     /// [`QuotaStore::refund`]); 0 for a denial, an uncounted check, or a
-    /// decision without [`with_count`](Self::with_count). A store gives
-    /// back that many units of the check's category in the month of `now`,
-    /// down to zero at most, then calls [`refunded`](Self::refunded).
+    /// decision without [`with_count`](Self::with_count). A store takes
+    /// them off with [`refunded`](Self::refunded) first, then gives back
+    /// that many units of the check's category in the month of `now`, down
+    /// to zero at most (see [`QuotaStore::refund`] for why in that order).
     #[must_use]
     pub fn refund_units(&self, cost: u64, now: Timestamp) -> u64 {
         if self.refundable == 0 || self.counted_in != Month::of(now) {
@@ -280,7 +281,9 @@ impl QuotaDecision {
 ///   the new month was never charged, and an ended month's usage stays
 ///   as it was read at its end (what a bill made on the 1st counted). It
 ///   gives back no more than the check counted less what earlier refunds
-///   of that decision gave back, never takes a counter below zero (Redis:
+///   of that decision value gave back (a clone keeps its own count, so
+///   each clone refunded gives back again: refund one copy), never takes
+///   a counter below zero (Redis:
 ///   one Lua script; SQL: `SET n = GREATEST(n - units, 0)` on the row, a
 ///   missing row left missing), and for a denied or uncounted check
 ///   changes nothing. A store of the host's own builds its decisions with
@@ -308,7 +311,11 @@ pub trait QuotaStore: Send + Sync {
     /// store (the request failed before doing its work, say), `now` when
     /// the refund is made (on the clock the checks are stamped with). What
     /// is given back is taken off `check`'s count, so a decision refunded
-    /// again gives back only what is left. Take it off when the refund is
+    /// again gives back only what is left; a clone of it does not see that
+    /// (it keeps its own count), and refunded too would give the units back
+    /// twice, taking a later check's. The tower layer's [`QuotaDecision`] in
+    /// a request's extensions is such a copy: give back through the
+    /// `QuotaRefund` beside it, not with this method. Take it off when the refund is
     /// made, before any call: a refund that fails, or whose future is
     /// dropped, may have been done (a remote store that ran it but whose
     /// answer timed out), and done twice it would free a later check's

@@ -1456,8 +1456,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// the handle gives back under the account that charge counted in (the
     /// principal's plan on this gate) on the gate's clock, and holds its
     /// own copy of the decision (give back through the handle, not also
-    /// through [`QuotaStore::refund`]). `None` where the gate has no
-    /// quota store or no plan applies (nothing was counted).
+    /// through [`QuotaStore::refund`], and make one handle per charge: two
+    /// made from one decision each give its units back). `None` where the
+    /// gate has no quota store or no plan applies (nothing was counted).
     ///
     /// ```
     /// # use keygate::auth::{Authenticator, Target};
@@ -1650,8 +1651,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
 
     /// Counts one unit of `category` against the plan's monthly quotas for
     /// every admitted request, before the handler runs: a request the
-    /// handler then fails, or one the client abandons, still counts. Count
-    /// in the handler with [`Gate::charge`] when only completed work should.
+    /// handler then fails, or one the client abandons, still counts, unless
+    /// the handler gives it back through the request's [`QuotaRefund`].
+    /// Count in the handler with [`Gate::charge`] when only completed work
+    /// should.
     /// It counts nothing without the gate's
     /// [`quotas`](GateBuilder::quotas) store, or for a category no rule of
     /// the plan counts (spelled otherwise, say: [`checked`](Self::checked)
