@@ -774,6 +774,7 @@ enum QM {
     RefundIntoEndedMonth,
     RefundEveryCategory,
     RefundNotAtomic,
+    RefundEveryAccount,
 }
 struct MQ {
     inner: MemoryQuotaStore,
@@ -881,6 +882,22 @@ impl QuotaStore for MQ {
                 check.refunded(units);
                 Ok(())
             }
+            // mutation: gives back into the category's counter of every
+            // account counted with it, not the check's account only (SQL:
+            // an `UPDATE` whose `WHERE` names the category and month but
+            // not the account)
+            QM::RefundEveryAccount => {
+                let units = check.refund_units(cost, now);
+                let accounts: Vec<String> = (self.counted.lock().unwrap().iter())
+                    .filter(|(_, categories)| categories.contains(category))
+                    .map(|(a, _)| a.clone())
+                    .collect();
+                for a in accounts {
+                    self.inner.refund(&a, category, units, &mut check.clone(), now).await?;
+                }
+                check.refunded(units);
+                Ok(())
+            }
             // mutation: reads the count, then writes it less the units (a
             // `GET` then a `SET`, not one step): counts made in between
             // are lost
@@ -921,6 +938,7 @@ mutants! {
     q_refund_not_taken_off => QM::RefundNotTakenOff, "a decision refunded twice gives back once",
     q_refund_into_ended_month => QM::RefundIntoEndedMonth, "a refund after the month ended gives nothing back",
     q_refund_every_category => QM::RefundEveryCategory, "a refund gives back into the check's category only",
+    q_refund_every_account => QM::RefundEveryAccount, "a refund gives back into the check's account only",
 }
 
 /// A correct limiter a network round trip away (15 ms a call, a cloud

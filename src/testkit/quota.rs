@@ -181,8 +181,9 @@ async fn plan_change<S: QuotaStore>(store: &S, prefix: &str) {
     assert_eq!(store.usage(&acct, "email", t).await.unwrap(), 5, "the uncounted two are not");
 }
 
-/// Refunds: an admitted check's units are given back into its category's
-/// counter (not another category's of its rule), no more than it counted,
+/// Refunds: an admitted check's units are given back into its account's
+/// counter of its category (not another category's of its rule, nor
+/// another account's), no more than it counted,
 /// once, never below zero, not for a denied or uncounted check, and not
 /// once its month has ended.
 async fn refunds<S: QuotaStore>(store: &S, prefix: &str) {
@@ -191,6 +192,8 @@ async fn refunds<S: QuotaStore>(store: &S, prefix: &str) {
     let t = ts("2026-04-10T00:00:00Z");
     let count = |category, cost| store.check_and_count(&acct, &rules, category, cost, t);
     let hooks = || store.usage(&acct, "webhook", t);
+    let other = format!("{prefix}:refund-other");
+    assert!(store.check_and_count(&other, &rules, "webhook", 1, t).await.unwrap().allowed);
     assert!(count("email", 1).await.unwrap().allowed);
     let (mut a, mut c) = (count("webhook", 2).await.unwrap(), count("webhook", 2).await.unwrap());
     assert!(a.allowed && c.allowed && c.used == 5, "{c:?}");
@@ -222,6 +225,11 @@ async fn refunds<S: QuotaStore>(store: &S, prefix: &str) {
     store.refund(&acct, "webhook", 3, &mut uncounted, t).await.unwrap();
     assert_eq!(hooks().await.unwrap(), 5, "a denied or uncounted check gives nothing back");
     assert_eq!(store.usage(&acct, "email", t).await.unwrap(), 1, "nor takes an email off");
+    assert_eq!(
+        store.usage(&other, "webhook", t).await.unwrap(),
+        1,
+        "a refund gives back into the check's account only"
+    );
     assert!(!count("webhook", 1).await.unwrap().allowed, "the month is still full");
 
     // Copies of one decision each keep its count (refund one, not each):
