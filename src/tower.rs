@@ -498,6 +498,23 @@ impl fmt::Display for Refusal {
     }
 }
 
+/// An error, as [`AuthError`] is, so that a host can box it or log its
+/// chain; the source is the cause a variant holds, as with `AuthError`'s
+/// (none for [`Refusal::Scope`], whose text is the missing scope's own).
+impl std::error::Error for Refusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            Self::Auth(e) => Some(e),
+            Self::LimiterBackend(e) | Self::QuotaBackend(e) => Some(e),
+            Self::Target
+            | Self::UnknownPlan { .. }
+            | Self::RateLimited(_)
+            | Self::Scope(_)
+            | Self::Quota(_) => None,
+        }
+    }
+}
+
 /// A refused request: the typed reason, what the client sees, and the
 /// rate-limit headers its response carries. Found in the response
 /// extensions of every response the layer answers itself.
@@ -613,6 +630,23 @@ impl Refused {
         }
         res.extensions_mut().insert(self);
         res
+    }
+}
+
+/// The reason's text: `Refused` is the error of [`Gate::admit`] and
+/// [`Gate::charge`], so a handler returning `Box<dyn Error>` (or `anyhow`)
+/// can `?` it.
+impl fmt::Display for Refused {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.reason, f)
+    }
+}
+
+/// The reason's source: the reason itself is this error's text, so the
+/// chain does not repeat it.
+impl std::error::Error for Refused {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        std::error::Error::source(&*self.reason)
     }
 }
 

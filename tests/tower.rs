@@ -357,6 +357,36 @@ async fn refusals_carry_typed_reasons() {
     assert!(matches!(res.extensions().get::<Refused>().unwrap().reason(), Refusal::RateLimited(_)));
 }
 
+/// `Refused` (what `Gate::admit` and `Gate::charge` return) is an error: a
+/// host's handler returning `Box<dyn Error + Send + Sync>` (or `anyhow`)
+/// can `?` it, and its source is the typed reason's cause, for logs that
+/// walk the chain.
+#[tokio::test]
+async fn refusals_are_errors_whose_source_is_the_cause() {
+    fn boxed<E: std::error::Error + Send + Sync + 'static>(e: E) -> Box<dyn std::error::Error> {
+        Box::new(e)
+    }
+    let f = fixture().await;
+    let app = app(&f, FailMode::Closed, FailMode::Closed);
+    let res = get_events(&app, "nh_nope").await;
+    let refused = res.extensions().get::<Refused>().unwrap().clone();
+    let reason = refused.reason().to_string();
+    assert!(reason.starts_with("authentication failed: "), "{reason}");
+    let e = boxed(refused);
+    assert_eq!(e.to_string(), reason);
+    let cause = e.source().expect("the authentication error");
+    assert!(cause.downcast_ref::<AuthError>().is_some(), "{cause:?}");
+    // The store down, failing closed: the limiter's failure is the cause.
+    f.switch.set_down();
+    let res = get_events(&app, &f.key).await;
+    let refused = res.extensions().get::<Refused>().unwrap();
+    assert!(matches!(refused.reason(), Refusal::LimiterBackend(_)), "{}", refused.reason());
+    let e = boxed(refused.clone());
+    assert!(e.source().and_then(|c| c.downcast_ref::<BackendError>()).is_some());
+    // A reason with no cause of its own has no source.
+    assert!(boxed(Refusal::Target).source().is_none());
+}
+
 #[tokio::test]
 async fn unknown_plan_is_a_deployment_error_not_a_free_pass() {
     let f = fixture().await;
