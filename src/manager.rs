@@ -71,6 +71,19 @@ fn distinct(scopes: Arc<[Scope]>) -> Arc<[Scope]> {
 #[error("expiry must be one of 30d, 90d, 1y, never")]
 pub struct TokenExpiryError;
 
+/// The name [`FromStr`] reads (`30d`, `90d`, `1y`, `never`), so a choice
+/// written out reads back as itself.
+impl fmt::Display for TokenExpiry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Days30 => "30d",
+            Self::Days90 => "90d",
+            Self::Year1 => "1y",
+            Self::Never => "never",
+        })
+    }
+}
+
 impl FromStr for TokenExpiry {
     type Err = TokenExpiryError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {

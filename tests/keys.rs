@@ -1019,6 +1019,21 @@ async fn management_token_expiries_are_exact() {
     assert!("2y".parse::<TokenExpiry>().is_err());
 }
 
+/// A token expiry prints as the name it parses from (`30d`, `90d`, `1y`,
+/// `never`), so a host can echo or store the choice and read it back.
+#[test]
+fn token_expiry_names_round_trip() {
+    for (expiry, name) in [
+        (TokenExpiry::Days30, "30d"),
+        (TokenExpiry::Days90, "90d"),
+        (TokenExpiry::Year1, "1y"),
+        (TokenExpiry::Never, "never"),
+    ] {
+        assert_eq!(expiry.to_string(), name);
+        assert_eq!(name.parse(), Ok(expiry));
+    }
+}
+
 #[tokio::test]
 async fn rolling_keeps_grants_and_the_grace_never_outlives_expiry() {
     let f = fixture();
