@@ -633,6 +633,7 @@ impl<S: KeyStore> Authenticator<S> {
     /// and no deployment [`environment`](Self::environment) or
     /// [`region`](Self::region): a `test` key, or another region's, is
     /// accepted wherever a route's target does not say otherwise.
+    #[must_use]
     pub fn new(store: S) -> Self {
         Self {
             store,
@@ -655,6 +656,7 @@ impl<S: KeyStore> Authenticator<S> {
 
 impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// Uses `clock` for expiry, cache age and last use.
+    #[must_use]
     pub fn clock<C2: Clock>(self, clock: C2) -> Authenticator<S, C2> {
         Authenticator {
             store: self.store,
@@ -728,6 +730,7 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
 
     /// The clock this authenticator reads (for callers that stamp
     /// responses or count quotas on the same time line).
+    #[must_use]
     pub fn clock_ref(&self) -> &C {
         &self.clock
     }
@@ -846,11 +849,13 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     }
 
     /// The scope registry.
+    #[must_use]
     pub fn scope_registry(&self) -> &ScopeRegistry {
         &self.registry
     }
 
     /// The store.
+    #[must_use]
     pub fn store(&self) -> &S {
         &self.store
     }

@@ -45,11 +45,13 @@ pub enum BackendError {
 
 impl BackendError {
     /// Wraps a client error as [`BackendError::Unavailable`].
+    #[must_use]
     pub fn unavailable(source: impl StdError + Send + Sync + 'static) -> Self {
         Self::Unavailable { source: Box::new(source) }
     }
 
     /// A [`BackendError::Corrupt`] describing `what`.
+    #[must_use]
     pub fn corrupt(what: impl fmt::Display) -> Self {
         Self::Corrupt { what: what.to_string() }
     }

@@ -120,6 +120,7 @@ pub struct NewKey {
 impl NewKey {
     /// A key named `name` of `format` for `tenant`, with no scopes, the
     /// format's default environment and region, and no expiry.
+    #[must_use]
     pub fn new(name: impl Into<String>, format: KeyFormat, tenant: Tenant) -> Self {
         Self {
             name: name.into(),
@@ -397,6 +398,7 @@ impl<S, C> fmt::Debug for KeyManager<S, C> {
 impl<S: KeyStore> KeyManager<S> {
     /// A manager over `store`: SHA-256 digests, preset formats, the default
     /// scope registry, the system clock, at most 10 active keys per project.
+    #[must_use]
     pub fn new(store: S) -> Self {
         Self {
             store,
@@ -413,6 +415,7 @@ impl<S: KeyStore> KeyManager<S> {
 
 impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// Uses `clock` for creation and expiry times.
+    #[must_use]
     pub fn clock<C2: Clock>(self, clock: C2) -> KeyManager<S, C2> {
         KeyManager {
             store: self.store,
@@ -475,6 +478,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     }
 
     /// The store.
+    #[must_use]
     pub fn store(&self) -> &S {
         &self.store
     }

@@ -286,6 +286,7 @@ impl<P: PortalStore, S: KeyStore> Portal<P, S> {
     /// mints nothing ([`PortalError::UrlTemplate`]) until
     /// [`url_template`](Self::url_template) says where links point: a
     /// placeholder host would hand working codes to a third party's domain.
+    #[must_use]
     pub fn new(sessions: P, keys: S) -> Self {
         let registry = Arc::new(ScopeRegistry::default());
         Self {
@@ -304,6 +305,7 @@ impl<P: PortalStore, S: KeyStore> Portal<P, S> {
 
 impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// Uses `clock`.
+    #[must_use]
     pub fn clock<C2: Clock>(self, clock: C2) -> Portal<P, S, C2> {
         Portal {
             sessions: self.sessions,

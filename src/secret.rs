@@ -25,6 +25,7 @@ pub type SecretString = Secret<str>;
 
 impl<S: Zeroize> Secret<S> {
     /// Wraps `value`; it is zeroized when the wrapper is dropped.
+    #[must_use]
     pub fn new(value: S) -> Self {
         Self(Box::new(value))
     }

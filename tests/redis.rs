@@ -857,7 +857,8 @@ async fn one_of_each(redis: &Redis) -> Result<(), BackendError> {
     let plan = [hour("default", 1_000_000, Algorithm::Gcra)];
     let rules = [QuotaRule::new("n", 1_000_000, &["email"])];
     assert!(redis.limiter().check("k", &plan, 1, CheckMode::Consume).await?.is_allowed());
-    redis.portal().redeem(&Digest::from_bytes([3; 32]), now).await?;
+    let never_minted = redis.portal().redeem(&Digest::from_bytes([3; 32]), now).await?;
+    assert_eq!(never_minted, Redeem::Unknown);
     assert!(
         redis.quota().check_and_count("a", &rules, "email", 1, now).await?.rejection().is_none()
     );

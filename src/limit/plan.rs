@@ -23,6 +23,7 @@ pub struct QuotaRule {
 
 impl QuotaRule {
     /// A rule named `name` allowing `limit` units a month of `counts`.
+    #[must_use]
     pub fn new(name: impl Into<String>, limit: u64, counts: &[&str]) -> Self {
         Self { name: name.into(), limit, counts: counts.iter().map(|&c| c.to_owned()).collect() }
     }

@@ -48,6 +48,7 @@ pub struct PortalSession {
 }
 
 /// What redeeming a code found.
+#[must_use = "only `Session` admits the code's holder"]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Redeem {
