@@ -117,7 +117,9 @@ fn bench(crit: &mut Criterion) {
                 let mut bytes = [9u8; 32];
                 bytes[..8].copy_from_slice(&counter.to_le_bytes());
                 let digest = Digest::from_bytes(bytes);
-                store.insert_sync(digest, keygate::testkit::portal::sample_session(600), now);
+                let fresh =
+                    store.insert_sync(digest, keygate::testkit::portal::sample_session(600), now);
+                assert!(fresh, "a code of its own");
                 digest
             },
             |digest| store.redeem_sync(black_box(&digest), now),

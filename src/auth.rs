@@ -290,6 +290,7 @@ impl fmt::Debug for Principal {
 /// A principal lacks the scope a request needs.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("missing scope `{scope}`")]
+#[non_exhaustive]
 pub struct MissingScope {
     /// The required scope.
     pub scope: String,

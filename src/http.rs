@@ -143,6 +143,7 @@ pub enum Rejection {
 
 /// An HTTP response as plain data.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Response {
     /// Status code.
     pub status: u16,

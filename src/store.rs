@@ -23,6 +23,7 @@ use crate::secret::OsBatch;
 /// A string id failed its grammar: 1 to 64 ASCII letters, digits, `_` or `-`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("{what} must be 1 to 64 ASCII letters, digits, `_` or `-`")]
+#[non_exhaustive]
 pub struct IdError {
     /// Which id.
     pub what: &'static str,

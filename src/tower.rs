@@ -381,6 +381,7 @@ impl<S, L, Q, C> GateBuilder<S, L, Q, C> {
 /// A plan name the gate's plans lack ([`GateBuilder::try_build`]).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("plan `{plan}` is not among the gate's plans")]
+#[non_exhaustive]
 pub struct UnknownPlan {
     /// The name.
     pub plan: String,

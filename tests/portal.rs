@@ -558,7 +558,7 @@ fn expired_sessions_do_not_accumulate() {
         let now = jiff::Timestamp::from_second(1_767_225_600 + i64::try_from(i).unwrap()).unwrap();
         session.created_at = now;
         session.expires_at = now.checked_add(jiff::SignedDuration::from_secs(60)).unwrap();
-        store.insert_sync(keygate::Digest::from_bytes(b), session.clone(), now);
+        assert!(store.insert_sync(keygate::Digest::from_bytes(b), session.clone(), now));
     }
     // Live: 60 s of sessions plus an hour of retained tombstones, ~3,660.
     assert!(store.len() < 20_000, "{} entries", store.len());
@@ -578,7 +578,7 @@ fn a_store_on_a_clock_ahead_of_the_systems_still_purges() {
         let now = clock.now();
         session.created_at = now;
         session.expires_at = now + jiff::SignedDuration::from_secs(60);
-        store.insert_sync(keygate::Digest::from_bytes(b), session.clone(), now);
+        assert!(store.insert_sync(keygate::Digest::from_bytes(b), session.clone(), now));
         clock.advance(Duration::from_secs(1));
     }
     assert!(store.len() < 20_000, "{} entries", store.len());

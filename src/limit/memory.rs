@@ -32,6 +32,7 @@ use crate::clock::{Clock, SystemClock};
 /// exceed its quota.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("rate limiter is tracking its maximum of {max} keys, all still limiting")]
+#[non_exhaustive]
 pub struct CapacityError {
     /// The configured cap ([`MemoryLimiter::max_keys`]).
     pub max: usize,

@@ -66,6 +66,7 @@ pub struct Plan {
 /// Why a plan or plan file was refused; `field` names where.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{field}: {message}")]
+#[non_exhaustive]
 pub struct PlanError {
     /// Path of the offending field, e.g. `plans.tiny.rate[0].limit`.
     pub field: String,

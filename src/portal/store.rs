@@ -196,6 +196,8 @@ impl MemoryPortalStore {
     }
 
     /// Synchronous [`PortalStore::insert`]; `now` drives in-band purging.
+    /// `false`: the code is another session's (never hand it out).
+    #[must_use = "`false` means the code is another session's: never hand it out"]
     pub fn insert_sync(&self, code: Digest, session: PortalSession, now: Timestamp) -> bool {
         let mut shard = self.shard(&code).lock().unwrap_or_else(PoisonError::into_inner);
         if shard.map.len() >= shard.purge_at {
