@@ -55,7 +55,7 @@ pub(crate) fn signed_duration(d: Duration) -> jiff::SignedDuration {
 
 /// A duration in whole nanoseconds, saturating at `u64::MAX` (584 years).
 #[must_use]
-pub fn duration_nanos(d: Duration) -> u64 {
+pub(crate) fn duration_nanos(d: Duration) -> u64 {
     u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
 }
 

@@ -164,7 +164,7 @@ impl Response {
 
 /// Whole seconds in `d`, rounded up: a 100 ms wait is `1`, never `0`.
 #[must_use]
-pub fn ceil_secs(d: Duration) -> u64 {
+pub(crate) fn ceil_secs(d: Duration) -> u64 {
     d.as_secs().saturating_add(u64::from(d.subsec_nanos() > 0))
 }
 
