@@ -312,6 +312,22 @@ impl FromStr for Role {
     }
 }
 
+/// A role is its name (`"editor"`), as the session request spells it.
+#[cfg(feature = "serde")]
+impl serde::Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 /// The resources and actions a deployment knows, built once at start-up.
 /// Every scope is compiled against it into a [`ScopeSet`].
 ///
@@ -646,6 +662,23 @@ mod tests {
         assert!(viewer.is_subset_of(&editor) && editor.is_subset_of(&admin));
         assert_eq!("editor".parse::<Role>(), Ok(Role::Editor));
         assert_eq!("owner".parse::<Role>(), Err(RoleError));
+    }
+
+    /// A role (feature `serde`) is its name, as the session request and the
+    /// access token's `portal.role` spell it; any other name is refused.
+    #[cfg(feature = "serde")]
+    #[test]
+    fn a_role_is_its_name_through_serde() {
+        for role in [Role::Admin, Role::Editor, Role::Viewer] {
+            let text = serde_json::to_string(&role).unwrap();
+            assert_eq!(text, format!("\"{role}\""));
+            assert_eq!(serde_json::from_str::<Role>(&text).unwrap(), role);
+        }
+        for bad in [r#""owner""#, r#""Admin""#, r#""""#, "0", "null"] {
+            assert!(serde_json::from_str::<Role>(bad).is_err(), "{bad}");
+        }
+        let e = serde_json::from_str::<Role>(r#""owner""#).unwrap_err();
+        assert!(e.to_string().contains("admin, editor, viewer"), "{e}");
     }
 
     #[test]

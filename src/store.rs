@@ -210,7 +210,7 @@ fn narrower<T: PartialEq>(credential: Option<&T>, target: Option<&T>) -> bool {
 /// with `deserialize_with`, serde reports a missing field as an error
 /// instead of reading it as `None`.
 #[cfg(feature = "serde")]
-fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+pub(crate) fn present<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: serde::Deserialize<'de>,

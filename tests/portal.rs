@@ -6,10 +6,13 @@ use std::time::Duration;
 
 use keygate::auth::{AuthError, Authenticator, PrincipalCache, Target};
 use keygate::clock::{Clock, FakeClock};
-use keygate::format::{Environment, NH, NHM};
+use keygate::format::{Environment, NH, NHM, Region};
 use keygate::http::{BodyStyle, Rejection};
 use keygate::manager::{KeyManager, ManagerError, NewKey, TokenExpiry};
-use keygate::portal::{self, MemoryPortalStore, Portal, PortalError, SessionRequest};
+use keygate::portal::{
+    self, MemoryPortalStore, Portal, PortalError, PortalSession, SessionRequest,
+};
+use keygate::scope::Role;
 use keygate::store::{KeyStore, MemoryKeyStore, Tenant};
 
 #[path = "support/failing.rs"]
@@ -732,4 +735,68 @@ async fn a_code_is_redeemed_once_whatever_the_clock_does() {
         auth.authenticate(headers, &Target::any()).await.unwrap_err(),
         AuthError::Expired { .. }
     ));
+}
+
+/// Any time jiff holds, the range's ends most of all.
+fn any_time() -> impl proptest::strategy::Strategy<Value = jiff::Timestamp> {
+    use jiff::Timestamp;
+    use proptest::prelude::*;
+    let (min, max) = (Timestamp::MIN.as_nanosecond(), Timestamp::MAX.as_nanosecond());
+    prop_oneof![
+        Just(Timestamp::MIN),
+        Just(Timestamp::MAX),
+        (min..=max).prop_map(|ns| Timestamp::from_nanosecond(ns).unwrap()),
+    ]
+}
+
+proptest::proptest! {
+    /// A session a host's store keeps as JSON (feature `serde`) reads back
+    /// equal in every field: any role and metadata, each optional field set
+    /// or not, times anywhere in jiff's range.
+    #[test]
+    fn a_session_reads_back_equal_through_serde(
+        role in proptest::sample::select(vec![Role::Admin, Role::Editor, Role::Viewer]),
+        metadata in proptest::collection::btree_map(".*", ".*", 0..4),
+        created in any_time(),
+        expires in any_time(),
+        (env, region, minter) in proptest::prelude::any::<(bool, bool, bool)>(),
+    ) {
+        let mut s = keygate::testkit::portal::sample_session(60);
+        s.role = role;
+        s.metadata = metadata;
+        (s.created_at, s.expires_at) = (created, expires);
+        s.environment = env.then_some(Environment::LIVE);
+        s.region = region.then_some(Region::US);
+        s.minter = minter.then(|| "key_m".parse().unwrap());
+        let text = serde_json::to_string(&s).unwrap();
+        let back: PortalSession = serde_json::from_str(&text).unwrap();
+        proptest::prop_assert_eq!(back, s);
+    }
+}
+
+/// A session read back from JSON (feature `serde`) that lacks a field
+/// whose absence would widen it — its environment or region (valid on
+/// every one), its minter (one no revocation stops) or its expiry — is
+/// refused, naming the field: `Serialize` writes them all, `null` for
+/// none, so a missing one is damage, not "none". Unknown fields are
+/// ignored, as for `KeyRecord` (a document store's own `_id`).
+#[test]
+fn a_session_missing_a_field_whose_absence_widens_it_does_not_read() {
+    let s = keygate::testkit::portal::sample_session(60);
+    let full = serde_json::to_value(&s).unwrap();
+    assert_eq!(serde_json::from_value::<PortalSession>(full.clone()).unwrap(), s);
+    assert_eq!(full["role"], "editor");
+    for field in ["environment", "region", "minter", "expires_at"] {
+        let mut v = full.clone();
+        assert!(v.as_object_mut().unwrap().remove(field).is_some(), "{field}");
+        let e = serde_json::from_value::<PortalSession>(v).unwrap_err();
+        assert!(e.to_string().contains(field), "{field}: {e}");
+    }
+    // `null` is none, as `Serialize` writes it.
+    let mut v = full.clone();
+    v["minter"] = serde_json::Value::Null;
+    assert_eq!(serde_json::from_value::<PortalSession>(v).unwrap().minter, None);
+    let mut v = full;
+    v["_id"] = "65f0c0ffee".into();
+    assert_eq!(serde_json::from_value::<PortalSession>(v).unwrap(), s);
 }

@@ -15,7 +15,25 @@ use crate::secret::{Digest, DigestBuildHasher};
 use crate::store::{ApplicationId, RecordId, WorkspaceId};
 
 /// A minted portal session, stored under its code's digest.
+///
+/// With feature `serde`, it serializes (for a host's own [`PortalStore`])
+/// with its field names, times in RFC 3339 and the role by name. Its
+/// `Deserialize` wants the fields whose absence would widen the session —
+/// `environment`, `region`, `minter`, as `KeyRecord`'s do — present, `null`
+/// for none (as `Serialize` writes them): a document missing one is
+/// damaged, and reading it as "none" would open a portal valid in every
+/// environment and region, or one no revocation of its minter stops. The
+/// rest, `expires_at` included, are required as any non-`Option` field.
+/// Unknown fields are ignored, as for `KeyRecord` (a document store's own
+/// `_id`).
+///
+/// `RedisPortalStore` does not use this encoding; its own is kept so that
+/// stored sessions stay readable: short field names (`ws`, `app`, `meta`,
+/// `created`, `expires`, `env`), times as 21-digit sortable nanosecond
+/// strings, and a missing `env`, `region` or `minter` read as none (a
+/// session stored before it carried them). Neither reads the other's.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PortalSession {
     /// The workspace.
     pub workspace: WorkspaceId,
@@ -33,8 +51,10 @@ pub struct PortalSession {
     /// The minting token's environment (`test`, `live`), carried to the
     /// access token: authentication enforces it there as on the minter,
     /// so a `test` token's portal never reaches `live`.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::store::present"))]
     pub environment: Option<Environment>,
     /// The minting token's region, carried to the access token likewise.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::store::present"))]
     pub region: Option<Region>,
     /// The minting management token's record. Redeeming checks that it is
     /// still active (a revoked minter's links stop; see
@@ -44,6 +64,7 @@ pub struct PortalSession {
     /// so revoking the minter through the `KeyManager` revokes the tokens
     /// too. `None` (a session stored before sessions named their minter)
     /// skips the check.
+    #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::store::present"))]
     pub minter: Option<RecordId>,
 }
 
