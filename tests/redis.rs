@@ -147,6 +147,32 @@ async fn a_portal_code_whose_stored_end_keygate_did_not_write_is_corrupt_data() 
     }
 }
 
+/// A stored session without its environment, region or minter (every
+/// session keygate writes names all three, `null` for none) was read as
+/// none: a session valid in every environment and region, out of reach
+/// of its minter's revocation. Written by something else, it is corrupt.
+#[tokio::test]
+async fn a_portal_session_missing_a_field_that_narrows_it_is_corrupt_data() {
+    use ::redis::AsyncCommands;
+    use keygate::testkit::portal::sample_session;
+    let server = RedisServer::start();
+    let redis = connect(&server, "pm").await;
+    let portal = redis.portal();
+    let mut conn = redis.connection();
+    let now = sample_session(60).created_at;
+    for (i, field) in ["env", "region", "minter"].into_iter().enumerate() {
+        let code = Digest::from_bytes([u8::try_from(i).unwrap() + 1; 32]);
+        assert!(portal.insert(code, sample_session(60)).await.unwrap());
+        let key = format!("pm:portal:{}", code.to_hex());
+        let stored: String = conn.hget(&key, "s").await.unwrap();
+        let mut v: serde_json::Value = serde_json::from_str(&stored).unwrap();
+        assert!(v.as_object_mut().unwrap().remove(field).is_some(), "{field} is written");
+        let _: i64 = conn.hset(&key, "s", v.to_string()).await.unwrap();
+        let r = portal.redeem(&code, now).await;
+        assert!(matches!(r, Err(BackendError::Corrupt { .. })), "{field}: {r:?}");
+    }
+}
+
 #[tokio::test]
 async fn the_key_store_reads_records_over_resp3_too() {
     let server = RedisServer::start();

@@ -30,8 +30,8 @@ use crate::store::{ApplicationId, RecordId, WorkspaceId};
 /// `RedisPortalStore` does not use this encoding; its own is kept so that
 /// stored sessions stay readable: short field names (`ws`, `app`, `meta`,
 /// `created`, `expires`, `env`), times as 21-digit sortable nanosecond
-/// strings, and a missing `env`, `region` or `minter` read as none (a
-/// session stored before it carried them). Neither reads the other's.
+/// strings; it too refuses a stored session missing `env`, `region` or
+/// `minter` (corrupt data). Neither reads the other's.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct PortalSession {

@@ -112,10 +112,26 @@ fn decode(s: &str) -> Result<PortalSession, BackendError> {
         metadata,
         created_at: from_sortable(field(m, "created")?).ok_or_else(|| bad("created"))?,
         expires_at: from_sortable(field(m, "expires")?).ok_or_else(|| bad("expires"))?,
-        environment: opt_field(m, "env", bad)?,
-        region: opt_field(m, "region", bad)?,
-        minter: opt_field(m, "minter", bad)?,
+        environment: narrowing(m, "env")?,
+        region: narrowing(m, "region")?,
+        minter: narrowing(m, "minter")?,
     })
+}
+
+/// Field `k`, which narrows a session (its environment, region, minter):
+/// every session this store writes names it, `null` for none. Absent, the
+/// session was written by something else, and reading it as none would
+/// widen it (valid in every environment and region, out of reach of its
+/// minter's revocation): corrupt data.
+fn narrowing<T: std::str::FromStr>(
+    m: &Map<String, Value>,
+    k: &str,
+) -> Result<Option<T>, BackendError> {
+    let bad = |what: &str| BackendError::corrupt(format!("portal {what}"));
+    if !m.contains_key(k) {
+        return Err(bad(k));
+    }
+    opt_field(m, k, bad)
 }
 
 /// Sessions that ended at or before this are past their tombstone
