@@ -452,8 +452,9 @@ struct Locked<K> {
     /// Serialises every change of which keys are tracked, and table swaps.
     writer: Mutex<Tracked>,
     multis: RwLock<HashTable<(K, Box<Mutex<KeyState>>)>>,
-    /// The writer's `next_purge` when it last released the lock: what a
-    /// walk reads without taking the lock.
+    /// The writer's `next_purge` when it last released the lock (never,
+    /// `u64::MAX`, while a purge holds it): what a walk and a refund read
+    /// without taking the lock.
     due: AtomicU64,
 }
 
@@ -1322,6 +1323,13 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// one becomes so. The caller holds the shard's writer lock
     /// (`tracked`).
     fn purge<T: Tag>(&self, shard: &Shard<K, T>, tracked: &mut Tracked, now: u64) {
+        // No purge time is published until the lock is released: the one
+        // set here comes from copies of the words, and a lock-free refund
+        // that lands on a copy meanwhile (see `refund_in`) must wait for
+        // it, not trust the time from before. Walks skip the shard
+        // meanwhile: its release lowers `walk_at` to the time it
+        // publishes.
+        shard.locked.0.due.store(u64::MAX, Ordering::SeqCst);
         tracked.purged_at = tracked.purged_at.max(now);
         let mut next = u64::MAX;
         shard.multis_mut().retain(|(_, m)| {
@@ -1476,13 +1484,20 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             if let Some((_, i)) = self.word_form(one, false)
                 && let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
             {
-                // A refund can make the key fresh (a window back to zero):
-                // then the next purge may free it now. Only then is the
-                // writer's lock taken; other refunds stay lock-free.
+                // A refund can make the key fresh sooner (GCRA time given
+                // back, a window back to zero) than the shard's next purge,
+                // which must come no later. Only then is the writer's lock
+                // taken; other refunds stay lock-free. `due` is that purge
+                // time as the writer last published it: a writer holding
+                // the lock now only lowers it, or purges; a purge reads
+                // this word as refunded (it kills the slot after the
+                // refund's swap, or the refund would have found it dead),
+                // or copied it before, and then `due` reads as never (see
+                // `purge`) until the purge's own time is published.
                 if refund_word(state, p, now, cost, receipt, fresh) {
-                    if word_fresh_at(state.load(Ordering::Acquire)) <= now {
-                        let mut tracked = shard.writer(&self.census.0);
-                        tracked.next_purge = tracked.next_purge.min(now);
+                    let at = word_fresh_at(state.load(Ordering::Acquire));
+                    if at < shard.locked.0.due.load(Ordering::SeqCst) {
+                        sooner_purge(shard, &self.census.0, at);
                     }
                     continue;
                 }
@@ -1492,9 +1507,8 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 if let Probe::Found(state) = shard.tables[i].0.load().find(hash, key)
                     && refund_word(state, p, now, cost, receipt, fresh)
                 {
-                    if word_fresh_at(state.load(Ordering::Acquire)) <= now {
-                        tracked.next_purge = tracked.next_purge.min(now);
-                    }
+                    let at = word_fresh_at(state.load(Ordering::Acquire));
+                    tracked.next_purge = tracked.next_purge.min(at);
                     continue;
                 }
             }

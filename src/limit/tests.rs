@@ -963,6 +963,24 @@ fn keys_refunded_to_nothing_make_room_for_new_ones() {
 }
 
 #[test]
+fn a_key_refunded_to_an_earlier_fresh_time_makes_room_from_then() {
+    // Two a 10 s period: a check of both borrows 10 s, and a refund of one
+    // gives 5 s back. A full limiter that refused a new key while the key
+    // was fresh in 10 s makes room from 5 s on.
+    let p = [Policy::new("g", 2, Duration::from_secs(10), Algorithm::Gcra).unwrap()];
+    for n in [1, 256] {
+        let c = clock();
+        let l = MemoryLimiter::<u64, _>::with_shards(1, c.clone(), n);
+        let mut d = l.check(&1, &p, 2).unwrap();
+        assert!(l.check(&2, &p, 1).is_err(), "full");
+        l.refund(&1, &p, 1, &mut d);
+        c.advance(Duration::from_secs(6));
+        assert!(l.peek(&1, &p, 2).unwrap().is_allowed(), "not fresh yet");
+        assert!(l.check(&2, &p, 1).is_ok_and(|d| d.is_allowed()), "{n} shards: refused");
+    }
+}
+
+#[test]
 fn extreme_clocks_do_not_panic() {
     // Debug builds check overflow: a wall clock that jumps by five
     // centuries (a custom clock), and a monotonic clock near its end.
