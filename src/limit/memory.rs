@@ -2055,6 +2055,150 @@ mod tests {
         }
     }
 
+    /// One step of a random workload on a limiter of few keys: a refund
+    /// gives back from the key's last check, under its plan or another.
+    #[derive(Debug, Clone)]
+    enum Op {
+        Check { key: u64, plan: usize, cost: u32 },
+        Peek { key: u64, plan: usize, cost: u32 },
+        Refund { key: u64, plan: Option<usize>, cost: u32 },
+        Advance { ms: u64 },
+        Rewind { ms: u64 },
+    }
+
+    /// Plans that move keys between every form: one-word GCRA and fixed
+    /// windows under one name (a plan change: a longer GCRA converted back
+    /// to a shorter one), a sliding window and a stack under that name
+    /// (the locked form, taking over the words), a second name's words
+    /// beside them, and more names than one-word tables.
+    fn census_plans() -> Vec<Vec<Policy>> {
+        let p = |name, limit, ms, algorithm| {
+            Policy::new(name, limit, Duration::from_millis(ms), algorithm).unwrap()
+        };
+        let (gcra, fixed, sliding) =
+            (Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow);
+        vec![
+            vec![p("a", 2, 1_000, gcra)],
+            vec![p("a", 3, 60_000, gcra)],
+            vec![p("a", 2, 4_000, fixed)],
+            vec![p("a", 2, 2_000, sliding)],
+            vec![p("a", 2, 1_000, gcra), p("b", 3, 5_000, gcra)],
+            vec![p("b", 3, 5_000, gcra)],
+            vec![p("c", 1, 500, fixed)],
+            vec![p("d", 2, 3_000, gcra)],
+            vec![p("e", 2, 3_000, gcra)],
+        ]
+    }
+
+    fn census_op(plans: usize) -> impl Strategy<Value = Op> {
+        let args = (0..24u64, 0..plans, 1..4u32);
+        prop_oneof![
+            6 => args.clone().prop_map(|(key, plan, cost)| Op::Check { key, plan, cost }),
+            1 => args.clone().prop_map(|(key, plan, cost)| Op::Peek { key, plan, cost }),
+            2 => (args, any::<bool>()).prop_map(|((key, plan, cost), own)| {
+                Op::Refund { key, plan: (!own).then_some(plan), cost }
+            }),
+            2 => prop_oneof![0..2_000u64, 0..40_000u64].prop_map(|ms| Op::Advance { ms }),
+            1 => (0..3_000u64).prop_map(|ms| Op::Rewind { ms }),
+        ]
+    }
+
+    /// Keys tracked whose state is indistinguishable from fresh at `now`
+    /// (what a purge at `now` forgets).
+    fn gone_fresh(l: &MemoryLimiter<u64, crate::clock::FakeClock>, now: u64) -> usize {
+        let Shards::Plain(shards) = &l.shards else { unreachable!("u64 keys are plain") };
+        let fresh_word = |e: &Entry<u64, ()>| {
+            let w = e.state.load(Ordering::Acquire);
+            w != DEAD && word_fresh_at(w) <= now
+        };
+        shards
+            .iter()
+            .map(|shard| {
+                // The bare lock: a `Writer` would settle and publish on
+                // release, and so mend what the test looks for.
+                let _writer = shard.locked.0.writer.lock().unwrap();
+                let tables = shard.tables.iter().map(|t| {
+                    t.0.load()
+                        .slots
+                        .iter()
+                        .filter_map(OnceLock::get)
+                        .filter(|e| fresh_word(e))
+                        .count()
+                });
+                let multis =
+                    shard.multis().iter().filter(|(_, m)| lock_state(m).fresh_at <= now).count();
+                tables.sum::<usize>() + multis
+            })
+            .sum()
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// The limiter's count of tracked keys stays within the cap and,
+        /// once no check runs, equals the keys tracked, whatever mix of
+        /// new keys, purges, moves between the forms, plan changes,
+        /// refunds, peeks and refusals 1 to 4 threads make; and no new
+        /// key is refused while a key has gone fresh, but when another
+        /// thread is at work.
+        #[test]
+        fn the_census_counts_the_keys_tracked_and_refuses_only_when_none_is_fresh(
+            cap in 1..12usize,
+            shards in prop_oneof![Just(1usize), Just(2), Just(4), Just(256)],
+            threads in prop::collection::vec(
+                prop::collection::vec(census_op(census_plans().len()), 1..150),
+                1..=4,
+            ),
+        ) {
+            let clock = crate::clock::FakeClock::at_2026();
+            let l = MemoryLimiter::<u64, _>::with_shards(cap, clock.clone(), shards);
+            let plans = census_plans();
+            let alone = threads.len() == 1;
+            let run = |ops: &[Op]| -> Result<(), TestCaseError> {
+                // Each key's last check, and its plan.
+                let mut last = std::collections::HashMap::<u64, (usize, Decision)>::new();
+                for op in ops {
+                    match *op {
+                        Op::Check { key, plan, cost } => match l.check(&key, &plans[plan], cost) {
+                            Ok(d) => {
+                                last.insert(key, (plan, d));
+                            }
+                            Err(_) if alone => {
+                                let now = l.wall.time(&l.clock);
+                                prop_assert_eq!(gone_fresh(&l, now), 0, "refused: {:?}", op);
+                            }
+                            Err(_) => {}
+                        },
+                        Op::Peek { key, plan, cost } => {
+                            prop_assert!(l.peek(&key, &plans[plan], cost).is_ok());
+                        }
+                        Op::Refund { key, plan, cost } => {
+                            if let Some((own, d)) = last.get_mut(&key) {
+                                l.refund(&key, &plans[plan.unwrap_or(*own)], cost, d);
+                            }
+                        }
+                        Op::Advance { ms } => clock.advance(Duration::from_millis(ms)),
+                        Op::Rewind { ms } => clock.rewind(Duration::from_millis(ms)),
+                    }
+                    prop_assert!(l.census.0.count.load(Ordering::Relaxed) <= cap);
+                }
+                Ok(())
+            };
+            std::thread::scope(|s| {
+                let running: Vec<_> = threads.iter().map(|ops| s.spawn(|| run(ops))).collect();
+                running.into_iter().try_for_each(|t| t.join().unwrap())
+            })?;
+            let tracked = l.len();
+            prop_assert_eq!(l.census.0.count.load(Ordering::Relaxed), tracked);
+            prop_assert!(tracked <= cap);
+            // No thread holds a lock now: whatever the threads left in the
+            // purge times and the walk hint, a key gone fresh makes room.
+            if l.check(&u64::MAX, &plans[0], 1).is_err() {
+                let now = l.wall.time(&l.clock);
+                prop_assert_eq!(gone_fresh(&l, now), 0, "refused once the threads were done");
+            }
+        }
+    }
+
     /// At the cap, a new key whose shard holds only keys still limiting
     /// takes the place of a key gone fresh in another shard (one-word or
     /// locked), and the limiter stays within its cap.
