@@ -204,8 +204,10 @@ fn table_rebuilds_and_moves_lose_no_update_under_concurrent_checks() {
     const KEYS: u64 = 3000;
     const LIMIT: u32 = 4;
     let clock = FakeClock::at_2026();
-    // A cap just above the number of states: shards fill up and purge
-    // (finding nothing fresh) while the tables grow from empty.
+    // A cap above the number of states, so no key is refused: the tables
+    // grow from empty. (The limiter-wide count never reaches the cap here,
+    // so nothing is purged: see
+    // `purges_at_the_cap_lose_no_update_of_keys_still_limiting`.)
     let l = MemoryLimiter::<u64, _>::with_clock(3 * KEYS as usize, clock);
     let gcra = |name, limit, secs| {
         Policy::new(name, limit, Duration::from_secs(secs), Algorithm::Gcra).unwrap()
@@ -311,6 +313,66 @@ fn a_key_in_both_forms_is_not_decided_on_the_locked_form_while_its_table_is_copi
             assert_eq!(total, LIMIT - 1, "round {round}, key {k}");
         }
     }
+}
+
+/// At the cap, every new key purges a shard (its own, or one a walk finds
+/// due) and so copies that shard's tables, while other threads check the
+/// keys in them without a lock. Keys still limiting keep every update
+/// through those copies: each admits exactly its limit.
+#[test]
+fn purges_at_the_cap_lose_no_update_of_keys_still_limiting() {
+    const KEYS: u64 = 1000;
+    const LIMIT: u32 = 4;
+    let clock = FakeClock::at_2026();
+    // The keys under test, and a few places for keys that limit for a
+    // millisecond: each new one finds the limiter full and a key gone fresh.
+    let l = MemoryLimiter::<u64, _>::with_clock(KEYS as usize + 8, clock.clone());
+    let gcra = |limit, period| Policy::new("d", limit, period, Algorithm::Gcra).unwrap();
+    // One unit back in 900 s: more than the clock moves in this test.
+    let hour = [gcra(LIMIT, Duration::from_secs(3600))];
+    let brief = [gcra(1, Duration::from_millis(1))];
+    for k in 0..KEYS {
+        assert!(l.check(&k, &hour, 1).unwrap().is_allowed());
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let wins: Vec<Vec<u32>> = std::thread::scope(|s| {
+        let checkers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (l, hour, done) = (&l, &hour, &done);
+                s.spawn(move || {
+                    let mut wins = vec![0u32; KEYS as usize];
+                    let mut pass = 0u64;
+                    while pass < 4 * u64::from(LIMIT)
+                        || !done.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        pass += 1;
+                        for i in 0..KEYS {
+                            let k = (i * 7919 + t * 1013 + pass * 31) % KEYS;
+                            // A key still limiting is never refused room.
+                            wins[k as usize] +=
+                                u32::from(l.check(&k, hour, 1).unwrap().is_allowed());
+                        }
+                    }
+                    wins
+                })
+            })
+            .collect();
+        let (l2, brief, done2, clock) = (&l, &brief, &done, &clock);
+        s.spawn(move || {
+            for k in 0..50_000u64 {
+                let _ = l2.check(&(1_000_000 + k), brief, 1);
+                clock.advance(Duration::from_millis(1));
+            }
+            done2.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        checkers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for k in 0..KEYS as usize {
+        let total: u32 = wins.iter().map(|w| w[k]).sum();
+        // One unit was used before the race.
+        assert_eq!(total, LIMIT - 1, "key {k}");
+    }
+    assert!(l.len() <= l.max_keys());
 }
 
 /// On the real clock, a fixed window runs from one whole Unix second to the
