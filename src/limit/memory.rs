@@ -632,12 +632,8 @@ pub struct MemoryLimiter<K = String, C = SystemClock> {
     hasher: ahash::RandomState,
     max_keys: usize,
     /// The count of tracked keys and when a walk may free one. Padded: new
-    /// keys write it, and checks read the fields around it. Boxed: held
-    /// inline, its 128-byte alignment became the limiter's, and two
-    /// threads checking one key took 122 ns a check instead of 56 (the
-    /// limit bench, `keyed_2_thread/keygate/1`; the layout moved, not the
-    /// code).
-    census: Box<Padded<Census>>,
+    /// keys write it, and checks read the fields around it.
+    census: Padded<Census>,
     clock: C,
     wall: WallAnchor,
     /// The names with one-word tables, set in order, first come.
@@ -848,12 +844,12 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             hasher: ahash::RandomState::new(),
             // A limiter that could track no key would refuse every one.
             max_keys: max_keys.max(1),
-            census: Box::new(Padded(Census {
+            census: Padded(Census {
                 count: AtomicUsize::new(0),
                 walk_at: AtomicU64::new(0),
                 #[cfg(test)]
                 visits: AtomicUsize::new(0),
-            })),
+            }),
             wall: WallAnchor::new(&clock),
             word_names: Default::default(),
             clock,
