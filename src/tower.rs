@@ -39,8 +39,11 @@
 //! [`BodyStyle`], and carry a [`Refused`] in their response extensions so a
 //! logging layer further out can record the typed reason (which the client
 //! never sees). A store failure is a 503 unless the host chose
-//! [`FailMode::Open`] for the limiter or the quota store. Nothing blocks:
-//! every store call is awaited.
+//! [`FailMode::Open`] for the limiter or the quota store, for the gate
+//! ([`GateBuilder::limiter_fail_mode`]) or for one route
+//! ([`GateLayer::limiter_fail_mode`]; under nested layers, the mode of the
+//! layer that makes the check). Nothing blocks: every store call is
+//! awaited.
 //!
 //! Units are consumed when the limiter admits a request, before the
 //! tenant, scope and quota checks and before the handler runs: a 403, a
@@ -342,7 +345,8 @@ impl<S, L, Q, C> GateBuilder<S, L, Q, C> {
     /// [`FailMode::Closed`]: 503). Under [`FailMode::Open`] the request
     /// passes unlimited, with a [`FailedOpen`] in its extensions. A full
     /// `MemoryLimiter` (no room to track a new key) is such a failure too:
-    /// size it for the keys a window sees, or new keys pass unlimited.
+    /// size it for the keys a window sees, or new keys pass unlimited. A
+    /// route can choose otherwise ([`GateLayer::limiter_fail_mode`]).
     pub fn limiter_fail_mode(mut self, mode: FailMode) -> Self {
         self.inner.limit_fail = mode;
         self
@@ -350,7 +354,8 @@ impl<S, L, Q, C> GateBuilder<S, L, Q, C> {
 
     /// What a request gets when the quota store fails (default
     /// [`FailMode::Closed`]: 503). Under [`FailMode::Open`] the request
-    /// passes uncounted, with a [`FailedOpen`] in its extensions.
+    /// passes uncounted, with a [`FailedOpen`] in its extensions. A route
+    /// can choose otherwise ([`GateLayer::quota_fail_mode`]).
     pub fn quota_fail_mode(mut self, mode: FailMode) -> Self {
         self.inner.quota_fail = mode;
         self
@@ -427,6 +432,11 @@ pub struct Route {
     plan: Option<String>,
     target: Option<Arc<TargetFn>>,
     cost: Option<u32>,
+    /// What a limiter failure on this route gets, in place of the gate's
+    /// mode ([`GateLayer::limiter_fail_mode`]); `None` leaves the gate's.
+    limit_fail: Option<FailMode>,
+    /// Likewise for the quota store ([`GateLayer::quota_fail_mode`]).
+    quota_fail: Option<FailMode>,
     /// The cookie's name and its [`cookie_id`], hashed once here rather
     /// than per request.
     cookie: Option<(Cow<'static, str>, u64)>,
@@ -448,6 +458,8 @@ impl fmt::Debug for Route {
             .field("plan", &self.plan)
             .field("target", &self.target.is_some())
             .field("cost", &self.cost)
+            .field("limit_fail", &self.limit_fail)
+            .field("quota_fail", &self.quota_fail)
             .field("cookie", &self.cookie.as_ref().map(|(name, _)| name))
             .field("scheme", &self.scheme)
             .finish()
@@ -1255,6 +1267,17 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         route.style.unwrap_or(self.0.style)
     }
 
+    /// What a limiter failure on `route` gets: its own mode, else the gate's.
+    fn limit_fail(&self, route: &Route) -> FailMode {
+        route.limit_fail.unwrap_or(self.0.limit_fail)
+    }
+
+    /// What a quota store failure on `route` gets: its own mode, else the
+    /// gate's.
+    fn quota_fail(&self, route: &Route) -> FailMode {
+        route.quota_fail.unwrap_or(self.0.quota_fail)
+    }
+
     /// Runs every check of `route` for a request with `headers`, aimed at
     /// `target`. The framework-free core of the layer.
     ///
@@ -1340,7 +1363,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                     }
                     Cow::Owned(key) => self.check_owned(key, plan, cost).await,
                 };
-                match (checked, self.0.limit_fail) {
+                match (checked, self.limit_fail(route)) {
                     (Ok(d), _) => Some(d),
                     (Err(e), FailMode::Open) => {
                         failed.limiter = Some(Arc::new(e));
@@ -1392,7 +1415,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             // request's future would otherwise hold room for the store's
             // future and its decision.
             Some(category) => {
-                Box::pin(self.charge_plan(&principal, plan, category, 1, &mut failed.quota))
+                let mode = self.quota_fail(route);
+                Box::pin(self.charge_plan(&principal, plan, category, 1, mode, &mut failed.quota))
                     .await
                     .map_err(|r| with_headers(r.with_style(style)))?
             }
@@ -1407,7 +1431,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// here: on such routes, give keys their plan, or count with the route's
     /// `.quota(…)`. [`Charge::Uncounted`] when there is no quota store or
     /// no plan; [`Charge::FailedOpen`] when the quota store failed under
-    /// [`FailMode::Open`]: put that trace in the response's extensions
+    /// [`FailMode::Open`] (the gate's
+    /// [`quota_fail_mode`](GateBuilder::quota_fail_mode): a route's does
+    /// not apply here either): put that trace in the response's extensions
     /// ([`Charge::trace_into`]) and the layer keeps it beside its own, for
     /// the host's logs.
     ///
@@ -1474,7 +1500,8 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     ) -> Result<Charge, Refused> {
         let plan = self.plan_for(principal, &Route::default())?;
         let mut failed = None;
-        let counted = self.charge_plan(principal, plan, category, cost, &mut failed).await?;
+        let mode = self.0.quota_fail;
+        let counted = self.charge_plan(principal, plan, category, cost, mode, &mut failed).await?;
         Ok(match (counted, failed) {
             (Some(q), _) => Charge::Counted(q),
             (None, None) => Charge::Uncounted,
@@ -1552,14 +1579,15 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         })))
     }
 
-    /// Counts under `plan`; a store error under [`FailMode::Open`] is
-    /// `Ok(None)`, with the error left in `failed`.
+    /// Counts under `plan`; a store error under `mode` [`FailMode::Open`]
+    /// is `Ok(None)`, with the error left in `failed`.
     async fn charge_plan(
         &self,
         principal: &Principal,
         plan: Option<&Plan>,
         category: &str,
         cost: u64,
+        mode: FailMode,
         failed: &mut Option<Arc<BackendError>>,
     ) -> Result<Option<QuotaDecision>, Refused> {
         let (Some(quotas), Some(plan)) = (&self.0.quotas, plan) else { return Ok(None) };
@@ -1570,7 +1598,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                 None => Ok(Some(q)),
                 Some(rejection) => Err(Refused::new(Refusal::Quota(q), rejection, self.0.style)),
             },
-            Err(e) => match self.0.quota_fail {
+            Err(e) => match mode {
                 FailMode::Open => {
                     *failed = Some(Arc::new(e));
                     Ok(None)
@@ -1746,6 +1774,37 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
     #[must_use]
     pub fn cost(self, cost: u32) -> Self {
         self.with(|r| r.cost = Some(cost))
+    }
+
+    /// What a request on this route gets when the limiter's store fails,
+    /// in place of the gate's [`GateBuilder::limiter_fail_mode`]: one
+    /// route that must stay up (an ingest path) failing open, say, and the
+    /// gate's others closed, on one gate.
+    ///
+    /// Under nested layers of one gate, a check fails as the layer that
+    /// makes it says: its route's mode, else the gate's (an outer layer's
+    /// is not inherited, as its plan is). An inner layer checks the limit
+    /// only where it takes the charge over (under another plan, or with a
+    /// cost of its own); otherwise the outer layer's check stands, made
+    /// under that layer's mode. The outer layer checks first: where it
+    /// fails closed, an inner route's [`FailMode::Open`] is never reached.
+    /// Give such a route a layer of its own, outside the router's (or no
+    /// router-wide layer). [`Gate::charge`] knows no route: the gate's
+    /// mode holds there.
+    #[must_use]
+    pub fn limiter_fail_mode(self, mode: FailMode) -> Self {
+        self.with(|r| r.limit_fail = Some(mode))
+    }
+
+    /// What a request on this route gets when the quota store fails, in
+    /// place of the gate's [`GateBuilder::quota_fail_mode`]. Each layer
+    /// that names a [`quota`](Self::quota) category counts it under its
+    /// own route's mode, else the gate's (not an outer layer's), as for
+    /// [`limiter_fail_mode`](Self::limiter_fail_mode); [`Gate::charge`]
+    /// counts under the gate's.
+    #[must_use]
+    pub fn quota_fail_mode(self, mode: FailMode) -> Self {
+        self.with(|r| r.quota_fail = Some(mode))
     }
 
     /// Derives the request's [`Target`] (tenant, environment, region), e.g.

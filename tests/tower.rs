@@ -338,6 +338,81 @@ async fn quota_outage_is_its_own_choice() {
     assert!(matches!(refused.reason(), Refusal::QuotaBackend(_)));
 }
 
+/// One gate over a limiter that is down, one route failing otherwise than
+/// the gate: each route's own mode, else the gate's, so a route that must
+/// stay up (an ingest path) needs no second gate.
+#[tokio::test]
+async fn a_routes_limiter_fail_mode_stands_in_for_the_gates() {
+    use keygate::tower::FailedOpen;
+    let f = fixture().await;
+    f.switch.set_down();
+    for (gate_mode, route_mode) in
+        [(FailMode::Closed, FailMode::Open), (FailMode::Open, FailMode::Closed)]
+    {
+        let gate = Gate::builder(Authenticator::new(f.keys.clone()), flaky_limiter(&f.switch))
+            .plans(PlanSet::presets())
+            .limiter_fail_mode(gate_mode)
+            .build();
+        let app: Router = Router::new()
+            .route(
+                "/own",
+                get(|| async { "in" }).route_layer(gate.layer().limiter_fail_mode(route_mode)),
+            )
+            .route("/gates", get(|| async { "in" }).route_layer(gate.layer()));
+        for (path, mode) in [("/own", route_mode), ("/gates", gate_mode)] {
+            let req = Request::get(path).header("x-api-key", &f.key).body(Body::empty()).unwrap();
+            let res = app.clone().oneshot(req).await.unwrap();
+            if mode == FailMode::Open {
+                assert_eq!(res.status(), StatusCode::OK, "{path} under {gate_mode:?}");
+                let failed = res.extensions().get::<FailedOpen>().expect("the outage");
+                assert!(failed.limiter.is_some(), "{failed:?}");
+            } else {
+                let status = res.status();
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path} under {gate_mode:?}");
+                let refused = res.extensions().get::<Refused>().unwrap();
+                assert!(matches!(refused.reason(), Refusal::LimiterBackend(_)), "{refused:?}");
+            }
+        }
+    }
+}
+
+/// The same for the quota store: a route's own mode, else the gate's.
+#[tokio::test]
+async fn a_routes_quota_fail_mode_stands_in_for_the_gates() {
+    use keygate::tower::FailedOpen;
+    let f = fixture().await;
+    for (gate_mode, route_mode) in
+        [(FailMode::Closed, FailMode::Open), (FailMode::Open, FailMode::Closed)]
+    {
+        let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(100))
+            .plans(PlanSet::presets())
+            .quotas(Down)
+            .quota_fail_mode(gate_mode)
+            .build();
+        let counted = gate.layer().quota("email");
+        let app: Router = Router::new()
+            .route(
+                "/own",
+                get(|| async { "in" }).route_layer(counted.clone().quota_fail_mode(route_mode)),
+            )
+            .route("/gates", get(|| async { "in" }).route_layer(counted));
+        for (path, mode) in [("/own", route_mode), ("/gates", gate_mode)] {
+            let req = Request::get(path).header("x-api-key", &f.key).body(Body::empty()).unwrap();
+            let res = app.clone().oneshot(req).await.unwrap();
+            if mode == FailMode::Open {
+                assert_eq!(res.status(), StatusCode::OK, "{path} under {gate_mode:?}");
+                let failed = res.extensions().get::<FailedOpen>().expect("the outage");
+                assert!(failed.quota.is_some() && failed.limiter.is_none(), "{failed:?}");
+            } else {
+                let status = res.status();
+                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path} under {gate_mode:?}");
+                let refused = res.extensions().get::<Refused>().unwrap();
+                assert!(matches!(refused.reason(), Refusal::QuotaBackend(_)), "{refused:?}");
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn refusals_carry_typed_reasons() {
     let f = fixture().await;
@@ -1141,6 +1216,67 @@ mod nested {
         let f = res.extensions().get::<FailedOpen>().cloned().unwrap();
         assert_eq!((f.limiter.is_some(), f.quota.is_some()), (true, true));
         assert_eq!(text(res).await, "true true", "the handler's view");
+    }
+
+    /// Nested layers of one gate: a check is made under the mode of the
+    /// layer that makes it (its route's, else the gate's; an outer layer's
+    /// is not inherited), so an inner route's `Open` cannot undo the
+    /// router's layer failing closed, which checks first.
+    #[tokio::test]
+    async fn each_check_fails_as_the_layer_that_makes_it_says() {
+        let f = super::fixture().await;
+        f.switch.set_down();
+        let gate = Gate::builder(Authenticator::new(f.keys.clone()), flaky_limiter(&f.switch))
+            .plans(PlanSet::presets())
+            .quotas(Down)
+            .build();
+        let inner =
+            |layer: keygate::tower::GateLayer<_, _, _>| get(|| async { "in" }).route_layer(layer);
+        let open = gate.layer().limiter_fail_mode(FailMode::Open).quota_fail_mode(FailMode::Open);
+        let routes = || {
+            Router::new()
+                // The router's check stands (same plan, no cost of its own),
+                // made under the router's mode: a route's own mode concerns
+                // only checks the route makes.
+                .route("/plain", inner(gate.layer()))
+                .route("/plain-closed", inner(gate.layer().limiter_fail_mode(FailMode::Closed)))
+                // Checked again here, under the gate's mode, or this route's.
+                .route("/costly", inner(gate.layer().cost(2)))
+                .route("/costly-open", inner(open.clone().cost(2)))
+                // Counted here, likewise.
+                .route("/counted", inner(gate.layer().quota("email")))
+                .route("/counted-open", inner(open.clone().quota("webhook")))
+        };
+        let under_open: Router = routes().layer(open.clone().quota("email"));
+        let paths =
+            ["/plain", "/plain-closed", "/costly", "/costly-open", "/counted", "/counted-open"];
+        for path in paths {
+            let res = under_open.clone().oneshot(call(path, &f.key)).await.unwrap();
+            // The router's quota failure, let through, in every trace.
+            let failed = res.extensions().get::<FailedOpen>().expect("the router's outage");
+            assert!(failed.quota.is_some(), "{path}: {failed:?}");
+            if path.ends_with("-open") || path.starts_with("/plain") {
+                assert_eq!(res.status(), StatusCode::OK, "{path} under an open router layer");
+                assert!(failed.limiter.is_some(), "{path}: {failed:?}");
+                continue;
+            }
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            let refused = res.extensions().get::<Refused>().unwrap();
+            let reason = refused.reason();
+            match path {
+                "/costly" => assert!(matches!(reason, Refusal::LimiterBackend(_)), "{reason:?}"),
+                _ => assert!(matches!(reason, Refusal::QuotaBackend(_)), "{reason:?}"),
+            }
+        }
+        // Under a router layer failing closed (the gate's mode), the inner
+        // route's `Open` is never reached.
+        let under_closed: Router = routes().layer(gate.layer());
+        for path in ["/plain", "/costly-open", "/counted-open"] {
+            let res = under_closed.clone().oneshot(call(path, &f.key)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            let refused = res.extensions().get::<Refused>().unwrap();
+            assert!(matches!(refused.reason(), Refusal::LimiterBackend(_)), "{path}: {refused:?}");
+        }
     }
 
     /// Route-plan keys (`{record id}#{plan}`), or the others.
