@@ -614,7 +614,10 @@ fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
 /// gone fresh, and never waited for (a shard another thread is changing
 /// at that moment is left to it); if every key is still limiting, the new
 /// key is refused with a [`CapacityError`] rather than forgetting a key
-/// that could then exceed its quota.
+/// that could then exceed its quota. Such a look through the shards notes
+/// when their first key can go fresh: until then, new keys are refused
+/// without looking again (a flood of made-up keys does not try every
+/// shard's lock for each).
 ///
 /// ```
 /// use keygate::limit::{MemoryLimiter, Policy};
