@@ -143,7 +143,7 @@ impl QuotaDecision {
     /// use keygate::quota::{Month, QuotaDecision};
     ///
     /// let rule = QuotaRule::new("notifications", 100, &["email", "webhook"]);
-    /// let now: jiff::Timestamp = "2026-01-09T12:00:00Z".parse()?;
+    /// let now: keygate::jiff::Timestamp = "2026-01-09T12:00:00Z".parse()?;
     /// let month = Month::of(now);
     /// // The store's rows: 40 units of the rule used, 2 emails of them
     /// // counted by this check.
@@ -155,7 +155,7 @@ impl QuotaDecision {
     /// // Once given back, a second refund of the same check gives nothing.
     /// d.refunded(2);
     /// assert_eq!(d.refund_units(5, now), 0);
-    /// # Ok::<(), jiff::Error>(())
+    /// # Ok::<(), keygate::jiff::Error>(())
     /// ```
     pub fn admitted<'r>(
         counted: impl IntoIterator<Item = (&'r QuotaRule, u64)>,

@@ -944,7 +944,7 @@ where
 /// // Nothing delivered, nothing counted (the account: the key's workspace
 /// // and plan, `Principal::quota_account`).
 /// use keygate::quota::QuotaStore;
-/// assert_eq!(quotas.usage("ws_a/indie", "webhook", jiff::Timestamp::now()).await?, 0);
+/// assert_eq!(quotas.usage("ws_a/indie", "webhook", keygate::jiff::Timestamp::now()).await?, 0);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// # })
 /// # }
