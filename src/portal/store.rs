@@ -62,8 +62,9 @@ pub struct PortalSession {
     /// and the access token
     /// names it under [`MINTER_METADATA_KEY`](crate::portal::MINTER_METADATA_KEY)
     /// so revoking the minter through the `KeyManager` revokes the tokens
-    /// too. `None` (a session stored before sessions named their minter)
-    /// skips the check.
+    /// too. `None` (a session built by hand: [`Portal`](crate::portal::Portal)
+    /// always names the minter, and both stored forms refuse a session
+    /// missing the field) skips the check.
     #[cfg_attr(feature = "serde", serde(deserialize_with = "crate::store::present"))]
     pub minter: Option<RecordId>,
 }
