@@ -254,6 +254,48 @@ fn table_rebuilds_and_moves_lose_no_update_under_concurrent_checks() {
     assert!(l.len() >= KEYS as usize && l.len() <= 2 * KEYS as usize, "{}", l.len());
 }
 
+/// Two threads checking keys `0..keys` under `policies`, each in its own
+/// order, pass after pass, until `done` is set by the caller's churn (and
+/// at least `4 * limit` passes): the units each thread won per key.
+fn race_checks<C: keygate::clock::Clock>(
+    l: &MemoryLimiter<u64, C>,
+    policies: &[Policy],
+    keys: u64,
+    limit: u32,
+    churn: impl FnOnce() + Send,
+) -> Vec<Vec<u32>> {
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let checkers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let done = &done;
+                s.spawn(move || {
+                    let mut wins = vec![0u32; usize::try_from(keys).unwrap()];
+                    let mut pass = 0u64;
+                    while pass < 4 * u64::from(limit)
+                        || !done.load(std::sync::atomic::Ordering::Relaxed)
+                    {
+                        pass += 1;
+                        for i in 0..keys {
+                            let k = (i * 7919 + t * 1013 + pass * 31) % keys;
+                            // A key still limiting is never refused room.
+                            wins[usize::try_from(k).unwrap()] +=
+                                u32::from(l.check(&k, policies, 1).unwrap().is_allowed());
+                        }
+                    }
+                    wins
+                })
+            })
+            .collect();
+        let done = &done;
+        s.spawn(move || {
+            churn();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+        checkers.into_iter().map(|h| h.join().unwrap()).collect()
+    })
+}
+
 #[test]
 fn a_key_in_both_forms_is_not_decided_on_the_locked_form_while_its_table_is_copied() {
     // Keys with a live one-word state under "d" that are also in the locked
@@ -275,37 +317,11 @@ fn a_key_in_both_forms_is_not_decided_on_the_locked_form_while_its_table_is_copi
             assert!(l.check(&k, &d, 1).unwrap().is_allowed());
             assert!(l.check(&k, &other, 1).unwrap().is_allowed());
         }
-        let done = std::sync::atomic::AtomicBool::new(false);
-        let wins: Vec<Vec<u32>> = std::thread::scope(|s| {
-            let checkers: Vec<_> = (0..2u64)
-                .map(|t| {
-                    let (l, d, done) = (&l, &d, &done);
-                    s.spawn(move || {
-                        let mut wins = vec![0u32; KEYS as usize];
-                        let mut pass = 0u64;
-                        while pass < 4 * u64::from(LIMIT)
-                            || !done.load(std::sync::atomic::Ordering::Relaxed)
-                        {
-                            pass += 1;
-                            for i in 0..KEYS {
-                                let k = (i * 7919 + t * 1013 + pass * 31) % KEYS;
-                                wins[k as usize] +=
-                                    u32::from(l.check(&k, d, 1).unwrap().is_allowed());
-                            }
-                        }
-                        wins
-                    })
-                })
-                .collect();
-            // Meanwhile new keys under "d" grow the tables again and again.
-            let (l2, d2, done2) = (&l, &d, &done);
-            s.spawn(move || {
-                for k in 0..400_000u64 {
-                    let _ = l2.check(&(1_000_000 + round * 1_000_000 + k), d2, 1);
-                }
-                done2.store(true, std::sync::atomic::Ordering::Relaxed);
-            });
-            checkers.into_iter().map(|h| h.join().unwrap()).collect()
+        // Meanwhile new keys under "d" grow the tables again and again.
+        let wins = race_checks(&l, &d, KEYS, LIMIT, || {
+            for k in 0..400_000u64 {
+                let _ = l.check(&(1_000_000 + round * 1_000_000 + k), &d, 1);
+            }
         });
         for k in 0..KEYS as usize {
             let total: u32 = wins.iter().map(|w| w[k]).sum();
@@ -334,38 +350,11 @@ fn purges_at_the_cap_lose_no_update_of_keys_still_limiting() {
     for k in 0..KEYS {
         assert!(l.check(&k, &hour, 1).unwrap().is_allowed());
     }
-    let done = std::sync::atomic::AtomicBool::new(false);
-    let wins: Vec<Vec<u32>> = std::thread::scope(|s| {
-        let checkers: Vec<_> = (0..2u64)
-            .map(|t| {
-                let (l, hour, done) = (&l, &hour, &done);
-                s.spawn(move || {
-                    let mut wins = vec![0u32; KEYS as usize];
-                    let mut pass = 0u64;
-                    while pass < 4 * u64::from(LIMIT)
-                        || !done.load(std::sync::atomic::Ordering::Relaxed)
-                    {
-                        pass += 1;
-                        for i in 0..KEYS {
-                            let k = (i * 7919 + t * 1013 + pass * 31) % KEYS;
-                            // A key still limiting is never refused room.
-                            wins[k as usize] +=
-                                u32::from(l.check(&k, hour, 1).unwrap().is_allowed());
-                        }
-                    }
-                    wins
-                })
-            })
-            .collect();
-        let (l2, brief, done2, clock) = (&l, &brief, &done, &clock);
-        s.spawn(move || {
-            for k in 0..50_000u64 {
-                let _ = l2.check(&(1_000_000 + k), brief, 1);
-                clock.advance(Duration::from_millis(1));
-            }
-            done2.store(true, std::sync::atomic::Ordering::Relaxed);
-        });
-        checkers.into_iter().map(|h| h.join().unwrap()).collect()
+    let wins = race_checks(&l, &hour, KEYS, LIMIT, || {
+        for k in 0..50_000u64 {
+            let _ = l.check(&(1_000_000 + k), &brief, 1);
+            clock.advance(Duration::from_millis(1));
+        }
     });
     for k in 0..KEYS as usize {
         let total: u32 = wins.iter().map(|w| w[k]).sum();
