@@ -228,7 +228,8 @@ impl QuotaDecision {
     pub(crate) fn take_refund(&mut self, cost: u64, now: Timestamp) -> Option<(u64, Month)> {
         let units = self.refund_units(cost, now);
         self.refunded(units);
-        (units > 0).then(|| (units, Month::of(now)))
+        // `refund_units` gave units only in the month counted in.
+        (units > 0).then_some((units, self.counted_in))
     }
 
     /// The 429 rejection for a denial, `None` when allowed. Its message is
