@@ -981,6 +981,32 @@ impl QuotaRefund {
     }
 }
 
+impl QuotaRefund {
+    /// The handle for `decision`, a count of `category` for `principal`
+    /// under `plan` of `gate`: it gives back under the plan's quota
+    /// account, on the gate's clock, from its own copy of the decision.
+    fn of<S, L, Q, C>(
+        gate: &Gate<S, L, Q, C>,
+        principal: &Principal,
+        plan: &Plan,
+        category: Cow<'static, str>,
+        decision: &QuotaDecision,
+    ) -> Self
+    where
+        S: KeyStore + 'static,
+        L: LimitStore + 'static,
+        Q: QuotaStore + 'static,
+        C: Clock + 'static,
+    {
+        Self(Arc::new(QuotaCharged {
+            gate: gate.clone(),
+            account: principal.quota_account(plan),
+            category,
+            check: Mutex::new(decision.clone()),
+        }))
+    }
+}
+
 impl fmt::Debug for QuotaRefund {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("QuotaRefund")
@@ -1571,12 +1597,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     {
         self.0.quotas.as_ref()?;
         let plan = self.plan_for(principal, &Route::default()).ok()??;
-        Some(QuotaRefund(Arc::new(QuotaCharged {
-            gate: self.clone(),
-            account: principal.quota_account(plan),
-            category: category.into(),
-            check: Mutex::new(decision.clone()),
-        })))
+        Some(QuotaRefund::of(self, principal, plan, category.into(), decision))
     }
 
     /// Counts under `plan`; a store error under `mode` [`FailMode::Open`]
@@ -2125,12 +2146,9 @@ impl Admitted {
             // beside this layer's decision.
             let counted = gate.plan_at(self.plan).zip(route.quota.clone());
             match counted {
-                Some((plan, category)) => extensions.insert(QuotaRefund(Arc::new(QuotaCharged {
-                    gate: gate.clone(),
-                    account: self.principal.quota_account(plan),
-                    category,
-                    check: Mutex::new(q.clone()),
-                }))),
+                Some((plan, category)) => {
+                    extensions.insert(QuotaRefund::of(gate, &self.principal, plan, category, &q))
+                }
                 None => extensions.remove::<QuotaRefund>(),
             };
             extensions.insert(q);
