@@ -228,13 +228,16 @@ impl PrincipalCache {
     ) -> bool {
         let mut shard = self.shard(&digest).write().unwrap_or_else(PoisonError::into_inner);
         // Checked under the shard lock: an invalidation notes its record
-        // before it locks the shards, so either this insert sees it, or the
-        // invalidation's sweep sees this entry.
-        let dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
-        if dropped.since(generation, principal.record_id()) {
-            return false;
+        // (and bumps the generation) before it locks the shards, so either
+        // this insert sees it, or the invalidation's sweep sees this entry.
+        // No invalidation since `generation` (the common case): no need to
+        // ask which records they were.
+        if self.generation.load(Ordering::SeqCst) != generation {
+            let dropped = self.dropped.lock().unwrap_or_else(PoisonError::into_inner);
+            if dropped.since(generation, principal.record_id()) {
+                return false;
+            }
         }
-        drop(dropped);
         self.insert_locked(&mut shard, digest, principal, now);
         true
     }
