@@ -133,6 +133,15 @@ impl Host {
         let clock = FakeClock::new("2026-01-09T12:00:00Z".parse().unwrap());
         Host::with_limiter(MemoryLimiter::with_clock(10_000, clock.clone()), clock)
     }
+
+    /// A new `sk` key of `project` in the host's workspace with `scope`:
+    /// its plaintext.
+    async fn sk(&self, name: &str, project: &str, scope: &str) -> String {
+        let tenant =
+            Tenant::workspace(self.workspace.clone()).with_project(project.parse().unwrap());
+        let new = NewKey::new(name, SK, tenant).scopes(&[scope]).unwrap();
+        self.manager.create(new).await.unwrap().key().expose_secret().to_owned()
+    }
 }
 
 impl<L: LimitStore> Host<L> {
@@ -361,36 +370,21 @@ fn now_unix(clock: &FakeClock) -> i64 {
 #[tokio::test]
 async fn a_scoped_key_passes_and_every_answer_after_the_limit_carries_its_headers() {
     let host = Host::new();
-    let tenant = Tenant::workspace(host.workspace.clone()).with_project("shop".parse().unwrap());
-    let reader = host
-        .manager
-        .create(NewKey::new("reader", SK, tenant.clone()).scopes(&["applications:read"]).unwrap())
-        .await
-        .unwrap();
-    let writer = host
-        .manager
-        .create(NewKey::new("writer", SK, tenant).scopes(&["webhooks:write"]).unwrap())
-        .await
-        .unwrap();
+    let reader = host.sk("reader", "shop", "applications:read").await;
+    let writer = host.sk("writer", "shop", "webhooks:write").await;
 
-    let ok = host
-        .handle("GET", "/v1/projects/shop/applications", &bearer(reader.key().expose_secret()), "")
-        .await;
+    let ok = host.handle("GET", "/v1/projects/shop/applications", &bearer(&reader), "").await;
     assert_eq!(ok.status, 200, "{ok:?}");
     assert_eq!(ok.header("x-ratelimit-limit"), Some("3"));
     assert_eq!(ok.header("x-ratelimit-remaining"), Some("2"));
 
     // Another project: 403, after the limit, with its headers.
-    let other = host
-        .handle("GET", "/v1/projects/blog/applications", &bearer(reader.key().expose_secret()), "")
-        .await;
+    let other = host.handle("GET", "/v1/projects/blog/applications", &bearer(&reader), "").await;
     assert_eq!(other.status, 403, "{other:?}");
     assert_eq!(other.header("x-ratelimit-remaining"), Some("1"));
 
     // A key without the scope: 403 naming it, with the headers.
-    let denied = host
-        .handle("GET", "/v1/projects/shop/applications", &bearer(writer.key().expose_secret()), "")
-        .await;
+    let denied = host.handle("GET", "/v1/projects/shop/applications", &bearer(&writer), "").await;
     assert_eq!(denied.status, 403);
     assert!(denied.header("www-authenticate").unwrap().contains("applications:read"));
     assert_eq!(denied.header("x-ratelimit-remaining"), Some("2"));
@@ -525,15 +519,8 @@ async fn a_portal_link_mints_redeems_once_and_its_token_reads_endpoints() {
 #[tokio::test]
 async fn an_inactive_account_is_a_403_after_the_limit_with_its_headers() {
     let host = Host::new();
-    let closed = Tenant::workspace(host.workspace.clone()).with_project("closed".parse().unwrap());
-    let key = host
-        .manager
-        .create(NewKey::new("old", SK, closed).scopes(&["applications:read"]).unwrap())
-        .await
-        .unwrap();
-    let r = host
-        .handle("GET", "/v1/projects/closed/applications", &bearer(key.key().expose_secret()), "")
-        .await;
+    let key = host.sk("old", "closed", "applications:read").await;
+    let r = host.handle("GET", "/v1/projects/closed/applications", &bearer(&key), "").await;
     assert_eq!(r.status, 403, "{r:?}");
     assert!(r.body.contains("inactive"), "{}", r.body);
     assert_eq!(r.header("x-ratelimit-remaining"), Some("2"), "{r:?}");

@@ -343,7 +343,6 @@ async fn quota_outage_is_its_own_choice() {
 /// stay up (an ingest path) needs no second gate.
 #[tokio::test]
 async fn a_routes_limiter_fail_mode_stands_in_for_the_gates() {
-    use keygate::tower::FailedOpen;
     let f = fixture().await;
     f.switch.set_down();
     for (gate_mode, route_mode) in
@@ -359,19 +358,39 @@ async fn a_routes_limiter_fail_mode_stands_in_for_the_gates() {
                 get(|| async { "in" }).route_layer(gate.layer().limiter_fail_mode(route_mode)),
             )
             .route("/gates", get(|| async { "in" }).route_layer(gate.layer()));
-        for (path, mode) in [("/own", route_mode), ("/gates", gate_mode)] {
-            let req = Request::get(path).header("x-api-key", &f.key).body(Body::empty()).unwrap();
-            let res = app.clone().oneshot(req).await.unwrap();
-            if mode == FailMode::Open {
-                assert_eq!(res.status(), StatusCode::OK, "{path} under {gate_mode:?}");
-                let failed = res.extensions().get::<FailedOpen>().expect("the outage");
-                assert!(failed.limiter.is_some(), "{failed:?}");
-            } else {
-                let status = res.status();
-                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path} under {gate_mode:?}");
-                let refused = res.extensions().get::<Refused>().unwrap();
-                assert!(matches!(refused.reason(), Refusal::LimiterBackend(_)), "{refused:?}");
-            }
+        let modes = [("/own", route_mode), ("/gates", gate_mode)];
+        expect_fail_modes(
+            &app,
+            &f.key,
+            modes,
+            |failed| failed.limiter.is_some(),
+            |reason| matches!(reason, Refusal::LimiterBackend(_)),
+        )
+        .await;
+    }
+}
+
+/// Each `(path, mode)` of `app` with a store down: `Open` lets the request
+/// through with the outage `open` expects in its `FailedOpen`; `Closed` is a
+/// 503 whose reason `closed` expects.
+async fn expect_fail_modes(
+    app: &Router,
+    key: &str,
+    modes: [(&str, FailMode); 2],
+    open: impl Fn(&keygate::tower::FailedOpen) -> bool,
+    closed: impl Fn(&Refusal) -> bool,
+) {
+    for (path, mode) in modes {
+        let req = Request::get(path).header("x-api-key", key).body(Body::empty()).unwrap();
+        let res = app.clone().oneshot(req).await.unwrap();
+        if mode == FailMode::Open {
+            assert_eq!(res.status(), StatusCode::OK, "{path}");
+            let failed = res.extensions().get::<keygate::tower::FailedOpen>().expect("the outage");
+            assert!(open(failed), "{path}: {failed:?}");
+        } else {
+            assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE, "{path}");
+            let refused = res.extensions().get::<Refused>().unwrap();
+            assert!(closed(refused.reason()), "{path}: {refused:?}");
         }
     }
 }
@@ -396,20 +415,12 @@ async fn a_routes_quota_fail_mode_stands_in_for_the_gates() {
                 get(|| async { "in" }).route_layer(counted.clone().quota_fail_mode(route_mode)),
             )
             .route("/gates", get(|| async { "in" }).route_layer(counted));
-        for (path, mode) in [("/own", route_mode), ("/gates", gate_mode)] {
-            let req = Request::get(path).header("x-api-key", &f.key).body(Body::empty()).unwrap();
-            let res = app.clone().oneshot(req).await.unwrap();
-            if mode == FailMode::Open {
-                assert_eq!(res.status(), StatusCode::OK, "{path} under {gate_mode:?}");
-                let failed = res.extensions().get::<FailedOpen>().expect("the outage");
-                assert!(failed.quota.is_some() && failed.limiter.is_none(), "{failed:?}");
-            } else {
-                let status = res.status();
-                assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{path} under {gate_mode:?}");
-                let refused = res.extensions().get::<Refused>().unwrap();
-                assert!(matches!(refused.reason(), Refusal::QuotaBackend(_)), "{refused:?}");
-            }
-        }
+        let modes = [("/own", route_mode), ("/gates", gate_mode)];
+        let quota_only = |failed: &FailedOpen| failed.quota.is_some() && failed.limiter.is_none();
+        expect_fail_modes(&app, &f.key, modes, quota_only, |reason| {
+            matches!(reason, Refusal::QuotaBackend(_))
+        })
+        .await;
     }
 }
 
