@@ -500,7 +500,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::UnknownPlan`] for a plan outside
     /// [`plans`](Self::plans) (once told),
     /// [`ManagerError::Collision`] when the minted key or id is taken, and
-    /// [`ManagerError::Backend`] when the store fails.
+    /// [`ManagerError::Backend`] when the store fails (a key it may have
+    /// stored before failing to answer is revoked: its secret is never
+    /// shown).
     pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManagerError> {
         if let (Some(plans), Some(plan)) = (&self.plans, &new.plan)
             && !plans.contains(plan)
@@ -676,7 +678,15 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             now,
             replacing,
         });
-        match self.store.insert(Arc::clone(&record), limit).await? {
+        let outcome = match self.store.insert(Arc::clone(&record), limit).await {
+            Ok(outcome) => outcome,
+            // The store may have stored it before failing to answer (a
+            // timeout): its secret is never shown, so it must not be left
+            // working, counting against the project's cap and, a roll's
+            // replacement, refusing a retry as rolled already.
+            Err(e) => return Err(self.discard(&record.id, now, e.into()).await),
+        };
+        match outcome {
             InsertOutcome::Inserted => Ok(CreatedKey { key, record }),
             InsertOutcome::LimitReached { max } => Err(ManagerError::LimitReached { max }),
             InsertOutcome::ReplacingInactive => Err(ManagerError::Inactive),
@@ -892,9 +902,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::NotFound`], [`ManagerError::Inactive`] for a revoked
     /// or expired key, [`ManagerError::AlreadyRolled`],
     /// [`ManagerError::UnknownFormat`], [`ManagerError::LimitReached`], or
-    /// the store's error (if listing the key's line again or shortening the
-    /// old key's expiry fails, the new key is revoked: its secret was never
-    /// shown).
+    /// the store's error (if storing the new key, listing the key's line
+    /// again or shortening the old key's expiry fails, the new key is
+    /// revoked: its secret was never shown).
     ///
     /// A roll whose future is dropped once the replacement is stored (a
     /// client gone, a timeout) cannot revoke it: the replacement stays
@@ -1036,9 +1046,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         Ok(created)
     }
 
-    /// Revokes the replacement `id` of a roll that fails with `e` (best
-    /// effort): its secret is never shown, and an orphan would count
-    /// against the cap. `e`.
+    /// Revokes the new key `id` (a roll's replacement, say) of a creation
+    /// that fails with `e` (best effort): its secret is never shown, and an
+    /// orphan would count against the cap. `e`.
     async fn discard(&self, id: &RecordId, now: Timestamp, e: ManagerError) -> ManagerError {
         let _ = self.store.revoke(id, now).await;
         e

@@ -10,7 +10,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use keygate::auth::{AuthError, Authenticator, PrincipalCache, Target};
 use keygate::backend::BackendError;
-use keygate::clock::FakeClock;
+use keygate::clock::{Clock, FakeClock};
 use keygate::format::{KeyId, NHM, SK};
 use keygate::hash::StoredDigest;
 use keygate::manager::{KeyManager, ManagerError, NewKey, TokenExpiry};
@@ -21,11 +21,13 @@ use keygate::store::{
 };
 
 /// Where a stalled call stops: before the store ran it, or after (its
-/// answer lost on the way back).
+/// answer lost on the way back); or, `Lost`, it is not stalled but ran and
+/// answers a timeout (a Redis call whose reply did not come back in time).
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum When {
     Before,
     After,
+    Lost,
 }
 
 /// The in-memory key store; the call named in `stall` never answers.
@@ -55,7 +57,11 @@ impl Stalling {
 
     /// `call` is made only once the stall before it is passed: the memory
     /// store does its work when the call is made, not when awaited.
-    async fn gate<F: Future>(&self, op: &'static str, call: impl FnOnce() -> F) -> F::Output {
+    async fn gate<T, F: Future<Output = Result<T, BackendError>>>(
+        &self,
+        op: &'static str,
+        call: impl FnOnce() -> F,
+    ) -> F::Output {
         let mut stall = *self.stall.lock().unwrap();
         {
             let mut trigger = self.trigger.lock().unwrap();
@@ -72,6 +78,9 @@ impl Stalling {
         let out = call().await;
         if stall == Some((op, When::After)) {
             std::future::pending::<()>().await;
+        }
+        if stall == Some((op, When::Lost)) {
+            return out.and(Err(BackendError::Timeout));
         }
         out
     }
@@ -192,6 +201,32 @@ async fn a_dropped_roll_whose_cut_the_store_applied_still_drops_the_cached_key()
         matches!(bearer(&w.auth, k.key().expose_secret()).await, Err(AuthError::Expired { .. })),
         "a key past its grace served from the cache"
     );
+}
+
+/// A creation or a roll whose insert the store ran but whose answer was
+/// lost (a timeout): the caller gets the error and never the secret, so the
+/// key must not be left working, counting against its project's cap, and
+/// (a roll's replacement) refusing a retry of the roll as rolled already.
+#[tokio::test]
+async fn a_key_stored_without_an_answer_is_not_left_working() {
+    let w = world();
+    w.store.stall("insert", When::Lost);
+    let created = w.manager.create(NewKey::new("k", SK, ws())).await;
+    assert!(matches!(created, Err(ManagerError::Backend(BackendError::Timeout))), "{created:?}");
+    w.store.off();
+    let stored = w.store.list(&"ws_a".parse().unwrap(), None).await.unwrap();
+    assert_eq!(stored.len(), 1, "the store ran the insert");
+    assert!(!stored[0].is_active(w.clock.now()), "an unheld key left working");
+
+    let w = world();
+    let k = w.manager.create(NewKey::new("k", SK, ws())).await.unwrap();
+    w.store.stall("insert", When::Lost);
+    let rolled = w.manager.roll(&k.record().id, Duration::from_secs(5)).await;
+    assert!(matches!(rolled, Err(ManagerError::Backend(BackendError::Timeout))), "{rolled:?}");
+    w.store.off();
+    let again = w.manager.roll(&k.record().id, Duration::from_secs(5)).await;
+    let again = again.expect("a retry of a roll that failed rolls");
+    assert!(bearer(&w.auth, again.key().expose_secret()).await.is_ok());
 }
 
 /// A roll dropped once the replacement is stored, before or after the old
