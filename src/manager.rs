@@ -904,7 +904,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::UnknownFormat`], [`ManagerError::LimitReached`], or
     /// the store's error (if storing the new key, listing the key's line
     /// again or shortening the old key's expiry fails, the new key is
-    /// revoked: its secret was never shown).
+    /// revoked: its secret was never shown; a shortening the store made
+    /// before failing to answer, as a read of the key then shows, is a
+    /// roll done).
     ///
     /// A roll whose future is dropped once the replacement is stored (a
     /// client gone, a timeout) cannot revoke it: the replacement stays
@@ -1035,7 +1037,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
         // `shorten_expiry` never extends: the grace cannot outlive the old
         // key's own expiry.
-        if let Err(e) = self.shorten_id(id, end).await {
+        if let Err(e) = self.shorten_id(id, end).await
+            && !self.ends_by(id, end).await
+        {
             return Err(self.discard(new_id, now, e.into()).await);
         }
         if old.format == NHM.name() {
@@ -1044,6 +1048,16 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             let _ = self.end_minted(&old, now, Some(end)).await;
         }
         Ok(created)
+    }
+
+    /// Whether record `id` is stored ending by `end`, read after a cut to
+    /// `end` failed: the store may have made it before failing to answer (a
+    /// timeout), and the roll is then done. Revoking the replacement would
+    /// leave the key's holder an error, the old key ending with the grace
+    /// and no key after it. A read that fails too says no.
+    async fn ends_by(&self, id: &RecordId, end: Timestamp) -> bool {
+        let stored = self.store.get(id).await.ok().flatten();
+        stored.and_then(|r| r.expires_at).is_some_and(|e| e <= end)
     }
 
     /// Revokes the new key `id` (a roll's replacement, say) of a creation

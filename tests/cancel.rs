@@ -21,13 +21,15 @@ use keygate::store::{
 };
 
 /// Where a stalled call stops: before the store ran it, or after (its
-/// answer lost on the way back); or, `Lost`, it is not stalled but ran and
-/// answers a timeout (a Redis call whose reply did not come back in time).
+/// answer lost on the way back). Or it is not stalled but fails: `Lost`,
+/// run and answering a timeout (a Redis call whose reply did not come
+/// back in time); `Down`, not run.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum When {
     Before,
     After,
     Lost,
+    Down,
 }
 
 /// The in-memory key store; the call named in `stall` never answers.
@@ -74,6 +76,9 @@ impl Stalling {
         }
         if stall == Some((op, When::Before)) {
             std::future::pending::<()>().await;
+        }
+        if stall == Some((op, When::Down)) {
+            return Err(BackendError::unavailable(std::io::Error::other("down")));
         }
         let out = call().await;
         if stall == Some((op, When::After)) {
@@ -227,6 +232,37 @@ async fn a_key_stored_without_an_answer_is_not_left_working() {
     let again = w.manager.roll(&k.record().id, Duration::from_secs(5)).await;
     let again = again.expect("a retry of a roll that failed rolls");
     assert!(bearer(&w.auth, again.key().expose_secret()).await.is_ok());
+}
+
+/// A roll whose cut of the old key to its grace the store made but did not
+/// answer (a timeout): the roll is done, so the replacement is handed out.
+/// Revoked instead, it left the key's holder an error, the old key ending
+/// with the grace and no key after it. A cut the store did not make still
+/// fails the roll, its replacement revoked and the old key uncut.
+#[tokio::test]
+async fn a_roll_whose_cut_the_store_made_without_an_answer_hands_out_the_replacement() {
+    let w = world();
+    let k = w.manager.create(NewKey::new("k", SK, ws())).await.unwrap();
+    w.store.stall("shorten_expiry", When::Lost);
+    let rolled = w.manager.roll(&k.record().id, Duration::from_secs(5)).await;
+    w.store.off();
+    let stored = w.store.get(&k.record().id).await.unwrap().unwrap();
+    assert!(stored.expires_at.is_some(), "the store cut the old key");
+    let rolled = rolled.expect("a roll the store made");
+    w.clock.advance(Duration::from_secs(5));
+    assert!(bearer(&w.auth, rolled.key().expose_secret()).await.is_ok());
+    assert!(bearer(&w.auth, k.key().expose_secret()).await.is_err(), "past its grace");
+
+    let w = world();
+    let k = w.manager.create(NewKey::new("k", SK, ws())).await.unwrap();
+    w.store.stall("shorten_expiry", When::Down);
+    let rolled = w.manager.roll(&k.record().id, Duration::from_secs(5)).await;
+    w.store.off();
+    assert!(matches!(rolled, Err(ManagerError::Backend(_))), "{rolled:?}");
+    let stored = w.store.list(&"ws_a".parse().unwrap(), None).await.unwrap();
+    let active: Vec<_> = stored.iter().filter(|r| r.is_active(w.clock.now())).collect();
+    assert_eq!(active.len(), 1, "the replacement revoked");
+    assert_eq!((&active[0].id, active[0].expires_at), (&k.record().id, None), "uncut");
 }
 
 /// A roll dropped once the replacement is stored, before or after the old
