@@ -503,6 +503,14 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::Backend`] when the store fails (a key it may have
     /// stored before failing to answer is revoked: its secret is never
     /// shown).
+    ///
+    /// # Cancellation
+    ///
+    /// A creation whose future is dropped once the store has stored the
+    /// key (a client gone, a timeout around the call) cannot revoke it: the
+    /// key stays stored and active, its secret gone with the future, and it
+    /// counts against its project's cap. List it (under the name asked
+    /// for) and revoke it.
     pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManagerError> {
         if let (Some(plans), Some(plan)) = (&self.plans, &new.plan)
             && !plans.contains(plan)
@@ -751,11 +759,9 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// records), and its links not opened yet stop opening
     /// ([`Portal::redeem`] checks the minter; see
     /// [`Portal::minters_elsewhere`]). They are ended before the token and
-    /// again after it (a redemption may store one meanwhile), so a call
-    /// whose future is dropped once the token is revoked leaves at most
-    /// those redeemed in that window working. If revoking them fails, the
-    /// error is returned, the token itself revoked all the same, and
-    /// calling again finishes the job.
+    /// again after it (a redemption may store one meanwhile). If revoking
+    /// them fails, the error is returned, the token itself revoked all the
+    /// same, and calling again finishes the job.
     ///
     /// [`Portal::redeem`]: crate::portal::Portal::redeem
     /// [`Portal::minters_elsewhere`]: crate::portal::Portal::minters_elsewhere
@@ -766,6 +772,15 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// # Errors
     ///
     /// [`ManagerError::NotFound`] when there is no such record.
+    ///
+    /// # Cancellation
+    ///
+    /// A revocation whose future is dropped while the store revokes (the
+    /// store may have done it) still drops the key from this manager's
+    /// cache. For a management token, one dropped once the token is
+    /// revoked leaves working at most the access tokens redeemed between
+    /// the first ending of them and the token's revocation; calling again
+    /// ends them.
     pub async fn revoke(&self, id: &RecordId) -> Result<bool, ManagerError> {
         let record = self.store.get(id).await?.ok_or(ManagerError::NotFound)?;
         self.revoke_found(&record).await
@@ -897,6 +912,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// replacement's secret is returned even if that fails; a link opened
     /// later is capped at the minter's end when redeemed).
     ///
+    /// This looks the record up by id alone and hands back a working
+    /// secret with its grants: an operator's call. On behalf of a caller
+    /// (an API request), use [`roll_for`](Self::roll_for).
+    ///
     /// # Errors
     ///
     /// [`ManagerError::NotFound`], [`ManagerError::Inactive`] for a revoked
@@ -908,17 +927,16 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// before failing to answer, as a read of the key then shows, is a
     /// roll done).
     ///
+    /// # Cancellation
+    ///
     /// A roll whose future is dropped once the replacement is stored (a
     /// client gone, a timeout) cannot revoke it: the replacement stays
     /// stored, its secret gone with the future, and the old key is cut to
     /// its grace or not yet. A retry is then [`ManagerError::AlreadyRolled`]:
     /// revoke the replacement (listed, naming the key under
     /// [`ROLLED_FROM`]) and roll again; the new replacement keeps the key's
-    /// own expiry, not the grace's.
-    ///
-    /// This looks the record up by id alone and hands back a working
-    /// secret with its grants: an operator's call. On behalf of a caller
-    /// (an API request), use [`roll_for`](Self::roll_for).
+    /// own expiry, not the grace's. The old key's cut, if the store made
+    /// it, holds in this manager's cache all the same.
     pub async fn roll(&self, id: &RecordId, grace: Duration) -> Result<CreatedKey, ManagerError> {
         let old = self.store.get(id).await?.ok_or(ManagerError::NotFound)?;
         self.roll_found(old, grace, None).await

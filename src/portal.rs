@@ -468,6 +468,17 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// links travel by mail or chat, answer the link's `GET` with a page
     /// that redeems on a `POST` (a button, or a script: such fetchers send
     /// no `POST`), and `HEAD` without redeeming.
+    ///
+    /// # Cancellation
+    ///
+    /// A redemption whose future is dropped once the store has spent the
+    /// code (a client gone, a timeout around the call) hands out nothing:
+    /// the token's secret goes with the future, and the code stays spent
+    /// ([`PortalError::AlreadyUsed`] on the next open), as after a failure
+    /// to store the token. The host mints a new link. The token may be left
+    /// stored, held by no one, until its session's end (or its minter's
+    /// revocation). The token cannot be stored before the code is spent:
+    /// what it grants is the session's, which only spending the code reads.
     pub async fn redeem(&self, code: &str) -> Result<AccessToken, PortalError> {
         // Validate (grammar and checksum) without copying the code.
         CODE.parse_bytes(code.as_bytes()).map_err(|_| PortalError::MalformedCode)?;

@@ -208,6 +208,28 @@ async fn a_dropped_roll_whose_cut_the_store_applied_still_drops_the_cached_key()
     );
 }
 
+/// A creation dropped once the store ran its insert (its answer lost on
+/// the way back): the key is stored and active, its secret gone with the
+/// future, and it counts against its project's cap until revoked; it is
+/// listed under the name asked for.
+#[tokio::test]
+async fn a_creation_dropped_after_the_insert_leaves_an_unheld_key_in_the_cap() {
+    let w = world();
+    let manager =
+        KeyManager::new(w.store.clone()).clock(w.clock.clone()).max_active_per_project(Some(1));
+    let tenant = ws().with_project("p_1".parse().unwrap());
+    w.store.stall("insert", When::After);
+    assert!(poll_once_and_drop(manager.create(NewKey::new("k", SK, tenant.clone()))));
+    w.store.off();
+    let full = manager.create(NewKey::new("k", SK, tenant.clone())).await;
+    assert!(matches!(full, Err(ManagerError::LimitReached { max: 1 })), "{full:?}");
+    // The way out: revoke it (listed by its name), create again.
+    let listed = manager.list(&"ws_a".parse().unwrap(), None).await.unwrap();
+    assert_eq!((listed.len(), listed[0].name.as_str()), (1, "k"));
+    manager.revoke(&listed[0].id).await.unwrap();
+    assert!(manager.create(NewKey::new("k", SK, tenant)).await.is_ok());
+}
+
 /// A creation or a roll whose insert the store ran but whose answer was
 /// lost (a timeout): the caller gets the error and never the secret, so the
 /// key must not be left working, counting against its project's cap, and
