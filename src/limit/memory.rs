@@ -599,11 +599,13 @@ fn lock_state(m: &Mutex<KeyState>) -> MutexGuard<'_, KeyState> {
 /// (slots are matched by policy name: the first four names used alone get
 /// one-word tables of their own, further names the locked form).
 ///
-/// Growing or purging a shard copies its table. Every old slot is retired
-/// with an atomic swap before its state is copied, so a check racing the
-/// copy either lands before the swap (and is copied) or retries on the new
-/// table; no update is lost and no key is admitted twice. Keys must be
-/// `Clone` for that copy.
+/// Growing a shard copies its table, as does a purge once a sixteenth of
+/// the table's slots are dead (before then, a purge kills the slots of
+/// keys gone fresh in place, each with a compare-and-swap from the fresh
+/// state it read). Every old slot is retired with an atomic swap before
+/// its state is copied, so a check racing the copy either lands before
+/// the swap (and is copied) or retries on the new table; no update is
+/// lost and no key is admitted twice. Keys must be `Clone` for that copy.
 ///
 /// Memory is bounded: at most `max_keys` keys are tracked (a key checked
 /// alone under two word-form policy names counts twice), wherever they
@@ -1129,7 +1131,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             }
             match table.find(hash, key) {
                 // Dead after a move to the locked form, since forgotten
-                // there: fresh again.
+                // there, or forgotten in place by a purge: fresh again.
                 Probe::Found(state) => state.store(word, Ordering::Release),
                 Probe::Absent(at) => {
                     let slot = table.slots.get(at).unwrap_or_else(|| {
@@ -1323,11 +1325,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
     /// (`tracked`).
     fn purge<T: Tag>(&self, shard: &Shard<K, T>, tracked: &mut Tracked, now: u64) {
         // No purge time is published until the lock is released: the one
-        // set here comes from copies of the words, and a lock-free refund
-        // that lands on a copy meanwhile (see `refund_in`) must wait for
-        // it, not trust the time from before. Walks skip the shard
-        // meanwhile: its release lowers `walk_at` to the time it
-        // publishes.
+        // set here comes from readings (or copies) of the words, and a
+        // lock-free refund that lands on a word after it was read (see
+        // `refund_in`) must wait for it, not trust the time from before.
+        // Walks skip the shard meanwhile: its release lowers `walk_at` to
+        // the time it publishes.
         shard.locked.0.due.store(u64::MAX, Ordering::SeqCst);
         tracked.purged_at = tracked.purged_at.max(now);
         let mut next = u64::MAX;
@@ -1343,10 +1345,58 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         for i in 0..WORD_NAMES {
             // A table no key ever used has nothing to forget.
             if tracked.used[i] > 0 {
-                next = next.min(self.rebuild(shard, i, tracked, now, true));
+                next = next.min(self.forget_fresh(shard, i, tracked, now));
             }
         }
         tracked.next_purge = next;
+    }
+
+    /// Forgets the one-word states of the shard's table `i` gone fresh at
+    /// `now`, in place; returns when the next kept state becomes fresh.
+    ///
+    /// Each such slot is killed by a compare-and-swap from the fresh word
+    /// it was read as (a check that wrote the word meanwhile keeps its
+    /// key), and stays used: a check of its key meets a dead slot in a
+    /// table not retired, and so takes the key for untracked. The table is
+    /// copied (the dead slots dropped) only once a sixteenth of its slots
+    /// are dead. A purge that copied it every time would copy the whole
+    /// shard for each key it frees, and at the cap, with keys going fresh
+    /// one at a time (a steady stream of keys, each limiting for its
+    /// period), that is one copy per new key.
+    fn forget_fresh<T: Tag>(
+        &self,
+        shard: &Shard<K, T>,
+        i: usize,
+        tracked: &mut Tracked,
+        now: u64,
+    ) -> u64 {
+        let table = shard.tables[i].0.load();
+        let mut next = u64::MAX;
+        for entry in table.slots.iter().filter_map(OnceLock::get) {
+            let mut word = entry.state.load(Ordering::Acquire);
+            while word != DEAD {
+                let fresh_at = word_fresh_at(word);
+                if fresh_at > now {
+                    next = next.min(fresh_at);
+                    break;
+                }
+                match entry.state.compare_exchange(word, DEAD, Ordering::AcqRel, Ordering::Acquire)
+                {
+                    Ok(_) => {
+                        tracked.words[i] -= 1;
+                        break;
+                    }
+                    Err(w) => word = w,
+                }
+            }
+        }
+        let dead = tracked.used[i] - tracked.words[i];
+        if dead.saturating_mul(16) >= table.slots.len() {
+            // Dead slots lengthen probes and keep their keys' memory: the
+            // copy drops them (judging every word again, at `now`).
+            return self.rebuild(shard, i, tracked, now, true);
+        }
+        next
     }
 
     /// Replaces the shard's table `i` by one holding its live one-word
@@ -1489,10 +1539,11 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
                 // taken; other refunds stay lock-free. `due` is that purge
                 // time as the writer last published it: a writer holding
                 // the lock now only lowers it, or purges; a purge reads
-                // this word as refunded (it kills the slot after the
-                // refund's swap, or the refund would have found it dead),
-                // or copied it before, and then `due` reads as never (see
-                // `purge`) until the purge's own time is published.
+                // this word as refunded (it reads the slot after the
+                // refund's swap: one that killed it first left the refund
+                // a dead slot), or read it before and kept (or copied) it,
+                // and then `due` reads as never (see `purge`) until the
+                // purge's own time is published.
                 if refund_word(state, p, now, cost, receipt, fresh) {
                     let at = word_fresh_at(state.load(Ordering::Acquire));
                     if at < shard.locked.0.due.load(Ordering::SeqCst) {
@@ -2269,7 +2320,6 @@ mod tests {
     /// cache's sweeps do, without refusing a key that a fresh one could
     /// make room for.
     #[test]
-    #[ignore = "each new key at the cap copies the shard's table; amortising that needs a design decision"]
     fn at_the_cap_keys_going_fresh_one_at_a_time_copy_the_table_once_per_sixteenth() {
         let clock = crate::clock::FakeClock::new(Timestamp::from_second(1_767_225_600).unwrap());
         // The cap is the one shard's keys: the limiter is at it.
@@ -2298,5 +2348,30 @@ mod tests {
         // A sixteenth apart, and the growth of a table whose dead slots
         // fill it.
         assert!(copies <= 2 * 16, "{copies} copies of the table in {per_shard} new keys");
+    }
+
+    /// A purge that finds most of a shard's keys gone fresh copies its
+    /// table to the size of the keys it keeps: forgetting keys in place
+    /// must not hold a shard at the size of its largest burst, nor leave
+    /// probes to walk its dead slots.
+    #[test]
+    fn a_purge_that_forgets_most_of_a_table_shrinks_it() {
+        let clock = crate::clock::FakeClock::new(Timestamp::from_second(1_767_225_600).unwrap());
+        let per_shard = 256;
+        let l = MemoryLimiter::<u64, _>::with_clock(per_shard, clock.clone());
+        let Shards::Plain(shards) = &l.shards else { unreachable!("u64 keys are plain") };
+        let (_, first) = l.shard(shards, &0);
+        let mut keys = (0..).filter(|k| std::ptr::eq(l.shard(shards, k).1, first));
+        let policy = [Policy::per_second(std::num::NonZeroU32::new(1).unwrap())];
+        for _ in 0..per_shard {
+            assert!(l.check(&keys.next().unwrap(), &policy, 1).unwrap().is_allowed());
+        }
+        let slots = || first.tables[0].0.load().slots.len();
+        let full = slots();
+        // Every key is fresh; the new one's purge forgets them all.
+        clock.advance(Duration::from_secs(2));
+        assert!(l.check(&keys.next().unwrap(), &policy, 1).unwrap().is_allowed());
+        assert_eq!(l.len(), 1);
+        assert!(slots() * 16 < full, "{} slots for one key, {full} for {per_shard}", slots());
     }
 }
