@@ -57,7 +57,8 @@
 //! (a [`LimitStore::refund`] of the handler's own would need both, and
 //! under another key gives nothing back). Likewise a quota count, through
 //! the [`QuotaRefund`] beside the [`QuotaDecision`] (the innermost counting
-//! layer's, under nested layers).
+//! layer's, under nested layers). [`Gate::admit`], the layer's core for a
+//! host without tower, hands out both in its [`Admitted`].
 //!
 //! Layers of one gate nest: a layer on a whole router authenticates and charges
 //! each request once, and a layer of the same gate on a route inside it adds
@@ -666,7 +667,9 @@ impl std::error::Error for Refused {
 /// What the gate learned about an admitted request. The layer inserts its
 /// parts into the request extensions: the [`Principal`], the [`Decision`]
 /// (when a plan applied, with its [`Refund`]) and the [`QuotaDecision`]
-/// (when the route counts a category, with its [`QuotaRefund`]).
+/// (when the route counts a category, with its [`QuotaRefund`]). A caller
+/// of [`Gate::admit`] finds the same handles here:
+/// [`refund`](Self::refund) and [`quota_refund`](Self::quota_refund).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct Admitted {
@@ -679,6 +682,11 @@ pub struct Admitted {
     /// Checks let through because their store failed under
     /// [`FailMode::Open`], when any were.
     pub failed_open: Option<FailedOpen>,
+    /// What gives back `decision`'s charge: there exactly when `decision`
+    /// is (private, so the two cannot part).
+    refund: Option<Refund>,
+    /// What gives back `quota`'s count: there exactly when `quota` is.
+    quota_refund: Option<QuotaRefund>,
     /// The plan charged (its address; 0 for none) and the cookie the
     /// credential came from (its [`cookie_id`]; 0 for a header): for the
     /// mark layers of this gate nested inside read.
@@ -689,15 +697,111 @@ pub struct Admitted {
     took_over: bool,
 }
 
+impl Admitted {
+    /// The handle that gives back what the limiter charged for this
+    /// request (the [`Refund`] the layer puts beside the [`Decision`] in the
+    /// request's extensions): a request that failed before doing its work,
+    /// or one that should not count. `None` where no plan applied or the
+    /// limiter failed open (no [`decision`](Self::decision)). Clones of
+    /// it, and of this value, share one charge.
+    ///
+    /// ```
+    /// use keygate::auth::{Authenticator, Target};
+    /// use keygate::limit::{MemoryLimiter, PlanSet};
+    /// use keygate::manager::{KeyManager, NewKey};
+    /// use keygate::store::{MemoryKeyStore, Tenant};
+    /// use keygate::tower::Gate;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+    /// let keys = MemoryKeyStore::new();
+    /// let tenant = Tenant::workspace("ws_a".parse()?);
+    /// let key = KeyManager::new(keys.clone())
+    ///     .create(NewKey::new("n", keygate::format::NH, tenant).plan("free")) // 5 a minute
+    ///     .await?;
+    /// let gate = Gate::builder(Authenticator::new(keys), MemoryLimiter::new(1_000))
+    ///     .plans(PlanSet::presets())
+    ///     .build();
+    ///
+    /// // A host without tower: its framework's headers, the route's needs.
+    /// let mut headers = http::HeaderMap::new();
+    /// headers.insert("x-api-key", key.key().expose_secret().parse()?);
+    /// let route = gate.layer().route().clone();
+    /// let admitted = gate.admit(&route, &headers, &Target::any()).await?;
+    /// assert_eq!(admitted.decision.as_ref().map(|d| d.remaining()), Some(4));
+    ///
+    /// // The upstream is down: nothing was sent, so the request costs nothing.
+    /// if let Some(refund) = admitted.refund() {
+    ///     // An error giving back leaves the unit spent: nothing more to do.
+    ///     let _ = refund.give_back(u32::MAX).await;
+    /// }
+    /// let next = gate.admit(&route, &headers, &Target::any()).await?;
+    /// assert_eq!(next.decision.map(|d| d.remaining()), Some(4));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # })
+    /// # }
+    /// ```
+    #[must_use]
+    pub const fn refund(&self) -> Option<&Refund> {
+        self.refund.as_ref()
+    }
+
+    /// The handle that gives back what the quota store counted for this
+    /// request (the [`QuotaRefund`] the layer puts beside the
+    /// [`QuotaDecision`] in the request's extensions). `None` where no
+    /// [`quota`](Self::quota) was counted: the route names no category, the
+    /// gate has no quota store or no plan applied, or the store failed
+    /// open. Clones of it, and of this value, share one count.
+    ///
+    /// ```
+    /// # use keygate::auth::{Authenticator, Target};
+    /// # use keygate::limit::{MemoryLimiter, PlanSet};
+    /// # use keygate::manager::{KeyManager, NewKey};
+    /// # use keygate::quota::MemoryQuotaStore;
+    /// # use keygate::store::{MemoryKeyStore, Tenant};
+    /// # use keygate::tower::Gate;
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// # tokio::runtime::Builder::new_current_thread().build()?.block_on(async {
+    /// # let keys = MemoryKeyStore::new();
+    /// # let tenant = Tenant::workspace("ws_a".parse()?);
+    /// # let key = KeyManager::new(keys.clone())
+    /// #     .create(NewKey::new("n", keygate::format::NH, tenant).plan("indie"))
+    /// #     .await?;
+    /// # let mut headers = http::HeaderMap::new();
+    /// # headers.insert("x-api-key", key.key().expose_secret().parse()?);
+    /// // `indie`: 4,000 webhook notifications a month.
+    /// let gate = Gate::builder(Authenticator::new(keys), MemoryLimiter::new(1_000))
+    ///     .plans(PlanSet::presets())
+    ///     .quotas(MemoryQuotaStore::new())
+    ///     .build();
+    /// let route = gate.layer().quota("webhook").route().clone();
+    /// let admitted = gate.admit(&route, &headers, &Target::any()).await?;
+    /// // The receiver is down: nothing was delivered, so nothing is billed.
+    /// if let Some(refund) = admitted.quota_refund() {
+    ///     refund.give_back(u64::MAX).await?;
+    /// }
+    /// let next = gate.admit(&route, &headers, &Target::any()).await?;
+    /// assert_eq!(next.quota.map(|q| q.used), Some(1)); // the first was given back
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// # })
+    /// # }
+    /// ```
+    #[must_use]
+    pub const fn quota_refund(&self) -> Option<&QuotaRefund> {
+        self.quota_refund.as_ref()
+    }
+}
+
 /// What the layer's limiter charged for this request, for the handler to
 /// give back: a request that failed before doing its work (a 5xx of its
 /// own, an upstream down), or one that should not count. The layer puts it
 /// in the request's extensions beside the [`Decision`] whose charge it
-/// holds (axum: `Extension<Refund>`): none where no plan applied or the
-/// limiter failed open, and one that gives nothing back where the route's
-/// cost is 0. It gives back under the limiter key and the plan the layer
-/// charged (the record id, or `{record id}#{plan}` under a route's plan),
-/// which the handler need not know.
+/// holds (axum: `Extension<Refund>`; [`Gate::admit`] returns it as
+/// [`Admitted::refund`]): none where no plan applied or the limiter failed
+/// open, and one that gives nothing back where the route's cost is 0. It
+/// gives back under the limiter key and the plan the layer charged (the
+/// record id, or `{record id}#{plan}` under a route's plan), which the
+/// handler need not know.
 ///
 /// Under nested layers of one gate it is the charge that stands: the outer
 /// layer's, or the inner layer's where that one charged the request itself
@@ -791,6 +895,29 @@ impl Refund {
         self.0.refundable()
     }
 
+    /// The handle for `decision`, a check of `gate` for `principal` under
+    /// the plan at address `plan` (in the gate's set): it gives back under
+    /// the limiter key those settle, from its own copy of the decision.
+    fn charged<S, L, Q, C>(
+        gate: &Gate<S, L, Q, C>,
+        principal: &Principal,
+        plan: usize,
+        decision: &Decision,
+    ) -> Self
+    where
+        S: KeyStore + 'static,
+        L: LimitStore + 'static,
+        Q: QuotaStore + 'static,
+        C: Clock + 'static,
+    {
+        Self(Arc::new(Charged {
+            gate: gate.clone(),
+            principal: principal.clone(),
+            plan,
+            check: Mutex::new(decision.clone()),
+        }))
+    }
+
     /// The charge of `gate`, when the handle is one of its layers'.
     fn of<S, L, Q, C>(&self, gate: &Gate<S, L, Q, C>) -> Option<Arc<Charged<S, L, Q, C>>>
     where
@@ -882,12 +1009,13 @@ where
 /// to give back: a request that failed before doing its work (an upstream
 /// down, nothing sent), where the host bills only delivered work. The
 /// layer puts it in the request's extensions beside the [`QuotaDecision`]
-/// whose count it holds (axum: `Extension<QuotaRefund>`): none where the
-/// route counts no category, the gate has no quota store or no plan
-/// applied, or the store failed open; one that gives nothing back where
-/// the plan does not count the category. It gives back under the quota
-/// account the layer counted ([`Principal::quota_account`] of the plan it
-/// applied) and the route's category, which the handler need not know.
+/// whose count it holds (axum: `Extension<QuotaRefund>`; [`Gate::admit`]
+/// returns it as [`Admitted::quota_refund`]): none where the route counts
+/// no category, the gate has no quota store or no plan applied, or the
+/// store failed open; one that gives nothing back where the plan does not
+/// count the category. It gives back under the quota account the layer
+/// counted ([`Principal::quota_account`] of the plan it applied) and the
+/// route's category, which the handler need not know.
 ///
 /// Copies share one count: together they give back at most what the
 /// check counted. Use this handle rather than [`QuotaStore::refund`] with
@@ -1305,7 +1433,10 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     }
 
     /// Runs every check of `route` for a request with `headers`, aimed at
-    /// `target`. The framework-free core of the layer.
+    /// `target`. The framework-free core of the layer: what the layer puts
+    /// in the request's extensions, the [`Admitted`] holds, the handles
+    /// that give back its charge and its count included
+    /// ([`Admitted::refund`], [`Admitted::quota_refund`]).
     ///
     /// # Errors
     ///
@@ -1316,7 +1447,15 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         route: &Route,
         headers: &HeaderMap,
         target: &Target,
-    ) -> Result<Admitted, Refused> {
+    ) -> Result<Admitted, Refused>
+    where
+        // The `Admitted`'s handles hold the gate behind a `dyn`, as the
+        // layer's (and `quota_refund`'s) do.
+        S: 'static,
+        L: 'static,
+        Q: 'static,
+        C: 'static,
+    {
         let admitted = self.admit_to(route, headers, Ok(target), None).await;
         admitted.map_err(|r| r.with_scheme(self.scheme(route, Some(target))))
     }
@@ -1342,7 +1481,13 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         // What an outer layer of this gate settled (see `Known`). One
         // function, not steps: the request's future holds one state.
         mut known: Option<Known<S, L, Q, C>>,
-    ) -> Result<Admitted, Refused> {
+    ) -> Result<Admitted, Refused>
+    where
+        S: 'static,
+        L: 'static,
+        Q: 'static,
+        C: 'static,
+    {
         let style = self.style(route);
         let auth = &self.0.auth;
         let (outer, outer_charge) = known.as_mut().map(|k| (k.plan, k.charged.take())).unzip();
@@ -1368,7 +1513,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
 
         let outer_plan = outer.and_then(|addr| self.plan_at(addr));
         let plan = self.plan_within(&principal, route, outer_plan)?;
-        let plan_id = plan.map_or(0, |p| std::ptr::from_ref(p).addr());
+        let plan_id = plan_addr(plan);
         let limit = outer.is_none_or(|o| route.cost.is_some() || o != plan_id);
         // Charged here instead of outside: what the outer layer took is
         // given back first, so the request costs what this route says, once.
@@ -1447,8 +1592,52 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
                     .map_err(|r| with_headers(r.with_style(style)))?
             }
         };
+        Ok(self.admitted(principal, route, plan, (decision, quota), failed, (cookie, took_over)))
+    }
+
+    /// What [`admit_to`](Self::admit_to) settled for `principal` on
+    /// `route` under `plan`, with the handles that give back what it
+    /// charged (`decision`) and counted (`quota`, of the route's category):
+    /// made here once, for the layer and [`admit`](Self::admit)'s callers
+    /// alike. Every decision gets one, a check of cost 0 too (it gives
+    /// nothing back): a layer of the gate inside takes the charge over from
+    /// the refund that goes with the decision it vouches for, so one must
+    /// never stand beside another layer's decision. Likewise every quota
+    /// decision, an uncounted one too.
+    fn admitted(
+        &self,
+        principal: Principal,
+        route: &Route,
+        plan: Option<&Plan>,
+        (decision, quota): (Option<Decision>, Option<QuotaDecision>),
+        failed: FailedOpen,
+        (cookie, took_over): (u64, bool),
+    ) -> Admitted
+    where
+        S: 'static,
+        L: 'static,
+        Q: 'static,
+        C: 'static,
+    {
+        let plan_id = plan_addr(plan);
+        let refund = decision.as_ref().map(|d| Refund::charged(self, &principal, plan_id, d));
+        let quota_refund = quota
+            .as_ref()
+            .zip(plan)
+            .zip(route.quota.clone())
+            .map(|((q, plan), category)| QuotaRefund::of(self, &principal, plan, category, q));
         let failed_open = failed.any().then_some(failed);
-        Ok(Admitted { principal, decision, quota, failed_open, plan: plan_id, cookie, took_over })
+        Admitted {
+            principal,
+            decision,
+            quota,
+            failed_open,
+            refund,
+            quota_refund,
+            plan: plan_id,
+            cookie,
+            took_over,
+        }
     }
 
     /// Counts `cost` units of `category` against the monthly quotas of
@@ -2068,7 +2257,7 @@ where
                 scheme: outer_answer.map_or(scheme, |(_, s)| s),
             };
             let headers =
-                admitted.into_extensions(req.extensions_mut(), &gate, &route, superseded.as_ref());
+                admitted.into_extensions(req.extensions_mut(), &gate, superseded.as_ref());
             req.extensions_mut().insert(mark);
             // The credential goes on to the handler (and any layer inside):
             // marked sensitive, so a `Debug` of the headers shows no key.
@@ -2125,30 +2314,19 @@ where
 
 impl Admitted {
     /// Moves the principal and the decisions into request `extensions`,
-    /// with a [`Refund`] of `gate`'s charge beside the limiter's decision;
-    /// returns the decision's headers (in the gate's set) for the response.
+    /// each beside its handle ([`Refund`], [`QuotaRefund`]); returns the
+    /// decision's headers (in the gate's set) for the response.
     fn into_extensions<S, L, Q, C>(
         self,
         extensions: &mut Extensions,
         gate: &Gate<S, L, Q, C>,
-        route: &Route,
         superseded: Option<&Arc<BackendError>>,
-    ) -> Option<RenderedHeaders>
-    where
-        S: KeyStore + 'static,
-        L: LimitStore + 'static,
-        Q: QuotaStore + 'static,
-        C: Clock + 'static,
-    {
+    ) -> Option<RenderedHeaders> {
         if let Some(q) = self.quota {
-            // Beside every quota decision, an uncounted one too (it gives
-            // nothing back): an outer layer's handle must never stand
-            // beside this layer's decision.
-            let counted = gate.plan_at(self.plan).zip(route.quota.clone());
-            match counted {
-                Some((plan, category)) => {
-                    extensions.insert(QuotaRefund::of(gate, &self.principal, plan, category, &q))
-                }
+            // An outer layer's handle must never stand beside this layer's
+            // decision (`admit_to` makes one for every quota decision).
+            match self.quota_refund {
+                Some(refund) => extensions.insert(refund),
                 None => extensions.remove::<QuotaRefund>(),
             };
             extensions.insert(q);
@@ -2159,26 +2337,25 @@ impl Admitted {
         if let Some(f) = FailedOpen::beside(self.failed_open, outer, superseded) {
             extensions.insert(f);
         }
-        let Some(decision) = self.decision else {
+        // A decision goes in with its refund (`admit_to` makes one for
+        // every decision), never beside an outer layer's.
+        let (Some(decision), Some(refund)) = (self.decision, self.refund) else {
             extensions.insert(self.principal);
             return None;
         };
         // Rendered before the decision moves into the extensions.
         let headers = decision.rendered_headers(gate.0.headers);
-        // Beside every decision, a check of cost 0 too (it gives nothing
-        // back): a layer of the gate inside takes the charge over from the
-        // refund that goes with the decision it vouches for, so one must
-        // never stand beside another layer's decision.
-        extensions.insert(Refund(Arc::new(Charged {
-            gate: gate.clone(),
-            principal: self.principal.clone(),
-            plan: self.plan,
-            check: Mutex::new(decision.clone()),
-        })));
+        extensions.insert(refund);
         extensions.insert(self.principal);
         extensions.insert(decision);
         Some(headers)
     }
+}
+
+/// The address of `plan` (in its gate's set; 0 for none): the record of it
+/// that marks and refunds keep ([`Gate::plan_at`] finds it again).
+fn plan_addr(plan: Option<&Plan>) -> usize {
+    plan.map_or(0, |p| std::ptr::from_ref(p).addr())
 }
 
 /// The target of routes without a target function.

@@ -2102,7 +2102,7 @@ mod quota_refund {
     use super::*;
     use keygate::clock::{Clock, FakeClock};
     use keygate::quota::Month;
-    use keygate::tower::QuotaRefund;
+    use keygate::tower::{QuotaRefund, Refund};
 
     use super::nested::key;
 
@@ -2251,6 +2251,41 @@ mod quota_refund {
             .await
             .unwrap();
         assert!(gate.quota_refund(&nobody, "webhook", d).is_none());
+    }
+    /// A host without tower admits through `Gate::admit`: its `Admitted`
+    /// carries the handles the layer puts in the request's extensions, so
+    /// what admit charged and counted can be given back, under the limiter
+    /// key, plan and quota account admit used.
+    #[tokio::test]
+    async fn gate_admit_hands_out_the_layers_refund_handles() {
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, Some("free")).await; // 5 a minute, 100 notifications a month
+        let (gate, quotas, clock) = gate(&keys);
+        let counted = gate.layer().quota("email");
+        let mut headers = axum::http::HeaderMap::new();
+        headers.insert("x-api-key", k.parse().unwrap());
+        let any = keygate::auth::Target::any();
+        let admit = async |layer: &keygate::tower::GateLayer<_, _, _, _>| {
+            gate.admit(layer.route(), &headers, &any).await.unwrap()
+        };
+        let admitted = admit(&counted).await;
+        assert_eq!(admitted.decision.as_ref().map(Decision::remaining), Some(4));
+        assert_eq!(admitted.quota.as_ref().map(|q| q.used), Some(1));
+        let refund = admitted.refund().expect("a plan applied");
+        let quota_refund = admitted.quota_refund().expect("the route counts email");
+        assert_eq!((refund.refundable(), quota_refund.refundable()), (1, 1));
+        refund.give_back(u32::MAX).await.unwrap();
+        quota_refund.give_back(u64::MAX).await.unwrap();
+        assert_eq!((refund.refundable(), quota_refund.refundable()), (0, 0));
+        assert_eq!(quotas.usage("ws_t/free", "email", clock.now()).await.unwrap(), 0);
+        // Both given back: the next admission finds what the first did.
+        let again = admit(&counted).await;
+        assert_eq!(again.decision.as_ref().map(Decision::remaining), Some(4));
+        assert_eq!(again.quota.as_ref().map(|q| q.used), Some(1));
+        // A route counting nothing: no quota handle, the rate one still.
+        let plain = admit(&gate.layer()).await;
+        assert!(plain.quota_refund().is_none());
+        assert_eq!(plain.refund().map(Refund::refundable), Some(1));
     }
 }
 
