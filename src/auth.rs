@@ -561,6 +561,19 @@ impl AuthError {
 
 /// Verifies keys from request headers against a [`KeyStore`].
 ///
+/// Clones (where the store and the clock are `Clone`) are one
+/// authenticator, for a host that puts it behind two gates (one failing
+/// open, say) or several services: they share the [`PrincipalCache`] and
+/// their identity in it (a principal one verified is a hit for the others,
+/// and a revocation's invalidation reaches them all), the last-use batch
+/// (one write per interval between them; a flush through any writes what
+/// all noted), the scope registry and the [`AccountStatus`] check. The
+/// store's clone must reach the same keys, as the stores of this crate do
+/// (handles on shared data): a clone is served the principals another
+/// verified. A clone given another [`hasher`](Self::hasher) is another
+/// authenticator (its own identity), and one given a
+/// [`last_use_interval`](Self::last_use_interval) keeps its own batch.
+///
 /// ```
 /// # tokio_test_block_on(async {
 /// use keygate::auth::{Authenticator, Target};
@@ -602,7 +615,8 @@ pub struct Authenticator<S, C = SystemClock> {
     accounts: Option<AssertUnwindSafe<Arc<dyn AccountStatus>>>,
     environment: Option<Environment>,
     region: Option<Region>,
-    last_use: LastUse,
+    /// Shared by clones: one batch, one write per interval between them.
+    last_use: Arc<LastUse>,
     last_use_interval: u64,
     /// Requests write last use (else the host's flushes alone do).
     last_use_in_requests: bool,
@@ -611,6 +625,33 @@ pub struct Authenticator<S, C = SystemClock> {
     /// only if this authenticator verified the principal against its own
     /// store.
     source: u64,
+}
+
+/// One authenticator more, sharing what must be shared (see the type's
+/// doc). Written out rather than derived, so a field added later is
+/// decided here too.
+impl<S: Clone, C: Clone> Clone for Authenticator<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            hasher: self.hasher.clone(),
+            formats: self.formats.clone(),
+            rules: self.rules.clone(),
+            registry: Arc::clone(&self.registry),
+            clock: self.clock.clone(),
+            cache: self.cache.clone(),
+            accounts: self.accounts.as_ref().map(|a| AssertUnwindSafe(Arc::clone(&a.0))),
+            environment: self.environment,
+            region: self.region,
+            // One batch: a batch each would write each key once per clone
+            // per interval, and a flush through one would miss the others'.
+            last_use: Arc::clone(&self.last_use),
+            last_use_interval: self.last_use_interval,
+            last_use_in_requests: self.last_use_in_requests,
+            // One identity: the cache's entries are the clones' alike.
+            source: self.source,
+        }
+    }
 }
 
 /// The next [`Authenticator`] identity (0 is a principal built by hand).
@@ -647,7 +688,7 @@ impl<S: KeyStore> Authenticator<S> {
             accounts: None,
             environment: None,
             region: None,
-            last_use: LastUse::new(Duration::from_secs(60)),
+            last_use: Arc::new(LastUse::new(Duration::from_secs(60))),
             last_use_interval: duration_nanos(Duration::from_secs(60)),
             last_use_in_requests: true,
             source: NEXT_SOURCE.fetch_add(1, Ordering::Relaxed),
@@ -841,10 +882,11 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         self
     }
 
-    /// Writes last use at most once per `interval` per key (batched).
+    /// Writes last use at most once per `interval` per key (batched). On a
+    /// clone, a batch of its own from then on.
     #[must_use]
     pub fn last_use_interval(mut self, interval: Duration) -> Self {
-        self.last_use = LastUse::new(interval);
+        self.last_use = Arc::new(LastUse::new(interval));
         self.last_use_interval = duration_nanos(interval);
         self
     }

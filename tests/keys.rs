@@ -1277,6 +1277,38 @@ async fn cache_bounds_staleness_and_local_revocation_is_immediate() {
     assert!(auth_bearer(&auth, c.key().expose_secret(), &any).await.is_err());
 }
 
+/// Clones of an authenticator (for two gates, one failing open, say) are
+/// one authenticator: a principal one of them cached is a hit for the
+/// other, and a revocation through a manager sharing the cache stops both
+/// at once.
+#[tokio::test]
+async fn clones_of_an_authenticator_share_its_cache_and_its_revocations() {
+    let f = fixture();
+    let cache = Arc::new(PrincipalCache::new(Duration::from_secs(30), 1000));
+    let auth = Authenticator::new(f.store.clone()).clock(f.clock.clone()).cache(cache.clone());
+    let clone = auth.clone();
+    let manager = KeyManager::new(f.store.clone()).clock(f.clock.clone()).cache(cache.clone());
+    let any = Target::any();
+
+    // Cached through one, revoked straight in the store (as on another
+    // instance): only a hit in the shared entry lets the clone in.
+    let a = manager.create(NewKey::new("a", SK, ws("ws_a"))).await.unwrap();
+    auth_bearer(&auth, a.key().expose_secret(), &any).await.unwrap();
+    f.store.revoke(&a.record().id, f.clock.now()).await.unwrap();
+    assert!(auth_bearer(&clone, a.key().expose_secret(), &any).await.is_ok(), "a hit");
+    assert_eq!(cache.len(), 1, "one entry, not one per clone");
+
+    // Revoked through the manager: neither serves it any more.
+    let b = manager.create(NewKey::new("b", SK, ws("ws_a"))).await.unwrap();
+    auth_bearer(&clone, b.key().expose_secret(), &any).await.unwrap();
+    auth_bearer(&auth, b.key().expose_secret(), &any).await.unwrap();
+    manager.revoke(&b.record().id).await.unwrap();
+    for (who, a) in [("the original", &auth), ("the clone", &clone)] {
+        let refused = auth_bearer(a, b.key().expose_secret(), &any).await.unwrap_err();
+        assert!(matches!(refused, AuthError::Revoked { .. }), "{who}: {refused}");
+    }
+}
+
 /// A store that counts last-use writes, and can run a hook right after a
 /// digest lookup has read its record (to stage races).
 #[derive(Clone, Default)]
@@ -1454,6 +1486,26 @@ async fn requests_can_leave_last_use_writes_to_the_host() {
     store.last_use_stuck.store(false, Ordering::Relaxed);
     auth.flush_last_use().await.unwrap();
     assert_eq!(f_get(&store, k.record()).await, Some(fake_clock_start()));
+}
+
+/// Clones of an authenticator keep one last-use batch: one write per
+/// interval between them, not one each, and a flush through either writes
+/// what the other noted (a host flushing one at shutdown loses nothing).
+#[tokio::test]
+async fn clones_of_an_authenticator_batch_last_use_together() {
+    let (clock, store, manager, auth) = last_use_setup();
+    let clone = auth.clone();
+    let k1 = manager.create(NewKey::new("k1", SK, ws("ws_a"))).await.unwrap();
+    let k2 = manager.create(NewKey::new("k2", SK, ws("ws_a"))).await.unwrap();
+    // The first use after start is written at once; the clone's, within
+    // the same interval, waits for the batch.
+    auth_bearer(&auth, k1.key().expose_secret(), &Target::any()).await.unwrap();
+    auth_bearer(&clone, k2.key().expose_secret(), &Target::any()).await.unwrap();
+    assert_eq!(store.last_use_writes.load(Ordering::Relaxed), 1, "one write in the interval");
+    assert_eq!(f_get(&store, k2.record()).await, None);
+    clock.advance(Duration::from_secs(1));
+    auth.flush_last_use().await.unwrap();
+    assert_eq!(f_get(&store, k2.record()).await, Some(fake_clock_start()), "flushed");
 }
 
 /// Whether an authentication of `key`, polled once, is done; else it is
