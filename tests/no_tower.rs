@@ -15,8 +15,8 @@
 //! As under the gate, units are spent when the limiter admits: a refusal
 //! after it, or a failed handler, still costs them, unless the handler
 //! gives them back (`LimitStore::refund`, under the key and plan it was
-//! charged under). Monthly quotas have no refund: a request the handler
-//! fails after the quota counted it stays counted.
+//! charged under), and the monthly count likewise (`QuotaStore::refund`,
+//! under the account it was counted in).
 
 use std::time::Duration;
 
@@ -32,7 +32,7 @@ use keygate::http::{AuthScheme, BodyStyle, Rejection, Response};
 use keygate::limit::{CheckMode, Decision, HeaderSet, LimitStore, MemoryLimiter, Plan, PlanSet};
 use keygate::manager::{KeyManager, NewKey, TokenExpiry};
 use keygate::portal::{MemoryPortalStore, Portal, SessionRequest};
-use keygate::quota::{MemoryQuotaStore, QuotaStore};
+use keygate::quota::{MemoryQuotaStore, QuotaDecision, QuotaStore};
 use keygate::store::{MemoryKeyStore, Tenant, WorkspaceId};
 
 /// What the framework hands the host and gets back.
@@ -119,13 +119,15 @@ struct Host<L = MemoryLimiter<String, FakeClock>> {
     workspace: WorkspaceId,
 }
 
-/// What passes the gate: the principal and the limiter's decision (with
-/// what a refund needs: the limiter key and the plan's policies).
+/// What passes the gate: the principal, the limiter's decision (with what
+/// a refund needs: the limiter key and the plan's policies) and the quota
+/// count (with its account and category).
 struct Admitted {
     principal: Principal,
     decision: Option<Decision>,
     limiter_key: String,
     plan: Plan,
+    counted: Option<(QuotaDecision, String, &'static str)>,
 }
 
 impl Host {
@@ -196,7 +198,11 @@ impl<L: LimitStore> Host<L> {
                     if fail {
                         // The upstream is down before any work: give the
                         // units back, under the key and plan they were
-                        // charged under.
+                        // charged under, and the notification uncounted.
+                        if let Some((mut q, account, category)) = admitted.counted {
+                            let now = self.clock.now();
+                            let _ = self.quotas.refund(&account, category, 1, &mut q, now).await;
+                        }
                         if let Some(mut decision) = admitted.decision {
                             let _ = LimitStore::refund(
                                 &self.limiter,
@@ -313,6 +319,7 @@ impl<L: LimitStore> Host<L> {
         }
         // 4. The route's monthly quota, per workspace, environment and
         // plan, under the gate's account name (`quota_account`).
+        let mut counted = None;
         if let Some(category) = route.quota {
             let account = principal.quota_account(&plan);
             match self
@@ -324,13 +331,14 @@ impl<L: LimitStore> Host<L> {
                     if let Some(rejection) = q.rejection() {
                         return self.refuse(route, &rejection, decision.as_ref());
                     }
+                    counted = Some((q, account, category));
                 }
                 Err(_) => return self.refuse(route, &Rejection::Unavailable, decision.as_ref()),
             }
         }
         // 5. The handler, then the rate-limit headers on its answer.
         let kept = decision.clone();
-        let mut reply = handler(Admitted { principal, decision, limiter_key, plan }).await;
+        let mut reply = handler(Admitted { principal, decision, limiter_key, plan, counted }).await;
         if let Some(d) = kept {
             // A handler's own rate-limit fields (of another limit) stand.
             d.fill_in(HeaderSet::default(), &mut reply.headers);
@@ -450,10 +458,10 @@ async fn the_monthly_quota_refuses_with_the_seed_message_and_a_refund_gives_unit
         .unwrap();
     assert_eq!(probe.remaining(), 4, "peek reports what is left after it would fit: 5 - 1");
 
-    // 100 notifications a month, the failed one included: the quota was
-    // counted before the handler ran, and quotas have no refund (as under
-    // the gate). Spread over time so the rate limit admits.
-    for i in 1..100 {
+    // 100 notifications a month, the failed one not among them: counted
+    // before the handler ran, it was given back. Spread over time so the
+    // rate limit admits.
+    for i in 1..=100 {
         host.clock.advance(Duration::from_secs(13));
         let r = host.handle("POST", "/v1/notifications", &headers, "{}").await;
         assert_eq!(r.status, 202, "notification {i}: {r:?}");
