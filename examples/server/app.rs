@@ -31,6 +31,7 @@ use keygate::store::{KeyStore, ProjectId, RecordId, Tenant, WorkspaceId};
 use keygate::tower::Gate;
 use serde_json::{Map, Value, json};
 use std::pin::Pin;
+use zeroize::Zeroizing;
 
 /// Where the server keeps its state: in memory, or in a shared backend.
 pub(crate) trait Backend: Send + Sync + 'static {
@@ -931,11 +932,7 @@ async fn open_portal<B: Backend>(State(app): AppState<B>, RawQuery(query): RawQu
             let max_age = record
                 .expires_at
                 .map_or(0, |t| t.duration_since(Timestamp::now()).as_secs().max(0));
-            let cookie = format!(
-                "{PORTAL_COOKIE}={}; HttpOnly; Secure; SameSite=Strict; Path={}; Max-Age={max_age}",
-                access.token().expose_secret(),
-                app.portal_path,
-            );
+            let cookie = session_cookie(access.token().expose_secret(), &app.portal_path, max_age);
             let application =
                 record.tenant.application.as_ref().map_or("", |a| a.as_str()).to_owned();
             let html = format!(
@@ -957,6 +954,30 @@ async fn open_portal<B: Backend>(State(app): AppState<B>, RawQuery(query): RawQu
             portal_page(res, &app.portal_csp)
         }
     }
+}
+
+/// The `Set-Cookie` value handing the portal access `token` to the
+/// browser, built in one buffer of the exact final size and wiped on drop:
+/// `format!` guesses twice its literal text and grows as it writes, so the
+/// attributes after the token reallocated it and freed a block still
+/// holding a live token, unwiped. (The header value made from it, and the
+/// bytes hyper writes, are copies out of the server's reach.)
+fn session_cookie(token: &str, path: &str, max_age: i64) -> Zeroizing<String> {
+    let max_age = max_age.to_string();
+    let parts = [
+        PORTAL_COOKIE,
+        "=",
+        token,
+        "; HttpOnly; Secure; SameSite=Strict; Path=",
+        path,
+        "; Max-Age=",
+        &max_age,
+    ];
+    let mut cookie = Zeroizing::new(String::with_capacity(parts.iter().map(|p| p.len()).sum()));
+    for part in parts {
+        cookie.push_str(part);
+    }
+    cookie
 }
 
 /// The `code` of a portal link's query (empty when it has none, which
@@ -1167,7 +1188,26 @@ pub(crate) async fn bootstrap<K: KeyStore>(
 
 #[cfg(test)]
 mod tests {
-    use super::is_http_url;
+    use super::{PORTAL_COOKIE, is_http_url, session_cookie};
+
+    #[test]
+    fn the_session_cookie_is_built_in_one_exact_buffer() {
+        // Exactly full: no reallocation freed a block still holding the
+        // token (the attributes after it made `format!` grow its buffer).
+        let token = keygate::portal::ACCESS_TOKEN.mint_default().unwrap();
+        let token = token.expose_secret();
+        for (path, max_age) in [("/portal", 3600), ("/base/portal", 0), ("/p", 59)] {
+            let cookie = session_cookie(token, path, max_age);
+            assert_eq!(
+                *cookie,
+                format!(
+                    "{PORTAL_COOKIE}={token}; HttpOnly; Secure; SameSite=Strict; Path={path}; \
+                     Max-Age={max_age}"
+                )
+            );
+            assert_eq!(cookie.capacity(), cookie.len(), "{path} {max_age}");
+        }
+    }
 
     #[test]
     fn an_http_url_has_a_usable_host() {
