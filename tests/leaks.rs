@@ -278,3 +278,73 @@ fn redaction_leaves_no_secret_behind_whatever_the_reads() {
         }
     }
 }
+
+/// What the tower layer hands out about a request — the typed refusal
+/// (`Debug`, `Display`, its error chain), the response, and on admission
+/// the principal, the limiter's decision and refund seen by the handler —
+/// never carries the credential, from a header or a cookie.
+#[tokio::test]
+async fn tower_refusals_and_admissions_never_echo_the_credential() {
+    use std::fmt::Write as _;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use axum::routing::get;
+    use axum::{Extension, Router};
+    use keygate::limit::{Decision, MemoryLimiter, PlanSet};
+    use keygate::tower::{Gate, Refund, Refused};
+    use tower::ServiceExt;
+
+    let keys = MemoryKeyStore::new();
+    let manager = KeyManager::new(keys.clone());
+    let ws = || Tenant::workspace("ws_abc".parse().unwrap());
+    let sk = manager.create(NewKey::new("k", SK, ws()).scopes(&["*"]).unwrap()).await.unwrap();
+    let nh = manager.create(NewKey::new("k", NH, ws())).await.unwrap();
+    let gate = Gate::builder(Authenticator::new(keys.clone()), MemoryLimiter::new(100))
+        .plans(PlanSet::presets())
+        .default_plan("free")
+        .build();
+    let seen =
+        |Extension(p): Extension<keygate::auth::Principal>,
+         d: Option<Extension<Decision>>,
+         r: Option<Extension<Refund>>| async move { format!("{p:?} {p:#?} {d:?} {r:?}") };
+    let app: Router = Router::new()
+        .route("/open", get(seen).layer(gate.layer().cookie("sess")))
+        .route("/scoped", get(seen).layer(gate.layer().require("webhooks:write").unwrap()));
+    let mut statuses = std::collections::BTreeSet::new();
+    for created in [&sk, &nh] {
+        let s = created.key().expose_secret();
+        let tail = secret_tail(created.key());
+        let mut values = typos(s);
+        values.push(s.to_owned());
+        for v in values {
+            for path in ["/open", "/scoped"] {
+                for (name, value) in [
+                    ("authorization", format!("Bearer {v}")),
+                    ("authorization", format!("Basic {v}")),
+                    ("x-api-key", v.clone()),
+                    ("cookie", format!("sess={v}")),
+                    ("cookie", format!("sess={v}; sess={v}x")),
+                ] {
+                    let req = Request::get(path).header(name, &value).body(Body::empty()).unwrap();
+                    let res = app.clone().oneshot(req).await.unwrap();
+                    statuses.insert(res.status().as_u16());
+                    let mut text = format!("{:?} {:?}", res.status(), res.headers());
+                    if let Some(r) = res.extensions().get::<Refused>() {
+                        let _ = write!(text, "{r:?} {r:#?} {r} {:?} {}", r.reason(), r.reason());
+                        let mut src = std::error::Error::source(r);
+                        while let Some(e) = src {
+                            let _ = write!(text, " {e} {e:?}");
+                            src = e.source();
+                        }
+                    }
+                    let body = axum::body::to_bytes(res.into_body(), 1 << 16).await.unwrap();
+                    text += &String::from_utf8_lossy(&body);
+                    assert_absent(&text, &tail);
+                }
+            }
+        }
+    }
+    // Admissions, refused keys and a refused scope were all looked at.
+    assert_eq!(statuses.into_iter().collect::<Vec<_>>(), [200, 401, 403]);
+}
