@@ -2312,6 +2312,15 @@ mod tests {
         assert!(l.len() <= n);
     }
 
+    /// `l`'s first shard, and the keys that land in it, in order.
+    fn first_shard<C: Clock>(
+        l: &MemoryLimiter<u64, C>,
+    ) -> (&Shard<u64, ()>, impl Iterator<Item = u64> + '_) {
+        let Shards::Plain(shards) = &l.shards else { unreachable!("u64 keys are plain") };
+        let (_, first) = l.shard(shards, &0);
+        (first, (0..).filter(move |k| std::ptr::eq(l.shard(shards, k).1, first)))
+    }
+
     /// At its cap, with keys going fresh one at a time (a steady stream of
     /// keys, each limiting for its period, all of them live), each new key
     /// needs the one key gone fresh since the last: found by a purge, that
@@ -2325,9 +2334,7 @@ mod tests {
         // The cap is the one shard's keys: the limiter is at it.
         let per_shard = 256;
         let l = MemoryLimiter::<u64, _>::with_clock(per_shard, clock.clone());
-        let Shards::Plain(shards) = &l.shards else { unreachable!("u64 keys are plain") };
-        let (_, first) = l.shard(shards, &0);
-        let mut keys = (0..).filter(|k| std::ptr::eq(l.shard(shards, k).1, first));
+        let (first, mut keys) = first_shard(&l);
         // One a second: each key limits for a second after its check.
         let policy = [Policy::per_second(std::num::NonZeroU32::new(1).unwrap())];
         let ms = Duration::from_millis(1);
@@ -2359,9 +2366,7 @@ mod tests {
         let clock = crate::clock::FakeClock::new(Timestamp::from_second(1_767_225_600).unwrap());
         let per_shard = 256;
         let l = MemoryLimiter::<u64, _>::with_clock(per_shard, clock.clone());
-        let Shards::Plain(shards) = &l.shards else { unreachable!("u64 keys are plain") };
-        let (_, first) = l.shard(shards, &0);
-        let mut keys = (0..).filter(|k| std::ptr::eq(l.shard(shards, k).1, first));
+        let (first, mut keys) = first_shard(&l);
         let policy = [Policy::per_second(std::num::NonZeroU32::new(1).unwrap())];
         for _ in 0..per_shard {
             assert!(l.check(&keys.next().unwrap(), &policy, 1).unwrap().is_allowed());
