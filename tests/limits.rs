@@ -771,6 +771,72 @@ fn a_stalled_check_does_not_reopen_its_window_after_a_refund_empties_the_next() 
     }
 }
 
+/// A check that read the clock and then stalled while a purge forgot its
+/// key's one-word state as fresh at a later time: the key is judged again
+/// no earlier than that purge, which judged it fresh, not at the stale
+/// reading, where its old state still counted. 1 per 10 s under "d",
+/// admitted at 0 s; a check reads 5 s and stalls; at 10 s a new key at
+/// the cap purges (the key's "d" state is fresh then, and forgotten); the
+/// stalled check and one at 15 s cannot both be admitted (two units in
+/// 10 s). Whether or not the key also lives in the locked form (a stacked
+/// plan of other names, which a purge keeps while it limits), and whether
+/// the purge copies the key's table or forgets the word in place (a table
+/// holding more keys, still limiting).
+#[test]
+fn a_stalled_check_is_not_judged_before_a_purge_that_forgot_its_key() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let gcra = |name, limit, secs| {
+        Policy::new(name, limit, Duration::from_secs(secs), Algorithm::Gcra).unwrap()
+    };
+    let d = [gcra("d", 1, 10)];
+    // Limiting for an hour: a purge keeps the key's locked form.
+    let other = [gcra("h", 1, 3600), gcra("g", 1, 3600)];
+    // The new key's: fresh again at once, so a later check finds room.
+    let brief = [Policy::new("d", 1, Duration::from_millis(1), Algorithm::Gcra).unwrap()];
+    let hour = [gcra("d", 1, 3600)];
+    for (both_forms, extra) in [(false, 0), (true, 0), (false, 200), (true, 200)] {
+        let clock = Arc::new(StallClock {
+            inner: FakeClock::at_2026(),
+            armed: false.into(),
+            stalled: false.into(),
+            release: false.into(),
+        });
+        // The cap is the keys' states: the next key makes room.
+        let l = Arc::new(MemoryLimiter::<u64, _>::with_clock(
+            extra + 1 + usize::from(both_forms),
+            Arc::clone(&clock),
+        ));
+        for k in 1_000..1_000 + extra as u64 {
+            assert!(l.check(&k, &hour, 1).unwrap().is_allowed());
+        }
+        assert!(l.check(&1, &d, 1).unwrap().is_allowed());
+        if both_forms {
+            assert!(l.check(&1, &other, 1).unwrap().is_allowed());
+        }
+        // 1 s after the last anchor: the next check re-anchors, and stalls.
+        clock.inner.advance(Duration::from_secs(5));
+        clock.armed.store(true, SeqCst);
+        let stalled = {
+            let (l, d) = (Arc::clone(&l), d.clone());
+            std::thread::spawn(move || l.check(&1, &d, 1))
+        };
+        while !clock.stalled.load(SeqCst) {
+            std::thread::yield_now();
+        }
+        clock.inner.advance(Duration::from_secs(5));
+        assert!(l.check(&2, &brief, 1).unwrap().is_allowed(), "key 1's \"d\" was fresh");
+        clock.release.store(true, SeqCst);
+        // Refused is not admitted: the stalled check may find no room.
+        let late = stalled.join().unwrap();
+        clock.inner.advance(Duration::from_secs(5));
+        let next = l.check(&1, &d, 1).unwrap();
+        assert!(
+            !(late.as_ref().is_ok_and(keygate::limit::Decision::is_allowed) && next.is_allowed()),
+            "both forms {both_forms}, {extra} more keys: admitted at 0 s, at the stalled 5 s and at 15 s: {late:?}"
+        );
+    }
+}
+
 /// `DirectLimiter::decide`'s reset for a fixed window is the window's end
 /// on the real clock too: the wall time of the reading the check was
 /// judged at, not a later one (a window ending on a whole second then read

@@ -402,11 +402,6 @@ struct Tracked {
     /// Earliest limiter time at which any tracked key becomes fresh:
     /// purging before then cannot free anything.
     next_purge: u64,
-    /// The latest time a purge judged keys fresh at. A check that read an
-    /// earlier time before taking the lock decides a key it (re)creates
-    /// at this time instead: the key was forgotten as fresh then, and must
-    /// not be judged at an earlier time where its old state still counted.
-    purged_at: u64,
     /// What this shard has added to the limiter's count of tracked keys:
     /// its keys, once [settled](Shard::settle), and meanwhile the places
     /// reserved for keys about to be added.
@@ -456,6 +451,17 @@ struct Locked<K> {
     /// `u64::MAX`, while a purge holds it): what a walk and a refund read
     /// without taking the lock.
     due: AtomicU64,
+    /// The latest time a purge judged keys fresh at, set by the writer
+    /// before it forgets any. A check that read an earlier time decides a
+    /// key it (re)creates, or a policy name whose one-word state a purge
+    /// forgot, at this time instead: the state was forgotten as fresh
+    /// then, and must not be judged at an earlier time where it still
+    /// counted. Atomic: a key in both forms (a word under one name, the
+    /// locked form under others) is judged in the locked form without the
+    /// writer's lock once its word is forgotten; a check that finds the
+    /// word dead (or gone from a new table) reads it after the purge wrote
+    /// it.
+    purged_at: AtomicU64,
 }
 
 impl<K, T: Tag> Shard<K, T> {
@@ -466,6 +472,7 @@ impl<K, T: Tag> Shard<K, T> {
                 writer: Mutex::new(Tracked::default()),
                 multis: RwLock::new(HashTable::new()),
                 due: AtomicU64::new(0),
+                purged_at: AtomicU64::new(0),
             }),
         }
     }
@@ -999,6 +1006,9 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
             if self.has_live_words(shard, hash, key, policies) {
                 return None;
             }
+            // A name whose word a purge forgot is fresh here: judged no
+            // earlier than that purge (see `Locked::purged_at`).
+            let now = now.max(shard.locked.0.purged_at.load(Ordering::Acquire));
             let mut st = lock_state(m);
             let before = st.fresh_at;
             let d = self.decide(&mut st, policies, cost, mode, now);
@@ -1092,7 +1102,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         let word = self.word_form(policies, mode == CheckMode::Consume);
         let shard = &shards[shard_index(hash, shards.len())];
         let mut tracked = shard.writer(&self.census.0);
-        let now = now.max(tracked.purged_at);
+        let now = now.max(shard.locked.0.purged_at.load(Ordering::Acquire));
         // Only this lock's holder kills slots or swaps tables, so what a
         // probe finds here stays put until we return.
         if let Some((p, i)) = word
@@ -1331,7 +1341,7 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         // Walks skip the shard meanwhile: its release lowers `walk_at` to
         // the time it publishes.
         shard.locked.0.due.store(u64::MAX, Ordering::SeqCst);
-        tracked.purged_at = tracked.purged_at.max(now);
+        shard.locked.0.purged_at.fetch_max(now, Ordering::Release);
         let mut next = u64::MAX;
         shard.multis_mut().retain(|(_, m)| {
             let fresh_at = m.get_mut().unwrap_or_else(PoisonError::into_inner).fresh_at;
