@@ -364,6 +364,93 @@ fn purges_at_the_cap_lose_no_update_of_keys_still_limiting() {
     assert!(l.len() <= l.max_keys());
 }
 
+/// Hot keys that two threads check under 1 per 10 ms while a third streams
+/// new keys at the cap, a millisecond apart: each new key's purge forgets
+/// the hot keys gone fresh (in place, in tables of 400 keys still limiting,
+/// or by a copy), racing the checks that would admit them again, and the
+/// next check brings them back. Every hot key's admissions stay 10 ms
+/// apart on the times they were judged at: a state lost while it still
+/// limited would admit sooner. Two of the keys also live in the locked
+/// form (a stacked plan of other names), where a check lands once their
+/// word is forgotten.
+#[test]
+fn hot_keys_forgotten_and_brought_back_at_the_cap_keep_their_rate() {
+    const HOT: u64 = 4;
+    const LIMITING: u64 = 400;
+    let clock = FakeClock::at_2026();
+    let gcra = |name, limit, period| Policy::new(name, limit, period, Algorithm::Gcra).unwrap();
+    let rate = [gcra("d", 1, Duration::from_millis(10))];
+    let hour = [gcra("d", 1, Duration::from_secs(3600))];
+    let brief = [gcra("d", 1, Duration::from_millis(1))];
+    let other = [gcra("h", 1, Duration::from_secs(3600)), gcra("g", 1, Duration::from_secs(3600))];
+    // The keys still limiting, both forms of two hot keys, and a few
+    // places: every new key finds the limiter full.
+    let l = MemoryLimiter::<u64, _>::with_clock((LIMITING + HOT + 2 + 2) as usize, clock.clone());
+    for k in 1_000..1_000 + LIMITING {
+        assert!(l.check(&k, &hour, 1).unwrap().is_allowed());
+    }
+    for k in 0..2 {
+        assert!(l.check(&k, &other, 1).unwrap().is_allowed());
+    }
+    let done = std::sync::atomic::AtomicBool::new(false);
+    // Passes of the checkers over the hot keys: the stream waits for one
+    // every 25 ms, so the checks keep up on a busy host.
+    let passes = std::sync::atomic::AtomicU64::new(0);
+    let admitted: Vec<Vec<(u64, jiff::Timestamp)>> = std::thread::scope(|s| {
+        let checkers: Vec<_> = (0..2u64)
+            .map(|t| {
+                let (l, rate, done, passes) = (&l, &rate, &done, &passes);
+                s.spawn(move || {
+                    let mut admitted = Vec::new();
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        for i in 0..HOT {
+                            let k = (i + t) % HOT;
+                            // Forgotten, a hot key is a new key: it may
+                            // find no room (the stream took it).
+                            if let Ok(d) = l.check(&k, rate, 1)
+                                && d.is_allowed()
+                            {
+                                admitted.push((k, d.at()));
+                            }
+                        }
+                        passes.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    admitted
+                })
+            })
+            .collect();
+        for k in 0..10_000u64 {
+            if k % 25 == 0 {
+                let seen = passes.load(std::sync::atomic::Ordering::Relaxed);
+                while passes.load(std::sync::atomic::Ordering::Relaxed) == seen {
+                    std::thread::yield_now();
+                }
+            }
+            let _ = l.check(&(1_000_000 + k), &brief, 1);
+            clock.advance(Duration::from_millis(1));
+        }
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        checkers.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for k in 0..HOT {
+        let mut at: Vec<_> = admitted.iter().flatten().filter(|a| a.0 == k).map(|a| a.1).collect();
+        at.sort();
+        // Non-vacuous: the key came back again and again (about 500 times
+        // when last run).
+        assert!(at.len() >= 50, "key {k}: {} admissions in 10 s", at.len());
+        for w in at.windows(2) {
+            let gap = w[1].duration_since(w[0]);
+            assert!(
+                gap >= jiff::SignedDuration::from_millis(10),
+                "key {k}: admitted at {} and {}, {gap:?} apart",
+                w[0],
+                w[1]
+            );
+        }
+    }
+    assert!(l.len() <= l.max_keys());
+}
+
 /// On the real clock, a fixed window runs from one whole Unix second to the
 /// next (as on Redis): the seed's 3 req/s sequence is denied with
 /// `Retry-After: 1` and `X-RateLimit-Reset` the second the window ends.

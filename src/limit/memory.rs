@@ -878,6 +878,83 @@ impl<K: Hash + Eq + Clone, C: Clock> MemoryLimiter<K, C> {
         l
     }
 
+    /// Whether the writers' bookkeeping matches the tables, once no check
+    /// runs: each table's `used` counts its set slots and `words` its live
+    /// ones, no key holds two slots of a table, nor a live word and a
+    /// locked state under one name, and the limiter's count is every
+    /// shard's keys, within the cap. What is off, if anything.
+    #[cfg(test)]
+    pub(super) fn bookkeeping(&self) -> Result<(), String> {
+        let mut keys = 0;
+        with_shards!(self, |shards| {
+            for (s, shard) in shards.iter().enumerate() {
+                // The bare lock: a `Writer` would settle on release, and so
+                // mend the count this looks at.
+                let tracked = shard.locked.0.writer.lock().unwrap_or_else(PoisonError::into_inner);
+                let multis = shard.multis();
+                for (i, cell) in self.word_names.iter().enumerate() {
+                    let table = shard.tables[i].0.load();
+                    let set: Vec<_> = table.slots.iter().filter_map(OnceLock::get).collect();
+                    let live: Vec<_> =
+                        set.iter().filter(|e| e.state.load(Ordering::Acquire) != DEAD).collect();
+                    let (used, words) = (tracked.used[i], tracked.words[i]);
+                    if (used, words) != (set.len(), live.len()) {
+                        return Err(format!(
+                            "shard {s} table {i}: used {used}, words {words}, but {} set, {} live",
+                            set.len(),
+                            live.len()
+                        ));
+                    }
+                    if table.retired.load(Ordering::Relaxed) {
+                        return Err(format!("shard {s} table {i}: retired, yet current"));
+                    }
+                    for (n, e) in set.iter().enumerate() {
+                        if set[..n].iter().any(|o| o.key == e.key) {
+                            return Err(format!("shard {s} table {i}: a key in two slots"));
+                        }
+                    }
+                    let Some(name) = cell.get() else { continue };
+                    for e in live {
+                        let h = self.hasher.hash_one(&e.key);
+                        if multis.find(h, |(k, _)| *k == e.key).is_some_and(|(_, m)| {
+                            lock_state(m).slots.iter().any(|(n, ..)| n == name)
+                        }) {
+                            return Err(format!("shard {s}: a key's {name:?} in both forms"));
+                        }
+                    }
+                }
+                let here = tracked.words() + multis.len();
+                if tracked.counted != here {
+                    return Err(format!("shard {s}: counted {}, tracks {here}", tracked.counted));
+                }
+                keys += here;
+            }
+            Ok::<(), String>(())
+        })?;
+        let count = self.census.0.count.load(Ordering::Relaxed);
+        if count != keys || keys > self.max_keys {
+            return Err(format!("count {count}, {keys} keys tracked, cap {}", self.max_keys));
+        }
+        Ok(())
+    }
+
+    /// The keys of dead slots in the current tables (forgotten in place,
+    /// or moved to the locked form), in table order.
+    #[cfg(test)]
+    pub(super) fn dead_keys(&self) -> Vec<K> {
+        with_shards!(self, |shards| {
+            let tables = shards.iter().flat_map(|shard| shard.tables.iter().map(|t| t.0.load()));
+            tables
+                .flat_map(|table| {
+                    let dead = table.slots.iter().filter_map(OnceLock::get);
+                    dead.filter(|e| e.state.load(Ordering::Acquire) == DEAD)
+                        .map(|e| e.key.clone())
+                        .collect::<Vec<_>>()
+                })
+                .collect()
+        })
+    }
+
     /// Most keys tracked at once: the `max_keys` the limiter was made with
     /// (at least one).
     #[must_use]
@@ -2247,6 +2324,9 @@ mod tests {
                 let running: Vec<_> = threads.iter().map(|ops| s.spawn(|| run(ops))).collect();
                 running.into_iter().try_for_each(|t| t.join().unwrap())
             })?;
+            if let Err(e) = l.bookkeeping() {
+                return Err(TestCaseError::fail(e));
+            }
             let tracked = l.len();
             prop_assert_eq!(l.census.0.count.load(Ordering::Relaxed), tracked);
             prop_assert!(tracked <= cap);

@@ -725,6 +725,124 @@ mod model {
             }
         }
     }
+
+    /// A step of a stream of keys at the cap: a new key, an earlier key
+    /// again (tracked still, or forgotten: a revival), under any plan (a
+    /// move between the one-word and the locked form), a refund, or a
+    /// little time (keys going fresh one at a time).
+    #[derive(Debug, Clone)]
+    enum Stream {
+        New {
+            plan: usize,
+            cost: u32,
+        },
+        /// The key `back` new keys ago, or if `dead` the `back`-th key
+        /// with a dead slot (forgotten in place, or moved to the locked
+        /// form): a revival, or a check in the locked form.
+        Again {
+            back: u64,
+            dead: bool,
+            plan: usize,
+            cost: u32,
+            peek: bool,
+        },
+        Refund {
+            back: u64,
+            plan: usize,
+            cost: u32,
+        },
+        Advance {
+            ms: u64,
+        },
+    }
+
+    /// Steps for a limiter of `cap` keys: the keys forgotten last are
+    /// about `cap` new keys back.
+    fn stream(cap: usize) -> impl Strategy<Value = Stream> {
+        let plan = prop_oneof![6 => Just(0usize), 1 => Just(1), 1 => Just(2)];
+        let cap = cap as u64;
+        let back = prop_oneof![0..cap + 1, cap..2 * cap + 16];
+        let again = (prop_oneof![back.clone(), 0..8u64], any::<bool>(), plan.clone(), 1..4u32);
+        prop_oneof![
+            // One unit: keys of one plan go fresh in the order they came.
+            5 => plan.clone().prop_map(|plan| Stream::New { plan, cost: 1 }),
+            4 => (again, prop::bool::weighted(0.1)).prop_map(|((back, dead, plan, cost), peek)| {
+                Stream::Again { back, dead, plan, cost, peek }
+            }),
+            1 => (back, plan, 1..4u32)
+                .prop_map(|(back, plan, cost)| Stream::Refund { back, plan, cost }),
+            4 => prop_oneof![16 => 0..4u64, 1 => 0..200u64].prop_map(|ms| Stream::Advance { ms }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(128))]
+        /// At its cap, with keys going fresh one at a time (each purge
+        /// forgets a few in place, and copies a table once a sixteenth of
+        /// it is dead), forgotten keys coming back and moving between the
+        /// forms, the limiter still decides every check as a map that
+        /// forgets nothing, and its bookkeeping stays exact.
+        #[test]
+        fn a_stream_of_keys_at_the_cap_decides_like_a_plain_map(
+            (cap, shards, ops) in (
+                prop_oneof![1..8usize, 16..64usize, 100..200usize],
+                prop_oneof![Just(1usize), Just(4)],
+            ).prop_flat_map(|(cap, shards)| {
+                (Just(cap), Just(shards), prop::collection::vec(stream(cap), 1..1_200))
+            }),
+        ) {
+            let c = clock();
+            let l = MemoryLimiter::<u64, _>::with_shards(cap, c.clone(), shards);
+            let plans = plans();
+            let mut model = Model::default();
+            let mut last: HashMap<u64, Decision> = HashMap::new();
+            let mut next = 0u64;
+            for op in ops {
+                let now = c.monotonic().as_u64();
+                let (key, plan, cost, consume) = match op {
+                    Stream::New { plan, cost } => {
+                        next += 1;
+                        (next, plan, cost, true)
+                    }
+                    Stream::Again { back, dead: true, plan, cost, peek } => {
+                        let dead = l.dead_keys();
+                        let Some(&key) = dead.get(back as usize % dead.len().max(1)) else {
+                            continue;
+                        };
+                        (key, plan, cost, !peek)
+                    }
+                    Stream::Again { back, dead: false, plan, cost, peek } => {
+                        (next.saturating_sub(back), plan, cost, !peek)
+                    }
+                    Stream::Refund { back, plan, cost } => {
+                        let key = next.saturating_sub(back);
+                        if let Some(d) = last.get_mut(&key) {
+                            l.refund(&key, &plans[plan], cost, d);
+                            model.refund(key, &plans[plan], cost, now);
+                        }
+                        continue;
+                    }
+                    Stream::Advance { ms } => {
+                        c.advance(Duration::from_millis(ms));
+                        continue;
+                    }
+                };
+                let p = &plans[plan];
+                let got = if consume { l.check(&key, p, cost) } else { l.peek(&key, p, cost) };
+                if let Ok(d) = got {
+                    let want = model.check(key, p, cost, now, consume);
+                    if consume {
+                        last.insert(key, d.clone());
+                    }
+                    let remaining: Vec<u32> = d.policies().iter().map(|p| p.remaining).collect();
+                    prop_assert_eq!((d.outcome(), remaining), want, "{:?} key {}", op, key);
+                }
+                if let Err(e) = l.bookkeeping() {
+                    return Err(TestCaseError::fail(format!("after {op:?} of key {key}: {e}")));
+                }
+            }
+        }
+    }
 }
 
 #[test]
