@@ -129,7 +129,10 @@ impl fmt::Debug for Match {
 ///   hashes and trace ids, which are long runs without prefixes.
 ///
 /// Either way a candidate is a whole run of a length some format has, is
-/// matched against the formats' literal prefixes, and is parsed.
+/// matched against the formats' literal prefixes, and is parsed. Redacting
+/// also hides keys glued on after word bytes: a run at least as long as
+/// the shortest key is searched for prefixes inside it with the same
+/// searcher, once (a key is parsed only where a prefix starts).
 #[derive(Clone)]
 pub struct Scanner {
     formats: FormatSet,
@@ -546,12 +549,14 @@ impl Scanner {
     }
 
     /// Largest streaming step: a chunk size from configuration cannot make
-    /// a scan allocate more than this (plus the longest key).
+    /// a scan allocate more than this (plus the longest key, twice when
+    /// redacting).
     pub const MAX_CHUNK: usize = 64 << 20;
 
     /// Sets how many bytes are read per streaming step (default 64 KiB,
     /// clamped to 1 ..= [`MAX_CHUNK`](Self::MAX_CHUNK)). Memory use is
-    /// about this plus the longest key.
+    /// about this plus the longest key (twice when redacting: a key glued
+    /// on within a key's length of a run's start is read whole).
     #[must_use]
     pub fn chunk_size(mut self, bytes: usize) -> Self {
         self.chunk = bytes.clamp(1, Self::MAX_CHUNK);
@@ -641,12 +646,16 @@ impl Scanner {
     /// (`…_old`) is redacted, its suffix left as it is, and so is a key
     /// glued to more letters without a `_` in a run longer than any key
     /// (the run's first key-length bytes all of the format's alphabet).
-    /// Only a run's first key-length bytes (and a few more) are read: a
-    /// key glued right after another one is cut at its own `_` when that
-    /// lies within them (its secret then stays, without its prefix), and
-    /// past them it stays whole, after the first one's `[REDACTED]`.
+    /// A key glued on after word bytes (`dir_` + key, `id123` + key, a key
+    /// right after another) is redacted from its prefix on as well,
+    /// whatever follows it (`dir_{hint}[REDACTED]_old`): anywhere in a
+    /// run, a format's literal prefix followed by a key its parser accepts,
+    /// checksum included. There only whole keys count (a damaged key glued
+    /// on after word bytes stays as it is), and a key that starts inside
+    /// one (its prefix made of the other's last bytes) is hidden with it.
     /// [`find_all`](Self::find_all) and
-    /// [`scan_reader`](Self::scan_reader) report whole keys only.
+    /// [`scan_reader`](Self::scan_reader) report whole keys only, with a
+    /// boundary on both sides.
     ///
     /// # Errors
     ///
@@ -669,8 +678,11 @@ impl Scanner {
         // A key and the byte after it fit in `max_len + 1` bytes, and a run
         // may open with up to five bytes of an escape before its key: a
         // candidate starting at least that far before the end of the
-        // buffer can be decided without more input.
-        let lookahead = self.max_len + 1 + (HISTORY - 1);
+        // buffer can be decided without more input. When hiding, a key
+        // glued on within that reach ends the run's head (see
+        // `hide_run`): the whole of it is read too.
+        let glued = if mode.suspects { self.max_len } else { 0 };
+        let lookahead = self.max_len + 1 + (HISTORY - 1) + glued;
         // The buffer starts with up to `HISTORY` bytes already decided: what
         // an escape before a key (`\u0022`, `%20`, `\n`) and the run test
         // look back at, so a cut anywhere — right after a `\`, between an
@@ -784,12 +796,12 @@ impl Scanner {
             let mut waste = 0;
             let (resume, allowed, other) = match *search {
                 Search::Runs => (
-                    self.runs_in(hay, from, to, in_run, mode, &mut waste, &mut report),
+                    self.runs_in(hay, from, to, limit, in_run, mode, &mut waste, &mut report),
                     self.tuning.runs_waste,
                     Search::Prefixes,
                 ),
                 Search::Prefixes => (
-                    self.prefixes_in(hay, from, to, in_run, mode, &mut waste, &mut report),
+                    self.prefixes_in(hay, from, to, limit, in_run, mode, &mut waste, &mut report),
                     self.tuning.prefixes_waste,
                     Search::Runs,
                 ),
@@ -806,13 +818,15 @@ impl Scanner {
     /// of word bytes; `in_run` says `hay[from - 1]` (or the byte before the
     /// block) is a word byte. Counts the candidates that are not keys in
     /// `waste`. Returns where the next span starts: every run starting
-    /// before it has been decided.
+    /// before it has been decided (when hiding, the keys glued on inside it
+    /// up to the block's `limit`).
     #[allow(clippy::too_many_arguments)] // one span's inputs and outputs
     fn runs_in(
         &self,
         hay: &[u8],
         mut from: usize,
         to: usize,
+        limit: usize,
         in_run: bool,
         mode: Mode,
         waste: &mut usize,
@@ -826,26 +840,43 @@ impl Scanner {
             // at or just after `from`: at most four bytes on, since an
             // escape has at most five letters and began before `from`.
             let end = first_non_word(hay, from, hay.len());
-            // `%25` + `3D` + key has two escapes' ends (`%25`, a `%`, and
-            // `%253D`, a `=`): the first that holds a key, longest reading
-            // first, as `check_escaped` tries them.
-            let _ = (from..end.min(from + 5)).rev().filter(|&p| escaped_before(hay, p)).any(|p| {
-                // Capped as every run is: only a key's length is read.
-                self.check_hiding(hay, p, end.min(p + self.max_len + 1), mode.suspects, on_key)
-            });
+            if mode.suspects {
+                // The run's head, as `hide_run` reads it where the run
+                // starts (the escape's letters began before `from`), then
+                // the keys glued on from `from`.
+                match (from..end.min(from + 5)).find_map(|p| escape_start(hay, p)) {
+                    Some(run) => self.hide_run(hay, run, end, limit, from, true, on_key),
+                    None => self.hide_glued(hay, from, end, limit, on_key),
+                };
+            } else {
+                // `%25` + `3D` + key has two escapes' ends (`%25`, a `%`,
+                // and `%253D`, a `=`): the first that holds a key, longest
+                // reading first, as `check_escaped` tries them.
+                let _ =
+                    (from..end.min(from + 5)).rev().filter(|&p| escaped_before(hay, p)).any(|p| {
+                        // Capped as every run is: only a key's length is read.
+                        self.check_hiding(hay, p, end.min(p + self.max_len + 1), false, on_key)
+                    });
+            }
             from = end + 1;
         }
         // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
         while let Some((start, end)) = self.next_run(hay, from, to, mode.min_len, waste) {
-            let long = end - start > self.max_len;
-            if !self.check_hiding(hay, start, end, mode.suspects, on_key)
-                && !self.check_escaped(hay, start, mode.suspects, on_key)
-            {
+            // Longer than any key (unless an escape's bytes made it so, or
+            // a suffix is glued on): skip the rest of it, once searched for
+            // keys glued on when hiding.
+            let run_end =
+                if end - start > self.max_len { first_non_word(hay, end, hay.len()) } else { end };
+            let hit = if mode.suspects {
+                self.hide_run(hay, start, run_end, limit, start + 1, false, on_key)
+            } else {
+                self.check_hiding(hay, start, end, false, on_key)
+                    || self.check_escaped(hay, start, false, on_key)
+            };
+            if !hit {
                 *waste += 1;
             }
-            // Longer than any key (unless an escape's bytes made it so, or
-            // a suffix is glued on): skip the rest of it.
-            from = if long { first_non_word(hay, end, hay.len()) } else { end } + 1;
+            from = run_end + 1;
         }
         from.max(to)
     }
@@ -877,6 +908,7 @@ impl Scanner {
         hay: &[u8],
         from: usize,
         to: usize,
+        limit: usize,
         in_run: bool,
         mode: Mode,
         waste: &mut usize,
@@ -893,11 +925,36 @@ impl Scanner {
             let before_is_word = if start == from { in_run } else { is_word(hay[start - 1]) };
             let escaped = if before_is_word { escape_start(hay, start) } else { None };
             if before_is_word && escaped.is_none() {
-                // Inside a word: no key starts here. One may start inside
-                // this prefix, after an escape's letters that began before
-                // it (`\x` + `ca` + `fe_…`, where `cafe_` is found first).
-                *waste += 1;
-                pos = start + 1;
+                // Inside a word: no key starts here, but for one glued on
+                // (`dir_` + key) when hiding, as `hide_glued` finds them:
+                // the run's head holds no key (its start was no prefix, no
+                // escape's letters before this one), and no prefix started
+                // in the run before this. One may start inside this
+                // prefix, after an escape's letters that began before it
+                // (`\x` + `ca` + `fe_…`, where `cafe_` is found first).
+                if mode.suspects
+                    && let Some(key) = self.glued_key(hay, start, hay.len(), start + 1)
+                {
+                    pos = self.report_glued(hay, key, hay.len(), on_key);
+                } else {
+                    *waste += 1;
+                    pos = start + 1;
+                }
+                continue;
+            }
+            if mode.suspects {
+                // The whole run, as `runs_in` decides it: its head (a key
+                // at its start, or after the escape's letters opening it),
+                // then the keys glued on.
+                let (run, first, escaped_only) = match escaped {
+                    Some(run) => (run, (run + 1).max(from), true),
+                    None => (start, start + 1, false),
+                };
+                let run_end = first_non_word(hay, hit_end, hay.len());
+                if !self.hide_run(hay, run, run_end, limit, first, escaped_only, on_key) {
+                    *waste += 1;
+                }
+                pos = run_end;
                 continue;
             }
             // The run goes on to the next non-word byte; keys are never
@@ -910,10 +967,10 @@ impl Scanner {
             // prefix found may begin with an escape's letters (`\n` + `h_…`
             // reads as `nh_…`), the key after them.
             let hit = match escaped {
-                Some(run) => self.check_escaped(hay, run, mode.suspects, on_key),
+                Some(run) => self.check_escaped(hay, run, false, on_key),
                 None => {
-                    self.check_hiding(hay, start, end, mode.suspects, on_key)
-                        || self.check_escaped(hay, start, mode.suspects, on_key)
+                    self.check_hiding(hay, start, end, false, on_key)
+                        || self.check_escaped(hay, start, false, on_key)
                 }
             };
             if !hit {
@@ -922,6 +979,170 @@ impl Scanner {
             pos = end.max(hit_end);
         }
         pos.max(to)
+    }
+
+    /// When hiding: decides the run `hay[start..end]` (`end` its end, or
+    /// the end of `hay`): its head — a key (or damaged key) at its start
+    /// ([`check_hiding`](Self::check_hiding)), unless `escaped_only` (the
+    /// run began in a span already decided), or after the escape's letters
+    /// that open it ([`check_escaped`](Self::check_escaped)) — then the keys
+    /// glued on from `first` ([`hide_glued`](Self::hide_glued)), past what
+    /// the head reported. Returns whether it reported any.
+    ///
+    /// A damaged head that reaches into a whole key glued on ends where
+    /// that key starts, as at a non-word byte: read on, its `_` cuts would
+    /// take the glued key's prefix and leave its secret (two keys back to
+    /// back, `sk_live_…sk_live_…`, cut at the second `sk_`). A whole key at
+    /// the head stays whole (`nh_` + 64 hex holds `h_` + 22 of them, a key
+    /// of a format named `h`).
+    #[allow(clippy::too_many_arguments)] // a run, its bounds, the output
+    fn hide_run(
+        &self,
+        hay: &[u8],
+        start: usize,
+        end: usize,
+        limit: usize,
+        first: usize,
+        escaped_only: bool,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> bool {
+        let mut head = self.head(hay, start, end, escaped_only);
+        if let Some((s, e, _)) = head
+            && !self.whole_key(hay, s, e)
+            && let Some((glued, ..)) = self.glued_key(hay, start + 1, end, e)
+        {
+            head = self.head(&hay[..glued], start, glued, escaped_only);
+        }
+        let mut decided = first;
+        // Reported keys start with a prefix (`check`).
+        if let Some((s, e, hint_len)) = head
+            && let Some(i) = self.prefix_at(hay, s)
+        {
+            // A whole key hides the keys starting inside it with it.
+            let e = if self.whole_key(hay, s, e) { self.overlap_end(hay, s, e, end) } else { e };
+            on_key(s, e, &self.formats.formats()[self.owners[i]], hint_len);
+            decided = e;
+        }
+        self.hide_glued(hay, decided.max(first), end, limit, on_key) || head.is_some()
+    }
+
+    /// The head of the run at `start` (ending at `end`, or at the end of
+    /// `hay`) as [`hide_run`](Self::hide_run) reads it, not reported:
+    /// `(start, end, hint_len)`.
+    fn head(
+        &self,
+        hay: &[u8],
+        start: usize,
+        end: usize,
+        escaped_only: bool,
+    ) -> Option<(usize, usize, usize)> {
+        let mut head = None;
+        let mut noted = |s, e, _: &KeyFormat, hint_len| head = Some((s, e, hint_len));
+        let capped = end.min(start + self.max_len + 1);
+        let _ = (!escaped_only && self.check_hiding(hay, start, capped, true, &mut noted))
+            || self.check_escaped(hay, start, true, &mut noted);
+        head
+    }
+
+    /// The literal prefix `hay[start..]` starts with, if any.
+    fn prefix_at(&self, hay: &[u8], start: usize) -> Option<usize> {
+        self.prefixes.iter().position(|p| hay[start..].starts_with(p))
+    }
+
+    /// Whether `hay[start..end]` is a whole key.
+    fn whole_key(&self, hay: &[u8], start: usize, end: usize) -> bool {
+        self.prefix_at(hay, start).is_some_and(|i| {
+            self.formats.formats()[self.owners[i]].parse_bytes(&hay[start..end]).is_ok()
+        })
+    }
+
+    /// Where the whole key `hay[start..end]` ends once the keys glued on
+    /// that start inside it (but at its start) and end past it are added,
+    /// in a run ending at `run_end`: they are hidden with it, not left
+    /// without their prefix (a key cut short glued to the next one,
+    /// `sk_live_` + 30 characters + `nh_…`, is a whole `sk` key that ends
+    /// in the next one's `nh`). Those that start inside them are not
+    /// looked for: the key's own bytes and a key's length past them are
+    /// read, no more.
+    fn overlap_end(&self, hay: &[u8], start: usize, end: usize, run_end: usize) -> usize {
+        let mut covered = end;
+        let mut from = start + 1;
+        while let Some((s, e, ..)) = self.glued_key(hay, from, run_end, end) {
+            covered = covered.max(e);
+            from = s + 1;
+        }
+        covered
+    }
+
+    /// When hiding: reports, left to right, the keys glued on after word
+    /// bytes ([`glued_key`](Self::glued_key)) from `from` (inside a run)
+    /// in the run ending at `end`, those starting before `limit` (the
+    /// others are the next block's), each with the keys that start inside
+    /// it ([`overlap_end`](Self::overlap_end)). Returns whether it reported
+    /// any.
+    fn hide_glued(
+        &self,
+        hay: &[u8],
+        mut from: usize,
+        end: usize,
+        limit: usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> bool {
+        let mut any = false;
+        while let Some(key) = self.glued_key(hay, from, end, end.min(limit)) {
+            from = self.report_glued(hay, key, end, on_key);
+            any = true;
+        }
+        any
+    }
+
+    /// Reports `key`, a key glued on (from [`glued_key`](Self::glued_key))
+    /// in a run ending at `run_end`, with the keys that start inside it;
+    /// returns where the report ends.
+    fn report_glued(
+        &self,
+        hay: &[u8],
+        (start, end, format, hint_len): (usize, usize, &KeyFormat, usize),
+        run_end: usize,
+        on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
+    ) -> usize {
+        let covered = self.overlap_end(hay, start, end, run_end);
+        on_key(start, covered, format, hint_len);
+        covered
+    }
+
+    /// The first key glued on after word bytes in the run ending at `end`,
+    /// from `from` (inside the run: `hay[from - 1]` is a word byte), that
+    /// starts before `before`: a literal prefix, then a whole key of its
+    /// format (the longest there; its checksum checked where it has one),
+    /// whatever follows. `(start, end, format, hint_len)`; reports nothing.
+    /// Only runs at least a key long are searched, with the prefix searcher
+    /// (each byte read once), and only at a prefix is a key parsed.
+    fn glued_key(
+        &self,
+        hay: &[u8],
+        mut from: usize,
+        end: usize,
+        before: usize,
+    ) -> Option<(usize, usize, &KeyFormat, usize)> {
+        // A prefix that starts before `before` ends before this.
+        let search_end = end.min(before + self.longest_prefix);
+        while from < before && end.saturating_sub(from) >= self.min_len {
+            let (start, _) = self.searcher.find(hay, from, search_end)?;
+            if start >= before || end - start < self.min_len {
+                return None;
+            }
+            let format = &self.formats.formats()[self.owners[self.prefix_at(hay, start)?]];
+            let (shortest, longest) = format.len_range();
+            for len in (shortest..=longest.min(end - start)).rev() {
+                let token = &hay[start..start + len];
+                if let Ok(parts) = format.parse_bytes(token) {
+                    return Some((start, start + len, format, format.hint_of(token, &parts).len()));
+                }
+            }
+            from = start + 1;
+        }
+        None
     }
 
     /// [`check`](Self::check) for a run of any length (only its first

@@ -326,6 +326,9 @@ fn argument_errors_never_echo_a_key() {
     let key = v["key"].as_str().unwrap().to_owned();
     let tail = &key[v["hint"].as_str().unwrap().len()..];
     let dashed = format!("--{key}");
+    // Glued after word bytes (`dir_` + key, as `"dir_$KEY"` expands): the
+    // key is no whole run, but is still hidden.
+    let glued = format!("dir_{key}");
     for args in [
         vec!["mint", key.as_str()],
         vec!["inspect", "x", key.as_str()],
@@ -337,6 +340,7 @@ fn argument_errors_never_echo_a_key() {
         // `scan` takes paths: a key given instead is reported unreadable,
         // by its hint.
         vec!["scan", key.as_str()],
+        vec!["scan", glued.as_str()],
         vec!["hash", key.as_str(), "--pepper-file", key.as_str()],
         // Read as an unknown flag (`--"$KEY"`), whose name clap's message
         // quotes.

@@ -1,11 +1,11 @@
 //! Scanning never panics; every match parses as a key of its format; every
 //! run of word bytes that parses is matched (the boundary rule applied
-//! literally, so no key is skipped); the redacted output contains no key
-//! (but one glued right after a redacted one, the documented limit);
-//! streaming in small chunks agrees with scanning in memory, whichever
-//! search mode (long runs, prefixes) runs when. Runs for the presets and for
-//! a set whose shortest key (24 bytes) is the smallest the format rules
-//! allow, with a checksummed format.
+//! literally, so no key is skipped); the redacted output contains no key,
+//! glued on after word bytes in the input or not (`dir_` + a key becomes
+//! `dir_{hint}[REDACTED]`); streaming in small chunks agrees with scanning
+//! in memory, whichever search mode (long runs, prefixes) runs when. Runs
+//! for the presets and for a set whose shortest key (24 bytes) is the
+//! smallest the format rules allow, with a checksummed format.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -120,12 +120,17 @@ fn check(scanner: &Scanner, data: &[u8]) {
     let n = scanner.redact(data, &mut out).unwrap();
     // Every key, and possibly damaged ones too.
     assert!(n >= found.len() as u64);
-    // No key is left, but one glued right after a key that filled a run's
-    // first key-length bytes (the redactor's documented limit): it follows
-    // that key's `[REDACTED]`.
-    for m in scanner.find_all(&out) {
-        let at = usize::try_from(m.offset()).unwrap();
-        assert!(out[..at].ends_with(keygate::scan::REDACTED));
+    // No key is left, glued on after another one or after word bytes too.
+    assert!(scanner.find_all(&out).is_empty());
+    // Nor the secret of a key glued on after word bytes: `dir_` + key.
+    let mut glued = b"dir_".to_vec();
+    glued.extend_from_slice(data);
+    let mut out = Vec::new();
+    scanner.redact(&glued[..], &mut out).unwrap();
+    assert!(scanner.find_all(&out).is_empty());
+    if let Some(m) = found.first().filter(|m| m.offset() == 0) {
+        let want = format!("dir_{}[REDACTED]", m.hint());
+        assert!(out.starts_with(want.as_bytes()), "a glued key is left");
     }
 }
 

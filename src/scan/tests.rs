@@ -950,15 +950,13 @@ fn a_glued_key_with_a_long_key_id_keeps_its_secret_hidden() {
     }
 }
 
-/// Keys glued one after another, directly or by a `_`: the first is
+/// Keys glued one after another, directly or by a `_`: every one is
 /// hidden, and no whole key is left (the fuzzer's find: two `chk` keys back
-/// to back). The next is cut at its own `_`: what follows that stays (the
-/// documented limit), in a word starting with `_`, where no key starts.
+/// to back, of which the second once kept its secret).
 #[test]
 fn keys_glued_one_after_another_leave_no_whole_key() {
     let fuzz = Scanner::new(Scanner::fuzz_formats());
-    // The first key of each text is of its own (the check below looks
-    // for its secret's end).
+    // Each key is of its own (the check below looks for its secret's end).
     let (chk, chk2) = (mint(&CHK, 5), mint(&CHK, 6));
     let short = [mint(&SHORT, 1), mint(&SHORT, 2), mint(&SHORT, 3)];
     let (sk, sk2) =
@@ -967,21 +965,27 @@ fn keys_glued_one_after_another_leave_no_whole_key() {
     let (nh, nh2) = (NH.mint_default().unwrap(), NH.mint_default().unwrap());
     let (nh, nh2) = (nh.expose_secret(), nh2.expose_secret());
     let presets = Scanner::presets();
-    for (s, first, text) in [
-        (&fuzz, chk.as_str(), format!("{chk}{chk2}")),
-        (&fuzz, chk.as_str(), format!("x {chk}_{chk2} y")),
-        (&fuzz, chk.as_str(), format!("\\n{chk}{chk2}\\n")),
-        (&fuzz, &short[0], format!("x {}{}{}{} y", short[0], "_".repeat(20), short[1], short[2])),
-        (&presets, sk, format!("{sk}{sk2}")),
-        (&presets, sk, format!("{sk}_{sk2}")),
-        (&presets, nh, format!("pair={nh}{nh2}")),
-        (&presets, sk, format!("{sk}{nh}")),
+    for (s, keys, text) in [
+        (&fuzz, vec![&*chk, &chk2], format!("{chk}{chk2}")),
+        (&fuzz, vec![&chk, &chk2], format!("x {chk}_{chk2} y")),
+        (&fuzz, vec![&chk, &chk2], format!("\\n{chk}{chk2}\\n")),
+        (
+            &fuzz,
+            vec![&short[0], &short[1], &short[2]],
+            format!("x {}{}{}{} y", short[0], "_".repeat(20), short[1], short[2]),
+        ),
+        (&presets, vec![sk, sk2], format!("{sk}{sk2}")),
+        (&presets, vec![sk, sk2], format!("{sk}_{sk2}")),
+        (&presets, vec![nh, nh2], format!("pair={nh}{nh2}")),
+        (&presets, vec![sk, nh], format!("{sk}{nh}")),
     ] {
         let mut out = Vec::new();
         s.redact(text.as_bytes(), &mut out).unwrap();
         assert!(s.find_all(&out).is_empty(), "{}", String::from_utf8_lossy(&out));
         let out = String::from_utf8(out).unwrap();
-        assert!(!out.contains(&first[first.len() - 12..]), "{text} → {out}");
+        for key in keys {
+            assert!(!out.contains(&key[key.len() - 12..]), "{text} → {out}");
+        }
     }
 }
 
@@ -1041,8 +1045,18 @@ fn redact_in_one_block(s: &Scanner, hay: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Keys, keys with tails and `_` suffixes, keys glued to keys, escapes,
-/// look-alikes and hex ids, for the property below.
+/// Word bytes a key may be glued after: a directory's `dir_`, an id,
+/// letters that spell a prefix with the key's (`n` + `h_…`), random ones.
+fn glue() -> impl Strategy<Value = Vec<u8>> {
+    prop_oneof![
+        prop::sample::select(vec!["dir_", "xx", "id123", "a", "_", "n", "nh", "sk_live", "Z9"])
+            .prop_map(|g| g.as_bytes().to_vec()),
+        prop::collection::vec(prop::sample::select(b"abcxyz0189_".to_vec()), 1..7),
+    ]
+}
+
+/// Keys, keys with tails and `_` suffixes, keys glued to keys and after
+/// word bytes, escapes, look-alikes and hex ids, for the property below.
 fn redaction_piece() -> impl Strategy<Value = Vec<u8>> {
     let formats =
         [SHORT, CHK, SPELLED, NH, crate::format::SK, crate::format::NK, crate::format::NHK];
@@ -1067,6 +1081,10 @@ fn redaction_piece() -> impl Strategy<Value = Vec<u8>> {
         2 => (key.clone(), key.clone()).prop_map(|(mut a, b)| {
             a.extend(b);
             a
+        }),
+        2 => (glue(), key.clone()).prop_map(|(mut g, k)| {
+            g.extend(k);
+            g
         }),
         2 => (key.clone(), 1usize..4, key.clone()).prop_map(|(mut a, n, b)| {
             a.extend(std::iter::repeat_n(b'_', n));
@@ -1107,12 +1125,9 @@ proptest! {
             let start = if prefixes_first { Search::Prefixes } else { Search::Runs };
             s.tuning = Tuning { start, span, runs_waste: waste, prefixes_waste: waste };
             let want = redact_in_one_block(&s, &hay);
-            // A key left whole can only be one glued right after a key that
-            // filled a run's first key-length bytes (the documented limit).
-            for m in s.find_all(&want) {
-                let at = usize::try_from(m.offset()).unwrap();
-                prop_assert!(want[..at].ends_with(REDACTED), "{}", String::from_utf8_lossy(&want));
-            }
+            // No key is left whole, glued on after another or word bytes
+            // as well.
+            prop_assert!(s.find_all(&want).is_empty(), "{}", String::from_utf8_lossy(&want));
             let mut got = Vec::new();
             s.redact(&hay[..], &mut got).unwrap();
             prop_assert_eq!(&got, &want, "default chunk");
@@ -1305,5 +1320,187 @@ fn a_pause_after_a_read_that_fills_the_buffer_holds_back_no_finished_line() {
             },
         };
         assert_eq!(s.redact(input, out.clone()).unwrap(), 1);
+    }
+}
+
+/// `{hint}[REDACTED]` of the whole key `key` (a string).
+fn hidden(set: &FormatSet, key: &str) -> String {
+    format!("{}[REDACTED]", set.parse(key).unwrap().hint())
+}
+
+/// A key glued after word bytes (`dir_`, `xx`, `id123`) is inside a longer
+/// run: no boundary before it, so scanning does not report it, but the
+/// redactor hides it from its prefix on, its hint shown, whatever follows.
+#[test]
+fn a_key_glued_after_word_bytes_is_hidden() {
+    let presets = FormatSet::presets();
+    let fuzz = Scanner::fuzz_formats();
+    let mut cases: Vec<(FormatSet, String)> = presets
+        .formats()
+        .iter()
+        .map(|f| (presets.clone(), f.mint_default().unwrap().expose_secret().to_owned()))
+        .collect();
+    // A checksummed format, and the shortest one the rules allow.
+    cases.push((fuzz.clone(), mint(&CHK, 11)));
+    cases.push((fuzz.clone(), mint(&SHORT, 12)));
+    for (set, key) in &cases {
+        let s = Scanner::new(set.clone());
+        let h = hidden(set, key);
+        for (text, want) in [
+            (format!("cd dir_{key} x\n"), format!("cd dir_{h} x\n")),
+            (format!("xx{key}"), format!("xx{h}")),
+            (format!("id123{key}\n"), format!("id123{h}\n")),
+            // Glued on both sides.
+            (format!("k=a{key}_old y"), format!("k=a{h}_old y")),
+            (format!("k=a{key}XYZ y"), format!("k=a{h}XYZ y")),
+        ] {
+            // Not a key with a boundary on both sides: not reported.
+            assert!(s.find_all(text.as_bytes()).is_empty(), "{text}");
+            let mut out = Vec::new();
+            assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), 1, "{text}");
+            assert_eq!(String::from_utf8(out).unwrap(), want, "{text}");
+        }
+    }
+    // Only whole keys of the format count: a forged checksum, a key cut
+    // short, a look-alike word stay as they are.
+    let s = Scanner::new(fuzz);
+    let chk = mint(&CHK, 13);
+    let forged = format!("{}{}", &chk[..chk.len() - 1], if chk.ends_with('A') { 'B' } else { 'A' });
+    let cut = &chk[..chk.len() - 1];
+    for text in [
+        format!("dir_{forged} x"),
+        format!("dir_{cut} x"),
+        "dir_nh_count_of_requests_per_minute_in_total".to_owned(),
+    ] {
+        let mut out = Vec::new();
+        assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), 0, "{text}");
+        assert_eq!(out, text.as_bytes());
+    }
+}
+
+/// Keys glued one after another: each is hidden, however the first one
+/// starts (the run's own start, after word bytes, after an escape), and
+/// whether the second follows directly or after a `_`.
+#[test]
+fn a_key_glued_after_another_key_is_hidden() {
+    let presets = FormatSet::presets();
+    let fuzz = Scanner::fuzz_formats();
+    let sk = || crate::format::SK.mint_default().unwrap().expose_secret().to_owned();
+    let nh = || NH.mint_default().unwrap().expose_secret().to_owned();
+    let nhk = || crate::format::NHK.mint_default().unwrap().expose_secret().to_owned();
+    let (sk1, sk2, nh1, long) = (sk(), sk(), nh(), nhk());
+    let (chk1, chk2, short) = (mint(&CHK, 21), mint(&CHK, 22), mint(&SHORT, 23));
+    for (set, keys) in [
+        (&presets, vec![sk1.as_str(), sk2.as_str()]),
+        (&presets, vec![sk1.as_str(), long.as_str()]),
+        (&presets, vec![nh1.as_str(), sk1.as_str()]),
+        (&presets, vec![sk1.as_str(), sk2.as_str(), nh1.as_str()]),
+        (&fuzz, vec![chk1.as_str(), chk2.as_str()]),
+        (&fuzz, vec![short.as_str(), chk1.as_str()]),
+    ] {
+        let s = Scanner::new(set.clone());
+        for (lead, sep) in [("", ""), ("x ", ""), ("xx", ""), ("\\n", ""), ("", "_"), ("id", "_")] {
+            let text = format!("{lead}{} end", keys.join(sep));
+            let want = format!(
+                "{lead}{} end",
+                keys.iter().map(|k| hidden(set, k)).collect::<Vec<_>>().join(sep)
+            );
+            let mut out = Vec::new();
+            assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), keys.len() as u64, "{text}");
+            assert_eq!(String::from_utf8(out).unwrap(), want, "{text}");
+        }
+    }
+}
+
+/// A glued key straddling read-buffer boundaries (every chunk size, small
+/// reads), in a run that started reads earlier: redacted as in memory.
+#[test]
+fn a_glued_key_is_hidden_wherever_a_streaming_cut_falls() {
+    let s = Scanner::presets();
+    let (sk, nh) = (crate::format::SK.mint_default().unwrap(), NH.mint_default().unwrap());
+    let (sk, nh) = (sk.expose_secret(), nh.expose_secret());
+    // A long run ahead of the second key: the run starts reads before it.
+    let text = format!("a dir_{sk} b\nid{}{nh}_old c\nxx{sk}{nh}\n", "0123456789".repeat(12));
+    let mut whole = Vec::new();
+    assert_eq!(s.redact(text.as_bytes(), &mut whole).unwrap(), 4);
+    let whole = String::from_utf8(whole).unwrap();
+    assert!(!whole.contains(&sk[sk.len() - 12..]) && !whole.contains(&nh[nh.len() - 12..]));
+    assert_streaming_agrees(&s, text.as_bytes(), 0, 100, &[1, 7, 1000]);
+}
+
+/// A whole key may hold another format's key (`nh_` + 64 hex holds `h_` +
+/// 22 of them, a key of the fuzz set's `h`): it is hidden whole, not cut
+/// where the inner one starts. And a key glued on that starts inside one
+/// (a truncated key glued to the next: `sk_live_` + 30 characters is a
+/// whole `sk` key ending in the next one's `nh`) is hidden with it.
+#[test]
+fn overlapping_glued_keys_are_hidden_whole() {
+    let fuzz = Scanner::new(Scanner::fuzz_formats());
+    let nh = format!("nh_{HEX64}");
+    for (text, want) in [
+        (format!("x {nh} y"), "x nh_0123[REDACTED] y".to_owned()),
+        (format!("x dir_{nh} y"), "x dir_nh_0123[REDACTED] y".to_owned()),
+        (format!("x {nh}{nh} y"), "x nh_0123[REDACTED]nh_0123[REDACTED] y".to_owned()),
+    ] {
+        let mut out = Vec::new();
+        fuzz.redact(text.as_bytes(), &mut out).unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), want, "{text}");
+    }
+    let s = Scanner::presets();
+    let sk = crate::format::SK.mint_default().unwrap();
+    let cut = &sk.expose_secret()[..38];
+    for text in [format!("k={cut}{nh} y"), format!("k=id{cut}{nh} y")] {
+        let mut out = Vec::new();
+        s.redact(text.as_bytes(), &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains(&HEX64[40..]), "{text} → {out}");
+        assert!(!out.contains(&cut[20..]), "{text} → {out}");
+    }
+}
+
+/// The formats of [`redaction_piece`], in one set.
+fn glue_set() -> FormatSet {
+    use crate::format::{NHK, NK, SK};
+    FormatSet::new([SHORT, CHK, SPELLED, NH, SK, NK, NHK]).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+    /// A key glued on after word bytes (and before some, or not), in any
+    /// text kept apart from it by a non-word byte: nothing of its secret
+    /// comes out of the redactor, streamed in any chunks or not, either
+    /// search first.
+    #[test]
+    fn nothing_of_a_glued_keys_secret_is_left(
+        before in prop::collection::vec(redaction_piece(), 0..6),
+        glue in glue(),
+        which in 0usize..7,
+        seed in any::<u64>(),
+        tail in prop::sample::select(vec!["", "_old", "XYZ", "_", "0123", "zz_1"]),
+        after in prop::collection::vec(redaction_piece(), 0..6),
+        chunk in 1usize..200,
+        prefixes_first in any::<bool>(),
+    ) {
+        let set = glue_set();
+        let key = mint(&set.formats()[which], seed);
+        let mut hay = before.concat();
+        hay.push(b' ');
+        hay.extend_from_slice(&glue);
+        hay.extend_from_slice(key.as_bytes());
+        hay.extend_from_slice(tail.as_bytes());
+        hay.push(b'\n');
+        hay.extend(after.concat());
+        let mut s = Scanner::new(set);
+        s.tuning.start = if prefixes_first { Search::Prefixes } else { Search::Runs };
+        let want = redact_in_one_block(&s, &hay);
+        let secret = &key.as_bytes()[key.len() - 16..];
+        prop_assert!(
+            !want.windows(secret.len()).any(|w| w == secret),
+            "{} → {}", String::from_utf8_lossy(&hay), String::from_utf8_lossy(&want)
+        );
+        prop_assert!(s.find_all(&want).is_empty(), "{}", String::from_utf8_lossy(&want));
+        let mut got = Vec::new();
+        s.clone().chunk_size(chunk).redact(Trickle(&hay, chunk / 2 + 1), &mut got).unwrap();
+        prop_assert_eq!(got, want);
     }
 }
