@@ -130,7 +130,8 @@ fn dense(keys: &[String]) -> Vec<u8> {
     while out.len() < 1_000_000 {
         let k = &keys[(rng.next() % keys.len() as u64) as usize];
         match rng.next() % 4 {
-            0 => out.extend_from_slice(format!("x{k} ").as_bytes()), // not a key: glued
+            // Glued on: no key to a scan, hidden by a redaction.
+            0 => out.extend_from_slice(format!("x{k} ").as_bytes()),
             _ => out.extend_from_slice(format!("{k}\n").as_bytes()),
         }
     }

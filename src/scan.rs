@@ -1006,12 +1006,17 @@ impl Scanner {
         escaped_only: bool,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> bool {
+        let whole = |head: Option<(usize, usize, usize)>| {
+            head.is_some_and(|(s, e, _)| self.whole_key(hay, s, e))
+        };
         let mut head = self.head(hay, start, end, escaped_only);
-        if let Some((s, e, _)) = head
-            && !self.whole_key(hay, s, e)
+        // Parsed once: most heads are keys.
+        let mut is_whole = whole(head);
+        if let (Some((_, e, _)), false) = (head, is_whole)
             && let Some((glued, ..)) = self.glued_key(hay, start + 1, end, e)
         {
             head = self.head(&hay[..glued], start, glued, escaped_only);
+            is_whole = whole(head);
         }
         let mut decided = first;
         // Reported keys start with a prefix (`check`).
@@ -1019,7 +1024,7 @@ impl Scanner {
             && let Some(i) = self.prefix_at(hay, s)
         {
             // A whole key hides the keys starting inside it with it.
-            let e = if self.whole_key(hay, s, e) { self.overlap_end(hay, s, e, end) } else { e };
+            let e = if is_whole { self.overlap_end(hay, s, e, end) } else { e };
             on_key(s, e, &self.formats.formats()[self.owners[i]], hint_len);
             decided = e;
         }
@@ -1066,7 +1071,13 @@ impl Scanner {
     /// read, no more.
     fn overlap_end(&self, hay: &[u8], start: usize, end: usize, run_end: usize) -> usize {
         let mut covered = end;
-        let mut from = start + 1;
+        // A key that starts inside this one ends in the run: past this
+        // one's end only where the run goes on (not for the usual key, a
+        // whole run), and then starts within a longest key of that end.
+        if run_end <= end {
+            return covered;
+        }
+        let mut from = (start + 1).max(end.saturating_sub(self.max_len));
         while let Some((s, e, ..)) = self.glued_key(hay, from, run_end, end) {
             covered = covered.max(e);
             from = s + 1;
