@@ -33,8 +33,9 @@
 //! `nhk_eu_`), so a record written or imported wrong cannot carry a key
 //! past the environment and region checks.
 //!
-//! The `tower` feature's `Gate` runs this whole line per request; without
-//! it, a host calls the same pieces itself (see `tests/no_tower.rs`): the
+//! The `tower` feature's `Gate` runs this whole line per request (its
+//! layer, or `Gate::admit` for a host on another framework, which hands out
+//! the same refund handles); without it, a host calls the same pieces itself (see `tests/no_tower.rs`): the
 //! target's tenant and environment checks and the standing checks (the
 //! authenticator's `environment` and `account_status`) run inside
 //! authentication, before any limit, unless the host checks the target
