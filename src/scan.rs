@@ -124,7 +124,9 @@ impl fmt::Debug for Match {
 /// - *runs*: tests 16-byte groups, a few vector instructions each, spaced so
 ///   that every run as long as the shortest key contains one, and looks
 ///   closer only at long runs. Fast on ordinary logs, whose words are short
-///   but full of look-alike prefixes (`nh_count`, `sk_total`).
+///   but full of look-alike prefixes (`nh_count`, `sk_total`). Redacting
+///   looks at shorter runs (damaged keys), too short for spaced groups:
+///   it reads the runs off a bit mask of the word bytes instead.
 /// - *prefixes*: a SIMD multi-literal search (Teddy). Fast on logs full of
 ///   hashes and trace ids, which are long runs without prefixes.
 ///
@@ -158,6 +160,8 @@ pub struct Scanner {
     /// [`suspect`]) may be shorter than any whole one, down to a literal
     /// prefix plus [`SUSPECT_MIN`].
     hiding_min_len: usize,
+    /// `opens[b]`: some literal prefix starts with the byte `b`.
+    opens: [bool; 256],
 }
 
 /// What one pass looks for: runs from `min_len` bytes, and whether runs
@@ -311,6 +315,28 @@ fn non_word_mask(group: &[u8; GROUP]) -> u128 {
         *m = if is_word(b) { 0 } else { 0xFF };
     }
     u128::from_le_bytes(m)
+}
+
+/// Bytes [`non_word_bits`] classifies at once: one bit each in a `u64`.
+const BLOCK: usize = 64;
+
+/// Bit `i` of the result is set where `block[i]` is not a word byte.
+/// Compiles to vector instructions that mark each byte (as for
+/// [`non_word_mask`]), then one multiplication per 8 bytes that gathers
+/// their marks.
+#[allow(clippy::inline_always)] // as for `all_word`
+#[inline(always)]
+fn non_word_bits(block: &[u8; BLOCK]) -> u64 {
+    /// Moves bit 7 of byte `i` to bit `56 + i`, all other bits clear.
+    const GATHER: u64 = 0x0002_0408_1020_4081;
+    let mut marks = [0u8; BLOCK];
+    for (m, &b) in marks.iter_mut().zip(block) {
+        *m = if is_word(b) { 0 } else { 0x80 };
+    }
+    let (words, _) = marks.as_chunks::<8>();
+    words.iter().enumerate().fold(0, |bits, (k, w)| {
+        bits | (u64::from_le_bytes(*w).wrapping_mul(GATHER) >> 56) << (8 * k)
+    })
 }
 
 /// Fewest secret characters after the last separator for a run to count
@@ -533,6 +559,10 @@ impl Scanner {
         let min_len = if formats.formats().is_empty() { 0 } else { min_len };
         let shortest = prefixes.iter().map(|p| p.len()).min().unwrap_or(0);
         let hiding_min_len = min_len.min(shortest + SUSPECT_MIN);
+        let mut opens = [false; 256];
+        for p in &prefixes {
+            opens[usize::from(p[0])] = true;
+        }
         Self {
             formats,
             prefixes,
@@ -545,6 +575,7 @@ impl Scanner {
             chunk: CHUNK,
             tuning: TUNING,
             hiding_min_len,
+            opens,
         }
     }
 
@@ -861,7 +892,11 @@ impl Scanner {
             from = end + 1;
         }
         // Invariant: `from` is 0 or `hay[from - 1]` is not a word byte.
-        while let Some((start, end)) = self.next_run(hay, from, to, mode.min_len, waste) {
+        while let Some((start, end)) = if mode.suspects {
+            self.next_hidden_run(hay, from, to)
+        } else {
+            self.next_run(hay, from, to, mode.min_len, waste)
+        } {
             // Longer than any key (unless an escape's bytes made it so, or
             // a suffix is glued on): skip the rest of it, once searched for
             // keys glued on when hiding.
@@ -1291,6 +1326,110 @@ impl Scanner {
                 continue;
             }
             g += stride;
+        }
+        None
+    }
+
+    /// [`next_run`](Self::next_run) when hiding, skipping the runs that
+    /// cannot hold anything to hide.
+    ///
+    /// Damaged keys make runs of [`hiding_min_len`](Self::hiding_min_len)
+    /// bytes worth a look, so short that groups tested `min - GROUP + 1`
+    /// bytes apart would overlap (4 bytes apart for the presets: each byte
+    /// tested four times). Bytes are classified a block at a time instead,
+    /// into a bit mask, and the long runs read off the mask. And
+    /// a run shorter than any whole key can only hold a damaged key at its
+    /// start (none is glued on inside it, see [`glued_key`](Self::glued_key)):
+    /// one that starts with no prefix's first byte and no escape's opener
+    /// before it (say a long number) is skipped unread.
+    fn next_hidden_run(&self, hay: &[u8], from: usize, limit: usize) -> Option<(usize, usize)> {
+        let min = self.hiding_min_len;
+        if !(GROUP..=BLOCK).contains(&min) {
+            // Shorter than a group (no valid format) or longer than a
+            // block (very long prefixes only): the spaced groups,
+            // unfiltered, whose runs `hide_run` decides alike.
+            return self.next_run(hay, from, limit, min, &mut 0);
+        }
+        let cap = |start: usize| (start + self.max_len + 1).min(hay.len());
+        let worth = |start: usize, end: usize| {
+            end - start >= self.min_len
+                || (end - start >= min
+                    && (self.opens[usize::from(hay[start])]
+                        || start.checked_sub(1).is_some_and(|b| matches!(hay[b], b'\\' | b'%'))))
+        };
+        // The run being read starts at `start` and reaches `b`, the next
+        // block (the bytes between are word bytes).
+        let (mut start, mut b) = (from, from);
+        'blocks: while start < limit {
+            let Some(block) = hay.get(b..).and_then(<[u8]>::first_chunk::<BLOCK>) else {
+                // The last bytes of the input, one run at a time.
+                loop {
+                    let end = first_non_word(hay, b.min(cap(start)), cap(start));
+                    if worth(start, end) {
+                        return Some((start, end));
+                    }
+                    start = end + 1;
+                    b = start;
+                    if start >= limit {
+                        return None;
+                    }
+                }
+            };
+            let non_word = non_word_bits(block);
+            if non_word == 0 {
+                // A long run (most often a key): its end is near.
+                let end = first_non_word(hay, (b + BLOCK).min(cap(start)), cap(start));
+                if worth(start, end) {
+                    return Some((start, end));
+                }
+                start = end + 1;
+                b = start;
+                continue;
+            }
+            let first = non_word.trailing_zeros() as usize;
+            if worth(start, b + first) {
+                return Some((start, (b + first).min(cap(start))));
+            }
+            // Bit `i` of `long`: bytes `i..i + min` of the block are word
+            // bytes. Its lowest bit past `first` starts a run (the byte
+            // before is not a word byte, or its bit would be set too).
+            // Windows doubled to 16 bytes, then widened to `min`.
+            let mut long = !non_word;
+            long &= long >> 1;
+            long &= long >> 2;
+            long &= long >> 4;
+            long &= long >> 8;
+            if min > 32 {
+                long &= long >> 16;
+                long &= long >> (min - 32);
+            } else {
+                long &= long >> (min - 16);
+            }
+            long &= u64::MAX << first;
+            while long != 0 {
+                let s = b + long.trailing_zeros() as usize;
+                if s >= limit {
+                    return None;
+                }
+                let end = match non_word >> (s - b) {
+                    0 => first_non_word(hay, (b + BLOCK).min(cap(s)), cap(s)),
+                    rest => (s + rest.trailing_zeros() as usize).min(cap(s)),
+                };
+                if worth(s, end) {
+                    return Some((s, end));
+                }
+                if end - b >= BLOCK {
+                    // It reaches the next block: read on after it.
+                    start = end + 1;
+                    b = start;
+                    continue 'blocks;
+                }
+                long &= u64::MAX << (end - b);
+            }
+            // The run reaching the next block starts after this one's last
+            // non-word byte.
+            start = b + BLOCK - non_word.leading_zeros() as usize;
+            b += BLOCK;
         }
         None
     }

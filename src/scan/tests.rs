@@ -418,6 +418,24 @@ fn group_helpers_agree_with_byte_loops() {
 }
 
 #[test]
+fn block_bits_agree_with_a_byte_loop() {
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    for round in 0..2000 {
+        let mut block = [0u8; BLOCK];
+        for b in &mut block {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            // Mostly word bytes, as in text; every byte value in some round.
+            *b = if x.is_multiple_of(8) { (x >> 8) as u8 } else { b"az_09AZ"[(x % 7) as usize] };
+        }
+        block[round % BLOCK] = (round / BLOCK) as u8;
+        let want = (0..BLOCK).filter(|&i| !is_word(block[i])).fold(0u64, |m, i| m | 1 << i);
+        assert_eq!(non_word_bits(&block), want, "{block:?}");
+    }
+}
+
+#[test]
 fn no_valid_format_is_shorter_than_a_group() {
     // 21 base62 characters carry under 128 bits: the shortest secret is 22.
     assert!(KeyFormat::builder("a").secret(&Alphabet::BASE62, 21).build().is_err());
@@ -1138,6 +1156,65 @@ proptest! {
                     prop_assert_eq!(&got, &want, "chunk {} trickle {}", c, t);
                 }
             }
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+    /// The run search of a redaction returns the runs at least
+    /// `hiding_min_len` long in order, and skips only runs in which the
+    /// redactor hides nothing.
+    #[test]
+    fn the_hidden_run_search_skips_only_runs_that_hide_nothing(
+        pieces in prop::collection::vec(
+            prop_oneof![
+                redaction_piece(),
+                // Cut short: damaged keys shorter than any whole one.
+                (redaction_piece(), 16usize..40).prop_map(|(mut p, n)| {
+                    p.truncate(n);
+                    p
+                }),
+            ],
+            0..30,
+        ),
+    ) {
+        let hay = pieces.concat();
+        for set in [Scanner::fuzz_formats(), FormatSet::presets()] {
+            let s = Scanner::new(set);
+            let runs = hay
+                .split(|&b| !is_word(b))
+                .scan(0, |at, run| {
+                    let start = *at;
+                    *at += run.len() + 1;
+                    Some((start, start + run.len()))
+                })
+                .filter(|(a, b)| b - a >= s.hiding_min_len);
+            let hides = |(a, b): (usize, usize)| {
+                let mut any = false;
+                let hit = s.hide_run(&hay, a, b, hay.len(), a + 1, false, &mut |_, _, _, _| {
+                    any = true;
+                });
+                hit || any
+            };
+            let mut from = 0;
+            for (a, b) in runs {
+                if a < from {
+                    continue;
+                }
+                match s.next_hidden_run(&hay, from, hay.len()) {
+                    Some((start, end)) if start == a => {
+                        prop_assert_eq!(end, b.min(a + s.max_len + 1));
+                        prop_assert_eq!(s.next_hidden_run(&hay, from, a), None);
+                        from = b + 1;
+                    }
+                    found => {
+                        prop_assert!(found.is_none_or(|(start, _)| start > a), "{:?}", found);
+                        prop_assert!(!hides((a, b)), "skipped {}..{}", a, b);
+                    }
+                }
+            }
+            prop_assert_eq!(s.next_hidden_run(&hay, from, hay.len()), None);
         }
     }
 }
