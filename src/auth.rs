@@ -824,7 +824,8 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
     /// Caches verified principals in `cache` (share it with the
     /// [`KeyManager`](crate::manager::KeyManager) so revocations through it
     /// apply at once). One cache may serve several authenticators: each is
-    /// served only the principals it verified against its own store, so an
+    /// served only the principals it (or a clone of it) verified against
+    /// its own store, so an
     /// authenticator of another store (a sandbox, another tenant's) never
     /// takes a key its store does not hold.
     #[must_use]

@@ -35,7 +35,8 @@
 //!
 //! The `tower` feature's `Gate` runs this whole line per request (its
 //! layer, or `Gate::admit` for a host on another framework, which hands out
-//! the same refund handles); without it, a host calls the same pieces itself (see `tests/no_tower.rs`): the
+//! the same refund handles); without it, a host calls the same pieces
+//! itself (see `tests/no_tower.rs`): the
 //! target's tenant and environment checks and the standing checks (the
 //! authenticator's `environment` and `account_status`) run inside
 //! authentication, before any limit, unless the host checks the target

@@ -257,9 +257,10 @@ fn word_fresh_at(word: u64) -> u64 {
 /// (linear probing) of slots that are set once — key and state together —
 /// and never cleared, so readers probe it without a lock. A key that is
 /// forgotten or moves to the locked form leaves its slot [`DEAD`]; when
-/// the table fills up, the shard's writer copies the live keys into a new
-/// table and kills every old slot first, so a reader that meets a dead
-/// slot retries on the new table and no update is lost.
+/// the table fills up (or a purge leaves a sixteenth of it dead), the
+/// shard's writer copies the live keys into a new table and kills every
+/// old slot first, so a reader that meets a dead slot of that retired
+/// table retries on the new one and no update is lost.
 ///
 /// A `u64` key's slot is 24 bytes, in the same cache line as its state:
 /// one memory access finds and updates a key.
@@ -267,7 +268,7 @@ struct Table<K, T> {
     slots: Box<[OnceLock<Entry<K, T>>]>,
     /// Set by the writer before it retires the table's slots to copy them
     /// into a new one: a [`DEAD`] slot here may be a key in the middle of
-    /// that copy, not a key that moved to the locked form.
+    /// that copy, not a key forgotten or moved to the locked form.
     retired: AtomicBool,
 }
 
