@@ -2088,16 +2088,9 @@ async fn a_one_year_token_lasts_a_calendar_year_across_a_leap_day() {
     assert_eq!(token.record().expires_at, Some("2029-02-28T08:00:00Z".parse().unwrap()));
 }
 
-/// Any time jiff holds, the range's ends most of all.
-fn any_time() -> impl proptest::strategy::Strategy<Value = Timestamp> {
-    use proptest::prelude::*;
-    let (min, max) = (Timestamp::MIN.as_nanosecond(), Timestamp::MAX.as_nanosecond());
-    prop_oneof![
-        Just(Timestamp::MIN),
-        Just(Timestamp::MAX),
-        (min..=max).prop_map(|ns| Timestamp::from_nanosecond(ns).unwrap()),
-    ]
-}
+#[path = "support/any_time.rs"]
+mod any_time;
+use any_time::any_time;
 
 proptest::proptest! {
     /// A record a host's store keeps as JSON (feature `serde`) reads back

@@ -737,17 +737,9 @@ async fn a_code_is_redeemed_once_whatever_the_clock_does() {
     ));
 }
 
-/// Any time jiff holds, the range's ends most of all.
-fn any_time() -> impl proptest::strategy::Strategy<Value = jiff::Timestamp> {
-    use jiff::Timestamp;
-    use proptest::prelude::*;
-    let (min, max) = (Timestamp::MIN.as_nanosecond(), Timestamp::MAX.as_nanosecond());
-    prop_oneof![
-        Just(Timestamp::MIN),
-        Just(Timestamp::MAX),
-        (min..=max).prop_map(|ns| Timestamp::from_nanosecond(ns).unwrap()),
-    ]
-}
+#[path = "support/any_time.rs"]
+mod any_time;
+use any_time::any_time;
 
 proptest::proptest! {
     /// A session a host's store keeps as JSON (feature `serde`) reads back
