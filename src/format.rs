@@ -825,8 +825,9 @@ impl ApiKey {
             secret_start: self.secret_start,
         };
         let hint = self.format.hint_of(self.key.expose_secret().as_bytes(), &parts);
-        // Keys are ASCII, so this is one copy (never a replacement).
-        String::from_utf8_lossy(hint).into_owned()
+        // A parsed key is ASCII, so never the empty default: one check,
+        // one copy (a lossy UTF-8 view walked it a second time).
+        std::str::from_utf8(hint).unwrap_or_default().to_owned()
     }
 }
 

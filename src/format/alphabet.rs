@@ -170,18 +170,20 @@ impl Alphabet {
         rng: &mut R,
         out: &mut [u8],
     ) -> Result<(), FillError<R::Error>> {
-        // The raw bytes map one to one onto secret characters: wiped on
-        // every exit, the error path included, and not as a dead store the
-        // compiler may drop.
-        let mut pool = zeroize::Zeroizing::new([0u8; 64]);
+        // Drawn in place: the bytes land in `out` and each accepted one is
+        // replaced by its character, packed to the front; the rejected
+        // tail is drawn again. No second buffer holds the raw bytes (one
+        // would have to be wiped, and copying through it cost a fifth of
+        // a draw). On an error `out` may hold raw bytes: the caller wipes
+        // its buffer then, as it would the characters.
         let mut i = 0;
         let mut idle = 0;
         while i < out.len() {
-            let want = (out.len() - i).min(pool.len());
-            rng.try_fill_bytes(&mut pool[..want]).map_err(FillError::Rng)?;
+            rng.try_fill_bytes(&mut out[i..]).map_err(FillError::Rng)?;
             let before = i;
-            for &b in &pool[..want] {
-                let c = self.sample[usize::from(b)];
+            for j in before..out.len() {
+                // `i <= j`: each write lands on a byte already read.
+                let c = self.sample[usize::from(out[j])];
                 if c != NONE {
                     out[i] = c;
                     i += 1;

@@ -72,14 +72,18 @@ impl Inner {
     /// ahead of the real time never makes the store forget keys still in
     /// use. (Read only then: most inserts forget nothing.)
     fn forget_expired(&mut self, now: Timestamp) {
-        let due = |heap: &BinaryHeap<Reverse<(Timestamp, u64)>>, cutoff: Timestamp| {
-            heap.peek().is_some_and(|Reverse((at, _))| *at <= cutoff)
+        // Compared as durations since the epoch: `Timestamp` arithmetic
+        // checks its range through a general path that cost more than the
+        // rest of this check (every insert makes it). A cutoff before
+        // `Timestamp::MIN` is due for nothing, as the checked form was.
+        let due = |heap: &BinaryHeap<Reverse<(Timestamp, u64)>>, cutoff: SignedDuration| {
+            heap.peek().is_some_and(|Reverse((at, _))| at.as_duration() <= cutoff)
         };
-        let Ok(cutoff) = now.checked_sub(self.retention) else { return };
+        let cutoff = now.as_duration().saturating_sub(self.retention);
         if !due(&self.expiries, cutoff) {
             return;
         }
-        let Ok(cutoff) = now.min(Timestamp::now()).checked_sub(self.retention) else { return };
+        let cutoff = now.min(Timestamp::now()).as_duration().saturating_sub(self.retention);
         while due(&self.expiries, cutoff) {
             let Some(Reverse((at, hash))) = self.expiries.pop() else { break };
             let ended: Vec<RecordId> = self
