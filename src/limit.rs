@@ -644,20 +644,35 @@ impl RenderedHeaders {
     /// handler's own, an inner layer's), stands as it is, so that no field
     /// of one limit is reported beside another limit's.
     pub fn fill_in(self, map: &mut ::http::HeaderMap) {
+        let held = families_in(map);
         map.reserve(self.values.len());
-        // The values come family by family: each family is looked up once.
-        let mut held: Option<(u8, bool)> = None;
         for (name, value) in self.values {
-            let (id, family) = name.family();
-            let there = match held {
-                Some((f, there)) if f == id => there,
-                _ => family.iter().any(|h| map.contains_key(h.http())),
-            };
-            held = Some((id, there));
-            if !there {
+            if held & (1 << name.family().0) == 0 {
                 map.append(name.http(), value);
             }
         }
+    }
+}
+
+/// The families (bit `1 << number`, see [`LimitHeader::family`]) `map`
+/// holds a field of. A response carries a few headers: comparing each of
+/// their names with ours costs less than hashing ours (three to six) for
+/// lookups, which took a tenth of the layer's work after admission.
+#[cfg(feature = "http")]
+fn families_in(map: &::http::HeaderMap) -> u8 {
+    const ALL: [LimitHeader; 6] = [
+        LimitHeader::Limit,
+        LimitHeader::Remaining,
+        LimitHeader::Reset,
+        LimitHeader::Policy,
+        LimitHeader::State,
+        LimitHeader::RetryAfter,
+    ];
+    let bit = |h: &LimitHeader| 1u8 << h.family().0;
+    if map.keys_len() <= 8 {
+        map.keys().filter_map(|k| ALL.iter().find(|h| h.http() == *k)).fold(0, |f, h| f | bit(h))
+    } else {
+        ALL.iter().filter(|h| map.contains_key(h.http())).fold(0, |f, h| f | bit(h))
     }
 }
 

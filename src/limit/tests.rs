@@ -553,6 +553,40 @@ fn an_http_header_map_gets_exactly_the_listed_headers() {
     }
 }
 
+#[cfg(feature = "http")]
+#[test]
+fn an_http_header_map_gets_each_family_it_lacks_small_or_large() {
+    use ::http::{HeaderMap, HeaderName, HeaderValue};
+    let l = MemoryLimiter::<String, _>::with_clock(100, clock());
+    let p = [fixed(1, 1)];
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+    let denied = l.check("k", &p, 1).unwrap();
+    let all = denied.headers(HeaderSet::all());
+    // Up to eight names are compared one by one, more are looked up: the
+    // same answer either way.
+    for others in [0, 1, 7, 8, 20] {
+        for (own, stands) in [
+            ("x-ratelimit-reset", &["x-ratelimit-limit", "x-ratelimit-remaining"][..]),
+            ("ratelimit", &["ratelimit-policy"][..]),
+            ("retry-after", &[][..]),
+        ] {
+            let mut map = HeaderMap::new();
+            for i in 0..others {
+                let name = HeaderName::try_from(format!("x-other-{i}")).unwrap();
+                map.insert(name, HeaderValue::from_static("1"));
+            }
+            map.insert(HeaderName::from_static(own), HeaderValue::from_static("7"));
+            denied.rendered_headers(HeaderSet::all()).fill_in(&mut map);
+            assert_eq!(map.get(own).unwrap(), "7", "{own} among {others}");
+            for name in stands {
+                assert!(!map.contains_key(*name), "{name} beside {own} among {others}");
+            }
+            let added = all.len() - 1 - stands.len();
+            assert_eq!(map.len(), others + 1 + added, "{own} among {others}: {map:?}");
+        }
+    }
+}
+
 /// Model-based: whatever the keyed limiter does with its tables (growth,
 /// purges at a tiny cap, moves between the one-word and the locked form),
 /// every decision equals that of a plain map of per-policy slots stepped
