@@ -565,15 +565,9 @@ impl Decision {
         self.visit_headers(set, |name, value| {
             // Digits and the IETF fields' syntax are always valid values.
             let value = match value {
-                HeaderNum::Int(n) => small_number(n).map(::http::HeaderValue::from_static).or_else(
-                    // One exact-size buffer: `HeaderValue::from(i64)`
-                    // reserves 20 bytes and then allocates again to share
-                    // the unused tail.
-                    || {
-                        ::http::HeaderValue::from_bytes(itoa::Buffer::new().format(n).as_bytes())
-                            .ok()
-                    },
-                ),
+                // The remaining count changes with every request; the
+                // limit and the reset and retry times repeat.
+                HeaderNum::Int(n) => number_value(n, !matches!(name, LimitHeader::Remaining)),
                 HeaderNum::Text(s) => ::http::HeaderValue::try_from(s).ok(),
             };
             if let Some(value) = value {
@@ -699,6 +693,41 @@ static TRIPLES_STR: &str = match std::str::from_utf8(&TRIPLES) {
     Ok(s) => s,
     Err(_) => panic!("decimal digits are ASCII"),
 };
+
+/// The header value of `n`: a static one below 1,000; else, when the
+/// number is one that `repeats` across requests (a plan's limit, a
+/// window's reset time), a clone of the value this thread rendered for it
+/// lately, which shares its bytes (no allocation); else a new one.
+#[cfg(feature = "http")]
+fn number_value(n: i64, repeats: bool) -> Option<::http::HeaderValue> {
+    if let Some(s) = small_number(n) {
+        return Some(::http::HeaderValue::from_static(s));
+    }
+    // One exact-size buffer: `HeaderValue::from(i64)` reserves 20 bytes and
+    // then allocates again to share the unused tail.
+    let render = || ::http::HeaderValue::from_bytes(itoa::Buffer::new().format(n).as_bytes()).ok();
+    if !repeats {
+        return render();
+    }
+    RECENT_NUMBERS.with_borrow_mut(|recent| {
+        if let Some((_, v)) = recent.iter().flatten().find(|(m, _)| *m == n) {
+            return Some(v.clone());
+        }
+        let v = render()?;
+        recent.rotate_right(1);
+        recent[0] = Some((n, v.clone()));
+        Some(v)
+    })
+}
+
+#[cfg(feature = "http")]
+thread_local! {
+    /// The large numbers [`number_value`] rendered last on this thread,
+    /// newest first: enough for a limit, a reset time and a retry time of
+    /// a request or two.
+    static RECENT_NUMBERS: std::cell::RefCell<[Option<(i64, ::http::HeaderValue)>; 4]> =
+        const { std::cell::RefCell::new([const { None }; 4]) };
+}
 
 /// The decimal form of `n` as a static string, for `0 <= n < 1000`.
 #[cfg(feature = "http")]

@@ -533,6 +533,36 @@ fn small_numbers_are_their_decimal_form() {
 
 #[cfg(feature = "http")]
 #[test]
+fn a_number_header_is_its_decimal_form_however_recently_rendered() {
+    // Repeats, more distinct numbers than the thread remembers, returns
+    // after eviction, small and negative numbers, and the same numbers not
+    // marked as repeating.
+    let numbers = [
+        1_764_201_234,
+        1_000_000_000,
+        1_764_201_234,
+        5_000,
+        999,
+        1_000,
+        12_345,
+        67_890,
+        1_000_000_000,
+        -5,
+        i64::MAX,
+        i64::MIN,
+        1_764_201_235,
+        1_764_201_234,
+    ];
+    for repeats in [true, false, true] {
+        for n in numbers {
+            let v = number_value(n, repeats).unwrap();
+            assert_eq!(v.to_str().unwrap(), n.to_string(), "{n} (repeats: {repeats})");
+        }
+    }
+}
+
+#[cfg(feature = "http")]
+#[test]
 fn an_http_header_map_gets_exactly_the_listed_headers() {
     let l = MemoryLimiter::<String, _>::with_clock(100, clock());
     let burst = Policy::new("burst", 100, Duration::from_secs(60), Algorithm::FixedWindow).unwrap();
