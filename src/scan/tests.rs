@@ -1581,3 +1581,160 @@ proptest! {
         prop_assert_eq!(got, want);
     }
 }
+
+// ---- The hidden run search at the edges of its 64-byte mask words, and
+// redaction cut at every byte.
+
+/// The runs [`Scanner::next_hidden_run`] must return from `hay`, read one
+/// byte at a time: every maximal run as long as a whole key, and every run
+/// as long as a damaged one that starts with a prefix's first byte or
+/// follows an escape's opener, capped at `max_len + 1` bytes.
+fn hidden_runs_bytewise(s: &Scanner, hay: &[u8]) -> Vec<(usize, usize)> {
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < hay.len() {
+        let end = hay[i..].iter().position(|&b| !is_word(b)).map_or(hay.len(), |j| i + j);
+        let len = end - i;
+        let opener = i > 0 && matches!(hay[i - 1], b'\\' | b'%');
+        if len >= s.min_len
+            || (len >= s.hiding_min_len && (s.prefixes.iter().any(|p| p[0] == hay[i]) || opener))
+        {
+            out.push((i, end.min(i + s.max_len + 1)));
+        }
+        i = end + 1;
+    }
+    out
+}
+
+#[test]
+fn the_hidden_run_search_finds_runs_at_every_offset_of_a_mask_word() {
+    for set in [FormatSet::presets(), Scanner::fuzz_formats()] {
+        let s = Scanner::new(set);
+        let (min, whole) = (s.hiding_min_len, s.min_len);
+        let lens = [
+            min - 1,
+            min,
+            whole - 1,
+            whole,
+            BLOCK - 1,
+            BLOCK,
+            BLOCK + 1,
+            s.max_len,
+            s.max_len + 1,
+            2 * BLOCK - 1,
+            2 * BLOCK,
+            2 * BLOCK + 1,
+            300,
+        ];
+        for at in 0..=2 * BLOCK + 2 {
+            for &len in &lens {
+                for second in [min, whole, BLOCK, BLOCK + 1] {
+                    for (lead, open) in [(b' ', b'n'), (b' ', b'7'), (b'\\', b'7'), (b'-', b'x')] {
+                        // Short runs before (`ab cd …`), then the run at
+                        // `at`, then another right after it.
+                        let mut hay: Vec<u8> =
+                            (0..at).map(|i| if i % 3 == 2 { b' ' } else { b'a' }).collect();
+                        if let Some(last) = hay.last_mut() {
+                            *last = lead;
+                        }
+                        hay.push(open);
+                        hay.extend((1..len).map(|i| b"0123456789abcdef"[i % 16]));
+                        hay.push(b' ');
+                        hay.extend(std::iter::repeat_n(b'n', second));
+                        hay.extend_from_slice(b" ab");
+                        let want = hidden_runs_bytewise(&s, &hay);
+                        let mut got = Vec::new();
+                        let mut from = 0;
+                        while let Some((start, end)) = s.next_hidden_run(&hay, from, hay.len()) {
+                            got.push((start, end));
+                            from = first_non_word(&hay, end, hay.len()) + 1;
+                        }
+                        assert_eq!(got, want, "at {at} len {len} second {second} {lead} {open}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A reader that returns the first `cut` bytes in one read, then the rest:
+/// the input pauses there (a pipe), so the stream decides what it can.
+struct Split<'a>(&'a [u8], usize);
+impl Read for Split<'_> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let n = (if self.1 > 0 { self.1 } else { self.0.len() }).min(self.0.len()).min(out.len());
+        out[..n].copy_from_slice(&self.0[..n]);
+        self.0 = &self.0[n..];
+        self.1 = self.1.saturating_sub(n);
+        Ok(n)
+    }
+}
+
+/// Whole, damaged and glued keys at offsets around a mask word's size,
+/// the input paused at every byte or read in chunks of every size up to
+/// a key's length: redacted as in memory, and nothing of a secret left.
+#[test]
+fn redaction_is_the_same_wherever_a_read_cuts_a_key() {
+    let presets = Scanner::presets();
+    let fuzz = Scanner::new(Scanner::fuzz_formats());
+    let sk = mint(&crate::format::SK, 5);
+    let nh = format!("nh_{HEX64}");
+    let chk = mint(&CHK, 6);
+    let cases: Vec<(&Scanner, String, &str)> = vec![
+        (&presets, format!("k={sk} y"), &sk[12..]),
+        (&presets, format!("k={} y", &nh[..nh.len() - 1]), &HEX64[4..60]),
+        (&presets, format!("k=nh_{} y", HEX64.to_ascii_uppercase()), "ABCDEF0123456789"),
+        (&presets, format!("k={sk}_old y"), &sk[12..]),
+        (&presets, format!("k={nh}zzzz y"), &HEX64[4..]),
+        (&presets, format!("k=dir_{sk}_old y"), &sk[12..]),
+        (&presets, format!("k=\\n{nh}{sk} y"), &sk[12..]),
+        (&presets, format!("k=%20{sk}{nh}\n"), &HEX64[4..]),
+        (&fuzz, format!("k=id{chk}{chk} y"), &chk[10..]),
+        (&fuzz, format!("k={}{chk} y", "x".repeat(100)), &chk[10..]),
+    ];
+    for (s, text, secret) in cases {
+        for lead in [0, 1, 20, 45, 60, 62, 63, 64, 65, 66] {
+            let text = format!("{}{text}", "ab ".repeat(lead / 3) + &"-".repeat(lead % 3));
+            let hay = text.as_bytes();
+            let mut whole = Vec::new();
+            let n = s.redact(hay, &mut whole).unwrap();
+            assert!(n >= 1, "{text}");
+            let shown = String::from_utf8_lossy(&whole);
+            assert!(!shown.contains(secret), "{text} → {shown}");
+            for cut in 0..=hay.len() {
+                let mut got = Vec::new();
+                s.redact(Split(hay, cut), &mut got).unwrap();
+                assert_eq!(got, whole, "{text} cut at {cut}");
+            }
+            for chunk in 1..=80 {
+                let mut got = Vec::new();
+                s.clone().chunk_size(chunk).redact(hay, &mut got).unwrap();
+                assert_eq!(got, whole, "{text} chunk {chunk}");
+            }
+        }
+    }
+}
+
+/// A key glued on after a run far longer than any read (the run starts
+/// reads, buffers, even mask words before it): hidden from its prefix on,
+/// whatever the chunk.
+#[test]
+fn a_key_glued_after_a_very_long_run_is_hidden() {
+    let s = Scanner::presets();
+    let sk = mint(&crate::format::SK, 9);
+    let nh = format!("nh_{HEX64}");
+    for run in [BLOCK - 1, BLOCK, BLOCK + 1, 1000, CHUNK + 7, 3 * CHUNK] {
+        let text = format!("a {}{sk} {}{nh}_old\n", "x".repeat(run), "9".repeat(run));
+        let want = format!(
+            "a {}sk_live_{}[REDACTED] {}nh_0123[REDACTED]_old\n",
+            "x".repeat(run),
+            &sk[8..11],
+            "9".repeat(run)
+        );
+        for chunk in [1, 63, 64, 65, 1000, CHUNK] {
+            let mut out = Vec::new();
+            assert_eq!(s.clone().chunk_size(chunk).redact(text.as_bytes(), &mut out).unwrap(), 2);
+            assert!(out == want.as_bytes(), "run {run} chunk {chunk}");
+        }
+    }
+}
