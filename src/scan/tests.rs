@@ -1738,3 +1738,29 @@ fn a_key_glued_after_a_very_long_run_is_hidden() {
         }
     }
 }
+
+/// Three keys glued so that each starts inside the one before: `sk_live_`
+/// and 30 characters and `nk`, then `_live_`, an id and 30 characters and
+/// `sk`, then `_live_` and 32. A key glued on after another is hidden from
+/// its prefix on, here the third too, not only the two the first one's
+/// reach covers.
+#[test]
+#[ignore = "known leak: hiding follows a key into one it overlaps, not a chain"]
+fn a_key_starting_inside_a_key_that_starts_inside_another_is_hidden() {
+    let s = Scanner::presets();
+    let thirty = "Ab3dEf7hIj1lMn0pQr5tUv9xYz2aBc";
+    let third = "Zz9Yy8Xx7Ww6Vv5Uu4Tt3Ss2Rr1Qq0Pp";
+    let a = format!("sk_live_{thirty}nk");
+    let b = format!("nk_live_Ab12CdEf_{thirty}sk");
+    let c = format!("sk_live_{third}");
+    let set = s.formats();
+    assert!(set.parse(&a).is_ok() && set.parse(&b).is_ok() && set.parse(&c).is_ok());
+    // The first key at the run's start, or glued on after word bytes.
+    for lead in ["k=", "k=dir_"] {
+        let text = format!("{lead}{a}{}{} y\n", &b[2..], &c[2..]);
+        let mut out = Vec::new();
+        s.redact(text.as_bytes(), &mut out).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains(&third[..16]) && !out.contains(&third[16..]), "{text} → {out}");
+    }
+}
