@@ -3,9 +3,10 @@
 //! literally, so no key is skipped); the redacted output contains no key,
 //! glued on after word bytes in the input or not (`dir_` + a key becomes
 //! `dir_{hint}[REDACTED]`); streaming in small chunks agrees with scanning
-//! in memory, whichever search mode (long runs, prefixes) runs when. Runs
-//! for the presets and for a set whose shortest key (24 bytes) is the
-//! smallest the format rules allow, with a checksummed format.
+//! in memory, whichever search mode (long runs, prefixes) runs when, and
+//! so does redacting. Runs for the presets and for a set whose shortest
+//! key (24 bytes) is the smallest the format rules allow, with a
+//! checksummed format.
 #![no_main]
 
 use std::sync::OnceLock;
@@ -109,15 +110,20 @@ fn check(scanner: &Scanner, data: &[u8]) {
         w @ 0..=7 => usize::from(w),
         _ => usize::MAX,
     };
+    let mut out = Vec::new();
+    let n = scanner.redact(data, &mut out).unwrap();
     for prefixes in [false, true] {
         let tuned = scanner.clone().fuzz_tuning(prefixes, span, waste);
         assert_eq!(tuned.find_all(data), found);
         let mut streamed = Vec::new();
-        tuned.chunk_size(chunk).scan_reader(data, |m| streamed.push(m.clone())).unwrap();
+        let tuned = tuned.chunk_size(chunk);
+        tuned.scan_reader(data, |m| streamed.push(m.clone())).unwrap();
         assert_eq!(streamed, found);
+        // Redacting too: streamed, in either search mode, the same bytes.
+        let mut redacted = Vec::new();
+        assert_eq!(tuned.redact(data, &mut redacted).unwrap(), n);
+        assert_eq!(redacted, out);
     }
-    let mut out = Vec::new();
-    let n = scanner.redact(data, &mut out).unwrap();
     // Every key, and possibly damaged ones too.
     assert!(n >= found.len() as u64);
     // No key is left, glued on after another one or after word bytes too.
