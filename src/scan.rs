@@ -683,7 +683,10 @@ impl Scanner {
     /// run, a format's literal prefix followed by a key its parser accepts,
     /// checksum included. There only whole keys count (a damaged key glued
     /// on after word bytes stays as it is), and a key that starts inside
-    /// one (its prefix made of the other's last bytes) is hidden with it.
+    /// one (its prefix made of the other's last bytes) is hidden with it:
+    /// one level deep. A third key that starts inside that second one (keys
+    /// cut short and glued together can chain so) keeps its secret; a
+    /// stream would have to keep an unbounded chain to hide it.
     /// [`find_all`](Self::find_all) and
     /// [`scan_reader`](Self::scan_reader) report whole keys only, with a
     /// boundary on both sides.
