@@ -15,10 +15,9 @@
 # enable it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-command -v valgrind >/dev/null || { echo "valgrind is missing: apt-get install -y valgrind" >&2; exit 1; }
-cargo build --release --example icount -q
-bin="$(cargo metadata --format-version 1 --no-deps |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/icount"
+. scripts/common.sh
+need valgrind valgrind
+bin="$(release_example icount)"
 tmp="$(mktemp -d)"
 trap 'rm -rf "$tmp"' EXIT
 n=2000

@@ -20,12 +20,9 @@ cd "$(dirname "$0")/.."
 secs="${1:-10}"
 conns="${2:-32}"
 rounds="${3:-3}"
-command -v wrk >/dev/null || { echo "wrk is missing: apt-get install -y wrk" >&2; exit 1; }
-
-cargo build --release --example server -q
-# Where cargo put it: CARGO_TARGET_DIR or a configured target dir, if set.
-server_bin="$(cargo metadata --format-version 1 --no-deps |
-  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/examples/server"
+. scripts/common.sh
+need wrk wrk
+server_bin="$(release_example server)"
 tmp="$(mktemp -d)"
 trap 'kill "$pid" 2>/dev/null || true; rm -rf "$tmp"' EXIT
 cat > "$tmp/plans.json" <<'JSON'
