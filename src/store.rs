@@ -308,7 +308,12 @@ pub struct ActiveLimit {
     /// (what a roll without a cap passes to have `replacing` checked):
     /// skip the count then ([`is_capped`](Self::is_capped)).
     pub max: u32,
-    /// The time at which "active" (not revoked, not expired) is judged.
+    /// The time at which "active" (not revoked, not expired) is judged, as
+    /// [`KeyRecord::is_active`] does: only the expiry is compared with it
+    /// (SQL: `revoked_at IS NULL AND (expires_at IS NULL OR expires_at >
+    /// $now)`). A revoked record is inactive whatever its `revoked_at`: one
+    /// stamped after `now` (by an instance whose clock runs ahead) is revoked
+    /// all the same, or a roll racing the revocation would replace it.
     pub now: Timestamp,
     /// The record the new one replaces (a roll), if any. The insert
     /// succeeds only while that record exists and is active at `now`

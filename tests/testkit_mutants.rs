@@ -47,6 +47,7 @@ enum KM {
     ReplacedBeforeDuplicates,
     KeyIdUniqueAcrossFormats,
     LastUseRewritesRecord,
+    RevokedLaterActive,
 }
 
 struct MK {
@@ -60,6 +61,9 @@ struct MK {
     kid: Mutex<HashMap<(String, KeyId), RecordId>>,
     // records a last-use write brought back from revocation
     unrevoked: Mutex<HashSet<RecordId>>,
+    // revocations the inner store has not seen yet: stamped after every
+    // `limit.now` so far
+    late: Mutex<HashMap<RecordId, Timestamp>>,
 }
 fn mk(m: KM) -> MK {
     MK {
@@ -70,6 +74,7 @@ fn mk(m: KM) -> MK {
         lu: Mutex::new(HashMap::new()),
         kid: Mutex::new(HashMap::new()),
         unrevoked: Mutex::new(HashSet::new()),
+        late: Mutex::new(HashMap::new()),
     }
 }
 impl MK {
@@ -78,10 +83,14 @@ impl MK {
         let l = self.lu.lock().unwrap().get(&r.id).copied();
         let kid = self.kid.lock().unwrap().iter().find(|(_, id)| **id == r.id).map(|(k, _)| k.1);
         let unrevoked = self.unrevoked.lock().unwrap().contains(&r.id);
-        if e.is_none() && l.is_none() && kid.is_none() && !unrevoked {
+        let late = self.late.lock().unwrap().get(&r.id).copied();
+        if e.is_none() && l.is_none() && kid.is_none() && !unrevoked && late.is_none() {
             return r;
         }
         let mut x = (*r).clone();
+        if late.is_some() {
+            x.revoked_at = late;
+        }
         if unrevoked {
             x.revoked_at = None;
         }
@@ -202,6 +211,8 @@ impl MK {
 }
 
 impl KeyStore for MK {
+    // One arm per mutant: long as the list of them.
+    #[allow(clippy::too_many_lines)]
     async fn insert(
         &self,
         record: Arc<KeyRecord>,
@@ -267,6 +278,22 @@ impl KeyStore for MK {
                     && !self.inner.get(old).await?.is_some_and(|r| r.is_active(l.now))
                 {
                     return Ok(InsertOutcome::ReplacingInactive);
+                }
+            }
+            // mutation: "active at now" as `revoked_at IS NULL OR
+            // revoked_at > $now`: a revocation stamped after `limit.now`
+            // is not one yet
+            KM::RevokedLaterActive if limit.is_some() => {
+                let now = limit.as_ref().unwrap().now;
+                let due: Vec<_> = {
+                    let mut late = self.late.lock().unwrap();
+                    let due = late.iter().filter(|(_, at)| **at <= now);
+                    let due: Vec<_> = due.map(|(id, at)| (id.clone(), *at)).collect();
+                    late.retain(|_, at| *at > now);
+                    due
+                };
+                for (id, at) in due {
+                    self.inner.revoke(&id, at).await?;
                 }
             }
             KM::ScopesTruncated => {
@@ -371,6 +398,13 @@ impl KeyStore for MK {
     }
 
     async fn revoke(&self, id: &RecordId, at: Timestamp) -> Result<bool, BackendError> {
+        if self.m == KM::RevokedLaterActive {
+            let active = self.get(id).await?.is_some_and(|r| r.revoked_at.is_none());
+            if active {
+                self.late.lock().unwrap().insert(id.clone(), at);
+            }
+            return Ok(active);
+        }
         self.inner.revoke(id, at).await
     }
 
@@ -451,6 +485,7 @@ mutants! {
     k_replaced_before_duplicates => KM::ReplacedBeforeDuplicates, "duplicates are checked before the replaced record",
     k_key_id_unique_across_formats => KM::KeyIdUniqueAcrossFormats, "key ids are unique per format",
     k_last_use_rewrites_record => KM::LastUseRewritesRecord, "last use leaves the revocation",
+    k_revoked_later_active => KM::RevokedLaterActive, "revoked after limit.now: revoked all the same",
 }
 
 // ---------------------------------------------------------------- portal

@@ -239,12 +239,15 @@ async fn active_cap<S: KeyStore>(s: &S) {
         s.insert(Arc::new(other_ws), Some(limit.clone())).await.unwrap(),
         InsertOutcome::Inserted
     );
-    // Revoked and expired keys do not count.
+    // Revoked and expired keys do not count. A revocation counts whatever
+    // its time: this one is stamped after `limit.now` (by a clock ahead of
+    // the caller's), and the key is revoked all the same.
     let listed = s.list(&"ws_a".parse().unwrap(), Some(&"capped".parse().unwrap())).await.unwrap();
-    s.revoke(&listed[0].id, t(50)).await.unwrap();
+    s.revoke(&listed[0].id, t(150)).await.unwrap();
     assert_eq!(
         s.insert(Arc::new(fourth.clone()), Some(limit.clone())).await.unwrap(),
-        InsertOutcome::Inserted
+        InsertOutcome::Inserted,
+        "revoked after limit.now: revoked all the same"
     );
     s.shorten_expiry(&listed[1].id, t(100)).await.unwrap();
     let fifth = sample_record("ws_a", Some("capped"), 4, false);
@@ -332,8 +335,9 @@ async fn replacing<S: KeyStore>(s: &S) {
         InsertOutcome::Inserted,
         "the first replacement is revoked"
     );
-    // A revoked, expired or unknown record cannot be replaced, capped or not.
-    s.revoke(&held[1], t(50)).await.unwrap();
+    // A revoked, expired or unknown record cannot be replaced, capped or not
+    // (revoked whatever the time of the revocation: after `now` here).
+    s.revoke(&held[1], t(150)).await.unwrap();
     let mut expired = sample_record("ws_r", Some("q"), 0, false);
     expired.expires_at = Some(now);
     let expired_id = expired.id.clone();
