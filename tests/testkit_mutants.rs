@@ -48,6 +48,7 @@ enum KM {
     KeyIdUniqueAcrossFormats,
     LastUseRewritesRecord,
     RevokedLaterActive,
+    TimesToSeconds,
 }
 
 struct MK {
@@ -296,6 +297,15 @@ impl KeyStore for MK {
                     self.inner.revoke(&id, at).await?;
                 }
             }
+            // mutation: times in a MySQL `DATETIME` (whole seconds)
+            KM::TimesToSeconds => {
+                let s = |t: Timestamp| Timestamp::from_second(t.as_second()).unwrap();
+                let mut r = (*record).clone();
+                r.created_at = s(r.created_at);
+                r.expires_at = r.expires_at.map(s);
+                r.last_used_at = r.last_used_at.map(s);
+                return self.inner.insert(Arc::new(r), limit).await;
+            }
             KM::ScopesTruncated => {
                 let mut r = (*record).clone();
                 r.scopes = Arc::from(&r.scopes[..r.scopes.len().min(1)]);
@@ -485,6 +495,7 @@ mutants! {
     k_replaced_before_duplicates => KM::ReplacedBeforeDuplicates, "duplicates are checked before the replaced record",
     k_key_id_unique_across_formats => KM::KeyIdUniqueAcrossFormats, "key ids are unique per format",
     k_last_use_rewrites_record => KM::LastUseRewritesRecord, "last use leaves the revocation",
+    k_times_to_seconds => KM::TimesToSeconds, "every field kept",
     k_revoked_later_active => KM::RevokedLaterActive, "revoked after limit.now: revoked all the same",
 }
 

@@ -119,14 +119,18 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
     // Every field round-trips, the optional ones set: an application (a
     // portal token's tenant: dropping it would reach every application), an
     // expiry set at insert, a plan, a region, a last use; no environment,
-    // no metadata.
+    // no metadata. Times to the nanosecond, as a clock gives them: a store
+    // keeping microseconds or seconds changes them (rounding an expiry up
+    // extends it).
+    let ns = |t: Timestamp| t.checked_add(jiff::SignedDuration::from_nanos(987_654_321));
     let mut full = sample_record("ws_a", Some("p1"), 2, true);
     full.tenant = full.tenant.clone().with_application("app_1".parse().expect("valid id"));
-    full.expires_at = Some(t(1000));
+    full.created_at = ns(full.created_at).expect("in range");
+    full.expires_at = Some(ns(t(1000)).expect("in range"));
     full.plan = Some("pro".into());
     full.environment = None;
     full.region = Some("eu".parse().expect("valid region"));
-    full.last_used_at = Some(t(1));
+    full.last_used_at = Some(ns(t(1)).expect("in range"));
     full.metadata.clear();
     full.scopes = Arc::from([
         "applications:read".parse().expect("valid scope"),
