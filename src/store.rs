@@ -388,14 +388,15 @@ pub enum InsertOutcome {
 ///   COMMITTED; Redis: one Lua script). `revoke` and `shorten_expiry` (which
 ///   never extends an expiry) are single-record conditional updates.
 /// - **Fidelity.** A record reads back equal to the one inserted (then as
-///   `revoke`, `shorten_expiry` and `record_last_used` changed it), times
-///   to the nanosecond. SQL time columns keep less — Postgres `timestamptz`
-///   microseconds, a `DATETIME` without fractions whole seconds, rounded
-///   (an expiry read back later than it was set keeps the key working past
-///   it, and a roll whose cut of the old key's expiry timed out reads it
-///   back as not cut, and revokes the new key) — so keep nanoseconds since
-///   the epoch in a `BIGINT` (good until 2262), or the record's serde form
-///   beside the columns you index.
+///   `revoke`, `shorten_expiry` and `record_last_used` changed it): scopes
+///   in their order (not sorted), metadata values as given (empty ones
+///   too), times to the nanosecond. SQL time columns keep less — Postgres
+///   `timestamptz` microseconds, a `DATETIME` without fractions whole
+///   seconds, rounded (an expiry read back later than it was set keeps the
+///   key working past it, and a roll whose cut of the old key's expiry
+///   timed out reads it back as not cut, and revokes the new key) — so keep
+///   nanoseconds since the epoch in a `BIGINT` (good until 2262), or the
+///   record's serde form beside the columns you index.
 /// - **Staleness.** Reads may come from a replica or cache that lags. Lag
 ///   and the verified-principal cache's TTL add up: a revoked key may
 ///   authenticate on other instances for the replica lag plus the TTL (30

@@ -49,6 +49,8 @@ enum KM {
     LastUseRewritesRecord,
     RevokedLaterActive,
     TimesToSeconds,
+    ScopesSorted,
+    EmptyMetadataDropped,
 }
 
 struct MK {
@@ -306,6 +308,20 @@ impl KeyStore for MK {
                 r.last_used_at = r.last_used_at.map(s);
                 return self.inner.insert(Arc::new(r), limit).await;
             }
+            // mutation: scopes kept as a sorted set
+            KM::ScopesSorted => {
+                let mut r = (*record).clone();
+                let mut scopes = r.scopes.to_vec();
+                scopes.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+                r.scopes = scopes.into();
+                return self.inner.insert(Arc::new(r), limit).await;
+            }
+            // mutation: an empty string stored as NULL, read back as absent
+            KM::EmptyMetadataDropped => {
+                let mut r = (*record).clone();
+                r.metadata.retain(|_, v| !v.is_empty());
+                return self.inner.insert(Arc::new(r), limit).await;
+            }
             KM::ScopesTruncated => {
                 let mut r = (*record).clone();
                 r.scopes = Arc::from(&r.scopes[..r.scopes.len().min(1)]);
@@ -495,6 +511,8 @@ mutants! {
     k_replaced_before_duplicates => KM::ReplacedBeforeDuplicates, "duplicates are checked before the replaced record",
     k_key_id_unique_across_formats => KM::KeyIdUniqueAcrossFormats, "key ids are unique per format",
     k_last_use_rewrites_record => KM::LastUseRewritesRecord, "last use leaves the revocation",
+    k_scopes_sorted => KM::ScopesSorted, "every field kept",
+    k_empty_metadata_dropped => KM::EmptyMetadataDropped, "returns the record as stored",
     k_times_to_seconds => KM::TimesToSeconds, "every field kept",
     k_revoked_later_active => KM::RevokedLaterActive, "revoked after limit.now: revoked all the same",
 }

@@ -91,7 +91,10 @@ pub async fn run<S: KeyStore, F: Fn() -> S>(make: F) {
 }
 
 async fn insert_and_find<S: KeyStore>(s: &S) {
-    let r = sample_record("ws_a", Some("p1"), 0, false);
+    let mut r = sample_record("ws_a", Some("p1"), 0, false);
+    // Metadata values as given, an empty one too (a database storing the
+    // empty string as NULL, as Oracle does, must not drop it).
+    r.metadata.insert("note".into(), String::new());
     assert_eq!(
         s.insert(Arc::new(r.clone()), None).await.unwrap(),
         InsertOutcome::Inserted,
@@ -132,9 +135,11 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
     full.region = Some("eu".parse().expect("valid region"));
     full.last_used_at = Some(ns(t(1)).expect("in range"));
     full.metadata.clear();
+    // Scopes in their order, which is not sorted: the manager keeps them
+    // as asked, and the host shows them so.
     full.scopes = Arc::from([
-        "applications:read".parse().expect("valid scope"),
         "applications:write".parse().expect("valid scope"),
+        "applications:read".parse().expect("valid scope"),
     ]);
     assert_eq!(s.insert(Arc::new(full.clone()), None).await.unwrap(), InsertOutcome::Inserted);
     assert_eq!(*s.get(&full.id).await.unwrap().expect("stored"), full, "every field kept");
