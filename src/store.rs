@@ -427,7 +427,8 @@ pub trait KeyStore: Send + Sync {
     /// active at `limit.now` and has no replacement active then, and, when
     /// the record has a project, the project holds fewer than `limit.max`
     /// active keys besides that one. The checks come in that order:
-    /// duplicates, then the replaced record, then the cap. A stored
+    /// duplicates (a record clashing on both its id and its key may report
+    /// either), then the replaced record, then the cap. A stored
     /// replacement becomes the replaced record's one replacement.
     ///
     /// [`replacing`]: ActiveLimit::replacing
@@ -462,8 +463,10 @@ pub trait KeyStore: Send + Sync {
         id: &RecordId,
     ) -> impl Future<Output = Result<Option<Arc<KeyRecord>>, BackendError>> + Send;
 
-    /// Every record of `workspace` (narrowed to `project` when given),
-    /// oldest first, revoked ones included.
+    /// Every record of `workspace` (narrowed to `project` when given; `None`
+    /// is the whole workspace, not only its workspace-wide keys), oldest
+    /// first by `created_at` (records created at the same instant in any
+    /// order), revoked ones included.
     fn list(
         &self,
         workspace: &WorkspaceId,
