@@ -103,11 +103,20 @@ pub enum Redeem {
 ///   code up, so a clock that steps back before `expires_at` finds it
 ///   redeemable again (once, as ever: single use does not depend on time).
 /// - **Bounded.** Expired sessions and tombstones are dropped on their own
-///   (TTL, or in-band purging); memory does not grow with history.
+///   (TTL, or in-band purging); memory does not grow with history. Not at
+///   expiry: a used or expired code is remembered for a while past it, so
+///   that a late second open still says already used or expired rather
+///   than unknown (the shipped stores keep it [`TOMBSTONE_RETENTION`]; SQL:
+///   a periodic `DELETE … WHERE expires_at < now() - retention`). The purge
+///   may go by the store's own clock: `insert` is given no time, and a
+///   retention this long outlasts any skew.
 /// - **Failure.** An unreachable backend is a [`BackendError`] — never a
 ///   redemption.
 pub trait PortalStore: Send + Sync {
-    /// Stores `session` under `code`. `Ok(false)` if that digest exists.
+    /// Stores `session` under `code`. `Ok(false)` if that digest exists —
+    /// pending, used or expired, as long as the store still holds it (SQL:
+    /// `INSERT … ON CONFLICT DO NOTHING`, never an upsert): the code is
+    /// another session's, and the caller must not hand it out.
     fn insert(
         &self,
         code: Digest,
