@@ -29,6 +29,55 @@ fn ten_thousand_codes_sixteen_threads_exactly_one_winner_each() {
     assert_eq!(keygate::testkit::portal::race(&store, 10_000, 16, 2), 10_000);
 }
 
+/// A store whose futures wait on Tokio's blocking pool, as a host's store
+/// over a blocking SQL client does; it holds a `Handle`, so any thread may
+/// drive them.
+struct OnBlockingPool(Arc<MemoryPortalStore>, tokio::runtime::Handle);
+
+impl keygate::portal::PortalStore for OnBlockingPool {
+    fn insert(
+        &self,
+        code: keygate::secret::Digest,
+        session: PortalSession,
+    ) -> impl Future<Output = Result<bool, keygate::backend::BackendError>> + Send {
+        let (store, pool) = (Arc::clone(&self.0), self.1.clone());
+        async move {
+            let now = session.created_at;
+            let done = pool.spawn_blocking(move || store.insert_sync(code, session, now));
+            done.await.map_err(keygate::backend::BackendError::unavailable)
+        }
+    }
+
+    fn redeem(
+        &self,
+        code: &keygate::secret::Digest,
+        now: jiff::Timestamp,
+    ) -> impl Future<Output = Result<portal::Redeem, keygate::backend::BackendError>> + Send {
+        let (store, pool, code) = (Arc::clone(&self.0), self.1.clone(), *code);
+        async move {
+            let done = pool.spawn_blocking(move || store.redeem_sync(&code, now));
+            done.await.map_err(keygate::backend::BackendError::unavailable)
+        }
+    }
+}
+
+/// The race called from async code (the body of a `#[tokio::test]`, as a
+/// host writes it) over a store whose futures need the runtime. The
+/// deadline only tells a livelock from a slow run: the race takes well
+/// under a second.
+#[test]
+fn the_race_runs_from_async_code_over_a_store_on_the_blocking_pool() {
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).build().unwrap();
+    let store = OnBlockingPool(Arc::new(MemoryPortalStore::new()), rt.handle().clone());
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let won = rt.block_on(async { keygate::testkit::portal::race(&store, 500, 4, 3) });
+        done.send(won).unwrap();
+    });
+    let won = finished.recv_timeout(Duration::from_secs(60));
+    assert_eq!(won.expect("the race finishes (no livelock)"), 500);
+}
+
 struct World {
     clock: FakeClock,
     keys: MemoryKeyStore,

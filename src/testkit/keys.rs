@@ -540,8 +540,10 @@ async fn last_use<S: KeyStore>(s: &S) {
 /// [`InsertOutcome::AlreadyReplaced`]).
 ///
 /// Threads drive the futures with [`block_on`](super::portal::block_on),
-/// as the portal race does: use it with stores whose futures make progress
-/// without a runtime's help (or from inside one that has worker threads).
+/// as the portal race does, each the suite's own, outside any runtime: it
+/// may be called from async code as from a plain test, and a store whose
+/// futures need a runtime's context (`tokio::spawn`, `spawn_blocking`, its
+/// timers) must hold a `Handle` and spawn through it.
 ///
 /// # Panics
 ///
@@ -566,7 +568,8 @@ pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u
             replacing: Some(rolled.id.clone()),
             ..ActiveLimit::new(u32::MAX, t(100))
         };
-        let inserted = super::portal::block_on(store.insert(Arc::new(rolled), None));
+        let inserted =
+            super::portal::apart(|| super::portal::block_on(store.insert(Arc::new(rolled), None)));
         assert_eq!(
             inserted.expect("insert"),
             InsertOutcome::Inserted,

@@ -130,8 +130,22 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
     }
 }
 
+/// Runs `f` on a thread of its own, outside the caller's runtime: called
+/// from async code (a `#[tokio::test]`), [`block_on`] would hold a thread
+/// whose task budget (Tokio's cooperative scheduling) runs out after some
+/// hundred awaits and never refills, since the task never yields: every
+/// future waiting on the runtime would then answer "pending" for ever.
+pub(crate) fn apart<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
 /// For each of `codes` codes, `threads` threads redeem at once; exactly one
 /// must win every time. Returns the number of wins (equal to `codes`).
+///
+/// Every thread is the suite's own, outside any runtime, so it may be
+/// called from async code as from a plain test; a store whose futures need
+/// a runtime's context (`tokio::spawn`, `spawn_blocking`, its timers) must
+/// hold a `Handle` and spawn through it.
 ///
 /// # Panics
 ///
@@ -139,9 +153,11 @@ pub fn block_on<F: Future>(f: F) -> F::Output {
 pub fn race<S: PortalStore>(store: &S, codes: u64, threads: usize, salt: u8) -> usize {
     let o = origin();
     let ts = |secs| at(o, secs);
-    for n in 0..codes {
-        assert!(block_on(store.insert(digest(1000 + n, salt), session_at(o, 600))).unwrap());
-    }
+    apart(|| {
+        for n in 0..codes {
+            assert!(block_on(store.insert(digest(1000 + n, salt), session_at(o, 600))).unwrap());
+        }
+    });
     let wins: Vec<AtomicUsize> = (0..codes).map(|_| AtomicUsize::new(0)).collect();
     let barrier = std::sync::Barrier::new(threads);
     std::thread::scope(|s| {
