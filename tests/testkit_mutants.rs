@@ -49,6 +49,9 @@ enum KM {
     LastUseRewritesRecord,
     RevokedLaterActive,
     TimesToSeconds,
+    // not a broken rule: one capped insert fails (a database busy for a
+    // moment), as any store's may
+    BusyOnce,
     ScopesSorted,
     EmptyMetadataDropped,
 }
@@ -67,6 +70,7 @@ struct MK {
     // revocations the inner store has not seen yet: stamped after every
     // `limit.now` so far
     late: Mutex<HashMap<RecordId, Timestamp>>,
+    busy: std::sync::atomic::AtomicBool,
 }
 fn mk(m: KM) -> MK {
     MK {
@@ -78,6 +82,7 @@ fn mk(m: KM) -> MK {
         kid: Mutex::new(HashMap::new()),
         unrevoked: Mutex::new(HashSet::new()),
         late: Mutex::new(HashMap::new()),
+        busy: std::sync::atomic::AtomicBool::new(false),
     }
 }
 impl MK {
@@ -298,6 +303,12 @@ impl KeyStore for MK {
                 for (id, at) in due {
                     self.inner.revoke(&id, at).await?;
                 }
+            }
+            KM::BusyOnce
+                if limit.is_some()
+                    && !self.busy.swap(true, std::sync::atomic::Ordering::Relaxed) =>
+            {
+                return Err(BackendError::Timeout);
             }
             // mutation: times in a MySQL `DATETIME` (whole seconds)
             KM::TimesToSeconds => {
@@ -1045,6 +1056,45 @@ impl LimitStore for Remote {
 #[tokio::test]
 async fn a_remote_limiter_passes_the_limit_suite() {
     keygate::testkit::limit::run(&Remote(MemoryLimiter::new(10_000)), "t").await;
+}
+
+/// A portal store whose first redemption fails (a database busy for a
+/// moment), as any store's may.
+struct BusyOnce(MemoryPortalStore, std::sync::atomic::AtomicBool);
+
+impl PortalStore for BusyOnce {
+    async fn insert(&self, code: Digest, session: PortalSession) -> Result<bool, BackendError> {
+        self.0.insert(code, session).await
+    }
+    async fn redeem(&self, code: &Digest, now: Timestamp) -> Result<Redeem, BackendError> {
+        if self.1.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            self.0.redeem(code, now).await
+        } else {
+            Err(BackendError::Timeout)
+        }
+    }
+}
+
+/// Runs `race` on a thread of its own: whether it panicked, or `None` if
+/// it had not ended after a minute (a hang; a race takes well under a
+/// second, so the deadline tells only a hang from a slow run).
+fn ends(race: impl FnOnce() + Send + std::panic::UnwindSafe + 'static) -> Option<bool> {
+    let (done, ended) = std::sync::mpsc::channel();
+    std::thread::spawn(move || done.send(std::panic::catch_unwind(race).is_err()).unwrap());
+    ended.recv_timeout(Duration::from_secs(60)).ok()
+}
+
+/// A store error in one racing thread fails the race: the other threads
+/// do not wait for the failed one at the next step for ever.
+#[test]
+fn a_store_error_in_a_race_fails_it_and_does_not_hang_it() {
+    let portal = || {
+        let store = BusyOnce(MemoryPortalStore::new(), false.into());
+        keygate::testkit::portal::race(&store, 50, 4, 9);
+    };
+    assert_eq!(ends(portal), Some(true), "portal race");
+    let keys = || keygate::testkit::keys::race(&mk(KM::BusyOnce), 5, 4, 3);
+    assert_eq!(ends(keys), Some(true), "key race");
 }
 
 /// Stores whose replacement or key-id check is right in sequence but not

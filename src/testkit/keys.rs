@@ -576,7 +576,7 @@ pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u
             "round {round}: the rolled key"
         );
         let replacements = AtomicUsize::new(0);
-        let barrier = std::sync::Barrier::new(threads);
+        let barrier = super::portal::RaceBarrier::new(threads);
         std::thread::scope(|sc| {
             for _ in 0..threads {
                 let (capped, same_digest, barrier, project, limit) =
@@ -585,6 +585,7 @@ pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u
                 let (same_kid, one_per_record_id, taken_record_id) =
                     (&same_kid, &one_per_record_id, &taken_record_id);
                 sc.spawn(move || {
+                    let _member = barrier.member();
                     let mine = sample_record("ws_race", Some(project), 0, false);
                     barrier.wait();
                     let won =

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::task::{Context, Poll, Wake, Waker};
 use std::thread::Thread;
 
@@ -139,6 +139,66 @@ pub(crate) fn apart<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
+/// The barrier racing threads meet at before each step. Unlike
+/// [`std::sync::Barrier`], it breaks when one of them panics (a store error
+/// unwrapped, a rule found broken): the others panic at their next wait
+/// instead of waiting for the failed one for ever, and the suite fails
+/// instead of hanging.
+pub(crate) struct RaceBarrier {
+    threads: usize,
+    /// Threads waiting, the step's number, and whether one has panicked.
+    state: Mutex<(usize, u64, bool)>,
+    cv: Condvar,
+}
+
+impl RaceBarrier {
+    pub(crate) fn new(threads: usize) -> Self {
+        Self { threads, state: Mutex::new((0, 0, false)), cv: Condvar::new() }
+    }
+
+    /// Joins the calling thread to the race: if it panics while the
+    /// returned guard lives, the barrier breaks.
+    pub(crate) fn member(&self) -> RaceMember<'_> {
+        RaceMember(self)
+    }
+
+    /// Waits for every thread of the race.
+    ///
+    /// # Panics
+    ///
+    /// When another racing thread has panicked.
+    pub(crate) fn wait(&self) {
+        let mut s = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let step = s.1;
+        if !s.2 {
+            s.0 += 1;
+            if s.0 == self.threads {
+                *s = (0, step + 1, false);
+                self.cv.notify_all();
+                return;
+            }
+            while s.1 == step && !s.2 {
+                s = self.cv.wait(s).unwrap_or_else(PoisonError::into_inner);
+            }
+        }
+        let broken = s.2;
+        drop(s);
+        assert!(!broken, "another racing thread failed (its panic is reported above)");
+    }
+}
+
+/// A racing thread's membership: breaks the barrier if the thread panics.
+pub(crate) struct RaceMember<'a>(&'a RaceBarrier);
+
+impl Drop for RaceMember<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.state.lock().unwrap_or_else(PoisonError::into_inner).2 = true;
+            self.0.cv.notify_all();
+        }
+    }
+}
+
 /// For each of `codes` codes, `threads` threads redeem at once; exactly one
 /// must win every time. Returns the number of wins (equal to `codes`).
 ///
@@ -159,11 +219,12 @@ pub fn race<S: PortalStore>(store: &S, codes: u64, threads: usize, salt: u8) -> 
         }
     });
     let wins: Vec<AtomicUsize> = (0..codes).map(|_| AtomicUsize::new(0)).collect();
-    let barrier = std::sync::Barrier::new(threads);
+    let barrier = RaceBarrier::new(threads);
     std::thread::scope(|s| {
         for t in 0..threads {
             let (wins, barrier) = (&wins, &barrier);
             s.spawn(move || {
+                let _member = barrier.member();
                 for n in 0..codes {
                     // All threads line up, then redeem the same code at once.
                     barrier.wait();
