@@ -900,7 +900,8 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
 
     /// Replaces key `id` with a new key of the same format, grants and
     /// expiry. The old key keeps working for `grace` — but never past its
-    /// own expiry — and then stops. While both work the project may hold
+    /// own expiry — and then stops (a grace past the last time there is,
+    /// `Duration::MAX`, leaves it as it was). While both work the project may hold
     /// one key over its cap (the one being replaced), and no more: rolling
     /// a second key while one roll's grace runs in a full project is
     /// [`ManagerError::LimitReached`]. Rolling a key again while its
@@ -1052,7 +1053,11 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             return Err(self.discard(new_id, now, ManagerError::AlreadyRolled).await);
         }
         let grace = crate::clock::signed_duration(grace);
-        let end = now.checked_add(grace).unwrap_or(Timestamp::MAX);
+        // A grace past the last time there is (`Duration::MAX`) keeps the
+        // old key as it is: nothing to cut, and no `Timestamp::MAX` written
+        // to a store that keeps fewer years (nanoseconds in a `BIGINT` end
+        // in 2262).
+        let Ok(end) = now.checked_add(grace) else { return Ok(created) };
         // `shorten_expiry` never extends: the grace cannot outlive the old
         // key's own expiry.
         if let Err(e) = self.shorten_id(id, end).await

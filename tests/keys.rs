@@ -865,6 +865,27 @@ async fn lifetimes_that_are_zero_or_unrepresentable_are_bad_requests() {
     assert!(f.manager.create(month).await.is_ok());
 }
 
+/// A grace reaching past the last time there is (`Duration::MAX`: "keep
+/// the old key") cuts nothing: the old key keeps its own end. Cutting it
+/// to `Timestamp::MAX` wrote a time a store keeping nanoseconds in a
+/// `BIGINT` (as the `KeyStore` contract advises) cannot hold, and the roll
+/// failed there.
+#[tokio::test]
+async fn a_grace_past_the_end_of_time_cuts_nothing() {
+    let f = fixture();
+    let t = project("ws_a", "p1");
+    let never = f.manager.create(NewKey::new("k", SK, t.clone())).await.unwrap();
+    let month = NewKey::new("k", SK, t).expires_in(Duration::from_secs(30 * 86_400));
+    let month = f.manager.create(month).await.unwrap();
+    for old in [&never, &month] {
+        let id = &old.record().id;
+        f.manager.roll(id, Duration::MAX).await.unwrap();
+        let kept = f.store.get(id).await.unwrap().unwrap();
+        assert_eq!(kept.expires_at, old.record().expires_at, "{id}");
+        assert!(kept.is_active(f.clock.now()));
+    }
+}
+
 #[tokio::test]
 async fn rolling_holds_at_most_one_key_over_the_cap() {
     let f = fixture();
