@@ -11,13 +11,19 @@
 //!   outside the count);
 //! - `bare`, `noop`, `gated`: an axum request to a handler with no layer,
 //!   a layer that does nothing, and keygate's `Gate` (authenticate an `nh`
-//!   key, rate-limit it, add the headers), as `benches/tower.rs` does.
+//!   key, rate-limit it, add the headers), as `benches/tower.rs` does;
+//! - `keyed`, `keyed_quanta`, `governor_keyed`: a keyed check of one key
+//!   with its full decision (remaining, reset) on the system clock and on
+//!   the TSC, and `governor`'s with its state-information middleware;
+//!   `direct`, `governor_direct`: the single-key limiters, as
+//!   `benches/limit.rs` measures them.
 //!
 //! Counts are not times: a cache miss costs one instruction, and Valgrind
 //! runs SHA-256 in software (no SHA extensions): each 64-byte block of a
 //! digest counts about 3,400 instructions where the hardware's SHA
 //! extensions take a few hundred cycles.
 
+use std::num::NonZeroU32;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
@@ -27,8 +33,9 @@ use axum::body::Body;
 use axum::http::Request;
 use axum::routing::get;
 use keygate::auth::{Authenticator, Principal, PrincipalCache, Target};
+use keygate::clock::QuantaClock;
 use keygate::format::{NH, NHM};
-use keygate::limit::{MemoryLimiter, PlanSet};
+use keygate::limit::{DirectLimiter, MemoryLimiter, PlanSet, Policy};
 use keygate::manager::{KeyManager, NewKey};
 use keygate::portal::{self as kportal, MemoryPortalStore, Portal, SessionRequest};
 use keygate::store::{ApplicationId, InsertOutcome, KeyStore, MemoryKeyStore, Tenant, WorkspaceId};
@@ -57,6 +64,7 @@ enum Op<'a> {
     Mint(&'a MemoryPortal, &'a Principal, &'a WorkspaceId, &'a ApplicationId),
     Redeem(&'a MemoryPortal, &'a str),
     Request(&'a tokio::runtime::Runtime, &'a mut Router, &'a str),
+    Call(&'a dyn Fn()),
 }
 
 #[inline(never)]
@@ -77,6 +85,7 @@ fn one(op: Op<'_>) {
             assert_eq!(res.status(), 200);
             std::hint::black_box(res);
         }
+        Op::Call(f) => f(),
     }
 }
 
@@ -142,6 +151,56 @@ fn requests(op: &str, n: u64) {
     }
 }
 
+/// High enough that every check is admitted: each does the full update.
+const RATE: u32 = 1_000_000_000;
+
+fn limiter_checks(op: &str, n: u64) {
+    use governor::middleware::StateInformationMiddleware;
+    use governor::{Quota, RateLimiter};
+    use std::hint::black_box;
+    let rate = NonZeroU32::new(RATE).expect("non-zero");
+    let plan = [Policy::per_second(rate)];
+    let quota = Quota::per_second(rate);
+    let check: Box<dyn Fn()> = match op {
+        "keyed" => {
+            let l = MemoryLimiter::<u64>::new(1024);
+            Box::new(move || {
+                let d = l.check(&7, &plan, 1).expect("capacity");
+                black_box((d.remaining(), d.reset_unix()));
+            })
+        }
+        "keyed_quanta" => {
+            let l = MemoryLimiter::<u64, _>::with_clock(1024, QuantaClock::new());
+            Box::new(move || {
+                let d = l.check(&7, &plan, 1).expect("capacity");
+                black_box((d.remaining(), d.reset_unix()));
+            })
+        }
+        "governor_keyed" => {
+            let l = RateLimiter::keyed(quota).with_middleware::<StateInformationMiddleware>();
+            Box::new(move || {
+                let s = l.check_key(&7_u64).expect("admitted");
+                black_box(s.remaining_burst_capacity());
+            })
+        }
+        "direct" => {
+            let l = DirectLimiter::new(plan[0].clone());
+            Box::new(move || {
+                black_box(l.check(1).remaining());
+            })
+        }
+        _ => {
+            let l = RateLimiter::direct(quota).with_middleware::<StateInformationMiddleware>();
+            Box::new(move || {
+                black_box(l.check().expect("admitted").remaining_burst_capacity());
+            })
+        }
+    };
+    for _ in 0..n {
+        one(Op::Call(&*check));
+    }
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let op = args.next().unwrap_or_default();
@@ -150,8 +209,13 @@ fn main() {
         "mint" => portal_ops(false, n),
         "redeem" => portal_ops(true, n),
         "bare" | "noop" | "gated" => requests(&op, n),
+        "keyed" | "keyed_quanta" | "governor_keyed" | "direct" | "governor_direct" => {
+            limiter_checks(&op, n);
+        }
         _ => {
-            eprintln!("usage: icount mint|redeem|bare|noop|gated [N]");
+            eprintln!(
+                "usage: icount mint|redeem|bare|noop|gated|keyed|keyed_quanta|governor_keyed|direct|governor_direct [N]"
+            );
             std::process::exit(2);
         }
     }

@@ -29,5 +29,5 @@ for op in "${ops[@]}"; do
       "$bin" "$op" "$runs" 2> "$tmp/$op.$runs" > /dev/null
   done
   count() { grep -o 'Collected : [0-9]*' "$tmp/$op.$1" | awk '{print $3}'; }
-  printf '%-7s %7d instructions per operation\n' "$op" $(( ($(count $((6 * n))) - $(count "$n")) / (5 * n) ))
+  printf '%-15s %7d instructions per operation\n' "$op" $(( ($(count $((6 * n))) - $(count "$n")) / (5 * n) ))
 done
