@@ -170,9 +170,17 @@ pub enum PortalError {
     #[error("the management token expires too soon to mint a portal session")]
     MinterExpiring,
     /// The management token that minted the link was revoked, or has
-    /// expired, since (the code is spent; the wire answer is that of an
-    /// unknown link).
-    #[error("the management token that minted this portal link is no longer active")]
+    /// expired, since, or the portal's key store does not hold it (the
+    /// code is spent; the wire answer is that of an unknown link). Every
+    /// link failing so, right after minting, is a wiring mistake: a portal
+    /// built over another key store than the one holding the management
+    /// tokens, without [`minters_elsewhere`](Portal::minters_elsewhere).
+    // The message names that mistake: it is the only trace a host gets of
+    // it (minting succeeds), and "no longer active" alone sends the host
+    // looking for a revocation that never happened.
+    #[error(
+        "the management token that minted this portal link is no longer active, or not in the portal's key store (see Portal::minters_elsewhere)"
+    )]
     MinterInactive,
     /// A generated code or token collided (vanishingly unlikely; retry).
     #[error("generated code collided; retry")]
@@ -286,6 +294,13 @@ impl<P: PortalStore, S: KeyStore> Portal<P, S> {
     /// mints nothing ([`PortalError::UrlTemplate`]) until
     /// [`url_template`](Self::url_template) says where links point: a
     /// placeholder host would hand working codes to a third party's domain.
+    ///
+    /// `keys` must be the store the [`Authenticator`](crate::auth::Authenticator)
+    /// reads (else it never finds the access tokens: a 401 each) and, by
+    /// default, the one holding the management tokens that mint: over any
+    /// other, minting succeeds and every redemption fails
+    /// ([`PortalError::MinterInactive`]) unless
+    /// [`minters_elsewhere`](Self::minters_elsewhere) says so.
     #[must_use]
     pub fn new(sessions: P, keys: S) -> Self {
         let registry = Arc::new(ScopeRegistry::default());

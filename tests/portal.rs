@@ -685,6 +685,33 @@ async fn a_revoked_minter_forgotten_before_its_links_expire_still_stops_them() {
     );
 }
 
+/// A hurried host builds its `Portal` over a key store of its own, not the
+/// one holding its management tokens: every mint succeeds and every link
+/// then fails. The host's log must point at that wiring, not only claim the
+/// (still active) token is revoked or expired.
+#[tokio::test]
+async fn a_portal_over_another_key_store_names_it_when_its_links_fail() {
+    let w = world(&["*"]).await;
+    let elsewhere = Portal::new(Arc::new(MemoryPortalStore::new()), MemoryKeyStore::new())
+        .clock(w.clock.clone())
+        .url_template("https://portal.example.com/p?code={code}");
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let link =
+        elsewhere.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
+    let err = elsewhere.redeem(link.code().expose_secret()).await.unwrap_err();
+    assert!(matches!(err, PortalError::MinterInactive), "{err}");
+    let logged = err.to_string();
+    assert!(
+        logged.contains("key store") && logged.contains("minters_elsewhere"),
+        "the log line does not name the likely wiring mistake: {logged}"
+    );
+    assert_eq!(
+        err.rejection(),
+        PortalError::UnknownCode.rejection(),
+        "the wire answer is unchanged"
+    );
+}
+
 /// The changelog's "revoking a management token stops what it minted"
 /// holds for its portal sessions only: keys and tokens it created with
 /// `create_for` carry no link to it and keep working (the operator revokes
