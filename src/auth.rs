@@ -904,6 +904,16 @@ impl<S: KeyStore, C: Clock> Authenticator<S, C> {
         &self.store
     }
 
+    /// What a [`KeyManager`](crate::manager::KeyManager) or a
+    /// [`Portal`](crate::portal::Portal) built
+    /// [for this authenticator](crate::manager::KeyManager::for_authenticator)
+    /// shares with it.
+    pub(crate) fn parts(
+        &self,
+    ) -> (&Hasher, &FormatSet, &Arc<ScopeRegistry>, Option<&Arc<PrincipalCache>>) {
+        (&self.hasher, &self.formats, &self.registry, self.cache.as_ref())
+    }
+
     /// Authenticates the credential in `headers` for a request to `target`.
     ///
     /// # Errors

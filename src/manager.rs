@@ -413,6 +413,32 @@ impl<S: KeyStore> KeyManager<S> {
     }
 }
 
+impl<S: KeyStore + Clone, C: Clock + Clone> KeyManager<S, C> {
+    /// A manager that creates what `auth` verifies and revokes what it
+    /// caches: its store (a clone: the same records), hasher, formats,
+    /// scope registry, clock and principal cache. Built apart, one
+    /// mismatch goes unnoticed — a pepper on one side only, a store that is
+    /// not a clone of the other, a cache not shared — and every new key
+    /// then reads as unknown, like a guessed one, or a revoked key keeps
+    /// working until its cache entry ages out; nothing errs. Otherwise as
+    /// [`new`](KeyManager::new): at most 10 active keys per project, any
+    /// plan name (see [`plans`](Self::plans)).
+    #[must_use]
+    pub fn for_authenticator(auth: &crate::auth::Authenticator<S, C>) -> Self {
+        let (hasher, formats, registry, cache) = auth.parts();
+        Self {
+            store: auth.store().clone(),
+            hasher: hasher.clone(),
+            formats: formats.clone(),
+            registry: Arc::clone(registry),
+            clock: auth.clock_ref().clone(),
+            max_active: Some(10),
+            cache: cache.cloned(),
+            plans: None,
+        }
+    }
+}
+
 impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// Uses `clock` for creation and expiry times.
     #[must_use]

@@ -318,6 +318,26 @@ impl<P: PortalStore, S: KeyStore> Portal<P, S> {
     }
 }
 
+impl<P: PortalStore, S: KeyStore + Clone, C: Clock + Clone> Portal<P, S, C> {
+    /// A portal over `sessions` whose access tokens `auth` verifies: it
+    /// stores them in `auth`'s store (a clone: the same records, and the
+    /// management tokens that mint), hashed with its hasher, with role
+    /// scopes under its registry, on its clock. Built apart, a pepper or a
+    /// store not shared makes every access token a 401 (and every link a
+    /// [`PortalError::MinterInactive`]) with nothing else to say why.
+    /// Otherwise as [`new`](Portal::new): no links until
+    /// [`url_template`](Self::url_template). `auth` must also accept the
+    /// portal's formats ([`formats`]).
+    #[must_use]
+    pub fn for_authenticator(sessions: P, auth: &crate::auth::Authenticator<S, C>) -> Self {
+        let (hasher, _, registry, _) = auth.parts();
+        Portal::new(sessions, auth.store().clone())
+            .hasher(hasher.clone())
+            .registry(Arc::clone(registry))
+            .clock(auth.clock_ref().clone())
+    }
+}
+
 impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
     /// Uses `clock`.
     #[must_use]

@@ -1695,6 +1695,33 @@ async fn last_use_is_not_rewritten_within_the_interval() {
     assert_eq!(call().await, Some(clock.now()), "after it: recorded again");
 }
 
+/// A manager built for an authenticator creates keys it verifies (its
+/// pepper, its store, its clock) and revokes keys it has cached at once;
+/// one built apart with a default hasher makes keys that read as unknown.
+#[tokio::test]
+async fn a_manager_built_for_an_authenticator_shares_its_pepper_store_and_cache() {
+    let pepper = Pepper::new(PepperId(3), Secret::new(vec![5; 32])).unwrap();
+    let clock = FakeClock::at_2026();
+    let auth = Authenticator::new(MemoryKeyStore::new())
+        .hasher(Hasher::hmac(vec![pepper]).unwrap())
+        .cache(Arc::new(PrincipalCache::default()))
+        .clock(clock.clone());
+    let manager = KeyManager::for_authenticator(&auth);
+    let key = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    assert!(key.record().digest.to_string().starts_with("hmac-sha256$3$"));
+    assert_eq!(key.record().created_at, clock.now(), "the authenticator's clock");
+    let secret = key.key().expose_secret();
+    assert!(auth_bearer(&auth, secret, &Target::any()).await.is_ok(), "verified and cached");
+    manager.revoke(&key.record().id).await.unwrap();
+    let err = auth_bearer(&auth, secret, &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::Revoked { .. }), "{err:?}");
+    // Apart, over the same store: the key is stored, and never verifies.
+    let apart = KeyManager::new(auth.store().clone());
+    let lost = apart.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let err = auth_bearer(&auth, lost.key().expose_secret(), &Target::any()).await.unwrap_err();
+    assert!(matches!(err, AuthError::Unknown), "{err:?}");
+}
+
 #[tokio::test]
 async fn pepper_rotation_keeps_old_keys_working() {
     let pepper = |id: u32, b: u8| Pepper::new(PepperId(id), Secret::new(vec![b; 32])).unwrap();

@@ -712,6 +712,59 @@ async fn a_portal_over_another_key_store_names_it_when_its_links_fail() {
     );
 }
 
+/// A portal and a manager built for a peppered authenticator share its
+/// pepper, store and clock: the token the manager makes mints, the link
+/// redeems, and the access token verifies. A portal built apart (default
+/// hasher) stores tokens the authenticator reads as unknown.
+#[tokio::test]
+async fn a_portal_built_for_an_authenticator_hands_out_tokens_it_verifies() {
+    use keygate::Secret;
+    use keygate::hash::{Hasher, Pepper, PepperId};
+    let pepper = Pepper::new(PepperId(4), Secret::new(vec![6; 32])).unwrap();
+    let clock = FakeClock::at_2026();
+    let auth = Authenticator::new(MemoryKeyStore::new())
+        .hasher(Hasher::hmac(vec![pepper]).unwrap())
+        .clock(clock.clone())
+        .formats(portal::formats());
+    let token = KeyManager::for_authenticator(&auth)
+        .create(
+            NewKey::new("mgmt", NHM, Tenant::workspace("ws_abc".parse().unwrap()))
+                .scopes(&["*"])
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let h = format!("Bearer {}", token.key().expose_secret());
+    let mgmt = auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await.unwrap();
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let template = "https://portal.example.com/p?code={code}";
+    let built_for =
+        Portal::for_authenticator(MemoryPortalStore::new(), &auth).url_template(template);
+    let apart = Portal::new(MemoryPortalStore::new(), auth.store().clone())
+        .clock(clock.clone())
+        .url_template(template);
+    for (portal_ok, redeemed) in [
+        (true, {
+            let link = built_for.create_session(&mgmt, &ws, &app, SessionRequest::default());
+            let code = link.await.unwrap().code().expose_secret().to_owned();
+            built_for.redeem(&code).await.unwrap()
+        }),
+        (false, {
+            let link = apart.create_session(&mgmt, &ws, &app, SessionRequest::default());
+            let code = link.await.unwrap().code().expose_secret().to_owned();
+            apart.redeem(&code).await.unwrap()
+        }),
+    ] {
+        assert_eq!(redeemed.record().created_at, clock.now());
+        let h = format!("Bearer {}", redeemed.token().expose_secret());
+        let got = auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await;
+        match got {
+            Ok(p) => assert!(portal_ok, "apart, yet verified: {}", p.record_id()),
+            Err(e) => assert!(!portal_ok && matches!(e, AuthError::Unknown), "{e:?}"),
+        }
+    }
+}
+
 /// The changelog's "revoking a management token stops what it minted"
 /// holds for its portal sessions only: keys and tokens it created with
 /// `create_for` carry no link to it and keep working (the operator revokes

@@ -157,17 +157,6 @@ const MAX_BODY: usize = 64 * 1024;
 /// coalesced last-use times.
 pub(crate) type Built<K> = (Router, KeyManager<K>, Flush);
 
-/// The server's key manager over `keys`: it drops revoked keys from the
-/// shared principal `cache`, and refuses a key naming a plan the gate lacks
-/// (a 400, where the gate would answer each of its requests with a 500).
-fn key_manager<K: KeyStore>(
-    keys: K,
-    cache: &Arc<PrincipalCache>,
-    plans: &PlanSet,
-) -> KeyManager<K> {
-    KeyManager::new(keys).formats(portal::formats()).cache(cache.clone()).plans(plans)
-}
-
 /// The router, the stores' key manager for bootstrapping, and the
 /// shutdown flush of last use.
 ///
@@ -180,13 +169,16 @@ pub(crate) fn router<B: Backend>(
     config: Config,
 ) -> Result<Built<B::Keys>, Box<dyn std::error::Error>> {
     let Stores { keys, limits, quotas, sessions } = stores;
-    let auth =
-        Authenticator::new(keys.clone()).formats(portal::formats()).cache(config.cache.clone());
-    let gate = Gate::builder(auth, limits).plans(config.plans).quotas(quotas).build();
-    let portal = Portal::new(sessions, keys.clone())
+    let auth = Authenticator::new(keys).formats(portal::formats()).cache(config.cache.clone());
+    let gate = Gate::builder(auth.clone(), limits).plans(config.plans).quotas(quotas).build();
+    // Built for the authenticator: its store, hasher, formats and clock,
+    // and its principal cache, which revocations clear at once.
+    let portal = Portal::for_authenticator(sessions, &auth)
         .url_template(format!("{}/portal?code={{code}}", config.base_url));
-    // One configuration for the app's manager and the caller's (bootstrap).
-    let manager = || key_manager(keys.clone(), &config.cache, gate.plans());
+    // One configuration for the app's manager and the caller's (bootstrap):
+    // refusing a key naming a plan the gate lacks (a 400, where the gate
+    // would answer each of its requests with a 500).
+    let manager = || KeyManager::for_authenticator(&auth).plans(gate.plans());
     let portal_path = portal_path(&config.base_url);
     // The portal's public path (`/base/portal` behind a proxy mounting the
     // server under `/base`), where the cookie is sent: a JSON string, whose
