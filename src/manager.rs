@@ -524,7 +524,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// [`ManagerError::Lifetime`] for a lifetime the format does not offer,
     /// [`ManagerError::LimitReached`] when the project is full,
     /// [`ManagerError::UnknownPlan`] for a plan outside
-    /// [`plans`](Self::plans) (once told),
+    /// [`plans`](Self::plans) (once told) or an empty plan name,
     /// [`ManagerError::Collision`] when the minted key or id is taken, and
     /// [`ManagerError::Backend`] when the store fails (a key it may have
     /// stored before failing to answer is revoked: its secret is never
@@ -538,8 +538,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
     /// counts against its project's cap. List it (under the name asked
     /// for) and revoke it.
     pub async fn create(&self, new: NewKey) -> Result<CreatedKey, ManagerError> {
-        if let (Some(plans), Some(plan)) = (&self.plans, &new.plan)
-            && !plans.contains(plan)
+        // An empty name is no plan any set can hold: refused with or
+        // without `plans` (else each request of the key is a 500).
+        if let Some(plan) = &new.plan
+            && (plan.is_empty() || self.plans.as_ref().is_some_and(|p| !p.contains(plan)))
         {
             return Err(ManagerError::UnknownPlan(plan.clone()));
         }

@@ -1980,7 +1980,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> GateLayer<S, L, Q, C> 
         self.with(|r| r.cookie = Some((name, id)))
     }
 
-    /// Units each request consumes from the rate limit (default 1).
+    /// Units each request consumes from the rate limit (default 1). A cost
+    /// of 0 consumes nothing: the check is a peek, admitted even when
+    /// nothing is left (its headers show the remaining count).
     #[must_use]
     pub fn cost(self, cost: u32) -> Self {
         self.with(|r| r.cost = Some(cost))

@@ -276,8 +276,14 @@ async fn a_manager_told_the_plans_refuses_a_key_naming_another() {
     assert_eq!(pro.record().plan.as_deref(), Some("pro"));
     // No plan is the gate's default: fine.
     manager.create(NewKey::new("d", NHK, ws("ws_a"))).await.unwrap();
-    // Without `plans`, any name is taken (the host's own check).
+    // Without `plans`, any name is taken (the host's own check)...
     f.manager.create(NewKey::new("x", NHK, ws("ws_a")).plan("platinum")).await.unwrap();
+    // ... but the empty one, which no plan set can hold.
+    let empty = || NewKey::new("e", NHK, ws("ws_a")).plan("");
+    let err = f.manager.create(empty()).await.unwrap_err();
+    assert!(matches!(&err, ManagerError::UnknownPlan(p) if p.is_empty()), "{err}");
+    let err = manager.create(empty()).await.unwrap_err();
+    assert!(matches!(&err, ManagerError::UnknownPlan(p) if p.is_empty()), "{err}");
 }
 
 #[tokio::test]
