@@ -426,15 +426,14 @@ impl<S: KeyStore + Clone, C: Clock + Clone> KeyManager<S, C> {
     #[must_use]
     pub fn for_authenticator(auth: &crate::auth::Authenticator<S, C>) -> Self {
         let (hasher, formats, registry, cache) = auth.parts();
-        Self {
-            store: auth.store().clone(),
-            hasher: hasher.clone(),
-            formats: formats.clone(),
-            registry: Arc::clone(registry),
-            clock: auth.clock_ref().clone(),
-            max_active: Some(10),
-            cache: cache.cloned(),
-            plans: None,
+        let manager = KeyManager::new(auth.store().clone())
+            .hasher(hasher.clone())
+            .formats(formats.clone())
+            .registry(Arc::clone(registry))
+            .clock(auth.clock_ref().clone());
+        match cache {
+            Some(cache) => manager.cache(Arc::clone(cache)),
+            None => manager,
         }
     }
 }

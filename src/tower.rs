@@ -1432,6 +1432,25 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         route.quota_fail.unwrap_or(self.0.quota_fail)
     }
 
+    /// The challenge of `route` for a request whose target is `target`:
+    /// the route's, unless the target narrows its formats.
+    fn scheme(&self, route: &Route, target: Option<&Target>) -> AuthScheme {
+        match target.and_then(|t| t.formats.as_ref()) {
+            None => route.scheme,
+            Some(t) => self.0.auth.scheme_of(narrowest(Some(t), route.formats.as_ref()).as_deref()),
+        }
+    }
+}
+
+/// Admission: the `Admitted`'s handles hold the gate behind a `dyn`, as
+/// the layer's (and `quota_refund`'s) do, so the gate's parts are `'static`.
+impl<S, L, Q, C> Gate<S, L, Q, C>
+where
+    S: KeyStore + 'static,
+    L: LimitStore + 'static,
+    Q: QuotaStore + 'static,
+    C: Clock + 'static,
+{
     /// Runs every check of `route` for a request with `headers`, aimed at
     /// `target`. The framework-free core of the layer: what the layer puts
     /// in the request's extensions, the [`Admitted`] holds, the handles
@@ -1447,26 +1466,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         route: &Route,
         headers: &HeaderMap,
         target: &Target,
-    ) -> Result<Admitted, Refused>
-    where
-        // The `Admitted`'s handles hold the gate behind a `dyn`, as the
-        // layer's (and `quota_refund`'s) do.
-        S: 'static,
-        L: 'static,
-        Q: 'static,
-        C: 'static,
-    {
+    ) -> Result<Admitted, Refused> {
         let admitted = self.admit_to(route, headers, Ok(target), None).await;
         admitted.map_err(|r| r.with_scheme(self.scheme(route, Some(target))))
-    }
-
-    /// The challenge of `route` for a request whose target is `target`:
-    /// the route's, unless the target narrows its formats.
-    fn scheme(&self, route: &Route, target: Option<&Target>) -> AuthScheme {
-        match target.and_then(|t| t.formats.as_ref()) {
-            None => route.scheme,
-            Some(t) => self.0.auth.scheme_of(narrowest(Some(t), route.formats.as_ref()).as_deref()),
-        }
     }
 
     /// [`admit`](Self::admit) for a request whose target function may have
@@ -1481,13 +1483,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         // What an outer layer of this gate settled (see `Known`). One
         // function, not steps: the request's future holds one state.
         mut known: Option<Known<S, L, Q, C>>,
-    ) -> Result<Admitted, Refused>
-    where
-        S: 'static,
-        L: 'static,
-        Q: 'static,
-        C: 'static,
-    {
+    ) -> Result<Admitted, Refused> {
         let style = self.style(route);
         let auth = &self.0.auth;
         let (outer, outer_charge) = known.as_mut().map(|k| (k.plan, k.charged.take())).unzip();
@@ -1612,13 +1608,7 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
         (decision, quota): (Option<Decision>, Option<QuotaDecision>),
         failed: FailedOpen,
         (cookie, took_over): (u64, bool),
-    ) -> Admitted
-    where
-        S: 'static,
-        L: 'static,
-        Q: 'static,
-        C: 'static,
-    {
+    ) -> Admitted {
         let plan_id = plan_addr(plan);
         let refund = decision.as_ref().map(|d| Refund::charged(self, &principal, plan_id, d));
         let quota_refund = quota
@@ -1639,7 +1629,9 @@ impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
             took_over,
         }
     }
+}
 
+impl<S: KeyStore, L: LimitStore, Q: QuotaStore, C: Clock> Gate<S, L, Q, C> {
     /// Counts `cost` units of `category` against the monthly quotas of
     /// `principal`'s plan, else the gate's default plan, for handlers whose
     /// category comes from the body. A route's `.plan(…)` does not apply
