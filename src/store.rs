@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use rand_core::TryCryptoRng;
+use smol_str::SmolStr;
 
 pub use memory::MemoryKeyStore;
 
@@ -32,8 +33,13 @@ pub struct IdError {
 macro_rules! id_type {
     ($(#[$doc:meta])* $name:ident, $what:literal) => {
         $(#[$doc])*
+        ///
+        /// Held inline up to 23 bytes (a generated record id, typical
+        /// workspace and application ids): making or copying one allocates
+        /// nothing. A longer id is one shared allocation, copied by
+        /// reference.
         #[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        pub struct $name(Box<str>);
+        pub struct $name(SmolStr);
 
         impl $name {
             /// The id text.
@@ -49,7 +55,7 @@ macro_rules! id_type {
                 let ok = !s.is_empty()
                     && s.len() <= 64
                     && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-                if ok { Ok(Self(s.into())) } else { Err(IdError { what: $what }) }
+                if ok { Ok(Self(SmolStr::new(s))) } else { Err(IdError { what: $what }) }
             }
         }
 
@@ -136,11 +142,10 @@ impl RecordId {
     fn draw<R: TryCryptoRng + ?Sized>(rng: &mut R) -> Result<Self, FillError<R::Error>> {
         let mut out = *b"key_0000000000000000";
         Alphabet::BASE62.fill(rng, &mut out[4..4 + Self::RANDOM_CHARS])?;
-        // ASCII throughout, so never the error: one check, one copy into an
-        // allocation of the exact size (a lossy UTF-8 view cost as much as
-        // drawing the id).
+        // ASCII throughout, so never the error: one check, one copy (a lossy
+        // UTF-8 view cost as much as drawing the id), held inline.
         let id = std::str::from_utf8(&out).map_err(|_| FillError::Stuck)?;
-        Ok(Self(id.into()))
+        Ok(Self(SmolStr::new(id)))
     }
 
     /// Random base62 characters in a generated id.

@@ -752,7 +752,8 @@ async fn the_request_future_fits_the_allocators_small_size_classes() {
     // nested layers of one gate; 912 with what they carry, 992 since an
     // inner layer can give the outer one's charge back; 1000 later, 1008
     // once quota decisions kept their count for refunds, 984 with the
-    // quota count boxed).
+    // quota count boxed, 1008 with ids held inline: 24 bytes instead of
+    // 16, no allocation per id). glibc's cache takes up to 1032 bytes.
     use tower::{Layer, Service};
     let f = fixture().await;
     let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(1000))
@@ -765,7 +766,7 @@ async fn the_request_future_fits_the_allocators_small_size_classes() {
     let req = Request::get("/").header("x-api-key", &f.key).body(Body::empty()).unwrap();
     let fut = svc.call(req);
     let size = std::mem::size_of_val(&*fut);
-    assert!(size <= 1000, "the gate's future grew to {size} bytes");
+    assert!(size <= 1016, "the gate's future grew to {size} bytes");
     let res = fut.await.unwrap();
     assert_eq!(res.headers()["x-ratelimit-remaining"], "4");
 }
