@@ -14,6 +14,13 @@ if ! command -v redis-server >/dev/null 2>&1; then
   fi
 fi
 
+# The fuzz targets' crate compiles libFuzzer (C++) in its build script.
+if ! command -v c++ >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "installing g++ (libFuzzer's build, for checking the fuzz targets)"
+  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq g++ >/dev/null; } \
+    || echo "warning: could not install g++"
+fi
+
 cargo fmt --all --check
 cargo clippy --all-targets --all-features -- -D warnings
 # No feature, then each feature alone (read from Cargo.toml): with all of
@@ -33,6 +40,10 @@ done
 cargo build --all-features --examples
 cargo test --all-features --all-targets
 cargo test --all-features --doc
+# The fuzz targets live in a crate of their own that only cargo-fuzz builds
+# (with `--cfg fuzzing`): check they still compile against the library, and
+# lint them (a rename once broke a target unnoticed).
+(cd fuzz && RUSTFLAGS="--cfg fuzzing" cargo clippy --bins -- -D warnings)
 # Without features too: a doc link to a feature-gated item breaks only there.
 # The all-features build runs last, so target/doc documents everything.
 RUSTDOCFLAGS="-D warnings" cargo doc --no-default-features --no-deps

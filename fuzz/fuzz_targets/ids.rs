@@ -113,7 +113,7 @@ fuzz_target!(|data: &[u8]| {
         }
         if let Ok(key) = s.parse::<ApiKey>() {
             assert_eq!(key.expose_secret(), s);
-            assert!(s.starts_with(&key.hint()));
+            assert!(s.starts_with(key.hint().as_str()));
             assert_eq!(
                 key.environment().map(|e| e.as_str().parse::<Environment>()),
                 key.environment().map(Ok)

@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(again.key_id(), key.key_id());
             assert_eq!(again.environment(), key.environment());
             assert_eq!(again.region(), key.region());
-            assert!(s.starts_with(&key.hint()));
+            assert!(s.starts_with(key.hint().as_str()));
         } else {
             let _ = set.parse(s).unwrap_err().to_string();
         }

@@ -19,12 +19,12 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         Err(e) => {
-            let _ = e.to_rejection();
+            let _ = e.rejection();
         }
     }
-    if let Ok(s) = std::str::from_utf8(data) {
-        if let Ok(code) = portal::CODE.parse(s) {
-            assert_eq!(code.expose_secret(), s);
-        }
+    if let Ok(s) = std::str::from_utf8(data)
+        && let Ok(code) = portal::CODE.parse(s)
+    {
+        assert_eq!(code.expose_secret(), s);
     }
 });

