@@ -11,6 +11,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use rand_core::TryCryptoRng;
+use smol_str::SmolStr;
 
 pub use alphabet::Alphabet;
 pub(crate) use alphabet::FillError;
@@ -817,7 +818,7 @@ impl ApiKey {
     /// `sk_live_abc`: the prefix and segment, then the key id if the format
     /// has one, else the first few secret characters.
     #[must_use]
-    pub fn hint(&self) -> String {
+    pub fn hint(&self) -> SmolStr {
         let parts = Parts {
             environment: self.environment,
             region: self.region,
@@ -826,8 +827,9 @@ impl ApiKey {
         };
         let hint = self.format.hint_of(self.key.expose_secret().as_bytes(), &parts);
         // A parsed key is ASCII, so never the empty default: one check,
-        // one copy (a lossy UTF-8 view walked it a second time).
-        std::str::from_utf8(hint).unwrap_or_default().to_owned()
+        // one copy (a lossy UTF-8 view walked it a second time), inline up
+        // to 23 bytes.
+        SmolStr::new(std::str::from_utf8(hint).unwrap_or_default())
     }
 }
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
+use smol_str::SmolStr;
 
 use crate::auth::{Principal, PrincipalCache};
 use crate::backend::BackendError;
@@ -692,10 +693,10 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         drop(rng);
         let record = Arc::new(KeyRecord {
             id,
-            name: new.name,
+            name: new.name.into(),
             hint: key.hint(),
             digest: self.hasher.digest(key.expose_secret().as_bytes()),
-            format: key.format().name().to_owned(),
+            format: SmolStr::new_static(key.format().name()),
             key_id: key.key_id(),
             environment,
             region: key.region(),
@@ -1022,7 +1023,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         let format = *self
             .formats
             .get(&old.format)
-            .ok_or_else(|| ManagerError::UnknownFormat(old.format.clone()))?;
+            .ok_or_else(|| ManagerError::UnknownFormat(old.format.to_string()))?;
         // Rolled already (a retry that lost the first answer, say): the
         // first replacement is active, and a second would inherit the
         // grace's end as its expiry. Two rolls racing can both pass this

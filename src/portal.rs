@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use jiff::{RoundMode, SignedDuration, Timestamp, TimestampRound, Unit};
 use serde_json::json;
+use smol_str::SmolStr;
 
 pub use request::{
     MAX_EXPIRES_IN_MINUTES, MAX_METADATA_KEY_LEN, MAX_METADATA_KEYS, MAX_METADATA_VALUE_LEN,
@@ -551,15 +552,14 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         }
         let record = Arc::new(KeyRecord {
             id,
-            name: match session.role {
+            name: SmolStr::new_static(match session.role {
                 Role::Admin => "portal session (admin)",
                 Role::Editor => "portal session (editor)",
                 Role::Viewer => "portal session (viewer)",
-            }
-            .to_owned(),
+            }),
             hint: token.hint(),
             digest: self.hasher.digest(token.expose_secret().as_bytes()),
-            format: ACCESS_TOKEN.name().to_owned(),
+            format: SmolStr::new_static(ACCESS_TOKEN.name()),
             key_id: None,
             environment: session.environment,
             region: session.region,

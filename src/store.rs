@@ -11,7 +11,11 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use rand_core::TryCryptoRng;
-use smol_str::SmolStr;
+/// The string type of a record's short text fields (name, hint, format):
+/// held inline up to 23 bytes, a `&'static str` by reference, longer text in
+/// one shared allocation. Build one with `.into()` from a `&str` or
+/// `String`; it derefs to `&str`.
+pub use smol_str::SmolStr;
 
 pub use memory::MemoryKeyStore;
 
@@ -240,13 +244,13 @@ pub struct KeyRecord {
     /// Public record id.
     pub id: RecordId,
     /// Human name, e.g. `Production Key`.
-    pub name: String,
+    pub name: SmolStr,
     /// Non-secret display form, e.g. `sk_live_abc`.
-    pub hint: String,
+    pub hint: SmolStr,
     /// Digest of the key, with the algorithm that made it.
     pub digest: StoredDigest,
     /// Name of the key's format, e.g. `sk`.
-    pub format: String,
+    pub format: SmolStr,
     /// Public key id, for formats that have one (the lookup handle).
     #[cfg_attr(feature = "serde", serde(deserialize_with = "present"))]
     pub key_id: Option<KeyId>,

@@ -69,7 +69,7 @@ proptest! {
         .collect();
         let rebuilt = format!("{}_", parts.join("_"));
         prop_assert!(s.starts_with(&rebuilt));
-        prop_assert!(s.starts_with(&key.hint()));
+        prop_assert!(s.starts_with(key.hint().as_str()));
         if let Some(e) = key.environment() { prop_assert_eq!(e.to_string().parse::<Environment>().unwrap(), e); }
         if let Some(id) = key.key_id() { prop_assert_eq!(id.to_string().parse::<KeyId>().unwrap(), id); }
     }

@@ -2162,7 +2162,7 @@ proptest::proptest! {
     ) {
         use keygate::testkit::keys::sample_record;
         let mut r = sample_record("ws_s", project.then_some("p1"), 0, with_key_id);
-        r.name = name;
+        r.name = name.into();
         r.plan = plan;
         r.created_at = created;
         (r.expires_at, r.revoked_at) = ends;

@@ -1675,7 +1675,7 @@ async fn records_and_sessions_read_back_equal_in_every_field() {
     let odd = "é\u{0}\"\\ 🎉{}".repeat(64);
     let mut records = vec![sample_record("ws_r", Some("p1"), 0, true)];
     let mut r = sample_record("ws_r", Some("p1"), 1, true);
-    (r.name, r.hint, r.plan) = (odd.clone(), String::new(), Some(String::new()));
+    (r.name, r.hint, r.plan) = (odd.as_str().into(), "".into(), Some(String::new()));
     (r.created_at, r.expires_at) = (Timestamp::MIN, Some(Timestamp::MAX));
     r.last_used_at = Some(Timestamp::from_nanosecond(-1).unwrap());
     r.metadata = [(String::new(), String::new()), (odd.clone(), "x".repeat(4096))].into();
@@ -2422,7 +2422,7 @@ async fn key_store_model_run<S: KeyStore>(redis: &S, seed: u64) -> usize {
                     sample_record(ws, p, 0, rng.chance(50))
                 };
                 counter += 1;
-                r.name = format!("r{counter} ✓ \"q\"");
+                r.name = format!("r{counter} ✓ \"q\"").into();
                 r.created_at = model_t(now - rng.int(3));
                 if rng.chance(50) {
                     r.expires_at = Some(model_t(near(&mut rng, now)));

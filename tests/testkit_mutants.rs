@@ -64,7 +64,7 @@ struct MK {
     exp: Mutex<HashMap<RecordId, Timestamp>>,
     lu: Mutex<HashMap<RecordId, Timestamp>>,
     // (format, key id) → record, kept beside the inner store's indexes
-    kid: Mutex<HashMap<(String, KeyId), RecordId>>,
+    kid: Mutex<HashMap<(keygate::store::SmolStr, KeyId), RecordId>>,
     // records a last-use write brought back from revocation
     unrevoked: Mutex<HashSet<RecordId>>,
     // revocations the inner store has not seen yet: stamped after every
@@ -400,7 +400,7 @@ impl KeyStore for MK {
         format: &str,
         key_id: &KeyId,
     ) -> Result<Option<Arc<KeyRecord>>, BackendError> {
-        let own = self.kid.lock().unwrap().get(&(format.to_owned(), *key_id)).cloned();
+        let own = self.kid.lock().unwrap().get(&(format.into(), *key_id)).cloned();
         if let Some(id) = own {
             return Ok(self.patch_opt(self.inner.get(&id).await?));
         }

@@ -531,10 +531,10 @@ fn encode(r: &KeyRecord) -> String {
     let scopes: Vec<&str> = r.scopes.iter().map(crate::scope::Scope::as_str).collect();
     json!({
         "id": r.id.as_str(),
-        "name": r.name,
-        "hint": r.hint,
+        "name": r.name.as_str(),
+        "hint": r.hint.as_str(),
         "digest": r.digest.to_string(),
-        "format": r.format,
+        "format": r.format.as_str(),
         "key_id": r.key_id.map(|k| k.to_string()),
         "env": r.environment.as_ref().map(ToString::to_string),
         "region": r.region.as_ref().map(ToString::to_string),
@@ -617,10 +617,10 @@ fn decode_fields(f: &HashMap<String, String>) -> Result<KeyRecord, BackendError>
     let metadata = string_map(m, "meta").ok_or_else(|| bad("meta"))?;
     Ok(KeyRecord {
         id: parse(m, "id")?,
-        name: str_of(m, "name")?.to_owned(),
-        hint: str_of(m, "hint")?.to_owned(),
+        name: str_of(m, "name")?.into(),
+        hint: str_of(m, "hint")?.into(),
         digest: parse(m, "digest")?,
-        format: str_of(m, "format")?.to_owned(),
+        format: str_of(m, "format")?.into(),
         key_id: parse_opt(m, "key_id")?,
         environment: parse_opt(m, "env")?,
         region: parse_opt(m, "region")?,

@@ -2,6 +2,8 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
+
+use smol_str::SmolStr;
 use std::future::{Future, ready};
 use std::sync::{Arc, PoisonError, RwLock};
 
@@ -26,7 +28,7 @@ struct Inner {
     by_digest: DigestMap<Arc<KeyRecord>>,
     /// `hashbrown` so that a lookup borrows the format name (see
     /// [`KeyIdQuery`]) instead of allocating a `String` per request.
-    by_key_id: hashbrown::HashMap<(String, KeyId), RecordId, ahash::RandomState>,
+    by_key_id: hashbrown::HashMap<(SmolStr, KeyId), RecordId, ahash::RandomState>,
     /// Records of each (workspace, project) that are not revoked, so the
     /// active-key cap is checked against one project's records that may
     /// count, not all of them: a revoked record never counts again, and a
@@ -86,14 +88,12 @@ impl Inner {
         let cutoff = now.min(Timestamp::now()).as_duration().saturating_sub(self.retention);
         while due(&self.expiries, cutoff) {
             let Some(Reverse((at, hash))) = self.expiries.pop() else { break };
-            let ended: Vec<RecordId> = self
-                .by_id
-                .with_hash(hash)
-                .filter(|r| r.ended_at() == Some(at))
-                .map(|r| r.id.clone())
-                .collect();
-            for id in &ended {
-                self.remove(id);
+            // Almost always one record, whose id is copied inline: no list
+            // of them is allocated per record forgotten.
+            loop {
+                let ended = self.by_id.with_hash(hash).find(|r| r.ended_at() == Some(at));
+                let Some(id) = ended.map(|r| r.id.clone()) else { break };
+                self.remove(&id);
             }
         }
     }
@@ -161,8 +161,8 @@ impl Default for Inner {
 #[derive(Hash)]
 struct KeyIdQuery<'a>(&'a str, &'a KeyId);
 
-impl hashbrown::Equivalent<(String, KeyId)> for KeyIdQuery<'_> {
-    fn equivalent(&self, key: &(String, KeyId)) -> bool {
+impl hashbrown::Equivalent<(SmolStr, KeyId)> for KeyIdQuery<'_> {
+    fn equivalent(&self, key: &(SmolStr, KeyId)) -> bool {
         self.0 == key.0 && *self.1 == key.1
     }
 }
