@@ -10,7 +10,10 @@
 #   bash scripts/load.sh [SECONDS] [CONNECTIONS] [ROUNDS]
 #
 # Each route runs SECONDS per round, ROUNDS rounds (default 3) in turn; the
-# ratios come from each route's median.
+# ratios come from each route's median. Beside throughput, the server's own
+# CPU time per request served (from /proc): the layer's share of it is what
+# the layer costs a server that has its core to itself, and it holds still
+# when a neighbour takes the CPU (throughput does not).
 #
 # Needs `wrk` (apt-get install wrk). Loopback only. The key's plan admits far
 # more than wrk can send, so every request passes the full keygate path
@@ -47,6 +50,10 @@ wrk.headers["Authorization"] = "Bearer $key"
 LUA
 
 run() { "${pin_wrk[@]}" wrk -t1 -c"$conns" -d"${secs}s" --latency "$@"; }
+# The server's CPU time so far (user + system, all its threads), in clock
+# ticks: its cost per request does not count the time a neighbour held its
+# CPU, so it wanders far less than throughput on a shared machine.
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$pid/stat"; }
 # The routes, measured in turn, round after round: a drift of the machine
 # (a neighbour's load, frequency) lands on every route alike, and the
 # figures below are each route's median over the rounds.
@@ -68,20 +75,26 @@ for round in $(seq "$rounds"); do
   for i in "${!names[@]}"; do
     echo "== round $round: ${labels[$i]}"
     # shellcheck disable=SC2086 # the options and URL split on purpose
+    before=$(cpu_ticks)
     out=$(run ${urls[$i]})
+    after=$(cpu_ticks)
     echo "$out" | grep -E "Requests/sec|99%|Non-2xx" || true
     rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p99=$(echo "$out" | awk '$1 == "99%" {print $2}')
-    echo "${names[$i]} $rps $p99" >> "$tmp/results"
+    served=$(echo "$out" | awk '/requests in/ {print $1}')
+    echo "${names[$i]} $rps $p99 $((after - before)) $served" >> "$tmp/results"
   done
 done
 python3 - "$tmp/results" <<'PY'
 import statistics, sys
 rows = [l.split() for l in open(sys.argv[1]) if l.strip()]
-rps = {n: [float(r) for m, r, _ in rows if m == n] for n, _, _ in rows}
+rps = {n: [float(r[1]) for r in rows if r[0] == n] for n, *_ in rows}
 def ms(v):
     return float(v[:-2]) / 1000 if v.endswith("us") else float(v[:-2]) if v.endswith("ms") else float(v[:-1]) * 1000
-p99 = {n: [ms(p) for m, _, p in rows if m == n] for n, _, _ in rows}
+p99 = {n: [ms(r[2]) for r in rows if r[0] == n] for n, *_ in rows}
+hz = int(__import__("os").sysconf("SC_CLK_TCK"))
+# Server CPU microseconds per request served, per round.
+cpu = {n: [1e6 * int(r[3]) / hz / int(r[4]) for r in rows if r[0] == n] for n, *_ in rows}
 med = {n: statistics.median(v) for n, v in rps.items()}
 print(f"medians over {len(rps['twin'])} round(s):")
 for n in rps:
@@ -90,4 +103,10 @@ b, t, h, a = med["healthz"], med["twin"], med["headers"], med["gated"]
 print(f"the headers alone (twin + constants vs twin): {100*(1-h/t):.1f}% of throughput")
 print(f"layer cost (gated vs twin): ratio {a/t:.3f}, {100*(1-a/t):.1f}% of throughput, {1e6/a-1e6/t:.2f} us/request")
 print(f"gated vs /healthz: ratio {a/b:.3f} ({100*(1-a/b):.1f}%)")
+c = {n: statistics.median(v) for n, v in cpu.items()}
+print("server CPU per request (median; rounds):")
+for n in cpu:
+    print(f"  {n:8s} {c[n]:7.2f} us  ({', '.join(f'{x:.2f}' for x in cpu[n])})")
+ct, ca = c["twin"], c["gated"]
+print(f"layer cost by server CPU (gated vs twin): {ca-ct:.2f} us/request, {100*(1-ct/ca):.1f}% of a dedicated core's throughput")
 PY
