@@ -5,7 +5,6 @@ mod cache;
 mod credentials;
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
@@ -28,7 +27,7 @@ use crate::format::{Environment, FormatSet, ParseError, Region};
 use crate::hash::Hasher;
 use crate::http::{AuthScheme, Rejection};
 use crate::scope::{Layout, Required, ScopeError, ScopeRegistry, ScopeSet};
-use crate::store::{KeyRecord, KeyStore, RecordId, Tenant};
+use crate::store::{KeyRecord, KeyStore, Metadata, RecordId, Tenant};
 
 /// Who a request is: what authentication yields. Cheap to clone.
 #[derive(Clone)]
@@ -218,7 +217,7 @@ impl Principal {
     /// session's metadata plus keys under the reserved `portal.` prefix
     /// that the library adds ([`ROLE_METADATA_KEY`](crate::portal::ROLE_METADATA_KEY)).
     #[must_use]
-    pub fn metadata(&self) -> &BTreeMap<String, String> {
+    pub fn metadata(&self) -> &Metadata {
         &self.0.record.metadata
     }
 

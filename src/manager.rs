@@ -20,7 +20,8 @@ use crate::http::Rejection;
 use crate::scope::{Scope, ScopeError, ScopeRegistry, ScopeSet};
 use crate::secret::OsBatch;
 use crate::store::{
-    ActiveLimit, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, Tenant, WorkspaceId,
+    ActiveLimit, InsertOutcome, KeyRecord, KeyStore, Metadata, ProjectId, RecordId, Tenant,
+    WorkspaceId,
 };
 
 /// Expiry choices for management tokens: exactly those the seed offers.
@@ -115,7 +116,7 @@ pub struct NewKey {
     /// applied in the same insert as the record.
     not_after: Option<Timestamp>,
     plan: Option<String>,
-    metadata: BTreeMap<String, String>,
+    metadata: Metadata,
 }
 
 impl NewKey {
@@ -203,14 +204,14 @@ impl NewKey {
 
     /// Adds a metadata entry.
     #[must_use]
-    pub fn metadata(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+    pub fn metadata(mut self, key: impl Into<SmolStr>, value: impl Into<SmolStr>) -> Self {
         self.metadata.insert(key.into(), value.into());
         self
     }
 
     /// Replaces all metadata.
     #[must_use]
-    pub fn with_metadata(mut self, metadata: BTreeMap<String, String>) -> Self {
+    pub fn with_metadata(mut self, metadata: Metadata) -> Self {
         self.metadata = metadata;
         self
     }
@@ -595,7 +596,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
             }
         }
         if let Some(key) = new.metadata.keys().find(|k| is_reserved_metadata(k)) {
-            return Err(ManagerError::ReservedMetadata { key: key.clone() });
+            return Err(ManagerError::ReservedMetadata { key: key.to_string() });
         }
         new.not_after = earliest(new.not_after, parent.expires_at());
         let requested = self.registry.compile(&new.scopes)?;
@@ -1050,7 +1051,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // is: never later than the key's own, only shorter.
         let own_expiry = earlier.iter().map(|r| r.expires_at).fold(old.expires_at, latest);
         let mut metadata = old.metadata.clone();
-        metadata.insert(ROLLED_FROM.to_owned(), id.as_str().to_owned());
+        metadata.insert(SmolStr::new_static(ROLLED_FROM), id.as_str().into());
         let mut new = NewKey::new(old.name.clone(), format, old.tenant.clone())
             .with_scopes(old.scopes.clone())
             .with_metadata(metadata);

@@ -17,6 +17,11 @@ use rand_core::TryCryptoRng;
 /// `String`; it derefs to `&str`.
 pub use smol_str::SmolStr;
 
+/// Flat string metadata of a record ([`KeyRecord::metadata`]) or a portal
+/// session: keys and values as [`SmolStr`], so short ones (most: a customer
+/// id, a role, a record id) are held inline, not allocated each.
+pub type Metadata = BTreeMap<SmolStr, SmolStr>;
+
 pub use memory::MemoryKeyStore;
 
 use crate::backend::BackendError;
@@ -282,7 +287,7 @@ pub struct KeyRecord {
     /// Last successful authentication (coalesced; may lag).
     pub last_used_at: Option<Timestamp>,
     /// Host-defined string metadata.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
 }
 
 impl KeyRecord {

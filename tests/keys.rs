@@ -2167,7 +2167,7 @@ proptest::proptest! {
         r.created_at = created;
         (r.expires_at, r.revoked_at) = ends;
         r.last_used_at = used;
-        r.metadata = metadata;
+        r.metadata = metadata.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         r.tenant.application = app.then(|| "app_1".parse().unwrap());
         r.region = region.then_some(Region::US);
         r.environment = (!region).then_some(Environment::TEST);

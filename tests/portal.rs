@@ -13,7 +13,7 @@ use keygate::portal::{
     self, MemoryPortalStore, Portal, PortalError, PortalSession, SessionRequest,
 };
 use keygate::scope::Role;
-use keygate::store::{KeyStore, MemoryKeyStore, Tenant};
+use keygate::store::{KeyStore, MemoryKeyStore, SmolStr, Tenant};
 
 #[path = "support/failing.rs"]
 mod failing;
@@ -143,7 +143,7 @@ async fn seed_request_to_principal() {
         Tenant::workspace("ws_abc".parse().unwrap()).with_application("app_123".parse().unwrap()),
     );
     let p = w.auth.authenticate([("authorization", h.as_bytes())], &app_target).await.unwrap();
-    assert_eq!(p.metadata().get("userId").map(String::as_str), Some("usr_456"));
+    assert_eq!(p.metadata().get("userId").map(SmolStr::as_str), Some("usr_456"));
     let reg = w.auth.scope_registry();
     for (scope, allowed) in [
         ("endpoints:read", true),
@@ -330,7 +330,7 @@ async fn forged_codes_and_wrong_minters_are_refused() {
         SessionRequest { expires_in_minutes: 10_000, ..Default::default() },
         SessionRequest { expires_in_minutes: 1 << 62, ..Default::default() },
         SessionRequest {
-            metadata: (0..100).map(|i| (format!("k{i}"), "v".into())).collect(),
+            metadata: (0..100).map(|i| (format!("k{i}").into(), "v".into())).collect(),
             ..Default::default()
         },
     ] {
@@ -884,7 +884,7 @@ proptest::proptest! {
     ) {
         let mut s = keygate::testkit::portal::sample_session(60);
         s.role = role;
-        s.metadata = metadata;
+        s.metadata = metadata.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
         (s.created_at, s.expires_at) = (created, expires);
         s.environment = env.then_some(Environment::LIVE);
         s.region = region.then_some(Region::US);

@@ -1678,7 +1678,7 @@ async fn records_and_sessions_read_back_equal_in_every_field() {
     (r.name, r.hint, r.plan) = (odd.as_str().into(), "".into(), Some(String::new()));
     (r.created_at, r.expires_at) = (Timestamp::MIN, Some(Timestamp::MAX));
     r.last_used_at = Some(Timestamp::from_nanosecond(-1).unwrap());
-    r.metadata = [(String::new(), String::new()), (odd.clone(), "x".repeat(4096))].into();
+    r.metadata = [("".into(), "".into()), (odd.as_str().into(), "x".repeat(4096).into())].into();
     (r.scopes, r.environment, r.region) = (Arc::from([]), None, Some("eu".parse().unwrap()));
     r.tenant.application = Some("app_1".parse().unwrap());
     records.push(r);
@@ -1703,7 +1703,8 @@ async fn records_and_sessions_read_back_equal_in_every_field() {
     let mut wide = base.clone();
     (wide.created_at, wide.expires_at) = (Timestamp::MIN, Timestamp::MAX);
     (wide.environment, wide.region, wide.minter) = (None, Some("eu".parse().unwrap()), None);
-    wide.metadata = [(odd.clone(), odd.clone()), ("k".repeat(64), String::new())].into();
+    wide.metadata =
+        [(odd.as_str().into(), odd.as_str().into()), ("k".repeat(64).into(), "".into())].into();
     let mut near = base.clone();
     near.created_at = Timestamp::from_nanosecond(-1).unwrap();
     near.expires_at = Timestamp::from_nanosecond(1).unwrap();

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use crate::http::Rejection;
 use crate::scope::Role;
+use crate::store::Metadata;
 
 /// Most metadata keys a session may carry.
 pub const MAX_METADATA_KEYS: usize = 10;
@@ -36,7 +37,7 @@ pub struct SessionRequest {
     /// Lifetime in minutes, `1..=60` (default 60).
     pub expires_in_minutes: u64,
     /// Flat string-to-string metadata attached to the session.
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
 }
 
 impl Default for SessionRequest {
@@ -230,7 +231,7 @@ impl SessionRequest {
                         check_metadata_key(&mk)?;
                         let s = json_string(mv.get()).ok_or(RequestError::MetadataValueType)?;
                         check_metadata_value(&s)?;
-                        req.metadata.insert(mk, s);
+                        req.metadata.insert(mk.into(), s.into());
                     }
                 }
                 _ => return Err(RequestError::UnknownField { field: k }),
@@ -346,6 +347,7 @@ fn check_metadata_value(v: &str) -> Result<(), RequestError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::SmolStr;
 
     #[test]
     fn empty_object_gives_defaults() {
@@ -394,7 +396,7 @@ mod tests {
         .unwrap();
         assert_eq!(r.role, Role::Viewer);
         assert_eq!(r.expires_in_minutes, 30);
-        assert_eq!(r.metadata.get("customerId").map(String::as_str), Some("c_1"));
+        assert_eq!(r.metadata.get("customerId").map(SmolStr::as_str), Some("c_1"));
     }
 
     #[test]
@@ -443,7 +445,9 @@ mod tests {
         // A request built in code meets the same edges.
         let built = |minutes, n: usize, key: usize, value: usize| SessionRequest {
             expires_in_minutes: minutes,
-            metadata: (0..n).map(|i| (format!("{i:0>key$}"), "v".repeat(value))).collect(),
+            metadata: (0..n)
+                .map(|i| (format!("{i:0>key$}").into(), "v".repeat(value).into()))
+                .collect(),
             ..Default::default()
         };
         assert_eq!(
@@ -537,21 +541,18 @@ mod tests {
             ),
             (
                 SessionRequest {
-                    metadata: (0..11).map(|i| (format!("k{i}"), "v".into())).collect(),
+                    metadata: (0..11).map(|i| (format!("k{i}").into(), "v".into())).collect(),
                     ..Default::default()
                 },
                 RequestError::MetadataTooManyKeys,
             ),
             (
-                SessionRequest {
-                    metadata: [(String::new(), "v".into())].into(),
-                    ..Default::default()
-                },
+                SessionRequest { metadata: [("".into(), "v".into())].into(), ..Default::default() },
                 RequestError::MetadataKeyLength,
             ),
             (
                 SessionRequest {
-                    metadata: [("a".into(), "v".repeat(513))].into(),
+                    metadata: [("a".into(), "v".repeat(513).into())].into(),
                     ..Default::default()
                 },
                 RequestError::MetadataValueLength,
@@ -589,6 +590,7 @@ mod tests {
             ),
         ) {
             let role = [Role::Admin, Role::Editor, Role::Viewer][role];
+            let metadata = metadata.into_iter().map(|(k, v)| (k.into(), v.into())).collect();
             let req = SessionRequest { role, expires_in_minutes: minutes, metadata };
             let body = serde_json::json!({
                 "role": role.as_str(),

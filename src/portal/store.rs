@@ -1,6 +1,6 @@
 //! The [`PortalStore`] trait: single-use redemption as one atomic step.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::{Future, ready};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -12,7 +12,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::format::{Environment, Region};
 use crate::scope::Role;
 use crate::secret::{Digest, DigestBuildHasher};
-use crate::store::{ApplicationId, RecordId, WorkspaceId};
+use crate::store::{ApplicationId, Metadata, RecordId, WorkspaceId};
 
 /// A minted portal session, stored under its code's digest.
 ///
@@ -43,7 +43,7 @@ pub struct PortalSession {
     pub role: Role,
     /// Flat metadata, copied onto the access token's record (where the host
     /// reads it to attach to what the session creates).
-    pub metadata: BTreeMap<String, String>,
+    pub metadata: Metadata,
     /// When it was minted.
     pub created_at: Timestamp,
     /// When the code stops working.

@@ -1,7 +1,7 @@
 //! [`RedisKeyStore`]: key records, their indexes, and revocation
 //! publishing.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
@@ -16,8 +16,8 @@ use crate::clock::signed_duration;
 use crate::format::KeyId;
 use crate::hash::StoredDigest;
 use crate::store::{
-    ActiveLimit, ApplicationId, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, Tenant,
-    WorkspaceId,
+    ActiveLimit, ApplicationId, InsertOutcome, KeyRecord, KeyStore, Metadata, ProjectId, RecordId,
+    Tenant, WorkspaceId,
 };
 
 /// Seconds are offset by this so every representable [`Timestamp`] encodes
@@ -873,11 +873,11 @@ impl KeyStore for RedisKeyStore {
 
 /// The flat string-to-string object at `key` of a stored JSON value (record
 /// or session metadata); `None` if it is missing or not all strings.
-pub(super) fn string_map(m: &Map<String, Value>, key: &str) -> Option<BTreeMap<String, String>> {
+pub(super) fn string_map(m: &Map<String, Value>, key: &str) -> Option<Metadata> {
     m.get(key)?
         .as_object()?
         .iter()
-        .map(|(k, v)| v.as_str().map(|v| (k.clone(), v.to_owned())))
+        .map(|(k, v)| v.as_str().map(|v| (k.as_str().into(), v.into())))
         .collect()
 }
 

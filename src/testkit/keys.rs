@@ -94,7 +94,7 @@ async fn insert_and_find<S: KeyStore>(s: &S) {
     let mut r = sample_record("ws_a", Some("p1"), 0, false);
     // Metadata values as given, an empty one too (a database storing the
     // empty string as NULL, as Oracle does, must not drop it).
-    r.metadata.insert("note".into(), String::new());
+    r.metadata.insert("note".into(), "".into());
     assert_eq!(
         s.insert(Arc::new(r.clone()), None).await.unwrap(),
         InsertOutcome::Inserted,
