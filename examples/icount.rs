@@ -138,7 +138,7 @@ fn requests(op: &str, n: u64) {
     let auth = Authenticator::new(keys).cache(Arc::new(PrincipalCache::default()));
     let gate = Gate::builder(auth, MemoryLimiter::new(1000)).plans(plans).build();
     let handler = || async { "pong" };
-    let mut router: Router = match op {
+    let router: Router = match op {
         "bare" => Router::new().route("/ping", get(handler)),
         "noop" => {
             let noop = tower::util::MapRequestLayer::new(|r: Request<Body>| r);
@@ -146,6 +146,10 @@ fn requests(op: &str, n: u64) {
         }
         _ => Router::new().route("/ping", get(handler).layer(gate.layer())),
     };
+    // As `axum::serve` does (`into_make_service`): the routes are built once
+    // with their state. A router called as it is would build each route, and
+    // apply its layers, again for every request.
+    let mut router = router.with_state(());
     for _ in 0..n {
         one(Op::Request(&rt, &mut router, &key));
     }

@@ -95,4 +95,58 @@ fn hot_paths_allocate_no_more_than_they_must() {
     }
     assert_eq!(median_allocations(101, check), 0, "limiter check");
     assert!(keys.len() > 256, "the redemptions stored their tokens");
+
+    // The layer's own, per request: its boxed future; the principal, the
+    // decision, the refund handle and the private admission mark, boxed
+    // into the request's extensions (which then outgrow their table: a
+    // fifth); the refund's shared charge; the `X-RateLimit-Remaining`
+    // value (the limit and the reset are rendered once per thread).
+    #[cfg(feature = "tower")]
+    assert_eq!(layer_allocations(), 8, "the layer's own");
+}
+
+/// What the layer adds to an in-process request: the same route behind a
+/// do-nothing layer and behind the gate (principal cache, limiter check,
+/// headers, extensions, the boxed future).
+#[cfg(feature = "tower")]
+fn layer_allocations() -> usize {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::routing::get;
+    use http::Request;
+    use keygate::tower::Gate;
+    use tower::Service;
+
+    let keys = MemoryKeyStore::new();
+    let ws = Tenant::workspace("ws_alloc".parse().unwrap());
+    let key = ready(KeyManager::new(keys.clone()).create(NewKey::new("b", NH, ws).plan("load")));
+    let key = key.unwrap().key().expose_secret().to_owned();
+    let auth = Authenticator::new(keys).cache(Arc::new(PrincipalCache::default()));
+    // A limit no request here reaches: every one is admitted and charged.
+    let plans = r#"{"plans": {"load": {"rate": [{"name": "default", "limit": 1000000000, "window_seconds": 1}]}}}"#;
+    let gate = Gate::builder(auth, MemoryLimiter::new(1000))
+        .plans(PlanSet::from_json(plans).unwrap())
+        .build();
+    let handler = || async { "pong" };
+    let noop = tower::util::MapRequestLayer::new(|r: Request<Body>| r);
+    let routers: [Router; 2] = [
+        Router::new().route("/ping", get(handler).layer(noop)),
+        Router::new().route("/ping", get(handler).layer(gate.layer())),
+    ];
+    // Built once with their state, as `axum::serve` does: called as it is, a
+    // router would apply its layers again for every request.
+    let mut routers = routers.map(|r| r.with_state(()));
+    let [noop, gated] = routers.each_mut().map(|router| {
+        let mut request = || {
+            let req = Request::get("/ping").header("x-api-key", &key).body(Body::empty());
+            let res = ready(router.call(req.unwrap())).unwrap();
+            assert_eq!(res.status(), 200);
+            res
+        };
+        for _ in 0..8 {
+            request();
+        }
+        median_allocations(101, |_| request())
+    });
+    gated - noop
 }
