@@ -51,7 +51,7 @@
 //! | [`scan`] | streaming [`Scanner`](scan::Scanner): find and redact keys in arbitrary bytes |
 //! | [`hash`] | key → [`StoredDigest`](hash::StoredDigest): SHA-256 or HMAC-SHA256 with rotating peppers |
 //! | [`scope`] | `resource:action` scopes, roles, a registry compiling them to bitsets, attenuation |
-//! | [`store`] | [`KeyRecord`](store::KeyRecord), the [`KeyStore`](store::KeyStore) trait and its in-memory implementation; expired and revoked records forgotten after a retention |
+//! | [`store`] | [`KeyRecord`](store::KeyRecord) (ids, short text and [`Metadata`](store::Metadata) held inline), the [`KeyStore`](store::KeyStore) trait and its in-memory implementation; expired and revoked records forgotten after a retention |
 //! | [`auth`] | credentials → [`Principal`](auth::Principal) or a typed [`AuthError`](auth::AuthError); cache; last use |
 //! | [`manager`] | create, list, revoke and roll keys |
 //! | [`portal`] | portal session requests, single-use codes, [`PortalStore`](portal::PortalStore), access tokens |
