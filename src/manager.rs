@@ -1051,7 +1051,7 @@ impl<S: KeyStore, C: Clock> KeyManager<S, C> {
         // is: never later than the key's own, only shorter.
         let own_expiry = earlier.iter().map(|r| r.expires_at).fold(old.expires_at, latest);
         let mut metadata = old.metadata.clone();
-        metadata.insert(SmolStr::new_static(ROLLED_FROM), id.as_str().into());
+        metadata.insert(SmolStr::new_static(ROLLED_FROM), id.into());
         let mut new = NewKey::new(old.name.clone(), format, old.tenant.clone())
             .with_scopes(old.scopes.clone())
             .with_metadata(metadata);

@@ -68,6 +68,13 @@ macro_rules! id_type {
             }
         }
 
+        /// The id as text, without copying it again (inline, or shared).
+        impl From<&$name> for SmolStr {
+            fn from(id: &$name) -> Self {
+                id.0.clone()
+            }
+        }
+
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
@@ -154,7 +161,7 @@ impl RecordId {
         // ASCII throughout, so never the error: one check, one copy (a lossy
         // UTF-8 view cost as much as drawing the id), held inline.
         let id = std::str::from_utf8(&out).map_err(|_| FillError::Stuck)?;
-        Ok(Self(SmolStr::new(id)))
+        Ok(Self(SmolStr::new_inline(id)))
     }
 
     /// Random base62 characters in a generated id.
