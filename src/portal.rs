@@ -546,7 +546,10 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let (_, scopes) = &roles[role_slot(session.role)];
         let mut metadata = session.metadata;
         // The request's rules keep `portal.` keys out of session metadata.
-        metadata.insert(SmolStr::new_static(ROLE_METADATA_KEY), SmolStr::new_static(session.role.as_str()));
+        metadata.insert(
+            SmolStr::new_static(ROLE_METADATA_KEY),
+            SmolStr::new_static(session.role.as_str()),
+        );
         if let Some(minter) = &session.minter {
             metadata.insert(SmolStr::new_static(MINTER_METADATA_KEY), minter.into());
         }

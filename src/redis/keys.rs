@@ -1,13 +1,14 @@
 //! [`RedisKeyStore`]: key records, their indexes, and revocation
 //! publishing.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::str::FromStr;
 use std::sync::{Arc, LazyLock};
 
 use ::redis::Script;
 use jiff::{SignedDuration, Timestamp};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use super::Redis;
@@ -604,9 +605,9 @@ fn decode(flat: Vec<String>) -> Result<KeyRecord, BackendError> {
 
 /// A record from its hash fields by name.
 fn decode_fields(f: &HashMap<String, String>) -> Result<KeyRecord, BackendError> {
-    let v: Value =
-        serde_json::from_str(f.get("r").ok_or_else(|| bad("body"))?).map_err(|_| bad("body"))?;
-    let m = v.as_object().ok_or_else(|| bad("body"))?;
+    let (m, metadata) =
+        read_stored(f.get("r").ok_or_else(|| bad("body"))?).ok_or_else(|| bad("body"))?;
+    let m = &m;
     let scopes = m
         .get("scopes")
         .and_then(Value::as_array)
@@ -614,7 +615,7 @@ fn decode_fields(f: &HashMap<String, String>) -> Result<KeyRecord, BackendError>
         .iter()
         .map(|s| s.as_str().and_then(|s| s.parse().ok()).ok_or_else(|| bad("scopes")))
         .collect::<Result<_, _>>()?;
-    let metadata = string_map(m, "meta").ok_or_else(|| bad("meta"))?;
+    let metadata = metadata.ok_or_else(|| bad("meta"))?;
     Ok(KeyRecord {
         id: parse(m, "id")?,
         name: str_of(m, "name")?.into(),
@@ -871,14 +872,28 @@ impl KeyStore for RedisKeyStore {
     }
 }
 
-/// The flat string-to-string object at `key` of a stored JSON value (record
-/// or session metadata); `None` if it is missing or not all strings.
-pub(super) fn string_map(m: &Map<String, Value>, key: &str) -> Option<Metadata> {
-    m.get(key)?
-        .as_object()?
-        .iter()
-        .map(|(k, v)| v.as_str().map(|v| (k.as_str().into(), v.into())))
-        .collect()
+/// A stored object's own fields, and its metadata: see [`read_stored`].
+pub(super) type Stored = (Map<String, Value>, Option<Metadata>);
+
+/// A stored JSON object (record or session): its fields as `Value`s, and
+/// its `meta` apart, as the flat string map it is (`None` if missing or not
+/// all strings); `None` if it is not a JSON object.
+///
+/// `meta` is never read as a `Value`: with the `raw_value` feature of
+/// `serde_json` (which keygate turns on), `Value` takes an object whose
+/// first key is `$serde_json::private::RawValue` for the JSON text its value
+/// holds, so a metadata key of that name made the record unreadable, or
+/// swapped in other metadata, reserved keys included. Our own fields hold
+/// no objects, and the top object's keys are read as a map's, literally.
+pub(super) fn read_stored(s: &str) -> Option<Stored> {
+    let mut fields: BTreeMap<String, &RawValue> = serde_json::from_str(s).ok()?;
+    let meta = fields.remove("meta").and_then(|raw| serde_json::from_str(raw.get()).ok());
+    let fields = fields
+        .into_iter()
+        .map(|(k, raw)| serde_json::from_str(raw.get()).map(|v| (k, v)))
+        .collect::<Result<_, _>>()
+        .ok()?;
+    Some((fields, meta))
 }
 
 #[cfg(test)]
@@ -903,5 +918,19 @@ mod tests {
         }
         assert_eq!(from_sortable("12"), None);
         assert_eq!(from_sortable("x00000000000000000000"), None);
+    }
+
+    /// A record's metadata reads back as written whatever its keys: one
+    /// named as `serde_json`'s raw-value token neither corrupts the record
+    /// nor turns into other metadata (a reserved key the manager refuses).
+    #[cfg(feature = "testkit")]
+    #[test]
+    fn a_record_reads_back_as_written_whatever_its_metadata_keys() {
+        for value in [r#"{"keygate.rolled_from":"key_x"}"#, "ne"] {
+            let mut record = crate::testkit::keys::sample_record("ws_1", None, 0, true);
+            record.metadata = [("$serde_json::private::RawValue".into(), value.into())].into();
+            let fields = HashMap::from([("r".to_owned(), encode(&record))]);
+            assert_eq!(decode_fields(&fields).ok(), Some(record), "{value}");
+        }
     }
 }
