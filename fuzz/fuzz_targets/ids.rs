@@ -2,6 +2,8 @@
 //! workspace / project / application ids, environments, regions, key ids,
 //! hex digests and API keys (against the presets). Whatever parses prints
 //! back exactly as given, re-parses equal and respects its length bound.
+//! Ids read from a JSON string as they parse, write back the same string,
+//! and order as their text (the first line's against each line's).
 //! Tenants built from parsed ids reach themselves and never widen.
 //!
 //! Input: lines; each line is tried against every parser.
@@ -40,6 +42,25 @@ where
     }
 }
 
+/// `s` read as a JSON string gives the id it parses to, which writes back
+/// as that string; it orders against `first` (the first line's id) as the
+/// texts do.
+fn serde_and_order<T>(s: &str, first: Option<&T>)
+where
+    T: FromStr + serde::Serialize + serde::de::DeserializeOwned + Ord + std::fmt::Debug,
+{
+    let parsed = s.parse::<T>().ok();
+    let read = serde_json::from_value::<T>(serde_json::Value::String(s.to_owned())).ok();
+    assert_eq!(read, parsed, "{s:?}");
+    if let Some(v) = &parsed {
+        assert_eq!(serde_json::to_value(v).ok(), Some(serde_json::Value::String(s.to_owned())));
+        if let Some(f) = first {
+            let text = serde_json::to_value(f).unwrap();
+            assert_eq!(Some(f.cmp(v)), text.as_str().map(|t| t.cmp(s)), "{f:?} {s:?}");
+        }
+    }
+}
+
 fn id_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b == b'-'
 }
@@ -69,7 +90,13 @@ fn check_tenants(ws: WorkspaceId, project: Option<ProjectId>, app: Option<Applic
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else { return };
     let lines: Vec<&str> = text.split('\n').take(64).collect();
+    let first_record = lines.first().and_then(|s| s.parse::<RecordId>().ok());
+    let first_ws = lines.first().and_then(|s| s.parse::<WorkspaceId>().ok());
     for &s in &lines {
+        serde_and_order::<RecordId>(s, first_record.as_ref());
+        serde_and_order::<WorkspaceId>(s, first_ws.as_ref());
+        serde_and_order::<ProjectId>(s, None);
+        serde_and_order::<ApplicationId>(s, None);
         match s.parse::<TokenExpiry>() {
             Ok(e) => {
                 let days = match s {
@@ -107,13 +134,15 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(k.as_str(), s);
         }
         if let Ok(d) = Digest::from_hex(s) {
+            assert!(s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')));
             assert_eq!(d.to_hex(), s);
             assert_eq!(d.to_string(), s);
             assert_eq!(Digest::from_bytes(*d.as_bytes()), d);
         }
         if let Ok(key) = s.parse::<ApiKey>() {
             assert_eq!(key.expose_secret(), s);
-            assert!(s.starts_with(key.hint().as_str()));
+            assert!(s.starts_with(key.hint().as_str()) && key.hint().len() < s.len());
+            assert!(s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'), "{s:?}");
             assert_eq!(
                 key.environment().map(|e| e.as_str().parse::<Environment>()),
                 key.environment().map(Ok)
