@@ -21,9 +21,7 @@
 
 use std::fmt;
 
-#[cfg(feature = "serde")]
-use serde::de::Deserialize;
-use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde::de::{self, Deserialize, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 /// Why a JSON text was refused.
@@ -68,16 +66,14 @@ const DUPLICATE: &str = "keygate: duplicate key ";
 /// [`JsonError::Syntax`] for text that is not JSON (or nests deeper than
 /// `serde_json`'s 128 levels), [`JsonError::Duplicate`] for a repeated key.
 ///
-/// Two passes: `serde_json` builds the value as it always does (whatever its
-/// features, `arbitrary_precision` included), then a visitor that keeps
-/// nothing but each object's keys looks for repeats.
+/// Two passes: a visitor that keeps nothing but each object's keys looks
+/// for repeats, then one builds the value taking every key as written (with
+/// the `raw_value` feature of `serde_json`, which keygate turns on, its own
+/// `Value` reads an object keyed `$serde_json::private::RawValue` as the
+/// JSON text of its value: another value, whose repeats nobody checked).
 pub fn parse(bytes: &[u8]) -> Result<Value, JsonError> {
-    let value: Value = serde_json::from_slice(bytes).map_err(JsonError::Syntax)?;
-    let mut de = serde_json::Deserializer::from_slice(bytes);
-    match Distinct(At::Top, true).deserialize(&mut de) {
-        Ok(()) => Ok(value),
-        Err(e) => Err(duplicate(&e)),
-    }
+    check(bytes)?;
+    serde_json::from_slice(bytes).map(|UniqueValue(v)| v).map_err(JsonError::Syntax)
 }
 
 /// [`parse`]'s verdict without the value: `Ok` for one JSON text whose
@@ -204,26 +200,21 @@ impl<'de> Visitor<'de> for Distinct<'_> {
 /// A JSON value read from any serde deserializer, refusing objects that
 /// repeat a key: for `Deserialize` impls of configuration (a `PlanSet` read
 /// by `serde_json::from_str`, or from another format), where [`parse`]'s
-/// two passes over the text are not available.
-#[cfg(feature = "serde")]
+/// two passes over the text are not available, and for `parse`'s value.
 pub(crate) struct UniqueValue(pub(crate) Value);
 
 /// The key `serde_json` (with its `arbitrary_precision` feature, which
 /// another crate of the build may turn on) presents a number under.
-#[cfg(feature = "serde")]
 const NUMBER_TOKEN: &str = "$serde_json::private::Number";
 
-#[cfg(feature = "serde")]
 impl<'de> Deserialize<'de> for UniqueValue {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         d.deserialize_any(UniqueVisitor)
     }
 }
 
-#[cfg(feature = "serde")]
 struct UniqueVisitor;
 
-#[cfg(feature = "serde")]
 impl<'de> Visitor<'de> for UniqueVisitor {
     type Value = UniqueValue;
 
@@ -358,6 +349,23 @@ mod tests {
         // A key with spaces and the marker's words in it is still named.
         let e = parse(br#"{"k at line 3":1,"k at line 3":2}"#).unwrap_err();
         assert!(matches!(e, JsonError::Duplicate(ref k) if k == "k at line 3"), "{e}");
+    }
+
+    /// A key named as `serde_json`'s raw-value token is a key like any
+    /// other: `Value` (given the `raw_value` feature keygate turns on)
+    /// reads such an object as the JSON text of its value, which could
+    /// carry repeated keys nobody checked.
+    #[test]
+    fn the_raw_value_token_is_a_key_like_any_other() {
+        let text = r#"{"$serde_json::private::RawValue": "{\"a\": 1, \"a\": 2}"}"#;
+        let v = parse(text.as_bytes()).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({ "$serde_json::private::RawValue": r#"{"a": 1, "a": 2}"# })
+        );
+        let text = r#"{"m": {"$serde_json::private::RawValue": "ne"}}"#;
+        let v = parse(text.as_bytes()).unwrap();
+        assert_eq!(v["m"]["$serde_json::private::RawValue"], "ne");
     }
 
     #[test]
