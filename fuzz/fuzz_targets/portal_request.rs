@@ -11,6 +11,7 @@ use keygate::http::Rejection;
 use keygate::manager::RESERVED_METADATA;
 use keygate::portal::{self, SessionRequest};
 use keygate::scope::Role;
+use keygate::store::Metadata;
 use libfuzzer_sys::fuzz_target;
 use serde_json::Number;
 use serde_json::value::RawValue;
@@ -51,9 +52,8 @@ fuzz_target!(|data: &[u8]| {
                 .map_or(Some(60.0), |v| serde_json::from_str::<Number>(v).unwrap().as_f64());
             let m = u32::try_from(r.expires_in_minutes).unwrap();
             assert_eq!(minutes, Some(f64::from(m)));
-            let metadata = field("metadata").map_or_else(BTreeMap::new, |v| {
-                serde_json::from_str::<BTreeMap<String, String>>(v).unwrap()
-            });
+            let metadata = field("metadata")
+                .map_or_else(Metadata::new, |v| serde_json::from_str::<Metadata>(v).unwrap());
             assert_eq!(r.metadata, metadata);
         }
         Err(e) => match e.rejection() {
