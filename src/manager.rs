@@ -1139,9 +1139,16 @@ impl Drop for InvalidateOnDrop<'_> {
 /// Metadata key on a rolled key's replacement: the id it replaced.
 pub const ROLLED_FROM: &str = "keygate.rolled_from";
 
-/// Metadata prefixes the library keeps for itself: a caller's key may not
-/// carry them ([`KeyManager::create_for`]).
-pub const RESERVED_METADATA: &[&str] = &["keygate.", crate::portal::RESERVED_METADATA_PREFIX];
+/// Metadata prefixes a caller's key ([`KeyManager::create_for`]) and a
+/// portal session's request may not carry: those the library keeps for
+/// itself (`keygate.`, `portal.`), and serde_json's private token prefix.
+/// With serde_json's `raw_value` feature, which keygate turns on (and
+/// Cargo then turns on for every crate of the build), a `serde_json::Value`
+/// reads an object whose first key is `$serde_json::private::RawValue` as
+/// the JSON text in its value: a host reading a record's metadata back
+/// through `Value` would get other metadata, reserved keys included.
+pub const RESERVED_METADATA: &[&str] =
+    &["keygate.", crate::portal::RESERVED_METADATA_PREFIX, "$serde_json::private::"];
 
 /// Whether `caller` may obtain a key of `format` (create one, or roll one
 /// for its new secret): a management token only for a management token,

@@ -290,7 +290,9 @@ async fn a_manager_told_the_plans_refuses_a_key_naming_another() {
 async fn create_for_refuses_metadata_the_library_keeps_for_itself() {
     let f = fixture();
     let parent = token(&f.manager, &f.auth, ws("ws_a"), &["*"]).await;
-    for key in [keygate::manager::ROLLED_FROM, "portal.role"] {
+    // serde_json's raw-value token too: `Value` would read that object as
+    // the JSON in its value.
+    for key in [keygate::manager::ROLLED_FROM, "portal.role", "$serde_json::private::RawValue"] {
         let new = NewKey::new("c", SK, ws("ws_a")).metadata(key, "key_x");
         let err = f.manager.create_for(&parent, new).await.unwrap_err();
         assert!(matches!(err, ManagerError::ReservedMetadata { .. }), "{err}");

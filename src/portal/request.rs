@@ -101,8 +101,12 @@ pub enum RequestError {
     /// A metadata key starts with a prefix keygate keeps for itself:
     /// `portal.` (`portal.role` on the access token) or `keygate.`
     /// (`keygate.rolled_from`, which a session's token could otherwise
-    /// carry to block another key's roll).
-    #[error("metadata keys starting with `portal.` or `keygate.` are reserved")]
+    /// carry to block another key's roll); or with serde_json's private
+    /// token prefix, which `serde_json::Value` reads as something else
+    /// (see [`RESERVED_METADATA`](crate::manager::RESERVED_METADATA)).
+    #[error(
+        "metadata keys starting with `portal.`, `keygate.` or `$serde_json::private::` are reserved"
+    )]
     MetadataReservedKey,
     /// A metadata value is not a string (nested objects included).
     #[error("metadata values must be strings")]
@@ -510,6 +514,14 @@ mod tests {
             (r#"{"metadata":{"portal.role":"admin"}}"#.into(), RequestError::MetadataReservedKey),
             (
                 r#"{"metadata":{"keygate.rolled_from":"key_x"}}"#.into(),
+                RequestError::MetadataReservedKey,
+            ),
+            // serde_json's `Value` (with its `raw_value` feature, which
+            // keygate turns on for every crate of the build) reads an object
+            // whose first key is this as other JSON: a host reading metadata
+            // back through `Value` would get something else.
+            (
+                r#"{"metadata":{"$serde_json::private::RawValue":"{}"}}"#.into(),
                 RequestError::MetadataReservedKey,
             ),
             (
