@@ -1141,8 +1141,8 @@ pub const ROLLED_FROM: &str = "keygate.rolled_from";
 
 /// Metadata prefixes a caller's key ([`KeyManager::create_for`]) and a
 /// portal session's request may not carry: those the library keeps for
-/// itself (`keygate.`, `portal.`), and serde_json's private token prefix.
-/// With serde_json's `raw_value` feature, which keygate turns on (and
+/// itself (`keygate.`, `portal.`), and `serde_json`'s private token prefix.
+/// With `serde_json`'s `raw_value` feature, which keygate turns on (and
 /// Cargo then turns on for every crate of the build), a `serde_json::Value`
 /// reads an object whose first key is `$serde_json::private::RawValue` as
 /// the JSON text in its value: a host reading a record's metadata back

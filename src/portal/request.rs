@@ -101,7 +101,7 @@ pub enum RequestError {
     /// A metadata key starts with a prefix keygate keeps for itself:
     /// `portal.` (`portal.role` on the access token) or `keygate.`
     /// (`keygate.rolled_from`, which a session's token could otherwise
-    /// carry to block another key's roll); or with serde_json's private
+    /// carry to block another key's roll); or with `serde_json`'s private
     /// token prefix, which `serde_json::Value` reads as something else
     /// (see [`RESERVED_METADATA`](crate::manager::RESERVED_METADATA)).
     #[error(
