@@ -292,30 +292,31 @@ impl<'de> Visitor<'de> for UniqueVisitor {
 mod tests {
     use super::*;
 
-    /// `check` gives `parse`'s verdict without the tree: the same errors,
-    /// a syntax error anywhere winning over a repeat before it.
+    /// `check`'s verdicts, and `parse` (which runs `check`, then builds the
+    /// tree refusing repeats again) agreeing with each: a syntax error
+    /// anywhere wins over a repeat before it; a repeat names its path.
     #[test]
-    fn check_agrees_with_parse() {
+    fn check_gives_each_verdict_and_parse_agrees() {
         let kind = |r: Result<(), JsonError>| match r {
             Ok(()) => "ok".to_owned(),
             Err(JsonError::Syntax(_)) => "syntax".to_owned(),
             Err(JsonError::Duplicate(k)) => format!("duplicate {k}"),
         };
-        for text in [
-            r#"{"a": [1, {"b": 2}], "c": null}"#,
-            r#"{"a": 1, "a": 2}"#,
-            r#"{"a": {"b": 1, "b": 2}}"#,
-            r#"[{"x": 1}, {"x": 1, "x": 2}]"#,
-            r#"{"a": 1, "a": 2, "b": 1e400}"#,
-            r#"{"a": 1, "a": 2, "b": }"#,
-            r#"{"a": 1} trailing"#,
-            r#"{"a": "\ud800"}"#,
-            "[[[[[[[[]]]]]]]]",
-            "",
-            "null",
+        for (text, want) in [
+            (r#"{"a": [1, {"b": 2}], "c": null}"#, "ok"),
+            (r#"{"a": 1, "a": 2}"#, "duplicate a"),
+            (r#"{"a": {"b": 1, "b": 2}}"#, "duplicate a.b"),
+            (r#"[{"x": 1}, {"x": 1, "x": 2}]"#, "duplicate [1].x"),
+            (r#"{"a": 1, "a": 2, "b": 1e400}"#, "syntax"),
+            (r#"{"a": 1, "a": 2, "b": }"#, "syntax"),
+            (r#"{"a": 1} trailing"#, "syntax"),
+            (r#"{"a": "\ud800"}"#, "syntax"),
+            ("[[[[[[[[]]]]]]]]", "ok"),
+            ("", "syntax"),
+            ("null", "ok"),
         ] {
-            let parsed = kind(parse(text.as_bytes()).map(drop));
-            assert_eq!(kind(check(text.as_bytes())), parsed, "{text}");
+            assert_eq!(kind(check(text.as_bytes())), want, "{text}");
+            assert_eq!(kind(parse(text.as_bytes()).map(drop)), want, "{text}");
         }
     }
 
