@@ -11,24 +11,25 @@ use std::sync::Arc;
 
 use jiff::Timestamp;
 use rand_core::TryCryptoRng;
+
+pub use memory::MemoryKeyStore;
+
 /// The string type of a record's short text fields (name, hint, format):
 /// held inline up to 23 bytes, a `&'static str` by reference, longer text in
 /// one shared allocation. Build one with `.into()` from a `&str` or
 /// `String`; it derefs to `&str`.
 pub use smol_str::SmolStr;
 
-/// Flat string metadata of a record ([`KeyRecord::metadata`]) or a portal
-/// session: keys and values as [`SmolStr`], so short ones (most: a customer
-/// id, a role, a record id) are held inline, not allocated each.
-pub type Metadata = BTreeMap<SmolStr, SmolStr>;
-
-pub use memory::MemoryKeyStore;
-
 use crate::backend::BackendError;
 use crate::format::{Alphabet, Environment, FillError, KeyId, MintError, Region};
 use crate::hash::StoredDigest;
 use crate::scope::Scope;
 use crate::secret::OsBatch;
+
+/// Flat string metadata of a record ([`KeyRecord::metadata`]) or a portal
+/// session: keys and values as [`SmolStr`], so short ones (most: a customer
+/// id, a role, a record id) are held inline, not allocated each.
+pub type Metadata = BTreeMap<SmolStr, SmolStr>;
 
 /// A string id failed its grammar: 1 to 64 ASCII letters, digits, `_` or `-`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -2,12 +2,11 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-
-use smol_str::SmolStr;
 use std::future::{Future, ready};
 use std::sync::{Arc, PoisonError, RwLock};
 
 use jiff::{SignedDuration, Timestamp};
+use smol_str::SmolStr;
 
 use super::{ActiveLimit, InsertOutcome, KeyRecord, KeyStore, ProjectId, RecordId, WorkspaceId};
 use crate::backend::BackendError;

@@ -568,8 +568,7 @@ pub fn race<S: KeyStore + Sync>(store: &S, rounds: usize, threads: usize, max: u
             replacing: Some(rolled.id.clone()),
             ..ActiveLimit::new(u32::MAX, t(100))
         };
-        let inserted =
-            super::portal::apart(|| super::portal::block_on(store.insert(Arc::new(rolled), None)));
+        let inserted = super::portal::block_on_apart(|| store.insert(Arc::new(rolled), None));
         assert_eq!(
             inserted.expect("insert"),
             InsertOutcome::Inserted,

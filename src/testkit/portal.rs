@@ -139,6 +139,15 @@ pub(crate) fn apart<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|p| std::panic::resume_unwind(p))
 }
 
+/// The future `make` returns, driven to its end by [`block_on`] [`apart`]
+/// from the caller's runtime.
+pub(crate) fn block_on_apart<F: Future>(make: impl FnOnce() -> F + Send) -> F::Output
+where
+    F::Output: Send,
+{
+    apart(|| block_on(make()))
+}
+
 /// The barrier racing threads meet at before each step. Unlike
 /// [`std::sync::Barrier`], it breaks when one of them panics (a store error
 /// unwrapped, a rule found broken): the others panic at their next wait

@@ -319,8 +319,7 @@ pub fn race<S: QuotaStore + Sync>(store: &S, prefix: &str, threads: usize, per_t
     assert_eq!(counted.into_inner(), want, "exactly the tighter limit is counted");
     for rule in &rules {
         let used =
-            super::portal::apart(|| super::portal::block_on(store.rule_usage(&account, rule, now)))
-                .expect("usage");
+            super::portal::block_on_apart(|| store.rule_usage(&account, rule, now)).expect("usage");
         assert_eq!(used, want, "{}: denials counted nothing, admissions counted once", rule.name);
     }
 
@@ -345,8 +344,8 @@ pub fn race<S: QuotaStore + Sync>(store: &S, prefix: &str, threads: usize, per_t
         }
     });
     let want = 30.min(u64::try_from(threads * per_thread).unwrap_or(u64::MAX));
-    let usage = || super::portal::block_on(store.rule_usage(&account, &rules[0], now));
-    let used = super::portal::apart(usage).expect("usage");
+    let used = super::portal::block_on_apart(|| store.rule_usage(&account, &rules[0], now))
+        .expect("usage");
     assert_eq!(
         (counted.into_inner(), used),
         (want, want),
@@ -383,8 +382,7 @@ pub fn race<S: QuotaStore + Sync>(store: &S, prefix: &str, threads: usize, per_t
             });
         }
     });
-    let used = super::portal::apart(|| super::portal::block_on(store.usage(&account, "x", now)))
-        .expect("usage");
+    let used = super::portal::block_on_apart(|| store.usage(&account, "x", now)).expect("usage");
     let (admitted, refunded) = (admitted.into_inner(), refunded.into_inner());
     assert_eq!(
         used,
