@@ -103,6 +103,31 @@ fn hot_paths_allocate_no_more_than_they_must() {
     // value (the limit and the reset are rendered once per thread).
     #[cfg(feature = "tower")]
     assert_eq!(layer_allocations(), 8, "the layer's own");
+    // Its boxed future stays a small block (see `keygate::tower::GateFuture`).
+    #[cfg(feature = "tower")]
+    {
+        let size = layer_future_size();
+        assert!(size <= 1024, "the layer's future over an axum route is {size} bytes");
+    }
+}
+
+/// The size of the gate's future over an axum router on the in-memory
+/// stores: the block each request allocates for it.
+#[cfg(feature = "tower")]
+fn layer_future_size() -> usize {
+    use axum::Router;
+    use axum::body::Body;
+    use axum::routing::get;
+    use http::Request;
+    use keygate::tower::Gate;
+    use tower::{Layer, Service};
+
+    let auth = Authenticator::new(MemoryKeyStore::new());
+    let gate = Gate::builder(auth, MemoryLimiter::new(1000)).build();
+    let router = Router::new().route("/ping", get(|| async { "pong" })).with_state(());
+    let mut service = gate.layer().layer(router);
+    let future = service.call(Request::get("/ping").body(Body::empty()).unwrap());
+    size_of_val(&*future)
 }
 
 /// What the layer adds to an in-process request: the same route behind a
