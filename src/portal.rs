@@ -28,7 +28,7 @@ pub use store::{MemoryPortalStore, PortalSession, PortalStore, Redeem, TOMBSTONE
 use crate::auth::Principal;
 use crate::backend::BackendError;
 use crate::clock::{Clock, SystemClock};
-use crate::format::{Alphabet, FormatSet, KeyFormat, MintSpec, NH, NHK, NHM, NK, SK};
+use crate::format::{Alphabet, ApiKey, FormatSet, KeyFormat, MintSpec, NH, NHK, NHM, NK, SK};
 use crate::hash::Hasher;
 use crate::http::Rejection;
 use crate::scope::{Role, Scope, ScopeError, ScopeRegistry, ScopeSet};
@@ -524,25 +524,56 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
         let roles = self.roles()?;
         // One OS call for the token and its record id: their characters are
         // all base62, so one rejection margin covers both (64 bytes).
-        let mut rng = OsBatch::new(REDEEM_RANDOM_BYTES);
-        let token = ACCESS_TOKEN
-            .mint_with_rng(MintSpec::new(), &mut rng)
-            .map_err(BackendError::unavailable)?;
-        let id = RecordId::generate_os(&mut rng)?;
-        drop(rng);
+        // Its bytes are wiped at the block's end, and the block keeps their
+        // room out of the future across the store's awaits (as the values
+        // below are moved, never borrowed, for the same reason).
+        let (token, id) = {
+            let mut rng = OsBatch::new(REDEEM_RANDOM_BYTES);
+            let token = ACCESS_TOKEN
+                .mint_with_rng(MintSpec::new(), &mut rng)
+                .map_err(BackendError::unavailable)?;
+            (token, RecordId::generate_os(&mut rng)?)
+        };
         let now = self.clock.now();
-        let mut outcome = self.sessions.redeem(&digest, now).await?;
-        if matches!(outcome, Redeem::Unknown) && self.hasher.has_older_peppers() {
+        let outcome = match self.sessions.redeem(&digest, now).await? {
             // Minted before a pepper rotation: stored under an older one.
             // Boxed: rare, and it would otherwise enlarge every redemption.
-            outcome = Box::pin(self.redeem_older(code, now)).await?;
-        }
-        let session = match outcome {
-            Redeem::Session(s) => s,
-            Redeem::AlreadyUsed => return Err(PortalError::AlreadyUsed),
-            Redeem::Expired => return Err(PortalError::Expired),
-            Redeem::Unknown => return Err(PortalError::UnknownCode),
+            Redeem::Unknown if self.hasher.has_older_peppers() => {
+                Box::pin(self.redeem_older(code, now)).await?
+            }
+            outcome => outcome,
         };
+        let (record, minter) = self.token_record(session_of(outcome)?, id, &token, roles, now);
+        match self.keys.insert(Arc::clone(&record), None).await {
+            Ok(InsertOutcome::Inserted) => {}
+            Ok(_) => return Err(PortalError::Collision),
+            // The store may have stored it before failing to answer.
+            Err(e) => return Err(self.unshown(&record.id, now, e.into()).await),
+        }
+        let record = match self.bound_by_minter(record, minter.as_ref(), now).await {
+            Ok(record) => record,
+            Err((id, e)) => return Err(self.unshown(&id, now, e).await),
+        };
+        Ok(AccessToken { token, record })
+    }
+
+    /// The record of access token `token` (record id `id`), minted now for
+    /// `session`: the session's tenant, environment, region, end and
+    /// metadata (with `portal.role` and `portal.minter`), the role's scopes.
+    /// Also the session's minter, which bounds the token once stored.
+    ///
+    /// A function, not steps in [`redeem`](Self::redeem): the session moves
+    /// in whole, so its room is not kept in the redemption's future across
+    /// the stores' awaits.
+    #[inline]
+    fn token_record(
+        &self,
+        session: PortalSession,
+        id: RecordId,
+        token: &ApiKey,
+        roles: &RoleTable,
+        now: Timestamp,
+    ) -> (Arc<KeyRecord>, Option<RecordId>) {
         let (_, scopes) = &roles[role_slot(session.role)];
         let mut metadata = session.metadata;
         // The request's rules keep `portal.` keys out of session metadata.
@@ -575,17 +606,7 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             last_used_at: None,
             metadata,
         });
-        match self.keys.insert(Arc::clone(&record), None).await {
-            Ok(InsertOutcome::Inserted) => {}
-            Ok(_) => return Err(PortalError::Collision),
-            // The store may have stored it before failing to answer.
-            Err(e) => return Err(self.unshown(&record.id, now, e.into()).await),
-        }
-        let record = match self.bound_by_minter(record, session.minter.as_ref(), now).await {
-            Ok(record) => record,
-            Err((id, e)) => return Err(self.unshown(&id, now, e).await),
-        };
-        Ok(AccessToken { token, record })
+        (record, session.minter)
     }
 
     /// The stored access token `record`, checked against its session's
@@ -646,6 +667,19 @@ impl<P: PortalStore, S: KeyStore, C: Clock> Portal<P, S, C> {
             }
         }
         Ok(Redeem::Unknown)
+    }
+}
+
+/// The session a store's redemption answered, or the refusal it stands
+/// for. A function, so the answer moves in whole (see
+/// [`Portal::token_record`]).
+#[inline]
+fn session_of(outcome: Redeem) -> Result<PortalSession, PortalError> {
+    match outcome {
+        Redeem::Session(s) => Ok(s),
+        Redeem::AlreadyUsed => Err(PortalError::AlreadyUsed),
+        Redeem::Expired => Err(PortalError::Expired),
+        Redeem::Unknown => Err(PortalError::UnknownCode),
     }
 }
 
