@@ -1056,6 +1056,18 @@ impl Scanner {
             head = self.head(&hay[..glued], start, glued, escaped_only);
             is_whole = whole(head);
         }
+        // A whole key glued on before the head, in the escape's letters
+        // that open the run (`\x` + `cafe_…`, before `\xca` + `fe_…`),
+        // comes first, as the prefix search finds it first: the head
+        // starts inside it and is hidden with it (`overlap_end`), as any
+        // key that starts inside a glued key. Left to the head, the glued
+        // key's last bytes would show.
+        if let Some((s, ..)) = head
+            && s > first
+            && self.glued_key(hay, first, end, s).is_some()
+        {
+            head = None;
+        }
         let mut decided = first;
         // Reported keys start with a prefix (`check`).
         if let Some((s, e, hint_len)) = head

@@ -1305,6 +1305,40 @@ proptest! {
     }
 }
 
+/// A whole key glued on inside the escape's letters that open a run
+/// (`\x` + `cafe_…`, glued after the `x`) before the key the escape
+/// opens (`\xca` + `fe_…`, which starts inside it): hidden from its own
+/// prefix on, its last character too, whichever search reaches the run,
+/// in one block or streamed (found by proptest: the run search kept the
+/// escape's key and showed the glued key's last character, the prefix
+/// search hid the glued key).
+#[test]
+fn a_key_glued_inside_an_escapes_letters_is_hidden_before_the_key_after_them() {
+    let hay =
+        br"25cafe_3niJs1g1zhdIO01CMAnL27\xcafe_3niJs1g1zhdIO01CMAnL27Xcafe_3niJs1g1zhdIO01CMAnL27";
+    let want: &[u8] = br"25cafe_[REDACTED]\xcafe_[REDACTED]cafe_[REDACTED]";
+    let set = FormatSet::new([FE, CAFE, SHORT, SPELLED]).unwrap();
+    for start in [Search::Runs, Search::Prefixes] {
+        for span in [1, 7, 32, 4096] {
+            for waste in [0, 1, usize::MAX] {
+                let mut s = Scanner::new(set.clone());
+                s.tuning = Tuning { start, span, runs_waste: waste, prefixes_waste: waste };
+                let case = format!("{start:?} span {span} waste {waste}");
+                let one = redact_in_one_block(&s, hay);
+                assert_eq!(String::from_utf8_lossy(&one), String::from_utf8_lossy(want), "{case}");
+                for chunk in 1..100 {
+                    let mut got = Vec::new();
+                    s.clone()
+                        .chunk_size(chunk)
+                        .redact(Trickle(hay, chunk / 2 + 1), &mut got)
+                        .unwrap();
+                    assert_eq!(got, want, "{case} chunk {chunk}");
+                }
+            }
+        }
+    }
+}
+
 /// A key of a lower-case alphabet, upper-cased ("a changed case", which the
 /// redactor promises to hide): hidden with a tail glued on, so alone too.
 #[test]
