@@ -1044,6 +1044,17 @@ fn glued_keys_after_an_escape_at_a_span_boundary_redact_alike_streamed() {
         assert_eq!(out, whole, "chunk {chunk}");
     }
 }
+/// The one-block redaction of `hay` with each search held throughout (no
+/// switching): the redacted text must not depend on which search found
+/// the keys.
+fn redact_in_each_search(s: &Scanner, hay: &[u8]) -> [Vec<u8>; 2] {
+    [Search::Runs, Search::Prefixes].map(|start| {
+        let mut held = s.clone();
+        held.tuning =
+            Tuning { start, span: 4096, runs_waste: usize::MAX, prefixes_waste: usize::MAX };
+        redact_in_one_block(&held, hay)
+    })
+}
 
 /// Redaction of one block in memory, by hand: the reported spans (each in
 /// bounds, in order, not overlapping) replaced.
@@ -1126,8 +1137,8 @@ fn redaction_piece() -> impl Strategy<Value = Vec<u8>> {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(200))]
     /// Streamed redaction, any chunk and read size, either search first,
-    /// any span and switching threshold, is the one-block redaction, and
-    /// leaves no whole key.
+    /// any span and switching threshold, is the one-block redaction, which
+    /// either search alone gives too, and leaves no whole key.
     #[test]
     fn streamed_redaction_is_one_block_redaction(
         pieces in prop::collection::vec(redaction_piece(), 0..30),
@@ -1143,6 +1154,9 @@ proptest! {
             let start = if prefixes_first { Search::Prefixes } else { Search::Runs };
             s.tuning = Tuning { start, span, runs_waste: waste, prefixes_waste: waste };
             let want = redact_in_one_block(&s, &hay);
+            for (search, got) in ["runs", "prefixes"].iter().zip(redact_in_each_search(&s, &hay)) {
+                prop_assert_eq!(&got, &want, "the {} search alone", search);
+            }
             // No key is left whole, glued on after another or word bytes
             // as well.
             prop_assert!(s.find_all(&want).is_empty(), "{}", String::from_utf8_lossy(&want));
@@ -1275,7 +1289,8 @@ proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
     /// Formats whose names overlap through escape letters: both searches,
     /// in blocks and streams, find what the reference does, and streamed
-    /// redaction is the one-block redaction.
+    /// redaction is the one-block redaction, which either search alone
+    /// gives too.
     #[test]
     fn hex_named_formats_agree_in_every_search(
         pieces in prop::collection::vec(hex_named_piece(), 0..12),
@@ -1299,6 +1314,9 @@ proptest! {
             .unwrap();
         prop_assert_eq!(streamed, want, "stream");
         let one = redact_in_one_block(&s, &hay);
+        for (search, got) in ["runs", "prefixes"].iter().zip(redact_in_each_search(&s, &hay)) {
+            prop_assert_eq!(&got, &one, "the {} search alone", search);
+        }
         let mut got = Vec::new();
         s.clone().chunk_size(chunk).redact(Trickle(&hay, chunk / 2 + 1), &mut got).unwrap();
         prop_assert_eq!(got, one, "redact");
