@@ -620,6 +620,32 @@ impl Scanner {
         self
     }
 
+    /// For the fuzzer only: `haystack` redacted as one block in memory,
+    /// with no streaming cut (a stream's first read is cut after its last
+    /// non-word byte), so the search held by
+    /// [`fuzz_tuning`](Self::fuzz_tuning) reads it whole.
+    ///
+    /// # Panics
+    ///
+    /// If the search reports a span out of bounds, out of order or
+    /// overlapping the one before it.
+    #[cfg(fuzzing)]
+    #[doc(hidden)]
+    #[must_use]
+    pub fn fuzz_redact_block(&self, haystack: &[u8]) -> Vec<u8> {
+        let (mut out, mut at) = (Vec::new(), 0);
+        let mut search = self.tuning.start;
+        let mode = Mode { min_len: self.hiding_min_len, suspects: true };
+        self.scan_block(haystack, 0, haystack.len(), &mut search, mode, |a, b, _, h| {
+            assert!(at <= a && a < b && b <= haystack.len() && h <= b - a, "bad span");
+            out.extend_from_slice(&haystack[at..a + h]);
+            out.extend_from_slice(REDACTED);
+            at = b;
+        });
+        out.extend_from_slice(&haystack[at..]);
+        out
+    }
+
     /// The formats searched for.
     #[must_use]
     pub fn formats(&self) -> &FormatSet {
