@@ -6,16 +6,32 @@
 //! in memory, whichever search mode (long runs, prefixes) runs when, and
 //! so does redacting. Runs for the presets and for a set whose shortest
 //! key (24 bytes) is the smallest the format rules allow, with a
-//! checksummed format.
+//! checksummed format, and for a set whose names overlap through escape
+//! letters (`\xca` + `fe_…` against `cafe_…`, as `hex_named_formats` in
+//! the scan tests). One-block redaction is also the same whichever search
+//! runs alone, never switching: a run the two searches read apart shows
+//! there first.
 #![no_main]
 
 use std::sync::OnceLock;
 
-use keygate::format::FormatSet;
+use keygate::format::{Alphabet, FormatSet, KeyFormat};
 use keygate::scan::Scanner;
 use libfuzzer_sys::fuzz_target;
 
-static SCANNERS: OnceLock<[Scanner; 2]> = OnceLock::new();
+static SCANNERS: OnceLock<[Scanner; 3]> = OnceLock::new();
+
+/// `fe_` + 22 and `cafe_` + 23 (so `\xcafe_…` is both a `\xca` escape
+/// before an `fe` key and `\x` before a `cafe` key), `a_` + 22 (another hex
+/// letter) and `h_` + 22 (`\n` + `h_…` spells `nh_…`), as the scan tests'
+/// `FE`, `CAFE`, `SHORT` and `SPELLED`.
+fn hex_named_formats() -> FormatSet {
+    let format = |name, len| {
+        KeyFormat::builder(name).secret(&Alphabet::BASE62, len).hint_chars(0).build_unwrap()
+    };
+    FormatSet::new([format("fe", 22), format("cafe", 23), format("a", 22), format("h", 22)])
+        .unwrap()
+}
 
 /// The lengths of the escape letters that may open the run at `i`, after
 /// a backslash or `%`, when the escape stands for a non-word character
@@ -124,6 +140,13 @@ fn check(scanner: &Scanner, data: &[u8]) {
         assert_eq!(tuned.redact(data, &mut redacted).unwrap(), n);
         assert_eq!(redacted, out);
     }
+    // In one block, each search held throughout (no switching): the same
+    // redaction, which must not depend on which search found the keys.
+    for prefixes in [false, true] {
+        let held = scanner.clone().fuzz_tuning(prefixes, data.len() + 1, usize::MAX);
+        let search = if prefixes { "prefix" } else { "run" };
+        assert_eq!(held.fuzz_redact_block(data), out, "the {search} search alone");
+    }
     // Every key, and possibly damaged ones too.
     assert!(n >= found.len() as u64);
     // No key is left, glued on after another one or after word bytes too.
@@ -142,7 +165,11 @@ fn check(scanner: &Scanner, data: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     let scanners = SCANNERS.get_or_init(|| {
-        [Scanner::new(FormatSet::presets()), Scanner::new(Scanner::fuzz_formats())]
+        [
+            Scanner::new(FormatSet::presets()),
+            Scanner::new(Scanner::fuzz_formats()),
+            Scanner::new(hex_named_formats()),
+        ]
     });
     for scanner in scanners {
         check(scanner, data);
