@@ -620,16 +620,17 @@ impl Scanner {
         self
     }
 
-    /// For the fuzzer only: `haystack` redacted as one block in memory,
-    /// with no streaming cut (a stream's first read is cut after its last
-    /// non-word byte), so the search held by
-    /// [`fuzz_tuning`](Self::fuzz_tuning) reads it whole.
+    /// For the fuzzer and the tests only: `haystack` redacted as one block
+    /// in memory, with no streaming cut (a stream's first read is cut after
+    /// its last non-word byte), so the search held by
+    /// [`fuzz_tuning`](Self::fuzz_tuning) reads it whole: the reference
+    /// streamed redaction must equal.
     ///
     /// # Panics
     ///
     /// If the search reports a span out of bounds, out of order or
     /// overlapping the one before it.
-    #[cfg(fuzzing)]
+    #[cfg(any(test, fuzzing))]
     #[doc(hidden)]
     #[must_use]
     pub fn fuzz_redact_block(&self, haystack: &[u8]) -> Vec<u8> {

@@ -1052,26 +1052,8 @@ fn redact_in_each_search(s: &Scanner, hay: &[u8]) -> [Vec<u8>; 2] {
         let mut held = s.clone();
         held.tuning =
             Tuning { start, span: 4096, runs_waste: usize::MAX, prefixes_waste: usize::MAX };
-        redact_in_one_block(&held, hay)
+        held.fuzz_redact_block(hay)
     })
-}
-
-/// Redaction of one block in memory, by hand: the reported spans (each in
-/// bounds, in order, not overlapping) replaced.
-fn redact_in_one_block(s: &Scanner, hay: &[u8]) -> Vec<u8> {
-    let mut spans = Vec::new();
-    let mut search = s.tuning.start;
-    let mode = Mode { min_len: s.hiding_min_len, suspects: true };
-    s.scan_block(hay, 0, hay.len(), &mut search, mode, |a, b, _, h| spans.push((a, b, h)));
-    let (mut out, mut at) = (Vec::new(), 0);
-    for &(a, b, h) in &spans {
-        assert!(at <= a && a < b && b <= hay.len() && h <= b - a, "bad span {:?}", (a, b, h));
-        out.extend_from_slice(&hay[at..a + h]);
-        out.extend_from_slice(REDACTED);
-        at = b;
-    }
-    out.extend_from_slice(&hay[at..]);
-    out
 }
 
 /// Word bytes a key may be glued after: a directory's `dir_`, an id,
@@ -1153,7 +1135,7 @@ proptest! {
             let mut s = Scanner::new(set);
             let start = if prefixes_first { Search::Prefixes } else { Search::Runs };
             s.tuning = Tuning { start, span, runs_waste: waste, prefixes_waste: waste };
-            let want = redact_in_one_block(&s, &hay);
+            let want = s.fuzz_redact_block(&hay);
             for (search, got) in ["runs", "prefixes"].iter().zip(redact_in_each_search(&s, &hay)) {
                 prop_assert_eq!(&got, &want, "the {} search alone", search);
             }
@@ -1313,7 +1295,7 @@ proptest! {
             })
             .unwrap();
         prop_assert_eq!(streamed, want, "stream");
-        let one = redact_in_one_block(&s, &hay);
+        let one = s.fuzz_redact_block(&hay);
         for (search, got) in ["runs", "prefixes"].iter().zip(redact_in_each_search(&s, &hay)) {
             prop_assert_eq!(&got, &one, "the {} search alone", search);
         }
@@ -1342,7 +1324,7 @@ fn a_key_glued_inside_an_escapes_letters_is_hidden_before_the_key_after_them() {
                 let mut s = Scanner::new(set.clone());
                 s.tuning = Tuning { start, span, runs_waste: waste, prefixes_waste: waste };
                 let case = format!("{start:?} span {span} waste {waste}");
-                let one = redact_in_one_block(&s, hay);
+                let one = s.fuzz_redact_block(hay);
                 assert_eq!(String::from_utf8_lossy(&one), String::from_utf8_lossy(want), "{case}");
                 for chunk in 1..100 {
                     let mut got = Vec::new();
@@ -1621,7 +1603,7 @@ proptest! {
         hay.extend(after.concat());
         let mut s = Scanner::new(set);
         s.tuning.start = if prefixes_first { Search::Prefixes } else { Search::Runs };
-        let want = redact_in_one_block(&s, &hay);
+        let want = s.fuzz_redact_block(&hay);
         let secret = &key.as_bytes()[key.len() - 16..];
         prop_assert!(
             !want.windows(secret.len()).any(|w| w == secret),
