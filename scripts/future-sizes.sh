@@ -20,8 +20,9 @@ dir="$(cargo metadata --format-version 1 --no-deps |
   python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/type-sizes"
 out="$(mktemp)"
 trap 'rm -f "$out"' EXIT
-# Touched so that keygate is compiled again and prints its types.
-touch src/lib.rs
+# keygate's own artifacts cleaned, so that it is compiled again and prints
+# its types (the sources are left as they are).
+CARGO_TARGET_DIR="$dir" cargo clean -q --release -p keygate
 RUSTC_BOOTSTRAP=1 RUSTFLAGS="-Zprint-type-sizes" CARGO_TARGET_DIR="$dir" \
   cargo build --release --example icount -q > "$out" 2>&1
 python3 - "$out" "$detail" <<'PY'

@@ -2184,7 +2184,7 @@ impl<Svc, S, L, Q, C> fmt::Debug for GateService<Svc, S, L, Q, C> {
 /// a kilobyte over an axum route on the in-memory stores (960 bytes), so it
 /// comes from the allocator's per-thread cache of small blocks (glibc's
 /// serves blocks up to 1,032 bytes there; a larger one takes its slow path
-/// and, freed beside the heap's top, a consolidation: about 570
+/// and, freed beside the heap's top, a consolidation: about 510
 /// instructions per request more, counted with `scripts/icount.sh`).
 /// `tests/allocations.rs` holds it there.
 pub type GateFuture<R, E> = Pin<Box<dyn Future<Output = Result<R, E>> + Send>>;
