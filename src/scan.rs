@@ -173,6 +173,30 @@ struct Mode {
     suspects: bool,
 }
 
+/// How far a block's search decides.
+struct Reach {
+    /// The keys starting before it (and the keys glued on before it) are
+    /// the block's; the others are the next block's.
+    limit: usize,
+    /// A chain of keys each starting inside the one before
+    /// ([`Scanner::chain`]) is followed to the keys starting before it
+    /// only, in a run that reaches the end of the bytes at hand: one
+    /// starting further on might end past them. `usize::MAX` when no
+    /// input follows them.
+    horizon: usize,
+    /// Set when a chain was cut at the `horizon` (its report ends there):
+    /// the end of the keys that start before it, to which hiding goes on.
+    /// The next block follows the chain from the horizon.
+    chained: Option<usize>,
+}
+
+impl Reach {
+    /// The keys starting before `limit`, in bytes that no input follows.
+    const fn whole(limit: usize) -> Self {
+        Self { limit, horizon: usize::MAX, chained: None }
+    }
+}
+
 /// How the scanner finds candidates in the next span of input.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Search {
@@ -637,7 +661,8 @@ impl Scanner {
         let (mut out, mut at) = (Vec::new(), 0);
         let mut search = self.tuning.start;
         let mode = Mode { min_len: self.hiding_min_len, suspects: true };
-        self.scan_block(haystack, 0, haystack.len(), &mut search, mode, |a, b, _, h| {
+        let mut reach = Reach::whole(haystack.len());
+        self.scan_block(haystack, 0, &mut reach, &mut search, mode, |a, b, _, h| {
             assert!(at <= a && a < b && b <= haystack.len() && h <= b - a, "bad span");
             out.extend_from_slice(&haystack[at..a + h]);
             out.extend_from_slice(REDACTED);
@@ -664,7 +689,8 @@ impl Scanner {
     /// `on_key(start, end, format, hint_len)`.
     fn in_memory(&self, haystack: &[u8], on_key: impl FnMut(usize, usize, &KeyFormat, usize)) {
         let mut search = self.tuning.start;
-        self.scan_block(haystack, 0, haystack.len(), &mut search, self.finding(), on_key);
+        let mut reach = Reach::whole(haystack.len());
+        self.scan_block(haystack, 0, &mut reach, &mut search, self.finding(), on_key);
     }
 
     /// Every key in `haystack`, in order, with line, column and hint.
@@ -710,10 +736,13 @@ impl Scanner {
     /// run, a format's literal prefix followed by a key its parser accepts,
     /// checksum included. There only whole keys count (a damaged key glued
     /// on after word bytes stays as it is), and a key that starts inside
-    /// one (its prefix made of the other's last bytes) is hidden with it:
-    /// one level deep. A third key that starts inside that second one (keys
-    /// cut short and glued together can chain so) keeps its secret; a
-    /// stream would have to keep an unbounded chain to hide it.
+    /// one (its prefix made of the other's last bytes) is hidden with it,
+    /// and so is one that starts inside that one, and so on: keys cut
+    /// short and glued together can chain so, and a chain of any length
+    /// in a run becomes one `{hint}[REDACTED]` (one key counted), the
+    /// first key's hint, hidden to the end of its last key. Streamed, the chain is followed
+    /// as it comes (the stream carries only where the hiding has reached),
+    /// in memory bounded as for any input and time linear in the chain.
     /// [`find_all`](Self::find_all) and
     /// [`scan_reader`](Self::scan_reader) report whole keys only, with a
     /// boundary on both sides.
@@ -722,7 +751,7 @@ impl Scanner {
     ///
     /// Any error from reading `input` or writing `output`.
     pub fn redact<R: Read, W: Write>(&self, input: R, output: W) -> io::Result<u64> {
-        let mut sink = RedactSink { output, pending: Vec::new(), count: 0 };
+        let mut sink = RedactSink { output, pending: Vec::new(), skip: 0, count: 0 };
         self.stream(input, &mut sink, Mode { min_len: self.hiding_min_len, suspects: true })?;
         sink.output.flush()?;
         Ok(sink.count)
@@ -756,6 +785,10 @@ impl Scanner {
         let mut base = 0u64;
         let mut eof = false;
         let mut search = self.tuning.start;
+        // A chain of keys each starting inside the one before, cut at the
+        // end of a block: the input offset to which it hides (see
+        // `Reach::chained`). The one state a chain of any length needs.
+        let mut chained: Option<u64> = None;
         loop {
             // A short read (a pipe or terminal with nothing more for now, as
             // `tail -f log | keygate redact`): decide what can be decided
@@ -799,17 +832,47 @@ impl Scanner {
             };
             let hay = &buf[..filled];
             let block = &buf[hist..filled];
-            let last_end = self.scan_block(
-                hay,
-                hist,
-                limit,
-                &mut search,
-                mode,
-                |start, end, format, hint_len| {
-                    sink.key(block, base, start - hist, end - hist, format, hint_len);
-                },
-            );
-            let consumed = last_end.max(limit);
+            // A key starting a longest key or less before the end of the
+            // bytes at hand may go on past them.
+            let horizon = if eof { usize::MAX } else { filled.saturating_sub(self.max_len) };
+            // Bytes before it are hidden by a chain from the block before.
+            let mut decided = hist;
+            let mut reach = Reach { limit, horizon, chained: None };
+            if let Some(to) = chained.take() {
+                let covered = hist + usize::try_from(to.saturating_sub(base)).unwrap_or(0);
+                let run_end = first_non_word(hay, hist, filled);
+                let (stop, covered) = self.chain(hay, hist, covered, run_end, horizon);
+                decided = stop;
+                sink.skip(stop - hist);
+                if stop < covered {
+                    // Cut again: the run fills the bytes at hand, so no
+                    // other key starts in them.
+                    reach.chained = Some(covered);
+                }
+            }
+            let last_end = if reach.chained.is_some() {
+                decided
+            } else {
+                self.scan_block(
+                    hay,
+                    decided,
+                    &mut reach,
+                    &mut search,
+                    mode,
+                    |start, end, format, hint_len| {
+                        sink.key(block, base, start - hist, end - hist, format, hint_len);
+                    },
+                )
+            };
+            // A chain cut at the horizon ends its block there (past the
+            // limit: the run it is in fills the bytes from the limit on).
+            let consumed = match reach.chained {
+                Some(covered) => {
+                    chained = Some(base + (covered - hist) as u64);
+                    last_end.max(decided)
+                }
+                None => last_end.max(limit).max(decided),
+            };
             sink.flush(block, base, consumed - hist)?;
             base += (consumed - hist) as u64;
             // Keep the last decided bytes as the next block's history.
@@ -826,16 +889,16 @@ impl Scanner {
         }
     }
 
-    /// Reports every key in `hay` that starts in `start..limit`; the bytes
-    /// before `start` are context already decided (what an escape or a run
-    /// before the first key looks back at). Searches span by span in the
-    /// mode `search` (updated as it goes). Returns the end of the last key
-    /// reported (or 0). `on_key(start, end, format, hint_len)`.
+    /// Reports every key in `hay` that starts in `start..reach.limit`; the
+    /// bytes before `start` are context already decided (what an escape or
+    /// a run before the first key looks back at). Searches span by span in
+    /// the mode `search` (updated as it goes). Returns the end of the last
+    /// key reported (or 0). `on_key(start, end, format, hint_len)`.
     fn scan_block(
         &self,
         hay: &[u8],
         start: usize,
-        limit: usize,
+        reach: &mut Reach,
         search: &mut Search,
         mode: Mode,
         mut on_key: impl FnMut(usize, usize, &KeyFormat, usize),
@@ -851,18 +914,18 @@ impl Scanner {
         // Invariant: every run of word bytes that starts before `from` has
         // been decided.
         let mut from = start;
-        while from < limit {
+        while from < reach.limit {
             let in_run = from > 0 && is_word(hay[from - 1]);
-            let to = (from + self.tuning.span).min(limit);
+            let to = (from + self.tuning.span).min(reach.limit);
             let mut waste = 0;
             let (resume, allowed, other) = match *search {
                 Search::Runs => (
-                    self.runs_in(hay, from, to, limit, in_run, mode, &mut waste, &mut report),
+                    self.runs_in(hay, from, to, reach, in_run, mode, &mut waste, &mut report),
                     self.tuning.runs_waste,
                     Search::Prefixes,
                 ),
                 Search::Prefixes => (
-                    self.prefixes_in(hay, from, to, limit, in_run, mode, &mut waste, &mut report),
+                    self.prefixes_in(hay, from, to, reach, in_run, mode, &mut waste, &mut report),
                     self.tuning.prefixes_waste,
                     Search::Runs,
                 ),
@@ -880,14 +943,14 @@ impl Scanner {
     /// block) is a word byte. Counts the candidates that are not keys in
     /// `waste`. Returns where the next span starts: every run starting
     /// before it has been decided (when hiding, the keys glued on inside it
-    /// up to the block's `limit`).
+    /// up to the block's limit).
     #[allow(clippy::too_many_arguments)] // one span's inputs and outputs
     fn runs_in(
         &self,
         hay: &[u8],
         mut from: usize,
         to: usize,
-        limit: usize,
+        reach: &mut Reach,
         in_run: bool,
         mode: Mode,
         waste: &mut usize,
@@ -906,8 +969,8 @@ impl Scanner {
                 // starts (the escape's letters began before `from`), then
                 // the keys glued on from `from`.
                 match (from..end.min(from + 5)).find_map(|p| escape_start(hay, p)) {
-                    Some(run) => self.hide_run(hay, run, end, limit, from, true, on_key),
-                    None => self.hide_glued(hay, from, end, limit, on_key),
+                    Some(run) => self.hide_run(hay, run, end, reach, from, true, on_key),
+                    None => self.hide_glued(hay, from, end, reach, on_key),
                 };
             } else {
                 // `%25` + `3D` + key has two escapes' ends (`%25`, a `%`,
@@ -933,7 +996,7 @@ impl Scanner {
             let run_end =
                 if end - start > self.max_len { first_non_word(hay, end, hay.len()) } else { end };
             let hit = if mode.suspects {
-                self.hide_run(hay, start, run_end, limit, start + 1, false, on_key)
+                self.hide_run(hay, start, run_end, reach, start + 1, false, on_key)
             } else {
                 self.check_hiding(hay, start, end, false, on_key)
                     || self.check_escaped(hay, start, false, on_key)
@@ -973,7 +1036,7 @@ impl Scanner {
         hay: &[u8],
         from: usize,
         to: usize,
-        limit: usize,
+        reach: &mut Reach,
         in_run: bool,
         mode: Mode,
         waste: &mut usize,
@@ -1000,7 +1063,7 @@ impl Scanner {
                 if mode.suspects
                     && let Some(key) = self.glued_key(hay, start, hay.len(), start + 1)
                 {
-                    pos = self.report_glued(hay, key, hay.len(), on_key);
+                    pos = self.report_glued(hay, key, hay.len(), reach, on_key);
                 } else {
                     *waste += 1;
                     pos = start + 1;
@@ -1016,7 +1079,7 @@ impl Scanner {
                     None => (start, start + 1, false),
                 };
                 let run_end = first_non_word(hay, hit_end, hay.len());
-                if !self.hide_run(hay, run, run_end, limit, first, escaped_only, on_key) {
+                if !self.hide_run(hay, run, run_end, reach, first, escaped_only, on_key) {
                     *waste += 1;
                 }
                 pos = run_end;
@@ -1066,7 +1129,7 @@ impl Scanner {
         hay: &[u8],
         start: usize,
         end: usize,
-        limit: usize,
+        reach: &mut Reach,
         first: usize,
         escaped_only: bool,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
@@ -1101,11 +1164,11 @@ impl Scanner {
             && let Some(i) = self.prefix_at(hay, s)
         {
             // A whole key hides the keys starting inside it with it.
-            let e = if is_whole { self.overlap_end(hay, s, e, end) } else { e };
+            let e = if is_whole { self.overlap_end(hay, s, e, end, reach) } else { e };
             on_key(s, e, &self.formats.formats()[self.owners[i]], hint_len);
             decided = e;
         }
-        self.hide_glued(hay, decided.max(first), end, limit, on_key) || head.is_some()
+        self.hide_glued(hay, decided.max(first), end, reach, on_key) || head.is_some()
     }
 
     /// The head of the run at `start` (ending at `end`, or at the end of
@@ -1138,47 +1201,90 @@ impl Scanner {
         })
     }
 
-    /// Where the whole key `hay[start..end]` ends once the keys glued on
-    /// that start inside it (but at its start) and end past it are added,
-    /// in a run ending at `run_end`: they are hidden with it, not left
-    /// without their prefix (a key cut short glued to the next one,
-    /// `sk_live_` + 30 characters + `nh_…`, is a whole `sk` key that ends
-    /// in the next one's `nh`). Those that start inside them are not
-    /// looked for: the key's own bytes and a key's length past them are
-    /// read, no more.
-    fn overlap_end(&self, hay: &[u8], start: usize, end: usize, run_end: usize) -> usize {
-        let mut covered = end;
+    /// Where the report of the whole key `hay[start..end]` ends, in a run
+    /// ending at `run_end`: the keys glued on that start inside it (but at
+    /// its start) and end past it are hidden with it, not left without
+    /// their prefix (a key cut short glued to the next one, `sk_live_` +
+    /// 30 characters + `nh_…`, is a whole `sk` key that ends in the next
+    /// one's `nh`), and so are those that start inside them, and so on
+    /// ([`chain`](Self::chain)). A chain that reaches the horizon is
+    /// reported to it, and where it hides to is noted in `reach`.
+    fn overlap_end(
+        &self,
+        hay: &[u8],
+        start: usize,
+        end: usize,
+        run_end: usize,
+        reach: &mut Reach,
+    ) -> usize {
         // A key that starts inside this one ends in the run: past this
         // one's end only where the run goes on (not for the usual key, a
         // whole run), and then starts within a longest key of that end.
         if run_end <= end {
-            return covered;
+            return end;
         }
-        let mut from = (start + 1).max(end.saturating_sub(self.max_len));
-        while let Some((s, e, ..)) = self.glued_key(hay, from, run_end, end) {
-            covered = covered.max(e);
-            from = s + 1;
+        let from = (start + 1).max(end.saturating_sub(self.max_len));
+        let (stop, covered) = self.chain(hay, from, end, run_end, reach.horizon);
+        if stop < covered {
+            reach.chained = Some(covered);
         }
-        covered
+        stop
+    }
+
+    /// Follows a chain of keys glued on, each starting inside the hidden
+    /// bytes before it, in the run ending at `run_end`: from `from`, a key
+    /// glued on ([`glued_key`](Self::glued_key)) that starts before
+    /// `covered` (the end of the hidden bytes) moves `covered` to its end
+    /// if that is further. Left to right, each byte read once (the prefix
+    /// searcher), so a chain of any length costs linear time. Stops at
+    /// `horizon` while the run reaches the end of `hay` (input may follow:
+    /// a key starting there might end past it). Returns where it stopped
+    /// and `covered`: the same once the chain has ended, else the
+    /// horizon, from which the next block goes on.
+    fn chain(
+        &self,
+        hay: &[u8],
+        mut from: usize,
+        mut covered: usize,
+        run_end: usize,
+        mut horizon: usize,
+    ) -> (usize, usize) {
+        loop {
+            while let Some((s, e, ..)) = self.glued_key(hay, from, run_end, covered.min(horizon)) {
+                covered = covered.max(e);
+                from = s + 1;
+            }
+            // No key starts in `from..covered.min(horizon)`.
+            if covered <= horizon {
+                return (covered, covered);
+            }
+            // `from` is inside the run: its next non-word byte ends it.
+            from = from.max(horizon);
+            if first_non_word(hay, from, hay.len()) == hay.len() {
+                return (from, covered);
+            }
+            // The run ends in `hay`: every key in it is at hand.
+            horizon = usize::MAX;
+        }
     }
 
     /// When hiding: reports, left to right, the keys glued on after word
     /// bytes ([`glued_key`](Self::glued_key)) from `from` (inside a run)
-    /// in the run ending at `end`, those starting before `limit` (the
-    /// others are the next block's), each with the keys that start inside
-    /// it ([`overlap_end`](Self::overlap_end)). Returns whether it reported
-    /// any.
+    /// in the run ending at `end`, those starting before the block's limit
+    /// (the others are the next block's), each with the keys that start
+    /// inside it ([`overlap_end`](Self::overlap_end)). Returns whether it
+    /// reported any.
     fn hide_glued(
         &self,
         hay: &[u8],
         mut from: usize,
         end: usize,
-        limit: usize,
+        reach: &mut Reach,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> bool {
         let mut any = false;
-        while let Some(key) = self.glued_key(hay, from, end, end.min(limit)) {
-            from = self.report_glued(hay, key, end, on_key);
+        while let Some(key) = self.glued_key(hay, from, end, end.min(reach.limit)) {
+            from = self.report_glued(hay, key, end, reach, on_key);
             any = true;
         }
         any
@@ -1192,9 +1298,10 @@ impl Scanner {
         hay: &[u8],
         (start, end, format, hint_len): (usize, usize, &KeyFormat, usize),
         run_end: usize,
+        reach: &mut Reach,
         on_key: &mut impl FnMut(usize, usize, &KeyFormat, usize),
     ) -> usize {
-        let covered = self.overlap_end(hay, start, end, run_end);
+        let covered = self.overlap_end(hay, start, end, run_end, reach);
         on_key(start, covered, format, hint_len);
         covered
     }
@@ -1514,6 +1621,10 @@ trait Sink {
         hint_len: usize,
     );
     fn flush(&mut self, block: &[u8], base: u64, consumed: usize) -> io::Result<()>;
+    /// The first `n` bytes of the block are hidden (by a chain of keys
+    /// reported in a block before): none of them is passed on. Only when
+    /// hiding.
+    fn skip(&mut self, _n: usize) {}
     /// The input paused: pass on what is done (say, flush the output).
     fn idle(&mut self) -> io::Result<()> {
         Ok(())
@@ -1549,6 +1660,8 @@ struct RedactSink<W> {
     output: W,
     /// Keys of the current block: (start, end, hint length).
     pending: Vec<(usize, usize, usize)>,
+    /// Bytes at the start of the current block hidden by a chain.
+    skip: usize,
     count: u64,
 }
 
@@ -1558,7 +1671,7 @@ impl<W: Write> Sink for RedactSink<W> {
     }
 
     fn flush(&mut self, block: &[u8], _: u64, consumed: usize) -> io::Result<()> {
-        let mut at = 0;
+        let mut at = std::mem::take(&mut self.skip);
         for (start, end, hint_len) in self.pending.drain(..) {
             self.output.write_all(&block[at..start + hint_len])?;
             self.output.write_all(REDACTED)?;
@@ -1566,6 +1679,10 @@ impl<W: Write> Sink for RedactSink<W> {
             self.count += 1;
         }
         self.output.write_all(&block[at..consumed])
+    }
+
+    fn skip(&mut self, n: usize) {
+        self.skip = n;
     }
 
     fn idle(&mut self) -> io::Result<()> {

@@ -620,7 +620,14 @@ fn the_search_switches_to_prefixes_on_long_ids_and_back_on_look_alikes() {
     let mut search = Search::Runs;
     let mut modes = Vec::new();
     for span in text.as_bytes().chunks(TUNING.span) {
-        s.scan_block(span, 0, span.len(), &mut search, s.finding(), |_, _, _, _| {});
+        s.scan_block(
+            span,
+            0,
+            &mut Reach::whole(span.len()),
+            &mut search,
+            s.finding(),
+            |_, _, _, _| {},
+        );
         modes.push(search);
     }
     // Ids turn the prefix search on, look-alike words turn it off again.
@@ -1113,7 +1120,33 @@ fn redaction_piece() -> impl Strategy<Value = Vec<u8>> {
         1 => (prop::sample::select(vec![15usize, 16, 24, 40, 41, 67, 68, 72, 100]), any::<u64>())
             .prop_map(move |(n, x)| word(n, x, b"0123456789abcdef")),
         1 => prop::collection::vec(any::<u8>(), 0..4),
+        1 => (2usize..7, any::<u64>(), any::<bool>()).prop_map(|(n, seed, short)| {
+            if short { short_chain(n, seed) } else { chained_keys(n, seed).0 }.into_bytes()
+        }),
     ]
+}
+
+/// `n` keys of the fuzz set's `a` and `h` glued so that each starts at the
+/// last byte of the one before (`a_` + 21 + `h`, `_` + 21 + `a`, …): a
+/// chain with a key's length in one byte of overlap.
+fn short_chain(n: usize, mut seed: u64) -> String {
+    const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut text = String::from("a");
+    for i in 0..n {
+        text.push('_');
+        for _ in 0..21 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            text.push(char::from(B62[usize::try_from(seed % 62).unwrap()]));
+        }
+        text.push(match (i + 1 == n, i % 2) {
+            (true, _) => 'Z',
+            (false, 0) => 'h',
+            (false, _) => 'a',
+        });
+    }
+    text
 }
 
 proptest! {
@@ -1188,7 +1221,7 @@ proptest! {
                 .filter(|(a, b)| b - a >= s.hiding_min_len);
             let hides = |(a, b): (usize, usize)| {
                 let mut any = false;
-                let hit = s.hide_run(&hay, a, b, hay.len(), a + 1, false, &mut |_, _, _, _| {
+                let hit = s.hide_run(&hay, a, b, &mut Reach::whole(hay.len()), a + 1, false, &mut |_, _, _, _| {
                     any = true;
                 });
                 hit || any
@@ -1779,7 +1812,6 @@ fn a_key_glued_after_a_very_long_run_is_hidden() {
 /// its prefix on, here the third too, not only the two the first one's
 /// reach covers.
 #[test]
-#[ignore = "documented limit (Scanner::redact): hiding follows a key into one it overlaps, not a chain"]
 fn a_key_starting_inside_a_key_that_starts_inside_another_is_hidden() {
     let s = Scanner::presets();
     let thirty = "Ab3dEf7hIj1lMn0pQr5tUv9xYz2aBc";
@@ -1796,5 +1828,121 @@ fn a_key_starting_inside_a_key_that_starts_inside_another_is_hidden() {
         s.redact(text.as_bytes(), &mut out).unwrap();
         let out = String::from_utf8(out).unwrap();
         assert!(!out.contains(&third[..16]) && !out.contains(&third[16..]), "{text} → {out}");
+    }
+}
+
+/// `n` preset keys glued so that each starts inside the one before, as
+/// above: `sk_live_` + 30 + `nk`, then `_live_` + id + `_` + 30 + `sk`,
+/// then `_live_` + 30 + `nk`, …, the last one ending in 32 characters of
+/// its own. Each secret is distinct (from `seed`). The text, the first key
+/// (whose hint the redaction shows), and each key's last 16 characters.
+fn chained_keys(n: usize, mut seed: u64) -> (String, String, Vec<String>) {
+    const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    let mut word = |len: usize| -> String {
+        (0..len)
+            .map(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                char::from(B62[usize::try_from(seed % 62).unwrap()])
+            })
+            .collect()
+    };
+    let (mut text, mut first, mut tails) = (String::new(), String::new(), Vec::new());
+    for i in 0..n {
+        let last = i + 1 == n;
+        // The next key's first two bytes end this one.
+        let (body, next) = if i % 2 == 0 {
+            (format!("sk_live_{}", word(30)), "nk")
+        } else {
+            (format!("nk_live_{}_{}", word(8), word(30)), "sk")
+        };
+        let key = if last { format!("{body}{}", word(2)) } else { format!("{body}{next}") };
+        tails.push(key[key.len() - 16..].to_owned());
+        if i == 0 {
+            first.clone_from(&key);
+            text.push_str(&key);
+        } else {
+            text.push_str(&key[2..]);
+        }
+    }
+    (text, first, tails)
+}
+
+/// A chain of keys each starting inside the one before, at a run's start,
+/// after word bytes or after an escape's letters: nothing of a secret
+/// shown, the same in one block, by either search, and streamed at every
+/// read size. Preset keys are hidden whole from the first key's prefix on
+/// (one `{hint}[REDACTED]`). A chain of the fuzz set's 24-byte keys at a
+/// run's start reads as a damaged key first (`a_` and 22 of the alphabet
+/// before the next `_`), cut where the second key starts, which then
+/// hides the rest.
+#[test]
+fn a_chain_of_keys_each_starting_inside_the_one_before_is_hidden_whole() {
+    let (presets, fuzz) = (Scanner::presets(), Scanner::new(Scanner::fuzz_formats()));
+    let mut cases = Vec::new();
+    for n in [2, 3, 4, 5, 8, 9] {
+        cases.push((&presets, true, chained_keys(n, n as u64 + 1)));
+        // One byte of overlap: `a_…h` + `_…a` + ….
+        let chain = short_chain(n, n as u64 + 50);
+        let tails = (0..n).map(|i| chain[23 * i + 7..23 * i + 23].to_owned()).collect();
+        cases.push((&fuzz, false, (chain.clone(), chain[..24].to_owned(), tails)));
+    }
+    for (s, preset, (chain, first, tails)) in cases {
+        let set = s.formats();
+        let n = tails.len();
+        assert!(set.parse(&first).is_ok(), "{first}");
+        for lead in ["k=", "k=dir_", "k=\\n", "k=id7"] {
+            for tail in [" y\n", "_old y\n", "XYZ\n", ""] {
+                let text = format!("a b\n{lead}{chain}{tail}");
+                let hay = text.as_bytes();
+                let one = s.fuzz_redact_block(hay);
+                let out = String::from_utf8(one.clone()).unwrap();
+                assert!(tails.iter().all(|t| !out.contains(t.as_str())), "{text} → {out}");
+                assert!(s.find_all(&one).is_empty(), "{text} → {out}");
+                let whole = preset || lead.ends_with('7');
+                if whole {
+                    let want = format!("a b\n{lead}{}{tail}", hidden(set, &first));
+                    assert_eq!(out, want, "{n} keys: {text}");
+                }
+                for got in redact_in_each_search(s, hay) {
+                    assert_eq!(got, one, "{n} keys: {text}");
+                }
+                for size in [1, 7, 64, 4096] {
+                    for (chunk, read) in [(size, usize::MAX), (CHUNK, size), (size, size)] {
+                        let mut got = Vec::new();
+                        let mut sized = s.clone().chunk_size(chunk);
+                        sized.tuning.start =
+                            if size == 7 { Search::Prefixes } else { Search::Runs };
+                        let hid = sized.redact(Trickle(hay, read), &mut got).unwrap();
+                        let case = format!("{n} keys, chunk {chunk} read {read}: {text}");
+                        assert!(!whole || hid == 1, "{case}: {hid} hidden");
+                        assert_eq!(String::from_utf8_lossy(&got), out, "{case}");
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A chain of 10,000 keys each starting inside the one before: every
+/// secret hidden, streamed at every read size as in one block, in time
+/// linear in the chain (the chain is followed once, not rescanned per
+/// key or per read).
+#[test]
+fn a_chain_of_ten_thousand_keys_is_hidden_in_one_pass() {
+    let s = Scanner::presets();
+    let (chain, first, _) = chained_keys(10_000, 99);
+    let text = format!("k={chain} y\nk=dir_{chain}_old\n");
+    let h = hidden(s.formats(), &first);
+    let want = format!("k={h} y\nk=dir_{h}_old\n");
+    assert_eq!(String::from_utf8(s.fuzz_redact_block(text.as_bytes())).unwrap(), want);
+    for size in [1, 7, 64, 4096] {
+        for (chunk, read) in [(size, usize::MAX), (CHUNK, size)] {
+            let mut got = Vec::new();
+            let n = s.clone().chunk_size(chunk).redact(Trickle(text.as_bytes(), read), &mut got);
+            assert_eq!(n.unwrap(), 2, "chunk {chunk} read {read}");
+            assert!(got == want.as_bytes(), "chunk {chunk} read {read}");
+        }
     }
 }
