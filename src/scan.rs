@@ -737,12 +737,13 @@ impl Scanner {
     /// checksum included. There only whole keys count (a damaged key glued
     /// on after word bytes stays as it is), and a key that starts inside
     /// one (its prefix made of the other's last bytes) is hidden with it,
-    /// and so is one that starts inside that one, and so on: keys cut
-    /// short and glued together can chain so, and a chain of any length
-    /// in a run becomes one `{hint}[REDACTED]` (one key counted), the
-    /// first key's hint, hidden to the end of its last key. Streamed, the chain is followed
-    /// as it comes (the stream carries only where the hiding has reached),
-    /// in memory bounded as for any input and time linear in the chain.
+    /// and so is one that starts inside that one, and so on (keys cut
+    /// short and glued together can chain so): a chain of any length in a
+    /// run is hidden from the prefix of the key it starts with to the end
+    /// of its last key, as one key (`{hint}[REDACTED]`, counted once).
+    /// Streamed, the chain is followed as it comes (the stream carries
+    /// only where the hiding has reached), in memory bounded as for any
+    /// input and in time linear in the chain.
     /// [`find_all`](Self::find_all) and
     /// [`scan_reader`](Self::scan_reader) report whole keys only, with a
     /// boundary on both sides.
