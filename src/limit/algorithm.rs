@@ -689,6 +689,31 @@ mod tests {
         assert!(!step(&w, &slot, ms(1_500), 1).0.allowed, "sliding: one a second");
     }
 
+    /// A cost a sliding window can never hold reports, as the other
+    /// algorithms do, when the window is whole again (`X-RateLimit-Reset`):
+    /// once its newest entry has left, not now.
+    #[test]
+    fn an_impossible_sliding_check_resets_when_the_newest_entry_leaves() {
+        // 2 a minute, units at 0 s and 30 s; a cost of 3 never fits.
+        let p = Policy::new("d", 2, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap();
+        let mut slot = Slot::Fresh;
+        for t in [0, 30 * S] {
+            slot = next_slot(&p, &slot, t, 1).1.unwrap();
+        }
+        let impossible = |now: u64| {
+            let (s, next) = next_slot(&p, &slot, now, 3);
+            assert!(s.impossible && !s.allowed && next.is_none(), "{s:?}");
+            assert_eq!(s.retry_after, None);
+            (s.remaining, s.reset_after)
+        };
+        // Both in the window: whole again at 90 s.
+        assert_eq!(impossible(40 * S), (0, 50 * S));
+        // The 0 s unit has left (at 60 s); the 30 s one leaves at 90 s.
+        assert_eq!(impossible(70 * S), (1, 20 * S));
+        // Both have left: nothing to wait for.
+        assert_eq!(impossible(90 * S), (2, 0));
+    }
+
     use proptest::prelude::*;
 
     /// Values at and near the ends of a policy's ranges, and some between.
