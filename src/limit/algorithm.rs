@@ -714,6 +714,32 @@ mod tests {
         assert_eq!(impossible(90 * S), (2, 0));
     }
 
+    /// A state reaching exactly [`SPAN_SLACK`] past the policy's own span
+    /// (a GCRA horizon, a fixed window's period) is still the policy's own;
+    /// one nanosecond further, it is another policy's and is converted.
+    #[test]
+    fn a_state_is_foreign_only_past_the_slack() {
+        let now = 10 * S + 500 * MS;
+        // Both spans are a second: 10 a second (horizon 1 s), 3 a second.
+        let edge = now + S + SPAN_SLACK;
+        let retry = |p: &Policy, slot: Slot| {
+            let (s, next) = next_slot(p, &slot, now, 1);
+            assert!(!s.allowed && !s.impossible && next.is_none(), "{s:?}");
+            s.retry_after
+        };
+        let g = Policy::new("d", 10, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+        // Its own: the next unit fits once its arrival time (0.1 s after
+        // the stored one) is back within the horizon.
+        assert_eq!(retry(&g, Slot::Tat(edge)), Some(S + 100 * MS));
+        // Another's: a used-up burst of this policy, one interval away.
+        assert_eq!(retry(&g, Slot::Tat(edge + 1)), Some(100 * MS));
+        let f = Policy::new("d", 3, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+        // Its own: full until the stored end.
+        assert_eq!(retry(&f, Slot::Window { end: edge, count: 3 }), Some(2 * S));
+        // Another's: its units counted in this policy's window, ending at 11 s.
+        assert_eq!(retry(&f, Slot::Window { end: edge + 1, count: 3 }), Some(500 * MS));
+    }
+
     use proptest::prelude::*;
 
     /// Values at and near the ends of a policy's ranges, and some between.
