@@ -740,6 +740,20 @@ mod tests {
         assert_eq!(retry(&f, Slot::Window { end: edge + 1, count: 3 }), Some(500 * MS));
     }
 
+    /// A window that ends at `now` has ended: a plan change to another
+    /// algorithm carries none of its units over; a nanosecond earlier, it
+    /// carries all of them.
+    #[test]
+    fn a_window_ending_now_carries_nothing_into_another_algorithm() {
+        let g = Policy::new("d", 3, Duration::from_secs(1), Algorithm::Gcra).unwrap();
+        let full = |end: u64| Slot::Window { end, count: 3 };
+        let (s, _) = next_slot(&g, &full(5 * S), 5 * S, 1);
+        assert!(s.allowed, "{s:?}");
+        assert_eq!(s.remaining, 2);
+        let (s, _) = next_slot(&g, &full(5 * S + 1), 5 * S, 1);
+        assert!(!s.allowed, "{s:?}");
+    }
+
     use proptest::prelude::*;
 
     /// Values at and near the ends of a policy's ranges, and some between.
