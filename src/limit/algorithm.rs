@@ -754,6 +754,20 @@ mod tests {
         assert!(!s.allowed, "{s:?}");
     }
 
+    /// A shorter window's units, its window still open, count in this
+    /// policy's current window (a plan change to a longer period): they are
+    /// not forgotten when the shorter window ends.
+    #[test]
+    fn a_shorter_windows_units_count_until_the_current_window_ends() {
+        let hour = Policy::new("d", 3, Duration::from_secs(3600), Algorithm::FixedWindow).unwrap();
+        let short = Slot::Window { end: 50 * MS, count: 3 };
+        let (s, next) = next_slot(&hour, &short, 10 * MS, 1);
+        assert!(!s.allowed && next.is_none(), "{s:?}");
+        // Until the hour ends, not the 50 ms.
+        assert_eq!(s.retry_after, Some(3_600 * S - 10 * MS));
+        assert_eq!(s.remaining, 0);
+    }
+
     use proptest::prelude::*;
 
     /// Values at and near the ends of a policy's ranges, and some between.
