@@ -768,6 +768,25 @@ mod tests {
         assert_eq!(s.remaining, 0);
     }
 
+    /// A window refunded to nothing that ends after the current one (a
+    /// later window's, seen on a stale `now`) is foreign, so the limiter
+    /// reads the clock again before judging it: read as this policy's
+    /// fresh window on that `now`, a check would be counted in a window
+    /// that has already ended. Ending with the current window, it is the
+    /// policy's own.
+    #[test]
+    fn an_empty_window_ending_after_the_current_one_is_foreign() {
+        let p = Policy::new("d", 1, Duration::from_secs(1), Algorithm::FixedWindow).unwrap();
+        let empty = |end: u64| Slot::Window { end, count: 0 };
+        let stale = 950 * MS;
+        assert!(is_foreign(&p, &empty(2 * S), stale), "a later window's");
+        assert!(is_foreign(&p, &empty(S + 1), stale));
+        assert!(!is_foreign(&p, &empty(S), stale), "the current window's");
+        // Counting something, a later window's state is this policy's own
+        // (a clock that stepped back a little): it keeps counting there.
+        assert!(!is_foreign(&p, &Slot::Window { end: 2 * S, count: 1 }, stale));
+    }
+
     use proptest::prelude::*;
 
     /// Values at and near the ends of a policy's ranges, and some between.
