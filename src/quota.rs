@@ -858,6 +858,22 @@ mod tests {
     }
 
     #[test]
+    fn decembers_counts_take_late_calls_in_january_and_are_forgotten_in_february() {
+        // The month before January is the previous year's December.
+        let (s, clock, count) = store_on_clock("2026-12-20T00:00:00Z");
+        for i in 0..10 {
+            count(&s, &format!("dec{i}"), "2026-12-20T00:00:00Z");
+        }
+        clock.set_wall(ts("2027-01-01T00:00:00Z"));
+        assert_eq!(count(&s, "jan", "2027-01-01T00:00:00Z"), 1);
+        assert_eq!(held(&s), 11, "December's counts can still take late calls");
+        assert_eq!(count(&s, "dec3", "2026-12-31T23:59:59.9Z"), 2);
+        clock.set_wall(ts("2027-02-01T00:00:00Z"));
+        assert_eq!(count(&s, "jan", "2027-02-01T00:00:00Z"), 1);
+        assert_eq!(held(&s), 1, "idle since December: nothing left to count in");
+    }
+
+    #[test]
     fn a_call_stamped_ahead_of_the_store_stops_no_sweep() {
         let (s, clock, count) = store_on_clock("2026-03-10T00:00:00Z");
         count(&s, "glitch", "2029-07-01T00:00:00Z");
