@@ -721,6 +721,10 @@ mod tests {
         let d = s.check_and_count_sync("acct", &rules, "email", 1, jan);
         assert!(!d.allowed && !d.cost_exceeds_limit);
         assert!(matches!(d.rejection(), Some(Rejection::QuotaExceeded { .. })));
+        // So is a cost of the whole limit: it fits once the month resets.
+        let d = s.check_and_count_sync("acct", &rules, "email", 100, jan);
+        assert!(!d.allowed && !d.cost_exceeds_limit, "{d:?}");
+        assert!(matches!(d.rejection(), Some(Rejection::QuotaExceeded { .. })));
     }
 
     #[test]
