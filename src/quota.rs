@@ -878,6 +878,23 @@ mod tests {
     }
 
     #[test]
+    fn an_admission_reports_the_rule_with_fewest_units_left_the_first_on_ties() {
+        let all = QuotaRule::new("all", 100, &["email", "webhook"]);
+        let email = QuotaRule::new("email", 10, &["email"]);
+        let reset = ts("2026-02-01T00:00:00Z");
+        let reported = |counted: [(&QuotaRule, u64); 2]| {
+            let d = QuotaDecision::admitted(counted, reset);
+            (d.rule.unwrap(), d.used, d.limit)
+        };
+        // 50 left of `all`, 5 of `email`: `email`, in either order.
+        assert_eq!(reported([(&all, 50), (&email, 5)]), ("email".into(), 5, 10));
+        assert_eq!(reported([(&email, 5), (&all, 50)]), ("email".into(), 5, 10));
+        // 5 left of each: the first.
+        assert_eq!(reported([(&all, 95), (&email, 5)]), ("all".into(), 95, 100));
+        assert_eq!(reported([(&email, 5), (&all, 95)]), ("email".into(), 5, 10));
+    }
+
+    #[test]
     fn a_call_stamped_ahead_of_the_store_stops_no_sweep() {
         let (s, clock, count) = store_on_clock("2026-03-10T00:00:00Z");
         count(&s, "glitch", "2029-07-01T00:00:00Z");
