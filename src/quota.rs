@@ -878,6 +878,23 @@ mod tests {
     }
 
     #[test]
+    fn an_account_keeps_the_counts_of_its_latest_month_and_the_one_before() {
+        let (s, _clock, count) = store_on_clock("2026-03-10T00:00:00Z");
+        assert_eq!(count(&s, "other", "2026-03-10T00:00:00Z"), 1);
+        // Late calls, the store in March: December's count is kept beside
+        // January's, the account's latest month.
+        assert_eq!(count(&s, "late", "2025-12-20T00:00:00Z"), 1);
+        assert_eq!(count(&s, "late", "2026-01-20T00:00:00Z"), 1);
+        assert_eq!(count(&s, "late", "2026-01-21T00:00:00Z"), 2);
+        assert_eq!(count(&s, "late", "2025-12-21T00:00:00Z"), 2);
+        // A count in March leaves it March and February: January and
+        // December are forgotten.
+        assert_eq!(count(&s, "late", "2026-03-11T00:00:00Z"), 1);
+        assert_eq!(count(&s, "late", "2026-01-22T00:00:00Z"), 1);
+        assert_eq!(count(&s, "late", "2025-12-22T00:00:00Z"), 1);
+    }
+
+    #[test]
     fn an_admission_reports_the_rule_with_fewest_units_left_the_first_on_ties() {
         let all = QuotaRule::new("all", 100, &["email", "webhook"]);
         let email = QuotaRule::new("email", 10, &["email"]);
