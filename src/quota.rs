@@ -831,20 +831,47 @@ mod tests {
         s.counters.lock().unwrap().map.len()
     }
 
+    /// Accounts counted in the month of `start` only: the turn of the
+    /// month at `next` keeps them (a late call, stamped `late`, still
+    /// counts in their month), the next turn at `after` forgets them.
+    /// Returns the store, its clock, and `count`, with one account (`new`)
+    /// counted at `after`.
+    fn forgotten_a_whole_month_on(
+        start: &str,
+        next: &str,
+        late: &str,
+        after: &str,
+    ) -> (MemoryQuotaStore, crate::clock::FakeClock, impl Fn(&MemoryQuotaStore, &str, &str) -> u64)
+    {
+        let (s, clock, count) = store_on_clock(start);
+        for i in 0..1000 {
+            count(&s, &format!("old{i}"), start);
+        }
+        clock.set_wall(ts(next));
+        assert_eq!(count(&s, "new", next), 1);
+        assert_eq!(held(&s), 1001, "{start}: the month's counts can still take late calls");
+        assert_eq!(count(&s, "old7", late), 2, "{late}");
+        clock.set_wall(ts(after));
+        assert_eq!(count(&s, "new", after), 1);
+        assert_eq!(held(&s), 1, "{after}: idle for a whole month, nothing left to count in");
+        (s, clock, count)
+    }
+
     #[test]
     fn accounts_idle_for_a_whole_month_are_forgotten_and_none_sooner() {
-        let (s, clock, count) = store_on_clock("2026-01-20T00:00:00Z");
-        for i in 0..1000 {
-            count(&s, &format!("jan{i}"), "2026-01-20T00:00:00Z");
-        }
-        clock.set_wall(ts("2026-02-01T00:00:00Z"));
-        assert_eq!(count(&s, "feb", "2026-02-01T00:00:00Z"), 1);
-        assert_eq!(held(&s), 1001, "January's counts can still take late calls");
-        // A late call stamped in January still counts there.
-        assert_eq!(count(&s, "jan7", "2026-01-31T23:59:59.9Z"), 2);
-        clock.set_wall(ts("2026-03-01T00:00:00Z"));
-        assert_eq!(count(&s, "feb", "2026-03-01T00:00:00Z"), 1);
-        assert_eq!(held(&s), 1, "idle since January: nothing left to count in");
+        // Across a year's end too: the month before January is December.
+        let _ = forgotten_a_whole_month_on(
+            "2026-12-20T00:00:00Z",
+            "2027-01-01T00:00:00Z",
+            "2026-12-31T23:59:59.9Z",
+            "2027-02-01T00:00:00Z",
+        );
+        let (s, clock, count) = forgotten_a_whole_month_on(
+            "2026-01-20T00:00:00Z",
+            "2026-02-01T00:00:00Z",
+            "2026-01-31T23:59:59.9Z",
+            "2026-03-01T00:00:00Z",
+        );
         // Calls stamped years ahead of the store's clock count in their
         // own months and forget nothing; back on time, the counts are where
         // they were.
@@ -853,28 +880,12 @@ mod tests {
         count(&s, "y", "2029-08-01T00:00:00Z");
         assert_eq!(held(&s), 4);
         assert_eq!(count(&s, "mar", "2026-03-03T00:00:00Z"), 2);
-        assert_eq!(count(&s, "feb", "2026-03-04T00:00:00Z"), 2);
+        assert_eq!(count(&s, "new", "2026-03-04T00:00:00Z"), 2);
         // After two idle months, the first call forgets every account idle
         // since before May, but those counted in months still to come.
         clock.set_wall(ts("2026-06-02T00:00:00Z"));
         assert_eq!(count(&s, "jun", "2026-06-02T00:00:00Z"), 1);
         assert_eq!(held(&s), 3, "x, y and jun");
-    }
-
-    #[test]
-    fn decembers_counts_take_late_calls_in_january_and_are_forgotten_in_february() {
-        // The month before January is the previous year's December.
-        let (s, clock, count) = store_on_clock("2026-12-20T00:00:00Z");
-        for i in 0..10 {
-            count(&s, &format!("dec{i}"), "2026-12-20T00:00:00Z");
-        }
-        clock.set_wall(ts("2027-01-01T00:00:00Z"));
-        assert_eq!(count(&s, "jan", "2027-01-01T00:00:00Z"), 1);
-        assert_eq!(held(&s), 11, "December's counts can still take late calls");
-        assert_eq!(count(&s, "dec3", "2026-12-31T23:59:59.9Z"), 2);
-        clock.set_wall(ts("2027-02-01T00:00:00Z"));
-        assert_eq!(count(&s, "jan", "2027-02-01T00:00:00Z"), 1);
-        assert_eq!(held(&s), 1, "idle since December: nothing left to count in");
     }
 
     #[test]
