@@ -195,6 +195,16 @@ impl Reach {
     const fn whole(limit: usize) -> Self {
         Self { limit, horizon: usize::MAX, chained: None }
     }
+
+    /// Takes a chain's `(stop, covered)` ([`Scanner::chain`]): notes a
+    /// chain cut at the horizon (`stop < covered`) and returns where its
+    /// report stops.
+    const fn follow(&mut self, (stop, covered): (usize, usize)) -> usize {
+        if stop < covered {
+            self.chained = Some(covered);
+        }
+        stop
+    }
 }
 
 /// How the scanner finds candidates in the next span of input.
@@ -842,14 +852,10 @@ impl Scanner {
             if let Some(to) = chained.take() {
                 let covered = hist + usize::try_from(to.saturating_sub(base)).unwrap_or(0);
                 let run_end = first_non_word(hay, hist, filled);
-                let (stop, covered) = self.chain(hay, hist, covered, run_end, horizon);
-                decided = stop;
-                sink.skip(stop - hist);
-                if stop < covered {
-                    // Cut again: the run fills the bytes at hand, so no
-                    // other key starts in them.
-                    reach.chained = Some(covered);
-                }
+                // Cut again, the run fills the bytes at hand: no other key
+                // starts in them.
+                decided = reach.follow(self.chain(hay, hist, covered, run_end, horizon));
+                sink.skip(decided - hist);
             }
             let last_end = if reach.chained.is_some() {
                 decided
@@ -1225,11 +1231,7 @@ impl Scanner {
             return end;
         }
         let from = (start + 1).max(end.saturating_sub(self.max_len));
-        let (stop, covered) = self.chain(hay, from, end, run_end, reach.horizon);
-        if stop < covered {
-            reach.chained = Some(covered);
-        }
-        stop
+        reach.follow(self.chain(hay, from, end, run_end, reach.horizon))
     }
 
     /// Follows a chain of keys glued on, each starting inside the hidden

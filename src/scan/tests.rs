@@ -1126,20 +1126,27 @@ fn redaction_piece() -> impl Strategy<Value = Vec<u8>> {
     ]
 }
 
+/// `len` base-62 characters drawn from `seed` (xorshift; never zero).
+fn b62_word(seed: &mut u64, len: usize) -> String {
+    const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+    (0..len)
+        .map(|_| {
+            *seed ^= *seed << 13;
+            *seed ^= *seed >> 7;
+            *seed ^= *seed << 17;
+            char::from(B62[usize::try_from(*seed % 62).unwrap()])
+        })
+        .collect()
+}
+
 /// `n` keys of the fuzz set's `a` and `h` glued so that each starts at the
 /// last byte of the one before (`a_` + 21 + `h`, `_` + 21 + `a`, …): a
 /// chain with a key's length in one byte of overlap.
 fn short_chain(n: usize, mut seed: u64) -> String {
-    const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
     let mut text = String::from("a");
     for i in 0..n {
         text.push('_');
-        for _ in 0..21 {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            text.push(char::from(B62[usize::try_from(seed % 62).unwrap()]));
-        }
+        text.push_str(&b62_word(&mut seed, 21));
         text.push(match (i + 1 == n, i % 2) {
             (true, _) => 'Z',
             (false, 0) => 'h',
@@ -1837,17 +1844,7 @@ fn a_key_starting_inside_a_key_that_starts_inside_another_is_hidden() {
 /// its own. Each secret is distinct (from `seed`). The text, the first key
 /// (whose hint the redaction shows), and each key's last 16 characters.
 fn chained_keys(n: usize, mut seed: u64) -> (String, String, Vec<String>) {
-    const B62: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
-    let mut word = |len: usize| -> String {
-        (0..len)
-            .map(|_| {
-                seed ^= seed << 13;
-                seed ^= seed >> 7;
-                seed ^= seed << 17;
-                char::from(B62[usize::try_from(seed % 62).unwrap()])
-            })
-            .collect()
-    };
+    let mut word = |len: usize| b62_word(&mut seed, len);
     let (mut text, mut first, mut tails) = (String::new(), String::new(), Vec::new());
     for i in 0..n {
         let last = i + 1 == n;
