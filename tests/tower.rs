@@ -951,10 +951,69 @@ async fn the_handler_sees_the_credential_marked_sensitive() {
             .route_layer(gate.layer()),
     );
     let req = Request::get("/").header("x-api-key", &f.key).body(Body::empty()).unwrap();
-    let res = app.oneshot(req).await.unwrap();
+    let res = app.clone().oneshot(req).await.unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     let logged = text(res).await;
     assert!(!logged.contains(&f.key) && logged.contains("Sensitive"), "{logged}");
+    // A Bearer key, and cookies (whichever carries the key, a cookie
+    // header holds the browser's other sessions too); other headers stay
+    // readable in logs.
+    let ws = Tenant::workspace("ws_t".parse().unwrap());
+    let sk = KeyManager::new(f.keys.clone())
+        .create(NewKey::new("bearer", keygate::format::SK, ws))
+        .await
+        .unwrap();
+    let sk = sk.key().expose_secret();
+    let req = Request::get("/")
+        .header("authorization", format!("Bearer {sk}"))
+        .header("cookie", "theme=dark; other_app_session=s3cr3t")
+        .header("x-request-id", "req-42")
+        .body(Body::empty())
+        .unwrap();
+    let res = app.oneshot(req).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    let logged = text(res).await;
+    assert!(!logged.contains(sk) && !logged.contains("s3cr3t"), "{logged}");
+    assert!(logged.contains("req-42"), "{logged}");
+}
+
+/// An inner service that is ready only once its switch is up.
+#[derive(Clone)]
+struct Gated(Switch);
+
+impl tower::Service<Request<Body>> for Gated {
+    type Response = axum::response::Response;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        if self.0.down() { std::task::Poll::Pending } else { std::task::Poll::Ready(Ok(())) }
+    }
+
+    fn call(&mut self, _: Request<Body>) -> Self::Future {
+        std::future::ready(Ok(axum::response::Response::new(Body::empty())))
+    }
+}
+
+/// The layer passes its inner service's back-pressure on (a concurrency or
+/// load-shed layer inside it stays in force), and says what it is in logs.
+#[tokio::test]
+async fn the_layer_is_ready_when_its_inner_service_is_and_debugs_as_its_route() {
+    use tower::{Layer, Service};
+    let f = fixture().await;
+    let gate = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10)).build();
+    let switch = Switch::default();
+    switch.set_down();
+    let mut svc = gate.layer().require("events:read").unwrap().layer(Gated(switch.clone()));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(svc.poll_ready(&mut cx).is_pending());
+    switch.set_up();
+    assert!(matches!(svc.poll_ready(&mut cx), std::task::Poll::Ready(Ok(()))));
+    let debug = format!("{svc:?}");
+    assert!(debug.starts_with("GateService") && debug.contains("events:read"), "{debug}");
 }
 
 #[tokio::test]
@@ -1450,13 +1509,17 @@ mod nested {
             let ws = Tenant::workspace("ws_other".parse().unwrap());
             Ok(keygate::auth::Target::any().tenant(ws))
         };
-        let app: Router = Router::new()
-            .route("/w", get(|| async { "in" }).route_layer(gate.layer().target(other)))
-            .layer(gate.layer());
+        // The route answers in its own style: only a 401 takes the router's
+        // (an unknown key's comes from there; see below).
+        let flat = gate.layer().target(other).body_style(keygate::http::BodyStyle::Flat);
+        let app: Router =
+            Router::new().route("/w", get(|| async { "in" }).route_layer(flat)).layer(gate.layer());
         let res = app.oneshot(call("/w", &k)).await.unwrap();
         assert_eq!(res.status(), StatusCode::FORBIDDEN);
         assert!(matches!(res.extensions().get::<Refused>().unwrap().reason(), Refusal::Auth(_)));
         assert_eq!(header(&res, "x-ratelimit-remaining"), ["2"]);
+        let body: serde_json::Value = serde_json::from_str(&text(res).await).unwrap();
+        assert!(body["error"].is_string(), "the route's flat style, not nested: {body}");
     }
 
     #[tokio::test]
