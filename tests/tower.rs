@@ -1716,6 +1716,18 @@ mod nested {
             .unwrap_err();
         let res = gate.respond::<Body>(refused);
         assert_eq!(header(&res, "www-authenticate"), [r#"ApiKey header="X-API-Key""#]);
+        // A gate whose authenticator knows `nh` keys alone challenges so on
+        // every route, formats named or not.
+        let only_nh = keygate::FormatSet::new([NH]).unwrap();
+        let gate = Gate::builder(
+            Authenticator::new(keys.clone()).formats(only_nh),
+            MemoryLimiter::new(100),
+        )
+        .build();
+        let app: Router =
+            Router::new().route("/", get(|| async { "in" }).route_layer(gate.layer()));
+        let res = app.oneshot(Request::get("/").body(Body::empty()).unwrap()).await.unwrap();
+        assert_eq!(header(&res, "www-authenticate"), [r#"ApiKey header="X-API-Key""#]);
     }
 
     #[tokio::test]
