@@ -1612,6 +1612,28 @@ mod nested {
     }
 
     #[tokio::test]
+    async fn a_limit_checked_again_two_layers_in_clears_the_routers_failure() {
+        // As above, with a group's layer between (the same plan as the
+        // router's): the take-over inside reaches through it to the router.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, None).await;
+        let gate = partial_gate(&keys, plain_keys, false);
+        let group: Router = Router::new()
+            .route(
+                "/pro",
+                get(|f: Option<Extension<FailedOpen>>| async move { f.is_some().to_string() })
+                    .route_layer(gate.layer().plan("pro")),
+            )
+            .layer(gate.layer().require("events:read").unwrap());
+        let app: Router = Router::new().nest("/g", group).layer(gate.layer());
+        let res = app.oneshot(call("/g/pro", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "x-ratelimit-remaining"), ["9"]);
+        assert!(res.extensions().get::<FailedOpen>().is_none());
+        assert_eq!(text(res).await, "false", "nor in the request");
+    }
+
+    #[tokio::test]
     async fn an_inner_refusal_after_a_take_over_drops_the_routers_limiter_failure() {
         // The router's check fails open; the route's own (pro) check
         // works, then the route refuses (a scope, then its own limit): the
