@@ -1401,15 +1401,24 @@ mod nested {
             .route("/h", get(|| async { "in" }))
             .route(
                 "/pro",
-                get(|d: Option<Extension<Decision>>| async move { d.is_some().to_string() })
-                    .route_layer(gate.layer().plan("pro")),
+                get(
+                    |d: Option<Extension<Decision>>,
+                     r: Option<Extension<keygate::tower::Refund>>| async move {
+                        format!("{} {}", d.is_some(), r.is_some())
+                    },
+                )
+                .route_layer(gate.layer().plan("pro")),
             )
             .layer(gate.layer());
         let res = app.clone().oneshot(call("/pro", &k)).await.unwrap();
         assert_eq!(res.status(), StatusCode::OK);
         assert!(res.extensions().get::<FailedOpen>().is_some_and(|f| f.limiter.is_some()));
         assert_eq!(header(&res, "x-ratelimit-remaining"), Vec::<String>::new());
-        assert_eq!(text(res).await, "false", "the handler got no spent decision");
+        assert_eq!(
+            text(res).await,
+            "false false",
+            "the handler got no spent decision, nor its refund to give back twice"
+        );
         // The hobby plan's 3 a second are all there.
         for _ in 0..3 {
             assert_eq!(app.clone().oneshot(call("/h", &k)).await.unwrap().status(), StatusCode::OK);
