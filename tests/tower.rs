@@ -1576,6 +1576,30 @@ mod nested {
     }
 
     #[tokio::test]
+    async fn a_route_gives_back_the_routers_charge_through_a_group_layer_between() {
+        // Router (default hobby), a group's layer that only requires a
+        // scope, the route `.plan("pro")`: the group takes the router's
+        // charge as its own, and the route gives that back, through it.
+        let keys = MemoryKeyStore::new();
+        let k = key(&keys, None).await;
+        let gate = frozen_gate(&keys, "hobby");
+        let group: Router = Router::new()
+            .route("/pro", get(|| async { "in" }).route_layer(gate.layer().plan("pro")))
+            .layer(gate.layer().require("events:read").unwrap());
+        let app: Router =
+            Router::new().route("/h", get(|| async { "in" })).nest("/g", group).layer(gate.layer());
+        let res = app.clone().oneshot(call("/g/pro", &k)).await.unwrap();
+        assert_eq!(res.status(), StatusCode::OK);
+        assert_eq!(header(&res, "x-ratelimit-limit"), ["10"]);
+        // The hobby plan's 3 a second are all there.
+        for remaining in ["2", "1", "0"] {
+            let res = app.clone().oneshot(call("/h", &k)).await.unwrap();
+            assert_eq!(res.status(), StatusCode::OK);
+            assert_eq!(header(&res, "x-ratelimit-remaining"), [remaining]);
+        }
+    }
+
+    #[tokio::test]
     async fn another_gates_decision_is_not_taken_for_an_outer_layers() {
         // Gate B outside gate A. A's router layer fails open (no decision
         // of its own); A's route layer, under another plan, must not give
