@@ -219,7 +219,9 @@ async fn a_handlers_charge_reports_an_outage_it_let_through() {
             get(move |Extension(p): Extension<Principal>| async move {
                 let charge = charging.charge(&p, "email", 1).await.unwrap();
                 let used = charge.decision().map_or(0, |q| q.used);
-                let mut res = axum::response::IntoResponse::into_response(used.to_string());
+                let outage = charge.failed_open().is_some_and(|f| f.quota.is_some());
+                let mut res =
+                    axum::response::IntoResponse::into_response(format!("{used} {outage}"));
                 charge.trace_into(res.extensions_mut());
                 res
             }),
@@ -227,7 +229,7 @@ async fn a_handlers_charge_reports_an_outage_it_let_through() {
         .route_layer(gate.layer());
     let res = get_events(&app, &f.key).await;
     assert!(res.extensions().get::<FailedOpen>().is_none());
-    assert_eq!(text(res).await, "1", "counted");
+    assert_eq!(text(res).await, "1 false", "counted");
     // Both stores down: the layer's limiter failure and the handler's
     // quota failure side by side in the response.
     f.switch.set_down();
@@ -235,7 +237,7 @@ async fn a_handlers_charge_reports_an_outage_it_let_through() {
     assert_eq!(res.status(), StatusCode::OK);
     let failed = res.extensions().get::<FailedOpen>().expect("the outage").clone();
     assert!(failed.limiter.is_some() && failed.quota.is_some(), "{failed:?}");
-    assert_eq!(text(res).await, "0", "let through uncounted");
+    assert_eq!(text(res).await, "0 true", "let through uncounted, and the charge says why");
     f.switch.set_up();
     let principal = Authenticator::new(f.keys.clone())
         .authenticate([("x-api-key", f.key.as_bytes())], &keygate::auth::Target::any())
@@ -252,6 +254,39 @@ async fn a_handlers_charge_reports_an_outage_it_let_through() {
     let mut ext = axum::http::Extensions::new();
     charge.trace_into(&mut ext);
     assert!(ext.get::<FailedOpen>().is_none());
+}
+
+/// What a gate, its builder and a request's refund handles show in logs:
+/// the plans, the units each handle can give back; never a key.
+#[tokio::test]
+async fn gates_and_refund_handles_debug_as_what_they_hold() {
+    use keygate::tower::{QuotaRefund, Refund};
+    let f = fixture().await;
+    let builder = Gate::builder(Authenticator::new(f.keys.clone()), MemoryLimiter::new(10))
+        .plans(PlanSet::presets())
+        .default_plan("indie")
+        .quotas(MemoryQuotaStore::new());
+    assert!(format!("{builder:?}").starts_with("GateBuilder"), "{builder:?}");
+    let gate = builder.build();
+    let shown = format!("{gate:?}");
+    assert!(shown.starts_with("Gate {") && shown.contains(r#"Some("indie")"#), "{shown}");
+    assert!(shown.contains(r#""startup""#) && shown.contains("quotas: true"), "{shown}");
+    let app: Router = Router::new().route(
+        "/events",
+        get(|Extension(r): Extension<Refund>, Extension(q): Extension<QuotaRefund>| async move {
+            format!("{r:?} {q:?}")
+        })
+        .route_layer(gate.layer().cost(2).quota("webhook")),
+    );
+    let res = get_events(&app, &f.key).await;
+    assert_eq!(res.status(), StatusCode::OK);
+    let handles = text(res).await;
+    assert!(
+        handles.starts_with("Refund { refundable: 2")
+            && handles.contains("QuotaRefund { refundable: 1"),
+        "{handles}"
+    );
+    assert!(!shown.contains(&f.key) && !handles.contains(&f.key));
 }
 
 /// A test-mode key spends its own month, not production's: `sk_test_` use
