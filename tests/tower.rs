@@ -271,6 +271,10 @@ async fn gates_and_refund_handles_debug_as_what_they_hold() {
     let shown = format!("{gate:?}");
     assert!(shown.starts_with("Gate {") && shown.contains(r#"Some("indie")"#), "{shown}");
     assert!(shown.contains(r#""startup""#) && shown.contains("quotas: true"), "{shown}");
+    assert_eq!(gate.plans().get("indie").map(keygate::limit::Plan::name), Some("indie"));
+    let layer = gate.layer().require("events:read").unwrap();
+    let route = format!("{layer:?}");
+    assert!(route.starts_with("GateLayer") && route.contains("events:read"), "{route}");
     let app: Router = Router::new().route(
         "/events",
         get(|Extension(r): Extension<Refund>, Extension(q): Extension<QuotaRefund>| async move {
