@@ -794,6 +794,34 @@ async fn revoking_a_token_stops_its_portal_sessions_not_the_keys_it_created() {
 }
 
 #[test]
+fn the_store_counts_every_session_and_tombstone_it_holds() {
+    // `len` is what the bounded-memory tests above measure: every pending
+    // session and every tombstone, and nothing once forgotten.
+    use keygate::portal::Redeem;
+    let clock = FakeClock::at_2026();
+    let store = MemoryPortalStore::with_clock(clock.clone());
+    assert!(store.is_empty());
+    assert_eq!(format!("{store:?}"), "MemoryPortalStore { entries: 0 }");
+    let mut s = keygate::testkit::portal::sample_session(0);
+    s.created_at = clock.now();
+    s.expires_at = clock.now() + jiff::SignedDuration::from_mins(1);
+    let codes = [1, 2, 3].map(|b| keygate::Digest::from_bytes([b; 32]));
+    for code in codes {
+        assert!(store.insert_sync(code, s.clone(), clock.now()));
+    }
+    assert_eq!((store.len(), store.is_empty()), (3, false));
+    // A redeemed code stays held, as a tombstone.
+    assert_eq!(store.redeem_sync(&codes[0], clock.now()), Redeem::Session(s));
+    assert_eq!(format!("{store:?}"), "MemoryPortalStore { entries: 3 }");
+    // Past the retention, a code asked about is dropped (no purge ran).
+    clock.advance(Duration::from_secs(60) + portal::TOMBSTONE_RETENTION);
+    for code in &codes[..2] {
+        assert_eq!(store.redeem_sync(code, clock.now()), Redeem::Unknown);
+    }
+    assert_eq!((store.len(), store.is_empty()), (1, false));
+}
+
+#[test]
 fn a_code_past_its_tombstone_retention_can_be_stored_again() {
     // Redis drops the code's key an hour past its expiry, and then stores
     // the digest anew; memory must not refuse it because no purge ran
