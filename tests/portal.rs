@@ -378,6 +378,24 @@ async fn a_session_never_outlives_its_minter() {
 }
 
 #[tokio::test]
+async fn a_minter_outliving_the_session_does_not_lend_its_end_to_the_token() {
+    // The token ends with its session, or sooner with its minter: never
+    // later, however long the minter lives on.
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let h = another_token(&w, |k| k.token_expiry(TokenExpiry::Days30)).await;
+    let minter = w.auth.authenticate([("authorization", h.as_bytes())], &Target::any()).await;
+    let minter = minter.unwrap();
+    let link = w.portal.create_session(&minter, &ws, &app, SessionRequest::default());
+    let link = link.await.unwrap();
+    assert_eq!(link.to_json()["expiresAt"], "2026-01-01T01:00:00Z");
+    let access = w.portal.redeem(link.code().expose_secret()).await.unwrap();
+    assert_eq!(access.record().expires_at, Some(link.expires_at()));
+    let stored = w.keys.get(&access.record().id).await.unwrap().unwrap();
+    assert_eq!(stored.expires_at, Some(link.expires_at()));
+}
+
+#[tokio::test]
 async fn revoking_the_minter_stops_its_links_and_its_portal_tokens() {
     let w = world(&["*"]).await;
     let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
