@@ -490,6 +490,39 @@ async fn a_redemption_failing_after_its_token_is_stored_leaves_no_working_token(
 }
 
 #[tokio::test]
+async fn a_token_that_could_not_be_revoked_is_reported_over_the_minters_refusal() {
+    // A refused redemption revokes the token it stored. When that fails
+    // too, a minter's refusal (an invalid link, to the caller) gives way
+    // to the store's failure, which may have left the token working; a
+    // store failure that came first is reported as it was.
+    for minter_revoked in [true, false] {
+        let keys = failing::FailingKeys::default();
+        let w = world_over(keys.mem.clone(), &["*"]).await;
+        let portal = Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone())
+            .clock(w.clock.clone())
+            .url_template("https://portal.acme.test/p?code={code}");
+        let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+        let minted = portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default());
+        let minted = minted.await.unwrap();
+        if minter_revoked {
+            let manager = KeyManager::new(keys.mem.clone()).clock(w.clock.clone());
+            assert!(manager.revoke(w.mgmt.record_id()).await.unwrap());
+        } else {
+            keys.get_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+        keys.revoke_down.store(true, std::sync::atomic::Ordering::SeqCst);
+        let err = portal.redeem(minted.code().expose_secret()).await.unwrap_err();
+        let err = match err {
+            PortalError::Backend(e) => e,
+            other => panic!("minter revoked: {minter_revoked}: {other}"),
+        };
+        // The revocation times out; the `get` is refused.
+        let timed_out = matches!(err, keygate::backend::BackendError::Timeout);
+        assert_eq!(timed_out, minter_revoked, "{err}");
+    }
+}
+
+#[tokio::test]
 async fn only_a_redeemed_session_mints_a_portal_access_token() {
     // Neither a key of another format nor a management token obtains one
     // through the manager (created, or rolled for its new secret): it would

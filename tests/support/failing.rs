@@ -72,14 +72,15 @@ impl<C: Clock> LimitStore for Failing<C> {
     }
 }
 
-/// The in-memory key store with switches for failures: `get` failing, and
+/// The in-memory key store with switches for failures: `get` failing,
 /// `insert` storing its record and then answering a timeout (the answer
-/// lost on the way back).
+/// lost on the way back), and `revoke` timing out.
 #[derive(Clone, Default)]
 pub struct FailingKeys {
     pub mem: keygate::store::MemoryKeyStore,
     pub get_down: Arc<std::sync::atomic::AtomicBool>,
     pub insert_answer_lost: Arc<std::sync::atomic::AtomicBool>,
+    pub revoke_down: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl FailingKeys {
@@ -129,12 +130,15 @@ impl keygate::store::KeyStore for FailingKeys {
     {
         self.mem.list(workspace, project)
     }
-    fn revoke(
+    async fn revoke(
         &self,
         id: &keygate::store::RecordId,
         at: jiff::Timestamp,
-    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
-        self.mem.revoke(id, at)
+    ) -> Result<bool, BackendError> {
+        if Self::on(&self.revoke_down) {
+            return Err(BackendError::Timeout);
+        }
+        self.mem.revoke(id, at).await
     }
     fn shorten_expiry(
         &self,
