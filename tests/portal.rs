@@ -129,11 +129,21 @@ async fn seed_request_to_principal() {
     assert_eq!(body["expiresAt"], "2026-01-01T00:30:00Z");
     assert_eq!(body.as_object().unwrap().len(), 3);
     assert!(!format!("{minted:?}").contains(code));
+    assert_eq!(format!("{minted:?}"), "MintedSession { expires_at: 2026-01-01T00:30:00Z, .. }");
     // The URL embeds the code: it stays in the secret wrapper too.
     assert_eq!(body["url"], minted.url().expose_secret());
     assert!(!format!("{:?}", minted.url()).contains(code));
 
     let access = w.portal.redeem(code).await.unwrap();
+    // The token's record shows, never its secret (nor the portal's links).
+    let shown = format!("{access:?}");
+    assert_eq!(shown, format!("AccessToken {{ record: {:?}, .. }}", access.record()));
+    assert!(!shown.contains(access.token().expose_secret()));
+    let portal = format!("{:?}", w.portal);
+    assert_eq!(
+        portal,
+        r#"Portal { url_template: "https://portal.example.com/p?code={code}", .. }"#
+    );
     // Second open: gone, however soon.
     assert!(matches!(w.portal.redeem(code).await.unwrap_err(), PortalError::AlreadyUsed));
     assert_eq!(PortalError::AlreadyUsed.rejection(), Rejection::Gone);
@@ -243,6 +253,7 @@ async fn expiry_boundary_and_defaults() {
         .await
         .unwrap();
     assert_eq!(minted.to_json()["expiresAt"], "2026-01-01T01:00:00Z", "default 60 minutes");
+    assert_eq!(minted.expires_at(), w.clock.now().checked_add(portal::MAX_SESSION).unwrap());
     w.clock.advance(Duration::from_secs(3600) - Duration::from_nanos(1));
     let early =
         w.portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default()).await.unwrap();
