@@ -575,6 +575,47 @@ mod tests {
         assert!(block_on(store.get(&id)).unwrap().is_none(), "forgotten a retention after its end");
     }
 
+    #[test]
+    fn the_expiry_heap_rebuilds_after_forgetting_took_it_past_its_bound() {
+        // The heap's bound moves down two for each record forgotten, while
+        // forgetting pops only that record's entry: a heap just under its
+        // bound can end up above it with no push in between. Later pushes
+        // must still rebuild it, not wait for a bound they have passed.
+        let t = |secs: i64| Timestamp::from_second(1_704_067_200 + secs).unwrap();
+        let year = 365 * 86_400;
+        let store = MemoryKeyStore::new().expired_retention(std::time::Duration::from_secs(60));
+        let insert = |mut r: KeyRecord, at: i64| {
+            r.created_at = t(at);
+            assert_eq!(block_on(store.insert(Arc::new(r), None)).unwrap(), InsertOutcome::Inserted);
+        };
+        let mut long = sample_record("ws_h", Some("p"), 0, false);
+        long.expires_at = Some(t(year));
+        let id = long.id.clone();
+        insert(long, 0);
+        for _ in 0..10 {
+            let mut short = sample_record("ws_h", Some("p"), 0, false);
+            short.expires_at = Some(t(100));
+            insert(short, 0);
+        }
+        // Stale entries of the long record's end, up to one under the bound.
+        let bound = |i: &Inner| 2 * i.by_id.len() + 64;
+        let mut k = 0;
+        while store.read(|i| i.expiries.len() + 1 < bound(i)) {
+            k += 1;
+            assert!(block_on(store.shorten_expiry(&id, t(year - k))).unwrap());
+        }
+        // The ten short records are forgotten by an insert that schedules
+        // nothing: the heap is now above its bound.
+        insert(sample_record("ws_h", Some("p"), 0, false), 86_400);
+        assert!(store.read(|i| i.expiries.len() > bound(i)), "the case under test");
+        for _ in 0..200 {
+            k += 1;
+            assert!(block_on(store.shorten_expiry(&id, t(year - k))).unwrap());
+        }
+        let (heap, bound) = store.read(|i| (i.expiries.len(), bound(i)));
+        assert!(heap <= bound, "stale heap entries are dropped: {heap} > {bound}");
+    }
+
     /// A loop of creating a key in a project and revoking it (a CI job's
     /// key per run) leaves revoked records for a retention; the project's
     /// index, which the cap check walks on every create, holds only the
