@@ -262,5 +262,26 @@ mod tests {
         assert!(!r.accepts("nh", Source::Cookie) && r.accepts("sk", Source::Cookie));
         let r = r.allow_api_key_formats_as_bearer();
         assert!(r.accepts("nh", Source::Bearer) && r.accepts("nh", Source::Cookie));
+        // The configured list replaces the default one: `sk` moves to
+        // `X-API-Key` (and out of Bearer), `nh` becomes a Bearer format.
+        let r = HeaderRules::default().api_key_formats(&["sk"]);
+        assert!(r.accepts("sk", Source::ApiKeyHeader) && !r.accepts("sk", Source::Bearer));
+        assert!(r.accepts("nh", Source::Bearer) && !r.accepts("nh", Source::ApiKeyHeader));
+    }
+
+    #[test]
+    fn a_configured_length_cap_replaces_the_default() {
+        let r = HeaderRules::default().max_header_len(8);
+        let extract = |v: &'static str| r.extract([("X-API-Key", v.as_bytes())]);
+        assert_eq!(extract("12345678"), Ok(Some((Source::ApiKeyHeader, "12345678"))));
+        assert_eq!(extract("123456789"), Err(CredentialError::Oversized { max: 8 }));
+    }
+
+    #[test]
+    fn a_wrong_header_refusal_names_the_header() {
+        let e = CredentialError::WrongHeader { format: "nh", header: Source::Bearer };
+        assert_eq!(e.to_string(), "key format `nh` is not accepted in Authorization: Bearer");
+        assert_eq!(Source::ApiKeyHeader.to_string(), "X-API-Key");
+        assert_eq!(Source::Cookie.to_string(), "a cookie");
     }
 }
