@@ -1699,8 +1699,34 @@ async fn last_use_is_not_rewritten_within_the_interval() {
     clock.advance(Duration::from_secs(59));
     assert_eq!(call().await, Some(first), "within the interval: no new write");
     assert_eq!(store.last_use_writes.load(Ordering::Relaxed), writes);
-    clock.advance(Duration::from_secs(2));
-    assert_eq!(call().await, Some(clock.now()), "after it: recorded again");
+    clock.advance(Duration::from_secs(1));
+    assert_eq!(call().await, Some(clock.now()), "a whole interval after: recorded again");
+}
+
+/// A cached principal notes its use once per interval as well: uses
+/// within it are not noted (a flush has nothing to write), and the first
+/// use a whole interval after the write is written at once.
+#[tokio::test]
+async fn a_cached_keys_use_is_noted_once_per_interval() {
+    let (clock, store, manager, auth) = last_use_setup();
+    // Entries outlive the interval: every use below is a cache hit.
+    let auth = auth.cache(Arc::new(PrincipalCache::new(Duration::from_secs(600), 100)));
+    let k = manager.create(NewKey::new("k", SK, ws("ws_a"))).await.unwrap();
+    let key = k.key().expose_secret();
+    // Off the monotonic origin, which stands for "never".
+    clock.advance(Duration::from_secs(1));
+    auth_bearer(&auth, key, &Target::any()).await.unwrap();
+    let first = clock.now();
+    assert_eq!(f_get(&store, k.record()).await, Some(first));
+    clock.advance(Duration::from_secs(1));
+    auth_bearer(&auth, key, &Target::any()).await.unwrap();
+    auth.flush_last_use().await.unwrap();
+    assert_eq!(f_get(&store, k.record()).await, Some(first), "not noted again");
+    assert_eq!(store.last_use_writes.load(Ordering::Relaxed), 1);
+    clock.advance(Duration::from_secs(59));
+    auth_bearer(&auth, key, &Target::any()).await.unwrap();
+    assert_eq!(f_get(&store, k.record()).await, Some(clock.now()), "a whole interval after");
+    assert_eq!(store.last_use_writes.load(Ordering::Relaxed), 2);
 }
 
 /// A manager built for an authenticator creates keys it verifies (its
