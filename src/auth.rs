@@ -1255,3 +1255,23 @@ fn credential_headers(headers: &http::HeaderMap) -> impl Iterator<Item = (&str, 
         .map(|v| ("authorization", v.as_bytes()))
         .chain(headers.get_all(&X_API_KEY).iter().map(|v| ("x-api-key", v.as_bytes())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::MemoryKeyStore;
+
+    /// Authenticators sharing a cache keep a key's entries apart, whatever
+    /// the digest's bytes (none set, every one set): one never takes the
+    /// other's place.
+    #[test]
+    fn authenticators_of_one_cache_keep_a_digest_under_keys_of_their_own() {
+        let mut a = Authenticator::new(MemoryKeyStore::new());
+        let mut b = a.clone();
+        (a.source, b.source) = (1, 2);
+        for byte in [0x00, 0xff] {
+            let digest = crate::Digest::from_bytes([byte; crate::Digest::LEN]);
+            assert_ne!(a.cache_key(&digest), b.cache_key(&digest), "{byte:#04x}");
+        }
+    }
+}
