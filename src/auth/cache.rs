@@ -471,6 +471,20 @@ mod tests {
         (d, Principal::from_record(Arc::new(r), &ScopeRegistry::default()).unwrap())
     }
 
+    /// Digests of `c`'s first shard, each with a principal of its own.
+    fn in_first_shard(c: &PrincipalCache) -> impl FnMut() -> (Digest, Principal) {
+        let mut seed = 0_u64;
+        move || loop {
+            seed += 1;
+            let mut bytes = [0; Digest::LEN];
+            bytes[..8].copy_from_slice(&seed.to_le_bytes());
+            let d = Digest::from_bytes(bytes);
+            if std::ptr::eq(c.shard(&d), &raw const c.shards[0]) {
+                return (d, principal().1);
+            }
+        }
+    }
+
     /// With requests writing, every key used in an interval is in the
     /// next batch, however many: the map empties each interval.
     #[test]
@@ -535,6 +549,7 @@ mod tests {
         assert!(c.get(d, now).is_none() && c.get(d2, now).is_some());
         assert_eq!(c.len(), before - 1);
         consistent(&c);
+        assert!(!c.is_empty());
         c.clear();
         assert!(c.is_empty());
         consistent(&c);
@@ -563,17 +578,7 @@ mod tests {
         let per_shard = 128;
         let c = PrincipalCache::new(Duration::from_millis(per_shard), 16 * 128);
         assert_eq!(c.per_shard, 128);
-        // Digests of one shard, each with a principal of its own.
-        let mut seed = 0_u64;
-        let mut next = || loop {
-            seed += 1;
-            let mut bytes = [0; Digest::LEN];
-            bytes[..8].copy_from_slice(&seed.to_le_bytes());
-            let d = Digest::from_bytes(bytes);
-            if std::ptr::eq(c.shard(&d), &raw const c.shards[0]) {
-                return (d, principal().1);
-            }
-        };
+        let mut next = in_first_shard(&c);
         let ms = |t: u64| Nanos::new(t * 1_000_000);
         // One entry a millisecond: the first expires as the shard fills.
         for t in 0..per_shard {
@@ -592,6 +597,47 @@ mod tests {
         let bound = inserts / (per_shard / 16) + 1;
         assert!(passes <= bound, "{passes} passes over a full shard in {inserts} inserts");
         consistent(&c);
+    }
+
+    /// A full shard of live principals makes room for a sixteenth of it,
+    /// evicting no more (each eviction costs a store lookup later).
+    #[test]
+    fn a_full_shard_of_live_principals_evicts_a_sixteenth() {
+        let c = PrincipalCache::new(Duration::from_secs(30), 16 * 128);
+        let mut next = in_first_shard(&c);
+        let now = Nanos::new(1);
+        for _ in 0..128 {
+            let (d, p) = next();
+            c.insert(d, p, now);
+        }
+        assert_eq!(c.shards[0].read().unwrap().len(), 128);
+        let (d, p) = next();
+        c.insert(d, p, now);
+        assert_eq!(c.shards[0].read().unwrap().len(), 128 - 8 + 1);
+        assert!(c.get(&d, now).is_some(), "the new entry is kept");
+        consistent(&c);
+    }
+
+    /// Digests spread over every shard: one shard for all would hold a
+    /// sixteenth of the capacity.
+    #[test]
+    fn digests_spread_over_every_shard() {
+        let c = PrincipalCache::default();
+        let used: std::collections::HashSet<_> = (0..256_u64)
+            .map(|i| {
+                let mut bytes = [0; Digest::LEN];
+                bytes[..8].copy_from_slice(&i.to_le_bytes());
+                std::ptr::from_ref(c.shard(&Digest::from_bytes(bytes)))
+            })
+            .collect();
+        assert_eq!(used.len(), SHARDS);
+    }
+
+    #[test]
+    fn debug_shows_the_ttl_and_the_capacity() {
+        // 100 over 16 shards: 7 each.
+        let c = PrincipalCache::new(Duration::from_secs(30), 100);
+        assert_eq!(format!("{c:?}"), "PrincipalCache { ttl: 30s, capacity: 112, .. }");
     }
 
     /// A revocation keeps out what was read before it of its own record
