@@ -388,6 +388,9 @@ mod tests {
         assert_eq!(cands.len(), 2);
         assert_eq!(cands[0], rotated.digest(b"nh_key"));
         assert_eq!(cands[1], stored_old);
+        // A lookup that missed under the current pepper tries the older one.
+        assert!(rotated.has_older_peppers());
+        assert_eq!(rotated.older_candidates(b"nh_key").collect::<Vec<_>>(), [stored_old]);
         // A pepper that was dropped no longer verifies.
         let dropped = Hasher::hmac(vec![pepper(2, 2)]).unwrap();
         assert!(!dropped.verify(b"nh_key", &stored_old));
@@ -458,5 +461,6 @@ mod tests {
         let h = Hasher::hmac(vec![p]).unwrap();
         let dbg = format!("{h:?}");
         assert!(!dbg.contains("s3cr3t"), "{dbg}");
+        assert!(dbg.contains("Pepper { id: PepperId(3), .. }"), "{dbg}");
     }
 }
