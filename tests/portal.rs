@@ -10,7 +10,7 @@ use keygate::format::{Environment, NH, NHM, Region};
 use keygate::http::{BodyStyle, Rejection};
 use keygate::manager::{KeyManager, ManagerError, NewKey, TokenExpiry};
 use keygate::portal::{
-    self, MemoryPortalStore, Portal, PortalError, PortalSession, SessionRequest,
+    self, MemoryPortalStore, MintedSession, Portal, PortalError, PortalSession, SessionRequest,
 };
 use keygate::scope::Role;
 use keygate::store::{KeyStore, MemoryKeyStore, SmolStr, Tenant};
@@ -475,24 +475,37 @@ async fn rolling_the_minter_ends_its_portal_tokens_with_the_grace() {
     }
 }
 
+/// A world whose key store is a [`failing::FailingKeys`] (every switch
+/// up), a portal over it, and a session minted there for `ws_abc`'s
+/// `app_1`.
+async fn over_failing_keys() -> (
+    failing::FailingKeys,
+    World,
+    Portal<Arc<MemoryPortalStore>, failing::FailingKeys, FakeClock>,
+    MintedSession,
+) {
+    let keys = failing::FailingKeys::default();
+    let w = world_over(keys.mem.clone(), &["*"]).await;
+    let portal = Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone())
+        .clock(w.clock.clone())
+        .url_template("https://portal.acme.test/p?code={code}");
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let minted = portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default());
+    let minted = minted.await.unwrap();
+    (keys, w, portal, minted)
+}
+
 #[tokio::test]
 async fn a_redemption_failing_after_its_token_is_stored_leaves_no_working_token() {
     // The minter check fails (the store's `get`), or the token's insert
     // stored it but its answer was lost: the caller gets an error and no
     // token, so none may be left working in the store.
     for lost_insert in [false, true] {
-        let keys = failing::FailingKeys::default();
-        let w = world_over(keys.mem.clone(), &["*"]).await;
-        let portal = Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone())
-            .clock(w.clock.clone())
-            .url_template("https://portal.acme.test/p?code={code}");
-        let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
-        let minted = portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default());
-        let minted = minted.await.unwrap();
+        let (keys, w, portal, minted) = over_failing_keys().await;
         let switch = if lost_insert { &keys.insert_answer_lost } else { &keys.get_down };
         switch.store(true, std::sync::atomic::Ordering::SeqCst);
         assert!(portal.redeem(minted.code().expose_secret()).await.is_err());
-        let held = w.keys.list(&ws, None).await.unwrap();
+        let held = w.keys.list(&"ws_abc".parse().unwrap(), None).await.unwrap();
         let live = held
             .iter()
             .filter(|r| r.format == portal::ACCESS_TOKEN.name() && r.is_active(w.clock.now()));
@@ -507,14 +520,7 @@ async fn a_token_that_could_not_be_revoked_is_reported_over_the_minters_refusal(
     // to the store's failure, which may have left the token working; a
     // store failure that came first is reported as it was.
     for minter_revoked in [true, false] {
-        let keys = failing::FailingKeys::default();
-        let w = world_over(keys.mem.clone(), &["*"]).await;
-        let portal = Portal::new(Arc::new(MemoryPortalStore::new()), keys.clone())
-            .clock(w.clock.clone())
-            .url_template("https://portal.acme.test/p?code={code}");
-        let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
-        let minted = portal.create_session(&w.mgmt, &ws, &app, SessionRequest::default());
-        let minted = minted.await.unwrap();
+        let (keys, w, portal, minted) = over_failing_keys().await;
         if minter_revoked {
             let manager = KeyManager::new(keys.mem.clone()).clock(w.clock.clone());
             assert!(manager.revoke(w.mgmt.record_id()).await.unwrap());
