@@ -201,6 +201,31 @@ fn memory_is_bounded_and_eviction_never_frees_a_limited_key() {
 }
 
 #[test]
+fn a_full_limiter_keeps_fixed_window_keys_to_their_windows_last_nanosecond() {
+    // A window's end is kept in steps of about a millisecond (ns >> 20):
+    // judged fresh from the step after the end, never from the step that
+    // holds it, so eviction cannot free a key still limited.
+    let c = clock();
+    let l = MemoryLimiter::<u64, _>::with_clock(64, c.clone());
+    let p = [fixed(1, 1)];
+    let mut tracked = Vec::new();
+    let mut until_end = Duration::ZERO;
+    for i in 0..10_000u64 {
+        if let Ok(d) = l.check(&i, &p, 1) {
+            until_end = d.binding().reset_after;
+            tracked.push(i);
+        }
+    }
+    c.advance(until_end.saturating_sub(Duration::from_nanos(1)));
+    for i in 10_000..20_000u64 {
+        let _ = l.check(&i, &p, 1);
+    }
+    for i in tracked {
+        assert!(!l.check(&i, &p, 1).unwrap().is_allowed(), "key {i} freed before its window ended");
+    }
+}
+
+#[test]
 fn direct_limiter() {
     let c = clock();
     let d = DirectLimiter::with_clock(Policy::per_second(NonZeroU32::new(2).unwrap()), c.clone());
