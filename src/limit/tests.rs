@@ -226,6 +226,24 @@ fn a_full_limiter_keeps_fixed_window_keys_to_their_windows_last_nanosecond() {
 }
 
 #[test]
+fn a_full_limiter_makes_room_the_instant_its_keys_go_fresh() {
+    // GCRA, one per 10 ms: a key checked at t is fresh again from t + 10
+    // ms on, that very nanosecond included.
+    let c = clock();
+    let l = MemoryLimiter::<u64, _>::with_clock(64, c.clone());
+    let p = [Policy::new("d", 1, Duration::from_millis(10), Algorithm::Gcra).unwrap()];
+    let mut n = 0;
+    while l.check(&n, &p, 1).is_ok() {
+        n += 1;
+    }
+    assert!(l.len() <= l.max_keys());
+    c.advance(Duration::from_millis(10));
+    for i in n..n + 64 {
+        assert!(l.check(&i, &p, 1).is_ok_and(|d| d.is_allowed()), "key {i} refused");
+    }
+}
+
+#[test]
 fn direct_limiter() {
     let c = clock();
     let d = DirectLimiter::with_clock(Policy::per_second(NonZeroU32::new(2).unwrap()), c.clone());
