@@ -528,6 +528,17 @@ mod tests {
     use crate::testkit::portal::block_on;
 
     #[test]
+    fn a_store_counts_its_records_and_debugs_as_the_count() {
+        let store = MemoryKeyStore::with_capacity(4);
+        assert!(store.is_empty());
+        assert_eq!(format!("{store:?}"), "MemoryKeyStore { records: 0 }");
+        let r = sample_record("ws_h", Some("p"), 0, false);
+        assert_eq!(block_on(store.insert(Arc::new(r), None)).unwrap(), InsertOutcome::Inserted);
+        assert!(!store.is_empty());
+        assert_eq!(format!("{store:?}"), "MemoryKeyStore { records: 1 }");
+    }
+
+    #[test]
     fn create_and_revoke_loops_keep_the_expiry_heap_bounded() {
         let t = |secs: i64| Timestamp::from_second(1_767_225_600 + secs).unwrap();
         let store = MemoryKeyStore::new().expired_retention(std::time::Duration::from_secs(60));
