@@ -408,6 +408,12 @@ async fn revoke_roll_and_list_for_a_caller_reach_only_its_records() {
     let listed = f.manager.list_for(&admin, None).await.unwrap();
     assert!(listed.iter().any(|r| r.id == *mine_id));
     assert!(listed.iter().all(|r| r.tenant.workspace.as_str() == "ws_a"));
+    // A project's caller naming its own project lists it, as with none.
+    let own_project = caller(&f, project("ws_a", "p1"), &["*"]).await;
+    let ids = |rs: Vec<Arc<KeyRecord>>| rs.iter().map(|r| r.id.clone()).collect::<Vec<_>>();
+    let named = ids(f.manager.list_for(&own_project, Some(&p1)).await.unwrap());
+    assert!(named.contains(mine_id), "{named:?}");
+    assert_eq!(named, ids(f.manager.list_for(&own_project, None).await.unwrap()));
 
     // Rolling hands the caller the key's secret: only with its scopes.
     let narrow = caller(&f, ws("ws_a"), &["api_keys:update"]).await;
@@ -783,6 +789,10 @@ async fn a_regional_parent_creates_keys_of_its_region_only() {
     let child = f.manager.create_for(&parent, NewKey::new("c", NHK, ws("ws_a"))).await.unwrap();
     assert_eq!(child.record().region, Some(Region::EU));
     assert!(child.key().expose_secret().starts_with("nhk_eu_"));
+    // Asked for, the parent's own region is granted.
+    let same = NewKey::new("c", NHK, ws("ws_a")).region(Region::EU);
+    let child = f.manager.create_for(&parent, same).await.unwrap();
+    assert_eq!(child.record().region, Some(Region::EU));
     // Another region, or a format without one (which would reach every
     // region), is refused.
     for new in
@@ -813,6 +823,10 @@ async fn create_for_keeps_the_parents_environment_and_expiry() {
     // No environment asked: the parent's, not the format's default (live).
     let child = f.manager.create_for(&parent, NewKey::new("c", SK, ws("ws_a"))).await.unwrap();
     assert_eq!(child.record().environment, Some(Environment::TEST));
+    assert!(child.key().expose_secret().starts_with("sk_test_"));
+    // Asked for, the parent's own environment is granted.
+    let same = NewKey::new("c", SK, ws("ws_a")).environment(Environment::TEST);
+    let child = f.manager.create_for(&parent, same).await.unwrap();
     assert!(child.key().expose_secret().starts_with("sk_test_"));
     // Never outlives the parent: "never" and a longer life are both capped.
     assert_eq!(child.record().expires_at, test_parent.record().expires_at);
