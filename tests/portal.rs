@@ -427,6 +427,9 @@ async fn revoking_the_minter_stops_its_links_and_its_portal_tokens() {
     let bearer = format!("Bearer {}", access.token().expose_secret());
     let portal_headers = [("authorization", bearer.as_bytes())];
     assert!(auth.authenticate(portal_headers, &Target::any()).await.is_ok(), "cached now");
+    // A token of the other minter's, redeemed before the revocation.
+    let kept_early = mint(&other).await.unwrap();
+    let kept_early = w.portal.redeem(kept_early.code().expose_secret()).await.unwrap();
 
     assert!(manager.revoke(w.mgmt.record_id()).await.unwrap());
     // The token it led to stops at once (this process's cache too)...
@@ -439,16 +442,33 @@ async fn revoking_the_minter_stops_its_links_and_its_portal_tokens() {
     let err = w.portal.redeem(unopened.code().expose_secret()).await.unwrap_err();
     assert!(matches!(err, PortalError::MinterInactive), "{err}");
     assert_eq!(err.rejection(), PortalError::UnknownCode.rejection());
-    // ...and another token's sessions are untouched.
+    // ...and another token's sessions and tokens are untouched.
     let access = w.portal.redeem(kept.code().expose_secret()).await.unwrap();
-    let bearer = format!("Bearer {}", access.token().expose_secret());
-    assert!(
-        auth.authenticate([("authorization", bearer.as_bytes())], &Target::any()).await.is_ok()
-    );
+    for access in [&access, &kept_early] {
+        let bearer = format!("Bearer {}", access.token().expose_secret());
+        let headers = [("authorization", bearer.as_bytes())];
+        assert!(auth.authenticate(headers, &Target::any()).await.is_ok());
+    }
     // The refused redemption left no working token behind.
     let held = w.keys.list(&"ws_abc".parse().unwrap(), None).await.unwrap();
     let live_portal = held.iter().filter(|r| r.format == portal::ACCESS_TOKEN.name());
-    assert_eq!(live_portal.filter(|r| r.is_active(w.clock.now())).count(), 1);
+    assert_eq!(live_portal.filter(|r| r.is_active(w.clock.now())).count(), 2);
+}
+
+/// Revoking a minter ends its working tokens; one that expired already
+/// stays as it ended (expired, not revoked), as a listing shows it.
+#[tokio::test]
+async fn revoking_the_minter_leaves_its_expired_tokens_expired() {
+    let w = world(&["*"]).await;
+    let (ws, app) = ("ws_abc".parse().unwrap(), "app_1".parse().unwrap());
+    let manager = KeyManager::new(w.keys.clone()).clock(w.clock.clone());
+    let short = SessionRequest { expires_in_minutes: 1, ..SessionRequest::default() };
+    let link = w.portal.create_session(&w.mgmt, &ws, &app, short).await.unwrap();
+    let access = w.portal.redeem(link.code().expose_secret()).await.unwrap();
+    w.clock.advance(Duration::from_secs(61));
+    assert!(manager.revoke(w.mgmt.record_id()).await.unwrap());
+    let stored = w.keys.get(&access.record().id).await.unwrap().unwrap();
+    assert_eq!((stored.revoked_at, stored.expires_at), (None, access.record().expires_at));
 }
 
 #[tokio::test]
