@@ -106,6 +106,7 @@ async fn auth_errors_and_principals_never_echo_the_credential() {
         let tail = secret_tail(created.key());
         let s = created.key().expose_secret();
         assert_absent(&format!("{created:?} {:?}", created.record()), &tail);
+        assert!(format!("{created:?}").contains(created.record().id.as_str()), "names its record");
         let p = auth
             .authenticate([("authorization", format!("Bearer {s}").as_bytes())], &Target::any())
             .await;
@@ -347,4 +348,17 @@ async fn tower_refusals_and_admissions_never_echo_the_credential() {
     }
     // Admissions, refused keys and a refused scope were all looked at.
     assert_eq!(statuses.into_iter().collect::<Vec<_>>(), [200, 401, 403]);
+}
+
+/// A manager's `Debug` shows its settings, never its pepper.
+#[test]
+fn a_managers_debug_shows_its_settings_not_its_pepper() {
+    let pepper = Pepper::new(PepperId(3), Secret::new(vec![0x41u8; 32])).unwrap();
+    let manager = KeyManager::new(MemoryKeyStore::new())
+        .hasher(Hasher::hmac(vec![pepper]).unwrap())
+        .max_active_per_project(Some(7));
+    let shown = format!("{manager:?}");
+    assert!(shown.starts_with("KeyManager {"), "{shown}");
+    assert!(shown.contains("max_active: Some(7)"), "{shown}");
+    assert!(!shown.contains("65, 65"), "{shown}");
 }
