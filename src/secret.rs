@@ -531,4 +531,17 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn digest_eq_sees_equal_differences_in_two_words() {
+        // The same bit flipped in two 8-byte words: folding the words'
+        // differences must keep both, not let one cancel the other.
+        let a = Digest::from_bytes([0x5a; 32]);
+        for (first, second) in [(0, 8), (3, 27), (8, 16), (7, 31)] {
+            let mut other = [0x5a; 32];
+            other[first] ^= 0x10;
+            other[second] ^= 0x10;
+            assert_ne!(a, Digest::from_bytes(other), "bytes {first} and {second}");
+        }
+    }
 }
