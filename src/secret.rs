@@ -432,6 +432,24 @@ mod tests {
     }
 
     #[test]
+    fn dropping_a_secret_zeroizes_it() {
+        use std::cell::Cell;
+        use std::rc::Rc;
+        // Records that it was wiped, which a dropped value cannot show.
+        struct Wiped(Rc<Cell<bool>>);
+        impl Zeroize for Wiped {
+            fn zeroize(&mut self) {
+                self.0.set(true);
+            }
+        }
+        let wiped = Rc::new(Cell::new(false));
+        let s = Secret::new(Wiped(Rc::clone(&wiped)));
+        assert!(!wiped.get());
+        drop(s);
+        assert!(wiped.get());
+    }
+
+    #[test]
     fn digest_eq_and_hex_round_trip() {
         let a = Digest::from_bytes([0xab; 32]);
         let mut other = [0xab; 32];
