@@ -317,3 +317,15 @@ fn no_format_the_builder_accepts_is_longer_than_max_key_len() {
     assert!(KeyFormat::builder("abcdefghijklmnopq").build().is_err());
     assert!(KeyFormat::builder("ab").key_id(&Alphabet::BASE62, 33).build().is_err());
 }
+
+#[test]
+fn a_hint_may_show_at_most_a_quarter_of_the_secret() {
+    // 8 of 31 base62 characters is more than a quarter, although the 23
+    // hidden ones carry 136 bits and 8 is the most a hint may show; 8 of 32
+    // is exactly a quarter.
+    assert_eq!(
+        KeyFormat::builder("ab").secret(&Alphabet::BASE62, 31).hint_chars(8).build(),
+        Err(FormatError::HintTooLong)
+    );
+    assert!(KeyFormat::builder("ab").secret(&Alphabet::BASE62, 32).hint_chars(8).build().is_ok());
+}
