@@ -329,3 +329,24 @@ fn a_hint_may_show_at_most_a_quarter_of_the_secret() {
     );
     assert!(KeyFormat::builder("ab").secret(&Alphabet::BASE62, 32).hint_chars(8).build().is_ok());
 }
+
+#[test]
+fn a_format_describes_its_grammar() {
+    const F: KeyFormat =
+        KeyFormat::builder("acme").secret(&Alphabet::BASE62, 30).crc32().build_unwrap();
+    let described: Vec<_> = [NHK, NHM, NK, SK, NH, F]
+        .iter()
+        .map(|f| (f.name(), f.separators(), f.key_id_spec(), f.checksum()))
+        .collect();
+    assert_eq!(
+        described,
+        [
+            ("nhk", 2, None, None),
+            ("nhm", 1, None, None),
+            ("nk", 3, Some((&Alphabet::BASE62, 8)), None),
+            ("sk", 2, None, None),
+            ("nh", 1, None, None),
+            ("acme", 1, None, Some(Checksum::Crc32)),
+        ]
+    );
+}
