@@ -350,3 +350,17 @@ fn a_format_describes_its_grammar() {
         ]
     );
 }
+
+#[test]
+fn a_key_agrees_only_with_its_own_segment() {
+    let sk = format!("sk_test_{B62_32}");
+    assert!(SK.segment_agrees(sk.as_bytes(), Some(Environment::TEST), None));
+    assert!(!SK.segment_agrees(sk.as_bytes(), Some(Environment::LIVE), None));
+    assert!(!SK.segment_agrees(sk.as_bytes(), None, Some(Region::US)));
+    let nhk = format!("nhk_eu_{HEX64}");
+    assert!(NHK.segment_agrees(nhk.as_bytes(), None, Some(Region::EU)));
+    assert!(!NHK.segment_agrees(nhk.as_bytes(), None, Some(Region::US)));
+    assert!(!NHK.segment_agrees(nhk.as_bytes(), Some(Environment::LIVE), None));
+    // Without a segment, the record's environment is the host's to set.
+    assert!(NH.segment_agrees(format!("nh_{HEX64}").as_bytes(), Some(Environment::TEST), None));
+}
