@@ -364,3 +364,15 @@ fn a_key_agrees_only_with_its_own_segment() {
     // Without a segment, the record's environment is the host's to set.
     assert!(NH.segment_agrees(format!("nh_{HEX64}").as_bytes(), Some(Environment::TEST), None));
 }
+
+#[test]
+fn a_format_set_lists_and_finds_its_formats() {
+    let set = FormatSet::presets();
+    let names: Vec<&str> = set.formats().iter().map(KeyFormat::name).collect();
+    assert_eq!(names, ["nhk", "nhm", "nk", "sk", "nh"]);
+    assert_eq!(set.get("sk"), Some(&SK));
+    assert_eq!(set.get("nh"), Some(&NH));
+    assert_eq!(set.get("xx"), None);
+    // The longest preset key: `nhk_us_` and 64 hex characters.
+    assert_eq!(set.max_len(), 71);
+}
