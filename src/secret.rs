@@ -450,6 +450,18 @@ mod tests {
     }
 
     #[test]
+    fn os_batch_words_are_random() {
+        use rand_core::TryRng;
+        let mut rng = OsBatch::new(16);
+        let u32s: std::collections::HashSet<u32> =
+            (0..8).map(|_| rng.try_next_u32().unwrap()).collect();
+        let u64s: std::collections::HashSet<u64> =
+            (0..8).map(|_| rng.try_next_u64().unwrap()).collect();
+        // Eight random words all alike is out of reach; a constant is one value.
+        assert!(u32s.len() > 1 && u64s.len() > 1, "{u32s:?} {u64s:?}");
+    }
+
+    #[test]
     fn digest_eq_and_hex_round_trip() {
         let a = Digest::from_bytes([0xab; 32]);
         let mut other = [0xab; 32];
