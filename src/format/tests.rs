@@ -352,6 +352,18 @@ fn a_format_describes_its_grammar() {
 }
 
 #[test]
+fn parse_errors_name_the_part_in_words() {
+    let parts =
+        [Part::Prefix, Part::Environment, Part::Region, Part::KeyId, Part::Secret, Part::Checksum];
+    let words: Vec<String> = parts.iter().map(ToString::to_string).collect();
+    assert_eq!(words, ["prefix", "environment", "region", "key id", "secret", "checksum"]);
+    assert_eq!(
+        NK.parse("nk_live_Ab12CdEf").unwrap_err().to_string(),
+        "missing `_` after the key id"
+    );
+}
+
+#[test]
 fn a_key_agrees_only_with_its_own_segment() {
     let sk = format!("sk_test_{B62_32}");
     assert!(SK.segment_agrees(sk.as_bytes(), Some(Environment::TEST), None));
