@@ -475,6 +475,17 @@ mod tests {
     }
 
     #[test]
+    fn digest_prints_as_lowercase_hex() {
+        let mut bytes = [0u8; 32];
+        bytes[0] = 0xab;
+        bytes[31] = 0x0f;
+        let d = Digest::from_bytes(bytes);
+        let hex = format!("ab{}0f", "0".repeat(60));
+        assert_eq!(d.to_string(), hex);
+        assert_eq!(format!("{d:?}"), format!("Digest({hex})"));
+    }
+
+    #[test]
     fn os_batch_hands_out_each_byte_once() {
         use rand_core::TryRng;
         let mut rng = OsBatch::new(64);
