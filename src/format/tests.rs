@@ -388,3 +388,16 @@ fn a_format_set_lists_and_finds_its_formats() {
     // The longest preset key: `nhk_us_` and 64 hex characters.
     assert_eq!(set.max_len(), 71);
 }
+
+#[test]
+fn debug_shows_a_key_by_its_public_parts() {
+    let k = NK.parse(&format!("nk_live_Ab12CdEf_{B62_32}")).unwrap();
+    assert_eq!(
+        format!("{k:?}"),
+        r#"ApiKey { format: "nk", environment: Some("live"), region: None, key_id: Some("Ab12CdEf"), hint: "nk_live_Ab12CdEf", .. }"#
+    );
+    assert_eq!(
+        format!("{NH:?}"),
+        r#"KeyFormat { name: "nh", segment: None, key_id: None, secret: Alphabet("0123456789abcdef"), secret_len: 64, checksum: None, .. }"#
+    );
+}
