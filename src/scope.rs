@@ -619,6 +619,13 @@ mod tests {
         assert!(s("webhooks:*").is_wildcard() && s("*").is_wildcard());
     }
 
+    /// A scope prints as its text, quoted in `Debug` as a string is.
+    #[test]
+    fn a_scope_prints_as_its_text() {
+        assert_eq!(s("webhooks:write").to_string(), "webhooks:write");
+        assert_eq!(format!("{:?}", [s("webhooks:*"), s("*")]), r#"["webhooks:*", "*"]"#);
+    }
+
     #[test]
     fn wildcards_and_checks() {
         let reg = ScopeRegistry::default();
@@ -693,6 +700,116 @@ mod tests {
             Err(ScopeError::Exceeds { scope: "applications:delete".into() })
         );
         assert_eq!(reg.scopes_of(&ok), vec![s("webhooks:write")]);
+    }
+
+    /// A registry of 16 resources × 16 actions fills all 256 bits: `rN:*`
+    /// of resource `N` lies in word `N / 4` of the set.
+    fn full_registry() -> ScopeRegistry {
+        let names = |p: char| (0..16).map(|i| format!("{p}{i}")).collect::<Vec<_>>();
+        let (rs, acts) = (names('r'), names('a'));
+        let (rs, acts): (Vec<&str>, Vec<&str>) =
+            (rs.iter().map(String::as_str).collect(), acts.iter().map(String::as_str).collect());
+        ScopeRegistry::new(&rs, &acts).unwrap()
+    }
+
+    #[test]
+    fn set_operations_cover_all_four_words() {
+        let reg = full_registry();
+        let set = |scopes: &[&str]| {
+            reg.compile(&scopes.iter().map(|x| s(x)).collect::<Vec<_>>()).unwrap()
+        };
+        let names =
+            |set: &ScopeSet| reg.scopes_of(set).iter().map(ToString::to_string).collect::<Vec<_>>();
+        // One resource row in each word, and a second set sharing the rows'
+        // first scope and adding a scope of its own in each word.
+        let rows = set(&["r0:*", "r4:*", "r8:*", "r12:*"]);
+        let firsts = ["r0:a0", "r4:a0", "r8:a0", "r12:a0"];
+        let own = ["r1:a0", "r5:a0", "r9:a0", "r13:a0"];
+        let other = set(&[&firsts[..], &own[..]].concat());
+        assert_eq!((rows.len(), other.len()), (64, 8));
+        assert_eq!(rows.intersection(other), set(&firsts));
+        assert_eq!(names(&rows.intersection(other)), firsts);
+        let union = rows.union(other);
+        assert_eq!(union.len(), 68);
+        assert_eq!(
+            union,
+            set(&["r0:*", "r1:a0", "r4:*", "r5:a0", "r8:*", "r9:a0", "r12:*", "r13:a0"])
+        );
+        assert_eq!(other.difference(rows), set(&own));
+        assert_eq!(rows.difference(other).len(), 60);
+        let all = set(&["*"]);
+        assert_eq!(all.len(), ScopeSet::CAPACITY);
+        assert_eq!(format!("{all:?}"), "ScopeSet(256 scopes)");
+        assert!(ScopeSet::EMPTY.is_empty() && !all.is_empty());
+        // A set is not empty whichever word holds its scopes, alone or with
+        // the same bit in the next word.
+        for scopes in [&["r0:a0"][..], &["r4:a0"], &["r8:a0"], &["r15:a15"]].into_iter().chain([
+            &["r0:a0", "r4:a0"][..],
+            &["r4:a0", "r8:a0"],
+            &["r8:a0", "r12:a0"],
+        ]) {
+            let one = set(scopes);
+            assert!(!one.is_empty(), "{scopes:?}");
+            assert_eq!(one.len(), scopes.len(), "{scopes:?}");
+        }
+    }
+
+    /// Attenuation refuses a scope the parent lacks wherever it lies in the
+    /// set (the default registry fills only its first two words), and names
+    /// it.
+    #[test]
+    fn attenuation_refuses_a_missing_scope_in_any_word() {
+        let reg = full_registry();
+        let all = reg.scopes_of(&reg.compile(&[s("*")]).unwrap());
+        for missing in [&["r0:a0"][..], &["r4:a1"], &["r8:a2"], &["r15:a15"]].into_iter().chain([
+            &["r0:a0", "r4:a0"][..],
+            &["r4:a0", "r8:a0"],
+            &["r8:a0", "r12:a0"],
+        ]) {
+            let kept: Vec<Scope> =
+                all.iter().filter(|x| !missing.contains(&x.as_str())).cloned().collect();
+            let parent = reg.compile(&kept).unwrap();
+            let asked = reg.compile(&missing.iter().map(|x| s(x)).collect::<Vec<_>>()).unwrap();
+            assert_eq!(
+                reg.attenuate(asked, &parent),
+                Err(ScopeError::Exceeds { scope: missing[0].into() }),
+                "{missing:?}"
+            );
+            assert_eq!(reg.attenuate(parent, &parent), Ok(parent));
+        }
+    }
+
+    /// `resource:*` grants that resource's actions and nothing of the next
+    /// resource; of a resource the registry does not know, it is refused.
+    #[test]
+    fn a_resource_wildcard_is_exactly_its_resources_actions() {
+        let reg = ScopeRegistry::default();
+        let webhooks = reg.compile(&[s("webhooks:*")]).unwrap();
+        let actions = ["read", "create", "update", "delete", "write", "execute"];
+        let each: Vec<Scope> = actions.iter().map(|a| s(&format!("webhooks:{a}"))).collect();
+        assert_eq!(reg.scopes_of(&webhooks), each);
+        assert!(!webhooks.allows(&reg.required("endpoints:read").unwrap()));
+        assert_eq!(
+            reg.compile(&[s("applications:read"), s("widgets:*")]),
+            Err(ScopeError::Unknown { scope: "widgets:*".into() })
+        );
+    }
+
+    /// A parent's grants as another registry sees them keep the scopes it
+    /// knows and skip, one by one, those it does not.
+    #[test]
+    fn known_grants_skip_only_the_unknown_scopes() {
+        let reg = ScopeRegistry::default();
+        let held = [
+            s("applications:read"),
+            s("widgets:read"),
+            s("webhooks:fly"),
+            s("widgets:*"),
+            s("endpoints:*"),
+        ];
+        let known = reg.compile(&[s("applications:read"), s("endpoints:*")]).unwrap();
+        assert_eq!(known.len(), 7);
+        assert_eq!(reg.compile_known(&held), known);
     }
 
     #[test]
