@@ -610,6 +610,82 @@ mod tests {
         assert_eq!(timestamp_millis(early), "1969-12-31T23:59:59.999Z");
     }
 
+    /// The problem style titles each status with its reason phrase.
+    #[test]
+    fn problem_bodies_title_each_status() {
+        let quota = Rejection::QuotaExceeded {
+            used: 5,
+            limit: 5,
+            resets_at: "2026-02-01T00:00:00Z".parse().unwrap(),
+        };
+        for (r, status, title) in [
+            (
+                Rejection::BadRequest { field: "name".into(), message: "name is empty".into() },
+                400,
+                "Bad Request",
+            ),
+            (Rejection::InvalidCredentials, 401, "Unauthorized"),
+            (Rejection::AccountInactive, 403, "Forbidden"),
+            (Rejection::NotFound, 404, "Not Found"),
+            (Rejection::Conflict { message: "key limit reached".into() }, 409, "Conflict"),
+            (Rejection::Gone, 410, "Gone"),
+            (quota, 429, "Too Many Requests"),
+            (Rejection::Misconfigured, 500, "Internal Server Error"),
+            (Rejection::Unavailable, 503, "Service Unavailable"),
+        ] {
+            let v = body(&r, BodyStyle::Problem);
+            assert_eq!((&v["title"], &v["status"]), (&json!(title), &json!(status)), "{r:?}");
+        }
+        assert_eq!(
+            body(&Rejection::NotFound, BodyStyle::Problem),
+            json!({"type": "about:blank", "title": "Not Found", "status": 404, "detail": "Not found"})
+        );
+    }
+
+    /// A used-up quota is retried when it resets (in whole seconds, rounded
+    /// up, at least one), an outage after a second; the other refusals,
+    /// where no wait helps, carry no `Retry-After`.
+    #[test]
+    fn retry_after_for_a_used_up_quota_and_an_outage() {
+        let quota = |resets_at: &str| Rejection::QuotaExceeded {
+            used: 5,
+            limit: 5,
+            resets_at: resets_at.parse().unwrap(),
+        };
+        let month_end = quota("2026-01-09T12:01:00.001Z");
+        assert_eq!(month_end.retry_after_secs(t()), Some(61));
+        assert_eq!(month_end.to_response(BodyStyle::Flat, t()).header("Retry-After"), Some("61"));
+        assert_eq!(body(&month_end, BodyStyle::Nested)["error"]["retry_after"], 61);
+        assert_eq!(quota("2026-01-09T11:00:00Z").retry_after_secs(t()), Some(1));
+        let outage = Rejection::Unavailable.to_response(BodyStyle::Nested, t());
+        assert_eq!((outage.status, outage.header("Retry-After")), (503, Some("1")));
+        for r in [
+            Rejection::CostExceedsLimit { limit: 5 },
+            Rejection::CostExceedsQuota { limit: 5 },
+            Rejection::Forbidden { scope: None },
+        ] {
+            assert_eq!(r.retry_after_secs(t()), None, "{r:?}");
+        }
+    }
+
+    /// A cost no wait can meet is refused with the limit it exceeds, and
+    /// its status and code read as one line.
+    #[test]
+    fn a_cost_over_the_limit_names_the_limit() {
+        let rate = Rejection::CostExceedsLimit { limit: 50 };
+        assert_eq!(
+            body(&rate, BodyStyle::Flat),
+            json!({"error": "Request cost exceeds the rate limit", "limit": 50})
+        );
+        let quota = Rejection::CostExceedsQuota { limit: 1000 };
+        assert_eq!(
+            body(&quota, BodyStyle::Flat),
+            json!({"error": "Request cost exceeds the monthly usage limit (1000).", "limit": 1000})
+        );
+        assert_eq!(rate.to_string(), "429 rate_limit_exceeded");
+        assert_eq!(quota.to_string(), "429 quota_exceeded");
+    }
+
     #[test]
     fn bad_request_names_field() {
         let r = Rejection::BadRequest {
