@@ -1035,6 +1035,25 @@ fn a_window_that_has_ended_carries_nothing_into_a_plan_change() {
     }
 }
 
+/// Windows shorter than a word's resolution (its ends are kept to about a
+/// millisecond) are kept exactly: each of 300 one-millisecond windows in a
+/// row admits exactly its limit, and the next window starts fresh, at its
+/// own end, never a window later.
+#[test]
+fn windows_shorter_than_a_words_resolution_stay_exact() {
+    let c = clock();
+    let l = MemoryLimiter::<u64, _>::with_clock(16, c.clone());
+    let p = [Policy::new("ms", 2, Duration::from_millis(1), Algorithm::FixedWindow).unwrap()];
+    c.advance(Duration::from_micros(250));
+    for window in 0..300 {
+        let admitted = (0..3).map(|_| l.check(&1, &p, 1).unwrap().is_allowed());
+        assert_eq!(admitted.collect::<Vec<_>>(), [true, true, false], "window {window}");
+        let reset = l.check(&1, &p, 0).unwrap().policies()[0].reset_after;
+        assert_eq!(reset, Duration::from_micros(750), "window {window}");
+        c.advance(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn an_impossible_request_is_not_told_to_retry() {
     let c = clock();
