@@ -532,6 +532,28 @@ fn wall_clock_steps_neither_refill_nor_lock_out() {
     assert!(d.is_allowed(), "GCRA refilled at the monotonic rate: {d:?}");
 }
 
+/// A wall clock creeping forward between checks, each step within the
+/// drift one anchor follows, moves the limiter's time line no faster than
+/// a millisecond per second of monotonic time (one anchor a second): 0.9 s
+/// of creep within 10 ms does not end a window early, so it hands out no
+/// fresh quota.
+#[test]
+fn a_wall_clock_creeping_between_checks_ends_no_window_early() {
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(16, c.clone());
+    let second = [fixed(3, 1)];
+    c.advance(Duration::from_millis(500));
+    for _ in 0..3 {
+        assert!(l.check("k", &second, 1).unwrap().is_allowed());
+    }
+    for step in 0..1_000 {
+        c.set_wall(c.now().checked_add(Duration::from_micros(900)).unwrap());
+        c.advance(Duration::from_micros(10));
+        let d = l.check("k", &second, 1).unwrap();
+        assert!(!d.is_allowed(), "step {step}: {d:?}");
+    }
+}
+
 #[test]
 fn unix_ceil_matches_exact_arithmetic() {
     let exact = |at: Timestamp, after: Duration| {
