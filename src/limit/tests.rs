@@ -260,6 +260,22 @@ fn direct_limiter() {
     assert_eq!(dec.retry_after_secs(), Some(1));
 }
 
+/// A direct limiter's refusal of a cost above what is left reports the
+/// units still left, in whole units; its `Debug` names its policy.
+#[test]
+fn a_direct_refusal_reports_the_whole_units_left() {
+    let c = clock();
+    let d = DirectLimiter::with_clock(Policy::per_second(NonZeroU32::new(10).unwrap()), c.clone());
+    assert_eq!(d.check(7).remaining(), 3);
+    let s = d.check(5);
+    assert_eq!((s.is_allowed(), s.remaining()), (false, 3));
+    // Half a unit refilled: still three whole ones.
+    c.advance(Duration::from_millis(50));
+    let s = d.check(5);
+    assert_eq!((s.is_allowed(), s.remaining()), (false, 3));
+    assert!(format!("{d:?}").starts_with("DirectLimiter { policy: Policy {"), "{d:?}");
+}
+
 #[test]
 fn plans_from_json() {
     let text = r#"{"plans": {
