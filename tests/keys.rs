@@ -775,6 +775,20 @@ async fn create_for_stores_concrete_scopes_so_a_grown_registry_grants_no_more() 
     assert_eq!(stored, ["webhooks:write", "webhooks:read"], "first-seen order");
 }
 
+/// A target of some formats refuses a key of another format, valid as it
+/// is, and takes its own.
+#[tokio::test]
+async fn a_target_of_some_formats_refuses_the_others() {
+    let f = fixture();
+    let sk = f.manager.create(NewKey::new("s", SK, ws("ws_a"))).await.unwrap();
+    let nk = f.manager.create(NewKey::new("n", NK, ws("ws_a"))).await.unwrap();
+    let only_sk = Target::any().formats(["sk"]);
+    assert!(auth_bearer(&f.auth, sk.key().expose_secret(), &only_sk).await.is_ok());
+    let err = auth_bearer(&f.auth, nk.key().expose_secret(), &only_sk).await.unwrap_err();
+    assert!(matches!(err, AuthError::FormatNotAccepted { format: "nk" }), "{err}");
+    assert!(auth_bearer(&f.auth, nk.key().expose_secret(), &Target::any()).await.is_ok());
+}
+
 #[tokio::test]
 async fn a_regional_parent_creates_keys_of_its_region_only() {
     let f = fixture();
