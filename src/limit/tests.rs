@@ -188,16 +188,17 @@ fn memory_is_bounded_and_eviction_never_frees_a_limited_key() {
     let c = clock();
     let l = MemoryLimiter::<u64, _>::with_clock(64, c.clone());
     let slow = [Policy::new("d", 1, Duration::from_secs(3600), Algorithm::Gcra).unwrap()];
-    let mut tracked = Vec::new();
-    for i in 0..10_000u64 {
-        if l.check(&i, &slow, 1).is_ok() {
-            tracked.push(i);
-        }
-    }
+    let tracked = fill(&l, &slow);
     assert!(l.len() <= l.max_keys());
-    for i in tracked {
+    for (i, _) in tracked {
         assert!(!l.check(&i, &slow, 1).unwrap().is_allowed(), "key {i} was forgotten");
     }
+}
+
+/// Checks keys 0 to 9,999 once each under `p`: the keys the limiter took
+/// on (a full one refuses the rest), each with its decision.
+fn fill(l: &MemoryLimiter<u64, FakeClock>, p: &[Policy]) -> Vec<(u64, Decision)> {
+    (0..10_000u64).filter_map(|i| l.check(&i, p, 1).ok().map(|d| (i, d))).collect()
 }
 
 #[test]
@@ -208,19 +209,13 @@ fn a_full_limiter_keeps_fixed_window_keys_to_their_windows_last_nanosecond() {
     let c = clock();
     let l = MemoryLimiter::<u64, _>::with_clock(64, c.clone());
     let p = [fixed(1, 1)];
-    let mut tracked = Vec::new();
-    let mut until_end = Duration::ZERO;
-    for i in 0..10_000u64 {
-        if let Ok(d) = l.check(&i, &p, 1) {
-            until_end = d.binding().reset_after;
-            tracked.push(i);
-        }
-    }
+    let tracked = fill(&l, &p);
+    let until_end = tracked.last().map_or(Duration::ZERO, |(_, d)| d.binding().reset_after);
     c.advance(until_end.saturating_sub(Duration::from_nanos(1)));
     for i in 10_000..20_000u64 {
         let _ = l.check(&i, &p, 1);
     }
-    for i in tracked {
+    for (i, _) in tracked {
         assert!(!l.check(&i, &p, 1).unwrap().is_allowed(), "key {i} freed before its window ended");
     }
 }
