@@ -82,6 +82,8 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
     refund_twice(store, &fresh("twice")).await;
     refund_after_plan_change(store, &fresh("replanned")).await;
     refund_after_algorithm_change(store, &fresh("realg")).await;
+    refund_under_another_algorithm(store, &fresh("otheralg")).await;
+    refund_under_another_name(store, &fresh("othername")).await;
     refund_under_a_shorter_plan(store, &fresh("shorter")).await;
     let none = store.check(&format!("{prefix}:none"), &[], 1, CheckMode::Consume).await.unwrap();
     assert!(none.is_allowed() && none.policies().is_empty(), "no policy is no limit");
@@ -177,6 +179,53 @@ async fn refund_after_algorithm_change<S: LimitStore>(store: &S, key: &str) {
     store.refund(key, &fixed, 3, &mut three).await.unwrap();
     let d = store.check(key, &sliding, 1, CheckMode::Consume).await.unwrap();
     assert!(!d.is_allowed(), "the old plan's refund freed the new plan's units: {d:?}");
+}
+
+/// A refund under the plan now, after the plan moved the name to another
+/// algorithm at the same limit and window, gives nothing back: the check's
+/// receipt is in its own algorithm's terms, and read in another's it could
+/// free units the check never took. Three of a fixed window's four used,
+/// then one of a sliding window's four (the three count there), then the
+/// three refunded under the sliding plan: the key stays used up.
+async fn refund_under_another_algorithm<S: LimitStore>(store: &S, key: &str) {
+    for (old, new) in [
+        (Algorithm::FixedWindow, Algorithm::SlidingWindow),
+        (Algorithm::SlidingWindow, Algorithm::FixedWindow),
+        (Algorithm::Gcra, Algorithm::FixedWindow),
+        (Algorithm::FixedWindow, Algorithm::Gcra),
+    ] {
+        let key = format!("{key}:{}:{}", old.as_str(), new.as_str());
+        let (before, after) = ([policy("x", 4, old)], [policy("x", 4, new)]);
+        let mut three = store.check(&key, &before, 3, CheckMode::Consume).await.unwrap();
+        assert!(three.is_allowed());
+        assert!(store.check(&key, &after, 1, CheckMode::Consume).await.unwrap().is_allowed());
+        store.refund(&key, &after, 3, &mut three).await.unwrap();
+        let d = store.check(&key, &after, 1, CheckMode::Consume).await.unwrap();
+        assert!(
+            !d.is_allowed(),
+            "{} to {}: a refund under the new algorithm gave units back: {d:?}",
+            old.as_str(),
+            new.as_str()
+        );
+    }
+}
+
+/// A refund under a list naming another policy (same algorithm, limit and
+/// window) gives nothing back to that policy: a key's states are by name,
+/// and the check never charged the other one. Three of `x`'s four and all
+/// four of `y`'s used, then the three refunded under `y`: `y` stays used
+/// up.
+async fn refund_under_another_name<S: LimitStore>(store: &S, key: &str) {
+    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+        let key = format!("{key}:{}", alg.as_str());
+        let (x, y) = ([policy("x", 4, alg)], [policy("y", 4, alg)]);
+        let mut three = store.check(&key, &x, 3, CheckMode::Consume).await.unwrap();
+        assert!(three.is_allowed());
+        assert!(store.check(&key, &y, 4, CheckMode::Consume).await.unwrap().is_allowed());
+        store.refund(&key, &y, 3, &mut three).await.unwrap();
+        let d = store.check(&key, &y, 1, CheckMode::Consume).await.unwrap();
+        assert!(!d.is_allowed(), "{}: x's refund freed y's units: {d:?}", alg.as_str());
+    }
 }
 
 /// A refund under the plan a check ran, after the plan moved the name to
