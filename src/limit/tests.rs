@@ -486,6 +486,27 @@ fn refund_and_peek_follow_a_key_through_rebuilds_and_moves() {
 }
 
 #[test]
+fn keys_bigger_than_a_word_keep_their_state_through_rebuilds() {
+    // A slot of a key bigger than a word (a `String`) keeps the key's
+    // hash, and a rebuild places the key by it without hashing it again:
+    // a hash kept wrong would leave every copied key where no probe finds
+    // it, fresh again. (The `u64` keys of
+    // `refund_and_peek_follow_a_key_through_rebuilds_and_moves` keep no
+    // hash.)
+    let l = MemoryLimiter::<String, _>::with_clock(100_000, clock());
+    let p = [Policy::new("d", 1, Duration::from_secs(3600), Algorithm::Gcra).unwrap()];
+    // Enough keys to grow (rebuild) every shard's table many times.
+    let keys: Vec<String> = (0..5_000).map(|i| format!("key_{i}")).collect();
+    for k in &keys {
+        assert!(l.check(k, &p, 1).unwrap().is_allowed());
+    }
+    for k in &keys {
+        assert!(!l.check(k, &p, 1).unwrap().is_allowed(), "{k} forgotten by a rebuild");
+    }
+    assert_eq!(l.len(), keys.len());
+}
+
+#[test]
 fn fixed_windows_follow_wall_clock_seconds_through_drift() {
     let c = clock();
     // Start 0.4 s into a Unix second.
