@@ -1249,6 +1249,25 @@ fn a_sliding_key_whose_period_grew_is_not_evicted_while_it_still_limits() {
 }
 
 #[test]
+fn a_sliding_key_whose_period_shrank_makes_room_once_the_short_window_passes() {
+    // The plan goes from 5 an hour to 5 a second under one name: the
+    // state written under the second lasts a second, not the hour it was
+    // first kept for, so a full limiter takes a new key once it passes.
+    let c = clock();
+    let l = MemoryLimiter::<u64, _>::with_clock(1, c.clone());
+    let sliding =
+        |secs| [Policy::new("s", 5, Duration::from_secs(secs), Algorithm::SlidingWindow).unwrap()];
+    let (hour, second) = (sliding(3600), sliding(1));
+    assert!(l.check(&0, &hour, 1).unwrap().is_allowed());
+    c.advance(Duration::from_secs(2));
+    assert!(l.check(&0, &second, 1).unwrap().is_allowed());
+    assert!(l.check(&1, &second, 1).is_err(), "full while key 0 still counts");
+    c.advance(Duration::from_secs(2));
+    assert!(l.peek(&0, &second, 5).unwrap().is_allowed(), "fresh under the second");
+    assert!(l.check(&1, &second, 1).is_ok_and(|d| d.is_allowed()), "refused beside a fresh key");
+}
+
+#[test]
 fn keys_refunded_to_nothing_make_room_for_new_ones() {
     // A day's fixed window on a full limiter, every admission refunded (an
     // upstream outage): the keys count nothing, so new keys take their place
