@@ -1534,6 +1534,21 @@ fn denials_of_new_keys_and_empty_policy_lists_track_nothing() {
 }
 
 #[test]
+fn a_limiter_is_empty_until_it_tracks_a_key() {
+    let l = MemoryLimiter::<String, _>::with_clock(64, clock());
+    let p = [fixed(2, 3600)];
+    assert!(l.is_empty());
+    // A peek, an impossible request and an empty policy list track nothing.
+    assert!(l.peek("k", &p, 1).unwrap().is_allowed());
+    assert_eq!(l.check("k", &p, 3).unwrap().outcome(), Outcome::Impossible);
+    assert!(l.check("k", &[], 1).unwrap().is_allowed());
+    assert!(l.is_empty());
+    assert!(l.check("k", &p, 1).unwrap().is_allowed());
+    assert!(!l.is_empty());
+    assert_eq!(l.len(), 1);
+}
+
+#[test]
 fn a_sliding_refund_gives_back_the_refunded_checks_entry() {
     // 2 a minute: A at 0 s, B at 30 s; A is refunded at 31 s. Giving back
     // B's entry (the newest) would keep A's, which expires at 60 s and lets
