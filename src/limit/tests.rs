@@ -1175,6 +1175,22 @@ fn a_plan_change_of_algorithm_carries_what_was_used() {
 }
 
 #[test]
+fn a_sliding_log_carries_only_its_units_inside_the_new_period() {
+    // Free (sliding 5 a minute) with 2 units 10 s ago and 1 now becomes a
+    // fixed 3 per 5 s: only the unit of the last 5 s is carried over, so
+    // two more this window, not none.
+    let c = clock();
+    let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
+    let sliding =
+        [Policy::new("default", 5, Duration::from_secs(60), Algorithm::SlidingWindow).unwrap()];
+    assert!(l.check("k", &sliding, 2).unwrap().is_allowed());
+    c.advance(Duration::from_secs(10));
+    assert!(l.check("k", &sliding, 1).unwrap().is_allowed());
+    let admitted = (0..4).filter(|_| l.check("k", &[fixed(3, 5)], 1).unwrap().is_allowed());
+    assert_eq!(admitted.count(), 2);
+}
+
+#[test]
 fn converted_states_are_capped_and_kept() {
     let c = clock();
     let l = MemoryLimiter::<String, _>::with_clock(64, c.clone());
