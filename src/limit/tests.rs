@@ -617,6 +617,11 @@ fn plan_errors_always_name_an_unambiguous_field() {
     assert_eq!(e.field, r#"plans["a.b"].x"#);
     let e = PlanSet::from_json(r#"{"plans": {"tiny": {"rte": []}}}"#).unwrap_err();
     assert_eq!(e.field, "plans.tiny.rte");
+    // Underscores and hyphens are plain name characters: no quoting.
+    for name in ["my_plan", "my-plan", "a_b-c"] {
+        let json = format!(r#"{{"plans": {{"{name}": {{"rte": []}}}}}}"#);
+        assert_eq!(PlanSet::from_json(&json).unwrap_err().field, format!("plans.{name}.rte"));
+    }
 }
 
 #[cfg(feature = "http")]
