@@ -182,17 +182,20 @@ async fn refund_after_algorithm_change<S: LimitStore>(store: &S, key: &str) {
 }
 
 /// A refund under the plan now, after the plan moved the name to another
-/// algorithm at the same limit and window, gives nothing back: the check's
-/// receipt is in its own algorithm's terms, and read in another's it could
-/// free units the check never took. Three of a fixed window's four used,
-/// then one of a sliding window's four (the three count there), then the
-/// three refunded under the sliding plan: the key stays used up.
+/// algorithm at the same limit and window (any pair of the three), gives
+/// nothing back: the check's receipt is in its own algorithm's terms, and
+/// read in another's it could free units the check never took. Three of
+/// four used under the old algorithm, then one of four under the new (the
+/// three count there), then the three refunded under the new plan: the key
+/// stays used up.
 async fn refund_under_another_algorithm<S: LimitStore>(store: &S, key: &str) {
     for (old, new) in [
         (Algorithm::FixedWindow, Algorithm::SlidingWindow),
         (Algorithm::SlidingWindow, Algorithm::FixedWindow),
         (Algorithm::Gcra, Algorithm::FixedWindow),
         (Algorithm::FixedWindow, Algorithm::Gcra),
+        (Algorithm::SlidingWindow, Algorithm::Gcra),
+        (Algorithm::Gcra, Algorithm::SlidingWindow),
     ] {
         let key = format!("{key}:{}:{}", old.as_str(), new.as_str());
         let (before, after) = ([policy("x", 4, old)], [policy("x", 4, new)]);
