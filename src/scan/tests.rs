@@ -670,11 +670,20 @@ fn a_paused_input_gets_its_finished_lines_redacted_at_once() {
             Ok(line.len())
         }
     }
-    let out = Shared::default();
-    let lines = vec![format!("auth nh_{HEX64}\n").into_bytes(), b"end\n".to_vec()];
-    let input = Lines { next: lines.into_iter(), reads: 0, out: out.clone() };
-    assert_eq!(Scanner::presets().redact(input, out.clone()).unwrap(), 1);
-    assert_eq!(*out.0.lock().unwrap(), b"auth nh_0123[REDACTED]\nend\n");
+    // Written as is, and through a buffer (the CLI writes stdout through
+    // one): the pause flushes it, or the line would wait for more input.
+    for buffered in [false, true] {
+        let out = Shared::default();
+        let lines = vec![format!("auth nh_{HEX64}\n").into_bytes(), b"end\n".to_vec()];
+        let input = Lines { next: lines.into_iter(), reads: 0, out: out.clone() };
+        let output: Box<dyn Write> = if buffered {
+            Box::new(io::BufWriter::new(out.clone()))
+        } else {
+            Box::new(out.clone())
+        };
+        assert_eq!(Scanner::presets().redact(input, output).unwrap(), 1, "buffered {buffered}");
+        assert_eq!(*out.0.lock().unwrap(), b"auth nh_0123[REDACTED]\nend\n");
+    }
 }
 
 #[test]
