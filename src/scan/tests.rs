@@ -932,11 +932,14 @@ fn the_redactor_hides_keys_with_a_long_glued_tail() {
         assert_eq!(s.redact(text.as_bytes(), &mut out).unwrap(), 0, "{ident}");
         assert_eq!(out, text.as_bytes());
     }
-    // An upper-cased hex key with a tail glued on is still a damaged key.
-    let upper = format!("k=nh_{}ZZZZZZZZZZ\n", HEX64.to_ascii_uppercase());
-    let mut out = Vec::new();
-    assert_eq!(s.redact(upper.as_bytes(), &mut out).unwrap(), 1);
-    assert_eq!(String::from_utf8(out).unwrap(), "k=nh_[REDACTED]ZZZZZZZZZZ\n");
+    // An upper-cased hex key with a tail glued on is still a damaged key,
+    // wherever in the line it starts.
+    for lead in ["k=", "GET /v1/items?page=2&sort=name&k="] {
+        let upper = format!("{lead}nh_{}ZZZZZZZZZZ\n", HEX64.to_ascii_uppercase());
+        let mut out = Vec::new();
+        assert_eq!(s.redact(upper.as_bytes(), &mut out).unwrap(), 1, "{upper}");
+        assert_eq!(String::from_utf8(out).unwrap(), format!("{lead}nh_[REDACTED]ZZZZZZZZZZ\n"));
+    }
 }
 
 /// The prefix search meets `nh_` in `\nh_…` (an escape, then another
