@@ -726,11 +726,18 @@ fn the_redactor_hides_damaged_keys_too() {
     let sk = crate::format::SK.mint_default().unwrap();
     let nhm = crate::format::NHM.mint_default().unwrap();
     let nhk = crate::format::NHK.mint_default().unwrap();
+    // A key id: its `_` is no cut, the one after the secret is.
+    let nk = crate::format::NK.mint_default().unwrap();
+    // The longest preset, damaged: its cut is a longest key past its start.
+    let wrong_nhk = format!("nhk_us_{}g{}", &HEX64[..20], &HEX64[21..]);
+    assert_eq!(wrong_nhk.len(), s.max_len);
     for (scanner, key, suffix) in [
         (Scanner::presets(), nh.clone(), "_1"),
         (Scanner::presets(), sk.expose_secret().to_owned(), "_old"),
         (Scanner::presets(), nhm.expose_secret().to_owned(), "_old"),
         (Scanner::presets(), nhk.expose_secret().to_owned(), "_1"),
+        (Scanner::presets(), nk.expose_secret().to_owned(), "_old"),
+        (Scanner::presets(), wrong_nhk, "_1"),
         (Scanner::presets(), cut.to_owned(), "_backup"),
         (
             Scanner::new(FormatSet::new([crate::format::SK]).unwrap()),
