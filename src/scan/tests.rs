@@ -161,6 +161,17 @@ fn adjacent_and_repeated_keys() {
 }
 
 #[test]
+fn for_each_key_calls_back_with_every_key_find_all_reports() {
+    // The allocation-free way to find keys: the same keys, spans and formats.
+    let s = Scanner::presets();
+    let text = keys().join(" x=");
+    let mut got = Vec::new();
+    s.for_each_key(text.as_bytes(), |start, end, f| got.push((start, end - start, f.name())));
+    assert_eq!(got.len(), 5);
+    assert_eq!(got, found(&s, text.as_bytes()));
+}
+
+#[test]
 fn redaction_preserves_other_bytes() {
     let s = Scanner::presets();
     let nh = format!("nh_{HEX64}");
