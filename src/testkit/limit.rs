@@ -181,6 +181,24 @@ async fn refund_after_algorithm_change<S: LimitStore>(store: &S, key: &str) {
     assert!(!d.is_allowed(), "the old plan's refund freed the new plan's units: {d:?}");
 }
 
+/// Three units checked under `ran`, `used` more under `other`, then the
+/// three refunded under `other`: the next unit's decision under `other`
+/// (a refund in terms the check did not run under gives nothing back, so
+/// a store keeping the contract refuses it).
+async fn refund_elsewhere<S: LimitStore>(
+    store: &S,
+    key: &str,
+    ran: &[Policy],
+    other: &[Policy],
+    used: u32,
+) -> Decision {
+    let mut three = store.check(key, ran, 3, CheckMode::Consume).await.unwrap();
+    assert!(three.is_allowed());
+    assert!(store.check(key, other, used, CheckMode::Consume).await.unwrap().is_allowed());
+    store.refund(key, other, 3, &mut three).await.unwrap();
+    store.check(key, other, 1, CheckMode::Consume).await.unwrap()
+}
+
 /// A refund under the plan now, after the plan moved the name to another
 /// algorithm at the same limit and window (any pair of the three), gives
 /// nothing back: the check's receipt is in its own algorithm's terms, and
@@ -199,11 +217,7 @@ async fn refund_under_another_algorithm<S: LimitStore>(store: &S, key: &str) {
     ] {
         let key = format!("{key}:{}:{}", old.as_str(), new.as_str());
         let (before, after) = ([policy("x", 4, old)], [policy("x", 4, new)]);
-        let mut three = store.check(&key, &before, 3, CheckMode::Consume).await.unwrap();
-        assert!(three.is_allowed());
-        assert!(store.check(&key, &after, 1, CheckMode::Consume).await.unwrap().is_allowed());
-        store.refund(&key, &after, 3, &mut three).await.unwrap();
-        let d = store.check(&key, &after, 1, CheckMode::Consume).await.unwrap();
+        let d = refund_elsewhere(store, &key, &before, &after, 1).await;
         assert!(
             !d.is_allowed(),
             "{} to {}: a refund under the new algorithm gave units back: {d:?}",
@@ -222,11 +236,7 @@ async fn refund_under_another_name<S: LimitStore>(store: &S, key: &str) {
     for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
         let key = format!("{key}:{}", alg.as_str());
         let (x, y) = ([policy("x", 4, alg)], [policy("y", 4, alg)]);
-        let mut three = store.check(&key, &x, 3, CheckMode::Consume).await.unwrap();
-        assert!(three.is_allowed());
-        assert!(store.check(&key, &y, 4, CheckMode::Consume).await.unwrap().is_allowed());
-        store.refund(&key, &y, 3, &mut three).await.unwrap();
-        let d = store.check(&key, &y, 1, CheckMode::Consume).await.unwrap();
+        let d = refund_elsewhere(store, &key, &x, &y, 4).await;
         assert!(!d.is_allowed(), "{}: x's refund freed y's units: {d:?}", alg.as_str());
     }
 }
