@@ -271,6 +271,23 @@ fn a_direct_refusal_reports_the_whole_units_left() {
     assert!(format!("{d:?}").starts_with("DirectLimiter { policy: Policy {"), "{d:?}");
 }
 
+/// A decision's `Debug` (what a host logs) shows the outcome, each
+/// policy's state and the units a refund can still give back; not the
+/// store's own clock reading, which means nothing outside the store.
+#[test]
+fn a_decision_debug_shows_what_a_log_needs() {
+    let l = MemoryLimiter::<String, _>::with_clock(100, clock());
+    let p = [fixed(1, 1)];
+    let mut d = l.check("k", &p, 1).unwrap();
+    let shown = format!("{d:?}");
+    assert!(shown.starts_with("Decision { outcome: Allowed, at: "), "{shown}");
+    assert!(shown.contains("policies: [PolicyDecision { name: \"default\""), "{shown}");
+    assert!(shown.contains("refundable: 1, .. }"), "{shown}");
+    assert!(!shown.contains("mark"), "{shown}");
+    l.refund("k", &p, 1, &mut d);
+    assert!(format!("{d:?}").contains("refundable: 0"), "{d:?}");
+}
+
 #[test]
 fn plans_from_json() {
     let text = r#"{"plans": {
