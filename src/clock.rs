@@ -428,6 +428,50 @@ mod tests {
         );
     }
 
+    /// Every reading of `c`, through the trait (so a `&C` or an `Arc<C>`
+    /// reads through its own forwarding impl).
+    fn readings<C: Clock>(c: C) -> (Timestamp, Nanos, (Timestamp, Nanos)) {
+        (c.now(), c.monotonic(), c.read())
+    }
+
+    /// A clock that tells only `now` and `monotonic` (the trait's default
+    /// `read`).
+    struct Plain(FakeClock);
+
+    impl Clock for Plain {
+        fn now(&self) -> Timestamp {
+            self.0.now()
+        }
+        fn monotonic(&self) -> Nanos {
+            self.0.monotonic()
+        }
+    }
+
+    /// A clock lent (`&C`) or shared (`Arc<C>`) reads what the clock
+    /// reads, and the default `read` is `now` and `monotonic` together:
+    /// hosts hand the library their clock either way.
+    #[test]
+    fn a_lent_or_shared_clock_reads_what_the_clock_reads() {
+        let c = FakeClock::at_2026();
+        c.advance(Duration::from_millis(1500));
+        let (wall, mono) = (c.now(), c.monotonic());
+        let want = (wall, mono, (wall, mono));
+        assert_eq!(mono, Nanos::new(1_500_000_000));
+        assert_eq!(readings(&c), want);
+        assert_eq!(readings(Arc::new(c.clone())), want);
+        assert_eq!(readings(Arc::new(c.clone()) as Arc<dyn Clock>), want);
+        assert_eq!(readings(Plain(c.clone())), want);
+        assert_eq!(readings(&Plain(c.clone()) as &dyn Clock), want);
+    }
+
+    #[test]
+    fn time_since_an_earlier_reading_saturates_at_zero() {
+        let (early, late) = (Nanos::new(500_000_000), Nanos::new(1_750_000_000));
+        assert_eq!(late.saturating_since(early), Duration::from_millis(1250));
+        assert_eq!(early.saturating_since(late), Duration::ZERO);
+        assert_eq!(late.saturating_since(late), Duration::ZERO);
+    }
+
     #[test]
     fn clones_share_time() {
         let a = FakeClock::at_2026();
@@ -450,6 +494,11 @@ mod tests {
     fn quanta_clock_tracks_the_os_clock() {
         let q = QuantaClock::new();
         let s = SystemClock::new();
+        // Wall time is the OS's (the TSC serves intervals only); a second
+        // of slack for a host clock stepped between the readings.
+        let (w0, wq, w1) = (s.now(), q.now(), s.now());
+        let slack = jiff::SignedDuration::from_secs(1);
+        assert!(wq >= w0 - slack && wq <= w1 + slack, "{wq} outside {w0}..{w1}");
         // Each quanta reading is bracketed by OS readings, so a preemption
         // between them widens the allowed range instead of failing.
         let read = || (s.monotonic(), q.monotonic(), s.monotonic());
