@@ -5,6 +5,11 @@ use std::time::{Duration, Instant};
 
 use crate::limit::{Algorithm, CheckMode, Decision, LimitStore, Outcome, Policy};
 
+/// Every algorithm: the checks that hold whatever the algorithm run under
+/// each.
+const ALGORITHMS: [Algorithm; 3] =
+    [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow];
+
 fn policy(name: &'static str, limit: u32, algorithm: Algorithm) -> Policy {
     Policy::new(name, limit, Duration::from_secs(3600), algorithm).expect("valid policy")
 }
@@ -61,7 +66,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
         clear_of_the_hour();
         format!("{prefix}:{name}")
     };
-    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+    for alg in ALGORITHMS {
         exact_limit(store, &fresh(alg.as_str()), alg).await;
         peek_refund_impossible(store, &fresh(&format!("{}:p", alg.as_str())), alg).await;
     }
@@ -93,7 +98,7 @@ pub async fn run<S: LimitStore>(store: &S, prefix: &str) {
 /// Policies share a key's state by name: a list naming one twice (a host
 /// stacking lists by hand) is charged once per check.
 async fn repeated_name<S: LimitStore>(store: &S, key: &str) {
-    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+    for alg in ALGORITHMS {
         let key = format!("{key}:{}", alg.as_str());
         let twice = [policy("x", 10, alg), policy("x", 10, alg)];
         let (admitted, last) = admitted_last(store, &key, &twice, 12).await;
@@ -108,7 +113,7 @@ async fn repeated_name<S: LimitStore>(store: &S, key: &str) {
 /// A refund of units never consumed (a peek's; more than the check took;
 /// the same check twice) leaves no extra room beyond a fresh state.
 async fn over_refund<S: LimitStore>(store: &S, key: &str) {
-    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+    for alg in ALGORITHMS {
         let key = format!("{key}:{}", alg.as_str());
         let p = [policy("x", 3, alg)];
         let mut peek = store.check(&key, &p, 1, CheckMode::Peek).await.unwrap();
@@ -134,7 +139,7 @@ async fn over_refund<S: LimitStore>(store: &S, key: &str) {
 /// A check refunded twice gives back once: the second refund must not take
 /// back a unit a later check used.
 async fn refund_twice<S: LimitStore>(store: &S, key: &str) {
-    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+    for alg in ALGORITHMS {
         let key = format!("{key}:{}", alg.as_str());
         let p = [policy("x", 1, alg)];
         let mut first = store.check(&key, &p, 1, CheckMode::Consume).await.unwrap();
@@ -207,14 +212,8 @@ async fn refund_elsewhere<S: LimitStore>(
 /// three count there), then the three refunded under the new plan: the key
 /// stays used up.
 async fn refund_under_another_algorithm<S: LimitStore>(store: &S, key: &str) {
-    for (old, new) in [
-        (Algorithm::FixedWindow, Algorithm::SlidingWindow),
-        (Algorithm::SlidingWindow, Algorithm::FixedWindow),
-        (Algorithm::Gcra, Algorithm::FixedWindow),
-        (Algorithm::FixedWindow, Algorithm::Gcra),
-        (Algorithm::SlidingWindow, Algorithm::Gcra),
-        (Algorithm::Gcra, Algorithm::SlidingWindow),
-    ] {
+    let pairs = ALGORITHMS.into_iter().flat_map(|a| ALGORITHMS.map(|b| (a, b)));
+    for (old, new) in pairs.filter(|(a, b)| a != b) {
         let key = format!("{key}:{}:{}", old.as_str(), new.as_str());
         let (before, after) = ([policy("x", 4, old)], [policy("x", 4, new)]);
         let d = refund_elsewhere(store, &key, &before, &after, 1).await;
@@ -233,7 +232,7 @@ async fn refund_under_another_algorithm<S: LimitStore>(store: &S, key: &str) {
 /// four of `y`'s used, then the three refunded under `y`: `y` stays used
 /// up.
 async fn refund_under_another_name<S: LimitStore>(store: &S, key: &str) {
-    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+    for alg in ALGORITHMS {
         let key = format!("{key}:{}", alg.as_str());
         let (x, y) = ([policy("x", 4, alg)], [policy("y", 4, alg)]);
         let d = refund_elsewhere(store, &key, &x, &y, 4).await;
@@ -305,7 +304,7 @@ async fn long_fixed_window<S: LimitStore>(store: &S, probe: &str) -> Policy {
 /// after stays used up.
 async fn late_refund<S: LimitStore>(store: &S, key: &str) {
     let span = Duration::from_secs(1);
-    for alg in [Algorithm::Gcra, Algorithm::FixedWindow, Algorithm::SlidingWindow] {
+    for alg in ALGORITHMS {
         let name = format!("late_refund ({})", alg.as_str());
         premised(&name, &format!("{key}:{}", alg.as_str()), |key| async move {
             let p = [Policy::new("x", 1, span, alg).expect("valid policy")];
